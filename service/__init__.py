@@ -1,0 +1,1 @@
+"""voxarc network face: DIMSE application entity, configuration, command line, admin web."""

@@ -1,0 +1,1 @@
+"""voxarc DICOM-aware persistence: index, blob store, staging, assembly, compaction, reconstruction."""
