@@ -1,0 +1,373 @@
+"""`voxarc bench`: bits per voxel and speed of voxarc against classical lossless codecs.
+
+For each DICOM series folder, every codec encodes the stored-value volume, decodes it again and
+the round trip is checked bit-exact (a mismatch is reported as a failed row and makes the command
+exit non-zero; it never becomes a number). Speeds are the median over a few runs when a run is
+cheap, in M voxels per second of wall time and of process CPU time (all threads).
+
+Slow voxarc models get an automatic subset of slices: a short probe estimates the encode speed,
+and when coding the whole volume would exceed ``--budget-s``, only as many slices as fit are
+coded (evenly spaced by default, or a central block of consecutive slices). Those rows are marked,
+and their ratios compare with JPEG-XL and JPEG-LS run on the same slices.
+
+``OMP_WAIT_POLICY=PASSIVE`` is set when unset, before torch can start its thread pool: on this
+two-core machine, torch threads that spin while waiting made the codec 50-100x slower under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+from service import bench_codecs, bench_report  # noqa: E402
+from service.series_reader import SeriesVolume, read_folder  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+ALL_CODECS = ("voxarc", *bench_codecs.ANCHORS)
+REFERENCE_CODECS = ("jpegxl-e7", "jpegls")
+
+
+class RoundTripError(AssertionError):
+    """A codec's decoded volume differs from the volume it encoded."""
+
+
+@dataclass
+class BenchOptions:
+    """What to run.
+
+    Attributes
+    ----------
+    codecs : list of str
+        Codec names from :data:`ALL_CODECS` (``"voxarc"`` runs every model in ``models``).
+    models : list of str
+        voxarc model names.
+    max_slices : int or None
+        Code at most this many slices of every volume (all codecs), evenly spaced.
+    budget_s : float
+        Estimated encode time above which a voxarc model is run on a subset of slices.
+    repeat : int
+        Timed runs per phase when one run is cheap (median reported).
+    subset_mode : str
+        ``"even"`` (evenly spaced slices) or ``"block"`` (consecutive central slices).
+    """
+
+    codecs: list[str] = field(default_factory=lambda: list(ALL_CODECS))
+    models: list[str] = field(default_factory=lambda: ["default"])
+    max_slices: int | None = None
+    budget_s: float = 120.0
+    repeat: int = 3
+    subset_mode: str = "even"
+
+
+def select_slices(total: int, count: int | None, mode: str = "even") -> list[int]:
+    """Indices of ``count`` slices out of ``total`` (all of them when ``count`` is None or larger).
+
+    Parameters
+    ----------
+    total : int
+        Number of slices in the volume.
+    count : int or None
+        How many to keep.
+    mode : {"even", "block"}
+        Evenly spaced over the volume, or a block of consecutive slices in its middle.
+
+    Returns
+    -------
+    list of int
+        Sorted distinct indices.
+    """
+    if count is None or count >= total:
+        return list(range(total))
+    count = max(1, count)
+    if mode == "block":
+        start = (total - count) // 2
+        return list(range(start, start + count))
+    return sorted({int(round(i)) for i in np.linspace(0, total - 1, count)})
+
+
+def timed(fn: Callable[[], object], repeat: int, cheap_s: float = 2.0):
+    """Run ``fn`` once, and ``repeat - 1`` more times when the first run took under ``cheap_s``.
+
+    Returns
+    -------
+    results : list
+        What each run returned.
+    wall_s, cpu_s : float
+        Median wall-clock and process CPU seconds per run.
+    """
+    results, walls, cpus = [], [], []
+    for i in range(max(1, repeat)):
+        if i and walls[0] > cheap_s:
+            break
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        results.append(fn())
+        walls.append(time.perf_counter() - wall0)
+        cpus.append(time.process_time() - cpu0)
+    return results, statistics.median(walls), statistics.median(cpus)
+
+
+def verify(volume: np.ndarray, decoded: np.ndarray, codec: str) -> None:
+    """Raise :class:`RoundTripError` unless ``decoded`` equals ``volume`` in dtype, shape, values."""
+    decoded = np.asarray(decoded)
+    if decoded.dtype != volume.dtype or decoded.shape != volume.shape:
+        raise RoundTripError(f"{codec}: decoded {decoded.dtype}{decoded.shape}, "
+                             f"expected {volume.dtype}{volume.shape}")
+    if not np.array_equal(decoded, volume):
+        wrong = int(np.count_nonzero(decoded != volume))
+        raise RoundTripError(f"{codec}: {wrong} of {volume.size} voxels differ")
+
+
+def measure(codec: bench_codecs.Codec, volume: np.ndarray, repeat: int) -> dict:
+    """Encode, decode and verify ``volume`` with ``codec``; return sizes and speeds.
+
+    Raises
+    ------
+    RoundTripError
+        If any decode differs from ``volume``.
+    """
+    encoded, enc_wall, enc_cpu = timed(lambda: codec.encode(volume), repeat)
+    decoded, dec_wall, dec_cpu = timed(lambda: codec.decode(encoded[0]), repeat)
+    for out in decoded:
+        verify(volume, out, codec.name)
+    nbytes = encoded[0].nbytes
+    row = {"voxels": int(volume.size), "bytes": nbytes, "bpv": 8 * nbytes / volume.size,
+           "verified": True, "encode_runs": len(encoded), "decode_runs": len(decoded)}
+    for phase, wall, cpu in (("encode", enc_wall, enc_cpu), ("decode", dec_wall, dec_cpu)):
+        row[f"{phase}_wall_s"], row[f"{phase}_cpu_s"] = wall, cpu
+        row[f"{phase}_wall_mvox_s"] = volume.size / wall / 1e6 if wall > 0 else None
+        row[f"{phase}_cpu_mvox_s"] = volume.size / cpu / 1e6 if cpu > 0 else None
+    return row
+
+
+def _run_row(codec, volume: SeriesVolume, indices: list[int], role: str, subset_mode: str,
+             repeat: int) -> dict:
+    total = volume.voxels.shape[0]
+    base = {"volume": volume.name, "codec": codec.name, "role": role,
+            "slices": len(indices), "total_slices": total, "slice_indices": indices,
+            "subset": len(indices) < total, "subset_mode": subset_mode if len(indices) < total
+            else "all"}
+    try:
+        return {**base, "status": "ok", "error": None,
+                **measure(codec, np.ascontiguousarray(volume.voxels[indices]), repeat)}
+    except Exception as exc:  # a codec that fails is a loud failed row, never a number
+        log.error("%s on %s FAILED: %s", codec.name, volume.name, exc)
+        return {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "verified": False, "voxels": int(volume.voxels[indices].size), "bytes": None,
+                "bpv": None}
+
+
+def probe_slices(codec, volume: np.ndarray, budget_s: float) -> int | None:
+    """Slices of ``volume`` that ``codec`` can encode within ``budget_s`` (None: all of them).
+
+    A tiny warm-up call first (model loading), then two slices are timed.
+    """
+    total = volume.shape[0]
+    codec.encode(np.ascontiguousarray(volume[:1, :8, :8]))
+    probe = np.ascontiguousarray(volume[: min(2, total)])
+    start = time.perf_counter()
+    codec.encode(probe)
+    per_slice = (time.perf_counter() - start) / probe.shape[0]
+    if per_slice * total <= budget_s:
+        return None
+    return max(2, int(budget_s / max(per_slice, 1e-9)))
+
+
+class Progress:
+    """A one-line progress display on a TTY, plain log lines otherwise."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.done = total, 0
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def step(self, message: str) -> None:
+        """Announce the next unit of work."""
+        self.done += 1
+        text = f"[{self.done}/{self.total}] {message}"
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+            self.stream.flush()
+        else:
+            log.info(text)
+
+    def close(self) -> None:
+        """End the progress line."""
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def bench_volume(volume: SeriesVolume, options: BenchOptions, progress: Progress) -> list[dict]:
+    """All result rows of one volume: anchors on the main selection, each voxarc model on its own
+    (possibly automatic) selection, and reference anchors on any other selection."""
+    total = volume.voxels.shape[0]
+    main = select_slices(total, options.max_slices)
+    rows = []
+    for name in options.codecs:
+        if name in bench_codecs.ANCHORS:
+            progress.step(f"{volume.name}: {name}")
+            rows.append(_run_row(bench_codecs.ANCHORS[name](), volume, main, "main", "even",
+                                 options.repeat))
+    if "voxarc" in options.codecs:
+        for model in options.models:
+            rows.extend(_bench_model(model, volume, main, options, progress))
+    return rows
+
+
+def _bench_model(model, volume, main, options, progress) -> list[dict]:
+    codec = bench_codecs.voxarc_codec(model)
+    progress.step(f"{volume.name}: {codec.name}")
+    try:
+        keep = probe_slices(codec, volume.voxels[main], options.budget_s)
+    except Exception as exc:  # the full run below records the failure as its row
+        log.debug("probe of %s failed: %s", codec.name, exc)
+        keep = None
+    if keep is None:
+        return [_run_row(codec, volume, main, "main", "even", options.repeat)]
+    picked = select_slices(len(main), keep, options.subset_mode)
+    indices = [main[i] for i in picked]
+    log.info("%s on %s: subset of %d of %d slices (%s) to stay within %.0f s", codec.name,
+             volume.name, len(indices), len(main), options.subset_mode, options.budget_s)
+    rows = [_run_row(codec, volume, indices, "main", options.subset_mode, options.repeat)]
+    for name in REFERENCE_CODECS:
+        rows.append(_run_row(bench_codecs.ANCHORS[name](), volume, indices, "reference",
+                             options.subset_mode, options.repeat))
+    return rows
+
+
+def run_bench(paths: list[str | Path], options: BenchOptions | None = None,
+              progress: Progress | None = None) -> dict:
+    """Benchmark every volume found in ``paths``.
+
+    Parameters
+    ----------
+    paths : list of str or pathlib.Path
+        DICOM series folders (or single files).
+    options : BenchOptions, optional
+        Codecs, models, slice limits; defaults run everything on all slices.
+    progress : Progress, optional
+        Where progress goes; by default a line on stderr.
+
+    Returns
+    -------
+    dict
+        ``{"environment", "volumes", "rows", "overall", "ok"}``; ``ok`` is False when any round
+        trip failed.
+    """
+    options = options or BenchOptions()
+    volumes = [v for path in paths for v in read_folder(path)]
+    if not volumes:
+        raise ValueError(f"no DICOM image series found in {', '.join(map(str, paths))}")
+    steps = len(volumes) * (sum(c in bench_codecs.ANCHORS for c in options.codecs)
+                            + ("voxarc" in options.codecs) * len(options.models))
+    progress = progress or Progress(steps)
+    rows = []
+    for volume in volumes:
+        rows.extend(bench_volume(volume, options, progress))
+    progress.close()
+    bench_report.add_ratios(rows)
+    return {
+        "environment": _environment(options),
+        "volumes": [_describe(v) for v in volumes],
+        "rows": rows,
+        "overall": bench_report.overall_rows(rows),
+        "ok": all(r["status"] == "ok" for r in rows),
+    }
+
+
+def _describe(volume: SeriesVolume) -> dict:
+    vox = volume.voxels
+    return {"name": volume.name, "series_uid": volume.series_uid, "modality": volume.modality,
+            "transfer_syntax": volume.transfer_syntax, "files": volume.files,
+            "sorted_by": volume.sorted_by, "shape": list(vox.shape), "dtype": vox.dtype.name,
+            "voxels": int(vox.size), "min": int(vox.min()), "max": int(vox.max())}
+
+
+def _environment(options: BenchOptions) -> dict:
+    env = {"options": {k: v for k, v in vars(options).items()},
+           "cpu_count": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+           "numpy": np.__version__, "codecs": bench_codecs.codec_versions(),
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if "voxarc" in options.codecs:
+        env["voxarc_models"] = {m: _model_info(m) for m in options.models}
+    return env
+
+
+def _model_info(model: str) -> dict | str:
+    """Header facts of a tiny blob of ``model`` (which codec body is active), or the error."""
+    import models
+
+    try:
+        blob = models.encode_volume(np.zeros((1, 2, 2), np.uint16), model=model)
+        info = models.blob_info(blob)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.items()}
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def register(subparsers) -> None:
+    """Add the ``bench`` sub-command to the ``voxarc`` command line."""
+    p = subparsers.add_parser("bench", help="compare voxarc with classical lossless codecs",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM series folders or files")
+    p.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
+    p.add_argument("--plot", metavar="OUT.png", help="draw bits per voxel per series and codec")
+    p.add_argument("--codecs", default=",".join(ALL_CODECS),
+                   help=f"comma-separated subset of {','.join(ALL_CODECS)} (default: all)")
+    p.add_argument("--models", default="default",
+                   help="comma-separated voxarc model names (default: default)")
+    p.add_argument("--max-slices", type=int, metavar="N",
+                   help="code at most N evenly spaced slices of every volume, all codecs")
+    p.add_argument("--budget-s", type=float, default=BenchOptions.budget_s,
+                   help="a voxarc model whose estimated encode time exceeds this many seconds "
+                        "runs on a subset of slices (default: %(default)s)")
+    p.add_argument("--subset", choices=("even", "block"), default="even",
+                   help="automatic subsets: evenly spaced slices or a central block of "
+                        "consecutive slices (keeps inter-slice context; default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=BenchOptions.repeat,
+                   help="timed runs per phase when a run is cheap (median; default: %(default)s)")
+    p.set_defaults(func=main)
+
+
+def _split(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def main(args) -> int:
+    """Run the benchmark for parsed ``args``; print the table; 0 if every round trip held."""
+    codecs = _split(args.codecs)
+    unknown = sorted(set(codecs) - set(ALL_CODECS))
+    if unknown:
+        log.error("unknown codec(s) %s; known: %s", ", ".join(unknown), ", ".join(ALL_CODECS))
+        return 2
+    options = BenchOptions(codecs=codecs, models=_split(args.models), max_slices=args.max_slices,
+                           budget_s=args.budget_s, repeat=args.repeat, subset_mode=args.subset)
+    report = run_bench(args.paths, options)
+    print(bench_report.format_table(report["rows"], report["overall"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        log.info("wrote %s", args.json)
+    if args.plot:
+        from service.bench_plot import plot_bpv
+
+        plot_bpv(report, args.plot)
+        log.info("wrote %s", args.plot)
+    if not report["ok"]:
+        log.error("ROUND TRIP FAILED for %d row(s); see the table",
+                  sum(r["status"] != "ok" for r in report["rows"]))
+        return 1
+    return 0
