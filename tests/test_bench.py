@@ -1,0 +1,210 @@
+"""`voxarc bench` and the DICOM series reader behind it, on generated and bundled DICOM files."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from service import bench, bench_codecs, bench_report
+from service.bench import BenchOptions, run_bench, select_slices
+from service.cli import main as cli_main
+from service.series_reader import read_folder
+
+pytest.importorskip("imagecodecs")
+pytest.importorskip("zstandard")
+
+ANCHORS = list(bench_codecs.ANCHORS)
+
+
+def _phantom(slices: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """CT-like int16 stack: a noisy disc of tissue values in -2000 padding."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    disc = (xx**2 + yy**2) < (0.4 * size) ** 2
+    vol = np.full((slices, size, size), -2000, np.int16)
+    for z in range(slices):
+        tissue = 40 + 300 * np.sin(xx / 7 + z / 3) + rng.normal(0, 20, (size, size))
+        vol[z][disc] = tissue[disc].astype(np.int16)
+    return vol
+
+
+def _write_slice(path, pixels: np.ndarray, z: float, number: int, series_uid: str) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", series_uid, number
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [-100, -100, z]
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = pixels.astype("<i2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture
+def ct_folder(tmp_path):
+    """Five slices written in shuffled file order (InstanceNumber disagrees with position), plus
+    a non-DICOM DIRFILE; returns (folder, stack in ascending position order)."""
+    vol = _phantom(5)
+    folder = tmp_path / "ct_generated"
+    folder.mkdir()
+    uid = generate_uid()
+    for file_no, z in enumerate([3, 0, 4, 1, 2]):
+        _write_slice(folder / f"IM{file_no}", vol[z], z * 2.5 - 30, number=5 - z, series_uid=uid)
+    (folder / "DIRFILE").write_bytes(b"not a DICOM file\n")
+    return folder, vol
+
+
+def test_reader_sorts_along_slice_normal_and_skips_non_dicom(ct_folder):
+    folder, vol = ct_folder
+    (got,) = read_folder(folder)
+    assert got.voxels.dtype == np.int16 and got.sorted_by == "position" and got.files == 5
+    np.testing.assert_array_equal(got.voxels, vol)  # stored values, no rescale intercept
+
+
+@pytest.mark.parametrize("variant", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm",
+                                     "MR_small_bigendian.dcm", "MR_small_jp2klossless.dcm"])
+def test_reader_decodes_transfer_syntaxes_to_the_same_stored_values(variant):
+    reference = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array
+    (got,) = read_folder(get_testdata_file(variant))
+    assert got.voxels.dtype == np.int16
+    np.testing.assert_array_equal(got.voxels[0], reference)
+
+
+def test_select_slices():
+    assert select_slices(10, None) == list(range(10))
+    assert select_slices(10, 20) == list(range(10))
+    assert select_slices(10, 3) == [0, 4, 9]
+    assert select_slices(10, 4, "block") == [3, 4, 5, 6]
+
+
+def _check_report(report: dict, volumes: int, codecs: list[str]) -> None:
+    rows = report["rows"]
+    assert report["ok"]
+    assert len(report["volumes"]) == volumes
+    assert [r["codec"] for r in rows] == codecs * volumes
+    for row in rows:
+        assert row["status"] == "ok" and row["verified"] is True
+        assert row["bpv"] > 0 and row["bytes"] > 0
+        assert row["encode_wall_mvox_s"] > 0 and row["decode_wall_mvox_s"] > 0
+        assert row["bpv"] == pytest.approx(8 * row["bytes"] / row["voxels"])
+        xl = next(r for r in rows if r["volume"] == row["volume"] and r["codec"] == "jpegxl-e7")
+        assert row["ratio_vs_jpegxl_e7"] == pytest.approx(row["bytes"] / xl["bytes"])
+    for total in report["overall"]:
+        mine = [r for r in rows if r["codec"] == total["codec"]]
+        weighted = sum(r["bpv"] * r["voxels"] for r in mine) / sum(r["voxels"] for r in mine)
+        assert total["bpv"] == pytest.approx(weighted, rel=1e-12)
+        assert total["voxels"] == sum(r["voxels"] for r in mine)
+    assert [t["codec"] for t in report["overall"]] == codecs
+
+
+def test_cli_bench_on_generated_series_writes_json(ct_folder, tmp_path, capsys):
+    folder, vol = ct_folder
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", str(folder), "--json", str(out), "--repeat", "1"]) == 0
+    report = json.loads(out.read_text())
+    codecs = ANCHORS + ["voxarc:default"]
+    _check_report(report, 1, codecs)
+    assert report["volumes"][0]["shape"] == list(vol.shape)
+    assert report["environment"]["omp_wait_policy"]
+    table = capsys.readouterr().out
+    assert table.count("ct_generated") == len(codecs) and "OVERALL" in table
+
+
+def test_bench_on_pydicom_test_files():
+    paths = [get_testdata_file("CT_small.dcm"), get_testdata_file("MR_small.dcm")]
+    report = run_bench(paths, BenchOptions(codecs=ANCHORS, repeat=1))
+    _check_report(report, 2, ANCHORS)
+    assert [v["shape"] for v in report["volumes"]] == [[1, 128, 128], [1, 64, 64]]
+
+
+def _broken_codec() -> bench_codecs.Codec:
+    good = bench_codecs.ANCHORS["zstd-19"]()
+    return bench_codecs.Codec("broken", good.encode, lambda enc: good.decode(enc) ^ 1)
+
+
+def test_failed_round_trip_is_a_loud_failure_not_a_number(ct_folder, monkeypatch, tmp_path,
+                                                          capsys):
+    monkeypatch.setitem(bench_codecs.ANCHORS, "broken", _broken_codec)
+    monkeypatch.setattr(bench, "ALL_CODECS", (*bench.ALL_CODECS, "broken"))
+    folder, _ = ct_folder
+    out = tmp_path / "bench.json"
+    code = cli_main(["bench", str(folder), "--codecs", "jpegls,broken", "--repeat", "1",
+                     "--json", str(out)])
+    assert code == 1
+    report = json.loads(out.read_text())
+    broken = next(r for r in report["rows"] if r["codec"] == "broken")
+    assert broken["status"] == "failed" and broken["bpv"] is None and not broken["verified"]
+    assert "differ" in broken["error"] and not report["ok"]
+    assert "ROUND TRIP FAILED" in capsys.readouterr().out
+
+
+def test_unknown_codec_is_refused(ct_folder):
+    assert cli_main(["bench", str(ct_folder[0]), "--codecs", "gzip"]) == 2
+
+
+def _slow_voxarc(model: str) -> bench_codecs.Codec:
+    """A lossless stand-in for a slow model: 20 ms per slice."""
+    inner = bench_codecs.ANCHORS["zstd-19"]()
+
+    def encode(volume):
+        time.sleep(0.02 * volume.shape[0])
+        return inner.encode(volume)
+
+    return bench_codecs.Codec(bench_codecs.VOXARC_PREFIX + model, encode, inner.decode)
+
+
+def test_slow_model_runs_on_a_marked_subset_compared_on_the_same_slices(monkeypatch):
+    monkeypatch.setattr(bench_codecs, "voxarc_codec", _slow_voxarc)
+    vol = bench.SeriesVolume("slow", _phantom(12, 32), "1.2", "CT", "native", 12, "position")
+    options = BenchOptions(codecs=["jpegxl-e7", "jpegls", "voxarc"], models=["paper-cube"],
+                           budget_s=0.1, repeat=1)
+    rows = bench.bench_volume(vol, options, bench.Progress(3))
+    bench_report.add_ratios(rows)
+    model = next(r for r in rows if r["codec"] == "voxarc:paper-cube")
+    assert model["subset"] and model["slices"] < 12 and model["total_slices"] == 12
+    refs = [r for r in rows if r["role"] == "reference"]
+    assert {r["codec"] for r in refs} == {"jpegxl-e7", "jpegls"}
+    assert all(r["slice_indices"] == model["slice_indices"] for r in refs)
+    xl = next(r for r in refs if r["codec"] == "jpegxl-e7")
+    assert model["ratio_vs_jpegxl_e7"] == pytest.approx(model["bytes"] / xl["bytes"])
+    overall = bench_report.overall_rows(rows)
+    assert [o["codec"] for o in overall] == ["jpegxl-e7", "jpegls", "voxarc:paper-cube"]
+    assert overall[0]["voxels"] == 12 * 32 * 32  # reference rows stay out of the anchors' totals
+    assert "*" in bench_report.format_table(rows, overall)
+
+
+def test_plot_is_written(ct_folder, tmp_path):
+    pytest.importorskip("matplotlib")
+    from service.bench_plot import plot_bpv
+
+    report = run_bench([ct_folder[0]], BenchOptions(codecs=["jpegls", "jpegxl-e7"], repeat=1))
+    out = tmp_path / "bench.png"
+    plot_bpv(report, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_real_ct_series_few_slices(shared_series):
+    folder = shared_series("test", "ct_ge_hispeed_head_tilt")
+    options = BenchOptions(codecs=["jpegls", "jpegxl-e7", "voxarc"], max_slices=2, repeat=1)
+    report = run_bench([folder], options)
+    assert report["ok"], [r["error"] for r in report["rows"]]
+    assert report["volumes"][0]["shape"] == [28, 512, 512]
+    assert (report["volumes"][0]["min"], report["volumes"][0]["max"]) == (-1500, 2121)
+    rows = {r["codec"]: r for r in report["rows"]}
+    assert all(r["slices"] == 2 and r["subset"] for r in rows.values())
+    # JPEG-LS on this head CT is about 3.3 bpv over all slices (BASELINES.md).
+    assert 2.0 < rows["jpegls"]["bpv"] < 5.0
