@@ -143,13 +143,27 @@ def measure(codec: bench_codecs.Codec, volume: np.ndarray, repeat: int) -> dict:
     for out in decoded:
         verify(volume, out, codec.name)
     nbytes = encoded[0].nbytes
+    slice_s = _time_one_slice(codec, encoded[0], volume)
     row = {"voxels": int(volume.size), "bytes": nbytes, "bpv": 8 * nbytes / volume.size,
-           "verified": True, "encode_runs": len(encoded), "decode_runs": len(decoded)}
+           "verified": True, "encode_runs": len(encoded), "decode_runs": len(decoded),
+           "slice_decode_s": slice_s}
     for phase, wall, cpu in (("encode", enc_wall, enc_cpu), ("decode", dec_wall, dec_cpu)):
         row[f"{phase}_wall_s"], row[f"{phase}_cpu_s"] = wall, cpu
         row[f"{phase}_wall_mvox_s"] = volume.size / wall / 1e6 if wall > 0 else None
         row[f"{phase}_cpu_mvox_s"] = volume.size / cpu / 1e6 if cpu > 0 else None
     return row
+
+
+def _time_one_slice(codec: bench_codecs.Codec, encoded, volume: np.ndarray) -> float | None:
+    """Seconds to decode the middle slice alone (random access), verified; None if unsupported."""
+    if codec.decode_slice is None:
+        return None
+    middle = volume.shape[0] // 2
+    start = time.perf_counter()
+    part = codec.decode_slice(encoded, middle)
+    seconds = time.perf_counter() - start
+    verify(volume[middle:middle + 1], part, f"{codec.name} (slice {middle} alone)")
+    return seconds
 
 
 def _run_row(codec, volume: SeriesVolume, indices: list[int], role: str, subset_mode: str,
@@ -228,8 +242,8 @@ def bench_volume(volume: SeriesVolume, options: BenchOptions, progress: Progress
 
 
 def _bench_model(model, volume, main, options, progress) -> list[dict]:
+    progress.step(f"{volume.name}: {bench_codecs.VOXARC_PREFIX}{model}")
     codec = bench_codecs.voxarc_codec(model)
-    progress.step(f"{volume.name}: {codec.name}")
     try:
         keep = probe_slices(codec, volume.voxels[main], options.budget_s)
     except Exception as exc:  # the full run below records the failure as its row
@@ -308,9 +322,9 @@ def _environment(options: BenchOptions) -> dict:
 
 def _model_info(model: str) -> dict | str:
     """Header facts of a tiny blob of ``model`` (which codec body is active), or the error."""
-    import models
-
     try:
+        import models
+
         blob = models.encode_volume(np.zeros((1, 2, 2), np.uint16), model=model)
         info = models.blob_info(blob)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.items()}

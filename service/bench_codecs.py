@@ -52,6 +52,8 @@ class Codec:
     name: str
     encode: Callable[[np.ndarray], Encoded]
     decode: Callable[[Encoded], np.ndarray]
+    decode_slice: Callable[[Encoded, int], np.ndarray] | None = None
+    """Random access: decode slice ``i`` alone as a ``(1, rows, columns)`` array, if supported."""
 
 
 def shift_to_unsigned(volume: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -172,15 +174,23 @@ def voxarc_codec(model: str) -> Codec:
     Codec
         Named ``"voxarc:<model>"``.
     """
-    import models
 
     def encode(volume: np.ndarray) -> Encoded:
+        import models  # here, so that a broken or missing codec fails its row, not the bench
+
         return Encoded([models.encode_volume(volume, model=model)], volume.dtype, volume.shape)
 
     def decode(enc: Encoded) -> np.ndarray:
+        import models
+
         return models.decode_volume(enc.chunks[0])
 
-    return Codec(VOXARC_PREFIX + model, encode, decode)
+    def decode_slice(enc: Encoded, index: int) -> np.ndarray:
+        import models
+
+        return models.decode_slices(enc.chunks[0], index, index + 1)
+
+    return Codec(VOXARC_PREFIX + model, encode, decode, decode_slice)
 
 
 ANCHORS: dict[str, Callable[[], Codec]] = {

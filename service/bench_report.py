@@ -113,8 +113,8 @@ def format_table(rows: list[dict], overall: list[dict]) -> str:
         The table, with a legend line when a row used a subset of slices.
     """
     head = ("| volume | codec | slices | bpv | x JPEG-XL e7 | x JPEG-LS | encode M vox/s wall (cpu) "
-            "| decode M vox/s wall (cpu) |")
-    lines = [head, "|" + "---|" * 8]
+            "| decode M vox/s wall (cpu) | 1-slice decode s |")
+    lines = [head, "|" + "---|" * 9]
     for row in [*rows, *overall]:
         lines.append(_table_line(row))
     if any(r.get("subset") for r in rows):
@@ -127,7 +127,7 @@ def format_table(rows: list[dict], overall: list[dict]) -> str:
 def _table_line(row: dict) -> str:
     codec = row["codec"] + (" (ref)" if row["role"] == "reference" else "")
     if row["status"] != "ok" and row["role"] != "overall":
-        return f"| {row['volume']} | {codec} | {_slices(row)} | ROUND TRIP FAILED: {row['error']} |||||"
+        return f"| {row['volume']} | {codec} | {_slices(row)} | ROUND TRIP FAILED: {row['error']} ||||||"
     speeds = [
         f"{_num(row[f'{p}_wall_mvox_s'], '.2f')} ({_num(row[f'{p}_cpu_mvox_s'], '.2f')})"
         for p in ("encode", "decode")
@@ -136,4 +136,4 @@ def _table_line(row: dict) -> str:
     failed = f" ({row['failed_volumes']} failed)" if row.get("failed_volumes") else ""
     return (f"| {volume}{failed} | {codec} | {_slices(row)} | {_num(row['bpv'], '.3f')} "
             f"| {_num(row['ratio_vs_jpegxl_e7'], '.3f')} | {_num(row['ratio_vs_jpegls'], '.3f')} "
-            f"| {speeds[0]} | {speeds[1]} |")
+            f"| {speeds[0]} | {speeds[1]} | {_num(row.get('slice_decode_s'), '.3f')} |")

@@ -136,9 +136,8 @@ def _decode_encapsulated(ds, syntax: UID, shape, dtype: np.dtype) -> np.ndarray:
 def _sign_extend(values: np.ndarray, bits: int) -> np.ndarray:
     """Read the low ``bits`` of each word as a two's-complement number (compressed data keeps
     only BitsStored bits, so there is no other stored word to return)."""
-    width = 8 * values.itemsize
-    return (values.astype(np.int64) << (64 - bits) >> (64 - bits)).astype(values.dtype) \
-        if bits < width else values
+    shift = 64 - bits
+    return ((values.astype(np.int64) << shift) >> shift).astype(values.dtype)
 
 
 def read_folder(folder: str | Path) -> list[SeriesVolume]:

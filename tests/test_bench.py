@@ -120,6 +120,9 @@ def test_cli_bench_on_generated_series_writes_json(ct_folder, tmp_path, capsys):
     _check_report(report, 1, codecs)
     assert report["volumes"][0]["shape"] == list(vol.shape)
     assert report["environment"]["omp_wait_policy"]
+    voxarc = report["rows"][-1]
+    assert voxarc["slice_decode_s"] > 0  # random access through models.decode_slices, verified
+    assert all(r["slice_decode_s"] is None for r in report["rows"][:-1])
     table = capsys.readouterr().out
     assert table.count("ct_generated") == len(codecs) and "OVERALL" in table
 
@@ -208,3 +211,30 @@ def test_real_ct_series_few_slices(shared_series):
     assert all(r["slices"] == 2 and r["subset"] for r in rows.values())
     # JPEG-LS on this head CT is about 3.3 bpv over all slices (BASELINES.md).
     assert 2.0 < rows["jpegls"]["bpv"] < 5.0
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_is_one_line_on_a_tty_and_log_lines_otherwise(caplog):
+    tty = _Stream(True)
+    progress = bench.Progress(2, tty)
+    progress.step("a: jpegls")
+    progress.step("a: zstd-19")
+    progress.close()
+    assert "\n" not in tty.text and "[2/2] a: zstd-19" in tty.text
+    plain = _Stream(False)
+    with caplog.at_level("INFO", logger="service.bench"):
+        bench.Progress(1, plain).step("b: htj2k")
+    assert plain.text == "" and "[1/1] b: htj2k" in caplog.text
