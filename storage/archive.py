@@ -1,0 +1,106 @@
+"""The archive: one object owning the index, the blob store, ingest, compaction and retrieval.
+
+The service and the command line build an :class:`Archive` and go through it; nothing else opens
+the database or the data folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from storage import query
+from storage.blobstore import BlobStore
+from storage.compaction import Compactor
+from storage.index import Index, Instance, Series, Study
+from storage.ingest import DUPLICATE_POLICIES, IngestResult, ingest, stored_bytes
+from storage.reconstruct import Reconstructor, StoredInstance
+
+log = logging.getLogger(__name__)
+
+
+class Archive:
+    """A voxarc archive in a data folder.
+
+    Parameters
+    ----------
+    data_dir : path
+        Folder of the blob store (and of the SQLite index when ``database_url`` is empty).
+    database_url : str, optional
+        SQLAlchemy URL of the index; default ``sqlite:///<data_dir>/index.sqlite``.
+    duplicates : {"keep_first", "replace", "reject"}
+        Policy for a SOP Instance UID that is already stored.
+    max_storage_bytes : int
+        Refuse new instances beyond this many stored bytes (0: no limit).
+    model : str
+        Codec model used by compaction.
+    max_stack_slices : int
+        Largest stack coded as one blob.
+    cache_bytes : int
+        Budget of the decoded-slab cache used by retrieval.
+    """
+
+    def __init__(self, data_dir, database_url: str = "", duplicates: str = "keep_first",
+                 max_storage_bytes: int = 0, model: str = "default", max_stack_slices: int = 256,
+                 cache_bytes: int = 256 << 20):
+        if duplicates not in DUPLICATE_POLICIES:
+            raise ValueError(f"duplicate policy must be one of {DUPLICATE_POLICIES}")
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        url = database_url or f"sqlite:///{self.data_dir / 'index.sqlite'}"
+        self.index = Index(url)
+        self.blobs = BlobStore(self.data_dir / "blobs")
+        self.duplicates, self.max_storage_bytes = duplicates, max_storage_bytes
+        self.compactor = Compactor(self.index, self.blobs, model, max_stack_slices)
+        self.reconstructor = Reconstructor(self.index, self.blobs, cache_bytes)
+
+    def store(self, data: bytes, transfer_syntax: str) -> IngestResult:
+        """Stage a received dataset durably (see :func:`storage.ingest.ingest`)."""
+        return ingest(self.index, self.blobs, data, transfer_syntax, self.duplicates,
+                      self.max_storage_bytes)
+
+    def retrieve(self, sop_uid: str) -> StoredInstance:
+        """Return an instance byte for byte, SHA-256 checked (see :class:`Reconstructor`)."""
+        return self.reconstructor.get(sop_uid)
+
+    def find(self, level: str, criteria: dict[str, str]) -> list[dict]:
+        """Return matching records of a query level (see :func:`storage.query.find`)."""
+        return query.find(self.index, level, criteria)
+
+    def compact(self, stable_age: float) -> tuple[int, int]:
+        """Compact every series stable for ``stable_age`` seconds; return (done, failed)."""
+        return self.compactor.run_once(stable_age)
+
+    def pending_series(self, stable_age: float = 0.0) -> list[int]:
+        """Ids of staged series stable for ``stable_age`` seconds and not waiting for a retry."""
+        return self.compactor.ready_series(stable_age)
+
+    def stats(self) -> dict:
+        """Counts and byte totals of what is stored.
+
+        Returns
+        -------
+        dict
+            ``instances``, ``series``, ``studies``, ``original_bytes`` (as received),
+            ``stored_bytes`` (on disk now), ``pending_instances`` (staged), ``ratio``.
+        """
+        with self.index.read() as s:
+            original = int(s.scalar(select(func.coalesce(func.sum(Instance.size), 0))))
+            stored = stored_bytes(s)
+            out = {
+                "instances": s.scalar(select(func.count(Instance.id))),
+                "series": s.scalar(select(func.count(Series.id))),
+                "studies": s.scalar(select(func.count(Study.id))),
+                "original_bytes": original,
+                "stored_bytes": stored,
+                "pending_instances": s.scalar(select(func.count(Instance.id)).where(
+                    Instance.staged_key.is_not(None))),
+            }
+        out["ratio"] = round(stored / original, 4) if original else 0.0
+        return out
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.index.close()

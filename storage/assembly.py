@@ -1,0 +1,82 @@
+"""Group a series' staged instances into stacks the volume codec can take.
+
+Single-frame instances stack when they share a pixel format and orientation (the ``stack_format``
+recorded at ingest); they are sorted along the slice normal (position), falling back to
+InstanceNumber when a geometry is missing. A multi-frame instance is a volume by itself. What
+does not stack (no native pixel data, RGB, a lone image) is returned as singles for the general
+codec.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+
+@dataclass
+class Stack:
+    """Instances whose pixel words, concatenated in order, form one (z, y, x) volume."""
+
+    members: list
+
+    @property
+    def slices(self) -> int:
+        return sum(m.frames for m in self.members)
+
+
+def _order(instances: list) -> list:
+    if all(i.position is not None for i in instances):
+        return sorted(instances, key=lambda i: (i.position, i.instance_number or 0, i.sop_uid))
+    return sorted(instances, key=lambda i: (i.instance_number is None, i.instance_number or 0,
+                                            i.sop_uid))
+
+
+def _chunks(members: list, max_slices: int) -> list[Stack]:
+    stacks, current = [], []
+    for member in members:
+        if current and len(current) >= max_slices:
+            stacks.append(Stack(current))
+            current = []
+        current.append(member)
+    if current:
+        stacks.append(Stack(current))
+    return stacks
+
+
+def assemble(instances: list, max_slices: int = 256) -> tuple[list[Stack], list]:
+    """Split instances (objects with ``stack_format``, ``frames``, ``position``,
+    ``instance_number``, ``sop_uid``) into stacks and singles.
+
+    Parameters
+    ----------
+    instances : list
+        Staged instance rows of one series.
+    max_slices : int
+        Largest stack of single-frame instances; longer runs are cut into several stacks.
+
+    Returns
+    -------
+    stacks : list of Stack
+    singles : list
+        Instances for the general lossless codec.
+    """
+    groups: dict[str, list] = defaultdict(list)
+    stacks: list[Stack] = []
+    singles: list = []
+    for inst in instances:
+        if inst.stack_format == "multiframe":
+            stacks.append(Stack([inst]))
+        elif inst.stack_format:
+            groups[inst.stack_format].append(inst)
+        else:
+            singles.append(inst)
+    for fmt in sorted(groups):
+        members = groups[fmt]
+        if len(members) < 2:
+            singles.extend(members)
+            continue
+        stacks.extend(_chunks(_order(members), max_slices))
+    for stack in [s for s in stacks if s.slices < 2]:
+        stacks.remove(stack)
+        singles.extend(stack.members)
+    return stacks, singles

@@ -1,0 +1,192 @@
+"""The compaction worker: stable staged series -> coded stacks, verified, committed, unstaged.
+
+For each series whose last instance arrived at least ``stable_age`` seconds ago: assemble stacks,
+encode each with the volume codec, decode it again and check every instance rebuilds to its ingest
+SHA-256, write the blobs durably, then commit blob rows and per-instance header bytes in one
+transaction, and only then delete the staged files. Any failure leaves the series staged, deletes
+the blobs written so far and marks the job failed with its reason and a retry time (backoff).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from sqlalchemy import select
+
+import models
+from storage.assembly import Stack, assemble
+from storage.blobstore import BlobStore, new_key
+from storage.dataset_parts import join, parse_dataset, pixel_layout, split
+from storage.index import Blob, Index, Instance, Job, Series
+
+log = logging.getLogger(__name__)
+
+
+class VerificationError(RuntimeError):
+    """A freshly written blob does not give back the staged bytes."""
+
+
+@dataclass
+class _Plan:
+    """Blobs written for one series and the instance updates to commit with them."""
+
+    blobs: list = field(default_factory=list)       # Blob rows (not yet added)
+    updates: dict = field(default_factory=dict)     # instance id -> (blob key, fields)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Compactor:
+    """Compress staged series of an archive.
+
+    Parameters
+    ----------
+    index, blobs
+        The archive's index and blob store.
+    model : str
+        Codec model name passed to :func:`models.encode_volume`.
+    max_slices : int
+        Largest stack coded as one blob.
+    """
+
+    def __init__(self, index: Index, blobs: BlobStore, model: str = "default",
+                 max_slices: int = 256):
+        self.index, self.blobs, self.model, self.max_slices = index, blobs, model, max_slices
+
+    def ready_series(self, stable_age: float, now: float | None = None) -> list[int]:
+        """Return ids of series with staged instances, stable for ``stable_age`` seconds and not
+        waiting for a failed job's retry time."""
+        now = time.time() if now is None else now
+        with self.index.read() as s:
+            staged = set(s.scalars(select(Instance.series_fk).where(
+                Instance.staged_key.is_not(None)).distinct()))
+            stable = set(s.scalars(select(Series.id).where(
+                Series.last_received <= now - stable_age)))
+            waiting = set(s.scalars(select(Job.series_fk).where(
+                Job.state == "failed", Job.next_attempt > now)))
+        return sorted((staged & stable) - waiting)
+
+    def run_once(self, stable_age: float, now: float | None = None) -> tuple[int, int]:
+        """Compact every ready series once; return (series compacted, series failed)."""
+        done = failed = 0
+        for series_id in self.ready_series(stable_age, now):
+            if self.compact_series(series_id):
+                done += 1
+            else:
+                failed += 1
+        return done, failed
+
+    def compact_series(self, series_id: int) -> bool:
+        """Compact the staged instances of one series; return True on success."""
+        with self.index.read() as s:
+            members = list(s.scalars(select(Instance).where(
+                Instance.series_fk == series_id, Instance.staged_key.is_not(None))))
+            series_uid = s.get(Series, series_id).series_uid
+        if not members:
+            return True
+        job_id = self._start_job(series_id)
+        plan = _Plan()
+        try:
+            stacks, singles = assemble(members, self.max_slices)
+            for stack in stacks:
+                self._code_stack(stack, plan)
+            for inst in singles:
+                self._code_single(inst, plan)
+            self._commit(plan, members, job_id)
+        except Exception as exc:
+            for blob in plan.blobs:
+                self.blobs.delete(blob.key)
+            self._fail_job(job_id, f"{type(exc).__name__}: {exc}")
+            log.error("compaction of series %s failed, left staged: %s", series_uid, exc)
+            return False
+        for inst in members:
+            self.blobs.delete(inst.staged_key)
+        log.info("compacted series %s: %d instances in %d stacks + %d singles", series_uid,
+                 len(members), len(stacks), len(singles))
+        return True
+
+    def _code_stack(self, stack: Stack, plan: _Plan) -> None:
+        parts = []
+        for inst in stack.members:
+            data = self.blobs.get(inst.staged_key)
+            layout = pixel_layout(parse_dataset(data, inst.transfer_syntax), inst.transfer_syntax)
+            if layout is None or layout.offset != inst.pixel_offset:
+                raise VerificationError(f"pixel layout of {inst.sop_uid} changed since ingest")
+            parts.append((inst, *split(data, layout)))
+        volume = np.concatenate([p[2] for p in parts]).astype(parts[0][2].dtype.newbyteorder("="))
+        blob = models.encode_volume(volume, model=self.model)
+        decoded = models.decode_volume(blob)
+        if decoded.dtype != volume.dtype or _sha(decoded.tobytes()) != _sha(volume.tobytes()):
+            raise VerificationError("decoded volume differs from the staged pixels")
+        key, start = new_key("b"), 0
+        for inst, before, pixels, after in parts:
+            stop = start + pixels.shape[0]
+            if _sha(join(before, decoded[start:stop], after)) != inst.sha256:
+                raise VerificationError(f"instance {inst.sop_uid} does not rebuild exactly")
+            plan.updates[inst.id] = (key, dict(frame_start=start, header_before=before,
+                                               header_after=after))
+            start = stop
+        info = models.blob_info(blob)
+        self._put(plan, key, blob, "volume", volume.nbytes, dtype=volume.dtype.name,
+                  shape=",".join(map(str, volume.shape)), slab=int(info.get("slab") or 0),
+                  codec_info=f"{info.get('model', '')} v{info.get('version', '')}")
+
+    def _code_single(self, inst, plan: _Plan) -> None:
+        data = self.blobs.get(inst.staged_key)
+        packed, codec = zlib.compress(data, 6), "zlib"
+        if len(packed) >= len(data):
+            packed, codec = data, "raw"
+        elif _sha(zlib.decompress(packed)) != inst.sha256:
+            raise VerificationError(f"zlib round trip of {inst.sop_uid} differs")
+        key = new_key("b")
+        plan.updates[inst.id] = (key, dict(frame_start=0, header_before=b"", header_after=b""))
+        self._put(plan, key, packed, codec, len(data))
+
+    def _put(self, plan: _Plan, key: str, data: bytes, codec: str, raw: int, **extra) -> None:
+        self.blobs.put(key, data)
+        plan.blobs.append(Blob(key=key, codec=codec, raw_bytes=raw, stored_bytes=len(data),
+                               sha256=_sha(data), created_at=time.time(), **extra))
+
+    def _commit(self, plan: _Plan, members: list, job_id: int) -> None:
+        with self.index.write() as s:
+            by_key = {}
+            for blob in plan.blobs:
+                s.add(blob)
+                by_key[blob.key] = blob
+            s.flush()
+            for inst in members:
+                row = s.get(Instance, inst.id)
+                if row is None or row.staged_key != inst.staged_key:
+                    raise VerificationError(f"instance {inst.sop_uid} changed during compaction")
+                key, fields = plan.updates[inst.id]
+                for name, value in fields.items():
+                    setattr(row, name, value)
+                row.blob_fk, row.staged_key = by_key[key].id, None
+            job = s.get(Job, job_id)
+            job.state, job.reason, job.updated_at = "done", "", time.time()
+
+    def _start_job(self, series_id: int) -> int:
+        with self.index.write() as s:
+            job = s.scalar(select(Job).where(Job.series_fk == series_id, Job.kind == "compact",
+                                             Job.state != "done"))
+            if job is None:
+                job = Job(series_fk=series_id, kind="compact", attempts=0)
+                s.add(job)
+            job.state, job.attempts, job.updated_at = "running", job.attempts + 1, time.time()
+            s.flush()
+            return job.id
+
+    def _fail_job(self, job_id: int, reason: str) -> None:
+        with self.index.write() as s:
+            job = s.get(Job, job_id)
+            backoff = min(3600.0, 30.0 * 2 ** (job.attempts - 1))
+            job.state, job.reason = "failed", reason[:2000]
+            job.updated_at = time.time()
+            job.next_attempt = job.updated_at + backoff

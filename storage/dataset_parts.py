@@ -1,0 +1,129 @@
+"""Split a received dataset's bytes into header and pixel words, and splice them back.
+
+The received bytes (the dataset after the File Meta group, in its transfer syntax) are kept
+untouched: ``before + pixels + after`` is the original, byte for byte. ``pixels`` is the value of the
+top-level Pixel Data element, cut to ``frames x rows x columns`` stored words when the instance can
+be stacked (native little-endian pixel data, one sample, 8/16/32 bits); any padding or trailing
+value bytes stay in ``after``. Stored words are never rescaled or masked.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
+
+from storage.errors import UnparseableDatasetError
+
+PIXEL_DATA = 0x7FE00010
+# Uncompressed little-endian syntaxes: Pixel Data is a plain array of stored words.
+NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
+# Word types the volume codec takes; other pixel formats go to the general codec.
+_DTYPES = {(8, 0): "uint8", (8, 1): "int8", (16, 0): "uint16", (16, 1): "int16"}
+
+
+@dataclass(frozen=True)
+class PixelLayout:
+    """Where the stackable pixel words sit in the dataset bytes, and their array form."""
+
+    offset: int
+    frames: int
+    rows: int
+    columns: int
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.frames * self.rows * self.columns * np.dtype(self.dtype).itemsize
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.frames, self.rows, self.columns)
+
+
+def parse_dataset(data: bytes, transfer_syntax: str):
+    """Parse encoded dataset bytes (no File Meta) into a pydicom Dataset of raw elements.
+
+    Raises
+    ------
+    UnparseableDatasetError
+        When the bytes cannot be read in the given transfer syntax.
+    """
+    ts = UID(transfer_syntax)
+    if not ts.is_transfer_syntax:
+        raise UnparseableDatasetError(f"unknown transfer syntax {transfer_syntax!r}")
+    stream = data
+    if ts in DEFLATED:
+        try:
+            stream = zlib.decompress(data, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise UnparseableDatasetError(f"cannot inflate deflated dataset: {exc}") from exc
+    try:
+        fp = io.BytesIO(stream)
+        ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian)
+        if fp.tell() != len(stream) or len(ds) == 0:
+            raise ValueError(f"parsed {fp.tell()} of {len(stream)} bytes")
+        _check_lengths(ds, stream, ts.is_little_endian)
+    except Exception as exc:  # pydicom raises many kinds on malformed input
+        raise UnparseableDatasetError(f"cannot parse dataset: {exc}") from exc
+    return ds
+
+
+def _check_lengths(ds, stream: bytes, little_endian: bool) -> None:
+    """Raise when a top-level element's value is shorter than its declared length, or an
+    undefined-length value lacks its delimiter (truncation)."""
+    delimiter = (b"\xfe\xff\xdd\xe0" if little_endian else b"\xff\xfe\xe0\xdd") + b"\0" * 4
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        value = getattr(raw, "value", None)
+        if not hasattr(raw, "length") or not isinstance(value, bytes):
+            continue
+        if raw.length == 0xFFFFFFFF:
+            end = raw.value_tell + len(value)
+            if stream[end:end + 8] != delimiter:
+                raise ValueError(f"element {tag} of undefined length has no delimiter")
+        elif len(value) != raw.length:
+            raise ValueError(f"element {tag} declares {raw.length} bytes, has {len(value)}")
+
+
+def _int(ds, keyword: str, default: int | None = None) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return default if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def pixel_layout(ds, transfer_syntax: str) -> PixelLayout | None:
+    """Return the stackable pixel layout of a parsed dataset, or None when it cannot be stacked."""
+    raw = ds.get_item(PIXEL_DATA) if PIXEL_DATA in ds else None
+    if raw is None or transfer_syntax not in NATIVE_LE or getattr(raw, "value_tell", None) is None:
+        return None
+    if raw.length == 0xFFFFFFFF or _int(ds, "SamplesPerPixel", 1) != 1:
+        return None
+    dtype = _DTYPES.get((_int(ds, "BitsAllocated", 0), _int(ds, "PixelRepresentation", 0)))
+    rows, cols, frames = _int(ds, "Rows", 0), _int(ds, "Columns", 0), _int(ds, "NumberOfFrames", 1)
+    if dtype is None or rows <= 0 or cols <= 0 or frames <= 0:
+        return None
+    layout = PixelLayout(raw.value_tell, frames, rows, cols, dtype)
+    return layout if 0 < layout.nbytes <= raw.length else None
+
+
+def split(data: bytes, layout: PixelLayout) -> tuple[bytes, np.ndarray, bytes]:
+    """Return ``(before, pixels, after)``; ``pixels`` is a (frames, rows, columns) array."""
+    end = layout.offset + layout.nbytes
+    words = np.frombuffer(data, dtype=np.dtype(layout.dtype).newbyteorder("<"),
+                          count=layout.nbytes // np.dtype(layout.dtype).itemsize,
+                          offset=layout.offset)
+    return data[:layout.offset], words.reshape(layout.shape), data[end:]
+
+
+def join(before: bytes, pixels: np.ndarray, after: bytes) -> bytes:
+    """Splice stored words back between the header parts: the inverse of :func:`split`."""
+    words = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<"))
+    return b"".join((before, words.tobytes(), after))

@@ -1,0 +1,31 @@
+"""Exceptions raised by the storage layer; the service maps each one to a DICOM status."""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Base class of every storage failure."""
+
+
+class StorageFullError(StorageError):
+    """The archive cannot take more bytes (disk full, write error or configured limit)."""
+
+
+class UnparseableDatasetError(StorageError):
+    """Received bytes are not a dataset we can index (truncated, missing UIDs, bad encoding)."""
+
+
+class DuplicateInstanceError(StorageError):
+    """An instance with this SOP Instance UID exists and the policy rejects duplicates."""
+
+
+class InstanceNotFoundError(StorageError):
+    """No instance with the requested SOP Instance UID is stored."""
+
+
+class IntegrityError(StorageError):
+    """Reconstructed bytes do not match the SHA-256 recorded at ingest."""
+
+
+class InvalidKeyError(StorageError, ValueError):
+    """A blob key is not of the safe form the blob store accepts."""

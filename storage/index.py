@@ -1,0 +1,170 @@
+"""The SQLAlchemy index: patients, studies, series, instances, blobs and compaction jobs.
+
+The same models run on SQLite (the default, one file in the data folder) and PostgreSQL. The index
+never reads blobs: it records keys, sizes and hashes so that what the blob store returns can be
+trusted.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+from sqlalchemy import (
+    BigInteger, Float, ForeignKey, Integer, LargeBinary, String, create_engine, event,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the index tables."""
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String, unique=True)
+    patient_name: Mapped[str] = mapped_column(String, default="")
+    birth_date: Mapped[str] = mapped_column(String, default="")
+    sex: Mapped[str] = mapped_column(String, default="")
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String, unique=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    study_date: Mapped[str] = mapped_column(String, default="")
+    study_time: Mapped[str] = mapped_column(String, default="")
+    accession_number: Mapped[str] = mapped_column(String, default="")
+    study_description: Mapped[str] = mapped_column(String, default="")
+    study_id: Mapped[str] = mapped_column(String, default="")
+    referring_physician: Mapped[str] = mapped_column(String, default="")
+    patient: Mapped[Patient] = relationship()
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String, unique=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    modality: Mapped[str] = mapped_column(String, default="")
+    series_number: Mapped[str] = mapped_column(String, default="")
+    series_description: Mapped[str] = mapped_column(String, default="")
+    series_date: Mapped[str] = mapped_column(String, default="")
+    last_received: Mapped[float] = mapped_column(Float, default=0.0)
+    study: Mapped[Study] = relationship()
+
+
+class Blob(Base):
+    """One stored blob: a coded stack of pixels or one instance under a general codec."""
+
+    __tablename__ = "blobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String, unique=True)
+    codec: Mapped[str] = mapped_column(String)          # "volume", "zlib" or "raw"
+    codec_info: Mapped[str] = mapped_column(String, default="")
+    dtype: Mapped[str] = mapped_column(String, default="")
+    shape: Mapped[str] = mapped_column(String, default="")
+    slab: Mapped[int] = mapped_column(Integer, default=0)   # slices per decodable slab
+    raw_bytes: Mapped[int] = mapped_column(BigInteger)
+    stored_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Instance(Base):
+    """One received instance; either staged (``staged_key``) or compacted (``blob_fk``)."""
+
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_uid: Mapped[str] = mapped_column(String, unique=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String)
+    transfer_syntax: Mapped[str] = mapped_column(String)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String)
+    received_at: Mapped[float] = mapped_column(Float)
+    # Pixel layout found at ingest (pixel_length 0: not stackable)
+    pixel_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    pixel_length: Mapped[int] = mapped_column(BigInteger, default=0)
+    stack_format: Mapped[str] = mapped_column(String, default="")
+    frames: Mapped[int] = mapped_column(Integer, default=1)
+    position: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Where the bytes are now
+    staged_key: Mapped[str | None] = mapped_column(String, nullable=True, index=True)
+    blob_fk: Mapped[int | None] = mapped_column(ForeignKey("blobs.id"), nullable=True, index=True)
+    frame_start: Mapped[int] = mapped_column(Integer, default=0)
+    header_before: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    header_after: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    series: Mapped[Series] = relationship()
+    blob: Mapped[Blob | None] = relationship()
+
+
+class Job(Base):
+    """A compaction job of one series: pending, running, done or failed (with its reason)."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    kind: Mapped[str] = mapped_column(String, default="compact")
+    state: Mapped[str] = mapped_column(String, default="pending")
+    reason: Mapped[str] = mapped_column(String, default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class Index:
+    """The database of the archive: an engine, a session factory and one write lock.
+
+    SQLite has a single writer, so every writing transaction goes through :meth:`write`, which
+    serialises writers within the process.
+
+    Parameters
+    ----------
+    url : str
+        SQLAlchemy database URL (``sqlite:///path`` or ``postgresql+psycopg://...``).
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}} \
+            if url.startswith("sqlite") else {"pool_pre_ping": True}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_lock = threading.RLock()
+
+    @contextmanager
+    def read(self):
+        """Yield a session for reading (rolled back on exit)."""
+        with self.sessions() as session:
+            yield session
+
+    @contextmanager
+    def write(self):
+        """Yield a session whose transaction commits on normal exit, rolls back on error."""
+        with self._write_lock, self.sessions() as session, session.begin():
+            yield session
+
+    def drop_all(self) -> None:
+        """Remove every index table (tests use this to start a PostgreSQL database clean)."""
+        Base.metadata.drop_all(self.engine)
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.engine.dispose()

@@ -1,0 +1,101 @@
+"""What the index records of one instance: its place in the patient/study/series hierarchy, the
+attributes C-FIND answers with, and the geometry that decides how it stacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from storage.dataset_parts import PixelLayout
+from storage.errors import UnparseableDatasetError
+
+PATIENT_KEYS = {"patient_id": "PatientID", "patient_name": "PatientName",
+                "birth_date": "PatientBirthDate", "sex": "PatientSex"}
+STUDY_KEYS = {"study_uid": "StudyInstanceUID", "study_date": "StudyDate", "study_time": "StudyTime",
+              "accession_number": "AccessionNumber", "study_description": "StudyDescription",
+              "study_id": "StudyID", "referring_physician": "ReferringPhysicianName"}
+SERIES_KEYS = {"series_uid": "SeriesInstanceUID", "modality": "Modality",
+               "series_number": "SeriesNumber", "series_description": "SeriesDescription",
+               "series_date": "SeriesDate"}
+_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+@dataclass
+class InstanceFacts:
+    """Index attributes of one instance, taken from its parsed dataset."""
+
+    sop_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    patient: dict = field(default_factory=dict)
+    study: dict = field(default_factory=dict)
+    series: dict = field(default_factory=dict)
+    position: float | None = None
+    orientation: tuple | None = None
+
+
+def _text(ds, keyword: str, limit: int) -> str:
+    try:
+        value = ds.get(keyword, "")
+        text = "" if value is None else str(value)
+    except Exception:  # undecodable value: index it empty, the bytes are kept anyway
+        text = ""
+    return text.strip()[:limit]
+
+
+def _floats(ds, keyword: str, count: int) -> np.ndarray | None:
+    try:
+        values = np.array([float(v) for v in ds.get(keyword) or []], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return values if values.size == count and np.all(np.isfinite(values)) else None
+
+
+def _geometry(ds) -> tuple[float | None, tuple | None]:
+    iop, ipp = _floats(ds, "ImageOrientationPatient", 6), _floats(ds, "ImagePositionPatient", 3)
+    if iop is None or ipp is None:
+        return None, None
+    normal = np.cross(iop[:3], iop[3:])
+    if np.linalg.norm(normal) < 1e-6:
+        return None, None
+    return float(ipp @ normal), tuple(np.round(iop, 4).tolist())
+
+
+def describe(ds) -> InstanceFacts:
+    """Return the facts of a parsed dataset.
+
+    Raises
+    ------
+    UnparseableDatasetError
+        When a UID needed to index the instance is missing or empty.
+    """
+    missing = [k for k in _REQUIRED if not _text(ds, k, 128)]
+    if missing:
+        raise UnparseableDatasetError(f"dataset lacks {', '.join(missing)}")
+    try:
+        number = int(ds.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        number = None
+    position, orientation = _geometry(ds)
+    return InstanceFacts(
+        sop_uid=_text(ds, "SOPInstanceUID", 128), sop_class_uid=_text(ds, "SOPClassUID", 128),
+        instance_number=number,
+        patient={k: _text(ds, kw, 500) for k, kw in PATIENT_KEYS.items()},
+        study={k: _text(ds, kw, 500) for k, kw in STUDY_KEYS.items()},
+        series={k: _text(ds, kw, 500) for k, kw in SERIES_KEYS.items()},
+        position=position, orientation=orientation,
+    )
+
+
+def stack_format(layout: PixelLayout | None, facts: InstanceFacts, transfer_syntax: str) -> str:
+    """Return the key under which single-frame instances of a series may share a stack.
+
+    Empty when the instance cannot be stacked; ``"multiframe"`` when it is a volume by itself.
+    """
+    if layout is None:
+        return ""
+    if layout.frames > 1:
+        return "multiframe"
+    orient = ",".join(f"{v:.4f}" for v in facts.orientation) if facts.orientation else "none"
+    return f"{layout.rows}x{layout.columns}|{layout.dtype}|{transfer_syntax}|{orient}"

@@ -1,0 +1,47 @@
+"""DICOM Part 10 files <-> (transfer syntax, dataset bytes): the File Meta group around a dataset."""
+
+from __future__ import annotations
+
+import io
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.filewriter import write_file_meta_info
+
+from storage.errors import UnparseableDatasetError
+
+
+def split_file(data: bytes) -> tuple[str, bytes]:
+    """Return ``(transfer syntax UID, dataset bytes)`` of a Part 10 file's bytes.
+
+    Raises
+    ------
+    UnparseableDatasetError
+        When the bytes have no DICM preamble or no Transfer Syntax UID in their File Meta.
+    """
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                            stop_when=lambda tag, vr, length: tag.group != 2)
+        ts = str(meta.get("TransferSyntaxUID", "")).strip("\0 ")
+    except Exception as exc:
+        raise UnparseableDatasetError(f"not a DICOM Part 10 file: {exc}") from exc
+    if not ts:
+        raise UnparseableDatasetError("File Meta has no Transfer Syntax UID")
+    return ts, data[fp.tell():]
+
+
+def build_file(sop_class_uid: str, sop_uid: str, transfer_syntax: str, dataset: bytes) -> bytes:
+    """Return a Part 10 file: preamble, File Meta for the given UIDs, then ``dataset`` unchanged."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.10.1437.1"
+    meta.ImplementationVersionName = "VOXARC_010"
+    fp = io.BytesIO()
+    fp.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    fp.write(dataset)
+    return fp.getvalue()

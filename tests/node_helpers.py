@@ -1,0 +1,140 @@
+"""Helpers of the storage and service tests: generated DICOM series, archives on SQLite and
+PostgreSQL, the bundled pydicom test files, and a running node on a free port."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         generate_uid)
+
+from storage.archive import Archive
+from storage.part10 import split_file
+
+PG_URL = os.environ.get("VOXARC_TEST_PG_URL", "")
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.skipif(
+    not PG_URL, reason="VOXARC_TEST_PG_URL not set"))]
+DCMTK = all(shutil.which(b) for b in ("storescu", "findscu", "getscu", "movescu", "storescp"))
+needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="DCMTK binaries not installed")
+TESTDATA = Path(pydicom.data.__file__).parent / "test_files"
+# Bundled files with a File Meta group and SOP/Study/Series UIDs (mixed syntaxes and objects)
+BUNDLED = ["CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_padded.dcm",
+           "MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
+           "JPEG2000.dcm", "SC_rgb_small_odd.dcm", "rtdose.dcm", "rtplan.dcm", "test-SR.dcm",
+           "image_dfl.dcm", "examples_palette.dcm", "waveform_ecg.dcm", "badVR.dcm"]
+
+
+def make_series(n: int = 4, rows: int = 16, cols: int = 16, *, dtype: str = "int16",
+                transfer_syntax: str = ExplicitVRLittleEndian, study_uid: str | None = None,
+                patient_id: str = "PAT1", patient_name: str = "Doe^Jane", modality: str = "CT",
+                study_date: str = "20240102", seed: int = 0) -> list[Dataset]:
+    """A stack of ``n`` single-frame images, positions shuffled, with private and odd elements."""
+    rng = np.random.default_rng(seed)
+    study_uid, series_uid = study_uid or generate_uid(), generate_uid()
+    info = np.iinfo(dtype)
+    out = []
+    for k in rng.permutation(n):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PatientID, ds.PatientName, ds.PatientSex = patient_id, patient_name, "F"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.StudyDate, ds.StudyTime, ds.Modality = study_date, "101500", modality
+        ds.StudyDescription, ds.SeriesNumber, ds.InstanceNumber = "Test study", 3, int(k) + 1
+        ds.AccessionNumber, ds.StudyID = "ACC1", "S1"
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, -2.5 * float(k)]
+        ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = np.dtype(dtype).itemsize * 8
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = int(info.min < 0)
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.add_new(0x00091010, "LO", "VOXTEST")
+        ds.add_new(0x00091011, "OB", b"\x01\x02\x03")        # odd length private value
+        pix = (rng.integers(-50, 50, (rows, cols)) + 100 * k + np.arange(cols)).clip(
+            info.min, info.max).astype(dtype)
+        pix[0, 0] = info.min                                 # stored words untouched
+        data = pix.tobytes()
+        ds.PixelData = data + (b"\x7f" if len(data) % 2 else b"")   # nonzero padding byte
+        ds["PixelData"].VR = "OW" if ds.BitsAllocated > 8 else "OB"
+        out.append(ds)
+    return out
+
+
+def file_bytes(ds: Dataset) -> bytes:
+    """Encode a dataset as a Part 10 file in its File Meta transfer syntax."""
+    fp = io.BytesIO()
+    ts = pydicom.uid.UID(ds.file_meta.TransferSyntaxUID)
+    ds.save_as(fp, enforce_file_format=True, implicit_vr=ts.is_implicit_VR,
+               little_endian=ts.is_little_endian)
+    return fp.getvalue()
+
+
+def dataset_bytes(ds: Dataset) -> tuple[str, bytes]:
+    """Return ``(transfer syntax, dataset bytes)`` of a generated dataset."""
+    return split_file(file_bytes(ds))
+
+
+def bundled(name: str) -> tuple[str, bytes]:
+    """Return ``(transfer syntax, dataset bytes)`` of a pydicom bundled test file."""
+    return split_file((TESTDATA / name).read_bytes())
+
+
+def write_series(series: list[Dataset], folder: Path) -> list[Path]:
+    """Write datasets as Part 10 files into ``folder``; return the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(series):
+        path = folder / f"IM{i:04d}.dcm"
+        path.write_bytes(file_bytes(ds))
+        paths.append(path)
+    return paths
+
+
+def database_url(backend: str, tmp_path: Path) -> str:
+    """A clean database URL of ``backend`` (the PostgreSQL tables are dropped first)."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.sqlite'}"
+    from storage.index import Index
+    index = Index(PG_URL)
+    index.drop_all()
+    index.close()
+    return PG_URL
+
+
+@pytest.fixture(params=BACKENDS)
+def archive(request, tmp_path):
+    """An empty archive on SQLite and, when configured, on PostgreSQL."""
+    arch = Archive(tmp_path / "data", database_url(request.param, tmp_path))
+    yield arch
+    arch.close()
+
+
+def free_port() -> int:
+    """Return a TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def real_series_files(folder: Path, limit: int | None = None) -> list[Path]:
+    """DICOM files of an unpacked real series (non-DICOM files like DIRFILE skipped)."""
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            head = f.read(132)
+        if head[128:132] == b"DICM":
+            files.append(path)
+    return files[:limit] if limit else files

@@ -1,0 +1,204 @@
+"""The archive on SQLite and PostgreSQL: staging, duplicates, compaction, exact retrieval, stats."""
+
+import hashlib
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+import models
+from node_helpers import (BUNDLED, archive, bundled, dataset_bytes,  # noqa: F401 (fixture)
+                          make_series, real_series_files)
+from storage.archive import Archive
+from storage.blobstore import BlobStore, new_key
+from storage.errors import (DuplicateInstanceError, InstanceNotFoundError, IntegrityError,
+                            InvalidKeyError, StorageFullError, UnparseableDatasetError)
+from storage.index import Blob, Instance, Job
+from storage.part10 import split_file
+
+
+def _store_all(arch, datasets):
+    sent = {}
+    for ds in datasets:
+        ts, data = dataset_bytes(ds)
+        arch.store(data, ts)
+        sent[ds.SOPInstanceUID] = (ts, data)
+    return sent
+
+
+def _assert_exact(arch, sent):
+    for uid, (ts, data) in sent.items():
+        got = arch.retrieve(uid)
+        assert got.transfer_syntax == ts and got.data == data, uid
+
+
+def test_stage_compact_and_retrieve_exactly(archive):
+    series = make_series(5, 16, 12) + make_series(3, 9, 7, dtype="uint8", seed=1)
+    sent = _store_all(archive, series)
+    for name in ["CT_small.dcm", "MR_small_RLE.dcm", "rtplan.dcm", "SC_rgb_small_odd.dcm"]:
+        ts, data = bundled(name)
+        sent[archive.store(data, ts).sop_uid] = (ts, data)
+    assert archive.stats()["pending_instances"] == len(sent)
+    _assert_exact(archive, sent)
+    assert archive.compact(stable_age=0) == (6, 0)
+    stats = archive.stats()
+    assert stats["pending_instances"] == 0 and stats["instances"] == len(sent)
+    assert stats["original_bytes"] == sum(len(d) for _, d in sent.values())
+    _assert_exact(archive, sent)
+    with archive.index.read() as s:
+        codecs = sorted(s.scalars(select(Blob.codec)))
+        assert codecs.count("volume") == 2
+        assert sorted(archive.blobs.keys()) == sorted(s.scalars(select(Blob.key)))
+
+
+def test_stack_is_sorted_along_the_normal(archive):
+    series = make_series(4, 8, 8)
+    _store_all(archive, series)
+    archive.compact(0)
+    with archive.index.read() as s:
+        rows = list(s.scalars(select(Instance).order_by(Instance.frame_start)))
+        blob = s.scalar(select(Blob))
+    assert [r.position for r in rows] == sorted(r.position for r in rows)
+    volume = models.decode_volume(archive.blobs.get(blob.key))
+    assert volume.dtype == np.int16 and volume.shape == (4, 8, 8)
+
+
+def test_instances_after_compaction_are_compacted_too(archive):
+    first, = [make_series(6, 8, 8)]
+    sent = _store_all(archive, first[:3])
+    archive.compact(0)
+    sent.update(_store_all(archive, first[3:]))
+    assert archive.stats()["pending_instances"] == 3
+    archive.compact(0)
+    assert archive.stats()["pending_instances"] == 0
+    _assert_exact(archive, sent)
+
+
+def test_stable_age_holds_fresh_series(archive):
+    _store_all(archive, make_series(2, 8, 8))
+    assert archive.compact(stable_age=3600) == (0, 0)
+    assert archive.stats()["pending_instances"] == 2
+
+
+@pytest.mark.parametrize("policy,outcome", [("keep_first", "duplicate_ignored"),
+                                            ("replace", "replaced")])
+def test_duplicate_policy(tmp_path, policy, outcome):
+    arch = Archive(tmp_path, duplicates=policy)
+    ds = make_series(1, 8, 8)[0]
+    ts, first = dataset_bytes(ds)
+    arch.store(first, ts)
+    ds.PatientName = "Other^Name"
+    _, second = dataset_bytes(ds)
+    assert arch.store(second, ts).outcome == outcome
+    expect = first if policy == "keep_first" else second
+    assert arch.retrieve(ds.SOPInstanceUID).data == expect
+    assert arch.stats()["instances"] == 1
+    assert len(list(arch.blobs.keys())) == 1
+
+
+def test_duplicate_reject(tmp_path):
+    arch = Archive(tmp_path, duplicates="reject")
+    ts, data = dataset_bytes(make_series(1)[0])
+    arch.store(data, ts)
+    with pytest.raises(DuplicateInstanceError):
+        arch.store(data, ts)
+    assert len(list(arch.blobs.keys())) == 1
+
+
+def test_bad_input_leaves_nothing(archive):
+    ts, data = dataset_bytes(make_series(1)[0])
+    with pytest.raises(UnparseableDatasetError):
+        archive.store(data[:-10], ts)
+    ds = make_series(1)[0]
+    del ds.SeriesInstanceUID
+    with pytest.raises(UnparseableDatasetError):
+        archive.store(dataset_bytes(ds)[1], ts)
+    assert archive.stats()["instances"] == 0 and not list(archive.blobs.keys())
+    with pytest.raises(InstanceNotFoundError):
+        archive.retrieve("1.2.3")
+
+
+def test_storage_limit(tmp_path):
+    ts, data = dataset_bytes(make_series(1, 16, 16)[0])
+    arch = Archive(tmp_path, max_storage_bytes=len(data) + 100)
+    arch.store(data, ts)
+    with pytest.raises(StorageFullError):
+        arch.store(dataset_bytes(make_series(1, 16, 16)[0])[1], ts)
+    assert arch.stats()["instances"] == 1
+
+
+def test_failed_compaction_leaves_series_staged(archive, monkeypatch):
+    sent = _store_all(archive, make_series(3, 8, 8))
+
+    def lossy(volume, model="default"):
+        changed = volume.copy()
+        changed[0, 0, 0] += 1
+        return models.api.encode_volume(changed) if hasattr(models, "api") else None
+
+    monkeypatch.setattr(models, "encode_volume", lossy)
+    assert archive.compact(0) == (0, 1)
+    with archive.index.read() as s:
+        job = s.scalar(select(Job))
+        assert job.state == "failed" and "VerificationError" in job.reason
+        assert not list(s.scalars(select(Blob)))
+    assert archive.stats()["pending_instances"] == 3
+    assert archive.pending_series(0) == []                 # waits for its retry time
+    _assert_exact(archive, sent)
+    assert len(list(archive.blobs.keys())) == 3            # no orphan blob
+
+
+def test_corrupted_blob_is_never_sent(archive):
+    ds = make_series(3, 8, 8)
+    _store_all(archive, ds)
+    archive.compact(0)
+    with archive.index.read() as s:
+        key = s.scalar(select(Blob.key))
+    blob = bytearray(archive.blobs.get(key))
+    blob[-5] ^= 0xFF
+    archive.blobs.put(key, bytes(blob))
+    archive.reconstructor.cache = type(archive.reconstructor.cache)(1 << 20)
+    with pytest.raises(IntegrityError):
+        archive.retrieve(ds[0].SOPInstanceUID)
+
+
+def test_blob_keys_cannot_escape(tmp_path):
+    store = BlobStore(tmp_path / "b")
+    for bad in ["../../etc/passwd", "a/b", "..", "", "A" * 10, "x" * 65, "abc.def12"]:
+        with pytest.raises(InvalidKeyError):
+            store.put(bad, b"x")
+    key = new_key("s")
+    store.put(key, b"data")
+    assert store.get(key) == b"data" and list(store.keys()) == [key]
+    store.delete(key)
+    with pytest.raises(KeyError):
+        store.get(key)
+
+
+def test_uids_never_become_paths(archive):
+    ds = make_series(1)[0]
+    ds.SOPInstanceUID = "../../../../tmp/voxarc-escape"
+    ts, data = dataset_bytes(ds)
+    archive.store(data, ts)
+    assert archive.retrieve(ds.SOPInstanceUID).data == data
+    for path in archive.data_dir.rglob("*"):
+        assert "escape" not in path.name
+
+
+def test_bundled_files_store_and_compact(archive):
+    sent = {}
+    for name in BUNDLED:            # some share a SOP Instance UID: the first one is kept
+        ts, data = bundled(name)
+        sent.setdefault(archive.store(data, ts).sop_uid, (ts, data))
+    archive.compact(0)
+    _assert_exact(archive, sent)
+
+
+def test_real_series_compacted_exactly(archive, shared_series):
+    sent = {}
+    for path in real_series_files(shared_series("test", "mr_enh_siemens_xa10")):
+        ts, data = split_file(path.read_bytes())
+        sent[archive.store(data, ts).sop_uid] = (ts, data)
+    archive.compact(0)
+    assert archive.stats()["pending_instances"] == 0
+    _assert_exact(archive, sent)
+    assert all(hashlib.sha256(d).digest() for _, d in sent.values())
