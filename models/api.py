@@ -1,54 +1,90 @@
-"""Public codec API (PROVISIONAL zlib body, replaced by the neural codec; the signatures are final)."""
+"""Public codec API: ``encode_volume``, ``decode_volume``, ``decode_slices``, ``blob_info``."""
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import numpy as np
 
+from models.codec import decode_slabs, encode_slab
+from models.container import (DTYPES, CorruptBlobError, pack, slab_payload,
+                              unpack_header)
+from models.registry import load_model, model_by_id
 
-class CorruptBlobError(ValueError):
-    """A blob is truncated, corrupted, foreign, or needs a model this release does not have."""
-
-
-_DTYPES = {"uint8": 1, "int8": 2, "uint16": 3, "int16": 4, "uint32": 5, "int32": 6}
-_MAGIC = b"VXTMP\0"
-
-
-def encode_volume(volume: np.ndarray, model: str = "default") -> bytes:
-    """Losslessly encode a (z, y, x) integer volume into a self-describing blob."""
-    vol = np.ascontiguousarray(volume)
-    if vol.ndim != 3 or vol.dtype.name not in _DTYPES:
-        raise ValueError(f"need a 3-D integer volume, got {vol.dtype} {vol.shape}")
-    body = zlib.compress(vol.tobytes(), 6)
-    head = _MAGIC + struct.pack("<B3I", _DTYPES[vol.dtype.name], *vol.shape)
-    return head + struct.pack("<I", zlib.crc32(body)) + body
+SLAB_SLICES = 8      # slices per independently decodable slab
+LOCKSTEP_SLABS = 8   # slabs a decoder advances together (bounds working memory)
 
 
-def _parse(blob: bytes):
-    if len(blob) < 23 or blob[:6] != _MAGIC:
-        raise CorruptBlobError("not a voxarc blob")
-    code, z, y, x = struct.unpack_from("<B3I", blob, 6)
-    (crc,) = struct.unpack_from("<I", blob, 19)
-    body = blob[23:]
-    if zlib.crc32(body) != crc:
-        raise CorruptBlobError("checksum mismatch")
-    dtype = {v: k for k, v in _DTYPES.items()}[code]
-    return np.frombuffer(zlib.decompress(body), dtype=dtype).reshape(z, y, x).copy()
+def _dtype_range(dtype: np.dtype) -> tuple[int, int]:
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
 
 
-def decode_volume(blob: bytes) -> np.ndarray:
-    """Decode a whole blob back to the exact array that was encoded."""
-    return _parse(blob)
+def encode_volume(volume: np.ndarray, model: str = "default", slab: int = SLAB_SLICES) -> bytes:
+    """Losslessly encode a ``(z, y, x)`` integer volume.
+
+    Parameters
+    ----------
+    volume : ndarray of uint8, int8, uint16 or int16, shape (z, y, x), every dimension >= 1
+    model : name of a shipped model (``models.registry.known_models()``)
+    slab : slices per independently decodable slab
+
+    Returns
+    -------
+    bytes : a self-describing blob (see models.container)
+    """
+    vol = np.asarray(volume)
+    if vol.ndim != 3 or min(vol.shape) < 1:
+        raise ValueError(f"need a (z, y, x) volume with every dimension >= 1, got {vol.shape}")
+    if vol.dtype.name not in DTYPES:
+        raise ValueError(f"unsupported dtype {vol.dtype}; supported: {', '.join(DTYPES)}")
+    if not 1 <= slab <= 65535:
+        raise ValueError("slab must be between 1 and 65535 slices")
+    predictor = load_model(model)
+    lo, hi = _dtype_range(vol.dtype)
+    payloads = [encode_slab(predictor, vol[z:z + slab], lo, hi, slab)
+                for z in range(0, vol.shape[0], slab)]
+    return pack(predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, payloads)
+
+
+def _open(blob: bytes):
+    header, base = unpack_header(blob)
+    predictor = model_by_id(header.model_id, header.model_name)
+    return header, base, predictor
 
 
 def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
-    """Decode slices [start, stop) only; equals decode_volume(blob)[start:stop]."""
-    return _parse(blob)[start:stop]
+    """Slices ``[start, stop)`` of the encoded volume, decoding only the slabs (and, in the first
+    slabs, only the leading slices) that hold them. Equals ``decode_volume(blob)[start:stop]``."""
+    header, base, predictor = _open(blob)
+    nz, ny, nx = header.shape
+    start, stop, _ = slice(start, stop).indices(nz)
+    out = np.empty((max(stop - start, 0), ny, nx), dtype=header.dtype)
+    if stop <= start:
+        return out
+    zs = header.slab
+    lo, hi = _dtype_range(np.dtype(header.dtype))
+    slabs = list(range(start // zs, (stop - 1) // zs + 1))
+    for g0 in range(0, len(slabs), LOCKSTEP_SLABS):
+        group = slabs[g0:g0 + LOCKSTEP_SLABS]
+        payloads = [slab_payload(blob, header, base, i) for i in group]
+        counts = [min(zs, stop - i * zs) for i in group]
+        for i, part in zip(group, decode_slabs(predictor, payloads, counts, ny, nx, lo, hi, zs)):
+            z0 = max(start, i * zs)
+            out[z0 - start:i * zs + len(part) - start] = part[z0 - i * zs:]
+    return out
+
+
+def decode_volume(blob: bytes) -> np.ndarray:
+    """Decode a whole blob: the same dtype, shape and values that were encoded."""
+    header, _ = unpack_header(blob)
+    return decode_slices(blob, 0, header.shape[0])
 
 
 def blob_info(blob: bytes) -> dict:
-    """Header facts of a blob (dtype, shape, model id, format version) without decoding voxels."""
-    vol = _parse(blob)
-    return {"dtype": vol.dtype.name, "shape": vol.shape, "model": "zlib-provisional", "version": 0}
+    """Header facts of a blob without decoding voxels."""
+    header, _ = unpack_header(blob)
+    return {"dtype": header.dtype, "shape": header.shape, "model": header.model_name,
+            "model_id": header.model_id.hex(), "slab": header.slab,
+            "slabs": len(header.slab_table)}
+
+
+__all__ = ["encode_volume", "decode_volume", "decode_slices", "blob_info", "CorruptBlobError"]

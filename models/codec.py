@@ -1,0 +1,141 @@
+"""Slab coding: a volume is cut into slabs of slices that decode independently; inside a slab
+every slice has its own streams, and a decoder advances all slices of several slabs together
+along the wavefront ``t = x + a*y + b*z`` (see models.context).
+
+Slab payload: u32 slice count, then per slice u32 token-stream words and u32 uniform-stream
+words, then the streams' words.
+"""
+
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+
+import numpy as np
+
+from models.context import Neighbourhood, slice_schedule
+from models.entropy import StepDecoder, encode_slice, split_residuals
+from models.container import CorruptBlobError
+
+
+class SlabGeometry:
+    """Index arithmetic for slabs of ``zs`` slices of ``ny x nx`` with a neighbourhood."""
+
+    def __init__(self, hood: Neighbourhood, zs: int, ny: int, nx: int):
+        self.hood, self.zs, self.ny, self.nx = hood, zs, ny, nx
+        pz, py, px0, _ = hood.pad
+        self.shape = hood.padded_shape(zs, ny, nx)
+        self.plane = self.shape[1] * self.shape[2]
+        self.size = self.shape[0] * self.plane
+        y, x = np.divmod(np.arange(ny * nx, dtype=np.int64), nx)
+        self.pixel_base = pz * self.plane + (y + py) * self.shape[2] + x + px0
+        self.flat_offsets = hood.flat_offsets(ny, nx)
+        a, self.b = hood.slopes
+        self.schedule = slice_schedule(ny, nx, a)
+        sched = self.schedule
+        self.step_of = np.repeat(np.arange(sched.steps), np.diff(sched.bounds))
+        depth = hood.pad[0]
+        self.valid = [np.ascontiguousarray(hood.validity(np.full(ny * nx, z), y, x, nx).T)
+                      for z in range(depth + 1)]  # (K, pixels) per leading slice
+        self.depth = depth
+
+    def validity(self, zl: int) -> np.ndarray:
+        return self.valid[min(zl, self.depth)]
+
+    def padded(self, slab: np.ndarray) -> np.ndarray:
+        pz, py, px0, _ = self.hood.pad
+        buf = np.zeros(self.shape, dtype=np.int32)
+        buf[pz:pz + slab.shape[0], py:py + self.ny, px0:px0 + self.nx] = slab
+        return buf
+
+
+@lru_cache(maxsize=8)
+def geometry(hood: Neighbourhood, zs: int, ny: int, nx: int) -> SlabGeometry:
+    return SlabGeometry(hood, zs, ny, nx)
+
+
+def slab_contexts(hood: Neighbourhood, slab: np.ndarray, zs: int):
+    """Yield ``(zl, values (K, pixels), valid (K, pixels))`` for each slice of a slab: the
+    causal neighbours every voxel of the slice sees (what encoder and training both use)."""
+    geo = geometry(hood, zs, slab.shape[1], slab.shape[2])
+    flat = geo.padded(slab).ravel()
+    for zl in range(slab.shape[0]):
+        base = geo.pixel_base + zl * geo.plane
+        yield zl, flat[geo.flat_offsets[:, None] + base[None, :]], geo.validity(zl)
+
+
+def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int) -> bytes:
+    """Code one slab (``slab.shape[0] <= zs`` slices) into its payload."""
+    geo = geometry(predictor.neighbourhood, zs, slab.shape[1], slab.shape[2])
+    perm = geo.schedule.perm
+    lengths, words = [], []
+    for zl, values, valid in slab_contexts(predictor.neighbourhood, slab, zs):
+        pred, j = predictor.predict(values, valid, lo, hi)
+        r = slab[zl].ravel().astype(np.int64) - pred
+        r, j = r[perm], j[perm]
+        tok, uni = encode_slice(predictor.tables, split_residuals(r, j), j, geo.step_of)
+        lengths += [len(tok), len(uni)]
+        words += [tok, uni]
+    head = struct.pack(f"<I{len(lengths)}I", slab.shape[0], *lengths)
+    return head + b"".join(w.tobytes() for w in words)
+
+
+def _slice_streams(payload: bytes, count: int):
+    try:
+        (n,) = struct.unpack_from("<I", payload, 0)
+        if n < count:
+            raise CorruptBlobError("slab holds fewer slices than its header says")
+        lengths = struct.unpack_from(f"<{2 * n}I", payload, 4)
+    except struct.error:
+        raise CorruptBlobError("slab payload truncated") from None
+    words = np.frombuffer(payload, dtype="<u4", offset=4 + 8 * n)
+    if len(words) != sum(lengths):
+        raise CorruptBlobError("slab payload length does not match its stream table")
+    ends = np.cumsum(lengths)
+    starts = ends - np.array(lengths)
+    return [(words[starts[2 * i]:ends[2 * i]], words[starts[2 * i + 1]:ends[2 * i + 1]])
+            for i in range(count)]
+
+
+def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, nx: int,
+                 lo: int, hi: int, zs: int) -> list[np.ndarray]:
+    """Decode several slabs in lockstep; ``counts[g]`` is how many leading slices of slab
+    ``g`` are wanted (slices after them are never touched)."""
+    geo = geometry(predictor.neighbourhood, zs, ny, nx)
+    streams = [s for p, c in zip(payloads, counts) for s in _slice_streams(p, c)]
+    decoder = StepDecoder(predictor.tables, streams)
+    stream_of = np.cumsum([0] + list(counts))  # stream index of (slab g, slice 0)
+    buf = np.zeros((len(payloads), geo.size), dtype=np.int32)
+    flat = buf.ravel()
+    sched = geo.schedule
+    counts = np.asarray(counts)
+    slab_base = np.arange(len(payloads), dtype=np.int64) * geo.size
+    for t in range(sched.steps + geo.b * (int(counts.max()) - 1)):
+        idx, valid, segments, n = [], [], [], 0
+        for zl in range(int(counts.max())):
+            tau = t - geo.b * zl
+            if tau < 0 or tau >= sched.steps:
+                continue
+            pix = sched.perm[sched.bounds[tau]:sched.bounds[tau + 1]]
+            slabs = np.flatnonzero(counts > zl)
+            if len(pix) == 0:
+                continue
+            idx.append(((geo.pixel_base[pix] + zl * geo.plane)[None, :]
+                        + slab_base[slabs, None]).ravel())
+            valid.append(np.tile(geo.validity(zl)[:, pix], len(slabs)))
+            for g in slabs:
+                segments.append((stream_of[g] + zl, n, n + len(pix)))
+                n += len(pix)
+        if not idx:
+            continue
+        idx = np.concatenate(idx)
+        valid = np.concatenate(valid, axis=1)
+        values = flat[geo.flat_offsets[:, None] + idx[None, :]]
+        pred, j = predictor.predict(values, valid, lo, hi)
+        decoded = pred + decoder.decode_step(segments, j)
+        if decoded.min(initial=lo) < lo or decoded.max(initial=hi) > hi:
+            raise CorruptBlobError("decoded value outside the volume's dtype: corrupt stream")
+        flat[idx] = decoded
+    pz, py, px0, _ = predictor.neighbourhood.pad
+    out = buf.reshape((len(payloads),) + geo.shape)
+    return [out[g, pz:pz + c, py:py + ny, px0:px0 + nx] for g, c in enumerate(counts)]

@@ -1,0 +1,191 @@
+"""Residual coding with integer probability tables and constriction's range coder.
+
+A residual ``r`` at scale index ``j`` is split into a token and uniform low bits: ``q = r >> sh[j]``
+(``sh`` keeps about 4-6 levels per scale unit in ``q``); ``q`` in ``[-C, C)`` is its own token,
+anything beyond is an escape token followed by an Elias-gamma style class (token stream) and
+its extra bits (uniform stream). Tables are integer frequencies stored with the model, so
+every machine builds the very same coder.
+
+Per slice there are two range-coded streams, both in wavefront order (see models.context):
+- tokens: for each step, the step's tokens, then the escape classes of the step's escapes;
+- uniform: for each step, the low bits of its symbols, then the extra bits of its escapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import constriction
+import numpy as np
+
+from models.features import N_SCALES, SCALE_STEPS, SCALE_ZERO
+
+TOKEN_RANGE = 24                    # C: q in [-C, C) coded directly
+ESC_NEG = 2 * TOKEN_RANGE           # escape tokens
+ESC_POS = ESC_NEG + 1
+N_TOKENS = ESC_POS + 1
+N_CLASSES = 24                      # escape magnitude classes: bit length of the overflow
+
+_CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
+_UNIFORM = constriction.stream.model.Uniform()
+
+
+def table_shifts(n_scales: int = N_SCALES) -> np.ndarray:
+    """Low bits split off at each scale index: scales in [2.8, 5.7) * 2**sh keep sh bits."""
+    j = np.arange(n_scales)
+    return np.maximum((j - SCALE_ZERO + 2) // SCALE_STEPS - 2, 0).astype(np.int64)
+
+
+SHIFTS = table_shifts()
+
+
+def _bit_length(v: np.ndarray) -> np.ndarray:
+    out = np.zeros(v.shape, dtype=np.int64)
+    v = v.copy()
+    while np.any(v):
+        nz = v > 0
+        out += nz
+        v >>= 1
+    return out
+
+
+@dataclass
+class Symbols:
+    """A residual split into what the two streams carry, per voxel (same order as input)."""
+
+    token: np.ndarray     # int64 token
+    low: np.ndarray       # low bits value
+    low_bits: np.ndarray  # number of low bits (0: none)
+    cls: np.ndarray       # escape class (only where token is an escape)
+    extra: np.ndarray     # escape extra bits value
+    extra_bits: np.ndarray
+
+
+def split_residuals(r: np.ndarray, j: np.ndarray) -> Symbols:
+    """Tokens, low bits and escapes of residuals ``r`` at scale indices ``j``."""
+    sh = SHIFTS[j]
+    q = r >> sh
+    low = r - (q << sh)
+    token = q + TOKEN_RANGE
+    over_pos = q >= TOKEN_RANGE
+    over_neg = q < -TOKEN_RANGE
+    e = np.where(over_pos, q - TOKEN_RANGE, np.where(over_neg, -TOKEN_RANGE - 1 - q, 0))
+    token = np.where(over_pos, ESC_POS, np.where(over_neg, ESC_NEG, token))
+    cls = _bit_length(e)
+    extra_bits = np.maximum(cls - 1, 0)
+    extra = e - np.where(cls > 0, 1 << extra_bits, 0)
+    return Symbols(token, low, sh, cls, extra, extra_bits)
+
+
+def join_residuals(token, low, j, cls, extra):
+    """Inverse of :func:`split_residuals` (escape fields read only where token escapes)."""
+    sh = SHIFTS[j]
+    e = np.where(cls > 0, (1 << np.maximum(cls - 1, 0)) + extra, 0)
+    q = np.where(token == ESC_POS, TOKEN_RANGE + e,
+                 np.where(token == ESC_NEG, -TOKEN_RANGE - 1 - e, token - TOKEN_RANGE))
+    return (q << sh) + low
+
+
+@dataclass
+class CodingTables:
+    """Integer frequency tables: tokens per scale index, and escape classes."""
+
+    tokens: np.ndarray   # int64 (N_SCALES, N_TOKENS), all > 0
+    classes: np.ndarray  # int64 (N_CLASSES,), all > 0
+
+    def __post_init__(self):
+        self.tokens = np.asarray(self.tokens, dtype=np.int64)
+        self.classes = np.asarray(self.classes, dtype=np.int64)
+        if self.tokens.shape != (N_SCALES, N_TOKENS) or self.classes.shape != (N_CLASSES,):
+            raise ValueError("coding tables have the wrong shape")
+        if (self.tokens <= 0).any() or (self.classes <= 0).any():
+            raise ValueError("coding tables need positive frequencies")
+        # one float table for the coder: a row per scale index, then the escape classes
+        # (padded with zeros, which constriction maps to its smallest probability)
+        self._rows = np.zeros((N_SCALES + 1, N_TOKENS), np.float64)
+        self._rows[:N_SCALES] = self.tokens
+        self._rows[N_SCALES, :N_CLASSES] = self.classes
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """Probability rows for table indices (N_SCALES selects the escape-class table)."""
+        return np.take(self._rows, index, axis=0)
+
+
+def _words(encoder) -> np.ndarray:
+    return encoder.get_compressed().astype("<u4")
+
+
+def _interleave(step_of, parts):
+    """Concatenate ``parts`` (lists of (steps, values, ...)) ordered by step, then part, then
+    original position: the order a step-by-step decoder reads them."""
+    key = np.concatenate([steps * len(parts) + i for i, (steps, *_rest) in enumerate(parts)])
+    order = np.argsort(key, kind="stable")
+    return order, [np.concatenate(cols)[order] for cols in zip(*(p[1:] for p in parts))]
+
+
+def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.ndarray):
+    """Code one slice's symbols (already in wavefront order, ``step_of`` non-decreasing).
+
+    Returns the two streams as little-endian uint32 arrays.
+    """
+    esc = np.flatnonzero(sym.token >= ESC_NEG)
+    class_rows = np.full(len(esc), N_SCALES)  # row N_SCALES of the padded table: classes
+    _, (values, rows) = _interleave(step_of, [(step_of, sym.token, j),
+                                              (step_of[esc], sym.cls[esc], class_rows)])
+    tok = constriction.stream.queue.RangeEncoder()
+    if len(values):
+        tok.encode(values.astype(np.int32), _CATEGORICAL, tables.rows(rows))
+    low = sym.low_bits > 0
+    extra = sym.extra_bits > 0
+    _, (uval, ubits) = _interleave(step_of, [
+        (step_of[low], sym.low[low], sym.low_bits[low]),
+        (step_of[extra], sym.extra[extra], sym.extra_bits[extra])])
+    uni = constriction.stream.queue.RangeEncoder()
+    if len(uval):
+        uni.encode(uval.astype(np.int32), _UNIFORM, (1 << ubits).astype(np.int32))
+    return _words(tok), _words(uni)
+
+
+class StepDecoder:
+    """Decodes many slices' streams together, one wavefront step at a time, in the order
+    :func:`encode_slice` wrote them."""
+
+    def __init__(self, tables: CodingTables, streams):
+        self.tables = tables
+        new = constriction.stream.queue.RangeDecoder
+        self.tok = [new(np.ascontiguousarray(t, np.uint32)) for t, _ in streams]
+        self.uni = [new(np.ascontiguousarray(u, np.uint32)) for _, u in streams]
+
+    def _per_stream(self, decoders, segments, mask, model, params):
+        """Decode ``params`` (one row per masked symbol) from each segment's stream."""
+        counts = np.concatenate([[0], np.cumsum(mask)])
+        out = []
+        for stream, a, b in segments:
+            lo, hi = counts[a], counts[b]
+            if hi > lo:
+                out.append(decoders[stream].decode(model, params[lo:hi]))
+        return np.concatenate(out).astype(np.int64)
+
+    def decode_step(self, segments, j: np.ndarray) -> np.ndarray:
+        """Residuals of one step. ``segments`` lists ``(stream, start, stop)``: which stream
+        holds the symbols ``j[start:stop]``."""
+        everything = np.ones(len(j), bool)
+        token = self._per_stream(self.tok, segments, everything, _CATEGORICAL,
+                                 self.tables.rows(j))
+        esc = token >= ESC_NEG
+        cls = np.zeros(len(j), np.int64)
+        if esc.any():
+            rows = self.tables.rows(np.full(int(esc.sum()), N_SCALES))
+            cls[esc] = self._per_stream(self.tok, segments, esc, _CATEGORICAL, rows)
+        sh = SHIFTS[j]
+        low = np.zeros(len(j), np.int64)
+        has_low = sh > 0
+        if has_low.any():
+            sizes = (1 << sh[has_low]).astype(np.int32)
+            low[has_low] = self._per_stream(self.uni, segments, has_low, _UNIFORM, sizes)
+        extra = np.zeros(len(j), np.int64)
+        has_extra = cls > 1
+        if has_extra.any():
+            sizes = (1 << (cls[has_extra] - 1)).astype(np.int32)
+            extra[has_extra] = self._per_stream(self.uni, segments, has_extra, _UNIFORM, sizes)
+        return join_residuals(token, low, j, cls, extra)

@@ -1,0 +1,106 @@
+"""Inputs and outputs of the production predictor, in exact integer arithmetic.
+
+The network never sees raw intensities. Every neighbour is taken relative to a local reference
+(the LOCO-I median predictor of W, N, NW) and divided by the local activity ``s`` (mean absolute
+difference around the voxel), so the same weights serve 12-bit MR and 16-bit CT. The network
+answers in the same units: a correction of the reference in units of ``s/64`` and a log-scale
+relative to ``s``. All of this is integer numpy; the float twin used in training sees the very
+same integer inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.context import Neighbourhood
+
+#: current slice (9), previous slice 3x3 (9), two slices back (1)
+DEFAULT_NEIGHBOURHOOD = Neighbourhood((
+    (0, 0, -1), (0, -1, 0), (0, -1, -1), (0, -1, 1), (0, 0, -2), (0, -2, 0),
+    (0, -1, -2), (0, -2, -1), (0, -2, 1),
+    (-1, 0, 0), (-1, 0, -1), (-1, 0, 1), (-1, -1, 0), (-1, 1, 0),
+    (-1, -1, -1), (-1, -1, 1), (-1, 1, -1), (-1, 1, 1),
+    (-2, 0, 0),
+))
+_W, _N, _NW, _P, _PP = 0, 1, 2, 9, 18
+_CURRENT = slice(0, 9)
+
+INPUT_CLIP = 1023           # |network input| <= 1024
+UNIT = 64                   # inputs and the mean output are in units of s / UNIT
+N_FEATURES = DEFAULT_NEIGHBOURHOOD.size + 4
+SCALE_STEPS = 4             # scale index steps per octave
+SCALE_ZERO = 8              # index of scale 1.0 (index 0 is scale 1/4)
+N_SCALES = SCALE_ZERO + SCALE_STEPS * 18
+
+# floor(4 * log2(s)) exactly: smallest integer s with s**4 >= 2**k, for every k
+_LOG2Q_THRESHOLDS = np.array(
+    [next(s for s in range(int(2 ** (k / 4)) - 1, int(2 ** (k / 4)) + 3) if s ** 4 >= 2 ** k)
+     for k in range(1, 4 * 24)], dtype=np.int64)
+
+
+def log2_quarters(s: np.ndarray) -> np.ndarray:
+    """``floor(4 * log2(s))`` for positive integers, exactly (no floating point)."""
+    return np.searchsorted(_LOG2Q_THRESHOLDS, s, side="right").astype(np.int64)
+
+
+def _median3(a, b, c):
+    return np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+
+
+def reference(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """LOCO-I median prediction from W, N, NW (rows of ``(K, n)`` arrays), with fallbacks at
+    the slab's borders."""
+    w = np.where(valid[_W], values[_W],
+                 np.where(valid[_N], values[_N], np.where(valid[_P], values[_P], 0)))
+    n = np.where(valid[_N], values[_N], w)
+    nw = np.where(valid[_NW], values[_NW], n)
+    return _median3(w, n, w + n - nw)
+
+
+def default_features(values: np.ndarray, valid: np.ndarray):
+    """Network inputs for neighbour values ``(K, n)`` (int32) and their validity ``(K, n)``.
+
+    All arithmetic is exact: integers below 2**24 in float32, and ``floor(a / b)`` of such
+    integers is exact under IEEE division.
+
+    Returns
+    -------
+    ref : int64 (n,)   the reference the prediction corrects
+    s : int64 (n,)     the local activity, 1 <= s <= 2**17
+    lq : int64 (n,)    floor(4 log2 s)
+    x : float32 (N_FEATURES, n)  integer-valued network inputs within +-1024
+    """
+    values = values.astype(np.int32, copy=False)
+    ref = reference(values, valid)
+    d = values - ref[None, :]
+    d *= valid
+    s = np.minimum((np.abs(d).sum(axis=0, dtype=np.int32) >> 2) + 1, 1 << 17)
+    lq = log2_quarters(s)
+    k = d.shape[0]
+    x = np.empty((N_FEATURES, d.shape[1]), dtype=np.float32)
+    xd = x[:k]
+    xd[...] = d
+    xd *= np.float32(UNIT)
+    xd /= s.astype(np.float32)[None, :]
+    np.floor(xd, out=xd)
+    np.clip(xd, -INPUT_CLIP - 1, INPUT_CLIP, out=xd)
+    x[k] = lq * 8
+    x[k + 1] = valid[_P] * 256
+    x[k + 2] = valid[_PP] * 256
+    x[k + 3] = (~valid[_CURRENT].all(axis=0)) * 256
+    return ref.astype(np.int64), s.astype(np.int64), lq, x
+
+
+def prediction(ref, s, mean_acc, mean_mult: int, mean_shift: int, lo: int, hi: int):
+    """Rounded prediction ``ref + mean * s / UNIT`` from the network's integer mean output,
+    where ``mean = mean_acc * mean_mult / 2**mean_shift``, clipped to ``[lo, hi]``."""
+    shift = mean_shift + 6  # UNIT == 2**6
+    off = (mean_acc * mean_mult * s + (1 << (shift - 1))) >> shift
+    return np.clip(ref + off, lo, hi)
+
+
+def scale_index(lq, scale_acc, scale_mult: int, scale_shift: int):
+    """Index into the probability tables: quarter-octaves of the scale, ``lq`` plus the
+    network's rounded log-scale correction."""
+    j = ((scale_acc * scale_mult + (1 << (scale_shift - 1))) >> scale_shift) + lq + SCALE_ZERO
+    return np.clip(j, 0, N_SCALES - 1)

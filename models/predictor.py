@@ -1,0 +1,63 @@
+"""Predictors: turn causal neighbours into a rounded prediction and a coding-table index.
+
+A predictor is what a model file holds: its neighbourhood, its exact integer network, the
+integer head constants and the coding tables. The codec (models.codec) needs only
+``neighbourhood``, ``tables`` and :meth:`predict`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from models.context import Neighbourhood
+from models.entropy import CodingTables
+from models.features import DEFAULT_NEIGHBOURHOOD, default_features, prediction, scale_index
+from models.intnet import IntMLP
+
+
+class DefaultPredictor:
+    """The production model: local-reference features, integer MLP, mean and scale outputs."""
+
+    kind = "default"
+    neighbourhood: Neighbourhood = DEFAULT_NEIGHBOURHOOD
+
+    def __init__(self, name: str, net: IntMLP, head: np.ndarray, tables: CodingTables,
+                 meta: dict | None = None):
+        self.name = name
+        self.net = net
+        self.head = np.asarray(head, dtype=np.int64)  # mean_mult, mean_shift, scale_mult, scale_shift
+        self.tables = tables
+        self.meta = meta or {}
+        self.device = "cpu"
+
+    def predict(self, values: np.ndarray, valid: np.ndarray, lo: int, hi: int):
+        """Rounded predictions (int64, within [lo, hi]) and table indices for ``(K, n)``
+        neighbour values."""
+        ref, s, lq, x = default_features(values, valid)
+        acc = self.net(x.T, self.device)
+        mm, ms, sm, ss = (int(v) for v in self.head)
+        pred = prediction(ref, s, acc[:, 0], mm, ms, lo, hi)
+        return pred, scale_index(lq, acc[:, 1], sm, ss)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {"kind": np.array(self.kind), "head": self.head,
+               "token_table": self.tables.tokens, "class_table": self.tables.classes}
+        out.update(self.net.to_arrays("net_"))
+        return out
+
+    @classmethod
+    def from_arrays(cls, name: str, arrays, meta=None) -> "DefaultPredictor":
+        tables = CodingTables(arrays["token_table"], arrays["class_table"])
+        return cls(name, IntMLP.from_arrays(arrays, "net_"), arrays["head"], tables, meta)
+
+
+def model_id(arrays: dict[str, np.ndarray]) -> bytes:
+    """16-byte identity of a model: SHA-256 over its arrays' names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.digest()[:16]

@@ -1,0 +1,175 @@
+"""Training the production predictor on the code length itself.
+
+1. contexts: every voxel of evenly spaced slabs of the training volumes, with exactly the
+   integer features the codec computes (models.codec.slab_contexts, models.features);
+2. a float MLP learns a mean and a log-scale per voxel by minimising the bits of the
+   discretised Laplace that they define;
+3. the MLP is quantised to the exact integer network (models.intnet), the head constants are
+   derived, and the coding tables are fitted on the integer model's own residuals.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.codec import slab_contexts
+from models.features import DEFAULT_NEIGHBOURHOOD, N_FEATURES, SCALE_STEPS, UNIT, default_features
+from models.intnet import quantize_mlp
+from models.predictor import DefaultPredictor
+from models.tables import fitted_tables, table_bits
+
+log = logging.getLogger(__name__)
+LN2 = float(np.log(2.0))
+
+
+@dataclass
+class Samples:
+    x: np.ndarray      # float32 (n, F)
+    ref: np.ndarray    # int64 (n,)
+    s: np.ndarray
+    lq: np.ndarray
+    value: np.ndarray  # int64 (n,)
+    lo: np.ndarray     # dtype range of each sample's volume
+    hi: np.ndarray
+
+
+def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
+                    rng: np.random.Generator, progress=None) -> Samples:
+    """Features of every ``1/keep``-th voxel of evenly spaced slabs of each volume."""
+    parts = []
+    for vi, vol in enumerate(volumes):
+        info = np.iinfo(vol.dtype)
+        starts = np.unique(np.linspace(0, max(vol.shape[0] - slab, 0), slabs_per_volume)
+                           .astype(int) // slab * slab)
+        for z0 in starts:
+            block = vol[z0:z0 + slab]
+            for zl, values, valid in slab_contexts(DEFAULT_NEIGHBOURHOOD, block, slab):
+                pick = np.flatnonzero(rng.random(values.shape[1]) < keep)
+                ref, s, lq, x = default_features(values[:, pick], valid[:, pick])
+                n = len(pick)
+                parts.append(Samples(np.ascontiguousarray(x.T), ref, s, lq,
+                                     block[zl].ravel()[pick].astype(np.int64),
+                                     np.full(n, info.min), np.full(n, info.max)))
+            if progress:
+                progress(f"volume {vi + 1}/{len(volumes)} slab at z={z0}")
+    return Samples(*(np.concatenate([getattr(p, f) for p in parts])
+                     for f in Samples.__dataclass_fields__))
+
+
+class FloatPredictor(nn.Module):
+    """The float twin of the integer network: integer features in, (mean, log-scale) out."""
+
+    def __init__(self, hidden=(32, 32)):
+        super().__init__()
+        sizes = (N_FEATURES, *hidden, 2)
+        layers = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*layers[:-1])
+        self.input_scale = 1.0 / UNIT
+
+    def forward(self, x):
+        return self.net(x * self.input_scale)
+
+    def linear_layers(self):
+        return [m for m in self.net if isinstance(m, nn.Linear)]
+
+
+def laplace_bits(value, ref, s, lq, out):
+    """Bits of integer ``value`` under a discretised Laplace with the predicted mean and scale."""
+    mu = ref + out[:, 0] * s / UNIT
+    log2b = (out[:, 1] + lq) / SCALE_STEPS
+    b = torch.exp2(log2b.clamp(-3.0, 18.0))
+    e = (value - mu).abs()
+    tail = torch.clamp(e - 0.5, min=0.0)
+    # |e| >= 0.5: P = 0.5 exp(-(|e|-0.5)/b) (1 - exp(-1/b)); near the mode: 1 - two tails
+    log_p_tail = np.log(0.5) - tail / b + torch.log(-torch.expm1(-1.0 / b))
+    central = 1 - 0.5 * torch.exp(-(0.5 - e).clamp(min=0) / b) - 0.5 * torch.exp(-(0.5 + e) / b)
+    log_p = torch.where(e < 0.5, torch.log(central.clamp(min=1e-12)), log_p_tail)
+    return -log_p / LN2
+
+
+def fit_float(samples: Samples, hidden=(32, 32), epochs: int = 6, batch: int = 8192,
+              lr: float = 2e-3, seed: int = 0, progress=None) -> FloatPredictor:
+    """Minimise the mean code length (bits per voxel) of the samples."""
+    torch.manual_seed(seed)
+    model = FloatPredictor(hidden)
+    with torch.no_grad():  # start at the reference with a scale near the activity
+        last = model.linear_layers()[-1]
+        last.weight.mul_(0.01)
+        last.bias.copy_(torch.tensor([0.0, -4.0]))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    n = len(samples.value)
+    steps = epochs * (n // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
+    tensors = [torch.from_numpy(a) for a in
+               (samples.x, samples.ref.astype(np.float32), samples.s.astype(np.float32),
+                samples.lq.astype(np.float32), samples.value.astype(np.float32))]
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        total, t0 = 0.0, time.time()
+        for k in range(n // batch):
+            idx = order[k * batch:(k + 1) * batch]
+            x, ref, s, lq, v = (t[idx] for t in tensors)
+            loss = laplace_bits(v, ref, s, lq, model(x)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss)
+        msg = f"epoch {epoch + 1}/{epochs}: {total / max(n // batch, 1):.4f} bits/voxel " \
+              f"({time.time() - t0:.0f} s)"
+        log.info(msg)
+        if progress:
+            progress(msg)
+    return model
+
+
+def _mult_shift(scale: float, limit_bits: int = 18) -> tuple[int, int]:
+    """Integer ``m`` and ``k`` with ``m / 2**k ~= scale`` and ``m < 2**limit_bits``."""
+    k = int(np.floor(limit_bits - np.log2(abs(scale)) - 1))
+    k = max(k, 1)
+    return int(round(scale * 2.0 ** k)), k
+
+
+def quantize(model: FloatPredictor, samples: Samples, name: str = "default") -> DefaultPredictor:
+    """Exact integer predictor from the float model; tables fitted on its residuals."""
+    layers = model.linear_layers()
+    weights = [l.weight.detach().double().numpy() for l in layers]
+    biases = [l.bias.detach().double().numpy() for l in layers]
+    calib = samples.x[:: max(1, len(samples.x) // 200_000)]
+    net, out_scale = quantize_mlp(weights, biases, calib, model.input_scale)
+    head = np.array([*_mult_shift(out_scale[0]), *_mult_shift(out_scale[1])])
+    from models.tables import prior_tables
+    predictor = DefaultPredictor(name, net, head, prior_tables())
+    r, j = integer_residuals(predictor, samples)
+    predictor.tables = fitted_tables(r, j)
+    return predictor
+
+
+def integer_residuals(predictor: DefaultPredictor, samples: Samples, chunk: int = 1 << 18):
+    """Residuals and table indices of the exact integer model on the samples."""
+    from models.features import prediction, scale_index
+    mm, ms, sm, ss = (int(v) for v in predictor.head)
+    rs, js = [], []
+    for a in range(0, len(samples.value), chunk):
+        sl = slice(a, a + chunk)
+        acc = predictor.net(samples.x[sl])
+        pred = prediction(samples.ref[sl], samples.s[sl], acc[:, 0], mm, ms,
+                          samples.lo[sl], samples.hi[sl])
+        rs.append(samples.value[sl] - pred)
+        js.append(scale_index(samples.lq[sl], acc[:, 1], sm, ss))
+    return np.concatenate(rs), np.concatenate(js)
+
+
+def evaluate(predictor: DefaultPredictor, samples: Samples) -> float:
+    """Ideal bits per voxel of the integer model and its tables on the samples."""
+    r, j = integer_residuals(predictor, samples)
+    return table_bits(predictor.tables, r, j) / len(r)

@@ -1,0 +1,174 @@
+"""The codec's promises: exact round trips, random access, determinism, clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import models
+from models import api
+from models.container import CorruptBlobError
+
+DTYPES = ["uint8", "int8", "uint16", "int16"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def phantom(shape, dtype, seed=0):
+    """A smooth ellipsoid with noise and a constant padding ring, like a CT slab."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    info = np.iinfo(dtype)
+    span = min(info.max - info.min, 3000)
+    base = info.min + span * 0.3 + span * 0.4 * (x ** 2 + y ** 2 + 0.5 * z ** 2 < 0.6)
+    vol = base + rng.normal(0, span * 0.01, shape)
+    vol[:, (x[0] ** 2 + y[0] ** 2) > 0.95] = info.min
+    return np.clip(np.round(vol), info.min, info.max).astype(dtype)
+
+
+@st.composite
+def volumes(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = (draw(st.integers(1, 11)), draw(st.integers(1, 13)), draw(st.integers(1, 13)))
+    kind = draw(st.sampled_from(["noise", "constant", "extremes", "phantom"]))
+    info = np.iinfo(dtype)
+    seed = draw(st.integers(0, 2 ** 16))
+    rng = np.random.default_rng(seed)
+    if kind == "noise":
+        vol = rng.integers(info.min, info.max, shape, endpoint=True)
+    elif kind == "constant":
+        vol = np.full(shape, draw(st.sampled_from([info.min, info.max, 0, -1 if info.min else 1])))
+    elif kind == "extremes":
+        vol = rng.choice([info.min, info.max], shape)
+    else:
+        vol = phantom(shape, dtype, seed)
+    return vol.astype(dtype)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(volumes(), st.integers(1, 5))
+def test_round_trip_is_exact(vol, slab):
+    blob = models.encode_volume(vol, slab=slab)
+    out = models.decode_volume(blob)
+    assert out.dtype == vol.dtype and out.shape == vol.shape
+    np.testing.assert_array_equal(out, vol)
+
+
+@settings(max_examples=25, deadline=None)
+@given(volumes(), st.data())
+def test_decode_slices_equals_full_decode(vol, data):
+    blob = models.encode_volume(vol, slab=3)
+    start = data.draw(st.integers(0, vol.shape[0] - 1))
+    stop = data.draw(st.integers(start, vol.shape[0]))
+    np.testing.assert_array_equal(models.decode_slices(blob, start, stop), vol[start:stop])
+
+
+def test_phantom_compresses_and_round_trips():
+    vol = phantom((12, 64, 80), "int16")
+    blob = models.encode_volume(vol)
+    np.testing.assert_array_equal(models.decode_volume(blob), vol)
+    assert len(blob) < vol.nbytes / 2
+    info = models.blob_info(blob)
+    assert info["shape"] == vol.shape and info["dtype"] == "int16" and info["model"] == "default"
+
+
+def test_full_range_16_bit_values_round_trip():
+    rng = np.random.default_rng(7)
+    for dtype in ("uint16", "int16"):
+        info = np.iinfo(dtype)
+        vol = rng.integers(info.min, info.max, (3, 17, 19), endpoint=True).astype(dtype)
+        vol[0, 0, :4] = [info.min, info.max, info.min, info.max]
+        np.testing.assert_array_equal(models.decode_volume(models.encode_volume(vol)), vol)
+
+
+def test_lockstep_width_does_not_change_the_result(monkeypatch):
+    vol = phantom((10, 23, 31), "uint16", seed=3)
+    blob = models.encode_volume(vol, slab=2)
+    expected = models.decode_volume(blob)
+    monkeypatch.setattr(api, "LOCKSTEP_SLABS", 1)
+    np.testing.assert_array_equal(models.decode_volume(blob), expected)
+    monkeypatch.setattr(api, "LOCKSTEP_SLABS", 3)
+    np.testing.assert_array_equal(models.decode_volume(blob), expected)
+    np.testing.assert_array_equal(expected, vol)
+
+
+_CHILD = """
+import sys, hashlib, numpy as np, torch
+torch.set_num_threads(int(sys.argv[1]))
+import models
+blob = open(sys.argv[2], 'rb').read()
+print(hashlib.sha256(models.decode_volume(blob).tobytes()).hexdigest())
+"""
+
+
+def test_decoding_in_other_processes_and_thread_counts_is_identical(tmp_path):
+    vol = phantom((9, 40, 44), "int16", seed=5)
+    path = tmp_path / "v.vxa"
+    path.write_bytes(models.encode_volume(vol))
+    import hashlib
+    want = hashlib.sha256(vol.tobytes()).hexdigest()
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_WAIT_POLICY="PASSIVE")
+    for threads in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", _CHILD, threads, str(path)], env=env,
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want
+
+
+def test_unsupported_input_is_refused():
+    with pytest.raises(ValueError):
+        models.encode_volume(np.zeros((2, 2), np.uint16))
+    with pytest.raises(ValueError):
+        models.encode_volume(np.zeros((1, 2, 2), np.float32))
+    with pytest.raises(ValueError):
+        models.encode_volume(np.zeros((0, 2, 2), np.uint16))
+    with pytest.raises(KeyError, match="known models"):
+        models.encode_volume(np.zeros((1, 2, 2), np.uint16), model="no-such-model")
+
+
+# ---------------------------------------------------------------- corruption
+@pytest.fixture(scope="module")
+def blob():
+    return models.encode_volume(phantom((6, 24, 20), "uint16", seed=11), slab=2)
+
+
+def test_wrong_magic_is_refused(blob):
+    with pytest.raises(CorruptBlobError, match="magic"):
+        models.decode_volume(b"NOTVOXAR" + blob[8:])
+    with pytest.raises(CorruptBlobError):
+        models.decode_volume(b"")
+
+
+def test_every_truncation_is_refused(blob):
+    for cut in range(0, len(blob), max(1, len(blob) // 150)):
+        with pytest.raises(CorruptBlobError):
+            models.decode_volume(blob[:cut])
+
+
+def test_trailing_garbage_is_refused(blob):
+    with pytest.raises(CorruptBlobError):
+        models.decode_volume(blob + b"\0")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_flipped_bits_are_refused(blob, data):
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    bit = data.draw(st.integers(0, 7))
+    bad = bytearray(blob)
+    bad[pos] ^= 1 << bit
+    with pytest.raises(CorruptBlobError):
+        models.decode_volume(bytes(bad))
+
+
+def test_unknown_model_id_is_refused(blob):
+    from models.container import unpack_header, pack, slab_payload
+    header, base = unpack_header(blob)
+    payloads = [slab_payload(blob, header, base, i) for i in range(len(header.slab_table))]
+    foreign = pack(b"\x01" * 16, "elsewhere", header.dtype, header.shape, header.slab, payloads)
+    with pytest.raises(CorruptBlobError, match="lacks"):
+        models.decode_volume(foreign)

@@ -1,0 +1,96 @@
+"""The integer network and the features are exact: fast paths equal plain int64 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.context import Neighbourhood, is_causal, wavefront_slopes
+from models.features import DEFAULT_NEIGHBOURHOOD, default_features, log2_quarters
+from models.intnet import ACT_MAX, INPUT_MAX, IntLayer, IntMLP, quantize_mlp
+from models.registry import load_model
+
+
+def random_net(rng, sizes=(23, 32, 32, 2)):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = rng.integers(-127, 128, (b, a))
+        bias = rng.integers(-50_000, 50_000, b)
+        shift = None if i == len(sizes) - 2 else rng.integers(3, 12, b)
+        layers.append(IntLayer(w, bias, shift))
+    return IntMLP(layers)
+
+
+def test_integer_network_equals_int64_reference_on_random_inputs():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        net = random_net(rng)
+        x = rng.integers(-INPUT_MAX, INPUT_MAX + 1, (5000, 23))
+        np.testing.assert_array_equal(net(x), net.reference(x))
+
+
+def test_shipped_model_equals_reference_and_is_batch_and_thread_invariant():
+    net = load_model("default").net
+    rng = np.random.default_rng(1)
+    x = rng.integers(-INPUT_MAX, INPUT_MAX + 1, (20000, net.layers[0].weight.shape[1]))
+    ref = net.reference(x)
+    np.testing.assert_array_equal(net(x), ref)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        parts = [net(x[a:a + 777]) for a in range(0, len(x), 777)]
+        np.testing.assert_array_equal(np.concatenate(parts), ref)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_overflowing_network_is_refused():
+    w = np.full((4, 300), 127)
+    try:
+        IntMLP([IntLayer(w, np.zeros(4, np.int64), None)])
+    except ValueError as exc:
+        assert "2**24" in str(exc)
+    else:
+        raise AssertionError("a network that can exceed float32's exact range was accepted")
+
+
+def test_quantised_network_tracks_the_float_network():
+    rng = np.random.default_rng(2)
+    ws = [rng.normal(0, 0.3, (16, 8)), rng.normal(0, 0.3, (2, 16))]
+    bs = [rng.normal(0, 0.1, 16), rng.normal(0, 0.1, 2)]
+    x = rng.integers(-500, 500, (4000, 8))
+    net, scale = quantize_mlp(ws, bs, x, input_scale=1 / 64)
+    h = np.maximum(x / 64 @ ws[0].T + bs[0], 0)
+    want = h @ ws[1].T + bs[1]
+    got = net(x) * scale
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    assert net(x)[:, 0].dtype == np.int64 and net.layers[0].shift.max() >= 0 and ACT_MAX == 1023
+
+
+def test_log2_quarters_is_exact():
+    s = np.arange(1, 1 << 17)
+    want = np.array([max(k for k in range(80) if 2 ** k <= v ** 4) for v in s[:3000]])
+    np.testing.assert_array_equal(log2_quarters(s[:3000]), want)
+    assert (np.diff(log2_quarters(s)) >= 0).all()
+
+
+def test_features_do_not_depend_on_invalid_neighbours():
+    rng = np.random.default_rng(3)
+    values = rng.integers(-3000, 3000, (DEFAULT_NEIGHBOURHOOD.size, 500)).astype(np.int32)
+    valid = rng.random(values.shape) < 0.7
+    other = np.where(valid, values, rng.integers(-3000, 3000, values.shape)).astype(np.int32)
+    for a, b in zip(default_features(values, valid), default_features(other, valid)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_default_neighbourhood_is_causal_and_its_wavefront_is_consistent():
+    assert all(is_causal(o) for o in DEFAULT_NEIGHBOURHOOD.offsets)
+    a, b = wavefront_slopes(DEFAULT_NEIGHBOURHOOD.offsets)
+    for dz, dy, dx in DEFAULT_NEIGHBOURHOOD.offsets:
+        assert dx + a * dy + b * dz < 0
+    try:
+        Neighbourhood(((0, 0, 1),))
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a non-causal offset was accepted")
