@@ -5,10 +5,10 @@ the round trip is checked bit-exact (a mismatch is reported as a failed row and 
 exit non-zero; it never becomes a number). Speeds are the median over a few runs when a run is
 cheap, in M voxels per second of wall time and of process CPU time (all threads).
 
-Slow voxarc models get an automatic subset of slices: a short probe estimates the encode speed,
-and when coding the whole volume would exceed ``--budget-s``, only as many slices as fit are
-coded (evenly spaced by default, or a central block of consecutive slices). Those rows are marked,
-and their ratios compare with JPEG-XL and JPEG-LS run on the same slices.
+Slow voxarc models get an automatic subset of slices: a short probe times a round trip of two
+slices, and when one round trip of the whole volume would exceed ``--budget-s``, only as many
+slices as fit are coded (evenly spaced by default, or a central block of consecutive slices).
+Those rows are marked, and their ratios compare with JPEG-XL and JPEG-LS run on the same slices.
 
 ``OMP_WAIT_POLICY=PASSIVE`` is set when unset, before torch can start its thread pool: on this
 two-core machine, torch threads that spin while waiting made the codec 50-100x slower under load.
@@ -57,7 +57,7 @@ class BenchOptions:
     max_slices : int or None
         Code at most this many slices of every volume (all codecs), evenly spaced.
     budget_s : float
-        Estimated encode time above which a voxarc model is run on a subset of slices.
+        Estimated encode + decode time above which a voxarc model is run on a subset of slices.
     repeat : int
         Timed runs per phase when one run is cheap (median reported).
     subset_mode : str
@@ -184,15 +184,16 @@ def _run_row(codec, volume: SeriesVolume, indices: list[int], role: str, subset_
 
 
 def probe_slices(codec, volume: np.ndarray, budget_s: float) -> int | None:
-    """Slices of ``volume`` that ``codec`` can encode within ``budget_s`` (None: all of them).
+    """Slices of ``volume`` that ``codec`` can encode and decode once within ``budget_s``
+    (None: all of them).
 
-    A tiny warm-up call first (model loading), then two slices are timed.
+    A tiny warm-up call first (model loading), then a round trip of two slices is timed.
     """
     total = volume.shape[0]
     codec.encode(np.ascontiguousarray(volume[:1, :8, :8]))
     probe = np.ascontiguousarray(volume[: min(2, total)])
     start = time.perf_counter()
-    codec.encode(probe)
+    codec.decode(codec.encode(probe))
     per_slice = (time.perf_counter() - start) / probe.shape[0]
     if per_slice * total <= budget_s:
         return None
@@ -347,7 +348,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-slices", type=int, metavar="N",
                    help="code at most N evenly spaced slices of every volume, all codecs")
     p.add_argument("--budget-s", type=float, default=BenchOptions.budget_s,
-                   help="a voxarc model whose estimated encode time exceeds this many seconds "
+                   help="a voxarc model whose estimated encode + decode time exceeds this many seconds "
                         "runs on a subset of slices (default: %(default)s)")
     p.add_argument("--subset", choices=("even", "block"), default="even",
                    help="automatic subsets: evenly spaced slices or a central block of "

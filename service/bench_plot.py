@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.bench_codecs import ANCHOR_LABELS, VOXARC_PREFIX
+
 
 def plot_bpv(report: dict, out: str | Path) -> None:
     """Draw grouped horizontal bars of bits per voxel and save them as a PNG.
@@ -27,25 +29,24 @@ def plot_bpv(report: dict, out: str | Path) -> None:
 
     rows = [r for r in report["rows"] if r["role"] == "main"] + report["overall"]
     volumes = list(dict.fromkeys(r["volume"] for r in rows))
-    codecs = list(dict.fromkeys(r["codec"] for r in rows))
+    codecs = _codec_order(r["codec"] for r in rows)
     cell = {(r["volume"], r["codec"]): r for r in rows}
     height = 0.8 / len(codecs)
-    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.32 * len(codecs) * len(volumes) + 0.4))
-    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.24 * len(codecs) * len(volumes)))
     for k, codec in enumerate(codecs):
         for v, volume in enumerate(volumes):
             row = cell.get((volume, codec))
-            if row is None:
-                continue
-            y = v + (k - (len(codecs) - 1) / 2) * height
-            _bar(ax, y, height, row, colours(k % 10), label=codec if v == 0 else None)
+            if row is not None:
+                y = v + (k - (len(codecs) - 1) / 2) * height
+                _bar(ax, y, height, row, _colour(plt, codec, k),
+                     label=_codec_label(codec) if v == 0 else None)
     ax.set_yticks(np.arange(len(volumes)), [_volume_label(v) for v in volumes])
     ax.invert_yaxis()
     ax.set_xlabel("bits per voxel (lower is better)")
-    ax.set_title(_title(report))
+    ax.set_title(_title(report), fontsize="medium")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small", framealpha=0.9)
-    ax.margins(x=0.12)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    ax.margins(x=0.1)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -61,8 +62,25 @@ def _bar(ax, y: float, height: float, row: dict, colour, label) -> None:
     ax.text(row["bpv"], y, f" {row['bpv']:.2f}", va="center", fontsize=7)
 
 
+def _codec_order(names) -> list[str]:
+    """voxarc models first (on top of each group), then the anchors in table order."""
+    names = list(dict.fromkeys(names))
+    return sorted(names, key=lambda n: not n.startswith(VOXARC_PREFIX))
+
+
+def _codec_label(codec: str) -> str:
+    return ANCHOR_LABELS.get(codec, codec)
+
+
+def _colour(plt, codec: str, k: int):
+    """Strong colours for voxarc models, muted ones for the anchors."""
+    if codec.startswith(VOXARC_PREFIX):
+        return plt.get_cmap("Set1")(k % 9)
+    return plt.get_cmap("tab20c")(4 + k % 16)
+
+
 def _volume_label(name: str) -> str:
-    return "voxel-weighted\noverall" if name == "OVERALL" else name.replace("_", " ", 2)
+    return "voxel-weighted\noverall" if name == "OVERALL" else name
 
 
 def _title(report: dict) -> str:
