@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+# Only effective if the OpenMP runtime (torch) is not loaded yet; main() warns otherwise.
+_OMP_TOO_LATE = "OMP_WAIT_POLICY" not in os.environ and "torch" in sys.modules
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
@@ -364,6 +366,9 @@ def _split(text: str) -> list[str]:
 
 def main(args) -> int:
     """Run the benchmark for parsed ``args``; print the table; 0 if every round trip held."""
+    if _OMP_TOO_LATE:
+        log.warning("torch was imported before OMP_WAIT_POLICY=PASSIVE was set; timings may "
+                    "suffer from spinning threads (set it in the environment)")
     codecs = _split(args.codecs)
     unknown = sorted(set(codecs) - set(ALL_CODECS))
     if unknown:
