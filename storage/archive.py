@@ -69,6 +69,17 @@ class Archive:
         """Return matching records of a query level (see :func:`storage.query.find`)."""
         return query.find(self.index, level, criteria)
 
+    def formats(self, sop_uids: list[str]) -> dict[str, set[str]]:
+        """Return {SOP Class UID: {transfer syntaxes}} of the given instances."""
+        out: dict[str, set[str]] = {}
+        with self.index.read() as s:
+            for i in range(0, len(sop_uids), 500):
+                rows = s.execute(select(Instance.sop_class_uid, Instance.transfer_syntax)
+                                 .where(Instance.sop_uid.in_(sop_uids[i:i + 500]))).all()
+                for sop_class, ts in rows:
+                    out.setdefault(sop_class, set()).add(ts)
+        return out
+
     def compact(self, stable_age: float) -> tuple[int, int]:
         """Compact every series stable for ``stable_age`` seconds; return (done, failed)."""
         return self.compactor.run_once(stable_age)

@@ -138,3 +138,15 @@ def real_series_files(folder: Path, limit: int | None = None) -> list[Path]:
         if head[128:132] == b"DICM":
             files.append(path)
     return files[:limit] if limit else files
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A running node on a free port (compaction only when a test asks for it)."""
+    from service.ae import Node
+    from service.config import load_settings
+    settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                             stable_age=3600.0)
+    running = Node(settings, compaction=False).start()
+    yield running
+    running.stop()

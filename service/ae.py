@@ -1,0 +1,129 @@
+"""The node: the pynetdicom application entity, its handlers, and the compaction worker.
+
+Built in one place, the same way by ``voxarc serve`` and by the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from service import exact_send, handlers
+from service.config import Settings
+from storage.archive import Archive
+
+log = logging.getLogger(__name__)
+QUERY_RETRIEVE = (
+    PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove,
+)
+
+
+def open_archive(settings: Settings) -> Archive:
+    """Open the archive a node's settings describe."""
+    return Archive(settings.data_dir, settings.database_url, settings.duplicate_policy,
+                   settings.max_storage_bytes, settings.codec_model, settings.max_stack_slices,
+                   settings.cache_bytes)
+
+
+def build_ae(settings: Settings) -> AE:
+    """Return the application entity: every storage SOP class in every transfer syntax (also in
+    the SCP role, for C-GET), Verification and the Patient/Study Root query/retrieve models."""
+    exact_send.install()    # retrieved instances go out as received, never re-encoded
+    ae = AE(ae_title=settings.ae_title)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES,
+                                 scu_role=True, scp_role=True)
+    ae.add_supported_context(Verification)
+    for sop_class in QUERY_RETRIEVE:
+        ae.add_supported_context(sop_class)
+    return ae
+
+
+def event_handlers(archive: Archive, settings: Settings) -> list:
+    """The (event, handler, args) bindings of a node."""
+    return [
+        (evt.EVT_ACCEPTED, handlers.handle_association),
+        (evt.EVT_RELEASED, handlers.handle_association),
+        (evt.EVT_ABORTED, handlers.handle_association),
+        (evt.EVT_C_ECHO, handlers.handle_echo),
+        (evt.EVT_C_STORE, handlers.handle_store, [archive]),
+        (evt.EVT_C_FIND, handlers.handle_find, [archive]),
+        (evt.EVT_C_GET, handlers.handle_get, [archive]),
+        (evt.EVT_C_MOVE, handlers.handle_move, [archive, settings]),
+    ]
+
+
+class CompactionWorker(threading.Thread):
+    """Background thread compacting stable series every ``compaction_interval`` seconds."""
+
+    def __init__(self, archive: Archive, stable_age: float, interval: float):
+        super().__init__(name="voxarc-compaction", daemon=True)
+        self.archive, self.stable_age, self.interval = archive, stable_age, interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.archive.compact(self.stable_age)
+            except Exception:  # a failed pass is logged; the next one tries again
+                log.exception("compaction pass failed")
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        """Ask the worker to finish its current series and exit; wait for it."""
+        self._stop_event.set()
+        self.join()
+
+
+class Node:
+    """A running storage node: DICOM listener plus compaction worker.
+
+    Parameters
+    ----------
+    settings : Settings
+        Port 0 picks a free port (see :attr:`port`).
+    compaction : bool
+        Run the background compaction worker.
+    """
+
+    def __init__(self, settings: Settings, compaction: bool = True):
+        self.settings = settings
+        self.archive = open_archive(settings)
+        self.ae = build_ae(settings)
+        self.server = None
+        self.worker = CompactionWorker(self.archive, settings.stable_age,
+                                       settings.compaction_interval) if compaction else None
+
+    @property
+    def port(self) -> int:
+        """The TCP port the listener is bound to."""
+        return self.server.server_address[1]
+
+    def start(self) -> "Node":
+        """Start listening (in background threads) and start the compaction worker."""
+        self.server = self.ae.start_server((self.settings.host, self.settings.port), block=False,
+                                           evt_handlers=event_handlers(self.archive, self.settings))
+        if self.worker:
+            self.worker.start()
+        log.info("voxarc node %s listening on %s:%d (data %s)", self.settings.ae_title,
+                 self.settings.host, self.port, self.settings.data_dir)
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, finish running associations and compaction, close the index."""
+        if self.server is not None:
+            self.server.shutdown()
+        if self.worker is not None and self.worker.is_alive():
+            self.worker.stop()
+        self.archive.close()
+        log.info("voxarc node %s stopped", self.settings.ae_title)

@@ -1,0 +1,119 @@
+"""Node settings: embedded defaults, overridden by a TOML file, overridden by command-line flags.
+
+Every setting has a default and one line of documentation in :data:`SETTING_DOCS`; the table in
+``docs/configuration.md`` lists them all (a test keeps the three in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SETTING_DOCS = {
+    "data_dir": "Folder of the blob store and, by default, of the SQLite index.",
+    "database_url": "SQLAlchemy URL of the index; empty means sqlite:///<data_dir>/index.sqlite.",
+    "ae_title": "Application Entity title of the node.",
+    "host": "Address the DICOM listener binds to.",
+    "port": "TCP port of the DICOM listener.",
+    "stable_age": "Seconds without a new instance before a series is compacted.",
+    "compaction_interval": "Seconds between two looks of the compaction worker for stable series.",
+    "duplicate_policy": "keep_first, replace or reject an instance whose SOP Instance UID is stored.",
+    "max_storage_bytes": "Refuse new instances (0xA700) beyond this many stored bytes; 0: no limit.",
+    "max_stack_slices": "Largest number of slices coded together as one blob.",
+    "cache_bytes": "Memory budget of the decoded-slab cache used by C-GET and C-MOVE.",
+    "codec_model": "Name of the codec model compaction uses.",
+    "destinations": "C-MOVE destinations: NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
+}
+_DESTINATION = re.compile(r"^(?P<name>[^=]+)=(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A C-MOVE destination known by its AE title."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass
+class Settings:
+    """Every setting of a node (see :data:`SETTING_DOCS`)."""
+
+    data_dir: str = "voxarc-data"
+    database_url: str = ""
+    ae_title: str = "VOXARC"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    stable_age: float = 60.0
+    compaction_interval: float = 5.0
+    duplicate_policy: str = "keep_first"
+    max_storage_bytes: int = 0
+    max_stack_slices: int = 256
+    cache_bytes: int = 256 << 20
+    codec_model: str = "default"
+    destinations: dict = field(default_factory=dict)
+
+    def destination(self, ae_title: str) -> Destination | None:
+        """Return the destination whose AE title (or name) is ``ae_title``, or None."""
+        for name, text in self.destinations.items():
+            dest = parse_destination(f"{name}={text}")
+            if ae_title.strip() in (dest.ae_title, dest.name):
+                return dest
+        return None
+
+
+def parse_destination(text: str) -> Destination:
+    """Parse ``NAME=AET@HOST:PORT``; raise ValueError when malformed."""
+    match = _DESTINATION.match(text.strip())
+    if not match:
+        raise ValueError(f"destination {text!r} is not NAME=AET@HOST:PORT")
+    return Destination(match["name"].strip(), match["aet"].strip(), match["host"],
+                       int(match["port"]))
+
+
+def _coerce(name: str, value):
+    default = getattr(Settings(), name)
+    if name == "destinations":
+        if not isinstance(value, dict):
+            raise ValueError("destinations must be a table of NAME = \"AET@HOST:PORT\"")
+        for key, text in value.items():
+            parse_destination(f"{key}={text}")
+        return dict(value)
+    return type(default)(value)
+
+
+def load_settings(config: str | Path | None = None, **overrides) -> Settings:
+    """Build settings from defaults, an optional TOML file, then non-None ``overrides``.
+
+    Raises
+    ------
+    ValueError
+        On an unknown setting or a value of the wrong form.
+    """
+    values: dict = {}
+    if config:
+        with open(config, "rb") as f:
+            values.update(tomllib.load(f))
+    destinations = overrides.pop("destination", None) or []
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - set(SETTING_DOCS)
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+    settings = Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    for text in destinations:
+        dest = parse_destination(text)
+        settings.destinations[dest.name] = f"{dest.ae_title}@{dest.host}:{dest.port}"
+    if settings.duplicate_policy not in ("keep_first", "replace", "reject"):
+        raise ValueError(f"duplicate_policy {settings.duplicate_policy!r} is not one of "
+                         "keep_first, replace, reject")
+    return settings
+
+
+def setting_names() -> list[str]:
+    """Names of all settings, in declaration order."""
+    return [f.name for f in dataclasses.fields(Settings)]

@@ -1,0 +1,160 @@
+"""DIMSE event handlers: plain functions given the archive (and settings) they need.
+
+Bound to pynetdicom events in :mod:`service.ae`. Each answers with a status from
+:mod:`service.statuses`; no exception escapes unlogged or without a status.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom.dataset import Dataset
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
+
+from service import statuses
+from service.config import Settings
+from service.exact_send import PreEncoded
+from service.identifiers import IdentifierError, parse_identifier, response, retrieve_criteria
+from storage.archive import Archive
+
+log = logging.getLogger(__name__)
+
+
+def _peer(event) -> str:
+    req = event.assoc.requestor
+    return f"{req.ae_title}@{req.address}:{req.port}"
+
+
+def handle_association(event) -> None:
+    """Log associations opening and closing."""
+    log.info("association %s with %s", event.event.name.replace("EVT_", "").lower(), _peer(event))
+
+
+def handle_echo(event) -> int:
+    """C-ECHO: always success."""
+    log.info("C-ECHO from %s", _peer(event))
+    return statuses.SUCCESS
+
+
+def handle_store(event, archive: Archive) -> int:
+    """C-STORE: stage the dataset as received; success only once it is durable and indexed."""
+    try:
+        data = event.encoded_dataset(include_meta=False)
+        result = archive.store(data, str(event.context.transfer_syntax))
+    except Exception as exc:
+        return statuses.status_for(exc, f"C-STORE from {_peer(event)}")
+    log.info("C-STORE %s of %s from %s", result.outcome, result.sop_uid, _peer(event))
+    return statuses.SUCCESS
+
+
+def handle_find(event, archive: Archive):
+    """C-FIND (Patient Root and Study Root): yield one pending response per match."""
+    try:
+        level, criteria = parse_identifier(event.identifier)
+        records = archive.find(level, criteria)
+    except IdentifierError as exc:
+        log.warning("C-FIND from %s refused: %s", _peer(event), exc)
+        yield statuses.IDENTIFIER_MISMATCH, None
+        return
+    except Exception as exc:
+        yield statuses.status_for(exc, f"C-FIND from {_peer(event)}"), None
+        return
+    log.info("C-FIND %s level from %s: %d matches", level, _peer(event), len(records))
+    charset = event.identifier.get("SpecificCharacterSet")
+    for record in records:
+        if event.is_cancelled:
+            yield statuses.CANCEL, None
+            return
+        yield statuses.PENDING, response(level, criteria, record, charset)
+
+
+def _failed(sop_uid: str) -> Dataset:
+    """A dataset the C-STORE sub-operation refuses to send, so it counts as failed."""
+    ds = Dataset()
+    ds.SOPInstanceUID = sop_uid
+    return ds
+
+
+def _sub_operations(archive: Archive, records: list[dict], operation: str):
+    """Yield (status, dataset) per instance: the exact stored bytes, or a dataset that fails to
+    send (so the sub-operation counts as failed) when the instance cannot be rebuilt."""
+    for record in records:
+        uid = record["SOPInstanceUID"]
+        try:
+            inst = archive.retrieve(uid)
+        except Exception as exc:
+            statuses.status_for(exc, f"{operation} of {uid}")
+            yield statuses.PENDING, _failed(uid)
+            continue
+        yield statuses.PENDING, PreEncoded(inst.sop_class_uid, uid, inst.transfer_syntax,
+                                           inst.data)
+
+
+def handle_get(event, archive: Archive):
+    """C-GET: count the matching instances, then send each on this association."""
+    try:
+        records = _select(event, archive)
+    except Exception as exc:
+        yield 1          # pynetdicom wants a count first, and ends at once when it is 0
+        yield _refusal(exc, "C-GET", event), None
+        return
+    log.info("C-GET from %s: %d instances", _peer(event), len(records))
+    yield len(records)
+    for item in _sub_operations(archive, records, "C-GET"):
+        if event.is_cancelled:
+            yield statuses.CANCEL, None
+            return
+        yield item
+
+
+def _refusal(exc: Exception, operation: str, event) -> int:
+    if isinstance(exc, IdentifierError):
+        log.warning("%s from %s refused: %s", operation, _peer(event), exc)
+        return statuses.IDENTIFIER_MISMATCH
+    return statuses.status_for(exc, f"{operation} from {_peer(event)}")
+
+
+def _select(event, archive: Archive) -> list[dict]:
+    level, criteria = parse_identifier(event.identifier)
+    keys = retrieve_criteria(criteria)
+    if not keys:
+        raise IdentifierError(f"no unique key in a {level} level retrieve identifier")
+    return archive.find("IMAGE", keys)
+
+
+def _contexts(records: list[dict], archive: Archive) -> list:
+    """Presentation contexts for the (SOP class, transfer syntax) pairs of the instances."""
+    syntaxes = archive.formats([r["SOPInstanceUID"] for r in records])
+    contexts = []
+    for sop_class, tss in sorted(syntaxes.items()):
+        for ts in sorted(tss):
+            contexts.append(build_context(sop_class, [ts]))
+    return contexts[:128] or [build_context(Verification)]   # an association needs one
+
+
+def handle_move(event, archive: Archive, settings: Settings):
+    """C-MOVE: open an association to a configured destination and send the instances there."""
+    dest = settings.destination(str(event.move_destination or "").strip())
+    try:
+        records, refusal = _select(event, archive), None
+    except Exception as exc:
+        records, refusal = [], exc
+    if dest is None:
+        log.warning("C-MOVE from %s to unknown destination %r (0xA801)", _peer(event),
+                    event.move_destination)
+        yield None, None
+        return
+    log.info("C-MOVE from %s: %d instances to %s (%s@%s:%d)", _peer(event), len(records),
+             dest.name, dest.ae_title, dest.host, dest.port)
+    yield dest.host, dest.port, {"ae_title": dest.ae_title,
+                                 "contexts": _contexts(records, archive)}
+    yield max(len(records), refusal is not None)
+    if refusal is not None:
+        yield _refusal(refusal, "C-MOVE", event), None
+        return
+    for item in _sub_operations(archive, records, "C-MOVE"):
+        if event.is_cancelled:
+            yield statuses.CANCEL, None
+            return
+        yield item

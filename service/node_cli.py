@@ -1,0 +1,135 @@
+"""`voxarc serve | import | compress | stats`: the storage node's commands.
+
+Each builds the same objects the tests build (:class:`service.ae.Node`, :class:`Archive`) from
+the same settings: embedded defaults, ``--config`` TOML file, then flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from service.ae import Node, open_archive
+from service.config import load_settings
+from service.progress import Progress
+from storage.errors import StorageError
+from storage.part10 import split_file
+
+log = logging.getLogger(__name__)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML settings file (see docs/configuration.md)")
+    parser.add_argument("--data-dir", help="data folder of the node")
+
+
+def _settings(args, **extra):
+    return load_settings(args.config, data_dir=args.data_dir, **extra)
+
+
+def register(subparsers) -> None:
+    """Add the node's sub-commands to the ``voxarc`` parser."""
+    p = subparsers.add_parser("serve", help="run the DICOM storage node")
+    _common(p)
+    p.add_argument("--port", type=int, help="TCP port (default 11112)")
+    p.add_argument("--ae-title", help="AE title (default VOXARC)")
+    p.add_argument("--stable-age", type=float, help="seconds before a series is compacted")
+    p.add_argument("--destination", action="append", metavar="NAME=AET@HOST:PORT",
+                   help="C-MOVE destination (repeatable)")
+    p.set_defaults(func=serve)
+
+    p = subparsers.add_parser("import", help="load DICOM files from folders (no network)")
+    _common(p)
+    p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
+    p.set_defaults(func=import_files)
+
+    p = subparsers.add_parser("compress", help="compress staged series")
+    _common(p)
+    p.add_argument("--now", action="store_true",
+                   help="compress everything pending regardless of stable_age, then exit")
+    p.set_defaults(func=compress)
+
+    p = subparsers.add_parser("stats", help="print what is stored")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=stats)
+
+
+def serve(args) -> int:
+    """Run until SIGTERM or SIGINT, then stop cleanly."""
+    settings = _settings(args, port=args.port, ae_title=args.ae_title,
+                         stable_age=args.stable_age, destination=args.destination)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    node = Node(settings).start()
+    print(f"listening on port {node.port}", flush=True)
+    stop.wait()
+    log.info("signal received, stopping")
+    node.stop()
+    return 0
+
+
+def _files(paths: list[str]):
+    for p in map(Path, paths):
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file())
+        elif p.is_file():
+            yield p
+        else:
+            log.warning("no such file or folder: %s", p)
+
+
+def import_files(args) -> int:
+    """Stage every DICOM file under the given paths through the same ingest as C-STORE."""
+    archive = open_archive(_settings(args))
+    files = list(_files(args.paths))
+    progress, stored, failed = Progress("import", len(files)), 0, 0
+    for path in files:
+        try:
+            ts, data = split_file(path.read_bytes())
+            result = archive.store(data, ts)
+            stored += result.outcome != "duplicate_ignored"
+        except StorageError as exc:
+            failed += 1
+            log.warning("not imported %s: %s", path, exc)
+        progress.advance(note=path.name)
+    log.info("imported %d of %d files in %.1f s (%d refused)", stored, len(files),
+             progress.finish(), failed)
+    archive.close()
+    return 1 if failed and not stored else 0
+
+
+def compress(args) -> int:
+    """Compress staged series (all of them with --now, else those past stable_age)."""
+    settings = _settings(args)
+    archive = open_archive(settings)
+    stable_age = 0.0 if args.now else settings.stable_age
+    series = archive.pending_series(stable_age)
+    progress, failed = Progress("compress", len(series)), 0
+    for series_id in series:
+        failed += not archive.compactor.compact_series(series_id)
+        progress.advance(note=f"series {series_id}")
+    log.info("compressed %d series in %.1f s (%d failed)", len(series) - failed,
+             progress.finish(), failed)
+    archive.close()
+    return 1 if failed else 0
+
+
+def stats(args) -> int:
+    """Print counts and bytes of what is stored."""
+    archive = open_archive(_settings(args))
+    out = archive.stats()
+    archive.close()
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(f"instances  {out['instances']} ({out['pending_instances']} waiting for compaction)"
+              f"\nseries     {out['series']}\nstudies    {out['studies']}"
+              f"\nreceived   {out['original_bytes']} bytes\nstored     {out['stored_bytes']} "
+              f"bytes (ratio {out['ratio']})")
+    return 0

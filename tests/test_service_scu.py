@@ -1,0 +1,209 @@
+"""The node through a pynetdicom SCU: every status path of ECHO, STORE, FIND, GET and MOVE."""
+
+import pytest
+from pynetdicom.presentation import build_context
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from node_helpers import bundled, dataset_bytes, make_series, node  # noqa: F401 (fixture)
+from scu_helpers import StoreSCP, associate, echo, find, get, move, store_bytes
+from storage.part10 import split_file
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _items(datasets):
+    out = []
+    for ds in datasets:
+        ts, data = dataset_bytes(ds)
+        out.append((ds.SOPClassUID, ds.SOPInstanceUID, ts, data))
+    return out
+
+
+def _bundled_items(names):
+    from storage.dataset_parts import parse_dataset
+    out = []
+    for name in names:
+        ts, data = bundled(name)
+        ds = parse_dataset(data, ts)
+        out.append((str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts, data))
+    return out
+
+
+@pytest.fixture
+def populated(node, tmp_path):
+    """Two studies of two patients: a CT stack (explicit VR) and an MR-like stack (implicit)."""
+    a = make_series(4, 8, 8, patient_id="PAT1", patient_name="Doe^Jane", study_date="20240102")
+    b = make_series(3, 8, 8, patient_id="pat2", patient_name="Roe^Rick", modality="MR",
+                    study_date="20231231", transfer_syntax=ImplicitVRLittleEndian, seed=2)
+    b[0].StudyDescription = "Müller knee"
+    items = _items(a + b) + _bundled_items(["MR_small_RLE.dcm", "CT_small.dcm"])
+    assert store_bytes(node.port, items, tmp_path) == [0] * len(items)
+    return node, a, b, {uid: (ts, data) for _, uid, ts, data in items}
+
+
+def _formats(sent):
+    pairs = set()
+    for _, uid, ts, _ in sent:
+        pairs.add((CT, ts))
+    return pairs
+
+
+def test_echo(node):
+    assert echo(node.port) == 0x0000
+
+
+def test_store_then_get_exact_before_and_after_compaction(populated):
+    node, a, b, sent = populated
+    storage = [(CT, ExplicitVRLittleEndian), (CT, ImplicitVRLittleEndian),
+               ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.5")]
+    for stage in ("staged", "compacted"):
+        for study in {a[0].StudyInstanceUID, b[0].StudyInstanceUID}:
+            final, got = get(node.port, {"QueryRetrieveLevel": "STUDY",
+                                         "StudyInstanceUID": study}, storage)
+            assert final.Status == 0x0000, stage
+            for uid, value in got.items():
+                assert value == sent[uid], (stage, uid)
+        final, got = get(node.port, {"QueryRetrieveLevel": "SERIES",
+                                     "SeriesInstanceUID": a[0].SeriesInstanceUID}, storage)
+        assert len(got) == 4 and final.NumberOfCompletedSuboperations == 4
+        node.archive.compact(0)
+        assert node.archive.stats()["pending_instances"] == 0
+
+
+def test_get_counts_failed_sub_operations(populated):
+    node, a, b, sent = populated
+    # only the explicit VR CT context: the implicit VR instances of study b cannot be sent
+    final, got = get(node.port, {"QueryRetrieveLevel": "PATIENT", "PatientID": "pat2"},
+                     [(CT, ExplicitVRLittleEndian)])
+    assert final.Status == 0xA702          # all sub-operations failed
+    assert final.NumberOfFailedSuboperations == 3 and final.NumberOfCompletedSuboperations == 0
+    assert got == {}
+    both = f"{a[0].StudyInstanceUID}\\{b[0].StudyInstanceUID}"
+    final, got = get(node.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": both},
+                     [(CT, ExplicitVRLittleEndian)])
+    assert final.Status == 0xB000          # some failed
+    assert final.NumberOfFailedSuboperations == 3 and final.NumberOfCompletedSuboperations == 4
+    assert got == {d.SOPInstanceUID: sent[d.SOPInstanceUID] for d in a}
+
+
+def test_get_without_unique_key_is_refused(populated):
+    node = populated[0]
+    final, _ = get(node.port, {"QueryRetrieveLevel": "STUDY", "StudyDate": "20240102"},
+                   [(CT, ExplicitVRLittleEndian)])
+    assert final.Status == 0xA900
+
+
+def test_move_to_destination_and_partial_failure(populated, tmp_path):
+    node, a, _, sent = populated
+    ok, flaky = StoreSCP("DEST"), StoreSCP("FLAKY", fail_every=2)
+    node.settings.destinations.update(dest=f"DEST@127.0.0.1:{ok.port}",
+                                      flaky=f"FLAKY@127.0.0.1:{flaky.port}")
+    try:
+        query = {"QueryRetrieveLevel": "SERIES", "SeriesInstanceUID": a[0].SeriesInstanceUID}
+        final = move(node.port, query, "DEST")
+        assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == 4
+        assert ok.received == {uid: sent[uid] for uid in ok.received} and len(ok.received) == 4
+        final = move(node.port, query, "FLAKY")
+        assert final.Status == 0xB000
+        assert final.NumberOfFailedSuboperations == 2
+        assert final.NumberOfCompletedSuboperations == 2
+        assert move(node.port, query, "NOWHERE").Status == 0xA801
+    finally:
+        ok.stop()
+        flaky.stop()
+
+
+def test_bad_datasets_get_failure_statuses(node, tmp_path):
+    ds = make_series(1, 8, 8)[0]
+    ts, data = dataset_bytes(ds)
+    no_uid = make_series(1)[0]
+    del no_uid.StudyInstanceUID
+    items = [(CT, ds.SOPInstanceUID, ts, data[:-6]),
+             (CT, no_uid.SOPInstanceUID, ts, dataset_bytes(no_uid)[1]),
+             (CT, "1.2.3.4", ts, b"\x08\x00\x16\x00UI\x40\x00" + b"x" * 10)]
+    assert store_bytes(node.port, items, tmp_path) == [0xC210, 0xC210, 0xC210]
+    assert node.archive.stats()["instances"] == 0
+
+
+def test_storage_full_is_a700(node, tmp_path):
+    node.archive.max_storage_bytes = 10
+    assert store_bytes(node.port, _items(make_series(1)), tmp_path) == [0xA700]
+
+
+def test_unsupported_sop_class_is_rejected(node):
+    ae_assoc = associate(node.port, [build_context("1.2.3.4.5.6.7"), build_context(CT)])
+    accepted = {cx.abstract_syntax for cx in ae_assoc.accepted_contexts}
+    ae_assoc.release()
+    assert accepted == {CT}
+
+
+def test_duplicates_are_kept_first(node, tmp_path):
+    items = _items(make_series(1))
+    changed = (*items[0][:3], items[0][3] + b"")
+    assert store_bytes(node.port, items + [changed], tmp_path) == [0, 0]
+    assert node.archive.stats()["instances"] == 1
+
+
+def _uids(matches, keyword):
+    return sorted(str(m.get(keyword)) for m in matches)
+
+
+def test_find_matching_rules(populated):
+    node, a, b, _ = populated
+    q = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "", "PatientName": "",
+         "ModalitiesInStudy": "", "NumberOfStudyRelatedSeries": "",
+         "NumberOfStudyRelatedInstances": "", "StudyDate": ""}
+    status, all_studies = find(node.port, q)
+    assert status == 0x0000 and len(all_studies) == 4
+    study_a = next(m for m in all_studies if m.StudyInstanceUID == a[0].StudyInstanceUID)
+    assert int(study_a.NumberOfStudyRelatedInstances) == 4
+    assert int(study_a.NumberOfStudyRelatedSeries) == 1 and study_a.ModalitiesInStudy == "CT"
+    cases = [
+        ({"PatientName": "doe^jane"}, [a]),                 # PN: case-insensitive
+        ({"PatientName": "R*"}, [b]),
+        ({"PatientID": "PAT*"}, [a]),                       # case-sensitive wildcard
+        ({"PatientID": "pat?"}, [b]),
+        ({"StudyDate": "20240101-"}, [a]),
+        ({"StudyDate": "-20231231"}, [b]),
+        ({"StudyDate": "20231201-20240110"}, [a, b]),
+        ({"StudyInstanceUID": f"{a[0].StudyInstanceUID}\\{b[0].StudyInstanceUID}"}, [a, b]),
+        ({"ModalitiesInStudy": "MR"}, [b]),
+        ({"StudyTime": "1000-1100"}, [a, b]),
+        ({"AccessionNumber": "acc1"}, []),
+    ]
+    ours = {a[0].StudyInstanceUID, b[0].StudyInstanceUID}   # ignore the bundled files' studies
+    for extra, expected in cases:
+        _, matches = find(node.port, {**q, **extra})
+        want = sorted(s[0].StudyInstanceUID for s in expected)
+        assert [u for u in _uids(matches, "StudyInstanceUID") if u in ours] == want, extra
+
+
+def test_find_levels_and_roots(populated):
+    node, a, b, _ = populated
+    _, patients = find(node.port, {"QueryRetrieveLevel": "PATIENT", "PatientID": "",
+                                   "NumberOfPatientRelatedInstances": ""}, patient_root=True)
+    counts = {p.PatientID: int(p.NumberOfPatientRelatedInstances) for p in patients}
+    assert counts["PAT1"] == 4 and counts["pat2"] == 3
+    _, series = find(node.port, {"QueryRetrieveLevel": "SERIES", "SeriesInstanceUID": "",
+                                 "StudyInstanceUID": b[0].StudyInstanceUID, "Modality": "",
+                                 "NumberOfSeriesRelatedInstances": ""})
+    assert len(series) == 1 and series[0].Modality == "MR"
+    assert int(series[0].NumberOfSeriesRelatedInstances) == 3
+    _, images = find(node.port, {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": "",
+                                 "SeriesInstanceUID": a[0].SeriesInstanceUID,
+                                 "InstanceNumber": "", "SOPClassUID": ""})
+    assert _uids(images, "SOPInstanceUID") == sorted(d.SOPInstanceUID for d in a)
+    assert sorted(int(i.InstanceNumber) for i in images) == [1, 2, 3, 4]
+    status, _ = find(node.port, {"QueryRetrieveLevel": "WARD", "PatientID": ""})
+    assert status == 0xA900
+
+
+def test_move_without_unique_key_is_refused(populated):
+    node = populated[0]
+    dest = StoreSCP("DEST")
+    node.settings.destinations["dest"] = f"DEST@127.0.0.1:{dest.port}"
+    try:
+        final = move(node.port, {"QueryRetrieveLevel": "STUDY", "StudyDate": "2024"}, "DEST")
+        assert final.Status == 0xA900 and dest.received == {}
+    finally:
+        dest.stop()
