@@ -13,15 +13,16 @@ from functools import lru_cache
 
 import numpy as np
 
-from models.context import Neighbourhood, slice_schedule
+from models.context import Neighbourhood, slice_schedule, tiling
 from models.entropy import StepDecoder, encode_slice, split_residuals
 from models.container import CorruptBlobError
 
 
 class SlabGeometry:
-    """Index arithmetic for slabs of ``zs`` slices of ``ny x nx`` with a neighbourhood."""
+    """Index arithmetic for slabs of ``zs`` slices of ``ny x nx``, cut into ``tile`` tiles, with
+    a neighbourhood."""
 
-    def __init__(self, hood: Neighbourhood, zs: int, ny: int, nx: int):
+    def __init__(self, hood: Neighbourhood, zs: int, ny: int, nx: int, tile: tuple[int, int]):
         self.hood, self.zs, self.ny, self.nx = hood, zs, ny, nx
         pz, py, px0, _ = hood.pad
         self.shape = hood.padded_shape(zs, ny, nx)
@@ -31,12 +32,12 @@ class SlabGeometry:
         self.pixel_base = pz * self.plane + (y + py) * self.shape[2] + x + px0
         self.flat_offsets = hood.flat_offsets(ny, nx)
         a, self.b = hood.slopes
-        self.schedule = slice_schedule(ny, nx, a)
+        tiles = tiling(ny, nx, *tile)
+        self.schedule = slice_schedule(tiles, a)
         sched = self.schedule
         self.step_of = np.repeat(np.arange(sched.steps), np.diff(sched.bounds))
         depth = hood.pad[0]
-        self.valid = [np.ascontiguousarray(hood.validity(np.full(ny * nx, z), y, x, nx).T)
-                      for z in range(depth + 1)]  # (K, pixels) per leading slice
+        self.valid = [hood.validity(z, tiles) for z in range(depth + 1)]  # (K, pixels)
         self.depth = depth
 
     def validity(self, zl: int) -> np.ndarray:
@@ -50,26 +51,28 @@ class SlabGeometry:
 
 
 @lru_cache(maxsize=8)
-def geometry(hood: Neighbourhood, zs: int, ny: int, nx: int) -> SlabGeometry:
-    return SlabGeometry(hood, zs, ny, nx)
+def geometry(hood: Neighbourhood, zs: int, ny: int, nx: int, tile: tuple[int, int]
+             ) -> SlabGeometry:
+    return SlabGeometry(hood, zs, ny, nx, tile)
 
 
-def slab_contexts(hood: Neighbourhood, slab: np.ndarray, zs: int):
+def slab_contexts(hood: Neighbourhood, slab: np.ndarray, zs: int, tile: tuple[int, int]):
     """Yield ``(zl, values (K, pixels), valid (K, pixels))`` for each slice of a slab: the
     causal neighbours every voxel of the slice sees (what encoder and training both use)."""
-    geo = geometry(hood, zs, slab.shape[1], slab.shape[2])
+    geo = geometry(hood, zs, slab.shape[1], slab.shape[2], tile)
     flat = geo.padded(slab).ravel()
     for zl in range(slab.shape[0]):
         base = geo.pixel_base + zl * geo.plane
         yield zl, flat[geo.flat_offsets[:, None] + base[None, :]], geo.validity(zl)
 
 
-def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int) -> bytes:
+def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int,
+                tile: tuple[int, int]) -> bytes:
     """Code one slab (``slab.shape[0] <= zs`` slices) into its payload."""
-    geo = geometry(predictor.neighbourhood, zs, slab.shape[1], slab.shape[2])
+    geo = geometry(predictor.neighbourhood, zs, slab.shape[1], slab.shape[2], tile)
     perm = geo.schedule.perm
     lengths, words = [], []
-    for zl, values, valid in slab_contexts(predictor.neighbourhood, slab, zs):
+    for zl, values, valid in slab_contexts(predictor.neighbourhood, slab, zs, tile):
         pred, j = predictor.predict(values, valid, lo, hi)
         r = slab[zl].ravel().astype(np.int64) - pred
         r, j = r[perm], j[perm]
@@ -98,10 +101,10 @@ def _slice_streams(payload: bytes, count: int):
 
 
 def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, nx: int,
-                 lo: int, hi: int, zs: int) -> list[np.ndarray]:
+                 lo: int, hi: int, zs: int, tile: tuple[int, int]) -> list[np.ndarray]:
     """Decode several slabs in lockstep; ``counts[g]`` is how many leading slices of slab
     ``g`` are wanted (slices after them are never touched)."""
-    geo = geometry(predictor.neighbourhood, zs, ny, nx)
+    geo = geometry(predictor.neighbourhood, zs, ny, nx, tile)
     streams = [s for p, c in zip(payloads, counts) for s in _slice_streams(p, c)]
     decoder = StepDecoder(predictor.tables, streams)
     stream_of = np.cumsum([0] + list(counts))  # stream index of (slab g, slice 0)

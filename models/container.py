@@ -2,7 +2,7 @@
 
     magic "VOXARC\\x1a\\n" | u16 version | u16 header length | header | u32 header CRC
     header: 16-byte model id | u8 dtype code | 3 x u32 shape (z, y, x) | u16 slab slices |
-            u32 slab count | per slab: u64 offset, u64 length, u32 CRC | u16 name length | name
+            2 x u16 tile rows, columns | u32 slab count | per slab: u64 offset, u64 length, u32 CRC | u16 name length | name
     then the slab payloads (offsets are relative to the end of the header CRC).
 
 A blob names everything its decoder needs; :func:`unpack` refuses anything truncated, corrupted
@@ -32,11 +32,12 @@ class BlobHeader:
     dtype: str
     shape: tuple[int, int, int]
     slab: int
+    tile: tuple[int, int]
     slab_table: list[tuple[int, int, int]]  # (offset, length, crc)
 
 
 def pack(model_id: bytes, model_name: str, dtype: str, shape, slab: int,
-         payloads: list[bytes]) -> bytes:
+         tile: tuple[int, int], payloads: list[bytes]) -> bytes:
     """Assemble a blob from its slab payloads."""
     if len(model_id) != 16:
         raise ValueError("model id must be 16 bytes")
@@ -45,7 +46,7 @@ def pack(model_id: bytes, model_name: str, dtype: str, shape, slab: int,
         table.append(struct.pack("<QQI", offset, len(p), zlib.crc32(p)))
         offset += len(p)
     name = model_name.encode()
-    header = (model_id + struct.pack("<B3IHI", DTYPES[dtype], *shape, slab, len(payloads))
+    header = (model_id + struct.pack("<B3IHHHI", DTYPES[dtype], *shape, slab, *tile, len(payloads))
               + b"".join(table) + struct.pack("<H", len(name)) + name)
     head = MAGIC + struct.pack("<HI", VERSION, len(header)) + header
     return b"".join([head, struct.pack("<I", zlib.crc32(header)), *payloads])
@@ -80,15 +81,15 @@ def unpack_header(blob: bytes) -> tuple[BlobHeader, int]:
 
 def _parse_header(h: bytes) -> BlobHeader:
     model_id = h[:16]
-    code, z, y, x, slab, n = struct.unpack_from("<B3IHI", h, 16)
-    pos = 16 + struct.calcsize("<B3IHI")
+    code, z, y, x, slab, th, tw, n = struct.unpack_from("<B3IHHHI", h, 16)
+    pos = 16 + struct.calcsize("<B3IHHHI")
     table = [struct.unpack_from("<QQI", h, pos + 20 * i) for i in range(n)]
     pos += 20 * n
     (nlen,) = struct.unpack_from("<H", h, pos)
     name = h[pos + 2:pos + 2 + nlen].decode()
-    if pos + 2 + nlen != len(h) or slab < 1 or n != -(-z // slab):
+    if pos + 2 + nlen != len(h) or min(slab, th, tw) < 1 or n != -(-z // slab):
         raise CorruptBlobError("inconsistent blob header")
-    return BlobHeader(model_id, name, DTYPE_NAMES[code], (z, y, x), slab, table)
+    return BlobHeader(model_id, name, DTYPE_NAMES[code], (z, y, x), slab, (th, tw), table)
 
 
 def slab_payload(blob: bytes, header: BlobHeader, base: int, i: int) -> bytes:

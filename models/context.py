@@ -70,20 +70,21 @@ class Neighbourhood:
         o = np.array(self.offsets, dtype=np.int64)
         return o[:, 0] * pyy * pxx + o[:, 1] * pxx + o[:, 2]
 
-    def validity(self, z: np.ndarray, y: np.ndarray, x: np.ndarray, nx: int) -> np.ndarray:
-        """Boolean ``(n, K)``: whether each neighbour lies inside the slab (z local)."""
+    def validity(self, z: int, tiles: "Tiling") -> np.ndarray:
+        """Boolean ``(K, pixels)``: whether each neighbour of each pixel of slab slice ``z``
+        lies inside the slab and inside the pixel's tile."""
         o = np.array(self.offsets, dtype=np.int64)
-        zz = z[:, None] + o[None, :, 0]
-        yy = y[:, None] + o[None, :, 1]
-        xx = x[:, None] + o[None, :, 2]
-        return (zz >= 0) & (yy >= 0) & (xx >= 0) & (xx < nx)
+        yy = tiles.y[None, :] + o[:, 1, None]
+        xx = tiles.x[None, :] + o[:, 2, None]
+        return (z + o[:, 0, None] >= 0) & (yy >= 0) & (xx >= 0) & (xx < tiles.width[None, :])
 
 
 @dataclass(frozen=True)
 class SliceSchedule:
-    """The wavefront order of one ``ny x nx`` slice: ``perm`` lists pixel indices sorted by local
-    time ``tau = x + a*y`` (then by row), and ``bounds[tau]:bounds[tau+1]`` is the pixels of
-    time ``tau``. A slice's symbols are coded in this order."""
+    """The wavefront order of one ``ny x nx`` slice cut into independent tiles: ``perm`` lists
+    pixel indices sorted by local time ``tau = x + a*y`` (tile-local coordinates), then tile,
+    then row; ``bounds[tau]:bounds[tau+1]`` are the pixels of time ``tau``. A slice's symbols
+    are coded in this order, and all tiles advance together."""
 
     perm: np.ndarray
     bounds: np.ndarray
@@ -93,11 +94,28 @@ class SliceSchedule:
         return len(self.bounds) - 1
 
 
-def slice_schedule(ny: int, nx: int, a: int) -> SliceSchedule:
-    """Wavefront order of a slice for slope ``a``."""
+@dataclass(frozen=True)
+class Tiling:
+    """Tile-local coordinates of every pixel of a slice cut into ``th x tw`` tiles."""
+
+    y: np.ndarray       # local row
+    x: np.ndarray       # local column
+    width: np.ndarray   # width of the pixel's tile
+    tile: np.ndarray    # tile number
+
+
+def tiling(ny: int, nx: int, th: int, tw: int) -> Tiling:
+    """Cut a slice into tiles of at most ``th`` rows and ``tw`` columns."""
     y, x = np.divmod(np.arange(ny * nx, dtype=np.int64), nx)
-    tau = x + a * y
-    perm = np.lexsort((y, tau))
+    ty, tx = y // th, x // tw
+    width = np.minimum(tw, nx - tx * tw)
+    return Tiling(y - ty * th, x - tx * tw, width, ty * (-(-nx // tw)) + tx)
+
+
+def slice_schedule(tiles: Tiling, a: int) -> SliceSchedule:
+    """Wavefront order of a tiled slice for slope ``a``."""
+    tau = tiles.x + a * tiles.y
+    perm = np.lexsort((tiles.y, tiles.tile, tau))
     counts = np.bincount(tau, minlength=int(tau.max()) + 1)
     bounds = np.concatenate([[0], np.cumsum(counts)])
     return SliceSchedule(perm=perm, bounds=bounds)

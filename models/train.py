@@ -40,7 +40,7 @@ class Samples:
 
 
 def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
-                    rng: np.random.Generator, progress=None) -> Samples:
+                    rng: np.random.Generator, tile=(128, 256), progress=None) -> Samples:
     """Features of every ``1/keep``-th voxel of evenly spaced slabs of each volume."""
     parts = []
     for vi, vol in enumerate(volumes):
@@ -49,7 +49,7 @@ def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
                            .astype(int) // slab * slab)
         for z0 in starts:
             block = vol[z0:z0 + slab]
-            for zl, values, valid in slab_contexts(DEFAULT_NEIGHBOURHOOD, block, slab):
+            for zl, values, valid in slab_contexts(DEFAULT_NEIGHBOURHOOD, block, slab, tile):
                 pick = np.flatnonzero(rng.random(values.shape[1]) < keep)
                 ref, s, lq, x = default_features(values[:, pick], valid[:, pick])
                 n = len(pick)

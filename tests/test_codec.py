@@ -51,9 +51,9 @@ def volumes(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(volumes(), st.integers(1, 5))
-def test_round_trip_is_exact(vol, slab):
-    blob = models.encode_volume(vol, slab=slab)
+@given(volumes(), st.integers(1, 5), st.tuples(st.integers(1, 9), st.integers(1, 9)))
+def test_round_trip_is_exact(vol, slab, tile):
+    blob = models.encode_volume(vol, slab=slab, tile=tile)
     out = models.decode_volume(blob)
     assert out.dtype == vol.dtype and out.shape == vol.shape
     np.testing.assert_array_equal(out, vol)
@@ -169,6 +169,7 @@ def test_unknown_model_id_is_refused(blob):
     from models.container import unpack_header, pack, slab_payload
     header, base = unpack_header(blob)
     payloads = [slab_payload(blob, header, base, i) for i in range(len(header.slab_table))]
-    foreign = pack(b"\x01" * 16, "elsewhere", header.dtype, header.shape, header.slab, payloads)
+    foreign = pack(b"\x01" * 16, "elsewhere", header.dtype, header.shape, header.slab,
+                   header.tile, payloads)
     with pytest.raises(CorruptBlobError, match="lacks"):
         models.decode_volume(foreign)
