@@ -316,6 +316,7 @@ def _describe(volume: SeriesVolume) -> dict:
 def _environment(options: BenchOptions) -> dict:
     env = {"options": {k: v for k, v in vars(options).items()},
            "cpu_count": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+           "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
            "numpy": np.__version__, "codecs": bench_codecs.codec_versions(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if "voxarc" in options.codecs:

@@ -86,7 +86,8 @@ def _volume_label(name: str) -> str:
 def _title(report: dict) -> str:
     models = report["environment"].get("voxarc_models") or {}
     names = ", ".join(
-        f"{m} ({info.get('model', '?')})" if isinstance(info, dict) else f"{m} (unavailable)"
+        f"{m} (id {str(info.get('model_id', info.get('model', '?')))[:8]})"
+        if isinstance(info, dict) else f"{m} (unavailable)"
         for m, info in models.items()
     )
     title = "Lossless compression of DICOM stored values"
