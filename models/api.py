@@ -7,11 +7,13 @@ import numpy as np
 from models.codec import decode_slabs, encode_slab
 from models.container import (DTYPES, CorruptBlobError, pack, slab_payload,
                               unpack_header)
+from models import parallel
 from models.registry import load_model, model_by_id
 
 SLAB_SLICES = 8      # slices per independently decodable slab
 TILE = (128, 256)    # rows, columns of the independent tiles a slice is cut into
 LOCKSTEP_SLABS = 8   # slabs a decoder advances together (bounds working memory)
+PARALLEL_VOXELS = 1 << 22  # decode on several processes from this many voxels on
 
 
 def _dtype_range(dtype: np.dtype) -> tuple[int, int]:
@@ -45,10 +47,18 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int = SLAB_S
     tile = (min(tile[0], vol.shape[1]), min(tile[1], vol.shape[2]))
     predictor = load_model(model)
     lo, hi = _dtype_range(vol.dtype)
-    payloads = [encode_slab(predictor, vol[z:z + slab], lo, hi, slab, tile)
-                for z in range(0, vol.shape[0], slab)]
+    jobs = [(model, vol[z:z + slab], lo, hi, slab, tile) for z in range(0, vol.shape[0], slab)]
+    if parallel.worker_count() > 1 and len(jobs) > 1 and vol.size >= PARALLEL_VOXELS:
+        payloads = list(parallel.pool().map(_encode_job, jobs))
+    else:
+        payloads = [encode_slab(predictor, *job[1:]) for job in jobs]
     return pack(predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile,
                 payloads)
+
+
+def _encode_job(job) -> bytes:
+    model, *args = job
+    return encode_slab(load_model(model), *args)
 
 
 def _open(blob: bytes):
@@ -67,17 +77,32 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     if stop <= start:
         return out
     zs = header.slab
-    lo, hi = _dtype_range(np.dtype(header.dtype))
     slabs = list(range(start // zs, (stop - 1) // zs + 1))
-    for g0 in range(0, len(slabs), LOCKSTEP_SLABS):
-        group = slabs[g0:g0 + LOCKSTEP_SLABS]
-        payloads = [slab_payload(blob, header, base, i) for i in group]
-        counts = [min(zs, stop - i * zs) for i in group]
-        for i, part in zip(group, decode_slabs(predictor, payloads, counts, ny, nx, lo, hi, zs,
-                                                  header.tile)):
+    workers = parallel.worker_count() if out.size >= PARALLEL_VOXELS else 1
+    size = max(1, min(LOCKSTEP_SLABS, -(-len(slabs) // workers)))
+    groups = [slabs[g:g + size] for g in range(0, len(slabs), size)]
+    jobs = [(header.model_id, header.model_name,
+             [slab_payload(blob, header, base, i) for i in group],
+             [min(zs, stop - i * zs) for i in group], header) for group in groups]
+    if workers > 1 and len(groups) > 1:
+        results = parallel.pool().map(_decode_group, jobs)
+    else:
+        results = (_decode_group(job, predictor) for job in jobs)
+    for group, parts in zip(groups, results):
+        for i, part in zip(group, parts):
             z0 = max(start, i * zs)
             out[z0 - start:i * zs + len(part) - start] = part[z0 - i * zs:]
     return out
+
+
+def _decode_group(job, predictor=None) -> list[np.ndarray]:
+    """Decode one group of slabs (runs in a worker process or in the caller)."""
+    model_id, name, payloads, counts, header = job
+    predictor = predictor or model_by_id(model_id, name)
+    lo, hi = _dtype_range(np.dtype(header.dtype))
+    _, ny, nx = header.shape
+    return [np.ascontiguousarray(part) for part in decode_slabs(
+        predictor, payloads, counts, ny, nx, lo, hi, header.slab, header.tile)]
 
 
 def decode_volume(blob: bytes) -> np.ndarray:

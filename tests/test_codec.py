@@ -173,3 +173,14 @@ def test_unknown_model_id_is_refused(blob):
                    header.tile, payloads)
     with pytest.raises(CorruptBlobError, match="lacks"):
         models.decode_volume(foreign)
+
+
+def test_worker_processes_give_the_same_blob_and_volume(monkeypatch):
+    vol = phantom((20, 48, 40), "int16", seed=9)
+    monkeypatch.setattr(api, "PARALLEL_VOXELS", 1)
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")
+    single = models.encode_volume(vol, slab=4)
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    assert models.encode_volume(vol, slab=4) == single
+    np.testing.assert_array_equal(models.decode_volume(single), vol)
+    np.testing.assert_array_equal(models.decode_slices(single, 3, 17), vol[3:17])

@@ -1,0 +1,46 @@
+"""Decoding slab groups on several cores: a small persistent pool of worker processes.
+
+Slabs decode independently, so a volume's slab groups can go to different processes; the
+result is the same whatever the split (the tests decode with and without workers).
+``VOXARC_DECODE_WORKERS`` sets the number of processes (default: up to 2, one per core;
+0 or 1 decodes in the calling process).
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+_POOL: ProcessPoolExecutor | None = None
+
+
+def worker_count() -> int:
+    env = os.environ.get("VOXARC_DECODE_WORKERS")
+    if env is not None:
+        return max(int(env), 1)
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _init_worker() -> None:
+    import torch
+    torch.set_num_threads(1)
+
+
+def pool() -> ProcessPoolExecutor:
+    """The shared worker pool (started on first use, with the spawn method: no inherited
+    thread state)."""
+    global _POOL
+    if _POOL is None:
+        ctx = multiprocessing.get_context("spawn")
+        _POOL = ProcessPoolExecutor(worker_count(), mp_context=ctx, initializer=_init_worker)
+        atexit.register(shutdown)
+    return _POOL
+
+
+def shutdown() -> None:
+    global _POOL
+    if _POOL is not None:
+        _POOL.shutdown(wait=False, cancel_futures=True)
+        _POOL = None
