@@ -16,11 +16,17 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
 from service import exact_send, handlers
 from service.config import Settings
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
+# The acceptor's order decides which proposed syntax a context gets; explicit VR little endian
+# first, as most modalities send it (an instance goes out only in the syntax it came in).
+TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian] + [
+    ts for ts in ALL_TRANSFER_SYNTAXES if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
 QUERY_RETRIEVE = (
     PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelFind,
@@ -41,7 +47,7 @@ def build_ae(settings: Settings) -> AE:
     exact_send.install()    # retrieved instances go out as received, never re-encoded
     ae = AE(ae_title=settings.ae_title)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES,
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES,
                                  scu_role=True, scp_role=True)
     ae.add_supported_context(Verification)
     for sop_class in QUERY_RETRIEVE:

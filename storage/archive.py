@@ -84,6 +84,12 @@ class Archive:
         """Compact every series stable for ``stable_age`` seconds; return (done, failed)."""
         return self.compactor.run_once(stable_age)
 
+    def compact_series(self, series_uid: str) -> bool:
+        """Compact the staged instances of one series now; return True on success."""
+        with self.index.read() as s:
+            series_id = s.scalar(select(Series.id).where(Series.series_uid == series_uid))
+        return series_id is not None and self.compactor.compact_series(series_id)
+
     def pending_series(self, stable_age: float = 0.0) -> list[int]:
         """Ids of staged series stable for ``stable_age`` seconds and not waiting for a retry."""
         return self.compactor.ready_series(stable_age)
