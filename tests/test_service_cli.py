@@ -1,0 +1,96 @@
+"""Settings (defaults, TOML, flags, documentation) and the serve / import / compress / stats
+commands, run as a user runs them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from node_helpers import free_port, make_series, write_series
+from scu_helpers import echo
+from service.config import SETTING_DOCS, Settings, load_settings, parse_destination, setting_names
+from service.progress import Progress
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _voxarc(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "service.cli", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_every_setting_is_documented():
+    table = (REPO / "docs" / "configuration.md").read_text()
+    for name in setting_names():
+        assert SETTING_DOCS.get(name), name
+        assert f"| `{name}` |" in table, name
+    assert set(SETTING_DOCS) == set(setting_names())
+
+
+def test_defaults_toml_and_flags(tmp_path):
+    assert Settings().ae_title == "VOXARC" and Settings().port == 11112
+    config = tmp_path / "node.toml"
+    config.write_text('port = 4242\nae_title = "FROMFILE"\nstable_age = 5\n'
+                      '[destinations]\nviewer = "VIEW@10.0.0.5:104"\n')
+    s = load_settings(config, port=5555, destination=["pacs=PACS@host:11113"])
+    assert (s.port, s.ae_title, s.stable_age) == (5555, "FROMFILE", 5.0)
+    assert s.destination("VIEW").port == 104 and s.destination("PACS").host == "host"
+    assert s.destination("NOPE") is None
+    config.write_text("colour = 'blue'\n")
+    with pytest.raises(ValueError):
+        load_settings(config)
+    with pytest.raises(ValueError):
+        parse_destination("nonsense")
+    with pytest.raises(ValueError):
+        load_settings(duplicate_policy="sometimes")
+
+
+def test_progress_plain_lines(caplog):
+    caplog.set_level("INFO")
+    progress = Progress("import", 3, stream=open(os.devnull, "w"), every=0)
+    for _ in range(3):
+        progress.advance(note="x")
+    progress.finish()
+    assert "import: 3/3" in caplog.text
+
+
+def test_import_compress_stats(tmp_path):
+    paths = write_series(make_series(4, 8, 8), tmp_path / "in")
+    (tmp_path / "in" / "notes.txt").write_text("not dicom")
+    data = tmp_path / "data"
+    proc = _voxarc("import", "--data-dir", data, tmp_path / "in")
+    assert proc.returncode == 0, proc.stderr
+    assert "imported 4 of 5 files" in proc.stderr
+    stats = json.loads(_voxarc("stats", "--json", "--data-dir", data).stdout)
+    assert stats["instances"] == 4 and stats["pending_instances"] == 4
+    assert stats["series"] == 1 and stats["studies"] == 1
+    assert stats["original_bytes"] == stats["stored_bytes"] > 0
+    proc = _voxarc("compress", "--now", "--data-dir", data)
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(_voxarc("stats", "--json", "--data-dir", data).stdout)
+    assert stats["pending_instances"] == 0 and stats["instances"] == 4
+    assert "instances  4" in _voxarc("stats", "--data-dir", data).stdout
+    assert len(paths) == 4
+
+
+def test_serve_answers_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'host = "127.0.0.1"\nport = {port + 1}\n')
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", config,
+                             "--data-dir", tmp_path / "data", "--port", str(port),
+                             "--stable-age", "1", "--destination", "x=X@127.0.0.1:1"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == f"listening on port {port}"
+        assert echo(port) == 0x0000
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "association accepted" in err and "C-ECHO" in err and "stopped" in err
