@@ -46,6 +46,7 @@ def build_ae(settings: Settings) -> AE:
     the SCP role, for C-GET), Verification and the Patient/Study Root query/retrieve models."""
     exact_send.install()    # retrieved instances go out as received, never re-encoded
     ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = 0          # no limit: peers send large PDUs, far fewer round trips
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES,
                                  scu_role=True, scp_role=True)
