@@ -86,6 +86,9 @@ def _overall(codec: str, members: list[dict], refs: dict) -> dict:
     return out
 
 
+_MODES = {"even": "evenly spaced", "block": "consecutive central"}
+
+
 def _num(value, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
@@ -94,7 +97,7 @@ def _slices(row: dict) -> str:
     if row["role"] == "overall":
         return "subset" if row["subset"] else ""
     text = f"{row['slices']}/{row['total_slices']}"
-    return text + " *" if row["subset"] else text
+    return text + " \\*" if row["subset"] else text
 
 
 def format_table(rows: list[dict], overall: list[dict]) -> str:
@@ -117,10 +120,11 @@ def format_table(rows: list[dict], overall: list[dict]) -> str:
     lines = [head, "|" + "---|" * 9]
     for row in [*rows, *overall]:
         lines.append(_table_line(row))
-    if any(r.get("subset") for r in rows):
+    modes = sorted({_MODES[r["subset_mode"]] for r in rows if r.get("subset")})
+    if modes:
         lines.append("")
-        lines.append("* coded on a subset of evenly spaced (or central) slices; its ratios compare "
-                     "with the anchors on the same slices; `ref` rows exist only for that ratio.")
+        lines.append(f"\\* coded on a subset of {' / '.join(modes)} slices; ratios compare with "
+                     "the anchors on the same slices (the `ref` rows, kept out of OVERALL).")
     return "\n".join(lines)
 
 

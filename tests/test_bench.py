@@ -179,6 +179,8 @@ def test_slow_model_runs_on_a_marked_subset_compared_on_the_same_slices(monkeypa
     bench_report.add_ratios(rows)
     model = next(r for r in rows if r["codec"] == "voxarc:paper-cube")
     assert model["subset"] and model["slices"] < 12 and model["total_slices"] == 12
+    first = model["slice_indices"][0]  # default: a central block keeps inter-slice context
+    assert model["slice_indices"] == list(range(first, first + model["slices"])) and first > 0
     refs = [r for r in rows if r["role"] == "reference"]
     assert {r["codec"] for r in refs} == {"jpegxl-e7", "jpegls"}
     assert all(r["slice_indices"] == model["slice_indices"] for r in refs)
@@ -202,13 +204,14 @@ def test_plot_is_written(ct_folder, tmp_path):
 
 def test_real_ct_series_few_slices(shared_series):
     folder = shared_series("test", "ct_ge_hispeed_head_tilt")
-    options = BenchOptions(codecs=["jpegls", "jpegxl-e7", "voxarc"], max_slices=2, repeat=1)
+    options = BenchOptions(codecs=["jpegls", "jpegxl-e7", "voxarc"], max_slices=2, repeat=1,
+                           subset_mode="even")
     report = run_bench([folder], options)
     assert report["ok"], [r["error"] for r in report["rows"]]
     assert report["volumes"][0]["shape"] == [28, 512, 512]
     assert (report["volumes"][0]["min"], report["volumes"][0]["max"]) == (-1500, 2121)
     rows = {r["codec"]: r for r in report["rows"]}
-    assert all(r["slices"] == 2 and r["subset"] for r in rows.values())
+    assert all(r["slice_indices"] == [0, 27] and r["subset"] for r in rows.values())
     # JPEG-LS on this head CT is about 3.3 bpv over all slices (BASELINES.md).
     assert 2.0 < rows["jpegls"]["bpv"] < 5.0
 
