@@ -48,8 +48,8 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int = SLAB_S
     predictor = load_model(model)
     lo, hi = _dtype_range(vol.dtype)
     jobs = [(model, vol[z:z + slab], lo, hi, slab, tile) for z in range(0, vol.shape[0], slab)]
-    if parallel.worker_count() > 1 and len(jobs) > 1 and vol.size >= PARALLEL_VOXELS:
-        payloads = list(parallel.pool().map(_encode_job, jobs))
+    if vol.size >= PARALLEL_VOXELS:
+        payloads = parallel.run(_encode_job, jobs)
     else:
         payloads = [encode_slab(predictor, *job[1:]) for job in jobs]
     return pack(predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile,
@@ -84,8 +84,8 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     jobs = [(header.model_id, header.model_name,
              [slab_payload(blob, header, base, i) for i in group],
              [min(zs, stop - i * zs) for i in group], header) for group in groups]
-    if workers > 1 and len(groups) > 1:
-        results = parallel.pool().map(_decode_group, jobs)
+    if workers > 1:
+        results = parallel.run(_decode_group, jobs)
     else:
         results = (_decode_group(job, predictor) for job in jobs)
     for group, parts in zip(groups, results):

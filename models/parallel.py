@@ -9,14 +9,20 @@ result is the same whatever the split (the tests decode with and without workers
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
+log = logging.getLogger(__name__)
 _POOL: ProcessPoolExecutor | None = None
+_BROKEN = False
 
 
 def worker_count() -> int:
+    if _BROKEN:
+        return 1
     env = os.environ.get("VOXARC_DECODE_WORKERS")
     if env is not None:
         return max(int(env), 1)
@@ -37,6 +43,20 @@ def pool() -> ProcessPoolExecutor:
         _POOL = ProcessPoolExecutor(worker_count(), mp_context=ctx, initializer=_init_worker)
         atexit.register(shutdown)
     return _POOL
+
+
+def run(fn, jobs: list) -> list:
+    """``[fn(job) for job in jobs]`` on the worker pool, or in this process when the pool
+    cannot run (for example a script without a ``__main__`` guard under the spawn method)."""
+    global _BROKEN
+    if worker_count() > 1 and len(jobs) > 1:
+        try:
+            return list(pool().map(fn, jobs))
+        except (BrokenProcessPool, RuntimeError, OSError) as exc:
+            log.warning("worker processes unavailable (%s); coding in this process", exc)
+            _BROKEN = True
+            shutdown()
+    return [fn(job) for job in jobs]
 
 
 def shutdown() -> None:

@@ -123,7 +123,7 @@ def fit_float(samples: Samples, hidden=(32, 32), epochs: int = 6, batch: int = 8
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += float(loss.detach())
         msg = f"epoch {epoch + 1}/{epochs}: {total / max(n // batch, 1):.4f} bits/voxel " \
               f"({time.time() - t0:.0f} s)"
         log.info(msg)
@@ -173,3 +173,25 @@ def evaluate(predictor: DefaultPredictor, samples: Samples) -> float:
     """Ideal bits per voxel of the integer model and its tables on the samples."""
     r, j = integer_residuals(predictor, samples)
     return table_bits(predictor.tables, r, j) / len(r)
+
+
+def train_default(volumes, hidden=(64, 32), epochs: int = 10, slab: int = 8,
+                  slabs_per_volume: int = 3, keep: float = 0.2, seed: int = 0,
+                  name: str = "default", progress=None):
+    """Train the production predictor on ``volumes`` (a list of (z, y, x) integer arrays).
+
+    Returns
+    -------
+    predictor : DefaultPredictor, ready for ``models.registry.save_model``
+    report : dict with the sample count, training time and bits per voxel (integer model, on
+        the training samples)
+    """
+    t0 = time.time()
+    rng = np.random.default_rng(seed)
+    samples = collect_samples(volumes, slab, slabs_per_volume, keep, rng, progress=progress)
+    model = fit_float(samples, hidden=hidden, epochs=epochs, seed=seed, progress=progress)
+    predictor = quantize(model, samples, name)
+    report = {"samples": int(len(samples.value)), "hidden": list(hidden), "epochs": epochs,
+              "train_bits_per_voxel": round(evaluate(predictor, samples), 4),
+              "seconds": round(time.time() - t0, 1)}
+    return predictor, report
