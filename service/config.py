@@ -26,6 +26,9 @@ SETTING_DOCS = {
     "cache_bytes": "Memory budget of the decoded-slab cache used by C-GET and C-MOVE.",
     "codec_model": "Name of the codec model compaction uses.",
     "destinations": "C-MOVE destinations: NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
+    "http_host": "Address the admin web page binds to (localhost only by default).",
+    "http_port": "TCP port of the admin web page, JSON API and /metrics (0: a free port).",
+    "http_token": "Token the admin web page requires (Bearer header or ?token=); empty: none.",
 }
 _DESTINATION = re.compile(r"^(?P<name>[^=]+)=(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
 
@@ -57,6 +60,9 @@ class Settings:
     cache_bytes: int = 256 << 20
     codec_model: str = "default"
     destinations: dict = field(default_factory=dict)
+    http_host: str = "127.0.0.1"
+    http_port: int = 8042
+    http_token: str = ""
 
     def destination(self, ae_title: str) -> Destination | None:
         """Return the destination whose AE title (or name) is ``ae_title``, or None."""
