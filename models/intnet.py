@@ -4,6 +4,15 @@ Every product and partial sum is an integer below 2**24, so a float32 matmul com
 exactly whatever the summation order, batch size, thread count or device; ``floor(acc * 2**-k)``
 is exact in float32 too. The result therefore equals the plain int64 numpy reference
 (:meth:`IntMLP.reference`) bit for bit, which the tests check.
+
+Wide networks (the paper's models: ~660 raw 16-bit inputs, 1024 hidden units) cannot stay below
+2**24. They use the same construction with float64 matmuls (``exact="float64"``: every partial
+sum an integer below 2**53), wider weights (up to int16) and activations, and optionally a
+LeakyReLU whose slope is an exact power of two, ``2**-leaky_shift``:
+``h = clip(floor(acc / 2**k), 0, act_max)`` (ReLU) or
+``h = clip(floor(acc / 2**k) if acc >= 0 else floor(acc / 2**(k + leaky_shift)), -act_max - 1,
+act_max)`` (LeakyReLU). Networks built with the defaults behave and are stored exactly as before;
+the others carry a small configuration array (``<prefix>cfg``) in their file.
 """
 
 from __future__ import annotations
@@ -17,6 +26,9 @@ WEIGHT_MAX = 127
 ACT_MAX = 1023
 INPUT_MAX = 1024
 EXACT_LIMIT = 2 ** 24
+EXACT_LIMITS = {"float32": 2 ** 24, "float64": 2 ** 53}
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_CFG_VERSION = 1
 
 
 @dataclass
@@ -27,60 +39,124 @@ class IntLayer:
 
 
 class IntMLP:
-    """A ReLU MLP in exact integer arithmetic; the last layer returns raw accumulators."""
+    """A ReLU (or power-of-two LeakyReLU) MLP in exact integer arithmetic; the last layer
+    returns raw accumulators.
 
-    def __init__(self, layers: list[IntLayer]):
+    Parameters
+    ----------
+    layers : the integer layers
+    activation : ``"relu"`` (default) or ``"leaky"`` (slope ``2**-leaky_shift`` below zero)
+    leaky_shift : int, for ``"leaky"``
+    exact : ``"float32"`` (default; partial sums < 2**24) or ``"float64"`` (< 2**53): the float
+        type of the fast path, in which every partial sum must be an exactly representable integer
+    act_max, input_max, weight_max : bounds of hidden activations, inputs (inputs are clipped to
+        +-input_max) and weights (int8 range by default, at most int16)
+    """
+
+    def __init__(self, layers: list[IntLayer], activation: str = "relu", leaky_shift: int = 0,
+                 exact: str = "float32", act_max: int = ACT_MAX, input_max: int = INPUT_MAX,
+                 weight_max: int = WEIGHT_MAX):
+        if activation not in ("relu", "leaky") or exact not in EXACT_LIMITS:
+            raise ValueError(f"unknown activation {activation!r} or exact type {exact!r}")
+        if not 0 < weight_max <= 32767 or (activation == "leaky") != (leaky_shift > 0):
+            raise ValueError("weight_max must fit int16; leaky_shift > 0 exactly for 'leaky'")
         self.layers = layers
+        self.activation, self.leaky_shift, self.exact = activation, int(leaky_shift), exact
+        self.act_max, self.input_max, self.weight_max = int(act_max), int(input_max), int(weight_max)
         self._check_exact()
         self._torch = None
 
+    @property
+    def is_default(self) -> bool:
+        """Built with the original settings (stored without a configuration array)."""
+        return (self.activation, self.exact, self.act_max, self.input_max, self.weight_max) == \
+            ("relu", "float32", ACT_MAX, INPUT_MAX, WEIGHT_MAX)
+
+    @property
+    def act_min(self) -> int:
+        return 0 if self.activation == "relu" else -self.act_max - 1
+
     def _check_exact(self) -> None:
-        bound = INPUT_MAX
+        limit = EXACT_LIMITS[self.exact]
+        bound = self.input_max
         for layer in self.layers:
             worst = np.abs(layer.weight).sum(axis=1) * bound + np.abs(layer.bias)
-            if worst.max() >= EXACT_LIMIT:
-                raise ValueError("integer network could exceed 2**24: not exact in float32")
-            if np.abs(layer.weight).max() > WEIGHT_MAX:
-                raise ValueError("weights outside int8 range")
-            bound = ACT_MAX
+            if worst.max() >= limit:
+                raise ValueError(f"integer network could exceed 2**{limit.bit_length() - 1}: "
+                                 f"not exact in {self.exact}")
+            if np.abs(layer.weight).max() > self.weight_max:
+                raise ValueError("weights outside int8 range" if self.weight_max == WEIGHT_MAX
+                                 else f"weights outside +-{self.weight_max}")
+            bound = self.act_max if self.activation == "relu" else self.act_max + 1
 
     # ------------------------------------------------------------------ inference
+    def _requantise(self, acc: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        if self.activation == "relu":
+            return np.clip(acc >> shift, 0, self.act_max)
+        h = np.where(acc >= 0, acc >> shift, acc >> (shift + self.leaky_shift))
+        return np.clip(h, self.act_min, self.act_max)
+
     def reference(self, x: np.ndarray) -> np.ndarray:
         """Plain int64 numpy evaluation (slow; the definition the fast path must equal)."""
-        h = np.clip(np.asarray(x, dtype=np.int64), -INPUT_MAX, INPUT_MAX)
+        h = np.clip(np.asarray(x, dtype=np.int64), -self.input_max, self.input_max)
         for layer in self.layers:
             acc = h @ layer.weight.T + layer.bias
-            h = acc if layer.shift is None else np.clip(acc >> layer.shift, 0, ACT_MAX)
+            h = acc if layer.shift is None else self._requantise(acc, layer.shift)
         return h
 
     def _torch_params(self, device):
         if self._torch is None or self._torch[0] != device:
+            dt = _TORCH_DTYPES[self.exact]
             params = []
             for layer in self.layers:
-                w = torch.tensor(layer.weight.T, dtype=torch.float32, device=device)
-                b = torch.tensor(layer.bias, dtype=torch.float32, device=device)
-                k = None if layer.shift is None else torch.tensor(
-                    2.0 ** -layer.shift, dtype=torch.float32, device=device)
-                params.append((w, b, k))
+                w = torch.tensor(layer.weight.T, dtype=dt, device=device)
+                b = torch.tensor(layer.bias, dtype=dt, device=device)
+                k = kn = None
+                if layer.shift is not None:
+                    k = torch.tensor(2.0 ** -layer.shift, dtype=dt, device=device)
+                    if self.activation == "leaky":
+                        kn = torch.tensor(2.0 ** -(layer.shift + self.leaky_shift), dtype=dt,
+                                          device=device)
+                params.append((w, b, k, kn))
             self._torch = (device, params)
         return self._torch[1]
 
     @torch.inference_mode()
     def __call__(self, x: np.ndarray, device: str = "cpu") -> np.ndarray:
-        """Fast exact evaluation with float32 matmuls of integer inputs ``(n, in)`` within
-        +-INPUT_MAX (any strides); returns int64 accumulators ``(n, out)``."""
-        h = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
-        for w, b, k in self._torch_params(device):
+        """Fast exact evaluation with float32 (or float64) matmuls of integer inputs ``(n, in)``
+        within +-input_max (any strides); returns int64 accumulators ``(n, out)``."""
+        if self.is_default:  # the original path, unchanged
+            h = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
+            for w, b, k, _ in self._torch_params(device):
+                h = torch.addmm(b, h, w)
+                if k is not None:
+                    h = torch.clamp_(torch.floor_(h.mul_(k)), 0, ACT_MAX)
+            return h.cpu().numpy().astype(np.int64)
+        np_dt = np.float32 if self.exact == "float32" else np.float64
+        h = torch.from_numpy(np.asarray(x, dtype=np_dt)).to(device)
+        h = torch.clamp(h, -self.input_max, self.input_max)
+        for w, b, k, kn in self._torch_params(device):
             h = torch.addmm(b, h, w)
-            if k is not None:
-                h = torch.clamp_(torch.floor_(h.mul_(k)), 0, ACT_MAX)
+            if k is None:
+                continue
+            if kn is None:
+                h.mul_(k)
+            else:  # power-of-two scalings of exact integers: exact
+                h = torch.where(h >= 0, h * k, h * kn)
+            h = torch.clamp_(torch.floor_(h), self.act_min, self.act_max)
         return h.cpu().numpy().astype(np.int64)
 
     # ------------------------------------------------------------------ persistence
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         out = {}
+        if not self.is_default:
+            out[f"{prefix}cfg"] = np.array(
+                [_CFG_VERSION, self.activation == "leaky", self.leaky_shift,
+                 32 if self.exact == "float32" else 64, self.act_max, self.input_max,
+                 self.weight_max], dtype=np.int64)
         for i, layer in enumerate(self.layers):
-            out[f"{prefix}w{i}"] = layer.weight.astype(np.int8)
+            small = np.abs(layer.weight).max(initial=0) <= WEIGHT_MAX
+            out[f"{prefix}w{i}"] = layer.weight.astype(np.int8 if small else np.int16)
             out[f"{prefix}b{i}"] = layer.bias.astype(np.int64)
             if layer.shift is not None:
                 out[f"{prefix}k{i}"] = layer.shift.astype(np.int8)
@@ -95,7 +171,14 @@ class IntMLP:
                                    np.asarray(arrays[f"{prefix}b{i}"], dtype=np.int64),
                                    None if shift is None else np.asarray(shift, dtype=np.int64)))
             i += 1
-        return cls(layers)
+        cfg = arrays.get(f"{prefix}cfg")
+        if cfg is None:
+            return cls(layers)
+        version, leaky, leaky_shift, bits, act_max, input_max, weight_max = (int(v) for v in cfg)
+        if version != _CFG_VERSION:
+            raise ValueError(f"integer network configuration version {version} is unknown")
+        return cls(layers, "leaky" if leaky else "relu", leaky_shift,
+                   "float32" if bits == 32 else "float64", act_max, input_max, weight_max)
 
 
 def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.ndarray,
@@ -126,5 +209,48 @@ def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.
         layer = IntLayer(wq, bq, shift)
         layers.append(layer)
         h = np.clip((h @ wq.T + bq) >> shift, 0, ACT_MAX)
+        in_scale = alpha * (2.0 ** shift)
+    raise AssertionError("unreachable")
+
+
+def quantize_wide_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.ndarray,
+                      input_scale: float, input_max: int, weight_bits, act_max: int = 32767,
+                      leaky_shift: int = 0, exact: str = "float64", quantile: float = 0.9999):
+    """Quantise a float ReLU / LeakyReLU MLP for the float64 exact path.
+
+    ``weights[i]`` is (out, in); the float network takes ``x * input_scale`` for integer inputs
+    ``x`` within +-input_max (``calib`` is a sample of them), and its LeakyReLU slope must be
+    ``2**-leaky_shift`` (0: ReLU). ``weight_bits`` gives each layer's weight width (8..16 bits,
+    an int or one per layer). Per-output-channel weight scales; each hidden channel gets the
+    power-of-two shift that keeps the ``quantile`` of its |activation| on the calibration inputs
+    within ``act_max``. Returns the :class:`IntMLP` and the float scale of each output channel
+    (real output = acc * scale).
+    """
+    n = len(weights)
+    bits = [weight_bits] * n if np.isscalar(weight_bits) else list(weight_bits)
+    wmax_all = max((1 << (b - 1)) - 1 for b in bits)
+    in_scale = np.full(weights[0].shape[1], float(input_scale))
+    h = np.clip(calib.astype(np.int64), -input_max, input_max)
+    act = "leaky" if leaky_shift else "relu"
+    layers = []
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        wmax = (1 << (bits[i] - 1)) - 1
+        w_eff = w.astype(np.float64) * in_scale[None, :]
+        alpha = np.maximum(np.abs(w_eff).max(axis=1), 1e-30) / wmax
+        wq = np.round(w_eff / alpha[:, None]).astype(np.int64)
+        bq = np.round(b / alpha).astype(np.int64)
+        if i == n - 1:
+            layers.append(IntLayer(wq, bq, None))
+            net = IntMLP(layers, act, leaky_shift, exact, act_max, input_max, wmax_all)
+            return net, alpha
+        acc = h @ wq.T + bq
+        mag = np.where(acc >= 0, acc, -acc / 2.0 ** leaky_shift if leaky_shift else 0)
+        top = np.maximum(np.quantile(mag, quantile, axis=0), 1.0)
+        shift = np.maximum(np.ceil(np.log2(top / act_max)), 0).astype(np.int64)
+        half = np.where(shift > 0, 1 << np.maximum(shift - 1, 0), 0)
+        layer = IntLayer(wq, bq + half, shift)  # floor(acc/2**k) becomes rounding (acc >= 0)
+        layers.append(layer)
+        probe = IntMLP([layer], act, leaky_shift, exact, act_max, input_max, wmax_all)
+        h = probe._requantise(h @ wq.T + layer.bias, shift)
         in_scale = alpha * (2.0 ** shift)
     raise AssertionError("unreachable")

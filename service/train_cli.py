@@ -1,0 +1,162 @@
+"""``voxarc train``: train a codec model from DICOM series folders; writes weights + model card.
+
+    voxarc train --model paper-cube SERIES_DIR --out DIR [--minutes 5]
+    voxarc train --model default SERIES_DIR... --out DIR [--epochs 3]
+
+The paper models train on ONE volume (the first stack of the first folder), as the paper does;
+the default model trains on every stack of every folder. Progress goes to stderr; the paper
+models also write a resumable checkpoint (``DIR/NAME.ckpt.pt``) every minute.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+MODELS = ("paper-cube", "paper-pyramid", "default")
+
+
+def _progress(msg: str) -> None:
+    print(f"[train {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def read_volumes(folders) -> list[tuple[str, np.ndarray]]:
+    """``(name, voxels)`` of every stack in the folders (stored values, sorted along the normal)."""
+    from service.series_reader import read_folder
+    out = []
+    for folder in folders:
+        for vol in read_folder(folder):
+            out.append((vol.name, vol.voxels))
+    if not out:
+        raise SystemExit(f"no image stacks found in {', '.join(map(str, folders))}")
+    return out
+
+
+def write_card(path: Path, name: str, model: str, data: list[tuple[str, tuple, str]],
+               command: str, report: dict, model_id: bytes) -> None:
+    """A markdown model card next to the weights."""
+    lines = [f"# Model card: {name}", "",
+             f"- kind: `{model}`", f"- model id: `{model_id.hex()}`",
+             f"- command: `{command}`", f"- written: {time.strftime('%Y-%m-%d %H:%M:%S')}",
+             "", "## Data", ""]
+    lines += [f"- `{n}`: shape {shape}, {dtype}" for n, shape, dtype in data]
+    lines += ["", "## Training and results", "", "```json", json.dumps(report, indent=2,
+                                                                       default=str), "```", ""]
+    if model.startswith("paper"):
+        lines += [
+            "Paper settings: MLP 1024-512-256-128-1, LeakyReLU slope 2**-7 (exact power of two "
+            "for integer inference; the paper's slope is not stated, PyTorch's default is 0.01), "
+            "loss MAE + (1 - |PCC|), SGD momentum 0.9 with the paper's batch and learning rate, "
+            "samples = every voxel of ten whole slices taken with a fixed stride from one "
+            "volume, shuffled, inputs normalised to [-1, 1] by that volume's minimum and maximum."
+            " Training is bounded in time (see `train_seconds`, `samples_seen`, `epochs`): far "
+            "shorter than the paper's training.",
+            "",
+            "`train_bits_float` / `train_bits_int`: ideal bits per voxel of the float network's "
+            "rounded prediction and of the exact integer network on the same training samples, "
+            "each with one coding table fitted the same way; their difference is the cost of "
+            "quantisation.", ""]
+    path.write_text("\n".join(lines))
+
+
+def _train_paper(args, volumes):
+    from models.paper_train import train_paper
+    name, vol = volumes[0]
+    if len(volumes) > 1:
+        _progress(f"paper models train on ONE volume: using {name} {vol.shape}, ignoring "
+                  f"{len(volumes) - 1} other stack(s)")
+    ckpt = Path(args.checkpoint_dir or args.out) / f"{args.name}.ckpt.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    predictor, report = train_paper(args.model, vol, minutes=args.minutes,
+                                    max_epochs=args.max_epochs, seed=args.seed,
+                                    checkpoint=ckpt, progress=_progress,
+                                    resume=ckpt if args.resume else None, name=args.name,
+                                    batch=args.batch, lr=args.lr, optimizer=args.optimizer)
+    report["train_volume"] = name
+    report["quantisation_cost_bits"] = report["train_bits_int"] - report["train_bits_float"]
+    return predictor, report, [(name, vol.shape, vol.dtype.name)]
+
+
+def _train_default(args, volumes):
+    import torch
+    from models import train as T
+    rng = np.random.default_rng(args.seed)
+    vols = [v for _, v in volumes]
+    t0 = time.time()
+    samples = T.collect_samples(vols, 8, args.slabs_per_volume, args.keep, rng,
+                                progress=_progress)
+    _progress(f"{len(samples.value)} samples in {time.time() - t0:.0f} s")
+    hidden = tuple(int(h) for h in args.hidden.split(","))
+    model = T.fit_float(samples, hidden=hidden, epochs=args.epochs, progress=_progress)
+    torch.save(model.state_dict(), args.out / f"{args.name}.float.pt")
+    predictor = T.quantize(model, samples, name=args.name)
+    bits = T.evaluate(predictor, samples)
+    report = {"kind": "default", "hidden": hidden, "epochs": args.epochs,
+              "samples": int(len(samples.value)), "train_seconds": round(time.time() - t0, 1),
+              "train_bits_int": bits}
+    return predictor, report, [(n, v.shape, v.dtype.name) for n, v in volumes]
+
+
+def main(args) -> int:
+    import torch
+    from models.registry import save_model
+    torch.set_num_threads(args.threads)
+    args.out = Path(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.name = args.name or args.model
+    _progress(f"reading {len(args.series)} series folder(s)")
+    volumes = read_volumes(args.series)
+    t0 = time.time()
+    if args.model == "default":
+        predictor, report, data = _train_default(args, volumes)
+    else:
+        predictor, report, data = _train_paper(args, volumes)
+    report["wall_seconds"] = round(time.time() - t0, 1)
+    weights = args.out / f"{args.name}.npz"
+    mid = save_model(predictor, weights, meta=report)
+    command = "voxarc train " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 2 else "voxarc train (programmatic)"
+    write_card(args.out / f"{args.name}.md", args.name, args.model, data, command, report, mid)
+    _progress(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB) and its model card")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a codec model from DICOM series folders",
+                              description=__doc__,
+                              formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("series", nargs="+", type=Path, metavar="SERIES_DIR")
+    p.add_argument("--model", choices=MODELS, required=True)
+    p.add_argument("--out", required=True, type=Path, help="folder for weights and model card")
+    p.add_argument("--name", help="model name (file stem; default: the --model value)")
+    p.add_argument("--minutes", type=float, default=5.0,
+                   help="paper models: wall-clock training budget (default: %(default)s)")
+    p.add_argument("--max-epochs", type=float, default=1.0,
+                   help="paper models: stop after this many epochs (default: %(default)s)")
+    p.add_argument("--checkpoint-dir", type=Path,
+                   help="paper models: where the checkpoint goes (default: --out)")
+    p.add_argument("--resume", action="store_true",
+                   help="paper models: continue from the checkpoint in --out")
+    p.add_argument("--batch", type=int, help="paper models: override the paper's batch size")
+    p.add_argument("--lr", type=float, help="paper models: override the paper's learning rate")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="paper models: sgd (the paper's, momentum 0.9) or adam (a deviation)")
+    p.add_argument("--epochs", type=int, default=3, help="default model: epochs")
+    p.add_argument("--hidden", default="32,32", help="default model: hidden layer sizes")
+    p.add_argument("--slabs-per-volume", type=int, default=2, help="default model")
+    p.add_argument("--keep", type=float, default=0.1,
+                   help="default model: fraction of voxels of the chosen slabs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=main)
