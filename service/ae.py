@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from service import exact_send, handlers
 from service.config import Settings
+from service.metrics import NodeMetrics
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class Node:
     def __init__(self, settings: Settings, compaction: bool = True):
         self.settings = settings
         self.archive = open_archive(settings)
+        self.metrics = NodeMetrics(self.archive)           # served at /metrics (service.web)
+        self.metrics.watch_compactor(self.archive.compactor)
         self.ae = build_ae(settings)
         self.server = None
         self.worker = CompactionWorker(self.archive, settings.stable_age,
@@ -119,7 +122,8 @@ class Node:
     def start(self) -> "Node":
         """Start listening (in background threads) and start the compaction worker."""
         self.server = self.ae.start_server((self.settings.host, self.settings.port), block=False,
-                                           evt_handlers=event_handlers(self.archive, self.settings))
+                                           evt_handlers=self.metrics.instrument(
+                                               event_handlers(self.archive, self.settings)))
         if self.worker:
             self.worker.start()
         log.info("voxarc node %s listening on %s:%d (data %s)", self.settings.ae_title,

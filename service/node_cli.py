@@ -16,6 +16,7 @@ from pathlib import Path
 from service.ae import Node, open_archive
 from service.config import load_settings
 from service.progress import Progress
+from service.web_server import start_admin
 from storage.errors import StorageError
 from storage.part10 import split_file
 
@@ -40,6 +41,10 @@ def register(subparsers) -> None:
     p.add_argument("--stable-age", type=float, help="seconds before a series is compacted")
     p.add_argument("--destination", action="append", metavar="NAME=AET@HOST:PORT",
                    help="C-MOVE destination (repeatable)")
+    p.add_argument("--http-port", type=int, help="admin web page port (default 8042)")
+    p.add_argument("--http-host", help="admin web page address (default 127.0.0.1)")
+    p.add_argument("--http-token", help="token the admin web page requires (default none; "
+                   "or set VOXARC_HTTP_TOKEN)")
     p.set_defaults(func=serve)
 
     p = subparsers.add_parser("import", help="load DICOM files from folders (no network)")
@@ -62,14 +67,25 @@ def register(subparsers) -> None:
 def serve(args) -> int:
     """Run until SIGTERM or SIGINT, then stop cleanly."""
     settings = _settings(args, port=args.port, ae_title=args.ae_title,
-                         stable_age=args.stable_age, destination=args.destination)
+                         stable_age=args.stable_age, destination=args.destination,
+                         http_port=args.http_port, http_host=args.http_host,
+                         http_token=args.http_token)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     node = Node(settings).start()
     print(f"listening on port {node.port}", flush=True)
+    try:
+        admin = start_admin(node)                # admin page, JSON API, /metrics (service.web)
+    except (OSError, RuntimeError) as exc:
+        log.error("cannot serve the admin page on %s:%s: %s", settings.http_host,
+                  settings.http_port, exc)
+        node.stop()
+        return 1
+    print(f"admin page on {admin.url}/", flush=True)
     stop.wait()
     log.info("signal received, stopping")
+    admin.stop()
     node.stop()
     return 0
 

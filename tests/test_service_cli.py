@@ -84,7 +84,8 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path):
     config.write_text(f'host = "127.0.0.1"\nport = {port + 1}\n')
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", config,
                              "--data-dir", tmp_path / "data", "--port", str(port),
-                             "--stable-age", "1", "--destination", "x=X@127.0.0.1:1"],
+                             "--stable-age", "1", "--destination", "x=X@127.0.0.1:1",
+                             "--http-port", "0"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == f"listening on port {port}"

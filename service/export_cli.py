@@ -1,0 +1,95 @@
+"""`voxarc export STUDY_UID DIR`: a study's instances as DICOM files, datasets byte for byte.
+
+Each file is a Part 10 file: preamble, a File Meta group naming the instance and its transfer
+syntax, then the dataset exactly as it was received (rebuilt and SHA-256 checked by the archive).
+Files go to ``DIR/<series UID>/<SOP instance UID>.dcm``; a UID that is not a plain DICOM UID
+never becomes a path (its file is named after its hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+from service.ae import open_archive
+from service.config import load_settings
+from service.progress import Progress
+from storage.errors import StorageError
+from storage.part10 import build_file
+
+log = logging.getLogger(__name__)
+_PLAIN_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def register(subparsers) -> None:
+    """Add ``export`` to the ``voxarc`` parser."""
+    p = subparsers.add_parser("export", help="write a study's instances as DICOM files")
+    p.add_argument("--config", help="TOML settings file (see docs/configuration.md)")
+    p.add_argument("--data-dir", help="data folder of the node")
+    p.add_argument("study_uid", help="Study Instance UID")
+    p.add_argument("folder", help="where to write (created when missing)")
+    p.set_defaults(func=export)
+
+
+def safe_name(uid: str) -> str:
+    """A file or folder name for ``uid``: the UID itself when it is a plain DICOM UID (digits
+    and dots, at most 64 characters), else ``x`` and the first 32 hex digits of its SHA-256."""
+    uid = uid.strip("\0 ")
+    if _PLAIN_UID.match(uid) and len(uid) <= 64:
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def export_study(archive, study_uid: str, folder: Path, progress: Progress | None = None) -> tuple:
+    """Write the instances of a study under ``folder``.
+
+    Parameters
+    ----------
+    archive : Archive
+    study_uid : str
+    folder : Path
+    progress : Progress, optional
+        Advanced once per instance.
+
+    Returns
+    -------
+    tuple of (list of Path, int)
+        The files written and the number of instances that could not be rebuilt.
+    """
+    records = archive.find("IMAGE", {"StudyInstanceUID": study_uid})
+    written, failed = [], 0
+    for record in records:
+        uid = record["SOPInstanceUID"]
+        try:
+            inst = archive.retrieve(uid)
+        except StorageError as exc:
+            failed += 1
+            log.error("instance %s not exported: %s", uid, exc)
+        else:
+            target = folder / safe_name(record["SeriesInstanceUID"]) / f"{safe_name(uid)}.dcm"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(build_file(inst.sop_class_uid, uid, inst.transfer_syntax,
+                                          inst.data))
+            written.append(target)
+        if progress:
+            progress.advance(note=uid[-30:])
+    return written, failed
+
+
+def export(args) -> int:
+    """Export one study; exit status 1 when it is unknown or an instance cannot be rebuilt."""
+    archive = open_archive(load_settings(args.config, data_dir=args.data_dir))
+    try:
+        total = len(archive.find("IMAGE", {"StudyInstanceUID": args.study_uid}))
+        if not total:
+            log.error("no study %s in the archive", args.study_uid)
+            return 1
+        progress = Progress("export", total)
+        written, failed = export_study(archive, args.study_uid, Path(args.folder), progress)
+        log.info("exported %d instances to %s in %.1f s (%d failed)", len(written), args.folder,
+                 progress.finish(), failed)
+        return 1 if failed else 0
+    finally:
+        archive.close()

@@ -1,0 +1,183 @@
+"""Prometheus metrics of a node: what it received, what compaction did, what failed.
+
+Counters live in a :class:`NodeMetrics` (one registry per node, so that nodes in one process do
+not mix their numbers). They are fed from two hook points wired in by :class:`service.ae.Node`:
+:meth:`NodeMetrics.instrument` wraps the DIMSE event handlers (and listens to association
+events), :meth:`NodeMetrics.watch_compactor` times each series compaction. What the index holds
+(instances, bytes original and stored, compaction queue) is read from the archive at each scrape.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from pynetdicom import evt
+
+from service import statuses
+from storage import reports
+
+log = logging.getLogger(__name__)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_OPERATIONS = {evt.EVT_C_ECHO: "C-ECHO", evt.EVT_C_STORE: "C-STORE", evt.EVT_C_FIND: "C-FIND",
+               evt.EVT_C_GET: "C-GET", evt.EVT_C_MOVE: "C-MOVE"}
+_ASSOCIATION_EVENTS = {evt.EVT_ACCEPTED: "accepted", evt.EVT_REJECTED: "rejected",
+                       evt.EVT_RELEASED: "released", evt.EVT_ABORTED: "aborted"}
+_NOT_FAILURES = (statuses.SUCCESS, statuses.PENDING, 0xFF01, statuses.CANCEL)
+
+
+def _status_of(item) -> int | None:
+    """The DIMSE status a handler's yielded item carries, if any."""
+    if item == (None, None):                 # C-MOVE to an unknown destination
+        return statuses.UNKNOWN_DESTINATION
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int):
+        return item[0]
+    return None
+
+
+class _IndexCollector:
+    """Gauges read from the archive's index at each scrape."""
+
+    def __init__(self, archive):
+        self.archive = archive
+
+    def collect(self):
+        totals = self.archive.stats()
+        for key, doc in (("instances", "Instances stored"), ("series", "Series stored"),
+                         ("studies", "Studies stored"),
+                         ("original_bytes", "Bytes of the datasets as received"),
+                         ("stored_bytes", "Bytes the archive holds for them now"),
+                         ("pending_instances", "Instances staged, waiting for compaction")):
+            yield GaugeMetricFamily(f"voxarc_{key}", doc, value=totals[key])
+        queue = reports.jobs(self.archive.index)
+        jobs = GaugeMetricFamily("voxarc_compaction_queue", "Series in the compaction queue",
+                                 labels=["state"])
+        for state in ("pending", "running", "failed"):
+            jobs.add_metric([state], len(queue[state]))
+        yield jobs
+
+
+class NodeMetrics:
+    """The metrics of one node.
+
+    Parameters
+    ----------
+    archive : Archive, optional
+        When given, its totals and compaction queue are exported as gauges.
+    """
+
+    def __init__(self, archive=None):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter("voxarc_instances_received", "Instances stored by C-STORE",
+                                registry=r)
+        self.received_bytes = Counter("voxarc_received_bytes", "Dataset bytes stored by C-STORE",
+                                      registry=r)
+        self.requests = Counter("voxarc_dimse_requests", "DIMSE requests handled",
+                                ["operation"], registry=r)
+        self.failures = Counter("voxarc_dimse_failures", "DIMSE requests answered with a failure",
+                                ["operation", "status"], registry=r)
+        self.associations = Counter("voxarc_associations", "Association events", ["event"],
+                                    registry=r)
+        self.compactions = Counter("voxarc_compactions", "Series compactions", ["result"],
+                                   registry=r)
+        self.compaction_seconds = Histogram(
+            "voxarc_compaction_seconds", "Duration of one series compaction", registry=r,
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, float("inf")))
+        self.compacted_bytes = Counter("voxarc_compacted_bytes",
+                                       "Staged bytes compacted successfully", registry=r)
+        self.throughput = Gauge("voxarc_compaction_throughput_bytes_per_second",
+                                "Staged bytes per second of the last successful compaction",
+                                registry=r)
+        if archive is not None:
+            r.register(_IndexCollector(archive))
+
+    # --- hook points -----------------------------------------------------------------------
+    def store_done(self, status: int, nbytes: int) -> None:
+        """Count one C-STORE answered with ``status`` for a dataset of ``nbytes``."""
+        self.dimse_done("C-STORE", status)
+        if status == statuses.SUCCESS:
+            self.received.inc()
+            self.received_bytes.inc(nbytes)
+
+    def dimse_done(self, operation: str, status: int | None) -> None:
+        """Count one request of ``operation``, and a failure when ``status`` is one."""
+        self.requests.labels(operation).inc()
+        self.dimse_status(operation, status)
+
+    def dimse_status(self, operation: str, status: int | None) -> None:
+        """Count a failure of ``operation`` when ``status`` is a failure status."""
+        if status is not None and status not in _NOT_FAILURES:
+            self.failures.labels(operation, f"0x{status:04X}").inc()
+
+    def association(self, name: str) -> None:
+        """Count one association event ("accepted", "rejected", "released", "aborted")."""
+        self.associations.labels(name).inc()
+
+    def compaction_done(self, ok: bool, seconds: float, nbytes: int) -> None:
+        """Record one series compaction of ``nbytes`` staged bytes taking ``seconds``."""
+        self.compactions.labels("ok" if ok else "failed").inc()
+        self.compaction_seconds.observe(seconds)
+        if ok:
+            self.compacted_bytes.inc(nbytes)
+            self.throughput.set(nbytes / seconds if seconds > 0 else 0.0)
+
+    # --- wiring --------------------------------------------------------------------------------
+    def instrument(self, bindings: list) -> list:
+        """Return pynetdicom handler bindings whose DIMSE handlers are counted, plus handlers of
+        the association events."""
+        out = []
+        for event, handler, *args in bindings:
+            name = _OPERATIONS.get(event)
+            out.append((event, self._wrap(name, handler), *args) if name else
+                       (event, handler, *args))
+        for event, name in _ASSOCIATION_EVENTS.items():
+            out.append((event, lambda _event, name=name: self.association(name)))
+        return out
+
+    def _wrap(self, operation: str, handler):
+        if inspect.isgeneratorfunction(handler):
+            @functools.wraps(handler)
+            def counted_generator(event, *args):
+                self.dimse_done(operation, None)
+                for item in handler(event, *args):
+                    self.dimse_status(operation, _status_of(item))
+                    yield item
+            return counted_generator
+
+        @functools.wraps(handler)
+        def counted(event, *args):
+            status = handler(event, *args)
+            if operation == "C-STORE":
+                with event.request.DataSet.getbuffer() as view:
+                    self.store_done(status, view.nbytes)
+            else:
+                self.dimse_done(operation, status)
+            return status
+        return counted
+
+    def watch_compactor(self, compactor) -> None:
+        """Time every ``compactor.compact_series`` call (wraps that method of the instance)."""
+        compact = compactor.compact_series
+
+        @functools.wraps(compact)
+        def timed(series_id: int) -> bool:
+            nbytes = reports.staged_bytes(compactor.index, series_id)
+            start = time.perf_counter()
+            ok = False
+            try:
+                ok = compact(series_id)
+                return ok
+            finally:
+                if nbytes:                        # a series with nothing staged did no work
+                    self.compaction_done(ok, time.perf_counter() - start, nbytes)
+        compactor.compact_series = timed
+
+    def exposition(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,249 @@
+// voxarc admin page: draws itself from the JSON API (no external scripts, no CDN).
+"use strict";
+
+const PAGE_SIZE = 25;
+const REFRESH_MS = 15000;
+const SVG_NS = "http://www.w3.org/2000/svg";
+const state = { sort: "received", order: "desc", offset: 0, total: 0, open: new Set() };
+
+// A token given once as ?token= is kept for the tab and sent as a Bearer header.
+const token = (() => {
+  const fromUrl = new URLSearchParams(location.search).get("token");
+  if (fromUrl) sessionStorage.setItem("voxarc-token", fromUrl);
+  return fromUrl || sessionStorage.getItem("voxarc-token") || "";
+})();
+
+async function api(path) {
+  const headers = token ? { Authorization: "Bearer " + token } : {};
+  const response = await fetch(path, { headers, cache: "no-store" });
+  if (!response.ok) throw new Error(path + ": HTTP " + response.status);
+  return response.json();
+}
+
+function bytes(n) {
+  const units = ["B", "kB", "MB", "GB", "TB", "PB"];
+  let i = 0;
+  while (Math.abs(n) >= 1000 && i < units.length - 1) { n /= 1000; i++; }
+  return (i ? n.toFixed(n < 10 ? 2 : 1) : String(n)) + " " + units[i];
+}
+
+const count = (n) => Number(n).toLocaleString("en-US");
+const ratio = (r) => (r ? r.toFixed(3) : "–");
+const when = (t) => (t ? new Date(t * 1000).toISOString().slice(0, 16).replace("T", " ") : "");
+const byId = (id) => document.getElementById(id);
+
+function setText(id, text) { byId(id).textContent = text; }
+
+function cell(row, text, cls) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (cls) td.className = cls;
+  return td;
+}
+
+function renderTotals(s) {
+  setText("total-instances", count(s.instances));
+  setText("total-pending", count(s.pending_instances) + " waiting for compaction");
+  setText("total-studies", count(s.studies));
+  setText("total-series", count(s.series) + " series");
+  setText("total-original", bytes(s.original_bytes));
+  setText("total-stored", bytes(s.stored_bytes));
+  const saved = s.original_bytes ? (100 * s.saved_bytes / s.original_bytes).toFixed(1) : "0";
+  setText("total-saved", bytes(s.saved_bytes) + " saved (" + saved + " %)");
+  setText("total-ratio", ratio(s.ratio));
+  setText("total-bpv", s.bits_per_voxel ? s.bits_per_voxel.toFixed(2) : "–");
+  setText("total-bpv-original", s.original_bits_per_voxel
+    ? "of " + s.original_bits_per_voxel.toFixed(0) + " as received (coded stacks)"
+    : "no stack coded yet");
+}
+
+function svgEl(name, attrs, parent) {
+  const el = document.createElementNS(SVG_NS, name);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  if (parent) parent.appendChild(el);
+  return el;
+}
+
+// Grouped columns: received and stored bytes for each label, on one linear axis.
+function barChart(svg, items, labelKey) {
+  svg.replaceChildren();
+  const width = svg.clientWidth || 600, height = svg.clientHeight || 240;
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  if (!items.length) {
+    svgEl("text", { x: width / 2, y: height / 2, "text-anchor": "middle", class: "empty" }, svg)
+      .textContent = "nothing stored yet";
+    return;
+  }
+  const left = 64, right = 10, top = 18, bottom = 34;
+  const plotW = width - left - right, plotH = height - top - bottom;
+  const max = Math.max(...items.map((d) => d.original_bytes), 1);
+  for (let k = 0; k <= 4; k++) {
+    const y = top + plotH - (plotH * k) / 4;
+    svgEl("line", { x1: left, x2: width - right, y1: y, y2: y, class: "axis" }, svg);
+    svgEl("text", { x: left - 6, y: y + 4, "text-anchor": "end" }, svg)
+      .textContent = bytes(Math.round((max * k) / 4));
+  }
+  const slot = plotW / items.length, barW = Math.min(48, slot * 0.36);
+  items.forEach((d, i) => {
+    const x0 = left + slot * i + slot / 2 - barW;
+    [["original", d.original_bytes], ["stored", d.stored_bytes]].forEach(([kind, v], j) => {
+      const h = (plotH * v) / max;
+      const bar = svgEl("rect", { x: x0 + j * barW, y: top + plotH - h, width: barW - 2,
+                                  height: Math.max(h, 0.5), class: "bar " + kind }, svg);
+      svgEl("title", {}, bar).textContent = `${d[labelKey]} ${kind}: ${bytes(v)}`;
+    });
+    svgEl("text", { x: x0 + barW, y: top + plotH - (plotH * d.original_bytes) / max - 5,
+                    "text-anchor": "middle", class: "label" }, svg)
+      .textContent = "ratio " + ratio(d.ratio);
+    svgEl("text", { x: x0 + barW, y: height - bottom + 16, "text-anchor": "middle",
+                    class: "label" }, svg).textContent = d[labelKey];
+  });
+}
+
+function studyRow(tbody, s) {
+  const row = tbody.insertRow();
+  row.className = "study";
+  row.dataset.uid = s.study_uid;
+  cell(row, (state.open.has(s.study_uid) ? "▾ " : "▸ ") + (s.patient_name || s.patient_id));
+  cell(row, s.study_date);
+  cell(row, s.description);
+  cell(row, s.modalities.join(", "));
+  cell(row, s.series.length, "num");
+  cell(row, count(s.instances), "num");
+  cell(row, bytes(s.original_bytes), "num");
+  cell(row, bytes(s.stored_bytes), "num");
+  cell(row, ratio(s.ratio), "num ratio");
+  cell(row, when(s.received));
+  row.addEventListener("click", () => {
+    state.open.has(s.study_uid) ? state.open.delete(s.study_uid) : state.open.add(s.study_uid);
+    loadStudies();
+  });
+  if (state.open.has(s.study_uid)) s.series.forEach((se) => seriesRow(tbody, se));
+}
+
+function seriesRow(tbody, se) {
+  const row = tbody.insertRow();
+  row.className = "series";
+  row.dataset.uid = se.series_uid;
+  cell(row, `${se.modality} series ${se.series_number}`);
+  cell(row, se.series_uid, "uid").colSpan = 2;
+  cell(row, se.description);
+  cell(row, se.staged_instances ? se.staged_instances + " staged" : "compressed");
+  cell(row, count(se.instances), "num");
+  cell(row, bytes(se.original_bytes), "num");
+  cell(row, bytes(se.stored_bytes), "num");
+  cell(row, ratio(se.ratio), "num ratio");
+  cell(row, when(se.last_received));
+}
+
+function renderStudies(page) {
+  state.total = page.total;
+  const tbody = byId("studies").tBodies[0];
+  tbody.replaceChildren();
+  page.items.forEach((s) => studyRow(tbody, s));
+  if (!page.items.length) cell(tbody.insertRow(), "No study stored yet.").colSpan = 10;
+  const last = Math.min(state.offset + PAGE_SIZE, page.total);
+  setText("page-info", page.total ? `${state.offset + 1}–${last} of ${page.total}` : "");
+  byId("prev").disabled = state.offset === 0;
+  byId("next").disabled = last >= page.total;
+  document.querySelectorAll("#studies th[data-sort]").forEach((th) => {
+    th.classList.toggle("sorted", th.dataset.sort === state.sort);
+    th.classList.toggle("asc", th.dataset.sort === state.sort && state.order === "asc");
+  });
+}
+
+function jobList(parent, title, items, describe) {
+  const h = document.createElement("h3");
+  h.textContent = `${title} (${items.length})`;
+  parent.appendChild(h);
+  const ul = document.createElement("ul");
+  items.slice(0, 20).forEach((item) => {
+    const li = document.createElement("li");
+    const uid = document.createElement("span");
+    uid.className = "uid";
+    uid.textContent = item.series_uid;
+    li.append(uid, " ", describe(item));
+    ul.appendChild(li);
+  });
+  parent.appendChild(ul);
+}
+
+function renderJobs(jobs) {
+  const box = byId("jobs");
+  box.replaceChildren();
+  box.className = "jobs";
+  jobList(box, "Pending", jobs.pending,
+    (j) => `${j.modality}: ${j.staged_instances} instances, ${bytes(j.staged_bytes)}`);
+  jobList(box, "Running", jobs.running, (j) => `attempt ${j.attempts} since ${when(j.updated_at)}`);
+  jobList(box, "Failed", jobs.failed, (j) => {
+    const span = document.createElement("span");
+    span.className = "reason";
+    span.textContent = `${j.reason} (attempt ${j.attempts}, retry ${when(j.next_attempt)})`;
+    return span;
+  });
+}
+
+function renderConfig(config) {
+  const dl = byId("config");
+  dl.replaceChildren();
+  setText("node-title", `${config.ae_title} · DICOM port ${config.port}`);
+  const shown = ["ae_title", "host", "port", "data_dir", "database_url", "stable_age",
+                 "duplicate_policy", "max_storage_bytes", "codec_model", "http_host", "http_port",
+                 "http_token_required"];
+  for (const key of shown) {
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = key;
+    dd.textContent = key === "database_url" && !config[key] ? "(SQLite in data_dir)"
+      : String(config[key]);
+    dl.append(dt, dd);
+  }
+  const dests = Object.entries(config.destinations || {});
+  const dt = document.createElement("dt"), dd = document.createElement("dd");
+  dt.textContent = "destinations";
+  dd.textContent = dests.length ? dests.map(([n, v]) => `${n} = ${v}`).join("; ") : "(none)";
+  dl.append(dt, dd);
+}
+
+async function loadStudies() {
+  const q = `api/studies?sort=${state.sort}&order=${state.order}` +
+            `&offset=${state.offset}&limit=${PAGE_SIZE}`;
+  renderStudies(await api(q));
+}
+
+async function refresh() {
+  try {
+    const [stats, jobs, config] = await Promise.all([api("api/stats"), api("api/jobs"),
+                                                     api("api/config")]);
+    renderTotals(stats);
+    barChart(byId("chart-modality"), stats.by_modality, "modality");
+    barChart(byId("chart-time"), stats.by_day.slice(-30), "day");
+    renderJobs(jobs);
+    renderConfig(config);
+    await loadStudies();
+    byId("status").className = "status";
+    setText("status", "updated " + new Date().toLocaleTimeString());
+  } catch (err) {
+    byId("status").className = "status error";
+    setText("status", String(err.message || err));
+  }
+}
+
+document.querySelectorAll("#studies th[data-sort]").forEach((th) => {
+  th.addEventListener("click", () => {
+    const key = th.dataset.sort;
+    state.order = state.sort === key && state.order === "desc" ? "asc" : "desc";
+    state.sort = key;
+    state.offset = 0;
+    loadStudies();
+  });
+});
+byId("prev").addEventListener("click", () => {
+  state.offset = Math.max(0, state.offset - PAGE_SIZE);
+  loadStudies();
+});
+byId("next").addEventListener("click", () => {
+  state.offset += PAGE_SIZE;
+  loadStudies();
+});
+refresh();
+setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);

@@ -1,0 +1,129 @@
+"""The admin web application: one page, its JSON API, Prometheus metrics and a health check.
+
+``/`` is a static page (``service/static``) that draws itself from the JSON API: ``/api/stats``
+(totals, savings by modality and by day), ``/api/studies`` (sortable, paginated, with series),
+``/api/series/{uid}``, ``/api/jobs`` (compaction queue) and ``/api/config`` (the node's settings,
+read only, secrets left out). Everything is read through :mod:`storage.reports` and the archive.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from service.config import Settings
+from service.metrics import CONTENT_TYPE, NodeMetrics
+from service.web_auth import TokenAuth
+from storage import reports
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).with_name("static")
+SECRET_SETTINGS = ("http_token",)
+MAX_PAGE = 500
+
+
+def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    try:
+        value = int(request.query_params.get(name, default))
+    except ValueError:
+        raise ValueError(f"{name} must be an integer") from None
+    return min(high, max(low, value))
+
+
+def _masked_url(url: str) -> str:
+    """A database URL without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def public_settings(settings: Settings) -> dict:
+    """The node's settings as shown on the page: secrets left out, passwords masked."""
+    out = {k: v for k, v in vars(settings).items() if k not in SECRET_SETTINGS}
+    out["database_url"] = _masked_url(settings.database_url)
+    out["http_token_required"] = bool(settings.http_token)
+    return out
+
+
+def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) -> Starlette:
+    """Build the admin application of a node.
+
+    Parameters
+    ----------
+    archive : Archive
+        The node's archive (read only here).
+    settings : Settings
+        The node's settings (shown read only; ``http_token`` guards every path but /healthz).
+    metrics : NodeMetrics, optional
+        The node's counters; by default a fresh set exporting only the archive's gauges.
+
+    Returns
+    -------
+    Starlette
+        An ASGI application.
+    """
+    metrics = metrics or NodeMetrics(archive)
+    index = archive.index
+
+    def page(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
+
+    def stats(request: Request) -> Response:
+        out = archive.stats()
+        out["saved_bytes"] = out["original_bytes"] - out["stored_bytes"]
+        out.update(reports.bits_per_voxel(index))
+        out["by_modality"] = reports.by_modality(index)
+        out["by_day"] = reports.by_day(index)
+        return JSONResponse(out)
+
+    def studies(request: Request) -> Response:
+        try:
+            page_ = reports.studies(
+                index, sort=request.query_params.get("sort", "received"),
+                descending=request.query_params.get("order", "desc") != "asc",
+                offset=_int(request, "offset", 0, 0, 1 << 31),
+                limit=_int(request, "limit", 50, 1, MAX_PAGE))
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse(page_)
+
+    def series(request: Request) -> Response:
+        found = reports.series_detail(index, request.path_params["uid"])
+        if found is None:
+            return JSONResponse({"error": "no such series"}, status_code=404)
+        return JSONResponse(found)
+
+    def jobs(request: Request) -> Response:
+        return JSONResponse(reports.jobs(index))
+
+    def config(request: Request) -> Response:
+        return JSONResponse(public_settings(settings))
+
+    def prometheus(request: Request) -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    def healthz(request: Request) -> Response:
+        try:
+            ok = reports.ping(index)
+        except Exception as exc:  # an unreachable index is what a health check reports
+            log.warning("health check: index unreachable: %s", exc)
+            ok = False
+        return JSONResponse({"status": "ok" if ok else "index unreachable"},
+                            status_code=200 if ok else 503)
+
+    routes = [Route("/", page), Route("/api/stats", stats), Route("/api/studies", studies),
+              Route("/api/series/{uid}", series), Route("/api/jobs", jobs),
+              Route("/api/config", config), Route("/metrics", prometheus),
+              Route("/healthz", healthz), Mount("/static", StaticFiles(directory=STATIC))]
+    token = settings.http_token
+    return Starlette(routes=routes, middleware=[Middleware(TokenAuth, token=token)])

@@ -1,0 +1,88 @@
+"""Helpers of the admin page tests: a running node with its admin server, storing generated
+series over C-STORE, and plain HTTP requests as a browser or Prometheus makes them."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from node_helpers import dataset_bytes, make_series
+from scu_helpers import store_bytes
+
+
+def http_get(url: str, token: str = "", timeout: float = 30) -> tuple[int, bytes]:
+    """GET ``url`` (with a Bearer token when given); return (status, body)."""
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def get_json(url: str, token: str = ""):
+    """GET ``url`` and decode its JSON body; fail on a non-200 status."""
+    status, body = http_get(url, token)
+    assert status == 200, (url, status, body[:300])
+    return json.loads(body)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of sample ``name`` with ``labels`` in a Prometheus exposition (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def store_series(node, tmp_path, specs) -> list[dict]:
+    """C-STORE one generated series per ``(modality, instances, patient)`` spec.
+
+    Returns
+    -------
+    list of dict
+        Per series: ``study_uid``, ``series_uid``, ``modality`` and ``sizes`` (dataset bytes).
+    """
+    out, items = [], []
+    for seed, (modality, n, patient) in enumerate(specs):
+        series = make_series(n, 32, 32, modality=modality, patient_id=patient,
+                             patient_name=f"{patient}^Test", seed=seed)
+        sizes = []
+        for ds in series:
+            ts, data = dataset_bytes(ds)
+            items.append((ds.SOPClassUID, ds.SOPInstanceUID, ts, data))
+            sizes.append(len(data))
+        out.append({"study_uid": series[0].StudyInstanceUID, "modality": modality,
+                    "series_uid": series[0].SeriesInstanceUID, "sizes": sizes})
+    assert set(store_bytes(node.port, items, tmp_path)) == {0x0000}
+    return out
+
+
+@pytest.fixture
+def http_token() -> str:
+    """The token the admin server of :func:`admin_site` requires (a test module overrides this
+    fixture to set one)."""
+    return ""
+
+
+@pytest.fixture
+def admin_site(tmp_path, http_token):
+    """A running node (no background compaction) with its admin server on free ports."""
+    from service.ae import Node
+    from service.config import load_settings
+    from service.web_server import start_admin
+    settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                             http_port=0, stable_age=3600.0, http_token=http_token,
+                             destination=["viewer=VIEW@127.0.0.1:1"])
+    node = Node(settings, compaction=False).start()
+    admin = start_admin(node)
+    yield node, admin
+    admin.stop()
+    node.stop()
