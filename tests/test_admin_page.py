@@ -1,0 +1,89 @@
+"""The admin page in a real headless Chromium after storing real series: the totals and a study
+row are in the rendered page, the charts drew their bars, and a screenshot is kept.
+
+The screenshot goes to the test's tmp folder and, when ``VOXARC_ARTIFACTS`` names a folder, is
+copied there. Skipped only when no Chromium binary is installed (CI installs Debian's).
+"""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from admin_helpers import admin_site, http_token, store_series  # noqa: F401
+from node_helpers import real_series_files, write_series
+from scu_helpers import store_bytes
+from storage.part10 import split_file
+
+CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(b)), None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary installed")
+
+
+def _chromium(url: str, profile: Path, *mode: str) -> str:
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+               "--window-size=1280,1600", "--virtual-time-budget=5000", *mode, url]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def _store_real(node, tmp_path, folder: Path, limit: int) -> str:
+    """C-STORE the first ``limit`` files of a real series; return its Study Instance UID."""
+    import pydicom
+    items, study = [], ""
+    for path in real_series_files(folder, limit):
+        ts, data = split_file(path.read_bytes())
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        items.append((ds.SOPClassUID, ds.SOPInstanceUID, ts, data))
+        study = ds.StudyInstanceUID
+    assert set(store_bytes(node.port, items, tmp_path)) == {0x0000}
+    return study
+
+
+def _populate(node, tmp_path, shared_series) -> list[str]:
+    """Generated series and, when the shared data is there, a real one; all but the MR series
+    compacted (so the queue shows it pending)."""
+    stored = store_series(node, tmp_path, [("CT", 6, "GEN1"), ("MR", 4, "GEN2")])
+    studies = [s["study_uid"] for s in stored]
+    try:
+        folder = shared_series("test", "ct_ge_hispeed_head_tilt")
+    except pytest.skip.Exception:
+        folder = None
+    if folder is not None:
+        studies.append(_store_real(node, tmp_path, folder, 12))
+    for series in node.archive.find("SERIES", {"Modality": "CT"}):
+        assert node.archive.compact_series(series["SeriesInstanceUID"])
+    return studies
+
+
+def test_page_renders_totals_studies_and_charts(admin_site, tmp_path, shared_series):
+    node, admin = admin_site
+    studies = _populate(node, tmp_path, shared_series)
+    totals = node.archive.stats()
+    profile = tmp_path / "chromium-profile"
+    dom = _chromium(f"{admin.url}/", profile, "--dump-dom")
+
+    instances = re.search(r'id="total-instances">([^<]*)<', dom).group(1)
+    assert instances.replace(",", "") == str(totals["instances"])
+    assert re.search(r'id="total-studies">([^<]*)<', dom).group(1) == str(totals["studies"])
+    assert re.search(r'id="total-ratio">([^<]*)<', dom).group(1) == f"{totals['ratio']:.3f}"
+    for study in studies:
+        assert f'data-uid="{study}"' in dom
+    chart = re.search(r'<svg id="chart-modality".*?</svg>', dom, re.S).group(0)
+    assert chart.count('class="bar original"') >= 2 and 'class="bar stored"' in chart
+    assert "CT" in chart and "MR" in chart
+    assert 'class="status error"' not in dom and "VIEW@127.0.0.1:1" in dom
+
+    shot = tmp_path / "admin-page.png"
+    _chromium(f"{admin.url}/", profile, f"--screenshot={shot}")
+    assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("VOXARC_ARTIFACTS"):
+        target = Path(os.environ["VOXARC_ARTIFACTS"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, target / shot.name)
