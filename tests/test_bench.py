@@ -241,3 +241,24 @@ def test_progress_is_one_line_on_a_tty_and_log_lines_otherwise(caplog):
     with caplog.at_level("INFO", logger="service.bench"):
         bench.Progress(1, plain).step("b: htj2k")
     assert plain.text == "" and "[1/1] b: htj2k" in caplog.text
+
+
+def _burn(seconds: float) -> float:
+    end, x = time.process_time() + seconds, 0.0
+    while time.process_time() < end:
+        x += 1.0
+    return x
+
+
+def test_cpu_clock_counts_worker_processes():
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from service.cpu_clock import cpu_seconds
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as workers:
+        workers.submit(_burn, 0.01).result()  # the worker exists, alive, before the reading
+        before = cpu_seconds()
+        workers.submit(_burn, 0.3).result()
+        used = cpu_seconds() - before
+    assert used >= 0.25  # time.process_time() alone would see almost nothing
