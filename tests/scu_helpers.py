@@ -17,7 +17,7 @@ from storage.part10 import build_file
 
 def associate(port: int, contexts, **kwargs):
     ae = AE(ae_title="TESTSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
     assoc = ae.associate("127.0.0.1", port, contexts=contexts, ae_title="VOXARC", **kwargs)
     assert assoc.is_established
     return assoc
