@@ -7,6 +7,7 @@ import numpy as np
 from models.codec import decode_slabs, encode_slab
 from models.container import (DTYPES, CorruptBlobError, pack, slab_payload,
                               unpack_header)
+from models import adapt as adaptation
 from models import parallel
 from models.registry import load_model, model_by_id
 
@@ -14,6 +15,7 @@ SLAB_SLICES = 8      # slices per independently decodable slab
 TILE = (128, 256)    # rows, columns of the independent tiles a slice is cut into
 LOCKSTEP_SLABS = 8   # slabs a decoder advances together (bounds working memory)
 PARALLEL_VOXELS = 1 << 22  # decode on several processes from this many voxels on
+ADAPT_VOXELS = 1 << 23     # adapt the model to volumes from this many voxels on
 
 
 def _dtype_range(dtype: np.dtype) -> tuple[int, int]:
@@ -22,7 +24,7 @@ def _dtype_range(dtype: np.dtype) -> tuple[int, int]:
 
 
 def encode_volume(volume: np.ndarray, model: str = "default", slab: int = SLAB_SLICES,
-                  tile: tuple[int, int] = TILE) -> bytes:
+                  tile: tuple[int, int] = TILE, adapt: bool | None = None) -> bytes:
     """Losslessly encode a ``(z, y, x)`` integer volume.
 
     Parameters
@@ -32,6 +34,8 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int = SLAB_S
     slab : slices per independently decodable slab
     tile : (rows, columns) of the independent tiles each slice is cut into; smaller tiles
         decode in fewer wavefront steps at a small cost in compression
+    adapt : fine-tune the model on this volume and carry it in the blob (see models.adapt);
+        default: for volumes of at least ADAPT_VOXELS voxels, when the model can
 
     Returns
     -------
@@ -46,25 +50,41 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int = SLAB_S
         raise ValueError("slab and tile sizes must be between 1 and 65535")
     tile = (min(tile[0], vol.shape[1]), min(tile[1], vol.shape[2]))
     predictor = load_model(model)
+    if adapt is None:
+        adapt = vol.size >= ADAPT_VOXELS
+    embedded = b""
+    if adapt and adaptation.can_adapt(predictor):
+        predictor = adaptation.adapt(predictor, vol, slab, tile)
+        embedded = adaptation.embedded_bytes(predictor)
     lo, hi = _dtype_range(vol.dtype)
-    jobs = [(model, vol[z:z + slab], lo, hi, slab, tile) for z in range(0, vol.shape[0], slab)]
+    jobs = [(model, embedded, vol[z:z + slab], lo, hi, slab, tile)
+            for z in range(0, vol.shape[0], slab)]
     if vol.size >= PARALLEL_VOXELS:
         payloads = parallel.run(_encode_job, jobs)
     else:
-        payloads = [encode_slab(predictor, *job[1:]) for job in jobs]
+        payloads = [encode_slab(predictor, *job[2:]) for job in jobs]
     return pack(predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile,
-                payloads)
+                payloads, embedded)
 
 
 def _encode_job(job) -> bytes:
-    model, *args = job
-    return encode_slab(load_model(model), *args)
+    model, embedded, *args = job
+    predictor = load_model(model)
+    if embedded:
+        predictor = adaptation.with_embedded(predictor, embedded)
+    return encode_slab(predictor, *args)
+
+
+def _predictor(header):
+    predictor = model_by_id(header.model_id, header.model_name)
+    if header.embedded:
+        predictor = adaptation.with_embedded(predictor, header.embedded)
+    return predictor
 
 
 def _open(blob: bytes):
     header, base = unpack_header(blob)
-    predictor = model_by_id(header.model_id, header.model_name)
-    return header, base, predictor
+    return header, base, _predictor(header)
 
 
 def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
@@ -81,8 +101,7 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     workers = parallel.worker_count() if out.size >= PARALLEL_VOXELS else 1
     size = max(1, min(LOCKSTEP_SLABS, -(-len(slabs) // workers)))
     groups = [slabs[g:g + size] for g in range(0, len(slabs), size)]
-    jobs = [(header.model_id, header.model_name,
-             [slab_payload(blob, header, base, i) for i in group],
+    jobs = [([slab_payload(blob, header, base, i) for i in group],
              [min(zs, stop - i * zs) for i in group], header) for group in groups]
     if workers > 1:
         results = parallel.run(_decode_group, jobs)
@@ -97,8 +116,8 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
 
 def _decode_group(job, predictor=None) -> list[np.ndarray]:
     """Decode one group of slabs (runs in a worker process or in the caller)."""
-    model_id, name, payloads, counts, header = job
-    predictor = predictor or model_by_id(model_id, name)
+    payloads, counts, header = job
+    predictor = predictor or _predictor(header)
     lo, hi = _dtype_range(np.dtype(header.dtype))
     _, ny, nx = header.shape
     return [np.ascontiguousarray(part) for part in decode_slabs(

@@ -2,7 +2,8 @@
 
     magic "VOXARC\\x1a\\n" | u16 version | u16 header length | header | u32 header CRC
     header: 16-byte model id | u8 dtype code | 3 x u32 shape (z, y, x) | u16 slab slices |
-            2 x u16 tile rows, columns | u32 slab count | per slab: u64 offset, u64 length, u32 CRC | u16 name length | name
+            2 x u16 tile rows, columns | u32 slab count | per slab: u64 offset, u64 length, u32 CRC |
+            u16 name length | name | u32 embedded length | embedded model (adapted weights, or empty)
     then the slab payloads (offsets are relative to the end of the header CRC).
 
 A blob names everything its decoder needs; :func:`unpack` refuses anything truncated, corrupted
@@ -34,10 +35,11 @@ class BlobHeader:
     slab: int
     tile: tuple[int, int]
     slab_table: list[tuple[int, int, int]]  # (offset, length, crc)
+    embedded: bytes = b""
 
 
 def pack(model_id: bytes, model_name: str, dtype: str, shape, slab: int,
-         tile: tuple[int, int], payloads: list[bytes]) -> bytes:
+         tile: tuple[int, int], payloads: list[bytes], embedded: bytes = b"") -> bytes:
     """Assemble a blob from its slab payloads."""
     if len(model_id) != 16:
         raise ValueError("model id must be 16 bytes")
@@ -47,7 +49,8 @@ def pack(model_id: bytes, model_name: str, dtype: str, shape, slab: int,
         offset += len(p)
     name = model_name.encode()
     header = (model_id + struct.pack("<B3IHHHI", DTYPES[dtype], *shape, slab, *tile, len(payloads))
-              + b"".join(table) + struct.pack("<H", len(name)) + name)
+              + b"".join(table) + struct.pack("<H", len(name)) + name
+              + struct.pack("<I", len(embedded)) + embedded)
     head = MAGIC + struct.pack("<HI", VERSION, len(header)) + header
     return b"".join([head, struct.pack("<I", zlib.crc32(header)), *payloads])
 
@@ -87,9 +90,13 @@ def _parse_header(h: bytes) -> BlobHeader:
     pos += 20 * n
     (nlen,) = struct.unpack_from("<H", h, pos)
     name = h[pos + 2:pos + 2 + nlen].decode()
-    if pos + 2 + nlen != len(h) or min(slab, th, tw) < 1 or n != -(-z // slab):
+    pos += 2 + nlen
+    (elen,) = struct.unpack_from("<I", h, pos)
+    embedded = h[pos + 4:pos + 4 + elen]
+    if pos + 4 + elen != len(h) or min(slab, th, tw) < 1 or n != -(-z // slab):
         raise CorruptBlobError("inconsistent blob header")
-    return BlobHeader(model_id, name, DTYPE_NAMES[code], (z, y, x), slab, (th, tw), table)
+    return BlobHeader(model_id, name, DTYPE_NAMES[code], (z, y, x), slab, (th, tw), table,
+                      embedded)
 
 
 def slab_payload(blob: bytes, header: BlobHeader, base: int, i: int) -> bytes:

@@ -27,7 +27,7 @@ _CURRENT = slice(0, 9)
 
 INPUT_CLIP = 1023           # |network input| <= 1024
 UNIT = 64                   # inputs and the mean output are in units of s / UNIT
-N_FEATURES = DEFAULT_NEIGHBOURHOOD.size + 4
+N_FEATURES = DEFAULT_NEIGHBOURHOOD.size + 5
 SCALE_STEPS = 4             # scale index steps per octave
 SCALE_ZERO = 8              # index of scale 1.0 (index 0 is scale 1/4)
 N_SCALES = SCALE_ZERO + SCALE_STEPS * 18
@@ -66,7 +66,7 @@ def default_features(values: np.ndarray, valid: np.ndarray):
     Returns
     -------
     ref : int64 (n,)   the reference the prediction corrects
-    s : int64 (n,)     the local activity, 1 <= s <= 2**17
+    s : int64 (n,)     the local activity in the current slice, 1 <= s <= 2**17
     lq : int64 (n,)    floor(4 log2 s)
     x : float32 (N_FEATURES, n)  integer-valued network inputs within +-1024
     """
@@ -74,8 +74,12 @@ def default_features(values: np.ndarray, valid: np.ndarray):
     ref = reference(values, valid)
     d = values - ref[None, :]
     d *= valid
-    s = np.minimum((np.abs(d).sum(axis=0, dtype=np.int32) >> 2) + 1, 1 << 17)
+    ad = np.abs(d)
+    # activity of the current slice only: earlier slices may be far off (thick or tilted
+    # slices) and would blur the resolution of the inputs that matter most
+    s = np.minimum((ad[_CURRENT].sum(axis=0, dtype=np.int32) >> 1) + 1, 1 << 17)
     lq = log2_quarters(s)
+    lp = log2_quarters((ad[_CURRENT.stop:].sum(axis=0, dtype=np.int32) >> 1) + 1)
     k = d.shape[0]
     x = np.empty((N_FEATURES, d.shape[1]), dtype=np.float32)
     xd = x[:k]
@@ -88,6 +92,7 @@ def default_features(values: np.ndarray, valid: np.ndarray):
     x[k + 1] = valid[_P] * 256
     x[k + 2] = valid[_PP] * 256
     x[k + 3] = (~valid[_CURRENT].all(axis=0)) * 256
+    x[k + 4] = lp * 8
     return ref.astype(np.int64), s.astype(np.int64), lq, x
 
 

@@ -31,6 +31,7 @@ class DefaultPredictor:
         self.tables = tables
         self.meta = meta or {}
         self.device = "cpu"
+        self.float_arrays: dict[str, np.ndarray] = {}  # the float twin, for further training
 
     def predict(self, values: np.ndarray, valid: np.ndarray, lo: int, hi: int):
         """Rounded predictions (int64, within [lo, hi]) and table indices for ``(K, n)``
@@ -45,12 +46,15 @@ class DefaultPredictor:
         out = {"kind": np.array(self.kind), "head": self.head,
                "token_table": self.tables.tokens, "class_table": self.tables.classes}
         out.update(self.net.to_arrays("net_"))
+        out.update(self.float_arrays)
         return out
 
     @classmethod
     def from_arrays(cls, name: str, arrays, meta=None) -> "DefaultPredictor":
         tables = CodingTables(arrays["token_table"], arrays["class_table"])
-        return cls(name, IntMLP.from_arrays(arrays, "net_"), arrays["head"], tables, meta)
+        predictor = cls(name, IntMLP.from_arrays(arrays, "net_"), arrays["head"], tables, meta)
+        predictor.float_arrays = {k: v for k, v in arrays.items() if k.startswith("float_")}
+        return predictor
 
 
 def model_id(arrays: dict[str, np.ndarray]) -> bytes:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
-from models.entropy import (N_CLASSES, N_TOKENS, SHIFTS, CodingTables, split_residuals)
+from models.entropy import (ESC_NEG, ESC_POS, N_CLASSES, N_TOKENS, SHIFTS, TOKEN_RANGE,
+                            CodingTables, split_residuals)
 from models.features import N_SCALES, SCALE_STEPS, SCALE_ZERO
 
 TABLE_TOTAL = 1 << 16
@@ -16,17 +19,29 @@ def _quantise(p: np.ndarray) -> np.ndarray:
     return np.maximum(np.round(p * TABLE_TOTAL), 1).astype(np.int64)
 
 
-def laplace_token_probs() -> np.ndarray:
-    """Token probabilities of a zero-mean discretised Laplace at each scale index (floats)."""
+def _laplace_cdf(v: np.ndarray, b: float) -> np.ndarray:
+    return np.where(v < 0, 0.5 * np.exp(np.minimum(v, 0) / b), 1 - 0.5 * np.exp(-np.maximum(v, 0) / b))
+
+
+@lru_cache(maxsize=1)
+def _laplace_token_probs() -> np.ndarray:
     probs = np.zeros((N_SCALES, N_TOKENS))
-    r = np.arange(-(1 << 19), 1 << 19)
+    q = np.arange(-TOKEN_RANGE, TOKEN_RANGE)
     for j in range(N_SCALES):
         b = 2.0 ** ((j - SCALE_ZERO) / SCALE_STEPS)
-        cdf = lambda v: np.where(v < 0, 0.5 * np.exp(v / b), 1 - 0.5 * np.exp(-v / b))
-        p = cdf(r + 0.5) - cdf(r - 0.5)
-        tokens = split_residuals(r, np.full(r.shape, j)).token
-        probs[j] = np.bincount(tokens, weights=p, minlength=N_TOKENS)
+        width = float(1 << SHIFTS[j])
+        # token q holds residuals q*width .. (q+1)*width - 1
+        edges = np.concatenate([q, [TOKEN_RANGE]]) * width - 0.5
+        cdf = _laplace_cdf(edges, b)
+        probs[j, :2 * TOKEN_RANGE] = np.diff(cdf)
+        probs[j, ESC_NEG] = cdf[0]
+        probs[j, ESC_POS] = 1 - cdf[-1]
     return probs + 1e-9
+
+
+def laplace_token_probs() -> np.ndarray:
+    """Token probabilities of a zero-mean discretised Laplace at each scale index (floats)."""
+    return _laplace_token_probs().copy()
 
 
 def prior_tables() -> CodingTables:
@@ -35,16 +50,16 @@ def prior_tables() -> CodingTables:
     return CodingTables(_quantise(laplace_token_probs()), _quantise(classes))
 
 
-def fitted_tables(residuals: np.ndarray, scale_idx: np.ndarray, prior_weight: float = 200.0
-                  ) -> CodingTables:
-    """Tables from observed residuals and their scale indices, smoothed toward the Laplace prior
-    (``prior_weight`` pseudo-counts per scale index)."""
+def fitted_tables(residuals: np.ndarray, scale_idx: np.ndarray, prior_weight: float = 200.0,
+                  prior: CodingTables | None = None) -> CodingTables:
+    """Tables from observed residuals and their scale indices, smoothed toward a prior
+    (``prior_weight`` pseudo-counts per scale index): the given tables, else a Laplace."""
     sym = split_residuals(residuals.astype(np.int64), scale_idx.astype(np.int64))
     counts = np.zeros((N_SCALES, N_TOKENS))
     np.add.at(counts, (scale_idx, sym.token), 1.0)
-    prior = laplace_token_probs()
-    prior /= prior.sum(axis=1, keepdims=True)
-    tokens = counts + prior_weight * prior
+    shape = laplace_token_probs() if prior is None else prior.tokens.astype(np.float64)
+    shape /= shape.sum(axis=1, keepdims=True)
+    tokens = counts + prior_weight * shape
     esc = sym.token >= N_TOKENS - 2
     classes = np.bincount(sym.cls[esc], minlength=N_CLASSES)[:N_CLASSES] + 0.5 ** np.arange(N_CLASSES)
     return CodingTables(_quantise(tokens), _quantise(classes))

@@ -151,7 +151,18 @@ def quantize(model: FloatPredictor, samples: Samples, name: str = "default") -> 
     predictor = DefaultPredictor(name, net, head, prior_tables())
     r, j = integer_residuals(predictor, samples)
     predictor.tables = fitted_tables(r, j)
+    predictor.float_arrays = {f"float_{k}": v.detach().numpy().astype(np.float32)
+                              for k, v in model.state_dict().items()}
     return predictor
+
+
+def float_model(predictor: DefaultPredictor) -> FloatPredictor:
+    """The float twin stored with a predictor (to continue training it)."""
+    state = {k[len("float_"):]: torch.from_numpy(v) for k, v in predictor.float_arrays.items()}
+    hidden = tuple(state[f"net.{2 * i}.weight"].shape[0] for i in range(len(state) // 2 - 1))
+    model = FloatPredictor(hidden)
+    model.load_state_dict(state)
+    return model
 
 
 def integer_residuals(predictor: DefaultPredictor, samples: Samples, chunk: int = 1 << 18):

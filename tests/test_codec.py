@@ -184,3 +184,23 @@ def test_worker_processes_give_the_same_blob_and_volume(monkeypatch):
     assert models.encode_volume(vol, slab=4) == single
     np.testing.assert_array_equal(models.decode_volume(single), vol)
     np.testing.assert_array_equal(models.decode_slices(single, 3, 17), vol[3:17])
+
+
+def test_adapted_model_travels_in_the_blob_and_decodes_exactly(monkeypatch):
+    from models import adapt
+    monkeypatch.setattr(adapt, "ADAPT_STEPS", 5)
+    vol = phantom((10, 40, 48), "int16", seed=13)
+    blob = models.encode_volume(vol, adapt=True)
+    plain = models.encode_volume(vol, adapt=False)
+    assert blob != plain
+    from models.container import unpack_header
+    assert unpack_header(blob)[0].embedded and not unpack_header(plain)[0].embedded
+    np.testing.assert_array_equal(models.decode_volume(blob), vol)
+    np.testing.assert_array_equal(models.decode_slices(blob, 4, 7), vol[4:7])
+
+
+def test_unreadable_embedded_model_is_refused():
+    from models import adapt
+    from models.registry import load_model
+    with pytest.raises(CorruptBlobError, match="adapted model"):
+        adapt.with_embedded(load_model("default"), b"PK\x03\x04 not a zip")

@@ -1,0 +1,98 @@
+"""Per-volume adaptation: the encoder fine-tunes the predictor's float twin on the volume it
+is about to code, and ships the quantised result inside the blob.
+
+A shipped model meets scanners it never saw; a few hundred optimiser steps on a sample of the
+volume itself recover part of what an oracle trained on that volume would gain (measured on an
+unseen head CT: -4% bits for ~200 steps). The embedded model is a few kilobytes, so it is only
+used for volumes large enough to repay it. Decoding stays exact: the embedded network is an
+ordinary integer network, read from the blob instead of from the weights folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from models.container import CorruptBlobError
+
+ADAPT_STEPS = 200
+ADAPT_BATCH = 8192
+ADAPT_SAMPLES = 400_000
+_EMBEDDED_KEYS = ("head", "token_table", "class_table")
+
+
+def can_adapt(predictor) -> bool:
+    return getattr(predictor, "kind", "") == "default" and bool(predictor.float_arrays)
+
+
+def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
+    """A copy of ``predictor`` fine-tuned on ``volume`` (its tables refitted on the volume,
+    smoothed toward the shipped ones)."""
+    from models import train
+    from models.tables import fitted_tables
+
+    n_slabs = -(-volume.shape[0] // slab)
+    per_slab = min(slab, volume.shape[0]) * volume.shape[1] * volume.shape[2]
+    picks = min(4, n_slabs)
+    keep = min(1.0, ADAPT_SAMPLES / (picks * per_slab))
+    rng = np.random.default_rng(seed)
+    samples = train.collect_samples([volume], slab, picks, keep, rng, tile=tile)
+    model = train.float_model(predictor)
+    _fine_tune(model, samples, seed)
+    adapted = train.quantize(model, samples, predictor.name)
+    r, j = train.integer_residuals(adapted, samples)
+    adapted.tables = fitted_tables(r, j, prior=predictor.tables)
+    adapted.model_id = predictor.model_id
+    adapted.float_arrays = {}
+    return adapted
+
+
+def _fine_tune(model, samples, seed: int) -> None:
+    from models.train import laplace_bits
+    torch.manual_seed(seed)
+    tensors = [torch.from_numpy(a) for a in
+               (samples.x, samples.ref.astype(np.float32), samples.s.astype(np.float32),
+                samples.lq.astype(np.float32), samples.value.astype(np.float32))]
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(ADAPT_STEPS):
+        idx = torch.randint(0, len(samples.value), (ADAPT_BATCH,), generator=gen)
+        x, ref, s, lq, v = (t[idx] for t in tensors)
+        loss = laplace_bits(v, ref, s, lq, model(x)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def embedded_bytes(predictor) -> bytes:
+    """The arrays a blob must carry for an adapted predictor."""
+    arrays = {k: v for k, v in predictor.to_arrays().items()
+              if k.startswith("net_") or k in _EMBEDDED_KEYS}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def with_embedded(base, data: bytes):
+    """``base`` with the network, head and tables carried by a blob."""
+    return _with_embedded(base, data, hashlib.sha256(data).digest())
+
+
+@lru_cache(maxsize=16)
+def _with_embedded(base, data: bytes, _digest: bytes):
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        merged = {k: v for k, v in base.to_arrays().items() if not k.startswith("float_")}
+        merged = {k: v for k, v in merged.items() if not k.startswith("net_")}
+        merged.update(arrays)
+        predictor = type(base).from_arrays(base.name, merged, base.meta)
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise CorruptBlobError(f"blob carries an unreadable adapted model: {exc}") from None
+    predictor.model_id = base.model_id
+    return predictor
