@@ -17,6 +17,7 @@ from storage.compaction import Compactor
 from storage.index import Index, Instance, Series, Study
 from storage.ingest import DUPLICATE_POLICIES, IngestResult, ingest, stored_bytes
 from storage.reconstruct import Reconstructor, StoredInstance
+from storage.recovery import ArchiveLock, recover
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class Archive:
         url = database_url or f"sqlite:///{self.data_dir / 'index.sqlite'}"
         self.index = Index(url)
         self.blobs = BlobStore(self.data_dir / "blobs")
+        self.lock = ArchiveLock(self.data_dir)
+        self.recovery = recover(self.lock, self.index, self.blobs)   # after a crash: orphans out
         self.duplicates, self.max_storage_bytes = duplicates, max_storage_bytes
         self.compactor = Compactor(self.index, self.blobs, model, max_stack_slices)
         self.reconstructor = Reconstructor(self.index, self.blobs, cache_bytes)
@@ -119,5 +122,6 @@ class Archive:
         return out
 
     def close(self) -> None:
-        """Release the database connections."""
+        """Release the database connections and the data folder lock."""
         self.index.close()
+        self.lock.release()

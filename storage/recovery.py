@@ -1,0 +1,181 @@
+"""Startup recovery: make the data folder agree with the index after a crash.
+
+A crash (kill -9, power loss) can leave behind what was written but never committed: a staged
+file whose index row was not committed, a compacted blob whose transaction did not commit, a
+staged copy not yet deleted after its series was compacted, or a half-written ``.tmp`` file. The
+index is the truth: such files are removed. The reverse, an index row whose file is gone, cannot
+be repaired here; it is reported loudly and the row is kept (never silently dropped).
+
+The scan only runs while no other process has the archive open: every :class:`ArchiveLock`
+holder keeps a shared ``flock`` on the data folder, and the scan needs the exclusive one, so an
+uncommitted file of a running node is never mistaken for an orphan.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select
+
+from storage.blobstore import BlobStore, fsync_dir
+from storage.index import Blob, Index, Instance, Job
+
+log = logging.getLogger(__name__)
+LOCK_NAME = ".voxarc.lock"
+
+
+@dataclass
+class RecoveryReport:
+    """What a recovery scan found and did.
+
+    Attributes
+    ----------
+    ran : bool
+        False when another process had the archive open and the scan was skipped.
+    orphans_removed : list of str
+        Keys of files no index row refers to (removed).
+    temp_removed : int
+        Half-written temporary files removed.
+    missing_staged : list of str
+        SOP Instance UIDs whose staged file is missing (kept, reported).
+    missing_blobs : list of str
+        Keys of blob rows whose file is missing (kept, reported).
+    jobs_reset : int
+        Compaction jobs left ``running`` by a crash, set back to ``pending``.
+    """
+
+    ran: bool = True
+    orphans_removed: list = field(default_factory=list)
+    temp_removed: int = 0
+    missing_staged: list = field(default_factory=list)
+    missing_blobs: list = field(default_factory=list)
+    jobs_reset: int = 0
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing referenced by the index is missing."""
+        return not self.missing_staged and not self.missing_blobs
+
+
+class ArchiveLock:
+    """A shared lock on a data folder for as long as an archive is open.
+
+    Parameters
+    ----------
+    data_dir : path
+        The archive's data folder (the lock file lives there).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike):
+        self._fd = os.open(Path(data_dir) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def try_exclusive(self) -> bool:
+        """Take the lock exclusively when no other holder exists; return whether it was taken."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def share(self) -> None:
+        """Hold the lock shared (waits while another holder runs its scan)."""
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        """Release the lock and close its file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _referenced(index: Index) -> tuple[dict, set]:
+    """Return ({staged key: SOP UID}, {blob key}) of everything the index refers to."""
+    with index.read() as s:
+        staged = dict(s.execute(select(Instance.staged_key, Instance.sop_uid)
+                                .where(Instance.staged_key.is_not(None))).all())
+        blob_keys = set(s.scalars(select(Blob.key)))
+    return staged, blob_keys
+
+
+def _remove_temp_files(blobs: BlobStore) -> int:
+    removed = 0
+    for sub in blobs.root.iterdir():
+        if sub.is_dir():
+            for tmp in sub.glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _reset_running_jobs(index: Index) -> int:
+    with index.write() as s:
+        jobs = list(s.scalars(select(Job).where(Job.state == "running")))
+        for job in jobs:
+            job.state, job.reason = "pending", "interrupted by a restart"
+            job.next_attempt, job.updated_at = 0.0, time.time()
+    return len(jobs)
+
+
+def scan(index: Index, blobs: BlobStore) -> RecoveryReport:
+    """Remove orphans and temporary files, report missing files, reset interrupted jobs.
+
+    The caller must be the only user of the archive (see :func:`recover`).
+
+    Parameters
+    ----------
+    index, blobs
+        The archive's index and blob store.
+
+    Returns
+    -------
+    RecoveryReport
+    """
+    report = RecoveryReport(temp_removed=_remove_temp_files(blobs))
+    staged, blob_keys = _referenced(index)
+    for key in list(blobs.keys()):
+        if key not in staged and key not in blob_keys:
+            blobs.delete(key)
+            report.orphans_removed.append(key)
+    for sub in {blobs.path(k).parent for k in report.orphans_removed}:
+        fsync_dir(sub)
+    report.missing_staged = sorted(uid for key, uid in staged.items() if not blobs.exists(key))
+    report.missing_blobs = sorted(k for k in blob_keys if not blobs.exists(k))
+    report.jobs_reset = _reset_running_jobs(index)
+    _log(report)
+    return report
+
+
+def _log(report: RecoveryReport) -> None:
+    if report.orphans_removed or report.temp_removed or report.jobs_reset:
+        log.warning("recovery: removed %d orphan files and %d temporary files, reset %d "
+                    "interrupted compaction jobs", len(report.orphans_removed),
+                    report.temp_removed, report.jobs_reset)
+    for uid in report.missing_staged:
+        log.error("recovery: staged file of instance %s is MISSING; it cannot be retrieved "
+                  "(index row kept; run `voxarc verify`)", uid)
+    for key in report.missing_blobs:
+        log.error("recovery: blob %s is MISSING; its instances cannot be retrieved "
+                  "(index rows kept; run `voxarc verify`)", key)
+
+
+def recover(lock: ArchiveLock, index: Index, blobs: BlobStore) -> RecoveryReport:
+    """Scan the archive when no other process has it open, then hold ``lock`` shared.
+
+    Returns
+    -------
+    RecoveryReport
+        ``ran`` is False when the scan was skipped because the archive is in use.
+    """
+    if not lock.try_exclusive():
+        log.info("recovery scan skipped: the archive is open in another process")
+        lock.share()
+        return RecoveryReport(ran=False)
+    try:
+        return scan(index, blobs)
+    finally:
+        lock.share()
