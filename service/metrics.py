@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest)
 from prometheus_client.core import GaugeMetricFamily
 from pynetdicom import evt
 
 from service import statuses
 from storage import reports
 
-log = logging.getLogger(__name__)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _OPERATIONS = {evt.EVT_C_ECHO: "C-ECHO", evt.EVT_C_STORE: "C-STORE", evt.EVT_C_FIND: "C-FIND",
                evt.EVT_C_GET: "C-GET", evt.EVT_C_MOVE: "C-MOVE"}
@@ -38,6 +36,15 @@ def _status_of(item) -> int | None:
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int):
         return item[0]
     return None
+
+
+def _dataset_size(event) -> int:
+    """Bytes of a C-STORE request's dataset, without copying them (0 when there is none)."""
+    try:
+        with event.request.DataSet.getbuffer() as view:
+            return view.nbytes
+    except (AttributeError, BufferError, ValueError):
+        return 0
 
 
 class _IndexCollector:
@@ -154,8 +161,7 @@ class NodeMetrics:
         def counted(event, *args):
             status = handler(event, *args)
             if operation == "C-STORE":
-                with event.request.DataSet.getbuffer() as view:
-                    self.store_done(status, view.nbytes)
+                self.store_done(status, _dataset_size(event))
             else:
                 self.dimse_done(operation, status)
             return status
