@@ -12,6 +12,8 @@ from models.container import CorruptBlobError
 from models.predictor import DefaultPredictor, model_id
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+# Retired weights stay here, named by model id, so blobs written with them still decode.
+ARCHIVE_DIR = WEIGHTS_DIR / "archive"
 _KINDS = {"default": DefaultPredictor}
 
 
@@ -59,8 +61,14 @@ def load_model(name: str = "default"):
     return _read(path)
 
 
+@lru_cache(maxsize=None)
+def _archived(path: Path):
+    return _read(path)
+
+
 def model_by_id(mid: bytes, name_hint: str = ""):
-    """The shipped predictor whose id is ``mid``, trying the blob's recorded name first."""
+    """The shipped predictor whose id is ``mid``: current models first (the blob's recorded
+    name before the others), then retired ones in ``weights/archive``."""
     names = known_models()
     if name_hint in names:
         names.remove(name_hint)
@@ -69,5 +77,8 @@ def model_by_id(mid: bytes, name_hint: str = ""):
         predictor = load_model(name)
         if predictor.model_id == mid:
             return predictor
+    retired = ARCHIVE_DIR / f"{mid.hex()}.npz"
+    if retired.exists():
+        return _archived(retired)
     raise CorruptBlobError(
         f"blob needs model {mid.hex()} ({name_hint or 'unnamed'}), which this release lacks")

@@ -1,0 +1,80 @@
+"""Golden blobs: blobs written by earlier releases must decode to exactly what they held.
+
+The files in tests/golden change only on purpose. ``python tests/test_golden.py`` adds blobs for
+volumes not recorded yet (it never rewrites existing ones);
+when a model is retired, move its weights to models/weights/archive/<model id>.npz so these
+blobs keep decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import models
+
+GOLDEN = Path(__file__).parent / "golden"
+RECORD = GOLDEN / "golden.json"
+
+
+def _phantom(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    info = np.iinfo(dtype)
+    span = min(int(info.max) - int(info.min), 3000)
+    vol = info.min + span * (0.3 + 0.4 * (x ** 2 + y ** 2 + 0.3 * z ** 2 < 0.5))
+    vol = vol + rng.normal(0, span * 0.01, shape)
+    return np.clip(np.round(vol), info.min, info.max).astype(dtype)
+
+
+VOLUMES = {
+    "ct_int16_v1": lambda: (_phantom((12, 48, 40), "int16", 1), {"slab": 4, "tile": (16, 24)}),
+    "mr_uint16_v1": lambda: (_phantom((9, 33, 47), "uint16", 2), {}),
+    "u8_noise_v1": lambda: (np.random.default_rng(3).integers(0, 256, (3, 7, 11), dtype=np.uint8),
+                            {"slab": 2}),
+    "int8_extremes_v1": lambda: (np.random.default_rng(4).choice(
+        np.array([-128, 127], np.int8), (2, 5, 6)), {}),
+    "ct_int16_adapted_v1": lambda: (_phantom((10, 40, 48), "int16", 5), {"adapt": True}),
+}
+
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _record() -> dict:
+    return json.loads(RECORD.read_text()) if RECORD.exists() else {}
+
+
+def write_missing_golden_blobs() -> None:
+    record = _record()
+    for name, build in VOLUMES.items():
+        if name in record:
+            continue
+        vol, options = build()
+        (GOLDEN / f"{name}.vxa").write_bytes(models.encode_volume(vol, **options))
+        record[name] = {"sha256": _sha(vol), "dtype": vol.dtype.name, "shape": list(vol.shape)}
+    RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+@pytest.mark.parametrize("name", sorted(_record()))
+def test_golden_blob_decodes_to_its_recorded_volume(name):
+    want = _record()[name]
+    blob = (GOLDEN / f"{name}.vxa").read_bytes()
+    vol = models.decode_volume(blob)
+    assert vol.dtype.name == want["dtype"] and list(vol.shape) == want["shape"]
+    assert _sha(vol) == want["sha256"]
+    mid = vol.shape[0] // 2
+    np.testing.assert_array_equal(models.decode_slices(blob, mid, mid + 1), vol[mid:mid + 1])
+
+
+def test_every_golden_volume_is_recorded():
+    assert set(VOLUMES) <= set(_record()), "run python tests/test_golden.py and commit the blobs"
+
+
+if __name__ == "__main__":
+    write_missing_golden_blobs()
