@@ -8,7 +8,8 @@ import logging
 import sys
 
 # Each module exposes ``register(subparsers)``; its sub-commands set ``func(args) -> int``.
-_COMMAND_MODULES = ("service.node_cli", "service.export_cli", "service.bench", "service.train_cli")
+_COMMAND_MODULES = ("service.node_cli", "service.export_cli", "service.bench", "service.train_cli",
+                    "service.verify_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
