@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+# torch's OpenMP threads spin on a busy 2-core machine (50-100x slower) unless told to sleep;
+# this must be set before any sub-command module imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Each module exposes ``register(subparsers)``; its sub-commands set ``func(args) -> int``.
 _COMMAND_MODULES = ("service.node_cli", "service.export_cli", "service.bench", "service.train_cli",
-                    "service.verify_cli")
+                    "service.node_bench", "service.verify_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
