@@ -38,9 +38,17 @@ _LOG2Q_THRESHOLDS = np.array(
      for k in range(1, 4 * 24)], dtype=np.int64)
 
 
+_LOG2Q_TABLE_SIZE = 1 << 20  # covers every activity sum the features can produce
+_LOG2Q_TABLE = np.searchsorted(_LOG2Q_THRESHOLDS, np.arange(_LOG2Q_TABLE_SIZE + 1),
+                               side="right").astype(np.int16)
+
+
 def log2_quarters(s: np.ndarray) -> np.ndarray:
     """``floor(4 * log2(s))`` for positive integers, exactly (no floating point)."""
-    return np.searchsorted(_LOG2Q_THRESHOLDS, s, side="right").astype(np.int64)
+    s = np.asarray(s)
+    if s.size and s.max() > _LOG2Q_TABLE_SIZE:
+        return np.searchsorted(_LOG2Q_THRESHOLDS, s, side="right").astype(np.int64)
+    return _LOG2Q_TABLE[s].astype(np.int64)
 
 
 def _median3(a, b, c):
