@@ -69,6 +69,7 @@ def parse_dataset(data: bytes, transfer_syntax: str):
         if fp.tell() != len(stream) or len(ds) == 0:
             raise ValueError(f"parsed {fp.tell()} of {len(stream)} bytes")
         _check_lengths(ds, stream, ts.is_little_endian)
+        _convert_values(ds)
     except Exception as exc:  # pydicom raises many kinds on malformed input
         raise UnparseableDatasetError(f"cannot parse dataset: {exc}") from exc
     return ds
@@ -89,6 +90,14 @@ def _check_lengths(ds, stream: bytes, little_endian: bool) -> None:
                 raise ValueError(f"element {tag} of undefined length has no delimiter")
         elif len(value) != raw.length:
             raise ValueError(f"element {tag} declares {raw.length} bytes, has {len(value)}")
+
+
+def _convert_values(ds) -> None:
+    """Convert every top-level value but Pixel Data now, so that a malformed value (wrong length
+    for its VR, unknown VR) fails the parse instead of a later lookup."""
+    for tag in ds.keys():
+        if tag != PIXEL_DATA:
+            ds[tag]
 
 
 def _int(ds, keyword: str, default: int | None = None) -> int | None:
