@@ -8,13 +8,26 @@ integer head constants and the coding tables. The codec (models.codec) needs onl
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
+import torch
 
 from models.context import Neighbourhood
 from models.entropy import CodingTables
 from models.features import DEFAULT_NEIGHBOURHOOD, default_features, prediction, scale_index
 from models.intnet import IntMLP
+
+
+def compute_device() -> str:
+    """Where the integer network runs: ``VOXARC_DEVICE`` (cpu, cuda, ...) or, by default, the
+    GPU when there is one. The result is identical on every device (see models.intnet)."""
+    want = os.environ.get("VOXARC_DEVICE", "auto")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would round the partial sums
+    return want
 
 
 class DefaultPredictor:
@@ -30,7 +43,7 @@ class DefaultPredictor:
         self.head = np.asarray(head, dtype=np.int64)  # mean_mult, mean_shift, scale_mult, scale_shift
         self.tables = tables
         self.meta = meta or {}
-        self.device = "cpu"
+        self.device = compute_device()
         self.float_arrays: dict[str, np.ndarray] = {}  # the float twin, for further training
 
     def predict(self, values: np.ndarray, valid: np.ndarray, lo: int, hi: int):
