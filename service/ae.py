@@ -18,7 +18,8 @@ from pynetdicom.sop_class import (
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from service import exact_send, handlers
+from service import exact_send, handlers, tls
+from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.metrics import NodeMetrics
 from storage.archive import Archive
@@ -47,7 +48,10 @@ def build_ae(settings: Settings) -> AE:
     the SCP role, for C-GET), Verification and the Patient/Study Root query/retrieve models."""
     exact_send.install()    # retrieved instances go out as received, never re-encoded
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_pdu_size = 0          # no limit: peers send large PDUs, far fewer round trips
+    ae.maximum_pdu_size = settings.max_pdu_size     # large PDUs: far fewer round trips
+    ae.maximum_associations = settings.max_associations
+    ae.require_called_aet = settings.require_called_ae_title
+    ae.require_calling_aet = AccessPolicy.from_settings(settings.peers).calling_titles()
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES,
                                  scu_role=True, scp_role=True)
@@ -58,8 +62,8 @@ def build_ae(settings: Settings) -> AE:
 
 
 def event_handlers(archive: Archive, settings: Settings) -> list:
-    """The (event, handler, args) bindings of a node."""
-    return [
+    """The (event, handler, args) bindings of a node, with the ``peers`` permission checks."""
+    return guard([
         (evt.EVT_ACCEPTED, handlers.handle_association),
         (evt.EVT_RELEASED, handlers.handle_association),
         (evt.EVT_ABORTED, handlers.handle_association),
@@ -68,7 +72,7 @@ def event_handlers(archive: Archive, settings: Settings) -> list:
         (evt.EVT_C_FIND, handlers.handle_find, [archive]),
         (evt.EVT_C_GET, handlers.handle_get, [archive]),
         (evt.EVT_C_MOVE, handlers.handle_move, [archive, settings]),
-    ]
+    ], AccessPolicy.from_settings(settings.peers))
 
 
 class CompactionWorker(threading.Thread):
@@ -121,7 +125,11 @@ class Node:
 
     def start(self) -> "Node":
         """Start listening (in background threads) and start the compaction worker."""
+        ssl_context = tls.server_context(self.settings.tls_certificate,
+                                         self.settings.tls_private_key,
+                                         self.settings.tls_ca_certificates)
         self.server = self.ae.start_server((self.settings.host, self.settings.port), block=False,
+                                           ssl_context=ssl_context,
                                            evt_handlers=self.metrics.instrument(
                                                event_handlers(self.archive, self.settings)))
         if self.worker:

@@ -29,6 +29,15 @@ SETTING_DOCS = {
     "http_host": "Address the admin web page binds to (localhost only by default).",
     "http_port": "TCP port of the admin web page, JSON API and /metrics (0: a free port).",
     "http_token": "Token the admin web page requires (Bearer header or ?token=); empty: none.",
+    "peers": "Calling AE titles allowed to associate: AET = \"store,query,retrieve\" (any subset); "
+             "others are rejected; empty: anyone may do everything.",
+    "require_called_ae_title": "Reject associations whose called AE title is not ae_title.",
+    "max_pdu_size": "Largest PDU the node accepts, in bytes (0: no limit).",
+    "max_associations": "Most associations served at once; more are rejected (busy).",
+    "tls_certificate": "PEM certificate of the DICOM listener; with tls_private_key: TLS only.",
+    "tls_private_key": "PEM private key of tls_certificate.",
+    "tls_ca_certificates": "PEM authorities client certificates must chain to (mutual TLS); "
+                           "empty: no client certificate asked.",
 }
 _DESTINATION = re.compile(r"^(?P<name>[^=]+)=(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
 
@@ -63,6 +72,13 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8042
     http_token: str = ""
+    peers: dict = field(default_factory=dict)
+    require_called_ae_title: bool = True
+    max_pdu_size: int = 4 << 20
+    max_associations: int = 16
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    tls_ca_certificates: str = ""
 
     def destination(self, ae_title: str) -> Destination | None:
         """Return the destination whose AE title (or name) is ``ae_title``, or None."""
@@ -90,6 +106,10 @@ def _coerce(name: str, value):
         for key, text in value.items():
             parse_destination(f"{key}={text}")
         return dict(value)
+    if name == "peers":
+        if not isinstance(value, dict):
+            raise ValueError("peers must be a table of AET = \"store,query,retrieve\"")
+        return {str(k): str(v) for k, v in value.items()}
     return type(default)(value)
 
 
