@@ -188,7 +188,7 @@ def test_worker_processes_give_the_same_blob_and_volume(monkeypatch):
 
 def test_adapted_model_travels_in_the_blob_and_decodes_exactly(monkeypatch):
     from models import adapt
-    monkeypatch.setattr(adapt, "ADAPT_STEPS", 5)
+    monkeypatch.setattr(adapt, "ADAPT_STEPS", (5, 5))
     vol = phantom((10, 40, 48), "int16", seed=13)
     blob = models.encode_volume(vol, adapt=True)
     plain = models.encode_volume(vol, adapt=False)
