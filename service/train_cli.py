@@ -60,8 +60,12 @@ def write_card(path: Path, name: str, model: str, data: list[tuple[str, tuple, s
             "loss MAE + (1 - |PCC|), SGD momentum 0.9 with the paper's batch and learning rate, "
             "samples = every voxel of ten whole slices taken with a fixed stride from one "
             "volume, shuffled, inputs normalised to [-1, 1] by that volume's minimum and maximum."
-            " Training is bounded in time (see `train_seconds`, `samples_seen`, `epochs`): far "
-            "shorter than the paper's training.",
+            " Initialisation: PyTorch's default, with the output layer negated when the initial"
+            " predictions correlate negatively with the targets (`sign_fix`; without it the "
+            "|PCC| term traps the network at a tiny anticorrelated output, see "
+            "docs/paper-reproduction.md). Training is bounded in time (see `train_seconds`, "
+            "`samples_seen`, `epochs`): far shorter than the paper's training, so the network "
+            "is far from converged.",
             "",
             "`train_bits_float` / `train_bits_int`: ideal bits per voxel of the float network's "
             "rounded prediction and of the exact integer network on the same training samples, "
