@@ -243,7 +243,9 @@ def quantize_wide_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib
             layers.append(IntLayer(wq, bq, None))
             net = IntMLP(layers, act, leaky_shift, exact, act_max, input_max, wmax_all)
             return net, alpha
-        acc = h @ wq.T + bq
+        # float64 matmul of integers: exact while partial sums stay below 2**53 (what the
+        # finished network is checked for), and far faster than numpy's int64 matmul
+        acc = (h.astype(np.float64) @ wq.T.astype(np.float64)).astype(np.int64) + bq
         mag = np.where(acc >= 0, acc, -acc / 2.0 ** leaky_shift if leaky_shift else 0)
         top = np.maximum(np.quantile(mag, quantile, axis=0), 1.0)
         shift = np.maximum(np.ceil(np.log2(top / act_max)), 0).astype(np.int64)
@@ -251,6 +253,6 @@ def quantize_wide_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib
         layer = IntLayer(wq, bq + half, shift)  # floor(acc/2**k) becomes rounding (acc >= 0)
         layers.append(layer)
         probe = IntMLP([layer], act, leaky_shift, exact, act_max, input_max, wmax_all)
-        h = probe._requantise(h @ wq.T + layer.bias, shift)
+        h = probe._requantise(acc - bq + layer.bias, shift)
         in_scale = alpha * (2.0 ** shift)
     raise AssertionError("unreachable")
