@@ -15,7 +15,7 @@ from storage import query
 from storage.blobstore import BlobStore
 from storage.compaction import Compactor
 from storage.index import Index, Instance, Series, Study
-from storage.ingest import DUPLICATE_POLICIES, IngestResult, ingest, stored_bytes
+from storage.ingest import DUPLICATE_POLICIES, IngestResult, Stager, ingest, stored_bytes
 from storage.reconstruct import Reconstructor, StoredInstance
 from storage.recovery import ArchiveLock, recover
 
@@ -58,11 +58,12 @@ class Archive:
         self.duplicates, self.max_storage_bytes = duplicates, max_storage_bytes
         self.compactor = Compactor(self.index, self.blobs, model, max_stack_slices)
         self.reconstructor = Reconstructor(self.index, self.blobs, cache_bytes)
+        self.stager = Stager(self.index)      # group commit of concurrent C-STOREs
 
     def store(self, data: bytes, transfer_syntax: str) -> IngestResult:
         """Stage a received dataset durably (see :func:`storage.ingest.ingest`)."""
         return ingest(self.index, self.blobs, data, transfer_syntax, self.duplicates,
-                      self.max_storage_bytes)
+                      self.max_storage_bytes, self.stager)
 
     def retrieve(self, sop_uid: str) -> StoredInstance:
         """Return an instance byte for byte, SHA-256 checked (see :class:`Reconstructor`)."""
@@ -122,6 +123,7 @@ class Archive:
         return out
 
     def close(self) -> None:
-        """Release the database connections and the data folder lock."""
+        """Finish pending commits, release the database connections and the data folder lock."""
+        self.stager.close()
         self.index.close()
         self.lock.release()

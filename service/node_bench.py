@@ -1,0 +1,459 @@
+"""`voxarc bench-node`: voxarc and Orthanc side by side on the same series and the same machine.
+
+For each series folder: push it with DCMTK ``storescu`` (``TCP_NODELAY=1``) to a fresh voxarc
+node and to a fresh Orthanc (``StorageCompression`` off and on), several runs each, and time the
+whole transfer; compress voxarc's copy (``compress --now``) and measure the bytes each stores;
+then pull the series back with C-GET from a freshly started node (cold caches) with a pynetdicom
+SCU that timestamps every received instance: time to the first instance and whole-series
+throughput. The codec's own decode rate of the same blobs is measured in this process.
+
+Both servers run as separate processes with the same client, so their numbers are comparable;
+the table says medians of the runs and the load average of the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+SCU_AET = "BENCHSCU"
+ENV = {**os.environ, "TCP_NODELAY": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def series_files(folder: Path) -> list[Path]:
+    """Part 10 files under ``folder`` (other files skipped), sorted by name."""
+    out = []
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            if f.read(132)[128:132] == b"DICM":
+                out.append(path)
+    return out
+
+
+def dir_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+@dataclass
+class Server:
+    """A DICOM server process under test."""
+
+    name: str
+    aet: str
+    port: int
+    proc: subprocess.Popen
+    storage: Path
+    log_file: object = None
+
+    def stop(self) -> None:
+        """Terminate the process and wait for it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.log_file:
+            self.log_file.close()
+
+
+def start_voxarc(data_dir: Path) -> Server:
+    """``voxarc serve`` on a free port (no compaction during the run, admin page on a free port)."""
+    port = free_port()
+    logf = open(Path(data_dir).with_suffix(".log"), "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--data-dir", str(data_dir),
+         "--port", str(port), "--http-port", "0", "--stable-age", "1e9"],
+        cwd=ROOT, env=ENV, stdout=logf, stderr=subprocess.STDOUT)
+    server = Server("voxarc", "VOXARC", port, proc, Path(data_dir), logf)
+    try:
+        _wait_port(port, proc)
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
+def orthanc_binary() -> str | None:
+    """Path of the Orthanc server (Debian package ``orthanc``), or None."""
+    return shutil.which("Orthanc") or shutil.which("orthanc")
+
+
+def start_orthanc(work: Path, compression: bool, binary: str | None = None) -> Server:
+    """Orthanc with its own storage and index folders on a free DICOM port (no HTTP)."""
+    binary = binary or orthanc_binary()
+    if not binary:
+        raise FileNotFoundError("Orthanc is not installed (apt-get install orthanc)")
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = {
+        "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": port,
+        "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
+        "StorageCompression": compression, "HttpServerEnabled": False, "RemoteAccessAllowed": False,
+        "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowGet": True,
+        "DicomAlwaysAllowEcho": True, "DicomModalities": {
+            "bench": {"AET": SCU_AET, "Host": "127.0.0.1", "Port": 1, "AllowGet": True}},
+        "Plugins": [], "SaveJobs": False,
+    }
+    (work / "orthanc.json").write_text(json.dumps(config, indent=1))
+    logf = open(work / "orthanc.log", "ab")
+    proc = subprocess.Popen([binary, str(work / "orthanc.json")], cwd=work, env=ENV,
+                            stdout=logf, stderr=subprocess.STDOUT)
+    server = Server("orthanc" + ("+z" if compression else ""), "ORTHANC", port, proc,
+                    work / "storage", logf)
+    try:
+        _wait_port(port, proc, 60)
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
+def push(server: Server, files: list[Path]) -> float:
+    """Send ``files`` with storescu on one association; return the seconds it took."""
+    start = time.perf_counter()
+    proc = subprocess.run(["storescu", "-aet", SCU_AET, "-aec", server.aet, "127.0.0.1",
+                           str(server.port), *map(str, files)],
+                          env=ENV, capture_output=True, text=True, timeout=1800)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"storescu to {server.name} failed: {proc.stderr[-2000:]}")
+    return seconds
+
+
+@dataclass
+class GetResult:
+    """What one C-GET delivered and when."""
+
+    received: int = 0
+    first_s: float = 0.0
+    total_s: float = 0.0
+    times: list = field(default_factory=list)
+
+
+def c_get(server: Server, study_uid: str, series_uid: str, sop_classes: set[str],
+          syntaxes: set[str]) -> GetResult:
+    """C-GET a series with a pynetdicom SCU; timestamp every received instance."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+
+    result = GetResult()
+    ae = AE(ae_title=SCU_AET)
+    ae.maximum_pdu_size = 0
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 600
+    ae.add_requested_context(GET)
+    tss = sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+    for sop_class in sorted(sop_classes):
+        ae.add_requested_context(sop_class, tss)
+    roles = [build_role(c, scp_role=True) for c in sorted(sop_classes)]
+
+    def on_store(event):
+        result.times.append(time.perf_counter())
+        return 0x0000
+
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.aet, ext_neg=roles,
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    if not assoc.is_established:
+        raise RuntimeError(f"C-GET association to {server.name} refused")
+    ident = Dataset()
+    ident.QueryRetrieveLevel = "SERIES"
+    ident.StudyInstanceUID, ident.SeriesInstanceUID = study_uid, series_uid
+    start = time.perf_counter()
+    last = None
+    for status, _ in assoc.send_c_get(ident, GET):
+        last = status
+    end = time.perf_counter()
+    assoc.release()
+    if last is None or last.Status not in (0x0000,):
+        log.warning("C-GET from %s ended with status %s", server.name,
+                    hex(last.Status) if last is not None else None)
+    result.received = len(result.times)
+    result.first_s = result.times[0] - start if result.times else float("nan")
+    result.total_s = end - start
+    return result
+
+
+@dataclass
+class SeriesInfo:
+    """What the benchmark needs to know of a series folder."""
+
+    name: str
+    files: list
+    original_bytes: int
+    voxels: int
+    study_uid: str
+    series_uid: str
+    sop_classes: set
+    syntaxes: set
+
+
+def describe_series(folder: Path) -> SeriesInfo:
+    """Read the UIDs and pixel counts of a series folder."""
+    import pydicom
+    files = series_files(folder)
+    if not files:
+        raise ValueError(f"no DICOM files in {folder}")
+    voxels, classes, tss, uids = 0, set(), set(), set()
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        voxels += int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * \
+            int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("SamplesPerPixel", 1))
+        classes.add(str(ds.SOPClassUID))
+        tss.add(str(ds.file_meta.TransferSyntaxUID))
+        uids.add((str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)))
+    if len(uids) != 1:
+        raise ValueError(f"{folder} holds {len(uids)} series; give one series per folder")
+    (study, series), = uids
+    return SeriesInfo(Path(folder).name, files, sum(p.stat().st_size for p in files), voxels,
+                      study, series, classes, tss)
+
+
+def _voxarc_cli(*args) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"voxarc {' '.join(args)} failed: {proc.stderr[-2000:]}")
+    return proc
+
+
+def codec_decode_rate(data_dir: Path, series_uid: str) -> float:
+    """M voxels/s of ``models.decode_volume`` on the series' compressed blobs (0: none)."""
+    import models
+    from sqlalchemy import select
+    from storage.archive import Archive
+    from storage.index import Blob, Instance, Series
+    archive = Archive(data_dir)
+    try:
+        with archive.index.read() as s:
+            keys = s.scalars(select(Blob.key).distinct().join(Instance, Instance.blob_fk == Blob.id)
+                             .join(Series, Instance.series_fk == Series.id)
+                             .where(Series.series_uid == series_uid, Blob.codec == "volume")).all()
+        blobs = [archive.blobs.get(k) for k in keys]
+    finally:
+        archive.close()
+    if not blobs:
+        return 0.0
+    start, voxels = time.perf_counter(), 0
+    for blob in blobs:
+        voxels += models.decode_volume(blob).size
+    return voxels / (time.perf_counter() - start) / 1e6
+
+
+def _median(values):
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def bench_voxarc(info: SeriesInfo, work: Path, runs: int, get_runs: int) -> dict:
+    """Ingest, compress and C-GET one series on voxarc."""
+    rates, data_dir = [], None
+    for run in range(runs):
+        data_dir = work / f"voxarc-{info.name}-{run}"
+        server = start_voxarc(data_dir)
+        try:
+            seconds = push(server, info.files)
+        finally:
+            server.stop()
+        rates.append(len(info.files) / seconds)
+        log.info("voxarc ingest %s run %d: %.1f instances/s", info.name, run + 1, rates[-1])
+        if run < runs - 1:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    staged = dir_bytes(data_dir / "blobs")
+    start = time.perf_counter()
+    _voxarc_cli("compress", "--now", "--data-dir", str(data_dir))
+    compress_s = time.perf_counter() - start
+    stats = json.loads(_voxarc_cli("stats", "--json", "--data-dir", str(data_dir)).stdout)
+    log.info("voxarc compress %s: %.1f s, %d -> %d bytes", info.name, compress_s,
+             stats["original_bytes"], stats["stored_bytes"])
+    gets = []
+    for run in range(get_runs):
+        server = start_voxarc(data_dir)
+        try:
+            gets.append(c_get(server, info.study_uid, info.series_uid, info.sop_classes,
+                              info.syntaxes))
+        finally:
+            server.stop()
+        log.info("voxarc C-GET %s run %d: %d instances, first %.3f s, all %.2f s", info.name,
+                 run + 1, gets[-1].received, gets[-1].first_s, gets[-1].total_s)
+    decode = codec_decode_rate(data_dir, info.series_uid)
+    return {"ingest_rates": rates, "ingest_per_s": _median(rates), "staged_bytes": staged,
+            "stored_bytes": stats["stored_bytes"], "stats": stats,
+            "disk_bytes": dir_bytes(data_dir), "compress_s": compress_s,
+            **_get_summary(gets, info), "codec_decode_mvox_s": decode}
+
+
+def _get_summary(gets: list[GetResult], info: SeriesInfo) -> dict:
+    if not gets:
+        return {}
+    return {"get_received": min(g.received for g in gets),
+            "get_first_s": _median([g.first_s for g in gets]),
+            "get_total_s": _median([g.total_s for g in gets]),
+            "get_per_s": _median([g.received / g.total_s for g in gets]),
+            "get_mvox_s": _median([info.voxels * g.received / len(info.files) / g.total_s / 1e6
+                                   for g in gets])}
+
+
+def bench_orthanc(info: SeriesInfo, work: Path, runs: int, get_runs: int, compression: bool,
+                  binary: str | None = None) -> dict:
+    """Ingest (and, compressed, C-GET) one series on Orthanc."""
+    rates, folder = [], None
+    label = "orthanc+z" if compression else "orthanc"
+    for run in range(runs):
+        folder = work / f"{label}-{info.name}-{run}"
+        server = start_orthanc(folder, compression, binary)
+        try:
+            seconds = push(server, info.files)
+        finally:
+            server.stop()
+        rates.append(len(info.files) / seconds)
+        log.info("%s ingest %s run %d: %.1f instances/s", label, info.name, run + 1, rates[-1])
+        if run < runs - 1:
+            shutil.rmtree(folder, ignore_errors=True)
+    stored = dir_bytes(folder / "storage")
+    gets = []
+    for run in range(get_runs):
+        server = start_orthanc(folder, compression, binary)
+        try:
+            gets.append(c_get(server, info.study_uid, info.series_uid, info.sop_classes,
+                              info.syntaxes))
+        finally:
+            server.stop()
+        log.info("%s C-GET %s run %d: %d instances, first %.3f s, all %.2f s", label, info.name,
+                 run + 1, gets[-1].received, gets[-1].first_s, gets[-1].total_s)
+    return {"ingest_rates": rates, "ingest_per_s": _median(rates), "stored_bytes": stored,
+            **_get_summary(gets, info)}
+
+
+def run_bench(folders: list[Path], runs: int = 3, get_runs: int = 3, orthanc: bool = True,
+              work: Path | None = None, binary: str | None = None) -> dict:
+    """Benchmark every series folder; return a JSON-able dict (see :func:`table`)."""
+    own = work is None
+    work = Path(work or tempfile.mkdtemp(prefix="voxarc-bench-node-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = {"load_before": os.getloadavg(), "runs": runs, "get_runs": get_runs,
+           "cpus": os.cpu_count(), "series": []}
+    try:
+        for folder in folders:
+            info = describe_series(Path(folder))
+            log.info("series %s: %d instances, %.1f MB", info.name, len(info.files),
+                     info.original_bytes / 1e6)
+            row = {"name": info.name, "instances": len(info.files),
+                   "original_bytes": info.original_bytes, "voxels": info.voxels,
+                   "voxarc": bench_voxarc(info, work, runs, get_runs)}
+            if orthanc:
+                row["orthanc"] = bench_orthanc(info, work, runs, 0, False, binary)
+                row["orthanc_z"] = bench_orthanc(info, work, runs, get_runs, True, binary)
+            out["series"].append(row)
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def _f(value, fmt="{:.1f}"):
+    return "-" if value is None or value != value else fmt.format(value)
+
+
+def table(result: dict) -> str:
+    """The benchmark as Markdown tables."""
+    lines = [
+        "| series | inst | original MB | ingest/s voxarc | ingest/s Orthanc | ingest/s Orthanc+z |"
+        " stored MB voxarc (ratio) | Orthanc+z (ratio) | Orthanc (ratio) | voxarc / Orthanc+z |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["series"]:
+        orig, v = row["original_bytes"], row["voxarc"]
+        o, oz = row.get("orthanc", {}), row.get("orthanc_z", {})
+
+        def size(d):
+            b = d.get("stored_bytes")
+            return "-" if b is None else f"{b / 1e6:.2f} ({b / orig:.3f})"
+        rel = v["stored_bytes"] / oz["stored_bytes"] if oz.get("stored_bytes") else None
+        lines.append(f"| {row['name']} | {row['instances']} | {orig / 1e6:.1f} | "
+                     f"{_f(v['ingest_per_s'])} | {_f(o.get('ingest_per_s'))} | "
+                     f"{_f(oz.get('ingest_per_s'))} | {size(v)} | {size(oz)} | {size(o)} | "
+                     f"{_f(rel, '{:.3f}')} |")
+    lines += ["", "| series | C-GET first instance s voxarc | Orthanc+z | inst/s voxarc | Orthanc+z |"
+              " M vox/s voxarc | Orthanc+z | codec decode M vox/s | voxarc compress s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["series"]:
+        v, oz = row["voxarc"], row.get("orthanc_z", {})
+        lines.append(f"| {row['name']} | {_f(v.get('get_first_s'), '{:.3f}')} | "
+                     f"{_f(oz.get('get_first_s'), '{:.3f}')} | {_f(v.get('get_per_s'))} | "
+                     f"{_f(oz.get('get_per_s'))} | {_f(v.get('get_mvox_s'))} | "
+                     f"{_f(oz.get('get_mvox_s'))} | {_f(v.get('codec_decode_mvox_s'))} | "
+                     f"{_f(v.get('compress_s'))} |")
+    lb, la = result["load_before"], result["load_after"]
+    lines += ["", f"{result['runs']} ingest runs and {result['get_runs']} C-GET runs (cold "
+              f"server) per cell, medians; {result['cpus']} CPUs; load average "
+              f"{lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f} before, {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} "
+              "after."]
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    """Add ``bench-node`` to the ``voxarc`` parser."""
+    p = subparsers.add_parser("bench-node", help="voxarc and Orthanc side by side: ingest rate, "
+                              "bytes stored, C-GET latency and throughput")
+    p.add_argument("series", nargs="+", help="folders of one DICOM series each")
+    p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("--runs", type=int, default=3, help="ingest runs per server (median)")
+    p.add_argument("--get-runs", type=int, default=3, help="C-GET runs per server (median)")
+    p.add_argument("--no-orthanc", action="store_true", help="voxarc only")
+    p.add_argument("--orthanc", help="Orthanc binary (default: Orthanc on PATH)")
+    p.add_argument("--work-dir", help="keep the servers' folders here (default: a temp dir)")
+    p.set_defaults(func=bench_node)
+
+
+def bench_node(args) -> int:
+    """Run the benchmark and print its tables."""
+    if not shutil.which("storescu"):
+        log.error("storescu (DCMTK) is not installed")
+        return 1
+    use_orthanc = not args.no_orthanc
+    if use_orthanc and not (args.orthanc or orthanc_binary()):
+        log.error("Orthanc is not installed (apt-get install orthanc), or pass --no-orthanc")
+        return 1
+    result = run_bench([Path(s) for s in args.series], args.runs, args.get_runs, use_orthanc,
+                       Path(args.work_dir) if args.work_dir else None, args.orthanc)
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, default=list))
+    return 0
