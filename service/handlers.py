@@ -79,16 +79,24 @@ def _failed(sop_uid: str) -> Dataset:
 def _sub_operations(archive: Archive, records: list[dict], operation: str):
     """Yield (status, dataset) per instance: the exact stored bytes, or a dataset that fails to
     send (so the sub-operation counts as failed) when the instance cannot be rebuilt."""
-    for record in records:
-        uid = record["SOPInstanceUID"]
-        try:
-            inst = archive.retrieve(uid)
-        except Exception as exc:
-            statuses.status_for(exc, f"{operation} of {uid}")
-            yield statuses.PENDING, _failed(uid)
-            continue
-        yield statuses.PENDING, PreEncoded(inst.sop_class_uid, uid, inst.transfer_syntax,
-                                           inst.data)
+    try:      # slab by slab through compressed stacks, decoded ahead in the background
+        uids, prefetch = archive.plan_retrieval([r["SOPInstanceUID"] for r in records])
+    except Exception as exc:
+        log.warning("%s: no retrieval plan (%s); decoding on demand", operation, exc)
+        uids, prefetch = [r["SOPInstanceUID"] for r in records], None
+    try:
+        for uid in uids:
+            try:
+                inst = archive.retrieve(uid)
+            except Exception as exc:
+                statuses.status_for(exc, f"{operation} of {uid}")
+                yield statuses.PENDING, _failed(uid)
+                continue
+            yield statuses.PENDING, PreEncoded(inst.sop_class_uid, uid, inst.transfer_syntax,
+                                               inst.data)
+    finally:
+        if prefetch is not None:
+            prefetch.cancel()
 
 
 def handle_get(event, archive: Archive):

@@ -362,8 +362,11 @@ def bench_orthanc(info: SeriesInfo, work: Path, runs: int, get_runs: int, compre
 
 
 def run_bench(folders: list[Path], runs: int = 3, get_runs: int = 3, orthanc: bool = True,
-              work: Path | None = None, binary: str | None = None) -> dict:
-    """Benchmark every series folder; return a JSON-able dict (see :func:`table`)."""
+              work: Path | None = None, binary: str | None = None,
+              json_path: Path | None = None) -> dict:
+    """Benchmark every series folder; return a JSON-able dict (see :func:`table`), also written
+    to ``json_path`` after each series when given."""
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     own = work is None
     work = Path(work or tempfile.mkdtemp(prefix="voxarc-bench-node-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -381,6 +384,9 @@ def run_bench(folders: list[Path], runs: int = 3, get_runs: int = 3, orthanc: bo
                 row["orthanc"] = bench_orthanc(info, work, runs, 0, False, binary)
                 row["orthanc_z"] = bench_orthanc(info, work, runs, get_runs, True, binary)
             out["series"].append(row)
+            out["load_after"] = os.getloadavg()
+            if json_path:
+                Path(json_path).write_text(json.dumps(out, indent=1, default=list))
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
@@ -452,8 +458,6 @@ def bench_node(args) -> int:
         log.error("Orthanc is not installed (apt-get install orthanc), or pass --no-orthanc")
         return 1
     result = run_bench([Path(s) for s in args.series], args.runs, args.get_runs, use_orthanc,
-                       Path(args.work_dir) if args.work_dir else None, args.orthanc)
+                       Path(args.work_dir) if args.work_dir else None, args.orthanc, args.json)
     print(table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=list))
     return 0

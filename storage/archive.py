@@ -69,6 +69,10 @@ class Archive:
         """Return an instance byte for byte, SHA-256 checked (see :class:`Reconstructor`)."""
         return self.reconstructor.get(sop_uid)
 
+    def plan_retrieval(self, sop_uids: list[str]):
+        """Order instances for sending and prefetch their slabs (see :meth:`Reconstructor.plan`)."""
+        return self.reconstructor.plan(sop_uids)
+
     def find(self, level: str, criteria: dict[str, str]) -> list[dict]:
         """Return matching records of a query level (see :func:`storage.query.find`)."""
         return query.find(self.index, level, criteria)

@@ -21,10 +21,12 @@ import models
 from storage.blobstore import BlobStore
 from storage.dataset_parts import join
 from storage.errors import InstanceNotFoundError, IntegrityError
-from storage.index import Index, Instance
+from storage.index import Blob, Index, Instance
 
 log = logging.getLogger(__name__)
 SLAB = 16  # slices decoded together and cached as one entry, when the blob names no slab
+LOCKSTEP = 8  # most slabs a prefetch decodes in one call (the codec's lockstep group)
+AHEAD = 24    # most slabs a prefetch decodes before the senders have taken them
 
 
 @dataclass(frozen=True)
@@ -38,28 +40,102 @@ class StoredInstance:
 
 
 class SlabCache:
-    """Least-recently-used cache of decoded slabs, bounded in bytes."""
+    """Least-recently-used cache of decoded slabs (or a decoded prefix of one), bounded in bytes."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.used = max_bytes, 0
         self._items: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key, load):
-        """Return the cached value of ``key`` or ``load()`` it (and cache it when it fits)."""
+    def peek(self, key):
+        """Return the cached value of ``key`` (most recently used now) or None."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        value = load()
+        return None
+
+    def put(self, key, value) -> None:
+        """Cache ``value`` when it fits, replacing a shorter prefix of the same slab."""
         with self._lock:
-            if key not in self._items and value.nbytes <= self.max_bytes:
-                self._items[key] = value
-                self.used += value.nbytes
-                while self.used > self.max_bytes:
-                    _, old = self._items.popitem(last=False)
-                    self.used -= old.nbytes
+            old = self._items.get(key)
+            if old is not None and len(old) >= len(value):
+                return
+            if value.nbytes > self.max_bytes:
+                return
+            if old is not None:
+                self.used -= self._items.pop(key).nbytes
+            self._items[key] = value
+            self.used += value.nbytes
+            while self.used > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self.used -= evicted.nbytes
+
+    def get(self, key, load):
+        """Return the cached value of ``key`` or ``load()`` it (and cache it when it fits)."""
+        value = self.peek(key)
+        if value is None:
+            value = load()
+            self.put(key, value)
         return value
+
+
+@dataclass
+class _Step:
+    """One decode of a prefetch plan: slices [lo, hi) of a blob, cut into per-slab entries."""
+
+    key: str
+    step: int
+    lo: int
+    hi: int
+
+
+class Prefetch:
+    """A background thread decoding, in sending order, the slabs a retrieval will need.
+
+    The first step decodes only the slices up to the first instance (its first image goes out
+    after one slice's decode, not a slab's); the next ones decode growing groups of slabs in one
+    call each, so the codec codes them in lockstep on its worker processes, as ``decode_volume``
+    does. :meth:`Reconstructor.get` waits for a slab the plan is decoding rather than decoding it
+    twice.
+    """
+
+    def __init__(self, owner: "Reconstructor", steps: list[_Step]):
+        self.owner, self.steps = owner, steps
+        self.cancelled = False
+        self.consumed: set = set()       # planned slabs the senders have taken
+        self.finished: set = set()       # planned slabs decoded for the last time
+        self.thread = threading.Thread(target=self._run, name="voxarc-prefetch", daemon=True)
+
+    def cancel(self) -> None:
+        """Stop after the current step (the retrieval ended early)."""
+        self.cancelled = True
+
+    def _run(self) -> None:
+        owner, blobs, ahead = self.owner, {}, 0
+        try:
+            for n, st in enumerate(self.steps):
+                with owner._cond:           # stay at most AHEAD slabs ahead of the senders
+                    while ahead - len(self.consumed) > AHEAD and not self.cancelled:
+                        owner._cond.wait(1.0)
+                if self.cancelled:
+                    break
+                ahead += (st.hi - 1) // st.step - st.lo // st.step + 1
+                data = blobs.get(st.key)
+                if data is None:
+                    blobs.clear()
+                    data = blobs[st.key] = owner.blobs.get(st.key)
+                pixels = models.decode_slices(data, st.lo, st.hi)
+                for slab in range(st.lo // st.step, (st.hi - 1) // st.step + 1):
+                    lo = slab * st.step
+                    owner.cache.put((st.key, slab), pixels[lo - st.lo:lo - st.lo + st.step])
+                    last = all(s.key != st.key or (s.hi - 1) // s.step < slab
+                               for s in self.steps[n + 1:])
+                    owner._done(self, (st.key, slab), final=last)
+        except Exception:   # the senders decode on demand instead (and report the damage)
+            log.exception("prefetch of %d decode steps stopped", len(self.steps))
+        finally:
+            owner._release(self)
 
 
 class Reconstructor:
@@ -76,6 +152,94 @@ class Reconstructor:
     def __init__(self, index: Index, blobs: BlobStore, cache_bytes: int = 256 << 20):
         self.index, self.blobs = index, blobs
         self.cache = SlabCache(cache_bytes)
+        self._cond = threading.Condition()
+        self._planned: dict = {}      # (blob key, slab) -> prefetch decoding it
+
+    def plan(self, sop_uids: list[str]) -> tuple[list[str], Prefetch | None]:
+        """Order ``sop_uids`` for sending (slab by slab through each compressed stack) and start
+        decoding their slabs in that order in the background.
+
+        Returns
+        -------
+        (ordered uids, prefetch or None)
+            Call ``prefetch.cancel()`` when the retrieval stops early.
+        """
+        rows = {}
+        with self.index.read() as s:
+            for i in range(0, len(sop_uids), 500):
+                for uid, fs, frames, key, codec, shape, slab, bid in s.execute(
+                        select(Instance.sop_uid, Instance.frame_start, Instance.frames, Blob.key,
+                               Blob.codec, Blob.shape, Blob.slab, Blob.id)
+                        .outerjoin(Blob, Instance.blob_fk == Blob.id)
+                        .where(Instance.sop_uid.in_(sop_uids[i:i + 500]),
+                               Instance.staged_key.is_(None))):
+                    if codec == "volume":
+                        rows[uid] = (bid, fs, frames, key, int(shape.split(",")[0]), slab or SLAB)
+        ordered = sorted(sop_uids, key=lambda u: (u in rows, rows[u][:2] if u in rows else 0))
+        volume = [rows[u] for u in ordered if u in rows]
+        if not volume:
+            return ordered, None
+        steps = self._steps(volume)
+        if not steps:
+            return ordered, None
+        prefetch = Prefetch(self, steps)
+        with self._cond:
+            for st in steps:
+                for slab in range(st.lo // st.step, (st.hi - 1) // st.step + 1):
+                    self._planned[(st.key, slab)] = prefetch
+        prefetch.thread.start()
+        return ordered, prefetch
+
+    def _steps(self, volume: list[tuple]) -> list[_Step]:
+        """Decode steps for instances in sending order: the first instance's slice prefix, then
+        groups of 1, 2, 4... slabs (up to LOCKSTEP slabs) of what is not cached."""
+        need: dict = {}                                # (key, slab) -> slices needed from lo
+        order: list = []
+        for _, fs, frames, key, depth, step in volume:
+            for slab in range(fs // step, (fs + frames - 1) // step + 1):
+                end = min(fs + frames, (slab + 1) * step, depth) - slab * step
+                if (key, slab) not in need:
+                    order.append((key, slab, step, depth))
+                need[(key, slab)] = max(need.get((key, slab), 0), end)
+        steps, group = [], 1
+        first = volume[0]
+        key0, slab0 = first[3], first[1] // first[5]
+        cached = self.cache.peek((key0, slab0))
+        first_end = first[1] + first[2] - slab0 * first[5]
+        if (cached is None or len(cached) < first_end) and first_end < need[(key0, slab0)]:
+            steps.append(_Step(key0, first[5], slab0 * first[5], slab0 * first[5] + first_end))
+        i = 0
+        while i < len(order):
+            run = []
+            while i < len(order) and len(run) < group:
+                key, slab, step, depth = order[i]
+                cached = self.cache.peek((key, slab))
+                if cached is not None and len(cached) >= need[(key, slab)]:
+                    i += 1
+                    break
+                if run and (key != run[-1][0] or slab != run[-1][1] + 1):
+                    break
+                run.append((key, slab, step))
+                i += 1
+            if not run:
+                continue
+            key, slab, step = run[0]
+            lo, hi = slab * step, run[-1][1] * step + need[(key, run[-1][1])]
+            steps.append(_Step(key, step, lo, hi))
+            group = min(group * 2, LOCKSTEP)
+        return steps
+
+    def _done(self, prefetch: Prefetch, key, final: bool) -> None:
+        with self._cond:
+            if final:
+                prefetch.finished.add(key)
+            self._cond.notify_all()
+
+    def _release(self, prefetch: Prefetch) -> None:
+        with self._cond:
+            for key in [k for k, p in self._planned.items() if p is prefetch]:
+                del self._planned[key]
+            self._cond.notify_all()
 
     def get(self, sop_uid: str) -> StoredInstance:
         """Return the instance ``sop_uid`` as received.
@@ -116,7 +280,29 @@ class Reconstructor:
         parts = []
         for slab in range(start // step, (stop - 1) // step + 1):
             lo, hi = slab * step, min(depth, slab * step + step)
-            data = self.cache.get((blob.key, slab), lambda lo=lo, hi=hi: models.decode_slices(
-                self.blobs.get(blob.key), lo, hi))
+            data = self._planned_slab((blob.key, slab), min(stop, hi) - lo)
+            if data is None:
+                data = self.cache.get((blob.key, slab), lambda lo=lo, hi=hi: models.decode_slices(
+                    self.blobs.get(blob.key), lo, hi))
+                if len(data) < min(stop, hi) - lo:       # a cached prefix too short
+                    data = models.decode_slices(self.blobs.get(blob.key), lo, hi)
+                    self.cache.put((blob.key, slab), data)
             parts.append(data[max(start, lo) - lo:min(stop, hi) - lo])
         return np.concatenate(parts)
+
+    def _planned_slab(self, key, need: int):
+        """The cached slab ``key`` holding ``need`` slices, waiting for a prefetch decoding it;
+        None when it is neither cached long enough nor planned."""
+        with self._cond:
+            prefetch = self._planned.get(key)
+            if prefetch is not None and key not in prefetch.consumed:
+                prefetch.consumed.add(key)           # the prefetch may decode further ahead
+                self._cond.notify_all()
+            while True:
+                data = self.cache.peek(key)
+                if data is not None and len(data) >= need:
+                    return data
+                prefetch = self._planned.get(key)
+                if prefetch is None or key in prefetch.finished:   # evicted: decode on demand
+                    return None
+                self._cond.wait(1.0)
