@@ -181,6 +181,13 @@ class IntMLP:
                    "float32" if bits == 32 else "float64", act_max, input_max, weight_max)
 
 
+def _fit_bias(bias: np.ndarray, wq: np.ndarray, bound: int) -> np.ndarray:
+    """Clip biases so that no partial sum can reach 2**24 (only a barely trained network,
+    whose weights are tiny next to its biases, ever needs it)."""
+    room = EXACT_LIMIT - 1 - np.abs(wq).sum(axis=1) * bound
+    return np.clip(bias, -room, room)
+
+
 def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.ndarray,
                  input_scale: float = 1.0):
     """Quantise a float ReLU MLP (``weights[i]`` is (out, in)) that takes ``calib * input_scale``.
@@ -191,6 +198,7 @@ def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.
     """
     in_scale = np.full(weights[0].shape[1], float(input_scale))  # real input = h_int * in_scale
     h = np.clip(calib.astype(np.int64), -INPUT_MAX, INPUT_MAX)
+    bound = INPUT_MAX
     layers = []
     for i, (w, b) in enumerate(zip(weights, biases)):
         w_eff = w.astype(np.float64) * in_scale[None, :]
@@ -198,17 +206,18 @@ def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.
         wq = np.round(w_eff / alpha[:, None]).astype(np.int64)
         last = i == len(weights) - 1
         if last:
-            bq = np.round(b / alpha).astype(np.int64)
+            bq = _fit_bias(np.round(b / alpha).astype(np.int64), wq, bound)
             layers.append(IntLayer(wq, bq, None))
             return IntMLP(layers), alpha
         acc = h @ wq.T + np.round(b / alpha).astype(np.int64)
         top = np.maximum(np.quantile(np.maximum(acc, 0), 0.9999, axis=0), 1.0)
         shift = np.maximum(np.ceil(np.log2(top / ACT_MAX)), 0).astype(np.int64)
         half = np.where(shift > 0, 1 << np.maximum(shift - 1, 0), 0)
-        bq = np.round(b / alpha).astype(np.int64) + half  # floor(acc/2**k) becomes rounding
+        bq = _fit_bias(np.round(b / alpha).astype(np.int64) + half, wq, bound)  # rounding shift
         layer = IntLayer(wq, bq, shift)
         layers.append(layer)
         h = np.clip((h @ wq.T + bq) >> shift, 0, ACT_MAX)
+        bound = ACT_MAX
         in_scale = alpha * (2.0 ** shift)
     raise AssertionError("unreachable")
 

@@ -93,22 +93,13 @@ def _train_paper(args, volumes):
 
 
 def _train_default(args, volumes):
-    import torch
     from models import train as T
-    rng = np.random.default_rng(args.seed)
-    vols = [v for _, v in volumes]
-    t0 = time.time()
-    samples = T.collect_samples(vols, 8, args.slabs_per_volume, args.keep, rng,
-                                progress=_progress)
-    _progress(f"{len(samples.value)} samples in {time.time() - t0:.0f} s")
     hidden = tuple(int(h) for h in args.hidden.split(","))
-    model = T.fit_float(samples, hidden=hidden, epochs=args.epochs, progress=_progress)
-    torch.save(model.state_dict(), args.out / f"{args.name}.float.pt")
-    predictor = T.quantize(model, samples, name=args.name)
-    bits = T.evaluate(predictor, samples)
-    report = {"kind": "default", "hidden": hidden, "epochs": args.epochs,
-              "samples": int(len(samples.value)), "train_seconds": round(time.time() - t0, 1),
-              "train_bits_int": bits}
+    predictor, report = T.train_default(
+        [v for _, v in volumes], hidden=hidden, epochs=args.epochs,
+        slabs_per_volume=args.slabs_per_volume, keep=args.keep, seed=args.seed,
+        name=args.name, progress=_progress)
+    report["kind"] = "default"
     return predictor, report, [(n, v.shape, v.dtype.name) for n, v in volumes]
 
 
@@ -156,10 +147,10 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, help="paper models: override the paper's learning rate")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                    help="paper models: sgd (the paper's, momentum 0.9) or adam (a deviation)")
-    p.add_argument("--epochs", type=int, default=3, help="default model: epochs")
-    p.add_argument("--hidden", default="32,32", help="default model: hidden layer sizes")
-    p.add_argument("--slabs-per-volume", type=int, default=2, help="default model")
-    p.add_argument("--keep", type=float, default=0.1,
+    p.add_argument("--epochs", type=int, default=12, help="default model: epochs")
+    p.add_argument("--hidden", default="64,32", help="default model: hidden layer sizes")
+    p.add_argument("--slabs-per-volume", type=int, default=4, help="default model")
+    p.add_argument("--keep", type=float, default=0.25,
                    help="default model: fraction of voxels of the chosen slabs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
