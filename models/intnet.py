@@ -125,12 +125,15 @@ class IntMLP:
     def __call__(self, x: np.ndarray, device: str = "cpu") -> np.ndarray:
         """Fast exact evaluation with float32 (or float64) matmuls of integer inputs ``(n, in)``
         within +-input_max (any strides); returns int64 accumulators ``(n, out)``."""
-        if self.is_default:  # the original path, unchanged
+        if self.is_default:
+            # weights and bias pre-scaled by 2**-k: every partial sum is an integer below
+            # 2**24 times a power of two, so addmm returns acc * 2**-k exactly
             h = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
             for w, b, k, _ in self._torch_params(device):
-                h = torch.addmm(b, h, w)
-                if k is not None:
-                    h = torch.clamp_(torch.floor_(h.mul_(k)), 0, ACT_MAX)
+                if k is None:
+                    h = torch.addmm(b, h, w)
+                else:
+                    h = torch.clamp_(torch.floor_(torch.addmm(b * k, h, w * k)), 0, ACT_MAX)
             return h.cpu().numpy().astype(np.int64)
         np_dt = np.float32 if self.exact == "float32" else np.float64
         h = torch.from_numpy(np.asarray(x, dtype=np_dt)).to(device)
