@@ -230,9 +230,13 @@ def describe_series(folder: Path) -> SeriesInfo:
     files = series_files(folder)
     if not files:
         raise ValueError(f"no DICOM files in {folder}")
-    voxels, classes, tss, uids = 0, set(), set(), set()
+    voxels, classes, tss, uids, kept = 0, set(), set(), set(), []
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if "SOPClassUID" not in ds or "SeriesInstanceUID" not in ds:   # e.g. a DICOMDIR
+            log.info("skipping %s: not a composite instance", path)
+            continue
+        kept.append(path)
         voxels += int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * \
             int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("SamplesPerPixel", 1))
         classes.add(str(ds.SOPClassUID))
@@ -241,7 +245,7 @@ def describe_series(folder: Path) -> SeriesInfo:
     if len(uids) != 1:
         raise ValueError(f"{folder} holds {len(uids)} series; give one series per folder")
     (study, series), = uids
-    return SeriesInfo(Path(folder).name, files, sum(p.stat().st_size for p in files), voxels,
+    return SeriesInfo(Path(folder).name, kept, sum(p.stat().st_size for p in kept), voxels,
                       study, series, classes, tss)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from sqlalchemy import select
 
 import models
+from models import parallel
 from storage.blobstore import BlobStore
 from storage.dataset_parts import join
 from storage.errors import InstanceNotFoundError, IntegrityError
@@ -192,7 +193,8 @@ class Reconstructor:
 
     def _steps(self, volume: list[tuple]) -> list[_Step]:
         """Decode steps for instances in sending order: the first instance's slice prefix, then
-        groups of 1, 2, 4... slabs (up to LOCKSTEP slabs) of what is not cached."""
+        one slab, a few slabs per codec worker, then LOCKSTEP slabs per worker, of what is not
+        cached."""
         need: dict = {}                                # (key, slab) -> slices needed from lo
         order: list = []
         for _, fs, frames, key, depth, step in volume:
@@ -201,7 +203,7 @@ class Reconstructor:
                 if (key, slab) not in need:
                     order.append((key, slab, step, depth))
                 need[(key, slab)] = max(need.get((key, slab), 0), end)
-        steps, group = [], 1
+        steps, group, workers = [], 1, parallel.worker_count()
         first = volume[0]
         key0, slab0 = first[3], first[1] // first[5]
         cached = self.cache.peek((key0, slab0))
@@ -226,7 +228,8 @@ class Reconstructor:
             key, slab, step = run[0]
             lo, hi = slab * step, run[-1][1] * step + need[(key, run[-1][1])]
             steps.append(_Step(key, step, lo, hi))
-            group = min(group * 2, LOCKSTEP)
+            # then a few slabs per worker process, then LOCKSTEP per worker: the codec's rate
+            group = 2 * workers if group == 1 else LOCKSTEP * workers
         return steps
 
     def _done(self, prefetch: Prefetch, key, final: bool) -> None:

@@ -1,0 +1,53 @@
+"""`voxarc bench-node` on a tiny generated series: the voxarc half always (it needs DCMTK's
+storescu), the Orthanc half when the Debian `orthanc` package is installed."""
+
+import json
+
+import pytest
+
+from node_helpers import make_series, needs_dcmtk, write_series
+from service import node_bench
+from service.cli import build_parser
+
+pytestmark = needs_dcmtk
+
+
+@pytest.fixture(scope="module")
+def tiny_series(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("series") / "tiny_ct"
+    write_series(make_series(6, 24, 20, seed=7), folder)
+    return folder
+
+
+def _check_get(side, n):
+    assert side["get_received"] == n
+    assert 0 < side["get_first_s"] <= side["get_total_s"]
+    assert side["get_per_s"] > 0 and side["get_mvox_s"] > 0
+
+
+def test_voxarc_half(tiny_series, tmp_path):
+    info = node_bench.describe_series(tiny_series)
+    assert len(info.files) == 6 and info.voxels == 6 * 24 * 20
+    out = node_bench.bench_voxarc(info, tmp_path, runs=1, get_runs=1)
+    assert out["ingest_per_s"] > 0 and len(out["ingest_rates"]) == 1
+    assert out["stats"]["instances"] == 6 and out["stats"]["pending_instances"] == 0
+    assert 0 < out["stored_bytes"] < info.original_bytes
+    assert out["codec_decode_mvox_s"] > 0
+    _check_get(out, 6)
+
+
+@pytest.mark.skipif(not node_bench.orthanc_binary(), reason="orthanc not installed")
+def test_command_with_orthanc(tiny_series, tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    args = build_parser().parse_args(["bench-node", str(tiny_series), "--runs", "1",
+                                      "--get-runs", "1", "--json", str(out_json)])
+    assert args.func(args) == 0
+    table = capsys.readouterr().out
+    assert "tiny_ct" in table and "load average" in table
+    result = json.loads(out_json.read_text())
+    row, = result["series"]
+    assert row["instances"] == 6
+    for side in ("voxarc", "orthanc", "orthanc_z"):
+        assert row[side]["ingest_per_s"] > 0 and row[side]["stored_bytes"] > 0
+    _check_get(row["orthanc_z"], 6)
+    _check_get(row["voxarc"], 6)
