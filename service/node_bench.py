@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.dcmtk import dcmtk
+
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 SCU_AET = "BENCHSCU"
@@ -147,7 +149,7 @@ def start_orthanc(work: Path, compression: bool, binary: str | None = None) -> S
 def push(server: Server, files: list[Path]) -> float:
     """Send ``files`` with storescu on one association; return the seconds it took."""
     start = time.perf_counter()
-    proc = subprocess.run(["storescu", "-aet", SCU_AET, "-aec", server.aet, "127.0.0.1",
+    proc = subprocess.run([dcmtk("storescu"), "-aet", SCU_AET, "-aec", server.aet, "127.0.0.1",
                            str(server.port), *map(str, files)],
                           env=ENV, capture_output=True, text=True, timeout=1800)
     seconds = time.perf_counter() - start
@@ -454,7 +456,7 @@ def register(subparsers) -> None:
 
 def bench_node(args) -> int:
     """Run the benchmark and print its tables."""
-    if not shutil.which("storescu"):
+    if not dcmtk("storescu"):
         log.error("storescu (DCMTK) is not installed")
         return 1
     use_orthanc = not args.no_orthanc

@@ -16,13 +16,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          generate_uid)
 
+from service.dcmtk import dcmtk
 from storage.archive import Archive
 from storage.part10 import split_file
 
 PG_URL = os.environ.get("VOXARC_TEST_PG_URL", "")
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.skipif(
     not PG_URL, reason="VOXARC_TEST_PG_URL not set"))]
-DCMTK = all(shutil.which(b) for b in ("storescu", "findscu", "getscu", "movescu", "storescp"))
+DCMTK = all(dcmtk(b) for b in ("storescu", "findscu", "getscu", "movescu", "storescp"))
 needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="DCMTK binaries not installed")
 TESTDATA = Path(pydicom.data.__file__).parent / "test_files"
 # Bundled files with a File Meta group and SOP/Study/Series UIDs (mixed syntaxes and objects)

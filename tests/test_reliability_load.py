@@ -13,6 +13,7 @@ import numpy as np
 
 from node_helpers import make_series, needs_dcmtk, write_series
 from scu_helpers import get
+from service.dcmtk import dcmtk
 from service.ae import Node
 from service.config import load_settings
 from storage.part10 import split_file
@@ -25,7 +26,7 @@ ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def _storescu(port, folder):
-    return subprocess.Popen(["storescu", "-aec", "VOXARC", "-to", "120", "+sd", "127.0.0.1",
+    return subprocess.Popen([dcmtk("storescu"), "-aec", "VOXARC", "-to", "120", "+sd", "127.0.0.1",
                              str(port), str(folder)], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 

@@ -15,6 +15,7 @@ from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
 
 from node_helpers import DCMTK, make_series, write_series
 from service.access import AccessPolicy, parse_permissions
+from service.dcmtk import dcmtk
 from service.ae import Node
 from service.config import load_settings
 from storage.part10 import split_file
@@ -153,7 +154,7 @@ def test_tls_with_dcmtk_storescu(tmp_path):
     node = _node(tmp_path, tls_certificate=str(server_cert), tls_private_key=str(server_key),
                  tls_ca_certificates=str(client_cert), peers={"STORESCU": "store"})
     try:
-        base = ["storescu", "-aet", "STORESCU", "-aec", "VOXARC", "-to", "60"]
+        base = [dcmtk("storescu"), "-aet", "STORESCU", "-aec", "VOXARC", "-to", "60"]
         tls = ["+tls", str(client_key), str(client_cert), "+cf", str(server_cert)]
         plain = subprocess.run([*base, "127.0.0.1", str(node.port), str(paths[0])],
                                capture_output=True, text=True, timeout=120)

@@ -15,6 +15,7 @@ import pytest
 from node_helpers import (TESTDATA, free_port, make_series, needs_dcmtk, node,  # noqa: F401
                           real_series_files, write_series)
 from scu_helpers import store_bytes
+from service.dcmtk import dcmtk
 from storage.dataset_parts import parse_dataset
 from storage.part10 import split_file
 
@@ -23,7 +24,7 @@ ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def _run(*args, timeout=120) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(a) for a in args], env=ENV, capture_output=True, text=True,
+    proc = subprocess.run([dcmtk(args[0])] + [str(a) for a in args[1:]], env=ENV, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
@@ -53,7 +54,7 @@ def storescp(tmp_path):
     """A DCMTK storescp as C-MOVE destination, writing what it receives bit-preserving."""
     port, out = free_port(), tmp_path / "storescp"
     out.mkdir()
-    proc = subprocess.Popen(["storescp", "-aet", "DEST", "+xa", "+B", "-od", str(out), str(port)],
+    proc = subprocess.Popen([dcmtk("storescp"), "-aet", "DEST", "+xa", "+B", "-od", str(out), str(port)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)
     yield port, out
