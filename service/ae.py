@@ -68,7 +68,7 @@ def event_handlers(archive: Archive, settings: Settings) -> list:
         (evt.EVT_RELEASED, handlers.handle_association),
         (evt.EVT_ABORTED, handlers.handle_association),
         (evt.EVT_C_ECHO, handlers.handle_echo),
-        (evt.EVT_C_STORE, handlers.handle_store, [archive]),
+        (evt.EVT_C_STORE, handlers.handle_store, [archive, settings.max_dataset_bytes]),
         (evt.EVT_C_FIND, handlers.handle_find, [archive]),
         (evt.EVT_C_GET, handlers.handle_get, [archive]),
         (evt.EVT_C_MOVE, handlers.handle_move, [archive, settings]),

@@ -37,10 +37,15 @@ def handle_echo(event) -> int:
     return statuses.SUCCESS
 
 
-def handle_store(event, archive: Archive) -> int:
-    """C-STORE: stage the dataset as received; success only once it is durable and indexed."""
+def handle_store(event, archive: Archive, max_bytes: int = 0) -> int:
+    """C-STORE: stage the dataset as received; success only once it is durable and indexed.
+    Datasets over ``max_bytes`` (0: no limit) are refused with 0xA700."""
     try:
         data = event.encoded_dataset(include_meta=False)
+        if max_bytes and len(data) > max_bytes:
+            log.warning("C-STORE from %s refused: %d-byte dataset over max_dataset_bytes (%d)",
+                        _peer(event), len(data), max_bytes)
+            return statuses.OUT_OF_RESOURCES
         result = archive.store(data, str(event.context.transfer_syntax))
     except Exception as exc:
         return statuses.status_for(exc, f"C-STORE from {_peer(event)}")

@@ -17,6 +17,7 @@ from service.ae import Node, open_archive
 from service.config import load_settings
 from service.progress import Progress
 from service.web_server import start_admin
+from storage import reports
 from storage.errors import StorageError
 from storage.part10 import split_file
 
@@ -140,12 +141,20 @@ def stats(args) -> int:
     """Print counts and bytes of what is stored."""
     archive = open_archive(_settings(args))
     out = archive.stats()
+    out.update(reports.bits_per_voxel(archive.index))
+    out["by_modality"] = reports.by_modality(archive.index)
     archive.close()
     if args.json:
         print(json.dumps(out, indent=1))
-    else:
-        print(f"instances  {out['instances']} ({out['pending_instances']} waiting for compaction)"
-              f"\nseries     {out['series']}\nstudies    {out['studies']}"
-              f"\nreceived   {out['original_bytes']} bytes\nstored     {out['stored_bytes']} "
-              f"bytes (ratio {out['ratio']})")
+        return 0
+    print(f"instances  {out['instances']} ({out['pending_instances']} waiting for compaction)"
+          f"\nseries     {out['series']}\nstudies    {out['studies']}"
+          f"\nreceived   {out['original_bytes']} bytes\nstored     {out['stored_bytes']} "
+          f"bytes (ratio {out['ratio']})\ncoded      {out['coded_voxels']} voxels at "
+          f"{out['bits_per_voxel']} bits/voxel (received at {out['original_bits_per_voxel']})")
+    if out["by_modality"]:
+        print(f"\n{'modality':<10}{'instances':>10}{'received':>14}{'stored':>14}{'ratio':>8}")
+        for row in out["by_modality"]:
+            print(f"{row['modality']:<10}{row['instances']:>10}{row['original_bytes']:>14}"
+                  f"{row['stored_bytes']:>14}{row['ratio']:>8}")
     return 0

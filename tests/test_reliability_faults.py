@@ -107,3 +107,21 @@ def test_failed_compaction_stays_staged_and_retries_with_backoff(tmp_path, monke
     for uid, data in sent.items():
         assert arch.retrieve(uid).data == data
     arch.close()
+
+
+def test_oversized_dataset_is_a700_and_leaves_nothing(tmp_path):
+    from service.ae import Node
+    from service.config import load_settings
+    small, large = _items(make_series(1, 16, 16)), _items(make_series(1, 64, 64, seed=5))
+    limit = len(small[0][3]) + 10
+    assert len(large[0][3]) > limit
+    settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                             stable_age=3600.0, max_dataset_bytes=limit)
+    running = Node(settings, compaction=False).start()
+    try:
+        assert store_bytes(running.port, large, tmp_path) == [0xA700]
+        assert store_bytes(running.port, small, tmp_path) == [0]
+        assert running.archive.stats()["instances"] == 1
+        _consistent(running.archive)
+    finally:
+        running.stop()

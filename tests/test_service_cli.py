@@ -74,7 +74,10 @@ def test_import_compress_stats(tmp_path):
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(_voxarc("stats", "--json", "--data-dir", data).stdout)
     assert stats["pending_instances"] == 0 and stats["instances"] == 4
-    assert "instances  4" in _voxarc("stats", "--data-dir", data).stdout
+    assert stats["coded_voxels"] == 4 * 8 * 8 and 0 < stats["bits_per_voxel"] < 16
+    assert stats["by_modality"][0]["instances"] == 4
+    text = _voxarc("stats", "--data-dir", data).stdout
+    assert "instances  4" in text and "bits/voxel" in text and "modality" in text
     assert len(paths) == 4
 
 
