@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.progress import Progress
+
 log = logging.getLogger(__name__)
 MODELS = ("paper-cube", "paper-pyramid", "default")
 
@@ -95,10 +97,20 @@ def _train_paper(args, volumes):
 def _train_default(args, volumes):
     from models import train as T
     hidden = tuple(int(h) for h in args.hidden.split(","))
+    bar = Progress("train default: epochs", args.epochs)
+
+    def progress(msg: str) -> None:  # a bar over the epochs on a terminal, lines otherwise
+        if msg.startswith("epoch ") and bar.tty:
+            bar.advance(note=msg.split(": ", 1)[-1])
+        else:
+            _progress(msg)
+
     predictor, report = T.train_default(
         [v for _, v in volumes], hidden=hidden, epochs=args.epochs,
         slabs_per_volume=args.slabs_per_volume, keep=args.keep, seed=args.seed,
-        name=args.name, progress=_progress)
+        name=args.name, progress=progress)
+    if bar.tty:
+        bar.finish()
     report["kind"] = "default"
     return predictor, report, [(n, v.shape, v.dtype.name) for n, v in volumes]
 
