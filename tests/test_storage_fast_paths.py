@@ -55,14 +55,20 @@ def test_duplicate_in_one_batch_keeps_the_first(archive):
     assert len(list(archive.blobs.keys())) == 1           # the ignored copies were removed
 
 
-def test_planned_retrieval_is_slab_ordered_and_exact(archive):
-    series = make_series(21, 12, 10, seed=5)                # 3 slabs of 8 slices
+def _store_and_compact(archive, series) -> dict:
+    """Store a series, compact it, and return the sent bytes by SOP Instance UID."""
     sent = {}
     for ds in series:
         ts, data = dataset_bytes(ds)
         archive.store(data, ts)
         sent[ds.SOPInstanceUID] = data
     assert archive.compact_series(series[0].SeriesInstanceUID)
+    return sent
+
+
+def test_planned_retrieval_is_slab_ordered_and_exact(archive):
+    series = make_series(21, 12, 10, seed=5)                # 3 slabs of 8 slices
+    sent = _store_and_compact(archive, series)
     archive.reconstructor = Reconstructor(archive.index, archive.blobs, 1 << 20)   # cold cache
     uids = list(sent)
     ordered, prefetch = archive.plan_retrieval(uids)
@@ -80,12 +86,7 @@ def test_planned_retrieval_is_slab_ordered_and_exact(archive):
 
 def test_retrieval_works_when_the_cache_cannot_hold_a_slab(archive):
     series = make_series(10, 12, 10, seed=6)
-    sent = {}
-    for ds in series:
-        ts, data = dataset_bytes(ds)
-        archive.store(data, ts)
-        sent[ds.SOPInstanceUID] = data
-    assert archive.compact_series(series[0].SeriesInstanceUID)
+    sent = _store_and_compact(archive, series)
     archive.reconstructor = Reconstructor(archive.index, archive.blobs, 100)   # nothing fits
     ordered, prefetch = archive.plan_retrieval(list(sent))
     for uid in ordered:
