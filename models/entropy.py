@@ -115,12 +115,12 @@ def _words(encoder) -> np.ndarray:
     return encoder.get_compressed().astype("<u4")
 
 
-def _interleave(step_of, parts):
-    """Concatenate ``parts`` (lists of (steps, values, ...)) ordered by step, then part, then
+def _interleave(parts):
+    """Concatenate ``parts`` (tuples of (steps, values, ...)) ordered by step, then part, then
     original position: the order a step-by-step decoder reads them."""
     key = np.concatenate([steps * len(parts) + i for i, (steps, *_rest) in enumerate(parts)])
     order = np.argsort(key, kind="stable")
-    return order, [np.concatenate(cols)[order] for cols in zip(*(p[1:] for p in parts))]
+    return [np.concatenate(cols)[order] for cols in zip(*(p[1:] for p in parts))]
 
 
 def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.ndarray):
@@ -130,14 +130,14 @@ def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.
     """
     esc = np.flatnonzero(sym.token >= ESC_NEG)
     class_rows = np.full(len(esc), N_SCALES)  # row N_SCALES of the padded table: classes
-    _, (values, rows) = _interleave(step_of, [(step_of, sym.token, j),
-                                              (step_of[esc], sym.cls[esc], class_rows)])
+    values, rows = _interleave([(step_of, sym.token, j),
+                                (step_of[esc], sym.cls[esc], class_rows)])
     tok = constriction.stream.queue.RangeEncoder()
     if len(values):
         tok.encode(values.astype(np.int32), _CATEGORICAL, tables.rows(rows))
     low = sym.low_bits > 0
     extra = sym.extra_bits > 0
-    _, (uval, ubits) = _interleave(step_of, [
+    uval, ubits = _interleave([
         (step_of[low], sym.low[low], sym.low_bits[low]),
         (step_of[extra], sym.extra[extra], sym.extra_bits[extra])])
     uni = constriction.stream.queue.RangeEncoder()

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from models.codec import slab_contexts
-from models.features import DEFAULT_NEIGHBOURHOOD, N_FEATURES, SCALE_STEPS, UNIT, default_features
+from models.features import (DEFAULT_NEIGHBOURHOOD, N_FEATURES, SCALE_STEPS, UNIT,
+                             default_features, prediction, scale_index)
 from models.intnet import quantize_mlp
 from models.predictor import DefaultPredictor
-from models.tables import fitted_tables, table_bits
+from models.tables import fitted_tables, prior_tables, table_bits
 
 log = logging.getLogger(__name__)
 LN2 = float(np.log(2.0))
@@ -147,7 +148,6 @@ def quantize(model: FloatPredictor, samples: Samples, name: str = "default") -> 
     calib = samples.x[:: max(1, len(samples.x) // 200_000)]
     net, out_scale = quantize_mlp(weights, biases, calib, model.input_scale)
     head = np.array([*_mult_shift(out_scale[0]), *_mult_shift(out_scale[1])])
-    from models.tables import prior_tables
     predictor = DefaultPredictor(name, net, head, prior_tables())
     r, j = integer_residuals(predictor, samples)
     predictor.tables = fitted_tables(r, j)
@@ -167,7 +167,6 @@ def float_model(predictor: DefaultPredictor) -> FloatPredictor:
 
 def integer_residuals(predictor: DefaultPredictor, samples: Samples, chunk: int = 1 << 18):
     """Residuals and table indices of the exact integer model on the samples."""
-    from models.features import prediction, scale_index
     mm, ms, sm, ss = (int(v) for v in predictor.head)
     rs, js = [], []
     for a in range(0, len(samples.value), chunk):

@@ -44,11 +44,16 @@ def _store(port, calling, ds):
     return status
 
 
+def _series_query(series_uid) -> Dataset:
+    ident = Dataset()
+    ident.QueryRetrieveLevel, ident.SeriesInstanceUID = "SERIES", series_uid
+    return ident
+
+
 def _query(port, calling, series_uid):
     assoc = _assoc(port, calling,
                    contexts=[build_context(StudyRootQueryRetrieveInformationModelFind)])
-    ident = Dataset()
-    ident.QueryRetrieveLevel, ident.SeriesInstanceUID = "SERIES", series_uid
+    ident = _series_query(series_uid)
     statuses = [s.Status for s, _ in assoc.send_c_find(
         ident, StudyRootQueryRetrieveInformationModelFind) if s]
     assoc.release()
@@ -60,8 +65,7 @@ def _get(port, calling, series_uid):
     contexts = [build_context(StudyRootQueryRetrieveInformationModelGet), build_context(CT)]
     assoc = _assoc(port, calling, contexts=contexts, ext_neg=[build_role(CT, scp_role=True)],
                    evt_handlers=[(evt.EVT_C_STORE, lambda e: got.append(1) or 0x0000)])
-    ident = Dataset()
-    ident.QueryRetrieveLevel, ident.SeriesInstanceUID = "SERIES", series_uid
+    ident = _series_query(series_uid)
     final = [s.Status for s, _ in assoc.send_c_get(
         ident, StudyRootQueryRetrieveInformationModelGet) if s][-1]
     assoc.release()
@@ -71,8 +75,7 @@ def _get(port, calling, series_uid):
 def _move(port, calling, series_uid):
     assoc = _assoc(port, calling,
                    contexts=[build_context(StudyRootQueryRetrieveInformationModelMove)])
-    ident = Dataset()
-    ident.QueryRetrieveLevel, ident.SeriesInstanceUID = "SERIES", series_uid
+    ident = _series_query(series_uid)
     final = [s.Status for s, _ in assoc.send_c_move(
         ident, "NOWHERE", StudyRootQueryRetrieveInformationModelMove) if s][-1]
     assoc.release()
