@@ -14,8 +14,11 @@ from functools import lru_cache
 import numpy as np
 
 from models.context import Neighbourhood, slice_schedule, tiling
+from models.skew import SkewLayout, decode_sheared
 from models.entropy import StepDecoder, encode_slice, split_residuals
 from models.container import CorruptBlobError
+
+ENCODE_CHUNK = 1 << 14  # voxels per predictor call when encoding (keeps the work in cache)
 
 
 class SlabGeometry:
@@ -60,10 +63,24 @@ def slab_contexts(hood: Neighbourhood, slab: np.ndarray, zs: int, tile: tuple[in
     """Yield ``(zl, values (K, pixels), valid (K, pixels))`` for each slice of a slab: the
     causal neighbours every voxel of the slice sees (what encoder and training both use)."""
     geo = geometry(hood, zs, slab.shape[1], slab.shape[2], tile)
-    flat = geo.padded(slab).ravel()
+    pz, py, px0, _ = hood.pad
+    below = max(0, max(dy for _, dy, _ in hood.offsets))
+    if below > py:  # rows past the slice's end would come from the next padded plane
+        flat = geo.padded(slab).ravel()
+        for zl in range(slab.shape[0]):
+            base = geo.pixel_base + zl * geo.plane
+            yield zl, flat[geo.flat_offsets[:, None] + base[None, :]], geo.validity(zl)
+        return
+    # every neighbour of a whole slice is one shifted window of the padded slab (rows past the
+    # last one read zeros, as the flat layout's padding does)
+    ny, nx = slab.shape[1:]
+    buf = np.zeros((geo.shape[0], geo.shape[1] + below, geo.shape[2]), dtype=np.int32)
+    buf[pz:pz + slab.shape[0], py:py + ny, px0:px0 + nx] = slab
     for zl in range(slab.shape[0]):
-        base = geo.pixel_base + zl * geo.plane
-        yield zl, flat[geo.flat_offsets[:, None] + base[None, :]], geo.validity(zl)
+        values = np.empty((hood.size, ny, nx), dtype=np.int32)
+        for k, (dz, dy, dx) in enumerate(hood.offsets):
+            values[k] = buf[pz + zl + dz, py + dy:py + dy + ny, px0 + dx:px0 + dx + nx]
+        yield zl, values.reshape(hood.size, ny * nx), geo.validity(zl)
 
 
 def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int,
@@ -73,7 +90,7 @@ def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int,
     perm = geo.schedule.perm
     lengths, words = [], []
     for zl, values, valid in slab_contexts(predictor.neighbourhood, slab, zs, tile):
-        pred, j = predictor.predict(values, valid, lo, hi)
+        pred, j = _predict_chunked(predictor, values, valid, lo, hi)
         r = slab[zl].ravel().astype(np.int64) - pred
         r, j = r[perm], j[perm]
         tok, uni = encode_slice(predictor.tables, split_residuals(r, j), j, geo.step_of)
@@ -81,6 +98,18 @@ def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int,
         words += [tok, uni]
     head = struct.pack(f"<I{len(lengths)}I", slab.shape[0], *lengths)
     return head + b"".join(w.tobytes() for w in words)
+
+
+def _predict_chunked(predictor, values, valid, lo, hi, chunk: int = ENCODE_CHUNK):
+    """``predictor.predict`` in cache-sized pieces (rows are independent: same result)."""
+    n = values.shape[1]
+    if n <= chunk:
+        return predictor.predict(values, valid, lo, hi)
+    pred, j = np.empty(n, np.int64), np.empty(n, np.int64)
+    for a in range(0, n, chunk):
+        pred[a:a + chunk], j[a:a + chunk] = predictor.predict(
+            values[:, a:a + chunk], valid[:, a:a + chunk], lo, hi)
+    return pred, j
 
 
 def _slice_streams(payload: bytes, count: int):
@@ -100,10 +129,35 @@ def _slice_streams(payload: bytes, count: int):
             for i in range(count)]
 
 
+@lru_cache(maxsize=8)
+def skew_layout(hood: Neighbourhood, ny: int, nx: int, tile: tuple[int, int]) -> SkewLayout:
+    return SkewLayout(hood, ny, nx, tile)
+
+
 def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, nx: int,
                  lo: int, hi: int, zs: int, tile: tuple[int, int]) -> list[np.ndarray]:
     """Decode several slabs in lockstep; ``counts[g]`` is how many leading slices of slab
     ``g`` are wanted (slices after them are never touched)."""
+    layout = skew_layout(predictor.neighbourhood, ny, nx, tuple(tile))
+    if not layout.supported:
+        return decode_slabs_flat(predictor, payloads, counts, ny, nx, lo, hi, zs, tile)
+    counts = np.asarray(counts)
+    order = np.argsort(-counts, kind="stable")  # the lockstep wants non-increasing counts
+    streams = [s for g in order for s in _slice_streams(payloads[g], counts[g])]
+    stream_of = np.cumsum([0] + [int(counts[g]) for g in order])
+    decoder = StepDecoder(predictor.tables, streams)
+    vol = decode_sheared(layout, predictor, decoder, stream_of, counts[order], lo, hi, zs,
+                         CorruptBlobError)
+    out = [None] * len(payloads)
+    for i, g in enumerate(order):
+        out[g] = vol[:counts[g], i].reshape(-1, ny, nx)
+    return out
+
+
+def decode_slabs_flat(predictor, payloads: list[bytes], counts: list[int], ny: int, nx: int,
+                      lo: int, hi: int, zs: int, tile: tuple[int, int]) -> list[np.ndarray]:
+    """:func:`decode_slabs` by gathering neighbours from a padded volume: the reference the
+    sheared decoder is tested against, and the fallback for geometries it does not cover."""
     geo = geometry(predictor.neighbourhood, zs, ny, nx, tile)
     streams = [s for p, c in zip(payloads, counts) for s in _slice_streams(p, c)]
     decoder = StepDecoder(predictor.tables, streams)

@@ -25,6 +25,7 @@ ESC_NEG = 2 * TOKEN_RANGE           # escape tokens
 ESC_POS = ESC_NEG + 1
 N_TOKENS = ESC_POS + 1
 N_CLASSES = 24                      # escape magnitude classes: bit length of the overflow
+CODE_CHUNK = 1 << 14                # symbols per coder call when encoding
 
 _CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 _UNIFORM = constriction.stream.model.Uniform()
@@ -133,8 +134,9 @@ def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.
     values, rows = _interleave([(step_of, sym.token, j),
                                 (step_of[esc], sym.cls[esc], class_rows)])
     tok = constriction.stream.queue.RangeEncoder()
-    if len(values):
-        tok.encode(values.astype(np.int32), _CATEGORICAL, tables.rows(rows))
+    values = values.astype(np.int32)
+    for a in range(0, len(values), CODE_CHUNK):  # same stream as one call, rows stay in cache
+        tok.encode(values[a:a + CODE_CHUNK], _CATEGORICAL, tables.rows(rows[a:a + CODE_CHUNK]))
     low = sym.low_bits > 0
     extra = sym.extra_bits > 0
     uval, ubits = _interleave([

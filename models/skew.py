@@ -1,0 +1,180 @@
+"""A decoder buffer in wavefront coordinates, so that a decoding step reads its neighbours as
+contiguous slices instead of gathering them voxel by voxel.
+
+Each tile of each slice is stored sheared: position ``(tau, y)`` holds the voxel at tile-local
+column ``x = tau - a*y``. The voxels of one wavefront step ``tau`` are then one run of rows of
+that plane, and the neighbour at ``(dz, dy, dx)`` of all of them is the same run shifted by
+``(dz, tau + dx + a*dy, dy)``. Layout: ``buf[z, slab, tile, tau, y]``.
+
+Tiles are all stored at the largest tile's size; the missing voxels of narrower or shorter edge
+tiles are "phantoms": predicted along (cheaper than splitting the batch) but never coded and
+left at zero. Earlier slices may look below a tile's last row (into the next tile down, or past
+the image, where the flat layout reads zero padding); those rows are kept as "ghost" rows: a copy
+of the first rows of the tile below, written when they are decoded.
+
+The order of the symbols is exactly the one of :func:`models.context.slice_schedule`
+(step, then tile, then row), so this decoder reads the streams that ``encode_slab`` wrote.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+
+from models.context import Neighbourhood, tiling
+
+
+class SkewLayout:
+    """Index arithmetic of the sheared buffer for ``ny x nx`` slices cut into ``tile`` tiles."""
+
+    MAX_CACHED_VALIDITY = 1 << 26  # bools; wider neighbourhoods compute validity per step
+
+    def __init__(self, hood: Neighbourhood, ny: int, nx: int, tile: tuple[int, int]):
+        self.hood, self.ny, self.nx = hood, ny, nx
+        self.th, self.tw = min(tile[0], ny), min(tile[1], nx)
+        self.nty, self.ntx = -(-ny // self.th), -(-nx // self.tw)
+        self.tiles = self.nty * self.ntx
+        self.a, self.b = hood.slopes
+        o = np.array(hood.offsets, dtype=np.int64)
+        self.dz, self.dy, self.dx = o[:, 0], o[:, 1], o[:, 2]
+        self.dtau = self.dx + self.a * self.dy
+        earlier = self.dz < 0
+        self.ghost_rows = int(max(0, self.dy[earlier].max(initial=0)))
+        self.steps = self.tw - 1 + self.a * (self.th - 1) + 1
+        self.z0 = hood.pad[0]
+        self.y0 = int(max(0, -self.dy.min()))
+        self.t0 = int(max(0, -self.dtau.min()))
+        last_ghost = self.tw - 1 + self.a * (self.th + self.ghost_rows - 1)
+        last = max(self.steps - 1 + int(max(0, self.dtau.max())), last_ghost)
+        self.plane_shape = (self.t0 + last + 1, self.y0 + self.th + self.ghost_rows)
+
+    @property
+    def supported(self) -> bool:
+        """Ghost rows reach one tile down at most (always so for the shipped models)."""
+        return self.ghost_rows <= self.th
+
+    def rows(self, tau: int) -> tuple[int, int]:
+        """Rows ``[r0, r1)`` of the largest tile that hold a voxel at step ``tau``."""
+        r0 = max(0, -(-(tau - self.tw + 1) // self.a))
+        return r0, min(self.th - 1, tau // self.a) + 1
+
+    @cached_property
+    def _tile_pixels(self) -> np.ndarray:
+        """``(tiles, th, tw)`` slice pixel index of every tile position, -1 for phantoms."""
+        ty, tx = np.divmod(np.arange(self.tiles), self.ntx)
+        y = ty[:, None, None] * self.th + np.arange(self.th)[None, :, None]
+        x = tx[:, None, None] * self.tw + np.arange(self.tw)[None, None, :]
+        return np.where((y < self.ny) & (x < self.nx), y * self.nx + x, -1)
+
+    def step_pixels(self, tau: int) -> np.ndarray:
+        """``(tiles, rows)`` slice pixel index of the positions of step ``tau`` (-1: phantom)."""
+        r0, r1 = self.rows(tau)
+        r = np.arange(r0, r1)
+        return self._tile_pixels[:, r, tau - self.a * r]
+
+    @cached_property
+    def has_phantoms(self) -> bool:
+        return self.ny % self.th != 0 or self.nx % self.tw != 0
+
+    @cached_property
+    def _validity(self) -> np.ndarray:
+        """In-tile validity ``(K, pixels)`` of every neighbour (slice depth checked apart)."""
+        return self.hood.validity(self.z0, tiling(self.ny, self.nx, self.th, self.tw))
+
+    @cached_property
+    def _step_validity(self) -> list[np.ndarray] | None:
+        cells = self.hood.size * sum(self.tiles * np.subtract(*self.rows(t)[::-1])
+                                     for t in range(self.steps))
+        if cells > self.MAX_CACHED_VALIDITY:
+            return None
+        return [self._compute_step_validity(t) for t in range(self.steps)]
+
+    def _compute_step_validity(self, tau: int) -> np.ndarray:
+        pix = self.step_pixels(tau).ravel()
+        return self._validity[:, pix] & (pix >= 0)[None, :]
+
+    def step_validity(self, tau: int) -> np.ndarray:
+        """``(K, tiles * rows)``: neighbours inside the tile, for the positions of step tau."""
+        cached = self._step_validity
+        return cached[tau] if cached is not None else self._compute_step_validity(tau)
+
+    @cached_property
+    def image_index(self) -> np.ndarray:
+        """For each slice pixel, its flat index in one ``(tiles, *plane_shape)`` block."""
+        y, x = np.divmod(np.arange(self.ny * self.nx, dtype=np.int64), self.nx)
+        ty, ly = np.divmod(y, self.th)
+        tx, lx = np.divmod(x, self.tw)
+        tile = ty * self.ntx + tx
+        return (tile * self.plane_shape[0] + lx + self.a * ly + self.t0) * self.plane_shape[1] \
+            + ly + self.y0
+
+
+def decode_sheared(layout: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs,
+                   corrupt) -> np.ndarray:
+    """Decode slabs (``counts`` non-increasing) in lockstep into ``(zs + z0, slabs, ny*nx)``.
+
+    ``decoder`` is a :class:`models.entropy.StepDecoder` over all wanted slices' streams,
+    ``stream_of[g]`` the stream of slab ``g``'s first slice; ``corrupt`` the error to raise.
+    """
+    L, K = layout, layout.hood.size
+    slabs = len(counts)
+    buf = np.zeros((zs + L.z0, slabs, L.tiles) + L.plane_shape, dtype=np.int32)
+    depth_ok = (np.arange(zs)[None, :] + L.dz[:, None]) >= 0          # (K, zs)
+    below = np.arange(L.ntx, L.tiles)                                   # tiles with one above
+    top = int(counts.max())
+    for t in range(L.steps + L.b * (top - 1)):
+        parts = []  # (zl, tau, r0, r1, slabs)
+        for zl in range(top):
+            tau = t - L.b * zl
+            if 0 <= tau < L.steps and L.rows(tau)[1] > L.rows(tau)[0]:
+                parts.append((zl, tau, *L.rows(tau), int((counts > zl).sum())))
+        if not parts:
+            continue
+        sizes = [m * L.tiles * (r1 - r0) for _, _, r0, r1, m in parts]
+        n = sum(sizes)
+        values = np.empty((K, n), dtype=np.int32)
+        valid = np.empty((K, n), dtype=bool)
+        segments, pos, sym = [], 0, 0
+        keep = [] if L.has_phantoms else None
+        for (zl, tau, r0, r1, m), size in zip(parts, sizes):
+            out = values[:, pos:pos + size].reshape(K, m, L.tiles, r1 - r0)
+            z = zl + L.z0
+            for k in range(K):
+                tk = tau + L.t0 + L.dtau[k]
+                yk = r0 + L.y0 + L.dy[k]
+                out[k] = buf[z + L.dz[k], :m, :, tk, yk:yk + r1 - r0]
+            vt = L.step_validity(tau)
+            valid[:, pos:pos + size].reshape(K, m, -1)[...] = (vt & depth_ok[:, zl, None])[:, None]
+            real = vt.shape[1]
+            if keep is not None:
+                mask = L.step_pixels(tau).ravel() >= 0
+                keep.append(np.tile(mask, m))
+                real = int(mask.sum())
+            for g in range(m):
+                segments.append((stream_of[g] + zl, sym, sym + real))
+                sym += real
+            pos += size
+        pred, j = predictor.predict(values, valid, lo, hi)
+        if keep is not None:
+            keep = np.concatenate(keep)
+            decoded = np.zeros(n, dtype=np.int64)
+            if keep.any():
+                decoded[keep] = pred[keep] + decoder.decode_step(segments, j[keep])
+        else:
+            decoded = pred + decoder.decode_step(segments, j)
+        if decoded.min(initial=lo) < lo or decoded.max(initial=hi) > hi:
+            raise corrupt("decoded value outside the volume's dtype: corrupt stream")
+        pos = 0
+        for (zl, tau, r0, r1, m), size in zip(parts, sizes):
+            block = decoded[pos:pos + size].reshape(m, L.tiles, r1 - r0)
+            z = zl + L.z0
+            buf[z, :m, :, tau + L.t0, r0 + L.y0:r1 + L.y0] = block
+            if L.ghost_rows and r0 < L.ghost_rows and L.nty > 1:
+                # rows r0..: copies into the ghost rows of the tile above
+                for r in range(r0, min(r1, L.ghost_rows)):
+                    buf[z][:m, below - L.ntx, tau + L.a * L.th + L.t0, L.y0 + L.th + r] = \
+                        block[:, below, r - r0]
+            pos += size
+    flat = buf.reshape(zs + L.z0, slabs, -1)
+    return flat[L.z0:, :, L.image_index]
