@@ -56,18 +56,42 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
 def _fine_tune(model, samples, seed: int, steps: int) -> None:
     from models.train import laplace_bits
     torch.manual_seed(seed)
-    tensors = [torch.from_numpy(a) for a in
-               (samples.x, samples.ref.astype(np.float32), samples.s.astype(np.float32),
-                samples.lq.astype(np.float32), samples.value.astype(np.float32))]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(samples.value), (ADAPT_BATCH,), generator=gen)
-        x, ref, s, lq, v = (t[idx] for t in tensors)
+    n = len(samples.value)
+    # one shuffle up front, then contiguous batches: cheaper than a random gather per step
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    tensors = [torch.from_numpy(np.ascontiguousarray(a[order], dtype=np.float32)) for a in
+               (samples.x, samples.ref, samples.s, samples.lq, samples.value)]
+    opt = _Adam(list(model.parameters()), lr=1e-3)
+    batch = min(ADAPT_BATCH, n)
+    for step in range(steps):
+        a = (step * batch) % max(n - batch + 1, 1)
+        x, ref, s, lq, v = (t[a:a + batch] for t in tensors)
         loss = laplace_bits(v, ref, s, lq, model(x)).mean()
-        opt.zero_grad()
+        model.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+
+class _Adam:
+    """Plain Adam (Kingma & Ba). torch.optim's first use imports TorchDynamo, which costs
+    seconds per encoding process; this is all the fine-tuning needs."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
 
 
 def embedded_bytes(predictor) -> bytes:
