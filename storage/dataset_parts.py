@@ -9,13 +9,17 @@ value bytes stay in ``after``. Stored words are never rescaled or masked.
 
 from __future__ import annotations
 
+import functools
 import io
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
+from pydicom.values import converters
 
 from storage.errors import UnparseableDatasetError
 
@@ -25,6 +29,13 @@ NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
 # Word types the volume codec takes; other pixel formats go to the general codec.
 _DTYPES = {(8, 0): "uint8", (8, 1): "int8", (16, 0): "uint16", (16, 1): "int16"}
+# Elements pixel_layout reads: their values are converted (validated) by parse_dataset.
+PIXEL_KEYWORDS = ("SamplesPerPixel", "BitsAllocated", "PixelRepresentation", "Rows", "Columns",
+                  "NumberOfFrames")
+_KNOWN_VRS = frozenset(str(vr) for vr in converters)
+# Word size of the VRs whose values are fixed-size numbers (pydicom refuses other lengths; the
+# O* VRs are kept as bytes whatever their length, odd lengths included).
+_WORD = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "AT": 4, "SV": 8, "UV": 8}
 
 
 @dataclass(frozen=True)
@@ -46,8 +57,15 @@ class PixelLayout:
         return (self.frames, self.rows, self.columns)
 
 
-def parse_dataset(data: bytes, transfer_syntax: str):
+def parse_dataset(data: bytes, transfer_syntax: str, keywords: Iterable[str] = ()):
     """Parse encoded dataset bytes (no File Meta) into a pydicom Dataset of raw elements.
+
+    Only what is read later is decoded: the values of the pixel layout's elements and of
+    ``keywords`` (what the index records) are converted now, so that a malformed one fails the
+    parse instead of a later lookup. Every other top-level element is checked for its structure
+    only (known VR, a value length that fits a binary VR, no truncation): it is kept as received
+    bytes and never interpreted, so decoding it (sequences included) would cost most of the
+    ingest time for nothing.
 
     Raises
     ------
@@ -68,36 +86,52 @@ def parse_dataset(data: bytes, transfer_syntax: str):
         ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian)
         if fp.tell() != len(stream) or len(ds) == 0:
             raise ValueError(f"parsed {fp.tell()} of {len(stream)} bytes")
-        _check_lengths(ds, stream, ts.is_little_endian)
-        _convert_values(ds)
+        _check_elements(ds, stream, ts.is_little_endian)
+        for tag in _tags(tuple(keywords)):
+            if tag in ds:
+                ds[tag]                       # converts the raw value; raises when malformed
     except Exception as exc:  # pydicom raises many kinds on malformed input
         raise UnparseableDatasetError(f"cannot parse dataset: {exc}") from exc
     return ds
 
 
-def _check_lengths(ds, stream: bytes, little_endian: bool) -> None:
-    """Raise when a top-level element's value is shorter than its declared length, or an
-    undefined-length value lacks its delimiter (truncation)."""
+@functools.lru_cache(maxsize=64)
+def _tags(keywords: tuple[str, ...]) -> tuple[int, ...]:
+    """Tags of the pixel layout's elements, SpecificCharacterSet and ``keywords``."""
+    names = ("SpecificCharacterSet",) + PIXEL_KEYWORDS + keywords
+    return tuple(dict.fromkeys(tag_for_keyword(k) for k in names))
+
+
+@functools.lru_cache(maxsize=4096)
+def _implicit_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:                          # private or unknown: UN, kept as bytes
+        return "UN"
+
+
+def _check_elements(ds, stream: bytes, little_endian: bool) -> None:
+    """Raise when a top-level element has an unknown VR, a value length that is no multiple of
+    its binary VR's word size, a value shorter than its declared length, or an undefined-length
+    value without its delimiter (truncation)."""
     delimiter = (b"\xfe\xff\xdd\xe0" if little_endian else b"\xff\xfe\xe0\xdd") + b"\0" * 4
-    for tag in ds.keys():
-        raw = ds.get_item(tag)
+    for raw in ds.values():
         value = getattr(raw, "value", None)
-        if not hasattr(raw, "length") or not isinstance(value, bytes):
-            continue
+        if not isinstance(value, bytes) or not hasattr(raw, "value_tell"):
+            continue                          # already an element (an undefined-length sequence)
+        vr = raw.VR or _implicit_vr(raw.tag)
+        if vr not in _KNOWN_VRS:
+            raise ValueError(f"element {raw.tag} has unknown VR {vr!r}")
         if raw.length == 0xFFFFFFFF:
             end = raw.value_tell + len(value)
             if stream[end:end + 8] != delimiter:
-                raise ValueError(f"element {tag} of undefined length has no delimiter")
-        elif len(value) != raw.length:
-            raise ValueError(f"element {tag} declares {raw.length} bytes, has {len(value)}")
-
-
-def _convert_values(ds) -> None:
-    """Convert every top-level value but Pixel Data now, so that a malformed value (wrong length
-    for its VR, unknown VR) fails the parse instead of a later lookup."""
-    for tag in ds.keys():
-        if tag != PIXEL_DATA:
-            ds[tag]
+                raise ValueError(f"element {raw.tag} of undefined length has no delimiter")
+            continue
+        if len(value) != raw.length:
+            raise ValueError(f"element {raw.tag} declares {raw.length} bytes, has {len(value)}")
+        if len(value) % _WORD.get(vr, 1):
+            raise ValueError(f"element {raw.tag} ({vr}) has {len(value)} bytes, not a multiple "
+                             f"of {_WORD[vr]}")
 
 
 def _int(ds, keyword: str, default: int | None = None) -> int | None:
