@@ -160,6 +160,13 @@ class Index:
         with self._write_lock, self.sessions() as session, session.begin():
             yield session
 
+    @contextmanager
+    def connect(self):
+        """Yield a Core connection whose transaction commits on normal exit, rolls back on
+        error; serialised with :meth:`write` (hot paths: no ORM session to build)."""
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
     def drop_all(self) -> None:
         """Remove every index table (tests use this to start a PostgreSQL database clean)."""
         Base.metadata.drop_all(self.engine)

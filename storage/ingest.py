@@ -7,22 +7,22 @@ so that compaction needs no second parse.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import parse_dataset, pixel_layout
 from storage.errors import DuplicateInstanceError, StorageFullError
 from storage.index import Index, Instance, Patient, Series, Study
-from storage.instance_facts import InstanceFacts, describe, stack_format
+from storage.instance_facts import INDEXED_KEYWORDS, InstanceFacts, describe, stack_format
 
 log = logging.getLogger(__name__)
 DUPLICATE_POLICIES = ("keep_first", "replace", "reject")
@@ -60,12 +60,16 @@ def _check_space(index: Index, incoming: int, max_bytes: int) -> None:
 class Stager:
     """Group commit of received instances: concurrent C-STOREs share one index transaction.
 
-    Each instance's bytes are written and fsync'd (file and directory) on a small pool of I/O
-    threads while the receiving thread parses the dataset; its index row then goes to one writer
-    thread, which takes every row waiting at that moment, commits them in one transaction (one
-    fsync of the SQLite WAL, ``synchronous=FULL``) and only then wakes their senders. A lone
-    client waits for no batching window; concurrent ones share fsyncs. Nothing is acknowledged
-    before its bytes are durable and its row is committed.
+    Each instance's bytes are written and fsync'd (file and folder) on a small pool of I/O
+    threads while the receiving thread parses and hashes the dataset. Its index row then joins a
+    queue, and the receiving thread becomes the committer if no other thread is committing: it
+    takes every row waiting at that moment, executes their statements, waits until each of their
+    files is durable, and only then commits them in one transaction (one fsync of the SQLite WAL,
+    ``synchronous=FULL``) and marks them done; the threads whose rows it took return without a
+    transaction of their own. A lone client pays no thread switch and waits for no batching
+    window (its statements run while its file is being fsync'd); concurrent ones share fsyncs.
+    Nothing is committed before its bytes are durable, nothing acknowledged before its row is
+    committed.
 
     Parameters
     ----------
@@ -79,59 +83,49 @@ class Stager:
     def __init__(self, index: Index, io_threads: int = 4, max_batch: int = 256):
         self.index, self.max_batch = index, max_batch
         self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="voxarc-stage-io")
-        self._queue: queue.Queue = queue.Queue()
-        self._writer = threading.Thread(target=self._run, name="voxarc-group-commit", daemon=True)
-        self._writer.start()
+        # folder fsyncs run here, beside the file's fsync on an I/O thread (see put_new)
+        self.folder_sync = ThreadPoolExecutor(io_threads, thread_name_prefix="voxarc-dir-sync")
+        self._waiting: collections.deque = collections.deque()
+        self._committer = threading.Lock()
         self.batches = self.committed = 0           # counters, for logs and tests
         self._ids: dict = {}     # (table, uid) -> row id of committed patients/studies/series
 
-    def commit(self, facts: InstanceFacts, fields: dict, duplicates: str):
-        """Commit one index row with whatever else is waiting; return (outcome, key to drop)."""
-        item = _Pending(facts, fields, duplicates)
-        self._queue.put(item)
-        item.done.wait()
+    def commit(self, facts: InstanceFacts, fields: dict, duplicates: str, written=None):
+        """Commit one index row with whatever else is waiting, once ``written`` (the future of
+        its file's write, if any) is done; return (outcome, key to drop). Raises what the write
+        raised (the row is then not committed)."""
+        item = _Pending(facts, fields, duplicates, written)
+        self._waiting.append(item)
+        while not item.done:
+            with self._committer:          # the committer of the moment takes what is waiting
+                if item.done:
+                    break
+                batch = []
+                while self._waiting and len(batch) < self.max_batch:
+                    batch.append(self._waiting.popleft())
+                self._commit_batch(batch)
         if item.error is not None:
             raise item.error
         return item.result
 
     def close(self) -> None:
-        """Commit what is queued, stop the writer thread and the I/O threads."""
-        if self._writer.is_alive():
-            self._queue.put(None)
-            self._writer.join()
+        """Stop the I/O threads (every commit happens on its caller's thread)."""
         self.io.shutdown(wait=True)
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit_batch(batch)
-            if stop:
-                return
+        self.folder_sync.shutdown(wait=True)
 
     def _commit_batch(self, batch: list) -> None:
         ids = dict(self._ids)
         try:
-            with self.index.write() as session:
-                now = time.time()
+            with self.index.connect() as conn:
+                now, touched = time.time(), set()
                 for item in batch:
                     try:
-                        item.result = _apply(session, item.facts, item.fields, item.duplicates,
-                                             now, ids)
+                        item.result = _apply(conn, item.facts, item.fields, item.duplicates,
+                                             now, ids, touched)
                     except DuplicateInstanceError as exc:   # raised before any write
                         item.error = exc
+                for item in batch:            # files durable before their rows commit
+                    _wait_written(item)
             self._ids = ids if len(ids) < 100_000 else {}
             self.batches += 1
             self.committed += len(batch)
@@ -146,15 +140,28 @@ class Stager:
                 return
             batch[0].error = exc
         for item in batch:
-            item.done.set()
+            item.done = True
 
 
 class _Pending:
-    __slots__ = ("facts", "fields", "duplicates", "result", "error", "done")
+    __slots__ = ("facts", "fields", "duplicates", "written", "result", "error", "done")
 
-    def __init__(self, facts, fields, duplicates):
+    def __init__(self, facts, fields, duplicates, written=None):
         self.facts, self.fields, self.duplicates = facts, fields, duplicates
-        self.result, self.error, self.done = None, None, threading.Event()
+        self.written = written
+        self.result, self.error, self.done = None, None, False
+
+
+def _wait_written(item: _Pending) -> None:
+    """Wait for an item's file write; raise its error unless the row needs no file (a refused
+    or ignored duplicate, whose file is removed anyway)."""
+    if item.written is None:
+        return
+    try:
+        item.written.result()
+    except Exception:
+        if item.error is None and item.result[0] != "duplicate_ignored":
+            raise
 
 
 def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
@@ -183,23 +190,21 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
     """
     key = new_key("s")
     written = None
-    if stager is not None and max_bytes <= 0:     # write (and fsync) while we parse
-        written = stager.io.submit(blobs.put, key, data)
+    if stager is not None and max_bytes <= 0:     # write and fsync while we parse
+        written = stager.io.submit(blobs.put_new, key, data, stager.folder_sync)
     try:
-        ds = parse_dataset(data, transfer_syntax)
+        ds = parse_dataset(data, transfer_syntax, INDEXED_KEYWORDS)
         facts = describe(ds)
         layout = pixel_layout(ds, transfer_syntax)
         if written is None:
             _check_space(index, len(data), max_bytes)
-        digest = hashlib.sha256(data).hexdigest()
     except BaseException:
         if written is not None:
             _discard(written, blobs, key)
         raise
+    digest = hashlib.sha256(data).hexdigest()    # releases the GIL: runs beside the write
     if written is None:
-        blobs.put(key, data)
-    else:
-        written.result()                          # StorageFullError when the write failed
+        blobs.put_new(key, data)
     fields = dict(transfer_syntax=transfer_syntax, size=len(data), sha256=digest, staged_key=key,
                   stack_format=stack_format(layout, facts, transfer_syntax),
                   pixel_offset=layout.offset if layout else 0,
@@ -207,18 +212,21 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
                   frames=layout.frames if layout else 1)
     try:
         if stager is not None:
-            outcome, dropped_key = stager.commit(facts, fields, duplicates)
+            outcome, dropped_key = stager.commit(facts, fields, duplicates, written)
         else:
             outcome, dropped_key = _commit(index, facts, fields, duplicates)
-    except (SQLAlchemyError, DuplicateInstanceError) as exc:
-        blobs.delete(key)
-        if isinstance(exc, DuplicateInstanceError):
+    except (SQLAlchemyError, DuplicateInstanceError, StorageFullError) as exc:
+        if written is not None:
+            _discard(written, blobs, key)
+        else:
+            blobs.delete(key)
+        if isinstance(exc, (DuplicateInstanceError, StorageFullError)):
             raise
         raise StorageFullError(f"cannot index {facts.sop_uid}: {exc}") from exc
     if dropped_key:
         blobs.delete(dropped_key)
-    log.info("%s instance %s (%d bytes, %s) of series %s", outcome, facts.sop_uid, len(data),
-             transfer_syntax, facts.series["series_uid"])
+    log.debug("%s instance %s (%d bytes, %s) of series %s", outcome, facts.sop_uid, len(data),
+              transfer_syntax, facts.series["series_uid"])
     return IngestResult(outcome, facts.sop_uid, facts.series["series_uid"])
 
 
@@ -234,17 +242,27 @@ def _discard(written, blobs: BlobStore, key: str) -> None:
 def _commit(index: Index, facts: InstanceFacts, fields: dict, duplicates: str):
     """Write the index rows in their own transaction; return (outcome, staged key to delete
     afterwards or None)."""
-    with index.write() as session:
-        return _apply(session, facts, fields, duplicates, time.time())
+    with index.connect() as conn:
+        return _apply(conn, facts, fields, duplicates, time.time())
 
 
-def _apply(session, facts: InstanceFacts, fields: dict, duplicates: str, now: float,
-           ids: dict | None = None):
-    """Add one instance's rows to ``session`` with Core statements (the ORM costs more than the
-    fsync here); raise DuplicateInstanceError before any write. ``ids`` caches the row ids of
-    patients, studies and series already in the database."""
-    old = session.execute(select(Instance.id, Instance.staged_key)
-                          .where(Instance.sop_uid == facts.sop_uid)).first()
+# Core statements on the tables, built once (SQLAlchemy caches their compiled form): the ORM
+# session and per-call statement building cost more than the fsync here.
+_INSTANCES, _SERIES = Instance.__table__, Series.__table__
+_OLD = select(_INSTANCES.c.id, _INSTANCES.c.staged_key) \
+    .where(_INSTANCES.c.sop_uid == bindparam("p_sop_uid"))
+_DELETE = delete(_INSTANCES).where(_INSTANCES.c.id == bindparam("p_id"))
+_TOUCH = update(_SERIES).where(_SERIES.c.id == bindparam("p_id")) \
+    .values(last_received=bindparam("p_now"))
+_INSERT = insert(_INSTANCES)
+
+
+def _apply(conn, facts: InstanceFacts, fields: dict, duplicates: str, now: float,
+           ids: dict | None = None, touched: set | None = None):
+    """Add one instance's rows on the Core connection ``conn``; raise DuplicateInstanceError
+    before any write. ``ids`` caches the row ids of patients, studies and series already in the
+    database; ``touched`` holds the series whose ``last_received`` is ``now`` already."""
+    old = conn.execute(_OLD, {"p_sop_uid": facts.sop_uid}).first()
     if old is not None and duplicates == "reject":
         raise DuplicateInstanceError(f"instance {facts.sop_uid} already stored")
     if old is not None and duplicates != "replace":
@@ -253,29 +271,33 @@ def _apply(session, facts: InstanceFacts, fields: dict, duplicates: str, now: fl
     dropped = None
     if old is not None:
         dropped = old.staged_key
-        session.execute(delete(Instance).where(Instance.id == old.id))
+        conn.execute(_DELETE, {"p_id": old.id})
         log.warning("duplicate instance %s replaces the stored one (policy replace)",
                     facts.sop_uid)
     ids = {} if ids is None else ids
-    patient = _row_id(session, ids, Patient, "patient_id", facts.patient)
-    study = _row_id(session, ids, Study, "study_uid", facts.study, patient_fk=patient)
-    series = _row_id(session, ids, Series, "series_uid", facts.series, study_fk=study)
-    session.execute(update(Series).where(Series.id == series).values(last_received=now))
-    session.execute(insert(Instance).values(
+    patient = _row_id(conn, ids, Patient, "patient_id", facts.patient)
+    study = _row_id(conn, ids, Study, "study_uid", facts.study, patient_fk=patient)
+    series = _row_id(conn, ids, Series, "series_uid", facts.series, study_fk=study)
+    if touched is None or series not in touched:
+        conn.execute(_TOUCH, {"p_id": series, "p_now": now})
+        if touched is not None:
+            touched.add(series)
+    conn.execute(_INSERT, dict(
         sop_uid=facts.sop_uid, series_fk=series, sop_class_uid=facts.sop_class_uid,
         instance_number=facts.instance_number, position=facts.position, received_at=now,
         **fields))
     return ("replaced" if old is not None else "stored"), dropped
 
 
-def _row_id(session, ids: dict, model, key: str, values: dict, **parent) -> int:
+def _row_id(conn, ids: dict, model, key: str, values: dict, **parent) -> int:
     """Id of the row of ``model`` whose ``key`` is ``values[key]``, added when missing."""
     cache_key = (model.__tablename__, values[key])
     row_id = ids.get(cache_key)
     if row_id is None:
-        row_id = session.scalar(select(model.id).where(getattr(model, key) == values[key]))
+        table = model.__table__
+        row_id = conn.scalar(select(table.c.id).where(table.c[key] == values[key]))
         if row_id is None:
-            row_id = session.execute(insert(model).values(**values, **parent)) \
+            row_id = conn.execute(insert(table).values(**values, **parent)) \
                 .inserted_primary_key[0]
         ids[cache_key] = row_id
     return row_id
