@@ -5,10 +5,11 @@ Built in one place, the same way by ``voxarc serve`` and by the tests.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelFind,
@@ -17,6 +18,7 @@ from pynetdicom.sop_class import (
 )
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.presentation import PresentationContext
 
 from service import exact_send, handlers, tls
 from service.access import AccessPolicy, guard
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 # first, as most modalities send it (an instance goes out only in the syntax it came in).
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian] + [
     ts for ts in ALL_TRANSFER_SYNTAXES if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
+# pynetdicom's DUL reactor sleeps this long whenever it finds nothing to do (its default, 1 ms,
+# is paid on every request and every response of a C-STORE, as the client waits for each).
+# Measured here, an idle association costs 8.3% of a core at 1 ms, 9.8% at 0.5 ms, 16% at 0.2 ms.
+DUL_LOOP_DELAY = 0.0005
 QUERY_RETRIEVE = (
     PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelFind,
@@ -47,6 +53,10 @@ def build_ae(settings: Settings) -> AE:
     """Return the application entity: every storage SOP class in every transfer syntax (also in
     the SCP role, for C-GET), Verification and the Patient/Study Root query/retrieve models."""
     exact_send.install()    # retrieved instances go out as received, never re-encoded
+    # pynetdicom's "standard" handlers log every PDU and DIMSE message (building the text even
+    # when the level drops it); keep them for debug logging only, we log each operation anyway.
+    debug = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
+    _config.LOG_HANDLER_LEVEL = "standard" if debug else "none"
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu_size     # large PDUs: far fewer round trips
     ae.maximum_associations = settings.max_associations
@@ -64,6 +74,7 @@ def build_ae(settings: Settings) -> AE:
 def event_handlers(archive: Archive, settings: Settings) -> list:
     """The (event, handler, args) bindings of a node, with the ``peers`` permission checks."""
     return guard([
+        (evt.EVT_CONN_OPEN, _tune_association),
         (evt.EVT_ACCEPTED, handlers.handle_association),
         (evt.EVT_RELEASED, handlers.handle_association),
         (evt.EVT_ABORTED, handlers.handle_association),
@@ -73,6 +84,37 @@ def event_handlers(archive: Archive, settings: Settings) -> list:
         (evt.EVT_C_GET, handlers.handle_get, [archive]),
         (evt.EVT_C_MOVE, handlers.handle_move, [archive, settings]),
     ], AccessPolicy.from_settings(settings.peers))
+
+
+class _SharedSyntaxContext(PresentationContext):
+    """A supported presentation context whose copies share its (immutable) transfer syntax UIDs.
+
+    pynetdicom deep-copies every supported context for each new association; with every storage
+    SOP class in every transfer syntax (177 contexts, 7,678 UIDs) that took 180 ms here, on every
+    association, before the A-ASSOCIATE-AC. A copy needs its own list, not its own UID strings.
+    """
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        new._transfer_syntax = list(self._transfer_syntax)
+        return new
+
+
+def shared_contexts(contexts: list) -> list:
+    """The same presentation contexts, as :class:`_SharedSyntaxContext` (cheap to deep-copy)."""
+    out = []
+    for cx in contexts:
+        new = _SharedSyntaxContext()
+        new.__dict__.update(copy.deepcopy(cx).__dict__)
+        out.append(new)
+    return out
+
+
+def _tune_association(event) -> None:
+    """Shorten the idle sleep of a new association's DUL reactor (see :data:`DUL_LOOP_DELAY`)."""
+    dul = getattr(event.assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = DUL_LOOP_DELAY
 
 
 class CompactionWorker(threading.Thread):
@@ -130,6 +172,7 @@ class Node:
                                          self.settings.tls_ca_certificates)
         self.server = self.ae.start_server((self.settings.host, self.settings.port), block=False,
                                            ssl_context=ssl_context,
+                                           contexts=shared_contexts(self.ae.supported_contexts),
                                            evt_handlers=self.metrics.instrument(
                                                event_handlers(self.archive, self.settings)))
         if self.worker:
