@@ -22,7 +22,7 @@ from functools import cached_property
 
 import numpy as np
 
-from models.context import Neighbourhood, tiling
+from models.context import Neighbourhood
 
 
 class SkewLayout:
@@ -60,42 +60,50 @@ class SkewLayout:
         return r0, min(self.th - 1, tau // self.a) + 1
 
     @cached_property
-    def _tile_pixels(self) -> np.ndarray:
-        """``(tiles, th, tw)`` slice pixel index of every tile position, -1 for phantoms."""
-        ty, tx = np.divmod(np.arange(self.tiles), self.ntx)
-        y = ty[:, None, None] * self.th + np.arange(self.th)[None, :, None]
-        x = tx[:, None, None] * self.tw + np.arange(self.tw)[None, None, :]
-        return np.where((y < self.ny) & (x < self.nx), y * self.nx + x, -1)
+    def row_ranges(self) -> list[tuple[int, int]]:
+        return [self.rows(t) for t in range(self.steps)]
 
-    def step_pixels(self, tau: int) -> np.ndarray:
-        """``(tiles, rows)`` slice pixel index of the positions of step ``tau`` (-1: phantom)."""
+    @cached_property
+    def _tile_size(self) -> tuple[np.ndarray, np.ndarray]:
+        """Width and height of every tile (edge tiles may be smaller than the largest)."""
+        ty, tx = np.divmod(np.arange(self.tiles), self.ntx)
+        return (np.minimum(self.tw, self.nx - tx * self.tw),
+                np.minimum(self.th, self.ny - ty * self.th))
+
+    def _step_grid(self, tau: int):
+        """Rows ``r`` (1, rows), columns ``x`` and tile widths (tiles, 1) of step ``tau``."""
         r0, r1 = self.rows(tau)
-        r = np.arange(r0, r1)
-        return self._tile_pixels[:, r, tau - self.a * r]
+        r = np.arange(r0, r1)[None, :]
+        width, _ = self._tile_size
+        return r, tau - self.a * r, width[:, None]
 
     @cached_property
     def has_phantoms(self) -> bool:
         return self.ny % self.th != 0 or self.nx % self.tw != 0
 
-    @cached_property
-    def _validity(self) -> np.ndarray:
-        """In-tile validity ``(K, pixels)`` of every neighbour (slice depth checked apart)."""
-        return self.hood.validity(self.z0, tiling(self.ny, self.nx, self.th, self.tw))
+    def step_real(self, tau: int) -> np.ndarray:
+        """``(tiles * rows)``: which positions of step ``tau`` are voxels (not phantoms)."""
+        r, x, width = self._step_grid(tau)
+        _, height = self._tile_size
+        return ((x < width) & (r < height[:, None])).ravel()
+
+    def _compute_step_validity(self, tau: int) -> np.ndarray:
+        r, x, width = self._step_grid(tau)
+        xx = x[None] + self.dx[:, None, None]                      # (K, 1, rows)
+        ok = (r[None] + self.dy[:, None, None] >= 0) & (xx >= 0) & (xx < width[None])
+        ok &= self.step_real(tau).reshape(1, self.tiles, -1)
+        return ok.reshape(self.hood.size, -1)
 
     @cached_property
     def _step_validity(self) -> list[np.ndarray] | None:
-        cells = self.hood.size * sum(self.tiles * np.subtract(*self.rows(t)[::-1])
-                                     for t in range(self.steps))
+        cells = self.hood.size * self.tiles * self.th * self.steps
         if cells > self.MAX_CACHED_VALIDITY:
             return None
         return [self._compute_step_validity(t) for t in range(self.steps)]
 
-    def _compute_step_validity(self, tau: int) -> np.ndarray:
-        pix = self.step_pixels(tau).ravel()
-        return self._validity[:, pix] & (pix >= 0)[None, :]
-
     def step_validity(self, tau: int) -> np.ndarray:
-        """``(K, tiles * rows)``: neighbours inside the tile, for the positions of step tau."""
+        """``(K, tiles * rows)``: neighbours inside the tile (the slab's first slices are
+        checked apart), for the positions of step ``tau``; False for phantoms."""
         cached = self._step_validity
         return cached[tau] if cached is not None else self._compute_step_validity(tau)
 
@@ -127,8 +135,8 @@ def decode_sheared(layout: SkewLayout, predictor, decoder, stream_of, counts, lo
         parts = []  # (zl, tau, r0, r1, slabs)
         for zl in range(top):
             tau = t - L.b * zl
-            if 0 <= tau < L.steps and L.rows(tau)[1] > L.rows(tau)[0]:
-                parts.append((zl, tau, *L.rows(tau), int((counts > zl).sum())))
+            if 0 <= tau < L.steps and L.row_ranges[tau][1] > L.row_ranges[tau][0]:
+                parts.append((zl, tau, *L.row_ranges[tau], int((counts > zl).sum())))
         if not parts:
             continue
         sizes = [m * L.tiles * (r1 - r0) for _, _, r0, r1, m in parts]
@@ -148,7 +156,7 @@ def decode_sheared(layout: SkewLayout, predictor, decoder, stream_of, counts, lo
             valid[:, pos:pos + size].reshape(K, m, -1)[...] = (vt & depth_ok[:, zl, None])[:, None]
             real = vt.shape[1]
             if keep is not None:
-                mask = L.step_pixels(tau).ravel() >= 0
+                mask = L.step_real(tau)
                 keep.append(np.tile(mask, m))
                 real = int(mask.sum())
             for g in range(m):
