@@ -263,6 +263,7 @@ def codec_decode_rate(data_dir: Path, series_uid: str) -> float:
     """M voxels/s of ``models.decode_volume`` on the series' compressed blobs (0: none)."""
     import models
     from sqlalchemy import select
+    from storage import header_pack
     from storage.archive import Archive
     from storage.index import Blob, Instance, Series
     archive = Archive(data_dir)
@@ -270,8 +271,9 @@ def codec_decode_rate(data_dir: Path, series_uid: str) -> float:
         with archive.index.read() as s:
             keys = s.scalars(select(Blob.key).distinct().join(Instance, Instance.blob_fk == Blob.id)
                              .join(Series, Instance.series_fk == Series.id)
-                             .where(Series.series_uid == series_uid, Blob.codec == "volume")).all()
-        blobs = [archive.blobs.get(k) for k in keys]
+                             .where(Series.series_uid == series_uid,
+                                    Blob.codec.in_(header_pack.VOLUME_CODECS))).all()
+        blobs = [header_pack.coded_part(archive.blobs.get(k)) for k in keys]
     finally:
         archive.close()
     if not blobs:

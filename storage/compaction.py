@@ -19,6 +19,7 @@ import numpy as np
 from sqlalchemy import select
 
 import models
+from storage import header_pack
 from storage.assembly import Stack, assemble
 from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import join, parse_dataset, pixel_layout, split
@@ -125,16 +126,20 @@ class Compactor:
         decoded = models.decode_volume(blob)
         if decoded.dtype != volume.dtype or _sha(decoded.tobytes()) != _sha(volume.tobytes()):
             raise VerificationError("decoded volume differs from the staged pixels")
-        key, start = new_key("b"), 0
+        key, start, headers = new_key("b"), 0, {}
         for inst, before, pixels, after in parts:
             stop = start + pixels.shape[0]
             if _sha(join(before, decoded[start:stop], after)) != inst.sha256:
                 raise VerificationError(f"instance {inst.sop_uid} does not rebuild exactly")
-            plan.updates[inst.id] = (key, dict(frame_start=start, header_before=before,
-                                               header_after=after))
+            plan.updates[inst.id] = (key, dict(frame_start=start, header_before=b"",
+                                               header_after=b""))
+            headers[start] = (before, after)
             start = stop
         info = models.blob_info(blob)
-        self._put(plan, key, blob, "volume", volume.nbytes, dtype=volume.dtype.name,
+        stored = header_pack.wrap(headers, blob)
+        if header_pack.unpack(stored) != headers:
+            raise VerificationError("header pack does not give back the headers")
+        self._put(plan, key, stored, header_pack.CODEC, volume.nbytes, dtype=volume.dtype.name,
                   shape=",".join(map(str, volume.shape)), slab=int(info.get("slab") or 0),
                   codec_info=f"{info.get('model', '')} v{info.get('version', '')}")
 

@@ -62,7 +62,7 @@ class Blob(Base):
     __tablename__ = "blobs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(String, unique=True)
-    codec: Mapped[str] = mapped_column(String)          # "volume", "zlib" or "raw"
+    codec: Mapped[str] = mapped_column(String)  # "volume+headers", "volume", "zlib" or "raw"
     codec_info: Mapped[str] = mapped_column(String, default="")
     dtype: Mapped[str] = mapped_column(String, default="")
     shape: Mapped[str] = mapped_column(String, default="")

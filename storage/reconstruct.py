@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 import models
 from models import parallel
+from storage import header_pack
 from storage.blobstore import BlobStore
 from storage.dataset_parts import join
 from storage.errors import InstanceNotFoundError, IntegrityError
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 SLAB = 16  # slices decoded together and cached as one entry, when the blob names no slab
 LOCKSTEP = 8  # most slabs a prefetch decodes in one call (the codec's lockstep group)
 AHEAD = 24    # most slabs a prefetch decodes before the senders have taken them
+HEADER_PACKS = 4  # unpacked header packs kept (a pack holds a whole stack's headers)
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ class Prefetch:
                 data = blobs.get(st.key)
                 if data is None:
                     blobs.clear()
-                    data = blobs[st.key] = owner.blobs.get(st.key)
+                    data = blobs[st.key] = header_pack.coded_part(owner.blobs.get(st.key))
                 pixels = models.decode_slices(data, st.lo, st.hi)
                 for slab in range(st.lo // st.step, (st.hi - 1) // st.step + 1):
                     lo = slab * st.step
@@ -155,6 +157,7 @@ class Reconstructor:
         self.cache = SlabCache(cache_bytes)
         self._cond = threading.Condition()
         self._planned: dict = {}      # (blob key, slab) -> prefetch decoding it
+        self._header_packs: dict = {}  # blob key -> unpacked header pack, oldest first
 
     def plan(self, sop_uids: list[str]) -> tuple[list[str], Prefetch | None]:
         """Order ``sop_uids`` for sending (slab by slab through each compressed stack) and start
@@ -174,7 +177,7 @@ class Reconstructor:
                         .outerjoin(Blob, Instance.blob_fk == Blob.id)
                         .where(Instance.sop_uid.in_(sop_uids[i:i + 500]),
                                Instance.staged_key.is_(None))):
-                    if codec == "volume":
+                    if codec in header_pack.VOLUME_CODECS:
                         rows[uid] = (bid, fs, frames, key, int(shape.split(",")[0]), slab or SLAB)
         ordered = sorted(sop_uids, key=lambda u: (u in rows, rows[u][:2] if u in rows else 0))
         volume = [rows[u] for u in ordered if u in rows]
@@ -274,9 +277,30 @@ class Reconstructor:
             if blob.codec == "zlib":
                 return zlib.decompress(self.blobs.get(blob.key))
             pixels = self._slices(blob, inst.frame_start, inst.frame_start + inst.frames)
-            return join(inst.header_before, pixels, inst.header_after)
-        except (KeyError, zlib.error, models.CorruptBlobError) as exc:
+            if blob.codec == header_pack.CODEC:
+                before, after = self._headers(blob.key)[inst.frame_start]
+            else:
+                before, after = inst.header_before, inst.header_after
+            return join(before, pixels, after)
+        except (KeyError, zlib.error, models.CorruptBlobError, header_pack.HeaderPackError) as exc:
             raise IntegrityError(f"instance {inst.sop_uid}: stored data unreadable ({exc})") from exc
+
+    def _headers(self, key: str) -> dict:
+        """The unpacked header pack of blob ``key`` (the last few are kept)."""
+        with self._cond:
+            packs = self._header_packs
+            if key in packs:
+                packs[key] = packs.pop(key)  # most recently used last
+                return packs[key]
+        value = header_pack.unpack(self.blobs.get(key))
+        with self._cond:
+            packs[key] = value
+            while len(packs) > HEADER_PACKS:
+                packs.pop(next(iter(packs)))
+        return value
+
+    def _coded(self, key: str) -> bytes:
+        return header_pack.coded_part(self.blobs.get(key))
 
     def _slices(self, blob, start: int, stop: int) -> np.ndarray:
         depth, step = int(blob.shape.split(",")[0]), blob.slab or SLAB
@@ -286,9 +310,9 @@ class Reconstructor:
             data = self._planned_slab((blob.key, slab), min(stop, hi) - lo)
             if data is None:
                 data = self.cache.get((blob.key, slab), lambda lo=lo, hi=hi: models.decode_slices(
-                    self.blobs.get(blob.key), lo, hi))
+                    self._coded(blob.key), lo, hi))
                 if len(data) < min(stop, hi) - lo:       # a cached prefix too short
-                    data = models.decode_slices(self.blobs.get(blob.key), lo, hi)
+                    data = models.decode_slices(self._coded(blob.key), lo, hi)
                     self.cache.put((blob.key, slab), data)
             parts.append(data[max(start, lo) - lo:min(stop, hi) - lo])
         return np.concatenate(parts)

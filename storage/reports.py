@@ -15,6 +15,7 @@ from collections import defaultdict
 
 from sqlalchemy import case, func, select
 
+from storage import header_pack
 from storage.index import Blob, Index, Instance, Job, Patient, Series, Study
 
 # Sort keys of :func:`studies` -> column name of the statement it builds
@@ -55,7 +56,7 @@ def bits_per_voxel(index: Index) -> dict:
     """
     with index.read() as s:
         rows = s.execute(select(Blob.shape, Blob.raw_bytes, Blob.stored_bytes)
-                         .where(Blob.codec == "volume")).all()
+                         .where(Blob.codec.in_(header_pack.VOLUME_CODECS))).all()
     voxels = sum(math.prod(int(v) for v in shape.split(",")) for shape, _, _ in rows if shape)
     raw, stored = sum(r[1] for r in rows), sum(r[2] for r in rows)
     return {"bits_per_voxel": round(8 * stored / voxels, 4) if voxels else 0.0,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 import models
+from storage import header_pack
 from storage.errors import StorageError
 from storage.index import Blob, Instance, Job
 
@@ -46,8 +47,10 @@ def _check_blob(archive, blob: Blob) -> str:
     if hashlib.sha256(data).hexdigest() != blob.sha256:
         return "stored bytes differ from their recorded SHA-256"
     try:
-        if blob.codec == "volume":
-            models.decode_volume(data)
+        if blob.codec in header_pack.VOLUME_CODECS:
+            if blob.codec == header_pack.CODEC:
+                header_pack.unpack(data)
+            models.decode_volume(header_pack.coded_part(data))
         elif blob.codec == "zlib":
             zlib.decompress(data)
     except (models.CorruptBlobError, zlib.error, ValueError) as exc:

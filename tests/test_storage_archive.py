@@ -9,6 +9,7 @@ from sqlalchemy import select
 import models
 from node_helpers import (BUNDLED, archive, bundled, dataset_bytes,  # noqa: F401 (fixture)
                           make_series, real_series_files)
+from storage import header_pack
 from storage.archive import Archive
 from storage.blobstore import BlobStore, new_key
 from storage.errors import (DuplicateInstanceError, InstanceNotFoundError, IntegrityError,
@@ -47,7 +48,7 @@ def test_stage_compact_and_retrieve_exactly(archive):
     _assert_exact(archive, sent)
     with archive.index.read() as s:
         codecs = sorted(s.scalars(select(Blob.codec)))
-        assert codecs.count("volume") == 2
+        assert codecs.count("volume+headers") == 2
         assert sorted(archive.blobs.keys()) == sorted(s.scalars(select(Blob.key)))
 
 
@@ -59,7 +60,7 @@ def test_stack_is_sorted_along_the_normal(archive):
         rows = list(s.scalars(select(Instance).order_by(Instance.frame_start)))
         blob = s.scalar(select(Blob))
     assert [r.position for r in rows] == sorted(r.position for r in rows)
-    volume = models.decode_volume(archive.blobs.get(blob.key))
+    volume = models.decode_volume(header_pack.coded_part(archive.blobs.get(blob.key)))
     assert volume.dtype == np.int16 and volume.shape == (4, 8, 8)
 
 

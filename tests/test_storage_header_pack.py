@@ -1,0 +1,82 @@
+"""Header packs: a coded stack's headers stored once, together, in front of its codec blob."""
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from node_helpers import archive, dataset_bytes, make_series  # noqa: F401 (fixture)
+from storage import header_pack
+from storage.errors import IntegrityError
+from storage.index import Blob, Instance
+
+
+def _series_with_private_block(n=6, size=40_000):
+    """A series whose instances repeat a large private element (as MR vendors do)."""
+    block = np.random.default_rng(3).integers(0, 256, size, dtype=np.uint8).tobytes()
+    series = make_series(n, 16, 12)
+    for ds in series:
+        ds.add_new(0x00191010, "OB", block)
+    return series
+
+
+def _store(arch, series):
+    sent = {}
+    for ds in series:
+        ts, data = dataset_bytes(ds)
+        arch.store(data, ts)
+        sent[ds.SOPInstanceUID] = data
+    return sent
+
+
+def test_pack_round_trip_and_damage():
+    headers = {0: (b"a" * 100, b"z"), 1: (b"b" * 70_000, b""), 5: (b"", b"tail")}
+    blob = header_pack.wrap(headers, b"CODEC-BLOB")
+    assert header_pack.unpack(blob) == headers
+    assert header_pack.coded_part(blob) == b"CODEC-BLOB"
+    assert header_pack.coded_part(b"VXA-not-a-pack") == b"VXA-not-a-pack"
+    for bad in (blob[:20], blob[:8] + bytes([blob[8] ^ 1]) + blob[9:], b"VXHP\x02" + blob[5:]):
+        with pytest.raises(header_pack.HeaderPackError):
+            header_pack.unpack(bad)
+
+
+def test_compaction_stores_repeated_headers_once(archive):
+    series = _series_with_private_block()
+    sent = _store(archive, series)
+    assert archive.compact(stable_age=0) == (1, 0)
+    with archive.index.read() as s:
+        (blob,) = s.scalars(select(Blob)).all()
+        columns = s.execute(select(Instance.header_before, Instance.header_after)).all()
+    assert blob.codec == header_pack.CODEC
+    assert all(not before and not after for before, after in columns)
+    # six copies of a 40 kB private block cost about one copy
+    assert archive.stats()["stored_bytes"] < 40_000 * 1.5
+    for uid, data in sent.items():
+        assert archive.retrieve(uid).data == data
+
+
+def test_blobs_of_the_plain_volume_codec_still_read(archive):
+    """Archives written before header packs: codec "volume", headers in the index."""
+    sent = _store(archive, make_series(4, 12, 10))
+    archive.compact(stable_age=0)
+    with archive.index.write() as s:
+        blob = s.scalars(select(Blob)).one()
+        stored = archive.blobs.get(blob.key)
+        packed = header_pack.unpack(stored)
+        archive.blobs.put(blob.key, header_pack.coded_part(stored))
+        blob.codec = "volume"
+        for row in s.scalars(select(Instance)):
+            row.header_before, row.header_after = packed[row.frame_start]
+    for uid, data in sent.items():  # nothing of this blob was read (or cached) before
+        assert archive.retrieve(uid).data == data
+
+
+def test_damaged_pack_is_never_sent(archive):
+    sent = _store(archive, make_series(3, 12, 10))
+    archive.compact(stable_age=0)
+    with archive.index.read() as s:
+        key = s.scalars(select(Blob.key)).one()
+    stored = archive.blobs.get(key)
+    archive.blobs.put(key, stored[:30] + bytes([stored[30] ^ 0x40]) + stored[31:])
+    for uid in sent:
+        with pytest.raises(IntegrityError):
+            archive.retrieve(uid)
