@@ -207,3 +207,26 @@ def test_move_without_unique_key_is_refused(populated):
         assert final.Status == 0xA900 and dest.received == {}
     finally:
         dest.stop()
+
+
+def test_associations_get_cheap_context_copies_and_a_short_reactor_sleep(node):
+    """pynetdicom deep-copies the supported contexts for every association: the node's copies
+    share their transfer syntax UIDs (own lists), and each association's DUL sleeps briefly."""
+    import copy
+
+    from service.ae import DUL_LOOP_DELAY
+    contexts = node.server.contexts
+    copies = copy.deepcopy(contexts)
+    assert [c.as_tuple for c in copies] == [c.as_tuple for c in node.ae.supported_contexts]
+    assert [(c.scu_role, c.scp_role) for c in copies] == \
+        [(c.scu_role, c.scp_role) for c in node.ae.supported_contexts]
+    first, again = contexts[0], copies[0]
+    assert again.transfer_syntax[0] is first.transfer_syntax[0]
+    again.add_transfer_syntax("1.2.3.4.5")
+    assert "1.2.3.4.5" not in first.transfer_syntax
+    assoc = associate(node.port, [build_context(CT, [ExplicitVRLittleEndian])])
+    try:
+        served = node.server.active_associations
+        assert served and all(a.dul._run_loop_delay == DUL_LOOP_DELAY for a in served)
+    finally:
+        assoc.release()

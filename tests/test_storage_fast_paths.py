@@ -2,7 +2,9 @@
 stacks: same guarantees as the one-at-a-time paths (durable before success, byte-exact back)."""
 
 import threading
+import time
 
+import pytest
 from sqlalchemy import func, select
 
 from node_helpers import archive, dataset_bytes, make_series  # noqa: F401 (fixture)
@@ -92,3 +94,80 @@ def test_retrieval_works_when_the_cache_cannot_hold_a_slab(archive):
     for uid in ordered:
         assert archive.retrieve(uid).data == sent[uid]
     prefetch.thread.join(30)
+
+
+def test_lone_store_commits_on_its_own_thread(archive, monkeypatch):
+    """No hand-off to a writer thread: the receiving thread runs its own transaction."""
+    from storage import ingest
+    threads = []
+    apply = ingest._apply
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return apply(*args, **kwargs)
+
+    monkeypatch.setattr(ingest, "_apply", recording)
+    ts, data = dataset_bytes(make_series(1, 8, 8)[0])
+    assert archive.store(data, ts).outcome == "stored"
+    assert threads == [threading.current_thread()]
+
+
+def test_rows_waiting_behind_a_commit_share_the_next_one(archive, monkeypatch):
+    """While one transaction is slow, the stores arriving meanwhile are committed together."""
+    items = [dataset_bytes(ds) for ds in make_series(7, 8, 8)]
+    connect, entered, release = archive.index.connect, threading.Event(), threading.Event()
+
+    def slow_first(*args, **kwargs):
+        if not entered.is_set():
+            entered.set()
+            release.wait(10)
+        return connect(*args, **kwargs)
+
+    monkeypatch.setattr(archive.index, "connect", slow_first)
+    first = threading.Thread(target=archive.store, args=(items[0][1], items[0][0]))
+    first.start()
+    assert entered.wait(10)
+    rest = [threading.Thread(target=archive.store, args=(data, ts)) for ts, data in items[1:]]
+    for t in rest:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(archive.stager._waiting) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for t in [first, *rest]:
+        t.join()
+    assert archive.stager.committed == 7
+    assert archive.stager.batches == 2                  # the first, then the six that waited
+    assert archive.stats()["instances"] == 7
+
+
+def test_a_row_is_not_committed_before_its_file_is_durable(archive, monkeypatch):
+    """The file's write fails after the row's statements ran: nothing is committed or left."""
+    from storage.errors import StorageFullError
+    put_new = archive.blobs.put_new
+
+    def failing(key, data, folder_sync=None):
+        put_new(key, data, folder_sync)
+        archive.blobs.delete(key)
+        raise StorageFullError("disk gone")
+
+    monkeypatch.setattr(archive.blobs, "put_new", failing)
+    ts, data = dataset_bytes(make_series(1, 8, 8)[0])
+    with pytest.raises(StorageFullError):
+        archive.store(data, ts)
+    assert archive.stats()["instances"] == 0 and not list(archive.blobs.keys())
+
+
+def test_put_new_writes_in_place_and_never_overwrites(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from storage.blobstore import BlobStore, new_key
+    blobs = BlobStore(tmp_path / "b")
+    key, other = new_key("s"), "s-custom-zz"        # a fan-out folder that is not made upfront
+    with ThreadPoolExecutor(1) as pool:
+        blobs.put_new(key, b"first", pool)
+    blobs.put_new(other, b"other")
+    assert blobs.get(key) == b"first" and blobs.get(other) == b"other"
+    with pytest.raises(FileExistsError):
+        blobs.put_new(key, b"second")
+    assert blobs.get(key) == b"first"
+    assert not list(blobs.root.rglob("*.tmp"))

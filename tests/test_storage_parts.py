@@ -1,5 +1,7 @@
 """Splitting received datasets into header and pixel words, and splicing them back exactly."""
 
+import struct
+
 import numpy as np
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -7,6 +9,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from node_helpers import BUNDLED, bundled, dataset_bytes, make_series, real_series_files
 from storage.dataset_parts import join, parse_dataset, pixel_layout, split
 from storage.errors import UnparseableDatasetError
+from storage.instance_facts import INDEXED_KEYWORDS, describe
 from storage.part10 import build_file, split_file
 
 
@@ -94,3 +97,51 @@ def test_truncated_encapsulated_pixel_data_is_refused():
     parse_dataset(data, ts)
     with pytest.raises(UnparseableDatasetError):
         parse_dataset(data[:-20], ts)
+
+
+def _with_element(tag_bytes: bytes, vr: bytes, value: bytes) -> tuple[str, bytes]:
+    """Explicit VR LE dataset bytes of a generated image with one more element, written as LO
+    and then given ``vr`` and ``value`` (pydicom would not write a malformed value itself)."""
+    ds = make_series(1, 8, 8)[0]
+    group, elem = struct.unpack("<HH", tag_bytes)
+    ds.add_new((group << 16) | elem, "LO", "X")
+    ts, data = dataset_bytes(ds)
+    at = data.index(tag_bytes + b"LO")
+    length = struct.unpack("<H", data[at + 6:at + 8])[0]
+    return ts, (data[:at] + tag_bytes + vr + struct.pack("<H", len(value)) + value
+                + data[at + 8 + length:])
+
+
+def test_unread_malformed_value_is_kept_as_received():
+    # a sequence the index never reads, with bytes that are no item: not decoded (that took
+    # most of the ingest time), kept byte for byte; its length and the rest are still checked
+    tag = b"\x08\x00\x40\x11"                           # Referenced Image Sequence
+    ts, data = _with_element(tag, b"SQ", b"")
+    at = data.index(tag + b"SQ")
+    data = data[:at + 6] + b"\0\0" + struct.pack("<I", 8) + b"\xff" * 8 + data[at + 8:]
+    ds = parse_dataset(data, ts, INDEXED_KEYWORDS)
+    assert _roundtrip(ts, data).shape == (1, 8, 8)
+    assert describe(ds).sop_uid == str(ds.SOPInstanceUID)
+
+
+def test_malformed_indexed_text_is_indexed_empty():
+    ts, data = dataset_bytes(make_series(1, 8, 8)[0])
+    at = data.index(b"\x20\x00\x32\x00DS")                   # Image Position (Patient)
+    length = struct.unpack("<H", data[at + 6:at + 8])[0]
+    bad = data[:at + 8] + b"x" * length + data[at + 8 + length:]
+    facts = describe(parse_dataset(bad, ts, INDEXED_KEYWORDS))
+    assert facts.position is None and facts.orientation is None
+    assert describe(parse_dataset(data, ts, INDEXED_KEYWORDS)).position is not None
+
+
+@pytest.mark.parametrize("tag,vr,value", [
+    (b"\x18\x00\x50\x00", b"US", b"\x01\x02\x03"),   # not read: structure still checked
+    (b"\x18\x00\x50\x00", b"FD", b"\x00" * 6),
+    (b"\x18\x00\x50\x00", b"ZZ", b"ab"),                 # unknown VR
+    (b"\x20\x00\x13\x00", b"US", b"\x01"),              # Instance Number, read by the index
+])
+def test_element_of_wrong_structure_is_refused(tag, vr, value):
+    """Unknown VR, or a binary VR whose length is no multiple of its word size."""
+    ts, data = _with_element(tag, vr, value)
+    with pytest.raises(UnparseableDatasetError):
+        parse_dataset(data, ts, INDEXED_KEYWORDS)
