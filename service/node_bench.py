@@ -369,26 +369,55 @@ def bench_orthanc(info: SeriesInfo, work: Path, runs: int, get_runs: int, compre
             **_get_summary(gets, info)}
 
 
+def bench_ingest(info: SeriesInfo, work: Path, runs: int, orthanc: bool = True,
+                 binary: str | None = None) -> dict:
+    """Ingest only: ``runs`` rounds of a fresh voxarc then a fresh Orthanc (no compression), back
+    to back in each round, so that both see the same machine load; medians and their ratio."""
+    rates: dict = {"voxarc": [], "orthanc": []} if orthanc else {"voxarc": []}
+    for run in range(runs):
+        for name, values in rates.items():
+            folder = work / f"{name}-{info.name}-ingest-{run}"
+            server = start_voxarc(folder) if name == "voxarc" else \
+                start_orthanc(folder, False, binary)
+            try:
+                seconds = push(server, info.files)
+            finally:
+                server.stop()
+            values.append(len(info.files) / seconds)
+            log.info("%s ingest %s round %d: %.1f instances/s", name, info.name, run + 1,
+                     values[-1])
+            shutil.rmtree(folder, ignore_errors=True)
+    out = {name: {"ingest_rates": values, "ingest_per_s": _median(values)}
+           for name, values in rates.items()}
+    if orthanc:
+        out["ingest_ratio"] = out["voxarc"]["ingest_per_s"] / out["orthanc"]["ingest_per_s"]
+    return out
+
+
 def run_bench(folders: list[Path], runs: int = 3, get_runs: int = 3, orthanc: bool = True,
               work: Path | None = None, binary: str | None = None,
-              json_path: Path | None = None) -> dict:
+              json_path: Path | None = None, ingest_only: bool = False) -> dict:
     """Benchmark every series folder; return a JSON-able dict (see :func:`table`), also written
-    to ``json_path`` after each series when given."""
+    to ``json_path`` after each series when given. ``ingest_only``: the C-STORE rates of voxarc
+    and Orthanc (no compression) alone, in alternating rounds (see :func:`bench_ingest`)."""
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     own = work is None
     work = Path(work or tempfile.mkdtemp(prefix="voxarc-bench-node-"))
     work.mkdir(parents=True, exist_ok=True)
-    out = {"load_before": os.getloadavg(), "runs": runs, "get_runs": get_runs,
-           "cpus": os.cpu_count(), "series": []}
+    out = {"load_before": os.getloadavg(), "runs": runs, "get_runs": 0 if ingest_only else get_runs,
+           "cpus": os.cpu_count(), "ingest_only": ingest_only, "series": []}
     try:
         for folder in folders:
             info = describe_series(Path(folder))
             log.info("series %s: %d instances, %.1f MB", info.name, len(info.files),
                      info.original_bytes / 1e6)
             row = {"name": info.name, "instances": len(info.files),
-                   "original_bytes": info.original_bytes, "voxels": info.voxels,
-                   "voxarc": bench_voxarc(info, work, runs, get_runs)}
-            if orthanc:
+                   "original_bytes": info.original_bytes, "voxels": info.voxels}
+            if ingest_only:
+                row.update(bench_ingest(info, work, runs, orthanc, binary))
+            else:
+                row["voxarc"] = bench_voxarc(info, work, runs, get_runs)
+            if orthanc and not ingest_only:
                 row["orthanc"] = bench_orthanc(info, work, runs, 0, False, binary)
                 row["orthanc_z"] = bench_orthanc(info, work, runs, get_runs, True, binary)
             out["series"].append(row)
@@ -406,8 +435,30 @@ def _f(value, fmt="{:.1f}"):
     return "-" if value is None or value != value else fmt.format(value)
 
 
+def ingest_table(result: dict) -> str:
+    """The ingest-only benchmark as a Markdown table."""
+    lines = ["| series | inst | MB | ingest/s voxarc | ingest/s Orthanc | voxarc / Orthanc |"
+             " voxarc runs | Orthanc runs |", "|---|---:|---:|---:|---:|---:|---|---|"]
+    for row in result["series"]:
+        v, o = row["voxarc"], row.get("orthanc", {})
+
+        def runs(d):
+            return ", ".join(f"{r:.1f}" for r in d.get("ingest_rates", [])) or "-"
+        lines.append(f"| {row['name']} | {row['instances']} | {row['original_bytes'] / 1e6:.1f} | "
+                     f"{_f(v['ingest_per_s'])} | {_f(o.get('ingest_per_s'))} | "
+                     f"{_f(row.get('ingest_ratio'), '{:.2f}')} | {runs(v)} | {runs(o)} |")
+    lb, la = result["load_before"], result["load_after"]
+    lines += ["", f"{result['runs']} rounds per series (voxarc then Orthanc without compression, "
+              f"each a fresh server), medians; {result['cpus']} CPUs; load average "
+              f"{lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f} before, {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} "
+              "after."]
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     """The benchmark as Markdown tables."""
+    if result.get("ingest_only"):
+        return ingest_table(result)
     lines = [
         "| series | inst | original MB | ingest/s voxarc | ingest/s Orthanc | ingest/s Orthanc+z |"
         " stored MB voxarc (ratio) | Orthanc+z (ratio) | Orthanc (ratio) | voxarc / Orthanc+z |",
@@ -453,6 +504,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-orthanc", action="store_true", help="voxarc only")
     p.add_argument("--orthanc", help="Orthanc binary (default: Orthanc on PATH)")
     p.add_argument("--work-dir", help="keep the servers' folders here (default: a temp dir)")
+    p.add_argument("--ingest-only", action="store_true",
+                   help="only the C-STORE ingest rates: voxarc and Orthanc (no compression) in "
+                        "alternating rounds, and their ratio (no compression, no C-GET)")
     p.set_defaults(func=bench_node)
 
 
@@ -466,6 +520,7 @@ def bench_node(args) -> int:
         log.error("Orthanc is not installed (apt-get install orthanc), or pass --no-orthanc")
         return 1
     result = run_bench([Path(s) for s in args.series], args.runs, args.get_runs, use_orthanc,
-                       Path(args.work_dir) if args.work_dir else None, args.orthanc, args.json)
+                       Path(args.work_dir) if args.work_dir else None, args.orthanc, args.json,
+                       args.ingest_only)
     print(table(result))
     return 0

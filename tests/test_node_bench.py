@@ -51,3 +51,22 @@ def test_command_with_orthanc(tiny_series, tmp_path, capsys):
         assert row[side]["ingest_per_s"] > 0 and row[side]["stored_bytes"] > 0
     _check_get(row["orthanc_z"], 6)
     _check_get(row["voxarc"], 6)
+
+
+def test_ingest_only_rounds(tiny_series, tmp_path, capsys):
+    with_orthanc = bool(node_bench.orthanc_binary())
+    out_json = tmp_path / "ingest.json"
+    argv = ["bench-node", str(tiny_series), "--runs", "2", "--ingest-only",
+            "--json", str(out_json)] + ([] if with_orthanc else ["--no-orthanc"])
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 0
+    table = capsys.readouterr().out
+    assert "voxarc / Orthanc" in table and "tiny_ct" in table
+    result = json.loads(out_json.read_text())
+    row, = result["series"]
+    assert result["ingest_only"] and len(row["voxarc"]["ingest_rates"]) == 2
+    assert "stats" not in row["voxarc"] and "orthanc_z" not in row     # no compression, no C-GET
+    if with_orthanc:
+        assert len(row["orthanc"]["ingest_rates"]) == 2
+        assert row["ingest_ratio"] == pytest.approx(
+            row["voxarc"]["ingest_per_s"] / row["orthanc"]["ingest_per_s"])
