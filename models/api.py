@@ -53,9 +53,10 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int = SLAB_S
     if adapt is None:
         adapt = vol.size >= ADAPT_VOXELS
     embedded = b""
-    if adapt and adaptation.can_adapt(predictor):
-        predictor = adaptation.adapt(predictor, vol, slab, tile)
-        embedded = adaptation.embedded_bytes(predictor)
+    adapted = adaptation.adapt(predictor, vol, slab, tile) \
+        if adapt and adaptation.can_adapt(predictor) else None
+    if adapted is not None:
+        predictor, embedded = adapted, adaptation.embedded_bytes(adapted)
     lo, hi = _dtype_range(vol.dtype)
     jobs = [(model, embedded, vol[z:z + slab], lo, hi, slab, tile)
             for z in range(0, vol.shape[0], slab)]

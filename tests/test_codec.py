@@ -210,6 +210,7 @@ def test_worker_processes_give_the_same_blob_and_volume(monkeypatch):
 def test_adapted_model_travels_in_the_blob_and_decodes_exactly(monkeypatch):
     from models import adapt
     monkeypatch.setattr(adapt, "ADAPT_STEPS", (5, 5))
+    monkeypatch.setattr(adapt, "pays_off", lambda *args: True)
     vol = phantom((10, 40, 48), "int16", seed=13)
     blob = models.encode_volume(vol, adapt=True)
     plain = models.encode_volume(vol, adapt=False)
@@ -218,6 +219,31 @@ def test_adapted_model_travels_in_the_blob_and_decodes_exactly(monkeypatch):
     assert unpack_header(blob)[0].embedded and not unpack_header(plain)[0].embedded
     np.testing.assert_array_equal(models.decode_volume(blob), vol)
     np.testing.assert_array_equal(models.decode_slices(blob, 4, 7), vol[4:7])
+
+
+def test_adaptation_that_does_not_pay_is_left_out(monkeypatch):
+    """On a volume this small the embedded model costs more than it can save."""
+    from models import adapt
+    monkeypatch.setattr(adapt, "ADAPT_STEPS", (5, 5))
+    vol = phantom((10, 40, 48), "int16", seed=13)
+    assert models.encode_volume(vol, adapt=True) == models.encode_volume(vol, adapt=False)
+
+
+def test_embedded_model_is_stored_in_narrow_integers():
+    from models import adapt
+    from models.registry import load_model
+    base = load_model("default")
+    data = adapt.embedded_bytes(base)
+    restored = adapt.with_embedded(base, data)
+    assert restored.net.reference(np.eye(24, dtype=np.int64) * 100).tolist() == \
+        base.net.reference(np.eye(24, dtype=np.int64) * 100).tolist()
+    np.testing.assert_array_equal(restored.tables.tokens, base.tables.tokens)
+    import io
+    with np.load(io.BytesIO(data)) as npz:
+        assert npz["token_table"].dtype.itemsize <= 2 and npz["net_b0"].dtype.itemsize <= 2
+        wide = io.BytesIO()
+        np.savez_compressed(wide, **{k: npz[k].astype(np.int64) for k in npz.files})
+    assert len(data) < len(wide.getvalue())
 
 
 def test_unreadable_embedded_model_is_refused():
