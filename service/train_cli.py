@@ -66,8 +66,9 @@ def write_card(path: Path, name: str, model: str, data: list[tuple[str, tuple, s
             " predictions correlate negatively with the targets (`sign_fix`; without it the "
             "|PCC| term traps the network at a tiny anticorrelated output, see "
             "docs/paper-reproduction.md). Training is bounded in time (see `train_seconds`, "
-            "`samples_seen`, `epochs`): far shorter than the paper's training, so the network "
-            "is far from converged.",
+            "summed over the runs a `--resume` continued, `samples_seen`, `epochs`): a few "
+            "epochs on 2 shared CPU cores, so the network is not converged; the paper does not "
+            "state its number of epochs. Each epoch is a fresh shuffle of the same samples.",
             "",
             "`train_bits_float` / `train_bits_int`: ideal bits per voxel of the float network's "
             "rounded prediction and of the exact integer network on the same training samples, "
@@ -90,6 +91,7 @@ def _train_paper(args, volumes):
                                     resume=ckpt if args.resume else None, name=args.name,
                                     batch=args.batch, lr=args.lr, optimizer=args.optimizer)
     report["train_volume"] = name
+    report["threads"] = args.threads
     report["quantisation_cost_bits"] = report["train_bits_int"] - report["train_bits_float"]
     return predictor, report, [(name, vol.shape, vol.dtype.name)]
 

@@ -196,3 +196,52 @@ def test_wide_quantisation_tracks_the_float_leaky_network():
     want = (h @ ws[-1].T + bs[-1])[:, 0]
     got = net(x)[:, 0] * scale[0]
     assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
+
+
+# ------------------------------------------------------------------ training inputs
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_precomputed_training_batches_equal_per_batch_gathering(name):
+    """The contexts gathered once before training give bit for bit the float32 inputs and
+    targets that gathering every batch gave (same padding, normalisation and order)."""
+    from models.paper import PREDICTORS
+    from models.paper_train import ContextSampler, _float_inputs, normalisation, stride_slices
+    rng = np.random.default_rng(8)
+    vol = phantom(rng, (9, 14, 15), np.dtype("int16"))
+    vol[0, 0, 0] = -1200
+    hood = PREDICTORS[name].neighbourhood
+    sampler = ContextSampler(hood, vol, stride_slices(9, 2, 4))
+    norm = normalisation(vol)
+    sampler.precompute(norm, chunk=37)
+    assert sampler.ctx.dtype == np.int16
+    idx = rng.permutation(len(sampler))[:300]
+    values, valid, target = sampler.gather(idx)
+    x, y = sampler.batch(idx)
+    want = _float_inputs(values, valid, *norm)
+    assert (valid == False).any()  # noqa: E712  (padding is exercised)
+    np.testing.assert_array_equal(x.numpy(), want.numpy())
+    np.testing.assert_array_equal(
+        y.numpy(), ((target - norm[0]) / norm[1]).astype(np.float32))
+
+
+# ------------------------------------------------------------------ retired weights
+def test_blobs_of_retired_paper_weights_still_decode(monkeypatch):
+    """Retrained paper models keep their predecessors in models/weights/archive/<model id>.npz:
+    a blob written with a retired model decodes with the archived weights, not the new ones."""
+    import models.api as api
+    from models.registry import ARCHIVE_DIR, _read, model_by_id
+    archived = sorted(ARCHIVE_DIR.glob("*.npz"))
+    kinds = {}
+    for path in archived:
+        old = _read(path)
+        assert old.model_id.hex() == path.stem  # named by its own id
+        kinds.setdefault(old.kind, old)
+    assert set(PAPER_MODELS) <= set(kinds)
+    for name in PAPER_MODELS:
+        old = kinds[name]
+        assert load_model(name).model_id != old.model_id  # really retired
+        vol = phantom(np.random.default_rng(9), (3, 6, 7), np.dtype("int16"))
+        with monkeypatch.context() as m:
+            m.setattr(api, "load_model", lambda _name, _old=old: _old)
+            blob = encode_volume(vol, model=name, adapt=False)
+        assert model_by_id(old.model_id, name) is not load_model(name)
+        np.testing.assert_array_equal(decode_volume(blob), vol)
