@@ -103,7 +103,13 @@ class Stager:
                 batch = []
                 while self._waiting and len(batch) < self.max_batch:
                     batch.append(self._waiting.popleft())
-                self._commit_batch(batch)
+                try:
+                    self._commit_batch(batch)
+                except BaseException as exc:    # never leave a taken row waiting forever
+                    for other in batch:
+                        if not other.done:
+                            other.error, other.done = exc, True
+                    raise
         if item.error is not None:
             raise item.error
         return item.result
