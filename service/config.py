@@ -25,6 +25,8 @@ SETTING_DOCS = {
     "max_stack_slices": "Largest number of slices coded together as one blob.",
     "cache_bytes": "Memory budget of the decoded-slab cache used by C-GET and C-MOVE.",
     "codec_model": "Name of the codec model compaction uses.",
+    "codec_slab": "Slices per independently decodable slab of a coded stack: 4 halves the decode "
+                  "before an instance can be sent, for about 1% more bytes.",
     "destinations": "C-MOVE destinations: NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
     "http_host": "Address the admin web page binds to (localhost only by default).",
     "http_port": "TCP port of the admin web page, JSON API and /metrics (0: a free port).",
@@ -70,6 +72,7 @@ class Settings:
     max_stack_slices: int = 256
     cache_bytes: int = 256 << 20
     codec_model: str = "default"
+    codec_slab: int = 8
     destinations: dict = field(default_factory=dict)
     http_host: str = "127.0.0.1"
     http_port: int = 8042

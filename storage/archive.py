@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from models.api import SLAB_SLICES
 from storage import query
 from storage.blobstore import BlobStore
 from storage.compaction import Compactor
@@ -41,11 +42,13 @@ class Archive:
         Largest stack coded as one blob.
     cache_bytes : int
         Budget of the decoded-slab cache used by retrieval.
+    slab : int
+        Slices per independently decodable slab of a coded stack (random-access granularity).
     """
 
     def __init__(self, data_dir, database_url: str = "", duplicates: str = "keep_first",
                  max_storage_bytes: int = 0, model: str = "default", max_stack_slices: int = 256,
-                 cache_bytes: int = 256 << 20):
+                 cache_bytes: int = 256 << 20, slab: int = SLAB_SLICES):
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {DUPLICATE_POLICIES}")
         self.data_dir = Path(data_dir)
@@ -56,7 +59,7 @@ class Archive:
         self.lock = ArchiveLock(self.data_dir)
         self.recovery = recover(self.lock, self.index, self.blobs)   # after a crash: orphans out
         self.duplicates, self.max_storage_bytes = duplicates, max_storage_bytes
-        self.compactor = Compactor(self.index, self.blobs, model, max_stack_slices)
+        self.compactor = Compactor(self.index, self.blobs, model, max_stack_slices, slab)
         self.reconstructor = Reconstructor(self.index, self.blobs, cache_bytes)
         self.stager = Stager(self.index)      # group commit of concurrent C-STOREs
 

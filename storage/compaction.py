@@ -19,6 +19,7 @@ import numpy as np
 from sqlalchemy import select
 
 import models
+from models.api import SLAB_SLICES
 from storage import header_pack
 from storage.assembly import Stack, assemble
 from storage.blobstore import BlobStore, new_key
@@ -55,11 +56,16 @@ class Compactor:
         Codec model name passed to :func:`models.encode_volume`.
     max_slices : int
         Largest stack coded as one blob.
+    slab : int
+        Slices per independently decodable slab (passed to :func:`models.encode_volume`).
     """
 
     def __init__(self, index: Index, blobs: BlobStore, model: str = "default",
-                 max_slices: int = 256):
+                 max_slices: int = 256, slab: int = SLAB_SLICES):
+        if not 1 <= slab <= 256:
+            raise ValueError("codec slab must be between 1 and 256 slices")
         self.index, self.blobs, self.model, self.max_slices = index, blobs, model, max_slices
+        self.slab = slab
 
     def ready_series(self, stable_age: float, now: float | None = None) -> list[int]:
         """Return ids of series with staged instances, stable for ``stable_age`` seconds and not
@@ -122,7 +128,7 @@ class Compactor:
                 raise VerificationError(f"pixel layout of {inst.sop_uid} changed since ingest")
             parts.append((inst, *split(data, layout)))
         volume = np.concatenate([p[2] for p in parts]).astype(parts[0][2].dtype.newbyteorder("="))
-        blob = models.encode_volume(volume, model=self.model)
+        blob = models.encode_volume(volume, model=self.model, slab=self.slab)
         decoded = models.decode_volume(blob)
         if decoded.dtype != volume.dtype or _sha(decoded.tobytes()) != _sha(volume.tobytes()):
             raise VerificationError("decoded volume differs from the staged pixels")
@@ -139,9 +145,10 @@ class Compactor:
         stored = header_pack.wrap(headers, blob)
         if header_pack.unpack(stored) != headers:
             raise VerificationError("header pack does not give back the headers")
+        codec_info = f"{info.get('model', '')} v{info.get('version', '')}"
         self._put(plan, key, stored, header_pack.CODEC, volume.nbytes, dtype=volume.dtype.name,
                   shape=",".join(map(str, volume.shape)), slab=int(info.get("slab") or 0),
-                  codec_info=f"{info.get('model', '')} v{info.get('version', '')}")
+                  codec_info=header_pack.describe(codec_info, len(stored) - len(blob)))
 
     def _code_single(self, inst, plan: _Plan) -> None:
         data = self.blobs.get(inst.staged_key)

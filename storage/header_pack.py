@@ -54,6 +54,17 @@ def _parts(data: bytes) -> tuple[bytes, bytes]:
     return data[_HEAD.size:end], data[end:]
 
 
+def describe(codec_info: str, pack_bytes: int) -> str:
+    """A blob row's ``codec_info`` that also records the size of its header pack."""
+    return f"{codec_info} headers={pack_bytes}"
+
+
+def pack_bytes(codec_info: str) -> int:
+    """Size of the header pack recorded by :func:`describe` (0 when none is)."""
+    _, sep, size = (codec_info or "").rpartition(" headers=")
+    return int(size) if sep and size.isdigit() else 0
+
+
 def coded_part(data: bytes) -> bytes:
     """The codec blob inside ``data`` (``data`` itself for a plain ``"volume"`` blob)."""
     return _parts(data)[1] if data[:4] == MAGIC else data

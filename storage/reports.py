@@ -46,7 +46,8 @@ def _sizes(original, stored) -> dict:
 
 
 def bits_per_voxel(index: Index) -> dict:
-    """Bits per voxel of the coded image stacks, stored and as received.
+    """Bits per voxel of the coded image stacks (pixels only, header packs left out), stored and
+    as received.
 
     Returns
     -------
@@ -55,10 +56,11 @@ def bits_per_voxel(index: Index) -> dict:
         are 0.0 while no stack is coded.
     """
     with index.read() as s:
-        rows = s.execute(select(Blob.shape, Blob.raw_bytes, Blob.stored_bytes)
+        rows = s.execute(select(Blob.shape, Blob.raw_bytes, Blob.stored_bytes, Blob.codec_info)
                          .where(Blob.codec.in_(header_pack.VOLUME_CODECS))).all()
-    voxels = sum(math.prod(int(v) for v in shape.split(",")) for shape, _, _ in rows if shape)
-    raw, stored = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    voxels = sum(math.prod(int(v) for v in r[0].split(",")) for r in rows if r[0])
+    raw = sum(r[1] for r in rows)
+    stored = sum(r[2] - header_pack.pack_bytes(r[3]) for r in rows)
     return {"bits_per_voxel": round(8 * stored / voxels, 4) if voxels else 0.0,
             "original_bits_per_voxel": round(8 * raw / voxels, 4) if voxels else 0.0,
             "coded_voxels": voxels}

@@ -5,7 +5,7 @@ import pytest
 from sqlalchemy import select
 
 from node_helpers import archive, dataset_bytes, make_series  # noqa: F401 (fixture)
-from storage import header_pack
+from storage import header_pack, reports
 from storage.errors import IntegrityError
 from storage.index import Blob, Instance
 
@@ -49,7 +49,10 @@ def test_compaction_stores_repeated_headers_once(archive):
     assert blob.codec == header_pack.CODEC
     assert all(not before and not after for before, after in columns)
     # six copies of a 40 kB private block cost about one copy
-    assert archive.stats()["stored_bytes"] < 40_000 * 1.5
+    stats = archive.stats() | reports.bits_per_voxel(archive.index)
+    assert stats["stored_bytes"] < 40_000 * 1.5
+    # the codec's bits per voxel count pixels only, not the pack in front of them
+    assert 0 < stats["bits_per_voxel"] < 16 and header_pack.pack_bytes(blob.codec_info) > 0
     for uid, data in sent.items():
         assert archive.retrieve(uid).data == data
 
@@ -80,3 +83,21 @@ def test_damaged_pack_is_never_sent(archive):
     for uid in sent:
         with pytest.raises(IntegrityError):
             archive.retrieve(uid)
+
+
+def test_codec_slab_setting_reaches_the_blobs(tmp_path):
+    """``codec_slab`` (archive ``slab``): the random-access granularity of coded stacks."""
+    from storage.archive import Archive
+    arch = Archive(tmp_path / "data", slab=3)
+    try:
+        sent = _store(arch, make_series(7, 12, 10))
+        arch.compact(stable_age=0)
+        with arch.index.read() as s:
+            blob = s.scalars(select(Blob)).one()
+        assert blob.slab == 3
+        for uid, data in sent.items():
+            assert arch.retrieve(uid).data == data
+    finally:
+        arch.close()
+    with pytest.raises(ValueError):
+        Archive(tmp_path / "other", slab=0)
