@@ -188,7 +188,7 @@ function renderConfig(config) {
   dl.replaceChildren();
   setText("node-title", `${config.ae_title} · DICOM port ${config.port}`);
   const shown = ["ae_title", "host", "port", "data_dir", "database_url", "stable_age",
-                 "duplicate_policy", "max_storage_bytes", "codec_model", "http_host", "http_port",
+                 "duplicate_policy", "max_storage_bytes", "codec_model", "codec_slab", "http_host", "http_port",
                  "http_token_required"];
   for (const key of shown) {
     const dt = document.createElement("dt"), dd = document.createElement("dd");
