@@ -131,7 +131,7 @@ def test_storage_limit(tmp_path):
 def test_failed_compaction_leaves_series_staged(archive, monkeypatch):
     sent = _store_all(archive, make_series(3, 8, 8))
 
-    def lossy(volume, model="default"):
+    def lossy(volume, model="default", **options):
         changed = volume.copy()
         changed[0, 0, 0] += 1
         return models.api.encode_volume(changed) if hasattr(models, "api") else None
