@@ -447,12 +447,15 @@ def ingest_table(result: dict) -> str:
         lines.append(f"| {row['name']} | {row['instances']} | {row['original_bytes'] / 1e6:.1f} | "
                      f"{_f(v['ingest_per_s'])} | {_f(o.get('ingest_per_s'))} | "
                      f"{_f(row.get('ingest_ratio'), '{:.2f}')} | {runs(v)} | {runs(o)} |")
-    lb, la = result["load_before"], result["load_after"]
     lines += ["", f"{result['runs']} rounds per series (voxarc then Orthanc without compression, "
-              f"each a fresh server), medians; {result['cpus']} CPUs; load average "
-              f"{lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f} before, {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} "
-              "after."]
+              f"each a fresh server), medians; {_machine_note(result)}"]
     return "\n".join(lines)
+
+
+def _machine_note(result: dict) -> str:
+    lb, la = result["load_before"], result["load_after"]
+    return (f"{result['cpus']} CPUs; load average {lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f} before, "
+            f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f} after.")
 
 
 def table(result: dict) -> str:
@@ -485,11 +488,8 @@ def table(result: dict) -> str:
                      f"{_f(oz.get('get_per_s'))} | {_f(v.get('get_mvox_s'))} | "
                      f"{_f(oz.get('get_mvox_s'))} | {_f(v.get('codec_decode_mvox_s'))} | "
                      f"{_f(v.get('compress_s'))} |")
-    lb, la = result["load_before"], result["load_after"]
     lines += ["", f"{result['runs']} ingest runs and {result['get_runs']} C-GET runs (cold "
-              f"server) per cell, medians; {result['cpus']} CPUs; load average "
-              f"{lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f} before, {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} "
-              "after."]
+              f"server) per cell, medians; {_machine_note(result)}"]
     return "\n".join(lines)
 
 
