@@ -81,11 +81,18 @@ class SkewLayout:
     def has_phantoms(self) -> bool:
         return self.ny % self.th != 0 or self.nx % self.tw != 0
 
+    @cached_property
+    def _step_reals(self) -> list[np.ndarray]:
+        _, height = self._tile_size
+        out = []
+        for tau in range(self.steps):
+            r, x, width = self._step_grid(tau)
+            out.append(((x < width) & (r < height[:, None])).ravel())
+        return out
+
     def step_real(self, tau: int) -> np.ndarray:
         """``(tiles * rows)``: which positions of step ``tau`` are voxels (not phantoms)."""
-        r, x, width = self._step_grid(tau)
-        _, height = self._tile_size
-        return ((x < width) & (r < height[:, None])).ravel()
+        return self._step_reals[tau]
 
     def _compute_step_validity(self, tau: int) -> np.ndarray:
         r, x, width = self._step_grid(tau)
