@@ -19,6 +19,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from models import paper_table
 from models.container import CorruptBlobError
 
 ADAPT_STEPS = (200, 400)   # optimiser steps: one per 20k voxels, within these bounds
@@ -29,13 +30,26 @@ _EMBEDDED_KEYS = ("head", "token_table", "class_table")
 
 
 def can_adapt(predictor) -> bool:
-    return getattr(predictor, "kind", "") == "default" and bool(predictor.float_arrays)
+    kind = getattr(predictor, "kind", "")
+    return kind.startswith("paper") or (kind == "default" and bool(predictor.float_arrays))
+
+
+def wants_adaptation(predictor, voxels: int, default_min: int) -> bool:
+    """Whether ``encode_volume`` adapts by default: the paper models always fit their one
+    residual distribution to the volume (their coder's distribution follows the data); the
+    default model only from ``default_min`` voxels on."""
+    if getattr(predictor, "kind", "").startswith("paper"):
+        return voxels >= paper_table.MIN_VOXELS
+    return voxels >= default_min
 
 
 def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
     """A copy of ``predictor`` fine-tuned on ``volume`` (its tables refitted on the volume,
     smoothed toward the shipped ones), or None when it would not pay: on a fresh sample of
-    the volume's voxels it must save more bits than the embedded model costs."""
+    the volume's voxels it must save more bits than the embedded model costs. Paper models
+    only refit their one coding table (models.paper_table)."""
+    if predictor.kind.startswith("paper"):
+        return paper_table.fit_volume_table(predictor, volume, slab, tile, seed)
     from models import train
     from models.tables import fitted_tables
 
@@ -111,6 +125,8 @@ class _Adam:
 
 def embedded_bytes(predictor) -> bytes:
     """The arrays a blob must carry for an adapted predictor."""
+    if predictor.kind.startswith("paper"):
+        return paper_table.table_bytes(predictor)
     arrays = {k: _narrowest(v) for k, v in predictor.to_arrays().items()
               if k.startswith("net_") or k in _EMBEDDED_KEYS}
     buf = io.BytesIO()
@@ -139,6 +155,8 @@ def _with_embedded(base, data: bytes, _digest: bytes):
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
+        if paper_table.is_table(arrays):
+            return paper_table.with_table(base, arrays)
         merged = {k: v for k, v in base.to_arrays().items() if not k.startswith("float_")}
         merged = {k: v for k, v in merged.items() if not k.startswith("net_")}
         merged.update(arrays)

@@ -23,7 +23,7 @@ def _dtype_range(dtype: np.dtype) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
-def encode_volume(volume: np.ndarray, model: str = "default", slab: int = SLAB_SLICES,
+def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None = None,
                   tile: tuple[int, int] = TILE, adapt: bool | None = None) -> bytes:
     """Losslessly encode a ``(z, y, x)`` integer volume.
 
@@ -31,11 +31,13 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int = SLAB_S
     ----------
     volume : ndarray of uint8, int8, uint16 or int16, shape (z, y, x), every dimension >= 1
     model : name of a shipped model (``models.registry.known_models()``)
-    slab : slices per independently decodable slab
+    slab : slices per independently decodable slab; default: the model's ``preferred_slab``
+        (64 for the paper models, which lean on many previous slices), else SLAB_SLICES
     tile : (rows, columns) of the independent tiles each slice is cut into; smaller tiles
         decode in fewer wavefront steps at a small cost in compression
     adapt : fine-tune the model on this volume and carry it in the blob (see models.adapt);
-        default: for volumes of at least ADAPT_VOXELS voxels, when the model can
+        default: for volumes of at least ADAPT_VOXELS voxels, when the model can; the paper
+        models fit their one residual distribution to every volume (models.paper_table)
 
     Returns
     -------
@@ -46,12 +48,14 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int = SLAB_S
         raise ValueError(f"need a (z, y, x) volume with every dimension >= 1, got {vol.shape}")
     if vol.dtype.name not in DTYPES:
         raise ValueError(f"unsupported dtype {vol.dtype}; supported: {', '.join(DTYPES)}")
+    predictor = load_model(model)
+    if slab is None:
+        slab = getattr(predictor, "preferred_slab", SLAB_SLICES)
     if not 1 <= slab <= 65535 or not all(1 <= t <= 65535 for t in tile):
         raise ValueError("slab and tile sizes must be between 1 and 65535")
     tile = (min(tile[0], vol.shape[1]), min(tile[1], vol.shape[2]))
-    predictor = load_model(model)
     if adapt is None:
-        adapt = vol.size >= ADAPT_VOXELS
+        adapt = adaptation.wants_adaptation(predictor, vol.size, ADAPT_VOXELS)
     embedded = b""
     adapted = adaptation.adapt(predictor, vol, slab, tile) \
         if adapt and adaptation.can_adapt(predictor) else None

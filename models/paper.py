@@ -74,6 +74,8 @@ class PaperPredictor:
 
     kind = "paper"
     neighbourhood: Neighbourhood
+    #: the paper codes whole volumes: long slabs keep the previous slices the models rely on
+    preferred_slab = 64
 
     def __init__(self, name: str, net: IntMLP, params: np.ndarray, tables: CodingTables,
                  meta: dict | None = None):

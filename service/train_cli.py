@@ -89,7 +89,8 @@ def _train_paper(args, volumes):
                                     max_epochs=args.max_epochs, seed=args.seed,
                                     checkpoint=ckpt, progress=_progress,
                                     resume=ckpt if args.resume else None, name=args.name,
-                                    batch=args.batch, lr=args.lr, optimizer=args.optimizer)
+                                    batch=args.batch, lr=args.lr, optimizer=args.optimizer,
+                                    init=args.init)
     report["train_volume"] = name
     report["threads"] = args.threads
     report["quantisation_cost_bits"] = report["train_bits_int"] - report["train_bits_float"]
@@ -161,6 +162,9 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, help="paper models: override the paper's learning rate")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                    help="paper models: sgd (the paper's, momentum 0.9) or adam (a deviation)")
+    p.add_argument("--init", choices=("linear", "random"), default="linear",
+                   help="paper models: start at the least-squares linear predictor (default) or "
+                        "at PyTorch's random initialisation")
     p.add_argument("--epochs", type=int, default=12, help="default model: epochs")
     p.add_argument("--hidden", default="64,32", help="default model: hidden layer sizes")
     p.add_argument("--slabs-per-volume", type=int, default=4, help="default model")
