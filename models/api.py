@@ -119,6 +119,42 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     return out
 
 
+def decode_stream(blob: bytes, start: int, stop: int):
+    """Slices ``[start, stop)`` as a stream of ``(z0, slices)`` pieces in order, for a consumer
+    that uses the first slices while the later ones decode (a C-GET sending instances).
+
+    The pieces are slab groups that grow from one slab per worker process to LOCKSTEP_SLABS
+    (small first pieces arrive early, large later ones decode at the lockstep rate); the worker
+    processes decode them in parallel, a few groups ahead of the consumer. Concatenated, the
+    pieces equal ``decode_slices(blob, start, stop)``.
+    """
+    header, base, predictor = _open(blob)
+    nz, _, _ = header.shape
+    start, stop, _ = slice(start, stop).indices(nz)
+    if stop <= start:
+        return
+    zs = header.slab
+    slabs = list(range(start // zs, (stop - 1) // zs + 1))
+    workers = parallel.worker_count() if (stop - start) * header.shape[1] * header.shape[2] \
+        >= PARALLEL_VOXELS // 4 else 1
+    groups, size = [], 1
+    while slabs:
+        for _ in range(workers):
+            if slabs:
+                groups.append(slabs[:size])
+                slabs = slabs[size:]
+        size = min(2 * size, LOCKSTEP_SLABS)
+    jobs = [([slab_payload(blob, header, base, i) for i in group],
+             [min(zs, stop - i * zs) for i in group], header) for group in groups]
+    if workers > 1:
+        results = parallel.imap(_decode_group, jobs, window=2 * workers)
+    else:
+        results = (_decode_group(job, predictor) for job in jobs)
+    for group, parts in zip(groups, results):
+        z0 = max(start, group[0] * zs)
+        yield z0, np.concatenate(parts)[z0 - group[0] * zs:].astype(header.dtype)
+
+
 def _decode_group(job, predictor=None) -> list[np.ndarray]:
     """Decode one group of slabs (runs in a worker process or in the caller)."""
     payloads, counts, header = job
@@ -143,4 +179,5 @@ def blob_info(blob: bytes) -> dict:
             "slabs": len(header.slab_table)}
 
 
-__all__ = ["encode_volume", "decode_volume", "decode_slices", "blob_info", "CorruptBlobError"]
+__all__ = ["encode_volume", "decode_volume", "decode_slices", "decode_stream", "blob_info",
+           "CorruptBlobError"]

@@ -12,6 +12,7 @@ import atexit
 import logging
 import multiprocessing
 import os
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -57,6 +58,52 @@ def run(fn, jobs: list) -> list:
             _BROKEN = True
             shutdown()
     return [fn(job) for job in jobs]
+
+
+def imap(fn, jobs: list, window: int = 4):
+    """``fn(job)`` for each job, yielded in order as soon as each is done, with at most
+    ``window`` jobs submitted ahead of the consumer (bounded memory for long streams). Falls back
+    to this process like :func:`run`; closing the generator cancels what has not started."""
+    global _BROKEN
+    jobs, done = list(jobs), 0
+    if worker_count() > 1 and len(jobs) > 1:
+        futures = deque()
+        try:
+            executor = pool()
+            for job in jobs[:window]:
+                futures.append(executor.submit(fn, job))
+            while futures:
+                result = futures.popleft().result()
+                if done + len(futures) + 1 < len(jobs):
+                    futures.append(executor.submit(fn, jobs[done + len(futures) + 1]))
+                done += 1
+                yield result
+        except (BrokenProcessPool, RuntimeError, OSError) as exc:
+            log.warning("worker processes unavailable (%s); coding in this process", exc)
+            _BROKEN = True
+            shutdown()
+        finally:
+            for future in futures:
+                future.cancel()
+    for job in jobs[done:]:
+        yield fn(job)
+
+
+def _warm_worker() -> int:
+    from models.registry import load_model
+    load_model("default")
+    return os.getpid()
+
+
+def warm() -> None:
+    """Start the worker processes now and load the default model in each, so that the first
+    decode of a server does not wait for them (call from a background thread)."""
+    if worker_count() > 1:
+        try:
+            for future in [pool().submit(_warm_worker) for _ in range(worker_count())]:
+                future.result()
+        except (BrokenProcessPool, RuntimeError, OSError) as exc:
+            log.warning("could not start the decode worker processes: %s", exc)
 
 
 def shutdown() -> None:

@@ -197,9 +197,17 @@ class Node:
                                                event_handlers(self.archive, self.settings)))
         if self.worker:
             self.worker.start()
+        threading.Thread(target=self._warm, name="voxarc-warm", daemon=True).start()
         log.info("voxarc node %s listening on %s:%d (data %s)", self.settings.ae_title,
                  self.settings.host, self.port, self.settings.data_dir)
         return self
+
+    def _warm(self) -> None:
+        try:
+            if self.archive.warm_decoders():
+                log.info("decoder processes started")
+        except Exception:  # only a head start: retrievals start the processes themselves
+            log.exception("could not start the decoder processes ahead of retrievals")
 
     def stop(self) -> None:
         """Stop accepting, finish running associations and compaction, close the index."""

@@ -79,6 +79,7 @@ class Server:
     proc: subprocess.Popen
     storage: Path
     log_file: object = None
+    warm_seen: int = 0   # "decoder processes started" lines in the log before this start
 
     def stop(self) -> None:
         """Terminate the process and wait for it."""
@@ -96,18 +97,37 @@ class Server:
 def start_voxarc(data_dir: Path) -> Server:
     """``voxarc serve`` on a free port (no compaction during the run, admin page on a free port)."""
     port = free_port()
-    logf = open(Path(data_dir).with_suffix(".log"), "ab")
+    log_path = Path(data_dir).with_suffix(".log")
+    seen = log_path.read_text(errors="replace").count("decoder processes started") \
+        if log_path.exists() else 0
+    logf = open(log_path, "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--data-dir", str(data_dir),
          "--port", str(port), "--http-port", "0", "--stable-age", "1e9"],
         cwd=ROOT, env=ENV, stdout=logf, stderr=subprocess.STDOUT)
-    server = Server("voxarc", "VOXARC", port, proc, Path(data_dir), logf)
+    server = Server("voxarc", "VOXARC", port, proc, Path(data_dir), logf, seen)
     try:
         _wait_port(port, proc)
     except Exception:
         server.stop()
         raise
     return server
+
+
+def wait_for_decoders(server: Server, timeout: float = 60.0) -> float:
+    """Wait until a node holding compressed series has started its decoder processes (it does
+    at startup; a running node keeps them), so that a C-GET measures retrieval, not process
+    start; returns the seconds waited."""
+    start = time.monotonic()
+    log_path = Path(server.storage).with_suffix(".log")
+    while time.monotonic() - start < timeout:
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        if text.count("decoder processes started") > server.warm_seen:
+            server.warm_seen += 1
+            return time.monotonic() - start
+        time.sleep(0.1)
+    log.warning("%s did not report its decoder processes within %.0f s", server.name, timeout)
+    return time.monotonic() - start
 
 
 def orthanc_binary() -> str | None:
@@ -278,6 +298,8 @@ def codec_decode_rate(data_dir: Path, series_uid: str) -> float:
         archive.close()
     if not blobs:
         return 0.0
+    from models import parallel
+    parallel.warm()         # the rate of running decoders, as in a running node
     start, voxels = time.perf_counter(), 0
     for blob in blobs:
         voxels += models.decode_volume(blob).size
@@ -314,6 +336,7 @@ def bench_voxarc(info: SeriesInfo, work: Path, runs: int, get_runs: int) -> dict
     for run in range(get_runs):
         server = start_voxarc(data_dir)
         try:
+            wait_for_decoders(server)
             gets.append(c_get(server, info.study_uid, info.series_uid, info.sop_classes,
                               info.syntaxes))
         finally:

@@ -76,6 +76,11 @@ class Archive:
         """Order instances for sending and prefetch their slabs (see :meth:`Reconstructor.plan`)."""
         return self.reconstructor.plan(sop_uids)
 
+    def warm_decoders(self) -> bool:
+        """Start the codec's decoder processes now when the archive holds compressed volumes, so
+        that the first retrieval does not wait for them; returns whether it did."""
+        return self.reconstructor.warm()
+
     def find(self, level: str, criteria: dict[str, str]) -> list[dict]:
         """Return matching records of a query level (see :func:`storage.query.find`)."""
         return query.find(self.index, level, criteria)

@@ -27,7 +27,6 @@ from storage.index import Blob, Index, Instance
 
 log = logging.getLogger(__name__)
 SLAB = 16  # slices decoded together and cached as one entry, when the blob names no slab
-LOCKSTEP = 8  # most slabs a prefetch decodes in one call (the codec's lockstep group)
 AHEAD = 24    # most slabs a prefetch decodes before the senders have taken them
 HEADER_PACKS = 4  # unpacked header packs kept (a pack holds a whole stack's headers)
 
@@ -91,15 +90,17 @@ class _Step:
     step: int
     lo: int
     hi: int
+    prefix: bool = False   # the first instance's slices only, decoded in this process
 
 
 class Prefetch:
     """A background thread decoding, in sending order, the slabs a retrieval will need.
 
     The first step decodes only the slices up to the first instance (its first image goes out
-    after one slice's decode, not a slab's); the next ones decode growing groups of slabs in one
-    call each, so the codec codes them in lockstep on its worker processes, as ``decode_volume``
-    does. :meth:`Reconstructor.get` waits for a slab the plan is decoding rather than decoding it
+    after one slice's decode, not a slab's); the next ones stream runs of slabs from the codec's
+    worker processes (models.decode_stream: groups growing from one slab to the lockstep size),
+    so the senders send each slab as soon as it is decoded while the workers decode the next
+    ones. :meth:`Reconstructor.get` waits for a slab the plan is decoding rather than decoding it
     twice.
     """
 
@@ -118,23 +119,25 @@ class Prefetch:
         owner, blobs, ahead = self.owner, {}, 0
         try:
             for n, st in enumerate(self.steps):
-                with owner._cond:           # stay at most AHEAD slabs ahead of the senders
-                    while ahead - len(self.consumed) > AHEAD and not self.cancelled:
-                        owner._cond.wait(1.0)
-                if self.cancelled:
-                    break
-                ahead += (st.hi - 1) // st.step - st.lo // st.step + 1
                 data = blobs.get(st.key)
                 if data is None:
                     blobs.clear()
                     data = blobs[st.key] = header_pack.coded_part(owner.blobs.get(st.key))
-                pixels = models.decode_slices(data, st.lo, st.hi)
-                for slab in range(st.lo // st.step, (st.hi - 1) // st.step + 1):
-                    lo = slab * st.step
-                    owner.cache.put((st.key, slab), pixels[lo - st.lo:lo - st.lo + st.step])
-                    last = all(s.key != st.key or (s.hi - 1) // s.step < slab
-                               for s in self.steps[n + 1:])
-                    owner._done(self, (st.key, slab), final=last)
+                pieces = [(st.lo, models.decode_slices(data, st.lo, st.hi))] if st.prefix \
+                    else models.decode_stream(data, st.lo, st.hi)
+                for z0, pixels in pieces:
+                    for slab in range(z0 // st.step, (z0 + len(pixels) - 1) // st.step + 1):
+                        lo = slab * st.step
+                        owner.cache.put((st.key, slab), pixels[lo - z0:lo - z0 + st.step])
+                        last = all(s.key != st.key or (s.hi - 1) // s.step < slab
+                                   for s in self.steps[n + 1:])
+                        owner._done(self, (st.key, slab), final=last)
+                        ahead += 1
+                    with owner._cond:       # stay at most AHEAD slabs ahead of the senders
+                        while ahead - len(self.consumed) > AHEAD and not self.cancelled:
+                            owner._cond.wait(1.0)
+                    if self.cancelled:
+                        return
         except Exception:   # the senders decode on demand instead (and report the damage)
             log.exception("prefetch of %d decode steps stopped", len(self.steps))
         finally:
@@ -195,44 +198,36 @@ class Reconstructor:
         return ordered, prefetch
 
     def _steps(self, volume: list[tuple]) -> list[_Step]:
-        """Decode steps for instances in sending order: the first instance's slice prefix, then
-        one slab, a few slabs per codec worker, then LOCKSTEP slabs per worker, of what is not
-        cached."""
+        """Decode steps for instances in sending order: the first instance's slice prefix (in
+        this process: its image goes out after one slice's decode), then each run of
+        consecutive uncached slabs of a blob, streamed (models.decode_stream)."""
         need: dict = {}                                # (key, slab) -> slices needed from lo
         order: list = []
         for _, fs, frames, key, depth, step in volume:
             for slab in range(fs // step, (fs + frames - 1) // step + 1):
                 end = min(fs + frames, (slab + 1) * step, depth) - slab * step
                 if (key, slab) not in need:
-                    order.append((key, slab, step, depth))
+                    order.append((key, slab, step))
                 need[(key, slab)] = max(need.get((key, slab), 0), end)
-        steps, group, workers = [], 1, parallel.worker_count()
+        steps = []
         first = volume[0]
         key0, slab0 = first[3], first[1] // first[5]
         cached = self.cache.peek((key0, slab0))
         first_end = first[1] + first[2] - slab0 * first[5]
         if (cached is None or len(cached) < first_end) and first_end < need[(key0, slab0)]:
-            steps.append(_Step(key0, first[5], slab0 * first[5], slab0 * first[5] + first_end))
-        i = 0
-        while i < len(order):
-            run = []
-            while i < len(order) and len(run) < group:
-                key, slab, step, depth = order[i]
-                cached = self.cache.peek((key, slab))
-                if cached is not None and len(cached) >= need[(key, slab)]:
-                    i += 1
-                    break
-                if run and (key != run[-1][0] or slab != run[-1][1] + 1):
-                    break
-                run.append((key, slab, step))
-                i += 1
-            if not run:
+            steps.append(_Step(key0, first[5], slab0 * first[5], slab0 * first[5] + first_end,
+                               prefix=True))
+        run: list = []
+        for key, slab, step in order + [(None, -1, 1)]:
+            cached = self.cache.peek((key, slab)) if key is not None else None
+            if cached is not None and len(cached) >= need[(key, slab)]:
                 continue
-            key, slab, step = run[0]
-            lo, hi = slab * step, run[-1][1] * step + need[(key, run[-1][1])]
-            steps.append(_Step(key, step, lo, hi))
-            # then a few slabs per worker process, then LOCKSTEP per worker: the codec's rate
-            group = 2 * workers if group == 1 else LOCKSTEP * workers
+            if run and (key != run[-1][0] or slab != run[-1][1] + 1):
+                k, first_slab, st = run[0]
+                steps.append(_Step(k, st, first_slab * st, run[-1][1] * st + need[(k, run[-1][1])]))
+                run = []
+            if key is not None:
+                run.append((key, slab, step))
         return steps
 
     def _done(self, prefetch: Prefetch, key, final: bool) -> None:
@@ -246,6 +241,16 @@ class Reconstructor:
             for key in [k for k, p in self._planned.items() if p is prefetch]:
                 del self._planned[key]
             self._cond.notify_all()
+
+    def warm(self) -> bool:
+        """Start the codec's worker processes if any compressed volume is stored."""
+        with self.index.read() as s:
+            coded = s.scalar(select(Blob.id).where(Blob.codec.in_(header_pack.VOLUME_CODECS))
+                             .limit(1))
+        if coded is None:
+            return False
+        parallel.warm()
+        return True
 
     def get(self, sop_uid: str) -> StoredInstance:
         """Return the instance ``sop_uid`` as received.

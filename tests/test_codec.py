@@ -207,6 +207,40 @@ def test_worker_processes_give_the_same_blob_and_volume(monkeypatch):
     np.testing.assert_array_equal(models.decode_slices(single, 3, 17), vol[3:17])
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_decode_stream_pieces_are_ordered_slices_of_the_volume(monkeypatch, workers):
+    vol = phantom((23, 20, 16), "uint16", seed=4)
+    blob = models.encode_volume(vol, slab=2)
+    monkeypatch.setattr(api, "PARALLEL_VOXELS", 1)
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", workers)
+    for start, stop in [(0, 23), (3, 22), (5, 6), (22, 23), (7, 7)]:
+        pieces = list(models.decode_stream(blob, start, stop))
+        assert [z for z, _ in pieces] == sorted({z for z, _ in pieces})
+        assert all(p.dtype == vol.dtype and len(p) for _, p in pieces)
+        if stop - start > 8:     # groups grow: the first pieces are one slab each
+            firsts = [2 - start % 2] + [2] * (int(workers) - 1)   # one slab per worker
+            assert [len(p) for _, p in pieces[:len(firsts)]] == firsts
+            assert max(len(p) for _, p in pieces) > 2
+        got = np.concatenate([p for _, p in pieces]) if pieces else vol[:0]
+        np.testing.assert_array_equal(got, vol[start:stop])
+        z = start
+        for z0, p in pieces:
+            assert z0 == z
+            z += len(p)
+
+
+def test_parallel_imap_keeps_order_and_a_bounded_window(monkeypatch):
+    from models import parallel
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    jobs = list(range(9))
+    got = parallel.imap(abs, [-j for j in jobs], window=3)
+    assert next(got) == 0
+    assert list(got) == jobs[1:]
+    closed = parallel.imap(abs, [-j for j in jobs], window=2)
+    assert next(closed) == 0
+    closed.close()                       # a consumer that stops early cancels the rest
+
+
 def test_adapted_model_travels_in_the_blob_and_decodes_exactly(monkeypatch):
     from models import adapt
     monkeypatch.setattr(adapt, "ADAPT_STEPS", (5, 5))

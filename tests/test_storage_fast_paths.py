@@ -171,3 +171,17 @@ def test_put_new_writes_in_place_and_never_overwrites(tmp_path):
         blobs.put_new(key, b"second")
     assert blobs.get(key) == b"first"
     assert not list(blobs.root.rglob("*.tmp"))
+
+
+def test_decoders_are_warmed_only_when_compressed_volumes_are_stored(archive, monkeypatch):
+    from models import parallel
+    calls = []
+    monkeypatch.setattr(parallel, "warm", lambda: calls.append(1))
+    assert not archive.warm_decoders() and not calls
+    series = make_series(9, 12, 10, seed=7)
+    for ds in series:
+        ts, data = dataset_bytes(ds)
+        archive.store(data, ts)
+    assert not archive.warm_decoders() and not calls       # staged only: nothing to decode
+    assert archive.compact_series(series[0].SeriesInstanceUID)
+    assert archive.warm_decoders() and calls == [1]
