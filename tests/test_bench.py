@@ -262,3 +262,13 @@ def test_cpu_clock_counts_worker_processes():
         workers.submit(_burn, 0.3).result()
         used = cpu_seconds() - before
     assert used >= 0.25  # time.process_time() alone would see almost nothing
+
+
+def test_crop_codes_the_central_region_with_every_codec(ct_folder):
+    report = run_bench([ct_folder[0]], BenchOptions(codecs=["jpegls", "voxarc"], repeat=1,
+                                                    crop=24))
+    full = run_bench([ct_folder[0]], BenchOptions(codecs=["jpegls"], repeat=1))
+    assert report["ok"] and report["volumes"][0]["shape"][1:] == [24, 24]
+    slices = full["volumes"][0]["shape"][0]
+    assert all(r["voxels"] == slices * 24 * 24 for r in report["rows"])
+    assert full["rows"][0]["voxels"] > report["rows"][0]["voxels"]
