@@ -290,13 +290,15 @@ def fit_float(kind: str, sampler: ContextSampler, norm: tuple[int, float, int],
         _fix_output_sign(model, sampler, norm, order[:4096])
     t0 = last_report = last_ckpt = time.time()
     running, loss_v = None, float("nan")
+    if resumed:  # a resume that trains no further step still reports the loss it ended at
+        running = state.get("loss")
 
     def save():  # write then rename: a stop while saving keeps the previous checkpoint
         if checkpoint is not None:
             tmp = Path(str(checkpoint) + ".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "seen": seen,
                         "steps": steps, "norm": norm, "kind": kind,
-                        "seconds": seconds_before + time.time() - t0}, tmp)
+                        "seconds": seconds_before + time.time() - t0, "loss": running}, tmp)
             tmp.replace(checkpoint)
 
     while time.time() - t0 < minutes * 60 and seen < max_epochs * n:

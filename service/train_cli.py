@@ -62,13 +62,21 @@ def write_card(path: Path, name: str, model: str, data: list[tuple[str, tuple, s
             "loss MAE + (1 - |PCC|), SGD momentum 0.9 with the paper's batch and learning rate, "
             "samples = every voxel of ten whole slices taken with a fixed stride from one "
             "volume, shuffled, inputs normalised to [-1, 1] by that volume's minimum and maximum."
-            " Initialisation: PyTorch's default, with the output layer negated when the initial"
-            " predictions correlate negatively with the targets (`sign_fix`; without it the "
-            "|PCC| term traps the network at a tiny anticorrelated output, see "
-            "docs/paper-reproduction.md). Training is bounded in time (see `train_seconds`, "
+            + (" Initialisation (`init`: linear; the paper does not state one): the network "
+               "starts as the least-squares linear predictor of the training samples, carried "
+               "by two units per layer through the LeakyReLUs, every other unit random with "
+               "output weight zero (see docs/paper-reproduction.md)." if report.get("init") ==
+               "linear" else
+               " Initialisation: PyTorch's default, with the output layer negated when the "
+               "initial predictions correlate negatively with the targets (`sign_fix`; without "
+               "it the |PCC| term traps the network at a tiny anticorrelated output, see "
+               "docs/paper-reproduction.md).") +
+            " Training is bounded in time (see `train_seconds`, "
             "summed over the runs a `--resume` continued, `samples_seen`, `epochs`): a few "
             "epochs on 2 shared CPU cores, so the network is not converged; the paper does not "
-            "state its number of epochs. Each epoch is a fresh shuffle of the same samples.",
+            "state its number of epochs. Each epoch is a fresh shuffle of the same samples. "
+            "The coding table stored here is the training volume's; a blob carries one fitted "
+            "to the volume it codes (models/paper_table.py).",
             "",
             "`train_bits_float` / `train_bits_int`: ideal bits per voxel of the float network's "
             "rounded prediction and of the exact integer network on the same training samples, "
