@@ -122,3 +122,13 @@ def test_quantised_linear_start_tracks_the_float_network():
     want = float_predictions(res, values, valid)
     got, _ = predictor.predict(values, valid, -32768, 32767)
     assert np.abs(got - want).mean() < 1.0
+
+
+def test_paper_models_code_long_slabs_by_default():
+    """The paper codes whole volumes; its models lean on five previous slices, so they get
+    64-slice slabs unless the caller asks otherwise (the default model keeps 8)."""
+    from models import blob_info
+    vol = quiet_phantom((3, 5, 6))
+    assert blob_info(encode_volume(vol, model="paper-pyramid"))["slab"] == 64
+    assert blob_info(encode_volume(vol, model="paper-pyramid", slab=2))["slab"] == 2
+    assert blob_info(encode_volume(vol))["slab"] == 8
