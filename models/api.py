@@ -139,6 +139,8 @@ def decode_stream(blob: bytes, start: int, stop: int):
         >= PARALLEL_VOXELS // 4 else 1
     groups, size = [], 1
     while slabs:
+        if len(slabs) <= size * workers:   # the last round: share what is left evenly
+            size = -(-len(slabs) // workers)
         for _ in range(workers):
             if slabs:
                 groups.append(slabs[:size])
