@@ -205,7 +205,9 @@ class Node:
     def _warm(self) -> None:
         try:
             if self.archive.warm_decoders():
-                log.info("decoder processes started")
+                log.info("decoder processes: started")
+            else:
+                log.info("decoder processes: not started (no compressed volume stored yet)")
         except Exception:  # only a head start: retrievals start the processes themselves
             log.exception("could not start the decoder processes ahead of retrievals")
 

@@ -79,7 +79,7 @@ class Server:
     proc: subprocess.Popen
     storage: Path
     log_file: object = None
-    warm_seen: int = 0   # "decoder processes started" lines in the log before this start
+    warm_seen: int = 0   # "decoder processes: " lines in the log before this start
 
     def stop(self) -> None:
         """Terminate the process and wait for it."""
@@ -98,7 +98,7 @@ def start_voxarc(data_dir: Path) -> Server:
     """``voxarc serve`` on a free port (no compaction during the run, admin page on a free port)."""
     port = free_port()
     log_path = Path(data_dir).with_suffix(".log")
-    seen = log_path.read_text(errors="replace").count("decoder processes started") \
+    seen = log_path.read_text(errors="replace").count("decoder processes: ") \
         if log_path.exists() else 0
     logf = open(log_path, "ab")
     proc = subprocess.Popen(
@@ -122,7 +122,7 @@ def wait_for_decoders(server: Server, timeout: float = 60.0) -> float:
     log_path = Path(server.storage).with_suffix(".log")
     while time.monotonic() - start < timeout:
         text = log_path.read_text(errors="replace") if log_path.exists() else ""
-        if text.count("decoder processes started") > server.warm_seen:
+        if text.count("decoder processes: ") > server.warm_seen:
             server.warm_seen += 1
             return time.monotonic() - start
         time.sleep(0.1)
@@ -166,11 +166,26 @@ def start_orthanc(work: Path, compression: bool, binary: str | None = None) -> S
     return server
 
 
-def push(server: Server, files: list[Path]) -> float:
+#: storescu's option proposing a compressed transfer syntax (it proposes uncompressed ones only)
+STORESCU_PROPOSE = {"1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.57": "-xs",
+                    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.80": "-xt",
+                    "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.1.99": "-xd"}
+
+
+def storescu_options(syntaxes) -> list[str]:
+    """Options so that storescu sends files of these transfer syntaxes as they are (one
+    compressed syntax per series; uncompressed ones need nothing)."""
+    flags = sorted({STORESCU_PROPOSE[ts] for ts in syntaxes if ts in STORESCU_PROPOSE})
+    if len(flags) > 1:
+        raise ValueError(f"storescu can propose one compressed syntax per run, not {flags}")
+    return flags
+
+
+def push(server: Server, files: list[Path], syntaxes=()) -> float:
     """Send ``files`` with storescu on one association; return the seconds it took."""
     start = time.perf_counter()
-    proc = subprocess.run([dcmtk("storescu"), "-aet", SCU_AET, "-aec", server.aet, "127.0.0.1",
-                           str(server.port), *map(str, files)],
+    proc = subprocess.run([dcmtk("storescu"), *storescu_options(syntaxes), "-aet", SCU_AET,
+                           "-aec", server.aet, "127.0.0.1", str(server.port), *map(str, files)],
                           env=ENV, capture_output=True, text=True, timeout=1800)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
@@ -203,7 +218,8 @@ def c_get(server: Server, study_uid: str, series_uid: str, sop_classes: set[str]
     ae.add_requested_context(GET)
     tss = sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
     for sop_class in sorted(sop_classes):
-        ae.add_requested_context(sop_class, tss)
+        for ts in tss:  # one context per syntax: the server sends each instance as received
+            ae.add_requested_context(sop_class, ts)
     roles = [build_role(c, scp_role=True) for c in sorted(sop_classes)]
 
     def on_store(event):
@@ -318,7 +334,7 @@ def bench_voxarc(info: SeriesInfo, work: Path, runs: int, get_runs: int) -> dict
         data_dir = work / f"voxarc-{info.name}-{run}"
         server = start_voxarc(data_dir)
         try:
-            seconds = push(server, info.files)
+            seconds = push(server, info.files, info.syntaxes)
         finally:
             server.stop()
         rates.append(len(info.files) / seconds)
@@ -370,7 +386,7 @@ def bench_orthanc(info: SeriesInfo, work: Path, runs: int, get_runs: int, compre
         folder = work / f"{label}-{info.name}-{run}"
         server = start_orthanc(folder, compression, binary)
         try:
-            seconds = push(server, info.files)
+            seconds = push(server, info.files, info.syntaxes)
         finally:
             server.stop()
         rates.append(len(info.files) / seconds)
@@ -403,7 +419,7 @@ def bench_ingest(info: SeriesInfo, work: Path, runs: int, orthanc: bool = True,
             server = start_voxarc(folder) if name == "voxarc" else \
                 start_orthanc(folder, False, binary)
             try:
-                seconds = push(server, info.files)
+                seconds = push(server, info.files, info.syntaxes)
             finally:
                 server.stop()
             values.append(len(info.files) / seconds)
