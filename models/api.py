@@ -119,14 +119,17 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     return out
 
 
-def decode_stream(blob: bytes, start: int, stop: int):
+def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     """Slices ``[start, stop)`` as a stream of ``(z0, slices)`` pieces in order, for a consumer
     that uses the first slices while the later ones decode (a C-GET sending instances).
 
     The pieces are slab groups that grow from one slab per worker process to LOCKSTEP_SLABS
     (small first pieces arrive early, large later ones decode at the lockstep rate); the worker
     processes decode them in parallel, a few groups ahead of the consumer. Concatenated, the
-    pieces equal ``decode_slices(blob, start, stop)``.
+    pieces equal ``decode_slices(blob, start, stop)``. With ``head`` > 0, a first extra piece
+    holds only slices ``[start, start + head)`` (at most the rest of the first slab): one worker
+    decodes it while the others start on the slabs, and the pieces after it start at ``start``
+    again.
     """
     header, base, predictor = _open(blob)
     nz, _, _ = header.shape
@@ -137,24 +140,27 @@ def decode_stream(blob: bytes, start: int, stop: int):
     slabs = list(range(start // zs, (stop - 1) // zs + 1))
     workers = parallel.worker_count() if (stop - start) * header.shape[1] * header.shape[2] \
         >= PARALLEL_VOXELS // 4 else 1
-    groups, size = [], 1
+    head = min(head, (start // zs + 1) * zs - start, stop - start)
+    groups, size = ([(slabs[0], start - slabs[0] * zs + head)] if head > 0 else []), 1
     while slabs:
         if len(slabs) <= size * workers:   # the last round: share what is left evenly
             size = -(-len(slabs) // workers)
         for _ in range(workers):
             if slabs:
-                groups.append(slabs[:size])
+                groups.append([(i, min(zs, stop - i * zs)) for i in slabs[:size]])
                 slabs = slabs[size:]
         size = min(2 * size, LOCKSTEP_SLABS)
-    jobs = [([slab_payload(blob, header, base, i) for i in group],
-             [min(zs, stop - i * zs) for i in group], header) for group in groups]
+    groups = [g if isinstance(g, list) else [g] for g in groups]
+    jobs = [([slab_payload(blob, header, base, i) for i, _ in group], [n for _, n in group],
+             header) for group in groups]
     if workers > 1:
         results = parallel.imap(_decode_group, jobs, window=2 * workers)
     else:
         results = (_decode_group(job, predictor) for job in jobs)
     for group, parts in zip(groups, results):
-        z0 = max(start, group[0] * zs)
-        yield z0, np.concatenate(parts)[z0 - group[0] * zs:].astype(header.dtype)
+        first = group[0][0] * zs
+        z0 = max(start, first)
+        yield z0, np.concatenate(parts)[z0 - first:].astype(header.dtype)
 
 
 def _decode_group(job, predictor=None) -> list[np.ndarray]:

@@ -116,21 +116,25 @@ class Prefetch:
         self.cancelled = True
 
     def _run(self) -> None:
-        owner, blobs, ahead = self.owner, {}, 0
+        owner, blobs, ahead, head = self.owner, {}, 0, 0
         try:
             for n, st in enumerate(self.steps):
+                later = self.steps[n + 1:]
+                if st.prefix and later and (later[0].key, later[0].lo) == (st.key, st.lo):
+                    head = st.hi - st.lo   # the first piece of the next stream, on a worker
+                    continue
                 data = blobs.get(st.key)
                 if data is None:
                     blobs.clear()
                     data = blobs[st.key] = header_pack.coded_part(owner.blobs.get(st.key))
                 pieces = [(st.lo, models.decode_slices(data, st.lo, st.hi))] if st.prefix \
-                    else models.decode_stream(data, st.lo, st.hi)
-                for z0, pixels in pieces:
+                    else models.decode_stream(data, st.lo, st.hi, head=head)
+                for i, (z0, pixels) in enumerate(pieces):
                     for slab in range(z0 // st.step, (z0 + len(pixels) - 1) // st.step + 1):
                         lo = slab * st.step
                         owner.cache.put((st.key, slab), pixels[lo - z0:lo - z0 + st.step])
-                        last = all(s.key != st.key or (s.hi - 1) // s.step < slab
-                                   for s in self.steps[n + 1:])
+                        last = not (head and i == 0) and all(
+                            s.key != st.key or (s.hi - 1) // s.step < slab for s in later)
                         owner._done(self, (st.key, slab), final=last)
                         ahead += 1
                     with owner._cond:       # stay at most AHEAD slabs ahead of the senders
@@ -138,6 +142,7 @@ class Prefetch:
                             owner._cond.wait(1.0)
                     if self.cancelled:
                         return
+                head = 0
         except Exception:   # the senders decode on demand instead (and report the damage)
             log.exception("prefetch of %d decode steps stopped", len(self.steps))
         finally:

@@ -287,3 +287,16 @@ def test_unreadable_embedded_model_is_refused():
     from models.registry import load_model
     with pytest.raises(CorruptBlobError, match="adapted model"):
         adapt.with_embedded(load_model("default"), b"PK\x03\x04 not a zip")
+
+
+def test_decode_stream_head_piece_comes_first_then_the_whole_range():
+    vol = phantom((21, 12, 10), "uint16", seed=8)
+    blob = models.encode_volume(vol, slab=4)
+    for start, stop, head, want in [(0, 21, 1, 1), (3, 17, 5, 1), (8, 21, 2, 2)]:
+        pieces = list(models.decode_stream(blob, start, stop, head=head))
+        z0, first = pieces[0]
+        assert z0 == start and len(first) == want
+        np.testing.assert_array_equal(first, vol[start:start + want])
+        assert pieces[1][0] == start
+        np.testing.assert_array_equal(np.concatenate([p for _, p in pieces[1:]]),
+                                      vol[start:stop])

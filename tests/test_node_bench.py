@@ -70,3 +70,12 @@ def test_ingest_only_rounds(tiny_series, tmp_path, capsys):
         assert len(row["orthanc"]["ingest_rates"]) == 2
         assert row["ingest_ratio"] == pytest.approx(
             row["voxarc"]["ingest_per_s"] / row["orthanc"]["ingest_per_s"])
+
+
+def test_storescu_proposes_the_series_compressed_syntax():
+    from service.node_bench import storescu_options
+    assert storescu_options({"1.2.840.10008.1.2.1"}) == []
+    assert storescu_options({"1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1"}) == ["-xs"]
+    assert storescu_options({"1.2.840.10008.1.2.4.90"}) == ["-xv"]
+    with pytest.raises(ValueError):
+        storescu_options({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80"})
