@@ -4,9 +4,10 @@ is about to code, and ships the quantised result inside the blob.
 A shipped model meets scanners it never saw; a few hundred optimiser steps on a sample of the
 volume itself recover part of what an oracle trained on that volume would gain (measured on an
 unseen head CT: -5% bits for 200 steps, -7% for 400; on the train series, 400 steps beat 100
-and 200 too). The embedded model is a few kilobytes, so it is only used for volumes large enough
-to repay it, and only when it pays on a sample of the volume. Decoding stays exact: the embedded network is an
-ordinary integer network, read from the blob instead of from the weights folder.
+and 200 too). The embedded model is a few kilobytes, so it is only used for volumes large
+enough to repay it, and only when it pays on a sample of the volume. Decoding stays exact: the
+embedded network is an ordinary integer network, read from the blob instead of from the weights
+folder.
 """
 
 from __future__ import annotations

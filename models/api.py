@@ -141,7 +141,7 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     workers = parallel.worker_count() if (stop - start) * header.shape[1] * header.shape[2] \
         >= PARALLEL_VOXELS // 4 else 1
     head = min(head, (start // zs + 1) * zs - start, stop - start)
-    groups, size = ([(slabs[0], start - slabs[0] * zs + head)] if head > 0 else []), 1
+    groups, size = ([[(slabs[0], start - slabs[0] * zs + head)]] if head > 0 else []), 1
     while slabs:
         if len(slabs) <= size * workers:   # the last round: share what is left evenly
             size = -(-len(slabs) // workers)
@@ -150,7 +150,6 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
                 groups.append([(i, min(zs, stop - i * zs)) for i in slabs[:size]])
                 slabs = slabs[size:]
         size = min(2 * size, LOCKSTEP_SLABS)
-    groups = [g if isinstance(g, list) else [g] for g in groups]
     jobs = [([slab_payload(blob, header, base, i) for i, _ in group], [n for _, n in group],
              header) for group in groups]
     if workers > 1:

@@ -57,7 +57,7 @@ LEAKY_SHIFT = 7              # LeakyReLU slope 2**-7 = 0.0078 (PyTorch's default
 PREDICT_CHUNK = 8192         # voxels per network call (bounds working memory)
 
 # params: center, half (rounded, informative), pad, out_mult, out_shift, j_mode, j_const, j_offset
-_P_CENTER, _P_HALF, _P_PAD, _P_MULT, _P_SHIFT, _P_JMODE, _P_JCONST, _P_JOFF = range(8)
+_P_CENTER, _P_HALF, _P_PAD, _P_MULT, _P_SHIFT, P_JMODE, P_JCONST, _P_JOFF = range(8)
 
 
 def _activity_offsets(hood: Neighbourhood) -> list[tuple[int, int]]:
@@ -96,6 +96,13 @@ class PaperPredictor:
     def pad(self) -> int:
         return int(self.params[_P_PAD])
 
+    def with_table(self, params: np.ndarray, tables: CodingTables) -> "PaperPredictor":
+        """A copy with other table constants (``params`` may differ in ``j_mode``/``j_const``
+        only) and tables; the same network and model id."""
+        twin = type(self)(self.name, self.net, params, tables, dict(self.meta))
+        twin.model_id = getattr(self, "model_id", None)
+        return twin
+
     def inputs(self, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Integer network inputs ``(n, K)``: neighbour minus ``center``, ``pad`` where invalid."""
         v = np.where(valid, values, self.pad).astype(np.int64)
@@ -103,7 +110,7 @@ class PaperPredictor:
 
     def table_index(self, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
         n = values.shape[1]
-        mode, jc, joff = (int(self.params[k]) for k in (_P_JMODE, _P_JCONST, _P_JOFF))
+        mode, jc, joff = (int(self.params[k]) for k in (P_JMODE, P_JCONST, _P_JOFF))
         if mode == 0:
             return np.full(n, jc, dtype=np.int64)
         v = np.where(valid, values, self.pad).astype(np.int64)

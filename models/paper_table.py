@@ -15,6 +15,7 @@ import io
 import numpy as np
 
 from models.codec import geometry
+from models.paper import P_JCONST, P_JMODE
 from models.entropy import N_CLASSES, N_TOKENS, CodingTables
 from models.tables import table_bits
 
@@ -28,13 +29,13 @@ def sample_contexts(hood, volume: np.ndarray, slab: int, tile, count: int,
     """``(values (K, n), valid (K, n), target (n,))`` of about ``count`` random voxels, with the
     neighbours the codec gives them (slab and tile borders included)."""
     nz, ny, nx = volume.shape
+    geo = geometry(hood, slab, ny, nx, tuple(tile))
     starts = np.arange(0, nz, slab)
     picks = rng.choice(starts, min(len(starts), 8), replace=False)
     per = -(-count // len(picks))
     vs, oks, ts = [], [], []
     for z0 in picks:
         block = volume[z0:z0 + slab]
-        geo = geometry(hood, slab, ny, nx, tuple(tile))
         flat = geo.padded(block).ravel()
         zl = rng.integers(0, block.shape[0], per)
         pix = rng.integers(0, ny * nx, per)
@@ -60,9 +61,7 @@ def fit_volume_table(predictor, volume: np.ndarray, slab: int, tile, seed: int =
     info = np.iinfo(volume.dtype)
     pred, j = predictor.predict(values, valid, int(info.min), int(info.max))
     r = target - pred
-    twin = type(predictor)(predictor.name, predictor.net, predictor.params.copy(),
-                           predictor.tables, dict(predictor.meta))
-    twin.model_id = predictor.model_id
+    twin = predictor.with_table(predictor.params.copy(), predictor.tables)
     new_bits = fit_constant_table(twin, r)
     old_bits = table_bits(predictor.tables, r, j) / len(r)
     saved = (old_bits - new_bits) * volume.size
@@ -71,7 +70,7 @@ def fit_volume_table(predictor, volume: np.ndarray, slab: int, tile, seed: int =
 
 def table_bytes(predictor) -> bytes:
     """What a blob carries for a volume-fitted table: params, token row and classes."""
-    jc = int(predictor.params[6])
+    jc = int(predictor.params[P_JCONST])
     packed = np.concatenate([predictor.params, predictor.tables.tokens[jc],
                              predictor.tables.classes]).astype(np.int32)
     buf = io.BytesIO()
@@ -93,13 +92,12 @@ def with_table(base, arrays: dict):
         raise ValueError(f"volume table has {packed.size} entries")
     params = packed[:n_params]
     row, classes = packed[n_params:n_params + N_TOKENS], packed[n_params + N_TOKENS:]
-    jc = int(params[6])
+    jc = int(params[P_JCONST])
     if not 0 <= jc < len(base.tables.tokens) or row.min() < 1 or classes.min() < 1:
         raise ValueError("volume table out of range")
-    if not np.array_equal(np.delete(params, [5, 6]), np.delete(base.params, [5, 6])):
+    table_params = [P_JMODE, P_JCONST]
+    if not np.array_equal(np.delete(params, table_params), np.delete(base.params, table_params)):
         raise ValueError("volume table changes the network's constants")
     tokens = base.tables.tokens.copy()
     tokens[jc] = row
-    twin = type(base)(base.name, base.net, params, CodingTables(tokens, classes), base.meta)
-    twin.model_id = base.model_id
-    return twin
+    return base.with_table(params, CodingTables(tokens, classes))

@@ -28,7 +28,7 @@ from torch import nn
 from models.context import Neighbourhood
 from models.features import N_SCALES, SCALE_STEPS, SCALE_ZERO
 from models.intnet import quantize_wide_mlp
-from models.paper import LEAKY_SHIFT, PREDICTORS, PaperPredictor
+from models.paper import LEAKY_SHIFT, P_JCONST, P_JMODE, PREDICTORS, PaperPredictor
 from models.entropy import N_CLASSES, N_TOKENS, CodingTables, split_residuals
 from models.tables import _quantise, laplace_token_probs, prior_tables, table_bits
 
@@ -418,7 +418,7 @@ def fit_constant_table(predictor: PaperPredictor, r: np.ndarray, candidates=None
         if best is None or bits < best[0]:
             best = (bits, j, tables)
     bits, j, tables = best
-    predictor.params[5], predictor.params[6] = 0, j
+    predictor.params[P_JMODE], predictor.params[P_JCONST] = 0, j
     predictor.tables = tables
     return bits
 
@@ -473,7 +473,8 @@ def train_paper(kind: str, volume: np.ndarray, minutes: float = 5.0, max_epochs:
               "lr": lr or PAPER_SETTINGS[kind]["lr"], "optimizer": optimizer, "sign_fix": sign_fix,
               "init": init,
               "train_bits_int": int_bits, "train_bits_float": float_bits,
-              "train_mae_int": float(np.abs(r).mean()), "table_index": int(predictor.params[6])}
+              "train_mae_int": float(np.abs(r).mean()),
+              "table_index": int(predictor.params[P_JCONST])}
     predictor.meta = dict(report)
     predictor.float_result = res
     return predictor, report
@@ -490,4 +491,4 @@ def float_model_bits(res: FloatResult, predictor: PaperPredictor, sampler: Conte
         rs.append(target - pred)
     r = np.concatenate(rs)
     twin = type(predictor)("float", predictor.net, predictor.params.copy(), predictor.tables)
-    return fit_constant_table(twin, r, [int(predictor.params[6])])
+    return fit_constant_table(twin, r, [int(predictor.params[P_JCONST])])

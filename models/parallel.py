@@ -96,8 +96,9 @@ def _warm_worker() -> int:
 
 
 def warm() -> None:
-    """Start the worker processes now and load the default model in each, so that the first
-    decode of a server does not wait for them (call from a background thread)."""
+    """Start the worker processes now (each imports torch as it starts) and load the default
+    model in them, so that the first decode of a server does not wait (call from a background
+    thread)."""
     if worker_count() > 1:
         try:
             for future in [pool().submit(_warm_worker) for _ in range(worker_count())]:

@@ -90,17 +90,17 @@ class _Step:
     step: int
     lo: int
     hi: int
-    prefix: bool = False   # the first instance's slices only, decoded in this process
+    head: int = 0   # first slices sent as a piece of their own (the first instance's image)
 
 
 class Prefetch:
     """A background thread decoding, in sending order, the slabs a retrieval will need.
 
-    The first step decodes only the slices up to the first instance (its first image goes out
-    after one slice's decode, not a slab's); the next ones stream runs of slabs from the codec's
-    worker processes (models.decode_stream: groups growing from one slab to the lockstep size),
-    so the senders send each slab as soon as it is decoded while the workers decode the next
-    ones. :meth:`Reconstructor.get` waits for a slab the plan is decoding rather than decoding it
+    Each step streams a run of slabs from the codec's worker processes (models.decode_stream:
+    groups growing from one slab to the lockstep size), so the senders send each slab as soon as
+    it is decoded while the workers decode the next ones. The first step starts with a piece of
+    the slices up to the first instance only (its image goes out after one slice's decode, not a
+    slab's), decoded by one worker while the other starts on the slabs. :meth:`Reconstructor.get` waits for a slab the plan is decoding rather than decoding it
     twice.
     """
 
@@ -116,24 +116,20 @@ class Prefetch:
         self.cancelled = True
 
     def _run(self) -> None:
-        owner, blobs, ahead, head = self.owner, {}, 0, 0
+        owner, blobs, ahead = self.owner, {}, 0
         try:
             for n, st in enumerate(self.steps):
                 later = self.steps[n + 1:]
-                if st.prefix and later and (later[0].key, later[0].lo) == (st.key, st.lo):
-                    head = st.hi - st.lo   # the first piece of the next stream, on a worker
-                    continue
                 data = blobs.get(st.key)
                 if data is None:
                     blobs.clear()
                     data = blobs[st.key] = header_pack.coded_part(owner.blobs.get(st.key))
-                pieces = [(st.lo, models.decode_slices(data, st.lo, st.hi))] if st.prefix \
-                    else models.decode_stream(data, st.lo, st.hi, head=head)
+                pieces = models.decode_stream(data, st.lo, st.hi, head=st.head)
                 for i, (z0, pixels) in enumerate(pieces):
                     for slab in range(z0 // st.step, (z0 + len(pixels) - 1) // st.step + 1):
                         lo = slab * st.step
                         owner.cache.put((st.key, slab), pixels[lo - z0:lo - z0 + st.step])
-                        last = not (head and i == 0) and all(
+                        last = not (st.head and i == 0) and all(
                             s.key != st.key or (s.hi - 1) // s.step < slab for s in later)
                         owner._done(self, (st.key, slab), final=last)
                         ahead += 1
@@ -142,7 +138,6 @@ class Prefetch:
                             owner._cond.wait(1.0)
                     if self.cancelled:
                         return
-                head = 0
         except Exception:   # the senders decode on demand instead (and report the damage)
             log.exception("prefetch of %d decode steps stopped", len(self.steps))
         finally:
@@ -203,9 +198,9 @@ class Reconstructor:
         return ordered, prefetch
 
     def _steps(self, volume: list[tuple]) -> list[_Step]:
-        """Decode steps for instances in sending order: the first instance's slice prefix (in
-        this process: its image goes out after one slice's decode), then each run of
-        consecutive uncached slabs of a blob, streamed (models.decode_stream)."""
+        """Decode steps for instances in sending order: each run of consecutive uncached slabs of
+        a blob, streamed (models.decode_stream); the first run starts with a piece of the first
+        instance's slices when its slab holds more than it needs."""
         need: dict = {}                                # (key, slab) -> slices needed from lo
         order: list = []
         for _, fs, frames, key, depth, step in volume:
@@ -214,15 +209,7 @@ class Reconstructor:
                 if (key, slab) not in need:
                     order.append((key, slab, step))
                 need[(key, slab)] = max(need.get((key, slab), 0), end)
-        steps = []
-        first = volume[0]
-        key0, slab0 = first[3], first[1] // first[5]
-        cached = self.cache.peek((key0, slab0))
-        first_end = first[1] + first[2] - slab0 * first[5]
-        if (cached is None or len(cached) < first_end) and first_end < need[(key0, slab0)]:
-            steps.append(_Step(key0, first[5], slab0 * first[5], slab0 * first[5] + first_end,
-                               prefix=True))
-        run: list = []
+        steps, run = [], []
         for key, slab, step in order + [(None, -1, 1)]:
             cached = self.cache.peek((key, slab)) if key is not None else None
             if cached is not None and len(cached) >= need[(key, slab)]:
@@ -233,6 +220,13 @@ class Reconstructor:
                 run = []
             if key is not None:
                 run.append((key, slab, step))
+        _, fs, frames, key0, _, step0 = volume[0]
+        slab0 = fs // step0
+        first_end = fs + frames - slab0 * step0
+        cached = self.cache.peek((key0, slab0))
+        if steps and (steps[0].key, steps[0].lo) == (key0, slab0 * step0) \
+                and (cached is None or len(cached) < first_end) and first_end < need[(key0, slab0)]:
+            steps[0].head = first_end   # the first instance goes out before its whole slab
         return steps
 
     def _done(self, prefetch: Prefetch, key, final: bool) -> None:

@@ -79,7 +79,8 @@ def test_planned_retrieval_is_slab_ordered_and_exact(archive):
         starts = [s.scalar(select(Instance.frame_start).where(Instance.sop_uid == u))
                   for u in ordered]
     assert starts == sorted(starts)
-    assert (prefetch.steps[0].lo, prefetch.steps[0].hi) == (0, 1)    # first image after one slice
+    first = prefetch.steps[0]
+    assert (first.lo, first.lo + first.head) == (0, 1)    # first image after one slice
     for uid in ordered:
         assert archive.retrieve(uid).data == sent[uid]
     prefetch.thread.join(30)
