@@ -67,6 +67,23 @@ def test_quantised_network_tracks_the_float_network():
     assert net(x)[:, 0].dtype == np.int64 and net.layers[0].shift.max() >= 0 and ACT_MAX == 1023
 
 
+def test_quantisation_shifts_are_those_of_int64_arithmetic():
+    """quantize_mlp computes in float64 (BLAS) for speed: its per-channel shifts must be the ones
+    that exact int64 activations of the calibration inputs give."""
+    rng = np.random.default_rng(3)
+    ws = [rng.normal(0, 0.5, (32, 12)), rng.normal(0, 0.5, (16, 32)), rng.normal(0, 0.3, (2, 16))]
+    bs = [rng.normal(0, 0.2, 32), rng.normal(0, 0.2, 16), rng.normal(0, 0.1, 2)]
+    x = rng.integers(-INPUT_MAX, INPUT_MAX + 1, (20000, 12))
+    net, _ = quantize_mlp(ws, bs, x, input_scale=1 / 16)
+    h = x.astype(np.int64)
+    for layer in net.layers[:-1]:
+        acc = h @ layer.weight.T + layer.bias - np.where(layer.shift > 0, 1 << np.maximum(layer.shift - 1, 0), 0)
+        top = np.maximum(np.quantile(np.maximum(acc, 0), 0.9999, axis=0), 1.0)
+        np.testing.assert_array_equal(layer.shift, np.maximum(np.ceil(np.log2(top / ACT_MAX)), 0))
+        h = np.clip((h @ layer.weight.T + layer.bias) >> layer.shift, 0, ACT_MAX)
+    assert net.layers[0].shift.max() > 0          # the shifts are not trivially zero
+
+
 def test_log2_quarters_is_exact():
     s = np.arange(1, 1 << 17)
     want = np.array([max(k for k in range(80) if 2 ** k <= v ** 4) for v in s[:3000]])
