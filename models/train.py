@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.codec import slab_contexts
+from models.codec import geometry
 from models.features import (DEFAULT_NEIGHBOURHOOD, N_FEATURES, SCALE_STEPS, UNIT,
                              default_features, prediction, scale_index)
 from models.intnet import quantize_mlp
@@ -50,9 +50,14 @@ def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
                            .astype(int) // slab * slab)
         for z0 in starts:
             block = vol[z0:z0 + slab]
-            for zl, values, valid in slab_contexts(DEFAULT_NEIGHBOURHOOD, block, slab, tile):
-                pick = np.flatnonzero(rng.random(values.shape[1]) < keep)
-                ref, s, lq, x = default_features(values[:, pick], valid[:, pick])
+            # gather the picked voxels' neighbours only (the contexts slab_contexts gives)
+            geo = geometry(DEFAULT_NEIGHBOURHOOD, slab, block.shape[1], block.shape[2], tuple(tile))
+            flat = geo.padded(block).ravel()
+            for zl in range(block.shape[0]):
+                pick = np.flatnonzero(rng.random(block.shape[1] * block.shape[2]) < keep)
+                base = geo.pixel_base[pick] + zl * geo.plane
+                ref, s, lq, x = default_features(flat[geo.flat_offsets[:, None] + base[None, :]],
+                                                 geo.validity(zl)[:, pick])
                 n = len(pick)
                 parts.append(Samples(np.ascontiguousarray(x.T), ref, s, lq,
                                      block[zl].ravel()[pick].astype(np.int64),
