@@ -159,11 +159,12 @@ class StepDecoder:
         self.uni = [new(np.ascontiguousarray(u, np.uint32)) for _, u in streams]
 
     def _per_stream(self, decoders, segments, mask, model, params):
-        """Decode ``params`` (one row per masked symbol) from each segment's stream."""
-        counts = np.concatenate([[0], np.cumsum(mask)])
+        """Decode ``params`` (one row per masked symbol; ``mask`` None: every symbol) from each
+        segment's stream."""
+        counts = None if mask is None else np.concatenate([[0], np.cumsum(mask)])
         out = []
         for stream, a, b in segments:
-            lo, hi = counts[a], counts[b]
+            lo, hi = (a, b) if counts is None else (counts[a], counts[b])
             if hi > lo:
                 out.append(decoders[stream].decode(model, params[lo:hi]))
         return np.concatenate(out).astype(np.int64)
@@ -171,8 +172,7 @@ class StepDecoder:
     def decode_step(self, segments, j: np.ndarray) -> np.ndarray:
         """Residuals of one step. ``segments`` lists ``(stream, start, stop)``: which stream
         holds the symbols ``j[start:stop]``."""
-        everything = np.ones(len(j), bool)
-        token = self._per_stream(self.tok, segments, everything, _CATEGORICAL,
+        token = self._per_stream(self.tok, segments, None, _CATEGORICAL,
                                  self.tables.rows(j))
         esc = token >= ESC_NEG
         cls = np.zeros(len(j), np.int64)

@@ -65,6 +65,7 @@ class IntMLP:
         self.act_max, self.input_max, self.weight_max = int(act_max), int(input_max), int(weight_max)
         self._check_exact()
         self._torch = None
+        self._scaled = None
 
     @property
     def is_default(self) -> bool:
@@ -121,6 +122,17 @@ class IntMLP:
             self._torch = (device, params)
         return self._torch[1]
 
+    def _default_params(self, device):
+        """Hidden layers' weights and biases pre-scaled by their shifts, and the last layer's
+        columns (contiguous), as float32 tensors on ``device``."""
+        key = ("default", device)
+        if getattr(self, "_scaled", None) is None or self._scaled[0] != key:
+            params = self._torch_params(device)
+            hidden = [(w * k, b * k) for w, b, k, _ in params[:-1]]
+            w, b, _, _ = params[-1]
+            self._scaled = (key, (hidden, (w.t().contiguous().t(), b)))
+        return self._scaled[1]
+
     @torch.inference_mode()
     def __call__(self, x: np.ndarray, device: str = "cpu") -> np.ndarray:
         """Fast exact evaluation with float32 (or float64) matmuls of integer inputs ``(n, in)``
@@ -129,12 +141,13 @@ class IntMLP:
             # weights and bias pre-scaled by 2**-k: every partial sum is an integer below
             # 2**24 times a power of two, so addmm returns acc * 2**-k exactly
             h = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
-            for w, b, k, _ in self._torch_params(device):
-                if k is None:
-                    h = torch.addmm(b, h, w)
-                else:
-                    h = torch.clamp_(torch.floor_(torch.addmm(b * k, h, w * k)), 0, ACT_MAX)
-            return h.cpu().numpy().astype(np.int64)
+            hidden, (w, b) = self._default_params(device)
+            for ws, bs in hidden:
+                h = torch.clamp_(torch.floor_(torch.addmm(bs, h, ws)), 0, ACT_MAX)
+            # the few output columns one matrix-vector product each: a GEMM with 2 columns
+            # runs at a quarter of the speed (any summation order is exact here)
+            out = torch.stack([torch.mv(h, w[:, c]) for c in range(w.shape[1])], dim=1)
+            return (out + b).cpu().numpy().astype(np.int64)
         np_dt = np.float32 if self.exact == "float32" else np.float64
         h = torch.from_numpy(np.asarray(x, dtype=np_dt)).to(device)
         h = torch.clamp(h, -self.input_max, self.input_max)
