@@ -4,11 +4,12 @@ is about to code, and ships the quantised result inside the blob.
 A shipped model meets scanners it never saw; a few hundred optimiser steps on a sample of the
 volume itself recover part of what an oracle trained on that volume would gain (measured on an
 unseen head CT: -5% bits for 200 steps, -7% for 400; on the train series, 400 steps beat 100
-and 200 too, and on the two largest train volumes (37 M voxels) a cap of 800 steps beat 400 by
-0.3% (MR) and 4.4% (phantom), while 1600 gained nothing more). The embedded model is a few kilobytes, so it is only used for volumes large
-enough to repay it, and only when it pays on a sample of the volume. Decoding stays exact: the
-embedded network is an ordinary integer network, read from the blob instead of from the weights
-folder.
+and 200 too). Large volumes run up to 800 steps (on the two 37 M-voxel train volumes 800 beat
+400 by 0.3% and 4.4%), but the longer run can also fit its sample of slabs too closely, so the
+state after 400 steps is kept when it codes a held-out sample of the volume's voxels in fewer
+bits. The embedded model is a few kilobytes, so it is only used for volumes large enough to
+repay it, and only when it pays on that held-out sample. Decoding stays exact: the embedded
+network is an ordinary integer network, read from the blob instead of from the weights folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from models import paper_table
 from models.container import CorruptBlobError
 
 ADAPT_STEPS = (200, 800)   # optimiser steps: one per 20k voxels, within these bounds
+ADAPT_CHECKPOINT = 400     # a longer run must beat its state at this step on the check sample
 ADAPT_BATCH = 8192
 ADAPT_SAMPLES = 400_000
 CHECK_SAMPLES = 100_000    # held-out voxels on which the adapted model must beat the shipped one
@@ -53,25 +55,38 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
     if predictor.kind.startswith("paper"):
         return paper_table.fit_volume_table(predictor, volume, slab, tile, seed)
     from models import train
-    from models.tables import fitted_tables
 
     n_slabs = -(-volume.shape[0] // slab)
     per_slab = min(slab, volume.shape[0]) * volume.shape[1] * volume.shape[2]
     picks = min(4, n_slabs)
     keep = min(1.0, ADAPT_SAMPLES / (picks * per_slab))
     rng = np.random.default_rng(seed)
-    samples = train.collect_samples([volume], slab, picks, keep, rng, tile=tile)
+    hood = predictor.neighbourhood
+    samples = train.collect_samples([volume], slab, picks, keep, rng, tile=tile, hood=hood)
+    check = train.collect_samples([volume], slab, min(8, n_slabs),
+                                  min(1.0, CHECK_SAMPLES / volume.size), rng, tile=tile,
+                                  hood=hood)
     model = train.float_model(predictor)
     low, high = ADAPT_STEPS
-    _fine_tune(model, samples, seed, min(high, max(low, volume.size // 20_000)))
-    adapted = train.quantize(model, samples, predictor.name)
+    steps = min(high, max(low, volume.size // 20_000))
+    stops = sorted({min(ADAPT_CHECKPOINT, steps), steps})
+    candidates = [_quantised(model, samples, predictor)
+                  for _ in _fine_tune(model, samples, seed, steps, stops)]
+    best = min(candidates, key=lambda c: train.evaluate(c, check))
+    return best if pays_off(predictor, best, check, volume.size) else None
+
+
+def _quantised(model, samples, predictor):
+    """The exact predictor of the fine-tuned float ``model``, tables refitted on the samples
+    (smoothed toward ``predictor``'s), under ``predictor``'s model id."""
+    from models import train
+    from models.tables import fitted_tables
+    adapted = train.quantize(model, samples, predictor.name, predictor.neighbourhood)
     r, j = train.integer_residuals(adapted, samples)
     adapted.tables = fitted_tables(r, j, prior=predictor.tables)
     adapted.model_id = predictor.model_id
     adapted.float_arrays = {}
-    check = train.collect_samples([volume], slab, min(8, n_slabs),
-                                  min(1.0, CHECK_SAMPLES / volume.size), rng, tile=tile)
-    return adapted if pays_off(predictor, adapted, check, volume.size) else None
+    return adapted
 
 
 def pays_off(base, adapted, check, voxels: int) -> bool:
@@ -82,7 +97,8 @@ def pays_off(base, adapted, check, voxels: int) -> bool:
     return saved > 8 * len(embedded_bytes(adapted))
 
 
-def _fine_tune(model, samples, seed: int, steps: int) -> None:
+def _fine_tune(model, samples, seed: int, steps: int, stops=()):
+    """Adam steps on ``model``; yields (nothing) after each step count in ``stops``."""
     from models.train import laplace_bits
     torch.manual_seed(seed)
     n = len(samples.value)
@@ -95,12 +111,14 @@ def _fine_tune(model, samples, seed: int, steps: int) -> None:
     opt = _Adam(list(model.parameters()), lr=1e-3)
     batch = min(ADAPT_BATCH, n)
     starts = torch.randint(0, n - batch + 1, (steps,), generator=gen).tolist()
-    for a in starts:
+    for done, a in enumerate(starts, 1):
         x, ref, s, lq, v = (t[a:a + batch] for t in tensors)
         loss = laplace_bits(v, ref, s, lq, model(x)).mean()
         model.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if done in stops:
+            yield
 
 
 class _Adam:

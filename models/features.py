@@ -24,10 +24,25 @@ DEFAULT_NEIGHBOURHOOD = Neighbourhood((
 ))
 _W, _N, _NW, _P, _PP = 0, 1, 2, 9, 18
 _CURRENT = slice(0, 9)
+_PREVIOUS = slice(9, 19)
+
+#: the default neighbourhood plus seven more voxels of the current slice, up to three rows up and
+#: three columns left (the wavefront keeps its slopes: no new voxel right of N's right neighbour
+#: in the row above). Further inputs only: the reference and the activities are those of the
+#: default neighbourhood.
+WIDE_NEIGHBOURHOOD = Neighbourhood(DEFAULT_NEIGHBOURHOOD.offsets + (
+    (0, -2, 2), (0, -2, -2), (0, 0, -3), (0, -3, 0), (0, -1, -3), (0, -3, -1), (0, -3, 1),
+))
+NEIGHBOURHOODS = {"default": DEFAULT_NEIGHBOURHOOD, "wide": WIDE_NEIGHBOURHOOD}
 
 INPUT_CLIP = 1023           # |network input| <= 1024
 UNIT = 64                   # inputs and the mean output are in units of s / UNIT
 N_FEATURES = DEFAULT_NEIGHBOURHOOD.size + 5
+
+
+def n_features(hood: Neighbourhood) -> int:
+    """Network inputs for a neighbourhood: one per neighbour, then five context inputs."""
+    return hood.size + 5
 SCALE_STEPS = 4             # scale index steps per octave
 SCALE_ZERO = 8              # index of scale 1.0 (index 0 is scale 1/4)
 N_SCALES = SCALE_ZERO + SCALE_STEPS * 18
@@ -66,7 +81,9 @@ def reference(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def default_features(values: np.ndarray, valid: np.ndarray):
-    """Network inputs for neighbour values ``(K, n)`` (int32) and their validity ``(K, n)``.
+    """Network inputs for neighbour values ``(K, n)`` (int32) and their validity ``(K, n)``,
+    in the order of a neighbourhood that starts with :data:`DEFAULT_NEIGHBOURHOOD`'s 19
+    offsets (any further neighbours are further inputs).
 
     All arithmetic is exact: integers below 2**24 in float32, and ``floor(a / b)`` of such
     integers is exact under IEEE division.
@@ -76,7 +93,7 @@ def default_features(values: np.ndarray, valid: np.ndarray):
     ref : int64 (n,)   the reference the prediction corrects
     s : int64 (n,)     the local activity in the current slice, 1 <= s <= 2**17
     lq : int64 (n,)    floor(4 log2 s)
-    x : float32 (N_FEATURES, n)  integer-valued network inputs within +-1024
+    x : float32 (K + 5, n)  integer-valued network inputs within +-1024
     """
     values = values.astype(np.int32, copy=False)
     ref = reference(values, valid)
@@ -87,9 +104,9 @@ def default_features(values: np.ndarray, valid: np.ndarray):
     # slices) and would blur the resolution of the inputs that matter most
     s = np.minimum((ad[_CURRENT].sum(axis=0, dtype=np.int32) >> 1) + 1, 1 << 17)
     lq = log2_quarters(s)
-    lp = log2_quarters((ad[_CURRENT.stop:].sum(axis=0, dtype=np.int32) >> 1) + 1)
+    lp = log2_quarters((ad[_PREVIOUS].sum(axis=0, dtype=np.int32) >> 1) + 1)
     k = d.shape[0]
-    x = np.empty((N_FEATURES, d.shape[1]), dtype=np.float32)
+    x = np.empty((k + 5, d.shape[1]), dtype=np.float32)
     xd = x[:k]
     xd[...] = d
     # d / (s / UNIT) is d * UNIT / s correctly rounded (UNIT is a power of two): one pass less

@@ -15,7 +15,8 @@ import torch
 
 from models.context import Neighbourhood
 from models.entropy import CodingTables
-from models.features import DEFAULT_NEIGHBOURHOOD, default_features, prediction, scale_index
+from models.features import (DEFAULT_NEIGHBOURHOOD, default_features, prediction,
+                             scale_index)
 from models.intnet import IntMLP
 
 
@@ -34,11 +35,14 @@ class DefaultPredictor:
     """The production model: local-reference features, integer MLP, mean and scale outputs."""
 
     kind = "default"
-    neighbourhood: Neighbourhood = DEFAULT_NEIGHBOURHOOD
 
     def __init__(self, name: str, net: IntMLP, head: np.ndarray, tables: CodingTables,
-                 meta: dict | None = None):
+                 meta: dict | None = None, neighbourhood: Neighbourhood = DEFAULT_NEIGHBOURHOOD):
+        if net.layers[0].weight.shape[1] != neighbourhood.size + 5:
+            raise ValueError(f"network takes {net.layers[0].weight.shape[1]} inputs, the "
+                             f"neighbourhood gives {neighbourhood.size + 5}")
         self.name = name
+        self.neighbourhood = neighbourhood
         self.net = net
         self.head = np.asarray(head, dtype=np.int64)  # mean_mult, mean_shift, scale_mult, scale_shift
         self.tables = tables
@@ -60,12 +64,21 @@ class DefaultPredictor:
                "token_table": self.tables.tokens, "class_table": self.tables.classes}
         out.update(self.net.to_arrays("net_"))
         out.update(self.float_arrays)
+        if self.neighbourhood != DEFAULT_NEIGHBOURHOOD:   # older files hold no offsets
+            out["offsets"] = np.array(self.neighbourhood.offsets, dtype=np.int64)
         return out
 
     @classmethod
     def from_arrays(cls, name: str, arrays, meta=None) -> "DefaultPredictor":
         tables = CodingTables(arrays["token_table"], arrays["class_table"])
-        predictor = cls(name, IntMLP.from_arrays(arrays, "net_"), arrays["head"], tables, meta)
+        hood = DEFAULT_NEIGHBOURHOOD
+        if "offsets" in arrays:
+            hood = Neighbourhood(tuple(tuple(int(v) for v in o) for o in arrays["offsets"]))
+            if hood.offsets[:DEFAULT_NEIGHBOURHOOD.size] != DEFAULT_NEIGHBOURHOOD.offsets:
+                raise ValueError("a default-kind model's neighbourhood must start with the "
+                                 "default one")
+        predictor = cls(name, IntMLP.from_arrays(arrays, "net_"), arrays["head"], tables, meta,
+                        hood)
         predictor.float_arrays = {k: v for k, v in arrays.items() if k.startswith("float_")}
         return predictor
 

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from models.codec import geometry
-from models.features import (DEFAULT_NEIGHBOURHOOD, N_FEATURES, SCALE_STEPS, UNIT,
-                             default_features, prediction, scale_index)
+from models.context import Neighbourhood
+from models.features import (DEFAULT_NEIGHBOURHOOD, SCALE_STEPS, UNIT, default_features,
+                             n_features, prediction, scale_index)
 from models.intnet import quantize_mlp
 from models.predictor import DefaultPredictor
 from models.tables import fitted_tables, prior_tables, table_bits
@@ -41,8 +42,10 @@ class Samples:
 
 
 def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
-                    rng: np.random.Generator, tile=(128, 256), progress=None) -> Samples:
-    """Features of every ``1/keep``-th voxel of evenly spaced slabs of each volume."""
+                    rng: np.random.Generator, tile=(128, 256), progress=None,
+                    hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD) -> Samples:
+    """Features of every ``1/keep``-th voxel of evenly spaced slabs of each volume, for a
+    predictor with the neighbourhood ``hood``."""
     parts = []
     for vi, vol in enumerate(volumes):
         info = np.iinfo(vol.dtype)
@@ -51,7 +54,7 @@ def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
         for z0 in starts:
             block = vol[z0:z0 + slab]
             # gather the picked voxels' neighbours only (the contexts slab_contexts gives)
-            geo = geometry(DEFAULT_NEIGHBOURHOOD, slab, block.shape[1], block.shape[2], tuple(tile))
+            geo = geometry(hood, slab, block.shape[1], block.shape[2], tuple(tile))
             flat = geo.padded(block).ravel()
             for zl in range(block.shape[0]):
                 pick = np.flatnonzero(rng.random(block.shape[1] * block.shape[2]) < keep)
@@ -71,9 +74,9 @@ def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
 class FloatPredictor(nn.Module):
     """The float twin of the integer network: integer features in, (mean, log-scale) out."""
 
-    def __init__(self, hidden=(32, 32)):
+    def __init__(self, hidden=(32, 32), inputs: int = n_features(DEFAULT_NEIGHBOURHOOD)):
         super().__init__()
-        sizes = (N_FEATURES, *hidden, 2)
+        sizes = (inputs, *hidden, 2)
         layers = []
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
@@ -105,7 +108,7 @@ def fit_float(samples: Samples, hidden=(32, 32), epochs: int = 6, batch: int = 8
               lr: float = 2e-3, seed: int = 0, progress=None) -> FloatPredictor:
     """Minimise the mean code length (bits per voxel) of the samples."""
     torch.manual_seed(seed)
-    model = FloatPredictor(hidden)
+    model = FloatPredictor(hidden, samples.x.shape[1])
     with torch.no_grad():  # start at the reference with a scale near the activity
         last = model.linear_layers()[-1]
         last.weight.mul_(0.01)
@@ -145,7 +148,8 @@ def _mult_shift(scale: float, limit_bits: int = 18) -> tuple[int, int]:
     return int(round(scale * 2.0 ** k)), k
 
 
-def quantize(model: FloatPredictor, samples: Samples, name: str = "default") -> DefaultPredictor:
+def quantize(model: FloatPredictor, samples: Samples, name: str = "default",
+             hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD) -> DefaultPredictor:
     """Exact integer predictor from the float model; tables fitted on its residuals."""
     layers = model.linear_layers()
     weights = [l.weight.detach().double().numpy() for l in layers]
@@ -153,7 +157,7 @@ def quantize(model: FloatPredictor, samples: Samples, name: str = "default") -> 
     calib = samples.x[:: max(1, len(samples.x) // 200_000)]
     net, out_scale = quantize_mlp(weights, biases, calib, model.input_scale)
     head = np.array([*_mult_shift(out_scale[0]), *_mult_shift(out_scale[1])])
-    predictor = DefaultPredictor(name, net, head, prior_tables())
+    predictor = DefaultPredictor(name, net, head, prior_tables(), neighbourhood=hood)
     r, j = integer_residuals(predictor, samples)
     predictor.tables = fitted_tables(r, j)
     predictor.float_arrays = {f"float_{k}": v.detach().numpy().astype(np.float32)
@@ -165,7 +169,7 @@ def float_model(predictor: DefaultPredictor) -> FloatPredictor:
     """The float twin stored with a predictor (to continue training it)."""
     state = {k[len("float_"):]: torch.from_numpy(v) for k, v in predictor.float_arrays.items()}
     hidden = tuple(state[f"net.{2 * i}.weight"].shape[0] for i in range(len(state) // 2 - 1))
-    model = FloatPredictor(hidden)
+    model = FloatPredictor(hidden, state["net.0.weight"].shape[1])
     model.load_state_dict(state)
     return model
 
@@ -192,8 +196,10 @@ def evaluate(predictor: DefaultPredictor, samples: Samples) -> float:
 
 def train_default(volumes, hidden=(64, 32), epochs: int = 10, slab: int = 8,
                   slabs_per_volume: int = 3, keep: float = 0.2, seed: int = 0,
-                  name: str = "default", progress=None):
-    """Train the production predictor on ``volumes`` (a list of (z, y, x) integer arrays).
+                  name: str = "default", progress=None,
+                  hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD):
+    """Train the production predictor on ``volumes`` (a list of (z, y, x) integer arrays),
+    with the causal neighbourhood ``hood`` (see models.features.NEIGHBOURHOODS).
 
     Returns
     -------
@@ -203,9 +209,10 @@ def train_default(volumes, hidden=(64, 32), epochs: int = 10, slab: int = 8,
     """
     t0 = time.time()
     rng = np.random.default_rng(seed)
-    samples = collect_samples(volumes, slab, slabs_per_volume, keep, rng, progress=progress)
+    samples = collect_samples(volumes, slab, slabs_per_volume, keep, rng, progress=progress,
+                              hood=hood)
     model = fit_float(samples, hidden=hidden, epochs=epochs, seed=seed, progress=progress)
-    predictor = quantize(model, samples, name)
+    predictor = quantize(model, samples, name, hood)
     report = {"samples": int(len(samples.value)), "hidden": list(hidden), "epochs": epochs,
               "train_bits_per_voxel": round(evaluate(predictor, samples), 4),
               "seconds": round(time.time() - t0, 1)}

@@ -107,6 +107,7 @@ def _train_paper(args, volumes):
 
 def _train_default(args, volumes):
     from models import train as T
+    from models.features import NEIGHBOURHOODS
     hidden = tuple(int(h) for h in args.hidden.split(","))
     bar = Progress("train default: epochs", args.epochs)
 
@@ -119,10 +120,11 @@ def _train_default(args, volumes):
     predictor, report = T.train_default(
         [v for _, v in volumes], hidden=hidden, epochs=args.epochs,
         slabs_per_volume=args.slabs_per_volume, keep=args.keep, seed=args.seed,
-        name=args.name, progress=progress)
+        name=args.name, progress=progress, hood=NEIGHBOURHOODS[args.neighbourhood])
     if bar.tty:
         bar.finish()
     report["kind"] = "default"
+    report["neighbourhood"] = args.neighbourhood
     return predictor, report, [(n, v.shape, v.dtype.name) for n, v in volumes]
 
 
@@ -175,6 +177,9 @@ def register(subparsers) -> None:
                         "at PyTorch's random initialisation")
     p.add_argument("--epochs", type=int, default=12, help="default model: epochs")
     p.add_argument("--hidden", default="64,32", help="default model: hidden layer sizes")
+    p.add_argument("--neighbourhood", choices=("default", "wide"), default="default",
+                   help="default model: its causal neighbourhood (wide: 7 more voxels of the "
+                        "current slice, up to 3 rows up and 3 columns left)")
     p.add_argument("--slabs-per-volume", type=int, default=4, help="default model")
     p.add_argument("--keep", type=float, default=0.25,
                    help="default model: fraction of voxels of the chosen slabs")

@@ -265,6 +265,36 @@ def test_adaptation_that_does_not_pay_is_left_out(monkeypatch):
     assert models.encode_volume(vol, adapt=True) == models.encode_volume(vol, adapt=False)
 
 
+@pytest.mark.parametrize("shorter_is_better", [True, False])
+def test_adaptation_keeps_the_checkpoint_that_codes_the_held_out_voxels_best(
+        monkeypatch, shorter_is_better):
+    """A long fine-tuning run can fit its sample of slabs too closely: the state at
+    ADAPT_CHECKPOINT steps is kept when it does better on the held-out check sample."""
+    from models import adapt, train
+    from models.registry import load_model
+    monkeypatch.setattr(adapt, "ADAPT_STEPS", (6, 12))
+    monkeypatch.setattr(adapt, "ADAPT_CHECKPOINT", 4)
+    monkeypatch.setattr(adapt, "pays_off", lambda *args: True)
+    made = []
+    real = adapt._quantised
+    monkeypatch.setattr(adapt, "_quantised", lambda *a: made.append(real(*a)) or made[-1])
+    bits = {}
+    monkeypatch.setattr(train, "evaluate", lambda p, check: bits[id(p)])
+    vol = phantom((10, 40, 48), "int16", seed=13)
+    original = adapt._fine_tune
+
+    def tune(model, samples, seed, steps, stops):
+        assert (steps, stops) == (6, [4, 6])
+        for _ in original(model, samples, seed, steps, stops):
+            yield
+            bits[id(made[-1])] = 1.0 if (len(made) == 1) == shorter_is_better else 2.0
+    monkeypatch.setattr(adapt, "_fine_tune", tune)
+    best = adapt.adapt(load_model("default"), vol, 8, (64, 256))
+    assert len(made) == 2 and best is made[0 if shorter_is_better else 1]
+    assert not np.array_equal(made[0].net.layers[0].weight, made[1].net.layers[0].weight) or \
+        not np.array_equal(made[0].net.layers[0].bias, made[1].net.layers[0].bias)
+
+
 def test_adaptation_is_tried_by_default_from_a_million_voxels(monkeypatch):
     """A 96 x 128 x 128 MR (1.5 M voxels) is adapted by default: measured 2.8% to 6.3% fewer
     bits on the three Siemens test MRs; smaller volumes are not tried (it rarely pays there)."""
