@@ -314,8 +314,9 @@ def test_embedded_model_is_stored_in_narrow_integers():
     base = load_model("default")
     data = adapt.embedded_bytes(base)
     restored = adapt.with_embedded(base, data)
-    assert restored.net.reference(np.eye(24, dtype=np.int64) * 100).tolist() == \
-        base.net.reference(np.eye(24, dtype=np.int64) * 100).tolist()
+    inputs = np.eye(base.net.layers[0].weight.shape[1], dtype=np.int64) * 100
+    assert restored.net.reference(inputs).tolist() == base.net.reference(inputs).tolist()
+    assert restored.neighbourhood == base.neighbourhood
     np.testing.assert_array_equal(restored.tables.tokens, base.tables.tokens)
     import io
     with np.load(io.BytesIO(data)) as npz:
@@ -343,3 +344,23 @@ def test_decode_stream_head_piece_comes_first_then_the_whole_range():
         assert pieces[1][0] == start
         np.testing.assert_array_equal(np.concatenate([p for _, p in pieces[1:]]),
                                       vol[start:stop])
+
+
+def test_a_model_file_carries_its_neighbourhood():
+    """The shipped model reads 26 neighbours (the wide neighbourhood, stored in its file); the
+    model it replaced has none stored and reads the 19 of the default neighbourhood."""
+    from models.features import DEFAULT_NEIGHBOURHOOD, WIDE_NEIGHBOURHOOD
+    from models.predictor import DefaultPredictor, model_id
+    from models.registry import load_model, model_by_id
+    shipped = load_model("default")
+    assert shipped.neighbourhood == WIDE_NEIGHBOURHOOD
+    arrays = shipped.to_arrays()
+    again = DefaultPredictor.from_arrays("copy", arrays)
+    assert again.neighbourhood == WIDE_NEIGHBOURHOOD and model_id(again.to_arrays()) == model_id(arrays)
+    old = model_by_id(bytes.fromhex("a9fe0de846cdc05d39d4fdf05c5a357f"))
+    assert old.neighbourhood == DEFAULT_NEIGHBOURHOOD and "offsets" not in old.to_arrays()
+    with pytest.raises(ValueError, match="inputs"):
+        DefaultPredictor("mismatch", old.net, old.head, old.tables, neighbourhood=WIDE_NEIGHBOURHOOD)
+    bad = dict(arrays, offsets=arrays["offsets"][::-1])
+    with pytest.raises(ValueError, match="start with"):
+        DefaultPredictor.from_arrays("reordered", bad)

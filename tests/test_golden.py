@@ -39,6 +39,10 @@ VOLUMES = {
     "int8_extremes_v1": lambda: (np.random.default_rng(4).choice(
         np.array([-128, 127], np.int8), (2, 5, 6)), {}),
     "ct_int16_adapted_v1": lambda: (_phantom((10, 40, 48), "int16", 5), {"adapt": True}),
+    # the default model with the wide neighbourhood (model 7125ed7a, 2026-11-29)
+    "ct_int16_wide_v2": lambda: (_phantom((12, 48, 40), "int16", 6), {"slab": 4, "tile": (16, 24)}),
+    # written with adapt.pays_off forced True, so that it carries an embedded wide network
+    "mr_uint16_wide_adapted_v2": lambda: (_phantom((10, 40, 48), "uint16", 7), {"adapt": True}),
 }
 
 
