@@ -15,7 +15,7 @@ SLAB_SLICES = 8      # slices per independently decodable slab
 TILE = (64, 256)     # rows, columns of the independent tiles a slice is cut into
 LOCKSTEP_SLABS = 8   # slabs a decoder advances together (bounds working memory)
 PARALLEL_VOXELS = 1 << 22  # decode on several processes from this many voxels on
-ADAPT_VOXELS = 1 << 20     # adapt the model to volumes from this many voxels on (1.5 M-voxel MRs: -3 to -6%)
+ADAPT_VOXELS = 1 << 20     # adapt the model to volumes from this many voxels on
 
 
 def _dtype_range(dtype: np.dtype) -> tuple[int, int]:

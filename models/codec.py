@@ -46,6 +46,12 @@ class SlabGeometry:
     def validity(self, zl: int) -> np.ndarray:
         return self.valid[min(zl, self.depth)]
 
+    def neighbours(self, flat: np.ndarray, zl, pixels: np.ndarray | None = None) -> np.ndarray:
+        """Neighbour values ``(K, n)`` of slab slice(s) ``zl`` at pixel indices ``pixels`` (all
+        pixels when None), gathered from ``flat``, the raveled :meth:`padded` slab."""
+        base = self.pixel_base if pixels is None else self.pixel_base[pixels]
+        return flat[self.flat_offsets[:, None] + (base + zl * self.plane)[None, :]]
+
     def padded(self, slab: np.ndarray) -> np.ndarray:
         pz, py, px0, _ = self.hood.pad
         buf = np.zeros(self.shape, dtype=np.int32)
@@ -68,8 +74,7 @@ def slab_contexts(hood: Neighbourhood, slab: np.ndarray, zs: int, tile: tuple[in
     if below > py:  # rows past the slice's end would come from the next padded plane
         flat = geo.padded(slab).ravel()
         for zl in range(slab.shape[0]):
-            base = geo.pixel_base + zl * geo.plane
-            yield zl, flat[geo.flat_offsets[:, None] + base[None, :]], geo.validity(zl)
+            yield zl, geo.neighbours(flat, zl), geo.validity(zl)
         return
     # every neighbour of a whole slice is one shifted window of the padded slab (rows past the
     # last one read zeros, as the flat layout's padding does)

@@ -37,12 +37,6 @@ NEIGHBOURHOODS = {"default": DEFAULT_NEIGHBOURHOOD, "wide": WIDE_NEIGHBOURHOOD}
 
 INPUT_CLIP = 1023           # |network input| <= 1024
 UNIT = 64                   # inputs and the mean output are in units of s / UNIT
-N_FEATURES = DEFAULT_NEIGHBOURHOOD.size + 5
-
-
-def n_features(hood: Neighbourhood) -> int:
-    """Network inputs for a neighbourhood: one per neighbour, then five context inputs."""
-    return hood.size + 5
 SCALE_STEPS = 4             # scale index steps per octave
 SCALE_ZERO = 8              # index of scale 1.0 (index 0 is scale 1/4)
 N_SCALES = SCALE_ZERO + SCALE_STEPS * 18
@@ -64,6 +58,11 @@ def log2_quarters(s: np.ndarray) -> np.ndarray:
     if s.size and s.max() > _LOG2Q_TABLE_SIZE:
         return np.searchsorted(_LOG2Q_THRESHOLDS, s, side="right").astype(np.int64)
     return _LOG2Q_TABLE[s].astype(np.int64)
+
+
+def n_features(hood: Neighbourhood) -> int:
+    """Network inputs for a neighbourhood: one per neighbour, then five context inputs."""
+    return hood.size + 5
 
 
 def _median3(a, b, c):

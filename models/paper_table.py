@@ -39,7 +39,7 @@ def sample_contexts(hood, volume: np.ndarray, slab: int, tile, count: int,
         flat = geo.padded(block).ravel()
         zl = rng.integers(0, block.shape[0], per)
         pix = rng.integers(0, ny * nx, per)
-        vs.append(flat[geo.flat_offsets[:, None] + (geo.pixel_base[pix] + zl * geo.plane)[None]])
+        vs.append(geo.neighbours(flat, zl, pix))
         ok = np.empty((hood.size, per), dtype=bool)
         for z in np.unique(zl):
             ok[:, zl == z] = geo.validity(int(z))[:, pix[zl == z]]

@@ -15,8 +15,8 @@ import torch
 
 from models.context import Neighbourhood
 from models.entropy import CodingTables
-from models.features import (DEFAULT_NEIGHBOURHOOD, default_features, prediction,
-                             scale_index)
+from models.features import (DEFAULT_NEIGHBOURHOOD, default_features, n_features,
+                             prediction, scale_index)
 from models.intnet import IntMLP
 
 
@@ -38,9 +38,9 @@ class DefaultPredictor:
 
     def __init__(self, name: str, net: IntMLP, head: np.ndarray, tables: CodingTables,
                  meta: dict | None = None, neighbourhood: Neighbourhood = DEFAULT_NEIGHBOURHOOD):
-        if net.layers[0].weight.shape[1] != neighbourhood.size + 5:
+        if net.layers[0].weight.shape[1] != n_features(neighbourhood):
             raise ValueError(f"network takes {net.layers[0].weight.shape[1]} inputs, the "
-                             f"neighbourhood gives {neighbourhood.size + 5}")
+                             f"neighbourhood gives {n_features(neighbourhood)}")
         self.name = name
         self.neighbourhood = neighbourhood
         self.net = net

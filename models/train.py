@@ -58,8 +58,7 @@ def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
             flat = geo.padded(block).ravel()
             for zl in range(block.shape[0]):
                 pick = np.flatnonzero(rng.random(block.shape[1] * block.shape[2]) < keep)
-                base = geo.pixel_base[pick] + zl * geo.plane
-                ref, s, lq, x = default_features(flat[geo.flat_offsets[:, None] + base[None, :]],
+                ref, s, lq, x = default_features(geo.neighbours(flat, zl, pick),
                                                  geo.validity(zl)[:, pick])
                 n = len(pick)
                 parts.append(Samples(np.ascontiguousarray(x.T), ref, s, lq,
