@@ -280,11 +280,12 @@ class Reconstructor:
                 return self.blobs.get(blob.key)
             if blob.codec == "zlib":
                 return zlib.decompress(self.blobs.get(blob.key))
-            pixels = self._slices(blob, inst.frame_start, inst.frame_start + inst.frames)
+            # headers first: the pack unpacks while the decoder processes work on the pixels
             if blob.codec == header_pack.CODEC:
                 before, after = self._headers(blob.key)[inst.frame_start]
             else:
                 before, after = inst.header_before, inst.header_after
+            pixels = self._slices(blob, inst.frame_start, inst.frame_start + inst.frames)
             return join(before, pixels, after)
         except (KeyError, zlib.error, models.CorruptBlobError, header_pack.HeaderPackError) as exc:
             raise IntegrityError(f"instance {inst.sop_uid}: stored data unreadable ({exc})") from exc
