@@ -21,7 +21,7 @@ from pynetdicom.sop_class import (
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext
 
-from service import exact_send, handlers, tls
+from service import exact_send, handlers, reactor_wait, tls
 from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.metrics import NodeMetrics
@@ -112,11 +112,13 @@ def shared_contexts(contexts: list) -> list:
 
 
 def _tune_association(event) -> None:
-    """Shorten the idle sleep of a new association's DUL reactor (see :data:`DUL_LOOP_DELAY`),
-    and let its socket read a PDU in a few large reads instead of 4 kB ones."""
+    """Let a new association's reactors wait for events instead of polling
+    (:mod:`service.reactor_wait`; where that cannot attach, shorten the DUL's poll, see
+    :data:`DUL_LOOP_DELAY`), and its socket read a PDU in a few large reads instead of 4 kB ones."""
     dul = getattr(event.assoc, "dul", None)
     if dul is not None and hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_LOOP_DELAY
+    reactor_wait.attach(event.assoc)
     sock = getattr(dul, "socket", None)
     if sock is not None and hasattr(sock, "recv"):
         sock.recv = types.MethodType(_recv_exactly, sock)

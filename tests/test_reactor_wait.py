@@ -1,0 +1,92 @@
+"""Event-driven reactor waits (service.reactor_wait): attached to the node's associations, they
+wake on what the reactors poll for, and leave every other sleep alone."""
+
+import socket
+import threading
+import time
+
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
+
+from node_helpers import node  # noqa: F401 (fixture)
+from scu_helpers import associate
+from service import reactor_wait
+
+
+def _server_associations(node, count=1, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = list(node.server.active_associations)
+        if len(found) >= count:
+            return found
+        time.sleep(0.01)
+    raise AssertionError("the node holds no association")
+
+
+def test_an_idle_association_waits_instead_of_polling(node):
+    assoc = associate(node.port, [build_context(Verification)])
+    try:
+        assert assoc.send_c_echo().Status == 0x0000
+        (served,) = _server_associations(node)
+        calls = {"assoc": 0, "dul": 0}
+        for name, owner in (("assoc", served), ("dul", served.dul)):
+            wait = owner._voxarc_wait            # set by attach() on every node association
+
+            def counted(seconds, wait=wait, name=name):
+                calls[name] += 1
+                wait(seconds)
+            owner._voxarc_wait = counted
+        time.sleep(0.5)
+        # polling would sleep 1 ms (association) and 0.5 ms (DUL) per round: 500-1000 rounds
+        for name, n in calls.items():
+            assert 1 <= n <= 0.5 / reactor_wait.IDLE_WAIT * 3, (name, n)
+        for _ in range(20):                      # and it still answers at once
+            assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_other_sleeps_are_plain_sleeps(monkeypatch):
+    slept, waited = [], []
+    monkeypatch.setattr(reactor_wait.time, "sleep", slept.append)
+    thread = threading.current_thread()
+    monkeypatch.setattr(thread, "_voxarc_wait", waited.append, raising=False)
+    reactor_wait._Clock().sleep(0.0001)          # called from a function that is no reactor
+    assert slept == [0.0001] and waited == []
+    assert reactor_wait._Clock().monotonic() <= time.monotonic()   # the rest is ``time``
+
+
+class _FakeDul:
+    def __init__(self, sock):
+        self.socket = type("S", (), {"socket": sock})()
+
+
+def test_the_dul_wait_ends_when_data_arrives_or_a_primitive_is_queued(monkeypatch):
+    monkeypatch.setattr(reactor_wait, "IDLE_WAIT", 30.0)
+    a, b = socket.socketpair()
+    pipe = reactor_wait._Pipe()
+    try:
+        wait = reactor_wait._dul_waiter(_FakeDul(a), pipe)
+        threading.Timer(0.05, b.send, [b"x"]).start()
+        start = time.monotonic()
+        wait(0.001)
+        assert time.monotonic() - start < 10
+        a.recv(1)
+        threading.Timer(0.05, pipe.wake).start()
+        start = time.monotonic()
+        wait(0.001)
+        assert time.monotonic() - start < 10
+    finally:
+        a.close()
+        b.close()
+        pipe.close()
+
+
+def test_the_association_wait_ends_on_its_event(monkeypatch):
+    monkeypatch.setattr(reactor_wait, "IDLE_WAIT", 30.0)
+    event = threading.Event()
+    wait = reactor_wait._assoc_waiter(event)
+    threading.Timer(0.05, event.set).start()
+    start = time.monotonic()
+    wait(0.001)
+    assert time.monotonic() - start < 10 and not event.is_set()
