@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import shared_memory
+
 import numpy as np
 
 from models.codec import decode_slabs, encode_slab
@@ -126,22 +130,21 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     The pieces are slab groups that grow from one slab per worker process to LOCKSTEP_SLABS
     (small first pieces arrive early, large later ones decode at the lockstep rate); the worker
     processes decode them in parallel, a few groups ahead of the consumer. Concatenated, the
-    pieces equal ``decode_slices(blob, start, stop)``. With ``head`` > 0, a first extra piece
-    holds only slices ``[start, start + head)`` (at most the rest of the first slab): one worker
-    decodes it while the others start on the slabs, and the pieces after it start at ``start``
-    again.
+    pieces equal ``decode_slices(blob, start, stop)``. With ``head`` > 0, the first piece holds
+    only slices ``[start, start + head)`` (at most the rest of the first slab): the worker
+    decoding the first slab decodes the slices up to there first, on their own, and hands them
+    over before it goes on with the rest of that slab (no slice is decoded twice).
     """
     header, base, predictor = _open(blob)
-    nz, _, _ = header.shape
+    nz, ny, nx = header.shape
     start, stop, _ = slice(start, stop).indices(nz)
     if stop <= start:
         return
     zs = header.slab
     slabs = list(range(start // zs, (stop - 1) // zs + 1))
-    workers = parallel.worker_count() if (stop - start) * header.shape[1] * header.shape[2] \
-        >= PARALLEL_VOXELS // 4 else 1
-    head = min(head, (start // zs + 1) * zs - start, stop - start)
-    groups, size = ([[(slabs[0], start - slabs[0] * zs + head)]] if head > 0 else []), 1
+    workers = parallel.worker_count() if (stop - start) * ny * nx >= PARALLEL_VOXELS // 4 else 1
+    head = max(0, min(head, (start // zs + 1) * zs - start, stop - start))
+    groups, size = [], 1
     while slabs:
         if len(slabs) <= size * workers:   # the last round: share what is left evenly
             size = -(-len(slabs) // workers)
@@ -152,24 +155,92 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
         size = min(2 * size, LOCKSTEP_SLABS)
     jobs = [([slab_payload(blob, header, base, i) for i, _ in group], [n for _, n in group],
              header) for group in groups]
+    split = start - groups[0][0][0] * zs + head if head else 0
     if workers > 1:
-        results = parallel.imap(_decode_group, jobs, window=2 * workers)
+        results = _parallel_results(jobs, split, (ny, nx), 2 * workers)
     else:
-        results = (_decode_group(job, predictor) for job in jobs)
-    for group, parts in zip(groups, results):
-        first = group[0][0] * zs
-        z0 = max(start, first)
-        yield z0, np.concatenate(parts)[z0 - first:].astype(header.dtype)
+        results = _local_results(jobs, split, predictor)
+    z_next = start
+    for g, parts in results:
+        first = groups[g][0][0] * zs
+        pixels = np.concatenate(parts)
+        if first + len(pixels) > z_next:
+            yield z_next, pixels[z_next - first:].astype(header.dtype)
+            z_next = first + len(pixels)
 
 
-def _decode_group(job, predictor=None) -> list[np.ndarray]:
+def _local_results(jobs, split: int, predictor):
+    """(group, slabs) in order, decoded here; the first group's first slices come first."""
+    for g, job in enumerate(jobs):
+        parts = _decode_group(job, predictor)
+        if g == 0 and split:
+            yield 0, [parts[0][:split]]
+        yield g, parts
+
+
+def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int):
+    """:func:`_local_results` on the worker processes. The first group's worker writes its
+    first ``split`` slices to shared memory as soon as they are decoded."""
+    if not split:
+        yield from enumerate(parallel.imap(_decode_group, jobs, window=window))
+        return
+    shm = shared_memory.SharedMemory(create=True, size=8 + split * plane[0] * plane[1] * 4)
+    future = rest = None
+    try:
+        shm.buf[:8] = bytes(8)
+        future = parallel.submit(_decode_group_split, (jobs[0], shm.name, split))
+        rest = parallel.imap(_decode_group, jobs[1:], window=max(1, window - 1))
+        while future is not None and not future.done() and not shm.buf[0]:
+            time.sleep(0.002)
+        if shm.buf[0]:
+            yield 0, [np.frombuffer(shm.buf, np.int32, split * plane[0] * plane[1], 8)
+                      .reshape((split,) + plane).copy()]
+        try:
+            whole = future.result() if future is not None else None
+        except BrokenProcessPool:
+            whole = None
+        if whole is None:                      # no worker process: decode it here
+            whole = _decode_group(jobs[0])
+            if not shm.buf[0]:
+                yield 0, [whole[0][:split]]
+        yield 0, whole
+        for g, parts in enumerate(rest, 1):
+            yield g, parts
+    finally:
+        if future is not None:
+            future.cancel()
+        if rest is not None:
+            rest.close()
+        shm.close()
+        shm.unlink()
+
+
+def _decode_group_split(args) -> list[np.ndarray]:
+    """Worker side of :func:`_parallel_results`: decode the group, publishing its first slab's
+    first ``split`` slices in the shared memory ``name`` on the way."""
+    job, name, split = args
+    shm = shared_memory.SharedMemory(name=name)   # the pool's processes share one tracker
+
+    def publish(firsts):
+        first = np.ascontiguousarray(firsts[0][:split], dtype=np.int32)
+        shm.buf[8:8 + first.nbytes] = first.tobytes()
+        shm.buf[0] = 1
+
+    try:
+        return _decode_group(job, split=split, on_split=publish)
+    finally:
+        shm.close()
+
+
+def _decode_group(job, predictor=None, split: int = 0, on_split=None) -> list[np.ndarray]:
     """Decode one group of slabs (runs in a worker process or in the caller)."""
     payloads, counts, header = job
     predictor = predictor or _predictor(header)
     lo, hi = _dtype_range(np.dtype(header.dtype))
     _, ny, nx = header.shape
     return [np.ascontiguousarray(part) for part in decode_slabs(
-        predictor, payloads, counts, ny, nx, lo, hi, header.slab, header.tile)]
+        predictor, payloads, counts, ny, nx, lo, hi, header.slab, header.tile, split,
+        on_split)]
 
 
 def decode_volume(blob: bytes) -> np.ndarray:

@@ -140,9 +140,12 @@ def skew_layout(hood: Neighbourhood, ny: int, nx: int, tile: tuple[int, int]) ->
 
 
 def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, nx: int,
-                 lo: int, hi: int, zs: int, tile: tuple[int, int]) -> list[np.ndarray]:
+                 lo: int, hi: int, zs: int, tile: tuple[int, int], split: int = 0,
+                 on_split=None) -> list[np.ndarray]:
     """Decode several slabs in lockstep; ``counts[g]`` is how many leading slices of slab
-    ``g`` are wanted (slices after them are never touched)."""
+    ``g`` are wanted (slices after them are never touched). With ``split`` > 0 and
+    ``on_split``, the first ``split`` slices of every slab are decoded first and handed to
+    ``on_split`` (a list, one ``(split, ny, nx)`` int32 array per slab) before the rest."""
     layout = skew_layout(predictor.neighbourhood, ny, nx, tuple(tile))
     if not layout.supported:
         return decode_slabs_flat(predictor, payloads, counts, ny, nx, lo, hi, zs, tile)
@@ -151,8 +154,14 @@ def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, n
     streams = [s for g in order for s in _slice_streams(payloads[g], counts[g])]
     stream_of = np.cumsum([0] + [int(counts[g]) for g in order])
     decoder = StepDecoder(predictor.tables, streams)
+    hand = None
+    if on_split is not None:
+        where = np.argsort(order)
+
+        def hand(first):     # (split, slabs in lockstep order, ny*nx) -> per slab, given order
+            on_split([first[:, i].reshape(-1, ny, nx) for i in where])
     vol = decode_sheared(layout, predictor, decoder, stream_of, counts[order], lo, hi, zs,
-                         CorruptBlobError)
+                         CorruptBlobError, split, hand)
     out = [None] * len(payloads)
     for i, g in enumerate(order):
         out[g] = vol[:counts[g], i].reshape(-1, ny, nx)

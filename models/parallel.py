@@ -49,44 +49,65 @@ def pool() -> ProcessPoolExecutor:
 def run(fn, jobs: list) -> list:
     """``[fn(job) for job in jobs]`` on the worker pool, or in this process when the pool
     cannot run (for example a script without a ``__main__`` guard under the spawn method)."""
-    global _BROKEN
     if worker_count() > 1 and len(jobs) > 1:
         try:
             return list(pool().map(fn, jobs))
         except (BrokenProcessPool, RuntimeError, OSError) as exc:
-            log.warning("worker processes unavailable (%s); coding in this process", exc)
-            _BROKEN = True
-            shutdown()
+            _give_up(exc)
     return [fn(job) for job in jobs]
 
 
 def imap(fn, jobs: list, window: int = 4):
     """``fn(job)`` for each job, yielded in order as soon as each is done, with at most
-    ``window`` jobs submitted ahead of the consumer (bounded memory for long streams). Falls back
+    ``window`` jobs submitted ahead of the consumer (bounded memory for long streams). The first
+    ``window`` jobs are submitted at once, before the first result is asked for. Falls back
     to this process like :func:`run`; closing the generator cancels what has not started."""
-    global _BROKEN
-    jobs, done = list(jobs), 0
-    if worker_count() > 1 and len(jobs) > 1:
-        futures = deque()
+    jobs, futures = list(jobs), deque()
+    if worker_count() > 1 and jobs:    # even one job: the caller's process stays free
         try:
             executor = pool()
             for job in jobs[:window]:
                 futures.append(executor.submit(fn, job))
-            while futures:
-                result = futures.popleft().result()
-                if done + len(futures) + 1 < len(jobs):
-                    futures.append(executor.submit(fn, jobs[done + len(futures) + 1]))
-                done += 1
-                yield result
         except (BrokenProcessPool, RuntimeError, OSError) as exc:
-            log.warning("worker processes unavailable (%s); coding in this process", exc)
-            _BROKEN = True
-            shutdown()
-        finally:
-            for future in futures:
-                future.cancel()
+            _give_up(exc)
+            futures.clear()
+    return _drain(fn, jobs, futures)
+
+
+def _drain(fn, jobs: list, futures: deque):
+    done = 0
+    try:
+        while futures:
+            result = futures.popleft().result()
+            if done + len(futures) + 1 < len(jobs):
+                futures.append(pool().submit(fn, jobs[done + len(futures) + 1]))
+            done += 1
+            yield result
+    except (BrokenProcessPool, RuntimeError, OSError) as exc:
+        _give_up(exc)
+    finally:
+        for future in futures:
+            future.cancel()
     for job in jobs[done:]:
         yield fn(job)
+
+
+def submit(fn, job):
+    """A future of ``fn(job)`` on the worker pool; None when there is no pool to run it."""
+    if worker_count() <= 1:
+        return None
+    try:
+        return pool().submit(fn, job)
+    except (BrokenProcessPool, RuntimeError, OSError) as exc:
+        _give_up(exc)
+        return None
+
+
+def _give_up(exc) -> None:
+    global _BROKEN
+    log.warning("worker processes unavailable (%s); coding in this process", exc)
+    _BROKEN = True
+    shutdown()
 
 
 def _warm_worker() -> int:

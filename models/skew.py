@@ -126,22 +126,38 @@ class SkewLayout:
 
 
 def decode_sheared(layout: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs,
-                   corrupt) -> np.ndarray:
+                   corrupt, split: int = 0, on_split=None) -> np.ndarray:
     """Decode slabs (``counts`` non-increasing) in lockstep into ``(zs + z0, slabs, ny*nx)``.
 
     ``decoder`` is a :class:`models.entropy.StepDecoder` over all wanted slices' streams,
     ``stream_of[g]`` the stream of slab ``g``'s first slice; ``corrupt`` the error to raise.
+    With ``split`` > 0, slices ``[0, split)`` are decoded first, on their own, and handed to
+    ``on_split`` as ``(split, slabs, ny*nx)`` before the others start (every slice has its own
+    streams, so any order that decodes a slice after the ones it reads gives the same voxels).
     """
-    L, K = layout, layout.hood.size
+    L = layout
     slabs = len(counts)
     buf = np.zeros((zs + L.z0, slabs, L.tiles) + L.plane_shape, dtype=np.int32)
+    top = int(counts.max())
+    split = min(split, top) if on_split is not None else 0
+    if split:
+        _lockstep(L, predictor, decoder, stream_of, counts, lo, hi, zs, corrupt, buf, 0, split)
+        on_split(buf[L.z0:L.z0 + split].reshape(split, slabs, -1)[:, :, L.image_index])
+    _lockstep(L, predictor, decoder, stream_of, counts, lo, hi, zs, corrupt, buf, split, top)
+    flat = buf.reshape(zs + L.z0, slabs, -1)
+    return flat[L.z0:, :, L.image_index]
+
+
+def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, corrupt, buf,
+              first: int, top: int) -> None:
+    """Decode slices ``[first, top)`` of the slabs into ``buf`` along the wavefront."""
+    K = L.hood.size
     depth_ok = (np.arange(zs)[None, :] + L.dz[:, None]) >= 0          # (K, zs)
     below = np.arange(L.ntx, L.tiles)                                   # tiles with one above
-    top = int(counts.max())
-    for t in range(L.steps + L.b * (top - 1)):
+    for t in range(L.steps + L.b * (top - first - 1)):
         parts = []  # (zl, tau, r0, r1, slabs)
-        for zl in range(top):
-            tau = t - L.b * zl
+        for zl in range(first, top):
+            tau = t - L.b * (zl - first)
             if 0 <= tau < L.steps and L.row_ranges[tau][1] > L.row_ranges[tau][0]:
                 parts.append((zl, tau, *L.row_ranges[tau], int((counts > zl).sum())))
         if not parts:
@@ -191,5 +207,3 @@ def decode_sheared(layout: SkewLayout, predictor, decoder, stream_of, counts, lo
                     buf[z][:m, below - L.ntx, tau + L.a * L.th + L.t0, L.y0 + L.th + r] = \
                         block[:, below, r - r0]
             pos += size
-    flat = buf.reshape(zs + L.z0, slabs, -1)
-    return flat[L.z0:, :, L.image_index]

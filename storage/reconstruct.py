@@ -100,8 +100,9 @@ class Prefetch:
     groups growing from one slab to the lockstep size), so the senders send each slab as soon as
     it is decoded while the workers decode the next ones. The first step starts with a piece of
     the slices up to the first instance only (its image goes out after one slice's decode, not a
-    slab's), decoded by one worker while the other starts on the slabs. :meth:`Reconstructor.get` waits for a slab the plan is decoding rather than decoding it
-    twice.
+    slab's): the worker decoding the first slab decodes those slices first, hands them over and
+    then finishes the slab, while the other starts on the next slabs. :meth:`Reconstructor.get`
+    waits for a slab the plan is decoding rather than decoding it twice.
     """
 
     def __init__(self, owner: "Reconstructor", steps: list[_Step]):
@@ -125,14 +126,16 @@ class Prefetch:
                     blobs.clear()
                     data = blobs[st.key] = header_pack.coded_part(owner.blobs.get(st.key))
                 pieces = models.decode_stream(data, st.lo, st.hi, head=st.head)
-                for i, (z0, pixels) in enumerate(pieces):
-                    for slab in range(z0 // st.step, (z0 + len(pixels) - 1) // st.step + 1):
+                for z0, pixels in pieces:
+                    end = z0 + len(pixels)
+                    for slab in range(z0 // st.step, (end - 1) // st.step + 1):
                         lo = slab * st.step
-                        owner.cache.put((st.key, slab), pixels[lo - z0:lo - z0 + st.step])
-                        last = not (st.head and i == 0) and all(
+                        complete = min(lo + st.step, st.hi) <= end
+                        self._cache_piece((st.key, slab), lo, st.step, z0, pixels)
+                        last = complete and all(
                             s.key != st.key or (s.hi - 1) // s.step < slab for s in later)
                         owner._done(self, (st.key, slab), final=last)
-                        ahead += 1
+                        ahead += complete
                     with owner._cond:       # stay at most AHEAD slabs ahead of the senders
                         while ahead - len(self.consumed) > AHEAD and not self.cancelled:
                             owner._cond.wait(1.0)
@@ -142,6 +145,18 @@ class Prefetch:
             log.exception("prefetch of %d decode steps stopped", len(self.steps))
         finally:
             owner._release(self)
+
+
+    def _cache_piece(self, key, lo: int, step: int, z0: int, pixels) -> None:
+        """Cache the slices of a decoded piece (slices from ``z0``) that fall in the slab
+        ``key`` (slices from ``lo``), after the ones cached before when the piece continues it."""
+        part = pixels[max(lo, z0) - z0:lo + step - z0]
+        if z0 > lo:
+            before = self.owner.cache.peek(key)
+            if before is None or len(before) != z0 - lo:
+                return                # its first slices were evicted: senders decode it
+            part = np.concatenate([before, part])
+        self.owner.cache.put(key, part)
 
 
 class Reconstructor:

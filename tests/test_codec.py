@@ -333,17 +333,42 @@ def test_unreadable_embedded_model_is_refused():
         adapt.with_embedded(load_model("default"), b"PK\x03\x04 not a zip")
 
 
-def test_decode_stream_head_piece_comes_first_then_the_whole_range():
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_decode_stream_head_piece_comes_first_and_nothing_twice(monkeypatch, workers):
     vol = phantom((21, 12, 10), "uint16", seed=8)
     blob = models.encode_volume(vol, slab=4)
-    for start, stop, head, want in [(0, 21, 1, 1), (3, 17, 5, 1), (8, 21, 2, 2)]:
+    monkeypatch.setattr(api, "PARALLEL_VOXELS", 1)
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", workers)
+    for start, stop, head, want in [(0, 21, 1, 1), (3, 17, 5, 1), (8, 21, 2, 2), (4, 6, 3, 2)]:
         pieces = list(models.decode_stream(blob, start, stop, head=head))
         z0, first = pieces[0]
         assert z0 == start and len(first) == want
         np.testing.assert_array_equal(first, vol[start:start + want])
-        assert pieces[1][0] == start
-        np.testing.assert_array_equal(np.concatenate([p for _, p in pieces[1:]]),
-                                      vol[start:stop])
+        z = start
+        for z0, p in pieces:            # in order, each slice once
+            assert z0 == z and len(p)
+            z += len(p)
+        np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), vol[start:stop])
+
+
+def test_decode_slabs_hands_over_the_first_slices_before_the_rest():
+    from models.codec import decode_slabs
+    from models.container import slab_payload, unpack_header
+    from models.registry import load_model
+    vol = phantom((8, 40, 300), "int16", seed=9)       # 300 columns: two tiles per row
+    blob = models.encode_volume(vol, slab=4, adapt=False)
+    header, base = unpack_header(blob)
+    payloads = [slab_payload(blob, header, base, i) for i in range(2)]
+    handed = []
+    args = (load_model("default"), payloads, [4, 3], 40, 300, -32768, 32767, 4, header.tile)
+    parts = decode_slabs(*args, split=2, on_split=handed.append)
+    assert len(handed) == 1 and [len(h) for h in handed[0]] == [2, 2]
+    for g, h in enumerate(handed[0]):
+        np.testing.assert_array_equal(h, vol[4 * g:4 * g + 2])
+    np.testing.assert_array_equal(parts[0], vol[:4])
+    np.testing.assert_array_equal(parts[1], vol[4:7])
+    for got, plain in zip(parts, decode_slabs(*args)):
+        np.testing.assert_array_equal(got, plain)
 
 
 def test_a_model_file_carries_its_neighbourhood():

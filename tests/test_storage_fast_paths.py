@@ -5,6 +5,8 @@ import threading
 import time
 
 import pytest
+
+import models
 from sqlalchemy import func, select
 
 from node_helpers import archive, dataset_bytes, make_series  # noqa: F401 (fixture)
@@ -68,10 +70,13 @@ def _store_and_compact(archive, series) -> dict:
     return sent
 
 
-def test_planned_retrieval_is_slab_ordered_and_exact(archive):
+def test_planned_retrieval_is_slab_ordered_and_exact(archive, monkeypatch):
     series = make_series(21, 12, 10, seed=5)                # 3 slabs of 8 slices
     sent = _store_and_compact(archive, series)
     archive.reconstructor = Reconstructor(archive.index, archive.blobs, 1 << 20)   # cold cache
+    on_demand, decode_slices = [], models.decode_slices
+    monkeypatch.setattr(models, "decode_slices",
+                        lambda *args: on_demand.append(args[1:]) or decode_slices(*args))
     uids = list(sent)
     ordered, prefetch = archive.plan_retrieval(uids)
     assert sorted(ordered) == sorted(uids) and prefetch is not None
@@ -85,6 +90,7 @@ def test_planned_retrieval_is_slab_ordered_and_exact(archive):
         assert archive.retrieve(uid).data == sent[uid]
     prefetch.thread.join(30)
     assert not prefetch.thread.is_alive()
+    assert on_demand == []    # every slab came from the plan, the first one in two pieces
 
 
 def test_retrieval_works_when_the_cache_cannot_hold_a_slab(archive):
