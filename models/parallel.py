@@ -12,6 +12,7 @@ import atexit
 import logging
 import multiprocessing
 import os
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -116,16 +117,22 @@ def _warm_worker() -> int:
     return os.getpid()
 
 
-def warm() -> None:
+def warm(timeout: float = 120.0) -> set[int]:
     """Start the worker processes now (each imports torch as it starts) and load the default
     model in them, so that the first decode of a server does not wait (call from a background
-    thread)."""
-    if worker_count() > 1:
-        try:
-            for future in [pool().submit(_warm_worker) for _ in range(worker_count())]:
-                future.result()
-        except (BrokenProcessPool, RuntimeError, OSError) as exc:
-            log.warning("could not start the decode worker processes: %s", exc)
+    thread). Returns once every worker has done so (the process ids seen): a worker still
+    importing torch would take a core from the first decode."""
+    seen: set[int] = set()
+    workers, deadline = worker_count(), time.monotonic() + timeout
+    try:
+        while workers > 1 and len(seen) < workers and time.monotonic() < deadline:
+            futures = [pool().submit(_warm_worker) for _ in range(workers)]
+            seen.update(future.result() for future in futures)
+            if len(seen) < workers:
+                time.sleep(0.02)       # a worker is still starting: the ready ones took its job
+    except (BrokenProcessPool, RuntimeError, OSError) as exc:
+        log.warning("could not start the decode worker processes: %s", exc)
+    return seen
 
 
 def shutdown() -> None:

@@ -231,6 +231,14 @@ def test_decode_stream_pieces_are_ordered_slices_of_the_volume(monkeypatch, work
             z += len(p)
 
 
+def test_warm_returns_once_every_worker_process_is_ready(monkeypatch):
+    from models import parallel
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    parallel.shutdown()                  # a fresh pool: its workers start while warm() runs
+    pids = parallel.warm()
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
 def test_parallel_imap_keeps_order_and_a_bounded_window(monkeypatch):
     from models import parallel
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
