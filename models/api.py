@@ -153,8 +153,11 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
                 groups.append([(i, min(zs, stop - i * zs)) for i in slabs[:size]])
                 slabs = slabs[size:]
         size = min(2 * size, LOCKSTEP_SLABS)
-    jobs = [([slab_payload(blob, header, base, i) for i, _ in group], [n for _, n in group],
-             header) for group in groups]
+    def job(group):     # built when needed: each payload is copied and CRC-checked
+        return ([slab_payload(blob, header, base, i) for i, _ in group], [n for _, n in group],
+                header)
+
+    jobs = (job(group) for group in groups)
     split = start - groups[0][0][0] * zs + head if head else 0
     if workers > 1:
         results = _parallel_results(jobs, split, (ny, nx), 2 * workers)
@@ -179,8 +182,9 @@ def _local_results(jobs, split: int, predictor):
 
 
 def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int):
-    """:func:`_local_results` on the worker processes. The first group's worker writes its
-    first ``split`` slices to shared memory as soon as they are decoded."""
+    """:func:`_local_results` on the worker processes (``jobs`` an iterator: the first job is
+    submitted before the others are built). The first group's worker writes its first
+    ``split`` slices to shared memory as soon as they are decoded."""
     if not split:
         yield from enumerate(parallel.imap(_decode_group, jobs, window=window))
         return
@@ -188,8 +192,9 @@ def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int):
     future = rest = None
     try:
         shm.buf[:8] = bytes(8)
-        future = parallel.submit(_decode_group_split, (jobs[0], shm.name, split))
-        rest = parallel.imap(_decode_group, jobs[1:], window=max(1, window - 1))
+        first = next(jobs)
+        future = parallel.submit(_decode_group_split, (first, shm.name, split))
+        rest = parallel.imap(_decode_group, jobs, window=max(1, window - 1))
         while future is not None and not future.done() and not shm.buf[0]:
             time.sleep(0.002)
         if shm.buf[0]:
@@ -200,7 +205,7 @@ def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int):
         except BrokenProcessPool:
             whole = None
         if whole is None:                      # no worker process: decode it here
-            whole = _decode_group(jobs[0])
+            whole = _decode_group(first)
             if not shm.buf[0]:
                 yield 0, [whole[0][:split]]
         yield 0, whole
