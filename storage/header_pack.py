@@ -70,6 +70,12 @@ def coded_part(data: bytes) -> bytes:
     return _parts(data)[1] if data[:4] == MAGIC else data
 
 
+def coded_view(data: bytes) -> memoryview:
+    """:func:`coded_part` as a view into ``data`` (no copy of a whole stack's codec blob)."""
+    view = memoryview(data)
+    return _parts(view)[1] if bytes(view[:4]) == MAGIC else view
+
+
 def unpack(data: bytes) -> dict[int, tuple[bytes, bytes]]:
     """frame_start -> (header before, header after) of every instance in a header-pack blob."""
     try:

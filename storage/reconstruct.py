@@ -124,7 +124,7 @@ class Prefetch:
                 data = blobs.get(st.key)
                 if data is None:
                     blobs.clear()
-                    data = blobs[st.key] = header_pack.coded_part(owner.blobs.get(st.key))
+                    data = blobs[st.key] = header_pack.coded_view(owner.blobs.get(st.key))
                 pieces = models.decode_stream(data, st.lo, st.hi, head=st.head)
                 for z0, pixels in pieces:
                     end = z0 + len(pixels)

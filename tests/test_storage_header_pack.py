@@ -34,6 +34,9 @@ def test_pack_round_trip_and_damage():
     assert header_pack.unpack(blob) == headers
     assert header_pack.coded_part(blob) == b"CODEC-BLOB"
     assert header_pack.coded_part(b"VXA-not-a-pack") == b"VXA-not-a-pack"
+    view = header_pack.coded_view(blob)          # the same bytes, without a copy
+    assert isinstance(view, memoryview) and view.tobytes() == b"CODEC-BLOB"
+    assert header_pack.coded_view(b"VXA-not-a-pack").tobytes() == b"VXA-not-a-pack"
     for bad in (blob[:20], blob[:8] + bytes([blob[8] ^ 1]) + blob[9:], b"VXHP\x02" + blob[5:]):
         with pytest.raises(header_pack.HeaderPackError):
             header_pack.unpack(bad)
