@@ -206,8 +206,8 @@ def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int):
             whole = None
         if whole is None:                      # no worker process: decode it here
             whole = _decode_group(first)
-            if not shm.buf[0]:
-                yield 0, [whole[0][:split]]
+        if not shm.buf[0]:   # not published (decoded here, or by the flat fallback decoder)
+            yield 0, [whole[0][:split]]
         yield 0, whole
         for g, parts in enumerate(rest, 1):
             yield g, parts

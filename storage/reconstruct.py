@@ -146,7 +146,6 @@ class Prefetch:
         finally:
             owner._release(self)
 
-
     def _cache_piece(self, key, lo: int, step: int, z0: int, pixels) -> None:
         """Cache the slices of a decoded piece (slices from ``z0``) that fall in the slab
         ``key`` (slices from ``lo``), after the ones cached before when the piece continues it."""
@@ -319,8 +318,8 @@ class Reconstructor:
                 packs.pop(next(iter(packs)))
         return value
 
-    def _coded(self, key: str) -> bytes:
-        return header_pack.coded_part(self.blobs.get(key))
+    def _coded(self, key: str) -> memoryview:
+        return header_pack.coded_view(self.blobs.get(key))
 
     def _slices(self, blob, start: int, stop: int) -> np.ndarray:
         depth, step = int(blob.shape.split(",")[0]), blob.slab or SLAB
