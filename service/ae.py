@@ -21,7 +21,7 @@ from pynetdicom.sop_class import (
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext
 
-from service import exact_send, handlers, reactor_wait, tls
+from service import command_encoding, exact_send, handlers, reactor_wait, tls
 from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.metrics import NodeMetrics
@@ -54,6 +54,7 @@ def build_ae(settings: Settings) -> AE:
     """Return the application entity: every storage SOP class in every transfer syntax (also in
     the SCP role, for C-GET), Verification and the Patient/Study Root query/retrieve models."""
     exact_send.install()    # retrieved instances go out as received, never re-encoded
+    command_encoding.install()    # C-STORE command sets packed without a pydicom Dataset
     # pynetdicom's "standard" handlers log every PDU and DIMSE message (building the text even
     # when the level drops it); keep them for debug logging only, we log each operation anyway.
     debug = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)

@@ -1,0 +1,94 @@
+"""service.command_encoding: C-STORE command sets packed directly equal pynetdicom's encoding."""
+
+from io import BytesIO
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+
+from service import command_encoding
+
+uids = st.from_regex(r"\A[1-9][0-9]{0,20}(\.[1-9][0-9]{0,10}){0,8}\Z").filter(
+    lambda u: len(u) <= 64)
+message_ids = st.integers(0, 0xFFFF)
+titles = st.from_regex(r"\A[A-Z][A-Z0-9_]{0,15}\Z")
+
+
+def _pynetdicom(primitive, message_type, context_id, max_pdu):
+    message = message_type()
+    message.primitive_to_message(primitive)
+    return [p.presentation_data_value_list for p in message.encode_msg(context_id, max_pdu)]
+
+
+def _ours(primitive, context_id, max_pdu):
+    pdatas = command_encoding.p_data(primitive, context_id, max_pdu)
+    assert pdatas is not None
+    return [p.presentation_data_value_list for p in pdatas]
+
+
+@settings(max_examples=150, deadline=None)
+@given(sop_class=uids, sop_uid=uids, message_id=message_ids,
+       status=st.sampled_from([0x0000, 0xA700, 0xB000, 0xC000, 0xC211]),
+       context_id=st.integers(1, 255).filter(lambda i: i % 2),
+       max_pdu=st.sampled_from([0, 64, 16384]))
+def test_responses_are_pynetdicoms_bytes(sop_class, sop_uid, message_id, status, context_id,
+                                         max_pdu):
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = sop_class, sop_uid
+    rsp.Status = status
+    assert _ours(rsp, context_id, max_pdu) == _pynetdicom(rsp, C_STORE_RSP, context_id, max_pdu)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sop_class=uids, sop_uid=uids, message_id=message_ids, priority=st.sampled_from([0, 1, 2]),
+       originator=st.none() | st.tuples(titles, message_ids),
+       data=st.binary(min_size=0, max_size=300),
+       max_pdu=st.sampled_from([0, 40, 16384]))
+def test_requests_are_pynetdicoms_bytes(sop_class, sop_uid, message_id, priority, originator,
+                                        data, max_pdu):
+    rq = C_STORE()
+    rq.MessageID, rq.Priority = message_id, priority
+    rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = sop_class, sop_uid
+    if originator is not None:
+        rq.MoveOriginatorApplicationEntityTitle, rq.MoveOriginatorMessageID = originator
+    rq.DataSet = BytesIO(data)
+    assert _ours(rq, 3, max_pdu) == _pynetdicom(rq, C_STORE_RQ, 3, max_pdu)
+
+
+def test_responses_with_an_error_comment_are_left_to_pynetdicom():
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 1, 0xC000
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = "1.2", "1.2.3"
+    rsp.ErrorComment = "cannot parse"
+    assert command_encoding.p_data(rsp, 1, 0) is None
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_node_uses_it_unless_dimse_messages_are_logged(debug, monkeypatch):
+    """With pynetdicom's debug handlers bound, messages go through pynetdicom (and are logged)."""
+    from pynetdicom import evt
+
+    sent = []
+
+    class Dul:
+        def send_pdu(self, pdata):
+            sent.append(pdata)
+
+    class Assoc:
+        def get_handlers(self, event):
+            return [(print, None)] if debug and event is evt.EVT_DIMSE_SENT else []
+
+    class Provider:
+        assoc, dul, maximum_pdu_size = Assoc(), Dul(), 16384
+
+    original = []
+    monkeypatch.setattr(command_encoding, "_original_send_msg",
+                        lambda self, p, cx: original.append(p))
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 7, 0
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"
+    command_encoding._send_msg(Provider(), rsp, 1)
+    assert (len(original), len(sent)) == ((1, 0) if debug else (0, 1))
