@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from storage.errors import InvalidKeyError, StorageFullError
@@ -39,6 +40,29 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A fresh key's file, written but not yet durable (:meth:`BlobStore.write_new`)."""
+
+    key: str
+    path: Path
+    fd: int
+
+
+def _abandon(fd: int, path: Path) -> None:
+    try:
+        os.close(fd)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _raise_full(key: str, exc: BaseException):
+    if not isinstance(exc, OSError):
+        raise exc
+    reason = "no space left" if exc.errno == errno.ENOSPC else str(exc)
+    raise StorageFullError(f"cannot write blob {key}: {reason}") from exc
 
 
 class BlobStore:
@@ -90,17 +114,8 @@ class BlobStore:
         """Store ``data`` under a fresh ``key`` durably, written in place: no temporary file and
         no rename, so one journal commit less than :meth:`put`. Only for a key that nothing
         refers to until this returns (a new staged file): a crash mid-write leaves at most an
-        unreferenced file, which recovery removes as an orphan.
-
-        Parameters
-        ----------
-        key : str
-        data : bytes
-        folder_sync : concurrent.futures.Executor, optional
-            Fsync the file's folder on this executor while this thread fsyncs the file: the two
-            then share one journal commit instead of paying one each (about 3x faster on this
-            machine's ext4 under load). Both are done before this returns, either way. Its
-            tasks must never wait for anything (no deadlock with the caller's pool).
+        unreferenced file, which recovery removes as an orphan. The same as
+        :meth:`write_new` then :meth:`sync_new`, which a caller may run on two threads.
 
         Raises
         ------
@@ -109,6 +124,11 @@ class BlobStore:
         StorageFullError
             On a write error.
         """
+        self.sync_new(self.write_new(key, data), folder_sync)
+
+    def write_new(self, key: str, data: bytes) -> NewFile:
+        """Create the file of a fresh ``key`` and write ``data`` into it, not yet durable: hand
+        the result to :meth:`sync_new`, which closes it. Raises as :meth:`put_new`."""
         target = self.path(key)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
@@ -123,24 +143,35 @@ class BlobStore:
         except OSError as exc:
             raise StorageFullError(f"cannot write blob {key}: {exc}") from exc
         try:
-            with open(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                folder = None if folder_sync is None else \
-                    folder_sync.submit(fsync_dir, target.parent)
-                try:
-                    os.fsync(f.fileno())
-                finally:
-                    if folder is not None:
-                        folder.result()       # raises the folder's fsync error, if any
-            if folder is None:
-                fsync_dir(target.parent)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
         except BaseException as exc:
-            target.unlink(missing_ok=True)
-            if not isinstance(exc, OSError):
-                raise
-            reason = "no space left" if exc.errno == errno.ENOSPC else str(exc)
-            raise StorageFullError(f"cannot write blob {key}: {reason}") from exc
+            _abandon(fd, target)
+            _raise_full(key, exc)
+        return NewFile(key, target, fd)
+
+    def sync_new(self, new: NewFile, folder_sync=None) -> None:
+        """Make a :meth:`write_new` file durable (file, then its folder entry) and close it; on
+        an error the file is removed and :class:`StorageFullError` raised.
+
+        ``folder_sync`` (an Executor, optional) fsyncs the folder while this thread fsyncs the
+        file: the two then share one journal commit instead of paying one each (about 3x faster
+        on this machine's ext4 under load). Its tasks must never wait for anything (no deadlock
+        with the caller's pool)."""
+        try:
+            folder = None if folder_sync is None else folder_sync.submit(fsync_dir, new.path.parent)
+            try:
+                os.fsync(new.fd)
+            finally:
+                if folder is not None:
+                    folder.result()           # raises the folder's fsync error, if any
+            if folder is None:
+                fsync_dir(new.path.parent)
+        except BaseException as exc:
+            _abandon(new.fd, new.path)
+            _raise_full(new.key, exc)
+        os.close(new.fd)
 
     def get(self, key: str) -> bytes:
         """Return the bytes of ``key``; raise ``KeyError`` when absent."""

@@ -60,8 +60,8 @@ def _check_space(index: Index, incoming: int, max_bytes: int) -> None:
 class Stager:
     """Group commit of received instances: concurrent C-STOREs share one index transaction.
 
-    Each instance's bytes are written and fsync'd (file and folder) on a small pool of I/O
-    threads while the receiving thread parses and hashes the dataset. Its index row then joins a
+    The receiving thread writes each instance's bytes, then fsyncs them (file and folder) on a
+    small pool of I/O threads while it hashes and parses the dataset. Its index row then joins a
     queue, and the receiving thread becomes the committer if no other thread is committing: it
     takes every row waiting at that moment, executes their statements, waits until each of their
     files is durable, and only then commits them in one transaction (one fsync of the SQLite WAL,
@@ -75,7 +75,7 @@ class Stager:
     ----------
     index : Index
     io_threads : int
-        Threads writing and fsyncing staged files.
+        Threads fsyncing staged files.
     max_batch : int
         Most instances committed in one transaction.
     """
@@ -196,8 +196,12 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
     """
     key = new_key("s")
     written = None
-    if stager is not None and max_bytes <= 0:     # write and fsync while we parse
-        written = stager.io.submit(blobs.put_new, key, data, stager.folder_sync)
+    if stager is not None and max_bytes <= 0:     # written here, fsync'd while we parse
+        written = stager.io.submit(blobs.sync_new, blobs.write_new(key, data),
+                                   stager.folder_sync)
+    # Hash before parsing: it releases the GIL, so the I/O thread enters its fsync now instead
+    # of when the parse (pure Python) next yields the GIL.
+    digest = hashlib.sha256(data).hexdigest()
     try:
         ds = parse_dataset(data, transfer_syntax, INDEXED_KEYWORDS)
         facts = describe(ds)
@@ -208,7 +212,6 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
         if written is not None:
             _discard(written, blobs, key)
         raise
-    digest = hashlib.sha256(data).hexdigest()    # releases the GIL: runs beside the write
     if written is None:
         blobs.put_new(key, data)
     fields = dict(transfer_syntax=transfer_syntax, size=len(data), sha256=digest, staged_key=key,

@@ -151,14 +151,14 @@ def test_rows_waiting_behind_a_commit_share_the_next_one(archive, monkeypatch):
 def test_a_row_is_not_committed_before_its_file_is_durable(archive, monkeypatch):
     """The file's write fails after the row's statements ran: nothing is committed or left."""
     from storage.errors import StorageFullError
-    put_new = archive.blobs.put_new
+    sync_new = archive.blobs.sync_new
 
-    def failing(key, data, folder_sync=None):
-        put_new(key, data, folder_sync)
-        archive.blobs.delete(key)
+    def failing(new, folder_sync=None):
+        sync_new(new, folder_sync)
+        archive.blobs.delete(new.key)
         raise StorageFullError("disk gone")
 
-    monkeypatch.setattr(archive.blobs, "put_new", failing)
+    monkeypatch.setattr(archive.blobs, "sync_new", failing)
     ts, data = dataset_bytes(make_series(1, 8, 8)[0])
     with pytest.raises(StorageFullError):
         archive.store(data, ts)
