@@ -16,17 +16,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pydicom.values import converters
 
+from storage.element_scan import UNDEFINED, implicit_vr, scan
 from storage.errors import UnparseableDatasetError
 
 PIXEL_DATA = 0x7FE00010
 # Uncompressed little-endian syntaxes: Pixel Data is a plain array of stored words.
 NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}
+
 # Word types the volume codec takes; other pixel formats go to the general codec.
 _DTYPES = {(8, 0): "uint8", (8, 1): "int8", (16, 0): "uint16", (16, 1): "int16"}
 # Elements pixel_layout reads: their values are converted (validated) by parse_dataset.
@@ -95,19 +101,80 @@ def parse_dataset(data: bytes, transfer_syntax: str, keywords: Iterable[str] = (
     return ds
 
 
+def parse_fields(data: bytes, transfer_syntax: str, keywords: Iterable[str] = ()):
+    """Like :func:`parse_dataset`, checking the same, but the Dataset holds only what ingest
+    reads: SpecificCharacterSet, the pixel layout's elements, ``keywords`` (converted) and Pixel
+    Data (its value a memoryview of ``data``, not a copy). Little-endian datasets are walked by
+    :func:`storage.element_scan.scan`; anything it leaves, and other transfer syntaxes, go
+    through :func:`parse_dataset`.
+
+    Raises
+    ------
+    UnparseableDatasetError
+        When the bytes cannot be read in the given transfer syntax.
+    """
+    ts = UID(transfer_syntax)
+    if not ts.is_transfer_syntax or not ts.is_little_endian or ts.is_deflated \
+            or (ts.is_implicit_VR and _looks_explicit(data)):
+        return _only(parse_dataset(data, transfer_syntax, keywords), keywords)
+    elements = scan(data, not ts.is_implicit_VR)
+    if elements is None:
+        return _only(parse_dataset(data, transfer_syntax, keywords), keywords)
+    try:
+        return _from_scan(data, elements, ts.is_implicit_VR, _tags(tuple(keywords)))
+    except Exception as exc:  # pydicom raises many kinds on malformed input
+        raise UnparseableDatasetError(f"cannot parse dataset: {exc}") from exc
+
+
+def _from_scan(data: bytes, elements, implicit: bool, tags: tuple[int, ...]):
+    """The Dataset of :func:`parse_fields` from scanned elements (checked, values converted)."""
+    wanted, view, raw = set(tags) | {PIXEL_DATA}, memoryview(data), {}
+    for e in {e.tag: e for e in elements}.values():   # a repeated tag: the last counts
+        _check_scanned(e)
+        if e.tag in wanted:
+            value = view[e.start:e.end] if e.tag == PIXEL_DATA else \
+                bytes(view[e.start:e.end]) if e.length else empty_value_for_VR(e.vr, raw=True)
+            raw[BaseTag(e.tag)] = RawDataElement(BaseTag(e.tag), e.vr, e.length, value,
+                                                 e.start, implicit, True, True)
+    ds = Dataset(raw)
+    charset = raw.get(BaseTag(0x00080005))
+    ds.set_original_encoding(implicit, True, convert_encodings(
+        convert_raw_data_element(charset).value if charset else None))
+    for tag in tags:
+        if tag in ds:
+            ds[tag]                           # converts the raw value; raises when malformed
+    return ds
+
+
+def _looks_explicit(data: bytes) -> bool:
+    """Whether an implicit-VR dataset starts like an explicit one (pydicom then reads it as
+    explicit; so does the caller, through pydicom)."""
+    return len(data) >= 6 and b"AA" <= data[4:6] <= b"ZZ"
+
+
+def _only(ds, keywords):
+    """The elements of a full parse that :func:`parse_fields` would keep."""
+    keep = set(_tags(tuple(keywords))) | {PIXEL_DATA}
+    for tag in [t for t in ds.keys() if t not in keep]:
+        del ds[tag]
+    return ds
+
+
+def _check_scanned(e) -> None:
+    """:func:`_check_elements` for a scanned element (its bytes are all there: scan saw to it)."""
+    vr = e.vr or implicit_vr(e.tag)
+    if vr not in _KNOWN_VRS:
+        raise ValueError(f"element {BaseTag(e.tag)} has unknown VR {vr!r}")
+    if e.length != UNDEFINED and e.length % _WORD.get(vr, 1):
+        raise ValueError(f"element {BaseTag(e.tag)} ({vr}) has {e.length} bytes, not a "
+                         f"multiple of {_WORD[vr]}")
+
+
 @functools.lru_cache(maxsize=64)
 def _tags(keywords: tuple[str, ...]) -> tuple[int, ...]:
     """Tags of the pixel layout's elements, SpecificCharacterSet and ``keywords``."""
     names = ("SpecificCharacterSet",) + PIXEL_KEYWORDS + keywords
     return tuple(dict.fromkeys(tag_for_keyword(k) for k in names))
-
-
-@functools.lru_cache(maxsize=4096)
-def _implicit_vr(tag: int) -> str:
-    try:
-        return dictionary_VR(tag)
-    except KeyError:                          # private or unknown: UN, kept as bytes
-        return "UN"
 
 
 def _check_elements(ds, stream: bytes, little_endian: bool) -> None:
@@ -119,7 +186,7 @@ def _check_elements(ds, stream: bytes, little_endian: bool) -> None:
         value = getattr(raw, "value", None)
         if not isinstance(value, bytes) or not hasattr(raw, "value_tell"):
             continue                          # already an element (an undefined-length sequence)
-        vr = raw.VR or _implicit_vr(raw.tag)
+        vr = raw.VR or implicit_vr(raw.tag)
         if vr not in _KNOWN_VRS:
             raise ValueError(f"element {raw.tag} has unknown VR {vr!r}")
         if raw.length == 0xFFFFFFFF:

@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from storage.blobstore import BlobStore, new_key
-from storage.dataset_parts import parse_dataset, pixel_layout
+from storage.dataset_parts import parse_fields, pixel_layout
 from storage.errors import DuplicateInstanceError, StorageFullError
 from storage.index import Index, Instance, Patient, Series, Study
 from storage.instance_facts import INDEXED_KEYWORDS, InstanceFacts, describe, stack_format
@@ -203,7 +203,7 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
     # of when the parse (pure Python) next yields the GIL.
     digest = hashlib.sha256(data).hexdigest()
     try:
-        ds = parse_dataset(data, transfer_syntax, INDEXED_KEYWORDS)
+        ds = parse_fields(data, transfer_syntax, INDEXED_KEYWORDS)
         facts = describe(ds)
         layout = pixel_layout(ds, transfer_syntax)
         if written is None:
