@@ -57,8 +57,8 @@ class Archive:
         self.index = Index(url)
         self.blobs = BlobStore(self.data_dir / "blobs")
         self.lock = ArchiveLock(self.data_dir)
-        self.recovery = recover(self.lock, self.index, self.blobs)   # after a crash: orphans out
         self.duplicates, self.max_storage_bytes = duplicates, max_storage_bytes
+        self.recovery = recover(self.lock, self.index, self.blobs, duplicates)   # after a crash
         self.compactor = Compactor(self.index, self.blobs, model, max_stack_slices, slab)
         self.reconstructor = Reconstructor(self.index, self.blobs, cache_bytes)
         self.stager = Stager(self.index)      # group commit of concurrent C-STOREs

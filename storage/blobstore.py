@@ -110,7 +110,7 @@ class BlobStore:
             reason = "no space left" if exc.errno == errno.ENOSPC else str(exc)
             raise StorageFullError(f"cannot write blob {key}: {reason}") from exc
 
-    def put_new(self, key: str, data: bytes, folder_sync=None) -> None:
+    def put_new(self, key: str, data: bytes) -> None:
         """Store ``data`` under a fresh ``key`` durably, written in place: no temporary file and
         no rename, so one journal commit less than :meth:`put`. Only for a key that nothing
         refers to until this returns (a new staged file): a crash mid-write leaves at most an
@@ -124,7 +124,7 @@ class BlobStore:
         StorageFullError
             On a write error.
         """
-        self.sync_new(self.write_new(key, data), folder_sync)
+        self.sync_new(self.write_new(key, data))
 
     def write_new(self, key: str, data: bytes) -> NewFile:
         """Create the file of a fresh ``key`` and write ``data`` into it, not yet durable: hand
@@ -151,23 +151,13 @@ class BlobStore:
             _raise_full(key, exc)
         return NewFile(key, target, fd)
 
-    def sync_new(self, new: NewFile, folder_sync=None) -> None:
-        """Make a :meth:`write_new` file durable (file, then its folder entry) and close it; on
-        an error the file is removed and :class:`StorageFullError` raised.
-
-        ``folder_sync`` (an Executor, optional) fsyncs the folder while this thread fsyncs the
-        file: the two then share one journal commit instead of paying one each (about 3x faster
-        on this machine's ext4 under load). Its tasks must never wait for anything (no deadlock
-        with the caller's pool)."""
+    def sync_new(self, new: NewFile) -> None:
+        """Make a :meth:`write_new` file durable (the file, then its folder entry, which the
+        file's journal commit has usually carried already) and close it; on an error the file
+        is removed and :class:`StorageFullError` raised."""
         try:
-            folder = None if folder_sync is None else folder_sync.submit(fsync_dir, new.path.parent)
-            try:
-                os.fsync(new.fd)
-            finally:
-                if folder is not None:
-                    folder.result()           # raises the folder's fsync error, if any
-            if folder is None:
-                fsync_dir(new.path.parent)
+            os.fsync(new.fd)
+            fsync_dir(new.path.parent)
         except BaseException as exc:
             _abandon(new.fd, new.path)
             _raise_full(new.key, exc)

@@ -11,7 +11,7 @@ import threading
 from contextlib import contextmanager
 
 from sqlalchemy import (
-    BigInteger, Float, ForeignKey, Integer, LargeBinary, String, create_engine, event,
+    BigInteger, Float, ForeignKey, Integer, LargeBinary, String, create_engine, event, make_url,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -116,13 +116,19 @@ class Job(Base):
     updated_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def _sqlite_pragmas(dbapi_conn, _record, synchronous: str = "FULL") -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute(f"PRAGMA synchronous={synchronous}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _sqlite_relaxed_pragmas(dbapi_conn, record) -> None:
+    # WAL + NORMAL: a commit is not flushed, but a crash of the process cannot lose it, and the
+    # next FULL commit or checkpoint flushes it (the WAL is one file, written in order)
+    _sqlite_pragmas(dbapi_conn, record, "NORMAL")
 
 
 class Index:
@@ -147,6 +153,7 @@ class Index:
         Base.metadata.create_all(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.RLock()
+        self._relaxed_engine = None
 
     @contextmanager
     def read(self):
@@ -161,11 +168,31 @@ class Index:
             yield session
 
     @contextmanager
-    def connect(self):
+    def connect(self, durable: bool = True):
         """Yield a Core connection whose transaction commits on normal exit, rolls back on
-        error; serialised with :meth:`write` (hot paths: no ORM session to build)."""
-        with self._write_lock, self.engine.begin() as conn:
+        error; serialised with :meth:`write` (hot paths: no ORM session to build).
+
+        ``durable=False``: the commit does not wait for the database's flush to disk (SQLite
+        ``synchronous=NORMAL``, PostgreSQL ``synchronous_commit=off``). A crash of the process
+        cannot lose it, a power loss can; only for rows that can be rebuilt from files that are
+        themselves durable (staged instances, see :mod:`storage.staged_keys`)."""
+        engine = self.engine if durable else self._relaxed()
+        with self._write_lock, engine.begin() as conn:
+            if not durable and engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             yield conn
+
+    def _relaxed(self):
+        """The engine for ``durable=False`` commits (SQLite: a second one on the same file)."""
+        url = make_url(self.url)
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return self.engine
+        if self._relaxed_engine is None:
+            engine = create_engine(self.url, connect_args={"check_same_thread": False,
+                                                           "timeout": 30})
+            event.listen(engine, "connect", _sqlite_relaxed_pragmas)
+            self._relaxed_engine = engine
+        return self._relaxed_engine
 
     def drop_all(self) -> None:
         """Remove every index table (tests use this to start a PostgreSQL database clean)."""
@@ -175,3 +202,5 @@ class Index:
     def close(self) -> None:
         """Release the database connections."""
         self.engine.dispose()
+        if self._relaxed_engine is not None:
+            self._relaxed_engine.dispose()

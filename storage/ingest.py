@@ -12,7 +12,7 @@ import hashlib
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -23,6 +23,7 @@ from storage.dataset_parts import parse_fields, pixel_layout
 from storage.errors import DuplicateInstanceError, StorageFullError
 from storage.index import Index, Instance, Patient, Series, Study
 from storage.instance_facts import INDEXED_KEYWORDS, InstanceFacts, describe, stack_format
+from storage.staged_keys import recoverable, staged_key
 
 log = logging.getLogger(__name__)
 DUPLICATE_POLICIES = ("keep_first", "replace", "reject")
@@ -60,16 +61,18 @@ def _check_space(index: Index, incoming: int, max_bytes: int) -> None:
 class Stager:
     """Group commit of received instances: concurrent C-STOREs share one index transaction.
 
-    The receiving thread writes each instance's bytes, then fsyncs them (file and folder) on a
-    small pool of I/O threads while it hashes and parses the dataset. Its index row then joins a
-    queue, and the receiving thread becomes the committer if no other thread is committing: it
-    takes every row waiting at that moment, executes their statements, waits until each of their
-    files is durable, and only then commits them in one transaction (one fsync of the SQLite WAL,
-    ``synchronous=FULL``) and marks them done; the threads whose rows it took return without a
-    transaction of their own. A lone client pays no thread switch and waits for no batching
-    window (its statements run while its file is being fsync'd); concurrent ones share fsyncs.
-    Nothing is committed before its bytes are durable, nothing acknowledged before its row is
-    committed.
+    The receiving thread hashes each instance, writes its bytes under a name that lets recovery
+    index them again (:mod:`storage.staged_keys`), and fsyncs them (file, then folder) on a
+    small pool of I/O threads while it parses the dataset. Its index row then joins a queue, and the
+    receiving thread becomes the committer if no other thread is committing: it takes every row
+    waiting at that moment, executes their statements, waits until each of their files is
+    durable, and only then commits them in one transaction and marks them done; the threads
+    whose rows it took return without a transaction of their own. A lone client pays no thread
+    switch and waits for no batching window (its statements run while its file is being
+    fsync'd). Nothing is committed before its bytes are durable, nothing acknowledged before its
+    row is committed. The commit does not wait for the database's own flush when every row of
+    the batch has a recoverable file name (``Index.connect(durable=False)``): a crash of the
+    process cannot lose it, and after a power loss recovery indexes the files again.
 
     Parameters
     ----------
@@ -83,12 +86,25 @@ class Stager:
     def __init__(self, index: Index, io_threads: int = 4, max_batch: int = 256):
         self.index, self.max_batch = index, max_batch
         self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="voxarc-stage-io")
-        # folder fsyncs run here, beside the file's fsync on an I/O thread (see put_new)
-        self.folder_sync = ThreadPoolExecutor(io_threads, thread_name_prefix="voxarc-dir-sync")
         self._waiting: collections.deque = collections.deque()
         self._committer = threading.Lock()
         self.batches = self.committed = 0           # counters, for logs and tests
         self._ids: dict = {}     # (table, uid) -> row id of committed patients/studies/series
+
+    def sync(self, blobs: BlobStore, new) -> Future:
+        """Fsync a written staged file (:meth:`BlobStore.sync_new`) on an I/O thread; return
+        once that thread is at the fsync. The caller goes on to parse (pure Python, holding the
+        GIL): without the wait, the I/O thread would only start when the interpreter next
+        switches threads, up to a switch interval (5 ms) later."""
+        started = threading.Event()
+
+        def run():
+            started.set()
+            blobs.sync_new(new)
+
+        future = self.io.submit(run)
+        started.wait(0.01)
+        return future
 
     def commit(self, facts: InstanceFacts, fields: dict, duplicates: str, written=None):
         """Commit one index row with whatever else is waiting, once ``written`` (the future of
@@ -117,12 +133,14 @@ class Stager:
     def close(self) -> None:
         """Stop the I/O threads (every commit happens on its caller's thread)."""
         self.io.shutdown(wait=True)
-        self.folder_sync.shutdown(wait=True)
 
     def _commit_batch(self, batch: list) -> None:
         ids = dict(self._ids)
+        # rows whose staged file can be indexed again (storage.staged_keys) need no flush of
+        # the database: their files are durable before the commit
+        durable = not all(recoverable(item.fields["staged_key"]) for item in batch)
         try:
-            with self.index.connect() as conn:
+            with self.index.connect(durable) as conn:
                 now, touched = time.time(), set()
                 for item in batch:
                     try:
@@ -194,18 +212,13 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
     ------
     UnparseableDatasetError, StorageFullError, DuplicateInstanceError
     """
-    key = new_key("s")
+    digest = hashlib.sha256(data).hexdigest()
+    key = staged_key(transfer_syntax, digest) or new_key("s")
     written = None
     if stager is not None and max_bytes <= 0:     # written here, fsync'd while we parse
-        written = stager.io.submit(blobs.sync_new, blobs.write_new(key, data),
-                                   stager.folder_sync)
-    # Hash before parsing: it releases the GIL, so the I/O thread enters its fsync now instead
-    # of when the parse (pure Python) next yields the GIL.
-    digest = hashlib.sha256(data).hexdigest()
+        written = stager.sync(blobs, blobs.write_new(key, data))
     try:
-        ds = parse_fields(data, transfer_syntax, INDEXED_KEYWORDS)
-        facts = describe(ds)
-        layout = pixel_layout(ds, transfer_syntax)
+        facts, fields = _describe(data, transfer_syntax, digest, key)
         if written is None:
             _check_space(index, len(data), max_bytes)
     except BaseException:
@@ -214,11 +227,6 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
         raise
     if written is None:
         blobs.put_new(key, data)
-    fields = dict(transfer_syntax=transfer_syntax, size=len(data), sha256=digest, staged_key=key,
-                  stack_format=stack_format(layout, facts, transfer_syntax),
-                  pixel_offset=layout.offset if layout else 0,
-                  pixel_length=layout.nbytes if layout else 0,
-                  frames=layout.frames if layout else 1)
     try:
         if stager is not None:
             outcome, dropped_key = stager.commit(facts, fields, duplicates, written)
@@ -236,6 +244,40 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
         blobs.delete(dropped_key)
     log.debug("%s instance %s (%d bytes, %s) of series %s", outcome, facts.sop_uid, len(data),
               transfer_syntax, facts.series["series_uid"])
+    return IngestResult(outcome, facts.sop_uid, facts.series["series_uid"])
+
+
+def _describe(data: bytes, transfer_syntax: str, digest: str, key: str):
+    """(facts, instance row fields) of a staged dataset; raises UnparseableDatasetError."""
+    ds = parse_fields(data, transfer_syntax, INDEXED_KEYWORDS)
+    facts = describe(ds)
+    layout = pixel_layout(ds, transfer_syntax)
+    return facts, dict(transfer_syntax=transfer_syntax, size=len(data), sha256=digest,
+                       staged_key=key, stack_format=stack_format(layout, facts, transfer_syntax),
+                       pixel_offset=layout.offset if layout else 0,
+                       pixel_length=layout.nbytes if layout else 0,
+                       frames=layout.frames if layout else 1)
+
+
+def reindex_staged(index: Index, blobs: BlobStore, key: str, transfer_syntax: str,
+                   duplicates: str = "keep_first") -> IngestResult:
+    """Index again a staged file whose row was lost (recovery after a power loss), with a
+    durable commit; its modification time stands for the reception time, and under the
+    ``replace`` policy it never replaces a row received after it.
+
+    Raises
+    ------
+    UnparseableDatasetError, DuplicateInstanceError
+    """
+    data = blobs.get(key)
+    facts, fields = _describe(data, transfer_syntax, hashlib.sha256(data).hexdigest(), key)
+    received = blobs.path(key).stat().st_mtime
+    with index.connect() as conn:
+        outcome, dropped_key = _apply(conn, facts, fields, duplicates, received, keep_newer=True)
+    if dropped_key:
+        blobs.delete(dropped_key)
+    log.warning("recovery: %s instance %s from staged file %s (its index row was lost)",
+                outcome, facts.sop_uid, key)
     return IngestResult(outcome, facts.sop_uid, facts.series["series_uid"])
 
 
@@ -258,7 +300,7 @@ def _commit(index: Index, facts: InstanceFacts, fields: dict, duplicates: str):
 # Core statements on the tables, built once (SQLAlchemy caches their compiled form): the ORM
 # session and per-call statement building cost more than the fsync here.
 _INSTANCES, _SERIES = Instance.__table__, Series.__table__
-_OLD = select(_INSTANCES.c.id, _INSTANCES.c.staged_key) \
+_OLD = select(_INSTANCES.c.id, _INSTANCES.c.staged_key, _INSTANCES.c.received_at) \
     .where(_INSTANCES.c.sop_uid == bindparam("p_sop_uid"))
 _DELETE = delete(_INSTANCES).where(_INSTANCES.c.id == bindparam("p_id"))
 _TOUCH = update(_SERIES).where(_SERIES.c.id == bindparam("p_id")) \
@@ -267,13 +309,16 @@ _INSERT = insert(_INSTANCES)
 
 
 def _apply(conn, facts: InstanceFacts, fields: dict, duplicates: str, now: float,
-           ids: dict | None = None, touched: set | None = None):
+           ids: dict | None = None, touched: set | None = None, keep_newer: bool = False):
     """Add one instance's rows on the Core connection ``conn``; raise DuplicateInstanceError
     before any write. ``ids`` caches the row ids of patients, studies and series already in the
-    database; ``touched`` holds the series whose ``last_received`` is ``now`` already."""
+    database; ``touched`` holds the series whose ``last_received`` is ``now`` already;
+    ``keep_newer``: a replacement never replaces a row received after ``now``."""
     old = conn.execute(_OLD, {"p_sop_uid": facts.sop_uid}).first()
     if old is not None and duplicates == "reject":
         raise DuplicateInstanceError(f"instance {facts.sop_uid} already stored")
+    if old is not None and keep_newer and (old.received_at or 0) > now:
+        duplicates = "keep_first"
     if old is not None and duplicates != "replace":
         log.warning("duplicate instance %s ignored (policy keep_first)", facts.sop_uid)
         return "duplicate_ignored", fields["staged_key"]

@@ -3,8 +3,12 @@
 A crash (kill -9, power loss) can leave behind what was written but never committed: a staged
 file whose index row was not committed, a compacted blob whose transaction did not commit, a
 staged copy not yet deleted after its series was compacted, or a half-written ``.tmp`` file. The
-index is the truth: such files are removed. The reverse, an index row whose file is gone, cannot
-be repaired here; it is reported loudly and the row is kept (never silently dropped).
+index is the truth: such files are removed, with one exception. A staged row is committed
+without waiting for the database's flush once its file is durable, so a power loss can take the
+row of an acknowledged instance; a complete staged file whose name says how to read it
+(:mod:`storage.staged_keys`) is therefore indexed again, in the order the files were written,
+under the archive's duplicate policy. The reverse, an index row whose file is gone, cannot be
+repaired here; it is reported loudly and the row is kept (never silently dropped).
 
 The scan only runs while no other process has the archive open: every :class:`ArchiveLock`
 holder keeps a shared ``flock`` on the data folder, and the scan needs the exclusive one, so an
@@ -14,6 +18,7 @@ uncommitted file of a running node is never mistaken for an orphan.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import time
@@ -23,7 +28,10 @@ from pathlib import Path
 from sqlalchemy import select
 
 from storage.blobstore import BlobStore, fsync_dir
+from storage.errors import DuplicateInstanceError, UnparseableDatasetError
 from storage.index import Blob, Index, Instance, Job
+from storage.ingest import reindex_staged
+from storage.staged_keys import recoverable
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".voxarc.lock"
@@ -45,6 +53,8 @@ class RecoveryReport:
         SOP Instance UIDs whose staged file is missing (kept, reported).
     missing_blobs : list of str
         Keys of blob rows whose file is missing (kept, reported).
+    reindexed : list of str
+        SOP Instance UIDs indexed again from complete staged files whose rows were lost.
     jobs_reset : int
         Compaction jobs left ``running`` by a crash, set back to ``pending``.
     """
@@ -54,6 +64,7 @@ class RecoveryReport:
     temp_removed: int = 0
     missing_staged: list = field(default_factory=list)
     missing_blobs: list = field(default_factory=list)
+    reindexed: list = field(default_factory=list)
     jobs_reset: int = 0
 
     @property
@@ -121,8 +132,9 @@ def _reset_running_jobs(index: Index) -> int:
     return len(jobs)
 
 
-def scan(index: Index, blobs: BlobStore) -> RecoveryReport:
-    """Remove orphans and temporary files, report missing files, reset interrupted jobs.
+def scan(index: Index, blobs: BlobStore, duplicates: str = "keep_first") -> RecoveryReport:
+    """Index again the complete staged files whose rows were lost, remove other orphans and
+    temporary files, report missing files, reset interrupted jobs.
 
     The caller must be the only user of the archive (see :func:`recover`).
 
@@ -130,6 +142,8 @@ def scan(index: Index, blobs: BlobStore) -> RecoveryReport:
     ----------
     index, blobs
         The archive's index and blob store.
+    duplicates : str
+        The archive's duplicate policy, applied to the files indexed again.
 
     Returns
     -------
@@ -137,10 +151,16 @@ def scan(index: Index, blobs: BlobStore) -> RecoveryReport:
     """
     report = RecoveryReport(temp_removed=_remove_temp_files(blobs))
     staged, blob_keys = _referenced(index)
+    lost = []
     for key in list(blobs.keys()):
         if key not in staged and key not in blob_keys:
-            blobs.delete(key)
-            report.orphans_removed.append(key)
+            if _complete_staged(blobs, key):
+                lost.append(key)
+            else:
+                blobs.delete(key)
+                report.orphans_removed.append(key)
+    for key in sorted(lost, key=lambda k: blobs.path(k).stat().st_mtime):   # as received
+        _reindex(index, blobs, key, duplicates, report)
     for sub in {blobs.path(k).parent for k in report.orphans_removed}:
         fsync_dir(sub)
     report.missing_staged = sorted(uid for key, uid in staged.items() if not blobs.exists(key))
@@ -148,6 +168,32 @@ def scan(index: Index, blobs: BlobStore) -> RecoveryReport:
     report.jobs_reset = _reset_running_jobs(index)
     _log(report)
     return report
+
+
+def _complete_staged(blobs: BlobStore, key: str) -> bool:
+    """Whether ``key`` is a staged file with a recoverable name whose content is complete."""
+    named = recoverable(key)
+    if named is None:
+        return False
+    try:
+        return hashlib.sha256(blobs.get(key)).hexdigest().startswith(named[1])
+    except (KeyError, OSError):
+        return False
+
+
+def _reindex(index: Index, blobs: BlobStore, key: str, duplicates: str,
+             report: RecoveryReport) -> None:
+    try:
+        result = reindex_staged(index, blobs, key, recoverable(key)[0], duplicates)
+    except (UnparseableDatasetError, DuplicateInstanceError) as exc:
+        log.warning("recovery: staged file %s not indexed again (%s); removed", key, exc)
+        blobs.delete(key)
+        report.orphans_removed.append(key)
+        return
+    if result.outcome == "duplicate_ignored":
+        report.orphans_removed.append(key)
+    else:
+        report.reindexed.append(result.sop_uid)
 
 
 def _log(report: RecoveryReport) -> None:
@@ -163,7 +209,8 @@ def _log(report: RecoveryReport) -> None:
                   "(index rows kept; run `voxarc verify`)", key)
 
 
-def recover(lock: ArchiveLock, index: Index, blobs: BlobStore) -> RecoveryReport:
+def recover(lock: ArchiveLock, index: Index, blobs: BlobStore,
+            duplicates: str = "keep_first") -> RecoveryReport:
     """Scan the archive when no other process has it open, then hold ``lock`` shared.
 
     Returns
@@ -176,6 +223,6 @@ def recover(lock: ArchiveLock, index: Index, blobs: BlobStore) -> RecoveryReport
         lock.share()
         return RecoveryReport(ran=False)
     try:
-        return scan(index, blobs)
+        return scan(index, blobs, duplicates)
     finally:
         lock.share()

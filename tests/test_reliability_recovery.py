@@ -95,3 +95,93 @@ def test_no_scan_while_the_archive_is_open_elsewhere(tmp_path):
     third = Archive(tmp_path)
     assert third.recovery.ran and not third.blobs.exists(uncommitted)
     third.close()
+
+
+def _lose_rows(arch, uids):
+    """What a power loss may do to commits that were not flushed: the rows are gone, their
+    (durable) staged files are not."""
+    with arch.index.write() as s:
+        for uid in uids:
+            s.delete(s.scalars(select(Instance).where(Instance.sop_uid == uid)).one())
+
+
+def test_staged_files_whose_rows_were_lost_are_indexed_again(tmp_path):
+    arch, sent = _filled(tmp_path, n=4)
+    lost = sorted(sent)[:3]
+    _lose_rows(arch, lost)
+    arch.close()
+    arch = Archive(tmp_path)
+    assert sorted(arch.recovery.reindexed) == lost and not arch.recovery.orphans_removed
+    assert arch.stats()["instances"] == 4
+    for uid, data in sent.items():
+        assert arch.retrieve(uid).data == data
+    arch.compact(0)                                       # and they compress like any other
+    for uid, data in sent.items():
+        assert arch.retrieve(uid).data == data
+    arch.close()
+
+
+def test_an_unfinished_staged_file_is_removed_not_indexed(tmp_path):
+    arch, sent = _filled(tmp_path, n=2)
+    uid = sorted(sent)[0]
+    with arch.index.read() as s:
+        key = s.scalar(select(Instance.staged_key).where(Instance.sop_uid == uid))
+    _lose_rows(arch, [uid])
+    path = arch.blobs.path(key)
+    path.write_bytes(path.read_bytes()[:-100])            # its write never finished
+    arch.close()
+    arch = Archive(tmp_path)
+    assert arch.recovery.orphans_removed == [key] and not arch.recovery.reindexed
+    assert arch.stats()["instances"] == 1 and not path.exists()
+    arch.close()
+
+
+def test_a_stale_staged_copy_never_replaces_its_newer_row(tmp_path):
+    """A staged copy left behind (its delete not yet on disk) of an instance received again
+    later is dropped, even under the replace policy."""
+    ts, data = dataset_bytes(make_series(1, 8, 8)[0])
+    arch = Archive(tmp_path, duplicates="replace")
+    arch.store(data, ts)
+    with arch.index.read() as s:
+        first_key = s.scalar(select(Instance.staged_key))
+    stale = arch.blobs.path(first_key).read_bytes()
+    arch.store(data, ts)                                  # replaces: the first file is deleted
+    arch.blobs.path(first_key).write_bytes(stale)         # ... but the delete was lost
+    import os
+    os.utime(arch.blobs.path(first_key), (1, 1))          # written long before the new row
+    with arch.index.read() as s:
+        second_key = s.scalar(select(Instance.staged_key))
+    arch.close()
+    arch = Archive(tmp_path, duplicates="replace")
+    assert arch.recovery.orphans_removed == [first_key] and not arch.recovery.reindexed
+    with arch.index.read() as s:
+        assert s.scalar(select(Instance.staged_key)) == second_key
+    arch.close()
+
+
+def test_staged_rows_skip_the_database_flush_only_with_recoverable_names(tmp_path, monkeypatch):
+    from storage import ingest
+    arch = Archive(tmp_path)
+    flags = []
+    connect = arch.index.connect
+    monkeypatch.setattr(arch.index, "connect",
+                        lambda durable=True: flags.append(durable) or connect(durable))
+    ts, data = dataset_bytes(make_series(1, 8, 8)[0])
+    arch.store(data, ts)
+    monkeypatch.setattr(ingest, "staged_key", lambda ts, digest: None)   # no code for it
+    ts, data = dataset_bytes(make_series(1, 8, 8)[0])
+    arch.store(data, ts)
+    assert flags == [False, True]
+    arch.close()
+
+
+def test_staged_keys_name_their_syntax_and_content():
+    import hashlib
+    from storage.blobstore import check_key
+    from storage.staged_keys import SYNTAXES, recoverable, staged_key
+    digest = hashlib.sha256(b"x").hexdigest()
+    for ts in SYNTAXES:
+        key = check_key(staged_key(ts, digest))
+        assert recoverable(key) == (ts, digest[:40])
+    assert staged_key("1.2.3.4.5", digest) is None
+    assert recoverable(new_key("s")) is None               # the names of earlier releases

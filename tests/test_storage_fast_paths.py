@@ -153,8 +153,8 @@ def test_a_row_is_not_committed_before_its_file_is_durable(archive, monkeypatch)
     from storage.errors import StorageFullError
     sync_new = archive.blobs.sync_new
 
-    def failing(new, folder_sync=None):
-        sync_new(new, folder_sync)
+    def failing(new):
+        sync_new(new)
         archive.blobs.delete(new.key)
         raise StorageFullError("disk gone")
 
@@ -166,12 +166,10 @@ def test_a_row_is_not_committed_before_its_file_is_durable(archive, monkeypatch)
 
 
 def test_put_new_writes_in_place_and_never_overwrites(tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
     from storage.blobstore import BlobStore, new_key
     blobs = BlobStore(tmp_path / "b")
     key, other = new_key("s"), "s-custom-zz"        # a fan-out folder that is not made upfront
-    with ThreadPoolExecutor(1) as pool:
-        blobs.put_new(key, b"first", pool)
+    blobs.put_new(key, b"first")
     blobs.put_new(other, b"other")
     assert blobs.get(key) == b"first" and blobs.get(other) == b"other"
     with pytest.raises(FileExistsError):
@@ -192,3 +190,19 @@ def test_decoders_are_warmed_only_when_compressed_volumes_are_stored(archive, mo
     assert not archive.warm_decoders() and not calls       # staged only: nothing to decode
     assert archive.compact_series(series[0].SeriesInstanceUID)
     assert archive.warm_decoders() and calls == [1]
+
+
+def test_relaxed_commits_skip_only_the_database_flush(archive):
+    """``connect(durable=False)``: SQLite synchronous NORMAL, PostgreSQL synchronous_commit off,
+    for that transaction only; both see the same rows."""
+    sqlite = archive.index.engine.dialect.name == "sqlite"
+    setting = "PRAGMA synchronous" if sqlite else "SHOW synchronous_commit"
+    with archive.index.connect(durable=False) as conn:
+        relaxed = conn.exec_driver_sql(setting).scalar()
+    with archive.index.connect() as conn:
+        durable = conn.exec_driver_sql(setting).scalar()
+    assert (relaxed, durable) == ((1, 2) if sqlite else ("off", "on"))
+    ts, data = dataset_bytes(make_series(1, 8, 8)[0])
+    archive.store(data, ts)
+    with archive.index.read() as s:
+        assert s.scalar(select(func.count(Instance.id))) == 1

@@ -1,0 +1,54 @@
+"""Names of staged files that recovery can index again without their index row.
+
+Ingest commits a staged instance's index row once the file is fsync'd, without waiting for the
+database's own flush of that commit (:meth:`storage.index.Index.connect` with ``durable=False``):
+a crash of the process loses nothing, but a power loss may take the last rows, never their
+files. So a staged file's name says what recovery needs to index it again: its transfer syntax
+(a code from :data:`SYNTAXES`) and the start of its content's SHA-256, which tells a complete
+file from one whose write never finished (and was never acknowledged).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+# Append-only: a code is a position here and is written into file names.
+SYNTAXES = (
+    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92",
+    "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95",
+    "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.100.1", "1.2.840.10008.1.2.4.101",
+    "1.2.840.10008.1.2.4.101.1", "1.2.840.10008.1.2.4.102", "1.2.840.10008.1.2.4.102.1",
+    "1.2.840.10008.1.2.4.103", "1.2.840.10008.1.2.4.103.1", "1.2.840.10008.1.2.4.104",
+    "1.2.840.10008.1.2.4.104.1", "1.2.840.10008.1.2.4.105", "1.2.840.10008.1.2.4.105.1",
+    "1.2.840.10008.1.2.4.106", "1.2.840.10008.1.2.4.106.1", "1.2.840.10008.1.2.4.107",
+    "1.2.840.10008.1.2.4.108", "1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.111",
+    "1.2.840.10008.1.2.4.112", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.4.204", "1.2.840.10008.1.2.4.205",
+    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.7.1", "1.2.840.10008.1.2.7.2",
+    "1.2.840.10008.1.2.7.3", "1.2.840.10008.1.2.8.1",
+)
+_CODES = {ts: i for i, ts in enumerate(SYNTAXES)}
+DIGEST_CHARS = 40
+_KEY = re.compile(r"^s([0-9a-f]{2})_([0-9a-f]{%d})_[0-9a-f]{12}$" % DIGEST_CHARS)
+
+
+def staged_key(transfer_syntax: str, digest: str) -> str | None:
+    """A fresh staged-file key carrying ``transfer_syntax`` and the hex SHA-256 ``digest`` of
+    the content, or None for a transfer syntax without a code (such a row needs a durable
+    commit)."""
+    code = _CODES.get(transfer_syntax)
+    if code is None:
+        return None
+    return f"s{code:02x}_{digest[:DIGEST_CHARS]}_{uuid.uuid4().hex[:12]}"
+
+
+def recoverable(key: str) -> tuple[str, str] | None:
+    """``(transfer syntax, SHA-256 prefix)`` named by a :func:`staged_key` key, else None."""
+    match = _KEY.match(key)
+    if match is None or int(match.group(1), 16) >= len(SYNTAXES):
+        return None
+    return SYNTAXES[int(match.group(1), 16)], match.group(2)
