@@ -19,11 +19,10 @@ import numpy as np
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
-from pydicom.values import converters
+from pydicom.values import convert_value, converters
 
 from storage.element_scan import UNDEFINED, implicit_vr, scan
 from storage.errors import UnparseableDatasetError
@@ -102,11 +101,12 @@ def parse_dataset(data: bytes, transfer_syntax: str, keywords: Iterable[str] = (
 
 
 def parse_fields(data: bytes, transfer_syntax: str, keywords: Iterable[str] = ()):
-    """Like :func:`parse_dataset`, checking the same, but the Dataset holds only what ingest
-    reads: SpecificCharacterSet, the pixel layout's elements, ``keywords`` (converted) and Pixel
-    Data (its value a memoryview of ``data``, not a copy). Little-endian datasets are walked by
-    :func:`storage.element_scan.scan`; anything it leaves, and other transfer syntaxes, go
-    through :func:`parse_dataset`.
+    """Like :func:`parse_dataset`, checking the same, but returning only what ingest reads:
+    SpecificCharacterSet, the pixel layout's elements, ``keywords`` (converted) and Pixel Data.
+    Little-endian datasets are walked by :func:`storage.element_scan.scan` and their values
+    converted by pydicom without building a Dataset (a :class:`Fields` is returned); anything
+    the walk leaves, and other transfer syntaxes, go through :func:`parse_dataset` (a Dataset
+    with those elements only is returned).
 
     Raises
     ------
@@ -126,24 +126,47 @@ def parse_fields(data: bytes, transfer_syntax: str, keywords: Iterable[str] = ()
         raise UnparseableDatasetError(f"cannot parse dataset: {exc}") from exc
 
 
-def _from_scan(data: bytes, elements, implicit: bool, tags: tuple[int, ...]):
-    """The Dataset of :func:`parse_fields` from scanned elements (checked, values converted)."""
+def _from_scan(data: bytes, elements, implicit: bool, tags: tuple[int, ...]) -> Fields:
+    """The :class:`Fields` of scanned elements (every element checked, the wanted converted)."""
     wanted, view, raw = set(tags) | {PIXEL_DATA}, memoryview(data), {}
     for e in {e.tag: e for e in elements}.values():   # a repeated tag: the last counts
         _check_scanned(e)
         if e.tag in wanted:
             value = view[e.start:e.end] if e.tag == PIXEL_DATA else \
                 bytes(view[e.start:e.end]) if e.length else empty_value_for_VR(e.vr, raw=True)
-            raw[BaseTag(e.tag)] = RawDataElement(BaseTag(e.tag), e.vr, e.length, value,
-                                                 e.start, implicit, True, True)
-    ds = Dataset(raw)
-    charset = raw.get(BaseTag(0x00080005))
-    ds.set_original_encoding(implicit, True, convert_encodings(
-        convert_raw_data_element(charset).value if charset else None))
-    for tag in tags:
-        if tag in ds:
-            ds[tag]                           # converts the raw value; raises when malformed
-    return ds
+            raw[e.tag] = RawDataElement(BaseTag(e.tag), e.vr or implicit_vr(e.tag), e.length,
+                                        value, e.start, implicit, True, True)
+    charset = raw.get(0x00080005)
+    encodings = convert_encodings(convert_value("CS", charset) if charset else None)
+    values = {tag: convert_value(raw[tag].VR, raw[tag], encodings)
+              for tag in tags if tag in raw}
+    return Fields(values, raw.get(PIXEL_DATA))
+
+
+class Fields:
+    """What :func:`parse_fields` read of a dataset: the converted values of the elements it was
+    asked for (``get`` by keyword, as on a pydicom Dataset) and the raw Pixel Data element
+    (``get_item``), which is all that :func:`~storage.instance_facts.describe` and
+    :func:`pixel_layout` ask of a Dataset."""
+
+    __slots__ = ("_values", "_pixels")
+
+    def __init__(self, values: dict, pixels):
+        self._values, self._pixels = values, pixels
+
+    def get(self, keyword: str, default=None):
+        return self._values.get(_tag(keyword), default)
+
+    def __contains__(self, tag) -> bool:
+        return tag in self._values or (tag == PIXEL_DATA and self._pixels is not None)
+
+    def get_item(self, tag):
+        return self._pixels if tag == PIXEL_DATA else None
+
+
+@functools.lru_cache(maxsize=256)
+def _tag(keyword: str) -> int | None:
+    return tag_for_keyword(keyword)
 
 
 def _looks_explicit(data: bytes) -> bool:
