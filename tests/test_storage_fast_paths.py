@@ -206,3 +206,17 @@ def test_relaxed_commits_skip_only_the_database_flush(archive):
     archive.store(data, ts)
     with archive.index.read() as s:
         assert s.scalar(select(func.count(Instance.id))) == 1
+
+
+def test_warming_the_ingest_statements_leaves_no_rows(archive, monkeypatch):
+    """Opening an archive runs the ingest statements in a transaction that is rolled back."""
+    from storage import ingest
+    from storage.index import Patient, Study
+    calls = []
+    apply = ingest._apply
+    monkeypatch.setattr(ingest, "_apply", lambda *a, **k: calls.append(1) or apply(*a, **k))
+    ingest.Stager(archive.index).close()
+    assert calls == [1]
+    with archive.index.read() as s:
+        for table in (Patient, Study, Series, Instance):
+            assert s.scalar(select(func.count()).select_from(table)) == 0
