@@ -1,13 +1,14 @@
-"""C-STORE command sets encoded directly: the same bytes pynetdicom sends, without a pydicom Dataset.
+"""DIMSE command sets encoded directly: the same bytes pynetdicom sends, without a pydicom Dataset.
 
 For every message pynetdicom fills a pydicom Dataset with the primitive's parameters, encodes it
-once to learn the Command Group Length, then again to send it: about 1 ms for the six or seven
-elements of a C-STORE request or response on this machine, against a 10-15 ms C-STORE round
-trip. A command set is always Implicit VR Little Endian (PS3.7 6.3.1), so these few elements
-are packed here instead. Only C-STORE messages whose parameters are all of the kinds below take
-this path (a status with an error comment or an offending element, a dataset streamed from a
-file, bound ``EVT_DIMSE_SENT`` handlers and every other message go through pynetdicom
-unchanged); tests check the bytes against pynetdicom's own encoding.
+once to learn the Command Group Length, then again to send it: about 1 ms for the six to ten
+elements of a C-STORE request or response, or of a C-GET pending response, on this machine,
+against a 10-15 ms C-STORE round trip. A command set is always Implicit VR Little Endian
+(PS3.7 6.3.1) and holds only numbers and short strings, so here it is packed from pynetdicom's
+own tables of each message's elements. Messages of the types in :data:`TYPES` whose parameters
+are all US, UL, UI or plain-ASCII AE/LO values take this path; anything else (an offending
+element list, a dataset streamed from a file, bound ``EVT_DIMSE_SENT`` handlers, other message
+types) goes through pynetdicom unchanged. Tests check the bytes against pynetdicom's encoding.
 """
 
 from __future__ import annotations
@@ -15,62 +16,77 @@ from __future__ import annotations
 import struct
 from math import ceil
 
-from pynetdicom import evt
-from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_STORE
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pynetdicom import dimse_messages, evt
+from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE, DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 _original_send_msg = DIMSEServiceProvider.send_msg
+TYPES = (C_STORE, C_GET, C_MOVE, C_FIND, C_ECHO)
 _NO_DATASET = 0x0101
-# (element number in group 0000, VR, primitive parameter), in tag order
-_REQUEST = ((0x0002, "UI", "AffectedSOPClassUID"), (0x0100, "US", None),
-            (0x0110, "US", "MessageID"), (0x0700, "US", "Priority"), (0x0800, "US", None),
-            (0x1000, "UI", "AffectedSOPInstanceUID"),
-            (0x1030, "AE", "MoveOriginatorApplicationEntityTitle"),
-            (0x1031, "US", "MoveOriginatorMessageID"))
-_RESPONSE = ((0x0002, "UI", "AffectedSOPClassUID"), (0x0100, "US", None),
-             (0x0120, "US", "MessageIDBeingRespondedTo"), (0x0800, "US", None),
-             (0x0900, "US", "Status"), (0x1000, "UI", "AffectedSOPInstanceUID"))
-_COMMAND_FIELD = {_REQUEST: 0x0001, _RESPONSE: 0x8001}
+_PADDING = {"UI": b"\0", "AE": b" ", "LO": b" "}
 
 
-def _element(number: int, vr: str, value) -> bytes:
-    if vr == "US":
-        body = struct.pack("<H", value)
-    else:
-        body = str(value).encode("ascii")
+def _layout(message_class) -> tuple[int, tuple, str | None]:
+    """(CommandField, ((element, VR, parameter), ...) in tag order, dataset parameter) of a
+    pynetdicom message class."""
+    name = message_class.__name__.replace("_", "-")
+    field = next(k for k, (n, _) in dimse_messages._MESSAGE_TYPES.items() if n == name)
+    elements = []
+    for keyword in dimse_messages._COMMAND_SET_KEYWORDS[name]:
+        if keyword != "CommandGroupLength":
+            tag = tag_for_keyword(keyword)
+            elements.append((tag & 0xFFFF, dictionary_VR(tag), keyword))
+    dataset = dimse_messages._DATASET_KEYWORDS.get(message_class.__name__)
+    return field, tuple(sorted(elements)), dataset
+
+
+_LAYOUTS = {(kind, response): _layout(table[kind]) for kind in TYPES
+            for response, table in ((False, _RQ_TO_MESSAGE), (True, _RSP_TO_MESSAGE))}
+
+
+def _element(number: int, vr: str, value) -> bytes | None:
+    if vr in ("US", "UL"):
+        if not isinstance(value, int):
+            return None
+        body = struct.pack("<H" if vr == "US" else "<I", value)
+    elif vr in _PADDING and isinstance(value, str):
+        body = value.encode("ascii")
         if len(body) % 2:
-            body += b"\0" if vr == "UI" else b" "
+            body += _PADDING[vr]
+    else:
+        return None
     return struct.pack("<HHI", 0, number, len(body)) + body
 
 
-def encode_command(primitive: C_STORE) -> tuple[bytes, bool] | None:
-    """Return the encoded command set of a C-STORE primitive and whether a dataset follows, or
-    None when the primitive has a parameter this module does not encode."""
-    response = primitive.MessageIDBeingRespondedTo is not None
-    if response and (primitive.ErrorComment is not None
-                     or primitive.OffendingElement is not None):
+def encode_command(primitive) -> tuple[bytes, object] | None:
+    """Return the encoded command set of a DIMSE-C primitive and its dataset (a BytesIO, or
+    None), or None when the primitive has something this module does not encode."""
+    layout = _LAYOUTS.get((type(primitive), primitive.MessageIDBeingRespondedTo is not None))
+    if layout is None or getattr(primitive, "_dataset_path", None):
         return None
-    if getattr(primitive, "_dataset_path", None):
-        return None
-    fields = _RESPONSE if response else _REQUEST
-    dataset = None if response else primitive.DataSet
-    has_dataset = dataset is not None
+    field, elements, dataset_name = layout
+    dataset = getattr(primitive, dataset_name) if dataset_name else None
     parts = []
-    for number, vr, name in fields:
-        if name is None:
-            value = _COMMAND_FIELD[fields] if number == 0x0100 else \
-                (0x0001 if has_dataset else _NO_DATASET)
+    for number, vr, keyword in elements:
+        if keyword == "CommandField":
+            value = field
+        elif keyword == "CommandDataSetType":
+            value = 0x0001 if dataset is not None else _NO_DATASET
         else:
-            value = getattr(primitive, name)
+            value = getattr(primitive, keyword, None)
             if value is None:
                 continue
         try:
-            parts.append(_element(number, vr, value))
+            part = _element(number, vr, value)
         except (UnicodeEncodeError, struct.error):
             return None
+        if part is None:
+            return None
+        parts.append(part)
     body = b"".join(parts)
-    return struct.pack("<HHII", 0, 0, 4, len(body)) + body, has_dataset
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body, dataset
 
 
 def _fragments(data: bytes, max_pdu: int):
@@ -88,17 +104,17 @@ def _pdata(context_id: int, control: int, fragment: bytes) -> P_DATA:
     return pdata
 
 
-def p_data(primitive: C_STORE, context_id: int, max_pdu: int) -> list[P_DATA] | None:
-    """The P-DATA primitives pynetdicom would send for a C-STORE primitive, or None when this
+def p_data(primitive, context_id: int, max_pdu: int) -> list[P_DATA] | None:
+    """The P-DATA primitives pynetdicom would send for a DIMSE-C primitive, or None when this
     module does not encode it."""
     encoded = encode_command(primitive)
     if encoded is None:
         return None
-    command, has_dataset = encoded
+    command, dataset = encoded
     pieces = list(_fragments(command, max_pdu))
     out = [_pdata(context_id, 0x01, piece) for piece in pieces[:-1]]
     out.append(_pdata(context_id, 0x03, pieces[-1]))
-    data = primitive.DataSet.getvalue() if has_dataset else b""
+    data = dataset.getvalue() if dataset is not None else b""
     if data:
         pieces = list(_fragments(data, max_pdu))
         out += [_pdata(context_id, 0x00, piece) for piece in pieces[:-1]]
@@ -107,7 +123,7 @@ def p_data(primitive: C_STORE, context_id: int, max_pdu: int) -> list[P_DATA] | 
 
 
 def _send_msg(self, primitive, context_id: int) -> None:
-    if type(primitive) is C_STORE and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+    if type(primitive) in TYPES and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
         pdatas = p_data(primitive, context_id, self.maximum_pdu_size)
         if pdatas is not None:
             for pdata in pdatas:
@@ -117,5 +133,5 @@ def _send_msg(self, primitive, context_id: int) -> None:
 
 
 def install() -> None:
-    """Send C-STORE messages through :func:`p_data` (idempotent)."""
+    """Send DIMSE-C messages through :func:`p_data` (idempotent)."""
     DIMSEServiceProvider.send_msg = _send_msg

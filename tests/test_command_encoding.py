@@ -1,4 +1,4 @@
-"""service.command_encoding: C-STORE command sets packed directly equal pynetdicom's encoding."""
+"""service.command_encoding: command sets packed directly equal pynetdicom's encoding."""
 
 from io import BytesIO
 
@@ -58,12 +58,41 @@ def test_requests_are_pynetdicoms_bytes(sop_class, sop_uid, message_id, priority
     assert _ours(rq, 3, max_pdu) == _pynetdicom(rq, C_STORE_RQ, 3, max_pdu)
 
 
-def test_responses_with_an_error_comment_are_left_to_pynetdicom():
+@settings(max_examples=150, deadline=None)
+@given(kind=st.sampled_from(["C_GET", "C_MOVE", "C_FIND", "C_ECHO"]), sop_class=uids,
+       message_id=message_ids, status=st.sampled_from([0x0000, 0xFF00, 0xFF01, 0xB000, 0xA801]),
+       counts=st.none() | st.tuples(*[st.integers(0, 0xFFFF)] * 4),
+       comment=st.none() | st.from_regex(r"\A[ -~]{0,40}\Z"),
+       identifier=st.none() | st.binary(min_size=1, max_size=200),
+       max_pdu=st.sampled_from([0, 48, 16384]))
+def test_query_and_retrieve_responses_are_pynetdicoms_bytes(kind, sop_class, message_id, status,
+                                                            counts, comment, identifier,
+                                                            max_pdu):
+    from pynetdicom import dimse_messages, dimse_primitives
+    rsp = getattr(dimse_primitives, kind)()
+    rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPClassUID, rsp.Status = \
+        message_id, sop_class, status
+    if comment is not None:
+        rsp.ErrorComment = comment
+    if kind in ("C_GET", "C_MOVE") and counts is not None:
+        (rsp.NumberOfRemainingSuboperations, rsp.NumberOfCompletedSuboperations,
+         rsp.NumberOfFailedSuboperations, rsp.NumberOfWarningSuboperations) = counts
+    if kind != "C_ECHO" and identifier is not None:
+        rsp.Identifier = BytesIO(identifier)
+    message_type = getattr(dimse_messages, kind + "_RSP")
+    assert _ours(rsp, 5, max_pdu) == _pynetdicom(rsp, message_type, 5, max_pdu)
+
+
+def test_what_it_does_not_encode_is_left_to_pynetdicom():
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo, rsp.Status = 1, 0xC000
     rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = "1.2", "1.2.3"
-    rsp.ErrorComment = "cannot parse"
+    rsp.OffendingElement = [0x00100010]                     # AT: not packed here
     assert command_encoding.p_data(rsp, 1, 0) is None
+    rsp.OffendingElement, rsp.ErrorComment = None, "caf\u00e9"   # not plain ASCII
+    assert command_encoding.p_data(rsp, 1, 0) is None
+    rsp.ErrorComment = "cannot parse"
+    assert command_encoding.p_data(rsp, 1, 0) is not None
 
 
 @pytest.mark.parametrize("debug", [False, True])
