@@ -76,7 +76,7 @@ def build_ae(settings: Settings) -> AE:
 def event_handlers(archive: Archive, settings: Settings) -> list:
     """The (event, handler, args) bindings of a node, with the ``peers`` permission checks."""
     return guard([
-        (evt.EVT_CONN_OPEN, _tune_association),
+        (evt.EVT_CONN_OPEN, tune_association),
         (evt.EVT_ACCEPTED, handlers.handle_association),
         (evt.EVT_RELEASED, handlers.handle_association),
         (evt.EVT_ABORTED, handlers.handle_association),
@@ -112,7 +112,7 @@ def shared_contexts(contexts: list) -> list:
     return out
 
 
-def _tune_association(event) -> None:
+def tune_association(event) -> None:
     """Let a new association's reactors wait for events instead of polling
     (:mod:`service.reactor_wait`; where that cannot attach, shorten the DUL's poll, see
     :data:`DUL_LOOP_DELAY`), and its socket read a PDU in a few large reads instead of 4 kB ones."""
