@@ -114,9 +114,10 @@ class Stager:
 
     def sync(self, blobs: BlobStore, new) -> Future:
         """Fsync a written staged file (:meth:`BlobStore.sync_new`) on an I/O thread; return
-        once that thread is at the fsync. The caller goes on to parse (pure Python, holding the
-        GIL): without the wait, the I/O thread would only start when the interpreter next
-        switches threads, up to a switch interval (5 ms) later."""
+        once that thread is at the fsync (or after 2 ms, when every I/O thread is busy). The
+        caller goes on to parse (pure Python, holding the GIL): without the wait, the I/O thread
+        would only start when the interpreter next switches threads, up to a switch interval
+        (5 ms) later."""
         started = threading.Event()
 
         def run():
@@ -124,7 +125,7 @@ class Stager:
             blobs.sync_new(new)
 
         future = self.io.submit(run)
-        started.wait(0.01)
+        started.wait(0.002)
         return future
 
     def commit(self, facts: InstanceFacts, fields: dict, duplicates: str, written=None):
