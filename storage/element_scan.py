@@ -48,7 +48,7 @@ def scan(data, explicit_vr: bool) -> list[Element] | None:
     something this walker does not handle (parse them with pydicom instead)."""
     try:
         elements, end = _walk(memoryview(data), 0, explicit_vr, top=True)
-    except (_Unusual, struct.error):
+    except (_Unusual, struct.error, RecursionError):    # deep nesting: pydicom's to judge
         return None
     return elements if end == len(data) and elements else None
 

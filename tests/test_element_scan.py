@@ -77,6 +77,17 @@ def test_real_series_give_what_the_full_parse_gives(shared_series, role, name):
         assert _outcome(parse_fields, data, ts) == _outcome(parse_dataset, data, ts)
 
 
+def test_sequences_nested_past_the_recursion_limit_are_refused_not_a_crash():
+    ts, data = dataset_bytes(make_series(1, 4, 4)[0])
+    item, seq_end = b"\xfe\xff\x00\xe0\xff\xff\xff\xff", b"\xfe\xff\xdd\xe0\0\0\0\0"
+    opener = b"\x09\x00\x10\x10SQ\0\0\xff\xff\xff\xff" + item       # (0009,1010) SQ
+    closer = b"\xfe\xff\x0d\xe0\0\0\0\0" + seq_end
+    deep = opener * 5000 + closer * 5000
+    assert scan(deep + data, True) is None
+    with pytest.raises(UnparseableDatasetError):
+        parse_fields(deep + data, ts, INDEXED_KEYWORDS)
+
+
 def test_unusual_bytes_are_left_to_pydicom():
     ts, data = dataset_bytes(make_series(1, 4, 4)[0])
     assert scan(data, True) is not None
