@@ -285,18 +285,18 @@ def _describe(data: bytes, transfer_syntax: str, digest: str, key: str):
                        frames=layout.frames if layout else 1)
 
 
-def reindex_staged(index: Index, blobs: BlobStore, key: str, transfer_syntax: str,
-                   duplicates: str = "keep_first") -> IngestResult:
-    """Index again a staged file whose row was lost (recovery after a power loss), with a
-    durable commit; its modification time stands for the reception time, and under the
-    ``replace`` policy it never replaces a row received after it.
+def reindex_staged(index: Index, blobs: BlobStore, key: str, data: bytes, digest: str,
+                   transfer_syntax: str, duplicates: str = "keep_first") -> IngestResult:
+    """Index again the staged file ``key`` (its bytes ``data``, their hex SHA-256 ``digest``)
+    whose row was lost (recovery after a power loss), with a durable commit; its modification
+    time stands for the reception time, and under the ``replace`` policy it never replaces a
+    row received after it.
 
     Raises
     ------
     UnparseableDatasetError, DuplicateInstanceError
     """
-    data = blobs.get(key)
-    facts, fields = _describe(data, transfer_syntax, hashlib.sha256(data).hexdigest(), key)
+    facts, fields = _describe(data, transfer_syntax, digest, key)
     received = blobs.path(key).stat().st_mtime
     with index.connect() as conn:
         outcome, dropped_key = _apply(conn, facts, fields, duplicates, received, keep_newer=True)

@@ -151,16 +151,16 @@ def scan(index: Index, blobs: BlobStore, duplicates: str = "keep_first") -> Reco
     """
     report = RecoveryReport(temp_removed=_remove_temp_files(blobs))
     staged, blob_keys = _referenced(index)
-    lost = []
+    named = []                           # staged files whose name says how to index them
     for key in list(blobs.keys()):
         if key not in staged and key not in blob_keys:
-            if _complete_staged(blobs, key):
-                lost.append(key)
+            if recoverable(key):
+                named.append(key)
             else:
                 blobs.delete(key)
                 report.orphans_removed.append(key)
-    for key in sorted(lost, key=lambda k: blobs.path(k).stat().st_mtime):   # as received
-        _reindex(index, blobs, key, duplicates, report)
+    for key in sorted(named, key=lambda k: blobs.path(k).stat().st_mtime):   # as received
+        _reindex_if_complete(index, blobs, key, duplicates, report)
     for sub in {blobs.path(k).parent for k in report.orphans_removed}:
         fsync_dir(sub)
     report.missing_staged = sorted(uid for key, uid in staged.items() if not blobs.exists(key))
@@ -170,27 +170,25 @@ def scan(index: Index, blobs: BlobStore, duplicates: str = "keep_first") -> Reco
     return report
 
 
-def _complete_staged(blobs: BlobStore, key: str) -> bool:
-    """Whether ``key`` is a staged file with a recoverable name whose content is complete."""
-    named = recoverable(key)
-    if named is None:
-        return False
+def _reindex_if_complete(index: Index, blobs: BlobStore, key: str, duplicates: str,
+                         report: RecoveryReport) -> None:
+    """Index a staged file again when its content matches the hash in its name (a complete
+    write), else remove it (a write that never finished, never acknowledged)."""
+    transfer_syntax, prefix = recoverable(key)
     try:
-        return hashlib.sha256(blobs.get(key)).hexdigest().startswith(named[1])
+        data = blobs.get(key)
     except (KeyError, OSError):
-        return False
-
-
-def _reindex(index: Index, blobs: BlobStore, key: str, duplicates: str,
-             report: RecoveryReport) -> None:
-    try:
-        result = reindex_staged(index, blobs, key, recoverable(key)[0], duplicates)
-    except (UnparseableDatasetError, DuplicateInstanceError) as exc:
-        log.warning("recovery: staged file %s not indexed again (%s); removed", key, exc)
+        data = None
+    digest = "" if data is None else hashlib.sha256(data).hexdigest()
+    result = None
+    if digest.startswith(prefix):
+        try:
+            result = reindex_staged(index, blobs, key, data, digest, transfer_syntax, duplicates)
+        except (UnparseableDatasetError, DuplicateInstanceError) as exc:
+            log.warning("recovery: staged file %s not indexed again (%s); removed", key, exc)
+    if result is None:
         blobs.delete(key)
-        report.orphans_removed.append(key)
-        return
-    if result.outcome == "duplicate_ignored":
+    if result is None or result.outcome == "duplicate_ignored":
         report.orphans_removed.append(key)
     else:
         report.reindexed.append(result.sop_uid)
