@@ -317,7 +317,7 @@ def codec_decode_rate(data_dir: Path, series_uid: str) -> float:
                              .join(Series, Instance.series_fk == Series.id)
                              .where(Series.series_uid == series_uid,
                                     Blob.codec.in_(header_pack.VOLUME_CODECS))).all()
-        blobs = [header_pack.coded_part(archive.blobs.get(k)) for k in keys]
+        blobs = [header_pack.coded_view(archive.blobs.get(k)) for k in keys]
     finally:
         archive.close()
     if not blobs:

@@ -107,8 +107,7 @@ class BlobStore:
             fsync_dir(target.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            reason = "no space left" if exc.errno == errno.ENOSPC else str(exc)
-            raise StorageFullError(f"cannot write blob {key}: {reason}") from exc
+            _raise_full(key, exc)
 
     def put_new(self, key: str, data: bytes) -> None:
         """Store ``data`` under a fresh ``key`` durably, written in place: no temporary file and

@@ -130,7 +130,7 @@ def _from_scan(data: bytes, elements, implicit: bool, tags: tuple[int, ...]) -> 
     """The :class:`Fields` of scanned elements (every element checked, the wanted converted)."""
     wanted, view, raw = set(tags) | {PIXEL_DATA}, memoryview(data), {}
     for e in {e.tag: e for e in elements}.values():   # a repeated tag: the last counts
-        _check_scanned(e)
+        _check_vr(e.tag, e.vr, e.length, e.length == UNDEFINED)   # scan saw the bytes are there
         if e.tag in wanted:
             value = view[e.start:e.end] if e.tag == PIXEL_DATA else \
                 bytes(view[e.start:e.end]) if e.length else empty_value_for_VR(e.vr, raw=True)
@@ -183,14 +183,16 @@ def _only(ds, keywords):
     return ds
 
 
-def _check_scanned(e) -> None:
-    """:func:`_check_elements` for a scanned element (its bytes are all there: scan saw to it)."""
-    vr = e.vr or implicit_vr(e.tag)
+def _check_vr(tag: int, vr: str | None, length: int, undefined: bool) -> str:
+    """Return the element's VR (the dictionary's in an implicit-VR dataset); raise when it is
+    unknown, or when a defined ``length`` is no multiple of its binary VR's word size."""
+    vr = vr or implicit_vr(tag)
     if vr not in _KNOWN_VRS:
-        raise ValueError(f"element {BaseTag(e.tag)} has unknown VR {vr!r}")
-    if e.length != UNDEFINED and e.length % _WORD.get(vr, 1):
-        raise ValueError(f"element {BaseTag(e.tag)} ({vr}) has {e.length} bytes, not a "
-                         f"multiple of {_WORD[vr]}")
+        raise ValueError(f"element {BaseTag(tag)} has unknown VR {vr!r}")
+    if not undefined and length % _WORD.get(vr, 1):
+        raise ValueError(f"element {BaseTag(tag)} ({vr}) has {length} bytes, not a multiple "
+                         f"of {_WORD[vr]}")
+    return vr
 
 
 @functools.lru_cache(maxsize=64)
@@ -209,19 +211,14 @@ def _check_elements(ds, stream: bytes, little_endian: bool) -> None:
         value = getattr(raw, "value", None)
         if not isinstance(value, bytes) or not hasattr(raw, "value_tell"):
             continue                          # already an element (an undefined-length sequence)
-        vr = raw.VR or implicit_vr(raw.tag)
-        if vr not in _KNOWN_VRS:
-            raise ValueError(f"element {raw.tag} has unknown VR {vr!r}")
-        if raw.length == 0xFFFFFFFF:
+        vr = _check_vr(raw.tag, raw.VR, len(value), raw.length == UNDEFINED)
+        if raw.length == UNDEFINED:
             end = raw.value_tell + len(value)
             if stream[end:end + 8] != delimiter:
                 raise ValueError(f"element {raw.tag} of undefined length has no delimiter")
             continue
         if len(value) != raw.length:
             raise ValueError(f"element {raw.tag} declares {raw.length} bytes, has {len(value)}")
-        if len(value) % _WORD.get(vr, 1):
-            raise ValueError(f"element {raw.tag} ({vr}) has {len(value)} bytes, not a multiple "
-                             f"of {_WORD[vr]}")
 
 
 def _int(ds, keyword: str, default: int | None = None) -> int | None:

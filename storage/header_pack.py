@@ -65,15 +65,16 @@ def pack_bytes(codec_info: str) -> int:
     return int(size) if sep and size.isdigit() else 0
 
 
-def coded_part(data: bytes) -> bytes:
-    """The codec blob inside ``data`` (``data`` itself for a plain ``"volume"`` blob)."""
-    return _parts(data)[1] if data[:4] == MAGIC else data
-
-
 def coded_view(data: bytes) -> memoryview:
-    """:func:`coded_part` as a view into ``data`` (no copy of a whole stack's codec blob)."""
+    """The codec blob inside ``data`` (all of ``data`` for a plain ``"volume"`` blob), as a view
+    into ``data``: no copy of a whole stack's codec blob."""
     view = memoryview(data)
     return _parts(view)[1] if bytes(view[:4]) == MAGIC else view
+
+
+def coded_part(data: bytes) -> bytes:
+    """:func:`coded_view` as bytes of its own."""
+    return bytes(coded_view(data))
 
 
 def unpack(data: bytes) -> dict[int, tuple[bytes, bytes]]:

@@ -116,6 +116,9 @@ class Job(Base):
     updated_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
+_SQLITE_ENGINE = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+
+
 def _sqlite_pragmas(dbapi_conn, _record, synchronous: str = "FULL") -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -145,8 +148,7 @@ class Index:
 
     def __init__(self, url: str):
         self.url = url
-        kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}} \
-            if url.startswith("sqlite") else {"pool_pre_ping": True}
+        kwargs = _SQLITE_ENGINE if url.startswith("sqlite") else {"pool_pre_ping": True}
         self.engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -188,8 +190,7 @@ class Index:
         if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
             return self.engine
         if self._relaxed_engine is None:
-            engine = create_engine(self.url, connect_args={"check_same_thread": False,
-                                                           "timeout": 30})
+            engine = create_engine(self.url, **_SQLITE_ENGINE)
             event.listen(engine, "connect", _sqlite_relaxed_pragmas)
             self._relaxed_engine = engine
         return self._relaxed_engine

@@ -50,7 +50,7 @@ def _check_blob(archive, blob: Blob) -> str:
         if blob.codec in header_pack.VOLUME_CODECS:
             if blob.codec == header_pack.CODEC:
                 header_pack.unpack(data)
-            models.decode_volume(header_pack.coded_part(data))
+            models.decode_volume(header_pack.coded_view(data))
         elif blob.codec == "zlib":
             zlib.decompress(data)
     except (models.CorruptBlobError, zlib.error, ValueError) as exc:
