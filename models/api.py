@@ -108,8 +108,7 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     zs = header.slab
     slabs = list(range(start // zs, (stop - 1) // zs + 1))
     workers = parallel.worker_count() if out.size >= PARALLEL_VOXELS else 1
-    size = max(1, min(LOCKSTEP_SLABS, -(-len(slabs) // workers)))
-    groups = [slabs[g:g + size] for g in range(0, len(slabs), size)]
+    groups = _lockstep_groups(slabs, [min(zs, stop - i * zs) for i in slabs], workers)
     jobs = [([slab_payload(blob, header, base, i) for i in group],
              [min(zs, stop - i * zs) for i in group], header) for group in groups]
     if workers > 1:
@@ -121,6 +120,30 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
             z0 = max(start, i * zs)
             out[z0 - start:i * zs + len(part) - start] = part[z0 - i * zs:]
     return out
+
+
+def balanced_runs(items: list, weights: list[int], runs: int) -> list[list]:
+    """Cut ``items`` into at most ``runs`` consecutive non-empty runs of about equal total
+    weight (each cut where the running total is nearest its share)."""
+    total, cuts, acc = sum(weights), [0], 0
+    for i, w in enumerate(weights):
+        share = total * len(cuts) / runs
+        if len(cuts) < runs and acc > 0 and abs(acc - share) <= abs(acc + w - share):
+            cuts.append(i)
+        acc += w
+    cuts.append(len(items))
+    return [items[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _lockstep_groups(slabs: list[int], counts: list[int], workers: int) -> list[list[int]]:
+    """Slab groups of at most LOCKSTEP_SLABS, a multiple of ``workers`` of them, balanced by
+    slices (a partial last slab weighs less), so that the workers finish together."""
+    runs = workers * -(-len(slabs) // (workers * LOCKSTEP_SLABS))
+    while True:
+        groups = balanced_runs(slabs, counts, runs)
+        if max(map(len, groups)) <= LOCKSTEP_SLABS:
+            return groups
+        runs += workers
 
 
 def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
@@ -146,12 +169,13 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     head = max(0, min(head, (start // zs + 1) * zs - start, stop - start))
     groups, size = [], 1
     while slabs:
-        if len(slabs) <= size * workers:   # the last round: share what is left evenly
-            size = -(-len(slabs) // workers)
+        if len(slabs) <= size * workers:   # the last round: share what is left by slices
+            last = [(i, min(zs, stop - i * zs)) for i in slabs]
+            groups += balanced_runs(last, [n for _, n in last], workers)
+            break
         for _ in range(workers):
-            if slabs:
-                groups.append([(i, min(zs, stop - i * zs)) for i in slabs[:size]])
-                slabs = slabs[size:]
+            groups.append([(i, min(zs, stop - i * zs)) for i in slabs[:size]])
+            slabs = slabs[size:]
         size = min(2 * size, LOCKSTEP_SLABS)
     def job(group):     # built when needed: each payload is copied and CRC-checked
         return ([slab_payload(blob, header, base, i) for i, _ in group], [n for _, n in group],
@@ -168,7 +192,7 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
         first = groups[g][0][0] * zs
         pixels = np.concatenate(parts)
         if first + len(pixels) > z_next:
-            yield z_next, pixels[z_next - first:].astype(header.dtype)
+            yield z_next, pixels[z_next - first:].astype(header.dtype, copy=False)
             z_next = first + len(pixels)
 
 
@@ -243,7 +267,8 @@ def _decode_group(job, predictor=None, split: int = 0, on_split=None) -> list[np
     predictor = predictor or _predictor(header)
     lo, hi = _dtype_range(np.dtype(header.dtype))
     _, ny, nx = header.shape
-    return [np.ascontiguousarray(part) for part in decode_slabs(
+    # in the volume's dtype (the decoder checked the range): half the bytes back from a worker
+    return [part.astype(header.dtype) for part in decode_slabs(
         predictor, payloads, counts, ny, nx, lo, hi, header.slab, header.tile, split,
         on_split)]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import socket
 import threading
 import types
 
@@ -115,7 +116,8 @@ def shared_contexts(contexts: list) -> list:
 def tune_association(event) -> None:
     """Let a new association's reactors wait for events instead of polling
     (:mod:`service.reactor_wait`; where that cannot attach, shorten the DUL's poll, see
-    :data:`DUL_LOOP_DELAY`), and its socket read a PDU in a few large reads instead of 4 kB ones."""
+    :data:`DUL_LOOP_DELAY`), its socket read a PDU in a few large reads instead of 4 kB ones,
+    and send without Nagle's delay (each PDU goes out in one call anyway)."""
     dul = getattr(event.assoc, "dul", None)
     if dul is not None and hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_LOOP_DELAY
@@ -123,6 +125,12 @@ def tune_association(event) -> None:
     sock = getattr(dul, "socket", None)
     if sock is not None and hasattr(sock, "recv"):
         sock.recv = types.MethodType(_recv_exactly, sock)
+    raw = getattr(sock, "socket", None)
+    if raw is not None and raw.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:      # not worth failing an association for
+            log.debug("TCP_NODELAY not set: %s", exc)
 
 
 def _recv_exactly(self, nr_bytes: int) -> bytearray:

@@ -3,9 +3,9 @@
 For each series folder: push it with DCMTK ``storescu`` (``TCP_NODELAY=1``) to a fresh voxarc
 node and to a fresh Orthanc (``StorageCompression`` off and on), several runs each, and time the
 whole transfer; compress voxarc's copy (``compress --now``) and measure the bytes each stores;
-then pull the series back with C-GET from a freshly started node (cold caches) with a pynetdicom
-SCU that timestamps every received instance: time to the first instance and whole-series
-throughput. The codec's own decode rate of the same blobs is measured in this process after
+then pull the series back with C-GET from a freshly started node (cold caches) with DCMTK's
+``getscu`` (or a pynetdicom SCU), timestamping every received instance: time to the first
+instance and whole-series throughput. The codec's own decode rate of the same blobs is measured in this process after
 each C-GET (the node stopped), and the table gives the median of the per-run ratios.
 
 Both servers run as separate processes with the same client, so their numbers are comparable;
@@ -204,8 +204,62 @@ class GetResult:
     times: list = field(default_factory=list)
 
 
+#: getscu options that accept one compressed transfer syntax (besides the uncompressed ones)
+GETSCU_ACCEPT = {"1.2.840.10008.1.2.4.70": "+xs", "1.2.840.10008.1.2.4.90": "+xv",
+                 "1.2.840.10008.1.2.4.80": "+xt", "1.2.840.10008.1.2.5": "+xr",
+                 "1.2.840.10008.1.2.1.99": "+xd"}
+_UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+GET_CLIENTS = ("dcmtk", "pynetdicom")
+
+
+def getscu_options(syntaxes) -> list[str] | None:
+    """getscu's options to accept these transfer syntaxes as sent; None when it cannot (more
+    than one compressed syntax, or one it has no option for)."""
+    other = set(syntaxes) - _UNCOMPRESSED
+    if len(other) > 1 or not other <= set(GETSCU_ACCEPT):
+        return None
+    return [GETSCU_ACCEPT[ts] for ts in other]
+
+
 def c_get(server: Server, study_uid: str, series_uid: str, sop_classes: set[str],
-          syntaxes: set[str]) -> GetResult:
+          syntaxes: set[str], client: str = "dcmtk") -> GetResult:
+    """C-GET a series and timestamp every received instance: with DCMTK's ``getscu``
+    (C++, little CPU taken from the server under test on a small machine) when it can accept
+    the series' transfer syntaxes, else (or with ``client="pynetdicom"``) a pynetdicom SCU."""
+    options = getscu_options(syntaxes) if client == "dcmtk" and dcmtk("getscu") else None
+    if options is not None:
+        return c_get_dcmtk(server, study_uid, series_uid, options)
+    return c_get_pynetdicom(server, study_uid, series_uid, sop_classes, syntaxes)
+
+
+def c_get_dcmtk(server: Server, study_uid: str, series_uid: str, options: list[str]
+                ) -> GetResult:
+    """C-GET with ``getscu`` (largest PDU, received data not written, ``TCP_NODELAY=1``),
+    stamping each instance when getscu reports it on its verbose output."""
+    cmd = [dcmtk("getscu"), "-v", "-S", *options, "-aet", SCU_AET, "-aec", server.aet,
+           "-pdu", "131072", "--ignore", "-k", "QueryRetrieveLevel=SERIES",
+           "-k", f"StudyInstanceUID={study_uid}", "-k", f"SeriesInstanceUID={series_uid}",
+           "127.0.0.1", str(server.port)]
+    result, tail = GetResult(), []
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for line in proc.stdout:
+        if "Received C-STORE Request" in line:
+            result.times.append(time.perf_counter())
+        tail = (tail + [line])[-20:]
+    proc.wait()
+    end = time.perf_counter()
+    if proc.returncode != 0:
+        raise RuntimeError(f"getscu from {server.name} failed: {''.join(tail)[-2000:]}")
+    result.received = len(result.times)
+    result.first_s = result.times[0] - start if result.times else float("nan")
+    result.total_s = end - start
+    return result
+
+
+def c_get_pynetdicom(server: Server, study_uid: str, series_uid: str, sop_classes: set[str],
+                     syntaxes: set[str]) -> GetResult:
     """C-GET a series with a pynetdicom SCU; timestamp every received instance."""
     from pydicom.dataset import Dataset
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -335,7 +389,8 @@ def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
-def bench_voxarc(info: SeriesInfo, work: Path, runs: int, get_runs: int) -> dict:
+def bench_voxarc(info: SeriesInfo, work: Path, runs: int, get_runs: int,
+                 client: str = "dcmtk") -> dict:
     """Ingest, compress and C-GET one series on voxarc."""
     rates, data_dir = [], None
     for run in range(runs):
@@ -362,7 +417,7 @@ def bench_voxarc(info: SeriesInfo, work: Path, runs: int, get_runs: int) -> dict
         try:
             wait_for_decoders(server)
             gets.append(c_get(server, info.study_uid, info.series_uid, info.sop_classes,
-                              info.syntaxes))
+                              info.syntaxes, client))
         finally:
             server.stop()
         decodes.append(codec_decode_rate(data_dir, info.series_uid))
@@ -391,7 +446,7 @@ def _get_summary(gets: list[GetResult], info: SeriesInfo) -> dict:
 
 
 def bench_orthanc(info: SeriesInfo, work: Path, runs: int, get_runs: int, compression: bool,
-                  binary: str | None = None) -> dict:
+                  binary: str | None = None, client: str = "dcmtk") -> dict:
     """Ingest (and, compressed, C-GET) one series on Orthanc."""
     rates, folder = [], None
     label = "orthanc+z" if compression else "orthanc"
@@ -412,7 +467,7 @@ def bench_orthanc(info: SeriesInfo, work: Path, runs: int, get_runs: int, compre
         server = start_orthanc(folder, compression, binary)
         try:
             gets.append(c_get(server, info.study_uid, info.series_uid, info.sop_classes,
-                              info.syntaxes))
+                              info.syntaxes, client))
         finally:
             server.stop()
         log.info("%s C-GET %s run %d: %d instances, first %.3f s, all %.2f s", label, info.name,
@@ -448,7 +503,8 @@ def bench_ingest(info: SeriesInfo, work: Path, runs: int, orthanc: bool = True,
 
 def run_bench(folders: list[Path], runs: int = 3, get_runs: int = 3, orthanc: bool = True,
               work: Path | None = None, binary: str | None = None,
-              json_path: Path | None = None, ingest_only: bool = False) -> dict:
+              json_path: Path | None = None, ingest_only: bool = False,
+              client: str = "dcmtk") -> dict:
     """Benchmark every series folder; return a JSON-able dict (see :func:`table`), also written
     to ``json_path`` after each series when given. ``ingest_only``: the C-STORE rates of voxarc
     and Orthanc (no compression) alone, in alternating rounds (see :func:`bench_ingest`)."""
@@ -457,7 +513,8 @@ def run_bench(folders: list[Path], runs: int = 3, get_runs: int = 3, orthanc: bo
     work = Path(work or tempfile.mkdtemp(prefix="voxarc-bench-node-"))
     work.mkdir(parents=True, exist_ok=True)
     out = {"load_before": os.getloadavg(), "runs": runs, "get_runs": 0 if ingest_only else get_runs,
-           "cpus": os.cpu_count(), "ingest_only": ingest_only, "series": []}
+           "cpus": os.cpu_count(), "ingest_only": ingest_only, "get_client": client,
+           "series": []}
     try:
         for folder in folders:
             info = describe_series(Path(folder))
@@ -468,10 +525,11 @@ def run_bench(folders: list[Path], runs: int = 3, get_runs: int = 3, orthanc: bo
             if ingest_only:
                 row.update(bench_ingest(info, work, runs, orthanc, binary))
             else:
-                row["voxarc"] = bench_voxarc(info, work, runs, get_runs)
+                row["voxarc"] = bench_voxarc(info, work, runs, get_runs, client)
             if orthanc and not ingest_only:
                 row["orthanc"] = bench_orthanc(info, work, runs, 0, False, binary)
-                row["orthanc_z"] = bench_orthanc(info, work, runs, get_runs, True, binary)
+                row["orthanc_z"] = bench_orthanc(info, work, runs, get_runs, True, binary,
+                                                 client)
             out["series"].append(row)
             out["load_after"] = os.getloadavg()
             if json_path:
@@ -506,8 +564,10 @@ def ingest_table(result: dict) -> str:
 
 def _machine_note(result: dict) -> str:
     lb, la = result["load_before"], result["load_after"]
+    client = result.get("get_client")
+    note = f" C-GET client: {client}." if client and result.get("get_runs") else ""
     return (f"{result['cpus']} CPUs; load average {lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f} before, "
-            f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f} after.")
+            f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f} after.{note}")
 
 
 def table(result: dict) -> str:
@@ -560,6 +620,9 @@ def register(subparsers) -> None:
     p.add_argument("--ingest-only", action="store_true",
                    help="only the C-STORE ingest rates: voxarc and Orthanc (no compression) in "
                         "alternating rounds, and their ratio (no compression, no C-GET)")
+    p.add_argument("--get-client", choices=GET_CLIENTS, default="dcmtk",
+                   help="C-GET client: DCMTK getscu (default; little CPU of its own) or a "
+                        "pynetdicom SCU (also used when getscu cannot accept the series' syntaxes)")
     p.set_defaults(func=bench_node)
 
 
@@ -574,6 +637,6 @@ def bench_node(args) -> int:
         return 1
     result = run_bench([Path(s) for s in args.series], args.runs, args.get_runs, use_orthanc,
                        Path(args.work_dir) if args.work_dir else None, args.orthanc, args.json,
-                       args.ingest_only)
+                       args.ingest_only, args.get_client)
     print(table(result))
     return 0

@@ -231,6 +231,24 @@ def test_decode_stream_pieces_are_ordered_slices_of_the_volume(monkeypatch, work
             z += len(p)
 
 
+def test_slab_groups_share_slices_evenly_between_workers():
+    # 100 slices in slabs of 8: 48 and 52 slices (consecutive halves by count gave 56 and 44)
+    assert api._lockstep_groups(list(range(13)), [8] * 12 + [4], 2) == \
+        [list(range(6)), list(range(6, 13))]
+    groups = api._lockstep_groups(list(range(40)), [8] * 40, 2)
+    assert sum(groups, []) == list(range(40)) and len(groups) % 2 == 0
+    assert max(map(len, groups)) <= api.LOCKSTEP_SLABS and min(map(len, groups)) >= 4
+
+
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=40), st.integers(1, 8))
+def test_balanced_runs_cut_in_order_near_each_share(weights, runs):
+    items = list(range(len(weights)))
+    groups = api.balanced_runs(items, weights, runs)
+    assert sum(groups, []) == items and all(groups) and len(groups) <= runs
+    if len(set(weights)) == 1 and len(items) >= runs:      # equal weights: sizes differ by <= 1
+        assert len(groups) == runs and max(map(len, groups)) - min(map(len, groups)) <= 1
+
+
 def test_warm_returns_once_every_worker_process_is_ready(monkeypatch):
     from models import parallel
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")

@@ -40,11 +40,13 @@ def test_voxarc_half(tiny_series, tmp_path):
 def test_command_with_orthanc(tiny_series, tmp_path, capsys):
     out_json = tmp_path / "bench.json"
     args = build_parser().parse_args(["bench-node", str(tiny_series), "--runs", "1",
-                                      "--get-runs", "1", "--json", str(out_json)])
+                                      "--get-runs", "1", "--json", str(out_json),
+                                      "--get-client", "pynetdicom"])
     assert args.func(args) == 0
     table = capsys.readouterr().out
     assert "tiny_ct" in table and "load average" in table
     result = json.loads(out_json.read_text())
+    assert result["get_client"] == "pynetdicom"
     row, = result["series"]
     assert row["instances"] == 6
     for side in ("voxarc", "orthanc", "orthanc_z"):
@@ -79,3 +81,12 @@ def test_storescu_proposes_the_series_compressed_syntax():
     assert storescu_options({"1.2.840.10008.1.2.4.90"}) == ["-xv"]
     with pytest.raises(ValueError):
         storescu_options({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80"})
+
+
+def test_getscu_accepts_one_compressed_syntax_at_most():
+    explicit, jpeg_ls, j2k = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.80", \
+        "1.2.840.10008.1.2.4.90"
+    assert node_bench.getscu_options({explicit}) == []
+    assert node_bench.getscu_options({explicit, jpeg_ls}) == ["+xt"]
+    assert node_bench.getscu_options({jpeg_ls, j2k}) is None          # the pynetdicom SCU then
+    assert node_bench.getscu_options({"1.2.840.10008.1.2.4.50"}) is None

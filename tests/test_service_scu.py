@@ -211,8 +211,10 @@ def test_move_without_unique_key_is_refused(populated):
 
 def test_associations_get_cheap_context_copies_and_a_short_reactor_sleep(node):
     """pynetdicom deep-copies the supported contexts for every association: the node's copies
-    share their transfer syntax UIDs (own lists), and each association's DUL sleeps briefly."""
+    share their transfer syntax UIDs (own lists), each association's DUL sleeps briefly and its
+    socket sends without Nagle's delay."""
     import copy
+    import socket
 
     from service.ae import DUL_LOOP_DELAY
     contexts = node.server.contexts
@@ -228,5 +230,7 @@ def test_associations_get_cheap_context_copies_and_a_short_reactor_sleep(node):
     try:
         served = node.server.active_associations
         assert served and all(a.dul._run_loop_delay == DUL_LOOP_DELAY for a in served)
+        assert all(a.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                   for a in served)
     finally:
         assoc.release()
