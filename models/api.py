@@ -18,7 +18,8 @@ from models.registry import load_model, model_by_id
 SLAB_SLICES = 8      # slices per independently decodable slab
 TILE = (64, 256)     # rows, columns of the independent tiles a slice is cut into
 LOCKSTEP_SLABS = 8   # slabs a decoder advances together (bounds working memory)
-PARALLEL_VOXELS = 1 << 22  # decode on several processes from this many voxels on
+PARALLEL_VOXELS = 1 << 22  # code on several processes from this many voxels on,
+WARM_PARALLEL_VOXELS = 1 << 19  # or from this many when the worker processes already run
 ADAPT_VOXELS = 1 << 20     # adapt the model to volumes from this many voxels on
 
 
@@ -68,12 +69,18 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
     lo, hi = _dtype_range(vol.dtype)
     jobs = [(model, embedded, vol[z:z + slab], lo, hi, slab, tile)
             for z in range(0, vol.shape[0], slab)]
-    if vol.size >= PARALLEL_VOXELS:
+    if _parallel(vol.size):
         payloads = parallel.run(_encode_job, jobs)
     else:
         payloads = [encode_slab(predictor, *job[2:]) for job in jobs]
     return pack(predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile,
                 payloads, embedded)
+
+
+def _parallel(voxels: int) -> bool:
+    """Whether to code this many voxels on the worker processes: from PARALLEL_VOXELS on (worth
+    starting them), or from WARM_PARALLEL_VOXELS on when they already run (a server's do)."""
+    return voxels >= PARALLEL_VOXELS or (voxels >= WARM_PARALLEL_VOXELS and parallel.running())
 
 
 def _encode_job(job) -> bytes:
@@ -107,7 +114,7 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
         return out
     zs = header.slab
     slabs = list(range(start // zs, (stop - 1) // zs + 1))
-    workers = parallel.worker_count() if out.size >= PARALLEL_VOXELS else 1
+    workers = parallel.worker_count() if _parallel(out.size) else 1
     groups = _lockstep_groups(slabs, [min(zs, stop - i * zs) for i in slabs], workers)
     jobs = [([slab_payload(blob, header, base, i) for i in group],
              [min(zs, stop - i * zs) for i in group], header) for group in groups]
@@ -165,7 +172,7 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
         return
     zs = header.slab
     slabs = list(range(start // zs, (stop - 1) // zs + 1))
-    workers = parallel.worker_count() if (stop - start) * ny * nx >= PARALLEL_VOXELS // 4 else 1
+    workers = parallel.worker_count() if _parallel(4 * (stop - start) * ny * nx) else 1
     head = max(0, min(head, (start // zs + 1) * zs - start, stop - start))
     groups, size = [], 1
     while slabs:

@@ -36,6 +36,11 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def running() -> bool:
+    """Whether the worker pool has been started (and several workers are wanted)."""
+    return _POOL is not None and worker_count() > 1
+
+
 def pool() -> ProcessPoolExecutor:
     """The shared worker pool (started on first use, with the spawn method: no inherited
     thread state)."""

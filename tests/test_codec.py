@@ -249,6 +249,17 @@ def test_balanced_runs_cut_in_order_near_each_share(weights, runs):
         assert len(groups) == runs and max(map(len, groups)) - min(map(len, groups)) <= 1
 
 
+def test_smaller_volumes_go_to_worker_processes_once_they_run(monkeypatch):
+    from models import parallel
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    parallel.shutdown()
+    assert not api._parallel(api.WARM_PARALLEL_VOXELS) and api._parallel(api.PARALLEL_VOXELS)
+    parallel.pool()
+    assert api._parallel(api.WARM_PARALLEL_VOXELS) and not api._parallel(api.WARM_PARALLEL_VOXELS - 1)
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")
+    assert not parallel.running() and not api._parallel(api.PARALLEL_VOXELS - 1)
+
+
 def test_warm_returns_once_every_worker_process_is_ready(monkeypatch):
     from models import parallel
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
