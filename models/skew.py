@@ -48,6 +48,7 @@ class SkewLayout:
         last_ghost = self.tw - 1 + self.a * (self.th + self.ghost_rows - 1)
         last = max(self.steps - 1 + int(max(0, self.dtau.max())), last_ghost)
         self.plane_shape = (self.t0 + last + 1, self.y0 + self.th + self.ghost_rows)
+        self.gather_cache: dict = {}
 
     @property
     def supported(self) -> bool:
@@ -125,6 +126,27 @@ class SkewLayout:
             + ly + self.y0
 
 
+GATHER_CACHE_ENTRIES = 16
+
+
+def _gather_index(L: SkewLayout, shape: tuple, m: int) -> tuple[np.ndarray, int]:
+    """Flat indices ``(K, m, tiles, th)`` of the neighbours of ``m`` slabs' rows at one step,
+    relative to the position of the part's first voxel plus the returned (negative) offset."""
+    key = (shape, m)
+    cached = L.gather_cache.get(key)
+    if cached is None:
+        if len(L.gather_cache) >= GATHER_CACHE_ENTRIES:     # bounded: a few MB each
+            L.gather_cache.clear()
+        strides = np.cumprod((1,) + shape[:0:-1])[::-1]        # elements per step of each axis
+        koff = L.dz * strides[0] + L.dtau * strides[3] + L.dy
+        g, t, r = np.meshgrid(np.arange(m), np.arange(L.tiles), np.arange(L.th), indexing="ij")
+        pattern = g * strides[1] + t * strides[2] + r
+        lowest = int(koff.min())
+        cached = L.gather_cache[key] = ((koff - lowest)[:, None, None, None] + pattern[None],
+                                        lowest)
+    return cached
+
+
 def decode_sheared(layout: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs,
                    corrupt, split: int = 0, on_split=None) -> np.ndarray:
     """Decode slabs (``counts`` non-increasing) in lockstep into ``(zs + z0, slabs, ny*nx)``.
@@ -152,6 +174,7 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
               first: int, top: int) -> None:
     """Decode slices ``[first, top)`` of the slabs into ``buf`` along the wavefront."""
     K = L.hood.size
+    flat = buf.reshape(-1)
     depth_ok = (np.arange(zs)[None, :] + L.dz[:, None]) >= 0          # (K, zs)
     below = np.arange(L.ntx, L.tiles)                                   # tiles with one above
     for t in range(L.steps + L.b * (top - first - 1)):
@@ -169,12 +192,13 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
         segments, pos, sym = [], 0, 0
         keep = [] if L.has_phantoms else None
         for (zl, tau, r0, r1, m), size in zip(parts, sizes):
-            out = values[:, pos:pos + size].reshape(K, m, L.tiles, r1 - r0)
             z = zl + L.z0
-            for k in range(K):
-                tk = tau + L.t0 + L.dtau[k]
-                yk = r0 + L.y0 + L.dy[k]
-                out[k] = buf[z + L.dz[k], :m, :, tk, yk:yk + r1 - r0]
+            # one indexed read of all K neighbours (K sliced copies cost more in calls)
+            index, lowest = _gather_index(L, buf.shape, m)
+            base = z * buf.strides[0] // buf.itemsize + (tau + L.t0) * buf.shape[4] \
+                + r0 + L.y0 + lowest
+            values[:, pos:pos + size].reshape(K, m, L.tiles, r1 - r0)[...] = \
+                flat[base:].take(index[..., :r1 - r0])
             vt = L.step_validity(tau)
             valid[:, pos:pos + size].reshape(K, m, -1)[...] = (vt & depth_ok[:, zl, None])[:, None]
             real = vt.shape[1]
