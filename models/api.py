@@ -158,9 +158,11 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     that uses the first slices while the later ones decode (a C-GET sending instances).
 
     The pieces are slab groups that grow from one slab per worker process to LOCKSTEP_SLABS
-    (small first pieces arrive early, large later ones decode at the lockstep rate); the worker
-    processes decode them in parallel, a few groups ahead of the consumer. Concatenated, the
-    pieces equal ``decode_slices(blob, start, stop)``. With ``head`` > 0, the first piece holds
+    (small first pieces arrive early, large later ones decode at the lockstep rate); what is left
+    for the last round goes in two groups per worker, balanced by slices, so that a worker that
+    fell behind takes less of it. The worker processes decode the groups in parallel, a few
+    ahead of the consumer. Concatenated, the pieces equal ``decode_slices(blob, start, stop)``.
+    With ``head`` > 0, the first piece holds
     only slices ``[start, start + head)`` (at most the rest of the first slab): the worker
     decoding the first slab decodes the slices up to there first, on their own, and hands them
     over before it goes on with the rest of that slab (no slice is decoded twice).
@@ -176,9 +178,11 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     head = max(0, min(head, (start // zs + 1) * zs - start, stop - start))
     groups, size = [], 1
     while slabs:
-        if len(slabs) <= size * workers:   # the last round: share what is left by slices
+        if len(slabs) <= size * workers:
+            # the last round: what is left in twice as many groups as workers, balanced by
+            # slices, taken by whichever worker is free (one that fell behind takes fewer)
             last = [(i, min(zs, stop - i * zs)) for i in slabs]
-            groups += balanced_runs(last, [n for _, n in last], workers)
+            groups += balanced_runs(last, [n for _, n in last], 2 * workers)
             break
         for _ in range(workers):
             groups.append([(i, min(zs, stop - i * zs)) for i in slabs[:size]])
