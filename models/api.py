@@ -115,9 +115,10 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     zs = header.slab
     slabs = list(range(start // zs, (stop - 1) // zs + 1))
     workers = parallel.worker_count() if _parallel(out.size) else 1
-    groups = _lockstep_groups(slabs, [min(zs, stop - i * zs) for i in slabs], workers)
+    counts = {i: min(zs, stop - i * zs) for i in slabs}        # slices wanted of each slab
+    groups = _lockstep_groups(slabs, list(counts.values()), workers)
     jobs = [([slab_payload(blob, header, base, i) for i in group],
-             [min(zs, stop - i * zs) for i in group], header) for group in groups]
+             [counts[i] for i in group], header) for group in groups]
     if workers > 1:
         results = parallel.run(_decode_group, jobs)
     else:
@@ -173,20 +174,19 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     if stop <= start:
         return
     zs = header.slab
-    slabs = list(range(start // zs, (stop - 1) // zs + 1))
+    left = [(i, min(zs, stop - i * zs)) for i in range(start // zs, (stop - 1) // zs + 1)]
     workers = parallel.worker_count() if _parallel(4 * (stop - start) * ny * nx) else 1
     head = max(0, min(head, (start // zs + 1) * zs - start, stop - start))
-    groups, size = [], 1
-    while slabs:
-        if len(slabs) <= size * workers:
+    groups, size = [], 1      # groups of (slab, slices wanted)
+    while left:
+        if len(left) <= size * workers:
             # the last round: what is left in twice as many groups as workers, balanced by
             # slices, taken by whichever worker is free (one that fell behind takes fewer)
-            last = [(i, min(zs, stop - i * zs)) for i in slabs]
-            groups += balanced_runs(last, [n for _, n in last], 2 * workers)
+            groups += balanced_runs(left, [n for _, n in left], 2 * workers)
             break
         for _ in range(workers):
-            groups.append([(i, min(zs, stop - i * zs)) for i in slabs[:size]])
-            slabs = slabs[size:]
+            groups.append(left[:size])
+            left = left[size:]
         size = min(2 * size, LOCKSTEP_SLABS)
     def job(group):     # built when needed: each payload is copied and CRC-checked
         return ([slab_payload(blob, header, base, i) for i, _ in group], [n for _, n in group],

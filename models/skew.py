@@ -129,15 +129,15 @@ class SkewLayout:
 GATHER_CACHE_ENTRIES = 16
 
 
-def _gather_index(L: SkewLayout, shape: tuple, m: int) -> tuple[np.ndarray, int]:
-    """Flat indices ``(K, m, tiles, th)`` of the neighbours of ``m`` slabs' rows at one step,
-    relative to the position of the part's first voxel plus the returned (negative) offset."""
-    key = (shape, m)
+def _gather_index(L: SkewLayout, strides: tuple, m: int) -> tuple[np.ndarray, int]:
+    """Flat indices ``(K, m, tiles, th)`` of the neighbours of ``m`` slabs' rows at one step in
+    a buffer with element ``strides``, relative to the position of the part's first voxel plus
+    the returned (negative) offset."""
+    key = (strides, m)
     cached = L.gather_cache.get(key)
     if cached is None:
         if len(L.gather_cache) >= GATHER_CACHE_ENTRIES:     # bounded: a few MB each
             L.gather_cache.clear()
-        strides = np.cumprod((1,) + shape[:0:-1])[::-1]        # elements per step of each axis
         koff = L.dz * strides[0] + L.dtau * strides[3] + L.dy
         g, t, r = np.meshgrid(np.arange(m), np.arange(L.tiles), np.arange(L.th), indexing="ij")
         pattern = g * strides[1] + t * strides[2] + r
@@ -175,6 +175,7 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
     """Decode slices ``[first, top)`` of the slabs into ``buf`` along the wavefront."""
     K = L.hood.size
     flat = buf.reshape(-1)
+    strides = tuple(st // buf.itemsize for st in buf.strides)    # in elements
     depth_ok = (np.arange(zs)[None, :] + L.dz[:, None]) >= 0          # (K, zs)
     below = np.arange(L.ntx, L.tiles)                                   # tiles with one above
     for t in range(L.steps + L.b * (top - first - 1)):
@@ -194,9 +195,8 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
         for (zl, tau, r0, r1, m), size in zip(parts, sizes):
             z = zl + L.z0
             # one indexed read of all K neighbours (K sliced copies cost more in calls)
-            index, lowest = _gather_index(L, buf.shape, m)
-            base = z * buf.strides[0] // buf.itemsize + (tau + L.t0) * buf.shape[4] \
-                + r0 + L.y0 + lowest
+            index, lowest = _gather_index(L, strides, m)
+            base = z * strides[0] + (tau + L.t0) * strides[3] + r0 + L.y0 + lowest
             values[:, pos:pos + size].reshape(K, m, L.tiles, r1 - r0)[...] = \
                 flat[base:].take(index[..., :r1 - r0])
             vt = L.step_validity(tau)

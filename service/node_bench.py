@@ -5,8 +5,9 @@ node and to a fresh Orthanc (``StorageCompression`` off and on), several runs ea
 whole transfer; compress voxarc's copy (``compress --now``) and measure the bytes each stores;
 then pull the series back with C-GET from a freshly started node (cold caches) with DCMTK's
 ``getscu`` (or a pynetdicom SCU), timestamping every received instance: time to the first
-instance and whole-series throughput. The codec's own decode rate of the same blobs is measured in this process after
-each C-GET (the node stopped), and the table gives the median of the per-run ratios.
+instance and whole-series throughput. The codec's own decode rate of the same blobs is measured
+in this process after each C-GET (the node stopped), and the table gives the median of the
+per-run ratios.
 
 Both servers run as separate processes with the same client, so their numbers are comparable;
 the table says medians of the runs and the load average of the machine.
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,14 +242,14 @@ def c_get_dcmtk(server: Server, study_uid: str, series_uid: str, options: list[s
            "-pdu", "131072", "--ignore", "-k", "QueryRetrieveLevel=SERIES",
            "-k", f"StudyInstanceUID={study_uid}", "-k", f"SeriesInstanceUID={series_uid}",
            "127.0.0.1", str(server.port)]
-    result, tail = GetResult(), []
+    result, tail = GetResult(), deque(maxlen=20)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     for line in proc.stdout:
         if "Received C-STORE Request" in line:
             result.times.append(time.perf_counter())
-        tail = (tail + [line])[-20:]
+        tail.append(line)
     proc.wait()
     end = time.perf_counter()
     if proc.returncode != 0:

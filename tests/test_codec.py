@@ -256,7 +256,8 @@ def test_smaller_volumes_go_to_worker_processes_once_they_run(monkeypatch):
     parallel.shutdown()
     assert not api._parallel(api.WARM_PARALLEL_VOXELS) and api._parallel(api.PARALLEL_VOXELS)
     parallel.pool()
-    assert api._parallel(api.WARM_PARALLEL_VOXELS) and not api._parallel(api.WARM_PARALLEL_VOXELS - 1)
+    assert api._parallel(api.WARM_PARALLEL_VOXELS)
+    assert not api._parallel(api.WARM_PARALLEL_VOXELS - 1)
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")
     assert not parallel.running() and not api._parallel(api.PARALLEL_VOXELS - 1)
 
