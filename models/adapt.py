@@ -67,11 +67,14 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
                                   min(1.0, CHECK_SAMPLES / volume.size), rng, tile=tile,
                                   hood=hood)
     model = train.float_model(predictor)
+    tune_on = train.network_samples(samples, hood.size) if predictor.tables.flat else samples
+    if len(tune_on.value) < ADAPT_BATCH:  # (nearly) all flat: nothing for the network to learn
+        return None
     low, high = ADAPT_STEPS
     steps = min(high, max(low, volume.size // 20_000))
     stops = sorted({min(ADAPT_CHECKPOINT, steps), steps})
     candidates = [_quantised(model, samples, predictor)
-                  for _ in _fine_tune(model, samples, seed, steps, stops)]
+                  for _ in _fine_tune(model, tune_on, seed, steps, stops)]
     best = min(candidates, key=lambda c: train.evaluate(c, check))
     return best if pays_off(predictor, best, check, volume.size) else None
 
@@ -81,7 +84,8 @@ def _quantised(model, samples, predictor):
     (smoothed toward ``predictor``'s), under ``predictor``'s model id."""
     from models import train
     from models.tables import fitted_tables
-    adapted = train.quantize(model, samples, predictor.name, predictor.neighbourhood)
+    adapted = train.quantize(model, samples, predictor.name, predictor.neighbourhood,
+                             predictor.tables.flat)
     r, j = train.integer_residuals(adapted, samples)
     adapted.tables = fitted_tables(r, j, prior=predictor.tables)
     adapted.model_id = predictor.model_id

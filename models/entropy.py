@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import constriction
 import numpy as np
 
-from models.features import N_SCALES, SCALE_STEPS, SCALE_ZERO
+from models.features import FLAT_INDEX, N_SCALES, SCALE_STEPS, SCALE_ZERO
 
 TOKEN_RANGE = 24                    # C: q in [-C, C) coded directly
 ESC_NEG = 2 * TOKEN_RANGE           # escape tokens
@@ -37,7 +37,8 @@ def table_shifts(n_scales: int = N_SCALES) -> np.ndarray:
     return np.maximum((j - SCALE_ZERO + 2) // SCALE_STEPS - 2, 0).astype(np.int64)
 
 
-SHIFTS = table_shifts()
+SHIFTS = np.append(table_shifts(), 0)  # flat contexts (FLAT_INDEX) split off no low bits
+assert len(SHIFTS) == FLAT_INDEX + 1
 
 
 def _bit_length(v: np.ndarray) -> np.ndarray:
@@ -89,26 +90,34 @@ def join_residuals(token, low, j, cls, extra):
 
 @dataclass
 class CodingTables:
-    """Integer frequency tables: tokens per scale index, and escape classes."""
+    """Integer frequency tables: tokens per scale index (and, for models with flat contexts,
+    one more row at ``FLAT_INDEX``), and escape classes."""
 
-    tokens: np.ndarray   # int64 (N_SCALES, N_TOKENS), all > 0
+    tokens: np.ndarray   # int64 (N_SCALES or N_SCALES + 1, N_TOKENS), all > 0
     classes: np.ndarray  # int64 (N_CLASSES,), all > 0
 
     def __post_init__(self):
         self.tokens = np.asarray(self.tokens, dtype=np.int64)
         self.classes = np.asarray(self.classes, dtype=np.int64)
-        if self.tokens.shape != (N_SCALES, N_TOKENS) or self.classes.shape != (N_CLASSES,):
+        if self.tokens.ndim != 2 or len(self.tokens) not in (N_SCALES, N_SCALES + 1) \
+                or self.tokens.shape[1] != N_TOKENS or self.classes.shape != (N_CLASSES,):
             raise ValueError("coding tables have the wrong shape")
         if (self.tokens <= 0).any() or (self.classes <= 0).any():
             raise ValueError("coding tables need positive frequencies")
         # one float table for the coder: a row per scale index, then the escape classes
         # (padded with zeros, which constriction maps to its smallest probability)
-        self._rows = np.zeros((N_SCALES + 1, N_TOKENS), np.float64)
-        self._rows[:N_SCALES] = self.tokens
-        self._rows[N_SCALES, :N_CLASSES] = self.classes
+        self.class_row = len(self.tokens)
+        self._rows = np.zeros((self.class_row + 1, N_TOKENS), np.float64)
+        self._rows[:self.class_row] = self.tokens
+        self._rows[self.class_row, :N_CLASSES] = self.classes
+
+    @property
+    def flat(self) -> bool:
+        """Whether flat contexts have their own row (``FLAT_INDEX``)."""
+        return len(self.tokens) > FLAT_INDEX
 
     def rows(self, index: np.ndarray) -> np.ndarray:
-        """Probability rows for table indices (N_SCALES selects the escape-class table)."""
+        """Probability rows for table indices (``class_row`` selects the escape classes)."""
         return np.take(self._rows, index, axis=0)
 
 
@@ -130,7 +139,7 @@ def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.
     Returns the two streams as little-endian uint32 arrays.
     """
     esc = np.flatnonzero(sym.token >= ESC_NEG)
-    class_rows = np.full(len(esc), N_SCALES)  # row N_SCALES of the padded table: classes
+    class_rows = np.full(len(esc), tables.class_row)
     values, rows = _interleave([(step_of, sym.token, j),
                                 (step_of[esc], sym.cls[esc], class_rows)])
     tok = constriction.stream.queue.RangeEncoder()
@@ -177,7 +186,7 @@ class StepDecoder:
         esc = token >= ESC_NEG
         cls = np.zeros(len(j), np.int64)
         if esc.any():
-            rows = self.tables.rows(np.full(int(esc.sum()), N_SCALES))
+            rows = self.tables.rows(np.full(int(esc.sum()), self.tables.class_row))
             cls[esc] = self._per_stream(self.tok, segments, esc, _CATEGORICAL, rows)
         sh = SHIFTS[j]
         low = np.zeros(len(j), np.int64)

@@ -40,6 +40,9 @@ UNIT = 64                   # inputs and the mean output are in units of s / UNI
 SCALE_STEPS = 4             # scale index steps per octave
 SCALE_ZERO = 8              # index of scale 1.0 (index 0 is scale 1/4)
 N_SCALES = SCALE_ZERO + SCALE_STEPS * 18
+#: table row of flat contexts (models whose tables have this row; the network's scale indices
+#: stay below it)
+FLAT_INDEX = N_SCALES
 
 # floor(4 * log2(s)) exactly: smallest integer s with s**4 >= 2**k, for every k
 _LOG2Q_THRESHOLDS = np.array(
@@ -118,6 +121,19 @@ def default_features(values: np.ndarray, valid: np.ndarray):
     x[k + 3] = (~valid[_CURRENT].all(axis=0)) * 256
     x[k + 4] = lp * 8
     return ref.astype(np.int64), s.astype(np.int64), lq, x
+
+
+def flat_contexts(s: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+    """Contexts in which every valid neighbour equals the reference: constant background
+    (CT padding outside the field of view, zeroed MR background). ``s`` is the activity and
+    ``inputs`` the neighbour inputs ``(n, K)`` of :func:`default_features` (``x[:K].T``):
+    a neighbour input is 0 exactly when its difference to the reference is (``s == 1`` makes
+    it 64 times that difference), and every difference is 0 only if ``s == 1``."""
+    flat = s == 1
+    idx = np.flatnonzero(flat)
+    if idx.size:
+        flat[idx] = ~inputs[idx].any(axis=1)
+    return flat
 
 
 def prediction(ref, s, mean_acc, mean_mult: int, mean_shift: int, lo: int, hi: int):

@@ -15,8 +15,8 @@ import torch
 
 from models.context import Neighbourhood
 from models.entropy import CodingTables
-from models.features import (DEFAULT_NEIGHBOURHOOD, default_features, n_features,
-                             prediction, scale_index)
+from models.features import (DEFAULT_NEIGHBOURHOOD, FLAT_INDEX, default_features,
+                             flat_contexts, n_features, prediction, scale_index)
 from models.intnet import IntMLP
 
 
@@ -29,6 +29,14 @@ def compute_device() -> str:
     if want.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would round the partial sums
     return want
+
+
+SPARE_NETWORK = 0.125  # from this share of flat contexts on, the network skips them
+
+
+def _at(bound, index):
+    """A per-voxel bound (training samples) at ``index``, or the volume's scalar bound."""
+    return bound[index] if np.ndim(bound) else bound
 
 
 class DefaultPredictor:
@@ -54,7 +62,31 @@ class DefaultPredictor:
         """Rounded predictions (int64, within [lo, hi]) and table indices for ``(K, n)``
         neighbour values."""
         ref, s, lq, x = default_features(values, valid)
-        acc = self.net(x.T, self.device)
+        return self.outputs(ref, s, lq, x.T, lo, hi)
+
+    def outputs(self, ref, s, lq, inputs, lo, hi):
+        """Predictions and table indices from the features (``inputs`` is ``(n, F)``).
+
+        With flat contexts in the tables, a context whose neighbours all equal the reference
+        predicts the reference and codes with the flat row; the network only runs on the
+        others when flat ones are many (it would not change their outputs)."""
+        flat = flat_contexts(s, inputs[:, :self.neighbourhood.size]) if self.tables.flat \
+            else None
+        if flat is None or not flat.any():
+            return self._network(ref, s, lq, inputs, lo, hi)
+        if flat.mean() < SPARE_NETWORK:
+            pred, j = self._network(ref, s, lq, inputs, lo, hi)
+        else:
+            busy = np.flatnonzero(~flat)
+            pred, j = np.empty(len(ref), np.int64), np.empty(len(ref), np.int64)
+            pred[busy], j[busy] = self._network(ref[busy], s[busy], lq[busy], inputs[busy],
+                                                _at(lo, busy), _at(hi, busy))
+        pred[flat] = np.clip(ref[flat], _at(lo, flat), _at(hi, flat))
+        j[flat] = FLAT_INDEX
+        return pred, j
+
+    def _network(self, ref, s, lq, inputs, lo, hi):
+        acc = self.net(inputs, self.device)
         mm, ms, sm, ss = (int(v) for v in self.head)
         pred = prediction(ref, s, acc[:, 0], mm, ms, lo, hi)
         return pred, scale_index(lq, acc[:, 1], sm, ss)

@@ -44,25 +44,41 @@ def laplace_token_probs() -> np.ndarray:
     return _laplace_token_probs().copy()
 
 
-def prior_tables() -> CodingTables:
-    """Tables that assume Laplace residuals (used before any data is seen)."""
+def prior_tables(flat: bool = False) -> CodingTables:
+    """Tables that assume Laplace residuals (used before any data is seen), with a row for
+    flat contexts when ``flat``."""
     classes = 0.5 ** np.arange(N_CLASSES)
-    return CodingTables(_quantise(laplace_token_probs()), _quantise(classes))
+    probs = laplace_token_probs()
+    if flat:  # flat contexts start as the narrowest scale
+        probs = np.concatenate([probs, probs[:1]])
+    return CodingTables(_quantise(probs), _quantise(classes))
 
 
 def fitted_tables(residuals: np.ndarray, scale_idx: np.ndarray, prior_weight: float = 200.0,
-                  prior: CodingTables | None = None) -> CodingTables:
+                  prior: CodingTables | None = None, flat: bool | None = None) -> CodingTables:
     """Tables from observed residuals and their scale indices, smoothed toward a prior
-    (``prior_weight`` pseudo-counts per scale index): the given tables, else a Laplace."""
+    (``prior_weight`` pseudo-counts per scale index): the given tables, else a Laplace.
+    ``flat``: give flat contexts (``FLAT_INDEX``) their own row; default: as the prior has."""
+    flat = (prior is not None and prior.flat) if flat is None else flat
+    rows = N_SCALES + 1 if flat else N_SCALES
     sym = split_residuals(residuals.astype(np.int64), scale_idx.astype(np.int64))
-    counts = np.zeros((N_SCALES, N_TOKENS))
+    counts = np.zeros((rows, N_TOKENS))
     np.add.at(counts, (scale_idx, sym.token), 1.0)
-    shape = laplace_token_probs() if prior is None else prior.tokens.astype(np.float64)
-    shape /= shape.sum(axis=1, keepdims=True)
+    shape = _prior_shape(prior, rows)
     tokens = counts + prior_weight * shape
     esc = sym.token >= N_TOKENS - 2
     classes = np.bincount(sym.cls[esc], minlength=N_CLASSES)[:N_CLASSES] + 0.5 ** np.arange(N_CLASSES)
     return CodingTables(_quantise(tokens), _quantise(classes))
+
+
+def _prior_shape(prior: CodingTables | None, rows: int) -> np.ndarray:
+    """Token distribution per row toward which fitted tables are smoothed; a flat-context
+    row the prior lacks starts as its narrowest scale (index 0)."""
+    shape = laplace_token_probs() if prior is None else prior.tokens.astype(np.float64)
+    if len(shape) < rows:
+        shape = np.concatenate([shape, shape[:1]])
+    shape = shape[:rows]
+    return shape / shape.sum(axis=1, keepdims=True)
 
 
 def table_bits(tables: CodingTables, residuals: np.ndarray, scale_idx: np.ndarray) -> float:

@@ -21,7 +21,7 @@ from torch import nn
 from models.codec import geometry
 from models.context import Neighbourhood
 from models.features import (DEFAULT_NEIGHBOURHOOD, SCALE_STEPS, UNIT, default_features,
-                             n_features, prediction, scale_index)
+                             flat_contexts, n_features)
 from models.intnet import quantize_mlp
 from models.predictor import DefaultPredictor
 from models.tables import fitted_tables, prior_tables, table_bits
@@ -39,6 +39,17 @@ class Samples:
     value: np.ndarray  # int64 (n,)
     lo: np.ndarray     # dtype range of each sample's volume
     hi: np.ndarray
+
+    def where(self, keep: np.ndarray) -> "Samples":
+        """The samples at ``keep`` (a mask or indices)."""
+        return Samples(*(getattr(self, f)[keep] for f in Samples.__dataclass_fields__))
+
+
+def network_samples(samples: Samples, hood_size: int) -> Samples:
+    """The samples whose code length the network decides: all but flat contexts (those
+    code with their own table row, see models.features.flat_contexts)."""
+    flat = flat_contexts(samples.s, samples.x[:, :hood_size])
+    return samples.where(~flat) if flat.any() else samples
 
 
 def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
@@ -148,17 +159,19 @@ def _mult_shift(scale: float, limit_bits: int = 18) -> tuple[int, int]:
 
 
 def quantize(model: FloatPredictor, samples: Samples, name: str = "default",
-             hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD) -> DefaultPredictor:
-    """Exact integer predictor from the float model; tables fitted on its residuals."""
+             hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD, flat: bool = False
+             ) -> DefaultPredictor:
+    """Exact integer predictor from the float model; tables fitted on its residuals (with a
+    row for flat contexts when ``flat``)."""
     layers = model.linear_layers()
     weights = [l.weight.detach().double().numpy() for l in layers]
     biases = [l.bias.detach().double().numpy() for l in layers]
     calib = samples.x[:: max(1, len(samples.x) // 200_000)]
     net, out_scale = quantize_mlp(weights, biases, calib, model.input_scale)
     head = np.array([*_mult_shift(out_scale[0]), *_mult_shift(out_scale[1])])
-    predictor = DefaultPredictor(name, net, head, prior_tables(), neighbourhood=hood)
+    predictor = DefaultPredictor(name, net, head, prior_tables(flat), neighbourhood=hood)
     r, j = integer_residuals(predictor, samples)
-    predictor.tables = fitted_tables(r, j)
+    predictor.tables = fitted_tables(r, j, flat=flat)
     predictor.float_arrays = {f"float_{k}": v.detach().numpy().astype(np.float32)
                               for k, v in model.state_dict().items()}
     return predictor
@@ -175,15 +188,13 @@ def float_model(predictor: DefaultPredictor) -> FloatPredictor:
 
 def integer_residuals(predictor: DefaultPredictor, samples: Samples, chunk: int = 1 << 18):
     """Residuals and table indices of the exact integer model on the samples."""
-    mm, ms, sm, ss = (int(v) for v in predictor.head)
     rs, js = [], []
     for a in range(0, len(samples.value), chunk):
         sl = slice(a, a + chunk)
-        acc = predictor.net(samples.x[sl])
-        pred = prediction(samples.ref[sl], samples.s[sl], acc[:, 0], mm, ms,
-                          samples.lo[sl], samples.hi[sl])
+        pred, j = predictor.outputs(samples.ref[sl], samples.s[sl], samples.lq[sl],
+                                    samples.x[sl], samples.lo[sl], samples.hi[sl])
         rs.append(samples.value[sl] - pred)
-        js.append(scale_index(samples.lq[sl], acc[:, 1], sm, ss))
+        js.append(j)
     return np.concatenate(rs), np.concatenate(js)
 
 
@@ -196,9 +207,12 @@ def evaluate(predictor: DefaultPredictor, samples: Samples) -> float:
 def train_default(volumes, hidden=(64, 32), epochs: int = 10, slab: int = 8,
                   slabs_per_volume: int = 3, keep: float = 0.2, seed: int = 0,
                   name: str = "default", progress=None,
-                  hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD):
+                  hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD, flat: bool = False,
+                  network_from: DefaultPredictor | None = None):
     """Train the production predictor on ``volumes`` (a list of (z, y, x) integer arrays),
-    with the causal neighbourhood ``hood`` (see models.features.NEIGHBOURHOODS).
+    with the causal neighbourhood ``hood`` (see models.features.NEIGHBOURHOODS); ``flat``
+    gives flat contexts their own table row (the network then trains on the others only).
+    With ``network_from``, that model's network is kept and only the tables are fitted.
 
     Returns
     -------
@@ -207,12 +221,32 @@ def train_default(volumes, hidden=(64, 32), epochs: int = 10, slab: int = 8,
         the training samples)
     """
     t0 = time.time()
+    if network_from is not None:
+        hood = network_from.neighbourhood
     rng = np.random.default_rng(seed)
     samples = collect_samples(volumes, slab, slabs_per_volume, keep, rng, progress=progress,
                               hood=hood)
-    model = fit_float(samples, hidden=hidden, epochs=epochs, seed=seed, progress=progress)
-    predictor = quantize(model, samples, name, hood)
+    if network_from is not None:
+        predictor = refit_tables(network_from, samples, flat, name)
+        hidden, epochs = [layer.weight.shape[0] for layer in predictor.net.layers[:-1]], 0
+    else:
+        fit_on = network_samples(samples, hood.size) if flat else samples
+        model = fit_float(fit_on, hidden=hidden, epochs=epochs, seed=seed, progress=progress)
+        predictor = quantize(model, samples, name, hood, flat)
     report = {"samples": int(len(samples.value)), "hidden": list(hidden), "epochs": epochs,
+              "flat_contexts": flat,
               "train_bits_per_voxel": round(evaluate(predictor, samples), 4),
               "seconds": round(time.time() - t0, 1)}
     return predictor, report
+
+
+def refit_tables(predictor: DefaultPredictor, samples: Samples, flat: bool,
+                 name: str | None = None) -> DefaultPredictor:
+    """``predictor``'s network, head and float twin with coding tables fitted on its residuals
+    on the samples (with a flat-context row when ``flat``)."""
+    out = DefaultPredictor(name or predictor.name, predictor.net, predictor.head,
+                           prior_tables(flat), predictor.meta, predictor.neighbourhood)
+    r, j = integer_residuals(out, samples)
+    out.tables = fitted_tables(r, j, flat=flat)
+    out.float_arrays = dict(predictor.float_arrays)
+    return out

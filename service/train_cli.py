@@ -117,14 +117,22 @@ def _train_default(args, volumes):
         else:
             _progress(msg)
 
+    network_from = None
+    if args.network_from:
+        from models.registry import load_model
+        network_from = load_model(args.network_from)
     predictor, report = T.train_default(
         [v for _, v in volumes], hidden=hidden, epochs=args.epochs,
         slabs_per_volume=args.slabs_per_volume, keep=args.keep, seed=args.seed,
-        name=args.name, progress=progress, hood=NEIGHBOURHOODS[args.neighbourhood])
+        name=args.name, progress=progress, hood=NEIGHBOURHOODS[args.neighbourhood],
+        flat=args.flat_contexts, network_from=network_from)
     if bar.tty:
         bar.finish()
     report["kind"] = "default"
-    report["neighbourhood"] = args.neighbourhood
+    report["neighbourhood"] = args.neighbourhood if network_from is None else \
+        f"that of {args.network_from} ({predictor.neighbourhood.size} neighbours)"
+    if network_from is not None:
+        report["network_from"] = network_from.model_id.hex()
     return predictor, report, [(n, v.shape, v.dtype.name) for n, v in volumes]
 
 
@@ -183,6 +191,12 @@ def register(subparsers) -> None:
     p.add_argument("--slabs-per-volume", type=int, default=4, help="default model")
     p.add_argument("--keep", type=float, default=0.25,
                    help="default model: fraction of voxels of the chosen slabs")
+    p.add_argument("--flat-contexts", action="store_true",
+                   help="default model: code contexts whose neighbours are all equal with their "
+                        "own table row (constant background)")
+    p.add_argument("--network-from", metavar="MODEL",
+                   help="default model: keep this shipped model's network (and neighbourhood), "
+                        "fit only the coding tables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=main)

@@ -43,7 +43,21 @@ VOLUMES = {
     "ct_int16_wide_v2": lambda: (_phantom((12, 48, 40), "int16", 6), {"slab": 4, "tile": (16, 24)}),
     # written with adapt.pays_off forced True, so that it carries an embedded wide network
     "mr_uint16_wide_adapted_v2": lambda: (_phantom((10, 40, 48), "uint16", 7), {"adapt": True}),
+    # the default model with a table row for flat contexts (model ee88a045, 2026-11-30)
+    "ct_int16_flat_v3": lambda: (_padded(_phantom((12, 48, 40), "int16", 8)),
+                                 {"slab": 4, "tile": (16, 24)}),
+    # written with adapt.pays_off forced True: an embedded network and tables with the flat row
+    "ct_int16_flat_adapted_v3": lambda: (_padded(_phantom((10, 40, 48), "int16", 9)),
+                                         {"adapt": True}),
 }
+
+
+def _padded(vol: np.ndarray) -> np.ndarray:
+    """``vol`` with a constant frame outside a circle (CT padding: flat contexts)."""
+    y, x = np.meshgrid(np.linspace(-1, 1, vol.shape[1]), np.linspace(-1, 1, vol.shape[2]),
+                       indexing="ij")
+    vol[:, x ** 2 + y ** 2 > 0.8] = np.iinfo(vol.dtype).min
+    return vol
 
 
 def _sha(a: np.ndarray) -> str:

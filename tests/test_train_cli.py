@@ -8,7 +8,7 @@ from pydicom.data import get_testdata_file
 
 from models.codec import decode_slabs, encode_slab
 from models.features import NEIGHBOURHOODS
-from models.registry import _read
+from models.registry import _read, load_model
 from service.cli import main
 
 
@@ -31,3 +31,32 @@ def test_train_default_writes_a_usable_model(tmp_path, hood):
     payload = encode_slab(predictor, vol, 0, 65535, 8, (8, 16))
     (back,) = decode_slabs(predictor, [payload], [3], 20, 24, 0, 65535, 8, (8, 16))
     np.testing.assert_array_equal(back, vol)
+
+
+def test_train_with_flat_contexts_and_a_kept_network(tmp_path):
+    """``--flat-contexts`` trains the network on the other contexts and adds the flat row;
+    ``--network-from`` keeps a shipped network and fits only the tables."""
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "ct.dcm").write_bytes(open(get_testdata_file("CT_small.dcm"), "rb").read())
+    out = tmp_path / "weights"
+    assert main(["train", "--model", "default", str(series), "--out", str(out), "--epochs", "1",
+                 "--hidden", "8,8", "--keep", "1.0", "--slabs-per-volume", "1",
+                 "--flat-contexts"]) == 0
+    trained = _read(out / "default.npz")
+    assert trained.tables.flat and trained.net.layers[0].weight.shape[0] == 8
+    assert main(["train", "--model", "default", str(series), "--out", str(out), "--name", "kept",
+                 "--keep", "1.0", "--slabs-per-volume", "1", "--network-from", "default",
+                 "--flat-contexts"]) == 0
+    kept = _read(out / "kept.npz")
+    shipped = load_model("default")
+    assert kept.tables.flat and kept.neighbourhood == shipped.neighbourhood
+    for a, b in zip(kept.net.layers, shipped.net.layers):
+        np.testing.assert_array_equal(a.weight, b.weight)
+    assert "network_from" in (out / "kept.md").read_text()
+    vol = np.full((3, 20, 24), 100, np.uint16)
+    vol[:, 5:15, 6:18] = np.random.default_rng(0).integers(0, 4000, (3, 10, 12))
+    for predictor in (trained, kept):
+        payload = encode_slab(predictor, vol, 0, 65535, 8, (8, 16))
+        (back,) = decode_slabs(predictor, [payload], [3], 20, 24, 0, 65535, 8, (8, 16))
+        np.testing.assert_array_equal(back, vol)
