@@ -14,6 +14,7 @@ network is an ordinary integer network, read from the blob instead of from the w
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import zipfile
@@ -24,6 +25,7 @@ import torch
 
 from models import paper_table
 from models.container import CorruptBlobError
+from models.entropy import CodingTables
 
 ADAPT_STEPS = (200, 800)   # optimiser steps: one per 20k voxels, within these bounds
 ADAPT_CHECKPOINT = 400     # a longer run must beat its state at this step on the check sample
@@ -75,8 +77,18 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
     stops = sorted({min(ADAPT_CHECKPOINT, steps), steps})
     candidates = [_quantised(model, samples, predictor)
                   for _ in _fine_tune(model, tune_on, seed, steps, stops)]
-    best = min(candidates, key=lambda c: train.evaluate(c, check))
+    candidates += [_with_shipped_tokens(c, predictor) for c in candidates]
+    best = min(candidates, key=lambda c: train.evaluate(c, check) * volume.size
+               + 8 * len(embedded_bytes(c)))   # bits of the volume and of the blob's model
     return best if pays_off(predictor, best, check, volume.size) else None
+
+
+def _with_shipped_tokens(adapted, base):
+    """``adapted`` coding with ``base``'s token tables, which the blob then need not carry
+    (a small volume may not repay refitted ones)."""
+    twin = copy.copy(adapted)
+    twin.tables = CodingTables(base.tables.tokens, adapted.tables.classes)
+    return twin
 
 
 def _quantised(model, samples, predictor):
@@ -85,9 +97,10 @@ def _quantised(model, samples, predictor):
     from models import train
     from models.tables import fitted_tables
     adapted = train.quantize(model, samples, predictor.name, predictor.neighbourhood,
-                             predictor.tables.flat)
+                             predictor.tables.flat, predictor.tables.fraction_bins)
     r, j = train.integer_residuals(adapted, samples)
     adapted.tables = fitted_tables(r, j, prior=predictor.tables)
+    adapted.table_base = predictor.tables.tokens   # the blob carries the difference
     adapted.model_id = predictor.model_id
     adapted.float_arrays = {}
     return adapted
@@ -151,8 +164,15 @@ def embedded_bytes(predictor) -> bytes:
     """The arrays a blob must carry for an adapted predictor."""
     if predictor.kind.startswith("paper"):
         return paper_table.table_bytes(predictor)
-    arrays = {k: _narrowest(v) for k, v in predictor.to_arrays().items()
+    arrays = {k: v for k, v in predictor.to_arrays().items()
               if k.startswith("net_") or k in _EMBEDDED_KEYS}
+    base = getattr(predictor, "table_base", None)
+    if base is not None and base.shape == arrays["token_table"].shape:
+        # rows the volume barely uses stay near the shipped ones: small differences pack well
+        delta = arrays.pop("token_table") - base
+        if delta.any():
+            arrays["token_delta"] = delta
+    arrays = {k: _narrowest(v) for k, v in arrays.items()}
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
@@ -184,6 +204,11 @@ def _with_embedded(base, data: bytes, _digest: bytes):
         merged = {k: v for k, v in base.to_arrays().items() if not k.startswith("float_")}
         merged = {k: v for k, v in merged.items() if not k.startswith("net_")}
         merged.update(arrays)
+        if "token_delta" in merged:
+            delta = merged.pop("token_delta").astype(np.int64)
+            if delta.shape != base.tables.tokens.shape:
+                raise ValueError("its table difference does not fit the model's tables")
+            merged["token_table"] = base.tables.tokens + delta
         predictor = type(base).from_arrays(base.name, merged, base.meta)
     except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
         raise CorruptBlobError(f"blob carries an unreadable adapted model: {exc}") from None

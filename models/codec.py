@@ -98,7 +98,8 @@ def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int,
         pred, j = _predict_chunked(predictor, values, valid, lo, hi)
         r = slab[zl].ravel().astype(np.int64) - pred
         r, j = r[perm], j[perm]
-        tok, uni = encode_slice(predictor.tables, split_residuals(r, j), j, geo.step_of)
+        sym = split_residuals(r, j, predictor.tables.shifts)
+        tok, uni = encode_slice(predictor.tables, sym, j, geo.step_of)
         lengths += [len(tok), len(uni)]
         words += [tok, uni]
     head = struct.pack(f"<I{len(lengths)}I", slab.shape[0], *lengths)

@@ -39,6 +39,14 @@ def table_shifts(n_scales: int = N_SCALES) -> np.ndarray:
 
 SHIFTS = np.append(table_shifts(), 0)  # flat contexts (FLAT_INDEX) split off no low bits
 assert len(SHIFTS) == FLAT_INDEX + 1
+FRACTION_BINS = (1, 4)   # table rows per scale index: one, or one per quarter of the mean's fraction
+
+
+def row_shifts(fraction_bins: int = 1, flat: bool = True) -> np.ndarray:
+    """Low bits split off at each row of a table layout: ``fraction_bins`` rows per scale
+    index (row ``j * fraction_bins + bin``), then the flat-context row."""
+    return np.append(np.repeat(table_shifts(), fraction_bins), [0] if flat else [])\
+        .astype(np.int64)
 
 
 def _bit_length(v: np.ndarray) -> np.ndarray:
@@ -63,9 +71,10 @@ class Symbols:
     extra_bits: np.ndarray
 
 
-def split_residuals(r: np.ndarray, j: np.ndarray) -> Symbols:
-    """Tokens, low bits and escapes of residuals ``r`` at scale indices ``j``."""
-    sh = SHIFTS[j]
+def split_residuals(r: np.ndarray, j: np.ndarray, shifts: np.ndarray = SHIFTS) -> Symbols:
+    """Tokens, low bits and escapes of residuals ``r`` at table rows ``j`` (``shifts``: low
+    bits of each row, see :func:`row_shifts`)."""
+    sh = shifts[j]
     q = r >> sh
     low = r - (q << sh)
     token = q + TOKEN_RANGE
@@ -79,9 +88,9 @@ def split_residuals(r: np.ndarray, j: np.ndarray) -> Symbols:
     return Symbols(token, low, sh, cls, extra, extra_bits)
 
 
-def join_residuals(token, low, j, cls, extra):
+def join_residuals(token, low, j, cls, extra, shifts: np.ndarray = SHIFTS):
     """Inverse of :func:`split_residuals` (escape fields read only where token escapes)."""
-    sh = SHIFTS[j]
+    sh = shifts[j]
     e = np.where(cls > 0, (1 << np.maximum(cls - 1, 0)) + extra, 0)
     q = np.where(token == ESC_POS, TOKEN_RANGE + e,
                  np.where(token == ESC_NEG, -TOKEN_RANGE - 1 - e, token - TOKEN_RANGE))
@@ -90,31 +99,31 @@ def join_residuals(token, low, j, cls, extra):
 
 @dataclass
 class CodingTables:
-    """Integer frequency tables: tokens per scale index (and, for models with flat contexts,
-    one more row at ``FLAT_INDEX``), and escape classes."""
+    """Integer frequency tables: token rows (``fraction_bins`` per scale index, in
+    :func:`row_shifts` order, then, for models with flat contexts, the flat row), and
+    escape classes."""
 
-    tokens: np.ndarray   # int64 (N_SCALES or N_SCALES + 1, N_TOKENS), all > 0
+    tokens: np.ndarray   # int64 (N_SCALES * fraction_bins [+ 1], N_TOKENS), all > 0
     classes: np.ndarray  # int64 (N_CLASSES,), all > 0
 
     def __post_init__(self):
         self.tokens = np.asarray(self.tokens, dtype=np.int64)
         self.classes = np.asarray(self.classes, dtype=np.int64)
-        if self.tokens.ndim != 2 or len(self.tokens) not in (N_SCALES, N_SCALES + 1) \
+        layouts = {N_SCALES * b + f: (b, bool(f)) for b in FRACTION_BINS for f in (0, 1)}
+        if self.tokens.ndim != 2 or len(self.tokens) not in layouts \
                 or self.tokens.shape[1] != N_TOKENS or self.classes.shape != (N_CLASSES,):
             raise ValueError("coding tables have the wrong shape")
         if (self.tokens <= 0).any() or (self.classes <= 0).any():
             raise ValueError("coding tables need positive frequencies")
-        # one float table for the coder: a row per scale index, then the escape classes
+        self.fraction_bins, self.flat = layouts[len(self.tokens)]
+        self.flat_index = N_SCALES * self.fraction_bins   # the flat row, when there is one
+        self.shifts = row_shifts(self.fraction_bins, self.flat)
+        # one float table for the coder: a row per table row, then the escape classes
         # (padded with zeros, which constriction maps to its smallest probability)
         self.class_row = len(self.tokens)
         self._rows = np.zeros((self.class_row + 1, N_TOKENS), np.float64)
         self._rows[:self.class_row] = self.tokens
         self._rows[self.class_row, :N_CLASSES] = self.classes
-
-    @property
-    def flat(self) -> bool:
-        """Whether flat contexts have their own row (``FLAT_INDEX``)."""
-        return len(self.tokens) > FLAT_INDEX
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """Probability rows for table indices (``class_row`` selects the escape classes)."""
@@ -188,7 +197,7 @@ class StepDecoder:
         if esc.any():
             rows = self.tables.rows(np.full(int(esc.sum()), self.tables.class_row))
             cls[esc] = self._per_stream(self.tok, segments, esc, _CATEGORICAL, rows)
-        sh = SHIFTS[j]
+        sh = self.tables.shifts[j]
         low = np.zeros(len(j), np.int64)
         has_low = sh > 0
         if has_low.any():
@@ -199,4 +208,4 @@ class StepDecoder:
         if has_extra.any():
             sizes = (1 << (cls[has_extra] - 1)).astype(np.int32)
             extra[has_extra] = self._per_stream(self.uni, segments, has_extra, _UNIFORM, sizes)
-        return join_residuals(token, low, j, cls, extra)
+        return join_residuals(token, low, j, cls, extra, self.tables.shifts)

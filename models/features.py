@@ -144,6 +144,15 @@ def prediction(ref, s, mean_acc, mean_mult: int, mean_shift: int, lo: int, hi: i
     return np.clip(ref + off, lo, hi)
 
 
+def fraction_bin(s, mean_acc, mean_mult: int, mean_shift: int, bins: int) -> np.ndarray:
+    """Which of ``bins`` equal parts of a unit the network's mean fell in before
+    :func:`prediction` rounded it (0: just above ``pred - 1/2``): the residual's distribution
+    is shifted by that fraction, which tables with a row per bin can follow."""
+    shift = mean_shift + 6
+    t = mean_acc * mean_mult * s + (1 << (shift - 1))
+    return (t & ((1 << shift) - 1)) >> (shift - (bins.bit_length() - 1))
+
+
 def scale_index(lq, scale_acc, scale_mult: int, scale_shift: int):
     """Index into the probability tables: quarter-octaves of the scale, ``lq`` plus the
     network's rounded log-scale correction."""

@@ -15,8 +15,8 @@ import torch
 
 from models.context import Neighbourhood
 from models.entropy import CodingTables
-from models.features import (DEFAULT_NEIGHBOURHOOD, FLAT_INDEX, default_features,
-                             flat_contexts, n_features, prediction, scale_index)
+from models.features import (DEFAULT_NEIGHBOURHOOD, default_features, flat_contexts,
+                             fraction_bin, n_features, prediction, scale_index)
 from models.intnet import IntMLP
 
 
@@ -69,7 +69,8 @@ class DefaultPredictor:
 
         With flat contexts in the tables, a context whose neighbours all equal the reference
         predicts the reference and codes with the flat row; the network only runs on the
-        others when flat ones are many (it would not change their outputs)."""
+        others when flat ones are many (it would not change their outputs). Table rows are
+        ``scale index * fraction_bins + fraction bin`` (see models.entropy.row_shifts)."""
         flat = flat_contexts(s, inputs[:, :self.neighbourhood.size]) if self.tables.flat \
             else None
         if flat is None or not flat.any():
@@ -82,14 +83,20 @@ class DefaultPredictor:
             pred[busy], j[busy] = self._network(ref[busy], s[busy], lq[busy], inputs[busy],
                                                 _at(lo, busy), _at(hi, busy))
         pred[flat] = np.clip(ref[flat], _at(lo, flat), _at(hi, flat))
-        j[flat] = FLAT_INDEX
+        j[flat] = self.tables.flat_index
         return pred, j
 
     def _network(self, ref, s, lq, inputs, lo, hi):
+        """Predictions and table rows: the scale index, and with several fraction bins per
+        scale, the bin of the mean's fraction too."""
         acc = self.net(inputs, self.device)
         mm, ms, sm, ss = (int(v) for v in self.head)
         pred = prediction(ref, s, acc[:, 0], mm, ms, lo, hi)
-        return pred, scale_index(lq, acc[:, 1], sm, ss)
+        j = scale_index(lq, acc[:, 1], sm, ss)
+        bins = self.tables.fraction_bins
+        if bins > 1:
+            j = j * bins + fraction_bin(s, acc[:, 0], mm, ms, bins)
+        return pred, j
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {"kind": np.array(self.kind), "head": self.head,

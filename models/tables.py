@@ -7,7 +7,7 @@ from functools import lru_cache
 import numpy as np
 
 from models.entropy import (ESC_NEG, ESC_POS, N_CLASSES, N_TOKENS, SHIFTS, TOKEN_RANGE,
-                            CodingTables, split_residuals)
+                            CodingTables, row_shifts, split_residuals)
 from models.features import N_SCALES, SCALE_STEPS, SCALE_ZERO
 
 TABLE_TOTAL = 1 << 16
@@ -44,46 +44,58 @@ def laplace_token_probs() -> np.ndarray:
     return _laplace_token_probs().copy()
 
 
-def prior_tables(flat: bool = False) -> CodingTables:
-    """Tables that assume Laplace residuals (used before any data is seen), with a row for
-    flat contexts when ``flat``."""
+def prior_tables(flat: bool = False, fraction_bins: int = 1) -> CodingTables:
+    """Tables that assume Laplace residuals (used before any data is seen), in the layout of
+    ``fraction_bins`` rows per scale index, with a row for flat contexts when ``flat``."""
     classes = 0.5 ** np.arange(N_CLASSES)
-    probs = laplace_token_probs()
+    probs = np.repeat(laplace_token_probs(), fraction_bins, axis=0)
     if flat:  # flat contexts start as the narrowest scale
         probs = np.concatenate([probs, probs[:1]])
     return CodingTables(_quantise(probs), _quantise(classes))
 
 
-def fitted_tables(residuals: np.ndarray, scale_idx: np.ndarray, prior_weight: float = 200.0,
-                  prior: CodingTables | None = None, flat: bool | None = None) -> CodingTables:
-    """Tables from observed residuals and their scale indices, smoothed toward a prior
-    (``prior_weight`` pseudo-counts per scale index): the given tables, else a Laplace.
-    ``flat``: give flat contexts (``FLAT_INDEX``) their own row; default: as the prior has."""
+def fitted_tables(residuals: np.ndarray, rows: np.ndarray, prior_weight: float = 200.0,
+                  prior: CodingTables | None = None, flat: bool | None = None,
+                  fraction_bins: int | None = None) -> CodingTables:
+    """Tables from observed residuals and their table rows, smoothed toward a prior
+    (``prior_weight`` pseudo-counts per row): the given tables, else a Laplace. ``flat`` (a
+    flat-context row) and ``fraction_bins`` (rows per scale index) give the layout; by
+    default the prior's."""
     flat = (prior is not None and prior.flat) if flat is None else flat
-    rows = N_SCALES + 1 if flat else N_SCALES
-    sym = split_residuals(residuals.astype(np.int64), scale_idx.astype(np.int64))
-    counts = np.zeros((rows, N_TOKENS))
-    np.add.at(counts, (scale_idx, sym.token), 1.0)
-    shape = _prior_shape(prior, rows)
-    tokens = counts + prior_weight * shape
+    bins = (prior.fraction_bins if prior is not None else 1) if fraction_bins is None \
+        else fraction_bins
+    shifts = row_shifts(bins, flat)
+    sym = split_residuals(residuals.astype(np.int64), rows.astype(np.int64), shifts)
+    counts = np.zeros((len(shifts), N_TOKENS))
+    np.add.at(counts, (rows, sym.token), 1.0)
+    tokens = counts + prior_weight * _prior_shape(prior, bins, flat)
     esc = sym.token >= N_TOKENS - 2
     classes = np.bincount(sym.cls[esc], minlength=N_CLASSES)[:N_CLASSES] + 0.5 ** np.arange(N_CLASSES)
     return CodingTables(_quantise(tokens), _quantise(classes))
 
 
-def _prior_shape(prior: CodingTables | None, rows: int) -> np.ndarray:
-    """Token distribution per row toward which fitted tables are smoothed; a flat-context
-    row the prior lacks starts as its narrowest scale (index 0)."""
-    shape = laplace_token_probs() if prior is None else prior.tokens.astype(np.float64)
-    if len(shape) < rows:
-        shape = np.concatenate([shape, shape[:1]])
-    shape = shape[:rows]
-    return shape / shape.sum(axis=1, keepdims=True)
+def _prior_shape(prior: CodingTables | None, bins: int, flat: bool) -> np.ndarray:
+    """Token distribution of each row of the layout toward which fitted tables are smoothed:
+    the prior's rows (its rows of a scale averaged when it has another number of fraction
+    bins), else a Laplace; a flat-context row the prior lacks starts as its narrowest scale."""
+    flat_row = None
+    if prior is None:
+        scale = np.repeat(laplace_token_probs(), bins, axis=0)
+    else:
+        p = prior.tokens / prior.tokens.sum(axis=1, keepdims=True)
+        pb = prior.fraction_bins
+        scale = p[:N_SCALES * pb]
+        if pb != bins:
+            scale = np.repeat(scale.reshape(N_SCALES, pb, N_TOKENS).mean(axis=1), bins, axis=0)
+        flat_row = p[-1] if prior.flat else None
+    if flat:
+        scale = np.concatenate([scale, scale[:1] if flat_row is None else flat_row[None]])
+    return scale / scale.sum(axis=1, keepdims=True)
 
 
 def table_bits(tables: CodingTables, residuals: np.ndarray, scale_idx: np.ndarray) -> float:
     """Ideal code length in bits of residuals under the tables (tokens + classes + raw bits)."""
-    sym = split_residuals(residuals.astype(np.int64), scale_idx.astype(np.int64))
+    sym = split_residuals(residuals.astype(np.int64), scale_idx.astype(np.int64), tables.shifts)
     tok = tables.tokens / tables.tokens.sum(axis=1, keepdims=True)
     cls = tables.classes / tables.classes.sum()
     esc = sym.token >= N_TOKENS - 2

@@ -159,19 +159,20 @@ def _mult_shift(scale: float, limit_bits: int = 18) -> tuple[int, int]:
 
 
 def quantize(model: FloatPredictor, samples: Samples, name: str = "default",
-             hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD, flat: bool = False
-             ) -> DefaultPredictor:
+             hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD, flat: bool = False,
+             fraction_bins: int = 1) -> DefaultPredictor:
     """Exact integer predictor from the float model; tables fitted on its residuals (with a
-    row for flat contexts when ``flat``)."""
+    row for flat contexts when ``flat``, ``fraction_bins`` rows per scale index)."""
     layers = model.linear_layers()
     weights = [l.weight.detach().double().numpy() for l in layers]
     biases = [l.bias.detach().double().numpy() for l in layers]
     calib = samples.x[:: max(1, len(samples.x) // 200_000)]
     net, out_scale = quantize_mlp(weights, biases, calib, model.input_scale)
     head = np.array([*_mult_shift(out_scale[0]), *_mult_shift(out_scale[1])])
-    predictor = DefaultPredictor(name, net, head, prior_tables(flat), neighbourhood=hood)
+    predictor = DefaultPredictor(name, net, head, prior_tables(flat, fraction_bins),
+                                 neighbourhood=hood)
     r, j = integer_residuals(predictor, samples)
-    predictor.tables = fitted_tables(r, j, flat=flat)
+    predictor.tables = fitted_tables(r, j, flat=flat, fraction_bins=fraction_bins)
     predictor.float_arrays = {f"float_{k}": v.detach().numpy().astype(np.float32)
                               for k, v in model.state_dict().items()}
     return predictor
@@ -208,10 +209,11 @@ def train_default(volumes, hidden=(64, 32), epochs: int = 10, slab: int = 8,
                   slabs_per_volume: int = 3, keep: float = 0.2, seed: int = 0,
                   name: str = "default", progress=None,
                   hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD, flat: bool = False,
-                  network_from: DefaultPredictor | None = None):
+                  network_from: DefaultPredictor | None = None, fraction_bins: int = 1):
     """Train the production predictor on ``volumes`` (a list of (z, y, x) integer arrays),
     with the causal neighbourhood ``hood`` (see models.features.NEIGHBOURHOODS); ``flat``
-    gives flat contexts their own table row (the network then trains on the others only).
+    gives flat contexts their own table row (the network then trains on the others only);
+    ``fraction_bins`` rows per scale index follow the fraction of the predicted mean.
     With ``network_from``, that model's network is kept and only the tables are fitted.
 
     Returns
@@ -227,26 +229,27 @@ def train_default(volumes, hidden=(64, 32), epochs: int = 10, slab: int = 8,
     samples = collect_samples(volumes, slab, slabs_per_volume, keep, rng, progress=progress,
                               hood=hood)
     if network_from is not None:
-        predictor = refit_tables(network_from, samples, flat, name)
+        predictor = refit_tables(network_from, samples, flat, name, fraction_bins)
         hidden, epochs = [layer.weight.shape[0] for layer in predictor.net.layers[:-1]], 0
     else:
         fit_on = network_samples(samples, hood.size) if flat else samples
         model = fit_float(fit_on, hidden=hidden, epochs=epochs, seed=seed, progress=progress)
-        predictor = quantize(model, samples, name, hood, flat)
+        predictor = quantize(model, samples, name, hood, flat, fraction_bins)
     report = {"samples": int(len(samples.value)), "hidden": list(hidden), "epochs": epochs,
-              "flat_contexts": flat,
+              "flat_contexts": flat, "fraction_bins": fraction_bins,
               "train_bits_per_voxel": round(evaluate(predictor, samples), 4),
               "seconds": round(time.time() - t0, 1)}
     return predictor, report
 
 
 def refit_tables(predictor: DefaultPredictor, samples: Samples, flat: bool,
-                 name: str | None = None) -> DefaultPredictor:
+                 name: str | None = None, fraction_bins: int = 1) -> DefaultPredictor:
     """``predictor``'s network, head and float twin with coding tables fitted on its residuals
-    on the samples (with a flat-context row when ``flat``)."""
+    on the samples (with a flat-context row when ``flat``, ``fraction_bins`` rows per scale)."""
     out = DefaultPredictor(name or predictor.name, predictor.net, predictor.head,
-                           prior_tables(flat), predictor.meta, predictor.neighbourhood)
+                           prior_tables(flat, fraction_bins), predictor.meta,
+                           predictor.neighbourhood)
     r, j = integer_residuals(out, samples)
-    out.tables = fitted_tables(r, j, flat=flat)
+    out.tables = fitted_tables(r, j, flat=flat, fraction_bins=fraction_bins)
     out.float_arrays = dict(predictor.float_arrays)
     return out

@@ -125,7 +125,7 @@ def _train_default(args, volumes):
         [v for _, v in volumes], hidden=hidden, epochs=args.epochs,
         slabs_per_volume=args.slabs_per_volume, keep=args.keep, seed=args.seed,
         name=args.name, progress=progress, hood=NEIGHBOURHOODS[args.neighbourhood],
-        flat=args.flat_contexts, network_from=network_from)
+        flat=args.flat_contexts, network_from=network_from, fraction_bins=args.fraction_bins)
     if bar.tty:
         bar.finish()
     report["kind"] = "default"
@@ -194,6 +194,9 @@ def register(subparsers) -> None:
     p.add_argument("--flat-contexts", action="store_true",
                    help="default model: code contexts whose neighbours are all equal with their "
                         "own table row (constant background)")
+    p.add_argument("--fraction-bins", type=int, choices=(1, 4), default=1,
+                   help="default model: coding-table rows per scale index, one per part of the "
+                        "predicted mean's fraction")
     p.add_argument("--network-from", metavar="MODEL",
                    help="default model: keep this shipped model's network (and neighbourhood), "
                         "fit only the coding tables")

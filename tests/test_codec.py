@@ -317,6 +317,7 @@ def test_adaptation_keeps_the_checkpoint_that_codes_the_held_out_voxels_best(
     made = []
     real = adapt._quantised
     monkeypatch.setattr(adapt, "_quantised", lambda *a: made.append(real(*a)) or made[-1])
+    monkeypatch.setattr(adapt, "_with_shipped_tokens", lambda adapted, base: adapted)
     bits = {}
     monkeypatch.setattr(train, "evaluate", lambda p, check: bits[id(p)])
     vol = phantom((10, 40, 48), "int16", seed=13)

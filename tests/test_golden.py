@@ -49,6 +49,14 @@ VOLUMES = {
     # written with adapt.pays_off forced True: an embedded network and tables with the flat row
     "ct_int16_flat_adapted_v3": lambda: (_padded(_phantom((10, 40, 48), "int16", 9)),
                                          {"adapt": True}),
+    # four table rows per scale, one per quarter of the mean's fraction (model a96a0bc8,
+    # 2026-11-30); adapted: an embedded network with the shipped token tables, and (written
+    # with adapt._with_shipped_tokens disabled too) one whose token tables travel as a
+    # difference to the shipped ones
+    "ct_int16_frac_v4": lambda: (_padded(_phantom((12, 48, 40), "int16", 10)),
+                                 {"slab": 4, "tile": (16, 24)}),
+    "mr_uint16_frac_adapted_v4": lambda: (_phantom((16, 64, 64), "uint16", 11), {"adapt": True}),
+    "mr_uint16_frac_delta_v4": lambda: (_phantom((16, 64, 64), "uint16", 12), {"adapt": True}),
 }
 
 
