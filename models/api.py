@@ -281,7 +281,7 @@ def _decode_group(job, predictor=None, split: int = 0, on_split=None) -> list[np
     # in the volume's dtype (the decoder checked the range): half the bytes back from a worker
     return [part.astype(header.dtype) for part in decode_slabs(
         predictor, payloads, counts, ny, nx, lo, hi, header.slab, header.tile, split,
-        on_split)]
+        on_split, header.within_range)]
 
 
 def decode_volume(blob: bytes) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 
 from models.context import Neighbourhood, slice_schedule, tiling
 from models.skew import SkewLayout, decode_sheared
-from models.entropy import StepDecoder, encode_slice, split_residuals
+from models.entropy import StepDecoder, encode_slice, split_residuals, token_bounds
 from models.container import CorruptBlobError
 
 ENCODE_CHUNK = 1 << 14  # voxels per predictor call when encoding (keeps the work in cache)
@@ -89,17 +89,20 @@ def slab_contexts(hood: Neighbourhood, slab: np.ndarray, zs: int, tile: tuple[in
 
 
 def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int,
-                tile: tuple[int, int]) -> bytes:
-    """Code one slab (``slab.shape[0] <= zs`` slices) into its payload."""
+                tile: tuple[int, int], within_range: bool = True) -> bytes:
+    """Code one slab (``slab.shape[0] <= zs`` slices) into its payload; ``within_range``:
+    no probability for residuals outside ``[lo, hi]`` (blob format 2; format 1 had it off)."""
     geo = geometry(predictor.neighbourhood, zs, slab.shape[1], slab.shape[2], tile)
     perm = geo.schedule.perm
     lengths, words = [], []
     for zl, values, valid in slab_contexts(predictor.neighbourhood, slab, zs, tile):
         pred, j = _predict_chunked(predictor, values, valid, lo, hi)
         r = slab[zl].ravel().astype(np.int64) - pred
-        r, j = r[perm], j[perm]
-        sym = split_residuals(r, j, predictor.tables.shifts)
-        tok, uni = encode_slice(predictor.tables, sym, j, geo.step_of)
+        r, j, pred = r[perm], j[perm], pred[perm]
+        shifts = predictor.tables.shifts
+        sym = split_residuals(r, j, shifts)
+        bounds = token_bounds(pred, shifts[j], lo, hi) if within_range else None
+        tok, uni = encode_slice(predictor.tables, sym, j, geo.step_of, bounds)
         lengths += [len(tok), len(uni)]
         words += [tok, uni]
     head = struct.pack(f"<I{len(lengths)}I", slab.shape[0], *lengths)
@@ -142,19 +145,21 @@ def skew_layout(hood: Neighbourhood, ny: int, nx: int, tile: tuple[int, int]) ->
 
 def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, nx: int,
                  lo: int, hi: int, zs: int, tile: tuple[int, int], split: int = 0,
-                 on_split=None) -> list[np.ndarray]:
+                 on_split=None, within_range: bool = True) -> list[np.ndarray]:
     """Decode several slabs in lockstep; ``counts[g]`` is how many leading slices of slab
     ``g`` are wanted (slices after them are never touched). With ``split`` > 0 and
     ``on_split``, the first ``split`` slices of every slab are decoded first and handed to
-    ``on_split`` (a list, one ``(split, ny, nx)`` int32 array per slab) before the rest."""
+    ``on_split`` (a list, one ``(split, ny, nx)`` int32 array per slab) before the rest.
+    ``within_range`` as the slabs were encoded (see :func:`encode_slab`)."""
     layout = skew_layout(predictor.neighbourhood, ny, nx, tuple(tile))
     if not layout.supported:
-        return decode_slabs_flat(predictor, payloads, counts, ny, nx, lo, hi, zs, tile)
+        return decode_slabs_flat(predictor, payloads, counts, ny, nx, lo, hi, zs, tile,
+                                 within_range)
     counts = np.asarray(counts)
     order = np.argsort(-counts, kind="stable")  # the lockstep wants non-increasing counts
     streams = [s for g in order for s in _slice_streams(payloads[g], counts[g])]
     stream_of = np.cumsum([0] + [int(counts[g]) for g in order])
-    decoder = StepDecoder(predictor.tables, streams)
+    decoder = StepDecoder(predictor.tables, streams, (lo, hi) if within_range else None)
     hand = None
     if on_split is not None:
         where = np.argsort(order)
@@ -170,12 +175,13 @@ def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, n
 
 
 def decode_slabs_flat(predictor, payloads: list[bytes], counts: list[int], ny: int, nx: int,
-                      lo: int, hi: int, zs: int, tile: tuple[int, int]) -> list[np.ndarray]:
+                      lo: int, hi: int, zs: int, tile: tuple[int, int],
+                      within_range: bool = True) -> list[np.ndarray]:
     """:func:`decode_slabs` by gathering neighbours from a padded volume: the reference the
     sheared decoder is tested against, and the fallback for geometries it does not cover."""
     geo = geometry(predictor.neighbourhood, zs, ny, nx, tile)
     streams = [s for p, c in zip(payloads, counts) for s in _slice_streams(p, c)]
-    decoder = StepDecoder(predictor.tables, streams)
+    decoder = StepDecoder(predictor.tables, streams, (lo, hi) if within_range else None)
     stream_of = np.cumsum([0] + list(counts))  # stream index of (slab g, slice 0)
     buf = np.zeros((len(payloads), geo.size), dtype=np.int32)
     flat = buf.ravel()
@@ -204,7 +210,7 @@ def decode_slabs_flat(predictor, payloads: list[bytes], counts: list[int], ny: i
         valid = np.concatenate(valid, axis=1)
         values = flat[geo.flat_offsets[:, None] + idx[None, :]]
         pred, j = predictor.predict(values, valid, lo, hi)
-        decoded = pred + decoder.decode_step(segments, j)
+        decoded = pred + decoder.decode_step(segments, j, pred)
         if decoded.min(initial=lo) < lo or decoded.max(initial=hi) > hi:
             raise CorruptBlobError("decoded value outside the volume's dtype: corrupt stream")
         flat[idx] = decoded

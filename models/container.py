@@ -17,7 +17,8 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"VOXARC\x1a\n"
-VERSION = 1
+VERSION = 2        # 2: residual tokens the dtype cannot hold get no probability (models.entropy)
+SUPPORTED = (1, 2)
 DTYPES = {"uint8": 1, "int8": 2, "uint16": 3, "int16": 4}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -36,6 +37,12 @@ class BlobHeader:
     tile: tuple[int, int]
     slab_table: list[tuple[int, int, int]]  # (offset, length, crc)
     embedded: bytes = b""
+    version: int = VERSION
+
+    @property
+    def within_range(self) -> bool:
+        """Whether its residuals were coded within the dtype's range (format 2 on)."""
+        return self.version >= 2
 
 
 def pack(model_id: bytes, model_name: str, dtype: str, shape, slab: int,
@@ -61,8 +68,9 @@ def unpack_header(blob: bytes) -> tuple[BlobHeader, int]:
     if len(blob) < len(MAGIC) + 6 or bytes(blob[:len(MAGIC)]) != MAGIC:
         raise CorruptBlobError("not a voxarc blob (bad magic)")
     version, hlen = struct.unpack_from("<HI", blob, len(MAGIC))
-    if version != VERSION:
-        raise CorruptBlobError(f"blob format version {version} is not supported (have {VERSION})")
+    if version not in SUPPORTED:
+        raise CorruptBlobError(f"blob format version {version} is not supported (have "
+                               f"{', '.join(map(str, SUPPORTED))})")
     start = len(MAGIC) + 6
     if len(blob) < start + hlen + 4:
         raise CorruptBlobError("blob truncated inside its header")
@@ -74,6 +82,7 @@ def unpack_header(blob: bytes) -> tuple[BlobHeader, int]:
         parsed = _parse_header(header)
     except (struct.error, KeyError, UnicodeDecodeError) as exc:
         raise CorruptBlobError(f"malformed blob header: {exc}") from None
+    parsed.version = version
     base = start + hlen + 4
     end = base + sum(length for _, length, _ in parsed.slab_table)
     if len(blob) != end:

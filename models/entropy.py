@@ -130,6 +130,34 @@ class CodingTables:
         return np.take(self._rows, index, axis=0)
 
 
+def token_bounds(pred: np.ndarray, shifts: np.ndarray, lo: int, hi: int):
+    """Least and greatest quantised residual ``q`` a voxel predicted as ``pred`` can have
+    within ``[lo, hi]``, at its row's shift."""
+    return (lo - pred) >> shifts, (hi - pred) >> shifts
+
+
+RANGE_EDGE = 8   # rows are truncated where the dtype's range ends this close (in tokens)
+
+
+def truncate_rows(rows: np.ndarray, qmin: np.ndarray, qmax: np.ndarray) -> np.ndarray:
+    """Token rows (one per symbol, modified in place) with no probability for tokens outside
+    ``[qmin, qmax]``, for symbols whose range ends within ``RANGE_EDGE`` tokens: the range
+    coder then spends (almost) nothing on residuals the dtype cannot hold (an MR's background
+    sits at 0 of a uint16). Further ends cut little probability and would cost decoding time
+    (chosen on train volumes: 88% of the gain on 27% of the symbols). Constriction still gives
+    every zero its smallest probability, and the true token is always inside."""
+    edge = np.flatnonzero((qmin >= -RANGE_EDGE) | (qmax < RANGE_EDGE))
+    if edge.size:
+        q = np.arange(-TOKEN_RANGE, TOKEN_RANGE)
+        lo, hi = qmin[edge, None], qmax[edge, None]
+        part = rows[edge]
+        part[:, :2 * TOKEN_RANGE] *= (q >= lo) & (q <= hi)
+        part[:, ESC_NEG] *= lo[:, 0] < -TOKEN_RANGE
+        part[:, ESC_POS] *= hi[:, 0] >= TOKEN_RANGE
+        rows[edge] = part
+    return rows
+
+
 def _words(encoder) -> np.ndarray:
     return encoder.get_compressed().astype("<u4")
 
@@ -142,19 +170,29 @@ def _interleave(parts):
     return [np.concatenate(cols)[order] for cols in zip(*(p[1:] for p in parts))]
 
 
-def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.ndarray):
-    """Code one slice's symbols (already in wavefront order, ``step_of`` non-decreasing).
+def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.ndarray,
+                 bounds=None):
+    """Code one slice's symbols (already in wavefront order, ``step_of`` non-decreasing);
+    ``bounds``: each symbol's :func:`token_bounds`, to code within the dtype's range.
 
     Returns the two streams as little-endian uint32 arrays.
     """
     esc = np.flatnonzero(sym.token >= ESC_NEG)
     class_rows = np.full(len(esc), tables.class_row)
-    values, rows = _interleave([(step_of, sym.token, j),
-                                (step_of[esc], sym.cls[esc], class_rows)])
+    n = len(j)
+    qmin, qmax = bounds if bounds is not None else (np.full(n, -1 << 40), np.full(n, 1 << 40))
+    wide = np.full(len(esc), 1 << 40)   # escape classes are not truncated
+    values, rows, qmin, qmax = _interleave([(step_of, sym.token, j, qmin, qmax),
+                                            (step_of[esc], sym.cls[esc], class_rows, -wide,
+                                             wide)])
     tok = constriction.stream.queue.RangeEncoder()
     values = values.astype(np.int32)
     for a in range(0, len(values), CODE_CHUNK):  # same stream as one call, rows stay in cache
-        tok.encode(values[a:a + CODE_CHUNK], _CATEGORICAL, tables.rows(rows[a:a + CODE_CHUNK]))
+        b = a + CODE_CHUNK
+        probs = tables.rows(rows[a:b])
+        if bounds is not None:
+            truncate_rows(probs, qmin[a:b], qmax[a:b])
+        tok.encode(values[a:b], _CATEGORICAL, probs)
     low = sym.low_bits > 0
     extra = sym.extra_bits > 0
     uval, ubits = _interleave([
@@ -168,10 +206,12 @@ def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.
 
 class StepDecoder:
     """Decodes many slices' streams together, one wavefront step at a time, in the order
-    :func:`encode_slice` wrote them."""
+    :func:`encode_slice` wrote them; with ``bounds`` (the dtype's ``lo, hi``), as coded
+    within that range."""
 
-    def __init__(self, tables: CodingTables, streams):
+    def __init__(self, tables: CodingTables, streams, bounds: tuple[int, int] | None = None):
         self.tables = tables
+        self.bounds = bounds
         new = constriction.stream.queue.RangeDecoder
         self.tok = [new(np.ascontiguousarray(t, np.uint32)) for t, _ in streams]
         self.uni = [new(np.ascontiguousarray(u, np.uint32)) for _, u in streams]
@@ -187,11 +227,14 @@ class StepDecoder:
                 out.append(decoders[stream].decode(model, params[lo:hi]))
         return np.concatenate(out).astype(np.int64)
 
-    def decode_step(self, segments, j: np.ndarray) -> np.ndarray:
-        """Residuals of one step. ``segments`` lists ``(stream, start, stop)``: which stream
-        holds the symbols ``j[start:stop]``."""
-        token = self._per_stream(self.tok, segments, None, _CATEGORICAL,
-                                 self.tables.rows(j))
+    def decode_step(self, segments, j: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        """Residuals of one step from the predictions ``pred`` at table rows ``j``.
+        ``segments`` lists ``(stream, start, stop)``: which stream holds the symbols
+        ``j[start:stop]``."""
+        rows = self.tables.rows(j)
+        if self.bounds is not None:
+            truncate_rows(rows, *token_bounds(pred, self.tables.shifts[j], *self.bounds))
+        token = self._per_stream(self.tok, segments, None, _CATEGORICAL, rows)
         esc = token >= ESC_NEG
         cls = np.zeros(len(j), np.int64)
         if esc.any():

@@ -215,9 +215,9 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
             keep = np.concatenate(keep)
             decoded = np.zeros(n, dtype=np.int64)
             if keep.any():
-                decoded[keep] = pred[keep] + decoder.decode_step(segments, j[keep])
+                decoded[keep] = pred[keep] + decoder.decode_step(segments, j[keep], pred[keep])
         else:
-            decoded = pred + decoder.decode_step(segments, j)
+            decoded = pred + decoder.decode_step(segments, j, pred)
         if decoded.min(initial=lo) < lo or decoded.max(initial=hi) > hi:
             raise corrupt("decoded value outside the volume's dtype: corrupt stream")
         pos = 0

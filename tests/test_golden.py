@@ -57,6 +57,9 @@ VOLUMES = {
                                  {"slab": 4, "tile": (16, 24)}),
     "mr_uint16_frac_adapted_v4": lambda: (_phantom((16, 64, 64), "uint16", 11), {"adapt": True}),
     "mr_uint16_frac_delta_v4": lambda: (_phantom((16, 64, 64), "uint16", 12), {"adapt": True}),
+    # blob format 2: residuals coded within the dtype's range (a background just above 0)
+    "mr_uint16_range_v5": lambda: (_near_floor((9, 40, 36), 13), {"slab": 4, "tile": (16, 24)}),
+    "u8_range_v5": lambda: (_near_floor((3, 17, 19), 14).astype(np.uint8), {}),
 }
 
 
@@ -66,6 +69,14 @@ def _padded(vol: np.ndarray) -> np.ndarray:
                        indexing="ij")
     vol[:, x ** 2 + y ** 2 > 0.8] = np.iinfo(vol.dtype).min
     return vol
+
+
+def _near_floor(shape, seed) -> np.ndarray:
+    """uint16 values a few units above 0, and a brighter block: residuals meet the dtype's floor."""
+    rng = np.random.default_rng(seed)
+    vol = np.abs(rng.normal(0, 3, shape))
+    vol[:, shape[1] // 3:2 * shape[1] // 3, shape[2] // 4:3 * shape[2] // 4] += 200
+    return np.round(vol).astype(np.uint16)
 
 
 def _sha(a: np.ndarray) -> str:

@@ -1,0 +1,89 @@
+"""Blob format 2 codes residuals within the dtype's range: tokens that would put a voxel outside
+it get no probability. Format 1 blobs (without it) still decode."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+import models
+from models.codec import decode_slabs, encode_slab
+from models.container import MAGIC, VERSION, CorruptBlobError, unpack_header
+from models.entropy import (ESC_NEG, ESC_POS, RANGE_EDGE, TOKEN_RANGE, token_bounds,
+                            truncate_rows)
+from models.registry import load_model
+
+
+def mr_background(shape=(6, 48, 40), seed=0) -> np.ndarray:
+    """A uint16 MR-like volume: tissue in the middle, a noisy background just above 0."""
+    rng = np.random.default_rng(seed)
+    y, x = np.meshgrid(np.linspace(-1, 1, shape[1]), np.linspace(-1, 1, shape[2]), indexing="ij")
+    vol = 3 * np.abs(rng.normal(0, 1, shape)) + 600 * (x ** 2 + y ** 2 < 0.3)
+    return np.round(vol).astype(np.uint16)
+
+
+def test_truncated_rows_keep_only_the_tokens_inside_the_bounds():
+    rows = np.ones((5, 2 * TOKEN_RANGE + 2))
+    qmin = np.array([-100, -2, -RANGE_EDGE, -100, -RANGE_EDGE - 1])
+    qmax = np.array([100, 3, 100, RANGE_EDGE - 1, RANGE_EDGE])
+    truncate_rows(rows, qmin, qmax)
+    q = np.arange(-TOKEN_RANGE, TOKEN_RANGE)
+    assert rows[0].all() and rows[4].all()     # ends further than RANGE_EDGE: untouched
+    assert rows[1, :2 * TOKEN_RANGE].tolist() == ((q >= -2) & (q <= 3)).tolist()
+    assert rows[1, ESC_NEG] == 0 and rows[1, ESC_POS] == 0
+    assert rows[2, :2 * TOKEN_RANGE].tolist() == (q >= -RANGE_EDGE).tolist()
+    assert rows[2, ESC_NEG] == 0 and rows[2, ESC_POS] == 1
+    assert rows[3, :2 * TOKEN_RANGE].tolist() == (q < RANGE_EDGE).tolist()
+    assert rows[3, ESC_POS] == 0 and rows[3, ESC_NEG] == 1
+
+
+def test_bounds_hold_the_residual_of_every_value_in_range():
+    rng = np.random.default_rng(1)
+    pred = rng.integers(0, 65536, 5000)
+    value = rng.integers(0, 65536, 5000)
+    shifts = rng.integers(0, 6, 5000)
+    qmin, qmax = token_bounds(pred, shifts, 0, 65535)
+    q = (value - pred) >> shifts
+    assert ((qmin <= q) & (q <= qmax)).all()
+
+
+def test_coding_within_range_saves_bits_near_the_dtype_floor_and_stays_exact():
+    predictor = load_model("default")
+    vol = mr_background()
+    args = (predictor, vol, 0, 65535, 8, (48, 40))
+    inside, plain = encode_slab(*args), encode_slab(*args, within_range=False)
+    assert len(inside) < 0.97 * len(plain)
+    for payload, flag in ((inside, True), (plain, False)):
+        (back,) = decode_slabs(predictor, [payload], [6], 48, 40, 0, 65535, 8, (48, 40),
+                               within_range=flag)
+        np.testing.assert_array_equal(back, vol)
+
+
+def test_blobs_are_written_in_format_2_and_format_1_still_reads():
+    vol = mr_background((4, 20, 24), seed=2)
+    blob = models.encode_volume(vol)
+    header, _ = unpack_header(blob)
+    assert VERSION == 2 and header.version == 2 and header.within_range
+    np.testing.assert_array_equal(models.decode_volume(blob), vol)
+    old = _with_version(blob, 1)        # the same bytes read as format 1: another coding
+    assert not unpack_header(old)[0].within_range
+    with pytest.raises(CorruptBlobError, match="version 3"):
+        unpack_header(_with_version(blob, 3))
+
+
+def _with_version(blob: bytes, version: int) -> bytes:
+    at = len(MAGIC)
+    return blob[:at] + struct.pack("<H", version) + blob[at + 2:]
+
+
+def test_format_1_blobs_decode_without_range_coding():
+    """A format 1 blob of today's model (slabs coded without the range) decodes exactly."""
+    from models.container import pack
+    predictor = load_model("default")
+    vol = mr_background((5, 24, 20), seed=3)
+    payload = encode_slab(predictor, vol, 0, 65535, 8, (24, 20), within_range=False)
+    blob = _with_version(pack(predictor.model_id, "default", "uint16", vol.shape, 8, (24, 20),
+                              [payload]), 1)
+    np.testing.assert_array_equal(models.decode_volume(blob), vol)
