@@ -367,7 +367,8 @@ def register(subparsers) -> None:
     p.add_argument("--codecs", default=",".join(ALL_CODECS),
                    help=f"comma-separated subset of {','.join(ALL_CODECS)} (default: all)")
     p.add_argument("--models", default="default",
-                   help="comma-separated voxarc model names (default: default)")
+                   help="comma-separated voxarc model names, each optionally with the suffix "
+                        "/no-adapt (encode without per-volume adaptation) (default: default)")
     p.add_argument("--max-slices", type=int, metavar="N",
                    help="code at most N slices of every volume (see --subset), all codecs")
     p.add_argument("--budget-s", type=float, default=BenchOptions.budget_s,

@@ -161,24 +161,31 @@ def _zstd19() -> Codec:
     return Codec("zstd-19", encode, decode)
 
 
+NO_ADAPT = "/no-adapt"   # model-name suffix: encode without per-volume adaptation
+
+
 def voxarc_codec(model: str) -> Codec:
     """The voxarc codec with one named model, through :mod:`models`' public API.
 
     Parameters
     ----------
     model : str
-        Model name passed to ``models.encode_volume``.
+        Model name passed to ``models.encode_volume``; with the suffix ``/no-adapt``, encoded
+        without per-volume adaptation (the shipped model as it is: faster to encode).
 
     Returns
     -------
     Codec
         Named ``"voxarc:<model>"``.
     """
+    name = model.removesuffix(NO_ADAPT)
+    options = {"adapt": False} if model.endswith(NO_ADAPT) else {}
 
     def encode(volume: np.ndarray) -> Encoded:
         import models  # here, so that a broken or missing codec fails its row, not the bench
 
-        return Encoded([models.encode_volume(volume, model=model)], volume.dtype, volume.shape)
+        return Encoded([models.encode_volume(volume, model=name, **options)], volume.dtype,
+                       volume.shape)
 
     def decode(enc: Encoded) -> np.ndarray:
         import models

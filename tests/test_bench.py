@@ -272,3 +272,21 @@ def test_crop_codes_the_central_region_with_every_codec(ct_folder):
     slices = full["volumes"][0]["shape"][0]
     assert all(r["voxels"] == slices * 24 * 24 for r in report["rows"])
     assert full["rows"][0]["voxels"] > report["rows"][0]["voxels"]
+
+
+def test_a_model_without_adaptation_is_benchmarked_beside_the_adapted_one(monkeypatch):
+    """``--models default,default/no-adapt``: two rows of the same model, the second encoded
+    without per-volume adaptation (the suffix is not part of the model's name)."""
+    import models
+    from service import bench_codecs
+    seen = []
+    real = models.encode_volume
+    monkeypatch.setattr(models, "encode_volume",
+                        lambda vol, **kw: seen.append(kw) or real(vol, **kw))
+    vol = np.random.default_rng(5).integers(0, 900, (3, 16, 20)).astype(np.uint16)
+    for spec, want in (("default", {"model": "default"}),
+                       ("default/no-adapt", {"model": "default", "adapt": False})):
+        codec = bench_codecs.voxarc_codec(spec)
+        assert codec.name == f"voxarc:{spec}"
+        np.testing.assert_array_equal(codec.decode(codec.encode(vol)), vol)
+        assert seen[-1] == want
