@@ -132,8 +132,17 @@ def flat_contexts(s: np.ndarray, inputs: np.ndarray) -> np.ndarray:
     flat = s == 1
     idx = np.flatnonzero(flat)
     if idx.size:
-        flat[idx] = ~inputs[idx].any(axis=1)
+        flat[idx] = ~take_rows(inputs, idx).any(axis=1)
     return flat
+
+
+def take_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``a[idx]`` for a 2-D array, gathered along the memory order when ``a`` is the transposed
+    view of a row-major array (the decoder's ``x.T``): the same values, without a strided
+    gather per element."""
+    if a.T.flags.c_contiguous and not a.flags.c_contiguous:
+        return a.T[:, idx].T
+    return a[idx]
 
 
 def prediction(ref, s, mean_acc, mean_mult: int, mean_shift: int, lo: int, hi: int):

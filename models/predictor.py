@@ -16,7 +16,7 @@ import torch
 from models.context import Neighbourhood
 from models.entropy import CodingTables
 from models.features import (DEFAULT_NEIGHBOURHOOD, default_features, flat_contexts,
-                             fraction_bin, n_features, prediction, scale_index)
+                             fraction_bin, n_features, prediction, scale_index, take_rows)
 from models.intnet import IntMLP
 
 
@@ -80,8 +80,9 @@ class DefaultPredictor:
         else:
             busy = np.flatnonzero(~flat)
             pred, j = np.empty(len(ref), np.int64), np.empty(len(ref), np.int64)
-            pred[busy], j[busy] = self._network(ref[busy], s[busy], lq[busy], inputs[busy],
-                                                _at(lo, busy), _at(hi, busy))
+            pred[busy], j[busy] = self._network(ref[busy], s[busy], lq[busy],
+                                                take_rows(inputs, busy), _at(lo, busy),
+                                                _at(hi, busy))
         pred[flat] = np.clip(ref[flat], _at(lo, flat), _at(hi, flat))
         j[flat] = self.tables.flat_index
         return pred, j
