@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import constriction
 import numpy as np
 
-from models.features import FLAT_INDEX, N_SCALES, SCALE_STEPS, SCALE_ZERO
+from models.features import N_SCALES, SCALE_STEPS, SCALE_ZERO
 
 TOKEN_RANGE = 24                    # C: q in [-C, C) coded directly
 ESC_NEG = 2 * TOKEN_RANGE           # escape tokens
@@ -37,8 +37,7 @@ def table_shifts(n_scales: int = N_SCALES) -> np.ndarray:
     return np.maximum((j - SCALE_ZERO + 2) // SCALE_STEPS - 2, 0).astype(np.int64)
 
 
-SHIFTS = np.append(table_shifts(), 0)  # flat contexts (FLAT_INDEX) split off no low bits
-assert len(SHIFTS) == FLAT_INDEX + 1
+SHIFTS = table_shifts()   # of the original layout: one row per scale index
 FRACTION_BINS = (1, 4)   # table rows per scale index: one, or one per quarter of the mean's fraction
 
 
@@ -179,19 +178,18 @@ def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.
     """
     esc = np.flatnonzero(sym.token >= ESC_NEG)
     class_rows = np.full(len(esc), tables.class_row)
-    n = len(j)
-    qmin, qmax = bounds if bounds is not None else (np.full(n, -1 << 40), np.full(n, 1 << 40))
-    wide = np.full(len(esc), 1 << 40)   # escape classes are not truncated
-    values, rows, qmin, qmax = _interleave([(step_of, sym.token, j, qmin, qmax),
-                                            (step_of[esc], sym.cls[esc], class_rows, -wide,
-                                             wide)])
+    tokens, classes = (step_of, sym.token, j), (step_of[esc], sym.cls[esc], class_rows)
+    if bounds is not None:
+        wide = np.full(len(esc), 1 << 40)   # escape classes are not truncated
+        tokens, classes = tokens + tuple(bounds), classes + (-wide, wide)
+    values, rows, *bounds_in_order = _interleave([tokens, classes])
     tok = constriction.stream.queue.RangeEncoder()
     values = values.astype(np.int32)
     for a in range(0, len(values), CODE_CHUNK):  # same stream as one call, rows stay in cache
         b = a + CODE_CHUNK
         probs = tables.rows(rows[a:b])
         if bounds is not None:
-            truncate_rows(probs, qmin[a:b], qmax[a:b])
+            truncate_rows(probs, *(q[a:b] for q in bounds_in_order))
         tok.encode(values[a:b], _CATEGORICAL, probs)
     low = sym.low_bits > 0
     extra = sym.extra_bits > 0
@@ -231,16 +229,16 @@ class StepDecoder:
         """Residuals of one step from the predictions ``pred`` at table rows ``j``.
         ``segments`` lists ``(stream, start, stop)``: which stream holds the symbols
         ``j[start:stop]``."""
+        sh = self.tables.shifts[j]
         rows = self.tables.rows(j)
         if self.bounds is not None:
-            truncate_rows(rows, *token_bounds(pred, self.tables.shifts[j], *self.bounds))
+            truncate_rows(rows, *token_bounds(pred, sh, *self.bounds))
         token = self._per_stream(self.tok, segments, None, _CATEGORICAL, rows)
         esc = token >= ESC_NEG
         cls = np.zeros(len(j), np.int64)
         if esc.any():
             rows = self.tables.rows(np.full(int(esc.sum()), self.tables.class_row))
             cls[esc] = self._per_stream(self.tok, segments, esc, _CATEGORICAL, rows)
-        sh = self.tables.shifts[j]
         low = np.zeros(len(j), np.int64)
         has_low = sh > 0
         if has_low.any():

@@ -40,9 +40,6 @@ UNIT = 64                   # inputs and the mean output are in units of s / UNI
 SCALE_STEPS = 4             # scale index steps per octave
 SCALE_ZERO = 8              # index of scale 1.0 (index 0 is scale 1/4)
 N_SCALES = SCALE_ZERO + SCALE_STEPS * 18
-#: table row of flat contexts (models whose tables have this row; the network's scale indices
-#: stay below it)
-FLAT_INDEX = N_SCALES
 
 # floor(4 * log2(s)) exactly: smallest integer s with s**4 >= 2**k, for every k
 _LOG2Q_THRESHOLDS = np.array(

@@ -10,7 +10,7 @@ import models
 from models import predictor as predictor_module
 from models.codec import slab_contexts
 from models.entropy import CodingTables
-from models.features import FLAT_INDEX, N_SCALES, default_features, flat_contexts
+from models.features import N_SCALES, default_features, flat_contexts
 from models.registry import load_model, model_by_id
 from models.tables import fitted_tables, prior_tables
 
@@ -92,7 +92,7 @@ def test_the_flat_row_codes_constant_background_in_fewer_bytes():
 
 def test_fitted_tables_keep_the_flat_row_of_their_prior():
     r = np.zeros(50, np.int64)
-    j = np.full(50, FLAT_INDEX)
+    j = np.full(50, prior_tables(flat=True).flat_index)
     assert fitted_tables(r, j, prior=prior_tables(flat=True)).flat
     assert not fitted_tables(r[:0], j[:0], prior=prior_tables()).flat
     with pytest.raises(IndexError):

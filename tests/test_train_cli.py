@@ -12,42 +12,49 @@ from models.registry import _read, load_model
 from service.cli import main
 
 
+SMALL = ["--keep", "1.0", "--slabs-per-volume", "1"]       # every voxel of one slab
+TINY_NET = ["--epochs", "1", "--hidden", "8,8"]
+
+
+def _train(tmp_path, *options: str):
+    """``voxarc train --model default`` on pydicom's CT_small; returns the weights folder."""
+    series = tmp_path / "series"
+    if not series.exists():
+        series.mkdir()
+        (series / "ct.dcm").write_bytes(open(get_testdata_file("CT_small.dcm"), "rb").read())
+    out = tmp_path / "weights"
+    assert main(["train", "--model", "default", str(series), "--out", str(out), *SMALL,
+                 *options]) == 0
+    return out
+
+
+def _assert_round_trip(predictor, vol: np.ndarray) -> None:
+    payload = encode_slab(predictor, vol, 0, 65535, 8, (8, 16))
+    (back,) = decode_slabs(predictor, [payload], [len(vol)], vol.shape[1], vol.shape[2], 0,
+                           65535, 8, (8, 16))
+    np.testing.assert_array_equal(back, vol)
+
+
 @pytest.mark.parametrize("hood", ["default", "wide"])
 def test_train_default_writes_a_usable_model(tmp_path, hood):
-    series = tmp_path / "series"
-    series.mkdir()
-    (series / "ct.dcm").write_bytes(open(get_testdata_file("CT_small.dcm"), "rb").read())
-    out = tmp_path / "weights"
-    assert main(["train", "--model", "default", str(series), "--out", str(out), "--epochs", "1",
-                 "--hidden", "8,8", "--keep", "1.0", "--slabs-per-volume", "1",
-                 "--neighbourhood", hood]) == 0
+    out = _train(tmp_path, *TINY_NET, "--neighbourhood", hood)
     card = (out / "default.md").read_text()
     assert "default" in card and "voxarc train" in card
     predictor = _read(out / "default.npz")
     assert predictor.float_arrays and predictor.net.layers[0].weight.shape[0] == 8
     assert predictor.neighbourhood == NEIGHBOURHOODS[hood]
     assert predictor.net.layers[0].weight.shape[1] == NEIGHBOURHOODS[hood].size + 5
-    vol = np.random.default_rng(0).integers(0, 4000, (3, 20, 24)).astype(np.uint16)
-    payload = encode_slab(predictor, vol, 0, 65535, 8, (8, 16))
-    (back,) = decode_slabs(predictor, [payload], [3], 20, 24, 0, 65535, 8, (8, 16))
-    np.testing.assert_array_equal(back, vol)
+    _assert_round_trip(predictor,
+                       np.random.default_rng(0).integers(0, 4000, (3, 20, 24)).astype(np.uint16))
 
 
 def test_train_with_flat_contexts_and_a_kept_network(tmp_path):
     """``--flat-contexts`` trains the network on the other contexts and adds the flat row;
     ``--network-from`` keeps a shipped network and fits only the tables."""
-    series = tmp_path / "series"
-    series.mkdir()
-    (series / "ct.dcm").write_bytes(open(get_testdata_file("CT_small.dcm"), "rb").read())
-    out = tmp_path / "weights"
-    assert main(["train", "--model", "default", str(series), "--out", str(out), "--epochs", "1",
-                 "--hidden", "8,8", "--keep", "1.0", "--slabs-per-volume", "1",
-                 "--flat-contexts"]) == 0
+    out = _train(tmp_path, *TINY_NET, "--flat-contexts")
     trained = _read(out / "default.npz")
     assert trained.tables.flat and trained.net.layers[0].weight.shape[0] == 8
-    assert main(["train", "--model", "default", str(series), "--out", str(out), "--name", "kept",
-                 "--keep", "1.0", "--slabs-per-volume", "1", "--network-from", "default",
-                 "--flat-contexts"]) == 0
+    _train(tmp_path, "--name", "kept", "--network-from", "default", "--flat-contexts")
     kept = _read(out / "kept.npz")
     shipped = load_model("default")
     assert kept.tables.flat and kept.neighbourhood == shipped.neighbourhood
@@ -57,6 +64,4 @@ def test_train_with_flat_contexts_and_a_kept_network(tmp_path):
     vol = np.full((3, 20, 24), 100, np.uint16)
     vol[:, 5:15, 6:18] = np.random.default_rng(0).integers(0, 4000, (3, 10, 12))
     for predictor in (trained, kept):
-        payload = encode_slab(predictor, vol, 0, 65535, 8, (8, 16))
-        (back,) = decode_slabs(predictor, [payload], [3], 20, 24, 0, 65535, 8, (8, 16))
-        np.testing.assert_array_equal(back, vol)
+        _assert_round_trip(predictor, vol)
