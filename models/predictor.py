@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 
+from models import kernels
 from models.context import Neighbourhood
 from models.entropy import CodingTables
 from models.features import (DEFAULT_NEIGHBOURHOOD, default_features, flat_contexts,
@@ -61,8 +62,24 @@ class DefaultPredictor:
     def predict(self, values: np.ndarray, valid: np.ndarray, lo: int, hi: int):
         """Rounded predictions (int64, within [lo, hi]) and table indices for ``(K, n)``
         neighbour values."""
-        ref, s, lq, x = default_features(values, valid)
-        return self.outputs(ref, s, lq, x.T, lo, hi)
+        feats = kernels.features(values, valid, compact=self.tables.flat)
+        if feats is None:
+            ref, s, lq, x = default_features(values, valid)
+            return self.outputs(ref, s, lq, x.T, lo, hi)
+        return self.kernel_outputs(feats, lo, hi)
+
+    def kernel_outputs(self, feats: "kernels.Features", lo, hi):
+        """:meth:`outputs` from the compiled kernel's features (see models.kernels)."""
+        if feats.busy is None:
+            return self._network(feats.ref_busy, feats.s, feats.lq, feats.x, lo, hi)
+        # the compiled kernel left the flat contexts out: they predict their reference
+        busy = feats.busy
+        pred = np.clip(feats.ref, lo, hi)
+        j = np.full(len(pred), self.tables.flat_index, dtype=np.int64)
+        if len(busy):
+            pred[busy], j[busy] = self._network(feats.ref_busy, feats.s, feats.lq, feats.x,
+                                                _at(lo, busy), _at(hi, busy))
+        return pred, j
 
     def outputs(self, ref, s, lq, inputs, lo, hi):
         """Predictions and table indices from the features (``inputs`` is ``(n, F)``).

@@ -22,6 +22,7 @@ from functools import cached_property
 
 import numpy as np
 
+from models import kernels
 from models.context import Neighbourhood
 
 
@@ -49,6 +50,7 @@ class SkewLayout:
         last = max(self.steps - 1 + int(max(0, self.dtau.max())), last_ghost)
         self.plane_shape = (self.t0 + last + 1, self.y0 + self.th + self.ghost_rows)
         self.gather_cache: dict = {}
+        self.run_cache: dict = {}     # (strides, tau, slabs) -> runs of a step (models.kernels)
 
     @property
     def supported(self) -> bool:
@@ -173,7 +175,6 @@ def decode_sheared(layout: SkewLayout, predictor, decoder, stream_of, counts, lo
 def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, corrupt, buf,
               first: int, top: int) -> None:
     """Decode slices ``[first, top)`` of the slabs into ``buf`` along the wavefront."""
-    K = L.hood.size
     flat = buf.reshape(-1)
     strides = tuple(st // buf.itemsize for st in buf.strides)    # in elements
     depth_ok = (np.arange(zs)[None, :] + L.dz[:, None]) >= 0          # (K, zs)
@@ -188,20 +189,10 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
             continue
         sizes = [m * L.tiles * (r1 - r0) for _, _, r0, r1, m in parts]
         n = sum(sizes)
-        values = np.empty((K, n), dtype=np.int32)
-        valid = np.empty((K, n), dtype=bool)
-        segments, pos, sym = [], 0, 0
+        segments, sym = [], 0
         keep = [] if L.has_phantoms else None
-        for (zl, tau, r0, r1, m), size in zip(parts, sizes):
-            z = zl + L.z0
-            # one indexed read of all K neighbours (K sliced copies cost more in calls)
-            index, lowest = _gather_index(L, strides, m)
-            base = z * strides[0] + (tau + L.t0) * strides[3] + r0 + L.y0 + lowest
-            values[:, pos:pos + size].reshape(K, m, L.tiles, r1 - r0)[...] = \
-                flat[base:].take(index[..., :r1 - r0])
-            vt = L.step_validity(tau)
-            valid[:, pos:pos + size].reshape(K, m, -1)[...] = (vt & depth_ok[:, zl, None])[:, None]
-            real = vt.shape[1]
+        for zl, tau, r0, r1, m in parts:
+            real = L.tiles * (r1 - r0)
             if keep is not None:
                 mask = L.step_real(tau)
                 keep.append(np.tile(mask, m))
@@ -209,8 +200,7 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
             for g in range(m):
                 segments.append((stream_of[g] + zl, sym, sym + real))
                 sym += real
-            pos += size
-        pred, j = predictor.predict(values, valid, lo, hi)
+        pred, j = _predict_step(L, predictor, flat, strides, depth_ok, parts, sizes, lo, hi)
         if keep is not None:
             keep = np.concatenate(keep)
             decoded = np.zeros(n, dtype=np.int64)
@@ -231,3 +221,64 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
                     buf[z][:m, below - L.ntx, tau + L.a * L.th + L.t0, L.y0 + L.th + r] = \
                         block[:, below, r - r0]
             pos += size
+
+
+def _predict_step(L: SkewLayout, predictor, flat, strides, depth_ok, parts, sizes, lo, hi):
+    """Predictions and table rows of one wavefront step's voxels (``parts`` of slices in
+    flight), in the order of the symbols: from the buffer's runs by the compiled kernel when
+    there is one, else through a gathered ``(K, n)`` copy of the neighbours."""
+    if hasattr(predictor, "kernel_outputs") and kernels.available():
+        hold = []          # the validity arrays the runs point into
+        runs = kernels.Runs.join([_part_runs(L, strides, depth_ok, part, hold)
+                                  for part in parts])
+        feats = kernels.run_features(flat, runs, _neighbour_offsets(L, strides),
+                                     predictor.tables.flat)
+        if feats is not None:
+            return predictor.kernel_outputs(feats, lo, hi)
+    K = L.hood.size
+    n = sum(sizes)
+    values = np.empty((K, n), dtype=np.int32)
+    valid = np.empty((K, n), dtype=bool)
+    pos = 0
+    for (zl, tau, r0, r1, m), size in zip(parts, sizes):
+        z = zl + L.z0
+        # one indexed read of all K neighbours (K sliced copies cost more in calls)
+        index, lowest = _gather_index(L, strides, m)
+        base = z * strides[0] + (tau + L.t0) * strides[3] + r0 + L.y0 + lowest
+        values[:, pos:pos + size].reshape(K, m, L.tiles, r1 - r0)[...] = \
+            flat[base:].take(index[..., :r1 - r0])
+        vt = L.step_validity(tau)
+        valid[:, pos:pos + size].reshape(K, m, -1)[...] = (vt & depth_ok[:, zl, None])[:, None]
+        pos += size
+    return predictor.predict(values, valid, lo, hi)
+
+
+def _neighbour_offsets(L: SkewLayout, strides: tuple) -> np.ndarray:
+    return L.dz * strides[0] + L.dtau * strides[3] + L.dy
+
+
+RUN_CACHE_ENTRIES = 1 << 14
+
+
+def _part_runs(L: SkewLayout, strides, depth_ok, part, hold: list) -> "kernels.Runs":
+    """The runs of one slice's voxels at one step: one per slab and tile (its rows)."""
+    zl, tau, r0, r1, m = part
+    key = (strides, tau, m)
+    cached = L.run_cache.get(key)
+    if cached is None:
+        if len(L.run_cache) >= RUN_CACHE_ENTRIES:
+            L.run_cache.clear()
+        rows = r1 - r0
+        g, t = np.divmod(np.arange(m * L.tiles, dtype=np.int64), L.tiles)
+        origin = (tau + L.t0) * strides[3] + r0 + L.y0 + g * strides[1] + t * strides[2]
+        vt = np.ascontiguousarray(L.step_validity(tau))    # (K, tiles * rows)
+        count = m * L.tiles
+        cached = L.run_cache[key] = (origin, np.full(count, rows, np.int64),
+                                     (vt.ctypes.data + t * rows).astype(np.uint64),
+                                     np.full(count, vt.shape[1], np.int64), vt)
+    origin, length, valid_at, valid_stride, vt = cached
+    hold.append(vt)
+    bits = np.uint64(np.sum(depth_ok[:, zl].astype(np.uint64)
+                            << np.arange(L.hood.size, dtype=np.uint64)))
+    return kernels.Runs(origin + (zl + L.z0) * strides[0], length, valid_at, valid_stride,
+                        np.full(len(origin), bits, np.uint64))

@@ -46,7 +46,8 @@ def test_dockerfile_matches_the_cli():
             for source in shlex.split(arguments)[:-1]:
                 assert (REPO / source).exists() or source == "README.md", source
     ignore = (DOCKER / "Dockerfile.dockerignore").read_text()
-    for needed in ("pyproject.toml", "models/", "storage/", "service/"):
+    assert "kernels.available()" in " ".join(a for s, a in steps if s == "RUN")
+    for needed in ("pyproject.toml", "setup.py", "models/", "storage/", "service/"):
         assert f"!{needed}" in ignore
 
 

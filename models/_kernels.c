@@ -1,0 +1,199 @@
+/* Compiled kernels of voxarc's predictor features (models/kernels.py loads them with ctypes).
+ *
+ * voxarc_features computes exactly what models.features.default_features and flat_contexts
+ * compute in numpy, fused in one pass over cache-sized blocks of voxels, and leaves flat
+ * contexts out of the network inputs it writes. Every value is an integer; the one division,
+ * floor(d * 64 / s), is done as numpy does it (float32 d / (s / 64), correctly rounded, then
+ * floored), so both paths agree bit for bit (tests/test_kernels.py checks it).
+ *
+ * Plain C without Python.h: setuptools builds it as the optional extension models._kernels.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#define BLOCK 256          /* voxels per block: the block's K rows stay in L1/L2 */
+#define KMAX 32           /* at most 32 neighbours (the shipped models have 19 or 26) */
+#define CURRENT 9          /* neighbours 0..8: current slice (activity s) */
+#define PREVIOUS_END 19    /* neighbours 9..18: earlier slices (activity of the previous) */
+#define NB_W 0
+#define NB_N 1
+#define NB_NW 2
+#define NB_P 9
+#define NB_PP 18
+#define INPUT_LOW -1024
+#define INPUT_HIGH 1023
+#define S_MAX (1 << 17)
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+
+/* LOCO-I reference of each voxel of a block from W, N, NW (previous slice's P, else 0, when W
+ * and N are both outside), as models.features.reference. Masks instead of branches, so that
+ * the loop vectorises. */
+static inline __attribute__((always_inline)) void
+block_reference(const int32_t *const *v, const uint8_t *const *ok, int64_t m, int32_t *ref)
+{
+    for (int64_t i = 0; i < m; i++) {
+        int32_t mw = -(int32_t)ok[NB_W][i], mn = -(int32_t)ok[NB_N][i];
+        int32_t mnw = -(int32_t)ok[NB_NW][i], mp = -(int32_t)ok[NB_P][i];
+        int32_t vw = v[NB_W][i], vn = v[NB_N][i], vnw = v[NB_NW][i], vp = v[NB_P][i];
+        int32_t w = (vw & mw) | (~mw & ((vn & mn) | (~mn & vp & mp)));
+        int32_t n = (vn & mn) | (~mn & w);
+        int32_t nw = (vnw & mnw) | (~mnw & n);
+        int32_t lo = w < n ? w : n, hi = w < n ? n : w, c = w + n - nw;
+        int32_t mid = hi < c ? hi : c;
+        ref[i] = lo > mid ? lo : mid;
+    }
+}
+
+/* Features of the m (<= BLOCK) voxels of one block, whose neighbour k has values v[k][i] and
+ * validity ok[k][i]; ``a`` is the block's first voxel, ``kept`` how many voxels earlier blocks
+ * kept. Returns how many of this block's voxels it kept (see voxarc_features). */
+static inline __attribute__((always_inline)) int64_t
+block_features(const int32_t *const *v, const uint8_t *const *ok, int64_t m, int K,
+               int compact, const int16_t *log2q, float *x, int64_t xstride, int64_t a,
+               int64_t kept, int64_t *ref_all, int64_t *busy, int64_t *s_out, int64_t *lq_out,
+               int64_t *ref_busy)
+{
+    int32_t d[KMAX][BLOCK];
+    int32_t ref[BLOCK], lp[BLOCK], sc[BLOCK], sp[BLOCK], any[BLOCK], cur[BLOCK], idx[BLOCK];
+    float sf[BLOCK], xb[BLOCK];
+    block_reference(v, ok, m, ref);
+    for (int64_t i = 0; i < m; i++) {
+        sc[i] = 0; sp[i] = 0; any[i] = 0; cur[i] = 1;
+    }
+    for (int k = 0; k < K; k++) {
+        const int32_t *vk = v[k];
+        const uint8_t *okk = ok[k];
+        int32_t *dk = d[k];
+        for (int64_t i = 0; i < m; i++) {
+            int32_t e = (vk[i] - ref[i]) & -(int32_t)okk[i];
+            dk[i] = e;
+            any[i] |= e;
+        }
+        if (k < CURRENT) {
+            for (int64_t i = 0; i < m; i++) {
+                sc[i] += abs(dk[i]);
+                cur[i] &= okk[i];
+            }
+        } else if (k < PREVIOUS_END) {
+            for (int64_t i = 0; i < m; i++)
+                sp[i] += abs(dk[i]);
+        }
+    }
+    int64_t cnt = 0;
+    for (int64_t i = 0; i < m; i++) {
+        int32_t si = (sc[i] >> 1) + 1;
+        si = si > S_MAX ? S_MAX : si;
+        sf[i] = (float)si * 0.015625f;   /* s / 64, exact */
+        lp[i] = log2q[(sp[i] >> 1) + 1];
+        ref_all[a + i] = ref[i];
+        if (!compact || any[i]) {
+            busy[kept + cnt] = a + i;
+            s_out[kept + cnt] = si;
+            lq_out[kept + cnt] = log2q[si];
+            ref_busy[kept + cnt] = ref[i];
+            idx[cnt++] = (int32_t)i;
+        }
+    }
+    int whole = cnt == m;
+    for (int k = 0; k < K; k++) {
+        float *xk = x + (int64_t)k * xstride + kept;
+        float *dst = whole ? xk : xb;
+        const int32_t *dk = d[k];
+        for (int64_t i = 0; i < m; i++) {
+            float q = (float)dk[i] / sf[i];
+            int32_t t = (int32_t)q;          /* toward zero (|q| < 2**24) ... */
+            t -= (float)t > q;               /* ... then down: floor */
+            t = t < INPUT_LOW ? INPUT_LOW : (t > INPUT_HIGH ? INPUT_HIGH : t);
+            dst[i] = (float)t;
+        }
+        if (!whole)
+            for (int64_t c = 0; c < cnt; c++)
+                xk[c] = xb[idx[c]];
+    }
+    float *xq = x + (int64_t)K * xstride + kept, *xp = xq + xstride, *xpp = xp + xstride;
+    float *xedge = xpp + xstride, *xlp = xedge + xstride;
+    for (int64_t c = 0; c < cnt; c++) {
+        int64_t i = idx[c];
+        xq[c] = (float)(lq_out[kept + c] * 8);
+        xp[c] = ok[NB_P][i] ? 256.0f : 0.0f;
+        xpp[c] = ok[NB_PP][i] ? 256.0f : 0.0f;
+        xedge[c] = cur[i] ? 0.0f : 256.0f;
+        xlp[c] = (float)(lp[i] * 8);
+    }
+    return cnt;
+}
+
+/* Features of n voxels.
+ *
+ * values, valid: (K, n) neighbour values (int32) and validity (0/1 bytes), rows vstride and
+ *   ostride elements apart; K >= 19 and the first 19 neighbours are the default neighbourhood's.
+ * compact: when nonzero, flat contexts (every difference to the reference 0) are left out of
+ *   x, s_out, lq_out, ref_busy and busy; else every voxel is kept.
+ * log2q: floor(4 log2 s) for s = 0 .. 2**20 (models.features._LOG2Q_TABLE).
+ * x: (K + 5, xstride) float32 network inputs of the kept voxels, in order.
+ * ref_all: (n) the reference of every voxel.
+ * busy, s_out, lq_out, ref_busy: (n) index, activity, floor(4 log2 s) and reference of the
+ *   kept voxels.
+ * Returns the number of kept voxels, or -1 when K is out of range.
+ */
+VECTOR_CLONES
+int64_t voxarc_features(const int32_t *values, int64_t vstride, const uint8_t *valid,
+                        int64_t ostride, int64_t n, int32_t K, int32_t compact,
+                        const int16_t *log2q, float *x, int64_t xstride, int64_t *ref_all,
+                        int64_t *busy, int64_t *s_out, int64_t *lq_out, int64_t *ref_busy)
+{
+    if (K < PREVIOUS_END || K > KMAX)
+        return -1;
+    const int32_t *v[KMAX];
+    const uint8_t *ok[KMAX];
+    int64_t kept = 0;
+    for (int64_t a = 0; a < n; a += BLOCK) {
+        int64_t m = n - a < BLOCK ? n - a : BLOCK;
+        for (int k = 0; k < K; k++) {
+            v[k] = values + (int64_t)k * vstride + a;
+            ok[k] = valid + (int64_t)k * ostride + a;
+        }
+        kept += block_features(v, ok, m, K, compact, log2q, x, xstride, a, kept, ref_all, busy,
+                               s_out, lq_out, ref_busy);
+    }
+    return kept;
+}
+
+/* voxarc_features for voxels read from a decoder buffer in runs (models.skew): run r holds
+ * len[r] voxels; the neighbour k of its voxel i is buf[origin[r] + koff[k] + i], and its
+ * validity is byte k * ostride[r] + i of the array at address vptr[r], and-ed with bit k of
+ * depth[r]. The voxels are numbered in run order. */
+VECTOR_CLONES
+int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const int64_t *len,
+                             const uint64_t *vptr, const int64_t *ostride,
+                             const uint64_t *depth, int64_t runs, const int64_t *koff,
+                             int32_t K, int32_t compact, const int16_t *log2q, float *x,
+                             int64_t xstride, int64_t *ref_all, int64_t *busy, int64_t *s_out,
+                             int64_t *lq_out, int64_t *ref_busy)
+{
+    if (K < PREVIOUS_END || K > KMAX)
+        return -1;
+    static const uint8_t none[BLOCK];  /* the validity of neighbours in no earlier slice */
+    const int32_t *v[KMAX];
+    const uint8_t *ok[KMAX];
+    int64_t kept = 0, a = 0;
+    for (int64_t r = 0; r < runs; r++) {
+        const uint8_t *okr = (const uint8_t *)(uintptr_t)vptr[r];
+        for (int64_t at = 0; at < len[r]; at += BLOCK) {   /* a run is a block, or several */
+            int64_t m = len[r] - at < BLOCK ? len[r] - at : BLOCK;
+            for (int k = 0; k < K; k++) {
+                v[k] = buf + origin[r] + koff[k] + at;
+                ok[k] = (depth[r] >> k) & 1u ? okr + (int64_t)k * ostride[r] + at : none;
+            }
+            kept += block_features(v, ok, m, K, compact, log2q, x, xstride, a, kept, ref_all,
+                                   busy, s_out, lq_out, ref_busy);
+            a += m;
+        }
+    }
+    return kept;
+}

@@ -1,0 +1,133 @@
+"""The compiled feature kernel (``models/_kernels.c``), loaded with ctypes when it was built.
+
+It computes what :func:`models.features.default_features` and
+:func:`models.features.flat_contexts` compute, bit for bit, in one pass and without the flat
+contexts' network inputs. When the optional extension was not built (no C compiler at install
+time) or ``VOXARC_KERNELS=numpy`` is set, :func:`features` returns None and the callers use
+the numpy path, with the same results.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from models.features import _LOG2Q_TABLE
+
+log = logging.getLogger(__name__)
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_I32 = ctypes.c_int32
+
+
+@lru_cache(maxsize=1)
+def _library():
+    spec = importlib.util.find_spec("models._kernels")
+    if spec is None or not spec.origin:
+        log.info("compiled feature kernel not built: features computed in numpy")
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    fn = lib.voxarc_features
+    fn.restype = _I64
+    fn.argtypes = [_P, _I64, _P, _I64, _I64, _I32, _I32, _P, _P, _I64, _P, _P, _P, _P, _P]
+    fn = lib.voxarc_features_runs
+    fn.restype = _I64
+    fn.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _P, _I32, _I32, _P, _P, _I64, _P, _P, _P,
+                   _P, _P]
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel is used (built, and not switched off)."""
+    return os.environ.get("VOXARC_KERNELS", "auto") != "numpy" and _library() is not None
+
+
+@dataclass
+class Features:
+    """Features of ``n`` voxels; the ``kept`` ones are all voxels, or with ``compact`` the
+    non-flat ones.
+
+    ref : int64 (n,)        the reference of every voxel
+    busy : int64 (kept,)    indices of the kept voxels (None: all voxels, in order)
+    s, lq, ref_busy : int64 (kept,)   activity, floor(4 log2 s) and reference of the kept ones
+    x : float32 (kept, F)   network inputs of the kept voxels (a column-major view)
+    """
+
+    ref: np.ndarray
+    busy: np.ndarray | None
+    s: np.ndarray
+    lq: np.ndarray
+    ref_busy: np.ndarray
+    x: np.ndarray
+
+
+def _rows(a: np.ndarray, dtype) -> tuple[np.ndarray, int]:
+    """``a`` as a (K, n) array whose rows are contiguous, and its row stride in elements."""
+    a = np.asarray(a)
+    if a.dtype != dtype or a.strides[1] != a.itemsize or a.strides[0] % a.itemsize:
+        a = np.ascontiguousarray(a, dtype=dtype)
+    return a, a.strides[0] // a.itemsize
+
+
+def features(values: np.ndarray, valid: np.ndarray, compact: bool) -> Features | None:
+    """Features of ``(K, n)`` neighbour values and validity (None: no compiled kernel)."""
+    if not available():
+        return None
+    k, n = values.shape
+    values, vstride = _rows(values, np.int32)
+    valid, ostride = _rows(valid, np.bool_)
+    return _call(_library().voxarc_features, (values.ctypes.data, vstride, valid.ctypes.data,
+                                              ostride, n, k, int(bool(compact))), n, k)
+
+
+def _call(fn, args, n: int, k: int) -> Features | None:
+    x = np.empty((k + 5, max(n, 1)), dtype=np.float32)
+    ref, busy, s, lq, ref_busy = (np.empty(n, dtype=np.int64) for _ in range(5))
+    kept = fn(*args, _LOG2Q_TABLE.ctypes.data, x.ctypes.data, x.shape[1], ref.ctypes.data,
+              busy.ctypes.data, s.ctypes.data, lq.ctypes.data, ref_busy.ctypes.data)
+    if kept < 0:
+        return None
+    return Features(ref, busy[:kept] if kept < n else None, s[:kept], lq[:kept],
+                    ref_busy[:kept], x[:, :kept].T)
+
+
+def run_features(buf: np.ndarray, runs: "Runs", koff: np.ndarray, compact: bool
+                 ) -> Features | None:
+    """Features of voxels read in runs from the flat int32 decoder buffer ``buf`` (see
+    :class:`Runs`; ``koff``: the neighbours' offsets in ``buf``), in run order."""
+    if not available():
+        return None
+    assert buf.dtype == np.int32 and buf.flags.c_contiguous
+    koff = np.ascontiguousarray(koff, dtype=np.int64)
+    n, k = int(runs.length.sum()), len(koff)
+    return _call(_library().voxarc_features_runs,
+                 (buf.ctypes.data, runs.origin.ctypes.data, runs.length.ctypes.data,
+                  runs.valid_at.ctypes.data, runs.valid_stride.ctypes.data,
+                  runs.depth.ctypes.data, len(runs.origin), koff.ctypes.data, k,
+                  int(bool(compact))), n, k)
+
+
+@dataclass
+class Runs:
+    """Voxels in runs: run ``r`` holds ``length[r]`` voxels whose neighbour ``k`` lies at
+    ``origin[r] + koff[k] + i`` of a buffer; their validity is byte ``k * valid_stride[r] + i``
+    of the bool array at address ``valid_at[r]`` (the caller keeps it alive), and-ed with bit
+    ``k`` of ``depth[r]``."""
+
+    origin: np.ndarray        # int64
+    length: np.ndarray        # int64
+    valid_at: np.ndarray      # uint64 addresses
+    valid_stride: np.ndarray  # int64
+    depth: np.ndarray         # uint64 bit masks
+
+    @classmethod
+    def join(cls, parts: list["Runs"]) -> "Runs":
+        return cls(*(np.ascontiguousarray(np.concatenate([getattr(p, f) for p in parts]))
+                     for f in ("origin", "length", "valid_at", "valid_stride", "depth")))
