@@ -197,3 +197,38 @@ int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const in
     }
     return kept;
 }
+
+/* The predictor's outputs from the network's accumulators, as models.predictor computes them
+ * in numpy (prediction, scale_index, fraction_bin): acc is the (kept, 2) float32 output of the
+ * integer network (exact integers below 2**24) for the kept voxels busy[c] (busy NULL: every
+ * voxel, kept == n); every other voxel is a flat context and predicts its reference with table
+ * row flat_row. head = (mean_mult, mean_shift, scale_mult, scale_shift). */
+VECTOR_CLONES
+void voxarc_outputs(const float *acc, int64_t kept, const int64_t *busy, const int64_t *ref_busy,
+                    const int64_t *s, const int64_t *lq, const int64_t *ref_all, int64_t n,
+                    const int64_t *head, int64_t bins_log2, int64_t scale_zero,
+                    int64_t n_scales, int64_t flat_row, int64_t lo, int64_t hi,
+                    int64_t *pred, int64_t *row)
+{
+    int64_t mm = head[0], shift = head[1] + 6, sm = head[2], ss = head[3];
+    int64_t half = (int64_t)1 << (shift - 1), frac = ((int64_t)1 << shift) - 1;
+    int64_t shalf = (int64_t)1 << (ss - 1);
+    if (busy != NULL) {
+        for (int64_t i = 0; i < n; i++) {
+            int64_t r = ref_all[i];
+            pred[i] = r < lo ? lo : (r > hi ? hi : r);
+            row[i] = flat_row;
+        }
+    }
+    for (int64_t c = 0; c < kept; c++) {
+        int64_t i = busy != NULL ? busy[c] : c;
+        int64_t t = (int64_t)acc[2 * c] * mm * s[c] + half;
+        int64_t p = ref_busy[c] + (t >> shift);
+        pred[i] = p < lo ? lo : (p > hi ? hi : p);
+        int64_t j = (((int64_t)acc[2 * c + 1] * sm + shalf) >> ss) + lq[c] + scale_zero;
+        j = j < 0 ? 0 : (j > n_scales - 1 ? n_scales - 1 : j);
+        if (bins_log2 > 0)
+            j = (j << bins_log2) + ((t & frac) >> (shift - bins_log2));
+        row[i] = j;
+    }
+}

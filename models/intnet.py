@@ -126,15 +126,7 @@ class IntMLP:
         """Fast exact evaluation with float32 (or float64) matmuls of integer inputs ``(n, in)``
         within +-input_max (any strides); returns int64 accumulators ``(n, out)``."""
         if self.is_default:
-            # weights and bias pre-scaled by 2**-k: every partial sum is an integer below
-            # 2**24 times a power of two, so addmm returns acc * 2**-k exactly
-            h = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
-            for w, b, k, _ in self._torch_params(device):
-                if k is None:
-                    h = torch.addmm(b, h, w)
-                else:
-                    h = torch.clamp_(torch.floor_(torch.addmm(b * k, h, w * k)), 0, ACT_MAX)
-            return h.cpu().numpy().astype(np.int64)
+            return self.float_accumulators(x, device).astype(np.int64)
         np_dt = np.float32 if self.exact == "float32" else np.float64
         h = torch.from_numpy(np.asarray(x, dtype=np_dt)).to(device)
         h = torch.clamp(h, -self.input_max, self.input_max)
@@ -148,6 +140,22 @@ class IntMLP:
                 h = torch.where(h >= 0, h * k, h * kn)
             h = torch.clamp_(torch.floor_(h), self.act_min, self.act_max)
         return h.cpu().numpy().astype(np.int64)
+
+    @torch.inference_mode()
+    def float_accumulators(self, x: np.ndarray, device: str = "cpu") -> np.ndarray:
+        """:meth:`__call__`'s accumulators as float32 (exact integers below 2**24) for a
+        network with the default settings (:attr:`is_default`)."""
+        if not self.is_default:
+            raise ValueError("float32 accumulators are exact for default networks only")
+        # weights and bias pre-scaled by 2**-k: every partial sum is an integer below
+        # 2**24 times a power of two, so addmm returns acc * 2**-k exactly
+        h = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
+        for w, b, k, _ in self._torch_params(device):
+            if k is None:
+                h = torch.addmm(b, h, w)
+            else:
+                h = torch.clamp_(torch.floor_(torch.addmm(b * k, h, w * k)), 0, ACT_MAX)
+        return h.cpu().numpy()
 
     # ------------------------------------------------------------------ persistence
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:

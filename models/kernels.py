@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from models.features import _LOG2Q_TABLE
+from models.features import _LOG2Q_TABLE, N_SCALES, SCALE_ZERO
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ def _library():
     fn = lib.voxarc_features
     fn.restype = _I64
     fn.argtypes = [_P, _I64, _P, _I64, _I64, _I32, _I32, _P, _P, _I64, _P, _P, _P, _P, _P]
+    fn = lib.voxarc_outputs
+    fn.restype = None
+    fn.argtypes = [_P, _I64, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64,
+                   _P, _P]
     fn = lib.voxarc_features_runs
     fn.restype = _I64
     fn.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _P, _I32, _I32, _P, _P, _I64, _P, _P, _P,
@@ -131,3 +135,21 @@ class Runs:
     def join(cls, parts: list["Runs"]) -> "Runs":
         return cls(*(np.ascontiguousarray(np.concatenate([getattr(p, f) for p in parts]))
                      for f in ("origin", "length", "valid_at", "valid_stride", "depth")))
+
+
+def outputs(feats: Features, acc: np.ndarray, head: np.ndarray, fraction_bins: int,
+            flat_row: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and table rows of every voxel from the network's float32 accumulators
+    ``acc`` (kept, 2) of the kept voxels, as :meth:`models.predictor.DefaultPredictor.outputs`
+    computes them (flat contexts: their reference, row ``flat_row``)."""
+    n = len(feats.ref)
+    acc = np.ascontiguousarray(acc, dtype=np.float32)
+    head = np.ascontiguousarray(head, dtype=np.int64)
+    pred, row = np.empty(n, np.int64), np.empty(n, np.int64)
+    busy = None if feats.busy is None else np.ascontiguousarray(feats.busy)
+    _library().voxarc_outputs(
+        acc.ctypes.data, len(acc), None if busy is None else busy.ctypes.data,
+        feats.ref_busy.ctypes.data, feats.s.ctypes.data, feats.lq.ctypes.data,
+        feats.ref.ctypes.data, n, head.ctypes.data, fraction_bins.bit_length() - 1, SCALE_ZERO,
+        N_SCALES, flat_row, lo, hi, pred.ctypes.data, row.ctypes.data)
+    return pred, row

@@ -70,6 +70,11 @@ class DefaultPredictor:
 
     def kernel_outputs(self, feats: "kernels.Features", lo, hi):
         """:meth:`outputs` from the compiled kernel's features (see models.kernels)."""
+        if self.net.is_default and np.ndim(lo) == 0 and np.ndim(hi) == 0:
+            acc = self.net.float_accumulators(feats.x, self.device) if len(feats.s) \
+                else np.zeros((0, 2), np.float32)
+            return kernels.outputs(feats, acc, self.head, self.tables.fraction_bins,
+                                   self.tables.flat_index, int(lo), int(hi))
         if feats.busy is None:
             return self._network(feats.ref_busy, feats.s, feats.lq, feats.x, lo, hi)
         # the compiled kernel left the flat contexts out: they predict their reference

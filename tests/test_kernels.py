@@ -92,14 +92,17 @@ def test_blobs_and_volumes_do_not_depend_on_the_kernel(monkeypatch, shape, tile)
     assert np.array_equal(decode_slices(blob, 0, shape[0]), vol)
 
 
-def test_predictions_from_the_kernel_equal_numpy(monkeypatch):
+@pytest.mark.parametrize("lo,hi,centre", [(-32768, 32767, 0), (0, 255, 2), (0, 65535, 65530),
+                                           (-128, 127, -120)])
+def test_predictions_from_the_kernel_equal_numpy(monkeypatch, lo, hi, centre):
     model = load_model("default")
     k = model.neighbourhood.size
     rng = np.random.default_rng(5)
-    values = rng.integers(-50, 50, (k, 3000)).astype(np.int32)
-    values[:, :1000] = 7                               # flat: the network skips them
+    values = np.clip(rng.integers(-50, 50, (k, 3000)) + centre, lo, hi).astype(np.int32)
+    values[:, :1000] = centre                          # flat: the network skips them
     valid = rng.random((k, 3000)) < 0.97
-    fast = model.predict(values, valid, -32768, 32767)
+    fast = model.predict(values, valid, lo, hi)
     monkeypatch.setenv("VOXARC_KERNELS", "numpy")
-    slow = model.predict(values, valid, -32768, 32767)
+    slow = model.predict(values, valid, lo, hi)
     assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
+    assert fast[0].min() >= lo and fast[0].max() <= hi
