@@ -131,11 +131,6 @@ class Runs:
     valid_stride: np.ndarray  # int64
     depth: np.ndarray         # uint64 bit masks
 
-    @classmethod
-    def join(cls, parts: list["Runs"]) -> "Runs":
-        return cls(*(np.ascontiguousarray(np.concatenate([getattr(p, f) for p in parts]))
-                     for f in ("origin", "length", "valid_at", "valid_stride", "depth")))
-
 
 def outputs(feats: Features, acc: np.ndarray, head: np.ndarray, fraction_bins: int,
             flat_row: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:

@@ -178,6 +178,8 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
     flat = buf.reshape(-1)
     strides = tuple(st // buf.itemsize for st in buf.strides)    # in elements
     depth_ok = (np.arange(zs)[None, :] + L.dz[:, None]) >= 0          # (K, zs)
+    bits = 1 << np.arange(L.hood.size, dtype=np.uint64)
+    depth = depth_ok, [np.uint64(np.sum(bits[ok])) for ok in depth_ok.T]   # and as bit masks
     below = np.arange(L.ntx, L.tiles)                                   # tiles with one above
     for t in range(L.steps + L.b * (top - first - 1)):
         parts = []  # (zl, tau, r0, r1, slabs)
@@ -200,7 +202,7 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
             for g in range(m):
                 segments.append((stream_of[g] + zl, sym, sym + real))
                 sym += real
-        pred, j = _predict_step(L, predictor, flat, strides, depth_ok, parts, sizes, lo, hi)
+        pred, j = _predict_step(L, predictor, flat, strides, depth, parts, sizes, lo, hi)
         if keep is not None:
             keep = np.concatenate(keep)
             decoded = np.zeros(n, dtype=np.int64)
@@ -223,14 +225,15 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
             pos += size
 
 
-def _predict_step(L: SkewLayout, predictor, flat, strides, depth_ok, parts, sizes, lo, hi):
+def _predict_step(L: SkewLayout, predictor, flat, strides, depth, parts, sizes, lo, hi):
     """Predictions and table rows of one wavefront step's voxels (``parts`` of slices in
     flight), in the order of the symbols: from the buffer's runs by the compiled kernel when
-    there is one, else through a gathered ``(K, n)`` copy of the neighbours."""
+    there is one, else through a gathered ``(K, n)`` copy of the neighbours. ``depth``: which
+    neighbours lie inside the slab at each slab slice, ``(K, zs)`` and as bit masks."""
+    depth_ok, depth_bits = depth
     if hasattr(predictor, "kernel_outputs") and kernels.available():
         hold = []          # the validity arrays the runs point into
-        runs = kernels.Runs.join([_part_runs(L, strides, depth_ok, part, hold)
-                                  for part in parts])
+        runs = _step_runs(L, strides, depth_bits, parts, hold)
         feats = kernels.run_features(flat, runs, _neighbour_offsets(L, strides),
                                      predictor.tables.flat)
         if feats is not None:
@@ -260,25 +263,34 @@ def _neighbour_offsets(L: SkewLayout, strides: tuple) -> np.ndarray:
 RUN_CACHE_ENTRIES = 1 << 14
 
 
-def _part_runs(L: SkewLayout, strides, depth_ok, part, hold: list) -> "kernels.Runs":
-    """The runs of one slice's voxels at one step: one per slab and tile (its rows)."""
-    zl, tau, r0, r1, m = part
-    key = (strides, tau, m)
-    cached = L.run_cache.get(key)
-    if cached is None:
-        if len(L.run_cache) >= RUN_CACHE_ENTRIES:
-            L.run_cache.clear()
-        rows = r1 - r0
-        g, t = np.divmod(np.arange(m * L.tiles, dtype=np.int64), L.tiles)
-        origin = (tau + L.t0) * strides[3] + r0 + L.y0 + g * strides[1] + t * strides[2]
-        vt = np.ascontiguousarray(L.step_validity(tau))    # (K, tiles * rows)
-        count = m * L.tiles
-        cached = L.run_cache[key] = (origin, np.full(count, rows, np.int64),
-                                     (vt.ctypes.data + t * rows).astype(np.uint64),
-                                     np.full(count, vt.shape[1], np.int64), vt)
-    origin, length, valid_at, valid_stride, vt = cached
-    hold.append(vt)
-    bits = np.uint64(np.sum(depth_ok[:, zl].astype(np.uint64)
-                            << np.arange(L.hood.size, dtype=np.uint64)))
-    return kernels.Runs(origin + (zl + L.z0) * strides[0], length, valid_at, valid_stride,
-                        np.full(len(origin), bits, np.uint64))
+def _step_runs(L: SkewLayout, strides, depth_bits, parts, hold: list) -> "kernels.Runs":
+    """The runs of one wavefront step's voxels: one per part (slice in flight), slab and tile
+    (its rows); ``depth_bits[zl]``: which neighbours lie in the slab at slab slice ``zl``."""
+    cols = [[], [], [], [], []]
+    for zl, tau, r0, r1, m in parts:
+        key = (strides, tau, m)
+        cached = L.run_cache.get(key)
+        if cached is None:
+            cached = L.run_cache[key] = _relative_runs(L, strides, tau, r0, r1, m)
+        origin, length, valid_at, valid_stride, vt = cached
+        hold.append(vt)
+        cols[0].append(origin + (zl + L.z0) * strides[0])
+        cols[1].append(length)
+        cols[2].append(valid_at)
+        cols[3].append(valid_stride)
+        cols[4].append(np.full(len(origin), depth_bits[zl], np.uint64))
+    return kernels.Runs(*(np.concatenate(c) for c in cols))
+
+
+def _relative_runs(L: SkewLayout, strides, tau, r0, r1, m):
+    """Runs of one slice's voxels at step ``tau`` for ``m`` slabs, origins relative to the
+    slice's plane (cached per layout)."""
+    if len(L.run_cache) >= RUN_CACHE_ENTRIES:
+        L.run_cache.clear()
+    rows = r1 - r0
+    g, t = np.divmod(np.arange(m * L.tiles, dtype=np.int64), L.tiles)
+    origin = (tau + L.t0) * strides[3] + r0 + L.y0 + g * strides[1] + t * strides[2]
+    vt = np.ascontiguousarray(L.step_validity(tau))    # (K, tiles * rows)
+    count = m * L.tiles
+    return (origin, np.full(count, rows, np.int64), (vt.ctypes.data + t * rows).astype(np.uint64),
+            np.full(count, vt.shape[1], np.int64), vt)
