@@ -78,9 +78,11 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
     candidates = [_quantised(model, samples, predictor)
                   for _ in _fine_tune(model, tune_on, seed, steps, stops)]
     candidates += [_with_shipped_tokens(c, predictor) for c in candidates]
-    best = min(candidates, key=lambda c: train.evaluate(c, check) * volume.size
-               + 8 * len(embedded_bytes(c)))   # bits of the volume and of the blob's model
-    return best if pays_off(predictor, best, check, volume.size) else None
+    # bits of the volume (estimated on the check sample) and of the blob's model
+    costs = [(train.evaluate(c, check) * volume.size + 8 * len(embedded_bytes(c)), i)
+             for i, c in enumerate(candidates)]
+    cost, best = min(costs)
+    return candidates[best] if pays_off(predictor, cost, check, volume.size) else None
 
 
 def _with_shipped_tokens(adapted, base):
@@ -106,12 +108,12 @@ def _quantised(model, samples, predictor):
     return adapted
 
 
-def pays_off(base, adapted, check, voxels: int) -> bool:
-    """Whether ``adapted`` saves more bits on ``voxels`` voxels (estimated on the samples
-    ``check``) than carrying it in the blob costs."""
+def pays_off(base, cost: float, check, voxels: int) -> bool:
+    """Whether an adapted model whose ``cost`` (bits of ``voxels`` voxels, estimated on the
+    samples ``check``, plus the bits it takes in the blob) is below what ``base`` codes them
+    in."""
     from models.train import evaluate
-    saved = (evaluate(base, check) - evaluate(adapted, check)) * voxels
-    return saved > 8 * len(embedded_bytes(adapted))
+    return cost < evaluate(base, check) * voxels
 
 
 def _fine_tune(model, samples, seed: int, steps: int, stops=()):
