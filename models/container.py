@@ -79,10 +79,9 @@ def unpack_header(blob: bytes) -> tuple[BlobHeader, int]:
     if zlib.crc32(header) != crc:
         raise CorruptBlobError("blob header checksum mismatch")
     try:
-        parsed = _parse_header(header)
+        parsed = _parse_header(header, version)
     except (struct.error, KeyError, UnicodeDecodeError) as exc:
         raise CorruptBlobError(f"malformed blob header: {exc}") from None
-    parsed.version = version
     base = start + hlen + 4
     end = base + sum(length for _, length, _ in parsed.slab_table)
     if len(blob) != end:
@@ -91,7 +90,7 @@ def unpack_header(blob: bytes) -> tuple[BlobHeader, int]:
     return parsed, base
 
 
-def _parse_header(h: bytes) -> BlobHeader:
+def _parse_header(h: bytes, version: int) -> BlobHeader:
     model_id = h[:16]
     code, z, y, x, slab, th, tw, n = struct.unpack_from("<B3IHHHI", h, 16)
     pos = 16 + struct.calcsize("<B3IHHHI")
@@ -105,7 +104,7 @@ def _parse_header(h: bytes) -> BlobHeader:
     if pos + 4 + elen != len(h) or min(slab, th, tw) < 1 or n != -(-z // slab):
         raise CorruptBlobError("inconsistent blob header")
     return BlobHeader(model_id, name, DTYPE_NAMES[code], (z, y, x), slab, (th, tw), table,
-                      embedded)
+                      embedded, version)
 
 
 def slab_payload(blob: bytes, header: BlobHeader, base: int, i: int) -> bytes:
