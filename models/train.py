@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import kernels
 from models.codec import geometry
 from models.context import Neighbourhood
 from models.features import (DEFAULT_NEIGHBOURHOOD, SCALE_STEPS, UNIT, default_features,
@@ -69,16 +70,26 @@ def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
             flat = geo.padded(block).ravel()
             for zl in range(block.shape[0]):
                 pick = np.flatnonzero(rng.random(block.shape[1] * block.shape[2]) < keep)
-                ref, s, lq, x = default_features(geo.neighbours(flat, zl, pick),
-                                                 geo.validity(zl)[:, pick])
+                ref, s, lq, x = _features(geo.neighbours(flat, zl, pick),
+                                          geo.validity(zl)[:, pick])
                 n = len(pick)
-                parts.append(Samples(np.ascontiguousarray(x.T), ref, s, lq,
+                parts.append(Samples(x, ref, s, lq,
                                      block[zl].ravel()[pick].astype(np.int64),
                                      np.full(n, info.min), np.full(n, info.max)))
             if progress:
                 progress(f"volume {vi + 1}/{len(volumes)} slab at z={z0}")
     return Samples(*(np.concatenate([getattr(p, f) for p in parts])
                      for f in Samples.__dataclass_fields__))
+
+
+def _features(values: np.ndarray, valid: np.ndarray):
+    """:func:`default_features` with the inputs as a row-major ``(n, F)`` array, by the
+    compiled kernel when there is one (the same values)."""
+    feats = kernels.features(values, valid, compact=False)
+    if feats is None:
+        ref, s, lq, x = default_features(values, valid)
+        return ref, s, lq, np.ascontiguousarray(x.T)
+    return feats.ref, feats.s, feats.lq, np.ascontiguousarray(feats.x)
 
 
 class FloatPredictor(nn.Module):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from models import decode_slices, encode_volume, kernels
+from models import decode_slices, encode_volume, kernels, train
 from models.features import WIDE_NEIGHBOURHOOD, default_features, flat_contexts
 from models.registry import load_model
 
@@ -106,3 +106,19 @@ def test_predictions_from_the_kernel_equal_numpy(monkeypatch, lo, hi, centre):
     slow = model.predict(values, valid, lo, hi)
     assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
     assert fast[0].min() >= lo and fast[0].max() <= hi
+
+
+def test_training_samples_do_not_depend_on_the_kernel(monkeypatch):
+    rng = np.random.default_rng(2)
+    vol = (rng.normal(0, 25, (6, 40, 44)).cumsum(axis=1) // 3).astype(np.int16)
+    hood = load_model("default").neighbourhood
+
+    def samples():
+        return train.collect_samples([vol], 4, 2, 0.5, np.random.default_rng(0), hood=hood)
+
+    fast = samples()
+    monkeypatch.setenv("VOXARC_KERNELS", "numpy")
+    slow = samples()
+    for field in train.Samples.__dataclass_fields__:
+        a, b = getattr(fast, field), getattr(slow, field)
+        assert a.dtype == b.dtype and a.flags.c_contiguous and np.array_equal(a, b), field
