@@ -49,13 +49,8 @@ def row_shifts(fraction_bins: int = 1, flat: bool = True) -> np.ndarray:
 
 
 def _bit_length(v: np.ndarray) -> np.ndarray:
-    out = np.zeros(v.shape, dtype=np.int64)
-    v = v.copy()
-    while np.any(v):
-        nz = v > 0
-        out += nz
-        v >>= 1
-    return out
+    """Bit length of non-negative integers below 2**53 (0 for 0): frexp's exponent."""
+    return np.frexp(np.asarray(v, dtype=np.float64))[1].astype(np.int64)
 
 
 @dataclass
@@ -164,6 +159,9 @@ def _words(encoder) -> np.ndarray:
 def _interleave(parts):
     """Concatenate ``parts`` (tuples of (steps, values, ...)) ordered by step, then part, then
     original position: the order a step-by-step decoder reads them."""
+    filled = [p for p in parts if len(p[0])]
+    if len(filled) <= 1:        # one part, already in step order: nothing to interleave
+        return [np.asarray(c) for c in (filled or parts)[0][1:]]
     key = np.concatenate([steps * len(parts) + i for i, (steps, *_rest) in enumerate(parts)])
     order = np.argsort(key, kind="stable")
     return [np.concatenate(cols)[order] for cols in zip(*(p[1:] for p in parts))]
