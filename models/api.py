@@ -72,7 +72,8 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
     if _parallel(vol.size):
         payloads = parallel.run(_encode_job, jobs)
     else:
-        payloads = [encode_slab(predictor, *job[2:]) for job in jobs]
+        with parallel.one_thread():
+            payloads = [encode_slab(predictor, *job[2:]) for job in jobs]
     return pack(predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile,
                 payloads, embedded)
 
@@ -279,9 +280,10 @@ def _decode_group(job, predictor=None, split: int = 0, on_split=None) -> list[np
     lo, hi = _dtype_range(np.dtype(header.dtype))
     _, ny, nx = header.shape
     # in the volume's dtype (the decoder checked the range): half the bytes back from a worker
-    return [part.astype(header.dtype) for part in decode_slabs(
-        predictor, payloads, counts, ny, nx, lo, hi, header.slab, header.tile, split,
-        on_split, header.within_range)]
+    with parallel.one_thread():
+        return [part.astype(header.dtype) for part in decode_slabs(
+            predictor, payloads, counts, ny, nx, lo, hi, header.slab, header.tile, split,
+            on_split, header.within_range)]
 
 
 def decode_volume(blob: bytes) -> np.ndarray:

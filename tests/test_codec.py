@@ -429,3 +429,37 @@ def test_a_model_file_carries_its_neighbourhood():
     bad = dict(arrays, offsets=arrays["offsets"][::-1])
     with pytest.raises(ValueError, match="start with"):
         DefaultPredictor.from_arrays("reordered", bad)
+
+
+def test_codec_runs_its_network_on_one_thread_and_restores_the_setting(monkeypatch):
+    import torch
+    from models import codec, parallel
+    seen = []
+    original = codec.encode_slab, api.decode_slabs
+
+    def encode_slab(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original[0](*args, **kwargs)
+
+    def decode_slabs(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original[1](*args, **kwargs)
+
+    monkeypatch.setattr(api, "encode_slab", encode_slab)
+    monkeypatch.setattr(api, "decode_slabs", decode_slabs)
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")      # everything in this process
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        vol = phantom((3, 20, 24), "int16", seed=21)
+        blob = models.encode_volume(vol, slab=2)
+        np.testing.assert_array_equal(models.decode_slices(blob, 1, 3), vol[1:3])
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        with parallel.one_thread():
+            with parallel.one_thread():
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
