@@ -51,6 +51,7 @@ class SkewLayout:
         self.plane_shape = (self.t0 + last + 1, self.y0 + self.th + self.ghost_rows)
         self.gather_cache: dict = {}
         self.run_cache: dict = {}     # (strides, tau, slabs) -> runs of a step (models.kernels)
+        self.run_cache_bytes = 0
 
     @property
     def supported(self) -> bool:
@@ -110,6 +111,10 @@ class SkewLayout:
         if cells > self.MAX_CACHED_VALIDITY:
             return None
         return [self._compute_step_validity(t) for t in range(self.steps)]
+
+    @property
+    def validity_cached(self) -> bool:
+        return self._step_validity is not None
 
     def step_validity(self, tau: int) -> np.ndarray:
         """``(K, tiles * rows)``: neighbours inside the tile (the slab's first slices are
@@ -260,7 +265,7 @@ def _neighbour_offsets(L: SkewLayout, strides: tuple) -> np.ndarray:
     return L.dz * strides[0] + L.dtau * strides[3] + L.dy
 
 
-RUN_CACHE_ENTRIES = 1 << 14
+RUN_CACHE_BYTES = 32 << 20   # per layout: the runs of every step of a few lockstep widths
 
 
 def _step_runs(L: SkewLayout, strides, depth_bits, parts, hold: list) -> "kernels.Runs":
@@ -271,7 +276,8 @@ def _step_runs(L: SkewLayout, strides, depth_bits, parts, hold: list) -> "kernel
         key = (strides, tau, m)
         cached = L.run_cache.get(key)
         if cached is None:
-            cached = L.run_cache[key] = _relative_runs(L, strides, tau, r0, r1, m)
+            cached = _relative_runs(L, strides, tau, r0, r1, m)
+            _remember(L, key, cached)
         origin, length, valid_at, valid_stride, vt = cached
         hold.append(vt)
         cols[0].append(origin + (zl + L.z0) * strides[0])
@@ -284,9 +290,7 @@ def _step_runs(L: SkewLayout, strides, depth_bits, parts, hold: list) -> "kernel
 
 def _relative_runs(L: SkewLayout, strides, tau, r0, r1, m):
     """Runs of one slice's voxels at step ``tau`` for ``m`` slabs, origins relative to the
-    slice's plane (cached per layout)."""
-    if len(L.run_cache) >= RUN_CACHE_ENTRIES:
-        L.run_cache.clear()
+    slice's plane."""
     rows = r1 - r0
     g, t = np.divmod(np.arange(m * L.tiles, dtype=np.int64), L.tiles)
     origin = (tau + L.t0) * strides[3] + r0 + L.y0 + g * strides[1] + t * strides[2]
@@ -294,3 +298,17 @@ def _relative_runs(L: SkewLayout, strides, tau, r0, r1, m):
     count = m * L.tiles
     return (origin, np.full(count, rows, np.int64), (vt.ctypes.data + t * rows).astype(np.uint64),
             np.full(count, vt.shape[1], np.int64), vt)
+
+
+def _remember(L: SkewLayout, key, runs) -> None:
+    """Cache a step's runs on the layout within RUN_CACHE_BYTES (the validity array counts
+    when the layout does not keep it anyway: very large slices)."""
+    size = sum(a.nbytes for a in runs[:4])
+    if not L.validity_cached:
+        size += runs[4].nbytes
+    if L.run_cache_bytes + size > RUN_CACHE_BYTES:
+        L.run_cache.clear()
+        L.run_cache_bytes = 0
+    if size <= RUN_CACHE_BYTES:
+        L.run_cache[key] = runs
+        L.run_cache_bytes += size

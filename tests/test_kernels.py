@@ -122,3 +122,22 @@ def test_training_samples_do_not_depend_on_the_kernel(monkeypatch):
     for field in train.Samples.__dataclass_fields__:
         a, b = getattr(fast, field), getattr(slow, field)
         assert a.dtype == b.dtype and a.flags.c_contiguous and np.array_equal(a, b), field
+
+
+@pytest.mark.parametrize("cached_validity", [True, False])
+def test_decoder_run_cache_stays_within_its_budget(monkeypatch, cached_validity):
+    from models import codec, skew
+    monkeypatch.setattr(skew, "RUN_CACHE_BYTES", 6000)
+    if not cached_validity:      # very large slices: validity computed per step
+        monkeypatch.setattr(skew.SkewLayout, "MAX_CACHED_VALIDITY", 0)
+    codec.skew_layout.cache_clear()
+    rng = np.random.default_rng(4)
+    vol = (rng.normal(0, 40, (6, 33, 50)).cumsum(axis=2) // 5).astype(np.int16)
+    blob = encode_volume(vol, slab=3, tile=(16, 24))
+    try:
+        assert np.array_equal(decode_slices(blob, 0, 6), vol)
+        layout = codec.skew_layout(load_model("default").neighbourhood, 33, 50, (16, 24))
+        assert layout.validity_cached == cached_validity
+        assert 0 < layout.run_cache_bytes <= 6000 and layout.run_cache
+    finally:
+        codec.skew_layout.cache_clear()
