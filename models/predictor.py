@@ -62,29 +62,27 @@ class DefaultPredictor:
     def predict(self, values: np.ndarray, valid: np.ndarray, lo: int, hi: int):
         """Rounded predictions (int64, within [lo, hi]) and table indices for ``(K, n)``
         neighbour values."""
-        feats = kernels.features(values, valid, compact=self.tables.flat)
+        feats = kernels.features(values, valid, self.tables.flat) \
+            if self.uses_kernels(lo, hi) else None
         if feats is None:
             ref, s, lq, x = default_features(values, valid)
             return self.outputs(ref, s, lq, x.T, lo, hi)
         return self.kernel_outputs(feats, lo, hi)
 
-    def kernel_outputs(self, feats: "kernels.Features", lo, hi):
-        """:meth:`outputs` from the compiled kernel's features (see models.kernels)."""
-        if self.net.is_default and np.ndim(lo) == 0 and np.ndim(hi) == 0:
-            acc = self.net.float_accumulators(feats.x, self.device) if len(feats.s) \
-                else np.zeros((0, 2), np.float32)
-            return kernels.outputs(feats, acc, self.head, self.tables.fraction_bins,
-                                   self.tables.flat_index, int(lo), int(hi))
-        if feats.busy is None:
-            return self._network(feats.ref_busy, feats.s, feats.lq, feats.x, lo, hi)
-        # the compiled kernel left the flat contexts out: they predict their reference
-        busy = feats.busy
-        pred = np.clip(feats.ref, lo, hi)
-        j = np.full(len(pred), self.tables.flat_index, dtype=np.int64)
-        if len(busy):
-            pred[busy], j[busy] = self._network(feats.ref_busy, feats.s, feats.lq, feats.x,
-                                                _at(lo, busy), _at(hi, busy))
-        return pred, j
+    def uses_kernels(self, lo, hi) -> bool:
+        """Whether predictions for the volume range ``lo, hi`` come from the compiled kernels
+        (models.kernels): when they were built, for one range per call and a network whose
+        float32 accumulators are exact."""
+        return kernels.available() and self.net.is_default and np.ndim(lo) == 0 \
+            and np.ndim(hi) == 0
+
+    def kernel_outputs(self, feats: "kernels.Features", lo: int, hi: int):
+        """:meth:`outputs` from the compiled kernel's features (when :meth:`uses_kernels`);
+        flat contexts, which the kernel left out, predict their reference."""
+        acc = self.net.float_accumulators(feats.x, self.device) if len(feats.s) \
+            else np.zeros((0, 2), np.float32)
+        return kernels.outputs(feats, acc, self.head, self.tables.fraction_bins,
+                               self.tables.flat_index, int(lo), int(hi))
 
     def outputs(self, ref, s, lq, inputs, lo, hi):
         """Predictions and table indices from the features (``inputs`` is ``(n, F)``).

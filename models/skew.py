@@ -236,7 +236,7 @@ def _predict_step(L: SkewLayout, predictor, flat, strides, depth, parts, sizes, 
     there is one, else through a gathered ``(K, n)`` copy of the neighbours. ``depth``: which
     neighbours lie inside the slab at each slab slice, ``(K, zs)`` and as bit masks."""
     depth_ok, depth_bits = depth
-    if hasattr(predictor, "kernel_outputs") and kernels.available():
+    if hasattr(predictor, "uses_kernels") and predictor.uses_kernels(lo, hi):
         hold = []          # the validity arrays the runs point into
         runs = _step_runs(L, strides, depth_bits, parts, hold)
         feats = kernels.run_features(flat, runs, _neighbour_offsets(L, strides),
