@@ -5,6 +5,8 @@
  * contexts out of the network inputs it writes. Every value is an integer; the one division,
  * floor(d * 64 / s), is done as numpy does it (float32 d / (s / 64), correctly rounded, then
  * floored), so both paths agree bit for bit (tests/test_kernels.py checks it).
+ * voxarc_features_runs reads the same neighbours from the sheared decoder's buffer (models.skew),
+ * and voxarc_outputs turns the network's accumulators into predictions and table rows.
  *
  * Plain C without Python.h: setuptools builds it as the optional extension models._kernels.
  */

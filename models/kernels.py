@@ -2,9 +2,10 @@
 
 It computes what :func:`models.features.default_features` and
 :func:`models.features.flat_contexts` compute, bit for bit, in one pass and without the flat
-contexts' network inputs. When the optional extension was not built (no C compiler at install
-time) or ``VOXARC_KERNELS=numpy`` is set, :func:`features` returns None and the callers use
-the numpy path, with the same results.
+contexts' network inputs (:func:`features`, and :func:`run_features` for the sheared
+decoder's buffer); :func:`outputs` then computes the predictions and table rows. When the
+optional extension was not built (no C compiler at install time) or ``VOXARC_KERNELS=numpy`` is
+set, :func:`available` is False and the callers use the numpy path, with the same results.
 """
 
 from __future__ import annotations
