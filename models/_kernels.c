@@ -6,7 +6,8 @@
  * floor(d * 64 / s), is done as numpy does it (float32 d / (s / 64), correctly rounded, then
  * floored), so both paths agree bit for bit (tests/test_kernels.py checks it).
  * voxarc_features_runs reads the same neighbours from the sheared decoder's buffer (models.skew),
- * and voxarc_outputs turns the network's accumulators into predictions and table rows.
+ * voxarc_mlp runs the exact integer network (models.intnet) on those inputs, and
+ * voxarc_outputs turns the network's accumulators into predictions and table rows.
  *
  * Plain C without Python.h: setuptools builds it as the optional extension models._kernels.
  */
@@ -25,6 +26,13 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
+#define ABI 2              /* models/kernels.py's ABI: raised whenever an entry point changes */
+
+/* Which set of entry points and signatures this build has. */
+int64_t voxarc_abi(void)
+{
+    return ABI;
+}
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
@@ -233,4 +241,126 @@ void voxarc_outputs(const float *acc, int64_t kept, const int64_t *busy, const i
             j = (j << bins_log2) + ((t & frac) >> (shift - bins_log2));
         row[i] = j;
     }
+}
+
+/* ---------------------------------------------------------------- the exact integer network */
+
+#define MLP_VV 3           /* vectors of eight voxels per network block */
+#define MLP_VB (8 * MLP_VV) /* voxels per network block */
+#define MLP_OB 4           /* outputs per pass of the vector kernel */
+#define MLP_WIDTH 256      /* widest layer the kernel takes */
+#define MLP_ACT_MAX 1023.0f
+
+/* One layer on a block of MLP_VB voxels: in is feature-major (row f at in + f * ld), out is
+ * (nout, MLP_VB); hidden layers give h = clip(floor(acc), 0, ACT_MAX) (their 2**-shift is in
+ * w and b). Plain C: the fallback for CPUs without AVX2 and FMA. */
+static void mlp_layer_plain(const float *in, int64_t ld, int nin, const float *w,
+                            const float *b, int nout, int hidden, float *out)
+{
+    for (int o = 0; o < nout; o++) {
+        float *r = out + (int64_t)o * MLP_VB;
+        for (int i = 0; i < MLP_VB; i++)
+            r[i] = b[o];
+        for (int f = 0; f < nin; f++)
+            for (int i = 0; i < MLP_VB; i++)
+                r[i] += w[(int64_t)o * nin + f] * in[(int64_t)f * ld + i];
+        if (hidden)
+            for (int i = 0; i < MLP_VB; i++) {
+                float h = __builtin_floorf(r[i]);
+                r[i] = h < 0.0f ? 0.0f : (h > MLP_ACT_MAX ? MLP_ACT_MAX : h);
+            }
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MLP_VECTOR 1
+
+/* mlp_layer_plain with AVX2 and FMA: four outputs by three vectors per pass, twelve
+ * independent accumulators (with the inputs and a broadcast weight, the sixteen registers). An
+ * FMA rounds once, and every exact sum here is representable, so the result is that of
+ * separate multiplies and adds. */
+__attribute__((target("avx2,fma")))
+static void mlp_layer_avx2(const float *in, int64_t ld, int nin, const float *w,
+                           const float *b, int nout, int hidden, float *out)
+{
+    const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(MLP_ACT_MAX);
+    for (int o = 0; o < nout; o += MLP_OB) {
+        const float *wr[MLP_OB];
+        __m256 a[MLP_OB][MLP_VV];
+        for (int k = 0; k < MLP_OB; k++) {
+            int ok = o + k < nout ? o + k : nout - 1;    /* past the last output: a repeat */
+            wr[k] = w + (int64_t)ok * nin;
+            for (int v = 0; v < MLP_VV; v++)
+                a[k][v] = _mm256_set1_ps(b[ok]);
+        }
+        for (int f = 0; f < nin; f++) {
+            const float *row = in + (int64_t)f * ld;
+            __m256 x[MLP_VV];
+            for (int v = 0; v < MLP_VV; v++)
+                x[v] = _mm256_loadu_ps(row + 8 * v);
+            for (int k = 0; k < MLP_OB; k++) {
+                __m256 u = _mm256_broadcast_ss(wr[k] + f);
+                for (int v = 0; v < MLP_VV; v++)
+                    a[k][v] = _mm256_fmadd_ps(u, x[v], a[k][v]);
+            }
+        }
+        for (int k = 0; k < MLP_OB && o + k < nout; k++)
+            for (int v = 0; v < MLP_VV; v++) {
+                __m256 h = a[k][v];
+                if (hidden)
+                    h = _mm256_min_ps(_mm256_max_ps(_mm256_floor_ps(h), zero), top);
+                _mm256_storeu_ps(out + (int64_t)(o + k) * MLP_VB + 8 * v, h);
+            }
+    }
+}
+#endif
+
+/* The default integer network (models.intnet.IntMLP.float_accumulators) on n voxels whose
+ * inputs are feature-major: input f of voxel i at x[f * ld + i]. Layer l has size[l] inputs
+ * and size[l + 1] outputs; its weights (row-major, out by in) and biases come pre-scaled by
+ * the hidden layers' 2**-shift, so every partial sum is an exact float32 integer times a power
+ * of two and any summation order gives the same result. Writes the last layer's accumulators
+ * to acc (n, size[layers]); with vector 0, the plain C layers even where AVX2 and FMA are
+ * (for the tests). Returns 0, or -1 when a layer is wider than MLP_WIDTH. */
+int64_t voxarc_mlp(const float *x, int64_t ld, int64_t n, int32_t layers, const int32_t *size,
+                   const float *const *w, const float *const *b, int32_t vector, float *acc)
+{
+    for (int l = 0; l <= layers; l++)
+        if (size[l] < 1 || size[l] > MLP_WIDTH)
+            return -1;
+    float *buf = malloc(sizeof(float) * MLP_VB * MLP_WIDTH * 3);
+    if (buf == NULL)
+        return -1;
+    float *tail = buf, *h[2] = {buf + MLP_VB * MLP_WIDTH, buf + 2 * MLP_VB * MLP_WIDTH};
+    void (*layer)(const float *, int64_t, int, const float *, const float *, int, int,
+                  float *) = mlp_layer_plain;
+#ifdef MLP_VECTOR
+    if (vector && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        layer = mlp_layer_avx2;
+#endif
+    int nout = size[layers];
+    for (int64_t a = 0; a < n; a += MLP_VB) {
+        int64_t m = n - a < MLP_VB ? n - a : MLP_VB;
+        const float *in = x + a;
+        int64_t in_ld = ld;
+        if (m < MLP_VB) {   /* the last, partial block: zero-padded copy */
+            for (int f = 0; f < size[0]; f++)
+                for (int64_t i = 0; i < MLP_VB; i++)
+                    tail[f * MLP_VB + i] = i < m ? x[f * ld + a + i] : 0.0f;
+            in = tail;
+            in_ld = MLP_VB;
+        }
+        for (int l = 0; l < layers; l++) {
+            float *out = h[l & 1];
+            layer(in, in_ld, size[l], w[l], b[l], size[l + 1], l < layers - 1, out);
+            in = out;
+            in_ld = MLP_VB;
+        }
+        for (int64_t i = 0; i < m; i++)
+            for (int o = 0; o < nout; o++)
+                acc[(a + i) * nout + o] = in[o * MLP_VB + i];
+    }
+    free(buf);
+    return 0;
 }

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models import kernels
+
 WEIGHT_MAX = 127
 ACT_MAX = 1023
 INPUT_MAX = 1024
@@ -65,6 +67,7 @@ class IntMLP:
         self.act_max, self.input_max, self.weight_max = int(act_max), int(input_max), int(weight_max)
         self._check_exact()
         self._torch = None
+        self._kernel = None
 
     @property
     def is_default(self) -> bool:
@@ -147,6 +150,10 @@ class IntMLP:
         network with the default settings (:attr:`is_default`)."""
         if not self.is_default:
             raise ValueError("float32 accumulators are exact for default networks only")
+        if device == "cpu":
+            acc = kernels.mlp(self._kernel_network(), x)
+            if acc is not None:
+                return acc
         # weights and bias pre-scaled by 2**-k: every partial sum is an integer below
         # 2**24 times a power of two, so addmm returns acc * 2**-k exactly
         h = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
@@ -156,6 +163,15 @@ class IntMLP:
             else:
                 h = torch.clamp_(torch.floor_(torch.addmm(b * k, h, w * k)), 0, ACT_MAX)
         return h.cpu().numpy()
+
+    def _kernel_network(self) -> "kernels.Network":
+        """The float32 weights of :meth:`float_accumulators`, as the compiled kernel takes them."""
+        if self._kernel is None:
+            scale = [2.0 ** -l.shift if l.shift is not None else np.ones(len(l.bias))
+                     for l in self.layers]
+            self._kernel = kernels.Network([l.weight * k[:, None] for l, k in zip(self.layers, scale)],
+                                           [l.bias * k for l, k in zip(self.layers, scale)])
+        return self._kernel
 
     # ------------------------------------------------------------------ persistence
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:

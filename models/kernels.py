@@ -1,11 +1,13 @@
-"""The compiled feature kernel (``models/_kernels.c``), loaded with ctypes when it was built.
+"""The compiled kernels (``models/_kernels.c``), loaded with ctypes when they were built.
 
-It computes what :func:`models.features.default_features` and
+They compute what :func:`models.features.default_features` and
 :func:`models.features.flat_contexts` compute, bit for bit, in one pass and without the flat
 contexts' network inputs (:func:`features`, and :func:`run_features` for the sheared
-decoder's buffer); :func:`outputs` then computes the predictions and table rows. When the
-optional extension was not built (no C compiler at install time) or ``VOXARC_KERNELS=numpy`` is
-set, :func:`available` is False and the callers use the numpy path, with the same results.
+decoder's buffer); :func:`mlp` runs the exact integer network on them, and :func:`outputs`
+computes the predictions and table rows. When the optional extension was not built (no C
+compiler at install time), is a build of another version, or ``VOXARC_KERNELS=numpy`` is set,
+:func:`available` is False and the callers use the numpy (and torch) path, with the same
+results.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
+ABI = 2   # the entry points and signatures of models/_kernels.c this module calls
 
 
 @lru_cache(maxsize=1)
@@ -35,6 +38,13 @@ def _library():
         log.info("compiled feature kernel not built: features computed in numpy")
         return None
     lib = ctypes.CDLL(spec.origin)
+    abi = getattr(lib, "voxarc_abi", None)
+    if abi is not None:
+        abi.restype = _I64
+    if abi is None or abi() != ABI:
+        log.warning("compiled kernel %s is of another voxarc version (rebuild it: pip install "
+                    "-e .): features computed in numpy", spec.origin)
+        return None
     fn = lib.voxarc_features
     fn.restype = _I64
     fn.argtypes = [_P, _I64, _P, _I64, _I64, _I32, _I32, _P, _P, _I64, _P, _P, _P, _P, _P]
@@ -46,6 +56,9 @@ def _library():
     fn.restype = _I64
     fn.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _P, _I32, _I32, _P, _P, _I64, _P, _P, _P,
                    _P, _P]
+    fn = lib.voxarc_mlp
+    fn.restype = _I64
+    fn.argtypes = [_P, _I64, _I64, _I32, _P, _P, _P, _I32, _P]
     return lib
 
 
@@ -149,3 +162,40 @@ def outputs(feats: Features, acc: np.ndarray, head: np.ndarray, fraction_bins: i
         feats.ref.ctypes.data, n, head.ctypes.data, fraction_bins.bit_length() - 1, SCALE_ZERO,
         N_SCALES, flat_row, lo, hi, pred.ctypes.data, row.ctypes.data)
     return pred, row
+
+
+@dataclass
+class Network:
+    """An exact float32 network for :func:`mlp`: per layer a row-major ``(out, in)`` weight
+    matrix and a bias, both pre-scaled by the layer's ``2**-shift`` for hidden layers (see
+    :meth:`models.intnet.IntMLP.float_accumulators`)."""
+
+    weights: list[np.ndarray]
+    biases: list[np.ndarray]
+
+    def __post_init__(self):
+        self.weights = [np.ascontiguousarray(w, np.float32) for w in self.weights]
+        self.biases = [np.ascontiguousarray(b, np.float32) for b in self.biases]
+        sizes = [self.weights[0].shape[1]] + [len(w) for w in self.weights]
+        self._sizes = np.array(sizes, np.int32)
+        self._w = np.array([w.ctypes.data for w in self.weights], np.uint64)
+        self._b = np.array([b.ctypes.data for b in self.biases], np.uint64)
+
+
+def mlp(net: Network, x: np.ndarray, vector: bool = True) -> np.ndarray | None:
+    """The network's float32 accumulators ``(n, out)`` for inputs ``x`` ``(n, in)`` (a
+    column-major view, as :class:`Features` gives, is used in place), or None without the
+    compiled kernel or for layers wider than it takes (256). Equal, bit for bit, to torch's
+    float32 evaluation; ``vector=False`` runs the plain C layers even on an AVX2+FMA CPU."""
+    if not available():
+        return None
+    cols = np.asarray(x, dtype=np.float32).T
+    if cols.strides[1] != 4 or cols.strides[0] % 4:
+        cols = np.ascontiguousarray(cols)
+    n = cols.shape[1]
+    acc = np.empty((n, int(net._sizes[-1])), np.float32)
+    if n and _library().voxarc_mlp(cols.ctypes.data, cols.strides[0] // 4, n,
+                                   len(net.weights), net._sizes.ctypes.data, net._w.ctypes.data,
+                                   net._b.ctypes.data, int(vector), acc.ctypes.data) < 0:
+        return None
+    return acc

@@ -141,3 +141,65 @@ def test_decoder_run_cache_stays_within_its_budget(monkeypatch, cached_validity)
         assert 0 < layout.run_cache_bytes <= 6000 and layout.run_cache
     finally:
         codec.skew_layout.cache_clear()
+
+
+def _random_network(rng, sizes, weight_max=127):
+    from models.intnet import IntLayer, IntMLP
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        hidden = i < len(sizes) - 2
+        layers.append(IntLayer(rng.integers(-weight_max, weight_max + 1, (b, a)),
+                               rng.integers(-20000, 20000, b),
+                               rng.integers(0, 12, b) if hidden else None))
+    return IntMLP(layers)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), n=st.integers(0, 200),
+       sizes=st.lists(st.integers(1, 70), min_size=2, max_size=4), vector=st.booleans(),
+       column_major=st.booleans())
+def test_kernel_network_equals_the_int64_reference(seed, n, sizes, vector, column_major):
+    rng = np.random.default_rng(seed)
+    net = _random_network(rng, sizes)
+    x = rng.integers(-1024, 1025, (n, sizes[0]))
+    if column_major:     # as the feature kernel hands them over: rows of a wider array
+        wide = np.zeros((sizes[0] + 3, n + 5), np.float32)
+        wide[1:sizes[0] + 1, 2:n + 2] = x.T
+        xin = wide[1:sizes[0] + 1, 2:n + 2].T
+    else:
+        xin = x.astype(np.float32)
+    acc = kernels.mlp(net._kernel_network(), xin, vector=vector)
+    assert acc.dtype == np.float32 and acc.shape == (n, sizes[-1])
+    ref = net.reference(x)
+    assert np.array_equal(acc.astype(np.int64), ref)
+    if len(sizes) > 2 and n:   # the hidden layers' clip is exercised at both ends
+        h = net.layers[0]
+        pre = (x @ h.weight.T + h.bias) >> h.shift
+        assert (pre < 0).any() or (pre > 1023).any() or sizes[1] * n < 8
+
+
+def test_kernel_network_equals_torch_and_falls_back_when_too_wide(monkeypatch):
+    rng = np.random.default_rng(7)
+    model = load_model("default")
+    x = rng.integers(-300, 300, (5000, model.net.layers[0].weight.shape[1])).astype(np.float32)
+    fast = model.net.float_accumulators(x)
+    wide = _random_network(rng, [31, 300, 2], weight_max=1)   # wider than the kernel takes
+    assert kernels.mlp(wide._kernel_network(), x) is None
+    wide_fast = wide.float_accumulators(x)
+    monkeypatch.setenv("VOXARC_KERNELS", "numpy")
+    assert np.array_equal(fast, model.net.float_accumulators(x))
+    assert np.array_equal(wide_fast, wide.float_accumulators(x))
+    assert np.array_equal(wide_fast.astype(np.int64), wide.reference(x.astype(np.int64)))
+
+
+def test_a_kernel_built_for_another_version_is_not_called(monkeypatch):
+    monkeypatch.setattr(kernels, "ABI", kernels.ABI + 1)   # as if the .so were stale
+    kernels._library.cache_clear()
+    try:
+        assert not kernels.available()
+        vol = np.arange(2 * 9 * 11, dtype=np.int16).reshape(2, 9, 11)
+        assert np.array_equal(decode_slices(encode_volume(vol), 0, 2), vol)
+    finally:
+        kernels._library.cache_clear()
+    monkeypatch.undo()
+    assert kernels.available()
