@@ -149,7 +149,8 @@ block_features(const int32_t *const *v, const uint8_t *const *ok, int64_t m, int
  * ref_all: (n) the reference of every voxel.
  * busy, s_out, lq_out, ref_busy: (n) index, activity, floor(4 log2 s) and reference of the
  *   kept voxels.
- * Returns the number of kept voxels, or -1 when K is out of range.
+ * Returns the number of kept voxels, or -1 when K is out of range (voxarc_features_runs: or
+ * when its staging blocks cannot be allocated).
  */
 VECTOR_CLONES
 int64_t voxarc_features(const int32_t *values, int64_t vstride, const uint8_t *valid,
@@ -177,7 +178,9 @@ int64_t voxarc_features(const int32_t *values, int64_t vstride, const uint8_t *v
 /* voxarc_features for voxels read from a decoder buffer in runs (models.skew): run r holds
  * len[r] voxels; the neighbour k of its voxel i is buf[origin[r] + koff[k] + i], and its
  * validity is byte k * ostride[r] + i of the array at address vptr[r], and-ed with bit k of
- * depth[r]. The voxels are numbered in run order. */
+ * depth[r]. The voxels are numbered in run order. Runs are short (a tile's row in a wavefront
+ * step: tens of voxels), so their neighbours are copied into whole blocks first: the block
+ * loops then run at full vector length. */
 VECTOR_CLONES
 int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const int64_t *len,
                              const uint64_t *vptr, const int64_t *ostride,
@@ -188,23 +191,46 @@ int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const in
 {
     if (K < PREVIOUS_END || K > KMAX)
         return -1;
-    static const uint8_t none[BLOCK];  /* the validity of neighbours in no earlier slice */
+    int32_t (*vals)[BLOCK] = malloc(sizeof(int32_t) * KMAX * BLOCK);
+    uint8_t (*oks)[BLOCK] = malloc(KMAX * BLOCK);
+    if (vals == NULL || oks == NULL) {
+        free(vals);
+        free(oks);
+        return -1;
+    }
     const int32_t *v[KMAX];
     const uint8_t *ok[KMAX];
-    int64_t kept = 0, a = 0;
+    for (int k = 0; k < K; k++) {
+        v[k] = vals[k];
+        ok[k] = oks[k];
+    }
+    int64_t kept = 0, a = 0, fill = 0;
     for (int64_t r = 0; r < runs; r++) {
         const uint8_t *okr = (const uint8_t *)(uintptr_t)vptr[r];
-        for (int64_t at = 0; at < len[r]; at += BLOCK) {   /* a run is a block, or several */
-            int64_t m = len[r] - at < BLOCK ? len[r] - at : BLOCK;
+        for (int64_t at = 0; at < len[r];) {    /* a run may straddle blocks */
+            int64_t m = len[r] - at < BLOCK - fill ? len[r] - at : BLOCK - fill;
             for (int k = 0; k < K; k++) {
-                v[k] = buf + origin[r] + koff[k] + at;
-                ok[k] = (depth[r] >> k) & 1u ? okr + (int64_t)k * ostride[r] + at : none;
+                __builtin_memcpy(vals[k] + fill, buf + origin[r] + koff[k] + at, 4 * m);
+                if ((depth[r] >> k) & 1u)
+                    __builtin_memcpy(oks[k] + fill, okr + (int64_t)k * ostride[r] + at, m);
+                else   /* a neighbour in no earlier slice */
+                    __builtin_memset(oks[k] + fill, 0, m);
             }
-            kept += block_features(v, ok, m, K, compact, log2q, x, xstride, a, kept, ref_all,
-                                   busy, s_out, lq_out, ref_busy);
-            a += m;
+            fill += m;
+            at += m;
+            if (fill == BLOCK) {
+                kept += block_features(v, ok, fill, K, compact, log2q, x, xstride, a, kept,
+                                       ref_all, busy, s_out, lq_out, ref_busy);
+                a += fill;
+                fill = 0;
+            }
         }
     }
+    if (fill > 0)
+        kept += block_features(v, ok, fill, K, compact, log2q, x, xstride, a, kept, ref_all,
+                               busy, s_out, lq_out, ref_busy);
+    free(vals);
+    free(oks);
     return kept;
 }
 

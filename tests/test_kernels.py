@@ -203,3 +203,35 @@ def test_a_kernel_built_for_another_version_is_not_called(monkeypatch):
         kernels._library.cache_clear()
     monkeypatch.undo()
     assert kernels.available()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), lengths=st.lists(st.integers(0, 600), min_size=1,
+                                                      max_size=8), compact=st.booleans())
+def test_run_features_equal_features_of_the_gathered_neighbours(seed, lengths, compact):
+    # runs shorter and longer than a block, straddling blocks, empty, some neighbours in no
+    # earlier slice (depth bit clear)
+    rng = np.random.default_rng(seed)
+    k = 26
+    buf = (rng.integers(-3, 4, 5500) + rng.integers(-2000, 2000)).astype(np.int32)
+    buf[rng.random(5500) < 0.3] += rng.integers(-500, 500)   # origin + koff + n < 5500
+    koff = rng.integers(0, 1000, k)
+    valid_rows = [rng.random((k, max(n, 1))) < 0.9 for n in lengths]
+    runs = kernels.Runs(
+        origin=rng.integers(0, 3900, len(lengths)).astype(np.int64),
+        length=np.array(lengths, np.int64),
+        valid_at=np.array([v.ctypes.data for v in valid_rows], np.uint64),
+        valid_stride=np.array([v.shape[1] for v in valid_rows], np.int64),
+        depth=rng.integers(0, 2 ** k, len(lengths)).astype(np.uint64) | np.uint64(0x3ff))
+    got = kernels.run_features(buf, runs, koff, compact)
+    values = np.concatenate([buf[o + koff[:, None] + np.arange(n)]
+                             for o, n in zip(runs.origin, lengths)], axis=1)
+    bits = ((runs.depth[:, None] >> np.arange(k, dtype=np.uint64)) & np.uint64(1)).astype(bool)
+    valid = np.concatenate([v[:, :n] & bits[r][:, None]
+                            for r, (v, n) in enumerate(zip(valid_rows, lengths))], axis=1)
+    want = kernels.features(values, valid, compact)
+    assert len(got.ref) == sum(lengths)
+    for field in ("ref", "s", "lq", "ref_busy", "x"):
+        assert np.array_equal(getattr(got, field), getattr(want, field)), field
+    assert (got.busy is None) == (want.busy is None)
+    assert got.busy is None or np.array_equal(got.busy, want.busy)
