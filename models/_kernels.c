@@ -26,7 +26,7 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
-#define ABI 2              /* models/kernels.py's ABI: raised whenever an entry point changes */
+#define ABI 3              /* models/kernels.py's ABI: raised whenever an entry point changes */
 
 /* Which set of entry points and signatures this build has. */
 int64_t voxarc_abi(void)
@@ -138,137 +138,6 @@ block_features(const int32_t *const *v, const uint8_t *const *ok, int64_t m, int
     return cnt;
 }
 
-/* Features of n voxels.
- *
- * values, valid: (K, n) neighbour values (int32) and validity (0/1 bytes), rows vstride and
- *   ostride elements apart; K >= 19 and the first 19 neighbours are the default neighbourhood's.
- * compact: when nonzero, flat contexts (every difference to the reference 0) are left out of
- *   x, s_out, lq_out, ref_busy and busy; else every voxel is kept.
- * log2q: floor(4 log2 s) for s = 0 .. 2**20 (models.features._LOG2Q_TABLE).
- * x: (K + 5, xstride) float32 network inputs of the kept voxels, in order.
- * ref_all: (n) the reference of every voxel.
- * busy, s_out, lq_out, ref_busy: (n) index, activity, floor(4 log2 s) and reference of the
- *   kept voxels.
- * Returns the number of kept voxels, or -1 when K is out of range (voxarc_features_runs: or
- * when its staging blocks cannot be allocated).
- */
-VECTOR_CLONES
-int64_t voxarc_features(const int32_t *values, int64_t vstride, const uint8_t *valid,
-                        int64_t ostride, int64_t n, int32_t K, int32_t compact,
-                        const int16_t *log2q, float *x, int64_t xstride, int64_t *ref_all,
-                        int64_t *busy, int64_t *s_out, int64_t *lq_out, int64_t *ref_busy)
-{
-    if (K < PREVIOUS_END || K > KMAX)
-        return -1;
-    const int32_t *v[KMAX];
-    const uint8_t *ok[KMAX];
-    int64_t kept = 0;
-    for (int64_t a = 0; a < n; a += BLOCK) {
-        int64_t m = n - a < BLOCK ? n - a : BLOCK;
-        for (int k = 0; k < K; k++) {
-            v[k] = values + (int64_t)k * vstride + a;
-            ok[k] = valid + (int64_t)k * ostride + a;
-        }
-        kept += block_features(v, ok, m, K, compact, log2q, x, xstride, a, kept, ref_all, busy,
-                               s_out, lq_out, ref_busy);
-    }
-    return kept;
-}
-
-/* voxarc_features for voxels read from a decoder buffer in runs (models.skew): run r holds
- * len[r] voxels; the neighbour k of its voxel i is buf[origin[r] + koff[k] + i], and its
- * validity is byte k * ostride[r] + i of the array at address vptr[r], and-ed with bit k of
- * depth[r]. The voxels are numbered in run order. Runs are short (a tile's row in a wavefront
- * step: tens of voxels), so their neighbours are copied into whole blocks first: the block
- * loops then run at full vector length. */
-VECTOR_CLONES
-int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const int64_t *len,
-                             const uint64_t *vptr, const int64_t *ostride,
-                             const uint64_t *depth, int64_t runs, const int64_t *koff,
-                             int32_t K, int32_t compact, const int16_t *log2q, float *x,
-                             int64_t xstride, int64_t *ref_all, int64_t *busy, int64_t *s_out,
-                             int64_t *lq_out, int64_t *ref_busy)
-{
-    if (K < PREVIOUS_END || K > KMAX)
-        return -1;
-    int32_t (*vals)[BLOCK] = malloc(sizeof(int32_t) * KMAX * BLOCK);
-    uint8_t (*oks)[BLOCK] = malloc(KMAX * BLOCK);
-    if (vals == NULL || oks == NULL) {
-        free(vals);
-        free(oks);
-        return -1;
-    }
-    const int32_t *v[KMAX];
-    const uint8_t *ok[KMAX];
-    for (int k = 0; k < K; k++) {
-        v[k] = vals[k];
-        ok[k] = oks[k];
-    }
-    int64_t kept = 0, a = 0, fill = 0;
-    for (int64_t r = 0; r < runs; r++) {
-        const uint8_t *okr = (const uint8_t *)(uintptr_t)vptr[r];
-        for (int64_t at = 0; at < len[r];) {    /* a run may straddle blocks */
-            int64_t m = len[r] - at < BLOCK - fill ? len[r] - at : BLOCK - fill;
-            for (int k = 0; k < K; k++) {
-                __builtin_memcpy(vals[k] + fill, buf + origin[r] + koff[k] + at, 4 * m);
-                if ((depth[r] >> k) & 1u)
-                    __builtin_memcpy(oks[k] + fill, okr + (int64_t)k * ostride[r] + at, m);
-                else   /* a neighbour in no earlier slice */
-                    __builtin_memset(oks[k] + fill, 0, m);
-            }
-            fill += m;
-            at += m;
-            if (fill == BLOCK) {
-                kept += block_features(v, ok, fill, K, compact, log2q, x, xstride, a, kept,
-                                       ref_all, busy, s_out, lq_out, ref_busy);
-                a += fill;
-                fill = 0;
-            }
-        }
-    }
-    if (fill > 0)
-        kept += block_features(v, ok, fill, K, compact, log2q, x, xstride, a, kept, ref_all,
-                               busy, s_out, lq_out, ref_busy);
-    free(vals);
-    free(oks);
-    return kept;
-}
-
-/* The predictor's outputs from the network's accumulators, as models.predictor computes them
- * in numpy (prediction, scale_index, fraction_bin): acc is the (kept, 2) float32 output of the
- * integer network (exact integers below 2**24) for the kept voxels busy[c] (busy NULL: every
- * voxel, kept == n); every other voxel is a flat context and predicts its reference with table
- * row flat_row. head = (mean_mult, mean_shift, scale_mult, scale_shift). */
-VECTOR_CLONES
-void voxarc_outputs(const float *acc, int64_t kept, const int64_t *busy, const int64_t *ref_busy,
-                    const int64_t *s, const int64_t *lq, const int64_t *ref_all, int64_t n,
-                    const int64_t *head, int64_t bins_log2, int64_t scale_zero,
-                    int64_t n_scales, int64_t flat_row, int64_t lo, int64_t hi,
-                    int64_t *pred, int64_t *row)
-{
-    int64_t mm = head[0], shift = head[1] + 6, sm = head[2], ss = head[3];
-    int64_t half = (int64_t)1 << (shift - 1), frac = ((int64_t)1 << shift) - 1;
-    int64_t shalf = (int64_t)1 << (ss - 1);
-    if (busy != NULL) {
-        for (int64_t i = 0; i < n; i++) {
-            int64_t r = ref_all[i];
-            pred[i] = r < lo ? lo : (r > hi ? hi : r);
-            row[i] = flat_row;
-        }
-    }
-    for (int64_t c = 0; c < kept; c++) {
-        int64_t i = busy != NULL ? busy[c] : c;
-        int64_t t = (int64_t)acc[2 * c] * mm * s[c] + half;
-        int64_t p = ref_busy[c] + (t >> shift);
-        pred[i] = p < lo ? lo : (p > hi ? hi : p);
-        int64_t j = (((int64_t)acc[2 * c + 1] * sm + shalf) >> ss) + lq[c] + scale_zero;
-        j = j < 0 ? 0 : (j > n_scales - 1 ? n_scales - 1 : j);
-        if (bins_log2 > 0)
-            j = (j << bins_log2) + ((t & frac) >> (shift - bins_log2));
-        row[i] = j;
-    }
-}
-
 /* ---------------------------------------------------------------- the exact integer network */
 
 #define MLP_VV 3           /* vectors of eight voxels per network block */
@@ -342,6 +211,74 @@ static void mlp_layer_avx2(const float *in, int64_t ld, int nin, const float *w,
 }
 #endif
 
+typedef void (*mlp_layer_fn)(const float *, int64_t, int, const float *, const float *, int,
+                            int, float *);
+
+/* The network on a growing set of feature-major input columns: mlp_feed evaluates every whole
+ * block of columns up to ``upto`` (and with ``last``, the rest, zero-padded), writing the last
+ * layer's accumulators to acc (column c at acc + c * size[layers]). */
+typedef struct {
+    int32_t layers;
+    const int32_t *size;
+    const float *const *w, *const *b;
+    float *acc, *buf;
+    mlp_layer_fn layer;
+    int64_t done;
+} mlp_run;
+
+static int mlp_open(mlp_run *r, int32_t layers, const int32_t *size, const float *const *w,
+                    const float *const *b, int32_t vector, float *acc)
+{
+    r->buf = NULL;
+    for (int l = 0; l <= layers; l++)
+        if (size[l] < 1 || size[l] > MLP_WIDTH)
+            return -1;
+    r->layers = layers;
+    r->size = size;
+    r->w = w;
+    r->b = b;
+    r->acc = acc;
+    r->done = 0;
+    r->layer = mlp_layer_plain;
+#ifdef MLP_VECTOR
+    if (vector && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        r->layer = mlp_layer_avx2;
+#endif
+    r->buf = malloc(sizeof(float) * MLP_VB * MLP_WIDTH * 3);
+    return r->buf == NULL ? -1 : 0;
+}
+
+static void mlp_feed(mlp_run *r, const float *x, int64_t ld, int64_t upto, int last)
+{
+    float *tail = r->buf, *h[2] = {r->buf + MLP_VB * MLP_WIDTH, r->buf + 2 * MLP_VB * MLP_WIDTH};
+    int nout = r->size[r->layers];
+    for (int64_t a = r->done; a < upto; a += MLP_VB) {
+        int64_t m = upto - a < MLP_VB ? upto - a : MLP_VB;
+        if (m < MLP_VB && !last)
+            break;
+        const float *in = x + a;
+        int64_t in_ld = ld;
+        if (m < MLP_VB) {   /* the last, partial block: zero-padded copy */
+            for (int f = 0; f < r->size[0]; f++)
+                for (int64_t i = 0; i < MLP_VB; i++)
+                    tail[f * MLP_VB + i] = i < m ? x[f * ld + a + i] : 0.0f;
+            in = tail;
+            in_ld = MLP_VB;
+        }
+        for (int l = 0; l < r->layers; l++) {
+            float *out = h[l & 1];
+            r->layer(in, in_ld, r->size[l], r->w[l], r->b[l], r->size[l + 1],
+                     l < r->layers - 1, out);
+            in = out;
+            in_ld = MLP_VB;
+        }
+        for (int64_t i = 0; i < m; i++)
+            for (int o = 0; o < nout; o++)
+                r->acc[(a + i) * nout + o] = in[o * MLP_VB + i];
+        r->done = a + m;
+    }
+}
+
 /* The default integer network (models.intnet.IntMLP.float_accumulators) on n voxels whose
  * inputs are feature-major: input f of voxel i at x[f * ld + i]. Layer l has size[l] inputs
  * and size[l + 1] outputs; its weights (row-major, out by in) and biases come pre-scaled by
@@ -352,41 +289,167 @@ static void mlp_layer_avx2(const float *in, int64_t ld, int nin, const float *w,
 int64_t voxarc_mlp(const float *x, int64_t ld, int64_t n, int32_t layers, const int32_t *size,
                    const float *const *w, const float *const *b, int32_t vector, float *acc)
 {
-    for (int l = 0; l <= layers; l++)
-        if (size[l] < 1 || size[l] > MLP_WIDTH)
-            return -1;
-    float *buf = malloc(sizeof(float) * MLP_VB * MLP_WIDTH * 3);
-    if (buf == NULL)
+    mlp_run r;
+    if (mlp_open(&r, layers, size, w, b, vector, acc) < 0) {
+        free(r.buf);
         return -1;
-    float *tail = buf, *h[2] = {buf + MLP_VB * MLP_WIDTH, buf + 2 * MLP_VB * MLP_WIDTH};
-    void (*layer)(const float *, int64_t, int, const float *, const float *, int, int,
-                  float *) = mlp_layer_plain;
-#ifdef MLP_VECTOR
-    if (vector && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        layer = mlp_layer_avx2;
-#endif
-    int nout = size[layers];
-    for (int64_t a = 0; a < n; a += MLP_VB) {
-        int64_t m = n - a < MLP_VB ? n - a : MLP_VB;
-        const float *in = x + a;
-        int64_t in_ld = ld;
-        if (m < MLP_VB) {   /* the last, partial block: zero-padded copy */
-            for (int f = 0; f < size[0]; f++)
-                for (int64_t i = 0; i < MLP_VB; i++)
-                    tail[f * MLP_VB + i] = i < m ? x[f * ld + a + i] : 0.0f;
-            in = tail;
-            in_ld = MLP_VB;
-        }
-        for (int l = 0; l < layers; l++) {
-            float *out = h[l & 1];
-            layer(in, in_ld, size[l], w[l], b[l], size[l + 1], l < layers - 1, out);
-            in = out;
-            in_ld = MLP_VB;
-        }
-        for (int64_t i = 0; i < m; i++)
-            for (int o = 0; o < nout; o++)
-                acc[(a + i) * nout + o] = in[o * MLP_VB + i];
     }
-    free(buf);
+    mlp_feed(&r, x, ld, n, 1);
+    free(r.buf);
     return 0;
+}
+
+/* Features of n voxels.
+ *
+ * values, valid: (K, n) neighbour values (int32) and validity (0/1 bytes), rows vstride and
+ *   ostride elements apart; K >= 19 and the first 19 neighbours are the default neighbourhood's.
+ * compact: when nonzero, flat contexts (every difference to the reference 0) are left out of
+ *   x, s_out, lq_out, ref_busy and busy; else every voxel is kept.
+ * log2q: floor(4 log2 s) for s = 0 .. 2**20 (models.features._LOG2Q_TABLE).
+ * x: (K + 5, xstride) float32 network inputs of the kept voxels, in order.
+ * ref_all: (n) the reference of every voxel.
+ * busy, s_out, lq_out, ref_busy: (n) index, activity, floor(4 log2 s) and reference of the
+ *   kept voxels.
+ * layers, size, w, b, vector, acc: with acc not NULL, the network of voxarc_mlp is run on the
+ *   kept voxels' inputs block by block, as they are written (still in cache), and its
+ *   accumulators written to acc (kept, size[layers]).
+ * Returns the number of kept voxels, or -1 when K is out of range, the network is too wide or
+ * memory is short.
+ */
+VECTOR_CLONES
+int64_t voxarc_features(const int32_t *values, int64_t vstride, const uint8_t *valid,
+                        int64_t ostride, int64_t n, int32_t K, int32_t compact,
+                        const int16_t *log2q, float *x, int64_t xstride, int64_t *ref_all,
+                        int64_t *busy, int64_t *s_out, int64_t *lq_out, int64_t *ref_busy,
+                        int32_t layers, const int32_t *size, const float *const *w,
+                        const float *const *b, int32_t vector, float *acc)
+{
+    mlp_run net = {.buf = NULL};
+    if (K < PREVIOUS_END || K > KMAX
+            || (acc != NULL && mlp_open(&net, layers, size, w, b, vector, acc) < 0)) {
+        free(net.buf);
+        return -1;
+    }
+    const int32_t *v[KMAX];
+    const uint8_t *ok[KMAX];
+    int64_t kept = 0;
+    for (int64_t a = 0; a < n; a += BLOCK) {
+        int64_t m = n - a < BLOCK ? n - a : BLOCK;
+        for (int k = 0; k < K; k++) {
+            v[k] = values + (int64_t)k * vstride + a;
+            ok[k] = valid + (int64_t)k * ostride + a;
+        }
+        kept += block_features(v, ok, m, K, compact, log2q, x, xstride, a, kept, ref_all, busy,
+                               s_out, lq_out, ref_busy);
+        if (acc != NULL)   /* while the block's inputs are in cache */
+            mlp_feed(&net, x, xstride, kept, 0);
+    }
+    if (acc != NULL)
+        mlp_feed(&net, x, xstride, kept, 1);
+    free(net.buf);
+    return kept;
+}
+
+/* voxarc_features for voxels read from a decoder buffer in runs (models.skew): run r holds
+ * len[r] voxels; the neighbour k of its voxel i is buf[origin[r] + koff[k] + i], and its
+ * validity is byte k * ostride[r] + i of the array at address vptr[r], and-ed with bit k of
+ * depth[r]. The voxels are numbered in run order. Runs are short (a tile's row in a wavefront
+ * step: tens of voxels), so their neighbours are copied into whole blocks first: the block
+ * loops then run at full vector length. */
+VECTOR_CLONES
+int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const int64_t *len,
+                             const uint64_t *vptr, const int64_t *ostride,
+                             const uint64_t *depth, int64_t runs, const int64_t *koff,
+                             int32_t K, int32_t compact, const int16_t *log2q, float *x,
+                             int64_t xstride, int64_t *ref_all, int64_t *busy, int64_t *s_out,
+                             int64_t *lq_out, int64_t *ref_busy, int32_t layers,
+                             const int32_t *size, const float *const *w, const float *const *b,
+                             int32_t vector, float *acc)
+{
+    if (K < PREVIOUS_END || K > KMAX)
+        return -1;
+    mlp_run net = {.buf = NULL};
+    int32_t (*vals)[BLOCK] = malloc(sizeof(int32_t) * KMAX * BLOCK);
+    uint8_t (*oks)[BLOCK] = malloc(KMAX * BLOCK);
+    if (vals == NULL || oks == NULL
+            || (acc != NULL && mlp_open(&net, layers, size, w, b, vector, acc) < 0)) {
+        free(vals);
+        free(oks);
+        free(net.buf);
+        return -1;
+    }
+    const int32_t *v[KMAX];
+    const uint8_t *ok[KMAX];
+    for (int k = 0; k < K; k++) {
+        v[k] = vals[k];
+        ok[k] = oks[k];
+    }
+    int64_t kept = 0, a = 0, fill = 0;
+    for (int64_t r = 0; r < runs; r++) {
+        const uint8_t *okr = (const uint8_t *)(uintptr_t)vptr[r];
+        for (int64_t at = 0; at < len[r];) {    /* a run may straddle blocks */
+            int64_t m = len[r] - at < BLOCK - fill ? len[r] - at : BLOCK - fill;
+            for (int k = 0; k < K; k++) {
+                __builtin_memcpy(vals[k] + fill, buf + origin[r] + koff[k] + at, 4 * m);
+                if ((depth[r] >> k) & 1u)
+                    __builtin_memcpy(oks[k] + fill, okr + (int64_t)k * ostride[r] + at, m);
+                else   /* a neighbour in no earlier slice */
+                    __builtin_memset(oks[k] + fill, 0, m);
+            }
+            fill += m;
+            at += m;
+            if (fill == BLOCK) {
+                kept += block_features(v, ok, fill, K, compact, log2q, x, xstride, a, kept,
+                                       ref_all, busy, s_out, lq_out, ref_busy);
+                if (acc != NULL)   /* while the block's inputs are in cache */
+                    mlp_feed(&net, x, xstride, kept, 0);
+                a += fill;
+                fill = 0;
+            }
+        }
+    }
+    if (fill > 0)
+        kept += block_features(v, ok, fill, K, compact, log2q, x, xstride, a, kept, ref_all,
+                               busy, s_out, lq_out, ref_busy);
+    if (acc != NULL)
+        mlp_feed(&net, x, xstride, kept, 1);
+    free(vals);
+    free(oks);
+    free(net.buf);
+    return kept;
+}
+
+/* The predictor's outputs from the network's accumulators, as models.predictor computes them
+ * in numpy (prediction, scale_index, fraction_bin): acc is the (kept, 2) float32 output of the
+ * integer network (exact integers below 2**24) for the kept voxels busy[c] (busy NULL: every
+ * voxel, kept == n); every other voxel is a flat context and predicts its reference with table
+ * row flat_row. head = (mean_mult, mean_shift, scale_mult, scale_shift). */
+VECTOR_CLONES
+void voxarc_outputs(const float *acc, int64_t kept, const int64_t *busy, const int64_t *ref_busy,
+                    const int64_t *s, const int64_t *lq, const int64_t *ref_all, int64_t n,
+                    const int64_t *head, int64_t bins_log2, int64_t scale_zero,
+                    int64_t n_scales, int64_t flat_row, int64_t lo, int64_t hi,
+                    int64_t *pred, int64_t *row)
+{
+    int64_t mm = head[0], shift = head[1] + 6, sm = head[2], ss = head[3];
+    int64_t half = (int64_t)1 << (shift - 1), frac = ((int64_t)1 << shift) - 1;
+    int64_t shalf = (int64_t)1 << (ss - 1);
+    if (busy != NULL) {
+        for (int64_t i = 0; i < n; i++) {
+            int64_t r = ref_all[i];
+            pred[i] = r < lo ? lo : (r > hi ? hi : r);
+            row[i] = flat_row;
+        }
+    }
+    for (int64_t c = 0; c < kept; c++) {
+        int64_t i = busy != NULL ? busy[c] : c;
+        int64_t t = (int64_t)acc[2 * c] * mm * s[c] + half;
+        int64_t p = ref_busy[c] + (t >> shift);
+        pred[i] = p < lo ? lo : (p > hi ? hi : p);
+        int64_t j = (((int64_t)acc[2 * c + 1] * sm + shalf) >> ss) + lq[c] + scale_zero;
+        j = j < 0 ? 0 : (j > n_scales - 1 ? n_scales - 1 : j);
+        if (bins_log2 > 0)
+            j = (j << bins_log2) + ((t & frac) >> (shift - bins_log2));
+        row[i] = j;
+    }
 }

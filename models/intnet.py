@@ -151,7 +151,7 @@ class IntMLP:
         if not self.is_default:
             raise ValueError("float32 accumulators are exact for default networks only")
         if device == "cpu":
-            acc = kernels.mlp(self._kernel_network(), x)
+            acc = kernels.mlp(self.kernel_network(), x)
             if acc is not None:
                 return acc
         # weights and bias pre-scaled by 2**-k: every partial sum is an integer below
@@ -164,9 +164,10 @@ class IntMLP:
                 h = torch.clamp_(torch.floor_(torch.addmm(b * k, h, w * k)), 0, ACT_MAX)
         return h.cpu().numpy()
 
-    def _kernel_network(self) -> "kernels.Network":
-        """The float32 weights of :meth:`float_accumulators`, as the compiled kernel takes them."""
-        if self._kernel is None:
+    def kernel_network(self) -> "kernels.Network | None":
+        """The float32 weights of :meth:`float_accumulators`, as the compiled kernels take
+        them (None for networks that are not :attr:`is_default`)."""
+        if self._kernel is None and self.is_default:
             scale = [2.0 ** -l.shift if l.shift is not None else np.ones(len(l.bias))
                      for l in self.layers]
             self._kernel = kernels.Network([l.weight * k[:, None] for l, k in zip(self.layers, scale)],

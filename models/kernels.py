@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
-ABI = 2   # the entry points and signatures of models/_kernels.c this module calls
+_NETWORK_ARGS = [_I32, _P, _P, _P, _I32, _P]   # layers, sizes, weights, biases, vector, acc
+ABI = 3   # the entry points and signatures of models/_kernels.c this module calls
 
 
 @lru_cache(maxsize=1)
@@ -47,7 +48,8 @@ def _library():
         return None
     fn = lib.voxarc_features
     fn.restype = _I64
-    fn.argtypes = [_P, _I64, _P, _I64, _I64, _I32, _I32, _P, _P, _I64, _P, _P, _P, _P, _P]
+    fn.argtypes = [_P, _I64, _P, _I64, _I64, _I32, _I32, _P, _P, _I64, _P, _P, _P, _P, _P] \
+        + _NETWORK_ARGS
     fn = lib.voxarc_outputs
     fn.restype = None
     fn.argtypes = [_P, _I64, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64,
@@ -55,7 +57,7 @@ def _library():
     fn = lib.voxarc_features_runs
     fn.restype = _I64
     fn.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _P, _I32, _I32, _P, _P, _I64, _P, _P, _P,
-                   _P, _P]
+                   _P, _P] + _NETWORK_ARGS
     fn = lib.voxarc_mlp
     fn.restype = _I64
     fn.argtypes = [_P, _I64, _I64, _I32, _P, _P, _P, _I32, _P]
@@ -76,6 +78,7 @@ class Features:
     busy : int64 (kept,)    indices of the kept voxels (None: all voxels, in order)
     s, lq, ref_busy : int64 (kept,)   activity, floor(4 log2 s) and reference of the kept ones
     x : float32 (kept, F)   network inputs of the kept voxels (a column-major view)
+    acc : float32 (kept, out)   the network's accumulators, when it ran in the same pass
     """
 
     ref: np.ndarray
@@ -84,6 +87,7 @@ class Features:
     lq: np.ndarray
     ref_busy: np.ndarray
     x: np.ndarray
+    acc: np.ndarray | None = None
 
 
 def _rows(a: np.ndarray, dtype) -> tuple[np.ndarray, int]:
@@ -94,32 +98,37 @@ def _rows(a: np.ndarray, dtype) -> tuple[np.ndarray, int]:
     return a, a.strides[0] // a.itemsize
 
 
-def features(values: np.ndarray, valid: np.ndarray, compact: bool) -> Features | None:
-    """Features of ``(K, n)`` neighbour values and validity (None: no compiled kernel)."""
+def features(values: np.ndarray, valid: np.ndarray, compact: bool,
+             net: "Network | None" = None) -> Features | None:
+    """Features of ``(K, n)`` neighbour values and validity (None: no compiled kernel), and
+    with ``net``, the network's accumulators of the kept voxels, computed in the same pass."""
     if not available():
         return None
     k, n = values.shape
     values, vstride = _rows(values, np.int32)
     valid, ostride = _rows(valid, np.bool_)
     return _call(_library().voxarc_features, (values.ctypes.data, vstride, valid.ctypes.data,
-                                              ostride, n, k, int(bool(compact))), n, k)
+                                              ostride, n, k, int(bool(compact))), n, k, net)
 
 
-def _call(fn, args, n: int, k: int) -> Features | None:
+def _call(fn, args, n: int, k: int, net: "Network | None") -> Features | None:
     x = np.empty((k + 5, max(n, 1)), dtype=np.float32)
     ref, busy, s, lq, ref_busy = (np.empty(n, dtype=np.int64) for _ in range(5))
+    acc = None if net is None else np.empty((n, net.outputs), np.float32)
+    network = (0, None, None, None, 0, None) if net is None else net.arguments(acc)
     kept = fn(*args, _LOG2Q_TABLE.ctypes.data, x.ctypes.data, x.shape[1], ref.ctypes.data,
-              busy.ctypes.data, s.ctypes.data, lq.ctypes.data, ref_busy.ctypes.data)
+              busy.ctypes.data, s.ctypes.data, lq.ctypes.data, ref_busy.ctypes.data, *network)
     if kept < 0:
         return None
     return Features(ref, busy[:kept] if kept < n else None, s[:kept], lq[:kept],
-                    ref_busy[:kept], x[:, :kept].T)
+                    ref_busy[:kept], x[:, :kept].T, None if acc is None else acc[:kept])
 
 
-def run_features(buf: np.ndarray, runs: "Runs", koff: np.ndarray, compact: bool
-                 ) -> Features | None:
+def run_features(buf: np.ndarray, runs: "Runs", koff: np.ndarray, compact: bool,
+                 net: "Network | None" = None) -> Features | None:
     """Features of voxels read in runs from the flat int32 decoder buffer ``buf`` (see
-    :class:`Runs`; ``koff``: the neighbours' offsets in ``buf``), in run order."""
+    :class:`Runs`; ``koff``: the neighbours' offsets in ``buf``), in run order; with ``net``,
+    and the network's accumulators, as :func:`features`."""
     if not available():
         return None
     assert buf.dtype == np.int32 and buf.flags.c_contiguous
@@ -129,7 +138,7 @@ def run_features(buf: np.ndarray, runs: "Runs", koff: np.ndarray, compact: bool
                  (buf.ctypes.data, runs.origin.ctypes.data, runs.length.ctypes.data,
                   runs.valid_at.ctypes.data, runs.valid_stride.ctypes.data,
                   runs.depth.ctypes.data, len(runs.origin), koff.ctypes.data, k,
-                  int(bool(compact))), n, k)
+                  int(bool(compact))), n, k, net)
 
 
 @dataclass
@@ -180,6 +189,12 @@ class Network:
         self._sizes = np.array(sizes, np.int32)
         self._w = np.array([w.ctypes.data for w in self.weights], np.uint64)
         self._b = np.array([b.ctypes.data for b in self.biases], np.uint64)
+        self.outputs = sizes[-1]
+
+    def arguments(self, acc: np.ndarray, vector: bool = True) -> tuple:
+        """The kernels' network arguments, writing the accumulators to ``acc``."""
+        return (len(self.weights), self._sizes.ctypes.data, self._w.ctypes.data,
+                self._b.ctypes.data, int(vector), acc.ctypes.data)
 
 
 def mlp(net: Network, x: np.ndarray, vector: bool = True) -> np.ndarray | None:
@@ -193,9 +208,8 @@ def mlp(net: Network, x: np.ndarray, vector: bool = True) -> np.ndarray | None:
     if cols.strides[1] != 4 or cols.strides[0] % 4:
         cols = np.ascontiguousarray(cols)
     n = cols.shape[1]
-    acc = np.empty((n, int(net._sizes[-1])), np.float32)
+    acc = np.empty((n, net.outputs), np.float32)
     if n and _library().voxarc_mlp(cols.ctypes.data, cols.strides[0] // 4, n,
-                                   len(net.weights), net._sizes.ctypes.data, net._w.ctypes.data,
-                                   net._b.ctypes.data, int(vector), acc.ctypes.data) < 0:
+                                   *net.arguments(acc, vector)) < 0:
         return None
     return acc

@@ -62,7 +62,7 @@ class DefaultPredictor:
     def predict(self, values: np.ndarray, valid: np.ndarray, lo: int, hi: int):
         """Rounded predictions (int64, within [lo, hi]) and table indices for ``(K, n)``
         neighbour values."""
-        feats = kernels.features(values, valid, self.tables.flat) \
+        feats = kernels.features(values, valid, self.tables.flat, self.kernel_network()) \
             if self.uses_kernels(lo, hi) else None
         if feats is None:
             ref, s, lq, x = default_features(values, valid)
@@ -76,11 +76,17 @@ class DefaultPredictor:
         return kernels.available() and self.net.is_default and np.ndim(lo) == 0 \
             and np.ndim(hi) == 0
 
+    def kernel_network(self) -> "kernels.Network | None":
+        """The network for the compiled kernels to run in the features' pass (on the CPU)."""
+        return self.net.kernel_network() if self.device == "cpu" else None
+
     def kernel_outputs(self, feats: "kernels.Features", lo: int, hi: int):
         """:meth:`outputs` from the compiled kernel's features (when :meth:`uses_kernels`);
         flat contexts, which the kernel left out, predict their reference."""
-        acc = self.net.float_accumulators(feats.x, self.device) if len(feats.s) \
-            else np.zeros((0, 2), np.float32)
+        acc = feats.acc
+        if acc is None:
+            acc = self.net.float_accumulators(feats.x, self.device) if len(feats.s) \
+                else np.zeros((0, 2), np.float32)
         return kernels.outputs(feats, acc, self.head, self.tables.fraction_bins,
                                self.tables.flat_index, int(lo), int(hi))
 

@@ -240,7 +240,7 @@ def _predict_step(L: SkewLayout, predictor, flat, strides, depth, parts, sizes, 
         hold = []          # the validity arrays the runs point into
         runs = _step_runs(L, strides, depth_bits, parts, hold)
         feats = kernels.run_features(flat, runs, _neighbour_offsets(L, strides),
-                                     predictor.tables.flat)
+                                     predictor.tables.flat, predictor.kernel_network())
         if feats is not None:
             return predictor.kernel_outputs(feats, lo, hi)
     K = L.hood.size

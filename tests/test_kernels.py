@@ -168,7 +168,7 @@ def test_kernel_network_equals_the_int64_reference(seed, n, sizes, vector, colum
         xin = wide[1:sizes[0] + 1, 2:n + 2].T
     else:
         xin = x.astype(np.float32)
-    acc = kernels.mlp(net._kernel_network(), xin, vector=vector)
+    acc = kernels.mlp(net.kernel_network(), xin, vector=vector)
     assert acc.dtype == np.float32 and acc.shape == (n, sizes[-1])
     ref = net.reference(x)
     assert np.array_equal(acc.astype(np.int64), ref)
@@ -184,7 +184,7 @@ def test_kernel_network_equals_torch_and_falls_back_when_too_wide(monkeypatch):
     x = rng.integers(-300, 300, (5000, model.net.layers[0].weight.shape[1])).astype(np.float32)
     fast = model.net.float_accumulators(x)
     wide = _random_network(rng, [31, 300, 2], weight_max=1)   # wider than the kernel takes
-    assert kernels.mlp(wide._kernel_network(), x) is None
+    assert kernels.mlp(wide.kernel_network(), x) is None
     wide_fast = wide.float_accumulators(x)
     monkeypatch.setenv("VOXARC_KERNELS", "numpy")
     assert np.array_equal(fast, model.net.float_accumulators(x))
@@ -231,7 +231,27 @@ def test_run_features_equal_features_of_the_gathered_neighbours(seed, lengths, c
                             for r, (v, n) in enumerate(zip(valid_rows, lengths))], axis=1)
     want = kernels.features(values, valid, compact)
     assert len(got.ref) == sum(lengths)
+    net = load_model("default").net.kernel_network()
+    fused = kernels.run_features(buf, runs, koff, compact, net)   # the network in the same pass
+    assert np.array_equal(fused.x, want.x) and fused.acc.shape == (len(want.s), 2)
+    assert np.array_equal(fused.acc, kernels.mlp(net, want.x))
     for field in ("ref", "s", "lq", "ref_busy", "x"):
         assert np.array_equal(getattr(got, field), getattr(want, field)), field
     assert (got.busy is None) == (want.busy is None)
     assert got.busy is None or np.array_equal(got.busy, want.busy)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), n=st.integers(0, 1100), compact=st.booleans(),
+       p_flat=st.sampled_from([0.0, 0.5, 0.97]))
+def test_network_in_the_features_pass_equals_the_int64_reference(seed, n, compact, p_flat):
+    rng = np.random.default_rng(seed)
+    model = load_model("default")
+    k = model.neighbourhood.size
+    values = (rng.integers(-60, 60, (k, n)) + 900).astype(np.int32)
+    values[:, rng.random(n) < p_flat] = 900          # flat contexts: left out when compact
+    valid = rng.random((k, n)) < 0.95
+    feats = kernels.features(values, valid, compact, model.net.kernel_network())
+    assert feats.acc.dtype == np.float32 and feats.acc.shape == (len(feats.s), 2)
+    ref = model.net.reference(np.asarray(feats.x, dtype=np.int64))
+    assert np.array_equal(feats.acc.astype(np.int64), ref)
