@@ -36,7 +36,7 @@ ABI = 3   # the entry points and signatures of models/_kernels.c this module cal
 def _library():
     spec = importlib.util.find_spec("models._kernels")
     if spec is None or not spec.origin:
-        log.info("compiled feature kernel not built: features computed in numpy")
+        log.info("compiled kernels not built: features and network computed in numpy and torch")
         return None
     lib = ctypes.CDLL(spec.origin)
     abi = getattr(lib, "voxarc_abi", None)
@@ -44,7 +44,7 @@ def _library():
         abi.restype = _I64
     if abi is None or abi() != ABI:
         log.warning("compiled kernel %s is of another voxarc version (rebuild it: pip install "
-                    "-e .): features computed in numpy", spec.origin)
+                    "-e .): features and network computed in numpy and torch", spec.origin)
         return None
     fn = lib.voxarc_features
     fn.restype = _I64
