@@ -168,10 +168,12 @@ class IntMLP:
         """The float32 weights of :meth:`float_accumulators`, as the compiled kernels take
         them (None for networks that are not :attr:`is_default`)."""
         if self._kernel is None and self.is_default:
-            scale = [2.0 ** -l.shift if l.shift is not None else np.ones(len(l.bias))
-                     for l in self.layers]
-            self._kernel = kernels.Network([l.weight * k[:, None] for l, k in zip(self.layers, scale)],
-                                           [l.bias * k for l, k in zip(self.layers, scale)])
+            # hidden layers pre-scaled by 2**-shift, as in float_accumulators' torch path
+            scale = [2.0 ** -layer.shift if layer.shift is not None else np.ones(len(layer.bias))
+                     for layer in self.layers]
+            self._kernel = kernels.Network(
+                [layer.weight * k[:, None] for layer, k in zip(self.layers, scale)],
+                [layer.bias * k for layer, k in zip(self.layers, scale)])
         return self._kernel
 
     # ------------------------------------------------------------------ persistence
