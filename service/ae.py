@@ -48,7 +48,7 @@ def open_archive(settings: Settings) -> Archive:
     """Open the archive a node's settings describe."""
     return Archive(settings.data_dir, settings.database_url, settings.duplicate_policy,
                    settings.max_storage_bytes, settings.codec_model, settings.max_stack_slices,
-                   settings.cache_bytes, settings.codec_slab)
+                   settings.cache_bytes, settings.codec_slab, settings.codec_adapt)
 
 
 def build_ae(settings: Settings) -> AE:

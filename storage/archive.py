@@ -44,11 +44,14 @@ class Archive:
         Budget of the decoded-slab cache used by retrieval.
     slab : int
         Slices per independently decodable slab of a coded stack (random-access granularity).
+    adapt : bool
+        Let the codec fine-tune its model on large stacks (False: faster compaction, larger
+        blobs).
     """
 
     def __init__(self, data_dir, database_url: str = "", duplicates: str = "keep_first",
                  max_storage_bytes: int = 0, model: str = "default", max_stack_slices: int = 256,
-                 cache_bytes: int = 256 << 20, slab: int = SLAB_SLICES):
+                 cache_bytes: int = 256 << 20, slab: int = SLAB_SLICES, adapt: bool = True):
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {DUPLICATE_POLICIES}")
         self.data_dir = Path(data_dir)
@@ -59,7 +62,7 @@ class Archive:
         self.lock = ArchiveLock(self.data_dir)
         self.duplicates, self.max_storage_bytes = duplicates, max_storage_bytes
         self.recovery = recover(self.lock, self.index, self.blobs, duplicates)   # after a crash
-        self.compactor = Compactor(self.index, self.blobs, model, max_stack_slices, slab)
+        self.compactor = Compactor(self.index, self.blobs, model, max_stack_slices, slab, adapt)
         self.reconstructor = Reconstructor(self.index, self.blobs, cache_bytes)
         self.stager = Stager(self.index)      # group commit of concurrent C-STOREs
 

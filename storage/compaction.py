@@ -58,14 +58,16 @@ class Compactor:
         Largest stack coded as one blob.
     slab : int
         Slices per independently decodable slab (passed to :func:`models.encode_volume`).
+    adapt : bool
+        Let the codec fine-tune its model on large stacks (its default); False: never.
     """
 
     def __init__(self, index: Index, blobs: BlobStore, model: str = "default",
-                 max_slices: int = 256, slab: int = SLAB_SLICES):
+                 max_slices: int = 256, slab: int = SLAB_SLICES, adapt: bool = True):
         if not 1 <= slab <= 256:
             raise ValueError("codec slab must be between 1 and 256 slices")
         self.index, self.blobs, self.model, self.max_slices = index, blobs, model, max_slices
-        self.slab = slab
+        self.slab, self.adapt = slab, adapt
 
     def ready_series(self, stable_age: float, now: float | None = None) -> list[int]:
         """Return ids of series with staged instances, stable for ``stable_age`` seconds and not
@@ -128,7 +130,8 @@ class Compactor:
                 raise VerificationError(f"pixel layout of {inst.sop_uid} changed since ingest")
             parts.append((inst, *split(data, layout)))
         volume = np.concatenate([p[2] for p in parts]).astype(parts[0][2].dtype.newbyteorder("="))
-        blob = models.encode_volume(volume, model=self.model, slab=self.slab)
+        blob = models.encode_volume(volume, model=self.model, slab=self.slab,
+                                    adapt=None if self.adapt else False)
         decoded = models.decode_volume(blob)
         if decoded.dtype != volume.dtype or _sha(decoded.tobytes()) != _sha(volume.tobytes()):
             raise VerificationError("decoded volume differs from the staged pixels")

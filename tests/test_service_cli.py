@@ -32,6 +32,17 @@ def test_every_setting_is_documented():
     assert set(SETTING_DOCS) == set(setting_names())
 
 
+def test_yes_no_settings_take_booleans_and_refuse_other_words(tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text('codec_adapt = false\nrequire_called_ae_title = "no"\n')
+    s = load_settings(config)
+    assert s.codec_adapt is False and s.require_called_ae_title is False
+    assert load_settings(None).codec_adapt is True
+    config.write_text('codec_adapt = "maybe"\n')
+    with pytest.raises(ValueError, match="codec_adapt must be true or false"):
+        load_settings(config)
+
+
 def test_defaults_toml_and_flags(tmp_path):
     assert Settings().ae_title == "VOXARC" and Settings().port == 11112
     config = tmp_path / "node.toml"

@@ -88,6 +88,25 @@ def test_damaged_pack_is_never_sent(archive):
             archive.retrieve(uid)
 
 
+@pytest.mark.parametrize("adapt", [True, False])
+def test_codec_adapt_setting_reaches_the_encoder(tmp_path, monkeypatch, adapt):
+    """``codec_adapt`` (archive ``adapt``): False never fine-tunes, whatever the stack's size."""
+    from models import api
+    from storage.archive import Archive
+    calls = []
+    monkeypatch.setattr(api, "ADAPT_VOXELS", 1)          # every stack is "large"
+    monkeypatch.setattr(api.adaptation, "adapt", lambda *a, **k: calls.append(a) and None)
+    arch = Archive(tmp_path / "data", adapt=adapt)
+    try:
+        sent = _store(arch, make_series(5, 12, 10))
+        arch.compact(stable_age=0)
+        assert len(calls) == (1 if adapt else 0)
+        for uid, data in sent.items():
+            assert arch.retrieve(uid).data == data
+    finally:
+        arch.close()
+
+
 def test_codec_slab_setting_reaches_the_blobs(tmp_path):
     """``codec_slab`` (archive ``slab``): the random-access granularity of coded stacks."""
     from storage.archive import Archive
