@@ -30,6 +30,7 @@ _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _I32, _P]   # layers, sizes, weights, biases, vector, acc
 ABI = 3   # the entry points and signatures of models/_kernels.c this module calls
+MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
 @lru_cache(maxsize=1)
@@ -190,6 +191,7 @@ class Network:
         self._w = np.array([w.ctypes.data for w in self.weights], np.uint64)
         self._b = np.array([b.ctypes.data for b in self.biases], np.uint64)
         self.outputs = sizes[-1]
+        self.fits = max(sizes) <= MLP_WIDTH    # the kernels take it (else they return None)
 
     def arguments(self, acc: np.ndarray, vector: bool = True) -> tuple:
         """The kernels' network arguments, writing the accumulators to ``acc``."""
@@ -200,7 +202,7 @@ class Network:
 def mlp(net: Network, x: np.ndarray, vector: bool = True) -> np.ndarray | None:
     """The network's float32 accumulators ``(n, out)`` for inputs ``x`` ``(n, in)`` (a
     column-major view, as :class:`Features` gives, is used in place), or None without the
-    compiled kernel or for layers wider than it takes (256). Equal, bit for bit, to torch's
+    compiled kernel or for layers wider than it takes (MLP_WIDTH). Equal, bit for bit, to torch's
     float32 evaluation; ``vector=False`` runs the plain C layers even on an AVX2+FMA CPU."""
     if not available():
         return None

@@ -77,8 +77,10 @@ class DefaultPredictor:
             and np.ndim(hi) == 0
 
     def kernel_network(self) -> "kernels.Network | None":
-        """The network for the compiled kernels to run in the features' pass (on the CPU)."""
-        return self.net.kernel_network() if self.device == "cpu" else None
+        """The network for the compiled kernels to run in the features' pass (on the CPU, and
+        when they take its widths)."""
+        net = self.net.kernel_network() if self.device == "cpu" else None
+        return net if net is not None and net.fits else None
 
     def kernel_outputs(self, feats: "kernels.Features", lo: int, hi: int):
         """:meth:`outputs` from the compiled kernel's features (when :meth:`uses_kernels`);

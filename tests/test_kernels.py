@@ -184,7 +184,8 @@ def test_kernel_network_equals_torch_and_falls_back_when_too_wide(monkeypatch):
     x = rng.integers(-300, 300, (5000, model.net.layers[0].weight.shape[1])).astype(np.float32)
     fast = model.net.float_accumulators(x)
     wide = _random_network(rng, [31, 300, 2], weight_max=1)   # wider than the kernel takes
-    assert kernels.mlp(wide.kernel_network(), x) is None
+    assert kernels.mlp(wide.kernel_network(), x) is None and not wide.kernel_network().fits
+    assert model.net.kernel_network().fits
     wide_fast = wide.float_accumulators(x)
     monkeypatch.setenv("VOXARC_KERNELS", "numpy")
     assert np.array_equal(fast, model.net.float_accumulators(x))
@@ -255,3 +256,19 @@ def test_network_in_the_features_pass_equals_the_int64_reference(seed, n, compac
     assert feats.acc.dtype == np.float32 and feats.acc.shape == (len(feats.s), 2)
     ref = model.net.reference(np.asarray(feats.x, dtype=np.int64))
     assert np.array_equal(feats.acc.astype(np.int64), ref)
+
+
+def test_a_network_wider_than_the_kernels_take_gets_their_features_and_torch(monkeypatch):
+    from models.predictor import DefaultPredictor
+    rng = np.random.default_rng(11)
+    model = load_model("default")
+    wide = DefaultPredictor("wide", _random_network(rng, [31, 300, 2], weight_max=1),
+                            model.head, model.tables, neighbourhood=model.neighbourhood)
+    assert wide.kernel_network() is None and model.kernel_network() is not None
+    k = model.neighbourhood.size
+    values = (rng.integers(-40, 40, (k, 2000)) + 500).astype(np.int32)
+    valid = rng.random((k, 2000)) < 0.95
+    fast = wide.predict(values, valid, -32768, 32767)
+    monkeypatch.setenv("VOXARC_KERNELS", "numpy")
+    slow = wide.predict(values, valid, -32768, 32767)
+    assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
