@@ -70,6 +70,13 @@ def available() -> bool:
     return os.environ.get("VOXARC_KERNELS", "auto") != "numpy" and _library() is not None
 
 
+def status() -> str:
+    """``"compiled"`` when the kernels run, else why not (for benchmark reports)."""
+    if os.environ.get("VOXARC_KERNELS", "auto") == "numpy":
+        return "off (VOXARC_KERNELS=numpy)"
+    return "compiled" if _library() is not None else "not built, or built for another version"
+
+
 @dataclass
 class Features:
     """Features of ``n`` voxels; the ``kept`` ones are all voxels, or with ``compact`` the

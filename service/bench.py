@@ -341,7 +341,13 @@ def _environment(options: BenchOptions) -> dict:
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if "voxarc" in options.codecs:
         env["voxarc_models"] = {m: _model_info(m) for m in options.models}
+        env["voxarc_kernels"] = _kernel_status()
     return env
+
+
+def _kernel_status() -> str:
+    from models import kernels
+    return kernels.status()
 
 
 def _model_info(model: str) -> dict | str:
@@ -395,6 +401,9 @@ def main(args) -> int:
         log.warning("torch was imported before OMP_WAIT_POLICY=PASSIVE was set; timings may "
                     "suffer from spinning threads (set it in the environment)")
     codecs = _split(args.codecs)
+    if "voxarc" in codecs and _kernel_status() != "compiled":
+        log.warning("voxarc's compiled kernels are %s: its speeds are those of the numpy and "
+                    "torch path", _kernel_status())
     unknown = sorted(set(codecs) - set(ALL_CODECS))
     if unknown:
         log.error("unknown codec(s) %s; known: %s", ", ".join(unknown), ", ".join(ALL_CODECS))

@@ -120,6 +120,9 @@ def test_cli_bench_on_generated_series_writes_json(ct_folder, tmp_path, capsys):
     _check_report(report, 1, codecs)
     assert report["volumes"][0]["shape"] == list(vol.shape)
     assert report["environment"]["omp_wait_policy"]
+    from models import kernels
+    assert report["environment"]["voxarc_kernels"] == \
+        ("compiled" if kernels.available() else kernels.status())
     voxarc = report["rows"][-1]
     assert voxarc["slice_decode_s"] > 0  # random access through models.decode_slices, verified
     assert all(r["slice_decode_s"] is None for r in report["rows"][:-1])

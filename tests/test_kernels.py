@@ -19,8 +19,11 @@ pytestmark = pytest.mark.skipif(
     reason="no C compiler at install time: voxarc runs the numpy features")
 
 
-def test_kernel_is_built_where_a_compiler_is():
+def test_kernel_is_built_where_a_compiler_is(monkeypatch):
     assert kernels.available(), "pip install built no models._kernels although cc exists"
+    assert kernels.status() == "compiled"
+    monkeypatch.setenv("VOXARC_KERNELS", "numpy")
+    assert kernels.status().startswith("off")
 
 
 def _numpy_features(values, valid, compact):
@@ -197,7 +200,7 @@ def test_a_kernel_built_for_another_version_is_not_called(monkeypatch):
     monkeypatch.setattr(kernels, "ABI", kernels.ABI + 1)   # as if the .so were stale
     kernels._library.cache_clear()
     try:
-        assert not kernels.available()
+        assert not kernels.available() and kernels.status().startswith("not built")
         vol = np.arange(2 * 9 * 11, dtype=np.int16).reshape(2, 9, 11)
         assert np.array_equal(decode_slices(encode_volume(vol), 0, 2), vol)
     finally:
