@@ -216,7 +216,8 @@ typedef void (*mlp_layer_fn)(const float *, int64_t, int, const float *, const f
 
 /* The network on a growing set of feature-major input columns: mlp_feed evaluates every whole
  * block of columns up to ``upto`` (and with ``last``, the rest, zero-padded), writing the last
- * layer's accumulators to acc (column c at acc + c * size[layers]). */
+ * layer's accumulators to acc (column c at acc + c * size[layers]); a run that was never
+ * opened (acc NULL: no network wanted) does nothing. */
 typedef struct {
     int32_t layers;
     const int32_t *size;
@@ -250,6 +251,8 @@ static int mlp_open(mlp_run *r, int32_t layers, const int32_t *size, const float
 
 static void mlp_feed(mlp_run *r, const float *x, int64_t ld, int64_t upto, int last)
 {
+    if (r->acc == NULL)
+        return;
     float *tail = r->buf, *h[2] = {r->buf + MLP_VB * MLP_WIDTH, r->buf + 2 * MLP_VB * MLP_WIDTH};
     int nout = r->size[r->layers];
     for (int64_t a = r->done; a < upto; a += MLP_VB) {
@@ -324,7 +327,7 @@ int64_t voxarc_features(const int32_t *values, int64_t vstride, const uint8_t *v
                         int32_t layers, const int32_t *size, const float *const *w,
                         const float *const *b, int32_t vector, float *acc)
 {
-    mlp_run net = {.buf = NULL};
+    mlp_run net = {.buf = NULL, .acc = NULL};
     if (K < PREVIOUS_END || K > KMAX
             || (acc != NULL && mlp_open(&net, layers, size, w, b, vector, acc) < 0)) {
         free(net.buf);
@@ -341,11 +344,9 @@ int64_t voxarc_features(const int32_t *values, int64_t vstride, const uint8_t *v
         }
         kept += block_features(v, ok, m, K, compact, log2q, x, xstride, a, kept, ref_all, busy,
                                s_out, lq_out, ref_busy);
-        if (acc != NULL)   /* while the block's inputs are in cache */
-            mlp_feed(&net, x, xstride, kept, 0);
+        mlp_feed(&net, x, xstride, kept, 0);   /* while the block's inputs are in cache */
     }
-    if (acc != NULL)
-        mlp_feed(&net, x, xstride, kept, 1);
+    mlp_feed(&net, x, xstride, kept, 1);
     free(net.buf);
     return kept;
 }
@@ -368,7 +369,7 @@ int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const in
 {
     if (K < PREVIOUS_END || K > KMAX)
         return -1;
-    mlp_run net = {.buf = NULL};
+    mlp_run net = {.buf = NULL, .acc = NULL};
     int32_t (*vals)[BLOCK] = malloc(sizeof(int32_t) * KMAX * BLOCK);
     uint8_t (*oks)[BLOCK] = malloc(KMAX * BLOCK);
     if (vals == NULL || oks == NULL
@@ -401,8 +402,7 @@ int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const in
             if (fill == BLOCK) {
                 kept += block_features(v, ok, fill, K, compact, log2q, x, xstride, a, kept,
                                        ref_all, busy, s_out, lq_out, ref_busy);
-                if (acc != NULL)   /* while the block's inputs are in cache */
-                    mlp_feed(&net, x, xstride, kept, 0);
+                mlp_feed(&net, x, xstride, kept, 0);   /* inputs still in cache */
                 a += fill;
                 fill = 0;
             }
@@ -411,8 +411,7 @@ int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const in
     if (fill > 0)
         kept += block_features(v, ok, fill, K, compact, log2q, x, xstride, a, kept, ref_all,
                                busy, s_out, lq_out, ref_busy);
-    if (acc != NULL)
-        mlp_feed(&net, x, xstride, kept, 1);
+    mlp_feed(&net, x, xstride, kept, 1);
     free(vals);
     free(oks);
     free(net.buf);

@@ -144,16 +144,20 @@ class IntMLP:
             h = torch.clamp_(torch.floor_(h), self.act_min, self.act_max)
         return h.cpu().numpy().astype(np.int64)
 
-    @torch.inference_mode()
     def float_accumulators(self, x: np.ndarray, device: str = "cpu") -> np.ndarray:
         """:meth:`__call__`'s accumulators as float32 (exact integers below 2**24) for a
-        network with the default settings (:attr:`is_default`)."""
+        network with the default settings (:attr:`is_default`): by the compiled kernel on the
+        CPU when there is one, else by torch, with the same values."""
         if not self.is_default:
             raise ValueError("float32 accumulators are exact for default networks only")
         if device == "cpu":
             acc = kernels.mlp(self.kernel_network(), x)
             if acc is not None:
                 return acc
+        return self._torch_accumulators(x, device)
+
+    @torch.inference_mode()
+    def _torch_accumulators(self, x: np.ndarray, device: str) -> np.ndarray:
         # weights and bias pre-scaled by 2**-k: every partial sum is an integer below
         # 2**24 times a power of two, so addmm returns acc * 2**-k exactly
         h = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)

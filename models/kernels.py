@@ -65,14 +65,18 @@ def _library():
     return lib
 
 
+def _switched_off() -> bool:
+    return os.environ.get("VOXARC_KERNELS", "auto") == "numpy"
+
+
 def available() -> bool:
     """Whether the compiled kernel is used (built, and not switched off)."""
-    return os.environ.get("VOXARC_KERNELS", "auto") != "numpy" and _library() is not None
+    return not _switched_off() and _library() is not None
 
 
 def status() -> str:
     """``"compiled"`` when the kernels run, else why not (for benchmark reports)."""
-    if os.environ.get("VOXARC_KERNELS", "auto") == "numpy":
+    if _switched_off():
         return "off (VOXARC_KERNELS=numpy)"
     return "compiled" if _library() is not None else "not built, or built for another version"
 

@@ -401,9 +401,10 @@ def main(args) -> int:
         log.warning("torch was imported before OMP_WAIT_POLICY=PASSIVE was set; timings may "
                     "suffer from spinning threads (set it in the environment)")
     codecs = _split(args.codecs)
-    if "voxarc" in codecs and _kernel_status() != "compiled":
+    kernel_status = _kernel_status() if "voxarc" in codecs else "compiled"
+    if kernel_status != "compiled":
         log.warning("voxarc's compiled kernels are %s: its speeds are those of the numpy and "
-                    "torch path", _kernel_status())
+                    "torch path", kernel_status)
     unknown = sorted(set(codecs) - set(ALL_CODECS))
     if unknown:
         log.error("unknown codec(s) %s; known: %s", ", ".join(unknown), ", ".join(ALL_CODECS))
