@@ -128,13 +128,17 @@ print(hashlib.sha256(models.decode_volume(blob).tobytes()).hexdigest())
 
 
 def test_decoding_in_other_processes_and_thread_counts_is_identical(tmp_path):
+    """Other processes, thread counts and compute devices (the CPU, and the GPU by default
+    where there is one) decode the same volume."""
     vol = phantom((9, 40, 44), "int16", seed=5)
     path = tmp_path / "v.vxa"
     path.write_bytes(models.encode_volume(vol))
     import hashlib
     want = hashlib.sha256(vol.tobytes()).hexdigest()
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_WAIT_POLICY="PASSIVE")
-    for threads in ("1", "2"):
+    search = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    for threads, device in (("1", "auto"), ("2", "auto"), ("2", "cpu")):
+        env = dict(os.environ, PYTHONPATH=search, OMP_WAIT_POLICY="PASSIVE",
+                   VOXARC_DEVICE=device)
         out = subprocess.run([sys.executable, "-c", _CHILD, threads, str(path)], env=env,
                              capture_output=True, text=True, check=True)
         assert out.stdout.strip() == want

@@ -265,6 +265,8 @@ def test_a_network_wider_than_the_kernels_take_gets_their_features_and_torch(mon
     from models.predictor import DefaultPredictor
     rng = np.random.default_rng(11)
     model = load_model("default")
+    monkeypatch.setattr(model, "device", "cpu")        # the kernels' network runs on the CPU
+    monkeypatch.setenv("VOXARC_DEVICE", "cpu")
     wide = DefaultPredictor("wide", _random_network(rng, [31, 300, 2], weight_max=1),
                             model.head, model.tables, neighbourhood=model.neighbourhood)
     assert wide.kernel_network() is None and model.kernel_network() is not None
