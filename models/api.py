@@ -118,10 +118,12 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     workers = parallel.worker_count() if _parallel(out.size) else 1
     counts = {i: min(zs, stop - i * zs) for i in slabs}        # slices wanted of each slab
     groups = _lockstep_groups(slabs, list(counts.values()), workers)
-    jobs = [([slab_payload(blob, header, base, i) for i in group],
-             [counts[i] for i in group], header) for group in groups]
+    # each group's payloads are copied (and CRC-checked) and its slices written into ``out``
+    # as the workers get to it: beside ``out``, a few groups' slices in memory, not the volume
+    jobs = (([slab_payload(blob, header, base, i) for i in group],
+             [counts[i] for i in group], header) for group in groups)
     if workers > 1:
-        results = parallel.run(_decode_group, jobs)
+        results = parallel.imap(_decode_group, jobs, window=2 * workers)
     else:
         results = (_decode_group(job, predictor) for job in jobs)
     for group, parts in zip(groups, results):

@@ -9,6 +9,7 @@ result is the same whatever the split (the tests decode with and without workers
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import multiprocessing
 import os
@@ -92,38 +93,40 @@ def run(fn, jobs: list) -> list:
     return [fn(job) for job in jobs]
 
 
-def imap(fn, jobs: list, window: int = 4):
+def imap(fn, jobs, window: int = 4):
     """``fn(job)`` for each job, yielded in order as soon as each is done, with at most
-    ``window`` jobs submitted ahead of the consumer (bounded memory for long streams). The first
-    ``window`` jobs are submitted at once, before the first result is asked for. Falls back
-    to this process like :func:`run`; closing the generator cancels what has not started."""
-    jobs, futures = list(jobs), deque()
-    if worker_count() > 1 and jobs:    # even one job: the caller's process stays free
-        try:
-            executor = pool()
-            for job in jobs[:window]:
-                futures.append(executor.submit(fn, job))
-        except (BrokenProcessPool, RuntimeError, OSError) as exc:
-            _give_up(exc)
-            futures.clear()
-    return _drain(fn, jobs, futures)
+    ``window`` jobs submitted ahead of the consumer. ``jobs`` may be an iterator: a job is taken
+    from it only when it is submitted, so neither the jobs nor the results pile up (bounded
+    memory for long streams). The first ``window`` jobs are submitted at once, before the
+    first result is asked for. Falls back to this process like :func:`run`; closing the
+    generator cancels what has not started."""
+    jobs = iter(jobs)
+    pending = deque((job, submit(fn, job)) for job in itertools.islice(jobs, window))
+    return _drain(fn, jobs, pending)
 
 
-def _drain(fn, jobs: list, futures: deque):
-    done = 0
+def _drain(fn, jobs, pending: deque):
+    """Results of ``pending`` (job, future or None) in order, each replaced by the next job."""
     try:
-        while futures:
-            result = futures.popleft().result()
-            if done + len(futures) + 1 < len(jobs):
-                futures.append(pool().submit(fn, jobs[done + len(futures) + 1]))
-            done += 1
+        while pending:
+            job, future = pending[0]
+            if future is None:
+                result = fn(job)
+            else:
+                try:
+                    result = future.result()
+                except (BrokenProcessPool, RuntimeError, OSError) as exc:
+                    _give_up(exc)
+                    break
+            pending.popleft()
+            for more in itertools.islice(jobs, 1):
+                pending.append((more, submit(fn, more)))
             yield result
-    except (BrokenProcessPool, RuntimeError, OSError) as exc:
-        _give_up(exc)
     finally:
-        for future in futures:
-            future.cancel()
-    for job in jobs[done:]:
+        for _, future in pending:
+            if future is not None:
+                future.cancel()
+    for job in itertools.chain([job for job, _ in pending], jobs):   # the pool broke
         yield fn(job)
 
 

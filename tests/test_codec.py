@@ -467,3 +467,38 @@ def test_codec_runs_its_network_on_one_thread_and_restores_the_setting(monkeypat
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_parallel_imap_takes_jobs_only_as_it_submits_them(monkeypatch):
+    from models import parallel
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    taken = []
+
+    def jobs():
+        for j in range(12):
+            taken.append(j)
+            yield -j
+
+    got = parallel.imap(abs, jobs(), window=3)
+    assert next(got) == 0 and len(taken) <= 4
+    assert list(got) == list(range(1, 12))
+
+
+def test_decoding_on_workers_holds_a_few_groups_beside_the_output(monkeypatch):
+    """The worker processes' results are written into the output as they come, so a long
+    volume's decode does not hold a second copy of it (issue: 2,000+ slices in a few slabs of
+    working memory)."""
+    import tracemalloc
+    from models import parallel
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    vol = phantom((256, 48, 48), "int16", seed=21)
+    blob = models.encode_volume(vol, slab=1, adapt=False)     # 32 groups of 8 one-slice slabs
+    parallel.warm()
+    tracemalloc.start()
+    try:
+        out = models.decode_volume(blob)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(out, vol)
+    assert peak < 1.5 * vol.nbytes, f"peak {peak} bytes for a {vol.nbytes}-byte volume"
