@@ -67,15 +67,15 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
     if adapted is not None:
         predictor, embedded = adapted, adaptation.embedded_bytes(adapted)
     lo, hi = _dtype_range(vol.dtype)
-    jobs = [(model, embedded, vol[z:z + slab], lo, hi, slab, tile)
-            for z in range(0, vol.shape[0], slab)]
+    jobs = ((model, embedded, vol[z:z + slab], lo, hi, slab, tile)
+            for z in range(0, vol.shape[0], slab))
+    # payloads go into the blob as they come: a few slabs' in flight, not the whole volume's
+    header = (predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile)
     if _parallel(vol.size):
-        payloads = parallel.run(_encode_job, jobs)
-    else:
-        with parallel.one_thread():
-            payloads = [encode_slab(predictor, *job[2:]) for job in jobs]
-    return pack(predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile,
-                payloads, embedded)
+        payloads = parallel.imap(_encode_job, jobs, window=2 * parallel.worker_count())
+        return pack(*header, payloads, embedded)
+    with parallel.one_thread():
+        return pack(*header, (encode_slab(predictor, *job[2:]) for job in jobs), embedded)
 
 
 def _parallel(voxels: int) -> bool:

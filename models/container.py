@@ -12,6 +12,7 @@ or foreign with :class:`CorruptBlobError` before a single voxel is decoded.
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ VERSION = 2        # 2: residual tokens the dtype cannot hold get no probability
 SUPPORTED = (1, 2)
 DTYPES = {"uint8": 1, "int8": 2, "uint16": 3, "int16": 4}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_SLAB_ENTRY = 20   # bytes of a slab table entry: u64 offset, u64 length, u32 CRC
 
 
 class CorruptBlobError(ValueError):
@@ -46,20 +48,34 @@ class BlobHeader:
 
 
 def pack(model_id: bytes, model_name: str, dtype: str, shape, slab: int,
-         tile: tuple[int, int], payloads: list[bytes], embedded: bytes = b"") -> bytes:
-    """Assemble a blob from its slab payloads."""
+         tile: tuple[int, int], payloads, embedded: bytes = b"") -> bytes:
+    """Assemble a blob from its slab payloads, in slab order: a list, or an iterator (one
+    payload per ``slab`` slices of ``shape``) whose payloads are written as they come and need
+    not be kept, so that a large volume's blob is held once while it is assembled, not twice."""
     if len(model_id) != 16:
         raise ValueError("model id must be 16 bytes")
+    count = len(payloads) if hasattr(payloads, "__len__") else -(-shape[0] // slab)
+    name = model_name.encode()
+
+    def header(table: list[bytes]) -> bytes:
+        return (model_id + struct.pack("<B3IHHHI", DTYPES[dtype], *shape, slab, *tile, count)
+                + b"".join(table) + struct.pack("<H", len(name)) + name
+                + struct.pack("<I", len(embedded)) + embedded)
+
+    out = io.BytesIO()      # the header's place first; it is written once the table is known
+    out.write(bytes(len(MAGIC) + 6 + len(header([bytes(_SLAB_ENTRY)] * count)) + 4))
     table, offset = [], 0
     for p in payloads:
         table.append(struct.pack("<QQI", offset, len(p), zlib.crc32(p)))
         offset += len(p)
-    name = model_name.encode()
-    header = (model_id + struct.pack("<B3IHHHI", DTYPES[dtype], *shape, slab, *tile, len(payloads))
-              + b"".join(table) + struct.pack("<H", len(name)) + name
-              + struct.pack("<I", len(embedded)) + embedded)
-    head = MAGIC + struct.pack("<HI", VERSION, len(header)) + header
-    return b"".join([head, struct.pack("<I", zlib.crc32(header)), *payloads])
+        out.write(p)
+    if len(table) != count:
+        raise ValueError(f"{len(table)} slab payloads for {count} slabs")
+    head = header(table)
+    out.seek(0)
+    out.write(MAGIC + struct.pack("<HI", VERSION, len(head)) + head
+              + struct.pack("<I", zlib.crc32(head)))
+    return out.getvalue()
 
 
 def unpack_header(blob: bytes) -> tuple[BlobHeader, int]:

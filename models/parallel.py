@@ -82,24 +82,14 @@ def pool() -> ProcessPoolExecutor:
     return _POOL
 
 
-def run(fn, jobs: list) -> list:
-    """``[fn(job) for job in jobs]`` on the worker pool, or in this process when the pool
-    cannot run (for example a script without a ``__main__`` guard under the spawn method)."""
-    if worker_count() > 1 and len(jobs) > 1:
-        try:
-            return list(pool().map(fn, jobs))
-        except (BrokenProcessPool, RuntimeError, OSError) as exc:
-            _give_up(exc)
-    return [fn(job) for job in jobs]
-
-
 def imap(fn, jobs, window: int = 4):
     """``fn(job)`` for each job, yielded in order as soon as each is done, with at most
     ``window`` jobs submitted ahead of the consumer. ``jobs`` may be an iterator: a job is taken
     from it only when it is submitted, so neither the jobs nor the results pile up (bounded
     memory for long streams). The first ``window`` jobs are submitted at once, before the
-    first result is asked for. Falls back to this process like :func:`run`; closing the
-    generator cancels what has not started."""
+    first result is asked for. Runs in this process when the pool cannot (for example a script
+    without a ``__main__`` guard under the spawn method); closing the generator cancels what
+    has not started."""
     jobs = iter(jobs)
     pending = deque((job, submit(fn, job)) for job in itertools.islice(jobs, window))
     return _drain(fn, jobs, pending)

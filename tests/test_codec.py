@@ -502,3 +502,34 @@ def test_decoding_on_workers_holds_a_few_groups_beside_the_output(monkeypatch):
         tracemalloc.stop()
     np.testing.assert_array_equal(out, vol)
     assert peak < 1.5 * vol.nbytes, f"peak {peak} bytes for a {vol.nbytes}-byte volume"
+
+
+def test_encoding_on_workers_holds_the_blob_once(monkeypatch):
+    """Slab payloads go into the blob as the worker processes return them, so assembling a
+    long volume's blob does not hold every payload and the blob at once."""
+    import tracemalloc
+    from models import parallel
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    vol = phantom((256, 48, 48), "int16", seed=22)
+    parallel.warm()
+    models.encode_volume(vol[:4], slab=1, adapt=False)        # the model loaded beforehand
+    tracemalloc.start()
+    try:
+        blob = models.encode_volume(vol, slab=1, adapt=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(models.decode_volume(blob), vol)
+    assert peak < 1.6 * len(blob), f"peak {peak} bytes for a {len(blob)}-byte blob"
+
+
+def test_pack_takes_payloads_as_a_list_or_as_they_come():
+    from models.container import pack, slab_payload, unpack_header
+    payloads = [b"first slab", b"", b"third" * 99]
+    args = (b"\x02" * 16, "m", "uint16", (5, 3, 4), 2, (3, 4))
+    blob = pack(*args, payloads)
+    assert pack(*args, iter(payloads)) == blob
+    header, base = unpack_header(blob)
+    assert [bytes(slab_payload(blob, header, base, i)) for i in range(3)] == payloads
+    with pytest.raises(ValueError, match="2 slab payloads for 3 slabs"):
+        pack(*args, iter(payloads[:2]))
