@@ -342,7 +342,18 @@ def _environment(options: BenchOptions) -> dict:
     if "voxarc" in options.codecs:
         env["voxarc_models"] = {m: _model_info(m) for m in options.models}
         env["voxarc_kernels"] = _kernel_status()
+        env["voxarc_device"] = _network_device()
     return env
+
+
+def _network_device() -> str:
+    """Where voxarc's network runs (``VOXARC_DEVICE``; the GPU by default when torch has one)."""
+    from models.predictor import compute_device
+    device = compute_device()
+    if device.startswith("cuda"):
+        import torch
+        device += f" ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
 
 
 def _kernel_status() -> str:

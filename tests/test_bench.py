@@ -123,6 +123,8 @@ def test_cli_bench_on_generated_series_writes_json(ct_folder, tmp_path, capsys):
     from models import kernels
     assert report["environment"]["voxarc_kernels"] == \
         ("compiled" if kernels.available() else kernels.status())
+    from models.predictor import compute_device
+    assert report["environment"]["voxarc_device"].split()[0] == compute_device()
     voxarc = report["rows"][-1]
     assert voxarc["slice_decode_s"] > 0  # random access through models.decode_slices, verified
     assert all(r["slice_decode_s"] is None for r in report["rows"][:-1])
