@@ -533,3 +533,28 @@ def test_pack_takes_payloads_as_a_list_or_as_they_come():
     assert [bytes(slab_payload(blob, header, base, i)) for i in range(3)] == payloads
     with pytest.raises(ValueError, match="2 slab payloads for 3 slabs"):
         pack(*args, iter(payloads[:2]))
+
+
+def test_parallel_imap_finishes_in_this_process_when_the_pool_breaks(monkeypatch):
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+    from models import parallel
+    monkeypatch.setattr(parallel, "_BROKEN", False)
+    monkeypatch.setattr(parallel, "shutdown", lambda: None)
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    submitted = []
+
+    def submit(fn, job):      # the pool answers the first two jobs, then breaks
+        if parallel._BROKEN:
+            return None
+        future = Future()
+        if len(submitted) < 2:
+            future.set_result(fn(job))
+        else:
+            future.set_exception(BrokenProcessPool("a worker died"))
+        submitted.append(job)
+        return future
+
+    monkeypatch.setattr(parallel, "submit", submit)
+    assert list(parallel.imap(abs, (-j for j in range(10)), window=3)) == list(range(10))
+    assert parallel._BROKEN and len(submitted) == 5   # three, then one after each good result
