@@ -129,7 +129,8 @@ class Compactor:
             if layout is None or layout.offset != inst.pixel_offset:
                 raise VerificationError(f"pixel layout of {inst.sop_uid} changed since ingest")
             parts.append((inst, *split(data, layout)))
-        volume = np.concatenate([p[2] for p in parts]).astype(parts[0][2].dtype.newbyteorder("="))
+        volume = np.concatenate([p[2] for p in parts]).astype(
+            parts[0][2].dtype.newbyteorder("="), copy=False)    # a copy only to swap bytes
         blob = models.encode_volume(volume, model=self.model, slab=self.slab,
                                     adapt=None if self.adapt else False)
         decoded = models.decode_volume(blob)
