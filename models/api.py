@@ -70,12 +70,12 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
     jobs = ((model, embedded, vol[z:z + slab], lo, hi, slab, tile)
             for z in range(0, vol.shape[0], slab))
     # payloads go into the blob as they come: a few slabs' in flight, not the whole volume's
-    header = (predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile)
+    facts = (predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile)
     if _parallel(vol.size):
         payloads = parallel.imap(_encode_job, jobs, window=2 * parallel.worker_count())
-        return pack(*header, payloads, embedded)
+        return pack(*facts, payloads, embedded)
     with parallel.one_thread():
-        return pack(*header, (encode_slab(predictor, *job[2:]) for job in jobs), embedded)
+        return pack(*facts, (encode_slab(predictor, *job[2:]) for job in jobs), embedded)
 
 
 def _parallel(voxels: int) -> bool:
