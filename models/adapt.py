@@ -26,6 +26,7 @@ import torch
 from models import paper_table
 from models.container import CorruptBlobError
 from models.entropy import CodingTables
+from models.tables import table_bits
 
 ADAPT_STEPS = (200, 800)   # optimiser steps: one per 20k voxels, within these bounds
 ADAPT_CHECKPOINT = 400     # a longer run must beat its state at this step on the check sample
@@ -33,6 +34,7 @@ ADAPT_BATCH = 8192
 ADAPT_SAMPLES = 400_000
 CHECK_SAMPLES = 100_000    # held-out voxels on which the adapted model must beat the shipped one
 _EMBEDDED_KEYS = ("head", "token_table", "class_table")
+COARSE_SHIFTS = (2, 3, 4, 5, 6)   # carried token tables may be rounded to base/4 .. base/64
 
 
 def can_adapt(predictor) -> bool:
@@ -75,21 +77,53 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
     low, high = ADAPT_STEPS
     steps = min(high, max(low, volume.size // 20_000))
     stops = sorted({min(ADAPT_CHECKPOINT, steps), steps})
-    candidates = [_quantised(model, samples, predictor)
-                  for _ in _fine_tune(model, tune_on, seed, steps, stops)]
-    candidates += [_with_shipped_tokens(c, predictor) for c in candidates]
-    # bits of the volume (estimated on the check sample) and of the blob's model
-    costs = [(train.evaluate(c, check) * volume.size + 8 * len(embedded_bytes(c)), i)
-             for i, c in enumerate(candidates)]
-    cost, best = min(costs)
-    return candidates[best] if pays_off(predictor, cost, check, volume.size) else None
+    networks = [_quantised(model, samples, predictor)
+                for _ in _fine_tune(model, tune_on, seed, steps, stops)]
+    # each network with its refitted tables carried exactly, coarser, or not at all: the
+    # one whose bits of the volume (estimated on the check sample) and of its embedded
+    # model in the blob are fewest
+    costs = []
+    for net in networks:
+        r, j = train.integer_residuals(net, check)
+        for c in _table_variants(net, predictor):
+            costs.append((check_bits(c, r, j) * volume.size + 8 * len(embedded_bytes(c)),
+                          len(costs), c))
+    cost, _, best = min(costs, key=lambda t: t[:2])
+    return best if pays_off(predictor, cost, check, volume.size) else None
 
 
-def _with_shipped_tokens(adapted, base):
-    """``adapted`` coding with ``base``'s token tables, which the blob then need not carry
-    (a small volume may not repay refitted ones)."""
+def check_bits(predictor, residuals: np.ndarray, rows: np.ndarray) -> float:
+    """Ideal bits per voxel of ``predictor``'s tables on the check sample's residuals."""
+    return table_bits(predictor.tables, residuals, rows) / len(residuals)
+
+
+def _table_variants(adapted, base):
+    """``adapted`` with its refitted token tables, with those rounded to coarser steps
+    (cheaper to carry), and with ``base``'s (nothing to carry)."""
+    yield adapted
+    for shift in COARSE_SHIFTS:
+        yield _with_tokens(adapted, coarse_tokens(adapted.tables.tokens, base.tables.tokens, shift))
+    yield _with_tokens(adapted, base.tables.tokens)
+
+
+def coarse_tokens(tokens: np.ndarray, base: np.ndarray, shift: int) -> np.ndarray:
+    """``tokens`` rounded to the nearest ``base + q * step``, step = max(1, base >> shift):
+    a table the blob carries as small integers ``q`` (see :func:`embedded_bytes`)."""
+    step = token_steps(base, shift)
+    q = np.round((tokens - base) / step).astype(np.int64)
+    q = np.maximum(q, -((base - 1) // step))   # frequencies stay positive
+    return base + q * step
+
+
+def token_steps(base: np.ndarray, shift: int) -> np.ndarray:
+    """Step of each table entry when a blob carries its tokens at ``shift``."""
+    return np.maximum(1, np.asarray(base, np.int64) >> shift)
+
+
+def _with_tokens(adapted, tokens: np.ndarray):
+    """``adapted`` coding with the token table ``tokens``."""
     twin = copy.copy(adapted)
-    twin.tables = CodingTables(base.tables.tokens, adapted.tables.classes)
+    twin.tables = CodingTables(tokens, adapted.tables.classes)
     return twin
 
 
@@ -170,14 +204,30 @@ def embedded_bytes(predictor) -> bytes:
               if k.startswith("net_") or k in _EMBEDDED_KEYS}
     base = getattr(predictor, "table_base", None)
     if base is not None and base.shape == arrays["token_table"].shape:
-        # rows the volume barely uses stay near the shipped ones: small differences pack well
+        # rows the volume barely uses stay near the shipped ones: small differences pack well,
+        # in the coarsest steps that hold them exactly
         delta = arrays.pop("token_table") - base
-        if delta.any():
+        shift = _coarsest_shift(delta, base)
+        if shift is not None:
+            arrays["token_steps"] = delta // token_steps(base, shift)
+            arrays["token_shift"] = np.array(shift, np.int8)
+        elif delta.any():
             arrays["token_delta"] = delta
     arrays = {k: _narrowest(v) for k, v in arrays.items()}
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
+
+
+def _coarsest_shift(delta: np.ndarray, base: np.ndarray) -> int | None:
+    """The least of COARSE_SHIFTS at whose steps ``delta`` is exact (None: at none of them,
+    or ``delta`` is zero)."""
+    if not delta.any():
+        return None
+    for shift in sorted(COARSE_SHIFTS):
+        if not (delta % token_steps(base, shift)).any():
+            return shift
+    return None
 
 
 def _narrowest(values: np.ndarray) -> np.ndarray:
@@ -196,6 +246,25 @@ def with_embedded(base, data: bytes):
     return _with_embedded(base, data, hashlib.sha256(data).digest())
 
 
+def _carried_delta(arrays: dict, base: np.ndarray) -> np.ndarray | None:
+    """The token table difference an embedded model carries (popped from ``arrays``): exact
+    (``token_delta``), in steps (``token_steps`` at ``token_shift``), or None."""
+    if "token_delta" in arrays:
+        delta = arrays.pop("token_delta").astype(np.int64)
+    elif "token_steps" in arrays:
+        shift = int(arrays.pop("token_shift", -1))
+        if not 0 <= shift <= 16:
+            raise ValueError("its token table steps are missing or out of range")
+        delta = arrays.pop("token_steps").astype(np.int64)
+        if delta.shape == base.shape:
+            delta = delta * token_steps(base, shift)
+    else:
+        return None
+    if delta.shape != base.shape:
+        raise ValueError("its table difference does not fit the model's tables")
+    return delta
+
+
 @lru_cache(maxsize=16)
 def _with_embedded(base, data: bytes, _digest: bytes):
     try:
@@ -206,10 +275,8 @@ def _with_embedded(base, data: bytes, _digest: bytes):
         merged = {k: v for k, v in base.to_arrays().items() if not k.startswith("float_")}
         merged = {k: v for k, v in merged.items() if not k.startswith("net_")}
         merged.update(arrays)
-        if "token_delta" in merged:
-            delta = merged.pop("token_delta").astype(np.int64)
-            if delta.shape != base.tables.tokens.shape:
-                raise ValueError("its table difference does not fit the model's tables")
+        delta = _carried_delta(merged, base.tables.tokens)
+        if delta is not None:
             merged["token_table"] = base.tables.tokens + delta
         predictor = type(base).from_arrays(base.name, merged, base.meta)
     except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:

@@ -313,7 +313,7 @@ def test_adaptation_keeps_the_checkpoint_that_codes_the_held_out_voxels_best(
         monkeypatch, shorter_is_better):
     """A long fine-tuning run can fit its sample of slabs too closely: the state at
     ADAPT_CHECKPOINT steps is kept when it does better on the held-out check sample."""
-    from models import adapt, train
+    from models import adapt
     from models.registry import load_model
     monkeypatch.setattr(adapt, "ADAPT_STEPS", (6, 12))
     monkeypatch.setattr(adapt, "ADAPT_CHECKPOINT", 4)
@@ -321,9 +321,9 @@ def test_adaptation_keeps_the_checkpoint_that_codes_the_held_out_voxels_best(
     made = []
     real = adapt._quantised
     monkeypatch.setattr(adapt, "_quantised", lambda *a: made.append(real(*a)) or made[-1])
-    monkeypatch.setattr(adapt, "_with_shipped_tokens", lambda adapted, base: adapted)
+    monkeypatch.setattr(adapt, "_table_variants", lambda adapted, base: iter([adapted]))
     bits = {}
-    monkeypatch.setattr(train, "evaluate", lambda p, check: bits[id(p)])
+    monkeypatch.setattr(adapt, "check_bits", lambda p, r, j: bits[id(p)])
     vol = phantom((10, 40, 48), "int16", seed=13)
     original = adapt._fine_tune
 
