@@ -4,11 +4,13 @@ is about to code, and ships the quantised result inside the blob.
 A shipped model meets scanners it never saw; a few hundred optimiser steps on a sample of the
 volume itself recover part of what an oracle trained on that volume would gain (measured on an
 unseen head CT: -5% bits for 200 steps, -7% for 400; on the train series, 400 steps beat 100
-and 200 too). Large volumes run up to 800 steps (on the two 37 M-voxel train volumes 800 beat
-400 by 0.3% and 4.4%; on 28-slice crops of three train volumes, 800 beat 367 by 0.2-1.2%,
-with 1.6 M samples instead of 0.4 M another 0.1%), but the longer run can also fit its sample
-of slabs too closely, so the state after 400 steps is kept when it codes a held-out sample of
-the volume's voxels in fewer bits. The embedded model is a few kilobytes, so it is only used for volumes large enough to
+and 200 too). Large volumes run up to 1600 steps, one per 8k voxels (on the train volumes:
+800 beat 400 by 0.3% and 4.4% on the two of 37 M voxels; 1600 beat 800 by 0.15-0.73% on three
+whole volumes, 3200 lost 0.2% on two of them; on 28-slice crops, 800 beat 367 by 0.2-1.2%),
+on 1.6 M samples from 8 slabs (0.4 M from 4 before: -0.1% each; a learning rate decaying over
+the run lost 0.1-0.4%), but the longer run can also fit its sample of slabs too closely, so the
+state after 400 steps is kept when it codes a held-out sample of the volume's voxels in fewer
+bits. The embedded model is a few kilobytes, so it is only used for volumes large enough to
 repay it, and only when it pays on that held-out sample. Decoding stays exact: the embedded
 network is an ordinary integer network, read from the blob instead of from the weights folder.
 """
@@ -29,11 +31,12 @@ from models.container import CorruptBlobError
 from models.entropy import CodingTables
 from models.tables import table_bits
 
-ADAPT_STEPS = (200, 800)   # optimiser steps: one per STEP_VOXELS voxels, within these bounds
+ADAPT_STEPS = (200, 1600)  # optimiser steps: one per STEP_VOXELS voxels, within these bounds
 STEP_VOXELS = 8_000
 ADAPT_CHECKPOINT = 400     # a longer run must beat its state at this step on the check sample
 ADAPT_BATCH = 8192
 ADAPT_SAMPLES = 1_600_000
+ADAPT_SLABS = 8           # slabs the samples are drawn from
 CHECK_SAMPLES = 100_000    # held-out voxels on which the adapted model must beat the shipped one
 _EMBEDDED_KEYS = ("head", "token_table", "class_table")
 COARSE_SHIFTS = (2, 3, 4, 5, 6)   # carried token tables may be rounded to base/4 .. base/64
@@ -64,7 +67,7 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
 
     n_slabs = -(-volume.shape[0] // slab)
     per_slab = min(slab, volume.shape[0]) * volume.shape[1] * volume.shape[2]
-    picks = min(4, n_slabs)
+    picks = min(ADAPT_SLABS, n_slabs)
     keep = min(1.0, ADAPT_SAMPLES / (picks * per_slab))
     rng = np.random.default_rng(seed)
     hood = predictor.neighbourhood
@@ -133,11 +136,9 @@ def _quantised(model, samples, predictor):
     """The exact predictor of the fine-tuned float ``model``, tables refitted on the samples
     (smoothed toward ``predictor``'s), under ``predictor``'s model id."""
     from models import train
-    from models.tables import fitted_tables
     adapted = train.quantize(model, samples, predictor.name, predictor.neighbourhood,
-                             predictor.tables.flat, predictor.tables.fraction_bins)
-    r, j = train.integer_residuals(adapted, samples)
-    adapted.tables = fitted_tables(r, j, prior=predictor.tables)
+                             predictor.tables.flat, predictor.tables.fraction_bins,
+                             prior=predictor.tables)
     adapted.table_base = predictor.tables.tokens   # the blob carries the difference
     adapted.model_id = predictor.model_id
     adapted.float_arrays = {}

@@ -21,6 +21,7 @@ from torch import nn
 from models import kernels
 from models.codec import geometry
 from models.context import Neighbourhood
+from models.entropy import CodingTables
 from models.features import (DEFAULT_NEIGHBOURHOOD, SCALE_STEPS, UNIT, default_features,
                              flat_contexts, n_features)
 from models.intnet import quantize_mlp
@@ -171,9 +172,10 @@ def _mult_shift(scale: float, limit_bits: int = 18) -> tuple[int, int]:
 
 def quantize(model: FloatPredictor, samples: Samples, name: str = "default",
              hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD, flat: bool = False,
-             fraction_bins: int = 1) -> DefaultPredictor:
+             fraction_bins: int = 1, prior: CodingTables | None = None) -> DefaultPredictor:
     """Exact integer predictor from the float model; tables fitted on its residuals (with a
-    row for flat contexts when ``flat``, ``fraction_bins`` rows per scale index)."""
+    row for flat contexts when ``flat``, ``fraction_bins`` rows per scale index), smoothed
+    toward ``prior`` when given, else toward a Laplace."""
     layers = model.linear_layers()
     weights = [l.weight.detach().double().numpy() for l in layers]
     biases = [l.bias.detach().double().numpy() for l in layers]
@@ -183,7 +185,7 @@ def quantize(model: FloatPredictor, samples: Samples, name: str = "default",
     predictor = DefaultPredictor(name, net, head, prior_tables(flat, fraction_bins),
                                  neighbourhood=hood)
     r, j = integer_residuals(predictor, samples)
-    predictor.tables = fitted_tables(r, j, flat=flat, fraction_bins=fraction_bins)
+    predictor.tables = fitted_tables(r, j, prior=prior, flat=flat, fraction_bins=fraction_bins)
     predictor.float_arrays = {f"float_{k}": v.detach().numpy().astype(np.float32)
                               for k, v in model.state_dict().items()}
     return predictor
