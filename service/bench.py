@@ -362,11 +362,13 @@ def _kernel_status() -> str:
 
 
 def _model_info(model: str) -> dict | str:
-    """Header facts of a tiny blob of ``model`` (which codec body is active), or the error."""
+    """Header facts of a tiny blob of ``model`` (which codec body is active), or the error;
+    ``name/no-adapt`` is the model ``name``."""
     try:
         import models
 
-        blob = models.encode_volume(np.zeros((1, 2, 2), np.uint16), model=model)
+        blob = models.encode_volume(np.zeros((1, 2, 2), np.uint16),
+                                    model=model.removesuffix(bench_codecs.NO_ADAPT))
         info = models.blob_info(blob)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in info.items()}
     except Exception as exc:

@@ -295,3 +295,10 @@ def test_a_model_without_adaptation_is_benchmarked_beside_the_adapted_one(monkey
         assert codec.name == f"voxarc:{spec}"
         np.testing.assert_array_equal(codec.decode(codec.encode(vol)), vol)
         assert seen[-1] == want
+
+
+def test_environment_names_the_model_behind_a_no_adapt_column():
+    from service import bench
+    info = bench._model_info("default/no-adapt")
+    assert isinstance(info, dict) and info == bench._model_info("default")
+    assert isinstance(bench._model_info("no-such-model"), str)
