@@ -28,8 +28,8 @@ SETTING_DOCS = {
     "codec_slab": "Slices per independently decodable slab of a coded stack: 4 halves the decode "
                   "before an instance can be sent, for about 1% more bytes.",
     "codec_adapt": "Fine-tune the codec model on each large stack and store it in the blob: about "
-                   "2% fewer bytes, compaction about 2x slower (false when compaction must keep "
-                   "up with a busy ingest).",
+                   "2.5% fewer bytes, compaction about 2.6x slower (false when compaction must "
+                   "keep up with a busy ingest).",
     "destinations": "C-MOVE destinations: NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
     "http_host": "Address the admin web page binds to (localhost only by default).",
     "http_port": "TCP port of the admin web page, JSON API and /metrics (0: a free port).",
