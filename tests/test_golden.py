@@ -57,6 +57,10 @@ VOLUMES = {
                                  {"slab": 4, "tile": (16, 24)}),
     "mr_uint16_frac_adapted_v4": lambda: (_phantom((16, 64, 64), "uint16", 11), {"adapt": True}),
     "mr_uint16_frac_delta_v4": lambda: (_phantom((16, 64, 64), "uint16", 12), {"adapt": True}),
+    # adapted, its token tables carried rounded to steps of the shipped ones (token_steps,
+    # 2026-11-30): written with adapt.pays_off forced True and adapt._table_variants yielding
+    # only the variants at COARSE_SHIFTS
+    "mr_uint16_frac_steps_v6": lambda: (_phantom((16, 64, 64), "uint16", 15), {"adapt": True}),
     # blob format 2: residuals coded within the dtype's range (a background just above 0)
     "mr_uint16_range_v5": lambda: (_near_floor((9, 40, 36), 13), {"slab": 4, "tile": (16, 24)}),
     "u8_range_v5": lambda: (_near_floor((3, 17, 19), 14).astype(np.uint8), {}),
@@ -107,6 +111,16 @@ def test_golden_blob_decodes_to_its_recorded_volume(name):
     assert _sha(vol) == want["sha256"]
     mid = vol.shape[0] // 2
     np.testing.assert_array_equal(models.decode_slices(blob, mid, mid + 1), vol[mid:mid + 1])
+
+
+def test_a_golden_blob_carries_its_token_tables_in_steps():
+    """Keeps the ``token_steps`` way of carrying refitted tables readable."""
+    import io
+
+    from models.container import unpack_header
+    header, _ = unpack_header((GOLDEN / "mr_uint16_frac_steps_v6.vxa").read_bytes())
+    with np.load(io.BytesIO(header.embedded)) as npz:
+        assert {"token_steps", "token_shift"} <= set(npz.files) and npz["token_steps"].any()
 
 
 def test_every_golden_volume_is_recorded():
