@@ -255,8 +255,8 @@ def _carried_delta(arrays: dict, base: np.ndarray) -> np.ndarray | None:
     if "token_delta" in arrays:
         delta = arrays.pop("token_delta").astype(np.int64)
     elif "token_steps" in arrays:
-        shift = int(arrays.pop("token_shift", -1))
-        if not 0 <= shift <= 16:
+        shift = np.asarray(arrays.pop("token_shift", -1))
+        if shift.shape != () or shift.dtype.kind not in "iu" or not 0 <= int(shift) <= 16:
             raise ValueError("its token table steps are missing or out of range")
         delta = arrays.pop("token_steps").astype(np.int64)
         if delta.shape == base.shape:

@@ -155,12 +155,12 @@ def test_coarse_token_tables_are_positive_near_and_travel_exactly(monkeypatch):
         np.testing.assert_array_equal(back.tables.tokens, coarse)
 
 
-@pytest.mark.parametrize("shift", [None, -1, 40])
+@pytest.mark.parametrize("shift", [None, -1, 40, [3, 3], 3.0])
 def test_token_steps_without_a_valid_shift_are_refused(shift):
     base = load_model("default")
     arrays = {"head": base.head, "token_steps": np.zeros(base.tables.tokens.shape, np.int8)}
     if shift is not None:
-        arrays["token_shift"] = np.array(shift, np.int8)
+        arrays["token_shift"] = np.array(shift, np.float32 if shift == 3.0 else np.int8)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     with pytest.raises(models.CorruptBlobError, match="steps"):
