@@ -26,7 +26,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from models import paper_table
+from models import paper_table, parallel
 from models.container import CorruptBlobError
 from models.entropy import CodingTables
 from models.tables import table_bits
@@ -82,8 +82,12 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
     low, high = ADAPT_STEPS
     steps = min(high, max(low, volume.size // STEP_VOXELS))
     stops = sorted({min(ADAPT_CHECKPOINT, steps), steps})
-    networks = [_quantised(model, samples, predictor)
-                for _ in _fine_tune(model, tune_on, seed, steps, stops)]
+    # one torch thread: with OMP_WAIT_POLICY=PASSIVE (voxarc's) a second one made the steps no
+    # faster (a 28-slice crop adapted in 15.9 and 14.5 s against 17.8 and 15.5 s with two),
+    # and the other core stays free for a node's retrievals
+    with parallel.one_thread():
+        networks = [_quantised(model, samples, predictor)
+                    for _ in _fine_tune(model, tune_on, seed, steps, stops)]
     # each network with its refitted tables carried exactly, coarser, or not at all: the
     # one whose bits of the volume (estimated on the check sample) and of its embedded
     # model in the blob are fewest

@@ -558,3 +558,27 @@ def test_parallel_imap_finishes_in_this_process_when_the_pool_breaks(monkeypatch
     monkeypatch.setattr(parallel, "submit", submit)
     assert list(parallel.imap(abs, (-j for j in range(10)), window=3)) == list(range(10))
     assert parallel._BROKEN and len(submitted) == 5   # three, then one after each good result
+
+
+def test_adaptation_fine_tunes_on_one_torch_thread(monkeypatch):
+    """A second intra-op thread made the steps no faster; the other core stays free."""
+    import torch
+
+    from models import adapt
+    from models.registry import load_model
+    monkeypatch.setattr(adapt, "ADAPT_STEPS", (3, 3))
+    seen = []
+    real = adapt._fine_tune
+
+    def tune(*args):
+        for _ in real(*args):
+            seen.append(torch.get_num_threads())
+            yield
+    monkeypatch.setattr(adapt, "_fine_tune", tune)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        adapt.adapt(load_model("default"), phantom((10, 40, 48), "int16", seed=13), 8, (64, 256))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
