@@ -317,6 +317,7 @@ def test_adaptation_keeps_the_checkpoint_that_codes_the_held_out_voxels_best(
     from models.registry import load_model
     monkeypatch.setattr(adapt, "ADAPT_STEPS", (6, 12))
     monkeypatch.setattr(adapt, "ADAPT_CHECKPOINT", 4)
+    monkeypatch.setattr(adapt, "TUNE_RUNS", 1)
     monkeypatch.setattr(adapt, "pays_off", lambda *args: True)
     made = []
     real = adapt._quantised
@@ -579,6 +580,39 @@ def test_adaptation_fine_tunes_on_one_torch_thread(monkeypatch):
     torch.set_num_threads(2)
     try:
         adapt.adapt(load_model("default"), phantom((10, 40, 48), "int16", seed=13), 8, (64, 256))
-        assert seen == [1] and torch.get_num_threads() == 2
+        assert seen == [1] * adapt.TUNE_RUNS and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("lose", [0, 1])
+def test_adaptation_keeps_the_better_of_its_side_by_side_runs(monkeypatch, lose):
+    """Two fine-tuning runs with their own batch orders; the check sample picks between them."""
+    from models import adapt
+    from models.registry import load_model
+    monkeypatch.setattr(adapt, "ADAPT_STEPS", (5, 5))
+    monkeypatch.setattr(adapt, "TUNE_RUNS", 2)
+    monkeypatch.setattr(adapt, "pays_off", lambda *args: True)
+    monkeypatch.setattr(adapt, "_table_variants", lambda adapted, base: iter([adapted]))
+    made = {}
+    real_tune, real_quantised = adapt._fine_tune, adapt._quantised
+
+    def tune(model, samples, seed, steps, stops):
+        for _ in real_tune(model, samples, seed, steps, stops):
+            made[seed] = model
+            yield
+
+    def quantised(model, *args):
+        net = real_quantised(model, *args)
+        net.seed = next(s for s, m in made.items() if m is model)
+        return net
+    monkeypatch.setattr(adapt, "_fine_tune", tune)
+    monkeypatch.setattr(adapt, "_quantised", quantised)
+    nets = []
+    monkeypatch.setattr(adapt, "check_bits",
+                        lambda p, r, j: nets.append(p) or (2.0 if p.seed == 7 + lose else 1.0))
+    best = adapt.adapt(load_model("default"), phantom((10, 40, 48), "int16", seed=13), 8,
+                       (64, 256), seed=7)
+    assert sorted(made) == [7, 8] and sorted(n.seed for n in nets) == [7, 8]
+    assert best.seed == 8 - lose
+    assert not np.array_equal(nets[0].net.layers[0].weight, nets[1].net.layers[0].weight)

@@ -110,6 +110,7 @@ def test_adaptation_weighs_refitted_tables_against_their_bytes(monkeypatch, gain
     """Refitted token tables travel exactly, rounded to coarser steps, or not at all: whichever
     costs least in bits of the volume (estimated) plus bytes in the blob."""
     monkeypatch.setattr(adapt, "ADAPT_STEPS", (5, 5))
+    monkeypatch.setattr(adapt, "TUNE_RUNS", 1)
     monkeypatch.setattr(adapt, "pays_off", lambda *args: True)
     base = load_model("default")
     seen = []
