@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import shared_memory
@@ -9,7 +11,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from models.codec import decode_slabs, encode_slab
-from models.container import (DTYPES, CorruptBlobError, pack, slab_payload,
+from models.container import (DTYPES, CorruptBlobError, band_spans, pack, slab_payload,
                               unpack_header)
 from models import adapt as adaptation
 from models import parallel
@@ -67,8 +69,8 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
     if adapted is not None:
         predictor, embedded = adapted, adaptation.embedded_bytes(adapted)
     lo, hi = _dtype_range(vol.dtype)
-    jobs = ((model, embedded, vol[z:z + slab], lo, hi, slab, tile)
-            for z in range(0, vol.shape[0], slab))
+    jobs = ((model, embedded, vol[z:z + slab, :, x0:x1], lo, hi, slab, tile)
+            for z in range(0, vol.shape[0], slab) for x0, x1 in band_spans(vol.shape[2], tile[1]))
     # payloads go into the blob as they come: a few slabs' in flight, not the whole volume's
     facts = (predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile)
     if _parallel(vol.size):
@@ -113,23 +115,26 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     out = np.empty((max(stop - start, 0), ny, nx), dtype=header.dtype)
     if stop <= start:
         return out
-    zs = header.slab
+    zs, spans = header.slab, header.bands
     slabs = list(range(start // zs, (stop - 1) // zs + 1))
-    workers = parallel.worker_count() if _parallel(out.size) else 1
     counts = {i: min(zs, stop - i * zs) for i in slabs}        # slices wanted of each slab
-    groups = _lockstep_groups(slabs, list(counts.values()), workers)
-    # each group's payloads are copied (and CRC-checked) and its slices written into ``out``
-    # as the workers get to it: beside ``out``, a few groups' slices in memory, not the volume
-    jobs = (([slab_payload(blob, header, base, i) for i in group],
-             [counts[i] for i in group], header) for group in groups)
+    work = sum(counts.values()) * ny * nx
+    workers = parallel.worker_count() if _parallel(work) else 1
+    groups = _lockstep_groups(slabs, list(counts.values()), workers, len(spans))
+    units = [(group, band) for group in groups for band in range(len(spans))]
+    # each unit's payloads are copied (and CRC-checked) and its slices written into ``out`` as
+    # the workers get to it: beside ``out``, a few units' slices in memory, not the volume
+    jobs = (([slab_payload(blob, header, base, i, band) for i in group],
+             [counts[i] for i in group], header, band) for group, band in units)
     if workers > 1:
         results = parallel.imap(_decode_group, jobs, window=2 * workers)
     else:
         results = (_decode_group(job, predictor) for job in jobs)
-    for group, parts in zip(groups, results):
+    for (group, band), parts in zip(units, results):
+        x0, x1 = spans[band]
         for i, part in zip(group, parts):
             z0 = max(start, i * zs)
-            out[z0 - start:i * zs + len(part) - start] = part[z0 - i * zs:]
+            out[z0 - start:i * zs + len(part) - start, :, x0:x1] = part[z0 - i * zs:]
     return out
 
 
@@ -146,15 +151,20 @@ def balanced_runs(items: list, weights: list[int], runs: int) -> list[list]:
     return [items[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _lockstep_groups(slabs: list[int], counts: list[int], workers: int) -> list[list[int]]:
-    """Slab groups of at most LOCKSTEP_SLABS, a multiple of ``workers`` of them, balanced by
-    slices (a partial last slab weighs less), so that the workers finish together."""
-    runs = workers * -(-len(slabs) // (workers * LOCKSTEP_SLABS))
+def _lockstep_groups(slabs: list[int], counts: list[int], workers: int,
+                     bands: int = 1) -> list[list[int]]:
+    """Slab groups, each decoded band by band in lockstep, balanced by slices (a partial last
+    slab weighs less): as few as keep every worker busy (groups times ``bands`` a multiple of
+    ``workers``) with at most LOCKSTEP_SLABS slabs' worth of voxels in a group's band, so that
+    the workers finish together."""
+    step = workers // math.gcd(workers, bands)
+    largest = LOCKSTEP_SLABS * bands
+    runs = step * -(-len(slabs) // (step * largest))
     while True:
         groups = balanced_runs(slabs, counts, runs)
-        if max(map(len, groups)) <= LOCKSTEP_SLABS:
+        if max(map(len, groups)) <= largest:
             return groups
-        runs += workers
+        runs += step
 
 
 def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
@@ -164,43 +174,46 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     The pieces are slab groups that grow from one slab per worker process to LOCKSTEP_SLABS
     (small first pieces arrive early, large later ones decode at the lockstep rate); what is left
     for the last round goes in two groups per worker, balanced by slices, so that a worker that
-    fell behind takes less of it. The worker processes decode the groups in parallel, a few
-    ahead of the consumer. Concatenated, the pieces equal ``decode_slices(blob, start, stop)``.
-    With ``head`` > 0, the first piece holds
-    only slices ``[start, start + head)`` (at most the rest of the first slab): the worker
-    decoding the first slab decodes the slices up to there first, on their own, and hands them
-    over before it goes on with the rest of that slab (no slice is decoded twice).
+    fell behind takes less of it. A group's column bands (format 3) are decoded apart, so that
+    the bands of the first slab share the workers. The worker processes decode the groups in
+    parallel, a few ahead of the consumer. Concatenated, the pieces equal
+    ``decode_slices(blob, start, stop)``. With ``head`` > 0, the first piece holds
+    only slices ``[start, start + head)`` (at most the rest of the first slab): the workers
+    decoding the first slab decode the slices up to there first, on their own, and hand them
+    over before they go on with the rest of that slab (no slice is decoded twice).
     """
     header, base, predictor = _open(blob)
     nz, ny, nx = header.shape
     start, stop, _ = slice(start, stop).indices(nz)
     if stop <= start:
         return
-    zs = header.slab
+    zs, spans = header.slab, header.bands
     left = [(i, min(zs, stop - i * zs)) for i in range(start // zs, (stop - 1) // zs + 1)]
     workers = parallel.worker_count() if _parallel(4 * (stop - start) * ny * nx) else 1
     head = max(0, min(head, (start // zs + 1) * zs - start, stop - start))
+    per_round = max(1, workers // len(spans))    # slab groups a round keeps the workers busy with
     groups, size = [], 1      # groups of (slab, slices wanted)
     while left:
-        if len(left) <= size * workers:
+        if len(left) <= size * per_round:
             # the last round: what is left in twice as many groups as workers, balanced by
             # slices, taken by whichever worker is free (one that fell behind takes fewer)
-            groups += balanced_runs(left, [n for _, n in left], 2 * workers)
+            groups += balanced_runs(left, [n for _, n in left], 2 * per_round)
             break
-        for _ in range(workers):
+        for _ in range(per_round):
             groups.append(left[:size])
             left = left[size:]
-        size = min(2 * size, LOCKSTEP_SLABS)
-    def job(group):     # built when needed: each payload is copied and CRC-checked
-        return ([slab_payload(blob, header, base, i) for i, _ in group], [n for _, n in group],
-                header)
+        size = min(2 * size, LOCKSTEP_SLABS * len(spans))
 
-    jobs = (job(group) for group in groups)
+    def job(group, band):     # built when needed: each payload is copied and CRC-checked
+        return ([slab_payload(blob, header, base, i, band) for i, _ in group],
+                [n for _, n in group], header, band)
+
+    jobs = (job(group, band) for group in groups for band in range(len(spans)))
     split = start - groups[0][0][0] * zs + head if head else 0
     if workers > 1:
-        results = _parallel_results(jobs, split, (ny, nx), 2 * workers)
+        results = _parallel_results(jobs, split, (ny, nx), 2 * workers, spans)
     else:
-        results = _local_results(jobs, split, predictor)
+        results = _local_results(jobs, split, predictor, len(spans))
     z_next = start
     for g, parts in results:
         first = groups[g][0][0] * zs
@@ -210,48 +223,74 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
             z_next = first + len(pixels)
 
 
-def _local_results(jobs, split: int, predictor):
+def _stitched(band_parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per slab, its bands' slices side by side (``band_parts[band][slab]``)."""
+    if len(band_parts) == 1:
+        return band_parts[0]
+    return [np.concatenate(parts, axis=2) for parts in zip(*band_parts)]
+
+
+def _by_group(results, bands: int, first: int = 0):
+    """``(group, slabs)`` from the results of consecutive band jobs, ``bands`` per group,
+    numbered from ``first``."""
+    results = iter(results)
+    for g in itertools.count(first):
+        band_parts = list(itertools.islice(results, bands))
+        if not band_parts:
+            return
+        yield g, _stitched(band_parts)
+
+
+def _local_results(jobs, split: int, predictor, bands: int):
     """(group, slabs) in order, decoded here; the first group's first slices come first."""
-    for g, job in enumerate(jobs):
-        parts = _decode_group(job, predictor)
+    for g, parts in _by_group((_decode_group(job, predictor) for job in jobs), bands):
         if g == 0 and split:
             yield 0, [parts[0][:split]]
         yield g, parts
 
 
-def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int):
-    """:func:`_local_results` on the worker processes (``jobs`` an iterator: the first job is
-    submitted before the others are built). The first group's worker writes its first
-    ``split`` slices to shared memory as soon as they are decoded."""
+def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int, spans):
+    """:func:`_local_results` on the worker processes (``jobs`` an iterator: the first jobs
+    are submitted before the others are built). The workers decoding the first group's bands
+    write their first ``split`` slices to shared memory as soon as they are decoded."""
+    bands = len(spans)
     if not split:
-        yield from enumerate(parallel.imap(_decode_group, jobs, window=window))
+        yield from _by_group(parallel.imap(_decode_group, jobs, window=window), bands)
         return
-    shm = shared_memory.SharedMemory(create=True, size=8 + split * plane[0] * plane[1] * 4)
-    future = rest = None
+    flags = 8 * -(-bands // 8)    # a byte per band says its slices are there
+    shm = shared_memory.SharedMemory(create=True, size=flags + split * plane[0] * plane[1] * 4)
+    futures, rest = [], None
     try:
-        shm.buf[:8] = bytes(8)
-        first = next(jobs)
-        future = parallel.submit(_decode_group_split, (first, shm.name, split))
-        rest = parallel.imap(_decode_group, jobs, window=max(1, window - 1))
-        while future is not None and not future.done() and not shm.buf[0]:
+        shm.buf[:flags] = bytes(flags)
+        firsts = list(itertools.islice(jobs, bands))
+        futures = [parallel.submit(_decode_group_split, (job, shm.name, split, flags, span, b))
+                   for b, (job, span) in enumerate(zip(firsts, spans))]
+        rest = parallel.imap(_decode_group, jobs, window=max(1, window - bands))
+
+        def published() -> bool:
+            return all(shm.buf[b] for b in range(bands))
+
+        while not published() and not all(f is None or f.done() for f in futures):
             time.sleep(0.002)
-        if shm.buf[0]:
-            yield 0, [np.frombuffer(shm.buf, np.int32, split * plane[0] * plane[1], 8)
-                      .reshape((split,) + plane).copy()]
-        try:
-            whole = future.result() if future is not None else None
-        except BrokenProcessPool:
-            whole = None
-        if whole is None:                      # no worker process: decode it here
-            whole = _decode_group(first)
-        if not shm.buf[0]:   # not published (decoded here, or by the flat fallback decoder)
+        handed = published()
+        if handed:
+            yield 0, [np.ndarray((split,) + plane, np.int32, shm.buf, flags).copy()]
+        wholes = []
+        for future, job in zip(futures, firsts):
+            try:
+                whole = future.result() if future is not None else None
+            except BrokenProcessPool:
+                whole = None
+            wholes.append(whole if whole is not None else _decode_group(job))  # no worker
+        whole = _stitched(wholes)
+        if not handed:   # not published (decoded here, or by the flat fallback decoder)
             yield 0, [whole[0][:split]]
         yield 0, whole
-        for g, parts in enumerate(rest, 1):
-            yield g, parts
+        yield from _by_group(rest, bands, 1)
     finally:
-        if future is not None:
-            future.cancel()
+        for future in futures:
+            if future is not None:
+                future.cancel()
         if rest is not None:
             rest.close()
         shm.close()
@@ -259,15 +298,17 @@ def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int):
 
 
 def _decode_group_split(args) -> list[np.ndarray]:
-    """Worker side of :func:`_parallel_results`: decode the group, publishing its first slab's
-    first ``split`` slices in the shared memory ``name`` on the way."""
-    job, name, split = args
+    """Worker side of :func:`_parallel_results`: decode the group's band, publishing its first
+    slab's first ``split`` slices in the shared memory ``name`` on the way."""
+    job, name, split, flags, (x0, x1), band = args
     shm = shared_memory.SharedMemory(name=name)   # the pool's processes share one tracker
+    _, ny, nx = job[2].shape
 
     def publish(firsts):
-        first = np.ascontiguousarray(firsts[0][:split], dtype=np.int32)
-        shm.buf[8:8 + first.nbytes] = first.tobytes()
-        shm.buf[0] = 1
+        view = np.ndarray((split, ny, nx), np.int32, shm.buf, flags)
+        view[:, :, x0:x1] = firsts[0][:split]
+        del view                   # the shared memory closes only without views on it
+        shm.buf[band] = 1
 
     try:
         return _decode_group(job, split=split, on_split=publish)
@@ -276,11 +317,12 @@ def _decode_group_split(args) -> list[np.ndarray]:
 
 
 def _decode_group(job, predictor=None, split: int = 0, on_split=None) -> list[np.ndarray]:
-    """Decode one group of slabs (runs in a worker process or in the caller)."""
-    payloads, counts, header = job
+    """Decode one band of a group of slabs (runs in a worker process or in the caller)."""
+    payloads, counts, header, band = job
     predictor = predictor or _predictor(header)
     lo, hi = _dtype_range(np.dtype(header.dtype))
-    _, ny, nx = header.shape
+    x0, x1 = header.bands[band]
+    ny, nx = header.shape[1], x1 - x0
     # in the volume's dtype (the decoder checked the range): half the bytes back from a worker
     with parallel.one_thread():
         return [part.astype(header.dtype) for part in decode_slabs(
@@ -299,7 +341,7 @@ def blob_info(blob: bytes) -> dict:
     header, _ = unpack_header(blob)
     return {"dtype": header.dtype, "shape": header.shape, "model": header.model_name,
             "model_id": header.model_id.hex(), "slab": header.slab, "tile": header.tile,
-            "slabs": len(header.slab_table)}
+            "slabs": header.slabs, "bands": len(header.bands), "format": header.version}
 
 
 __all__ = ["encode_volume", "decode_volume", "decode_slices", "decode_stream", "blob_info",

@@ -1,10 +1,17 @@
 """The blob container: a small, versioned, checksummed, little-endian byte layout.
 
-    magic "VOXARC\\x1a\\n" | u16 version | u16 header length | header | u32 header CRC
+    magic "VOXARC\\x1a\\n" | u16 version | u32 header length | header | u32 header CRC (from
+    format 3 on, of the version and length too)
     header: 16-byte model id | u8 dtype code | 3 x u32 shape (z, y, x) | u16 slab slices |
-            2 x u16 tile rows, columns | u32 slab count | per slab: u64 offset, u64 length, u32 CRC |
-            u16 name length | name | u32 embedded length | embedded model (adapted weights, or empty)
-    then the slab payloads (offsets are relative to the end of the header CRC).
+            2 x u16 tile rows, columns | u32 slab count | per payload: u64 offset, u64 length,
+            u32 CRC | u16 name length | name | u32 embedded length | embedded model (adapted
+            weights, or empty)
+    then the payloads (offsets are relative to the end of the header CRC).
+
+From format 3 on a slab is coded as column bands, one tile wide (:func:`band_spans`), each
+its own payload, slab by slab and band by band: tiles never look across a tile column, so a
+band decodes on its own and a slab's bands decode on several cores. Formats 1 and 2 hold one
+payload per slab (one band).
 
 A blob names everything its decoder needs; :func:`unpack` refuses anything truncated, corrupted
 or foreign with :class:`CorruptBlobError` before a single voxel is decoded.
@@ -18,8 +25,8 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"VOXARC\x1a\n"
-VERSION = 2        # 2: residual tokens the dtype cannot hold get no probability (models.entropy)
-SUPPORTED = (1, 2)
+VERSION = 3        # 2: residual tokens the dtype cannot hold get no probability (models.entropy)
+SUPPORTED = (1, 2, 3)   # 3: a payload per column band of a slab
 DTYPES = {"uint8": 1, "int8": 2, "uint16": 3, "int16": 4}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _SLAB_ENTRY = 20   # bytes of a slab table entry: u64 offset, u64 length, u32 CRC
@@ -37,7 +44,7 @@ class BlobHeader:
     shape: tuple[int, int, int]
     slab: int
     tile: tuple[int, int]
-    slab_table: list[tuple[int, int, int]]  # (offset, length, crc)
+    slab_table: list[tuple[int, int, int]]  # (offset, length, crc) of each payload
     embedded: bytes = b""
     version: int = VERSION
 
@@ -46,15 +53,35 @@ class BlobHeader:
         """Whether its residuals were coded within the dtype's range (format 2 on)."""
         return self.version >= 2
 
+    @property
+    def bands(self) -> list[tuple[int, int]]:
+        """Column spans ``[x0, x1)`` of the bands every slab's payloads hold, in order."""
+        return band_spans(self.shape[2], self.tile[1], self.version)
+
+    @property
+    def slabs(self) -> int:
+        return -(-self.shape[0] // self.slab)
+
+
+def band_spans(nx: int, tile_columns: int, version: int = VERSION) -> list[tuple[int, int]]:
+    """The column bands of a slice ``nx`` wide: one tile column each (format 3 on), else the
+    whole slice."""
+    if version < 3:
+        return [(0, nx)]
+    return [(x, min(x + tile_columns, nx)) for x in range(0, nx, tile_columns)]
+
 
 def pack(model_id: bytes, model_name: str, dtype: str, shape, slab: int,
-         tile: tuple[int, int], payloads, embedded: bytes = b"") -> bytes:
-    """Assemble a blob from its slab payloads, in slab order: a list, or an iterator (one
-    payload per ``slab`` slices of ``shape``) whose payloads are written as they come and need
-    not be kept, so that a large volume's blob is held once while it is assembled, not twice."""
+         tile: tuple[int, int], payloads, embedded: bytes = b"", version: int = VERSION) -> bytes:
+    """Assemble a blob from its payloads, slab by slab and, in each, band by band
+    (:func:`band_spans`): a list, or an iterator whose payloads are written as they come and
+    need not be kept, so that a large volume's blob is held once while it is assembled, not
+    twice. ``version``: an older format (for tests that older blobs still read)."""
     if len(model_id) != 16:
         raise ValueError("model id must be 16 bytes")
-    count = len(payloads) if hasattr(payloads, "__len__") else -(-shape[0] // slab)
+    if version not in SUPPORTED:
+        raise ValueError(f"cannot write blob format {version}")
+    count = -(-shape[0] // slab) * len(band_spans(shape[2], tile[1], version))
     name = model_name.encode()
 
     def header(table: list[bytes]) -> bytes:
@@ -70,11 +97,11 @@ def pack(model_id: bytes, model_name: str, dtype: str, shape, slab: int,
         offset += len(p)
         out.write(p)
     if len(table) != count:
-        raise ValueError(f"{len(table)} slab payloads for {count} slabs")
+        raise ValueError(f"{len(table)} payloads for {count} slab bands")
     head = header(table)
     out.seek(0)
-    out.write(MAGIC + struct.pack("<HI", VERSION, len(head)) + head
-              + struct.pack("<I", zlib.crc32(head)))
+    lead = struct.pack("<HI", version, len(head))
+    out.write(MAGIC + lead + head + struct.pack("<I", _header_crc(version, lead, head)))
     return out.getvalue()
 
 
@@ -92,7 +119,7 @@ def unpack_header(blob: bytes) -> tuple[BlobHeader, int]:
         raise CorruptBlobError("blob truncated inside its header")
     header = bytes(blob[start:start + hlen])
     (crc,) = struct.unpack_from("<I", blob, start + hlen)
-    if zlib.crc32(header) != crc:
+    if _header_crc(version, bytes(blob[len(MAGIC):start]), header) != crc:
         raise CorruptBlobError("blob header checksum mismatch")
     try:
         parsed = _parse_header(header, version)
@@ -106,6 +133,12 @@ def unpack_header(blob: bytes) -> tuple[BlobHeader, int]:
     return parsed, base
 
 
+def _header_crc(version: int, lead: bytes, header: bytes) -> int:
+    """The header's CRC; from format 3 on it covers the version and header length too (a
+    flipped version bit could otherwise turn a blob into a valid older format)."""
+    return zlib.crc32(lead + header) if version >= 3 else zlib.crc32(header)
+
+
 def _parse_header(h: bytes, version: int) -> BlobHeader:
     model_id = h[:16]
     code, z, y, x, slab, th, tw, n = struct.unpack_from("<B3IHHHI", h, 16)
@@ -117,18 +150,21 @@ def _parse_header(h: bytes, version: int) -> BlobHeader:
     pos += 2 + nlen
     (elen,) = struct.unpack_from("<I", h, pos)
     embedded = h[pos + 4:pos + 4 + elen]
-    if pos + 4 + elen != len(h) or min(slab, th, tw) < 1 or n != -(-z // slab):
+    if pos + 4 + elen != len(h) or min(slab, th, tw, x) < 1 \
+            or n != -(-z // slab) * (-(-x // tw) if version >= 3 else 1):
         raise CorruptBlobError("inconsistent blob header")
     return BlobHeader(model_id, name, DTYPE_NAMES[code], (z, y, x), slab, (th, tw), table,
                       embedded, version)
 
 
-def slab_payload(blob: bytes, header: BlobHeader, base: int, i: int) -> bytes:
-    """The verified bytes of slab ``i``."""
-    offset, length, crc = header.slab_table[i]
+def slab_payload(blob: bytes, header: BlobHeader, base: int, i: int, band: int = 0) -> bytes:
+    """The verified bytes of band ``band`` of slab ``i``."""
+    bands = len(header.bands)
+    offset, length, crc = header.slab_table[i * bands + band]
     data = bytes(memoryview(blob)[base + offset:base + offset + length])
+    where = f"slab {i}" + (f" band {band}" if bands > 1 else "")
     if len(data) != length:
-        raise CorruptBlobError(f"blob truncated in slab {i}")
+        raise CorruptBlobError(f"blob truncated in {where}")
     if zlib.crc32(data) != crc:
-        raise CorruptBlobError(f"slab {i} checksum mismatch")
+        raise CorruptBlobError(f"{where} checksum mismatch")
     return data

@@ -397,15 +397,13 @@ def test_decode_stream_head_piece_comes_first_and_nothing_twice(monkeypatch, wor
 
 
 def test_decode_slabs_hands_over_the_first_slices_before_the_rest():
-    from models.codec import decode_slabs
-    from models.container import slab_payload, unpack_header
+    from models.codec import decode_slabs, encode_slab
     from models.registry import load_model
-    vol = phantom((8, 40, 300), "int16", seed=9)       # 300 columns: two tiles per row
-    blob = models.encode_volume(vol, slab=4, adapt=False)
-    header, base = unpack_header(blob)
-    payloads = [slab_payload(blob, header, base, i) for i in range(2)]
+    vol = phantom((8, 40, 300), "int16", seed=9)
+    predictor, tile = load_model("default"), (40, 256)   # two tiles per row, in one stream
+    payloads = [encode_slab(predictor, vol[z:z + 4], -32768, 32767, 4, tile) for z in (0, 4)]
     handed = []
-    args = (load_model("default"), payloads, [4, 3], 40, 300, -32768, 32767, 4, header.tile)
+    args = (predictor, payloads, [4, 3], 40, 300, -32768, 32767, 4, tile)
     parts = decode_slabs(*args, split=2, on_split=handed.append)
     assert len(handed) == 1 and [len(h) for h in handed[0]] == [2, 2]
     for g, h in enumerate(handed[0]):
@@ -532,8 +530,19 @@ def test_pack_takes_payloads_as_a_list_or_as_they_come():
     assert pack(*args, iter(payloads)) == blob
     header, base = unpack_header(blob)
     assert [bytes(slab_payload(blob, header, base, i)) for i in range(3)] == payloads
-    with pytest.raises(ValueError, match="2 slab payloads for 3 slabs"):
+    with pytest.raises(ValueError, match="2 payloads for 3 slab bands"):
         pack(*args, iter(payloads[:2]))
+
+
+def test_pack_keeps_a_payload_per_band_of_every_slab():
+    from models.container import pack, slab_payload, unpack_header
+    args = (b"\x02" * 16, "m", "uint16", (5, 3, 9), 2, (3, 4))    # bands 0-4, 4-8, 8-9
+    payloads = [f"slab {i} band {b}".encode() for i in range(3) for b in range(3)]
+    header, base = unpack_header(pack(*args, payloads))
+    assert header.bands == [(0, 4), (4, 8), (8, 9)] and header.slabs == 3
+    assert slab_payload(pack(*args, payloads), header, base, 2, 1) == b"slab 2 band 1"
+    with pytest.raises(ValueError, match="3 payloads for 9 slab bands"):
+        pack(*args, payloads[:3])
 
 
 def test_parallel_imap_finishes_in_this_process_when_the_pool_breaks(monkeypatch):
@@ -616,3 +625,58 @@ def test_adaptation_keeps_the_better_of_its_side_by_side_runs(monkeypatch, lose)
     assert sorted(made) == [7, 8] and sorted(n.seed for n in nets) == [7, 8]
     assert best.seed == 8 - lose
     assert not np.array_equal(nets[0].net.layers[0].weight, nets[1].net.layers[0].weight)
+
+
+def test_a_flipped_version_is_refused_not_read_as_an_older_format():
+    """Formats 1 and 2 are one bit away from 3; the header CRC covers the version from 3 on."""
+    blob = models.encode_volume(phantom((4, 12, 10), "uint16", seed=30), slab=2)
+    assert models.blob_info(blob)["format"] == 3
+    for bit in (0, 1):
+        bad = bytearray(blob)
+        bad[8] ^= 1 << bit
+        with pytest.raises(CorruptBlobError, match="checksum"):
+            models.decode_volume(bytes(bad))
+
+
+def test_column_bands_are_coded_apart_and_give_the_whole_slices(monkeypatch):
+    """Format 3: a payload per tile column of a slab, decoded apart (on both workers) and put
+    side by side; the bands' bits are those of the slab coded whole, but for their headers."""
+    from models.codec import encode_slab
+    from models.registry import load_model
+    vol = phantom((6, 20, 50), "int16", seed=31)
+    tile = (8, 16)                                     # bands 0-16, 16-32, 32-48, 48-50
+    blob = models.encode_volume(vol, slab=4, tile=tile, adapt=False)
+    info = models.blob_info(blob)
+    assert (info["slabs"], info["bands"]) == (2, 4)
+    whole = sum(len(encode_slab(load_model("default"), vol[z:z + 4], -32768, 32767, 4, tile))
+                for z in (0, 4))
+    from models.container import unpack_header
+    payloads = sum(length for _, length, _ in unpack_header(blob)[0].slab_table)
+    extra_headers = 3 * (4 + 8 * 4) + 3 * (4 + 8 * 2)   # slice count and stream lengths
+    extra_streams = 3 * 6 * 2                          # each ends in at most a word of flush
+    assert 0 <= payloads - whole - extra_headers <= 4 * extra_streams
+    monkeypatch.setattr(api, "PARALLEL_VOXELS", 1)
+    for workers in ("1", "2"):
+        monkeypatch.setenv("VOXARC_DECODE_WORKERS", workers)
+        np.testing.assert_array_equal(models.decode_volume(blob), vol)
+        np.testing.assert_array_equal(models.decode_slices(blob, 5, 6), vol[5:6])
+        pieces = list(models.decode_stream(blob, 1, 6, head=2))
+        assert [(z, len(p)) for z, p in pieces][:1] == [(1, 2)]
+        np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), vol[1:6])
+
+
+def test_one_slab_decodes_its_bands_as_separate_jobs(monkeypatch):
+    """A single slice of a two-band slab: two jobs, one per band, for the two workers."""
+    vol = phantom((8, 16, 40), "uint16", seed=32)
+    blob = models.encode_volume(vol, tile=(16, 24))
+    seen = []
+    original = api._decode_group
+
+    def spy(job, *args, **kwargs):
+        seen.append((len(job[0]), job[3]))
+        return original(job, *args, **kwargs)
+
+    monkeypatch.setattr(api, "_decode_group", spy)
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")
+    np.testing.assert_array_equal(models.decode_slices(blob, 6, 7), vol[6:7])
+    assert seen == [(1, 0), (1, 1)]

@@ -61,16 +61,21 @@ def test_coding_within_range_saves_bits_near_the_dtype_floor_and_stays_exact():
         np.testing.assert_array_equal(back, vol)
 
 
-def test_blobs_are_written_in_format_2_and_format_1_still_reads():
+def test_blobs_are_written_in_format_3_and_formats_1_and_2_still_read():
+    from models.container import pack, slab_payload
     vol = mr_background((4, 20, 24), seed=2)
     blob = models.encode_volume(vol)
-    header, _ = unpack_header(blob)
-    assert VERSION == 2 and header.version == 2 and header.within_range
+    header, base = unpack_header(blob)
+    assert VERSION == 3 and header.version == 3 and header.within_range
     np.testing.assert_array_equal(models.decode_volume(blob), vol)
-    old = _with_version(blob, 1)        # the same bytes read as format 1: another coding
-    assert not unpack_header(old)[0].within_range
-    with pytest.raises(CorruptBlobError, match="version 3"):
-        unpack_header(_with_version(blob, 3))
+    payloads = [slab_payload(blob, header, base, 0)]      # one band: the slab's payload
+    facts = (header.model_id, header.model_name, header.dtype, header.shape, header.slab,
+             header.tile, payloads)
+    assert unpack_header(pack(*facts, version=2))[0].within_range
+    np.testing.assert_array_equal(models.decode_volume(pack(*facts, version=2)), vol)
+    assert not unpack_header(pack(*facts, version=1))[0].within_range   # another coding
+    with pytest.raises(CorruptBlobError, match="version 4"):
+        unpack_header(_with_version(blob, 4))
 
 
 def _with_version(blob: bytes, version: int) -> bytes:
@@ -84,6 +89,6 @@ def test_format_1_blobs_decode_without_range_coding():
     predictor = load_model("default")
     vol = mr_background((5, 24, 20), seed=3)
     payload = encode_slab(predictor, vol, 0, 65535, 8, (24, 20), within_range=False)
-    blob = _with_version(pack(predictor.model_id, "default", "uint16", vol.shape, 8, (24, 20),
-                              [payload]), 1)
+    blob = pack(predictor.model_id, "default", "uint16", vol.shape, 8, (24, 20), [payload],
+                version=1)
     np.testing.assert_array_equal(models.decode_volume(blob), vol)
