@@ -21,7 +21,8 @@ SLAB_SLICES = 8      # slices per independently decodable slab
 TILE = (64, 256)     # rows, columns of the independent tiles a slice is cut into
 LOCKSTEP_SLABS = 8   # slabs a decoder advances together (bounds working memory)
 PARALLEL_VOXELS = 1 << 22  # code on several processes from this many voxels on,
-WARM_PARALLEL_VOXELS = 1 << 19  # or from this many when the worker processes already run
+WARM_PARALLEL_VOXELS = 1 << 19  # or from this many when the worker processes already run,
+SPLIT_PARALLEL_VOXELS = 1 << 17  # or from this many that are in several bands (format 3)
 ADAPT_VOXELS = 1 << 20     # adapt the model to volumes from this many voxels on
 
 
@@ -119,23 +120,39 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     slabs = list(range(start // zs, (stop - 1) // zs + 1))
     counts = {i: min(zs, stop - i * zs) for i in slabs}        # slices wanted of each slab
     work = sum(counts.values()) * ny * nx
-    workers = parallel.worker_count() if _parallel(work) else 1
-    groups = _lockstep_groups(slabs, list(counts.values()), workers, len(spans))
-    units = [(group, band) for group in groups for band in range(len(spans))]
-    # each unit's payloads are copied (and CRC-checked) and its slices written into ``out`` as
-    # the workers get to it: beside ``out``, a few units' slices in memory, not the volume
-    jobs = (([slab_payload(blob, header, base, i, band) for i in group],
-             [counts[i] for i in group], header, band) for group, band in units)
+    split = len(spans) > 1 and parallel.running() and work >= SPLIT_PARALLEL_VOXELS
+    workers = parallel.worker_count() if _parallel(work) or split else 1
+    plan = _decode_plan(slabs, counts, spans, workers)
+    # each job's payloads are copied (and CRC-checked) and its slices written into ``out`` as
+    # the workers get to it: beside ``out``, a few jobs' slices in memory, not the volume
+    jobs = (([slab_payload(blob, header, base, i, band) for i, band in units],
+             [counts[i] for i, _ in units], header, units[0][1]) for units in plan)
     if workers > 1:
         results = parallel.imap(_decode_group, jobs, window=2 * workers)
     else:
         results = (_decode_group(job, predictor) for job in jobs)
-    for (group, band), parts in zip(units, results):
-        x0, x1 = spans[band]
-        for i, part in zip(group, parts):
+    for units, parts in zip(plan, results):
+        for (i, band), part in zip(units, parts):
+            x0, x1 = spans[band]
             z0 = max(start, i * zs)
             out[z0 - start:i * zs + len(part) - start, :, x0:x1] = part[z0 - i * zs:]
     return out
+
+
+def _decode_plan(slabs: list[int], counts: dict, spans: list, workers: int) -> list[list]:
+    """Decoding jobs, each a list of ``(slab, band)`` units of one band width decoded in
+    lockstep: with several workers, a group of slabs' band per job (:func:`_lockstep_groups`),
+    so that even one slab's bands share the workers; in this process, the bands of equal width
+    of a group together (one wavefront for all, as a whole slab in formats 1 and 2)."""
+    weights = [counts[i] for i in slabs]
+    if workers > 1:
+        groups = _lockstep_groups(slabs, weights, workers, len(spans))
+        return [[(i, band) for i in group] for group in groups for band in range(len(spans))]
+    widths: dict[int, list[int]] = {}
+    for band, (x0, x1) in enumerate(spans):
+        widths.setdefault(x1 - x0, []).append(band)
+    return [[(i, band) for band in bands for i in group] for bands in widths.values()
+            for group in _lockstep_groups(slabs, weights, 1, len(spans) // len(bands))]
 
 
 def balanced_runs(items: list, weights: list[int], runs: int) -> list[list]:

@@ -665,9 +665,23 @@ def test_column_bands_are_coded_apart_and_give_the_whole_slices(monkeypatch):
         np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), vol[1:6])
 
 
-def test_one_slab_decodes_its_bands_as_separate_jobs(monkeypatch):
-    """A single slice of a two-band slab: two jobs, one per band, for the two workers."""
-    vol = phantom((8, 16, 40), "uint16", seed=32)
+def test_decode_plan_gives_a_slab_bands_to_both_workers_or_one_wavefront_here():
+    from models.api import _decode_plan
+    two = [(0, 256), (256, 512)]
+    assert _decode_plan([3], {3: 7}, two, 2) == [[(3, 0)], [(3, 1)]]
+    assert _decode_plan([3], {3: 7}, two, 1) == [[(3, 0), (3, 1)]]        # one lockstep
+    assert _decode_plan([3], {3: 7}, [(0, 256), (256, 460)], 1) == [[(3, 0)], [(3, 1)]]
+    both = _decode_plan([0, 1, 2, 3], {i: 8 for i in range(4)}, two, 2)
+    assert both == [[(i, 0) for i in range(4)], [(i, 1) for i in range(4)]]
+    many = _decode_plan(list(range(40)), {i: 8 for i in range(40)}, two, 2)
+    assert len(many) % 2 == 0 and max(map(len, many)) <= 2 * api.LOCKSTEP_SLABS
+    assert sorted(u for job in many for u in job) == [(i, b) for i in range(40) for b in (0, 1)]
+
+
+def test_one_slab_decodes_its_equal_bands_in_one_wavefront_here(monkeypatch):
+    """In this process, a two-band slab's bands go to the decoder together (as one slab did
+    before format 3), and come back in their places."""
+    vol = phantom((8, 16, 48), "uint16", seed=32)
     blob = models.encode_volume(vol, tile=(16, 24))
     seen = []
     original = api._decode_group
@@ -679,4 +693,4 @@ def test_one_slab_decodes_its_bands_as_separate_jobs(monkeypatch):
     monkeypatch.setattr(api, "_decode_group", spy)
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")
     np.testing.assert_array_equal(models.decode_slices(blob, 6, 7), vol[6:7])
-    assert seen == [(1, 0), (1, 1)]
+    assert seen == [(2, 0)]
