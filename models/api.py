@@ -22,7 +22,8 @@ TILE = (64, 256)     # rows, columns of the independent tiles a slice is cut int
 LOCKSTEP_SLABS = 8   # slabs a decoder advances together (bounds working memory)
 PARALLEL_VOXELS = 1 << 22  # code on several processes from this many voxels on,
 WARM_PARALLEL_VOXELS = 1 << 19  # or from this many when the worker processes already run,
-SPLIT_PARALLEL_VOXELS = 1 << 17  # or from this many that are in several bands (format 3)
+SPLIT_PARALLEL_VOXELS = 1 << 17  # or from this many in bands of several widths (format 3),
+EVEN_SPLIT_PARALLEL_VOXELS = 1 << 20  # or this many in bands of one width
 ADAPT_VOXELS = 1 << 20     # adapt the model to volumes from this many voxels on
 
 
@@ -119,9 +120,8 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     zs, spans = header.slab, header.bands
     slabs = list(range(start // zs, (stop - 1) // zs + 1))
     counts = {i: min(zs, stop - i * zs) for i in slabs}        # slices wanted of each slab
-    work = sum(counts.values()) * ny * nx
-    split = len(spans) > 1 and parallel.running() and work >= SPLIT_PARALLEL_VOXELS
-    workers = parallel.worker_count() if _parallel(work) or split else 1
+    workers = parallel.worker_count() if _parallel(out.size) or _split_bands(
+        sum(counts.values()) * ny * nx, spans) else 1
     plan = _decode_plan(slabs, counts, spans, workers)
     # each job's payloads are copied (and CRC-checked) and its slices written into ``out`` as
     # the workers get to it: beside ``out``, a few jobs' slices in memory, not the volume
@@ -137,6 +137,18 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
             z0 = max(start, i * zs)
             out[z0 - start:i * zs + len(part) - start, :, x0:x1] = part[z0 - i * zs:]
     return out
+
+
+def _split_bands(work: int, spans: list) -> bool:
+    """Whether running workers should take a slab's bands apart, for ``work`` voxels to
+    decode: bands of one width decode in one wavefront here, which beats two processes on
+    small work (measured on a 512 x 512 head CT with the workers running: one slice 0.20 s
+    here against 0.26 s on two, seven slices 0.94 against 0.70); bands of several widths take
+    a wavefront each here."""
+    if len(spans) < 2 or not parallel.running():
+        return False
+    uneven = len({x1 - x0 for x0, x1 in spans}) > 1
+    return work >= (SPLIT_PARALLEL_VOXELS if uneven else EVEN_SPLIT_PARALLEL_VOXELS)
 
 
 def _decode_plan(slabs: list[int], counts: dict, spans: list, workers: int) -> list[list]:

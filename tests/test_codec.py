@@ -694,3 +694,16 @@ def test_one_slab_decodes_its_equal_bands_in_one_wavefront_here(monkeypatch):
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")
     np.testing.assert_array_equal(models.decode_slices(blob, 6, 7), vol[6:7])
     assert seen == [(2, 0)]
+
+
+def test_running_workers_take_a_slab_bands_apart_only_for_enough_work(monkeypatch):
+    from models import parallel
+    from models.api import _split_bands
+    even, uneven = [(0, 256), (256, 512)], [(0, 256), (256, 460)]
+    monkeypatch.setattr(parallel, "running", lambda: True)
+    assert not _split_bands(2 * 512 * 512, even)           # one wavefront here is faster
+    assert _split_bands(7 * 512 * 512, even)
+    assert _split_bands(512 * 460, uneven)                  # here: a wavefront per width
+    assert not _split_bands(7 * 256 * 256, [(0, 256)])
+    monkeypatch.setattr(parallel, "running", lambda: False)
+    assert not _split_bands(7 * 512 * 512, even)            # no pool to start for one slice
