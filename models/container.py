@@ -23,6 +23,7 @@ import io
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 MAGIC = b"VOXARC\x1a\n"
 VERSION = 3        # 2: residual tokens the dtype cannot hold get no probability (models.entropy)
@@ -53,7 +54,7 @@ class BlobHeader:
         """Whether its residuals were coded within the dtype's range (format 2 on)."""
         return self.version >= 2
 
-    @property
+    @cached_property
     def bands(self) -> list[tuple[int, int]]:
         """Column spans ``[x0, x1)`` of the bands every slab's payloads hold, in order."""
         return band_spans(self.shape[2], self.tile[1], self.version)
