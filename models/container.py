@@ -64,9 +64,14 @@ class BlobHeader:
         return -(-self.shape[0] // self.slab)
 
 
+def band_count(nx: int, tile_columns: int, version: int = VERSION) -> int:
+    """How many column bands a slice ``nx`` wide is coded in: one per tile column (format 3
+    on), else one."""
+    return -(-nx // tile_columns) if version >= 3 else 1
+
+
 def band_spans(nx: int, tile_columns: int, version: int = VERSION) -> list[tuple[int, int]]:
-    """The column bands of a slice ``nx`` wide: one tile column each (format 3 on), else the
-    whole slice."""
+    """The column spans ``[x0, x1)`` of those bands (:func:`band_count`), in order."""
     if version < 3:
         return [(0, nx)]
     return [(x, min(x + tile_columns, nx)) for x in range(0, nx, tile_columns)]
@@ -82,7 +87,7 @@ def pack(model_id: bytes, model_name: str, dtype: str, shape, slab: int,
         raise ValueError("model id must be 16 bytes")
     if version not in SUPPORTED:
         raise ValueError(f"cannot write blob format {version}")
-    count = -(-shape[0] // slab) * len(band_spans(shape[2], tile[1], version))
+    count = -(-shape[0] // slab) * band_count(shape[2], tile[1], version)
     name = model_name.encode()
 
     def header(table: list[bytes]) -> bytes:
@@ -152,7 +157,7 @@ def _parse_header(h: bytes, version: int) -> BlobHeader:
     (elen,) = struct.unpack_from("<I", h, pos)
     embedded = h[pos + 4:pos + 4 + elen]
     if pos + 4 + elen != len(h) or min(slab, th, tw, x) < 1 \
-            or n != -(-z // slab) * (-(-x // tw) if version >= 3 else 1):
+            or n != -(-z // slab) * band_count(x, tw, version):
         raise CorruptBlobError("inconsistent blob header")
     return BlobHeader(model_id, name, DTYPE_NAMES[code], (z, y, x), slab, (th, tw), table,
                       embedded, version)
