@@ -125,8 +125,7 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     plan = _decode_plan(slabs, counts, spans, workers)
     # each job's payloads are copied (and CRC-checked) and its slices written into ``out`` as
     # the workers get to it: beside ``out``, a few jobs' slices in memory, not the volume
-    jobs = (([slab_payload(blob, header, base, i, band) for i, band in units],
-             [counts[i] for i, _ in units], header, units[0][1]) for units in plan)
+    jobs = (_units_job(blob, header, base, counts, units) for units in plan)
     if workers > 1:
         results = parallel.imap(_decode_group, jobs, window=2 * workers)
     else:
@@ -137,6 +136,13 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
             z0 = max(start, i * zs)
             out[z0 - start:i * zs + len(part) - start, :, x0:x1] = part[z0 - i * zs:]
     return out
+
+
+def _units_job(blob: bytes, header, base: int, counts: dict, units: list) -> tuple:
+    """The job of :func:`_decode_group` for ``(slab, band)`` units of one band width: their
+    payloads (copied and CRC-checked), slices wanted, the header and a band of that width."""
+    return ([slab_payload(blob, header, base, i, band) for i, band in units],
+            [counts[i] for i, _ in units], header, units[0][1])
 
 
 def _split_bands(work: int, spans: list) -> bool:
@@ -218,6 +224,7 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
         return
     zs, spans = header.slab, header.bands
     left = [(i, min(zs, stop - i * zs)) for i in range(start // zs, (stop - 1) // zs + 1)]
+    counts = dict(left)                                         # slices wanted of each slab
     workers = parallel.worker_count() if _parallel(4 * (stop - start) * ny * nx) else 1
     head = max(0, min(head, (start // zs + 1) * zs - start, stop - start))
     per_round = max(1, workers // len(spans))    # slab groups a round keeps the workers busy with
@@ -233,16 +240,16 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
             left = left[size:]
         size = min(2 * size, LOCKSTEP_SLABS * len(spans))
 
-    def job(group, band):     # built when needed: each payload is copied and CRC-checked
-        return ([slab_payload(blob, header, base, i, band) for i, _ in group],
-                [n for _, n in group], header, band)
+    def job(units):     # built when needed
+        return _units_job(blob, header, base, counts, units)
 
-    jobs = (job(group, band) for group in groups for band in range(len(spans)))
     split = start - groups[0][0][0] * zs + head if head else 0
     if workers > 1:
-        results = _parallel_results(jobs, split, (ny, nx), 2 * workers, spans)
+        jobs = (job([(i, band) for i, _ in group]) for group in groups
+                for band in range(len(spans)))
+        results = _parallel_results(jobs, split, (ny, nx), 2 * workers, len(spans))
     else:
-        results = _local_results(jobs, split, predictor, len(spans))
+        results = _local_results(groups, job, split, predictor, spans)
     z_next = start
     for g, parts in results:
         first = groups[g][0][0] * zs
@@ -270,19 +277,24 @@ def _by_group(results, bands: int, first: int = 0):
         yield g, _stitched(band_parts)
 
 
-def _local_results(jobs, split: int, predictor, bands: int):
-    """(group, slabs) in order, decoded here; the first group's first slices come first."""
-    for g, parts in _by_group((_decode_group(job, predictor) for job in jobs), bands):
+def _local_results(groups, job, split: int, predictor, spans):
+    """(group, slabs) in order, decoded here, a group's bands of one width in one wavefront
+    (:func:`_decode_plan`); the first group's first slices come first."""
+    for g, group in enumerate(groups):
+        slabs = [i for i, _ in group]
+        decoded = {}
+        for units in _decode_plan(slabs, dict(group), spans, 1):
+            decoded.update(zip(units, _decode_group(job(units), predictor)))
+        parts = _stitched([[decoded[i, band] for i in slabs] for band in range(len(spans))])
         if g == 0 and split:
             yield 0, [parts[0][:split]]
         yield g, parts
 
 
-def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int, spans):
+def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int, bands: int):
     """:func:`_local_results` on the worker processes (``jobs`` an iterator: the first jobs
     are submitted before the others are built). The workers decoding the first group's bands
     write their first ``split`` slices to shared memory as soon as they are decoded."""
-    bands = len(spans)
     if not split:
         yield from _by_group(parallel.imap(_decode_group, jobs, window=window), bands)
         return
@@ -292,8 +304,8 @@ def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int, spa
     try:
         shm.buf[:flags] = bytes(flags)
         firsts = list(itertools.islice(jobs, bands))
-        futures = [parallel.submit(_decode_group_split, (job, shm.name, split, flags, span, b))
-                   for b, (job, span) in enumerate(zip(firsts, spans))]
+        futures = [parallel.submit(_decode_group_split, (job, shm.name, split, flags))
+                   for job in firsts]
         rest = parallel.imap(_decode_group, jobs, window=max(1, window - bands))
 
         def published() -> bool:
@@ -329,9 +341,11 @@ def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int, spa
 def _decode_group_split(args) -> list[np.ndarray]:
     """Worker side of :func:`_parallel_results`: decode the group's band, publishing its first
     slab's first ``split`` slices in the shared memory ``name`` on the way."""
-    job, name, split, flags, (x0, x1), band = args
+    job, name, split, flags = args
     shm = shared_memory.SharedMemory(name=name)   # the pool's processes share one tracker
-    _, ny, nx = job[2].shape
+    header, band = job[2], job[3]
+    _, ny, nx = header.shape
+    x0, x1 = header.bands[band]
 
     def publish(firsts):
         view = np.ndarray((split, ny, nx), np.int32, shm.buf, flags)

@@ -694,6 +694,10 @@ def test_one_slab_decodes_its_equal_bands_in_one_wavefront_here(monkeypatch):
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")
     np.testing.assert_array_equal(models.decode_slices(blob, 6, 7), vol[6:7])
     assert seen == [(2, 0)]
+    seen.clear()                   # a stream, too: one job per slab group, both bands in it
+    pieces = list(models.decode_stream(blob, 2, 8, head=1))
+    np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), vol[2:8])
+    assert seen == [(2, 0)] and [len(p) for _, p in pieces] == [1, 5]
 
 
 def test_running_workers_take_a_slab_bands_apart_only_for_enough_work(monkeypatch):
