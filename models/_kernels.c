@@ -26,7 +26,7 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
-#define ABI 3              /* models/kernels.py's ABI: raised whenever an entry point changes */
+#define ABI 4              /* models/kernels.py's ABI: raised whenever an entry point changes */
 
 /* Which set of entry points and signatures this build has. */
 int64_t voxarc_abi(void)
@@ -451,4 +451,80 @@ void voxarc_outputs(const float *acc, int64_t kept, const int64_t *busy, const i
             j = (j << bins_log2) + ((t & frac) >> (shift - bins_log2));
         row[i] = j;
     }
+}
+
+/* The range decoder's probability rows of one wavefront step: out[i] = table[row[i]] (width
+ * columns: 2C direct tokens, ESC_NEG, ESC_POS, then padding), for n symbols. With bounded,
+ * tokens a symbol predicted as pred[i] cannot take within [lo, hi] get no probability, for
+ * the symbols whose range ends within `edge` tokens (models.entropy.truncate_rows).
+ * Also writes each symbol's low-bit count (shift of its row) to sh. */
+int64_t voxarc_token_rows(const double *table, int64_t rows, int64_t width,
+                          int64_t token_range, const int64_t *shifts, const int64_t *row,
+                          const int64_t *pred, int64_t n, int32_t bounded, int64_t lo,
+                          int64_t hi, int64_t edge, double *out, int64_t *sh)
+{
+    if (width < 2 * token_range + 2)
+        return -1;
+    for (int64_t i = 0; i < n; i++)
+        if (row[i] < 0 || row[i] >= rows)
+            return -1;
+    for (int64_t i = 0; i < n; i++) {
+        const double *src = table + row[i] * width;
+        double *dst = out + i * width;
+        for (int64_t k = 0; k < width; k++)
+            dst[k] = src[k];
+        int64_t s = shifts[row[i]];
+        sh[i] = s;
+        if (!bounded)
+            continue;
+        int64_t qmin = (lo - pred[i]) >> s, qmax = (hi - pred[i]) >> s;
+        if (qmin < -edge && qmax >= edge)
+            continue;
+        for (int64_t k = 0; k < 2 * token_range; k++) {
+            int64_t q = k - token_range;
+            if (q < qmin || q > qmax)
+                dst[k] = 0.0;
+        }
+        if (!(qmin < -token_range))
+            dst[2 * token_range] = 0.0;
+        if (!(qmax >= token_range))
+            dst[2 * token_range + 1] = 0.0;
+    }
+    return 0;
+}
+
+/* Residuals of one step from their tokens (models.entropy.join_residuals), with the other
+ * fields in decoding order: low[] holds the low bits of the symbols whose shift sh is > 0,
+ * cls[] the escape class of each escape token, extra[] the extra bits of each class > 1.
+ * Returns -1 when those counts do not match the tokens (nothing is read past an array). */
+int64_t voxarc_join(const int64_t *token, const int64_t *sh, int64_t n, const int64_t *low,
+                    int64_t n_low, const int64_t *cls, int64_t n_cls, const int64_t *extra,
+                    int64_t n_extra, int64_t token_range, int64_t *out)
+{
+    int64_t nl = 0, nc = 0, ne = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t t = token[i], q = t - token_range;
+        if (t >= 2 * token_range) {
+            if (nc >= n_cls)
+                return -1;
+            int64_t c = cls[nc++];
+            if (c < 0 || c > 62)
+                return -1;
+            int64_t e = c > 0 ? ((int64_t)1 << (c - 1)) : 0;
+            if (c > 1) {
+                if (ne >= n_extra)
+                    return -1;
+                e += extra[ne++];
+            }
+            q = t == 2 * token_range ? -token_range - 1 - e : token_range + e;
+        }
+        int64_t r = q * ((int64_t)1 << sh[i]);
+        if (sh[i] > 0) {
+            if (nl >= n_low)
+                return -1;
+            r += low[nl++];
+        }
+        out[i] = r;
+    }
+    return nl == n_low && nc == n_cls && ne == n_extra ? 0 : -1;
 }

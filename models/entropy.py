@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import constriction
 import numpy as np
 
+from models import kernels
 from models.features import N_SCALES, SCALE_STEPS, SCALE_ZERO
 
 TOKEN_RANGE = 24                    # C: q in [-C, C) coded directly
@@ -118,6 +119,7 @@ class CodingTables:
         self._rows = np.zeros((self.class_row + 1, N_TOKENS), np.float64)
         self._rows[:self.class_row] = self.tokens
         self._rows[self.class_row, :N_CLASSES] = self.classes
+        self.token_rows = self._rows[:self.class_row]     # (a view) the rows tokens use
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """Probability rows for table indices (``class_row`` selects the escape classes)."""
@@ -211,40 +213,75 @@ class StepDecoder:
         new = constriction.stream.queue.RangeDecoder
         self.tok = [new(np.ascontiguousarray(t, np.uint32)) for t, _ in streams]
         self.uni = [new(np.ascontiguousarray(u, np.uint32)) for _, u in streams]
+        self._buffer = np.empty((0, N_TOKENS))   # probability rows, reused from step to step
+        self._fast = kernels.available()
 
     def _per_stream(self, decoders, segments, mask, model, params):
         """Decode ``params`` (one row per masked symbol; ``mask`` None: every symbol) from each
         segment's stream."""
-        counts = None if mask is None else np.concatenate([[0], np.cumsum(mask)])
-        out = []
-        for stream, a, b in segments:
-            lo, hi = (a, b) if counts is None else (counts[a], counts[b])
-            if hi > lo:
-                out.append(decoders[stream].decode(model, params[lo:hi]))
-        return np.concatenate(out).astype(np.int64)
+        if mask is None:
+            bounds = [(a, b) for _, a, b in segments]
+        else:
+            at = np.flatnonzero(mask).searchsorted([e for seg in segments for e in seg[1:]])
+            bounds = zip(at[0::2].tolist(), at[1::2].tolist())
+        out = [decoders[stream].decode(model, params[lo:hi])
+               for (stream, _, _), (lo, hi) in zip(segments, bounds) if hi > lo]
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+    def _rows(self, j: np.ndarray, pred: np.ndarray):
+        """Probability rows of the step's tokens and their low-bit counts."""
+        if not self._fast:
+            sh = self.tables.shifts[j]
+            rows = self.tables.rows(j)
+            if self.bounds is not None:
+                truncate_rows(rows, *token_bounds(pred, sh, *self.bounds))
+            return rows, sh
+        if len(self._buffer) < len(j):
+            self._buffer = np.empty((max(len(j), 2 * len(self._buffer)), N_TOKENS))
+        sh = kernels.token_rows(self.tables.token_rows, TOKEN_RANGE, self.tables.shifts, j, pred,
+                                self.bounds, RANGE_EDGE, self._buffer)
+        return self._buffer[:len(j)], sh
 
     def decode_step(self, segments, j: np.ndarray, pred: np.ndarray) -> np.ndarray:
         """Residuals of one step from the predictions ``pred`` at table rows ``j``.
         ``segments`` lists ``(stream, start, stop)``: which stream holds the symbols
         ``j[start:stop]``."""
-        sh = self.tables.shifts[j]
-        rows = self.tables.rows(j)
-        if self.bounds is not None:
-            truncate_rows(rows, *token_bounds(pred, sh, *self.bounds))
+        rows, sh = self._rows(j, pred)
         token = self._per_stream(self.tok, segments, None, _CATEGORICAL, rows)
         esc = token >= ESC_NEG
-        cls = np.zeros(len(j), np.int64)
+        cls = np.zeros(0, np.int64)
         if esc.any():
             rows = self.tables.rows(np.full(int(esc.sum()), self.tables.class_row))
-            cls[esc] = self._per_stream(self.tok, segments, esc, _CATEGORICAL, rows)
-        low = np.zeros(len(j), np.int64)
+            cls = self._per_stream(self.tok, segments, esc, _CATEGORICAL, rows)
+        low = np.zeros(0, np.int64)
         has_low = sh > 0
         if has_low.any():
             sizes = (1 << sh[has_low]).astype(np.int32)
-            low[has_low] = self._per_stream(self.uni, segments, has_low, _UNIFORM, sizes)
-        extra = np.zeros(len(j), np.int64)
+            low = self._per_stream(self.uni, segments, has_low, _UNIFORM, sizes)
+        extra = np.zeros(0, np.int64)
         has_extra = cls > 1
         if has_extra.any():
             sizes = (1 << (cls[has_extra] - 1)).astype(np.int32)
-            extra[has_extra] = self._per_stream(self.uni, segments, has_extra, _UNIFORM, sizes)
-        return join_residuals(token, low, j, cls, extra, self.tables.shifts)
+            extra = self._per_stream(self.uni, segments, _scattered(esc, has_extra), _UNIFORM,
+                                     sizes)
+        if self._fast:
+            residuals = kernels.join(token, sh, low, cls, extra, TOKEN_RANGE)
+            if residuals is None:
+                raise ValueError("decoded escape fields do not match their tokens")
+            return residuals
+        return join_residuals(token, _expand(low, has_low), j, _expand(cls, esc),
+                              _expand(extra, _scattered(esc, has_extra)), self.tables.shifts)
+
+
+def _scattered(mask: np.ndarray, sub: np.ndarray) -> np.ndarray:
+    """The mask of the symbols selected by ``sub`` among those selected by ``mask``."""
+    out = np.zeros(len(mask), bool)
+    out[np.flatnonzero(mask)[sub]] = True
+    return out
+
+
+def _expand(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``values`` of the masked symbols, zeros elsewhere."""
+    out = np.zeros(len(mask), np.int64)
+    out[mask] = values
+    return out

@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _I32, _P]   # layers, sizes, weights, biases, vector, acc
-ABI = 3   # the entry points and signatures of models/_kernels.c this module calls
+ABI = 4   # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -62,6 +62,12 @@ def _library():
     fn = lib.voxarc_mlp
     fn.restype = _I64
     fn.argtypes = [_P, _I64, _I64, _I32, _P, _P, _P, _I32, _P]
+    fn = lib.voxarc_token_rows
+    fn.restype = _I64
+    fn.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I32, _I64, _I64, _I64, _P, _P]
+    fn = lib.voxarc_join
+    fn.restype = _I64
+    fn.argtypes = [_P, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _P]
     return lib
 
 
@@ -226,3 +232,48 @@ def mlp(net: Network, x: np.ndarray, vector: bool = True) -> np.ndarray | None:
                                    *net.arguments(acc, vector)) < 0:
         return None
     return acc
+
+
+def token_rows(table: np.ndarray, token_range: int, shifts: np.ndarray, row: np.ndarray,
+               pred: np.ndarray, bounds: tuple[int, int] | None, edge: int,
+               out: np.ndarray) -> np.ndarray:
+    """The range decoder's probability rows ``table[row]`` written to ``out[:n]`` (float64,
+    C-contiguous, ``table``'s width), truncated to what ``[lo, hi] = bounds`` lets a symbol
+    predicted as ``pred`` take where that range ends within ``edge`` tokens (as
+    :func:`models.entropy.truncate_rows`); returns each symbol's low-bit count
+    ``shifts[row]``."""
+    n = len(row)
+    row = np.ascontiguousarray(row, np.int64)
+    pred = np.ascontiguousarray(pred, np.int64)
+    shifts = np.ascontiguousarray(shifts, np.int64)
+    if not (table.flags.c_contiguous and table.dtype == np.float64 and out.flags.c_contiguous
+            and out.dtype == np.float64 and out.shape[0] >= n and len(pred) == n
+            and out.shape[1] == table.shape[1] and len(table) <= len(shifts)):
+        raise ValueError("token_rows: arrays of the wrong type or shape")
+    sh = np.empty(n, np.int64)
+    lo, hi = bounds if bounds is not None else (0, 0)
+    if _library().voxarc_token_rows(table.ctypes.data, len(table), table.shape[1], token_range,
+                                    shifts.ctypes.data, row.ctypes.data, pred.ctypes.data, n,
+                                    int(bounds is not None), lo, hi, edge, out.ctypes.data,
+                                    sh.ctypes.data) < 0:
+        raise ValueError("token_rows: a row outside the table")
+    return sh
+
+
+def join(token: np.ndarray, sh: np.ndarray, low: np.ndarray, cls: np.ndarray,
+         extra: np.ndarray, token_range: int) -> np.ndarray | None:
+    """Residuals from decoded tokens (as :func:`models.entropy.join_residuals`); ``low``,
+    ``cls`` and ``extra`` hold only the fields that were decoded, in symbol order: the low
+    bits of symbols with ``sh > 0``, the classes of escape tokens, the extra bits of classes
+    above 1. None when their lengths do not fit the tokens."""
+    token, sh, low, cls, extra = (np.ascontiguousarray(a, np.int64)
+                                  for a in (token, sh, low, cls, extra))
+    n = len(token)
+    if len(sh) != n:
+        raise ValueError("join: tokens and shifts differ in length")
+    out = np.empty(n, np.int64)
+    if _library().voxarc_join(token.ctypes.data, sh.ctypes.data, n, low.ctypes.data, len(low),
+                              cls.ctypes.data, len(cls), extra.ctypes.data, len(extra),
+                              token_range, out.ctypes.data) < 0:
+        return None
+    return out

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from models import decode_slices, encode_volume, kernels, train
+from models import decode_slices, encode_volume, entropy, kernels, train
 from models.features import WIDE_NEIGHBOURHOOD, default_features, flat_contexts
 from models.registry import load_model
 
@@ -278,3 +278,60 @@ def test_a_network_wider_than_the_kernels_take_gets_their_features_and_torch(mon
     monkeypatch.setenv("VOXARC_KERNELS", "numpy")
     slow = wide.predict(values, valid, -32768, 32767)
     assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), n=st.integers(0, 300),
+       dtype=st.sampled_from(["uint8", "int8", "uint16", "int16", None]))
+def test_decoder_token_rows_equal_numpy(seed, n, dtype):
+    """The decoder's probability rows (gathered and, near the dtype's range ends, truncated)
+    equal the numpy path's, and so do the rows' low-bit counts."""
+    tables = load_model("default").tables
+    rng = np.random.default_rng(seed)
+    bounds = None if dtype is None else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    lo, hi = bounds or (-3000, 3000)
+    rows = rng.integers(0, len(tables.tokens), n)
+    # predictions crowd the range's ends, where rows are truncated
+    pred = np.clip(rng.choice([lo, hi], n) + rng.integers(-70, 71, n), lo, hi)
+    expect_sh = tables.shifts[rows]
+    expect = tables.rows(rows)
+    if bounds is not None:
+        entropy.truncate_rows(expect, *entropy.token_bounds(pred, expect_sh, *bounds))
+    out = np.full((n + 3, entropy.N_TOKENS), -1.0)
+    sh = kernels.token_rows(tables.token_rows, entropy.TOKEN_RANGE, tables.shifts, rows, pred,
+                            bounds, entropy.RANGE_EDGE, out)
+    assert np.array_equal(sh, expect_sh)
+    assert np.array_equal(out[:n], expect)
+    assert (out[n:] == -1).all()          # nothing written past the step's rows
+    with pytest.raises(ValueError):
+        kernels.token_rows(tables.token_rows, entropy.TOKEN_RANGE, tables.shifts,
+                           np.array([len(tables.tokens)]), np.zeros(1, np.int64), bounds,
+                           entropy.RANGE_EDGE, out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), n=st.integers(0, 400), spread=st.integers(0, 40))
+def test_decoder_join_equals_numpy(seed, n, spread):
+    """Residuals joined from decoded fields (only those the streams hold) equal
+    join_residuals', escapes of every class included; fields that do not fit the tokens are
+    refused, never read past."""
+    tables = load_model("default").tables
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(tables.tokens), n)
+    residual = (rng.laplace(0, 1, n) * 2.0 ** rng.integers(0, spread + 1, n)).astype(np.int64)
+    sym = entropy.split_residuals(residual, rows, tables.shifts)
+    esc = sym.token >= entropy.ESC_NEG
+    low, cls = sym.low[sym.low_bits > 0], sym.cls[esc]
+    extra = sym.extra[esc][cls > 1]
+    got = kernels.join(sym.token, sym.low_bits, low, cls, extra, entropy.TOKEN_RANGE)
+    assert np.array_equal(got, residual)
+    assert np.array_equal(got, entropy.join_residuals(sym.token, sym.low, rows, sym.cls,
+                                                      sym.extra, tables.shifts))
+    if len(low):
+        assert kernels.join(sym.token, sym.low_bits, low[:-1], cls, extra,
+                            entropy.TOKEN_RANGE) is None
+    if len(cls):
+        assert kernels.join(sym.token, sym.low_bits, low, cls[:-1], extra,
+                            entropy.TOKEN_RANGE) is None
+    assert kernels.join(sym.token, sym.low_bits, low, cls, np.append(extra, 0),
+                        entropy.TOKEN_RANGE) is None
