@@ -23,7 +23,7 @@ LOCKSTEP_SLABS = 8   # slabs a decoder advances together (bounds working memory)
 PARALLEL_VOXELS = 1 << 22  # code on several processes from this many voxels on,
 WARM_PARALLEL_VOXELS = 1 << 19  # or from this many when the worker processes already run,
 SPLIT_PARALLEL_VOXELS = 1 << 17  # or from this many in bands of several widths (format 3),
-EVEN_SPLIT_PARALLEL_VOXELS = 1 << 20  # or this many in bands of one width
+EVEN_SPLIT_PARALLEL_VOXELS = 1 << 19  # or this many in bands of one width
 ADAPT_VOXELS = 1 << 20     # adapt the model to volumes from this many voxels on
 
 
@@ -147,10 +147,12 @@ def _units_job(blob: bytes, header, base: int, counts: dict, units: list) -> tup
 
 def _split_bands(work: int, spans: list) -> bool:
     """Whether running workers should take a slab's bands apart, for ``work`` voxels to
-    decode: bands of one width decode in one wavefront here, which beats two processes on
-    small work (measured on a 512 x 512 head CT with the workers running: one slice 0.20 s
-    here against 0.26 s on two, seven slices 0.94 against 0.70); bands of several widths take
-    a wavefront each here."""
+    decode: bands of one width decode in one wavefront here, which is as fast as two
+    processes for one 512 x 512 slice, and slower from two on (head CT, workers running:
+    1 slice 0.23-0.36 s here against 0.24-0.27 s on two; 7 slices 1.19 against 0.75; in
+    three alternating rounds, slices 2 and 3 of a slab 0.458 and 0.564 s with the threshold
+    at four slices, 0.337 and 0.425 at two); bands of several widths take a wavefront each
+    here."""
     if len(spans) < 2 or not parallel.running():
         return False
     uneven = len({x1 - x0 for x0, x1 in spans}) > 1

@@ -705,8 +705,8 @@ def test_running_workers_take_a_slab_bands_apart_only_for_enough_work(monkeypatc
     from models.api import _split_bands
     even, uneven = [(0, 256), (256, 512)], [(0, 256), (256, 460)]
     monkeypatch.setattr(parallel, "running", lambda: True)
-    assert not _split_bands(2 * 512 * 512, even)           # one wavefront here is faster
-    assert _split_bands(7 * 512 * 512, even)
+    assert not _split_bands(512 * 512, even)               # one wavefront here is as fast
+    assert _split_bands(2 * 512 * 512, even)
     assert _split_bands(512 * 460, uneven)                  # here: a wavefront per width
     assert not _split_bands(7 * 256 * 256, [(0, 256)])
     monkeypatch.setattr(parallel, "running", lambda: False)
