@@ -26,7 +26,7 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
-#define ABI 4              /* models/kernels.py's ABI: raised whenever an entry point changes */
+#define ABI 5              /* models/kernels.py's ABI: raised whenever an entry point changes */
 
 /* Which set of entry points and signatures this build has. */
 int64_t voxarc_abi(void)
@@ -527,4 +527,53 @@ int64_t voxarc_join(const int64_t *token, const int64_t *sh, int64_t n, const in
         out[i] = r;
     }
     return nl == n_low && nc == n_cls && ne == n_extra ? 0 : -1;
+}
+
+/* One wavefront step of the sheared decoder in one call: the features of the runs' n voxels
+ * and the network on the kept ones (voxarc_features_runs), their predictions and table rows
+ * (voxarc_outputs), and, with a table, the range decoder's probability rows and low-bit
+ * counts (voxarc_token_rows). The decoder's constants travel in two arrays built once:
+ *   p: buf, koff, log2q, size, w, b, head, table (0: no probability rows), shifts
+ *   q: K, compact, layers, vector, bins_log2, scale_zero, n_scales, flat_row, lo, hi,
+ *      table_rows, width, token_range, bounded, edge
+ * Returns 0, or -1 when a step's arrays cannot be had or an argument is out of range. */
+int64_t voxarc_step_predict(const uint64_t *p, const int64_t *q, int64_t n, int64_t runs,
+                            const int64_t *origin, const int64_t *len, const uint64_t *vptr,
+                            const int64_t *ostride, const uint64_t *depth, int64_t *pred,
+                            int64_t *row, int64_t *sh, double *rows)
+{
+    int32_t K = (int32_t)q[0];
+    if (K < PREVIOUS_END || K > KMAX || q[2] < 1)
+        return -1;
+    const int32_t *size = (const int32_t *)(uintptr_t)p[3];
+    int64_t nout = size[q[2]], m = n > 0 ? n : 1;
+    float *x = malloc(sizeof(float) * (K + 5) * m);
+    float *acc = malloc(sizeof(float) * nout * m);
+    int64_t *ints = malloc(sizeof(int64_t) * 5 * m);
+    int64_t status = -1;
+    if (x == NULL || acc == NULL || ints == NULL)
+        goto done;
+    int64_t *ref_all = ints, *busy = ints + m, *s = ints + 2 * m, *lq = ints + 3 * m,
+            *ref_busy = ints + 4 * m;
+    int64_t kept = voxarc_features_runs(
+        (const int32_t *)(uintptr_t)p[0], origin, len, vptr, ostride, depth, runs,
+        (const int64_t *)(uintptr_t)p[1], K, (int32_t)q[1], (const int16_t *)(uintptr_t)p[2],
+        x, m, ref_all, busy, s, lq, ref_busy, (int32_t)q[2], size,
+        (const float *const *)(uintptr_t)p[4], (const float *const *)(uintptr_t)p[5],
+        (int32_t)q[3], acc);
+    if (kept < 0)
+        goto done;
+    voxarc_outputs(acc, kept, kept < n ? busy : NULL, ref_busy, s, lq, ref_all, n,
+                   (const int64_t *)(uintptr_t)p[6], q[4], q[5], q[6], q[7], q[8], q[9], pred,
+                   row);
+    status = 0;
+    if (p[7] != 0)
+        status = voxarc_token_rows((const double *)(uintptr_t)p[7], q[10], q[11], q[12],
+                                   (const int64_t *)(uintptr_t)p[8], row, pred, n,
+                                   (int32_t)q[13], q[8], q[9], q[14], rows, sh);
+done:
+    free(x);
+    free(acc);
+    free(ints);
+    return status;
 }

@@ -242,11 +242,13 @@ class StepDecoder:
                                 self.bounds, RANGE_EDGE, self._buffer)
         return self._buffer[:len(j)], sh
 
-    def decode_step(self, segments, j: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    def decode_step(self, segments, j: np.ndarray, pred: np.ndarray, rows_sh=None
+                    ) -> np.ndarray:
         """Residuals of one step from the predictions ``pred`` at table rows ``j``.
         ``segments`` lists ``(stream, start, stop)``: which stream holds the symbols
-        ``j[start:stop]``."""
-        rows, sh = self._rows(j, pred)
+        ``j[start:stop]``; ``rows_sh``: their probability rows and low-bit counts when the
+        caller has them (models.kernels.StepKernel)."""
+        rows, sh = self._rows(j, pred) if rows_sh is None else rows_sh
         token = self._per_stream(self.tok, segments, None, _CATEGORICAL, rows)
         esc = token >= ESC_NEG
         cls = np.zeros(0, np.int64)

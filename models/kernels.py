@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _I32, _P]   # layers, sizes, weights, biases, vector, acc
-ABI = 4   # the entry points and signatures of models/_kernels.c this module calls
+ABI = 5   # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -68,6 +68,9 @@ def _library():
     fn = lib.voxarc_join
     fn.restype = _I64
     fn.argtypes = [_P, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _P]
+    fn = lib.voxarc_step_predict
+    fn.restype = _I64
+    fn.argtypes = [_P, _P, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P]
     return lib
 
 
@@ -277,3 +280,64 @@ def join(token: np.ndarray, sh: np.ndarray, low: np.ndarray, cls: np.ndarray,
                               token_range, out.ctypes.data) < 0:
         return None
     return out
+
+
+class StepKernel:
+    """A sheared decoder's wavefront steps in one compiled call each: features, network,
+    predictions, table rows and the range decoder's probability rows (what
+    :func:`run_features`, :func:`outputs` and :func:`token_rows` give one by one), with the
+    constants set up once per decoding and the outputs in arrays reused from step to step
+    (each step's are used up before the next). None from :meth:`create` where the kernels
+    or the network cannot run it (the caller takes the step-by-step path)."""
+
+    def __init__(self, buf, koff, net: Network, compact: bool, head, fraction_bins: int,
+                 flat_row: int, lo: int, hi: int, tables, bounds, token_range: int, edge: int):
+        self._keep = [np.ascontiguousarray(koff, np.int64), np.ascontiguousarray(head, np.int64),
+                      tables.token_rows, np.ascontiguousarray(tables.shifts, np.int64), net]
+        koff, head, table, shifts = self._keep[:4]
+        assert buf.dtype == np.int32 and buf.flags.c_contiguous and table.flags.c_contiguous
+        self._buf = buf
+        self._p = np.array([buf.ctypes.data, koff.ctypes.data, _LOG2Q_TABLE.ctypes.data,
+                            net._sizes.ctypes.data, net._w.ctypes.data, net._b.ctypes.data,
+                            head.ctypes.data, table.ctypes.data, shifts.ctypes.data], np.uint64)
+        self._q = np.array([len(koff), int(bool(compact)), len(net.weights), 1,
+                            fraction_bins.bit_length() - 1, SCALE_ZERO, N_SCALES, flat_row, lo,
+                            hi, len(table), table.shape[1], token_range, int(bounds is not None),
+                            edge], np.int64)
+        if bounds is not None and tuple(bounds) != (lo, hi):
+            raise ValueError("the coder's bounds are the volume's range or none")
+        self.width = table.shape[1]
+        self._out = self._grow(1024)
+
+    @staticmethod
+    def create(buf, koff, predictor, lo: int, hi: int, decoder, token_range: int, edge: int
+               ) -> "StepKernel | None":
+        """The step kernel of a decoding, or None (no compiled kernels, or a network they do
+        not run: on a GPU, too wide, or not exact in float32)."""
+        if not available() or not predictor.uses_kernels(lo, hi):
+            return None
+        net = predictor.kernel_network()
+        if net is None:
+            return None
+        tables = decoder.tables
+        return StepKernel(buf, koff, net, tables.flat, predictor.head, tables.fraction_bins,
+                          tables.flat_index, lo, hi, tables, decoder.bounds, token_range, edge)
+
+    def _grow(self, n: int) -> tuple:
+        return (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
+                np.empty((n, self.width)))
+
+    def predict(self, runs: "Runs", n: int):
+        """Predictions, table rows, probability rows and low-bit counts of a step's ``n``
+        voxels (views of the reused arrays)."""
+        if len(self._out[0]) < n:
+            self._out = self._grow(max(n, 2 * len(self._out[0])))
+        pred, row, sh, rows = self._out
+        if _library().voxarc_step_predict(
+                self._p.ctypes.data, self._q.ctypes.data, n, len(runs.origin),
+                runs.origin.ctypes.data, runs.length.ctypes.data, runs.valid_at.ctypes.data,
+                runs.valid_stride.ctypes.data, runs.depth.ctypes.data, pred.ctypes.data,
+                row.ctypes.data, sh.ctypes.data, rows.ctypes.data) < 0:
+            raise MemoryError("decoder step kernel: no memory for the step's arrays "
+                              "(or arguments out of range)")
+        return pred[:n], row[:n], rows[:n], sh[:n]

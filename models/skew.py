@@ -24,6 +24,7 @@ import numpy as np
 
 from models import kernels
 from models.context import Neighbourhood
+from models.entropy import RANGE_EDGE, TOKEN_RANGE
 
 
 class SkewLayout:
@@ -186,6 +187,8 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
     bits = 1 << np.arange(L.hood.size, dtype=np.uint64)
     depth = depth_ok, [np.uint64(np.sum(bits[ok])) for ok in depth_ok.T]   # and as bit masks
     below = np.arange(L.ntx, L.tiles)                                   # tiles with one above
+    step_kernel = kernels.StepKernel.create(flat, _neighbour_offsets(L, strides), predictor,
+                                            lo, hi, decoder, TOKEN_RANGE, RANGE_EDGE)
     for t in range(L.steps + L.b * (top - first - 1)):
         parts = []  # (zl, tau, r0, r1, slabs)
         for zl in range(first, top):
@@ -207,14 +210,22 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
             for g in range(m):
                 segments.append((stream_of[g] + zl, sym, sym + real))
                 sym += real
-        pred, j = _predict_step(L, predictor, flat, strides, depth, parts, sizes, lo, hi)
+        rows_sh = None
+        if step_kernel is not None:
+            hold = []     # the validity arrays the runs point into, alive until the call ends
+            pred, j, *rows_sh = step_kernel.predict(_step_runs(L, strides, depth[1], parts,
+                                                               hold), n)
+            if keep is not None:     # phantom voxels are not coded: rows for the others
+                rows_sh = None
+        else:
+            pred, j = _predict_step(L, predictor, flat, strides, depth, parts, sizes, lo, hi)
         if keep is not None:
             keep = np.concatenate(keep)
             decoded = np.zeros(n, dtype=np.int64)
             if keep.any():
                 decoded[keep] = pred[keep] + decoder.decode_step(segments, j[keep], pred[keep])
         else:
-            decoded = pred + decoder.decode_step(segments, j, pred)
+            decoded = pred + decoder.decode_step(segments, j, pred, rows_sh)
         if decoded.min(initial=lo) < lo or decoded.max(initial=hi) > hi:
             raise corrupt("decoded value outside the volume's dtype: corrupt stream")
         pos = 0

@@ -335,3 +335,39 @@ def test_decoder_join_equals_numpy(seed, n, spread):
                             entropy.TOKEN_RANGE) is None
     assert kernels.join(sym.token, sym.low_bits, low, cls, np.append(extra, 0),
                         entropy.TOKEN_RANGE) is None
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), dtype=st.sampled_from(["uint8", "int8", "uint16", "int16"]),
+       shape=st.tuples(st.integers(1, 5), st.integers(1, 40), st.integers(1, 45)),
+       tile=st.sampled_from([(8, 16), (16, 24), (64, 256)]), version=st.sampled_from([1, 3]))
+def test_the_fused_decoder_step_equals_the_step_by_step_path(seed, dtype, shape, tile,
+                                                              version):
+    """The decoder's one-call wavefront step (models.kernels.StepKernel) gives the volume the
+    separate kernels give, near the dtype's range ends, with flat padding, in partial tiles
+    and for blobs coded without the range bounds (format 1)."""
+    from models.codec import encode_slab
+    from models.container import pack
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype)
+    vol = np.clip(rng.normal(0, 20, shape).cumsum(axis=2) + rng.choice([info.min, info.max]),
+                  info.min, info.max).astype(dtype)
+    vol[:, :shape[1] // 3] = info.min                   # flat contexts at the range's end
+    if version == 1:     # one slab coded without the range bounds
+        model = load_model("default")
+        tile = (min(tile[0], shape[1]), min(tile[1], shape[2]))
+        payload = encode_slab(model, vol, int(info.min), int(info.max), 8, tile,
+                              within_range=False)
+        blob = pack(model.model_id, "default", dtype, vol.shape, 8, tile, [payload], version=1)
+    else:
+        blob = encode_volume(vol, slab=2, tile=tile, adapt=False)
+    calls = []
+    real = kernels.StepKernel.predict
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels.StepKernel, "predict",
+                      lambda self, *a: calls.append(1) or real(self, *a))
+        fused = decode_slices(blob, 0, shape[0])
+        assert calls, "the decoder did not use the fused step"
+        patch.setattr(kernels.StepKernel, "create", staticmethod(lambda *a, **k: None))
+        assert np.array_equal(decode_slices(blob, 0, shape[0]), fused)
+    assert np.array_equal(fused, vol)
