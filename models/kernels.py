@@ -314,7 +314,8 @@ class StepKernel:
                ) -> "StepKernel | None":
         """The step kernel of a decoding, or None (no compiled kernels, or a network they do
         not run: on a GPU, too wide, or not exact in float32)."""
-        if not available() or not predictor.uses_kernels(lo, hi):
+        if not available() or not hasattr(predictor, "uses_kernels") \
+                or not predictor.uses_kernels(lo, hi):    # the paper models have none
             return None
         net = predictor.kernel_network()
         if net is None:
