@@ -290,8 +290,8 @@ class StepKernel:
     (each step's are used up before the next). None from :meth:`create` where the kernels
     or the network cannot run it (the caller takes the step-by-step path)."""
 
-    def __init__(self, buf, koff, net: Network, compact: bool, head, fraction_bins: int,
-                 flat_row: int, lo: int, hi: int, tables, bounds, token_range: int, edge: int):
+    def __init__(self, buf, koff, net: Network, head, lo: int, hi: int, tables, bounds,
+                 token_range: int, edge: int):
         self._keep = [np.ascontiguousarray(koff, np.int64), np.ascontiguousarray(head, np.int64),
                       tables.token_rows, np.ascontiguousarray(tables.shifts, np.int64), net]
         koff, head, table, shifts = self._keep[:4]
@@ -300,8 +300,9 @@ class StepKernel:
         self._p = np.array([buf.ctypes.data, koff.ctypes.data, _LOG2Q_TABLE.ctypes.data,
                             net._sizes.ctypes.data, net._w.ctypes.data, net._b.ctypes.data,
                             head.ctypes.data, table.ctypes.data, shifts.ctypes.data], np.uint64)
-        self._q = np.array([len(koff), int(bool(compact)), len(net.weights), 1,
-                            fraction_bins.bit_length() - 1, SCALE_ZERO, N_SCALES, flat_row, lo,
+        self._q = np.array([len(koff), int(tables.flat), len(net.weights), 1,
+                            tables.fraction_bins.bit_length() - 1, SCALE_ZERO, N_SCALES,
+                            tables.flat_index, lo,
                             hi, len(table), table.shape[1], token_range, int(bounds is not None),
                             edge], np.int64)
         if bounds is not None and tuple(bounds) != (lo, hi):
@@ -320,9 +321,8 @@ class StepKernel:
         net = predictor.kernel_network()
         if net is None:
             return None
-        tables = decoder.tables
-        return StepKernel(buf, koff, net, tables.flat, predictor.head, tables.fraction_bins,
-                          tables.flat_index, lo, hi, tables, decoder.bounds, token_range, edge)
+        return StepKernel(buf, koff, net, predictor.head, lo, hi, decoder.tables,
+                          decoder.bounds, token_range, edge)
 
     def _grow(self, n: int) -> tuple:
         return (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
