@@ -312,32 +312,51 @@ def test_adaptation_that_does_not_pay_is_left_out(monkeypatch):
 def test_adaptation_keeps_the_checkpoint_that_codes_the_held_out_voxels_best(
         monkeypatch, shorter_is_better):
     """A long fine-tuning run can fit its sample of slabs too closely: the state at
-    ADAPT_CHECKPOINT steps is kept when it does better on the held-out check sample."""
+    ADAPT_CHECKPOINT steps is kept when it does better on the held-out check sample, and only
+    the kept state is quantised."""
+    import torch
+
     from models import adapt
     from models.registry import load_model
     monkeypatch.setattr(adapt, "ADAPT_STEPS", (6, 12))
     monkeypatch.setattr(adapt, "ADAPT_CHECKPOINT", 4)
     monkeypatch.setattr(adapt, "TUNE_RUNS", 1)
     monkeypatch.setattr(adapt, "pays_off", lambda *args: True)
-    made = []
-    real = adapt._quantised
-    monkeypatch.setattr(adapt, "_quantised", lambda *a: made.append(real(*a)) or made[-1])
-    monkeypatch.setattr(adapt, "_table_variants", lambda adapted, base: iter([adapted]))
-    bits = {}
-    monkeypatch.setattr(adapt, "check_bits", lambda p, r, j: bits[id(p)])
-    vol = phantom((10, 40, 48), "int16", seed=13)
+    states, quantised = [], []
     original = adapt._fine_tune
 
     def tune(model, samples, seed, steps, stops):
         assert (steps, stops) == (6, [4, 6])
         for _ in original(model, samples, seed, steps, stops):
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
             yield
-            bits[id(made[-1])] = 1.0 if (len(made) == 1) == shorter_is_better else 2.0
     monkeypatch.setattr(adapt, "_fine_tune", tune)
-    best = adapt.adapt(load_model("default"), vol, 8, (64, 256))
-    assert len(made) == 2 and best is made[0 if shorter_is_better else 1]
-    assert not np.array_equal(made[0].net.layers[0].weight, made[1].net.layers[0].weight) or \
-        not np.array_equal(made[0].net.layers[0].bias, made[1].net.layers[0].bias)
+    scores = iter([1.0, 2.0] if shorter_is_better else [2.0, 1.0])
+    monkeypatch.setattr(adapt, "_float_bits", lambda model, samples: next(scores))
+    real = adapt._quantised
+    monkeypatch.setattr(adapt, "_quantised",
+                        lambda model, *a: quantised.append(model.state_dict()) or real(model, *a))
+    assert adapt.adapt(load_model("default"), phantom((10, 40, 48), "int16", seed=13), 8,
+                       (64, 256)) is not None
+    assert len(states) == 2 and len(quantised) == 1
+    kept = states[0 if shorter_is_better else 1]
+    assert all(torch.equal(quantised[0][k], v) for k, v in kept.items())
+    assert not all(torch.equal(states[0][k], v) for k, v in states[1].items())
+
+
+def test_checkpoints_tie_to_the_longer_run(monkeypatch):
+    import torch
+
+    from models import adapt, train
+    from models.registry import load_model
+    predictor = load_model("default")
+    vol = phantom((10, 40, 48), "int16", seed=13)
+    samples = train.collect_samples([vol], 8, 2, 1.0, np.random.default_rng(0),
+                                    tile=(64, 256), hood=predictor.neighbourhood)
+    monkeypatch.setattr(adapt, "_float_bits", lambda model, s: 1.0)
+    longer = adapt.tuned(train.float_model(predictor), samples, samples, 0, 6, [4, 6])
+    alone = adapt.tuned(train.float_model(predictor), samples, samples, 0, 6, [6])
+    assert all(torch.equal(v, alone.state_dict()[k]) for k, v in longer.state_dict().items())
 
 
 def test_adaptation_is_tried_by_default_from_a_million_voxels(monkeypatch):
