@@ -22,7 +22,7 @@ from pynetdicom.sop_class import (
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext
 
-from service import command_encoding, exact_send, handlers, reactor_wait, tls
+from service import command_encoding, exact_send, handlers, negotiation, reactor_wait, tls
 from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.metrics import NodeMetrics
@@ -203,7 +203,10 @@ class Node:
                                          self.settings.tls_ca_certificates)
         self.server = self.ae.start_server((self.settings.host, self.settings.port), block=False,
                                            ssl_context=ssl_context,
-                                           contexts=shared_contexts(self.ae.supported_contexts),
+                                           contexts=negotiation.attach(
+                                               shared_contexts(self.ae.supported_contexts),
+                                               negotiation.RetrievalOrder(
+                                                   self.archive.stored_syntaxes)),
                                            evt_handlers=self.metrics.instrument(
                                                event_handlers(self.archive, self.settings)))
         if self.worker:

@@ -99,6 +99,18 @@ class Archive:
                     out.setdefault(sop_class, set()).add(ts)
         return out
 
+    def stored_syntaxes(self) -> dict[str, list[str]]:
+        """Return {SOP Class UID: transfer syntaxes it is held in, most instances first}."""
+        out: dict[str, list[str]] = {}
+        count = func.count(Instance.id)
+        with self.index.read() as s:
+            rows = s.execute(select(Instance.sop_class_uid, Instance.transfer_syntax, count)
+                             .group_by(Instance.sop_class_uid, Instance.transfer_syntax)
+                             .order_by(count.desc(), Instance.transfer_syntax)).all()
+        for sop_class, ts, _ in rows:
+            out.setdefault(sop_class, []).append(ts)
+        return out
+
     def compact(self, stable_age: float) -> tuple[int, int]:
         """Compact every series stable for ``stable_age`` seconds; return (done, failed)."""
         return self.compactor.run_once(stable_age)

@@ -63,8 +63,9 @@ def find(port: int, query: dict, patient_root: bool = False) -> tuple[int, list[
 
 
 def get(port: int, query: dict, storage: list[tuple[str, str]]):
-    """C-GET accepting the given (SOP class, transfer syntax) pairs; return (final status
-    dataset, {sop_uid: (ts, dataset bytes)})."""
+    """C-GET accepting the given (SOP class, transfer syntax) pairs (a list of syntaxes: one
+    context proposing them in that order); return (final status dataset,
+    {sop_uid: (ts, dataset bytes)})."""
     received = {}
 
     def on_store(event):
@@ -73,7 +74,7 @@ def get(port: int, query: dict, storage: list[tuple[str, str]]):
         return 0x0000
 
     contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
-    contexts += [build_context(c, [ts]) for c, ts in storage]
+    contexts += [build_context(c, ts if isinstance(ts, list) else [ts]) for c, ts in storage]
     roles = [build_role(c, scp_role=True) for c in sorted({c for c, _ in storage})]
     assoc = associate(port, contexts, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     ds = Dataset()

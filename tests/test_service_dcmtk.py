@@ -143,3 +143,21 @@ def test_dcmtk_real_series(node, tmp_path, storescp, shared_series):
         assert node.archive.compact_series(record["SeriesInstanceUID"])
     assert node.archive.stats()["pending_instances"] == len(ct)
     _round_trip(node, tmp_path, storescp, mr_originals, [_study(mr[0])], "compacted")
+
+
+def test_dcmtk_get_of_compressed_instances_with_getscu_preferring_their_syntax(node, tmp_path):
+    """getscu +xt proposes JPEG-LS lossless and the uncompressed syntaxes in one context per
+    class; the node accepts the syntax it holds the class in, so the instance stored as
+    JPEG-LS goes out (before, explicit VR was accepted and every sub-operation failed)."""
+    originals = _originals([TESTDATA / "MR_small_jpeg_ls_lossless.dcm"])
+    items = [(str(parse_dataset(d, ts).SOPClassUID), uid, ts, d)
+             for uid, (ts, d) in originals.items()]
+    assert store_bytes(node.port, items, tmp_path) == [0]
+    out = Path(tempfile.mkdtemp(prefix="get-jls-", dir=tmp_path))
+    (uid, (_, data)), = originals.items()
+    _run("getscu", "-S", "+xt", "-aec", "VOXARC", "+B", "-od", out,
+         *_keys(QueryRetrieveLevel="IMAGE", StudyInstanceUID=_study(
+             TESTDATA / "MR_small_jpeg_ls_lossless.dcm"),
+             SeriesInstanceUID=str(parse_dataset(data, originals[uid][0]).SeriesInstanceUID),
+             SOPInstanceUID=uid), "127.0.0.1", node.port)
+    assert _received(out) == originals

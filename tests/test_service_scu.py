@@ -86,6 +86,22 @@ def test_get_counts_failed_sub_operations(populated):
     assert got == {d.SOPInstanceUID: sent[d.SOPInstanceUID] for d in a}
 
 
+def test_retrieval_contexts_take_the_syntax_the_archive_holds(populated):
+    """A C-GET client proposing several syntaxes in one context (as DCMTK's getscu does) is
+    given the one the archive holds that class in, not explicit VR first: the RLE MR goes out
+    as received. A peer storing to the node still gets explicit VR first."""
+    node, _, _, sent = populated
+    mr, rle = "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.5"
+    rle_uid = next(uid for uid, (ts, _) in sent.items() if ts == rle)
+    final, got = get(node.port, {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": rle_uid},
+                     [(mr, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, rle])])
+    assert final.Status == 0x0000 and got == {rle_uid: sent[rle_uid]}
+    assoc = associate(node.port, [build_context(mr, [rle, ExplicitVRLittleEndian])])
+    assert [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts] == [
+        ExplicitVRLittleEndian]
+    assoc.release()
+
+
 def test_get_without_unique_key_is_refused(populated):
     node = populated[0]
     final, _ = get(node.port, {"QueryRetrieveLevel": "STUDY", "StudyDate": "20240102"},
@@ -234,3 +250,23 @@ def test_associations_get_cheap_context_copies_and_a_short_reactor_sleep(node):
                    for a in served)
     finally:
         assoc.release()
+
+
+def test_retrieval_order_reads_the_archive_at_most_every_cache_period(monkeypatch):
+    from pynetdicom.presentation import build_context as context
+
+    from service import negotiation
+    reads = []
+    order = negotiation.RetrievalOrder(lambda: reads.append(1) or {
+        CT: [ImplicitVRLittleEndian]})
+    ours = [context(CT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+    assert order.reorder(ours, {CT: (True, False)}) == ours       # a peer storing to us
+    assert reads == []
+    got = order.reorder(ours, {CT: (False, True)})
+    assert list(got[0].transfer_syntax) == [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
+    assert list(ours[0].transfer_syntax) == [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    order.reorder(ours, {CT: (False, True)})
+    assert reads == [1]
+    monkeypatch.setattr(negotiation, "CACHE_SECONDS", -1.0)
+    order.reorder(ours, {CT: (False, True)})
+    assert reads == [1, 1]
