@@ -15,9 +15,9 @@ the run lost 0.1-0.4%; Adam at 3e-3 on batches of 4096 instead of 1e-3 on 8192: 
 time; 3e-3 on 8192 gave -0.75% and -0.15% at the old cost, 2e-3 -0.53% and -0.14%, 4e-3 and
 5e-4 less), but the longer run can also fit its sample of slabs too closely, so the
 state after 400 steps is kept when the float model codes a held-out sample of the volume's
-voxels in fewer bits with it (only the kept state is quantised). Two runs with different batch orders fine-tune side by side, one per core, and the
-held-out sample picks the better (on three train crops: 0.0, -0.1 and -0.7%, in the same wall
-time). The embedded model is a few kilobytes, so it is only used for volumes large enough to
+voxels in fewer bits with it (only the kept state is quantised). Two runs with different batch
+orders fine-tune side by side, one per core, and the held-out sample picks the better (on three
+train crops: 0.0, -0.1 and -0.7%, in the same wall time). The embedded model is a few kilobytes, so it is only used for volumes large enough to
 repay it, and only when it pays on that held-out sample. Decoding stays exact: the embedded
 network is an ordinary integer network, read from the blob instead of from the weights folder.
 """
@@ -125,8 +125,8 @@ def tuned(model, samples, check, seed: int, steps: int, stops):
     """``model`` fine-tuned for ``steps`` Adam steps on ``samples``, in the state of whichever
     of the ``stops`` codes ``check`` in the fewest float bits (the later one on a tie). Only
     that state is quantised: one quantisation per run instead of one per stop (each costs
-    about a second); on eight train volumes and crops the same stops won as when the
-    quantised models were compared."""
+    about a second); at the earlier step size the four train volumes and their crops coded to
+    the same blobs as when the quantised models were compared."""
     kept = min((_float_bits(model, check), -i, copy.deepcopy(model.state_dict()))
                for i, _ in enumerate(_fine_tune(model, samples, seed, steps, stops)))
     model.load_state_dict(kept[2])
