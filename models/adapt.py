@@ -17,9 +17,10 @@ time; 3e-3 on 8192 gave -0.75% and -0.15% at the old cost, 2e-3 -0.53% and -0.14
 state after 400 steps is kept when the float model codes a held-out sample of the volume's
 voxels in fewer bits with it (only the kept state is quantised). Two runs with different batch
 orders fine-tune side by side, one per core, and the held-out sample picks the better (on three
-train crops: 0.0, -0.1 and -0.7%, in the same wall time). The embedded model is a few kilobytes, so it is only used for volumes large enough to
-repay it, and only when it pays on that held-out sample. Decoding stays exact: the embedded
-network is an ordinary integer network, read from the blob instead of from the weights folder.
+train crops: 0.0, -0.1 and -0.7%, in the same wall time). The embedded model is a few
+kilobytes, so it is only used for volumes large enough to repay it, and only when it pays on
+that held-out sample. Decoding stays exact: the embedded network is an ordinary integer
+network, read from the blob instead of from the weights folder.
 """
 
 from __future__ import annotations
