@@ -216,6 +216,7 @@ def test_decode_stream_pieces_are_ordered_slices_of_the_volume(monkeypatch, work
     vol = phantom((23, 20, 16), "uint16", seed=4)
     blob = models.encode_volume(vol, slab=2)
     monkeypatch.setattr(api, "PARALLEL_VOXELS", 1)
+    monkeypatch.setattr(api, "LOCKSTEP_SLABS", 8)     # groups may grow to 8 slabs
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", workers)
     for start, stop in [(0, 23), (3, 22), (5, 6), (22, 23), (7, 7)]:
         pieces = list(models.decode_stream(blob, start, stop))
@@ -236,7 +237,8 @@ def test_decode_stream_pieces_are_ordered_slices_of_the_volume(monkeypatch, work
             z += len(p)
 
 
-def test_slab_groups_share_slices_evenly_between_workers():
+def test_slab_groups_share_slices_evenly_between_workers(monkeypatch):
+    monkeypatch.setattr(api, "LOCKSTEP_SLABS", 8)
     # 100 slices in slabs of 8: 48 and 52 slices (consecutive halves by count gave 56 and 44)
     assert api._lockstep_groups(list(range(13)), [8] * 12 + [4], 2) == \
         [list(range(6)), list(range(6, 13))]
