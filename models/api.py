@@ -19,11 +19,13 @@ from models.registry import load_model, model_by_id
 
 SLAB_SLICES = 8      # slices per independently decodable slab
 TILE = (64, 256)     # rows, columns of the independent tiles a slice is cut into
-# slabs a decoder advances together per band (bounds working memory): 2 rather than 8 decoded
-# whole volumes 5-10% faster on the chest CT, the phantom and MR B and 0.7% slower on the
-# 4-slab head CT (Zen 5 host, blobs without adaptation, two runs of three alternating rounds;
-# 3 and 4 no better): smaller lockstep groups keep their buffers nearer the caches
-LOCKSTEP_SLABS = 2
+# voxels a decoding job advances together at most (bounds working memory): two 8-slice slabs
+# of 512 x 512. Against eight such slabs (the earlier limit), whole volumes decoded 5-10% faster
+# on the chest CT, the phantom and MR B and as fast on the lung-bases and head CTs (Zen 5 host,
+# blobs without adaptation, alternating rounds; three and four slabs no better): smaller groups
+# keep their buffers nearer the caches. A limit in slabs instead made the 128 x 128 Siemens MR
+# 22% slower (its wavefront steps are short, their fixed cost wants many slabs together)
+LOCKSTEP_VOXELS = 1 << 22
 PARALLEL_VOXELS = 1 << 22  # code on several processes from this many voxels on,
 WARM_PARALLEL_VOXELS = 1 << 19  # or from this many when the worker processes already run,
 SPLIT_PARALLEL_VOXELS = 1 << 17  # or from this many in bands of several widths (format 3),
@@ -126,7 +128,7 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     counts = {i: min(zs, stop - i * zs) for i in slabs}        # slices wanted of each slab
     workers = parallel.worker_count() if _parallel(out.size) or _split_bands(
         sum(counts.values()) * ny * nx, spans) else 1
-    plan = _decode_plan(slabs, counts, spans, workers)
+    plan = _decode_plan(slabs, counts, spans, workers, lockstep_slabs(zs, ny, nx))
     # each job's payloads are copied (and CRC-checked) and its slices written into ``out`` as
     # the workers get to it: beside ``out``, a few jobs' slices in memory, not the volume
     jobs = (_units_job(blob, header, base, counts, units) for units in plan)
@@ -163,20 +165,27 @@ def _split_bands(work: int, spans: list) -> bool:
     return work >= (SPLIT_PARALLEL_VOXELS if uneven else EVEN_SPLIT_PARALLEL_VOXELS)
 
 
-def _decode_plan(slabs: list[int], counts: dict, spans: list, workers: int) -> list[list]:
+def lockstep_slabs(zs: int, ny: int, nx: int) -> int:
+    """Slabs of ``zs`` slices of ``ny x nx`` that a job decodes together at most (per band,
+    the same share of LOCKSTEP_VOXELS)."""
+    return max(1, LOCKSTEP_VOXELS // (zs * ny * nx))
+
+
+def _decode_plan(slabs: list[int], counts: dict, spans: list, workers: int,
+                 cap: int) -> list[list]:
     """Decoding jobs, each a list of ``(slab, band)`` units of one band width decoded in
     lockstep: with several workers, a group of slabs' band per job (:func:`_lockstep_groups`),
     so that even one slab's bands share the workers; in this process, the bands of equal width
     of a group together (one wavefront for all, as a whole slab in formats 1 and 2)."""
     weights = [counts[i] for i in slabs]
     if workers > 1:
-        groups = _lockstep_groups(slabs, weights, workers, len(spans))
+        groups = _lockstep_groups(slabs, weights, workers, cap, len(spans))
         return [[(i, band) for i in group] for group in groups for band in range(len(spans))]
     widths: dict[int, list[int]] = {}
     for band, (x0, x1) in enumerate(spans):
         widths.setdefault(x1 - x0, []).append(band)
     return [[(i, band) for band in bands for i in group] for bands in widths.values()
-            for group in _lockstep_groups(slabs, weights, 1, len(spans) // len(bands))]
+            for group in _lockstep_groups(slabs, weights, 1, cap, len(spans) // len(bands))]
 
 
 def balanced_runs(items: list, weights: list[int], runs: int) -> list[list]:
@@ -192,14 +201,14 @@ def balanced_runs(items: list, weights: list[int], runs: int) -> list[list]:
     return [items[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _lockstep_groups(slabs: list[int], counts: list[int], workers: int,
+def _lockstep_groups(slabs: list[int], counts: list[int], workers: int, cap: int,
                      bands: int = 1) -> list[list[int]]:
     """Slab groups, each decoded band by band in lockstep, balanced by slices (a partial last
     slab weighs less): as few as keep every worker busy (groups times ``bands`` a multiple of
-    ``workers``) with at most LOCKSTEP_SLABS slabs' worth of voxels in a group's band, so that
+    ``workers``) with at most ``cap`` slabs' worth of voxels in a group's band, so that
     the workers finish together."""
     step = workers // math.gcd(workers, bands)
-    largest = LOCKSTEP_SLABS * bands
+    largest = cap * bands
     runs = step * -(-len(slabs) // (step * largest))
     while True:
         groups = balanced_runs(slabs, counts, runs)
@@ -212,7 +221,7 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     """Slices ``[start, stop)`` as a stream of ``(z0, slices)`` pieces in order, for a consumer
     that uses the first slices while the later ones decode (a C-GET sending instances).
 
-    The pieces are slab groups that grow from one slab per worker process to LOCKSTEP_SLABS
+    The pieces are slab groups that grow from one slab per worker process to :func:`lockstep_slabs`
     (small first pieces arrive early, large later ones decode at the lockstep rate); what is left
     for the last round goes in two groups per worker, balanced by slices, so that a worker that
     fell behind takes less of it. A group's column bands (format 3) are decoded apart, so that
@@ -234,6 +243,7 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     workers = parallel.worker_count() if _parallel(4 * (stop - start) * ny * nx) else 1
     head = max(0, min(head, (start // zs + 1) * zs - start, stop - start))
     per_round = max(1, workers // len(spans))    # slab groups a round keeps the workers busy with
+    cap = lockstep_slabs(zs, ny, nx)
     groups, size = [], 1      # groups of (slab, slices wanted)
     while left:
         if len(left) <= size * per_round:
@@ -244,7 +254,7 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
         for _ in range(per_round):
             groups.append(left[:size])
             left = left[size:]
-        size = min(2 * size, LOCKSTEP_SLABS * len(spans))
+        size = min(2 * size, cap * len(spans))
 
     def job(units):     # built when needed
         return _units_job(blob, header, base, counts, units)
@@ -255,7 +265,7 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
                 for band in range(len(spans)))
         results = _parallel_results(jobs, split, (ny, nx), 2 * workers, len(spans))
     else:
-        results = _local_results(groups, job, split, predictor, spans)
+        results = _local_results(groups, job, split, predictor, spans, cap)
     z_next = start
     for g, parts in results:
         first = groups[g][0][0] * zs
@@ -283,13 +293,13 @@ def _by_group(results, bands: int, first: int = 0):
         yield g, _stitched(band_parts)
 
 
-def _local_results(groups, job, split: int, predictor, spans):
+def _local_results(groups, job, split: int, predictor, spans, cap: int):
     """(group, slabs) in order, decoded here, a group's bands of one width in one wavefront
     (:func:`_decode_plan`); the first group's first slices come first."""
     for g, group in enumerate(groups):
         slabs = [i for i, _ in group]
         decoded = {}
-        for units in _decode_plan(slabs, dict(group), spans, 1):
+        for units in _decode_plan(slabs, dict(group), spans, 1, cap):
             decoded.update(zip(units, _decode_group(job(units), predictor)))
         parts = _stitched([[decoded[i, band] for i in slabs] for band in range(len(spans))])
         if g == 0 and split:

@@ -111,9 +111,9 @@ def test_lockstep_width_does_not_change_the_result(monkeypatch):
     vol = phantom((10, 23, 31), "uint16", seed=3)
     blob = models.encode_volume(vol, slab=2)
     expected = models.decode_volume(blob)
-    monkeypatch.setattr(api, "LOCKSTEP_SLABS", 1)
+    monkeypatch.setattr(api, "LOCKSTEP_VOXELS", 1)           # one slab per job
     np.testing.assert_array_equal(models.decode_volume(blob), expected)
-    monkeypatch.setattr(api, "LOCKSTEP_SLABS", 3)
+    monkeypatch.setattr(api, "LOCKSTEP_VOXELS", 3 * 2 * 23 * 31)  # three
     np.testing.assert_array_equal(models.decode_volume(blob), expected)
     np.testing.assert_array_equal(expected, vol)
 
@@ -216,7 +216,7 @@ def test_decode_stream_pieces_are_ordered_slices_of_the_volume(monkeypatch, work
     vol = phantom((23, 20, 16), "uint16", seed=4)
     blob = models.encode_volume(vol, slab=2)
     monkeypatch.setattr(api, "PARALLEL_VOXELS", 1)
-    monkeypatch.setattr(api, "LOCKSTEP_SLABS", 8)     # groups may grow to 8 slabs
+    monkeypatch.setattr(api, "LOCKSTEP_VOXELS", 8 * 2 * 20 * 16)     # groups may grow to 8 slabs
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", workers)
     for start, stop in [(0, 23), (3, 22), (5, 6), (22, 23), (7, 7)]:
         pieces = list(models.decode_stream(blob, start, stop))
@@ -237,14 +237,13 @@ def test_decode_stream_pieces_are_ordered_slices_of_the_volume(monkeypatch, work
             z += len(p)
 
 
-def test_slab_groups_share_slices_evenly_between_workers(monkeypatch):
-    monkeypatch.setattr(api, "LOCKSTEP_SLABS", 8)
+def test_slab_groups_share_slices_evenly_between_workers():
     # 100 slices in slabs of 8: 48 and 52 slices (consecutive halves by count gave 56 and 44)
-    assert api._lockstep_groups(list(range(13)), [8] * 12 + [4], 2) == \
+    assert api._lockstep_groups(list(range(13)), [8] * 12 + [4], 2, 8) == \
         [list(range(6)), list(range(6, 13))]
-    groups = api._lockstep_groups(list(range(40)), [8] * 40, 2)
+    groups = api._lockstep_groups(list(range(40)), [8] * 40, 2, 8)
     assert sum(groups, []) == list(range(40)) and len(groups) % 2 == 0
-    assert max(map(len, groups)) <= api.LOCKSTEP_SLABS and min(map(len, groups)) >= 4
+    assert max(map(len, groups)) <= 8 and min(map(len, groups)) >= 4
 
 
 @given(st.lists(st.integers(1, 9), min_size=1, max_size=40), st.integers(1, 8))
@@ -511,6 +510,7 @@ def test_decoding_on_workers_holds_a_few_groups_beside_the_output(monkeypatch):
     import tracemalloc
     from models import parallel
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    monkeypatch.setattr(api, "LOCKSTEP_VOXELS", 8 * 48 * 48)   # jobs of 8 one-slice slabs
     vol = phantom((256, 48, 48), "int16", seed=21)
     blob = models.encode_volume(vol, slab=1, adapt=False)     # 32 groups of 8 one-slice slabs
     parallel.warm()
@@ -689,13 +689,13 @@ def test_column_bands_are_coded_apart_and_give_the_whole_slices(monkeypatch):
 def test_decode_plan_gives_a_slab_bands_to_both_workers_or_one_wavefront_here():
     from models.api import _decode_plan
     two = [(0, 256), (256, 512)]
-    assert _decode_plan([3], {3: 7}, two, 2) == [[(3, 0)], [(3, 1)]]
-    assert _decode_plan([3], {3: 7}, two, 1) == [[(3, 0), (3, 1)]]        # one lockstep
-    assert _decode_plan([3], {3: 7}, [(0, 256), (256, 460)], 1) == [[(3, 0)], [(3, 1)]]
-    both = _decode_plan([0, 1, 2, 3], {i: 8 for i in range(4)}, two, 2)
+    assert _decode_plan([3], {3: 7}, two, 2, 2) == [[(3, 0)], [(3, 1)]]
+    assert _decode_plan([3], {3: 7}, two, 1, 2) == [[(3, 0), (3, 1)]]        # one lockstep
+    assert _decode_plan([3], {3: 7}, [(0, 256), (256, 460)], 1, 2) == [[(3, 0)], [(3, 1)]]
+    both = _decode_plan([0, 1, 2, 3], {i: 8 for i in range(4)}, two, 2, 2)
     assert both == [[(i, 0) for i in range(4)], [(i, 1) for i in range(4)]]
-    many = _decode_plan(list(range(40)), {i: 8 for i in range(40)}, two, 2)
-    assert len(many) % 2 == 0 and max(map(len, many)) <= 2 * api.LOCKSTEP_SLABS
+    many = _decode_plan(list(range(40)), {i: 8 for i in range(40)}, two, 2, 2)
+    assert len(many) % 2 == 0 and max(map(len, many)) <= 2 * 2
     assert sorted(u for job in many for u in job) == [(i, b) for i in range(40) for b in (0, 1)]
 
 
@@ -732,3 +732,12 @@ def test_running_workers_take_a_slab_bands_apart_only_for_enough_work(monkeypatc
     assert not _split_bands(7 * 256 * 256, [(0, 256)])
     monkeypatch.setattr(parallel, "running", lambda: False)
     assert not _split_bands(7 * 512 * 512, even)            # no pool to start for one slice
+
+
+def test_lockstep_groups_hold_a_bounded_number_of_voxels_not_of_slabs():
+    """Two 8-slice slabs of 512 x 512 per job; slices of 128 x 128 take 32 slabs together
+    (their wavefront steps are short, so a job wants many of them)."""
+    assert api.lockstep_slabs(8, 512, 512) == 2 and api.lockstep_slabs(8, 512, 460) == 2
+    assert api.lockstep_slabs(8, 128, 128) == 32 and api.lockstep_slabs(8, 4096, 4096) == 1
+    groups = api._lockstep_groups(list(range(12)), [8] * 12, 2, api.lockstep_slabs(8, 128, 128))
+    assert groups == [list(range(6)), list(range(6, 12))]
