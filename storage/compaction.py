@@ -101,6 +101,7 @@ class Compactor:
         if not members:
             return True
         job_id = self._start_job(series_id)
+        log.info("compacting series %s: %d staged instances", series_uid, len(members))
         plan = _Plan()
         try:
             stacks, singles = assemble(members, self.max_slices)
