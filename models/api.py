@@ -20,7 +20,7 @@ from models.registry import load_model, model_by_id
 SLAB_SLICES = 8      # slices per independently decodable slab
 TILE = (64, 256)     # rows, columns of the independent tiles a slice is cut into
 # voxels a decoding job advances together at most (bounds working memory): two 8-slice slabs
-# of 512 x 512. Against eight such slabs (the earlier limit), whole volumes decoded 5-10% faster
+# of 512 x 512. Against eight such slabs (the earlier limit), whole volumes decoded 5-16% faster
 # on the chest CT, the phantom and MR B and as fast on the lung-bases and head CTs (Zen 5 host,
 # blobs without adaptation, alternating rounds; three and four slabs no better): smaller groups
 # keep their buffers nearer the caches. A limit in slabs instead made the 128 x 128 Siemens MR
@@ -221,10 +221,10 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     """Slices ``[start, stop)`` as a stream of ``(z0, slices)`` pieces in order, for a consumer
     that uses the first slices while the later ones decode (a C-GET sending instances).
 
-    The pieces are slab groups that grow from one slab per worker process to :func:`lockstep_slabs`
-    (small first pieces arrive early, large later ones decode at the lockstep rate); what is left
-    for the last round goes in two groups per worker, balanced by slices, so that a worker that
-    fell behind takes less of it. A group's column bands (format 3) are decoded apart, so that
+    The pieces are slab groups that grow from one slab per worker process to
+    :func:`lockstep_slabs` (small first pieces arrive early, large later ones decode at the
+    lockstep rate); what is left for the last round goes in two groups per worker, balanced by
+    slices, so that a worker that fell behind takes less of it. A group's column bands (format 3) are decoded apart, so that
     the bands of the first slab share the workers. The worker processes decode the groups in
     parallel, a few ahead of the consumer. Concatenated, the pieces equal
     ``decode_slices(blob, start, stop)``. With ``head`` > 0, the first piece holds

@@ -24,7 +24,7 @@ from pynetdicom import acse
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 30.0     # the archive's syntax counts are read at most this often
 
-_installed: dict = {}
+_installed = False
 _lock = threading.Lock()
 
 
@@ -53,8 +53,9 @@ class RetrievalOrder:
         held = self.syntaxes()
         out = []
         for cx in contexts:
-            rank = {ts: i for i, ts in enumerate(held.get(cx.abstract_syntax, ()))}
-            if cx.abstract_syntax in wanted and rank:
+            order = held.get(cx.abstract_syntax) if cx.abstract_syntax in wanted else None
+            if order:
+                rank = {ts: i for i, ts in enumerate(order)}
                 ours = list(cx.transfer_syntax)      # sorted() is stable: the rest keep order
                 cx = copy.copy(cx)
                 cx._transfer_syntax = sorted(ours, key=lambda ts: rank.get(ts, len(rank)))
@@ -73,15 +74,16 @@ def attach(contexts: list, order: RetrievalOrder) -> list:
 
 def install() -> None:
     """Wrap pynetdicom's acceptor negotiation once (idempotent)."""
+    global _installed
     with _lock:
-        if "original" in _installed:
+        if _installed:
             return
+        _installed = True
         original = acse.negotiate_as_acceptor
-        _installed["original"] = original
 
         def negotiate(rq_contexts, ac_contexts, roles=None):
-            order = next((getattr(cx, "retrieval_order", None) for cx in ac_contexts or ()
-                          if getattr(cx, "retrieval_order", None) is not None), None)
+            marks = (getattr(cx, "retrieval_order", None) for cx in ac_contexts or ())
+            order = next((mark for mark in marks if mark is not None), None)
             if order is not None and roles:
                 try:
                     ac_contexts = order.reorder(list(ac_contexts), roles)
