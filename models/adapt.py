@@ -51,6 +51,7 @@ ADAPT_SLABS = 8           # slabs the samples are drawn from
 CHECK_SAMPLES = 100_000    # held-out voxels on which the adapted model must beat the shipped one
 _EMBEDDED_KEYS = ("head", "token_table", "class_table")
 COARSE_SHIFTS = (2, 3, 4, 5, 6)   # carried token tables may be rounded to base/4 .. base/64
+ADAPT_BF16 = None          # network products in bfloat16 while fine-tuning; None: where the CPU has them
 
 
 def can_adapt(predictor) -> bool:
@@ -215,14 +216,30 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=()):
     opt = _Adam(list(model.parameters()), lr=ADAPT_LR)
     batch = min(ADAPT_BATCH, n)
     starts = torch.randint(0, n - batch + 1, (steps,), generator=gen).tolist()
+    half = bf16_products() if ADAPT_BF16 is None else ADAPT_BF16
     for done, a in enumerate(starts, 1):
         x, ref, s, lq, v = (t[a:a + batch] for t in tensors)
-        loss = laplace_bits(v, ref, s, lq, model(x)).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            out = model(x)
+        loss = laplace_bits(v, ref, s, lq, out.float()).mean()
         model.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if done in stops:
             yield
+
+
+@lru_cache(maxsize=1)
+def bf16_products() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX): there the
+    fine-tuning's products run in bfloat16 (oneDNN), elsewhere they would be emulated, slower
+    than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class _Adam:
@@ -239,12 +256,19 @@ class _Adam:
         self.t += 1
         b1, b2 = self.betas
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for p, m, v in zip(self.params, self.m, self.v):
-            if p.grad is None:
-                continue
-            m.mul_(b1).add_(p.grad, alpha=1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in live]
+        grads = [p.grad for p in params]
+        m, v = [self.m[i] for i in live], [self.v[i] for i in live]
+        # whole-list (foreach) kernels: a few calls per step instead of a few per tensor
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, grads, alpha=1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        denom = torch._foreach_div(v, c2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(params, m, denom, value=-self.lr / c1)
 
 
 def embedded_bytes(predictor) -> bytes:

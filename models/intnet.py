@@ -69,6 +69,10 @@ class IntMLP:
         self._torch = None
         self._kernel = None
 
+    def __getstate__(self):
+        # caches are rebuilt on first use: a pickled network (sent to a worker) stays small
+        return {**self.__dict__, "_torch": None, "_kernel": None}
+
     @property
     def is_default(self) -> bool:
         """Built with the original settings (stored without a configuration array)."""

@@ -213,6 +213,10 @@ class Network:
         self.outputs = sizes[-1]
         self.fits = max(sizes) <= MLP_WIDTH    # the kernels take it (else they return None)
 
+    def __reduce__(self):
+        # the pointer arrays are only valid in this process: a copy takes fresh ones
+        return (Network, (self.weights, self.biases))
+
     def arguments(self, acc: np.ndarray, vector: bool = True) -> tuple:
         """The kernels' network arguments, writing the accumulators to ``acc``."""
         return (len(self.weights), self._sizes.ctypes.data, self._w.ctypes.data,

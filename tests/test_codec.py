@@ -741,3 +741,56 @@ def test_lockstep_groups_hold_a_bounded_number_of_voxels_not_of_slabs():
     assert api.lockstep_slabs(8, 128, 128) == 32 and api.lockstep_slabs(8, 4096, 4096) == 1
     groups = api._lockstep_groups(list(range(12)), [8] * 12, 2, api.lockstep_slabs(8, 128, 128))
     assert groups == [list(range(6)), list(range(6, 12))]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fine_tuning_lowers_the_bits_in_float32_and_in_bfloat16(monkeypatch, bf16):
+    """Where the CPU multiplies bfloat16 the fine-tuning's network products run in it (the loss
+    stays float32); either way the tuned float model codes its samples in fewer bits, and the
+    two precisions take different paths."""
+    import torch
+
+    from models import adapt, train
+    from models.registry import load_model
+    predictor = load_model("default")
+    vol = phantom((10, 40, 48), "int16", seed=13)
+    samples = train.collect_samples([vol], 8, 2, 1.0, np.random.default_rng(0),
+                                    tile=(64, 256), hood=predictor.neighbourhood)
+    before = adapt._float_bits(train.float_model(predictor), samples)
+    tuned = {}
+    for half in (bf16, not bf16):
+        monkeypatch.setattr(adapt, "ADAPT_BF16", half)
+        model = train.float_model(predictor)
+        for _ in adapt._fine_tune(model, samples, 0, 30, [30]):
+            pass
+        tuned[half] = model
+    assert adapt._float_bits(tuned[bf16], samples) < before - 0.01
+    first = [p for p in tuned[False].parameters()][0]
+    assert not torch.equal(first, [p for p in tuned[True].parameters()][0])
+
+
+def test_adam_steps_every_tensor_by_the_textbook_formula():
+    """The optimiser's whole-list kernels give Adam's update, tensor by tensor (and skip a
+    tensor without a gradient)."""
+    import torch
+
+    from models.adapt import _Adam
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 4, generator=gen), torch.randn(5, generator=gen), torch.zeros(2)]
+    start = [p.clone() for p in params]
+    opt = _Adam(params, lr=0.01)
+    grads = [[torch.randn(p.shape, generator=gen) for p in params[:2]] for _ in range(3)]
+    m = [torch.zeros_like(p) for p in start]
+    v = [torch.zeros_like(p) for p in start]
+    expected = [p.clone() for p in start]
+    for t, step in enumerate(grads, 1):
+        for i, g in enumerate(step):
+            params[i].grad = g
+            m[i] = 0.9 * m[i] + 0.1 * g
+            v[i] = 0.999 * v[i] + 0.001 * g * g
+            mhat, vhat = m[i] / (1 - 0.9 ** t), v[i] / (1 - 0.999 ** t)
+            expected[i] = expected[i] - 0.01 * mhat / (vhat.sqrt() + 1e-8)
+        opt.step()
+    for p, e in zip(params[:2], expected[:2]):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
+    assert torch.equal(params[2], start[2])

@@ -371,3 +371,22 @@ def test_the_fused_decoder_step_equals_the_step_by_step_path(seed, dtype, shape,
         patch.setattr(kernels.StepKernel, "create", staticmethod(lambda *a, **k: None))
         assert np.array_equal(decode_slices(blob, 0, shape[0]), fused)
     assert np.array_equal(fused, vol)
+
+
+def test_a_pickled_network_points_at_its_own_weights():
+    """The compiled network keeps raw pointers to its weight arrays; a copy that travels by
+    pickle (to a worker process) must take its own, not the sender's (a crash, or wrong
+    values once the sender's arrays are gone). A pickled integer network leaves its caches."""
+    import pickle
+
+    intnet = load_model("default").net
+    net = intnet.kernel_network()
+    copy = pickle.loads(pickle.dumps(net))
+    assert [int(p) for p in copy._w] == [w.ctypes.data for w in copy.weights]
+    assert [int(p) for p in copy._b] == [b.ctypes.data for b in copy.biases]
+    x = np.random.default_rng(0).integers(-50, 50, (7, copy.weights[0].shape[1]))
+    np.testing.assert_array_equal(kernels.mlp(copy, x), kernels.mlp(net, x))
+    again = pickle.loads(pickle.dumps(intnet))
+    assert again._kernel is None and again._torch is None
+    np.testing.assert_array_equal(again.float_accumulators(x.astype(np.float32)),
+                                  intnet.float_accumulators(x.astype(np.float32)))
