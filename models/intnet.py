@@ -226,6 +226,23 @@ def _fit_bias(bias: np.ndarray, wq: np.ndarray, bound: int) -> np.ndarray:
     return np.clip(bias, -room, room)
 
 
+def row_quantile(a: np.ndarray, q: float) -> np.ndarray:
+    """``np.quantile(a, q, axis=1)`` (its default, linear method) of a C-contiguous float
+    array, to the bit, partitioning ``a``'s rows in place. numpy's own copies the array and
+    partitions it across rows, a strided walk; this one is several times faster and allocates
+    nothing large (the encoder quantises two adapted networks at once)."""
+    n = a.shape[1]
+    virtual = np.float64((n - 1) * q)
+    below = int(np.floor(virtual))
+    if virtual >= n - 1:
+        return a.max(axis=1)
+    a.partition([below, below + 1], axis=1)
+    low, high = a[:, below], a[:, below + 1]
+    gamma = virtual - below
+    diff = high - low
+    return high - diff * (1 - gamma) if gamma >= 0.5 else low + diff * gamma
+
+
 def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.ndarray,
                  input_scale: float = 1.0):
     """Quantise a float ReLU MLP (``weights[i]`` is (out, in)) that takes ``calib * input_scale``.
@@ -252,7 +269,8 @@ def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.
             return IntMLP(layers), alpha
         prod = wq.astype(np.float64) @ h
         acc = prod + np.round(b / alpha)[:, None]
-        top = np.maximum(np.quantile(np.maximum(acc, 0), 0.9999, axis=1), 1.0)
+        top = np.maximum(row_quantile(np.maximum(acc, 0, out=acc), 0.9999), 1.0)
+        del acc
         shift = np.maximum(np.ceil(np.log2(top / ACT_MAX)), 0).astype(np.int64)
         half = np.where(shift > 0, 1 << np.maximum(shift - 1, 0), 0)
         bq = _fit_bias(np.round(b / alpha).astype(np.int64) + half, wq, bound)  # rounding shift
