@@ -2,9 +2,11 @@
 
 For each DICOM series folder, every codec encodes the stored-value volume, decodes it again and
 the round trip is checked bit-exact (a mismatch is reported as a failed row and makes the command
-exit non-zero; it never becomes a number). Speeds are the median over a few runs when a run is
-cheap, in M voxels per second of wall time and of CPU time (all threads of this process and of
-its worker processes).
+exit non-zero; it never becomes a number). Speeds are the median of ``--repeat`` runs of each
+phase whose first run took under ``--repeat-below-s`` seconds (15: every codec's encode and
+decode of the test series but zstd -19's slowest, so a first run's one-time costs, such as
+memory a process touches for the first time, do not decide a codec's rate), in M voxels per
+second of wall time and of CPU time (all threads of this process and of its worker processes).
 
 Slow voxarc models get an automatic subset of slices: a short probe times a round trip of two
 slices, and when one round trip of the whole volume would exceed ``--budget-s``, only as many
@@ -68,6 +70,10 @@ class BenchOptions:
         Estimated encode + decode time above which a voxarc model is run on a subset of slices.
     repeat : int
         Timed runs per phase when one run is cheap (median reported).
+    repeat_below_s : float
+        A phase whose first run took less than this many seconds is run ``repeat`` times (the
+        median excludes a first run's one-time costs, the same for every codec); longer ones
+        once.
     subset_mode : str
         ``"block"`` (consecutive central slices) or ``"even"`` (evenly spaced slices).
     crop : int or None
@@ -80,6 +86,7 @@ class BenchOptions:
     max_slices: int | None = None
     budget_s: float = 120.0
     repeat: int = 3
+    repeat_below_s: float = 15.0
     subset_mode: str = "block"
     crop: int | None = None
 
@@ -110,13 +117,15 @@ def select_slices(total: int, count: int | None, mode: str = "even") -> list[int
     return sorted({int(round(i)) for i in np.linspace(0, total - 1, count)})
 
 
-def timed(fn: Callable[[], object], repeat: int, cheap_s: float = 2.0):
+def timed(fn: Callable[[], object], repeat: int, cheap_s: float = BenchOptions.repeat_below_s):
     """Run ``fn`` once, and ``repeat - 1`` more times when the first run took under ``cheap_s``.
 
     Returns
     -------
     results : list
         What each run returned.
+    walls : list of float
+        Wall-clock seconds of each run.
     wall_s, cpu_s : float
         Median wall-clock and CPU seconds per run (descendant processes included).
     """
@@ -128,7 +137,7 @@ def timed(fn: Callable[[], object], repeat: int, cheap_s: float = 2.0):
         results.append(fn())
         walls.append(time.perf_counter() - wall0)
         cpus.append(cpu_seconds() - cpu0)
-    return results, statistics.median(walls), statistics.median(cpus)
+    return results, walls, statistics.median(walls), statistics.median(cpus)
 
 
 def verify(volume: np.ndarray, decoded: np.ndarray, codec: str) -> None:
@@ -142,7 +151,8 @@ def verify(volume: np.ndarray, decoded: np.ndarray, codec: str) -> None:
         raise RoundTripError(f"{codec}: {wrong} of {volume.size} voxels differ")
 
 
-def measure(codec: bench_codecs.Codec, volume: np.ndarray, repeat: int) -> dict:
+def measure(codec: bench_codecs.Codec, volume: np.ndarray, repeat: int,
+            repeat_below_s: float = BenchOptions.repeat_below_s) -> dict:
     """Encode, decode and verify ``volume`` with ``codec``; return sizes and speeds.
 
     Raises
@@ -150,14 +160,17 @@ def measure(codec: bench_codecs.Codec, volume: np.ndarray, repeat: int) -> dict:
     RoundTripError
         If any decode differs from ``volume``.
     """
-    encoded, enc_wall, enc_cpu = timed(lambda: codec.encode(volume), repeat)
-    decoded, dec_wall, dec_cpu = timed(lambda: codec.decode(encoded[0]), repeat)
+    encoded, enc_walls, enc_wall, enc_cpu = timed(lambda: codec.encode(volume), repeat,
+                                                  repeat_below_s)
+    decoded, dec_walls, dec_wall, dec_cpu = timed(lambda: codec.decode(encoded[0]), repeat,
+                                                  repeat_below_s)
     for out in decoded:
         verify(volume, out, codec.name)
     nbytes = encoded[0].nbytes
     slice_s = _time_one_slice(codec, encoded[0], volume)
     row = {"voxels": int(volume.size), "bytes": nbytes, "bpv": 8 * nbytes / volume.size,
            "verified": True, "encode_runs": len(encoded), "decode_runs": len(decoded),
+           "encode_first_wall_s": enc_walls[0], "decode_first_wall_s": dec_walls[0],
            "slice_decode_s": slice_s}
     for phase, wall, cpu in (("encode", enc_wall, enc_cpu), ("decode", dec_wall, dec_cpu)):
         row[f"{phase}_wall_s"], row[f"{phase}_cpu_s"] = wall, cpu
@@ -178,16 +191,17 @@ def _time_one_slice(codec: bench_codecs.Codec, encoded, volume: np.ndarray) -> f
     return seconds
 
 
-def _run_row(codec, volume: SeriesVolume, indices: list[int], role: str, subset_mode: str,
-             repeat: int) -> dict:
+def _run_row(codec, volume: SeriesVolume, indices: list[int], role: str,
+             options: BenchOptions) -> dict:
     total = volume.voxels.shape[0]
     base = {"volume": volume.name, "codec": codec.name, "role": role,
             "slices": len(indices), "total_slices": total, "slice_indices": indices,
-            "subset": len(indices) < total, "subset_mode": subset_mode if len(indices) < total
-            else "all"}
+            "subset": len(indices) < total,
+            "subset_mode": options.subset_mode if len(indices) < total else "all"}
     try:
         return {**base, "status": "ok", "error": None,
-                **measure(codec, np.ascontiguousarray(volume.voxels[indices]), repeat)}
+                **measure(codec, np.ascontiguousarray(volume.voxels[indices]), options.repeat,
+                          options.repeat_below_s)}
     except Exception as exc:  # a codec that fails is a loud failed row, never a number
         log.error("%s on %s FAILED: %s", codec.name, volume.name, exc)
         return {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
@@ -247,7 +261,7 @@ def bench_volume(volume: SeriesVolume, options: BenchOptions, progress: Progress
         if name in bench_codecs.ANCHORS:
             progress.step(f"{volume.name}: {name}")
             rows.append(_run_row(bench_codecs.ANCHORS[name](), volume, main, "main",
-                                 options.subset_mode, options.repeat))
+                                 options))
     if "voxarc" in options.codecs:
         for model in options.models:
             rows.extend(_bench_model(model, volume, main, options, progress))
@@ -263,15 +277,15 @@ def _bench_model(model, volume, main, options, progress) -> list[dict]:
         log.debug("probe of %s failed: %s", codec.name, exc)
         keep = None
     if keep is None:
-        return [_run_row(codec, volume, main, "main", options.subset_mode, options.repeat)]
+        return [_run_row(codec, volume, main, "main", options)]
     picked = select_slices(len(main), keep, options.subset_mode)
     indices = [main[i] for i in picked]
     log.info("%s on %s: subset of %d of %d slices (%s) to stay within %.0f s", codec.name,
              volume.name, len(indices), len(main), options.subset_mode, options.budget_s)
-    rows = [_run_row(codec, volume, indices, "main", options.subset_mode, options.repeat)]
+    rows = [_run_row(codec, volume, indices, "main", options)]
     for name in REFERENCE_CODECS:
         rows.append(_run_row(bench_codecs.ANCHORS[name](), volume, indices, "reference",
-                             options.subset_mode, options.repeat))
+                             options))
     return rows
 
 
@@ -401,6 +415,9 @@ def register(subparsers) -> None:
                         "slow paper models: many consecutive slices in CPU time)")
     p.add_argument("--repeat", type=int, default=BenchOptions.repeat,
                    help="timed runs per phase when a run is cheap (median; default: %(default)s)")
+    p.add_argument("--repeat-below-s", type=float, default=BenchOptions.repeat_below_s,
+                   metavar="S", help="a phase whose first run took less than S seconds is "
+                   "repeated (default: %(default)s)")
     p.set_defaults(func=main)
 
 
@@ -423,7 +440,8 @@ def main(args) -> int:
         log.error("unknown codec(s) %s; known: %s", ", ".join(unknown), ", ".join(ALL_CODECS))
         return 2
     options = BenchOptions(codecs=codecs, models=_split(args.models), max_slices=args.max_slices,
-                           budget_s=args.budget_s, repeat=args.repeat, subset_mode=args.subset,
+                           budget_s=args.budget_s, repeat=args.repeat,
+                           repeat_below_s=args.repeat_below_s, subset_mode=args.subset,
                            crop=args.crop)
     report = run_bench(args.paths, options)
     print(bench_report.format_table(report["rows"], report["overall"]))

@@ -302,3 +302,20 @@ def test_environment_names_the_model_behind_a_no_adapt_column():
     info = bench._model_info("default/no-adapt")
     assert isinstance(info, dict) and info == bench._model_info("default")
     assert isinstance(bench._model_info("no-such-model"), str)
+
+
+def test_a_phase_is_repeated_while_its_first_run_is_below_the_bound(monkeypatch):
+    """Every codec's phase gets the median of ``repeat`` runs when its first run took less
+    than ``repeat_below_s`` (a first run's one-time costs do not decide a slow codec's
+    speed), one run otherwise; the first run's time is kept beside the median."""
+    from types import SimpleNamespace
+    clock = iter([0.0, 1.0, 1.0, 1.5, 1.5, 5.0, 10.0, 13.0])  # runs of 1, 0.5, 3.5; then 3 s
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    results, walls, wall, _ = bench.timed(lambda: "x", 3, cheap_s=2.0)
+    assert results == ["x"] * 3 and walls == [1.0, 0.5, 3.5] and wall == 1.0
+    results, walls, wall, _ = bench.timed(lambda: "x", 3, cheap_s=2.0)
+    assert results == ["x"] and walls == [3.0] and wall == 3.0
+    monkeypatch.undo()
+    row = bench.measure(bench_codecs.ANCHORS["zstd-19"](), np.zeros((2, 8, 8), np.int16), 2,
+                        repeat_below_s=1e9)
+    assert row["encode_runs"] == 2 and row["encode_first_wall_s"] > 0
