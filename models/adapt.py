@@ -29,13 +29,13 @@ import copy
 import hashlib
 import io
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from models import paper_table, parallel
+from models import paper_table, tune_workers
 from models.container import CorruptBlobError
 from models.entropy import CodingTables
 from models.tables import table_bits
@@ -87,29 +87,23 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
     check = train.collect_samples([volume], slab, min(8, n_slabs),
                                   min(1.0, CHECK_SAMPLES / volume.size), rng, tile=tile,
                                   hood=hood)
-    tune_on = train.network_samples(samples, hood.size) if predictor.tables.flat else samples
-    if len(tune_on.value) < ADAPT_BATCH:  # (nearly) all flat: nothing for the network to learn
-        return None
+    tune_index = _network_index(samples, predictor)
+    if (len(samples.value) if tune_index is None else len(tune_index)) < ADAPT_BATCH:
+        return None    # (nearly) all flat: nothing for the network to learn
     low, high = ADAPT_STEPS
     steps = min(high, max(low, volume.size // STEP_VOXELS))
     stops = sorted({min(ADAPT_CHECKPOINT, steps), steps})
-    # one torch thread per run: with OMP_WAIT_POLICY=PASSIVE (voxarc's) a second one made the
-    # steps no faster (a 28-slice crop adapted in 15.9 and 14.5 s against 17.8 and 15.5 s with
-    # two), so the second core runs a second fine-tuning (its own batch order) in a thread
-    # beside the first, for about the same wall time; the check sample picks the better.
-    # The number of runs does not follow the machine's cores, so a volume codes to the
-    # same blob everywhere
+    # each run on one torch thread, in a process of its own (models.tune_workers): the second
+    # core runs a second fine-tuning (its own batch order) in about the same wall time, and
+    # the check sample picks the better. The number of runs does not follow the machine's
+    # cores, so a volume codes to the same blob everywhere (among CPUs alike in bfloat16)
     check_net = train.network_samples(check, hood.size) if predictor.tables.flat else check
-
-    def run(k: int):
-        model = tuned(train.float_model(predictor), tune_on, check_net, seed + k, steps, stops)
-        return _quantised(model, samples, predictor)
-    with parallel.one_thread():
-        if TUNE_RUNS == 1:
-            networks = [run(0)]
-        else:
-            with ThreadPoolExecutor(TUNE_RUNS) as pool:
-                networks = list(pool.map(run, range(TUNE_RUNS)))
+    arrays = {f: getattr(samples, f) for f in train.Samples.__dataclass_fields__}
+    if tune_index is not None:
+        arrays["tune_index"] = tune_index
+    jobs = [(predictor, check_net, seed + k, steps, stops, default_settings())
+            for k in range(TUNE_RUNS)]
+    networks = tune_workers.map_runs(tune_run, arrays, jobs)
     # each network with its refitted tables carried exactly, coarser, or not at all: the
     # one whose bits of the volume (estimated on the check sample) and of its embedded
     # model in the blob are fewest
@@ -123,14 +117,52 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
     return best if pays_off(predictor, cost, check, volume.size) else None
 
 
-def tuned(model, samples, check, seed: int, steps: int, stops):
+class Settings(NamedTuple):
+    """How a fine-tuning run steps (handed to its worker process, which would not see a
+    patched module constant)."""
+    lr: float
+    batch: int
+    bf16: bool
+
+
+def default_settings() -> Settings:
+    """The module's step size and batch; bfloat16 products where the CPU has them."""
+    return Settings(ADAPT_LR, ADAPT_BATCH, bf16_products() if ADAPT_BF16 is None else ADAPT_BF16)
+
+
+def _network_index(samples, predictor) -> np.ndarray | None:
+    """Indices of the samples the network decides (None: all of them), as
+    models.train.network_samples picks them."""
+    from models.features import flat_contexts
+    if not predictor.tables.flat:
+        return None
+    flat = flat_contexts(samples.s, samples.x[:, :predictor.neighbourhood.size])
+    return np.flatnonzero(~flat) if flat.any() else None
+
+
+def tune_run(arrays: dict, job):
+    """One fine-tuning run (in a worker process): the quantised predictor of the float twin
+    tuned on the samples in ``arrays``. ``job`` is (predictor, check sample, seed, steps,
+    stops, Settings)."""
+    from models import train
+    predictor, check, seed, steps, stops, settings = job
+    samples = train.Samples(**{f: arrays[f] for f in train.Samples.__dataclass_fields__})
+    index = arrays.get("tune_index")
+    tune_on = samples if index is None else samples.where(index)
+    model = tuned(train.float_model(predictor), tune_on, check, seed, steps, stops, settings)
+    return _quantised(model, samples, predictor)
+
+
+def tuned(model, samples, check, seed: int, steps: int, stops,
+          settings: Settings | None = None):
     """``model`` fine-tuned for ``steps`` Adam steps on ``samples``, in the state of whichever
     of the ``stops`` codes ``check`` in the fewest float bits (the later one on a tie). Only
     that state is quantised: one quantisation per run instead of one per stop (each costs
     about a second); at the earlier step size the four train volumes and their crops coded to
     the same blobs as when the quantised models were compared."""
     kept = min((_float_bits(model, check), -i, copy.deepcopy(model.state_dict()))
-               for i, _ in enumerate(_fine_tune(model, samples, seed, steps, stops)))
+               for i, _ in enumerate(_fine_tune(model, samples, seed, steps, stops,
+                                                settings or default_settings())))
     model.load_state_dict(kept[2])
     return model
 
@@ -202,8 +234,11 @@ def pays_off(base, cost: float, check, voxels: int) -> bool:
     return cost < evaluate(base, check) * voxels
 
 
-def _fine_tune(model, samples, seed: int, steps: int, stops=()):
-    """Adam steps on ``model``; yields (nothing) after each step count in ``stops``."""
+def _fine_tune(model, samples, seed: int, steps: int, stops=(),
+               settings: Settings | None = None):
+    """Adam steps on ``model``; yields (nothing) after each step count in ``stops``. With
+    ``settings.bf16`` the network's products are bfloat16 (autocast), the loss float32."""
+    settings = settings or default_settings()
     from models.train import laplace_bits
     torch.manual_seed(seed)
     n = len(samples.value)
@@ -213,13 +248,12 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=()):
     order = torch.randperm(n, generator=gen).numpy()
     tensors = [torch.from_numpy(np.ascontiguousarray(a[order], dtype=np.float32)) for a in
                (samples.x, samples.ref, samples.s, samples.lq, samples.value)]
-    opt = _Adam(list(model.parameters()), lr=ADAPT_LR)
-    batch = min(ADAPT_BATCH, n)
+    opt = _Adam(list(model.parameters()), lr=settings.lr)
+    batch = min(settings.batch, n)
     starts = torch.randint(0, n - batch + 1, (steps,), generator=gen).tolist()
-    half = bf16_products() if ADAPT_BF16 is None else ADAPT_BF16
     for done, a in enumerate(starts, 1):
         x, ref, s, lq, v = (t[a:a + batch] for t in tensors)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
             out = model(x)
         loss = laplace_bits(v, ref, s, lq, out.float()).mean()
         model.zero_grad(set_to_none=True)

@@ -37,6 +37,20 @@ def worker_count() -> int:
 def _init_worker() -> None:
     import torch
     torch.set_num_threads(1)
+    exit_with_parent()
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a worker process: exit as soon as the process that started it is gone. A parent
+    killed outright (SIGKILL, a crash) leaves its pool's workers blocked on a queue nobody
+    writes to; on Linux they are re-parented, which this notices within ``poll_s``."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(0)
+    threading.Thread(target=watch, name="voxarc-parent-watch", daemon=True).start()
 
 
 _THREADS_LOCK = threading.Lock()

@@ -323,12 +323,13 @@ def test_adaptation_keeps_the_checkpoint_that_codes_the_held_out_voxels_best(
     monkeypatch.setattr(adapt, "ADAPT_CHECKPOINT", 4)
     monkeypatch.setattr(adapt, "TUNE_RUNS", 1)
     monkeypatch.setattr(adapt, "pays_off", lambda *args: True)
+    monkeypatch.setenv("VOXARC_TUNE_WORKERS", "0")     # the patches live in this process
     states, quantised = [], []
     original = adapt._fine_tune
 
-    def tune(model, samples, seed, steps, stops):
+    def tune(model, samples, seed, steps, stops, settings):
         assert (steps, stops) == (6, [4, 6])
-        for _ in original(model, samples, seed, steps, stops):
+        for _ in original(model, samples, seed, steps, stops, settings):
             states.append({k: v.clone() for k, v in model.state_dict().items()})
             yield
     monkeypatch.setattr(adapt, "_fine_tune", tune)
@@ -598,6 +599,7 @@ def test_adaptation_fine_tunes_on_one_torch_thread(monkeypatch):
     from models import adapt
     from models.registry import load_model
     monkeypatch.setattr(adapt, "ADAPT_STEPS", (3, 3))
+    monkeypatch.setenv("VOXARC_TUNE_WORKERS", "0")     # threads: see the worker test below
     seen = []
     real = adapt._fine_tune
 
@@ -624,11 +626,12 @@ def test_adaptation_keeps_the_better_of_its_side_by_side_runs(monkeypatch, lose)
     monkeypatch.setattr(adapt, "TUNE_RUNS", 2)
     monkeypatch.setattr(adapt, "pays_off", lambda *args: True)
     monkeypatch.setattr(adapt, "_table_variants", lambda adapted, base: iter([adapted]))
+    monkeypatch.setenv("VOXARC_TUNE_WORKERS", "0")
     made = {}
     real_tune, real_quantised = adapt._fine_tune, adapt._quantised
 
-    def tune(model, samples, seed, steps, stops):
-        for _ in real_tune(model, samples, seed, steps, stops):
+    def tune(model, samples, seed, steps, stops, settings):
+        for _ in real_tune(model, samples, seed, steps, stops, settings):
             made[seed] = model
             yield
 
@@ -794,3 +797,81 @@ def test_adam_steps_every_tensor_by_the_textbook_formula():
     for p, e in zip(params[:2], expected[:2]):
         torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
     assert torch.equal(params[2], start[2])
+
+
+def test_fine_tuning_runs_in_worker_processes_with_the_same_result(monkeypatch):
+    """Each fine-tuning run goes to a worker process of its own (one torch thread, lower
+    priority, the samples memory-mapped); the adapted model is the one that threads give."""
+    from models import adapt, tune_workers
+    from models.registry import load_model
+    monkeypatch.setattr(adapt, "ADAPT_STEPS", (8, 8))
+    monkeypatch.setattr(adapt, "pays_off", lambda *args: True)
+    vol = phantom((10, 40, 48), "int16", seed=13)
+    monkeypatch.setenv("VOXARC_TUNE_WORKERS", "1")
+    states = tune_workers.map_runs(tune_workers.worker_state, {"a": np.arange(5)}, ["j0", "j1"])
+    assert {s["pid"] for s in states}.isdisjoint({os.getpid()}) and len(states) == 2
+    assert all(s["threads"] == 1 and s["nice"] >= min(tune_workers.NICE, 19) for s in states)
+    assert [s["job"] for s in states] == ["j0", "j1"]
+    assert all(s["arrays"] == {"a": "memmap"} for s in states)
+    in_processes = adapt.adapt(load_model("default"), vol, 8, (64, 256))
+    monkeypatch.setenv("VOXARC_TUNE_WORKERS", "0")
+    in_threads = adapt.adapt(load_model("default"), vol, 8, (64, 256))
+    assert adapt.embedded_bytes(in_processes) == adapt.embedded_bytes(in_threads)
+
+
+def test_fine_tuning_falls_back_to_threads_when_processes_fail(monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    from models import tune_workers
+
+    def broken(*args):
+        raise BrokenProcessPool("a worker died")
+    monkeypatch.setattr(tune_workers, "_in_processes", broken)
+    monkeypatch.setattr(tune_workers, "_BROKEN", False)
+    monkeypatch.setenv("VOXARC_TUNE_WORKERS", "1")
+    states = tune_workers.map_runs(tune_workers.worker_state, {"a": np.arange(3)}, [1, 2])
+    assert [s["pid"] for s in states] == [os.getpid()] * 2 and tune_workers._BROKEN
+    assert [s["arrays"] for s in states] == [{"a": "ndarray"}] * 2
+
+
+_ORPHANS = """
+import time
+from models import parallel, tune_workers
+if __name__ == "__main__":
+    print(" ".join(map(str, sorted(parallel.warm() | tune_workers.warm()))), flush=True)
+    time.sleep(120)
+"""
+
+
+def test_worker_processes_exit_when_their_parent_is_killed(tmp_path):
+    """A node killed outright (SIGKILL, a crash) must not leave its decoding and fine-tuning
+    worker processes behind, idle but holding memory, one set per restart."""
+    import signal
+    import time
+    script = tmp_path / "parent.py"
+    script.write_text(_ORPHANS)
+    search = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=search, VOXARC_DECODE_WORKERS="2",
+               VOXARC_TUNE_WORKERS="1")
+    parent = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    assert len(pids) == 4
+    deadline = time.monotonic() + 15
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if _running(p)]
+    assert not alive
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except FileNotFoundError:
+        return False

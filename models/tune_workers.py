@@ -1,0 +1,131 @@
+"""Fine-tuning runs in worker processes of their own, at a lower CPU priority.
+
+The encoder's per-volume adaptation (models.adapt) runs its fine-tuning runs side by side. As
+threads of one process they contend for the interpreter lock: an Adam step on 4096 samples
+(bfloat16 products, one torch thread each) took 1.25 ms alone, 1.86 ms each in two threads and
+1.19-1.25 ms each in two processes. So each run goes to a process of this pool. The samples
+travel as memory-mapped ``.npy`` files in the temporary folder (pickling would copy a few
+hundred MB twice); the result comes back by pickle (a quantised predictor, small).
+
+The processes run at ``nice`` +:data:`NICE`: a node that compacts while it serves decodes
+and receives first, and fine-tuning no longer holds the interpreter lock of the node's
+process. Where processes cannot start (a script without a ``__main__`` guard under the spawn
+method, no semaphores) or ``VOXARC_TUNE_WORKERS=0``, the runs go to threads: the same
+computations, the same results.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+
+from models import parallel
+
+log = logging.getLogger(__name__)
+NICE = 10
+_POOL: ProcessPoolExecutor | None = None
+_SIZE = 0
+_BROKEN = False
+
+
+def usable() -> bool:
+    """Whether runs go to worker processes."""
+    return not _BROKEN and os.environ.get("VOXARC_TUNE_WORKERS", "1") != "0"
+
+
+def map_runs(fn, arrays: dict[str, np.ndarray], jobs: list) -> list:
+    """``[fn(arrays, job) for job in jobs]``, all at once, each job in a worker process of its
+    own (or a thread). ``fn`` must be a module-level function; in a worker process it gets
+    ``arrays`` as read-only memory maps."""
+    if usable():
+        try:
+            return _in_processes(fn, arrays, jobs)
+        except (BrokenProcessPool, RuntimeError, OSError) as exc:
+            _give_up(exc)
+    with parallel.one_thread(), ThreadPoolExecutor(len(jobs)) as threads:
+        return list(threads.map(lambda job: fn(arrays, job), jobs))
+
+
+def _in_processes(fn, arrays: dict[str, np.ndarray], jobs: list) -> list:
+    with tempfile.TemporaryDirectory(prefix="voxarc-tune-") as folder:
+        for name, a in arrays.items():
+            np.save(os.path.join(folder, f"{name}.npy"), a)
+        pool = _pool(len(jobs))
+        futures = [pool.submit(_run, fn, folder, list(arrays), job) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:       # one failed: the others need not finish
+                f.cancel()
+
+
+def _run(fn, folder: str, names: list[str], job):
+    arrays = {n: np.load(os.path.join(folder, f"{n}.npy"), mmap_mode="r") for n in names}
+    return fn(arrays, job)
+
+
+def _init_worker() -> None:
+    import torch
+    torch.set_num_threads(1)
+    parallel.exit_with_parent()
+    try:
+        os.nice(NICE)
+    except (AttributeError, OSError):   # no nice here: full priority is still correct
+        pass
+
+
+def _pool(size: int) -> ProcessPoolExecutor:
+    global _POOL, _SIZE
+    if _POOL is None or _SIZE < size:
+        shutdown()
+        ctx = multiprocessing.get_context("spawn")   # no inherited thread state
+        _POOL = ProcessPoolExecutor(size, mp_context=ctx, initializer=_init_worker)
+        _SIZE = size
+        atexit.register(shutdown)
+    return _POOL
+
+
+def worker_state(arrays: dict, job) -> dict:
+    """What a run sees where it runs: process id, torch threads, niceness, its arrays' types
+    (a diagnostic for :func:`map_runs`)."""
+    import torch
+    return {"pid": os.getpid(), "threads": torch.get_num_threads(), "nice": os.nice(0),
+            "arrays": {k: type(v).__name__ for k, v in arrays.items()}, "job": job}
+
+
+def warm(size: int = 2, timeout: float = 120.0) -> set[int]:
+    """Start the worker processes now (each imports torch), so that the first adaptation does
+    not wait for them; returns their process ids."""
+    seen: set[int] = set()
+    if not usable():
+        return seen
+    deadline = time.monotonic() + timeout
+    try:
+        while len(seen) < size and time.monotonic() < deadline:
+            pool = _pool(size)
+            seen.update(f.result() for f in [pool.submit(os.getpid) for _ in range(size)])
+    except (BrokenProcessPool, RuntimeError, OSError) as exc:
+        _give_up(exc)
+    return seen
+
+
+def _give_up(exc) -> None:
+    global _BROKEN
+    log.warning("fine-tuning worker processes unavailable (%s); tuning in threads", exc)
+    _BROKEN = True
+    shutdown()
+
+
+def shutdown() -> None:
+    global _POOL
+    if _POOL is not None:
+        _POOL.shutdown(wait=False, cancel_futures=True)
+        _POOL = None
