@@ -51,7 +51,7 @@ ADAPT_SLABS = 8           # slabs the samples are drawn from
 CHECK_SAMPLES = 100_000    # held-out voxels on which the adapted model must beat the shipped one
 _EMBEDDED_KEYS = ("head", "token_table", "class_table")
 COARSE_SHIFTS = (2, 3, 4, 5, 6)   # carried token tables may be rounded to base/4 .. base/64
-ADAPT_BF16 = None          # network products in bfloat16 while fine-tuning; None: where the CPU has them
+ADAPT_BF16 = None          # fine-tuning's products in bfloat16 (None: where the CPU has them)
 
 
 def can_adapt(predictor) -> bool:
@@ -87,7 +87,7 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
     check = train.collect_samples([volume], slab, min(8, n_slabs),
                                   min(1.0, CHECK_SAMPLES / volume.size), rng, tile=tile,
                                   hood=hood)
-    tune_index = _network_index(samples, predictor)
+    tune_index = train.network_index(samples, hood.size) if predictor.tables.flat else None
     if (len(samples.value) if tune_index is None else len(tune_index)) < ADAPT_BATCH:
         return None    # (nearly) all flat: nothing for the network to learn
     low, high = ADAPT_STEPS
@@ -130,16 +130,6 @@ def default_settings() -> Settings:
     return Settings(ADAPT_LR, ADAPT_BATCH, bf16_products() if ADAPT_BF16 is None else ADAPT_BF16)
 
 
-def _network_index(samples, predictor) -> np.ndarray | None:
-    """Indices of the samples the network decides (None: all of them), as
-    models.train.network_samples picks them."""
-    from models.features import flat_contexts
-    if not predictor.tables.flat:
-        return None
-    flat = flat_contexts(samples.s, samples.x[:, :predictor.neighbourhood.size])
-    return np.flatnonzero(~flat) if flat.any() else None
-
-
 def tune_run(arrays: dict, job):
     """One fine-tuning run (in a worker process): the quantised predictor of the float twin
     tuned on the samples in ``arrays``. ``job`` is (predictor, check sample, seed, steps,
@@ -161,8 +151,7 @@ def tuned(model, samples, check, seed: int, steps: int, stops,
     about a second); at the earlier step size the four train volumes and their crops coded to
     the same blobs as when the quantised models were compared."""
     kept = min((_float_bits(model, check), -i, copy.deepcopy(model.state_dict()))
-               for i, _ in enumerate(_fine_tune(model, samples, seed, steps, stops,
-                                                settings or default_settings())))
+               for i, _ in enumerate(_fine_tune(model, samples, seed, steps, stops, settings)))
     model.load_state_dict(kept[2])
     return model
 
@@ -238,8 +227,8 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=(),
                settings: Settings | None = None):
     """Adam steps on ``model``; yields (nothing) after each step count in ``stops``. With
     ``settings.bf16`` the network's products are bfloat16 (autocast), the loss float32."""
-    settings = settings or default_settings()
     from models.train import laplace_bits
+    settings = settings or default_settings()
     torch.manual_seed(seed)
     n = len(samples.value)
     # one shuffle up front, then a window at a random offset per step: nearly the random

@@ -50,8 +50,14 @@ class Samples:
 def network_samples(samples: Samples, hood_size: int) -> Samples:
     """The samples whose code length the network decides: all but flat contexts (those
     code with their own table row, see models.features.flat_contexts)."""
+    index = network_index(samples, hood_size)
+    return samples if index is None else samples.where(index)
+
+
+def network_index(samples: Samples, hood_size: int) -> np.ndarray | None:
+    """Indices of :func:`network_samples` in ``samples`` (None: all of them)."""
     flat = flat_contexts(samples.s, samples.x[:, :hood_size])
-    return samples.where(~flat) if flat.any() else samples
+    return np.flatnonzero(~flat) if flat.any() else None
 
 
 def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
