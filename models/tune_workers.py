@@ -48,6 +48,9 @@ def map_runs(fn, arrays: dict[str, np.ndarray], jobs: list) -> list:
     if usable():
         try:
             return _in_processes(fn, arrays, jobs)
+        except _SamplesNotWritten as exc:   # a full temporary folder: threads, this time
+            log.warning("could not hand the samples to the fine-tuning processes (%s); "
+                        "tuning in threads", exc.__cause__)
         except (BrokenProcessPool, RuntimeError, OSError) as exc:
             _give_up(exc)
     with parallel.one_thread(), ThreadPoolExecutor(len(jobs)) as threads:
@@ -56,8 +59,11 @@ def map_runs(fn, arrays: dict[str, np.ndarray], jobs: list) -> list:
 
 def _in_processes(fn, arrays: dict[str, np.ndarray], jobs: list) -> list:
     with tempfile.TemporaryDirectory(prefix="voxarc-tune-") as folder:
-        for name, a in arrays.items():
-            np.save(os.path.join(folder, f"{name}.npy"), a)
+        try:
+            for name, a in arrays.items():
+                np.save(os.path.join(folder, f"{name}.npy"), a)
+        except OSError as exc:
+            raise _SamplesNotWritten() from exc
         pool = _pool(len(jobs))
         futures = [pool.submit(_run, fn, folder, list(arrays), job) for job in jobs]
         try:
@@ -65,6 +71,10 @@ def _in_processes(fn, arrays: dict[str, np.ndarray], jobs: list) -> list:
         finally:
             for f in futures:       # one failed: the others need not finish
                 f.cancel()
+
+
+class _SamplesNotWritten(Exception):
+    """The samples could not be written for the worker processes (the pool itself is fine)."""
 
 
 def _run(fn, folder: str, names: list[str], job):

@@ -875,3 +875,18 @@ def _running(pid: int) -> bool:
             return f.read().split(") ")[-1][:1] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_full_temporary_folder_tunes_in_threads_this_time_only(monkeypatch, caplog):
+    """Samples that cannot be written for the worker processes (no space in TMPDIR) are tuned
+    on in threads, and the next adaptation tries the processes again."""
+    from models import tune_workers
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tune_workers.np, "save", full)
+    monkeypatch.setattr(tune_workers, "_BROKEN", False)
+    monkeypatch.setenv("VOXARC_TUNE_WORKERS", "1")
+    states = tune_workers.map_runs(tune_workers.worker_state, {"a": np.arange(3)}, [1])
+    assert states[0]["pid"] == os.getpid() and tune_workers.usable()
+    assert "No space left" in caplog.text
