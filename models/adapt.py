@@ -137,21 +137,22 @@ def tune_run(arrays: dict, job):
     from models import train
     predictor, check, seed, steps, stops, settings = job
     samples = train.Samples(**{f: arrays[f] for f in train.Samples.__dataclass_fields__})
-    index = arrays.get("tune_index")
-    tune_on = samples if index is None else samples.where(index)
-    model = tuned(train.float_model(predictor), tune_on, check, seed, steps, stops, settings)
+    model = tuned(train.float_model(predictor), samples, check, seed, steps, stops, settings,
+                  arrays.get("tune_index"))
     return _quantised(model, samples, predictor)
 
 
 def tuned(model, samples, check, seed: int, steps: int, stops,
-          settings: Settings | None = None):
-    """``model`` fine-tuned for ``steps`` Adam steps on ``samples``, in the state of whichever
+          settings: Settings | None = None, index: np.ndarray | None = None):
+    """``model`` fine-tuned for ``steps`` Adam steps on ``samples`` (those at ``index``, when
+    given), in the state of whichever
     of the ``stops`` codes ``check`` in the fewest float bits (the later one on a tie). Only
     that state is quantised: one quantisation per run instead of one per stop (each costs
     about a second); at the earlier step size the four train volumes and their crops coded to
     the same blobs as when the quantised models were compared."""
     kept = min((_float_bits(model, check), -i, copy.deepcopy(model.state_dict()))
-               for i, _ in enumerate(_fine_tune(model, samples, seed, steps, stops, settings)))
+               for i, _ in enumerate(_fine_tune(model, samples, seed, steps, stops, settings,
+                                                index)))
     model.load_state_dict(kept[2])
     return model
 
@@ -224,17 +225,21 @@ def pays_off(base, cost: float, check, voxels: int) -> bool:
 
 
 def _fine_tune(model, samples, seed: int, steps: int, stops=(),
-               settings: Settings | None = None):
-    """Adam steps on ``model``; yields (nothing) after each step count in ``stops``. With
-    ``settings.bf16`` the network's products are bfloat16 (autocast), the loss float32."""
+               settings: Settings | None = None, index: np.ndarray | None = None):
+    """Adam steps on ``model`` over ``samples`` (those at ``index``, when given); yields
+    (nothing) after each step count in ``stops``. With ``settings.bf16`` the network's products
+    are bfloat16 (autocast), the loss float32."""
     from models.train import laplace_bits
     settings = settings or default_settings()
     torch.manual_seed(seed)
-    n = len(samples.value)
+    n = len(samples.value) if index is None else len(index)
     # one shuffle up front, then a window at a random offset per step: nearly the random
-    # batches of a gather per step, at the cost of a slice
+    # batches of a gather per step, at the cost of a slice. The shuffle gathers straight from
+    # the samples (no copy of the picked ones first: fresh memory is slow to touch)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen).numpy()
+    if index is not None:
+        order = index[order]
     tensors = [torch.from_numpy(np.ascontiguousarray(a[order], dtype=np.float32)) for a in
                (samples.x, samples.ref, samples.s, samples.lq, samples.value)]
     opt = _Adam(list(model.parameters()), lr=settings.lr)
