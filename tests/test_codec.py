@@ -327,9 +327,9 @@ def test_adaptation_keeps_the_checkpoint_that_codes_the_held_out_voxels_best(
     states, quantised = [], []
     original = adapt._fine_tune
 
-    def tune(model, samples, seed, steps, stops, settings):
+    def tune(model, samples, seed, steps, stops, *rest):
         assert (steps, stops) == (6, [4, 6])
-        for _ in original(model, samples, seed, steps, stops, settings):
+        for _ in original(model, samples, seed, steps, stops, *rest):
             states.append({k: v.clone() for k, v in model.state_dict().items()})
             yield
     monkeypatch.setattr(adapt, "_fine_tune", tune)
@@ -630,8 +630,8 @@ def test_adaptation_keeps_the_better_of_its_side_by_side_runs(monkeypatch, lose)
     made = {}
     real_tune, real_quantised = adapt._fine_tune, adapt._quantised
 
-    def tune(model, samples, seed, steps, stops, settings):
-        for _ in real_tune(model, samples, seed, steps, stops, settings):
+    def tune(model, samples, seed, steps, stops, *rest):
+        for _ in real_tune(model, samples, seed, steps, stops, *rest):
             made[seed] = model
             yield
 
