@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,6 +35,7 @@ NICE = 10
 _POOL: ProcessPoolExecutor | None = None
 _SIZE = 0
 _BROKEN = False
+_LOCK = threading.Lock()     # encoders in several threads share one pool
 
 
 def usable() -> bool:
@@ -94,13 +96,14 @@ def _init_worker() -> None:
 
 def _pool(size: int) -> ProcessPoolExecutor:
     global _POOL, _SIZE
-    if _POOL is None or _SIZE < size:
-        shutdown()
-        ctx = multiprocessing.get_context("spawn")   # no inherited thread state
-        _POOL = ProcessPoolExecutor(size, mp_context=ctx, initializer=_init_worker)
-        _SIZE = size
-        atexit.register(shutdown)
-    return _POOL
+    with _LOCK:
+        if _POOL is None or _SIZE < size:
+            shutdown()
+            ctx = multiprocessing.get_context("spawn")   # no inherited thread state
+            _POOL = ProcessPoolExecutor(size, mp_context=ctx, initializer=_init_worker)
+            _SIZE = size
+            atexit.register(shutdown)
+        return _POOL
 
 
 def worker_state(arrays: dict, job) -> dict:

@@ -890,3 +890,16 @@ def test_a_full_temporary_folder_tunes_in_threads_this_time_only(monkeypatch, ca
     states = tune_workers.map_runs(tune_workers.worker_state, {"a": np.arange(3)}, [1])
     assert states[0]["pid"] == os.getpid() and tune_workers.usable()
     assert "No space left" in caplog.text
+
+
+def test_encoders_in_several_threads_share_one_fine_tuning_pool(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models import tune_workers
+    monkeypatch.setenv("VOXARC_TUNE_WORKERS", "1")
+    with ThreadPoolExecutor(4) as threads:
+        states = list(threads.map(
+            lambda k: tune_workers.map_runs(tune_workers.worker_state, {"a": np.arange(2)},
+                                            [k, k]), range(4)))
+    assert sorted(s["job"] for pair in states for s in pair) == sorted([0, 1, 2, 3] * 2)
+    assert len({s["pid"] for pair in states for s in pair}) <= 2
