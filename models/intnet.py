@@ -237,9 +237,10 @@ def _exact_matmul(w: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 def row_quantile(a: np.ndarray, q: float) -> np.ndarray:
     """``np.quantile(a, q, axis=1)`` (its default, linear method) of a C-contiguous float
-    array, to the bit, partitioning ``a``'s rows in place. numpy's own copies the array and
-    partitions it across rows, a strided walk; this one is several times faster and allocates
-    nothing large (the encoder quantises two adapted networks at once)."""
+    array, to the bit, partitioning ``a``'s rows in place. numpy's own copies the array first
+    (100 MB per layer here); as fast alone, this one allocates nothing large, which is what
+    counts where the encoder quantises two adapted networks at once on freshly touched memory
+    (0.74-1.1 s -> 0.41-0.6 s per quantisation inside an adaptation)."""
     n = a.shape[1]
     virtual = np.float64((n - 1) * q)
     below = int(np.floor(virtual))
