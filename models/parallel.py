@@ -90,10 +90,30 @@ def pool() -> ProcessPoolExecutor:
     thread state)."""
     global _POOL
     if _POOL is None:
-        ctx = multiprocessing.get_context("spawn")
-        _POOL = ProcessPoolExecutor(worker_count(), mp_context=ctx, initializer=_init_worker)
+        _POOL = spawn_pool(worker_count(), _init_worker)
         atexit.register(shutdown)
     return _POOL
+
+
+def spawn_pool(size: int, initializer) -> ProcessPoolExecutor:
+    """A process pool of ``size`` workers started with the spawn method (no inherited thread
+    state), each running ``initializer`` first."""
+    ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(size, mp_context=ctx, initializer=initializer)
+
+
+def await_workers(get_pool, job, workers: int, timeout: float) -> set[int]:
+    """Submit ``job`` (which returns its process id) ``workers`` times to ``get_pool()``, in
+    rounds until every worker has answered or ``timeout`` has passed; the ids seen. A worker
+    still starting lets the ready ones take its job, hence the rounds."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < workers and time.monotonic() < deadline:
+        futures = [get_pool().submit(job) for _ in range(workers)]
+        seen.update(future.result() for future in futures)
+        if len(seen) < workers:
+            time.sleep(0.02)
+    return seen
 
 
 def imap(fn, jobs, window: int = 4):
@@ -163,17 +183,14 @@ def warm(timeout: float = 120.0) -> set[int]:
     model in them, so that the first decode of a server does not wait (call from a background
     thread). Returns once every worker has done so (the process ids seen): a worker still
     importing torch would take a core from the first decode."""
-    seen: set[int] = set()
-    workers, deadline = worker_count(), time.monotonic() + timeout
+    workers = worker_count()
+    if workers <= 1:
+        return set()
     try:
-        while workers > 1 and len(seen) < workers and time.monotonic() < deadline:
-            futures = [pool().submit(_warm_worker) for _ in range(workers)]
-            seen.update(future.result() for future in futures)
-            if len(seen) < workers:
-                time.sleep(0.02)       # a worker is still starting: the ready ones took its job
+        return await_workers(pool, _warm_worker, workers, timeout)
     except (BrokenProcessPool, RuntimeError, OSError) as exc:
         log.warning("could not start the decode worker processes: %s", exc)
-    return seen
+    return set()
 
 
 def shutdown() -> None:

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import atexit
 import logging
-import multiprocessing
 import os
 import tempfile
 import threading
-import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -99,8 +97,7 @@ def _pool(size: int) -> ProcessPoolExecutor:
     with _LOCK:
         if _POOL is None or _SIZE < size:
             shutdown()
-            ctx = multiprocessing.get_context("spawn")   # no inherited thread state
-            _POOL = ProcessPoolExecutor(size, mp_context=ctx, initializer=_init_worker)
+            _POOL = parallel.spawn_pool(size, _init_worker)
             _SIZE = size
             atexit.register(shutdown)
         return _POOL
@@ -117,17 +114,13 @@ def worker_state(arrays: dict, job) -> dict:
 def warm(size: int = 2, timeout: float = 120.0) -> set[int]:
     """Start the worker processes now (each imports torch), so that the first adaptation does
     not wait for them; returns their process ids."""
-    seen: set[int] = set()
     if not usable():
-        return seen
-    deadline = time.monotonic() + timeout
+        return set()
     try:
-        while len(seen) < size and time.monotonic() < deadline:
-            pool = _pool(size)
-            seen.update(f.result() for f in [pool.submit(os.getpid) for _ in range(size)])
+        return parallel.await_workers(lambda: _pool(size), os.getpid, size, timeout)
     except (BrokenProcessPool, RuntimeError, OSError) as exc:
         _give_up(exc)
-    return seen
+    return set()
 
 
 def _give_up(exc) -> None:
