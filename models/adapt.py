@@ -39,6 +39,7 @@ from models import paper_table, tune_workers
 from models.container import CorruptBlobError
 from models.entropy import CodingTables
 from models.tables import table_bits
+from models.value_range import ValueRange
 
 ADAPT_STEPS = (400, 1600)  # optimiser steps: one per STEP_VOXELS voxels, within these bounds
 STEP_VOXELS = 8_000
@@ -68,11 +69,13 @@ def wants_adaptation(predictor, voxels: int, default_min: int) -> bool:
     return voxels >= default_min
 
 
-def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
+def adapt(predictor, volume: np.ndarray, slab: int, tile, values: ValueRange | None = None,
+          seed: int = 0):
     """A copy of ``predictor`` fine-tuned on ``volume`` (its tables refitted on the volume,
     smoothed toward the shipped ones), or None when it would not pay: on a fresh sample of
-    the volume's voxels it must save more bits than the embedded model costs. Paper models
-    only refit their one coding table (models.paper_table)."""
+    the volume's voxels it must save more bits than the embedded model costs. ``values``:
+    the range the volume is coded within (models.value_range; default its dtype's). Paper
+    models only refit their one coding table (models.paper_table)."""
     if predictor.kind.startswith("paper"):
         return paper_table.fit_volume_table(predictor, volume, slab, tile, seed)
     from models import train
@@ -83,10 +86,11 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, seed: int = 0):
     keep = min(1.0, ADAPT_SAMPLES / (picks * per_slab))
     rng = np.random.default_rng(seed)
     hood = predictor.neighbourhood
-    samples = train.collect_samples([volume], slab, picks, keep, rng, tile=tile, hood=hood)
+    samples = train.collect_samples([volume], slab, picks, keep, rng, tile=tile, hood=hood,
+                                    values=values)
     check = train.collect_samples([volume], slab, min(8, n_slabs),
                                   min(1.0, CHECK_SAMPLES / volume.size), rng, tile=tile,
-                                  hood=hood)
+                                  hood=hood, values=values)
     tune_index = train.network_index(samples, hood.size) if predictor.tables.flat else None
     if (len(samples.value) if tune_index is None else len(tune_index)) < ADAPT_BATCH:
         return None    # (nearly) all flat: nothing for the network to learn

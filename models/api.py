@@ -14,8 +14,9 @@ from models.codec import decode_slabs, encode_slab
 from models.container import (DTYPES, CorruptBlobError, band_spans, pack, slab_payload,
                               unpack_header)
 from models import adapt as adaptation
-from models import parallel
+from models import parallel, value_range
 from models.registry import load_model, model_by_id
+from models.value_range import ValueRange
 
 SLAB_SLICES = 8      # slices per independently decodable slab
 TILE = (64, 256)     # rows, columns of the independent tiles a slice is cut into
@@ -31,11 +32,6 @@ WARM_PARALLEL_VOXELS = 1 << 19  # or from this many when the worker processes al
 SPLIT_PARALLEL_VOXELS = 1 << 17  # or from this many in bands of several widths (format 3),
 EVEN_SPLIT_PARALLEL_VOXELS = 1 << 19  # or this many in bands of one width
 ADAPT_VOXELS = 1 << 20     # adapt the model to volumes from this many voxels on
-
-
-def _dtype_range(dtype: np.dtype) -> tuple[int, int]:
-    info = np.iinfo(dtype)
-    return int(info.min), int(info.max)
 
 
 def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None = None,
@@ -71,21 +67,29 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
     tile = (min(tile[0], vol.shape[1]), min(tile[1], vol.shape[2]))
     if adapt is None:
         adapt = adaptation.wants_adaptation(predictor, vol.size, ADAPT_VOXELS)
+    # the paper models code within the dtype's range, as the paper's coder does
+    values = ValueRange.of_dtype(vol.dtype) if predictor.kind.startswith("paper") \
+        else value_range.scan(vol)
     embedded = b""
-    adapted = adaptation.adapt(predictor, vol, slab, tile) \
+    adapted = adaptation.adapt(predictor, vol, slab, tile, values) \
         if adapt and adaptation.can_adapt(predictor) else None
     if adapted is not None:
         predictor, embedded = adapted, adaptation.embedded_bytes(adapted)
-    lo, hi = _dtype_range(vol.dtype)
-    jobs = ((model, embedded, vol[z:z + slab, :, x0:x1], lo, hi, slab, tile)
+    jobs = ((model, embedded, values, vol[z:z + slab, :, x0:x1], slab, tile)
             for z in range(0, vol.shape[0], slab) for x0, x1 in band_spans(vol.shape[2], tile[1]))
     # payloads go into the blob as they come: a few slabs' in flight, not the whole volume's
     facts = (predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile)
     if _parallel(vol.size):
         payloads = parallel.imap(_encode_job, jobs, window=2 * parallel.worker_count())
-        return pack(*facts, payloads, embedded)
+        return pack(*facts, payloads, embedded, values=values)
     with parallel.one_thread():
-        return pack(*facts, (encode_slab(predictor, *job[2:]) for job in jobs), embedded)
+        return pack(*facts, (_encode_band(predictor, *job[2:]) for job in jobs), embedded,
+                    values=values)
+
+
+def _encode_band(predictor, values: ValueRange, block: np.ndarray, slab: int, tile) -> bytes:
+    """The payload of one slab's column band, coded within ``values``."""
+    return encode_slab(predictor, values.mapped(block), values.lo, values.hi, slab, tile)
 
 
 def _parallel(voxels: int) -> bool:
@@ -99,7 +103,7 @@ def _encode_job(job) -> bytes:
     predictor = load_model(model)
     if embedded:
         predictor = adaptation.with_embedded(predictor, embedded)
-    return encode_slab(predictor, *args)
+    return _encode_band(predictor, *args)
 
 
 def _predictor(header):
@@ -379,14 +383,19 @@ def _decode_group(job, predictor=None, split: int = 0, on_split=None) -> list[np
     """Decode one band of a group of slabs (runs in a worker process or in the caller)."""
     payloads, counts, header, band = job
     predictor = predictor or _predictor(header)
-    lo, hi = _dtype_range(np.dtype(header.dtype))
+    values = header.values
     x0, x1 = header.bands[band]
     ny, nx = header.shape[1], x1 - x0
+    if on_split is not None and values.substitutes:
+        publish = on_split
+
+        def on_split(firsts):
+            publish([values.restore(first.copy()) for first in firsts])
     # in the volume's dtype (the decoder checked the range): half the bytes back from a worker
     with parallel.one_thread():
-        return [part.astype(header.dtype) for part in decode_slabs(
-            predictor, payloads, counts, ny, nx, lo, hi, header.slab, header.tile, split,
-            on_split, header.within_range)]
+        return [values.restore(part.astype(header.dtype)) for part in decode_slabs(
+            predictor, payloads, counts, ny, nx, values.lo, values.hi, header.slab,
+            header.tile, split, on_split, header.within_range)]
 
 
 def decode_volume(blob: bytes) -> np.ndarray:

@@ -5,13 +5,17 @@
     header: 16-byte model id | u8 dtype code | 3 x u32 shape (z, y, x) | u16 slab slices |
             2 x u16 tile rows, columns | u32 slab count | per payload: u64 offset, u64 length,
             u32 CRC | u16 name length | name | u32 embedded length | embedded model (adapted
-            weights, or empty)
+            weights, or empty) | from format 4 on: 4 x i32 value range lo, hi, padding,
+            its stand-in (models.value_range)
     then the payloads (offsets are relative to the end of the header CRC).
 
 From format 3 on a slab is coded as column bands, one tile wide (:func:`band_spans`), each
 its own payload, slab by slab and band by band: tiles never look across a tile column, so a
 band decodes on its own and a slab's bands decode on several cores. Formats 1 and 2 hold one
 payload per slab (one band).
+
+Format 4 codes within the volume's own value range (its padding standing just below its
+floor) instead of the dtype's; older formats decode as they were written.
 
 A blob names everything its decoder needs; :func:`unpack` refuses anything truncated, corrupted
 or foreign with :class:`CorruptBlobError` before a single voxel is decoded.
@@ -25,9 +29,11 @@ import zlib
 from dataclasses import dataclass
 from functools import cached_property
 
+from models.value_range import ValueRange
+
 MAGIC = b"VOXARC\x1a\n"
-VERSION = 3        # 2: residual tokens the dtype cannot hold get no probability (models.entropy)
-SUPPORTED = (1, 2, 3)   # 3: a payload per column band of a slab
+VERSION = 4        # 2: residual tokens the dtype cannot hold get no probability (models.entropy)
+SUPPORTED = (1, 2, 3, 4)   # 3: a payload per column band of a slab; 4: the volume's value range
 DTYPES = {"uint8": 1, "int8": 2, "uint16": 3, "int16": 4}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _SLAB_ENTRY = 20   # bytes of a slab table entry: u64 offset, u64 length, u32 CRC
@@ -48,6 +54,12 @@ class BlobHeader:
     slab_table: list[tuple[int, int, int]]  # (offset, length, crc) of each payload
     embedded: bytes = b""
     version: int = VERSION
+    value_range: ValueRange | None = None   # format 4 on (else the dtype's, see :attr:`values`)
+
+    @property
+    def values(self) -> ValueRange:
+        """The range its residuals were coded within, and the padding's stand-in."""
+        return self.value_range or ValueRange.of_dtype(self.dtype)
 
     @property
     def within_range(self) -> bool:
@@ -78,22 +90,30 @@ def band_spans(nx: int, tile_columns: int, version: int = VERSION) -> list[tuple
 
 
 def pack(model_id: bytes, model_name: str, dtype: str, shape, slab: int,
-         tile: tuple[int, int], payloads, embedded: bytes = b"", version: int = VERSION) -> bytes:
+         tile: tuple[int, int], payloads, embedded: bytes = b"", version: int = VERSION,
+         values: ValueRange | None = None) -> bytes:
     """Assemble a blob from its payloads, slab by slab and, in each, band by band
     (:func:`band_spans`): a list, or an iterator whose payloads are written as they come and
     need not be kept, so that a large volume's blob is held once while it is assembled, not
-    twice. ``version``: an older format (for tests that older blobs still read)."""
+    twice. ``values``: the range the payloads were coded within (format 4; default the
+    dtype's). ``version``: an older format (for tests that older blobs still read)."""
     if len(model_id) != 16:
         raise ValueError("model id must be 16 bytes")
     if version not in SUPPORTED:
         raise ValueError(f"cannot write blob format {version}")
+    values = values or ValueRange.of_dtype(dtype)
+    if version < 4 and values != ValueRange.of_dtype(dtype):
+        raise ValueError(f"blob format {version} codes within the dtype's range only")
+    values.check(dtype)
+    tail = struct.pack("<4i", values.lo, values.hi, values.pad, values.stand_in) \
+        if version >= 4 else b""
     count = -(-shape[0] // slab) * band_count(shape[2], tile[1], version)
     name = model_name.encode()
 
     def header(table: list[bytes]) -> bytes:
         return (model_id + struct.pack("<B3IHHHI", DTYPES[dtype], *shape, slab, *tile, count)
                 + b"".join(table) + struct.pack("<H", len(name)) + name
-                + struct.pack("<I", len(embedded)) + embedded)
+                + struct.pack("<I", len(embedded)) + embedded + tail)
 
     out = io.BytesIO()      # the header's place first; it is written once the table is known
     out.write(bytes(len(MAGIC) + 6 + len(header([bytes(_SLAB_ENTRY)] * count)) + 4))
@@ -156,11 +176,22 @@ def _parse_header(h: bytes, version: int) -> BlobHeader:
     pos += 2 + nlen
     (elen,) = struct.unpack_from("<I", h, pos)
     embedded = h[pos + 4:pos + 4 + elen]
-    if pos + 4 + elen != len(h) or min(slab, th, tw, x) < 1 \
+    pos += 4 + elen
+    values = None
+    if version >= 4:
+        values = ValueRange(*struct.unpack_from("<4i", h, pos))
+        pos += 16
+    if pos != len(h) or min(slab, th, tw, x) < 1 \
             or n != -(-z // slab) * band_count(x, tw, version):
         raise CorruptBlobError("inconsistent blob header")
-    return BlobHeader(model_id, name, DTYPE_NAMES[code], (z, y, x), slab, (th, tw), table,
-                      embedded, version)
+    dtype = DTYPE_NAMES[code]
+    if values is not None:
+        try:
+            values.check(dtype)
+        except ValueError as exc:
+            raise CorruptBlobError(f"inconsistent blob header: {exc}") from None
+    return BlobHeader(model_id, name, dtype, (z, y, x), slab, (th, tw), table, embedded,
+                      version, values)
 
 
 def slab_payload(blob: bytes, header: BlobHeader, base: int, i: int, band: int = 0) -> bytes:

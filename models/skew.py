@@ -224,9 +224,10 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
             decoded = np.zeros(n, dtype=np.int64)
             if keep.any():
                 decoded[keep] = pred[keep] + decoder.decode_step(segments, j[keep], pred[keep])
+            coded = decoded[keep]     # (phantom voxels stay 0, which may lie outside the range)
         else:
-            decoded = pred + decoder.decode_step(segments, j, pred, rows_sh)
-        if decoded.min(initial=lo) < lo or decoded.max(initial=hi) > hi:
+            decoded = coded = pred + decoder.decode_step(segments, j, pred, rows_sh)
+        if coded.min(initial=lo) < lo or coded.max(initial=hi) > hi:
             raise corrupt("decoded value outside the volume's dtype: corrupt stream")
         pos = 0
         for (zl, tau, r0, r1, m), size in zip(parts, sizes):

@@ -27,6 +27,7 @@ from models.features import (DEFAULT_NEIGHBOURHOOD, SCALE_STEPS, UNIT, default_f
 from models.intnet import quantize_mlp
 from models.predictor import DefaultPredictor
 from models.tables import fitted_tables, prior_tables, table_bits
+from models.value_range import ValueRange
 
 log = logging.getLogger(__name__)
 LN2 = float(np.log(2.0))
@@ -39,7 +40,7 @@ class Samples:
     s: np.ndarray
     lq: np.ndarray
     value: np.ndarray  # int64 (n,)
-    lo: np.ndarray     # dtype range of each sample's volume
+    lo: np.ndarray     # value range each sample's volume is coded within
     hi: np.ndarray
 
     def where(self, keep: np.ndarray) -> "Samples":
@@ -62,16 +63,18 @@ def network_index(samples: Samples, hood_size: int) -> np.ndarray | None:
 
 def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
                     rng: np.random.Generator, tile=(128, 256), progress=None,
-                    hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD) -> Samples:
+                    hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD,
+                    values: ValueRange | None = None) -> Samples:
     """Features of every ``1/keep``-th voxel of evenly spaced slabs of each volume, for a
-    predictor with the neighbourhood ``hood``."""
+    predictor with the neighbourhood ``hood``; ``values``: the range they are coded within
+    (one volume; default each volume's dtype range)."""
     parts = []
     for vi, vol in enumerate(volumes):
-        info = np.iinfo(vol.dtype)
+        vrange = values or ValueRange.of_dtype(vol.dtype)
         starts = np.unique(np.linspace(0, max(vol.shape[0] - slab, 0), slabs_per_volume)
                            .astype(int) // slab * slab)
         for z0 in starts:
-            block = vol[z0:z0 + slab]
+            block = vrange.mapped(vol[z0:z0 + slab])
             # gather the picked voxels' neighbours only (the contexts slab_contexts gives)
             geo = geometry(hood, slab, block.shape[1], block.shape[2], tuple(tile))
             flat = geo.padded(block).ravel()
@@ -82,7 +85,7 @@ def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
                 n = len(pick)
                 parts.append(Samples(x, ref, s, lq,
                                      block[zl].ravel()[pick].astype(np.int64),
-                                     np.full(n, info.min), np.full(n, info.max)))
+                                     np.full(n, vrange.lo), np.full(n, vrange.hi)))
             if progress:
                 progress(f"volume {vi + 1}/{len(volumes)} slab at z={z0}")
     return Samples(*(np.concatenate([getattr(p, f) for p in parts])

@@ -61,21 +61,26 @@ def test_coding_within_range_saves_bits_near_the_dtype_floor_and_stays_exact():
         np.testing.assert_array_equal(back, vol)
 
 
-def test_blobs_are_written_in_format_3_and_formats_1_and_2_still_read():
-    from models.container import pack, slab_payload
+def test_blobs_are_written_in_format_4_and_formats_1_to_3_still_read():
+    from models.container import pack
     vol = mr_background((4, 20, 24), seed=2)
     blob = models.encode_volume(vol)
     header, base = unpack_header(blob)
-    assert VERSION == 3 and header.version == 3 and header.within_range
+    assert VERSION == 4 and header.version == 4 and header.within_range
+    assert (header.values.lo, header.values.hi) == (int(vol.min()), int(vol.max()))
     np.testing.assert_array_equal(models.decode_volume(blob), vol)
-    payloads = [slab_payload(blob, header, base, 0)]      # one band: the slab's payload
+    # formats 2 and 3: coded within the dtype's range (one band: the slab's payload)
+    payloads = [encode_slab(load_model("default"), vol, 0, 65535, header.slab, header.tile)]
     facts = (header.model_id, header.model_name, header.dtype, header.shape, header.slab,
              header.tile, payloads)
-    assert unpack_header(pack(*facts, version=2))[0].within_range
-    np.testing.assert_array_equal(models.decode_volume(pack(*facts, version=2)), vol)
+    for version in (2, 3):
+        assert unpack_header(pack(*facts, version=version))[0].within_range
+        np.testing.assert_array_equal(models.decode_volume(pack(*facts, version=version)), vol)
     assert not unpack_header(pack(*facts, version=1))[0].within_range   # another coding
-    with pytest.raises(CorruptBlobError, match="version 4"):
-        unpack_header(_with_version(blob, 4))
+    with pytest.raises(ValueError, match="dtype's range only"):
+        pack(*facts, version=3, values=header.values)
+    with pytest.raises(CorruptBlobError, match="version 5"):
+        unpack_header(_with_version(blob, 5))
 
 
 def _with_version(blob: bytes, version: int) -> bytes:
