@@ -1,4 +1,4 @@
-"""`voxarc serve | import | compress | stats`: the storage node's commands.
+"""`voxarc serve | import | compress [--recode] | stats`: the storage node's commands.
 
 Each builds the same objects the tests build (:class:`service.ae.Node`, :class:`Archive`) from
 the same settings: embedded defaults, ``--config`` TOML file, then flags.
@@ -19,6 +19,7 @@ from service.progress import Progress
 from service.web_server import start_admin
 from storage import reports
 from storage.errors import StorageError
+from storage.recode import RecodeError
 from storage.part10 import split_file
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ def register(subparsers) -> None:
     _common(p)
     p.add_argument("--now", action="store_true",
                    help="compress everything pending regardless of stable_age, then exit")
+    p.add_argument("--recode", action="store_true",
+                   help="instead, code the stored stacks of older blob formats or other models "
+                   "again with today's codec (each checked, swapped in only when smaller)")
     p.set_defaults(func=compress)
 
     p = subparsers.add_parser("stats", help="print what is stored")
@@ -125,9 +129,12 @@ def import_files(args) -> int:
 
 
 def compress(args) -> int:
-    """Compress staged series (all of them with --now, else those past stable_age)."""
+    """Compress staged series (all of them with --now, else those past stable_age), or with
+    --recode the stored stacks again."""
     settings = _settings(args)
     archive = open_archive(settings)
+    if args.recode:
+        return recode(archive)
     stable_age = 0.0 if args.now else settings.stable_age
     series = archive.pending_series(stable_age)
     progress, failed = Progress("compress", len(series)), 0
@@ -136,6 +143,34 @@ def compress(args) -> int:
         progress.advance(note=f"series {series_id}")
     log.info("compressed %d series in %.1f s (%d failed)", len(series) - failed,
              progress.finish(), failed)
+    archive.close()
+    return 1 if failed else 0
+
+
+def recode(archive) -> int:
+    """Code the archive's stored stacks again with today's codec (storage.recode); 1 when
+    some could not be."""
+    recoder = archive.recoder()
+    blobs = recoder.volume_blobs()
+    progress = Progress("recode", len(blobs))
+    states, failed, before, after = {}, 0, 0, 0
+    for blob_id in blobs:
+        try:
+            done = recoder.recode(blob_id)
+        except RecodeError as exc:
+            log.error("recode: %s", exc)
+            failed += 1
+            progress.advance(note=f"blob {blob_id} failed")
+            continue
+        states[done.state] = states.get(done.state, 0) + 1
+        if done.state == "recoded":
+            before, after = before + done.old_bytes, after + done.new_bytes
+            log.info("recoded blob %d (format %d): %d -> %d bytes", blob_id, done.old_format,
+                     done.old_bytes, done.new_bytes)
+        progress.advance(note=f"blob {blob_id} {done.state}")
+    log.info("recode: %d of %d stacks recoded (%d -> %d bytes), %d already current, %d kept "
+             "(not smaller), %d failed, in %.1f s", states.get("recoded", 0), len(blobs), before,
+             after, states.get("current", 0), states.get("kept", 0), failed, progress.finish())
     archive.close()
     return 1 if failed else 0
 

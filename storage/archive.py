@@ -17,6 +17,7 @@ from storage.blobstore import BlobStore
 from storage.compaction import Compactor
 from storage.index import Index, Instance, Series, Study
 from storage.ingest import DUPLICATE_POLICIES, IngestResult, Stager, ingest, stored_bytes
+from storage.recode import Recoder
 from storage.reconstruct import Reconstructor, StoredInstance
 from storage.recovery import ArchiveLock, recover
 
@@ -63,6 +64,7 @@ class Archive:
         self.duplicates, self.max_storage_bytes = duplicates, max_storage_bytes
         self.recovery = recover(self.lock, self.index, self.blobs, duplicates)   # after a crash
         self.compactor = Compactor(self.index, self.blobs, model, max_stack_slices, slab, adapt)
+        self.model, self.adapt = model, adapt
         self.reconstructor = Reconstructor(self.index, self.blobs, cache_bytes)
         self.stager = Stager(self.index)      # group commit of concurrent C-STOREs
 
@@ -120,6 +122,11 @@ class Archive:
         with self.index.read() as s:
             series_id = s.scalar(select(Series.id).where(Series.series_uid == series_uid))
         return series_id is not None and self.compactor.compact_series(series_id)
+
+    def recoder(self) -> Recoder:
+        """A :class:`Recoder` that brings this archive's coded stacks to today's blob format
+        and its codec model."""
+        return Recoder(self.index, self.blobs, self.model, self.adapt)
 
     def pending_series(self, stable_age: float = 0.0) -> list[int]:
         """Ids of staged series stable for ``stable_age`` seconds and not waiting for a retry."""

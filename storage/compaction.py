@@ -45,6 +45,13 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def codec_info(blob) -> str:
+    """A blob row's description of a codec blob: model name, model id and blob format (the
+    rows of compactions before 2026-12-01 say only the model name, then "v")."""
+    info = models.blob_info(blob)
+    return f"{info['model']} {info['model_id'][:8]} format {info['format']}"
+
+
 class Compactor:
     """Compress staged series of an archive.
 
@@ -146,14 +153,12 @@ class Compactor:
                                                header_after=b""))
             headers[start] = (before, after)
             start = stop
-        info = models.blob_info(blob)
         stored = header_pack.wrap(headers, blob)
         if header_pack.unpack(stored) != headers:
             raise VerificationError("header pack does not give back the headers")
-        codec_info = f"{info.get('model', '')} v{info.get('version', '')}"
         self._put(plan, key, stored, header_pack.CODEC, volume.nbytes, dtype=volume.dtype.name,
-                  shape=",".join(map(str, volume.shape)), slab=int(info.get("slab") or 0),
-                  codec_info=header_pack.describe(codec_info, len(stored) - len(blob)))
+                  shape=",".join(map(str, volume.shape)), slab=models.blob_info(blob)["slab"],
+                  codec_info=header_pack.describe(codec_info(blob), len(stored) - len(blob)))
 
     def _code_single(self, inst, plan: _Plan) -> None:
         data = self.blobs.get(inst.staged_key)

@@ -94,6 +94,10 @@ class _Step:
     head: int = 0   # first slices sent as a piece of their own (the first instance's image)
 
 
+class _Moved(Exception):
+    """An instance's stored file is gone: it was moved after the index said where it was."""
+
+
 class _BlobRef(NamedTuple):
     key: str
     codec: str
@@ -292,13 +296,21 @@ class Reconstructor:
         IntegrityError
             The rebuilt bytes do not match the ingest SHA-256 (nothing is returned).
         """
-        with self.index.engine.connect() as conn:
-            inst = conn.execute(_LOCATE, {"p_sop_uid": sop_uid}).first()
-        if inst is None:
-            raise InstanceNotFoundError(sop_uid)
-        blob = None if inst.blob_key is None else \
-            _BlobRef(inst.blob_key, inst.codec, inst.shape, inst.slab)
-        data = self._bytes(inst, blob)
+        for attempt in range(2):
+            with self.index.engine.connect() as conn:
+                inst = conn.execute(_LOCATE, {"p_sop_uid": sop_uid}).first()
+            if inst is None:
+                raise InstanceNotFoundError(sop_uid)
+            blob = None if inst.blob_key is None else \
+                _BlobRef(inst.blob_key, inst.codec, inst.shape, inst.slab)
+            try:
+                data = self._bytes(inst, blob)
+                break
+            except _Moved:
+                # its file went away after it was located: compaction or recoding moved it
+                # (the file goes once the new place is committed), so locate it again once
+                if attempt:
+                    raise IntegrityError(f"instance {sop_uid}: stored file missing") from None
         if hashlib.sha256(data).hexdigest() != inst.sha256:
             log.error("instance %s does not match its ingest SHA-256; not sent", sop_uid)
             raise IntegrityError(f"instance {sop_uid} failed its SHA-256 check")
@@ -320,6 +332,8 @@ class Reconstructor:
             pixels = self._slices(blob, inst.frame_start, inst.frame_start + inst.frames)
             return join(before, pixels, after)
         except (KeyError, zlib.error, models.CorruptBlobError, header_pack.HeaderPackError) as exc:
+            if isinstance(exc, KeyError) and not self.blobs.exists(inst.staged_key or blob.key):
+                raise _Moved() from exc
             raise IntegrityError(f"instance {inst.sop_uid}: stored data unreadable ({exc})") from exc
 
     def _headers(self, key: str) -> dict:

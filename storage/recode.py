@@ -1,0 +1,132 @@
+"""Recoding: stored stacks written by an older blob format or another model, coded again with
+today's codec.
+
+A coded stack keeps the blob format and model it was written with (old blobs always decode).
+When a later release codes better (blob format 4 codes a CT's padding and air floor more
+cheaply), an archive can bring its older blobs up to date: each one is read and checked against
+its SHA-256, decoded, encoded again, and the new blob is decoded and compared with the old
+pixels before it is written; the instances are then pointed at it and the old blob row removed
+in one transaction, and only then is the old file deleted. A new blob that is not smaller is
+not kept. The header pack in front of the codec blob is carried over byte for byte, so every
+instance rebuilds exactly as before. A failure leaves the old blob in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+
+import models
+from models.container import VERSION, CorruptBlobError
+from models.registry import load_model
+from storage import header_pack
+from storage.blobstore import BlobStore, new_key
+from storage.compaction import codec_info
+from storage.index import Blob, Index, Instance
+
+log = logging.getLogger(__name__)
+
+
+class RecodeError(RuntimeError):
+    """A blob could not be recoded (it is left as it was)."""
+
+
+@dataclass
+class Recoded:
+    """What happened to one blob: ``state`` is "recoded", "kept" (the new blob was not
+    smaller) or "current" (already today's format and model)."""
+    blob_id: int
+    state: str
+    old_bytes: int
+    new_bytes: int
+    old_format: int
+
+
+def _sha(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Recoder:
+    """Code the volume blobs of an archive again with ``model`` (see the module docstring).
+
+    Parameters
+    ----------
+    index, blobs
+        The archive's index and blob store.
+    model : str
+        Codec model name passed to :func:`models.encode_volume`.
+    adapt : bool
+        Let the codec fine-tune its model on large stacks (its default); False: never.
+    """
+
+    def __init__(self, index: Index, blobs: BlobStore, model: str = "default",
+                 adapt: bool = True):
+        self.index, self.blobs, self.model, self.adapt = index, blobs, model, adapt
+        self.model_id = load_model(model).model_id.hex()
+
+    def volume_blobs(self) -> list[int]:
+        """Ids of the archive's coded stacks, oldest first."""
+        with self.index.read() as s:
+            return list(s.scalars(select(Blob.id).where(
+                Blob.codec.in_(header_pack.VOLUME_CODECS)).order_by(Blob.created_at, Blob.id)))
+
+    def recode(self, blob_id: int) -> Recoded:
+        """Bring one coded stack up to today's format and model; raise :class:`RecodeError`
+        (the blob left as it was) when it cannot be read, decoded or replaced exactly."""
+        with self.index.read() as s:
+            row = s.get(Blob, blob_id)
+            if row is None or row.codec not in header_pack.VOLUME_CODECS:
+                raise RecodeError(f"blob {blob_id} is not a stored coded stack")
+            key, codec, sha, slab = row.key, row.codec, row.sha256, row.slab
+        try:
+            data = self.blobs.get(key)
+        except KeyError:
+            raise RecodeError(f"blob {key}: file missing") from None
+        if _sha(data) != sha:
+            raise RecodeError(f"blob {key} does not match its SHA-256; left for `voxarc verify`")
+        coded = header_pack.coded_view(data) if codec == header_pack.CODEC else memoryview(data)
+        info = models.blob_info(coded)
+        if info["format"] == VERSION and info["model_id"] == self.model_id:
+            return Recoded(blob_id, "current", len(data), len(data), info["format"])
+        try:
+            volume = models.decode_volume(coded)
+        except CorruptBlobError as exc:
+            raise RecodeError(f"blob {key} does not decode: {exc}") from None
+        new = models.encode_volume(volume, model=self.model, slab=slab or None,
+                                   adapt=None if self.adapt else False)
+        if _sha(models.decode_volume(new).tobytes()) != _sha(volume.tobytes()):
+            raise RecodeError(f"blob {key}: the new blob does not decode to the same voxels")
+        stored = bytes(data[:len(data) - len(coded)]) + new     # the header pack as it was
+        if len(stored) >= len(data):
+            return Recoded(blob_id, "kept", len(data), len(stored), info["format"])
+        self._replace(blob_id, sha, stored, new)
+        self.blobs.delete(key)
+        return Recoded(blob_id, "recoded", len(data), len(stored), info["format"])
+
+    def _replace(self, blob_id: int, sha: str, stored: bytes, coded: bytes) -> None:
+        """Write ``stored`` durably, then swap it in for blob ``blob_id`` in one transaction."""
+        key = new_key("b")
+        self.blobs.put(key, stored)
+        pack = len(stored) - len(coded)
+        try:
+            with self.index.write() as s:
+                old = s.get(Blob, blob_id)
+                if old is None or old.sha256 != sha:
+                    raise RecodeError(f"blob {blob_id} changed while it was recoded")
+                info = codec_info(coded)
+                row = Blob(key=key, codec=old.codec, dtype=old.dtype, shape=old.shape,
+                           slab=models.blob_info(coded)["slab"], raw_bytes=old.raw_bytes,
+                           stored_bytes=len(stored), sha256=_sha(stored), created_at=time.time(),
+                           codec_info=header_pack.describe(info, pack) if pack else info)
+                s.add(row)
+                s.flush()
+                s.execute(update(Instance).where(Instance.blob_fk == blob_id)
+                          .values(blob_fk=row.id))
+                s.delete(old)
+        except BaseException:
+            self.blobs.delete(key)
+            raise

@@ -1,0 +1,164 @@
+"""Recoding stored stacks of an older blob format with today's codec (storage.recode and
+`voxarc compress --recode`)."""
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+import models
+from models import api, container, value_range
+from node_helpers import archive, dataset_bytes, make_series  # noqa: F401 (fixture)
+from storage import header_pack
+from storage.archive import Archive
+from storage.index import Blob, Instance
+from storage.recode import RecodeError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def padded_ct_series(n=6, size=48, seed=0):
+    """A CT series whose air is clipped at 0 and whose corners hold -2000 (padding): blob
+    format 4 codes it smaller than format 3."""
+    rng = np.random.default_rng(seed)
+    series = make_series(n, size, size, seed=seed)
+    y, x = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    for ds in series:
+        pix = np.maximum(np.round(np.where(x ** 2 + y ** 2 < 0.3, 900.0, 3.0)
+                                  + rng.normal(0, 10, (size, size))), 0)
+        pix[x ** 2 + y ** 2 > 0.85] = -2000
+        ds.PixelData = pix.astype(np.int16).tobytes()
+    return series
+
+
+def store(arch, series) -> dict:
+    sent = {}
+    for ds in series:
+        ts, data = dataset_bytes(ds)
+        arch.store(data, ts)
+        sent[ds.SOPInstanceUID] = data
+    return sent
+
+
+@pytest.fixture
+def format_3(monkeypatch):
+    """Compaction writes blob format 3 (coded within the dtype's range) while this is active."""
+    monkeypatch.setattr(api, "pack", functools.partial(container.pack, version=3))
+    monkeypatch.setattr(value_range, "scan", lambda v: value_range.ValueRange.of_dtype(v.dtype))
+    return monkeypatch
+
+
+def _blob(arch) -> Blob:
+    with arch.index.read() as s:
+        (blob,) = s.scalars(select(Blob).where(Blob.codec.in_(header_pack.VOLUME_CODECS)))
+        return blob
+
+
+def _format(arch, blob: Blob) -> int:
+    return models.blob_info(header_pack.coded_view(arch.blobs.get(blob.key)))["format"]
+
+
+def test_recoding_brings_an_old_stack_to_today_and_every_instance_back_exact(archive,
+                                                                               format_3):
+    sent = store(archive, padded_ct_series())
+    assert archive.compact(stable_age=0) == (1, 0)
+    old = _blob(archive)
+    assert _format(archive, old) == 3
+    before = archive.stats()["stored_bytes"]
+    format_3.undo()
+    recoder = archive.recoder()
+    assert recoder.volume_blobs() == [old.id]
+    done = recoder.recode(old.id)
+    assert done.state == "recoded" and done.old_format == 3 and done.new_bytes < done.old_bytes
+    new = _blob(archive)
+    assert new.key != old.key and not archive.blobs.exists(old.key)
+    assert _format(archive, new) == 4 and "format 4" in new.codec_info
+    assert header_pack.pack_bytes(new.codec_info) > 0
+    assert archive.stats()["stored_bytes"] == before - (done.old_bytes - done.new_bytes)
+    with archive.index.read() as s:
+        assert s.scalar(select(func.count()).where(Instance.blob_fk == new.id)) == len(sent)
+    for uid, data in sent.items():
+        assert archive.retrieve(uid).data == data
+    assert recoder.recode(new.id).state == "current"      # nothing left to do
+
+
+def test_a_new_blob_that_is_not_smaller_is_not_kept(archive, format_3, monkeypatch):
+    store(archive, padded_ct_series(4, 32, seed=1))
+    archive.compact(stable_age=0)
+    format_3.undo()
+    old = _blob(archive)
+    encode = models.encode_volume
+    monkeypatch.setattr(models, "encode_volume",      # a poor coding: one-voxel tiles
+                        lambda vol, **kw: encode(vol, tile=(1, 1), adapt=False))
+    done = archive.recoder().recode(old.id)
+    assert done.state == "kept" and done.new_bytes >= done.old_bytes
+    assert _blob(archive).key == old.key and archive.blobs.exists(old.key)
+
+
+def test_a_damaged_stack_is_left_as_it_is(archive, format_3):
+    sent = store(archive, padded_ct_series(4, 32, seed=2))
+    archive.compact(stable_age=0)
+    format_3.undo()
+    old = _blob(archive)
+    path = archive.blobs.path(old.key)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(RecodeError, match="SHA-256"):
+        archive.recoder().recode(old.id)
+    assert _blob(archive).key == old.key and path.read_bytes() == bytes(data)
+    assert len(sent) == 4
+
+
+def test_retrieval_follows_a_stack_recoded_after_it_was_located(archive, format_3):
+    """The index said where the instance was; its file went before it was read (the recoder
+    committed the new blob and removed the old file): retrieval locates it again."""
+    sent = store(archive, padded_ct_series(4, 32, seed=3))
+    archive.compact(stable_age=0)
+    format_3.undo()
+    old = _blob(archive)
+    get, recoded = archive.blobs.get, []
+
+    def get_after_recoding(key):
+        if key == old.key and not recoded:
+            recoded.append(None)                       # (the recoder reads it through here)
+            recoded[0] = archive.recoder().recode(old.id)
+        return get(key)
+
+    format_3.setattr(archive.blobs, "get", get_after_recoding)
+    uid = next(iter(sent))
+    assert archive.retrieve(uid).data == sent[uid]
+    assert recoded[0].state == "recoded" and not archive.blobs.exists(old.key)
+
+
+def test_voxarc_compress_recode(tmp_path, format_3):
+    data = tmp_path / "data"
+    arch = Archive(data)
+    sent = store(arch, padded_ct_series(6, 40, seed=4))
+    arch.compact(stable_age=0)
+    arch.close()
+    format_3.undo()
+
+    def voxarc(*args):
+        return subprocess.run([sys.executable, "-m", "service.cli", *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    before = json.loads(voxarc("stats", "--json", "--data-dir", data).stdout)["stored_bytes"]
+    proc = voxarc("compress", "--recode", "--data-dir", data)
+    assert proc.returncode == 0, proc.stderr
+    assert "recode: 1 of 1 stacks recoded" in proc.stderr
+    after = json.loads(voxarc("stats", "--json", "--data-dir", data).stdout)["stored_bytes"]
+    assert after < before
+    proc = voxarc("compress", "--recode", "--data-dir", data)
+    assert "0 of 1 stacks recoded" in proc.stderr and "1 already current" in proc.stderr
+    arch = Archive(data)
+    try:
+        for uid, raw in sent.items():
+            assert arch.retrieve(uid).data == raw
+    finally:
+        arch.close()
