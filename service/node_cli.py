@@ -168,9 +168,10 @@ def recode(archive) -> int:
             log.info("recoded blob %d (format %d): %d -> %d bytes", blob_id, done.old_format,
                      done.old_bytes, done.new_bytes)
         progress.advance(note=f"blob {blob_id} {done.state}")
-    log.info("recode: %d of %d stacks recoded (%d -> %d bytes), %d already current, %d kept "
-             "(not smaller), %d failed, in %.1f s", states.get("recoded", 0), len(blobs), before,
-             after, states.get("current", 0), states.get("kept", 0), failed, progress.finish())
+    log.info("recode: %d of %d stacks recoded (%d -> %d bytes), %d already current (or no "
+             "smaller in today's format), %d kept (not smaller), %d failed, in %.1f s",
+             states.get("recoded", 0), len(blobs), before, after, states.get("current", 0),
+             states.get("kept", 0), failed, progress.finish())
     archive.close()
     return 1 if failed else 0
 

@@ -100,6 +100,26 @@ def test_a_new_blob_that_is_not_smaller_is_not_kept(archive, format_3, monkeypat
     assert _blob(archive).key == old.key and archive.blobs.exists(old.key)
 
 
+def test_an_old_stack_format_4_would_not_shrink_is_not_coded_again(archive, format_3,
+                                                                     monkeypatch):
+    """An MR's background at the uint16 floor, no padding: format 4 changes nothing there."""
+    series = make_series(4, 24, 24, dtype="uint16", seed=5)
+    for ds in series:
+        rng = np.random.default_rng(int(ds.InstanceNumber))
+        ds.PixelData = np.abs(rng.normal(0, 30, (24, 24))).astype(np.uint16).tobytes()
+    store(archive, series)
+    archive.compact(stable_age=0)
+    format_3.undo()
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("coded again")
+
+    monkeypatch.setattr(models, "encode_volume", no_encoding)
+    old = _blob(archive)
+    done = archive.recoder().recode(old.id)
+    assert done.state == "current" and done.old_format == 3 and _blob(archive).key == old.key
+
+
 def test_a_damaged_stack_is_left_as_it_is(archive, format_3):
     sent = store(archive, padded_ct_series(4, 32, seed=2))
     archive.compact(stable_age=0)
