@@ -88,6 +88,16 @@ def dataset_bytes(ds: Dataset) -> tuple[str, bytes]:
     return split_file(file_bytes(ds))
 
 
+def store_series(arch, series: list[Dataset]) -> dict[str, bytes]:
+    """Store generated datasets in an archive; return their bytes by SOP Instance UID."""
+    sent = {}
+    for ds in series:
+        ts, data = dataset_bytes(ds)
+        arch.store(data, ts)
+        sent[ds.SOPInstanceUID] = data
+    return sent
+
+
 def bundled(name: str) -> tuple[str, bytes]:
     """Return ``(transfer syntax, dataset bytes)`` of a pydicom bundled test file."""
     return split_file((TESTDATA / name).read_bytes())

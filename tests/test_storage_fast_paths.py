@@ -9,7 +9,7 @@ import pytest
 import models
 from sqlalchemy import func, select
 
-from node_helpers import archive, dataset_bytes, make_series  # noqa: F401 (fixture)
+from node_helpers import archive, dataset_bytes, make_series, store_series  # noqa: F401
 from storage.index import Instance, Series
 from storage.reconstruct import Reconstructor
 
@@ -61,11 +61,7 @@ def test_duplicate_in_one_batch_keeps_the_first(archive):
 
 def _store_and_compact(archive, series) -> dict:
     """Store a series, compact it, and return the sent bytes by SOP Instance UID."""
-    sent = {}
-    for ds in series:
-        ts, data = dataset_bytes(ds)
-        archive.store(data, ts)
-        sent[ds.SOPInstanceUID] = data
+    sent = store_series(archive, series)
     assert archive.compact_series(series[0].SeriesInstanceUID)
     return sent
 

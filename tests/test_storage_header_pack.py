@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from node_helpers import archive, dataset_bytes, make_series  # noqa: F401 (fixture)
+from node_helpers import archive, make_series, store_series  # noqa: F401 (fixture)
 from storage import header_pack, reports
 from storage.errors import IntegrityError
 from storage.index import Blob, Instance
@@ -17,15 +17,6 @@ def _series_with_private_block(n=6, size=40_000):
     for ds in series:
         ds.add_new(0x00191010, "OB", block)
     return series
-
-
-def _store(arch, series):
-    sent = {}
-    for ds in series:
-        ts, data = dataset_bytes(ds)
-        arch.store(data, ts)
-        sent[ds.SOPInstanceUID] = data
-    return sent
 
 
 def test_pack_round_trip_and_damage():
@@ -44,7 +35,7 @@ def test_pack_round_trip_and_damage():
 
 def test_compaction_stores_repeated_headers_once(archive):
     series = _series_with_private_block()
-    sent = _store(archive, series)
+    sent = store_series(archive, series)
     assert archive.compact(stable_age=0) == (1, 0)
     with archive.index.read() as s:
         (blob,) = s.scalars(select(Blob)).all()
@@ -62,7 +53,7 @@ def test_compaction_stores_repeated_headers_once(archive):
 
 def test_blobs_of_the_plain_volume_codec_still_read(archive):
     """Archives written before header packs: codec "volume", headers in the index."""
-    sent = _store(archive, make_series(4, 12, 10))
+    sent = store_series(archive, make_series(4, 12, 10))
     archive.compact(stable_age=0)
     with archive.index.write() as s:
         blob = s.scalars(select(Blob)).one()
@@ -77,7 +68,7 @@ def test_blobs_of_the_plain_volume_codec_still_read(archive):
 
 
 def test_damaged_pack_is_never_sent(archive):
-    sent = _store(archive, make_series(3, 12, 10))
+    sent = store_series(archive, make_series(3, 12, 10))
     archive.compact(stable_age=0)
     with archive.index.read() as s:
         key = s.scalars(select(Blob.key)).one()
@@ -98,7 +89,7 @@ def test_codec_adapt_setting_reaches_the_encoder(tmp_path, monkeypatch, adapt):
     monkeypatch.setattr(api.adaptation, "adapt", lambda *a, **k: calls.append(a) and None)
     arch = Archive(tmp_path / "data", adapt=adapt)
     try:
-        sent = _store(arch, make_series(5, 12, 10))
+        sent = store_series(arch, make_series(5, 12, 10))
         arch.compact(stable_age=0)
         assert len(calls) == (1 if adapt else 0)
         for uid, data in sent.items():
@@ -112,7 +103,7 @@ def test_codec_slab_setting_reaches_the_blobs(tmp_path):
     from storage.archive import Archive
     arch = Archive(tmp_path / "data", slab=3)
     try:
-        sent = _store(arch, make_series(7, 12, 10))
+        sent = store_series(arch, make_series(7, 12, 10))
         arch.compact(stable_age=0)
         with arch.index.read() as s:
             blob = s.scalars(select(Blob)).one()

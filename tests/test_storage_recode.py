@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 import models
 from models import api, container, value_range
-from node_helpers import archive, dataset_bytes, make_series  # noqa: F401 (fixture)
+from node_helpers import archive, make_series, store_series  # noqa: F401 (fixture)
 from storage import header_pack
 from storage.archive import Archive
 from storage.index import Blob, Instance
@@ -36,15 +36,6 @@ def padded_ct_series(n=6, size=48, seed=0):
     return series
 
 
-def store(arch, series) -> dict:
-    sent = {}
-    for ds in series:
-        ts, data = dataset_bytes(ds)
-        arch.store(data, ts)
-        sent[ds.SOPInstanceUID] = data
-    return sent
-
-
 @pytest.fixture
 def format_3(monkeypatch):
     """Compaction writes blob format 3 (coded within the dtype's range) while this is active."""
@@ -65,7 +56,7 @@ def _format(arch, blob: Blob) -> int:
 
 def test_recoding_brings_an_old_stack_to_today_and_every_instance_back_exact(archive,
                                                                                format_3):
-    sent = store(archive, padded_ct_series())
+    sent = store_series(archive, padded_ct_series())
     assert archive.compact(stable_age=0) == (1, 0)
     old = _blob(archive)
     assert _format(archive, old) == 3
@@ -88,7 +79,7 @@ def test_recoding_brings_an_old_stack_to_today_and_every_instance_back_exact(arc
 
 
 def test_a_new_blob_that_is_not_smaller_is_not_kept(archive, format_3, monkeypatch):
-    store(archive, padded_ct_series(4, 32, seed=1))
+    store_series(archive, padded_ct_series(4, 32, seed=1))
     archive.compact(stable_age=0)
     format_3.undo()
     old = _blob(archive)
@@ -107,7 +98,7 @@ def test_an_old_stack_format_4_would_not_shrink_is_not_coded_again(archive, form
     for ds in series:
         rng = np.random.default_rng(int(ds.InstanceNumber))
         ds.PixelData = np.abs(rng.normal(0, 30, (24, 24))).astype(np.uint16).tobytes()
-    store(archive, series)
+    store_series(archive, series)
     archive.compact(stable_age=0)
     format_3.undo()
 
@@ -121,7 +112,7 @@ def test_an_old_stack_format_4_would_not_shrink_is_not_coded_again(archive, form
 
 
 def test_a_damaged_stack_is_left_as_it_is(archive, format_3):
-    sent = store(archive, padded_ct_series(4, 32, seed=2))
+    sent = store_series(archive, padded_ct_series(4, 32, seed=2))
     archive.compact(stable_age=0)
     format_3.undo()
     old = _blob(archive)
@@ -138,7 +129,7 @@ def test_a_damaged_stack_is_left_as_it_is(archive, format_3):
 def test_retrieval_follows_a_stack_recoded_after_it_was_located(archive, format_3):
     """The index said where the instance was; its file went before it was read (the recoder
     committed the new blob and removed the old file): retrieval locates it again."""
-    sent = store(archive, padded_ct_series(4, 32, seed=3))
+    sent = store_series(archive, padded_ct_series(4, 32, seed=3))
     archive.compact(stable_age=0)
     format_3.undo()
     old = _blob(archive)
@@ -159,7 +150,7 @@ def test_retrieval_follows_a_stack_recoded_after_it_was_located(archive, format_
 def test_voxarc_compress_recode(tmp_path, format_3):
     data = tmp_path / "data"
     arch = Archive(data)
-    sent = store(arch, padded_ct_series(6, 40, seed=4))
+    sent = store_series(arch, padded_ct_series(6, 40, seed=4))
     arch.compact(stable_age=0)
     arch.close()
     format_3.undo()
