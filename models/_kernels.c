@@ -11,6 +11,7 @@
  *
  * Plain C without Python.h: setuptools builds it as the optional extension models._kernels.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -26,7 +27,7 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
-#define ABI 5              /* models/kernels.py's ABI: raised whenever an entry point changes */
+#define ABI 6              /* models/kernels.py's ABI: raised whenever an entry point changes */
 
 /* Which set of entry points and signatures this build has. */
 int64_t voxarc_abi(void)
@@ -576,4 +577,48 @@ done:
     free(acc);
     free(ints);
     return status;
+}
+
+/* The fine-tuning loss (models.train.laplace_bits) and its gradient in one pass: for each
+ * sample, the bits of the integer value[i] under a discretised Laplace of mean
+ * ref + out0 * s / unit and scale 2**((out1 + lq) / scale_steps) (log2 scale clamped to
+ * [-3, 18]), and d bits / d out0, d bits / d out1 in grad (n, 2). out is (n, 2) row-major.
+ * Returns the sum of the bits. Float32 arithmetic like the torch expression it replaces; the
+ * branches are the same (central: |e| < 0.5, where the value is the rounded mean). */
+double voxarc_laplace_bits(const float *value, const float *ref, const float *s, const float *lq,
+                           const float *out, int64_t n, float unit, float scale_steps,
+                           float *grad)
+{
+    const float ln2 = 0.69314718f, inv_ln2 = 1.0f / ln2;
+    double total = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        float mu = ref[i] + out[2 * i] * s[i] / unit;
+        float log2b = (out[2 * i + 1] + lq[i]) / scale_steps;
+        float live = log2b >= -3.0f && log2b <= 18.0f;   /* the clamp passes a gradient */
+        log2b = log2b < -3.0f ? -3.0f : (log2b > 18.0f ? 18.0f : log2b);
+        float b = exp2f(log2b), inv_b = 1.0f / b;
+        float d = value[i] - mu, e = fabsf(d);
+        float sign = d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : 0.0f);
+        float log_p, dlp_de, dlp_db;
+        if (e < 0.5f) {
+            float a = expf(-(0.5f - e) * inv_b), c = expf(-(0.5f + e) * inv_b);
+            float central = 1.0f - 0.5f * a - 0.5f * c;
+            float live_c = central > 1e-12f;
+            central = live_c ? central : 1e-12f;
+            float inv_c = live_c / central;
+            log_p = logf(central);
+            dlp_de = inv_c * (c - a) * 0.5f * inv_b;
+            dlp_db = -inv_c * 0.5f * inv_b * inv_b * (a * (0.5f - e) + c * (0.5f + e));
+        } else {
+            float t = e - 0.5f, em = expf(-inv_b);
+            log_p = -0.69314718f - t * inv_b + logf(-expm1f(-inv_b));
+            dlp_de = -inv_b;
+            dlp_db = t * inv_b * inv_b - em * inv_b * inv_b / (1.0f - em);
+        }
+        total += (double)(-log_p * inv_ln2);
+        /* bits = -log_p / ln2; e = |value - mu|, mu = ref + out0 s / unit; b = 2**log2b */
+        grad[2 * i] = inv_ln2 * dlp_de * sign * s[i] / unit;
+        grad[2 * i + 1] = -inv_ln2 * dlp_db * b * ln2 * live / scale_steps;
+    }
+    return total;
 }

@@ -233,7 +233,7 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=(),
     """Adam steps on ``model`` over ``samples`` (those at ``index``, when given); yields
     (nothing) after each step count in ``stops``. With ``settings.bf16`` the network's products
     are bfloat16 (autocast), the loss float32."""
-    from models.train import laplace_bits
+    from models.train import mean_laplace_bits
     settings = settings or default_settings()
     torch.manual_seed(seed)
     n = len(samples.value) if index is None else len(index)
@@ -253,7 +253,7 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=(),
         x, ref, s, lq, v = (t[a:a + batch] for t in tensors)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
             out = model(x)
-        loss = laplace_bits(v, ref, s, lq, out.float()).mean()
+        loss = mean_laplace_bits(v, ref, s, lq, out.float())
         model.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _I32, _P]   # layers, sizes, weights, biases, vector, acc
-ABI = 5   # the entry points and signatures of models/_kernels.c this module calls
+ABI = 6   # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -71,6 +71,9 @@ def _library():
     fn = lib.voxarc_step_predict
     fn.restype = _I64
     fn.argtypes = [_P, _P, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P]
+    fn = lib.voxarc_laplace_bits
+    fn.restype = ctypes.c_double
+    fn.argtypes = [_P, _P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, _P]
     return lib
 
 
@@ -239,6 +242,21 @@ def mlp(net: Network, x: np.ndarray, vector: bool = True) -> np.ndarray | None:
                                    *net.arguments(acc, vector)) < 0:
         return None
     return acc
+
+
+def laplace_bits(value: np.ndarray, ref: np.ndarray, s: np.ndarray, lq: np.ndarray,
+                 out: np.ndarray, unit: float, scale_steps: float) -> tuple[float, np.ndarray]:
+    """The sum of :func:`models.train.laplace_bits` over the samples and its gradient with
+    respect to ``out`` (n, 2), in one pass (float32 inputs, C-contiguous)."""
+    n = len(value)
+    arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (value, ref, s, lq, out)]
+    if arrays[4].shape != (n, 2) or any(a.shape != (n,) for a in arrays[:4]):
+        raise ValueError("laplace_bits wants n values, references, activities, scales and "
+                         "an (n, 2) output")
+    grad = np.empty((n, 2), np.float32)
+    total = _library().voxarc_laplace_bits(*(a.ctypes.data for a in arrays), n, unit,
+                                           scale_steps, grad.ctypes.data)
+    return total, grad
 
 
 def token_rows(table: np.ndarray, token_range: int, shifts: np.ndarray, row: np.ndarray,

@@ -135,6 +135,31 @@ def laplace_bits(value, ref, s, lq, out):
     return -log_p / LN2
 
 
+class _CompiledLaplaceBits(torch.autograd.Function):
+    """The mean of :func:`laplace_bits` and its gradient by the compiled kernel."""
+
+    @staticmethod
+    def forward(ctx, out, value, ref, s, lq):
+        total, grad = kernels.laplace_bits(*(t.detach().numpy() for t in (value, ref, s, lq, out)),
+                                           UNIT, SCALE_STEPS)
+        ctx.save_for_backward(torch.from_numpy(grad))
+        return out.new_tensor(total / len(value))
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return g * grad / len(grad), None, None, None, None
+
+
+def mean_laplace_bits(value, ref, s, lq, out):
+    """``laplace_bits(value, ref, s, lq, out).mean()``: with the compiled kernels, one call
+    for the loss and its gradient instead of some sixty torch operations (a quarter of a
+    fine-tuning step's time; float32 like the torch expression, not bit for bit)."""
+    if kernels.available() and out.dtype == torch.float32 and not out.is_cuda:
+        return _CompiledLaplaceBits.apply(out, value, ref, s, lq)
+    return laplace_bits(value, ref, s, lq, out).mean()
+
+
 def fit_float(samples: Samples, hidden=(32, 32), epochs: int = 6, batch: int = 8192,
               lr: float = 2e-3, seed: int = 0, progress=None) -> FloatPredictor:
     """Minimise the mean code length (bits per voxel) of the samples."""

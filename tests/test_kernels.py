@@ -390,3 +390,33 @@ def test_a_pickled_network_points_at_its_own_weights():
     assert again._kernel is None and again._torch is None
     np.testing.assert_array_equal(again.float_accumulators(x.astype(np.float32)),
                                   intnet.float_accumulators(x.astype(np.float32)))
+
+
+@pytest.mark.parametrize("seed, spread, scale", [(0, 5.0, 1.0), (1, 0.3, 1.0), (2, 50.0, 30.0)])
+def test_kernel_loss_and_gradient_equal_the_torch_expression(monkeypatch, seed, spread, scale):
+    """The fine-tuning loss by the kernel: the same bits and gradient as train.laplace_bits,
+    through both branches (the rounded mean, |e| < 0.5, and the tails) and the clamped log
+    scale (``scale`` 30 puts many outside [-3, 18]); the torch path when the kernels are off."""
+    import torch
+    rng = np.random.default_rng(seed)
+    n = 3000
+    ref = torch.tensor(rng.integers(-1000, 3000, n), dtype=torch.float32)
+    s = torch.tensor(rng.integers(1, 4000, n), dtype=torch.float32)
+    lq = torch.tensor(rng.integers(-12, 72, n), dtype=torch.float32)
+    out = torch.tensor(rng.normal(0, 2, (n, 2)) * [1.0, scale], dtype=torch.float32)
+    mu = ref + out[:, 0] * s / 64
+    value = (mu + torch.tensor(rng.laplace(0, spread, n), dtype=torch.float32)).round()
+    grads = []
+    for mode in ("auto", "numpy"):
+        monkeypatch.setenv("VOXARC_KERNELS", mode)
+        o = out.clone().requires_grad_()
+        loss = train.mean_laplace_bits(value, ref, s, lq, o)
+        loss.backward()
+        grads.append((loss.item(), o.grad))
+    o = out.clone().requires_grad_()
+    want = train.laplace_bits(value, ref, s, lq, o).mean()
+    want.backward()
+    assert (value - mu).abs().lt(0.5).sum() > 20                 # the central branch is run
+    for got, grad in grads:       # float32 both, in other orders: close to the largest's 1e-3
+        assert got == pytest.approx(want.item(), rel=1e-5)
+        torch.testing.assert_close(grad, o.grad, rtol=1e-3, atol=1e-3 * o.grad.abs().max())
