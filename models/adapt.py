@@ -244,15 +244,16 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=(),
     order = torch.randperm(n, generator=gen).numpy()
     if index is not None:
         order = index[order]
-    tensors = [torch.from_numpy(np.ascontiguousarray(a[order], dtype=np.float32)) for a in
-               (samples.x, samples.ref, samples.s, samples.lq, samples.value)]
+    tensors = [model.training_inputs(samples.x, order)] + [
+        torch.from_numpy(np.ascontiguousarray(a[order], dtype=np.float32))
+        for a in (samples.ref, samples.s, samples.lq, samples.value)]
     opt = _Adam(list(model.parameters()), lr=settings.lr)
     batch = min(settings.batch, n)
     starts = torch.randint(0, n - batch + 1, (steps,), generator=gen).tolist()
     for done, a in enumerate(starts, 1):
         x, ref, s, lq, v = (t[a:a + batch] for t in tensors)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            out = model(x)
+            out = model.forward_training(x)
         loss = mean_laplace_bits(v, ref, s, lq, out.float())
         model.zero_grad(set_to_none=True)
         loss.backward()

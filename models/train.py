@@ -117,6 +117,32 @@ class FloatPredictor(nn.Module):
     def forward(self, x):
         return self.net(x * self.input_scale)
 
+    INPUT_ALIGN = 8
+
+    def training_inputs(self, x: np.ndarray, rows: np.ndarray,
+                        chunk: int = 1 << 16) -> torch.Tensor:
+        """Rows ``rows`` of ``x`` as :meth:`forward_training` takes them: scaled by
+        ``input_scale`` (a power of two: exact) and zero-padded to a multiple of INPUT_ALIGN
+        columns, gathered in pieces straight into place."""
+        n, f = len(rows), x.shape[1]
+        out = np.zeros((n, f + -f % self.INPUT_ALIGN), np.float32)
+        for a in range(0, n, chunk):
+            np.multiply(x[rows[a:a + chunk]], self.input_scale, out=out[a:a + chunk, :f],
+                        casting="unsafe")
+        return torch.from_numpy(out)
+
+    def forward_training(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` of :meth:`training_inputs`: the first layer's weight padded with
+        zero columns like its inputs (its gradient is cut back to the real ones). In float32
+        the weight gradient's product over 32 columns took half the time of one over 31 here
+        (MKL, Zen 5): a tenth of a fine-tuning step."""
+        first, *rest = self.net
+        weight = nn.functional.pad(first.weight, (0, x.shape[1] - first.in_features))
+        h = nn.functional.linear(x, weight, first.bias)
+        for layer in rest:
+            h = layer(h)
+        return h
+
     def linear_layers(self):
         return [m for m in self.net if isinstance(m, nn.Linear)]
 
