@@ -212,7 +212,7 @@ def decode_slabs_flat(predictor, payloads: list[bytes], counts: list[int], ny: i
         pred, j = predictor.predict(values, valid, lo, hi)
         decoded = pred + decoder.decode_step(segments, j, pred)
         if decoded.min(initial=lo) < lo or decoded.max(initial=hi) > hi:
-            raise CorruptBlobError("decoded value outside the volume's dtype: corrupt stream")
+            raise CorruptBlobError("decoded value outside the volume's value range: corrupt stream")
         flat[idx] = decoded
     pz, py, px0, _ = predictor.neighbourhood.pad
     out = buf.reshape((len(payloads),) + geo.shape)

@@ -228,7 +228,7 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
         else:
             decoded = coded = pred + decoder.decode_step(segments, j, pred, rows_sh)
         if coded.min(initial=lo) < lo or coded.max(initial=hi) > hi:
-            raise corrupt("decoded value outside the volume's dtype: corrupt stream")
+            raise corrupt("decoded value outside the volume's value range: corrupt stream")
         pos = 0
         for (zl, tau, r0, r1, m), size in zip(parts, sizes):
             block = decoded[pos:pos + size].reshape(m, L.tiles, r1 - r0)
