@@ -121,7 +121,10 @@ class Recoder:
         if len(stored) >= len(data):
             return Recoded(blob_id, "kept", len(data), len(stored), info["format"])
         self._replace(blob_id, sha, stored, new)
-        self.blobs.delete(key)
+        try:
+            self.blobs.delete(key)
+        except OSError as exc:      # committed: the file is an orphan that recovery removes
+            log.warning("recoded blob %s: its old file stays until recovery (%s)", key, exc)
         return Recoded(blob_id, "recoded", len(data), len(stored), info["format"])
 
     def _replace(self, blob_id: int, sha: str, stored: bytes, coded: bytes) -> None:
