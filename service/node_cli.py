@@ -19,8 +19,8 @@ from service.progress import Progress
 from service.web_server import start_admin
 from storage import reports
 from storage.errors import StorageError
-from storage.recode import RecodeError
 from storage.part10 import split_file
+from storage.recode import RecodeError
 
 log = logging.getLogger(__name__)
 
