@@ -589,17 +589,18 @@ double voxarc_laplace_bits(const float *value, const float *ref, const float *s,
                            const float *out, int64_t n, float unit, float scale_steps,
                            float *grad)
 {
-    const float ln2 = 0.69314718f, inv_ln2 = 1.0f / ln2;
+    const float inv_ln2 = 1.4426950408889634f;
     double total = 0.0;
     for (int64_t i = 0; i < n; i++) {
         float mu = ref[i] + out[2 * i] * s[i] / unit;
         float log2b = (out[2 * i + 1] + lq[i]) / scale_steps;
         float live = log2b >= -3.0f && log2b <= 18.0f;   /* the clamp passes a gradient */
         log2b = log2b < -3.0f ? -3.0f : (log2b > 18.0f ? 18.0f : log2b);
-        float b = exp2f(log2b), inv_b = 1.0f / b;
+        float inv_b = exp2f(-log2b);
         float d = value[i] - mu, e = fabsf(d);
         float sign = d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : 0.0f);
-        float log_p, dlp_de, dlp_db;
+        /* log_p, its derivative in e, and b times its derivative in b */
+        float log_p, dlp_de, b_dlp_db;
         if (e < 0.5f) {
             float a = expf(-(0.5f - e) * inv_b), c = expf(-(0.5f + e) * inv_b);
             float central = 1.0f - 0.5f * a - 0.5f * c;
@@ -608,17 +609,19 @@ double voxarc_laplace_bits(const float *value, const float *ref, const float *s,
             float inv_c = live_c / central;
             log_p = logf(central);
             dlp_de = inv_c * (c - a) * 0.5f * inv_b;
-            dlp_db = -inv_c * 0.5f * inv_b * inv_b * (a * (0.5f - e) + c * (0.5f + e));
+            b_dlp_db = -inv_c * 0.5f * inv_b * (a * (0.5f - e) + c * (0.5f + e));
         } else {
-            float t = e - 0.5f, em = expf(-inv_b);
-            log_p = -0.69314718f - t * inv_b + logf(-expm1f(-inv_b));
+            /* P = 0.5 exp(-t/b) (1 - exp(-1/b)), t = e - 0.5; m1 = exp(-1/b) - 1 */
+            float t = e - 0.5f, m1 = expm1f(-inv_b);
+            log_p = -0.69314718f - t * inv_b + logf(-m1);
             dlp_de = -inv_b;
-            dlp_db = t * inv_b * inv_b - em * inv_b * inv_b / (1.0f - em);
+            b_dlp_db = t * inv_b + (1.0f + m1) * inv_b / m1;
         }
         total += (double)(-log_p * inv_ln2);
-        /* bits = -log_p / ln2; e = |value - mu|, mu = ref + out0 s / unit; b = 2**log2b */
+        /* bits = -log_p / ln2; e = |value - mu|, mu = ref + out0 s / unit; b = 2**log2b,
+         * d b / d out1 = b ln2 / scale_steps */
         grad[2 * i] = inv_ln2 * dlp_de * sign * s[i] / unit;
-        grad[2 * i + 1] = -inv_ln2 * dlp_db * b * ln2 * live / scale_steps;
+        grad[2 * i + 1] = -b_dlp_db * live / scale_steps;
     }
     return total;
 }
