@@ -34,7 +34,9 @@ def worker_count() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def _init_worker() -> None:
+def init_worker() -> None:
+    """A worker process's start (decoders and fine-tuning alike): one torch thread, and gone
+    when its parent is."""
     import torch
     torch.set_num_threads(1)
     exit_with_parent()
@@ -90,7 +92,7 @@ def pool() -> ProcessPoolExecutor:
     thread state)."""
     global _POOL
     if _POOL is None:
-        _POOL = spawn_pool(worker_count(), _init_worker)
+        _POOL = spawn_pool(worker_count(), init_worker)
         atexit.register(shutdown)
     return _POOL
 

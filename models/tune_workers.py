@@ -83,9 +83,7 @@ def _run(fn, folder: str, names: list[str], job):
 
 
 def _init_worker() -> None:
-    import torch
-    torch.set_num_threads(1)
-    parallel.exit_with_parent()
+    parallel.init_worker()
     try:
         os.nice(NICE)
     except (AttributeError, OSError):   # no nice here: full priority is still correct
@@ -99,7 +97,6 @@ def _pool(size: int) -> ProcessPoolExecutor:
             shutdown()
             _POOL = parallel.spawn_pool(size, _init_worker)
             _SIZE = size
-            atexit.register(shutdown)
         return _POOL
 
 
@@ -135,3 +132,6 @@ def shutdown() -> None:
     if _POOL is not None:
         _POOL.shutdown(wait=False, cancel_futures=True)
         _POOL = None
+
+
+atexit.register(shutdown)     # once (a pool rebuilt larger registered it again before)

@@ -64,7 +64,6 @@ class Archive:
         self.duplicates, self.max_storage_bytes = duplicates, max_storage_bytes
         self.recovery = recover(self.lock, self.index, self.blobs, duplicates)   # after a crash
         self.compactor = Compactor(self.index, self.blobs, model, max_stack_slices, slab, adapt)
-        self.model, self.adapt = model, adapt
         self.reconstructor = Reconstructor(self.index, self.blobs, cache_bytes)
         self.stager = Stager(self.index)      # group commit of concurrent C-STOREs
 
@@ -126,7 +125,7 @@ class Archive:
     def recoder(self) -> Recoder:
         """A :class:`Recoder` that brings this archive's coded stacks to today's blob format
         and its codec model."""
-        return Recoder(self.index, self.blobs, self.model, self.adapt)
+        return Recoder(self.index, self.blobs, self.compactor.model, self.compactor.adapt)
 
     def pending_series(self, stable_age: float = 0.0) -> list[int]:
         """Ids of staged series stable for ``stable_age`` seconds and not waiting for a retry."""

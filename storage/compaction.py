@@ -45,10 +45,10 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def codec_info(blob) -> str:
-    """A blob row's description of a codec blob: model name, model id and blob format (the
-    rows of compactions before 2026-12-01 say only the model name, then "v")."""
-    info = models.blob_info(blob)
+def codec_info(info: dict) -> str:
+    """A blob row's description of a codec blob from its :func:`models.blob_info`: model
+    name, model id and blob format (the rows of compactions before 2026-12-01 say only the
+    model name, then "v")."""
     return f"{info['model']} {info['model_id'][:8]} format {info['format']}"
 
 
@@ -153,12 +153,13 @@ class Compactor:
                                                header_after=b""))
             headers[start] = (before, after)
             start = stop
+        info = models.blob_info(blob)
         stored = header_pack.wrap(headers, blob)
         if header_pack.unpack(stored) != headers:
             raise VerificationError("header pack does not give back the headers")
         self._put(plan, key, stored, header_pack.CODEC, volume.nbytes, dtype=volume.dtype.name,
-                  shape=",".join(map(str, volume.shape)), slab=models.blob_info(blob)["slab"],
-                  codec_info=header_pack.describe(codec_info(blob), len(stored) - len(blob)))
+                  shape=",".join(map(str, volume.shape)), slab=info["slab"],
+                  codec_info=header_pack.describe(codec_info(info), len(stored) - len(blob)))
 
     def _code_single(self, inst, plan: _Plan) -> None:
         data = self.blobs.get(inst.staged_key)

@@ -120,28 +120,29 @@ class Recoder:
         stored = bytes(data[:len(data) - len(coded)]) + new     # the header pack as it was
         if len(stored) >= len(data):
             return Recoded(blob_id, "kept", len(data), len(stored), info["format"])
-        self._replace(blob_id, sha, stored, new)
+        self._replace(blob_id, sha, stored, len(stored) - len(new), models.blob_info(new))
         try:
             self.blobs.delete(key)
         except OSError as exc:      # committed: the file is an orphan that recovery removes
             log.warning("recoded blob %s: its old file stays until recovery (%s)", key, exc)
         return Recoded(blob_id, "recoded", len(data), len(stored), info["format"])
 
-    def _replace(self, blob_id: int, sha: str, stored: bytes, coded: bytes) -> None:
-        """Write ``stored`` durably, then swap it in for blob ``blob_id`` in one transaction."""
+    def _replace(self, blob_id: int, sha: str, stored: bytes, pack: int, info: dict) -> None:
+        """Write ``stored`` (a header pack of ``pack`` bytes, then the codec blob described by
+        ``info``) durably, then swap it in for blob ``blob_id`` in one transaction."""
         key = new_key("b")
         self.blobs.put(key, stored)
-        pack = len(stored) - len(coded)
         try:
             with self.index.write() as s:
                 old = s.get(Blob, blob_id)
                 if old is None or old.sha256 != sha:
                     raise RecodeError(f"blob {blob_id} changed while it was recoded")
-                info = codec_info(coded)
+                described = codec_info(info)
                 row = Blob(key=key, codec=old.codec, dtype=old.dtype, shape=old.shape,
-                           slab=models.blob_info(coded)["slab"], raw_bytes=old.raw_bytes,
+                           slab=info["slab"], raw_bytes=old.raw_bytes,
                            stored_bytes=len(stored), sha256=_sha(stored), created_at=time.time(),
-                           codec_info=header_pack.describe(info, pack) if pack else info)
+                           codec_info=header_pack.describe(described, pack) if pack
+                           else described)
                 s.add(row)
                 s.flush()
                 s.execute(update(Instance).where(Instance.blob_fk == blob_id)
