@@ -2,8 +2,9 @@
 
 ``/`` is a static page (``service/static``) that draws itself from the JSON API: ``/api/stats``
 (totals, savings by modality and by day), ``/api/studies`` (sortable, paginated, with series),
-``/api/series/{uid}``, ``/api/jobs`` (compaction queue) and ``/api/config`` (the node's settings,
-read only, secrets left out). Everything is read through :mod:`storage.reports` and the archive.
+``/api/series/{uid}``, ``/api/jobs`` (compaction queue), ``/api/deletions`` (the audit trail of
+``voxarc delete``) and ``/api/config`` (the node's settings, read only, secrets left out). The
+application only reads: deleting is a command run on the node's machine. Everything is read through :mod:`storage.reports` and the archive.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 from service.config import Settings
 from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.web_auth import TokenAuth
-from storage import reports
+from storage import deletion, reports
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -106,6 +107,9 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
     def jobs(request: Request) -> Response:
         return JSONResponse(reports.jobs(index))
 
+    def deletions(request: Request) -> Response:
+        return JSONResponse(deletion.history(index, _int(request, "limit", 100, 1, MAX_PAGE)))
+
     def config(request: Request) -> Response:
         return JSONResponse(public_settings(settings))
 
@@ -123,7 +127,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
 
     routes = [Route("/", page), Route("/api/stats", stats), Route("/api/studies", studies),
               Route("/api/series/{uid}", series), Route("/api/jobs", jobs),
-              Route("/api/config", config), Route("/metrics", prometheus),
+              Route("/api/deletions", deletions), Route("/api/config", config), Route("/metrics", prometheus),
               Route("/healthz", healthz), Mount("/static", StaticFiles(directory=STATIC))]
     token = settings.http_token
     return Starlette(routes=routes, middleware=[Middleware(TokenAuth, token=token)])

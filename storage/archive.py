@@ -15,6 +15,7 @@ from models.api import SLAB_SLICES
 from storage import query
 from storage.blobstore import BlobStore
 from storage.compaction import Compactor
+from storage.deletion import Deleter, DeletionPlan, plan
 from storage.index import Index, Instance, Series, Study
 from storage.ingest import DUPLICATE_POLICIES, IngestResult, Stager, ingest, stored_bytes
 from storage.recode import Recoder
@@ -121,6 +122,16 @@ class Archive:
         with self.index.read() as s:
             series_id = s.scalar(select(Series.id).where(Series.series_uid == series_uid))
         return series_id is not None and self.compactor.compact_series(series_id)
+
+    def deletion_plan(self, level: str, uid: str) -> DeletionPlan:
+        """What deleting ``uid`` at ``level`` (patient, study, series, instance) would remove
+        (see :func:`storage.deletion.plan`); nothing changes."""
+        return plan(self.index, level, uid)
+
+    def delete(self, level: str, uid: str, reason: str = "") -> dict:
+        """Delete a patient (by Patient ID), study, series or instance with its files, for good;
+        return what was removed (see :meth:`storage.deletion.Deleter.delete`)."""
+        return Deleter(self.index, self.blobs, self.retrieve).delete(level, uid, reason)
 
     def recoder(self) -> Recoder:
         """A :class:`Recoder` that brings this archive's coded stacks to today's blob format

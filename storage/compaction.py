@@ -104,10 +104,13 @@ class Compactor:
         with self.index.read() as s:
             members = list(s.scalars(select(Instance).where(
                 Instance.series_fk == series_id, Instance.staged_key.is_not(None))))
-            series_uid = s.get(Series, series_id).series_uid
-        if not members:
+            series = s.get(Series, series_id)
+        if not members or series is None:
             return True
+        series_uid = series.series_uid
         job_id = self._start_job(series_id)
+        if job_id is None:                  # the series was deleted meanwhile
+            return True
         log.info("compacting series %s: %d staged instances", series_uid, len(members))
         plan = _Plan()
         try:
@@ -193,10 +196,16 @@ class Compactor:
                     setattr(row, name, value)
                 row.blob_fk, row.staged_key = by_key[key].id, None
             job = s.get(Job, job_id)
+            if job is None:
+                raise VerificationError("series deleted during compaction")
             job.state, job.reason, job.updated_at = "done", "", time.time()
 
-    def _start_job(self, series_id: int) -> int:
+    def _start_job(self, series_id: int) -> int | None:
+        """Mark the series' compaction job running (made when missing); None when the series
+        is gone (deleted)."""
         with self.index.write() as s:
+            if s.get(Series, series_id) is None:
+                return None
             job = s.scalar(select(Job).where(Job.series_fk == series_id, Job.kind == "compact",
                                              Job.state != "done"))
             if job is None:
@@ -209,6 +218,8 @@ class Compactor:
     def _fail_job(self, job_id: int, reason: str) -> None:
         with self.index.write() as s:
             job = s.get(Job, job_id)
+            if job is None:                 # deleted with its series
+                return
             backoff = min(3600.0, 30.0 * 2 ** (job.attempts - 1))
             job.state, job.reason = "failed", reason[:2000]
             job.updated_at = time.time()

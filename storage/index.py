@@ -1,4 +1,5 @@
-"""The SQLAlchemy index: patients, studies, series, instances, blobs and compaction jobs.
+"""The SQLAlchemy index: patients, studies, series, instances, blobs, compaction jobs, and the
+files and audit trail of deletions.
 
 The same models run on SQLite (the default, one file in the data folder) and PostgreSQL. The index
 never reads blobs: it records keys, sizes and hashes so that what the blob store returns can be
@@ -114,6 +115,35 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt: Mapped[float] = mapped_column(Float, default=0.0)
     updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class Removal(Base):
+    """A file to remove once the transaction that stopped referring to it has committed (a
+    deletion); recovery finishes what a crash interrupted before it looks for orphans, so that
+    a deleted instance's staged file is never indexed again."""
+
+    __tablename__ = "removals"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String, unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Deletion(Base):
+    """The audit trail of deletions: what was asked for and what it removed (UIDs and counts,
+    no patient names)."""
+
+    __tablename__ = "deletions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    deleted_at: Mapped[float] = mapped_column(Float)
+    level: Mapped[str] = mapped_column(String)       # patient, study, series or instance
+    uid: Mapped[str] = mapped_column(String)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    series: Mapped[int] = mapped_column(Integer, default=0)
+    studies: Mapped[int] = mapped_column(Integer, default=0)
+    patients: Mapped[int] = mapped_column(Integer, default=0)
+    restaged: Mapped[int] = mapped_column(Integer, default=0)
+    freed_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    reason: Mapped[str] = mapped_column(String, default="")
 
 
 _SQLITE_ENGINE = {"connect_args": {"check_same_thread": False, "timeout": 30}}

@@ -156,8 +156,9 @@ class Stager:
         """Stop the I/O threads (every commit happens on its caller's thread)."""
         self.io.shutdown(wait=True)
 
-    def _commit_batch(self, batch: list) -> None:
-        ids = dict(self._ids)
+    def _commit_batch(self, batch: list, cached: bool = True) -> None:
+        ids = dict(self._ids) if cached else {}
+        cached = bool(ids)
         # rows whose staged file can be indexed again (storage.staged_keys) need no flush of
         # the database: their files are durable before the commit
         durable = not all(recoverable(item.fields["staged_key"]) for item in batch)
@@ -177,6 +178,15 @@ class Stager:
             self.committed += len(batch)
         except Exception as exc:  # one bad row must not fail the others: retry them one by one
             self._ids = {}
+            if cached:
+                # a cached patient, study or series row may have been deleted (`voxarc
+                # delete` in another process): once more, looking every row up
+                log.info("commit of %d instances failed (%s); again without cached rows",
+                         len(batch), exc)
+                for item in batch:
+                    item.result, item.error = None, None
+                self._commit_batch(batch, cached=False)
+                return
             if len(batch) > 1:
                 log.warning("group commit of %d instances failed (%s); committing one by one",
                             len(batch), exc)

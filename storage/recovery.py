@@ -28,6 +28,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from storage.blobstore import BlobStore, fsync_dir
+from storage.deletion import finish_removals
 from storage.errors import DuplicateInstanceError, UnparseableDatasetError
 from storage.index import Blob, Index, Instance, Job
 from storage.ingest import reindex_staged
@@ -57,6 +58,8 @@ class RecoveryReport:
         SOP Instance UIDs indexed again from complete staged files whose rows were lost.
     jobs_reset : int
         Compaction jobs left ``running`` by a crash, set back to ``pending``.
+    removals_finished : int
+        Files of committed deletions removed (a crash came between commit and removal).
     """
 
     ran: bool = True
@@ -66,6 +69,7 @@ class RecoveryReport:
     missing_blobs: list = field(default_factory=list)
     reindexed: list = field(default_factory=list)
     jobs_reset: int = 0
+    removals_finished: int = 0
 
     @property
     def clean(self) -> bool:
@@ -149,7 +153,9 @@ def scan(index: Index, blobs: BlobStore, duplicates: str = "keep_first") -> Reco
     -------
     RecoveryReport
     """
-    report = RecoveryReport(temp_removed=_remove_temp_files(blobs))
+    # first: a deleted instance's staged file must not look like a lost row's file below
+    report = RecoveryReport(removals_finished=finish_removals(index, blobs),
+                            temp_removed=_remove_temp_files(blobs))
     staged, blob_keys = _referenced(index)
     named = []                           # staged files whose name says how to index them
     for key in list(blobs.keys()):
@@ -195,6 +201,9 @@ def _reindex_if_complete(index: Index, blobs: BlobStore, key: str, duplicates: s
 
 
 def _log(report: RecoveryReport) -> None:
+    if report.removals_finished:
+        log.warning("recovery: removed %d files of interrupted deletions",
+                    report.removals_finished)
     if report.orphans_removed or report.temp_removed or report.jobs_reset:
         log.warning("recovery: removed %d orphan files and %d temporary files, reset %d "
                     "interrupted compaction jobs", len(report.orphans_removed),

@@ -112,3 +112,27 @@ def test_config_and_health(admin_site):
     status, body = http_get(f"{admin.url}/")
     assert status == 200 and b'id="chart-modality"' in body
     assert http_get(f"{admin.url}/static/app.js")[0] == 200
+
+
+def test_a_deletion_beside_the_running_node_shows_and_the_node_stores_again(admin_site,
+                                                                           tmp_path):
+    from storage.archive import Archive
+    node, admin = admin_site
+    stored = store_series(node, tmp_path, SPECS)
+    assert get_json(f"{admin.url}/api/deletions") == []
+    admin_side = Archive(node.archive.data_dir)           # as `voxarc delete` opens it
+    try:
+        summary = admin_side.delete("patient", "P1", reason="wrong patient")
+    finally:
+        admin_side.close()
+    assert summary["instances"] == 5 and summary["patients"] == 1
+    (row,) = get_json(f"{admin.url}/api/deletions")
+    assert (row["level"], row["uid"], row["reason"]) == ("patient", "P1", "wrong patient")
+    stats = get_json(f"{admin.url}/api/stats")
+    assert (stats["instances"], stats["studies"]) == (5, 2)
+    assert get_json(f"{admin.url}/api/studies")["total"] == 2
+    assert metric(_metrics(admin), "voxarc_compaction_queue", state="pending") == 2
+    (tmp_path / "again").mkdir()
+    again = store_series(node, tmp_path / "again", SPECS[:1])     # same patient, sent again
+    assert get_json(f"{admin.url}/api/stats")["instances"] == 10
+    assert node.archive.find("SERIES", {"SeriesInstanceUID": again[0]["series_uid"]})

@@ -1,0 +1,119 @@
+"""`voxarc delete LEVEL UID...`: remove patients, studies, series or instances for good.
+
+Shows what each deletion removes and asks before doing it (``--yes`` skips the question; without
+a terminal to ask on, ``--yes`` is required). ``--dry-run`` only shows. ``--history`` prints the
+audit trail of past deletions. Works beside a running ``voxarc serve`` on the same data folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from service.ae import open_archive
+from service.config import load_settings
+from storage.deletion import LEVELS, history
+from storage.errors import StorageError
+
+log = logging.getLogger(__name__)
+_WHAT = {"patient": "Patient ID", "study": "Study Instance UID", "series": "Series Instance UID",
+         "instance": "SOP Instance UID"}
+
+
+def register(subparsers) -> None:
+    """Add ``delete`` to the ``voxarc`` parser."""
+    p = subparsers.add_parser("delete", help="remove patients, studies, series or instances "
+                              "for good (asks first)")
+    p.add_argument("--config", help="TOML settings file (see docs/configuration.md)")
+    p.add_argument("--data-dir", help="data folder of the node")
+    p.add_argument("level", nargs="?", choices=LEVELS, help="what the UIDs name")
+    p.add_argument("uids", nargs="*", metavar="UID",
+                   help="Patient IDs, Study, Series or SOP Instance UIDs")
+    p.add_argument("--yes", action="store_true", help="do not ask before deleting")
+    p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    p.add_argument("--reason", default="", help="note kept in the audit trail")
+    p.add_argument("--history", action="store_true", help="print past deletions and exit")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=delete)
+
+
+def _describe(summary: dict) -> str:
+    parts = [f"{summary['instances']} instances"]
+    for name in ("series", "studies", "patients"):
+        if summary[name]:
+            parts.append(f"{summary[name]} {name}")
+    text = f"{summary['level']} {summary['uid']}: " + ", ".join(parts)
+    text += f"; frees {summary['freed_bytes'] / 1e6:.2f} MB"
+    if summary["restaged"]:
+        text += (f"; {summary['restaged']} instances that stay are staged again and "
+                 "compressed anew without the deleted ones")
+    return text
+
+
+def _confirm(count: int) -> bool:
+    answer = input(f"Delete these {count} instances for good? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _print_history(archive, as_json: bool) -> int:
+    rows = history(archive.index)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no deletions recorded")
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["deleted_at"]))
+        print(f"{when}  " + _describe(row) + (f"  ({row['reason']})" if row["reason"] else ""))
+    return 0
+
+
+def delete(args) -> int:
+    """Delete what the arguments name; exit 1 when a UID matched nothing or a deletion failed,
+    2 when the command cannot ask and ``--yes`` is missing."""
+    if not args.history and (args.level is None or not args.uids):
+        log.error("name a level (%s) and at least one UID, or ask for --history",
+                  ", ".join(LEVELS))
+        return 2
+    archive = open_archive(load_settings(args.config, data_dir=args.data_dir))
+    try:
+        if args.history:
+            return _print_history(archive, args.json)
+        plans = [archive.deletion_plan(args.level, uid) for uid in args.uids]
+        missing = [p.uid for p in plans if not p.found]
+        for uid in missing:
+            log.error("no %s %s in the archive", _WHAT[args.level], uid)
+        plans = [p for p in plans if p.found]
+        if not args.json:
+            for p in plans:
+                print(("would delete " if args.dry_run else "") + _describe(p.summary()))
+        if args.dry_run or not plans:
+            if args.json:
+                print(json.dumps({"dry_run": True, "plans": [p.summary() for p in plans],
+                                  "not_found": missing}, indent=2))
+            return 1 if missing else 0
+        if not args.yes:
+            if not sys.stdin.isatty():
+                log.error("refusing to delete without --yes: no terminal to ask on")
+                return 2
+            if not _confirm(sum(len(p.instances) for p in plans)):
+                print("nothing deleted")
+                return 0
+        done, failed = [], 0
+        for p in plans:
+            try:
+                done.append(archive.delete(p.level, p.uid, args.reason))
+            except StorageError as exc:
+                failed += 1
+                log.error("%s %s not deleted: %s", p.level, p.uid, exc)
+        if args.json:
+            print(json.dumps({"deleted": done, "not_found": missing, "failed": failed},
+                             indent=2))
+        else:
+            for summary in done:
+                print("deleted " + _describe(summary))
+        return 1 if missing or failed else 0
+    finally:
+        archive.close()

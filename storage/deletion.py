@@ -1,0 +1,332 @@
+"""Deleting patients, studies, series or single instances from the archive, for good.
+
+A deletion removes the index rows of its instances (and of the series, studies and patients left
+empty) and their files: staged copies, and each coded stack or general-codec blob whose every
+instance goes. A coded stack that keeps some of its instances is not left holding the deleted
+ones' pixels: its remaining instances are rebuilt (SHA-256 checked), staged again and the stack's
+blob removed, so that compaction codes them anew without the deleted slices.
+
+Order, so that a crash at any point loses nothing that was kept and brings back nothing that was
+deleted: the restaged files are written durably first; one transaction then removes the rows,
+points the remaining instances at their staged files, records every file to remove
+(:class:`storage.index.Removal`) and the audit row (:class:`storage.index.Deletion`); only then
+are the files removed. Recovery finishes removals a crash interrupted before it looks for
+orphans (a deleted instance's staged file would otherwise be indexed again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy import delete, exists, insert, select, update
+
+from storage.blobstore import BlobStore, fsync_dir, new_key
+from storage.errors import StorageError
+from storage.index import (
+    Blob, Deletion, Index, Instance, Job, Patient, Removal, Series, Study,
+)
+from storage.staged_keys import staged_key
+
+log = logging.getLogger(__name__)
+LEVELS = ("patient", "study", "series", "instance")
+
+
+class DeletionError(StorageError):
+    """A deletion could not be done; nothing was deleted."""
+
+
+@dataclass
+class DeletionPlan:
+    """What deleting ``uid`` at ``level`` removes, read from the index (nothing changed yet).
+
+    Attributes
+    ----------
+    instances : dict
+        Instance id -> (SOP Instance UID, staged key or None, blob id or None, size).
+    blobs_freed : dict
+        Blob id -> (key, stored bytes) of blobs all of whose instances go.
+    restage : dict
+        Blob id -> (key, stored bytes, [(instance id, SOP Instance UID)]) of coded stacks that
+        keep some instances: those are staged again and the blob removed.
+    series, studies, patients : int
+        Rows left empty and removed with the instances (counted at planning).
+    series_ids : list of int
+        Series the deleted instances belong to.
+    """
+
+    level: str
+    uid: str
+    instances: dict = field(default_factory=dict)
+    blobs_freed: dict = field(default_factory=dict)
+    restage: dict = field(default_factory=dict)
+    series: int = 0
+    studies: int = 0
+    patients: int = 0
+    series_ids: list = field(default_factory=list)
+
+    @property
+    def found(self) -> bool:
+        """Whether anything matches."""
+        return bool(self.instances)
+
+    @property
+    def restaged_instances(self) -> int:
+        """Instances that stay, staged again out of a stack that loses others."""
+        return sum(len(v[2]) for v in self.restage.values())
+
+    @property
+    def freed_bytes(self) -> int:
+        """Stored bytes removed: the deleted staged files and every removed blob."""
+        staged = sum(size for _, key, _, size in self.instances.values() if key)
+        blobs = sum(b[1] for b in self.blobs_freed.values()) + \
+            sum(b[1] for b in self.restage.values())
+        return staged + blobs
+
+    def summary(self) -> dict:
+        """Counts of the plan, for output and the audit row."""
+        return {"level": self.level, "uid": self.uid, "instances": len(self.instances),
+                "series": self.series, "studies": self.studies, "patients": self.patients,
+                "restaged": self.restaged_instances, "freed_bytes": self.freed_bytes}
+
+
+def _target_ids(s, level: str, uid: str) -> list[int]:
+    if level == "instance":
+        return list(s.scalars(select(Instance.id).where(Instance.sop_uid == uid)))
+    query = select(Instance.id).join(Series, Instance.series_fk == Series.id)
+    if level == "series":
+        return list(s.scalars(query.where(Series.series_uid == uid)))
+    query = query.join(Study, Series.study_fk == Study.id)
+    if level == "study":
+        return list(s.scalars(query.where(Study.study_uid == uid)))
+    query = query.join(Patient, Study.patient_fk == Patient.id)
+    return list(s.scalars(query.where(Patient.patient_id == uid)))
+
+
+def plan(index: Index, level: str, uid: str) -> DeletionPlan:
+    """Read what deleting ``uid`` (a Patient ID, Study, Series or SOP Instance UID, as
+    ``level`` says) would remove.
+
+    Raises
+    ------
+    ValueError
+        ``level`` is not one of :data:`LEVELS`.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"deletion level must be one of {LEVELS}")
+    out = DeletionPlan(level, uid)
+    with index.read() as s:
+        ids = _target_ids(s, level, uid)
+        for i in range(0, len(ids), 500):
+            rows = s.execute(select(Instance.id, Instance.sop_uid, Instance.staged_key,
+                                    Instance.blob_fk, Instance.size)
+                             .where(Instance.id.in_(ids[i:i + 500]))).all()
+            for row in rows:
+                out.instances[row.id] = (row.sop_uid, row.staged_key, row.blob_fk, row.size)
+        blob_ids = sorted({b for _, _, b, _ in out.instances.values() if b is not None})
+        for blob_id in blob_ids:
+            blob = s.get(Blob, blob_id)
+            kept = [(r.id, r.sop_uid) for r in s.execute(
+                select(Instance.id, Instance.sop_uid).where(Instance.blob_fk == blob_id)
+                .order_by(Instance.frame_start)) if r.id not in out.instances]
+            if kept:
+                out.restage[blob_id] = (blob.key, blob.stored_bytes, kept)
+            else:
+                out.blobs_freed[blob_id] = (blob.key, blob.stored_bytes)
+        out.series_ids = _series_of(s, list(out.instances))
+        out.series, out.studies, out.patients = _emptied(s, set(out.instances), out.series_ids)
+    return out
+
+
+def _series_of(s, instance_ids: list[int]) -> list[int]:
+    series = set()
+    for i in range(0, len(instance_ids), 500):
+        series |= set(s.scalars(select(Instance.series_fk).distinct()
+                                .where(Instance.id.in_(instance_ids[i:i + 500]))))
+    return sorted(series)
+
+
+def _emptied(s, gone: set, series: list[int]) -> tuple[int, int, int]:
+    """(series, studies, patients) that deleting the instances ``gone`` leaves empty."""
+    empty_series = {sid for sid in series
+                    if set(s.scalars(select(Instance.id).where(Instance.series_fk == sid))) <= gone}
+    studies = set(s.scalars(select(Series.study_fk).where(Series.id.in_(empty_series))))
+    empty_studies = {st for st in studies
+                     if set(s.scalars(select(Series.id).where(Series.study_fk == st)))
+                     <= empty_series}
+    patients = set(s.scalars(select(Study.patient_fk).where(Study.id.in_(empty_studies))))
+    empty_patients = {p for p in patients
+                      if set(s.scalars(select(Study.id).where(Study.patient_fk == p)))
+                      <= empty_studies}
+    return len(empty_series), len(empty_studies), len(empty_patients)
+
+
+class Deleter:
+    """Carries out deletions on an archive.
+
+    Parameters
+    ----------
+    index, blobs
+        The archive's index and blob store.
+    retrieve : callable
+        ``retrieve(sop_uid)`` -> a :class:`storage.reconstruct.StoredInstance` (SHA-256 checked);
+        rebuilds the instances that a stack keeps.
+    """
+
+    def __init__(self, index: Index, blobs: BlobStore, retrieve):
+        self.index, self.blobs, self.retrieve = index, blobs, retrieve
+
+    def delete(self, level: str, uid: str, reason: str = "") -> dict:
+        """Delete ``uid`` at ``level`` and return the plan's summary (``instances`` 0 when
+        nothing matched). Retried once from a fresh plan when the archive changed under it.
+
+        Raises
+        ------
+        DeletionError
+            An instance that stays could not be rebuilt, or the archive kept changing; nothing
+            was deleted.
+        """
+        for attempt in range(2):
+            todo = plan(self.index, level, uid)
+            if not todo.found:
+                return todo.summary()
+            try:
+                return self.execute(todo, reason)
+            except _Changed as exc:
+                if attempt:
+                    raise DeletionError(f"{level} {uid}: the archive kept changing ({exc}); "
+                                        "nothing deleted") from None
+                log.info("deleting %s %s: the archive changed (%s); planning again", level,
+                         uid, exc)
+        raise AssertionError("unreachable")
+
+    def execute(self, todo: DeletionPlan, reason: str = "") -> dict:
+        """Carry out a :func:`plan` (see the module's docstring for the order of steps)."""
+        restaged = self._restage(todo)
+        try:
+            removals = self._commit(todo, restaged, reason)
+        except BaseException:
+            for key, _ in restaged.values():
+                self.blobs.delete(key)
+            raise
+        finish_removals(self.index, self.blobs, removals)
+        summary = todo.summary()
+        log.warning("deleted %s %s: %d instances, %d series, %d studies, %d patients; %d "
+                    "instances staged again for compaction; %d bytes freed%s", todo.level,
+                    todo.uid, summary["instances"], summary["series"], summary["studies"],
+                    summary["patients"], summary["restaged"], summary["freed_bytes"],
+                    f" ({reason})" if reason else "")
+        return summary
+
+    def _restage(self, todo: DeletionPlan) -> dict:
+        """Write every instance that a shrinking stack keeps as a staged file; return
+        {instance id: (staged key, blob id)}."""
+        written: dict = {}
+        try:
+            for blob_id, (_, _, kept) in todo.restage.items():
+                for inst_id, sop_uid in kept:
+                    inst = self.retrieve(sop_uid)
+                    digest = _sha(inst.data)
+                    key = staged_key(inst.transfer_syntax, digest) or new_key("s")
+                    self.blobs.put_new(key, inst.data)
+                    written[inst_id] = (key, blob_id)
+        except StorageError as exc:
+            for key, _ in written.values():
+                self.blobs.delete(key)
+            raise DeletionError(f"{todo.level} {todo.uid}: an instance that stays could not be "
+                                f"rebuilt ({exc}); nothing deleted") from exc
+        return written
+
+    def _commit(self, todo: DeletionPlan, restaged: dict, reason: str) -> list[str]:
+        """One transaction: rows removed, kept instances staged, removals and audit recorded;
+        return the keys to remove."""
+        now = time.time()
+        with self.index.write() as s:
+            for inst_id, (sop_uid, key, blob_id, _) in todo.instances.items():
+                gone = s.execute(delete(Instance).where(
+                    Instance.id == inst_id, _same(Instance.staged_key, key),
+                    _same(Instance.blob_fk, blob_id)))
+                if gone.rowcount != 1:
+                    raise _Changed(f"instance {sop_uid} moved or went")
+            for inst_id, (key, blob_id) in restaged.items():
+                moved = s.execute(update(Instance).where(
+                    Instance.id == inst_id, Instance.blob_fk == blob_id).values(
+                    staged_key=key, blob_fk=None, frame_start=0, header_before=None,
+                    header_after=None))
+                if moved.rowcount != 1:
+                    raise _Changed(f"an instance of blob {blob_id} moved or went")
+            blob_ids = list(todo.blobs_freed) + list(todo.restage)
+            for blob_id in blob_ids:
+                if s.scalar(select(Instance.id).where(Instance.blob_fk == blob_id).limit(1)):
+                    raise _Changed(f"blob {blob_id} gained instances")
+                s.execute(delete(Blob).where(Blob.id == blob_id))
+            _drop_empty(s, todo.series_ids)
+            keys = [k for _, k, _, _ in todo.instances.values() if k] + \
+                [todo.blobs_freed[b][0] for b in todo.blobs_freed] + \
+                [todo.restage[b][0] for b in todo.restage]
+            if keys:
+                s.execute(insert(Removal), [{"key": k, "created_at": now} for k in keys])
+            s.add(Deletion(deleted_at=now, reason=reason[:500], **todo.summary()))
+        return keys
+
+
+class _Changed(Exception):
+    """The archive changed between planning and committing a deletion."""
+
+
+def _same(column, value):
+    return column.is_(None) if value is None else column == value
+
+
+def _drop_empty(s, series_ids: list[int]) -> None:
+    """Remove the series among ``series_ids`` left without instances (and their jobs), then
+    their studies and patients when left empty."""
+    empty = list(s.scalars(select(Series.id).where(
+        Series.id.in_(series_ids), ~exists().where(Instance.series_fk == Series.id))))
+    if not empty:
+        return
+    studies = list(s.scalars(select(Series.study_fk).distinct().where(Series.id.in_(empty))))
+    patients = list(s.scalars(select(Study.patient_fk).distinct().where(Study.id.in_(studies))))
+    s.execute(delete(Job).where(Job.series_fk.in_(empty)))
+    s.execute(delete(Series).where(Series.id.in_(empty)))
+    s.execute(delete(Study).where(Study.id.in_(studies),
+                                  ~exists().where(Series.study_fk == Study.id)))
+    s.execute(delete(Patient).where(Patient.id.in_(patients),
+                                    ~exists().where(Study.patient_fk == Patient.id)))
+
+
+def finish_removals(index: Index, blobs: BlobStore, keys: list[str] | None = None) -> int:
+    """Remove the files recorded as :class:`Removal` rows (only ``keys`` when given), then
+    their rows; return how many. Recovery calls it with no keys, before its orphan scan."""
+    with index.read() as s:
+        recorded = list(s.scalars(select(Removal.key)))
+    if keys is not None:
+        wanted = set(recorded)
+        recorded = [k for k in keys if k in wanted]
+    todo = recorded
+    folders = set()
+    for key in todo:
+        blobs.delete(key)
+        folders.add(blobs.path(key).parent)
+    for folder in folders:
+        fsync_dir(folder)
+    for i in range(0, len(todo), 500):
+        with index.write() as s:
+            s.execute(delete(Removal).where(Removal.key.in_(todo[i:i + 500])))
+    return len(todo)
+
+
+def history(index: Index, limit: int = 100) -> list[dict]:
+    """The latest deletions, newest first (the audit trail)."""
+    with index.read() as s:
+        rows = s.scalars(select(Deletion).order_by(Deletion.id.desc()).limit(limit))
+        return [{"deleted_at": r.deleted_at, "level": r.level, "uid": r.uid,
+                 "instances": r.instances, "series": r.series, "studies": r.studies,
+                 "patients": r.patients, "restaged": r.restaged, "freed_bytes": r.freed_bytes,
+                 "reason": r.reason} for r in rows]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,239 @@
+"""Deleting patients, studies, series and instances (storage.deletion, `voxarc delete`)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+import models
+from node_helpers import archive, make_series, store_series  # noqa: F401 (fixture)
+from storage import deletion, header_pack
+from storage.archive import Archive
+from storage.deletion import DeletionError, Deleter
+from storage.errors import InstanceNotFoundError
+from storage.index import Blob, Deletion, Instance, Job, Patient, Removal, Series, Study
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _count(arch, model) -> int:
+    with arch.index.read() as s:
+        return len(list(s.scalars(select(model.id))))
+
+
+def _files(arch) -> set:
+    return set(arch.blobs.keys())
+
+
+def _two_patients(arch):
+    """Patient A: one study of two series; patient B: one series. Returns (A1, A2, B) as
+    {SOP UID: bytes} each."""
+    study = generate_uid()
+    a1 = store_series(arch, make_series(5, study_uid=study, patient_id="A", seed=1))
+    a2 = store_series(arch, make_series(3, study_uid=study, patient_id="A", seed=2))
+    b = store_series(arch, make_series(4, patient_id="B", patient_name="Roe^Ann", seed=3))
+    return a1, a2, b
+
+
+def _series_uid(arch, sop_uid: str) -> str:
+    with arch.index.read() as s:
+        return s.scalar(select(Series.series_uid).join(Instance, Instance.series_fk == Series.id)
+                        .where(Instance.sop_uid == sop_uid))
+
+
+def _exact(arch, sent: dict) -> bool:
+    return all(arch.retrieve(uid).data == data for uid, data in sent.items())
+
+
+def _gone(arch, sent: dict) -> bool:
+    for uid in sent:
+        with pytest.raises(InstanceNotFoundError):
+            arch.retrieve(uid)
+    return True
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_deleting_a_series_removes_its_rows_and_files_and_nothing_else(archive, compacted):
+    a1, a2, b = _two_patients(archive)
+    if compacted:
+        assert archive.compact(stable_age=0) == (3, 0)
+    before_files, before = _files(archive), archive.stats()
+    summary = archive.delete("series", _series_uid(archive, next(iter(a2))), reason="test")
+    assert summary["instances"] == 3 and summary["series"] == 1
+    assert summary["studies"] == summary["patients"] == 0 and summary["restaged"] == 0
+    after = archive.stats()
+    assert after["instances"] == before["instances"] - 3 and after["series"] == 2
+    assert before["stored_bytes"] - after["stored_bytes"] == summary["freed_bytes"] > 0
+    assert len(before_files - _files(archive)) == (1 if compacted else 3)
+    assert not _files(archive) - before_files
+    assert _gone(archive, a2) and _exact(archive, a1) and _exact(archive, b)
+    assert archive.find("SERIES", {"SeriesInstanceUID": _series_uid(archive, next(iter(a1)))})
+    assert _count(archive, Removal) == 0
+    (row,) = deletion.history(archive.index)
+    assert row["level"] == "series" and row["instances"] == 3 and row["reason"] == "test"
+
+
+def test_deleting_a_patient_removes_its_studies_and_the_patient_row(archive):
+    a1, a2, b = _two_patients(archive)
+    assert archive.compact(stable_age=0) == (3, 0)
+    summary = archive.delete("patient", "A")
+    assert (summary["instances"], summary["series"], summary["studies"],
+            summary["patients"]) == (8, 2, 1, 1)
+    assert _gone(archive, a1) and _gone(archive, a2) and _exact(archive, b)
+    assert archive.find("PATIENT", {"PatientID": "A"}) == []
+    assert [r["PatientID"] for r in archive.find("PATIENT", {"PatientID": "*"})] == ["B"]
+    assert _count(archive, Patient) == _count(archive, Study) == 1
+    with archive.index.read() as s:
+        assert list(s.scalars(select(Job.series_fk))) == list(s.scalars(select(Series.id)))
+    assert archive.stats()["instances"] == 4
+
+
+def test_deleting_one_instance_of_a_coded_stack_codes_the_rest_anew_without_it(archive):
+    sent = store_series(archive, make_series(6, 24, 24, seed=4))
+    assert archive.compact(stable_age=0) == (1, 0)
+    victim = sorted(sent)[2]
+    with archive.index.read() as s:
+        (old_key,) = s.scalars(select(Blob.key))
+    summary = archive.delete("instance", victim)
+    assert summary["instances"] == 1 and summary["restaged"] == 5 and summary["series"] == 0
+    assert not archive.blobs.exists(old_key)             # the victim's pixels are gone
+    kept = {uid: data for uid, data in sent.items() if uid != victim}
+    assert _exact(archive, kept) and _gone(archive, {victim: b""})
+    assert archive.stats()["pending_instances"] == 5
+    assert archive.compact(stable_age=0) == (1, 0)
+    with archive.index.read() as s:
+        (blob,) = s.scalars(select(Blob))
+    coded = header_pack.coded_view(archive.blobs.get(blob.key))
+    assert models.blob_info(coded)["shape"][0] == 5
+    assert _exact(archive, kept) and archive.stats()["pending_instances"] == 0
+
+
+def test_a_crash_between_commit_and_file_removal_never_brings_an_instance_back(tmp_path,
+                                                                              monkeypatch):
+    arch = Archive(tmp_path / "data")
+    sent = store_series(arch, make_series(3, seed=5))
+    keys = _files(arch)
+    monkeypatch.setattr(deletion, "finish_removals", lambda *a, **k: 0)    # the "crash"
+    arch.delete("series", _series_uid(arch, next(iter(sent))))
+    assert _files(arch) == keys and _count(arch, Removal) == 3
+    arch.close()
+    monkeypatch.undo()
+    arch = Archive(tmp_path / "data")              # recovery: staged files have names it
+    try:                                           # would index again, were they orphans
+        assert arch.recovery.removals_finished == 3 and not arch.recovery.reindexed
+        assert _files(arch) == set() and arch.stats()["instances"] == 0
+        assert _count(arch, Removal) == 0
+    finally:
+        arch.close()
+
+
+def test_a_change_after_planning_is_never_half_applied(archive):
+    sent = store_series(archive, make_series(4, seed=6))
+    victim = sorted(sent)[0]
+    todo = archive.deletion_plan("instance", victim)          # planned while staged
+    assert archive.compact(stable_age=0) == (1, 0)              # then compacted
+    files = _files(archive)
+    with pytest.raises(deletion._Changed):
+        Deleter(archive.index, archive.blobs, archive.retrieve).execute(todo)
+    assert _files(archive) == files and _exact(archive, sent)
+    assert _count(archive, Deletion) == 0
+    summary = archive.delete("instance", victim)                # plans again
+    assert summary["restaged"] == 3 and _gone(archive, {victim: b""})
+
+
+def test_a_stack_whose_kept_instances_cannot_be_rebuilt_deletes_nothing(archive):
+    sent = store_series(archive, make_series(4, seed=7))
+    assert archive.compact(stable_age=0) == (1, 0)
+    with archive.index.read() as s:
+        (key,) = s.scalars(select(Blob.key))
+    data = bytearray(archive.blobs.get(key))
+    data[-20] ^= 0xFF
+    archive.blobs.put(key, bytes(data))
+    archive.reconstructor = type(archive.reconstructor)(archive.index, archive.blobs)
+    files = _files(archive)
+    with pytest.raises(DeletionError, match="nothing deleted"):
+        archive.delete("instance", sorted(sent)[0])
+    assert _files(archive) == files and archive.stats()["instances"] == 4
+
+
+def test_an_unknown_uid_deletes_nothing(archive):
+    store_series(archive, make_series(2, seed=8))
+    assert archive.delete("study", "1.2.3.4")["instances"] == 0
+    assert archive.stats()["instances"] == 2 and deletion.history(archive.index) == []
+    with pytest.raises(ValueError):
+        archive.deletion_plan("frame", "1.2.3")
+
+
+def test_a_node_that_cached_a_deleted_series_stores_into_it_again(tmp_path):
+    node_side = Archive(tmp_path / "data")
+    series = make_series(4, seed=9)
+    store_series(node_side, series[:2])              # the stager caches the series' rows
+    admin_side = Archive(tmp_path / "data")          # `voxarc delete` in another process
+    try:
+        admin_side.delete("patient", "PAT1")
+        assert admin_side.stats()["instances"] == 0
+    finally:
+        admin_side.close()
+    sent = store_series(node_side, series[2:])
+    try:
+        assert _exact(node_side, sent) and node_side.stats()["series"] == 1
+    finally:
+        node_side.close()
+
+
+def test_compaction_of_a_series_deleted_meanwhile_is_a_no_op(archive):
+    sent = store_series(archive, make_series(2, seed=10))
+    with archive.index.read() as s:
+        series_id = s.scalar(select(Series.id))
+    archive.delete("series", _series_uid(archive, next(iter(sent))))
+    assert archive.compactor.compact_series(series_id) is True
+    assert archive.compactor._start_job(series_id) is None
+
+
+def _voxarc(*args, data_dir, stdin=subprocess.DEVNULL):
+    return subprocess.run([sys.executable, "-m", "service.cli", *args, "--data-dir",
+                           str(data_dir)], cwd=REPO, capture_output=True, text=True,
+                          stdin=stdin, timeout=120)
+
+
+def test_voxarc_delete(tmp_path):
+    data_dir = tmp_path / "data"
+    arch = Archive(data_dir)
+    a1, a2, b = _two_patients(arch)
+    study = arch.find("STUDY", {"PatientID": "A"})[0]["StudyInstanceUID"]
+    arch.close()
+    out = _voxarc("delete", "study", study, data_dir=data_dir)
+    assert out.returncode == 2 and "--yes" in out.stderr          # no terminal to ask on
+    out = _voxarc("delete", "study", study, "--dry-run", "--json", data_dir=data_dir)
+    assert out.returncode == 0, out.stderr
+    (plan_summary,) = json.loads(out.stdout)["plans"]
+    assert plan_summary["instances"] == 8 and plan_summary["patients"] == 1
+    out = _voxarc("delete", "study", study, "1.2.999", "--yes", "--json", "--reason", "wrong "
+                  "patient", data_dir=data_dir)
+    assert out.returncode == 1, out.stderr                       # one UID matched nothing
+    result = json.loads(out.stdout)
+    assert result["not_found"] == ["1.2.999"] and result["deleted"][0]["instances"] == 8
+    out = _voxarc("delete", "--history", data_dir=data_dir)
+    assert out.returncode == 0 and "study " + study in out.stdout and "wrong patient" in out.stdout
+    out = _voxarc("stats", "--json", data_dir=data_dir)
+    assert json.loads(out.stdout)["instances"] == 4
+    arch = Archive(data_dir)
+    try:
+        assert _exact(arch, b) and _gone(arch, a1)
+    finally:
+        arch.close()
+    assert _voxarc("delete", data_dir=data_dir).returncode == 2
+
+
+def test_removal_rows_only_name_files_of_that_deletion(archive):
+    sent = store_series(archive, make_series(2, seed=11))
+    other = store_series(archive, make_series(2, seed=12))
+    archive.delete("series", _series_uid(archive, next(iter(sent))))
+    assert _exact(archive, other)
+    assert np.all([archive.blobs.exists(k) for k in _files(archive)])
+    assert len(_files(archive)) == 2
