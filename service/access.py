@@ -3,7 +3,7 @@
 With ``peers`` empty (the default) any calling AE title may store, query and retrieve. With
 ``peers`` set, only the listed calling AE titles are accepted at association (others are rejected
 by pynetdicom before any DIMSE message), and each may do only what its entry grants:
-``store`` (C-STORE), ``query`` (C-FIND), ``retrieve`` (C-GET, C-MOVE). A refused operation is
+``store`` (C-STORE, storage commitment), ``query`` (C-FIND), ``retrieve`` (C-GET, C-MOVE). A refused operation is
 logged and answered 0x0124 (Refused: Not Authorised); a refused C-MOVE fails with pynetdicom's
 0xC514, since a move handler cannot answer before naming a destination.
 """
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 PERMISSIONS = ("store", "query", "retrieve")
 NOT_AUTHORISED = 0x0124
 _NEEDS = {evt.EVT_C_STORE: "store", evt.EVT_C_FIND: "query", evt.EVT_C_GET: "retrieve",
-          evt.EVT_C_MOVE: "retrieve"}
+          evt.EVT_C_MOVE: "retrieve", evt.EVT_N_ACTION: "store"}     # storage commitment
 
 
 class AccessRefused(PermissionError):
@@ -83,6 +83,13 @@ def _guarded(kind, handler, permission: str, policy: AccessPolicy):
             _refuse(event, permission)
             return NOT_AUTHORISED
         return store
+    if kind == evt.EVT_N_ACTION:
+        def action(event, *args):
+            if policy.allows(event.assoc.requestor.ae_title, permission):
+                return handler(event, *args)
+            _refuse(event, permission)
+            return NOT_AUTHORISED, None
+        return action
 
     def generator(event, *args):
         if policy.allows(event.assoc.requestor.ae_title, permission):

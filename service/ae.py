@@ -15,14 +15,16 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove,
-    Verification,
+    StorageCommitmentPushModel, StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove, Verification,
 )
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext
 
-from service import command_encoding, exact_send, handlers, negotiation, reactor_wait, tls
+from service import (
+    command_encoding, commitment, exact_send, handlers, negotiation, reactor_wait, tls,
+)
 from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.metrics import NodeMetrics
@@ -53,7 +55,8 @@ def open_archive(settings: Settings) -> Archive:
 
 def build_ae(settings: Settings) -> AE:
     """Return the application entity: every storage SOP class in every transfer syntax (also in
-    the SCP role, for C-GET), Verification and the Patient/Study Root query/retrieve models."""
+    the SCP role, for C-GET), Verification, the Patient/Study Root query/retrieve models and
+    Storage Commitment Push Model."""
     exact_send.install()    # retrieved instances go out as received, never re-encoded
     command_encoding.install()    # C-STORE command sets packed without a pydicom Dataset
     # pynetdicom's "standard" handlers log every PDU and DIMSE message (building the text even
@@ -69,13 +72,16 @@ def build_ae(settings: Settings) -> AE:
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES,
                                  scu_role=True, scp_role=True)
     ae.add_supported_context(Verification)
+    ae.add_supported_context(StorageCommitmentPushModel)
     for sop_class in QUERY_RETRIEVE:
         ae.add_supported_context(sop_class)
     return ae
 
 
-def event_handlers(archive: Archive, settings: Settings) -> list:
-    """The (event, handler, args) bindings of a node, with the ``peers`` permission checks."""
+def event_handlers(archive: Archive, settings: Settings,
+                   reporter: commitment.Reporter | None = None) -> list:
+    """The (event, handler, args) bindings of a node, with the ``peers`` permission checks
+    (storage commitment only with a ``reporter`` to answer it)."""
     return guard([
         (evt.EVT_CONN_OPEN, tune_association),
         (evt.EVT_ACCEPTED, handlers.handle_association),
@@ -86,7 +92,8 @@ def event_handlers(archive: Archive, settings: Settings) -> list:
         (evt.EVT_C_FIND, handlers.handle_find, [archive]),
         (evt.EVT_C_GET, handlers.handle_get, [archive]),
         (evt.EVT_C_MOVE, handlers.handle_move, [archive, settings]),
-    ], AccessPolicy.from_settings(settings.peers))
+    ] + ([(evt.EVT_N_ACTION, commitment.handle_action, [reporter, settings])] if reporter else []),
+        AccessPolicy.from_settings(settings.peers))
 
 
 class _SharedSyntaxContext(PresentationContext):
@@ -187,6 +194,7 @@ class Node:
         self.metrics = NodeMetrics(self.archive)           # served at /metrics (service.web)
         self.metrics.watch_compactor(self.archive.compactor)
         self.ae = build_ae(settings)
+        self.reporter = commitment.Reporter(self.archive, settings)
         self.server = None
         self.worker = CompactionWorker(self.archive, settings.stable_age,
                                        settings.compaction_interval) if compaction else None
@@ -208,7 +216,8 @@ class Node:
                                                negotiation.RetrievalOrder(
                                                    self.archive.stored_syntaxes)),
                                            evt_handlers=self.metrics.instrument(
-                                               event_handlers(self.archive, self.settings)))
+                                               event_handlers(self.archive, self.settings,
+                                                              self.reporter)))
         if self.worker:
             self.worker.start()
         threading.Thread(target=self._warm, name="voxarc-warm", daemon=True).start()
@@ -231,5 +240,6 @@ class Node:
             self.server.shutdown()
         if self.worker is not None and self.worker.is_alive():
             self.worker.stop()
+        self.reporter.stop()
         self.archive.close()
         log.info("voxarc node %s stopped", self.settings.ae_title)

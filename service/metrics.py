@@ -23,7 +23,7 @@ from storage import reports
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _OPERATIONS = {evt.EVT_C_ECHO: "C-ECHO", evt.EVT_C_STORE: "C-STORE", evt.EVT_C_FIND: "C-FIND",
-               evt.EVT_C_GET: "C-GET", evt.EVT_C_MOVE: "C-MOVE"}
+               evt.EVT_C_GET: "C-GET", evt.EVT_C_MOVE: "C-MOVE", evt.EVT_N_ACTION: "N-ACTION"}
 _ASSOCIATION_EVENTS = {evt.EVT_ACCEPTED: "accepted", evt.EVT_REJECTED: "rejected",
                        evt.EVT_RELEASED: "released", evt.EVT_ABORTED: "aborted"}
 _NOT_FAILURES = (statuses.SUCCESS, statuses.PENDING, 0xFF01, statuses.CANCEL)
@@ -36,6 +36,14 @@ def _status_of(item) -> int | None:
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int):
         return item[0]
     return None
+
+
+def _plain_status(value) -> int | None:
+    """The status code of a handler's return value: an int, a status Dataset, or a tuple of
+    either and a dataset (N-ACTION)."""
+    if isinstance(value, tuple):
+        value = value[0]
+    return getattr(value, "Status", value) if value is not None else None
 
 
 def _dataset_size(event) -> int:
@@ -163,7 +171,7 @@ class NodeMetrics:
             if operation == "C-STORE":
                 self.store_done(status, _dataset_size(event))
             else:
-                self.dimse_done(operation, status)
+                self.dimse_done(operation, _plain_status(status))
             return status
         return counted
 

@@ -16,7 +16,7 @@ from storage import query
 from storage.blobstore import BlobStore
 from storage.compaction import Compactor
 from storage.deletion import Deleter, DeletionPlan, plan
-from storage.index import Index, Instance, Series, Study
+from storage.index import Blob, Index, Instance, Series, Study
 from storage.ingest import DUPLICATE_POLICIES, IngestResult, Stager, ingest, stored_bytes
 from storage.recode import Recoder
 from storage.reconstruct import Reconstructor, StoredInstance
@@ -99,6 +99,22 @@ class Archive:
                                  .where(Instance.sop_uid.in_(sop_uids[i:i + 500]))).all()
                 for sop_class, ts in rows:
                     out.setdefault(sop_class, set()).add(ts)
+        return out
+
+    def held(self, sop_uids: list[str]) -> dict[str, str]:
+        """{SOP Instance UID: SOP Class UID} of the given instances that the archive holds:
+        indexed, and their staged file or blob present (what a storage commitment vouches for;
+        every row is committed only after its bytes are durable)."""
+        out: dict[str, str] = {}
+        query = select(Instance.sop_uid, Instance.sop_class_uid, Instance.staged_key, Blob.key) \
+            .outerjoin(Blob, Instance.blob_fk == Blob.id)
+        with self.index.read() as s:
+            for i in range(0, len(sop_uids), 500):
+                for uid, sop_class, staged, blob in s.execute(
+                        query.where(Instance.sop_uid.in_(sop_uids[i:i + 500]))):
+                    key = staged or blob
+                    if key is not None and self.blobs.exists(key):
+                        out[uid] = sop_class
         return out
 
     def stored_syntaxes(self) -> dict[str, list[str]]:
