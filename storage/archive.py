@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from models.api import SLAB_SLICES
 from storage import query
+from storage.backup import BackupReport, backup
 from storage.blobstore import BlobStore
 from storage.compaction import Compactor
 from storage.deletion import Deleter, DeletionPlan, plan
@@ -148,6 +149,11 @@ class Archive:
         """Delete a patient (by Patient ID), study, series or instance with its files, for good;
         return what was removed (see :meth:`storage.deletion.Deleter.delete`)."""
         return Deleter(self.index, self.blobs, self.retrieve).delete(level, uid, reason)
+
+    def backup(self, dest, database_url: str = "", progress=None) -> BackupReport:
+        """Copy this archive, consistent at one moment, into the data folder ``dest`` (see
+        :func:`storage.backup.backup`); works while a node serves it."""
+        return backup(self.index, self.blobs, dest, database_url, progress)
 
     def recoder(self) -> Recoder:
         """A :class:`Recoder` that brings this archive's coded stacks to today's blob format

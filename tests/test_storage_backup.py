@@ -1,0 +1,160 @@
+"""Backups while the archive runs (storage.backup, `voxarc backup`): consistent, incremental,
+restorable (to SQLite and PostgreSQL), refusing what would be unsafe."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from node_helpers import BACKENDS, archive, database_url, make_series, store_series  # noqa: F401
+from storage import backup as backup_module
+from storage.archive import Archive
+from storage.backup import BackupError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _filled(arch) -> dict:
+    """One compacted series, one staged; returns every instance's bytes."""
+    sent = store_series(arch, make_series(5, 24, 24, seed=1))
+    assert arch.compact(stable_age=0) == (1, 0)
+    sent |= store_series(arch, make_series(3, 24, 24, seed=2))
+    return sent
+
+
+def _check_copy(dest, sent: dict, url: str = "") -> dict:
+    copy = Archive(dest, url)
+    try:
+        assert all(copy.retrieve(uid).data == data for uid, data in sent.items())
+        assert copy.recovery.clean and not copy.recovery.orphans_removed
+        from storage.scrub import scrub
+        assert scrub(copy).ok
+        return copy.stats()
+    finally:
+        copy.close()
+
+
+def test_a_backup_is_an_archive_that_gives_every_instance_back(archive, tmp_path):
+    sent = _filled(archive)
+    report = archive.backup(tmp_path / "copy")
+    assert (report.instances, report.blobs, report.rounds) == (8, 1, 1)
+    assert report.files_copied == 4 and report.files_kept == report.files_removed == 0
+    stats = _check_copy(tmp_path / "copy", sent)
+    assert stats == archive.stats()
+
+
+def test_a_second_backup_copies_only_what_is_new_and_drops_what_went(archive, tmp_path):
+    sent = _filled(archive)
+    archive.backup(tmp_path / "copy")
+    assert archive.compact(stable_age=0) == (1, 0)               # 3 staged files -> 1 blob
+    sent |= store_series(archive, make_series(2, 24, 24, seed=3))
+    report = archive.backup(tmp_path / "copy")
+    assert report.files_kept == 1                                # the first series' blob
+    assert report.files_copied == 1 + 2 and report.files_removed == 3
+    assert _check_copy(tmp_path / "copy", sent)["instances"] == 10
+
+
+def test_files_moving_while_copying_make_a_new_snapshot(archive, tmp_path, monkeypatch):
+    sent = _filled(archive)
+    real_get, compacted = archive.blobs.get, []
+
+    def get_while_compacting(key):
+        if not compacted:                   # the node compacts right after the snapshot
+            compacted.append(None)
+            compacted[0] = archive.compact(stable_age=0)
+        return real_get(key)
+    monkeypatch.setattr(archive.blobs, "get", get_while_compacting)
+    report = archive.backup(tmp_path / "copy")
+    assert compacted == [(1, 0)] and report.rounds == 2 and report.blobs == 2
+    _check_copy(tmp_path / "copy", sent)
+
+
+def test_a_damaged_file_fails_the_backup_and_keeps_the_previous_one(archive, tmp_path):
+    sent = _filled(archive)
+    archive.backup(tmp_path / "copy")
+    new = store_series(archive, make_series(2, 24, 24, seed=4))
+    uid = next(iter(new))
+    with archive.index.read() as s:
+        from sqlalchemy import select
+        from storage.index import Instance
+        key = s.scalar(select(Instance.staged_key).where(Instance.sop_uid == uid))
+    archive.blobs.path(key).write_bytes(b"damaged")
+    with pytest.raises(BackupError, match="SHA-256"):
+        archive.backup(tmp_path / "copy")
+    assert _check_copy(tmp_path / "copy", sent)["instances"] == 8    # the previous backup
+
+
+def test_a_destination_in_use_or_the_archive_itself_is_refused(archive, tmp_path):
+    _filled(archive)
+    with pytest.raises(BackupError, match="own data folder"):
+        archive.backup(archive.data_dir)
+    serving = Archive(tmp_path / "busy")
+    try:
+        with pytest.raises(BackupError, match="open in another process"):
+            archive.backup(tmp_path / "busy")
+    finally:
+        serving.close()
+
+
+@pytest.mark.parametrize("restore_to", BACKENDS)
+def test_a_backup_restores_onto_another_database_and_takes_new_instances(tmp_path,
+                                                                         restore_to):
+    source = Archive(tmp_path / "data")
+    try:
+        sent = _filled(source)
+        source.backup(tmp_path / "copy")
+    finally:
+        source.close()
+    url = database_url(restore_to, tmp_path / "restored")
+    if restore_to == "sqlite":
+        (tmp_path / "restored").mkdir()
+    restored = Archive(tmp_path / "copy")
+    try:
+        report = restored.backup(tmp_path / "new", url)
+        assert report.instances == 8
+    finally:
+        restored.close()
+    _check_copy(tmp_path / "new", sent, url)
+    again = Archive(tmp_path / "new", url)          # ids continue after the copied rows
+    try:
+        more = store_series(again, make_series(2, 24, 24, seed=5))
+        assert again.compact(stable_age=0) == (2, 0)
+        assert all(again.retrieve(u).data == d for u, d in (sent | more).items())
+    finally:
+        again.close()
+
+
+def test_snapshot_of_a_non_sqlite_index_goes_through_rows(tmp_path, monkeypatch):
+    calls = []
+    real = backup_module._copy_rows
+    monkeypatch.setattr(backup_module, "_copy_rows",
+                        lambda *a: calls.append(1) or real(*a))
+    source = Archive(tmp_path / "data")
+    try:
+        sent = _filled(source)
+        monkeypatch.setattr(source.index, "url", "postgresql://stand-in/for-the-path")
+        source.backup(tmp_path / "copy")
+    finally:
+        source.close()
+    assert calls == [1]                     # the snapshot, read in one transaction
+    _check_copy(tmp_path / "copy", sent)
+
+
+def test_voxarc_backup(tmp_path):
+    arch = Archive(tmp_path / "data")
+    try:
+        sent = _filled(arch)
+    finally:
+        arch.close()
+    out = subprocess.run([sys.executable, "-m", "service.cli", "backup", "--data-dir",
+                          str(tmp_path / "data"), str(tmp_path / "copy"), "--json"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["instances"] == 8
+    out = subprocess.run([sys.executable, "-m", "service.cli", "verify", "--data-dir",
+                          str(tmp_path / "copy")], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout
+    _check_copy(tmp_path / "copy", sent)
