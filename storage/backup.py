@@ -28,7 +28,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, delete, func, insert, make_url, select, text
 
-from storage.blobstore import BlobStore, fsync_dir
+from storage.blobstore import BlobStore, fsync_dir, fsync_path
 from storage.errors import StorageError
 from storage.index import Base, Blob, Index, Instance
 from storage.recovery import ArchiveLock
@@ -151,7 +151,7 @@ def _snapshot(index: Index, path: Path) -> None:
                 _copy_rows(conn, engine)
         finally:
             engine.dispose()
-    _fsync_file(path)
+    fsync_path(path)
 
 
 def _copy_rows(src_conn, dst_engine) -> None:
@@ -220,7 +220,7 @@ def _install(snapshot: Path, dest: Path, database_url: str) -> None:
         conn.commit()
     finally:
         conn.close()
-    _fsync_file(snapshot)
+    fsync_path(snapshot)
     if not database_url:
         for name in (INDEX_NAME + "-wal", INDEX_NAME + "-shm"):
             (dest / name).unlink(missing_ok=True)
@@ -255,12 +255,4 @@ def _counts(dest: Path, database_url: str) -> tuple[int, int]:
                     conn.scalar(select(func.count(Blob.id))))
     finally:
         engine.dispose()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 

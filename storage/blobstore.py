@@ -33,13 +33,18 @@ def check_key(key: str) -> str:
     return key
 
 
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry to disk (after creating, renaming or deleting a file in it)."""
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry to disk (after creating, renaming or deleting a file in it)."""
+    fsync_path(path)
 
 
 @dataclass(frozen=True)

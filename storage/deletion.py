@@ -305,10 +305,14 @@ def finish_removals(index: Index, blobs: BlobStore, keys: list[str] | None = Non
     if keys is not None:
         wanted = set(recorded)
         recorded = [k for k in keys if k in wanted]
-    todo = recorded
-    folders = set()
-    for key in todo:
-        blobs.delete(key)
+    todo, folders = [], set()
+    for key in recorded:
+        try:
+            blobs.delete(key)
+        except OSError as exc:     # committed: the row stays, and the next start removes it
+            log.warning("file %s of a deletion not removed yet: %s", key, exc)
+            continue
+        todo.append(key)
         folders.add(blobs.path(key).parent)
     for folder in folders:
         fsync_dir(folder)
