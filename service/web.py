@@ -2,14 +2,17 @@
 
 ``/`` is a static page (``service/static``) that draws itself from the JSON API: ``/api/stats``
 (totals, savings by modality and by day), ``/api/studies`` (sortable, paginated, with series),
-``/api/series/{uid}``, ``/api/jobs`` (compaction queue), ``/api/deletions`` (the audit trail of
-``voxarc delete``) and ``/api/config`` (the node's settings, read only, secrets left out). The
-application only reads: deleting is a command run on the node's machine. Everything is read through :mod:`storage.reports` and the archive.
+``/api/series/{uid}`` (and its ``preview.png``), ``/api/jobs`` (compaction queue),
+``/api/deletions`` (the audit trail of ``voxarc delete``) and ``/api/config`` (the node's settings,
+read only, secrets left out). The application only reads: deleting is a command run on the node's
+machine. Everything is read through :mod:`storage.reports` and the archive.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,13 +25,43 @@ from starlette.staticfiles import StaticFiles
 
 from service.config import Settings
 from service.metrics import CONTENT_TYPE, NodeMetrics
+from service.preview import PreviewError, render_png
 from service.web_auth import TokenAuth
 from storage import deletion, reports
+from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 SECRET_SETTINGS = ("http_token",)
 MAX_PAGE = 500
+PREVIEWS_KEPT = 128
+
+
+class _Previews:
+    """The last PNG previews rendered, by (series, instance, size): the page asks for the same
+    ones at every refresh."""
+
+    def __init__(self, archive):
+        self.archive, self._kept, self._lock = archive, OrderedDict(), threading.Lock()
+
+    def get(self, series_uid: str, size: int) -> bytes | None:
+        """The PNG of the series' middle image, or None when the series is unknown; raises
+        PreviewError when it has no image to show, StorageError when it cannot be rebuilt."""
+        sop_uid = reports.middle_instance(self.archive.index, series_uid)
+        if sop_uid is None:
+            return None
+        key = (series_uid, sop_uid, size)
+        with self._lock:
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                return self._kept[key]
+        inst = self.archive.retrieve(sop_uid)
+        png = render_png(inst.sop_class_uid, sop_uid, inst.transfer_syntax, inst.data, size)
+        with self._lock:
+            self._kept[key] = png
+            while len(self._kept) > PREVIEWS_KEPT:
+                self._kept.popitem(last=False)
+        return png
 
 
 def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -75,6 +108,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
     """
     metrics = metrics or NodeMetrics(archive)
     index = archive.index
+    previews = _Previews(archive)
 
     def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
@@ -104,6 +138,20 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
             return JSONResponse({"error": "no such series"}, status_code=404)
         return JSONResponse(found)
 
+    def preview(request: Request) -> Response:
+        try:
+            png = previews.get(request.path_params["uid"], _int(request, "size", 128, 16, 512))
+        except ValueError as exc:          # a bad size, or no image to show (PreviewError)
+            status = 404 if isinstance(exc, PreviewError) else 400
+            return JSONResponse({"error": str(exc)}, status_code=status)
+        except StorageError as exc:
+            log.warning("preview of series %s: %s", request.path_params["uid"], exc)
+            return JSONResponse({"error": str(exc)}, status_code=500)
+        if png is None:
+            return JSONResponse({"error": "no such series"}, status_code=404)
+        return Response(png, media_type="image/png",
+                        headers={"cache-control": "private, max-age=60"})
+
     def jobs(request: Request) -> Response:
         return JSONResponse(reports.jobs(index))
 
@@ -126,7 +174,8 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
                             status_code=200 if ok else 503)
 
     routes = [Route("/", page), Route("/api/stats", stats), Route("/api/studies", studies),
-              Route("/api/series/{uid}", series), Route("/api/jobs", jobs),
+              Route("/api/series/{uid}", series),
+              Route("/api/series/{uid}/preview.png", preview), Route("/api/jobs", jobs),
               Route("/api/deletions", deletions), Route("/api/config", config), Route("/metrics", prometheus),
               Route("/healthz", healthz), Mount("/static", StaticFiles(directory=STATIC))]
     token = settings.http_token

@@ -208,6 +208,19 @@ def series_detail(index: Index, series_uid: str) -> dict | None:
     return item
 
 
+def middle_instance(index: Index, series_uid: str) -> str | None:
+    """SOP Instance UID of the image in the middle of a series (along the slice positions, else
+    by instance number), preferring instances with uncompressed pixels; None when the series
+    is unknown."""
+    with index.read() as s:
+        rows = s.execute(select(Instance.sop_uid, Instance.pixel_length)
+                         .join(Series, Instance.series_fk == Series.id)
+                         .where(Series.series_uid == series_uid)
+                         .order_by(Instance.position, Instance.instance_number, Instance.id)).all()
+    images = [uid for uid, length in rows if length] or [uid for uid, _ in rows]
+    return images[len(images) // 2] if images else None
+
+
 def _blob(blob: Blob) -> dict:
     voxels = math.prod(int(v) for v in blob.shape.split(",")) if blob.shape else 0
     return {"codec": blob.codec, "codec_info": blob.codec_info, "shape": blob.shape,

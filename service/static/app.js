@@ -125,7 +125,8 @@ function seriesRow(tbody, se) {
   const row = tbody.insertRow();
   row.className = "series";
   row.dataset.uid = se.series_uid;
-  cell(row, `${se.modality} series ${se.series_number}`);
+  const name = cell(row, `${se.modality} series ${se.series_number}`);
+  name.prepend(thumbnail(se.series_uid));
   cell(row, se.series_uid, "uid").colSpan = 2;
   cell(row, se.description);
   cell(row, se.staged_instances ? se.staged_instances + " staged" : "compressed");
@@ -134,6 +135,18 @@ function seriesRow(tbody, se) {
   cell(row, bytes(se.stored_bytes), "num");
   cell(row, ratio(se.ratio), "num ratio");
   cell(row, when(se.last_received));
+}
+
+// The series' middle image (the img element cannot send a header: the token goes in the URL).
+function thumbnail(uid) {
+  const img = document.createElement("img");
+  img.className = "thumb";
+  img.alt = "";
+  img.loading = "lazy";
+  img.src = `/api/series/${encodeURIComponent(uid)}/preview.png?size=64` +
+    (token ? "&token=" + encodeURIComponent(token) : "");
+  img.addEventListener("error", () => img.remove());   // no image to show for this series
+  return img;
 }
 
 function renderStudies(page) {

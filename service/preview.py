@@ -1,0 +1,58 @@
+"""Series previews for the admin page: one image of a series, windowed, as a small PNG.
+
+The image is the instance in the middle of the series (its middle frame when it has several),
+rebuilt by the archive like any retrieval (SHA-256 checked), decoded by pydicom, put through its
+modality and VOI LUTs (the window it carries; else the 1st to 99th percentile), and shrunk to fit
+``size`` pixels. Pixel data in a compressed syntax that pydicom cannot decode here gives no
+preview (:class:`PreviewError`).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from storage.part10 import build_file
+
+
+class PreviewError(ValueError):
+    """The instance has no image that can be shown here."""
+
+
+def render_png(sop_class_uid: str, sop_uid: str, transfer_syntax: str, data: bytes,
+               size: int = 128) -> bytes:
+    """A PNG of the instance's (middle) image, at most ``size`` pixels on its longer side."""
+    try:
+        ds = dcmread(io.BytesIO(build_file(sop_class_uid, sop_uid, transfer_syntax, data)))
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        pixels = ds.pixel_array
+    except Exception as exc:     # no pixel data, or a syntax without a decoder here
+        raise PreviewError(f"instance {sop_uid} has no image to show ({exc})") from exc
+    if frames > 1:
+        pixels = pixels[frames // 2]
+    if getattr(ds, "SamplesPerPixel", 1) == 1:
+        image = Image.fromarray(_grey(ds, pixels), mode="L")
+    else:
+        image = Image.fromarray(np.asarray(pixels, dtype=np.uint8), mode="RGB")
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def _grey(ds, pixels: np.ndarray) -> np.ndarray:
+    """8-bit grey levels of a monochrome image: its LUTs, else its 1st-99th percentiles."""
+    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        values = apply_voi_lut(values, ds).astype(np.float64)
+        lo, hi = values.min(), values.max()
+    else:
+        lo, hi = np.percentile(values, [1, 99])
+    grey = np.clip((values - lo) / max(hi - lo, 1e-9), 0.0, 1.0) * 255.0
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        grey = 255.0 - grey
+    return np.round(grey).astype(np.uint8)
