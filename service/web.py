@@ -23,6 +23,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from service import dicomweb
 from service.config import Settings
 from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.preview import PreviewError, render_png
@@ -177,6 +178,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
               Route("/api/series/{uid}", series),
               Route("/api/series/{uid}/preview.png", preview), Route("/api/jobs", jobs),
               Route("/api/deletions", deletions), Route("/api/config", config), Route("/metrics", prometheus),
-              Route("/healthz", healthz), Mount("/static", StaticFiles(directory=STATIC))]
+              Route("/healthz", healthz), *dicomweb.routes(archive),
+              Mount("/static", StaticFiles(directory=STATIC))]
     token = settings.http_token
     return Starlette(routes=routes, middleware=[Middleware(TokenAuth, token=token)])

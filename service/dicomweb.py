@@ -1,0 +1,250 @@
+"""DICOMweb, read only: QIDO-RS search and WADO-RS retrieval on the admin web server.
+
+Routes under ``/dicom-web`` (same token rule as the rest of the server):
+
+- QIDO-RS ``GET /studies``, ``/series``, ``/instances``, ``/studies/{study}/series``,
+  ``/studies/{study}/instances``, ``/studies/{study}/series/{series}/instances``: the C-FIND
+  matching of :mod:`storage.query` (attributes by keyword or tag, wildcards, ranges, UID
+  lists), ``limit`` and ``offset``; answers ``application/dicom+json``. Attributes the index
+  does not keep do not filter; they are named in a ``Warning`` header.
+- WADO-RS ``GET /studies/{study}``, ``.../series/{series}``, ``.../instances/{sop}``:
+  ``multipart/related; type="application/dicom"``, one Part 10 file per instance, its dataset
+  byte for byte as received (rebuilt and SHA-256 checked). Each part names its transfer syntax:
+  instances go out as stored, never transcoded, so an instance received compressed or in
+  implicit VR comes back so (``transfer-syntax=*`` in the standard's terms).
+- WADO-RS ``.../metadata`` of a study, series or instance: each instance's attributes as DICOM
+  JSON, without its pixel data.
+- WADO-RS ``.../instances/{sop}/frames/{list}``: the listed frames' pixel bytes as
+  ``multipart/related; type="application/octet-stream"`` (uncompressed instances only).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import uuid
+
+from pydicom import Dataset, dcmread
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from storage.dataset_parts import parse_dataset, pixel_layout
+from storage.errors import StorageError
+from storage.part10 import build_file
+from storage.query import ATTRIBUTES, COMPUTED
+
+log = logging.getLogger(__name__)
+DICOM_JSON = "application/dicom+json"
+MAX_LIMIT = 5000
+_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_RESERVED = {"limit", "offset", "includefield", "fuzzymatching", "token"}
+_LEVEL_KEYS = {   # what each QIDO level answers with, beside the matched keys
+    "STUDY": ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "PatientName",
+              "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDescription",
+              "ReferringPhysicianName", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
+              "NumberOfStudyRelatedInstances"),
+    "SERIES": ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber",
+               "SeriesDescription", "SeriesDate", "NumberOfSeriesRelatedInstances"),
+    "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+              "InstanceNumber", "NumberOfFrames"),
+}
+
+
+class _BadRequest(ValueError):
+    """A query parameter that cannot be used."""
+
+
+def _criteria(request: Request, level: str, fixed: dict) -> tuple[dict, list[str]]:
+    """C-FIND criteria from the query string (keywords or tags), the path's UIDs and the level's
+    return keys; also the matching keys the index does not keep."""
+    criteria = {k: "" for k in _LEVEL_KEYS[level]}
+    ignored = []
+    for name, value in request.query_params.multi_items():
+        if name in _RESERVED:
+            continue
+        keyword = keyword_for_tag(int(name, 16)) if _TAG.match(name) else name
+        if not keyword or not _known(keyword) or dictionary_VR(keyword) == "SQ":
+            raise _BadRequest(f"unknown or unsupported attribute {name!r}")
+        if keyword not in ATTRIBUTES and keyword not in COMPUTED:
+            ignored.append(keyword)
+            continue
+        criteria[keyword] = value
+    criteria.update(fixed)
+    return criteria, ignored
+
+
+def _known(keyword: str) -> bool:
+    try:
+        dictionary_VR(keyword)
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
+def _int(request: Request, name: str, default: int, high: int) -> int:
+    try:
+        value = int(request.query_params.get(name, default))
+    except ValueError:
+        raise _BadRequest(f"{name} must be an integer") from None
+    if value < 0:
+        raise _BadRequest(f"{name} must not be negative")
+    return min(value, high)
+
+
+def _json_record(record: dict, base: str, level: str) -> dict:
+    """A C-FIND record as a DICOM JSON object, with the Retrieve URL of its level."""
+    ds = Dataset()
+    for keyword, value in record.items():
+        if value is None or value == "":
+            continue
+        setattr(ds, keyword, list(value) if isinstance(value, (list, tuple)) else value)
+    path = f"{base}/studies/{record['StudyInstanceUID']}"
+    if level in ("SERIES", "IMAGE"):
+        path += f"/series/{record['SeriesInstanceUID']}"
+    if level == "IMAGE":
+        path += f"/instances/{record['SOPInstanceUID']}"
+    ds.RetrieveURL = path
+    return ds.to_json_dict()
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/") + "/dicom-web"
+
+
+def _multipart(parts, part_type: str) -> StreamingResponse:
+    """A multipart/related response of ``parts``: an iterator of (content type, bytes)."""
+    boundary = uuid.uuid4().hex
+
+    def body():
+        for content_type, data in parts:
+            yield (f"--{boundary}\r\nContent-Type: {content_type}\r\n"
+                   f"Content-Length: {len(data)}\r\n\r\n").encode()
+            yield data
+            yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+    media = f'multipart/related; type="{part_type}"; boundary={boundary}'
+    return StreamingResponse(body(), media_type=media)
+
+
+def routes(archive) -> list[Route]:
+    """The DICOMweb routes of a node's archive."""
+
+    def search(level: str, fixed_from_path):
+        def endpoint(request: Request) -> Response:
+            fixed = fixed_from_path(request.path_params)
+            try:
+                criteria, ignored = _criteria(request, level, fixed)
+                offset = _int(request, "offset", 0, 1 << 31)
+                limit = _int(request, "limit", MAX_LIMIT, MAX_LIMIT)
+            except _BadRequest as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            records = archive.find(level, criteria)
+            page = records[offset:offset + limit] if limit else records[offset:]
+            base = _base(request)
+            headers = {}
+            if ignored:
+                headers["Warning"] = (f'299 voxarc "not used for matching: '
+                                      f'{", ".join(sorted(set(ignored)))}"')
+            return JSONResponse([_json_record(r, base, level) for r in page],
+                                media_type=DICOM_JSON, headers=headers)
+        return endpoint
+
+    def instances_of(params: dict) -> list[str]:
+        criteria = {"StudyInstanceUID": params["study"]}
+        for key, keyword in (("series", "SeriesInstanceUID"), ("sop", "SOPInstanceUID")):
+            if key in params:
+                criteria[keyword] = params[key]
+        return [r["SOPInstanceUID"] for r in archive.find("IMAGE", criteria)]
+
+    def rebuilt(uids: list[str]):
+        """Yield each instance as stored (in the order the archive decodes best)."""
+        try:
+            ordered, prefetch = archive.plan_retrieval(uids)
+        except Exception as exc:        # no plan: decode on demand, as C-GET does
+            log.warning("DICOMweb: no retrieval plan (%s)", exc)
+            ordered, prefetch = uids, None
+        try:
+            for uid in ordered:
+                try:
+                    yield archive.retrieve(uid)
+                except StorageError as exc:
+                    log.error("DICOMweb: instance %s not sent: %s", uid, exc)
+        finally:
+            if prefetch is not None:
+                prefetch.cancel()
+
+    def retrieve(request: Request) -> Response:
+        uids = instances_of(request.path_params)
+        if not uids:
+            return JSONResponse({"error": "nothing matches"}, status_code=404)
+        log.info("WADO-RS %s: %d instances", request.url.path, len(uids))
+        parts = ((f'application/dicom; transfer-syntax={inst.transfer_syntax}',
+                  build_file(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data))
+                 for inst in rebuilt(uids))
+        return _multipart(parts, "application/dicom")
+
+    def metadata(request: Request) -> Response:
+        uids = instances_of(request.path_params)
+        if not uids:
+            return JSONResponse({"error": "nothing matches"}, status_code=404)
+        base = _base(request)
+        out = []
+        for inst in rebuilt(uids):
+            ds = dcmread(io.BytesIO(build_file(inst.sop_class_uid, inst.sop_uid,
+                                               inst.transfer_syntax, inst.data)),
+                         stop_before_pixels=True)
+            item = ds.to_json_dict()            # small binary values inline, base64
+            item["00083002"] = {"vr": "UI", "Value": [inst.transfer_syntax]}
+            item["00081190"] = {"vr": "UR", "Value": [
+                f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                f"/instances/{inst.sop_uid}"]}
+            out.append(item)
+        return JSONResponse(out, media_type=DICOM_JSON)
+
+    def frames(request: Request) -> Response:
+        params = request.path_params
+        uids = instances_of(params)
+        if not uids:
+            return JSONResponse({"error": "no such instance"}, status_code=404)
+        try:
+            wanted = [int(n) for n in params["frames"].split(",")]
+        except ValueError:
+            return JSONResponse({"error": "frames must be numbers"}, status_code=400)
+        try:
+            inst = archive.retrieve(uids[0])
+        except StorageError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=500)
+        layout = pixel_layout(parse_dataset(inst.data, inst.transfer_syntax),
+                              inst.transfer_syntax)
+        if layout is None:
+            return JSONResponse({"error": "no uncompressed pixel data (frames are served for "
+                                 "uncompressed instances only)"}, status_code=406)
+        if not all(1 <= n <= layout.frames for n in wanted):
+            return JSONResponse({"error": f"frames are 1 to {layout.frames}"}, status_code=404)
+        size = layout.nbytes // layout.frames
+        view = memoryview(inst.data)
+        parts = (("application/octet-stream",
+                  bytes(view[layout.offset + (n - 1) * size:layout.offset + n * size]))
+                 for n in wanted)
+        return _multipart(parts, "application/octet-stream")
+
+    study = "/dicom-web/studies/{study}"
+    series = study + "/series/{series}"
+    instance = series + "/instances/{sop}"
+    return [
+        Route("/dicom-web/studies", search("STUDY", lambda p: {})),
+        Route("/dicom-web/series", search("SERIES", lambda p: {})),
+        Route("/dicom-web/instances", search("IMAGE", lambda p: {})),
+        Route(study + "/series", search("SERIES", lambda p: {"StudyInstanceUID": p["study"]})),
+        Route(study + "/instances",
+              search("IMAGE", lambda p: {"StudyInstanceUID": p["study"]})),
+        Route(series + "/instances", search("IMAGE", lambda p: {
+            "StudyInstanceUID": p["study"], "SeriesInstanceUID": p["series"]})),
+        Route(study, retrieve), Route(series, retrieve), Route(instance, retrieve),
+        Route(study + "/metadata", metadata), Route(series + "/metadata", metadata),
+        Route(instance + "/metadata", metadata),
+        Route(instance + "/frames/{frames}", frames),
+    ]

@@ -1,0 +1,173 @@
+"""DICOMweb (service.dicomweb): QIDO-RS search and WADO-RS retrieval, metadata and frames, on a
+node fed over C-STORE; retrieved datasets byte for byte, before and after compaction."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from admin_helpers import admin_site, http_get, http_token  # noqa: F401
+from node_helpers import bundled, dataset_bytes, make_series
+from scu_helpers import store_bytes
+from storage.dataset_parts import parse_dataset, pixel_layout
+from storage.part10 import split_file
+
+TOKEN = "dicomweb-token"
+
+
+def _store(node, tmp_path, series_list) -> dict:
+    """C-STORE generated series; return {SOP UID: dataset bytes}."""
+    items, sent = [], {}
+    for series in series_list:
+        for ds in series:
+            ts, data = dataset_bytes(ds)
+            items.append((ds.SOPClassUID, ds.SOPInstanceUID, ts, data))
+            sent[ds.SOPInstanceUID] = data
+    assert set(store_bytes(node.port, items, tmp_path)) == {0}
+    return sent
+
+
+def _json(url: str, token: str = ""):
+    status, body = http_get(url, token)
+    assert status == 200, (url, status, body[:300])
+    return json.loads(body)
+
+
+def _value(item: dict, tag: str):
+    return item[tag]["Value"][0] if "Value" in item.get(tag, {}) else None
+
+
+def _multipart(url: str) -> list[tuple[str, bytes]]:
+    """GET a multipart/related response; return its (content type, body) parts."""
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=120) as response:
+        ctype, body = response.headers["Content-Type"], response.read()
+    boundary = re.search(r"boundary=([^;\s]+)", ctype).group(1).encode()
+    parts = []
+    for chunk in body.split(b"--" + boundary)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, data = chunk.lstrip(b"\r\n").partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
+        assert len(data) == int(headers["Content-Length"]) + 2 and data.endswith(b"\r\n")
+        parts.append((headers["Content-Type"], data[:-2]))
+    return parts
+
+
+@pytest.fixture
+def web(admin_site, tmp_path):
+    node, admin = admin_site
+    study = make_series(4, 24, 24, patient_id="P1", patient_name="Doe^Jane", seed=1)
+    second = make_series(3, 24, 24, study_uid=study[0].StudyInstanceUID, patient_id="P1",
+                         modality="MR", seed=2)
+    other = make_series(2, 16, 16, patient_id="P2", patient_name="Roe^Ann",
+                        study_date="20250301", seed=3)
+    sent = _store(node, tmp_path, [study, second, other])
+    return node, f"{admin.url}/dicom-web", sent, study, second, other
+
+
+def test_qido_studies_match_like_c_find(web):
+    _, base, _, study, _, other = web
+    everything = _json(f"{base}/studies")
+    assert len(everything) == 2
+    mine = next(s for s in everything if _value(s, "0020000D") == study[0].StudyInstanceUID)
+    assert _value(mine, "00100020") == "P1" and mine["00100010"]["Value"][0] == {
+        "Alphabetic": "Doe^Jane"}
+    assert _value(mine, "00201206") == 2 and _value(mine, "00201208") == 7
+    assert sorted(mine["00080061"]["Value"]) == ["CT", "MR"]
+    assert _value(mine, "00081190").endswith(f"/dicom-web/studies/{study[0].StudyInstanceUID}")
+    assert [_value(s, "00100020") for s in _json(f"{base}/studies?PatientID=P2")] == ["P2"]
+    assert len(_json(f"{base}/studies?00100020=P1")) == 1                  # by tag
+    assert len(_json(f"{base}/studies?PatientName=roe*")) == 1             # PN: any case
+    assert [_value(s, "00100020") for s in _json(
+        f"{base}/studies?StudyDate=20250101-20251231")] == ["P2"]
+    assert len(_json(f"{base}/studies?limit=1")) == 1
+    assert len(_json(f"{base}/studies?limit=1&offset=1")) == 1
+    assert _json(f"{base}/studies?offset=2") == []
+    assert http_get(f"{base}/studies?NoSuchKeyword=1")[0] == 400
+    assert http_get(f"{base}/studies?limit=-1")[0] == 400
+    assert http_get(f"{base}/studies?PatientID=P2")[0] == 200
+    assert other
+
+
+def test_qido_series_and_instances(web):
+    _, base, _, study, second, _ = web
+    uid = study[0].StudyInstanceUID
+    series = _json(f"{base}/studies/{uid}/series")
+    assert sorted(_value(s, "00080060") for s in series) == ["CT", "MR"]
+    assert len(_json(f"{base}/series?Modality=MR")) == 1
+    instances = _json(f"{base}/studies/{uid}/series/{second[0].SeriesInstanceUID}/instances")
+    assert sorted(_value(i, "00080018") for i in instances) == sorted(
+        ds.SOPInstanceUID for ds in second)
+    assert len(_json(f"{base}/studies/{uid}/instances")) == 7
+    assert len(_json(f"{base}/instances?SOPInstanceUID={second[0].SOPInstanceUID}")) == 1
+    import urllib.request
+    with urllib.request.urlopen(f"{base}/studies?BodyPartExamined=HEAD") as response:
+        assert "BodyPartExamined" in response.headers["Warning"]     # kept, not matched
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_wado_gives_every_dataset_back_byte_for_byte(web, compacted):
+    node, base, sent, study, second, _ = web
+    if compacted:
+        assert node.archive.compact(stable_age=0)[0] == 3
+    uid = study[0].StudyInstanceUID
+    parts = _multipart(f"{base}/studies/{uid}")
+    assert len(parts) == 7
+    for ctype, data in parts:
+        ts, dataset = split_file(data)
+        assert ctype == f"application/dicom; transfer-syntax={ts}"
+        uid_match = [k for k, v in sent.items() if v == dataset]
+        assert len(uid_match) == 1
+    one = second[1]
+    (part,) = _multipart(f"{base}/studies/{uid}/series/{one.SeriesInstanceUID}"
+                         f"/instances/{one.SOPInstanceUID}")
+    assert split_file(part[1])[1] == sent[one.SOPInstanceUID]
+    assert http_get(f"{base}/studies/1.2.3")[0] == 404
+
+
+def test_metadata_and_frames(web):
+    node, base, sent, study, _, _ = web
+    one = study[2]
+    path = f"{base}/studies/{one.StudyInstanceUID}/series/{one.SeriesInstanceUID}"
+    meta = _json(f"{path}/metadata")
+    assert len(meta) == 4 and all("7FE00010" not in m for m in meta)
+    mine = next(m for m in meta if _value(m, "00080018") == one.SOPInstanceUID)
+    assert _value(mine, "00280010") == 24 and _value(mine, "00083002") == \
+        one.file_meta.TransferSyntaxUID
+    assert "00091011" in mine                        # private elements kept, inline
+    assert node.archive.compact(stable_age=0)[0] == 3
+    ((ctype, frame),) = _multipart(f"{path}/instances/{one.SOPInstanceUID}/frames/1")
+    ts, data = split_file(_multipart(f"{path}/instances/{one.SOPInstanceUID}")[0][1])
+    layout = pixel_layout(parse_dataset(data, ts), ts)
+    assert ctype == "application/octet-stream"
+    assert frame == data[layout.offset:layout.offset + layout.nbytes]
+    assert np.frombuffer(frame, np.int16).size == 24 * 24
+    assert http_get(f"{path}/instances/{one.SOPInstanceUID}/frames/2")[0] == 404
+    assert http_get(f"{path}/instances/{one.SOPInstanceUID}/frames/x")[0] == 400
+
+
+def test_frames_of_a_compressed_instance_are_refused(admin_site, tmp_path):
+    node, admin = admin_site
+    ts, data = bundled("JPEG2000.dcm")
+    ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                  "SeriesInstanceUID"))
+    assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)],
+                       tmp_path) == [0]
+    url = (f"{admin.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
+           f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    assert http_get(f"{url}/frames/1")[0] == 406
+    ((ctype, part),) = _multipart(url)                      # the instance itself, as stored
+    assert ctype.endswith(ts) and split_file(part)[1] == data
+
+
+class TestToken:
+    @pytest.fixture
+    def http_token(self):
+        return TOKEN
+
+    def test_dicomweb_needs_the_token(self, admin_site):
+        _, admin = admin_site
+        assert http_get(f"{admin.url}/dicom-web/studies")[0] == 401
+        assert http_get(f"{admin.url}/dicom-web/studies", token=TOKEN)[0] == 200
