@@ -4,8 +4,8 @@
 (totals, savings by modality and by day), ``/api/studies`` (sortable, paginated, with series),
 ``/api/series/{uid}`` (and its ``preview.png``), ``/api/jobs`` (compaction queue),
 ``/api/deletions`` (the audit trail of ``voxarc delete``) and ``/api/config`` (the node's settings,
-read only, secrets left out). The application only reads: deleting is a command run on the node's
-machine. Everything is read through :mod:`storage.reports` and the archive.
+read only, secrets left out). Beside DICOMweb's STOW-RS (the ingest path of C-STORE), the
+application only reads: deleting is a command run on the node's machine. Everything is read through :mod:`storage.reports` and the archive.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from service import dicomweb
+from service import dicomweb, dicomweb_store
 from service.config import Settings
 from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.preview import PreviewError, render_png
@@ -179,6 +179,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
               Route("/api/series/{uid}/preview.png", preview), Route("/api/jobs", jobs),
               Route("/api/deletions", deletions), Route("/api/config", config), Route("/metrics", prometheus),
               Route("/healthz", healthz), *dicomweb.routes(archive),
+              *dicomweb_store.routes(archive, settings.max_dataset_bytes),
               Mount("/static", StaticFiles(directory=STATIC))]
     token = settings.http_token
     return Starlette(routes=routes, middleware=[Middleware(TokenAuth, token=token)])

@@ -171,3 +171,54 @@ class TestToken:
         _, admin = admin_site
         assert http_get(f"{admin.url}/dicom-web/studies")[0] == 401
         assert http_get(f"{admin.url}/dicom-web/studies", token=TOKEN)[0] == 200
+
+
+def _post(url: str, parts: list[bytes], ctype: str = "", token: str = ""):
+    """POST files as multipart/related; return (status, JSON answer or None)."""
+    import urllib.error
+    import urllib.request
+    boundary = "voxarc-test-boundary"
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+                    + p + b"\r\n" for p in parts) + b"--" + boundary.encode() + b"--\r\n"
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": ctype or f'multipart/related; type="application/dicom"; '
+                                 f'boundary={boundary}'})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        return exc.code, json.loads(text) if text else None
+
+
+def test_stow_stores_through_the_ingest_path_and_says_what_failed(admin_site):
+    from node_helpers import file_bytes
+    node, admin = admin_site
+    base = f"{admin.url}/dicom-web"
+    series = make_series(3, 16, 16, seed=7)
+    files = [file_bytes(ds) for ds in series]
+    status, answer = _post(f"{base}/studies", files[:2] + [b"DICM garbage"])
+    assert status == 202
+    stored = answer["00081199"]["Value"]
+    assert sorted(i["00081155"]["Value"][0] for i in stored) == sorted(
+        ds.SOPInstanceUID for ds in series[:2])
+    assert all(i["00081190"]["Value"][0].startswith(base) for i in stored)
+    (failure,) = answer["00081198"]["Value"]
+    assert failure["00081197"]["Value"][0] == 0xC210                  # cannot parse
+    for ds in series[:2]:
+        assert node.archive.retrieve(ds.SOPInstanceUID).data == dataset_bytes(ds)[1]
+    study = series[0].StudyInstanceUID
+    status, answer = _post(f"{base}/studies/{study}", files[2:])
+    assert status == 200 and answer["00081190"]["Value"][0] == f"{base}/studies/{study}"
+    other = make_series(1, 16, 16, seed=8)
+    status, answer = _post(f"{base}/studies/{study}", [file_bytes(other[0])])
+    assert status == 409 and answer["00081198"]["Value"][0]["00081197"]["Value"][0] == 0xA900
+    assert _post(f"{base}/studies", files, ctype="application/dicom")[0] == 415
+    assert _post(f"{base}/studies", files, ctype='multipart/related; type="application/dicom"'
+                 )[0] == 400                                          # no boundary
+    assert node.archive.stats()["instances"] == 3
+    ((_, part),) = _multipart(f"{base}/studies/{study}/series/{series[2].SeriesInstanceUID}"
+                              f"/instances/{series[2].SOPInstanceUID}")
+    assert split_file(part)[1] == dataset_bytes(series[2])[1]
