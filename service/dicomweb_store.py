@@ -4,9 +4,9 @@ C-STORE (durable and indexed before it counts as stored, the same duplicate poli
 
 The answer is DICOM JSON: the Referenced SOP Sequence of the stored instances (with their Retrieve
 URLs) and the Failed SOP Sequence with a Failure Reason per refused part (the C-STORE status it
-would have had: 0xA700 no room, 0xC210 cannot parse, 0xC220 duplicate refused; 0xA900 an instance
-of another study than the URL names). HTTP 200 when every part was stored, 202 when some were,
-409 when none was; 415 for another media type, 413 for a part over ``max_dataset_bytes``.
+would have had: 0xA700 no room or over ``max_dataset_bytes``, 0xC210 cannot parse, 0xC220
+duplicate refused; 0xA900 an instance of another study than the URL names). HTTP 200 when every
+part was stored, 202 when some were, 409 when none was, 415 for another media type.
 """
 
 from __future__ import annotations
@@ -139,9 +139,6 @@ def routes(archive, max_bytes: int = 0) -> list[Route]:
                                                  base)
         log.info("STOW-RS: %d instances stored, %d refused", len(stored), len(failed))
         status = 200 if not failed else (202 if stored else 409)
-        if failed and not stored and all(r == statuses.OUT_OF_RESOURCES for *_, r in failed) \
-                and max_bytes and all(len(p) > max_bytes for p in parts):
-            status = 413
         return JSONResponse(_answer(stored, failed, study, base), status_code=status,
                             media_type=DICOM_JSON)
 
