@@ -65,6 +65,8 @@ def _populate(node, tmp_path, shared_series) -> list[str]:
 def test_page_renders_totals_studies_and_charts(admin_site, tmp_path, shared_series):
     node, admin = admin_site
     studies = _populate(node, tmp_path, shared_series)
+    mr = node.archive.find("IMAGE", {"Modality": "MR"})[0]["SOPInstanceUID"]
+    node.archive.delete("instance", mr, reason="wrong image")
     totals = node.archive.stats()
     profile = tmp_path / "chromium-profile"
     dom = _chromium(f"{admin.url}/", profile, "--dump-dom")
@@ -79,6 +81,8 @@ def test_page_renders_totals_studies_and_charts(admin_site, tmp_path, shared_ser
     assert chart.count('class="bar original"') >= 2 and 'class="bar stored"' in chart
     assert "CT" in chart and "MR" in chart
     assert 'class="status error"' not in dom and "VIEW@127.0.0.1:1" in dom
+    deletions = re.search(r'<ul id="deletions">.*?</ul>', dom, re.S).group(0)
+    assert mr in deletions and "wrong image" in deletions
 
     shot = tmp_path / "admin-page.png"
     _chromium(f"{admin.url}/", profile, f"--screenshot={shot}")

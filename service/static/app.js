@@ -217,6 +217,29 @@ function renderConfig(config) {
   dl.append(dt, dd);
 }
 
+function renderDeletions(rows) {
+  const ul = byId("deletions");
+  ul.replaceChildren();
+  if (!rows.length) {
+    const li = document.createElement("li");
+    li.textContent = "No deletion recorded.";
+    ul.appendChild(li);
+  }
+  rows.slice(0, 20).forEach((d) => {
+    const li = document.createElement("li");
+    const uid = document.createElement("span");
+    uid.className = "uid";
+    uid.textContent = d.uid;
+    const counts = [`${count(d.instances)} instances`];
+    if (d.series) counts.push(`${d.series} series`);
+    if (d.studies) counts.push(`${d.studies} studies`);
+    li.append(`${when(d.deleted_at)} ${d.level} `, uid,
+              `: ${counts.join(", ")}, ${bytes(d.freed_bytes)} freed` +
+              (d.reason ? ` (${d.reason})` : ""));
+    ul.appendChild(li);
+  });
+}
+
 async function loadStudies() {
   const q = `api/studies?sort=${state.sort}&order=${state.order}` +
             `&offset=${state.offset}&limit=${PAGE_SIZE}`;
@@ -225,13 +248,14 @@ async function loadStudies() {
 
 async function refresh() {
   try {
-    const [stats, jobs, config] = await Promise.all([api("api/stats"), api("api/jobs"),
-                                                     api("api/config")]);
+    const [stats, jobs, config, deletions] = await Promise.all([
+      api("api/stats"), api("api/jobs"), api("api/config"), api("api/deletions?limit=20")]);
     renderTotals(stats);
     barChart(byId("chart-modality"), stats.by_modality, "modality");
     barChart(byId("chart-time"), stats.by_day.slice(-30), "day");
     renderJobs(jobs);
     renderConfig(config);
+    renderDeletions(deletions);
     await loadStudies();
     byId("status").className = "status";
     setText("status", "updated " + new Date().toLocaleTimeString());
