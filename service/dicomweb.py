@@ -16,6 +16,8 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   JSON, without its pixel data.
 - WADO-RS ``.../instances/{sop}/frames/{list}``: the listed frames' pixel bytes as
   ``multipart/related; type="application/octet-stream"`` (uncompressed instances only).
+- WADO-RS ``.../instances/{sop}/rendered`` and ``.../frames/{n}/rendered``: the image (its middle
+  frame, or frame n) as a PNG at its own size, windowed as the admin page's previews are.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from service.preview import PreviewError, render_png
 from storage.dataset_parts import parse_dataset, pixel_layout
 from storage.errors import StorageError
 from storage.part10 import build_file
@@ -231,6 +234,23 @@ def routes(archive) -> list[Route]:
                  for n in wanted)
         return _multipart(parts, "application/octet-stream")
 
+    def rendered(request: Request) -> Response:
+        params = request.path_params
+        uids = instances_of(params)
+        if not uids:
+            return JSONResponse({"error": "no such instance"}, status_code=404)
+        try:
+            frame = int(params["frame"]) if "frame" in params else None
+            inst = archive.retrieve(uids[0])
+            png = render_png(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data,
+                             0, frame)
+        except ValueError as exc:       # a bad frame number, or no image (PreviewError)
+            return JSONResponse({"error": str(exc)},
+                                status_code=404 if isinstance(exc, PreviewError) else 400)
+        except StorageError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=500)
+        return Response(png, media_type="image/png")
+
     study = "/dicom-web/studies/{study}"
     series = study + "/series/{series}"
     instance = series + "/instances/{sop}"
@@ -247,4 +267,6 @@ def routes(archive) -> list[Route]:
         Route(study + "/metadata", metadata), Route(series + "/metadata", metadata),
         Route(instance + "/metadata", metadata),
         Route(instance + "/frames/{frames}", frames),
+        Route(instance + "/rendered", rendered),
+        Route(instance + "/frames/{frame}/rendered", rendered),
     ]

@@ -24,21 +24,25 @@ class PreviewError(ValueError):
 
 
 def render_png(sop_class_uid: str, sop_uid: str, transfer_syntax: str, data: bytes,
-               size: int = 128) -> bytes:
-    """A PNG of the instance's (middle) image, at most ``size`` pixels on its longer side."""
+               size: int = 128, frame: int | None = None) -> bytes:
+    """A PNG of the instance's image ``frame`` (1-based; default its middle one), at most
+    ``size`` pixels on its longer side (0: as it is)."""
     try:
         ds = dcmread(io.BytesIO(build_file(sop_class_uid, sop_uid, transfer_syntax, data)))
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         pixels = ds.pixel_array
     except Exception as exc:     # no pixel data, or a syntax without a decoder here
         raise PreviewError(f"instance {sop_uid} has no image to show ({exc})") from exc
+    if frame is not None and not 1 <= frame <= frames:
+        raise PreviewError(f"instance {sop_uid} has frames 1 to {frames}")
     if frames > 1:
-        pixels = pixels[frames // 2]
+        pixels = pixels[frames // 2 if frame is None else frame - 1]
     if getattr(ds, "SamplesPerPixel", 1) == 1:
         image = Image.fromarray(_grey(ds, pixels), mode="L")
     else:
         image = Image.fromarray(np.asarray(pixels, dtype=np.uint8), mode="RGB")
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    if size:
+        image.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=True)
     return out.getvalue()

@@ -222,3 +222,17 @@ def test_stow_stores_through_the_ingest_path_and_says_what_failed(admin_site):
     ((_, part),) = _multipart(f"{base}/studies/{study}/series/{series[2].SeriesInstanceUID}"
                               f"/instances/{series[2].SOPInstanceUID}")
     assert split_file(part)[1] == dataset_bytes(series[2])[1]
+
+
+def test_rendered_images(web):
+    _, base, _, study, _, _ = web
+    one = study[0]
+    url = (f"{base}/studies/{one.StudyInstanceUID}/series/{one.SeriesInstanceUID}"
+           f"/instances/{one.SOPInstanceUID}")
+    import io
+    from PIL import Image
+    status, png = http_get(f"{url}/rendered")
+    assert status == 200 and Image.open(io.BytesIO(png)).size == (24, 24)
+    assert http_get(f"{url}/frames/1/rendered")[1] == png
+    assert http_get(f"{url}/frames/2/rendered")[0] == 404
+    assert http_get(f"{url}/frames/x/rendered")[0] == 400
