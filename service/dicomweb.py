@@ -18,6 +18,9 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   ``multipart/related; type="application/octet-stream"`` (uncompressed instances only).
 - WADO-RS ``.../instances/{sop}/rendered`` and ``.../frames/{n}/rendered``: the image (its middle
   frame, or frame n) as a PNG at its own size, windowed as the admin page's previews are.
+- WADO-URI ``/wado?requestType=WADO&studyUID=&seriesUID=&objectUID=`` (links in reports and
+  older viewers): ``contentType=application/dicom`` gives the Part 10 file as stored; an image
+  type gives the PNG (asked for JPEG too: a PNG loses nothing and every client shows it).
 """
 
 from __future__ import annotations
@@ -156,8 +159,9 @@ def routes(archive) -> list[Route]:
         return endpoint
 
     def instances_of(params: dict) -> list[str]:
-        criteria = {"StudyInstanceUID": params["study"]}
-        for key, keyword in (("series", "SeriesInstanceUID"), ("sop", "SOPInstanceUID")):
+        criteria = {}
+        for key, keyword in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
+                             ("sop", "SOPInstanceUID")):
             if key in params:
                 criteria[keyword] = params[key]
         return [r["SOPInstanceUID"] for r in archive.find("IMAGE", criteria)]
@@ -251,6 +255,38 @@ def routes(archive) -> list[Route]:
             return JSONResponse({"error": str(exc)}, status_code=500)
         return Response(png, media_type="image/png")
 
+    def wado_uri(request: Request) -> Response:
+        """WADO-URI (PS3.18 chapter 9): ``?requestType=WADO&studyUID=&seriesUID=&objectUID=``,
+        ``contentType`` application/dicom (the Part 10 file, as stored) or image/png."""
+        q = request.query_params
+        if q.get("requestType") != "WADO" or not q.get("objectUID"):
+            return JSONResponse({"error": "requestType=WADO and objectUID are required"},
+                                status_code=400)
+        params = {"study": q.get("studyUID", ""), "series": q.get("seriesUID", ""),
+                  "sop": q["objectUID"]}
+        uids = instances_of({k: v for k, v in params.items() if v})
+        if not uids:
+            return JSONResponse({"error": "no such instance"}, status_code=404)
+        kind = q.get("contentType", "image/jpeg").split(",")[0].strip()
+        try:
+            inst = archive.retrieve(uids[0])
+            if kind == "application/dicom":
+                return Response(build_file(inst.sop_class_uid, inst.sop_uid,
+                                           inst.transfer_syntax, inst.data),
+                                media_type="application/dicom")
+            if kind not in ("image/png", "image/jpeg", "*/*"):
+                return JSONResponse({"error": f"contentType {kind} is not offered"},
+                                    status_code=406)
+            png = render_png(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data,
+                             int(q.get("rows", 0) or 0))
+        except PreviewError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
+        except ValueError:
+            return JSONResponse({"error": "rows must be a number"}, status_code=400)
+        except StorageError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=500)
+        return Response(png, media_type="image/png")
+
     study = "/dicom-web/studies/{study}"
     series = study + "/series/{series}"
     instance = series + "/instances/{sop}"
@@ -269,4 +305,5 @@ def routes(archive) -> list[Route]:
         Route(instance + "/frames/{frames}", frames),
         Route(instance + "/rendered", rendered),
         Route(instance + "/frames/{frame}/rendered", rendered),
+        Route("/wado", wado_uri),
     ]

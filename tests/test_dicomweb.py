@@ -236,3 +236,18 @@ def test_rendered_images(web):
     assert http_get(f"{url}/frames/1/rendered")[1] == png
     assert http_get(f"{url}/frames/2/rendered")[0] == 404
     assert http_get(f"{url}/frames/x/rendered")[0] == 400
+
+
+def test_wado_uri(web):
+    _, base, sent, study, _, _ = web
+    one = study[1]
+    root = base.removesuffix("/dicom-web")
+    url = (f"{root}/wado?requestType=WADO&studyUID={one.StudyInstanceUID}"
+           f"&seriesUID={one.SeriesInstanceUID}&objectUID={one.SOPInstanceUID}")
+    status, body = http_get(url + "&contentType=application/dicom")
+    assert status == 200 and split_file(body)[1] == sent[one.SOPInstanceUID]
+    status, png = http_get(url)                         # default: an image
+    assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert http_get(url + "&contentType=video/mpeg")[0] == 406
+    assert http_get(f"{root}/wado?requestType=WADO&objectUID=1.2.3")[0] == 404
+    assert http_get(f"{root}/wado?objectUID={one.SOPInstanceUID}")[0] == 400
