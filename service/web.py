@@ -39,8 +39,8 @@ PREVIEWS_KEPT = 128
 
 
 class _Previews:
-    """The last PNG previews rendered, by (series, instance, size): the page asks for the same
-    ones at every refresh."""
+    """The last PNG previews rendered, by (instance, its SHA-256, size): the page asks for the
+    same ones at every refresh."""
 
     def __init__(self, archive):
         self.archive, self._kept, self._lock = archive, OrderedDict(), threading.Lock()
@@ -48,10 +48,11 @@ class _Previews:
     def get(self, series_uid: str, size: int) -> bytes | None:
         """The PNG of the series' middle image, or None when the series is unknown; raises
         PreviewError when it has no image to show, StorageError when it cannot be rebuilt."""
-        sop_uid = reports.middle_instance(self.archive.index, series_uid)
-        if sop_uid is None:
+        middle = reports.middle_instance(self.archive.index, series_uid)
+        if middle is None:
             return None
-        key = (series_uid, sop_uid, size)
+        sop_uid, sha = middle
+        key = (sop_uid, sha, size)          # a replaced instance is drawn again
         with self._lock:
             if key in self._kept:
                 self._kept.move_to_end(key)

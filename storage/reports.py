@@ -208,17 +208,17 @@ def series_detail(index: Index, series_uid: str) -> dict | None:
     return item
 
 
-def middle_instance(index: Index, series_uid: str) -> str | None:
-    """SOP Instance UID of the image in the middle of a series (along the slice positions, else
-    by instance number), preferring instances with uncompressed pixels; None when the series
-    is unknown."""
+def middle_instance(index: Index, series_uid: str) -> tuple[str, str] | None:
+    """(SOP Instance UID, ingest SHA-256) of the image in the middle of a series (along the
+    slice positions, else by instance number), preferring instances with uncompressed pixels;
+    None when the series is unknown."""
     with index.read() as s:
-        rows = s.execute(select(Instance.sop_uid, Instance.pixel_length)
+        rows = s.execute(select(Instance.sop_uid, Instance.sha256, Instance.pixel_length)
                          .join(Series, Instance.series_fk == Series.id)
                          .where(Series.series_uid == series_uid)
                          .order_by(Instance.position, Instance.instance_number, Instance.id)).all()
-    images = [uid for uid, length in rows if length] or [uid for uid, _ in rows]
-    return images[len(images) // 2] if images else None
+    images = [r[:2] for r in rows if r[2]] or [r[:2] for r in rows]
+    return tuple(images[len(images) // 2]) if images else None
 
 
 def _blob(blob: Blob) -> dict:

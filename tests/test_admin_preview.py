@@ -86,7 +86,8 @@ def test_the_middle_instance_is_the_middle_slice(tmp_path):
         series = make_series(5, seed=3)
         store(arch, series)
         middle = sorted(series, key=lambda ds: ds.ImagePositionPatient[2])[2]
-        assert middle_instance(arch.index, series[0].SeriesInstanceUID) == middle.SOPInstanceUID
+        uid, sha = middle_instance(arch.index, series[0].SeriesInstanceUID)
+        assert uid == middle.SOPInstanceUID and len(sha) == 64
         assert middle_instance(arch.index, "1.2.3") is None
     finally:
         arch.close()
