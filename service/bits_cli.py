@@ -7,6 +7,9 @@ range coder's overhead of the payload), the cost of a slab's first slice (no pre
 lean on) against the others, and for one slice how unevenly its bits fall (share of them in its
 costliest tenth of voxels). ``--out`` draws the slice, its map of bits per voxel and the
 per-slice profile. ``--adapt`` fine-tunes the model on the volume first, as compaction does.
+``--anchor jpegxl-e7`` (or another classical codec of the benchmark) codes every slice with it
+too and compares slice by slice (voxarc's side is the ideal code length, headers left out, as
+the anchors' few bytes of side information are).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from models import bit_map
 from models.api import SLAB_SLICES
+from service.bench_codecs import ANCHOR_LABELS, ANCHORS
 from service.series_reader import read_folder
 
 log = logging.getLogger(__name__)
@@ -32,6 +36,8 @@ def register(subparsers) -> None:
                    help="fine-tune the model on the volume first, as compaction does")
     p.add_argument("--model", default="default", help="codec model (default: default)")
     p.add_argument("--out", help="PNG of the slice, its bit map and the per-slice profile")
+    p.add_argument("--anchor", choices=sorted(ANCHORS),
+                   help="also code every slice with this classical codec and compare per slice")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=bits)
 
@@ -57,6 +63,22 @@ def analyse(volume: np.ndarray, z: int, model: str = "default", adapt: bool = Fa
     }
 
 
+def compare(volume: np.ndarray, result: dict, anchor: str) -> dict:
+    """Per-slice bits per voxel of a classical codec beside voxarc's (``result``'s profile):
+    its profile, the per-slice ratios, and on how many slices voxarc spends more."""
+    encoded = ANCHORS[anchor]().encode(volume)
+    per_slice = volume.shape[1] * volume.shape[2]
+    theirs = np.array([8 * len(c) / per_slice for c in encoded.chunks])
+    ours = np.asarray(result["profile"])
+    ratio = ours / theirs
+    return {"anchor": anchor, "anchor_profile": [round(float(v), 4) for v in theirs],
+            "anchor_bits_per_voxel": float(theirs.mean()),
+            "ratio": float(ours.mean() / theirs.mean()),
+            "slices_above_anchor": int((ratio > 1).sum()),
+            "worst_slice": int(ratio.argmax()), "worst_slice_ratio": float(ratio.max()),
+            "best_slice_ratio": float(ratio.min())}
+
+
 def _plot(volume: np.ndarray, result: dict, title: str, out: str) -> None:
     import matplotlib
 
@@ -79,7 +101,10 @@ def _plot(volume: np.ndarray, result: dict, title: str, out: str) -> None:
     fig.colorbar(shown, ax=ax, shrink=0.8, label="bits")
     ax = fig.add_subplot(grid[2])
     profile = np.asarray(result["profile"])
-    ax.plot(profile, color="#0f7b6c", lw=1.2)
+    ax.plot(profile, color="#0f7b6c", lw=1.2, label="voxarc (ideal)")
+    if "anchor_profile" in result:
+        ax.plot(result["anchor_profile"], color="#5b6b8c", lw=1.0, ls=":",
+                label=ANCHOR_LABELS.get(result["anchor"], result["anchor"]))
     starts = np.arange(0, len(profile), result["slab"])
     ax.scatter(starts, profile[starts], s=12, color="#b4451f", zorder=3,
                label="first slice of a slab")
@@ -108,6 +133,8 @@ def bits(args) -> int:
     log.info("%s: %s %s, mapping slice %d%s", vol.name, "x".join(map(str, volume.shape)),
              volume.dtype, z, " after fine-tuning on the volume" if args.adapt else "")
     result = analyse(volume, z, args.model, args.adapt)
+    if args.anchor:
+        result |= compare(volume, result, args.anchor)
     if args.out:
         _plot(volume, result, f"{vol.name} ({vol.modality}), model {result['model']}"
               + (" adapted" if result["adapted"] else ""), args.out)
@@ -123,6 +150,12 @@ def bits(args) -> int:
              if other else ""))
     print(f"  slice {z}: {out['slice_bpv']:.3f} bits per voxel; its costliest tenth of voxels "
           f"carries {out['slice_top_tenth_share']:.0%} of its bits")
+    if args.anchor:
+        label = ANCHOR_LABELS.get(args.anchor, args.anchor)
+        print(f"  {label}: {out['anchor_bits_per_voxel']:.3f} bits per voxel, ratio "
+              f"{out['ratio']:.3f}; voxarc spends more on {out['slices_above_anchor']} of "
+              f"{volume.shape[0]} slices (worst slice {out['worst_slice']}: "
+              f"{out['worst_slice_ratio']:.3f}, best {out['best_slice_ratio']:.3f})")
     if args.out:
         print(f"  map written to {args.out}")
     return 0

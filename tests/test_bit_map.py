@@ -48,13 +48,17 @@ def test_voxarc_bits(tmp_path):
     pytest.importorskip("matplotlib")
     folder = tmp_path / "series"
     write_series(make_series(10, 48, 48, seed=2), folder)
+    pytest.importorskip("imagecodecs")
     out = subprocess.run([sys.executable, "-m", "service.cli", "bits", str(folder), "--slice",
-                          "8", "--out", str(tmp_path / "map.png"), "--json"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+                          "8", "--out", str(tmp_path / "map.png"), "--json", "--anchor",
+                          "jpegls"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["shape"] == [10, 48, 48] and result["slice"] == 8
     assert len(result["profile"]) == 10 and result["bits_per_voxel"] > 0
+    assert len(result["anchor_profile"]) == 10 and 0 <= result["slices_above_anchor"] <= 10
+    assert result["ratio"] == pytest.approx(result["bits_per_voxel"] /
+                                            result["anchor_bits_per_voxel"])
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([sys.executable, "-m", "service.cli", "bits", str(folder), "--slice",
                           "10"], cwd=REPO, capture_output=True, text=True, timeout=300)
