@@ -34,6 +34,8 @@ SETTING_DOCS = {
     "http_host": "Address the admin web page binds to (localhost only by default).",
     "http_port": "TCP port of the admin web page, JSON API and /metrics (0: a free port).",
     "http_token": "Token the admin web page requires (Bearer header or ?token=); empty: none.",
+    "http_cors_origins": "Web origins (comma-separated, or *) whose pages may call the API and "
+                         "DICOMweb from a browser (a viewer served elsewhere); empty: none.",
     "peers": "Calling AE titles allowed to associate: AET = \"store,query,retrieve\" (any subset); "
              "others are rejected; empty: anyone may do everything.",
     "require_called_ae_title": "Reject associations whose called AE title is not ae_title.",
@@ -81,6 +83,7 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8042
     http_token: str = ""
+    http_cors_origins: str = ""
     peers: dict = field(default_factory=dict)
     require_called_ae_title: bool = True
     max_pdu_size: int = 4 << 20

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -182,5 +183,11 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
               Route("/healthz", healthz), *dicomweb.routes(archive),
               *dicomweb_store.routes(archive, settings.max_dataset_bytes),
               Mount("/static", StaticFiles(directory=STATIC))]
-    token = settings.http_token
-    return Starlette(routes=routes, middleware=[Middleware(TokenAuth, token=token)])
+    middleware = [Middleware(TokenAuth, token=settings.http_token)]
+    origins = [o.strip() for o in settings.http_cors_origins.split(",") if o.strip()]
+    if origins:     # outermost: answers a browser's preflight, which carries no token
+        middleware.insert(0, Middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=["Warning", "Content-Type"]))
+    return Starlette(routes=routes, middleware=middleware)

@@ -251,3 +251,35 @@ def test_wado_uri(web):
     assert http_get(url + "&contentType=video/mpeg")[0] == 406
     assert http_get(f"{root}/wado?requestType=WADO&objectUID=1.2.3")[0] == 404
     assert http_get(f"{root}/wado?objectUID={one.SOPInstanceUID}")[0] == 400
+
+
+def test_cors_lets_a_viewer_elsewhere_call_with_its_token(tmp_path):
+    import urllib.request
+    from service.ae import Node
+    from service.config import load_settings
+    from service.web_server import start_admin
+    viewer = "https://viewer.example.org"
+    settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                             http_port=0, http_token=TOKEN, http_cors_origins=viewer)
+    node = Node(settings, compaction=False).start()
+    admin = start_admin(node)
+    try:
+        url = f"{admin.url}/dicom-web/studies"
+        preflight = urllib.request.Request(url, method="OPTIONS", headers={
+            "Origin": viewer, "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization"})
+        with urllib.request.urlopen(preflight, timeout=30) as response:   # no token needed
+            assert response.headers["Access-Control-Allow-Origin"] == viewer
+        asked = urllib.request.Request(url, headers={"Origin": viewer,
+                                                     "Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(asked, timeout=30) as response:
+            assert response.status == 200
+            assert response.headers["Access-Control-Allow-Origin"] == viewer
+        other = urllib.request.Request(url, headers={"Origin": "https://elsewhere.example",
+                                                     "Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(other, timeout=30) as response:
+            assert response.headers.get("Access-Control-Allow-Origin") is None
+        assert http_get(url)[0] == 401                      # the token still guards
+    finally:
+        admin.stop()
+        node.stop()
