@@ -88,6 +88,7 @@ def serve(args) -> int:
         node.stop()
         return 1
     print(f"admin page on {admin.url}/", flush=True)
+    log.info("DICOMweb (QIDO-RS, WADO-RS, STOW-RS) at %s/dicom-web", admin.url)
     # a timed wait: a signal the kernel hands to another thread only sets a flag, and Python runs
     # the handler when the main thread next wakes (an untimed wait could sleep through SIGTERM)
     while not stop.wait(0.5):
