@@ -49,8 +49,8 @@ class DeletionPlan:
     blobs_freed : dict
         Blob id -> (key, stored bytes) of blobs all of whose instances go.
     restage : dict
-        Blob id -> (key, stored bytes, [(instance id, SOP Instance UID)]) of coded stacks that
-        keep some instances: those are staged again and the blob removed.
+        Blob id -> (key, stored bytes, [(instance id, SOP Instance UID, size)]) of coded stacks
+        that keep some instances: those are staged again and the blob removed.
     series, studies, patients : int
         Rows left empty and removed with the instances (counted at planning).
     series_ids : list of int
@@ -78,6 +78,11 @@ class DeletionPlan:
         return sum(len(v[2]) for v in self.restage.values())
 
     @property
+    def restaged_bytes(self) -> int:
+        """Bytes of the instances staged again (held as received until compaction)."""
+        return sum(size for v in self.restage.values() for _, _, size in v[2])
+
+    @property
     def freed_bytes(self) -> int:
         """Stored bytes removed: the deleted staged files and every removed blob."""
         staged = sum(size for _, key, _, size in self.instances.values() if key)
@@ -89,7 +94,8 @@ class DeletionPlan:
         """Counts of the plan, for output and the audit row."""
         return {"level": self.level, "uid": self.uid, "instances": len(self.instances),
                 "series": self.series, "studies": self.studies, "patients": self.patients,
-                "restaged": self.restaged_instances, "freed_bytes": self.freed_bytes}
+                "restaged": self.restaged_instances, "freed_bytes": self.freed_bytes,
+                "restaged_bytes": self.restaged_bytes}
 
 
 def _target_ids(s, level: str, uid: str) -> list[int]:
@@ -128,8 +134,9 @@ def plan(index: Index, level: str, uid: str) -> DeletionPlan:
         blob_ids = sorted({b for _, _, b, _ in out.instances.values() if b is not None})
         for blob_id in blob_ids:
             blob = s.get(Blob, blob_id)
-            kept = [(r.id, r.sop_uid) for r in s.execute(
-                select(Instance.id, Instance.sop_uid).where(Instance.blob_fk == blob_id)
+            kept = [(r.id, r.sop_uid, r.size) for r in s.execute(
+                select(Instance.id, Instance.sop_uid, Instance.size)
+                .where(Instance.blob_fk == blob_id)
                 .order_by(Instance.frame_start)) if r.id not in out.instances]
             if kept:
                 out.restage[blob_id] = (blob.key, blob.stored_bytes, kept)
@@ -214,9 +221,10 @@ class Deleter:
         finish_removals(self.index, self.blobs, removals)
         summary = todo.summary()
         log.warning("deleted %s %s: %d instances, %d series, %d studies, %d patients; %d "
-                    "instances staged again for compaction; %d bytes freed%s", todo.level,
-                    todo.uid, summary["instances"], summary["series"], summary["studies"],
-                    summary["patients"], summary["restaged"], summary["freed_bytes"],
+                    "bytes freed; %d instances (%d bytes) staged again for compaction%s",
+                    todo.level, todo.uid, summary["instances"], summary["series"],
+                    summary["studies"], summary["patients"], summary["freed_bytes"],
+                    summary["restaged"], summary["restaged_bytes"],
                     f" ({reason})" if reason else "")
         return summary
 
@@ -226,7 +234,7 @@ class Deleter:
         written: dict = {}
         try:
             for blob_id, (_, _, kept) in todo.restage.items():
-                for inst_id, sop_uid in kept:
+                for inst_id, sop_uid, _ in kept:
                     inst = self.retrieve(sop_uid)
                     digest = _sha(inst.data)
                     key = staged_key(inst.transfer_syntax, digest) or new_key("s")
@@ -268,7 +276,8 @@ class Deleter:
                 [todo.restage[b][0] for b in todo.restage]
             if keys:
                 s.execute(insert(Removal), [{"key": k, "created_at": now} for k in keys])
-            s.add(Deletion(deleted_at=now, reason=reason[:500], **todo.summary()))
+            audit = {k: v for k, v in todo.summary().items() if k != "restaged_bytes"}
+            s.add(Deletion(deleted_at=now, reason=reason[:500], **audit))
         return keys
 
 

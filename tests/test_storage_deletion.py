@@ -101,7 +101,9 @@ def test_deleting_one_instance_of_a_coded_stack_codes_the_rest_anew_without_it(a
         (old_key,) = s.scalars(select(Blob.key))
     summary = archive.delete("instance", victim)
     assert summary["instances"] == 1 and summary["restaged"] == 5 and summary["series"] == 0
+    assert summary["restaged_bytes"] == sum(len(d) for u, d in sent.items() if u != victim)
     assert not archive.blobs.exists(old_key)             # the victim's pixels are gone
+    assert archive.stats()["stored_bytes"] == summary["restaged_bytes"]
     kept = {uid: data for uid, data in sent.items() if uid != victim}
     assert _exact(archive, kept) and _gone(archive, {victim: b""})
     assert archive.stats()["pending_instances"] == 5
