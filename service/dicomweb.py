@@ -135,19 +135,96 @@ def _multipart(parts, part_type: str) -> StreamingResponse:
     return StreamingResponse(body(), media_type=media)
 
 
-def routes(archive) -> list[Route]:
-    """The DICOMweb routes of a node's archive."""
+class _NotServed(Exception):
+    """Ends a request with an HTTP error (status, message)."""
 
-    def search(level: str, fixed_from_path):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+    def response(self) -> Response:
+        return JSONResponse({"error": str(self)}, status_code=self.status)
+
+
+_PATH_KEYS = (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
+              ("sop", "SOPInstanceUID"))
+
+
+class DicomWeb:
+    """The DICOMweb endpoints of a node's archive (see the module's docstring)."""
+
+    def __init__(self, archive):
+        self.archive = archive
+
+    def routes(self) -> list[Route]:
+        """The routes, under ``/dicom-web`` (and ``/wado``)."""
+        study = "/dicom-web/studies/{study}"
+        series = study + "/series/{series}"
+        instance = series + "/instances/{sop}"
+        search = self.search
+        return [
+            Route("/dicom-web/studies", search("STUDY")),
+            Route("/dicom-web/series", search("SERIES")),
+            Route("/dicom-web/instances", search("IMAGE")),
+            Route(study + "/series", search("SERIES")),
+            Route(study + "/instances", search("IMAGE")),
+            Route(series + "/instances", search("IMAGE")),
+            Route(study, self.retrieve), Route(series, self.retrieve),
+            Route(instance, self.retrieve),
+            Route(study + "/metadata", self.metadata), Route(series + "/metadata", self.metadata),
+            Route(instance + "/metadata", self.metadata),
+            Route(instance + "/frames/{frames}", self.frames),
+            Route(instance + "/rendered", self.rendered),
+            Route(instance + "/frames/{frame}/rendered", self.rendered),
+            Route("/wado", self.wado_uri),
+        ]
+
+    # --- helpers ----------------------------------------------------------------------------
+    def instances_of(self, params: dict) -> list[str]:
+        """SOP Instance UIDs under the study / series / instance UIDs of a path."""
+        criteria = {kw: params[key] for key, kw in _PATH_KEYS if params.get(key)}
+        return [r["SOPInstanceUID"] for r in self.archive.find("IMAGE", criteria)]
+
+    def one(self, params: dict):
+        """The instance a path names, rebuilt; raises _NotServed (404, 500)."""
+        uids = self.instances_of(params)
+        if not uids:
+            raise _NotServed(404, "no such instance")
+        try:
+            return self.archive.retrieve(uids[0])
+        except StorageError as exc:
+            raise _NotServed(500, str(exc)) from exc
+
+    def rebuilt(self, uids: list[str]):
+        """Yield each instance as stored (in the order the archive decodes best)."""
+        try:
+            ordered, prefetch = self.archive.plan_retrieval(uids)
+        except Exception as exc:        # no plan: decode on demand, as C-GET does
+            log.warning("DICOMweb: no retrieval plan (%s)", exc)
+            ordered, prefetch = uids, None
+        try:
+            for uid in ordered:
+                try:
+                    yield self.archive.retrieve(uid)
+                except StorageError as exc:
+                    log.error("DICOMweb: instance %s not sent: %s", uid, exc)
+        finally:
+            if prefetch is not None:
+                prefetch.cancel()
+
+    # --- endpoints --------------------------------------------------------------------------
+    def search(self, level: str):
+        """A QIDO-RS endpoint of ``level``, its path's UIDs matched too."""
         def endpoint(request: Request) -> Response:
-            fixed = fixed_from_path(request.path_params)
+            fixed = {kw: request.path_params[key] for key, kw in _PATH_KEYS
+                     if key in request.path_params}
             try:
                 criteria, ignored = _criteria(request, level, fixed)
                 offset = _int(request, "offset", 0, 1 << 31)
                 limit = _int(request, "limit", MAX_LIMIT, MAX_LIMIT)
             except _BadRequest as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
-            records = archive.find(level, criteria)
+            records = self.archive.find(level, criteria)
             page = records[offset:offset + limit] if limit else records[offset:]
             base = _base(request)
             headers = {}
@@ -158,48 +235,25 @@ def routes(archive) -> list[Route]:
                                 media_type=DICOM_JSON, headers=headers)
         return endpoint
 
-    def instances_of(params: dict) -> list[str]:
-        criteria = {}
-        for key, keyword in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
-                             ("sop", "SOPInstanceUID")):
-            if key in params:
-                criteria[keyword] = params[key]
-        return [r["SOPInstanceUID"] for r in archive.find("IMAGE", criteria)]
-
-    def rebuilt(uids: list[str]):
-        """Yield each instance as stored (in the order the archive decodes best)."""
-        try:
-            ordered, prefetch = archive.plan_retrieval(uids)
-        except Exception as exc:        # no plan: decode on demand, as C-GET does
-            log.warning("DICOMweb: no retrieval plan (%s)", exc)
-            ordered, prefetch = uids, None
-        try:
-            for uid in ordered:
-                try:
-                    yield archive.retrieve(uid)
-                except StorageError as exc:
-                    log.error("DICOMweb: instance %s not sent: %s", uid, exc)
-        finally:
-            if prefetch is not None:
-                prefetch.cancel()
-
-    def retrieve(request: Request) -> Response:
-        uids = instances_of(request.path_params)
+    def retrieve(self, request: Request) -> Response:
+        """WADO-RS: the Part 10 files of a study, series or instance."""
+        uids = self.instances_of(request.path_params)
         if not uids:
             return JSONResponse({"error": "nothing matches"}, status_code=404)
         log.info("WADO-RS %s: %d instances", request.url.path, len(uids))
         parts = ((f'application/dicom; transfer-syntax={inst.transfer_syntax}',
                   build_file(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data))
-                 for inst in rebuilt(uids))
+                 for inst in self.rebuilt(uids))
         return _multipart(parts, "application/dicom")
 
-    def metadata(request: Request) -> Response:
-        uids = instances_of(request.path_params)
+    def metadata(self, request: Request) -> Response:
+        """WADO-RS metadata: each instance's attributes without its pixel data."""
+        uids = self.instances_of(request.path_params)
         if not uids:
             return JSONResponse({"error": "nothing matches"}, status_code=404)
         base = _base(request)
         out = []
-        for inst in rebuilt(uids):
+        for inst in self.rebuilt(uids):
             ds = dcmread(io.BytesIO(build_file(inst.sop_class_uid, inst.sop_uid,
                                                inst.transfer_syntax, inst.data)),
                          stop_before_pixels=True)
@@ -211,19 +265,16 @@ def routes(archive) -> list[Route]:
             out.append(item)
         return JSONResponse(out, media_type=DICOM_JSON)
 
-    def frames(request: Request) -> Response:
-        params = request.path_params
-        uids = instances_of(params)
-        if not uids:
-            return JSONResponse({"error": "no such instance"}, status_code=404)
+    def frames(self, request: Request) -> Response:
+        """WADO-RS frames: pixel bytes of the listed frames (uncompressed instances)."""
         try:
-            wanted = [int(n) for n in params["frames"].split(",")]
+            wanted = [int(n) for n in request.path_params["frames"].split(",")]
         except ValueError:
             return JSONResponse({"error": "frames must be numbers"}, status_code=400)
         try:
-            inst = archive.retrieve(uids[0])
-        except StorageError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=500)
+            inst = self.one(request.path_params)
+        except _NotServed as exc:
+            return exc.response()
         layout = pixel_layout(parse_dataset(inst.data, inst.transfer_syntax),
                               inst.transfer_syntax)
         if layout is None:
@@ -238,72 +289,53 @@ def routes(archive) -> list[Route]:
                  for n in wanted)
         return _multipart(parts, "application/octet-stream")
 
-    def rendered(request: Request) -> Response:
-        params = request.path_params
-        uids = instances_of(params)
-        if not uids:
-            return JSONResponse({"error": "no such instance"}, status_code=404)
+    def rendered(self, request: Request) -> Response:
+        """WADO-RS rendered: the image (middle frame, or the path's frame) as a PNG."""
         try:
-            frame = int(params["frame"]) if "frame" in params else None
-            inst = archive.retrieve(uids[0])
-            png = render_png(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data,
-                             0, frame)
-        except ValueError as exc:       # a bad frame number, or no image (PreviewError)
-            return JSONResponse({"error": str(exc)},
-                                status_code=404 if isinstance(exc, PreviewError) else 400)
-        except StorageError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=500)
-        return Response(png, media_type="image/png")
+            frame = int(request.path_params["frame"]) if "frame" in request.path_params \
+                else None
+        except ValueError:
+            return JSONResponse({"error": "the frame must be a number"}, status_code=400)
+        return self._png(request.path_params, 0, frame)
 
-    def wado_uri(request: Request) -> Response:
+    def wado_uri(self, request: Request) -> Response:
         """WADO-URI (PS3.18 chapter 9): ``?requestType=WADO&studyUID=&seriesUID=&objectUID=``,
-        ``contentType`` application/dicom (the Part 10 file, as stored) or image/png."""
+        ``contentType`` application/dicom (the Part 10 file, as stored) or an image (PNG)."""
         q = request.query_params
         if q.get("requestType") != "WADO" or not q.get("objectUID"):
             return JSONResponse({"error": "requestType=WADO and objectUID are required"},
                                 status_code=400)
-        params = {"study": q.get("studyUID", ""), "series": q.get("seriesUID", ""),
+        params = {"study": q.get("studyUID"), "series": q.get("seriesUID"),
                   "sop": q["objectUID"]}
-        uids = instances_of({k: v for k, v in params.items() if v})
-        if not uids:
-            return JSONResponse({"error": "no such instance"}, status_code=404)
         kind = q.get("contentType", "image/jpeg").split(",")[0].strip()
+        if kind == "application/dicom":
+            try:
+                inst = self.one(params)
+            except _NotServed as exc:
+                return exc.response()
+            return Response(build_file(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax,
+                                       inst.data), media_type="application/dicom")
+        if kind not in ("image/png", "image/jpeg", "*/*"):
+            return JSONResponse({"error": f"contentType {kind} is not offered"},
+                                status_code=406)
         try:
-            inst = archive.retrieve(uids[0])
-            if kind == "application/dicom":
-                return Response(build_file(inst.sop_class_uid, inst.sop_uid,
-                                           inst.transfer_syntax, inst.data),
-                                media_type="application/dicom")
-            if kind not in ("image/png", "image/jpeg", "*/*"):
-                return JSONResponse({"error": f"contentType {kind} is not offered"},
-                                    status_code=406)
-            png = render_png(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data,
-                             int(q.get("rows", 0) or 0))
-        except PreviewError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=404)
+            rows = int(q.get("rows", 0) or 0)
         except ValueError:
             return JSONResponse({"error": "rows must be a number"}, status_code=400)
-        except StorageError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=500)
+        return self._png(params, rows, None)
+
+    def _png(self, params: dict, size: int, frame: int | None) -> Response:
+        try:
+            inst = self.one(params)
+            png = render_png(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data,
+                             size, frame)
+        except _NotServed as exc:
+            return exc.response()
+        except PreviewError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
         return Response(png, media_type="image/png")
 
-    study = "/dicom-web/studies/{study}"
-    series = study + "/series/{series}"
-    instance = series + "/instances/{sop}"
-    return [
-        Route("/dicom-web/studies", search("STUDY", lambda p: {})),
-        Route("/dicom-web/series", search("SERIES", lambda p: {})),
-        Route("/dicom-web/instances", search("IMAGE", lambda p: {})),
-        Route(study + "/series", search("SERIES", lambda p: {"StudyInstanceUID": p["study"]})),
-        Route(study + "/instances",
-              search("IMAGE", lambda p: {"StudyInstanceUID": p["study"]})),
-        Route(series + "/instances", search("IMAGE", lambda p: {
-            "StudyInstanceUID": p["study"], "SeriesInstanceUID": p["series"]})),
-        Route(study, retrieve), Route(series, retrieve), Route(instance, retrieve),
-        Route(study + "/metadata", metadata), Route(series + "/metadata", metadata),
-        Route(instance + "/metadata", metadata),
-        Route(instance + "/frames/{frames}", frames),
-        Route(instance + "/rendered", rendered),
-        Route(instance + "/frames/{frame}/rendered", rendered),
-        Route("/wado", wado_uri),
-    ]
+
+def routes(archive) -> list[Route]:
+    """The DICOMweb routes of a node's archive."""
+    return DicomWeb(archive).routes()
