@@ -20,8 +20,10 @@ import time
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role
+from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
+
+from service.socket_tuning import tune_association
 
 log = logging.getLogger(__name__)
 WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"      # Storage Commitment Push Model SOP Instance
@@ -164,8 +166,8 @@ class Reporter:
         ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 10, 30, 30
         ae.add_requested_context(StorageCommitmentPushModel)
         role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                             ext_neg=[role])
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, ext_neg=[role],
+                             evt_handlers=[(evt.EVT_CONN_OPEN, tune_association)])
         if not assoc.is_established:
             return f"no association with {dest.ae_title}@{dest.host}:{dest.port}"
         try:

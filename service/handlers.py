@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from pydicom.dataset import Dataset
+from pynetdicom import evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
@@ -16,6 +17,7 @@ from service import statuses
 from service.config import Settings
 from service.exact_send import PreEncoded
 from service.identifiers import IdentifierError, parse_identifier, response, retrieve_criteria
+from service.socket_tuning import tune_association
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -161,7 +163,8 @@ def handle_move(event, archive: Archive, settings: Settings):
     log.info("C-MOVE from %s: %d instances to %s (%s@%s:%d)", _peer(event), len(records),
              dest.name, dest.ae_title, dest.host, dest.port)
     yield dest.host, dest.port, {"ae_title": dest.ae_title,
-                                 "contexts": _contexts(records, archive)}
+                                 "contexts": _contexts(records, archive),
+                                 "evt_handlers": [(evt.EVT_CONN_OPEN, tune_association)]}
     yield max(len(records), refusal is not None)
     if refusal is not None:
         yield _refusal(refusal, "C-MOVE", event), None

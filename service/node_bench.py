@@ -269,7 +269,7 @@ def c_get_pynetdicom(server: Server, study_uid: str, series_uid: str, sop_classe
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
     from service import command_encoding
-    from service.ae import tune_association
+    from service.socket_tuning import tune_association
 
     result = GetResult()
     ae = AE(ae_title=SCU_AET)

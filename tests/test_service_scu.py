@@ -129,6 +129,55 @@ def test_move_to_destination_and_partial_failure(populated, tmp_path):
         flaky.stop()
 
 
+def test_move_associations_are_tuned_like_the_listeners(populated, monkeypatch):
+    """The node's own association to a C-MOVE destination reads large and acknowledges at once
+    (service.socket_tuning): a DCMTK storescp with Nagle's algorithm on (its default) otherwise
+    stalls every sub-operation (C-MOVE of 100 slices: 5.8 s against 3.3 s, node benchmark)."""
+    import socket
+
+    from service import handlers, socket_tuning
+    node, a, _, sent = populated
+    tuned = []
+
+    def recording(event):
+        socket_tuning.tune_association(event)
+        raw = event.assoc.dul.socket.socket
+        tuned.append((event.assoc.is_requestor,
+                      raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                      event.assoc.dul.socket.recv.__func__ is socket_tuning._recv_exactly))
+    monkeypatch.setattr(handlers, "tune_association", recording)
+    dest = StoreSCP("DEST")
+    node.settings.destinations.update(dest=f"DEST@127.0.0.1:{dest.port}")
+    try:
+        query = {"QueryRetrieveLevel": "SERIES", "SeriesInstanceUID": a[0].SeriesInstanceUID}
+        assert move(node.port, query, "DEST").Status == 0x0000
+    finally:
+        dest.stop()
+    assert tuned and all(t == (True, 1, True) for t in tuned)
+
+
+def test_quick_ack_is_set_on_a_tcp_socket():
+    import socket
+
+    from service.socket_tuning import _QUICKACK, _quick_ack
+    if _QUICKACK is None:
+        pytest.skip("TCP_QUICKACK is Linux only")
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    try:
+        peer.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 0)
+        _quick_ack(peer)
+        assert peer.getsockopt(socket.IPPROTO_TCP, _QUICKACK) == 1
+        left, right = socket.socketpair()          # not TCP: left alone, no error
+        _quick_ack(left)
+        left.close()
+        right.close()
+    finally:
+        for s in (peer, client, server):
+            s.close()
+
+
 def test_bad_datasets_get_failure_statuses(node, tmp_path):
     ds = make_series(1, 8, 8)[0]
     ts, data = dataset_bytes(ds)
@@ -232,7 +281,7 @@ def test_associations_get_cheap_context_copies_and_a_short_reactor_sleep(node):
     import copy
     import socket
 
-    from service.ae import DUL_LOOP_DELAY
+    from service.socket_tuning import DUL_LOOP_DELAY
     contexts = node.server.contexts
     copies = copy.deepcopy(contexts)
     assert [c.as_tuple for c in copies] == [c.as_tuple for c in node.ae.supported_contexts]
