@@ -14,8 +14,10 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   implicit VR comes back so (``transfer-syntax=*`` in the standard's terms).
 - WADO-RS ``.../metadata`` of a study, series or instance: each instance's attributes as DICOM
   JSON, without its pixel data.
-- WADO-RS ``.../instances/{sop}/frames/{list}``: the listed frames' pixel bytes as
-  ``multipart/related; type="application/octet-stream"`` (uncompressed instances only).
+- WADO-RS ``.../instances/{sop}/frames/{list}``: the listed frames as stored: the pixel bytes of
+  an uncompressed instance (``application/octet-stream``), the bitstream of a compressed one
+  under its media type with its ``transfer-syntax`` (``image/jpeg``, ``image/jls``, ``image/jp2``,
+  ...).
 - WADO-RS ``.../instances/{sop}/rendered`` and ``.../frames/{n}/rendered``: the image (its middle
   frame, or frame n) as a PNG at its own size, windowed as the admin page's previews are.
 - WADO-URI ``/wado?requestType=WADO&studyUID=&seriesUID=&objectUID=`` (links in reports and
@@ -32,12 +34,13 @@ import uuid
 
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.encaps import get_frame
+from pydicom.uid import UID
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from service.preview import PreviewError, render_png
-from storage.dataset_parts import parse_dataset, pixel_layout
 from storage.errors import StorageError
 from storage.part10 import build_file
 from storage.query import ATTRIBUTES, COMPUTED
@@ -144,6 +147,38 @@ class _NotServed(Exception):
 
     def response(self) -> Response:
         return JSONResponse({"error": str(self)}, status_code=self.status)
+
+
+# media types of compressed frames (PS3.18, bulk data of each transfer syntax)
+_FRAME_MEDIA = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/x-dicom-rle",
+}
+
+
+def frame_data(inst, wanted: list[int]) -> tuple[str, list[bytes]]:
+    """(media type, frames) of an instance's frames numbered ``wanted`` (from 1), as stored;
+    raises _NotServed (404 no such frame or no pixel data, 406 bit-packed or big-endian)."""
+    ts = UID(inst.transfer_syntax)
+    ds = dcmread(io.BytesIO(build_file(inst.sop_class_uid, inst.sop_uid, ts, inst.data)))
+    if "PixelData" not in ds:
+        raise _NotServed(404, "the instance has no pixel data")
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if not all(1 <= n <= count for n in wanted):
+        raise _NotServed(404, f"frames are 1 to {count}")
+    if ts.is_encapsulated:
+        media = f"{_FRAME_MEDIA.get(ts, 'application/octet-stream')}; transfer-syntax={ts}"
+        return media, [get_frame(ds.PixelData, n - 1, number_of_frames=count) for n in wanted]
+    bits = int(ds.BitsAllocated)
+    if bits % 8 or not ts.is_little_endian:
+        raise _NotServed(406, "frames of bit-packed or big-endian pixel data are not served")
+    size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+    view = memoryview(ds.PixelData)
+    return "application/octet-stream", [bytes(view[(n - 1) * size:n * size]) for n in wanted]
 
 
 _PATH_KEYS = (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
@@ -266,28 +301,19 @@ class DicomWeb:
         return JSONResponse(out, media_type=DICOM_JSON)
 
     def frames(self, request: Request) -> Response:
-        """WADO-RS frames: pixel bytes of the listed frames (uncompressed instances)."""
+        """WADO-RS frames: the listed frames' pixel data as stored: raw bytes of an
+        uncompressed instance, the compressed bitstream of an encapsulated one (its media type
+        and transfer syntax on each part)."""
         try:
             wanted = [int(n) for n in request.path_params["frames"].split(",")]
         except ValueError:
             return JSONResponse({"error": "frames must be numbers"}, status_code=400)
         try:
             inst = self.one(request.path_params)
+            media, frames = frame_data(inst, wanted)
         except _NotServed as exc:
             return exc.response()
-        layout = pixel_layout(parse_dataset(inst.data, inst.transfer_syntax),
-                              inst.transfer_syntax)
-        if layout is None:
-            return JSONResponse({"error": "no uncompressed pixel data (frames are served for "
-                                 "uncompressed instances only)"}, status_code=406)
-        if not all(1 <= n <= layout.frames for n in wanted):
-            return JSONResponse({"error": f"frames are 1 to {layout.frames}"}, status_code=404)
-        size = layout.nbytes // layout.frames
-        view = memoryview(inst.data)
-        parts = (("application/octet-stream",
-                  bytes(view[layout.offset + (n - 1) * size:layout.offset + n * size]))
-                 for n in wanted)
-        return _multipart(parts, "application/octet-stream")
+        return _multipart(((media, f) for f in frames), media.split(";")[0])
 
     def rendered(self, request: Request) -> Response:
         """WADO-RS rendered: the image (middle frame, or the path's frame) as a PNG."""

@@ -1,6 +1,7 @@
 """DICOMweb (service.dicomweb): QIDO-RS search and WADO-RS retrieval, metadata and frames, on a
 node fed over C-STORE; retrieved datasets byte for byte, before and after compaction."""
 
+import io
 import json
 import re
 
@@ -148,16 +149,32 @@ def test_metadata_and_frames(web):
     assert http_get(f"{path}/instances/{one.SOPInstanceUID}/frames/x")[0] == 400
 
 
-def test_frames_of_a_compressed_instance_are_refused(admin_site, tmp_path):
+@pytest.mark.parametrize("name, media", [("JPEG2000.dcm", "image/jp2"),
+                                         ("MR_small_RLE.dcm", "image/x-dicom-rle"),
+                                         ("SC_rgb_small_odd.dcm", "application/octet-stream")])
+def test_frames_of_compressed_and_colour_instances_as_stored(admin_site, tmp_path, name, media):
+    from pydicom import dcmread
+    from pydicom.encaps import get_frame
+    from storage.part10 import build_file
     node, admin = admin_site
-    ts, data = bundled("JPEG2000.dcm")
+    ts, data = bundled(name)
     ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                                   "SeriesInstanceUID"))
     assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)],
                        tmp_path) == [0]
     url = (f"{admin.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
            f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
-    assert http_get(f"{url}/frames/1")[0] == 406
+    ((ctype, frame),) = _multipart(f"{url}/frames/1")
+    full = dcmread(io.BytesIO(build_file(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)))
+    assert ctype.split(";")[0] == media
+    if media == "application/octet-stream":
+        size = full.Rows * full.Columns * full.SamplesPerPixel * full.BitsAllocated // 8
+        assert frame == full.PixelData[:size]
+    else:
+        assert ctype.endswith(f"transfer-syntax={ts}")
+        assert frame == get_frame(full.PixelData, 0, number_of_frames=int(
+            full.get("NumberOfFrames", 1) or 1))
+    assert http_get(f"{url}/frames/9")[0] == 404
     ((ctype, part),) = _multipart(url)                      # the instance itself, as stored
     assert ctype.endswith(ts) and split_file(part)[1] == data
 
@@ -229,7 +246,6 @@ def test_rendered_images(web):
     one = study[0]
     url = (f"{base}/studies/{one.StudyInstanceUID}/series/{one.SeriesInstanceUID}"
            f"/instances/{one.SOPInstanceUID}")
-    import io
     from PIL import Image
     status, png = http_get(f"{url}/rendered")
     assert status == 200 and Image.open(io.BytesIO(png)).size == (24, 24)
