@@ -20,6 +20,8 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   ...).
 - WADO-RS ``.../instances/{sop}/rendered`` and ``.../frames/{n}/rendered``: the image (its middle
   frame, or frame n) as a PNG at its own size, windowed as the admin page's previews are.
+- WADO-RS ``.../thumbnail`` of a study (its first series), series (its middle image) or
+  instance: a PNG of at most ``viewport`` pixels.
 - WADO-URI ``/wado?requestType=WADO&studyUID=&seriesUID=&objectUID=`` (links in reports and
   older viewers): ``contentType=application/dicom`` gives the Part 10 file as stored; an image
   type gives the PNG (asked for JPEG too: a PNG loses nothing and every client shows it).
@@ -44,6 +46,7 @@ from service.preview import PreviewError, render_png
 from storage.errors import StorageError
 from storage.part10 import build_file
 from storage.query import ATTRIBUTES, COMPUTED
+from storage.reports import middle_instance
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -181,6 +184,11 @@ def frame_data(inst, wanted: list[int]) -> tuple[str, list[bytes]]:
     return "application/octet-stream", [bytes(view[(n - 1) * size:n * size]) for n in wanted]
 
 
+def _series_order(record: dict) -> tuple:
+    number = str(record.get("SeriesNumber") or "")
+    return (0, int(number)) if number.isdigit() else (1, number)
+
+
 _PATH_KEYS = (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
               ("sop", "SOPInstanceUID"))
 
@@ -211,6 +219,9 @@ class DicomWeb:
             Route(instance + "/frames/{frames}", self.frames),
             Route(instance + "/rendered", self.rendered),
             Route(instance + "/frames/{frame}/rendered", self.rendered),
+            Route(study + "/thumbnail", self.thumbnail),
+            Route(series + "/thumbnail", self.thumbnail),
+            Route(instance + "/thumbnail", self.thumbnail),
             Route("/wado", self.wado_uri),
         ]
 
@@ -323,6 +334,27 @@ class DicomWeb:
         except ValueError:
             return JSONResponse({"error": "the frame must be a number"}, status_code=400)
         return self._png(request.path_params, 0, frame)
+
+    def thumbnail(self, request: Request) -> Response:
+        """WADO-RS thumbnail of a study (its first series), series (its middle image) or
+        instance, as a PNG of at most ``viewport`` pixels (``w,h``; default 128)."""
+        params = dict(request.path_params)
+        try:
+            size = max(int(v) for v in request.query_params.get("viewport", "128").split(","))
+        except ValueError:
+            return JSONResponse({"error": "viewport is w,h in pixels"}, status_code=400)
+        if "sop" not in params:
+            if "series" not in params:
+                found = self.archive.find("SERIES", {"StudyInstanceUID": params["study"],
+                                                     "SeriesNumber": ""})
+                if not found:
+                    return JSONResponse({"error": "no such study"}, status_code=404)
+                params["series"] = min(found, key=_series_order)["SeriesInstanceUID"]
+            middle = middle_instance(self.archive.index, params["series"])
+            if middle is None:
+                return JSONResponse({"error": "no such series"}, status_code=404)
+            params["sop"] = middle[0]
+        return self._png(params, min(max(size, 16), 512), None)
 
     def wado_uri(self, request: Request) -> Response:
         """WADO-URI (PS3.18 chapter 9): ``?requestType=WADO&studyUID=&seriesUID=&objectUID=``,

@@ -299,3 +299,16 @@ def test_cors_lets_a_viewer_elsewhere_call_with_its_token(tmp_path):
     finally:
         admin.stop()
         node.stop()
+
+
+def test_thumbnails(web):
+    from PIL import Image
+    _, base, _, study, second, _ = web
+    uid = study[0].StudyInstanceUID
+    for path in (f"studies/{uid}", f"studies/{uid}/series/{second[0].SeriesInstanceUID}",
+                 f"studies/{uid}/series/{second[0].SeriesInstanceUID}/instances/"
+                 f"{second[0].SOPInstanceUID}"):
+        status, png = http_get(f"{base}/{path}/thumbnail?viewport=20,20")
+        assert status == 200 and Image.open(io.BytesIO(png)).size == (20, 20), path
+    assert http_get(f"{base}/studies/1.2.3/thumbnail")[0] == 404
+    assert http_get(f"{base}/studies/{uid}/thumbnail?viewport=big")[0] == 400
