@@ -11,7 +11,7 @@ import json
 import logging
 
 from service.ae import open_archive
-from service.config import load_settings
+from service.config import add_node_options, settings_from_args
 from service.progress import Progress
 from storage.errors import StorageError
 
@@ -21,8 +21,7 @@ log = logging.getLogger(__name__)
 def register(subparsers) -> None:
     """Add ``backup`` to the ``voxarc`` parser."""
     p = subparsers.add_parser("backup", help="copy the archive, consistent, while it runs")
-    p.add_argument("--config", help="TOML settings file (see docs/configuration.md)")
-    p.add_argument("--data-dir", help="data folder of the node")
+    add_node_options(p)
     p.add_argument("dest", help="destination data folder (an earlier backup there is updated)")
     p.add_argument("--database-url", default="",
                    help="index of the copy (default: SQLite in DEST; another database is "
@@ -33,7 +32,7 @@ def register(subparsers) -> None:
 
 def run_backup(args) -> int:
     """Back the archive up; exit 1 when the backup could not be completed."""
-    archive = open_archive(load_settings(args.config, data_dir=args.data_dir))
+    archive = open_archive(settings_from_args(args))
     bar = None
 
     def progress(done: int, total: int) -> None:

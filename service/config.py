@@ -170,6 +170,17 @@ def load_settings(config: str | Path | None = None, **overrides) -> Settings:
     return settings
 
 
+def add_node_options(parser) -> None:
+    """Give a sub-command the ``--config`` and ``--data-dir`` every command takes."""
+    parser.add_argument("--config", help="TOML settings file (see docs/configuration.md)")
+    parser.add_argument("--data-dir", help="data folder of the node")
+
+
+def settings_from_args(args, **overrides) -> Settings:
+    """The settings a sub-command's ``--config`` and ``--data-dir`` (then ``overrides``) name."""
+    return load_settings(args.config, data_dir=args.data_dir, **overrides)
+
+
 def setting_names() -> list[str]:
     """Names of all settings, in declaration order."""
     return [f.name for f in dataclasses.fields(Settings)]

@@ -13,7 +13,7 @@ import sys
 import time
 
 from service.ae import open_archive
-from service.config import load_settings
+from service.config import add_node_options, settings_from_args
 from storage.deletion import LEVELS, history
 from storage.errors import StorageError
 
@@ -26,8 +26,7 @@ def register(subparsers) -> None:
     """Add ``delete`` to the ``voxarc`` parser."""
     p = subparsers.add_parser("delete", help="remove patients, studies, series or instances "
                               "for good (asks first)")
-    p.add_argument("--config", help="TOML settings file (see docs/configuration.md)")
-    p.add_argument("--data-dir", help="data folder of the node")
+    add_node_options(p)
     p.add_argument("level", nargs="?", choices=LEVELS, help="what the UIDs name")
     p.add_argument("uids", nargs="*", metavar="UID",
                    help="Patient IDs, Study, Series or SOP Instance UIDs")
@@ -78,7 +77,7 @@ def delete(args) -> int:
         log.error("name a level (%s) and at least one UID, or ask for --history",
                   ", ".join(LEVELS))
         return 2
-    archive = open_archive(load_settings(args.config, data_dir=args.data_dir))
+    archive = open_archive(settings_from_args(args))
     try:
         if args.history:
             return _print_history(archive, args.json)

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from service.ae import open_archive
-from service.config import load_settings
+from service.config import add_node_options, settings_from_args
 from service.progress import Progress
 from storage.errors import StorageError
 from storage.part10 import build_file
@@ -26,8 +26,7 @@ _PLAIN_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 def register(subparsers) -> None:
     """Add ``export`` to the ``voxarc`` parser."""
     p = subparsers.add_parser("export", help="write a study's instances as DICOM files")
-    p.add_argument("--config", help="TOML settings file (see docs/configuration.md)")
-    p.add_argument("--data-dir", help="data folder of the node")
+    add_node_options(p)
     p.add_argument("study_uid", help="Study Instance UID")
     p.add_argument("folder", help="where to write (created when missing)")
     p.set_defaults(func=export)
@@ -80,7 +79,7 @@ def export_study(archive, study_uid: str, folder: Path, progress: Progress | Non
 
 def export(args) -> int:
     """Export one study; exit status 1 when it is unknown or an instance cannot be rebuilt."""
-    archive = open_archive(load_settings(args.config, data_dir=args.data_dir))
+    archive = open_archive(settings_from_args(args))
     try:
         total = len(archive.find("IMAGE", {"StudyInstanceUID": args.study_uid}))
         if not total:

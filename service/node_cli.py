@@ -6,7 +6,6 @@ the same settings: embedded defaults, ``--config`` TOML file, then flags.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import signal
@@ -14,7 +13,7 @@ import threading
 from pathlib import Path
 
 from service.ae import Node, open_archive
-from service.config import load_settings
+from service.config import add_node_options, settings_from_args
 from service.progress import Progress
 from service.web_server import start_admin
 from storage import reports
@@ -25,19 +24,10 @@ from storage.recode import RecodeError
 log = logging.getLogger(__name__)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML settings file (see docs/configuration.md)")
-    parser.add_argument("--data-dir", help="data folder of the node")
-
-
-def _settings(args, **extra):
-    return load_settings(args.config, data_dir=args.data_dir, **extra)
-
-
 def register(subparsers) -> None:
     """Add the node's sub-commands to the ``voxarc`` parser."""
     p = subparsers.add_parser("serve", help="run the DICOM storage node")
-    _common(p)
+    add_node_options(p)
     p.add_argument("--port", type=int, help="TCP port (default 11112)")
     p.add_argument("--ae-title", help="AE title (default VOXARC)")
     p.add_argument("--stable-age", type=float, help="seconds before a series is compacted")
@@ -50,12 +40,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=serve)
 
     p = subparsers.add_parser("import", help="load DICOM files from folders (no network)")
-    _common(p)
+    add_node_options(p)
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     p.set_defaults(func=import_files)
 
     p = subparsers.add_parser("compress", help="compress staged series")
-    _common(p)
+    add_node_options(p)
     p.add_argument("--now", action="store_true",
                    help="compress everything pending regardless of stable_age, then exit")
     p.add_argument("--recode", action="store_true",
@@ -64,14 +54,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=compress)
 
     p = subparsers.add_parser("stats", help="print what is stored")
-    _common(p)
+    add_node_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=stats)
 
 
 def serve(args) -> int:
     """Run until SIGTERM or SIGINT, then stop cleanly."""
-    settings = _settings(args, port=args.port, ae_title=args.ae_title,
+    settings = settings_from_args(args, port=args.port, ae_title=args.ae_title,
                          stable_age=args.stable_age, destination=args.destination,
                          http_port=args.http_port, http_host=args.http_host,
                          http_token=args.http_token)
@@ -111,7 +101,7 @@ def _files(paths: list[str]):
 
 def import_files(args) -> int:
     """Stage every DICOM file under the given paths through the same ingest as C-STORE."""
-    archive = open_archive(_settings(args))
+    archive = open_archive(settings_from_args(args))
     files = list(_files(args.paths))
     progress, stored, failed = Progress("import", len(files)), 0, 0
     for path in files:
@@ -132,7 +122,7 @@ def import_files(args) -> int:
 def compress(args) -> int:
     """Compress staged series (all of them with --now, else those past stable_age), or with
     --recode the stored stacks again."""
-    settings = _settings(args)
+    settings = settings_from_args(args)
     archive = open_archive(settings)
     if args.recode:
         return recode(archive)
@@ -179,7 +169,7 @@ def recode(archive) -> int:
 
 def stats(args) -> int:
     """Print counts and bytes of what is stored."""
-    archive = open_archive(_settings(args))
+    archive = open_archive(settings_from_args(args))
     out = archive.stats()
     out.update(reports.bits_per_voxel(archive.index))
     out["by_modality"] = reports.by_modality(archive.index)

@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 
 from service.ae import open_archive
-from service.config import load_settings
+from service.config import add_node_options, settings_from_args
 from storage.scrub import requeue_failed_jobs, scrub
 
 
 def register(subparsers) -> None:
     """Add ``verify`` to the ``voxarc`` parser."""
     p = subparsers.add_parser("verify", help="check every blob and instance (exit 1 on damage)")
-    p.add_argument("--config", help="TOML settings file (see docs/configuration.md)")
-    p.add_argument("--data-dir", help="data folder of the node")
+    add_node_options(p)
     p.add_argument("--repair", action="store_true",
                    help="also re-queue failed compaction jobs; orphans are removed when no "
                         "node has the archive open")
@@ -61,7 +60,7 @@ def _print(out: dict) -> None:
 
 def verify(args) -> int:
     """Scrub the archive; return 0 when everything checks out, else 1."""
-    archive = open_archive(load_settings(args.config, data_dir=args.data_dir))
+    archive = open_archive(settings_from_args(args))
     try:
         report = scrub(archive)
         requeued = requeue_failed_jobs(archive) if args.repair else None

@@ -112,7 +112,7 @@ def _backup(index, blobs, dest: Path, database_url: str, progress) -> BackupRepo
     snapshot = dest / SNAPSHOT
     for report.rounds in range(1, ROUNDS + 1):
         _snapshot(index, snapshot)
-        wanted = _referenced(snapshot)
+        wanted, report.instances, report.blobs = _referenced(snapshot)
         if _copy(blobs, target, wanted, report, progress):
             break
         log.info("backup: files moved while copying (compaction or deletion); new snapshot")
@@ -122,7 +122,6 @@ def _backup(index, blobs, dest: Path, database_url: str, progress) -> BackupRepo
                           "node is quieter")
     _install(snapshot, dest, database_url)
     report.files_removed = _prune(target, set(wanted))
-    report.instances, report.blobs = _counts(dest, database_url)
     snapshot.unlink(missing_ok=True)
     return report
 
@@ -151,7 +150,6 @@ def _snapshot(index: Index, path: Path) -> None:
                 _copy_rows(conn, engine)
         finally:
             engine.dispose()
-    fsync_path(path)
 
 
 def _copy_rows(src_conn, dst_engine) -> None:
@@ -174,17 +172,19 @@ def _copy_rows(src_conn, dst_engine) -> None:
                                  f"COALESCE((SELECT MAX(id) FROM {table.name}), 0) + 1, false)"))
 
 
-def _referenced(snapshot: Path) -> dict:
-    """{key: (size, SHA-256)} of every file the snapshot's index refers to."""
+def _referenced(snapshot: Path) -> tuple[dict, int, int]:
+    """({key: (size, SHA-256)} of every file the snapshot's index refers to, its instance
+    and blob counts)."""
     engine = create_engine(f"sqlite:///{snapshot}")
     try:
         with engine.connect() as conn:
             staged = conn.execute(select(Instance.staged_key, Instance.size, Instance.sha256)
                                   .where(Instance.staged_key.is_not(None))).all()
             coded = conn.execute(select(Blob.key, Blob.stored_bytes, Blob.sha256)).all()
+            instances = conn.scalar(select(func.count(Instance.id)))
     finally:
         engine.dispose()
-    return {key: (size, sha) for key, size, sha in [*staged, *coded]}
+    return {key: (size, sha) for key, size, sha in [*staged, *coded]}, instances, len(coded)
 
 
 def _copy(blobs: BlobStore, target: BlobStore, wanted: dict, report: BackupReport,
@@ -246,13 +246,4 @@ def _prune(target: BlobStore, keep: set) -> int:
             removed += 1
     return removed
 
-
-def _counts(dest: Path, database_url: str) -> tuple[int, int]:
-    engine = create_engine(database_url or f"sqlite:///{dest / INDEX_NAME}")
-    try:
-        with engine.connect() as conn:
-            return (conn.scalar(select(func.count(Instance.id))),
-                    conn.scalar(select(func.count(Blob.id))))
-    finally:
-        engine.dispose()
 

@@ -16,7 +16,6 @@ orphans (a deleted instance's staged file would otherwise be indexed again).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -49,8 +48,8 @@ class DeletionPlan:
     blobs_freed : dict
         Blob id -> (key, stored bytes) of blobs all of whose instances go.
     restage : dict
-        Blob id -> (key, stored bytes, [(instance id, SOP Instance UID, size)]) of coded stacks
-        that keep some instances: those are staged again and the blob removed.
+        Blob id -> (key, stored bytes, [(instance id, SOP Instance UID, size, SHA-256)]) of
+        coded stacks that keep some instances: those are staged again and the blob removed.
     series, studies, patients : int
         Rows left empty and removed with the instances (counted at planning).
     series_ids : list of int
@@ -80,7 +79,7 @@ class DeletionPlan:
     @property
     def restaged_bytes(self) -> int:
         """Bytes of the instances staged again (held as received until compaction)."""
-        return sum(size for v in self.restage.values() for _, _, size in v[2])
+        return sum(size for v in self.restage.values() for _, _, size, _ in v[2])
 
     @property
     def freed_bytes(self) -> int:
@@ -98,17 +97,22 @@ class DeletionPlan:
                 "restaged_bytes": self.restaged_bytes}
 
 
-def _target_ids(s, level: str, uid: str) -> list[int]:
+_TARGET = select(Instance.id, Instance.sop_uid, Instance.staged_key, Instance.blob_fk,
+                 Instance.size, Instance.series_fk)
+
+
+def _targets(s, level: str, uid: str) -> list:
+    """Rows (id, SOP UID, staged key, blob id, size, series id) of the instances to delete."""
     if level == "instance":
-        return list(s.scalars(select(Instance.id).where(Instance.sop_uid == uid)))
-    query = select(Instance.id).join(Series, Instance.series_fk == Series.id)
+        return s.execute(_TARGET.where(Instance.sop_uid == uid)).all()
+    query = _TARGET.join(Series, Instance.series_fk == Series.id)
     if level == "series":
-        return list(s.scalars(query.where(Series.series_uid == uid)))
+        return s.execute(query.where(Series.series_uid == uid)).all()
     query = query.join(Study, Series.study_fk == Study.id)
     if level == "study":
-        return list(s.scalars(query.where(Study.study_uid == uid)))
+        return s.execute(query.where(Study.study_uid == uid)).all()
     query = query.join(Patient, Study.patient_fk == Patient.id)
-    return list(s.scalars(query.where(Patient.patient_id == uid)))
+    return s.execute(query.where(Patient.patient_id == uid)).all()
 
 
 def plan(index: Index, level: str, uid: str) -> DeletionPlan:
@@ -124,35 +128,23 @@ def plan(index: Index, level: str, uid: str) -> DeletionPlan:
         raise ValueError(f"deletion level must be one of {LEVELS}")
     out = DeletionPlan(level, uid)
     with index.read() as s:
-        ids = _target_ids(s, level, uid)
-        for i in range(0, len(ids), 500):
-            rows = s.execute(select(Instance.id, Instance.sop_uid, Instance.staged_key,
-                                    Instance.blob_fk, Instance.size)
-                             .where(Instance.id.in_(ids[i:i + 500]))).all()
-            for row in rows:
-                out.instances[row.id] = (row.sop_uid, row.staged_key, row.blob_fk, row.size)
-        blob_ids = sorted({b for _, _, b, _ in out.instances.values() if b is not None})
+        rows = _targets(s, level, uid)
+        for row in rows:
+            out.instances[row.id] = (row.sop_uid, row.staged_key, row.blob_fk, row.size)
+        blob_ids = sorted({row.blob_fk for row in rows if row.blob_fk is not None})
         for blob_id in blob_ids:
             blob = s.get(Blob, blob_id)
-            kept = [(r.id, r.sop_uid, r.size) for r in s.execute(
-                select(Instance.id, Instance.sop_uid, Instance.size)
+            kept = [(r.id, r.sop_uid, r.size, r.sha256) for r in s.execute(
+                select(Instance.id, Instance.sop_uid, Instance.size, Instance.sha256)
                 .where(Instance.blob_fk == blob_id)
                 .order_by(Instance.frame_start)) if r.id not in out.instances]
             if kept:
                 out.restage[blob_id] = (blob.key, blob.stored_bytes, kept)
             else:
                 out.blobs_freed[blob_id] = (blob.key, blob.stored_bytes)
-        out.series_ids = _series_of(s, list(out.instances))
+        out.series_ids = sorted({row.series_fk for row in rows})
         out.series, out.studies, out.patients = _emptied(s, set(out.instances), out.series_ids)
     return out
-
-
-def _series_of(s, instance_ids: list[int]) -> list[int]:
-    series = set()
-    for i in range(0, len(instance_ids), 500):
-        series |= set(s.scalars(select(Instance.series_fk).distinct()
-                                .where(Instance.id.in_(instance_ids[i:i + 500]))))
-    return sorted(series)
 
 
 def _emptied(s, gone: set, series: list[int]) -> tuple[int, int, int]:
@@ -234,9 +226,8 @@ class Deleter:
         written: dict = {}
         try:
             for blob_id, (_, _, kept) in todo.restage.items():
-                for inst_id, sop_uid, _ in kept:
-                    inst = self.retrieve(sop_uid)
-                    digest = _sha(inst.data)
+                for inst_id, sop_uid, _, digest in kept:
+                    inst = self.retrieve(sop_uid)       # checked against ``digest``
                     key = staged_key(inst.transfer_syntax, digest) or new_key("s")
                     self.blobs.put_new(key, inst.data)
                     written[inst_id] = (key, blob_id)
@@ -339,7 +330,3 @@ def history(index: Index, limit: int = 100) -> list[dict]:
                  "instances": r.instances, "series": r.series, "studies": r.studies,
                  "patients": r.patients, "restaged": r.restaged, "freed_bytes": r.freed_bytes,
                  "reason": r.reason} for r in rows]
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -118,7 +118,7 @@ def test_a_deletion_beside_the_running_node_shows_and_the_node_stores_again(admi
                                                                            tmp_path):
     from storage.archive import Archive
     node, admin = admin_site
-    stored = store_series(node, tmp_path, SPECS)
+    store_series(node, tmp_path, SPECS)
     assert get_json(f"{admin.url}/api/deletions") == []
     admin_side = Archive(node.archive.data_dir)           # as `voxarc delete` opens it
     try:
@@ -133,6 +133,6 @@ def test_a_deletion_beside_the_running_node_shows_and_the_node_stores_again(admi
     assert get_json(f"{admin.url}/api/studies")["total"] == 2
     assert metric(_metrics(admin), "voxarc_compaction_queue", state="pending") == 2
     (tmp_path / "again").mkdir()
-    again = store_series(node, tmp_path / "again", SPECS[:1])     # same patient, sent again
+    again = store_series(node, tmp_path / "again", SPECS[:1])    # same patient, sent again
     assert get_json(f"{admin.url}/api/stats")["instances"] == 10
     assert node.archive.find("SERIES", {"SeriesInstanceUID": again[0]["series_uid"]})
