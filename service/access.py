@@ -3,9 +3,9 @@
 With ``peers`` empty (the default) any calling AE title may store, query and retrieve. With
 ``peers`` set, only the listed calling AE titles are accepted at association (others are rejected
 by pynetdicom before any DIMSE message), and each may do only what its entry grants:
-``store`` (C-STORE, storage commitment), ``query`` (C-FIND), ``retrieve`` (C-GET, C-MOVE). A refused operation is
-logged and answered 0x0124 (Refused: Not Authorised); a refused C-MOVE fails with pynetdicom's
-0xC514, since a move handler cannot answer before naming a destination.
+``store`` (C-STORE, storage commitment), ``query`` (C-FIND), ``retrieve`` (C-GET, C-MOVE). A
+refused operation is logged and answered 0x0124 (Refused: Not Authorised); a refused C-MOVE
+fails with pynetdicom's 0xC514, since a move handler cannot answer before naming a destination.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ SETTING_DOCS = {
     "codec_adapt": "Fine-tune the codec model on each large stack and store it in the blob: about "
                    "2.5% fewer bytes, compaction about 2.6x slower (false when compaction must "
                    "keep up with a busy ingest).",
-    "destinations": "C-MOVE destinations and storage commitment reports: NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
+    "destinations": "C-MOVE destinations and storage commitment reports: "
+                    "NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
     "http_host": "Address the admin web page binds to (localhost only by default).",
     "http_port": "TCP port of the admin web page, JSON API and /metrics (0: a free port).",
     "http_token": "Token the admin web page requires (Bearer header or ?token=); empty: none.",

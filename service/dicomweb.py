@@ -46,7 +46,6 @@ from service.preview import PreviewError, render_png
 from storage.errors import StorageError
 from storage.part10 import build_file
 from storage.query import ATTRIBUTES, COMPUTED
-from storage.reports import middle_instance
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -196,8 +195,8 @@ _PATH_KEYS = (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
 class DicomWeb:
     """The DICOMweb endpoints of a node's archive (see the module's docstring)."""
 
-    def __init__(self, archive):
-        self.archive = archive
+    def __init__(self, archive, previews):
+        self.archive, self.previews = archive, previews
 
     def routes(self) -> list[Route]:
         """The routes, under ``/dicom-web`` (and ``/wado``)."""
@@ -338,23 +337,27 @@ class DicomWeb:
     def thumbnail(self, request: Request) -> Response:
         """WADO-RS thumbnail of a study (its first series), series (its middle image) or
         instance, as a PNG of at most ``viewport`` pixels (``w,h``; default 128)."""
-        params = dict(request.path_params)
+        params = request.path_params
         try:
             size = max(int(v) for v in request.query_params.get("viewport", "128").split(","))
         except ValueError:
             return JSONResponse({"error": "viewport is w,h in pixels"}, status_code=400)
-        if "sop" not in params:
-            if "series" not in params:
-                found = self.archive.find("SERIES", {"StudyInstanceUID": params["study"],
-                                                     "SeriesNumber": ""})
-                if not found:
-                    return JSONResponse({"error": "no such study"}, status_code=404)
-                params["series"] = min(found, key=_series_order)["SeriesInstanceUID"]
-            middle = middle_instance(self.archive.index, params["series"])
-            if middle is None:
-                return JSONResponse({"error": "no such series"}, status_code=404)
-            params["sop"] = middle[0]
-        return self._png(params, min(max(size, 16), 512), None)
+        size = min(max(size, 16), 512)
+        if "sop" in params:
+            return self._png(params, size, None)
+        criteria = {kw: params[key] for key, kw in _PATH_KEYS[:2] if key in params}
+        found = self.archive.find("SERIES", criteria | {"SeriesNumber": ""})
+        if not found:
+            return JSONResponse({"error": "no such study or series"}, status_code=404)
+        try:
+            png = self.previews.get(min(found, key=_series_order)["SeriesInstanceUID"], size)
+        except PreviewError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
+        except StorageError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=500)
+        if png is None:                     # deleted in the meantime
+            return JSONResponse({"error": "no such series"}, status_code=404)
+        return Response(png, media_type="image/png")
 
     def wado_uri(self, request: Request) -> Response:
         """WADO-URI (PS3.18 chapter 9): ``?requestType=WADO&studyUID=&seriesUID=&objectUID=``,
@@ -394,6 +397,7 @@ class DicomWeb:
         return Response(png, media_type="image/png")
 
 
-def routes(archive) -> list[Route]:
-    """The DICOMweb routes of a node's archive."""
-    return DicomWeb(archive).routes()
+def routes(archive, previews) -> list[Route]:
+    """The DICOMweb routes of a node's archive (``previews``: its
+    :class:`service.preview.SeriesPreviews`, shared with the admin page)."""
+    return DicomWeb(archive, previews).routes()

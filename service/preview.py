@@ -1,4 +1,4 @@
-"""Series previews for the admin page: one image of a series, windowed, as a small PNG.
+"""Previews for the admin page and DICOMweb: one image of a series, windowed, as a small PNG.
 
 The image is the instance in the middle of the series (its middle frame when it has several),
 rebuilt by the archive like any retrieval (SHA-256 checked), decoded by pydicom, put through its
@@ -10,13 +10,18 @@ preview (:class:`PreviewError`).
 from __future__ import annotations
 
 import io
+import threading
+from collections import OrderedDict
 
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from storage import reports
 from storage.part10 import build_file
+
+KEPT = 128     # previews kept in memory
 
 
 class PreviewError(ValueError):
@@ -60,3 +65,32 @@ def _grey(ds, pixels: np.ndarray) -> np.ndarray:
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         grey = 255.0 - grey
     return np.round(grey).astype(np.uint8)
+
+
+class SeriesPreviews:
+    """PNGs of series' middle images (:func:`storage.reports.middle_instance`), the last
+    :data:`KEPT` kept by (instance, its SHA-256, size): the admin page and viewers ask for the
+    same ones again and again."""
+
+    def __init__(self, archive):
+        self.archive, self._kept, self._lock = archive, OrderedDict(), threading.Lock()
+
+    def get(self, series_uid: str, size: int) -> bytes | None:
+        """The PNG of the series' middle image, or None when the series is unknown; raises
+        PreviewError when it has no image to show, StorageError when it cannot be rebuilt."""
+        middle = reports.middle_instance(self.archive.index, series_uid)
+        if middle is None:
+            return None
+        sop_uid, sha = middle
+        key = (sop_uid, sha, size)          # a replaced instance is drawn again
+        with self._lock:
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                return self._kept[key]
+        inst = self.archive.retrieve(sop_uid)
+        png = render_png(inst.sop_class_uid, sop_uid, inst.transfer_syntax, inst.data, size)
+        with self._lock:
+            self._kept[key] = png
+            while len(self._kept) > KEPT:
+                self._kept.popitem(last=False)
+        return png

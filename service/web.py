@@ -3,16 +3,15 @@
 ``/`` is a static page (``service/static``) that draws itself from the JSON API: ``/api/stats``
 (totals, savings by modality and by day), ``/api/studies`` (sortable, paginated, with series),
 ``/api/series/{uid}`` (and its ``preview.png``), ``/api/jobs`` (compaction queue),
-``/api/deletions`` (the audit trail of ``voxarc delete``) and ``/api/config`` (the node's settings,
-read only, secrets left out). Beside DICOMweb's STOW-RS (the ingest path of C-STORE), the
-application only reads: deleting is a command run on the node's machine. Everything is read through :mod:`storage.reports` and the archive.
+``/api/deletions`` (the audit trail of ``voxarc delete``) and ``/api/config`` (the node's
+settings, read only, secrets left out); DICOMweb under ``/dicom-web``. Beside STOW-RS (the
+ingest path of C-STORE), the application only reads: deleting is a command run on the node's
+machine. Everything is read through :mod:`storage.reports` and the archive.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 from service import dicomweb, dicomweb_store
 from service.config import Settings
 from service.metrics import CONTENT_TYPE, NodeMetrics
-from service.preview import PreviewError, render_png
+from service.preview import PreviewError, SeriesPreviews
 from service.web_auth import TokenAuth
 from storage import deletion, reports
 from storage.errors import StorageError
@@ -36,37 +35,6 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 SECRET_SETTINGS = ("http_token",)
 MAX_PAGE = 500
-PREVIEWS_KEPT = 128
-
-
-class _Previews:
-    """The last PNG previews rendered, by (instance, its SHA-256, size): the page asks for the
-    same ones at every refresh."""
-
-    def __init__(self, archive):
-        self.archive, self._kept, self._lock = archive, OrderedDict(), threading.Lock()
-
-    def get(self, series_uid: str, size: int) -> bytes | None:
-        """The PNG of the series' middle image, or None when the series is unknown; raises
-        PreviewError when it has no image to show, StorageError when it cannot be rebuilt."""
-        middle = reports.middle_instance(self.archive.index, series_uid)
-        if middle is None:
-            return None
-        sop_uid, sha = middle
-        key = (sop_uid, sha, size)          # a replaced instance is drawn again
-        with self._lock:
-            if key in self._kept:
-                self._kept.move_to_end(key)
-                return self._kept[key]
-        inst = self.archive.retrieve(sop_uid)
-        png = render_png(inst.sop_class_uid, sop_uid, inst.transfer_syntax, inst.data, size)
-        with self._lock:
-            self._kept[key] = png
-            while len(self._kept) > PREVIEWS_KEPT:
-                self._kept.popitem(last=False)
-        return png
-
-
 def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
     try:
         value = int(request.query_params.get(name, default))
@@ -111,7 +79,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
     """
     metrics = metrics or NodeMetrics(archive)
     index = archive.index
-    previews = _Previews(archive)
+    previews = SeriesPreviews(archive)
 
     def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
@@ -179,8 +147,9 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
     routes = [Route("/", page), Route("/api/stats", stats), Route("/api/studies", studies),
               Route("/api/series/{uid}", series),
               Route("/api/series/{uid}/preview.png", preview), Route("/api/jobs", jobs),
-              Route("/api/deletions", deletions), Route("/api/config", config), Route("/metrics", prometheus),
-              Route("/healthz", healthz), *dicomweb.routes(archive),
+              Route("/api/deletions", deletions), Route("/api/config", config),
+              Route("/metrics", prometheus), Route("/healthz", healthz),
+              *dicomweb.routes(archive, previews),
               *dicomweb_store.routes(archive, settings.max_dataset_bytes),
               Mount("/static", StaticFiles(directory=STATIC))]
     middleware = [Middleware(TokenAuth, token=settings.http_token)]
