@@ -77,23 +77,25 @@ def _store_all(archive, parts: list[bytes], study: str | None, max_bytes: int, b
         except Exception as exc:
             failed.append(("", "", statuses.status_for(exc, "STOW-RS part")))
             continue
-        sop_class, sop_uid, study_uid = _identity(dataset, ts)
-        if study and study_uid and study_uid != study:
-            log.warning("STOW-RS: instance %s of study %s refused (the URL names %s)", sop_uid,
-                        study_uid, study)
-            failed.append((sop_class, sop_uid, WRONG_STUDY))
-            continue
-        if max_bytes and len(dataset) > max_bytes:
-            failed.append((sop_class, sop_uid, statuses.OUT_OF_RESOURCES))
-            continue
+        if study or (max_bytes and len(dataset) > max_bytes):      # refused before storing
+            sop_class, sop_uid, study_uid = _identity(dataset, ts)
+            if study and study_uid and study_uid != study:
+                log.warning("STOW-RS: instance %s of study %s refused (the URL names %s)",
+                            sop_uid, study_uid, study)
+                failed.append((sop_class, sop_uid, WRONG_STUDY))
+                continue
+            if max_bytes and len(dataset) > max_bytes:
+                failed.append((sop_class, sop_uid, statuses.OUT_OF_RESOURCES))
+                continue
         try:
             result = archive.store(dataset, ts)
         except Exception as exc:
+            sop_class, sop_uid, _ = _identity(dataset, ts)     # as far as it can be read
             failed.append((sop_class, sop_uid, statuses.status_for(exc, f"STOW-RS of {sop_uid}")))
             continue
         log.info("STOW-RS %s of %s", result.outcome, result.sop_uid)
-        stored.append((sop_class, result.sop_uid,
-                       f"{base}/studies/{study_uid}/series/{result.series_uid}"
+        stored.append((result.sop_class_uid, result.sop_uid,
+                       f"{base}/studies/{result.study_uid}/series/{result.series_uid}"
                        f"/instances/{result.sop_uid}"))
     return stored, failed
 

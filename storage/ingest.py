@@ -33,11 +33,14 @@ DUPLICATE_POLICIES = ("keep_first", "replace", "reject")
 
 @dataclass(frozen=True)
 class IngestResult:
-    """Outcome of one ingest: ``"stored"``, ``"replaced"`` or ``"duplicate_ignored"``."""
+    """Outcome of one ingest: ``"stored"``, ``"replaced"`` or ``"duplicate_ignored"``, and
+    where the instance belongs."""
 
     outcome: str
     sop_uid: str
     series_uid: str
+    sop_class_uid: str = ""
+    study_uid: str = ""
 
 
 def stored_bytes(session) -> int:
@@ -280,7 +283,12 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
         blobs.delete(dropped_key)
     log.debug("%s instance %s (%d bytes, %s) of series %s", outcome, facts.sop_uid, len(data),
               transfer_syntax, facts.series["series_uid"])
-    return IngestResult(outcome, facts.sop_uid, facts.series["series_uid"])
+    return _result(outcome, facts)
+
+
+def _result(outcome: str, facts: InstanceFacts) -> IngestResult:
+    return IngestResult(outcome, facts.sop_uid, facts.series["series_uid"], facts.sop_class_uid,
+                        facts.study["study_uid"])
 
 
 def _describe(data: bytes, transfer_syntax: str, digest: str, key: str):
@@ -314,7 +322,7 @@ def reindex_staged(index: Index, blobs: BlobStore, key: str, data: bytes, digest
         blobs.delete(dropped_key)
     log.warning("recovery: %s instance %s from staged file %s (its index row was lost)",
                 outcome, facts.sop_uid, key)
-    return IngestResult(outcome, facts.sop_uid, facts.series["series_uid"])
+    return _result(outcome, facts)
 
 
 def _discard(written, blobs: BlobStore, key: str) -> None:
