@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import parse_fields, pixel_layout
 from storage.errors import DuplicateInstanceError, StorageFullError
-from storage.index import Index, Instance, Patient, Series, Study
+from storage.index import Deletion, Index, Instance, Patient, Series, Study
 from storage.instance_facts import (
     INDEXED_KEYWORDS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, InstanceFacts, describe, stack_format,
 )
@@ -95,6 +95,7 @@ class Stager:
         self._committer = threading.Lock()
         self.batches = self.committed = 0           # counters, for logs and tests
         self._ids: dict = {}     # (table, uid) -> row id of committed patients/studies/series
+        self._generation = None  # the last deletion's id when those ids were read
         self._warm()
 
     def _warm(self) -> None:
@@ -159,8 +160,13 @@ class Stager:
         """Stop the I/O threads (every commit happens on its caller's thread)."""
         self.io.shutdown(wait=True)
 
-    def _commit_batch(self, batch: list, cached: bool = True) -> None:
-        ids = dict(self._ids) if cached else {}
+    def _commit_batch(self, batch: list, cached: bool = True, attempt: int = 0) -> None:
+        # a deletion (`voxarc delete`, maybe in another process) frees row ids, and SQLite
+        # gives a freed id to the next new row: cached ids are only good while no deletion
+        # has committed since they were read
+        with self.index.engine.connect() as conn:
+            generation = conn.scalar(_GENERATION)
+        ids = dict(self._ids) if cached and generation == self._generation else {}
         cached = bool(ids)
         # rows whose staged file can be indexed again (storage.staged_keys) need no flush of
         # the database: their files are durable before the commit
@@ -174,11 +180,26 @@ class Stager:
                                              now, ids, touched)
                     except DuplicateInstanceError as exc:   # raised before any write
                         item.error = exc
+                # read within the write transaction: no deletion can commit after it until
+                # ours does, so an unchanged value means that none came between the two reads
+                if conn.scalar(_GENERATION) != generation:
+                    raise _DeletedMeanwhile()
                 for item in batch:            # files durable before their rows commit
                     _wait_written(item)
             self._ids = ids if len(ids) < 100_000 else {}
+            self._generation = generation
             self.batches += 1
             self.committed += len(batch)
+        except _DeletedMeanwhile:
+            self._ids = {}
+            if attempt < 5:
+                log.info("rows were deleted while %d instances were being indexed; again",
+                         len(batch))
+                for item in batch:
+                    item.result, item.error = None, None
+                self._commit_batch(batch, cached=False, attempt=attempt + 1)
+                return
+            raise StorageFullError("deletions kept changing the index under ingest") from None
         except Exception as exc:  # one bad row must not fail the others: retry them one by one
             self._ids = {}
             if cached:
@@ -200,6 +221,11 @@ class Stager:
             batch[0].error = exc
         for item in batch:
             item.done = True
+
+
+class _DeletedMeanwhile(Exception):
+    """A deletion committed while a batch was being indexed: its looked-up row ids may be
+    stale."""
 
 
 class _RollBack(Exception):
@@ -350,6 +376,7 @@ _DELETE = delete(_INSTANCES).where(_INSTANCES.c.id == bindparam("p_id"))
 _TOUCH = update(_SERIES).where(_SERIES.c.id == bindparam("p_id")) \
     .values(last_received=bindparam("p_now"))
 _INSERT = insert(_INSTANCES)
+_GENERATION = select(func.coalesce(func.max(Deletion.__table__.c.id), 0))
 
 
 def _apply(conn, facts: InstanceFacts, fields: dict, duplicates: str, now: float,

@@ -188,6 +188,65 @@ def test_a_node_that_cached_a_deleted_series_stores_into_it_again(tmp_path):
         node_side.close()
 
 
+def test_a_node_never_files_an_instance_under_rows_that_took_a_deleted_rows_id(tmp_path):
+    # SQLite gives a deleted row's id to the next new row: the node's cached ids of a deleted
+    # patient must not then point at whoever came next
+    node_side = Archive(tmp_path / "data")
+    wrong = make_series(4, patient_id="WRONG", seed=1)
+    store_series(node_side, wrong[:2])
+    admin_side = Archive(tmp_path / "data")
+    try:
+        admin_side.delete("patient", "WRONG")
+    finally:
+        admin_side.close()
+    other = store_series(node_side, make_series(2, patient_id="OTHER", seed=2))
+    late = store_series(node_side, wrong[2:])
+    try:
+        with node_side.index.read() as s:
+            filed = dict(s.execute(
+                select(Instance.sop_uid, Patient.patient_id)
+                .join(Series, Instance.series_fk == Series.id)
+                .join(Study, Series.study_fk == Study.id)
+                .join(Patient, Study.patient_fk == Patient.id)).all())
+        assert {filed[u] for u in late} == {"WRONG"}
+        assert {filed[u] for u in other} == {"OTHER"}
+        assert len(node_side.find("PATIENT", {"PatientID": "WRONG"})) == 1
+    finally:
+        node_side.close()
+
+
+def test_a_deletion_committed_while_a_batch_is_indexed_is_noticed(tmp_path, monkeypatch):
+    # the deletion (and a new patient taking the freed ids) lands after the node checked for
+    # deletions and before its batch writes: the batch's own check in its transaction sees it
+    from storage import ingest
+    node_side = Archive(tmp_path / "data")
+    wrong = make_series(4, patient_id="WRONG", seed=1)
+    store_series(node_side, wrong[:2])
+    admin_side = Archive(tmp_path / "data")
+    real_apply, other = ingest._apply, []
+
+    def apply_after_a_deletion(*args, **kwargs):
+        if not other:
+            other.append(None)          # once (the other side's ingest comes through here too)
+            admin_side.delete("patient", "WRONG")
+            other[:] = store_series(admin_side, make_series(2, patient_id="OTHER", seed=2))
+        return real_apply(*args, **kwargs)
+    monkeypatch.setattr(ingest, "_apply", apply_after_a_deletion)
+    late = store_series(node_side, wrong[2:3])
+    try:
+        with node_side.index.read() as s:
+            filed = dict(s.execute(
+                select(Instance.sop_uid, Patient.patient_id)
+                .join(Series, Instance.series_fk == Series.id)
+                .join(Study, Series.study_fk == Study.id)
+                .join(Patient, Study.patient_fk == Patient.id)).all())
+        assert {filed[u] for u in late} == {"WRONG"}
+        assert {filed[u] for u in other} == {"OTHER"}
+    finally:
+        admin_side.close()
+        node_side.close()
+
+
 def test_compaction_of_a_series_deleted_meanwhile_is_a_no_op(archive):
     sent = store_series(archive, make_series(2, seed=10))
     with archive.index.read() as s:
