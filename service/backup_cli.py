@@ -2,7 +2,8 @@
 
 The copy is a data folder that ``voxarc serve --data-dir DEST`` serves as it is; running the
 command again into the same folder copies only what is new. Backing the copy up again restores
-it (``--database-url`` puts the restored index on PostgreSQL). See :mod:`storage.backup`.
+it (``--database-url`` puts the restored index on PostgreSQL). A destination that is neither
+empty nor a backup of this archive is refused unless ``--force``. See :mod:`storage.backup`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--database-url", default="",
                    help="index of the copy (default: SQLite in DEST; another database is "
                         "emptied and filled)")
+    p.add_argument("--force", action="store_true",
+                   help="replace what DEST (and the --database-url database) holds even when "
+                        "it is not a backup of this archive")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run_backup)
 
@@ -42,7 +46,7 @@ def run_backup(args) -> int:
         bar.advance(done - bar.done)
 
     try:
-        report = archive.backup(args.dest, args.database_url, progress)
+        report = archive.backup(args.dest, args.database_url, progress, force=args.force)
     except StorageError as exc:
         log.error("backup to %s failed: %s", args.dest, exc)
         return 1

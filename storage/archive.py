@@ -150,10 +150,11 @@ class Archive:
         return what was removed (see :meth:`storage.deletion.Deleter.delete`)."""
         return Deleter(self.index, self.blobs, self.retrieve).delete(level, uid, reason)
 
-    def backup(self, dest, database_url: str = "", progress=None) -> BackupReport:
+    def backup(self, dest, database_url: str = "", progress=None,
+               force: bool = False) -> BackupReport:
         """Copy this archive, consistent at one moment, into the data folder ``dest`` (see
         :func:`storage.backup.backup`); works while a node serves it."""
-        return backup(self.index, self.blobs, dest, database_url, progress)
+        return backup(self.index, self.blobs, dest, database_url, progress, force)
 
     def recoder(self) -> Recoder:
         """A :class:`Recoder` that brings this archive's coded stacks to today's blob format

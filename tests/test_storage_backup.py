@@ -158,3 +158,158 @@ def test_voxarc_backup(tmp_path):
                          timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout
     _check_copy(tmp_path / "copy", sent)
+
+
+def _readable(arch, sent: dict) -> bool:
+    return all(arch.retrieve(uid).data == data for uid, data in sent.items())
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_the_archives_own_index_is_never_the_copys(archive, tmp_path, force):
+    sent = store_series(archive, make_series(3, 24, 24, seed=1))
+    with pytest.raises(BackupError, match="archive's own index"):
+        backup_module.backup(archive.index, archive.blobs, tmp_path / "copy",
+                             archive.index.url, force=force)
+    assert archive.stats()["instances"] == 3 and _readable(archive, sent)
+    assert not (tmp_path / "copy").exists()
+
+
+def test_a_backup_into_the_folder_of_the_live_sqlite_index_is_refused(tmp_path):
+    (tmp_path / "db").mkdir()
+    arch = Archive(tmp_path / "data", f"sqlite:///{tmp_path / 'db' / 'index.sqlite'}")
+    try:
+        sent = store_series(arch, make_series(3, 24, 24, seed=1))
+        for force in (False, True):
+            with pytest.raises(BackupError, match="archive's own index"):
+                backup_module.backup(arch.index, arch.blobs, tmp_path / "db", force=force)
+        assert _readable(arch, sent) and arch.compact(stable_age=0) == (1, 0)
+    finally:
+        arch.close()
+
+
+def test_a_server_index_is_recognised_however_its_url_is_spelled(tmp_path, monkeypatch):
+    arch = Archive(tmp_path / "data")
+    try:
+        monkeypatch.setattr(arch.index, "url", "postgresql+psycopg://vx:secret@DB.lan/voxarc")
+        for url in ("postgresql://admin@db.lan:5432/voxarc", "postgresql+psycopg2://db.lan/voxarc"):
+            with pytest.raises(BackupError, match="own index") as err:
+                arch.backup(tmp_path / "copy", url)
+            assert "secret" not in str(err.value)
+    finally:
+        arch.close()
+    same = backup_module._same_database
+    assert same("postgresql://localhost/v", "postgresql+psycopg://127.0.0.1:5432/v")
+    assert same("postgresql:///v?host=/run/postgresql", "postgresql://localhost/v")
+    assert not same("postgresql://db.lan/v", "postgresql://db.lan/w")
+    assert not same("postgresql://db.lan/v", "postgresql://db.lan:5433/v")
+    assert not same("postgresql://db.lan/v", "postgresql://other.lan/v")
+    assert not same("sqlite://", "sqlite://")                       # two in-memory databases
+
+
+def _other_archive(path, url: str = "") -> dict:
+    other = Archive(path, url)
+    try:
+        return store_series(other, make_series(4, 24, 24, patient_id="OTHER", seed=7))
+    finally:
+        other.close()
+
+
+def _check_other(path, sent: dict, url: str = "") -> None:
+    other = Archive(path, url)
+    try:
+        assert other.stats()["instances"] == len(sent) and _readable(other, sent)
+    finally:
+        other.close()
+
+
+def test_a_folder_that_is_not_a_backup_of_this_archive_is_refused_unless_forced(tmp_path):
+    theirs = _other_archive(tmp_path / "node2")
+    source = Archive(tmp_path / "data")
+    try:
+        sent = store_series(source, make_series(2, 24, 24, seed=1))
+        with pytest.raises(BackupError, match="not empty and is not a voxarc backup"):
+            source.backup(tmp_path / "node2")
+        _check_other(tmp_path / "node2", theirs)
+        source.backup(tmp_path / "copy")
+        other = Archive(tmp_path / "other")
+        try:
+            store_series(other, make_series(2, 24, 24, seed=3))
+            with pytest.raises(BackupError, match="backup of another archive"):
+                other.backup(tmp_path / "copy")
+        finally:
+            other.close()
+        _check_copy(tmp_path / "copy", sent)
+        report = backup_module.backup(source.index, source.blobs, tmp_path / "node2", force=True)
+        assert report.files_removed == 4
+    finally:
+        source.close()
+    _check_copy(tmp_path / "node2", sent)
+
+
+def test_the_marker_names_the_source_and_the_first_backups_time(tmp_path):
+    source = Archive(tmp_path / "data")
+    try:
+        store_series(source, make_series(2, 24, 24, seed=1))
+        source.backup(tmp_path / "copy")
+        marker = json.loads((tmp_path / "copy" / backup_module.MARKER).read_text())
+        assert marker["source"] == {"data_dir": str((tmp_path / "data").resolve()),
+                                    "index": f"sqlite:///{(tmp_path / 'data').resolve()}"
+                                             "/index.sqlite"}
+        source.backup(tmp_path / "copy")
+        again = json.loads((tmp_path / "copy" / backup_module.MARKER).read_text())
+        assert again == marker                  # the first backup's time kept
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_database_holding_rows_is_refused_unless_the_backup_marker_names_it(tmp_path,
+                                                                              backend):
+    (tmp_path / "db").mkdir()
+    url = database_url(backend, tmp_path / "db")
+    theirs = _other_archive(tmp_path / "node2", url)
+    source = Archive(tmp_path / "data")
+    try:
+        sent = store_series(source, make_series(2, 24, 24, seed=1))
+        with pytest.raises(BackupError, match="already holds an archive's rows"):
+            source.backup(tmp_path / "copy", url)
+        _check_other(tmp_path / "node2", theirs, url)
+        backup_module.backup(source.index, source.blobs, tmp_path / "copy", url, force=True)
+        assert source.backup(tmp_path / "copy", url).files_kept == 2     # its marker names it
+    finally:
+        source.close()
+    _check_copy(tmp_path / "copy", sent, url)
+
+
+def test_a_destination_that_is_a_file_is_refused_plainly(tmp_path):
+    (tmp_path / "afile").write_bytes(b"")
+    source = Archive(tmp_path / "data")
+    try:
+        for dest in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+            with pytest.raises(BackupError, match="afile"):
+                source.backup(dest)
+    finally:
+        source.close()
+
+
+def test_voxarc_backup_refuses_plainly_and_force_replaces(tmp_path):
+    arch = Archive(tmp_path / "data")
+    try:
+        store_series(arch, make_series(2, 24, 24, seed=1))
+    finally:
+        arch.close()
+    _other_archive(tmp_path / "node2")
+    (tmp_path / "afile").write_bytes(b"")
+
+    def voxarc_backup(dest, *more):
+        return subprocess.run([sys.executable, "-m", "service.cli", "backup", "--data-dir",
+                               str(tmp_path / "data"), str(dest), *more], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+    for dest, message in ((tmp_path / "afile", "is not a folder"),
+                          (tmp_path / "node2", "--force replaces it")):
+        out = voxarc_backup(dest)
+        assert out.returncode == 1 and message in out.stderr
+        assert "Traceback" not in out.stderr
+    out = voxarc_backup(tmp_path / "node2", "--force", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["files_removed"] == 4
