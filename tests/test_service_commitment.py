@@ -2,6 +2,7 @@
 N-ACTION request on one association, the N-EVENT-REPORT on another, to the modality's listener."""
 
 import threading
+import time
 
 import pytest
 from sqlalchemy import select
@@ -56,7 +57,7 @@ def _node(tmp_path, modality, **extra):
 
 
 def _request(port: int, items, transaction_uid: str, action_type: int = 1,
-             calling: str = "MODALITY"):
+             calling: str = "MODALITY", instance: str = commitment.WELL_KNOWN_INSTANCE):
     """Send one N-ACTION; return its status Dataset."""
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
@@ -71,8 +72,7 @@ def _request(port: int, items, transaction_uid: str, action_type: int = 1,
         item = Dataset()
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_uid
         info.ReferencedSOPSequence.append(item)
-    status, _ = assoc.send_n_action(info, action_type, StorageCommitmentPushModel,
-                                    commitment.WELL_KNOWN_INSTANCE)
+    status, _ = assoc.send_n_action(info, action_type, StorageCommitmentPushModel, instance)
     assoc.release()
     return status
 
@@ -150,6 +150,17 @@ def test_malformed_requests_and_unknown_callers_are_refused_at_once(tmp_path, mo
         node.stop()
 
 
+def test_another_sop_instance_than_the_well_known_one_is_refused(tmp_path, modality):
+    node = _node(tmp_path, modality)
+    try:
+        held = _stored(node, tmp_path, 1)
+        assert _request(node.port, held, generate_uid(), instance=generate_uid()).Status == \
+            commitment.NO_SUCH_SOP_INSTANCE
+        assert not modality.arrived.wait(1.0) and node.reporter.delivered == 0
+    finally:
+        node.stop()
+
+
 def test_a_peer_without_store_permission_is_not_authorised(tmp_path, modality):
     node = _node(tmp_path, modality, peers={"MODALITY": "query"})
     try:
@@ -171,6 +182,50 @@ def test_a_report_the_modality_cannot_take_is_retried_then_given_up(tmp_path):
     finally:
         node.stop()
         modality.stop()
+
+
+def _two_modality_node(tmp_path, good, dead_port):
+    settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                             stable_age=3600.0, destination=[
+                                 f"GOOD={good.ae_title}@127.0.0.1:{good.port}",
+                                 f"DEAD=DEAD@127.0.0.1:{dead_port}"])
+    return Node(settings, compaction=False).start()
+
+
+def test_an_unreachable_modality_does_not_delay_another_ones_report(tmp_path):
+    good = Modality("GOOD")
+    node = _two_modality_node(tmp_path, good, free_port())      # nothing listens at DEAD
+    node.reporter.retry_delays = (0.2, 3.0, 3.0)
+    try:
+        held = _stored(node, tmp_path, 1)
+        assert _request(node.port, held, generate_uid(), calling="DEAD").Status == 0
+        started = time.monotonic()
+        assert _request(node.port, held, generate_uid(), calling="GOOD").Status == 0
+        assert good.arrived.wait(30)
+        assert time.monotonic() - started < 2.0
+        assert node.reporter.undelivered == 0                   # DEAD's retries still pending
+        assert _eventually(lambda: node.reporter.undelivered == 1)
+        assert node.reporter.delivered == 1
+    finally:
+        node.stop()
+        good.stop()
+
+
+def test_stopping_drops_pending_retries_at_once(tmp_path):
+    good = Modality("GOOD")
+    node = _two_modality_node(tmp_path, good, free_port())
+    node.reporter.retry_delays = (0.0, 60.0, 60.0)
+    try:
+        held = _stored(node, tmp_path, 1)
+        assert _request(node.port, held, generate_uid(), calling="DEAD").Status == 0
+        time.sleep(0.5)                                         # its first attempt fails
+        started = time.monotonic()
+        node.reporter.stop()
+        assert time.monotonic() - started < 2.0
+        assert node.reporter.undelivered == 1 and node.reporter.delivered == 0
+    finally:
+        node.stop()
+        good.stop()
 
 
 def test_report_dataset_without_a_node():
