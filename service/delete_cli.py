@@ -46,9 +46,10 @@ def _describe(summary: dict) -> str:
     text = f"{summary['level']} {summary['uid']}: " + ", ".join(parts)
     text += f"; frees {summary['freed_bytes'] / 1e6:.2f} MB"
     if summary["restaged"]:
-        text += (f"; {summary['restaged']} instances that stay are staged again "
-                 f"({summary.get('restaged_bytes', 0) / 1e6:.2f} MB as received, until "
-                 "compaction codes them anew without the deleted ones)")
+        text += f"; {summary['restaged']} instances that stay are staged again"
+        if "restaged_bytes" in summary:      # a plan's; the audit trail does not keep it
+            text += (f" ({summary['restaged_bytes'] / 1e6:.2f} MB as received, until "
+                     "compaction codes them anew without the deleted ones)")
     return text
 
 

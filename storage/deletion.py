@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from sqlalchemy import delete, exists, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from storage.blobstore import BlobStore, fsync_dir, new_key
 from storage.errors import StorageError
@@ -51,7 +52,8 @@ class DeletionPlan:
         Blob id -> (key, stored bytes, [(instance id, SOP Instance UID, size, SHA-256)]) of
         coded stacks that keep some instances: those are staged again and the blob removed.
     series, studies, patients : int
-        Rows left empty and removed with the instances (counted at planning).
+        Rows left empty and removed with the instances (counted at planning; after
+        :meth:`Deleter.execute`, as removed).
     series_ids : list of int
         Series the deleted instances belong to.
     """
@@ -204,12 +206,31 @@ class Deleter:
     def execute(self, todo: DeletionPlan, reason: str = "") -> dict:
         """Carry out a :func:`plan` (see the module's docstring for the order of steps)."""
         restaged = self._restage(todo)
+        written = False
         try:
-            removals = self._commit(todo, restaged, reason)
+            with self.index.write() as s:
+                removals = self._write(s, todo, restaged, reason)
+                written = True            # what fails from here on is the commit itself
+        except IntegrityError as exc:     # a row added meanwhile (PostgreSQL, see _write)
+            self._discard(restaged)
+            raise _Changed(f"the index refused the change: {exc.orig or exc}") from None
         except BaseException:
-            for key, _ in restaged.values():
-                self.blobs.delete(key)
-            raise
+            if not written or not restaged:
+                self._discard(restaged)
+                raise
+            # the commit failed or only its answer was lost (a dropped server connection):
+            # removing the restaged files under committed rows would lose the kept instances
+            committed = self._restaging_committed(restaged)
+            if committed is False:
+                self._discard(restaged)
+            if not committed:
+                if committed is None:
+                    log.error("deleting %s %s: the commit's outcome is unknown; the %d restaged "
+                              "files stay (the next start indexes or drops them)", todo.level,
+                              todo.uid, len(restaged))
+                raise
+            log.warning("deleting %s %s: the commit reported an error but took place",
+                        todo.level, todo.uid)
         finish_removals(self.index, self.blobs, removals)
         summary = todo.summary()
         log.warning("deleted %s %s: %d instances, %d series, %d studies, %d patients; %d "
@@ -238,37 +259,56 @@ class Deleter:
                                 f"rebuilt ({exc}); nothing deleted") from exc
         return written
 
-    def _commit(self, todo: DeletionPlan, restaged: dict, reason: str) -> list[str]:
-        """One transaction: rows removed, kept instances staged, removals and audit recorded;
-        return the keys to remove."""
+    def _discard(self, restaged: dict) -> None:
+        for key, _ in restaged.values():
+            self.blobs.delete(key)
+
+    def _restaging_committed(self, restaged: dict) -> bool | None:
+        """After a commit that raised: whether the kept instances point at their restaged
+        files (it took place); None when the index cannot be read."""
+        inst_id, (key, _) = next(iter(restaged.items()))
+        try:
+            with self.index.read() as s:
+                return s.scalar(select(Instance.staged_key).where(Instance.id == inst_id)) == key
+        except SQLAlchemyError as exc:
+            log.error("cannot read the index after a failed commit: %s", exc)
+            return None
+
+    def _write(self, s, todo: DeletionPlan, restaged: dict, reason: str) -> list[str]:
+        """In the transaction of ``s``: rows removed, kept instances staged, removals and audit
+        recorded; return the keys to remove."""
         now = time.time()
-        with self.index.write() as s:
-            for inst_id, (sop_uid, key, blob_id, _) in todo.instances.items():
-                gone = s.execute(delete(Instance).where(
-                    Instance.id == inst_id, _same(Instance.staged_key, key),
-                    _same(Instance.blob_fk, blob_id)))
-                if gone.rowcount != 1:
-                    raise _Changed(f"instance {sop_uid} moved or went")
-            for inst_id, (key, blob_id) in restaged.items():
-                moved = s.execute(update(Instance).where(
-                    Instance.id == inst_id, Instance.blob_fk == blob_id).values(
-                    staged_key=key, blob_fk=None, frame_start=0, header_before=None,
-                    header_after=None))
-                if moved.rowcount != 1:
-                    raise _Changed(f"an instance of blob {blob_id} moved or went")
-            blob_ids = list(todo.blobs_freed) + list(todo.restage)
-            for blob_id in blob_ids:
-                if s.scalar(select(Instance.id).where(Instance.blob_fk == blob_id).limit(1)):
-                    raise _Changed(f"blob {blob_id} gained instances")
-                s.execute(delete(Blob).where(Blob.id == blob_id))
-            _drop_empty(s, todo.series_ids)
-            keys = [k for _, k, _, _ in todo.instances.values() if k] + \
-                [todo.blobs_freed[b][0] for b in todo.blobs_freed] + \
-                [todo.restage[b][0] for b in todo.restage]
-            if keys:
-                s.execute(insert(Removal), [{"key": k, "created_at": now} for k in keys])
-            audit = {k: v for k, v in todo.summary().items() if k != "restaged_bytes"}
-            s.add(Deletion(deleted_at=now, reason=reason[:500], **audit))
+        # PostgreSQL: lock the series first, so that an instance being committed into one
+        # either is seen by _drop_empty or waits and then fails its own foreign key (the
+        # ingest then looks its rows up again); SQLite has one writer and ignores it
+        s.execute(select(Series.id).where(Series.id.in_(todo.series_ids)).with_for_update())
+        for inst_id, (sop_uid, key, blob_id, _) in todo.instances.items():
+            gone = s.execute(delete(Instance).where(
+                Instance.id == inst_id, _same(Instance.staged_key, key),
+                _same(Instance.blob_fk, blob_id)))
+            if gone.rowcount != 1:
+                raise _Changed(f"instance {sop_uid} moved or went")
+        for inst_id, (key, blob_id) in restaged.items():
+            moved = s.execute(update(Instance).where(
+                Instance.id == inst_id, Instance.blob_fk == blob_id).values(
+                staged_key=key, blob_fk=None, frame_start=0, header_before=None,
+                header_after=None))
+            if moved.rowcount != 1:
+                raise _Changed(f"an instance of blob {blob_id} moved or went")
+        blob_ids = list(todo.blobs_freed) + list(todo.restage)
+        for blob_id in blob_ids:
+            if s.scalar(select(Instance.id).where(Instance.blob_fk == blob_id).limit(1)):
+                raise _Changed(f"blob {blob_id} gained instances")
+            s.execute(delete(Blob).where(Blob.id == blob_id))
+        # what is emptied now, not at planning (an instance may have arrived meanwhile)
+        todo.series, todo.studies, todo.patients = _drop_empty(s, todo.series_ids)
+        keys = [k for _, k, _, _ in todo.instances.values() if k] + \
+            [todo.blobs_freed[b][0] for b in todo.blobs_freed] + \
+            [todo.restage[b][0] for b in todo.restage]
+        if keys:
+            s.execute(insert(Removal), [{"key": k, "created_at": now} for k in keys])
+        audit = {k: v for k, v in todo.summary().items() if k != "restaged_bytes"}
+        s.add(Deletion(deleted_at=now, reason=reason[:500], **audit))
         return keys
 
 
@@ -280,21 +320,22 @@ def _same(column, value):
     return column.is_(None) if value is None else column == value
 
 
-def _drop_empty(s, series_ids: list[int]) -> None:
+def _drop_empty(s, series_ids: list[int]) -> tuple[int, int, int]:
     """Remove the series among ``series_ids`` left without instances (and their jobs), then
-    their studies and patients when left empty."""
+    their studies and patients when left empty; return how many of each."""
     empty = list(s.scalars(select(Series.id).where(
         Series.id.in_(series_ids), ~exists().where(Instance.series_fk == Series.id))))
     if not empty:
-        return
+        return 0, 0, 0
     studies = list(s.scalars(select(Series.study_fk).distinct().where(Series.id.in_(empty))))
     patients = list(s.scalars(select(Study.patient_fk).distinct().where(Study.id.in_(studies))))
     s.execute(delete(Job).where(Job.series_fk.in_(empty)))
     s.execute(delete(Series).where(Series.id.in_(empty)))
-    s.execute(delete(Study).where(Study.id.in_(studies),
-                                  ~exists().where(Series.study_fk == Study.id)))
-    s.execute(delete(Patient).where(Patient.id.in_(patients),
-                                    ~exists().where(Study.patient_fk == Patient.id)))
+    gone_studies = s.execute(delete(Study).where(
+        Study.id.in_(studies), ~exists().where(Series.study_fk == Study.id))).rowcount
+    gone_patients = s.execute(delete(Patient).where(
+        Patient.id.in_(patients), ~exists().where(Study.patient_fk == Patient.id))).rowcount
+    return len(empty), gone_studies, gone_patients
 
 
 def finish_removals(index: Index, blobs: BlobStore, keys: list[str] | None = None) -> int:

@@ -1,17 +1,22 @@
 """Deleting patients, studies, series and instances (storage.deletion, `voxarc delete`)."""
 
 import json
+from contextlib import contextmanager
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import insert, select
+from sqlalchemy.exc import OperationalError
 
 import models
-from node_helpers import archive, make_series, store_series  # noqa: F401 (fixture)
+from node_helpers import (PG_URL, archive, database_url, make_series,  # noqa: F401
+                          store_series)
 from storage import deletion, header_pack
 from storage.archive import Archive
 from storage.deletion import DeletionError, Deleter
@@ -146,6 +151,77 @@ def test_a_change_after_planning_is_never_half_applied(archive):
     assert _count(archive, Deletion) == 0
     summary = archive.delete("instance", victim)                # plans again
     assert summary["restaged"] == 3 and _gone(archive, {victim: b""})
+
+
+def _answer_lost(arch, monkeypatch, really_commit: bool):
+    """Make the next index write raise at its commit, after committing (the server's answer
+    lost with its connection) or instead of committing."""
+    real_write = arch.index.write
+
+    @contextmanager
+    def write():
+        monkeypatch.setattr(arch.index, "write", real_write)       # once
+        with real_write() as s:
+            yield s
+            if not really_commit:
+                s.rollback()
+        raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection"))
+    monkeypatch.setattr(arch.index, "write", write)
+
+
+@pytest.mark.parametrize("really_commit", [True, False])
+def test_a_commit_whose_answer_is_lost_keeps_every_kept_instance(tmp_path, monkeypatch,
+                                                                  really_commit):
+    arch = Archive(tmp_path / "data")
+    sent = store_series(arch, make_series(5, seed=4))
+    assert arch.compact(stable_age=0) == (1, 0)
+    victim = sorted(sent)[0]
+    _answer_lost(arch, monkeypatch, really_commit)
+    outcome = None
+    try:
+        outcome = arch.delete("instance", victim)
+    except OperationalError:
+        assert not really_commit          # the deletion did not happen, and says so
+    arch.close()
+    arch = Archive(tmp_path / "data")     # the next start's recovery
+    try:
+        kept = {u: d for u, d in sent.items() if u != victim}
+        assert _exact(arch, kept) and not arch.recovery.missing_staged
+        if really_commit:
+            assert outcome["restaged"] == 4 and _gone(arch, {victim: b""})
+        else:
+            assert _exact(arch, sent) and _count(arch, Deletion) == 0
+            assert len(_files(arch)) == 1            # the blob; no restaged file left behind
+    finally:
+        arch.close()
+
+
+@pytest.mark.skipif(not PG_URL, reason="VOXARC_TEST_PG_URL not set")
+def test_deleting_a_series_while_an_instance_is_committed_into_it(tmp_path):
+    # PostgreSQL runs both at once: the deletion waits for the instance's commit and keeps the
+    # series it then sees (no foreign-key error escaping as a crash, nothing lost)
+    arch = Archive(tmp_path / "data", database_url("postgres", tmp_path))
+    try:
+        sent = store_series(arch, make_series(3, seed=1))
+        with arch.index.read() as s:
+            series_id, series_uid = s.execute(select(Series.id, Series.series_uid)).one()
+        with arch.index.engine.connect() as conn:
+            tx = conn.begin()
+            conn.execute(insert(Instance).values(
+                sop_uid="1.2.3.999", series_fk=series_id, sop_class_uid="1.2",
+                transfer_syntax="1.2", size=1, sha256="x", received_at=time.time(),
+                staged_key="s-late"))
+            done = {}
+            deleting = threading.Thread(target=lambda: done.update(
+                summary=arch.delete("series", series_uid)))
+            deleting.start()
+            time.sleep(1.0)
+            tx.commit()
+        deleting.join(30)
+        assert done["summary"]["instances"] == 3 and done["summary"]["series"] == 0
+        assert _gone(arch, sent) and arch.stats()["series"] == 1
+    finally:
+        arch.close()
 
 
 def test_a_stack_whose_kept_instances_cannot_be_rebuilt_deletes_nothing(archive):
@@ -298,3 +374,11 @@ def test_removal_rows_only_name_files_of_that_deletion(archive):
     assert _exact(archive, other)
     assert np.all([archive.blobs.exists(k) for k in _files(archive)])
     assert len(_files(archive)) == 2
+
+
+def test_the_history_never_claims_bytes_it_did_not_keep():
+    from service.delete_cli import _describe
+    row = {"level": "instance", "uid": "1.2", "instances": 1, "series": 0, "studies": 0,
+           "patients": 0, "restaged": 4, "freed_bytes": 4143}         # an audit row
+    assert "as received" not in _describe(row)
+    assert "0.01 MB as received" in _describe({**row, "restaged_bytes": 8774})    # a plan
