@@ -24,6 +24,7 @@ from storage import header_pack
 from storage.assembly import Stack, assemble
 from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import join, parse_dataset, pixel_layout, split
+from storage.errors import CommitOutcomeUnknown
 from storage.index import Blob, Index, Instance, Job, Series
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,10 @@ class Compactor:
             for inst in singles:
                 self._code_single(inst, plan)
             self._commit(plan, members, job_id)
+        except CommitOutcomeUnknown as exc:   # the new blobs and the staged files both stay
+            log.error("compaction of series %s: %s; its files stay for the next start", series_uid,
+                      exc)
+            return False
         except Exception as exc:
             for blob in plan.blobs:
                 self.blobs.delete(blob.key)
@@ -181,24 +186,28 @@ class Compactor:
                                sha256=_sha(data), created_at=time.time(), **extra))
 
     def _commit(self, plan: _Plan, members: list, job_id: int) -> None:
-        with self.index.write() as s:
-            by_key = {}
-            for blob in plan.blobs:
-                s.add(blob)
-                by_key[blob.key] = blob
-            s.flush()
-            for inst in members:
-                row = s.get(Instance, inst.id)
-                if row is None or row.staged_key != inst.staged_key:
-                    raise VerificationError(f"instance {inst.sop_uid} changed during compaction")
-                key, fields = plan.updates[inst.id]
-                for name, value in fields.items():
-                    setattr(row, name, value)
-                row.blob_fk, row.staged_key = by_key[key].id, None
-            job = s.get(Job, job_id)
-            if job is None:
-                raise VerificationError("series deleted during compaction")
-            job.state, job.reason, job.updated_at = "done", "", time.time()
+        self.index.write_checked(
+            lambda s: self._write(s, plan, members, job_id),
+            lambda s: getattr(s.get(Job, job_id), "state", None) == "done")
+
+    def _write(self, s, plan: _Plan, members: list, job_id: int) -> None:
+        by_key = {}
+        for blob in plan.blobs:
+            s.add(blob)
+            by_key[blob.key] = blob
+        s.flush()
+        for inst in members:
+            row = s.get(Instance, inst.id)
+            if row is None or row.staged_key != inst.staged_key:
+                raise VerificationError(f"instance {inst.sop_uid} changed during compaction")
+            key, fields = plan.updates[inst.id]
+            for name, value in fields.items():
+                setattr(row, name, value)
+            row.blob_fk, row.staged_key = by_key[key].id, None
+        job = s.get(Job, job_id)
+        if job is None:
+            raise VerificationError("series deleted during compaction")
+        job.state, job.reason, job.updated_at = "done", "", time.time()
 
     def _start_job(self, series_id: int) -> int | None:
         """Mark the series' compaction job running (made when missing); None when the series

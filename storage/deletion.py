@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass, field
 
 from sqlalchemy import delete, exists, insert, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
 from storage.blobstore import BlobStore, fsync_dir, new_key
-from storage.errors import StorageError
+from storage.errors import CommitOutcomeUnknown, StorageError
 from storage.index import (
     Blob, Deletion, Index, Instance, Job, Patient, Removal, Series, Study,
 )
@@ -206,31 +206,22 @@ class Deleter:
     def execute(self, todo: DeletionPlan, reason: str = "") -> dict:
         """Carry out a :func:`plan` (see the module's docstring for the order of steps)."""
         restaged = self._restage(todo)
-        written = False
         try:
-            with self.index.write() as s:
-                removals = self._write(s, todo, restaged, reason)
-                written = True            # what fails from here on is the commit itself
+            removals = self.index.write_checked(
+                lambda s: self._write(s, todo, restaged, reason),
+                lambda s: self._took_place(s, todo, restaged))
+        except CommitOutcomeUnknown:
+            # removing the restaged files under committed rows would lose the kept instances
+            log.error("deleting %s %s: the commit's outcome is unknown; the %d restaged files "
+                      "stay (the next start indexes or drops them)", todo.level, todo.uid,
+                      len(restaged))
+            raise
         except IntegrityError as exc:     # a row added meanwhile (PostgreSQL, see _write)
             self._discard(restaged)
             raise _Changed(f"the index refused the change: {exc.orig or exc}") from None
         except BaseException:
-            if not written or not restaged:
-                self._discard(restaged)
-                raise
-            # the commit failed or only its answer was lost (a dropped server connection):
-            # removing the restaged files under committed rows would lose the kept instances
-            committed = self._restaging_committed(restaged)
-            if committed is False:
-                self._discard(restaged)
-            if not committed:
-                if committed is None:
-                    log.error("deleting %s %s: the commit's outcome is unknown; the %d restaged "
-                              "files stay (the next start indexes or drops them)", todo.level,
-                              todo.uid, len(restaged))
-                raise
-            log.warning("deleting %s %s: the commit reported an error but took place",
-                        todo.level, todo.uid)
+            self._discard(restaged)
+            raise
         finish_removals(self.index, self.blobs, removals)
         summary = todo.summary()
         log.warning("deleted %s %s: %d instances, %d series, %d studies, %d patients; %d "
@@ -263,16 +254,14 @@ class Deleter:
         for key, _ in restaged.values():
             self.blobs.delete(key)
 
-    def _restaging_committed(self, restaged: dict) -> bool | None:
-        """After a commit that raised: whether the kept instances point at their restaged
-        files (it took place); None when the index cannot be read."""
-        inst_id, (key, _) = next(iter(restaged.items()))
-        try:
-            with self.index.read() as s:
-                return s.scalar(select(Instance.staged_key).where(Instance.id == inst_id)) == key
-        except SQLAlchemyError as exc:
-            log.error("cannot read the index after a failed commit: %s", exc)
-            return None
+    @staticmethod
+    def _took_place(s, todo: DeletionPlan, restaged: dict) -> bool:
+        """Whether the deletion's transaction committed (read after its commit raised): the
+        kept instances point at their restaged files, or the deleted instances are gone."""
+        if restaged:
+            inst_id, (key, _) = next(iter(restaged.items()))
+            return s.scalar(select(Instance.staged_key).where(Instance.id == inst_id)) == key
+        return s.get(Instance, next(iter(todo.instances))) is None
 
     def _write(self, s, todo: DeletionPlan, restaged: dict, reason: str) -> list[str]:
         """In the transaction of ``s``: rows removed, kept instances staged, removals and audit

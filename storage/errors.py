@@ -29,3 +29,8 @@ class IntegrityError(StorageError):
 
 class InvalidKeyError(StorageError, ValueError):
     """A blob key is not of the safe form the blob store accepts."""
+
+
+class CommitOutcomeUnknown(StorageError):
+    """A commit raised and the index could not be read to tell whether it took place: keep
+    every file that either outcome needs."""

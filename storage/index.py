@@ -8,13 +8,19 @@ trusted.
 
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import contextmanager
 
 from sqlalchemy import (
     BigInteger, Float, ForeignKey, Integer, LargeBinary, String, create_engine, event, make_url,
 )
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+from storage.errors import CommitOutcomeUnknown
+
+log = logging.getLogger(__name__)
 
 
 class Base(DeclarativeBase):
@@ -198,6 +204,36 @@ class Index:
         """Yield a session whose transaction commits on normal exit, rolls back on error."""
         with self._write_lock, self.sessions() as session, session.begin():
             yield session
+
+    def write_checked(self, body, took_place):
+        """``body(session)`` in a :meth:`write` transaction; return its result. A commit can
+        raise and still have taken place (a server connection lost with the commit's answer):
+        then ``took_place(session)`` decides on a fresh read, and the result is returned when
+        it did.
+
+        Raises
+        ------
+        What ``body`` raised (nothing committed); the commit's error when it did not take
+        place; CommitOutcomeUnknown when the index cannot be read to tell.
+        """
+        written = False
+        try:
+            with self.write() as s:
+                result = body(s)
+                written = True          # what fails from here on is the commit itself
+        except BaseException as exc:
+            if not written:
+                raise
+            try:
+                with self.read() as s:
+                    took = took_place(s)
+            except SQLAlchemyError as again:
+                raise CommitOutcomeUnknown(f"a commit failed ({exc}) and the index cannot be "
+                                           f"read to tell whether it took place ({again})") from exc
+            if not took:
+                raise
+            log.warning("a commit reported an error but took place: %s", exc)
+        return result
 
     @contextmanager
     def connect(self, durable: bool = True):

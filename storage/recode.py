@@ -28,6 +28,7 @@ from models.value_range import ValueRange
 from storage import header_pack
 from storage.blobstore import BlobStore, new_key
 from storage.compaction import codec_info
+from storage.errors import CommitOutcomeUnknown
 from storage.index import Blob, Index, Instance
 
 log = logging.getLogger(__name__)
@@ -132,22 +133,25 @@ class Recoder:
         ``info``) durably, then swap it in for blob ``blob_id`` in one transaction."""
         key = new_key("b")
         self.blobs.put(key, stored)
+
+        def swap(s):
+            old = s.get(Blob, blob_id)
+            if old is None or old.sha256 != sha:
+                raise RecodeError(f"blob {blob_id} changed while it was recoded")
+            described = codec_info(info)
+            row = Blob(key=key, codec=old.codec, dtype=old.dtype, shape=old.shape,
+                       slab=info["slab"], raw_bytes=old.raw_bytes, stored_bytes=len(stored),
+                       sha256=_sha(stored), created_at=time.time(),
+                       codec_info=header_pack.describe(described, pack) if pack else described)
+            s.add(row)
+            s.flush()
+            s.execute(update(Instance).where(Instance.blob_fk == blob_id).values(blob_fk=row.id))
+            s.delete(old)
         try:
-            with self.index.write() as s:
-                old = s.get(Blob, blob_id)
-                if old is None or old.sha256 != sha:
-                    raise RecodeError(f"blob {blob_id} changed while it was recoded")
-                described = codec_info(info)
-                row = Blob(key=key, codec=old.codec, dtype=old.dtype, shape=old.shape,
-                           slab=info["slab"], raw_bytes=old.raw_bytes,
-                           stored_bytes=len(stored), sha256=_sha(stored), created_at=time.time(),
-                           codec_info=header_pack.describe(described, pack) if pack
-                           else described)
-                s.add(row)
-                s.flush()
-                s.execute(update(Instance).where(Instance.blob_fk == blob_id)
-                          .values(blob_fk=row.id))
-                s.delete(old)
+            self.index.write_checked(
+                swap, lambda s: s.scalar(select(Blob.id).where(Blob.key == key)) is not None)
+        except CommitOutcomeUnknown:    # both files stay: the next start drops the orphan
+            raise
         except BaseException:
             self.blobs.delete(key)
             raise

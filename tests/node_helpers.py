@@ -161,3 +161,27 @@ def node(tmp_path):
     running = Node(settings, compaction=False).start()
     yield running
     running.stop()
+
+
+def lose_commit_answer(index, monkeypatch, really_commit: bool, skip: int = 0) -> None:
+    """Make ``index.write()`` raise at its commit, after committing (the server's answer lost
+    with its connection) or instead of committing, once, after ``skip`` writes that go well."""
+    from contextlib import contextmanager
+
+    from sqlalchemy.exc import OperationalError
+    real_write, calls = index.write, []
+
+    @contextmanager
+    def write():
+        calls.append(None)
+        if len(calls) <= skip:
+            with real_write() as s:
+                yield s
+            return
+        monkeypatch.setattr(index, "write", real_write)
+        with real_write() as s:
+            yield s
+            if not really_commit:
+                s.rollback()
+        raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection"))
+    monkeypatch.setattr(index, "write", write)

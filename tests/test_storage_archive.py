@@ -4,15 +4,16 @@ import hashlib
 
 import numpy as np
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
 
 import models
 from node_helpers import (BUNDLED, archive, bundled, dataset_bytes,  # noqa: F401 (fixture)
-                          make_series, real_series_files)
+                          lose_commit_answer, make_series, real_series_files)
 from storage import header_pack
 from storage.archive import Archive
 from storage.blobstore import BlobStore, new_key
-from storage.errors import (DuplicateInstanceError, InstanceNotFoundError, IntegrityError,
+from storage.errors import (CommitOutcomeUnknown, DuplicateInstanceError, InstanceNotFoundError, IntegrityError,
                             InvalidKeyError, StorageFullError, UnparseableDatasetError)
 from storage.index import Blob, Instance, Job
 from storage.part10 import split_file
@@ -126,6 +127,38 @@ def test_storage_limit(tmp_path):
     with pytest.raises(StorageFullError):
         arch.store(dataset_bytes(make_series(1, 16, 16)[0])[1], ts)
     assert arch.stats()["instances"] == 1
+
+
+@pytest.mark.parametrize("really_commit", [True, False])
+def test_a_compaction_whose_commit_answer_is_lost_loses_nothing(tmp_path, monkeypatch,
+                                                                really_commit):
+    arch = Archive(tmp_path / "data")
+    sent = _store_all(arch, make_series(3, 8, 8))
+    lose_commit_answer(arch.index, monkeypatch, really_commit, skip=1)   # after the job's
+    assert arch.compact(0) == ((1, 0) if really_commit else (0, 1))
+    assert arch.stats()["pending_instances"] == (0 if really_commit else 3)
+    assert len(list(arch.blobs.keys())) == (1 if really_commit else 3)   # no file too many
+    arch.close()
+    arch = Archive(tmp_path / "data")             # the next start finds nothing to mend
+    try:
+        assert not arch.recovery.missing_staged and not arch.recovery.missing_blobs
+        _assert_exact(arch, sent)
+    finally:
+        arch.close()
+
+
+def test_a_commit_is_judged_by_the_index_when_its_answer_is_lost(tmp_path, monkeypatch):
+    index = Archive(tmp_path / "data").index
+    with pytest.raises(ZeroDivisionError):              # the body's error: nothing written
+        index.write_checked(lambda s: 1 / 0, lambda s: True)
+    lose_commit_answer(index, monkeypatch, True)
+    assert index.write_checked(lambda s: "done", lambda s: True) == "done"
+    lose_commit_answer(index, monkeypatch, False)
+    with pytest.raises(OperationalError):
+        index.write_checked(lambda s: "done", lambda s: False)
+    lose_commit_answer(index, monkeypatch, True)
+    with pytest.raises(CommitOutcomeUnknown):          # and when the index cannot tell
+        index.write_checked(lambda s: "done", lambda s: s.execute(text("SELECT nothing")))
 
 
 def test_failed_compaction_leaves_series_staged(archive, monkeypatch):

@@ -1,7 +1,6 @@
 """Deleting patients, studies, series and instances (storage.deletion, `voxarc delete`)."""
 
 import json
-from contextlib import contextmanager
 import subprocess
 import sys
 import threading
@@ -15,8 +14,8 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import OperationalError
 
 import models
-from node_helpers import (PG_URL, archive, database_url, make_series,  # noqa: F401
-                          store_series)
+from node_helpers import (PG_URL, archive, database_url, lose_commit_answer,  # noqa: F401
+                          make_series, store_series)
 from storage import deletion, header_pack
 from storage.archive import Archive
 from storage.deletion import DeletionError, Deleter
@@ -153,22 +152,6 @@ def test_a_change_after_planning_is_never_half_applied(archive):
     assert summary["restaged"] == 3 and _gone(archive, {victim: b""})
 
 
-def _answer_lost(arch, monkeypatch, really_commit: bool):
-    """Make the next index write raise at its commit, after committing (the server's answer
-    lost with its connection) or instead of committing."""
-    real_write = arch.index.write
-
-    @contextmanager
-    def write():
-        monkeypatch.setattr(arch.index, "write", real_write)       # once
-        with real_write() as s:
-            yield s
-            if not really_commit:
-                s.rollback()
-        raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection"))
-    monkeypatch.setattr(arch.index, "write", write)
-
-
 @pytest.mark.parametrize("really_commit", [True, False])
 def test_a_commit_whose_answer_is_lost_keeps_every_kept_instance(tmp_path, monkeypatch,
                                                                   really_commit):
@@ -176,7 +159,7 @@ def test_a_commit_whose_answer_is_lost_keeps_every_kept_instance(tmp_path, monke
     sent = store_series(arch, make_series(5, seed=4))
     assert arch.compact(stable_age=0) == (1, 0)
     victim = sorted(sent)[0]
-    _answer_lost(arch, monkeypatch, really_commit)
+    lose_commit_answer(arch.index, monkeypatch, really_commit)
     outcome = None
     try:
         outcome = arch.delete("instance", victim)

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 import models
 from models import api, container, value_range
-from node_helpers import archive, make_series, store_series  # noqa: F401 (fixture)
+from node_helpers import (archive, lose_commit_answer, make_series,  # noqa: F401
+                          store_series)
 from storage import header_pack
 from storage.archive import Archive
 from storage.index import Blob, Instance
@@ -76,6 +78,28 @@ def test_recoding_brings_an_old_stack_to_today_and_every_instance_back_exact(arc
     for uid, data in sent.items():
         assert archive.retrieve(uid).data == data
     assert recoder.recode(new.id).state == "current"      # nothing left to do
+
+
+@pytest.mark.parametrize("really_commit", [True, False])
+def test_a_recode_whose_commit_answer_is_lost_loses_nothing(tmp_path, format_3, really_commit):
+    arch = Archive(tmp_path / "data")
+    try:
+        sent = store_series(arch, padded_ct_series())
+        assert arch.compact(stable_age=0) == (1, 0)
+        old = _blob(arch)
+        format_3.undo()
+        lose_commit_answer(arch.index, format_3, really_commit)
+        if really_commit:
+            assert arch.recoder().recode(old.id).state == "recoded"
+        else:
+            with pytest.raises(OperationalError):
+                arch.recoder().recode(old.id)
+        assert (_blob(arch).key != old.key) == really_commit
+        assert len(list(arch.blobs.keys())) == 1      # the blob in use, no orphan
+        for uid, data in sent.items():
+            assert arch.retrieve(uid).data == data
+    finally:
+        arch.close()
 
 
 def test_a_new_blob_that_is_not_smaller_is_not_kept(archive, format_3, monkeypatch):
