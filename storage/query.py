@@ -12,7 +12,7 @@ import re
 from collections import defaultdict
 
 from pydicom.datadict import dictionary_VR
-from sqlalchemy import func, select
+from sqlalchemy import distinct, exists, func, select
 
 from storage.index import Index, Instance, Patient, Series, Study
 
@@ -91,35 +91,66 @@ def _statement(level: str, criteria: dict):
     return stmt
 
 
-def _counts(session, level: str, ids: list[int]) -> dict:
-    """Computed attributes of the rows ``ids`` of ``level``: {id: {keyword: value}}."""
+# Computed attributes by the aggregate that gives them: (level, keywords, statement builder).
+# Each counts in the database over the rows of the matched entities only (an archive's worth
+# of instance rows never comes back to Python).
+def _patient_counts():
+    return (select(Study.patient_fk, func.count(distinct(Study.id)),
+                   func.count(distinct(Series.id)), func.count(Instance.id))
+            .join(Series, Series.study_fk == Study.id)
+            .join(Instance, Instance.series_fk == Series.id).group_by(Study.patient_fk),
+            Study.patient_fk)
+
+
+def _study_counts():
+    return (select(Series.study_fk, func.count(distinct(Series.id)), func.count(Instance.id))
+            .join(Instance, Instance.series_fk == Series.id).group_by(Series.study_fk),
+            Series.study_fk)
+
+
+def _series_counts():
+    return (select(Instance.series_fk, func.count(Instance.id)).group_by(Instance.series_fk),
+            Instance.series_fk)
+
+
+def _study_modalities():
+    return (select(Series.study_fk, Series.modality).distinct()
+            .where(exists().where(Instance.series_fk == Series.id)), Series.study_fk)
+
+
+def _study_sop_classes():
+    return (select(Series.study_fk, Instance.sop_class_uid).distinct()
+            .join(Instance, Instance.series_fk == Series.id), Series.study_fk)
+
+
+_AGGREGATES = (
+    ("PATIENT", ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
+                 "NumberOfPatientRelatedInstances"), _patient_counts, "counts"),
+    ("STUDY", ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"), _study_counts,
+     "counts"),
+    ("SERIES", ("NumberOfSeriesRelatedInstances",), _series_counts, "counts"),
+    ("STUDY", ("ModalitiesInStudy",), _study_modalities, "set"),
+    ("STUDY", ("SOPClassesInStudy",), _study_sop_classes, "set"),
+)
+
+
+def _computed(session, level: str, ids: list[int]) -> dict:
+    """The computed attributes of the rows ``ids`` of ``level``: {id: {keyword: value}}."""
     out: dict = defaultdict(dict)
-    joined = (select(Patient.id, Study.id, Series.id, Series.modality, Instance.id,
-                     Instance.sop_class_uid).select_from(Patient)
-              .join(Study, Study.patient_fk == Patient.id)
-              .join(Series, Series.study_fk == Study.id)
-              .join(Instance, Instance.series_fk == Series.id))
-    pos = {"PATIENT": 0, "STUDY": 1, "SERIES": 2}[level]
-    column = (Patient.id, Study.id, Series.id)[pos]
-    rows = []
-    for i in range(0, len(ids), 500):
-        rows.extend(session.execute(joined.where(column.in_(ids[i:i + 500]))).all())
-    groups = defaultdict(list)
-    for row in rows:
-        groups[row[pos]].append(row)
-    for key, members in groups.items():
-        n_series = len({r[2] for r in members})
-        if level == "PATIENT":
-            out[key] = {"NumberOfPatientRelatedStudies": len({r[1] for r in members}),
-                        "NumberOfPatientRelatedSeries": n_series,
-                        "NumberOfPatientRelatedInstances": len(members)}
-        elif level == "STUDY":
-            out[key] = {"NumberOfStudyRelatedSeries": n_series,
-                        "NumberOfStudyRelatedInstances": len(members),
-                        "ModalitiesInStudy": sorted({r[3] for r in members if r[3]}),
-                        "SOPClassesInStudy": sorted({r[5] for r in members})}
-        else:
-            out[key] = {"NumberOfSeriesRelatedInstances": len(members)}
+    for agg_level, keywords, build, kind in _AGGREGATES:
+        if agg_level != level:
+            continue
+        stmt, column = build()
+        for i in range(0, len(ids), 500):
+            for row in session.execute(stmt.where(column.in_(ids[i:i + 500]))):
+                if kind == "counts":
+                    out[row[0]].update(zip(keywords, row[1:]))
+                else:
+                    out[row[0]].setdefault(keywords[0], set()).add(row[1])
+    for values in out.values():
+        for keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
+            if keyword in values:
+                values[keyword] = sorted(v for v in values[keyword] if v)
     return out
 
 
@@ -154,13 +185,18 @@ def find(index: Index, level: str, criteria: dict[str, str]) -> list[dict]:
         raise ValueError(f"unknown query level {level!r}")
     with index.read() as session:
         rows = session.execute(_statement(level, criteria)).all()
-        records = [_record(row) for row in rows]
-        needed = {COMPUTED[k] for k in criteria if k in COMPUTED}
-        for lv in needed & set(LEVELS[:LEVELS.index(level) + 1]):
+        # the stored attributes first: the computed ones are counted for what still matches
+        matched = [(row, record) for row, record in ((row, _record(row)) for row in rows)
+                   if _matching(record, criteria)]
+        for lv in {COMPUTED[k] for k in criteria if k in COMPUTED} \
+                & set(LEVELS[:LEVELS.index(level) + 1]):
             pos = LEVELS.index(lv)
-            ids = sorted({row[pos].id for row in rows})
-            counts = _counts(session, lv, ids)
-            for row, record in zip(rows, records):
-                record.update(counts.get(row[pos].id, {}))
-    return [r for r in records
-            if all(matches(r.get(k), v, k) for k, v in criteria.items() if k in r)]
+            computed = _computed(session, lv, sorted({row[pos].id for row, _ in matched}))
+            for row, record in matched:
+                record.update(computed.get(row[pos].id, {}))
+    return [record for _, record in matched if _matching(record, criteria)]
+
+
+def _matching(record: dict, criteria: dict) -> bool:
+    """Whether ``record`` matches every criterion it has an attribute for."""
+    return all(matches(record.get(k), v, k) for k, v in criteria.items() if k in record)

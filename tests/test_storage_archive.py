@@ -236,3 +236,24 @@ def test_real_series_compacted_exactly(archive, shared_series):
     assert archive.stats()["pending_instances"] == 0
     _assert_exact(archive, sent)
     assert all(hashlib.sha256(d).digest() for _, d in sent.values())
+
+
+def test_computed_query_attributes_count_only_their_own_entities(archive):
+    study = "1.2.826.0.1.3680043.8.498.1"
+    _store_all(archive, make_series(3, 8, 8, study_uid=study, modality="CT", seed=1))
+    _store_all(archive, make_series(2, 8, 8, study_uid=study, modality="MR", seed=2))
+    _store_all(archive, make_series(4, 8, 8, modality="US", study_date="20250101", seed=3))
+    _store_all(archive, make_series(5, 8, 8, patient_id="PAT2", modality="CT", seed=4))
+    found = archive.find("STUDY", {"PatientID": "PAT1", "StudyDate": "20240101-20241231",
+                                   "ModalitiesInStudy": "", "NumberOfStudyRelatedSeries": "",
+                                   "NumberOfStudyRelatedInstances": "",
+                                   "NumberOfPatientRelatedStudies": "",
+                                   "NumberOfPatientRelatedInstances": ""})
+    assert [(r["StudyInstanceUID"], r["ModalitiesInStudy"], r["NumberOfStudyRelatedSeries"],
+             r["NumberOfStudyRelatedInstances"], r["NumberOfPatientRelatedStudies"],
+             r["NumberOfPatientRelatedInstances"]) for r in found] == \
+        [(study, ["CT", "MR"], 2, 5, 2, 9)]
+    assert len(archive.find("STUDY", {"ModalitiesInStudy": "MR"})) == 1     # a computed filter
+    assert [r["NumberOfSeriesRelatedInstances"] for r in archive.find(
+        "SERIES", {"StudyInstanceUID": study, "Modality": "MR",
+                   "NumberOfSeriesRelatedInstances": ""})] == [2]
