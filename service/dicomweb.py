@@ -6,18 +6,25 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   ``/studies/{study}/instances``, ``/studies/{study}/series/{series}/instances``: the C-FIND
   matching of :mod:`storage.query` (attributes by keyword or tag, wildcards, ranges, UID
   lists), ``limit`` and ``offset``; answers ``application/dicom+json``. Attributes the index
-  does not keep do not filter; they are named in a ``Warning`` header.
+  does not keep do not filter; they are named in a ``Warning`` header. Records come sorted by
+  the level's UID (stable paging); a ``Warning`` says when more match than were returned (at
+  most :data:`MAX_LIMIT`). Comma-separated values of a UID key are a UID list.
 - WADO-RS ``GET /studies/{study}``, ``.../series/{series}``, ``.../instances/{sop}``:
   ``multipart/related; type="application/dicom"``, one Part 10 file per instance, its dataset
   byte for byte as received (rebuilt and SHA-256 checked). Each part names its transfer syntax:
   instances go out as stored, never transcoded, so an instance received compressed or in
-  implicit VR comes back so (``transfer-syntax=*`` in the standard's terms).
+  implicit VR comes back so (``transfer-syntax=*`` in the standard's terms). No instance is
+  skipped: when the first cannot be rebuilt the answer is 500 (failed its SHA-256 check) or 404
+  (gone); when a later one cannot, the transfer is cut off before its end, so the client sees
+  a failed transfer rather than a complete multipart that lacks an instance.
 - WADO-RS ``.../metadata`` of a study, series or instance: each instance's attributes as DICOM
-  JSON, without its pixel data.
+  JSON, without its pixel data (an error status when any instance cannot be rebuilt). A value
+  pydicom cannot convert (a malformed DS or IS, say) is sent as its raw bytes in
+  ``InlineBinary``, named in a ``Warning`` header.
 - WADO-RS ``.../instances/{sop}/frames/{list}``: the listed frames as stored: the pixel bytes of
   an uncompressed instance (``application/octet-stream``), the bitstream of a compressed one
   under its media type with its ``transfer-syntax`` (``image/jpeg``, ``image/jls``, ``image/jp2``,
-  ...).
+  ...). Frame numbers start at 1 and may not repeat (400); frames are sent one at a time.
 - WADO-RS ``.../instances/{sop}/rendered`` and ``.../frames/{n}/rendered``: the image (its middle
   frame, or frame n) as a PNG at its own size, windowed as the admin page's previews are.
 - WADO-RS ``.../thumbnail`` of a study (its first series), series (its middle image) or
@@ -25,11 +32,18 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
 - WADO-URI ``/wado?requestType=WADO&studyUID=&seriesUID=&objectUID=`` (links in reports and
   older viewers): ``contentType=application/dicom`` gives the Part 10 file as stored; an image
   type gives the PNG (asked for JPEG too: a PNG loses nothing and every client shows it).
+  ``contentType`` is a list: the first offered type by q-value, then order, is served.
+
+Study, series and instance UIDs of a path or of WADO-URI must be DICOM UIDs (digits and dots,
+at most 64 characters), else 400: they are not C-FIND patterns.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import io
+import itertools
 import logging
 import re
 import uuid
@@ -43,7 +57,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from service.preview import PreviewError, render_png
-from storage.errors import StorageError
+from storage.errors import InstanceNotFoundError, StorageError
 from storage.part10 import build_file
 from storage.query import ATTRIBUTES, COMPUTED
 
@@ -51,6 +65,8 @@ log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 MAX_LIMIT = 5000
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_IMAGE_TYPES = ("image/png", "image/jpeg", "image/*", "*/*")     # WADO-URI: all get a PNG
 _RESERVED = {"limit", "offset", "includefield", "fuzzymatching", "token"}
 _LEVEL_KEYS = {   # what each QIDO level answers with, beside the matched keys
     "STUDY": ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "PatientName",
@@ -62,6 +78,8 @@ _LEVEL_KEYS = {   # what each QIDO level answers with, beside the matched keys
     "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
               "InstanceNumber", "NumberOfFrames"),
 }
+_LEVEL_UID = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
+              "IMAGE": "SOPInstanceUID"}
 
 
 class _BadRequest(ValueError):
@@ -82,6 +100,8 @@ def _criteria(request: Request, level: str, fixed: dict) -> tuple[dict, list[str
         if keyword not in ATTRIBUTES and keyword not in COMPUTED:
             ignored.append(keyword)
             continue
+        if dictionary_VR(keyword) == "UI":      # a,b is a UID list, as a\\b is
+            value = value.replace(",", "\\")
         criteria[keyword] = value
     criteria.update(fixed)
     return criteria, ignored
@@ -125,19 +145,47 @@ def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/") + "/dicom-web"
 
 
-def _multipart(parts, part_type: str) -> StreamingResponse:
-    """A multipart/related response of ``parts``: an iterator of (content type, bytes)."""
+def _is_uid(value: str | None) -> bool:
+    return bool(value) and len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
+class _Aborted(Exception):
+    """Ends a streamed body before its end (see :class:`_Stream`)."""
+
+
+class _Stream(StreamingResponse):
+    """A StreamingResponse whose body may stop with :class:`_Aborted`: the end of the body is
+    then never sent and the server closes the connection, so the client sees a failed transfer
+    (a multipart cut short at a part boundary would otherwise look complete but for its
+    closing delimiter)."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        except _Aborted:
+            pass
+
+
+def _multipart(parts, part_type: str, what: str) -> StreamingResponse:
+    """A multipart/related response of ``parts``: an iterator of (content type, bytes); a
+    StorageError from it cuts the transfer off (logged with ``what``, the request)."""
     boundary = uuid.uuid4().hex
 
     def body():
-        for content_type, data in parts:
-            yield (f"--{boundary}\r\nContent-Type: {content_type}\r\n"
-                   f"Content-Length: {len(data)}\r\n\r\n").encode()
-            yield data
-            yield b"\r\n"
+        sent = 0
+        try:
+            for content_type, data in parts:
+                yield (f"--{boundary}\r\nContent-Type: {content_type}\r\n"
+                       f"Content-Length: {len(data)}\r\n\r\n").encode()
+                yield data
+                yield b"\r\n"
+                sent += 1
+        except StorageError as exc:
+            log.error("%s: transfer cut off after %d parts: %s", what, sent, exc)
+            raise _Aborted from exc
         yield f"--{boundary}--\r\n".encode()
     media = f'multipart/related; type="{part_type}"; boundary={boundary}'
-    return StreamingResponse(body(), media_type=media)
+    return _Stream(body(), media_type=media)
 
 
 class _NotServed(Exception):
@@ -151,6 +199,27 @@ class _NotServed(Exception):
         return JSONResponse({"error": str(self)}, status_code=self.status)
 
 
+def _failed(exc: StorageError) -> _NotServed:
+    """The HTTP error of an instance that cannot be rebuilt: 404 gone, 500 anything else."""
+    return _NotServed(404 if isinstance(exc, InstanceNotFoundError) else 500, str(exc))
+
+
+def _bad_request(message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=400)
+
+
+def _uids_checked(endpoint):
+    """``endpoint``, answering 400 when a UID of its path is not a DICOM UID (``*`` or ``\\``
+    would otherwise act as C-FIND wildcards or lists)."""
+    @functools.wraps(endpoint)
+    def checked(request: Request) -> Response:
+        for key, _ in _PATH_KEYS:
+            if key in request.path_params and not _is_uid(request.path_params[key]):
+                return _bad_request(f"{key} {request.path_params[key]!r} is not a UID")
+        return endpoint(request)
+    return checked
+
+
 # media types of compressed frames (PS3.18, bulk data of each transfer syntax)
 _FRAME_MEDIA = {
     "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
@@ -162,9 +231,26 @@ _FRAME_MEDIA = {
 }
 
 
-def frame_data(inst, wanted: list[int]) -> tuple[str, list[bytes]]:
-    """(media type, frames) of an instance's frames numbered ``wanted`` (from 1), as stored;
-    raises _NotServed (404 no such frame or no pixel data, 406 bit-packed or big-endian)."""
+def frame_numbers(text: str) -> list[int]:
+    """The frame numbers of a ``frames/{list}`` path; raises _NotServed (400) when one is not
+    a number, is below 1 or is listed twice."""
+    try:
+        wanted = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise _NotServed(400, "frames must be numbers") from None
+    if min(wanted) < 1:
+        raise _NotServed(400, "frame numbers start at 1")
+    if len(set(wanted)) != len(wanted):
+        raise _NotServed(400, "a frame is listed twice")
+    return wanted
+
+
+def frame_data(inst, wanted: list[int]):
+    """(media type, iterator of frames) of an instance's frames numbered ``wanted`` (from 1,
+    distinct), as stored, each taken when iterated; raises _NotServed (400 a frame listed
+    twice, 404 no such frame or no pixel data, 406 bit-packed or big-endian)."""
+    if len(set(wanted)) != len(wanted):
+        raise _NotServed(400, "a frame is listed twice")
     ts = UID(inst.transfer_syntax)
     ds = dcmread(io.BytesIO(build_file(inst.sop_class_uid, inst.sop_uid, ts, inst.data)))
     if "PixelData" not in ds:
@@ -174,13 +260,80 @@ def frame_data(inst, wanted: list[int]) -> tuple[str, list[bytes]]:
         raise _NotServed(404, f"frames are 1 to {count}")
     if ts.is_encapsulated:
         media = f"{_FRAME_MEDIA.get(ts, 'application/octet-stream')}; transfer-syntax={ts}"
-        return media, [get_frame(ds.PixelData, n - 1, number_of_frames=count) for n in wanted]
+        return media, (get_frame(ds.PixelData, n - 1, number_of_frames=count) for n in wanted)
     bits = int(ds.BitsAllocated)
     if bits % 8 or not ts.is_little_endian:
         raise _NotServed(406, "frames of bit-packed or big-endian pixel data are not served")
     size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
     view = memoryview(ds.PixelData)
-    return "application/octet-stream", [bytes(view[(n - 1) * size:n * size]) for n in wanted]
+    return "application/octet-stream", (view[(n - 1) * size:n * size] for n in wanted)
+
+
+def json_dataset(ds: Dataset, raw_tags: set) -> dict:
+    """``ds`` as DICOM JSON, element by element: an element pydicom cannot convert (a malformed
+    DS or IS, say) keeps its VR and goes as its raw bytes in InlineBinary; its tag is added to
+    ``raw_tags``."""
+    out = {}
+    for tag in ds.keys():
+        raw = ds.get_item(tag)          # before conversion: the bytes as received
+        try:
+            elem = ds[tag]
+            if elem.VR == "SQ":
+                value = {"vr": "SQ", "Value": [json_dataset(i, raw_tags) for i in elem.value]}
+            else:
+                value = elem.to_json_dict(None, 1024)     # small binary values inline, base64
+        except Exception:
+            value = _inline(tag, raw)
+            raw_tags.add(f"{tag:08X}")
+        out[f"{tag:08X}"] = value
+    return out
+
+
+def _inline(tag, elem) -> dict:
+    """An element as its VR and raw value bytes (InlineBinary)."""
+    vr = getattr(elem, "VR", None) or _vr_of(tag)
+    data = elem.value
+    if not isinstance(data, bytes):      # converted already: its text as it would be written
+        values = data if isinstance(data, (list, tuple)) else [data]
+        data = "\\".join(str(v) for v in values).encode()
+    return {"vr": vr, "InlineBinary": base64.b64encode(data).decode()}
+
+
+def _vr_of(tag) -> str:
+    try:
+        return dictionary_VR(tag).split(" or ")[0]
+    except KeyError:
+        return "UN"
+
+
+def wado_content_type(value: str) -> str | None:
+    """The type a WADO-URI ``contentType`` list asks for: the first offered one by q-value,
+    then order, without its parameters; None when none is offered."""
+    choices = []
+    for order, entry in enumerate(value.split(",")):
+        kind, *params = [p.strip() for p in entry.split(";")]
+        q = 1.0
+        for param in params:
+            name, _, number = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(number)
+                except ValueError:
+                    raise _BadRequest(f"contentType {entry.strip()!r}: q is not a number") \
+                        from None
+        if q > 0:
+            choices.append((-q, order, kind.lower()))
+    for _, _, kind in sorted(choices):
+        if kind == "application/dicom" or kind in _IMAGE_TYPES:
+            return kind
+    return None
+
+
+def _pixels(request: Request, name: str) -> int:
+    value = request.query_params.get(name) or "0"
+    if not (value.isascii() and value.isdigit()):
+        raise _BadRequest(f"{name} must be a number of pixels")
+    return int(value)
 
 
 def _series_order(record: dict) -> tuple:
@@ -190,6 +343,11 @@ def _series_order(record: dict) -> tuple:
 
 _PATH_KEYS = (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
               ("sop", "SOPInstanceUID"))
+
+
+def _part10(inst) -> tuple[str, bytes]:
+    return (f"application/dicom; transfer-syntax={inst.transfer_syntax}",
+            build_file(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data))
 
 
 class DicomWeb:
@@ -203,24 +361,22 @@ class DicomWeb:
         study = "/dicom-web/studies/{study}"
         series = study + "/series/{series}"
         instance = series + "/instances/{sop}"
-        search = self.search
+        search, checked = self.search, _uids_checked
         return [
             Route("/dicom-web/studies", search("STUDY")),
             Route("/dicom-web/series", search("SERIES")),
             Route("/dicom-web/instances", search("IMAGE")),
-            Route(study + "/series", search("SERIES")),
-            Route(study + "/instances", search("IMAGE")),
-            Route(series + "/instances", search("IMAGE")),
-            Route(study, self.retrieve), Route(series, self.retrieve),
-            Route(instance, self.retrieve),
-            Route(study + "/metadata", self.metadata), Route(series + "/metadata", self.metadata),
-            Route(instance + "/metadata", self.metadata),
-            Route(instance + "/frames/{frames}", self.frames),
-            Route(instance + "/rendered", self.rendered),
-            Route(instance + "/frames/{frame}/rendered", self.rendered),
-            Route(study + "/thumbnail", self.thumbnail),
-            Route(series + "/thumbnail", self.thumbnail),
-            Route(instance + "/thumbnail", self.thumbnail),
+            Route(study + "/series", checked(search("SERIES"))),
+            Route(study + "/instances", checked(search("IMAGE"))),
+            Route(series + "/instances", checked(search("IMAGE"))),
+            *(Route(path, checked(self.retrieve)) for path in (study, series, instance)),
+            *(Route(path + "/metadata", checked(self.metadata))
+              for path in (study, series, instance)),
+            Route(instance + "/frames/{frames}", checked(self.frames)),
+            Route(instance + "/rendered", checked(self.rendered)),
+            Route(instance + "/frames/{frame}/rendered", checked(self.rendered)),
+            *(Route(path + "/thumbnail", checked(self.thumbnail))
+              for path in (study, series, instance)),
             Route("/wado", self.wado_uri),
         ]
 
@@ -238,10 +394,11 @@ class DicomWeb:
         try:
             return self.archive.retrieve(uids[0])
         except StorageError as exc:
-            raise _NotServed(500, str(exc)) from exc
+            raise _failed(exc) from exc
 
     def rebuilt(self, uids: list[str]):
-        """Yield each instance as stored (in the order the archive decodes best)."""
+        """Yield each instance as stored (in the order the archive decodes best); the first
+        that cannot be rebuilt is logged and its StorageError raised: none is skipped."""
         try:
             ordered, prefetch = self.archive.plan_retrieval(uids)
         except Exception as exc:        # no plan: decode on demand, as C-GET does
@@ -250,9 +407,11 @@ class DicomWeb:
         try:
             for uid in ordered:
                 try:
-                    yield self.archive.retrieve(uid)
+                    inst = self.archive.retrieve(uid)
                 except StorageError as exc:
                     log.error("DICOMweb: instance %s not sent: %s", uid, exc)
+                    raise
+                yield inst
         finally:
             if prefetch is not None:
                 prefetch.cancel()
@@ -268,62 +427,84 @@ class DicomWeb:
                 offset = _int(request, "offset", 0, 1 << 31)
                 limit = _int(request, "limit", MAX_LIMIT, MAX_LIMIT)
             except _BadRequest as exc:
-                return JSONResponse({"error": str(exc)}, status_code=400)
-            records = self.archive.find(level, criteria)
+                return _bad_request(str(exc))
+            records = sorted(self.archive.find(level, criteria),
+                             key=lambda r: str(r.get(_LEVEL_UID[level]) or ""))
             page = records[offset:offset + limit] if limit else records[offset:]
             base = _base(request)
-            headers = {}
+            warnings = []
             if ignored:
-                headers["Warning"] = (f'299 voxarc "not used for matching: '
-                                      f'{", ".join(sorted(set(ignored)))}"')
+                warnings.append(f'299 voxarc "not used for matching: '
+                                f'{", ".join(sorted(set(ignored)))}"')
+            if offset + len(page) < len(records):       # PS3.18: say that more match
+                warnings.append(f'299 {request.url.netloc}: '
+                                '"There are additional results that can be requested"')
+            headers = {"Warning": ", ".join(warnings)} if warnings else {}
             return JSONResponse([_json_record(r, base, level) for r in page],
                                 media_type=DICOM_JSON, headers=headers)
         return endpoint
 
     def retrieve(self, request: Request) -> Response:
-        """WADO-RS: the Part 10 files of a study, series or instance."""
+        """WADO-RS: the Part 10 files of a study, series or instance. The first is rebuilt
+        before the answer starts, so that its failure is an error status."""
         uids = self.instances_of(request.path_params)
         if not uids:
             return JSONResponse({"error": "nothing matches"}, status_code=404)
         log.info("WADO-RS %s: %d instances", request.url.path, len(uids))
-        parts = ((f'application/dicom; transfer-syntax={inst.transfer_syntax}',
-                  build_file(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data))
-                 for inst in self.rebuilt(uids))
-        return _multipart(parts, "application/dicom")
+        instances = self.rebuilt(uids)
+        try:
+            first = next(instances)
+        except StorageError as exc:
+            return _failed(exc).response()
+        parts = (_part10(inst) for inst in itertools.chain([first], instances))
+        return _multipart(parts, "application/dicom", f"WADO-RS {request.url.path}")
 
     def metadata(self, request: Request) -> Response:
-        """WADO-RS metadata: each instance's attributes without its pixel data."""
+        """WADO-RS metadata: each instance's attributes without its pixel data; an error status
+        when any instance cannot be rebuilt."""
         uids = self.instances_of(request.path_params)
         if not uids:
             return JSONResponse({"error": "nothing matches"}, status_code=404)
-        base = _base(request)
-        out = []
-        for inst in self.rebuilt(uids):
-            ds = dcmread(io.BytesIO(build_file(inst.sop_class_uid, inst.sop_uid,
-                                               inst.transfer_syntax, inst.data)),
-                         stop_before_pixels=True)
-            item = ds.to_json_dict()            # small binary values inline, base64
-            item["00083002"] = {"vr": "UI", "Value": [inst.transfer_syntax]}
-            item["00081190"] = {"vr": "UR", "Value": [
-                f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-                f"/instances/{inst.sop_uid}"]}
-            out.append(item)
-        return JSONResponse(out, media_type=DICOM_JSON)
+        base, raw_tags = _base(request), set()
+        try:
+            out = [self._metadata_of(inst, base, raw_tags) for inst in self.rebuilt(uids)]
+        except StorageError as exc:
+            return _failed(exc).response()
+        headers = {}
+        if raw_tags:
+            headers["Warning"] = (f'299 voxarc "not convertible, sent as InlineBinary: '
+                                  f'{", ".join(sorted(raw_tags))}"')
+        return JSONResponse(out, media_type=DICOM_JSON, headers=headers)
+
+    @staticmethod
+    def _metadata_of(inst, base: str, raw_tags: set) -> dict:
+        ds = dcmread(io.BytesIO(build_file(inst.sop_class_uid, inst.sop_uid,
+                                           inst.transfer_syntax, inst.data)),
+                     stop_before_pixels=True)
+        mine = set()
+        item = json_dataset(ds, mine)
+        if mine:
+            log.warning("DICOMweb metadata of %s: %s sent as InlineBinary (not convertible)",
+                        inst.sop_uid, ", ".join(sorted(mine)))
+            raw_tags |= mine
+        item["00083002"] = {"vr": "UI", "Value": [inst.transfer_syntax]}
+        item["00081190"] = {"vr": "UR", "Value": [
+            f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{inst.sop_uid}"]}
+        return item
 
     def frames(self, request: Request) -> Response:
         """WADO-RS frames: the listed frames' pixel data as stored: raw bytes of an
         uncompressed instance, the compressed bitstream of an encapsulated one (its media type
         and transfer syntax on each part)."""
         try:
-            wanted = [int(n) for n in request.path_params["frames"].split(",")]
-        except ValueError:
-            return JSONResponse({"error": "frames must be numbers"}, status_code=400)
-        try:
+            wanted = frame_numbers(request.path_params["frames"])
             inst = self.one(request.path_params)
             media, frames = frame_data(inst, wanted)
         except _NotServed as exc:
             return exc.response()
-        return _multipart(((media, f) for f in frames), media.split(";")[0])
+        return _multipart(((media, f) for f in frames), media.split(";")[0],
+                          f"WADO-RS {request.url.path}")
 
     def rendered(self, request: Request) -> Response:
         """WADO-RS rendered: the image (middle frame, or the path's frame) as a PNG."""
@@ -331,7 +512,7 @@ class DicomWeb:
             frame = int(request.path_params["frame"]) if "frame" in request.path_params \
                 else None
         except ValueError:
-            return JSONResponse({"error": "the frame must be a number"}, status_code=400)
+            return _bad_request("the frame must be a number")
         return self._png(request.path_params, 0, frame)
 
     def thumbnail(self, request: Request) -> Response:
@@ -341,7 +522,7 @@ class DicomWeb:
         try:
             size = max(int(v) for v in request.query_params.get("viewport", "128").split(","))
         except ValueError:
-            return JSONResponse({"error": "viewport is w,h in pixels"}, status_code=400)
+            return _bad_request("viewport is w,h in pixels")
         size = min(max(size, 16), 512)
         if "sop" in params:
             return self._png(params, size, None)
@@ -354,21 +535,29 @@ class DicomWeb:
         except PreviewError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
         except StorageError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=500)
+            return _failed(exc).response()
         if png is None:                     # deleted in the meantime
             return JSONResponse({"error": "no such series"}, status_code=404)
         return Response(png, media_type="image/png")
 
     def wado_uri(self, request: Request) -> Response:
         """WADO-URI (PS3.18 chapter 9): ``?requestType=WADO&studyUID=&seriesUID=&objectUID=``,
-        ``contentType`` application/dicom (the Part 10 file, as stored) or an image (PNG)."""
+        ``contentType`` application/dicom (the Part 10 file, as stored) or an image (PNG of at
+        most ``rows`` x ``columns``)."""
         q = request.query_params
         if q.get("requestType") != "WADO" or not q.get("objectUID"):
-            return JSONResponse({"error": "requestType=WADO and objectUID are required"},
-                                status_code=400)
+            return _bad_request("requestType=WADO and objectUID are required")
         params = {"study": q.get("studyUID"), "series": q.get("seriesUID"),
                   "sop": q["objectUID"]}
-        kind = q.get("contentType", "image/jpeg").split(",")[0].strip()
+        for name, key in (("studyUID", "study"), ("seriesUID", "series"), ("objectUID", "sop")):
+            if params[key] and not _is_uid(params[key]):
+                return _bad_request(f"{name} {params[key]!r} is not a UID")
+        try:
+            kind = wado_content_type(q.get("contentType", "image/jpeg"))
+            size = min((n for n in (_pixels(request, "rows"), _pixels(request, "columns"))
+                        if n), default=0)
+        except _BadRequest as exc:
+            return _bad_request(str(exc))
         if kind == "application/dicom":
             try:
                 inst = self.one(params)
@@ -376,14 +565,10 @@ class DicomWeb:
                 return exc.response()
             return Response(build_file(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax,
                                        inst.data), media_type="application/dicom")
-        if kind not in ("image/png", "image/jpeg", "*/*"):
-            return JSONResponse({"error": f"contentType {kind} is not offered"},
+        if kind is None:
+            return JSONResponse({"error": f"contentType {q.get('contentType')} is not offered"},
                                 status_code=406)
-        try:
-            rows = int(q.get("rows", 0) or 0)
-        except ValueError:
-            return JSONResponse({"error": "rows must be a number"}, status_code=400)
-        return self._png(params, rows, None)
+        return self._png(params, size, None)
 
     def _png(self, params: dict, size: int, frame: int | None) -> Response:
         try:

@@ -7,12 +7,19 @@ URLs) and the Failed SOP Sequence with a Failure Reason per refused part (the C-
 would have had: 0xA700 no room or over ``max_dataset_bytes``, 0xC210 cannot parse, 0xC220
 duplicate refused; 0xA900 an instance of another study than the URL names). HTTP 200 when every
 part was stored, 202 when some were, 409 when none was, 415 for another media type.
+
+A request body is held in memory while its parts are stored, so its size is capped
+(:func:`body_limit`: :data:`MAX_REQUEST_BYTES`, or one dataset of ``max_dataset_bytes`` when
+that is larger): a larger ``Content-Length`` is refused with 413 before anything is read, and
+a chunked body is refused as soon as it passes the cap. Send large studies in several requests.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from email.message import Message
+from email.utils import collapse_rfc2231_value
 
 from pydicom import Dataset
 from starlette.concurrency import run_in_threadpool
@@ -27,36 +34,77 @@ from storage.part10 import split_file
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 WRONG_STUDY = 0xA900
-_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.I)
-_TYPE = re.compile(r'type="?application/dicom"?(;|$)', re.I)
+MAX_REQUEST_BYTES = 1 << 30     # largest STOW-RS body (unless max_dataset_bytes is larger)
+_PART_SLACK = 1 << 16           # part headers and File Meta beside one dataset
 
 
 class _BadBody(ValueError):
     """A request body that is not a multipart/related of DICOM files."""
 
 
-def split_parts(content_type: str, body: bytes) -> list[bytes]:
-    """The bodies of the ``application/dicom`` parts of a multipart/related request."""
-    if not content_type.lower().startswith("multipart/related") or not _TYPE.search(
-            content_type):
+class _TooLarge(ValueError):
+    """A request body over :func:`body_limit`."""
+
+
+def body_limit(max_bytes: int) -> int:
+    """The largest body a STOW-RS request may have: :data:`MAX_REQUEST_BYTES`, or room for one
+    dataset of ``max_bytes`` (``max_dataset_bytes``) when that is larger."""
+    return max(MAX_REQUEST_BYTES, max_bytes + _PART_SLACK)
+
+
+def _boundary(content_type: str) -> bytes:
+    """The boundary of a ``multipart/related; type="application/dicom"`` Content-Type; raises
+    LookupError for another media type, _BadBody when it has no boundary."""
+    header = Message()
+    header["content-type"] = content_type
+    kind = header.get_param("type")
+    if header.get_content_type() != "multipart/related" or not kind or \
+            collapse_rfc2231_value(kind).strip().lower() != "application/dicom":
         raise LookupError('expected multipart/related; type="application/dicom"')
-    match = _BOUNDARY.search(content_type)
-    if not match:
+    boundary = header.get_param("boundary")
+    if not boundary:
         raise _BadBody("no boundary in the Content-Type")
-    delimiter = b"--" + match.group(1).encode()
-    chunks = body.split(delimiter)
-    if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
+    return collapse_rfc2231_value(boundary).encode()
+
+
+def split_parts(content_type: str, body) -> list[memoryview]:
+    """The bodies of the ``application/dicom`` parts of a multipart/related request, as views
+    of ``body`` (bytes or bytearray; nothing is copied)."""
+    delimiter = b"--" + _boundary(content_type)
+    starts, at = [], body.find(delimiter)
+    while at != -1:
+        starts.append(at)
+        at = body.find(delimiter, at + len(delimiter))
+    closing = starts[-1] + len(delimiter) if starts else 0
+    if len(starts) < 2 or body[closing:closing + 2] != b"--":
         raise _BadBody("no closing boundary: the body is truncated or not multipart")
-    parts = []
-    for chunk in chunks[1:-1]:
-        head, sep, data = chunk.partition(b"\r\n\r\n")
-        if not sep:
+    view, parts = memoryview(body), []
+    for begin, end in zip(starts, starts[1:]):
+        begin += len(delimiter)
+        sep = body.find(b"\r\n\r\n", begin, end)
+        if sep == -1:
             raise _BadBody("a part without headers")
-        kind = re.search(rb"content-type:\s*([^\r\n;]+)", head, re.I)
+        kind = re.search(rb"content-type:\s*([^\r\n;]+)", bytes(view[begin:sep]), re.I)
         if kind and kind.group(1).strip().lower() != b"application/dicom":
             raise LookupError(f"a part of type {kind.group(1).decode(errors='replace')}")
-        parts.append(data[:-2] if data.endswith(b"\r\n") else data)
+        if view[end - 2:end] == b"\r\n" and end - 2 >= sep + 4:
+            end -= 2
+        parts.append(view[sep + 4:end])
     return parts
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """The request body; raises _TooLarge (before reading) when its Content-Length is over
+    ``limit``, or as soon as a body sent in chunks passes it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _TooLarge(f"a body of {declared} bytes is over the {limit}-byte limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _TooLarge(f"the body is over the {limit}-byte limit")
+    return body
 
 
 def _identity(dataset: bytes, ts: str) -> tuple[str, str, str]:
@@ -69,11 +117,12 @@ def _identity(dataset: bytes, ts: str) -> tuple[str, str, str]:
         return "", "", ""
 
 
-def _store_all(archive, parts: list[bytes], study: str | None, max_bytes: int, base: str):
+def _store_all(archive, parts: list[memoryview], study: str | None, max_bytes: int,
+               base: str):
     stored, failed = [], []
     for part in parts:
         try:
-            ts, dataset = split_file(part)
+            ts, dataset = split_file(bytes(part))      # one part copied at a time
         except Exception as exc:
             failed.append(("", "", statuses.status_for(exc, "STOW-RS part")))
             continue
@@ -125,11 +174,17 @@ def _answer(stored: list, failed: list, study: str | None, base: str) -> dict:
 
 
 def routes(archive, max_bytes: int = 0) -> list[Route]:
-    """The STOW-RS routes of a node's archive (``max_bytes``: its ``max_dataset_bytes``)."""
+    """The STOW-RS routes of a node's archive (``max_bytes``: its ``max_dataset_bytes``; the
+    body cap is :func:`body_limit` of it)."""
 
     async def store(request: Request) -> Response:
         study = request.path_params.get("study")
-        body = await request.body()
+        try:
+            body = await _read_body(request, body_limit(max_bytes))
+        except _TooLarge as exc:
+            log.warning("STOW-RS refused: %s", exc)
+            return JSONResponse({"error": f"{exc}; send fewer instances per request"},
+                                status_code=413, headers={"Connection": "close"})
         try:
             parts = split_parts(request.headers.get("content-type", ""), body)
         except LookupError as exc:

@@ -2,14 +2,15 @@
 
 The image is the instance in the middle of the series (its middle frame when it has several),
 rebuilt by the archive like any retrieval (SHA-256 checked), decoded by pydicom, put through its
-modality and VOI LUTs (the window it carries; else the 1st to 99th percentile), and shrunk to fit
-``size`` pixels. Pixel data in a compressed syntax that pydicom cannot decode here gives no
-preview (:class:`PreviewError`).
+modality and VOI LUTs (the window it carries; else, or when a LUT value cannot be read, the 1st
+to 99th percentile), and shrunk to fit ``size`` pixels. Pixel data in a compressed syntax that
+pydicom cannot decode here gives no preview (:class:`PreviewError`).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections import OrderedDict
 
@@ -21,6 +22,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from storage import reports
 from storage.part10 import build_file
 
+log = logging.getLogger(__name__)
 KEPT = 128     # previews kept in memory
 
 
@@ -55,12 +57,23 @@ def render_png(sop_class_uid: str, sop_uid: str, transfer_syntax: str, data: byt
 
 def _grey(ds, pixels: np.ndarray) -> np.ndarray:
     """8-bit grey levels of a monochrome image: its LUTs, else its 1st-99th percentiles."""
-    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    uid = ds.get("SOPInstanceUID", "?")
+    try:
+        values = apply_modality_lut(pixels, ds).astype(np.float64)
+    except Exception as exc:    # a malformed rescale value: draw the stored values
+        log.warning("preview of %s: modality LUT not usable (%s)", uid, exc)
+        values = pixels.astype(np.float64)
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        values = apply_voi_lut(values, ds).astype(np.float64)
-        lo, hi = values.min(), values.max()
-    else:
-        lo, hi = np.percentile(values, [1, 99])
+        try:
+            windowed = apply_voi_lut(values, ds).astype(np.float64)
+            return _scaled(ds, windowed, windowed.min(), windowed.max())
+        except Exception as exc:    # a malformed window (e.g. "40/1"): percentiles instead
+            log.warning("preview of %s: window not usable (%s)", uid, exc)
+    lo, hi = np.percentile(values, [1, 99])
+    return _scaled(ds, values, lo, hi)
+
+
+def _scaled(ds, values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     grey = np.clip((values - lo) / max(hi - lo, 1e-9), 0.0, 1.0) * 255.0
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
         grey = 255.0 - grey
