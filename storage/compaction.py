@@ -26,6 +26,7 @@ from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import join, parse_dataset, pixel_layout, split
 from storage.errors import CommitOutcomeUnknown
 from storage.index import Blob, Index, Instance, Job, Series
+from storage.removals import finish_removals, record_removals
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,7 @@ class Compactor:
             self._fail_job(job_id, f"{type(exc).__name__}: {exc}")
             log.error("compaction of series %s failed, left staged: %s", series_uid, exc)
             return False
-        for inst in members:
-            self.blobs.delete(inst.staged_key)
+        finish_removals(self.index, self.blobs, [inst.staged_key for inst in members])
         log.info("compacted series %s: %d instances in %d stacks + %d singles", series_uid,
                  len(members), len(stacks), len(singles))
         return True
@@ -188,7 +188,8 @@ class Compactor:
     def _commit(self, plan: _Plan, members: list, job_id: int) -> None:
         self.index.write_checked(
             lambda s: self._write(s, plan, members, job_id),
-            lambda s: getattr(s.get(Job, job_id), "state", None) == "done")
+            lambda s: s.scalar(select(Blob.id).where(           # this attempt's own blobs
+                Blob.key.in_([b.key for b in plan.blobs])).limit(1)) is not None)
 
     def _write(self, s, plan: _Plan, members: list, job_id: int) -> None:
         by_key = {}
@@ -208,6 +209,9 @@ class Compactor:
         if job is None:
             raise VerificationError("series deleted during compaction")
         job.state, job.reason, job.updated_at = "done", "", time.time()
+        # the staged copies go once this commits, and surely (recovery finishes it): one left
+        # behind would be indexed again at the next start
+        record_removals(s, [inst.staged_key for inst in members])
 
     def _start_job(self, series_id: int) -> int | None:
         """Mark the series' compaction job running (made when missing); None when the series
@@ -227,8 +231,8 @@ class Compactor:
     def _fail_job(self, job_id: int, reason: str) -> None:
         with self.index.write() as s:
             job = s.get(Job, job_id)
-            if job is None:                 # deleted with its series
-                return
+            if job is None or job.state == "done":   # deleted with its series; or another
+                return                               # compactor (`compress --now`) did it
             backoff = min(3600.0, 30.0 * 2 ** (job.attempts - 1))
             job.state, job.reason = "failed", reason[:2000]
             job.updated_at = time.time()

@@ -20,14 +20,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, exists, insert, select, update
+from sqlalchemy import delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 
-from storage.blobstore import BlobStore, fsync_dir, new_key
+from storage.blobstore import BlobStore, new_key
 from storage.errors import CommitOutcomeUnknown, StorageError
 from storage.index import (
-    Blob, Deletion, Index, Instance, Job, Patient, Removal, Series, Study,
+    Blob, Deletion, Index, Instance, Job, Patient, Series, Study,
 )
+from storage.removals import finish_removals, record_removals
 from storage.staged_keys import staged_key
 
 log = logging.getLogger(__name__)
@@ -294,8 +295,7 @@ class Deleter:
         keys = [k for _, k, _, _ in todo.instances.values() if k] + \
             [todo.blobs_freed[b][0] for b in todo.blobs_freed] + \
             [todo.restage[b][0] for b in todo.restage]
-        if keys:
-            s.execute(insert(Removal), [{"key": k, "created_at": now} for k in keys])
+        record_removals(s, keys)
         audit = {k: v for k, v in todo.summary().items() if k != "restaged_bytes"}
         s.add(Deletion(deleted_at=now, reason=reason[:500], **audit))
         return keys
@@ -325,31 +325,6 @@ def _drop_empty(s, series_ids: list[int]) -> tuple[int, int, int]:
     gone_patients = s.execute(delete(Patient).where(
         Patient.id.in_(patients), ~exists().where(Study.patient_fk == Patient.id))).rowcount
     return len(empty), gone_studies, gone_patients
-
-
-def finish_removals(index: Index, blobs: BlobStore, keys: list[str] | None = None) -> int:
-    """Remove the files recorded as :class:`Removal` rows (only ``keys`` when given), then
-    their rows; return how many. Recovery calls it with no keys, before its orphan scan."""
-    with index.read() as s:
-        recorded = list(s.scalars(select(Removal.key)))
-    if keys is not None:
-        wanted = set(recorded)
-        recorded = [k for k in keys if k in wanted]
-    todo, folders = [], set()
-    for key in recorded:
-        try:
-            blobs.delete(key)
-        except OSError as exc:     # committed: the row stays, and the next start removes it
-            log.warning("file %s of a deletion not removed yet: %s", key, exc)
-            continue
-        todo.append(key)
-        folders.add(blobs.path(key).parent)
-    for folder in folders:
-        fsync_dir(folder)
-    for i in range(0, len(todo), 500):
-        with index.write() as s:
-            s.execute(delete(Removal).where(Removal.key.in_(todo[i:i + 500])))
-    return len(todo)
 
 
 def history(index: Index, limit: int = 100) -> list[dict]:

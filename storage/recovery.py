@@ -28,10 +28,10 @@ from pathlib import Path
 from sqlalchemy import select
 
 from storage.blobstore import BlobStore, fsync_dir
-from storage.deletion import finish_removals
 from storage.errors import DuplicateInstanceError, UnparseableDatasetError
 from storage.index import Blob, Index, Instance, Job
 from storage.ingest import reindex_staged
+from storage.removals import finish_removals
 from storage.staged_keys import recoverable
 
 log = logging.getLogger(__name__)

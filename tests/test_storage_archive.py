@@ -257,3 +257,57 @@ def test_computed_query_attributes_count_only_their_own_entities(archive):
     assert [r["NumberOfSeriesRelatedInstances"] for r in archive.find(
         "SERIES", {"StudyInstanceUID": study, "Modality": "MR",
                    "NumberOfSeriesRelatedInstances": ""})] == [2]
+
+
+def test_a_failed_commit_is_not_taken_for_another_compactors(tmp_path):
+    # two compactors on one series (the node's worker and `voxarc compress --now`): the one
+    # whose commit fails must not take the other's finished job for its own commit, or it
+    # would remove the staged copy of an instance only it had read
+    import threading
+    import time
+    from contextlib import contextmanager
+
+    from storage.blobstore import BlobStore
+    from storage.compaction import Compactor
+    from storage.index import Index
+    arch = Archive(tmp_path / "data")
+    series = make_series(4, 8, 8)
+    sent = _store_all(arch, series[:3])
+    other = Compactor(Index(arch.index.url), BlobStore(arch.blobs.root))
+    go, results = threading.Event(), []
+    real_commit = other._commit
+    other._commit = lambda plan, members, job: (go.wait(), real_commit(plan, members, job))[1]
+    with arch.index.read() as s:
+        series_id = s.scalar(select(Instance.series_fk))
+    racing = threading.Thread(target=lambda: results.append(other.compact_series(series_id)))
+    racing.start()
+    for _ in range(200):                          # it has read its three instances
+        with arch.index.read() as s:
+            if s.scalar(select(Job.state)) == "running":
+                break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    sent.update(_store_all(arch, series[3:]))
+    real_write, calls = arch.index.write, []
+
+    @contextmanager
+    def write():                                  # this one's commit fails, not taking place
+        calls.append(None)
+        if len(calls) == 1:                       # its job's start
+            with real_write() as s:
+                yield s
+            return
+        arch.index.write = real_write
+        with real_write() as s:
+            yield s
+            s.rollback()
+        go.set()
+        racing.join()                             # the other commits meanwhile
+        raise OperationalError("COMMIT", {}, OSError(28, "database or disk is full"))
+    arch.index.write = write
+    try:
+        assert arch.compactor.compact_series(series_id) is False and results == [True]
+        _assert_exact(arch, sent)
+        assert arch.stats()["pending_instances"] == 1
+    finally:
+        arch.close()

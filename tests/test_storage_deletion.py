@@ -365,3 +365,27 @@ def test_the_history_never_claims_bytes_it_did_not_keep():
            "patients": 0, "restaged": 4, "freed_bytes": 4143}         # an audit row
     assert "as received" not in _describe(row)
     assert "0.01 MB as received" in _describe({**row, "restaged_bytes": 8774})    # a plan
+
+
+def test_a_compaction_interrupted_before_removing_its_staged_copies_brings_nothing_back(
+        tmp_path):
+    node = Archive(tmp_path / "data")                 # the running node
+    sent = store_series(node, make_series(3, 8, 8, seed=12))
+    compress_now = Archive(tmp_path / "data")         # `voxarc compress --now` beside it
+    real_delete = compress_now.blobs.delete
+
+    def interrupted(key):
+        raise KeyboardInterrupt                       # Ctrl-C right after the commit
+    compress_now.blobs.delete = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        compress_now.compact(stable_age=0)
+    compress_now.blobs.delete = real_delete
+    compress_now.close()
+    node.delete("series", _series_uid(node, next(iter(sent))), "erasure request")
+    node.close()
+    node = Archive(tmp_path / "data")                 # the next start
+    try:
+        assert node.stats()["instances"] == 0 and not node.recovery.reindexed
+        assert _files(node) == set()
+    finally:
+        node.close()
