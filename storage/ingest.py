@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import parse_fields, pixel_layout
-from storage.errors import DuplicateInstanceError, StorageFullError
+from storage.errors import CommitOutcomeUnknown, DuplicateInstanceError, StorageFullError
 from storage.index import Deletion, Index, Instance, Patient, Series, Study
 from storage.instance_facts import (
     INDEXED_KEYWORDS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, InstanceFacts, describe, stack_format,
@@ -171,6 +171,7 @@ class Stager:
         # rows whose staged file can be indexed again (storage.staged_keys) need no flush of
         # the database: their files are durable before the commit
         durable = not all(recoverable(item.fields["staged_key"]) for item in batch)
+        body_done = False
         try:
             with self.index.connect(durable) as conn:
                 now, touched = time.time(), set()
@@ -186,6 +187,7 @@ class Stager:
                     raise _DeletedMeanwhile()
                 for item in batch:            # files durable before their rows commit
                     _wait_written(item)
+                body_done = True              # what fails from here on is the commit itself
             self._ids = ids if len(ids) < 100_000 else {}
             self._generation = generation
             self.batches += 1
@@ -202,6 +204,12 @@ class Stager:
             raise StorageFullError("deletions kept changing the index under ingest") from None
         except Exception as exc:  # one bad row must not fail the others: retry them one by one
             self._ids = {}
+            if body_done and _took_place(self.index, batch, exc):
+                self.batches += 1             # the commit's answer was lost, not the commit
+                self.committed += len(batch)
+                for item in batch:
+                    item.done = True
+                return
             if cached:
                 # a cached patient, study or series row may have been deleted (`voxarc
                 # delete` in another process): once more, looking every row up
@@ -363,8 +371,40 @@ def _discard(written, blobs: BlobStore, key: str) -> None:
 def _commit(index: Index, facts: InstanceFacts, fields: dict, duplicates: str):
     """Write the index rows in their own transaction; return (outcome, staged key to delete
     afterwards or None)."""
-    with index.connect() as conn:
-        return _apply(conn, facts, fields, duplicates, time.time())
+    item = _Pending(facts, fields, duplicates, None)
+    body_done = False
+    try:
+        with index.connect() as conn:
+            item.result = _apply(conn, facts, fields, duplicates, time.time())
+            body_done = True
+    except Exception as exc:
+        if not (body_done and _took_place(index, [item], exc)):
+            raise
+    return item.result
+
+
+_STAGED = select(Instance.__table__.c.staged_key).where(
+    Instance.__table__.c.staged_key.in_(bindparam("p_keys", expanding=True)))
+
+
+def _took_place(index: Index, batch: list, exc: Exception) -> bool:
+    """After a commit of ``batch`` raised ``exc``: whether it took place all the same (a server
+    connection lost with the commit's answer), read from the index: its rows name the batch's
+    staged files, whose keys are new to this attempt. Raises CommitOutcomeUnknown when the
+    index cannot be read: the files must then stay (recovery indexes a file without a row)."""
+    keys = [item.fields["staged_key"] for item in batch if item.error is None]
+    if not keys:
+        return False
+    try:
+        with index.engine.connect() as conn:
+            found = set(conn.scalars(_STAGED, {"p_keys": keys}))
+    except SQLAlchemyError as again:
+        raise CommitOutcomeUnknown(f"a commit failed ({exc}) and the index cannot be read to "
+                                   f"tell whether it took place ({again})") from exc
+    if found:
+        log.warning("a commit of %d instances reported an error but took place: %s",
+                    len(keys), exc)
+    return bool(found)
 
 
 # Core statements on the tables, built once (SQLAlchemy caches their compiled form): the ORM
@@ -386,6 +426,8 @@ def _apply(conn, facts: InstanceFacts, fields: dict, duplicates: str, now: float
     database; ``touched`` holds the series whose ``last_received`` is ``now`` already;
     ``keep_newer``: a replacement never replaces a row received after ``now``."""
     old = conn.execute(_OLD, {"p_sop_uid": facts.sop_uid}).first()
+    if old is not None and old.staged_key == fields["staged_key"]:
+        return "stored", None          # this very file's row (a retried commit that took place)
     if old is not None and duplicates == "reject":
         raise DuplicateInstanceError(f"instance {facts.sop_uid} already stored")
     if old is not None and keep_newer and (old.received_at or 0) > now:

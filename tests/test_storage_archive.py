@@ -311,3 +311,65 @@ def test_a_failed_commit_is_not_taken_for_another_compactors(tmp_path):
         assert arch.stats()["pending_instances"] == 1
     finally:
         arch.close()
+
+
+def _lose_next_commit_answer(index, monkeypatch, unreadable: bool = False):
+    """The next ``index.connect()`` commits, then raises as a dropped server connection would;
+    with ``unreadable``, the index cannot be read afterwards either."""
+    from contextlib import contextmanager
+    real = index.connect
+
+    @contextmanager
+    def connect(durable=True):
+        monkeypatch.setattr(index, "connect", real)
+        with real(durable) as conn:
+            yield conn
+        if unreadable:
+            monkeypatch.setattr(index.engine, "connect", _unreachable)
+        raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection"))
+    monkeypatch.setattr(index, "connect", connect)
+
+
+def _unreachable(*args, **kwargs):
+    raise OperationalError("connect", {}, ConnectionError("server unreachable"))
+
+
+@pytest.mark.parametrize("policy", ["keep_first", "replace", "reject"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_an_ingest_whose_commit_answer_is_lost_keeps_its_instance(tmp_path, monkeypatch,
+                                                                  policy, warm):
+    arch = Archive(tmp_path / "data", duplicates=policy)
+    first, second = make_series(2, 8, 8)
+    if warm:                                    # an earlier store filled the row-id cache
+        _store_all(arch, [first])
+    _lose_next_commit_answer(arch.index, monkeypatch)
+    sent = _store_all(arch, [second])           # acknowledged: it took place
+    try:
+        _assert_exact(arch, sent)
+        if policy == "reject":                  # sent again: refused as the duplicate it is
+            with pytest.raises(DuplicateInstanceError):
+                _store_all(arch, [second])
+        else:
+            _store_all(arch, [second])
+        assert arch.stats()["instances"] == 1 + warm
+        _assert_exact(arch, sent)               # and still there
+    finally:
+        arch.close()
+
+
+def test_an_ingest_whose_commit_cannot_be_judged_keeps_its_file(tmp_path, monkeypatch):
+    from storage.errors import CommitOutcomeUnknown
+    arch = Archive(tmp_path / "data")
+    (ds,) = make_series(1, 8, 8)
+    _lose_next_commit_answer(arch.index, monkeypatch, unreadable=True)
+    with pytest.raises(CommitOutcomeUnknown):
+        _store_all(arch, [ds])
+    monkeypatch.undo()
+    keys = list(arch.blobs.keys())
+    arch.close()
+    arch = Archive(tmp_path / "data")           # the row is there (it took place): nothing lost
+    try:
+        assert len(keys) == 1 and arch.stats()["instances"] == 1
+        assert not arch.recovery.missing_staged
+    finally:
+        arch.close()
