@@ -240,14 +240,15 @@ class Index:
         """Yield a Core connection whose transaction commits on normal exit, rolls back on
         error; serialised with :meth:`write` (hot paths: no ORM session to build).
 
-        ``durable=False``: the commit does not wait for the database's flush to disk (SQLite
-        ``synchronous=NORMAL``, PostgreSQL ``synchronous_commit=off``). A crash of the process
-        cannot lose it, a power loss can; only for rows that can be rebuilt from files that are
-        themselves durable (staged instances, see :mod:`storage.staged_keys`)."""
+        ``durable=False``: on SQLite the commit does not wait for the database's flush to disk
+        (``synchronous=NORMAL``): a crash of the process cannot lose it, a power loss can, and
+        the next start indexes the lost rows again from their files; only for rows that can be
+        rebuilt so (staged instances, see :mod:`storage.staged_keys`). PostgreSQL commits are
+        always durable: its server can crash (and restart) under a node that goes on running,
+        whose recovery only runs when it starts, so an acknowledged instance would be missing
+        until then."""
         engine = self.engine if durable else self._relaxed()
         with self._write_lock, engine.begin() as conn:
-            if not durable and engine.dialect.name == "postgresql":
-                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             yield conn
 
     def _relaxed(self):
