@@ -52,18 +52,24 @@ def _quick_ack(sock) -> None:
             pass
 
 
+_FIRST_READ = 1 << 20     # bytes a read may ask for before any of them has arrived
+
+
 def _recv_exactly(self, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv`` with reads into one buffer as large as the socket allows
     (pynetdicom reads 4 kB at a time: 120 calls and copies for a 500 kB instance), and quick
     acknowledgements (:func:`_quick_ack`). Same contract: blocks until ``nr_bytes`` are read;
-    on a closed connection, what was read."""
-    buf = bytearray(nr_bytes)
-    view, got = memoryview(buf), 0
+    on a closed connection, what was read. The buffer grows with what arrives (doubling), never
+    ahead of it: ``nr_bytes`` is a PDU length as the peer wrote it, before any authentication,
+    and up to 4 GiB."""
+    buf, got = bytearray(min(nr_bytes, _FIRST_READ)), 0
     while got < nr_bytes:
+        if got == len(buf):
+            buf += bytes(min(len(buf), nr_bytes - got))
         _quick_ack(self.socket)
-        n = self.socket.recv_into(view[got:], nr_bytes - got)
+        with memoryview(buf) as view, view[got:] as free:
+            n = self.socket.recv_into(free, len(buf) - got)
         if not n:
-            del view
             return buf[:got]
         got += n
     return buf

@@ -6,6 +6,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node_helpers import bundled, dataset_bytes, make_series, node  # noqa: F401 (fixture)
 from scu_helpers import StoreSCP, associate, echo, find, get, move, store_bytes
+from service import socket_tuning
 from storage.part10 import split_file
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -319,3 +320,34 @@ def test_retrieval_order_reads_the_archive_at_most_every_cache_period(monkeypatc
     monkeypatch.setattr(negotiation, "CACHE_SECONDS", -1.0)
     order.reorder(ours, {CT: (False, True)})
     assert reads == [1, 1]
+
+
+class _Trickle:
+    """A socket that delivers ``data`` in pieces of at most ``piece`` bytes, then closes."""
+
+    def __init__(self, data: bytes, piece: int):
+        self.data, self.piece = data, piece
+
+    def recv_into(self, view, n):
+        n = min(n, self.piece, len(self.data))
+        view[:n], self.data = self.data[:n], self.data[n:]
+        return n
+
+    def setsockopt(self, *args):
+        pass
+
+
+def test_a_pdu_length_alone_never_allocates_its_size():
+    import tracemalloc
+    from types import SimpleNamespace
+    reader = SimpleNamespace(socket=_Trickle(b"ab", 2))
+    tracemalloc.start()
+    try:
+        got = socket_tuning._recv_exactly(reader, (1 << 32) - 1)    # a header's claim only
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == b"ab" and peak < 4 << 20
+    data = bytes(range(256)) * 40_000                              # 10 MB in 64 kB pieces
+    assert socket_tuning._recv_exactly(SimpleNamespace(socket=_Trickle(data, 1 << 16)),
+                                       len(data)) == data
