@@ -132,10 +132,7 @@ def _refusal(exc: Exception, operation: str, event) -> int:
 
 def _select(event, archive: Archive) -> list[dict]:
     level, criteria = parse_identifier(event.identifier)
-    keys = retrieve_criteria(criteria)
-    if not keys:
-        raise IdentifierError(f"no unique key in a {level} level retrieve identifier")
-    return archive.find("IMAGE", keys)
+    return archive.find("IMAGE", retrieve_criteria(level, criteria))
 
 
 def _contexts(records: list[dict], archive: Archive) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.multival import MultiValue
@@ -25,7 +26,9 @@ def _text(value) -> str:
 
 
 def parse_identifier(identifier: Dataset | None) -> tuple[str, dict[str, str]]:
-    """Return ``(level, criteria)`` of a query identifier; sequences and private keys are skipped.
+    """Return ``(level, criteria)`` of a query identifier; sequences, private keys and keys of
+    repeating groups (overlays, curves) are skipped. A PATIENT level under the Study Root
+    model is taken as it comes (as a patient-level query), not refused.
 
     Raises
     ------
@@ -38,7 +41,7 @@ def parse_identifier(identifier: Dataset | None) -> tuple[str, dict[str, str]]:
         criteria = {}
         for elem in identifier:
             keyword = keyword_for_tag(elem.tag)
-            if keyword and keyword not in _NOT_KEYS and elem.VR != "SQ":
+            if keyword and keyword not in _NOT_KEYS and elem.VR != "SQ" and _known(keyword):
                 criteria[keyword] = _text(elem.value).strip()
     except Exception as exc:
         raise IdentifierError(f"unreadable identifier: {exc}") from exc
@@ -47,9 +50,34 @@ def parse_identifier(identifier: Dataset | None) -> tuple[str, dict[str, str]]:
     return level, criteria
 
 
-def retrieve_criteria(criteria: dict[str, str]) -> dict[str, str]:
-    """Keep the unique keys of a C-GET/C-MOVE identifier (the keys that select instances)."""
-    return {k: v for k, v in criteria.items() if k in _UNIQUE and v}
+def _known(keyword: str) -> bool:
+    """Whether ``keyword`` names one element (a repeating group's names several)."""
+    try:
+        dictionary_VR(keyword)
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
+def retrieve_criteria(level: str, criteria: dict[str, str]) -> dict[str, str]:
+    """The unique keys of a C-GET/C-MOVE identifier at ``level`` (PS3.4 C.4.2.2.1): the
+    level's own key is required, keys of the levels above narrow it, none may hold a wildcard
+    (``*`` would otherwise send the whole archive), and a key of a level below is refused.
+
+    Raises
+    ------
+    IdentifierError
+    """
+    depth = LEVELS.index(level)
+    keys = {k: v for k, v in criteria.items() if k in _UNIQUE and v}
+    if not keys.get(_UNIQUE[depth]):
+        raise IdentifierError(f"a {level} level retrieve needs a {_UNIQUE[depth]}")
+    for key, value in keys.items():
+        if "*" in value or "?" in value:
+            raise IdentifierError(f"{key} {value!r}: a retrieve takes UIDs, not wildcards")
+        if _UNIQUE.index(key) > depth:
+            raise IdentifierError(f"{key} is below the {level} level of the retrieve")
+    return keys
 
 
 def response(level: str, criteria: dict[str, str], record: dict, charset=None) -> Dataset:
@@ -70,6 +98,22 @@ def response(level: str, criteria: dict[str, str], record: dict, charset=None) -
         else:
             value = str(value)
         setattr(ds, keyword, value)
-    if any(not str(v).isascii() for v in record.values()) and "SpecificCharacterSet" not in ds:
+    if any(not str(v).isascii() for v in record.values()) and not _holds(charset, record):
         ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
+
+
+def _holds(charset, record: dict) -> bool:
+    """Whether the query's single-valued character set can encode every value of ``record``
+    (else the answer is in UTF-8: a name the query's set cannot hold would go as ``????``)."""
+    if not charset or isinstance(charset, (list, MultiValue)):
+        return bool(charset)       # code extensions (ISO 2022): pydicom switches as it must
+    codec = python_encoding.get(str(charset).strip())
+    if codec is None:
+        return False
+    try:
+        for value in record.values():
+            _text(value).encode(codec)
+    except UnicodeEncodeError:
+        return False
+    return True

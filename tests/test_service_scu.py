@@ -351,3 +351,48 @@ def test_a_pdu_length_alone_never_allocates_its_size():
     data = bytes(range(256)) * 40_000                              # 10 MB in 64 kB pieces
     assert socket_tuning._recv_exactly(SimpleNamespace(socket=_Trickle(data, 1 << 16)),
                                        len(data)) == data
+
+
+@pytest.mark.parametrize("query", [
+    {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "*"},            # the whole archive
+    {"QueryRetrieveLevel": "STUDY", "PatientID": "PAT1", "StudyInstanceUID": ""},
+    {"QueryRetrieveLevel": "IMAGE", "SeriesInstanceUID": "1.2.3", "SOPInstanceUID": ""},
+    {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.3", "SOPInstanceUID": "1.2.4"},
+])
+def test_a_retrieve_takes_the_unique_key_of_its_level_and_no_wildcards(populated, query):
+    node = populated[0]
+    final, got = get(node.port, query, [(CT, ExplicitVRLittleEndian)])
+    assert final.Status == 0xA900 and got == {}
+
+
+def test_find_keys_of_repeating_groups_are_not_matched_on(populated):
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+    node = populated[0]
+    ds = Dataset()
+    ds.QueryRetrieveLevel, ds.PatientID, ds.StudyInstanceUID = "STUDY", "pat2", ""
+    ds.add_new(0x60000010, "US", None)                   # Overlay Rows of group 6000
+    assoc = associate(node.port, [build_context(FIND)])
+    try:
+        answers = [(status.Status, found) for status, found in assoc.send_c_find(ds, FIND)]
+    finally:
+        assoc.release()
+    assert answers[-1][0] == 0x0000 and [s for s, _ in answers[:-1]] == [0xFF00]
+
+
+def test_a_name_the_querys_character_set_cannot_hold_comes_back_in_utf8(node, tmp_path):
+    (ds,) = make_series(1, 8, 8, patient_id="GR1", patient_name="Ωμέγα^Άλφα")
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    assert store_bytes(node.port, _items([ds]), tmp_path) == [0]
+    status, matches = find(node.port, {"QueryRetrieveLevel": "PATIENT", "PatientID": "GR1",
+                                       "PatientName": "", "SpecificCharacterSet": "ISO_IR 100"},
+                           patient_root=True)
+    assert status == 0x0000 and str(matches[0].PatientName) == "Ωμέγα^Άλφα"
+    (latin,) = make_series(1, 8, 8, patient_id="DE1", patient_name="Müller^Jörg", seed=3)
+    latin.SpecificCharacterSet = "ISO_IR 100"
+    assert store_bytes(node.port, _items([latin]), tmp_path) == [0]
+    status, matches = find(node.port, {"QueryRetrieveLevel": "PATIENT", "PatientID": "DE1",
+                                       "PatientName": "", "SpecificCharacterSet": "ISO_IR 100"},
+                           patient_root=True)
+    assert matches[0].SpecificCharacterSet == "ISO_IR 100"              # held: as asked
+    assert str(matches[0].PatientName) == "Müller^Jörg"
