@@ -48,10 +48,17 @@ def handle_store(event, archive: Archive, max_bytes: int = 0) -> int:
             log.warning("C-STORE from %s refused: %d-byte dataset over max_dataset_bytes (%d)",
                         _peer(event), len(data), max_bytes)
             return statuses.OUT_OF_RESOURCES
-        result = archive.store(data, str(event.context.transfer_syntax))
+        named_uid, named_class = (str(event.request.AffectedSOPInstanceUID or ""),
+                                  str(event.request.AffectedSOPClassUID or ""))
+        result = archive.store(data, str(event.context.transfer_syntax), named_uid or None)
     except Exception as exc:
         return statuses.status_for(exc, f"C-STORE from {_peer(event)}")
     log.info("C-STORE %s of %s from %s", result.outcome, result.sop_uid, _peer(event))
+    if named_class and result.sop_class_uid != named_class:
+        log.warning("C-STORE of %s from %s: stored, but its SOP class %s is not the request's "
+                    "%s (0xB007)", result.sop_uid, _peer(event), result.sop_class_uid,
+                    named_class)
+        return statuses.CLASS_MISMATCH_WARNING
     return statuses.SUCCESS
 
 

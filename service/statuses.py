@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from storage.errors import (DuplicateInstanceError, InstanceNotFoundError, IntegrityError,
-                            StorageFullError, UnparseableDatasetError)
+from storage.errors import (CommitOutcomeUnknown, DatasetMismatchError, DuplicateInstanceError,
+                            InstanceNotFoundError, IntegrityError, StorageFullError,
+                            UnparseableDatasetError)
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,8 @@ CANNOT_PARSE = 0xC210              # C-STORE: cannot understand the dataset
 DUPLICATE_REFUSED = 0xC220         # C-STORE: SOP Instance UID stored and policy is reject
 UNABLE_TO_PROCESS = 0xC211         # anything we did not foresee (logged with its traceback)
 SUBOPERATIONS_FAILED = 0xB000
+DATASET_MISMATCH = 0xA900          # C-STORE: the dataset is not the instance the request names
+CLASS_MISMATCH_WARNING = 0xB007    # C-STORE: stored, but its SOP class is not the request's
 
 _STATUS = (
     (StorageFullError, OUT_OF_RESOURCES),
@@ -27,6 +30,8 @@ _STATUS = (
     (DuplicateInstanceError, DUPLICATE_REFUSED),
     (InstanceNotFoundError, UNABLE_TO_PROCESS),
     (IntegrityError, UNABLE_TO_PROCESS),
+    (DatasetMismatchError, DATASET_MISMATCH),
+    (CommitOutcomeUnknown, OUT_OF_RESOURCES),     # the modality sends it again
 )
 
 

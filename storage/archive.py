@@ -69,10 +69,12 @@ class Archive:
         self.reconstructor = Reconstructor(self.index, self.blobs, cache_bytes)
         self.stager = Stager(self.index)      # group commit of concurrent C-STOREs
 
-    def store(self, data: bytes, transfer_syntax: str) -> IngestResult:
-        """Stage a received dataset durably (see :func:`storage.ingest.ingest`)."""
+    def store(self, data: bytes, transfer_syntax: str, sop_uid: str | None = None
+              ) -> IngestResult:
+        """Stage a received dataset durably (see :func:`storage.ingest.ingest`); ``sop_uid``:
+        the SOP Instance UID it must have."""
         return ingest(self.index, self.blobs, data, transfer_syntax, self.duplicates,
-                      self.max_storage_bytes, self.stager)
+                      self.max_storage_bytes, self.stager, sop_uid)
 
     def retrieve(self, sop_uid: str) -> StoredInstance:
         """Return an instance byte for byte, SHA-256 checked (see :class:`Reconstructor`)."""

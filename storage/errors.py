@@ -34,3 +34,7 @@ class InvalidKeyError(StorageError, ValueError):
 class CommitOutcomeUnknown(StorageError):
     """A commit raised and the index could not be read to tell whether it took place: keep
     every file that either outcome needs."""
+
+
+class DatasetMismatchError(StorageError):
+    """The dataset's SOP Instance UID is not the one its C-STORE request names."""

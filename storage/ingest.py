@@ -20,7 +20,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import parse_fields, pixel_layout
-from storage.errors import CommitOutcomeUnknown, DuplicateInstanceError, StorageFullError
+from storage.errors import (CommitOutcomeUnknown, DatasetMismatchError, DuplicateInstanceError,
+                            StorageFullError)
 from storage.index import Deletion, Index, Instance, Patient, Series, Study
 from storage.instance_facts import (
     INDEXED_KEYWORDS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, InstanceFacts, describe, stack_format,
@@ -263,7 +264,7 @@ def _wait_written(item: _Pending) -> None:
 
 def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
            duplicates: str = "keep_first", max_bytes: int = 0,
-           stager: Stager | None = None) -> IngestResult:
+           stager: Stager | None = None, sop_uid: str | None = None) -> IngestResult:
     """Stage one received dataset durably and index it.
 
     Parameters
@@ -280,10 +281,12 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
         Refuse the instance when the archive would exceed this many bytes (0: no limit).
     stager : Stager, optional
         Write the file while parsing and group-commit the index row (else all in this thread).
+    sop_uid : str, optional
+        The SOP Instance UID the dataset must have (its C-STORE request's).
 
     Raises
     ------
-    UnparseableDatasetError, StorageFullError, DuplicateInstanceError
+    UnparseableDatasetError, StorageFullError, DuplicateInstanceError, DatasetMismatchError
     """
     digest = hashlib.sha256(data).hexdigest()
     key = staged_key(transfer_syntax, digest) or new_key("s")
@@ -292,6 +295,9 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
         written = stager.sync(blobs, blobs.write_new(key, data))
     try:
         facts, fields = _describe(data, transfer_syntax, digest, key)
+        if sop_uid is not None and facts.sop_uid != sop_uid:
+            raise DatasetMismatchError(f"the dataset is instance {facts.sop_uid}, the request "
+                                       f"names {sop_uid}")
         if written is None:
             _check_space(index, len(data), max_bytes)
     except BaseException:

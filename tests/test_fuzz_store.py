@@ -44,6 +44,7 @@ def _event(data: bytes, ts: str):
     return SimpleNamespace(
         encoded_dataset=lambda include_meta=False: data,
         context=SimpleNamespace(transfer_syntax=ts),
+        request=SimpleNamespace(AffectedSOPInstanceUID=None, AffectedSOPClassUID=None),
         assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="FUZZ", address="x", port=0)))
 
 

@@ -396,3 +396,16 @@ def test_a_name_the_querys_character_set_cannot_hold_comes_back_in_utf8(node, tm
                            patient_root=True)
     assert matches[0].SpecificCharacterSet == "ISO_IR 100"              # held: as asked
     assert str(matches[0].PatientName) == "Müller^Jörg"
+
+
+def test_a_dataset_that_is_not_the_instance_its_request_names_is_refused(node, tmp_path):
+    from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
+    (ds,) = make_series(1, 8, 8, seed=5)
+    ts, data = dataset_bytes(ds)
+    other = generate_uid()
+    assert store_bytes(node.port, [(CTImageStorage, other, ts, data)], tmp_path) == [0xA900]
+    assert node.archive.held([other, ds.SOPInstanceUID]) == {}          # nothing stored
+    # the right instance under another SOP class: stored, with the warning that says so
+    assert store_bytes(node.port, [(MRImageStorage, ds.SOPInstanceUID, ts, data)],
+                       tmp_path) == [0xB007]
+    assert node.archive.held([ds.SOPInstanceUID]) == {ds.SOPInstanceUID: CTImageStorage}
