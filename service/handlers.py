@@ -90,16 +90,60 @@ def _failed(sop_uid: str) -> Dataset:
     return ds
 
 
-def _sub_operations(archive: Archive, records: list[dict], operation: str):
+class _Receiver:
+    """The association that C-STORE sub-operations go out on (this one for a C-GET; for a
+    C-MOVE, the one to the destination, known once it is accepted): what it takes, and whether
+    it still stands."""
+
+    def __init__(self, assoc=None):
+        self.assoc, self.gone = assoc, False
+
+    def handlers(self) -> list:
+        """Event handlers of a C-MOVE's association to its destination."""
+        def accepted(event):
+            self.assoc = event.assoc
+
+        def lost(event):
+            self.gone = True
+        return [(evt.EVT_ACCEPTED, accepted), (evt.EVT_ABORTED, lost),
+                (evt.EVT_CONN_CLOSE, lost)]
+
+    def refuses(self, fmt: tuple[str, str] | None) -> str | None:
+        """Why an instance of ``(SOP class, transfer syntax)`` cannot go out; None: it can."""
+        if self.gone:
+            return "the receiving association is gone"
+        if self.assoc is None or fmt is None:
+            return None
+        sop_class, ts = fmt
+        if any(cx.abstract_syntax == sop_class and cx.as_scu and ts in cx.transfer_syntax
+               for cx in self.assoc.accepted_contexts):
+            return None
+        return f"no accepted context for {sop_class} in {ts} (instances go out as stored)"
+
+
+def _sub_operations(archive: Archive, records: list[dict], operation: str,
+                    receiver: _Receiver):
     """Yield (status, dataset) per instance: the exact stored bytes, or a dataset that fails to
-    send (so the sub-operation counts as failed) when the instance cannot be rebuilt."""
+    send (so the sub-operation counts as failed) when the instance cannot be rebuilt or the
+    receiver cannot take it (then it is not rebuilt at all)."""
+    uids = [r["SOPInstanceUID"] for r in records]
+    formats = archive.instance_formats(uids)
+    sendable = [u for u in uids if receiver.refuses(formats.get(u)) is None]
+    refused = set(uids) - set(sendable)
     try:      # slab by slab through compressed stacks, decoded ahead in the background
-        uids, prefetch = archive.plan_retrieval([r["SOPInstanceUID"] for r in records])
+        planned, prefetch = archive.plan_retrieval(sendable)
     except Exception as exc:
         log.warning("%s: no retrieval plan (%s); decoding on demand", operation, exc)
-        uids, prefetch = [r["SOPInstanceUID"] for r in records], None
+        planned, prefetch = sendable, None
     try:
-        for uid in uids:
+        for uid in planned + [u for u in uids if u in refused]:
+            reason = receiver.refuses(formats.get(uid))
+            if reason is not None:
+                if prefetch is not None and receiver.gone:
+                    prefetch.cancel()
+                log.warning("%s of %s not sent: %s", operation, uid, reason)
+                yield statuses.PENDING, _failed(uid)
+                continue
             try:
                 inst = archive.retrieve(uid)
             except Exception as exc:
@@ -123,7 +167,7 @@ def handle_get(event, archive: Archive):
         return
     log.info("C-GET from %s: %d instances", _peer(event), len(records))
     yield len(records)
-    for item in _sub_operations(archive, records, "C-GET"):
+    for item in _sub_operations(archive, records, "C-GET", _Receiver(event.assoc)):
         if event.is_cancelled:
             yield statuses.CANCEL, None
             return
@@ -166,14 +210,16 @@ def handle_move(event, archive: Archive, settings: Settings):
         return
     log.info("C-MOVE from %s: %d instances to %s (%s@%s:%d)", _peer(event), len(records),
              dest.name, dest.ae_title, dest.host, dest.port)
+    receiver = _Receiver()
     yield dest.host, dest.port, {"ae_title": dest.ae_title,
                                  "contexts": _contexts(records, archive),
-                                 "evt_handlers": [(evt.EVT_CONN_OPEN, tune_association)]}
+                                 "evt_handlers": [(evt.EVT_CONN_OPEN, tune_association),
+                                                  *receiver.handlers()]}
     yield max(len(records), refusal is not None)
     if refusal is not None:
         yield _refusal(refusal, "C-MOVE", event), None
         return
-    for item in _sub_operations(archive, records, "C-MOVE"):
+    for item in _sub_operations(archive, records, "C-MOVE", receiver):
         if event.is_cancelled:
             yield statuses.CANCEL, None
             return

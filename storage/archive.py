@@ -96,12 +96,20 @@ class Archive:
     def formats(self, sop_uids: list[str]) -> dict[str, set[str]]:
         """Return {SOP Class UID: {transfer syntaxes}} of the given instances."""
         out: dict[str, set[str]] = {}
+        for sop_class, ts in self.instance_formats(sop_uids).values():
+            out.setdefault(sop_class, set()).add(ts)
+        return out
+
+    def instance_formats(self, sop_uids: list[str]) -> dict[str, tuple[str, str]]:
+        """Return {SOP Instance UID: (SOP Class UID, transfer syntax)} of the given instances
+        (those the index holds)."""
+        out: dict[str, tuple[str, str]] = {}
         with self.index.read() as s:
             for i in range(0, len(sop_uids), 500):
-                rows = s.execute(select(Instance.sop_class_uid, Instance.transfer_syntax)
-                                 .where(Instance.sop_uid.in_(sop_uids[i:i + 500]))).all()
-                for sop_class, ts in rows:
-                    out.setdefault(sop_class, set()).add(ts)
+                for uid, sop_class, ts in s.execute(
+                        select(Instance.sop_uid, Instance.sop_class_uid, Instance.transfer_syntax)
+                        .where(Instance.sop_uid.in_(sop_uids[i:i + 500]))):
+                    out[uid] = (sop_class, ts)
         return out
 
     def held(self, sop_uids: list[str]) -> dict[str, str]:

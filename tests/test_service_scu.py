@@ -4,7 +4,7 @@ import pytest
 from pynetdicom.presentation import build_context
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from node_helpers import bundled, dataset_bytes, make_series, node  # noqa: F401 (fixture)
+from node_helpers import bundled, dataset_bytes, make_series, node, store_series  # noqa: F401
 from scu_helpers import StoreSCP, associate, echo, find, get, move, store_bytes
 from service import socket_tuning
 from storage.part10 import split_file
@@ -409,3 +409,60 @@ def test_a_dataset_that_is_not_the_instance_its_request_names_is_refused(node, t
     assert store_bytes(node.port, [(MRImageStorage, ds.SOPInstanceUID, ts, data)],
                        tmp_path) == [0xB007]
     assert node.archive.held([ds.SOPInstanceUID]) == {ds.SOPInstanceUID: CTImageStorage}
+
+
+def _counting_retrieve(node) -> dict:
+    calls, real = {"n": 0}, node.archive.retrieve
+
+    def retrieve(uid):
+        calls["n"] += 1
+        return real(uid)
+    node.archive.retrieve = retrieve
+    return calls
+
+
+def test_a_get_rebuilds_nothing_the_client_cannot_take(node):
+    from pydicom.uid import CTImageStorage
+    series = make_series(20, 8, 8, seed=7)                 # stored in explicit VR
+    store_series(node.archive, series)
+    calls = _counting_retrieve(node)
+    final, got = get(node.port, {"QueryRetrieveLevel": "SERIES",
+                                 "SeriesInstanceUID": series[0].SeriesInstanceUID},
+                     [(CTImageStorage, ImplicitVRLittleEndian)])
+    assert final.Status == 0xA702 and final.NumberOfFailedSuboperations == 20
+    assert got == {} and calls["n"] == 0
+
+
+def test_a_move_stops_rebuilding_once_its_destination_is_gone(node):
+    import threading
+    import time
+
+    from pydicom.dataset import Dataset
+    from pydicom.uid import CTImageStorage
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+    series = make_series(40, 8, 8, seed=8)
+    store_series(node.archive, series)
+    calls, got = _counting_retrieve(node), []
+
+    def on_store(event):
+        got.append(1)
+        if len(got) == 3:                                  # the destination gives up
+            threading.Thread(target=event.assoc.abort).start()
+            time.sleep(0.2)
+        return 0
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        node.settings.destinations["dest"] = f"DEST@127.0.0.1:{server.server_address[1]}"
+        assoc = associate(node.port, [build_context(MOVE)])
+        ds = Dataset()
+        ds.QueryRetrieveLevel, ds.SeriesInstanceUID = "SERIES", series[0].SeriesInstanceUID
+        final = [s for s, _ in assoc.send_c_move(ds, "DEST", MOVE) if s][-1]
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert final.Status in (0xB000, 0xA702) and final.NumberOfFailedSuboperations >= 36
+    assert calls["n"] <= 6                                 # not the other 37 as well
