@@ -169,6 +169,8 @@ def scan(index: Index, blobs: BlobStore, duplicates: str = "keep_first") -> Reco
         _reindex_if_complete(index, blobs, key, duplicates, report)
     for sub in {blobs.path(k).parent for k in report.orphans_removed}:
         fsync_dir(sub)
+    if report.reindexed:     # a reindexed newer version may have replaced a missing row
+        staged, blob_keys = _referenced(index)
     report.missing_staged = sorted(uid for key, uid in staged.items() if not blobs.exists(key))
     report.missing_blobs = sorted(k for k in blob_keys if not blobs.exists(k))
     report.jobs_reset = _reset_running_jobs(index)

@@ -186,3 +186,36 @@ def test_staged_keys_name_their_syntax_and_content():
         assert recoverable(key) == (ts, digest[:40])
     assert staged_key("1.2.3.4.5", digest) is None
     assert recoverable(new_key("s")) is None               # the names of earlier releases
+
+
+def test_a_lost_replacement_found_again_is_not_reported_missing(tmp_path):
+    # power loss after a relaxed `replace` commit whose removal of the old file reached the
+    # disk: recovery indexes the new version again, and the instance is not "missing"
+    import time
+
+    from sqlalchemy import select, update
+
+    from node_helpers import dataset_bytes, make_series
+    from storage.archive import Archive
+    from storage.index import Instance
+    (ds,) = make_series(1, 8, 8)
+    ts, first = dataset_bytes(ds)
+    ds.StudyDescription = "corrected"
+    _, second = dataset_bytes(ds)
+    arch = Archive(tmp_path, duplicates="replace")
+    arch.store(first, ts)
+    with arch.index.read() as s:
+        row = s.scalars(select(Instance)).one()
+        lost = dict(staged_key=row.staged_key, sha256=row.sha256, size=row.size,
+                    received_at=row.received_at)
+    time.sleep(0.02)                         # file times are coarser than time.time()
+    arch.store(second, ts)
+    with arch.index.write() as s:            # the commit is gone, the file removal is not
+        s.execute(update(Instance).values(**lost))
+    arch.close()
+    arch = Archive(tmp_path, duplicates="replace")
+    try:
+        assert arch.recovery.reindexed and arch.recovery.clean
+        assert arch.retrieve(ds.SOPInstanceUID).data == second
+    finally:
+        arch.close()
