@@ -56,6 +56,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from service.identifiers import known_keyword
 from service.preview import PreviewError, render_png
 from storage.errors import InstanceNotFoundError, StorageError
 from storage.part10 import build_file
@@ -95,7 +96,7 @@ def _criteria(request: Request, level: str, fixed: dict) -> tuple[dict, list[str
         if name in _RESERVED:
             continue
         keyword = keyword_for_tag(int(name, 16)) if _TAG.match(name) else name
-        if not keyword or not _known(keyword) or dictionary_VR(keyword) == "SQ":
+        if not keyword or not known_keyword(keyword) or dictionary_VR(keyword) == "SQ":
             raise _BadRequest(f"unknown or unsupported attribute {name!r}")
         if keyword not in ATTRIBUTES and keyword not in COMPUTED:
             ignored.append(keyword)
@@ -105,14 +106,6 @@ def _criteria(request: Request, level: str, fixed: dict) -> tuple[dict, list[str
         criteria[keyword] = value
     criteria.update(fixed)
     return criteria, ignored
-
-
-def _known(keyword: str) -> bool:
-    try:
-        dictionary_VR(keyword)
-    except (KeyError, ValueError):
-        return False
-    return True
 
 
 def _int(request: Request, name: str, default: int, high: int) -> int:

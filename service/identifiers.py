@@ -41,7 +41,7 @@ def parse_identifier(identifier: Dataset | None) -> tuple[str, dict[str, str]]:
         criteria = {}
         for elem in identifier:
             keyword = keyword_for_tag(elem.tag)
-            if keyword and keyword not in _NOT_KEYS and elem.VR != "SQ" and _known(keyword):
+            if keyword and keyword not in _NOT_KEYS and elem.VR != "SQ" and known_keyword(keyword):
                 criteria[keyword] = _text(elem.value).strip()
     except Exception as exc:
         raise IdentifierError(f"unreadable identifier: {exc}") from exc
@@ -50,7 +50,7 @@ def parse_identifier(identifier: Dataset | None) -> tuple[str, dict[str, str]]:
     return level, criteria
 
 
-def _known(keyword: str) -> bool:
+def known_keyword(keyword: str) -> bool:
     """Whether ``keyword`` names one element (a repeating group's names several)."""
     try:
         dictionary_VR(keyword)

@@ -247,6 +247,15 @@ def test_a_node_that_cached_a_deleted_series_stores_into_it_again(tmp_path):
         node_side.close()
 
 
+def _patients_of(arch) -> dict:
+    """{SOP Instance UID: Patient ID} of every instance, as the index files them."""
+    with arch.index.read() as s:
+        return dict(s.execute(select(Instance.sop_uid, Patient.patient_id)
+                              .join(Series, Instance.series_fk == Series.id)
+                              .join(Study, Series.study_fk == Study.id)
+                              .join(Patient, Study.patient_fk == Patient.id)).all())
+
+
 def test_a_node_never_files_an_instance_under_rows_that_took_a_deleted_rows_id(tmp_path):
     # SQLite gives a deleted row's id to the next new row: the node's cached ids of a deleted
     # patient must not then point at whoever came next
@@ -261,12 +270,7 @@ def test_a_node_never_files_an_instance_under_rows_that_took_a_deleted_rows_id(t
     other = store_series(node_side, make_series(2, patient_id="OTHER", seed=2))
     late = store_series(node_side, wrong[2:])
     try:
-        with node_side.index.read() as s:
-            filed = dict(s.execute(
-                select(Instance.sop_uid, Patient.patient_id)
-                .join(Series, Instance.series_fk == Series.id)
-                .join(Study, Series.study_fk == Study.id)
-                .join(Patient, Study.patient_fk == Patient.id)).all())
+        filed = _patients_of(node_side)
         assert {filed[u] for u in late} == {"WRONG"}
         assert {filed[u] for u in other} == {"OTHER"}
         assert len(node_side.find("PATIENT", {"PatientID": "WRONG"})) == 1
@@ -293,12 +297,7 @@ def test_a_deletion_committed_while_a_batch_is_indexed_is_noticed(tmp_path, monk
     monkeypatch.setattr(ingest, "_apply", apply_after_a_deletion)
     late = store_series(node_side, wrong[2:3])
     try:
-        with node_side.index.read() as s:
-            filed = dict(s.execute(
-                select(Instance.sop_uid, Patient.patient_id)
-                .join(Series, Instance.series_fk == Series.id)
-                .join(Study, Series.study_fk == Study.id)
-                .join(Patient, Study.patient_fk == Patient.id)).all())
+        filed = _patients_of(node_side)
         assert {filed[u] for u in late} == {"WRONG"}
         assert {filed[u] for u in other} == {"OTHER"}
     finally:
