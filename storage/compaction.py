@@ -23,7 +23,7 @@ from models.api import SLAB_SLICES
 from storage import header_pack
 from storage.assembly import Stack, assemble
 from storage.blobstore import BlobStore, new_key
-from storage.dataset_parts import join, parse_dataset, pixel_layout, split
+from storage.dataset_parts import parse_dataset, pixel_layout, split
 from storage.errors import CommitOutcomeUnknown
 from storage.index import Blob, Index, Instance, Job, Series
 from storage.removals import finish_removals, record_removals
@@ -52,6 +52,31 @@ def codec_info(info: dict) -> str:
     name, model id and blob format (the rows of compactions before 2026-12-01 say only the
     model name, then "v")."""
     return f"{info['model']} {info['model_id'][:8]} format {info['format']}"
+
+
+def _check_rebuilds(blob, parts: list, dtype) -> None:
+    """Decode ``blob`` piece by piece and check that every instance of ``parts`` ((row,
+    before, pixels, after), in stack order) rebuilds to its ingest SHA-256: the decoded volume
+    is never held whole (a multi-frame instance of a thousand frames is one stack)."""
+    members = iter(parts)
+    inst = hasher = None
+    left = 0
+    for _, piece in models.decode_stream(blob, 0, sum(p[2].shape[0] for p in parts)):
+        if piece.dtype != dtype:
+            raise VerificationError("decoded volume differs from the staged pixels")
+        while len(piece):
+            if left == 0:
+                inst, before, pixels, after = next(members)
+                hasher, left = hashlib.sha256(before), pixels.shape[0]
+            take, piece = piece[:left], piece[left:]
+            hasher.update(np.ascontiguousarray(take, dtype=take.dtype.newbyteorder("<")))
+            left -= len(take)
+            if left == 0:
+                hasher.update(after)
+                if hasher.hexdigest() != inst.sha256:
+                    raise VerificationError(f"instance {inst.sop_uid} does not rebuild exactly")
+    if left or next(members, None) is not None:
+        raise VerificationError("decoded volume differs from the staged pixels")
 
 
 class Compactor:
@@ -145,22 +170,18 @@ class Compactor:
             if layout is None or layout.offset != inst.pixel_offset:
                 raise VerificationError(f"pixel layout of {inst.sop_uid} changed since ingest")
             parts.append((inst, *split(data, layout)))
-        volume = np.concatenate([p[2] for p in parts]).astype(
-            parts[0][2].dtype.newbyteorder("="), copy=False)    # a copy only to swap bytes
+        native = parts[0][2].dtype.newbyteorder("=")
+        volume = parts[0][2] if len(parts) == 1 else np.concatenate([p[2] for p in parts])
+        volume = volume.astype(native, copy=False)              # a copy only to swap bytes
         blob = models.encode_volume(volume, model=self.model, slab=self.slab,
                                     adapt=None if self.adapt else False)
-        decoded = models.decode_volume(blob)
-        if decoded.dtype != volume.dtype or _sha(decoded.tobytes()) != _sha(volume.tobytes()):
-            raise VerificationError("decoded volume differs from the staged pixels")
+        _check_rebuilds(blob, parts, volume.dtype)
         key, start, headers = new_key("b"), 0, {}
         for inst, before, pixels, after in parts:
-            stop = start + pixels.shape[0]
-            if _sha(join(before, decoded[start:stop], after)) != inst.sha256:
-                raise VerificationError(f"instance {inst.sop_uid} does not rebuild exactly")
             plan.updates[inst.id] = (key, dict(frame_start=start, header_before=b"",
                                                header_after=b""))
             headers[start] = (before, after)
-            start = stop
+            start += pixels.shape[0]
         info = models.blob_info(blob)
         stored = header_pack.wrap(headers, blob)
         if header_pack.unpack(stored) != headers:

@@ -373,3 +373,31 @@ def test_an_ingest_whose_commit_cannot_be_judged_keeps_its_file(tmp_path, monkey
         assert not arch.recovery.missing_staged
     finally:
         arch.close()
+
+
+def test_compacting_a_multi_frame_instance_never_holds_its_pixels_many_times(tmp_path,
+                                                                           monkeypatch):
+    # a multi-frame instance is one stack however many frames it has: its decoded copy for
+    # the check is taken piece by piece, not whole (with its byte string twice more)
+    import tracemalloc
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")     # decoded here, so it is counted
+    frames, size = 96, 256
+    (ds,) = make_series(1, size, size, seed=1)
+    y, x = np.mgrid[:size, :size]
+    noise = np.random.default_rng(0).normal(0, 5, (frames, size, size))
+    volume = np.round(800 * np.exp(-((x - 128) ** 2 + (y[None] - 128 - np.arange(frames)[
+        :, None, None]) ** 2) / 4000) + noise).astype(np.int16)
+    ds.NumberOfFrames, ds.PixelData = frames, volume.tobytes()
+    arch = Archive(tmp_path / "data", adapt=False)
+    try:
+        sent = _store_all(arch, [ds])
+        tracemalloc.start()
+        try:
+            assert arch.compact(stable_age=0) == (1, 0)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        _assert_exact(arch, sent)
+        assert peak < 6 * volume.nbytes        # 7.8x before, 4.7x now (most of it the coder)
+    finally:
+        arch.close()
