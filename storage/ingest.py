@@ -26,6 +26,7 @@ from storage.index import Deletion, Index, Instance, Patient, Series, Study
 from storage.instance_facts import (
     INDEXED_KEYWORDS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, InstanceFacts, describe, stack_format,
 )
+from storage import staged_keys
 from storage.staged_keys import recoverable, staged_key
 
 log = logging.getLogger(__name__)
@@ -351,16 +352,16 @@ def _describe(data: bytes, transfer_syntax: str, digest: str, key: str):
 def reindex_staged(index: Index, blobs: BlobStore, key: str, data: bytes, digest: str,
                    transfer_syntax: str, duplicates: str = "keep_first") -> IngestResult:
     """Index again the staged file ``key`` (its bytes ``data``, their hex SHA-256 ``digest``)
-    whose row was lost (recovery after a power loss), with a durable commit; its modification
-    time stands for the reception time, and under the ``replace`` policy it never replaces a
-    row received after it.
+    whose row was lost (recovery after a power loss), with a durable commit; the reception time
+    its name carries (else its modification time) stands for the row's, and under the
+    ``replace`` policy it never replaces a row received after it.
 
     Raises
     ------
     UnparseableDatasetError, DuplicateInstanceError
     """
     facts, fields = _describe(data, transfer_syntax, digest, key)
-    received = blobs.path(key).stat().st_mtime
+    received = staged_keys.received(key) or blobs.path(key).stat().st_mtime
     with index.connect() as conn:
         outcome, dropped_key = _apply(conn, facts, fields, duplicates, received, keep_newer=True)
     if dropped_key:

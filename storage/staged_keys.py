@@ -4,14 +4,18 @@ Ingest commits a staged instance's index row once the file is fsync'd, without w
 database's own flush of that commit (:meth:`storage.index.Index.connect` with ``durable=False``):
 a crash of the process loses nothing, but a power loss may take the last rows, never their
 files. So a staged file's name says what recovery needs to index it again: its transfer syntax
-(a code from :data:`SYNTAXES`) and the start of its content's SHA-256, which tells a complete
-file from one whose write never finished (and was never acknowledged).
+(a code from :data:`SYNTAXES`), the start of its content's SHA-256, which tells a complete
+file from one whose write never finished (and was never acknowledged), and when it was received
+to the microsecond (keys written before 2026-12-01 evening carry 12 random digits instead): a
+file's modification time ticks only every few milliseconds, too coarse to order two versions
+of one instance received in a row.
 """
 
 from __future__ import annotations
 
 import re
-import uuid
+import secrets
+import time
 
 # Append-only: a code is a position here and is written into file names.
 SYNTAXES = (
@@ -33,7 +37,8 @@ SYNTAXES = (
 )
 _CODES = {ts: i for i, ts in enumerate(SYNTAXES)}
 DIGEST_CHARS = 40
-_KEY = re.compile(r"^s([0-9a-f]{2})_([0-9a-f]{%d})_[0-9a-f]{12}$" % DIGEST_CHARS)
+_KEY = re.compile(r"^s([0-9a-f]{2})_([0-9a-f]{%d})_([0-9a-f]{12}|[0-9a-f]{16})$"
+                  % DIGEST_CHARS)
 
 
 def staged_key(transfer_syntax: str, digest: str) -> str | None:
@@ -43,7 +48,8 @@ def staged_key(transfer_syntax: str, digest: str) -> str | None:
     code = _CODES.get(transfer_syntax)
     if code is None:
         return None
-    return f"s{code:02x}_{digest[:DIGEST_CHARS]}_{uuid.uuid4().hex[:12]}"
+    stamp = time.time_ns() // 1000                 # microseconds: 13 hex digits until 2255
+    return f"s{code:02x}_{digest[:DIGEST_CHARS]}_{stamp:013x}{secrets.randbits(12):03x}"
 
 
 def recoverable(key: str) -> tuple[str, str] | None:
@@ -52,3 +58,12 @@ def recoverable(key: str) -> tuple[str, str] | None:
     if match is None or int(match.group(1), 16) >= len(SYNTAXES):
         return None
     return SYNTAXES[int(match.group(1), 16)], match.group(2)
+
+
+def received(key: str) -> float | None:
+    """When the file of a :func:`staged_key` key was received (seconds since the epoch, to the
+    microsecond); None for a key that does not say (an older one, or not a staged key)."""
+    match = _KEY.match(key)
+    if match is None or len(match.group(3)) != 16:
+        return None
+    return int(match.group(3)[:13], 16) / 1e6

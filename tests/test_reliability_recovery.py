@@ -2,12 +2,15 @@
 reported and kept, interrupted jobs reset, and no scan while another process has the archive."""
 
 import logging
+import os
+import time
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import delete, select, update
 
 from node_helpers import dataset_bytes, make_series
 from storage.archive import Archive
-from storage.blobstore import new_key
+from storage.blobstore import BlobStore, new_key
 from storage.index import Blob, Instance, Job
 
 
@@ -191,13 +194,6 @@ def test_staged_keys_name_their_syntax_and_content():
 def test_a_lost_replacement_found_again_is_not_reported_missing(tmp_path):
     # power loss after a relaxed `replace` commit whose removal of the old file reached the
     # disk: recovery indexes the new version again, and the instance is not "missing"
-    import time
-
-    from sqlalchemy import select, update
-
-    from node_helpers import dataset_bytes, make_series
-    from storage.archive import Archive
-    from storage.index import Instance
     (ds,) = make_series(1, 8, 8)
     ts, first = dataset_bytes(ds)
     ds.StudyDescription = "corrected"
@@ -217,5 +213,34 @@ def test_a_lost_replacement_found_again_is_not_reported_missing(tmp_path):
     try:
         assert arch.recovery.reindexed and arch.recovery.clean
         assert arch.retrieve(ds.SOPInstanceUID).data == second
+    finally:
+        arch.close()
+
+
+@pytest.mark.parametrize("policy", ["keep_first", "replace"])
+def test_two_lost_versions_come_back_in_the_order_they_were_received(tmp_path, policy):
+    # both rows lost (relaxed commits, power loss) and the removal of the dropped version's
+    # file too; the files' modification times tie (one coarse tick): the names tell the order
+    (ds,) = make_series(1, 8, 8)
+    ts, first = dataset_bytes(ds)
+    ds.StudyDescription = "second version"
+    _, second = dataset_bytes(ds)
+    arch = Archive(tmp_path, duplicates=policy)
+    arch.store(first, ts)
+    files = {k: arch.blobs.get(k) for k in arch.blobs.keys()}
+    arch.store(second, ts)
+    files.update({k: arch.blobs.get(k) for k in arch.blobs.keys()})
+    with arch.index.write() as s:
+        s.execute(delete(Instance))
+    arch.close()
+    blobs = BlobStore(tmp_path / "blobs")
+    for key, data in files.items():
+        if not blobs.exists(key):
+            blobs.put_new(key, data)
+        os.utime(blobs.path(key), ns=(1_700_000_000_000_000_000,) * 2)
+    arch = Archive(tmp_path, duplicates=policy)
+    try:
+        kept = arch.retrieve(ds.SOPInstanceUID).data
+        assert kept == (first if policy == "keep_first" else second)
     finally:
         arch.close()
