@@ -125,8 +125,9 @@ class Job(Base):
 
 class Removal(Base):
     """A file to remove once the transaction that stopped referring to it has committed (a
-    deletion); recovery finishes what a crash interrupted before it looks for orphans, so that
-    a deleted instance's staged file is never indexed again."""
+    deletion, a compaction; :mod:`storage.removals`); recovery finishes what a crash
+    interrupted before it looks for orphans, so that such a staged file is never indexed
+    again."""
 
     __tablename__ = "removals"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

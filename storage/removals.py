@@ -1,7 +1,7 @@
 """Files to remove once the transaction that stopped referring to them has committed.
 
 A transaction that drops the last reference to a file (a deletion, a compaction that replaced
-staged copies by a blob, a duplicate replaced) records the file's key as a
+staged copies by a blob) records the file's key as a
 :class:`storage.index.Removal` row in that same transaction; the file goes after the commit
 (:func:`finish_removals`). A crash in between leaves the row, and recovery finishes the removal
 before it looks for orphans: a staged file left behind would otherwise be indexed again, and an
