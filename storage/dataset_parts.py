@@ -211,7 +211,7 @@ def _check_elements(ds, stream: bytes, little_endian: bool) -> None:
         value = getattr(raw, "value", None)
         if not isinstance(value, bytes) or not hasattr(raw, "value_tell"):
             continue                          # already an element (an undefined-length sequence)
-        vr = _check_vr(raw.tag, raw.VR, len(value), raw.length == UNDEFINED)
+        _check_vr(raw.tag, raw.VR, len(value), raw.length == UNDEFINED)   # raises
         if raw.length == UNDEFINED:
             end = raw.value_tell + len(value)
             if stream[end:end + 8] != delimiter:
