@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.charset import convert_encodings
-from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
+from pydicom.dataelem import RawDataElement, empty_value_for_VR
 from pydicom.datadict import tag_for_keyword
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
