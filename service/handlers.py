@@ -128,16 +128,16 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
     receiver cannot take it (then it is not rebuilt at all)."""
     uids = [r["SOPInstanceUID"] for r in records]
     formats = archive.instance_formats(uids)
-    sendable = [u for u in uids if receiver.refuses(formats.get(u)) is None]
-    refused = set(uids) - set(sendable)
+    reasons = {u: receiver.refuses(formats.get(u)) for u in uids}
+    sendable = [u for u in uids if reasons[u] is None]
     try:      # slab by slab through compressed stacks, decoded ahead in the background
         planned, prefetch = archive.plan_retrieval(sendable)
     except Exception as exc:
         log.warning("%s: no retrieval plan (%s); decoding on demand", operation, exc)
         planned, prefetch = sendable, None
     try:
-        for uid in planned + [u for u in uids if u in refused]:
-            reason = receiver.refuses(formats.get(uid))
+        for uid in planned + [u for u in uids if reasons[u] is not None]:
+            reason = receiver.refuses(None) or reasons[uid]     # gone meanwhile, or refused
             if reason is not None:
                 if prefetch is not None and receiver.gone:
                     prefetch.cancel()

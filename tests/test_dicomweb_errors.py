@@ -131,14 +131,19 @@ def _malformed(seed: int):
     return series
 
 
-def test_metadata_sends_values_it_cannot_convert_raw_and_says_so(admin_site, tmp_path):
+def _stored_malformed(admin_site, tmp_path, seed: int):
+    """Store a :func:`_malformed` series in the node; its first instance and the series' URL."""
     node, admin = admin_site
-    series = _malformed(61)
+    series = _malformed(seed)
     _store(node, tmp_path, series)
     one = series[0]
-    url = (f"{admin.url}/dicom-web/studies/{one.StudyInstanceUID}/series/"
-           f"{one.SeriesInstanceUID}/metadata")
-    with urllib.request.urlopen(url, timeout=60) as response:
+    return one, (f"{admin.url}/dicom-web/studies/{one.StudyInstanceUID}/series/"
+                 f"{one.SeriesInstanceUID}")
+
+
+def test_metadata_sends_values_it_cannot_convert_raw_and_says_so(admin_site, tmp_path):
+    one, path = _stored_malformed(admin_site, tmp_path, 61)
+    with urllib.request.urlopen(f"{path}/metadata", timeout=60) as response:
         meta, warning = json.loads(response.read()), response.headers["Warning"]
     assert len(meta) == 2 and "00180050" in warning and "00281050" in warning
     for item in meta:
@@ -151,12 +156,7 @@ def test_metadata_sends_values_it_cannot_convert_raw_and_says_so(admin_site, tmp
 
 
 def test_rendered_and_thumbnails_of_a_malformed_window(admin_site, tmp_path):
-    node, admin = admin_site
-    series = _malformed(62)
-    _store(node, tmp_path, series)
-    one = series[0]
-    path = (f"{admin.url}/dicom-web/studies/{one.StudyInstanceUID}/series/"
-            f"{one.SeriesInstanceUID}")
+    one, path = _stored_malformed(admin_site, tmp_path, 62)
     for url in (f"{path}/instances/{one.SOPInstanceUID}/rendered",
                 f"{path}/instances/{one.SOPInstanceUID}/thumbnail", f"{path}/thumbnail"):
         status, png = http_get(url)
