@@ -18,7 +18,9 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   (gone); when a later one cannot, the transfer is cut off before its end, so the client sees
   a failed transfer rather than a complete multipart that lacks an instance.
 - WADO-RS ``.../metadata`` of a study, series or instance: each instance's attributes as DICOM
-  JSON, without its pixel data (an error status when any instance cannot be rebuilt). A value
+  JSON, read from its stored header without decoding any pixels (an error status when any
+  instance's header cannot be read; the SHA-256 check of a compressed instance's pixels belongs
+  to the requests that send them). A value
   pydicom cannot convert (a malformed DS or IS, say) is sent as its raw bytes in
   ``InlineBinary``, named in a ``Warning`` header.
 - WADO-RS ``.../instances/{sop}/frames/{list}``: the listed frames as stored: the pixel bytes of
@@ -453,16 +455,19 @@ class DicomWeb:
         return _multipart(parts, "application/dicom", f"WADO-RS {request.url.path}")
 
     def metadata(self, request: Request) -> Response:
-        """WADO-RS metadata: each instance's attributes without its pixel data; an error status
-        when any instance cannot be rebuilt."""
+        """WADO-RS metadata: each instance's attributes without its pixel data, read from its
+        stored header (no pixels are decoded); an error status when any cannot be read."""
         uids = self.instances_of(request.path_params)
         if not uids:
             return JSONResponse({"error": "nothing matches"}, status_code=404)
         base, raw_tags = _base(request), set()
-        try:
-            out = [self._metadata_of(inst, base, raw_tags) for inst in self.rebuilt(uids)]
-        except StorageError as exc:
-            return _failed(exc).response()
+        out = []
+        for uid in uids:
+            try:
+                out.append(self._metadata_of(self.archive.header(uid), base, raw_tags))
+            except StorageError as exc:
+                log.error("DICOMweb metadata: instance %s not read: %s", uid, exc)
+                return _failed(exc).response()
         headers = {}
         if raw_tags:
             headers["Warning"] = (f'299 voxarc "not convertible, sent as InlineBinary: '

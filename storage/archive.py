@@ -80,6 +80,11 @@ class Archive:
         """Return an instance byte for byte, SHA-256 checked (see :class:`Reconstructor`)."""
         return self.reconstructor.get(sop_uid)
 
+    def header(self, sop_uid: str) -> StoredInstance:
+        """An instance's bytes up to its pixel data, nothing decoded (see
+        :meth:`Reconstructor.header`)."""
+        return self.reconstructor.header(sop_uid)
+
     def plan_retrieval(self, sop_uids: list[str]):
         """Order instances for sending and prefetch their slabs (see :meth:`Reconstructor.plan`)."""
         return self.reconstructor.plan(sop_uids)

@@ -7,6 +7,7 @@ checked before the bytes are returned.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -296,6 +297,30 @@ class Reconstructor:
         IntegrityError
             The rebuilt bytes do not match the ingest SHA-256 (nothing is returned).
         """
+        inst, data = self._located(sop_uid, self._bytes)
+        return StoredInstance(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax,
+                              self._checked(inst, data))
+
+    def header(self, sop_uid: str) -> StoredInstance:
+        """Return the instance's bytes up to its pixel data, without decoding any pixels.
+
+        An instance stored as received (staged, raw or deflated) comes whole and SHA-256
+        checked; a coded one is its stored header bytes, which end inside the Pixel Data
+        element, and cannot be checked without decoding its pixels.
+
+        Raises
+        ------
+        InstanceNotFoundError, IntegrityError
+            As :meth:`get`.
+        """
+        inst, data = self._located(sop_uid, self._header_bytes)
+        if inst.staged_key is not None or inst.codec not in header_pack.VOLUME_CODECS:
+            data = self._checked(inst, data)
+        return StoredInstance(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax, data)
+
+    def _located(self, sop_uid: str, read):
+        """(index row, ``read(row, blob)``) of ``sop_uid``, located again once when its file
+        moved in between."""
         for attempt in range(2):
             with self.index.engine.connect() as conn:
                 inst = conn.execute(_LOCATE, {"p_sop_uid": sop_uid}).first()
@@ -304,37 +329,62 @@ class Reconstructor:
             blob = None if inst.blob_key is None else \
                 _BlobRef(inst.blob_key, inst.codec, inst.shape, inst.slab)
             try:
-                data = self._bytes(inst, blob)
-                break
+                return inst, read(inst, blob)
             except _Moved:
                 # its file went away after it was located: compaction or recoding moved it
                 # (the file goes once the new place is committed), so locate it again once
                 if attempt:
                     raise IntegrityError(f"instance {sop_uid}: stored file missing") from None
+
+    @staticmethod
+    def _checked(inst, data: bytes) -> bytes:
         if hashlib.sha256(data).hexdigest() != inst.sha256:
-            log.error("instance %s does not match its ingest SHA-256; not sent", sop_uid)
-            raise IntegrityError(f"instance {sop_uid} failed its SHA-256 check")
-        return StoredInstance(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax, data)
+            log.error("instance %s does not match its ingest SHA-256; not sent", inst.sop_uid)
+            raise IntegrityError(f"instance {inst.sop_uid} failed its SHA-256 check")
+        return data
 
     def _bytes(self, inst, blob) -> bytes:
-        try:
-            if inst.staged_key is not None:
-                return self.blobs.get(inst.staged_key)
-            if blob.codec == "raw":
-                return self.blobs.get(blob.key)
-            if blob.codec == "zlib":
-                return zlib.decompress(self.blobs.get(blob.key))
+        with self._unreadable(inst, blob):
+            if inst.staged_key is not None or blob.codec not in header_pack.VOLUME_CODECS:
+                return self._whole(inst, blob)
             # headers first: the pack unpacks while the decoder processes work on the pixels
-            if blob.codec == header_pack.CODEC:
-                before, after = self._headers(blob.key)[inst.frame_start]
-            else:
-                before, after = inst.header_before, inst.header_after
+            before, after = self._header_parts(inst, blob)
             pixels = self._slices(blob, inst.frame_start, inst.frame_start + inst.frames)
             return join(before, pixels, after)
-        except (KeyError, zlib.error, models.CorruptBlobError, header_pack.HeaderPackError) as exc:
+
+    def _header_bytes(self, inst, blob) -> bytes:
+        with self._unreadable(inst, blob):
+            if inst.staged_key is not None or blob.codec not in header_pack.VOLUME_CODECS:
+                return self._whole(inst, blob)
+            return self._header_parts(inst, blob)[0]
+
+    def _whole(self, inst, blob) -> bytes:
+        """The bytes of an instance stored as received (staged, raw or deflated)."""
+        if inst.staged_key is not None:
+            return self.blobs.get(inst.staged_key)
+        if blob.codec == "raw":
+            return self.blobs.get(blob.key)
+        if blob.codec == "zlib":
+            return zlib.decompress(self.blobs.get(blob.key))
+        raise IntegrityError(f"instance {inst.sop_uid}: unknown codec {blob.codec!r}")
+
+    def _header_parts(self, inst, blob) -> tuple[bytes, bytes]:
+        if blob.codec == header_pack.CODEC:
+            return self._headers(blob.key)[inst.frame_start]
+        return inst.header_before, inst.header_after
+
+    @contextlib.contextmanager
+    def _unreadable(self, inst, blob):
+        """Stored data that cannot be read becomes an IntegrityError (or _Moved when its file
+        went away)."""
+        try:
+            yield
+        except (KeyError, zlib.error, models.CorruptBlobError,
+                header_pack.HeaderPackError) as exc:
             if isinstance(exc, KeyError) and not self.blobs.exists(inst.staged_key or blob.key):
                 raise _Moved() from exc
-            raise IntegrityError(f"instance {inst.sop_uid}: stored data unreadable ({exc})") from exc
+            raise IntegrityError(
+                f"instance {inst.sop_uid}: stored data unreadable ({exc})") from exc
 
     def _headers(self, key: str) -> dict:
         """The unpacked header pack of blob ``key`` (the last few are kept)."""

@@ -74,6 +74,7 @@ def test_wado_rs_answers_an_error_when_the_first_instance_fails(admin_site, tmp_
     def gone(uid):
         raise InstanceNotFoundError(uid)
     monkeypatch.setattr(node.archive, "retrieve", gone)     # deleted after it was found
+    monkeypatch.setattr(node.archive, "header", gone)
     assert http_get(instance)[0] == 404
     assert http_get(f"{instance}/metadata")[0] == 404
 
@@ -94,6 +95,44 @@ def test_wado_rs_cuts_the_transfer_off_when_a_later_instance_fails(admin_site, t
     finally:
         conn.close()
     assert http_get(f"{study}/metadata")[0] == 500      # not 200 with 2 of 3 instances
+
+
+def test_metadata_of_compressed_instances_decodes_no_pixels(admin_site, tmp_path,
+                                                              monkeypatch):
+    node, admin = admin_site
+    series = make_series(4, 16, 16, seed=33)
+    _store(node, tmp_path, series)
+    study = f"{admin.url}/dicom-web/studies/{series[0].StudyInstanceUID}"
+    staged = _json_of(f"{study}/metadata")
+    assert node.archive.compact(stable_age=0) == (1, 0)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("metadata decoded pixels")
+    monkeypatch.setattr("models.decode_slices", no_decoding)
+    monkeypatch.setattr("models.decode_stream", no_decoding)
+    coded = _json_of(f"{study}/metadata")
+    by_uid = {m["00080018"]["Value"][0]: m for m in staged}
+    assert len(coded) == 4 and all(m == by_uid[m["00080018"]["Value"][0]] for m in coded)
+    blob = node.archive.blobs.path(_blob_key(node, series[0].SOPInstanceUID))  # header pack
+    raw = bytearray(blob.read_bytes())
+    raw[20] ^= 0xFF
+    blob.write_bytes(bytes(raw))
+    node.archive.reconstructor._header_packs.clear()
+    status, body = http_get(f"{study}/metadata")
+    assert status == 500 and b"unreadable" in body
+
+
+def _json_of(url: str):
+    status, body = http_get(url)
+    assert status == 200
+    return json.loads(body)
+
+
+def _blob_key(node, sop_uid: str) -> str:
+    from storage.index import Blob
+    with node.archive.index.read() as s:
+        return s.scalar(select(Blob.key).join(Instance, Instance.blob_fk == Blob.id)
+                        .where(Instance.sop_uid == sop_uid))
 
 
 # --- 2. UIDs are UIDs, not C-FIND patterns -----------------------------------------------------
