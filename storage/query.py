@@ -2,8 +2,10 @@
 
 Matching (PS3.4 C.2.2.2): an empty key is universal; ``\\``-separated values are a list (UID list
 matching); ``*`` and ``?`` are wildcards; DA/TM/DT keys take ``a-b``, ``-b`` and ``a-`` ranges;
-anything else is a single value. Comparison is case-sensitive except for person names. Unique keys
-are also pushed down into SQL so a query for one series never loads the archive.
+anything else is a single value. Comparison is case-sensitive except for person names. What SQL
+can narrow (single values, lists, wildcards as LIKE, digit ranges; not person names or integers)
+is pushed down into the query, only the attribute columns are read, and every record is matched
+again in Python, so the database only has to let through a superset.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 from collections import defaultdict
 
 from pydicom.datadict import dictionary_VR
-from sqlalchemy import distinct, exists, func, select
+from sqlalchemy import and_, distinct, exists, func, or_, select, true
 
 from storage.index import Index, Instance, Patient, Series, Study
 
@@ -39,7 +41,6 @@ COMPUTED = {
     "NumberOfStudyRelatedInstances": "STUDY", "ModalitiesInStudy": "STUDY",
     "SOPClassesInStudy": "STUDY", "NumberOfSeriesRelatedInstances": "SERIES",
 }
-_UNIQUE = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"}
 
 
 def _has_wildcard(pattern: str) -> bool:
@@ -73,9 +74,22 @@ def matches(value, pattern: str, keyword: str) -> bool:
     return any(_match_one("" if v is None else str(v), pattern, vr) for v in values)
 
 
-def _statement(level: str, criteria: dict):
+_INTEGER = {"InstanceNumber", "NumberOfFrames"}   # matched on their text, in Python only
+
+
+def _columns(level: str) -> list:
+    """The selected columns of a query at ``level``: each level's id (labelled ``<LEVEL>``) and
+    the attributes of that level and above (labelled by keyword); never a header's bytes."""
     chain = LEVELS[:LEVELS.index(level) + 1]
-    stmt = select(*[_LEVEL_ENTITY[lv] for lv in chain]).select_from(Patient)
+    cols = [_LEVEL_ENTITY[lv].id.label(lv) for lv in chain]
+    cols += [getattr(_LEVEL_ENTITY[lv], attr).label(kw)
+             for kw, (lv, attr) in ATTRIBUTES.items() if lv in chain]
+    return cols
+
+
+def _statement(level: str, criteria: dict, dialect: str = "sqlite"):
+    chain = LEVELS[:LEVELS.index(level) + 1]
+    stmt = select(*_columns(level)).select_from(Patient)
     if "STUDY" in chain:
         stmt = stmt.join(Study, Study.patient_fk == Patient.id)
     if "SERIES" in chain:
@@ -84,11 +98,38 @@ def _statement(level: str, criteria: dict):
         stmt = stmt.join(Instance, Instance.series_fk == Series.id)
     for keyword, pattern in criteria.items():
         spec = ATTRIBUTES.get(keyword)
-        if spec and spec[0] in chain and (keyword in _UNIQUE or keyword == "PatientID") \
-                and pattern and not _has_wildcard(pattern):
-            column = getattr(_LEVEL_ENTITY[spec[0]], spec[1])
-            stmt = stmt.where(column.in_(pattern.split("\\")))
+        if spec and spec[0] in chain and pattern and keyword not in _INTEGER:
+            condition = _sql_condition(getattr(_LEVEL_ENTITY[spec[0]], spec[1]), keyword,
+                                       pattern, dialect)
+            if condition is not None:
+                stmt = stmt.where(condition)
     return stmt
+
+
+def _sql_condition(column, keyword: str, pattern: str, dialect: str):
+    """A SQL condition that every value matching ``pattern`` meets (it may let through more:
+    each record is matched again in Python), or None when the pattern cannot be narrowed."""
+    parts = pattern.split("\\")
+    if len(parts) > 1:
+        conditions = [_sql_condition(column, keyword, p, dialect) for p in parts]
+        return None if any(c is None for c in conditions) else or_(*conditions)
+    try:
+        vr = dictionary_VR(keyword)
+    except KeyError:
+        vr = "LO"
+    if vr == "PN" or pattern.strip("*") == "":
+        return None                         # case-folding differs; universal
+    if vr in ("DA", "TM", "DT") and "-" in pattern:
+        low, _, high = pattern.partition("-")
+        if not (low + high).isdigit():
+            return None
+        text = column.collate("C") if dialect == "postgresql" else column
+        return and_(text >= low if low else true(),
+                    func.substr(text, 1, len(high)) <= high if high else true())
+    if _has_wildcard(pattern):
+        escaped = "".join("\\" + c if c in "%_\\" else c for c in pattern)
+        return column.like(escaped.replace("*", "%").replace("?", "_"), escape="\\")
+    return column == pattern
 
 
 # Computed attributes by the aggregate that gives them: (level, keywords, statement builder).
@@ -155,13 +196,8 @@ def _computed(session, level: str, ids: list[int]) -> dict:
 
 
 def _record(row) -> dict:
-    record = {}
-    for keyword, (level, attr) in ATTRIBUTES.items():
-        entity = _LEVEL_ENTITY[level]
-        obj = next((o for o in row if isinstance(o, entity)), None)
-        if obj is not None:
-            record[keyword] = getattr(obj, attr)
-    return record
+    ids = row._mapping
+    return {kw: ids[kw] for kw in ATTRIBUTES if kw in ids}
 
 
 def find(index: Index, level: str, criteria: dict[str, str]) -> list[dict]:
@@ -184,16 +220,16 @@ def find(index: Index, level: str, criteria: dict[str, str]) -> list[dict]:
     if level not in LEVELS:
         raise ValueError(f"unknown query level {level!r}")
     with index.read() as session:
-        rows = session.execute(_statement(level, criteria)).all()
+        rows = session.execute(_statement(level, criteria, index.engine.dialect.name)).all()
         # the stored attributes first: the computed ones are counted for what still matches
         matched = [(row, record) for row, record in ((row, _record(row)) for row in rows)
                    if _matching(record, criteria)]
         for lv in {COMPUTED[k] for k in criteria if k in COMPUTED} \
                 & set(LEVELS[:LEVELS.index(level) + 1]):
             pos = LEVELS.index(lv)
-            computed = _computed(session, lv, sorted({row[pos].id for row, _ in matched}))
+            computed = _computed(session, lv, sorted({row[pos] for row, _ in matched}))
             for row, record in matched:
-                record.update(computed.get(row[pos].id, {}))
+                record.update(computed.get(row[pos], {}))
     return [record for _, record in matched if _matching(record, criteria)]
 
 
