@@ -6,6 +6,7 @@ every level are answered by :func:`storage.query.find` and by a reference that r
 and matches in Python only. Runs on SQLite and, when configured, on PostgreSQL.
 """
 
+import json
 import random
 
 from sqlalchemy import select
@@ -124,3 +125,16 @@ def test_pushed_down_matching_answers_as_python_matching_does(archive):  # noqa:
         assert found == expected, (level, criteria)
         narrowed += len(expected) < len(everything[level])
     assert narrowed > 100        # the queries do select, not only return everything
+
+
+def test_bench_query_fills_an_index_and_times_the_viewers_queries(tmp_path, capsys):
+    from service.cli import main
+    out = tmp_path / "q.json"
+    assert main(["bench-query", "--studies", "12", "--series-per-study", "3",
+                 "--instances-per-series", "5", "--runs", "1", "--json", str(out)]) == 0
+    rows = {r["query"]: r for r in json.loads(out.read_text())}
+    assert rows["series of one study"]["results"] == 3
+    assert rows["instances of one series"]["results"] == 5
+    assert rows["one instance by UID, no higher keys"]["results"] == 1
+    assert all(r["median_ms"] > 0 for r in rows.values())
+    assert "| worklist (study dates, modalities, counts) | STUDY |" in capsys.readouterr().out
