@@ -326,7 +326,8 @@ def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int, ban
         firsts = list(itertools.islice(jobs, bands))
         futures = [parallel.submit(_decode_group_split, (job, shm.name, split, flags))
                    for job in firsts]
-        rest = parallel.imap(_decode_group, jobs, window=max(1, window - bands))
+        rest = parallel.imap(_decode_group, jobs, window=max(1, window - bands),
+                             first_rank=bands)
 
         def published() -> bool:
             return all(shm.buf[b] for b in range(bands))

@@ -9,6 +9,7 @@ result is the same whatever the split (the tests decode with and without workers
 from __future__ import annotations
 
 import atexit
+import heapq
 import itertools
 import logging
 import multiprocessing
@@ -17,7 +18,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 log = logging.getLogger(__name__)
@@ -118,16 +119,18 @@ def await_workers(get_pool, job, workers: int, timeout: float) -> set[int]:
     return seen
 
 
-def imap(fn, jobs, window: int = 4):
+def imap(fn, jobs, window: int = 4, first_rank: int = 0):
     """``fn(job)`` for each job, yielded in order as soon as each is done, with at most
     ``window`` jobs submitted ahead of the consumer. ``jobs`` may be an iterator: a job is taken
     from it only when it is submitted, so neither the jobs nor the results pile up (bounded
     memory for long streams). The first ``window`` jobs are submitted at once, before the
-    first result is asked for. Runs in this process when the pool cannot (for example a script
-    without a ``__main__`` guard under the spawn method); closing the generator cancels what
-    has not started."""
-    jobs = iter(jobs)
-    pending = deque((job, submit(fn, job)) for job in itertools.islice(jobs, window))
+    first result is asked for. The k-th job is submitted with rank ``first_rank + k`` (see
+    :func:`submit`). Runs in this process when the pool cannot (for example a script without
+    a ``__main__`` guard under the spawn method); closing the generator cancels what has not
+    started."""
+    jobs = enumerate(jobs, first_rank)
+    pending = deque((job, submit(fn, job, rank))
+                    for rank, job in itertools.islice(jobs, window))
     return _drain(fn, jobs, pending)
 
 
@@ -145,26 +148,96 @@ def _drain(fn, jobs, pending: deque):
                     _give_up(exc)
                     break
             pending.popleft()
-            for more in itertools.islice(jobs, 1):
-                pending.append((more, submit(fn, more)))
+            for rank, more in itertools.islice(jobs, 1):
+                pending.append((more, submit(fn, more, rank)))
             yield result
     finally:
         for _, future in pending:
             if future is not None:
                 future.cancel()
-    for job in itertools.chain([job for job, _ in pending], jobs):   # the pool broke
-        yield fn(job)
+    for job in itertools.chain([job for job, _ in pending], (job for _, job in jobs)):
+        yield fn(job)       # the pool broke
 
 
-def submit(fn, job):
-    """A future of ``fn(job)`` on the worker pool; None when there is no pool to run it."""
+class _Scheduler:
+    """Hands jobs to the worker pool no faster than its workers take them, lowest rank first.
+
+    The pool's own queue is first come, first served: a retrieval starting while another
+    streams a series waited behind every job the other had queued (its first image after
+    1.2-1.3 s instead of 0.3). Here a stream's k-th job has rank k, so a new stream's first
+    jobs go before the later jobs of one that has run a while (least attained service), and
+    jobs of equal rank go in the order they came.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._heap: list = []
+        self._busy = 0
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn, job, rank: int) -> Future:
+        outer: Future = Future()
+        with self._cond:
+            heapq.heappush(self._heap, (rank, next(self._seq), fn, job, outer))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._dispatch, daemon=True,
+                                                name="voxarc-worker-dispatch")
+                self._thread.start()
+            self._cond.notify_all()
+        return outer
+
+    def fail_waiting(self, exc: BaseException) -> None:
+        """Fail every job not yet handed to the pool (the pool is gone)."""
+        with self._cond:
+            waiting, self._heap = self._heap, []
+        for *_, outer in waiting:
+            if outer.set_running_or_notify_cancel():
+                outer.set_exception(exc)
+
+    def _dispatch(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._busy >= worker_count():
+                    self._cond.wait()
+                *_, fn, job, outer = heapq.heappop(self._heap)
+                if not outer.set_running_or_notify_cancel():
+                    continue                      # cancelled while it waited
+                self._busy += 1
+            try:
+                inner = pool().submit(fn, job)
+            except (BrokenProcessPool, RuntimeError, OSError) as exc:
+                self._finished(None, outer, exc)
+                continue
+            inner.add_done_callback(lambda f, outer=outer: self._finished(f, outer))
+
+    def _finished(self, inner, outer: Future, exc: BaseException | None = None) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._cond.notify_all()
+        if inner is not None:
+            exc = inner.exception() if not inner.cancelled() else RuntimeError("cancelled")
+        if exc is not None:
+            outer.set_exception(exc)
+        else:
+            outer.set_result(inner.result())
+
+
+_SCHEDULER = _Scheduler()
+
+
+def submit(fn, job, rank: int = 0):
+    """A future of ``fn(job)`` on the worker pool; None when there is no pool to run it.
+    Jobs wait in this process until a worker is free and then go lowest ``rank`` first (see
+    :class:`_Scheduler`)."""
     if worker_count() <= 1:
         return None
     try:
-        return pool().submit(fn, job)
+        pool()
     except (BrokenProcessPool, RuntimeError, OSError) as exc:
         _give_up(exc)
         return None
+    return _SCHEDULER.submit(fn, job, rank)
 
 
 def _give_up(exc) -> None:
@@ -200,3 +273,4 @@ def shutdown() -> None:
     if _POOL is not None:
         _POOL.shutdown(wait=False, cancel_futures=True)
         _POOL = None
+    _SCHEDULER.fail_waiting(RuntimeError("the worker pool was shut down"))

@@ -287,6 +287,32 @@ def test_parallel_imap_keeps_order_and_a_bounded_window(monkeypatch):
     closed.close()                       # a consumer that stops early cancels the rest
 
 
+def test_a_new_streams_first_job_goes_before_an_older_streams_later_ones(monkeypatch):
+    """Two retrievals at once: the second one's first slab is decoded as soon as a worker is
+    free, not after every job the first had queued."""
+    import time
+
+    from models import parallel
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    parallel.warm()
+    done = {}
+
+    def stamp(name):
+        return lambda future: done.setdefault(name, time.monotonic())
+    older = [parallel.submit(time.sleep, 0.3, rank) for rank in range(8)]
+    for k, future in enumerate(older):
+        future.add_done_callback(stamp(f"older {k}"))
+    time.sleep(0.1)
+    newer = parallel.submit(time.sleep, 0.3, 0)
+    newer.add_done_callback(stamp("newer"))
+    newer.result()
+    for future in older:
+        future.result()
+    assert done["newer"] < done["older 3"], done
+    with_rank = sorted(done, key=done.get)
+    assert with_rank.index("newer") <= 3, with_rank
+
+
 def test_adapted_model_travels_in_the_blob_and_decodes_exactly(monkeypatch):
     from models import adapt
     monkeypatch.setattr(adapt, "ADAPT_STEPS", (5, 5))
@@ -576,7 +602,7 @@ def test_parallel_imap_finishes_in_this_process_when_the_pool_breaks(monkeypatch
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
     submitted = []
 
-    def submit(fn, job):      # the pool answers the first two jobs, then breaks
+    def submit(fn, job, rank=0):      # the pool answers the first two jobs, then breaks
         if parallel._BROKEN:
             return None
         future = Future()
