@@ -13,6 +13,7 @@ import logging
 import threading
 import zlib
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -50,6 +51,7 @@ class SlabCache:
         self.max_bytes, self.used = max_bytes, 0
         self._items: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        self._loading: dict = {}       # key -> Future of the load in progress
 
     def peek(self, key):
         """Return the cached value of ``key`` (most recently used now) or None."""
@@ -76,12 +78,30 @@ class SlabCache:
                 self.used -= evicted.nbytes
 
     def get(self, key, load):
-        """Return the cached value of ``key`` or ``load()`` it (and cache it when it fits)."""
+        """Return the cached value of ``key`` or ``load()`` it (and cache it when it fits).
+        Concurrent callers missing the same key share one load: a viewer asking for the
+        frames of several instances of one slab at once decodes that slab once."""
         value = self.peek(key)
-        if value is None:
+        if value is not None:
+            return value
+        with self._lock:
+            loading = self._loading.get(key)
+            mine = loading is None
+            if mine:
+                loading = self._loading[key] = Future()
+        if not mine:
+            return loading.result()
+        try:
             value = load()
             self.put(key, value)
-        return value
+            loading.set_result(value)
+            return value
+        except BaseException as exc:
+            loading.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(key, None)
 
 
 @dataclass

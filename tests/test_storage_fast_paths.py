@@ -4,6 +4,7 @@ stacks: same guarantees as the one-at-a-time paths (durable before success, byte
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import models
@@ -87,6 +88,42 @@ def test_planned_retrieval_is_slab_ordered_and_exact(archive, monkeypatch):
     prefetch.thread.join(30)
     assert not prefetch.thread.is_alive()
     assert on_demand == []    # every slab came from the plan, the first one in two pieces
+
+
+def test_concurrent_retrievals_of_one_slab_decode_it_once(archive, monkeypatch):
+    """A web viewer asks for the frames of several instances of one slab at once (no plan):
+    each slab is decoded once, not once per request."""
+    from concurrent.futures import ThreadPoolExecutor
+    series = make_series(16, 12, 10, seed=7)                # 2 slabs of 8 slices
+    sent = _store_and_compact(archive, series)
+    archive.reconstructor = Reconstructor(archive.index, archive.blobs, 1 << 20)   # cold cache
+    decoded, decode_slices = [], models.decode_slices
+
+    def slow(*args):
+        decoded.append(args[1:])
+        time.sleep(0.2)                   # long enough for every request to miss the cache
+        return decode_slices(*args)
+    monkeypatch.setattr(models, "decode_slices", slow)
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(zip(sent, pool.map(lambda u: archive.retrieve(u).data, list(sent))))
+    assert got == sent
+    assert sorted(decoded) == [(0, 8), (8, 16)]
+
+
+def test_a_failed_shared_load_fails_every_waiter_and_the_next_call_loads_again():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage.reconstruct import SlabCache
+    cache, calls = SlabCache(1 << 20), []
+
+    def failing():
+        calls.append(1)
+        time.sleep(0.2)
+        raise ValueError("damaged")
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(cache.get, "k", failing) for _ in range(4)]
+    assert all(isinstance(f.exception(), ValueError) for f in futures) and len(calls) == 1
+    assert cache.get("k", lambda: np.zeros(3)).tolist() == [0, 0, 0]
 
 
 def test_retrieval_works_when_the_cache_cannot_hold_a_slab(archive):
