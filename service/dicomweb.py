@@ -12,8 +12,10 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
 - WADO-RS ``GET /studies/{study}``, ``.../series/{series}``, ``.../instances/{sop}``:
   ``multipart/related; type="application/dicom"``, one Part 10 file per instance, its dataset
   byte for byte as received (rebuilt and SHA-256 checked). Each part names its transfer syntax:
-  instances go out as stored, never transcoded, so an instance received compressed or in
-  implicit VR comes back so (``transfer-syntax=*`` in the standard's terms). No instance is
+  instances go out as stored unless ``Accept`` names syntaxes (service.dicomweb_accept: then
+  an Implicit VR or deflated instance may go out re-encoded as Explicit VR Little Endian, and
+  one that cannot be sent in a named syntax makes the answer a 406 before anything is sent;
+  nothing is decompressed). No instance is
   skipped: when the first cannot be rebuilt the answer is 500 (failed its SHA-256 check) or 404
   (gone); when a later one cannot, the transfer is cut off before its end, so the client sees
   a failed transfer rather than a complete multipart that lacks an instance.
@@ -58,6 +60,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from service.dicomweb_accept import NotAcceptable, accepted_syntaxes, part10_in, syntax_for
 from service.identifiers import known_keyword
 from service.preview import PreviewError, render_png
 from storage.errors import InstanceNotFoundError, StorageError
@@ -340,9 +343,9 @@ _PATH_KEYS = (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
               ("sop", "SOPInstanceUID"))
 
 
-def _part10(inst) -> tuple[str, bytes]:
-    return (f"application/dicom; transfer-syntax={inst.transfer_syntax}",
-            build_file(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data))
+def _part10(inst, syntax: str) -> tuple[str, bytes]:
+    return (f"application/dicom; transfer-syntax={syntax}",
+            part10_in(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data, syntax))
 
 
 class DicomWeb:
@@ -440,18 +443,28 @@ class DicomWeb:
         return endpoint
 
     def retrieve(self, request: Request) -> Response:
-        """WADO-RS: the Part 10 files of a study, series or instance. The first is rebuilt
-        before the answer starts, so that its failure is an error status."""
+        """WADO-RS: the Part 10 files of a study, series or instance, each in its stored syntax
+        unless ``Accept`` names others (service.dicomweb_accept: 406 when an instance cannot be
+        sent in one). The first is rebuilt before the answer starts, so that its failure is an
+        error status."""
         uids = self.instances_of(request.path_params)
         if not uids:
             return JSONResponse({"error": "nothing matches"}, status_code=404)
+        try:
+            allowed = accepted_syntaxes(request.headers.get("accept"))
+            syntax = {uid: syntax_for(ts, allowed)
+                      for uid, (_, ts) in self.archive.instance_formats(uids).items()}
+        except NotAcceptable as exc:
+            log.warning("WADO-RS %s: 406 (%s)", request.url.path, exc)
+            return JSONResponse({"error": str(exc)}, status_code=406)
         log.info("WADO-RS %s: %d instances", request.url.path, len(uids))
         instances = self.rebuilt(uids)
         try:
             first = next(instances)
         except StorageError as exc:
             return _failed(exc).response()
-        parts = (_part10(inst) for inst in itertools.chain([first], instances))
+        parts = (_part10(inst, syntax.get(inst.sop_uid, inst.transfer_syntax))
+                 for inst in itertools.chain([first], instances))
         return _multipart(parts, "application/dicom", f"WADO-RS {request.url.path}")
 
     def metadata(self, request: Request) -> Response:
@@ -557,12 +570,16 @@ class DicomWeb:
         except _BadRequest as exc:
             return _bad_request(str(exc))
         if kind == "application/dicom":
+            asked = q.get("transferSyntax")
             try:
                 inst = self.one(params)
+                syntax = syntax_for(inst.transfer_syntax, {asked} if asked else None)
             except _NotServed as exc:
                 return exc.response()
-            return Response(build_file(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax,
-                                       inst.data), media_type="application/dicom")
+            except NotAcceptable as exc:
+                return JSONResponse({"error": str(exc)}, status_code=406)
+            return Response(part10_in(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax,
+                                      inst.data, syntax), media_type="application/dicom")
         if kind is None:
             return JSONResponse({"error": f"contentType {q.get('contentType')} is not offered"},
                                 status_code=406)

@@ -39,10 +39,11 @@ def _value(item: dict, tag: str):
     return item[tag]["Value"][0] if "Value" in item.get(tag, {}) else None
 
 
-def _multipart(url: str) -> list[tuple[str, bytes]]:
+def _multipart(url: str, accept: str = "") -> list[tuple[str, bytes]]:
     """GET a multipart/related response; return its (content type, body) parts."""
     import urllib.request
-    with urllib.request.urlopen(url, timeout=120) as response:
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=120) as response:
         ctype, body = response.headers["Content-Type"], response.read()
     boundary = re.search(r"boundary=([^;\s]+)", ctype).group(1).encode()
     parts = []

@@ -1,0 +1,100 @@
+"""DICOMweb content negotiation: which transfer syntaxes a client's ``Accept`` header allows for
+instances, and the one conversion the node makes to honour it.
+
+The node sends every instance in the syntax it was received in. A client that names no syntax
+(no ``transfer-syntax`` parameter, ``transfer-syntax=*``, ``*/*`` or no ``Accept``) gets exactly
+that. A client that names syntaxes explicitly gets one of them or a 406 (PS3.18 8.7.3.5), with
+one lossless conversion: an instance received in Implicit VR Little Endian or Deflated Explicit
+VR Little Endian is re-encoded as Explicit VR Little Endian, the syntax DICOMweb clients (and
+PS3.18's defaults) expect. Nothing is decompressed or byte-swapped.
+"""
+
+from __future__ import annotations
+
+import io
+
+from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, \
+    ImplicitVRLittleEndian
+
+from storage.part10 import build_file
+
+CONVERTIBLE = {ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
+
+
+class NotAcceptable(ValueError):
+    """The client's Accept header allows no syntax the node can send an instance in."""
+
+
+def _params(entry: str) -> tuple[str, dict]:
+    kind, *rest = [p.strip() for p in entry.split(";")]
+    params = {}
+    for item in rest:
+        name, _, value = item.partition("=")
+        params[name.strip().lower()] = value.strip().strip('"')
+    return kind.lower(), params
+
+
+def accepted_syntaxes(accept: str | None, part_type: str = "application/dicom"
+                      ) -> set[str] | None:
+    """The transfer syntaxes ``accept`` allows for parts of ``part_type``; None when it allows
+    any (no syntax named, ``*``, a wildcard type, or no header).
+
+    Raises
+    ------
+    NotAcceptable
+        Every entry (with q > 0) asks for another media type.
+    """
+    if not accept or not accept.strip():
+        return None
+    named: set[str] = set()
+    offered = False
+    for entry in accept.split(","):
+        kind, params = _params(entry)
+        try:
+            if float(params.get("q", "1")) <= 0:
+                continue
+        except ValueError:
+            continue
+        inner = params.get("type", "").lower()
+        if kind in ("*/*", "multipart/*") or (kind == "multipart/related" and not inner):
+            return None
+        if part_type not in (kind, inner):
+            continue
+        offered = True
+        syntax = params.get("transfer-syntax", "")
+        if syntax in ("", "*"):
+            return None
+        named.add(syntax)
+    if not offered:
+        raise NotAcceptable(f"the Accept header offers no {part_type}")
+    return named
+
+
+def syntax_for(stored: str, allowed: set[str] | None) -> str:
+    """The syntax an instance stored in ``stored`` goes out in under ``allowed``.
+
+    Raises
+    ------
+    NotAcceptable
+        It cannot be sent in any allowed syntax.
+    """
+    if allowed is None or stored in allowed:
+        return stored
+    if ExplicitVRLittleEndian in allowed and stored in CONVERTIBLE:
+        return ExplicitVRLittleEndian
+    raise NotAcceptable(f"stored in {stored}; asked for {', '.join(sorted(allowed))} "
+                        "(instances are not decompressed)")
+
+
+def part10_in(sop_class_uid: str, sop_uid: str, stored: str, data: bytes, syntax: str) -> bytes:
+    """The Part 10 file of a dataset received in ``stored``, in ``syntax`` (one that
+    :func:`syntax_for` chose: the stored one, or Explicit VR Little Endian)."""
+    part10 = build_file(sop_class_uid, sop_uid, stored, data)
+    if syntax == stored:
+        return part10
+    ds = dcmread(io.BytesIO(part10))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    return out.getvalue()

@@ -1,0 +1,94 @@
+"""DICOMweb content negotiation (service.dicomweb_accept): instances go out as stored unless
+the client names transfer syntaxes; then one of those, Implicit VR re-encoded as Explicit VR
+Little Endian, or 406."""
+
+import io
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from admin_helpers import admin_site, http_get, http_token  # noqa: F401
+from node_helpers import bundled, dataset_bytes, make_series
+from storage.dataset_parts import parse_dataset
+from scu_helpers import store_bytes
+from service.dicomweb_accept import NotAcceptable, accepted_syntaxes, syntax_for
+from test_dicomweb import _multipart
+
+EXPLICIT = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'
+
+
+def test_accept_headers_name_syntaxes_or_leave_them_open():
+    assert accepted_syntaxes(None) is None and accepted_syntaxes("*/*") is None
+    assert accepted_syntaxes('multipart/related; type="application/dicom"') is None
+    assert accepted_syntaxes(
+        'multipart/related; type="application/dicom"; transfer-syntax=*') is None
+    assert accepted_syntaxes(EXPLICIT) == {ExplicitVRLittleEndian}
+    assert accepted_syntaxes(
+        f'{EXPLICIT}, multipart/related; type=application/dicom; '
+        'transfer-syntax=1.2.840.10008.1.2.4.50; q=0.5') == \
+        {ExplicitVRLittleEndian, "1.2.840.10008.1.2.4.50"}
+    # an entry with q=0 is refused, not offered
+    assert accepted_syntaxes(f'{EXPLICIT}, multipart/related; type="application/dicom"; q=0') \
+        == {ExplicitVRLittleEndian}
+    with pytest.raises(NotAcceptable):
+        accepted_syntaxes("application/dicom+json")
+    assert syntax_for(ImplicitVRLittleEndian, {ExplicitVRLittleEndian}) == ExplicitVRLittleEndian
+    with pytest.raises(NotAcceptable):
+        syntax_for("1.2.840.10008.1.2.4.90", {ExplicitVRLittleEndian})
+
+
+def _store(node, tmp_path, datasets):
+    items = [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds)) for ds in datasets]
+    assert set(store_bytes(node.port, items, tmp_path)) == {0}
+
+
+def test_implicit_vr_instances_go_out_as_explicit_vr_when_asked(admin_site, tmp_path):
+    node, admin = admin_site
+    series = make_series(3, 16, 16, transfer_syntax=ImplicitVRLittleEndian, seed=41)
+    _store(node, tmp_path, series)
+    assert node.archive.compact(stable_age=0) == (1, 0)
+    url = f"{admin.url}/dicom-web/studies/{series[0].StudyInstanceUID}"
+    as_stored = {dcmread(io.BytesIO(b)).SOPInstanceUID: (c, b) for c, b in _multipart(url)}
+    asked = _multipart(url, EXPLICIT)
+    assert len(asked) == 3 and len(as_stored) == 3
+    for ctype, body in asked:
+        assert ctype == f"application/dicom; transfer-syntax={ExplicitVRLittleEndian}"
+        ds = dcmread(io.BytesIO(body))
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        stored_type, stored = as_stored[ds.SOPInstanceUID]
+        assert stored_type.endswith(ImplicitVRLittleEndian)
+        original = dcmread(io.BytesIO(stored))
+        assert [e.tag for e in ds] == [e.tag for e in original]
+        assert all(ds[e.tag].value == e.value for e in original if e.VR != "SQ")
+        np.testing.assert_array_equal(ds.pixel_array, original.pixel_array)
+    star = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    assert {dcmread(io.BytesIO(b)).SOPInstanceUID: b for _, b in _multipart(url, star)} == \
+        {uid: b for uid, (_, b) in as_stored.items()}          # '*': byte for byte as stored
+
+
+def test_a_syntax_the_node_cannot_make_is_a_406(admin_site, tmp_path):
+    node, admin = admin_site
+    ts, data = bundled("JPEG2000.dcm")
+    ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                  "SeriesInstanceUID"))
+    assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)],
+                       tmp_path) == [0]
+    study = f"{admin.url}/dicom-web/studies/{ds.StudyInstanceUID}"
+    for accept in (EXPLICIT, "application/dicom+json"):
+        request = urllib.request.Request(study, headers={"Accept": accept})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 406
+    ((ctype, _),) = _multipart(study, f'multipart/related; type="application/dicom"; '
+                                      f'transfer-syntax={ts}')
+    assert ctype.endswith(ts)
+    wado = (f"{admin.url}/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}"
+            f"&seriesUID={ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}"
+            f"&contentType=application/dicom")
+    assert http_get(f"{wado}&transferSyntax={ExplicitVRLittleEndian}")[0] == 406
+    status, body = http_get(wado)
+    assert status == 200 and dcmread(io.BytesIO(body)).file_meta.TransferSyntaxUID == ts
