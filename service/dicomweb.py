@@ -54,8 +54,10 @@ import uuid
 
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.encaps import get_frame
-from pydicom.uid import UID
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -219,6 +221,7 @@ def _uids_checked(endpoint):
 
 
 # media types of compressed frames (PS3.18, bulk data of each transfer syntax)
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 _FRAME_MEDIA = {
     "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
     "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
@@ -267,24 +270,60 @@ def frame_data(inst, wanted: list[int]):
     return "application/octet-stream", (view[(n - 1) * size:n * size] for n in wanted)
 
 
-def json_dataset(ds: Dataset, raw_tags: set) -> dict:
+def json_dataset(ds: Dataset, raw_tags: set, memo: dict | None = None) -> dict:
     """``ds`` as DICOM JSON, element by element: an element pydicom cannot convert (a malformed
     DS or IS, say) keeps its VR and goes as its raw bytes in InlineBinary; its tag is added to
-    ``raw_tags``."""
+    ``raw_tags``. ``memo``: conversions of raw elements already seen, by tag, VR and bytes,
+    shared by datasets of one encoding and character set (the instances of a series repeat
+    most of their header)."""
     out = {}
     for tag in ds.keys():
         raw = ds.get_item(tag)          # before conversion: the bytes as received
-        try:
-            elem = ds[tag]
-            if elem.VR == "SQ":
-                value = {"vr": "SQ", "Value": [json_dataset(i, raw_tags) for i in elem.value]}
-            else:
-                value = elem.to_json_dict(None, 1024)     # small binary values inline, base64
-        except Exception:
-            value = _inline(tag, raw)
+        key = (tag, raw.VR, raw.value) if memo is not None and _memoizable(raw) else None
+        known = memo.get(key) if key is not None else None
+        if known is None:
+            known = _json_element(ds, tag, raw, memo)
+            if key is not None:
+                memo[key] = known
+        value, failed = known
+        if failed:
             raw_tags.add(f"{tag:08X}")
         out[f"{tag:08X}"] = value
     return out
+
+
+def _memoizable(raw) -> bool:
+    """Whether a raw element's JSON follows from its tag, VR and bytes alone: not when its VR
+    is implicit and depends on the dataset (US or SS by Pixel Representation) or on a private
+    creator."""
+    if not isinstance(raw, RawDataElement) or not isinstance(raw.value, (bytes, type(None))):
+        return False
+    return raw.VR is not None or (raw.tag.group % 2 == 0 and " or " not in _dictionary_vr(raw.tag))
+
+
+def _json_element(ds: Dataset, tag, raw, memo) -> tuple[dict, bool]:
+    """(DICOM JSON of one element, whether it went as InlineBinary)."""
+    try:
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            items, failed = [], set()
+            for item in elem.value:
+                items.append(json_dataset(item, failed, memo))
+            return {"vr": "SQ", "Value": items}, bool(failed)
+        return elem.to_json_dict(None, 1024), False     # small binary values inline, base64
+    except Exception:
+        return _inline(tag, raw), True
+
+
+def header_dataset(transfer_syntax: str, data: bytes) -> Dataset:
+    """The elements of a dataset's bytes before its pixel data (``data`` may end there, as a
+    compressed instance's stored header does)."""
+    ts = UID(transfer_syntax)
+    if ts == DeflatedExplicitVRLittleEndian or not ts.is_transfer_syntax:
+        return dcmread(io.BytesIO(build_file("1.2.3", "1.2.3", ts, data)),
+                       stop_before_pixels=True)
+    return read_dataset(io.BytesIO(data), ts.is_implicit_VR, ts.is_little_endian,
+                        stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS)
 
 
 def _inline(tag, elem) -> dict:
@@ -298,8 +337,13 @@ def _inline(tag, elem) -> dict:
 
 
 def _vr_of(tag) -> str:
+    return _dictionary_vr(tag).split(" or ")[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def _dictionary_vr(tag) -> str:
     try:
-        return dictionary_VR(tag).split(" or ")[0]
+        return dictionary_VR(tag)
     except KeyError:
         return "UN"
 
@@ -473,11 +517,11 @@ class DicomWeb:
         uids = self.instances_of(request.path_params)
         if not uids:
             return JSONResponse({"error": "nothing matches"}, status_code=404)
-        base, raw_tags = _base(request), set()
+        base, raw_tags, memos = _base(request), set(), {}
         out = []
         for uid in uids:
             try:
-                out.append(self._metadata_of(self.archive.header(uid), base, raw_tags))
+                out.append(self._metadata_of(self.archive.header(uid), base, raw_tags, memos))
             except StorageError as exc:
                 log.error("DICOMweb metadata: instance %s not read: %s", uid, exc)
                 return _failed(exc).response()
@@ -488,12 +532,12 @@ class DicomWeb:
         return JSONResponse(out, media_type=DICOM_JSON, headers=headers)
 
     @staticmethod
-    def _metadata_of(inst, base: str, raw_tags: set) -> dict:
-        ds = dcmread(io.BytesIO(build_file(inst.sop_class_uid, inst.sop_uid,
-                                           inst.transfer_syntax, inst.data)),
-                     stop_before_pixels=True)
+    def _metadata_of(inst, base: str, raw_tags: set, memos: dict) -> dict:
+        ds = header_dataset(inst.transfer_syntax, inst.data)
+        charset = ds.get_item(0x00080005)
+        memo = memos.setdefault((inst.transfer_syntax, getattr(charset, "value", None)), {})
         mine = set()
-        item = json_dataset(ds, mine)
+        item = json_dataset(ds, mine, memo)
         if mine:
             log.warning("DICOMweb metadata of %s: %s sent as InlineBinary (not convertible)",
                         inst.sop_uid, ", ".join(sorted(mine)))
