@@ -409,3 +409,20 @@ def test_qido_uid_lists_with_commas(admin_site, tmp_path):
     assert sorted(s["0020000D"]["Value"][0] for s in json.loads(body)) == sorted([a, b])
     status, body = http_get(f"{admin.url}/dicom-web/studies?PatientID=PAT1,X")
     assert status == 200 and json.loads(body) == []          # only UIDs are lists so
+
+
+def test_metadata_converts_implicit_vr_elements_of_each_instance_on_its_own(admin_site, tmp_path):
+    """Repeated header elements are converted once per request, but not one whose implicit VR
+    depends on the instance: the same bytes are 65535 (US) in one and -1 (SS) in the other."""
+    from pydicom.uid import ImplicitVRLittleEndian
+    node, admin = admin_site
+    series = make_series(2, 8, 8, transfer_syntax=ImplicitVRLittleEndian, dtype="uint16",
+                         seed=34)
+    for ds, signed in zip(series, (0, 1)):
+        ds.PixelRepresentation = signed
+        ds.SmallestImagePixelValue = -1 if signed else 65535
+    _store(node, tmp_path, series)
+    meta = _json_of(f"{admin.url}/dicom-web/studies/{series[0].StudyInstanceUID}/metadata")
+    by_uid = {m["00080018"]["Value"][0]: m["00280106"] for m in meta}
+    assert by_uid[series[0].SOPInstanceUID] == {"vr": "US", "Value": [65535]}
+    assert by_uid[series[1].SOPInstanceUID] == {"vr": "SS", "Value": [-1]}
