@@ -216,7 +216,8 @@ class _Scheduler:
             self._busy -= 1
             self._cond.notify_all()
         if inner is not None:
-            exc = inner.exception() if not inner.cancelled() else RuntimeError("cancelled")
+            exc = BrokenProcessPool("the worker pool was shut down") if inner.cancelled() \
+                else inner.exception()
         if exc is not None:
             outer.set_exception(exc)
         else:
@@ -273,4 +274,4 @@ def shutdown() -> None:
     if _POOL is not None:
         _POOL.shutdown(wait=False, cancel_futures=True)
         _POOL = None
-    _SCHEDULER.fail_waiting(RuntimeError("the worker pool was shut down"))
+    _SCHEDULER.fail_waiting(BrokenProcessPool("the worker pool was shut down"))
