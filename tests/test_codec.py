@@ -313,6 +313,26 @@ def test_a_new_streams_first_job_goes_before_an_older_streams_later_ones(monkeyp
     assert with_rank.index("newer") <= 3, with_rank
 
 
+def test_jobs_waiting_for_a_worker_fail_when_the_pool_shuts_down(monkeypatch):
+    """None of them is left waiting for a worker that will never come."""
+    import time
+    from concurrent.futures.process import BrokenProcessPool
+
+    from models import parallel
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    parallel.warm()
+    futures = [parallel.submit(time.sleep, 0.3, rank) for rank in range(6)]
+    parallel.shutdown()
+    outcomes = []
+    for future in futures:
+        try:
+            outcomes.append(future.result(timeout=20))
+        except BrokenProcessPool:
+            outcomes.append("failed")
+    assert outcomes.count("failed") >= 4          # the two running may finish
+    parallel.warm()                               # a fresh pool for the tests after this one
+
+
 def test_adapted_model_travels_in_the_blob_and_decodes_exactly(monkeypatch):
     from models import adapt
     monkeypatch.setattr(adapt, "ADAPT_STEPS", (5, 5))
