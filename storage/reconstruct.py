@@ -428,7 +428,10 @@ class Reconstructor:
         parts = []
         for slab in range(start // step, (stop - 1) // step + 1):
             lo, hi = slab * step, min(depth, slab * step + step)
-            data = self._planned_slab((blob.key, slab), min(stop, hi) - lo)
+            need = min(stop, hi) - lo
+            data = self._planned_slab((blob.key, slab), need)
+            if data is None and self._plan_slab(blob.key, slab, lo, hi, need, step):
+                data = self._planned_slab((blob.key, slab), need)
             if data is None:
                 data = self.cache.get((blob.key, slab), lambda lo=lo, hi=hi: models.decode_slices(
                     self._coded(blob.key), lo, hi))
@@ -437,6 +440,20 @@ class Reconstructor:
                     self.cache.put((blob.key, slab), data)
             parts.append(data[max(start, lo) - lo:min(stop, hi) - lo])
         return np.concatenate(parts)
+
+    def _plan_slab(self, key: str, slab: int, lo: int, hi: int, need: int, step: int) -> bool:
+        """Start decoding one slab that no plan covers (a web viewer's frames, one instance at
+        a time), its first ``need`` slices handed over first, so that the instance asking goes
+        out before the rest of its slab is decoded and requests for the other instances of
+        the slab wait for the same decode; False when it is cached or planned already."""
+        with self._cond:
+            cached = self.cache.peek((key, slab))
+            if (cached is not None and len(cached) >= hi - lo) or (key, slab) in self._planned:
+                return False
+            prefetch = Prefetch(self, [_Step(key, step, lo, hi, need if need < hi - lo else 0)])
+            self._planned[(key, slab)] = prefetch
+        prefetch.thread.start()
+        return True
 
     def _planned_slab(self, key, need: int):
         """The cached slab ``key`` holding ``need`` slices, waiting for a prefetch decoding it;

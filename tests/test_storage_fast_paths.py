@@ -97,17 +97,43 @@ def test_concurrent_retrievals_of_one_slab_decode_it_once(archive, monkeypatch):
     series = make_series(16, 12, 10, seed=7)                # 2 slabs of 8 slices
     sent = _store_and_compact(archive, series)
     archive.reconstructor = Reconstructor(archive.index, archive.blobs, 1 << 20)   # cold cache
-    decoded, decode_slices = [], models.decode_slices
+    decoded, decode_slices, decode_stream = [], models.decode_slices, models.decode_stream
 
     def slow(*args):
-        decoded.append(args[1:])
+        decoded.append(args[1:3])
         time.sleep(0.2)                   # long enough for every request to miss the cache
         return decode_slices(*args)
+
+    def slow_stream(*args, **kwargs):
+        decoded.append(args[1:3])
+        time.sleep(0.2)
+        yield from decode_stream(*args, **kwargs)
     monkeypatch.setattr(models, "decode_slices", slow)
+    monkeypatch.setattr(models, "decode_stream", slow_stream)
     with ThreadPoolExecutor(8) as pool:
         got = dict(zip(sent, pool.map(lambda u: archive.retrieve(u).data, list(sent))))
     assert got == sent
     assert sorted(decoded) == [(0, 8), (8, 16)]
+
+
+def test_one_instance_asked_for_goes_out_before_the_rest_of_its_slab_is_decoded(archive,
+                                                                               monkeypatch):
+    series = make_series(8, 12, 10, seed=9)                 # 1 slab of 8 slices
+    sent = _store_and_compact(archive, series)
+    archive.reconstructor = Reconstructor(archive.index, archive.blobs, 1 << 20)   # cold cache
+    streams, decode_stream = [], models.decode_stream
+
+    def recorded(*args, **kwargs):
+        streams.append((args[1:3], kwargs.get("head", 0)))
+        yield from decode_stream(*args, **kwargs)
+    monkeypatch.setattr(models, "decode_stream", recorded)
+    with archive.index.read() as s:
+        at = dict(s.execute(select(Instance.frame_start, Instance.sop_uid)).all())
+    assert archive.retrieve(at[2]).data == sent[at[2]]
+    assert streams == [((0, 8), 3)]      # the whole slab, its first 3 slices handed over first
+    for uid in at.values():               # the rest of the slab was decoded by that same step
+        assert archive.retrieve(uid).data == sent[uid]
+    assert len(streams) == 1
 
 
 def test_a_failed_shared_load_fails_every_waiter_and_the_next_call_loads_again():
