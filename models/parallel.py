@@ -187,6 +187,11 @@ class _Scheduler:
             self._cond.notify_all()
         return outer
 
+    def load(self) -> tuple[int, int]:
+        """(jobs waiting for a worker, jobs on the workers)."""
+        with self._cond:
+            return len(self._heap), self._busy
+
     def fail_waiting(self, exc: BaseException) -> None:
         """Fail every job not yet handed to the pool (the pool is gone)."""
         with self._cond:
@@ -225,6 +230,11 @@ class _Scheduler:
 
 
 _SCHEDULER = _Scheduler()
+
+
+def load() -> tuple[int, int]:
+    """(jobs waiting for a worker process, jobs the worker processes are running)."""
+    return _SCHEDULER.load()
 
 
 def submit(fn, job, rank: int = 0):

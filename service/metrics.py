@@ -18,6 +18,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from prometheus_client.core import GaugeMetricFamily
 from pynetdicom import evt
 
+from models import parallel
 from service import statuses
 from storage import reports
 
@@ -77,6 +78,30 @@ class _IndexCollector:
         yield jobs
 
 
+class _DecoderCollector:
+    """Gauges of the codec's worker processes and of the decoded-slab cache, read at each
+    scrape: jobs waiting for a worker say that retrievals (or compaction) want more cores."""
+
+    def __init__(self, archive=None):
+        self.archive = archive
+
+    def collect(self):
+        waiting, running = parallel.load()
+        jobs = GaugeMetricFamily("voxarc_codec_jobs", "Codec jobs of the worker processes",
+                                 labels=["state"])
+        jobs.add_metric(["waiting"], waiting)
+        jobs.add_metric(["running"], running)
+        yield jobs
+        if self.archive is not None:
+            cache = self.archive.reconstructor.cache
+            yield GaugeMetricFamily("voxarc_slab_cache_bytes",
+                                    "Bytes of decoded slabs held for retrievals",
+                                    value=cache.used)
+            yield GaugeMetricFamily("voxarc_slab_cache_limit_bytes",
+                                    "Budget of the decoded-slab cache (cache_bytes)",
+                                    value=cache.max_bytes)
+
+
 class NodeMetrics:
     """The metrics of one node.
 
@@ -111,6 +136,7 @@ class NodeMetrics:
                                 registry=r)
         if archive is not None:
             r.register(_IndexCollector(archive))
+        r.register(_DecoderCollector(archive))
 
     # --- hook points -----------------------------------------------------------------------
     def store_done(self, status: int, nbytes: int) -> None:

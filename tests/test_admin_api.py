@@ -48,6 +48,15 @@ def test_stats_and_metrics_match_the_index(admin_site, tmp_path):
     assert metric(text, "voxarc_compaction_seconds_count") == 1
     assert metric(text, "voxarc_stored_bytes") == truth["stored_bytes"]
     assert metric(text, "voxarc_compaction_throughput_bytes_per_second") > 0
+    assert metric(text, "voxarc_slab_cache_bytes") == 0
+    assert metric(text, "voxarc_codec_jobs", state="waiting") == 0
+    uid = node.archive.find("IMAGE", {"SeriesInstanceUID": stored[0]["series_uid"]})[0]
+    node.archive.retrieve(uid["SOPInstanceUID"])           # decodes its slab into the cache
+    text = _metrics(admin)
+    assert metric(text, "voxarc_slab_cache_bytes") == node.archive.reconstructor.cache.used > 0
+    assert metric(text, "voxarc_slab_cache_limit_bytes") == \
+        node.archive.reconstructor.cache.max_bytes
+    assert metric(text, "voxarc_codec_jobs", state="running") == 0
 
 
 def test_studies_sorted_paginated_and_series_detail(admin_site, tmp_path):
