@@ -211,8 +211,9 @@ class _Scheduler:
                 self._busy += 1
             try:
                 inner = pool().submit(fn, job)
-            except (BrokenProcessPool, RuntimeError, OSError) as exc:
-                self._finished(None, outer, exc)
+            except (BrokenProcessPool, RuntimeError, OSError) as exc:   # shut down meanwhile
+                self._finished(None, outer, exc if isinstance(exc, BrokenProcessPool)
+                               else BrokenProcessPool(f"no worker pool: {exc}"))
                 continue
             inner.add_done_callback(lambda f, outer=outer: self._finished(f, outer))
 
