@@ -62,7 +62,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from service.dicomweb_accept import NotAcceptable, accepted_syntaxes, part10_in, syntax_for
+from service.dicomweb_accept import (NotAcceptable, accepted_syntaxes, check_frames, part10_in,
+                                     syntax_for)
 from service.identifiers import known_keyword
 from service.preview import PreviewError, render_png
 from storage.errors import InstanceNotFoundError, StorageError
@@ -554,10 +555,15 @@ class DicomWeb:
         and transfer syntax on each part)."""
         try:
             wanted = frame_numbers(request.path_params["frames"])
+            for _, stored in self.archive.instance_formats(
+                    self.instances_of(request.path_params)[:1]).values():
+                check_frames(request.headers.get("accept"), stored)
             inst = self.one(request.path_params)
             media, frames = frame_data(inst, wanted)
         except _NotServed as exc:
             return exc.response()
+        except NotAcceptable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=406)
         return _multipart(((media, f) for f in frames), media.split(";")[0],
                           f"WADO-RS {request.url.path}")
 

@@ -20,6 +20,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 from storage.part10 import build_file
 
 CONVERTIBLE = {ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
+NATIVE_LE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}   # frames: the same pixel bytes
 
 
 class NotAcceptable(ValueError):
@@ -69,6 +70,36 @@ def accepted_syntaxes(accept: str | None, part_type: str = "application/dicom"
     if not offered:
         raise NotAcceptable(f"the Accept header offers no {part_type}")
     return named
+
+
+def check_frames(accept: str | None, stored: str) -> None:
+    """Whether frames of an instance stored in ``stored`` may go out (as stored) under
+    ``accept``: yes unless every entry names transfer syntaxes and none is the stored one (an
+    uncompressed little-endian one standing for the other: their frames are the same bytes).
+    Media types are not judged: frames keep the type of their syntax.
+
+    Raises
+    ------
+    NotAcceptable
+    """
+    named = set()
+    for entry in (accept or "").split(","):
+        kind, params = _params(entry)
+        if not kind:
+            continue
+        try:
+            if float(params.get("q", "1")) <= 0:
+                continue
+        except ValueError:
+            continue
+        syntax = params.get("transfer-syntax", "")
+        if syntax in ("", "*") or kind in ("*/*", "multipart/*"):
+            return
+        named.add(syntax)
+    if not named or stored in named or (stored in NATIVE_LE and named & NATIVE_LE):
+        return
+    raise NotAcceptable(f"frames are stored in {stored}; asked for {', '.join(sorted(named))} "
+                        "(frames are not converted)")
 
 
 def syntax_for(stored: str, allowed: set[str] | None) -> str:

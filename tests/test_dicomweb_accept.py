@@ -92,3 +92,38 @@ def test_a_syntax_the_node_cannot_make_is_a_406(admin_site, tmp_path):
     assert http_get(f"{wado}&transferSyntax={ExplicitVRLittleEndian}")[0] == 406
     status, body = http_get(wado)
     assert status == 200 and dcmread(io.BytesIO(body)).file_meta.TransferSyntaxUID == ts
+
+
+def test_frames_go_out_as_stored_unless_the_client_names_only_other_syntaxes(admin_site,
+                                                                            tmp_path):
+    node, admin = admin_site
+    ts, data = bundled("JPEG2000.dcm")
+    ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                  "SeriesInstanceUID"))
+    plain = make_series(1, 8, 8, transfer_syntax=ImplicitVRLittleEndian, seed=42)
+    _store(node, tmp_path, plain)
+    assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)],
+                       tmp_path) == [0]
+    base = f"{admin.url}/dicom-web/studies"
+    jpeg = (f"{base}/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+            f"{ds.SOPInstanceUID}/frames/1")
+    one = plain[0]
+    raw = (f"{base}/{one.StudyInstanceUID}/series/{one.SeriesInstanceUID}/instances/"
+           f"{one.SOPInstanceUID}/frames/1")
+    octets = 'multipart/related; type="application/octet-stream"'
+    uncompressed = f"{octets}; transfer-syntax={ExplicitVRLittleEndian}"
+
+    def status(url, accept):
+        request = urllib.request.Request(url, headers={"Accept": accept})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+    assert status(jpeg, uncompressed) == 406          # a JPEG 2000 bitstream is not decoded
+    for accept in ("", octets, f"{octets}; transfer-syntax=*", "*/*",
+                   f'multipart/related; type="image/jp2"; transfer-syntax={ts}'):
+        assert status(jpeg, accept) == 200, accept
+    assert status(raw, uncompressed) == 200            # implicit VR: the same pixel bytes
+    assert status(raw, 'multipart/related; type="image/jpeg"; '
+                       'transfer-syntax=1.2.840.10008.1.2.4.50') == 406   # nor compressed
