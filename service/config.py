@@ -42,6 +42,8 @@ SETTING_DOCS = {
     "require_called_ae_title": "Reject associations whose called AE title is not ae_title.",
     "max_pdu_size": "Largest PDU the node accepts, in bytes (0: no limit).",
     "max_associations": "Most associations served at once; more are rejected (busy).",
+    "max_find_results": "A C-FIND matching more than this many records is refused with 0xA700 "
+                        "before any is sent, so that the caller narrows it (0: no limit).",
     "max_dataset_bytes": "Largest dataset C-STORE accepts, in bytes; larger ones get 0xA700 "
                          "(0: no limit).",
     "tls_certificate": "PEM certificate of the DICOM listener; with tls_private_key: TLS only.",
@@ -89,6 +91,7 @@ class Settings:
     require_called_ae_title: bool = True
     max_pdu_size: int = 4 << 20
     max_associations: int = 16
+    max_find_results: int = 0
     max_dataset_bytes: int = 2 << 30
     tls_certificate: str = ""
     tls_private_key: str = ""

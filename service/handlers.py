@@ -62,8 +62,10 @@ def handle_store(event, archive: Archive, max_bytes: int = 0) -> int:
     return statuses.SUCCESS
 
 
-def handle_find(event, archive: Archive):
-    """C-FIND (Patient Root and Study Root): yield one pending response per match."""
+def handle_find(event, archive: Archive, max_results: int = 0):
+    """C-FIND (Patient Root and Study Root): yield one pending response per match; refused
+    (0xA700, nothing sent) when more than ``max_results`` (> 0) match, as dcm4chee's
+    query limit does, so that the caller narrows its query rather than taking a cut list."""
     try:
         level, criteria = parse_identifier(event.identifier)
         records = archive.find(level, criteria)
@@ -75,6 +77,11 @@ def handle_find(event, archive: Archive):
         yield statuses.status_for(exc, f"C-FIND from {_peer(event)}"), None
         return
     log.info("C-FIND %s level from %s: %d matches", level, _peer(event), len(records))
+    if 0 < max_results < len(records):
+        log.warning("C-FIND from %s refused (0xA700): %d matches, max_find_results is %d",
+                    _peer(event), len(records), max_results)
+        yield statuses.FIND_OUT_OF_RESOURCES, None
+        return
     charset = event.identifier.get("SpecificCharacterSet")
     for record in records:
         if event.is_cancelled:

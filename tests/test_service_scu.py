@@ -466,3 +466,22 @@ def test_a_move_stops_rebuilding_once_its_destination_is_gone(node):
         server.shutdown()
     assert final.Status in (0xB000, 0xA702) and final.NumberOfFailedSuboperations >= 36
     assert calls["n"] <= 6                                 # not the other 37 as well
+
+
+def test_a_find_matching_more_than_max_find_results_is_refused_whole(tmp_path):
+    from service.ae import Node
+    from service.config import load_settings
+    settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                             stable_age=3600.0, max_find_results=3)
+    limited = Node(settings, compaction=False).start()
+    try:
+        series = make_series(4, 8, 8, seed=9)
+        assert store_bytes(limited.port, _items(series), tmp_path) == [0] * 4
+        keys = {"StudyInstanceUID": series[0].StudyInstanceUID,
+                "SeriesInstanceUID": series[0].SeriesInstanceUID, "SOPInstanceUID": ""}
+        status, matches = find(limited.port, {"QueryRetrieveLevel": "IMAGE", **keys})
+        assert (status, matches) == (0xA700, [])          # 4 > 3: none sent, not a cut list
+        status, matches = find(limited.port, {"QueryRetrieveLevel": "SERIES", **keys})
+        assert status == 0x0000 and len(matches) == 1
+    finally:
+        limited.stop()
