@@ -80,7 +80,9 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
     # payloads go into the blob as they come: a few slabs' in flight, not the whole volume's
     facts = (predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile)
     if _parallel(vol.size):
-        payloads = parallel.imap(_encode_job, jobs, window=2 * parallel.worker_count())
+        # compaction is background work: a retrieval's decoding goes first
+        payloads = parallel.imap(_encode_job, jobs, window=2 * parallel.worker_count(),
+                                 first_rank=parallel.BACKGROUND)
         return pack(*facts, payloads, embedded, values=values)
     with parallel.one_thread():
         return pack(*facts, (_encode_band(predictor, *job[2:]) for job in jobs), embedded,

@@ -159,6 +159,9 @@ def _drain(fn, jobs, pending: deque):
         yield fn(job)       # the pool broke
 
 
+BACKGROUND = 1 << 20   # first rank of background work (encoding): after any retrieval's jobs
+
+
 class _Scheduler:
     """Hands jobs to the worker pool no faster than its workers take them, lowest rank first.
 

@@ -313,6 +313,23 @@ def test_a_new_streams_first_job_goes_before_an_older_streams_later_ones(monkeyp
     assert with_rank.index("newer") <= 3, with_rank
 
 
+def test_encoding_jobs_wait_behind_any_retrievals(monkeypatch):
+    from models import parallel
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    ranks, imap = [], parallel.imap
+
+    def recording(fn, jobs, window=4, first_rank=0):
+        ranks.append(first_rank)
+        return imap(fn, jobs, window, first_rank)
+    monkeypatch.setattr(parallel, "imap", recording)
+    monkeypatch.setattr(api, "_parallel", lambda voxels: True)
+    vol = phantom((16, 24, 24), "int16", seed=23)
+    blob = models.encode_volume(vol, slab=4, adapt=False)
+    assert ranks[0] == parallel.BACKGROUND
+    np.testing.assert_array_equal(models.decode_volume(blob), vol)
+    assert ranks[1:] and all(r < parallel.BACKGROUND for r in ranks[1:])
+
+
 def test_jobs_waiting_for_a_worker_fail_when_the_pool_shuts_down(monkeypatch):
     """None of them is left waiting for a worker that will never come."""
     import time
