@@ -167,7 +167,7 @@ class _Scheduler:
 
     The pool's own queue is first come, first served: a retrieval starting while another
     streams a series waited behind every job the other had queued (its first image after
-    1.2-1.3 s instead of 0.3). Here a stream's k-th job has rank k, so a new stream's first
+    1.0-1.2 s instead of 0.3). Here a stream's k-th job has rank k, so a new stream's first
     jobs go before the later jobs of one that has run a while (least attained service), and
     jobs of equal rank go in the order they came.
     """
