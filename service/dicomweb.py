@@ -429,9 +429,10 @@ class DicomWeb:
         criteria = {kw: params[key] for key, kw in _PATH_KEYS if params.get(key)}
         return [r["SOPInstanceUID"] for r in self.archive.find("IMAGE", criteria)]
 
-    def one(self, params: dict):
-        """The instance a path names, rebuilt; raises _NotServed (404, 500)."""
-        uids = self.instances_of(params)
+    def one(self, params: dict, uids: list[str] | None = None):
+        """The instance a path names (``uids``: what it names, when looked up already),
+        rebuilt; raises _NotServed (404, 500)."""
+        uids = self.instances_of(params) if uids is None else uids
         if not uids:
             raise _NotServed(404, "no such instance")
         try:
@@ -555,10 +556,10 @@ class DicomWeb:
         and transfer syntax on each part)."""
         try:
             wanted = frame_numbers(request.path_params["frames"])
-            for _, stored in self.archive.instance_formats(
-                    self.instances_of(request.path_params)[:1]).values():
+            uids = self.instances_of(request.path_params)
+            for _, stored in self.archive.instance_formats(uids[:1]).values():
                 check_frames(request.headers.get("accept"), stored)
-            inst = self.one(request.path_params)
+            inst = self.one(request.path_params, uids)
             media, frames = frame_data(inst, wanted)
         except _NotServed as exc:
             return exc.response()

@@ -36,6 +36,18 @@ def _params(entry: str) -> tuple[str, dict]:
     return kind.lower(), params
 
 
+def _offered(accept: str | None):
+    """(media type, parameters) of each entry of ``accept`` with q > 0 (an unreadable q
+    refuses its entry)."""
+    for entry in (accept or "").split(","):
+        kind, params = _params(entry)
+        try:
+            if kind and float(params.get("q", "1")) > 0:
+                yield kind, params
+        except ValueError:
+            continue
+
+
 def accepted_syntaxes(accept: str | None, part_type: str = "application/dicom"
                       ) -> set[str] | None:
     """The transfer syntaxes ``accept`` allows for parts of ``part_type``; None when it allows
@@ -50,13 +62,7 @@ def accepted_syntaxes(accept: str | None, part_type: str = "application/dicom"
         return None
     named: set[str] = set()
     offered = False
-    for entry in accept.split(","):
-        kind, params = _params(entry)
-        try:
-            if float(params.get("q", "1")) <= 0:
-                continue
-        except ValueError:
-            continue
+    for kind, params in _offered(accept):
         inner = params.get("type", "").lower()
         if kind in ("*/*", "multipart/*") or (kind == "multipart/related" and not inner):
             return None
@@ -83,15 +89,7 @@ def check_frames(accept: str | None, stored: str) -> None:
     NotAcceptable
     """
     named = set()
-    for entry in (accept or "").split(","):
-        kind, params = _params(entry)
-        if not kind:
-            continue
-        try:
-            if float(params.get("q", "1")) <= 0:
-                continue
-        except ValueError:
-            continue
+    for kind, params in _offered(accept):
         syntax = params.get("transfer-syntax", "")
         if syntax in ("", "*") or kind in ("*/*", "multipart/*"):
             return

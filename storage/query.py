@@ -62,14 +62,19 @@ def _match_one(value: str, pattern: str, vr: str) -> bool:
     return value.lower() == pattern.lower() if vr == "PN" else value == pattern
 
 
+def _vr(keyword: str) -> str:
+    """The VR matching treats a key as: its dictionary VR, LO when it has none."""
+    try:
+        return dictionary_VR(keyword)
+    except KeyError:
+        return "LO"
+
+
 def matches(value, pattern: str, keyword: str) -> bool:
     """Return whether a stored value (str, int or list of them) matches a C-FIND key value."""
     if pattern in ("", "*"):
         return True
-    try:
-        vr = dictionary_VR(keyword)
-    except KeyError:
-        vr = "LO"
+    vr = _vr(keyword)
     values = value if isinstance(value, list) else [value]
     return any(_match_one("" if v is None else str(v), pattern, vr) for v in values)
 
@@ -113,10 +118,7 @@ def _sql_condition(column, keyword: str, pattern: str, dialect: str):
     if len(parts) > 1:
         conditions = [_sql_condition(column, keyword, p, dialect) for p in parts]
         return None if any(c is None for c in conditions) else or_(*conditions)
-    try:
-        vr = dictionary_VR(keyword)
-    except KeyError:
-        vr = "LO"
+    vr = _vr(keyword)
     if vr == "PN" or pattern.strip("*") == "":
         return None                         # case-folding differs; universal
     if vr in ("DA", "TM", "DT") and "-" in pattern:
@@ -196,8 +198,8 @@ def _computed(session, level: str, ids: list[int]) -> dict:
 
 
 def _record(row) -> dict:
-    ids = row._mapping
-    return {kw: ids[kw] for kw in ATTRIBUTES if kw in ids}
+    values = row._mapping
+    return {kw: values[kw] for kw in ATTRIBUTES if kw in values}
 
 
 def find(index: Index, level: str, criteria: dict[str, str]) -> list[dict]:

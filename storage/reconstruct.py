@@ -135,6 +135,11 @@ _LOCATE = select(
 ).outerjoin(Blob, Instance.blob_fk == Blob.id).where(Instance.sop_uid == bindparam("p_sop_uid"))
 
 
+def _as_received(inst) -> bool:
+    """Whether a located instance is kept as received (staged, raw or deflated), not coded."""
+    return inst.staged_key is not None or inst.codec not in header_pack.VOLUME_CODECS
+
+
 class Prefetch:
     """A background thread decoding, in sending order, the slabs a retrieval will need.
 
@@ -334,7 +339,7 @@ class Reconstructor:
             As :meth:`get`.
         """
         inst, data = self._located(sop_uid, self._header_bytes)
-        if inst.staged_key is not None or inst.codec not in header_pack.VOLUME_CODECS:
+        if _as_received(inst):
             data = self._checked(inst, data)
         return StoredInstance(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax, data)
 
@@ -365,7 +370,7 @@ class Reconstructor:
 
     def _bytes(self, inst, blob) -> bytes:
         with self._unreadable(inst, blob):
-            if inst.staged_key is not None or blob.codec not in header_pack.VOLUME_CODECS:
+            if _as_received(inst):
                 return self._whole(inst, blob)
             # headers first: the pack unpacks while the decoder processes work on the pixels
             before, after = self._header_parts(inst, blob)
@@ -374,7 +379,7 @@ class Reconstructor:
 
     def _header_bytes(self, inst, blob) -> bytes:
         with self._unreadable(inst, blob):
-            if inst.staged_key is not None or blob.codec not in header_pack.VOLUME_CODECS:
+            if _as_received(inst):
                 return self._whole(inst, blob)
             return self._header_parts(inst, blob)[0]
 
