@@ -26,8 +26,7 @@ from storage.index import Deletion, Index, Instance, Patient, Series, Study
 from storage.instance_facts import (
     INDEXED_KEYWORDS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, InstanceFacts, describe, stack_format,
 )
-from storage import staged_keys
-from storage.staged_keys import recoverable, staged_key
+from storage.staged_keys import reception_time, recoverable, staged_key
 
 log = logging.getLogger(__name__)
 DUPLICATE_POLICIES = ("keep_first", "replace", "reject")
@@ -361,7 +360,7 @@ def reindex_staged(index: Index, blobs: BlobStore, key: str, data: bytes, digest
     UnparseableDatasetError, DuplicateInstanceError
     """
     facts, fields = _describe(data, transfer_syntax, digest, key)
-    received = staged_keys.received(key) or blobs.path(key).stat().st_mtime
+    received = reception_time(key, blobs.path(key))
     with index.connect() as conn:
         outcome, dropped_key = _apply(conn, facts, fields, duplicates, received, keep_newer=True)
     if dropped_key:

@@ -32,7 +32,7 @@ from storage.errors import DuplicateInstanceError, UnparseableDatasetError
 from storage.index import Blob, Index, Instance, Job
 from storage.ingest import reindex_staged
 from storage.removals import finish_removals
-from storage.staged_keys import received, recoverable
+from storage.staged_keys import reception_time, recoverable
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".voxarc.lock"
@@ -165,7 +165,7 @@ def scan(index: Index, blobs: BlobStore, duplicates: str = "keep_first") -> Reco
             else:
                 blobs.delete(key)
                 report.orphans_removed.append(key)
-    for key in sorted(named, key=lambda k: _received(blobs, k)):               # as received
+    for key in sorted(named, key=lambda k: (reception_time(k, blobs.path(k)), k)):  # as received
         _reindex_if_complete(index, blobs, key, duplicates, report)
     for sub in {blobs.path(k).parent for k in report.orphans_removed}:
         fsync_dir(sub)
@@ -176,12 +176,6 @@ def scan(index: Index, blobs: BlobStore, duplicates: str = "keep_first") -> Reco
     report.jobs_reset = _reset_running_jobs(index)
     _log(report)
     return report
-
-
-def _received(blobs: BlobStore, key: str) -> tuple[float, str]:
-    """When a staged file was received, as its name says, else its modification time."""
-    stamp = received(key)
-    return (blobs.path(key).stat().st_mtime if stamp is None else stamp), key
 
 
 def _reindex_if_complete(index: Index, blobs: BlobStore, key: str, duplicates: str,

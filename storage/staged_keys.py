@@ -13,6 +13,7 @@ of one instance received in a row.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
@@ -67,3 +68,10 @@ def received(key: str) -> float | None:
     if match is None or len(match.group(3)) != 16:
         return None
     return int(match.group(3)[:13], 16) / 1e6
+
+
+def reception_time(key: str, path) -> float:
+    """When the staged file ``key`` at ``path`` was received: as its name says, else (an older
+    key) its modification time."""
+    stamp = received(key)
+    return os.stat(path).st_mtime if stamp is None else stamp
