@@ -13,9 +13,9 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   ``multipart/related; type="application/dicom"``, one Part 10 file per instance, its dataset
   byte for byte as received (rebuilt and SHA-256 checked). Each part names its transfer syntax:
   instances go out as stored unless ``Accept`` names syntaxes (service.dicomweb_accept: then
-  an Implicit VR or deflated instance may go out re-encoded as Explicit VR Little Endian, and
-  one that cannot be sent in a named syntax makes the answer a 406 before anything is sent;
-  nothing is decompressed). No instance is
+  an instance may go out converted losslessly to Explicit or Implicit VR Little Endian,
+  decompressed when received in a lossless compressed syntax, and one that cannot be sent in a
+  named syntax makes the answer a 406 before anything is sent). No instance is
   skipped: when the first cannot be rebuilt the answer is 500 (failed its SHA-256 check) or 404
   (gone); when a later one cannot, the transfer is cut off before its end, so the client sees
   a failed transfer rather than a complete multipart that lacks an instance.
@@ -629,8 +629,13 @@ class DicomWeb:
                 return exc.response()
             except NotAcceptable as exc:
                 return JSONResponse({"error": str(exc)}, status_code=406)
-            return Response(part10_in(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax,
-                                      inst.data, syntax), media_type="application/dicom")
+            try:
+                body = part10_in(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax,
+                                 inst.data, syntax)
+            except StorageError as exc:           # the conversion failed (logged there)
+                log.error("WADO-URI %s: %s", inst.sop_uid, exc)
+                return _failed(exc).response()
+            return Response(body, media_type="application/dicom")
         if kind is None:
             return JSONResponse({"error": f"contentType {q.get('contentType')} is not offered"},
                                 status_code=406)

@@ -1,25 +1,21 @@
 """DICOMweb content negotiation: which transfer syntaxes a client's ``Accept`` header allows for
-instances, and the one conversion the node makes to honour it.
+instances, and in which of them an instance goes out.
 
 The node sends every instance in the syntax it was received in. A client that names no syntax
 (no ``transfer-syntax`` parameter, ``transfer-syntax=*``, ``*/*`` or no ``Accept``) gets exactly
-that. A client that names syntaxes explicitly gets one of them or a 406 (PS3.18 8.7.3.5), with
-one lossless conversion: an instance received in Implicit VR Little Endian or Deflated Explicit
-VR Little Endian is re-encoded as Explicit VR Little Endian, the syntax DICOMweb clients (and
-PS3.18's defaults) expect. Nothing is decompressed or byte-swapped.
+that. A client that names syntaxes explicitly gets one of them or a 406 (PS3.18 8.7.3.5): the
+stored one when named, else Explicit (or Implicit) VR Little Endian when named and the instance
+converts to it losslessly (storage.transcode: re-encoded, and decompressed when received in a
+lossless compressed syntax). Frames are never converted.
 """
 
 from __future__ import annotations
 
-import io
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pydicom import dcmread
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, \
-    ImplicitVRLittleEndian
-
+from storage import transcode
 from storage.part10 import build_file
 
-CONVERTIBLE = {ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
 NATIVE_LE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}   # frames: the same pixel bytes
 
 
@@ -108,22 +104,22 @@ def syntax_for(stored: str, allowed: set[str] | None) -> str:
     NotAcceptable
         It cannot be sent in any allowed syntax.
     """
-    if allowed is None or stored in allowed:
+    if allowed is None:
         return stored
-    if ExplicitVRLittleEndian in allowed and stored in CONVERTIBLE:
-        return ExplicitVRLittleEndian
-    raise NotAcceptable(f"stored in {stored}; asked for {', '.join(sorted(allowed))} "
-                        "(instances are not decompressed)")
+    chosen = transcode.choose(stored, allowed)
+    if chosen is None:
+        raise NotAcceptable(f"stored in {stored}; asked for {', '.join(sorted(allowed))} "
+                            "(lossy syntaxes are not decompressed, nothing is compressed)")
+    return chosen
 
 
 def part10_in(sop_class_uid: str, sop_uid: str, stored: str, data: bytes, syntax: str) -> bytes:
     """The Part 10 file of a dataset received in ``stored``, in ``syntax`` (one that
-    :func:`syntax_for` chose: the stored one, or Explicit VR Little Endian)."""
-    part10 = build_file(sop_class_uid, sop_uid, stored, data)
-    if syntax == stored:
-        return part10
-    ds = dcmread(io.BytesIO(part10))
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = io.BytesIO()
-    ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
-    return out.getvalue()
+    :func:`syntax_for` chose).
+
+    Raises
+    ------
+    storage.transcode.TranscodeError
+        The conversion failed (or did not read back the same).
+    """
+    return build_file(sop_class_uid, sop_uid, syntax, transcode.convert(data, stored, syntax))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
@@ -18,6 +19,7 @@ from service.config import Settings
 from service.exact_send import PreEncoded
 from service.identifiers import IdentifierError, parse_identifier, response, retrieve_criteria
 from service.socket_tuning import tune_association
+from storage import transcode
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -115,17 +117,23 @@ class _Receiver:
         return [(evt.EVT_ACCEPTED, accepted), (evt.EVT_ABORTED, lost),
                 (evt.EVT_CONN_CLOSE, lost)]
 
-    def refuses(self, fmt: tuple[str, str] | None) -> str | None:
-        """Why an instance of ``(SOP class, transfer syntax)`` cannot go out; None: it can."""
+    def syntax_for(self, fmt: tuple[str, str] | None) -> tuple[str | None, str | None]:
+        """``(syntax, None)``: an instance of ``(SOP class, transfer syntax)`` goes out in
+        ``syntax`` (the stored one whenever the receiver takes it, else one it converts to
+        losslessly: storage.transcode); ``(None, why)``: it cannot go out. ``syntax`` is None
+        too while the receiving association is not known yet (or the format is unknown)."""
         if self.gone:
-            return "the receiving association is gone"
+            return None, "the receiving association is gone"
         if self.assoc is None or fmt is None:
-            return None
+            return None, None
         sop_class, ts = fmt
-        if any(cx.abstract_syntax == sop_class and cx.as_scu and ts in cx.transfer_syntax
-               for cx in self.assoc.accepted_contexts):
-            return None
-        return f"no accepted context for {sop_class} in {ts} (instances go out as stored)"
+        taken = {t for cx in self.assoc.accepted_contexts
+                 if cx.abstract_syntax == sop_class and cx.as_scu for t in cx.transfer_syntax}
+        chosen = transcode.choose(ts, taken)
+        if chosen is None:
+            return None, (f"no accepted context for {sop_class} in {ts} or in a syntax it "
+                          "converts to losslessly")
+        return chosen, None
 
 
 def _sub_operations(archive: Archive, records: list[dict], operation: str,
@@ -135,7 +143,7 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
     receiver cannot take it (then it is not rebuilt at all)."""
     uids = [r["SOPInstanceUID"] for r in records]
     formats = archive.instance_formats(uids)
-    reasons = {u: receiver.refuses(formats.get(u)) for u in uids}
+    reasons = {u: receiver.syntax_for(formats.get(u))[1] for u in uids}
     sendable = [u for u in uids if reasons[u] is None]
     try:      # slab by slab through compressed stacks, decoded ahead in the background
         planned, prefetch = archive.plan_retrieval(sendable)
@@ -144,7 +152,8 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
         planned, prefetch = sendable, None
     try:
         for uid in planned + [u for u in uids if reasons[u] is not None]:
-            reason = receiver.refuses(None) or reasons[uid]     # gone meanwhile, or refused
+            # again: a C-MOVE's receiver is known only now, and any may be gone meanwhile
+            syntax, reason = receiver.syntax_for(formats.get(uid))
             if reason is not None:
                 if prefetch is not None and receiver.gone:
                     prefetch.cancel()
@@ -153,15 +162,25 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
                 continue
             try:
                 inst = archive.retrieve(uid)
+                syntax, data = _in_syntax(inst, syntax or inst.transfer_syntax, operation)
             except Exception as exc:
                 statuses.status_for(exc, f"{operation} of {uid}")
                 yield statuses.PENDING, _failed(uid)
                 continue
-            yield statuses.PENDING, PreEncoded(inst.sop_class_uid, uid, inst.transfer_syntax,
-                                               inst.data)
+            yield statuses.PENDING, PreEncoded(inst.sop_class_uid, uid, syntax, data)
     finally:
         if prefetch is not None:
             prefetch.cancel()
+
+
+def _in_syntax(inst, syntax: str, operation: str) -> tuple[str, bytes]:
+    """The rebuilt instance's bytes in ``syntax``: as received, or converted (logged)."""
+    if syntax == inst.transfer_syntax:
+        return syntax, inst.data
+    data = transcode.convert(inst.data, inst.transfer_syntax, syntax)
+    log.info("%s of %s: sent in %s, converted from %s (the receiver does not take it)",
+             operation, inst.sop_uid, UID(syntax).name, UID(inst.transfer_syntax).name)
+    return syntax, data
 
 
 def handle_get(event, archive: Archive):
@@ -194,13 +213,19 @@ def _select(event, archive: Archive) -> list[dict]:
 
 
 def _contexts(records: list[dict], archive: Archive) -> list:
-    """Presentation contexts for the (SOP class, transfer syntax) pairs of the instances."""
+    """Presentation contexts for the (SOP class, transfer syntax) pairs of the instances, then
+    per class one in the uncompressed syntaxes its instances convert to (for a destination
+    that refuses a stored one)."""
     syntaxes = archive.formats([r["SOPInstanceUID"] for r in records])
-    contexts = []
+    contexts, fallbacks = [], []
     for sop_class, tss in sorted(syntaxes.items()):
         for ts in sorted(tss):
             contexts.append(build_context(sop_class, [ts]))
-    return contexts[:128] or [build_context(Verification)]   # an association needs one
+        others = [t for t in transcode.TARGETS
+                  if t not in tss and any(transcode.convertible(ts, t) for ts in tss)]
+        if others:
+            fallbacks.append(build_context(sop_class, others))
+    return (contexts + fallbacks)[:128] or [build_context(Verification)]   # one at least
 
 
 def handle_move(event, archive: Archive, settings: Settings):

@@ -6,7 +6,7 @@ import logging
 
 from storage.errors import (CommitOutcomeUnknown, DatasetMismatchError, DuplicateInstanceError,
                             InstanceNotFoundError, IntegrityError, StorageFullError,
-                            UnparseableDatasetError)
+                            TranscodeError, UnparseableDatasetError)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ _STATUS = (
     (DuplicateInstanceError, DUPLICATE_REFUSED),
     (InstanceNotFoundError, UNABLE_TO_PROCESS),
     (IntegrityError, UNABLE_TO_PROCESS),
+    (TranscodeError, UNABLE_TO_PROCESS),          # a sub-operation's conversion failed
     (DatasetMismatchError, DATASET_MISMATCH),
     (CommitOutcomeUnknown, OUT_OF_RESOURCES),     # the modality sends it again
 )

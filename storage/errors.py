@@ -38,3 +38,8 @@ class CommitOutcomeUnknown(StorageError):
 
 class DatasetMismatchError(StorageError):
     """The dataset's SOP Instance UID is not the one its C-STORE request names."""
+
+
+class TranscodeError(StorageError, ValueError):
+    """An instance cannot be given in the transfer syntax asked for (storage.transcode), or
+    its conversion did not read back the same."""

@@ -1,6 +1,6 @@
 """DICOMweb content negotiation (service.dicomweb_accept): instances go out as stored unless
-the client names transfer syntaxes; then one of those, Implicit VR re-encoded as Explicit VR
-Little Endian, or 406."""
+the client names transfer syntaxes; then one of those (converted losslessly to Explicit VR
+Little Endian when it is the one named), or 406."""
 
 import io
 import urllib.error
@@ -12,7 +12,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from admin_helpers import admin_site, http_get, http_token  # noqa: F401
-from node_helpers import bundled, dataset_bytes, make_series
+from node_helpers import TESTDATA, bundled, dataset_bytes, make_series
 from storage.dataset_parts import parse_dataset
 from scu_helpers import store_bytes
 from service.dicomweb_accept import NotAcceptable, accepted_syntaxes, syntax_for
@@ -37,8 +37,10 @@ def test_accept_headers_name_syntaxes_or_leave_them_open():
     with pytest.raises(NotAcceptable):
         accepted_syntaxes("application/dicom+json")
     assert syntax_for(ImplicitVRLittleEndian, {ExplicitVRLittleEndian}) == ExplicitVRLittleEndian
-    with pytest.raises(NotAcceptable):
-        syntax_for("1.2.840.10008.1.2.4.90", {ExplicitVRLittleEndian})
+    assert syntax_for("1.2.840.10008.1.2.4.90", {ExplicitVRLittleEndian}) == \
+        ExplicitVRLittleEndian                      # JPEG 2000 lossless: decompressed
+    with pytest.raises(NotAcceptable):              # JPEG 2000 that may be lossy: never
+        syntax_for("1.2.840.10008.1.2.4.91", {ExplicitVRLittleEndian})
 
 
 def _store(node, tmp_path, datasets):
@@ -127,3 +129,31 @@ def test_frames_go_out_as_stored_unless_the_client_names_only_other_syntaxes(adm
     assert status(raw, uncompressed) == 200            # implicit VR: the same pixel bytes
     assert status(raw, 'multipart/related; type="image/jpeg"; '
                        'transfer-syntax=1.2.840.10008.1.2.4.50') == 406   # nor compressed
+
+
+def test_a_lossless_compressed_instance_goes_out_decompressed_when_asked(admin_site, tmp_path):
+    """JPEG 2000 lossless and JPEG-LS lossless to a client naming Explicit VR Little Endian only
+    (WADO-RS and WADO-URI): the same image, the same elements; as stored otherwise."""
+    node, admin = admin_site
+    reference = dcmread(TESTDATA / "MR_small.dcm")
+    for name in ("MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"):
+        ts, data = bundled(name)
+        ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                      "SeriesInstanceUID"))
+        assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)],
+                           tmp_path) == [0]
+        instance = (f"{admin.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
+                    f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+        ((ctype, body),) = _multipart(instance, EXPLICIT)
+        assert ctype.endswith(ExplicitVRLittleEndian)
+        wado = (f"{admin.url}/wado?requestType=WADO&objectUID={ds.SOPInstanceUID}"
+                f"&contentType=application/dicom&transferSyntax={ExplicitVRLittleEndian}")
+        status, uri_body = http_get(wado)
+        assert status == 200 and uri_body == body
+        got = dcmread(io.BytesIO(body))
+        assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert got.SOPInstanceUID == reference.SOPInstanceUID
+        np.testing.assert_array_equal(got.pixel_array, reference.pixel_array)
+        ((ctype, body),) = _multipart(instance)                 # no syntax named: as stored
+        assert ctype.endswith(ts) and body.endswith(data)
+        node.archive.delete("study", ds.StudyInstanceUID)     # the next has the same UIDs

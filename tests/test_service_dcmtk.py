@@ -161,3 +161,41 @@ def test_dcmtk_get_of_compressed_instances_with_getscu_preferring_their_syntax(n
              SeriesInstanceUID=str(parse_dataset(data, originals[uid][0]).SeriesInstanceUID),
              SOPInstanceUID=uid), "127.0.0.1", node.port)
     assert _received(out) == originals
+
+
+def test_dcmtk_peers_that_take_only_uncompressed_syntaxes_get_it_decompressed(node, tmp_path):
+    """getscu without +x options and a storescp without +xa propose and accept only the
+    uncompressed syntaxes: the JPEG-LS lossless instance reaches both decompressed, with the
+    pixels and elements of the bundled uncompressed original (before, every sub-operation
+    failed)."""
+    import numpy as np
+    from pydicom import dcmread
+    name = "MR_small_jpeg_ls_lossless.dcm"
+    originals = _originals([TESTDATA / name])
+    (uid, (ts, data)), = originals.items()
+    ds = parse_dataset(data, ts)
+    assert store_bytes(node.port, [(str(ds.SOPClassUID), uid, ts, data)], tmp_path) == [0]
+    keys = _keys(QueryRetrieveLevel="IMAGE", StudyInstanceUID=_study(TESTDATA / name),
+                 SeriesInstanceUID=str(ds.SeriesInstanceUID), SOPInstanceUID=uid)
+    got_dir = Path(tempfile.mkdtemp(prefix="get-plain-", dir=tmp_path))
+    _run("getscu", "-S", "-aec", "VOXARC", "+B", "-od", got_dir, *keys, "127.0.0.1", node.port)
+    port, moved_dir = free_port(), tmp_path / "plain-scp"
+    moved_dir.mkdir()
+    scp = subprocess.Popen([dcmtk("storescp"), "-aet", "PLAIN", "+B", "-od", str(moved_dir),
+                            str(port)], env=ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        node.settings.destinations["plain"] = f"PLAIN@127.0.0.1:{port}"
+        _run("movescu", "-S", "-aec", "VOXARC", "-aem", "PLAIN", *keys, "127.0.0.1", node.port)
+    finally:
+        scp.terminate()
+        scp.wait(10)
+    reference = dcmread(TESTDATA / "MR_small.dcm")
+    for folder in (got_dir, moved_dir):
+        (path,) = [p for p in folder.iterdir() if p.is_file()]
+        received = dcmread(path)
+        assert received.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.1",
+                                                        "1.2.840.10008.1.2")
+        assert received.SOPInstanceUID == uid and received.PatientName == reference.PatientName
+        np.testing.assert_array_equal(received.pixel_array, reference.pixel_array)

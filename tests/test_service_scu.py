@@ -7,7 +7,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from node_helpers import bundled, dataset_bytes, make_series, node, store_series  # noqa: F401
 from scu_helpers import StoreSCP, associate, echo, find, get, move, store_bytes
 from service import socket_tuning
-from storage.part10 import split_file
+from storage.part10 import build_file, split_file
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -71,20 +71,90 @@ def test_store_then_get_exact_before_and_after_compaction(populated):
         assert node.archive.stats()["pending_instances"] == 0
 
 
-def test_get_counts_failed_sub_operations(populated):
-    node, a, b, sent = populated
-    # only the explicit VR CT context: the implicit VR instances of study b cannot be sent
-    final, got = get(node.port, {"QueryRetrieveLevel": "PATIENT", "PatientID": "pat2"},
-                     [(CT, ExplicitVRLittleEndian)])
+def test_get_counts_failed_sub_operations(populated, tmp_path):
+    node, a, _, sent = populated
+    # JPEG 2000 that may be lossy is never decompressed: a client taking its class only
+    # uncompressed cannot have it
+    j2k = _bundled_items(["JPEG2000.dcm"])
+    assert store_bytes(node.port, j2k, tmp_path) == [0]
+    j2k_class, j2k_uid = j2k[0][:2]
+    final, got = get(node.port, {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": j2k_uid},
+                     [(j2k_class, ExplicitVRLittleEndian)])
     assert final.Status == 0xA702          # all sub-operations failed
-    assert final.NumberOfFailedSuboperations == 3 and final.NumberOfCompletedSuboperations == 0
+    assert final.NumberOfFailedSuboperations == 1 and final.NumberOfCompletedSuboperations == 0
     assert got == {}
-    both = f"{a[0].StudyInstanceUID}\\{b[0].StudyInstanceUID}"
-    final, got = get(node.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": both},
-                     [(CT, ExplicitVRLittleEndian)])
+    both = f"{a[0].SOPInstanceUID}\\{j2k_uid}"
+    final, got = get(node.port, {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": both},
+                     [(CT, ExplicitVRLittleEndian), (j2k_class, ExplicitVRLittleEndian)])
     assert final.Status == 0xB000          # some failed
-    assert final.NumberOfFailedSuboperations == 3 and final.NumberOfCompletedSuboperations == 4
-    assert got == {d.SOPInstanceUID: sent[d.SOPInstanceUID] for d in a}
+    assert final.NumberOfFailedSuboperations == 1 and final.NumberOfCompletedSuboperations == 1
+    assert got == {a[0].SOPInstanceUID: sent[a[0].SOPInstanceUID]}
+
+
+def _same_instance(received: tuple[str, bytes], sent: tuple[str, bytes]) -> None:
+    """The same elements and pixel values in whatever syntaxes the two are in."""
+    import io
+
+    import numpy as np
+    from pydicom import dcmread
+    got, original = (dcmread(io.BytesIO(build_file("1.2", "1.2", ts, data)))
+                     for ts, data in (received, sent))
+    assert [e.tag for e in got] == [e.tag for e in original if e.tag.element]
+    for elem in original:
+        if elem.tag.element and elem.VR not in ("OB", "OW", "UN", "SQ"):
+            assert got[elem.tag].value == elem.value, elem.tag
+    np.testing.assert_array_equal(got.pixel_array, original.pixel_array)
+
+
+def test_get_converts_what_the_client_does_not_take_as_stored(populated):
+    """A client that takes a class only in Explicit (or only in Implicit) VR Little Endian gets
+    implicit VR instances and a lossless compressed one converted, before and after
+    compaction; as received whenever it takes that."""
+    node, _, b, sent = populated
+    mr = "1.2.840.10008.5.1.4.1.1.4"
+    rle_uid = next(uid for uid, (ts, _) in sent.items() if ts == "1.2.840.10008.1.2.5")
+    for stage in ("staged", "compacted"):
+        final, got = get(node.port, {"QueryRetrieveLevel": "PATIENT", "PatientID": "pat2"},
+                         [(CT, ExplicitVRLittleEndian)])
+        assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == 3, stage
+        assert set(got) == {ds.SOPInstanceUID for ds in b}
+        for uid, (ts, data) in got.items():
+            assert ts == ExplicitVRLittleEndian
+            _same_instance((ts, data), sent[uid])
+        final, got = get(node.port, {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": rle_uid},
+                         [(mr, ImplicitVRLittleEndian)])
+        assert final.Status == 0x0000 and got[rle_uid][0] == ImplicitVRLittleEndian
+        _same_instance(got[rle_uid], sent[rle_uid])
+        final, got = get(node.port, {"QueryRetrieveLevel": "PATIENT", "PatientID": "pat2"},
+                         [(CT, ExplicitVRLittleEndian), (CT, ImplicitVRLittleEndian)])
+        assert got == {ds.SOPInstanceUID: sent[ds.SOPInstanceUID] for ds in b}   # as stored
+        node.archive.compact(0)
+
+
+def test_move_converts_for_a_destination_that_refuses_the_stored_syntax(populated):
+    from pynetdicom import AE, evt
+    node, _, _, sent = populated
+    mr = "1.2.840.10008.5.1.4.1.1.4"
+    rle_uid = next(uid for uid, (ts, _) in sent.items() if ts == "1.2.840.10008.1.2.5")
+    received = {}
+
+    def on_store(event):
+        received[event.request.AffectedSOPInstanceUID] = (
+            str(event.context.transfer_syntax), event.encoded_dataset(include_meta=False))
+        return 0
+    ae = AE(ae_title="PLAIN")
+    ae.add_supported_context(mr, [ExplicitVRLittleEndian])       # no RLE, no implicit VR
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        node.settings.destinations["plain"] = f"PLAIN@127.0.0.1:{server.server_address[1]}"
+        final = move(node.port, {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": rle_uid},
+                     "PLAIN")
+    finally:
+        server.shutdown()
+    assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == 1
+    assert received[rle_uid][0] == ExplicitVRLittleEndian
+    _same_instance(received[rle_uid], sent[rle_uid])
 
 
 def test_retrieval_contexts_take_the_syntax_the_archive_holds(populated):
@@ -422,13 +492,13 @@ def _counting_retrieve(node) -> dict:
 
 
 def test_a_get_rebuilds_nothing_the_client_cannot_take(node):
-    from pydicom.uid import CTImageStorage
+    from pydicom.uid import MRImageStorage
     series = make_series(20, 8, 8, seed=7)                 # stored in explicit VR
     store_series(node.archive, series)
     calls = _counting_retrieve(node)
     final, got = get(node.port, {"QueryRetrieveLevel": "SERIES",
                                  "SeriesInstanceUID": series[0].SeriesInstanceUID},
-                     [(CTImageStorage, ImplicitVRLittleEndian)])
+                     [(MRImageStorage, ImplicitVRLittleEndian)])     # no context for CT
     assert final.Status == 0xA702 and final.NumberOfFailedSuboperations == 20
     assert got == {} and calls["n"] == 0
 

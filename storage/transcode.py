@@ -1,0 +1,152 @@
+"""A received dataset in another transfer syntax, losslessly, for a peer that cannot take the
+one it was received in.
+
+Instances go out as received whenever the peer takes that syntax. A peer that does not (a C-GET
+client or C-MOVE destination that accepted only uncompressed syntaxes for the class, a
+DICOMweb client naming its syntaxes) can get the dataset in Explicit or Implicit VR Little
+Endian instead: parsed and written again by pydicom, and decompressed first when it was
+received in a lossless compressed syntax that one of pydicom's decoders installed here reads
+(GDCM, pylibjpeg-openjpeg, its own RLE). Lossy syntaxes are never decompressed (the peer would
+get pixels whose loss it was not told of in the syntax) and nothing is compressed.
+
+Every conversion is read back before it is returned: the same values of every top-level
+element (bar the pixel data and, when decompressed, its Photometric Interpretation and Planar
+Configuration; group lengths are dropped), the same pixel values, or
+:class:`TranscodeError`.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, HTJ2KLossless,
+    HTJ2KLosslessRPCL, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1,
+    JPEGLSLossless, RLELossless, JPEGLossless,
+)
+
+from storage.errors import TranscodeError
+
+TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)    # in order of preference
+_NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
+_LOSSLESS = {JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, HTJ2KLossless,
+             HTJ2KLosslessRPCL, RLELossless}
+_PIXEL_DATA = 0x7FE00010
+_PIXEL_TAGS = {_PIXEL_DATA, 0x00280004, 0x00280006}   # + Photometric, Planar Configuration
+
+
+def _decodable(syntax: str) -> bool:
+    if syntax not in _LOSSLESS:
+        return False
+    try:
+        return get_decoder(UID(syntax)).is_available
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def convertible(stored: str, target: str) -> bool:
+    """Whether a dataset received in ``stored`` can be given in ``target`` (itself, or a
+    lossless conversion this node can make)."""
+    if stored == target:
+        return True
+    return target in TARGETS and (stored in _NATIVE or _decodable(stored))
+
+
+def choose(stored: str, taken) -> str | None:
+    """The syntax to send a dataset received in ``stored`` in, to a peer that takes the
+    syntaxes ``taken``: ``stored`` when it is among them, else the first of :data:`TARGETS`
+    it takes and the dataset converts to; None when there is none."""
+    taken = set(taken)
+    if stored in taken:
+        return stored
+    return next((t for t in TARGETS if t in taken and convertible(stored, t)), None)
+
+
+def convert(data: bytes, stored: str, target: str) -> bytes:
+    """The dataset bytes ``data`` (no File Meta) received in ``stored``, encoded in ``target``.
+
+    Raises
+    ------
+    TranscodeError
+        The conversion is not one :func:`convertible` allows, the dataset cannot be parsed or
+        decoded, or what was written does not read back the same.
+    """
+    if stored == target:
+        return data
+    if not convertible(stored, target):
+        raise TranscodeError(f"cannot convert {UID(stored).name} to {UID(target).name}")
+    try:
+        ds = _read(data, stored)
+        encapsulated = UID(stored).is_encapsulated
+        pixels, elements = _pixel_values(ds, encapsulated), _elements(ds)
+        if encapsulated:                    # native pixels, Photometric Interpretation to match
+            ds.decompress(generate_instance_uid=False)
+        for elem in list(ds):               # group lengths would be wrong in the new encoding
+            if elem.tag.element == 0:
+                del ds[elem.tag]
+        out = _write(ds, implicit=target == ImplicitVRLittleEndian)
+        back = _read(out, target)
+        same = _elements(back) == elements and _same(pixels, _pixel_values(back, encapsulated))
+    except TranscodeError:
+        raise
+    except Exception as exc:
+        raise TranscodeError(f"cannot convert {UID(stored).name} to {UID(target).name}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    if not same:
+        raise TranscodeError(f"conversion to {UID(target).name} does not read back the same")
+    return out
+
+
+def _read(data: bytes, syntax: str):
+    """A full pydicom Dataset of dataset bytes in ``syntax`` (File Meta made up)."""
+    ts = UID(syntax)
+    if ts.is_deflated:
+        data = zlib.decompress(data, -zlib.MAX_WBITS)
+    ds = read_dataset(io.BytesIO(data), ts.is_implicit_VR, ts.is_little_endian)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian)
+    return ds
+
+
+def _elements(ds) -> dict:
+    """Every top-level value but the pixel data and what decompressing it may change (and the
+    group lengths), odd-length binary values padded as any writer does."""
+    out = {}
+    for elem in ds:
+        if elem.tag in _PIXEL_TAGS or elem.tag.element == 0:
+            continue
+        value = elem.value
+        if isinstance(value, bytes) and len(value) % 2:
+            value += b"\0"
+        out[elem.tag] = value
+    return out
+
+
+def _pixel_values(ds, decoded: bool):
+    """What must not change across a conversion: the pixel values (``decoded``: a compressed
+    source and its decompressed copy) or else the raw Pixel Data bytes; None without any."""
+    if _PIXEL_DATA not in ds:
+        return None
+    return ds.pixel_array if decoded else bytes(ds[_PIXEL_DATA].value)
+
+
+def _same(before, after) -> bool:
+    if isinstance(before, np.ndarray):
+        return isinstance(after, np.ndarray) and before.shape == after.shape and \
+            np.array_equal(before, after)
+    return before == after
+
+
+def _write(ds, implicit: bool) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    write_dataset(fp, ds)
+    return fp.getvalue()
