@@ -28,7 +28,9 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
 - WADO-RS ``.../instances/{sop}/frames/{list}``: the listed frames as stored: the pixel bytes of
   an uncompressed instance (``application/octet-stream``), the bitstream of a compressed one
   under its media type with its ``transfer-syntax`` (``image/jpeg``, ``image/jls``, ``image/jp2``,
-  ...). Frame numbers start at 1 and may not repeat (400); frames are sent one at a time.
+  ...); decoded to stored words when ``Accept`` names only uncompressed syntaxes and the
+  instance is monochrome and lossless compressed (else 406). Frame numbers start at 1 and may
+  not repeat (400); frames are sent one at a time.
 - WADO-RS ``.../instances/{sop}/rendered`` and ``.../frames/{n}/rendered``: the image (its middle
   frame, or frame n) as a PNG at its own size, windowed as the admin page's previews are.
 - WADO-RS ``.../thumbnail`` of a study (its first series), series (its middle image) or
@@ -57,16 +59,17 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.encaps import get_frame
 from pydicom.filereader import read_dataset
+from pydicom.pixels import pixel_array
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from service.dicomweb_accept import (NotAcceptable, accepted_syntaxes, check_frames, part10_in,
+from service.dicomweb_accept import (NotAcceptable, accepted_syntaxes, frame_syntax, part10_in,
                                      syntax_for)
 from service.identifiers import known_keyword
 from service.preview import PreviewError, render_png
-from storage.errors import InstanceNotFoundError, StorageError
+from storage.errors import InstanceNotFoundError, StorageError, TranscodeError
 from storage.part10 import build_file
 from storage.query import ATTRIBUTES, COMPUTED
 
@@ -247,10 +250,12 @@ def frame_numbers(text: str) -> list[int]:
     return wanted
 
 
-def frame_data(inst, wanted: list[int]):
+def frame_data(inst, wanted: list[int], syntax: str | None = None):
     """(media type, iterator of frames) of an instance's frames numbered ``wanted`` (from 1,
-    distinct), as stored, each taken when iterated; raises _NotServed (400 a frame listed
-    twice, 404 no such frame or no pixel data, 406 bit-packed or big-endian)."""
+    distinct), each taken when iterated: as stored, or decoded to uncompressed little-endian
+    bytes when ``syntax`` (from :func:`frame_syntax`) is another; raises _NotServed (400 a
+    frame listed twice, 404 no such frame or no pixel data, 406 bit-packed or big-endian, or
+    colour frames to decode)."""
     if len(set(wanted)) != len(wanted):
         raise _NotServed(400, "a frame is listed twice")
     ts = UID(inst.transfer_syntax)
@@ -260,6 +265,8 @@ def frame_data(inst, wanted: list[int]):
     count = int(ds.get("NumberOfFrames", 1) or 1)
     if not all(1 <= n <= count for n in wanted):
         raise _NotServed(404, f"frames are 1 to {count}")
+    if ts.is_encapsulated and syntax not in (None, ts):
+        return _decoded_frames(ds, wanted, syntax)
     if ts.is_encapsulated:
         media = f"{_FRAME_MEDIA.get(ts, 'application/octet-stream')}; transfer-syntax={ts}"
         return media, (get_frame(ds.PixelData, n - 1, number_of_frames=count) for n in wanted)
@@ -269,6 +276,25 @@ def frame_data(inst, wanted: list[int]):
     size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
     view = memoryview(ds.PixelData)
     return "application/octet-stream", (view[(n - 1) * size:n * size] for n in wanted)
+
+
+def _decoded_frames(ds: Dataset, wanted: list[int], syntax: str):
+    """Frames of a lossless compressed instance decoded to their stored words (little endian,
+    as its uncompressed frames would be): monochrome only, since colour ones would come out in
+    another Photometric Interpretation than the instance's metadata says."""
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise _NotServed(406, "colour frames are not decoded; ask for the stored syntax")
+
+    def frame(n: int) -> bytes:
+        try:
+            values = pixel_array(ds, index=n - 1, raw=True)
+        except Exception as exc:
+            raise TranscodeError(f"frame {n} of {ds.SOPInstanceUID} does not decode: "
+                                 f"{exc}") from exc
+        return values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+    first = frame(wanted[0])            # before the answer starts: a failure is a 500
+    return (f"application/octet-stream; transfer-syntax={syntax}",
+            itertools.chain([first], (frame(n) for n in wanted[1:])))
 
 
 def json_dataset(ds: Dataset, raw_tags: set, memo: dict | None = None) -> dict:
@@ -557,14 +583,18 @@ class DicomWeb:
         try:
             wanted = frame_numbers(request.path_params["frames"])
             uids = self.instances_of(request.path_params)
+            syntax = None
             for _, stored in self.archive.instance_formats(uids[:1]).values():
-                check_frames(request.headers.get("accept"), stored)
+                syntax = frame_syntax(request.headers.get("accept"), stored)
             inst = self.one(request.path_params, uids)
-            media, frames = frame_data(inst, wanted)
+            media, frames = frame_data(inst, wanted, syntax or inst.transfer_syntax)
         except _NotServed as exc:
             return exc.response()
         except NotAcceptable as exc:
             return JSONResponse({"error": str(exc)}, status_code=406)
+        except StorageError as exc:
+            log.error("WADO-RS %s: %s", request.url.path, exc)
+            return _failed(exc).response()
         return _multipart(((media, f) for f in frames), media.split(";")[0],
                           f"WADO-RS {request.url.path}")
 

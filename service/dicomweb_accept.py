@@ -6,7 +6,8 @@ The node sends every instance in the syntax it was received in. A client that na
 that. A client that names syntaxes explicitly gets one of them or a 406 (PS3.18 8.7.3.5): the
 stored one when named, else Explicit (or Implicit) VR Little Endian when named and the instance
 converts to it losslessly (storage.transcode: re-encoded, and decompressed when received in a
-lossless compressed syntax). Frames are never converted.
+lossless compressed syntax). Frames go out as stored or, from a lossless compressed syntax,
+decoded to uncompressed bytes when only uncompressed syntaxes are named.
 """
 
 from __future__ import annotations
@@ -74,11 +75,12 @@ def accepted_syntaxes(accept: str | None, part_type: str = "application/dicom"
     return named
 
 
-def check_frames(accept: str | None, stored: str) -> None:
-    """Whether frames of an instance stored in ``stored`` may go out (as stored) under
-    ``accept``: yes unless every entry names transfer syntaxes and none is the stored one (an
-    uncompressed little-endian one standing for the other: their frames are the same bytes).
-    Media types are not judged: frames keep the type of their syntax.
+def frame_syntax(accept: str | None, stored: str) -> str:
+    """The syntax frames of an instance stored in ``stored`` go out in under ``accept``: as
+    stored unless every entry names transfer syntaxes and none is the stored one (an
+    uncompressed little-endian one standing for the other: their frames are the same bytes);
+    then an uncompressed one named, when the stored syntax is lossless compressed and
+    decodable here (storage.transcode). Media types are not judged.
 
     Raises
     ------
@@ -88,12 +90,16 @@ def check_frames(accept: str | None, stored: str) -> None:
     for kind, params in _offered(accept):
         syntax = params.get("transfer-syntax", "")
         if syntax in ("", "*") or kind in ("*/*", "multipart/*"):
-            return
+            return stored
         named.add(syntax)
     if not named or stored in named or (stored in NATIVE_LE and named & NATIVE_LE):
-        return
-    raise NotAcceptable(f"frames are stored in {stored}; asked for {', '.join(sorted(named))} "
-                        "(frames are not converted)")
+        return stored
+    chosen = transcode.choose(stored, named & NATIVE_LE)
+    if chosen is None:
+        raise NotAcceptable(f"frames are stored in {stored}; asked for "
+                            f"{', '.join(sorted(named))} (frames of lossy syntaxes are not "
+                            "decompressed, nothing is compressed)")
+    return chosen
 
 
 def syntax_for(stored: str, allowed: set[str] | None) -> str:

@@ -157,3 +157,36 @@ def test_a_lossless_compressed_instance_goes_out_decompressed_when_asked(admin_s
         ((ctype, body),) = _multipart(instance)                 # no syntax named: as stored
         assert ctype.endswith(ts) and body.endswith(data)
         node.archive.delete("study", ds.StudyInstanceUID)     # the next has the same UIDs
+
+
+def test_lossless_compressed_frames_are_decoded_when_only_uncompressed_is_named(admin_site,
+                                                                                tmp_path):
+    """Frames of a JPEG-LS lossless instance: the bitstream as stored by default, its decoded
+    stored words (MR_small's pixel bytes) when only Explicit VR Little Endian is named; colour
+    frames are never decoded (their Photometric Interpretation would change)."""
+    node, admin = admin_site
+    reference = dcmread(TESTDATA / "MR_small.dcm")
+    items = []
+    for name in ("MR_small_jpeg_ls_lossless.dcm", "SC_rgb_jpeg_gdcm.dcm"):
+        ts, data = bundled(name)
+        ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                      "SeriesInstanceUID"))
+        items.append((ds, ts, data))
+    assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)
+                                   for ds, ts, data in items], tmp_path) == [0, 0]
+    uncompressed = ('multipart/related; type="application/octet-stream"; '
+                    f'transfer-syntax={ExplicitVRLittleEndian}')
+
+    def frame_url(ds):
+        return (f"{admin.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
+                f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/frames/1")
+    (mr, ts, _), (rgb, _, _) = items
+    ((ctype, body),) = _multipart(frame_url(mr), uncompressed)
+    assert ctype == f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
+    assert body == reference.PixelData
+    ((ctype, body),) = _multipart(frame_url(mr))
+    assert ctype.endswith(ts) and body.startswith(b"\xff\xd8")       # the JPEG-LS bitstream
+    request = urllib.request.Request(frame_url(rgb), headers={"Accept": uncompressed})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 406
