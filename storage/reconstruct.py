@@ -241,7 +241,8 @@ class Reconstructor:
                         .outerjoin(Blob, Instance.blob_fk == Blob.id)
                         .where(Instance.sop_uid.in_(sop_uids[i:i + 500]),
                                Instance.staged_key.is_(None))):
-                    if codec in header_pack.VOLUME_CODECS:
+                    # an instance of several slabs is decoded as it is sent (_streamed)
+                    if codec in header_pack.VOLUME_CODECS and frames <= (slab or SLAB):
                         rows[uid] = (bid, fs, frames, key, int(shape.split(",")[0]), slab or SLAB)
         ordered = sorted(sop_uids, key=lambda u: (u in rows, rows[u][:2] if u in rows else 0))
         volume = [rows[u] for u in ordered if u in rows]
@@ -374,8 +375,12 @@ class Reconstructor:
                 return self._whole(inst, blob)
             # headers first: the pack unpacks while the decoder processes work on the pixels
             before, after = self._header_parts(inst, blob)
-            pixels = self._slices(blob, inst.frame_start, inst.frame_start + inst.frames)
-            return join(before, pixels, after)
+            start, stop = inst.frame_start, inst.frame_start + inst.frames
+            if inst.frames > (blob.slab or SLAB) and not self._cached(blob, start, stop):
+                parts = self._streamed(blob, start, stop)
+            else:
+                parts = self._slices(blob, start, stop)
+            return join(before, parts, after)
 
     def _header_bytes(self, inst, blob) -> bytes:
         with self._unreadable(inst, blob):
@@ -428,7 +433,9 @@ class Reconstructor:
     def _coded(self, key: str) -> memoryview:
         return header_pack.coded_view(self.blobs.get(key))
 
-    def _slices(self, blob, start: int, stop: int) -> np.ndarray:
+    def _slices(self, blob, start: int, stop: int) -> list[np.ndarray]:
+        """Slices ``[start, stop)`` of a coded stack as parts of cached slabs (decoded slab by
+        slab when neither cached nor planned)."""
         depth, step = int(blob.shape.split(",")[0]), blob.slab or SLAB
         parts = []
         for slab in range(start // step, (stop - 1) // step + 1):
@@ -444,7 +451,28 @@ class Reconstructor:
                     data = models.decode_slices(self._coded(blob.key), lo, hi)
                     self.cache.put((blob.key, slab), data)
             parts.append(data[max(start, lo) - lo:min(stop, hi) - lo])
-        return np.concatenate(parts)
+        return parts
+
+    def _cached(self, blob, start: int, stop: int) -> bool:
+        """Whether every slice of ``[start, stop)`` is in the slab cache."""
+        step = blob.slab or SLAB
+        for slab in range(start // step, (stop - 1) // step + 1):
+            data = self.cache.peek((blob.key, slab))
+            if data is None or len(data) < min(stop, (slab + 1) * step) - slab * step:
+                return False
+        return True
+
+    def _streamed(self, blob, start: int, stop: int) -> list[np.ndarray]:
+        """Slices ``[start, stop)`` of a multi-frame instance of several slabs, as the pieces
+        the worker processes decode in parallel (models.decode_stream) rather than slab after
+        slab; each slab starting in a piece is cached as a view of it."""
+        step, parts = blob.slab or SLAB, []
+        for z0, pixels in models.decode_stream(self._coded(blob.key), start, stop):
+            for slab in range(-(-z0 // step), (z0 + len(pixels) - 1) // step + 1):
+                lo = slab * step - z0
+                self.cache.put((blob.key, slab), pixels[lo:lo + step])
+            parts.append(pixels)
+        return parts
 
     def _plan_slab(self, key: str, slab: int, lo: int, hi: int, need: int, step: int) -> bool:
         """Start decoding one slab that no plan covers (a web viewer's frames, one instance at
