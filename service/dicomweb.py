@@ -586,8 +586,11 @@ class DicomWeb:
             syntax = None
             for _, stored in self.archive.instance_formats(uids[:1]).values():
                 syntax = frame_syntax(request.headers.get("accept"), stored)
-            inst = self.one(request.path_params, uids)
-            media, frames = frame_data(inst, wanted, syntax or inst.transfer_syntax)
+            frames = self._coded_frames(uids, wanted)
+            media = "application/octet-stream"
+            if frames is None:                  # kept as received: taken from its bytes
+                inst = self.one(request.path_params, uids)
+                media, frames = frame_data(inst, wanted, syntax or inst.transfer_syntax)
         except _NotServed as exc:
             return exc.response()
         except NotAcceptable as exc:
@@ -597,6 +600,19 @@ class DicomWeb:
             return _failed(exc).response()
         return _multipart(((media, f) for f in frames), media.split(";")[0],
                           f"WADO-RS {request.url.path}")
+
+    def _coded_frames(self, uids: list[str], wanted: list[int]) -> list | None:
+        """The frames of a coded instance, only their slabs decoded (a viewer walking a
+        multi-frame instance frame by frame does not wait for all of it each time); None when
+        the instance is kept as received (or none matches); raises _NotServed."""
+        if not uids:
+            return None
+        try:
+            return self.archive.frames(uids[0], wanted)
+        except ValueError as exc:
+            raise _NotServed(404, str(exc)) from exc
+        except StorageError as exc:
+            raise _failed(exc) from exc
 
     def rendered(self, request: Request) -> Response:
         """WADO-RS rendered: the image (middle frame, or the path's frame) as a PNG."""

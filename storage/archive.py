@@ -85,6 +85,11 @@ class Archive:
         :meth:`Reconstructor.header`)."""
         return self.reconstructor.header(sop_uid)
 
+    def frames(self, sop_uid: str, numbers: list[int]):
+        """Stored words of some frames of a coded instance, decoding only their slabs; None
+        for one kept as received (see :meth:`Reconstructor.frames`)."""
+        return self.reconstructor.frames(sop_uid, numbers)
+
     def plan_retrieval(self, sop_uids: list[str]):
         """Order instances for sending and prefetch their slabs (see :meth:`Reconstructor.plan`)."""
         return self.reconstructor.plan(sop_uids)

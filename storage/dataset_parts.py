@@ -257,10 +257,10 @@ def join(before: bytes, pixels: np.ndarray | list[np.ndarray], after: bytes) -> 
     """Splice stored words (an array, or consecutive parts of one) back between the header
     parts: the inverse of :func:`split`, copying each word once."""
     parts = pixels if isinstance(pixels, list) else [pixels]
-    return b"".join([before, *map(_le_bytes, parts), after])
+    return b"".join([before, *map(le_bytes, parts), after])
 
 
-def _le_bytes(pixels: np.ndarray) -> memoryview:
+def le_bytes(pixels: np.ndarray) -> memoryview:
     """The stored words of ``pixels`` as little-endian bytes (a view where they are already)."""
     return memoryview(np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<"))
                       ).cast("B")

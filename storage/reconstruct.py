@@ -24,7 +24,7 @@ import models
 from models import parallel
 from storage import header_pack
 from storage.blobstore import BlobStore
-from storage.dataset_parts import join
+from storage.dataset_parts import join, le_bytes
 from storage.errors import InstanceNotFoundError, IntegrityError
 from storage.index import Blob, Index, Instance
 
@@ -343,6 +343,29 @@ class Reconstructor:
         if _as_received(inst):
             data = self._checked(inst, data)
         return StoredInstance(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax, data)
+
+    def frames(self, sop_uid: str, numbers: list[int]) -> list[memoryview] | None:
+        """The stored words (little endian) of frames ``numbers`` (from 1) of a coded
+        instance, decoding only the slabs that hold them (through the slab cache, shared with
+        concurrent requests); None for an instance kept as received (use :meth:`get`). The
+        codec's per-slab CRCs vouch for these words; the ingest SHA-256 covers whole instances.
+
+        Raises
+        ------
+        InstanceNotFoundError, IntegrityError
+            As :meth:`get`.
+        ValueError
+            A frame number is outside the instance.
+        """
+        def read(inst, blob):
+            if _as_received(inst):
+                return None
+            if not all(1 <= n <= inst.frames for n in numbers):
+                raise ValueError(f"frames are 1 to {inst.frames}")
+            with self._unreadable(inst, blob):
+                return [le_bytes(self._slices(blob, inst.frame_start + n - 1,
+                                              inst.frame_start + n)[0]) for n in numbers]
+        return self._located(sop_uid, read)[1]
 
     def _located(self, sop_uid: str, read):
         """(index row, ``read(row, blob)``) of ``sop_uid``, located again once when its file

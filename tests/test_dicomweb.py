@@ -313,3 +313,33 @@ def test_thumbnails(web):
         assert status == 200 and Image.open(io.BytesIO(png)).size == (20, 20), path
     assert http_get(f"{base}/studies/1.2.3/thumbnail")[0] == 404
     assert http_get(f"{base}/studies/{uid}/thumbnail?viewport=big")[0] == 400
+
+
+def test_frames_of_a_coded_multi_frame_instance_decode_only_their_slabs(admin_site, tmp_path,
+                                                                        monkeypatch):
+    """A viewer walking a 40-frame instance (5 slabs) frame by frame: frames 3 and 17 decode
+    slabs 1 and 3 only, each frame the instance's own words for it; outside it: 404."""
+    import models
+    node, admin = admin_site
+    (ds,) = make_series(1, 32, 32, seed=12)
+    frames = 40
+    volume = (np.random.default_rng(4).integers(-30, 30, (frames, 32, 32))
+              + np.arange(frames)[:, None, None]).astype(np.int16)
+    ds.NumberOfFrames, ds.PixelData = frames, volume.tobytes()
+    _store(node, tmp_path, [[ds]])
+    assert node.archive.compact(stable_age=0) == (1, 0)
+    decoded, decode_stream, decode_slices = [], models.decode_stream, models.decode_slices
+
+    def stream(*args, **kwargs):
+        decoded.append(args[1:3])
+        yield from decode_stream(*args, **kwargs)
+    monkeypatch.setattr(models, "decode_stream", stream)
+    monkeypatch.setattr(models, "decode_slices",
+                        lambda *a, **k: decoded.append(a[1:3]) or decode_slices(*a, **k))
+    url = (f"{admin.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+           f"/instances/{ds.SOPInstanceUID}")
+    parts = _multipart(f"{url}/frames/3,17")
+    assert [c for c, _ in parts] == ["application/octet-stream"] * 2
+    assert [p for _, p in parts] == [volume[2].tobytes(), volume[16].tobytes()]
+    assert sorted(decoded) == [(0, 8), (16, 24)]
+    assert http_get(f"{url}/frames/41")[0] == 404
