@@ -241,8 +241,7 @@ class Reconstructor:
                         .outerjoin(Blob, Instance.blob_fk == Blob.id)
                         .where(Instance.sop_uid.in_(sop_uids[i:i + 500]),
                                Instance.staged_key.is_(None))):
-                    # an instance of several slabs is decoded as it is sent (_streamed)
-                    if codec in header_pack.VOLUME_CODECS and frames <= (slab or SLAB):
+                    if codec in header_pack.VOLUME_CODECS:
                         rows[uid] = (bid, fs, frames, key, int(shape.split(",")[0]), slab or SLAB)
         ordered = sorted(sop_uids, key=lambda u: (u in rows, rows[u][:2] if u in rows else 0))
         volume = [rows[u] for u in ordered if u in rows]
@@ -399,7 +398,7 @@ class Reconstructor:
             # headers first: the pack unpacks while the decoder processes work on the pixels
             before, after = self._header_parts(inst, blob)
             start, stop = inst.frame_start, inst.frame_start + inst.frames
-            if inst.frames > (blob.slab or SLAB) and not self._cached(blob, start, stop):
+            if inst.frames > (blob.slab or SLAB) and not self._ready(blob, start, stop):
                 parts = self._streamed(blob, start, stop)
             else:
                 parts = self._slices(blob, start, stop)
@@ -476,9 +475,13 @@ class Reconstructor:
             parts.append(data[max(start, lo) - lo:min(stop, hi) - lo])
         return parts
 
-    def _cached(self, blob, start: int, stop: int) -> bool:
-        """Whether every slice of ``[start, stop)`` is in the slab cache."""
+    def _ready(self, blob, start: int, stop: int) -> bool:
+        """Whether the slices ``[start, stop)`` are planned (a retrieval's prefetch decodes
+        them) or all in the slab cache."""
         step = blob.slab or SLAB
+        with self._cond:
+            if (blob.key, start // step) in self._planned:
+                return True
         for slab in range(start // step, (stop - 1) // step + 1):
             data = self.cache.peek((blob.key, slab))
             if data is None or len(data) < min(stop, (slab + 1) * step) - slab * step:
@@ -486,9 +489,10 @@ class Reconstructor:
         return True
 
     def _streamed(self, blob, start: int, stop: int) -> list[np.ndarray]:
-        """Slices ``[start, stop)`` of a multi-frame instance of several slabs, as the pieces
-        the worker processes decode in parallel (models.decode_stream) rather than slab after
-        slab; each slab starting in a piece is cached as a view of it."""
+        """Slices ``[start, stop)`` of a multi-frame instance of several slabs that no
+        retrieval plan decodes, as the pieces the worker processes decode in parallel
+        (models.decode_stream) rather than slab after slab; each slab starting in a piece is
+        cached as a view of it."""
         step, parts = blob.slab or SLAB, []
         for z0, pixels in models.decode_stream(self._coded(blob.key), start, stop):
             for slab in range(-(-z0 // step), (z0 + len(pixels) - 1) // step + 1):

@@ -284,9 +284,10 @@ def test_warming_the_ingest_statements_leaves_no_rows(archive, monkeypatch):
 
 def test_a_multi_frame_instance_of_several_slabs_streams_through_the_workers(archive,
                                                                             monkeypatch):
-    """An instance of 40 frames (5 slabs) is decoded by one parallel stream, not slab after
-    slab, never planned with a series' slabs, cached slab by slab for the next request, and
-    given back exactly, its words copied once (not three times)."""
+    """An instance of 40 frames (5 slabs) that no retrieval plan covers is decoded by one
+    parallel stream, not slab after slab, cached slab by slab for the next request, and given
+    back exactly, its words copied once (not three times); a planned one waits for its
+    plan."""
     import tracemalloc
     (ds,) = make_series(1, 256, 256, seed=11)
     frames = 40
@@ -297,7 +298,6 @@ def test_a_multi_frame_instance_of_several_slabs_streams_through_the_workers(arc
     sent = _store_and_compact(archive, [ds])
     (uid,) = sent
     archive.reconstructor = Reconstructor(archive.index, archive.blobs, 16 << 20)  # cold cache
-    assert archive.plan_retrieval([uid]) == ([uid], None)
     calls, decode_slices, decode_stream = [], models.decode_slices, models.decode_stream
     monkeypatch.setattr(models, "decode_slices",
                         lambda *a, **k: calls.append(("slices", a[1:3])) or decode_slices(*a, **k))
@@ -318,3 +318,8 @@ def test_a_multi_frame_instance_of_several_slabs_streams_through_the_workers(arc
     # of it the decoder's working memory at this size
     assert peak < 4.8 * volume.nbytes
     assert archive.retrieve(uid).data == sent[uid] and len(calls) == 1     # from the cache
+    archive.reconstructor = Reconstructor(archive.index, archive.blobs, 16 << 20)
+    ordered, prefetch = archive.plan_retrieval([uid])
+    assert archive.retrieve(uid).data == sent[uid]
+    prefetch.thread.join(30)
+    assert calls[1:] == [("stream", (0, frames))]         # the plan's stream, and only it
