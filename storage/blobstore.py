@@ -10,6 +10,7 @@ refers to before it returns.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import re
 import uuid
@@ -171,6 +172,18 @@ class BlobStore:
         """Return the bytes of ``key``; raise ``KeyError`` when absent."""
         try:
             return self.path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def mapped(self, key: str):
+        """The bytes of ``key`` mapped read-only: a buffer the page cache holds, not the
+        process (a multi-frame instance of a gigabyte is compacted without reading it into
+        memory); unmapped once nothing refers to it. ``KeyError`` when absent."""
+        try:
+            with self.path(key).open("rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return b""
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)   # its own fd
         except FileNotFoundError:
             raise KeyError(key) from None
 

@@ -23,7 +23,7 @@ from models.api import SLAB_SLICES
 from storage import header_pack
 from storage.assembly import Stack, assemble
 from storage.blobstore import BlobStore, new_key
-from storage.dataset_parts import parse_dataset, pixel_layout, split
+from storage.dataset_parts import PIXEL_KEYWORDS, parse_fields, pixel_layout, split
 from storage.errors import CommitOutcomeUnknown
 from storage.index import Blob, Index, Instance, Job, Series
 from storage.removals import finish_removals, record_removals
@@ -165,8 +165,9 @@ class Compactor:
     def _code_stack(self, stack: Stack, plan: _Plan) -> None:
         parts = []
         for inst in stack.members:
-            data = self.blobs.get(inst.staged_key)
-            layout = pixel_layout(parse_dataset(data, inst.transfer_syntax), inst.transfer_syntax)
+            data = self.blobs.mapped(inst.staged_key)      # the pixels stay in the page cache
+            layout = pixel_layout(parse_fields(data, inst.transfer_syntax, PIXEL_KEYWORDS),
+                                  inst.transfer_syntax)
             if layout is None or layout.offset != inst.pixel_offset:
                 raise VerificationError(f"pixel layout of {inst.sop_uid} changed since ingest")
             parts.append((inst, *split(data, layout)))
