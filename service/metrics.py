@@ -15,12 +15,12 @@ import time
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pynetdicom import evt
 
 from models import parallel
 from service import statuses
-from storage import reports
+from storage import reports, transcode
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _OPERATIONS = {evt.EVT_C_ECHO: "C-ECHO", evt.EVT_C_STORE: "C-STORE", evt.EVT_C_FIND: "C-FIND",
@@ -92,6 +92,12 @@ class _DecoderCollector:
         jobs.add_metric(["waiting"], waiting)
         jobs.add_metric(["running"], running)
         yield jobs
+        made = CounterMetricFamily(
+            "voxarc_conversions", "Instances sent converted to a syntax the receiver takes "
+            "(storage.transcode)", labels=["from_syntax", "to_syntax", "result"])
+        for (stored, target, result), n in sorted(transcode.counts().items()):
+            made.add_metric([stored, target, result], n)
+        yield made
         if self.archive is not None:
             cache = self.archive.reconstructor.cache
             yield GaugeMetricFamily("voxarc_slab_cache_bytes",

@@ -18,7 +18,9 @@ were written (those of the one decode when decompressed), or :class:`TranscodeEr
 from __future__ import annotations
 
 import io
+import threading
 import zlib
+from collections import Counter
 
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -68,8 +70,19 @@ def choose(stored: str, taken) -> str | None:
     return next((t for t in TARGETS if t in taken and convertible(stored, t)), None)
 
 
+_counts: Counter = Counter()
+_counts_lock = threading.Lock()
+
+
+def counts() -> dict[tuple[str, str, str], int]:
+    """Conversions made in this process: ``(stored, target, "ok" or "failed") -> count``."""
+    with _counts_lock:
+        return dict(_counts)
+
+
 def convert(data: bytes, stored: str, target: str) -> bytes:
-    """The dataset bytes ``data`` (no File Meta) received in ``stored``, encoded in ``target``.
+    """The dataset bytes ``data`` (no File Meta) received in ``stored``, encoded in ``target``
+    (counted: :func:`counts`).
 
     Raises
     ------
@@ -79,6 +92,21 @@ def convert(data: bytes, stored: str, target: str) -> bytes:
     """
     if stored == target:
         return data
+    try:
+        out = _convert(data, stored, target)
+    except TranscodeError:
+        _count(stored, target, "failed")
+        raise
+    _count(stored, target, "ok")
+    return out
+
+
+def _count(stored: str, target: str, result: str) -> None:
+    with _counts_lock:
+        _counts[(stored, target, result)] += 1
+
+
+def _convert(data: bytes, stored: str, target: str) -> bytes:
     if not convertible(stored, target):
         raise TranscodeError(f"cannot convert {UID(stored).name} to {UID(target).name}")
     try:

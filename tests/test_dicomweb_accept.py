@@ -11,7 +11,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from admin_helpers import admin_site, http_get, http_token  # noqa: F401
+from admin_helpers import admin_site, http_get, http_token, metric  # noqa: F401
 from node_helpers import TESTDATA, bundled, dataset_bytes, make_series
 from storage.dataset_parts import parse_dataset
 from scu_helpers import store_bytes
@@ -131,6 +131,14 @@ def test_frames_go_out_as_stored_unless_the_client_names_only_other_syntaxes(adm
                        'transfer-syntax=1.2.840.10008.1.2.4.50') == 406   # nor compressed
 
 
+def _conversions(admin, stored: str) -> float:
+    """voxarc_conversions_total of ``stored`` to Explicit VR Little Endian, made."""
+    status, body = http_get(f"{admin.url}/metrics")
+    assert status == 200
+    return metric(body.decode(), "voxarc_conversions_total", from_syntax=stored,
+                  to_syntax=ExplicitVRLittleEndian, result="ok")
+
+
 def test_a_lossless_compressed_instance_goes_out_decompressed_when_asked(admin_site, tmp_path):
     """JPEG 2000 lossless and JPEG-LS lossless to a client naming Explicit VR Little Endian only
     (WADO-RS and WADO-URI): the same image, the same elements; as stored otherwise."""
@@ -138,6 +146,7 @@ def test_a_lossless_compressed_instance_goes_out_decompressed_when_asked(admin_s
     reference = dcmread(TESTDATA / "MR_small.dcm")
     for name in ("MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"):
         ts, data = bundled(name)
+        made = _conversions(admin, ts)
         ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                                       "SeriesInstanceUID"))
         assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)],
@@ -156,6 +165,7 @@ def test_a_lossless_compressed_instance_goes_out_decompressed_when_asked(admin_s
         np.testing.assert_array_equal(got.pixel_array, reference.pixel_array)
         ((ctype, body),) = _multipart(instance)                 # no syntax named: as stored
         assert ctype.endswith(ts) and body.endswith(data)
+        assert _conversions(admin, ts) == made + 2               # WADO-RS and WADO-URI
         node.archive.delete("study", ds.StudyInstanceUID)     # the next has the same UIDs
 
 
