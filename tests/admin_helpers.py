@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from node_helpers import dataset_bytes, make_series
+from node_helpers import bundled, dataset_bytes, make_series
 from scu_helpers import store_bytes
 
 
@@ -86,3 +86,17 @@ def admin_site(tmp_path, http_token):
     yield node, admin
     admin.stop()
     node.stop()
+
+
+def store_bundled(node, base_url: str, tmp_path, name: str):
+    """C-STORE pydicom's bundled file ``name`` as it is; return (its parsed UIDs dataset, its
+    transfer syntax, its dataset bytes, its WADO-RS instance URL under ``base_url``)."""
+    from storage.dataset_parts import parse_dataset
+    ts, data = bundled(name)
+    ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                                  "SeriesInstanceUID"))
+    assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)],
+                       tmp_path) == [0]
+    url = (f"{base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
+           f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    return ds, ts, data, url

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from admin_helpers import admin_site, http_get, http_token  # noqa: F401
-from node_helpers import bundled, dataset_bytes, make_series
+from admin_helpers import admin_site, http_get, http_token, store_bundled  # noqa: F401
+from node_helpers import dataset_bytes, make_series
 from scu_helpers import store_bytes
 from storage.dataset_parts import parse_dataset, pixel_layout
 from storage.part10 import split_file
@@ -158,13 +158,7 @@ def test_frames_of_compressed_and_colour_instances_as_stored(admin_site, tmp_pat
     from pydicom.encaps import get_frame
     from storage.part10 import build_file
     node, admin = admin_site
-    ts, data = bundled(name)
-    ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                                  "SeriesInstanceUID"))
-    assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)],
-                       tmp_path) == [0]
-    url = (f"{admin.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
-           f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    ds, ts, data, url = store_bundled(node, admin.url, tmp_path, name)
     ((ctype, frame),) = _multipart(f"{url}/frames/1")
     full = dcmread(io.BytesIO(build_file(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)))
     assert ctype.split(";")[0] == media

@@ -11,9 +11,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from admin_helpers import admin_site, http_get, http_token, metric  # noqa: F401
+from admin_helpers import admin_site, http_get, http_token, metric, store_bundled  # noqa: F401
 from node_helpers import TESTDATA, bundled, dataset_bytes, make_series
-from storage.dataset_parts import parse_dataset
 from scu_helpers import store_bytes
 from service.dicomweb_accept import NotAcceptable, accepted_syntaxes, syntax_for
 from test_dicomweb import _multipart
@@ -74,11 +73,7 @@ def test_implicit_vr_instances_go_out_as_explicit_vr_when_asked(admin_site, tmp_
 
 def test_a_syntax_the_node_cannot_make_is_a_406(admin_site, tmp_path):
     node, admin = admin_site
-    ts, data = bundled("JPEG2000.dcm")
-    ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                                  "SeriesInstanceUID"))
-    assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)],
-                       tmp_path) == [0]
+    ds, ts, data, _ = store_bundled(node, admin.url, tmp_path, "JPEG2000.dcm")
     study = f"{admin.url}/dicom-web/studies/{ds.StudyInstanceUID}"
     for accept in (EXPLICIT, "application/dicom+json"):
         request = urllib.request.Request(study, headers={"Accept": accept})
@@ -99,16 +94,11 @@ def test_a_syntax_the_node_cannot_make_is_a_406(admin_site, tmp_path):
 def test_frames_go_out_as_stored_unless_the_client_names_only_other_syntaxes(admin_site,
                                                                             tmp_path):
     node, admin = admin_site
-    ts, data = bundled("JPEG2000.dcm")
-    ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                                  "SeriesInstanceUID"))
     plain = make_series(1, 8, 8, transfer_syntax=ImplicitVRLittleEndian, seed=42)
     _store(node, tmp_path, plain)
-    assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)],
-                       tmp_path) == [0]
+    ds, ts, _, jpeg = store_bundled(node, admin.url, tmp_path, "JPEG2000.dcm")
+    jpeg += "/frames/1"
     base = f"{admin.url}/dicom-web/studies"
-    jpeg = (f"{base}/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
-            f"{ds.SOPInstanceUID}/frames/1")
     one = plain[0]
     raw = (f"{base}/{one.StudyInstanceUID}/series/{one.SeriesInstanceUID}/instances/"
            f"{one.SOPInstanceUID}/frames/1")
@@ -145,14 +135,8 @@ def test_a_lossless_compressed_instance_goes_out_decompressed_when_asked(admin_s
     node, admin = admin_site
     reference = dcmread(TESTDATA / "MR_small.dcm")
     for name in ("MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"):
-        ts, data = bundled(name)
-        made = _conversions(admin, ts)
-        ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                                      "SeriesInstanceUID"))
-        assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)],
-                           tmp_path) == [0]
-        instance = (f"{admin.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
-                    f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+        made = _conversions(admin, bundled(name)[0])
+        ds, ts, data, instance = store_bundled(node, admin.url, tmp_path, name)
         ((ctype, body),) = _multipart(instance, EXPLICIT)
         assert ctype.endswith(ExplicitVRLittleEndian)
         wado = (f"{admin.url}/wado?requestType=WADO&objectUID={ds.SOPInstanceUID}"
@@ -176,27 +160,17 @@ def test_lossless_compressed_frames_are_decoded_when_only_uncompressed_is_named(
     frames are never decoded (their Photometric Interpretation would change)."""
     node, admin = admin_site
     reference = dcmread(TESTDATA / "MR_small.dcm")
-    items = []
-    for name in ("MR_small_jpeg_ls_lossless.dcm", "SC_rgb_jpeg_gdcm.dcm"):
-        ts, data = bundled(name)
-        ds = parse_dataset(data, ts, ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                                      "SeriesInstanceUID"))
-        items.append((ds, ts, data))
-    assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)
-                                   for ds, ts, data in items], tmp_path) == [0, 0]
+    _, ts, _, mr = store_bundled(node, admin.url, tmp_path, "MR_small_jpeg_ls_lossless.dcm")
+    _, _, _, rgb = store_bundled(node, admin.url, tmp_path, "SC_rgb_jpeg_gdcm.dcm")
+    mr, rgb = mr + "/frames/1", rgb + "/frames/1"
     uncompressed = ('multipart/related; type="application/octet-stream"; '
                     f'transfer-syntax={ExplicitVRLittleEndian}')
-
-    def frame_url(ds):
-        return (f"{admin.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
-                f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/frames/1")
-    (mr, ts, _), (rgb, _, _) = items
-    ((ctype, body),) = _multipart(frame_url(mr), uncompressed)
+    ((ctype, body),) = _multipart(mr, uncompressed)
     assert ctype == f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
     assert body == reference.PixelData
-    ((ctype, body),) = _multipart(frame_url(mr))
+    ((ctype, body),) = _multipart(mr)
     assert ctype.endswith(ts) and body.startswith(b"\xff\xd8")       # the JPEG-LS bitstream
-    request = urllib.request.Request(frame_url(rgb), headers={"Accept": uncompressed})
+    request = urllib.request.Request(rgb, headers={"Accept": uncompressed})
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=60)
     assert refused.value.code == 406
