@@ -20,7 +20,8 @@ from pynetdicom.sop_class import (
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext
 
-from service import command_encoding, commitment, exact_send, handlers, negotiation, tls
+from service import (command_encoding, commitment, exact_send, handlers, move_refusal, negotiation,
+                     statuses, tls)
 from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.metrics import NodeMetrics
@@ -52,6 +53,7 @@ def build_ae(settings: Settings) -> AE:
     Storage Commitment Push Model."""
     exact_send.install()    # retrieved instances go out as received, never re-encoded
     command_encoding.install()    # C-STORE command sets packed without a pydicom Dataset
+    move_refusal.install()        # a refused C-MOVE opens no association to its destination
     # pynetdicom's "standard" handlers log every PDU and DIMSE message (building the text even
     # when the level drops it); keep them for debug logging only, we log each operation anyway.
     debug = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
@@ -152,6 +154,8 @@ class Node:
         self.metrics = NodeMetrics(self.archive)           # served at /metrics (service.web)
         self.metrics.watch_compactor(self.archive.compactor)
         self.ae = build_ae(settings)
+        move_refusal.count_with(self.ae, lambda: self.metrics.dimse_done(
+            "C-MOVE", statuses.IDENTIFIER_MISMATCH))
         self.reporter = commitment.Reporter(self.archive, settings)
         self.server = None
         self.worker = CompactionWorker(self.archive, settings.stable_age,

@@ -105,9 +105,13 @@ def test_jobs_and_failures(admin_site, tmp_path, monkeypatch):
     assert move(node.port, {"QueryRetrieveLevel": "STUDY",
                             "StudyInstanceUID": stored[1]["study_uid"]}, "NOWHERE").Status \
         == 0xA801
+    assert move(node.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.*"},
+                "NOWHERE").Status == 0xA900       # refused before pynetdicom's handler, counted
     text = _metrics(admin)
     assert metric(text, "voxarc_compactions_total", result="failed") == 1
     assert metric(text, "voxarc_dimse_failures_total", operation="C-MOVE", status="0xA801") == 1
+    assert metric(text, "voxarc_dimse_failures_total", operation="C-MOVE", status="0xA900") == 1
+    assert metric(text, "voxarc_dimse_requests_total", operation="C-MOVE") == 2
     assert metric(text, "voxarc_compaction_queue", state="failed") == 1
 
 

@@ -334,13 +334,23 @@ def test_find_levels_and_roots(populated):
     assert status == 0xA900
 
 
-def test_move_without_unique_key_is_refused(populated):
-    node = populated[0]
-    dest = StoreSCP("DEST")
+def test_move_without_unique_key_is_refused_before_associating(populated):
+    """0xA900, and the destination never sees an association (pynetdicom would open one
+    before the handler could refuse); a valid request still reaches it."""
+    from pynetdicom import evt
+    node, a = populated[0], populated[1]
+    dest, opened = StoreSCP("DEST"), []
+    dest.server.bind(evt.EVT_CONN_OPEN, lambda event: opened.append(1))
     node.settings.destinations["dest"] = f"DEST@127.0.0.1:{dest.port}"
     try:
-        final = move(node.port, {"QueryRetrieveLevel": "STUDY", "StudyDate": "2024"}, "DEST")
-        assert final.Status == 0xA900 and dest.received == {}
+        for keys in ({"QueryRetrieveLevel": "STUDY", "StudyDate": "2024"},
+                     {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.*"},
+                     {"StudyInstanceUID": a[0].StudyInstanceUID}):
+            final = move(node.port, keys, "DEST")
+            assert final.Status == 0xA900 and dest.received == {} and opened == [], keys
+        final = move(node.port, {"QueryRetrieveLevel": "STUDY",
+                                 "StudyInstanceUID": a[0].StudyInstanceUID}, "DEST")
+        assert final.Status == 0x0000 and len(dest.received) == len(a) and opened
     finally:
         dest.stop()
 
