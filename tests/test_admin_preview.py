@@ -91,3 +91,13 @@ def test_the_middle_instance_is_the_middle_slice(tmp_path):
         assert middle_instance(arch.index, "1.2.3") is None
     finally:
         arch.close()
+
+
+def test_a_lossless_jpeg_image_is_previewed_as_its_uncompressed_twin():
+    """The node's decoders (GDCM, pylibjpeg-openjpeg) read the lossless compressed syntaxes:
+    MR_small as JPEG-LS and JPEG 2000 lossless previews as MR_small itself."""
+    names = ("MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm")
+    images = [_png(render_png("1.2.840.10008.5.1.4.1.1.4", "1.2.3", *bundled(name), 64))
+              for name in names]
+    for image in images[1:]:
+        np.testing.assert_array_equal(image, images[0])
