@@ -11,7 +11,6 @@ node's handler (service.handlers.handle_move) as before, which checks the identi
 from __future__ import annotations
 
 import logging
-import threading
 import weakref
 
 from pynetdicom.dimse_primitives import C_MOVE
@@ -22,8 +21,7 @@ from service.identifiers import IdentifierError, parse_identifier, retrieve_crit
 from service.statuses import IDENTIFIER_MISMATCH
 
 log = logging.getLogger(__name__)
-_installed = False
-_lock = threading.Lock()
+_original_move_scp = QueryRetrieveServiceClass._move_scp
 _counters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # AE -> callable
 
 
@@ -52,29 +50,25 @@ def refusal(req: C_MOVE, context) -> str | None:
     return None
 
 
+def _move_scp(self, req, context):
+    """pynetdicom's C-MOVE SCP, but a request refused for its identifier is answered 0xA900
+    here, before any association to its destination."""
+    reason = refusal(req, context)
+    if reason is None:
+        return _original_move_scp(self, req, context)
+    peer = self.assoc.requestor
+    log.warning("C-MOVE from %s@%s to %s refused (0xA900), no association opened: %s",
+                peer.ae_title, peer.address, str(req.MoveDestination).strip(), reason)
+    rsp = C_MOVE()
+    rsp.MessageID = rsp.MessageIDBeingRespondedTo = req.MessageID
+    rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+    rsp.Status = IDENTIFIER_MISMATCH
+    self.dimse.send_msg(rsp, context.context_id)
+    counter = _counters.get(self.ae)
+    if counter is not None:
+        counter()
+
+
 def install() -> None:
-    """Wrap pynetdicom's C-MOVE SCP once (idempotent)."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _installed = True
-        original = QueryRetrieveServiceClass._move_scp
-
-        def move_scp(self, req, context):
-            reason = refusal(req, context)
-            if reason is None:
-                return original(self, req, context)
-            peer = self.assoc.requestor
-            log.warning("C-MOVE from %s@%s to %s refused (0xA900), no association opened: %s",
-                        peer.ae_title, peer.address, str(req.MoveDestination).strip(), reason)
-            rsp = C_MOVE()
-            rsp.MessageID = rsp.MessageIDBeingRespondedTo = req.MessageID
-            rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
-            rsp.Status = IDENTIFIER_MISMATCH
-            self.dimse.send_msg(rsp, context.context_id)
-            counter = _counters.get(self.ae)
-            if counter is not None:
-                counter()
-
-        QueryRetrieveServiceClass._move_scp = move_scp
+    """Answer refused C-MOVE requests in :func:`_move_scp` (idempotent)."""
+    QueryRetrieveServiceClass._move_scp = _move_scp

@@ -24,8 +24,7 @@ from pynetdicom import acse
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 30.0     # the archive's syntax counts are read at most this often
 
-_installed = False
-_lock = threading.Lock()
+_original_negotiate = acse.negotiate_as_acceptor
 
 
 class RetrievalOrder:
@@ -72,23 +71,19 @@ def attach(contexts: list, order: RetrievalOrder) -> list:
     return contexts
 
 
+def _negotiate(rq_contexts, ac_contexts, roles=None):
+    """pynetdicom's acceptor negotiation, with the contexts marked by :func:`attach` in the
+    archive's retrieval order."""
+    marks = (getattr(cx, "retrieval_order", None) for cx in ac_contexts or ())
+    order = next((mark for mark in marks if mark is not None), None)
+    if order is not None and roles:
+        try:
+            ac_contexts = order.reorder(list(ac_contexts), roles)
+        except Exception:    # never fail an association over a preference
+            log.exception("retrieval syntax order unavailable; default order used")
+    return _original_negotiate(rq_contexts, ac_contexts, roles)
+
+
 def install() -> None:
-    """Wrap pynetdicom's acceptor negotiation once (idempotent)."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _installed = True
-        original = acse.negotiate_as_acceptor
-
-        def negotiate(rq_contexts, ac_contexts, roles=None):
-            marks = (getattr(cx, "retrieval_order", None) for cx in ac_contexts or ())
-            order = next((mark for mark in marks if mark is not None), None)
-            if order is not None and roles:
-                try:
-                    ac_contexts = order.reorder(list(ac_contexts), roles)
-                except Exception:    # never fail an association over a preference
-                    log.exception("retrieval syntax order unavailable; default order used")
-            return original(rq_contexts, ac_contexts, roles)
-
-        acse.negotiate_as_acceptor = negotiate
+    """Negotiate through :func:`_negotiate` (idempotent)."""
+    acse.negotiate_as_acceptor = _negotiate
