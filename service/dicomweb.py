@@ -69,6 +69,7 @@ from service.dicomweb_accept import (NotAcceptable, accepted_syntaxes, frame_syn
                                      syntax_for)
 from service.identifiers import known_keyword
 from service.preview import PreviewError, render_png
+from storage.dataset_parts import le_bytes
 from storage.errors import InstanceNotFoundError, StorageError, TranscodeError
 from storage.part10 import build_file
 from storage.query import ATTRIBUTES, COMPUTED
@@ -285,13 +286,13 @@ def _decoded_frames(ds: Dataset, wanted: list[int], syntax: str):
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise _NotServed(406, "colour frames are not decoded; ask for the stored syntax")
 
-    def frame(n: int) -> bytes:
+    def frame(n: int) -> memoryview:
         try:
             values = pixel_array(ds, index=n - 1, raw=True)
         except Exception as exc:
             raise TranscodeError(f"frame {n} of {ds.SOPInstanceUID} does not decode: "
                                  f"{exc}") from exc
-        return values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+        return le_bytes(values)
     first = frame(wanted[0])            # before the answer starts: a failure is a 500
     return (f"application/octet-stream; transfer-syntax={syntax}",
             itertools.chain([first], (frame(n) for n in wanted[1:])))
