@@ -22,6 +22,7 @@ import threading
 import zlib
 from collections import Counter
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -111,16 +112,17 @@ def _convert(data: bytes, stored: str, target: str) -> bytes:
         raise TranscodeError(f"cannot convert {UID(stored).name} to {UID(target).name}")
     try:
         ds = _read(data, stored)
-        elements = _elements(ds)
+        received = _as_read(ds)
         if UID(stored).is_encapsulated:     # native pixels, Photometric Interpretation to match
             ds.decompress(generate_instance_uid=False)
-        for elem in list(ds):               # group lengths would be wrong in the new encoding
-            if elem.tag.element == 0:
-                del ds[elem.tag]
+        for tag in list(ds.keys()):         # group lengths would be wrong in the new encoding
+            if tag.element == 0:
+                del ds[tag]
         pixels = _pixel_bytes(ds)
         out = _write(ds, implicit=target == ImplicitVRLittleEndian)
         back = _read(out, target)
-        same = _elements(back) == elements and _pixel_bytes(back) == pixels
+        same = _same_elements(received, back, lambda: _read(data, stored)) and \
+            _pixel_bytes(back) == pixels
     except TranscodeError:
         raise
     except Exception as exc:
@@ -143,18 +145,53 @@ def _read(data: bytes, syntax: str):
     return ds
 
 
-def _elements(ds) -> dict:
-    """Every top-level value but the pixel data and what decompressing it may change (and the
-    group lengths), odd-length binary values padded as any writer does."""
-    out = {}
-    for elem in ds:
-        if elem.tag in _PIXEL_TAGS or elem.tag.element == 0:
-            continue
-        value = elem.value
-        if isinstance(value, bytes) and len(value) % 2:
-            value += b"\0"
-        out[elem.tag] = value
-    return out
+def _as_read(ds) -> dict:
+    """Every top-level element but the pixel data and what decompressing it may change (and
+    the group lengths), as read: raw, not converted to values."""
+    return {tag: ds.get_item(tag) for tag in ds.keys()
+            if tag not in _PIXEL_TAGS and tag.element != 0}
+
+
+def _same_elements(received: dict, back, original) -> bool:
+    """True when ``back`` holds the elements of ``received`` (:func:`_as_read`) with the same
+    values: the same value bytes, or else (a sequence re-encoded, a value padded) the same
+    value once pydicom converts them (``original()``: the received dataset read again, since
+    decompressing converted some of its elements in place). Comparing bytes first spares
+    converting the hundreds of unchanged elements of a typical header (most of the time a
+    conversion took)."""
+    written = _as_read(back)
+    if written.keys() != received.keys():
+        return False
+    differ = [tag for tag, elem in written.items()
+              if _value_bytes(elem) is None or _value_bytes(elem) != _value_bytes(received[tag])]
+    if not differ:
+        return True
+    first = original()
+    return all(_value(first[tag]) == _value(back[tag]) for tag in differ)
+
+
+def _value_bytes(elem) -> bytes | None:
+    """A raw element's value bytes; None when they are not comparable across encodings
+    (already converted, a sequence, an undefined length)."""
+    if not getattr(elem, "is_raw", False) or elem.length == 0xFFFFFFFF:
+        return None
+    vr = elem.VR or _dictionary_vr(elem.tag)
+    return None if vr == "SQ" else elem.value
+
+
+def _dictionary_vr(tag) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:        # private or unknown: not a sequence pydicom would re-encode
+        return None
+
+
+def _value(elem):
+    """An element's value, odd-length binary values padded as any writer does."""
+    value = elem.value
+    if isinstance(value, bytes) and len(value) % 2:
+        value += b"\0"
+    return value
 
 
 def _pixel_bytes(ds) -> bytes | None:

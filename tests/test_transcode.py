@@ -97,3 +97,38 @@ def test_a_conversion_that_changes_an_element_is_refused(monkeypatch):
     stored, data = bundled("MR_small_RLE.dcm")
     with pytest.raises(transcode.TranscodeError, match="does not read back the same"):
         transcode.convert(data, stored, ExplicitVRLittleEndian)
+
+
+def _with_sequence_and_private_text(ds):
+    from pydicom.dataset import Dataset
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ds.SOPClassUID, "1.2.3.9"
+    ds.ReferencedImageSequence = [item]
+    ds.add_new(0x00091012, "LO", "50")          # VR known only from the explicit encoding
+    return ds
+
+
+def test_explicit_sources_keep_private_text_and_sequences_in_implicit_vr():
+    """A private text element has no VR in Implicit VR (a reader sees bytes): its value bytes
+    are kept and the conversion goes through; a sequence, re-encoded, keeps its values."""
+    ds = _with_sequence_and_private_text(
+        make_series(1, 8, 8, transfer_syntax=ExplicitVRLittleEndian, seed=6)[0])
+    stored, data = dataset_bytes(ds)
+    out = _read(transcode.convert(data, stored, ImplicitVRLittleEndian), ImplicitVRLittleEndian)
+    assert out[0x00091012].value in (b"50", "50")
+    assert out.ReferencedImageSequence[0].ReferencedSOPInstanceUID == "1.2.3.9"
+    assert out.PixelData == ds.PixelData
+
+
+def test_a_sequence_changed_in_writing_is_refused(monkeypatch):
+    ds = _with_sequence_and_private_text(
+        make_series(1, 8, 8, transfer_syntax=ExplicitVRLittleEndian, seed=7)[0])
+    stored, data = dataset_bytes(ds)
+    original = transcode._write
+
+    def altering(ds, implicit):
+        ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.10"
+        return original(ds, implicit)
+    monkeypatch.setattr(transcode, "_write", altering)
+    with pytest.raises(transcode.TranscodeError, match="does not read back the same"):
+        transcode.convert(data, stored, ImplicitVRLittleEndian)
