@@ -11,8 +11,9 @@ get pixels whose loss it was not told of in the syntax) and nothing is compresse
 
 Every conversion is read back before it is returned: the same values of every top-level
 element (bar the pixel data and, when decompressed, its Photometric Interpretation and Planar
-Configuration; group lengths are dropped) as the dataset received, the same pixel bytes as
-were written (those of the one decode when decompressed), or :class:`TranscodeError`.
+Configuration; group lengths are dropped) as the dataset received, compared as value bytes
+and, where those differ, as values; the same pixel bytes as were written (those of the one
+decode when decompressed); or :class:`TranscodeError`.
 """
 
 from __future__ import annotations
