@@ -9,12 +9,19 @@ own tables of each message's elements. Messages of the types in :data:`TYPES` wh
 are all US, UL, UI or plain-ASCII AE/LO values take this path; anything else (an offending
 element list, a dataset streamed from a file, bound ``EVT_DIMSE_SENT`` handlers, other message
 types) goes through pynetdicom unchanged. Tests check the bytes against pynetdicom's encoding.
+
+A message's dataset is cut into P-DATA as they are queued, from views of its bytes, and the
+sender waits while :data:`QUEUED_BYTES` of them are queued: pynetdicom made every fragment
+first and its send queue is unbounded, so a C-GET of a 192 MiB multi-frame instance held some
+four copies of it at once (now two: the decoded frames and the instance's bytes).
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
-from math import ceil
+import time
+from collections.abc import Iterator
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pynetdicom import dimse_messages, evt
@@ -89,44 +96,56 @@ def encode_command(primitive) -> tuple[bytes, object] | None:
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body, dataset
 
 
-def _fragments(data: bytes, max_pdu: int):
-    if max_pdu == 0:
-        yield data
-        return
-    size = max_pdu - 6
-    for i in range(ceil(len(data) / size)):
-        yield data[i * size:(i + 1) * size]
+def _fragments(data, max_pdu: int) -> list:
+    """``data`` cut into PDV values of at most ``max_pdu - 6`` bytes: views, not copies."""
+    if max_pdu == 0 or len(data) <= max_pdu - 6:
+        return [data]
+    view, size = memoryview(data), max_pdu - 6
+    return [view[i:i + size] for i in range(0, len(data), size)]
 
 
-def _pdata(context_id: int, control: int, fragment: bytes) -> P_DATA:
+def _pdata(context_id: int, control: int, fragment) -> P_DATA:
     pdata = P_DATA()
     pdata.presentation_data_value_list.append((context_id, bytes((control,)) + fragment))
     return pdata
 
 
-def p_data(primitive, context_id: int, max_pdu: int) -> list[P_DATA] | None:
-    """The P-DATA primitives pynetdicom would send for a DIMSE-C primitive, or None when this
-    module does not encode it."""
+def _marked(data, context_id: int, max_pdu: int, more: int, last: int) -> Iterator[P_DATA]:
+    pieces = _fragments(data, max_pdu)
+    for i, piece in enumerate(pieces):
+        yield _pdata(context_id, last if i == len(pieces) - 1 else more, piece)
+
+
+def p_data(primitive, context_id: int, max_pdu: int) -> Iterator[P_DATA] | None:
+    """The P-DATA primitives pynetdicom would send for a DIMSE-C primitive, made one at a time
+    as they are taken, or None when this module does not encode it."""
     encoded = encode_command(primitive)
     if encoded is None:
         return None
     command, dataset = encoded
-    pieces = list(_fragments(command, max_pdu))
-    out = [_pdata(context_id, 0x01, piece) for piece in pieces[:-1]]
-    out.append(_pdata(context_id, 0x03, pieces[-1]))
     data = dataset.getvalue() if dataset is not None else b""
+    parts = [_marked(command, context_id, max_pdu, 0x01, 0x03)]
     if data:
-        pieces = list(_fragments(data, max_pdu))
-        out += [_pdata(context_id, 0x00, piece) for piece in pieces[:-1]]
-        out.append(_pdata(context_id, 0x02, pieces[-1]))
-    return out
+        parts.append(_marked(data, context_id, max_pdu, 0x00, 0x02))
+    return itertools.chain(*parts)
+
+
+#: bytes of P-DATA a sender may have queued for its association's DUL before it waits: pynetdicom's
+#: queue is unbounded, so a large instance would otherwise be queued whole, a copy of it in
+#: fragments, while the socket sends the first ones
+QUEUED_BYTES = 4 << 20
+_QUEUE_POLL = 0.0005
 
 
 def _send_msg(self, primitive, context_id: int) -> None:
     if type(primitive) in TYPES and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
         pdatas = p_data(primitive, context_id, self.maximum_pdu_size)
         if pdatas is not None:
+            queue = self.dul.to_provider_queue
+            most = max(8, QUEUED_BYTES // max(self.maximum_pdu_size, 1))
             for pdata in pdatas:
+                while queue.qsize() >= most and self.dul.is_alive():
+                    time.sleep(_QUEUE_POLL)
                 self.dul.send_pdu(pdata)
             return
     _original_send_msg(self, primitive, context_id)

@@ -1,5 +1,8 @@
 """service.command_encoding: command sets packed directly equal pynetdicom's encoding."""
 
+import queue
+import threading
+import time
 from io import BytesIO
 
 import pytest
@@ -103,8 +106,13 @@ def test_a_node_uses_it_unless_dimse_messages_are_logged(debug, monkeypatch):
     sent = []
 
     class Dul:
+        to_provider_queue = queue.Queue()
+
         def send_pdu(self, pdata):
             sent.append(pdata)
+
+        def is_alive(self):
+            return True
 
     class Assoc:
         def get_handlers(self, event):
@@ -121,3 +129,47 @@ def test_a_node_uses_it_unless_dimse_messages_are_logged(debug, monkeypatch):
     rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"
     command_encoding._send_msg(Provider(), rsp, 1)
     assert (len(original), len(sent)) == ((1, 0) if debug else (0, 1))
+
+
+def test_a_large_dataset_is_queued_a_few_fragments_at_a_time(monkeypatch):
+    """pynetdicom's send queue is unbounded: a sender waits while it holds QUEUED_BYTES, so a
+    large instance is not queued whole (a copy of it) ahead of the socket."""
+    monkeypatch.setattr(command_encoding, "QUEUED_BYTES", 64 * 10)
+    sent, longest, done = [], [0], threading.Event()
+
+    class Dul:
+        to_provider_queue = queue.Queue()
+
+        def send_pdu(self, pdata):
+            self.to_provider_queue.put(pdata)
+            longest[0] = max(longest[0], self.to_provider_queue.qsize())
+
+        def is_alive(self):
+            return True
+
+    class Assoc:
+        def get_handlers(self, event):
+            return []
+
+    class Provider:
+        assoc, dul, maximum_pdu_size = Assoc(), Dul(), 64
+
+    def socket():                       # the DUL thread, slower than the sender
+        while not (done.is_set() and Provider.dul.to_provider_queue.empty()):
+            try:
+                sent.append(Provider.dul.to_provider_queue.get(timeout=0.01))
+            except queue.Empty:
+                continue
+            time.sleep(0.0002)
+    drain = threading.Thread(target=socket)
+    drain.start()
+    rq = C_STORE()
+    rq.MessageID, rq.Priority = 5, 0
+    rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = "1.2.3", "1.2.3.4"
+    rq.DataSet = BytesIO(bytes(range(256)) * 40)         # 177 fragments of 58 bytes
+    command_encoding._send_msg(Provider(), rq, 3)
+    done.set()
+    drain.join()
+    assert longest[0] <= 10
+    assert [p.presentation_data_value_list for p in sent] == \
+        _pynetdicom(rq, C_STORE_RQ, 3, 64)
