@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -141,12 +142,13 @@ def _send_msg(self, primitive, context_id: int) -> None:
     if type(primitive) in TYPES and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
         pdatas = p_data(primitive, context_id, self.maximum_pdu_size)
         if pdatas is not None:
-            queue = self.dul.to_provider_queue
+            queue, dul = self.dul.to_provider_queue, self.dul
             most = max(8, QUEUED_BYTES // max(self.maximum_pdu_size, 1))
+            waits = threading.current_thread() is not dul     # the DUL cannot drain for itself
             for pdata in pdatas:
-                while queue.qsize() >= most and self.dul.is_alive():
+                while waits and queue.qsize() >= most and dul.is_alive():
                     time.sleep(_QUEUE_POLL)
-                self.dul.send_pdu(pdata)
+                dul.send_pdu(pdata)
             return
     _original_send_msg(self, primitive, context_id)
 
