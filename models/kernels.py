@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _I32, _P]   # layers, sizes, weights, biases, vector, acc
-ABI = 6   # the entry points and signatures of models/_kernels.c this module calls
+ABI = 7   # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -79,6 +79,15 @@ def _library():
 
 def _switched_off() -> bool:
     return os.environ.get("VOXARC_KERNELS", "auto") == "numpy"
+
+
+AVX2 = 2    # ``vector`` value of :func:`mlp` for the AVX2+FMA layers even where AVX-512 is
+
+
+def _vector() -> int:
+    """The network layers the kernels use: the widest the CPU has (1), or with
+    ``VOXARC_KERNELS=avx2`` no wider than AVX2 (to compare; the results are the same)."""
+    return AVX2 if os.environ.get("VOXARC_KERNELS", "auto") == "avx2" else 1
 
 
 def available() -> bool:
@@ -220,17 +229,21 @@ class Network:
         # the pointer arrays are only valid in this process: a copy takes fresh ones
         return (Network, (self.weights, self.biases))
 
-    def arguments(self, acc: np.ndarray, vector: bool = True) -> tuple:
-        """The kernels' network arguments, writing the accumulators to ``acc``."""
+    def arguments(self, acc: np.ndarray, vector: bool | int = True) -> tuple:
+        """The kernels' network arguments, writing the accumulators to ``acc`` (``vector``:
+        see :func:`mlp`)."""
         return (len(self.weights), self._sizes.ctypes.data, self._w.ctypes.data,
-                self._b.ctypes.data, int(vector), acc.ctypes.data)
+                self._b.ctypes.data, _vector() if vector is True else int(vector),
+                acc.ctypes.data)
 
 
-def mlp(net: Network, x: np.ndarray, vector: bool = True) -> np.ndarray | None:
+def mlp(net: Network, x: np.ndarray, vector: bool | int = True) -> np.ndarray | None:
     """The network's float32 accumulators ``(n, out)`` for inputs ``x`` ``(n, in)`` (a
     column-major view, as :class:`Features` gives, is used in place), or None without the
     compiled kernel or for layers wider than it takes (MLP_WIDTH). Equal, bit for bit, to torch's
-    float32 evaluation; ``vector=False`` runs the plain C layers even on an AVX2+FMA CPU."""
+    float32 evaluation. ``vector``: True the widest vector layers the CPU has (AVX-512, else
+    AVX2+FMA; no wider than AVX2 with ``VOXARC_KERNELS=avx2``), :data:`AVX2` those even on an
+    AVX-512 CPU, False the plain C layers."""
     if not available():
         return None
     cols = np.asarray(x, dtype=np.float32).T
@@ -322,7 +335,7 @@ class StepKernel:
         self._p = np.array([buf.ctypes.data, koff.ctypes.data, _LOG2Q_TABLE.ctypes.data,
                             net._sizes.ctypes.data, net._w.ctypes.data, net._b.ctypes.data,
                             head.ctypes.data, table.ctypes.data, shifts.ctypes.data], np.uint64)
-        self._q = np.array([len(koff), int(tables.flat), len(net.weights), 1,
+        self._q = np.array([len(koff), int(tables.flat), len(net.weights), _vector(),
                             tables.fraction_bins.bit_length() - 1, SCALE_ZERO, N_SCALES,
                             tables.flat_index, lo,
                             hi, len(table), table.shape[1], token_range, int(bounds is not None),

@@ -158,10 +158,10 @@ def _random_network(rng, sizes, weight_max=127):
     return IntMLP(layers)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2 ** 31), n=st.integers(0, 200),
-       sizes=st.lists(st.integers(1, 70), min_size=2, max_size=4), vector=st.booleans(),
-       column_major=st.booleans())
+       sizes=st.lists(st.integers(1, 70), min_size=2, max_size=4),
+       vector=st.sampled_from([False, True, kernels.AVX2]), column_major=st.booleans())
 def test_kernel_network_equals_the_int64_reference(seed, n, sizes, vector, column_major):
     rng = np.random.default_rng(seed)
     net = _random_network(rng, sizes)
@@ -420,3 +420,14 @@ def test_kernel_loss_and_gradient_equal_the_torch_expression(monkeypatch, seed, 
     for got, grad in grads:       # float32 both, in other orders: close to the largest's 1e-3
         assert got == pytest.approx(want.item(), rel=1e-5)
         torch.testing.assert_close(grad, o.grad, rtol=1e-3, atol=1e-3 * o.grad.abs().max())
+
+
+def test_avx2_layers_on_request_decode_the_same(monkeypatch):
+    """``VOXARC_KERNELS=avx2`` keeps the decoder's network to AVX2 (to compare speeds): the
+    same voxels as the widest layers give."""
+    from models import decode_volume, encode_volume
+    vol = np.random.default_rng(4).integers(0, 4000, (3, 40, 50)).astype(np.uint16)
+    blob = encode_volume(vol)
+    monkeypatch.setenv("VOXARC_KERNELS", "avx2")
+    assert kernels._vector() == kernels.AVX2 and kernels.available()
+    assert np.array_equal(decode_volume(blob), vol)
