@@ -164,7 +164,7 @@ def _same_elements(received: dict, back, original) -> bool:
     if written.keys() != received.keys():
         return False
     differ = [tag for tag, elem in written.items()
-              if _value_bytes(elem) is None or _value_bytes(elem) != _value_bytes(received[tag])]
+              if (value := _value_bytes(elem)) is None or value != _value_bytes(received[tag])]
     if not differ:
         return True
     first = original()
