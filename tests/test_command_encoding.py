@@ -4,6 +4,7 @@ import queue
 import threading
 import time
 from io import BytesIO
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -98,36 +99,27 @@ def test_what_it_does_not_encode_is_left_to_pynetdicom():
     assert command_encoding.p_data(rsp, 1, 0) is not None
 
 
+def _provider(send_pdu, max_pdu: int, logged: bool = False, sent_queue=None):
+    """A stand-in for pynetdicom's DIMSE provider: its DUL (``send_pdu``, a send queue, alive)
+    and association (pynetdicom's debug handlers bound when ``logged``)."""
+    from pynetdicom import evt
+    dul = SimpleNamespace(to_provider_queue=sent_queue or queue.Queue(), send_pdu=send_pdu,
+                          is_alive=lambda: True)
+    assoc = SimpleNamespace(get_handlers=lambda event: [(print, None)]
+                            if logged and event is evt.EVT_DIMSE_SENT else [])
+    return SimpleNamespace(assoc=assoc, dul=dul, maximum_pdu_size=max_pdu)
+
+
 @pytest.mark.parametrize("debug", [False, True])
 def test_a_node_uses_it_unless_dimse_messages_are_logged(debug, monkeypatch):
     """With pynetdicom's debug handlers bound, messages go through pynetdicom (and are logged)."""
-    from pynetdicom import evt
-
-    sent = []
-
-    class Dul:
-        to_provider_queue = queue.Queue()
-
-        def send_pdu(self, pdata):
-            sent.append(pdata)
-
-        def is_alive(self):
-            return True
-
-    class Assoc:
-        def get_handlers(self, event):
-            return [(print, None)] if debug and event is evt.EVT_DIMSE_SENT else []
-
-    class Provider:
-        assoc, dul, maximum_pdu_size = Assoc(), Dul(), 16384
-
-    original = []
+    sent, original = [], []
     monkeypatch.setattr(command_encoding, "_original_send_msg",
                         lambda self, p, cx: original.append(p))
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo, rsp.Status = 7, 0
     rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"
-    command_encoding._send_msg(Provider(), rsp, 1)
+    command_encoding._send_msg(_provider(sent.append, 16384, logged=debug), rsp, 1)
     assert (len(original), len(sent)) == ((1, 0) if debug else (0, 1))
 
 
@@ -135,29 +127,16 @@ def test_a_large_dataset_is_queued_a_few_fragments_at_a_time(monkeypatch):
     """pynetdicom's send queue is unbounded: a sender waits while it holds QUEUED_BYTES, so a
     large instance is not queued whole (a copy of it) ahead of the socket."""
     monkeypatch.setattr(command_encoding, "QUEUED_BYTES", 64 * 10)
-    sent, longest, done = [], [0], threading.Event()
+    sent, longest, done, queued = [], [0], threading.Event(), queue.Queue()
 
-    class Dul:
-        to_provider_queue = queue.Queue()
-
-        def send_pdu(self, pdata):
-            self.to_provider_queue.put(pdata)
-            longest[0] = max(longest[0], self.to_provider_queue.qsize())
-
-        def is_alive(self):
-            return True
-
-    class Assoc:
-        def get_handlers(self, event):
-            return []
-
-    class Provider:
-        assoc, dul, maximum_pdu_size = Assoc(), Dul(), 64
+    def send_pdu(pdata):
+        queued.put(pdata)
+        longest[0] = max(longest[0], queued.qsize())
 
     def socket():                       # the DUL thread, slower than the sender
-        while not (done.is_set() and Provider.dul.to_provider_queue.empty()):
+        while not (done.is_set() and queued.empty()):
             try:
-                sent.append(Provider.dul.to_provider_queue.get(timeout=0.01))
+                sent.append(queued.get(timeout=0.01))
             except queue.Empty:
                 continue
             time.sleep(0.0002)
@@ -167,7 +146,7 @@ def test_a_large_dataset_is_queued_a_few_fragments_at_a_time(monkeypatch):
     rq.MessageID, rq.Priority = 5, 0
     rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = "1.2.3", "1.2.3.4"
     rq.DataSet = BytesIO(bytes(range(256)) * 40)         # 177 fragments of 58 bytes
-    command_encoding._send_msg(Provider(), rq, 3)
+    command_encoding._send_msg(_provider(send_pdu, 64, sent_queue=queued), rq, 3)
     done.set()
     drain.join()
     assert longest[0] <= 10
