@@ -13,11 +13,14 @@ types) goes through pynetdicom unchanged. Tests check the bytes against pynetdic
 A message's dataset is cut into P-DATA as they are queued, from views of its bytes, and the
 sender waits while :data:`QUEUED_BYTES` of them are queued: pynetdicom made every fragment
 first and its send queue is unbounded, so a C-GET of a 192 MiB multi-frame instance held some
-four copies of it at once (now two: the decoded frames and the instance's bytes).
+four copies of it at once. A retrieved instance's bytes may also come in parts (its header
+bytes and decoded pixel words, :func:`send_in_parts`), so that they are never joined into one
+more copy: one is held now.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import struct
 import threading
@@ -97,12 +100,30 @@ def encode_command(primitive) -> tuple[bytes, object] | None:
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body, dataset
 
 
-def _fragments(data, max_pdu: int) -> list:
-    """``data`` cut into PDV values of at most ``max_pdu - 6`` bytes: views, not copies."""
-    if max_pdu == 0 or len(data) <= max_pdu - 6:
-        return [data]
-    view, size = memoryview(data), max_pdu - 6
-    return [view[i:i + size] for i in range(0, len(data), size)]
+def _fragments(parts, max_pdu: int) -> Iterator:
+    """The bytes of ``parts`` cut into PDV values of at most ``max_pdu - 6`` bytes: views of
+    a part, copies only of a value that spans two parts."""
+    views = [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
+    size = max_pdu - 6 if max_pdu else sum(map(len, views))
+    carry: list = []
+    carried = 0
+    for view in views:
+        at = 0
+        if carried:
+            at = min(size - carried, len(view))
+            carry.append(view[:at])
+            carried += at
+            if carried < size:
+                continue
+            yield b"".join(carry)
+            carry, carried = [], 0
+        while len(view) - at >= size:
+            yield view[at:at + size]
+            at += size
+        if at < len(view):
+            carry, carried = [view[at:]], len(view) - at
+    if carried:
+        yield carry[0] if len(carry) == 1 else b"".join(carry)
 
 
 def _pdata(context_id: int, control: int, fragment) -> P_DATA:
@@ -111,24 +132,52 @@ def _pdata(context_id: int, control: int, fragment) -> P_DATA:
     return pdata
 
 
-def _marked(data, context_id: int, max_pdu: int, more: int, last: int) -> Iterator[P_DATA]:
-    pieces = _fragments(data, max_pdu)
-    for i, piece in enumerate(pieces):
-        yield _pdata(context_id, last if i == len(pieces) - 1 else more, piece)
+def _marked(parts, context_id: int, max_pdu: int, more: int, last: int) -> Iterator[P_DATA]:
+    pending = None
+    for piece in _fragments(parts, max_pdu):
+        if pending is not None:
+            yield _pdata(context_id, more, pending)
+        pending = piece
+    if pending is not None:
+        yield _pdata(context_id, last, pending)
 
 
-def p_data(primitive, context_id: int, max_pdu: int) -> Iterator[P_DATA] | None:
+def p_data(primitive, context_id: int, max_pdu: int, parts: tuple | None = None
+           ) -> Iterator[P_DATA] | None:
     """The P-DATA primitives pynetdicom would send for a DIMSE-C primitive, made one at a time
-    as they are taken, or None when this module does not encode it."""
+    as they are taken, or None when this module does not encode it. ``parts``: the dataset's
+    bytes in consecutive parts, instead of the primitive's own."""
     encoded = encode_command(primitive)
     if encoded is None:
         return None
     command, dataset = encoded
-    data = dataset.getvalue() if dataset is not None else b""
-    parts = [_marked(command, context_id, max_pdu, 0x01, 0x03)]
-    if data:
-        parts.append(_marked(data, context_id, max_pdu, 0x00, 0x02))
-    return itertools.chain(*parts)
+    if parts is None:
+        parts = (dataset.getvalue(),) if dataset is not None else ()
+    chained = [_marked((command,), context_id, max_pdu, 0x01, 0x03)]
+    if any(len(memoryview(p)) for p in parts):
+        chained.append(_marked(parts, context_id, max_pdu, 0x00, 0x02))
+    return itertools.chain(*chained)
+
+
+_next_parts = threading.local()
+
+
+def send_in_parts(sop_uid: str, parts: tuple) -> None:
+    """Have the next C-STORE request of ``sop_uid`` sent from this thread carry ``parts`` as
+    its dataset (instead of the empty one pynetdicom holds for it), so that an instance's
+    bytes need not be joined into one object: pynetdicom takes one bytes object per dataset."""
+    _next_parts.value = (sop_uid, parts)
+
+
+def _taken_parts(primitive) -> tuple | None:
+    pending = getattr(_next_parts, "value", None)
+    if (pending is None or not isinstance(primitive, C_STORE)
+            or primitive.MessageIDBeingRespondedTo is not None
+            or primitive.AffectedSOPInstanceUID != pending[0]
+            or primitive.DataSet is None or primitive.DataSet.getvalue()):
+        return None
+    _next_parts.value = None
+    return pending[1]
 
 
 #: bytes of P-DATA a sender may have queued for its association's DUL before it waits: pynetdicom's
@@ -139,8 +188,9 @@ _QUEUE_POLL = 0.0005
 
 
 def _send_msg(self, primitive, context_id: int) -> None:
+    parts = _taken_parts(primitive)
     if type(primitive) in TYPES and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
-        pdatas = p_data(primitive, context_id, self.maximum_pdu_size)
+        pdatas = p_data(primitive, context_id, self.maximum_pdu_size, parts)
         if pdatas is not None:
             queue, dul = self.dul.to_provider_queue, self.dul
             most = max(8, QUEUED_BYTES // max(self.maximum_pdu_size, 1))
@@ -150,6 +200,8 @@ def _send_msg(self, primitive, context_id: int) -> None:
                     time.sleep(_QUEUE_POLL)
                 dul.send_pdu(pdata)
             return
+    if parts is not None:
+        primitive.DataSet = io.BytesIO(b"".join(parts))
     _original_send_msg(self, primitive, context_id)
 
 

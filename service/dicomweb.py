@@ -172,17 +172,19 @@ class _Stream(StreamingResponse):
 
 
 def _multipart(parts, part_type: str, what: str) -> StreamingResponse:
-    """A multipart/related response of ``parts``: an iterator of (content type, bytes); a
-    StorageError from it cuts the transfer off (logged with ``what``, the request)."""
+    """A multipart/related response of ``parts``: an iterator of (content type, bytes or a
+    tuple of consecutive buffers); a StorageError from it cuts the transfer off (logged with
+    ``what``, the request)."""
     boundary = uuid.uuid4().hex
 
     def body():
         sent = 0
         try:
             for content_type, data in parts:
+                pieces = data if isinstance(data, tuple) else (data,)
                 yield (f"--{boundary}\r\nContent-Type: {content_type}\r\n"
-                       f"Content-Length: {len(data)}\r\n\r\n").encode()
-                yield data
+                       f"Content-Length: {_length(pieces)}\r\n\r\n").encode()
+                yield from pieces
                 yield b"\r\n"
                 sent += 1
         except StorageError as exc:
@@ -415,9 +417,13 @@ _PATH_KEYS = (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
               ("sop", "SOPInstanceUID"))
 
 
-def _part10(inst, syntax: str) -> tuple[str, bytes]:
+def _part10(inst, syntax: str) -> tuple[str, tuple]:
     return (f"application/dicom; transfer-syntax={syntax}",
-            part10_in(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data, syntax))
+            part10_in(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.parts, syntax))
+
+
+def _length(pieces) -> int:
+    return sum(memoryview(p).nbytes for p in pieces)
 
 
 class DicomWeb:
@@ -478,7 +484,7 @@ class DicomWeb:
         try:
             for uid in ordered:
                 try:
-                    inst = self.archive.retrieve(uid)
+                    inst = self.archive.retrieve_parts(uid)
                 except StorageError as exc:
                     log.error("DICOMweb: instance %s not sent: %s", uid, exc)
                     raise
@@ -678,11 +684,12 @@ class DicomWeb:
                 return JSONResponse({"error": str(exc)}, status_code=406)
             try:
                 body = part10_in(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax,
-                                 inst.data, syntax)
+                                 (inst.data,), syntax)
             except StorageError as exc:           # the conversion failed (logged there)
                 log.error("WADO-URI %s: %s", inst.sop_uid, exc)
                 return _failed(exc).response()
-            return Response(body, media_type="application/dicom")
+            return _Stream(iter(body), media_type="application/dicom",
+                           headers={"Content-Length": str(_length(body))})
         if kind is None:
             return JSONResponse({"error": f"contentType {q.get('contentType')} is not offered"},
                                 status_code=406)

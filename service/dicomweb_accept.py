@@ -15,7 +15,7 @@ from __future__ import annotations
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from storage import transcode
-from storage.part10 import build_file
+from storage.part10 import file_head
 
 NATIVE_LE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}   # frames: the same pixel bytes
 
@@ -119,13 +119,17 @@ def syntax_for(stored: str, allowed: set[str] | None) -> str:
     return chosen
 
 
-def part10_in(sop_class_uid: str, sop_uid: str, stored: str, data: bytes, syntax: str) -> bytes:
-    """The Part 10 file of a dataset received in ``stored``, in ``syntax`` (one that
-    :func:`syntax_for` chose).
+def part10_in(sop_class_uid: str, sop_uid: str, stored: str, parts: tuple, syntax: str
+              ) -> tuple:
+    """The Part 10 file of a dataset received in ``stored`` (its bytes in consecutive
+    ``parts``), in ``syntax`` (one that :func:`syntax_for` chose), in parts too: the file's
+    head, then the dataset's (joined only when it is converted).
 
     Raises
     ------
     storage.transcode.TranscodeError
         The conversion failed (or did not read back the same).
     """
-    return build_file(sop_class_uid, sop_uid, syntax, transcode.convert(data, stored, syntax))
+    if syntax != stored:
+        parts = (transcode.convert(b"".join(parts), stored, syntax),)
+    return (file_head(sop_class_uid, sop_uid, syntax), *parts)

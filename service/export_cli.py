@@ -17,7 +17,7 @@ from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from service.progress import Progress
 from storage.errors import StorageError
-from storage.part10 import build_file
+from storage.part10 import file_head
 
 log = logging.getLogger(__name__)
 _PLAIN_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -62,15 +62,17 @@ def export_study(archive, study_uid: str, folder: Path, progress: Progress | Non
     for record in records:
         uid = record["SOPInstanceUID"]
         try:
-            inst = archive.retrieve(uid)
+            inst = archive.retrieve_parts(uid)
         except StorageError as exc:
             failed += 1
             log.error("instance %s not exported: %s", uid, exc)
         else:
             target = folder / safe_name(record["SeriesInstanceUID"]) / f"{safe_name(uid)}.dcm"
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(build_file(inst.sop_class_uid, uid, inst.transfer_syntax,
-                                          inst.data))
+            with open(target, "wb") as fp:
+                fp.write(file_head(inst.sop_class_uid, uid, inst.transfer_syntax))
+                for part in inst.parts:
+                    fp.write(part)
             written.append(target)
         if progress:
             progress.advance(note=uid[-30:])

@@ -161,26 +161,28 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
                 yield statuses.PENDING, _failed(uid)
                 continue
             try:
-                inst = archive.retrieve(uid)
+                inst = archive.retrieve_parts(uid)
                 syntax, data = _in_syntax(inst, syntax or inst.transfer_syntax, operation)
             except Exception as exc:
                 statuses.status_for(exc, f"{operation} of {uid}")
                 yield statuses.PENDING, _failed(uid)
                 continue
             yield statuses.PENDING, PreEncoded(inst.sop_class_uid, uid, syntax, data)
+            del inst, data      # not held while the next instance is rebuilt
     finally:
         if prefetch is not None:
             prefetch.cancel()
 
 
-def _in_syntax(inst, syntax: str, operation: str) -> tuple[str, bytes]:
-    """The rebuilt instance's bytes in ``syntax``: as received, or converted (logged)."""
+def _in_syntax(inst, syntax: str, operation: str) -> tuple[str, tuple]:
+    """The rebuilt instance's bytes in ``syntax`` (in parts): as received, or converted
+    (logged)."""
     if syntax == inst.transfer_syntax:
-        return syntax, inst.data
-    data = transcode.convert(inst.data, inst.transfer_syntax, syntax)
+        return syntax, inst.parts
+    data = transcode.convert(inst.joined().data, inst.transfer_syntax, syntax)
     log.info("%s of %s: sent in %s, converted from %s (the receiver does not take it)",
              operation, inst.sop_uid, UID(syntax).name, UID(inst.transfer_syntax).name)
-    return syntax, data
+    return syntax, (data,)
 
 
 def handle_get(event, archive: Archive):

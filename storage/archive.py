@@ -20,7 +20,7 @@ from storage.deletion import Deleter, DeletionPlan, plan
 from storage.index import Blob, Index, Instance, Series, Study
 from storage.ingest import DUPLICATE_POLICIES, IngestResult, Stager, ingest, stored_bytes
 from storage.recode import Recoder
-from storage.reconstruct import Reconstructor, StoredInstance
+from storage.reconstruct import Reconstructor, StoredInstance, StoredParts
 from storage.recovery import ArchiveLock, recover
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,11 @@ class Archive:
     def retrieve(self, sop_uid: str) -> StoredInstance:
         """Return an instance byte for byte, SHA-256 checked (see :class:`Reconstructor`)."""
         return self.reconstructor.get(sop_uid)
+
+    def retrieve_parts(self, sop_uid: str) -> StoredParts:
+        """:meth:`retrieve` without joining the instance's bytes into one object (see
+        :meth:`Reconstructor.get_parts`): a large multi-frame instance is then held once."""
+        return self.reconstructor.get_parts(sop_uid)
 
     def header(self, sop_uid: str) -> StoredInstance:
         """An instance's bytes up to its pixel data, nothing decoded (see

@@ -256,8 +256,13 @@ def split(data: bytes, layout: PixelLayout) -> tuple[bytes, np.ndarray, bytes]:
 def join(before: bytes, pixels: np.ndarray | list[np.ndarray], after: bytes) -> bytes:
     """Splice stored words (an array, or consecutive parts of one) back between the header
     parts: the inverse of :func:`split`, copying each word once."""
+    return b"".join(spliced(before, pixels, after))
+
+
+def spliced(before: bytes, pixels: np.ndarray | list[np.ndarray], after: bytes) -> tuple:
+    """What :func:`join` joins: the header parts and views of the stored words between them."""
     parts = pixels if isinstance(pixels, list) else [pixels]
-    return b"".join([before, *map(le_bytes, parts), after])
+    return (before, *map(le_bytes, parts), after)
 
 
 def le_bytes(pixels: np.ndarray) -> memoryview:

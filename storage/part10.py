@@ -34,6 +34,11 @@ def split_file(data: bytes) -> tuple[str, bytes]:
 
 def build_file(sop_class_uid: str, sop_uid: str, transfer_syntax: str, dataset: bytes) -> bytes:
     """Return a Part 10 file: preamble, File Meta for the given UIDs, then ``dataset`` unchanged."""
+    return file_head(sop_class_uid, sop_uid, transfer_syntax) + dataset
+
+
+def file_head(sop_class_uid: str, sop_uid: str, transfer_syntax: str) -> bytes:
+    """What :func:`build_file` puts before the dataset: the preamble and the File Meta."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class_uid
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -43,5 +48,4 @@ def build_file(sop_class_uid: str, sop_uid: str, transfer_syntax: str, dataset: 
     fp = io.BytesIO()
     fp.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(fp, meta, enforce_standard=True)
-    fp.write(dataset)
     return fp.getvalue()

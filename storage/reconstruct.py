@@ -24,7 +24,7 @@ import models
 from models import parallel
 from storage import header_pack
 from storage.blobstore import BlobStore
-from storage.dataset_parts import join, le_bytes
+from storage.dataset_parts import le_bytes, spliced
 from storage.errors import InstanceNotFoundError, IntegrityError
 from storage.index import Blob, Index, Instance
 
@@ -42,6 +42,27 @@ class StoredInstance:
     sop_class_uid: str
     transfer_syntax: str
     data: bytes
+
+
+@dataclass(frozen=True)
+class StoredParts:
+    """An instance as received, its dataset bytes in consecutive parts (header bytes and views
+    of decoded pixel words), so that a large instance is never copied into one object."""
+
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    parts: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return sum(memoryview(p).nbytes for p in self.parts)
+
+    def joined(self) -> StoredInstance:
+        """The same instance with its bytes in one object."""
+        data = self.parts[0] if len(self.parts) == 1 and isinstance(self.parts[0], bytes) \
+            else b"".join(self.parts)
+        return StoredInstance(self.sop_uid, self.sop_class_uid, self.transfer_syntax, data)
 
 
 class SlabCache:
@@ -322,9 +343,14 @@ class Reconstructor:
         IntegrityError
             The rebuilt bytes do not match the ingest SHA-256 (nothing is returned).
         """
-        inst, data = self._located(sop_uid, self._bytes)
-        return StoredInstance(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax,
-                              self._checked(inst, data))
+        return self.get_parts(sop_uid).joined()
+
+    def get_parts(self, sop_uid: str) -> StoredParts:
+        """Return the instance ``sop_uid`` as received, in parts (see :class:`StoredParts`):
+        what :meth:`get` joins. Raises as :meth:`get`."""
+        inst, parts = self._located(sop_uid, self._parts)
+        return StoredParts(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax,
+                           self._checked(inst, parts))
 
     def header(self, sop_uid: str) -> StoredInstance:
         """Return the instance's bytes up to its pixel data, without decoding any pixels.
@@ -340,7 +366,7 @@ class Reconstructor:
         """
         inst, data = self._located(sop_uid, self._header_bytes)
         if _as_received(inst):
-            data = self._checked(inst, data)
+            data = self._checked(inst, (data,))[0]
         return StoredInstance(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax, data)
 
     def frames(self, sop_uid: str, numbers: list[int]) -> list[memoryview] | None:
@@ -385,16 +411,19 @@ class Reconstructor:
                     raise IntegrityError(f"instance {sop_uid}: stored file missing") from None
 
     @staticmethod
-    def _checked(inst, data: bytes) -> bytes:
-        if hashlib.sha256(data).hexdigest() != inst.sha256:
+    def _checked(inst, parts: tuple) -> tuple:
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        if digest.hexdigest() != inst.sha256:
             log.error("instance %s does not match its ingest SHA-256; not sent", inst.sop_uid)
             raise IntegrityError(f"instance {inst.sop_uid} failed its SHA-256 check")
-        return data
+        return parts
 
-    def _bytes(self, inst, blob) -> bytes:
+    def _parts(self, inst, blob) -> tuple:
         with self._unreadable(inst, blob):
             if _as_received(inst):
-                return self._whole(inst, blob)
+                return (self._whole(inst, blob),)
             # headers first: the pack unpacks while the decoder processes work on the pixels
             before, after = self._header_parts(inst, blob)
             start, stop = inst.frame_start, inst.frame_start + inst.frames
@@ -402,7 +431,7 @@ class Reconstructor:
                 parts = self._streamed(blob, start, stop)
             else:
                 parts = self._slices(blob, start, stop)
-            return join(before, parts, after)
+            return spliced(before, parts, after)
 
     def _header_bytes(self, inst, blob) -> bytes:
         with self._unreadable(inst, blob):

@@ -152,3 +152,40 @@ def test_a_large_dataset_is_queued_a_few_fragments_at_a_time(monkeypatch):
     assert longest[0] <= 10
     assert [p.presentation_data_value_list for p in sent] == \
         _pynetdicom(rq, C_STORE_RQ, 3, 64)
+
+
+def _store_request(uid: str, data: bytes) -> C_STORE:
+    rq = C_STORE()
+    rq.MessageID, rq.Priority = 5, 0
+    rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = "1.2.3", uid
+    rq.DataSet = BytesIO(data)
+    return rq
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(min_size=1, max_size=700), cuts=st.lists(st.integers(0, 700), max_size=6),
+       max_pdu=st.sampled_from([0, 16, 64, 100, 16384]))
+def test_a_dataset_in_parts_goes_out_as_pynetdicom_sends_it_joined(data, cuts, max_pdu):
+    """An instance's bytes handed over in parts (empty ones too) are cut into the same PDVs as
+    the joined bytes: fragments spanning two parts included."""
+    bounds = sorted([0, len(data), *(min(c, len(data)) for c in cuts)])   # repeats: empty parts
+    parts = tuple(memoryview(data)[a:b] for a, b in zip(bounds, bounds[1:]))
+    sent = []
+    command_encoding.send_in_parts("1.2.3.4", parts)
+    command_encoding._send_msg(_provider(sent.append, max_pdu), _store_request("1.2.3.4", b""), 3)
+    assert [p.presentation_data_value_list for p in sent] == \
+        _pynetdicom(_store_request("1.2.3.4", data), C_STORE_RQ, 3, max_pdu)
+
+
+def test_parts_go_to_their_own_instance_only(monkeypatch):
+    """Parts handed over for one instance are not sent as another's dataset; when pynetdicom
+    sends the message itself (its debug handlers bound), they are joined into it."""
+    original = []
+    monkeypatch.setattr(command_encoding, "_original_send_msg",
+                        lambda self, p, cx: original.append(p.DataSet.getvalue()))
+    command_encoding.send_in_parts("1.2.3.4", (b"abc", memoryview(b"def")))
+    command_encoding._send_msg(_provider(print, 64, logged=True), _store_request("9.9", b""), 1)
+    assert original == [b""]
+    command_encoding._send_msg(_provider(print, 64, logged=True),
+                               _store_request("1.2.3.4", b""), 1)
+    assert original == [b"", b"abcdef"]

@@ -73,8 +73,8 @@ def test_wado_rs_answers_an_error_when_the_first_instance_fails(admin_site, tmp_
 
     def gone(uid):
         raise InstanceNotFoundError(uid)
-    monkeypatch.setattr(node.archive, "retrieve", gone)     # deleted after it was found
-    monkeypatch.setattr(node.archive, "header", gone)
+    for method in ("retrieve", "retrieve_parts", "header"):      # deleted after it was found
+        monkeypatch.setattr(node.archive, method, gone)
     assert http_get(instance)[0] == 404
     assert http_get(f"{instance}/metadata")[0] == 404
 
