@@ -62,25 +62,33 @@ def _notify_on_put(q, notify) -> None:
 
 
 class _Pipe:
-    """A self-pipe: a write end to wake a ``select`` on the read end."""
+    """A self-pipe: a write end to wake a ``select`` on the read end. A wake while one is
+    pending writes nothing (a C-GET queues a P-DATA every few dozen microseconds)."""
 
     def __init__(self):
         self.r, self.w = os.pipe()
         os.set_blocking(self.r, False)
         os.set_blocking(self.w, False)
+        self.pending = False
 
     def wake(self) -> None:
+        if self.pending:
+            return
+        self.pending = True
         try:
             os.write(self.w, b"\0")
         except (BlockingIOError, OSError):
             pass            # already awake (pipe full) or closed
 
     def drain(self) -> None:
+        """Empty the pipe; the waiter then looks at what it waits for (anything queued
+        before this returns, its wake skipped or not, is seen)."""
         try:
             while os.read(self.r, 4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        self.pending = False
 
     def close(self) -> None:
         for fd in (self.r, self.w):

@@ -1,6 +1,7 @@
 """Event-driven reactor waits (service.reactor_wait): attached to the node's associations, they
 wake on what the reactors poll for, and leave every other sleep alone."""
 
+import os
 import socket
 import threading
 import time
@@ -72,6 +73,29 @@ def test_the_dul_wait_ends_when_data_arrives_or_a_primitive_is_queued(monkeypatc
         wait(0.001)
         assert time.monotonic() - start < 10
         a.recv(1)
+        threading.Timer(0.05, pipe.wake).start()
+        start = time.monotonic()
+        wait(0.001)
+        assert time.monotonic() - start < 10
+    finally:
+        a.close()
+        b.close()
+        pipe.close()
+
+
+def test_a_wake_writes_only_when_none_is_pending(monkeypatch):
+    """A sender queueing P-DATA wakes the DUL once per wait, not once per PDU; a wake after the
+    waiter drained the pipe ends its next wait."""
+    monkeypatch.setattr(reactor_wait, "IDLE_WAIT", 30.0)
+    a, b = socket.socketpair()
+    pipe = reactor_wait._Pipe()
+    try:
+        for _ in range(50):
+            pipe.wake()
+        assert os.read(pipe.r, 4096) == b"\0"
+        os.write(pipe.w, b"\0")           # (put back what was read, for the waiter)
+        wait = reactor_wait._dul_waiter(_FakeDul(a), pipe)
+        wait(0.001)                         # drains: the next wake writes again
         threading.Timer(0.05, pipe.wake).start()
         start = time.monotonic()
         wait(0.001)
