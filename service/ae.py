@@ -21,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext
 
 from service import (command_encoding, commitment, exact_send, handlers, move_refusal, negotiation,
-                     statuses, tls)
+                     quiet_log, statuses, tls)
 from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.metrics import NodeMetrics
@@ -54,6 +54,7 @@ def build_ae(settings: Settings) -> AE:
     exact_send.install()    # retrieved instances go out as received, never re-encoded
     command_encoding.install()    # C-STORE command sets packed without a pydicom Dataset
     move_refusal.install()        # a refused C-MOVE opens no association to its destination
+    quiet_log.install()           # no anonymous log line per instance sent or match found
     # pynetdicom's "standard" handlers log every PDU and DIMSE message (building the text even
     # when the level drops it); keep them for debug logging only, we log each operation anyway.
     debug = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)

@@ -71,8 +71,9 @@ def test_store_then_get_exact_before_and_after_compaction(populated):
         assert node.archive.stats()["pending_instances"] == 0
 
 
-def test_get_counts_failed_sub_operations(populated, tmp_path):
+def test_get_counts_failed_sub_operations(populated, tmp_path, caplog):
     node, a, _, sent = populated
+    caplog.set_level("INFO", logger="pynetdicom")
     # JPEG 2000 that may be lossy is never decompressed: a client taking its class only
     # uncompressed cannot have it
     j2k = _bundled_items(["JPEG2000.dcm"])
@@ -89,6 +90,11 @@ def test_get_counts_failed_sub_operations(populated, tmp_path):
     assert final.Status == 0xB000          # some failed
     assert final.NumberOfFailedSuboperations == 1 and final.NumberOfCompletedSuboperations == 1
     assert got == {a[0].SOPInstanceUID: sent[a[0].SOPInstanceUID]}
+    # the log keeps each operation's final status, not a line per routine sub-operation
+    lines = [r.getMessage() for r in caplog.records if r.name == "pynetdicom.service_class"]
+    assert [m for m in lines if m.startswith("Get SCP Response")] == \
+        ["Get SCP Response 2: 0xA702 (Failure)", "Get SCP Response 3: 0xB000 (Warning)"]
+    assert not [m for m in lines if "Pending" in m or "(Success)" in m]
 
 
 def _same_instance(received: tuple[str, bytes], sent: tuple[str, bytes]) -> None:
