@@ -54,13 +54,14 @@ import logging
 import re
 import uuid
 
+import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.encaps import get_frame
 from pydicom.filereader import read_dataset
 from pydicom.pixels import pixel_array
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RLELossless
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -258,7 +259,7 @@ def frame_data(inst, wanted: list[int], syntax: str | None = None):
     distinct), each taken when iterated: as stored, or decoded to uncompressed little-endian
     bytes when ``syntax`` (from :func:`frame_syntax`) is another; raises _NotServed (400 a
     frame listed twice, 404 no such frame or no pixel data, 406 bit-packed or big-endian, or
-    colour frames to decode)."""
+    colour frames that would change colour space in decoding)."""
     if len(set(wanted)) != len(wanted):
         raise _NotServed(400, "a frame is listed twice")
     ts = UID(inst.transfer_syntax)
@@ -283,10 +284,16 @@ def frame_data(inst, wanted: list[int], syntax: str | None = None):
 
 def _decoded_frames(ds: Dataset, wanted: list[int], syntax: str):
     """Frames of a lossless compressed instance decoded to their stored words (little endian,
-    as its uncompressed frames would be): monochrome only, since colour ones would come out in
-    another Photometric Interpretation than the instance's metadata says."""
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise _NotServed(406, "colour frames are not decoded; ask for the stored syntax")
+    laid out as the instance's Planar Configuration says, as its uncompressed frames would
+    be). Colour frames only where decoding keeps the colour space the metadata names: RGB,
+    and any colour space in RLE (a JPEG 2000 instance in YBR_RCT decodes to RGB, and a client
+    reading the metadata would take RGB words for YBR ones)."""
+    samples = int(ds.get("SamplesPerPixel", 1))
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if samples != 1 and photometric != "RGB" and ds.file_meta.TransferSyntaxUID != RLELossless:
+        raise _NotServed(406, f"{photometric} frames would change colour space in decoding; "
+                              "ask for the stored syntax")
+    planes = samples != 1 and int(ds.get("PlanarConfiguration", 0) or 0) == 1
 
     def frame(n: int) -> memoryview:
         try:
@@ -294,7 +301,7 @@ def _decoded_frames(ds: Dataset, wanted: list[int], syntax: str):
         except Exception as exc:
             raise TranscodeError(f"frame {n} of {ds.SOPInstanceUID} does not decode: "
                                  f"{exc}") from exc
-        return le_bytes(values)
+        return le_bytes(np.moveaxis(values, -1, 0) if planes else values)
     first = frame(wanted[0])            # before the answer starts: a failure is a 500
     return (f"application/octet-stream; transfer-syntax={syntax}",
             itertools.chain([first], (frame(n) for n in wanted[1:])))

@@ -156,13 +156,15 @@ def test_a_lossless_compressed_instance_goes_out_decompressed_when_asked(admin_s
 def test_lossless_compressed_frames_are_decoded_when_only_uncompressed_is_named(admin_site,
                                                                                 tmp_path):
     """Frames of a JPEG-LS lossless instance: the bitstream as stored by default, its decoded
-    stored words (MR_small's pixel bytes) when only Explicit VR Little Endian is named; colour
-    frames are never decoded (their Photometric Interpretation would change)."""
+    stored words (MR_small's pixel bytes) when only Explicit VR Little Endian is named; RGB
+    frames of a JPEG Lossless instance too, but not a JPEG 2000 instance's YBR_RCT frames
+    (they decode to RGB)."""
     node, admin = admin_site
     reference = dcmread(TESTDATA / "MR_small.dcm")
     _, ts, _, mr = store_bundled(node, admin.url, tmp_path, "MR_small_jpeg_ls_lossless.dcm")
     _, _, _, rgb = store_bundled(node, admin.url, tmp_path, "SC_rgb_jpeg_gdcm.dcm")
-    mr, rgb = mr + "/frames/1", rgb + "/frames/1"
+    _, _, _, rct = store_bundled(node, admin.url, tmp_path, "GDCMJ2K_TextGBR.dcm")
+    mr, rgb, rct = mr + "/frames/1", rgb + "/frames/1", rct + "/frames/1"
     uncompressed = ('multipart/related; type="application/octet-stream"; '
                     f'transfer-syntax={ExplicitVRLittleEndian}')
     ((ctype, body),) = _multipart(mr, uncompressed)
@@ -170,7 +172,26 @@ def test_lossless_compressed_frames_are_decoded_when_only_uncompressed_is_named(
     assert body == reference.PixelData
     ((ctype, body),) = _multipart(mr)
     assert ctype.endswith(ts) and body.startswith(b"\xff\xd8")       # the JPEG-LS bitstream
-    request = urllib.request.Request(rgb, headers={"Accept": uncompressed})
+    ((ctype, body),) = _multipart(rgb, uncompressed)
+    assert body == dcmread(TESTDATA / "SC_rgb_jpeg_gdcm.dcm").pixel_array.tobytes()
+    request = urllib.request.Request(rct, headers={"Accept": uncompressed})
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=60)
     assert refused.value.code == 406
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_rle_2frame.dcm", "SC_rgb_rle_16bit_2frame.dcm"])
+def test_colour_frames_are_decoded_in_their_own_colour_space(admin_site, tmp_path, name):
+    """RGB frames of an RLE instance asked for uncompressed: each frame's words as pydicom
+    reads them from the file, in the layout its Planar Configuration names (0: interleaved)."""
+    node, admin = admin_site
+    reference = dcmread(TESTDATA / name)
+    assert reference.PlanarConfiguration == 0 and reference.NumberOfFrames == 2
+    _, _, _, instance = store_bundled(node, admin.url, tmp_path, name)
+    uncompressed = ('multipart/related; type="application/octet-stream"; '
+                    f'transfer-syntax={ExplicitVRLittleEndian}')
+    frames = _multipart(instance + "/frames/2,1", uncompressed)
+    want = reference.pixel_array.astype(reference.pixel_array.dtype.newbyteorder("<"))
+    assert [body for _, body in frames] == [want[1].tobytes(), want[0].tobytes()]
+    assert len(frames[0][1]) == reference.Rows * reference.Columns * 3 * \
+        reference.BitsAllocated // 8
