@@ -7,6 +7,7 @@ Bound to pynetdicom events in :mod:`service.ae`. Each answers with a status from
 from __future__ import annotations
 
 import logging
+import time
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -150,6 +151,7 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
     except Exception as exc:
         log.warning("%s: no retrieval plan (%s); decoding on demand", operation, exc)
         planned, prefetch = sendable, None
+    start, handed, size = time.monotonic(), 0, 0
     try:
         for uid in planned + [u for u in uids if reasons[u] is not None]:
             # again: a C-MOVE's receiver is known only now, and any may be gone meanwhile
@@ -167,8 +169,13 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
                 statuses.status_for(exc, f"{operation} of {uid}")
                 yield statuses.PENDING, _failed(uid)
                 continue
+            handed += 1
+            size += sum(memoryview(part).nbytes for part in data)
             yield statuses.PENDING, PreEncoded(inst.sop_class_uid, uid, syntax, data)
             del inst, data      # not held while the next instance is rebuilt
+        seconds = time.monotonic() - start
+        log.info("%s: %d of %d instances sent in %.2f s (%.1f MB, %.1f instances/s)", operation,
+                 handed, len(uids), seconds, size / 1e6, handed / max(seconds, 1e-3))
     finally:
         if prefetch is not None:
             prefetch.cancel()

@@ -74,6 +74,7 @@ def test_store_then_get_exact_before_and_after_compaction(populated):
 def test_get_counts_failed_sub_operations(populated, tmp_path, caplog):
     node, a, _, sent = populated
     caplog.set_level("INFO", logger="pynetdicom")
+    caplog.set_level("INFO", logger="service.handlers")
     # JPEG 2000 that may be lossy is never decompressed: a client taking its class only
     # uncompressed cannot have it
     j2k = _bundled_items(["JPEG2000.dcm"])
@@ -95,6 +96,10 @@ def test_get_counts_failed_sub_operations(populated, tmp_path, caplog):
     assert [m for m in lines if m.startswith("Get SCP Response")] == \
         ["Get SCP Response 2: 0xA702 (Failure)", "Get SCP Response 3: 0xB000 (Warning)"]
     assert not [m for m in lines if "Pending" in m or "(Success)" in m]
+    summaries = [r.getMessage() for r in caplog.records
+                 if r.name == "service.handlers" and " instances sent in " in r.getMessage()]
+    assert [m.split(" in ")[0] for m in summaries] == \
+        ["C-GET: 0 of 1 instances sent", "C-GET: 1 of 2 instances sent"]
 
 
 def _same_instance(received: tuple[str, bytes], sent: tuple[str, bytes]) -> None:
