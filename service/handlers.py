@@ -151,6 +151,12 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
     except Exception as exc:
         log.warning("%s: no retrieval plan (%s); decoding on demand", operation, exc)
         planned, prefetch = sendable, None
+    try:      # one query for all (one per instance: a sender's CPU per instance)
+        located = archive.locate(planned)
+    except Exception as exc:
+        log.warning("%s: instances not located ahead (%s); each located when sent", operation,
+                    exc)
+        located = {}
     start, handed, size = time.monotonic(), 0, 0
     try:
         for uid in planned + [u for u in uids if reasons[u] is not None]:
@@ -163,7 +169,7 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
                 yield statuses.PENDING, _failed(uid)
                 continue
             try:
-                inst = archive.retrieve_parts(uid)
+                inst = archive.retrieve_parts(uid, located.pop(uid, None))
                 syntax, data = _in_syntax(inst, syntax or inst.transfer_syntax, operation)
             except Exception as exc:
                 statuses.status_for(exc, f"{operation} of {uid}")

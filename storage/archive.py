@@ -80,10 +80,16 @@ class Archive:
         """Return an instance byte for byte, SHA-256 checked (see :class:`Reconstructor`)."""
         return self.reconstructor.get(sop_uid)
 
-    def retrieve_parts(self, sop_uid: str) -> StoredParts:
+    def retrieve_parts(self, sop_uid: str, located=None) -> StoredParts:
         """:meth:`retrieve` without joining the instance's bytes into one object (see
-        :meth:`Reconstructor.get_parts`): a large multi-frame instance is then held once."""
-        return self.reconstructor.get_parts(sop_uid)
+        :meth:`Reconstructor.get_parts`): a large multi-frame instance is then held once.
+        ``located``: its row from :meth:`locate`."""
+        return self.reconstructor.get_parts(sop_uid, located)
+
+    def locate(self, sop_uids: list[str]) -> dict:
+        """Where many instances are stored, for :meth:`retrieve_parts` (see
+        :meth:`Reconstructor.locate`)."""
+        return self.reconstructor.locate(sop_uids)
 
     def header(self, sop_uid: str) -> StoredInstance:
         """An instance's bytes up to its pixel data, nothing decoded (see

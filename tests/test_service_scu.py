@@ -102,6 +102,26 @@ def test_get_counts_failed_sub_operations(populated, tmp_path, caplog):
         ["C-GET: 0 of 1 instances sent", "C-GET: 1 of 2 instances sent"]
 
 
+def test_a_get_locates_its_instances_in_one_query(populated):
+    """The sender does not query the index once per instance it sends."""
+    from sqlalchemy import event
+    node, a, _, sent = populated
+    statements = []
+    engine = node.archive.index.engine
+    listen = lambda conn, cursor, sql, *rest: statements.append(sql)  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        final, got = get(node.port, {"QueryRetrieveLevel": "SERIES",
+                                     "SeriesInstanceUID": a[0].SeriesInstanceUID},
+                         [(CT, ExplicitVRLittleEndian)])
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+    assert final.Status == 0 and got == {ds.SOPInstanceUID: sent[ds.SOPInstanceUID]
+                                         for ds in a}
+    assert not [q for q in statements if "instances.sop_uid = " in q]
+    assert len([q for q in statements if "instances.sop_uid IN " in q]) <= 3
+
+
 def _same_instance(received: tuple[str, bytes], sent: tuple[str, bytes]) -> None:
     """The same elements and pixel values in whatever syntaxes the two are in."""
     import io

@@ -53,6 +53,23 @@ def test_stage_compact_and_retrieve_exactly(archive):
         assert sorted(archive.blobs.keys()) == sorted(s.scalars(select(Blob.key)))
 
 
+def test_instances_located_ahead_come_back_exactly_after_moving_or_going(archive):
+    """A retrieval locates its instances in one query when it starts; one compacted (or
+    deleted) meanwhile is located again: the bytes are the received ones, or it is gone."""
+    series = make_series(4, 8, 8, seed=7)
+    sent = _store_all(archive, series)
+    uids = list(sent)
+    located = archive.locate(uids)
+    assert sorted(located) == sorted(uids) and all(r.staged_key for r in located.values())
+    archive.compact(0)            # the staged files the rows name are gone
+    for uid in uids[1:]:
+        got = archive.retrieve_parts(uid, located[uid])
+        assert b"".join(got.parts) == sent[uid][1]
+    archive.delete("instance", uids[0])
+    with pytest.raises(InstanceNotFoundError):
+        archive.retrieve_parts(uids[0], located[uids[0]])
+
+
 def test_stack_is_sorted_along_the_normal(archive):
     series = make_series(4, 8, 8)
     _store_all(archive, series)
