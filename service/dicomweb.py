@@ -70,7 +70,7 @@ from service.dicomweb_accept import (NotAcceptable, accepted_syntaxes, frame_syn
                                      syntax_for)
 from service.identifiers import known_keyword
 from service.preview import PreviewError, render_png
-from storage.dataset_parts import le_bytes
+from storage.dataset_parts import le_bytes, nbytes
 from storage.errors import InstanceNotFoundError, StorageError, TranscodeError
 from storage.part10 import build_file
 from storage.query import ATTRIBUTES, COMPUTED
@@ -184,7 +184,7 @@ def _multipart(parts, part_type: str, what: str) -> StreamingResponse:
             for content_type, data in parts:
                 pieces = data if isinstance(data, tuple) else (data,)
                 yield (f"--{boundary}\r\nContent-Type: {content_type}\r\n"
-                       f"Content-Length: {_length(pieces)}\r\n\r\n").encode()
+                       f"Content-Length: {nbytes(pieces)}\r\n\r\n").encode()
                 yield from pieces
                 yield b"\r\n"
                 sent += 1
@@ -427,10 +427,6 @@ _PATH_KEYS = (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
 def _part10(inst, syntax: str) -> tuple[str, tuple]:
     return (f"application/dicom; transfer-syntax={syntax}",
             part10_in(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.parts, syntax))
-
-
-def _length(pieces) -> int:
-    return sum(memoryview(p).nbytes for p in pieces)
 
 
 class DicomWeb:
@@ -696,7 +692,7 @@ class DicomWeb:
                 log.error("WADO-URI %s: %s", inst.sop_uid, exc)
                 return _failed(exc).response()
             return _Stream(iter(body), media_type="application/dicom",
-                           headers={"Content-Length": str(_length(body))})
+                           headers={"Content-Length": str(nbytes(body))})
         if kind is None:
             return JSONResponse({"error": f"contentType {q.get('contentType')} is not offered"},
                                 status_code=406)

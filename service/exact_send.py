@@ -46,10 +46,10 @@ def _encode(ds, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = F
     if wanted != (is_implicit_vr, is_little_endian, deflated):
         return None        # pynetdicom then fails this sub-operation
     parts = ds.__dict__.get("encoded_parts")
-    if parts is not None and len(parts) == 1 and isinstance(parts[0], bytes):
-        return parts[0]
     if parts is None:
         return None        # its parts were sent already
+    if len(parts) == 1 and isinstance(parts[0], bytes):
+        return parts[0]
     # pynetdicom wraps what this returns in a BytesIO, which would copy anything but bytes:
     # the parts go to the sender beside the (empty) dataset, and leave this one
     del ds.__dict__["encoded_parts"]

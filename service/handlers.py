@@ -21,6 +21,7 @@ from service.exact_send import PreEncoded
 from service.identifiers import IdentifierError, parse_identifier, response, retrieve_criteria
 from service.socket_tuning import tune_association
 from storage import transcode
+from storage.dataset_parts import nbytes
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
                 yield statuses.PENDING, _failed(uid)
                 continue
             handed += 1
-            size += sum(memoryview(part).nbytes for part in data)
+            size += nbytes(data)
             yield statuses.PENDING, PreEncoded(inst.sop_class_uid, uid, syntax, data)
             del inst, data      # not held while the next instance is rebuilt
         seconds = time.monotonic() - start

@@ -265,6 +265,11 @@ def spliced(before: bytes, pixels: np.ndarray | list[np.ndarray], after: bytes) 
     return (before, *map(le_bytes, parts), after)
 
 
+def nbytes(parts) -> int:
+    """The length of consecutive byte buffers (bytes, memoryviews) together."""
+    return sum(memoryview(p).nbytes for p in parts)
+
+
 def le_bytes(pixels: np.ndarray) -> memoryview:
     """The stored words of ``pixels`` as little-endian bytes (a view where they are already)."""
     return memoryview(np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<"))

@@ -54,10 +54,6 @@ class StoredParts:
     transfer_syntax: str
     parts: tuple
 
-    @property
-    def nbytes(self) -> int:
-        return sum(memoryview(p).nbytes for p in self.parts)
-
     def joined(self) -> StoredInstance:
         """The same instance with its bytes in one object."""
         data = self.parts[0] if len(self.parts) == 1 and isinstance(self.parts[0], bytes) \
