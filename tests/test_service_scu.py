@@ -96,6 +96,11 @@ def test_get_counts_failed_sub_operations(populated, tmp_path, caplog):
     assert [m for m in lines if m.startswith("Get SCP Response")] == \
         ["Get SCP Response 2: 0xA702 (Failure)", "Get SCP Response 3: 0xB000 (Warning)"]
     assert not [m for m in lines if "Pending" in m or "(Success)" in m]
+    assert not [m for m in lines if "required element" in m]     # the node says why instead
+    assert [r.getMessage() for r in caplog.records if r.name == "service.handlers"
+            and "not sent" in r.getMessage()] == [f"C-GET of {j2k_uid} not sent: no accepted "
+                                                   f"context for {j2k_class} in {j2k[0][2]} or in "
+                                                   "a syntax it converts to losslessly"] * 2
     summaries = [r.getMessage() for r in caplog.records
                  if r.name == "service.handlers" and " instances sent in " in r.getMessage()]
     assert [m.split(" in ")[0] for m in summaries] == \
