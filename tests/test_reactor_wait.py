@@ -1,6 +1,7 @@
 """Event-driven reactor waits (service.reactor_wait): attached to the node's associations, they
 wake on what the reactors poll for, and leave every other sleep alone."""
 
+import contextlib
 import os
 import socket
 import threading
@@ -62,48 +63,44 @@ class _FakeDul:
         self.socket = type("S", (), {"socket": sock})()
 
 
-def test_the_dul_wait_ends_when_data_arrives_or_a_primitive_is_queued(monkeypatch):
+@contextlib.contextmanager
+def _dul_wait(monkeypatch):
+    """(the DUL's wait, its pipe, its socket, the peer's socket), closed afterwards."""
     monkeypatch.setattr(reactor_wait, "IDLE_WAIT", 30.0)
     a, b = socket.socketpair()
     pipe = reactor_wait._Pipe()
     try:
-        wait = reactor_wait._dul_waiter(_FakeDul(a), pipe)
-        threading.Timer(0.05, b.send, [b"x"]).start()
-        start = time.monotonic()
-        wait(0.001)
-        assert time.monotonic() - start < 10
-        a.recv(1)
-        threading.Timer(0.05, pipe.wake).start()
-        start = time.monotonic()
-        wait(0.001)
-        assert time.monotonic() - start < 10
+        yield reactor_wait._dul_waiter(_FakeDul(a), pipe), pipe, a, b
     finally:
         a.close()
         b.close()
         pipe.close()
+
+
+def _ends_when(wait, trigger, *args) -> None:
+    threading.Timer(0.05, trigger, args).start()
+    start = time.monotonic()
+    wait(0.001)
+    assert time.monotonic() - start < 10
+
+
+def test_the_dul_wait_ends_when_data_arrives_or_a_primitive_is_queued(monkeypatch):
+    with _dul_wait(monkeypatch) as (wait, pipe, a, b):
+        _ends_when(wait, b.send, b"x")
+        a.recv(1)
+        _ends_when(wait, pipe.wake)
 
 
 def test_a_wake_writes_only_when_none_is_pending(monkeypatch):
     """A sender queueing P-DATA wakes the DUL once per wait, not once per PDU; a wake after the
     waiter drained the pipe ends its next wait."""
-    monkeypatch.setattr(reactor_wait, "IDLE_WAIT", 30.0)
-    a, b = socket.socketpair()
-    pipe = reactor_wait._Pipe()
-    try:
+    with _dul_wait(monkeypatch) as (wait, pipe, a, b):
         for _ in range(50):
             pipe.wake()
         assert os.read(pipe.r, 4096) == b"\0"
         os.write(pipe.w, b"\0")           # (put back what was read, for the waiter)
-        wait = reactor_wait._dul_waiter(_FakeDul(a), pipe)
         wait(0.001)                         # drains: the next wake writes again
-        threading.Timer(0.05, pipe.wake).start()
-        start = time.monotonic()
-        wait(0.001)
-        assert time.monotonic() - start < 10
-    finally:
-        a.close()
-        b.close()
-        pipe.close()
+        _ends_when(wait, pipe.wake)
 
 
 def test_the_association_wait_ends_on_its_event(monkeypatch):
