@@ -139,10 +139,10 @@ class _Receiver:
 
 
 def _sub_operations(archive: Archive, records: list[dict], operation: str,
-                    receiver: _Receiver):
+                    receiver: _Receiver, peer: str):
     """Yield (status, dataset) per instance: the exact stored bytes, or a dataset that fails to
     send (so the sub-operation counts as failed) when the instance cannot be rebuilt or the
-    receiver cannot take it (then it is not rebuilt at all)."""
+    receiver cannot take it (then it is not rebuilt at all). ``peer``: who asked (logged)."""
     uids = [r["SOPInstanceUID"] for r in records]
     formats = archive.instance_formats(uids)
     reasons = {u: receiver.syntax_for(formats.get(u))[1] for u in uids}
@@ -181,8 +181,9 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
             yield statuses.PENDING, PreEncoded(inst.sop_class_uid, uid, syntax, data)
             del inst, data      # not held while the next instance is rebuilt
         seconds = time.monotonic() - start
-        log.info("%s: %d of %d instances sent in %.2f s (%.1f MB, %.1f instances/s)", operation,
-                 handed, len(uids), seconds, size / 1e6, handed / max(seconds, 1e-3))
+        log.info("%s from %s: %d of %d instances sent in %.2f s (%.2f MB, %.1f instances/s)",
+                 operation, peer, handed, len(uids), seconds, size / 1e6,
+                 handed / max(seconds, 1e-3))
     finally:
         if prefetch is not None:
             prefetch.cancel()
@@ -209,7 +210,8 @@ def handle_get(event, archive: Archive):
         return
     log.info("C-GET from %s: %d instances", _peer(event), len(records))
     yield len(records)
-    for item in _sub_operations(archive, records, "C-GET", _Receiver(event.assoc)):
+    for item in _sub_operations(archive, records, "C-GET", _Receiver(event.assoc),
+                                _peer(event)):
         if event.is_cancelled:
             yield statuses.CANCEL, None
             return
@@ -267,7 +269,7 @@ def handle_move(event, archive: Archive, settings: Settings):
     if refusal is not None:
         yield _refusal(refusal, "C-MOVE", event), None
         return
-    for item in _sub_operations(archive, records, "C-MOVE", receiver):
+    for item in _sub_operations(archive, records, "C-MOVE", receiver, _peer(event)):
         if event.is_cancelled:
             yield statuses.CANCEL, None
             return
