@@ -144,7 +144,9 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
     send (so the sub-operation counts as failed) when the instance cannot be rebuilt or the
     receiver cannot take it (then it is not rebuilt at all). ``peer``: who asked (logged)."""
     uids = [r["SOPInstanceUID"] for r in records]
-    formats = archive.instance_formats(uids)
+    # one query per 500, not one per instance: each one's format, and where it is stored
+    located = archive.locate(uids)
+    formats = {uid: (row.sop_class_uid, row.transfer_syntax) for uid, row in located.items()}
     reasons = {u: receiver.syntax_for(formats.get(u))[1] for u in uids}
     sendable = [u for u in uids if reasons[u] is None]
     try:      # slab by slab through compressed stacks, decoded ahead in the background
@@ -152,12 +154,6 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
     except Exception as exc:
         log.warning("%s: no retrieval plan (%s); decoding on demand", operation, exc)
         planned, prefetch = sendable, None
-    try:      # one query for all (one per instance: a sender's CPU per instance)
-        located = archive.locate(planned)
-    except Exception as exc:
-        log.warning("%s: instances not located ahead (%s); each located when sent", operation,
-                    exc)
-        located = {}
     start, handed, size = time.monotonic(), 0, 0
     try:
         for uid in planned + [u for u in uids if reasons[u] is not None]:

@@ -87,8 +87,8 @@ class Archive:
         return self.reconstructor.get_parts(sop_uid, located)
 
     def locate(self, sop_uids: list[str]) -> dict:
-        """Where many instances are stored, for :meth:`retrieve_parts` (see
-        :meth:`Reconstructor.locate`)."""
+        """Where many instances are stored, for :meth:`retrieve_parts`, with their SOP class
+        and transfer syntax (see :meth:`Reconstructor.locate`)."""
         return self.reconstructor.locate(sop_uids)
 
     def header(self, sop_uid: str) -> StoredInstance:
