@@ -27,7 +27,7 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
-#define ABI 7              /* models/kernels.py's ABI: raised whenever an entry point changes */
+#define ABI 8              /* models/kernels.py's ABI: raised whenever an entry point changes */
 
 /* Which set of entry points and signatures this build has. */
 int64_t voxarc_abi(void)
@@ -252,6 +252,79 @@ static void mlp_layer_avx512(const float *in, int64_t ld, int nin, const float *
             }
     }
 }
+
+/* The integer form of the layers for AVX-512 VNNI: VPDPWSSD multiplies pairs of int16 and adds
+ * both products to an int32 lane, twice the products per instruction of an FMA. Activations
+ * travel as pairs: row p of a pair buffer holds, for each voxel, input 2p in its low and 2p + 1
+ * in its high half; a weight pair the same. Layer l's integer form q is its (nout, npairs)
+ * weight pairs, then nout biases, then nout shifts (hidden rows: acc >> shift, which is the
+ * float layers' floor(acc * 2**-shift)). Integer sums are exact by construction, so the
+ * results equal the float layers' bit for bit (models/kernels.py builds q only where every
+ * sum stays below 2**31). */
+__attribute__((target("avx512f")))
+static void mlp_pairs_avx512(const float *in, int64_t ld, int nin, int32_t *out)
+{
+    const __m512i low = _mm512_set1_epi32(0xFFFF);
+    for (int p = 0; 2 * p < nin; p++)
+        for (int v = 0; v < MLP_VV; v++) {
+            __m512i lo = _mm512_cvtps_epi32(_mm512_loadu_ps(in + (int64_t)2 * p * ld + 16 * v));
+            __m512i hi = 2 * p + 1 < nin
+                ? _mm512_cvtps_epi32(_mm512_loadu_ps(in + (int64_t)(2 * p + 1) * ld + 16 * v))
+                : _mm512_setzero_si512();
+            _mm512_storeu_si512(out + (int64_t)p * MLP_VB + 16 * v,
+                                _mm512_or_si512(_mm512_and_si512(lo, low),
+                                                _mm512_slli_epi32(hi, 16)));
+        }
+}
+
+__attribute__((target("avx512f,avx512vnni")))
+static void mlp_layer_vnni(const int32_t *in, int nin, const int32_t *q, int nout, int hidden,
+                           int32_t *pairs, float *out)
+{
+    const int np = (nin + 1) / 2;
+    const int32_t *bias = q + (int64_t)nout * np, *shift = bias + nout;
+    const __m512i zero = _mm512_setzero_si512(), top = _mm512_set1_epi32((int)MLP_ACT_MAX);
+    for (int o = 0; o < nout; o += MLP_OB512) {
+        const int32_t *wr[MLP_OB512];
+        __m512i a[MLP_OB512][MLP_VV];
+        for (int k = 0; k < MLP_OB512; k++) {
+            int ok = o + k < nout ? o + k : nout - 1;
+            wr[k] = q + (int64_t)ok * np;
+            for (int v = 0; v < MLP_VV; v++)
+                a[k][v] = _mm512_set1_epi32(bias[ok]);
+        }
+        for (int p = 0; p < np; p++) {
+            const int32_t *row = in + (int64_t)p * MLP_VB;
+            __m512i x[MLP_VV];
+            for (int v = 0; v < MLP_VV; v++)
+                x[v] = _mm512_loadu_si512(row + 16 * v);
+            for (int k = 0; k < MLP_OB512; k++) {
+                __m512i u = _mm512_set1_epi32(wr[k][p]);
+                for (int v = 0; v < MLP_VV; v++)    /* GCC 12 copies the intrinsic's
+                                                       accumulators around: asm keeps them */
+                    __asm__("vpdpwssd %2, %1, %0" : "+v"(a[k][v]) : "v"(x[v]), "v"(u));
+            }
+        }
+        if (!hidden) {
+            for (int k = 0; k < MLP_OB512 && o + k < nout; k++)
+                for (int v = 0; v < MLP_VV; v++)
+                    _mm512_storeu_ps(out + (int64_t)(o + k) * MLP_VB + 16 * v,
+                                     _mm512_cvtepi32_ps(a[k][v]));
+            continue;
+        }
+        for (int k = 0; k < MLP_OB512 && o + k < nout; k += 2)    /* o is even */
+            for (int v = 0; v < MLP_VV; v++) {
+                __m512i h[2];
+                for (int j = 0; j < 2; j++)
+                    h[j] = o + k + j < nout
+                        ? _mm512_min_epi32(_mm512_max_epi32(_mm512_srav_epi32(
+                              a[k + j][v], _mm512_set1_epi32(shift[o + k + j])), zero), top)
+                        : zero;
+                _mm512_storeu_si512(pairs + (int64_t)(o + k) / 2 * MLP_VB + 16 * v,
+                                    _mm512_or_si512(h[0], _mm512_slli_epi32(h[1], 16)));
+            }
+    }
+}
 #endif
 
 typedef void (*mlp_layer_fn)(const float *, int64_t, int, const float *, const float *, int,
@@ -265,15 +338,18 @@ typedef struct {
     int32_t layers;
     const int32_t *size;
     const float *const *w, *const *b;
+    const int32_t *const *q;   /* the layers' integer form, or NULL: the float layers */
     float *acc, *buf;
+    int32_t *pairs;            /* three pair buffers (the VNNI layers) */
     mlp_layer_fn layer;
     int64_t done;
 } mlp_run;
 
 static int mlp_open(mlp_run *r, int32_t layers, const int32_t *size, const float *const *w,
-                    const float *const *b, int32_t vector, float *acc)
+                    const float *const *b, const int32_t *const *q, int32_t vector, float *acc)
 {
     r->buf = NULL;
+    r->pairs = NULL;
     for (int l = 0; l <= layers; l++)
         if (size[l] < 1 || size[l] > MLP_WIDTH)
             return -1;
@@ -281,24 +357,86 @@ static int mlp_open(mlp_run *r, int32_t layers, const int32_t *size, const float
     r->size = size;
     r->w = w;
     r->b = b;
+    r->q = NULL;
     r->acc = acc;
     r->done = 0;
     r->layer = mlp_layer_plain;
 #ifdef MLP_VECTOR
     if (vector && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         r->layer = mlp_layer_avx2;
-    if (vector == 1 && __builtin_cpu_supports("avx512f"))
+    if ((vector == 1 || vector == 3) && __builtin_cpu_supports("avx512f"))
         r->layer = mlp_layer_avx512;
+    if (vector == 1 && q != NULL && __builtin_cpu_supports("avx512f")
+            && __builtin_cpu_supports("avx512vnni")) {
+        r->q = q;
+        r->pairs = malloc(sizeof(int32_t) * MLP_VB * (MLP_WIDTH / 2) * 3);
+        if (r->pairs == NULL)
+            return -1;
+    }
 #endif
     r->buf = malloc(sizeof(float) * MLP_VB * MLP_WIDTH * 3);
     return r->buf == NULL ? -1 : 0;
+}
+
+static void mlp_close(mlp_run *r)
+{
+    free(r->buf);
+    free(r->pairs);
+}
+
+/* Which layers mlp_open picks for ``vector`` on this CPU, with (integer nonzero) or without an
+ * integer form: 0 plain C, 2 AVX2 and FMA, 3 AVX-512, 4 AVX-512 VNNI. */
+int64_t voxarc_layers(int32_t vector, int32_t integer)
+{
+    mlp_run r;
+    int32_t size[2] = {2, 2};
+    static const int32_t q[1] = {0};
+    const int32_t *qs[1] = {q};
+    if (mlp_open(&r, 1, size, NULL, NULL, integer ? qs : NULL, vector, NULL) < 0) {
+        mlp_close(&r);
+        return -1;
+    }
+    int64_t kind = r.q != NULL ? 4 : r.layer == mlp_layer_plain ? 0 : 2;
+#ifdef MLP_VECTOR
+    if (r.q == NULL && r.layer == mlp_layer_avx512)
+        kind = 3;
+#endif
+    mlp_close(&r);
+    return kind;
+}
+
+/* The network on one block of MLP_VB voxels (feature-major inputs at in, rows ld apart):
+ * the last layer's accumulators land in out, (nout, MLP_VB), which is returned. */
+static const float *mlp_block(mlp_run *r, const float *in, int64_t ld)
+{
+    float *h[2] = {r->buf + MLP_VB * MLP_WIDTH, r->buf + 2 * MLP_VB * MLP_WIDTH};
+#ifdef MLP_VECTOR
+    if (r->q != NULL) {
+        int32_t *pairs[2] = {r->pairs + MLP_VB * (MLP_WIDTH / 2),
+                             r->pairs + 2 * MLP_VB * (MLP_WIDTH / 2)}, *pin = r->pairs;
+        mlp_pairs_avx512(in, ld, r->size[0], pin);
+        for (int l = 0; l < r->layers; l++) {
+            mlp_layer_vnni(pin, r->size[l], r->q[l], r->size[l + 1], l < r->layers - 1,
+                           pairs[l & 1], h[0]);
+            pin = pairs[l & 1];
+        }
+        return h[0];
+    }
+#endif
+    for (int l = 0; l < r->layers; l++) {
+        float *out = h[l & 1];
+        r->layer(in, ld, r->size[l], r->w[l], r->b[l], r->size[l + 1], l < r->layers - 1, out);
+        in = out;
+        ld = MLP_VB;
+    }
+    return in;
 }
 
 static void mlp_feed(mlp_run *r, const float *x, int64_t ld, int64_t upto, int last)
 {
     if (r->acc == NULL)
         return;
-    float *tail = r->buf, *h[2] = {r->buf + MLP_VB * MLP_WIDTH, r->buf + 2 * MLP_VB * MLP_WIDTH};
+    float *tail = r->buf;
     int nout = r->size[r->layers];
     for (int64_t a = r->done; a < upto; a += MLP_VB) {
         int64_t m = upto - a < MLP_VB ? upto - a : MLP_VB;
@@ -313,16 +451,10 @@ static void mlp_feed(mlp_run *r, const float *x, int64_t ld, int64_t upto, int l
             in = tail;
             in_ld = MLP_VB;
         }
-        for (int l = 0; l < r->layers; l++) {
-            float *out = h[l & 1];
-            r->layer(in, in_ld, r->size[l], r->w[l], r->b[l], r->size[l + 1],
-                     l < r->layers - 1, out);
-            in = out;
-            in_ld = MLP_VB;
-        }
+        const float *out = mlp_block(r, in, in_ld);
         for (int64_t i = 0; i < m; i++)
             for (int o = 0; o < nout; o++)
-                r->acc[(a + i) * nout + o] = in[o * MLP_VB + i];
+                r->acc[(a + i) * nout + o] = out[o * MLP_VB + i];
         r->done = a + m;
     }
 }
@@ -332,19 +464,21 @@ static void mlp_feed(mlp_run *r, const float *x, int64_t ld, int64_t upto, int l
  * and size[l + 1] outputs; its weights (row-major, out by in) and biases come pre-scaled by
  * the hidden layers' 2**-shift, so every partial sum is an exact float32 integer times a power
  * of two and any summation order gives the same result. Writes the last layer's accumulators
- * to acc (n, size[layers]); ``vector``: 1 the widest vector layers the CPU has (AVX-512, else
- * AVX2 and FMA), 2 AVX2 and FMA even where AVX-512 is, 0 the plain C layers (2 and 0 for the
- * tests). Returns 0, or -1 when a layer is wider than MLP_WIDTH. */
+ * to acc (n, size[layers]); ``vector``: 1 the widest vector layers the CPU has (AVX-512 VNNI
+ * on the integer form q when there is one, else AVX-512, else AVX2 and FMA), 3 the AVX-512
+ * float layers, 2 AVX2 and FMA even where AVX-512 is, 0 the plain C layers (3, 2 and 0 to
+ * compare). Returns 0, or -1 when a layer is wider than MLP_WIDTH. */
 int64_t voxarc_mlp(const float *x, int64_t ld, int64_t n, int32_t layers, const int32_t *size,
-                   const float *const *w, const float *const *b, int32_t vector, float *acc)
+                   const float *const *w, const float *const *b, const int32_t *const *q,
+                   int32_t vector, float *acc)
 {
     mlp_run r;
-    if (mlp_open(&r, layers, size, w, b, vector, acc) < 0) {
-        free(r.buf);
+    if (mlp_open(&r, layers, size, w, b, q, vector, acc) < 0) {
+        mlp_close(&r);
         return -1;
     }
     mlp_feed(&r, x, ld, n, 1);
-    free(r.buf);
+    mlp_close(&r);
     return 0;
 }
 
@@ -371,12 +505,13 @@ int64_t voxarc_features(const int32_t *values, int64_t vstride, const uint8_t *v
                         const int16_t *log2q, float *x, int64_t xstride, int64_t *ref_all,
                         int64_t *busy, int64_t *s_out, int64_t *lq_out, int64_t *ref_busy,
                         int32_t layers, const int32_t *size, const float *const *w,
-                        const float *const *b, int32_t vector, float *acc)
+                        const float *const *b, const int32_t *const *q, int32_t vector,
+                        float *acc)
 {
-    mlp_run net = {.buf = NULL, .acc = NULL};
+    mlp_run net = {.buf = NULL, .pairs = NULL, .acc = NULL};
     if (K < PREVIOUS_END || K > KMAX
-            || (acc != NULL && mlp_open(&net, layers, size, w, b, vector, acc) < 0)) {
-        free(net.buf);
+            || (acc != NULL && mlp_open(&net, layers, size, w, b, q, vector, acc) < 0)) {
+        mlp_close(&net);
         return -1;
     }
     const int32_t *v[KMAX];
@@ -393,7 +528,7 @@ int64_t voxarc_features(const int32_t *values, int64_t vstride, const uint8_t *v
         mlp_feed(&net, x, xstride, kept, 0);   /* while the block's inputs are in cache */
     }
     mlp_feed(&net, x, xstride, kept, 1);
-    free(net.buf);
+    mlp_close(&net);
     return kept;
 }
 
@@ -411,18 +546,18 @@ int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const in
                              int64_t xstride, int64_t *ref_all, int64_t *busy, int64_t *s_out,
                              int64_t *lq_out, int64_t *ref_busy, int32_t layers,
                              const int32_t *size, const float *const *w, const float *const *b,
-                             int32_t vector, float *acc)
+                             const int32_t *const *q, int32_t vector, float *acc)
 {
     if (K < PREVIOUS_END || K > KMAX)
         return -1;
-    mlp_run net = {.buf = NULL, .acc = NULL};
+    mlp_run net = {.buf = NULL, .pairs = NULL, .acc = NULL};
     int32_t (*vals)[BLOCK] = malloc(sizeof(int32_t) * KMAX * BLOCK);
     uint8_t (*oks)[BLOCK] = malloc(KMAX * BLOCK);
     if (vals == NULL || oks == NULL
-            || (acc != NULL && mlp_open(&net, layers, size, w, b, vector, acc) < 0)) {
+            || (acc != NULL && mlp_open(&net, layers, size, w, b, q, vector, acc) < 0)) {
         free(vals);
         free(oks);
-        free(net.buf);
+        mlp_close(&net);
         return -1;
     }
     const int32_t *v[KMAX];
@@ -460,7 +595,7 @@ int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const in
     mlp_feed(&net, x, xstride, kept, 1);
     free(vals);
     free(oks);
-    free(net.buf);
+    mlp_close(&net);
     return kept;
 }
 
@@ -579,7 +714,8 @@ int64_t voxarc_join(const int64_t *token, const int64_t *sh, int64_t n, const in
  * and the network on the kept ones (voxarc_features_runs), their predictions and table rows
  * (voxarc_outputs), and, with a table, the range decoder's probability rows and low-bit
  * counts (voxarc_token_rows). The decoder's constants travel in two arrays built once:
- *   p: buf, koff, log2q, size, w, b, head, table (0: no probability rows), shifts
+ *   p: buf, koff, log2q, size, w, b, head, table (0: no probability rows), shifts,
+ *      q (the network's integer form, 0: none)
  *   q: K, compact, layers, vector, bins_log2, scale_zero, n_scales, flat_row, lo, hi,
  *      table_rows, width, token_range, bounded, edge
  * Returns 0, or -1 when a step's arrays cannot be had or an argument is out of range. */
@@ -606,7 +742,7 @@ int64_t voxarc_step_predict(const uint64_t *p, const int64_t *q, int64_t n, int6
         (const int64_t *)(uintptr_t)p[1], K, (int32_t)q[1], (const int16_t *)(uintptr_t)p[2],
         x, m, ref_all, busy, s, lq, ref_busy, (int32_t)q[2], size,
         (const float *const *)(uintptr_t)p[4], (const float *const *)(uintptr_t)p[5],
-        (int32_t)q[3], acc);
+        (const int32_t *const *)(uintptr_t)p[9], (int32_t)q[3], acc);
     if (kept < 0)
         goto done;
     voxarc_outputs(acc, kept, kept < n ? busy : NULL, ref_busy, s, lq, ref_all, n,

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
-_NETWORK_ARGS = [_I32, _P, _P, _P, _I32, _P]   # layers, sizes, weights, biases, vector, acc
-ABI = 7   # the entry points and signatures of models/_kernels.c this module calls
+_NETWORK_ARGS = [_I32, _P, _P, _P, _P, _I32, _P]  # layers, sizes, weights, biases, ints, vector, acc
+ABI = 8   # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -61,7 +61,10 @@ def _library():
                    _P, _P] + _NETWORK_ARGS
     fn = lib.voxarc_mlp
     fn.restype = _I64
-    fn.argtypes = [_P, _I64, _I64, _I32, _P, _P, _P, _I32, _P]
+    fn.argtypes = [_P, _I64, _I64] + _NETWORK_ARGS
+    fn = lib.voxarc_layers
+    fn.restype = _I64
+    fn.argtypes = [_I32, _I32]
     fn = lib.voxarc_token_rows
     fn.restype = _I64
     fn.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I32, _I64, _I64, _I64, _P, _P]
@@ -82,12 +85,15 @@ def _switched_off() -> bool:
 
 
 AVX2 = 2    # ``vector`` value of :func:`mlp` for the AVX2+FMA layers even where AVX-512 is
+AVX512 = 3  # ... for the AVX-512 float layers even where VNNI is
+_VECTORS = {"avx2": AVX2, "avx512": AVX512}
 
 
 def _vector() -> int:
     """The network layers the kernels use: the widest the CPU has (1), or with
-    ``VOXARC_KERNELS=avx2`` no wider than AVX2 (to compare; the results are the same)."""
-    return AVX2 if os.environ.get("VOXARC_KERNELS", "auto") == "avx2" else 1
+    ``VOXARC_KERNELS=avx2`` or ``avx512`` the float layers of that width (to compare; the
+    results are the same)."""
+    return _VECTORS.get(os.environ.get("VOXARC_KERNELS", "auto"), 1)
 
 
 def available() -> bool:
@@ -100,6 +106,18 @@ def status() -> str:
     if _switched_off():
         return "off (VOXARC_KERNELS=numpy)"
     return "compiled" if _library() is not None else "not built, or built for another version"
+
+
+_LAYER_NAMES = {0: "plain C", 2: "AVX2", 3: "AVX-512", 4: "AVX-512 VNNI"}
+
+
+def layers(integer: bool = True) -> str:
+    """Which network layers the kernels run on this CPU (for reports and tests): for a network
+    with an integer form (every default network) unless ``integer`` is False; "none" without
+    the kernels."""
+    if not available():
+        return "none"
+    return _LAYER_NAMES[_library().voxarc_layers(_vector(), int(integer))]
 
 
 @dataclass
@@ -148,7 +166,7 @@ def _call(fn, args, n: int, k: int, net: "Network | None") -> Features | None:
     x = np.empty((k + 5, max(n, 1)), dtype=np.float32)
     ref, busy, s, lq, ref_busy = (np.empty(n, dtype=np.int64) for _ in range(5))
     acc = None if net is None else np.empty((n, net.outputs), np.float32)
-    network = (0, None, None, None, 0, None) if net is None else net.arguments(acc)
+    network = (0, None, None, None, None, 0, None) if net is None else net.arguments(acc)
     kept = fn(*args, _LOG2Q_TABLE.ctypes.data, x.ctypes.data, x.shape[1], ref.ctypes.data,
               busy.ctypes.data, s.ctypes.data, lq.ctypes.data, ref_busy.ctypes.data, *network)
     if kept < 0:
@@ -224,6 +242,14 @@ class Network:
         self._b = np.array([b.ctypes.data for b in self.biases], np.uint64)
         self.outputs = sizes[-1]
         self.fits = max(sizes) <= MLP_WIDTH    # the kernels take it (else they return None)
+        self._ints = integer_form(self.weights, self.biases)
+        self._q = None if self._ints is None else \
+            np.array([q.ctypes.data for q in self._ints], np.uint64)
+
+    @property
+    def q_address(self) -> int:
+        """Address of the integer form's layer pointers for the kernels (0: none)."""
+        return 0 if self._q is None else self._q.ctypes.data
 
     def __reduce__(self):
         # the pointer arrays are only valid in this process: a copy takes fresh ones
@@ -233,8 +259,45 @@ class Network:
         """The kernels' network arguments, writing the accumulators to ``acc`` (``vector``:
         see :func:`mlp`)."""
         return (len(self.weights), self._sizes.ctypes.data, self._w.ctypes.data,
-                self._b.ctypes.data, _vector() if vector is True else int(vector),
-                acc.ctypes.data)
+                self._b.ctypes.data, self.q_address or None,
+                _vector() if vector is True else int(vector), acc.ctypes.data)
+
+
+_SUM_LIMIT = 2 ** 31
+_INPUT_BOUND = 1024   # inputs within +-1024 (models.intnet.INPUT_MAX), activations 0..1023
+
+
+def integer_form(weights: list[np.ndarray], biases: list[np.ndarray]) -> list[np.ndarray] | None:
+    """The layers as the kernels' VNNI layers take them, or None where a layer has none.
+
+    A hidden row's weights and bias are integers times ``2**-k`` (the row's shift, folded in by
+    :meth:`models.intnet.IntMLP.kernel_network`); the smallest such ``k`` makes them int16
+    weights and an int32 bias whose sums ``acc`` stay exact integers, and ``acc >> k`` is the
+    float layers' ``floor``. Per layer one int32 array: the ``(out, ceil(in / 2))`` weight
+    pairs (input ``2p`` in the low half), the biases, the shifts."""
+    form = []
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        hidden = i < len(weights) - 1
+        rows = np.concatenate([w, b[:, None]], axis=1).astype(np.float64)
+        shift = np.zeros(len(b), np.int64)
+        if hidden:
+            for k in range(30, -1, -1):   # the smallest k at which each row is integral
+                scaled = rows * 2.0 ** k
+                shift = np.where((scaled == np.floor(scaled)).all(axis=1), k, shift)
+        ints = rows * 2.0 ** shift[:, None]
+        if not (ints == np.floor(ints)).all():
+            return None
+        ints = ints.astype(np.int64)
+        wi, bi = ints[:, :-1], ints[:, -1]
+        bound = np.abs(wi).sum(axis=1) * _INPUT_BOUND + np.abs(bi)
+        if np.abs(wi).max(initial=0) > 32767 or bound.max(initial=0) >= _SUM_LIMIT:
+            return None
+        if wi.shape[1] % 2:
+            wi = np.concatenate([wi, np.zeros((len(wi), 1), np.int64)], axis=1)
+        pairs = (wi[:, 0::2] & 0xFFFF) | ((wi[:, 1::2] & 0xFFFF) << 16)
+        form.append(np.concatenate([pairs.ravel(), bi & 0xFFFFFFFF, shift])
+                    .astype(np.uint32).view(np.int32))
+    return form
 
 
 def mlp(net: Network, x: np.ndarray, vector: bool | int = True) -> np.ndarray | None:
@@ -334,7 +397,8 @@ class StepKernel:
         self._buf = buf
         self._p = np.array([buf.ctypes.data, koff.ctypes.data, _LOG2Q_TABLE.ctypes.data,
                             net._sizes.ctypes.data, net._w.ctypes.data, net._b.ctypes.data,
-                            head.ctypes.data, table.ctypes.data, shifts.ctypes.data], np.uint64)
+                            head.ctypes.data, table.ctypes.data, shifts.ctypes.data,
+                            net.q_address], np.uint64)
         self._q = np.array([len(koff), int(tables.flat), len(net.weights), _vector(),
                             tables.fraction_bins.bit_length() - 1, SCALE_ZERO, N_SCALES,
                             tables.flat_index, lo,

@@ -356,6 +356,7 @@ def _environment(options: BenchOptions) -> dict:
     if "voxarc" in options.codecs:
         env["voxarc_models"] = {m: _model_info(m) for m in options.models}
         env["voxarc_kernels"] = _kernel_status()
+        env["voxarc_network_layers"] = _network_layers()
         env["voxarc_device"] = _network_device()
     return env
 
@@ -373,6 +374,11 @@ def _network_device() -> str:
 def _kernel_status() -> str:
     from models import kernels
     return kernels.status()
+
+
+def _network_layers() -> str:
+    from models import kernels
+    return kernels.layers()
 
 
 def _model_info(model: str) -> dict | str:

@@ -123,6 +123,7 @@ def test_cli_bench_on_generated_series_writes_json(ct_folder, tmp_path, capsys):
     from models import kernels
     assert report["environment"]["voxarc_kernels"] == \
         ("compiled" if kernels.available() else kernels.status())
+    assert report["environment"]["voxarc_network_layers"] == kernels.layers()
     from models.predictor import compute_device
     assert report["environment"]["voxarc_device"].split()[0] == compute_device()
     voxarc = report["rows"][-1]

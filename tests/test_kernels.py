@@ -161,10 +161,12 @@ def _random_network(rng, sizes, weight_max=127):
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2 ** 31), n=st.integers(0, 200),
        sizes=st.lists(st.integers(1, 70), min_size=2, max_size=4),
-       vector=st.sampled_from([False, True, kernels.AVX2]), column_major=st.booleans())
+       vector=st.sampled_from([False, True, kernels.AVX2, kernels.AVX512]),
+       column_major=st.booleans())
 def test_kernel_network_equals_the_int64_reference(seed, n, sizes, vector, column_major):
     rng = np.random.default_rng(seed)
     net = _random_network(rng, sizes)
+    assert net.kernel_network()._ints is not None   # True takes the VNNI layers where they are
     x = rng.integers(-1024, 1025, (n, sizes[0]))
     if column_major:     # as the feature kernel hands them over: rows of a wider array
         wide = np.zeros((sizes[0] + 3, n + 5), np.float32)
@@ -195,6 +197,48 @@ def test_kernel_network_equals_torch_and_falls_back_when_too_wide(monkeypatch):
     assert np.array_equal(fast, model.net.float_accumulators(x))
     assert np.array_equal(wide_fast, wide.float_accumulators(x))
     assert np.array_equal(wide_fast.astype(np.int64), wide.reference(x.astype(np.int64)))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags")
+            for f in line.split(":", 1)[1].split()}
+
+
+def test_the_widest_layers_the_cpu_has_are_used(monkeypatch):
+    """Where the CPU has AVX-512 VNNI, a default network runs on the integer VNNI layers (the
+    reference test above then checks them); ``VOXARC_KERNELS=avx512`` or ``avx2`` keeps the
+    float layers, and a network without an integer form takes them too."""
+    flags = _cpu_flags()
+    if not {"avx512f", "avx512_vnni"} <= flags:
+        pytest.skip("this CPU has no AVX-512 VNNI")   # the float layers are tested above
+    assert kernels.layers() == "AVX-512 VNNI" and kernels.layers(integer=False) == "AVX-512"
+    monkeypatch.setenv("VOXARC_KERNELS", "avx512")
+    assert kernels.layers() == "AVX-512"
+    monkeypatch.setenv("VOXARC_KERNELS", "avx2")
+    assert kernels.layers() == "AVX2"
+
+
+def test_networks_without_an_exact_integer_form_take_the_float_layers():
+    """The VNNI layers need integer weights (times a power of two per row) whose sums stay
+    below 2**31; a network without them has no integer form and is still evaluated."""
+    rng = np.random.default_rng(3)
+    w = [rng.integers(-127, 128, (8, 5)).astype(np.float32), np.ones((2, 8), np.float32)]
+    b = [np.zeros(8, np.float32), np.zeros(2, np.float32)]
+    assert kernels.integer_form(w, b) is not None
+    w_third = [w[0] / 3, w[1]]                      # no power of two makes 1/3 an integer
+    assert kernels.integer_form(w_third, b) is None
+    w_last = [w[0], w[1] / 2]                       # the last layer has no shift
+    assert kernels.integer_form(w_last, b) is None
+    big = [np.full((8, 5), 127, np.float32), w[1]]
+    assert kernels.integer_form(big, [np.full(8, 2.0 ** 31 - 2 ** 10, np.float32), b[1]]) is None
+    x = rng.integers(-1024, 1025, (100, 5)).astype(np.float32)
+    net = kernels.Network(w_third, b)
+    assert net._ints is None
+    assert np.array_equal(kernels.mlp(net, x), kernels.mlp(net, x, vector=kernels.AVX512))
 
 
 def test_a_kernel_built_for_another_version_is_not_called(monkeypatch):
@@ -422,12 +466,13 @@ def test_kernel_loss_and_gradient_equal_the_torch_expression(monkeypatch, seed, 
         torch.testing.assert_close(grad, o.grad, rtol=1e-3, atol=1e-3 * o.grad.abs().max())
 
 
-def test_avx2_layers_on_request_decode_the_same(monkeypatch):
-    """``VOXARC_KERNELS=avx2`` keeps the decoder's network to AVX2 (to compare speeds): the
-    same voxels as the widest layers give."""
+@pytest.mark.parametrize("layers", ["avx2", "avx512"])
+def test_narrower_layers_on_request_decode_the_same(monkeypatch, layers):
+    """``VOXARC_KERNELS=avx2`` (or ``avx512``) keeps the decoder's network to the AVX2 (or
+    AVX-512 float) layers, to compare speeds: the same voxels as the widest layers give."""
     from models import decode_volume, encode_volume
     vol = np.random.default_rng(4).integers(0, 4000, (3, 40, 50)).astype(np.uint16)
     blob = encode_volume(vol)
-    monkeypatch.setenv("VOXARC_KERNELS", "avx2")
-    assert kernels._vector() == kernels.AVX2 and kernels.available()
+    monkeypatch.setenv("VOXARC_KERNELS", layers)
+    assert kernels._vector() == kernels._VECTORS[layers] and kernels.available()
     assert np.array_equal(decode_volume(blob), vol)
