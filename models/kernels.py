@@ -304,9 +304,10 @@ def mlp(net: Network, x: np.ndarray, vector: bool | int = True) -> np.ndarray | 
     """The network's float32 accumulators ``(n, out)`` for inputs ``x`` ``(n, in)`` (a
     column-major view, as :class:`Features` gives, is used in place), or None without the
     compiled kernel or for layers wider than it takes (MLP_WIDTH). Equal, bit for bit, to torch's
-    float32 evaluation. ``vector``: True the widest vector layers the CPU has (AVX-512, else
-    AVX2+FMA; no wider than AVX2 with ``VOXARC_KERNELS=avx2``), :data:`AVX2` those even on an
-    AVX-512 CPU, False the plain C layers."""
+    float32 evaluation. ``vector``: True the widest layers the CPU has (AVX-512 VNNI on the
+    network's :func:`integer_form`, else AVX-512, else AVX2+FMA; see :func:`_vector` for
+    ``VOXARC_KERNELS``), :data:`AVX512` or :data:`AVX2` those float layers even where wider
+    ones are, False the plain C layers."""
     if not available():
         return None
     cols = np.asarray(x, dtype=np.float32).T
