@@ -453,6 +453,10 @@ def main(args) -> int:
     print(bench_report.format_table(report["rows"], report["overall"]))
     if args.crop:
         print(f"every codec coded the central {args.crop} x {args.crop} region of each slice")
+    env = report["environment"]
+    if "voxarc_kernels" in env:
+        print(f"voxarc: kernels {env['voxarc_kernels']}, network layers "
+              f"{env['voxarc_network_layers']}, device {env['voxarc_device']}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         log.info("wrote %s", args.json)

@@ -131,6 +131,7 @@ def test_cli_bench_on_generated_series_writes_json(ct_folder, tmp_path, capsys):
     assert all(r["slice_decode_s"] is None for r in report["rows"][:-1])
     table = capsys.readouterr().out
     assert table.count("ct_generated") == len(codecs) and "OVERALL" in table
+    assert f"network layers {kernels.layers()}, device {compute_device()}" in table
 
 
 def test_bench_on_pydicom_test_files():
