@@ -111,6 +111,14 @@ def status() -> str:
 _LAYER_NAMES = {0: "plain C", 2: "AVX2", 3: "AVX-512", 4: "AVX-512 VNNI"}
 
 
+def describe() -> str:
+    """One line on how the codec computes here, for logs: the compiled kernels and their
+    network layers, or why the numpy and torch path (several times slower) runs instead."""
+    if available():
+        return f"compiled kernels, network layers {layers()}"
+    return f"kernels {status()}: features and network in numpy and torch"
+
+
 def layers(integer: bool = True) -> str:
     """Which network layers the kernels run on this CPU (for reports and tests): for a network
     with an integer form (every default network) unless ``integer`` is False; "none" without

@@ -186,6 +186,7 @@ class Node:
         threading.Thread(target=self._warm, name="voxarc-warm", daemon=True).start()
         log.info("voxarc node %s listening on %s:%d (data %s)", self.settings.ae_title,
                  self.settings.host, self.port, self.settings.data_dir)
+        _log_codec()
         return self
 
     def _warm(self) -> None:
@@ -206,3 +207,14 @@ class Node:
         self.reporter.stop()
         self.archive.close()
         log.info("voxarc node %s stopped", self.settings.ae_title)
+
+
+def _log_codec() -> None:
+    """Say how this node's codec computes (a node without the compiled kernels compacts and
+    retrieves several times slower: a warning)."""
+    from models import kernels
+    from models.predictor import compute_device
+    device = compute_device()
+    level = logging.INFO if kernels.available() else logging.WARNING
+    where = "" if device == "cpu" else f"; the network on {device} (torch)"
+    log.log(level, "codec: %s%s", kernels.describe(), where)

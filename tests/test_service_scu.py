@@ -9,7 +9,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from node_helpers import bundled, dataset_bytes, make_series, node, store_series  # noqa: F401
 from scu_helpers import StoreSCP, associate, echo, find, get, move, store_bytes
 from service import socket_tuning
-from storage.part10 import build_file, split_file
+from storage.part10 import build_file
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -49,6 +49,24 @@ def _formats(sent):
     for _, uid, ts, _ in sent:
         pairs.add((CT, ts))
     return pairs
+
+
+def test_the_node_says_how_its_codec_computes(tmp_path, caplog, monkeypatch):
+    """A node logs at start whether its codec runs the compiled kernels (and which network
+    layers), and warns when it runs the slower numpy path."""
+    from models import kernels
+    from service.ae import Node
+    from service.config import load_settings
+    caplog.set_level("INFO", logger="service.ae")
+    for switch in ("auto", "numpy"):
+        monkeypatch.setenv("VOXARC_KERNELS", switch)
+        settings = load_settings(data_dir=str(tmp_path / switch), host="127.0.0.1", port=0)
+        Node(settings, compaction=False).start().stop()
+    lines = [r for r in caplog.records if r.getMessage().startswith("codec: ")]
+    assert len(lines) == 2
+    monkeypatch.setenv("VOXARC_KERNELS", "auto")
+    assert lines[0].getMessage().startswith(f"codec: {kernels.describe()}")
+    assert lines[1].levelname == "WARNING" and "numpy and torch" in lines[1].getMessage()
 
 
 def test_echo(node):
