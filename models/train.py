@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,29 +68,59 @@ def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
                     values: ValueRange | None = None) -> Samples:
     """Features of every ``1/keep``-th voxel of evenly spaced slabs of each volume, for a
     predictor with the neighbourhood ``hood``; ``values``: the range they are coded within
-    (one volume; default each volume's dtype range)."""
-    parts = []
-    for vi, vol in enumerate(volumes):
-        vrange = values or ValueRange.of_dtype(vol.dtype)
-        starts = np.unique(np.linspace(0, max(vol.shape[0] - slab, 0), slabs_per_volume)
-                           .astype(int) // slab * slab)
-        for z0 in starts:
-            block = vrange.mapped(vol[z0:z0 + slab])
+    (one volume; default each volume's dtype range).
+
+    The voxels are picked first, in one pass of ``rng``; the slices' features are then
+    computed on two threads (the compiled kernel and numpy's gathers release the interpreter
+    lock) straight into the result's arrays: the same samples as one thread would give."""
+    plan = _sample_plan(volumes, slab, slabs_per_volume, keep, rng)
+    total = sum(len(pick) for _, _, picks in plan for pick in picks)
+    out: Samples | None = None
+    at = 0
+    with ThreadPoolExecutor(_SAMPLE_THREADS) as pool:
+        for vi, z0, picks in plan:
+            vrange = values or ValueRange.of_dtype(volumes[vi].dtype)
+            block = vrange.mapped(volumes[vi][z0:z0 + slab])
             # gather the picked voxels' neighbours only (the contexts slab_contexts gives)
             geo = geometry(hood, slab, block.shape[1], block.shape[2], tuple(tile))
             flat = geo.padded(block).ravel()
-            for zl in range(block.shape[0]):
-                pick = np.flatnonzero(rng.random(block.shape[1] * block.shape[2]) < keep)
-                ref, s, lq, x = _features(geo.neighbours(flat, zl, pick),
-                                          geo.validity(zl)[:, pick])
-                n = len(pick)
-                parts.append(Samples(x, ref, s, lq,
-                                     block[zl].ravel()[pick].astype(np.int64),
-                                     np.full(n, vrange.lo), np.full(n, vrange.hi)))
+            parts = pool.map(lambda zp: _features(geo.neighbours(flat, zp[0], zp[1]),
+                                                  geo.validity(zp[0])[:, zp[1]]),
+                             enumerate(picks))
+            for zl, (pick, (ref, s, lq, x)) in enumerate(zip(picks, parts)):
+                if out is None:
+                    out = Samples(np.empty((total, x.shape[1]), x.dtype),
+                                  *(np.empty(total, a.dtype) for a in (ref, s, lq)),
+                                  *(np.empty(total, np.int64) for _ in range(3)))
+                part = slice(at, at + len(pick))
+                out.x[part], out.ref[part], out.s[part], out.lq[part] = x, ref, s, lq
+                out.value[part] = block[zl].ravel()[pick]
+                out.lo[part], out.hi[part] = vrange.lo, vrange.hi
+                at += len(pick)
             if progress:
                 progress(f"volume {vi + 1}/{len(volumes)} slab at z={z0}")
-    return Samples(*(np.concatenate([getattr(p, f) for p in parts])
-                     for f in Samples.__dataclass_fields__))
+    if out is None:
+        raise ValueError("no slab to sample")
+    return out
+
+
+_SAMPLE_THREADS = 2
+
+
+def _sample_plan(volumes, slab: int, slabs_per_volume: int, keep: float,
+                 rng: np.random.Generator) -> list[tuple[int, int, list[np.ndarray]]]:
+    """(volume, first slice, the picked pixels of each of its slices) of every sampled slab,
+    drawn from ``rng`` slice by slice in that order."""
+    plan = []
+    for vi, vol in enumerate(volumes):
+        starts = np.unique(np.linspace(0, max(vol.shape[0] - slab, 0), slabs_per_volume)
+                           .astype(int) // slab * slab)
+        plane = vol.shape[1] * vol.shape[2]
+        for z0 in starts:
+            depth = min(slab, vol.shape[0] - z0)
+            plan.append((vi, int(z0), [np.flatnonzero(rng.random(plane) < keep)
+                                       for _ in range(depth)]))
+    return plan
 
 
 def _features(values: np.ndarray, valid: np.ndarray):

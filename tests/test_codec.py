@@ -970,3 +970,31 @@ def test_encoders_in_several_threads_share_one_fine_tuning_pool(monkeypatch):
                                             [k, k]), range(4)))
     assert sorted(s["job"] for pair in states for s in pair) == sorted([0, 1, 2, 3] * 2)
     assert len({s["pid"] for pair in states for s in pair}) <= 2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_samples_are_the_picked_voxels_of_the_coders_contexts(monkeypatch, threads):
+    """Training and adaptation samples: the voxels drawn from ``rng`` slice by slice, with the
+    features of the contexts the coder itself sees (``slab_contexts``), in slab and slice
+    order, whatever the number of threads computing them."""
+    from models import train
+    from models.codec import slab_contexts
+    from models.features import default_features
+    from models.registry import load_model
+    from models.value_range import ValueRange
+    monkeypatch.setattr(train, "_SAMPLE_THREADS", threads)
+    hood = load_model("default").neighbourhood
+    vol = phantom((21, 30, 44), "int16", seed=5)
+    got = train.collect_samples([vol], 8, 3, 0.3, np.random.default_rng(9), tile=(16, 32),
+                                hood=hood)
+    rng, vrange, want = np.random.default_rng(9), ValueRange.of_dtype(vol.dtype), []
+    for z0 in (0, 8):     # linspace(0, 13, 3) = 0, 6, 13 floored to whole slabs, once each
+        block = vrange.mapped(vol[z0:z0 + 8])
+        picks = [np.flatnonzero(rng.random(30 * 44) < 0.3) for _ in range(len(block))]
+        for zl, values, valid in slab_contexts(hood, block, 8, (16, 32)):
+            ref, s, lq, x = default_features(values[:, picks[zl]], valid[:, picks[zl]])
+            want.append((x.T, ref, s, lq, block[zl].ravel()[picks[zl]]))
+    for i, field in enumerate(("x", "ref", "s", "lq", "value")):
+        assert np.array_equal(getattr(got, field), np.concatenate([w[i] for w in want]))
+    assert got.x.dtype == np.float32 and got.value.dtype == np.int64
+    assert (got.lo == vrange.lo).all() and (got.hi == vrange.hi).all()
