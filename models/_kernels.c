@@ -340,7 +340,7 @@ typedef struct {
     const float *const *w, *const *b;
     const int32_t *const *q;   /* the layers' integer form, or NULL: the float layers */
     float *acc, *buf;
-    int32_t *pairs;            /* three pair buffers (the VNNI layers) */
+    int32_t *pairs;            /* three pair buffers (the VNNI layers), inside buf */
     mlp_layer_fn layer;
     int64_t done;
 } mlp_run;
@@ -367,21 +367,22 @@ static int mlp_open(mlp_run *r, int32_t layers, const int32_t *size, const float
     if ((vector == 1 || vector == 3) && __builtin_cpu_supports("avx512f"))
         r->layer = mlp_layer_avx512;
     if (vector == 1 && q != NULL && __builtin_cpu_supports("avx512f")
-            && __builtin_cpu_supports("avx512vnni")) {
+            && __builtin_cpu_supports("avx512vnni"))
         r->q = q;
-        r->pairs = malloc(sizeof(int32_t) * MLP_VB * (MLP_WIDTH / 2) * 3);
-        if (r->pairs == NULL)
-            return -1;
-    }
 #endif
-    r->buf = malloc(sizeof(float) * MLP_VB * MLP_WIDTH * 3);
-    return r->buf == NULL ? -1 : 0;
+    /* the float buffers, then (VNNI layers) the pair buffers, in one allocation */
+    size_t floats = sizeof(float) * MLP_VB * MLP_WIDTH * 3;
+    r->buf = malloc(floats + (r->q != NULL ? sizeof(int32_t) * MLP_VB * (MLP_WIDTH / 2) * 3 : 0));
+    if (r->buf == NULL)
+        return -1;
+    if (r->q != NULL)
+        r->pairs = (int32_t *)((char *)r->buf + floats);
+    return 0;
 }
 
 static void mlp_close(mlp_run *r)
 {
     free(r->buf);
-    free(r->pairs);
 }
 
 /* Which layers mlp_open picks for ``vector`` on this CPU, with (integer nonzero) or without an
@@ -508,7 +509,7 @@ int64_t voxarc_features(const int32_t *values, int64_t vstride, const uint8_t *v
                         const float *const *b, const int32_t *const *q, int32_t vector,
                         float *acc)
 {
-    mlp_run net = {.buf = NULL, .pairs = NULL, .acc = NULL};
+    mlp_run net = {.buf = NULL, .acc = NULL};
     if (K < PREVIOUS_END || K > KMAX
             || (acc != NULL && mlp_open(&net, layers, size, w, b, q, vector, acc) < 0)) {
         mlp_close(&net);
@@ -550,7 +551,7 @@ int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const in
 {
     if (K < PREVIOUS_END || K > KMAX)
         return -1;
-    mlp_run net = {.buf = NULL, .pairs = NULL, .acc = NULL};
+    mlp_run net = {.buf = NULL, .acc = NULL};
     int32_t (*vals)[BLOCK] = malloc(sizeof(int32_t) * KMAX * BLOCK);
     uint8_t (*oks)[BLOCK] = malloc(KMAX * BLOCK);
     if (vals == NULL || oks == NULL
