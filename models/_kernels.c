@@ -27,7 +27,7 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
-#define ABI 8              /* models/kernels.py's ABI: raised whenever an entry point changes */
+#define ABI 9              /* models/kernels.py's ABI: raised whenever an entry point changes */
 
 /* Which set of entry points and signatures this build has. */
 int64_t voxarc_abi(void)
@@ -460,8 +460,10 @@ static void mlp_feed(mlp_run *r, const float *x, int64_t ld, int64_t upto, int l
     }
 }
 
-/* The default integer network (models.intnet.IntMLP.float_accumulators) on n voxels whose
- * inputs are feature-major: input f of voxel i at x[f * ld + i]. Layer l has size[l] inputs
+/* The default integer network (models.intnet.IntMLP.float_accumulators) on n voxels: input
+ * f of voxel i at x[f * ld + i * step] (step 1: feature-major, used in place; otherwise each
+ * block of voxels is packed feature-major first, so voxel-major samples need no transposed
+ * copy). Layer l has size[l] inputs
  * and size[l + 1] outputs; its weights (row-major, out by in) and biases come pre-scaled by
  * the hidden layers' 2**-shift, so every partial sum is an exact float32 integer times a power
  * of two and any summation order gives the same result. Writes the last layer's accumulators
@@ -469,16 +471,34 @@ static void mlp_feed(mlp_run *r, const float *x, int64_t ld, int64_t upto, int l
  * on the integer form q when there is one, else AVX-512, else AVX2 and FMA), 3 the AVX-512
  * float layers, 2 AVX2 and FMA even where AVX-512 is, 0 the plain C layers (3, 2 and 0 to
  * compare). Returns 0, or -1 when a layer is wider than MLP_WIDTH. */
-int64_t voxarc_mlp(const float *x, int64_t ld, int64_t n, int32_t layers, const int32_t *size,
-                   const float *const *w, const float *const *b, const int32_t *const *q,
-                   int32_t vector, float *acc)
+int64_t voxarc_mlp(const float *x, int64_t ld, int64_t step, int64_t n, int32_t layers,
+                   const int32_t *size, const float *const *w, const float *const *b,
+                   const int32_t *const *q, int32_t vector, float *acc)
 {
     mlp_run r;
     if (mlp_open(&r, layers, size, w, b, q, vector, acc) < 0) {
         mlp_close(&r);
         return -1;
     }
-    mlp_feed(&r, x, ld, n, 1);
+    if (step == 1) {
+        mlp_feed(&r, x, ld, n, 1);
+        mlp_close(&r);
+        return 0;
+    }
+    float *block = r.buf;    /* mlp_feed's tail block: mlp_block keeps clear of it */
+    int nout = size[layers];
+    for (int64_t a = 0; a < n; a += MLP_VB) {
+        int64_t m = n - a < MLP_VB ? n - a : MLP_VB;
+        for (int64_t i = 0; i < MLP_VB; i++) {
+            const float *row = x + (a + (i < m ? i : 0)) * step;
+            for (int f = 0; f < size[0]; f++)
+                block[f * MLP_VB + i] = i < m ? row[f * ld] : 0.0f;
+        }
+        const float *out = mlp_block(&r, block, MLP_VB);
+        for (int64_t i = 0; i < m; i++)
+            for (int o = 0; o < nout; o++)
+                acc[(a + i) * nout + o] = out[o * MLP_VB + i];
+    }
     mlp_close(&r);
     return 0;
 }

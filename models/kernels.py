@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _P, _I32, _P]  # layers, sizes, weights, biases, ints, vector, acc
-ABI = 8   # the entry points and signatures of models/_kernels.c this module calls
+ABI = 9   # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -61,7 +61,7 @@ def _library():
                    _P, _P] + _NETWORK_ARGS
     fn = lib.voxarc_mlp
     fn.restype = _I64
-    fn.argtypes = [_P, _I64, _I64] + _NETWORK_ARGS
+    fn.argtypes = [_P, _I64, _I64, _I64] + _NETWORK_ARGS
     fn = lib.voxarc_layers
     fn.restype = _I64
     fn.argtypes = [_I32, _I32]
@@ -309,8 +309,9 @@ def integer_form(weights: list[np.ndarray], biases: list[np.ndarray]) -> list[np
 
 
 def mlp(net: Network, x: np.ndarray, vector: bool | int = True) -> np.ndarray | None:
-    """The network's float32 accumulators ``(n, out)`` for inputs ``x`` ``(n, in)`` (a
-    column-major view, as :class:`Features` gives, is used in place), or None without the
+    """The network's float32 accumulators ``(n, out)`` for inputs ``x`` ``(n, in)`` (float32
+    is used in place: a column-major view as :class:`Features` gives, or voxel-major samples,
+    which the kernel packs block by block), or None without the
     compiled kernel or for layers wider than it takes (MLP_WIDTH). Equal, bit for bit, to torch's
     float32 evaluation. ``vector``: True the widest layers the CPU has (AVX-512 VNNI on the
     network's :func:`integer_form`, else AVX-512, else AVX2+FMA; see :func:`_vector` for
@@ -319,12 +320,12 @@ def mlp(net: Network, x: np.ndarray, vector: bool | int = True) -> np.ndarray | 
     if not available():
         return None
     cols = np.asarray(x, dtype=np.float32).T
-    if cols.strides[1] != 4 or cols.strides[0] % 4:
+    if cols.strides[0] % 4 or cols.strides[1] % 4 or min(cols.strides) < 0:
         cols = np.ascontiguousarray(cols)
     n = cols.shape[1]
     acc = np.empty((n, net.outputs), np.float32)
-    if n and _library().voxarc_mlp(cols.ctypes.data, cols.strides[0] // 4, n,
-                                   *net.arguments(acc, vector)) < 0:
+    if n and _library().voxarc_mlp(cols.ctypes.data, cols.strides[0] // 4, cols.strides[1] // 4,
+                                   n, *net.arguments(acc, vector)) < 0:
         return None
     return acc
 

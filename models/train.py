@@ -151,14 +151,18 @@ class FloatPredictor(nn.Module):
     INPUT_ALIGN = 8
 
     def training_inputs(self, x: np.ndarray, rows: np.ndarray,
-                        chunk: int = 1 << 16) -> torch.Tensor:
+                        chunk: int = 1 << 14) -> torch.Tensor:
         """Rows ``rows`` of ``x`` as :meth:`forward_training` takes them: scaled by
         ``input_scale`` (a power of two: exact) and zero-padded to a multiple of INPUT_ALIGN
-        columns, gathered in pieces straight into place."""
+        columns, gathered in pieces through a small buffer (``np.take`` gathers rows about
+        three times faster than indexing) and scaled into place."""
         n, f = len(rows), x.shape[1]
         out = np.zeros((n, f + -f % self.INPUT_ALIGN), np.float32)
+        part = np.empty((min(chunk, n), f), x.dtype)
         for a in range(0, n, chunk):
-            np.multiply(x[rows[a:a + chunk]], self.input_scale, out=out[a:a + chunk, :f],
+            piece = rows[a:a + chunk]
+            np.take(x, piece, axis=0, out=part[:len(piece)])
+            np.multiply(part[:len(piece)], self.input_scale, out=out[a:a + len(piece), :f],
                         casting="unsafe")
         return torch.from_numpy(out)
 

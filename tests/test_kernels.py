@@ -162,17 +162,21 @@ def _random_network(rng, sizes, weight_max=127):
 @given(seed=st.integers(0, 2 ** 31), n=st.integers(0, 200),
        sizes=st.lists(st.integers(1, 70), min_size=2, max_size=4),
        vector=st.sampled_from([False, True, kernels.AVX2, kernels.AVX512]),
-       column_major=st.booleans())
-def test_kernel_network_equals_the_int64_reference(seed, n, sizes, vector, column_major):
+       layout=st.sampled_from(["columns", "rows", "wide rows"]))
+def test_kernel_network_equals_the_int64_reference(seed, n, sizes, vector, layout):
     rng = np.random.default_rng(seed)
     net = _random_network(rng, sizes)
     assert net.kernel_network()._ints is not None   # True takes the VNNI layers where they are
     x = rng.integers(-1024, 1025, (n, sizes[0]))
-    if column_major:     # as the feature kernel hands them over: rows of a wider array
+    if layout == "columns":   # as the feature kernel hands them over: rows of a wider array
         wide = np.zeros((sizes[0] + 3, n + 5), np.float32)
         wide[1:sizes[0] + 1, 2:n + 2] = x.T
         xin = wide[1:sizes[0] + 1, 2:n + 2].T
-    else:
+    elif layout == "wide rows":   # voxel-major with a gap: the kernel packs each block
+        wide = np.full((n + 5, sizes[0] + 3), 7.0, np.float32)
+        wide[2:n + 2, 1:sizes[0] + 1] = x
+        xin = wide[2:n + 2, 1:sizes[0] + 1]
+    else:                     # voxel-major samples (training, quantisation)
         xin = x.astype(np.float32)
     acc = kernels.mlp(net.kernel_network(), xin, vector=vector)
     assert acc.dtype == np.float32 and acc.shape == (n, sizes[-1])
