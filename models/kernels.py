@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _P, _I32, _P]  # layers, sizes, weights, biases, ints, vector, acc
-ABI = 9   # the entry points and signatures of models/_kernels.c this module calls
+ABI = 10  # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -86,13 +86,14 @@ def _switched_off() -> bool:
 
 AVX2 = 2    # ``vector`` value of :func:`mlp` for the AVX2+FMA layers even where AVX-512 is
 AVX512 = 3  # ... for the AVX-512 float layers even where VNNI is
-_VECTORS = {"avx2": AVX2, "avx512": AVX512}
+AVX2_INT = 4  # ... for the AVX2 integer layers (VPMADDWD) even where AVX-512 is
+_VECTORS = {"avx2": AVX2, "avx512": AVX512, "avx2-int": AVX2_INT}
 
 
 def _vector() -> int:
     """The network layers the kernels use: the widest the CPU has (1), or with
-    ``VOXARC_KERNELS=avx2`` or ``avx512`` the float layers of that width (to compare; the
-    results are the same)."""
+    ``VOXARC_KERNELS=avx2`` or ``avx512`` the float layers of that width, with ``avx2-int``
+    the AVX2 integer layers (to compare; the results are the same)."""
     return _VECTORS.get(os.environ.get("VOXARC_KERNELS", "auto"), 1)
 
 
@@ -108,7 +109,7 @@ def status() -> str:
     return "compiled" if _library() is not None else "not built, or built for another version"
 
 
-_LAYER_NAMES = {0: "plain C", 2: "AVX2", 3: "AVX-512", 4: "AVX-512 VNNI"}
+_LAYER_NAMES = {0: "plain C", 2: "AVX2", 3: "AVX-512", 4: "AVX-512 VNNI", 5: "AVX2 integer"}
 
 
 def describe() -> str:
@@ -276,7 +277,8 @@ _INPUT_BOUND = 1024   # inputs within +-1024 (models.intnet.INPUT_MAX), activati
 
 
 def integer_form(weights: list[np.ndarray], biases: list[np.ndarray]) -> list[np.ndarray] | None:
-    """The layers as the kernels' VNNI layers take them, or None where a layer has none.
+    """The layers as the kernels' integer layers (VNNI, AVX2) take them, or None where a layer
+    has none.
 
     A hidden row's weights and bias are integers times ``2**-k`` (the row's shift, folded in by
     :meth:`models.intnet.IntMLP.kernel_network`); the smallest such ``k`` makes them int16
@@ -313,10 +315,11 @@ def mlp(net: Network, x: np.ndarray, vector: bool | int = True) -> np.ndarray | 
     is used in place: a column-major view as :class:`Features` gives, or voxel-major samples,
     which the kernel packs block by block), or None without the
     compiled kernel or for layers wider than it takes (MLP_WIDTH). Equal, bit for bit, to torch's
-    float32 evaluation. ``vector``: True the widest layers the CPU has (AVX-512 VNNI on the
-    network's :func:`integer_form`, else AVX-512, else AVX2+FMA; see :func:`_vector` for
-    ``VOXARC_KERNELS``), :data:`AVX512` or :data:`AVX2` those float layers even where wider
-    ones are, False the plain C layers."""
+    float32 evaluation. ``vector``: True the widest layers the CPU has (on the network's
+    :func:`integer_form`: AVX-512 VNNI, or AVX2 integer layers where there is no AVX-512;
+    else AVX-512, else AVX2+FMA; see :func:`_vector` for ``VOXARC_KERNELS``),
+    :data:`AVX2_INT` the AVX2 integer layers, :data:`AVX512` or :data:`AVX2` those float
+    layers even where wider ones are, False the plain C layers."""
     if not available():
         return None
     cols = np.asarray(x, dtype=np.float32).T

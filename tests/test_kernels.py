@@ -161,7 +161,7 @@ def _random_network(rng, sizes, weight_max=127):
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2 ** 31), n=st.integers(0, 200),
        sizes=st.lists(st.integers(1, 70), min_size=2, max_size=4),
-       vector=st.sampled_from([False, True, kernels.AVX2, kernels.AVX512]),
+       vector=st.sampled_from([False, True, kernels.AVX2, kernels.AVX512, kernels.AVX2_INT]),
        layout=st.sampled_from(["columns", "rows", "wide rows"]))
 def test_kernel_network_equals_the_int64_reference(seed, n, sizes, vector, layout):
     rng = np.random.default_rng(seed)
@@ -222,6 +222,22 @@ def test_the_widest_layers_the_cpu_has_are_used(monkeypatch):
     assert kernels.layers() == "AVX-512 VNNI" and kernels.layers(integer=False) == "AVX-512"
     monkeypatch.setenv("VOXARC_KERNELS", "avx512")
     assert kernels.layers() == "AVX-512"
+    monkeypatch.setenv("VOXARC_KERNELS", "avx2")
+    assert kernels.layers() == "AVX2"
+
+
+def test_cpus_with_avx2_and_without_avx512_take_the_avx2_integer_layers(monkeypatch):
+    """Without AVX-512 a default network runs on the AVX2 integer layers (VPMADDWD);
+    ``VOXARC_KERNELS=avx2-int`` picks them on any AVX2 CPU (the reference test above checks
+    them there), ``avx2`` keeps the float layers, and a network without an integer form takes
+    those."""
+    flags = _cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        pytest.skip("this CPU has no AVX2")   # the plain C layers are tested above
+    if "avx512f" not in flags:
+        assert kernels.layers() == "AVX2 integer" and kernels.layers(integer=False) == "AVX2"
+    monkeypatch.setenv("VOXARC_KERNELS", "avx2-int")
+    assert kernels.layers() == "AVX2 integer" and kernels.layers(integer=False) == "AVX2"
     monkeypatch.setenv("VOXARC_KERNELS", "avx2")
     assert kernels.layers() == "AVX2"
 
@@ -470,10 +486,11 @@ def test_kernel_loss_and_gradient_equal_the_torch_expression(monkeypatch, seed, 
         torch.testing.assert_close(grad, o.grad, rtol=1e-3, atol=1e-3 * o.grad.abs().max())
 
 
-@pytest.mark.parametrize("layers", ["avx2", "avx512"])
+@pytest.mark.parametrize("layers", ["avx2", "avx512", "avx2-int"])
 def test_narrower_layers_on_request_decode_the_same(monkeypatch, layers):
-    """``VOXARC_KERNELS=avx2`` (or ``avx512``) keeps the decoder's network to the AVX2 (or
-    AVX-512 float) layers, to compare speeds: the same voxels as the widest layers give."""
+    """``VOXARC_KERNELS=avx2`` (or ``avx512``, ``avx2-int``) keeps the decoder's network to
+    the AVX2 (or AVX-512 float, AVX2 integer) layers, to compare speeds: the same voxels as the
+    widest layers give."""
     from models import decode_volume, encode_volume
     vol = np.random.default_rng(4).integers(0, 4000, (3, 40, 50)).astype(np.uint16)
     blob = encode_volume(vol)
