@@ -27,7 +27,7 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
-#define ABI 10             /* models/kernels.py's ABI: raised whenever an entry point changes */
+#define ABI 11             /* models/kernels.py's ABI: raised whenever an entry point changes */
 
 /* Which set of entry points and signatures this build has. */
 int64_t voxarc_abi(void)
@@ -147,10 +147,12 @@ block_features(const int32_t *const *v, const uint8_t *const *ok, int64_t m, int
 #define MLP_OB512 8        /* outputs per pass of the AVX-512 kernel */
 #define MLP_WIDTH 256      /* widest layer the kernel takes */
 #define MLP_ACT_MAX 1023.0f
+#define MLP_RELU 2         /* ``hidden`` of the float layers for a plain ReLU (training) */
 
 /* One layer on a block of MLP_VB voxels: in is feature-major (row f at in + f * ld), out is
  * (nout, MLP_VB); hidden layers give h = clip(floor(acc), 0, ACT_MAX) (their 2**-shift is in
- * w and b). Plain C: the fallback for CPUs without AVX2 and FMA. */
+ * w and b), or with hidden == MLP_RELU max(acc, 0) (the float twin, in training). Plain C:
+ * the fallback for CPUs without AVX2 and FMA. */
 static void mlp_layer_plain(const float *in, int64_t ld, int nin, const float *w,
                             const float *b, int nout, int hidden, float *out)
 {
@@ -161,7 +163,10 @@ static void mlp_layer_plain(const float *in, int64_t ld, int nin, const float *w
         for (int f = 0; f < nin; f++)
             for (int i = 0; i < MLP_VB; i++)
                 r[i] += w[(int64_t)o * nin + f] * in[(int64_t)f * ld + i];
-        if (hidden)
+        if (hidden == MLP_RELU)
+            for (int i = 0; i < MLP_VB; i++)
+                r[i] = r[i] < 0.0f ? 0.0f : r[i];
+        else if (hidden)
             for (int i = 0; i < MLP_VB; i++) {
                 float h = __builtin_floorf(r[i]);
                 r[i] = h < 0.0f ? 0.0f : (h > MLP_ACT_MAX ? MLP_ACT_MAX : h);
@@ -206,7 +211,9 @@ static void mlp_layer_avx2(const float *in, int64_t ld, int nin, const float *w,
         for (int k = 0; k < MLP_OB && o + k < nout; k++)
             for (int v = 0; v < MLP_VV; v++) {
                 __m256 h = a[k][v];
-                if (hidden)
+                if (hidden == MLP_RELU)
+                    h = _mm256_max_ps(h, zero);
+                else if (hidden)
                     h = _mm256_min_ps(_mm256_max_ps(_mm256_floor_ps(h), zero), top);
                 _mm256_storeu_ps(out + (int64_t)(o + k) * MLP_VB + half + 8 * v, h);
             }
@@ -244,7 +251,9 @@ static void mlp_layer_avx512(const float *in, int64_t ld, int nin, const float *
         for (int k = 0; k < MLP_OB512 && o + k < nout; k++)
             for (int v = 0; v < MLP_VV; v++) {
                 __m512 h = a[k][v];
-                if (hidden)
+                if (hidden == MLP_RELU)
+                    h = _mm512_max_ps(h, zero);
+                else if (hidden)
                     h = _mm512_min_ps(_mm512_max_ps(
                         _mm512_roundscale_ps(h, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
                         zero), top);
@@ -910,5 +919,139 @@ double voxarc_laplace_bits(const float *value, const float *ref, const float *s,
         grad[2 * i] = inv_ln2 * dlp_de * sign * s[i] / unit;
         grad[2 * i + 1] = -b_dlp_db * live / scale_steps;
     }
+    return total;
+}
+
+/* part[(o * nin + f) * 8 + k] += sum over the block's voxels i = k (mod 8) of dz[o][i] a[f][i]:
+ * a weight gradient in eight partial sums per weight, added up once per step. */
+static void grad_outer_plain(const float *dz, int nout, const float *a, int nin, float *part)
+{
+    for (int o = 0; o < nout; o++)
+        for (int f = 0; f < nin; f++) {
+            float *p = part + ((int64_t)o * nin + f) * 8;
+            for (int i = 0; i < MLP_VB; i++)
+                p[i % 8] += dz[(int64_t)o * MLP_VB + i] * a[(int64_t)f * MLP_VB + i];
+        }
+}
+
+#ifdef MLP_VECTOR
+__attribute__((target("avx2,fma")))
+static void grad_outer_avx2(const float *dz, int nout, const float *a, int nin, float *part)
+{
+    for (int o = 0; o < nout; o++) {
+        __m256 d[MLP_VB / 8];
+        for (int v = 0; v < MLP_VB / 8; v++)
+            d[v] = _mm256_loadu_ps(dz + (int64_t)o * MLP_VB + 8 * v);
+        for (int f = 0; f < nin; f++) {
+            const float *x = a + (int64_t)f * MLP_VB;
+            __m256 s0 = _mm256_mul_ps(d[0], _mm256_loadu_ps(x));
+            __m256 s1 = _mm256_mul_ps(d[1], _mm256_loadu_ps(x + 8));
+            for (int v = 2; v < MLP_VB / 8; v += 2) {
+                s0 = _mm256_fmadd_ps(d[v], _mm256_loadu_ps(x + 8 * v), s0);
+                s1 = _mm256_fmadd_ps(d[v + 1], _mm256_loadu_ps(x + 8 * v + 8), s1);
+            }
+            float *p = part + ((int64_t)o * nin + f) * 8;
+            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), _mm256_add_ps(s0, s1)));
+        }
+    }
+}
+#endif
+
+/* One fine-tuning step's loss and gradients for the float twin (models.train.FloatPredictor,
+ * ReLU hidden layers, two outputs) on n samples: x (n rows, ldx floats apart, the first
+ * size[0] used), value, ref, s, lq as voxarc_laplace_bits takes them. Writes the gradients
+ * of the mean bits to gw[l] (out, in, row-major like w[l]) and gb[l]; returns the sum of the
+ * bits, or -1 (a layer wider than MLP_WIDTH, not two outputs, no memory). Blocks of MLP_VB
+ * samples go forward and back while their activations are in L1 (torch's step writes each
+ * layer's activations for the whole batch, a megabyte, and reads them back twice). Float32
+ * like torch, in another order of summation: close to its gradients, not equal. */
+double voxarc_train_step(const float *x, int64_t ldx, int64_t n, const float *value,
+                         const float *ref, const float *s, const float *lq, int32_t layers,
+                         const int32_t *size, const float *const *w, const float *const *b,
+                         float *const *gw, float *const *gb, float unit, float scale_steps,
+                         int32_t vector)
+{
+    mlp_run r = {.buf = NULL};
+    if (layers < 1 || size[layers] != 2 || mlp_open(&r, layers, size, w, b, NULL, vector,
+                                                     NULL) < 0) {
+        mlp_close(&r);
+        return -1.0;
+    }
+    int64_t weights = 0;
+    for (int l = 0; l < layers; l++)
+        weights += (int64_t)size[l] * size[l + 1];
+    const int64_t plane = (int64_t)MLP_WIDTH * MLP_VB;
+    /* activations of every layer, two gradient planes, zero biases, a block's outputs and
+     * their gradients (sample-major), the transposed weights, the partial sums */
+    float *mem = calloc((size_t)((layers + 2) * plane + MLP_WIDTH + 4 * MLP_VB + 9 * weights),
+                        sizeof(float));
+    if (mem == NULL) {
+        mlp_close(&r);
+        return -1.0;
+    }
+    float *act = mem, *dz = act + layers * plane, *dprev = dz + plane, *zero = dprev + plane;
+    float *out = zero + MLP_WIDTH, *gout = out + 2 * MLP_VB, *wt = gout + 2 * MLP_VB;
+    float *part = wt + weights;
+    void (*outer)(const float *, int, const float *, int, float *) = grad_outer_plain;
+#ifdef MLP_VECTOR
+    if (r.layer != mlp_layer_plain)
+        outer = grad_outer_avx2;
+#endif
+    for (int l = 0, at = 0; l < layers; at += size[l] * size[l + 1], l++) {
+        for (int o = 0; o < size[l + 1]; o++)
+            for (int f = 0; f < size[l]; f++)
+                wt[at + (int64_t)f * size[l + 1] + o] = w[l][(int64_t)o * size[l] + f];
+        for (int o = 0; o < size[l + 1]; o++)
+            gb[l][o] = 0.0f;
+    }
+    double total = 0.0;
+    for (int64_t a = 0; a < n; a += MLP_VB) {
+        int64_t m = n - a < MLP_VB ? n - a : MLP_VB;
+        for (int f = 0; f < size[0]; f++)
+            for (int64_t i = 0; i < MLP_VB; i++)
+                act[f * MLP_VB + i] = i < m ? x[(a + i) * ldx + f] : 0.0f;
+        for (int l = 0; l < layers; l++)
+            r.layer(act + l * plane, MLP_VB, size[l], w[l], b[l], size[l + 1],
+                    l < layers - 1 ? MLP_RELU : 0, l < layers - 1 ? act + (l + 1) * plane : dz);
+        for (int64_t i = 0; i < m; i++) {
+            out[2 * i] = dz[i];
+            out[2 * i + 1] = dz[MLP_VB + i];
+        }
+        total += voxarc_laplace_bits(value + a, ref + a, s + a, lq + a, out, m, unit,
+                                     scale_steps, gout);
+        for (int64_t i = 0; i < MLP_VB; i++) {
+            dz[i] = i < m ? gout[2 * i] / (float)n : 0.0f;
+            dz[MLP_VB + i] = i < m ? gout[2 * i + 1] / (float)n : 0.0f;
+        }
+        int64_t at = weights;
+        for (int l = layers - 1; l >= 0; l--) {
+            const int nin = size[l], nout = size[l + 1];
+            const float *in = act + l * plane;
+            at -= (int64_t)nin * nout;
+            for (int o = 0; o < nout; o++) {
+                float sum = 0.0f;
+                for (int i = 0; i < MLP_VB; i++)
+                    sum += dz[(int64_t)o * MLP_VB + i];
+                gb[l][o] += sum;
+            }
+            outer(dz, nout, in, nin, part + 8 * at);
+            if (l == 0)
+                break;
+            /* back through the weights (transposed: nin outputs of nout inputs), then ReLU */
+            r.layer(dz, MLP_VB, nout, wt + at, zero, nin, 0, dprev);
+            for (int64_t k = 0; k < (int64_t)nin * MLP_VB; k++)
+                dprev[k] = in[k] > 0.0f ? dprev[k] : 0.0f;
+            float *t = dz;
+            dz = dprev;
+            dprev = t;
+        }
+    }
+    for (int l = 0, at = 0; l < layers; at += size[l] * size[l + 1], l++)
+        for (int64_t k = 0; k < (int64_t)size[l] * size[l + 1]; k++) {
+            const float *p = part + 8 * (at + k);
+            gw[l][k] = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+        }
+    free(mem);
+    mlp_close(&r);
     return total;
 }

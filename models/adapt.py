@@ -38,6 +38,7 @@ import torch
 from models import paper_table, tune_workers
 from models.container import CorruptBlobError
 from models.entropy import CodingTables
+from models.features import SCALE_STEPS, UNIT
 from models.tables import table_bits
 from models.value_range import ValueRange
 
@@ -250,16 +251,40 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=(),
     opt = _Adam(list(model.parameters()), lr=settings.lr)
     batch = min(settings.batch, n)
     starts = torch.randint(0, n - batch + 1, (steps,), generator=gen).tolist()
+    compiled = None if settings.bf16 else _compiled_step(model)
     for done, a in enumerate(starts, 1):
         x, ref, s, lq, v = (t[a:a + batch] for t in tensors)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
-            out = model.forward_training(x)
-        loss = mean_laplace_bits(v, ref, s, lq, out.float())
-        model.zero_grad(set_to_none=True)
-        loss.backward()
+        if compiled is None or compiled(*(t.numpy() for t in (x, v, ref, s, lq)),
+                                        UNIT, SCALE_STEPS) is None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+                out = model.forward_training(x)
+            loss = mean_laplace_bits(v, ref, s, lq, out.float())
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            compiled = None
         opt.step()
         if done in stops:
             yield
+
+
+def _compiled_step(model):
+    """The float32 step of ``model`` in one compiled call (models.kernels.TrainStep), writing
+    the gradients into its parameters' ``grad``; None without the kernels. Torch's step writes
+    each layer's activations for the whole batch (a megabyte) and reads them back; the kernel
+    takes the batch in blocks that stay in cache: an Adam step on 4096 samples took 2.17-2.51
+    against 4.78-4.97 ms on a Zen 3 (three alternating runs of 400 steps each). Where bfloat16
+    products run (AVX-512 BF16, AMX), torch's step in bfloat16 is kept: not compared there."""
+    from models import kernels
+    if not kernels.available():
+        return None
+    layers = model.linear_layers()
+    params = [p for layer in layers for p in (layer.weight, layer.bias)]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    arrays = [[p.detach().numpy() for p in group] for group in (
+        [l.weight for l in layers], [l.bias for l in layers],
+        [l.weight.grad for l in layers], [l.bias.grad for l in layers])]
+    return kernels.TrainStep(*arrays)
 
 
 @lru_cache(maxsize=1)

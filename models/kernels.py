@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _P, _I32, _P]  # layers, sizes, weights, biases, ints, vector, acc
-ABI = 10  # the entry points and signatures of models/_kernels.c this module calls
+ABI = 11  # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -77,6 +77,10 @@ def _library():
     fn = lib.voxarc_laplace_bits
     fn.restype = ctypes.c_double
     fn.argtypes = [_P, _P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, _P]
+    fn = lib.voxarc_train_step
+    fn.restype = ctypes.c_double
+    fn.argtypes = [_P, _I64, _I64, _P, _P, _P, _P, _I32, _P, _P, _P, _P, _P, ctypes.c_float,
+                   ctypes.c_float, _I32]
     return lib
 
 
@@ -346,6 +350,37 @@ def laplace_bits(value: np.ndarray, ref: np.ndarray, s: np.ndarray, lq: np.ndarr
     total = _library().voxarc_laplace_bits(*(a.ctypes.data for a in arrays), n, unit,
                                            scale_steps, grad.ctypes.data)
     return total, grad
+
+
+class TrainStep:
+    """The float twin's fine-tuning step in one compiled call (``voxarc_train_step``): the mean
+    bits of a batch and their gradients, written into ``grads`` (arrays shaped like the
+    weights and biases, in the same order; torch tensors' memory, for instance).
+    ``weights`` and ``biases`` are float32 arrays the optimiser updates in place."""
+
+    def __init__(self, weights: list[np.ndarray], biases: list[np.ndarray],
+                 weight_grads: list[np.ndarray], bias_grads: list[np.ndarray]):
+        arrays = [*weights, *biases, *weight_grads, *bias_grads]
+        if any(a.dtype != np.float32 or not a.flags.c_contiguous for a in arrays):
+            raise ValueError("the training step takes C-contiguous float32 arrays")
+        self._keep = arrays
+        self.layers = len(weights)
+        self._sizes = np.array([weights[0].shape[1]] + [w.shape[0] for w in weights], np.int32)
+        self._ptrs = [np.array([a.ctypes.data for a in group], np.uint64)
+                      for group in (weights, biases, weight_grads, bias_grads)]
+
+    def __call__(self, x: np.ndarray, value: np.ndarray, ref: np.ndarray, s: np.ndarray,
+                 lq: np.ndarray, unit: float, scale_steps: float) -> float | None:
+        """Mean bits of the batch (x: (n, >= inputs) float32 rows; the others (n,) float32,
+        C-contiguous), its gradients written; None where the kernel does not take the network."""
+        n = len(value)
+        if x.dtype != np.float32 or x.strides[1] != 4 or x.shape[1] < self._sizes[0]:
+            raise ValueError("the training step takes float32 rows of the inputs")
+        total = _library().voxarc_train_step(
+            x.ctypes.data, x.strides[0] // 4, n, value.ctypes.data, ref.ctypes.data,
+            s.ctypes.data, lq.ctypes.data, self.layers, self._sizes.ctypes.data,
+            *(p.ctypes.data for p in self._ptrs), unit, scale_steps, _vector())
+        return None if total < 0 else total / n
 
 
 def token_rows(table: np.ndarray, token_range: int, shifts: np.ndarray, row: np.ndarray,

@@ -839,6 +839,37 @@ def test_fine_tuning_lowers_the_bits_in_float32_and_in_bfloat16(monkeypatch, bf1
     assert not torch.equal(first, [p for p in tuned[True].parameters()][0])
 
 
+def test_float32_fine_tuning_takes_the_compiled_step_with_torchs_result(monkeypatch):
+    """Without bfloat16 each fine-tuning step is one compiled call (models.kernels.TrainStep)
+    where the kernels are, and torch's autograd where they are not: a few steps later both
+    networks are the same to float32 rounding."""
+    import torch
+
+    from models import adapt, kernels, train
+    from models.registry import load_model
+    predictor = load_model("default")
+    vol = phantom((10, 40, 48), "int16", seed=14)
+    samples = train.collect_samples([vol], 8, 2, 1.0, np.random.default_rng(0),
+                                    tile=(64, 256), hood=predictor.neighbourhood)
+    monkeypatch.setattr(adapt, "ADAPT_BF16", False)
+    calls = []
+    real_call = kernels.TrainStep.__call__
+    monkeypatch.setattr(kernels.TrainStep, "__call__",
+                        lambda self, *a: calls.append(1) or real_call(self, *a))
+    tuned = {}
+    for mode in ("auto", "numpy"):
+        monkeypatch.setenv("VOXARC_KERNELS", mode)
+        model = train.float_model(predictor)
+        for _ in adapt._fine_tune(model, samples, 0, 5, [5]):
+            pass
+        tuned[mode] = list(model.parameters())
+        assert len(calls) == 5      # five with the kernels, and none more without them
+    for a, b in zip(*tuned.values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.detach().abs().max()))
+    start = list(train.float_model(predictor).parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(tuned["auto"], start))
+
+
 def test_adam_steps_every_tensor_by_the_textbook_formula():
     """The optimiser's whole-list kernels give Adam's update, tensor by tensor (and skip a
     tensor without a gradient)."""

@@ -497,3 +497,75 @@ def test_narrower_layers_on_request_decode_the_same(monkeypatch, layers):
     monkeypatch.setenv("VOXARC_KERNELS", layers)
     assert kernels._vector() == kernels._VECTORS[layers] and kernels.available()
     assert np.array_equal(decode_volume(blob), vol)
+
+
+@pytest.mark.parametrize("hidden, n, vector", [((64, 32), 4096, True), ((7,), 50, True),
+                                               ((5, 9, 3), 97, kernels.AVX2), ((6,), 13, False),
+                                               ((20, 4), 48, kernels.AVX512)])
+def test_compiled_training_step_equals_torch_autograd(monkeypatch, hidden, n, vector):
+    """The float twin's step in one compiled call: the mean bits and every weight's and bias's
+    gradient of torch's autograd through ``train.laplace_bits`` (float32 in another order of
+    summation: within 1e-5 of the largest), for batches that are not whole blocks and for each
+    layer kind; the padded input columns of the fine-tuning are skipped."""
+    import torch
+    from models.features import SCALE_STEPS, UNIT
+    if vector == kernels.AVX512 and "avx512f" not in _cpu_flags():
+        vector = True
+    monkeypatch.setenv("VOXARC_KERNELS", {True: "auto", kernels.AVX2: "avx2",
+                                          kernels.AVX512: "avx512", False: "auto"}[vector])
+    rng = np.random.default_rng(n)
+    torch.manual_seed(n)
+    model = train.FloatPredictor(hidden, 31)
+    x = model.training_inputs(rng.integers(-300, 300, (n, 31)).astype(np.float32), np.arange(n))
+    assert x.shape[1] == 32        # padded: the kernel reads the first 31 of each row
+    x[:, 31] = 1e6                 # (which must not count)
+    value = rng.integers(0, 2000, n).astype(np.float32)
+    ref = (value + rng.laplace(0, 10, n)).round().astype(np.float32)
+    s = rng.integers(1, 200, n).astype(np.float32)
+    lq = rng.integers(-10, 60, n).astype(np.float32)
+    layers = model.linear_layers()
+    loss = train.laplace_bits(*map(torch.from_numpy, (value, ref, s, lq)),
+                              nn_forward(model, x)).mean()
+    loss.backward()
+    weights = [layer.weight.detach().numpy() for layer in layers]
+    biases = [layer.bias.detach().numpy() for layer in layers]
+    grads = [np.full_like(a, np.nan) for a in weights + biases]
+    step = kernels.TrainStep(weights, biases, grads[:len(layers)], grads[len(layers):])
+    if vector is False:
+        monkeypatch.setattr(kernels, "_vector", lambda: 0)     # the plain C layers
+    got = step(x.numpy(), value, ref, s, lq, UNIT, SCALE_STEPS)
+    assert got == pytest.approx(loss.item(), rel=1e-5)
+    want = [layer.weight.grad for layer in layers] + [layer.bias.grad for layer in layers]
+    for g, w in zip(grads, want):
+        np.testing.assert_allclose(g, w.numpy(), rtol=0, atol=1e-5 * float(w.abs().max()))
+
+
+def nn_forward(model, x):
+    """The float twin's outputs on padded inputs whose padding is not zero (torch's own
+    padded first layer would read it): its first layer applied to the real columns."""
+    import torch
+    first, *rest = model.net
+    h = torch.nn.functional.linear(x[:, :first.in_features], first.weight, first.bias)
+    for layer in rest:
+        h = layer(h)
+    return h
+
+
+def test_compiled_training_step_refuses_what_it_cannot_take():
+    """Not two outputs, or a layer wider than the kernels take: None, so the fine-tuning
+    keeps torch's step; arrays of another type are an error."""
+    from models.features import SCALE_STEPS, UNIT
+    rng = np.random.default_rng(0)
+
+    def step_of(sizes):
+        w = [rng.normal(0, 0.1, (b, a)).astype(np.float32) for a, b in zip(sizes, sizes[1:])]
+        b = [np.zeros(len(x), np.float32) for x in w]
+        return kernels.TrainStep(w, b, [np.zeros_like(x) for x in w],
+                                 [np.zeros_like(x) for x in b])
+    x = rng.normal(0, 1, (10, 31)).astype(np.float32)
+    v = np.zeros(10, np.float32)
+    assert step_of([31, 8, 3])(x, v, v, v + 1, v, UNIT, SCALE_STEPS) is None
+    assert step_of([31, 300, 2])(x, v, v, v + 1, v, UNIT, SCALE_STEPS) is None
+    assert step_of([31, 8, 2])(x, v, v, v + 1, v, UNIT, SCALE_STEPS) is not None
+    with pytest.raises(ValueError):
+        kernels.TrainStep([np.zeros((2, 3))], [np.zeros(2)], [np.zeros((2, 3))], [np.zeros(2)])
