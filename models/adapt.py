@@ -282,8 +282,8 @@ def _compiled_step(model):
     for p in params:
         p.grad = torch.zeros_like(p)
     arrays = [[p.detach().numpy() for p in group] for group in (
-        [l.weight for l in layers], [l.bias for l in layers],
-        [l.weight.grad for l in layers], [l.bias.grad for l in layers])]
+        [layer.weight for layer in layers], [layer.bias for layer in layers],
+        [layer.weight.grad for layer in layers], [layer.bias.grad for layer in layers])]
     return kernels.TrainStep(*arrays)
 
 
