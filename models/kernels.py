@@ -374,10 +374,10 @@ class TrainStep:
         """Mean bits of the batch (x: (n, >= inputs) float32 rows; the others (n,) float32,
         C-contiguous), its gradients written; None where the kernel does not take the network."""
         n = len(value)
-        if x.dtype != np.float32 or x.strides[1] != 4 or x.shape[1] < self._sizes[0] \
+        if n == 0 or x.dtype != np.float32 or x.strides[1] != 4 or x.shape[1] < self._sizes[0] \
                 or len(x) != n or any(a.dtype != np.float32 or a.shape != (n,)
                                       or not a.flags.c_contiguous for a in (value, ref, s, lq)):
-            raise ValueError("the training step takes float32 rows of the inputs and n "
+            raise ValueError("the training step takes float32 rows of the inputs and n > 0 "
                              "contiguous float32 values, references, activities and scales")
         total = _library().voxarc_train_step(
             x.ctypes.data, x.strides[0] // 4, n, value.ctypes.data, ref.ctypes.data,

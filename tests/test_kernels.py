@@ -571,3 +571,5 @@ def test_compiled_training_step_refuses_what_it_cannot_take():
         kernels.TrainStep([np.zeros((2, 3))], [np.zeros(2)], [np.zeros((2, 3))], [np.zeros(2)])
     with pytest.raises(ValueError):          # float64 values would be read as float32
         step_of([31, 8, 2])(x, v.astype(np.float64), v, v + 1, v, UNIT, SCALE_STEPS)
+    with pytest.raises(ValueError):          # an empty batch has no mean
+        step_of([31, 8, 2])(x[:0], v[:0], v[:0], v[:0], v[:0], UNIT, SCALE_STEPS)
