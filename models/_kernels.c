@@ -410,8 +410,10 @@ static void mlp_layer_madd(const int32_t *in, int nin, const int32_t *q, int nou
 typedef void (*mlp_layer_fn)(const float *, int64_t, int, const float *, const float *, int,
                             int, float *);
 
-/* The network on a growing set of feature-major input columns: mlp_feed evaluates every whole
- * block of columns up to ``upto`` (and with ``last``, the rest, zero-padded), writing the last
+/* The network on a growing set of input columns (input f of column c at x[f * ld + c * step];
+ * step 1, feature-major, is read in place, any other step packed block by block): mlp_feed
+ * evaluates every whole block of columns up to ``upto`` (and with ``last``, the rest,
+ * zero-padded), writing the last
  * layer's accumulators to acc (column c at acc + c * size[layers]); a run that was never
  * opened (acc NULL: no network wanted) does nothing. */
 typedef struct {
@@ -527,7 +529,24 @@ static const float *mlp_block(mlp_run *r, const float *in, int64_t ld)
     return in;
 }
 
-static void mlp_feed(mlp_run *r, const float *x, int64_t ld, int64_t upto, int last)
+/* Voxels a .. a + m - 1 of x (input f of voxel i at x[f * ld + i * step]) as a feature-major
+ * block of MLP_VB columns, zero-padded past m; read along x's contiguous direction. */
+static void mlp_pack(float *block, const float *x, int64_t ld, int64_t step, int64_t a,
+                     int64_t m, int nin)
+{
+    if (step == 1) {
+        for (int f = 0; f < nin; f++)
+            for (int64_t i = 0; i < MLP_VB; i++)
+                block[f * MLP_VB + i] = i < m ? x[f * ld + a + i] : 0.0f;
+        return;
+    }
+    for (int64_t i = 0; i < MLP_VB; i++)
+        for (int f = 0; f < nin; f++)
+            block[f * MLP_VB + i] = i < m ? x[f * ld + (a + i) * step] : 0.0f;
+}
+
+static void mlp_feed(mlp_run *r, const float *x, int64_t ld, int64_t step, int64_t upto,
+                     int last)
 {
     if (r->acc == NULL)
         return;
@@ -539,10 +558,8 @@ static void mlp_feed(mlp_run *r, const float *x, int64_t ld, int64_t upto, int l
             break;
         const float *in = x + a;
         int64_t in_ld = ld;
-        if (m < MLP_VB) {   /* the last, partial block: zero-padded copy */
-            for (int f = 0; f < r->size[0]; f++)
-                for (int64_t i = 0; i < MLP_VB; i++)
-                    tail[f * MLP_VB + i] = i < m ? x[f * ld + a + i] : 0.0f;
+        if (m < MLP_VB || step != 1) {   /* a partial or voxel-major block: packed */
+            mlp_pack(tail, x, ld, step, a, m, r->size[0]);
             in = tail;
             in_ld = MLP_VB;
         }
@@ -564,7 +581,8 @@ static void mlp_feed(mlp_run *r, const float *x, int64_t ld, int64_t upto, int l
  * to acc (n, size[layers]); ``vector``: 1 the widest vector layers the CPU has (on the
  * integer form q when there is one: AVX-512 VNNI, or AVX2 where there is no AVX-512; else
  * AVX-512, else AVX2 and FMA), 4 the AVX2 integer layers, 3 the AVX-512 float layers, 2 AVX2
- * and FMA even where AVX-512 is, 0 the plain C layers (4, 3, 2 and 0 to compare). Returns 0, or -1 when a layer is wider than MLP_WIDTH. */
+ * and FMA even where AVX-512 is, 0 the plain C layers (4, 3, 2 and 0 to compare). Returns 0,
+ * or -1 when a layer is wider than MLP_WIDTH. */
 int64_t voxarc_mlp(const float *x, int64_t ld, int64_t step, int64_t n, int32_t layers,
                    const int32_t *size, const float *const *w, const float *const *b,
                    const int32_t *const *q, int32_t vector, float *acc)
@@ -574,25 +592,7 @@ int64_t voxarc_mlp(const float *x, int64_t ld, int64_t step, int64_t n, int32_t 
         mlp_close(&r);
         return -1;
     }
-    if (step == 1) {
-        mlp_feed(&r, x, ld, n, 1);
-        mlp_close(&r);
-        return 0;
-    }
-    float *block = r.buf;    /* mlp_feed's tail block: mlp_block keeps clear of it */
-    int nout = size[layers];
-    for (int64_t a = 0; a < n; a += MLP_VB) {
-        int64_t m = n - a < MLP_VB ? n - a : MLP_VB;
-        for (int64_t i = 0; i < MLP_VB; i++) {
-            const float *row = x + (a + (i < m ? i : 0)) * step;
-            for (int f = 0; f < size[0]; f++)
-                block[f * MLP_VB + i] = i < m ? row[f * ld] : 0.0f;
-        }
-        const float *out = mlp_block(&r, block, MLP_VB);
-        for (int64_t i = 0; i < m; i++)
-            for (int o = 0; o < nout; o++)
-                acc[(a + i) * nout + o] = out[o * MLP_VB + i];
-    }
+    mlp_feed(&r, x, ld, step, n, 1);
     mlp_close(&r);
     return 0;
 }
@@ -640,9 +640,9 @@ int64_t voxarc_features(const int32_t *values, int64_t vstride, const uint8_t *v
         }
         kept += block_features(v, ok, m, K, compact, log2q, x, xstride, a, kept, ref_all, busy,
                                s_out, lq_out, ref_busy);
-        mlp_feed(&net, x, xstride, kept, 0);   /* while the block's inputs are in cache */
+        mlp_feed(&net, x, xstride, 1, kept, 0);   /* while the block's inputs are in cache */
     }
-    mlp_feed(&net, x, xstride, kept, 1);
+    mlp_feed(&net, x, xstride, 1, kept, 1);
     mlp_close(&net);
     return kept;
 }
@@ -698,7 +698,7 @@ int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const in
             if (fill == BLOCK) {
                 kept += block_features(v, ok, fill, K, compact, log2q, x, xstride, a, kept,
                                        ref_all, busy, s_out, lq_out, ref_busy);
-                mlp_feed(&net, x, xstride, kept, 0);   /* inputs still in cache */
+                mlp_feed(&net, x, xstride, 1, kept, 0);   /* inputs still in cache */
                 a += fill;
                 fill = 0;
             }
@@ -707,7 +707,7 @@ int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const in
     if (fill > 0)
         kept += block_features(v, ok, fill, K, compact, log2q, x, xstride, a, kept, ref_all,
                                busy, s_out, lq_out, ref_busy);
-    mlp_feed(&net, x, xstride, kept, 1);
+    mlp_feed(&net, x, xstride, 1, kept, 1);
     free(vals);
     free(oks);
     mlp_close(&net);
@@ -1007,9 +1007,7 @@ double voxarc_train_step(const float *x, int64_t ldx, int64_t n, const float *va
     double total = 0.0;
     for (int64_t a = 0; a < n; a += MLP_VB) {
         int64_t m = n - a < MLP_VB ? n - a : MLP_VB;
-        for (int f = 0; f < size[0]; f++)
-            for (int64_t i = 0; i < MLP_VB; i++)
-                act[f * MLP_VB + i] = i < m ? x[(a + i) * ldx + f] : 0.0f;
+        mlp_pack(act, x, 1, ldx, a, m, size[0]);
         for (int l = 0; l < layers; l++)
             r.layer(act + l * plane, MLP_VB, size[l], w[l], b[l], size[l + 1],
                     l < layers - 1 ? MLP_RELU : 0, l < layers - 1 ? act + (l + 1) * plane : dz);
