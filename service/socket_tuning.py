@@ -7,7 +7,7 @@ import logging
 import socket
 import types
 
-from service import reactor_wait
+from service import reactor_pause, reactor_wait
 
 log = logging.getLogger(__name__)
 # pynetdicom's DUL reactor sleeps this long whenever it finds nothing to do (its default, 1 ms,
@@ -20,11 +20,13 @@ def tune_association(event) -> None:
     """Let a new association's reactors wait for events instead of polling
     (:mod:`service.reactor_wait`; where that cannot attach, shorten the DUL's poll, see
     :data:`DUL_LOOP_DELAY`), its socket read a PDU in a few large reads instead of 4 kB ones,
-    and send without Nagle's delay (each PDU goes out in one call anyway)."""
+    and send without Nagle's delay (each PDU goes out in one call anyway); and keep its reactor
+    off the responses a sender waits for (:mod:`service.reactor_pause`)."""
     dul = getattr(event.assoc, "dul", None)
     if dul is not None and hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_LOOP_DELAY
     reactor_wait.attach(event.assoc)
+    reactor_pause.guard(event.assoc)
     sock = getattr(dul, "socket", None)
     if sock is not None and hasattr(sock, "recv"):
         sock.recv = types.MethodType(_recv_exactly, sock)
