@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _P, _I32, _P]  # layers, sizes, weights, biases, ints, vector, acc
-ABI = 11  # the entry points and signatures of models/_kernels.c this module calls
+ABI = 12  # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -81,6 +81,10 @@ def _library():
     fn.restype = ctypes.c_double
     fn.argtypes = [_P, _I64, _I64, _P, _P, _P, _P, _I32, _P, _P, _P, _P, _P, ctypes.c_float,
                    ctypes.c_float, _I32]
+    fn = lib.voxarc_adam
+    fn.restype = None
+    fn.argtypes = [_P, _P, _P, _P, _P, _I32, ctypes.c_float, ctypes.c_float, ctypes.c_float,
+                   ctypes.c_float, _I64]
     return lib
 
 
@@ -368,6 +372,7 @@ class TrainStep:
         self._sizes = np.array([weights[0].shape[1]] + [w.shape[0] for w in weights], np.int32)
         self._ptrs = [np.array([a.ctypes.data for a in group], np.uint64)
                       for group in (weights, biases, weight_grads, bias_grads)]
+        self._args = (self._sizes.ctypes.data, *(p.ctypes.data for p in self._ptrs))
 
     def __call__(self, x: np.ndarray, value: np.ndarray, ref: np.ndarray, s: np.ndarray,
                  lq: np.ndarray, unit: float, scale_steps: float) -> float | None:
@@ -381,9 +386,36 @@ class TrainStep:
                              "contiguous float32 values, references, activities and scales")
         total = _library().voxarc_train_step(
             x.ctypes.data, x.strides[0] // 4, n, value.ctypes.data, ref.ctypes.data,
-            s.ctypes.data, lq.ctypes.data, self.layers, self._sizes.ctypes.data,
-            *(p.ctypes.data for p in self._ptrs), unit, scale_steps, _vector())
+            s.ctypes.data, lq.ctypes.data, self.layers, *self._args, unit, scale_steps,
+            _vector())
         return None if total < 0 else total / n
+
+
+class AdamStep:
+    """Adam's update of float32 ``params`` in place from ``grads`` in one compiled call
+    (``voxarc_adam``), keeping its moments; the arrays are held, and read at every step (torch
+    tensors' memory, for instance)."""
+
+    def __init__(self, params: list[np.ndarray], grads: list[np.ndarray]):
+        if len(params) != len(grads) or any(
+                a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable
+                for a in [*params, *grads]) or any(p.shape != g.shape
+                                                   for p, g in zip(params, grads)):
+            raise ValueError("Adam takes writable C-contiguous float32 parameters and "
+                             "gradients of their shapes")
+        self.moments = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+        self._keep = [*params, *grads]
+        self._ptrs = [np.array([a.ctypes.data for a in group], np.uint64)
+                      for group in (params, grads, *self.moments)]
+        self._sizes = np.array([p.size for p in params], np.int64)
+        self._args = (*(p.ctypes.data for p in self._ptrs), self._sizes.ctypes.data,
+                      len(self._sizes))
+        self.t = 0
+
+    def __call__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.t += 1
+        _library().voxarc_adam(*self._args, lr, *betas, eps, self.t)
 
 
 def token_rows(table: np.ndarray, token_range: int, shifts: np.ndarray, row: np.ndarray,
