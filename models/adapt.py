@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from models import paper_table, tune_workers
+from models import kernels, paper_table, tune_workers
 from models.container import CorruptBlobError
 from models.entropy import CodingTables
 from models.features import SCALE_STEPS, UNIT
@@ -270,8 +270,8 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=(),
 
 
 class _CompiledStep(NamedTuple):
-    step: "kernels.TrainStep"
-    adam: "kernels.AdamStep"
+    step: kernels.TrainStep
+    adam: kernels.AdamStep
 
 
 def _compiled_step(model) -> _CompiledStep | None:
@@ -282,7 +282,6 @@ def _compiled_step(model) -> _CompiledStep | None:
     takes the batch in blocks that stay in cache: an Adam step on 4096 samples took 2.17-2.51
     against 4.78-4.97 ms on a Zen 3 (three alternating runs of 400 steps each). Where bfloat16
     products run (AVX-512 BF16, AMX), torch's step in bfloat16 is kept: not compared there."""
-    from models import kernels
     if not kernels.available():
         return None
     layers = model.linear_layers()
