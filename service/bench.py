@@ -7,6 +7,10 @@ phase whose first run took under ``--repeat-below-s`` seconds (15: every codec's
 decode of the test series but zstd -19's slowest, so a first run's one-time costs, such as
 memory a process touches for the first time, do not decide a codec's rate), in M voxels per
 second of wall time and of CPU time (all threads of this process and of its worker processes).
+voxarc's worker processes (decoding, fine-tuning) are started before anything of it is timed,
+as a running node has them: otherwise the first adapted encode of a run paid for starting them,
+and on a slow host took over 15 s, so that it stood alone for its volume (the head CT's rate
+0.48 M voxels/s in one run, about 1.0 in the median of three).
 
 Slow voxarc models get an automatic subset of slices: a short probe times a round trip of two
 slices, and when one round trip of the whole volume would exceed ``--budget-s``, only as many
@@ -272,6 +276,8 @@ def _bench_model(model, volume, main, options, progress) -> list[dict]:
     progress.step(f"{volume.name}: {bench_codecs.VOXARC_PREFIX}{model}")
     codec = bench_codecs.voxarc_codec(model)
     try:
+        if codec.prepare is not None:
+            codec.prepare()
         keep = probe_slices(codec, volume.voxels[main], options.budget_s)
     except Exception as exc:  # the full run below records the failure as its row
         log.debug("probe of %s failed: %s", codec.name, exc)

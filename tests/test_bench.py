@@ -199,6 +199,31 @@ def test_slow_model_runs_on_a_marked_subset_compared_on_the_same_slices(monkeypa
     assert "*" in bench_report.format_table(rows, overall)
 
 
+def test_voxarc_starts_its_workers_before_anything_is_timed(monkeypatch):
+    """A running node has its worker processes: the benchmark starts them (``prepare``) before
+    the probe and the timed runs, so that the first adapted encode does not pay for them."""
+    events = []
+    inner = bench_codecs.ANCHORS["zstd-19"]()
+    real = bench_codecs.voxarc_codec
+
+    def recording(model):
+        return bench_codecs.Codec(bench_codecs.VOXARC_PREFIX + model,
+                                  lambda v: events.append("encode") or inner.encode(v),
+                                  inner.decode, prepare=lambda: events.append("prepare"))
+    monkeypatch.setattr(bench_codecs, "voxarc_codec", recording)
+    vol = bench.SeriesVolume("v", _phantom(3, 16), "1.2", "CT", "native", 3, "position")
+    bench.bench_volume(vol, BenchOptions(codecs=["voxarc"], models=["default"], repeat=1),
+                       bench.Progress(1))
+    assert events[0] == "prepare" and events.count("prepare") == 1 and "encode" in events
+    from models import parallel, tune_workers
+    warmed = []
+    monkeypatch.setattr(parallel, "warm", lambda: warmed.append("decode"))
+    monkeypatch.setattr(tune_workers, "warm", lambda: warmed.append("tune"))
+    real("default").prepare()
+    real("default/no-adapt").prepare()
+    assert warmed == ["decode", "tune", "decode"]     # no fine-tuning without adaptation
+
+
 def test_plot_is_written(ct_folder, tmp_path):
     pytest.importorskip("matplotlib")
     from service.bench_plot import plot_bpv
