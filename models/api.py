@@ -20,13 +20,14 @@ from models.value_range import ValueRange
 
 SLAB_SLICES = 8      # slices per independently decodable slab
 TILE = (64, 256)     # rows, columns of the independent tiles a slice is cut into
-# voxels a decoding job advances together at most (bounds working memory): two 8-slice slabs
-# of 512 x 512. Against eight such slabs (the earlier limit), whole volumes decoded 5-16% faster
-# on the chest CT, the phantom and MR B and as fast on the lung-bases and head CTs (Zen 5 host,
-# blobs without adaptation, alternating rounds; three and four slabs no better): smaller groups
-# keep their buffers nearer the caches. A limit in slabs instead made the 128 x 128 Siemens MR
-# 22% slower (its wavefront steps are short, their fixed cost wants many slabs together)
-LOCKSTEP_VOXELS = 1 << 22
+# voxels a decoding job advances together at most (bounds working memory): four 8-slice slabs
+# of 512 x 512. On a Zen 3 (AVX2), whole train volumes decoded about 10% faster than with two
+# (chest CT 48 and 100 slices, MR A; two workers, alternating rounds; 12 and 16 M voxels no
+# better; one worker alone: 2.0 against 1.7 M voxels/s). On a Zen 5
+# (AVX-512), two slabs were 5-16% faster than eight and three or four no better; a limit in
+# slabs instead made the 128 x 128 Siemens MR 22% slower (its wavefront steps are short, their
+# fixed cost wants many slabs together)
+LOCKSTEP_VOXELS = 1 << 23
 PARALLEL_VOXELS = 1 << 22  # code on several processes from this many voxels on,
 WARM_PARALLEL_VOXELS = 1 << 19  # or from this many when the worker processes already run,
 SPLIT_PARALLEL_VOXELS = 1 << 17  # or from this many in bands of several widths (format 3),

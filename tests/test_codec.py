@@ -805,12 +805,14 @@ def test_running_workers_take_a_slab_bands_apart_only_for_enough_work(monkeypatc
 
 
 def test_lockstep_groups_hold_a_bounded_number_of_voxels_not_of_slabs():
-    """Two 8-slice slabs of 512 x 512 per job; slices of 128 x 128 take 32 slabs together
+    """Four 8-slice slabs of 512 x 512 per job; slices of 128 x 128 take 64 slabs together
     (their wavefront steps are short, so a job wants many of them)."""
-    assert api.lockstep_slabs(8, 512, 512) == 2 and api.lockstep_slabs(8, 512, 460) == 2
-    assert api.lockstep_slabs(8, 128, 128) == 32 and api.lockstep_slabs(8, 4096, 4096) == 1
+    assert api.lockstep_slabs(8, 512, 512) == 4 and api.lockstep_slabs(8, 512, 460) == 4
+    assert api.lockstep_slabs(8, 128, 128) == 64 and api.lockstep_slabs(8, 4096, 4096) == 1
     groups = api._lockstep_groups(list(range(12)), [8] * 12, 2, api.lockstep_slabs(8, 128, 128))
     assert groups == [list(range(6)), list(range(6, 12))]
+    groups = api._lockstep_groups(list(range(13)), [8] * 13, 2, api.lockstep_slabs(8, 512, 512))
+    assert groups == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9], [10, 11, 12]]   # 4 at most, 2 x 2
 
 
 @pytest.mark.parametrize("bf16", [False, True])
