@@ -18,7 +18,7 @@ The order of the symbols is exactly the one of :func:`models.context.slice_sched
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -186,7 +186,8 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
     depth_ok = (np.arange(zs)[None, :] + L.dz[:, None]) >= 0          # (K, zs)
     bits = 1 << np.arange(L.hood.size, dtype=np.uint64)
     depth = depth_ok, [np.uint64(np.sum(bits[ok])) for ok in depth_ok.T]   # and as bit masks
-    below = np.arange(L.ntx, L.tiles)                                   # tiles with one above
+    above = L.tiles - L.ntx     # tiles ntx.. have one above: tile k's is k - ntx (a slice)
+    slabs_at = [int((counts > zl).sum()) for zl in range(top)]         # slabs with slice zl
     step_kernel = kernels.StepKernel.create(flat, _neighbour_offsets(L, strides), predictor,
                                             lo, hi, decoder, TOKEN_RANGE, RANGE_EDGE)
     for t in range(L.steps + L.b * (top - first - 1)):
@@ -194,7 +195,7 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
         for zl in range(first, top):
             tau = t - L.b * (zl - first)
             if 0 <= tau < L.steps and L.row_ranges[tau][1] > L.row_ranges[tau][0]:
-                parts.append((zl, tau, *L.row_ranges[tau], int((counts > zl).sum())))
+                parts.append((zl, tau, *L.row_ranges[tau], slabs_at[zl]))
         if not parts:
             continue
         sizes = [m * L.tiles * (r1 - r0) for _, _, r0, r1, m in parts]
@@ -237,8 +238,8 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
             if L.ghost_rows and r0 < L.ghost_rows and L.nty > 1:
                 # rows r0..: copies into the ghost rows of the tile above
                 for r in range(r0, min(r1, L.ghost_rows)):
-                    buf[z][:m, below - L.ntx, tau + L.a * L.th + L.t0, L.y0 + L.th + r] = \
-                        block[:, below, r - r0]
+                    buf[z, :m, :above, tau + L.a * L.th + L.t0, L.y0 + L.th + r] = \
+                        block[:, L.ntx:, r - r0]
             pos += size
 
 
@@ -296,8 +297,16 @@ def _step_runs(L: SkewLayout, strides, depth_bits, parts, hold: list) -> "kernel
         cols[1].append(length)
         cols[2].append(valid_at)
         cols[3].append(valid_stride)
-        cols[4].append(np.full(len(origin), depth_bits[zl], np.uint64))
+        cols[4].append(_filled(len(origin), int(depth_bits[zl])))
     return kernels.Runs(*(np.concatenate(c) for c in cols))
+
+
+@lru_cache(maxsize=64)
+def _filled(n: int, bits: int) -> np.ndarray:
+    """``n`` copies of the neighbour bit mask ``bits`` (read-only: shared between steps)."""
+    out = np.full(n, bits, np.uint64)
+    out.flags.writeable = False
+    return out
 
 
 def _relative_runs(L: SkewLayout, strides, tau, r0, r1, m):
