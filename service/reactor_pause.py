@@ -11,10 +11,10 @@ reactor has read its message queue, the reactor reads the response, logs "Receiv
 C-STORE service message" and drops it, and the sender waits out the DIMSE timeout (seen once in
 CI: a C-MOVE to DCMTK's storescp failed after 30 s).
 
-Here the reactor's own non-blocking reads of that queue find nothing from the moment a sender
-clears the checkpoint until it sets it again, which is what the pause means: every response
-goes to the sender waiting for it. Blocking reads (the sender's) and reads outside a pause are
-unchanged.
+Here the reactor's own non-blocking reads of that queue find nothing while the checkpoint is
+clear, from the moment a sender clears it until it sets it again, which is what the pause
+means: every response goes to the sender waiting for it. Blocking reads (the sender's) and
+reads outside a pause are unchanged.
 """
 
 from __future__ import annotations
@@ -25,27 +25,17 @@ import threading
 def guard(assoc) -> bool:
     """Keep ``assoc``'s reactor off its DIMSE messages while a sender has it paused; False when
     its pynetdicom objects are not the expected ones (nothing is changed then)."""
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    is_set = getattr(getattr(assoc, "_reactor_checkpoint", None), "is_set", None)
     dimse = getattr(assoc, "dimse", None)
     get_msg = getattr(dimse, "get_msg", None)
-    if not isinstance(assoc, threading.Thread) or checkpoint is None or get_msg is None:
+    if not isinstance(assoc, threading.Thread) or is_set is None or get_msg is None:
         return False
-    state = {"paused": False}
-    clear, resume = checkpoint.clear, checkpoint.set
-
-    def pause():
-        state["paused"] = True
-        clear()
-
-    def unpause():
-        state["paused"] = False     # first: a request the reactor then finds is the peer's
-        resume()
 
     def guarded_get_msg(block: bool = False):
-        if not block and state["paused"] and threading.current_thread() is assoc:
+        # a sender pauses the reactor by clearing the checkpoint and resumes it by setting it
+        if not block and not is_set() and threading.current_thread() is assoc:
             return None, None
         return get_msg(block)
 
-    checkpoint.clear, checkpoint.set = pause, unpause
     dimse.get_msg = guarded_get_msg
     return True
