@@ -88,6 +88,12 @@ def _library():
     return lib
 
 
+def _addresses(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays' data addresses, as the kernels take a list of arrays (the caller keeps the
+    arrays alive)."""
+    return np.array([a.ctypes.data for a in arrays], np.uint64)
+
+
 def _switched_off() -> bool:
     return os.environ.get("VOXARC_KERNELS", "auto") == "numpy"
 
@@ -255,13 +261,12 @@ class Network:
         self.biases = [np.ascontiguousarray(b, np.float32) for b in self.biases]
         sizes = [self.weights[0].shape[1]] + [len(w) for w in self.weights]
         self._sizes = np.array(sizes, np.int32)
-        self._w = np.array([w.ctypes.data for w in self.weights], np.uint64)
-        self._b = np.array([b.ctypes.data for b in self.biases], np.uint64)
+        self._w = _addresses(self.weights)
+        self._b = _addresses(self.biases)
         self.outputs = sizes[-1]
         self.fits = max(sizes) <= MLP_WIDTH    # the kernels take it (else they return None)
         self._ints = integer_form(self.weights, self.biases)
-        self._q = None if self._ints is None else \
-            np.array([q.ctypes.data for q in self._ints], np.uint64)
+        self._q = None if self._ints is None else _addresses(self._ints)
 
     @property
     def q_address(self) -> int:
@@ -370,8 +375,7 @@ class TrainStep:
         self._keep = arrays
         self.layers = len(weights)
         self._sizes = np.array([weights[0].shape[1]] + [w.shape[0] for w in weights], np.int32)
-        self._ptrs = [np.array([a.ctypes.data for a in group], np.uint64)
-                      for group in (weights, biases, weight_grads, bias_grads)]
+        self._ptrs = [_addresses(group) for group in (weights, biases, weight_grads, bias_grads)]
         self._args = (self._sizes.ctypes.data, *(p.ctypes.data for p in self._ptrs))
 
     def __call__(self, x: np.ndarray, value: np.ndarray, ref: np.ndarray, s: np.ndarray,
@@ -405,8 +409,7 @@ class AdamStep:
                              "gradients of their shapes")
         self.moments = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
         self._keep = [*params, *grads]
-        self._ptrs = [np.array([a.ctypes.data for a in group], np.uint64)
-                      for group in (params, grads, *self.moments)]
+        self._ptrs = [_addresses(group) for group in (params, grads, *self.moments)]
         self._sizes = np.array([p.size for p in params], np.int64)
         self._args = (*(p.ctypes.data for p in self._ptrs), self._sizes.ctypes.data,
                       len(self._sizes))
