@@ -182,7 +182,8 @@ def voxarc_codec(model: str) -> Codec:
         Named ``"voxarc:<model>"``.
     """
     name = model.removesuffix(NO_ADAPT)
-    options = {"adapt": False} if model.endswith(NO_ADAPT) else {}
+    adapt = not model.endswith(NO_ADAPT)
+    options = {} if adapt else {"adapt": False}
 
     def encode(volume: np.ndarray) -> Encoded:
         import models  # here, so that a broken or missing codec fails its row, not the bench
@@ -204,7 +205,7 @@ def voxarc_codec(model: str) -> Codec:
         from models import parallel, tune_workers
 
         parallel.warm()
-        if not options:
+        if adapt:       # the fine-tuning's processes
             tune_workers.warm()
 
     return Codec(VOXARC_PREFIX + model, encode, decode, decode_slice, prepare)
