@@ -27,7 +27,7 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
-#define ABI 12             /* models/kernels.py's ABI: raised whenever an entry point changes */
+#define ABI 13             /* models/kernels.py's ABI: raised whenever an entry point changes */
 
 /* Which set of entry points and signatures this build has. */
 int64_t voxarc_abi(void)
@@ -749,11 +749,30 @@ void voxarc_outputs(const float *acc, int64_t kept, const int64_t *busy, const i
     }
 }
 
-/* The range decoder's probability rows of one wavefront step: out[i] = table[row[i]] (width
- * columns: 2C direct tokens, ESC_NEG, ESC_POS, then padding), for n symbols. With bounded,
- * tokens a symbol predicted as pred[i] cannot take within [lo, hi] get no probability, for
- * the symbols whose range ends within `edge` tokens (models.entropy.truncate_rows).
- * Also writes each symbol's low-bit count (shift of its row) to sh. */
+/* One symbol's probability row: dst = src (width columns: 2C direct tokens, ESC_NEG, ESC_POS,
+ * then padding), with no probability for tokens outside [qmin, qmax] when that range ends
+ * within `edge` tokens (models.entropy.truncate_rows). */
+static inline void bounded_row(const double *src, int64_t width, int64_t token_range,
+                               int64_t qmin, int64_t qmax, int64_t edge, double *dst)
+{
+    for (int64_t k = 0; k < width; k++)
+        dst[k] = src[k];
+    if (qmin < -edge && qmax >= edge)
+        return;
+    for (int64_t k = 0; k < 2 * token_range; k++) {
+        int64_t q = k - token_range;
+        if (q < qmin || q > qmax)
+            dst[k] = 0.0;
+    }
+    if (!(qmin < -token_range))
+        dst[2 * token_range] = 0.0;
+    if (!(qmax >= token_range))
+        dst[2 * token_range + 1] = 0.0;
+}
+
+/* The range decoder's probability rows of one wavefront step: out[i] = table[row[i]], for n
+ * symbols; with bounded, truncated (bounded_row) to the tokens a symbol predicted as pred[i]
+ * can take within [lo, hi]. Also writes each symbol's low-bit count (shift of its row) to sh. */
 int64_t voxarc_token_rows(const double *table, int64_t rows, int64_t width,
                           int64_t token_range, const int64_t *shifts, const int64_t *row,
                           const int64_t *pred, int64_t n, int32_t bounded, int64_t lo,
@@ -765,27 +784,31 @@ int64_t voxarc_token_rows(const double *table, int64_t rows, int64_t width,
         if (row[i] < 0 || row[i] >= rows)
             return -1;
     for (int64_t i = 0; i < n; i++) {
-        const double *src = table + row[i] * width;
-        double *dst = out + i * width;
-        for (int64_t k = 0; k < width; k++)
-            dst[k] = src[k];
         int64_t s = shifts[row[i]];
         sh[i] = s;
-        if (!bounded)
-            continue;
-        int64_t qmin = (lo - pred[i]) >> s, qmax = (hi - pred[i]) >> s;
-        if (qmin < -edge && qmax >= edge)
-            continue;
-        for (int64_t k = 0; k < 2 * token_range; k++) {
-            int64_t q = k - token_range;
-            if (q < qmin || q > qmax)
-                dst[k] = 0.0;
-        }
-        if (!(qmin < -token_range))
-            dst[2 * token_range] = 0.0;
-        if (!(qmax >= token_range))
-            dst[2 * token_range + 1] = 0.0;
+        /* unbounded: a range that ends nowhere near */
+        int64_t qmin = bounded ? (lo - pred[i]) >> s : -edge - 1;
+        int64_t qmax = bounded ? (hi - pred[i]) >> s : edge;
+        bounded_row(table + row[i] * width, width, token_range, qmin, qmax, edge,
+                    out + i * width);
     }
+    return 0;
+}
+
+/* The range encoder's probability rows: out[i] = table[row[i]] truncated to [qmin[i],
+ * qmax[i]] (bounded_row), for n symbols whose token bounds the caller has. */
+int64_t voxarc_bounded_rows(const double *table, int64_t rows, int64_t width,
+                            int64_t token_range, const int64_t *row, const int64_t *qmin,
+                            const int64_t *qmax, int64_t n, int64_t edge, double *out)
+{
+    if (width < 2 * token_range + 2)
+        return -1;
+    for (int64_t i = 0; i < n; i++)
+        if (row[i] < 0 || row[i] >= rows)
+            return -1;
+    for (int64_t i = 0; i < n; i++)
+        bounded_row(table + row[i] * width, width, token_range, qmin[i], qmax[i], edge,
+                    out + i * width);
     return 0;
 }
 

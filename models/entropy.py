@@ -125,6 +125,16 @@ class CodingTables:
         """Probability rows for table indices (``class_row`` selects the escape classes)."""
         return np.take(self._rows, index, axis=0)
 
+    def bounded_rows(self, index: np.ndarray, qmin: np.ndarray, qmax: np.ndarray,
+                     out: np.ndarray) -> np.ndarray:
+        """:meth:`rows` truncated to the tokens ``[qmin, qmax]`` (:func:`truncate_rows`),
+        written to ``out`` (at least ``len(index)`` rows) by the compiled kernel where it
+        runs."""
+        if kernels.available():
+            return kernels.bounded_rows(self._rows, TOKEN_RANGE, index, qmin, qmax, RANGE_EDGE,
+                                        out)
+        return truncate_rows(self.rows(index), qmin, qmax)
+
 
 def token_bounds(pred: np.ndarray, shifts: np.ndarray, lo: int, hi: int):
     """Least and greatest quantised residual ``q`` a voxel predicted as ``pred`` can have
@@ -185,11 +195,13 @@ def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.
     values, rows, *bounds_in_order = _interleave([tokens, classes])
     tok = constriction.stream.queue.RangeEncoder()
     values = values.astype(np.int32)
+    out = np.empty((min(len(values), CODE_CHUNK), N_TOKENS)) if bounds is not None else None
     for a in range(0, len(values), CODE_CHUNK):  # same stream as one call, rows stay in cache
         b = a + CODE_CHUNK
-        probs = tables.rows(rows[a:b])
-        if bounds is not None:
-            truncate_rows(probs, *(q[a:b] for q in bounds_in_order))
+        if bounds is None:
+            probs = tables.rows(rows[a:b])
+        else:
+            probs = tables.bounded_rows(rows[a:b], *(q[a:b] for q in bounds_in_order), out)
         tok.encode(values[a:b], _CATEGORICAL, probs)
     low = sym.low_bits > 0
     extra = sym.extra_bits > 0

@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _P, _I32, _P]  # layers, sizes, weights, biases, ints, vector, acc
-ABI = 12  # the entry points and signatures of models/_kernels.c this module calls
+ABI = 13  # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -68,6 +68,9 @@ def _library():
     fn = lib.voxarc_token_rows
     fn.restype = _I64
     fn.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I32, _I64, _I64, _I64, _P, _P]
+    fn = lib.voxarc_bounded_rows
+    fn.restype = _I64
+    fn.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _P]
     fn = lib.voxarc_join
     fn.restype = _I64
     fn.argtypes = [_P, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _P]
@@ -445,6 +448,24 @@ def token_rows(table: np.ndarray, token_range: int, shifts: np.ndarray, row: np.
                                     sh.ctypes.data) < 0:
         raise ValueError("token_rows: a row outside the table")
     return sh
+
+
+def bounded_rows(table: np.ndarray, token_range: int, row: np.ndarray, qmin: np.ndarray,
+                 qmax: np.ndarray, edge: int, out: np.ndarray) -> np.ndarray:
+    """The range encoder's probability rows ``table[row]`` written to ``out[:n]`` (float64,
+    C-contiguous, ``table``'s width), truncated to ``[qmin, qmax]`` where that range ends
+    within ``edge`` tokens (as :func:`models.entropy.truncate_rows`); returns ``out[:n]``."""
+    n = len(row)
+    row, qmin, qmax = (np.ascontiguousarray(a, np.int64) for a in (row, qmin, qmax))
+    if not (table.flags.c_contiguous and table.dtype == np.float64 and out.flags.c_contiguous
+            and out.dtype == np.float64 and out.shape[0] >= n and len(qmin) == len(qmax) == n
+            and out.shape[1] == table.shape[1]):
+        raise ValueError("bounded_rows: arrays of the wrong type or shape")
+    if _library().voxarc_bounded_rows(table.ctypes.data, len(table), table.shape[1],
+                                      token_range, row.ctypes.data, qmin.ctypes.data,
+                                      qmax.ctypes.data, n, edge, out.ctypes.data) < 0:
+        raise ValueError("bounded_rows: a row outside the table")
+    return out[:n]
 
 
 def join(token: np.ndarray, sh: np.ndarray, low: np.ndarray, cls: np.ndarray,

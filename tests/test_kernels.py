@@ -373,6 +373,26 @@ def test_decoder_token_rows_equal_numpy(seed, n, dtype):
                            entropy.RANGE_EDGE, out)
 
 
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), n=st.integers(0, 300), spread=st.integers(0, 60))
+def test_encoder_bounded_rows_equal_numpy(seed, n, spread):
+    """The encoder's probability rows (token rows and the escape classes' row, truncated to
+    each symbol's token bounds near the range's ends) equal the numpy path's."""
+    tables = load_model("default").tables
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, tables.class_row + 1, n)
+    qmin = rng.integers(-2 * spread - 1, spread + 1, n)
+    qmax = qmin + rng.integers(0, 2 * spread + 1, n)
+    expect = entropy.truncate_rows(tables.rows(index), qmin, qmax)
+    out = np.full((n + 3, entropy.N_TOKENS), -1.0)
+    assert np.array_equal(kernels.bounded_rows(tables._rows, entropy.TOKEN_RANGE, index, qmin,
+                                               qmax, entropy.RANGE_EDGE, out), expect)
+    assert (out[n:] == -1).all()
+    with pytest.raises(ValueError):
+        kernels.bounded_rows(tables._rows, entropy.TOKEN_RANGE, np.array([tables.class_row + 1]),
+                             np.zeros(1), np.zeros(1), entropy.RANGE_EDGE, out)
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2 ** 31), n=st.integers(0, 400), spread=st.integers(0, 40))
 def test_decoder_join_equals_numpy(seed, n, spread):
