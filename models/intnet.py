@@ -237,20 +237,46 @@ def _exact_matmul(w: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 def row_quantile(a: np.ndarray, q: float) -> np.ndarray:
     """``np.quantile(a, q, axis=1)`` (its default, linear method) of a C-contiguous float
-    array, to the bit, partitioning ``a``'s rows in place. numpy's own copies the array first
-    (100 MB per layer here); as fast alone, this one allocates nothing large, which is what
-    counts where the encoder quantises two adapted networks at once on freshly touched memory
-    (0.74-1.1 s -> 0.41-0.6 s per quantisation inside an adaptation)."""
+    array, to the bit, reordering ``a``'s rows in place. numpy's own copies the array first
+    (100 MB per layer here); this one allocates nothing large, which is what counts where the
+    encoder quantises two adapted networks at once on freshly touched memory (0.74-1.1 s ->
+    0.41-0.6 s per quantisation inside an adaptation)."""
     n = a.shape[1]
     virtual = np.float64((n - 1) * q)
     below = int(np.floor(virtual))
     if virtual >= n - 1:
         return a.max(axis=1)
-    a.partition([below, below + 1], axis=1)
-    low, high = a[:, below], a[:, below + 1]
+    low, high = _order_statistics(a, below)
     gamma = virtual - below
     diff = high - low
     return high - diff * (1 - gamma) if gamma >= 0.5 else low + diff * gamma
+
+
+def _order_statistics(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k``-th and ``k + 1``-th smallest values (``k + 1 < a.shape[1]``). Near a
+    row's top (the quantiser's 0.9999) only the values at or above a threshold taken from a
+    strided sample are partitioned: a fifth of the time of partitioning whole rows."""
+    n = a.shape[1]
+    top = n - k                       # values of rank k and above
+    stride = max(1, n // max(256, 32 * top))
+    sample = a[:, ::stride]
+    pick = 2 * -(-top // stride) + 4  # the sample's pick-th largest: some 2 * top values above
+    if 8 * top >= n or pick > sample.shape[1]:
+        a.partition([k, k + 1], axis=1)
+        return a[:, k].copy(), a[:, k + 1].copy()
+    m = sample.shape[1]
+    threshold = np.partition(sample, m - pick, axis=1)[:, m - pick]
+    low, high = np.empty(len(a), a.dtype), np.empty(len(a), a.dtype)
+    for r, row in enumerate(a):
+        above = row[row >= threshold[r]]
+        at = len(above) - top          # rank k among the values above the threshold
+        if at < 0:                     # too few above it (values crowded into the sample)
+            row.partition([k, k + 1])
+            above, at = row, k
+        else:
+            above.partition([at, at + 1])
+        low[r], high[r] = above[at], above[at + 1]
+    return low, high
 
 
 def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.ndarray,

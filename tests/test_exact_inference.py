@@ -129,3 +129,23 @@ def test_row_quantile_equals_numpys_to_the_bit(seed, rows, n, q, decimals, clipp
         a = np.maximum(a, 0)
     want = np.quantile(a, q, axis=1)
     np.testing.assert_array_equal(row_quantile(a.copy(), q), want)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), n=st.integers(3000, 60000),
+       q=st.sampled_from([0.999, 0.9999, 0.99999]), zeros=st.floats(0, 1))
+def test_row_quantile_near_the_top_of_long_rows(seed, n, q, zeros):
+    """The quantiser's case: long rows of ReLU activations (many ties at zero), the quantile
+    near the top; one row holds its largest values exactly where the strided sample looks,
+    which leaves too few values above the sample's threshold (the whole row is partitioned
+    then)."""
+    from models.intnet import row_quantile
+    rng = np.random.default_rng(seed)
+    a = np.round(rng.standard_normal((4, n)) * 300)
+    a[rng.random((4, n)) < zeros] = 0
+    a = np.maximum(a, 0)
+    stride = max(1, n // max(256, 32 * (n - int(np.floor((n - 1) * q)))))
+    a[3] = 0
+    a[3, ::stride] = 1000 + np.arange(len(a[3, ::stride]))
+    want = np.quantile(a, q, axis=1)
+    np.testing.assert_array_equal(row_quantile(a.copy(), q), want)
