@@ -226,13 +226,22 @@ def _fit_bias(bias: np.ndarray, wq: np.ndarray, bound: int) -> np.ndarray:
     return np.clip(bias, -room, room)
 
 
-def _exact_matmul(w: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """``w @ h`` of integer-valued arrays in float64, by torch: exact in any summation order
-    (every partial sum an integer far below 2**53), and on the caller's torch threads, where
-    numpy's BLAS starts threads of its own that the encoder's two concurrent quantisations
-    fight over (0.45 against 0.6-0.8 s for the pair)."""
-    return (torch.from_numpy(np.ascontiguousarray(w, np.float64))
-            @ torch.from_numpy(np.asarray(h, np.float64))).numpy()
+def _exact_matmul(w: np.ndarray, h: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """``w @ h`` of integer-valued arrays in ``dtype``, by torch: exact in any summation order
+    where every partial sum is an integer below the dtype's 2**24 or 2**53 (the caller's
+    check), and on the caller's torch threads, where numpy's BLAS starts threads of its own
+    that the encoder's two concurrent quantisations fight over (0.45 against 0.6-0.8 s for the
+    pair)."""
+    return (torch.from_numpy(np.ascontiguousarray(w, dtype))
+            @ torch.from_numpy(np.asarray(h, dtype))).numpy()
+
+
+def _exact_dtype(wq: np.ndarray, bound: int, bias: np.ndarray):
+    """float32 where a layer's sums (weights ``wq`` on inputs within +-``bound``, plus
+    ``bias``) stay below 2**24, so float32 holds them exactly (always so for the shipped
+    network: the integer network is built to that limit); float64 otherwise."""
+    worst = np.abs(wq).sum(axis=1) * bound + np.abs(bias)
+    return np.float32 if worst.max(initial=0) < EXACT_LIMITS["float32"] else np.float64
 
 
 def row_quantile(a: np.ndarray, q: float) -> np.ndarray:
@@ -245,8 +254,8 @@ def row_quantile(a: np.ndarray, q: float) -> np.ndarray:
     virtual = np.float64((n - 1) * q)
     below = int(np.floor(virtual))
     if virtual >= n - 1:
-        return a.max(axis=1)
-    low, high = _order_statistics(a, below)
+        return a.max(axis=1).astype(np.float64)
+    low, high = (v.astype(np.float64) for v in _order_statistics(a, below))
     gamma = virtual - below
     diff = high - low
     return high - diff * (1 - gamma) if gamma >= 0.5 else low + diff * gamma
@@ -288,10 +297,13 @@ def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.
     :class:`IntMLP` and the float scale of each output channel (real output = acc * scale).
     """
     in_scale = np.full(weights[0].shape[1], float(input_scale))  # real input = h_int * in_scale
-    # activations are kept transposed, (channels, samples), in float64: every value and partial
-    # sum is an integer far below 2**53, so BLAS matmuls are exact, and each channel's row is
-    # contiguous for its quantile (numpy's int64 matmul has no BLAS: 4.4 s -> 0.8-1.2 s per call)
-    h = np.clip(np.asarray(calib, dtype=np.float64).T, -INPUT_MAX, INPUT_MAX)
+    # activations are kept transposed, (channels, samples), in float32 or float64
+    # (_exact_dtype): every value and partial sum is an integer the type holds exactly, so BLAS
+    # matmuls are exact, and each channel's row is contiguous for its quantile (numpy's int64
+    # matmul has no BLAS: 4.4 s -> 0.8-1.2 s per call; float32 halves the memory traffic)
+    calib = np.asarray(calib)
+    h = np.clip(calib.astype(np.result_type(calib.dtype, np.float32), copy=False).T,
+                -INPUT_MAX, INPUT_MAX)
     bound = INPUT_MAX
     layers = []
     for i, (w, b) in enumerate(zip(weights, biases)):
@@ -303,8 +315,10 @@ def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.
             bq = _fit_bias(np.round(b / alpha).astype(np.int64), wq, bound)
             layers.append(IntLayer(wq, bq, None))
             return IntMLP(layers), alpha
-        prod = _exact_matmul(wq, h)
-        acc = prod + np.round(b / alpha)[:, None]
+        raw_bias = np.round(b / alpha)
+        dtype = _exact_dtype(wq, bound, raw_bias)
+        prod = _exact_matmul(wq, h, dtype)
+        acc = prod + raw_bias.astype(dtype)[:, None]
         top = np.maximum(row_quantile(np.maximum(acc, 0, out=acc), 0.9999), 1.0)
         del acc
         shift = np.maximum(np.ceil(np.log2(top / ACT_MAX)), 0).astype(np.int64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,13 +70,14 @@ def test_quantised_network_tracks_the_float_network():
     assert net(x)[:, 0].dtype == np.int64 and net.layers[0].shift.max() >= 0 and ACT_MAX == 1023
 
 
-def test_quantisation_shifts_are_those_of_int64_arithmetic():
-    """quantize_mlp computes in float64 (BLAS) for speed: its per-channel shifts must be the ones
-    that exact int64 activations of the calibration inputs give."""
+@pytest.mark.parametrize("calib", ["int64", "float32"])
+def test_quantisation_shifts_are_those_of_int64_arithmetic(calib):
+    """quantize_mlp computes in float32 or float64 (BLAS) for speed: its per-channel shifts
+    must be the ones that exact int64 activations of the calibration inputs give."""
     rng = np.random.default_rng(3)
     ws = [rng.normal(0, 0.5, (32, 12)), rng.normal(0, 0.5, (16, 32)), rng.normal(0, 0.3, (2, 16))]
     bs = [rng.normal(0, 0.2, 32), rng.normal(0, 0.2, 16), rng.normal(0, 0.1, 2)]
-    x = rng.integers(-INPUT_MAX, INPUT_MAX + 1, (20000, 12))
+    x = rng.integers(-INPUT_MAX, INPUT_MAX + 1, (20000, 12)).astype(calib)
     net, _ = quantize_mlp(ws, bs, x, input_scale=1 / 16)
     h = x.astype(np.int64)
     for layer in net.layers[:-1]:
@@ -83,7 +85,33 @@ def test_quantisation_shifts_are_those_of_int64_arithmetic():
         top = np.maximum(np.quantile(np.maximum(acc, 0), 0.9999, axis=0), 1.0)
         np.testing.assert_array_equal(layer.shift, np.maximum(np.ceil(np.log2(top / ACT_MAX)), 0))
         h = np.clip((h @ layer.weight.T + layer.bias) >> layer.shift, 0, ACT_MAX)
-    assert net.layers[0].shift.max() > 0          # the shifts are not trivially zero
+    assert net.layers[-2].shift.max() > 0          # the shifts are not trivially zero
+
+
+@pytest.mark.parametrize("bias", [(0.2, 0.2), (1e4, 0.2), (0.2, 1e8)])
+def test_quantisation_in_float32_equals_float64(monkeypatch, bias):
+    """Where a layer's sums fit float32 (``_exact_dtype``), the quantiser computes in it and
+    gets the network it gets in float64; a layer with biases far beyond its weights (clipped
+    in the network, not in the quantiles) takes float64."""
+    from models import intnet
+    rng = np.random.default_rng(5)
+    ws = [rng.normal(0, 0.5, (32, 31)), rng.normal(0, 0.5, (16, 32)), rng.normal(0, 0.3, (2, 16))]
+    bs = [rng.normal(0, bias[0], 32), rng.normal(0, bias[1], 16), rng.normal(0, 0.1, 2)]
+    x = rng.integers(-INPUT_MAX, INPUT_MAX + 1, (30000, 31)).astype(np.float32)
+    dtypes = []
+    real = intnet._exact_dtype
+    monkeypatch.setattr(intnet, "_exact_dtype", lambda *a: dtypes.append(real(*a)) or dtypes[-1])
+    fast, fast_scale = quantize_mlp(ws, bs, x, input_scale=1 / 16)
+    monkeypatch.setattr(intnet, "_exact_dtype", lambda *a: np.float64)
+    slow, slow_scale = quantize_mlp(ws, bs, x, input_scale=1 / 16)
+    assert dtypes == [np.float64 if b > 1 else np.float32 for b in bias]
+    np.testing.assert_array_equal(fast_scale, slow_scale)
+    for a, b in zip(fast.layers, slow.layers):
+        np.testing.assert_array_equal(a.weight, b.weight)
+        np.testing.assert_array_equal(a.bias, b.bias)
+        assert (a.shift is None) == (b.shift is None)
+        if a.shift is not None:
+            np.testing.assert_array_equal(a.shift, b.shift)
 
 
 def test_log2_quarters_is_exact():
