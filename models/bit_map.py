@@ -17,7 +17,7 @@ from models import adapt as adaptation
 from models.api import SLAB_SLICES, TILE
 from models.codec import _predict_chunked, slab_contexts
 from models.container import band_spans
-from models.entropy import ESC_NEG, split_residuals, token_bounds, truncate_rows
+from models.entropy import ESC_NEG, N_TOKENS, split_residuals, token_bounds
 from models.registry import load_model
 from models.value_range import scan
 
@@ -28,9 +28,10 @@ def symbol_bits(tables, sym, j: np.ndarray, bounds) -> np.ndarray:
     """Ideal bits of each symbol: its token in its truncated row, low bits, escape fields."""
     n = len(j)
     bits = np.empty(n, np.float64)
+    out = np.empty((min(n, CHUNK), N_TOKENS))
     for a in range(0, n, CHUNK):
         b = min(n, a + CHUNK)
-        rows = truncate_rows(tables.rows(j[a:b]), bounds[0][a:b], bounds[1][a:b])
+        rows = tables.bounded_rows(j[a:b], bounds[0][a:b], bounds[1][a:b], out)
         p = rows[np.arange(b - a), sym.token[a:b]] / rows.sum(axis=1)
         bits[a:b] = -np.log2(p)
     bits += sym.low_bits
