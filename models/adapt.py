@@ -33,7 +33,6 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from models import kernels, paper_table, tune_workers
 from models.container import CorruptBlobError
@@ -164,6 +163,7 @@ def tuned(model, samples, check, seed: int, steps: int, stops,
 
 def _float_bits(model, samples) -> float:
     """Mean bits of the float ``model``'s discretised Laplace on the samples (0 for none)."""
+    import torch
     from models.train import laplace_bits
     if not len(samples.value):
         return 0.0
@@ -234,6 +234,7 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=(),
     """Adam steps on ``model`` over ``samples`` (those at ``index``, when given); yields
     (nothing) after each step count in ``stops``. With ``settings.bf16`` the network's products
     are bfloat16 (autocast), the loss float32."""
+    import torch
     from models.train import mean_laplace_bits
     settings = settings or default_settings()
     torch.manual_seed(seed)
@@ -283,6 +284,7 @@ def _compiled_step(model) -> _CompiledStep | None:
     against 4.78-4.97 ms on a Zen 3 (three alternating runs of 400 steps each); Adam's update
     took 4 against torch's 258 us there. Where bfloat16 products run (AVX-512 BF16, AMX),
     torch's step in bfloat16 and its Adam are kept: not compared there."""
+    import torch
     if not kernels.available():
         return None
     layers = model.linear_layers()
@@ -314,12 +316,13 @@ class _Adam:
     seconds per encoding process; this is all the fine-tuning needs."""
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        import torch
         self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
 
-    @torch.no_grad()
     def step(self) -> None:
+        import torch
         self.t += 1
         b1, b2 = self.betas
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
@@ -328,14 +331,15 @@ class _Adam:
         grads = [p.grad for p in params]
         m, v = [self.m[i] for i in live], [self.v[i] for i in live]
         # whole-list (foreach) kernels: a few calls per step instead of a few per tensor
-        torch._foreach_mul_(m, b1)
-        torch._foreach_add_(m, grads, alpha=1 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-        denom = torch._foreach_div(v, c2)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(params, m, denom, value=-self.lr / c1)
+        with torch.no_grad():
+            torch._foreach_mul_(m, b1)
+            torch._foreach_add_(m, grads, alpha=1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+            denom = torch._foreach_div(v, c2)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, self.eps)
+            torch._foreach_addcdiv_(params, m, denom, value=-self.lr / c1)
 
 
 def embedded_bytes(predictor) -> bytes:

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from models import kernels
 
@@ -29,7 +28,6 @@ ACT_MAX = 1023
 INPUT_MAX = 1024
 EXACT_LIMIT = 2 ** 24
 EXACT_LIMITS = {"float32": 2 ** 24, "float64": 2 ** 53}
-_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _CFG_VERSION = 1
 
 
@@ -112,8 +110,9 @@ class IntMLP:
         return h
 
     def _torch_params(self, device):
+        import torch
         if self._torch is None or self._torch[0] != device:
-            dt = _TORCH_DTYPES[self.exact]
+            dt = getattr(torch, self.exact)
             params = []
             for layer in self.layers:
                 w = torch.tensor(layer.weight.T, dtype=dt, device=device)
@@ -128,12 +127,17 @@ class IntMLP:
             self._torch = (device, params)
         return self._torch[1]
 
-    @torch.inference_mode()
     def __call__(self, x: np.ndarray, device: str = "cpu") -> np.ndarray:
         """Fast exact evaluation with float32 (or float64) matmuls of integer inputs ``(n, in)``
         within +-input_max (any strides); returns int64 accumulators ``(n, out)``."""
         if self.is_default:
             return self.float_accumulators(x, device).astype(np.int64)
+        import torch
+        with torch.inference_mode():
+            return self._torch_call(x, device)
+
+    def _torch_call(self, x: np.ndarray, device: str) -> np.ndarray:
+        import torch
         np_dt = np.float32 if self.exact == "float32" else np.float64
         h = torch.from_numpy(np.asarray(x, dtype=np_dt)).to(device)
         h = torch.clamp(h, -self.input_max, self.input_max)
@@ -160,17 +164,18 @@ class IntMLP:
                 return acc
         return self._torch_accumulators(x, device)
 
-    @torch.inference_mode()
     def _torch_accumulators(self, x: np.ndarray, device: str) -> np.ndarray:
         # weights and bias pre-scaled by 2**-k: every partial sum is an integer below
         # 2**24 times a power of two, so addmm returns acc * 2**-k exactly
-        h = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
-        for w, b, k, _ in self._torch_params(device):
-            if k is None:
-                h = torch.addmm(b, h, w)
-            else:
-                h = torch.clamp_(torch.floor_(torch.addmm(b * k, h, w * k)), 0, ACT_MAX)
-        return h.cpu().numpy()
+        import torch
+        with torch.inference_mode():
+            h = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
+            for w, b, k, _ in self._torch_params(device):
+                if k is None:
+                    h = torch.addmm(b, h, w)
+                else:
+                    h = torch.clamp_(torch.floor_(torch.addmm(b * k, h, w * k)), 0, ACT_MAX)
+            return h.cpu().numpy()
 
     def kernel_network(self) -> "kernels.Network | None":
         """The float32 weights of :meth:`float_accumulators`, as the compiled kernels take
@@ -232,6 +237,7 @@ def _exact_matmul(w: np.ndarray, h: np.ndarray, dtype=np.float64) -> np.ndarray:
     check), and on the caller's torch threads, where numpy's BLAS starts threads of its own
     that the encoder's two concurrent quantisations fight over (0.45 against 0.6-0.8 s for the
     pair)."""
+    import torch
     return (torch.from_numpy(np.ascontiguousarray(w, dtype))
             @ torch.from_numpy(np.asarray(h, dtype))).numpy()
 

@@ -14,6 +14,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -36,10 +37,13 @@ def worker_count() -> int:
 
 
 def init_worker() -> None:
-    """A worker process's start (decoders and fine-tuning alike): one torch thread, and gone
-    when its parent is."""
-    import torch
-    torch.set_num_threads(1)
+    """A worker process's start (decoders and fine-tuning alike): one torch thread (set now,
+    or, where torch is not imported yet, when it is), and gone when its parent is."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+    else:
+        os.environ["OMP_NUM_THREADS"] = "1"   # torch reads it when imported
     exit_with_parent()
 
 
@@ -66,8 +70,16 @@ def one_thread():
     network runs on one wavefront step at a time, a few hundred to a few thousand voxels, where
     a second intra-op thread only adds wake-ups: a single slice decoded in the calling process
     took 1.4-1.6 s with two threads and the default OMP_WAIT_POLICY, 0.3-0.4 s with one (the
-    result is the same either way). Nested and concurrent blocks share one saved setting."""
-    import torch
+    result is the same either way). Nested and concurrent blocks share one saved setting.
+    Where torch is not imported and the compiled kernels run (they need none), there is
+    nothing to set."""
+    from models import kernels
+    torch = sys.modules.get("torch")
+    if torch is None and not kernels.available():
+        import torch                       # the numpy and torch path it is then
+    if torch is None:
+        yield
+        return
     with _THREADS_LOCK:
         if _single["depth"] == 0:
             _single["saved"] = torch.get_num_threads()

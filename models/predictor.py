@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 
 import numpy as np
-import torch
 
 from models import kernels
 from models.context import Neighbourhood
@@ -26,10 +26,26 @@ def compute_device() -> str:
     GPU when there is one. The result is identical on every device (see models.intnet)."""
     want = os.environ.get("VOXARC_DEVICE", "auto")
     if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
+        want = "cpu" if _no_gpu_device() else _torch_device()
     if want.startswith("cuda"):
+        import torch
         torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would round the partial sums
     return want
+
+
+# what a CUDA (or ROCm) device needs on Linux; without any, torch could not find one either
+_GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def _no_gpu_device() -> bool:
+    """Whether this Linux machine has no GPU device file: then the codec need not import torch
+    (over a second of every decoder process's start) to learn that it has no GPU."""
+    return sys.platform.startswith("linux") and not any(map(os.path.exists, _GPU_DEVICE_FILES))
+
+
+def _torch_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 SPARE_NETWORK = 0.125  # from this share of flat contexts on, the network skips them

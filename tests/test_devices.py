@@ -108,3 +108,21 @@ def test_each_path_writes_the_same_bytes_and_reads_the_others(path, dtype, shape
     for blob in (reference, adapted):
         np.testing.assert_array_equal(models.decode_volume(blob), vol)
         np.testing.assert_array_equal(models.decode_slices(blob, 1, 2), vol[1:2])
+
+
+@pytest.mark.parametrize("device_file", [False, True])
+def test_default_device_asks_torch_only_where_a_gpu_device_file_exists(monkeypatch, tmp_path,
+                                                                        device_file):
+    """Without a GPU device file (Linux) the network runs on the CPU and torch is not asked
+    (nor imported); with one, torch decides."""
+    from models import predictor
+    node = tmp_path / "nvidiactl"
+    if device_file:
+        node.write_bytes(b"")
+    monkeypatch.setattr(predictor, "_GPU_DEVICE_FILES", (str(node),))
+    monkeypatch.setattr(predictor, "_torch_device", lambda: "asked torch")
+    monkeypatch.setattr(predictor.sys, "platform", "linux")
+    monkeypatch.delenv("VOXARC_DEVICE", raising=False)
+    assert predictor.compute_device() == ("asked torch" if device_file else "cpu")
+    monkeypatch.setenv("VOXARC_DEVICE", "cpu")
+    assert predictor.compute_device() == "cpu"
