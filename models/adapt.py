@@ -38,6 +38,8 @@ from models import kernels, paper_table, tune_workers
 from models.container import CorruptBlobError
 from models.entropy import CodingTables
 from models.features import SCALE_STEPS, UNIT
+from models.samples import (Samples, collect_samples, evaluate, integer_residuals, network_index,
+                            network_samples)
 from models.tables import table_bits
 from models.value_range import ValueRange
 
@@ -78,20 +80,18 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, values: ValueRange | N
     models only refit their one coding table (models.paper_table)."""
     if predictor.kind.startswith("paper"):
         return paper_table.fit_volume_table(predictor, volume, slab, tile, seed)
-    from models import train
-
+    tune_workers.start(TUNE_RUNS)     # the runs' processes start while the samples are drawn
     n_slabs = -(-volume.shape[0] // slab)
     per_slab = min(slab, volume.shape[0]) * volume.shape[1] * volume.shape[2]
     picks = min(ADAPT_SLABS, n_slabs)
     keep = min(1.0, ADAPT_SAMPLES / (picks * per_slab))
     rng = np.random.default_rng(seed)
     hood = predictor.neighbourhood
-    samples = train.collect_samples([volume], slab, picks, keep, rng, tile=tile, hood=hood,
-                                    values=values)
-    check = train.collect_samples([volume], slab, min(8, n_slabs),
-                                  min(1.0, CHECK_SAMPLES / volume.size), rng, tile=tile,
-                                  hood=hood, values=values)
-    tune_index = train.network_index(samples, hood.size) if predictor.tables.flat else None
+    samples = collect_samples([volume], slab, picks, keep, rng, tile=tile, hood=hood,
+                              values=values)
+    check = collect_samples([volume], slab, min(8, n_slabs), min(1.0, CHECK_SAMPLES / volume.size),
+                            rng, tile=tile, hood=hood, values=values)
+    tune_index = network_index(samples, hood.size) if predictor.tables.flat else None
     if (len(samples.value) if tune_index is None else len(tune_index)) < ADAPT_BATCH:
         return None    # (nearly) all flat: nothing for the network to learn
     low, high = ADAPT_STEPS
@@ -101,8 +101,8 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, values: ValueRange | N
     # core runs a second fine-tuning (its own batch order) in about the same wall time, and
     # the check sample picks the better. The number of runs does not follow the machine's
     # cores, so a volume codes to the same blob everywhere (among CPUs alike in bfloat16)
-    check_net = train.network_samples(check, hood.size) if predictor.tables.flat else check
-    arrays = {f: getattr(samples, f) for f in train.Samples.__dataclass_fields__}
+    check_net = network_samples(check, hood.size) if predictor.tables.flat else check
+    arrays = {f: getattr(samples, f) for f in Samples.__dataclass_fields__}
     if tune_index is not None:
         arrays["tune_index"] = tune_index
     jobs = [(predictor, check_net, seed + k, steps, stops, default_settings())
@@ -113,7 +113,7 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, values: ValueRange | N
     # model in the blob are fewest
     costs = []
     for net in networks:
-        r, j = train.integer_residuals(net, check)
+        r, j = integer_residuals(net, check)
         for c in _table_variants(net, predictor):
             costs.append((check_bits(c, r, j) * volume.size + 8 * len(embedded_bytes(c)),
                           len(costs), c))
@@ -140,7 +140,7 @@ def tune_run(arrays: dict, job):
     stops, Settings)."""
     from models import train
     predictor, check, seed, steps, stops, settings = job
-    samples = train.Samples(**{f: arrays[f] for f in train.Samples.__dataclass_fields__})
+    samples = Samples(**{f: arrays[f] for f in Samples.__dataclass_fields__})
     model = tuned(train.float_model(predictor), samples, check, seed, steps, stops, settings,
                   arrays.get("tune_index"))
     return _quantised(model, samples, predictor)
@@ -225,7 +225,6 @@ def pays_off(base, cost: float, check, voxels: int) -> bool:
     """Whether an adapted model whose ``cost`` (bits of ``voxels`` voxels, estimated on the
     samples ``check``, plus the bits it takes in the blob) is below what ``base`` codes them
     in."""
-    from models.train import evaluate
     return cost < evaluate(base, check) * voxels
 
 

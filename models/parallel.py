@@ -281,10 +281,10 @@ def _warm_worker() -> int:
 
 
 def warm(timeout: float = 120.0) -> set[int]:
-    """Start the worker processes now (each imports torch as it starts) and load the default
-    model in them, so that the first decode of a server does not wait (call from a background
-    thread). Returns once every worker has done so (the process ids seen): a worker still
-    importing torch would take a core from the first decode."""
+    """Start the worker processes now and load the default model in them, so that the first
+    decode of a server does not wait (call from a background thread). Returns once every
+    worker has done so (the process ids seen): a worker still starting would take a core from
+    the first decode."""
     workers = worker_count()
     if workers <= 1:
         return set()

@@ -17,8 +17,10 @@ computations, the same results.
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import os
+import sys
 import tempfile
 import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -88,6 +90,7 @@ def _init_worker() -> None:
         os.nice(NICE)
     except (AttributeError, OSError):   # no nice here: full priority is still correct
         pass
+    importlib.import_module("models.train")   # torch: every run needs it, a started worker is ready
 
 
 def _pool(size: int) -> ProcessPoolExecutor:
@@ -101,16 +104,32 @@ def _pool(size: int) -> ProcessPoolExecutor:
 
 
 def worker_state(arrays: dict, job) -> dict:
-    """What a run sees where it runs: process id, torch threads, niceness, its arrays' types
-    (a diagnostic for :func:`map_runs`)."""
+    """What a run sees where it runs: process id, whether torch was imported before the run,
+    torch threads, niceness, its arrays' types (a diagnostic for :func:`map_runs`)."""
+    ready = "torch" in sys.modules
     import torch
-    return {"pid": os.getpid(), "threads": torch.get_num_threads(), "nice": os.nice(0),
+    return {"pid": os.getpid(), "torch_ready": ready, "threads": torch.get_num_threads(),
+            "nice": os.nice(0),
             "arrays": {k: type(v).__name__ for k, v in arrays.items()}, "job": job}
+
+
+def start(size: int = 2) -> None:
+    """Have the worker processes start (each imports torch, over a second) without waiting for
+    them: the encoder calls this before it draws its samples, so that a first adaptation's
+    runs find them ready or nearly. A pool that cannot start shows it to :func:`map_runs`."""
+    if not usable():
+        return
+    try:
+        pool = _pool(size)
+        for _ in range(size):     # a process pool starts its processes as jobs arrive
+            pool.submit(os.getpid)
+    except (BrokenProcessPool, RuntimeError, OSError) as exc:
+        _give_up(exc)
 
 
 def warm(size: int = 2, timeout: float = 120.0) -> set[int]:
     """Start the worker processes now (each imports torch), so that the first adaptation does
-    not wait for them; returns their process ids."""
+    not wait for them; returns their process ids once they are ready."""
     if not usable():
         return set()
     try:

@@ -899,6 +899,17 @@ def test_adam_steps_every_tensor_by_the_textbook_formula():
     assert torch.equal(params[2], start[2])
 
 
+def test_tuning_processes_start_without_waiting(monkeypatch):
+    """``start`` launches the fine-tuning processes and returns; ``warm`` then finds them."""
+    from models import tune_workers
+    monkeypatch.setenv("VOXARC_TUNE_WORKERS", "1")
+    monkeypatch.setattr(tune_workers, "_BROKEN", False)
+    tune_workers.shutdown()
+    tune_workers.start(2)
+    assert tune_workers._POOL is not None and len(tune_workers._POOL._processes) == 2
+    assert tune_workers.warm(2) == set(tune_workers._POOL._processes)
+
+
 def test_fine_tuning_runs_in_worker_processes_with_the_same_result(monkeypatch):
     """Each fine-tuning run goes to a worker process of its own (one torch thread, lower
     priority, the samples memory-mapped); the adapted model is the one that threads give."""
@@ -911,6 +922,7 @@ def test_fine_tuning_runs_in_worker_processes_with_the_same_result(monkeypatch):
     states = tune_workers.map_runs(tune_workers.worker_state, {"a": np.arange(5)}, ["j0", "j1"])
     assert {s["pid"] for s in states}.isdisjoint({os.getpid()}) and len(states) == 2
     assert all(s["threads"] == 1 and s["nice"] >= min(tune_workers.NICE, 19) for s in states)
+    assert all(s["torch_ready"] for s in states)     # imported as the worker started
     assert [s["job"] for s in states] == ["j0", "j1"]
     assert all(s["arrays"] == {"a": "memmap"} for s in states)
     in_processes = adapt.adapt(load_model("default"), vol, 8, (64, 256))
@@ -1010,7 +1022,7 @@ def test_samples_are_the_picked_voxels_of_the_coders_contexts(monkeypatch, threa
     """Training and adaptation samples: the voxels drawn from ``rng`` slice by slice, with the
     features of the contexts the coder itself sees (``slab_contexts``), in slab and slice
     order, whatever the number of threads computing them."""
-    from models import train
+    from models import samples as train
     from models.codec import slab_contexts
     from models.features import default_features
     from models.registry import load_model

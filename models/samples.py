@@ -1,0 +1,141 @@
+"""Training samples: the exact integer features of picked voxels of a volume's slabs, and what
+the integer predictor makes of them (residuals, ideal bits).
+
+Numpy only (and the compiled kernels): the encoder's per-volume adaptation draws and scores its
+samples here without importing torch in the coding process; only the fine-tuning runs
+(models.train, in their worker processes) need torch.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from models import kernels
+from models.codec import geometry
+from models.features import DEFAULT_NEIGHBOURHOOD, default_features, flat_contexts
+from models.context import Neighbourhood
+from models.predictor import DefaultPredictor
+from models.tables import table_bits
+from models.value_range import ValueRange
+
+
+@dataclass
+class Samples:
+    x: np.ndarray      # float32 (n, F)
+    ref: np.ndarray    # int64 (n,)
+    s: np.ndarray
+    lq: np.ndarray
+    value: np.ndarray  # int64 (n,)
+    lo: np.ndarray     # value range each sample's volume is coded within
+    hi: np.ndarray
+
+    def where(self, keep: np.ndarray) -> "Samples":
+        """The samples at ``keep`` (a mask or indices)."""
+        return Samples(*(getattr(self, f)[keep] for f in Samples.__dataclass_fields__))
+
+
+def network_samples(samples: Samples, hood_size: int) -> Samples:
+    """The samples whose code length the network decides: all but flat contexts (those
+    code with their own table row, see models.features.flat_contexts)."""
+    index = network_index(samples, hood_size)
+    return samples if index is None else samples.where(index)
+
+
+def network_index(samples: Samples, hood_size: int) -> np.ndarray | None:
+    """Indices of :func:`network_samples` in ``samples`` (None: all of them)."""
+    flat = flat_contexts(samples.s, samples.x[:, :hood_size])
+    return np.flatnonzero(~flat) if flat.any() else None
+
+
+def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
+                    rng: np.random.Generator, tile=(128, 256), progress=None,
+                    hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD,
+                    values: ValueRange | None = None) -> Samples:
+    """Features of every ``1/keep``-th voxel of evenly spaced slabs of each volume, for a
+    predictor with the neighbourhood ``hood``; ``values``: the range they are coded within
+    (one volume; default each volume's dtype range).
+
+    The voxels are picked first, in one pass of ``rng``; the slices' features are then
+    computed on two threads (the compiled kernel and numpy's gathers release the interpreter
+    lock) straight into the result's arrays: the same samples as one thread would give."""
+    plan = _sample_plan(volumes, slab, slabs_per_volume, keep, rng)
+    total = sum(len(pick) for _, _, picks in plan for pick in picks)
+    out: Samples | None = None
+    at = 0
+    with ThreadPoolExecutor(_SAMPLE_THREADS) as pool:
+        for vi, z0, picks in plan:
+            vrange = values or ValueRange.of_dtype(volumes[vi].dtype)
+            block = vrange.mapped(volumes[vi][z0:z0 + slab])
+            # gather the picked voxels' neighbours only (the contexts slab_contexts gives)
+            geo = geometry(hood, slab, block.shape[1], block.shape[2], tuple(tile))
+            flat = geo.padded(block).ravel()
+            parts = pool.map(lambda zp: _features(geo.neighbours(flat, zp[0], zp[1]),
+                                                  geo.validity(zp[0])[:, zp[1]]),
+                             enumerate(picks))
+            for zl, (pick, (ref, s, lq, x)) in enumerate(zip(picks, parts)):
+                if out is None:
+                    out = Samples(np.empty((total, x.shape[1]), x.dtype),
+                                  *(np.empty(total, a.dtype) for a in (ref, s, lq)),
+                                  *(np.empty(total, np.int64) for _ in range(3)))
+                part = slice(at, at + len(pick))
+                out.x[part], out.ref[part], out.s[part], out.lq[part] = x, ref, s, lq
+                out.value[part] = block[zl].ravel()[pick]
+                out.lo[part], out.hi[part] = vrange.lo, vrange.hi
+                at += len(pick)
+            if progress:
+                progress(f"volume {vi + 1}/{len(volumes)} slab at z={z0}")
+    if out is None:
+        raise ValueError("no slab to sample")
+    return out
+
+
+_SAMPLE_THREADS = 2
+
+
+def _sample_plan(volumes, slab: int, slabs_per_volume: int, keep: float,
+                 rng: np.random.Generator) -> list[tuple[int, int, list[np.ndarray]]]:
+    """(volume, first slice, the picked pixels of each of its slices) of every sampled slab,
+    drawn from ``rng`` slice by slice in that order."""
+    plan = []
+    for vi, vol in enumerate(volumes):
+        starts = np.unique(np.linspace(0, max(vol.shape[0] - slab, 0), slabs_per_volume)
+                           .astype(int) // slab * slab)
+        plane = vol.shape[1] * vol.shape[2]
+        for z0 in starts:
+            depth = min(slab, vol.shape[0] - z0)
+            plan.append((vi, int(z0), [np.flatnonzero(rng.random(plane) < keep)
+                                       for _ in range(depth)]))
+    return plan
+
+
+def _features(values: np.ndarray, valid: np.ndarray):
+    """:func:`default_features` with the inputs as a row-major ``(n, F)`` array, by the
+    compiled kernel when there is one (the same values)."""
+    feats = kernels.features(values, valid, compact=False)
+    if feats is None:
+        ref, s, lq, x = default_features(values, valid)
+        return ref, s, lq, np.ascontiguousarray(x.T)
+    return feats.ref, feats.s, feats.lq, np.ascontiguousarray(feats.x)
+
+
+
+def integer_residuals(predictor: DefaultPredictor, samples: Samples, chunk: int = 1 << 18):
+    """Residuals and table indices of the exact integer model on the samples."""
+    rs, js = [], []
+    for a in range(0, len(samples.value), chunk):
+        sl = slice(a, a + chunk)
+        pred, j = predictor.outputs(samples.ref[sl], samples.s[sl], samples.lq[sl],
+                                    samples.x[sl], samples.lo[sl], samples.hi[sl])
+        rs.append(samples.value[sl] - pred)
+        js.append(j)
+    return np.concatenate(rs), np.concatenate(js)
+
+
+def evaluate(predictor: DefaultPredictor, samples: Samples) -> float:
+    """Ideal bits per voxel of the integer model and its tables on the samples."""
+    r, j = integer_residuals(predictor, samples)
+    return table_bits(predictor.tables, r, j) / len(r)
+
