@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _P, _I32, _P]  # layers, sizes, weights, biases, ints, vector, acc
-ABI = 13  # the entry points and signatures of models/_kernels.c this module calls
+ABI = 14  # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -83,7 +83,10 @@ def _library():
     fn = lib.voxarc_train_step
     fn.restype = ctypes.c_double
     fn.argtypes = [_P, _I64, _I64, _P, _P, _P, _P, _I32, _P, _P, _P, _P, _P, ctypes.c_float,
-                   ctypes.c_float, _I32]
+                   ctypes.c_float, _I32, _P]
+    fn = lib.voxarc_train_workspace
+    fn.restype = _I64
+    fn.argtypes = [_I32, _P]
     fn = lib.voxarc_adam
     fn.restype = None
     fn.argtypes = [_P, _P, _P, _P, _P, _I32, ctypes.c_float, ctypes.c_float, ctypes.c_float,
@@ -364,6 +367,14 @@ def laplace_bits(value: np.ndarray, ref: np.ndarray, s: np.ndarray, lq: np.ndarr
     return total, grad
 
 
+def _aligned(floats: int, align: int = 64) -> np.ndarray:
+    """A zeroed float32 array whose data starts on an ``align``-byte boundary (a cache line:
+    the training step's vectors then never straddle two)."""
+    raw = np.zeros(floats + align // 4, np.float32)
+    skip = (-raw.ctypes.data % align) // 4
+    return raw[skip:skip + floats]
+
+
 class TrainStep:
     """The float twin's fine-tuning step in one compiled call (``voxarc_train_step``): the mean
     bits of a batch and their gradients, written into ``grads`` (arrays shaped like the
@@ -380,6 +391,8 @@ class TrainStep:
         self._sizes = np.array([weights[0].shape[1]] + [w.shape[0] for w in weights], np.int32)
         self._ptrs = [_addresses(group) for group in (weights, biases, weight_grads, bias_grads)]
         self._args = (self._sizes.ctypes.data, *(p.ctypes.data for p in self._ptrs))
+        self._work = _aligned(_library().voxarc_train_workspace(self.layers,
+                                                                self._sizes.ctypes.data))
 
     def __call__(self, x: np.ndarray, value: np.ndarray, ref: np.ndarray, s: np.ndarray,
                  lq: np.ndarray, unit: float, scale_steps: float) -> float | None:
@@ -394,7 +407,7 @@ class TrainStep:
         total = _library().voxarc_train_step(
             x.ctypes.data, x.strides[0] // 4, n, value.ctypes.data, ref.ctypes.data,
             s.ctypes.data, lq.ctypes.data, self.layers, *self._args, unit, scale_steps,
-            _vector())
+            _vector(), self._work.ctypes.data)
         return None if total < 0 else total / n
 
 
