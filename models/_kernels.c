@@ -36,6 +36,13 @@ int64_t voxarc_abi(void)
     return ABI;
 }
 
+/* malloc on a cache-line boundary (free() releases it): the vector kernels' loads and stores
+ * then never straddle two lines. */
+static void *aligned_block(size_t bytes)
+{
+    return aligned_alloc(64, (bytes + 63) / 64 * 64);
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -462,7 +469,8 @@ static int mlp_open(mlp_run *r, int32_t layers, const int32_t *size, const float
 #endif
     /* the float buffers, then (integer layers) the pair buffers, in one allocation */
     size_t floats = sizeof(float) * MLP_VB * MLP_WIDTH * 3;
-    r->buf = malloc(floats + (r->q != NULL ? sizeof(int32_t) * MLP_VB * (MLP_WIDTH / 2) * 3 : 0));
+    r->buf = aligned_block(floats + (r->q != NULL ? sizeof(int32_t) * MLP_VB * (MLP_WIDTH / 2) * 3
+                                                 : 0));
     if (r->buf == NULL)
         return -1;
     if (r->q != NULL)
@@ -667,8 +675,8 @@ int64_t voxarc_features_runs(const int32_t *buf, const int64_t *origin, const in
     if (K < PREVIOUS_END || K > KMAX)
         return -1;
     mlp_run net = {.buf = NULL, .acc = NULL};
-    int32_t (*vals)[BLOCK] = malloc(sizeof(int32_t) * KMAX * BLOCK);
-    uint8_t (*oks)[BLOCK] = malloc(KMAX * BLOCK);
+    int32_t (*vals)[BLOCK] = aligned_block(sizeof(int32_t) * KMAX * BLOCK);
+    uint8_t (*oks)[BLOCK] = aligned_block(KMAX * BLOCK);
     if (vals == NULL || oks == NULL
             || (acc != NULL && mlp_open(&net, layers, size, w, b, q, vector, acc) < 0)) {
         free(vals);
@@ -868,9 +876,9 @@ int64_t voxarc_step_predict(const uint64_t *p, const int64_t *q, int64_t n, int6
         return -1;
     const int32_t *size = (const int32_t *)(uintptr_t)p[3];
     int64_t nout = size[q[2]], m = n > 0 ? n : 1;
-    float *x = malloc(sizeof(float) * (K + 5) * m);
-    float *acc = malloc(sizeof(float) * nout * m);
-    int64_t *ints = malloc(sizeof(int64_t) * 5 * m);
+    float *x = aligned_block(sizeof(float) * (K + 5) * m);
+    float *acc = aligned_block(sizeof(float) * nout * m);
+    int64_t *ints = aligned_block(sizeof(int64_t) * 5 * m);
     int64_t status = -1;
     if (x == NULL || acc == NULL || ints == NULL)
         goto done;
@@ -1041,7 +1049,7 @@ double voxarc_train_step(const float *x, int64_t ldx, int64_t n, const float *va
     }
     const int64_t plane = (int64_t)MLP_WIDTH * MLP_VB;
     const int64_t floats = voxarc_train_workspace(layers, size);
-    float *mem = work != NULL ? work : aligned_alloc(64, (size_t)(floats + 15) / 16 * 64);
+    float *mem = work != NULL ? work : aligned_block((size_t)floats * sizeof(float));
     if (mem == NULL) {
         mlp_close(&r);
         return -1.0;
