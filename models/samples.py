@@ -15,8 +15,8 @@ import numpy as np
 
 from models import kernels
 from models.codec import geometry
-from models.features import DEFAULT_NEIGHBOURHOOD, default_features, flat_contexts
 from models.context import Neighbourhood
+from models.features import DEFAULT_NEIGHBOURHOOD, default_features, flat_contexts
 from models.predictor import DefaultPredictor
 from models.tables import table_bits
 from models.value_range import ValueRange
@@ -121,7 +121,6 @@ def _features(values: np.ndarray, valid: np.ndarray):
     return feats.ref, feats.s, feats.lq, np.ascontiguousarray(feats.x)
 
 
-
 def integer_residuals(predictor: DefaultPredictor, samples: Samples, chunk: int = 1 << 18):
     """Residuals and table indices of the exact integer model on the samples."""
     rs, js = [], []
@@ -138,4 +137,3 @@ def evaluate(predictor: DefaultPredictor, samples: Samples) -> float:
     """Ideal bits per voxel of the integer model and its tables on the samples."""
     r, j = integer_residuals(predictor, samples)
     return table_bits(predictor.tables, r, j) / len(r)
-

@@ -1022,16 +1022,16 @@ def test_samples_are_the_picked_voxels_of_the_coders_contexts(monkeypatch, threa
     """Training and adaptation samples: the voxels drawn from ``rng`` slice by slice, with the
     features of the contexts the coder itself sees (``slab_contexts``), in slab and slice
     order, whatever the number of threads computing them."""
-    from models import samples as train
+    from models import samples as sampling
     from models.codec import slab_contexts
     from models.features import default_features
     from models.registry import load_model
     from models.value_range import ValueRange
-    monkeypatch.setattr(train, "_SAMPLE_THREADS", threads)
+    monkeypatch.setattr(sampling, "_SAMPLE_THREADS", threads)
     hood = load_model("default").neighbourhood
     vol = phantom((21, 30, 44), "int16", seed=5)
-    got = train.collect_samples([vol], 8, 3, 0.3, np.random.default_rng(9), tile=(16, 32),
-                                hood=hood)
+    got = sampling.collect_samples([vol], 8, 3, 0.3, np.random.default_rng(9), tile=(16, 32),
+                                   hood=hood)
     rng, vrange, want = np.random.default_rng(9), ValueRange.of_dtype(vol.dtype), []
     for z0 in (0, 8):     # linspace(0, 13, 3) = 0, 6, 13 floored to whole slabs, once each
         block = vrange.mapped(vol[z0:z0 + 8])
