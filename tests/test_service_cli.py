@@ -109,3 +109,27 @@ def test_serve_answers_and_stops_on_sigterm(tmp_path):
         _, err = proc.communicate(timeout=180)      # generous: CI machines may be loaded
     assert proc.returncode == 0, err
     assert "association accepted" in err and "C-ECHO" in err and "stopped" in err
+
+
+def test_serve_stops_after_a_burst_of_signals(tmp_path):
+    """SIGTERM and SIGINT arriving while the handler of an earlier one runs (a supervisor and a
+    wrapper both signalling, Ctrl-C pressed twice): the node still stops cleanly. Its handler
+    once set a threading.Event, whose lock a nested handler waited on forever (this burst hung
+    it in 6 runs of 6)."""
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--data-dir",
+                             tmp_path / "data", "--port", str(free_port()), "--http-port", "0"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("listening on port")
+        for k in range(3000):
+            proc.send_signal(signal.SIGINT if k % 2 == 0 else signal.SIGTERM)
+            started = time.perf_counter()
+            while time.perf_counter() - started < 2e-6 * (k % 5):
+                pass
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "signal received, stopping" in err and "stopped" in err
