@@ -424,6 +424,63 @@ def test_checkpoints_tie_to_the_longer_run(monkeypatch):
     assert all(torch.equal(v, alone.state_dict()[k]) for k, v in longer.state_dict().items())
 
 
+def _tuning_samples(predictor, seed=13):
+    from models import train
+    vol = phantom((10, 40, 48), "int16", seed=seed)
+    return train.collect_samples([vol], 8, 2, 1.0, np.random.default_rng(0), tile=(64, 256),
+                                 hood=predictor.neighbourhood)
+
+
+def test_fine_tuning_yields_the_moving_average_of_its_weights():
+    """At each stop the fine-tuning hands over a twin holding the exponential moving average
+    of the weights after every step, starting from the weights it began with."""
+    import torch
+
+    from models import adapt, train
+    from models.registry import load_model
+    predictor = load_model("default")
+    samples = _tuning_samples(predictor)
+    settings = adapt.default_settings()._replace(average=0.75)
+    model = train.float_model(predictor)
+    expected = [p.detach().clone() for p in model.parameters()]
+    twins = []
+    for twin in adapt._fine_tune(model, samples, 0, 3, [1, 2, 3], settings):
+        expected = [0.75 * e + 0.25 * p.detach() for e, p in zip(expected, model.parameters())]
+        twins.append([p.detach().clone() for p in twin.parameters()])
+    assert len(twins) == 3
+    for got, want, now in zip(twins[-1], expected, model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(got, now) for got, now in zip(twins[-1], model.parameters()))
+
+
+@pytest.mark.parametrize("average_is_better", [True, False])
+def test_fine_tuning_keeps_the_average_when_it_codes_the_check_sample_best(
+        monkeypatch, average_is_better):
+    import torch
+
+    from models import adapt, train
+    from models.registry import load_model
+    predictor = load_model("default")
+    samples = _tuning_samples(predictor)
+    real = adapt._fine_tune
+    seen = {}
+
+    def tune(model, *args):
+        for average in real(model, *args):
+            seen.update(average=average, states={
+                "weights": {k: v.clone() for k, v in model.state_dict().items()},
+                "average": {k: v.clone() for k, v in average.state_dict().items()}})
+            yield average
+    monkeypatch.setattr(adapt, "_fine_tune", tune)
+    monkeypatch.setattr(adapt, "_float_bits", lambda m, s: 1.0 if (
+        m is seen["average"]) == average_is_better else 2.0)
+    kept = adapt.tuned(train.float_model(predictor), samples, samples, 0, 4, [4]).state_dict()
+    want = seen["states"]["average" if average_is_better else "weights"]
+    other = seen["states"]["weights" if average_is_better else "average"]
+    assert all(torch.equal(v, want[k]) for k, v in kept.items())
+    assert not all(torch.equal(v, other[k]) for k, v in kept.items())
+
+
 def test_adaptation_is_tried_by_default_from_a_million_voxels(monkeypatch):
     """A 96 x 128 x 128 MR (1.5 M voxels) is adapted by default: measured 2.8% to 6.3% fewer
     bits on the three Siemens test MRs; smaller volumes are not tried (it rarely pays there)."""
