@@ -46,11 +46,11 @@ from models.samples import (Samples, collect_samples, evaluate, integer_residual
 from models.tables import table_bits
 from models.value_range import ValueRange
 
-ADAPT_STEPS = (400, 1600)  # optimiser steps: one per STEP_VOXELS voxels, within these bounds
-STEP_VOXELS = 8_000
+ADAPT_STEPS = (800, 3200)  # optimiser steps: one per STEP_VOXELS voxels, within these bounds
+STEP_VOXELS = 4_000
 TUNE_RUNS = 2             # fine-tuning runs with different batch orders, side by side
-ADAPT_CHECKPOINT = 400     # a longer run must beat its state at this step on the check sample
-ADAPT_BATCH = 4096
+ADAPT_CHECKPOINT = 800     # a longer run must beat its state at this step on the check sample
+ADAPT_BATCH = 2048
 ADAPT_LR = 3e-3
 ADAPT_SAMPLES = 1_600_000
 ADAPT_SLABS = 8           # slabs the samples are drawn from
@@ -58,7 +58,8 @@ CHECK_SAMPLES = 100_000    # held-out voxels on which the adapted model must bea
 _EMBEDDED_KEYS = ("head", "token_table", "class_table")
 COARSE_SHIFTS = (2, 3, 4, 5, 6)   # carried token tables may be rounded to base/4 .. base/64
 ADAPT_BF16 = None          # fine-tuning's products in bfloat16 (None: where the CPU has them)
-ADAPT_AVERAGE = 0.995      # decay of the weights' moving average, a candidate at every stop
+ADAPT_AVERAGE = 0.995      # decay per step of the weights' moving average, a stop's candidate
+AVERAGE_EVERY = 4          # steps between updates of the average (each by the decay's power)
 
 
 def can_adapt(predictor) -> bool:
@@ -259,18 +260,21 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=(),
     tensors = [model.training_inputs(samples.x, order)] + [
         torch.from_numpy(np.ascontiguousarray(a[order], dtype=np.float32))
         for a in (samples.ref, samples.s, samples.lq, samples.value)]
+    arrays = [t.numpy() for t in tensors]    # the same memory: slicing these costs less
     opt = _Adam(list(model.parameters()), lr=settings.lr)
     batch = min(settings.batch, n)
     starts = torch.randint(0, n - batch + 1, (steps,), generator=gen).tolist()
     compiled = None if settings.bf16 else _compiled_step(model)
     average = copy.deepcopy(model)
     pairs = [(a, p.detach()) for a, p in zip(average.parameters(), model.parameters())]
+    averaged = 0
     for done, a in enumerate(starts, 1):
-        x, ref, s, lq, v = (t[a:a + batch] for t in tensors)
-        if compiled is not None and compiled.step(*(t.numpy() for t in (x, v, ref, s, lq)),
-                                                  UNIT, SCALE_STEPS) is not None:
+        x, ref, s, lq, v = (t[a:a + batch] for t in arrays)
+        if compiled is not None and compiled.step(x, v, ref, s, lq, UNIT, SCALE_STEPS) \
+                is not None:
             compiled.adam(settings.lr)
         else:
+            x, ref, s, lq, v = (t[a:a + batch] for t in tensors)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
                 out = model.forward_training(x)
             loss = mean_laplace_bits(v, ref, s, lq, out.float())
@@ -278,9 +282,12 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=(),
             loss.backward()
             opt.step()
             compiled = None
-        with torch.no_grad():
-            for mean, weight in pairs:
-                mean.lerp_(weight, 1 - settings.average)
+        if done % AVERAGE_EVERY == 0 or done in stops:
+            with torch.no_grad():
+                rate = 1 - settings.average ** (done - averaged)
+                for mean, weight in pairs:
+                    mean.lerp_(weight, rate)
+            averaged = done
         if done in stops:
             yield average
 

@@ -431,23 +431,29 @@ def _tuning_samples(predictor, seed=13):
                                  hood=predictor.neighbourhood)
 
 
-def test_fine_tuning_yields_the_moving_average_of_its_weights():
+@pytest.mark.parametrize("steps, stops", [(3, [1, 2, 3]), (8, [4, 8])])
+def test_fine_tuning_yields_the_moving_average_of_its_weights(monkeypatch, steps, stops):
     """At each stop the fine-tuning hands over a twin holding the exponential moving average
-    of the weights after every step, starting from the weights it began with."""
+    of the weights, starting from the weights it began with, updated every AVERAGE_EVERY
+    steps and at every stop by the decay's power of the steps since the last update."""
     import torch
 
     from models import adapt, train
     from models.registry import load_model
+    monkeypatch.setattr(adapt, "AVERAGE_EVERY", 4)
     predictor = load_model("default")
     samples = _tuning_samples(predictor)
     settings = adapt.default_settings()._replace(average=0.75)
     model = train.float_model(predictor)
     expected = [p.detach().clone() for p in model.parameters()]
-    twins = []
-    for twin in adapt._fine_tune(model, samples, 0, 3, [1, 2, 3], settings):
-        expected = [0.75 * e + 0.25 * p.detach() for e, p in zip(expected, model.parameters())]
+    twins, last = [], 0
+    for done, twin in zip(stops, adapt._fine_tune(model, samples, 0, steps, stops, settings)):
+        keep = 0.75 ** (done - last)
+        expected = [keep * e + (1 - keep) * p.detach()
+                    for e, p in zip(expected, model.parameters())]
         twins.append([p.detach().clone() for p in twin.parameters()])
-    assert len(twins) == 3
+        last = done
+    assert len(twins) == len(stops)
     for got, want, now in zip(twins[-1], expected, model.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     assert any(not torch.equal(got, now) for got, now in zip(twins[-1], model.parameters()))
