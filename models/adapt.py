@@ -13,22 +13,22 @@ on 1.6 M samples from 8 slabs (0.4 M from 4 before: -0.1% each; a learning rate 
 the run lost 0.1-0.4%; Adam at 3e-3 on batches of 4096 instead of 1e-3 on 8192: -0.70% on
 28-slice crops of the four train volumes, +0.01% on the whole volumes, 20-30% less encoding
 time; 3e-3 on 8192 gave -0.75% and -0.15% at the old cost, 2e-3 -0.53% and -0.14%, 4e-3 and
-5e-4 less), but the longer run can also fit its sample of slabs too closely, so the
-state after 400 steps is kept when the float model codes a held-out sample of the volume's
-voxels in fewer bits with it (only the kept state is quantised). At both stops the moving
-average of the weights (decay 0.995) is a candidate too: at a constant step size the weights
-wander about the minimum and their average sits closer to it (on the four whole train volumes,
-three seeds each: -0.23% to -0.27% of their bytes, phantom S2020 -1.0% to -1.4%). With the
-average, twice the steps on batches of half the size pay (the step counts above are those of
-batches of 4096; since 2026-12-03 a run takes 800-3200 steps of 2048, one per 4k voxels, and
-its checkpoint is at 800: the same samples seen, about as much arithmetic; whole train
-volumes -0.26% and -0.31% more over two seeds, 28-slice and 96 x 128 x 128 crops -0.27% and
--0.29% over three, nearly every volume smaller). Two runs
-with different batch orders fine-tune side by side, one per core, and the held-out sample
-picks the better (on three train crops: 0.0, -0.1 and -0.7%, in the same wall time). The
-embedded model is a few kilobytes, so it is only used for volumes large enough to repay it,
-and only when it pays on that held-out sample. Decoding stays exact: the embedded network is
-an ordinary integer network, read from the blob instead of from the weights folder.
+5e-4 less), but the longer run can also fit its sample of slabs too closely, so the state at a
+checkpoint (400 steps then) is kept when the float model codes a held-out sample of the
+volume's voxels in fewer bits with it (only the kept state is quantised). At both stops the
+moving average of the weights (decay 0.995) is a candidate too: at a constant step size the
+weights wander about the minimum and their average sits closer to it (on the four whole train
+volumes, three seeds each: -0.23% to -0.27% of their bytes, phantom S2020 -1.0% to -1.4%). With
+the average, twice the steps on batches of half the size pay (the step counts above are those
+of batches of 4096; since 2026-12-03 a run takes 800-3200 steps of 2048, one per 4k voxels, and
+its checkpoint is at 800: the same samples seen, about as much arithmetic; whole train volumes
+-0.26% and -0.31% more over two seeds, 28-slice and 96 x 128 x 128 crops -0.27% and -0.29% over
+three, nearly every volume smaller). Two runs with different batch orders fine-tune side by
+side, one per core, and the held-out sample picks the better (on three train crops: 0.0, -0.1
+and -0.7%, in the same wall time). The embedded model is a few kilobytes, so it is only used
+for volumes large enough to repay it, and only when it pays on that held-out sample. Decoding
+stays exact: the embedded network is an ordinary integer network, read from the blob instead of
+from the weights folder.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class Settings(NamedTuple):
     lr: float
     batch: int
     bf16: bool
-    average: float = ADAPT_AVERAGE   # decay of the weights' moving average
+    average: float   # decay per step of the weights' moving average
 
 
 def default_settings() -> Settings:

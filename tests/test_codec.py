@@ -415,9 +415,7 @@ def test_checkpoints_tie_to_the_longer_run(monkeypatch):
     from models import adapt, train
     from models.registry import load_model
     predictor = load_model("default")
-    vol = phantom((10, 40, 48), "int16", seed=13)
-    samples = train.collect_samples([vol], 8, 2, 1.0, np.random.default_rng(0),
-                                    tile=(64, 256), hood=predictor.neighbourhood)
+    samples = _tuning_samples(predictor)
     monkeypatch.setattr(adapt, "_float_bits", lambda model, s: 1.0)
     longer = adapt.tuned(train.float_model(predictor), samples, samples, 0, 6, [4, 6])
     alone = adapt.tuned(train.float_model(predictor), samples, samples, 0, 6, [6])
@@ -888,9 +886,7 @@ def test_fine_tuning_lowers_the_bits_in_float32_and_in_bfloat16(monkeypatch, bf1
     from models import adapt, train
     from models.registry import load_model
     predictor = load_model("default")
-    vol = phantom((10, 40, 48), "int16", seed=13)
-    samples = train.collect_samples([vol], 8, 2, 1.0, np.random.default_rng(0),
-                                    tile=(64, 256), hood=predictor.neighbourhood)
+    samples = _tuning_samples(predictor)
     before = adapt._float_bits(train.float_model(predictor), samples)
     tuned = {}
     for half in (bf16, not bf16):
@@ -913,9 +909,7 @@ def test_float32_fine_tuning_takes_the_compiled_step_with_torchs_result(monkeypa
     from models import adapt, kernels, train
     from models.registry import load_model
     predictor = load_model("default")
-    vol = phantom((10, 40, 48), "int16", seed=14)
-    samples = train.collect_samples([vol], 8, 2, 1.0, np.random.default_rng(0),
-                                    tile=(64, 256), hood=predictor.neighbourhood)
+    samples = _tuning_samples(predictor, seed=14)
     monkeypatch.setattr(adapt, "ADAPT_BF16", False)
     calls = []
     real_call = kernels.TrainStep.__call__
