@@ -13,6 +13,12 @@ LeakyReLU whose slope is an exact power of two, ``2**-leaky_shift``:
 ``h = clip(floor(acc / 2**k) if acc >= 0 else floor(acc / 2**(k + leaky_shift)), -act_max - 1,
 act_max)`` (LeakyReLU). Networks built with the defaults behave and are stored exactly as before;
 the others carry a small configuration array (``<prefix>cfg``) in their file.
+
+Between the two: the networks an encoder adapts to a volume (models.adapt) keep the shipped
+shape and bounds but take 10-bit weights (+-511), which place their outputs finer (0.3% fewer
+bits on the train volumes). Their hidden sums can pass 2**24 but stay far inside int32, and
+their last layer's stay below 2**24 (:attr:`IntMLP.integer_exact`): the compiled kernels run
+them on their integer layers only, torch in float64; both equal the int64 reference.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ WEIGHT_MAX = 127
 ACT_MAX = 1023
 INPUT_MAX = 1024
 EXACT_LIMIT = 2 ** 24
+INT32_LIMIT = 2 ** 31     # sums of the compiled kernels' integer layers (int32)
 EXACT_LIMITS = {"float32": 2 ** 24, "float64": 2 ** 53}
 _CFG_VERSION = 1
 
@@ -64,6 +71,7 @@ class IntMLP:
         self.activation, self.leaky_shift, self.exact = activation, int(leaky_shift), exact
         self.act_max, self.input_max, self.weight_max = int(act_max), int(input_max), int(weight_max)
         self._check_exact()
+        self.integer_exact = self._integer_exact()   # see _integer_exact
         self._torch = None
         self._kernel = None
 
@@ -76,6 +84,23 @@ class IntMLP:
         """Built with the original settings (stored without a configuration array)."""
         return (self.activation, self.exact, self.act_max, self.input_max, self.weight_max) == \
             ("relu", "float32", ACT_MAX, INPUT_MAX, WEIGHT_MAX)
+
+    def _integer_exact(self) -> bool:
+        """Whether the compiled kernels' integer layers run this network exactly: the default
+        settings, or ReLU with the default activation and input bounds and weights up to
+        int16 whose hidden sums stay within int32 and whose last layer's within 2**24 (its
+        float32 accumulators stay exact); such a network need not be exact in float32."""
+        if (self.activation, self.act_max, self.input_max) != ("relu", ACT_MAX, INPUT_MAX):
+            return False
+        bound = self.input_max
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            worst = np.abs(layer.weight).sum(axis=1) * bound + np.abs(layer.bias)
+            if np.abs(layer.weight).max(initial=0) > 32767 or np.abs(layer.bias).max() >= \
+                    EXACT_LIMIT or worst.max() >= (EXACT_LIMIT if last else INT32_LIMIT):
+                return False
+            bound = self.act_max
+        return True
 
     @property
     def act_min(self) -> int:
@@ -130,7 +155,7 @@ class IntMLP:
     def __call__(self, x: np.ndarray, device: str = "cpu") -> np.ndarray:
         """Fast exact evaluation with float32 (or float64) matmuls of integer inputs ``(n, in)``
         within +-input_max (any strides); returns int64 accumulators ``(n, out)``."""
-        if self.is_default:
+        if self.is_default or self.integer_exact:
             return self.float_accumulators(x, device).astype(np.int64)
         import torch
         with torch.inference_mode():
@@ -154,14 +179,21 @@ class IntMLP:
 
     def float_accumulators(self, x: np.ndarray, device: str = "cpu") -> np.ndarray:
         """:meth:`__call__`'s accumulators as float32 (exact integers below 2**24) for a
-        network with the default settings (:attr:`is_default`): by the compiled kernel on the
-        CPU when there is one, else by torch, with the same values."""
-        if not self.is_default:
-            raise ValueError("float32 accumulators are exact for default networks only")
+        network with the default settings (:attr:`is_default`) or one the integer layers run
+        (:attr:`integer_exact`): by the compiled kernel on the CPU when it takes the network,
+        else by torch, with the same values."""
+        if not (self.is_default or self.integer_exact):
+            raise ValueError("float32 accumulators are exact only for networks with the "
+                             "default settings or the integer layers' bounds")
         if device == "cpu":
-            acc = kernels.mlp(self.kernel_network(), x)
+            net = self.kernel_network()
+            acc = None if net is None else kernels.mlp(net, x)
             if acc is not None:
                 return acc
+        if not self.is_default:     # its sums may pass 2**24: float64, exact below 2**53
+            import torch
+            with torch.inference_mode():
+                return self._torch_call(x, device).astype(np.float32)
         return self._torch_accumulators(x, device)
 
     def _torch_accumulators(self, x: np.ndarray, device: str) -> np.ndarray:
@@ -179,14 +211,14 @@ class IntMLP:
 
     def kernel_network(self) -> "kernels.Network | None":
         """The float32 weights of :meth:`float_accumulators`, as the compiled kernels take
-        them (None for networks that are not :attr:`is_default`)."""
-        if self._kernel is None and self.is_default:
+        them (None for networks they cannot run exactly, see :attr:`integer_exact`)."""
+        if self._kernel is None and (self.is_default or self.integer_exact):
             # hidden layers pre-scaled by 2**-shift, as in float_accumulators' torch path
             scale = [2.0 ** -layer.shift if layer.shift is not None else np.ones(len(layer.bias))
                      for layer in self.layers]
             self._kernel = kernels.Network(
                 [layer.weight * k[:, None] for layer, k in zip(self.layers, scale)],
-                [layer.bias * k for layer, k in zip(self.layers, scale)])
+                [layer.bias * k for layer, k in zip(self.layers, scale)], self.is_default)
         return self._kernel
 
     # ------------------------------------------------------------------ persistence
@@ -224,10 +256,11 @@ class IntMLP:
                    "float32" if bits == 32 else "float64", act_max, input_max, weight_max)
 
 
-def _fit_bias(bias: np.ndarray, wq: np.ndarray, bound: int) -> np.ndarray:
-    """Clip biases so that no partial sum can reach 2**24 (only a barely trained network,
-    whose weights are tiny next to its biases, ever needs it)."""
-    room = EXACT_LIMIT - 1 - np.abs(wq).sum(axis=1) * bound
+def _fit_bias(bias: np.ndarray, wq: np.ndarray, bound: int, limit: int = EXACT_LIMIT
+              ) -> np.ndarray:
+    """Clip biases so that no partial sum can reach ``limit`` and no bias 2**24 (only a
+    barely trained network, whose weights are tiny next to its biases, ever needs it)."""
+    room = np.clip(limit - 1 - np.abs(wq).sum(axis=1) * bound, 0, EXACT_LIMIT - 1)
     return np.clip(bias, -room, room)
 
 
@@ -295,13 +328,17 @@ def _order_statistics(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.ndarray,
-                 input_scale: float = 1.0):
+                 input_scale: float = 1.0, weight_max: int = WEIGHT_MAX):
     """Quantise a float ReLU MLP (``weights[i]`` is (out, in)) that takes ``calib * input_scale``.
 
-    Per-output-channel weight scales; hidden activations get a per-channel power-of-two shift
-    chosen on the calibration inputs (integers within +-INPUT_MAX). Returns the
-    :class:`IntMLP` and the float scale of each output channel (real output = acc * scale).
+    Per-output-channel weight scales, weights within +-``weight_max`` (WEIGHT_MAX: the
+    shipped networks, exact in float32; wider ones (511: 10 bits) give :attr:`IntMLP.integer_exact`
+    networks, exact in float64 and in the kernels' integer layers); hidden activations get a
+    per-channel power-of-two shift chosen on the calibration inputs (integers within
+    +-INPUT_MAX). Returns the :class:`IntMLP` and the float scale of each output channel (real
+    output = acc * scale).
     """
+    wide = weight_max != WEIGHT_MAX
     in_scale = np.full(weights[0].shape[1], float(input_scale))  # real input = h_int * in_scale
     # activations are kept transposed, (channels, samples), in float32 or float64
     # (_exact_dtype): every value and partial sum is an integer the type holds exactly, so BLAS
@@ -314,13 +351,15 @@ def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.
     layers = []
     for i, (w, b) in enumerate(zip(weights, biases)):
         w_eff = w.astype(np.float64) * in_scale[None, :]
-        alpha = np.maximum(np.abs(w_eff).max(axis=1), 1e-12) / WEIGHT_MAX
+        alpha = np.maximum(np.abs(w_eff).max(axis=1), 1e-12) / weight_max
         wq = np.round(w_eff / alpha[:, None]).astype(np.int64)
         last = i == len(weights) - 1
         if last:
             bq = _fit_bias(np.round(b / alpha).astype(np.int64), wq, bound)
             layers.append(IntLayer(wq, bq, None))
-            return IntMLP(layers), alpha
+            if not wide:
+                return IntMLP(layers), alpha
+            return IntMLP(layers, exact="float64", weight_max=weight_max), alpha
         raw_bias = np.round(b / alpha)
         dtype = _exact_dtype(wq, bound, raw_bias)
         prod = _exact_matmul(wq, h, dtype)
@@ -329,7 +368,8 @@ def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.
         del acc
         shift = np.maximum(np.ceil(np.log2(top / ACT_MAX)), 0).astype(np.int64)
         half = np.where(shift > 0, 1 << np.maximum(shift - 1, 0), 0)
-        bq = _fit_bias(np.round(b / alpha).astype(np.int64) + half, wq, bound)  # rounding shift
+        bq = _fit_bias(np.round(b / alpha).astype(np.int64) + half, wq, bound,
+                       INT32_LIMIT if wide else EXACT_LIMIT)  # + half: a rounding shift
         layer = IntLayer(wq, bq, shift)
         layers.append(layer)
         prod += bq[:, None]

@@ -257,10 +257,13 @@ def outputs(feats: Features, acc: np.ndarray, head: np.ndarray, fraction_bins: i
 class Network:
     """An exact float32 network for :func:`mlp`: per layer a row-major ``(out, in)`` weight
     matrix and a bias, both pre-scaled by the layer's ``2**-shift`` for hidden layers (see
-    :meth:`models.intnet.IntMLP.float_accumulators`)."""
+    :meth:`models.intnet.IntMLP.float_accumulators`). With ``float_exact`` False its sums
+    may pass 2**24 (wider weights): only the integer layers run it, exactly, and where this
+    CPU has none it does not :attr:`fit`."""
 
     weights: list[np.ndarray]
     biases: list[np.ndarray]
+    float_exact: bool = True
 
     def __post_init__(self):
         self.weights = [np.ascontiguousarray(w, np.float32) for w in self.weights]
@@ -273,6 +276,8 @@ class Network:
         self.fits = max(sizes) <= MLP_WIDTH    # the kernels take it (else they return None)
         self._ints = integer_form(self.weights, self.biases)
         self._q = None if self._ints is None else _addresses(self._ints)
+        if not self.float_exact:
+            self.fits = self.fits and self._ints is not None and integer_vector() is not None
 
     @property
     def q_address(self) -> int:
@@ -281,14 +286,33 @@ class Network:
 
     def __reduce__(self):
         # the pointer arrays are only valid in this process: a copy takes fresh ones
-        return (Network, (self.weights, self.biases))
+        return (Network, (self.weights, self.biases, self.float_exact))
+
+    def vector(self, vector: bool | int = True) -> int:
+        """The kernels' ``vector`` argument for this network: as asked (see :func:`mlp`), but
+        always integer layers for a network that is not exact in float32."""
+        if not self.float_exact:
+            return integer_vector()
+        return _vector() if vector is True else int(vector)
 
     def arguments(self, acc: np.ndarray, vector: bool | int = True) -> tuple:
         """The kernels' network arguments, writing the accumulators to ``acc`` (``vector``:
         see :func:`mlp`)."""
         return (len(self.weights), self._sizes.ctypes.data, self._w.ctypes.data,
-                self._b.ctypes.data, self.q_address or None,
-                _vector() if vector is True else int(vector), acc.ctypes.data)
+                self._b.ctypes.data, self.q_address or None, self.vector(vector),
+                acc.ctypes.data)
+
+
+@lru_cache(maxsize=1)
+def integer_vector() -> int | None:
+    """The ``vector`` argument with which the kernels run integer layers on this CPU (AVX-512
+    VNNI, else AVX2's), or None where it has neither."""
+    lib = _library()
+    if lib is None:
+        return None
+    if lib.voxarc_layers(1, 1) in (4, 5):
+        return 1
+    return AVX2_INT if lib.voxarc_layers(AVX2_INT, 1) == 5 else None
 
 
 _SUM_LIMIT = 2 ** 31
@@ -333,13 +357,14 @@ def mlp(net: Network, x: np.ndarray, vector: bool | int = True) -> np.ndarray | 
     """The network's float32 accumulators ``(n, out)`` for inputs ``x`` ``(n, in)`` (float32
     is used in place: a column-major view as :class:`Features` gives, or voxel-major samples,
     which the kernel packs block by block), or None without the
-    compiled kernel or for layers wider than it takes (MLP_WIDTH). Equal, bit for bit, to torch's
-    float32 evaluation. ``vector``: True the widest layers the CPU has (on the network's
+    compiled kernel or for a network it does not take (:attr:`Network.fits`). Equal, bit for
+    bit, to torch's float32 evaluation (float64 for a network not exact in float32, which only
+    integer layers run). ``vector``: True the widest layers the CPU has (on the network's
     :func:`integer_form`: AVX-512 VNNI, or AVX2 integer layers where there is no AVX-512;
     else AVX-512, else AVX2+FMA; see :func:`_vector` for ``VOXARC_KERNELS``),
     :data:`AVX2_INT` the AVX2 integer layers, :data:`AVX512` or :data:`AVX2` those float
     layers even where wider ones are, False the plain C layers."""
-    if not available():
+    if not available() or not net.fits:
         return None
     cols = np.asarray(x, dtype=np.float32).T
     if cols.strides[0] % 4 or cols.strides[1] % 4 or min(cols.strides) < 0:
@@ -519,7 +544,7 @@ class StepKernel:
                             net._sizes.ctypes.data, net._w.ctypes.data, net._b.ctypes.data,
                             head.ctypes.data, table.ctypes.data, shifts.ctypes.data,
                             net.q_address], np.uint64)
-        self._q = np.array([len(koff), int(tables.flat), len(net.weights), _vector(),
+        self._q = np.array([len(koff), int(tables.flat), len(net.weights), net.vector(),
                             tables.fraction_bins.bit_length() - 1, SCALE_ZERO, N_SCALES,
                             tables.flat_index, lo,
                             hi, len(table), table.shape[1], token_range, int(bounds is not None),

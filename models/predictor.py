@@ -89,7 +89,7 @@ class DefaultPredictor:
         """Whether predictions for the volume range ``lo, hi`` come from the compiled kernels
         (models.kernels): when they were built, for one range per call and a network whose
         float32 accumulators are exact."""
-        return kernels.available() and self.net.is_default and np.ndim(lo) == 0 \
+        return kernels.available() and self.net.integer_exact and np.ndim(lo) == 0 \
             and np.ndim(hi) == 0
 
     def kernel_network(self) -> "kernels.Network | None":

@@ -21,7 +21,7 @@ from models import kernels
 from models.context import Neighbourhood
 from models.entropy import CodingTables
 from models.features import DEFAULT_NEIGHBOURHOOD, SCALE_STEPS, UNIT, n_features
-from models.intnet import quantize_mlp
+from models.intnet import WEIGHT_MAX, quantize_mlp
 from models.predictor import DefaultPredictor
 from models.samples import (Samples, collect_samples, evaluate, integer_residuals,
                             network_samples)
@@ -167,15 +167,17 @@ def _mult_shift(scale: float, limit_bits: int = 18) -> tuple[int, int]:
 
 def quantize(model: FloatPredictor, samples: Samples, name: str = "default",
              hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD, flat: bool = False,
-             fraction_bins: int = 1, prior: CodingTables | None = None) -> DefaultPredictor:
-    """Exact integer predictor from the float model; tables fitted on its residuals (with a
-    row for flat contexts when ``flat``, ``fraction_bins`` rows per scale index), smoothed
-    toward ``prior`` when given, else toward a Laplace."""
+             fraction_bins: int = 1, prior: CodingTables | None = None,
+             weight_max: int = WEIGHT_MAX) -> DefaultPredictor:
+    """Exact integer predictor from the float model, its weights within +-``weight_max`` (see
+    models.intnet.quantize_mlp); tables fitted on its residuals (with a row for flat contexts
+    when ``flat``, ``fraction_bins`` rows per scale index), smoothed toward ``prior`` when
+    given, else toward a Laplace."""
     layers = model.linear_layers()
     weights = [l.weight.detach().double().numpy() for l in layers]
     biases = [l.bias.detach().double().numpy() for l in layers]
     calib = samples.x[:: max(1, len(samples.x) // 200_000)]
-    net, out_scale = quantize_mlp(weights, biases, calib, model.input_scale)
+    net, out_scale = quantize_mlp(weights, biases, calib, model.input_scale, weight_max)
     head = np.array([*_mult_shift(out_scale[0]), *_mult_shift(out_scale[1])])
     predictor = DefaultPredictor(name, net, head, prior_tables(flat, fraction_bins),
                                  neighbourhood=hood)

@@ -359,9 +359,18 @@ def test_adapted_model_travels_in_the_blob_and_decodes_exactly(monkeypatch):
     plain = models.encode_volume(vol, adapt=False)
     assert blob != plain
     from models.container import unpack_header
-    assert unpack_header(blob)[0].embedded and not unpack_header(plain)[0].embedded
+    header = unpack_header(blob)[0]
+    assert header.embedded and not unpack_header(plain)[0].embedded
     np.testing.assert_array_equal(models.decode_volume(blob), vol)
     np.testing.assert_array_equal(models.decode_slices(blob, 4, 7), vol[4:7])
+    # its network has 10-bit weights (the shipped one's are 8-bit), which only the kernels'
+    # integer layers or float64 compute exactly: the same voxels without the kernels
+    from models.registry import load_model
+    net = adapt.with_embedded(load_model("default"), header.embedded).net
+    assert max(np.abs(layer.weight).max() for layer in net.layers) == adapt.ADAPT_WEIGHT_MAX
+    assert not net.is_default and net.integer_exact
+    monkeypatch.setenv("VOXARC_KERNELS", "numpy")
+    np.testing.assert_array_equal(models.decode_slices(blob, 0, 10), vol)
 
 
 def test_adaptation_that_does_not_pay_is_left_out(monkeypatch):

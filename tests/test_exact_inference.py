@@ -70,6 +70,33 @@ def test_quantised_network_tracks_the_float_network():
     assert net(x)[:, 0].dtype == np.int64 and net.layers[0].shift.max() >= 0 and ACT_MAX == 1023
 
 
+def test_ten_bit_quantisation_tracks_the_float_network_closer_and_is_stored_as_such():
+    """Weights within +-511 (the adapted networks') instead of +-127: an integer network the
+    kernels' integer layers run exactly (float64 elsewhere), nearer the float one, and read
+    back from its arrays with the same settings and outputs."""
+    rng = np.random.default_rng(4)
+    ws = [rng.normal(0, 0.3, (64, 31)), rng.normal(0, 0.2, (32, 64)), rng.normal(0, 0.2, (2, 32))]
+    bs = [rng.normal(0, 0.1, 64), rng.normal(0, 0.1, 32), rng.normal(0, 0.1, 2)]
+    x = rng.integers(-INPUT_MAX, INPUT_MAX + 1, (20000, 31))
+    want = x / 64
+    for w, b in zip(ws, bs):
+        want = want @ w.T + b
+        want = np.maximum(want, 0) if w is not ws[-1] else want
+    errors = {}
+    for weight_max in (127, 511):
+        net, scale = quantize_mlp(ws, bs, x, input_scale=1 / 64, weight_max=weight_max)
+        assert max(np.abs(layer.weight).max() for layer in net.layers) == weight_max
+        assert net.integer_exact and net.is_default == (weight_max == 127)
+        got = net(x)
+        np.testing.assert_array_equal(got, net.reference(x))
+        errors[weight_max] = np.abs(got * scale - want).mean()
+        again = IntMLP.from_arrays(net.to_arrays("net_"), "net_")
+        assert (again.weight_max, again.exact, again.is_default) == \
+            (net.weight_max, net.exact, net.is_default)
+        np.testing.assert_array_equal(again(x), got)
+    assert errors[511] < 0.5 * errors[127]
+
+
 @pytest.mark.parametrize("calib", ["int64", "float32"])
 def test_quantisation_shifts_are_those_of_int64_arithmetic(calib):
     """quantize_mlp computes in float32 or float64 (BLAS) for speed: its per-channel shifts

@@ -203,6 +203,54 @@ def test_kernel_network_equals_torch_and_falls_back_when_too_wide(monkeypatch):
     assert np.array_equal(wide_fast.astype(np.int64), wide.reference(x.astype(np.int64)))
 
 
+def _ten_bit_network(rng):
+    """A 31-64-32-2 network with 10-bit weights whose second layer's sums pass 2**24 (so
+    float32 layers would round them) while its last layer's stay below (its float32
+    accumulators are exact)."""
+    from models.intnet import IntLayer, IntMLP
+    layers = [IntLayer(rng.integers(-511, 512, (64, 31)), rng.integers(2 ** 19, 2 ** 20, 64),
+                       np.full(64, 10)),
+              IntLayer(rng.integers(400, 512, (32, 64)), rng.integers(-2 ** 20, 2 ** 20, 32) | 1,
+                       np.full(32, 15)),
+              IntLayer(rng.integers(-511, 512, (2, 32)), rng.integers(-1000, 1000, 2), None)]
+    return IntMLP(layers, exact="float64", weight_max=511)
+
+
+def test_ten_bit_network_runs_exactly_on_the_integer_layers_only(monkeypatch):
+    """An adapted network's 10-bit weights (models.adapt) are not exact in float32: the
+    kernels run it on their integer layers whatever layers are asked for, and without
+    kernels, or without integer layers, it is evaluated in float64; always the reference."""
+    from models.intnet import IntMLP
+    rng = np.random.default_rng(11)
+    net = _ten_bit_network(rng)
+    with pytest.raises(ValueError, match="2\\*\\*24"):
+        IntMLP(net.layers, weight_max=511)               # float32 would not hold its sums
+    assert net.integer_exact and not net.is_default
+    x = rng.integers(-1024, 1025, (20000, 31))
+    x[:50] = 1024
+    ref = net.reference(x)
+    xf = x.astype(np.float32)
+    assert np.abs(ref).max() < 2 ** 24
+    h = np.clip((x @ net.layers[0].weight.T + net.layers[0].bias) >> 10, 0, 1023)
+    assert (h @ net.layers[1].weight.T).max() > 2 ** 24    # the sums float32 cannot hold
+    for vector in (False, True, kernels.AVX2, kernels.AVX512, kernels.AVX2_INT):
+        acc = kernels.mlp(net.kernel_network(), xf, vector=vector)
+        if kernels.integer_vector() is None:
+            assert acc is None and not net.kernel_network().fits
+        else:
+            assert np.array_equal(acc.astype(np.int64), ref)
+    floats = kernels.Network(net.kernel_network().weights, net.kernel_network().biases)
+    if floats.fits:      # the float layers, asked for by a network claiming float32 exactness
+        assert not np.array_equal(kernels.mlp(floats, xf, vector=kernels.AVX2).astype(np.int64),
+                                  ref)
+    assert np.array_equal(net(x), ref)
+    monkeypatch.setattr(kernels, "integer_vector", lambda: None)   # a CPU without them
+    slow = IntMLP(net.layers, exact="float64", weight_max=511)
+    assert not slow.kernel_network().fits and np.array_equal(slow(x), ref)
+    monkeypatch.setenv("VOXARC_KERNELS", "numpy")
+    assert np.array_equal(IntMLP(net.layers, exact="float64", weight_max=511)(x), ref)
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = open("/proc/cpuinfo").read()
