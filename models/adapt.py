@@ -49,6 +49,7 @@ from models import kernels, paper_table, tune_workers
 from models.container import CorruptBlobError
 from models.entropy import CodingTables
 from models.features import SCALE_STEPS, UNIT
+from models.intnet import WIDE_WEIGHT_MAX
 from models.samples import (Samples, collect_samples, evaluate, integer_residuals, network_index,
                             network_samples)
 from models.tables import table_bits
@@ -68,7 +69,7 @@ COARSE_SHIFTS = (2, 3, 4, 5, 6)   # carried token tables may be rounded to base/
 ADAPT_BF16 = None          # fine-tuning's products in bfloat16 (None: where the CPU has them)
 ADAPT_AVERAGE = 0.995      # decay per step of the weights' moving average, a stop's candidate
 AVERAGE_EVERY = 4          # steps between updates of the average (each by the decay's power)
-ADAPT_WEIGHT_MAX = 511     # the adapted network's weights in 10 bits (the shipped ones: 8)
+ADAPT_WEIGHT_MAX = WIDE_WEIGHT_MAX   # the adapted network's weights in 10 bits
 
 
 def can_adapt(predictor) -> bool:

@@ -34,6 +34,7 @@ ACT_MAX = 1023
 INPUT_MAX = 1024
 EXACT_LIMIT = 2 ** 24
 INT32_LIMIT = 2 ** 31     # sums of the compiled kernels' integer layers (int32)
+WIDE_WEIGHT_MAX = 511     # 10-bit weights: the shipped default network since 2026-12-03, adapted ones
 EXACT_LIMITS = {"float32": 2 ** 24, "float64": 2 ** 53}
 _CFG_VERSION = 1
 

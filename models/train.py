@@ -21,7 +21,7 @@ from models import kernels
 from models.context import Neighbourhood
 from models.entropy import CodingTables
 from models.features import DEFAULT_NEIGHBOURHOOD, SCALE_STEPS, UNIT, n_features
-from models.intnet import WEIGHT_MAX, quantize_mlp
+from models.intnet import WEIGHT_MAX, WIDE_WEIGHT_MAX, quantize_mlp
 from models.predictor import DefaultPredictor
 from models.samples import (Samples, collect_samples, evaluate, integer_residuals,
                             network_samples)
@@ -201,12 +201,15 @@ def train_default(volumes, hidden=(64, 32), epochs: int = 10, slab: int = 8,
                   slabs_per_volume: int = 3, keep: float = 0.2, seed: int = 0,
                   name: str = "default", progress=None,
                   hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD, flat: bool = False,
-                  network_from: DefaultPredictor | None = None, fraction_bins: int = 1):
+                  network_from: DefaultPredictor | None = None, fraction_bins: int = 1,
+                  weight_max: int | None = None):
     """Train the production predictor on ``volumes`` (a list of (z, y, x) integer arrays),
     with the causal neighbourhood ``hood`` (see models.features.NEIGHBOURHOODS); ``flat``
     gives flat contexts their own table row (the network then trains on the others only);
-    ``fraction_bins`` rows per scale index follow the fraction of the predicted mean.
-    With ``network_from``, that model's network is kept and only the tables are fitted.
+    ``fraction_bins`` rows per scale index follow the fraction of the predicted mean; the
+    network's weights within +-``weight_max`` (default WIDE_WEIGHT_MAX, 10 bits).
+    With ``network_from``, that model's network is kept and only the tables are fitted, or
+    with ``weight_max``, its float twin is quantised afresh (calibrated on the samples).
 
     Returns
     -------
@@ -220,14 +223,20 @@ def train_default(volumes, hidden=(64, 32), epochs: int = 10, slab: int = 8,
     rng = np.random.default_rng(seed)
     samples = collect_samples(volumes, slab, slabs_per_volume, keep, rng, progress=progress,
                               hood=hood)
-    if network_from is not None:
+    if network_from is not None and weight_max is None:
         predictor = refit_tables(network_from, samples, flat, name, fraction_bins)
+        hidden, epochs = [layer.weight.shape[0] for layer in predictor.net.layers[:-1]], 0
+    elif network_from is not None:
+        predictor = quantize(float_model(network_from), samples, name, hood, flat,
+                             fraction_bins, weight_max=weight_max)
         hidden, epochs = [layer.weight.shape[0] for layer in predictor.net.layers[:-1]], 0
     else:
         fit_on = network_samples(samples, hood.size) if flat else samples
         model = fit_float(fit_on, hidden=hidden, epochs=epochs, seed=seed, progress=progress)
-        predictor = quantize(model, samples, name, hood, flat, fraction_bins)
+        predictor = quantize(model, samples, name, hood, flat, fraction_bins,
+                             weight_max=weight_max or WIDE_WEIGHT_MAX)
     report = {"samples": int(len(samples.value)), "hidden": list(hidden), "epochs": epochs,
+              "weight_max": predictor.net.weight_max,
               "flat_contexts": flat, "fraction_bins": fraction_bins,
               "train_bits_per_voxel": round(evaluate(predictor, samples), 4),
               "seconds": round(time.time() - t0, 1)}

@@ -125,7 +125,8 @@ def _train_default(args, volumes):
         [v for _, v in volumes], hidden=hidden, epochs=args.epochs,
         slabs_per_volume=args.slabs_per_volume, keep=args.keep, seed=args.seed,
         name=args.name, progress=progress, hood=NEIGHBOURHOODS[args.neighbourhood],
-        flat=args.flat_contexts, network_from=network_from, fraction_bins=args.fraction_bins)
+        flat=args.flat_contexts, network_from=network_from, fraction_bins=args.fraction_bins,
+        weight_max=None if args.weight_bits is None else (1 << (args.weight_bits - 1)) - 1)
     if bar.tty:
         bar.finish()
     report["kind"] = "default"
@@ -200,6 +201,10 @@ def register(subparsers) -> None:
     p.add_argument("--network-from", metavar="MODEL",
                    help="default model: keep this shipped model's network (and neighbourhood), "
                         "fit only the coding tables")
+    p.add_argument("--weight-bits", type=int, choices=(8, 10),
+                   help="default model: the integer network's weight width (default 10; with "
+                        "--network-from, given: its float twin quantised afresh at this width, "
+                        "else its network kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=main)

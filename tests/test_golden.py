@@ -73,6 +73,13 @@ VOLUMES = {
     "ct_int16_pad_v8": lambda: (_ct_with_padding((9, 40, 60), 18), {"slab": 4, "tile": (16, 24)}),
     "ct_int16_pad_adapted_v8": lambda: (_ct_with_padding((10, 40, 48), 19), {"adapt": True}),
     "mr_uint16_range_v8": lambda: (_near_floor((9, 40, 60), 20), {"slab": 4, "tile": (16, 24)}),
+    # the shipped network with 10-bit weights (model c529efcb, 2026-12-03: the float twin of
+    # a96a0bc8 quantised afresh); adapted: written with adapt.pays_off forced True, so that it
+    # carries an embedded network with 10-bit weights
+    "ct_int16_pad_w10_v9": lambda: (_ct_with_padding((9, 40, 60), 21),
+                                    {"slab": 4, "tile": (16, 24)}),
+    "mr_uint16_range_w10_v9": lambda: (_near_floor((9, 40, 60), 22), {"slab": 4, "tile": (16, 24)}),
+    "ct_int16_pad_w10_adapted_v9": lambda: (_ct_with_padding((10, 40, 48), 23), {"adapt": True}),
 }
 
 
@@ -142,11 +149,28 @@ def test_a_golden_blob_carries_its_token_tables_in_steps():
         assert {"token_steps", "token_shift"} <= set(npz.files) and npz["token_steps"].any()
 
 
+def test_golden_blobs_keep_networks_of_both_weight_widths():
+    """Blobs of the 8-bit shipped models and of the 10-bit ones (shipped and embedded) are
+    pinned: both kinds must keep decoding."""
+    from models import adapt
+    from models.container import unpack_header
+    from models.registry import model_by_id
+    widths = {}
+    for name in ("ct_int16_pad_v8", "ct_int16_pad_w10_v9", "ct_int16_pad_w10_adapted_v9"):
+        header, _ = unpack_header((GOLDEN / f"{name}.vxa").read_bytes())
+        model = model_by_id(header.model_id, header.model_name)
+        if header.embedded:
+            model = adapt.with_embedded(model, header.embedded)
+        widths[name] = max(int(np.abs(layer.weight).max()) for layer in model.net.layers)
+    assert widths == {"ct_int16_pad_v8": 127, "ct_int16_pad_w10_v9": 511,
+                      "ct_int16_pad_w10_adapted_v9": 511}
+
+
 def test_every_golden_volume_is_recorded():
     assert set(VOLUMES) <= set(_record()), "run python tests/test_golden.py and commit the blobs"
 
 
-@pytest.mark.parametrize("name", ["ct_int16_pad_v8", "mr_uint16_range_v8"])
+@pytest.mark.parametrize("name", ["ct_int16_pad_w10_v9", "mr_uint16_range_w10_v9"])
 def test_current_encoder_writes_the_golden_blob_again(name):
     """Blobs of the shipped model and the current format: the encoder's output is pinned
     byte for byte (a change to it is a format change and needs a new golden blob)."""

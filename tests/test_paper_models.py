@@ -176,11 +176,15 @@ def test_wide_network_file_round_trip_and_default_format_unchanged():
     back = IntMLP.from_arrays(arrays, "n_")
     x = rng.integers(-65535, 65536, (100, 20))
     np.testing.assert_array_equal(back(x), net(x))
-    default = load_model("default").net
+    from models.registry import model_by_id
+    default = model_by_id(bytes.fromhex("a96a0bc83834532eef8eaaa8c90e2322")).net  # 8-bit
     arrays = default.to_arrays("net_")
     assert "net_cfg" not in arrays and all(
         arrays[k].dtype == np.int8 for k in arrays if k.startswith("net_w"))
     assert default.is_default
+    shipped = load_model("default").net        # 10-bit weights (c529efcb): a configuration
+    assert shipped.to_arrays("net_")["net_cfg"].tolist() == [1, 0, 0, 64, 1023, 1024, 511]
+    assert not shipped.is_default and shipped.integer_exact
 
 
 def test_wide_quantisation_tracks_the_float_leaky_network():
