@@ -28,7 +28,7 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
-#define ABI 14             /* models/kernels.py's ABI: raised whenever an entry point changes */
+#define ABI 15             /* models/kernels.py's ABI: raised whenever an entry point changes */
 
 /* Which set of entry points and signatures this build has. */
 int64_t voxarc_abi(void)
@@ -415,6 +415,60 @@ static void mlp_layer_madd(const int32_t *in, int nin, const int32_t *q, int nou
 }
 #endif
 
+/* The integer form in plain C (CPUs without AVX2, other architectures): the same pair layout
+ * and the same exact int32 sums as the vector integer layers. Networks whose sums float32
+ * cannot hold (10-bit weights, models/intnet.py) run on these where there are no others. */
+static void mlp_pairs_plain(const float *in, int64_t ld, int nin, int32_t *out)
+{
+    for (int p = 0; 2 * p < nin; p++)
+        for (int i = 0; i < MLP_VB; i++) {
+            uint32_t lo = (uint32_t)(int32_t)in[(int64_t)2 * p * ld + i];
+            uint32_t hi = 2 * p + 1 < nin ? (uint32_t)(int32_t)in[(int64_t)(2 * p + 1) * ld + i]
+                                          : 0u;
+            out[(int64_t)p * MLP_VB + i] = (int32_t)((lo & 0xFFFFu) | (hi << 16));
+        }
+}
+
+static inline int32_t pair_low(int32_t v)
+{
+    return (int16_t)(uint16_t)((uint32_t)v & 0xFFFFu);
+}
+
+static inline int32_t pair_high(int32_t v)
+{
+    return (int16_t)(uint16_t)((uint32_t)v >> 16);
+}
+
+static void mlp_layer_int_plain(const int32_t *in, int nin, const int32_t *q, int nout,
+                                int hidden, int32_t *pairs, float *out)
+{
+    const int np = (nin + 1) / 2;
+    const int32_t *bias = q + (int64_t)nout * np, *shift = bias + nout;
+    int32_t acc[MLP_VB];
+    for (int o = 0; o < nout; o++) {
+        const int32_t *wr = q + (int64_t)o * np;
+        for (int i = 0; i < MLP_VB; i++)
+            acc[i] = bias[o];
+        for (int p = 0; p < np; p++) {
+            const int32_t *row = in + (int64_t)p * MLP_VB;
+            const int32_t wl = pair_low(wr[p]), wh = pair_high(wr[p]);
+            for (int i = 0; i < MLP_VB; i++)
+                acc[i] += pair_low(row[i]) * wl + pair_high(row[i]) * wh;
+        }
+        if (!hidden) {
+            for (int i = 0; i < MLP_VB; i++)
+                out[(int64_t)o * MLP_VB + i] = (float)acc[i];
+            continue;
+        }
+        int32_t *at = pairs + (int64_t)(o / 2) * MLP_VB;
+        for (int i = 0; i < MLP_VB; i++) {
+            int32_t h = acc[i] >> shift[o];     /* arithmetic: floor, as the vector layers */
+            h = h < 0 ? 0 : (h > (int32_t)MLP_ACT_MAX ? (int32_t)MLP_ACT_MAX : h);
+            at[i] = o % 2 ? (int32_t)((uint32_t)at[i] | ((uint32_t)h << 16)) : h;
+        }
+    }
+}
+
 typedef void (*mlp_layer_fn)(const float *, int64_t, int, const float *, const float *, int,
                             int, float *);
 
@@ -430,6 +484,7 @@ typedef struct {
     const float *const *w, *const *b;
     const int32_t *const *q;   /* the layers' integer form, or NULL: the float layers */
     int32_t vnni;              /* with q: the VNNI layers (1) or the AVX2 ones (0) */
+    int32_t plain_int;         /* with q: the plain C integer layers instead */
     float *acc, *buf;
     int32_t *pairs;            /* three pair buffers (the integer layers), inside buf */
     mlp_layer_fn layer;
@@ -452,8 +507,10 @@ static int mlp_open(mlp_run *r, int32_t layers, const int32_t *size, const float
     r->acc = acc;
     r->done = 0;
     r->layer = mlp_layer_plain;
+    r->vnni = 0;
+    r->plain_int = 0;
 #ifdef MLP_VECTOR
-    if (vector && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (vector && vector != 5 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         r->layer = mlp_layer_avx2;
     if ((vector == 1 || vector == 3) && __builtin_cpu_supports("avx512f"))
         r->layer = mlp_layer_avx512;
@@ -467,6 +524,11 @@ static int mlp_open(mlp_run *r, int32_t layers, const int32_t *size, const float
         r->q = q;    /* AVX-512 without VNNI keeps its float layers: as many products */
     }
 #endif
+    if (vector == 5 && q != NULL) {    /* the plain C integer layers, on any CPU */
+        r->q = q;
+        r->vnni = 0;
+        r->plain_int = 1;
+    }
     /* the float buffers, then (integer layers) the pair buffers, in one allocation */
     size_t floats = sizeof(float) * MLP_VB * MLP_WIDTH * 3;
     r->buf = aligned_block(floats + (r->q != NULL ? sizeof(int32_t) * MLP_VB * (MLP_WIDTH / 2) * 3
@@ -484,7 +546,8 @@ static void mlp_close(mlp_run *r)
 }
 
 /* Which layers mlp_open picks for ``vector`` on this CPU, with (integer nonzero) or without an
- * integer form: 0 plain C, 2 AVX2 and FMA, 3 AVX-512, 4 AVX-512 VNNI, 5 AVX2 integer. */
+ * integer form: 0 plain C, 2 AVX2 and FMA, 3 AVX-512, 4 AVX-512 VNNI, 5 AVX2 integer, 6 plain
+ * C integer. */
 int64_t voxarc_layers(int32_t vector, int32_t integer)
 {
     mlp_run r;
@@ -495,7 +558,8 @@ int64_t voxarc_layers(int32_t vector, int32_t integer)
         mlp_close(&r);
         return -1;
     }
-    int64_t kind = r.q != NULL ? (r.vnni ? 4 : 5) : r.layer == mlp_layer_plain ? 0 : 2;
+    int64_t kind = r.q != NULL ? (r.plain_int ? 6 : r.vnni ? 4 : 5)
+                               : r.layer == mlp_layer_plain ? 0 : 2;
 #ifdef MLP_VECTOR
     if (r.q == NULL && r.layer == mlp_layer_avx512)
         kind = 3;
@@ -509,26 +573,34 @@ int64_t voxarc_layers(int32_t vector, int32_t integer)
 static const float *mlp_block(mlp_run *r, const float *in, int64_t ld)
 {
     float *h[2] = {r->buf + MLP_VB * MLP_WIDTH, r->buf + 2 * MLP_VB * MLP_WIDTH};
-#ifdef MLP_VECTOR
     if (r->q != NULL) {
         int32_t *pairs[2] = {r->pairs + MLP_VB * (MLP_WIDTH / 2),
                              r->pairs + 2 * MLP_VB * (MLP_WIDTH / 2)}, *pin = r->pairs;
-        if (r->vnni)
+        if (r->plain_int)
+            mlp_pairs_plain(in, ld, r->size[0], pin);
+#ifdef MLP_VECTOR
+        else if (r->vnni)
             mlp_pairs_avx512(in, ld, r->size[0], pin);
         else
             mlp_pairs_avx2(in, ld, r->size[0], pin);
+#endif
         for (int l = 0; l < r->layers; l++) {
-            if (r->vnni)
-                mlp_layer_vnni(pin, r->size[l], r->q[l], r->size[l + 1], l < r->layers - 1,
-                               pairs[l & 1], h[0]);
+            int hidden = l < r->layers - 1;
+            if (r->plain_int)
+                mlp_layer_int_plain(pin, r->size[l], r->q[l], r->size[l + 1], hidden,
+                                    pairs[l & 1], h[0]);
+#ifdef MLP_VECTOR
+            else if (r->vnni)
+                mlp_layer_vnni(pin, r->size[l], r->q[l], r->size[l + 1], hidden, pairs[l & 1],
+                               h[0]);
             else
-                mlp_layer_madd(pin, r->size[l], r->q[l], r->size[l + 1], l < r->layers - 1,
-                               pairs[l & 1], h[0]);
+                mlp_layer_madd(pin, r->size[l], r->q[l], r->size[l + 1], hidden, pairs[l & 1],
+                               h[0]);
+#endif
             pin = pairs[l & 1];
         }
         return h[0];
     }
-#endif
     for (int l = 0; l < r->layers; l++) {
         float *out = h[l & 1];
         r->layer(in, ld, r->size[l], r->w[l], r->b[l], r->size[l + 1], l < r->layers - 1, out);

@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _P, _I32, _P]  # layers, sizes, weights, biases, ints, vector, acc
-ABI = 14  # the entry points and signatures of models/_kernels.c this module calls
+ABI = 15  # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -107,6 +107,7 @@ def _switched_off() -> bool:
 AVX2 = 2    # ``vector`` value of :func:`mlp` for the AVX2+FMA layers even where AVX-512 is
 AVX512 = 3  # ... for the AVX-512 float layers even where VNNI is
 AVX2_INT = 4  # ... for the AVX2 integer layers (VPMADDWD) even where AVX-512 is
+PLAIN_INT = 5  # ... for the plain C integer layers (any CPU)
 _VECTORS = {"avx2": AVX2, "avx512": AVX512, "avx2-int": AVX2_INT}
 
 
@@ -129,7 +130,8 @@ def status() -> str:
     return "compiled" if _library() is not None else "not built, or built for another version"
 
 
-_LAYER_NAMES = {0: "plain C", 2: "AVX2", 3: "AVX-512", 4: "AVX-512 VNNI", 5: "AVX2 integer"}
+_LAYER_NAMES = {0: "plain C", 2: "AVX2", 3: "AVX-512", 4: "AVX-512 VNNI", 5: "AVX2 integer",
+                6: "plain C integer"}
 
 
 def describe() -> str:
@@ -305,14 +307,14 @@ class Network:
 
 @lru_cache(maxsize=1)
 def integer_vector() -> int | None:
-    """The ``vector`` argument with which the kernels run integer layers on this CPU (AVX-512
-    VNNI, else AVX2's), or None where it has neither."""
+    """The ``vector`` argument with which the kernels run integer layers on this CPU: AVX-512
+    VNNI, else AVX2's, else plain C's (None: no compiled kernels)."""
     lib = _library()
     if lib is None:
         return None
     if lib.voxarc_layers(1, 1) in (4, 5):
         return 1
-    return AVX2_INT if lib.voxarc_layers(AVX2_INT, 1) == 5 else None
+    return AVX2_INT if lib.voxarc_layers(AVX2_INT, 1) == 5 else PLAIN_INT
 
 
 _SUM_LIMIT = 2 ** 31

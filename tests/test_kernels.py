@@ -161,7 +161,8 @@ def _random_network(rng, sizes, weight_max=127):
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2 ** 31), n=st.integers(0, 200),
        sizes=st.lists(st.integers(1, 70), min_size=2, max_size=4),
-       vector=st.sampled_from([False, True, kernels.AVX2, kernels.AVX512, kernels.AVX2_INT]),
+       vector=st.sampled_from([False, True, kernels.AVX2, kernels.AVX512, kernels.AVX2_INT,
+                               kernels.PLAIN_INT]),
        layout=st.sampled_from(["columns", "rows", "wide rows"]))
 def test_kernel_network_equals_the_int64_reference(seed, n, sizes, vector, layout):
     rng = np.random.default_rng(seed)
@@ -233,7 +234,8 @@ def test_ten_bit_network_runs_exactly_on_the_integer_layers_only(monkeypatch):
     assert np.abs(ref).max() < 2 ** 24
     h = np.clip((x @ net.layers[0].weight.T + net.layers[0].bias) >> 10, 0, 1023)
     assert (h @ net.layers[1].weight.T).max() > 2 ** 24    # the sums float32 cannot hold
-    for vector in (False, True, kernels.AVX2, kernels.AVX512, kernels.AVX2_INT):
+    for vector in (False, True, kernels.AVX2, kernels.AVX512, kernels.AVX2_INT,
+                   kernels.PLAIN_INT):
         acc = kernels.mlp(net.kernel_network(), xf, vector=vector)
         if kernels.integer_vector() is None:
             assert acc is None and not net.kernel_network().fits
@@ -244,7 +246,13 @@ def test_ten_bit_network_runs_exactly_on_the_integer_layers_only(monkeypatch):
         assert not np.array_equal(kernels.mlp(floats, xf, vector=kernels.AVX2).astype(np.int64),
                                   ref)
     assert np.array_equal(net(x), ref)
-    monkeypatch.setattr(kernels, "integer_vector", lambda: None)   # a CPU without them
+    # on a CPU without vector integer layers the plain C ones run it
+    plain = IntMLP(net.layers, exact="float64", weight_max=511)
+    monkeypatch.setattr(kernels, "integer_vector", lambda: kernels.PLAIN_INT)
+    assert plain.kernel_network().vector() == kernels.PLAIN_INT
+    assert kernels.layers() and kernels._library().voxarc_layers(kernels.PLAIN_INT, 1) == 6
+    assert np.array_equal(plain(x), ref)
+    monkeypatch.setattr(kernels, "integer_vector", lambda: None)   # no compiled integer layers
     slow = IntMLP(net.layers, exact="float64", weight_max=511)
     assert not slow.kernel_network().fits and np.array_equal(slow(x), ref)
     monkeypatch.setenv("VOXARC_KERNELS", "numpy")
