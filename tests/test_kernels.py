@@ -259,6 +259,24 @@ def test_ten_bit_network_runs_exactly_on_the_integer_layers_only(monkeypatch):
     assert np.array_equal(IntMLP(net.layers, exact="float64", weight_max=511)(x), ref)
 
 
+def test_ten_bit_models_decode_on_the_plain_integer_layers(monkeypatch):
+    """Where the CPU has no vector integer layers (ARM, x86 without AVX2) a blob of the
+    shipped 10-bit model decodes on the plain C integer layers, to the same voxels."""
+    from models.intnet import WIDE_WEIGHT_MAX
+    assert load_model("default").net.weight_max == WIDE_WEIGHT_MAX
+    rng = np.random.default_rng(5)
+    vol = (rng.normal(0, 40, (6, 40, 52)).cumsum(axis=2) // 3).astype(np.int16)
+    blob = encode_volume(vol, adapt=False)
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")          # decoded here, where the patch is
+    used = []
+    real = kernels.Network.vector
+    monkeypatch.setattr(kernels, "integer_vector", lambda: kernels.PLAIN_INT)
+    monkeypatch.setattr(kernels.Network, "vector",
+                        lambda self, vector=True: used.append(real(self, vector)) or used[-1])
+    assert np.array_equal(decode_slices(blob, 0, 6), vol)
+    assert used and set(used) == {kernels.PLAIN_INT}
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = open("/proc/cpuinfo").read()
