@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from models import kernels, paper_table, tune_workers
+from models import array_pack, kernels, paper_table, tune_workers
 from models.container import CorruptBlobError
 from models.entropy import CodingTables
 from models.features import SCALE_STEPS, UNIT
@@ -394,10 +394,7 @@ def embedded_bytes(predictor) -> bytes:
             arrays["token_shift"] = np.array(shift, np.int8)
         elif delta.any():
             arrays["token_delta"] = delta
-    arrays = {k: _narrowest(v) for k, v in arrays.items()}
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
+    return array_pack.pack_arrays({k: _narrowest(v) for k, v in arrays.items()})
 
 
 def _coarsest_shift(delta: np.ndarray, base: np.ndarray) -> int | None:
@@ -420,6 +417,15 @@ def _narrowest(values: np.ndarray) -> np.ndarray:
         if info.min <= values.min() and values.max() <= info.max:
             return values.astype(dtype)
     return values
+
+
+def embedded_arrays(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of an embedded model: packed (models.array_pack, since 2026-12-03) or, as
+    blobs written before carry them, an npz (the paper models' tables still are)."""
+    if array_pack.is_packed(data):
+        return array_pack.unpack_arrays(data)
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
 
 
 def with_embedded(base, data: bytes):
@@ -449,8 +455,7 @@ def _carried_delta(arrays: dict, base: np.ndarray) -> np.ndarray | None:
 @lru_cache(maxsize=16)
 def _with_embedded(base, data: bytes, _digest: bytes):
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        arrays = embedded_arrays(data)
         if paper_table.is_table(arrays):
             return paper_table.with_table(base, arrays)
         merged = {k: v for k, v in base.to_arrays().items() if not k.startswith("float_")}

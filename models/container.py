@@ -5,7 +5,8 @@
     header: 16-byte model id | u8 dtype code | 3 x u32 shape (z, y, x) | u16 slab slices |
             2 x u16 tile rows, columns | u32 slab count | per payload: u64 offset, u64 length,
             u32 CRC | u16 name length | name | u32 embedded length | embedded model (adapted
-            weights, or empty) | from format 4 on: 4 x i32 value range lo, hi, padding,
+            weights and tables: an npz, or since 2026-12-03 models.array_pack's packed
+            arrays; or empty) | from format 4 on: 4 x i32 value range lo, hi, padding,
             its stand-in (models.value_range)
     then the payloads (offsets are relative to the end of the header CRC).
 

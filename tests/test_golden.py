@@ -80,6 +80,9 @@ VOLUMES = {
                                     {"slab": 4, "tile": (16, 24)}),
     "mr_uint16_range_w10_v9": lambda: (_near_floor((9, 40, 60), 22), {"slab": 4, "tile": (16, 24)}),
     "ct_int16_pad_w10_adapted_v9": lambda: (_ct_with_padding((10, 40, 48), 23), {"adapt": True}),
+    # the embedded model packed in one LZMA stream instead of an npz (models.array_pack,
+    # 2026-12-03); written with adapt.pays_off forced True
+    "mr_uint16_packed_adapted_v10": lambda: (_phantom((16, 64, 64), "uint16", 24), {"adapt": True}),
 }
 
 
@@ -164,6 +167,16 @@ def test_golden_blobs_keep_networks_of_both_weight_widths():
         widths[name] = max(int(np.abs(layer.weight).max()) for layer in model.net.layers)
     assert widths == {"ct_int16_pad_v8": 127, "ct_int16_pad_w10_v9": 511,
                       "ct_int16_pad_w10_adapted_v9": 511}
+
+
+def test_golden_blobs_keep_both_forms_of_embedded_models():
+    """Embedded models as an npz (until 2026-12-03) and packed (models.array_pack)."""
+    from models import array_pack
+    from models.container import unpack_header
+    forms = {name: array_pack.is_packed(unpack_header((GOLDEN / f"{name}.vxa").read_bytes())[0]
+                                        .embedded)
+             for name in ("ct_int16_pad_w10_adapted_v9", "mr_uint16_packed_adapted_v10")}
+    assert forms == {"ct_int16_pad_w10_adapted_v9": False, "mr_uint16_packed_adapted_v10": True}
 
 
 def test_every_golden_volume_is_recorded():
