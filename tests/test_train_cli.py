@@ -65,3 +65,26 @@ def test_train_with_flat_contexts_and_a_kept_network(tmp_path):
     vol[:, 5:15, 6:18] = np.random.default_rng(0).integers(0, 4000, (3, 10, 12))
     for predictor in (trained, kept):
         _assert_round_trip(predictor, vol)
+
+
+def test_weight_bits_set_the_width_of_trained_and_requantised_networks(tmp_path):
+    """A trained network takes 10-bit weights unless ``--weight-bits 8``; with
+    ``--network-from``, ``--weight-bits`` quantises the shipped model's float twin afresh
+    (here at 8 bits: the 10-bit shipped network's own weights are not kept)."""
+    out = _train(tmp_path, *TINY_NET)
+    assert np.abs(_read(out / "default.npz").net.layers[0].weight).max() == 511
+    _train(tmp_path, *TINY_NET, "--name", "narrow", "--weight-bits", "8")
+    narrow = _read(out / "narrow.npz")
+    assert narrow.net.is_default and np.abs(narrow.net.layers[0].weight).max() == 127
+    _train(tmp_path, "--name", "requant", "--network-from", "default", "--weight-bits", "8",
+           "--flat-contexts", "--fraction-bins", "4")
+    requant, shipped = _read(out / "requant.npz"), load_model("default")
+    assert requant.net.is_default and not shipped.net.is_default
+    assert [layer.weight.shape for layer in requant.net.layers] == \
+        [layer.weight.shape for layer in shipped.net.layers]
+    np.testing.assert_array_equal(requant.float_arrays["float_net.0.weight"],
+                                  shipped.float_arrays["float_net.0.weight"])
+    assert '"weight_max": 127' in (out / "requant.md").read_text()
+    vol = np.random.default_rng(1).integers(0, 4000, (3, 20, 24)).astype(np.uint16)
+    for predictor in (narrow, requant):
+        _assert_round_trip(predictor, vol)
