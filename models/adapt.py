@@ -28,10 +28,11 @@ side, one per core, and the held-out sample picks the better (on three train cro
 and -0.7%, in the same wall time). The embedded model is a few kilobytes, so it is only used
 for volumes large enough to repay it, and only when it pays on that held-out sample. Decoding
 stays exact: the embedded network is an ordinary integer network, read from the blob instead of
-from the weights folder. Its weights are quantised to 10 bits (+-511) where the shipped
-network's have 8 (models.intnet: the compiled kernels' integer layers run both at the same
-speed): they place the network's outputs finer, and the embedded model grows by about 2.3 kB
-(whole train volumes, two seeds: -0.30% and -0.26% of their bytes; phantom S2020 -1.1%).
+from the weights folder. Its weights are quantised to 10 bits (+-511) instead of 8, as the
+shipped network's are since model c529efcb (models.intnet: the compiled kernels' integer
+layers run both at the same speed): they place the network's outputs finer, for about 2.3 kB
+more of embedded model (whole train volumes, two seeds: -0.30% and -0.26% of their bytes;
+phantom S2020 -1.1%). The embedded model travels packed (models.array_pack).
 """
 
 from __future__ import annotations

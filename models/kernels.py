@@ -260,8 +260,8 @@ class Network:
     """An exact float32 network for :func:`mlp`: per layer a row-major ``(out, in)`` weight
     matrix and a bias, both pre-scaled by the layer's ``2**-shift`` for hidden layers (see
     :meth:`models.intnet.IntMLP.float_accumulators`). With ``float_exact`` False its sums
-    may pass 2**24 (wider weights): only the integer layers run it, exactly, and where this
-    CPU has none it does not :attr:`fit`."""
+    may pass 2**24 (wider weights): only integer layers run it, exactly (the vector ones of
+    the CPU, else plain C's), and without an integer form it does not :attr:`fit`."""
 
     weights: list[np.ndarray]
     biases: list[np.ndarray]
