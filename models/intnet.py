@@ -87,21 +87,27 @@ class IntMLP:
             ("relu", "float32", ACT_MAX, INPUT_MAX, WEIGHT_MAX)
 
     def _integer_exact(self) -> bool:
-        """Whether the compiled kernels' integer layers run this network exactly: the default
-        settings, or ReLU with the default activation and input bounds and weights up to
-        int16 whose hidden sums stay within int32 and whose last layer's within 2**24 (its
-        float32 accumulators stay exact); such a network need not be exact in float32."""
+        """Whether the compiled kernels' integer layers run this network exactly: ReLU with the
+        default activation and input bounds, weights up to int16, hidden sums within int32 and
+        the last layer's within 2**24 (its float32 accumulators stay exact). Every network with
+        the default settings is one (its sums stay below 2**24); others need not be exact in
+        float32."""
         if (self.activation, self.act_max, self.input_max) != ("relu", ACT_MAX, INPUT_MAX):
             return False
-        bound = self.input_max
-        for i, layer in enumerate(self.layers):
+        for i, (layer, worst) in enumerate(self._worst_sums()):
             last = i == len(self.layers) - 1
-            worst = np.abs(layer.weight).sum(axis=1) * bound + np.abs(layer.bias)
             if np.abs(layer.weight).max(initial=0) > 32767 or np.abs(layer.bias).max() >= \
                     EXACT_LIMIT or worst.max() >= (EXACT_LIMIT if last else INT32_LIMIT):
                 return False
-            bound = self.act_max
         return True
+
+    def _worst_sums(self):
+        """Each layer with the largest magnitude its rows' sums can reach (inputs within
+        +-input_max, activations within the activation's range)."""
+        bound = self.input_max
+        for layer in self.layers:
+            yield layer, np.abs(layer.weight).sum(axis=1) * bound + np.abs(layer.bias)
+            bound = self.act_max if self.activation == "relu" else self.act_max + 1
 
     @property
     def act_min(self) -> int:
@@ -109,16 +115,13 @@ class IntMLP:
 
     def _check_exact(self) -> None:
         limit = EXACT_LIMITS[self.exact]
-        bound = self.input_max
-        for layer in self.layers:
-            worst = np.abs(layer.weight).sum(axis=1) * bound + np.abs(layer.bias)
+        for layer, worst in self._worst_sums():
             if worst.max() >= limit:
                 raise ValueError(f"integer network could exceed 2**{limit.bit_length() - 1}: "
                                  f"not exact in {self.exact}")
             if np.abs(layer.weight).max() > self.weight_max:
                 raise ValueError("weights outside int8 range" if self.weight_max == WEIGHT_MAX
                                  else f"weights outside +-{self.weight_max}")
-            bound = self.act_max if self.activation == "relu" else self.act_max + 1
 
     # ------------------------------------------------------------------ inference
     def _requantise(self, acc: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -156,7 +159,7 @@ class IntMLP:
     def __call__(self, x: np.ndarray, device: str = "cpu") -> np.ndarray:
         """Fast exact evaluation with float32 (or float64) matmuls of integer inputs ``(n, in)``
         within +-input_max (any strides); returns int64 accumulators ``(n, out)``."""
-        if self.is_default or self.integer_exact:
+        if self.integer_exact:
             return self.float_accumulators(x, device).astype(np.int64)
         import torch
         with torch.inference_mode():
@@ -183,12 +186,11 @@ class IntMLP:
         network with the default settings (:attr:`is_default`) or one the integer layers run
         (:attr:`integer_exact`): by the compiled kernel on the CPU when it takes the network,
         else by torch, with the same values."""
-        if not (self.is_default or self.integer_exact):
+        if not self.integer_exact:
             raise ValueError("float32 accumulators are exact only for networks with the "
                              "default settings or the integer layers' bounds")
         if device == "cpu":
-            net = self.kernel_network()
-            acc = None if net is None else kernels.mlp(net, x)
+            acc = kernels.mlp(self.kernel_network(), x)
             if acc is not None:
                 return acc
         if not self.is_default:     # its sums may pass 2**24: float64, exact below 2**53
@@ -213,7 +215,7 @@ class IntMLP:
     def kernel_network(self) -> "kernels.Network | None":
         """The float32 weights of :meth:`float_accumulators`, as the compiled kernels take
         them (None for networks they cannot run exactly, see :attr:`integer_exact`)."""
-        if self._kernel is None and (self.is_default or self.integer_exact):
+        if self._kernel is None and self.integer_exact:
             # hidden layers pre-scaled by 2**-shift, as in float_accumulators' torch path
             scale = [2.0 ** -layer.shift if layer.shift is not None else np.ones(len(layer.bias))
                      for layer in self.layers]
@@ -358,9 +360,8 @@ def quantize_mlp(weights: list[np.ndarray], biases: list[np.ndarray], calib: np.
         if last:
             bq = _fit_bias(np.round(b / alpha).astype(np.int64), wq, bound)
             layers.append(IntLayer(wq, bq, None))
-            if not wide:
-                return IntMLP(layers), alpha
-            return IntMLP(layers, exact="float64", weight_max=weight_max), alpha
+            return IntMLP(layers, exact="float64" if wide else "float32",
+                          weight_max=weight_max), alpha
         raw_bias = np.round(b / alpha)
         dtype = _exact_dtype(wq, bound, raw_bias)
         prod = _exact_matmul(wq, h, dtype)

@@ -28,6 +28,7 @@ def test_integer_network_equals_int64_reference_on_random_inputs():
     rng = np.random.default_rng(0)
     for _ in range(5):
         net = random_net(rng)
+        assert net.is_default and net.integer_exact    # the default settings imply it
         x = rng.integers(-INPUT_MAX, INPUT_MAX + 1, (5000, 23))
         np.testing.assert_array_equal(net(x), net.reference(x))
 
