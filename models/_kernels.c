@@ -28,7 +28,7 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
-#define ABI 15             /* models/kernels.py's ABI: raised whenever an entry point changes */
+#define ABI 16             /* models/kernels.py's ABI: raised whenever an entry point changes */
 
 /* Which set of entry points and signatures this build has. */
 int64_t voxarc_abi(void)
@@ -851,16 +851,64 @@ static inline void bounded_row(const double *src, int64_t width, int64_t token_r
         dst[2 * token_range + 1] = 0.0;
 }
 
+/* One symbol's first-stage row (blob format 5, models.entropy.stage_rows): the 2S direct
+ * tokens q in [-S, S) of its bounded_row, then the sums of what lies beyond on each side (the
+ * farther direct tokens and that side's escape), from the row's prefix sums cum (cum[k]: the
+ * sum of its first k direct tokens). The frequencies are integers, so these sums are exact and
+ * equal to a sum in any order. */
+static inline double span_sum(const double *cum, int64_t a, int64_t b, int64_t lo, int64_t hi)
+{
+    a = a < lo ? lo : (a > hi ? hi : a);
+    b = b < lo ? lo : (b > hi ? hi : b);
+    return b > a ? cum[b] - cum[a] : 0.0;
+}
+
+static inline void stage_row(const double *src, const double *cum, int64_t token_range,
+                             int64_t stage, int64_t qmin, int64_t qmax, int64_t edge,
+                             double *dst)
+{
+    int64_t T = token_range, S = stage;
+    if (qmin < -edge && qmax >= edge) {
+        for (int64_t k = 0; k < 2 * S; k++)
+            dst[k] = src[T - S + k];
+        dst[2 * S] = (cum[T - S] - cum[0]) + src[2 * T];
+        dst[2 * S + 1] = (cum[2 * T] - cum[T + S]) + src[2 * T + 1];
+        return;
+    }
+    for (int64_t k = 0; k < 2 * S; k++) {
+        int64_t q = k - S;
+        dst[k] = q >= qmin && q <= qmax ? src[T + q] : 0.0;
+    }
+    dst[2 * S] = span_sum(cum, qmin + T, qmax + T + 1, 0, T - S)
+                 + (qmin < -T ? src[2 * T] : 0.0);
+    dst[2 * S + 1] = span_sum(cum, qmin + T, qmax + T + 1, T + S, 2 * T)
+                     + (qmax >= T ? src[2 * T + 1] : 0.0);
+}
+
+/* A symbol's coder row: its bounded_row (stage 0) or its stage_row (stage S > 0). */
+static inline void coder_row(const double *src, const double *cum, int64_t width,
+                             int64_t token_range, int64_t stage, int64_t qmin, int64_t qmax,
+                             int64_t edge, double *dst)
+{
+    if (stage > 0)
+        stage_row(src, cum, token_range, stage, qmin, qmax, edge, dst);
+    else
+        bounded_row(src, width, token_range, qmin, qmax, edge, dst);
+}
+
 /* The range decoder's probability rows of one wavefront step: out[i] = table[row[i]], for n
  * symbols; with bounded, truncated (bounded_row) to the tokens a symbol predicted as pred[i]
- * can take within [lo, hi]. Also writes each symbol's low-bit count (shift of its row) to sh. */
-int64_t voxarc_token_rows(const double *table, int64_t rows, int64_t width,
+ * can take within [lo, hi]; with stage > 0 their first-stage rows (stage_row, 2 * stage + 2
+ * columns). Also writes each symbol's low-bit count (shift of its row) to sh. */
+int64_t voxarc_token_rows(const double *table, const double *cum, int64_t rows, int64_t width,
                           int64_t token_range, const int64_t *shifts, const int64_t *row,
                           const int64_t *pred, int64_t n, int32_t bounded, int64_t lo,
-                          int64_t hi, int64_t edge, double *out, int64_t *sh)
+                          int64_t hi, int64_t edge, int64_t stage, double *out, int64_t *sh)
 {
-    if (width < 2 * token_range + 2)
+    if (width < 2 * token_range + 2 || stage < 0 || stage > token_range
+            || (stage > 0 && cum == NULL))
         return -1;
+    int64_t out_width = stage > 0 ? 2 * stage + 2 : width;
     for (int64_t i = 0; i < n; i++)
         if (row[i] < 0 || row[i] >= rows)
             return -1;
@@ -870,26 +918,32 @@ int64_t voxarc_token_rows(const double *table, int64_t rows, int64_t width,
         /* unbounded: a range that ends nowhere near */
         int64_t qmin = bounded ? (lo - pred[i]) >> s : -edge - 1;
         int64_t qmax = bounded ? (hi - pred[i]) >> s : edge;
-        bounded_row(table + row[i] * width, width, token_range, qmin, qmax, edge,
-                    out + i * width);
+        coder_row(table + row[i] * width, stage > 0 ? cum + row[i] * (2 * token_range + 1) : NULL,
+                  width,
+                  token_range, stage, qmin, qmax, edge, out + i * out_width);
     }
     return 0;
 }
 
 /* The range encoder's probability rows: out[i] = table[row[i]] truncated to [qmin[i],
- * qmax[i]] (bounded_row), for n symbols whose token bounds the caller has. */
-int64_t voxarc_bounded_rows(const double *table, int64_t rows, int64_t width,
-                            int64_t token_range, const int64_t *row, const int64_t *qmin,
-                            const int64_t *qmax, int64_t n, int64_t edge, double *out)
+ * qmax[i]] (bounded_row), or with stage > 0 their first-stage rows (stage_row), for n symbols
+ * whose token bounds the caller has. */
+int64_t voxarc_bounded_rows(const double *table, const double *cum, int64_t rows,
+                            int64_t width, int64_t token_range, const int64_t *row,
+                            const int64_t *qmin, const int64_t *qmax, int64_t n, int64_t edge,
+                            int64_t stage, double *out)
 {
-    if (width < 2 * token_range + 2)
+    if (width < 2 * token_range + 2 || stage < 0 || stage > token_range
+            || (stage > 0 && cum == NULL))
         return -1;
+    int64_t out_width = stage > 0 ? 2 * stage + 2 : width;
     for (int64_t i = 0; i < n; i++)
         if (row[i] < 0 || row[i] >= rows)
             return -1;
     for (int64_t i = 0; i < n; i++)
-        bounded_row(table + row[i] * width, width, token_range, qmin[i], qmax[i], edge,
-                    out + i * width);
+        coder_row(table + row[i] * width, stage > 0 ? cum + row[i] * (2 * token_range + 1) : NULL,
+                  width,
+                  token_range, stage, qmin[i], qmax[i], edge, out + i * out_width);
     return 0;
 }
 
@@ -934,9 +988,9 @@ int64_t voxarc_join(const int64_t *token, const int64_t *sh, int64_t n, const in
  * (voxarc_outputs), and, with a table, the range decoder's probability rows and low-bit
  * counts (voxarc_token_rows). The decoder's constants travel in two arrays built once:
  *   p: buf, koff, log2q, size, w, b, head, table (0: no probability rows), shifts,
- *      q (the network's integer form, 0: none)
+ *      q (the network's integer form, 0: none), the table's prefix sums (for stage > 0)
  *   q: K, compact, layers, vector, bins_log2, scale_zero, n_scales, flat_row, lo, hi,
- *      table_rows, width, token_range, bounded, edge
+ *      table_rows, width, token_range, bounded, edge, stage (first-stage rows, 0: whole)
  * Returns 0, or -1 when a step's arrays cannot be had or an argument is out of range. */
 int64_t voxarc_step_predict(const uint64_t *p, const int64_t *q, int64_t n, int64_t runs,
                             const int64_t *origin, const int64_t *len, const uint64_t *vptr,
@@ -969,9 +1023,10 @@ int64_t voxarc_step_predict(const uint64_t *p, const int64_t *q, int64_t n, int6
                    row);
     status = 0;
     if (p[7] != 0)
-        status = voxarc_token_rows((const double *)(uintptr_t)p[7], q[10], q[11], q[12],
+        status = voxarc_token_rows((const double *)(uintptr_t)p[7],
+                                   (const double *)(uintptr_t)p[10], q[10], q[11], q[12],
                                    (const int64_t *)(uintptr_t)p[8], row, pred, n,
-                                   (int32_t)q[13], q[8], q[9], q[14], rows, sh);
+                                   (int32_t)q[13], q[8], q[9], q[14], q[15], rows, sh);
 done:
     free(x);
     free(acc);

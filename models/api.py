@@ -11,8 +11,8 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from models.codec import decode_slabs, encode_slab
-from models.container import (DTYPES, CorruptBlobError, band_spans, pack, slab_payload,
-                              unpack_header)
+from models.container import (DTYPES, VERSION, CorruptBlobError, band_spans, pack,
+                              slab_payload, unpack_header)
 from models import adapt as adaptation
 from models import parallel, value_range
 from models.registry import load_model, model_by_id
@@ -33,6 +33,7 @@ WARM_PARALLEL_VOXELS = 1 << 19  # or from this many when the worker processes al
 SPLIT_PARALLEL_VOXELS = 1 << 17  # or from this many in bands of several widths (format 3),
 EVEN_SPLIT_PARALLEL_VOXELS = 1 << 19  # or this many in bands of one width
 ADAPT_VOXELS = 1 << 20     # adapt the model to volumes from this many voxels on
+WRITE_FORMAT = VERSION     # the blob format encode_volume writes (tests set older ones, 3 on)
 
 
 def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None = None,
@@ -76,23 +77,28 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
         if adapt and adaptation.can_adapt(predictor) else None
     if adapted is not None:
         predictor, embedded = adapted, adaptation.embedded_bytes(adapted)
-    jobs = ((model, embedded, values, vol[z:z + slab, :, x0:x1], slab, tile)
-            for z in range(0, vol.shape[0], slab) for x0, x1 in band_spans(vol.shape[2], tile[1]))
+    two_stage = WRITE_FORMAT >= 5
+    jobs = ((model, embedded, values, vol[z:z + slab, :, x0:x1], slab, tile, two_stage)
+            for z in range(0, vol.shape[0], slab)
+            for x0, x1 in band_spans(vol.shape[2], tile[1], WRITE_FORMAT))
     # payloads go into the blob as they come: a few slabs' in flight, not the whole volume's
     facts = (predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile)
     if _parallel(vol.size):
         # compaction is background work: a retrieval's decoding goes first
         payloads = parallel.imap(_encode_job, jobs, window=2 * parallel.worker_count(),
                                  first_rank=parallel.BACKGROUND)
-        return pack(*facts, payloads, embedded, values=values)
+        return pack(*facts, payloads, embedded, values=values, version=WRITE_FORMAT)
     with parallel.one_thread():
         return pack(*facts, (_encode_band(predictor, *job[2:]) for job in jobs), embedded,
-                    values=values)
+                    values=values, version=WRITE_FORMAT)
 
 
-def _encode_band(predictor, values: ValueRange, block: np.ndarray, slab: int, tile) -> bytes:
-    """The payload of one slab's column band, coded within ``values``."""
-    return encode_slab(predictor, values.mapped(block), values.lo, values.hi, slab, tile)
+def _encode_band(predictor, values: ValueRange, block: np.ndarray, slab: int, tile,
+                 two_stage: bool = True) -> bytes:
+    """The payload of one slab's column band, coded within ``values`` (``two_stage``: blob
+    format 5's tokens)."""
+    return encode_slab(predictor, values.mapped(block), values.lo, values.hi, slab, tile,
+                       two_stage=two_stage)
 
 
 def _parallel(voxels: int) -> bool:
@@ -399,7 +405,7 @@ def _decode_group(job, predictor=None, split: int = 0, on_split=None) -> list[np
     with parallel.one_thread():
         return [values.restore(part.astype(header.dtype)) for part in decode_slabs(
             predictor, payloads, counts, ny, nx, values.lo, values.hi, header.slab,
-            header.tile, split, on_split, header.within_range)]
+            header.tile, split, on_split, header.within_range, header.two_stage)]
 
 
 def decode_volume(blob: bytes) -> np.ndarray:

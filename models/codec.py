@@ -89,9 +89,16 @@ def slab_contexts(hood: Neighbourhood, slab: np.ndarray, zs: int, tile: tuple[in
 
 
 def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int,
-                tile: tuple[int, int], within_range: bool = True) -> bytes:
+                tile: tuple[int, int], within_range: bool = True,
+                two_stage: bool | None = None) -> bytes:
     """Code one slab (``slab.shape[0] <= zs`` slices) into its payload; ``within_range``:
-    no probability for residuals outside ``[lo, hi]`` (blob format 2; format 1 had it off)."""
+    no probability for residuals outside ``[lo, hi]`` (blob format 2; format 1 had it off);
+    ``two_stage``: tokens in two stages, three streams per slice (format 5, which codes
+    within the range; by default with ``within_range``)."""
+    if two_stage is None:
+        two_stage = within_range
+    elif two_stage and not within_range:
+        raise ValueError("two-stage tokens are coded within the range (format 5)")
     geo = geometry(predictor.neighbourhood, zs, slab.shape[1], slab.shape[2], tile)
     perm = geo.schedule.perm
     lengths, words = [], []
@@ -102,9 +109,9 @@ def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int,
         shifts = predictor.tables.shifts
         sym = split_residuals(r, j, shifts)
         bounds = token_bounds(pred, shifts[j], lo, hi) if within_range else None
-        tok, uni = encode_slice(predictor.tables, sym, j, geo.step_of, bounds)
-        lengths += [len(tok), len(uni)]
-        words += [tok, uni]
+        streams = encode_slice(predictor.tables, sym, j, geo.step_of, bounds, two_stage)
+        lengths += [len(s) for s in streams]
+        words += streams
     head = struct.pack(f"<I{len(lengths)}I", slab.shape[0], *lengths)
     return head + b"".join(w.tobytes() for w in words)
 
@@ -121,20 +128,21 @@ def _predict_chunked(predictor, values, valid, lo, hi, chunk: int = ENCODE_CHUNK
     return pred, j
 
 
-def _slice_streams(payload: bytes, count: int):
+def _slice_streams(payload: bytes, count: int, per: int = 2):
+    """The first ``count`` slices' streams of a payload, ``per`` streams a slice."""
     try:
         (n,) = struct.unpack_from("<I", payload, 0)
         if n < count:
             raise CorruptBlobError("slab holds fewer slices than its header says")
-        lengths = struct.unpack_from(f"<{2 * n}I", payload, 4)
+        lengths = struct.unpack_from(f"<{per * n}I", payload, 4)
     except struct.error:
         raise CorruptBlobError("slab payload truncated") from None
-    words = np.frombuffer(payload, dtype="<u4", offset=4 + 8 * n)
+    words = np.frombuffer(payload, dtype="<u4", offset=4 + 4 * per * n)
     if len(words) != sum(lengths):
         raise CorruptBlobError("slab payload length does not match its stream table")
     ends = np.cumsum(lengths)
     starts = ends - np.array(lengths)
-    return [(words[starts[2 * i]:ends[2 * i]], words[starts[2 * i + 1]:ends[2 * i + 1]])
+    return [tuple(words[starts[k]:ends[k]] for k in range(per * i, per * (i + 1)))
             for i in range(count)]
 
 
@@ -145,21 +153,25 @@ def skew_layout(hood: Neighbourhood, ny: int, nx: int, tile: tuple[int, int]) ->
 
 def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, nx: int,
                  lo: int, hi: int, zs: int, tile: tuple[int, int], split: int = 0,
-                 on_split=None, within_range: bool = True) -> list[np.ndarray]:
+                 on_split=None, within_range: bool = True, two_stage: bool | None = None
+                 ) -> list[np.ndarray]:
     """Decode several slabs in lockstep; ``counts[g]`` is how many leading slices of slab
     ``g`` are wanted (slices after them are never touched). With ``split`` > 0 and
     ``on_split``, the first ``split`` slices of every slab are decoded first and handed to
     ``on_split`` (a list, one ``(split, ny, nx)`` int32 array per slab) before the rest.
-    ``within_range`` as the slabs were encoded (see :func:`encode_slab`)."""
+    ``within_range`` and ``two_stage`` as the slabs were encoded (see :func:`encode_slab`)."""
+    two_stage = within_range if two_stage is None else two_stage
     layout = skew_layout(predictor.neighbourhood, ny, nx, tuple(tile))
     if not layout.supported:
         return decode_slabs_flat(predictor, payloads, counts, ny, nx, lo, hi, zs, tile,
-                                 within_range)
+                                 within_range, two_stage)
     counts = np.asarray(counts)
     order = np.argsort(-counts, kind="stable")  # the lockstep wants non-increasing counts
-    streams = [s for g in order for s in _slice_streams(payloads[g], counts[g])]
+    per = 3 if two_stage else 2
+    streams = [s for g in order for s in _slice_streams(payloads[g], counts[g], per)]
     stream_of = np.cumsum([0] + [int(counts[g]) for g in order])
-    decoder = StepDecoder(predictor.tables, streams, (lo, hi) if within_range else None)
+    decoder = StepDecoder(predictor.tables, streams, (lo, hi) if within_range else None,
+                          two_stage)
     hand = None
     if on_split is not None:
         where = np.argsort(order)
@@ -176,12 +188,16 @@ def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, n
 
 def decode_slabs_flat(predictor, payloads: list[bytes], counts: list[int], ny: int, nx: int,
                       lo: int, hi: int, zs: int, tile: tuple[int, int],
-                      within_range: bool = True) -> list[np.ndarray]:
+                      within_range: bool = True, two_stage: bool | None = None
+                      ) -> list[np.ndarray]:
     """:func:`decode_slabs` by gathering neighbours from a padded volume: the reference the
     sheared decoder is tested against, and the fallback for geometries it does not cover."""
+    two_stage = within_range if two_stage is None else two_stage
     geo = geometry(predictor.neighbourhood, zs, ny, nx, tile)
-    streams = [s for p, c in zip(payloads, counts) for s in _slice_streams(p, c)]
-    decoder = StepDecoder(predictor.tables, streams, (lo, hi) if within_range else None)
+    per = 3 if two_stage else 2
+    streams = [s for p, c in zip(payloads, counts) for s in _slice_streams(p, c, per)]
+    decoder = StepDecoder(predictor.tables, streams, (lo, hi) if within_range else None,
+                          two_stage)
     stream_of = np.cumsum([0] + list(counts))  # stream index of (slab g, slice 0)
     buf = np.zeros((len(payloads), geo.size), dtype=np.int32)
     flat = buf.ravel()

@@ -18,6 +18,9 @@ payload per slab (one band).
 Format 4 codes within the volume's own value range (its padding standing just below its
 floor) instead of the dtype's; older formats decode as they were written.
 
+Format 5 codes each residual token in two stages, over a third stream per slice
+(models.entropy): the same layout, other payloads.
+
 A blob names everything its decoder needs; :func:`unpack` refuses anything truncated, corrupted
 or foreign with :class:`CorruptBlobError` before a single voxel is decoded.
 """
@@ -33,8 +36,9 @@ from functools import cached_property
 from models.value_range import ValueRange
 
 MAGIC = b"VOXARC\x1a\n"
-VERSION = 4        # 2: residual tokens the dtype cannot hold get no probability (models.entropy)
-SUPPORTED = (1, 2, 3, 4)   # 3: a payload per column band of a slab; 4: the volume's value range
+VERSION = 5        # 2: residual tokens the dtype cannot hold get no probability (models.entropy)
+SUPPORTED = (1, 2, 3, 4, 5)  # 3: a payload per column band of a slab; 4: the volume's value
+#                              range; 5: tokens in two stages, three streams per slice
 DTYPES = {"uint8": 1, "int8": 2, "uint16": 3, "int16": 4}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _SLAB_ENTRY = 20   # bytes of a slab table entry: u64 offset, u64 length, u32 CRC
@@ -66,6 +70,11 @@ class BlobHeader:
     def within_range(self) -> bool:
         """Whether its residuals were coded within the dtype's range (format 2 on)."""
         return self.version >= 2
+
+    @property
+    def two_stage(self) -> bool:
+        """Whether its tokens were coded in two stages (format 5 on, models.entropy)."""
+        return self.version >= 5
 
     @cached_property
     def bands(self) -> list[tuple[int, int]]:

@@ -9,6 +9,13 @@ every machine builds the very same coder.
 Per slice there are two range-coded streams, both in wavefront order (see models.context):
 - tokens: for each step, the step's tokens, then the escape classes of the step's escapes;
 - uniform: for each step, the low bits of its symbols, then the extra bits of its escapes.
+
+From blob format 5 on a token is coded in two stages, over three streams: the tokens stream
+holds its first stage (``q`` in ``[-S, S)`` itself, or "beyond" on either side: 2S + 2
+symbols), a tail stream, for each step, the second stage of the step's "beyond" tokens (which
+token on that side, escapes included), then the escape classes. The code length is the same
+(the stages' probabilities multiply to the token's), but the range coder's cost per symbol
+grows with the row's width, and most symbols now take a row of 14 instead of 50.
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ ESC_POS = ESC_NEG + 1
 N_TOKENS = ESC_POS + 1
 N_CLASSES = 24                      # escape magnitude classes: bit length of the overflow
 CODE_CHUNK = 1 << 14                # symbols per coder call when encoding
+STAGE_RANGE = 6                     # S: first-stage tokens q in [-S, S) (blob format 5 on)
+STAGE_WIDTH = 2 * STAGE_RANGE + 2   # first-stage row: the direct tokens, beyond below, above
+BEYOND = TOKEN_RANGE - STAGE_RANGE  # direct tokens on each side that the tail stream codes
+TAIL_WIDTH = max(BEYOND + 1, N_CLASSES)   # tail rows: one side's tokens and escape, or classes
 
 _CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 _UNIFORM = constriction.stream.model.Uniform()
@@ -120,20 +131,30 @@ class CodingTables:
         self._rows[:self.class_row] = self.tokens
         self._rows[self.class_row, :N_CLASSES] = self.classes
         self.token_rows = self._rows[:self.class_row]     # (a view) the rows tokens use
+        self.tail_classes = np.zeros(TAIL_WIDTH)           # the classes in the tail stream
+        self.tail_classes[:N_CLASSES] = self.classes
+        # prefix sums of each row's direct tokens (exact: integers), for the first stages
+        self.token_cum = np.zeros((self.class_row, 2 * TOKEN_RANGE + 1))
+        self.token_cum[:, 1:] = np.cumsum(self.tokens[:, :2 * TOKEN_RANGE], axis=1)
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """Probability rows for table indices (``class_row`` selects the escape classes)."""
         return np.take(self._rows, index, axis=0)
 
     def bounded_rows(self, index: np.ndarray, qmin: np.ndarray, qmax: np.ndarray,
-                     out: np.ndarray) -> np.ndarray:
+                     out: np.ndarray, stage: int = 0) -> np.ndarray:
         """:meth:`rows` truncated to the tokens ``[qmin, qmax]`` (:func:`truncate_rows`),
         written to ``out`` (at least ``len(index)`` rows) by the compiled kernel where it
-        runs."""
+        runs; with ``stage`` (:data:`STAGE_RANGE`) their first-stage rows (:func:`stage_rows`,
+        ``out`` :data:`STAGE_WIDTH` wide)."""
         if kernels.available():
+            if stage:
+                return kernels.bounded_rows(self.token_rows, TOKEN_RANGE, index, qmin, qmax,
+                                            RANGE_EDGE, out, stage, self.token_cum)
             return kernels.bounded_rows(self._rows, TOKEN_RANGE, index, qmin, qmax, RANGE_EDGE,
                                         out)
-        return truncate_rows(self.rows(index), qmin, qmax)
+        rows = truncate_rows(self.rows(index), qmin, qmax)
+        return stage_rows(rows) if stage else rows
 
 
 def token_bounds(pred: np.ndarray, shifts: np.ndarray, lo: int, hi: int):
@@ -164,6 +185,56 @@ def truncate_rows(rows: np.ndarray, qmin: np.ndarray, qmax: np.ndarray) -> np.nd
     return rows
 
 
+def stage_rows(rows: np.ndarray) -> np.ndarray:
+    """First-stage rows (format 5) of whole, truncated token rows: the direct tokens ``q`` in
+    ``[-S, S)``, then the sums of what lies below and above them (escapes included). The
+    frequencies are integers, so every order of summing gives the same floats."""
+    T, S = TOKEN_RANGE, STAGE_RANGE
+    out = np.empty((len(rows), STAGE_WIDTH))
+    out[:, :2 * S] = rows[:, T - S:T + S]
+    out[:, 2 * S] = rows[:, :T - S].sum(axis=1) + rows[:, ESC_NEG]
+    out[:, 2 * S + 1] = rows[:, T + S:2 * T].sum(axis=1) + rows[:, ESC_POS]
+    return out
+
+
+def tail_rows(rows: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """Second-stage rows of whole, truncated token rows, for symbols beyond ``[-S, S)``:
+    that side's direct tokens (below: from ``-T``; above: from ``S``), then its escape."""
+    T, S = TOKEN_RANGE, STAGE_RANGE
+    out = np.zeros((len(rows), TAIL_WIDTH))
+    out[:, :BEYOND] = np.where(above[:, None], rows[:, T + S:2 * T], rows[:, :BEYOND])
+    out[:, BEYOND] = np.where(above, rows[:, ESC_POS], rows[:, ESC_NEG])
+    return out
+
+
+def stage_symbols(token: np.ndarray):
+    """A token's two stages: its first-stage symbol, and for symbols beyond ``[-S, S)`` (the
+    mask returned) their side (True: above) and second-stage symbol."""
+    T, S = TOKEN_RANGE, STAGE_RANGE
+    below = (token < T - S) | (token == ESC_NEG)
+    above = ((token >= T + S) & (token < 2 * T)) | (token == ESC_POS)
+    first = np.where(below, 2 * S, np.where(above, 2 * S + 1, token - (T - S)))
+    beyond = below | above
+    t, up = token[beyond], above[beyond]
+    second = np.where(t >= ESC_NEG, BEYOND, np.where(up, t - (T + S), t))
+    return first, beyond, up, second
+
+
+def stage_tokens(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`stage_symbols`: tokens from the first-stage symbols and the second
+    stage of those beyond (in order)."""
+    T, S = TOKEN_RANGE, STAGE_RANGE
+    token = first + (T - S)
+    beyond = first >= 2 * S
+    if (second > BEYOND).any():
+        raise ValueError("a second-stage token outside its side's alphabet: corrupt stream")
+    if beyond.any():
+        up = first[beyond] == 2 * S + 1
+        token[beyond] = np.where(second == BEYOND, np.where(up, ESC_POS, ESC_NEG),
+                                 np.where(up, second + T + S, second))
+    return token
+
+
 def _words(encoder) -> np.ndarray:
     return encoder.get_compressed().astype("<u4")
 
@@ -180,12 +251,15 @@ def _interleave(parts):
 
 
 def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.ndarray,
-                 bounds=None):
+                 bounds=None, two_stage: bool = False):
     """Code one slice's symbols (already in wavefront order, ``step_of`` non-decreasing);
-    ``bounds``: each symbol's :func:`token_bounds`, to code within the dtype's range.
+    ``bounds``: each symbol's :func:`token_bounds`, to code within the dtype's range;
+    ``two_stage``: tokens in two stages (blob format 5, which always has ``bounds``).
 
-    Returns the two streams as little-endian uint32 arrays.
+    Returns the streams (tokens, uniform[, tail]) as little-endian uint32 arrays.
     """
+    if two_stage:
+        return _encode_two_stage(tables, sym, j, step_of, bounds)
     esc = np.flatnonzero(sym.token >= ESC_NEG)
     class_rows = np.full(len(esc), tables.class_row)
     tokens, classes = (step_of, sym.token, j), (step_of[esc], sym.cls[esc], class_rows)
@@ -194,15 +268,18 @@ def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.
         tokens, classes = tokens + tuple(bounds), classes + (-wide, wide)
     values, rows, *bounds_in_order = _interleave([tokens, classes])
     tok = constriction.stream.queue.RangeEncoder()
-    values = values.astype(np.int32)
-    out = np.empty((min(len(values), CODE_CHUNK), N_TOKENS)) if bounds is not None else None
-    for a in range(0, len(values), CODE_CHUNK):  # same stream as one call, rows stay in cache
-        b = a + CODE_CHUNK
-        if bounds is None:
-            probs = tables.rows(rows[a:b])
-        else:
-            probs = tables.bounded_rows(rows[a:b], *(q[a:b] for q in bounds_in_order), out)
-        tok.encode(values[a:b], _CATEGORICAL, probs)
+    if bounds is None:
+        _encode_chunks(tok, values, lambda a, b: tables.rows(rows[a:b]))
+    else:
+        out = np.empty((min(len(values), CODE_CHUNK), N_TOKENS))
+        qmin, qmax = bounds_in_order
+        _encode_chunks(tok, values, lambda a, b: tables.bounded_rows(rows[a:b], qmin[a:b],
+                                                                     qmax[a:b], out))
+    return _words(tok), _encode_uniform(sym, step_of)
+
+
+def _encode_uniform(sym: Symbols, step_of: np.ndarray) -> np.ndarray:
+    """The uniform stream: per step, the low bits of its symbols, then its extra bits."""
     low = sym.low_bits > 0
     extra = sym.extra_bits > 0
     uval, ubits = _interleave([
@@ -211,21 +288,54 @@ def encode_slice(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.
     uni = constriction.stream.queue.RangeEncoder()
     if len(uval):
         uni.encode(uval.astype(np.int32), _UNIFORM, (1 << ubits).astype(np.int32))
-    return _words(tok), _words(uni)
+    return _words(uni)
+
+
+def _encode_chunks(coder, values: np.ndarray, rows) -> None:
+    """``values`` with the rows ``rows(a, b)`` gives for ``values[a:b]``, in pieces whose rows
+    stay in cache (the same stream as one call)."""
+    values = values.astype(np.int32)
+    for a in range(0, len(values), CODE_CHUNK):
+        coder.encode(values[a:a + CODE_CHUNK], _CATEGORICAL, rows(a, a + CODE_CHUNK))
+
+
+def _encode_two_stage(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of: np.ndarray,
+                      bounds) -> tuple:
+    """:func:`encode_slice` of format 5: first stages, uniform bits, then the tail stream."""
+    qmin, qmax = bounds
+    first, beyond, above, second = stage_symbols(sym.token)
+    tok = constriction.stream.queue.RangeEncoder()
+    out = np.empty((min(len(first), CODE_CHUNK), STAGE_WIDTH))
+    _encode_chunks(tok, first, lambda a, b: tables.bounded_rows(j[a:b], qmin[a:b], qmax[a:b],
+                                                                out, STAGE_RANGE))
+    far = np.flatnonzero(beyond)
+    whole = tables.bounded_rows(j[far], qmin[far], qmax[far], np.empty((len(far), N_TOKENS)))
+    esc = np.flatnonzero(sym.token >= ESC_NEG)
+    rows = np.concatenate([tail_rows(whole, above), np.tile(tables.tail_classes, (len(esc), 1))])
+    values, at = _interleave([(step_of[far], second, np.arange(len(far))),
+                              (step_of[esc], sym.cls[esc], len(far) + np.arange(len(esc)))])
+    tail = constriction.stream.queue.RangeEncoder()
+    _encode_chunks(tail, values, lambda a, b: rows[at[a:b]])
+    return _words(tok), _encode_uniform(sym, step_of), _words(tail)
 
 
 class StepDecoder:
     """Decodes many slices' streams together, one wavefront step at a time, in the order
     :func:`encode_slice` wrote them; with ``bounds`` (the dtype's ``lo, hi``), as coded
-    within that range."""
+    within that range; ``streams`` holds each slice's (tokens, uniform) streams, and with
+    ``two_stage`` (format 5) its tail stream third."""
 
-    def __init__(self, tables: CodingTables, streams, bounds: tuple[int, int] | None = None):
+    def __init__(self, tables: CodingTables, streams, bounds: tuple[int, int] | None = None,
+                 two_stage: bool = False):
         self.tables = tables
         self.bounds = bounds
+        self.stage = STAGE_RANGE if two_stage else 0
         new = constriction.stream.queue.RangeDecoder
-        self.tok = [new(np.ascontiguousarray(t, np.uint32)) for t, _ in streams]
-        self.uni = [new(np.ascontiguousarray(u, np.uint32)) for _, u in streams]
-        self._buffer = np.empty((0, N_TOKENS))   # probability rows, reused from step to step
+        self.tok, self.uni, *tail = ([new(np.ascontiguousarray(s[k], np.uint32)) for s in streams]
+                                     for k in range(3 if two_stage else 2))
+        self.tail = tail[0] if tail else self.tok      # where the escape classes are
+        # probability rows, reused from step to step
+        self._buffer = np.empty((0, STAGE_WIDTH if two_stage else N_TOKENS))
         self._fast = kernels.available()
 
     def _per_stream(self, decoders, segments, mask, model, params):
@@ -240,19 +350,44 @@ class StepDecoder:
                for (stream, _, _), (lo, hi) in zip(segments, bounds) if hi > lo]
         return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
-    def _rows(self, j: np.ndarray, pred: np.ndarray):
-        """Probability rows of the step's tokens and their low-bit counts."""
+    def _whole_rows(self, j: np.ndarray, pred: np.ndarray, out: np.ndarray | None = None):
+        """The tokens' whole probability rows (truncated to the range, where coded so), with
+        their low-bit counts; in ``out`` where given and the kernels run."""
         if not self._fast:
             sh = self.tables.shifts[j]
             rows = self.tables.rows(j)
             if self.bounds is not None:
                 truncate_rows(rows, *token_bounds(pred, sh, *self.bounds))
             return rows, sh
-        if len(self._buffer) < len(j):
-            self._buffer = np.empty((max(len(j), 2 * len(self._buffer)), N_TOKENS))
+        out = np.empty((len(j), N_TOKENS)) if out is None else out
         sh = kernels.token_rows(self.tables.token_rows, TOKEN_RANGE, self.tables.shifts, j, pred,
-                                self.bounds, RANGE_EDGE, self._buffer)
+                                self.bounds, RANGE_EDGE, out)
+        return out[:len(j)], sh
+
+    def _rows(self, j: np.ndarray, pred: np.ndarray):
+        """Probability rows of the step's tokens (first stages, in format 5) and their
+        low-bit counts."""
+        if not self._fast:
+            rows, sh = self._whole_rows(j, pred)
+            return (stage_rows(rows) if self.stage else rows), sh
+        if len(self._buffer) < len(j):
+            self._buffer = np.empty((max(len(j), 2 * len(self._buffer)),
+                                     self._buffer.shape[1]))
+        sh = kernels.token_rows(self.tables.token_rows, TOKEN_RANGE, self.tables.shifts, j, pred,
+                                self.bounds, RANGE_EDGE, self._buffer, self.stage,
+                                self.tables.token_cum if self.stage else None)
         return self._buffer[:len(j)], sh
+
+    def _two_stage_tokens(self, segments, j: np.ndarray, pred: np.ndarray, rows) -> np.ndarray:
+        """Tokens from their first stages (``rows``) and, for those beyond, the tail stream."""
+        first = self._per_stream(self.tok, segments, None, _CATEGORICAL, rows)
+        beyond = first >= 2 * STAGE_RANGE
+        second = np.zeros(0, np.int64)
+        if beyond.any():
+            whole, _ = self._whole_rows(j[beyond], pred[beyond])
+            tail = tail_rows(whole, first[beyond] == 2 * STAGE_RANGE + 1)
+            second = self._per_stream(self.tail, segments, beyond, _CATEGORICAL, tail)
+        return stage_tokens(first, second)
 
     def decode_step(self, segments, j: np.ndarray, pred: np.ndarray, rows_sh=None
                     ) -> np.ndarray:
@@ -261,12 +396,17 @@ class StepDecoder:
         ``j[start:stop]``; ``rows_sh``: their probability rows and low-bit counts when the
         caller has them (models.kernels.StepKernel)."""
         rows, sh = self._rows(j, pred) if rows_sh is None else rows_sh
-        token = self._per_stream(self.tok, segments, None, _CATEGORICAL, rows)
+        if self.stage:
+            token = self._two_stage_tokens(segments, j, pred, rows)
+        else:
+            token = self._per_stream(self.tok, segments, None, _CATEGORICAL, rows)
         esc = token >= ESC_NEG
         cls = np.zeros(0, np.int64)
         if esc.any():
-            rows = self.tables.rows(np.full(int(esc.sum()), self.tables.class_row))
-            cls = self._per_stream(self.tok, segments, esc, _CATEGORICAL, rows)
+            n_esc = int(esc.sum())
+            rows = np.tile(self.tables.tail_classes, (n_esc, 1)) if self.stage \
+                else self.tables.rows(np.full(n_esc, self.tables.class_row))
+            cls = self._per_stream(self.tail, segments, esc, _CATEGORICAL, rows)
         low = np.zeros(0, np.int64)
         has_low = sh > 0
         if has_low.any():

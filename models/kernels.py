@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _P, _I32, _P]  # layers, sizes, weights, biases, ints, vector, acc
-ABI = 15  # the entry points and signatures of models/_kernels.c this module calls
+ABI = 16  # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -67,10 +67,11 @@ def _library():
     fn.argtypes = [_I32, _I32]
     fn = lib.voxarc_token_rows
     fn.restype = _I64
-    fn.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I32, _I64, _I64, _I64, _P, _P]
+    fn.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _I32, _I64, _I64, _I64, _I64,
+                   _P, _P]
     fn = lib.voxarc_bounded_rows
     fn.restype = _I64
-    fn.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _P]
+    fn.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P]
     fn = lib.voxarc_join
     fn.restype = _I64
     fn.argtypes = [_P, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _P]
@@ -466,44 +467,68 @@ class AdamStep:
 
 def token_rows(table: np.ndarray, token_range: int, shifts: np.ndarray, row: np.ndarray,
                pred: np.ndarray, bounds: tuple[int, int] | None, edge: int,
-               out: np.ndarray) -> np.ndarray:
+               out: np.ndarray, stage: int = 0, cum: np.ndarray | None = None) -> np.ndarray:
     """The range decoder's probability rows ``table[row]`` written to ``out[:n]`` (float64,
     C-contiguous, ``table``'s width), truncated to what ``[lo, hi] = bounds`` lets a symbol
     predicted as ``pred`` take where that range ends within ``edge`` tokens (as
-    :func:`models.entropy.truncate_rows`); returns each symbol's low-bit count
-    ``shifts[row]``."""
+    :func:`models.entropy.truncate_rows`); with ``stage`` > 0 their first-stage rows instead
+    (:func:`models.entropy.stage_rows`, ``out`` ``2 * stage + 2`` wide), from the table's
+    prefix sums ``cum`` (:attr:`models.entropy.CodingTables.token_cum`). Returns each
+    symbol's low-bit count ``shifts[row]``."""
     n = len(row)
     row = np.ascontiguousarray(row, np.int64)
     pred = np.ascontiguousarray(pred, np.int64)
     shifts = np.ascontiguousarray(shifts, np.int64)
     if not (table.flags.c_contiguous and table.dtype == np.float64 and out.flags.c_contiguous
             and out.dtype == np.float64 and out.shape[0] >= n and len(pred) == n
-            and out.shape[1] == table.shape[1] and len(table) <= len(shifts)):
+            and out.shape[1] == _out_width(table, stage) and len(table) <= len(shifts)
+            and _fits_cum(cum, table, token_range, stage)):
         raise ValueError("token_rows: arrays of the wrong type or shape")
     sh = np.empty(n, np.int64)
     lo, hi = bounds if bounds is not None else (0, 0)
-    if _library().voxarc_token_rows(table.ctypes.data, len(table), table.shape[1], token_range,
+    if _library().voxarc_token_rows(table.ctypes.data, _address(cum), len(table),
+                                    table.shape[1], token_range,
                                     shifts.ctypes.data, row.ctypes.data, pred.ctypes.data, n,
-                                    int(bounds is not None), lo, hi, edge, out.ctypes.data,
-                                    sh.ctypes.data) < 0:
+                                    int(bounds is not None), lo, hi, edge, stage,
+                                    out.ctypes.data, sh.ctypes.data) < 0:
         raise ValueError("token_rows: a row outside the table")
     return sh
 
 
+def _out_width(table: np.ndarray, stage: int) -> int:
+    return 2 * stage + 2 if stage > 0 else table.shape[1]
+
+
+def _fits_cum(cum: np.ndarray | None, table: np.ndarray, token_range: int, stage: int) -> bool:
+    """Whether ``cum`` can be the prefix sums of ``table``'s direct tokens (none for stage 0)."""
+    if cum is None:
+        return stage == 0
+    return (cum.dtype == np.float64 and cum.flags.c_contiguous
+            and cum.shape == (len(table), 2 * token_range + 1))
+
+
+def _address(a: np.ndarray | None) -> int:
+    return 0 if a is None else a.ctypes.data
+
+
 def bounded_rows(table: np.ndarray, token_range: int, row: np.ndarray, qmin: np.ndarray,
-                 qmax: np.ndarray, edge: int, out: np.ndarray) -> np.ndarray:
+                 qmax: np.ndarray, edge: int, out: np.ndarray, stage: int = 0,
+                 cum: np.ndarray | None = None) -> np.ndarray:
     """The range encoder's probability rows ``table[row]`` written to ``out[:n]`` (float64,
     C-contiguous, ``table``'s width), truncated to ``[qmin, qmax]`` where that range ends
-    within ``edge`` tokens (as :func:`models.entropy.truncate_rows`); returns ``out[:n]``."""
+    within ``edge`` tokens (as :func:`models.entropy.truncate_rows`), or with ``stage`` > 0
+    their first-stage rows (as :func:`token_rows`, from ``cum``); returns ``out[:n]``."""
     n = len(row)
     row, qmin, qmax = (np.ascontiguousarray(a, np.int64) for a in (row, qmin, qmax))
     if not (table.flags.c_contiguous and table.dtype == np.float64 and out.flags.c_contiguous
             and out.dtype == np.float64 and out.shape[0] >= n and len(qmin) == len(qmax) == n
-            and out.shape[1] == table.shape[1]):
+            and out.shape[1] == _out_width(table, stage)
+            and _fits_cum(cum, table, token_range, stage)):
         raise ValueError("bounded_rows: arrays of the wrong type or shape")
-    if _library().voxarc_bounded_rows(table.ctypes.data, len(table), table.shape[1],
+    if _library().voxarc_bounded_rows(table.ctypes.data, _address(cum), len(table),
+                                      table.shape[1],
                                       token_range, row.ctypes.data, qmin.ctypes.data,
-                                      qmax.ctypes.data, n, edge, out.ctypes.data) < 0:
+                                      qmax.ctypes.data, n, edge, stage, out.ctypes.data) < 0:
         raise ValueError("bounded_rows: a row outside the table")
     return out[:n]
 
@@ -536,24 +561,25 @@ class StepKernel:
     or the network cannot run it (the caller takes the step-by-step path)."""
 
     def __init__(self, buf, koff, net: Network, head, lo: int, hi: int, tables, bounds,
-                 token_range: int, edge: int):
+                 token_range: int, edge: int, stage: int = 0):
         self._keep = [np.ascontiguousarray(koff, np.int64), np.ascontiguousarray(head, np.int64),
-                      tables.token_rows, np.ascontiguousarray(tables.shifts, np.int64), net]
+                      tables.token_rows, np.ascontiguousarray(tables.shifts, np.int64), net,
+                      tables.token_cum]
         koff, head, table, shifts = self._keep[:4]
         assert buf.dtype == np.int32 and buf.flags.c_contiguous and table.flags.c_contiguous
         self._buf = buf
         self._p = np.array([buf.ctypes.data, koff.ctypes.data, _LOG2Q_TABLE.ctypes.data,
                             net._sizes.ctypes.data, net._w.ctypes.data, net._b.ctypes.data,
                             head.ctypes.data, table.ctypes.data, shifts.ctypes.data,
-                            net.q_address], np.uint64)
+                            net.q_address, tables.token_cum.ctypes.data], np.uint64)
         self._q = np.array([len(koff), int(tables.flat), len(net.weights), net.vector(),
                             tables.fraction_bins.bit_length() - 1, SCALE_ZERO, N_SCALES,
                             tables.flat_index, lo,
                             hi, len(table), table.shape[1], token_range, int(bounds is not None),
-                            edge], np.int64)
+                            edge, stage], np.int64)
         if bounds is not None and tuple(bounds) != (lo, hi):
             raise ValueError("the coder's bounds are the volume's range or none")
-        self.width = table.shape[1]
+        self.width = _out_width(table, stage)
         self._out = self._grow(1024)
 
     @staticmethod
@@ -568,7 +594,7 @@ class StepKernel:
         if net is None:
             return None
         return StepKernel(buf, koff, net, predictor.head, lo, hi, decoder.tables,
-                          decoder.bounds, token_range, edge)
+                          decoder.bounds, token_range, edge, decoder.stage)
 
     def _grow(self, n: int) -> tuple:
         return (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),

@@ -794,11 +794,11 @@ def test_a_flipped_version_is_refused_not_read_as_an_older_format():
     """The header CRC covers the version from format 3 on: a version bit flipped into an
     older format (or a later one) is refused."""
     blob = models.encode_volume(phantom((4, 12, 10), "uint16", seed=30), slab=2)
-    assert models.blob_info(blob)["format"] == 4
-    for version in (1, 2, 3, 5):
+    assert models.blob_info(blob)["format"] == 5
+    for version in (1, 2, 3, 4, 6):
         bad = bytearray(blob)
         bad[8:10] = version.to_bytes(2, "little")
-        with pytest.raises(CorruptBlobError, match="checksum" if version < 4 else "version"):
+        with pytest.raises(CorruptBlobError, match="checksum" if version < 5 else "version"):
             models.decode_volume(bytes(bad))
 
 
@@ -819,8 +819,8 @@ def test_column_bands_are_coded_apart_and_give_the_whole_slices(monkeypatch):
                                 tile))
                 for z in (0, 4))
     payloads = sum(length for _, length, _ in header.slab_table)
-    extra_headers = 3 * (4 + 8 * 4) + 3 * (4 + 8 * 2)   # slice count and stream lengths
-    extra_streams = 3 * 6 * 2                          # each ends in at most a word of flush
+    extra_headers = 3 * (4 + 12 * 4) + 3 * (4 + 12 * 2)  # slice count and stream lengths
+    extra_streams = 3 * 6 * 3                          # each ends in at most a word of flush
     assert 0 <= payloads - whole - extra_headers <= 4 * extra_streams
     monkeypatch.setattr(api, "PARALLEL_VOXELS", 1)
     for workers in ("1", "2"):

@@ -83,6 +83,14 @@ VOLUMES = {
     # the embedded model packed in one LZMA stream instead of an npz (models.array_pack,
     # 2026-12-03); written with adapt.pays_off forced True
     "mr_uint16_packed_adapted_v10": lambda: (_phantom((16, 64, 64), "uint16", 24), {"adapt": True}),
+    # blob format 5: tokens in two stages, a tail stream per slice (models.entropy,
+    # 2026-12-03); adapted: written with adapt.pays_off forced True
+    "ct_int16_pad_two_stage_v11": lambda: (_ct_with_padding((9, 40, 60), 25),
+                                           {"slab": 4, "tile": (16, 24)}),
+    "mr_uint16_range_two_stage_v11": lambda: (_near_floor((9, 40, 60), 26),
+                                              {"slab": 4, "tile": (16, 24)}),
+    "ct_int16_pad_two_stage_adapted_v11": lambda: (_ct_with_padding((10, 40, 48), 27),
+                                                   {"adapt": True}),
 }
 
 
@@ -183,7 +191,7 @@ def test_every_golden_volume_is_recorded():
     assert set(VOLUMES) <= set(_record()), "run python tests/test_golden.py and commit the blobs"
 
 
-@pytest.mark.parametrize("name", ["ct_int16_pad_w10_v9", "mr_uint16_range_w10_v9"])
+@pytest.mark.parametrize("name", ["ct_int16_pad_two_stage_v11", "mr_uint16_range_two_stage_v11"])
 def test_current_encoder_writes_the_golden_blob_again(name):
     """Blobs of the shipped model and the current format: the encoder's output is pinned
     byte for byte (a change to it is a format change and needs a new golden blob)."""

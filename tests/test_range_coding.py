@@ -61,26 +61,29 @@ def test_coding_within_range_saves_bits_near_the_dtype_floor_and_stays_exact():
         np.testing.assert_array_equal(back, vol)
 
 
-def test_blobs_are_written_in_format_4_and_formats_1_to_3_still_read():
+def test_blobs_are_written_in_format_5_and_formats_1_to_4_still_read():
     from models.container import pack
     vol = mr_background((4, 20, 24), seed=2)
     blob = models.encode_volume(vol)
     header, base = unpack_header(blob)
-    assert VERSION == 4 and header.version == 4 and header.within_range
+    assert VERSION == 5 and header.version == 5 and header.within_range and header.two_stage
     assert (header.values.lo, header.values.hi) == (int(vol.min()), int(vol.max()))
     np.testing.assert_array_equal(models.decode_volume(blob), vol)
-    # formats 2 and 3: coded within the dtype's range (one band: the slab's payload)
-    payloads = [encode_slab(load_model("default"), vol, 0, 65535, header.slab, header.tile)]
+    # formats 2 to 4: coded within the dtype's range (one band: the slab's payload), tokens
+    # in one stage
+    payloads = [encode_slab(load_model("default"), vol, 0, 65535, header.slab, header.tile,
+                            two_stage=False)]
     facts = (header.model_id, header.model_name, header.dtype, header.shape, header.slab,
              header.tile, payloads)
-    for version in (2, 3):
-        assert unpack_header(pack(*facts, version=version))[0].within_range
+    for version in (2, 3, 4):
+        old = unpack_header(pack(*facts, version=version))[0]
+        assert old.within_range and not old.two_stage
         np.testing.assert_array_equal(models.decode_volume(pack(*facts, version=version)), vol)
     assert not unpack_header(pack(*facts, version=1))[0].within_range   # another coding
     with pytest.raises(ValueError, match="dtype's range only"):
         pack(*facts, version=3, values=header.values)
-    with pytest.raises(CorruptBlobError, match="version 5"):
-        unpack_header(_with_version(blob, 5))
+    with pytest.raises(CorruptBlobError, match="version 6"):
+        unpack_header(_with_version(blob, 6))
 
 
 def _with_version(blob: bytes, version: int) -> bytes:

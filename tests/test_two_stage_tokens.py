@@ -1,0 +1,125 @@
+"""Blob format 5 codes each token in two stages (models.entropy): a first stage of 14 symbols
+and, for the few tokens beyond it, a second one in the tail stream. The split must be exact
+(the same tokens back, the same probabilities), the compiled rows must equal numpy's, and it
+must not cost bits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import models
+from models import kernels
+from models.codec import decode_slabs, encode_slab
+from models.entropy import (BEYOND, ESC_NEG, ESC_POS, N_TOKENS, RANGE_EDGE, STAGE_RANGE,
+                            STAGE_WIDTH, TOKEN_RANGE, stage_rows, stage_symbols, stage_tokens,
+                            tail_rows, truncate_rows)
+from models.registry import load_model
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="compiled kernels not built")
+
+
+def test_every_token_splits_into_two_stages_and_back():
+    token = np.arange(N_TOKENS)
+    first, beyond, above, second = stage_symbols(token)
+    assert first.min() >= 0 and first.max() == STAGE_WIDTH - 1
+    assert second.min() >= 0 and second.max() == BEYOND
+    q = token[:2 * TOKEN_RANGE] - TOKEN_RANGE
+    assert (beyond[:2 * TOKEN_RANGE] == ((q < -STAGE_RANGE) | (q >= STAGE_RANGE))).all()
+    assert beyond[ESC_NEG] and beyond[ESC_POS] and above[-1] and not above[-2]
+    np.testing.assert_array_equal(stage_tokens(first, second), token)
+
+
+def test_a_second_stage_symbol_past_its_alphabet_is_refused():
+    first = np.array([2 * STAGE_RANGE + 1])
+    with pytest.raises(ValueError, match="corrupt"):
+        stage_tokens(first, np.array([BEYOND + 1]))
+
+
+def _random_rows(rng, n):
+    rows = rng.integers(1, 5000, (n, N_TOKENS)).astype(np.float64)
+    qmin = rng.integers(-40, 30, n)
+    qmax = qmin + rng.integers(0, 60, n)
+    wide = rng.random(n) < 0.3           # ends far away: untruncated rows
+    qmin[wide], qmax[wide] = -1000, 1000
+    return rows, qmin, qmax
+
+
+def test_the_two_stages_multiply_to_the_whole_rows_probabilities():
+    """P(first) * P(second | beyond) = P(token) for every token and truncation: the split
+    codes the same information (the coder's rounding aside)."""
+    rng = np.random.default_rng(0)
+    rows, qmin, qmax = _random_rows(rng, 200)
+    whole = truncate_rows(rows.copy(), qmin, qmax)
+    p = whole / whole.sum(axis=1, keepdims=True)
+    first_rows = stage_rows(whole)
+    p1 = first_rows / first_rows.sum(axis=1, keepdims=True)
+    for token in range(N_TOKENS):
+        first, beyond, above, second = stage_symbols(np.full(len(rows), token))
+        joint = p1[np.arange(len(rows)), first]
+        if beyond.all():
+            t = tail_rows(whole, above)
+            with np.errstate(invalid="ignore"):
+                joint = joint * t[np.arange(len(rows)), second] / t.sum(axis=1)
+            joint = np.nan_to_num(joint)     # a side with no probability at all
+        np.testing.assert_allclose(joint, p[:, token], rtol=1e-12, atol=1e-15)
+
+
+@needs_kernels
+def test_compiled_first_stage_rows_equal_numpy_exactly():
+    rng = np.random.default_rng(1)
+    table = rng.integers(1, 1 << 16, (40, N_TOKENS)).astype(np.float64)
+    cum = np.zeros((40, 2 * TOKEN_RANGE + 1))
+    cum[:, 1:] = np.cumsum(table[:, :2 * TOKEN_RANGE], axis=1)
+    n = 3000
+    row = rng.integers(0, 40, n)
+    _, qmin, qmax = _random_rows(rng, n)
+    expected = stage_rows(truncate_rows(table[row].copy(), qmin, qmax))
+    out = np.empty((n, STAGE_WIDTH))
+    kernels.bounded_rows(table, TOKEN_RANGE, row, qmin, qmax, RANGE_EDGE, out, STAGE_RANGE, cum)
+    np.testing.assert_array_equal(out, expected)
+    # the decoder's form: bounds from the predictions and a value range
+    shifts = rng.integers(0, 5, 40)
+    pred = rng.integers(0, 4096, n)
+    lo, hi = 0, 4095
+    qlo, qhi = (lo - pred) >> shifts[row], (hi - pred) >> shifts[row]
+    expected = stage_rows(truncate_rows(table[row].copy(), qlo, qhi))
+    sh = kernels.token_rows(table, TOKEN_RANGE, shifts, row, pred, (lo, hi), RANGE_EDGE, out,
+                            STAGE_RANGE, cum)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(sh, shifts[row])
+    with pytest.raises(ValueError, match="wrong type or shape"):     # no prefix sums
+        kernels.token_rows(table, TOKEN_RANGE, shifts, row, pred, (lo, hi), RANGE_EDGE, out,
+                           STAGE_RANGE)
+
+
+def _phantom(shape, seed):
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    vol = 1000 + 800 * (x ** 2 + y ** 2 < 0.4) + 300 * np.sin(6 * x + 2 * z)
+    return np.round(vol + rng.normal(0, 25, shape)).astype(np.int16)
+
+
+def test_two_stages_cost_no_bits_and_decode_exactly():
+    """The same slab in one and two stages: the same volume back, and the two-stage payload
+    larger only by its third stream per slice (a length and at most two words of flush)."""
+    predictor = load_model("default")
+    vol = _phantom((6, 64, 72), 2)
+    vol[:, :, :4] = -2000                          # jumps: escapes on both sides
+    args = (predictor, vol, -2048, 4095, 8, (64, 72))
+    one, two = encode_slab(*args, two_stage=False), encode_slab(*args, two_stage=True)
+    assert len(one) - 16 <= len(two) <= len(one) + 6 * (4 + 8)
+    for payload, flag in ((one, False), (two, True)):
+        (back,) = decode_slabs(predictor, [payload], [6], 64, 72, -2048, 4095, 8, (64, 72),
+                               two_stage=flag)
+        np.testing.assert_array_equal(back, vol)
+
+
+def test_blobs_decode_the_same_without_the_compiled_kernels(monkeypatch):
+    vol = _phantom((5, 40, 50), 3)
+    blob = models.encode_volume(vol, adapt=False)
+    assert models.blob_info(blob)["format"] == 5
+    monkeypatch.setenv("VOXARC_KERNELS", "numpy")
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")
+    np.testing.assert_array_equal(models.decode_volume(blob), vol)
+    assert models.encode_volume(vol, adapt=False) == blob
