@@ -28,7 +28,7 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
-#define ABI 16             /* models/kernels.py's ABI: raised whenever an entry point changes */
+#define ABI 17             /* models/kernels.py's ABI: raised whenever an entry point changes */
 
 /* Which set of entry points and signatures this build has. */
 int64_t voxarc_abi(void)
@@ -923,6 +923,72 @@ int64_t voxarc_token_rows(const double *table, const double *cum, int64_t rows, 
                   token_range, stage, qmin, qmax, edge, out + i * out_width);
     }
     return 0;
+}
+
+/* Second-stage rows (blob format 5, models.entropy.tail_rows) of n symbols beyond their first
+ * stage, predicted as pred[i] at table row row[i]: the direct tokens beyond the first stage on
+ * the symbol's side (above[i]: q in [S, T), else q in [-T, -S)), then that side's escape, each
+ * kept or dropped as bounded_row keeps them (within [lo, hi] where bounded); zeros after, to
+ * out_width columns. */
+int64_t voxarc_tail_rows(const double *table, int64_t rows, int64_t width, int64_t token_range,
+                         int64_t stage, const int64_t *shifts, const int64_t *row,
+                         const int64_t *pred, const uint8_t *above, int64_t n, int32_t bounded,
+                         int64_t lo, int64_t hi, int64_t edge, int64_t out_width, double *out)
+{
+    int64_t T = token_range, S = stage, beyond = token_range - stage;
+    if (width < 2 * T + 2 || S < 1 || S > T || out_width < beyond + 1)
+        return -1;
+    for (int64_t i = 0; i < n; i++)
+        if (row[i] < 0 || row[i] >= rows)
+            return -1;
+    for (int64_t i = 0; i < n; i++) {
+        const double *src = table + row[i] * width;
+        int64_t s = shifts[row[i]];
+        int64_t qmin = bounded ? (lo - pred[i]) >> s : -edge - 1;
+        int64_t qmax = bounded ? (hi - pred[i]) >> s : edge;
+        int open = qmin < -edge && qmax >= edge;
+        int64_t q0 = above[i] ? S : -T;           /* the side's first direct token */
+        double *dst = out + i * out_width;
+        for (int64_t k = 0; k < beyond; k++) {
+            int64_t q = q0 + k;
+            dst[k] = open || (q >= qmin && q <= qmax) ? src[T + q] : 0.0;
+        }
+        if (above[i])
+            dst[beyond] = open || qmax >= T ? src[2 * T + 1] : 0.0;
+        else
+            dst[beyond] = open || qmin < -T ? src[2 * T] : 0.0;
+        for (int64_t k = beyond + 1; k < out_width; k++)
+            dst[k] = 0.0;
+    }
+    return 0;
+}
+
+/* Tokens (models.entropy.stage_tokens) from n first-stage symbols and the m second-stage ones
+ * of those beyond [-S, S) (in order). Returns -1 when the counts do not match or a symbol is
+ * outside its alphabet (a corrupt stream). */
+int64_t voxarc_stage_tokens(const int64_t *first, int64_t n, const int64_t *second, int64_t m,
+                            int64_t token_range, int64_t stage, int64_t *token)
+{
+    int64_t T = token_range, S = stage, beyond = token_range - stage, used = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t f = first[i];
+        if (f < 0 || f > 2 * S + 1)
+            return -1;
+        if (f < 2 * S) {
+            token[i] = f + T - S;
+            continue;
+        }
+        if (used >= m)
+            return -1;
+        int64_t t = second[used++];
+        if (t < 0 || t > beyond)
+            return -1;
+        if (f == 2 * S + 1)
+            token[i] = t == beyond ? 2 * T + 1 : t + T + S;
+        else
+            token[i] = t == beyond ? 2 * T : t;
+    }
+    return used == m ? 0 : -1;
 }
 
 /* The range encoder's probability rows: out[i] = table[row[i]] truncated to [qmin[i],

@@ -350,19 +350,14 @@ class StepDecoder:
                for (stream, _, _), (lo, hi) in zip(segments, bounds) if hi > lo]
         return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
-    def _whole_rows(self, j: np.ndarray, pred: np.ndarray, out: np.ndarray | None = None):
-        """The tokens' whole probability rows (truncated to the range, where coded so), with
-        their low-bit counts; in ``out`` where given and the kernels run."""
-        if not self._fast:
-            sh = self.tables.shifts[j]
-            rows = self.tables.rows(j)
-            if self.bounds is not None:
-                truncate_rows(rows, *token_bounds(pred, sh, *self.bounds))
-            return rows, sh
-        out = np.empty((len(j), N_TOKENS)) if out is None else out
-        sh = kernels.token_rows(self.tables.token_rows, TOKEN_RANGE, self.tables.shifts, j, pred,
-                                self.bounds, RANGE_EDGE, out)
-        return out[:len(j)], sh
+    def _whole_rows(self, j: np.ndarray, pred: np.ndarray):
+        """The tokens' whole probability rows (truncated to the range, where coded so) and
+        their low-bit counts, in numpy (the compiled kernels' reference)."""
+        sh = self.tables.shifts[j]
+        rows = self.tables.rows(j)
+        if self.bounds is not None:
+            truncate_rows(rows, *token_bounds(pred, sh, *self.bounds))
+        return rows, sh
 
     def _rows(self, j: np.ndarray, pred: np.ndarray):
         """Probability rows of the step's tokens (first stages, in format 5) and their
@@ -384,10 +379,20 @@ class StepDecoder:
         beyond = first >= 2 * STAGE_RANGE
         second = np.zeros(0, np.int64)
         if beyond.any():
-            whole, _ = self._whole_rows(j[beyond], pred[beyond])
-            tail = tail_rows(whole, first[beyond] == 2 * STAGE_RANGE + 1)
+            above = first[beyond] == 2 * STAGE_RANGE + 1
+            if self._fast:
+                tail = kernels.tail_rows(self.tables.token_rows, TOKEN_RANGE, STAGE_RANGE,
+                                         self.tables.shifts, j[beyond], pred[beyond], above,
+                                         self.bounds, RANGE_EDGE, TAIL_WIDTH)
+            else:
+                tail = tail_rows(self._whole_rows(j[beyond], pred[beyond])[0], above)
             second = self._per_stream(self.tail, segments, beyond, _CATEGORICAL, tail)
-        return stage_tokens(first, second)
+        if not self._fast:
+            return stage_tokens(first, second)
+        token = kernels.stage_tokens(first, second, TOKEN_RANGE, STAGE_RANGE)
+        if token is None:
+            raise ValueError("a second-stage token outside its side's alphabet: corrupt stream")
+        return token
 
     def decode_step(self, segments, j: np.ndarray, pred: np.ndarray, rows_sh=None
                     ) -> np.ndarray:

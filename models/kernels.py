@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _P, _I32, _P]  # layers, sizes, weights, biases, ints, vector, acc
-ABI = 16  # the entry points and signatures of models/_kernels.c this module calls
+ABI = 17  # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -72,6 +72,13 @@ def _library():
     fn = lib.voxarc_bounded_rows
     fn.restype = _I64
     fn.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P]
+    fn = lib.voxarc_tail_rows
+    fn.restype = _I64
+    fn.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I32, _I64, _I64, _I64,
+                   _I64, _P]
+    fn = lib.voxarc_stage_tokens
+    fn.restype = _I64
+    fn.argtypes = [_P, _I64, _P, _I64, _I64, _I64, _P]
     fn = lib.voxarc_join
     fn.restype = _I64
     fn.argtypes = [_P, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _P]
@@ -531,6 +538,40 @@ def bounded_rows(table: np.ndarray, token_range: int, row: np.ndarray, qmin: np.
                                       qmax.ctypes.data, n, edge, stage, out.ctypes.data) < 0:
         raise ValueError("bounded_rows: a row outside the table")
     return out[:n]
+
+
+def tail_rows(table: np.ndarray, token_range: int, stage: int, shifts: np.ndarray,
+              row: np.ndarray, pred: np.ndarray, above: np.ndarray,
+              bounds: tuple[int, int] | None, edge: int, width: int) -> np.ndarray:
+    """Second-stage rows (as :func:`models.entropy.tail_rows` of the truncated rows
+    :func:`token_rows` gives) of symbols beyond their first stage, ``above`` their side,
+    ``width`` columns."""
+    n = len(row)
+    row, pred, shifts = (np.ascontiguousarray(a, np.int64) for a in (row, pred, shifts))
+    above = np.ascontiguousarray(above, np.bool_)
+    if not (table.flags.c_contiguous and table.dtype == np.float64 and len(pred) == n
+            and len(above) == n and len(table) <= len(shifts)):
+        raise ValueError("tail_rows: arrays of the wrong type or shape")
+    out = np.empty((n, width))
+    lo, hi = bounds if bounds is not None else (0, 0)
+    if _library().voxarc_tail_rows(table.ctypes.data, len(table), table.shape[1], token_range,
+                                   stage, shifts.ctypes.data, row.ctypes.data, pred.ctypes.data,
+                                   above.ctypes.data, n, int(bounds is not None), lo, hi, edge,
+                                   width, out.ctypes.data) < 0:
+        raise ValueError("tail_rows: a row outside the table, or a width too small")
+    return out
+
+
+def stage_tokens(first: np.ndarray, second: np.ndarray, token_range: int, stage: int
+                 ) -> np.ndarray | None:
+    """Tokens from their two stages (as :func:`models.entropy.stage_tokens`); None when the
+    symbols do not fit (a corrupt stream)."""
+    first, second = (np.ascontiguousarray(a, np.int64) for a in (first, second))
+    out = np.empty(len(first), np.int64)
+    if _library().voxarc_stage_tokens(first.ctypes.data, len(first), second.ctypes.data,
+                                      len(second), token_range, stage, out.ctypes.data) < 0:
+        return None
+    return out
 
 
 def join(token: np.ndarray, sh: np.ndarray, low: np.ndarray, cls: np.ndarray,

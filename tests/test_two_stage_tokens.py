@@ -12,8 +12,8 @@ import models
 from models import kernels
 from models.codec import decode_slabs, encode_slab
 from models.entropy import (BEYOND, ESC_NEG, ESC_POS, N_TOKENS, RANGE_EDGE, STAGE_RANGE,
-                            STAGE_WIDTH, TOKEN_RANGE, stage_rows, stage_symbols, stage_tokens,
-                            tail_rows, truncate_rows)
+                            STAGE_WIDTH, TAIL_WIDTH, TOKEN_RANGE, stage_rows, stage_symbols,
+                            stage_tokens, tail_rows, truncate_rows)
 from models.registry import load_model
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="compiled kernels not built")
@@ -91,6 +91,33 @@ def test_compiled_first_stage_rows_equal_numpy_exactly():
     with pytest.raises(ValueError, match="wrong type or shape"):     # no prefix sums
         kernels.token_rows(table, TOKEN_RANGE, shifts, row, pred, (lo, hi), RANGE_EDGE, out,
                            STAGE_RANGE)
+
+
+@needs_kernels
+def test_compiled_second_stage_rows_and_tokens_equal_numpy_exactly():
+    rng = np.random.default_rng(2)
+    table = rng.integers(1, 1 << 16, (40, N_TOKENS)).astype(np.float64)
+    shifts = rng.integers(0, 5, 40)
+    n = 3000
+    row = rng.integers(0, 40, n)
+    pred = np.concatenate([rng.integers(0, 4096, n - 100), np.full(50, 2), np.full(50, 4090)])
+    above = rng.random(n) < 0.5
+    for bounds in ((0, 4095), None):
+        whole = table[row].copy()
+        if bounds is not None:
+            lo, hi = bounds
+            truncate_rows(whole, (lo - pred) >> shifts[row], (hi - pred) >> shifts[row])
+        got = kernels.tail_rows(table, TOKEN_RANGE, STAGE_RANGE, shifts, row, pred, above, bounds,
+                                RANGE_EDGE, TAIL_WIDTH)
+        np.testing.assert_array_equal(got, tail_rows(whole, above))
+    token = rng.integers(0, N_TOKENS, n)
+    first, beyond, _, second = stage_symbols(token)
+    np.testing.assert_array_equal(kernels.stage_tokens(first, second, TOKEN_RANGE, STAGE_RANGE),
+                                  token)
+    bad = second.copy()
+    bad[0] = BEYOND + 1
+    assert kernels.stage_tokens(first, bad, TOKEN_RANGE, STAGE_RANGE) is None
+    assert kernels.stage_tokens(first, second[:-1], TOKEN_RANGE, STAGE_RANGE) is None
 
 
 def _phantom(shape, seed):
