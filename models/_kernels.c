@@ -926,14 +926,14 @@ int64_t voxarc_token_rows(const double *table, const double *cum, int64_t rows, 
 }
 
 /* Second-stage rows (blob format 5, models.entropy.tail_rows) of n symbols beyond their first
- * stage, predicted as pred[i] at table row row[i]: the direct tokens beyond the first stage on
- * the symbol's side (above[i]: q in [S, T), else q in [-T, -S)), then that side's escape, each
- * kept or dropped as bounded_row keeps them (within [lo, hi] where bounded); zeros after, to
- * out_width columns. */
+ * stage, at table row row[i] with token bounds [qmin[i], qmax[i]]: the direct tokens beyond the
+ * first stage on the symbol's side (above[i]: q in [S, T), else q in [-T, -S)), then that
+ * side's escape, each kept or dropped as bounded_row keeps them; zeros after, to out_width
+ * columns. */
 int64_t voxarc_tail_rows(const double *table, int64_t rows, int64_t width, int64_t token_range,
-                         int64_t stage, const int64_t *shifts, const int64_t *row,
-                         const int64_t *pred, const uint8_t *above, int64_t n, int32_t bounded,
-                         int64_t lo, int64_t hi, int64_t edge, int64_t out_width, double *out)
+                         int64_t stage, const int64_t *row, const int64_t *qmin_of,
+                         const int64_t *qmax_of, const uint8_t *above, int64_t n, int64_t edge,
+                         int64_t out_width, double *out)
 {
     int64_t T = token_range, S = stage, beyond = token_range - stage;
     if (width < 2 * T + 2 || S < 1 || S > T || out_width < beyond + 1)
@@ -943,9 +943,7 @@ int64_t voxarc_tail_rows(const double *table, int64_t rows, int64_t width, int64
             return -1;
     for (int64_t i = 0; i < n; i++) {
         const double *src = table + row[i] * width;
-        int64_t s = shifts[row[i]];
-        int64_t qmin = bounded ? (lo - pred[i]) >> s : -edge - 1;
-        int64_t qmax = bounded ? (hi - pred[i]) >> s : edge;
+        int64_t qmin = qmin_of[i], qmax = qmax_of[i];
         int open = qmin < -edge && qmax >= edge;
         int64_t q0 = above[i] ? S : -T;           /* the side's first direct token */
         double *dst = out + i * out_width;

@@ -141,6 +141,15 @@ class CodingTables:
         """Probability rows for table indices (``class_row`` selects the escape classes)."""
         return np.take(self._rows, index, axis=0)
 
+    def tail_rows(self, index: np.ndarray, qmin: np.ndarray, qmax: np.ndarray,
+                  above: np.ndarray) -> np.ndarray:
+        """Second-stage rows (:func:`tail_rows`) of symbols beyond their first stage at table
+        rows ``index``, truncated to ``[qmin, qmax]``, ``above`` their side."""
+        if kernels.available():
+            return kernels.tail_rows(self.token_rows, TOKEN_RANGE, STAGE_RANGE, index, qmin, qmax,
+                                     above, RANGE_EDGE, TAIL_WIDTH)
+        return tail_rows(truncate_rows(self.rows(index), qmin, qmax), above)
+
     def bounded_rows(self, index: np.ndarray, qmin: np.ndarray, qmax: np.ndarray,
                      out: np.ndarray, stage: int = 0) -> np.ndarray:
         """:meth:`rows` truncated to the tokens ``[qmin, qmax]`` (:func:`truncate_rows`),
@@ -207,17 +216,27 @@ def tail_rows(rows: np.ndarray, above: np.ndarray) -> np.ndarray:
     return out
 
 
-def stage_symbols(token: np.ndarray):
-    """A token's two stages: its first-stage symbol, and for symbols beyond ``[-S, S)`` (the
-    mask returned) their side (True: above) and second-stage symbol."""
+def _stage_tables():
+    """Each token's first-stage symbol and second-stage symbol (-1: none), as lookup tables."""
     T, S = TOKEN_RANGE, STAGE_RANGE
+    token = np.arange(N_TOKENS)
     below = (token < T - S) | (token == ESC_NEG)
     above = ((token >= T + S) & (token < 2 * T)) | (token == ESC_POS)
     first = np.where(below, 2 * S, np.where(above, 2 * S + 1, token - (T - S)))
-    beyond = below | above
-    t, up = token[beyond], above[beyond]
-    second = np.where(t >= ESC_NEG, BEYOND, np.where(up, t - (T + S), t))
-    return first, beyond, up, second
+    second = np.where(token >= ESC_NEG, BEYOND, np.where(above, token - (T + S), token))
+    return first, np.where(below | above, second, -1)
+
+
+_FIRST_OF, _SECOND_OF = _stage_tables()
+
+
+def stage_symbols(token: np.ndarray):
+    """A token's two stages: its first-stage symbol, and for symbols beyond ``[-S, S)`` (the
+    mask returned) their side (True: above) and second-stage symbol."""
+    first = _FIRST_OF[token]
+    beyond = first >= 2 * STAGE_RANGE
+    far = first[beyond]
+    return first, beyond, far == 2 * STAGE_RANGE + 1, _SECOND_OF[token[beyond]]
 
 
 def stage_tokens(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -309,9 +328,9 @@ def _encode_two_stage(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of
     _encode_chunks(tok, first, lambda a, b: tables.bounded_rows(j[a:b], qmin[a:b], qmax[a:b],
                                                                 out, STAGE_RANGE))
     far = np.flatnonzero(beyond)
-    whole = tables.bounded_rows(j[far], qmin[far], qmax[far], np.empty((len(far), N_TOKENS)))
     esc = np.flatnonzero(sym.token >= ESC_NEG)
-    rows = np.concatenate([tail_rows(whole, above), np.tile(tables.tail_classes, (len(esc), 1))])
+    rows = np.concatenate([tables.tail_rows(j[far], qmin[far], qmax[far], above),
+                           np.tile(tables.tail_classes, (len(esc), 1))])
     values, at = _interleave([(step_of[far], second, np.arange(len(far))),
                               (step_of[esc], sym.cls[esc], len(far) + np.arange(len(esc)))])
     tail = constriction.stream.queue.RangeEncoder()
@@ -350,20 +369,14 @@ class StepDecoder:
                for (stream, _, _), (lo, hi) in zip(segments, bounds) if hi > lo]
         return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
-    def _whole_rows(self, j: np.ndarray, pred: np.ndarray):
-        """The tokens' whole probability rows (truncated to the range, where coded so) and
-        their low-bit counts, in numpy (the compiled kernels' reference)."""
-        sh = self.tables.shifts[j]
-        rows = self.tables.rows(j)
-        if self.bounds is not None:
-            truncate_rows(rows, *token_bounds(pred, sh, *self.bounds))
-        return rows, sh
-
     def _rows(self, j: np.ndarray, pred: np.ndarray):
         """Probability rows of the step's tokens (first stages, in format 5) and their
         low-bit counts."""
         if not self._fast:
-            rows, sh = self._whole_rows(j, pred)
+            sh = self.tables.shifts[j]
+            rows = self.tables.rows(j)
+            if self.bounds is not None:
+                truncate_rows(rows, *token_bounds(pred, sh, *self.bounds))
             return (stage_rows(rows) if self.stage else rows), sh
         if len(self._buffer) < len(j):
             self._buffer = np.empty((max(len(j), 2 * len(self._buffer)),
@@ -380,12 +393,12 @@ class StepDecoder:
         second = np.zeros(0, np.int64)
         if beyond.any():
             above = first[beyond] == 2 * STAGE_RANGE + 1
-            if self._fast:
-                tail = kernels.tail_rows(self.tables.token_rows, TOKEN_RANGE, STAGE_RANGE,
-                                         self.tables.shifts, j[beyond], pred[beyond], above,
-                                         self.bounds, RANGE_EDGE, TAIL_WIDTH)
+            jb = j[beyond]
+            if self.bounds is None:
+                qmin, qmax = np.full(len(jb), -RANGE_EDGE - 1), np.full(len(jb), RANGE_EDGE)
             else:
-                tail = tail_rows(self._whole_rows(j[beyond], pred[beyond])[0], above)
+                qmin, qmax = token_bounds(pred[beyond], self.tables.shifts[jb], *self.bounds)
+            tail = self.tables.tail_rows(jb, qmin, qmax, above)
             second = self._per_stream(self.tail, segments, beyond, _CATEGORICAL, tail)
         if not self._fast:
             return stage_tokens(first, second)

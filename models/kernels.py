@@ -74,8 +74,7 @@ def _library():
     fn.argtypes = [_P, _P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _P]
     fn = lib.voxarc_tail_rows
     fn.restype = _I64
-    fn.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I32, _I64, _I64, _I64,
-                   _I64, _P]
+    fn.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _P]
     fn = lib.voxarc_stage_tokens
     fn.restype = _I64
     fn.argtypes = [_P, _I64, _P, _I64, _I64, _I64, _P]
@@ -540,24 +539,22 @@ def bounded_rows(table: np.ndarray, token_range: int, row: np.ndarray, qmin: np.
     return out[:n]
 
 
-def tail_rows(table: np.ndarray, token_range: int, stage: int, shifts: np.ndarray,
-              row: np.ndarray, pred: np.ndarray, above: np.ndarray,
-              bounds: tuple[int, int] | None, edge: int, width: int) -> np.ndarray:
-    """Second-stage rows (as :func:`models.entropy.tail_rows` of the truncated rows
-    :func:`token_rows` gives) of symbols beyond their first stage, ``above`` their side,
+def tail_rows(table: np.ndarray, token_range: int, stage: int, row: np.ndarray,
+              qmin: np.ndarray, qmax: np.ndarray, above: np.ndarray, edge: int,
+              width: int) -> np.ndarray:
+    """Second-stage rows (as :func:`models.entropy.tail_rows` of the rows
+    :func:`bounded_rows` gives) of symbols beyond their first stage, ``above`` their side,
     ``width`` columns."""
     n = len(row)
-    row, pred, shifts = (np.ascontiguousarray(a, np.int64) for a in (row, pred, shifts))
+    row, qmin, qmax = (np.ascontiguousarray(a, np.int64) for a in (row, qmin, qmax))
     above = np.ascontiguousarray(above, np.bool_)
-    if not (table.flags.c_contiguous and table.dtype == np.float64 and len(pred) == n
-            and len(above) == n and len(table) <= len(shifts)):
+    if not (table.flags.c_contiguous and table.dtype == np.float64
+            and len(qmin) == len(qmax) == len(above) == n):
         raise ValueError("tail_rows: arrays of the wrong type or shape")
     out = np.empty((n, width))
-    lo, hi = bounds if bounds is not None else (0, 0)
     if _library().voxarc_tail_rows(table.ctypes.data, len(table), table.shape[1], token_range,
-                                   stage, shifts.ctypes.data, row.ctypes.data, pred.ctypes.data,
-                                   above.ctypes.data, n, int(bounds is not None), lo, hi, edge,
-                                   width, out.ctypes.data) < 0:
+                                   stage, row.ctypes.data, qmin.ctypes.data, qmax.ctypes.data,
+                                   above.ctypes.data, n, edge, width, out.ctypes.data) < 0:
         raise ValueError("tail_rows: a row outside the table, or a width too small")
     return out
 
