@@ -851,11 +851,7 @@ static inline void bounded_row(const double *src, int64_t width, int64_t token_r
         dst[2 * token_range + 1] = 0.0;
 }
 
-/* One symbol's first-stage row (blob format 5, models.entropy.stage_rows): the 2S direct
- * tokens q in [-S, S) of its bounded_row, then the sums of what lies beyond on each side (the
- * farther direct tokens and that side's escape), from the row's prefix sums cum (cum[k]: the
- * sum of its first k direct tokens). The frequencies are integers, so these sums are exact and
- * equal to a sum in any order. */
+/* The sum of a row's direct tokens [a, b) within [lo, hi), from its prefix sums cum. */
 static inline double span_sum(const double *cum, int64_t a, int64_t b, int64_t lo, int64_t hi)
 {
     a = a < lo ? lo : (a > hi ? hi : a);
@@ -863,6 +859,11 @@ static inline double span_sum(const double *cum, int64_t a, int64_t b, int64_t l
     return b > a ? cum[b] - cum[a] : 0.0;
 }
 
+/* One symbol's first-stage row (blob format 5, models.entropy.stage_rows): the 2S direct
+ * tokens q in [-S, S) of its bounded_row, then the sums of what lies beyond on each side (the
+ * farther direct tokens and that side's escape), from the row's prefix sums cum (cum[k]: the
+ * sum of its first k direct tokens). The frequencies are integers, so these sums are exact and
+ * equal to a sum in any order. */
 static inline void stage_row(const double *src, const double *cum, int64_t token_range,
                              int64_t stage, int64_t qmin, int64_t qmax, int64_t edge,
                              double *dst)
@@ -918,9 +919,8 @@ int64_t voxarc_token_rows(const double *table, const double *cum, int64_t rows, 
         /* unbounded: a range that ends nowhere near */
         int64_t qmin = bounded ? (lo - pred[i]) >> s : -edge - 1;
         int64_t qmax = bounded ? (hi - pred[i]) >> s : edge;
-        coder_row(table + row[i] * width, stage > 0 ? cum + row[i] * (2 * token_range + 1) : NULL,
-                  width,
-                  token_range, stage, qmin, qmax, edge, out + i * out_width);
+        coder_row(table + row[i] * width, stage > 0 ? cum + row[i] * (2 * token_range + 1)
+                  : NULL, width, token_range, stage, qmin, qmax, edge, out + i * out_width);
     }
     return 0;
 }
@@ -1005,9 +1005,8 @@ int64_t voxarc_bounded_rows(const double *table, const double *cum, int64_t rows
         if (row[i] < 0 || row[i] >= rows)
             return -1;
     for (int64_t i = 0; i < n; i++)
-        coder_row(table + row[i] * width, stage > 0 ? cum + row[i] * (2 * token_range + 1) : NULL,
-                  width,
-                  token_range, stage, qmin[i], qmax[i], edge, out + i * out_width);
+        coder_row(table + row[i] * width, stage > 0 ? cum + row[i] * (2 * token_range + 1)
+                  : NULL, width, token_range, stage, qmin[i], qmax[i], edge, out + i * out_width);
     return 0;
 }
 
