@@ -171,11 +171,11 @@ def measure(codec: bench_codecs.Codec, volume: np.ndarray, repeat: int,
     for out in decoded:
         verify(volume, out, codec.name)
     nbytes = encoded[0].nbytes
-    slice_s = _time_one_slice(codec, encoded[0], volume)
+    slice_s, slice_walls = _time_one_slice(codec, encoded[0], volume, repeat)
     row = {"voxels": int(volume.size), "bytes": nbytes, "bpv": 8 * nbytes / volume.size,
            "verified": True, "encode_runs": len(encoded), "decode_runs": len(decoded),
            "encode_first_wall_s": enc_walls[0], "decode_first_wall_s": dec_walls[0],
-           "slice_decode_s": slice_s}
+           "slice_decode_s": slice_s, "slice_decode_walls_s": slice_walls}
     for phase, wall, cpu in (("encode", enc_wall, enc_cpu), ("decode", dec_wall, dec_cpu)):
         row[f"{phase}_wall_s"], row[f"{phase}_cpu_s"] = wall, cpu
         row[f"{phase}_wall_mvox_s"] = volume.size / wall / 1e6 if wall > 0 else None
@@ -183,16 +183,18 @@ def measure(codec: bench_codecs.Codec, volume: np.ndarray, repeat: int,
     return row
 
 
-def _time_one_slice(codec: bench_codecs.Codec, encoded, volume: np.ndarray) -> float | None:
-    """Seconds to decode the middle slice alone (random access), verified; None if unsupported."""
+def _time_one_slice(codec: bench_codecs.Codec, encoded, volume: np.ndarray, repeat: int = 1
+                    ) -> tuple[float | None, list[float]]:
+    """Median seconds to decode the middle slice alone (random access), over ``repeat`` runs
+    (one slice is quick, so each is repeated), each verified; and every run's seconds.
+    (None, []) if unsupported."""
     if codec.decode_slice is None:
-        return None
+        return None, []
     middle = volume.shape[0] // 2
-    start = time.perf_counter()
-    part = codec.decode_slice(encoded, middle)
-    seconds = time.perf_counter() - start
-    verify(volume[middle:middle + 1], part, f"{codec.name} (slice {middle} alone)")
-    return seconds
+    parts, walls, median, _ = timed(lambda: codec.decode_slice(encoded, middle), repeat)
+    for part in parts:
+        verify(volume[middle:middle + 1], part, f"{codec.name} (slice {middle} alone)")
+    return median, walls
 
 
 def _run_row(codec, volume: SeriesVolume, indices: list[int], role: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 
 import numpy as np
@@ -128,6 +129,7 @@ def test_cli_bench_on_generated_series_writes_json(ct_folder, tmp_path, capsys):
     assert report["environment"]["voxarc_device"].split()[0] == compute_device()
     voxarc = report["rows"][-1]
     assert voxarc["slice_decode_s"] > 0  # random access through models.decode_slices, verified
+    assert voxarc["slice_decode_s"] == statistics.median(voxarc["slice_decode_walls_s"])
     assert all(r["slice_decode_s"] is None for r in report["rows"][:-1])
     table = capsys.readouterr().out
     assert table.count("ct_generated") == len(codecs) and "OVERALL" in table
@@ -346,3 +348,20 @@ def test_a_phase_is_repeated_while_its_first_run_is_below_the_bound(monkeypatch)
     row = bench.measure(bench_codecs.ANCHORS["zstd-19"](), np.zeros((2, 8, 8), np.int16), 2,
                         repeat_below_s=1e9)
     assert row["encode_runs"] == 2 and row["encode_first_wall_s"] > 0
+
+
+def test_one_slice_is_timed_as_the_median_of_repeated_verified_runs():
+    vol = np.arange(5 * 4 * 3, dtype=np.uint16).reshape(5, 4, 3)
+    calls = []
+
+    def decode_slice(encoded, i):
+        calls.append(i)
+        return vol[i:i + 1] if len(calls) < 3 else vol[i:i + 1] + 1   # the third run is wrong
+
+    codec = bench_codecs.Codec("fake", lambda v: None, lambda e: vol, decode_slice)
+    median, walls = bench._time_one_slice(codec, None, vol, repeat=2)
+    assert calls == [2, 2] and len(walls) == 2 and median == statistics.median(walls)
+    with pytest.raises(bench.RoundTripError):
+        bench._time_one_slice(codec, None, vol, repeat=1)
+    assert bench._time_one_slice(bench_codecs.Codec("plain", None, None), None, vol, 3) == \
+        (None, [])
