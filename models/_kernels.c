@@ -897,6 +897,21 @@ static inline void coder_row(const double *src, const double *cum, int64_t width
         bounded_row(src, width, token_range, qmin, qmax, edge, dst);
 }
 
+/* Whether coder rows of this layout can be written for these n table rows (voxarc_token_rows,
+ * voxarc_bounded_rows): the table wide enough, a stage within the token range with its prefix
+ * sums, every row inside the table. */
+static int coder_rows_ok(int64_t rows, int64_t width, int64_t token_range, int64_t stage,
+                         const double *cum, const int64_t *row, int64_t n)
+{
+    if (width < 2 * token_range + 2 || stage < 0 || stage > token_range
+            || (stage > 0 && cum == NULL))
+        return 0;
+    for (int64_t i = 0; i < n; i++)
+        if (row[i] < 0 || row[i] >= rows)
+            return 0;
+    return 1;
+}
+
 /* The range decoder's probability rows of one wavefront step: out[i] = table[row[i]], for n
  * symbols; with bounded, truncated (bounded_row) to the tokens a symbol predicted as pred[i]
  * can take within [lo, hi]; with stage > 0 their first-stage rows (stage_row, 2 * stage + 2
@@ -906,13 +921,9 @@ int64_t voxarc_token_rows(const double *table, const double *cum, int64_t rows, 
                           const int64_t *pred, int64_t n, int32_t bounded, int64_t lo,
                           int64_t hi, int64_t edge, int64_t stage, double *out, int64_t *sh)
 {
-    if (width < 2 * token_range + 2 || stage < 0 || stage > token_range
-            || (stage > 0 && cum == NULL))
+    if (!coder_rows_ok(rows, width, token_range, stage, cum, row, n))
         return -1;
     int64_t out_width = stage > 0 ? 2 * stage + 2 : width;
-    for (int64_t i = 0; i < n; i++)
-        if (row[i] < 0 || row[i] >= rows)
-            return -1;
     for (int64_t i = 0; i < n; i++) {
         int64_t s = shifts[row[i]];
         sh[i] = s;
@@ -997,13 +1008,9 @@ int64_t voxarc_bounded_rows(const double *table, const double *cum, int64_t rows
                             const int64_t *qmin, const int64_t *qmax, int64_t n, int64_t edge,
                             int64_t stage, double *out)
 {
-    if (width < 2 * token_range + 2 || stage < 0 || stage > token_range
-            || (stage > 0 && cum == NULL))
+    if (!coder_rows_ok(rows, width, token_range, stage, cum, row, n))
         return -1;
     int64_t out_width = stage > 0 ? 2 * stage + 2 : width;
-    for (int64_t i = 0; i < n; i++)
-        if (row[i] < 0 || row[i] >= rows)
-            return -1;
     for (int64_t i = 0; i < n; i++)
         coder_row(table + row[i] * width, stage > 0 ? cum + row[i] * (2 * token_range + 1)
                   : NULL, width, token_range, stage, qmin[i], qmax[i], edge, out + i * out_width);

@@ -11,8 +11,8 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from models.codec import decode_slabs, encode_slab
-from models.container import (DTYPES, VERSION, CorruptBlobError, band_spans, pack,
-                              slab_payload, unpack_header)
+from models.container import (DTYPES, VERSION, CorruptBlobError, band_spans, codes_two_stage,
+                              pack, slab_payload, unpack_header)
 from models import adapt as adaptation
 from models import parallel, value_range
 from models.registry import load_model, model_by_id
@@ -77,7 +77,7 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
         if adapt and adaptation.can_adapt(predictor) else None
     if adapted is not None:
         predictor, embedded = adapted, adaptation.embedded_bytes(adapted)
-    two_stage = WRITE_FORMAT >= 5
+    two_stage = codes_two_stage(WRITE_FORMAT)
     jobs = ((model, embedded, values, vol[z:z + slab, :, x0:x1], slab, tile, two_stage)
             for z in range(0, vol.shape[0], slab)
             for x0, x1 in band_spans(vol.shape[2], tile[1], WRITE_FORMAT))
@@ -94,7 +94,7 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
 
 
 def _encode_band(predictor, values: ValueRange, block: np.ndarray, slab: int, tile,
-                 two_stage: bool = True) -> bytes:
+                 two_stage: bool) -> bytes:
     """The payload of one slab's column band, coded within ``values`` (``two_stage``: blob
     format 5's tokens)."""
     return encode_slab(predictor, values.mapped(block), values.lo, values.hi, slab, tile,

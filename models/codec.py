@@ -146,6 +146,17 @@ def _slice_streams(payload: bytes, count: int, per: int = 2):
             for i in range(count)]
 
 
+def _step_decoder(predictor, payloads, counts, lo: int, hi: int, within_range: bool,
+                  two_stage: bool | None) -> StepDecoder:
+    """The range decoder over the wanted slices' streams of ``payloads``, in order, coded as
+    :func:`encode_slab` says (``two_stage`` None: with ``within_range``)."""
+    two_stage = within_range if two_stage is None else two_stage
+    per = 3 if two_stage else 2
+    streams = [s for p, c in zip(payloads, counts) for s in _slice_streams(p, int(c), per)]
+    return StepDecoder(predictor.tables, streams, (lo, hi) if within_range else None,
+                       two_stage)
+
+
 @lru_cache(maxsize=8)
 def skew_layout(hood: Neighbourhood, ny: int, nx: int, tile: tuple[int, int]) -> SkewLayout:
     return SkewLayout(hood, ny, nx, tile)
@@ -160,18 +171,15 @@ def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, n
     ``on_split``, the first ``split`` slices of every slab are decoded first and handed to
     ``on_split`` (a list, one ``(split, ny, nx)`` int32 array per slab) before the rest.
     ``within_range`` and ``two_stage`` as the slabs were encoded (see :func:`encode_slab`)."""
-    two_stage = within_range if two_stage is None else two_stage
     layout = skew_layout(predictor.neighbourhood, ny, nx, tuple(tile))
     if not layout.supported:
         return decode_slabs_flat(predictor, payloads, counts, ny, nx, lo, hi, zs, tile,
                                  within_range, two_stage)
     counts = np.asarray(counts)
     order = np.argsort(-counts, kind="stable")  # the lockstep wants non-increasing counts
-    per = 3 if two_stage else 2
-    streams = [s for g in order for s in _slice_streams(payloads[g], counts[g], per)]
     stream_of = np.cumsum([0] + [int(counts[g]) for g in order])
-    decoder = StepDecoder(predictor.tables, streams, (lo, hi) if within_range else None,
-                          two_stage)
+    decoder = _step_decoder(predictor, [payloads[g] for g in order], counts[order], lo, hi,
+                            within_range, two_stage)
     hand = None
     if on_split is not None:
         where = np.argsort(order)
@@ -192,12 +200,8 @@ def decode_slabs_flat(predictor, payloads: list[bytes], counts: list[int], ny: i
                       ) -> list[np.ndarray]:
     """:func:`decode_slabs` by gathering neighbours from a padded volume: the reference the
     sheared decoder is tested against, and the fallback for geometries it does not cover."""
-    two_stage = within_range if two_stage is None else two_stage
     geo = geometry(predictor.neighbourhood, zs, ny, nx, tile)
-    per = 3 if two_stage else 2
-    streams = [s for p, c in zip(payloads, counts) for s in _slice_streams(p, c, per)]
-    decoder = StepDecoder(predictor.tables, streams, (lo, hi) if within_range else None,
-                          two_stage)
+    decoder = _step_decoder(predictor, payloads, counts, lo, hi, within_range, two_stage)
     stream_of = np.cumsum([0] + list(counts))  # stream index of (slab g, slice 0)
     buf = np.zeros((len(payloads), geo.size), dtype=np.int32)
     flat = buf.ravel()

@@ -44,6 +44,11 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _SLAB_ENTRY = 20   # bytes of a slab table entry: u64 offset, u64 length, u32 CRC
 
 
+def codes_two_stage(version: int) -> bool:
+    """Whether blobs of this format code their tokens in two stages (format 5 on)."""
+    return version >= 5
+
+
 class CorruptBlobError(ValueError):
     """A blob is truncated, corrupted, foreign, or needs a model this release does not have."""
 
@@ -74,7 +79,7 @@ class BlobHeader:
     @property
     def two_stage(self) -> bool:
         """Whether its tokens were coded in two stages (format 5 on, models.entropy)."""
-        return self.version >= 5
+        return codes_two_stage(self.version)
 
     @cached_property
     def bands(self) -> list[tuple[int, int]]:

@@ -346,6 +346,8 @@ class StepDecoder:
 
     def __init__(self, tables: CodingTables, streams, bounds: tuple[int, int] | None = None,
                  two_stage: bool = False):
+        if two_stage and bounds is None:
+            raise ValueError("two-stage tokens are coded within the range (format 5)")
         self.tables = tables
         self.bounds = bounds
         self.stage = STAGE_RANGE if two_stage else 0
@@ -394,10 +396,7 @@ class StepDecoder:
         if beyond.any():
             above = first[beyond] == 2 * STAGE_RANGE + 1
             jb = j[beyond]
-            if self.bounds is None:
-                qmin, qmax = np.full(len(jb), -RANGE_EDGE - 1), np.full(len(jb), RANGE_EDGE)
-            else:
-                qmin, qmax = token_bounds(pred[beyond], self.tables.shifts[jb], *self.bounds)
+            qmin, qmax = token_bounds(pred[beyond], self.tables.shifts[jb], *self.bounds)
             tail = self.tables.tail_rows(jb, qmin, qmax, above)
             second = self._per_stream(self.tail, segments, beyond, _CATEGORICAL, tail)
         if not self._fast:

@@ -148,3 +148,9 @@ def test_blobs_decode_the_same_without_the_compiled_kernels(monkeypatch):
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")
     np.testing.assert_array_equal(models.decode_volume(blob), vol)
     assert models.encode_volume(vol, adapt=False) == blob
+
+
+def test_two_stage_decoding_needs_the_value_range():
+    from models.entropy import StepDecoder
+    with pytest.raises(ValueError, match="within the range"):
+        StepDecoder(load_model("default").tables, [], None, two_stage=True)
