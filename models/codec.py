@@ -105,7 +105,7 @@ def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int,
     for zl, values, valid in slab_contexts(predictor.neighbourhood, slab, zs, tile):
         pred, j = _predict_chunked(predictor, values, valid, lo, hi)
         r = slab[zl].ravel().astype(np.int64) - pred
-        r, j, pred = r[perm], j[perm], pred[perm]
+        r, j, pred = (np.take(a, perm) for a in (r, j, pred))   # faster than a[perm]
         shifts = predictor.tables.shifts
         sym = split_residuals(r, j, shifts)
         bounds = token_bounds(pred, shifts[j], lo, hi) if within_range else None

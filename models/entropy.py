@@ -84,13 +84,17 @@ def split_residuals(r: np.ndarray, j: np.ndarray, shifts: np.ndarray = SHIFTS) -
     q = r >> sh
     low = r - (q << sh)
     token = q + TOKEN_RANGE
-    over_pos = q >= TOKEN_RANGE
-    over_neg = q < -TOKEN_RANGE
-    e = np.where(over_pos, q - TOKEN_RANGE, np.where(over_neg, -TOKEN_RANGE - 1 - q, 0))
-    token = np.where(over_pos, ESC_POS, np.where(over_neg, ESC_NEG, token))
-    cls = _bit_length(e)
-    extra_bits = np.maximum(cls - 1, 0)
-    extra = e - np.where(cls > 0, 1 << extra_bits, 0)
+    cls, extra, extra_bits = (np.zeros(len(token), np.int64) for _ in range(3))
+    # escapes are rare (a few in 10^4 voxels): their fields are worked out on them alone
+    far = np.flatnonzero((token < 0) | (token >= 2 * TOKEN_RANGE))
+    if len(far):
+        qf = q[far]
+        up = qf >= TOKEN_RANGE
+        e = np.where(up, qf - TOKEN_RANGE, -TOKEN_RANGE - 1 - qf)
+        token[far] = np.where(up, ESC_POS, ESC_NEG)
+        cls[far] = c = _bit_length(e)
+        extra_bits[far] = b = np.maximum(c - 1, 0)
+        extra[far] = e - np.where(c > 0, 1 << b, 0)
     return Symbols(token, low, sh, cls, extra, extra_bits)
 
 
@@ -233,10 +237,10 @@ _FIRST_OF, _SECOND_OF = _stage_tables()
 def stage_symbols(token: np.ndarray):
     """A token's two stages: its first-stage symbol, and for symbols beyond ``[-S, S)`` (the
     mask returned) their side (True: above) and second-stage symbol."""
-    first = _FIRST_OF[token]
+    first = np.take(_FIRST_OF, token)
     beyond = first >= 2 * STAGE_RANGE
     far = first[beyond]
-    return first, beyond, far == 2 * STAGE_RANGE + 1, _SECOND_OF[token[beyond]]
+    return first, beyond, far == 2 * STAGE_RANGE + 1, np.take(_SECOND_OF, token[beyond])
 
 
 def stage_tokens(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -334,7 +338,7 @@ def _encode_two_stage(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of
     values, at = _interleave([(step_of[far], second, np.arange(len(far))),
                               (step_of[esc], sym.cls[esc], len(far) + np.arange(len(esc)))])
     tail = constriction.stream.queue.RangeEncoder()
-    _encode_chunks(tail, values, lambda a, b: rows[at[a:b]])
+    _encode_chunks(tail, values, lambda a, b: np.take(rows, at[a:b], axis=0))
     return _words(tok), _encode_uniform(sym, step_of), _words(tail)
 
 

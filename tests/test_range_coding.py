@@ -11,8 +11,8 @@ import pytest
 import models
 from models.codec import decode_slabs, encode_slab
 from models.container import MAGIC, VERSION, CorruptBlobError, unpack_header
-from models.entropy import (ESC_NEG, ESC_POS, RANGE_EDGE, TOKEN_RANGE, token_bounds,
-                            truncate_rows)
+from models.entropy import (ESC_NEG, ESC_POS, RANGE_EDGE, TOKEN_RANGE, join_residuals,
+                            split_residuals, token_bounds, truncate_rows)
 from models.registry import load_model
 
 
@@ -100,3 +100,27 @@ def test_format_1_blobs_decode_without_range_coding():
     blob = pack(predictor.model_id, "default", "uint16", vol.shape, 8, (24, 20), [payload],
                 version=1)
     np.testing.assert_array_equal(models.decode_volume(blob), vol)
+
+
+def test_residuals_split_into_tokens_low_bits_and_escapes_and_join_back():
+    """split_residuals works the escape fields out on the escaped symbols only: they must be
+    those of the definition (class = bit length of the overflow, extra = the bits below its
+    top bit) and join back to every residual, at every row's low-bit count."""
+    T = TOKEN_RANGE
+    r = np.array([0, T - 1, T, T + 5, -T, -T - 1, -T - 6, 1 << 20, -(1 << 20)], np.int64)
+    sym = split_residuals(r, np.zeros(len(r), np.int64), np.zeros(1, np.int64))
+    assert sym.token.tolist() == [T, 2 * T - 1, ESC_POS, ESC_POS, 0, ESC_NEG, ESC_NEG,
+                                  ESC_POS, ESC_NEG]
+    overflow = [0, 0, 0, 5, 0, 0, 5, (1 << 20) - T, (1 << 20) - T - 1]
+    assert sym.cls.tolist() == [int(e).bit_length() for e in overflow]
+    assert sym.extra.tolist() == [e - (1 << (e.bit_length() - 1)) if e else 0 for e in overflow]
+    assert sym.extra_bits.tolist() == [max(e.bit_length() - 1, 0) for e in overflow]
+    rng = np.random.default_rng(3)
+    shifts = np.arange(8, dtype=np.int64)
+    r = np.round(rng.laplace(0, 300, 20000)).astype(np.int64)
+    j = rng.integers(0, len(shifts), len(r))
+    sym = split_residuals(r, j, shifts)
+    assert (sym.token >= ESC_NEG).any() and (sym.token < ESC_NEG).any()
+    assert ((sym.cls == 0) | (sym.token >= ESC_NEG)).all()
+    np.testing.assert_array_equal(
+        join_residuals(sym.token, sym.low, j, sym.cls, sym.extra, shifts), r)
