@@ -422,5 +422,13 @@ def blob_info(blob: bytes) -> dict:
             "slabs": header.slabs, "bands": len(header.bands), "format": header.version}
 
 
+def adapts_by_default(voxels: int, model: str = "default") -> bool:
+    """Whether :func:`encode_volume` (``adapt`` None) fine-tunes ``model`` on a volume of
+    ``voxels`` voxels."""
+    predictor = load_model(model)
+    return adaptation.can_adapt(predictor) and adaptation.wants_adaptation(predictor, voxels,
+                                                                           ADAPT_VOXELS)
+
+
 __all__ = ["encode_volume", "decode_volume", "decode_slices", "decode_stream", "blob_info",
            "CorruptBlobError"]

@@ -117,20 +117,33 @@ def shared_contexts(contexts: list) -> list:
 
 
 class CompactionWorker(threading.Thread):
-    """Background thread compacting stable series every ``compaction_interval`` seconds."""
+    """Background thread compacting stable series every ``compaction_interval`` seconds.
 
-    def __init__(self, archive: Archive, stable_age: float, interval: float):
+    While ``fast_backlog`` or more series wait behind the one it codes, it codes without the
+    codec's adaptation (storage.compaction); when nothing at all is staged, it codes one such
+    stack again with adaptation per pass (storage.recode), so the archive ends up as small as
+    if it had never fallen behind."""
+
+    def __init__(self, archive: Archive, stable_age: float, interval: float,
+                 fast_backlog: int = 0):
         super().__init__(name="voxarc-compaction", daemon=True)
         self.archive, self.stable_age, self.interval = archive, stable_age, interval
+        self.fast_backlog = fast_backlog
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
-                self.archive.compact(self.stable_age)
+                self.run_pass()
             except Exception:  # a failed pass is logged; the next one tries again
                 log.exception("compaction pass failed")
             self._stop_event.wait(self.interval)
+
+    def run_pass(self) -> None:
+        """One look: compact the stable series; when nothing is staged, one deferred stack."""
+        if self.archive.compact(self.stable_age, self.fast_backlog) == (0, 0) \
+                and not self.archive.pending_series(0.0):
+            self.archive.adapt_deferred(1)
 
     def stop(self) -> None:
         """Ask the worker to finish its current series and exit; wait for it."""
@@ -160,7 +173,8 @@ class Node:
         self.reporter = commitment.Reporter(self.archive, settings)
         self.server = None
         self.worker = CompactionWorker(self.archive, settings.stable_age,
-                                       settings.compaction_interval) if compaction else None
+                                       settings.compaction_interval,
+                                       settings.codec_fast_backlog) if compaction else None
 
     @property
     def port(self) -> int:

@@ -30,6 +30,9 @@ SETTING_DOCS = {
     "codec_adapt": "Fine-tune the codec model on each large stack and store it in the blob: about "
                    "2.5% fewer bytes, compaction about 2.6x slower (false when compaction must "
                    "keep up with a busy ingest).",
+    "codec_fast_backlog": "While this many more series wait for compaction, it codes without "
+                          "adaptation (about 3x faster) to keep up, and codes those stacks "
+                          "again with it once nothing is staged; 0: always adapt.",
     "destinations": "C-MOVE destinations and storage commitment reports: "
                     "NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
     "http_host": "Address the admin web page binds to (localhost only by default).",
@@ -82,6 +85,7 @@ class Settings:
     codec_model: str = "default"
     codec_slab: int = 8
     codec_adapt: bool = True
+    codec_fast_backlog: int = 3
     destinations: dict = field(default_factory=dict)
     http_host: str = "127.0.0.1"
     http_port: int = 8042

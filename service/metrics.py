@@ -68,7 +68,9 @@ class _IndexCollector:
                          ("studies", "Studies stored"),
                          ("original_bytes", "Bytes of the datasets as received"),
                          ("stored_bytes", "Bytes the archive holds for them now"),
-                         ("pending_instances", "Instances staged, waiting for compaction")):
+                         ("pending_instances", "Instances staged, waiting for compaction"),
+                         ("deferred_stacks", "Stacks coded without adaptation while compaction "
+                                             "was behind, to be coded again when idle")):
             yield GaugeMetricFamily(f"voxarc_{key}", doc, value=totals[key])
         queue = reports.jobs(self.archive.index)
         jobs = GaugeMetricFamily("voxarc_compaction_queue", "Series in the compaction queue",
@@ -212,12 +214,12 @@ class NodeMetrics:
         compact = compactor.compact_series
 
         @functools.wraps(compact)
-        def timed(series_id: int) -> bool:
+        def timed(series_id: int, **options) -> bool:
             nbytes = reports.staged_bytes(compactor.index, series_id)
             start = time.perf_counter()
             ok = False
             try:
-                ok = compact(series_id)
+                ok = compact(series_id, **options)
                 return ok
             finally:
                 if nbytes:                        # a series with nothing staged did no work

@@ -191,6 +191,9 @@ def stats(args) -> int:
           f"\nreceived   {out['original_bytes']} bytes\nstored     {out['stored_bytes']} "
           f"bytes (ratio {out['ratio']})\ncoded      {out['coded_voxels']} voxels at "
           f"{out['bits_per_voxel']} bits/voxel (received at {out['original_bits_per_voxel']})")
+    if out["deferred_stacks"]:
+        print(f"deferred   {out['deferred_stacks']} stacks coded without adaptation while "
+              "compaction was behind (coded again when the node is idle)")
     if out["by_modality"]:
         print(f"\n{'modality':<10}{'instances':>10}{'received':>14}{'stored':>14}{'ratio':>8}")
         for row in out["by_modality"]:

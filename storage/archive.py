@@ -15,7 +15,7 @@ from models.api import SLAB_SLICES
 from storage import query
 from storage.backup import BackupReport, backup
 from storage.blobstore import BlobStore
-from storage.compaction import Compactor
+from storage.compaction import DEFERRED, Compactor
 from storage.deletion import Deleter, DeletionPlan, plan
 from storage.index import Blob, Index, Instance, Series, Study
 from storage.ingest import DUPLICATE_POLICIES, IngestResult, Stager, ingest, stored_bytes
@@ -161,9 +161,15 @@ class Archive:
             out.setdefault(sop_class, []).append(ts)
         return out
 
-    def compact(self, stable_age: float) -> tuple[int, int]:
-        """Compact every series stable for ``stable_age`` seconds; return (done, failed)."""
-        return self.compactor.run_once(stable_age)
+    def compact(self, stable_age: float, fast_backlog: int = 0) -> tuple[int, int]:
+        """Compact every series stable for ``stable_age`` seconds; return (done, failed).
+        ``fast_backlog``: see :meth:`storage.compaction.Compactor.run_once`."""
+        return self.compactor.run_once(stable_age, fast_backlog=fast_backlog)
+
+    def adapt_deferred(self, limit: int = 1) -> list:
+        """Code up to ``limit`` stacks whose adaptation a busy compaction deferred again, with
+        it (see :meth:`storage.recode.Recoder.adapt_deferred`)."""
+        return self.recoder().adapt_deferred(limit)
 
     def compact_series(self, series_uid: str) -> bool:
         """Compact the staged instances of one series now; return True on success."""
@@ -203,7 +209,9 @@ class Archive:
         -------
         dict
             ``instances``, ``series``, ``studies``, ``original_bytes`` (as received),
-            ``stored_bytes`` (on disk now), ``pending_instances`` (staged), ``ratio``.
+            ``stored_bytes`` (on disk now), ``pending_instances`` (staged),
+            ``deferred_stacks`` (coded without adaptation while compaction was behind, to be
+            coded again when idle), ``ratio``.
         """
         with self.index.read() as s:
             original = int(s.scalar(select(func.coalesce(func.sum(Instance.size), 0))))
@@ -216,6 +224,8 @@ class Archive:
                 "stored_bytes": stored,
                 "pending_instances": s.scalar(select(func.count(Instance.id)).where(
                     Instance.staged_key.is_not(None))),
+                "deferred_stacks": s.scalar(select(func.count(Blob.id)).where(
+                    Blob.codec_info.contains(f" {DEFERRED}"))),
             }
         out["ratio"] = round(stored / original, 4) if original else 0.0
         return out

@@ -19,7 +19,7 @@ import numpy as np
 from sqlalchemy import select
 
 import models
-from models.api import SLAB_SLICES
+from models.api import SLAB_SLICES, adapts_by_default
 from storage import header_pack
 from storage.assembly import Stack, assemble
 from storage.blobstore import BlobStore, new_key
@@ -47,11 +47,21 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def codec_info(info: dict) -> str:
+DEFERRED = "adaptation deferred"   # in codec_info: coded without adaptation to keep up
+
+
+def codec_info(info: dict, deferred: bool = False) -> str:
     """A blob row's description of a codec blob from its :func:`models.blob_info`: model
     name, model id and blob format (the rows of compactions before 2026-12-01 say only the
-    model name, then "v")."""
-    return f"{info['model']} {info['model_id'][:8]} format {info['format']}"
+    model name, then "v"); with ``deferred``, that it was coded without the adaptation it
+    would have had (see :meth:`Compactor.run_once`)."""
+    text = f"{info['model']} {info['model_id'][:8]} format {info['format']}"
+    return f"{text} {DEFERRED}" if deferred else text
+
+
+def is_deferred(described: str | None) -> bool:
+    """Whether a blob row's ``codec_info`` says its adaptation was deferred."""
+    return f" {DEFERRED}" in (described or "")
 
 
 def _check_rebuilds(blob, parts: list, dtype) -> None:
@@ -116,18 +126,27 @@ class Compactor:
                 Job.state == "failed", Job.next_attempt > now)))
         return sorted((staged & stable) - waiting)
 
-    def run_once(self, stable_age: float, now: float | None = None) -> tuple[int, int]:
-        """Compact every ready series once; return (series compacted, series failed)."""
+    def run_once(self, stable_age: float, now: float | None = None,
+                 fast_backlog: int = 0) -> tuple[int, int]:
+        """Compact every ready series once; return (series compacted, series failed).
+
+        With ``fast_backlog`` > 0, a series coded while at least that many more wait is coded
+        without the codec's per-volume adaptation (about three times faster), so that a burst
+        of studies does not pile up behind it; its blobs are marked (:data:`DEFERRED`) for
+        :meth:`storage.recode.Recoder.adapt_deferred` to code again when the node is idle."""
         done = failed = 0
-        for series_id in self.ready_series(stable_age, now):
-            if self.compact_series(series_id):
+        ready = self.ready_series(stable_age, now)
+        for i, series_id in enumerate(ready):
+            waiting = len(ready) - i - 1
+            if self.compact_series(series_id, fast=0 < fast_backlog <= waiting):
                 done += 1
             else:
                 failed += 1
         return done, failed
 
-    def compact_series(self, series_id: int) -> bool:
-        """Compact the staged instances of one series; return True on success."""
+    def compact_series(self, series_id: int, fast: bool = False) -> bool:
+        """Compact the staged instances of one series; return True on success. ``fast``:
+        without adaptation, the blobs marked for a later recode (see :meth:`run_once`)."""
         with self.index.read() as s:
             members = list(s.scalars(select(Instance).where(
                 Instance.series_fk == series_id, Instance.staged_key.is_not(None))))
@@ -138,12 +157,14 @@ class Compactor:
         job_id = self._start_job(series_id)
         if job_id is None:                  # the series was deleted meanwhile
             return True
-        log.info("compacting series %s: %d staged instances", series_uid, len(members))
+        log.info("compacting series %s: %d staged instances%s", series_uid, len(members),
+                 ", without adaptation (more series waiting; coded again when idle)"
+                 if fast and self.adapt else "")
         plan = _Plan()
         try:
             stacks, singles = assemble(members, self.max_slices)
             for stack in stacks:
-                self._code_stack(stack, plan)
+                self._code_stack(stack, plan, fast)
             for inst in singles:
                 self._code_single(inst, plan)
             self._commit(plan, members, job_id)
@@ -162,7 +183,7 @@ class Compactor:
                  len(members), len(stacks), len(singles))
         return True
 
-    def _code_stack(self, stack: Stack, plan: _Plan) -> None:
+    def _code_stack(self, stack: Stack, plan: _Plan, fast: bool = False) -> None:
         parts = []
         for inst in stack.members:
             data = self.blobs.mapped(inst.staged_key)      # the pixels stay in the page cache
@@ -174,8 +195,9 @@ class Compactor:
         native = parts[0][2].dtype.newbyteorder("=")
         volume = parts[0][2] if len(parts) == 1 else np.concatenate([p[2] for p in parts])
         volume = volume.astype(native, copy=False)              # a copy only to swap bytes
+        deferred = fast and self.adapt and adapts_by_default(volume.size, self.model)
         blob = models.encode_volume(volume, model=self.model, slab=self.slab,
-                                    adapt=None if self.adapt else False)
+                                    adapt=None if self.adapt and not deferred else False)
         _check_rebuilds(blob, parts, volume.dtype)
         key, start, headers = new_key("b"), 0, {}
         for inst, before, pixels, after in parts:
@@ -189,7 +211,8 @@ class Compactor:
             raise VerificationError("header pack does not give back the headers")
         self._put(plan, key, stored, header_pack.CODEC, volume.nbytes, dtype=volume.dtype.name,
                   shape=",".join(map(str, volume.shape)), slab=info["slab"],
-                  codec_info=header_pack.describe(codec_info(info), len(stored) - len(blob)))
+                  codec_info=header_pack.describe(codec_info(info, deferred),
+                                                  len(stored) - len(blob)))
 
     def _code_single(self, inst, plan: _Plan) -> None:
         data = self.blobs.get(inst.staged_key)

@@ -10,6 +10,11 @@ pixels before it is written; the instances are then pointed at it and the old bl
 in one transaction, and only then is the old file deleted. A new blob that is not smaller is
 not kept. The header pack in front of the codec blob is carried over byte for byte, so every
 instance rebuilds exactly as before. A failure leaves the old blob in place.
+
+The same path codes again, with adaptation, the stacks a busy compaction coded without it
+(marked in their ``codec_info``, see :meth:`storage.compaction.Compactor.run_once`): the
+node's idle compaction worker takes them one at a time (:meth:`Recoder.adapt_deferred`), and
+`voxarc compress --recode` takes them all.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from models.registry import load_model
 from models.value_range import ValueRange
 from storage import header_pack
 from storage.blobstore import BlobStore, new_key
-from storage.compaction import codec_info
+from storage.compaction import DEFERRED, codec_info, is_deferred
 from storage.errors import CommitOutcomeUnknown
 from storage.index import Blob, Index, Instance
 
@@ -103,6 +108,7 @@ class Recoder:
             if row is None or row.codec not in header_pack.VOLUME_CODECS:
                 raise RecodeError(f"blob {blob_id} is not a stored coded stack")
             key, codec, sha, slab = row.key, row.codec, row.sha256, row.slab
+            deferred = self.adapt and is_deferred(row.codec_info)
         try:
             data = self.blobs.get(key)
         except KeyError:
@@ -111,13 +117,14 @@ class Recoder:
             raise RecodeError(f"blob {key} does not match its SHA-256; left for `voxarc verify`")
         coded = header_pack.coded_view(data) if codec == header_pack.CODEC else memoryview(data)
         info = models.blob_info(coded)
-        if info["format"] >= SAME_BITS_FROM and info["model_id"] == self.model_id:
+        current = info["model_id"] == self.model_id and not deferred
+        if current and info["format"] >= SAME_BITS_FROM:
             return Recoded(blob_id, "current", len(data), len(data), info["format"])
         try:
             volume = models.decode_volume(coded)
         except CorruptBlobError as exc:
             raise RecodeError(f"blob {key} does not decode: {exc}") from None
-        if info["model_id"] == self.model_id and not _gains_from_value_range(info, volume):
+        if current and not _gains_from_value_range(info, volume):
             return Recoded(blob_id, "current", len(data), len(data), info["format"])
         new = models.encode_volume(volume, model=self.model, slab=slab or None,
                                    adapt=None if self.adapt else False)
@@ -125,6 +132,8 @@ class Recoder:
             raise RecodeError(f"blob {key}: the new blob does not decode to the same voxels")
         stored = bytes(data[:len(data) - len(coded)]) + new     # the header pack as it was
         if len(stored) >= len(data):
+            if deferred:     # adaptation did not pay: nothing is left to do for this stack
+                self._undefer(blob_id, sha)
             return Recoded(blob_id, "kept", len(data), len(stored), info["format"])
         self._replace(blob_id, sha, stored, len(stored) - len(new), models.blob_info(new))
         try:
@@ -132,6 +141,40 @@ class Recoder:
         except OSError as exc:      # committed: the file is an orphan that recovery removes
             log.warning("recoded blob %s: its old file stays until recovery (%s)", key, exc)
         return Recoded(blob_id, "recoded", len(data), len(stored), info["format"])
+
+    def deferred_blobs(self) -> list[int]:
+        """Ids of the coded stacks whose adaptation compaction deferred, oldest first (none
+        when this recoder does not adapt)."""
+        if not self.adapt:
+            return []
+        with self.index.read() as s:
+            return list(s.scalars(select(Blob.id).where(
+                Blob.codec.in_(header_pack.VOLUME_CODECS),
+                Blob.codec_info.contains(f" {DEFERRED}")).order_by(Blob.created_at, Blob.id)))
+
+    def adapt_deferred(self, limit: int = 1) -> list[Recoded]:
+        """Code up to ``limit`` stacks whose adaptation compaction deferred again, now with it
+        (see :meth:`recode`); what cannot be read is logged and left for `voxarc verify`."""
+        out = []
+        for blob_id in self.deferred_blobs()[:limit]:
+            try:
+                done = self.recode(blob_id)
+            except RecodeError as exc:     # unmarked: not tried again at every idle pass
+                log.error("adapting deferred stack %d: %s; it stays as it is", blob_id, exc)
+                self._undefer(blob_id)
+                continue
+            log.info("deferred stack %d coded with adaptation: %s, %d -> %d bytes", blob_id,
+                     done.state, done.old_bytes, done.new_bytes)
+            out.append(done)
+        return out
+
+    def _undefer(self, blob_id: int, sha: str | None = None) -> None:
+        """Drop the deferred mark of blob ``blob_id`` (unless it changed meanwhile from
+        ``sha``, when given)."""
+        with self.index.write() as s:
+            row = s.get(Blob, blob_id)
+            if row is not None and sha in (None, row.sha256):
+                row.codec_info = row.codec_info.replace(f" {DEFERRED}", "")
 
     def _replace(self, blob_id: int, sha: str, stored: bytes, pack: int, info: dict) -> None:
         """Write ``stored`` (a header pack of ``pack`` bytes, then the codec blob described by
