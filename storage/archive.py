@@ -171,11 +171,12 @@ class Archive:
         it (see :meth:`storage.recode.Recoder.adapt_deferred`)."""
         return self.recoder().adapt_deferred(limit)
 
-    def compact_series(self, series_uid: str) -> bool:
-        """Compact the staged instances of one series now; return True on success."""
+    def compact_series(self, series_uid: str, fast: bool = False) -> bool:
+        """Compact the staged instances of one series now; return True on success. ``fast``:
+        without adaptation, for later (see :meth:`storage.compaction.Compactor.run_once`)."""
         with self.index.read() as s:
             series_id = s.scalar(select(Series.id).where(Series.series_uid == series_uid))
-        return series_id is not None and self.compactor.compact_series(series_id)
+        return series_id is not None and self.compactor.compact_series(series_id, fast=fast)
 
     def deletion_plan(self, level: str, uid: str) -> DeletionPlan:
         """What deleting ``uid`` at ``level`` (patient, study, series, instance) would remove

@@ -16,6 +16,7 @@ import pytest
 from admin_helpers import admin_site, http_token, store_series  # noqa: F401
 from node_helpers import real_series_files, write_series
 from scu_helpers import store_bytes
+from storage import compaction
 from storage.part10 import split_file
 
 CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
@@ -48,7 +49,8 @@ def _store_real(node, tmp_path, folder: Path, limit: int) -> str:
 
 def _populate(node, tmp_path, shared_series) -> list[str]:
     """Generated series and, when the shared data is there, a real one; all but the MR series
-    compacted (so the queue shows it pending)."""
+    compacted (so the queue shows it pending), the CT ones as a compaction that is behind
+    does (their adaptation deferred)."""
     stored = store_series(node, tmp_path, [("CT", 6, "GEN1"), ("MR", 4, "GEN2")])
     studies = [s["study_uid"] for s in stored]
     try:
@@ -58,12 +60,14 @@ def _populate(node, tmp_path, shared_series) -> list[str]:
     if folder is not None:
         studies.append(_store_real(node, tmp_path, folder, 12))
     for series in node.archive.find("SERIES", {"Modality": "CT"}):
-        assert node.archive.compact_series(series["SeriesInstanceUID"])
+        assert node.archive.compact_series(series["SeriesInstanceUID"], fast=True)
     return studies
 
 
-def test_page_renders_totals_studies_and_charts(admin_site, tmp_path, shared_series):
+def test_page_renders_totals_studies_and_charts(admin_site, tmp_path, shared_series,
+                                               monkeypatch):
     node, admin = admin_site
+    monkeypatch.setattr(compaction, "adapts_by_default", lambda voxels, model: True)
     studies = _populate(node, tmp_path, shared_series)
     mr = node.archive.find("IMAGE", {"Modality": "MR"})[0]["SOPInstanceUID"]
     node.archive.delete("instance", mr, reason="wrong image")
@@ -75,6 +79,9 @@ def test_page_renders_totals_studies_and_charts(admin_site, tmp_path, shared_ser
     assert instances.replace(",", "") == str(totals["instances"])
     assert re.search(r'id="total-studies">([^<]*)<', dom).group(1) == str(totals["studies"])
     assert re.search(r'id="total-ratio">([^<]*)<', dom).group(1) == f"{totals['ratio']:.3f}"
+    pending = re.search(r'id="total-pending">([^<]*)<', dom).group(1)
+    assert totals["deferred_stacks"] > 0
+    assert pending.endswith(f", {totals['deferred_stacks']} stacks to adapt when idle")
     for study in studies:
         assert f'data-uid="{study}"' in dom
     chart = re.search(r'<svg id="chart-modality".*?</svg>', dom, re.S).group(0)

@@ -43,7 +43,8 @@ function cell(row, text, cls) {
 
 function renderTotals(s) {
   setText("total-instances", count(s.instances));
-  setText("total-pending", count(s.pending_instances) + " waiting for compaction");
+  setText("total-pending", count(s.pending_instances) + " waiting for compaction" +
+    (s.deferred_stacks ? ", " + count(s.deferred_stacks) + " stacks to adapt when idle" : ""));
   setText("total-studies", count(s.studies));
   setText("total-series", count(s.series) + " series");
   setText("total-original", bytes(s.original_bytes));
