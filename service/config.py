@@ -28,8 +28,8 @@ SETTING_DOCS = {
     "codec_slab": "Slices per independently decodable slab of a coded stack: 4 halves the decode "
                   "before an instance can be sent, for about 1% more bytes.",
     "codec_adapt": "Fine-tune the codec model on each large stack and store it in the blob: about "
-                   "2.5% fewer bytes, compaction about 2.6x slower (false when compaction must "
-                   "keep up with a busy ingest).",
+                   "2.5% fewer bytes, compaction about 2.6x slower (under a burst, see "
+                   "codec_fast_backlog; false: never).",
     "codec_fast_backlog": "While this many more series wait for compaction, it codes without "
                           "adaptation (about 3x faster) to keep up, and codes those stacks "
                           "again with it once nothing is staged; 0: always adapt.",
