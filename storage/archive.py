@@ -15,7 +15,7 @@ from models.api import SLAB_SLICES
 from storage import query
 from storage.backup import BackupReport, backup
 from storage.blobstore import BlobStore
-from storage.compaction import DEFERRED, Compactor
+from storage.compaction import Compactor, deferred_rows
 from storage.deletion import Deleter, DeletionPlan, plan
 from storage.index import Blob, Index, Instance, Series, Study
 from storage.ingest import DUPLICATE_POLICIES, IngestResult, Stager, ingest, stored_bytes
@@ -225,8 +225,7 @@ class Archive:
                 "stored_bytes": stored,
                 "pending_instances": s.scalar(select(func.count(Instance.id)).where(
                     Instance.staged_key.is_not(None))),
-                "deferred_stacks": s.scalar(select(func.count(Blob.id)).where(
-                    Blob.codec_info.contains(f" {DEFERRED}"))),
+                "deferred_stacks": s.scalar(select(func.count(Blob.id)).where(deferred_rows())),
             }
         out["ratio"] = round(stored / original, 4) if original else 0.0
         return out

@@ -48,6 +48,7 @@ def _sha(data: bytes) -> str:
 
 
 DEFERRED = "adaptation deferred"   # in codec_info: coded without adaptation to keep up
+_MARK = f" {DEFERRED}"
 
 
 def codec_info(info: dict, deferred: bool = False) -> str:
@@ -56,12 +57,22 @@ def codec_info(info: dict, deferred: bool = False) -> str:
     model name, then "v"); with ``deferred``, that it was coded without the adaptation it
     would have had (see :meth:`Compactor.run_once`)."""
     text = f"{info['model']} {info['model_id'][:8]} format {info['format']}"
-    return f"{text} {DEFERRED}" if deferred else text
+    return text + _MARK if deferred else text
 
 
 def is_deferred(described: str | None) -> bool:
     """Whether a blob row's ``codec_info`` says its adaptation was deferred."""
-    return f" {DEFERRED}" in (described or "")
+    return _MARK in (described or "")
+
+
+def undeferred(described: str) -> str:
+    """A blob row's ``codec_info`` without the deferred mark."""
+    return described.replace(_MARK, "")
+
+
+def deferred_rows():
+    """The SQL condition on :class:`Blob` rows whose adaptation was deferred."""
+    return Blob.codec_info.contains(_MARK)
 
 
 def _check_rebuilds(blob, parts: list, dtype) -> None:
@@ -157,9 +168,7 @@ class Compactor:
         job_id = self._start_job(series_id)
         if job_id is None:                  # the series was deleted meanwhile
             return True
-        log.info("compacting series %s: %d staged instances%s", series_uid, len(members),
-                 ", without adaptation (more series waiting; coded again when idle)"
-                 if fast and self.adapt else "")
+        log.info("compacting series %s: %d staged instances", series_uid, len(members))
         plan = _Plan()
         try:
             stacks, singles = assemble(members, self.max_slices)
@@ -196,6 +205,9 @@ class Compactor:
         volume = parts[0][2] if len(parts) == 1 else np.concatenate([p[2] for p in parts])
         volume = volume.astype(native, copy=False)              # a copy only to swap bytes
         deferred = fast and self.adapt and adapts_by_default(volume.size, self.model)
+        if deferred:
+            log.info("coding a stack of %d instances without adaptation (more series waiting; "
+                     "coded again when idle)", len(parts))
         blob = models.encode_volume(volume, model=self.model, slab=self.slab,
                                     adapt=None if self.adapt and not deferred else False)
         _check_rebuilds(blob, parts, volume.dtype)

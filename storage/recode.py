@@ -33,7 +33,7 @@ from models.registry import load_model
 from models.value_range import ValueRange
 from storage import header_pack
 from storage.blobstore import BlobStore, new_key
-from storage.compaction import DEFERRED, codec_info, is_deferred
+from storage.compaction import codec_info, deferred_rows, is_deferred, undeferred
 from storage.errors import CommitOutcomeUnknown
 from storage.index import Blob, Index, Instance
 
@@ -149,8 +149,8 @@ class Recoder:
             return []
         with self.index.read() as s:
             return list(s.scalars(select(Blob.id).where(
-                Blob.codec.in_(header_pack.VOLUME_CODECS),
-                Blob.codec_info.contains(f" {DEFERRED}")).order_by(Blob.created_at, Blob.id)))
+                Blob.codec.in_(header_pack.VOLUME_CODECS), deferred_rows())
+                .order_by(Blob.created_at, Blob.id)))
 
     def adapt_deferred(self, limit: int = 1) -> list[Recoded]:
         """Code up to ``limit`` stacks whose adaptation compaction deferred again, now with it
@@ -174,7 +174,7 @@ class Recoder:
         with self.index.write() as s:
             row = s.get(Blob, blob_id)
             if row is not None and sha in (None, row.sha256):
-                row.codec_info = row.codec_info.replace(f" {DEFERRED}", "")
+                row.codec_info = undeferred(row.codec_info)
 
     def _replace(self, blob_id: int, sha: str, stored: bytes, pack: int, info: dict) -> None:
         """Write ``stored`` (a header pack of ``pack`` bytes, then the codec blob described by
