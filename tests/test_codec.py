@@ -1076,6 +1076,37 @@ def test_a_full_temporary_folder_tunes_in_threads_this_time_only(monkeypatch, ca
     assert "No space left" in caplog.text
 
 
+def test_samples_go_to_the_next_folder_when_memory_is_full(monkeypatch, tmp_path):
+    """A small /dev/shm (a container's) that cannot hold the samples: they are written to the
+    next folder and the runs still go to the worker processes; no folder is left behind."""
+    from models import tune_workers
+    memory, disk = tmp_path / "shm", tmp_path / "disk"
+    memory.mkdir()
+    disk.mkdir()
+    save = np.save
+
+    def small(path, *args, **kwargs):
+        if str(path).startswith(str(memory)):
+            raise OSError(28, "No space left on device")
+        return save(path, *args, **kwargs)
+    monkeypatch.setattr(tune_workers.np, "save", small)
+    monkeypatch.setattr(tune_workers, "SAMPLE_DIRS", (str(memory), str(disk)))
+    monkeypatch.setattr(tune_workers, "_BROKEN", False)
+    monkeypatch.setenv("VOXARC_TUNE_WORKERS", "1")
+    states = tune_workers.map_runs(tune_workers.worker_state, {"a": np.arange(3)}, [1])
+    assert states[0]["pid"] != os.getpid() and states[0]["arrays"] == {"a": "memmap"}
+    assert list(memory.iterdir()) == [] and list(disk.iterdir()) == []
+
+
+def test_samples_skip_a_folder_that_does_not_exist(monkeypatch, tmp_path):
+    from models import tune_workers
+    monkeypatch.setattr(tune_workers, "SAMPLE_DIRS", (str(tmp_path / "none"), str(tmp_path)))
+    with tune_workers._samples_folder({"a": np.arange(4)}) as folder:
+        assert os.path.dirname(folder) == str(tmp_path)
+        assert np.array_equal(np.load(os.path.join(folder, "a.npy")), np.arange(4))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_encoders_in_several_threads_share_one_fine_tuning_pool(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
