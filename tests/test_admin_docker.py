@@ -69,10 +69,12 @@ def test_compose_matches_the_cli_and_the_dockerfile():
     assert settings.data_dir == "/data" and "@postgres:5432/" in settings.database_url
     assert re.search(r"POSTGRES_USER: (\S+)", text).group(1) in settings.database_url
     assert "VOXARC_HTTP_TOKEN" in text
+    # both nodes hand fine-tuning samples through /dev/shm (models.tune_workers), not Docker's 64 MB
+    assert re.findall(r"^    shm_size: (\S+)", text, re.M) == ["1gb", "1gb"]
 
 
 def test_docker_readme_names_the_commands():
     readme = (DOCKER / "README.md").read_text()
     for phrase in ("docker build -f docker/Dockerfile", "--profile postgres", "VOXARC_HTTP_TOKEN",
-                   "/healthz", "11112", "8042"):
+                   "/healthz", "11112", "8042", "--shm-size"):
         assert phrase in readme, phrase
