@@ -8,6 +8,8 @@ travel as memory-mapped ``.npy`` files in the temporary folder (pickling would c
 hundred MB twice), in memory (``/dev/shm``) where it has room: 250 MB of samples took 0.74 s
 to write to a disk's temporary folder and 0.13 s to ``/dev/shm``, time every adapted encode
 waited for. The result comes back by pickle (a quantised predictor, small).
+The folder's name carries the process id, so that one left by a process killed mid-run is
+removed by the next adaptation of any process (:func:`remove_stale`).
 
 The processes run at ``nice`` +:data:`NICE`: a node that compacts while it serves decodes
 and receives first, and fine-tuning no longer holds the interpreter lock of the node's
@@ -83,8 +85,9 @@ def _samples_folder(arrays: dict[str, np.ndarray]):
     :data:`SAMPLE_DIRS` with room for them; removed afterwards."""
     error = None
     for where in SAMPLE_DIRS:
+        remove_stale(where)
         try:
-            folder = tempfile.mkdtemp(prefix="voxarc-tune-", dir=where)
+            folder = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=where)
         except OSError as exc:     # no such folder here
             error = exc
             continue
@@ -100,6 +103,38 @@ def _samples_folder(arrays: dict[str, np.ndarray]):
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     raise _SamplesNotWritten() from error
+
+
+def remove_stale(where: str | None) -> list[str]:
+    """Remove the sample folders in ``where`` (None: TMPDIR) of processes that no longer run:
+    a node killed while it fine-tuned leaves its samples behind, and in ``/dev/shm`` they hold
+    their memory until the machine restarts. Returns the folders removed."""
+    base = where or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(_PREFIX):].split("-", 1)[0]
+        if name.startswith(_PREFIX) and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+            removed.append(name)
+            log.info("removed fine-tuning samples left by process %s: %s", pid, name)
+    return removed
+
+
+_PREFIX = "voxarc-tune-"    # then the process id, a dash and mkdtemp's random part
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:            # another user's process: running
+        return True
+    return True
 
 
 class _SamplesNotWritten(Exception):
