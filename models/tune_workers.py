@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -117,14 +118,26 @@ def remove_stale(where: str | None) -> list[str]:
         return removed
     for name in names:
         pid = name[len(_PREFIX):].split("-", 1)[0]
-        if name.startswith(_PREFIX) and pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        path = os.path.join(base, name)
+        if name.startswith(_PREFIX) and pid.isdigit() and not _running(int(pid)) \
+                and _age(path) > STALE_AFTER_S:
+            shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
             log.info("removed fine-tuning samples left by process %s: %s", pid, name)
     return removed
 
 
 _PREFIX = "voxarc-tune-"    # then the process id, a dash and mkdtemp's random part
+# a folder lives for one volume's fine-tuning (seconds); an older one whose process id is not
+# running here is stale, not one of a process in another PID namespace sharing /dev/shm
+STALE_AFTER_S = 3600.0
+
+
+def _age(path: str) -> float:
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _running(pid: int) -> bool:

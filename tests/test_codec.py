@@ -1109,20 +1109,26 @@ def test_samples_skip_a_folder_that_does_not_exist(monkeypatch, tmp_path):
 
 def test_samples_left_by_a_killed_process_are_removed(monkeypatch, tmp_path):
     """A node killed while fine-tuning leaves its samples folder behind (in /dev/shm: memory
-    until a reboot); the next adaptation removes it, and never a running process's folder."""
+    until a reboot); the next adaptation removes it once it is an hour old, and never a
+    running process's folder."""
     from models import tune_workers
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     stale = tmp_path / f"voxarc-tune-{gone.stdout.strip()}-abc"
     live = tmp_path / f"voxarc-tune-{os.getppid()}-def"
     other = tmp_path / "voxarc-tuned-notes"
-    for folder in (stale, live, other):
+    recent = tmp_path / f"voxarc-tune-{gone.stdout.strip()}-ghi"   # another PID namespace's?
+    for folder in (stale, live, other, recent):
         folder.mkdir()
         (folder / "x.npy").write_bytes(b"0" * 100)
+    hours_ago = os.stat(stale).st_mtime - 2 * tune_workers.STALE_AFTER_S
+    for folder in (stale, live, other):
+        os.utime(folder, (hours_ago, hours_ago))
     monkeypatch.setattr(tune_workers, "SAMPLE_DIRS", (str(tmp_path),))
     with tune_workers._samples_folder({"a": np.arange(3)}) as folder:
         assert os.path.basename(folder).startswith(f"voxarc-tune-{os.getpid()}-")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name,
+                                                                 recent.name])
 
 
 def test_encoders_in_several_threads_share_one_fine_tuning_pool(monkeypatch):
