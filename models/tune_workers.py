@@ -9,7 +9,7 @@ hundred MB twice), in memory (``/dev/shm``) where it has room: 250 MB of samples
 to write to a disk's temporary folder and 0.13 s to ``/dev/shm``, time every adapted encode
 waited for. The result comes back by pickle (a quantised predictor, small).
 The folder's name carries the process id, so that one left by a process killed mid-run is
-removed by the next adaptation of any process (:func:`remove_stale`).
+removed by a later adaptation of any process, once an hour old (:func:`remove_stale`).
 
 The processes run at ``nice`` +:data:`NICE`: a node that compacts while it serves decodes
 and receives first, and fine-tuning no longer holds the interpreter lock of the node's
@@ -107,9 +107,10 @@ def _samples_folder(arrays: dict[str, np.ndarray]):
 
 
 def remove_stale(where: str | None) -> list[str]:
-    """Remove the sample folders in ``where`` (None: TMPDIR) of processes that no longer run:
-    a node killed while it fine-tuned leaves its samples behind, and in ``/dev/shm`` they hold
-    their memory until the machine restarts. Returns the folders removed."""
+    """Remove the sample folders in ``where`` (None: TMPDIR) of processes that no longer run,
+    older than :data:`STALE_AFTER_S`: a node killed while it fine-tuned leaves its samples
+    behind, and in ``/dev/shm`` they hold their memory until the machine restarts. Returns the
+    folders removed."""
     base = where or tempfile.gettempdir()
     removed = []
     try:
