@@ -129,6 +129,9 @@ class CompactionWorker(threading.Thread):
         super().__init__(name="voxarc-compaction", daemon=True)
         self.archive, self.stable_age, self.interval = archive, stable_age, interval
         self.fast_backlog = fast_backlog
+        # whether deferred stacks may be left: only this worker defers, so after a look that
+        # found none, the next one waits for a compaction (each look scans the blob rows)
+        self._deferred_left = True
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -141,9 +144,12 @@ class CompactionWorker(threading.Thread):
 
     def run_pass(self) -> None:
         """One look: compact the stable series; when nothing is staged, one deferred stack."""
-        if self.archive.compact(self.stable_age, self.fast_backlog) == (0, 0) \
-                and not self.archive.pending_series(0.0):
-            self.archive.adapt_deferred(1)
+        if self.archive.compact(self.stable_age, self.fast_backlog) != (0, 0):
+            self._deferred_left = True
+        elif self._deferred_left and not self.archive.pending_series(0.0):
+            # a damaged stack is unmarked and not returned: then look whether others are left
+            self._deferred_left = bool(self.archive.adapt_deferred(1)
+                                       or self.archive.recoder().deferred_blobs(1))
 
     def stop(self) -> None:
         """Ask the worker to finish its current series and exit; wait for it."""

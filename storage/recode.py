@@ -142,21 +142,21 @@ class Recoder:
             log.warning("recoded blob %s: its old file stays until recovery (%s)", key, exc)
         return Recoded(blob_id, "recoded", len(data), len(stored), info["format"])
 
-    def deferred_blobs(self) -> list[int]:
-        """Ids of the coded stacks whose adaptation compaction deferred, oldest first (none
-        when this recoder does not adapt)."""
+    def deferred_blobs(self, limit: int | None = None) -> list[int]:
+        """Ids of the coded stacks whose adaptation compaction deferred, oldest first, at most
+        ``limit`` (none when this recoder does not adapt)."""
         if not self.adapt:
             return []
         with self.index.read() as s:
             return list(s.scalars(select(Blob.id).where(
                 Blob.codec.in_(header_pack.VOLUME_CODECS), deferred_rows())
-                .order_by(Blob.created_at, Blob.id)))
+                .order_by(Blob.created_at, Blob.id).limit(limit)))
 
     def adapt_deferred(self, limit: int = 1) -> list[Recoded]:
         """Code up to ``limit`` stacks whose adaptation compaction deferred again, now with it
         (see :meth:`recode`); what cannot be read is logged and left for `voxarc verify`."""
         out = []
-        for blob_id in self.deferred_blobs()[:limit]:
+        for blob_id in self.deferred_blobs(limit):
             try:
                 done = self.recode(blob_id)
             except RecodeError as exc:     # unmarked: not tried again at every idle pass

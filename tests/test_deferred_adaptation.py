@@ -161,3 +161,28 @@ def test_a_damaged_deferred_stack_is_left_and_not_tried_again(archive, recorded,
     assert path.read_bytes() == bytes(damaged)            # left for `voxarc verify`
     assert archive.stats()["deferred_stacks"] == 1        # the other one; not this again
     assert [d.state for d in archive.adapt_deferred(5)] == ["recoded"]
+
+
+def test_an_idle_worker_looks_for_deferred_stacks_again_only_after_a_compaction(
+        archive, recorded, monkeypatch):
+    """Each look scans the blob rows: after one that found nothing, the idle worker waits for
+    a compaction (only it defers) instead of scanning at every pass; a damaged stack does not
+    make it stop while others are left."""
+    looks = []
+    adapt_deferred = archive.adapt_deferred
+    monkeypatch.setattr(archive, "adapt_deferred",
+                        lambda limit=1: looks.append(limit) or adapt_deferred(limit))
+    worker = CompactionWorker(archive, stable_age=0, interval=1, fast_backlog=1)
+    worker.run_pass()
+    worker.run_pass()
+    assert looks == [1]                         # nothing deferred, and no compaction since
+    _three_series(archive)
+    worker.run_pass()                           # compacts, two stacks deferred
+    with archive.index.read() as s:
+        first = s.scalars(select(Blob).where(Blob.codec_info.contains("deferred"))
+                          .order_by(Blob.created_at, Blob.id)).first()
+    path = archive.blobs.path(first.key)
+    path.write_bytes(path.read_bytes()[:-5] + b"xxxxx")       # damaged: unmarked, not returned
+    for _ in range(4):
+        worker.run_pass()
+    assert looks == [1, 1, 1, 1] and not any(_deferred(archive))
