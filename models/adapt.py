@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from models import array_pack, kernels, paper_table, tune_workers
+from models import array_pack, kernels, paper_table, scratch, tune_workers
 from models.container import CorruptBlobError
 from models.entropy import CodingTables
 from models.features import SCALE_STEPS, UNIT
@@ -97,6 +97,13 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, values: ValueRange | N
     if predictor.kind.startswith("paper"):
         return paper_table.fit_volume_table(predictor, volume, slab, tile, seed)
     tune_workers.start(TUNE_RUNS)     # the runs' processes start while the samples are drawn
+    with tune_workers.sample_space() as space:   # memory the last adaptation filled
+        return _adapted(predictor, volume, slab, tile, values, seed, space)
+
+
+def _adapted(predictor, volume: np.ndarray, slab: int, tile, values: ValueRange | None,
+             seed: int, space):
+    """:func:`adapt` of the default model, its samples drawn into ``space``."""
     n_slabs = -(-volume.shape[0] // slab)
     per_slab = min(slab, volume.shape[0]) * volume.shape[1] * volume.shape[2]
     picks = min(ADAPT_SLABS, n_slabs)
@@ -104,7 +111,7 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, values: ValueRange | N
     rng = np.random.default_rng(seed)
     hood = predictor.neighbourhood
     samples = collect_samples([volume], slab, picks, keep, rng, tile=tile, hood=hood,
-                              values=values)
+                              values=values, space=space)
     check = collect_samples([volume], slab, min(8, n_slabs), min(1.0, CHECK_SAMPLES / volume.size),
                             rng, tile=tile, hood=hood, values=values)
     tune_index = network_index(samples, hood.size) if predictor.tables.flat else None
@@ -120,10 +127,11 @@ def adapt(predictor, volume: np.ndarray, slab: int, tile, values: ValueRange | N
     check_net = network_samples(check, hood.size) if predictor.tables.flat else check
     arrays = {f: getattr(samples, f) for f in Samples.__dataclass_fields__}
     if tune_index is not None:
-        arrays["tune_index"] = tune_index
+        arrays["tune_index"] = space.array("tune_index", tune_index.shape, tune_index.dtype)
+        arrays["tune_index"][:] = tune_index
     jobs = [(predictor, check_net, seed + k, steps, stops, default_settings())
             for k in range(TUNE_RUNS)]
-    networks = tune_workers.map_runs(tune_run, arrays, jobs)
+    networks = tune_workers.map_runs(tune_run, arrays, jobs, space)
     # each network with its refitted tables carried exactly, coarser, or not at all: the
     # one whose bits of the volume (estimated on the check sample) and of its embedded
     # model in the blob are fewest
@@ -260,7 +268,6 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=(),
     size the weights keep wandering about the minimum and their average sits closer to it.
     With ``settings.bf16`` the network's products are bfloat16 (autocast), the loss float32."""
     import torch
-    from models.train import mean_laplace_bits
     settings = settings or default_settings()
     torch.manual_seed(seed)
     n = len(samples.value) if index is None else len(index)
@@ -271,10 +278,33 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=(),
     order = torch.randperm(n, generator=gen).numpy()
     if index is not None:
         order = index[order]
-    tensors = [model.training_inputs(samples.x, order)] + [
-        torch.from_numpy(np.ascontiguousarray(a[order], dtype=np.float32))
-        for a in (samples.ref, samples.s, samples.lq, samples.value)]
-    arrays = [t.numpy() for t in tensors]    # the same memory: slicing these costs less
+    with scratch.POOL.lease() as buffers:   # memory the previous run filled (models.scratch)
+        inputs = buffers.array("x", (n, model.input_width(samples.x.shape[1])), np.float32)
+        arrays = [model.training_inputs(samples.x, order, out=inputs).numpy()] + [
+            _gathered(getattr(samples, name), order, buffers.array(name, (n,), np.float32))
+            for name in ("ref", "s", "lq", "value")]
+        yield from _steps(model, arrays, gen, steps, stops, settings)
+
+
+def _gathered(values: np.ndarray, order: np.ndarray, out: np.ndarray,
+              chunk: int = 1 << 16) -> np.ndarray:
+    """``values[order]`` cast into ``out``, through a small buffer (no fresh array of the
+    whole gather)."""
+    part = np.empty(min(chunk, len(order)), values.dtype)
+    for a in range(0, len(order), chunk):
+        piece = order[a:a + chunk]
+        np.take(values, piece, out=part[:len(piece)])
+        out[a:a + len(piece)] = part[:len(piece)]
+    return out
+
+
+def _steps(model, arrays: list[np.ndarray], gen, steps: int, stops, settings: Settings):
+    """The Adam steps of :func:`_fine_tune` on its shuffled ``arrays`` (inputs, ref, s, lq,
+    value), batch offsets drawn from the torch generator ``gen``."""
+    import torch
+    from models.train import mean_laplace_bits
+    n = len(arrays[0])
+    tensors = [torch.from_numpy(a) for a in arrays]
     opt = _Adam(list(model.parameters()), lr=settings.lr)
     batch = min(settings.batch, n)
     starts = torch.randint(0, n - batch + 1, (steps,), generator=gen).tolist()

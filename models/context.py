@@ -73,10 +73,14 @@ class Neighbourhood:
     def validity(self, z: int, tiles: "Tiling") -> np.ndarray:
         """Boolean ``(K, pixels)``: whether each neighbour of each pixel of slab slice ``z``
         lies inside the slab and inside the pixel's tile."""
-        o = np.array(self.offsets, dtype=np.int64)
-        yy = tiles.y[None, :] + o[:, 1, None]
-        xx = tiles.x[None, :] + o[:, 2, None]
-        return (z + o[:, 0, None] >= 0) & (yy >= 0) & (xx >= 0) & (xx < tiles.width[None, :])
+        out = np.zeros((len(self.offsets), len(tiles.y)), dtype=bool)
+        room = tiles.width - tiles.x     # columns from the pixel to its tile's right edge
+        for k, (dz, dy, dx) in enumerate(self.offsets):   # a row at a time: no (K, pixels) temporaries
+            if z + dz >= 0:
+                np.greater_equal(tiles.y, -dy, out=out[k])
+                out[k] &= tiles.x >= -dx
+                out[k] &= room > dx
+        return out
 
 
 @dataclass(frozen=True)

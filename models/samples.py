@@ -53,10 +53,11 @@ def network_index(samples: Samples, hood_size: int) -> np.ndarray | None:
 def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
                     rng: np.random.Generator, tile=(128, 256), progress=None,
                     hood: Neighbourhood = DEFAULT_NEIGHBOURHOOD,
-                    values: ValueRange | None = None) -> Samples:
+                    values: ValueRange | None = None, space=None) -> Samples:
     """Features of every ``1/keep``-th voxel of evenly spaced slabs of each volume, for a
     predictor with the neighbourhood ``hood``; ``values``: the range they are coded within
-    (one volume; default each volume's dtype range).
+    (one volume; default each volume's dtype range); ``space``: where the result's arrays
+    go (its ``array(name, shape, dtype)``; default fresh memory).
 
     The voxels are picked first, in one pass of ``rng``; the slices' features are then
     computed on two threads (the compiled kernel and numpy's gathers release the interpreter
@@ -77,9 +78,7 @@ def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
                              enumerate(picks))
             for zl, (pick, (ref, s, lq, x)) in enumerate(zip(picks, parts)):
                 if out is None:
-                    out = Samples(np.empty((total, x.shape[1]), x.dtype),
-                                  *(np.empty(total, a.dtype) for a in (ref, s, lq)),
-                                  *(np.empty(total, np.int64) for _ in range(3)))
+                    out = _allocated(space, total, x, (ref, s, lq))
                 part = slice(at, at + len(pick))
                 out.x[part], out.ref[part], out.s[part], out.lq[part] = x, ref, s, lq
                 out.value[part] = block[zl].ravel()[pick]
@@ -93,6 +92,17 @@ def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
 
 
 _SAMPLE_THREADS = 2
+
+
+def _allocated(space, total: int, x: np.ndarray, columns) -> Samples:
+    """Uninitialised :class:`Samples` of ``total`` rows, typed as the first slice's
+    features ``x`` and ``columns`` (ref, s, lq), in ``space`` (None: fresh memory)."""
+    def array(name, shape, dtype):
+        return np.empty(shape, dtype) if space is None else space.array(name, shape, dtype)
+    names = list(Samples.__dataclass_fields__)
+    dtypes = [a.dtype for a in columns] + [np.int64] * 3
+    return Samples(array("x", (total, x.shape[1]), x.dtype),
+                   *(array(n, (total,), d) for n, d in zip(names[1:], dtypes)))
 
 
 def _sample_plan(volumes, slab: int, slabs_per_volume: int, keep: float,

@@ -49,14 +49,24 @@ class FloatPredictor(nn.Module):
 
     INPUT_ALIGN = 8
 
-    def training_inputs(self, x: np.ndarray, rows: np.ndarray,
-                        chunk: int = 1 << 14) -> torch.Tensor:
+    def input_width(self, features: int) -> int:
+        """Columns of :meth:`training_inputs` for ``features`` input features."""
+        return features + -features % self.INPUT_ALIGN
+
+    def training_inputs(self, x: np.ndarray, rows: np.ndarray, chunk: int = 1 << 14,
+                        out: np.ndarray | None = None) -> torch.Tensor:
         """Rows ``rows`` of ``x`` as :meth:`forward_training` takes them: scaled by
         ``input_scale`` (a power of two: exact) and zero-padded to a multiple of INPUT_ALIGN
         columns, gathered in pieces through a small buffer (``np.take`` gathers rows about
-        three times faster than indexing) and scaled into place."""
+        three times faster than indexing) and scaled into place; into ``out`` (float32,
+        ``(len(rows), input_width)``) when given."""
         n, f = len(rows), x.shape[1]
-        out = np.zeros((n, f + -f % self.INPUT_ALIGN), np.float32)
+        if out is None:
+            out = np.zeros((n, self.input_width(f)), np.float32)
+        elif out.shape != (n, self.input_width(f)) or out.dtype != np.float32:
+            raise ValueError("training inputs buffer of the wrong shape or type")
+        else:
+            out[:, f:] = 0
         part = np.empty((min(chunk, n), f), x.dtype)
         for a in range(0, n, chunk):
             piece = rows[a:a + chunk]

@@ -4,9 +4,11 @@ The encoder's per-volume adaptation (models.adapt) runs its fine-tuning runs sid
 threads of one process they contend for the interpreter lock: an Adam step on 4096 samples
 (bfloat16 products, one torch thread each) took 1.25 ms alone, 1.86 ms each in two threads and
 1.19-1.25 ms each in two processes. So each run goes to a process of this pool. The samples
-travel as memory-mapped ``.npy`` files in the temporary folder (pickling would copy a few
-hundred MB twice), in memory (``/dev/shm``) where it has room: 250 MB of samples took 0.74 s
-to write to a disk's temporary folder and 0.13 s to ``/dev/shm``, time every adapted encode
+travel as memory-mapped files (pickling would copy a few hundred MB twice): the adaptation
+draws them straight into files in memory (``/dev/shm``, :class:`SampleFiles`, kept mapped for
+the next adaptation a while), and arrays that are not there are written as ``.npy`` files to
+``/dev/shm`` or, without room there, the temporary folder: 250 MB of samples took 0.74 s to
+write to a disk's temporary folder and 0.13 s to ``/dev/shm``, time every adapted encode
 waited for. The result comes back by pickle (a quantised predictor, small).
 The folder's name carries the process id, so that one left by a process killed mid-run is
 removed by a later adaptation of any process, once an hour old (:func:`remove_stale`).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import logging
+import mmap
 import os
 import shutil
 import sys
@@ -35,7 +38,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from models import parallel
+from models import parallel, scratch
 
 log = logging.getLogger(__name__)
 NICE = 10
@@ -53,13 +56,14 @@ def usable() -> bool:
     return not _BROKEN and os.environ.get("VOXARC_TUNE_WORKERS", "1") != "0"
 
 
-def map_runs(fn, arrays: dict[str, np.ndarray], jobs: list) -> list:
+def map_runs(fn, arrays: dict[str, np.ndarray], jobs: list, space=None) -> list:
     """``[fn(arrays, job) for job in jobs]``, all at once, each job in a worker process of its
     own (or a thread). ``fn`` must be a module-level function; in a worker process it gets
-    ``arrays`` as read-only memory maps."""
+    ``arrays`` as read-only memory maps: those in ``space``'s files (:func:`sample_space`)
+    as they are, the others written to a temporary folder first."""
     if usable():
         try:
-            return _in_processes(fn, arrays, jobs)
+            return _in_processes(fn, arrays, jobs, space)
         except _SamplesNotWritten as exc:   # a full temporary folder: threads, this time
             log.warning("could not hand the samples to the fine-tuning processes (%s); "
                         "tuning in threads", exc.__cause__)
@@ -69,10 +73,14 @@ def map_runs(fn, arrays: dict[str, np.ndarray], jobs: list) -> list:
         return list(threads.map(lambda job: fn(arrays, job), jobs))
 
 
-def _in_processes(fn, arrays: dict[str, np.ndarray], jobs: list) -> list:
-    with _samples_folder(arrays) as folder:
+def _in_processes(fn, arrays: dict[str, np.ndarray], jobs: list, space) -> list:
+    describe = getattr(space, "describe", lambda a: None)
+    where = {n: ("raw", *d) for n, a in arrays.items() if (d := describe(a)) is not None}
+    rest = {n: a for n, a in arrays.items() if n not in where}
+    with _samples_folder(rest) as folder:
+        where.update((n, ("npy", os.path.join(folder, f"{n}.npy"))) for n in rest)
         pool = _pool(len(jobs))
-        futures = [pool.submit(_run, fn, folder, list(arrays), job) for job in jobs]
+        futures = [pool.submit(_run, fn, where, job) for job in jobs]
         try:
             return [f.result() for f in futures]
         finally:
@@ -83,7 +91,10 @@ def _in_processes(fn, arrays: dict[str, np.ndarray], jobs: list) -> list:
 @contextmanager
 def _samples_folder(arrays: dict[str, np.ndarray]):
     """A fresh folder holding ``arrays`` as ``.npy`` files, in the first of
-    :data:`SAMPLE_DIRS` with room for them; removed afterwards."""
+    :data:`SAMPLE_DIRS` with room for them; removed afterwards (None: no arrays)."""
+    if not arrays:
+        yield None
+        return
     error = None
     for where in SAMPLE_DIRS:
         remove_stale(where)
@@ -155,9 +166,94 @@ class _SamplesNotWritten(Exception):
     """The samples could not be written for the worker processes (the pool itself is fine)."""
 
 
-def _run(fn, folder: str, names: list[str], job):
-    arrays = {n: np.load(os.path.join(folder, f"{n}.npy"), mmap_mode="r") for n in names}
+def _run(fn, where: dict[str, tuple], job):
+    arrays = {n: np.load(w[1], mmap_mode="r") if w[0] == "npy"
+              else np.memmap(w[1], np.dtype(w[2]), "r", shape=w[3]) for n, w in where.items()}
     return fn(arrays, job)
+
+
+class SampleFiles:
+    """Named arrays in files of a folder of this process in shared memory (the first of
+    :data:`SAMPLE_DIRS` that takes it), which the worker processes map as they are: samples
+    drawn into them need no copy to be handed over, and the next adaptation refills the same
+    pages (models.scratch keeps the files a while). An array that finds no room is an
+    ordinary one (:func:`map_runs` then writes it out)."""
+
+    def __init__(self):
+        self.folder: str | None = None
+        self._maps: dict[str, mmap.mmap] = {}    # kept mapped: refilled without page faults
+        self._given: list[tuple[np.ndarray, str]] = []
+
+    def array(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An uninitialised ``shape`` array of ``dtype`` in the file ``name``."""
+        dtype = np.dtype(dtype)
+        size = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        try:
+            memory = self._mapped(name, size)
+        except OSError as exc:
+            log.info("no room for the fine-tuning samples in shared memory (%s)", exc)
+            return np.empty(shape, dtype)
+        array = np.ndarray(shape, dtype, buffer=memory)
+        path = os.path.join(self.folder, name)
+        self._given = [(a, p) for a, p in self._given if p != path] + [(array, path)]
+        return array
+
+    def _mapped(self, name: str, size: int) -> mmap.mmap:
+        if self.folder is None:
+            self.folder = _sample_folder()
+        memory = self._maps.get(name)
+        if memory is None or len(memory) < size:
+            self._maps.pop(name, None)
+            with open(os.path.join(self.folder, name), "wb+") as f:
+                # the room now, or ENOSPC here: not a SIGBUS when a full tmpfs meets a write
+                os.posix_fallocate(f.fileno(), 0, size)
+                memory = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | _POPULATE)
+            self._maps[name] = memory
+        return memory
+
+    def describe(self, array: np.ndarray) -> tuple[str, str, tuple[int, ...]] | None:
+        """(path, dtype, shape) of an array :meth:`array` gave (None: another array)."""
+        for given, path in self._given:
+            if array is given:
+                return path, array.dtype.str, array.shape
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(m) for m in self._maps.values())
+
+    def close(self) -> None:
+        """Remove the files; their memory goes with the last array that uses it."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder, self._maps, self._given = None, {}, []
+
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)    # Linux: map the pages now, not one fault each
+
+
+def _sample_folder() -> str:
+    error: OSError | None = None
+    for where in SAMPLE_DIRS:
+        remove_stale(where)
+        try:
+            return tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=where)
+        except OSError as exc:     # no such folder here
+            error = exc
+    raise error or OSError("no folder for the fine-tuning samples")
+
+
+SAMPLE_FILES = scratch.Pool(make=SampleFiles)
+atexit.register(lambda: SAMPLE_FILES.trim(now=float("inf")))
+
+
+@contextmanager
+def sample_space():
+    """Where an adaptation draws the samples it hands to :func:`map_runs`: files the worker
+    processes map (:class:`SampleFiles`), or, where runs go to threads, reused memory
+    (models.scratch); either kept a while for the next adaptation."""
+    with (SAMPLE_FILES if usable() else scratch.POOL).lease() as space:
+        yield space
 
 
 def _init_worker() -> None:
