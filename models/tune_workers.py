@@ -204,6 +204,9 @@ class SampleFiles:
         memory = self._maps.get(name)
         if memory is None or len(memory) < size:
             self._maps.pop(name, None)
+            room = os.statvfs(self.folder)
+            if room.f_bavail * room.f_frsize < size + KEEP_FREE:
+                raise OSError(28, f"less than {KEEP_FREE >> 20} MB would be left free")
             with open(os.path.join(self.folder, name), "wb+") as f:
                 # the room now, or ENOSPC here: not a SIGBUS when a full tmpfs meets a write
                 os.posix_fallocate(f.fileno(), 0, size)
@@ -229,6 +232,9 @@ class SampleFiles:
         self.folder, self._maps, self._given = None, {}, []
 
 
+# what SampleFiles leave free where they are: its files stay a while, and others (the
+# decoders' shared memory for a retrieval's first instance) must still find room there
+KEEP_FREE = 128 << 20
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)    # Linux: map the pages now, not one fault each
 
 

@@ -159,6 +159,21 @@ def test_sample_files_without_room_give_ordinary_arrays(monkeypatch, tmp_path):
     files.close()
 
 
+def test_sample_files_leave_room_for_others(monkeypatch, tmp_path):
+    """A small /dev/shm (Docker's 64 MB): the files, kept a while, never take the last
+    KEEP_FREE bytes that the decoders' shared memory may need."""
+    from models import tune_workers
+    monkeypatch.setattr(tune_workers, "SAMPLE_DIRS", (str(tmp_path),))
+    room = os.statvfs(tmp_path)
+    free = room.f_bavail * room.f_frsize
+    monkeypatch.setattr(tune_workers, "KEEP_FREE", free - (64 << 20))
+    files = tune_workers.SampleFiles()
+    small = files.array("a", (1000,), np.uint8)
+    large = files.array("b", (128 << 20,), np.uint8)    # refused: not allocated
+    assert files.describe(small) is not None and files.describe(large) is None
+    files.close()
+
+
 def test_runs_map_the_sample_files_as_they_are_and_write_only_the_others(monkeypatch, tmp_path):
     from models import tune_workers
     monkeypatch.setattr(tune_workers, "SAMPLE_DIRS", (str(tmp_path),))
