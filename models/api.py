@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import os
 import time
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import shared_memory
@@ -17,6 +19,8 @@ from models import adapt as adaptation
 from models import parallel, value_range
 from models.registry import load_model, model_by_id
 from models.value_range import ValueRange
+
+log = logging.getLogger(__name__)
 
 SLAB_SLICES = 8      # slices per independently decodable slab
 TILE = (64, 256)     # rows, columns of the independent tiles a slice is cut into
@@ -243,7 +247,8 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     ``decode_slices(blob, start, stop)``. With ``head`` > 0, the first piece holds
     only slices ``[start, start + head)`` (at most the rest of the first slab): the workers
     decoding the first slab decode the slices up to there first, on their own, and hand them
-    over before they go on with the rest of that slab (no slice is decoded twice).
+    over before they go on with the rest of that slab (no slice is decoded twice); where
+    shared memory has no room for them, they come with their slab.
     """
     header, base, predictor = _open(blob)
     nz, ny, nx = header.shape
@@ -324,11 +329,11 @@ def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int, ban
     """:func:`_local_results` on the worker processes (``jobs`` an iterator: the first jobs
     are submitted before the others are built). The workers decoding the first group's bands
     write their first ``split`` slices to shared memory as soon as they are decoded."""
-    if not split:
+    flags = 8 * -(-bands // 8)    # a byte per band says its slices are there
+    shm = _shared_memory(flags + split * plane[0] * plane[1] * 4) if split else None
+    if shm is None:     # the first slices then come with their whole group
         yield from _by_group(parallel.imap(_decode_group, jobs, window=window), bands)
         return
-    flags = 8 * -(-bands // 8)    # a byte per band says its slices are there
-    shm = shared_memory.SharedMemory(create=True, size=flags + split * plane[0] * plane[1] * 4)
     futures, rest = [], None
     try:
         shm.buf[:flags] = bytes(flags)
@@ -366,6 +371,27 @@ def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int, ban
             rest.close()
         shm.close()
         shm.unlink()
+
+
+def _shared_memory(size: int) -> shared_memory.SharedMemory | None:
+    """New shared memory of ``size`` bytes with its room reserved (a write into a full
+    ``/dev/shm`` would kill the writing process with SIGBUS), or None where there is none."""
+    try:
+        shm = shared_memory.SharedMemory(create=True, size=size)
+    except OSError as exc:
+        log.warning("no shared memory for a first slice (%s): it comes with its slab", exc)
+        return None
+    try:
+        os.posix_fallocate(shm._fd, 0, size)
+    except AttributeError:       # no descriptor to reserve with (not POSIX)
+        pass
+    except OSError as exc:
+        log.warning("no room in shared memory for a first slice (%s): it comes with its slab",
+                    exc)
+        shm.close()
+        shm.unlink()
+        return None
+    return shm
 
 
 def _decode_group_split(args) -> list[np.ndarray]:

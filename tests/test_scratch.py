@@ -1,5 +1,6 @@
-"""Reused working memory of the fine-tuning runs (models.scratch) and the neighbour validity
-of slab slices (models.context): faster, and the same results."""
+"""Memory: the fine-tuning's reused working memory (models.scratch) and sample files, room
+left and reserved in shared memory, and the neighbour validity of slab slices
+(models.context) built without large temporaries; faster, and the same results."""
 
 from __future__ import annotations
 
@@ -201,3 +202,25 @@ def test_runs_map_the_sample_files_as_they_are_and_write_only_the_others(monkeyp
 
 def _sums(arrays, job):
     return int(arrays["a"].sum()) * job, int(arrays["b"].sum()) * job
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_full_shared_memory_sends_the_first_slice_with_its_slab(monkeypatch, caplog, full):
+    """The shared memory a stream's first slices travel in is reserved up front: where
+    /dev/shm is full, the stream still gives every slice once, in order (the first with its
+    slab), instead of a worker dying of SIGBUS on its write."""
+    import models
+    from models import api
+    vol = phantom((12, 12, 10), "uint16", seed=8)
+    blob = models.encode_volume(vol, slab=4)
+    monkeypatch.setattr(api, "PARALLEL_VOXELS", 1)
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    if full:
+        def no_room(fd, offset, size):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(api.os, "posix_fallocate", no_room)
+    pieces = list(models.decode_stream(blob, 0, 12, head=1))
+    assert len(pieces[0][1]) == (4 if full else 1)
+    assert [z0 for z0, _ in pieces] == list(np.cumsum([0] + [len(p) for _, p in pieces[:-1]]))
+    np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), vol)
+    assert ("no room in shared memory" in caplog.text) == full
