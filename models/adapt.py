@@ -51,8 +51,8 @@ from models.container import CorruptBlobError
 from models.entropy import CodingTables
 from models.features import SCALE_STEPS, UNIT
 from models.intnet import WIDE_WEIGHT_MAX
-from models.samples import (Samples, collect_samples, evaluate, integer_residuals, network_index,
-                            network_samples)
+from models.samples import (Samples, collect_samples, evaluate, gather_rows, integer_residuals,
+                            network_index, network_samples)
 from models.tables import table_bits
 from models.value_range import ValueRange
 
@@ -281,21 +281,9 @@ def _fine_tune(model, samples, seed: int, steps: int, stops=(),
     with scratch.POOL.lease() as buffers:   # memory the previous run filled (models.scratch)
         inputs = buffers.array("x", (n, model.input_width(samples.x.shape[1])), np.float32)
         arrays = [model.training_inputs(samples.x, order, out=inputs).numpy()] + [
-            _gathered(getattr(samples, name), order, buffers.array(name, (n,), np.float32))
+            gather_rows(getattr(samples, name), order, buffers.array(name, (n,), np.float32))
             for name in ("ref", "s", "lq", "value")]
         yield from _steps(model, arrays, gen, steps, stops, settings)
-
-
-def _gathered(values: np.ndarray, order: np.ndarray, out: np.ndarray,
-              chunk: int = 1 << 16) -> np.ndarray:
-    """``values[order]`` cast into ``out``, through a small buffer (no fresh array of the
-    whole gather)."""
-    part = np.empty(min(chunk, len(order)), values.dtype)
-    for a in range(0, len(order), chunk):
-        piece = order[a:a + chunk]
-        np.take(values, piece, out=part[:len(piece)])
-        out[a:a + len(piece)] = part[:len(piece)]
-    return out
 
 
 def _steps(model, arrays: list[np.ndarray], gen, steps: int, stops, settings: Settings):

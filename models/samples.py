@@ -131,6 +131,24 @@ def _features(values: np.ndarray, valid: np.ndarray):
     return feats.ref, feats.s, feats.lq, np.ascontiguousarray(feats.x)
 
 
+def gather_rows(values: np.ndarray, rows: np.ndarray, out: np.ndarray, scale=None,
+                chunk: int = 1 << 14) -> np.ndarray:
+    """``values[rows]`` (times ``scale``, when given) cast into ``out`` (its leading columns,
+    for 2-D ``values``), gathered in pieces through a small buffer: ``np.take`` gathers rows
+    about three times faster than indexing, and no array of the whole gather is made."""
+    part = np.empty((min(chunk, len(rows)),) + values.shape[1:], values.dtype)
+    target = out if values.ndim == 1 else out[:, :values.shape[1]]
+    for a in range(0, len(rows), chunk):
+        piece = rows[a:a + chunk]
+        got = part[:len(piece)]
+        np.take(values, piece, axis=0, out=got)
+        if scale is None:
+            target[a:a + len(piece)] = got
+        else:
+            np.multiply(got, scale, out=target[a:a + len(piece)], casting="unsafe")
+    return out
+
+
 def integer_residuals(predictor: DefaultPredictor, samples: Samples, chunk: int = 1 << 18):
     """Residuals and table indices of the exact integer model on the samples."""
     rs, js = [], []

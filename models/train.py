@@ -23,8 +23,8 @@ from models.entropy import CodingTables
 from models.features import DEFAULT_NEIGHBOURHOOD, SCALE_STEPS, UNIT, n_features
 from models.intnet import WEIGHT_MAX, WIDE_WEIGHT_MAX, quantize_mlp
 from models.predictor import DefaultPredictor
-from models.samples import (Samples, collect_samples, evaluate, integer_residuals,
-                            network_samples)
+from models.samples import (Samples, collect_samples, evaluate, gather_rows,
+                            integer_residuals, network_samples)
 from models.tables import fitted_tables, prior_tables
 
 
@@ -57,8 +57,7 @@ class FloatPredictor(nn.Module):
                         out: np.ndarray | None = None) -> torch.Tensor:
         """Rows ``rows`` of ``x`` as :meth:`forward_training` takes them: scaled by
         ``input_scale`` (a power of two: exact) and zero-padded to a multiple of INPUT_ALIGN
-        columns, gathered in pieces through a small buffer (``np.take`` gathers rows about
-        three times faster than indexing) and scaled into place; into ``out`` (float32,
+        columns (models.samples.gather_rows); into ``out`` (float32,
         ``(len(rows), input_width)``) when given."""
         n, f = len(rows), x.shape[1]
         if out is None:
@@ -67,13 +66,7 @@ class FloatPredictor(nn.Module):
             raise ValueError("training inputs buffer of the wrong shape or type")
         else:
             out[:, f:] = 0
-        part = np.empty((min(chunk, n), f), x.dtype)
-        for a in range(0, n, chunk):
-            piece = rows[a:a + chunk]
-            np.take(x, piece, axis=0, out=part[:len(piece)])
-            np.multiply(part[:len(piece)], self.input_scale, out=out[a:a + len(piece), :f],
-                        casting="unsafe")
-        return torch.from_numpy(out)
+        return torch.from_numpy(gather_rows(x, rows, out, self.input_scale, chunk))
 
     def forward_training(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` of inputs already scaled, such as :meth:`training_inputs`: the first

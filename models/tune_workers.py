@@ -97,9 +97,8 @@ def _samples_folder(arrays: dict[str, np.ndarray]):
         return
     error = None
     for where in SAMPLE_DIRS:
-        remove_stale(where)
         try:
-            folder = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=where)
+            folder = _new_folder(where)
         except OSError as exc:     # no such folder here
             error = exc
             continue
@@ -182,7 +181,7 @@ class SampleFiles:
     def __init__(self):
         self.folder: str | None = None
         self._maps: dict[str, mmap.mmap] = {}    # kept mapped: refilled without page faults
-        self._given: list[tuple[np.ndarray, str]] = []
+        self._given: dict[str, np.ndarray] = {}     # the latest array of each file
 
     def array(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         """An uninitialised ``shape`` array of ``dtype`` in the file ``name``."""
@@ -193,9 +192,7 @@ class SampleFiles:
         except OSError as exc:
             log.info("no room for the fine-tuning samples in shared memory (%s)", exc)
             return np.empty(shape, dtype)
-        array = np.ndarray(shape, dtype, buffer=memory)
-        path = os.path.join(self.folder, name)
-        self._given = [(a, p) for a, p in self._given if p != path] + [(array, path)]
+        array = self._given[name] = np.ndarray(shape, dtype, buffer=memory)
         return array
 
     def _mapped(self, name: str, size: int) -> mmap.mmap:
@@ -216,9 +213,9 @@ class SampleFiles:
 
     def describe(self, array: np.ndarray) -> tuple[str, str, tuple[int, ...]] | None:
         """(path, dtype, shape) of an array :meth:`array` gave (None: another array)."""
-        for given, path in self._given:
+        for name, given in self._given.items():
             if array is given:
-                return path, array.dtype.str, array.shape
+                return os.path.join(self.folder, name), array.dtype.str, array.shape
         return None
 
     @property
@@ -229,7 +226,7 @@ class SampleFiles:
         """Remove the files; their memory goes with the last array that uses it."""
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder, self._maps, self._given = None, {}, []
+        self.folder, self._maps, self._given = None, {}, {}
 
 
 # what SampleFiles leave free where they are: its files stay a while, and others (the
@@ -239,14 +236,21 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)    # Linux: map the pages now, not 
 
 
 def _sample_folder() -> str:
+    """A new folder of this process in the first of :data:`SAMPLE_DIRS` that takes one."""
     error: OSError | None = None
     for where in SAMPLE_DIRS:
-        remove_stale(where)
         try:
-            return tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=where)
+            return _new_folder(where)
         except OSError as exc:     # no such folder here
             error = exc
     raise error or OSError("no folder for the fine-tuning samples")
+
+
+def _new_folder(where: str | None) -> str:
+    """A new sample folder in ``where`` (None: TMPDIR), named for this process so that
+    :func:`remove_stale` knows whose it is; stale ones there are removed first."""
+    remove_stale(where)
+    return tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=where)
 
 
 SAMPLE_FILES = scratch.Pool(make=SampleFiles)
