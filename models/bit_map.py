@@ -15,7 +15,7 @@ import numpy as np
 
 from models import adapt as adaptation
 from models.api import SLAB_SLICES, TILE
-from models.codec import _predict_chunked, slab_contexts
+from models.codec import slice_predictions
 from models.container import band_spans
 from models.entropy import ESC_NEG, N_TOKENS, split_residuals, token_bounds
 from models.registry import load_model
@@ -47,8 +47,7 @@ def slab_bits(predictor, slab: np.ndarray, lo: int, hi: int, zs: int, tile) -> n
     (``slab`` already mapped into that range, as the encoder maps it)."""
     out = np.empty(slab.shape, np.float64)
     shifts = predictor.tables.shifts
-    for zl, values, valid in slab_contexts(predictor.neighbourhood, slab, zs, tile):
-        pred, j = _predict_chunked(predictor, values, valid, lo, hi)
+    for zl, pred, j in slice_predictions(predictor, slab, zs, tile, lo, hi):
         r = slab[zl].ravel().astype(np.int64) - pred
         sym = split_residuals(r, j, shifts)
         bounds = token_bounds(pred, shifts[j], lo, hi)

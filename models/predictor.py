@@ -85,6 +85,13 @@ class DefaultPredictor:
             return self.outputs(ref, s, lq, x.T, lo, hi)
         return self.kernel_outputs(feats, lo, hi)
 
+    def predict_runs(self, buf: np.ndarray, runs: "kernels.Runs", koff: np.ndarray,
+                     lo: int, hi: int):
+        """:meth:`predict` of voxels whose neighbours are read in ``runs`` of the int32
+        buffer ``buf`` (models.kernels.run_features), where :meth:`uses_kernels`."""
+        feats = kernels.run_features(buf, runs, koff, self.tables.flat, self.kernel_network())
+        return self.kernel_outputs(feats, lo, hi)
+
     def uses_kernels(self, lo, hi) -> bool:
         """Whether predictions for the volume range ``lo, hi`` come from the compiled kernels
         (models.kernels): when they were built, for one range per call and a network whose

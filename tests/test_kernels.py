@@ -732,3 +732,33 @@ def test_compiled_adam_step_refuses_other_arrays():
                           ([ok], [])):
         with pytest.raises(ValueError):
             kernels.AdamStep(params, grads)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), shape=st.tuples(st.integers(1, 6), st.integers(1, 70),
+                                                      st.integers(1, 300)),
+       tile=st.sampled_from([(8, 16), (16, 24), (64, 256)]), flat=st.booleans())
+def test_the_encoders_runs_give_the_predictions_of_the_neighbour_copies(seed, shape, tile,
+                                                                         flat):
+    """The encoder reads each row's neighbours as runs of the padded slab
+    (models.codec.slice_predictions); every slice's predictions and table rows equal those
+    of the per-neighbour copies (slab_contexts), in partial tiles, in row chunks that end
+    mid-slice (300 columns: 54 rows a chunk) and with flat padding."""
+    from models.codec import ENCODE_CHUNK, _predict_chunked, slab_contexts, slice_predictions
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(0, 30, shape).cumsum(axis=2).astype(np.int64) + 1000
+    if flat:
+        vol[:, :shape[1] // 2] = 0
+    lo, hi = int(vol.min()), int(vol.max())
+    model = load_model("default")
+    calls = []
+    real = type(model).predict_runs
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model), "predict_runs",
+                      lambda self, *a: calls.append(1) or real(self, *a))
+        runs = list(slice_predictions(model, vol, 8, tile, lo, hi))
+    assert len(calls) == shape[0] * -(-shape[1] // max(1, ENCODE_CHUNK // shape[2]))
+    copies = slab_contexts(model.neighbourhood, vol, 8, tile)
+    for (zl, pred, j), (z2, values, valid) in zip(runs, copies, strict=True):
+        want = _predict_chunked(model, values, valid, lo, hi)
+        assert zl == z2 and np.array_equal(pred, want[0]) and np.array_equal(j, want[1])
