@@ -222,19 +222,29 @@ def test_decode_stream_pieces_are_ordered_slices_of_the_volume(monkeypatch, work
         pieces = list(models.decode_stream(blob, start, stop))
         assert [z for z, _ in pieces] == sorted({z for z, _ in pieces})
         assert all(p.dtype == vol.dtype and len(p) for _, p in pieces)
-        if stop - start > 8:     # groups grow: the first pieces are one slab each
-            firsts = [2 - start % 2] + [2] * (int(workers) - 1)   # one slab per worker
-            assert [len(p) for _, p in pieces[:len(firsts)]] == firsts
+        if stop - start > 8:     # the first slab alone, then larger lockstep groups
+            assert len(pieces[0][1]) == 2 - start % 2
             assert max(len(p) for _, p in pieces) > 2
-        if (start, stop) == (0, 23) and workers == "2":
-            # 12 slabs: 1, 1, 2, 2, then the last 6 (11 slices) in 4 groups balanced by slices
-            assert [len(p) for _, p in pieces] == [2, 2, 4, 4, 2, 4, 2, 3]
+        if (start, stop) == (0, 23):
+            # 12 slabs: the first alone, the other 11 (21 slices) in two groups balanced by
+            # slices, the last of them halved
+            assert [len(p) for _, p in pieces] == [2, 10, 6, 5]
         got = np.concatenate([p for _, p in pieces]) if pieces else vol[:0]
         np.testing.assert_array_equal(got, vol[start:stop])
         z = start
         for z0, p in pieces:
             assert z0 == z
             z += len(p)
+
+
+def test_stream_groups_start_with_one_slab_and_halve_the_last_group():
+    left = [(i, 8) for i in range(12)] + [(12, 4)]          # 100 slices
+    groups = api._stream_groups(left, 2, 4, 2)
+    assert sum(groups, []) == left
+    assert groups[0] == [(0, 8)]
+    assert [len(g) for g in groups] == [1, 6, 3, 3]         # slabs 1-12 as _lockstep_groups
+    assert api._stream_groups(left[:1], 2, 4, 2) == [left[:1]]
+    assert api._stream_groups(left[:2], 2, 4, 2) == [left[:1], left[1:2]]
 
 
 def test_slab_groups_share_slices_evenly_between_workers():
