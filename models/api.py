@@ -238,11 +238,9 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
     """Slices ``[start, stop)`` as a stream of ``(z0, slices)`` pieces in order, for a consumer
     that uses the first slices while the later ones decode (a C-GET sending instances).
 
-    The pieces are slab groups that grow from one slab per worker process to
-    :func:`lockstep_slabs` (small first pieces arrive early, large later ones decode at the
-    lockstep rate); what is left for the last round goes in two groups per worker, balanced by
-    slices, so that a worker that fell behind takes less of it. A group's column bands (format 3) are decoded apart, so that
-    the bands of the first slab share the workers. The worker processes decode the groups in
+    The pieces are slab groups (:func:`_stream_groups`): the first slab alone, then
+    :func:`decode_slices`' lockstep groups, the last of them halved. A group's column bands
+    (format 3) are decoded apart, so that the bands of the first slab share the workers. The worker processes decode the groups in
     parallel, a few ahead of the consumer. Concatenated, the pieces equal
     ``decode_slices(blob, start, stop)``. With ``head`` > 0, the first piece holds
     only slices ``[start, start + head)`` (at most the rest of the first slab): the workers

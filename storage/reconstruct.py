@@ -163,7 +163,7 @@ class Prefetch:
     """A background thread decoding, in sending order, the slabs a retrieval will need.
 
     Each step streams a run of slabs from the codec's worker processes (models.decode_stream:
-    groups growing from one slab to the lockstep size), so the senders send each slab as soon as
+    the first slab alone, then lockstep groups), so the senders send each slab as soon as
     it is decoded while the workers decode the next ones. The first step starts with a piece of
     the slices up to the first instance only (its image goes out after one slice's decode, not a
     slab's): the worker decoding the first slab decodes those slices first, hands them over and
