@@ -41,6 +41,7 @@ import copy
 import hashlib
 import io
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -135,12 +136,16 @@ def _adapted(predictor, volume: np.ndarray, slab: int, tile, values: ValueRange 
     # each network with its refitted tables carried exactly, coarser, or not at all: the
     # one whose bits of the volume (estimated on the check sample) and of its embedded
     # model in the blob are fewest
-    costs = []
+    variants, bits = [], []
     for net in networks:
         r, j = integer_residuals(net, check)
         for c in _table_variants(net, predictor):
-            costs.append((check_bits(c, r, j) * volume.size + 8 * len(embedded_bytes(c)),
-                          len(costs), c))
+            variants.append(c)
+            bits.append(check_bits(c, r, j) * volume.size)
+    # packing each variant is an LZMA run (about 9 ms), which releases the interpreter lock
+    with ThreadPoolExecutor(2) as pool:
+        sizes = list(pool.map(lambda c: len(embedded_bytes(c)), variants))
+    costs = [(b + 8 * size, k, c) for k, (b, size, c) in enumerate(zip(bits, sizes, variants))]
     cost, _, best = min(costs, key=lambda t: t[:2])
     return best if pays_off(predictor, cost, check, volume.size) else None
 
