@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _P, _I32, _P]  # layers, sizes, weights, biases, ints, vector, acc
-ABI = 17  # the entry points and signatures of models/_kernels.c this module calls
+ABI = 18  # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -87,6 +87,9 @@ def _library():
     fn = lib.voxarc_laplace_bits
     fn.restype = ctypes.c_double
     fn.argtypes = [_P, _P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, _P]
+    fn = lib.voxarc_laplace_bits_planar
+    fn.restype = ctypes.c_double
+    fn.argtypes = [_P, _P, _P, _P, _P, _P, _I64, ctypes.c_float, ctypes.c_float, _P, _P, _I32]
     fn = lib.voxarc_train_step
     fn.restype = ctypes.c_double
     fn.argtypes = [_P, _I64, _I64, _P, _P, _P, _P, _I32, _P, _P, _P, _P, _P, ctypes.c_float,
@@ -399,6 +402,23 @@ def laplace_bits(value: np.ndarray, ref: np.ndarray, s: np.ndarray, lq: np.ndarr
     total = _library().voxarc_laplace_bits(*(a.ctypes.data for a in arrays), n, unit,
                                            scale_steps, grad.ctypes.data)
     return total, grad
+
+
+def laplace_bits_planar(value: np.ndarray, ref: np.ndarray, s: np.ndarray, lq: np.ndarray,
+                        out0: np.ndarray, out1: np.ndarray, unit: float, scale_steps: float,
+                        vector: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
+    """:func:`laplace_bits` on the outputs' two columns apart, as the fine-tuning step
+    computes it (with ``vector``, eight samples at a time where the CPU has AVX2 and FMA, by
+    the kernel's own exp and log): the sum and the gradients of both columns."""
+    n = len(value)
+    arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in (value, ref, s, lq, out0, out1)]
+    if any(a.shape != (n,) for a in arrays):
+        raise ValueError("laplace_bits_planar wants six arrays of n samples")
+    g0, g1 = np.empty(n, np.float32), np.empty(n, np.float32)
+    total = _library().voxarc_laplace_bits_planar(*(a.ctypes.data for a in arrays), n, unit,
+                                                  scale_steps, g0.ctypes.data, g1.ctypes.data,
+                                                  int(bool(vector)))
+    return total, g0, g1
 
 
 def _aligned(floats: int, align: int = 64) -> np.ndarray:

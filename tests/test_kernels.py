@@ -762,3 +762,56 @@ def test_the_encoders_runs_give_the_predictions_of_the_neighbour_copies(seed, sh
     for (zl, pred, j), (z2, values, valid) in zip(runs, copies, strict=True):
         want = _predict_chunked(model, values, valid, lo, hi)
         assert zl == z2 and np.array_equal(pred, want[0]) and np.array_equal(j, want[1])
+
+
+@pytest.mark.parametrize("n", [8, 61, 3000])
+def test_vector_loss_equals_the_scalar_expressions(n):
+    """The fine-tuning step's loss eight samples at a time, by the kernel's own exp, expm1 and
+    log (models.kernels.laplace_bits_planar): the bits and both gradients of the scalar C
+    library expressions, near the mode (|e| < 0.5) and in the tails, with the clamped log
+    scales' gradient cut to zero, and the last n % 8 samples by the scalar path."""
+    from models.features import SCALE_STEPS, UNIT
+    rng = np.random.default_rng(n)
+    s = rng.integers(1, 4000, n).astype(np.float32)
+    ref = rng.integers(-1000, 3000, n).astype(np.float32)
+    out0 = rng.normal(0, 2, n).astype(np.float32)
+    # log scales from -3 to 10 bits, and a few clamped beyond -3 and 18
+    out1 = (rng.uniform(-3, 10, n) * SCALE_STEPS).astype(np.float32)
+    lq = np.zeros(n, np.float32)
+    block = np.arange(n) // 8           # whole blocks of eight in one regime (checked below)
+    clamped = block % 7 == 1
+    out1[clamped] = rng.choice([-200.0, 400.0], clamped.sum()) * SCALE_STEPS
+    mu = ref + out0 * s / UNIT
+    near = block % 3 == 0                                     # |e| < 0.5: the central branch
+    value = np.where(near, mu.round(), (mu + rng.laplace(0, 30, n)).round()).astype(np.float32)
+    want, grad = kernels.laplace_bits(value, ref, s, lq, np.stack([out0, out1], 1), UNIT,
+                                      SCALE_STEPS)
+    got, g0, g1 = kernels.laplace_bits_planar(value, ref, s, lq, out0, out1, UNIT, SCALE_STEPS)
+    assert np.abs(value - mu)[near].max() < 0.5 and near.sum() > 2
+    assert got == pytest.approx(want, rel=1e-6)
+    # in the tails: g0 is a product; g1 the sum of t / b and a term near -1 (over the scale
+    # steps), a few float32 roundings of each apart
+    e = np.abs(value - mu)
+    tails = (e > 0.51) & ~clamped
+    np.testing.assert_allclose(g0[tails], grad[tails, 0], rtol=2e-5, atol=1e-9)
+    t_over_b = (e - 0.5) * 2.0 ** -(out1.astype(np.float64) / SCALE_STEPS)
+    slack = 2e-5 * (1 + np.abs(t_over_b[tails])) / SCALE_STEPS
+    assert (np.abs(g1 - grad[:, 1])[tails] <= slack).all()
+    # near the mode 1 - a/2 - c/2 cancels where the scale is wide, in both
+    for g, w in ((g0, grad[:, 0]), (g1, grad[:, 1])):
+        np.testing.assert_allclose(g[e < 0.5], w[e < 0.5], rtol=1e-3,
+                                   atol=1e-6 * np.abs(w).max())
+    assert not g1[clamped].any()
+    for a in range(0, n - 7, 8):     # the bits of each eight samples in the tails
+        if not tails[a:a + 8].all():
+            continue
+        part = [v[a:a + 8] for v in (value, ref, s, lq)]
+        one = kernels.laplace_bits_planar(*part, out0[a:a + 8], out1[a:a + 8], UNIT,
+                                          SCALE_STEPS)[0]
+        assert one == pytest.approx(kernels.laplace_bits(
+            *part, np.stack([out0[a:a + 8], out1[a:a + 8]], 1), UNIT, SCALE_STEPS)[0],
+            rel=1e-6)
+    scalar = kernels.laplace_bits_planar(value, ref, s, lq, out0, out1, UNIT, SCALE_STEPS,
+                                         vector=False)
+    assert scalar[0] == pytest.approx(want, rel=1e-12)
+    assert np.array_equal(scalar[1], grad[:, 0]) and np.array_equal(scalar[2], grad[:, 1])
