@@ -1152,8 +1152,24 @@ double voxarc_laplace_bits(const float *value, const float *ref, const float *s,
 }
 
 #ifdef MLP_VECTOR
-/* e**x, eight at a time, within about an ulp of expf (Cephes' expf: x = n ln2 + r, a degree-6
- * polynomial for e**r on [-ln2/2, ln2/2], times 2**n); x clamped to where expf is normal. */
+/* e**r 2**n for |r| <= ln2 / 2 and whole n: Cephes' expf polynomial of degree 6 for e**r,
+ * times 2**n put into the exponent. */
+__attribute__((target("avx2,fma")))
+static inline __m256 exp_reduced_avx2(__m256 r, __m256 n)
+{
+    static const float c[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+    __m256 p = _mm256_set1_ps(c[0]);
+    for (int k = 1; k < 6; k++)
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c[k]));
+    __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                                  23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* e**x, eight at a time, within about an ulp of expf (x = n ln2 + r, ln2 in two parts); x
+ * clamped to where expf is normal. */
 __attribute__((target("avx2,fma")))
 static inline __m256 exp_avx2(__m256 x)
 {
@@ -1161,34 +1177,17 @@ static inline __m256 exp_avx2(__m256 x)
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return exp_reduced_avx2(_mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r), n);
 }
 
-/* 2**x for x in [-18, 3] (the clamped log-scales): n = round(x), 2**(x - n) by exp_avx2's
- * polynomial of (x - n) ln2, which is within [-0.35, 0.35]. */
+/* 2**x for x in [-18, 3] (the clamped log-scales): n = round(x), and e**((x - n) ln2), whose
+ * argument is within [-0.35, 0.35]. */
 __attribute__((target("avx2,fma")))
 static inline __m256 exp2_avx2(__m256 x)
 {
     __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_mul_ps(_mm256_sub_ps(x, n), _mm256_set1_ps(0.693147180559945f));
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return exp_reduced_avx2(_mm256_mul_ps(_mm256_sub_ps(x, n),
+                                          _mm256_set1_ps(0.693147180559945f)), n);
 }
 
 /* e**x - 1 for x <= 0: a degree-9 Taylor polynomial where |x| < 0.5 (no cancellation), e**x - 1
