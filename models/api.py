@@ -240,13 +240,13 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
 
     The pieces are slab groups (:func:`_stream_groups`): the first slab alone, then
     :func:`decode_slices`' lockstep groups, the last of them halved. A group's column bands
-    (format 3) are decoded apart, so that the bands of the first slab share the workers. The worker processes decode the groups in
-    parallel, a few ahead of the consumer. Concatenated, the pieces equal
-    ``decode_slices(blob, start, stop)``. With ``head`` > 0, the first piece holds
-    only slices ``[start, start + head)`` (at most the rest of the first slab): the workers
-    decoding the first slab decode the slices up to there first, on their own, and hand them
-    over before they go on with the rest of that slab (no slice is decoded twice); where
-    shared memory has no room for them, they come with their slab.
+    (format 3) are decoded apart, so that the bands of the first slab share the workers. The
+    worker processes decode the groups in parallel, a few ahead of the consumer.
+    Concatenated, the pieces equal ``decode_slices(blob, start, stop)``. With ``head`` > 0,
+    the first piece holds only slices ``[start, start + head)`` (at most the rest of the first
+    slab): the workers decoding the first slab decode the slices up to there first, on their
+    own, and hand them over before they go on with the rest of that slab (no slice is decoded
+    twice); where shared memory has no room for them, they come with their slab.
     """
     header, base, predictor = _open(blob)
     nz, ny, nx = header.shape
@@ -286,7 +286,7 @@ def _stream_groups(left: list[tuple[int, int]], workers: int, cap: int, bands: i
     (it arrives first), the rest in :func:`decode_slices`' lockstep groups (the fewest that
     keep every worker busy: each job pays a wavefront's per-step work however few slabs it
     holds), the last of them halved (the consumer's work on the last group is not overlapped
-    with decoding). Groups that grew from one slab per worker instead took 7% more of the
+    with decoding). Groups that grew from one slab per worker instead took 8% more of the
     workers' time (100-slice chest CT, six alternating rounds)."""
     if len(left) < 2:
         return [left]
