@@ -282,12 +282,16 @@ def decode_stream(blob: bytes, start: int, stop: int, head: int = 0):
 
 def _stream_groups(left: list[tuple[int, int]], workers: int, cap: int, bands: int
                    ) -> list[list[tuple[int, int]]]:
-    """:func:`decode_stream`'s slab groups of ``(slab, slices wanted)``: the first slab alone
-    (it arrives first), the rest in :func:`decode_slices`' lockstep groups (the fewest that
-    keep every worker busy: each job pays a wavefront's per-step work however few slabs it
-    holds), the last of them halved (the consumer's work on the last group is not overlapped
-    with decoding). Groups that grew from one slab per worker instead took 8% more of the
-    workers' time (100-slice chest CT, six alternating rounds)."""
+    """:func:`decode_stream`'s slab groups of ``(slab, slices wanted)``. With worker
+    processes: the first slab alone (it arrives first), the rest in :func:`decode_slices`'
+    lockstep groups (the fewest that keep every worker busy: each job pays a wavefront's
+    per-step work however few slabs it holds), the last of them halved (the consumer's work on
+    the last group is not overlapped with decoding); groups that grew from one slab per worker
+    took 8% more of the workers' time (100-slice chest CT, six alternating rounds). Decoded in
+    this process, groups still grow from one slab (:func:`_growing_groups`): its memory holds
+    a group at a time, and a short stream's largest group stays small."""
+    if workers <= 1:
+        return _growing_groups(left, 1, cap * bands)
     if len(left) < 2:
         return [left]
     counts = dict(left)
@@ -297,6 +301,22 @@ def _stream_groups(left: list[tuple[int, int]], workers: int, cap: int, bands: i
     if len(groups[-1]) > 1:
         last = groups.pop()
         groups += balanced_runs(last, [n for _, n in last], 2)
+    return groups
+
+
+def _growing_groups(left: list[tuple[int, int]], per_round: int, largest: int
+                    ) -> list[list[tuple[int, int]]]:
+    """Groups of ``per_round`` at a time, growing from one slab to ``largest``; what is left
+    for the last round in twice as many groups, balanced by slices."""
+    groups, size = [], 1
+    while left:
+        if len(left) <= size * per_round:
+            groups += balanced_runs(left, [n for _, n in left], 2 * per_round)
+            break
+        for _ in range(per_round):
+            groups.append(left[:size])
+            left = left[size:]
+        size = min(2 * size, largest)
     return groups
 
 
