@@ -1151,6 +1151,35 @@ double voxarc_laplace_bits(const float *value, const float *ref, const float *s,
     return total;
 }
 
+#define PLANAR_CHUNK 64     /* samples interleaved at a time by laplace_bits_planar_scalar */
+_Static_assert(MLP_VB <= PLANAR_CHUNK, "a fine-tuning block's loss in one scalar call");
+
+/* voxarc_laplace_bits on planar outputs (o0: the means' corrections, o1: the log-scales),
+ * writing planar gradients g0 and g1: its scalar expressions, through interleaved buffers of
+ * PLANAR_CHUNK samples (one call for a fine-tuning block's). Returns the sum of the bits. */
+static double laplace_bits_planar_scalar(const float *value, const float *ref, const float *s,
+                                         const float *lq, const float *o0, const float *o1,
+                                         int64_t n, float unit, float scale_steps, float *g0,
+                                         float *g1)
+{
+    double total = 0.0;
+    float out[2 * PLANAR_CHUNK], grad[2 * PLANAR_CHUNK];
+    for (int64_t a = 0; a < n; a += PLANAR_CHUNK) {
+        int64_t m = n - a < PLANAR_CHUNK ? n - a : PLANAR_CHUNK;
+        for (int64_t k = 0; k < m; k++) {
+            out[2 * k] = o0[a + k];
+            out[2 * k + 1] = o1[a + k];
+        }
+        total += voxarc_laplace_bits(value + a, ref + a, s + a, lq + a, out, m, unit,
+                                     scale_steps, grad);
+        for (int64_t k = 0; k < m; k++) {
+            g0[a + k] = grad[2 * k];
+            g1[a + k] = grad[2 * k + 1];
+        }
+    }
+    return total;
+}
+
 #ifdef MLP_VECTOR
 /* e**r 2**n for |r| <= ln2 / 2 and whole n: Cephes' expf polynomial of degree 6 for e**r,
  * times 2**n put into the exponent. */
@@ -1307,19 +1336,9 @@ static double laplace_bits_planar_avx2(const float *value, const float *ref, con
     double lanes[4];
     _mm256_storeu_pd(lanes, acc);
     double total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-    if (i < n) {
-        float out[16], grad[16];
-        for (int64_t k = i; k < n; k++) {
-            out[2 * (k - i)] = o0[k];
-            out[2 * (k - i) + 1] = o1[k];
-        }
-        total += voxarc_laplace_bits(value + i, ref + i, s + i, lq + i, out, n - i, unit,
-                                     scale_steps, grad);
-        for (int64_t k = i; k < n; k++) {
-            g0[k] = grad[2 * (k - i)];
-            g1[k] = grad[2 * (k - i) + 1];
-        }
-    }
+    if (i < n)
+        total += laplace_bits_planar_scalar(value + i, ref + i, s + i, lq + i, o0 + i, o1 + i,
+                                            n - i, unit, scale_steps, g0 + i, g1 + i);
     return total;
 }
 #endif
@@ -1336,22 +1355,7 @@ double voxarc_laplace_bits_planar(const float *value, const float *ref, const fl
     if (vector && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return laplace_bits_planar_avx2(value, ref, s, lq, o0, o1, n, unit, scale_steps, g0, g1);
 #endif
-    double total = 0.0;
-    float out[16], grad[16];
-    for (int64_t a = 0; a < n; a += 8) {
-        int64_t m = n - a < 8 ? n - a : 8;
-        for (int64_t k = 0; k < m; k++) {
-            out[2 * k] = o0[a + k];
-            out[2 * k + 1] = o1[a + k];
-        }
-        total += voxarc_laplace_bits(value + a, ref + a, s + a, lq + a, out, m, unit,
-                                     scale_steps, grad);
-        for (int64_t k = 0; k < m; k++) {
-            g0[a + k] = grad[2 * k];
-            g1[a + k] = grad[2 * k + 1];
-        }
-    }
-    return total;
+    return laplace_bits_planar_scalar(value, ref, s, lq, o0, o1, n, unit, scale_steps, g0, g1);
 }
 
 /* part[(o * nin + f) * 8 + k] += sum over the block's voxels i = k (mod 8) of dz[o][i] a[f][i]
@@ -1465,7 +1469,7 @@ static float sum8(const float *p)
 }
 
 /* Floats of voxarc_train_step's workspace: activations of every layer, two gradient planes,
- * zero biases, a block's outputs and their gradients (sample-major), the transposed weights,
+ * zero biases, the gradients of a block's two outputs (planar), the transposed weights,
  * the partial sums of the weight and of the bias gradients. */
 int64_t voxarc_train_workspace(int32_t layers, const int32_t *size)
 {
@@ -1474,7 +1478,7 @@ int64_t voxarc_train_workspace(int32_t layers, const int32_t *size)
         weights += (int64_t)size[l] * size[l + 1];
         units += size[l + 1];
     }
-    return (layers + 2) * (int64_t)MLP_WIDTH * MLP_VB + MLP_WIDTH + 4 * MLP_VB + 9 * weights
+    return (layers + 2) * (int64_t)MLP_WIDTH * MLP_VB + MLP_WIDTH + 2 * MLP_VB + 9 * weights
            + 8 * units;
 }
 
@@ -1516,7 +1520,7 @@ double voxarc_train_step(const float *x, int64_t ldx, int64_t n, const float *va
     }
     memset(mem, 0, (size_t)floats * sizeof(float));
     float *act = mem, *dz = act + layers * plane, *dprev = dz + plane, *zero = dprev + plane;
-    float *out = zero + MLP_WIDTH, *gout = out + 2 * MLP_VB, *wt = gout + 2 * MLP_VB;
+    float *gout = zero + MLP_WIDTH, *wt = gout + 2 * MLP_VB;
     float *part = wt + weights, *bpart = part + 8 * weights;
     void (*outer)(const float *, int, const float *, int, float *, float *) = grad_outer_plain;
     int vec = 0;    /* the CPU has AVX2 and FMA (the layers chosen are not the plain ones) */
@@ -1544,26 +1548,17 @@ double voxarc_train_step(const float *x, int64_t ldx, int64_t n, const float *va
             r.layer(act + l * plane, MLP_VB, size[l], w[l], b[l], size[l + 1],
                     l < layers - 1 ? MLP_RELU : 0, l < layers - 1 ? act + (l + 1) * plane : dz);
 #ifdef MLP_VECTOR
-        if (vec) {
+        if (vec)
             total += laplace_bits_planar_avx2(value + a, ref + a, s + a, lq + a, dz, dz + MLP_VB,
                                               m, unit, scale_steps, gout, gout + MLP_VB);
-            for (int64_t i = 0; i < MLP_VB; i++) {
-                dz[i] = i < m ? gout[i] / (float)n : 0.0f;
-                dz[MLP_VB + i] = i < m ? gout[MLP_VB + i] / (float)n : 0.0f;
-            }
-        } else
+        else
 #endif
-        {
-            for (int64_t i = 0; i < m; i++) {
-                out[2 * i] = dz[i];
-                out[2 * i + 1] = dz[MLP_VB + i];
-            }
-            total += voxarc_laplace_bits(value + a, ref + a, s + a, lq + a, out, m, unit,
-                                         scale_steps, gout);
-            for (int64_t i = 0; i < MLP_VB; i++) {
-                dz[i] = i < m ? gout[2 * i] / (float)n : 0.0f;
-                dz[MLP_VB + i] = i < m ? gout[2 * i + 1] / (float)n : 0.0f;
-            }
+            total += laplace_bits_planar_scalar(value + a, ref + a, s + a, lq + a, dz,
+                                                dz + MLP_VB, m, unit, scale_steps, gout,
+                                                gout + MLP_VB);
+        for (int64_t i = 0; i < MLP_VB; i++) {
+            dz[i] = i < m ? gout[i] / (float)n : 0.0f;
+            dz[MLP_VB + i] = i < m ? gout[MLP_VB + i] / (float)n : 0.0f;
         }
         int64_t at = weights, bat = units;
         for (int l = layers - 1; l >= 0; l--) {

@@ -291,7 +291,7 @@ def _stream_groups(left: list[tuple[int, int]], workers: int, cap: int, bands: i
     this process, groups still grow from one slab (:func:`_growing_groups`): its memory holds
     a group at a time, and a short stream's largest group stays small."""
     if workers <= 1:
-        return _growing_groups(left, 1, cap * bands)
+        return _growing_groups(left, cap * bands)
     if len(left) < 2:
         return [left]
     counts = dict(left)
@@ -304,20 +304,15 @@ def _stream_groups(left: list[tuple[int, int]], workers: int, cap: int, bands: i
     return groups
 
 
-def _growing_groups(left: list[tuple[int, int]], per_round: int, largest: int
-                    ) -> list[list[tuple[int, int]]]:
-    """Groups of ``per_round`` at a time, growing from one slab to ``largest``; what is left
-    for the last round in twice as many groups, balanced by slices."""
+def _growing_groups(left: list[tuple[int, int]], largest: int) -> list[list[tuple[int, int]]]:
+    """Groups growing from one slab to ``largest`` (doubling); what is left once it fits in the
+    next group goes in two groups instead, balanced by slices."""
     groups, size = [], 1
-    while left:
-        if len(left) <= size * per_round:
-            groups += balanced_runs(left, [n for _, n in left], 2 * per_round)
-            break
-        for _ in range(per_round):
-            groups.append(left[:size])
-            left = left[size:]
+    while len(left) > size:
+        groups.append(left[:size])
+        left = left[size:]
         size = min(2 * size, largest)
-    return groups
+    return groups + balanced_runs(left, [n for _, n in left], 2) if left else groups
 
 
 def _stitched(band_parts: list[list[np.ndarray]]) -> list[np.ndarray]:
