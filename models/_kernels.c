@@ -28,7 +28,7 @@
 #define INPUT_LOW -1024
 #define INPUT_HIGH 1023
 #define S_MAX (1 << 17)
-#define ABI 18             /* models/kernels.py's ABI: raised whenever an entry point changes */
+#define ABI 19             /* models/kernels.py's ABI: raised whenever an entry point changes */
 
 /* Which set of entry points and signatures this build has. */
 int64_t voxarc_abi(void)
@@ -941,35 +941,76 @@ int64_t voxarc_token_rows(const double *table, const double *cum, int64_t rows, 
  * first stage on the symbol's side (above[i]: q in [S, T), else q in [-T, -S)), then that
  * side's escape, each kept or dropped as bounded_row keeps them; zeros after, to out_width
  * columns. */
+static void tail_row(const double *src, int64_t T, int64_t S, int64_t qmin, int64_t qmax,
+                     int above, int64_t edge, int64_t out_width, double *dst)
+{
+    int64_t beyond = T - S;
+    int open = qmin < -edge && qmax >= edge;
+    int64_t q0 = above ? S : -T;             /* the side's first direct token */
+    for (int64_t k = 0; k < beyond; k++) {
+        int64_t q = q0 + k;
+        dst[k] = open || (q >= qmin && q <= qmax) ? src[T + q] : 0.0;
+    }
+    if (above)
+        dst[beyond] = open || qmax >= T ? src[2 * T + 1] : 0.0;
+    else
+        dst[beyond] = open || qmin < -T ? src[2 * T] : 0.0;
+    for (int64_t k = beyond + 1; k < out_width; k++)
+        dst[k] = 0.0;
+}
+
 int64_t voxarc_tail_rows(const double *table, int64_t rows, int64_t width, int64_t token_range,
                          int64_t stage, const int64_t *row, const int64_t *qmin_of,
                          const int64_t *qmax_of, const uint8_t *above, int64_t n, int64_t edge,
                          int64_t out_width, double *out)
 {
-    int64_t T = token_range, S = stage, beyond = token_range - stage;
-    if (width < 2 * T + 2 || S < 1 || S > T || out_width < beyond + 1)
+    int64_t T = token_range, S = stage;
+    if (width < 2 * T + 2 || S < 1 || S > T || out_width < T - S + 1)
         return -1;
     for (int64_t i = 0; i < n; i++)
         if (row[i] < 0 || row[i] >= rows)
             return -1;
-    for (int64_t i = 0; i < n; i++) {
-        const double *src = table + row[i] * width;
-        int64_t qmin = qmin_of[i], qmax = qmax_of[i];
-        int open = qmin < -edge && qmax >= edge;
-        int64_t q0 = above[i] ? S : -T;           /* the side's first direct token */
-        double *dst = out + i * out_width;
-        for (int64_t k = 0; k < beyond; k++) {
-            int64_t q = q0 + k;
-            dst[k] = open || (q >= qmin && q <= qmax) ? src[T + q] : 0.0;
-        }
-        if (above[i])
-            dst[beyond] = open || qmax >= T ? src[2 * T + 1] : 0.0;
-        else
-            dst[beyond] = open || qmin < -T ? src[2 * T] : 0.0;
-        for (int64_t k = beyond + 1; k < out_width; k++)
-            dst[k] = 0.0;
-    }
+    for (int64_t i = 0; i < n; i++)
+        tail_row(table + row[i] * width, T, S, qmin_of[i], qmax_of[i], above[i], edge,
+                 out_width, out + i * out_width);
     return 0;
+}
+
+/* One two-stage wavefront step's symbols beyond their first stage (models.entropy.StepDecoder):
+ * first[i] (n of them) is symbol i's first-stage symbol, its table row row[i], prediction
+ * pred[i] and shift sh[i]; the step's segments (one stream each) end at seg_end[0..nseg).
+ * Writes the second-stage rows (voxarc_tail_rows, token bounds within [lo, hi]) of the symbols
+ * beyond, in order, to out, and count[s] = how many of them lie in the segments before s
+ * (nseg + 1 entries). Returns how many are beyond, or -1 for a first-stage symbol outside its
+ * alphabet, a row outside the table or segments that do not end at n. */
+int64_t voxarc_step_tail(const int64_t *first, int64_t n, const int64_t *row,
+                         const int64_t *pred, const int64_t *sh, const double *table,
+                         int64_t rows, int64_t width, int64_t token_range, int64_t stage,
+                         int64_t lo, int64_t hi, int64_t edge, int64_t out_width,
+                         const int64_t *seg_end, int64_t nseg, int64_t *count, double *out)
+{
+    int64_t T = token_range, S = stage, m = 0, i = 0;
+    if (width < 2 * T + 2 || S < 1 || S > T || out_width < T - S + 1
+            || (nseg > 0 && seg_end[nseg - 1] != n) || (nseg == 0 && n != 0))
+        return -1;
+    for (int64_t g = 0; g < nseg; g++) {
+        count[g] = m;
+        if (seg_end[g] < i || seg_end[g] > n)
+            return -1;
+        for (; i < seg_end[g]; i++) {
+            int64_t f = first[i];
+            if (f < 0 || f > 2 * S + 1 || row[i] < 0 || row[i] >= rows)
+                return -1;
+            if (f < 2 * S)
+                continue;
+            tail_row(table + row[i] * width, T, S, (lo - pred[i]) >> sh[i],
+                     (hi - pred[i]) >> sh[i], f == 2 * S + 1, edge, out_width,
+                     out + m * out_width);
+            m++;
+        }
+    }
+    count[nseg] = m;
+    return m;
 }
 
 /* Tokens (models.entropy.stage_tokens) from n first-stage symbols and the m second-stage ones
@@ -1051,6 +1092,56 @@ int64_t voxarc_join(const int64_t *token, const int64_t *sh, int64_t n, const in
         out[i] = r;
     }
     return nl == n_low && nc == n_cls && ne == n_extra ? 0 : -1;
+}
+
+/* A two-stage step's tokens (voxarc_stage_tokens) from its n first-stage and m second-stage
+ * symbols, and what the step's other fields need, per segment (ending at seg_end[0..nseg)):
+ * esc[s], low[s] = the escape tokens and the symbols with low bits (sh > 0) in the segments
+ * before s (nseg + 1 entries each), and size[] = 1 << sh of the latter, in order (the uniform
+ * stream's sizes). Returns 0, or -1 when the symbols do not fit (a corrupt stream). */
+int64_t voxarc_step_tokens(const int64_t *first, int64_t n, const int64_t *second, int64_t m,
+                           const int64_t *sh, int64_t token_range, int64_t stage,
+                           const int64_t *seg_end, int64_t nseg, int64_t *token, int64_t *esc,
+                           int64_t *low, int32_t *size)
+{
+    if (voxarc_stage_tokens(first, n, second, m, token_range, stage, token) < 0)
+        return -1;
+    int64_t ne = 0, nl = 0, i = 0;
+    for (int64_t g = 0; g < nseg; g++) {
+        esc[g] = ne;
+        low[g] = nl;
+        if (seg_end[g] < i || seg_end[g] > n)
+            return -1;
+        for (; i < seg_end[g]; i++) {
+            ne += token[i] >= 2 * token_range;
+            if (sh[i] > 0) {
+                if (sh[i] > 30)
+                    return -1;
+                size[nl++] = (int32_t)1 << sh[i];
+            }
+        }
+    }
+    esc[nseg] = ne;
+    low[nseg] = nl;
+    return i == n ? 0 : -1;
+}
+
+/* A step's decoded values: pred[i] plus the residual voxarc_join makes of its fields. Returns
+ * 0, -1 when the fields do not fit the tokens, -2 when a value falls outside [lo, hi] (a
+ * corrupt stream). */
+int64_t voxarc_step_join(const int64_t *token, const int64_t *sh, int64_t n, const int64_t *low,
+                         int64_t n_low, const int64_t *cls, int64_t n_cls, const int64_t *extra,
+                         int64_t n_extra, int64_t token_range, const int64_t *pred, int64_t lo,
+                         int64_t hi, int64_t *out)
+{
+    if (voxarc_join(token, sh, n, low, n_low, cls, n_cls, extra, n_extra, token_range, out) < 0)
+        return -1;
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        out[i] += pred[i];
+        bad |= out[i] < lo || out[i] > hi;
+    }
+    return bad ? -2 : 0;
 }
 
 /* One wavefront step of the sheared decoder in one call: the features of the runs' n voxels

@@ -362,6 +362,12 @@ class StepDecoder:
         # probability rows, reused from step to step
         self._buffer = np.empty((0, STAGE_WIDTH if two_stage else N_TOKENS))
         self._fast = kernels.available()
+        # format 5 on the compiled path: a step's work between the range decoders' calls in
+        # three compiled calls (decode_fields)
+        self.fields = kernels.StepFields(tables.token_rows, TOKEN_RANGE, STAGE_RANGE, *bounds,
+                                         RANGE_EDGE, TAIL_WIDTH) \
+            if two_stage and self._fast else None
+        self._class_rows = np.empty((0, TAIL_WIDTH))
 
     def _per_stream(self, decoders, segments, mask, model, params):
         """Decode ``params`` (one row per masked symbol; ``mask`` None: every symbol) from each
@@ -410,6 +416,52 @@ class StepDecoder:
             raise ValueError("a second-stage token outside its side's alphabet: corrupt stream")
         return token
 
+    def decode_fields(self, streams: list[int], ends: list[int], rows: np.ndarray, at
+                      ) -> np.ndarray | None:
+        """:meth:`decode_step`'s decoded values (predictions plus residuals) where
+        :attr:`fields` runs (format 5, compiled kernels): the step's symbols lie in segments,
+        ``streams[k]`` holding those up to ``ends[k]``; ``rows`` are their first-stage rows and
+        ``at`` the addresses of their predictions, table rows and shifts
+        (models.kernels.StepKernel). None when a value falls outside the range."""
+        f, n, nseg = self.fields, len(rows), len(ends)
+        f.reserve(n, ends)
+        pred, row, sh = at
+        starts = [0, *ends[:-1]]
+        _joined([self.tok[s].decode(_CATEGORICAL, rows[a:b])
+                 for s, a, b in zip(streams, starts, ends) if b > a], f.first, n)
+        m = f.tail_rows(n, nseg, row, pred, sh)
+        if m:
+            self._per_segment(self.tail, streams, f.beyond, nseg, _CATEGORICAL, f.tail, f.second)
+        n_esc, n_low = f.tokens(n, m, nseg, sh)
+        n_extra = 0
+        if n_esc:
+            if len(self._class_rows) < n_esc:
+                self._class_rows = np.tile(self.tables.tail_classes, (max(n_esc, 64), 1))
+            self._per_segment(self.tail, streams, f.escapes, nseg, _CATEGORICAL,
+                              self._class_rows, f.cls, repeat=True)
+        if n_low:
+            self._per_segment(self.uni, streams, f.lows, nseg, _UNIFORM, f.sizes, f.low)
+        if n_esc:
+            cls = f.cls[:n_esc]
+            big = cls > 1
+            n_extra = int(big.sum())
+            if n_extra:     # rare: numpy will do
+                sizes = (1 << (cls[big] - 1)).astype(np.int32)
+                firsts = np.concatenate([[0], np.cumsum(big)])[f.escapes[:nseg + 1]]
+                self._per_segment(self.uni, streams, firsts, nseg, _UNIFORM, sizes, f.extra)
+        return f.join(n, n_low, n_esc, n_extra, pred, sh)
+
+    @staticmethod
+    def _per_segment(decoders, streams, firsts, nseg: int, model, params, out,
+                     repeat: bool = False) -> None:
+        """Decode each segment's share of a field (``firsts[k]``: its first symbol's index in
+        the field; ``params`` their model parameters, or with ``repeat`` the same leading rows
+        for every segment) into ``out``."""
+        c = firsts[:nseg + 1].tolist()
+        parts = [decoders[s].decode(model, params[:b - a] if repeat else params[a:b])
+                 for s, a, b in zip(streams, c, c[1:]) if b > a]
+        _joined(parts, out, c[-1])
+
     def decode_step(self, segments, j: np.ndarray, pred: np.ndarray, rows_sh=None
                     ) -> np.ndarray:
         """Residuals of one step from the predictions ``pred`` at table rows ``j``.
@@ -446,6 +498,13 @@ class StepDecoder:
             return residuals
         return join_residuals(token, _expand(low, has_low), j, _expand(cls, esc),
                               _expand(extra, _scattered(esc, has_extra)), self.tables.shifts)
+
+
+def _joined(parts: list[np.ndarray], out: np.ndarray, n: int) -> None:
+    """``parts`` (a symbol per row they were decoded with: ``n`` in all) one after the other
+    into ``out[:n]``."""
+    if n:
+        np.concatenate(parts, out=out[:n])
 
 
 def _scattered(mask: np.ndarray, sub: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
 _NETWORK_ARGS = [_I32, _P, _P, _P, _P, _I32, _P]  # layers, sizes, weights, biases, ints, vector, acc
-ABI = 18  # the entry points and signatures of models/_kernels.c this module calls
+ABI = 19  # the entry points and signatures of models/_kernels.c this module calls
 MLP_WIDTH = 256   # the widest network layer the kernels take (MLP_WIDTH in _kernels.c)
 
 
@@ -81,6 +81,16 @@ def _library():
     fn = lib.voxarc_join
     fn.restype = _I64
     fn.argtypes = [_P, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _P]
+    fn = lib.voxarc_step_tail
+    fn.restype = _I64
+    fn.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
+                   _P, _I64, _P, _P]
+    fn = lib.voxarc_step_tokens
+    fn.restype = _I64
+    fn.argtypes = [_P, _I64, _P, _I64, _P, _I64, _I64, _P, _I64, _P, _P, _P, _P]
+    fn = lib.voxarc_step_join
+    fn.restype = _I64
+    fn.argtypes = [_P, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _P, _I64, _I64, _P]
     fn = lib.voxarc_step_predict
     fn.restype = _I64
     fn.argtypes = [_P, _P, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P]
@@ -610,6 +620,91 @@ def join(token: np.ndarray, sh: np.ndarray, low: np.ndarray, cls: np.ndarray,
     return out
 
 
+class StepFields:
+    """The compiled work of a two-stage (blob format 5) decoder's wavefront step between its
+    range decoders' calls (models.entropy.StepDecoder.decode_fields): the second-stage rows of
+    the symbols beyond their first stage, the tokens, the uniform stream's sizes, each
+    segment's share of every field, and the decoded values. Its arrays are reused from step
+    to step (each step's are used up before the next) and their addresses kept: a step of a
+    few hundred voxels is mostly the cost of its calls."""
+
+    def __init__(self, table: np.ndarray, token_range: int, stage: int, lo: int, hi: int,
+                 edge: int, tail_width: int):
+        if not (table.flags.c_contiguous and table.dtype == np.float64):
+            raise ValueError("StepFields: the token table must be C-contiguous float64")
+        self._lib = _library()
+        self._table = table
+        self._const = (table.ctypes.data, len(table), table.shape[1], token_range, stage, lo,
+                       hi, edge, tail_width)
+        self.token_range, self.tail_width = token_range, tail_width
+        self.size = 0
+        self._grow(1024)
+        self.segments = 0
+        self._grow_segments(64)
+
+    def _grow(self, n: int) -> None:
+        self.size = max(n, 2 * self.size)
+        n = self.size
+        self.first, self.second, self.token, self.low, self.cls, self.extra, self.out = (
+            np.empty(n, np.int64) for _ in range(7))
+        self.sizes = np.empty(n, np.int32)
+        self.tail = np.empty((n, self.tail_width))
+        self._at = {name: getattr(self, name).ctypes.data for name in (
+            "first", "second", "token", "low", "cls", "extra", "out", "sizes", "tail")}
+
+    def _grow_segments(self, k: int) -> None:
+        self.segments = max(k, 2 * self.segments)
+        self.ends, self.beyond, self.escapes, self.lows = (
+            np.empty(self.segments + 1, np.int64) for _ in range(4))
+        self._seg_at = tuple(a.ctypes.data for a in (self.ends, self.beyond, self.escapes,
+                                                     self.lows))
+
+    def reserve(self, n: int, ends: list[int]) -> None:
+        """Room for a step of ``n`` symbols in the segments ending at ``ends``."""
+        if n > self.size:
+            self._grow(n)
+        if len(ends) > self.segments:
+            self._grow_segments(len(ends))
+        self.ends[:len(ends)] = ends
+
+    def tail_rows(self, n: int, nseg: int, row: int, pred: int, sh: int) -> int:
+        """After the step's first stages (in ``first[:n]``): the second-stage rows of those
+        beyond, in ``tail``, and each segment's first one in ``beyond``; returns how many.
+        ``row``, ``pred``, ``sh``: addresses of the step's table rows, predictions and
+        shifts (int64)."""
+        table, rows, width, token_range, stage, lo, hi, edge, tail_width = self._const
+        m = self._lib.voxarc_step_tail(self._at["first"], n, row, pred, sh, table, rows, width,
+                                       token_range, stage, lo, hi, edge, tail_width,
+                                       self._seg_at[0], nseg, self._seg_at[1], self._at["tail"])
+        if m < 0:
+            raise ValueError("a first-stage symbol outside its alphabet: corrupt stream")
+        return m
+
+    def tokens(self, n: int, m: int, nseg: int, sh: int) -> tuple[int, int]:
+        """The step's tokens (in ``token``) from ``first[:n]`` and ``second[:m]``; each
+        segment's first escape and first low-bits symbol in ``escapes`` and ``lows``, the
+        uniform stream's sizes in ``sizes``. Returns how many escapes and low bits."""
+        if self._lib.voxarc_step_tokens(self._at["first"], n, self._at["second"], m, sh,
+                                        self._const[3], self._const[4], self._seg_at[0], nseg,
+                                        self._at["token"], self._seg_at[2], self._seg_at[3],
+                                        self._at["sizes"]) < 0:
+            raise ValueError("a second-stage token outside its side's alphabet: corrupt stream")
+        return int(self.escapes[nseg]), int(self.lows[nseg])
+
+    def join(self, n: int, n_low: int, n_cls: int, n_extra: int, pred: int, sh: int
+             ) -> np.ndarray | None:
+        """The step's decoded values (a view of ``out``): predictions plus the residuals of
+        ``token``, ``low``, ``cls`` and ``extra``; None when one falls outside the range (a
+        corrupt stream). Raises ValueError when the fields do not fit the tokens."""
+        status = self._lib.voxarc_step_join(
+            self._at["token"], sh, n, self._at["low"], n_low, self._at["cls"], n_cls,
+            self._at["extra"], n_extra, self.token_range, pred, self._const[5], self._const[6],
+            self._at["out"])
+        if status == -1:
+            raise ValueError("decoded escape fields do not match their tokens")
+        return None if status == -2 else self.out[:n]
+
+
 class StepKernel:
     """A sheared decoder's wavefront steps in one compiled call each: features, network,
     predictions, table rows and the range decoder's probability rows (what
@@ -639,6 +734,7 @@ class StepKernel:
             raise ValueError("the coder's bounds are the volume's range or none")
         self.width = _out_width(table, stage)
         self._out = self._grow(1024)
+        self.addresses = self._addresses()
 
     @staticmethod
     def create(buf, koff, predictor, lo: int, hi: int, decoder, token_range: int, edge: int
@@ -658,11 +754,17 @@ class StepKernel:
         return (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
                 np.empty((n, self.width)))
 
+    def _addresses(self) -> tuple[int, int, int]:
+        """Where :meth:`predict` writes the predictions, table rows and shifts (int64):
+        :class:`StepFields` reads them there."""
+        return tuple(a.ctypes.data for a in self._out[:3])
+
     def predict(self, runs: "Runs", n: int):
         """Predictions, table rows, probability rows and low-bit counts of a step's ``n``
         voxels (views of the reused arrays)."""
         if len(self._out[0]) < n:
             self._out = self._grow(max(n, 2 * len(self._out[0])))
+            self.addresses = self._addresses()
         pred, row, sh, rows = self._out
         if _library().voxarc_step_predict(
                 self._p.ctypes.data, self._q.ctypes.data, n, len(runs.origin),

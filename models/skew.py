@@ -191,6 +191,9 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
     slabs_at = [int((counts > zl).sum()) for zl in range(top)]         # slabs with slice zl
     step_kernel = kernels.StepKernel.create(flat, _neighbour_offsets(L, strides), predictor,
                                             lo, hi, decoder, TOKEN_RANGE, RANGE_EDGE)
+    # a step's coding work between the range decoders' calls in compiled calls too (format 5)
+    fields = step_kernel is not None and decoder.fields is not None
+    stream_of = [int(s) for s in stream_of]
     for t in range(L.steps + L.b * (top - first - 1)):
         parts = []  # (zl, tau, r0, r1, slabs)
         for zl in range(first, top):
@@ -201,7 +204,7 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
             continue
         sizes = [m * L.tiles * (r1 - r0) for _, _, r0, r1, m in parts]
         n = sum(sizes)
-        segments, sym = [], 0
+        streams, ends, sym = [], [], 0    # each segment's stream and where its symbols end
         keep = [] if L.has_phantoms else None
         for zl, tau, r0, r1, m in parts:
             real = L.tiles * (r1 - r0)
@@ -210,27 +213,17 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
                 keep.append(np.tile(mask, m))
                 real = int(mask.sum())
             for g in range(m):
-                segments.append((stream_of[g] + zl, sym, sym + real))
+                streams.append(stream_of[g] + zl)
                 sym += real
-        rows_sh = None
-        if step_kernel is not None:
-            hold = []     # the validity arrays the runs point into, alive until the call ends
-            pred, j, *rows_sh = step_kernel.predict(_step_runs(L, strides, depth[1], parts,
-                                                               hold), n)
-            if keep is not None:     # phantom voxels are not coded: rows for the others
-                rows_sh = None
+                ends.append(sym)
+        hold = []     # the validity arrays the runs point into, alive until the call ends
+        if fields:
+            decoded = _decode_fields(step_kernel, decoder, _step_runs(L, strides, depth[1],
+                                                                      parts, hold),
+                                     n, streams, ends, keep, corrupt)
         else:
-            pred, j = _predict_step(L, predictor, flat, strides, depth, parts, sizes, lo, hi)
-        if keep is not None:
-            keep = np.concatenate(keep)
-            decoded = np.zeros(n, dtype=np.int64)
-            if keep.any():
-                decoded[keep] = pred[keep] + decoder.decode_step(segments, j[keep], pred[keep])
-            coded = decoded[keep]     # (phantom voxels stay 0, which may lie outside the range)
-        else:
-            decoded = coded = pred + decoder.decode_step(segments, j, pred, rows_sh)
-        if coded.min(initial=lo) < lo or coded.max(initial=hi) > hi:
-            raise corrupt("decoded value outside the volume's value range: corrupt stream")
+            decoded = _decode_step(L, predictor, decoder, step_kernel, flat, strides, depth,
+                                   parts, sizes, n, streams, ends, keep, lo, hi, hold, corrupt)
         pos = 0
         for (zl, tau, r0, r1, m), size in zip(parts, sizes):
             block = decoded[pos:pos + size].reshape(m, L.tiles, r1 - r0)
@@ -242,6 +235,51 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
                     buf[z, :m, :above, tau + L.a * L.th + L.t0, L.y0 + L.th + r] = \
                         block[:, L.ntx:, r - r0]
             pos += size
+
+
+def _decode_fields(step_kernel, decoder, runs, n, streams, ends, keep, corrupt) -> np.ndarray:
+    """A step's decoded values by the step kernel and the decoder's compiled fields
+    (:meth:`StepDecoder.decode_fields`); phantom voxels (``keep`` False) are not coded and
+    stay 0."""
+    pred, j, rows, sh = step_kernel.predict(runs, n)
+    if keep is None:
+        decoded = decoder.decode_fields(streams, ends, rows, step_kernel.addresses)
+    else:
+        keep = np.concatenate(keep)
+        kept = [np.ascontiguousarray(a[keep]) for a in (pred, j, sh)]
+        got = decoder.decode_fields(streams, ends, rows[keep], tuple(a.ctypes.data for a in kept))
+        decoded = None if got is None else np.zeros(n, np.int64)
+        if got is not None:
+            decoded[keep] = got
+    if decoded is None:
+        raise corrupt("decoded value outside the volume's value range: corrupt stream")
+    return decoded
+
+
+def _decode_step(L: SkewLayout, predictor, decoder, step_kernel, flat, strides, depth, parts,
+                 sizes, n, streams, ends, keep, lo, hi, hold, corrupt) -> np.ndarray:
+    """A step's decoded values where :meth:`StepDecoder.decode_fields` does not run (formats
+    before 5, layouts with phantom voxels, no compiled kernels)."""
+    segments = list(zip(streams, [0, *ends[:-1]], ends))
+    rows_sh = None
+    if step_kernel is not None:
+        pred, j, *rows_sh = step_kernel.predict(_step_runs(L, strides, depth[1], parts, hold),
+                                                n)
+        if keep is not None:     # phantom voxels are not coded: rows for the others
+            rows_sh = None
+    else:
+        pred, j = _predict_step(L, predictor, flat, strides, depth, parts, sizes, lo, hi)
+    if keep is not None:
+        keep = np.concatenate(keep)
+        decoded = np.zeros(n, dtype=np.int64)
+        if keep.any():
+            decoded[keep] = pred[keep] + decoder.decode_step(segments, j[keep], pred[keep])
+        coded = decoded[keep]     # (phantom voxels stay 0, which may lie outside the range)
+    else:
+        decoded = coded = pred + decoder.decode_step(segments, j, pred, rows_sh)
+    if coded.min(initial=lo) < lo or coded.max(initial=hi) > hi:
+        raise corrupt("decoded value outside the volume's value range: corrupt stream")
+    return decoded
 
 
 def _predict_step(L: SkewLayout, predictor, flat, strides, depth, parts, sizes, lo, hi):

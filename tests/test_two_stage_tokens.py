@@ -154,3 +154,104 @@ def test_two_stage_decoding_needs_the_value_range():
     from models.entropy import StepDecoder
     with pytest.raises(ValueError, match="within the range"):
         StepDecoder(load_model("default").tables, [], None, two_stage=True)
+
+
+def _segment_starts(ends: list[int]) -> list[int]:
+    return [0, *ends[:-1]]
+
+
+@needs_kernels
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compiled_step_fields_equal_numpy_per_segment(seed):
+    """The decoder's compiled step between its range decoders' calls (models.kernels.
+    StepFields): the tail rows of the symbols beyond their first stage, in order, each
+    segment's share of every field, the tokens, the uniform stream's sizes and the decoded
+    values are those of the separate kernels and numpy; fields that do not fit and values
+    outside the range are refused."""
+    rng = np.random.default_rng(seed)
+    table = np.ascontiguousarray(rng.integers(1, 1 << 16, (40, N_TOKENS)).astype(np.float64))
+    shifts = rng.integers(0, 5, 40)
+    lo, hi = -2048, 4095
+    fields = kernels.StepFields(table, TOKEN_RANGE, STAGE_RANGE, lo, hi, RANGE_EDGE, TAIL_WIDTH)
+    for n in (1, 7, 700, 3000):      # past the first buffers: they grow
+        row = rng.integers(0, 40, n)
+        sh = shifts[row]
+        pred = np.concatenate([rng.integers(lo, hi + 1, n - n // 4), np.full(n // 8, lo + 2),
+                               np.full(n // 4 - n // 8, hi - 1)])
+        token = rng.integers(0, N_TOKENS, n)
+        first, beyond, above, second = stage_symbols(token)
+        cuts = np.sort(rng.choice(np.arange(1, n), min(n - 1, rng.integers(0, 9)), replace=False))
+        ends = np.append(cuts, n).tolist()
+        fields.reserve(n, ends)
+        fields.first[:n] = first
+        m = fields.tail_rows(n, len(ends), row.ctypes.data, pred.ctypes.data, sh.ctypes.data)
+        assert m == beyond.sum()
+        qmin, qmax = (lo - pred) >> sh, (hi - pred) >> sh
+        np.testing.assert_array_equal(fields.tail[:m], kernels.tail_rows(
+            table, TOKEN_RANGE, STAGE_RANGE, row[beyond], qmin[beyond], qmax[beyond],
+            above, RANGE_EDGE, TAIL_WIDTH))
+        starts = _segment_starts(ends)
+        per_segment = np.concatenate([[0], np.cumsum(beyond)])
+        np.testing.assert_array_equal(fields.beyond[:len(ends) + 1],
+                                      per_segment[[*starts, n]])
+        fields.second[:m] = second
+        n_esc, n_low = fields.tokens(n, m, len(ends), sh.ctypes.data)
+        np.testing.assert_array_equal(fields.token[:n], token)
+        esc, has_low = token >= ESC_NEG, sh > 0
+        assert (n_esc, n_low) == (esc.sum(), has_low.sum())
+        for counts, mask in ((fields.escapes, esc), (fields.lows, has_low)):
+            np.testing.assert_array_equal(counts[:len(ends) + 1],
+                                          np.concatenate([[0], np.cumsum(mask)])[[*starts, n]])
+        np.testing.assert_array_equal(fields.sizes[:n_low], 1 << sh[has_low])
+        low = rng.integers(0, 1 << sh[has_low])
+        cls = rng.integers(0, 6, n_esc)
+        extra = rng.integers(0, 1 << np.maximum(cls[cls > 1] - 1, 0))
+        fields.low[:n_low], fields.cls[:n_esc], fields.extra[:len(extra)] = low, cls, extra
+        residual = kernels.join(token, sh, low, cls, extra, TOKEN_RANGE)
+        got = fields.join(n, n_low, n_esc, len(extra), pred.ctypes.data, sh.ctypes.data)
+        if ((pred + residual < lo) | (pred + residual > hi)).any():
+            assert got is None
+        else:
+            np.testing.assert_array_equal(got, pred + residual)
+        if n_low:
+            with pytest.raises(ValueError, match="do not match"):
+                fields.join(n, n_low - 1, n_esc, len(extra), pred.ctypes.data, sh.ctypes.data)
+    with pytest.raises(ValueError, match="corrupt"):      # counts that do not fit
+        fields.tokens(n, m + 1, len(ends), sh.ctypes.data)
+    fields.first[0] = STAGE_WIDTH                           # outside the first-stage alphabet
+    with pytest.raises(ValueError, match="corrupt"):
+        fields.tail_rows(n, len(ends), row.ctypes.data, pred.ctypes.data, sh.ctypes.data)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, shape, tile", [("uint16", (5, 37, 50), (16, 24)),
+                                                ("int16", (3, 64, 72), (64, 256)),
+                                                ("uint8", (4, 9, 200), (8, 16))])
+def test_blobs_decode_the_same_with_the_compiled_step_fields(dtype, shape, tile):
+    """Volumes with escapes of every class on both sides (jumps across the whole range),
+    flat runs and noise decode to themselves with the compiled step fields and without
+    them (the step-by-step path), slices and partial slabs included."""
+    from models.entropy import StepDecoder
+    rng = np.random.default_rng(len(shape) + shape[1])
+    info = np.iinfo(dtype)
+    vol = np.clip(rng.normal(0, 30, shape).cumsum(axis=2) + (info.min + info.max) // 2,
+                  info.min, info.max).astype(dtype)
+    jumps = rng.random(shape) < 0.02
+    vol[jumps] = rng.choice([info.min, info.max], jumps.sum())
+    vol[:, :3] = info.min
+    blob = models.encode_volume(vol, slab=3, tile=tile, adapt=False)
+    calls = []
+    real = StepDecoder.decode_fields
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VOXARC_DECODE_WORKERS", "1")
+        patch.setattr(StepDecoder, "decode_fields",
+                      lambda self, *a: calls.append(1) or real(self, *a))
+        with_fields = models.decode_volume(blob), models.decode_slices(blob, 1, 2)
+        assert calls, "the decoder did not use the compiled step fields"
+        patch.setattr(kernels, "StepFields", lambda *a: None)
+        calls.clear()
+        without = models.decode_volume(blob), models.decode_slices(blob, 1, 2)
+        assert not calls
+    for got in (with_fields, without):
+        np.testing.assert_array_equal(got[0], vol)
+        np.testing.assert_array_equal(got[1], vol[1:2])
