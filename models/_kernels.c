@@ -1013,6 +1013,77 @@ int64_t voxarc_step_tail(const int64_t *first, int64_t n, const int64_t *row,
     return m;
 }
 
+/* A format-5 slice's symbols for its three range coders (models.entropy.encode_slice), from its
+ * n residuals r[i] in wavefront order (step[i] non-decreasing), at table rows row[i] with
+ * low-bit counts sh[i] and predictions pred[i] within [lo, hi]: first[i], each token's
+ * first-stage symbol; the tail stream's values and rows, per step the second stages of the
+ * symbols beyond the first (rows as voxarc_tail_rows) then the escapes' classes (rows:
+ * classes); the uniform stream's values and sizes, per step the low bits (sh > 0) then the
+ * escapes' extra bits (models.entropy.split_residuals), at most tail_cap and uni_cap of each.
+ * counts gets the tail's and the uniform stream's lengths (each at most 2 n). Returns 0, -2
+ * when they do not fit the capacities (counts then says what is needed; what was written is
+ * to be discarded), or -1 for a row outside the table or a field wider than the uniform
+ * coder's 31 bits. */
+int64_t voxarc_slice_symbols(const int64_t *r, const int64_t *row, const int64_t *sh,
+                             const int64_t *pred, const int64_t *step, int64_t n,
+                             const double *table, int64_t rows, int64_t width,
+                             const double *classes, int64_t token_range, int64_t stage,
+                             int64_t lo, int64_t hi, int64_t edge, int64_t out_width,
+                             int32_t *first, int64_t tail_cap, int32_t *tail,
+                             double *tail_rows, int64_t uni_cap, int32_t *uni, int32_t *size,
+                             int64_t *counts)
+{
+    int64_t T = token_range, S = stage, nt = 0, nu = 0;
+    if (width < 2 * T + 2 || S < 1 || S > T || out_width < T - S + 1)
+        return -1;
+    for (int64_t a = 0, b; a < n; a = b) {
+        for (b = a + 1; b < n && step[b] == step[a]; b++)
+            ;
+        for (int64_t i = a; i < b; i++) {       /* first stages, second stages, low bits */
+            if (row[i] < 0 || row[i] >= rows || sh[i] < 0 || sh[i] > 30)
+                return -1;
+            int64_t q = r[i] >> sh[i], token = q + T;
+            if (token < 0 || token >= 2 * T)
+                token = q >= T ? 2 * T + 1 : 2 * T;                   /* an escape */
+            int below = token == 2 * T || token < T - S;
+            int above = token == 2 * T + 1 || (token >= T + S && token < 2 * T);
+            first[i] = (int32_t)(below ? 2 * S : above ? 2 * S + 1 : token - (T - S));
+            if ((below || above) && nt++ < tail_cap) {
+                tail[nt - 1] = (int32_t)(token >= 2 * T ? T - S
+                                         : above ? token - (T + S) : token);
+                tail_row(table + row[i] * width, T, S, (lo - pred[i]) >> sh[i],
+                         (hi - pred[i]) >> sh[i], above, edge, out_width,
+                         tail_rows + (nt - 1) * out_width);
+            }
+            if (sh[i] > 0 && nu++ < uni_cap) {
+                uni[nu - 1] = (int32_t)(r[i] - (q << sh[i]));
+                size[nu - 1] = (int32_t)1 << sh[i];
+            }
+        }
+        for (int64_t i = a; i < b; i++) {       /* the escapes' classes and extra bits */
+            int64_t q = r[i] >> sh[i];
+            if (q >= -T && q < T)
+                continue;
+            uint64_t e = (uint64_t)(q >= T ? q - T : -T - 1 - q);
+            int64_t c = e ? 64 - __builtin_clzll(e) : 0;
+            if (c > 31)
+                return -1;
+            if (nt++ < tail_cap) {
+                tail[nt - 1] = (int32_t)c;
+                for (int64_t k = 0; k < out_width; k++)
+                    tail_rows[(nt - 1) * out_width + k] = classes[k];
+            }
+            if (c > 1 && nu++ < uni_cap) {
+                uni[nu - 1] = (int32_t)(e - ((uint64_t)1 << (c - 1)));
+                size[nu - 1] = (int32_t)1 << (c - 1);
+            }
+        }
+    }
+    counts[0] = nt;
+    counts[1] = nu;
+    return nt > tail_cap || nu > uni_cap ? -2 : 0;
+}
+
 /* Tokens (models.entropy.stage_tokens) from n first-stage symbols and the m second-stage ones
  * of those beyond [-S, S) (in order). Returns -1 when the counts do not match or a symbol is
  * outside its alphabet (a corrupt stream). */

@@ -16,7 +16,8 @@ import numpy as np
 from models import kernels
 from models.context import Neighbourhood, slice_schedule, tiling
 from models.skew import SkewLayout, decode_sheared
-from models.entropy import StepDecoder, encode_slice, split_residuals, token_bounds
+from models.entropy import (StepDecoder, encode_residuals, encode_slice, split_residuals,
+                            token_bounds)
 from models.container import CorruptBlobError
 
 ENCODE_CHUNK = 1 << 14  # voxels per predictor call when encoding (keeps the work in cache)
@@ -166,10 +167,13 @@ def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int,
     for zl, pred, j in slice_predictions(predictor, slab, zs, tile, lo, hi):
         r = slab[zl].ravel().astype(np.int64) - pred
         r, j, pred = (np.take(a, perm) for a in (r, j, pred))   # faster than a[perm]
-        shifts = predictor.tables.shifts
-        sym = split_residuals(r, j, shifts)
-        bounds = token_bounds(pred, shifts[j], lo, hi) if within_range else None
-        streams = encode_slice(predictor.tables, sym, j, geo.step_of, bounds, two_stage)
+        if two_stage and kernels.available():
+            streams = encode_residuals(predictor.tables, r, j, pred, geo.step_of, (lo, hi))
+        else:
+            shifts = predictor.tables.shifts
+            sym = split_residuals(r, j, shifts)
+            bounds = token_bounds(pred, shifts[j], lo, hi) if within_range else None
+            streams = encode_slice(predictor.tables, sym, j, geo.step_of, bounds, two_stage)
         lengths += [len(s) for s in streams]
         words += streams
     head = struct.pack(f"<I{len(lengths)}I", slab.shape[0], *lengths)

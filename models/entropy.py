@@ -317,7 +317,7 @@ def _encode_uniform(sym: Symbols, step_of: np.ndarray) -> np.ndarray:
 def _encode_chunks(coder, values: np.ndarray, rows) -> None:
     """``values`` with the rows ``rows(a, b)`` gives for ``values[a:b]``, in pieces whose rows
     stay in cache (the same stream as one call)."""
-    values = values.astype(np.int32)
+    values = values.astype(np.int32, copy=False)
     for a in range(0, len(values), CODE_CHUNK):
         coder.encode(values[a:a + CODE_CHUNK], _CATEGORICAL, rows(a, a + CODE_CHUNK))
 
@@ -340,6 +340,30 @@ def _encode_two_stage(tables: CodingTables, sym: Symbols, j: np.ndarray, step_of
     tail = constriction.stream.queue.RangeEncoder()
     _encode_chunks(tail, values, lambda a, b: np.take(rows, at[a:b], axis=0))
     return _words(tok), _encode_uniform(sym, step_of), _words(tail)
+
+
+def encode_residuals(tables: CodingTables, r: np.ndarray, j: np.ndarray, pred: np.ndarray,
+                     step_of: np.ndarray, bounds: tuple[int, int]) -> tuple:
+    """:func:`encode_slice` of format 5 from a slice's residuals ``r`` (wavefront order) at
+    table rows ``j``, predicted as ``pred`` within ``bounds``, by the compiled kernels: their
+    symbols in one pass (models.kernels.slice_symbols), the first stages' rows as the decoder
+    makes them. The same streams as :func:`split_residuals` and :func:`encode_slice` give."""
+    syms = kernels.slice_symbols(r, j, np.take(tables.shifts, j), pred, step_of,
+                                 tables.token_rows, tables.tail_classes, TOKEN_RANGE,
+                                 STAGE_RANGE, bounds, RANGE_EDGE)
+    out = np.empty((min(len(r), CODE_CHUNK), STAGE_WIDTH))
+
+    def first_rows(a: int, b: int) -> np.ndarray:
+        kernels.token_rows(tables.token_rows, TOKEN_RANGE, tables.shifts, j[a:b], pred[a:b],
+                           bounds, RANGE_EDGE, out, STAGE_RANGE, tables.token_cum)
+        return out[:len(j[a:b])]
+
+    tok, tail, uni = (constriction.stream.queue.RangeEncoder() for _ in range(3))
+    _encode_chunks(tok, syms.first, first_rows)
+    _encode_chunks(tail, syms.tail, lambda a, b: syms.tail_rows[a:b])
+    if len(syms.uniform):
+        uni.encode(syms.uniform, _UNIFORM, syms.sizes)
+    return _words(tok), _words(uni), _words(tail)
 
 
 class StepDecoder:

@@ -81,6 +81,10 @@ def _library():
     fn = lib.voxarc_join
     fn.restype = _I64
     fn.argtypes = [_P, _P, _I64, _P, _I64, _P, _I64, _P, _I64, _I64, _P]
+    fn = lib.voxarc_slice_symbols
+    fn.restype = _I64
+    fn.argtypes = [_P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _I64,
+                   _I64, _P, _I64, _P, _P, _I64, _P, _P, _P]
     fn = lib.voxarc_step_tail
     fn.restype = _I64
     fn.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
@@ -618,6 +622,50 @@ def join(token: np.ndarray, sh: np.ndarray, low: np.ndarray, cls: np.ndarray,
                               token_range, out.ctypes.data) < 0:
         return None
     return out
+
+
+@dataclass
+class SliceSymbols:
+    """What a format-5 slice's three range coders code (:func:`slice_symbols`)."""
+    first: np.ndarray       # int32 (n,): each token's first-stage symbol
+    tail: np.ndarray        # int32: the tail stream's symbols ...
+    tail_rows: np.ndarray   # ... and their probability rows
+    uniform: np.ndarray     # int32: the uniform stream's values ...
+    sizes: np.ndarray       # ... and their alphabet sizes
+
+
+def slice_symbols(r: np.ndarray, row: np.ndarray, sh: np.ndarray, pred: np.ndarray,
+                  step: np.ndarray, table: np.ndarray, classes: np.ndarray, token_range: int,
+                  stage: int, bounds: tuple[int, int], edge: int) -> SliceSymbols:
+    """The symbols of a slice's residuals ``r`` (wavefront order, ``step`` non-decreasing) at
+    table rows ``row`` with low-bit counts ``sh`` and predictions ``pred`` within ``bounds``,
+    as models.entropy's split_residuals, stage_symbols, tail_rows and step interleaving give
+    them: the tail stream per step the second stages, then the escapes' classes (rows
+    ``classes``); the uniform stream per step the low bits, then the extra bits."""
+    arrays = [np.ascontiguousarray(a, np.int64) for a in (r, row, sh, pred, step)]
+    n = len(arrays[0])
+    if not (table.flags.c_contiguous and table.dtype == np.float64
+            and all(len(a) == n for a in arrays)):
+        raise ValueError("slice_symbols: arrays of the wrong type or shape")
+    classes = np.ascontiguousarray(classes, np.float64)
+    first, counts = np.empty(n, np.int32), np.zeros(2, np.int64)
+    caps = (n // 8 + 64, n + 64)       # beyond the first stage: a few percent, as a rule
+    for _ in range(2):
+        tail, uniform, sizes = (np.empty(caps[0], np.int32), np.empty(caps[1], np.int32),
+                                np.empty(caps[1], np.int32))
+        rows = np.empty((caps[0], len(classes)))
+        status = _library().voxarc_slice_symbols(
+            *(a.ctypes.data for a in arrays), n, table.ctypes.data, len(table), table.shape[1],
+            classes.ctypes.data, token_range, stage, *bounds, edge, len(classes),
+            first.ctypes.data, caps[0], tail.ctypes.data, rows.ctypes.data, caps[1],
+            uniform.ctypes.data, sizes.ctypes.data, counts.ctypes.data)
+        if status != -2:
+            break
+        caps = tuple(int(c) for c in counts)
+    if status < 0:
+        raise ValueError("slice_symbols: a row outside the table or a field too wide")
+    nt, nu = (int(c) for c in counts)
+    return SliceSymbols(first, tail[:nt], rows[:nt], uniform[:nu], sizes[:nu])
 
 
 class StepFields:

@@ -255,3 +255,34 @@ def test_blobs_decode_the_same_with_the_compiled_step_fields(dtype, shape, tile)
     for got in (with_fields, without):
         np.testing.assert_array_equal(got[0], vol)
         np.testing.assert_array_equal(got[1], vol[1:2])
+
+
+@needs_kernels
+@pytest.mark.parametrize("seed, spread", [(0, 1), (1, 8), (2, 20)])
+def test_compiled_slice_symbols_code_the_same_streams(seed, spread):
+    """The encoder's compiled symbols of a slice (models.entropy.encode_residuals) give the
+    streams split_residuals and encode_slice give, byte for byte: residuals near and far
+    (escapes of every class, most symbols beyond their first stage when ``spread`` is wide,
+    past the first guess of the tail's length), rows with and without low bits, predictions
+    at the ends of the range, several symbols a step."""
+    from models.entropy import encode_residuals, encode_slice, split_residuals, token_bounds
+    tables = load_model("default").tables
+    rng = np.random.default_rng(seed)
+    n = 6000
+    j = rng.integers(0, len(tables.tokens), n)
+    lo, hi = -2048, 4095
+    pred = np.concatenate([rng.integers(lo, hi + 1, n - 200), np.full(100, lo),
+                           np.full(100, hi)])
+    r = (rng.laplace(0, 1, n) * 2.0 ** rng.integers(0, spread + 1, n)).astype(np.int64)
+    r = np.clip(pred + r, lo, hi) - pred           # residuals the range holds
+    step_of = np.sort(rng.integers(0, 400, n))
+    sym = split_residuals(r, j, tables.shifts)
+    if spread >= 20:
+        assert (sym.cls > 3).any() and (sym.token >= ESC_NEG).mean() < 0.5
+        assert (stage_symbols(sym.token)[1]).mean() > 1 / 8
+    expected = encode_slice(tables, sym, j, step_of,
+                            token_bounds(pred, tables.shifts[j], lo, hi), two_stage=True)
+    got = encode_residuals(tables, r, j, pred, step_of, (lo, hi))
+    assert len(got) == len(expected) == 3
+    for stream, reference in zip(got, expected):
+        np.testing.assert_array_equal(stream, reference)
