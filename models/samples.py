@@ -73,17 +73,29 @@ def collect_samples(volumes, slab: int, slabs_per_volume: int, keep: float,
             # gather the picked voxels' neighbours only (the contexts slab_contexts gives)
             geo = geometry(hood, slab, block.shape[1], block.shape[2], tuple(tile))
             flat = geo.padded(block).ravel()
-            parts = pool.map(lambda zp: _features(geo.neighbours(flat, zp[0], zp[1]),
-                                                  geo.validity(zp[0])[:, zp[1]]),
-                             enumerate(picks))
-            for zl, (pick, (ref, s, lq, x)) in enumerate(zip(picks, parts)):
-                if out is None:
-                    out = _allocated(space, total, x, (ref, s, lq))
-                part = slice(at, at + len(pick))
+
+            def features(zl: int):
+                pick = picks[zl]
+                return _features(geo.neighbours(flat, zl, pick), geo.validity(zl)[:, pick])
+
+            def fill(zl: int, start: int, feats=None) -> None:
+                # each thread writes its slice's rows (numpy's copies release the interpreter
+                # lock): the features' transpose is the one copy of them
+                ref, s, lq, x = feats or features(zl)
+                part = slice(start, start + len(ref))
                 out.x[part], out.ref[part], out.s[part], out.lq[part] = x, ref, s, lq
-                out.value[part] = block[zl].ravel()[pick]
+                out.value[part] = block[zl].ravel()[picks[zl]]
                 out.lo[part], out.hi[part] = vrange.lo, vrange.hi
-                at += len(pick)
+
+            starts = np.cumsum([at] + [len(p) for p in picks]).tolist()
+            if out is None:      # the first slice's features give the arrays' types
+                first = features(0)
+                out = _allocated(space, total, first[3], first[:3])
+                fill(0, at, first)
+                list(pool.map(fill, range(1, len(picks)), starts[1:-1]))
+            else:
+                list(pool.map(fill, range(len(picks)), starts[:-1]))
+            at = starts[-1]
             if progress:
                 progress(f"volume {vi + 1}/{len(volumes)} slab at z={z0}")
     if out is None:
@@ -122,13 +134,13 @@ def _sample_plan(volumes, slab: int, slabs_per_volume: int, keep: float,
 
 
 def _features(values: np.ndarray, valid: np.ndarray):
-    """:func:`default_features` with the inputs as a row-major ``(n, F)`` array, by the
-    compiled kernel when there is one (the same values)."""
+    """:func:`default_features` with the inputs as an ``(n, F)`` array (a transposed view of
+    the kernel's), by the compiled kernel when there is one (the same values)."""
     feats = kernels.features(values, valid, compact=False)
     if feats is None:
         ref, s, lq, x = default_features(values, valid)
-        return ref, s, lq, np.ascontiguousarray(x.T)
-    return feats.ref, feats.s, feats.lq, np.ascontiguousarray(feats.x)
+        return ref, s, lq, x.T
+    return feats.ref, feats.s, feats.lq, feats.x
 
 
 def gather_rows(values: np.ndarray, rows: np.ndarray, out: np.ndarray, scale=None,
