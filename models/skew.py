@@ -248,8 +248,9 @@ def _decode_fields(step_kernel, decoder, runs, n, streams, ends, keep, corrupt) 
         keep = np.concatenate(keep)
         kept = [np.ascontiguousarray(a[keep]) for a in (pred, j, sh)]
         got = decoder.decode_fields(streams, ends, rows[keep], tuple(a.ctypes.data for a in kept))
-        decoded = None if got is None else np.zeros(n, np.int64)
+        decoded = None
         if got is not None:
+            decoded = np.zeros(n, np.int64)
             decoded[keep] = got
     if decoded is None:
         raise corrupt("decoded value outside the volume's value range: corrupt stream")
@@ -259,7 +260,7 @@ def _decode_fields(step_kernel, decoder, runs, n, streams, ends, keep, corrupt) 
 def _decode_step(L: SkewLayout, predictor, decoder, step_kernel, flat, strides, depth, parts,
                  sizes, n, streams, ends, keep, lo, hi, hold, corrupt) -> np.ndarray:
     """A step's decoded values where :meth:`StepDecoder.decode_fields` does not run (formats
-    before 5, layouts with phantom voxels, no compiled kernels)."""
+    before 5, no compiled kernels)."""
     segments = list(zip(streams, [0, *ends[:-1]], ends))
     rows_sh = None
     if step_kernel is not None:
