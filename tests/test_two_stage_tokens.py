@@ -286,3 +286,18 @@ def test_compiled_slice_symbols_code_the_same_streams(seed, spread):
     assert len(got) == len(expected) == 3
     for stream, reference in zip(got, expected):
         np.testing.assert_array_equal(stream, reference)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(3, 64, 72), (3, 37, 50)])   # whole tiles; phantom voxels
+def test_a_step_decoded_outside_the_range_is_a_corrupt_blob(monkeypatch, shape):
+    """Decoded values outside the volume's range (what a corrupt stream that passed its CRC
+    would give) raise CorruptBlobError from the compiled step fields, never wrong voxels."""
+    from models.container import CorruptBlobError
+    vol = _phantom(shape, 4)
+    blob = models.encode_volume(vol, slab=3, tile=(16, 24), adapt=False)
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")
+    np.testing.assert_array_equal(models.decode_volume(blob), vol)
+    monkeypatch.setattr(kernels.StepFields, "join", lambda self, *a: None)
+    with pytest.raises(CorruptBlobError, match="outside the volume's value range"):
+        models.decode_volume(blob)
