@@ -936,11 +936,8 @@ int64_t voxarc_token_rows(const double *table, const double *cum, int64_t rows, 
     return 0;
 }
 
-/* Second-stage rows (blob format 5, models.entropy.tail_rows) of n symbols beyond their first
- * stage, at table row row[i] with token bounds [qmin[i], qmax[i]]: the direct tokens beyond the
- * first stage on the symbol's side (above[i]: q in [S, T), else q in [-T, -S)), then that
- * side's escape, each kept or dropped as bounded_row keeps them; zeros after, to out_width
- * columns. */
+/* One symbol's second-stage row (voxarc_tail_rows) from its table row src, token bounds
+ * [qmin, qmax] and side (above). */
 static void tail_row(const double *src, int64_t T, int64_t S, int64_t qmin, int64_t qmax,
                      int above, int64_t edge, int64_t out_width, double *dst)
 {
@@ -959,6 +956,11 @@ static void tail_row(const double *src, int64_t T, int64_t S, int64_t qmin, int6
         dst[k] = 0.0;
 }
 
+/* Second-stage rows (blob format 5, models.entropy.tail_rows) of n symbols beyond their first
+ * stage, at table row row[i] with token bounds [qmin[i], qmax[i]]: the direct tokens beyond the
+ * first stage on the symbol's side (above[i]: q in [S, T), else q in [-T, -S)), then that
+ * side's escape, each kept or dropped as bounded_row keeps them; zeros after, to out_width
+ * columns. */
 int64_t voxarc_tail_rows(const double *table, int64_t rows, int64_t width, int64_t token_range,
                          int64_t stage, const int64_t *row, const int64_t *qmin_of,
                          const int64_t *qmax_of, const uint8_t *above, int64_t n, int64_t edge,

@@ -401,8 +401,8 @@ class StepDecoder:
         else:
             at = np.flatnonzero(mask).searchsorted([e for seg in segments for e in seg[1:]])
             bounds = zip(at[0::2].tolist(), at[1::2].tolist())
-        out = [decoders[stream].decode(model, params[lo:hi])
-               for (stream, _, _), (lo, hi) in zip(segments, bounds) if hi > lo]
+        out = _segment_parts(decoders, [stream for stream, _, _ in segments], bounds, model,
+                             params)
         return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
     def _rows(self, j: np.ndarray, pred: np.ndarray):
@@ -450,9 +450,8 @@ class StepDecoder:
         f, n, nseg = self.fields, len(rows), len(ends)
         f.reserve(n, ends)
         pred, row, sh = at
-        starts = [0, *ends[:-1]]
-        _joined([self.tok[s].decode(_CATEGORICAL, rows[a:b])
-                 for s, a, b in zip(streams, starts, ends) if b > a], f.first, n)
+        _joined(_segment_parts(self.tok, streams, zip([0, *ends[:-1]], ends), _CATEGORICAL,
+                               rows), f.first, n)
         m = f.tail_rows(n, nseg, row, pred, sh)
         if m:
             self._per_segment(self.tail, streams, f.beyond, nseg, _CATEGORICAL, f.tail, f.second)
@@ -482,9 +481,8 @@ class StepDecoder:
         the field; ``params`` their model parameters, or with ``repeat`` the same leading rows
         for every segment) into ``out``."""
         c = firsts[:nseg + 1].tolist()
-        parts = [decoders[s].decode(model, params[:b - a] if repeat else params[a:b])
-                 for s, a, b in zip(streams, c, c[1:]) if b > a]
-        _joined(parts, out, c[-1])
+        _joined(_segment_parts(decoders, streams, zip(c, c[1:]), model, params, repeat), out,
+                c[-1])
 
     def decode_step(self, segments, j: np.ndarray, pred: np.ndarray, rows_sh=None
                     ) -> np.ndarray:
@@ -522,6 +520,15 @@ class StepDecoder:
             return residuals
         return join_residuals(token, _expand(low, has_low), j, _expand(cls, esc),
                               _expand(extra, _scattered(esc, has_extra)), self.tables.shifts)
+
+
+def _segment_parts(decoders, streams, bounds, model, params, repeat: bool = False
+                   ) -> list[np.ndarray]:
+    """Each segment's share of a field, decoded from its stream (``decoders[streams[k]]``):
+    the field's symbols ``bounds[k] = (a, b)``, with the model parameters ``params[a:b]``, or
+    with ``repeat`` the same leading rows ``params[:b - a]`` for every segment."""
+    return [decoders[s].decode(model, params[:b - a] if repeat else params[a:b])
+            for s, (a, b) in zip(streams, bounds) if b > a]
 
 
 def _joined(parts: list[np.ndarray], out: np.ndarray, n: int) -> None:

@@ -682,9 +682,10 @@ class StepFields:
             raise ValueError("StepFields: the token table must be C-contiguous float64")
         self._lib = _library()
         self._table = table
-        self._const = (table.ctypes.data, len(table), table.shape[1], token_range, stage, lo,
-                       hi, edge, tail_width)
-        self.token_range, self.tail_width = token_range, tail_width
+        self._rows_args = (table.ctypes.data, len(table), table.shape[1], token_range, stage,
+                           lo, hi, edge, tail_width)
+        self.token_range, self.stage, self.bounds = token_range, stage, (lo, hi)
+        self.tail_width = tail_width
         self.size = 0
         self._grow(1024)
         self.segments = 0
@@ -720,9 +721,7 @@ class StepFields:
         beyond, in ``tail``, and each segment's first one in ``beyond``; returns how many.
         ``row``, ``pred``, ``sh``: addresses of the step's table rows, predictions and
         shifts (int64)."""
-        table, rows, width, token_range, stage, lo, hi, edge, tail_width = self._const
-        m = self._lib.voxarc_step_tail(self._at["first"], n, row, pred, sh, table, rows, width,
-                                       token_range, stage, lo, hi, edge, tail_width,
+        m = self._lib.voxarc_step_tail(self._at["first"], n, row, pred, sh, *self._rows_args,
                                        self._seg_at[0], nseg, self._seg_at[1], self._at["tail"])
         if m < 0:
             raise ValueError("a first-stage symbol outside its alphabet: corrupt stream")
@@ -733,7 +732,7 @@ class StepFields:
         segment's first escape and first low-bits symbol in ``escapes`` and ``lows``, the
         uniform stream's sizes in ``sizes``. Returns how many escapes and low bits."""
         if self._lib.voxarc_step_tokens(self._at["first"], n, self._at["second"], m, sh,
-                                        self._const[3], self._const[4], self._seg_at[0], nseg,
+                                        self.token_range, self.stage, self._seg_at[0], nseg,
                                         self._at["token"], self._seg_at[2], self._seg_at[3],
                                         self._at["sizes"]) < 0:
             raise ValueError("a second-stage token outside its side's alphabet: corrupt stream")
@@ -746,8 +745,7 @@ class StepFields:
         corrupt stream). Raises ValueError when the fields do not fit the tokens."""
         status = self._lib.voxarc_step_join(
             self._at["token"], sh, n, self._at["low"], n_low, self._at["cls"], n_cls,
-            self._at["extra"], n_extra, self.token_range, pred, self._const[5], self._const[6],
-            self._at["out"])
+            self._at["extra"], n_extra, self.token_range, pred, *self.bounds, self._at["out"])
         if status == -1:
             raise ValueError("decoded escape fields do not match their tokens")
         return None if status == -2 else self.out[:n]
