@@ -959,6 +959,37 @@ def test_float32_fine_tuning_takes_the_compiled_step_with_torchs_result(monkeypa
     assert any(not torch.equal(a, b) for a, b in zip(tuned["auto"], start))
 
 
+def test_fine_tuning_step_size_warms_up_holds_its_peak_then_falls_to_its_floor():
+    from models import adapt
+    steps, peak = 200, 0.01
+    sizes = [adapt.step_size(peak, done, steps) for done in range(1, steps + 1)]
+    rise = int(adapt.ADAPT_WARMUP * steps) - 1       # sizes[k] is that of step k + 1
+    fall = int(adapt.ADAPT_DECAY_FROM * steps) - 1
+    assert sizes[0] < 0.2 * peak
+    assert all(a < b for a, b in zip(sizes[:rise], sizes[1:rise + 1]))
+    assert sizes[rise:fall + 1] == [peak] * (fall + 1 - rise)
+    assert all(a > b for a, b in zip(sizes[fall:], sizes[fall + 1:]))
+    assert sizes[-1] == pytest.approx(adapt.ADAPT_LR_FLOOR * peak)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_each_fine_tuning_step_takes_its_scheduled_size(monkeypatch, bf16):
+    """The compiled Adam and torch's (bfloat16) path both step by step_size of the step."""
+    from models import adapt, kernels, train
+    from models.registry import load_model
+    predictor = load_model("default")
+    samples = _tuning_samples(predictor)
+    monkeypatch.setattr(adapt, "ADAPT_BF16", bf16)
+    taken = []
+    real_adam, real_torch = kernels.AdamStep.__call__, adapt._Adam.step
+    monkeypatch.setattr(kernels.AdamStep, "__call__",
+                        lambda self, lr, *a: taken.append(lr) or real_adam(self, lr, *a))
+    monkeypatch.setattr(adapt._Adam, "step", lambda self: taken.append(self.lr) or real_torch(self))
+    for _ in adapt._fine_tune(train.float_model(predictor), samples, 0, 12, [12]):
+        pass
+    assert taken == [adapt.step_size(adapt.ADAPT_LR, done, 12) for done in range(1, 13)]
+
+
 def test_adam_steps_every_tensor_by_the_textbook_formula():
     """The optimiser's whole-list kernels give Adam's update, tensor by tensor (and skip a
     tensor without a gradient)."""
