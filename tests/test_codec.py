@@ -973,21 +973,25 @@ def test_fine_tuning_step_size_warms_up_holds_its_peak_then_falls_to_its_floor()
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_each_fine_tuning_step_takes_its_scheduled_size(monkeypatch, bf16):
-    """The compiled Adam and torch's (bfloat16) path both step by step_size of the step."""
+def test_each_fine_tuning_step_takes_its_scheduled_size_and_decays(monkeypatch, bf16):
+    """The compiled Adam and torch's (bfloat16) path both step by step_size of the step,
+    with the module's decays of Adam's moments."""
     from models import adapt, kernels, train
     from models.registry import load_model
     predictor = load_model("default")
     samples = _tuning_samples(predictor)
     monkeypatch.setattr(adapt, "ADAPT_BF16", bf16)
+    monkeypatch.setattr(adapt, "ADAPT_BETAS", (0.8, 0.9))
     taken = []
     real_adam, real_torch = kernels.AdamStep.__call__, adapt._Adam.step
-    monkeypatch.setattr(kernels.AdamStep, "__call__",
-                        lambda self, lr, *a: taken.append(lr) or real_adam(self, lr, *a))
-    monkeypatch.setattr(adapt._Adam, "step", lambda self: taken.append(self.lr) or real_torch(self))
+    monkeypatch.setattr(kernels.AdamStep, "__call__", lambda self, lr, betas=(0.9, 0.999): (
+        taken.append((lr, tuple(betas))) or real_adam(self, lr, betas)))
+    monkeypatch.setattr(adapt._Adam, "step", lambda self: (
+        taken.append((self.lr, tuple(self.betas))) or real_torch(self)))
     for _ in adapt._fine_tune(train.float_model(predictor), samples, 0, 12, [12]):
         pass
-    assert taken == [adapt.step_size(adapt.ADAPT_LR, done, 12) for done in range(1, 13)]
+    assert taken == [(adapt.step_size(adapt.ADAPT_LR, done, 12), (0.8, 0.9))
+                     for done in range(1, 13)]
 
 
 def test_adam_steps_every_tensor_by_the_textbook_formula():
