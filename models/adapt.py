@@ -32,10 +32,11 @@ volumes and crops, two seeds, -0.12% to -0.55% at 0.6 of the steps (peaks of 1.5
 -0.23% of their bytes in all, 16% less encoding time (README, "2026-12-04, morning"). With
 that schedule Adam's second-moment decay of 0.95 instead of 0.999 and a moving average
 decaying by 0.99 a step instead of 0.995 took another -0.10% to -0.46% of those float bits
-(a decay of 0.9 less, 0.98 and 0.99 less again). Two runs with different batch orders fine-tune side by
-side, one per core, and the held-out sample picks the better (on three train crops: 0.0, -0.1
-and -0.7%, in the same wall time). The embedded model is a few kilobytes, so it is only used
-for volumes large enough to repay it, and only when it pays on that held-out sample. Decoding
+(a decay of 0.9 less, 0.98 and 0.99 less again). Two runs with different batch orders
+fine-tune side by side, one per core, and the held-out sample picks the better (on three
+train crops: 0.0, -0.1 and -0.7%, in the same wall time). The embedded model is a few
+kilobytes, so it is only used for volumes large enough to repay it, and only when it pays on
+that held-out sample. Decoding
 stays exact: the embedded network is an ordinary integer network, read from the blob instead of
 from the weights folder. Its weights are quantised to 10 bits (+-511) instead of 8, as the
 shipped network's are since model c529efcb (models.intnet: the compiled kernels' integer
@@ -172,13 +173,17 @@ class Settings(NamedTuple):
     average: float   # decay per step of the weights' moving average
     weight_max: int  # bound of the quantised network's weights (models.intnet.quantize_mlp)
     betas: tuple[float, float] = (0.9, 0.999)   # Adam's decays of its moments
+    warmup: float = ADAPT_WARMUP        # the step-size schedule (see step_size)
+    decay_from: float = ADAPT_DECAY_FROM
+    floor: float = ADAPT_LR_FLOOR
 
 
 def default_settings() -> Settings:
-    """The module's step size, batch, average, weight bound and Adam's decays; bfloat16
-    products where the CPU has them."""
+    """The module's step-size schedule, batch, average, weight bound and Adam's decays;
+    bfloat16 products where the CPU has them."""
     return Settings(ADAPT_LR, ADAPT_BATCH, bf16_products() if ADAPT_BF16 is None else ADAPT_BF16,
-                    ADAPT_AVERAGE, ADAPT_WEIGHT_MAX, ADAPT_BETAS)
+                    ADAPT_AVERAGE, ADAPT_WEIGHT_MAX, ADAPT_BETAS, ADAPT_WARMUP,
+                    ADAPT_DECAY_FROM, ADAPT_LR_FLOOR)
 
 
 def tune_run(arrays: dict, job):
@@ -323,7 +328,7 @@ def _steps(model, arrays: list[np.ndarray], gen, steps: int, stops, settings: Se
         x, ref, s, lq, v = (t[a:a + batch] for t in arrays)
         if compiled is not None and compiled.step(x, v, ref, s, lq, UNIT, SCALE_STEPS) \
                 is not None:
-            compiled.adam(step_size(settings.lr, done, steps), settings.betas)
+            compiled.adam(step_size(settings, done, steps), settings.betas)
         else:
             x, ref, s, lq, v = (t[a:a + batch] for t in tensors)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
@@ -331,7 +336,7 @@ def _steps(model, arrays: list[np.ndarray], gen, steps: int, stops, settings: Se
             loss = mean_laplace_bits(v, ref, s, lq, out.float())
             model.zero_grad(set_to_none=True)
             loss.backward()
-            opt.lr = step_size(settings.lr, done, steps)
+            opt.lr = step_size(settings, done, steps)
             opt.step()
             compiled = None
         if done % AVERAGE_EVERY == 0 or done in stops:
@@ -344,20 +349,19 @@ def _steps(model, arrays: list[np.ndarray], gen, steps: int, stops, settings: Se
             yield average
 
 
-def step_size(peak: float, done: int, steps: int) -> float:
-    """Step size of step ``done`` (from 1) of ``steps``: up from ADAPT_LR_FLOOR times ``peak``
-    over the first ADAPT_WARMUP of the steps, ``peak`` until ADAPT_DECAY_FROM of them, then
-    down linearly to ADAPT_LR_FLOOR times ``peak`` at the last. Against a constant 3e-3 over
-    as many steps, this fits 0.6 of them better on the train volumes (the
+def step_size(settings: Settings, done: int, steps: int) -> float:
+    """Step size of step ``done`` (from 1) of ``steps``: up from ``settings.floor`` times the
+    peak ``settings.lr`` over the first ``settings.warmup`` of the steps, the peak until
+    ``settings.decay_from`` of them, then down linearly to the floor at the last. Against a
+    constant 3e-3 over as many steps, this fits 0.6 of them better on the train volumes (the
     warm-up matters: without it a phantom ended 1.6% worse, its first large steps throwing
     the shipped network off; README, "2026-12-04")."""
-    u = done / steps
-    floor = ADAPT_LR_FLOOR
-    if u < ADAPT_WARMUP:
-        return peak * (floor + (1 - floor) * u / ADAPT_WARMUP)
-    if u <= ADAPT_DECAY_FROM:
+    u, peak, floor = done / steps, settings.lr, settings.floor
+    if u < settings.warmup:
+        return peak * (floor + (1 - floor) * u / settings.warmup)
+    if u <= settings.decay_from:
         return peak
-    return peak * (1 - (1 - floor) * (u - ADAPT_DECAY_FROM) / (1 - ADAPT_DECAY_FROM))
+    return peak * (1 - (1 - floor) * (u - settings.decay_from) / (1 - settings.decay_from))
 
 
 class _CompiledStep(NamedTuple):

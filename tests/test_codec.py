@@ -962,26 +962,27 @@ def test_float32_fine_tuning_takes_the_compiled_step_with_torchs_result(monkeypa
 def test_fine_tuning_step_size_warms_up_holds_its_peak_then_falls_to_its_floor():
     from models import adapt
     steps, peak = 200, 0.01
-    sizes = [adapt.step_size(peak, done, steps) for done in range(1, steps + 1)]
-    rise = int(adapt.ADAPT_WARMUP * steps) - 1       # sizes[k] is that of step k + 1
-    fall = int(adapt.ADAPT_DECAY_FROM * steps) - 1
-    assert sizes[0] < 0.2 * peak
+    settings = adapt.default_settings()._replace(lr=peak, warmup=0.1, decay_from=0.5, floor=0.1)
+    sizes = [adapt.step_size(settings, done, steps) for done in range(1, steps + 1)]
+    rise, fall = 19, 99        # sizes[k] is that of step k + 1: steps 20 to 100 at the peak
+    assert sizes[0] == pytest.approx(0.145 * peak)
     assert all(a < b for a, b in zip(sizes[:rise], sizes[1:rise + 1]))
     assert sizes[rise:fall + 1] == [peak] * (fall + 1 - rise)
     assert all(a > b for a, b in zip(sizes[fall:], sizes[fall + 1:]))
-    assert sizes[-1] == pytest.approx(adapt.ADAPT_LR_FLOOR * peak)
+    assert sizes[-1] == pytest.approx(0.1 * peak)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_each_fine_tuning_step_takes_its_scheduled_size_and_decays(monkeypatch, bf16):
-    """The compiled Adam and torch's (bfloat16) path both step by step_size of the step,
-    with the module's decays of Adam's moments."""
+    """The compiled Adam and torch's (bfloat16) path both step by step_size of the step, on
+    the module's schedule, with the module's decays of Adam's moments."""
     from models import adapt, kernels, train
     from models.registry import load_model
     predictor = load_model("default")
     samples = _tuning_samples(predictor)
     monkeypatch.setattr(adapt, "ADAPT_BF16", bf16)
     monkeypatch.setattr(adapt, "ADAPT_BETAS", (0.8, 0.9))
+    monkeypatch.setattr(adapt, "ADAPT_WARMUP", 0.25)
     taken = []
     real_adam, real_torch = kernels.AdamStep.__call__, adapt._Adam.step
     monkeypatch.setattr(kernels.AdamStep, "__call__", lambda self, lr, betas=(0.9, 0.999): (
@@ -990,7 +991,7 @@ def test_each_fine_tuning_step_takes_its_scheduled_size_and_decays(monkeypatch, 
         taken.append((self.lr, tuple(self.betas))) or real_torch(self)))
     for _ in adapt._fine_tune(train.float_model(predictor), samples, 0, 12, [12]):
         pass
-    assert taken == [(adapt.step_size(adapt.ADAPT_LR, done, 12), (0.8, 0.9))
+    assert taken == [(adapt.step_size(adapt.default_settings(), done, 12), (0.8, 0.9))
                      for done in range(1, 13)]
 
 
