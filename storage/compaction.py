@@ -48,6 +48,7 @@ def _sha(data: bytes) -> str:
 
 
 DEFERRED = "adaptation deferred"   # in codec_info: coded without adaptation to keep up
+NOISE_CHECK_BYTES = 1 << 16   # stacks of this many bytes of pixels must code smaller to be kept
 _MARK = f" {DEFERRED}"
 
 
@@ -173,7 +174,8 @@ class Compactor:
         try:
             stacks, singles = assemble(members, self.max_slices)
             for stack in stacks:
-                self._code_stack(stack, plan, fast)
+                if not self._code_stack(stack, plan, fast):
+                    singles = singles + list(stack.members)
             for inst in singles:
                 self._code_single(inst, plan)
             self._commit(plan, members, job_id)
@@ -192,7 +194,12 @@ class Compactor:
                  len(members), len(stacks), len(singles))
         return True
 
-    def _code_stack(self, stack: Stack, plan: _Plan, fast: bool = False) -> None:
+    def _code_stack(self, stack: Stack, plan: _Plan, fast: bool = False) -> bool:
+        """Code a stack's pixels as one volume blob into ``plan``; False (nothing planned)
+        when a stack of at least NOISE_CHECK_BYTES of pixels would not code smaller than its
+        pixels (noise-like data): its instances are then stored one by one
+        (:meth:`_code_single`). Smaller stacks keep their blob whatever its size: there the
+        container's own few hundred bytes, not the data, decide."""
         parts = []
         for inst in stack.members:
             data = self.blobs.mapped(inst.staged_key)      # the pixels stay in the page cache
@@ -210,6 +217,11 @@ class Compactor:
                      "coded again when idle)", len(parts))
         blob = models.encode_volume(volume, model=self.model, slab=self.slab,
                                     adapt=None if self.adapt and not deferred else False)
+        if volume.nbytes >= NOISE_CHECK_BYTES and len(blob) >= volume.nbytes:
+            log.info("a stack of %d instances (the first %s) coded to %d bytes, not below its "
+                     "%d bytes of pixels: its instances are stored one by one", len(parts),
+                     parts[0][0].sop_uid, len(blob), volume.nbytes)
+            return False
         _check_rebuilds(blob, parts, volume.dtype)
         key, start, headers = new_key("b"), 0, {}
         for inst, before, pixels, after in parts:
@@ -225,6 +237,7 @@ class Compactor:
                   shape=",".join(map(str, volume.shape)), slab=info["slab"],
                   codec_info=header_pack.describe(codec_info(info, deferred),
                                                   len(stored) - len(blob)))
+        return True
 
     def _code_single(self, inst, plan: _Plan) -> None:
         data = self.blobs.get(inst.staged_key)

@@ -53,6 +53,27 @@ def test_stage_compact_and_retrieve_exactly(archive):
         assert sorted(archive.blobs.keys()) == sorted(s.scalars(select(Blob.key)))
 
 
+def test_a_stack_of_noise_is_stored_instance_by_instance(archive, caplog):
+    """Pixels that the codec cannot shrink (full-range noise) are not kept in a blob larger
+    than themselves: the stack's instances are stored one by one, and come back exactly; a
+    stack the codec shrinks beside it keeps its blob."""
+    rng = np.random.default_rng(3)
+    noise = make_series(4, 128, 128, dtype="uint16")
+    for ds in noise:
+        ds.PixelData = rng.integers(0, 1 << 16, (128, 128), dtype=np.uint16).tobytes()
+    smooth = make_series(4, 128, 128, dtype="uint16", seed=2)
+    sent = _store_all(archive, noise + smooth)
+    with caplog.at_level("INFO", logger="storage.compaction"):
+        assert archive.compact(stable_age=0) == (2, 0)
+    _assert_exact(archive, sent)
+    with archive.index.read() as s:
+        codecs = {i.sop_uid: b.codec for i, b in s.execute(
+            select(Instance, Blob).join(Blob, Blob.id == Instance.blob_fk))}
+    assert {codecs[ds.SOPInstanceUID] for ds in noise} <= {"zlib", "raw"}
+    assert {codecs[ds.SOPInstanceUID] for ds in smooth} == {header_pack.CODEC}
+    assert "its instances are stored one by one" in caplog.text
+
+
 def test_instances_located_ahead_come_back_exactly_after_moving_or_going(archive):
     """A retrieval locates its instances in one query when it starts; one compacted (or
     deleted) meanwhile is located again: the bytes are the received ones, or it is gone."""
