@@ -172,10 +172,10 @@ class Settings(NamedTuple):
     bf16: bool
     average: float   # decay per step of the weights' moving average
     weight_max: int  # bound of the quantised network's weights (models.intnet.quantize_mlp)
-    betas: tuple[float, float] = (0.9, 0.999)   # Adam's decays of its moments
-    warmup: float = ADAPT_WARMUP        # the step-size schedule (see step_size)
-    decay_from: float = ADAPT_DECAY_FROM
-    floor: float = ADAPT_LR_FLOOR
+    betas: tuple[float, float]   # Adam's decays of its moments
+    warmup: float    # the step-size schedule (see step_size)
+    decay_from: float
+    floor: float
 
 
 def default_settings() -> Settings:

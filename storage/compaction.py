@@ -173,8 +173,11 @@ class Compactor:
         plan = _Plan()
         try:
             stacks, singles = assemble(members, self.max_slices)
+            kept = 0                # stacks coded as volumes; the others go one by one
             for stack in stacks:
-                if not self._code_stack(stack, plan, fast):
+                if self._code_stack(stack, plan, fast):
+                    kept += 1
+                else:
                     singles = singles + list(stack.members)
             for inst in singles:
                 self._code_single(inst, plan)
@@ -191,7 +194,7 @@ class Compactor:
             return False
         finish_removals(self.index, self.blobs, [inst.staged_key for inst in members])
         log.info("compacted series %s: %d instances in %d stacks + %d singles", series_uid,
-                 len(members), len(stacks), len(singles))
+                 len(members), kept, len(singles))
         return True
 
     def _code_stack(self, stack: Stack, plan: _Plan, fast: bool = False) -> bool:
