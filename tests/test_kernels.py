@@ -268,6 +268,7 @@ def test_ten_bit_models_decode_on_the_plain_integer_layers(monkeypatch):
     vol = (rng.normal(0, 40, (6, 40, 52)).cumsum(axis=2) // 3).astype(np.int16)
     blob = encode_volume(vol, adapt=False)
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")          # decoded here, where the patch is
+    monkeypatch.setattr(load_model("default"), "device", "cpu")   # not a GPU's torch layers
     used = []
     real = kernels.Network.vector
     monkeypatch.setattr(kernels, "integer_vector", lambda: kernels.PLAIN_INT)
@@ -522,6 +523,7 @@ def test_the_fused_decoder_step_equals_the_step_by_step_path(seed, dtype, shape,
     calls = []
     real = kernels.StepKernel.predict
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(load_model("default"), "device", "cpu")   # the fused step is the CPU's
         patch.setattr(kernels.StepKernel, "predict",
                       lambda self, *a: calls.append(1) or real(self, *a))
         fused = decode_slices(blob, 0, shape[0])

@@ -244,6 +244,7 @@ def test_blobs_decode_the_same_with_the_compiled_step_fields(dtype, shape, tile)
     real = StepDecoder.decode_fields
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VOXARC_DECODE_WORKERS", "1")
+        patch.setattr(load_model("default"), "device", "cpu")   # the step fields are the CPU's
         patch.setattr(StepDecoder, "decode_fields",
                       lambda self, *a: calls.append(1) or real(self, *a))
         with_fields = models.decode_volume(blob), models.decode_slices(blob, 1, 2)
@@ -297,6 +298,7 @@ def test_a_step_decoded_outside_the_range_is_a_corrupt_blob(monkeypatch, shape):
     vol = _phantom(shape, 4)
     blob = models.encode_volume(vol, slab=3, tile=(16, 24), adapt=False)
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")
+    monkeypatch.setattr(load_model("default"), "device", "cpu")   # not a GPU's torch layers
     np.testing.assert_array_equal(models.decode_volume(blob), vol)
     monkeypatch.setattr(kernels.StepFields, "join", lambda self, *a: None)
     with pytest.raises(CorruptBlobError, match="outside the volume's value range"):
