@@ -959,6 +959,21 @@ def test_float32_fine_tuning_takes_the_compiled_step_with_torchs_result(monkeypa
     assert any(not torch.equal(a, b) for a, b in zip(tuned["auto"], start))
 
 
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+@pytest.mark.parametrize("built", [False, True])
+def test_fine_tuning_uses_bfloat16_only_where_the_compiled_step_is_missing(monkeypatch,
+                                                                           cpu_bf16, built):
+    """The compiled float32 step is faster than torch's bfloat16 one, so bfloat16 is used
+    only where the CPU has it and the kernels are not built; ADAPT_BF16 still forces either."""
+    from models import adapt, kernels
+    monkeypatch.setattr(adapt, "bf16_products", lambda: cpu_bf16)
+    monkeypatch.setattr(kernels, "available", lambda: built)
+    assert adapt.default_settings().bf16 == (cpu_bf16 and not built)
+    for forced in (False, True):
+        monkeypatch.setattr(adapt, "ADAPT_BF16", forced)
+        assert adapt.default_settings().bf16 is forced
+
+
 def test_fine_tuning_step_size_warms_up_holds_its_peak_then_falls_to_its_floor():
     from models import adapt
     steps, peak = 200, 0.01
