@@ -29,7 +29,7 @@ warms up to a peak eight times the old 3e-3 and falls linearly over the second h
 held-out sample against the constant step size over the old 800-3200 steps, on seven train
 volumes and crops, two seeds, -0.12% to -0.55% at 0.6 of the steps (peaks of 1.5e-2 and
 3e-2 to 3.6e-2 did a little worse, 4.8e-2 worse again); the coded train volumes and crops
--0.23% of their bytes in all, 16% less encoding time (README, "2026-12-04, morning"). With
+-0.23% of their bytes in all, 16% less encoding time (docs/codec-log.md, "2026-12-04, morning"). With
 that schedule Adam's second-moment decay of 0.95 instead of 0.999 and a moving average
 decaying by 0.99 a step instead of 0.995 took another -0.10% to -0.46% of those float bits
 (a decay of 0.9 less, 0.98 and 0.99 less again). Two runs with different batch orders
@@ -355,7 +355,7 @@ def step_size(settings: Settings, done: int, steps: int) -> float:
     ``settings.decay_from`` of them, then down linearly to the floor at the last. Against a
     constant 3e-3 over as many steps, this fits 0.6 of them better on the train volumes (the
     warm-up matters: without it a phantom ended 1.6% worse, its first large steps throwing
-    the shipped network off; README, "2026-12-04")."""
+    the shipped network off; docs/codec-log.md, "2026-12-04")."""
     u, peak, floor = done / steps, settings.lr, settings.floor
     if u < settings.warmup:
         return peak * (floor + (1 - floor) * u / settings.warmup)
@@ -398,7 +398,7 @@ def bf16_step() -> bool:
     both are there the compiled step is faster: on a Zen 4 (AVX-512 BF16), 32-slice crops of
     the four train volumes encoded with adaptation in 12.4 against 18.2 s and the whole
     volumes in 22.0 against 29.5 s (medians of two alternating rounds), in +0.01% and +0.06%
-    bytes, within the spread of the runs' batch orders (README, 2026-12-04, afternoon)."""
+    bytes, within the spread of the runs' batch orders (README, Benchmark)."""
     return bf16_products() and not kernels.available()
 
 
