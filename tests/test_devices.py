@@ -20,6 +20,7 @@ import torch
 import models
 from models import adapt, kernels, registry
 from models.intnet import INPUT_MAX
+from models.container import unpack_header
 from models.registry import load_model
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -108,6 +109,22 @@ def test_each_path_writes_the_same_bytes_and_reads_the_others(path, dtype, shape
     for blob in (reference, adapted):
         np.testing.assert_array_equal(models.decode_volume(blob), vol)
         np.testing.assert_array_equal(models.decode_slices(blob, 1, 2), vol[1:2])
+
+
+@pytest.mark.skipif(not BUILT, reason="the compiled kernels are not built")
+def test_an_adapted_blob_is_the_same_whatever_the_compiled_layers(monkeypatch):
+    """The fine-tuning step runs on the widest float layers the CPU has; the runs must give the
+    same blob with the AVX2 ones (a volume codes to the same bytes on every CPU the compiled
+    step runs on). On a CPU without AVX-512 both are the AVX2 layers."""
+    vol = _phantom((8, 96, 120), "int16", seed=3)
+    monkeypatch.setenv("VOXARC_TUNE_WORKERS", "0")   # the runs in this process, which sees the env
+    blobs = {}
+    for layers in ("auto", "avx2"):
+        monkeypatch.setenv("VOXARC_KERNELS", layers)
+        blobs[layers] = models.encode_volume(vol, adapt=True)
+    assert blobs["auto"] == blobs["avx2"]
+    assert models.decode_volume(blobs["auto"]).tobytes() == vol.tobytes()
+    assert unpack_header(blobs["auto"])[0].embedded     # it did carry an adapted model
 
 
 @pytest.mark.parametrize("device_file", [False, True])
