@@ -2,15 +2,22 @@
 
 Single-frame instances stack when they share a pixel format and orientation (the ``stack_format``
 recorded at ingest); they are sorted along the slice normal (position), falling back to
-InstanceNumber when a geometry is missing. A multi-frame instance is a volume by itself. What
-does not stack (no native pixel data, RGB, a lone image) is returned as singles for the general
-codec.
+InstanceNumber when a geometry is missing. A multi-frame instance is a volume by itself, and
+the multi-frame instances of a series whose frames share a format stack one after another in
+InstanceNumber order (an fMRI series of one instance per time point: one volume the encoder
+adapts to, instead of many too small to), up to the voxels of ``max_slices`` 512 x 512 slices.
+What does not stack (no native pixel data, RGB, a lone image) is returned as singles for the
+general codec.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+
+from storage.instance_facts import MULTIFRAME
+
+SLICE_VOXELS = 512 * 512   # max_slices of these bound a stack of multi-frame instances
 
 
 @dataclass
@@ -27,8 +34,33 @@ class Stack:
 def _order(instances: list) -> list:
     if all(i.position is not None for i in instances):
         return sorted(instances, key=lambda i: (i.position, i.instance_number or 0, i.sop_uid))
+    return _by_number(instances)
+
+
+def _by_number(instances: list) -> list:
     return sorted(instances, key=lambda i: (i.instance_number is None, i.instance_number or 0,
                                             i.sop_uid))
+
+
+def _volume_runs(members: list, frame_voxels: int, max_voxels: int) -> list[Stack]:
+    """Consecutive multi-frame ``members`` in stacks of at most ``max_voxels`` (one that is
+    larger alone is a stack of its own)."""
+    stacks, current, voxels = [], [], 0
+    for member in members:
+        size = member.frames * frame_voxels
+        if current and voxels + size > max_voxels:
+            stacks.append(Stack(current))
+            current, voxels = [], 0
+        current.append(member)
+        voxels += size
+    if current:
+        stacks.append(Stack(current))
+    return stacks
+
+
+def _frame_voxels(fmt: str) -> int:
+    rows, columns = fmt.split("|")[1].split("x")
+    return int(rows) * int(columns)
 
 
 def _chunks(members: list, max_slices: int) -> list[Stack]:
@@ -61,15 +93,21 @@ def assemble(instances: list, max_slices: int = 256) -> tuple[list[Stack], list]
         Instances for the general lossless codec.
     """
     groups: dict[str, list] = defaultdict(list)
+    volumes: dict[str, list] = defaultdict(list)
     stacks: list[Stack] = []
     singles: list = []
     for inst in instances:
-        if inst.stack_format == "multiframe":
+        if inst.stack_format == MULTIFRAME:    # indexed before its frames' format was kept
             stacks.append(Stack([inst]))
+        elif inst.stack_format.startswith(MULTIFRAME + "|"):
+            volumes[inst.stack_format].append(inst)
         elif inst.stack_format:
             groups[inst.stack_format].append(inst)
         else:
             singles.append(inst)
+    for fmt in sorted(volumes):
+        stacks.extend(_volume_runs(_by_number(volumes[fmt]), _frame_voxels(fmt),
+                                   max_slices * SLICE_VOXELS))
     for fmt in sorted(groups):
         members = groups[fmt]
         if len(members) < 2:

@@ -98,14 +98,19 @@ def describe(ds) -> InstanceFacts:
     )
 
 
+MULTIFRAME = "multiframe"   # the start of a multi-frame instance's stack format
+
+
 def stack_format(layout: PixelLayout | None, facts: InstanceFacts, transfer_syntax: str) -> str:
     """Return the key under which single-frame instances of a series may share a stack.
 
-    Empty when the instance cannot be stacked; ``"multiframe"`` when it is a volume by itself.
+    Empty when the instance cannot be stacked; ``"multiframe|"`` and the frames' format when
+    it is a volume by itself, which multi-frame instances of the same format may join (a
+    series of one volume per time point, storage.assembly). Rows indexed before 2026-12-04
+    hold ``"multiframe"`` alone: such an instance stays a stack of its own.
     """
     if layout is None:
         return ""
-    if layout.frames > 1:
-        return "multiframe"
     orient = ",".join(f"{v:.4f}" for v in facts.orientation) if facts.orientation else "none"
-    return f"{layout.rows}x{layout.columns}|{layout.dtype}|{transfer_syntax}|{orient}"
+    fmt = f"{layout.rows}x{layout.columns}|{layout.dtype}|{transfer_syntax}|{orient}"
+    return f"{MULTIFRAME}|{fmt}" if layout.frames > 1 else fmt

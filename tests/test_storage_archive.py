@@ -103,6 +103,63 @@ def test_stack_is_sorted_along_the_normal(archive):
     assert volume.dtype == np.int16 and volume.shape == (4, 8, 8)
 
 
+def _time_points(count: int, frames: int, size: int, seed: int) -> list:
+    """``count`` multi-frame instances of one series, one volume per time point (as enhanced
+    MR fMRI comes), the same frames' format, InstanceNumber the time point."""
+    series = make_series(count, size, size, seed=seed)
+    rng = np.random.default_rng(seed)
+    base = rng.normal(500, 80, (frames, size, size))
+    for ds in series:
+        t = ds.InstanceNumber
+        ds.NumberOfFrames = frames
+        ds.PixelData = np.round(base + 3 * t + rng.normal(0, 4, base.shape)).astype(
+            np.int16).tobytes()
+    return series
+
+
+def test_multi_frame_instances_of_one_format_share_a_stack_in_time_order(archive):
+    """A series of one multi-frame instance per time point is coded as one volume, the
+    instances in InstanceNumber order; one of another frame size stays apart; every instance
+    and every frame comes back exactly."""
+    series = _time_points(5, 6, 12, seed=3)
+    (other,) = make_series(1, 10, 10, seed=4)
+    other.StudyInstanceUID, other.SeriesInstanceUID = (series[0].StudyInstanceUID,
+                                                       series[0].SeriesInstanceUID)
+    other.NumberOfFrames = 3
+    other.PixelData = np.arange(300, dtype=np.int16).tobytes()
+    sent = _store_all(archive, series + [other])
+    archive.compact(0)
+    with archive.index.read() as s:
+        rows = {r.sop_uid: r for r in s.scalars(select(Instance))}
+        shapes = {b.id: b.shape for b in s.scalars(select(Blob))}
+    in_time = sorted(series, key=lambda ds: ds.InstanceNumber)
+    assert len({rows[ds.SOPInstanceUID].blob_fk for ds in series}) == 1
+    assert [rows[ds.SOPInstanceUID].frame_start for ds in in_time] == [0, 6, 12, 18, 24]
+    assert shapes[rows[series[0].SOPInstanceUID].blob_fk] == "30,12,12"
+    assert rows[other.SOPInstanceUID].blob_fk != rows[series[0].SOPInstanceUID].blob_fk
+    _assert_exact(archive, sent)
+    third = np.frombuffer(in_time[2].PixelData, np.int16).reshape(6, 12, 12)
+    got = archive.frames(in_time[2].SOPInstanceUID, [2, 6])
+    assert [bytes(f) for f in got] == [third[1].tobytes(), third[5].tobytes()]
+
+
+def test_a_multi_frame_instance_indexed_before_formats_were_kept_stays_alone():
+    from storage.assembly import assemble
+    from types import SimpleNamespace as Row
+
+    def row(uid, number, fmt, frames=4):
+        return Row(sop_uid=uid, instance_number=number, stack_format=fmt, frames=frames,
+                   position=None)
+
+    fmt = "multiframe|8x8|int16|1.2.840.10008.1.2.1|none"
+    rows = [row("a", 1, fmt), row("b", 2, "multiframe"), row("c", 3, fmt),
+            row("d", 4, fmt, frames=5000)]
+    stacks, singles = assemble(rows, max_slices=1)     # at most 512 x 512 voxels a stack
+    assert sorted([m.sop_uid for m in st.members] for st in stacks) == [["a", "c"], ["b"],
+                                                                         ["d"]]
+    assert singles == []
+
+
 def test_instances_after_compaction_are_compacted_too(archive):
     first, = [make_series(6, 8, 8)]
     sent = _store_all(archive, first[:3])
