@@ -307,6 +307,14 @@ class Reconstructor:
         if steps and (steps[0].key, steps[0].lo) == (key0, slab0 * step0) \
                 and (cached is None or len(cached) < first_end) and first_end < need[(key0, slab0)]:
             steps[0].head = first_end   # the first instance goes out before its whole slab
+        cut = -(-(fs + frames) // step0) * step0     # the end of the first instance's last slab
+        if first_end > step0 and steps and steps[0].key == key0 and steps[0].lo < fs + frames \
+                and cut < steps[0].hi:
+            # a first instance of several slabs (a multi-frame one) is decoded on its own: the
+            # stream's groups after its first slab may hold the rest of the blob (small slices)
+            first = steps[0]
+            steps[:1] = [_Step(key0, first.step, first.lo, cut, first.head),
+                         _Step(key0, first.step, cut, first.hi)]
         return steps
 
     def _done(self, prefetch: Prefetch, key, final: bool) -> None:

@@ -74,6 +74,20 @@ def make_series(n: int = 4, rows: int = 16, cols: int = 16, *, dtype: str = "int
     return out
 
 
+def make_time_points(count: int, frames: int, size: int, seed: int) -> list:
+    """``count`` multi-frame instances of one series, one volume per time point (as enhanced
+    MR fMRI comes), the same frames' format, InstanceNumber the time point."""
+    series = make_series(count, size, size, seed=seed)
+    rng = np.random.default_rng(seed)
+    base = rng.normal(500, 80, (frames, size, size))
+    for ds in series:
+        t = ds.InstanceNumber
+        ds.NumberOfFrames = frames
+        ds.PixelData = np.round(base + 3 * t + rng.normal(0, 4, base.shape)).astype(
+            np.int16).tobytes()
+    return series
+
+
 def file_bytes(ds: Dataset) -> bytes:
     """Encode a dataset as a Part 10 file in its File Meta transfer syntax."""
     fp = io.BytesIO()

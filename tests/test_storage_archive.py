@@ -9,7 +9,8 @@ from sqlalchemy.exc import OperationalError
 
 import models
 from node_helpers import (BUNDLED, archive, bundled, dataset_bytes,  # noqa: F401 (fixture)
-                          lose_commit_answer, make_series, real_series_files)
+                          lose_commit_answer, make_series, make_time_points,
+                          real_series_files)
 from storage import header_pack
 from storage.archive import Archive
 from storage.blobstore import BlobStore, new_key
@@ -103,25 +104,11 @@ def test_stack_is_sorted_along_the_normal(archive):
     assert volume.dtype == np.int16 and volume.shape == (4, 8, 8)
 
 
-def _time_points(count: int, frames: int, size: int, seed: int) -> list:
-    """``count`` multi-frame instances of one series, one volume per time point (as enhanced
-    MR fMRI comes), the same frames' format, InstanceNumber the time point."""
-    series = make_series(count, size, size, seed=seed)
-    rng = np.random.default_rng(seed)
-    base = rng.normal(500, 80, (frames, size, size))
-    for ds in series:
-        t = ds.InstanceNumber
-        ds.NumberOfFrames = frames
-        ds.PixelData = np.round(base + 3 * t + rng.normal(0, 4, base.shape)).astype(
-            np.int16).tobytes()
-    return series
-
-
 def test_multi_frame_instances_of_one_format_share_a_stack_in_time_order(archive):
     """A series of one multi-frame instance per time point is coded as one volume, the
     instances in InstanceNumber order; one of another frame size stays apart; every instance
     and every frame comes back exactly."""
-    series = _time_points(5, 6, 12, seed=3)
+    series = make_time_points(5, 6, 12, seed=3)
     (other,) = make_series(1, 10, 10, seed=4)
     other.StudyInstanceUID, other.SeriesInstanceUID = (series[0].StudyInstanceUID,
                                                        series[0].SeriesInstanceUID)

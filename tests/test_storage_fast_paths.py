@@ -10,7 +10,8 @@ import pytest
 import models
 from sqlalchemy import func, select
 
-from node_helpers import archive, dataset_bytes, make_series, store_series  # noqa: F401
+from node_helpers import (archive, dataset_bytes, make_series, make_time_points,  # noqa: F401
+                          store_series)
 from storage.index import Instance, Series
 from storage.reconstruct import Reconstructor
 
@@ -83,11 +84,30 @@ def test_planned_retrieval_is_slab_ordered_and_exact(archive, monkeypatch):
     assert starts == sorted(starts)
     first = prefetch.steps[0]
     assert (first.lo, first.lo + first.head) == (0, 1)    # first image after one slice
+    assert len(prefetch.steps) == 1                       # one stream for the whole blob
     for uid in ordered:
         assert archive.retrieve(uid).data == sent[uid]
     prefetch.thread.join(30)
     assert not prefetch.thread.is_alive()
     assert on_demand == []    # every slab came from the plan, the first one in two pieces
+
+
+def test_a_first_instance_of_several_slabs_is_decoded_before_the_rest(archive, monkeypatch):
+    """A stack of multi-frame instances: the first one's slabs are a decode of their own, so
+    that it goes out without waiting for groups that may hold the rest of the blob; then the
+    rest, every instance exact and nothing decoded outside the plan."""
+    series = make_time_points(4, 12, 10, seed=6)          # 48 frames: 6 slabs of 8
+    sent = _store_and_compact(archive, series)
+    archive.reconstructor = Reconstructor(archive.index, archive.blobs, 1 << 20)   # cold cache
+    on_demand, decode_slices = [], models.decode_slices
+    monkeypatch.setattr(models, "decode_slices",
+                        lambda *args: on_demand.append(args[1:]) or decode_slices(*args))
+    ordered, prefetch = archive.plan_retrieval(list(sent))
+    assert [(st.lo, st.hi) for st in prefetch.steps] == [(0, 16), (16, 48)]
+    for uid in ordered:
+        assert archive.retrieve(uid).data == sent[uid]
+    prefetch.thread.join(30)
+    assert not prefetch.thread.is_alive() and on_demand == []
 
 
 def test_concurrent_retrievals_of_one_slab_decode_it_once(archive, monkeypatch):
