@@ -25,8 +25,11 @@ from models.registry import load_model
 
 GOLDEN = Path(__file__).parent / "golden"
 BUILT = kernels.available()   # the compiled kernels (pip install with a C compiler)
-PATHS = (["kernels"] if BUILT else []) + ["cpu-torch"] \
+# "torch-device": the network in torch on a device named other than "cpu" (the CPU's "cpu:0"),
+# as on a GPU, the features still compiled: what a GPU runs, checked where there is none
+PATHS = (["kernels"] if BUILT else []) + ["cpu-torch", "torch-device"] \
     + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = {"cuda": "cuda", "torch-device": "cpu:0"}
 
 
 def _clear_models():
@@ -40,7 +43,7 @@ def compute_path(monkeypatch):
     """Switch the codec to one compute path (fresh predictors, as a new process would get)."""
 
     def use(path: str) -> None:
-        monkeypatch.setenv("VOXARC_DEVICE", "cuda" if path == "cuda" else "cpu")
+        monkeypatch.setenv("VOXARC_DEVICE", DEVICES.get(path, "cpu"))
         monkeypatch.setenv("VOXARC_KERNELS", "numpy" if path == "cpu-torch" else "auto")
         monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")   # the workers would not see the switch
         _clear_models()
@@ -71,7 +74,8 @@ def _phantom(shape, dtype, seed):
 def test_shipped_network_equals_int64_reference_on_each_path(path, compute_path):
     compute_path(path)
     predictor = load_model("default")
-    assert predictor.device == ("cuda" if path == "cuda" else "cpu")
+    assert predictor.device == DEVICES.get(path, "cpu")
+    assert (predictor.kernel_network() is None) == (path in DEVICES)   # a device's torch layers
     assert kernels.available() == (BUILT and path != "cpu-torch")
     net = predictor.net
     rng = np.random.default_rng(7)
