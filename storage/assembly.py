@@ -42,17 +42,17 @@ def _by_number(instances: list) -> list:
                                             i.sop_uid))
 
 
-def _volume_runs(members: list, frame_voxels: int, max_voxels: int) -> list[Stack]:
-    """Consecutive multi-frame ``members`` in stacks of at most ``max_voxels`` (one that is
-    larger alone is a stack of its own)."""
-    stacks, current, voxels = [], [], 0
+def _runs(members: list, limit: int, size) -> list[Stack]:
+    """Consecutive ``members`` in stacks whose ``size(member)`` adds up to at most ``limit``
+    (a member larger than that alone is a stack of its own)."""
+    stacks, current, total = [], [], 0
     for member in members:
-        size = member.frames * frame_voxels
-        if current and voxels + size > max_voxels:
+        n = size(member)
+        if current and total + n > limit:
             stacks.append(Stack(current))
-            current, voxels = [], 0
+            current, total = [], 0
         current.append(member)
-        voxels += size
+        total += n
     if current:
         stacks.append(Stack(current))
     return stacks
@@ -61,18 +61,6 @@ def _volume_runs(members: list, frame_voxels: int, max_voxels: int) -> list[Stac
 def _frame_voxels(fmt: str) -> int:
     rows, columns = fmt.split("|")[1].split("x")
     return int(rows) * int(columns)
-
-
-def _chunks(members: list, max_slices: int) -> list[Stack]:
-    stacks, current = [], []
-    for member in members:
-        if current and len(current) >= max_slices:
-            stacks.append(Stack(current))
-            current = []
-        current.append(member)
-    if current:
-        stacks.append(Stack(current))
-    return stacks
 
 
 def assemble(instances: list, max_slices: int = 256) -> tuple[list[Stack], list]:
@@ -85,6 +73,7 @@ def assemble(instances: list, max_slices: int = 256) -> tuple[list[Stack], list]
         Staged instance rows of one series.
     max_slices : int
         Largest stack of single-frame instances; longer runs are cut into several stacks.
+        Multi-frame instances stack up to the voxels of this many 512 x 512 slices.
 
     Returns
     -------
@@ -106,14 +95,15 @@ def assemble(instances: list, max_slices: int = 256) -> tuple[list[Stack], list]
         else:
             singles.append(inst)
     for fmt in sorted(volumes):
-        stacks.extend(_volume_runs(_by_number(volumes[fmt]), _frame_voxels(fmt),
-                                   max_slices * SLICE_VOXELS))
+        voxels = _frame_voxels(fmt)
+        stacks.extend(_runs(_by_number(volumes[fmt]), max_slices * SLICE_VOXELS,
+                            lambda inst: inst.frames * voxels))
     for fmt in sorted(groups):
         members = groups[fmt]
         if len(members) < 2:
             singles.extend(members)
             continue
-        stacks.extend(_chunks(_order(members), max_slices))
+        stacks.extend(_runs(_order(members), max_slices, lambda inst: 1))
     for stack in [s for s in stacks if s.slices < 2]:
         stacks.remove(stack)
         singles.extend(stack.members)

@@ -145,6 +145,13 @@ def test_a_multi_frame_instance_indexed_before_formats_were_kept_stays_alone():
     assert sorted([m.sop_uid for m in st.members] for st in stacks) == [["a", "c"], ["b"],
                                                                          ["d"]]
     assert singles == []
+    # single-frame instances: runs of max_slices along the normal, a lone one left over
+    flat = "8x8|int16|1.2.840.10008.1.2.1|none"
+    rows = [Row(sop_uid=u, instance_number=k, stack_format=flat, frames=1, position=-k)
+            for k, u in enumerate("vwxyz")]
+    stacks, singles = assemble(rows, max_slices=2)
+    assert [[m.sop_uid for m in st.members] for st in stacks] == [["z", "y"], ["x", "w"]]
+    assert [m.sop_uid for m in singles] == ["v"]
 
 
 def test_instances_after_compaction_are_compacted_too(archive):
