@@ -3,9 +3,12 @@
 Single-frame instances stack when they share a pixel format and orientation (the ``stack_format``
 recorded at ingest); they are sorted along the slice normal (position), falling back to
 InstanceNumber when a geometry is missing. A multi-frame instance is a volume by itself, and
-the multi-frame instances of a series whose frames share a format stack one after another in
-InstanceNumber order (an fMRI series of one instance per time point: one volume the encoder
-adapts to, instead of many too small to), up to the voxels of ``max_slices`` 512 x 512 slices.
+the multi-frame instances of a series whose frames share a format stack in InstanceNumber order
+(an fMRI series of one instance per time point: one volume the encoder adapts to, instead of
+many too small to), up to the voxels of ``max_slices`` 512 x 512 slices. Time points of equal
+frames smaller than the encoder's adaptation threshold stack position-major
+(:mod:`storage.frame_order`), in groups of the fewest time points it adapts to: each group is
+decoded whole to give back any of its instances, so groups stay small.
 What does not stack (no native pixel data, RGB, a lone image) is returned as singles for the
 general codec.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from models.api import ADAPT_VOXELS
 from storage.instance_facts import MULTIFRAME
 
 SLICE_VOXELS = 512 * 512   # max_slices of these bound a stack of multi-frame instances
@@ -25,6 +29,7 @@ class Stack:
     """Instances whose pixel words, concatenated in order, form one (z, y, x) volume."""
 
     members: list
+    interleave: int = 1     # > 1: that many time points, coded position-major
 
     @property
     def slices(self) -> int:
@@ -58,12 +63,28 @@ def _runs(members: list, limit: int, size) -> list[Stack]:
     return stacks
 
 
+def _time_points(members: list, frame_voxels: int, limit: int, adapt_voxels: int) -> list[Stack]:
+    """Stacks of multi-frame instances of one frame format in InstanceNumber order: groups
+    of time points (equal frames, each under ``adapt_voxels``) coded position-major, of the
+    fewest the encoder adapts to, in near-equal consecutive groups; otherwise runs of at most
+    ``limit`` voxels in instance order."""
+    point = members[0].frames * frame_voxels
+    if len(members) < 2 or members[0].frames < 2 or point >= adapt_voxels \
+            or any(m.frames != members[0].frames for m in members):
+        return _runs(members, limit, lambda inst: inst.frames * frame_voxels)
+    per = -(-adapt_voxels // point)
+    groups = max(1, len(members) // per)
+    cuts = [round(i * len(members) / groups) for i in range(groups + 1)]
+    return [Stack(members[a:b], interleave=b - a) for a, b in zip(cuts, cuts[1:])]
+
+
 def _frame_voxels(fmt: str) -> int:
     rows, columns = fmt.split("|")[1].split("x")
     return int(rows) * int(columns)
 
 
-def assemble(instances: list, max_slices: int = 256) -> tuple[list[Stack], list]:
+def assemble(instances: list, max_slices: int = 256,
+             adapt_voxels: int = ADAPT_VOXELS) -> tuple[list[Stack], list]:
     """Split instances (objects with ``stack_format``, ``frames``, ``position``,
     ``instance_number``, ``sop_uid``) into stacks and singles.
 
@@ -74,6 +95,9 @@ def assemble(instances: list, max_slices: int = 256) -> tuple[list[Stack], list]
     max_slices : int
         Largest stack of single-frame instances; longer runs are cut into several stacks.
         Multi-frame instances stack up to the voxels of this many 512 x 512 slices.
+    adapt_voxels : int
+        The codec's adaptation threshold, which sizes the position-major groups of time
+        points.
 
     Returns
     -------
@@ -95,9 +119,8 @@ def assemble(instances: list, max_slices: int = 256) -> tuple[list[Stack], list]
         else:
             singles.append(inst)
     for fmt in sorted(volumes):
-        voxels = _frame_voxels(fmt)
-        stacks.extend(_runs(_by_number(volumes[fmt]), max_slices * SLICE_VOXELS,
-                            lambda inst: inst.frames * voxels))
+        stacks.extend(_time_points(_by_number(volumes[fmt]), _frame_voxels(fmt),
+                                   max_slices * SLICE_VOXELS, adapt_voxels))
     for fmt in sorted(groups):
         members = groups[fmt]
         if len(members) < 2:

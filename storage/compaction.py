@@ -25,6 +25,7 @@ from storage.assembly import Stack, assemble
 from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import PIXEL_KEYWORDS, parse_fields, pixel_layout, split
 from storage.errors import CommitOutcomeUnknown
+from storage.frame_order import instance_major, position_major
 from storage.index import Blob, Index, Instance, Job, Series
 from storage.removals import finish_removals, record_removals
 
@@ -76,14 +77,23 @@ def deferred_rows():
     return Blob.codec_info.contains(_MARK)
 
 
-def _check_rebuilds(blob, parts: list, dtype) -> None:
-    """Decode ``blob`` piece by piece and check that every instance of ``parts`` ((row,
-    before, pixels, after), in stack order) rebuilds to its ingest SHA-256: the decoded volume
-    is never held whole (a multi-frame instance of a thousand frames is one stack)."""
+def _decoded_pieces(blob, slices: int, interleave: int):
+    """The decoded slices of ``blob`` in instance order, piece by piece: streamed, or decoded
+    whole and reordered for a position-major stack (a few small time points)."""
+    if interleave > 1:
+        return [instance_major(models.decode_volume(blob), interleave)]
+    return (piece for _, piece in models.decode_stream(blob, 0, slices))
+
+
+def _check_rebuilds(blob, parts: list, dtype, interleave: int = 1) -> None:
+    """Decode ``blob`` and check that every instance of ``parts`` ((row, before, pixels,
+    after), in stack order) rebuilds to its ingest SHA-256: piece by piece, the decoded volume
+    never held whole (a multi-frame instance of a thousand frames is one stack), unless it is
+    a position-major stack of ``interleave`` time points."""
     members = iter(parts)
     inst = hasher = None
     left = 0
-    for _, piece in models.decode_stream(blob, 0, sum(p[2].shape[0] for p in parts)):
+    for piece in _decoded_pieces(blob, sum(p[2].shape[0] for p in parts), interleave):
         if piece.dtype != dtype:
             raise VerificationError("decoded volume differs from the staged pixels")
         while len(piece):
@@ -218,14 +228,18 @@ class Compactor:
         if deferred:
             log.info("coding a stack of %d instances without adaptation (more series waiting; "
                      "coded again when idle)", len(parts))
-        blob = models.encode_volume(volume, model=self.model, slab=self.slab,
+        if stack.interleave > 1:
+            log.info("coding %d time points of %d frames (the first %s) position-major",
+                     stack.interleave, parts[0][2].shape[0], parts[0][0].sop_uid)
+        blob = models.encode_volume(position_major(volume, stack.interleave), model=self.model,
+                                    slab=self.slab,
                                     adapt=None if self.adapt and not deferred else False)
         if volume.nbytes >= NOISE_CHECK_BYTES and len(blob) >= volume.nbytes:
             log.info("a stack of %d instances (the first %s) coded to %d bytes, not below its "
                      "%d bytes of pixels: its instances are stored one by one", len(parts),
                      parts[0][0].sop_uid, len(blob), volume.nbytes)
             return False
-        _check_rebuilds(blob, parts, volume.dtype)
+        _check_rebuilds(blob, parts, volume.dtype, stack.interleave)
         key, start, headers = new_key("b"), 0, {}
         for inst, before, pixels, after in parts:
             plan.updates[inst.id] = (key, dict(frame_start=start, header_before=b"",
@@ -238,6 +252,7 @@ class Compactor:
             raise VerificationError("header pack does not give back the headers")
         self._put(plan, key, stored, header_pack.CODEC, volume.nbytes, dtype=volume.dtype.name,
                   shape=",".join(map(str, volume.shape)), slab=info["slab"],
+                  interleave=stack.interleave,
                   codec_info=header_pack.describe(codec_info(info, deferred),
                                                   len(stored) - len(blob)))
         return True

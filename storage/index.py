@@ -13,7 +13,8 @@ import threading
 from contextlib import contextmanager
 
 from sqlalchemy import (
-    BigInteger, Float, ForeignKey, Integer, LargeBinary, String, create_engine, event, make_url,
+    BigInteger, Float, ForeignKey, Integer, LargeBinary, String, create_engine, event, inspect,
+    make_url, text,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
@@ -74,6 +75,8 @@ class Blob(Base):
     dtype: Mapped[str] = mapped_column(String, default="")
     shape: Mapped[str] = mapped_column(String, default="")
     slab: Mapped[int] = mapped_column(Integer, default=0)   # slices per decodable slab
+    # time points coded position-major (storage.frame_order); 1: slices in instance order
+    interleave: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     raw_bytes: Mapped[int] = mapped_column(BigInteger)
     stored_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String)
@@ -171,6 +174,33 @@ def _sqlite_relaxed_pragmas(dbapi_conn, record) -> None:
     _sqlite_pragmas(dbapi_conn, record, "NORMAL")
 
 
+def add_missing_columns(engine) -> list[str]:
+    """Add to existing tables the columns that later versions gave them (each has a server
+    default, which the rows already there take); return ``table.column`` of each added.
+    ``create_all`` makes missing tables only, so an index written by an earlier version would
+    otherwise fail on its first query."""
+    found = inspect(engine)
+    added = []
+    for table in Base.metadata.sorted_tables:
+        if not found.has_table(table.name):
+            continue
+        have = {c["name"] for c in found.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            if column.server_default is None:
+                raise RuntimeError(f"index table {table.name} lacks column {column.name}, "
+                                   "which has no default to add it with")
+            kind = column.type.compile(dialect=engine.dialect)
+            default = column.server_default.arg
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind} "
+                                  f"NOT NULL DEFAULT {default}"))
+            added.append(f"{table.name}.{column.name}")
+            log.warning("index upgraded: column %s.%s added", table.name, column.name)
+    return added
+
+
 class Index:
     """The database of the archive: an engine, a session factory and one write lock.
 
@@ -190,6 +220,7 @@ class Index:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        add_missing_columns(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.RLock()
         self._relaxed_engine = None

@@ -188,6 +188,7 @@ class Recoder:
                 raise RecodeError(f"blob {blob_id} changed while it was recoded")
             described = codec_info(info)
             row = Blob(key=key, codec=old.codec, dtype=old.dtype, shape=old.shape,
+                       interleave=old.interleave,
                        slab=info["slab"], raw_bytes=old.raw_bytes, stored_bytes=len(stored),
                        sha256=_sha(stored), created_at=time.time(),
                        codec_info=header_pack.describe(described, pack) if pack else described)

@@ -26,12 +26,14 @@ from storage import header_pack
 from storage.blobstore import BlobStore
 from storage.dataset_parts import le_bytes, spliced
 from storage.errors import InstanceNotFoundError, IntegrityError
+from storage.frame_order import instance_major
 from storage.index import Blob, Index, Instance
 
 log = logging.getLogger(__name__)
 SLAB = 16  # slices decoded together and cached as one entry, when the blob names no slab
 AHEAD = 24    # most slabs a prefetch decodes before the senders have taken them
 HEADER_PACKS = 4  # unpacked header packs kept (a pack holds a whole stack's headers)
+WHOLE = "whole"   # the slab-cache entry of a position-major stack, decoded whole
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class _Step:
     lo: int
     hi: int
     head: int = 0   # first slices sent as a piece of their own (the first instance's image)
+    interleave: int = 1   # > 1: a position-major stack, decoded whole (lo, hi unused)
 
 
 class _Moved(Exception):
@@ -141,6 +144,7 @@ class _BlobRef(NamedTuple):
     codec: str
     shape: str
     slab: int
+    interleave: int = 1
 
 
 # One Core statement per retrieved instance (an ORM query and its lazy load of the blob took
@@ -149,6 +153,7 @@ _LOCATION = select(
     Instance.sop_uid, Instance.sop_class_uid, Instance.transfer_syntax, Instance.sha256,
     Instance.staged_key, Instance.frame_start, Instance.frames, Instance.header_before,
     Instance.header_after, Blob.key.label("blob_key"), Blob.codec, Blob.shape, Blob.slab,
+    Blob.interleave,
 ).outerjoin(Blob, Instance.blob_fk == Blob.id)
 _LOCATE = _LOCATION.where(Instance.sop_uid == bindparam("p_sop_uid"))
 _LOCATE_MANY = _LOCATION.where(Instance.sop_uid.in_(bindparam("p_sop_uids", expanding=True)))
@@ -186,6 +191,11 @@ class Prefetch:
         owner, blobs, ahead = self.owner, {}, 0
         try:
             for n, st in enumerate(self.steps):
+                if st.interleave > 1:
+                    owner._whole_stack(_BlobRef(st.key, "", "", st.step, st.interleave))
+                    if self.cancelled:
+                        return
+                    continue
                 later = self.steps[n + 1:]
                 data = blobs.get(st.key)
                 if data is None:
@@ -244,7 +254,7 @@ class Reconstructor:
 
     def plan(self, sop_uids: list[str]) -> tuple[list[str], Prefetch | None]:
         """Order ``sop_uids`` for sending (slab by slab through each compressed stack) and start
-        decoding their slabs in that order in the background.
+        decoding their slabs in that order in the background (a position-major stack whole).
 
         Returns
         -------
@@ -254,25 +264,31 @@ class Reconstructor:
         rows = {}
         with self.index.read() as s:
             for i in range(0, len(sop_uids), 500):
-                for uid, fs, frames, key, codec, shape, slab, bid in s.execute(
+                for uid, fs, frames, key, codec, shape, slab, bid, mixed in s.execute(
                         select(Instance.sop_uid, Instance.frame_start, Instance.frames, Blob.key,
-                               Blob.codec, Blob.shape, Blob.slab, Blob.id)
+                               Blob.codec, Blob.shape, Blob.slab, Blob.id, Blob.interleave)
                         .outerjoin(Blob, Instance.blob_fk == Blob.id)
                         .where(Instance.sop_uid.in_(sop_uids[i:i + 500]),
                                Instance.staged_key.is_(None))):
                     if codec in header_pack.VOLUME_CODECS:
-                        rows[uid] = (bid, fs, frames, key, int(shape.split(",")[0]), slab or SLAB)
+                        rows[uid] = (bid, fs, frames, key, int(shape.split(",")[0]), slab or SLAB,
+                                     mixed or 1)
         ordered = sorted(sop_uids, key=lambda u: (u in rows, rows[u][:2] if u in rows else 0))
-        volume = [rows[u] for u in ordered if u in rows]
-        if not volume:
-            return ordered, None
-        steps = self._steps(volume)
+        volume = [rows[u][:6] for u in ordered if u in rows and rows[u][6] == 1]
+        whole = list(dict.fromkeys((rows[u][3], rows[u][5], rows[u][6]) for u in ordered
+                                   if u in rows and rows[u][6] > 1))
+        steps = self._steps(volume) if volume else []
+        wholes = [_Step(key, slab, 0, 0, interleave=t) for key, slab, t in whole
+                  if self.cache.peek((key, WHOLE)) is None]
+        first_whole = bool(wholes) and rows[next(u for u in ordered if u in rows)][6] > 1
+        steps = wholes + steps if first_whole else steps + wholes
         if not steps:
             return ordered, None
         prefetch = Prefetch(self, steps)
         with self._cond:
             for st in steps:
-                for slab in range(st.lo // st.step, (st.hi - 1) // st.step + 1):
+                for slab in range(st.lo // st.step, (st.hi - 1) // st.step + 1) \
+                        if st.interleave == 1 else ():
                     self._planned[(st.key, slab)] = prefetch
         prefetch.thread.start()
         return ordered, prefetch
@@ -421,7 +437,7 @@ class Reconstructor:
             if inst is None:
                 raise InstanceNotFoundError(sop_uid)
             blob = None if inst.blob_key is None else \
-                _BlobRef(inst.blob_key, inst.codec, inst.shape, inst.slab)
+                _BlobRef(inst.blob_key, inst.codec, inst.shape, inst.slab, inst.interleave or 1)
             try:
                 return inst, read(inst, blob)
             except _Moved:
@@ -447,7 +463,8 @@ class Reconstructor:
             # headers first: the pack unpacks while the decoder processes work on the pixels
             before, after = self._header_parts(inst, blob)
             start, stop = inst.frame_start, inst.frame_start + inst.frames
-            if inst.frames > (blob.slab or SLAB) and not self._ready(blob, start, stop):
+            if inst.frames > (blob.slab or SLAB) and blob.interleave == 1 \
+                    and not self._ready(blob, start, stop):
                 parts = self._streamed(blob, start, stop)
             else:
                 parts = self._slices(blob, start, stop)
@@ -506,7 +523,9 @@ class Reconstructor:
 
     def _slices(self, blob, start: int, stop: int) -> list[np.ndarray]:
         """Slices ``[start, stop)`` of a coded stack as parts of cached slabs (decoded slab by
-        slab when neither cached nor planned)."""
+        slab when neither cached nor planned; a position-major stack decoded whole)."""
+        if blob.interleave > 1:
+            return [self._whole_stack(blob)[start:stop]]
         depth, step = int(blob.shape.split(",")[0]), blob.slab or SLAB
         parts = []
         for slab in range(start // step, (stop - 1) // step + 1):
@@ -523,6 +542,13 @@ class Reconstructor:
                     self.cache.put((blob.key, slab), data)
             parts.append(data[max(start, lo) - lo:min(stop, hi) - lo])
         return parts
+
+    def _whole_stack(self, blob) -> np.ndarray:
+        """A position-major stack (:mod:`storage.frame_order`), decoded whole on both cores
+        and put in instance order: every instance of it has a frame in each of its slabs. One
+        cache entry, shared by concurrent requests."""
+        return self.cache.get((blob.key, WHOLE), lambda: instance_major(
+            models.decode_volume(self._coded(blob.key)), blob.interleave))
 
     def _ready(self, blob, start: int, stop: int) -> bool:
         """Whether the slices ``[start, stop)`` are planned (a retrieval's prefetch decodes

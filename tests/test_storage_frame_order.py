@@ -1,0 +1,138 @@
+"""Time points of multi-frame instances coded position-major (storage.frame_order): the order
+in the blob, the groups assembly makes, exact instances and frames back, deletion, recoding,
+and an index written before the blob rows recorded the order."""
+
+from types import SimpleNamespace as Row
+
+import numpy as np
+import pytest
+from sqlalchemy import select, text
+
+import models
+from node_helpers import archive, make_time_points, store_series  # noqa: F401 (fixture)
+from storage import header_pack
+from storage.archive import Archive
+from storage.assembly import assemble
+from storage.frame_order import instance_major, position_major
+from storage.index import Blob, Instance
+from storage.reconstruct import WHOLE
+
+FMT = "multiframe|10x10|int16|1.2.840.10008.1.2.1|none"
+
+
+def _in_time(series):
+    return sorted(series, key=lambda ds: ds.InstanceNumber)
+
+
+def _pixels(ds, frames: int, size: int) -> np.ndarray:
+    return np.frombuffer(ds.PixelData, np.int16).reshape(frames, size, size)
+
+
+def _volume_blob(arch) -> Blob:
+    with arch.index.read() as s:
+        (blob,) = s.scalars(select(Blob).where(Blob.codec.in_(header_pack.VOLUME_CODECS)))
+        return blob
+
+
+def test_the_two_orders_are_inverse_and_position_major_puts_time_points_together():
+    logical = np.arange(3 * 4 * 2 * 2).reshape(12, 2, 2)     # 3 time points of 4 frames
+    coded = position_major(logical, 3)
+    assert [int(s[0, 0]) // 4 for s in coded] == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]
+    assert np.array_equal(instance_major(coded, 3), logical)
+    assert position_major(logical, 1) is logical
+
+
+def test_time_points_are_coded_position_major_and_come_back_exactly(archive):
+    series = make_time_points(6, 5, 12, seed=7)
+    sent = store_series(archive, series)
+    assert archive.compact(stable_age=0) == (1, 0)
+    blob = _volume_blob(archive)
+    assert blob.interleave == 6 and blob.shape == "30,12,12"
+    coded = models.decode_volume(header_pack.coded_view(archive.blobs.get(blob.key)))
+    in_time = _in_time(series)
+    for t, ds in enumerate(in_time):       # slice z*6 + t of the blob: frame z of time point t
+        assert np.array_equal(coded[t::6], _pixels(ds, 5, 12))
+    with archive.index.read() as s:
+        starts = {r.sop_uid: r.frame_start for r in s.scalars(select(Instance))}
+    assert [starts[ds.SOPInstanceUID] for ds in in_time] == [0, 5, 10, 15, 20, 25]
+
+    uids = [ds.SOPInstanceUID for ds in series]
+    ordered, prefetch = archive.plan_retrieval(uids)
+    assert ordered == [ds.SOPInstanceUID for ds in in_time]
+    prefetch.thread.join(60)
+    assert archive.reconstructor.cache.peek((blob.key, WHOLE)) is not None
+    for uid, data in sent.items():
+        assert archive.retrieve(uid).data == data
+    got = archive.frames(in_time[3].SOPInstanceUID, [1, 5])
+    assert [bytes(f) for f in got] == [_pixels(in_time[3], 5, 12)[k].tobytes() for k in (0, 4)]
+
+
+def test_a_cold_instance_of_a_position_major_stack_comes_back_without_a_plan(archive):
+    series = make_time_points(4, 3, 10, seed=8)
+    sent = store_series(archive, series)
+    archive.compact(stable_age=0)
+    last = _in_time(series)[-1].SOPInstanceUID
+    assert archive.retrieve(last).data == sent[last]
+    assert archive.frames(last, [2]) == [memoryview(_pixels(_in_time(series)[-1], 3, 10)[1]
+                                                    .tobytes())]
+
+
+def test_deleting_a_time_point_restages_the_others_exactly(archive):
+    series = make_time_points(5, 4, 10, seed=9)
+    sent = store_series(archive, series)
+    archive.compact(stable_age=0)
+    gone = _in_time(series)[2].SOPInstanceUID
+    archive.delete("instance", gone)
+    del sent[gone]
+    assert archive.stats()["pending_instances"] == 4
+    assert all(archive.retrieve(uid).data == data for uid, data in sent.items())
+    archive.compact(stable_age=0)
+    assert _volume_blob(archive).interleave == 4
+    assert all(archive.retrieve(uid).data == data for uid, data in sent.items())
+
+
+def _row(uid, number, frames=10, fmt=FMT):
+    return Row(sop_uid=uid, instance_number=number, stack_format=fmt, frames=frames,
+               position=None)
+
+
+def test_assembly_groups_time_points_of_the_fewest_the_encoder_adapts_to():
+    rows = [_row(f"t{k:02d}", k) for k in range(25)]          # 1,000 voxels a time point
+    stacks, singles = assemble(list(reversed(rows)), adapt_voxels=10_001)
+    assert singles == []
+    assert [(len(st.members), st.interleave) for st in stacks] == [(12, 12), (13, 13)]
+    assert [m.sop_uid for st in stacks for m in st.members] == [r.sop_uid for r in rows]
+    # fewer time points than the encoder adapts to: one group of them all, still interleaved
+    stacks, _ = assemble(rows[:4], adapt_voxels=10_001)
+    assert [(len(st.members), st.interleave) for st in stacks] == [(4, 4)]
+
+
+@pytest.mark.parametrize("rows, why", [
+    ([_row("a", 1), _row("b", 2, frames=9), _row("c", 3)], "unequal frames"),
+    ([_row("a", 1, frames=1), _row("b", 2, frames=1)], "single frames"),
+    ([_row("a", 1), _row("b", 2)], "time points as large as the threshold"),
+])
+def test_what_is_not_a_small_equal_time_point_stacks_in_instance_order(rows, why):
+    stacks, _ = assemble(rows, adapt_voxels=1000 if "large" in why else 10_001)
+    assert [st.interleave for st in stacks] == [1], why
+    assert [m.sop_uid for m in stacks[0].members] == [r.sop_uid for r in rows]
+
+
+def test_an_index_written_before_the_order_was_recorded_is_upgraded(archive, tmp_path):
+    series = make_time_points(3, 4, 10, seed=10)
+    sent = store_series(archive, series)
+    archive.compact(stable_age=0)
+    url, data_dir = archive.index.url, archive.blobs.root.parent
+    with archive.index.engine.begin() as conn:      # as an index of 2026-12-04 has it
+        conn.execute(text("UPDATE blobs SET interleave = 1"))
+        conn.execute(text("ALTER TABLE blobs DROP COLUMN interleave"))
+    archive.close()
+    again = Archive(data_dir, url)
+    try:
+        with again.index.read() as s:
+            assert list(s.scalars(select(Blob.interleave))) == [1]
+        with again.index.engine.begin() as conn:    # what compaction wrote
+            conn.execute(text("UPDATE blobs SET interleave = 3"))
+        assert all(again.retrieve(uid).data == data for uid, data in sent.items())
+    finally:
+        again.close()
