@@ -214,3 +214,21 @@ def test_voxarc_compress_recode(tmp_path, format_3):
             assert arch.retrieve(uid).data == raw
     finally:
         arch.close()
+
+
+def test_recoding_a_position_major_stack_keeps_its_order(archive, format_3):
+    from node_helpers import make_time_points
+    series = make_time_points(6, 5, 48, seed=11)
+    for ds in series:            # time points of the padded CT: format 5 codes them smaller
+        ds.PixelData = b"".join(f.PixelData for f in padded_ct_series(5, 48, ds.InstanceNumber))
+    sent = store_series(archive, series)
+    assert archive.compact(stable_age=0) == (1, 0)
+    old = _blob(archive)
+    assert old.interleave == 6 and _format(archive, old) == 3
+    format_3.undo()
+    done = archive.recoder().recode(old.id)
+    assert done.state == "recoded"
+    new = _blob(archive)
+    assert new.interleave == 6 and new.key != old.key
+    for uid, data in sent.items():
+        assert archive.retrieve(uid).data == data
