@@ -264,7 +264,7 @@ class Reconstructor:
         rows = {}
         with self.index.read() as s:
             for i in range(0, len(sop_uids), 500):
-                for uid, fs, frames, key, codec, shape, slab, bid, mixed in s.execute(
+                for uid, fs, frames, key, codec, shape, slab, bid, order in s.execute(
                         select(Instance.sop_uid, Instance.frame_start, Instance.frames, Blob.key,
                                Blob.codec, Blob.shape, Blob.slab, Blob.id, Blob.interleave)
                         .outerjoin(Blob, Instance.blob_fk == Blob.id)
@@ -272,16 +272,13 @@ class Reconstructor:
                                Instance.staged_key.is_(None))):
                     if codec in header_pack.VOLUME_CODECS:
                         rows[uid] = (bid, fs, frames, key, int(shape.split(",")[0]), slab or SLAB,
-                                     mixed or 1)
+                                     order or 1)
         ordered = sorted(sop_uids, key=lambda u: (u in rows, rows[u][:2] if u in rows else 0))
-        volume = [rows[u][:6] for u in ordered if u in rows and rows[u][6] == 1]
-        whole = list(dict.fromkeys((rows[u][3], rows[u][5], rows[u][6]) for u in ordered
-                                   if u in rows and rows[u][6] > 1))
+        coded = [rows[u] for u in ordered if u in rows]
+        volume = [row[:6] for row in coded if row[6] == 1]
         steps = self._steps(volume) if volume else []
-        wholes = [_Step(key, slab, 0, 0, interleave=t) for key, slab, t in whole
-                  if self.cache.peek((key, WHOLE)) is None]
-        first_whole = bool(wholes) and rows[next(u for u in ordered if u in rows)][6] > 1
-        steps = wholes + steps if first_whole else steps + wholes
+        wholes = self._whole_steps([row for row in coded if row[6] > 1])
+        steps = wholes + steps if coded and coded[0][6] > 1 else steps + wholes
         if not steps:
             return ordered, None
         prefetch = Prefetch(self, steps)
@@ -332,6 +329,13 @@ class Reconstructor:
             steps[:1] = [_Step(key0, first.step, first.lo, cut, first.head),
                          _Step(key0, first.step, cut, first.hi)]
         return steps
+
+    def _whole_steps(self, rows: list[tuple]) -> list[_Step]:
+        """Decode steps for the position-major stacks of ``rows`` (instances in sending
+        order) that are not cached: each decoded whole, in order."""
+        stacks = dict.fromkeys((key, slab, order) for _, _, _, key, _, slab, order in rows)
+        return [_Step(key, slab, 0, 0, interleave=order) for key, slab, order in stacks
+                if self.cache.peek((key, WHOLE)) is None]
 
     def _done(self, prefetch: Prefetch, key, final: bool) -> None:
         with self._cond:
