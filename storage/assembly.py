@@ -22,6 +22,7 @@ from models.api import ADAPT_VOXELS
 from storage.instance_facts import MULTIFRAME
 
 SLICE_VOXELS = 512 * 512   # max_slices of these bound a stack of multi-frame instances
+MAX_TIME_POINTS = 256      # in a position-major group: one slab per position, of this many at most
 
 
 @dataclass
@@ -73,7 +74,7 @@ def _time_points(members: list, frame_voxels: int, limit: int, adapt_voxels: int
             or any(m.frames != members[0].frames for m in members):
         return _runs(members, limit, lambda inst: inst.frames * frame_voxels)
     per = -(-adapt_voxels // point)
-    groups = max(1, len(members) // per)
+    groups = max(1, len(members) // per, -(-len(members) // MAX_TIME_POINTS))
     cuts = [round(i * len(members) / groups) for i in range(groups + 1)]
     return [Stack(members[a:b], interleave=b - a) for a, b in zip(cuts, cuts[1:])]
 

@@ -47,7 +47,7 @@ def test_time_points_are_coded_position_major_and_come_back_exactly(archive):
     sent = store_series(archive, series)
     assert archive.compact(stable_age=0) == (1, 0)
     blob = _volume_blob(archive)
-    assert blob.interleave == 6 and blob.shape == "30,12,12"
+    assert blob.interleave == 6 and blob.shape == "30,12,12" and blob.slab == 6  # a position each
     coded = models.decode_volume(header_pack.coded_view(archive.blobs.get(blob.key)))
     in_time = _in_time(series)
     for t, ds in enumerate(in_time):       # slice z*6 + t of the blob: frame z of time point t
@@ -105,6 +105,10 @@ def test_assembly_groups_time_points_of_the_fewest_the_encoder_adapts_to():
     # fewer time points than the encoder adapts to: one group of them all, still interleaved
     stacks, _ = assemble(rows[:4], adapt_voxels=10_001)
     assert [(len(st.members), st.interleave) for st in stacks] == [(4, 4)]
+    # a slab per position: at most 256 time points a group, however small they are
+    many = [_row(f"m{k:03d}", k) for k in range(600)]
+    stacks, _ = assemble(many, adapt_voxels=10_000_000)
+    assert [st.interleave for st in stacks] == [200, 200, 200]
 
 
 @pytest.mark.parametrize("rows, why", [
