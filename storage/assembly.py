@@ -2,20 +2,22 @@
 
 Single-frame instances stack when they share a pixel format and orientation (the ``stack_format``
 recorded at ingest); they are sorted along the slice normal (position), falling back to
-InstanceNumber when a geometry is missing. A multi-frame instance is a volume by itself, and
+InstanceNumber when a geometry is missing. A 4D series (each position the same number of
+times: time points, diffusion directions) is cut into stacks of whole positions, each
+position's images a slab of their own. A multi-frame instance is a volume by itself, and
 the multi-frame instances of a series whose frames share a format stack in InstanceNumber order
 (an fMRI series of one instance per time point: one volume the encoder adapts to, instead of
 many too small to), up to the voxels of ``max_slices`` 512 x 512 slices. Time points of equal
 frames smaller than the encoder's adaptation threshold stack position-major
 (:mod:`storage.frame_order`), in groups of the fewest time points it adapts to: each group is
-decoded whole to give back any of its instances, so groups stay small.
-What does not stack (no native pixel data, RGB, a lone image) is returned as singles for the
+decoded whole to give back any of its instances, so groups stay small; there too each
+position's time points are a slab. What does not stack (no native pixel data, RGB, a lone image) is returned as singles for the
 general codec.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from models.api import ADAPT_VOXELS
@@ -31,6 +33,7 @@ class Stack:
 
     members: list
     interleave: int = 1     # > 1: that many time points, coded position-major
+    slab: int = 0           # slices per slab (a position's time points); 0: the coder's default
 
     @property
     def slices(self) -> int:
@@ -76,7 +79,20 @@ def _time_points(members: list, frame_voxels: int, limit: int, adapt_voxels: int
     per = -(-adapt_voxels // point)
     groups = max(1, len(members) // per, -(-len(members) // MAX_TIME_POINTS))
     cuts = [round(i * len(members) / groups) for i in range(groups + 1)]
-    return [Stack(members[a:b], interleave=b - a) for a, b in zip(cuts, cuts[1:])]
+    return [Stack(members[a:b], interleave=b - a, slab=b - a) for a, b in zip(cuts, cuts[1:])]
+
+
+def _positions(members: list, max_slices: int) -> list[Stack]:
+    """Single-frame instances in position order (:func:`_order`) in stacks of ``max_slices``;
+    a 4D series, each position ``t`` times (2 <= t <= ``max_slices``), in stacks of whole
+    positions, the number nearest ``max_slices`` slices, a slab per position."""
+    places = Counter(None if m.position is None else round(m.position, 3) for m in members)
+    t = max(places.values())
+    if None in places or len(places) < 2 or not 2 <= t <= max_slices \
+            or any(n != t for n in places.values()):
+        return _runs(members, max_slices, lambda inst: 1)
+    per = max(1, round(max_slices / t)) * t
+    return [Stack(s.members, slab=t) for s in _runs(members, per, lambda inst: 1)]
 
 
 def _frame_voxels(fmt: str) -> int:
@@ -94,7 +110,8 @@ def assemble(instances: list, max_slices: int = 256,
     instances : list
         Staged instance rows of one series.
     max_slices : int
-        Largest stack of single-frame instances; longer runs are cut into several stacks.
+        Largest stack of single-frame instances; longer runs are cut into several stacks (a
+        4D series' stacks of whole positions may exceed it by half a position's images).
         Multi-frame instances stack up to the voxels of this many 512 x 512 slices.
     adapt_voxels : int
         The codec's adaptation threshold, which sizes the position-major groups of time
@@ -127,7 +144,7 @@ def assemble(instances: list, max_slices: int = 256,
         if len(members) < 2:
             singles.extend(members)
             continue
-        stacks.extend(_runs(_order(members), max_slices, lambda inst: 1))
+        stacks.extend(_positions(_order(members), max_slices))
     for stack in [s for s in stacks if s.slices < 2]:
         stacks.remove(stack)
         singles.extend(stack.members)

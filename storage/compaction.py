@@ -231,9 +231,9 @@ class Compactor:
         if stack.interleave > 1:
             log.info("coding %d time points of %d frames (the first %s) position-major",
                      stack.interleave, parts[0][2].shape[0], parts[0][0].sop_uid)
-        # a position-major stack: one slab per position (its time points), so that no slab
-        # holds two positions (the test fMRI: 5.9% fewer bits than slabs of 8, and faster)
-        slab = stack.interleave if stack.interleave > 1 else self.slab
+        # a 4D stack: a slab per position (its time points), so that no slab holds two
+        # positions' time series (the test fMRI: 5.9% fewer bits than slabs of 8, and faster)
+        slab = stack.slab or self.slab
         blob = models.encode_volume(position_major(volume, stack.interleave), model=self.model,
                                     slab=slab, adapt=None if self.adapt and not deferred else False)
         if volume.nbytes >= NOISE_CHECK_BYTES and len(blob) >= volume.nbytes:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select, text
 
 import models
-from node_helpers import archive, make_time_points, store_series  # noqa: F401 (fixture)
+from node_helpers import archive, make_series, make_time_points, store_series  # noqa: F401
 from storage import header_pack
 from storage.archive import Archive
 from storage.assembly import assemble
@@ -140,3 +140,34 @@ def test_an_index_written_before_the_order_was_recorded_is_upgraded(archive, tmp
         assert all(again.retrieve(uid).data == data for uid, data in sent.items())
     finally:
         again.close()
+
+
+def _flat(uid, number, position):
+    return Row(sop_uid=uid, instance_number=number, stack_format="10x10|int16|x|none",
+               frames=1, position=position)
+
+
+def test_a_4d_series_of_single_frames_stacks_whole_positions_a_slab_each():
+    rows = [_flat(f"p{p}t{t}", 100 * t + p, -2.5 * p) for p in range(9) for t in range(6)]
+    stacks, singles = assemble(rows[::-1], max_slices=20)
+    assert singles == []
+    # 20 slices are 3.3 positions of 6: stacks of 3 positions (18), the last of the rest
+    assert [(st.slices, st.slab) for st in stacks] == [(18, 6), (18, 6), (18, 6)]
+    for st in stacks:
+        for k in range(0, 18, 6):       # each slab one position's time points, in time order
+            assert [m.sop_uid for m in st.members[k:k + 6]] == \
+                [f"p{st.members[k].sop_uid[1]}t{t}" for t in range(6)]
+    # positions seen unequally often, or each once: runs of max_slices, the coder's slabs
+    for odd in (rows[:-1], [r for r in rows if r.sop_uid.endswith("t0")]):
+        assert {st.slab for st in assemble(odd, max_slices=20)[0]} == {0}
+
+
+def test_a_4d_series_of_single_frames_comes_back_exactly_from_slabs_of_its_positions(archive):
+    series = make_series(12, 10, 10, seed=12)       # 3 positions x 4 time points
+    for k, ds in enumerate(sorted(series, key=lambda d: d.InstanceNumber)):
+        ds.ImagePositionPatient = [0, 0, -2.5 * (k % 3)]
+    sent = store_series(archive, series)
+    archive.compact(stable_age=0)
+    blob = _volume_blob(archive)
+    assert blob.slab == 4 and blob.interleave == 1 and blob.shape == "12,10,10"
+    assert all(archive.retrieve(uid).data == data for uid, data in sent.items())
