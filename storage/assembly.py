@@ -25,6 +25,9 @@ from storage.instance_facts import MULTIFRAME
 
 SLICE_VOXELS = 512 * 512   # max_slices of these bound a stack of multi-frame instances
 MAX_TIME_POINTS = 256      # in a position-major group: one slab per position, of this many at most
+# a 4D series' slab of one position's images holds at most this many voxels (8 slices of 512 x
+# 512, the default slab's): random access to an instance never decodes more than it does today
+POSITION_SLAB_VOXELS = 8 * SLICE_VOXELS
 
 
 @dataclass
@@ -82,21 +85,22 @@ def _time_points(members: list, frame_voxels: int, limit: int, adapt_voxels: int
     return [Stack(members[a:b], interleave=b - a, slab=b - a) for a, b in zip(cuts, cuts[1:])]
 
 
-def _positions(members: list, max_slices: int) -> list[Stack]:
+def _positions(members: list, max_slices: int, image_voxels: int) -> list[Stack]:
     """Single-frame instances in position order (:func:`_order`) in stacks of ``max_slices``;
-    a 4D series, each position ``t`` times (2 <= t <= ``max_slices``), in stacks of whole
-    positions, the number nearest ``max_slices`` slices, a slab per position."""
+    a 4D series, each position ``t`` times (2 <= t <= ``max_slices``, t images of at most
+    POSITION_SLAB_VOXELS), in stacks of whole positions, the number nearest ``max_slices``
+    slices, a slab per position."""
     places = Counter(None if m.position is None else round(m.position, 3) for m in members)
     t = max(places.values())
     if None in places or len(places) < 2 or not 2 <= t <= max_slices \
-            or any(n != t for n in places.values()):
+            or t * image_voxels > POSITION_SLAB_VOXELS or any(n != t for n in places.values()):
         return _runs(members, max_slices, lambda inst: 1)
     per = max(1, round(max_slices / t)) * t
     return [Stack(s.members, slab=t) for s in _runs(members, per, lambda inst: 1)]
 
 
 def _frame_voxels(fmt: str) -> int:
-    rows, columns = fmt.split("|")[1].split("x")
+    rows, columns = fmt.removeprefix(MULTIFRAME + "|").split("|")[0].split("x")
     return int(rows) * int(columns)
 
 
@@ -144,7 +148,7 @@ def assemble(instances: list, max_slices: int = 256,
         if len(members) < 2:
             singles.extend(members)
             continue
-        stacks.extend(_positions(_order(members), max_slices))
+        stacks.extend(_positions(_order(members), max_slices, _frame_voxels(fmt)))
     for stack in [s for s in stacks if s.slices < 2]:
         stacks.remove(stack)
         singles.extend(stack.members)

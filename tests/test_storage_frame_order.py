@@ -160,6 +160,11 @@ def test_a_4d_series_of_single_frames_stacks_whole_positions_a_slab_each():
     # positions seen unequally often, or each once: runs of max_slices, the coder's slabs
     for odd in (rows[:-1], [r for r in rows if r.sop_uid.endswith("t0")]):
         assert {st.slab for st in assemble(odd, max_slices=20)[0]} == {0}
+    # 6 images of 512 x 512 a position fit a slab of the default's voxels, 9 do not
+    for t, slab in ((6, 6), (9, 0)):
+        big = [Row(sop_uid=f"b{p}t{k}", instance_number=k, frames=1, position=float(p),
+                   stack_format="512x512|int16|x|none") for p in range(3) for k in range(t)]
+        assert {st.slab for st in assemble(big, max_slices=30)[0]} == {slab}
 
 
 def test_a_4d_series_of_single_frames_comes_back_exactly_from_slabs_of_its_positions(archive):
