@@ -141,13 +141,43 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     if stop <= start:
         return out
     zs, spans = header.slab, header.bands
-    slabs = list(range(start // zs, (stop - 1) // zs + 1))
-    counts = {i: min(zs, stop - i * zs) for i in slabs}        # slices wanted of each slab
-    workers = parallel.worker_count() if _parallel(out.size) or _split_bands(
+    counts = {i: min(zs, stop - i * zs) for i in range(start // zs, (stop - 1) // zs + 1)}
+    for i, (x0, x1), part in _decoded_prefixes(blob, header, base, predictor, counts, out.size):
+        z0 = max(start, i * zs)
+        out[z0 - start:i * zs + len(part) - start, :, x0:x1] = part[z0 - i * zs:]
+    return out
+
+
+def decode_slab_slices(blob: bytes, k: int) -> np.ndarray:
+    """Slice ``k`` of every slab that has one, in slab order, each slab decoded only up to
+    it: ``decode_volume(blob)[k::slab]``. A volume coded a slab per position of a time
+    series (time points position-major) gives one time point so."""
+    header, base, predictor = _open(blob)
+    nz, ny, nx = header.shape
+    zs = header.slab
+    if not 0 <= k < zs:
+        raise ValueError(f"slice {k} of a slab of {zs}")
+    counts = {i: k + 1 for i in range(-(-(nz - k) // zs))}
+    out = np.empty((len(counts), ny, nx), dtype=header.dtype)
+    if not counts:          # a volume shorter than k + 1 slices
+        return out
+    work = sum(counts.values()) * ny * nx
+    for i, (x0, x1), part in _decoded_prefixes(blob, header, base, predictor, counts, work):
+        out[i, :, x0:x1] = part[k]
+    return out
+
+
+def _decoded_prefixes(blob: bytes, header, base: int, predictor, counts: dict, voxels: int):
+    """``(slab, (x0, x1), slices)``: the first ``counts[slab]`` slices of the slabs' column
+    bands, decoded on the worker processes when ``voxels`` are enough to be worth it."""
+    zs, spans = header.slab, header.bands
+    nz, ny, nx = header.shape
+    slabs = sorted(counts)
+    workers = parallel.worker_count() if _parallel(voxels) or _split_bands(
         sum(counts.values()) * ny * nx, spans) else 1
     plan = _decode_plan(slabs, counts, spans, workers, lockstep_slabs(zs, ny, nx))
-    # each job's payloads are copied (and CRC-checked) and its slices written into ``out`` as
-    # the workers get to it: beside ``out``, a few jobs' slices in memory, not the volume
+    # each job's payloads are copied (and CRC-checked) and its slices handed over as the
+    # workers get to it: beside the caller's output, a few jobs' slices in memory
     jobs = (_units_job(blob, header, base, counts, units) for units in plan)
     if workers > 1:
         results = parallel.imap(_decode_group, jobs, window=2 * workers)
@@ -155,10 +185,7 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
         results = (_decode_group(job, predictor) for job in jobs)
     for units, parts in zip(plan, results):
         for (i, band), part in zip(units, parts):
-            x0, x1 = spans[band]
-            z0 = max(start, i * zs)
-            out[z0 - start:i * zs + len(part) - start, :, x0:x1] = part[z0 - i * zs:]
-    return out
+            yield i, spans[band], part
 
 
 def _units_job(blob: bytes, header, base: int, counts: dict, units: list) -> tuple:
@@ -478,5 +505,5 @@ def adapts_by_default(voxels: int, model: str = "default") -> bool:
                                                                            ADAPT_VOXELS)
 
 
-__all__ = ["encode_volume", "decode_volume", "decode_slices", "decode_stream", "blob_info",
-           "CorruptBlobError"]
+__all__ = ["encode_volume", "decode_volume", "decode_slices", "decode_slab_slices",
+           "decode_stream", "blob_info", "CorruptBlobError"]

@@ -34,6 +34,7 @@ SLAB = 16  # slices decoded together and cached as one entry, when the blob name
 AHEAD = 24    # most slabs a prefetch decodes before the senders have taken them
 HEADER_PACKS = 4  # unpacked header packs kept (a pack holds a whole stack's headers)
 WHOLE = "whole"   # the slab-cache entry of a position-major stack, decoded whole
+POINT = "point"   # the slab-cache entries of one time point of such a stack
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,8 @@ class _Step:
     lo: int
     hi: int
     head: int = 0   # first slices sent as a piece of their own (the first instance's image)
-    interleave: int = 1   # > 1: a position-major stack, decoded whole (lo, hi unused)
+    interleave: int = 1   # > 1: a position-major stack, decoded whole (lo, hi unused), after
+    # its time point ``head - 1`` when ``head`` (the first instance's)
 
 
 class _Moved(Exception):
@@ -192,7 +194,11 @@ class Prefetch:
         try:
             for n, st in enumerate(self.steps):
                 if st.interleave > 1:
-                    owner._whole_stack(_BlobRef(st.key, "", "", st.step, st.interleave))
+                    ref = _BlobRef(st.key, "", "", st.step, st.interleave)
+                    if st.head:
+                        owner._time_point(ref, st.head - 1)
+                    owner._whole_stack(ref)
+                    owner._points.pop(st.key, None)
                     if self.cancelled:
                         return
                     continue
@@ -251,6 +257,7 @@ class Reconstructor:
         self._cond = threading.Condition()
         self._planned: dict = {}      # (blob key, slab) -> prefetch decoding it
         self._header_packs: dict = {}  # blob key -> unpacked header pack, oldest first
+        self._points: dict = {}       # blob key -> the time point a plan decodes first
 
     def plan(self, sop_uids: list[str]) -> tuple[list[str], Prefetch | None]:
         """Order ``sop_uids`` for sending (slab by slab through each compressed stack) and start
@@ -278,7 +285,11 @@ class Reconstructor:
         volume = [row[:6] for row in coded if row[6] == 1]
         steps = self._steps(volume) if volume else []
         wholes = self._whole_steps([row for row in coded if row[6] > 1])
-        steps = wholes + steps if coded and coded[0][6] > 1 else steps + wholes
+        if coded and coded[0][6] > 1:
+            self._first_point(coded[0], wholes)
+            steps = wholes + steps
+        else:
+            steps = steps + wholes
         if not steps:
             return ordered, None
         prefetch = Prefetch(self, steps)
@@ -336,6 +347,16 @@ class Reconstructor:
         stacks = dict.fromkeys((key, slab, order) for _, _, _, key, _, slab, order in rows)
         return [_Step(key, slab, 0, 0, interleave=order) for key, slab, order in stacks
                 if self.cache.peek((key, WHOLE)) is None]
+
+    def _first_point(self, row: tuple, wholes: list[_Step]) -> None:
+        """Have the plan decode the first instance's time point first (the first slices of
+        every slab, up to it) when its stack is coded a slab per position and that is at most
+        half the stack's decoding; the rest of the stack follows."""
+        _, fs, frames, key, _, slab, order = row
+        t = fs // frames
+        if wholes and wholes[0].key == key and slab == order and 2 * (t + 1) <= order:
+            self._points[key] = t
+            wholes[0].head = t + 1
 
     def _done(self, prefetch: Prefetch, key, final: bool) -> None:
         with self._cond:
@@ -529,7 +550,7 @@ class Reconstructor:
         """Slices ``[start, stop)`` of a coded stack as parts of cached slabs (decoded slab by
         slab when neither cached nor planned; a position-major stack decoded whole)."""
         if blob.interleave > 1:
-            return [self._whole_stack(blob)[start:stop]]
+            return [self._position_major(blob, start, stop)]
         depth, step = int(blob.shape.split(",")[0]), blob.slab or SLAB
         parts = []
         for slab in range(start // step, (stop - 1) // step + 1):
@@ -546,6 +567,24 @@ class Reconstructor:
                     self.cache.put((blob.key, slab), data)
             parts.append(data[max(start, lo) - lo:min(stop, hi) - lo])
         return parts
+
+    def _position_major(self, blob, start: int, stop: int) -> np.ndarray:
+        """Slices ``[start, stop)`` (instance order) of a position-major stack: from the stack
+        decoded whole, or the time point a retrieval plan decodes first when it is that."""
+        whole = self.cache.peek((blob.key, WHOLE))
+        if whole is None:
+            t = self._points.get(blob.key)
+            frames = int(blob.shape.split(",")[0]) // blob.interleave
+            if t is not None and (start, stop) == (t * frames, (t + 1) * frames):
+                return self._time_point(blob, t)
+            whole = self._whole_stack(blob)
+        return whole[start:stop]
+
+    def _time_point(self, blob, t: int) -> np.ndarray:
+        """Time point ``t`` of a position-major stack coded a slab per position: slice ``t``
+        of every slab, each decoded up to there."""
+        return self.cache.get((blob.key, POINT, t), lambda: models.decode_slab_slices(
+            self._coded(blob.key), t))
 
     def _whole_stack(self, blob) -> np.ndarray:
         """A position-major stack (:mod:`storage.frame_order`), decoded whole on both cores

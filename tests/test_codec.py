@@ -68,6 +68,24 @@ def test_decode_slices_equals_full_decode(vol, data):
     np.testing.assert_array_equal(models.decode_slices(blob, start, stop), vol[start:stop])
 
 
+@settings(max_examples=25, deadline=None)
+@given(volumes(), st.integers(1, 5), st.data())
+def test_decode_slab_slices_equals_every_slabs_slice_of_the_full_decode(vol, slab, data):
+    blob = models.encode_volume(vol, slab=slab)
+    slab = models.blob_info(blob)["slab"]           # at most the volume's slices
+    k = data.draw(st.integers(0, slab - 1))
+    np.testing.assert_array_equal(models.decode_slab_slices(blob, k), vol[k::slab])
+
+
+def test_decode_slab_slices_on_the_workers_and_refusing_a_slice_outside_the_slab():
+    vol = phantom((40, 96, 96), "int16")
+    blob = models.encode_volume(vol, slab=10)
+    for k in (0, 9):
+        np.testing.assert_array_equal(models.decode_slab_slices(blob, k), vol[k::10])
+    with pytest.raises(ValueError):
+        models.decode_slab_slices(blob, 10)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(volumes(), st.integers(1, 4), st.tuples(st.integers(1, 9), st.integers(1, 9)),
        st.lists(st.integers(1, 4), min_size=1, max_size=3))

@@ -176,3 +176,27 @@ def test_a_4d_series_of_single_frames_comes_back_exactly_from_slabs_of_its_posit
     blob = _volume_blob(archive)
     assert blob.slab == 4 and blob.interleave == 1 and blob.shape == "12,10,10"
     assert all(archive.retrieve(uid).data == data for uid, data in sent.items())
+
+
+def test_a_retrievals_first_instance_goes_out_before_its_stack_is_decoded(archive, monkeypatch):
+    """A plan decodes its first instance's time point first (one slice of each slab), then the
+    stack whole for the others: the first instance does not wait for the whole decode."""
+    import threading
+    from storage.reconstruct import Reconstructor
+    series = make_time_points(6, 5, 12, seed=13)
+    sent = store_series(archive, series)
+    archive.compact(stable_age=0)
+    archive.reconstructor = Reconstructor(archive.index, archive.blobs)      # cold cache
+    first_sent, decode_volume = threading.Event(), models.decode_volume
+
+    def held(blob):
+        if not first_sent.wait(10):
+            raise AssertionError("the whole stack was needed before the first instance")
+        return decode_volume(blob)
+    monkeypatch.setattr(models, "decode_volume", held)
+    ordered, prefetch = archive.plan_retrieval(list(sent))
+    assert archive.retrieve(ordered[0]).data == sent[ordered[0]]
+    first_sent.set()
+    assert all(archive.retrieve(uid).data == sent[uid] for uid in ordered[1:])
+    prefetch.thread.join(30)
+    assert not prefetch.thread.is_alive() and archive.reconstructor._points == {}
