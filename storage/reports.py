@@ -224,7 +224,8 @@ def middle_instance(index: Index, series_uid: str) -> tuple[str, str] | None:
 def _blob(blob: Blob) -> dict:
     voxels = math.prod(int(v) for v in blob.shape.split(",")) if blob.shape else 0
     return {"codec": blob.codec, "codec_info": blob.codec_info, "shape": blob.shape,
-            "dtype": blob.dtype, "raw_bytes": blob.raw_bytes, "stored_bytes": blob.stored_bytes,
+            "dtype": blob.dtype, "slab": blob.slab, "time_points": blob.interleave or 1,
+            "raw_bytes": blob.raw_bytes, "stored_bytes": blob.stored_bytes,
             "bits_per_voxel": round(8 * blob.stored_bytes / voxels, 4) if voxels else None}
 
 

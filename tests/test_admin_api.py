@@ -81,6 +81,7 @@ def test_studies_sorted_paginated_and_series_detail(admin_site, tmp_path):
     assert detail["instances"] == 3 and detail["staged_instances"] == 0
     assert {i["state"] for i in detail["instances_list"]} == {"compressed"}
     assert detail["blobs"][0]["codec"] == "volume+headers" and detail["job"]["state"] == "done"
+    assert detail["blobs"][0]["time_points"] == 1 and detail["blobs"][0]["slab"] > 0
     assert http_get(f"{admin.url}/api/series/1.2.3.4")[0] == 404
     assert http_get(f"{admin.url}/api/studies?sort=colour")[0] == 400
     assert http_get(f"{admin.url}/api/studies?limit=many")[0] == 400

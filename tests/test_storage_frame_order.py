@@ -10,7 +10,7 @@ from sqlalchemy import select, text
 
 import models
 from node_helpers import archive, make_series, make_time_points, store_series  # noqa: F401
-from storage import header_pack
+from storage import header_pack, reports
 from storage.archive import Archive
 from storage.assembly import assemble
 from storage.frame_order import instance_major, position_major
@@ -55,6 +55,8 @@ def test_time_points_are_coded_position_major_and_come_back_exactly(archive):
     with archive.index.read() as s:
         starts = {r.sop_uid: r.frame_start for r in s.scalars(select(Instance))}
     assert [starts[ds.SOPInstanceUID] for ds in in_time] == [0, 5, 10, 15, 20, 25]
+    (shown,) = reports.series_detail(archive.index, series[0].SeriesInstanceUID)["blobs"]
+    assert (shown["time_points"], shown["slab"]) == (6, 6)
 
     uids = [ds.SOPInstanceUID for ds in series]
     ordered, prefetch = archive.plan_retrieval(uids)
