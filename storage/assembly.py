@@ -28,6 +28,9 @@ MAX_TIME_POINTS = 256      # in a position-major group: one slab per position, o
 # a 4D series' slab of one position's images holds at most this many voxels (8 slices of 512 x
 # 512, the default slab's): random access to an instance never decodes more than it does today
 POSITION_SLAB_VOXELS = 8 * SLICE_VOXELS
+# ... and at least this many images: fewer would start more slabs than the default slab of 8
+# does, each slab's first image without the one before it as context
+MIN_POSITION_SLAB = 8
 
 
 @dataclass
@@ -82,17 +85,18 @@ def _time_points(members: list, frame_voxels: int, limit: int, adapt_voxels: int
     per = -(-adapt_voxels // point)
     groups = max(1, len(members) // per, -(-len(members) // MAX_TIME_POINTS))
     cuts = [round(i * len(members) / groups) for i in range(groups + 1)]
-    return [Stack(members[a:b], interleave=b - a, slab=b - a) for a, b in zip(cuts, cuts[1:])]
+    return [Stack(members[a:b], interleave=b - a, slab=b - a if b - a >= MIN_POSITION_SLAB else 0)
+            for a, b in zip(cuts, cuts[1:])]
 
 
 def _positions(members: list, max_slices: int, image_voxels: int) -> list[Stack]:
     """Single-frame instances in position order (:func:`_order`) in stacks of ``max_slices``;
-    a 4D series, each position ``t`` times (2 <= t <= ``max_slices``, t images of at most
-    POSITION_SLAB_VOXELS), in stacks of whole positions, the number nearest ``max_slices``
-    slices, a slab per position."""
+    a 4D series, each position ``t`` times (MIN_POSITION_SLAB <= t <= ``max_slices``, t
+    images of at most POSITION_SLAB_VOXELS), in stacks of whole positions, the number
+    nearest ``max_slices`` slices, a slab per position."""
     places = Counter(None if m.position is None else round(m.position, 3) for m in members)
     t = max(places.values())
-    if None in places or len(places) < 2 or not 2 <= t <= max_slices \
+    if None in places or len(places) < 2 or not MIN_POSITION_SLAB <= t <= max_slices \
             or t * image_voxels > POSITION_SLAB_VOXELS or any(n != t for n in places.values()):
         return _runs(members, max_slices, lambda inst: 1)
     per = max(1, round(max_slices / t)) * t

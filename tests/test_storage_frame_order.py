@@ -43,20 +43,20 @@ def test_the_two_orders_are_inverse_and_position_major_puts_time_points_together
 
 
 def test_time_points_are_coded_position_major_and_come_back_exactly(archive):
-    series = make_time_points(6, 5, 12, seed=7)
+    series = make_time_points(9, 5, 12, seed=7)
     sent = store_series(archive, series)
     assert archive.compact(stable_age=0) == (1, 0)
     blob = _volume_blob(archive)
-    assert blob.interleave == 6 and blob.shape == "30,12,12" and blob.slab == 6  # a position each
+    assert blob.interleave == 9 and blob.shape == "45,12,12" and blob.slab == 9  # a position each
     coded = models.decode_volume(header_pack.coded_view(archive.blobs.get(blob.key)))
     in_time = _in_time(series)
-    for t, ds in enumerate(in_time):       # slice z*6 + t of the blob: frame z of time point t
-        assert np.array_equal(coded[t::6], _pixels(ds, 5, 12))
+    for t, ds in enumerate(in_time):       # slice z*9 + t of the blob: frame z of time point t
+        assert np.array_equal(coded[t::9], _pixels(ds, 5, 12))
     with archive.index.read() as s:
         starts = {r.sop_uid: r.frame_start for r in s.scalars(select(Instance))}
-    assert [starts[ds.SOPInstanceUID] for ds in in_time] == [0, 5, 10, 15, 20, 25]
+    assert [starts[ds.SOPInstanceUID] for ds in in_time] == list(range(0, 45, 5))
     (shown,) = reports.series_detail(archive.index, series[0].SeriesInstanceUID)["blobs"]
-    assert (shown["time_points"], shown["slab"]) == (6, 6)
+    assert (shown["time_points"], shown["slab"]) == (9, 9)
 
     uids = [ds.SOPInstanceUID for ds in series]
     ordered, prefetch = archive.plan_retrieval(uids)
@@ -150,33 +150,35 @@ def _flat(uid, number, position):
 
 
 def test_a_4d_series_of_single_frames_stacks_whole_positions_a_slab_each():
-    rows = [_flat(f"p{p}t{t}", 100 * t + p, -2.5 * p) for p in range(9) for t in range(6)]
-    stacks, singles = assemble(rows[::-1], max_slices=20)
+    rows = [_flat(f"p{p}t{t}", 100 * t + p, -2.5 * p) for p in range(7) for t in range(9)]
+    stacks, singles = assemble(rows[::-1], max_slices=30)
     assert singles == []
-    # 20 slices are 3.3 positions of 6: stacks of 3 positions (18), the last of the rest
-    assert [(st.slices, st.slab) for st in stacks] == [(18, 6), (18, 6), (18, 6)]
+    # 30 slices are 3.3 positions of 9: stacks of 3 positions (27), the last of the rest
+    assert [(st.slices, st.slab) for st in stacks] == [(27, 9), (27, 9), (9, 9)]
     for st in stacks:
-        for k in range(0, 18, 6):       # each slab one position's time points, in time order
-            assert [m.sop_uid for m in st.members[k:k + 6]] == \
-                [f"p{st.members[k].sop_uid[1]}t{t}" for t in range(6)]
-    # positions seen unequally often, or each once: runs of max_slices, the coder's slabs
-    for odd in (rows[:-1], [r for r in rows if r.sop_uid.endswith("t0")]):
-        assert {st.slab for st in assemble(odd, max_slices=20)[0]} == {0}
-    # 6 images of 512 x 512 a position fit a slab of the default's voxels, 9 do not
-    for t, slab in ((6, 6), (9, 0)):
+        for k in range(0, st.slices, 9):  # each slab one position's time points, in time order
+            assert [m.sop_uid for m in st.members[k:k + 9]] == \
+                [f"p{st.members[k].sop_uid[1]}t{t}" for t in range(9)]
+    # positions seen unequally often, each once, or fewer times than a default slab's 8
+    # slices: runs of max_slices, the coder's slabs
+    for odd in (rows[:-1], [r for r in rows if r.sop_uid.endswith("t0")],
+                [r for r in rows if int(r.sop_uid[3:]) < 7]):
+        assert {st.slab for st in assemble(odd, max_slices=30)[0]} == {0}
+    # 8 images of 512 x 512 a position fit a slab of the default's voxels, 9 do not
+    for t, slab in ((8, 8), (9, 0)):
         big = [Row(sop_uid=f"b{p}t{k}", instance_number=k, frames=1, position=float(p),
                    stack_format="512x512|int16|x|none") for p in range(3) for k in range(t)]
         assert {st.slab for st in assemble(big, max_slices=30)[0]} == {slab}
 
 
 def test_a_4d_series_of_single_frames_comes_back_exactly_from_slabs_of_its_positions(archive):
-    series = make_series(12, 10, 10, seed=12)       # 3 positions x 4 time points
+    series = make_series(27, 10, 10, seed=12)       # 3 positions x 9 time points
     for k, ds in enumerate(sorted(series, key=lambda d: d.InstanceNumber)):
         ds.ImagePositionPatient = [0, 0, -2.5 * (k % 3)]
     sent = store_series(archive, series)
     archive.compact(stable_age=0)
     blob = _volume_blob(archive)
-    assert blob.slab == 4 and blob.interleave == 1 and blob.shape == "12,10,10"
+    assert blob.slab == 9 and blob.interleave == 1 and blob.shape == "27,10,10"
     assert all(archive.retrieve(uid).data == data for uid, data in sent.items())
 
 
@@ -185,7 +187,7 @@ def test_a_retrievals_first_instance_goes_out_before_its_stack_is_decoded(archiv
     stack whole for the others: the first instance does not wait for the whole decode."""
     import threading
     from storage.reconstruct import Reconstructor
-    series = make_time_points(6, 5, 12, seed=13)
+    series = make_time_points(9, 5, 12, seed=13)
     sent = store_series(archive, series)
     archive.compact(stable_age=0)
     archive.reconstructor = Reconstructor(archive.index, archive.blobs)      # cold cache
