@@ -137,6 +137,18 @@ class _Step:
     # its time point ``head - 1`` when ``head`` (the first instance's)
 
 
+class _Coded(NamedTuple):
+    """Where a retrieval's instance lies in a coded stack (:meth:`Reconstructor.plan`)."""
+
+    blob_id: int
+    frame_start: int
+    frames: int
+    key: str
+    depth: int      # slices of the stack
+    slab: int
+    order: int      # the blob's interleave: > 1 for time points coded position-major
+
+
 class _Moved(Exception):
     """An instance's stored file is gone: it was moved after the index said where it was."""
 
@@ -278,14 +290,14 @@ class Reconstructor:
                         .where(Instance.sop_uid.in_(sop_uids[i:i + 500]),
                                Instance.staged_key.is_(None))):
                     if codec in header_pack.VOLUME_CODECS:
-                        rows[uid] = (bid, fs, frames, key, int(shape.split(",")[0]), slab or SLAB,
-                                     order or 1)
+                        rows[uid] = _Coded(bid, fs, frames, key, int(shape.split(",")[0]),
+                                           slab or SLAB, order or 1)
         ordered = sorted(sop_uids, key=lambda u: (u in rows, rows[u][:2] if u in rows else 0))
         coded = [rows[u] for u in ordered if u in rows]
-        volume = [row[:6] for row in coded if row[6] == 1]
+        volume = [row for row in coded if row.order == 1]
         steps = self._steps(volume) if volume else []
-        wholes = self._whole_steps([row for row in coded if row[6] > 1])
-        if coded and coded[0][6] > 1:
+        wholes = self._whole_steps([row for row in coded if row.order > 1])
+        if coded and coded[0].order > 1:
             self._first_point(coded[0], wholes)
             steps = wholes + steps
         else:
@@ -301,13 +313,13 @@ class Reconstructor:
         prefetch.thread.start()
         return ordered, prefetch
 
-    def _steps(self, volume: list[tuple]) -> list[_Step]:
+    def _steps(self, volume: list[_Coded]) -> list[_Step]:
         """Decode steps for instances in sending order: each run of consecutive uncached slabs of
         a blob, streamed (models.decode_stream); the first run starts with a piece of the first
         instance's slices when its slab holds more than it needs."""
         need: dict = {}                                # (key, slab) -> slices needed from lo
         order: list = []
-        for _, fs, frames, key, depth, step in volume:
+        for _, fs, frames, key, depth, step, _ in volume:
             for slab in range(fs // step, (fs + frames - 1) // step + 1):
                 end = min(fs + frames, (slab + 1) * step, depth) - slab * step
                 if (key, slab) not in need:
@@ -324,7 +336,7 @@ class Reconstructor:
                 run = []
             if key is not None:
                 run.append((key, slab, step))
-        _, fs, frames, key0, _, step0 = volume[0]
+        _, fs, frames, key0, _, step0, _ = volume[0]
         slab0 = fs // step0
         first_end = fs + frames - slab0 * step0
         cached = self.cache.peek((key0, slab0))
@@ -341,14 +353,14 @@ class Reconstructor:
                          _Step(key0, first.step, cut, first.hi)]
         return steps
 
-    def _whole_steps(self, rows: list[tuple]) -> list[_Step]:
+    def _whole_steps(self, rows: list[_Coded]) -> list[_Step]:
         """Decode steps for the position-major stacks of ``rows`` (instances in sending
         order) that are not cached: each decoded whole, in order."""
-        stacks = dict.fromkeys((key, slab, order) for _, _, _, key, _, slab, order in rows)
+        stacks = dict.fromkeys((row.key, row.slab, row.order) for row in rows)
         return [_Step(key, slab, 0, 0, interleave=order) for key, slab, order in stacks
                 if self.cache.peek((key, WHOLE)) is None]
 
-    def _first_point(self, row: tuple, wholes: list[_Step]) -> None:
+    def _first_point(self, row: _Coded, wholes: list[_Step]) -> None:
         """Have the plan decode the first instance's time point first (the first slices of
         every slab, up to it) when its stack is coded a slab per position and that is at most
         half the stack's decoding; the rest of the stack follows."""
