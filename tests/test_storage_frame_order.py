@@ -98,10 +98,16 @@ def _row(uid, number, frames=10, fmt=FMT):
                position=None)
 
 
-def test_assembly_groups_time_points_of_the_fewest_the_encoder_adapts_to():
+def test_assembly_groups_time_points_by_size_and_no_fewer_than_the_encoder_adapts_to(
+        monkeypatch):
+    from storage import assembly
     rows = [_row(f"t{k:02d}", k) for k in range(25)]          # 1,000 voxels a time point
     stacks, singles = assemble(list(reversed(rows)), adapt_voxels=10_001)
-    assert singles == []
+    assert singles == [] and [(len(st.members), st.interleave) for st in stacks] == [(25, 25)]
+    monkeypatch.setattr(assembly, "GROUP_VOXELS", 8_000)       # groups of about 8 time points
+    stacks, _ = assemble(list(reversed(rows)), adapt_voxels=5_001)
+    assert [(len(st.members), st.interleave) for st in stacks] == [(6, 6), (6, 6), (7, 7), (6, 6)]
+    stacks, _ = assemble(rows, adapt_voxels=10_001)            # but at least 11 each
     assert [(len(st.members), st.interleave) for st in stacks] == [(12, 12), (13, 13)]
     assert [m.sop_uid for st in stacks for m in st.members] == [r.sop_uid for r in rows]
     # fewer time points than the encoder adapts to: one group of them all, still interleaved
