@@ -193,9 +193,16 @@ def add_missing_columns(engine) -> list[str]:
                                    "which has no default to add it with")
             kind = column.type.compile(dialect=engine.dialect)
             default = column.server_default.arg
-            with engine.begin() as conn:
-                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind} "
-                                  f"NOT NULL DEFAULT {default}"))
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} "
+                                      f"{kind} NOT NULL DEFAULT {default}"))
+            except SQLAlchemyError:
+                # another process starting on the same index (a `voxarc compress --now` beside
+                # `serve`) may have added it in between
+                if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
+                continue
             added.append(f"{table.name}.{column.name}")
             log.warning("index upgraded: column %s.%s added", table.name, column.name)
     return added

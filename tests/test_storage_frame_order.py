@@ -210,3 +210,31 @@ def test_a_retrievals_first_instance_goes_out_before_its_stack_is_decoded(archiv
     assert all(archive.retrieve(uid).data == sent[uid] for uid in ordered[1:])
     prefetch.thread.join(30)
     assert not prefetch.thread.is_alive() and archive.reconstructor._points == {}
+
+
+def test_a_column_another_process_added_meanwhile_is_not_an_error(tmp_path, monkeypatch):
+    """Two processes opening an older index at once: the second one's ALTER fails because
+    the first one's went through in between; that is no reason not to start."""
+    from sqlalchemy import create_engine
+    from storage import index as index_module
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    index_module.Index(url).close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE blobs DROP COLUMN interleave"))
+    before = index_module.inspect(engine)         # what the second process saw first
+    seen = {name: before.get_columns(name) for name in before.get_table_names()}
+
+    class Stale:
+        def has_table(self, name):
+            return name in seen
+
+        def get_columns(self, name):
+            return seen[name]
+    looks = [Stale()]
+    with engine.begin() as conn:                  # then the first process added it
+        conn.execute(text("ALTER TABLE blobs ADD COLUMN interleave INTEGER NOT NULL DEFAULT 1"))
+    real = index_module.inspect
+    monkeypatch.setattr(index_module, "inspect", lambda e: looks.pop() if looks else real(e))
+    assert index_module.add_missing_columns(engine) == []
+    engine.dispose()
