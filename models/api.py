@@ -171,7 +171,7 @@ def _decoded_prefixes(blob: bytes, header, base: int, predictor, counts: dict, v
     """``(slab, (x0, x1), slices)``: the first ``counts[slab]`` slices of the slabs' column
     bands, decoded on the worker processes when ``voxels`` are enough to be worth it."""
     zs, spans = header.slab, header.bands
-    nz, ny, nx = header.shape
+    _, ny, nx = header.shape
     slabs = sorted(counts)
     workers = parallel.worker_count() if _parallel(voxels) or _split_bands(
         sum(counts.values()) * ny * nx, spans) else 1

@@ -11,8 +11,8 @@ many too small to), up to the voxels of ``max_slices`` 512 x 512 slices. Time po
 frames smaller than the encoder's adaptation threshold stack position-major
 (:mod:`storage.frame_order`), in groups of about GROUP_VOXELS (no fewer time points than it
 adapts to): a group is decoded whole to give back its instances out of order, so groups stay
-small; there too each position's time points are a slab. What does not stack (no native pixel data, RGB, a lone image) is returned as singles for the
-general codec.
+small; there too each position's time points are a slab. What does not stack (no native pixel
+data, RGB, a lone image) is returned as singles for the general codec.
 """
 
 from __future__ import annotations

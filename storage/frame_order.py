@@ -25,8 +25,8 @@ def position_major(volume: np.ndarray, time_points: int) -> np.ndarray:
 
 def instance_major(volume: np.ndarray, time_points: int) -> np.ndarray:
     """The inverse of :func:`position_major`: a decoded position-major stack in instance
-    order, each instance's frames consecutive again."""
+    order, each instance's frames consecutive again (the same transposition, its two factors
+    swapped: the positions become the "time points")."""
     if time_points <= 1:
         return volume
-    t, rest = time_points, volume.shape[1:]
-    return np.ascontiguousarray(volume.reshape(-1, t, *rest).swapaxes(0, 1).reshape(-1, *rest))
+    return position_major(volume, len(volume) // time_points)
