@@ -38,6 +38,7 @@ SPLIT_PARALLEL_VOXELS = 1 << 17  # or from this many in bands of several widths 
 EVEN_SPLIT_PARALLEL_VOXELS = 1 << 19  # or this many in bands of one width
 ADAPT_VOXELS = 1 << 20     # adapt the model to volumes from this many voxels on
 WRITE_FORMAT = VERSION     # the blob format encode_volume writes (tests set older ones, 3 on)
+STREAM_GROUP_VOXELS = 1 << 15  # slices share streams until a group's slice band holds this many
 
 
 def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None = None,
@@ -82,7 +83,9 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
     if adapted is not None:
         predictor, embedded = adapted, adaptation.embedded_bytes(adapted)
     two_stage = codes_two_stage(WRITE_FORMAT)
-    jobs = ((model, embedded, values, vol[z:z + slab, :, x0:x1], slab, tile, two_stage)
+    group = stream_group(vol.shape[1], tile[1], min(slab, vol.shape[0])) \
+        if WRITE_FORMAT >= 6 else 1
+    jobs = ((model, embedded, values, vol[z:z + slab, :, x0:x1], slab, tile, two_stage, group)
             for z in range(0, vol.shape[0], slab)
             for x0, x1 in band_spans(vol.shape[2], tile[1], WRITE_FORMAT))
     # payloads go into the blob as they come: a few slabs' in flight, not the whole volume's
@@ -91,18 +94,27 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
         # compaction is background work: a retrieval's decoding goes first
         payloads = parallel.imap(_encode_job, jobs, window=2 * parallel.worker_count(),
                                  first_rank=parallel.BACKGROUND)
-        return pack(*facts, payloads, embedded, values=values, version=WRITE_FORMAT)
+        return pack(*facts, payloads, embedded, values=values, version=WRITE_FORMAT,
+                    group=group)
     with parallel.one_thread():
         return pack(*facts, (_encode_band(predictor, *job[2:]) for job in jobs), embedded,
-                    values=values, version=WRITE_FORMAT)
+                    values=values, version=WRITE_FORMAT, group=group)
+
+
+def stream_group(ny: int, band_columns: int, slab: int) -> int:
+    """Slices per stream group for slices of ``ny`` rows in bands of ``band_columns``: one for
+    large slices; small ones share streams until a group's band holds STREAM_GROUP_VOXELS
+    (the decoder's range-decoder calls per wavefront step fall with the groups; decoding one
+    slice decodes its group)."""
+    return max(1, min(slab, STREAM_GROUP_VOXELS // (ny * band_columns)))
 
 
 def _encode_band(predictor, values: ValueRange, block: np.ndarray, slab: int, tile,
-                 two_stage: bool) -> bytes:
+                 two_stage: bool, group: int = 1) -> bytes:
     """The payload of one slab's column band, coded within ``values`` (``two_stage``: blob
-    format 5's tokens)."""
+    format 5's tokens; ``group``: slices per stream group, format 6)."""
     return encode_slab(predictor, values.mapped(block), values.lo, values.hi, slab, tile,
-                       two_stage=two_stage)
+                       two_stage=two_stage, group=group)
 
 
 def _parallel(voxels: int) -> bool:
@@ -480,7 +492,8 @@ def _decode_group(job, predictor=None, split: int = 0, on_split=None) -> list[np
     with parallel.one_thread():
         return [values.restore(part.astype(header.dtype)) for part in decode_slabs(
             predictor, payloads, counts, ny, nx, values.lo, values.hi, header.slab,
-            header.tile, split, on_split, header.within_range, header.two_stage)]
+            header.tile, split, on_split, header.within_range, header.two_stage,
+            header.group)]
 
 
 def decode_volume(blob: bytes) -> np.ndarray:
@@ -494,7 +507,8 @@ def blob_info(blob: bytes) -> dict:
     header, _ = unpack_header(blob)
     return {"dtype": header.dtype, "shape": header.shape, "model": header.model_name,
             "model_id": header.model_id.hex(), "slab": header.slab, "tile": header.tile,
-            "slabs": header.slabs, "bands": len(header.bands), "format": header.version}
+            "slabs": header.slabs, "bands": len(header.bands), "format": header.version,
+            "stream_group": header.group}
 
 
 def adapts_by_default(voxels: int, model: str = "default") -> bool:

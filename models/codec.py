@@ -1,9 +1,16 @@
 """Slab coding: a volume is cut into slabs of slices that decode independently; inside a slab
-every slice has its own streams, and a decoder advances all slices of several slabs together
-along the wavefront ``t = x + a*y + b*z`` (see models.context).
+every slice (from blob format 6 on: every group of ``group`` consecutive slices) has its own
+streams, and a decoder advances all slices of several slabs together along the wavefront
+``t = x + a*y + b*z`` (see models.context).
 
-Slab payload: u32 slice count, then per slice u32 token-stream words and u32 uniform-stream
-words, then the streams' words.
+A stream group's symbols are ordered as the decoder meets them: by the group's wavefront step
+(slice ``k`` of the group at its step ``tau`` is at group step ``tau + b*k``), then by slice,
+then as in one slice. A group decodes as a whole, so decoding the first slices of a slab
+decodes up to the end of their group.
+
+Slab payload: u32 slice count, then per stream group (per slice before format 6) u32
+token-stream words and u32 uniform-stream words (and u32 tail-stream words from format 5
+on), then the streams' words.
 """
 
 from __future__ import annotations
@@ -152,32 +159,50 @@ def slice_predictions(predictor, slab: np.ndarray, zs: int, tile: tuple[int, int
 
 def encode_slab(predictor, slab: np.ndarray, lo: int, hi: int, zs: int,
                 tile: tuple[int, int], within_range: bool = True,
-                two_stage: bool | None = None) -> bytes:
+                two_stage: bool | None = None, group: int = 1) -> bytes:
     """Code one slab (``slab.shape[0] <= zs`` slices) into its payload; ``within_range``:
     no probability for residuals outside ``[lo, hi]`` (blob format 2; format 1 had it off);
     ``two_stage``: tokens in two stages, three streams per slice (format 5, which codes
-    within the range; by default with ``within_range``)."""
+    within the range; by default with ``within_range``); ``group``: slices per stream group
+    (format 6, two-stage only)."""
     if two_stage is None:
         two_stage = within_range
     elif two_stage and not within_range:
         raise ValueError("two-stage tokens are coded within the range (format 5)")
+    if group < 1 or (group > 1 and not two_stage):
+        raise ValueError("stream groups are coded with two-stage tokens (format 6)")
     geo = geometry(predictor.neighbourhood, zs, slab.shape[1], slab.shape[2], tile)
     perm = geo.schedule.perm
-    lengths, words = [], []
+    lengths, words, pending = [], [], []
     for zl, pred, j in slice_predictions(predictor, slab, zs, tile, lo, hi):
         r = slab[zl].ravel().astype(np.int64) - pred
-        r, j, pred = (np.take(a, perm) for a in (r, j, pred))   # faster than a[perm]
+        pending.append([np.take(a, perm) for a in (r, j, pred)])   # faster than a[perm]
+        if len(pending) < group and zl + 1 < slab.shape[0]:
+            continue
+        r, j, pred, step_of = _stream_group(pending, geo.step_of, geo.b)
+        pending = []
         if two_stage and kernels.available():
-            streams = encode_residuals(predictor.tables, r, j, pred, geo.step_of, (lo, hi))
+            streams = encode_residuals(predictor.tables, r, j, pred, step_of, (lo, hi))
         else:
             shifts = predictor.tables.shifts
             sym = split_residuals(r, j, shifts)
             bounds = token_bounds(pred, shifts[j], lo, hi) if within_range else None
-            streams = encode_slice(predictor.tables, sym, j, geo.step_of, bounds, two_stage)
+            streams = encode_slice(predictor.tables, sym, j, step_of, bounds, two_stage)
         lengths += [len(s) for s in streams]
         words += streams
     head = struct.pack(f"<I{len(lengths)}I", slab.shape[0], *lengths)
     return head + b"".join(w.tobytes() for w in words)
+
+
+def _stream_group(slices: list, step_of: np.ndarray, b: int):
+    """``(r, j, pred, step)`` of a stream group from its slices' ``(r, j, pred)`` (each in
+    wavefront order): ordered by group step (slice ``k``'s steps shifted by ``b*k``), then
+    slice, then place."""
+    if len(slices) == 1:
+        return (*slices[0], step_of)
+    steps = np.concatenate([step_of + b * k for k in range(len(slices))])
+    order = np.argsort(steps, kind="stable")
+    return tuple(np.concatenate(col)[order] for col in zip(*slices)) + (steps[order],)
 
 
 def _predict_chunked(predictor, values, valid, lo, hi, chunk: int = ENCODE_CHUNK):
@@ -192,31 +217,42 @@ def _predict_chunked(predictor, values, valid, lo, hi, chunk: int = ENCODE_CHUNK
     return pred, j
 
 
-def _slice_streams(payload: bytes, count: int, per: int = 2):
-    """The first ``count`` slices' streams of a payload, ``per`` streams a slice."""
+def _slice_streams(payload: bytes, count: int, per: int = 2, group: int = 1):
+    """The streams of the stream groups (``group`` slices each; the last may hold fewer)
+    that the first ``count`` slices of a payload lie in, ``per`` streams a group."""
     try:
         (n,) = struct.unpack_from("<I", payload, 0)
         if n < count:
             raise CorruptBlobError("slab holds fewer slices than its header says")
-        lengths = struct.unpack_from(f"<{per * n}I", payload, 4)
+        groups = -(-n // group)
+        lengths = struct.unpack_from(f"<{per * groups}I", payload, 4)
     except struct.error:
         raise CorruptBlobError("slab payload truncated") from None
-    words = np.frombuffer(payload, dtype="<u4", offset=4 + 4 * per * n)
+    words = np.frombuffer(payload, dtype="<u4", offset=4 + 4 * per * groups)
     if len(words) != sum(lengths):
         raise CorruptBlobError("slab payload length does not match its stream table")
     ends = np.cumsum(lengths)
     starts = ends - np.array(lengths)
     return [tuple(words[starts[k]:ends[k]] for k in range(per * i, per * (i + 1)))
-            for i in range(count)]
+            for i in range(-(-count // group))]
+
+
+def slab_slices(payload: bytes) -> int:
+    """How many slices a slab payload holds."""
+    try:
+        return struct.unpack_from("<I", payload, 0)[0]
+    except struct.error:
+        raise CorruptBlobError("slab payload truncated") from None
 
 
 def _step_decoder(predictor, payloads, counts, lo: int, hi: int, within_range: bool,
-                  two_stage: bool | None) -> StepDecoder:
+                  two_stage: bool | None, group: int = 1) -> StepDecoder:
     """The range decoder over the wanted slices' streams of ``payloads``, in order, coded as
     :func:`encode_slab` says (``two_stage`` None: with ``within_range``)."""
     two_stage = within_range if two_stage is None else two_stage
     per = 3 if two_stage else 2
-    streams = [s for p, c in zip(payloads, counts) for s in _slice_streams(p, int(c), per)]
+    streams = [s for p, c in zip(payloads, counts)
+               for s in _slice_streams(p, int(c), per, group)]
     return StepDecoder(predictor.tables, streams, (lo, hi) if within_range else None,
                        two_stage)
 
@@ -228,70 +264,91 @@ def skew_layout(hood: Neighbourhood, ny: int, nx: int, tile: tuple[int, int]) ->
 
 def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, nx: int,
                  lo: int, hi: int, zs: int, tile: tuple[int, int], split: int = 0,
-                 on_split=None, within_range: bool = True, two_stage: bool | None = None
-                 ) -> list[np.ndarray]:
+                 on_split=None, within_range: bool = True, two_stage: bool | None = None,
+                 group: int = 1) -> list[np.ndarray]:
     """Decode several slabs in lockstep; ``counts[g]`` is how many leading slices of slab
-    ``g`` are wanted (slices after them are never touched). With ``split`` > 0 and
-    ``on_split``, the first ``split`` slices of every slab are decoded first and handed to
-    ``on_split`` (a list, one ``(split, ny, nx)`` int32 array per slab) before the rest.
-    ``within_range`` and ``two_stage`` as the slabs were encoded (see :func:`encode_slab`)."""
+    ``g`` are wanted (slices after their stream group are never touched). With ``split`` > 0
+    and ``on_split``, the first ``split`` slices of every slab are decoded first (up to the
+    end of their stream group) and handed to ``on_split`` (a list, one ``(split, ny, nx)``
+    int32 array per slab) before the rest. ``within_range``, ``two_stage`` and ``group`` as
+    the slabs were encoded (see :func:`encode_slab`)."""
     layout = skew_layout(predictor.neighbourhood, ny, nx, tuple(tile))
+    wanted = [int(c) for c in counts]
+    counts = _group_counts(payloads, wanted, group)
     if not layout.supported:
-        return decode_slabs_flat(predictor, payloads, counts, ny, nx, lo, hi, zs, tile,
-                                 within_range, two_stage)
+        parts = decode_slabs_flat(predictor, payloads, counts, ny, nx, lo, hi, zs, tile,
+                                  within_range, two_stage, group)
+        return [part[:c] for part, c in zip(parts, wanted)]
     counts = np.asarray(counts)
     order = np.argsort(-counts, kind="stable")  # the lockstep wants non-increasing counts
-    stream_of = np.cumsum([0] + [int(counts[g]) for g in order])
+    stream_of = np.cumsum([0] + [-(-int(counts[g]) // group) for g in order])
     decoder = _step_decoder(predictor, [payloads[g] for g in order], counts[order], lo, hi,
-                            within_range, two_stage)
+                            within_range, two_stage, group)
     hand = None
     if on_split is not None:
-        where = np.argsort(order)
+        where, handed = np.argsort(order), split
 
         def hand(first):     # (split, slabs in lockstep order, ny*nx) -> per slab, given order
-            on_split([first[:, i].reshape(-1, ny, nx) for i in where])
+            on_split([first[:handed, i].reshape(-1, ny, nx) for i in where])
+        split = -(-split // group) * group     # to the end of a stream group
     vol = decode_sheared(layout, predictor, decoder, stream_of, counts[order], lo, hi, zs,
-                         CorruptBlobError, split, hand)
+                         CorruptBlobError, split, hand, group)
     out = [None] * len(payloads)
     for i, g in enumerate(order):
-        out[g] = vol[:counts[g], i].reshape(-1, ny, nx)
+        out[g] = vol[:wanted[g], i].reshape(-1, ny, nx)
     return out
+
+
+def _group_counts(payloads: list[bytes], counts: list[int], group: int) -> list[int]:
+    """Slices to decode of each slab for its first ``counts`` slices: to the end of their
+    stream group (where a payload holds fewer slices than wanted, :func:`_slice_streams`
+    says so)."""
+    if group == 1:
+        return counts
+    return [max(c, min(slab_slices(p), -(-c // group) * group))
+            for p, c in zip(payloads, counts)]
 
 
 def decode_slabs_flat(predictor, payloads: list[bytes], counts: list[int], ny: int, nx: int,
                       lo: int, hi: int, zs: int, tile: tuple[int, int],
-                      within_range: bool = True, two_stage: bool | None = None
-                      ) -> list[np.ndarray]:
+                      within_range: bool = True, two_stage: bool | None = None,
+                      group: int = 1) -> list[np.ndarray]:
     """:func:`decode_slabs` by gathering neighbours from a padded volume: the reference the
-    sheared decoder is tested against, and the fallback for geometries it does not cover."""
+    sheared decoder is tested against, and the fallback for geometries it does not cover
+    (``counts`` whole stream groups, or up to a slab's end)."""
     geo = geometry(predictor.neighbourhood, zs, ny, nx, tile)
-    decoder = _step_decoder(predictor, payloads, counts, lo, hi, within_range, two_stage)
-    stream_of = np.cumsum([0] + list(counts))  # stream index of (slab g, slice 0)
+    decoder = _step_decoder(predictor, payloads, counts, lo, hi, within_range, two_stage,
+                            group)
+    # stream index of (slab g, group 0)
+    stream_of = np.cumsum([0] + [-(-int(c) // group) for c in counts])
     buf = np.zeros((len(payloads), geo.size), dtype=np.int32)
     flat = buf.ravel()
     sched = geo.schedule
     counts = np.asarray(counts)
     slab_base = np.arange(len(payloads), dtype=np.int64) * geo.size
     for t in range(sched.steps + geo.b * (int(counts.max()) - 1)):
-        idx, valid, segments, n = [], [], [], 0
+        pieces = []     # (stream, slice, slab): a stream's pieces one after the other
         for zl in range(int(counts.max())):
             tau = t - geo.b * zl
             if tau < 0 or tau >= sched.steps:
                 continue
             pix = sched.perm[sched.bounds[tau]:sched.bounds[tau + 1]]
-            slabs = np.flatnonzero(counts > zl)
-            if len(pix) == 0:
-                continue
-            idx.append(((geo.pixel_base[pix] + zl * geo.plane)[None, :]
-                        + slab_base[slabs, None]).ravel())
-            valid.append(np.tile(geo.validity(zl)[:, pix], len(slabs)))
-            for g in slabs:
-                segments.append((stream_of[g] + zl, n, n + len(pix)))
-                n += len(pix)
-        if not idx:
+            if len(pix):
+                pieces += [(stream_of[g] + zl // group, zl, g, pix)
+                           for g in np.flatnonzero(counts > zl)]
+        if not pieces:
             continue
-        idx = np.concatenate(idx)
-        valid = np.concatenate(valid, axis=1)
+        pieces.sort(key=lambda p: p[:2])
+        idx = np.concatenate([geo.pixel_base[pix] + zl * geo.plane + slab_base[g]
+                              for _, zl, g, pix in pieces])
+        valid = np.concatenate([geo.validity(zl)[:, pix] for _, zl, _, pix in pieces], axis=1)
+        segments, n = [], 0
+        for stream, _, _, pix in pieces:
+            if segments and segments[-1][0] == stream:
+                segments[-1] = (stream, segments[-1][1], n + len(pix))
+            else:
+                segments.append((stream, n, n + len(pix)))
+            n += len(pix)
         values = flat[geo.flat_offsets[:, None] + idx[None, :]]
         pred, j = predictor.predict(values, valid, lo, hi)
         decoded = pred + decoder.decode_step(segments, j, pred)

@@ -7,7 +7,7 @@
             u32 CRC | u16 name length | name | u32 embedded length | embedded model (adapted
             weights and tables: an npz, or since 2026-12-03 models.array_pack's packed
             arrays; or empty) | from format 4 on: 4 x i32 value range lo, hi, padding,
-            its stand-in (models.value_range)
+            its stand-in (models.value_range) | from format 6 on: u16 slices per stream group
     then the payloads (offsets are relative to the end of the header CRC).
 
 From format 3 on a slab is coded as column bands, one tile wide (:func:`band_spans`), each
@@ -20,6 +20,11 @@ floor) instead of the dtype's; older formats decode as they were written.
 
 Format 5 codes each residual token in two stages, over a third stream per slice
 (models.entropy): the same layout, other payloads.
+
+Format 6 lets consecutive slices of a slab share their streams, ``group`` slices a stream group
+(the encoder chooses more than one for small slices, whose per-slice streams would cost the
+decoder a range-decoder call per slice and wavefront step for a few dozen voxels; see
+models.codec). With one slice a group its payloads are those of format 5.
 
 A blob names everything its decoder needs; :func:`unpack` refuses anything truncated, corrupted
 or foreign with :class:`CorruptBlobError` before a single voxel is decoded.
@@ -36,9 +41,10 @@ from functools import cached_property
 from models.value_range import ValueRange
 
 MAGIC = b"VOXARC\x1a\n"
-VERSION = 5        # 2: residual tokens the dtype cannot hold get no probability (models.entropy)
-SUPPORTED = (1, 2, 3, 4, 5)  # 3: a payload per column band of a slab; 4: the volume's value
-#                              range; 5: tokens in two stages, three streams per slice
+VERSION = 6        # 2: residual tokens the dtype cannot hold get no probability (models.entropy)
+SUPPORTED = (1, 2, 3, 4, 5, 6)  # 3: a payload per column band of a slab; 4: the volume's value
+#                              range; 5: tokens in two stages, three streams per slice;
+#                              6: slices sharing streams in groups
 DTYPES = {"uint8": 1, "int8": 2, "uint16": 3, "int16": 4}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _SLAB_ENTRY = 20   # bytes of a slab table entry: u64 offset, u64 length, u32 CRC
@@ -65,6 +71,7 @@ class BlobHeader:
     embedded: bytes = b""
     version: int = VERSION
     value_range: ValueRange | None = None   # format 4 on (else the dtype's, see :attr:`values`)
+    group: int = 1      # slices per stream group (format 6 on; one before)
 
     @property
     def values(self) -> ValueRange:
@@ -106,12 +113,13 @@ def band_spans(nx: int, tile_columns: int, version: int = VERSION) -> list[tuple
 
 def pack(model_id: bytes, model_name: str, dtype: str, shape, slab: int,
          tile: tuple[int, int], payloads, embedded: bytes = b"", version: int = VERSION,
-         values: ValueRange | None = None) -> bytes:
+         values: ValueRange | None = None, group: int = 1) -> bytes:
     """Assemble a blob from its payloads, slab by slab and, in each, band by band
     (:func:`band_spans`): a list, or an iterator whose payloads are written as they come and
     need not be kept, so that a large volume's blob is held once while it is assembled, not
     twice. ``values``: the range the payloads were coded within (format 4; default the
-    dtype's). ``version``: an older format (for tests that older blobs still read)."""
+    dtype's). ``version``: an older format (for tests that older blobs still read).
+    ``group``: slices per stream group (format 6 on)."""
     if len(model_id) != 16:
         raise ValueError("model id must be 16 bytes")
     if version not in SUPPORTED:
@@ -120,8 +128,12 @@ def pack(model_id: bytes, model_name: str, dtype: str, shape, slab: int,
     if version < 4 and values != ValueRange.of_dtype(dtype):
         raise ValueError(f"blob format {version} codes within the dtype's range only")
     values.check(dtype)
+    if not 1 <= group <= 65535 or (version < 6 and group != 1):
+        raise ValueError(f"blob format {version} cannot hold stream groups of {group} slices")
     tail = struct.pack("<4i", values.lo, values.hi, values.pad, values.stand_in) \
         if version >= 4 else b""
+    if version >= 6:
+        tail += struct.pack("<H", group)
     count = -(-shape[0] // slab) * band_count(shape[2], tile[1], version)
     name = model_name.encode()
 
@@ -196,7 +208,11 @@ def _parse_header(h: bytes, version: int) -> BlobHeader:
     if version >= 4:
         values = ValueRange(*struct.unpack_from("<4i", h, pos))
         pos += 16
-    if pos != len(h) or min(slab, th, tw, x) < 1 \
+    group = 1
+    if version >= 6:
+        (group,) = struct.unpack_from("<H", h, pos)
+        pos += 2
+    if pos != len(h) or min(slab, th, tw, x, group) < 1 \
             or n != -(-z // slab) * band_count(x, tw, version):
         raise CorruptBlobError("inconsistent blob header")
     dtype = DTYPE_NAMES[code]
@@ -206,7 +222,7 @@ def _parse_header(h: bytes, version: int) -> BlobHeader:
         except ValueError as exc:
             raise CorruptBlobError(f"inconsistent blob header: {exc}") from None
     return BlobHeader(model_id, name, dtype, (z, y, x), slab, (th, tw), table, embedded,
-                      version, values)
+                      version, values, group)
 
 
 def slab_payload(blob: bytes, header: BlobHeader, base: int, i: int, band: int = 0) -> bytes:

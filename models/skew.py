@@ -156,13 +156,14 @@ def _gather_index(L: SkewLayout, strides: tuple, m: int) -> tuple[np.ndarray, in
 
 
 def decode_sheared(layout: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs,
-                   corrupt, split: int = 0, on_split=None) -> np.ndarray:
+                   corrupt, split: int = 0, on_split=None, group: int = 1) -> np.ndarray:
     """Decode slabs (``counts`` non-increasing) in lockstep into ``(zs + z0, slabs, ny*nx)``.
 
-    ``decoder`` is a :class:`models.entropy.StepDecoder` over all wanted slices' streams,
-    ``stream_of[g]`` the stream of slab ``g``'s first slice; ``corrupt`` the error to raise.
-    With ``split`` > 0, slices ``[0, split)`` are decoded first, on their own, and handed to
-    ``on_split`` as ``(split, slabs, ny*nx)`` before the others start (every slice has its own
+    ``decoder`` is a :class:`models.entropy.StepDecoder` over all wanted stream groups'
+    streams (``group`` slices each), ``stream_of[g]`` the stream of slab ``g``'s first group;
+    ``corrupt`` the error to raise. With ``split`` > 0 (a multiple of ``group``), slices
+    ``[0, split)`` are decoded first, on their own, and handed to ``on_split`` as
+    ``(split, slabs, ny*nx)`` before the others start (every stream group has its own
     streams, so any order that decodes a slice after the ones it reads gives the same voxels).
     """
     L = layout
@@ -171,17 +172,20 @@ def decode_sheared(layout: SkewLayout, predictor, decoder, stream_of, counts, lo
     top = int(counts.max())
     split = min(split, top) if on_split is not None else 0
     if split:
-        _lockstep(L, predictor, decoder, stream_of, counts, lo, hi, zs, corrupt, buf, 0, split)
+        _lockstep(L, predictor, decoder, stream_of, counts, lo, hi, zs, corrupt, buf, 0, split,
+                  group)
         on_split(np.take(buf[L.z0:L.z0 + split].reshape(split, slabs, -1), L.image_index, axis=2))
-    _lockstep(L, predictor, decoder, stream_of, counts, lo, hi, zs, corrupt, buf, split, top)
+    _lockstep(L, predictor, decoder, stream_of, counts, lo, hi, zs, corrupt, buf, split, top,
+              group)
     # np.take gathers the pixels out of the sheared planes several times faster than the
     # equivalent fancy index (75 M voxels: 0.14-0.25 against 1.1 s)
     return np.take(buf.reshape(zs + L.z0, slabs, -1)[L.z0:], L.image_index, axis=2)
 
 
 def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, corrupt, buf,
-              first: int, top: int) -> None:
-    """Decode slices ``[first, top)`` of the slabs into ``buf`` along the wavefront."""
+              first: int, top: int, group: int = 1) -> None:
+    """Decode slices ``[first, top)`` of the slabs into ``buf`` along the wavefront
+    (``first`` a multiple of ``group``, the slices per stream group)."""
     flat = buf.reshape(-1)
     strides = tuple(st // buf.itemsize for st in buf.strides)    # in elements
     depth_ok = (np.arange(zs)[None, :] + L.dz[:, None]) >= 0          # (K, zs)
@@ -206,24 +210,41 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
         n = sum(sizes)
         streams, ends, sym = [], [], 0    # each segment's stream and where its symbols end
         keep = [] if L.has_phantoms else None
+        reals = []
         for zl, tau, r0, r1, m in parts:
             real = L.tiles * (r1 - r0)
             if keep is not None:
                 mask = L.step_real(tau)
                 keep.append(np.tile(mask, m))
                 real = int(mask.sum())
-            for g in range(m):
-                streams.append(stream_of[g] + zl)
-                sym += real
-                ends.append(sym)
+            reals.append(real)
+            if group == 1:
+                for g in range(m):
+                    streams.append(stream_of[g] + zl)
+                    sym += real
+                    ends.append(sym)
+        order = None
+        if group > 1:
+            order = _GroupOrder(parts, sizes, reals, stream_of, group, L.tiles)
+            streams, ends = order.streams, order.ends
         hold = []     # the validity arrays the runs point into, alive until the call ends
         if fields:
-            decoded = _decode_fields(step_kernel, decoder, _step_runs(L, strides, depth[1],
-                                                                      parts, hold),
-                                     n, streams, ends, keep, corrupt)
+            runs = _step_runs(L, strides, depth[1], parts, hold)
+            if order is not None:
+                runs = order.runs(runs)
+                if L.tiles == 1:      # no phantoms, no ghost rows: straight into the buffer
+                    _scatter(flat, runs, _decode_fields(step_kernel, decoder, runs, n, streams,
+                                                        ends, None, corrupt))
+                    continue
+                keep = order.keep(keep)
+            decoded = _decode_fields(step_kernel, decoder, runs, n, streams, ends, keep,
+                                     corrupt)
+            if order is not None:
+                decoded = order.restored(decoded)
         else:
             decoded = _decode_step(L, predictor, decoder, step_kernel, flat, strides, depth,
-                                   parts, sizes, n, streams, ends, keep, lo, hi, hold, corrupt)
+                                   parts, sizes, n, streams, ends, keep, lo, hi, hold, corrupt,
+                                   order)
         pos = 0
         for (zl, tau, r0, r1, m), size in zip(parts, sizes):
             block = decoded[pos:pos + size].reshape(m, L.tiles, r1 - r0)
@@ -235,6 +256,70 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
                     buf[z, :m, :above, tau + L.a * L.th + L.t0, L.y0 + L.th + r] = \
                         block[:, L.ntx:, r - r0]
             pos += size
+
+
+class _GroupOrder:
+    """A wavefront step's voxels in stream-group order (format 6): the lockstep lays them out
+    slice by slice, each slice's slabs one after the other, in runs (models.kernels.Runs: a
+    tile's rows of one slice of one slab); a stream group reads those of its slices, slab by
+    slab, one after the other, so that each is one segment of its stream.
+
+    ``parts`` are the slices in flight ``(zl, tau, r0, r1, slabs)`` (slabs non-increasing),
+    ``sizes`` their voxels, ``reals`` their coded voxels per slab; :attr:`streams` and
+    :attr:`ends` the segments' streams and where their symbols end, in group order."""
+
+    def __init__(self, parts, sizes, reals, stream_of, group: int, tiles: int):
+        zl = np.array([p[0] for p in parts])
+        m = np.array([p[4] for p in parts])
+        part = np.repeat(np.arange(len(parts)), m)
+        slab = np.arange(len(part)) - np.repeat(np.cumsum(m) - m, m)
+        grp = zl[part] // group
+        o = np.lexsort((slab, grp))       # stable: slices in order within a (group, slab)
+        self.part, self.slab, grp = part[o], slab[o], grp[o]
+        self.piece_order, self.m, self.sizes, self.tiles = o, m, np.array(sizes), tiles
+        key = grp * len(stream_of) + self.slab
+        heads = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+        self.ends = np.cumsum(np.add.reduceat(np.array(reals)[self.part], heads)).tolist()
+        self.streams = (np.asarray(stream_of)[self.slab[heads]] + grp[heads]).tolist()
+
+    @cached_property
+    def run_order(self) -> np.ndarray:
+        if self.tiles == 1:
+            return self.piece_order
+        return (self.piece_order[:, None] * self.tiles + np.arange(self.tiles)).ravel()
+
+    @cached_property
+    def voxel_order(self) -> np.ndarray:
+        """Where each voxel of the group order lies in the lockstep's."""
+        block = self.sizes // self.m          # a slab's voxels of a part
+        lengths = block[self.part]
+        starts = (np.cumsum(self.sizes) - self.sizes)[self.part] + self.slab * lengths
+        return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) \
+            + np.arange(int(self.sizes.sum()))
+
+    def voxels(self, a: np.ndarray) -> np.ndarray:
+        return a[self.voxel_order]
+
+    def keep(self, keep: list | None) -> list | None:
+        return None if keep is None else [np.concatenate(keep)[self.voxel_order]]
+
+    def runs(self, runs: "kernels.Runs") -> "kernels.Runs":
+        o = self.run_order
+        return kernels.Runs(runs.origin[o], runs.length[o], runs.valid_at[o],
+                            runs.valid_stride[o], runs.depth[o])
+
+    def restored(self, decoded: np.ndarray) -> np.ndarray:
+        """Values in group order back in the lockstep's."""
+        out = np.empty_like(decoded)
+        out[self.voxel_order] = decoded
+        return out
+
+
+def _scatter(flat: np.ndarray, runs: "kernels.Runs", values: np.ndarray) -> None:
+    """Write ``values``, the voxels of ``runs`` in order, to their places in ``flat`` (each
+    run's voxels lie at its origin on: one tile row of the sheared buffer)."""
+    firsts = np.cumsum(runs.length) - runs.length
+    flat[np.repeat(runs.origin - firsts, runs.length) + np.arange(len(values))] = values
 
 
 def _decode_fields(step_kernel, decoder, runs, n, streams, ends, keep, corrupt) -> np.ndarray:
@@ -258,18 +343,30 @@ def _decode_fields(step_kernel, decoder, runs, n, streams, ends, keep, corrupt) 
 
 
 def _decode_step(L: SkewLayout, predictor, decoder, step_kernel, flat, strides, depth, parts,
-                 sizes, n, streams, ends, keep, lo, hi, hold, corrupt) -> np.ndarray:
+                 sizes, n, streams, ends, keep, lo, hi, hold, corrupt, order=None
+                 ) -> np.ndarray:
     """A step's decoded values where :meth:`StepDecoder.decode_fields` does not run (formats
-    before 5, no compiled kernels)."""
+    before 5, no compiled kernels); ``order``: the step's :class:`_GroupOrder` (format 6)."""
     segments = list(zip(streams, [0, *ends[:-1]], ends))
     rows_sh = None
     if step_kernel is not None:
         pred, j, *rows_sh = step_kernel.predict(_step_runs(L, strides, depth[1], parts, hold),
                                                 n)
-        if keep is not None:     # phantom voxels are not coded: rows for the others
+        if keep is not None or order is not None:  # phantoms are not coded: rows for the others
             rows_sh = None
     else:
         pred, j = _predict_step(L, predictor, flat, strides, depth, parts, sizes, lo, hi)
+    if order is not None:
+        decoded = _decode_step_values(decoder, segments, order.voxels(pred), order.voxels(j),
+                                      order.keep(keep), n, None, lo, hi, corrupt)
+        return order.restored(decoded)
+    return _decode_step_values(decoder, segments, pred, j, keep, n, rows_sh, lo, hi, corrupt)
+
+
+def _decode_step_values(decoder, segments, pred, j, keep, n, rows_sh, lo, hi, corrupt
+                        ) -> np.ndarray:
+    """Predictions plus decoded residuals of a step's voxels in symbol order (phantoms,
+    ``keep`` False, stay 0)."""
     if keep is not None:
         keep = np.concatenate(keep)
         decoded = np.zeros(n, dtype=np.int64)

@@ -91,6 +91,13 @@ VOLUMES = {
                                               {"slab": 4, "tile": (16, 24)}),
     "ct_int16_pad_two_stage_adapted_v11": lambda: (_ct_with_padding((10, 40, 48), 27),
                                                    {"adapt": True}),
+    # blob format 6: small slices share their streams in groups (models.codec, 2026-12-04):
+    # groups of 4 over two tile rows (ghost rows, phantoms); groups of 6 over one tile, the
+    # second slab's group shorter; large slices, one slice a group
+    "ct_int16_pad_groups_v12": lambda: (_ct_with_padding((9, 40, 60), 28),
+                                        {"slab": 4, "tile": (16, 24)}),
+    "mr_uint16_groups_v12": lambda: (_near_floor((10, 32, 40), 29), {"slab": 6}),
+    "u8_bands_groups_v12": lambda: (_near_floor((3, 140, 300), 30).astype(np.uint8), {}),
 }
 
 
@@ -187,11 +194,20 @@ def test_golden_blobs_keep_both_forms_of_embedded_models():
     assert forms == {"ct_int16_pad_w10_adapted_v9": False, "mr_uint16_packed_adapted_v10": True}
 
 
+def test_golden_blobs_of_format_6_hold_stream_groups_of_several_sizes():
+    groups = {name: models.blob_info((GOLDEN / f"{name}.vxa").read_bytes())["stream_group"]
+              for name in ("ct_int16_pad_groups_v12", "mr_uint16_groups_v12",
+                           "u8_bands_groups_v12")}
+    assert groups == {"ct_int16_pad_groups_v12": 4, "mr_uint16_groups_v12": 6,
+                      "u8_bands_groups_v12": 1}
+
+
 def test_every_golden_volume_is_recorded():
     assert set(VOLUMES) <= set(_record()), "run python tests/test_golden.py and commit the blobs"
 
 
-@pytest.mark.parametrize("name", ["ct_int16_pad_two_stage_v11", "mr_uint16_range_two_stage_v11"])
+@pytest.mark.parametrize("name", ["ct_int16_pad_groups_v12", "mr_uint16_groups_v12",
+                                  "u8_bands_groups_v12"])
 def test_current_encoder_writes_the_golden_blob_again(name):
     """Blobs of the shipped model and the current format: the encoder's output is pinned
     byte for byte (a change to it is a format change and needs a new golden blob)."""

@@ -61,14 +61,25 @@ def test_coding_within_range_saves_bits_near_the_dtype_floor_and_stays_exact():
         np.testing.assert_array_equal(back, vol)
 
 
-def test_blobs_are_written_in_format_5_and_formats_1_to_4_still_read():
+def test_blobs_are_written_in_format_6_and_formats_1_to_5_still_read():
     from models.container import pack
     vol = mr_background((4, 20, 24), seed=2)
     blob = models.encode_volume(vol)
     header, base = unpack_header(blob)
-    assert VERSION == 5 and header.version == 5 and header.within_range and header.two_stage
+    assert VERSION == 6 and header.version == 6 and header.within_range and header.two_stage
+    assert header.group == 4            # small slices: one stream group for the slab
     assert (header.values.lo, header.values.hi) == (int(vol.min()), int(vol.max()))
     np.testing.assert_array_equal(models.decode_volume(blob), vol)
+    # format 5: a slice a stream group, and no group in the header
+    v = header.values
+    five = pack(header.model_id, header.model_name, header.dtype, header.shape, header.slab,
+                header.tile, [encode_slab(load_model("default"), v.mapped(vol), v.lo, v.hi,
+                                          header.slab, header.tile)], version=5, values=v)
+    assert unpack_header(five)[0].group == 1 and len(five) > len(blob)
+    np.testing.assert_array_equal(models.decode_volume(five), vol)
+    with pytest.raises(ValueError, match="stream groups"):
+        pack(header.model_id, header.model_name, header.dtype, header.shape, header.slab,
+             header.tile, [], version=5, values=v, group=2)
     # formats 2 to 4: coded within the dtype's range (one band: the slab's payload), tokens
     # in one stage
     payloads = [encode_slab(load_model("default"), vol, 0, 65535, header.slab, header.tile,
@@ -82,8 +93,8 @@ def test_blobs_are_written_in_format_5_and_formats_1_to_4_still_read():
     assert not unpack_header(pack(*facts, version=1))[0].within_range   # another coding
     with pytest.raises(ValueError, match="dtype's range only"):
         pack(*facts, version=3, values=header.values)
-    with pytest.raises(CorruptBlobError, match="version 6"):
-        unpack_header(_with_version(blob, 6))
+    with pytest.raises(CorruptBlobError, match="version 7"):
+        unpack_header(_with_version(blob, 7))
 
 
 def _with_version(blob: bytes, version: int) -> bytes:

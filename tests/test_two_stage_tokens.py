@@ -143,7 +143,7 @@ def test_two_stages_cost_no_bits_and_decode_exactly():
 def test_blobs_decode_the_same_without_the_compiled_kernels(monkeypatch):
     vol = _phantom((5, 40, 50), 3)
     blob = models.encode_volume(vol, adapt=False)
-    assert models.blob_info(blob)["format"] == 5
+    assert models.blob_info(blob)["format"] == 6 and models.blob_info(blob)["stream_group"] > 1
     monkeypatch.setenv("VOXARC_KERNELS", "numpy")
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "1")
     np.testing.assert_array_equal(models.decode_volume(blob), vol)

@@ -89,7 +89,9 @@ def _with_values(blob: bytes, values: tuple) -> bytes:
     """``blob`` with the header's value range replaced, its checksum made to match."""
     at = len(MAGIC)
     version, hlen = struct.unpack_from("<HI", blob, at)
-    head = blob[at + 6:at + 6 + hlen - 16] + struct.pack("<4i", *values)
+    after = 2 if version >= 6 else 0      # format 6: the stream group follows the range
+    head = blob[at + 6:at + 6 + hlen - 16 - after] + struct.pack("<4i", *values) \
+        + blob[at + 6 + hlen - after:at + 6 + hlen]
     lead = blob[at:at + 6]
     rest = blob[at + 6 + hlen + 4:]
     return blob[:at] + lead + head + struct.pack("<I", zlib.crc32(lead + head)) + rest
