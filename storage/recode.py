@@ -3,7 +3,8 @@ today's codec.
 
 A coded stack keeps the blob format and model it was written with (old blobs always decode).
 When a later release codes better (blob format 4 codes a CT's padding and air floor more
-cheaply; format 5 only decodes faster, and is not worth a recode), an archive can bring its
+cheaply; format 5 only decodes faster, and is not worth a recode; format 6 groups the streams
+of small slices, a little smaller and faster to decode for those), an archive can bring its
 older blobs up to date: each one is read and checked against
 its SHA-256, decoded, encoded again, and the new blob is decoded and compared with the old
 pixels before it is written; the instances are then pointed at it and the old blob row removed
@@ -28,6 +29,7 @@ from sqlalchemy import select, update
 
 import models
 from models import value_range
+from models.api import stream_group
 from models.container import CorruptBlobError
 from models.registry import load_model
 from models.value_range import ValueRange
@@ -62,6 +64,15 @@ def _sha(data) -> str:
 
 SAME_BITS_FROM = 4   # blobs of today's model from this format on code no smaller today
 #                      (format 5 codes the same bits, its tokens in two stages, for speed)
+
+
+def _gains_from_stream_groups(info: dict) -> bool:
+    """Whether today's encoder would let this blob's slices share streams where its format
+    (before 6) could not: small slices, whose blobs then lose a few tenths of a percent and
+    decode 1.1-1.4x faster (models.codec)."""
+    _, ny, _ = info["shape"]
+    return info["format"] < 6 and stream_group(ny, info["tile"][1],
+                                               min(info["slab"], info["shape"][0])) > 1
 
 
 def _gains_from_value_range(info: dict, volume) -> bool:
@@ -118,7 +129,7 @@ class Recoder:
         coded = header_pack.coded_view(data) if codec == header_pack.CODEC else memoryview(data)
         info = models.blob_info(coded)
         current = info["model_id"] == self.model_id and not deferred
-        if current and info["format"] >= SAME_BITS_FROM:
+        if current and info["format"] >= SAME_BITS_FROM and not _gains_from_stream_groups(info):
             return Recoded(blob_id, "current", len(data), len(data), info["format"])
         try:
             volume = models.decode_volume(coded)
