@@ -42,7 +42,8 @@ STREAM_GROUP_VOXELS = 1 << 15  # slices share streams until a group's slice band
 
 
 def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None = None,
-                  tile: tuple[int, int] = TILE, adapt: bool | None = None) -> bytes:
+                  tile: tuple[int, int] = TILE, adapt: bool | None = None,
+                  max_group: int | None = None) -> bytes:
     """Losslessly encode a ``(z, y, x)`` integer volume.
 
     Parameters
@@ -56,6 +57,8 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
     adapt : fine-tune the model on this volume and carry it in the blob (see models.adapt);
         default: for volumes of at least ADAPT_VOXELS voxels, when the model can; the paper
         models fit their one residual distribution to every volume (models.paper_table)
+    max_group : at most this many slices per stream group (:func:`stream_group`; decoding a
+        slice decodes its group): for a caller that reads single slices of every slab
 
     Returns
     -------
@@ -83,7 +86,7 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
     if adapted is not None:
         predictor, embedded = adapted, adaptation.embedded_bytes(adapted)
     two_stage = codes_two_stage(WRITE_FORMAT)
-    group = stream_group(vol.shape[1], tile[1], min(slab, vol.shape[0])) \
+    group = stream_group(vol.shape[1], tile[1], min(slab, vol.shape[0], max_group or slab)) \
         if WRITE_FORMAT >= 6 else 1
     jobs = ((model, embedded, values, vol[z:z + slab, :, x0:x1], slab, tile, two_stage, group)
             for z in range(0, vol.shape[0], slab)
@@ -177,6 +180,101 @@ def decode_slab_slices(blob: bytes, k: int) -> np.ndarray:
     for i, (x0, x1), part in _decoded_prefixes(blob, header, base, predictor, counts, work):
         out[i, :, x0:x1] = part[k]
     return out
+
+
+def decode_with_slab_slices(blob: bytes, k: int):
+    """Yield :func:`decode_slab_slices` ``(blob, k)``, then :func:`decode_volume` ``(blob)``,
+    decoding every slice once. On the worker processes each slab's slices up to ``k`` (to the
+    end of its stream group) are decoded first, and each job hands its slabs' ones over
+    through shared memory before it goes on with the rest; decoded in this process (or
+    without shared memory), slice ``k`` of every slab comes with the whole volume."""
+    header, base, predictor = _open(blob)
+    nz, ny, nx = header.shape
+    zs = header.slab
+    if not 0 <= k < zs:
+        raise ValueError(f"slice {k} of a slab of {zs}")
+    counts = {i: min(zs, nz - i * zs) for i in range(header.slabs)}
+    workers = parallel.worker_count() if _parallel(nz * ny * nx) else 1
+    plan = _decode_plan(sorted(counts), counts, header.bands, workers,
+                        lockstep_slabs(zs, ny, nx))
+    jobs = [_units_job(blob, header, base, counts, units) for units in plan]
+    handed = False
+    if workers > 1:
+        parts, handed = yield from _points_first(jobs, plan, k, header)
+    else:
+        parts = [_decode_group(job, predictor) for job in jobs]
+    out = np.empty(header.shape, dtype=header.dtype)
+    for units, job_parts in zip(plan, parts):
+        for (i, band), part in zip(units, job_parts):
+            out[i * zs:i * zs + len(part), :, slice(*header.bands[band])] = part
+    if not handed:
+        yield out[k::zs]
+    yield out
+
+
+def _points_first(jobs: list, plan: list, k: int, header):
+    """:func:`decode_with_slab_slices` on the worker processes: yields slice ``k`` of every
+    slab that has one as soon as every job has published its slabs' first ``k + 1`` slices;
+    returns the jobs' decoded slabs and whether it yielded."""
+    nz, ny, nx = header.shape
+    slabs, split = header.slabs, k + 1
+    flags = 8 * -(-len(jobs) // 8)      # a byte per job says its first slices are there
+    shm = _shared_memory(flags + slabs * split * ny * nx * 4)
+    futures = []
+    try:
+        if shm is not None:
+            shm.buf[:flags] = bytes(flags)
+            futures = [parallel.submit(_decode_group_points, (job, units, j, shm.name, split,
+                                                              flags))
+                       for j, (job, units) in enumerate(zip(jobs, plan))]
+        else:
+            futures = [parallel.submit(_decode_group, job) for job in jobs]
+        while shm is not None and not all(shm.buf[:len(jobs)]) \
+                and not all(f is None or f.done() for f in futures):
+            time.sleep(0.002)
+        handed = shm is not None and all(shm.buf[:len(jobs)])
+        if handed:
+            firsts = np.ndarray((slabs, split, ny, nx), np.int32, shm.buf, flags)
+            yield firsts[:-(-(nz - k) // header.slab), k].astype(header.dtype)
+            del firsts                  # the shared memory closes only without views on it
+        parts = []
+        for future, job in zip(futures, jobs):
+            try:
+                part = future.result() if future is not None else None
+            except BrokenProcessPool:
+                part = None
+            parts.append(part if part is not None else _decode_group(job))     # no worker
+        return parts, handed
+    finally:
+        for future in futures:
+            if future is not None:
+                future.cancel()
+        if shm is not None:
+            shm.close()
+            shm.unlink()
+
+
+
+def _decode_group_points(args) -> list[np.ndarray]:
+    """Worker side of :func:`_points_first`: decode the job's slabs (one band), publishing
+    each one's first ``split`` slices in its place of the shared memory ``name`` on the way."""
+    job, units, j, name, split, flags = args
+    shm = shared_memory.SharedMemory(name=name)   # the pool's processes share one tracker
+    header = job[2]
+    _, ny, nx = header.shape
+
+    def publish(firsts):
+        view = np.ndarray((header.slabs, split, ny, nx), np.int32, shm.buf, flags)
+        for (i, band), first in zip(units, firsts):
+            x0, x1 = header.bands[band]
+            view[i, :len(first), :, x0:x1] = first[:split]
+        del view                   # the shared memory closes only without views on it
+        shm.buf[j] = 1
+
+    try:
+        return _decode_group(job, split=split, on_split=publish)
+    finally:
+        shm.close()
 
 
 def _decoded_prefixes(blob: bytes, header, base: int, predictor, counts: dict, voxels: int):
@@ -520,4 +618,4 @@ def adapts_by_default(voxels: int, model: str = "default") -> bool:
 
 
 __all__ = ["encode_volume", "decode_volume", "decode_slices", "decode_slab_slices",
-           "decode_stream", "blob_info", "CorruptBlobError"]
+           "decode_with_slab_slices", "decode_stream", "blob_info", "CorruptBlobError"]
