@@ -30,3 +30,12 @@ def instance_major(volume: np.ndarray, time_points: int) -> np.ndarray:
     if time_points <= 1:
         return volume
     return position_major(volume, len(volume) // time_points)
+
+
+def point_group(time_points: int, slab: int) -> int | None:
+    """The most slices a stream group may hold (models.encode_volume's ``max_group``) in a
+    stack of ``time_points`` coded with slabs of ``slab``: a slab per position is read a time
+    point at a time (a retrieval's first instance is decoded first), and decoding one decodes
+    its whole group in every slab, so a group holds at most a quarter of the time points.
+    None (any) for other stacks."""
+    return max(1, time_points // 4) if time_points > 1 and slab == time_points else None

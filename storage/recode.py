@@ -37,6 +37,7 @@ from storage import header_pack
 from storage.blobstore import BlobStore, new_key
 from storage.compaction import codec_info, deferred_rows, is_deferred, undeferred
 from storage.errors import CommitOutcomeUnknown
+from storage.frame_order import point_group
 from storage.index import Blob, Index, Instance
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,13 @@ SAME_BITS_FROM = 4   # blobs of today's model from this format on code no smalle
 #                      (format 5 codes the same bits, its tokens in two stages, for speed)
 
 
-def _gains_from_stream_groups(info: dict) -> bool:
+def _gains_from_stream_groups(info: dict, max_group: int | None) -> bool:
     """Whether today's encoder would let this blob's slices share streams where its format
     (before 6) could not: small slices, whose blobs then lose a few tenths of a percent and
-    decode 1.1-1.4x faster (models.codec)."""
-    _, ny, _ = info["shape"]
-    return info["format"] < 6 and stream_group(ny, info["tile"][1],
-                                               min(info["slab"], info["shape"][0])) > 1
+    decode 1.1-1.4x faster (models.codec); ``max_group`` as the stack is coded with."""
+    nz, ny, _ = info["shape"]
+    most = min(info["slab"], nz, max_group or nz)
+    return info["format"] < 6 and stream_group(ny, info["tile"][1], most) > 1
 
 
 def _gains_from_value_range(info: dict, volume) -> bool:
@@ -119,6 +120,7 @@ class Recoder:
             if row is None or row.codec not in header_pack.VOLUME_CODECS:
                 raise RecodeError(f"blob {blob_id} is not a stored coded stack")
             key, codec, sha, slab = row.key, row.codec, row.sha256, row.slab
+            interleave = row.interleave or 1
             deferred = self.adapt and is_deferred(row.codec_info)
         try:
             data = self.blobs.get(key)
@@ -129,7 +131,8 @@ class Recoder:
         coded = header_pack.coded_view(data) if codec == header_pack.CODEC else memoryview(data)
         info = models.blob_info(coded)
         current = info["model_id"] == self.model_id and not deferred
-        if current and info["format"] >= SAME_BITS_FROM and not _gains_from_stream_groups(info):
+        if current and info["format"] >= SAME_BITS_FROM \
+                and not _gains_from_stream_groups(info, point_group(interleave, slab or 0)):
             return Recoded(blob_id, "current", len(data), len(data), info["format"])
         try:
             volume = models.decode_volume(coded)
@@ -138,6 +141,7 @@ class Recoder:
         if current and not _gains_from_value_range(info, volume):
             return Recoded(blob_id, "current", len(data), len(data), info["format"])
         new = models.encode_volume(volume, model=self.model, slab=slab or None,
+                                   max_group=point_group(interleave, slab or 0),
                                    adapt=None if self.adapt else False)
         if _sha(models.decode_volume(new).tobytes()) != _sha(volume.tobytes()):
             raise RecodeError(f"blob {key}: the new blob does not decode to the same voxels")

@@ -124,6 +124,34 @@ class SlabCache:
                 self._loading.pop(key, None)
 
 
+    def load_in_turn(self, keys: tuple, values) -> bool:
+        """Load ``keys`` from one iterable, ``values``, that gives their values in that order
+        (one decode giving a first part early, then the whole), concurrent callers of
+        :meth:`get` for any of them waiting for theirs. False, loading nothing, when one of
+        them is cached or being loaded already."""
+        with self._lock:
+            if any(key in self._items or key in self._loading for key in keys):
+                return False
+            futures = [self._loading.setdefault(key, Future()) for key in keys]
+        done = 0
+        try:
+            for key, future, value in zip(keys, futures, values):
+                self.put(key, value)
+                future.set_result(value)
+                done += 1
+            if done < len(keys):
+                raise RuntimeError(f"{len(keys)} values wanted, {done} given")
+        except BaseException as exc:
+            for future in futures[done:]:
+                future.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                for key in keys:
+                    self._loading.pop(key, None)
+        return True
+
+
 @dataclass
 class _Step:
     """One decode of a prefetch plan: slices [lo, hi) of a blob, cut into per-slab entries."""
@@ -208,7 +236,7 @@ class Prefetch:
                 if st.interleave > 1:
                     ref = _BlobRef(st.key, "", "", st.step, st.interleave)
                     if st.head:
-                        owner._time_point(ref, st.head - 1)
+                        owner._point_then_whole(ref, st.head - 1)
                     owner._whole_stack(ref)
                     owner._points.pop(st.key, None)
                     if self.cancelled:
@@ -363,10 +391,17 @@ class Reconstructor:
     def _first_point(self, row: _Coded, wholes: list[_Step]) -> None:
         """Have the plan decode the first instance's time point first (the first slices of
         every slab, up to it) when its stack is coded a slab per position and that is at most
-        half the stack's decoding; the rest of the stack follows."""
+        half the stack's decoding (a slice decodes its stream group: up to the group's end);
+        the rest of the stack follows."""
         _, fs, frames, key, _, slab, order = row
         t = fs // frames
-        if wholes and wholes[0].key == key and slab == order and 2 * (t + 1) <= order:
+        if not (wholes and wholes[0].key == key and slab == order):
+            return
+        try:
+            group = models.blob_info(self._coded(key))["stream_group"]
+        except (KeyError, OSError, models.CorruptBlobError):
+            return          # the decode that follows reports it
+        if 2 * min(order, -(-(t + 1) // group) * group) <= order:
             self._points[key] = t
             wholes[0].head = t + 1
 
@@ -597,6 +632,18 @@ class Reconstructor:
         of every slab, each decoded up to there."""
         return self.cache.get((blob.key, POINT, t), lambda: models.decode_slab_slices(
             self._coded(blob.key), t))
+
+    def _point_then_whole(self, blob, t: int) -> None:
+        """Cache time point ``t`` of a position-major stack coded a slab per position and then
+        the stack whole, from one decode (models.decode_with_slab_slices): the time point as
+        soon as every slab's slices up to it are decoded, no slice decoded twice."""
+        def values():
+            pieces = models.decode_with_slab_slices(self._coded(blob.key), t)
+            yield next(pieces)
+            yield instance_major(next(pieces), blob.interleave)
+
+        if not self.cache.load_in_turn(((blob.key, POINT, t), (blob.key, WHOLE)), values()):
+            self._time_point(blob, t)         # a request got there first: as it does
 
     def _whole_stack(self, blob) -> np.ndarray:
         """A position-major stack (:mod:`storage.frame_order`), decoded whole on both cores

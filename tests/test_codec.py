@@ -86,6 +86,27 @@ def test_decode_slab_slices_on_the_workers_and_refusing_a_slice_outside_the_slab
         models.decode_slab_slices(blob, 10)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_decode_with_slab_slices_gives_a_slice_of_every_slab_then_the_volume(monkeypatch,
+                                                                            workers):
+    """One decode: slice k of every slab that has one, then the whole volume (on the workers
+    the first part through shared memory), for any k, over column bands, with padding put
+    back, a short last slab, and stream groups that k falls inside or at the end of."""
+    monkeypatch.setattr(api, "PARALLEL_VOXELS", 1)
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", workers)
+    vol = phantom((23, 20, 300), "int16", seed=41)
+    vol[:, :3, :5] = -2000                              # padding: coded as a stand-in
+    blob = models.encode_volume(vol, slab=5, max_group=2)
+    assert (models.blob_info(blob)["bands"], models.blob_info(blob)["stream_group"]) == (2, 2)
+    for k in (0, 1, 3, 4):
+        point, whole = models.decode_with_slab_slices(blob, k)
+        np.testing.assert_array_equal(point, vol[k::5])    # k = 3, 4: the last slab has none
+        np.testing.assert_array_equal(whole, vol)
+        assert point.dtype == whole.dtype == vol.dtype
+    with pytest.raises(ValueError):
+        next(models.decode_with_slab_slices(blob, 5))
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(volumes(), st.integers(1, 4), st.tuples(st.integers(1, 9), st.integers(1, 9)),
        st.lists(st.integers(1, 4), min_size=1, max_size=3))

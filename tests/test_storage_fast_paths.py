@@ -174,6 +174,40 @@ def test_a_failed_shared_load_fails_every_waiter_and_the_next_call_loads_again()
     assert cache.get("k", lambda: np.zeros(3)).tolist() == [0, 0, 0]
 
 
+def test_keys_loaded_in_turn_reach_their_waiters_as_each_comes():
+    """One decode giving a first part early, then the whole: a caller of the first key gets
+    it while the second is still loading; nobody loads either again; a failure reaches the
+    keys not given yet; keys cached or loading already are not taken over."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage.reconstruct import SlabCache
+    cache, gate = SlabCache(1 << 20), threading.Event()
+
+    def values():
+        yield np.zeros(2)
+        gate.wait(10)
+        yield np.ones(3)
+
+    def again():
+        raise AssertionError("loaded again")
+    with ThreadPoolExecutor(3) as pool:
+        loading = pool.submit(cache.load_in_turn, ("a", "b"), values())
+        first = pool.submit(cache.get, "a", again)
+        assert first.result(5).tolist() == [0, 0] and not loading.done()
+        second = pool.submit(cache.get, "b", again)
+        gate.set()
+        assert second.result(5).tolist() == [1, 1, 1] and loading.result(5) is True
+    assert cache.load_in_turn(("b", "c"), iter([np.zeros(1)] * 2)) is False   # b is cached
+
+    def broken():
+        yield np.zeros(1)
+        raise ValueError("damaged")
+    with pytest.raises(ValueError):
+        cache.load_in_turn(("d", "e"), broken())
+    assert cache.peek("d").tolist() == [0] and cache.peek("e") is None
+    assert cache.get("e", lambda: np.ones(1)).tolist() == [1]
+
+
 def test_retrieval_works_when_the_cache_cannot_hold_a_slab(archive):
     series = make_series(10, 12, 10, seed=6)
     sent = _store_and_compact(archive, series)

@@ -189,27 +189,51 @@ def test_a_4d_series_of_single_frames_comes_back_exactly_from_slabs_of_its_posit
 
 
 def test_a_retrievals_first_instance_goes_out_before_its_stack_is_decoded(archive, monkeypatch):
-    """A plan decodes its first instance's time point first (one slice of each slab), then the
-    stack whole for the others: the first instance does not wait for the whole decode."""
+    """A plan decodes its first instance's time point first (the first slices of each slab),
+    then the rest of the stack, in one decode (no slice twice): the first instance does not
+    wait for the rest, and nothing else decodes the stack meanwhile."""
     import threading
     from storage.reconstruct import Reconstructor
     series = make_time_points(9, 5, 12, seed=13)
     sent = store_series(archive, series)
     archive.compact(stable_age=0)
     archive.reconstructor = Reconstructor(archive.index, archive.blobs)      # cold cache
-    first_sent, decode_volume = threading.Event(), models.decode_volume
+    first_sent, pieces_of = threading.Event(), models.decode_with_slab_slices
 
-    def held(blob):
+    def held(blob, k):
+        pieces = pieces_of(blob, k)
+        yield next(pieces)
         if not first_sent.wait(10):
             raise AssertionError("the whole stack was needed before the first instance")
-        return decode_volume(blob)
-    monkeypatch.setattr(models, "decode_volume", held)
+        yield next(pieces)
+
+    def again(*args):
+        raise AssertionError("the stack decoded a second time")
+    monkeypatch.setattr(models, "decode_with_slab_slices", held)
+    monkeypatch.setattr(models, "decode_volume", again)
+    monkeypatch.setattr(models, "decode_slab_slices", again)
     ordered, prefetch = archive.plan_retrieval(list(sent))
     assert archive.retrieve(ordered[0]).data == sent[ordered[0]]
     first_sent.set()
     assert all(archive.retrieve(uid).data == sent[uid] for uid in ordered[1:])
     prefetch.thread.join(30)
     assert not prefetch.thread.is_alive() and archive.reconstructor._points == {}
+
+
+def test_a_stack_a_slab_per_position_keeps_its_stream_groups_to_a_quarter_of_the_time_points(
+        archive):
+    """Its time points are read one at a time (a retrieval's first instance first), and one
+    decodes its stream group in every slab: groups of at most a quarter of them."""
+    from storage.frame_order import point_group
+    assert (point_group(20, 20), point_group(9, 9), point_group(7, 7), point_group(9, 8)) \
+        == (5, 2, 1, None)
+    sent = store_series(archive, make_time_points(12, 4, 16, seed=14))
+    archive.compact(stable_age=0)
+    with archive.index.read() as s:
+        (blob,) = s.scalars(select(Blob).where(Blob.interleave > 1))
+    info = models.blob_info(header_pack.coded_view(archive.blobs.get(blob.key)))
+    assert (info["slab"], info["stream_group"]) == (12, 3)      # slices alone would allow 12
+    assert all(archive.retrieve(uid).data == data for uid, data in sent.items())
 
 
 def test_a_column_another_process_added_meanwhile_is_not_an_error(tmp_path, monkeypatch):
