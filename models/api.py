@@ -224,9 +224,9 @@ def _points_first(jobs: list, plan: list, k: int, header):
     try:
         if shm is not None:
             shm.buf[:flags] = bytes(flags)
-            futures = [parallel.submit(_decode_group_points, (job, units, j, shm.name, split,
-                                                              flags))
-                       for j, (job, units) in enumerate(zip(jobs, plan))]
+            futures = [parallel.submit(_decode_publishing, (
+                job, [(u, i) for u, (i, _) in enumerate(units)], slabs, j, shm.name, split, flags))
+                for j, (job, units) in enumerate(zip(jobs, plan))]
         else:
             futures = [parallel.submit(_decode_group, job) for job in jobs]
         while shm is not None and not all(shm.buf[:len(jobs)]) \
@@ -237,44 +237,9 @@ def _points_first(jobs: list, plan: list, k: int, header):
             firsts = np.ndarray((slabs, split, ny, nx), np.int32, shm.buf, flags)
             yield firsts[:-(-(nz - k) // header.slab), k].astype(header.dtype)
             del firsts                  # the shared memory closes only without views on it
-        parts = []
-        for future, job in zip(futures, jobs):
-            try:
-                part = future.result() if future is not None else None
-            except BrokenProcessPool:
-                part = None
-            parts.append(part if part is not None else _decode_group(job))     # no worker
-        return parts, handed
+        return _collected(futures, jobs), handed
     finally:
-        for future in futures:
-            if future is not None:
-                future.cancel()
-        if shm is not None:
-            shm.close()
-            shm.unlink()
-
-
-
-def _decode_group_points(args) -> list[np.ndarray]:
-    """Worker side of :func:`_points_first`: decode the job's slabs (one band), publishing
-    each one's first ``split`` slices in its place of the shared memory ``name`` on the way."""
-    job, units, j, name, split, flags = args
-    shm = shared_memory.SharedMemory(name=name)   # the pool's processes share one tracker
-    header = job[2]
-    _, ny, nx = header.shape
-
-    def publish(firsts):
-        view = np.ndarray((header.slabs, split, ny, nx), np.int32, shm.buf, flags)
-        for (i, band), first in zip(units, firsts):
-            x0, x1 = header.bands[band]
-            view[i, :len(first), :, x0:x1] = first[:split]
-        del view                   # the shared memory closes only without views on it
-        shm.buf[j] = 1
-
-    try:
-        return _decode_group(job, split=split, on_split=publish)
-    finally:
-        shm.close()
+        _abandon(futures, shm)
 
 
 def _decoded_prefixes(blob: bytes, header, base: int, predictor, counts: dict, voxels: int):
@@ -497,8 +462,9 @@ def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int, ban
     try:
         shm.buf[:flags] = bytes(flags)
         firsts = list(itertools.islice(jobs, bands))
-        futures = [parallel.submit(_decode_group_split, (job, shm.name, split, flags))
-                   for job in firsts]
+        futures = [parallel.submit(_decode_publishing, (job, [(0, 0)], 1, band, shm.name,
+                                                        split, flags))
+                   for band, job in enumerate(firsts)]
         rest = parallel.imap(_decode_group, jobs, window=max(1, window - bands),
                              first_rank=bands)
 
@@ -510,24 +476,37 @@ def _parallel_results(jobs, split: int, plane: tuple[int, int], window: int, ban
         handed = published()
         if handed:
             yield 0, [np.ndarray((split,) + plane, np.int32, shm.buf, flags).copy()]
-        wholes = []
-        for future, job in zip(futures, firsts):
-            try:
-                whole = future.result() if future is not None else None
-            except BrokenProcessPool:
-                whole = None
-            wholes.append(whole if whole is not None else _decode_group(job))  # no worker
-        whole = _stitched(wholes)
+        whole = _stitched(_collected(futures, firsts))
         if not handed:   # not published (decoded here, or by the flat fallback decoder)
             yield 0, [whole[0][:split]]
         yield 0, whole
         yield from _by_group(rest, bands, 1)
     finally:
-        for future in futures:
-            if future is not None:
-                future.cancel()
         if rest is not None:
             rest.close()
+        _abandon(futures, shm)
+
+
+def _collected(futures: list, jobs: list) -> list:
+    """Each job's decoded slabs from its future, or decoded here where no worker ran it (no
+    pool, or a broken one)."""
+    out = []
+    for future, job in zip(futures, jobs):
+        try:
+            part = future.result() if future is not None else None
+        except BrokenProcessPool:
+            part = None
+        out.append(part if part is not None else _decode_group(job))
+    return out
+
+
+def _abandon(futures: list, shm: shared_memory.SharedMemory | None) -> None:
+    """Cancel the jobs not started yet and release the shared memory (a consumer that stopped
+    early, or the end)."""
+    for future in futures:
+        if future is not None:
+            future.cancel()
+    if shm is not None:
         shm.close()
         shm.unlink()
 
@@ -553,20 +532,25 @@ def _shared_memory(size: int) -> shared_memory.SharedMemory | None:
     return shm
 
 
-def _decode_group_split(args) -> list[np.ndarray]:
-    """Worker side of :func:`_parallel_results`: decode the group's band, publishing its first
-    slab's first ``split`` slices in the shared memory ``name`` on the way."""
-    job, name, split, flags = args
+def _decode_publishing(args) -> list[np.ndarray]:
+    """Worker side of :func:`_parallel_results` and :func:`_points_first`: decode the job's
+    slabs (one band), writing the first ``split`` slices of some of them on the way into rows
+    of the shared memory ``name`` (an int32 array ``(rows, split, ny, nx)`` after ``flags``
+    bytes): ``places`` pairs a slab's place in the job with its row. Then byte ``flag`` says
+    they are there."""
+    job, places, rows, flag, name, split, flags = args
     shm = shared_memory.SharedMemory(name=name)   # the pool's processes share one tracker
     header, band = job[2], job[3]
     _, ny, nx = header.shape
     x0, x1 = header.bands[band]
 
     def publish(firsts):
-        view = np.ndarray((split, ny, nx), np.int32, shm.buf, flags)
-        view[:, :, x0:x1] = firsts[0][:split]
+        view = np.ndarray((rows, split, ny, nx), np.int32, shm.buf, flags)
+        for slab, row in places:
+            first = firsts[slab][:split]
+            view[row, :len(first), :, x0:x1] = first
         del view                   # the shared memory closes only without views on it
-        shm.buf[band] = 1
+        shm.buf[flag] = 1
 
     try:
         return _decode_group(job, split=split, on_split=publish)
