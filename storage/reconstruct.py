@@ -124,6 +124,13 @@ class SlabCache:
                 self._loading.pop(key, None)
 
 
+    def discard(self, key) -> None:
+        """Drop ``key``'s entry, if cached (a part made redundant by a whole)."""
+        with self._lock:
+            value = self._items.pop(key, None)
+            if value is not None:
+                self.used -= value.nbytes
+
     def load_in_turn(self, keys: tuple, values) -> bool:
         """Load ``keys`` from one iterable, ``values``, that gives their values in that order
         (one decode giving a first part early, then the whole), concurrent callers of
@@ -642,7 +649,10 @@ class Reconstructor:
             yield next(pieces)
             yield instance_major(next(pieces), blob.interleave)
 
-        if not self.cache.load_in_turn(((blob.key, POINT, t), (blob.key, WHOLE)), values()):
+        point = (blob.key, POINT, t)
+        if self.cache.load_in_turn((point, (blob.key, WHOLE)), values()):
+            self.cache.discard(point)     # the whole stack serves that time point from now on
+        else:
             self._time_point(blob, t)         # a request got there first: as it does
 
     def _whole_stack(self, blob) -> np.ndarray:

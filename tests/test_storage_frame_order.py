@@ -218,6 +218,8 @@ def test_a_retrievals_first_instance_goes_out_before_its_stack_is_decoded(archiv
     assert all(archive.retrieve(uid).data == sent[uid] for uid in ordered[1:])
     prefetch.thread.join(30)
     assert not prefetch.thread.is_alive() and archive.reconstructor._points == {}
+    cached = list(archive.reconstructor.cache._items)
+    assert cached and all(key[1] == WHOLE for key in cached)   # the time point not kept apart
 
 
 def test_a_stack_a_slab_per_position_keeps_its_stream_groups_to_a_quarter_of_the_time_points(
