@@ -274,7 +274,7 @@ def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, n
     the slabs were encoded (see :func:`encode_slab`)."""
     layout = skew_layout(predictor.neighbourhood, ny, nx, tuple(tile))
     wanted = [int(c) for c in counts]
-    counts = _group_counts(payloads, wanted, group)
+    counts = _group_counts(payloads, wanted, group, zs)
     if not layout.supported:
         parts = decode_slabs_flat(predictor, payloads, counts, ny, nx, lo, hi, zs, tile,
                                   within_range, two_stage, group)
@@ -299,14 +299,16 @@ def decode_slabs(predictor, payloads: list[bytes], counts: list[int], ny: int, n
     return out
 
 
-def _group_counts(payloads: list[bytes], counts: list[int], group: int) -> list[int]:
-    """Slices to decode of each slab for its first ``counts`` slices: to the end of their
-    stream group (where a payload holds fewer slices than wanted, :func:`_slice_streams`
-    says so)."""
+def _group_counts(payloads: list[bytes], counts: list[int], group: int, zs: int) -> list[int]:
+    """Slices to decode of each slab (of at most ``zs``) for its first ``counts`` slices: to
+    the end of their stream group (where a payload holds fewer slices than wanted,
+    :func:`_slice_streams` says so)."""
     if group == 1:
         return counts
-    return [max(c, min(slab_slices(p), -(-c // group) * group))
-            for p, c in zip(payloads, counts)]
+    held = [slab_slices(p) for p in payloads]
+    if max(held, default=0) > zs:
+        raise CorruptBlobError("a slab holds more slices than the blob's slab size")
+    return [max(c, min(n, -(-c // group) * group)) for n, c in zip(held, counts)]
 
 
 def decode_slabs_flat(predictor, payloads: list[bytes], counts: list[int], ny: int, nx: int,

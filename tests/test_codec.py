@@ -155,9 +155,24 @@ def test_stream_groups_decode_from_any_first_slices(vol, slab, tile, group, want
         assert len(handed) == 1
         for h in handed[0]:
             np.testing.assert_array_equal(h, vol[:split])
-    whole = _group_counts(args[1], counts, group)
+    whole = _group_counts(args[1], counts, group, slab)
     for ref, c in zip(decode_slabs_flat(*args[:2], whole, *args[3:], group=group), whole):
         np.testing.assert_array_equal(ref, vol[:c])
+
+
+def test_a_slab_claiming_more_slices_than_the_slab_size_is_refused():
+    """A payload whose slice count passes the slab size (a crafted blob: its CRC would match)
+    is refused, not read past the decoder's buffer."""
+    import struct
+
+    from models.codec import decode_slabs, encode_slab
+    from models.registry import load_model
+    predictor = load_model("default")
+    vol = phantom((5, 12, 12), "uint16", seed=42)
+    payload = encode_slab(predictor, vol, 0, 65535, 5, (12, 12), group=2)
+    forged = struct.pack("<I", 6) + payload[4:]      # three groups either way: the same table
+    with pytest.raises(CorruptBlobError):
+        decode_slabs(predictor, [forged], [5], 12, 12, 0, 65535, 5, (12, 12), group=2)
 
 
 def test_stream_groups_cut_the_range_decoder_calls(monkeypatch):
