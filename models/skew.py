@@ -269,16 +269,10 @@ class _GroupOrder:
     :attr:`ends` the segments' streams and where their symbols end, in group order."""
 
     def __init__(self, parts, sizes, reals, stream_of, group: int, tiles: int):
-        zl = np.array([p[0] for p in parts])
-        m = np.array([p[4] for p in parts])
-        part = np.repeat(np.arange(len(parts)), m)
-        slab = np.arange(len(part)) - np.repeat(np.cumsum(m) - m, m)
-        grp = zl[part] // group
-        o = np.lexsort((slab, grp))       # stable: slices in order within a (group, slab)
-        self.part, self.slab, grp = part[o], slab[o], grp[o]
-        self.piece_order, self.m, self.sizes, self.tiles = o, m, np.array(sizes), tiles
-        key = grp * len(stream_of) + self.slab
-        heads = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+        self.m = np.array([p[4] for p in parts])
+        self.piece_order, self.part, self.slab, grp, heads = _pieces(
+            tuple(p[0] for p in parts), tuple(p[4] for p in parts), group)
+        self.sizes, self.tiles = np.array(sizes), tiles
         self.ends = np.cumsum(np.add.reduceat(np.array(reals)[self.part], heads)).tolist()
         self.streams = (np.asarray(stream_of)[self.slab[heads]] + grp[heads]).tolist()
 
@@ -313,6 +307,26 @@ class _GroupOrder:
         out = np.empty_like(decoded)
         out[self.voxel_order] = decoded
         return out
+
+
+@lru_cache(maxsize=256)
+def _pieces(zls: tuple, slabs: tuple, group: int):
+    """A step's pieces (a slice in flight of one slab) in group order, for slices ``zls`` in
+    flight in ``slabs`` slabs each: their order among the lockstep's pieces, their part
+    (slice in flight) and slab, their stream group, and where each segment (a group of one
+    slab) starts. The same slices stay in flight for most of a lockstep's steps, so a few
+    entries serve a decode."""
+    m = np.array(slabs)
+    part = np.repeat(np.arange(len(zls)), m)
+    slab = np.arange(len(part)) - np.repeat(np.cumsum(m) - m, m)
+    grp = np.array(zls)[part] // group
+    o = np.lexsort((slab, grp))           # stable: slices in order within a (group, slab)
+    part, slab, grp = part[o], slab[o], grp[o]
+    key = grp * (int(m.max()) + 1) + slab
+    heads = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+    for a in (o, part, slab, grp, heads):
+        a.flags.writeable = False         # shared between steps
+    return o, part, slab, grp, heads
 
 
 def _scatter(flat: np.ndarray, runs: "kernels.Runs", values: np.ndarray) -> None:
