@@ -38,7 +38,8 @@ SPLIT_PARALLEL_VOXELS = 1 << 17  # or from this many in bands of several widths 
 EVEN_SPLIT_PARALLEL_VOXELS = 1 << 19  # or this many in bands of one width
 ADAPT_VOXELS = 1 << 20     # adapt the model to volumes from this many voxels on
 WRITE_FORMAT = VERSION     # the blob format encode_volume writes (tests set older ones, 3 on)
-STREAM_GROUP_VOXELS = 1 << 15  # slices share streams until a group's slice band holds this many
+SMALL_SLICE_VOXELS = 1 << 14   # slice bands of at most this many voxels share streams,
+STREAM_GROUP_VOXELS = 1 << 17  # as many slices as make this many (at most a slab)
 
 
 def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None = None,
@@ -105,11 +106,16 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
 
 
 def stream_group(ny: int, band_columns: int, slab: int) -> int:
-    """Slices per stream group for slices of ``ny`` rows in bands of ``band_columns``: one for
-    large slices; small ones share streams until a group's band holds STREAM_GROUP_VOXELS
-    (the decoder's range-decoder calls per wavefront step fall with the groups; decoding one
-    slice decodes its group)."""
-    return max(1, min(slab, STREAM_GROUP_VOXELS // (ny * band_columns)))
+    """Slices per stream group for slices of ``ny`` rows in bands of ``band_columns``: small
+    slices (bands of at most SMALL_SLICE_VOXELS: 128 x 128) share streams, as many as make
+    STREAM_GROUP_VOXELS, at most ``slab`` (the decoder's range-decoder calls per wavefront
+    step fall with the groups; decoding one slice decodes its group). Larger ones keep a
+    stream each: at 256 x 256 groups of two decoded slower (the reordering of a step's
+    voxels over several tile rows costs more than the calls it saves)."""
+    band = ny * band_columns
+    if band > SMALL_SLICE_VOXELS:
+        return 1
+    return max(1, min(slab, STREAM_GROUP_VOXELS // band))
 
 
 def _encode_band(predictor, values: ValueRange, block: np.ndarray, slab: int, tile,

@@ -175,6 +175,15 @@ def test_a_slab_claiming_more_slices_than_the_slab_size_is_refused():
         decode_slabs(predictor, [forged], [5], 12, 12, 0, 65535, 5, (12, 12), group=2)
 
 
+def test_stream_groups_are_for_small_slices_and_fill_a_slab():
+    from models.api import stream_group
+    sizes = {(ny, band, slab): stream_group(ny, band, slab) for ny, band, slab in
+             [(64, 64, 8), (128, 128, 8), (128, 128, 3), (96, 96, 20), (129, 129, 8),
+              (256, 256, 8), (512, 256, 8), (1, 1, 1)]}
+    assert sizes == {(64, 64, 8): 8, (128, 128, 8): 8, (128, 128, 3): 3, (96, 96, 20): 14,
+                     (129, 129, 8): 1, (256, 256, 8): 1, (512, 256, 8): 1, (1, 1, 1): 1}
+
+
 def test_stream_groups_cut_the_range_decoder_calls(monkeypatch):
     """What groups are for: a step decodes a group's slices in one call per stream, not one
     per slice. The symbols and their probabilities are the same, so the payload is no larger

@@ -124,7 +124,7 @@ def test_an_old_stack_format_4_would_not_shrink_is_not_coded_again(archive, form
     store_series(archive, series)
     archive.compact(stable_age=0)
     format_3.undo()
-    monkeypatch.setattr(api, "STREAM_GROUP_VOXELS", 1)   # slices too large to share streams
+    monkeypatch.setattr(api, "SMALL_SLICE_VOXELS", 0)    # slices too large to share streams
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("coded again")
@@ -144,7 +144,7 @@ def test_a_format_4_stack_of_todays_model_is_not_coded_again(archive, monkeypatc
     old = _blob(archive)
     assert _format(archive, old) == 4
     monkeypatch.undo()
-    monkeypatch.setattr(api, "STREAM_GROUP_VOXELS", 1)   # slices too large to share streams
+    monkeypatch.setattr(api, "SMALL_SLICE_VOXELS", 0)    # slices too large to share streams
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("coded again")
