@@ -161,7 +161,7 @@ def decode_slices(blob: bytes, start: int, stop: int) -> np.ndarray:
     out = np.empty((max(stop - start, 0), ny, nx), dtype=header.dtype)
     if stop <= start:
         return out
-    zs, spans = header.slab, header.bands
+    zs = header.slab
     counts = {i: min(zs, stop - i * zs) for i in range(start // zs, (stop - 1) // zs + 1)}
     for i, (x0, x1), part in _decoded_prefixes(blob, header, base, predictor, counts, out.size):
         z0 = max(start, i * zs)
@@ -173,12 +173,9 @@ def decode_slab_slices(blob: bytes, k: int) -> np.ndarray:
     """Slice ``k`` of every slab that has one, in slab order, each slab decoded only up to
     it: ``decode_volume(blob)[k::slab]``. A volume coded a slab per position of a time
     series (time points position-major) gives one time point so."""
-    header, base, predictor = _open(blob)
-    nz, ny, nx = header.shape
-    zs = header.slab
-    if not 0 <= k < zs:
-        raise ValueError(f"slice {k} of a slab of {zs}")
-    counts = {i: k + 1 for i in range(-(-(nz - k) // zs))}
+    header, base, predictor, with_k = _open_at_slab_slice(blob, k)
+    _, ny, nx = header.shape
+    counts = {i: k + 1 for i in range(with_k)}
     out = np.empty((len(counts), ny, nx), dtype=header.dtype)
     if not counts:          # a volume shorter than k + 1 slices
         return out
@@ -188,17 +185,24 @@ def decode_slab_slices(blob: bytes, k: int) -> np.ndarray:
     return out
 
 
+def _open_at_slab_slice(blob: bytes, k: int):
+    """:func:`_open`, for slice ``k`` of the slabs (a ValueError when a slab has no such
+    slice), and how many slabs have one."""
+    header, base, predictor = _open(blob)
+    if not 0 <= k < header.slab:
+        raise ValueError(f"slice {k} of a slab of {header.slab}")
+    return header, base, predictor, -(-(header.shape[0] - k) // header.slab)
+
+
 def decode_with_slab_slices(blob: bytes, k: int):
     """Yield :func:`decode_slab_slices` ``(blob, k)``, then :func:`decode_volume` ``(blob)``,
     decoding every slice once. On the worker processes each slab's slices up to ``k`` (to the
     end of its stream group) are decoded first, and each job hands its slabs' ones over
     through shared memory before it goes on with the rest; decoded in this process (or
     without shared memory), slice ``k`` of every slab comes with the whole volume."""
-    header, base, predictor = _open(blob)
+    header, base, predictor, with_k = _open_at_slab_slice(blob, k)
     nz, ny, nx = header.shape
     zs = header.slab
-    if not 0 <= k < zs:
-        raise ValueError(f"slice {k} of a slab of {zs}")
     counts = {i: min(zs, nz - i * zs) for i in range(header.slabs)}
     workers = parallel.worker_count() if _parallel(nz * ny * nx) else 1
     plan = _decode_plan(sorted(counts), counts, header.bands, workers,
@@ -206,7 +210,7 @@ def decode_with_slab_slices(blob: bytes, k: int):
     jobs = [_units_job(blob, header, base, counts, units) for units in plan]
     handed = False
     if workers > 1:
-        parts, handed = yield from _points_first(jobs, plan, k, header)
+        parts, handed = yield from _points_first(jobs, plan, k, header, with_k)
     else:
         parts = [_decode_group(job, predictor) for job in jobs]
     out = np.empty(header.shape, dtype=header.dtype)
@@ -218,11 +222,11 @@ def decode_with_slab_slices(blob: bytes, k: int):
     yield out
 
 
-def _points_first(jobs: list, plan: list, k: int, header):
+def _points_first(jobs: list, plan: list, k: int, header, with_k: int):
     """:func:`decode_with_slab_slices` on the worker processes: yields slice ``k`` of every
-    slab that has one as soon as every job has published its slabs' first ``k + 1`` slices;
-    returns the jobs' decoded slabs and whether it yielded."""
-    nz, ny, nx = header.shape
+    slab that has one (the first ``with_k``) as soon as every job has published its slabs'
+    first ``k + 1`` slices; returns the jobs' decoded slabs and whether it yielded."""
+    _, ny, nx = header.shape
     slabs, split = header.slabs, k + 1
     flags = 8 * -(-len(jobs) // 8)      # a byte per job says its first slices are there
     shm = _shared_memory(flags + slabs * split * ny * nx * 4)
@@ -241,7 +245,7 @@ def _points_first(jobs: list, plan: list, k: int, header):
         handed = shm is not None and all(shm.buf[:len(jobs)])
         if handed:
             firsts = np.ndarray((slabs, split, ny, nx), np.int32, shm.buf, flags)
-            yield firsts[:-(-(nz - k) // header.slab), k].astype(header.dtype)
+            yield firsts[:with_k, k].astype(header.dtype)
             del firsts                  # the shared memory closes only without views on it
         return _collected(futures, jobs), handed
     finally:

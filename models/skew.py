@@ -269,10 +269,10 @@ class _GroupOrder:
     :attr:`ends` the segments' streams and where their symbols end, in group order."""
 
     def __init__(self, parts, sizes, reals, stream_of, group: int, tiles: int):
-        self.m = np.array([p[4] for p in parts])
+        self.slabs = tuple(p[4] for p in parts)
         self.piece_order, self.part, self.slab, grp, heads = _pieces(
-            tuple(p[0] for p in parts), tuple(p[4] for p in parts), group)
-        self.sizes, self.tiles = np.array(sizes), tiles
+            tuple(p[0] for p in parts), self.slabs, group)
+        self.sizes, self.tiles = sizes, tiles
         self.ends = np.cumsum(np.add.reduceat(np.array(reals)[self.part], heads)).tolist()
         self.streams = (np.asarray(stream_of)[self.slab[heads]] + grp[heads]).tolist()
 
@@ -284,12 +284,14 @@ class _GroupOrder:
 
     @cached_property
     def voxel_order(self) -> np.ndarray:
-        """Where each voxel of the group order lies in the lockstep's."""
-        block = self.sizes // self.m          # a slab's voxels of a part
+        """Where each voxel of the group order lies in the lockstep's (needed where a step's
+        values go through the lockstep's order: several tiles, or no compiled fields)."""
+        sizes = np.array(self.sizes)
+        block = sizes // np.array(self.slabs)       # a slab's voxels of a part
         lengths = block[self.part]
-        starts = (np.cumsum(self.sizes) - self.sizes)[self.part] + self.slab * lengths
+        starts = (np.cumsum(sizes) - sizes)[self.part] + self.slab * lengths
         return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) \
-            + np.arange(int(self.sizes.sum()))
+            + np.arange(int(sizes.sum()))
 
     def voxels(self, a: np.ndarray) -> np.ndarray:
         return a[self.voxel_order]

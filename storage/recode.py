@@ -120,7 +120,7 @@ class Recoder:
             if row is None or row.codec not in header_pack.VOLUME_CODECS:
                 raise RecodeError(f"blob {blob_id} is not a stored coded stack")
             key, codec, sha, slab = row.key, row.codec, row.sha256, row.slab
-            interleave = row.interleave or 1
+            max_group = point_group(row.interleave or 1, slab or 0)
             deferred = self.adapt and is_deferred(row.codec_info)
         try:
             data = self.blobs.get(key)
@@ -132,7 +132,7 @@ class Recoder:
         info = models.blob_info(coded)
         current = info["model_id"] == self.model_id and not deferred
         if current and info["format"] >= SAME_BITS_FROM \
-                and not _gains_from_stream_groups(info, point_group(interleave, slab or 0)):
+                and not _gains_from_stream_groups(info, max_group):
             return Recoded(blob_id, "current", len(data), len(data), info["format"])
         try:
             volume = models.decode_volume(coded)
@@ -141,7 +141,7 @@ class Recoder:
         if current and not _gains_from_value_range(info, volume):
             return Recoded(blob_id, "current", len(data), len(data), info["format"])
         new = models.encode_volume(volume, model=self.model, slab=slab or None,
-                                   max_group=point_group(interleave, slab or 0),
+                                   max_group=max_group,
                                    adapt=None if self.adapt else False)
         if _sha(models.decode_volume(new).tobytes()) != _sha(volume.tobytes()):
             raise RecodeError(f"blob {key}: the new blob does not decode to the same voxels")

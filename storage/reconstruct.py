@@ -123,7 +123,6 @@ class SlabCache:
             with self._lock:
                 self._loading.pop(key, None)
 
-
     def discard(self, key) -> None:
         """Drop ``key``'s entry, if cached (a part made redundant by a whole)."""
         with self._lock:
@@ -396,21 +395,13 @@ class Reconstructor:
                 if self.cache.peek((key, WHOLE)) is None]
 
     def _first_point(self, row: _Coded, wholes: list[_Step]) -> None:
-        """Have the plan decode the first instance's time point first (the first slices of
-        every slab, up to it) when its stack is coded a slab per position and that is at most
-        half the stack's decoding (a slice decodes its stream group: up to the group's end);
-        the rest of the stack follows."""
+        """Have the plan hand the first instance's time point over first when its stack is
+        coded a slab per position: the stack's one decode reaches every slab's slices up to it
+        first (:meth:`_point_then_whole`), the rest of the stack follows."""
         _, fs, frames, key, _, slab, order = row
-        t = fs // frames
-        if not (wholes and wholes[0].key == key and slab == order):
-            return
-        try:
-            group = models.blob_info(self._coded(key))["stream_group"]
-        except (KeyError, OSError, models.CorruptBlobError):
-            return          # the decode that follows reports it
-        if 2 * min(order, -(-(t + 1) // group) * group) <= order:
-            self._points[key] = t
-            wholes[0].head = t + 1
+        if wholes and wholes[0].key == key and slab == order:
+            self._points[key] = fs // frames
+            wholes[0].head = fs // frames + 1
 
     def _done(self, prefetch: Prefetch, key, final: bool) -> None:
         with self._cond:
