@@ -11,7 +11,8 @@ many too small to), up to the voxels of ``max_slices`` 512 x 512 slices. Time po
 frames smaller than the encoder's adaptation threshold stack position-major
 (:mod:`storage.frame_order`), in groups of about GROUP_VOXELS (no fewer time points than it
 adapts to): a group is decoded whole to give back its instances out of order, so groups stay
-small; there too each position's time points are a slab. What does not stack (no native pixel
+small; there too each position's time points are a slab. A multi-frame instance that holds a
+whole 4D series time-major is such a stack by itself. What does not stack (no native pixel
 data, RGB, a lone image) is returned as singles for the general codec.
 """
 
@@ -33,6 +34,10 @@ GROUP_VOXELS = 1 << 22
 # a 4D series' slab of one position's images holds at most this many voxels (8 slices of 512 x
 # 512, the default slab's): random access to an instance never decodes more than it does today
 POSITION_SLAB_VOXELS = 8 * SLICE_VOXELS
+# a multi-frame instance of a whole 4D series is coded position-major up to this many voxels
+# (decoded whole and reordered to give it back: twice its pixels in memory); larger ones keep
+# their frames' order, which the coder streams piece by piece
+MAX_FOUR_D_VOXELS = 1 << 26
 # ... and at least this many images: fewer would start more slabs than the default slab of 8
 # does, each slab's first image without the one before it as context
 MIN_POSITION_SLAB = 8
@@ -114,8 +119,17 @@ def _frame_voxels(fmt: str) -> int:
     return int(rows) * int(columns)
 
 
-def assemble(instances: list, max_slices: int = 256,
-             adapt_voxels: int = ADAPT_VOXELS) -> tuple[list[Stack], list]:
+def _time_series_instance(inst, time_points: int, frame_voxels: int) -> Stack:
+    """A multi-frame instance holding ``time_points`` volumes in time-major order, as one
+    position-major stack; a slab per position where that is at least MIN_POSITION_SLAB images
+    and at most POSITION_SLAB_VOXELS."""
+    slab = time_points if MIN_POSITION_SLAB <= time_points <= MAX_TIME_POINTS \
+        and time_points * frame_voxels <= POSITION_SLAB_VOXELS else 0
+    return Stack([inst], interleave=time_points, slab=slab)
+
+
+def assemble(instances: list, max_slices: int = 256, adapt_voxels: int = ADAPT_VOXELS,
+             time_points: dict | None = None) -> tuple[list[Stack], list]:
     """Split instances (objects with ``stack_format``, ``frames``, ``position``,
     ``instance_number``, ``sop_uid``) into stacks and singles.
 
@@ -130,6 +144,10 @@ def assemble(instances: list, max_slices: int = 256,
     adapt_voxels : int
         The codec's adaptation threshold, which sizes the position-major groups of time
         points.
+    time_points : dict, optional
+        ``sop_uid`` -> time points of a multi-frame instance holding a 4D series in time-major
+        order (storage.frame_order.cycle_time_points): a position-major stack by itself, when
+        it holds at most MAX_FOUR_D_VOXELS.
 
     Returns
     -------
@@ -145,7 +163,12 @@ def assemble(instances: list, max_slices: int = 256,
         if inst.stack_format == MULTIFRAME:    # indexed before its frames' format was kept
             stacks.append(Stack([inst]))
         elif inst.stack_format.startswith(MULTIFRAME + "|"):
-            volumes[inst.stack_format].append(inst)
+            t = (time_points or {}).get(inst.sop_uid, 1)
+            voxels = inst.frames * _frame_voxels(inst.stack_format)
+            if t > 1 and voxels <= MAX_FOUR_D_VOXELS:
+                stacks.append(_time_series_instance(inst, t, voxels // inst.frames))
+            else:
+                volumes[inst.stack_format].append(inst)
         elif inst.stack_format:
             groups[inst.stack_format].append(inst)
         else:

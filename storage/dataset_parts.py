@@ -100,6 +100,30 @@ def parse_dataset(data: bytes, transfer_syntax: str, keywords: Iterable[str] = (
     return ds
 
 
+def header_elements(data, transfer_syntax: str):
+    """The elements before Pixel Data of dataset bytes (a bytes-like object or a read-only
+    mmap, read in place), as a pydicom Dataset converted on access: for the nested sequences
+    that :func:`parse_fields` leaves alone (a multi-frame instance's functional groups).
+
+    Raises
+    ------
+    UnparseableDatasetError
+        When the bytes cannot be read in the given transfer syntax.
+    """
+    ts = UID(transfer_syntax)
+    if not ts.is_transfer_syntax:
+        raise UnparseableDatasetError(f"unknown transfer syntax {transfer_syntax!r}")
+    try:
+        if ts in DEFLATED:
+            data = zlib.decompress(data, -zlib.MAX_WBITS)
+        fp = data if hasattr(data, "seek") else io.BytesIO(data)
+        fp.seek(0)
+        return read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian,
+                            stop_when=lambda tag, vr, length: tag == PIXEL_DATA)
+    except Exception as exc:  # pydicom and zlib raise many kinds on malformed input
+        raise UnparseableDatasetError(f"cannot parse dataset: {exc}") from exc
+
+
 def parse_fields(data: bytes, transfer_syntax: str, keywords: Iterable[str] = ()):
     """Like :func:`parse_dataset`, checking the same, but returning only what ingest reads:
     SpecificCharacterSet, the pixel layout's elements, ``keywords`` (converted) and Pixel Data.

@@ -6,7 +6,11 @@ time point) is indexed in instance order: instance ``i``'s frames are slices ``i
 is its spatial neighbour; coded position-major, it is the same position one time point
 earlier, which differs from it by little more than noise: the test fMRI codes 19% smaller so.
 The blob holds the stack position-major when its row's ``interleave`` is ``t`` > 1; these
-functions turn one order into the other.
+functions turn one order into the other. One multi-frame instance may hold a whole 4D series
+in time-major order (``t`` time points of ``z`` frames, as an enhanced MR fMRI, perfusion or
+cine can come): it is such a stack by itself (:func:`cycle_time_points`). Position-major
+order is taken only where it pays (:func:`position_major_pays`): frames of another contrast at
+the same places (a field map's magnitude and phase, echoes) are better coded in their order.
 """
 
 from __future__ import annotations
@@ -39,3 +43,39 @@ def point_group(time_points: int, slab: int) -> int | None:
     its whole group in every slab, so a group holds at most a quarter of the time points.
     None (any) for other stacks."""
     return max(1, time_points // 4) if time_points > 1 and slab == time_points else None
+
+
+def cycle_time_points(frame_keys: list) -> int:
+    """How many time points a multi-frame instance's frames hold in time-major order: ``t``
+    when its ``t * p`` frames run through the same ``p`` >= 2 distinct places ``t`` >= 2 times
+    (``frame_keys[f]`` the place of frame ``f``: its position and orientation), else 1 (one
+    volume, frames already position-major, or no regular cycle)."""
+    n = len(frame_keys)
+    first = {}
+    for f, key in enumerate(frame_keys):
+        if key in first:
+            break
+        first[key] = f
+    p = len(first)
+    if p < 2 or p == n or n % p:
+        return 1
+    return n // p if all(frame_keys[f] == frame_keys[f % p] for f in range(p, n)) else 1
+
+
+def position_major_pays(volume: np.ndarray, time_points: int) -> bool:
+    """Whether coding ``volume`` (instance order, ``time_points`` of equal frames) position-major
+    promises fewer bits: the mean absolute difference between consecutive slices, which the
+    predictor's previous-slice context feeds on, must fall by a fifth (on a 4 x 4 subsample).
+    An fMRI's time points at one position differ by little more than noise (the test fMRI:
+    6.3 against 46.6 for its spatial neighbours); frames of another contrast at the same place
+    (a field map's magnitude and phase frames: 1552 against 56) do not."""
+    if time_points <= 1 or len(volume) < 2:
+        return False
+    sample = volume[:, ::4, ::4].astype(np.int64)
+    here = _step_difference(sample)
+    there = _step_difference(position_major(sample, time_points))
+    return there <= 0.8 * here
+
+
+def _step_difference(volume: np.ndarray) -> float:
+    return float(np.abs(np.diff(volume, axis=0)).mean())

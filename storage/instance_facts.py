@@ -114,3 +114,47 @@ def stack_format(layout: PixelLayout | None, facts: InstanceFacts, transfer_synt
     orient = ",".join(f"{v:.4f}" for v in facts.orientation) if facts.orientation else "none"
     fmt = f"{layout.rows}x{layout.columns}|{layout.dtype}|{transfer_syntax}|{orient}"
     return f"{MULTIFRAME}|{fmt}" if layout.frames > 1 else fmt
+
+
+def frame_places(ds) -> list[tuple] | None:
+    """Each frame's place in a multi-frame dataset: its ImagePositionPatient and
+    ImageOrientationPatient (rounded to 0.001 mm and 0.0001) from the per-frame functional
+    groups or the shared ones; None where a frame has no position."""
+    try:
+        return _places(ds)
+    except Exception:  # an unreadable value or sequence: no places, the frames keep their order
+        return None
+
+
+def _places(ds) -> list[tuple] | None:
+    frames = int(ds.get("NumberOfFrames") or 1)
+    shared = _group_items(ds, "SharedFunctionalGroupsSequence")[:1]
+    per_frame = _group_items(ds, "PerFrameFunctionalGroupsSequence")
+    if frames < 2 or len(per_frame) != frames:
+        return None
+    places = []
+    for item in per_frame:
+        groups = [item] + shared
+        position = _first_value(groups, "PlanePositionSequence", "ImagePositionPatient", 3)
+        if position is None:
+            return None
+        orientation = _first_value(groups, "PlaneOrientationSequence",
+                                   "ImageOrientationPatient", 6)
+        places.append((tuple(np.round(position, 3).tolist()),
+                       None if orientation is None else tuple(np.round(orientation, 4).tolist())))
+    return places
+
+
+def _group_items(ds, keyword: str) -> list:
+    value = ds.get(keyword)
+    return list(value) if value else []
+
+
+def _first_value(groups: list, sequence: str, keyword: str, count: int) -> np.ndarray | None:
+    for group in groups:
+        items = group.get(sequence)
+        if items:
+            values = _floats(items[0], keyword, count)
+            if values is not None:
+                return values
+    return None

@@ -398,8 +398,9 @@ class Reconstructor:
         """Have the plan hand the first instance's time point over first when its stack is
         coded a slab per position: the stack's one decode reaches every slab's slices up to it
         first (:meth:`_point_then_whole`), the rest of the stack follows."""
-        _, fs, frames, key, _, slab, order = row
-        if wholes and wholes[0].key == key and slab == order:
+        _, fs, frames, key, depth, slab, order = row
+        # (not for one instance holding every time point: it needs the whole stack)
+        if wholes and wholes[0].key == key and slab == order and frames * order == depth:
             self._points[key] = fs // frames
             wholes[0].head = fs // frames + 1
 

@@ -88,6 +88,40 @@ def make_time_points(count: int, frames: int, size: int, seed: int) -> list:
     return series
 
 
+def make_4d_instance(time_points: int, positions: int, size: int, seed: int,
+                     contrasts: bool = False) -> Dataset:
+    """One enhanced multi-frame instance holding a whole 4D series in time-major order (time
+    point ``t``'s ``positions`` frames together, each frame's place in its per-frame
+    functional groups), as an enhanced MR fMRI can come. With ``contrasts``, each "time
+    point" is another contrast of the same places (a field map's magnitude and phase)."""
+    (ds,) = make_series(1, size, size, seed=seed)
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient
+    rng = np.random.default_rng(seed)
+    ramp = np.add.outer(np.arange(size), np.arange(size)) * 7.0
+    base = ramp + 40 * np.arange(positions)[:, None, None] ** 1.5 + 300
+    points = []
+    for t in range(time_points):
+        scale = (-3.0 if t % 2 else 1.0) * (1 + t) if contrasts else 1.0
+        points.append(base * scale + (2000 if contrasts and t % 2 else 0) + 3 * t
+                      + rng.normal(0, 3, base.shape))
+    ds.NumberOfFrames = time_points * positions
+    shared = Dataset()
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PlaneOrientationSequence = [orientation]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for _ in range(time_points):
+        for z in range(positions):
+            item, place = Dataset(), Dataset()
+            place.ImagePositionPatient = [-10.5, 4.25, 3.0 * z - 20]
+            item.PlanePositionSequence = [place]
+            frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = np.round(np.concatenate(points)).astype(np.int16).tobytes()
+    return ds
+
+
 def file_bytes(ds: Dataset) -> bytes:
     """Encode a dataset as a Part 10 file in its File Meta transfer syntax."""
     fp = io.BytesIO()

@@ -1,0 +1,119 @@
+"""A multi-frame instance holding a whole 4D series (time-major frames): its frame cycle found
+from the functional groups, coded position-major where that pays, and given back exactly."""
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+import models
+from node_helpers import (archive, dataset_bytes, make_4d_instance,  # noqa: F401
+                          make_time_points, store_series)
+from storage import header_pack
+from storage.assembly import MAX_FOUR_D_VOXELS, assemble
+from storage.dataset_parts import header_elements
+from storage.frame_order import cycle_time_points, position_major, position_major_pays
+from storage.index import Blob
+from storage.instance_facts import frame_places
+
+
+@pytest.mark.parametrize("keys, expected", [
+    (list("abcabcabc"), 3),           # three time points of three places
+    (list("abab"), 2),
+    (list("aabbcc"), 1),              # position-major already
+    (list("aaaa"), 1),                # one place: a time series of one slice
+    (list("abcd"), 1),                # one volume
+    (list("abcab"), 1),               # a time point cut short
+    (list("abcacb"), 1),              # the places in another order the second time
+    ([], 1),
+])
+def test_the_frame_cycle_counts_time_points_only_for_a_regular_time_major_order(keys, expected):
+    assert cycle_time_points(keys) == expected
+
+
+def test_position_major_pays_for_time_points_not_for_other_contrasts():
+    rng = np.random.default_rng(1)
+    anatomy = np.cumsum(rng.normal(0, 30, (6, 16, 16)), axis=0) + 1000
+    series = np.concatenate([anatomy + rng.normal(0, 2, anatomy.shape) for _ in range(4)])
+    assert position_major_pays(series, 4)
+    mixed = np.concatenate([anatomy, 5000 - 3 * anatomy])      # magnitude, then "phase"
+    assert not position_major_pays(mixed, 2)
+    assert not position_major_pays(series, 1)
+
+
+def test_frame_places_come_from_the_functional_groups():
+    ds = make_4d_instance(2, 3, 8, seed=2)
+    ts, data = dataset_bytes(ds)
+    places = frame_places(header_elements(data, ts))
+    assert len(places) == 6 and places[0] == places[3] != places[1]
+    assert places[0] == ((-10.5, 4.25, -20.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+    assert cycle_time_points(places) == 2
+    del ds.PerFrameFunctionalGroupsSequence[4].PlanePositionSequence
+    assert frame_places(header_elements(*reversed(dataset_bytes(ds)))) is None
+    assert frame_places(Dataset()) is None
+
+
+def _row(t, frames=40, size=8):
+    from types import SimpleNamespace
+    return SimpleNamespace(sop_uid="u1", instance_number=1, frames=frames, position=None,
+                           stack_format=f"multiframe|{size}x{size}|int16|1.2.840.10008.1.2.1|none")
+
+
+def test_assembly_makes_a_time_major_instance_a_position_major_stack_of_its_own():
+    stacks, singles = assemble([_row(4)], time_points={"u1": 4})
+    assert singles == [] and [(st.interleave, st.slab) for st in stacks] == [(4, 0)]
+    stacks, _ = assemble([_row(10, frames=40)], time_points={"u1": 10})
+    assert [(st.interleave, st.slab) for st in stacks] == [(10, 10)]   # a slab per position
+    stacks, _ = assemble([_row(4)])
+    assert [st.interleave for st in stacks] == [1]
+    side = int((MAX_FOUR_D_VOXELS // 40) ** 0.5) + 1                 # too large to reorder
+    stacks, _ = assemble([_row(4, size=side)], time_points={"u1": 4})
+    assert [st.interleave for st in stacks] == [1]
+
+
+def _volume_blob(arch) -> Blob:
+    with arch.index.read() as s:
+        (blob,) = s.scalars(select(Blob).where(Blob.codec.in_(header_pack.VOLUME_CODECS)))
+        return blob
+
+
+def _frames(ds, size: int) -> np.ndarray:
+    return np.frombuffer(ds.PixelData, np.int16).reshape(-1, size, size)
+
+
+def test_a_4d_instance_is_coded_position_major_and_comes_back_exactly(archive):
+    ds = make_4d_instance(9, 5, 12, seed=3)
+    sent = store_series(archive, [ds])
+    assert archive.compact(stable_age=0) == (1, 0)
+    blob = _volume_blob(archive)
+    assert (blob.interleave, blob.slab, blob.shape) == (9, 9, "45,12,12")
+    coded = models.decode_volume(header_pack.coded_view(archive.blobs.get(blob.key)))
+    assert np.array_equal(coded, position_major(_frames(ds, 12), 9))
+    uid = ds.SOPInstanceUID
+    ordered, prefetch = archive.plan_retrieval([uid])
+    prefetch.thread.join(60)
+    assert ordered == [uid] and archive.retrieve(uid).data == sent[uid]
+    assert [bytes(f) for f in archive.frames(uid, [2, 7])] == \
+        [_frames(ds, 12)[k].tobytes() for k in (1, 6)]
+
+
+def test_a_4d_instance_of_other_contrasts_keeps_its_frame_order(archive):
+    ds = make_4d_instance(2, 12, 12, seed=4, contrasts=True)
+    sent = store_series(archive, [ds])
+    assert archive.compact(stable_age=0) == (1, 0)
+    blob = _volume_blob(archive)
+    assert blob.interleave == 1
+    coded = models.decode_volume(header_pack.coded_view(archive.blobs.get(blob.key)))
+    assert np.array_equal(coded, _frames(ds, 12))
+    assert archive.retrieve(ds.SOPInstanceUID).data == sent[ds.SOPInstanceUID]
+
+
+def test_time_point_instances_of_other_contrasts_keep_their_order(archive):
+    series = make_time_points(2, 6, 12, seed=5)     # e.g. magnitude and phase instances
+    ds = max(series, key=lambda d: d.InstanceNumber)
+    ds.PixelData = (4000 - 5 * _frames(ds, 12).astype(np.int32)).astype(np.int16).tobytes()
+    sent = store_series(archive, series)
+    assert archive.compact(stable_age=0) == (1, 0)
+    assert _volume_blob(archive).interleave == 1
+    for uid, data in sent.items():
+        assert archive.retrieve(uid).data == data
