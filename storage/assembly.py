@@ -50,6 +50,8 @@ class Stack:
     members: list
     interleave: int = 1     # > 1: that many time points, coded position-major
     slab: int = 0           # slices per slab (a position's time points); 0: the coder's default
+    # > 1: single frames, each position's that many images together (InstanceNumber order)
+    repetitions: int = 1
 
     @property
     def slices(self) -> int:
@@ -102,16 +104,18 @@ def _time_points(members: list, frame_voxels: int, limit: int, adapt_voxels: int
 
 def _positions(members: list, max_slices: int, image_voxels: int) -> list[Stack]:
     """Single-frame instances in position order (:func:`_order`) in stacks of ``max_slices``;
-    a 4D series, each position ``t`` times (MIN_POSITION_SLAB <= t <= ``max_slices``, t
-    images of at most POSITION_SLAB_VOXELS), in stacks of whole positions, the number
-    nearest ``max_slices`` slices, a slab per position."""
+    a 4D series, each position ``t`` >= 2 times (t <= ``max_slices``), in stacks of whole
+    positions, the number nearest ``max_slices`` slices (``repetitions`` t: compaction may
+    code them a repetition after the other), a slab per position where that is
+    MIN_POSITION_SLAB images or more and at most POSITION_SLAB_VOXELS."""
     places = Counter(None if m.position is None else round(m.position, 3) for m in members)
     t = max(places.values())
-    if None in places or len(places) < 2 or not MIN_POSITION_SLAB <= t <= max_slices \
-            or t * image_voxels > POSITION_SLAB_VOXELS or any(n != t for n in places.values()):
+    if None in places or len(places) < 2 or not 2 <= t <= max_slices \
+            or any(n != t for n in places.values()):
         return _runs(members, max_slices, lambda inst: 1)
     per = max(1, round(max_slices / t)) * t
-    return [Stack(s.members, slab=t) for s in _runs(members, per, lambda inst: 1)]
+    slab = t if t >= MIN_POSITION_SLAB and t * image_voxels <= POSITION_SLAB_VOXELS else 0
+    return [Stack(s.members, slab=slab, repetitions=t) for s in _runs(members, per, lambda inst: 1)]
 
 
 def _frame_voxels(fmt: str) -> int:

@@ -79,3 +79,10 @@ def position_major_pays(volume: np.ndarray, time_points: int) -> bool:
 
 def _step_difference(volume: np.ndarray) -> float:
     return float(np.abs(np.diff(volume, axis=0)).mean())
+
+
+def repetition_major(count: int, repetitions: int) -> np.ndarray:
+    """Indices putting ``count`` images held position-major (each position's ``repetitions``
+    images together) a repetition after the other: the first image of every position, then
+    the second, ... (the order of :func:`instance_major`)."""
+    return np.arange(count).reshape(count // repetitions, repetitions).T.ravel()

@@ -178,13 +178,57 @@ def test_a_4d_series_of_single_frames_stacks_whole_positions_a_slab_each():
 
 
 def test_a_4d_series_of_single_frames_comes_back_exactly_from_slabs_of_its_positions(archive):
-    series = make_series(27, 10, 10, seed=12)       # 3 positions x 9 time points
-    for k, ds in enumerate(sorted(series, key=lambda d: d.InstanceNumber)):
-        ds.ImagePositionPatient = [0, 0, -2.5 * (k % 3)]
+    series = _repeated_positions(3, 9, 10, seed=12)   # 3 positions x 9 time points
     sent = store_series(archive, series)
     archive.compact(stable_age=0)
     blob = _volume_blob(archive)
     assert blob.slab == 9 and blob.interleave == 1 and blob.shape == "27,10,10"
+    assert all(archive.retrieve(uid).data == data for uid, data in sent.items())
+    starts = _frame_starts(archive, series)
+    assert starts[:3] == [0, 9, 18]      # InstanceNumber k: position k % 3, a slab each
+
+
+def _repeated_positions(positions: int, times: int, size: int, seed: int, contrasts=False):
+    """Single frames of ``positions`` places, each ``times`` times (InstanceNumber k: place
+    k % positions, repetition k // positions): time points of one anatomy, or with
+    ``contrasts`` each repetition another contrast (echoes, b-values)."""
+    rng = np.random.default_rng(seed)
+    anatomy = np.cumsum(rng.normal(0, 40, (positions, size, size)), axis=0) + 1500
+    series = sorted(make_series(positions * times, size, size, seed=seed),
+                    key=lambda d: d.InstanceNumber)
+    for k, ds in enumerate(series):
+        p, r = k % positions, k // positions
+        ds.ImagePositionPatient = [0, 0, 2.5 * p]
+        image = (4000 - 3 * anatomy[p]) * (1 + r) / 2 if contrasts and r % 2 else anatomy[p]
+        ds.PixelData = np.round(image + rng.normal(0, 2, image.shape)).astype(np.int16).tobytes()
+    return series
+
+
+def _frame_starts(archive, series) -> list[int]:
+    with archive.index.read() as s:
+        starts = {r.sop_uid: r.frame_start for r in s.scalars(select(Instance))}
+    return [starts[ds.SOPInstanceUID] for ds in series]
+
+
+@pytest.mark.parametrize("times", [2, 9])
+def test_repetitions_of_other_contrasts_at_each_position_are_coded_one_after_the_other(
+        archive, times):
+    series = _repeated_positions(12, times, 10, seed=13, contrasts=True)
+    sent = store_series(archive, series)
+    archive.compact(stable_age=0)
+    blob = _volume_blob(archive)
+    assert (blob.slab, blob.interleave) == (8, 1)       # the coder's slabs
+    # repetition r of position p at r * 12 + p: each repetition a volume of its own
+    assert _frame_starts(archive, series) == list(range(12 * times))
+    assert all(archive.retrieve(uid).data == data for uid, data in sent.items())
+
+
+def test_a_few_similar_images_at_each_position_stay_together(archive):
+    series = _repeated_positions(12, 3, 10, seed=14)
+    sent = store_series(archive, series)
+    archive.compact(stable_age=0)
+    assert _volume_blob(archive).slab == 8
+    assert _frame_starts(archive, series)[:3] == [0, 3, 6]      # position-major
     assert all(archive.retrieve(uid).data == data for uid, data in sent.items())
 
 
