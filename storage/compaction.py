@@ -288,7 +288,7 @@ class Compactor:
         t = stack.repetitions
         if t > 1 and len(volume) == len(parts):       # single frames held position-major
             order = repetition_major(len(parts), t)
-            if not position_major_pays(volume[order], t):
+            if not position_major_pays(volume, t, order):
                 log.info("the %d images of each of %d positions (the first %s) differ more "
                          "than neighbouring positions: coded a repetition after the other", t,
                          len(parts) // t, first)

@@ -62,16 +62,19 @@ def cycle_time_points(frame_keys: list) -> int:
     return n // p if all(frame_keys[f] == frame_keys[f % p] for f in range(p, n)) else 1
 
 
-def position_major_pays(volume: np.ndarray, time_points: int) -> bool:
+def position_major_pays(volume: np.ndarray, time_points: int,
+                        order: np.ndarray | None = None) -> bool:
     """Whether coding ``volume`` (instance order, ``time_points`` of equal frames) position-major
     promises fewer bits: the mean absolute difference between consecutive slices, which the
     predictor's previous-slice context feeds on, must fall by a fifth (on a 4 x 4 subsample).
     An fMRI's time points at one position differ by little more than noise (the test fMRI:
     6.3 against 46.6 for its spatial neighbours); frames of another contrast at the same place
-    (a field map's magnitude and phase frames: 1552 against 56) do not."""
+    (a field map's magnitude and phase frames: 1552 against 56) do not. ``order``: the slices
+    of ``volume`` that make the instance order (:func:`repetition_major`)."""
     if time_points <= 1 or len(volume) < 2:
         return False
-    sample = volume[:, ::4, ::4].astype(np.int64)
+    sample = volume[:, ::4, ::4]
+    sample = (sample if order is None else sample[order]).astype(np.int64)
     here = _step_difference(sample)
     there = _step_difference(position_major(sample, time_points))
     return there <= 0.8 * here
