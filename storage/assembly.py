@@ -106,16 +106,15 @@ def _positions(members: list, max_slices: int, image_voxels: int) -> list[Stack]
     """Single-frame instances in position order (:func:`_order`) in stacks of ``max_slices``;
     a 4D series, each position ``t`` >= 2 times (t <= ``max_slices``), in stacks of whole
     positions, the number nearest ``max_slices`` slices (``repetitions`` t: compaction may
-    code them a repetition after the other), a slab per position where that is
-    MIN_POSITION_SLAB images or more and at most POSITION_SLAB_VOXELS."""
+    code them a repetition after the other), a slab per position (:func:`_position_slab`)."""
     places = Counter(None if m.position is None else round(m.position, 3) for m in members)
     t = max(places.values())
     if None in places or len(places) < 2 or not 2 <= t <= max_slices \
             or any(n != t for n in places.values()):
         return _runs(members, max_slices, lambda inst: 1)
     per = max(1, round(max_slices / t)) * t
-    slab = t if t >= MIN_POSITION_SLAB and t * image_voxels <= POSITION_SLAB_VOXELS else 0
-    return [Stack(s.members, slab=slab, repetitions=t) for s in _runs(members, per, lambda inst: 1)]
+    return [Stack(s.members, slab=_position_slab(t, image_voxels), repetitions=t)
+            for s in _runs(members, per, lambda inst: 1)]
 
 
 def _frame_voxels(fmt: str) -> int:
@@ -123,17 +122,27 @@ def _frame_voxels(fmt: str) -> int:
     return int(rows) * int(columns)
 
 
-def _time_series_instance(inst, time_points: int, frame_voxels: int) -> Stack:
-    """A multi-frame instance holding ``time_points`` volumes in time-major order, as one
-    position-major stack; a slab per position where that is at least MIN_POSITION_SLAB images
-    and at most POSITION_SLAB_VOXELS."""
-    slab = time_points if MIN_POSITION_SLAB <= time_points <= MAX_TIME_POINTS \
-        and time_points * frame_voxels <= POSITION_SLAB_VOXELS else 0
-    return Stack([inst], interleave=time_points, slab=slab)
+def _position_slab(t: int, frame_voxels: int) -> int:
+    """A slab per position of ``t`` images where that is at least MIN_POSITION_SLAB images
+    and at most POSITION_SLAB_VOXELS; else 0 (the coder's default)."""
+    return t if MIN_POSITION_SLAB <= t <= MAX_TIME_POINTS \
+        and t * frame_voxels <= POSITION_SLAB_VOXELS else 0
+
+
+def _time_series_instance(inst, cycle, frame_voxels: int) -> Stack | None:
+    """A multi-frame instance holding a 4D series (``cycle``: its
+    storage.frame_order.FrameCycle) as a stack of its own: time-major frames coded
+    position-major up to MAX_FOUR_D_VOXELS, position-major frames in their order, each
+    position's a slab (:func:`_position_slab`); None for other instances."""
+    t = cycle.time_points if cycle else 1
+    if t <= 1 or (cycle.time_major and inst.frames * frame_voxels > MAX_FOUR_D_VOXELS):
+        return None
+    return Stack([inst], interleave=t if cycle.time_major else 1,
+                 slab=_position_slab(t, frame_voxels))
 
 
 def assemble(instances: list, max_slices: int = 256, adapt_voxels: int = ADAPT_VOXELS,
-             time_points: dict | None = None) -> tuple[list[Stack], list]:
+             cycles: dict | None = None) -> tuple[list[Stack], list]:
     """Split instances (objects with ``stack_format``, ``frames``, ``position``,
     ``instance_number``, ``sop_uid``) into stacks and singles.
 
@@ -148,10 +157,9 @@ def assemble(instances: list, max_slices: int = 256, adapt_voxels: int = ADAPT_V
     adapt_voxels : int
         The codec's adaptation threshold, which sizes the position-major groups of time
         points.
-    time_points : dict, optional
-        ``sop_uid`` -> time points of a multi-frame instance holding a 4D series in time-major
-        order (storage.frame_order.cycle_time_points): a position-major stack by itself, when
-        it holds at most MAX_FOUR_D_VOXELS.
+    cycles : dict, optional
+        ``sop_uid`` -> storage.frame_order.FrameCycle of a multi-frame instance holding a 4D
+        series: a stack by itself (:func:`_time_series_instance`).
 
     Returns
     -------
@@ -167,10 +175,10 @@ def assemble(instances: list, max_slices: int = 256, adapt_voxels: int = ADAPT_V
         if inst.stack_format == MULTIFRAME:    # indexed before its frames' format was kept
             stacks.append(Stack([inst]))
         elif inst.stack_format.startswith(MULTIFRAME + "|"):
-            t = (time_points or {}).get(inst.sop_uid, 1)
-            voxels = inst.frames * _frame_voxels(inst.stack_format)
-            if t > 1 and voxels <= MAX_FOUR_D_VOXELS:
-                stacks.append(_time_series_instance(inst, t, voxels // inst.frames))
+            alone = _time_series_instance(inst, (cycles or {}).get(inst.sop_uid),
+                                          _frame_voxels(inst.stack_format))
+            if alone is not None:
+                stacks.append(alone)
             else:
                 volumes[inst.stack_format].append(inst)
         elif inst.stack_format:

@@ -26,7 +26,7 @@ from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import (PIXEL_KEYWORDS, header_elements, parse_fields, pixel_layout,
                                    split)
 from storage.errors import CommitOutcomeUnknown, UnparseableDatasetError
-from storage.frame_order import (cycle_time_points, instance_major, point_group,
+from storage.frame_order import (FrameCycle, frame_cycle, instance_major, point_group,
                                  position_major, position_major_pays, repetition_major)
 from storage.index import Blob, Index, Instance, Job, Series
 from storage.instance_facts import MULTIFRAME, frame_places
@@ -186,7 +186,7 @@ class Compactor:
         plan = _Plan()
         try:
             stacks, singles = assemble(members, self.max_slices,
-                                       time_points=self._time_points(members))
+                                       cycles=self._frame_cycles(members))
             kept = 0                # stacks coded as volumes; the others go one by one
             for stack in stacks:
                 if self._code_stack(stack, plan, fast):
@@ -211,10 +211,9 @@ class Compactor:
                  len(members), kept, len(singles))
         return True
 
-    def _time_points(self, members: list) -> dict[str, int]:
-        """The time points of each staged multi-frame instance that holds a 4D series in
-        time-major order (storage.frame_order.cycle_time_points), read from its frames'
-        functional groups."""
+    def _frame_cycles(self, members: list) -> dict[str, FrameCycle]:
+        """The frame cycle of each staged multi-frame instance that holds a 4D series
+        (storage.frame_order.frame_cycle), read from its frames' functional groups."""
         found = {}
         for inst in members:
             if not inst.stack_format.startswith(MULTIFRAME + "|"):
@@ -225,9 +224,9 @@ class Compactor:
             except UnparseableDatasetError as exc:
                 log.info("frames of %s keep their order: %s", inst.sop_uid, exc)
                 continue
-            t = cycle_time_points(places) if places else 1
-            if t > 1:
-                found[inst.sop_uid] = t
+            cycle = frame_cycle(places) if places else FrameCycle()
+            if cycle.time_points > 1:
+                found[inst.sop_uid] = cycle
         return found
 
     def _code_stack(self, stack: Stack, plan: _Plan, fast: bool = False) -> bool:

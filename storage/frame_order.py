@@ -15,6 +15,8 @@ the same places (a field map's magnitude and phase, echoes) are better coded in 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 
@@ -43,6 +45,36 @@ def point_group(time_points: int, slab: int) -> int | None:
     its whole group in every slab, so a group holds at most a quarter of the time points.
     None (any) for other stacks."""
     return max(1, time_points // 4) if time_points > 1 and slab == time_points else None
+
+
+class FrameCycle(NamedTuple):
+    """How a multi-frame instance's frames repeat their places: ``time_points`` volumes of
+    the same places (1: none), time-major (each volume's frames together) or position-major
+    (each place's frames together)."""
+
+    time_points: int = 1
+    time_major: bool = True
+
+
+def frame_cycle(frame_keys: list) -> FrameCycle:
+    """The :class:`FrameCycle` of frames at places ``frame_keys`` (their positions and
+    orientations, storage.instance_facts.frame_places)."""
+    t = cycle_time_points(frame_keys)
+    if t > 1:
+        return FrameCycle(t, True)
+    t = run_time_points(frame_keys)
+    return FrameCycle(t, False) if t > 1 else FrameCycle()
+
+
+def run_time_points(frame_keys: list) -> int:
+    """``t`` when frames come in runs of ``t`` >= 2 at one place, each of ``p`` >= 2 places
+    once (position-major), else 1."""
+    n, t = len(frame_keys), 1
+    while t < n and frame_keys[t] == frame_keys[0]:
+        t += 1
+    if t < 2 or t == n or n % t or len(set(frame_keys[::t])) != n // t:
+        return 1
+    return t if all(frame_keys[f] == frame_keys[f - f % t] for f in range(n)) else 1
 
 
 def cycle_time_points(frame_keys: list) -> int:

@@ -89,11 +89,12 @@ def make_time_points(count: int, frames: int, size: int, seed: int) -> list:
 
 
 def make_4d_instance(time_points: int, positions: int, size: int, seed: int,
-                     contrasts: bool = False) -> Dataset:
+                     contrasts: bool = False, by_position: bool = False) -> Dataset:
     """One enhanced multi-frame instance holding a whole 4D series in time-major order (time
     point ``t``'s ``positions`` frames together, each frame's place in its per-frame
-    functional groups), as an enhanced MR fMRI can come. With ``contrasts``, each "time
-    point" is another contrast of the same places (a field map's magnitude and phase)."""
+    functional groups), as an enhanced MR fMRI can come; ``by_position``: each position's
+    time points together instead. With ``contrasts``, each "time point" is another contrast
+    of the same places (a field map's magnitude and phase)."""
     (ds,) = make_series(1, size, size, seed=seed)
     del ds.ImagePositionPatient, ds.ImageOrientationPatient
     rng = np.random.default_rng(seed)
@@ -110,15 +111,18 @@ def make_4d_instance(time_points: int, positions: int, size: int, seed: int,
     orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     shared.PlaneOrientationSequence = [orientation]
     ds.SharedFunctionalGroupsSequence = [shared]
+    places = [(t, z) for t in range(time_points) for z in range(positions)]
+    if by_position:
+        places.sort(key=lambda tz: (tz[1], tz[0]))
     frames = []
-    for _ in range(time_points):
-        for z in range(positions):
-            item, place = Dataset(), Dataset()
-            place.ImagePositionPatient = [-10.5, 4.25, 3.0 * z - 20]
-            item.PlanePositionSequence = [place]
-            frames.append(item)
+    for _, z in places:
+        item, place = Dataset(), Dataset()
+        place.ImagePositionPatient = [-10.5, 4.25, 3.0 * z - 20]
+        item.PlanePositionSequence = [place]
+        frames.append(item)
     ds.PerFrameFunctionalGroupsSequence = frames
-    ds.PixelData = np.round(np.concatenate(points)).astype(np.int16).tobytes()
+    pixels = np.stack([points[t][z] for t, z in places])
+    ds.PixelData = np.round(pixels).astype(np.int16).tobytes()
     return ds
 
 

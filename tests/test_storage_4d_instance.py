@@ -12,7 +12,8 @@ from node_helpers import (archive, dataset_bytes, make_4d_instance,  # noqa: F40
 from storage import header_pack
 from storage.assembly import MAX_FOUR_D_VOXELS, assemble
 from storage.dataset_parts import header_elements
-from storage.frame_order import cycle_time_points, position_major, position_major_pays
+from storage.frame_order import (FrameCycle, cycle_time_points, frame_cycle, position_major,
+                                 position_major_pays, run_time_points)
 from storage.index import Blob
 from storage.instance_facts import frame_places
 
@@ -29,6 +30,25 @@ from storage.instance_facts import frame_places
 ])
 def test_the_frame_cycle_counts_time_points_only_for_a_regular_time_major_order(keys, expected):
     assert cycle_time_points(keys) == expected
+
+
+@pytest.mark.parametrize("keys, expected", [
+    (list("aabbcc"), 2),             # each place's frames together
+    (list("aaabbb"), 3),
+    (list("abcabc"), 1),             # time-major
+    (list("aaaa"), 1),
+    (list("aabbc"), 1),              # a place cut short
+    (list("aabbaa"), 1),             # a place twice
+    (list("aabbbc"), 1),
+])
+def test_runs_of_one_place_count_time_points_of_a_position_major_order(keys, expected):
+    assert run_time_points(keys) == expected
+
+
+def test_the_frame_cycle_says_which_order_holds():
+    assert frame_cycle(list("abab")) == FrameCycle(2, True)
+    assert frame_cycle(list("aabb")) == FrameCycle(2, False)
+    assert frame_cycle(list("abba")) == FrameCycle()
 
 
 def test_position_major_pays_for_time_points_not_for_other_contrasts():
@@ -53,22 +73,26 @@ def test_frame_places_come_from_the_functional_groups():
     assert frame_places(Dataset()) is None
 
 
-def _row(t, frames=40, size=8):
+def _row(frames=40, size=8):
     from types import SimpleNamespace
     return SimpleNamespace(sop_uid="u1", instance_number=1, frames=frames, position=None,
                            stack_format=f"multiframe|{size}x{size}|int16|1.2.840.10008.1.2.1|none")
 
 
-def test_assembly_makes_a_time_major_instance_a_position_major_stack_of_its_own():
-    stacks, singles = assemble([_row(4)], time_points={"u1": 4})
-    assert singles == [] and [(st.interleave, st.slab) for st in stacks] == [(4, 0)]
-    stacks, _ = assemble([_row(10, frames=40)], time_points={"u1": 10})
-    assert [(st.interleave, st.slab) for st in stacks] == [(10, 10)]   # a slab per position
-    stacks, _ = assemble([_row(4)])
-    assert [st.interleave for st in stacks] == [1]
-    side = int((MAX_FOUR_D_VOXELS // 40) ** 0.5) + 1                 # too large to reorder
-    stacks, _ = assemble([_row(4, size=side)], time_points={"u1": 4})
-    assert [st.interleave for st in stacks] == [1]
+def test_assembly_makes_a_4d_instance_a_stack_of_its_own():
+    def shape(cycle, **row):
+        stacks, singles = assemble([_row(**row)], cycles={"u1": cycle})
+        assert singles == [] and len(stacks) == 1
+        return stacks[0].interleave, stacks[0].slab
+
+    assert shape(FrameCycle(4, True)) == (4, 0)         # time-major: coded position-major
+    assert shape(FrameCycle(10, True)) == (10, 10)      # a slab per position
+    assert shape(FrameCycle(10, False)) == (1, 10)      # position-major already: its order
+    assert shape(FrameCycle(4, False)) == (1, 0)
+    assert shape(None) == (1, 0)
+    side = int((MAX_FOUR_D_VOXELS // 40) ** 0.5) + 1  # too large to reorder
+    assert shape(FrameCycle(4, True), size=side) == (1, 0)
+    assert shape(FrameCycle(10, False), size=side) == (1, 0)   # too large for a slab each
 
 
 def _volume_blob(arch) -> Blob:
@@ -95,6 +119,17 @@ def test_a_4d_instance_is_coded_position_major_and_comes_back_exactly(archive):
     assert ordered == [uid] and archive.retrieve(uid).data == sent[uid]
     assert [bytes(f) for f in archive.frames(uid, [2, 7])] == \
         [_frames(ds, 12)[k].tobytes() for k in (1, 6)]
+
+
+def test_a_position_major_4d_instance_keeps_its_order_a_slab_per_position(archive):
+    ds = make_4d_instance(9, 5, 12, seed=6, by_position=True)
+    sent = store_series(archive, [ds])
+    assert archive.compact(stable_age=0) == (1, 0)
+    blob = _volume_blob(archive)
+    assert (blob.interleave, blob.slab) == (1, 9)
+    coded = models.decode_volume(header_pack.coded_view(archive.blobs.get(blob.key)))
+    assert np.array_equal(coded, _frames(ds, 12))
+    assert archive.retrieve(ds.SOPInstanceUID).data == sent[ds.SOPInstanceUID]
 
 
 def test_a_4d_instance_of_other_contrasts_keeps_its_frame_order(archive):
