@@ -77,15 +77,7 @@ def parse_dataset(data: bytes, transfer_syntax: str, keywords: Iterable[str] = (
     UnparseableDatasetError
         When the bytes cannot be read in the given transfer syntax.
     """
-    ts = UID(transfer_syntax)
-    if not ts.is_transfer_syntax:
-        raise UnparseableDatasetError(f"unknown transfer syntax {transfer_syntax!r}")
-    stream = data
-    if ts in DEFLATED:
-        try:
-            stream = zlib.decompress(data, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise UnparseableDatasetError(f"cannot inflate deflated dataset: {exc}") from exc
+    ts, stream = _inflated(data, transfer_syntax)
     try:
         fp = io.BytesIO(stream)
         ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian)
@@ -110,18 +102,27 @@ def header_elements(data, transfer_syntax: str):
     UnparseableDatasetError
         When the bytes cannot be read in the given transfer syntax.
     """
-    ts = UID(transfer_syntax)
-    if not ts.is_transfer_syntax:
-        raise UnparseableDatasetError(f"unknown transfer syntax {transfer_syntax!r}")
+    ts, stream = _inflated(data, transfer_syntax)
     try:
-        if ts in DEFLATED:
-            data = zlib.decompress(data, -zlib.MAX_WBITS)
-        fp = data if hasattr(data, "seek") else io.BytesIO(data)
+        fp = stream if hasattr(stream, "seek") else io.BytesIO(stream)
         fp.seek(0)
         return read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian,
                             stop_when=lambda tag, vr, length: tag == PIXEL_DATA)
-    except Exception as exc:  # pydicom and zlib raise many kinds on malformed input
+    except Exception as exc:  # pydicom raises many kinds on malformed input
         raise UnparseableDatasetError(f"cannot parse dataset: {exc}") from exc
+
+
+def _inflated(data, transfer_syntax: str) -> tuple[UID, bytes]:
+    """(transfer syntax, the dataset's bytes, inflated when the syntax is deflated)."""
+    ts = UID(transfer_syntax)
+    if not ts.is_transfer_syntax:
+        raise UnparseableDatasetError(f"unknown transfer syntax {transfer_syntax!r}")
+    if ts not in DEFLATED:
+        return ts, data
+    try:
+        return ts, zlib.decompress(data, -zlib.MAX_WBITS)
+    except zlib.error as exc:
+        raise UnparseableDatasetError(f"cannot inflate deflated dataset: {exc}") from exc
 
 
 def parse_fields(data: bytes, transfer_syntax: str, keywords: Iterable[str] = ()):
