@@ -152,3 +152,20 @@ def test_time_point_instances_of_other_contrasts_keep_their_order(archive):
     assert _volume_blob(archive).interleave == 1
     for uid, data in sent.items():
         assert archive.retrieve(uid).data == data
+
+
+def test_deleting_a_4d_instance_frees_its_blob_and_leaves_the_series_rest_exact(archive):
+    four_d = make_4d_instance(4, 6, 12, seed=7)
+    (other,) = make_time_points(1, 5, 10, seed=8)
+    other.SeriesInstanceUID = four_d.SeriesInstanceUID
+    other.StudyInstanceUID = four_d.StudyInstanceUID
+    sent = store_series(archive, [four_d, other])
+    assert archive.compact(stable_age=0) == (1, 0)
+    with archive.index.read() as s:
+        shapes = sorted((b.shape, b.interleave) for b in s.scalars(
+            select(Blob).where(Blob.codec.in_(header_pack.VOLUME_CODECS))))
+    assert shapes == [("24,12,12", 4), ("5,10,10", 1)]
+    archive.delete("instance", four_d.SOPInstanceUID)
+    with archive.index.read() as s:
+        assert [b.shape for b in s.scalars(select(Blob))] == ["5,10,10"]
+    assert archive.retrieve(other.SOPInstanceUID).data == sent[other.SOPInstanceUID]
