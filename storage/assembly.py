@@ -106,14 +106,14 @@ def _positions(members: list, max_slices: int, image_voxels: int) -> list[Stack]
     """Single-frame instances in position order (:func:`_order`) in stacks of ``max_slices``;
     a 4D series, each position ``t`` >= 2 times (t <= ``max_slices``), in stacks of whole
     positions, the number nearest ``max_slices`` slices (``repetitions`` t: compaction may
-    code them a repetition after the other), a slab per position (:func:`_position_slab`)."""
+    code them a repetition after the other), a slab per position (:func:`position_slab`)."""
     places = Counter(None if m.position is None else round(m.position, 3) for m in members)
     t = max(places.values())
     if None in places or len(places) < 2 or not 2 <= t <= max_slices \
             or any(n != t for n in places.values()):
         return _runs(members, max_slices, lambda inst: 1)
     per = max(1, round(max_slices / t)) * t
-    return [Stack(s.members, slab=_position_slab(t, image_voxels), repetitions=t)
+    return [Stack(s.members, slab=position_slab(t, image_voxels), repetitions=t)
             for s in _runs(members, per, lambda inst: 1)]
 
 
@@ -122,7 +122,7 @@ def _frame_voxels(fmt: str) -> int:
     return int(rows) * int(columns)
 
 
-def _position_slab(t: int, frame_voxels: int) -> int:
+def position_slab(t: int, frame_voxels: int) -> int:
     """A slab per position of ``t`` images where that is at least MIN_POSITION_SLAB images
     and at most POSITION_SLAB_VOXELS; else 0 (the coder's default)."""
     return t if MIN_POSITION_SLAB <= t <= MAX_TIME_POINTS \
@@ -133,12 +133,12 @@ def _time_series_instance(inst, cycle, frame_voxels: int) -> Stack | None:
     """A multi-frame instance holding a 4D series (``cycle``: its
     storage.frame_order.FrameCycle) as a stack of its own: time-major frames coded
     position-major up to MAX_FOUR_D_VOXELS, position-major frames in their order, each
-    position's a slab (:func:`_position_slab`); None for other instances."""
+    position's a slab (:func:`position_slab`); None for other instances."""
     t = cycle.time_points if cycle else 1
     if t <= 1 or (cycle.time_major and inst.frames * frame_voxels > MAX_FOUR_D_VOXELS):
         return None
     return Stack([inst], interleave=t if cycle.time_major else 1,
-                 slab=_position_slab(t, frame_voxels))
+                 slab=position_slab(t, frame_voxels))
 
 
 def assemble(instances: list, max_slices: int = 256, adapt_voxels: int = ADAPT_VOXELS,

@@ -137,7 +137,7 @@ def test_a_4d_instance_of_other_contrasts_keeps_its_frame_order(archive):
     sent = store_series(archive, [ds])
     assert archive.compact(stable_age=0) == (1, 0)
     blob = _volume_blob(archive)
-    assert blob.interleave == 1
+    assert (blob.interleave, blob.slab) == (1, 12)      # a slab per contrast's volume
     coded = models.decode_volume(header_pack.coded_view(archive.blobs.get(blob.key)))
     assert np.array_equal(coded, _frames(ds, 12))
     assert archive.retrieve(ds.SOPInstanceUID).data == sent[ds.SOPInstanceUID]
@@ -149,7 +149,7 @@ def test_time_point_instances_of_other_contrasts_keep_their_order(archive):
     ds.PixelData = (4000 - 5 * _frames(ds, 12).astype(np.int32)).astype(np.int16).tobytes()
     sent = store_series(archive, series)
     assert archive.compact(stable_age=0) == (1, 0)
-    assert _volume_blob(archive).interleave == 1
+    assert (_volume_blob(archive).interleave, _volume_blob(archive).slab) == (1, 8)  # 6 a volume
     for uid, data in sent.items():
         assert archive.retrieve(uid).data == data
 
