@@ -7,10 +7,11 @@ is its spatial neighbour; coded position-major, it is the same position one time
 earlier, which differs from it by little more than noise: the test fMRI codes 19% smaller so.
 The blob holds the stack position-major when its row's ``interleave`` is ``t`` > 1; these
 functions turn one order into the other. One multi-frame instance may hold a whole 4D series
-in time-major order (``t`` time points of ``z`` frames, as an enhanced MR fMRI, perfusion or
-cine can come): it is such a stack by itself (:func:`cycle_time_points`). Position-major
-order is taken only where it pays (:func:`position_major_pays`): frames of another contrast at
-the same places (a field map's magnitude and phase, echoes) are better coded in their order.
+(as an enhanced MR fMRI, perfusion or cine can come, :func:`frame_cycle`): time-major, it is
+such a stack by itself; position-major, it keeps its order. Position-major order is taken
+only where it pays (:func:`position_major_pays`): frames of another contrast at the same
+places (a field map's magnitude and phase, echoes, b-values) are better coded a volume after
+the other, as single-frame images of them are too (:func:`repetition_major`).
 """
 
 from __future__ import annotations
