@@ -26,8 +26,8 @@ from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import (PIXEL_KEYWORDS, header_elements, parse_fields, pixel_layout,
                                    split)
 from storage.errors import CommitOutcomeUnknown, UnparseableDatasetError
-from storage.frame_order import (FrameCycle, frame_cycle, instance_major, point_group,
-                                 position_major, position_major_pays, repetition_major)
+from storage.frame_order import (FrameCycle, coding_order, frame_cycle, instance_major,
+                                 point_group, position_major)
 from storage.index import Blob, Index, Instance, Job, Series
 from storage.instance_facts import MULTIFRAME, frame_places
 from storage.removals import finish_removals, record_removals
@@ -278,30 +278,22 @@ class Compactor:
         return True
 
     def _coding_order(self, stack: Stack, parts: list, volume: np.ndarray):
-        """(parts, volume, interleave, slab): the order a stack is coded in. A 4D stack's
-        images of one position (time points, echoes, b-values) go together, a slab per
-        position (the test fMRI: 5.9% fewer bits than slabs of 8, and faster), only where they
-        differ less than neighbouring positions do
-        (:func:`storage.frame_order.position_major_pays`); else a volume after the other, a
-        slab per volume (:func:`storage.assembly.position_slab`)."""
-        interleave, slab, first = stack.interleave, stack.slab or self.slab, parts[0][0].sop_uid
-        t, plane = stack.repetitions, volume.shape[1] * volume.shape[2]
-        if t > 1 and len(volume) == len(parts):       # single frames held position-major
-            order = repetition_major(len(parts), t)
-            if not position_major_pays(volume, t, order):
-                log.info("the %d images of each of %d positions (the first %s) differ more "
-                         "than neighbouring positions: coded a repetition after the other", t,
-                         len(parts) // t, first)
-                return ([parts[i] for i in order], volume[order], 1,
-                        position_slab(len(parts) // t, plane) or self.slab)
-        if interleave > 1 and not position_major_pays(volume, interleave):
-            log.info("%d time points of %d frames (the first %s) differ more than neighbouring "
-                     "frames: coded in their order", interleave, len(volume) // interleave, first)
-            return parts, volume, 1, position_slab(len(volume) // interleave, plane) or self.slab
-        if interleave > 1:
-            log.info("coding %d time points of %d frames (the first %s) position-major",
-                     interleave, len(volume) // interleave, first)
-        return parts, volume, interleave, slab
+        """(parts, volume, interleave, slab): the order a stack is coded in
+        (:func:`storage.frame_order.coding_order`). A 4D stack's images of one position (time
+        points, echoes, b-values) go together, a slab per position (the test fMRI: 5.9% fewer
+        bits than slabs of 8, and faster), only where they differ less than neighbouring
+        positions do; else a volume after the other, a slab per volume."""
+        plane = volume.shape[1] * volume.shape[2]
+        single = len(volume) == len(parts)
+        how = coding_order(volume, stack.repetitions if single else 1, stack.interleave,
+                           stack.slab, lambda images: position_slab(images, plane))
+        t = max(stack.repetitions if single else 1, stack.interleave)
+        if how.why:
+            log.info("%d images at each of %d places (the first %s): coded %s", t,
+                     len(volume) // t, parts[0][0].sop_uid, how.why)
+        if how.order is not None:
+            parts, volume = [parts[i] for i in how.order], volume[how.order]
+        return parts, volume, how.interleave, how.slab or self.slab
 
     def _code_single(self, inst, plan: _Plan) -> None:
         data = self.blobs.get(inst.staged_key)

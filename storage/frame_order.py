@@ -122,3 +122,34 @@ def repetition_major(count: int, repetitions: int) -> np.ndarray:
     images together) a repetition after the other: the first image of every position, then
     the second, ... (the order of :func:`instance_major`)."""
     return np.arange(count).reshape(count // repetitions, repetitions).T.ravel()
+
+
+class CodingOrder(NamedTuple):
+    """The order a stack is coded in: ``order`` the slices of the stack in coding order (None:
+    as they are), then position-major over ``interleave`` time points (1: not), in slabs of
+    ``slab`` slices (0: the coder's default); ``why`` says which, for the log."""
+
+    order: np.ndarray | None
+    interleave: int
+    slab: int
+    why: str
+
+
+def coding_order(volume: np.ndarray, repetitions: int = 1, interleave: int = 1, slab: int = 0,
+                 volume_slab=lambda images: 0) -> CodingOrder:
+    """How to code a 4D stack (:func:`position_major_pays` decides): ``volume`` single frames
+    held position-major, each position's ``repetitions`` images together (a slab each:
+    ``slab``), or ``interleave`` time points of equal frames in instance order (to code
+    position-major, a slab per position: ``slab``). Where the images of one position differ
+    more than neighbouring positions do, a volume after the other instead, a slab of
+    ``volume_slab(images)`` each."""
+    if repetitions > 1:
+        order = repetition_major(len(volume), repetitions)
+        if not position_major_pays(volume, repetitions, order):
+            return CodingOrder(order, 1, volume_slab(len(volume) // repetitions),
+                               "a repetition after the other")
+    if interleave > 1:
+        if not position_major_pays(volume, interleave):
+            return CodingOrder(None, 1, volume_slab(len(volume) // interleave), "in their order")
+        return CodingOrder(None, interleave, slab, "position-major")
+    return CodingOrder(None, 1, slab, "")
