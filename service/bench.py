@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 from service import bench_codecs, bench_report  # noqa: E402
 from service.cpu_clock import cpu_seconds  # noqa: E402
+from service.node_stacks import read_folder_as_node  # noqa: E402
 from service.series_reader import SeriesVolume, read_folder  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ class BenchOptions:
     crop : int or None
         Code only the central ``crop x crop`` region of every slice (all codecs): lets the slow
         paper models code many consecutive slices, with their inter-slice context, in CPU time.
+    as_node : bool
+        Read each folder as the storage node stacks it (service.node_stacks): 4D series in the
+        order and the slabs the node codes them in.
     """
 
     codecs: list[str] = field(default_factory=lambda: list(ALL_CODECS))
@@ -93,6 +97,7 @@ class BenchOptions:
     repeat_below_s: float = 15.0
     subset_mode: str = "block"
     crop: int | None = None
+    as_node: bool = False
 
 
 def select_slices(total: int, count: int | None, mode: str = "even") -> list[int]:
@@ -156,16 +161,18 @@ def verify(volume: np.ndarray, decoded: np.ndarray, codec: str) -> None:
 
 
 def measure(codec: bench_codecs.Codec, volume: np.ndarray, repeat: int,
-            repeat_below_s: float = BenchOptions.repeat_below_s) -> dict:
-    """Encode, decode and verify ``volume`` with ``codec``; return sizes and speeds.
+            repeat_below_s: float = BenchOptions.repeat_below_s, coding: dict | None = None
+            ) -> dict:
+    """Encode, decode and verify ``volume`` with ``codec`` (a voxarc codec with the encoder
+    options ``coding``); return sizes and speeds.
 
     Raises
     ------
     RoundTripError
         If any decode differs from ``volume``.
     """
-    encoded, enc_walls, enc_wall, enc_cpu = timed(lambda: codec.encode(volume), repeat,
-                                                  repeat_below_s)
+    encoded, enc_walls, enc_wall, enc_cpu = timed(lambda: codec.encode(volume, **(coding or {})),
+                                                  repeat, repeat_below_s)
     decoded, dec_walls, dec_wall, dec_cpu = timed(lambda: codec.decode(encoded[0]), repeat,
                                                   repeat_below_s)
     for out in decoded:
@@ -204,10 +211,13 @@ def _run_row(codec, volume: SeriesVolume, indices: list[int], role: str,
             "slices": len(indices), "total_slices": total, "slice_indices": indices,
             "subset": len(indices) < total,
             "subset_mode": options.subset_mode if len(indices) < total else "all"}
+    # the node's slabs and groups where the whole stack is coded as the node codes it
+    coding = volume.coding if codec.name.startswith(bench_codecs.VOXARC_PREFIX) \
+        and len(indices) == total else None
     try:
         return {**base, "status": "ok", "error": None,
                 **measure(codec, np.ascontiguousarray(volume.voxels[indices]), options.repeat,
-                          options.repeat_below_s)}
+                          options.repeat_below_s, coding)}
     except Exception as exc:  # a codec that fails is a loud failed row, never a number
         log.error("%s on %s FAILED: %s", codec.name, volume.name, exc)
         return {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
@@ -317,7 +327,8 @@ def run_bench(paths: list[str | Path], options: BenchOptions | None = None,
         trip failed.
     """
     options = options or BenchOptions()
-    volumes = [v for path in paths for v in read_folder(path)]
+    reader = read_folder_as_node if options.as_node else read_folder
+    volumes = [v for path in paths for v in reader(path)]
     if not volumes:
         raise ValueError(f"no DICOM image series found in {', '.join(map(str, paths))}")
     if options.crop:
@@ -351,7 +362,8 @@ def _describe(volume: SeriesVolume) -> dict:
     vox = volume.voxels
     return {"name": volume.name, "series_uid": volume.series_uid, "modality": volume.modality,
             "transfer_syntax": volume.transfer_syntax, "files": volume.files,
-            "sorted_by": volume.sorted_by, "shape": list(vox.shape), "dtype": vox.dtype.name,
+            "sorted_by": volume.sorted_by, "coding": volume.coding,
+            "shape": list(vox.shape), "dtype": vox.dtype.name,
             "voxels": int(vox.size), "min": int(vox.min()), "max": int(vox.max())}
 
 
@@ -432,6 +444,9 @@ def register(subparsers) -> None:
     p.add_argument("--repeat-below-s", type=float, default=BenchOptions.repeat_below_s,
                    metavar="S", help="a phase whose first run took less than S seconds is "
                    "repeated (default: %(default)s)")
+    p.add_argument("--as-node", action="store_true",
+                   help="read each folder as the storage node stacks it: 4D series (time "
+                        "points, repetitions) in the order and slabs the node codes them in")
     p.set_defaults(func=main)
 
 
@@ -456,7 +471,7 @@ def main(args) -> int:
     options = BenchOptions(codecs=codecs, models=_split(args.models), max_slices=args.max_slices,
                            budget_s=args.budget_s, repeat=args.repeat,
                            repeat_below_s=args.repeat_below_s, subset_mode=args.subset,
-                           crop=args.crop)
+                           crop=args.crop, as_node=args.as_node)
     report = run_bench(args.paths, options)
     print(bench_report.format_table(report["rows"], report["overall"]))
     if args.crop:

@@ -50,7 +50,8 @@ class Codec:
     """A named lossless codec with its encoder and decoder."""
 
     name: str
-    encode: Callable[[np.ndarray], Encoded]
+    encode: Callable[..., Encoded]
+    """``encode(volume)``; voxarc's also takes ``models.encode_volume``'s slab and max_group."""
     decode: Callable[[Encoded], np.ndarray]
     decode_slice: Callable[[Encoded, int], np.ndarray] | None = None
     """Random access: decode slice ``i`` alone as a ``(1, rows, columns)`` array, if supported."""
@@ -185,11 +186,11 @@ def voxarc_codec(model: str) -> Codec:
     adapt = not model.endswith(NO_ADAPT)
     options = {} if adapt else {"adapt": False}
 
-    def encode(volume: np.ndarray) -> Encoded:
+    def encode(volume: np.ndarray, **coding) -> Encoded:
         import models  # here, so that a broken or missing codec fails its row, not the bench
 
-        return Encoded([models.encode_volume(volume, model=name, **options)], volume.dtype,
-                       volume.shape)
+        return Encoded([models.encode_volume(volume, model=name, **options, **coding)],
+                       volume.dtype, volume.shape)
 
     def decode(enc: Encoded) -> np.ndarray:
         import models

@@ -11,7 +11,7 @@ so JPEG Lossless and JPEG 2000 series read without pydicom's optional pixel plug
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,11 @@ class SeriesVolume:
     files : int
         Number of files the volume was read from.
     sorted_by : str
-        ``"position"`` (along the slice normal), ``"instance"`` (InstanceNumber) or ``"frames"``.
+        ``"position"`` (along the slice normal), ``"instance"`` (InstanceNumber) or ``"frames"``;
+        as the node stacks them (service.node_stacks), the order it codes them in.
+    coding : dict
+        ``models.encode_volume`` options the node codes this stack with (slab, max_group);
+        empty: the defaults.
     """
 
     name: str
@@ -65,6 +69,7 @@ class SeriesVolume:
     transfer_syntax: str
     files: int
     sorted_by: str
+    coding: dict = field(default_factory=dict)
 
 
 def stored_dtype(ds: pydicom.Dataset) -> np.dtype:
@@ -156,19 +161,23 @@ def read_folder(folder: str | Path) -> list[SeriesVolume]:
         in a stable order.
     """
     folder = Path(folder)
-    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
     groups: dict[tuple, list[tuple[Path, pydicom.Dataset]]] = {}
-    for path in files:
-        ds = _read_image(path)
-        if ds is not None:
-            groups.setdefault(_group_key(path, ds), []).append((path, ds))
+    for path, ds in read_images(folder):
+        groups.setdefault(_group_key(path, ds), []).append((path, ds))
     volumes = [_volume(members) for _, members in sorted(groups.items(), key=lambda kv: str(kv[0]))]
-    if len(volumes) > 1:
-        for k, vol in enumerate(volumes, 1):
-            vol.name = f"{folder.name}#{k}"
-    else:
-        for vol in volumes:
-            vol.name = folder.name
+    return named(volumes, folder.name)
+
+
+def read_images(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    """``(path, dataset)`` of every grey-level image under ``folder`` (or the file itself)."""
+    files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+    return [(path, ds) for path in files if (ds := _read_image(path)) is not None]
+
+
+def named(volumes: list[SeriesVolume], name: str) -> list[SeriesVolume]:
+    """``volumes`` named ``name``, with ``#k`` appended when there are several."""
+    for k, vol in enumerate(volumes, 1):
+        vol.name = f"{name}#{k}" if len(volumes) > 1 else name
     return volumes
 
 

@@ -365,3 +365,45 @@ def test_one_slice_is_timed_as_the_median_of_repeated_verified_runs():
         bench._time_one_slice(codec, None, vol, repeat=1)
     assert bench._time_one_slice(bench_codecs.Codec("plain", None, None), None, vol, 3) == \
         (None, [])
+
+
+def test_as_node_stacks_time_points_position_major_and_4d_instances_as_the_node_does(tmp_path):
+    from node_helpers import make_4d_instance, make_time_points, write_series
+    from service.node_stacks import read_folder_as_node
+    from storage.frame_order import position_major
+
+    points = sorted(make_time_points(6, 5, 12, seed=3), key=lambda d: d.InstanceNumber)
+    write_series(points, tmp_path / "fmri")
+    assert [v.voxels.shape for v in read_folder(tmp_path / "fmri")] == [(5, 12, 12)] * 6
+    (vol,) = read_folder_as_node(tmp_path / "fmri")
+    frames = np.concatenate([np.frombuffer(d.PixelData, np.int16).reshape(5, 12, 12)
+                             for d in points])
+    assert np.array_equal(vol.voxels, position_major(frames, 6))
+    assert vol.sorted_by == "node: position-major" and vol.coding["slab"] == 8
+
+    write_series([make_4d_instance(9, 4, 10, seed=4)], tmp_path / "one")
+    (vol,) = read_folder_as_node(tmp_path / "one")
+    assert (vol.sorted_by, vol.coding) == ("node: position-major", {"slab": 9, "max_group": 2})
+    write_series([make_4d_instance(2, 10, 10, seed=5, contrasts=True)], tmp_path / "two")
+    (vol,) = read_folder_as_node(tmp_path / "two")
+    assert (vol.sorted_by, vol.coding["slab"]) == ("node: in their order", 10)
+
+
+def test_bench_as_node_codes_with_the_nodes_slabs(tmp_path, monkeypatch):
+    from node_helpers import make_4d_instance, write_series
+    import models
+
+    write_series([make_4d_instance(9, 4, 10, seed=6)], tmp_path / "one")
+    seen = []
+    real = models.encode_volume
+
+    def spy(volume, **kw):
+        seen.append((volume.shape, kw.get("slab"), kw.get("max_group")))
+        return real(volume, **kw)
+
+    monkeypatch.setattr(models, "encode_volume", spy)
+    report = run_bench([tmp_path / "one"], BenchOptions(codecs=["voxarc", "jpegls"], repeat=1,
+                                                        as_node=True))
+    assert report["ok"] and report["volumes"][0]["coding"] == {"slab": 9, "max_group": 2}
+    whole = [s for s in seen if s[0] == (36, 10, 10)]    # (the others: probes, model info)
+    assert whole and all(s == ((36, 10, 10), 9, 2) for s in whole)
