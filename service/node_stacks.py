@@ -24,7 +24,7 @@ from pydicom.uid import UID
 from models.api import SLAB_SLICES
 from service.series_reader import (SeriesVolume, named, read_images, slice_position,
                                    stored_dtype, stored_frames)
-from storage.assembly import Stack, assemble, position_slab
+from storage.assembly import Stack, assemble, volume_slab
 from storage.frame_order import coding_order, frame_cycle, point_group, position_major
 from storage.instance_facts import MULTIFRAME, frame_places
 
@@ -80,7 +80,7 @@ def _volume(stack: Stack) -> SeriesVolume:
     single = all(m.frames == 1 for m in stack.members)
     plane = volume.shape[1] * volume.shape[2]
     how = coding_order(volume, stack.repetitions if single else 1, stack.interleave, stack.slab,
-                       lambda images: position_slab(images, plane))
+                       lambda images: volume_slab(images, plane))
     if how.order is not None:
         volume = volume[how.order]
     slab = how.slab or SLAB_SLICES

@@ -129,6 +129,16 @@ def position_slab(t: int, frame_voxels: int) -> int:
         and t * frame_voxels <= POSITION_SLAB_VOXELS else 0
 
 
+def volume_slab(images: int, frame_voxels: int) -> int:
+    """Slabs for volumes of ``images`` slices coded one after the other: the largest of 16
+    down to MIN_POSITION_SLAB slices that divides ``images`` (no slab holds two volumes) and
+    holds at most POSITION_SLAB_VOXELS; else 0 (the coder's default). Larger slabs would save
+    a little more and decode slower (the test field map's two 32-slice volumes: slabs of 8,
+    16 and 32 slices 142,340, 141,272 and 140,756 bytes, decoded in 0.068, 0.072 and 0.083 s)."""
+    return next((d for d in range(16, MIN_POSITION_SLAB - 1, -1)
+                 if images % d == 0 and d * frame_voxels <= POSITION_SLAB_VOXELS), 0)
+
+
 def _time_series_instance(inst, cycle, frame_voxels: int) -> Stack | None:
     """A multi-frame instance holding a 4D series (``cycle``: its
     storage.frame_order.FrameCycle) as a stack of its own: time-major frames coded

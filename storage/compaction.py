@@ -21,7 +21,7 @@ from sqlalchemy import select
 import models
 from models.api import SLAB_SLICES, adapts_by_default
 from storage import header_pack
-from storage.assembly import Stack, assemble, position_slab
+from storage.assembly import Stack, assemble, volume_slab
 from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import (PIXEL_KEYWORDS, header_elements, parse_fields, pixel_layout,
                                    split)
@@ -282,11 +282,12 @@ class Compactor:
         (:func:`storage.frame_order.coding_order`). A 4D stack's images of one position (time
         points, echoes, b-values) go together, a slab per position (the test fMRI: 5.9% fewer
         bits than slabs of 8, and faster), only where they differ less than neighbouring
-        positions do; else a volume after the other, a slab per volume."""
+        positions do; else a volume after the other (its slabs:
+        :func:`storage.assembly.volume_slab`)."""
         plane = volume.shape[1] * volume.shape[2]
         single = len(volume) == len(parts)
         how = coding_order(volume, stack.repetitions if single else 1, stack.interleave,
-                           stack.slab, lambda images: position_slab(images, plane))
+                           stack.slab, lambda images: volume_slab(images, plane))
         t = max(stack.repetitions if single else 1, stack.interleave)
         if how.why:
             log.info("%d images at each of %d places (the first %s): coded %s", t,
