@@ -407,3 +407,17 @@ def test_bench_as_node_codes_with_the_nodes_slabs(tmp_path, monkeypatch):
     assert report["ok"] and report["volumes"][0]["coding"] == {"slab": 9, "max_group": 2}
     whole = [s for s in seen if s[0] == (36, 10, 10)]    # (the others: probes, model info)
     assert whole and all(s == ((36, 10, 10), 9, 2) for s in whole)
+
+
+def test_cli_as_node_reads_the_folder_as_the_node_stacks_it(tmp_path):
+    from node_helpers import make_time_points, write_series
+
+    write_series(make_time_points(4, 3, 10, seed=9), tmp_path / "fmri")
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", str(tmp_path / "fmri"), "--as-node", "--codecs", "voxarc,jpegls",
+                     "--repeat", "1", "--json", str(out)]) == 0
+    (volume,) = json.loads(out.read_text())["volumes"]
+    assert volume["shape"] == [12, 10, 10] and volume["sorted_by"] == "node: position-major"
+    assert cli_main(["bench", str(tmp_path / "fmri"), "--codecs", "jpegls", "--repeat", "1",
+                     "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["volumes"]) == 4      # without: a volume each
