@@ -407,6 +407,32 @@ def test_smaller_volumes_go_to_worker_processes_once_they_run(monkeypatch):
     assert not parallel.running() and not api._parallel(api.PARALLEL_VOXELS - 1)
 
 
+def test_small_volumes_of_several_jobs_decode_on_running_workers_one_job_here(monkeypatch):
+    from models import parallel
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
+    parallel.pool()
+    rng = np.random.default_rng(3)
+    several = rng.integers(0, 900, (24, 64, 64)).astype(np.uint16)   # 3 slabs, 98 k voxels
+    one = rng.integers(0, 900, (8, 96, 96)).astype(np.uint16)        # one slab, one band
+    for v in (several, one):
+        assert api.WARM_DECODE_VOXELS <= v.size < api.WARM_PARALLEL_VOXELS
+    blobs = [models.encode_volume(v, adapt=False) for v in (several, one)]
+    jobs = []
+    real = parallel.imap
+    monkeypatch.setattr(parallel, "imap", lambda fn, it, **kw: real(fn, _counted(it, jobs), **kw))
+    assert np.array_equal(models.decode_volume(blobs[0]), several)
+    assert len(jobs) >= 2
+    jobs.clear()
+    assert np.array_equal(models.decode_volume(blobs[1]), one)
+    assert jobs == []
+
+
+def _counted(iterable, seen: list):
+    for item in iterable:
+        seen.append(item)
+        yield item
+
+
 def test_warm_returns_once_every_worker_process_is_ready(monkeypatch):
     from models import parallel
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
@@ -462,7 +488,7 @@ def test_encoding_jobs_wait_behind_any_retrievals(monkeypatch):
         ranks.append(first_rank)
         return imap(fn, jobs, window, first_rank)
     monkeypatch.setattr(parallel, "imap", recording)
-    monkeypatch.setattr(api, "_parallel", lambda voxels: True)
+    monkeypatch.setattr(api, "_parallel", lambda voxels, warm=None: True)
     vol = phantom((16, 24, 24), "int16", seed=23)
     blob = models.encode_volume(vol, slab=4, adapt=False)
     assert ranks[0] == parallel.BACKGROUND
