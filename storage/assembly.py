@@ -34,13 +34,18 @@ GROUP_VOXELS = 1 << 22
 # a 4D series' slab of one position's images holds at most this many voxels (8 slices of 512 x
 # 512, the default slab's): random access to an instance never decodes more than it does today
 POSITION_SLAB_VOXELS = 8 * SLICE_VOXELS
+# ... and at least this many images: fewer would start more slabs than the default slab of 8
+# does, each slab's first image without the one before it as context
+MIN_POSITION_SLAB = 8
 # a multi-frame instance of a whole 4D series is coded position-major up to this many voxels
 # (decoded whole and reordered to give it back: twice its pixels in memory); larger ones keep
 # their frames' order, which the coder streams piece by piece
 MAX_FOUR_D_VOXELS = 1 << 26
-# ... and at least this many images: fewer would start more slabs than the default slab of 8
-# does, each slab's first image without the one before it as context
-MIN_POSITION_SLAB = 8
+# ... each position's time points in slabs of at most this many (a divisor of theirs): the
+# coder's memory grows with a slab's slices in flight (the test fMRI joined 6 times, 120 time
+# points of 33 frames of 64 x 64: slabs of 8, 20, 30, 40 and 120 time points 8.97, 8.72, 8.61,
+# 8.60 and 8.55 MB, encoding and decoding peaks 30, 99, 157, 212 and 276 MB above the volume's)
+FOUR_D_SLAB = 32
 
 
 @dataclass
@@ -129,26 +134,28 @@ def position_slab(t: int, frame_voxels: int) -> int:
         and t * frame_voxels <= POSITION_SLAB_VOXELS else 0
 
 
-def volume_slab(images: int, frame_voxels: int) -> int:
-    """Slabs for volumes of ``images`` slices coded one after the other: the largest of 16
-    down to MIN_POSITION_SLAB slices that divides ``images`` (no slab holds two volumes) and
-    holds at most POSITION_SLAB_VOXELS; else 0 (the coder's default). Larger slabs would save
-    a little more and decode slower (the test field map's two 32-slice volumes: slabs of 8,
-    16 and 32 slices 142,340, 141,272 and 140,756 bytes, decoded in 0.068, 0.072 and 0.083 s)."""
-    return next((d for d in range(16, MIN_POSITION_SLAB - 1, -1)
+def volume_slab(images: int, frame_voxels: int, most: int = 16) -> int:
+    """Slabs for volumes of ``images`` slices coded one after the other: the largest of
+    ``most`` down to MIN_POSITION_SLAB slices that divides ``images`` (no slab holds two
+    volumes) and holds at most POSITION_SLAB_VOXELS; else 0 (the coder's default). Larger
+    slabs would save a little more and decode slower (the test field map's two 32-slice
+    volumes: slabs of 8, 16 and 32 slices 142,340, 141,272 and 140,756 bytes, decoded in
+    0.045, 0.048 and 0.061 s on two workers)."""
+    return next((d for d in range(most, MIN_POSITION_SLAB - 1, -1)
                  if images % d == 0 and d * frame_voxels <= POSITION_SLAB_VOXELS), 0)
 
 
 def _time_series_instance(inst, cycle, frame_voxels: int) -> Stack | None:
     """A multi-frame instance holding a 4D series (``cycle``: its
     storage.frame_order.FrameCycle) as a stack of its own: time-major frames coded
-    position-major up to MAX_FOUR_D_VOXELS, position-major frames in their order, each
-    position's a slab (:func:`position_slab`); None for other instances."""
+    position-major up to MAX_FOUR_D_VOXELS, position-major frames in their order; each
+    position's time points in slabs of at most FOUR_D_SLAB (:func:`volume_slab`); None for
+    other instances."""
     t = cycle.time_points if cycle else 1
     if t <= 1 or (cycle.time_major and inst.frames * frame_voxels > MAX_FOUR_D_VOXELS):
         return None
     return Stack([inst], interleave=t if cycle.time_major else 1,
-                 slab=position_slab(t, frame_voxels))
+                 slab=volume_slab(t, frame_voxels, FOUR_D_SLAB))
 
 
 def assemble(instances: list, max_slices: int = 256, adapt_voxels: int = ADAPT_VOXELS,

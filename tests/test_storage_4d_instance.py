@@ -89,6 +89,8 @@ def test_assembly_makes_a_4d_instance_a_stack_of_its_own():
     assert shape(FrameCycle(10, True)) == (10, 10)      # a slab per position
     assert shape(FrameCycle(10, False)) == (1, 10)      # position-major already: its order
     assert shape(FrameCycle(4, False)) == (1, 0)
+    assert shape(FrameCycle(40, True), frames=80) == (40, 20)   # at most 32, dividing 40
+    assert shape(FrameCycle(37, True), frames=74) == (37, 0)    # none divides 37
     assert shape(None) == (1, 0)
     side = int((MAX_FOUR_D_VOXELS // 40) ** 0.5) + 1  # too large to reorder
     assert shape(FrameCycle(4, True), size=side) == (1, 0)
