@@ -34,11 +34,12 @@ TILE = (64, 256)     # rows, columns of the independent tiles a slice is cut int
 LOCKSTEP_VOXELS = 1 << 23
 PARALLEL_VOXELS = 1 << 22  # code on several processes from this many voxels on,
 WARM_PARALLEL_VOXELS = 1 << 19  # or from this many when the worker processes already run,
-# decode_slices and decode_volume on running workers from this many voxels on, when they make
-# two jobs or more (slabs, bands): small volumes of several slabs decode 1.1-1.5x faster on
-# two warm workers than here (64 x 64 x 48: 0.055 -> 0.040 s, 128 x 128 x 31: 0.127 -> 0.085
-# s, one 512 x 512 slice decoded alone 0.060 -> 0.042 s); one job goes faster here
-WARM_DECODE_VOXELS = 1 << 16
+# encode_volume, decode_slices and decode_volume on running workers from this many voxels on,
+# when they make two jobs or more (slabs, bands): small volumes of several slabs decode
+# 1.1-1.5x faster on two warm workers than here (64 x 64 x 48: 0.055 -> 0.040 s, 128 x 128 x
+# 31: 0.127 -> 0.085 s, one 512 x 512 slice decoded alone 0.060 -> 0.042 s) and encode
+# 1.2-1.6x faster (the field map 0.057 -> 0.036 s); one job goes faster here
+SMALL_PARALLEL_VOXELS = 1 << 16
 SPLIT_PARALLEL_VOXELS = 1 << 17  # or from this many in bands of several widths (format 3),
 EVEN_SPLIT_PARALLEL_VOXELS = 1 << 19  # or this many in bands of one width
 ADAPT_VOXELS = 1 << 20     # adapt the model to volumes from this many voxels on
@@ -94,12 +95,13 @@ def encode_volume(volume: np.ndarray, model: str = "default", slab: int | None =
     two_stage = codes_two_stage(WRITE_FORMAT)
     group = stream_group(vol.shape[1], tile[1], min(slab, vol.shape[0], max_group or slab)) \
         if WRITE_FORMAT >= 6 else 1
+    spans = band_spans(vol.shape[2], tile[1], WRITE_FORMAT)
     jobs = ((model, embedded, values, vol[z:z + slab, :, x0:x1], slab, tile, two_stage, group)
-            for z in range(0, vol.shape[0], slab)
-            for x0, x1 in band_spans(vol.shape[2], tile[1], WRITE_FORMAT))
+            for z in range(0, vol.shape[0], slab) for x0, x1 in spans)
     # payloads go into the blob as they come: a few slabs' in flight, not the whole volume's
     facts = (predictor.model_id, predictor.name, vol.dtype.name, vol.shape, slab, tile)
-    if _parallel(vol.size):
+    several = -(-vol.shape[0] // slab) * len(spans) > 1
+    if _parallel(vol.size) or (several and _parallel(vol.size, SMALL_PARALLEL_VOXELS)):
         # compaction is background work: a retrieval's decoding goes first
         payloads = parallel.imap(_encode_job, jobs, window=2 * parallel.worker_count(),
                                  first_rank=parallel.BACKGROUND)
@@ -265,7 +267,7 @@ def _decoded_prefixes(blob: bytes, header, base: int, predictor, counts: dict, v
     zs, spans = header.slab, header.bands
     _, ny, nx = header.shape
     slabs = sorted(counts)
-    workers = parallel.worker_count() if _parallel(voxels, WARM_DECODE_VOXELS) or _split_bands(
+    workers = parallel.worker_count() if _parallel(voxels, SMALL_PARALLEL_VOXELS) or _split_bands(
         sum(counts.values()) * ny * nx, spans) else 1
     plan = _decode_plan(slabs, counts, spans, workers, lockstep_slabs(zs, ny, nx))
     if workers > 1 and len(plan) < 2:       # one job: here, without the round trip

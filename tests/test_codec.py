@@ -407,7 +407,7 @@ def test_smaller_volumes_go_to_worker_processes_once_they_run(monkeypatch):
     assert not parallel.running() and not api._parallel(api.PARALLEL_VOXELS - 1)
 
 
-def test_small_volumes_of_several_jobs_decode_on_running_workers_one_job_here(monkeypatch):
+def test_small_volumes_of_several_jobs_code_on_running_workers_one_job_here(monkeypatch):
     from models import parallel
     monkeypatch.setenv("VOXARC_DECODE_WORKERS", "2")
     parallel.pool()
@@ -415,11 +415,15 @@ def test_small_volumes_of_several_jobs_decode_on_running_workers_one_job_here(mo
     several = rng.integers(0, 900, (24, 64, 64)).astype(np.uint16)   # 3 slabs, 98 k voxels
     one = rng.integers(0, 900, (8, 96, 96)).astype(np.uint16)        # one slab, one band
     for v in (several, one):
-        assert api.WARM_DECODE_VOXELS <= v.size < api.WARM_PARALLEL_VOXELS
-    blobs = [models.encode_volume(v, adapt=False) for v in (several, one)]
+        assert api.SMALL_PARALLEL_VOXELS <= v.size < api.WARM_PARALLEL_VOXELS
     jobs = []
     real = parallel.imap
     monkeypatch.setattr(parallel, "imap", lambda fn, it, **kw: real(fn, _counted(it, jobs), **kw))
+    blobs = [models.encode_volume(several, adapt=False)]
+    assert len(jobs) == 3                                              # a job per slab
+    jobs.clear()
+    blobs.append(models.encode_volume(one, adapt=False))
+    assert jobs == []
     assert np.array_equal(models.decode_volume(blobs[0]), several)
     assert len(jobs) >= 2
     jobs.clear()
