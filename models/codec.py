@@ -220,11 +220,11 @@ def _predict_chunked(predictor, values, valid, lo, hi, chunk: int = ENCODE_CHUNK
 def _slice_streams(payload: bytes, count: int, per: int = 2, group: int = 1):
     """The streams of the stream groups (``group`` slices each; the last may hold fewer)
     that the first ``count`` slices of a payload lie in, ``per`` streams a group."""
+    n = slab_slices(payload)
+    if n < count:
+        raise CorruptBlobError("slab holds fewer slices than its header says")
+    groups = -(-n // group)
     try:
-        (n,) = struct.unpack_from("<I", payload, 0)
-        if n < count:
-            raise CorruptBlobError("slab holds fewer slices than its header says")
-        groups = -(-n // group)
         lengths = struct.unpack_from(f"<{per * groups}I", payload, 4)
     except struct.error:
         raise CorruptBlobError("slab payload truncated") from None

@@ -24,8 +24,8 @@ from pydicom.uid import UID
 from models.api import SLAB_SLICES
 from service.series_reader import (SeriesVolume, named, read_images, slice_position,
                                    stored_dtype, stored_frames)
-from storage.assembly import Stack, assemble, volume_slab
-from storage.frame_order import coding_order, frame_cycle, point_group, position_major
+from storage.assembly import Stack, assemble, stack_order
+from storage.frame_order import frame_cycle, position_major
 from storage.instance_facts import MULTIFRAME, frame_places
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,7 @@ def read_folder_as_node(folder: str | Path) -> list[SeriesVolume]:
     the options (``SeriesVolume.coding``) it would code them with."""
     folder = Path(folder)
     images = [_image(ds) for _, ds in read_images(folder)]
-    cycles = {}
-    for image in images:
-        places = frame_places(image.ds) if image.frames > 1 else None
-        cycle = frame_cycle(places) if places else None
-        if cycle is not None and cycle.time_points > 1:
-            cycles[image.sop_uid] = cycle
+    cycles = {im.sop_uid: frame_cycle(frame_places(im.ds)) for im in images if im.frames > 1}
     stacks, singles = assemble(images, cycles=cycles)
     if singles:
         log.info("%s: %d image(s) the node would store one by one, left out", folder.name,
@@ -77,13 +72,10 @@ def _image(ds: pydicom.Dataset) -> _Image:
 
 def _volume(stack: Stack) -> SeriesVolume:
     volume = np.concatenate([stored_frames(m.ds) for m in stack.members])
-    single = all(m.frames == 1 for m in stack.members)
-    plane = volume.shape[1] * volume.shape[2]
-    how = coding_order(volume, stack.repetitions if single else 1, stack.interleave, stack.slab,
-                       lambda images: volume_slab(images, plane))
+    single = len(volume) == len(stack.members)
+    how = stack_order(stack, volume)
     if how.order is not None:
         volume = volume[how.order]
-    slab = how.slab or SLAB_SLICES
     first = stack.members[0].ds
     return SeriesVolume(
         name="", voxels=position_major(volume, how.interleave),
@@ -91,4 +83,4 @@ def _volume(stack: Stack) -> SeriesVolume:
         modality=str(first.get("Modality", "")),
         transfer_syntax=UID(first.file_meta.TransferSyntaxUID).name, files=len(stack.members),
         sorted_by=f"node: {how.why or ('position' if single else 'frames')}",
-        coding={"slab": slab, "max_group": point_group(how.interleave, slab)})
+        coding=how.encode_options(SLAB_SLICES))

@@ -21,7 +21,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+import numpy as np
+
 from models.api import ADAPT_VOXELS
+from storage.frame_order import CodingOrder, coding_order
 from storage.instance_facts import MULTIFRAME
 
 SLICE_VOXELS = 512 * 512   # max_slices of these bound a stack of multi-frame instances
@@ -143,6 +146,16 @@ def volume_slab(images: int, frame_voxels: int, most: int = 16) -> int:
     0.045, 0.048 and 0.061 s on two workers)."""
     return next((d for d in range(most, MIN_POSITION_SLAB - 1, -1)
                  if images % d == 0 and d * frame_voxels <= POSITION_SLAB_VOXELS), 0)
+
+
+def stack_order(stack: Stack, volume: np.ndarray) -> CodingOrder:
+    """The order to code ``stack`` in, its pixels ``volume`` in member order
+    (storage.frame_order.coding_order): repetitions only of single frames, volumes coded one
+    after the other in slabs of :func:`volume_slab`."""
+    plane = volume.shape[1] * volume.shape[2]
+    single = len(volume) == len(stack.members)
+    return coding_order(volume, stack.repetitions if single else 1, stack.interleave,
+                        stack.slab, lambda images: volume_slab(images, plane))
 
 
 def _time_series_instance(inst, cycle, frame_voxels: int) -> Stack | None:

@@ -21,13 +21,12 @@ from sqlalchemy import select
 import models
 from models.api import SLAB_SLICES, adapts_by_default
 from storage import header_pack
-from storage.assembly import Stack, assemble, volume_slab
+from storage.assembly import Stack, assemble, stack_order
 from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import (PIXEL_KEYWORDS, header_elements, parse_fields, pixel_layout,
                                    split)
 from storage.errors import CommitOutcomeUnknown, UnparseableDatasetError
-from storage.frame_order import (FrameCycle, coding_order, frame_cycle, instance_major,
-                                 point_group, position_major)
+from storage.frame_order import FrameCycle, frame_cycle, instance_major, position_major
 from storage.index import Blob, Index, Instance, Job, Series
 from storage.instance_facts import MULTIFRAME, frame_places
 from storage.removals import finish_removals, record_removals
@@ -212,21 +211,17 @@ class Compactor:
         return True
 
     def _frame_cycles(self, members: list) -> dict[str, FrameCycle]:
-        """The frame cycle of each staged multi-frame instance that holds a 4D series
-        (storage.frame_order.frame_cycle), read from its frames' functional groups."""
+        """The frame cycle of each staged multi-frame instance (storage.frame_order.frame_cycle),
+        read from its frames' functional groups."""
         found = {}
         for inst in members:
             if not inst.stack_format.startswith(MULTIFRAME + "|"):
                 continue
             try:
-                places = frame_places(header_elements(self.blobs.mapped(inst.staged_key),
-                                                      inst.transfer_syntax))
+                found[inst.sop_uid] = frame_cycle(frame_places(header_elements(
+                    self.blobs.mapped(inst.staged_key), inst.transfer_syntax)))
             except UnparseableDatasetError as exc:
                 log.info("frames of %s keep their order: %s", inst.sop_uid, exc)
-                continue
-            cycle = frame_cycle(places) if places else FrameCycle()
-            if cycle.time_points > 1:
-                found[inst.sop_uid] = cycle
         return found
 
     def _code_stack(self, stack: Stack, plan: _Plan, fast: bool = False) -> bool:
@@ -250,10 +245,11 @@ class Compactor:
         if deferred:
             log.info("coding a stack of %d instances without adaptation (more series waiting; "
                      "coded again when idle)", len(parts))
-        parts, volume, interleave, slab = self._coding_order(stack, parts, volume)
+        parts, volume, how = self._coding_order(stack, parts, volume)
+        interleave = how.interleave
         blob = models.encode_volume(position_major(volume, interleave), model=self.model,
-                                    slab=slab, adapt=None if self.adapt and not deferred else False,
-                                    max_group=point_group(interleave, slab))
+                                    adapt=None if self.adapt and not deferred else False,
+                                    **how.encode_options(self.slab))
         if volume.nbytes >= NOISE_CHECK_BYTES and len(blob) >= volume.nbytes:
             log.info("a stack of %d instances (the first %s) coded to %d bytes, not below its "
                      "%d bytes of pixels: its instances are stored one by one", len(parts),
@@ -278,23 +274,19 @@ class Compactor:
         return True
 
     def _coding_order(self, stack: Stack, parts: list, volume: np.ndarray):
-        """(parts, volume, interleave, slab): the order a stack is coded in
-        (:func:`storage.frame_order.coding_order`). A 4D stack's images of one position (time
-        points, echoes, b-values) go together, a slab per position (the test fMRI: 5.9% fewer
-        bits than slabs of 8, and faster), only where they differ less than neighbouring
-        positions do; else a volume after the other (its slabs:
-        :func:`storage.assembly.volume_slab`)."""
-        plane = volume.shape[1] * volume.shape[2]
-        single = len(volume) == len(parts)
-        how = coding_order(volume, stack.repetitions if single else 1, stack.interleave,
-                           stack.slab, lambda images: volume_slab(images, plane))
-        t = max(stack.repetitions if single else 1, stack.interleave)
+        """(parts, volume, storage.frame_order.CodingOrder): the order a stack is coded in
+        (:func:`storage.assembly.stack_order`), its parts and pixels in that order. A 4D
+        stack's images of one position (time points, echoes, b-values) go together, a slab per
+        position (the test fMRI: 5.9% fewer bits than slabs of 8, and faster), only where they
+        differ less than neighbouring positions do; else a volume after the other."""
+        how = stack_order(stack, volume)
+        t = max(stack.repetitions if len(volume) == len(parts) else 1, stack.interleave)
         if how.why:
             log.info("%d images at each of %d places (the first %s): coded %s", t,
                      len(volume) // t, parts[0][0].sop_uid, how.why)
         if how.order is not None:
             parts, volume = [parts[i] for i in how.order], volume[how.order]
-        return parts, volume, how.interleave, how.slab or self.slab
+        return parts, volume, how
 
     def _code_single(self, inst, plan: _Plan) -> None:
         data = self.blobs.get(inst.staged_key)

@@ -57,9 +57,10 @@ class FrameCycle(NamedTuple):
     time_major: bool = True
 
 
-def frame_cycle(frame_keys: list) -> FrameCycle:
+def frame_cycle(frame_keys: list | None) -> FrameCycle:
     """The :class:`FrameCycle` of frames at places ``frame_keys`` (their positions and
-    orientations, storage.instance_facts.frame_places)."""
+    orientations, storage.instance_facts.frame_places; None: unknown, no cycle)."""
+    frame_keys = frame_keys or []
     t = cycle_time_points(frame_keys)
     if t > 1:
         return FrameCycle(t, True)
@@ -133,6 +134,11 @@ class CodingOrder(NamedTuple):
     interleave: int
     slab: int
     why: str
+
+    def encode_options(self, default_slab: int) -> dict:
+        """models.encode_volume's ``slab`` and ``max_group`` for the stack so ordered."""
+        slab = self.slab or default_slab
+        return {"slab": slab, "max_group": point_group(self.interleave, slab)}
 
 
 def coding_order(volume: np.ndarray, repetitions: int = 1, interleave: int = 1, slab: int = 0,
