@@ -260,6 +260,12 @@ class Runs:
     valid_stride: np.ndarray  # int64
     depth: np.ndarray         # uint64 bit masks
 
+    def addresses(self) -> tuple[int, ...]:
+        """How many runs, and where their five arrays lie (for a caller that passes the
+        same runs more than once, e.g. a remembered decoder plan)."""
+        return (len(self.origin),) + tuple(a.ctypes.data for a in (
+            self.origin, self.length, self.valid_at, self.valid_stride, self.depth))
+
 
 def outputs(feats: Features, acc: np.ndarray, head: np.ndarray, fraction_bins: int,
             flat_row: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
@@ -779,6 +785,7 @@ class StepKernel:
         if bounds is not None and tuple(bounds) != (lo, hi):
             raise ValueError("the coder's bounds are the volume's range or none")
         self.width = _out_width(table, stage)
+        self._pq = (self._p.ctypes.data, self._q.ctypes.data)
         self._out = self._grow(1024)
         self.addresses = self._addresses()
 
@@ -803,20 +810,18 @@ class StepKernel:
     def _addresses(self) -> tuple[int, int, int]:
         """Where :meth:`predict` writes the predictions, table rows and shifts (int64):
         :class:`StepFields` reads them there."""
-        return tuple(a.ctypes.data for a in self._out[:3])
+        self._out_at = tuple(a.ctypes.data for a in self._out)
+        return self._out_at[:3]
 
-    def predict(self, runs: "Runs", n: int):
+    def predict(self, runs: "Runs", n: int, at: tuple[int, ...] | None = None):
         """Predictions, table rows, probability rows and low-bit counts of a step's ``n``
-        voxels (views of the reused arrays)."""
+        voxels (views of the reused arrays); ``at``: ``runs.addresses()``, when known."""
         if len(self._out[0]) < n:
             self._out = self._grow(max(n, 2 * len(self._out[0])))
             self.addresses = self._addresses()
         pred, row, sh, rows = self._out
         if _library().voxarc_step_predict(
-                self._p.ctypes.data, self._q.ctypes.data, n, len(runs.origin),
-                runs.origin.ctypes.data, runs.length.ctypes.data, runs.valid_at.ctypes.data,
-                runs.valid_stride.ctypes.data, runs.depth.ctypes.data, pred.ctypes.data,
-                row.ctypes.data, sh.ctypes.data, rows.ctypes.data) < 0:
+                *self._pq, n, *(runs.addresses() if at is None else at), *self._out_at) < 0:
             raise MemoryError("decoder step kernel: no memory for the step's arrays "
                               "(or arguments out of range)")
         return pred[:n], row[:n], rows[:n], sh[:n]

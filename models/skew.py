@@ -18,7 +18,9 @@ The order of the symbols is exactly the one of :func:`models.context.slice_sched
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import cached_property, lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
@@ -191,71 +193,211 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
     depth_ok = (np.arange(zs)[None, :] + L.dz[:, None]) >= 0          # (K, zs)
     bits = 1 << np.arange(L.hood.size, dtype=np.uint64)
     depth = depth_ok, [np.uint64(np.sum(bits[ok])) for ok in depth_ok.T]   # and as bit masks
-    above = L.tiles - L.ntx     # tiles ntx.. have one above: tile k's is k - ntx (a slice)
     slabs_at = [int((counts > zl).sum()) for zl in range(top)]         # slabs with slice zl
     step_kernel = kernels.StepKernel.create(flat, _neighbour_offsets(L, strides), predictor,
                                             lo, hi, decoder, TOKEN_RANGE, RANGE_EDGE)
     # a step's coding work between the range decoders' calls in compiled calls too (format 5)
     fields = step_kernel is not None and decoder.fields is not None
     stream_of = [int(s) for s in stream_of]
+    if fields:
+        for step in _step_plan(L, flat.size, strides, depth[1], first, top, slabs_at,
+                               stream_of, group):
+            decoded = _decode_fields(step_kernel, decoder, step.runs, step.n, step.streams,
+                                     step.ends, step.keep, corrupt, step.at)
+            if step.dest is None:
+                if step.order is not None and L.tiles == 1:     # no phantoms, no ghost rows
+                    _scatter(flat, step.runs, decoded)
+                else:
+                    _write_blocks(L, buf, step.parts, decoded if step.order is None
+                                  else step.order.restored(decoded))
+                continue
+            flat[step.dest] = decoded
+            if step.ghost_to is not None:
+                flat[step.ghost_to] = flat[step.ghost_from]
+        return
+    for _, parts in _steps(L, first, top, slabs_at):
+        sizes = [m * L.tiles * (r1 - r0) for _, _, r0, r1, m in parts]
+        streams, ends, keep, order = _segments(L, parts, sizes, stream_of, group)
+        decoded = _decode_step(L, predictor, decoder, step_kernel, flat, strides, depth,
+                               parts, sizes, sum(sizes), streams, ends, keep, lo, hi, [],
+                               corrupt, order)
+        _write_blocks(L, buf, parts, decoded)
+
+
+def _write_blocks(L: SkewLayout, buf: np.ndarray, parts, decoded: np.ndarray) -> None:
+    """A step's decoded values (in the lockstep's order) into ``buf``, part by part, with
+    the copies into the ghost rows of the tiles above."""
+    above = L.tiles - L.ntx     # tiles ntx.. have one above: tile k's is k - ntx (a slice)
+    pos = 0
+    for zl, tau, r0, r1, m in parts:
+        size = m * L.tiles * (r1 - r0)
+        block = decoded[pos:pos + size].reshape(m, L.tiles, r1 - r0)
+        z = zl + L.z0
+        buf[z, :m, :, tau + L.t0, r0 + L.y0:r1 + L.y0] = block
+        if L.ghost_rows and r0 < L.ghost_rows and L.nty > 1:
+            for r in range(r0, min(r1, L.ghost_rows)):
+                buf[z, :m, :above, tau + L.a * L.th + L.t0, L.y0 + L.th + r] = \
+                    block[:, L.ntx:, r - r0]
+        pos += size
+
+
+def _steps(L: SkewLayout, first: int, top: int, slabs_at: list[int]):
+    """The lockstep's wavefront steps with voxels: ``(t, parts)``, a part ``(zl, tau, r0, r1,
+    slabs)`` per slice in flight."""
     for t in range(L.steps + L.b * (top - first - 1)):
-        parts = []  # (zl, tau, r0, r1, slabs)
+        parts = []
         for zl in range(first, top):
             tau = t - L.b * (zl - first)
             if 0 <= tau < L.steps and L.row_ranges[tau][1] > L.row_ranges[tau][0]:
                 parts.append((zl, tau, *L.row_ranges[tau], slabs_at[zl]))
-        if not parts:
-            continue
-        sizes = [m * L.tiles * (r1 - r0) for _, _, r0, r1, m in parts]
-        n = sum(sizes)
-        streams, ends, sym = [], [], 0    # each segment's stream and where its symbols end
-        keep = [] if L.has_phantoms else None
-        reals = []
-        for zl, tau, r0, r1, m in parts:
-            real = L.tiles * (r1 - r0)
-            if keep is not None:
-                mask = L.step_real(tau)
-                keep.append(np.tile(mask, m))
-                real = int(mask.sum())
-            reals.append(real)
-            if group == 1:
-                for g in range(m):
-                    streams.append(stream_of[g] + zl)
-                    sym += real
-                    ends.append(sym)
-        order = None
-        if group > 1:
-            order = _GroupOrder(parts, sizes, reals, stream_of, group, L.tiles)
-            streams, ends = order.streams, order.ends
-        hold = []     # the validity arrays the runs point into, alive until the call ends
-        if fields:
-            runs = _step_runs(L, strides, depth[1], parts, hold)
-            if order is not None:
-                runs = order.runs(runs)
-                if L.tiles == 1:      # no phantoms, no ghost rows: straight into the buffer
-                    _scatter(flat, runs, _decode_fields(step_kernel, decoder, runs, n, streams,
-                                                        ends, None, corrupt))
-                    continue
-                keep = order.keep(keep)
-            decoded = _decode_fields(step_kernel, decoder, runs, n, streams, ends, keep,
-                                     corrupt)
-            if order is not None:
-                decoded = order.restored(decoded)
-        else:
-            decoded = _decode_step(L, predictor, decoder, step_kernel, flat, strides, depth,
-                                   parts, sizes, n, streams, ends, keep, lo, hi, hold, corrupt,
-                                   order)
-        pos = 0
-        for (zl, tau, r0, r1, m), size in zip(parts, sizes):
-            block = decoded[pos:pos + size].reshape(m, L.tiles, r1 - r0)
-            z = zl + L.z0
-            buf[z, :m, :, tau + L.t0, r0 + L.y0:r1 + L.y0] = block
-            if L.ghost_rows and r0 < L.ghost_rows and L.nty > 1:
-                # rows r0..: copies into the ghost rows of the tile above
-                for r in range(r0, min(r1, L.ghost_rows)):
-                    buf[z, :m, :above, tau + L.a * L.th + L.t0, L.y0 + L.th + r] = \
-                        block[:, L.ntx:, r - r0]
-            pos += size
+        if parts:
+            yield t, parts
+
+
+def _segments(L: SkewLayout, parts, sizes, stream_of, group: int):
+    """A step's segments (each one stream's symbols: ``streams``, and where they end:
+    ``ends``), which of its voxels are coded (``keep``: a list of masks, None without
+    phantoms) and, for stream groups, its :class:`_GroupOrder` (else None)."""
+    streams, ends, sym = [], [], 0
+    keep = [] if L.has_phantoms else None
+    reals = []
+    for zl, tau, r0, r1, m in parts:
+        real = L.tiles * (r1 - r0)
+        if keep is not None:
+            mask = L.step_real(tau)
+            keep.append(np.tile(mask, m))
+            real = int(mask.sum())
+        reals.append(real)
+        if group == 1:
+            for g in range(m):
+                streams.append(stream_of[g] + zl)
+                sym += real
+                ends.append(sym)
+    order = None
+    if group > 1:
+        order = _GroupOrder(parts, sizes, reals, stream_of, group, L.tiles)
+        streams, ends = order.streams, order.ends
+    return streams, ends, keep, order
+
+
+class _PlannedStep(NamedTuple):
+    """One wavefront step of a compiled decoding, its voxels in symbol order: their runs and
+    count, segments and coded mask (None: all). Stream groups put the symbols in an order of
+    their own (``order``); in a remembered plan ``dest`` says instead where each voxel goes
+    in the flat buffer, and ``ghost_to`` and ``ghost_from`` which are copied into ghost rows
+    (None: none). Otherwise (``dest`` None) the values, in the lockstep's order, are written
+    part by part (:func:`_write_blocks`), which costs less than an index per voxel unless the
+    index is made once for many decodings."""
+
+    runs: "kernels.Runs"
+    at: tuple           # runs.addresses()
+    n: int
+    streams: list
+    ends: list
+    keep: np.ndarray | None
+    parts: list
+    order: "_GroupOrder | None"
+    dest: np.ndarray | None
+    ghost_to: np.ndarray | None
+    ghost_from: np.ndarray | None
+    hold: list          # the validity arrays the runs point into
+
+    @property
+    def nbytes(self) -> int:
+        """About what the step holds: its arrays, its lists and their numbers."""
+        r = self.runs
+        arrays = [r.origin, r.length, r.valid_at, r.valid_stride, r.depth, self.keep,
+                  self.dest, self.ghost_to, self.ghost_from]
+        return sum(a.nbytes + 112 for a in arrays if a is not None) + 600 \
+            + 40 * (len(self.streams) + len(self.ends) + len(self.parts))
+
+
+PLAN_CACHE_BYTES = 8 << 20    # in each process: the plans of a few lockstep jobs
+_plans: OrderedDict = OrderedDict()       # key -> (steps, bytes), least recently used first
+_plan_bytes = 0
+
+
+def _step_plan(L: SkewLayout, size: int, strides, depth_bits, first: int, top: int,
+               slabs_at: list[int], stream_of: list[int], group: int):
+    """The steps of decoding slices ``[first, top)`` (``slabs_at[zl]``: slabs holding slice
+    ``zl``) in a buffer of ``size`` elements, ``strides``. Plans of slices in stream groups
+    (small slices: a step of a few hundred to a few thousand voxels costs little more than
+    its planning) are remembered within PLAN_CACHE_BYTES, since a node decodes many blobs of
+    the same geometry; those of larger slices would save a few percent at most."""
+    global _plan_bytes
+    key = (L, size, strides, first, top, tuple(slabs_at[first:top]), tuple(stream_of), group)
+    cached = _plans.get(key)
+    if cached is not None:
+        _plans.move_to_end(key)
+        yield from cached[0]
+        return
+    voxels = sum(slabs_at[first:top]) * L.tiles * L.th * L.tw
+    count = L.steps + L.b * (top - first - 1)
+    remember = group > 1 and 5 * voxels + 2048 * count <= PLAN_CACHE_BYTES    # about its size
+    steps, held = [], 0
+    for _, parts in _steps(L, first, top, slabs_at):
+        step = _planned(L, size, strides, depth_bits, parts, stream_of, group, remember)
+        if remember:
+            held += step.nbytes
+            remember = held <= PLAN_CACHE_BYTES
+            steps.append(step)
+        yield step
+    if remember:
+        while _plans and _plan_bytes + held > PLAN_CACHE_BYTES:
+            _plan_bytes -= _plans.popitem(last=False)[1][1]
+        _plans[key] = steps, held
+        _plan_bytes += held
+
+
+def _planned(L: SkewLayout, size: int, strides, depth_bits, parts, stream_of, group: int,
+             remember: bool) -> _PlannedStep:
+    """One step's plan; with stream groups, each voxel's destination when the plan is to be
+    remembered (else the group order, undone at each use as the lockstep's order)."""
+    sizes = [m * L.tiles * (r1 - r0) for _, _, r0, r1, m in parts]
+    streams, ends, keep, order = _segments(L, parts, sizes, stream_of, group)
+    hold = []
+    runs = _step_runs(L, strides, depth_bits, parts, hold)
+    keep = None if keep is None else np.concatenate(keep)
+    dest = ghost_to = ghost_from = None
+    if order is not None:
+        runs = order.runs(runs)
+        keep = None if keep is None else keep[order.voxel_order]
+        if remember:
+            dest, ghost_to, ghost_from = _destinations(L, size, strides, parts)
+            dest, order = dest[order.voxel_order], None
+    return _PlannedStep(runs, runs.addresses(), sum(sizes), streams, ends, keep, parts, order,
+                        dest, ghost_to, ghost_from, hold)
+
+
+def _destinations(L: SkewLayout, size: int, strides, parts):
+    """Where a step's voxels (in the lockstep's order: part, slab, tile, row) go in the flat
+    buffer of ``size`` elements, ``strides``, and the ghost rows' copies: to where, from
+    where (int32 where the buffer allows: half the memory of a remembered plan)."""
+    dest, ghost_to, ghost_from = [], [], []
+    above = L.tiles - L.ntx
+    kind = np.int32 if size < 1 << 31 else np.int64
+    for zl, tau, r0, r1, m in parts:
+        at = _part_cells(strides, L.tiles, m, r1 - r0, kind) + \
+            ((zl + L.z0) * strides[0] + (tau + L.t0) * strides[3] + L.y0 + r0)
+        dest.append(at.ravel())
+        if L.ghost_rows and r0 < L.ghost_rows and L.nty > 1:
+            rows = slice(0, min(r1, L.ghost_rows) - r0)    # rows r0..: into the tile above's
+            ghost_from.append(at[:, L.ntx:, rows].ravel())
+            ghost_to.append((at[:, :above, rows] + (L.a * L.th * strides[3] + L.th)).ravel())
+    dest = np.concatenate(dest)
+    if not ghost_to:
+        return dest, None, None
+    return dest, np.concatenate(ghost_to), np.concatenate(ghost_from)
+
+
+@lru_cache(maxsize=1024)
+def _part_cells(strides, tiles: int, m: int, rows: int, kind) -> np.ndarray:
+    """``(m, tiles, rows)`` offsets of a part's voxels from its first (read-only: shared)."""
+    out = (np.arange(m, dtype=kind)[:, None, None] * strides[1]
+           + np.arange(tiles, dtype=kind)[None, :, None] * strides[2]
+           + np.arange(rows, dtype=kind)[None, None, :])
+    out.flags.writeable = False
+    return out
 
 
 class _GroupOrder:
@@ -338,15 +480,15 @@ def _scatter(flat: np.ndarray, runs: "kernels.Runs", values: np.ndarray) -> None
     flat[np.repeat(runs.origin - firsts, runs.length) + np.arange(len(values))] = values
 
 
-def _decode_fields(step_kernel, decoder, runs, n, streams, ends, keep, corrupt) -> np.ndarray:
+def _decode_fields(step_kernel, decoder, runs, n, streams, ends, keep, corrupt, at=None
+                   ) -> np.ndarray:
     """A step's decoded values by the step kernel and the decoder's compiled fields
     (:meth:`StepDecoder.decode_fields`); phantom voxels (``keep`` False) are not coded and
-    stay 0."""
-    pred, j, rows, sh = step_kernel.predict(runs, n)
+    stay 0. ``at``: the runs' addresses, when known."""
+    pred, j, rows, sh = step_kernel.predict(runs, n, at)
     if keep is None:
         decoded = decoder.decode_fields(streams, ends, rows, step_kernel.addresses)
     else:
-        keep = np.concatenate(keep)
         kept = [np.ascontiguousarray(a[keep]) for a in (pred, j, sh)]
         got = decoder.decode_fields(streams, ends, rows[keep], tuple(a.ctypes.data for a in kept))
         decoded = None

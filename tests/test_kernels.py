@@ -147,6 +147,56 @@ def test_decoder_run_cache_stays_within_its_budget(monkeypatch, cached_validity)
         codec.skew_layout.cache_clear()
 
 
+@pytest.mark.parametrize("shape, tile", [((7, 40, 50), (16, 24)), ((9, 64, 64), (64, 256))])
+def test_decoder_plans_are_remembered_and_give_the_same_voxels(shape, tile):
+    """A remembered plan (the steps of a lockstep: runs, segments, destinations) decodes the
+    same voxels as a fresh one, with stream groups, phantom voxels and ghost rows (tiles of
+    16 x 24 on 40 x 50 slices) and without (one 64 x 64 tile); corrupt blobs still fail."""
+    from models import CorruptBlobError, skew
+    rng = np.random.default_rng(7)
+    vol = (rng.normal(0, 30, shape).cumsum(axis=2) // 4 + 900).astype(np.uint16)
+    blob = encode_volume(vol, slab=4, tile=tile)
+    skew._plans.clear()
+    skew._plan_bytes = 0
+    assert np.array_equal(decode_slices(blob, 0, shape[0]), vol)       # plans made
+    held = dict(skew._plans)
+    assert held and 0 < skew._plan_bytes <= skew.PLAN_CACHE_BYTES
+    grouped = [s for steps, _ in held.values() for s in steps if s.dest is not None]
+    assert grouped and all(s.dest.dtype == np.int32 for s in grouped)
+    assert np.array_equal(decode_slices(blob, 0, shape[0]), vol)       # plans reused
+    assert np.array_equal(decode_slices(blob, 2, 5), vol[2:5])
+    assert all(key in skew._plans for key in held)
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 0x20
+    with pytest.raises(CorruptBlobError):
+        decode_slices(bytes(bad), 0, shape[0])
+
+
+def test_decoder_plans_stay_within_their_budget(monkeypatch):
+    from models import skew
+    rng = np.random.default_rng(8)
+    vol = (rng.normal(0, 30, (8, 48, 48)).cumsum(axis=1) // 4).astype(np.int16)
+    blob = encode_volume(vol, slab=4)
+    skew._plans.clear()
+    skew._plan_bytes = 0
+    monkeypatch.setattr(skew, "PLAN_CACHE_BYTES", 0)      # nothing fits: planned every time
+    assert np.array_equal(decode_slices(blob, 0, 8), vol)
+    assert not skew._plans and skew._plan_bytes == 0
+    monkeypatch.setattr(skew, "PLAN_CACHE_BYTES", 1 << 30)
+    assert np.array_equal(decode_slices(blob, 0, 8), vol)
+    one = skew._plan_bytes
+    assert one > 0
+    monkeypatch.setattr(skew, "PLAN_CACHE_BYTES", one + one // 2)   # one plan and a half
+    assert np.array_equal(decode_slices(blob, 0, 4), vol[:4])          # another lockstep
+    assert 0 < skew._plan_bytes <= one + one // 2
+    # slices too large for stream groups: their plans are not worth keeping
+    skew._plans.clear()
+    skew._plan_bytes = 0
+    big = (rng.normal(0, 30, (3, 160, 160)).cumsum(axis=1) // 4).astype(np.int16)
+    assert np.array_equal(decode_slices(encode_volume(big), 0, 3), big)
+    assert not skew._plans and skew._plan_bytes == 0
+
+
 def _random_network(rng, sizes, weight_max=127):
     from models.intnet import IntLayer, IntMLP
     layers = []
