@@ -205,11 +205,7 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
             decoded = _decode_fields(step_kernel, decoder, step.runs, step.n, step.streams,
                                      step.ends, step.keep, corrupt, step.at)
             if step.dest is None:
-                if step.order is not None and L.tiles == 1:     # no phantoms, no ghost rows
-                    _scatter(flat, step.runs, decoded)
-                else:
-                    _write_blocks(L, buf, step.parts, decoded if step.order is None
-                                  else step.order.restored(decoded))
+                _write_blocks(L, buf, step.parts, decoded)
                 continue
             flat[step.dest] = decoded
             if step.ghost_to is not None:
@@ -283,11 +279,10 @@ def _segments(L: SkewLayout, parts, sizes, stream_of, group: int):
 class _PlannedStep(NamedTuple):
     """One wavefront step of a compiled decoding, its voxels in symbol order: their runs and
     count, segments and coded mask (None: all). Stream groups put the symbols in an order of
-    their own (``order``); in a remembered plan ``dest`` says instead where each voxel goes
-    in the flat buffer, and ``ghost_to`` and ``ghost_from`` which are copied into ghost rows
-    (None: none). Otherwise (``dest`` None) the values, in the lockstep's order, are written
-    part by part (:func:`_write_blocks`), which costs less than an index per voxel unless the
-    index is made once for many decodings."""
+    their own; then ``dest`` says where each voxel goes in the flat buffer, and ``ghost_to``
+    and ``ghost_from`` which are copied into ghost rows (None: none). Otherwise (``dest``
+    None) the values, in the lockstep's order, are written part by part
+    (:func:`_write_blocks`), which costs less for large slices than an index per voxel."""
 
     runs: "kernels.Runs"
     at: tuple           # runs.addresses()
@@ -296,7 +291,6 @@ class _PlannedStep(NamedTuple):
     ends: list
     keep: np.ndarray | None
     parts: list
-    order: "_GroupOrder | None"
     dest: np.ndarray | None
     ghost_to: np.ndarray | None
     ghost_from: np.ndarray | None
@@ -312,7 +306,7 @@ class _PlannedStep(NamedTuple):
             + 40 * (len(self.streams) + len(self.ends) + len(self.parts))
 
 
-PLAN_CACHE_BYTES = 8 << 20    # in each process: the plans of a few lockstep jobs
+PLAN_CACHE_BYTES = 24 << 20   # in each process: the plans of a few lockstep jobs
 _plans: OrderedDict = OrderedDict()       # key -> (steps, bytes), least recently used first
 _plan_bytes = 0
 
@@ -336,7 +330,7 @@ def _step_plan(L: SkewLayout, size: int, strides, depth_bits, first: int, top: i
     remember = group > 1 and 5 * voxels + 2048 * count <= PLAN_CACHE_BYTES    # about its size
     steps, held = [], 0
     for _, parts in _steps(L, first, top, slabs_at):
-        step = _planned(L, size, strides, depth_bits, parts, stream_of, group, remember)
+        step = _planned(L, size, strides, depth_bits, parts, stream_of, group)
         if remember:
             held += step.nbytes
             remember = held <= PLAN_CACHE_BYTES
@@ -349,10 +343,8 @@ def _step_plan(L: SkewLayout, size: int, strides, depth_bits, first: int, top: i
         _plan_bytes += held
 
 
-def _planned(L: SkewLayout, size: int, strides, depth_bits, parts, stream_of, group: int,
-             remember: bool) -> _PlannedStep:
-    """One step's plan; with stream groups, each voxel's destination when the plan is to be
-    remembered (else the group order, undone at each use as the lockstep's order)."""
+def _planned(L: SkewLayout, size: int, strides, depth_bits, parts, stream_of, group: int
+             ) -> _PlannedStep:
     sizes = [m * L.tiles * (r1 - r0) for _, _, r0, r1, m in parts]
     streams, ends, keep, order = _segments(L, parts, sizes, stream_of, group)
     hold = []
@@ -362,42 +354,39 @@ def _planned(L: SkewLayout, size: int, strides, depth_bits, parts, stream_of, gr
     if order is not None:
         runs = order.runs(runs)
         keep = None if keep is None else keep[order.voxel_order]
-        if remember:
-            dest, ghost_to, ghost_from = _destinations(L, size, strides, parts)
-            dest, order = dest[order.voxel_order], None
-    return _PlannedStep(runs, runs.addresses(), sum(sizes), streams, ends, keep, parts, order,
-                        dest, ghost_to, ghost_from, hold)
+        kind = np.int32 if size < 1 << 31 else np.int64    # half the memory of a kept plan
+        dest = _run_cells(runs, kind)
+        if L.ghost_rows and L.nty > 1:
+            ghost_to, ghost_from = _ghosts(L, strides, parts, kind)
+    return _PlannedStep(runs, runs.addresses(), sum(sizes), streams, ends, keep, parts, dest,
+                        ghost_to, ghost_from, hold)
 
 
-def _destinations(L: SkewLayout, size: int, strides, parts):
-    """Where a step's voxels (in the lockstep's order: part, slab, tile, row) go in the flat
-    buffer of ``size`` elements, ``strides``, and the ghost rows' copies: to where, from
-    where (int32 where the buffer allows: half the memory of a remembered plan)."""
-    dest, ghost_to, ghost_from = [], [], []
-    above = L.tiles - L.ntx
-    kind = np.int32 if size < 1 << 31 else np.int64
+def _run_cells(runs: "kernels.Runs", kind) -> np.ndarray:
+    """Where the voxels of ``runs`` lie in the flat buffer, in order (each run's voxels lie
+    at its origin on: one tile row of the sheared buffer)."""
+    firsts = np.cumsum(runs.length) - runs.length
+    n = int(runs.length.sum())
+    return (np.repeat(runs.origin - firsts, runs.length) + np.arange(n)).astype(kind)
+
+
+def _ghosts(L: SkewLayout, strides, parts, kind):
+    """The copies a step makes into the ghost rows of the tiles above (rows below
+    ``L.ghost_rows`` of tiles ``ntx..``): to where and from where in the flat buffer, or
+    Nones."""
+    to, source = [], []
     for zl, tau, r0, r1, m in parts:
-        at = _part_cells(strides, L.tiles, m, r1 - r0, kind) + \
-            ((zl + L.z0) * strides[0] + (tau + L.t0) * strides[3] + L.y0 + r0)
-        dest.append(at.ravel())
-        if L.ghost_rows and r0 < L.ghost_rows and L.nty > 1:
-            rows = slice(0, min(r1, L.ghost_rows) - r0)    # rows r0..: into the tile above's
-            ghost_from.append(at[:, L.ntx:, rows].ravel())
-            ghost_to.append((at[:, :above, rows] + (L.a * L.th * strides[3] + L.th)).ravel())
-    dest = np.concatenate(dest)
-    if not ghost_to:
-        return dest, None, None
-    return dest, np.concatenate(ghost_to), np.concatenate(ghost_from)
-
-
-@lru_cache(maxsize=1024)
-def _part_cells(strides, tiles: int, m: int, rows: int, kind) -> np.ndarray:
-    """``(m, tiles, rows)`` offsets of a part's voxels from its first (read-only: shared)."""
-    out = (np.arange(m, dtype=kind)[:, None, None] * strides[1]
-           + np.arange(tiles, dtype=kind)[None, :, None] * strides[2]
-           + np.arange(rows, dtype=kind)[None, None, :])
-    out.flags.writeable = False
-    return out
+        if r0 >= L.ghost_rows:
+            continue
+        rows = np.arange(r0, min(r1, L.ghost_rows))
+        at = ((zl + L.z0) * strides[0] + (tau + L.t0) * strides[3] + L.y0
+              + np.arange(m)[:, None, None] * strides[1]
+              + np.arange(L.ntx, L.tiles)[None, :, None] * strides[2] + rows[None, None, :])
+        source.append(at.ravel())
+        to.append((at - L.ntx * strides[2] + L.a * L.th * strides[3] + L.th).ravel())
+    if not to:
+        return None, None
+    return np.concatenate(to).astype(kind), np.concatenate(source).astype(kind)
 
 
 class _GroupOrder:
@@ -471,13 +460,6 @@ def _pieces(zls: tuple, slabs: tuple, group: int):
     for a in (o, part, slab, grp, heads):
         a.flags.writeable = False         # shared between steps
     return o, part, slab, grp, heads
-
-
-def _scatter(flat: np.ndarray, runs: "kernels.Runs", values: np.ndarray) -> None:
-    """Write ``values``, the voxels of ``runs`` in order, to their places in ``flat`` (each
-    run's voxels lie at its origin on: one tile row of the sheared buffer)."""
-    firsts = np.cumsum(runs.length) - runs.length
-    flat[np.repeat(runs.origin - firsts, runs.length) + np.arange(len(values))] = values
 
 
 def _decode_fields(step_kernel, decoder, runs, n, streams, ends, keep, corrupt, at=None
