@@ -350,6 +350,18 @@ def test_a_phase_is_repeated_while_its_first_run_is_below_the_bound(monkeypatch)
     assert row["encode_runs"] == 2 and row["encode_first_wall_s"] > 0
 
 
+def test_reading_the_cpu_clock_is_not_timed(monkeypatch):
+    """The CPU clock reads /proc of every worker process (about 2 ms with four): a wall time
+    must not include it, or small volumes decode slower than they do."""
+    def slow_clock():
+        time.sleep(0.05)
+        return 0.0
+
+    monkeypatch.setattr(bench, "cpu_seconds", slow_clock)
+    _, walls, wall, _ = bench.timed(lambda: "x", 3)
+    assert len(walls) == 3 and max(walls) < 0.02 and wall < 0.02
+
+
 def test_one_slice_is_timed_as_the_median_of_repeated_verified_runs():
     vol = np.arange(5 * 4 * 3, dtype=np.uint16).reshape(5, 4, 3)
     calls = []
