@@ -204,10 +204,11 @@ def _lockstep(L: SkewLayout, predictor, decoder, stream_of, counts, lo, hi, zs, 
                                stream_of, group):
             decoded = _decode_fields(step_kernel, decoder, step.runs, step.n, step.streams,
                                      step.ends, step.keep, corrupt, step.at)
-            if step.dest is None:
+            if step.dest is None and step.parts is not None:   # large slices, step by step
                 _write_blocks(L, buf, step.parts, decoded)
                 continue
-            flat[step.dest] = decoded
+            flat[_expand(step.runs.origin, step.runs.length) if step.dest is None
+                 else step.dest] = decoded
             if step.ghost_to is not None:
                 flat[step.ghost_to] = flat[step.ghost_from]
         return
@@ -303,7 +304,7 @@ class _PlannedStep(NamedTuple):
         arrays = [r.origin, r.length, r.valid_at, r.valid_stride, r.depth, self.keep,
                   self.dest, self.ghost_to, self.ghost_from]
         return sum(a.nbytes + 112 for a in arrays if a is not None) + 600 \
-            + 40 * (len(self.streams) + len(self.ends) + len(self.parts))
+            + 40 * (len(self.streams) + len(self.ends) + len(self.parts or ()))
 
 
 PLAN_CACHE_BYTES = 24 << 20   # in each process: the plans of a few lockstep jobs
@@ -328,9 +329,14 @@ def _step_plan(L: SkewLayout, size: int, strides, depth_bits, first: int, top: i
     voxels = sum(slabs_at[first:top]) * L.tiles * L.th * L.tw
     count = L.steps + L.b * (top - first - 1)
     remember = group > 1 and 5 * voxels + 2048 * count <= PLAN_CACHE_BYTES    # about its size
+    if L.validity_cached:
+        planned = _job_steps(L, size, strides, depth_bits, first, top, slabs_at, stream_of,
+                             group, remember)
+    else:       # very large slices: each step's validity made when it comes
+        planned = (_planned(L, size, strides, depth_bits, parts, stream_of, group)
+                   for _, parts in _steps(L, first, top, slabs_at))
     steps, held = [], 0
-    for _, parts in _steps(L, first, top, slabs_at):
-        step = _planned(L, size, strides, depth_bits, parts, stream_of, group)
+    for step in planned:
         if remember:
             held += step.nbytes
             remember = held <= PLAN_CACHE_BYTES
@@ -343,8 +349,106 @@ def _step_plan(L: SkewLayout, size: int, strides, depth_bits, first: int, top: i
         _plan_bytes += held
 
 
+def _job_steps(L: SkewLayout, size: int, strides, depth_bits, first: int, top: int,
+               slabs_at: list[int], stream_of: list[int], group: int, with_dest: bool
+               ) -> list[_PlannedStep]:
+    """:func:`_planned` for every step of a lockstep job at once, in whole-array operations
+    (the same runs, segments, masks and destinations; ``with_dest``: destinations of every
+    step made now, else each step's when it is used, for stream groups only)."""
+    taus = np.array([tau for tau, (r0, r1) in enumerate(L.row_ranges) if r1 > r0], np.int64)
+    ranges = np.array(L.row_ranges, np.int64).reshape(-1, 2)
+    zl = np.repeat(np.arange(first, top, dtype=np.int64), len(taus))       # one per part
+    tau = np.tile(taus, top - first)
+    m = np.asarray(slabs_at, np.int64)[zl]
+    per = m * L.tiles                                                       # runs a part
+    part = np.repeat(np.arange(len(zl)), per)
+    g, tile = np.divmod(np.arange(len(part)) - np.repeat(np.cumsum(per) - per, per), L.tiles)
+    if not len(part):
+        return []
+    zl, tau = zl[part], tau[part]
+    t = tau + L.b * (zl - first)
+    o = np.lexsort((tile, zl, g, zl // group, t))    # a step's runs as its symbols are coded
+    zl, tau, g, tile, t = zl[o], tau[o], g[o], tile[o], t[o]
+    r0, r1 = ranges[tau, 0], ranges[tau, 1]
+    rows = r1 - r0
+    origin = ((zl + L.z0) * strides[0] + g * strides[1] + tile * strides[2]
+              + (tau + L.t0) * strides[3] + r0 + L.y0)
+    hold = [np.ascontiguousarray(L.step_validity(int(k))) for k in taus]
+    where = np.zeros(L.steps, np.int64)
+    where[taus] = [v.ctypes.data for v in hold]
+    runs = kernels.Runs(origin, rows, (where[tau] + tile * rows).astype(np.uint64),
+                        L.tiles * rows, np.asarray(depth_bits, np.uint64)[zl])
+    addresses = runs.addresses()[1:]
+    cells = np.cumsum(rows) - rows           # each run's first voxel among the job's
+    keep = real = None
+    if L.has_phantoms:
+        reals = [L.step_real(int(k)) for k in taus]
+        at = np.zeros(L.steps, np.int64)
+        at[taus] = np.cumsum([len(r) for r in reals]) - [len(r) for r in reals]
+        keep = np.concatenate(reals)[_expand(at[tau] + tile * rows, rows)]
+        real = np.add.reduceat(keep.astype(np.int64), cells)
+    real = rows if real is None else real
+    # segments: a run's stream group of one slab; a step's symbols segment by segment
+    grp = zl // group
+    head = np.flatnonzero(np.r_[True, (t[1:] != t[:-1]) | (grp[1:] != grp[:-1])
+                                | (g[1:] != g[:-1])])
+    stream = np.asarray(stream_of, np.int64)[g[head]] + grp[head]
+    symbols = np.add.reduceat(real, head)
+    steps_at = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])         # each step's first run
+    run_end = np.r_[steps_at[1:], len(t)]
+    seg_at = np.searchsorted(head, steps_at)
+    seg_end = np.r_[seg_at[1:], len(head)]
+    ends = np.cumsum(symbols)
+    dest = _expand(origin, rows).astype(np.int32 if size < 1 << 31 else np.int64) \
+        if with_dest and group > 1 else None
+    ghost = _job_ghosts(L, strides, origin, tile, r0, r1)
+    out = []
+    for a, b, sa, sb in zip(steps_at.tolist(), run_end.tolist(), seg_at.tolist(),
+                            seg_end.tolist()):
+        va, vb = int(cells[a]), int(cells[b - 1] + rows[b - 1])
+        step_runs = kernels.Runs(*(x[a:b] for x in (runs.origin, runs.length, runs.valid_at,
+                                                     runs.valid_stride, runs.depth)))
+        at_ = (b - a,) + tuple(x + 8 * a for x in addresses)
+        base = int(ends[sa - 1]) if sa else 0
+        step_dest = None if dest is None else dest[va:vb]
+        ghost_to, ghost_from = (None, None) if ghost is None else ghost(a, b)
+        out.append(_PlannedStep(
+            step_runs, at_, vb - va, stream[sa:sb].tolist(), (ends[sa:sb] - base).tolist(),
+            None if keep is None else keep[va:vb], None, step_dest, ghost_to, ghost_from,
+            hold))
+    return out
+
+
+def _expand(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``starts[i], starts[i] + 1, ..., starts[i] + lengths[i] - 1`` for each ``i``, in
+    order."""
+    firsts = np.cumsum(lengths) - lengths
+    return np.repeat(starts - firsts, lengths) + np.arange(int(lengths.sum()))
+
+
+def _job_ghosts(L: SkewLayout, strides, origin, tile, r0, r1):
+    """The ghost rows' copies of a job's runs (tiles ``ntx..``, rows below ``ghost_rows``):
+    a function of a step's runs ``[a, b)`` giving its copies (to, from), or None."""
+    if not (L.ghost_rows and L.nty > 1):
+        return None
+    count = np.where(tile >= L.ntx, np.clip(np.minimum(r1, L.ghost_rows) - r0, 0, None), 0)
+    source = _expand(origin, count)
+    shift = -L.ntx * strides[2] + L.a * L.th * strides[3] + L.th
+    bounds = np.r_[0, np.cumsum(count)]
+
+    def copies(a: int, b: int):
+        lo, hi = int(bounds[a]), int(bounds[b])
+        if lo == hi:
+            return None, None
+        return source[lo:hi] + shift, source[lo:hi]
+    return copies
+
+
 def _planned(L: SkewLayout, size: int, strides, depth_bits, parts, stream_of, group: int
              ) -> _PlannedStep:
+    """One step planned alone, from its ``parts`` (slices so large that the layout does not
+    keep every step's validity; :func:`_job_steps` plans a job's steps together otherwise).
+    Without stream groups its values are written part by part (``parts``)."""
     sizes = [m * L.tiles * (r1 - r0) for _, _, r0, r1, m in parts]
     streams, ends, keep, order = _segments(L, parts, sizes, stream_of, group)
     hold = []
@@ -355,19 +459,11 @@ def _planned(L: SkewLayout, size: int, strides, depth_bits, parts, stream_of, gr
         runs = order.runs(runs)
         keep = None if keep is None else keep[order.voxel_order]
         kind = np.int32 if size < 1 << 31 else np.int64    # half the memory of a kept plan
-        dest = _run_cells(runs, kind)
+        dest = _expand(runs.origin, runs.length).astype(kind)
         if L.ghost_rows and L.nty > 1:
             ghost_to, ghost_from = _ghosts(L, strides, parts, kind)
     return _PlannedStep(runs, runs.addresses(), sum(sizes), streams, ends, keep, parts, dest,
                         ghost_to, ghost_from, hold)
-
-
-def _run_cells(runs: "kernels.Runs", kind) -> np.ndarray:
-    """Where the voxels of ``runs`` lie in the flat buffer, in order (each run's voxels lie
-    at its origin on: one tile row of the sheared buffer)."""
-    firsts = np.cumsum(runs.length) - runs.length
-    n = int(runs.length.sum())
-    return (np.repeat(runs.origin - firsts, runs.length) + np.arange(n)).astype(kind)
 
 
 def _ghosts(L: SkewLayout, strides, parts, kind):

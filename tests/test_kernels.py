@@ -142,7 +142,10 @@ def test_decoder_run_cache_stays_within_its_budget(monkeypatch, cached_validity)
         # format 3: the slices decode as bands one tile wide
         layout = codec.skew_layout(load_model("default").neighbourhood, 33, 24, (16, 24))
         assert layout.validity_cached == cached_validity
-        assert 0 < layout.run_cache_bytes <= 6000 and layout.run_cache
+        if cached_validity:       # a job's steps are planned together, without the run cache
+            assert not layout.run_cache
+        else:                     # step by step, each slice's runs from the run cache
+            assert 0 < layout.run_cache_bytes <= 6000 and layout.run_cache
     finally:
         codec.skew_layout.cache_clear()
 
@@ -170,6 +173,54 @@ def test_decoder_plans_are_remembered_and_give_the_same_voxels(shape, tile):
     bad[len(bad) // 2] ^= 0x20
     with pytest.raises(CorruptBlobError):
         decode_slices(bytes(bad), 0, shape[0])
+
+
+@pytest.mark.parametrize("ny, nx, tile, group, counts, first", [
+    (40, 50, (16, 24), 2, [4, 4, 3], 0),      # phantoms, ghost rows, stream groups
+    (40, 50, (16, 24), 2, [4, 4, 3], 2),      # the slices after a first part
+    (64, 64, (64, 256), 4, [8, 8, 5], 0),     # one tile
+    (33, 70, (16, 24), 1, [3, 2], 0),         # a stream per slice
+    (20, 300, (64, 256), 1, [5, 5, 2], 0)])   # column bands' width, one tile row
+def test_a_jobs_steps_planned_together_equal_those_planned_one_by_one(ny, nx, tile, group,
+                                                                      counts, first):
+    """The whole-array plan of a lockstep job (models.skew._job_steps) gives every step the
+    runs, segments, coded mask, destinations and ghost-row copies that planning it alone
+    (the path of very large slices) gives."""
+    from models import skew
+    L = skew.SkewLayout(load_model("default").neighbourhood, ny, nx, tile)
+    counts = np.array(counts)
+    zs, top = 8, int(counts.max())
+    buf = np.zeros((zs + L.z0, len(counts), L.tiles) + L.plane_shape, np.int32)
+    strides = tuple(st // buf.itemsize for st in buf.strides)
+    bits = 1 << np.arange(L.hood.size, dtype=np.uint64)
+    depth_bits = [np.uint64(np.sum(bits[(z + L.dz) >= 0])) for z in range(zs)]
+    slabs_at = [int((counts > zl).sum()) for zl in range(top)]
+    stream_of = np.cumsum([0] + [-(-int(c) // group) for c in counts]).tolist()
+    together = skew._job_steps(L, buf.size, strides, depth_bits, first, top, slabs_at,
+                               stream_of, group, True)
+    alone = [skew._planned(L, buf.size, strides, depth_bits, parts, stream_of, group)
+             for _, parts in skew._steps(L, first, top, slabs_at)]
+    alone = [step for step in alone if step.n]
+    assert len(together) == len(alone) > 0
+
+    def ghosts(step):
+        to, source = step.ghost_to, step.ghost_from
+        if step.dest is None and step.parts is not None:    # written part by part, with them
+            to, source = skew._ghosts(L, strides, step.parts, np.int64)
+        return [] if to is None else sorted(zip(to.tolist(), source.tolist()))
+
+    for a, b in zip(alone, together):
+        for field in ("origin", "length", "valid_at", "valid_stride", "depth"):
+            assert np.array_equal(getattr(a.runs, field), getattr(b.runs, field)), field
+        assert (a.n, a.streams, a.ends) == (b.n, b.streams, b.ends)
+        assert (a.keep is None) == (b.keep is None)
+        assert a.keep is None or np.array_equal(a.keep, b.keep)
+        assert b.at == b.runs.addresses()
+        cells = skew._expand(a.runs.origin, a.runs.length)
+        assert np.array_equal(cells if a.dest is None else a.dest,
+                              cells if b.dest is None else b.dest)
+        assert ghosts(a) == ghosts(b)
+    assert group == 1 or all(step.dest is not None for step in together)
 
 
 def test_decoder_plans_stay_within_their_budget(monkeypatch):
