@@ -129,8 +129,8 @@ def test_training_samples_do_not_depend_on_the_kernel(monkeypatch):
 
 @pytest.mark.parametrize("cached_validity", [True, False])
 def test_decoder_run_cache_stays_within_its_budget(monkeypatch, cached_validity):
-    from models import codec, skew
-    monkeypatch.setattr(skew, "RUN_CACHE_BYTES", 6000)
+    from models import codec, skew, step_plan
+    monkeypatch.setattr(step_plan, "RUN_CACHE_BYTES", 6000)
     if not cached_validity:      # very large slices: validity computed per step
         monkeypatch.setattr(skew.SkewLayout, "MAX_CACHED_VALIDITY", 0)
     codec.skew_layout.cache_clear()
@@ -155,20 +155,19 @@ def test_decoder_plans_are_remembered_and_give_the_same_voxels(shape, tile):
     """A remembered plan (the steps of a lockstep: runs, segments, destinations) decodes the
     same voxels as a fresh one, with stream groups, phantom voxels and ghost rows (tiles of
     16 x 24 on 40 x 50 slices) and without (one 64 x 64 tile); corrupt blobs still fail."""
-    from models import CorruptBlobError, skew
+    from models import CorruptBlobError, step_plan
     rng = np.random.default_rng(7)
     vol = (rng.normal(0, 30, shape).cumsum(axis=2) // 4 + 900).astype(np.uint16)
     blob = encode_volume(vol, slab=4, tile=tile)
-    skew._plans.clear()
-    skew._plan_bytes = 0
+    step_plan.clear()
     assert np.array_equal(decode_slices(blob, 0, shape[0]), vol)       # plans made
-    held = dict(skew._plans)
-    assert held and 0 < skew._plan_bytes <= skew.PLAN_CACHE_BYTES
+    held = dict(step_plan._plans)
+    assert held and 0 < step_plan._plan_bytes <= step_plan.PLAN_CACHE_BYTES
     grouped = [s for steps, _ in held.values() for s in steps if s.dest is not None]
     assert grouped and all(s.dest.dtype == np.int32 for s in grouped)
     assert np.array_equal(decode_slices(blob, 0, shape[0]), vol)       # plans reused
     assert np.array_equal(decode_slices(blob, 2, 5), vol[2:5])
-    assert all(key in skew._plans for key in held)
+    assert all(key in step_plan._plans for key in held)
     bad = bytearray(blob)
     bad[len(bad) // 2] ^= 0x20
     with pytest.raises(CorruptBlobError):
@@ -183,10 +182,10 @@ def test_decoder_plans_are_remembered_and_give_the_same_voxels(shape, tile):
     (20, 300, (64, 256), 1, [5, 5, 2], 0)])   # column bands' width, one tile row
 def test_a_jobs_steps_planned_together_equal_those_planned_one_by_one(ny, nx, tile, group,
                                                                       counts, first):
-    """The whole-array plan of a lockstep job (models.skew._job_steps) gives every step the
+    """The whole-array plan of a lockstep job (models.step_plan.job_steps) gives every step the
     runs, segments, coded mask, destinations and ghost-row copies that planning it alone
     (the path of very large slices) gives."""
-    from models import skew
+    from models import skew, step_plan
     L = skew.SkewLayout(load_model("default").neighbourhood, ny, nx, tile)
     counts = np.array(counts)
     zs, top = 8, int(counts.max())
@@ -196,17 +195,17 @@ def test_a_jobs_steps_planned_together_equal_those_planned_one_by_one(ny, nx, ti
     depth_bits = [np.uint64(np.sum(bits[(z + L.dz) >= 0])) for z in range(zs)]
     slabs_at = [int((counts > zl).sum()) for zl in range(top)]
     stream_of = np.cumsum([0] + [-(-int(c) // group) for c in counts]).tolist()
-    together = skew._job_steps(L, buf.size, strides, depth_bits, first, top, slabs_at,
+    together = step_plan.job_steps(L, buf.size, strides, depth_bits, first, top, slabs_at,
                                stream_of, group, True)
-    alone = [skew._planned(L, buf.size, strides, depth_bits, parts, stream_of, group)
-             for _, parts in skew._steps(L, first, top, slabs_at)]
+    alone = [step_plan.planned_alone(L, buf.size, strides, depth_bits, parts, stream_of, group)
+             for _, parts in step_plan.steps(L, first, top, slabs_at)]
     alone = [step for step in alone if step.n]
     assert len(together) == len(alone) > 0
 
     def ghosts(step):
         to, source = step.ghost_to, step.ghost_from
         if step.dest is None and step.parts is not None:    # written part by part, with them
-            to, source = skew._ghosts(L, strides, step.parts, np.int64)
+            to, source = step_plan._ghosts(L, strides, step.parts, np.int64)
         return [] if to is None else sorted(zip(to.tolist(), source.tolist()))
 
     for a, b in zip(alone, together):
@@ -216,7 +215,7 @@ def test_a_jobs_steps_planned_together_equal_those_planned_one_by_one(ny, nx, ti
         assert (a.keep is None) == (b.keep is None)
         assert a.keep is None or np.array_equal(a.keep, b.keep)
         assert b.at == b.runs.addresses()
-        cells = skew._expand(a.runs.origin, a.runs.length)
+        cells = step_plan.expand(a.runs.origin, a.runs.length)
         assert np.array_equal(cells if a.dest is None else a.dest,
                               cells if b.dest is None else b.dest)
         assert ghosts(a) == ghosts(b)
@@ -224,28 +223,26 @@ def test_a_jobs_steps_planned_together_equal_those_planned_one_by_one(ny, nx, ti
 
 
 def test_decoder_plans_stay_within_their_budget(monkeypatch):
-    from models import skew
+    from models import step_plan
     rng = np.random.default_rng(8)
     vol = (rng.normal(0, 30, (8, 48, 48)).cumsum(axis=1) // 4).astype(np.int16)
     blob = encode_volume(vol, slab=4)
-    skew._plans.clear()
-    skew._plan_bytes = 0
-    monkeypatch.setattr(skew, "PLAN_CACHE_BYTES", 0)      # nothing fits: planned every time
+    step_plan.clear()
+    monkeypatch.setattr(step_plan, "PLAN_CACHE_BYTES", 0)      # nothing fits: planned every time
     assert np.array_equal(decode_slices(blob, 0, 8), vol)
-    assert not skew._plans and skew._plan_bytes == 0
-    monkeypatch.setattr(skew, "PLAN_CACHE_BYTES", 1 << 30)
+    assert not step_plan._plans and step_plan._plan_bytes == 0
+    monkeypatch.setattr(step_plan, "PLAN_CACHE_BYTES", 1 << 30)
     assert np.array_equal(decode_slices(blob, 0, 8), vol)
-    one = skew._plan_bytes
+    one = step_plan._plan_bytes
     assert one > 0
-    monkeypatch.setattr(skew, "PLAN_CACHE_BYTES", one + one // 2)   # one plan and a half
+    monkeypatch.setattr(step_plan, "PLAN_CACHE_BYTES", one + one // 2)   # one plan and a half
     assert np.array_equal(decode_slices(blob, 0, 4), vol[:4])          # another lockstep
-    assert 0 < skew._plan_bytes <= one + one // 2
+    assert 0 < step_plan._plan_bytes <= one + one // 2
     # slices too large for stream groups: their plans are not worth keeping
-    skew._plans.clear()
-    skew._plan_bytes = 0
+    step_plan.clear()
     big = (rng.normal(0, 30, (3, 160, 160)).cumsum(axis=1) // 4).astype(np.int16)
     assert np.array_equal(decode_slices(encode_volume(big), 0, 3), big)
-    assert not skew._plans and skew._plan_bytes == 0
+    assert not step_plan._plans and step_plan._plan_bytes == 0
 
 
 def _random_network(rng, sizes, weight_max=127):
