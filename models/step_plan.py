@@ -10,6 +10,7 @@ are remembered (:func:`plan`), since a node decodes many blobs of one geometry.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, NamedTuple
@@ -95,6 +96,7 @@ class PlannedStep(NamedTuple):
 PLAN_CACHE_BYTES = 24 << 20   # in each process: the plans of a few lockstep jobs
 _plans: OrderedDict = OrderedDict()       # key -> (steps, bytes), least recently used first
 _plan_bytes = 0
+_plans_lock = threading.Lock()            # a node's sender threads decode side by side
 
 
 def plan(L: SkewLayout, size: int, strides, depth_bits, first: int, top: int,
@@ -104,12 +106,10 @@ def plan(L: SkewLayout, size: int, strides, depth_bits, first: int, top: int,
     (small slices: a step of a few hundred to a few thousand voxels costs little more than
     its planning) are remembered within PLAN_CACHE_BYTES, since a node decodes many blobs of
     the same geometry; those of larger slices would save a few percent at most."""
-    global _plan_bytes
     key = (L, size, strides, first, top, tuple(slabs_at[first:top]), tuple(stream_of), group)
-    cached = _plans.get(key)
+    cached = _recalled(key)
     if cached is not None:
-        _plans.move_to_end(key)
-        yield from cached[0]
+        yield from cached
         return
     voxels = sum(slabs_at[first:top]) * L.tiles * L.th * L.tw
     count = L.steps + L.b * (top - first - 1)
@@ -128,9 +128,28 @@ def plan(L: SkewLayout, size: int, strides, depth_bits, first: int, top: int,
             kept.append(step)
         yield step
     if remember:
+        _keep(key, kept, held)
+
+
+def _recalled(key) -> list | None:
+    with _plans_lock:
+        cached = _plans.get(key)
+        if cached is None:
+            return None
+        _plans.move_to_end(key)
+        return cached[0]
+
+
+def _keep(key, steps: list, held: int) -> None:
+    """Remember a plan of ``held`` bytes, forgetting the least recently used ones to make
+    room (a plan another thread made meanwhile stays)."""
+    global _plan_bytes
+    with _plans_lock:
+        if key in _plans:
+            return
         while _plans and _plan_bytes + held > PLAN_CACHE_BYTES:
             _plan_bytes -= _plans.popitem(last=False)[1][1]
-        _plans[key] = kept, held
+        _plans[key] = steps, held
         _plan_bytes += held
 
 
@@ -403,5 +422,6 @@ def _remember(L: SkewLayout, key, runs) -> None:
 def clear() -> None:
     """Forget every remembered plan."""
     global _plan_bytes
-    _plans.clear()
-    _plan_bytes = 0
+    with _plans_lock:
+        _plans.clear()
+        _plan_bytes = 0

@@ -245,6 +245,31 @@ def test_decoder_plans_stay_within_their_budget(monkeypatch):
     assert not step_plan._plans and step_plan._plan_bytes == 0
 
 
+def test_decoder_plans_are_shared_by_threads_within_their_budget(monkeypatch):
+    """A node's sender threads decode side by side in one process: the remembered plans
+    (made, reused and forgotten to make room) stay correct and their accounting exact."""
+    from concurrent.futures import ThreadPoolExecutor
+    from models import step_plan
+    monkeypatch.setenv("VOXARC_DECODE_WORKERS", "0")
+    rng = np.random.default_rng(9)
+    shapes = [(6, 40, 50), (5, 33, 64), (7, 64, 30), (4, 48, 48)]
+    vols = [(rng.normal(0, 30, sh).cumsum(axis=2) // 4 + 500).astype(np.uint16) for sh in shapes]
+    blobs = [encode_volume(v, slab=3) for v in vols]
+    step_plan.clear()
+    decode_slices(blobs[0], 0, 6)
+    one = step_plan._plan_bytes
+    monkeypatch.setattr(step_plan, "PLAN_CACHE_BYTES", 3 * one)     # room for a few only
+
+    def check(i):
+        k = i % len(vols)
+        return np.array_equal(decode_slices(blobs[k], 0, len(vols[k])), vols[k])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(check, range(48)))
+    held = sum(size for _, size in step_plan._plans.values())
+    assert 0 < step_plan._plan_bytes == held <= 3 * one
+
+
 def _random_network(rng, sizes, weight_max=127):
     from models.intnet import IntLayer, IntMLP
     layers = []
