@@ -786,8 +786,7 @@ class StepKernel:
             raise ValueError("the coder's bounds are the volume's range or none")
         self.width = _out_width(table, stage)
         self._pq = (self._p.ctypes.data, self._q.ctypes.data)
-        self._out = self._grow(1024)
-        self.addresses = self._addresses()
+        self._grow(1024)
 
     @staticmethod
     def create(buf, koff, predictor, lo: int, hi: int, decoder, token_range: int, edge: int
@@ -803,22 +802,20 @@ class StepKernel:
         return StepKernel(buf, koff, net, predictor.head, lo, hi, decoder.tables,
                           decoder.bounds, token_range, edge, decoder.stage)
 
-    def _grow(self, n: int) -> tuple:
-        return (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
-                np.empty((n, self.width)))
-
-    def _addresses(self) -> tuple[int, int, int]:
-        """Where :meth:`predict` writes the predictions, table rows and shifts (int64):
-        :class:`StepFields` reads them there."""
+    def _grow(self, n: int) -> None:
+        """Output arrays for steps of up to ``n`` voxels, and their addresses: ``addresses``
+        are where :meth:`predict` writes the predictions, table rows and shifts (int64), for
+        :class:`StepFields` to read them there."""
+        self._out = (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
+                     np.empty((n, self.width)))
         self._out_at = tuple(a.ctypes.data for a in self._out)
-        return self._out_at[:3]
+        self.addresses = self._out_at[:3]
 
     def predict(self, runs: "Runs", n: int, at: tuple[int, ...] | None = None):
         """Predictions, table rows, probability rows and low-bit counts of a step's ``n``
         voxels (views of the reused arrays); ``at``: ``runs.addresses()``, when known."""
         if len(self._out[0]) < n:
-            self._out = self._grow(max(n, 2 * len(self._out[0])))
-            self.addresses = self._addresses()
+            self._grow(max(n, 2 * len(self._out[0])))
         pred, row, sh, rows = self._out
         if _library().voxarc_step_predict(
                 *self._pq, n, *(runs.addresses() if at is None else at), *self._out_at) < 0:

@@ -237,11 +237,11 @@ def _write_blocks(L: SkewLayout, buf: np.ndarray, parts, decoded: np.ndarray) ->
         pos += size
 
 
-def _decode_fields(step_kernel, decoder, runs, n, streams, ends, keep, corrupt, at=None
+def _decode_fields(step_kernel, decoder, runs, n, streams, ends, keep, corrupt, at
                    ) -> np.ndarray:
     """A step's decoded values by the step kernel and the decoder's compiled fields
     (:meth:`StepDecoder.decode_fields`); phantom voxels (``keep`` False) are not coded and
-    stay 0. ``at``: the runs' addresses, when known."""
+    stay 0. ``at``: the runs' addresses (models.kernels.Runs.addresses)."""
     pred, j, rows, sh = step_kernel.predict(runs, n, at)
     if keep is None:
         decoded = decoder.decode_fields(streams, ends, rows, step_kernel.addresses)

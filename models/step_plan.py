@@ -155,7 +155,7 @@ def _keep(key, steps: list, held: int) -> None:
 
 def job_steps(L: SkewLayout, size: int, strides, depth_bits, first: int, top: int,
               slabs_at: list[int], stream_of: list[int], group: int, with_dest: bool
-               ) -> list[PlannedStep]:
+              ) -> list[PlannedStep]:
     """:func:`planned_alone` for every step of a lockstep job at once, in whole-array operations
     (the same runs, segments, masks and destinations; ``with_dest``: destinations of every
     step made now, else each step's when it is used, for stream groups only)."""
@@ -203,8 +203,7 @@ def job_steps(L: SkewLayout, size: int, strides, depth_bits, first: int, top: in
     seg_at = np.searchsorted(head, steps_at)
     seg_end = np.r_[seg_at[1:], len(head)]
     ends = np.cumsum(symbols)
-    dest = expand(origin, rows).astype(np.int32 if size < 1 << 31 else np.int64) \
-        if with_dest and group > 1 else None
+    dest = expand(origin, rows).astype(_index_kind(size)) if with_dest and group > 1 else None
     ghost = _job_ghosts(L, strides, origin, tile, r0, r1)
     out = []
     for a, b, sa, sb in zip(steps_at.tolist(), run_end.tolist(), seg_at.tolist(),
@@ -237,7 +236,7 @@ def _job_ghosts(L: SkewLayout, strides, origin, tile, r0, r1):
         return None
     count = np.where(tile >= L.ntx, np.clip(np.minimum(r1, L.ghost_rows) - r0, 0, None), 0)
     source = expand(origin, count)
-    shift = -L.ntx * strides[2] + L.a * L.th * strides[3] + L.th
+    shift = _ghost_shift(L, strides)
     bounds = np.r_[0, np.cumsum(count)]
 
     def copies(a: int, b: int):
@@ -246,6 +245,18 @@ def _job_ghosts(L: SkewLayout, strides, origin, tile, r0, r1):
             return None, None
         return source[lo:hi] + shift, source[lo:hi]
     return copies
+
+
+def _ghost_shift(L: SkewLayout, strides) -> int:
+    """From a voxel of one of a tile's first rows to its copy in the ghost rows of the tile
+    above, in the flat buffer of element ``strides``."""
+    return -L.ntx * strides[2] + L.a * L.th * strides[3] + L.th
+
+
+def _index_kind(size: int):
+    """Indices into a buffer of ``size`` elements: int32 where they fit (half the memory of
+    a remembered plan)."""
+    return np.int32 if size < 1 << 31 else np.int64
 
 
 def planned_alone(L: SkewLayout, size: int, strides, depth_bits, parts, stream_of,
@@ -262,7 +273,7 @@ def planned_alone(L: SkewLayout, size: int, strides, depth_bits, parts, stream_o
     if order is not None:
         runs = order.runs(runs)
         keep = None if keep is None else keep[order.voxel_order]
-        kind = np.int32 if size < 1 << 31 else np.int64    # half the memory of a kept plan
+        kind = _index_kind(size)
         dest = expand(runs.origin, runs.length).astype(kind)
         if L.ghost_rows and L.nty > 1:
             ghost_to, ghost_from = _ghosts(L, strides, parts, kind)
@@ -283,7 +294,7 @@ def _ghosts(L: SkewLayout, strides, parts, kind):
               + np.arange(m)[:, None, None] * strides[1]
               + np.arange(L.ntx, L.tiles)[None, :, None] * strides[2] + rows[None, None, :])
         source.append(at.ravel())
-        to.append((at - L.ntx * strides[2] + L.a * L.th * strides[3] + L.th).ravel())
+        to.append((at + _ghost_shift(L, strides)).ravel())
     if not to:
         return None, None
     return np.concatenate(to).astype(kind), np.concatenate(source).astype(kind)
