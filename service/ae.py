@@ -26,6 +26,7 @@ from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.metrics import NodeMetrics
 from service.socket_tuning import tune_association
+from storage import part10
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ def build_ae(settings: Settings) -> AE:
     debug = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
     _config.LOG_HANDLER_LEVEL = "standard" if debug else "none"
     ae = AE(ae_title=settings.ae_title)
+    ae.implementation_class_uid = part10.IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = part10.IMPLEMENTATION_VERSION_NAME
     ae.maximum_pdu_size = settings.max_pdu_size     # large PDUs: far fewer round trips
     ae.maximum_associations = settings.max_associations
     ae.require_called_aet = settings.require_called_ae_title

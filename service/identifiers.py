@@ -10,7 +10,8 @@ from pydicom.multival import MultiValue
 from storage.query import LEVELS
 
 _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet"}
-_UNIQUE = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+#: the unique key of each Query/Retrieve level, in LEVELS order
+UNIQUE_KEYS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 class IdentifierError(ValueError):
@@ -69,13 +70,13 @@ def retrieve_criteria(level: str, criteria: dict[str, str]) -> dict[str, str]:
     IdentifierError
     """
     depth = LEVELS.index(level)
-    keys = {k: v for k, v in criteria.items() if k in _UNIQUE and v}
-    if not keys.get(_UNIQUE[depth]):
-        raise IdentifierError(f"a {level} level retrieve needs a {_UNIQUE[depth]}")
+    keys = {k: v for k, v in criteria.items() if k in UNIQUE_KEYS and v}
+    if not keys.get(UNIQUE_KEYS[depth]):
+        raise IdentifierError(f"a {level} level retrieve needs a {UNIQUE_KEYS[depth]}")
     for key, value in keys.items():
         if "*" in value or "?" in value:
             raise IdentifierError(f"{key} {value!r}: a retrieve takes UIDs, not wildcards")
-        if _UNIQUE.index(key) > depth:
+        if UNIQUE_KEYS.index(key) > depth:
             raise IdentifierError(f"{key} is below the {level} level of the retrieve")
     return keys
 

@@ -10,6 +10,9 @@ from pydicom.filewriter import write_file_meta_info
 
 from storage.errors import UnparseableDatasetError
 
+#: who wrote a file (its File Meta) and who speaks on an association (A-ASSOCIATE)
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1437.1"
+IMPLEMENTATION_VERSION_NAME = "VOXARC_010"
 
 def split_file(data: bytes) -> tuple[str, bytes]:
     """Return ``(transfer syntax UID, dataset bytes)`` of a Part 10 file's bytes.
@@ -43,8 +46,8 @@ def file_head(sop_class_uid: str, sop_uid: str, transfer_syntax: str) -> bytes:
     meta.MediaStorageSOPClassUID = sop_class_uid
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = "1.2.826.0.1.3680043.10.1437.1"
-    meta.ImplementationVersionName = "VOXARC_010"
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     fp = io.BytesIO()
     fp.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(fp, meta, enforce_standard=True)

@@ -1,0 +1,268 @@
+"""`voxarc conformance`: the node's DICOM Conformance Statement, from what it actually runs.
+
+A PACS administrator asks for a device's conformance statement (PS3.2) before connecting it.
+This one is written from the same objects the node runs on: the application entity's presentation
+contexts and roles (:func:`service.ae.build_ae`), the C-FIND keys the index keeps and computes
+(:mod:`storage.query`), the retrieve rules (:mod:`service.identifiers`), the status codes
+(:mod:`service.statuses`) and the node's settings (AE title, port, PDU size, access rules,
+destinations, TLS). So it cannot drift from the code; ``docs/conformance.md`` is its output for
+the embedded defaults, and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import version
+from pathlib import Path
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.uid import UID
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+
+from service import statuses
+from service.access import PERMISSIONS, AccessPolicy
+from service.ae import QUERY_RETRIEVE, build_ae
+from service.config import Settings, add_node_options, parse_destination, settings_from_args
+from service.identifiers import UNIQUE_KEYS
+from storage.query import ATTRIBUTES, COMPUTED, LEVELS
+
+log = logging.getLogger(__name__)
+
+_RANGE_VRS = ("DA", "TM", "DT")
+_WILDCARD_VRS = ("AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT")   # PS3.4 C.2.2.2.4
+# (service, status constant, meaning): what a peer may see beyond success and pending
+_STATUSES = (
+    ("C-STORE", statuses.OUT_OF_RESOURCES, "Refused: out of resources (disk full, write error, "
+     "a size limit, or a commit whose outcome is unknown: send again)"),
+    ("C-STORE", statuses.DATASET_MISMATCH, "Error: the dataset is not the instance the request "
+     "names; nothing stored"),
+    ("C-STORE", statuses.CANNOT_PARSE, "Error: cannot understand the dataset"),
+    ("C-STORE", statuses.DUPLICATE_REFUSED, "Error: SOP Instance UID already stored and the "
+     "duplicate policy is `reject`"),
+    ("C-STORE", statuses.CLASS_MISMATCH_WARNING, "Warning: stored, but its SOP Class is not the "
+     "request's"),
+    ("C-FIND", statuses.IDENTIFIER_MISMATCH, "Error: no or an unknown Query/Retrieve Level, an "
+     "unreadable identifier"),
+    ("C-FIND", statuses.FIND_OUT_OF_RESOURCES, "Refused: more matches than `max_find_results`"),
+    ("C-GET, C-MOVE", statuses.IDENTIFIER_MISMATCH, "Error: the level's unique key missing, a "
+     "wildcard in a unique key, or a key below the level"),
+    ("C-GET, C-MOVE", statuses.SUBOPERATIONS_FAILED, "Warning: some sub-operations failed"),
+    ("C-GET, C-MOVE", 0xA702, "Refused: every sub-operation failed"),
+    ("C-MOVE", statuses.UNKNOWN_DESTINATION, "Refused: move destination unknown"),
+    ("any", statuses.UNABLE_TO_PROCESS, "Error: unable to process (logged with its cause)"),
+)
+
+
+def register(subparsers) -> None:
+    """Add ``conformance`` to the ``voxarc`` parser."""
+    p = subparsers.add_parser("conformance",
+                              help="print the node's DICOM Conformance Statement (Markdown)")
+    add_node_options(p)
+    p.add_argument("--out", help="write it to this file instead")
+    p.set_defaults(func=conformance)
+
+
+def conformance(args) -> int:
+    """Write the statement of the node the arguments configure."""
+    text = statement(settings_from_args(args))
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        log.info("conformance statement written to %s", args.out)
+    else:
+        print(text, end="")
+    return 0
+
+
+def statement(settings: Settings) -> str:
+    """The DICOM Conformance Statement (Markdown) of a node with ``settings``."""
+    ae = build_ae(settings)
+    contexts = {str(cx.abstract_syntax): cx for cx in ae.supported_contexts}
+    storage = sorted((uid for uid, cx in contexts.items() if cx.scp_role),
+                     key=lambda uid: UID(uid).name)
+    parts = [_header(settings, ae), _services(contexts, storage), _association(settings, ae),
+             _syntaxes(contexts, storage), _store(settings), _find(settings),
+             _retrieve(settings), _commitment(), _status_table(), _appendix(storage)]
+    return "\n".join(parts)
+
+
+def _table(head: tuple, rows) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _header(settings: Settings, ae) -> str:
+    return (
+        "# DICOM Conformance Statement: voxarc\n\n"
+        "Written by `voxarc conformance` from the node's own presentation contexts, query keys "
+        "and settings" + (" (here: the embedded defaults)" if settings == Settings() else "")
+        + ". voxarc is a storage node: it stores what modalities send, answers queries and "
+        "gives every instance back as it was received, its image series kept losslessly "
+        "compressed.\n\n## 1. Implementation\n\n"
+        + _table(("item", "value"), [
+            ("Implementation Class UID", f"`{ae.implementation_class_uid}`"),
+            ("Implementation Version Name", f"`{ae.implementation_version_name}`"),
+            ("DICOM libraries", f"pynetdicom {version('pynetdicom')}, pydicom {version('pydicom')}"),
+            ("AE title", f"`{settings.ae_title}`"),
+            ("TCP port", f"{settings.port} (listening on {settings.host})"),
+        ]))
+
+
+def _services(contexts: dict, storage: list[str]) -> str:
+    for sop in (Verification, StorageCommitmentPushModel):
+        assert str(sop) in contexts, f"{sop.name} is not offered"
+    rows = [(Verification.name, "-", "yes")]
+    rows.append((f"{len(storage)} Storage SOP Classes (Appendix A)",
+                 "yes (C-GET, C-MOVE sub-operations)", "yes (C-STORE)"))
+    rows += [(UID(sop).name, "-", "yes") for sop in map(str, QUERY_RETRIEVE)]
+    rows.append((StorageCommitmentPushModel.name,
+                 "N-EVENT-REPORT (on an association it opens)", "yes (N-ACTION)"))
+    return "## 2. Network services\n\n" + _table(("SOP Class", "SCU", "SCP"), rows)
+
+
+def _association(settings: Settings, ae) -> str:
+    peers = AccessPolicy.from_settings(settings.peers).peers
+    calling = ", ".join(f"`{aet}` ({', '.join(p for p in PERMISSIONS if p in peers[aet])})"
+                        for aet in sorted(peers))
+    tls = ("TLS 1.2 or later only" + (", clients must present a certificate of the configured "
+                                      "authorities" if settings.tls_ca_certificates else "")
+           if settings.tls_certificate else "none (plain TCP)")
+    rows = [
+        ("Called AE title", f"must be `{settings.ae_title}`" if settings.require_called_ae_title
+         else "any"),
+        ("Calling AE titles (what each may do)", calling or "any (everything)"),
+        ("Maximum PDU size received", f"{settings.max_pdu_size} bytes"),
+        ("Simultaneous associations", str(settings.max_associations)),
+        ("Timeouts (ACSE, DIMSE, network)",
+         f"{ae.acse_timeout} s, {ae.dimse_timeout} s, {ae.network_timeout} s"),
+        ("Asynchronous operations", "not supported (one operation at a time per association)"),
+        ("Extended negotiation", "SCP/SCU role selection for the Storage SOP Classes (C-GET)"),
+        ("Secure transport", tls),
+    ]
+    return ("## 3. Association policies\n\nvoxarc accepts associations; it opens them only "
+            "to send a C-MOVE's instances to a configured destination and a storage commitment "
+            "result to the AE that asked for it.\n\n" + _table(("policy", "value"), rows))
+
+
+def _syntaxes(contexts: dict, storage: list[str]) -> str:
+    stored = [str(ts) for ts in contexts[storage[0]].transfer_syntax]
+    other = [str(ts) for ts in contexts[str(Verification)].transfer_syntax]
+    rows = [(UID(ts).name, f"`{ts}`") for ts in stored]
+    return (
+        "## 4. Transfer syntaxes\n\nFor every Storage SOP Class, in both roles, each of these "
+        "is accepted; an instance is stored and given back in the syntax it arrived in, byte "
+        "for byte. A receiver that takes only uncompressed syntaxes gets it converted, "
+        "losslessly, to Explicit or Implicit VR Little Endian (lossy syntaxes are never "
+        "decompressed). When one context proposes several, the first in this order is "
+        "accepted for storing to voxarc; for retrieving, the syntax the archive holds most "
+        "instances of that class in.\n\n" + _table(("Transfer Syntax", "UID"), rows)
+        + "\nVerification, Query/Retrieve and Storage Commitment: "
+        + ", ".join(UID(ts).name for ts in other) + ".\n")
+
+
+def _store(settings: Settings) -> str:
+    duplicates = {"keep_first": "the first instance is kept, a later one with the same SOP "
+                                "Instance UID is acknowledged and logged (as Orthanc does)",
+                  "replace": "a later instance with the same SOP Instance UID replaces it",
+                  "reject": "a later instance with the same SOP Instance UID is refused "
+                            f"(0x{statuses.DUPLICATE_REFUSED:04X})"}
+    policy = duplicates[settings.duplicate_policy]
+    limit = (f"{settings.max_storage_bytes} bytes" if settings.max_storage_bytes
+             else "the disk")
+    return (
+        "## 5. Storage SCP (C-STORE)\n\n"
+        "- Every dataset is kept as received: every element, in its transfer syntax. Success "
+        "is answered only once it is durable (its bytes synced to disk, its index row "
+        "committed).\n"
+        "- Level 2 (full) storage: image series are compressed losslessly once stable "
+        f"({settings.stable_age:g} s without a new instance), and every instance is rebuilt "
+        "byte for byte and checked against the SHA-256 recorded when it arrived before it is "
+        "sent.\n"
+        f"- Duplicates: {policy}.\n"
+        f"- Size limits: a dataset of at most {settings.max_dataset_bytes} bytes; the archive "
+        f"up to {limit}.\n")
+
+
+def _find(settings: Settings) -> str:
+    rows = []
+    for level in LEVELS:
+        for keyword, (lv, _) in ATTRIBUTES.items():
+            if lv == level:
+                rows.append(_key_row(level, keyword))
+        for keyword, lv in COMPUTED.items():
+            if lv == level:
+                rows.append((level, keyword, _tag(keyword), dictionary_VR(keyword),
+                             "returned (computed)"))
+    limit = (f"more than {settings.max_find_results} matches are refused (0x"
+             f"{statuses.FIND_OUT_OF_RESOURCES:04X}), never cut" if settings.max_find_results
+             else "no limit on the number of matches")
+    return (
+        "## 6. Query SCP (C-FIND)\n\nPatient Root and Study Root, levels PATIENT, STUDY, "
+        "SERIES and IMAGE. A response carries every key asked for: those below with their "
+        "values (a match at a level also carries the keys of the levels above it), any other "
+        "key empty. Keys not in this table do not filter. Sequences, private keys and "
+        "repeating groups in an identifier are ignored.\n\n"
+        "Matching: an empty key is universal; single value; `\\`-separated lists (UID list "
+        "matching); wildcards `*` and `?` on text keys; date and time ranges `a-b`, `-b`, "
+        "`a-` on DA, TM and DT keys. Case-sensitive except person names (PN). Responses are in the query's "
+        "character set when it holds every value, else in UTF-8 (ISO_IR 192); "
+        f"{limit}.\n\n"
+        + _table(("level", "key", "tag", "VR", "matching"), rows))
+
+
+def _key_row(level: str, keyword: str) -> tuple:
+    vr = dictionary_VR(keyword)
+    kinds = ["single value", "universal"]
+    if keyword in UNIQUE_KEYS:
+        kinds.insert(0, "unique key, UID list" if vr == "UI" else "unique key")
+    if vr in _WILDCARD_VRS:
+        kinds.append("wildcard")
+    if vr in _RANGE_VRS:
+        kinds.append("range")
+    if vr == "PN":
+        kinds.append("case-insensitive")
+    return level, keyword, _tag(keyword), vr, ", ".join(kinds)
+
+
+def _tag(keyword: str) -> str:
+    tag = tag_for_keyword(keyword)
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _retrieve(settings: Settings) -> str:
+    keys = ", ".join(f"{level}: `{key}`" for level, key in zip(LEVELS, UNIQUE_KEYS))
+    destinations = [(d.name, f"`{d.ae_title}`", f"{d.host}:{d.port}") for d in (
+        parse_destination(f"{name}={text}") for name, text in settings.destinations.items())]
+    moves = (_table(("destination", "AE title", "address"), destinations) if destinations
+             else "No C-MOVE destination is configured: every C-MOVE is refused (0x"
+                  f"{statuses.UNKNOWN_DESTINATION:04X}).\n")
+    return (
+        "## 7. Retrieve SCP (C-GET, C-MOVE)\n\nPatient Root and Study Root, levels PATIENT, "
+        f"STUDY, SERIES and IMAGE. The unique key of the level is required ({keys}), keys of "
+        "the levels above narrow it, and neither wildcards nor keys of lower levels are "
+        "accepted. C-GET sends on the same association (the client takes the SCP role for "
+        "the Storage SOP Classes); C-MOVE opens an association to the destination, which must "
+        "be configured (named by its AE title or its name):\n\n" + moves
+        + "\nEach sub-operation sends the instance as received (or converted, section 4); "
+        "the final response counts completed, failed and warning sub-operations.\n")
+
+
+def _commitment() -> str:
+    return (
+        "## 8. Storage Commitment Push Model SCP\n\nAn N-ACTION request is answered at once; "
+        "the result goes as an N-EVENT-REPORT on a new association to the requesting AE, "
+        "which must be a configured destination. Every instance the node holds (indexed, its "
+        "bytes on disk) is committed; any other fails with 0x0112 (no such instance) or 0x0119 "
+        "(another SOP class). A request from an AE title that is not a destination is refused "
+        "(0x0110).\n")
+
+
+def _status_table() -> str:
+    rows = [(service, f"0x{code:04X}", meaning) for service, code, meaning in _STATUSES]
+    return "## 9. Status codes\n\n" + _table(("service", "status", "meaning"), rows)
+
+
+def _appendix(storage: list[str]) -> str:
+    rows = [(UID(uid).name, f"`{uid}`") for uid in storage]
+    return ("## Appendix A: Storage SOP Classes\n\nSCP and SCU, in every transfer syntax of "
+            "section 4.\n\n" + _table(("SOP Class", "UID"), rows))
