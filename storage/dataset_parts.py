@@ -13,6 +13,7 @@ import functools
 import io
 import zlib
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,7 +79,7 @@ def parse_dataset(data: bytes, transfer_syntax: str, keywords: Iterable[str] = (
         When the bytes cannot be read in the given transfer syntax.
     """
     ts, stream = _inflated(data, transfer_syntax)
-    try:
+    with _unparseable():
         fp = io.BytesIO(stream)
         ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian)
         if fp.tell() != len(stream) or len(ds) == 0:
@@ -87,9 +88,17 @@ def parse_dataset(data: bytes, transfer_syntax: str, keywords: Iterable[str] = (
         for tag in _tags(tuple(keywords)):
             if tag in ds:
                 ds[tag]                       # converts the raw value; raises when malformed
-    except Exception as exc:  # pydicom raises many kinds on malformed input
-        raise UnparseableDatasetError(f"cannot parse dataset: {exc}") from exc
     return ds
+
+
+@contextmanager
+def _unparseable():
+    """Any error of the block as :class:`UnparseableDatasetError` (pydicom raises many kinds
+    on malformed input)."""
+    try:
+        yield
+    except Exception as exc:
+        raise UnparseableDatasetError(f"cannot parse dataset: {exc}") from exc
 
 
 def header_elements(data, transfer_syntax: str):
@@ -103,13 +112,11 @@ def header_elements(data, transfer_syntax: str):
         When the bytes cannot be read in the given transfer syntax.
     """
     ts, stream = _inflated(data, transfer_syntax)
-    try:
+    with _unparseable():
         fp = stream if hasattr(stream, "seek") else io.BytesIO(stream)
         fp.seek(0)
         return read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian,
                             stop_when=lambda tag, vr, length: tag == PIXEL_DATA)
-    except Exception as exc:  # pydicom raises many kinds on malformed input
-        raise UnparseableDatasetError(f"cannot parse dataset: {exc}") from exc
 
 
 def _inflated(data, transfer_syntax: str) -> tuple[UID, bytes]:
@@ -145,10 +152,8 @@ def parse_fields(data: bytes, transfer_syntax: str, keywords: Iterable[str] = ()
     elements = scan(data, not ts.is_implicit_VR)
     if elements is None:
         return _only(parse_dataset(data, transfer_syntax, keywords), keywords)
-    try:
+    with _unparseable():
         return _from_scan(data, elements, ts.is_implicit_VR, _tags(tuple(keywords)))
-    except Exception as exc:  # pydicom raises many kinds on malformed input
-        raise UnparseableDatasetError(f"cannot parse dataset: {exc}") from exc
 
 
 def _from_scan(data: bytes, elements, implicit: bool, tags: tuple[int, ...]) -> Fields:
