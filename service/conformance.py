@@ -19,7 +19,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.uid import UID
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
-from service import statuses
+from service import dicomweb, dicomweb_store, statuses
 from service.access import PERMISSIONS, AccessPolicy
 from service.ae import QUERY_RETRIEVE, build_ae
 from service.config import Settings, add_node_options, parse_destination, settings_from_args
@@ -81,7 +81,8 @@ def statement(settings: Settings) -> str:
                      key=lambda uid: UID(uid).name)
     parts = [_header(settings, ae), _services(contexts, storage), _association(settings, ae),
              _syntaxes(contexts, storage), _store(settings), _find(settings),
-             _retrieve(settings), _commitment(), _status_table(), _appendix(storage)]
+             _retrieve(settings), _commitment(), _status_table(), _dicomweb(settings),
+             _appendix(storage)]
     return "\n".join(parts)
 
 
@@ -260,6 +261,35 @@ def _commitment() -> str:
 def _status_table() -> str:
     rows = [(service, f"0x{code:04X}", meaning) for service, code, meaning in _STATUSES]
     return "## 9. Status codes\n\n" + _table(("service", "status", "meaning"), rows)
+
+
+# route (handler) name -> (service, what it answers)
+_WEB_SERVICES = {
+    "endpoint": ("QIDO-RS search", "`application/dicom+json`; the keys and matching of section "
+                                   "6, by keyword or tag, `limit`, `offset`"),
+    "retrieve": ("WADO-RS", '`multipart/related; type="application/dicom"`, the instances '
+                            "as received"),
+    "metadata": ("WADO-RS metadata", "`application/dicom+json`"),
+    "frames": ("WADO-RS frames", "`multipart/related`, the frames as stored (uncompressed, or "
+                                 "the compressed bitstream)"),
+    "rendered": ("WADO-RS rendered", "`image/png`"),
+    "thumbnail": ("WADO-RS thumbnail", "`image/png`"),
+    "wado_uri": ("WADO-URI", "`application/dicom` (as received) or an image"),
+    "store": ("STOW-RS", 'takes `multipart/related; type="application/dicom"` into the C-STORE '
+                         "ingest path, answers `application/dicom+json`"),
+}
+
+
+def _dicomweb(settings: Settings) -> str:
+    routes = dicomweb.routes(None, None) + dicomweb_store.routes(None)
+    rows = [(", ".join(m for m in ("GET", "POST") if m in route.methods), f"`{route.path}`",
+             *_WEB_SERVICES[route.name]) for route in routes]
+    access = ("every request needs the token (`Authorization: Bearer ...` or `?token=`)"
+              if settings.http_token else "no token is configured: anyone who reaches the port")
+    return (
+        "## 10. DICOMweb (PS3.18)\n\nOn the admin server, "
+        f"`http://{settings.http_host}:{settings.http_port}`; {access}.\n\n"
+        + _table(("method", "path", "service", "answers"), rows))
 
 
 def _appendix(storage: list[str]) -> str:

@@ -2,6 +2,8 @@
 it makes about contexts, syntaxes and C-FIND keys holds against a running node."""
 
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 from pydicom.uid import ExplicitVRLittleEndian
 
-from node_helpers import dataset_bytes, make_series, node  # noqa: F401
+from admin_helpers import admin_site, http_token  # noqa: F401
+from node_helpers import dataset_bytes, file_bytes, make_series, node  # noqa: F401
 from scu_helpers import find, store_bytes
 from service.cli import main
 from service.config import load_settings
@@ -122,7 +125,8 @@ def test_the_statement_follows_the_settings(tmp_path):
     config = tmp_path / "node.toml"
     config.write_text('ae_title = "ARCH1"\nport = 104\nduplicate_policy = "reject"\n'
                       'max_find_results = 500\npeers = { CT1 = "store", VIEW = "query,retrieve" }\n'
-                      'destinations = { VIEWER = "VIEW@10.0.0.5:4006" }\n')
+                      'destinations = { VIEWER = "VIEW@10.0.0.5:4006" }\n'
+                      'http_token = "s3cret"\nhttp_port = 8080\n')
     out = tmp_path / "conformance.md"
     assert main(["conformance", "--config", str(config), "--out", str(out)]) == 0
     text = out.read_text(encoding="utf-8")
@@ -131,4 +135,51 @@ def test_the_statement_follows_the_settings(tmp_path):
         in text
     assert "| VIEWER | `VIEW` | 10.0.0.5:4006 |" in text and "No C-MOVE destination" not in text
     assert "refused (0xC220)" in text and "more than 500 matches are refused" in text
-    assert "embedded defaults" not in text
+    assert "embedded defaults" not in text and "s3cret" not in text
+    assert "`http://127.0.0.1:8080`; every request needs the token" in text
+
+
+def _request(url: str, data: bytes | None = None, ctype: str = "") -> tuple[int, str]:
+    """(status, Content-Type of the answer) of a GET, or of a POST of ``data``."""
+    request = urllib.request.Request(url, data=data, method="POST" if data else "GET",
+                                     headers={"Content-Type": ctype} if ctype else {})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.read()
+            return response.status, response.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", "")
+
+
+def _stow_body(ds) -> tuple[bytes, str]:
+    boundary = "conformance-boundary"
+    body = (b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+            + file_bytes(ds) + b"\r\n--" + boundary.encode() + b"--\r\n")
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def test_every_dicomweb_route_listed_answers_as_claimed(admin_site, tmp_path):
+    node, admin = admin_site
+    series = make_series(2, 16, 16, seed=11)
+    items = [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds)) for ds in series]
+    assert store_bytes(node.port, items, tmp_path) == [0, 0]
+    ds = series[0]
+    ids = {"study": ds.StudyInstanceUID, "series": ds.SeriesInstanceUID,
+           "sop": ds.SOPInstanceUID, "frames": "1", "frame": "1"}
+    rows = re.findall(r"^\| (GET|POST) \| `(/[^`]*)` \| [^|]+ \| (.+) \|$",
+                      _section(statement(node.settings), "## 10."), re.M)
+    assert len(rows) >= 20
+    for n, (method, path, answers) in enumerate(rows):
+        url = admin.url + path.format(**ids)
+        if method == "POST":
+            new = make_series(1, 8, 8, study_uid=ds.StudyInstanceUID, seed=20 + n)[0]
+            status, ctype = _request(url, *_stow_body(new))
+            assert status == 200 and ctype.startswith("application/dicom+json"), (path, status)
+            continue
+        if path == "/wado":
+            url += (f"?requestType=WADO&studyUID={ds.StudyInstanceUID}&seriesUID="
+                    f"{ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}"
+                    "&contentType=application/dicom")
+        status, ctype = _request(url)
+        claimed = re.search(r"`([a-z]+/[a-z+-]+)", answers).group(1)
+        assert status == 200 and ctype.startswith(claimed), (path, status, ctype, claimed)
