@@ -266,7 +266,7 @@ def _status_table() -> str:
 # route (handler) name -> (service, what it answers)
 _WEB_SERVICES = {
     "endpoint": ("QIDO-RS search", "`application/dicom+json`; the keys and matching of section "
-                                   "6, by keyword or tag, `limit`, `offset`"),
+                                   "6, by keyword or tag, `limit`, `offset`, `includefield`"),
     "retrieve": ("WADO-RS", '`multipart/related; type="application/dicom"`, the instances '
                             "as received"),
     "metadata": ("WADO-RS metadata", "`application/dicom+json`"),

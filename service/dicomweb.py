@@ -73,7 +73,7 @@ from service.preview import PreviewError, render_png
 from storage.dataset_parts import le_bytes, nbytes
 from storage.errors import InstanceNotFoundError, StorageError, TranscodeError
 from storage.part10 import build_file
-from storage.query import ATTRIBUTES, COMPUTED
+from storage.query import ATTRIBUTES, COMPUTED, LEVELS
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -104,13 +104,12 @@ def _criteria(request: Request, level: str, fixed: dict) -> tuple[dict, list[str
     """C-FIND criteria from the query string (keywords or tags), the path's UIDs and the level's
     return keys; also the matching keys the index does not keep."""
     criteria = {k: "" for k in _LEVEL_KEYS[level]}
+    criteria.update({k: "" for k in _included(request, level)})
     ignored = []
     for name, value in request.query_params.multi_items():
         if name in _RESERVED:
             continue
-        keyword = keyword_for_tag(int(name, 16)) if _TAG.match(name) else name
-        if not keyword or not known_keyword(keyword) or dictionary_VR(keyword) == "SQ":
-            raise _BadRequest(f"unknown or unsupported attribute {name!r}")
+        keyword = _keyword(name)
         if keyword not in ATTRIBUTES and keyword not in COMPUTED:
             ignored.append(keyword)
             continue
@@ -119,6 +118,28 @@ def _criteria(request: Request, level: str, fixed: dict) -> tuple[dict, list[str
         criteria[keyword] = value
     criteria.update(fixed)
     return criteria, ignored
+
+
+def _keyword(name: str) -> str:
+    """The keyword a query parameter names (by keyword or tag)."""
+    keyword = keyword_for_tag(int(name, 16)) if _TAG.match(name) else name
+    if not keyword or not known_keyword(keyword) or dictionary_VR(keyword) == "SQ":
+        raise _BadRequest(f"unknown or unsupported attribute {name!r}")
+    return keyword
+
+
+def _included(request: Request, level: str) -> list[str]:
+    """The computed attributes ``includefield`` asks for (``all``: every one of the level and
+    those above); stored attributes of the level and above come back anyway."""
+    depth = LEVELS.index(level)
+    out = []
+    for value in request.query_params.getlist("includefield"):
+        for name in filter(None, (n.strip() for n in value.split(","))):
+            if name == "all":
+                out += [k for k, lv in COMPUTED.items() if LEVELS.index(lv) <= depth]
+            elif (keyword := _keyword(name)) in COMPUTED:
+                out.append(keyword)
+    return out
 
 
 def _int(request: Request, name: str, default: int, high: int) -> int:

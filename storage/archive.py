@@ -18,6 +18,7 @@ from storage.blobstore import BlobStore
 from storage.compaction import Compactor, deferred_rows
 from storage.deletion import Deleter, DeletionPlan, plan
 from storage.index import Blob, Index, Instance, Series, Study
+from storage.index_upgrade import fill_added_attributes
 from storage.ingest import DUPLICATE_POLICIES, IngestResult, Stager, ingest, stored_bytes
 from storage.recode import Recoder
 from storage.reconstruct import Reconstructor, StoredInstance, StoredParts
@@ -67,6 +68,7 @@ class Archive:
         self.recovery = recover(self.lock, self.index, self.blobs, duplicates)   # after a crash
         self.compactor = Compactor(self.index, self.blobs, model, max_stack_slices, slab, adapt)
         self.reconstructor = Reconstructor(self.index, self.blobs, cache_bytes)
+        fill_added_attributes(self.index, self.reconstructor, self.index.added_columns)
         self.stager = Stager(self.index)      # group commit of concurrent C-STOREs
 
     def store(self, data: bytes, transfer_syntax: str, sop_uid: str | None = None

@@ -28,6 +28,10 @@ class Base(DeclarativeBase):
     """Declarative base of the index tables."""
 
 
+#: the default of a text column added to an existing index (storage.index_upgrade fills it)
+_EMPTY = text("''")
+
+
 class Patient(Base):
     __tablename__ = "patients"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -48,6 +52,7 @@ class Study(Base):
     study_description: Mapped[str] = mapped_column(String, default="")
     study_id: Mapped[str] = mapped_column(String, default="")
     referring_physician: Mapped[str] = mapped_column(String, default="")
+    patient_age: Mapped[str] = mapped_column(String, default="", server_default=_EMPTY)
     patient: Mapped[Patient] = relationship()
 
 
@@ -60,6 +65,9 @@ class Series(Base):
     series_number: Mapped[str] = mapped_column(String, default="")
     series_description: Mapped[str] = mapped_column(String, default="")
     series_date: Mapped[str] = mapped_column(String, default="")
+    series_time: Mapped[str] = mapped_column(String, default="", server_default=_EMPTY)
+    body_part: Mapped[str] = mapped_column(String, default="", server_default=_EMPTY)
+    protocol_name: Mapped[str] = mapped_column(String, default="", server_default=_EMPTY)
     last_received: Mapped[float] = mapped_column(Float, default=0.0)
     study: Mapped[Study] = relationship()
 
@@ -227,7 +235,8 @@ class Index:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
-        add_missing_columns(self.engine)
+        #: ``table.column`` of each column this opening added to an older index
+        self.added_columns = add_missing_columns(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.RLock()
         self._relaxed_engine = None

@@ -15,10 +15,12 @@ PATIENT_KEYS = {"patient_id": "PatientID", "patient_name": "PatientName",
                 "birth_date": "PatientBirthDate", "sex": "PatientSex"}
 STUDY_KEYS = {"study_uid": "StudyInstanceUID", "study_date": "StudyDate", "study_time": "StudyTime",
               "accession_number": "AccessionNumber", "study_description": "StudyDescription",
-              "study_id": "StudyID", "referring_physician": "ReferringPhysicianName"}
+              "study_id": "StudyID", "referring_physician": "ReferringPhysicianName",
+              "patient_age": "PatientAge"}
 SERIES_KEYS = {"series_uid": "SeriesInstanceUID", "modality": "Modality",
                "series_number": "SeriesNumber", "series_description": "SeriesDescription",
-               "series_date": "SeriesDate"}
+               "series_date": "SeriesDate", "series_time": "SeriesTime",
+               "body_part": "BodyPartExamined", "protocol_name": "ProtocolName"}
 _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 # Every element describe() reads: parse_dataset(..., INDEXED_KEYWORDS) converts (validates) these
 # values up front, so that a malformed one is a parse failure, not a surprise here.

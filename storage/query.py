@@ -28,9 +28,12 @@ ATTRIBUTES = {
     "StudyTime": ("STUDY", "study_time"), "AccessionNumber": ("STUDY", "accession_number"),
     "StudyDescription": ("STUDY", "study_description"), "StudyID": ("STUDY", "study_id"),
     "ReferringPhysicianName": ("STUDY", "referring_physician"),
+    "PatientAge": ("STUDY", "patient_age"),
     "SeriesInstanceUID": ("SERIES", "series_uid"), "Modality": ("SERIES", "modality"),
     "SeriesNumber": ("SERIES", "series_number"),
     "SeriesDescription": ("SERIES", "series_description"), "SeriesDate": ("SERIES", "series_date"),
+    "SeriesTime": ("SERIES", "series_time"), "BodyPartExamined": ("SERIES", "body_part"),
+    "ProtocolName": ("SERIES", "protocol_name"),
     "SOPInstanceUID": ("IMAGE", "sop_uid"), "SOPClassUID": ("IMAGE", "sop_class_uid"),
     "InstanceNumber": ("IMAGE", "instance_number"), "NumberOfFrames": ("IMAGE", "frames"),
 }

@@ -83,7 +83,8 @@ def stored(node, tmp_path):
     series = make_series(3, 8, 8, patient_id="PAT9", patient_name="Roe^Ann", study_date="20240317")
     for ds in series:
         ds.PatientBirthDate, ds.StudyTime, ds.ReferringPhysicianName = "19700101", "101500", "Doc^Who"
-        ds.SeriesDescription, ds.SeriesDate = "axial", "20240317"
+        ds.SeriesDescription, ds.SeriesDate, ds.SeriesTime = "axial", "20240317", "101733"
+        ds.BodyPartExamined, ds.ProtocolName, ds.PatientAge = "CHEST", "Thorax 1.0", "054Y"
         ds.NumberOfFrames = 1
     items = [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds)) for ds in series]
     assert store_bytes(node.port, items, tmp_path) == [0] * len(series)
@@ -96,7 +97,7 @@ def _miss(keyword: str, value: str) -> str:
         return "1.2.3.4.5"
     if keyword in ("PatientBirthDate", "StudyDate", "SeriesDate"):
         return "19000101-19000102"
-    if keyword == "StudyTime":
+    if keyword in ("StudyTime", "SeriesTime"):
         return "000000-000001"
     return "9" if value.isdigit() else "NOPE"
 

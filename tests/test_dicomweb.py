@@ -105,8 +105,21 @@ def test_qido_series_and_instances(web):
     assert len(_json(f"{base}/studies/{uid}/instances")) == 7
     assert len(_json(f"{base}/instances?SOPInstanceUID={second[0].SOPInstanceUID}")) == 1
     import urllib.request
-    with urllib.request.urlopen(f"{base}/studies?BodyPartExamined=HEAD") as response:
-        assert "BodyPartExamined" in response.headers["Warning"]     # kept, not matched
+    with urllib.request.urlopen(f"{base}/studies?InstitutionName=Clinic") as response:
+        assert "InstitutionName" in response.headers["Warning"]     # kept, not matched
+
+
+def test_qido_includefield_adds_the_computed_attributes_asked_for(web):
+    _, base, _, study, _, _ = web
+    url = f"{base}/studies/{study[0].StudyInstanceUID}/series"
+    assert all("00201208" not in s for s in _json(url))
+    series = _json(f"{url}?includefield=NumberOfStudyRelatedInstances,00201206")
+    assert [(_value(s, "00201208"), _value(s, "00201206")) for s in series] == [(7, 2)] * 2
+    everything = _json(f"{base}/instances?SOPInstanceUID={study[0].SOPInstanceUID}"
+                       "&includefield=all")
+    assert _value(everything[0], "00201200") == 1          # the patient's studies
+    assert _value(everything[0], "00201209") == 4          # the series' instances
+    assert http_get(f"{url}?includefield=NoSuchKeyword")[0] == 400
 
 
 @pytest.mark.parametrize("compacted", [False, True])
