@@ -11,6 +11,7 @@ read leaves its rows empty, logged; nothing else is changed.
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import func, select, update
 
@@ -20,6 +21,7 @@ from storage.index import Index, Instance, Patient, Series, Study
 from storage.instance_facts import PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, describe
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY = 1000     # series between progress lines of a long fill
 
 # table -> (model, the facts' part, the attribute columns ingest fills)
 _TABLES = {"patients": (Patient, "patient", PATIENT_KEYS), "studies": (Study, "study", STUDY_KEYS),
@@ -41,8 +43,10 @@ def fill_added_attributes(index: Index, reconstructor, added: list[str]) -> int:
                            .group_by(Series.id, Series.study_fk, Study.patient_fk)).all()
     log.info("index upgrade: filling %s from one header of each of %d series",
              ", ".join(added), len(firsts))
-    read = 0
-    for series_id, study_id, patient_id, sop_uid in firsts:
+    read, start = 0, time.monotonic()
+    for n, (series_id, study_id, patient_id, sop_uid) in enumerate(firsts, 1):
+        if n % PROGRESS_EVERY == 0:
+            log.info("index upgrade: %d of %d series", n, len(firsts))
         facts = _facts(reconstructor, sop_uid)
         if facts is None:
             continue
@@ -55,6 +59,8 @@ def fill_added_attributes(index: Index, reconstructor, added: list[str]) -> int:
                     values = getattr(facts, part)
                     s.execute(update(model).where(model.id == row_id)
                               .values({c: values[c] for c in wanted[table]}))
+    log.info("index upgrade: %d of %d series filled in %.1f s", read, len(firsts),
+             time.monotonic() - start)
     return read
 
 

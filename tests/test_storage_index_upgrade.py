@@ -1,6 +1,8 @@
 """An index written before the series time, body part, protocol and patient age were indexed:
 opening it adds their columns and fills them from the stored headers (staged and compressed)."""
 
+import logging
+
 from sqlalchemy import text
 
 from node_helpers import archive, make_series, store_series  # noqa: F401
@@ -25,7 +27,7 @@ def _attributes(arch, level="SERIES"):
                                      r["PatientAge"]) for r in query.find(arch.index, level, keys)}
 
 
-def test_an_older_index_gets_the_new_attributes_from_the_stored_headers(archive):
+def test_an_older_index_gets_the_new_attributes_from_the_stored_headers(archive, caplog):
     compressed = _series(4, 1, "081500", "HEAD", "Head routine", "061Y")
     store_series(archive, compressed)
     assert archive.compact(stable_age=0)[0] == 1
@@ -40,11 +42,13 @@ def test_an_older_index_gets_the_new_attributes_from_the_stored_headers(archive)
             for column in columns:
                 conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
     archive.close()
+    caplog.set_level(logging.INFO, logger="storage.index_upgrade")
     again = Archive(data_dir, url)
     try:
         assert sorted(again.index.added_columns) == sorted(
             f"{t}.{c}" for t, cs in NEW.items() for c in cs)
         assert _attributes(again) == expected
+        assert "index upgrade: 2 of 2 series filled" in caplog.text
         assert query.find(again.index, "SERIES", {"BodyPartExamined": "KN*"})
         assert all(again.retrieve(uid).data == data for uid, data in sent.items())
     finally:
