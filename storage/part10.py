@@ -14,6 +14,7 @@ from storage.errors import UnparseableDatasetError
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1437.1"
 IMPLEMENTATION_VERSION_NAME = "VOXARC_010"
 
+
 def split_file(data: bytes) -> tuple[str, bytes]:
     """Return ``(transfer syntax UID, dataset bytes)`` of a Part 10 file's bytes.
 

@@ -17,23 +17,16 @@ from pydicom.datadict import dictionary_VR
 from sqlalchemy import and_, distinct, exists, func, or_, select, true
 
 from storage.index import Index, Instance, Patient, Series, Study
+from storage.instance_facts import PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 _LEVEL_ENTITY = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
-# keyword -> (level, attribute of that level's row)
+# keyword -> (level, attribute of that level's row): what ingest indexes of patients, studies
+# and series (storage.instance_facts), and the instance's own columns
 ATTRIBUTES = {
-    "PatientID": ("PATIENT", "patient_id"), "PatientName": ("PATIENT", "patient_name"),
-    "PatientBirthDate": ("PATIENT", "birth_date"), "PatientSex": ("PATIENT", "sex"),
-    "StudyInstanceUID": ("STUDY", "study_uid"), "StudyDate": ("STUDY", "study_date"),
-    "StudyTime": ("STUDY", "study_time"), "AccessionNumber": ("STUDY", "accession_number"),
-    "StudyDescription": ("STUDY", "study_description"), "StudyID": ("STUDY", "study_id"),
-    "ReferringPhysicianName": ("STUDY", "referring_physician"),
-    "PatientAge": ("STUDY", "patient_age"),
-    "SeriesInstanceUID": ("SERIES", "series_uid"), "Modality": ("SERIES", "modality"),
-    "SeriesNumber": ("SERIES", "series_number"),
-    "SeriesDescription": ("SERIES", "series_description"), "SeriesDate": ("SERIES", "series_date"),
-    "SeriesTime": ("SERIES", "series_time"), "BodyPartExamined": ("SERIES", "body_part"),
-    "ProtocolName": ("SERIES", "protocol_name"),
+    **{kw: (level, column) for level, keys in (("PATIENT", PATIENT_KEYS), ("STUDY", STUDY_KEYS),
+                                               ("SERIES", SERIES_KEYS))
+       for column, kw in keys.items()},
     "SOPInstanceUID": ("IMAGE", "sop_uid"), "SOPClassUID": ("IMAGE", "sop_class_uid"),
     "InstanceNumber": ("IMAGE", "instance_number"), "NumberOfFrames": ("IMAGE", "frames"),
 }
