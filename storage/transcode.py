@@ -27,7 +27,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, HTJ2KLossless,
@@ -155,11 +155,11 @@ def _as_read(ds) -> dict:
 
 def _same_elements(received: dict, back, original) -> bool:
     """True when ``back`` holds the elements of ``received`` (:func:`_as_read`) with the same
-    values: the same value bytes, or else (a sequence re-encoded, a value padded) the same
-    value once pydicom converts them (``original()``: the received dataset read again, since
-    decompressing converted some of its elements in place). Comparing bytes first spares
-    converting the hundreds of unchanged elements of a typical header (most of the time a
-    conversion took)."""
+    values: the same value bytes, or else (a sequence re-encoded, a value padded, a private
+    element whose VR Implicit VR does not carry) the same bytes once both are written in one
+    encoding (``original()``: the received dataset read again, since decompressing converted
+    some of its elements in place). Comparing bytes first spares converting the hundreds of
+    unchanged elements of a typical header (most of the time a conversion took)."""
     written = _as_read(back)
     if written.keys() != received.keys():
         return False
@@ -168,7 +168,7 @@ def _same_elements(received: dict, back, original) -> bool:
     if not differ:
         return True
     first = original()
-    return all(_value(first[tag]) == _value(back[tag]) for tag in differ)
+    return all(_written(first[tag]) == _written(back[tag]) for tag in differ)
 
 
 def _value_bytes(elem) -> bytes | None:
@@ -187,12 +187,15 @@ def _dictionary_vr(tag) -> str | None:
         return None
 
 
-def _value(elem):
-    """An element's value, odd-length binary values padded as any writer does."""
-    value = elem.value
-    if isinstance(value, bytes) and len(value) % 2:
-        value += b"\0"
-    return value
+def _written(elem) -> bytes:
+    """An element as Implicit VR Little Endian writes it: its value bytes, item by item for a
+    sequence, whichever VR each encoding gave it. Values compared as pydicom converts them
+    differ where they are the same bytes: an empty private text read as ``None`` under one VR
+    and ``''`` under another, a private string Implicit VR gives as raw bytes."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_data_element(fp, elem)
+    return fp.getvalue()
 
 
 def _pixel_bytes(ds) -> bytes | None:

@@ -7,6 +7,8 @@ import io
 import os
 import shutil
 import socket
+import subprocess
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.skipif(
     not PG_URL, reason="VOXARC_TEST_PG_URL not set"))]
 DCMTK = all(dcmtk(b) for b in ("storescu", "findscu", "getscu", "movescu", "storescp"))
 needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="DCMTK binaries not installed")
+DCIODVFY = shutil.which("dciodvfy")
+needs_dciodvfy = pytest.mark.skipif(not DCIODVFY, reason="dicom3tools' dciodvfy not installed")
 TESTDATA = Path(pydicom.data.__file__).parent / "test_files"
 # Bundled files with a File Meta group and SOP/Study/Series UIDs (mixed syntaxes and objects)
 BUNDLED = ["CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_padded.dcm",
@@ -72,6 +76,24 @@ def make_series(n: int = 4, rows: int = 16, cols: int = 16, *, dtype: str = "int
         ds["PixelData"].VR = "OW" if ds.BitsAllocated > 8 else "OB"
         out.append(ds)
     return out
+
+
+def with_scanner_private_elements(ds: Dataset) -> Dataset:
+    """``ds`` with private elements as real scanners write them, which Implicit VR reads with
+    another VR or none: empty ones, an Equipment UID written as OB that pydicom's private
+    dictionary calls UI (GE), text in a sequence item (Siemens functional groups)."""
+    ds.add_new(0x00090010, "LO", "GEMS_IDEN_01")
+    ds.add_new(0x000910E3, "OB", b"")
+    ds.add_new(0x00650010, "LO", "Uways")
+    ds.add_new(0x00651011, "SH", "")
+    ds.add_new(0x0065102B, "LT", "")
+    ds.add_new(0x00651031, "SH", "T1 ")
+    item = Dataset()
+    item.add_new(0x00190010, "LO", "SIEMENS MR HEADER")
+    item.add_new(0x0019100C, "IS", "1000")
+    item.add_new(0x0019100D, "CS", "")
+    ds.add_new(0x52009229, "SQ", [item])
+    return ds
 
 
 def make_time_points(count: int, frames: int, size: int, seed: int) -> list:
@@ -164,6 +186,19 @@ def write_series(series: list[Dataset], folder: Path) -> list[Path]:
         path.write_bytes(file_bytes(ds))
         paths.append(path)
     return paths
+
+
+def iod_errors(path: Path) -> tuple[tuple[str, ...], Counter]:
+    """What dicom3tools' ``dciodvfy`` says of a Part 10 file: the IODs it checked the file
+    against, and its error lines, counted. A crash of the checker is an assertion error, not a
+    clean report."""
+    proc = subprocess.run([DCIODVFY, "-new", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode in (0, 1), f"dciodvfy {path}: exit {proc.returncode} {proc.stderr[-500:]}"
+    lines = (proc.stdout + proc.stderr).splitlines()
+    iods = tuple(line.strip() for line in lines
+                 if line.strip() and not line.startswith(("Error", "Warning")))
+    return iods, Counter(line for line in lines if line.startswith("Error"))
 
 
 def database_url(backend: str, tmp_path: Path) -> str:

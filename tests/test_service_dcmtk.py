@@ -3,6 +3,7 @@ retrieve; every retrieved dataset equals the original byte for byte, before and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -11,11 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ImplicitVRLittleEndian
 
-from node_helpers import (TESTDATA, free_port, make_series, needs_dcmtk, node,  # noqa: F401
-                          real_series_files, write_series)
+from node_helpers import (TESTDATA, dataset_bytes, free_port, make_series,  # noqa: F401
+                          needs_dcmtk, node, real_series_files, with_scanner_private_elements,
+                          write_series)
 from scu_helpers import store_bytes
 from service.dcmtk import dcmtk
+from storage import transcode
 from storage.dataset_parts import parse_dataset
 from storage.part10 import split_file
 
@@ -49,17 +53,27 @@ def _keys(**keys):
     return out
 
 
+@contextlib.contextmanager
+def _storescp(tmp_path, aet: str, *options):
+    """A DCMTK storescp (``options``: the syntaxes it accepts) as C-MOVE destination, writing
+    what it receives bit-preserving; yields its port and folder."""
+    port, out = free_port(), Path(tempfile.mkdtemp(prefix=f"{aet.lower()}-", dir=tmp_path))
+    proc = subprocess.Popen([dcmtk("storescp"), "-aet", aet, *options, "+B", "-od", str(out),
+                             str(port)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        yield port, out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @pytest.fixture
 def storescp(tmp_path):
-    """A DCMTK storescp as C-MOVE destination, writing what it receives bit-preserving."""
-    port, out = free_port(), tmp_path / "storescp"
-    out.mkdir()
-    proc = subprocess.Popen([dcmtk("storescp"), "-aet", "DEST", "+xa", "+B", "-od", str(out), str(port)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(0.5)
-    yield port, out
-    proc.terminate()
-    proc.wait(10)
+    """A storescp that accepts every syntax."""
+    with _storescp(tmp_path, "DEST", "+xa") as scp:
+        yield scp
 
 
 def _push(port, paths):
@@ -179,18 +193,9 @@ def test_dcmtk_peers_that_take_only_uncompressed_syntaxes_get_it_decompressed(no
                  SeriesInstanceUID=str(ds.SeriesInstanceUID), SOPInstanceUID=uid)
     got_dir = Path(tempfile.mkdtemp(prefix="get-plain-", dir=tmp_path))
     _run("getscu", "-S", "-aec", "VOXARC", "+B", "-od", got_dir, *keys, "127.0.0.1", node.port)
-    port, moved_dir = free_port(), tmp_path / "plain-scp"
-    moved_dir.mkdir()
-    scp = subprocess.Popen([dcmtk("storescp"), "-aet", "PLAIN", "+B", "-od", str(moved_dir),
-                            str(port)], env=ENV, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE)
-    try:
-        time.sleep(0.5)
+    with _storescp(tmp_path, "PLAIN") as (port, moved_dir):
         node.settings.destinations["plain"] = f"PLAIN@127.0.0.1:{port}"
         _run("movescu", "-S", "-aec", "VOXARC", "-aem", "PLAIN", *keys, "127.0.0.1", node.port)
-    finally:
-        scp.terminate()
-        scp.wait(10)
     reference = dcmread(TESTDATA / "MR_small.dcm")
     for folder in (got_dir, moved_dir):
         (path,) = [p for p in folder.iterdir() if p.is_file()]
@@ -199,3 +204,49 @@ def test_dcmtk_peers_that_take_only_uncompressed_syntaxes_get_it_decompressed(no
                                                         "1.2.840.10008.1.2")
         assert received.SOPInstanceUID == uid and received.PatientName == reference.PatientName
         np.testing.assert_array_equal(received.pixel_array, reference.pixel_array)
+
+
+def _move_implicit_only(node, tmp_path, originals: dict) -> None:
+    """movescu to a storescp that takes Implicit VR Little Endian only (``+xi``; DCMTK 3.6.7's
+    getscu proposes Explicit VR under that flag) of ``originals``' study: every instance
+    arrives, as the node's checked conversion of what it received."""
+    ts, data = next(iter(originals.values()))
+    with _storescp(tmp_path, "IMPLICIT", "+xi") as (port, out):
+        node.settings.destinations["implicit"] = f"IMPLICIT@127.0.0.1:{port}"
+        _run("movescu", "-S", "-aec", "VOXARC", "-aem", "IMPLICIT",
+             *_keys(QueryRetrieveLevel="STUDY",
+                    StudyInstanceUID=str(parse_dataset(data, ts).StudyInstanceUID)),
+             "127.0.0.1", node.port)
+        got = _received(out)
+    assert got.keys() == originals.keys()
+    for uid, (ts, data) in originals.items():
+        assert got[uid] == (ImplicitVRLittleEndian,
+                            transcode.convert(data, ts, ImplicitVRLittleEndian))
+
+
+def test_dcmtk_peer_taking_only_implicit_vr_gets_scanners_private_elements(node, tmp_path):
+    """Private elements whose VR Implicit VR loses or changes (empty ones, GE's Equipment UID
+    written as OB, Siemens text in functional groups): every sub-operation used to fail."""
+    series = [with_scanner_private_elements(ds) for ds in make_series(3, 8, 8, seed=21)]
+    originals = {ds.SOPInstanceUID: dataset_bytes(ds) for ds in series}
+    items = [(str(ds.SOPClassUID), ds.SOPInstanceUID, *originals[ds.SOPInstanceUID])
+             for ds in series]
+    assert store_bytes(node.port, items, tmp_path) == [0] * 3
+    _move_implicit_only(node, tmp_path, originals)
+
+
+def test_dcmtk_peer_taking_only_implicit_vr_gets_real_scanners_series(node, tmp_path,
+                                                                      shared_series):
+    """The GE CT and the Siemens enhanced MR of the test series, staged; the MR compacted too
+    (the codec's speed bounds the test time)."""
+    ct, mr = (_originals(real_series_files(shared_series("test", name)))
+              for name in ("ct_ge_revolution_lungbases_cptacpda", "mr_enh_siemens_xa10"))
+    for originals in (ct, mr):
+        items = [(str(parse_dataset(d, ts).SOPClassUID), uid, ts, d)
+                 for uid, (ts, d) in originals.items()]
+        assert store_bytes(node.port, items, tmp_path) == [0] * len(items)
+        _move_implicit_only(node, tmp_path, originals)
+    ts, data = next(iter(mr.values()))
+    assert node.archive.compact_series(str(parse_dataset(data, ts).SeriesInstanceUID))
+    assert node.archive.stats()["pending_instances"] == len(ct)
+    _move_implicit_only(node, tmp_path, mr)

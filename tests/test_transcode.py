@@ -6,12 +6,15 @@ import io
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit,
                          JPEGLSLossless, RLELossless)
 
-from node_helpers import TESTDATA, bundled, dataset_bytes, make_series
+from node_helpers import (TESTDATA, bundled, dataset_bytes, iod_errors, make_series,
+                          needs_dciodvfy, real_series_files, with_scanner_private_elements)
 from storage import transcode
-from storage.part10 import build_file
+from storage.dataset_parts import parse_dataset
+from storage.part10 import build_file, split_file
 
 TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -100,7 +103,6 @@ def test_a_conversion_that_changes_an_element_is_refused(monkeypatch):
 
 
 def _with_sequence_and_private_text(ds):
-    from pydicom.dataset import Dataset
     item = Dataset()
     item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ds.SOPClassUID, "1.2.3.9"
     ds.ReferencedImageSequence = [item]
@@ -132,3 +134,70 @@ def test_a_sequence_changed_in_writing_is_refused(monkeypatch):
     monkeypatch.setattr(transcode, "_write", altering)
     with pytest.raises(transcode.TranscodeError, match="does not read back the same"):
         transcode.convert(data, stored, ImplicitVRLittleEndian)
+
+
+def test_private_elements_whose_vr_implicit_vr_drops_convert_both_ways():
+    """Real scanners' private elements that Implicit VR gives another VR or none: empty ones
+    (read back as None under one VR and '' under another), one written as OB that a private
+    dictionary calls UI, private text inside a sequence item. Their bytes are the same, so the
+    conversion goes through, and back to Explicit VR as well."""
+    ds = with_scanner_private_elements(
+        make_series(1, 8, 8, transfer_syntax=ExplicitVRLittleEndian, seed=8)[0])
+    stored, data = dataset_bytes(ds)
+    implicit = transcode.convert(data, stored, ImplicitVRLittleEndian)
+    out = _read(implicit, ImplicitVRLittleEndian)
+    assert out[0x00651031].value in (b"T1 ", b"T1", "T1")
+    assert out[0x52009229][0][0x0019100C].value in (b"1000", "1000", 1000)
+    assert out.PixelData == ds.PixelData
+    back = _read(transcode.convert(implicit, ImplicitVRLittleEndian, ExplicitVRLittleEndian),
+                 ExplicitVRLittleEndian)
+    assert back.PixelData == ds.PixelData and back.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def _new_errors(ts: str, data: bytes, target: str, tmp_path) -> list[str]:
+    """dciodvfy's errors of the dataset converted to ``target`` that it does not report of the
+    dataset as received (both as the Part 10 files the node writes)."""
+    ds = parse_dataset(data, ts)
+    files = []
+    for syntax, dataset in ((ts, data), (target, transcode.convert(data, ts, target))):
+        path = tmp_path / f"{len(files)}.dcm"
+        path.write_bytes(build_file(ds.SOPClassUID, ds.SOPInstanceUID, syntax, dataset))
+        files.append(path)
+    (iods, received), (iods_out, sent) = iod_errors(files[0]), iod_errors(files[1])
+    assert iods_out == iods and iods
+    return sorted(sent - received)
+
+
+@needs_dciodvfy
+@pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm",
+                                  "MR_small_RLE.dcm", "SC_rgb_rle_2frame.dcm",
+                                  "MR_small_implicit.dcm", "CT_small.dcm"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_conversions_add_nothing_dciodvfy_calls_an_error(name, target, tmp_path):
+    """What a peer gets converted is as valid an instance as what was received, by dicom3tools'
+    IOD checker (decompressed pixels with their Photometric Interpretation, Pixel Data's VR)."""
+    stored, data = bundled(name)
+    assert _new_errors(stored, data, target, tmp_path) == []
+
+
+def _first_instance(folder) -> tuple[str, bytes]:
+    """The first image of a series folder (not the phantom's DICOMDIR)."""
+    for path in real_series_files(folder):
+        stored, data = split_file(path.read_bytes())
+        if "SOPClassUID" in parse_dataset(data, stored):
+            return stored, data
+    raise AssertionError(f"no image in {folder}")
+
+
+@needs_dciodvfy
+def test_conversions_of_real_scanners_instances_add_nothing_dciodvfy_calls_an_error(
+        shared_series, tmp_path):
+    """The first instance of every test series (six scanner makes, enhanced multi-frame MRs,
+    JPEG 2000 and JPEG Lossless fragments), converted to each uncompressed syntax."""
+    checked = 0
+    for folder in sorted(shared_series("test", "mr_uih_t1_3d_sag_B").parent.iterdir()):
+        stored, data = _first_instance(folder)
+        for target in TARGETS:
+            assert _new_errors(stored, data, target, tmp_path) == [], (folder.name, target)
+            checked += 1
+    assert checked >= 2 * 11
