@@ -138,8 +138,11 @@ def orthanc_binary() -> str | None:
     return shutil.which("Orthanc") or shutil.which("orthanc")
 
 
-def start_orthanc(work: Path, compression: bool, binary: str | None = None) -> Server:
-    """Orthanc with its own storage and index folders on a free DICOM port (no HTTP)."""
+def start_orthanc(work: Path, compression: bool, binary: str | None = None,
+                  http_port: int | None = None, modalities: dict | None = None) -> Server:
+    """Orthanc with its own storage and index folders on a free DICOM port; its REST API on
+    ``http_port`` when given (else no HTTP), and ``modalities`` (name: {"AET", "Host", "Port"})
+    besides the benchmark's C-GET client."""
     binary = binary or orthanc_binary()
     if not binary:
         raise FileNotFoundError("Orthanc is not installed (apt-get install orthanc)")
@@ -149,10 +152,12 @@ def start_orthanc(work: Path, compression: bool, binary: str | None = None) -> S
     config = {
         "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": port,
         "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
-        "StorageCompression": compression, "HttpServerEnabled": False, "RemoteAccessAllowed": False,
+        "StorageCompression": compression, "HttpServerEnabled": http_port is not None,
+        "HttpPort": http_port or 8042, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
         "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowGet": True,
         "DicomAlwaysAllowEcho": True, "DicomModalities": {
-            "bench": {"AET": SCU_AET, "Host": "127.0.0.1", "Port": 1, "AllowGet": True}},
+            "bench": {"AET": SCU_AET, "Host": "127.0.0.1", "Port": 1, "AllowGet": True},
+            **(modalities or {})},
         "Plugins": [], "SaveJobs": False,
     }
     (work / "orthanc.json").write_text(json.dumps(config, indent=1))
