@@ -272,9 +272,11 @@ _WEB_SERVICES = {
     "metadata": ("WADO-RS metadata", "`application/dicom+json`"),
     "frames": ("WADO-RS frames", "`multipart/related`, the frames as stored (uncompressed, or "
                                  "the compressed bitstream)"),
-    "rendered": ("WADO-RS rendered", "`image/png`"),
-    "thumbnail": ("WADO-RS thumbnail", "`image/png`"),
-    "wado_uri": ("WADO-URI", "`application/dicom` (as received) or an image"),
+    "rendered": ("WADO-RS rendered", "`image/png`, or `image/jpeg` when `Accept` ranks it first"),
+    "thumbnail": ("WADO-RS thumbnail", "`image/png`, or `image/jpeg` when `Accept` ranks it "
+                                       "first"),
+    "wado_uri": ("WADO-URI", "`application/dicom` (as received), `image/jpeg` (the default) or "
+                             "`image/png`"),
     "store": ("STOW-RS", 'takes `multipart/related; type="application/dicom"` into the C-STORE '
                          "ingest path, answers `application/dicom+json`"),
 }

@@ -32,13 +32,14 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   instance is monochrome and lossless compressed (else 406). Frame numbers start at 1 and may
   not repeat (400); frames are sent one at a time.
 - WADO-RS ``.../instances/{sop}/rendered`` and ``.../frames/{n}/rendered``: the image (its middle
-  frame, or frame n) as a PNG at its own size, windowed as the admin page's previews are.
+  frame, or frame n) at its own size, windowed as the admin page's previews are, as a PNG or a
+  JPEG, whichever ``Accept`` ranks first (a PNG when any image will do; 406 for neither).
 - WADO-RS ``.../thumbnail`` of a study (its first series), series (its middle image) or
-  instance: a PNG of at most ``viewport`` pixels.
+  instance: the same, of at most ``viewport`` pixels.
 - WADO-URI ``/wado?requestType=WADO&studyUID=&seriesUID=&objectUID=`` (links in reports and
-  older viewers): ``contentType=application/dicom`` gives the Part 10 file as stored; an image
-  type gives the PNG (asked for JPEG too: a PNG loses nothing and every client shows it).
-  ``contentType`` is a list: the first offered type by q-value, then order, is served.
+  older viewers): ``contentType=application/dicom`` gives the Part 10 file as stored;
+  ``image/jpeg`` (the default) a JPEG, ``image/png`` or a wildcard a PNG. ``contentType`` is a
+  list: the first offered type by q-value, then order, is served.
 
 Study, series and instance UIDs of a path or of WADO-URI must be DICOM UIDs (digits and dots,
 at most 64 characters), else 400: they are not C-FIND patterns.
@@ -66,10 +67,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from service.dicomweb_accept import (NotAcceptable, accepted_syntaxes, frame_syntax, part10_in,
-                                     syntax_for)
+from service.dicomweb_accept import (RENDERED, NotAcceptable, accepted_syntaxes, frame_syntax,
+                                     part10_in, rendered_type, syntax_for)
 from service.identifiers import known_keyword
-from service.preview import PreviewError, render_png
+from service.preview import PreviewError, render_image
 from storage.dataset_parts import le_bytes, nbytes
 from storage.errors import InstanceNotFoundError, StorageError, TranscodeError
 from storage.part10 import build_file
@@ -80,7 +81,7 @@ DICOM_JSON = "application/dicom+json"
 MAX_LIMIT = 5000
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-_IMAGE_TYPES = ("image/png", "image/jpeg", "image/*", "*/*")     # WADO-URI: all get a PNG
+_IMAGE_TYPES = ("image/png", "image/jpeg", "image/*", "*/*")     # WADO-URI: wildcards get a PNG
 _RESERVED = {"limit", "offset", "includefield", "fuzzymatching", "token"}
 _LEVEL_KEYS = {   # what each QIDO level answers with, beside the matched keys
     "STUDY": ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "PatientName",
@@ -646,17 +647,17 @@ class DicomWeb:
             raise _failed(exc) from exc
 
     def rendered(self, request: Request) -> Response:
-        """WADO-RS rendered: the image (middle frame, or the path's frame) as a PNG."""
+        """WADO-RS rendered: the image (middle frame, or the path's frame) as a PNG or JPEG."""
         try:
             frame = int(request.path_params["frame"]) if "frame" in request.path_params \
                 else None
         except ValueError:
             return _bad_request("the frame must be a number")
-        return self._png(request.path_params, 0, frame)
+        return self._image(request, request.path_params, 0, frame)
 
     def thumbnail(self, request: Request) -> Response:
         """WADO-RS thumbnail of a study (its first series), series (its middle image) or
-        instance, as a PNG of at most ``viewport`` pixels (``w,h``; default 128)."""
+        instance, as a PNG or JPEG of at most ``viewport`` pixels (``w,h``; default 128)."""
         params = request.path_params
         try:
             size = max(int(v) for v in request.query_params.get("viewport", "128").split(","))
@@ -664,20 +665,25 @@ class DicomWeb:
             return _bad_request("viewport is w,h in pixels")
         size = min(max(size, 16), 512)
         if "sop" in params:
-            return self._png(params, size, None)
+            return self._image(request, params, size, None)
+        try:
+            media_type = rendered_type(request.headers.get("accept"))
+        except NotAcceptable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=406)
         criteria = {kw: params[key] for key, kw in _PATH_KEYS[:2] if key in params}
         found = self.archive.find("SERIES", criteria | {"SeriesNumber": ""})
         if not found:
             return JSONResponse({"error": "no such study or series"}, status_code=404)
         try:
-            png = self.previews.get(min(found, key=_series_order)["SeriesInstanceUID"], size)
+            image = self.previews.get(min(found, key=_series_order)["SeriesInstanceUID"], size,
+                                      media_type)
         except PreviewError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
         except StorageError as exc:
             return _failed(exc).response()
-        if png is None:                     # deleted in the meantime
+        if image is None:                   # deleted in the meantime
             return JSONResponse({"error": "no such series"}, status_code=404)
-        return Response(png, media_type="image/png")
+        return Response(image, media_type=media_type)
 
     def wado_uri(self, request: Request) -> Response:
         """WADO-URI (PS3.18 chapter 9): ``?requestType=WADO&studyUID=&seriesUID=&objectUID=``,
@@ -717,18 +723,24 @@ class DicomWeb:
         if kind is None:
             return JSONResponse({"error": f"contentType {q.get('contentType')} is not offered"},
                                 status_code=406)
-        return self._png(params, size, None)
+        return self._image(request, params, size, None,
+                           kind if kind in RENDERED else RENDERED[0])
 
-    def _png(self, params: dict, size: int, frame: int | None) -> Response:
+    def _image(self, request: Request, params: dict, size: int, frame: int | None,
+               media_type: str | None = None) -> Response:
+        """An instance's image as ``media_type``, else as its ``Accept`` ranks PNG and JPEG."""
         try:
+            media_type = media_type or rendered_type(request.headers.get("accept"))
             inst = self.one(params)
-            png = render_png(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, inst.data,
-                             size, frame)
+            image = render_image(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax,
+                                 inst.data, size, frame, media_type)
+        except NotAcceptable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=406)
         except _NotServed as exc:
             return exc.response()
         except PreviewError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
-        return Response(png, media_type="image/png")
+        return Response(image, media_type=media_type)
 
 
 def routes(archive, previews) -> list[Route]:

@@ -7,7 +7,8 @@ that. A client that names syntaxes explicitly gets one of them or a 406 (PS3.18 
 stored one when named, else Explicit (or Implicit) VR Little Endian when named and the instance
 converts to it losslessly (storage.transcode: re-encoded, and decompressed when received in a
 lossless compressed syntax). Frames go out as stored or, from a lossless compressed syntax,
-decoded to uncompressed bytes when only uncompressed syntaxes are named.
+decoded to uncompressed bytes when only uncompressed syntaxes are named. Rendered images go out
+as PNG or JPEG, as the client ranks them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from storage import transcode
 from storage.part10 import file_head
 
 NATIVE_LE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}   # frames: the same pixel bytes
+RENDERED = ("image/png", "image/jpeg")        # a wildcard gets the first: it loses nothing
 
 
 class NotAcceptable(ValueError):
@@ -73,6 +75,28 @@ def accepted_syntaxes(accept: str | None, part_type: str = "application/dicom"
     if not offered:
         raise NotAcceptable(f"the Accept header offers no {part_type}")
     return named
+
+
+def rendered_type(accept: str | None) -> str:
+    """The media type of :data:`RENDERED` an image goes out as under ``accept``: the one the
+    client ranks first (by q-value, then order); PNG where any image will do (``image/*``,
+    ``*/*``, no header).
+
+    Raises
+    ------
+    NotAcceptable
+        The header offers neither (only GIF or JPEG 2000, say).
+    """
+    if not accept or not accept.strip():
+        return RENDERED[0]
+    ranked = sorted((-float(params.get("q", "1")), order, kind)
+                    for order, (kind, params) in enumerate(_offered(accept)))
+    for _, _, kind in ranked:
+        if kind in RENDERED:
+            return kind
+        if kind in ("image/*", "*/*"):
+            return RENDERED[0]
+    raise NotAcceptable(f"rendered images are {' or '.join(RENDERED)}; asked for {accept}")
 
 
 def frame_syntax(accept: str | None, stored: str) -> str:

@@ -1,4 +1,5 @@
-"""Previews for the admin page and DICOMweb: one image of a series, windowed, as a small PNG.
+"""Previews for the admin page and DICOMweb: one image of a series, windowed, as a small PNG
+(or JPEG, for DICOMweb clients that ask for it).
 
 The image is the instance in the middle of the series (its middle frame when it has several),
 rebuilt by the archive like any retrieval (SHA-256 checked), decoded by pydicom, put through its
@@ -24,16 +25,18 @@ from storage.part10 import build_file
 
 log = logging.getLogger(__name__)
 KEPT = 128     # previews kept in memory
+FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG"}     # media type: Pillow's format
 
 
 class PreviewError(ValueError):
     """The instance has no image that can be shown here."""
 
 
-def render_png(sop_class_uid: str, sop_uid: str, transfer_syntax: str, data: bytes,
-               size: int = 128, frame: int | None = None) -> bytes:
-    """A PNG of the instance's image ``frame`` (1-based; default its middle one), at most
-    ``size`` pixels on its longer side (0: as it is)."""
+def render_image(sop_class_uid: str, sop_uid: str, transfer_syntax: str, data: bytes,
+                 size: int = 128, frame: int | None = None, media_type: str = "image/png") -> bytes:
+    """The instance's image ``frame`` (1-based; default its middle one) as a PNG or JPEG
+    (``media_type``, one of :data:`FORMATS`), at most ``size`` pixels on its longer side (0: as
+    it is)."""
     try:
         ds = dcmread(io.BytesIO(build_file(sop_class_uid, sop_uid, transfer_syntax, data)))
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -51,7 +54,10 @@ def render_png(sop_class_uid: str, sop_uid: str, transfer_syntax: str, data: byt
     if size:
         image.thumbnail((size, size), Image.Resampling.LANCZOS)
     out = io.BytesIO()
-    image.save(out, format="PNG", optimize=True)
+    if FORMATS[media_type] == "PNG":
+        image.save(out, format="PNG", optimize=True)
+    else:
+        image.save(out, format="JPEG", quality=90)
     return out.getvalue()
 
 
@@ -81,29 +87,31 @@ def _scaled(ds, values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 class SeriesPreviews:
-    """PNGs of series' middle images (:func:`storage.reports.middle_instance`), the last
-    :data:`KEPT` kept by (instance, its SHA-256, size): the admin page and viewers ask for the
-    same ones again and again."""
+    """Images of series' middle images (:func:`storage.reports.middle_instance`), the last
+    :data:`KEPT` kept by (instance, its SHA-256, size, media type): the admin page and viewers
+    ask for the same ones again and again."""
 
     def __init__(self, archive):
         self.archive, self._kept, self._lock = archive, OrderedDict(), threading.Lock()
 
-    def get(self, series_uid: str, size: int) -> bytes | None:
-        """The PNG of the series' middle image, or None when the series is unknown; raises
-        PreviewError when it has no image to show, StorageError when it cannot be rebuilt."""
+    def get(self, series_uid: str, size: int, media_type: str = "image/png") -> bytes | None:
+        """The series' middle image as ``media_type``, or None when the series is unknown;
+        raises PreviewError when it has no image to show, StorageError when it cannot be
+        rebuilt."""
         middle = reports.middle_instance(self.archive.index, series_uid)
         if middle is None:
             return None
         sop_uid, sha = middle
-        key = (sop_uid, sha, size)          # a replaced instance is drawn again
+        key = (sop_uid, sha, size, media_type)      # a replaced instance is drawn again
         with self._lock:
             if key in self._kept:
                 self._kept.move_to_end(key)
                 return self._kept[key]
         inst = self.archive.retrieve(sop_uid)
-        png = render_png(inst.sop_class_uid, sop_uid, inst.transfer_syntax, inst.data, size)
+        image = render_image(inst.sop_class_uid, sop_uid, inst.transfer_syntax, inst.data, size,
+                             media_type=media_type)
         with self._lock:
-            self._kept[key] = png
+            self._kept[key] = image
             while len(self._kept) > KEPT:
                 self._kept.popitem(last=False)
-        return png
+        return image

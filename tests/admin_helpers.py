@@ -14,9 +14,11 @@ from node_helpers import bundled, dataset_bytes, make_series
 from scu_helpers import store_bytes
 
 
-def http_get(url: str, token: str = "", timeout: float = 30) -> tuple[int, bytes]:
-    """GET ``url`` (with a Bearer token when given); return (status, body)."""
-    request = urllib.request.Request(url)
+def http_get(url: str, token: str = "", timeout: float = 30, accept: str = ""
+             ) -> tuple[int, bytes]:
+    """GET ``url`` (with a Bearer token and an Accept header when given); return (status,
+    body)."""
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from admin_helpers import admin_site, http_get, http_token, store_series  # noqa: F401
 from node_helpers import bundled, dataset_bytes, make_series
-from service.preview import PreviewError, render_png
+from service.preview import PreviewError, render_image
 
 
 def _png(data: bytes) -> np.ndarray:
@@ -32,7 +32,7 @@ def _ramp(photometric="MONOCHROME2", window=None, frames=1):
 
 
 def _render(ds, ts, data, size=64) -> np.ndarray:
-    return _png(render_png(ds.SOPClassUID, ds.SOPInstanceUID, ts, data, size))
+    return _png(render_image(ds.SOPClassUID, ds.SOPInstanceUID, ts, data, size))
 
 
 def test_a_ramp_stays_a_ramp_from_black_to_white():
@@ -61,7 +61,7 @@ def test_the_middle_frame_and_the_size_limit():
 def test_an_instance_without_an_image_has_no_preview():
     ts, data = bundled("test-SR.dcm")
     with pytest.raises(PreviewError):
-        render_png("1.2.840.10008.5.1.4.1.1.88.33", "1.2.3", ts, data)
+        render_image("1.2.840.10008.5.1.4.1.1.88.33", "1.2.3", ts, data)
 
 
 def test_the_api_gives_the_middle_image_staged_and_compressed(admin_site, tmp_path):
@@ -97,7 +97,7 @@ def test_a_lossless_jpeg_image_is_previewed_as_its_uncompressed_twin():
     """The node's decoders (GDCM, pylibjpeg-openjpeg) read the lossless compressed syntaxes:
     MR_small as JPEG-LS and JPEG 2000 lossless previews as MR_small itself."""
     names = ("MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm")
-    images = [_png(render_png("1.2.840.10008.5.1.4.1.1.4", "1.2.3", *bundled(name), 64))
+    images = [_png(render_image("1.2.840.10008.5.1.4.1.1.4", "1.2.3", *bundled(name), 64))
               for name in names]
     for image in images[1:]:
         np.testing.assert_array_equal(image, images[0])

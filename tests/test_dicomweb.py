@@ -15,6 +15,7 @@ from storage.dataset_parts import parse_dataset, pixel_layout
 from storage.part10 import split_file
 
 TOKEN = "dicomweb-token"
+PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 
 
 def _store(node, tmp_path, series_list) -> dict:
@@ -260,6 +261,23 @@ def test_rendered_images(web):
     assert http_get(f"{url}/frames/1/rendered")[1] == png
     assert http_get(f"{url}/frames/2/rendered")[0] == 404
     assert http_get(f"{url}/frames/x/rendered")[0] == 400
+    for accept, magic in (("image/jpeg", JPEG_MAGIC), ("image/png;q=0.4, image/jpeg", JPEG_MAGIC),
+                          ("image/jpeg;q=0.4, image/png", PNG_MAGIC), ("image/*", PNG_MAGIC),
+                          ("image/gif, */*;q=0.1", PNG_MAGIC)):
+        for path in ("rendered", "frames/1/rendered"):
+            status, image = http_get(f"{url}/{path}", accept=accept)
+            assert status == 200 and image.startswith(magic), (accept, path)
+            if magic == JPEG_MAGIC:
+                assert _same_picture(image, png)
+    assert http_get(f"{url}/rendered", accept="image/gif")[0] == 406
+    assert http_get(f"{url}/rendered", accept="image/jp2, image/jpeg;q=0")[0] == 406
+
+
+def _same_picture(jpeg: bytes, png: bytes) -> bool:
+    """The JPEG shows the PNG's picture (its grey levels within a few steps)."""
+    from PIL import Image
+    a, b = (np.asarray(Image.open(io.BytesIO(x)), dtype=float) for x in (jpeg, png))
+    return a.shape == b.shape and np.abs(a - b).mean() < 4
 
 
 def test_wado_uri(web):
@@ -270,8 +288,12 @@ def test_wado_uri(web):
            f"&seriesUID={one.SeriesInstanceUID}&objectUID={one.SOPInstanceUID}")
     status, body = http_get(url + "&contentType=application/dicom")
     assert status == 200 and split_file(body)[1] == sent[one.SOPInstanceUID]
-    status, png = http_get(url)                         # default: an image
-    assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    status, jpeg = http_get(url)                        # default: image/jpeg (PS3.18)
+    assert status == 200 and jpeg[:3] == JPEG_MAGIC
+    for asked in ("image/png", "image/*", "image/jpeg;q=0.5,image/png"):
+        status, png = http_get(f"{url}&contentType={asked}")
+        assert status == 200 and png[:8] == PNG_MAGIC, asked
+    assert _same_picture(jpeg, png)
     assert http_get(url + "&contentType=video/mpeg")[0] == 406
     assert http_get(f"{root}/wado?requestType=WADO&objectUID=1.2.3")[0] == 404
     assert http_get(f"{root}/wado?objectUID={one.SOPInstanceUID}")[0] == 400
@@ -318,6 +340,9 @@ def test_thumbnails(web):
                  f"{second[0].SOPInstanceUID}"):
         status, png = http_get(f"{base}/{path}/thumbnail?viewport=20,20")
         assert status == 200 and Image.open(io.BytesIO(png)).size == (20, 20), path
+        status, jpeg = http_get(f"{base}/{path}/thumbnail?viewport=20,20", accept="image/jpeg")
+        assert status == 200 and jpeg.startswith(JPEG_MAGIC) and _same_picture(jpeg, png), path
+        assert http_get(f"{base}/{path}/thumbnail", accept="image/gif")[0] == 406, path
     assert http_get(f"{base}/studies/1.2.3/thumbnail")[0] == 404
     assert http_get(f"{base}/studies/{uid}/thumbnail?viewport=big")[0] == 400
 

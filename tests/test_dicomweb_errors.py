@@ -20,7 +20,7 @@ from admin_helpers import admin_site, http_get, http_token  # noqa: F401
 from node_helpers import dataset_bytes, file_bytes, make_series
 from scu_helpers import store_bytes
 from service import dicomweb, dicomweb_store
-from service.preview import render_png
+from service.preview import render_image
 from storage.errors import InstanceNotFoundError
 from storage.index import Instance
 from test_dicomweb import _multipart, _post
@@ -210,7 +210,7 @@ def test_a_window_that_cannot_be_read_falls_back_to_percentiles():
                                                True)
     ts, malformed = dataset_bytes(ds)
     args = (ds.SOPClassUID, ds.SOPInstanceUID, ts)
-    assert render_png(*args, malformed, 0) == render_png(*args, plain, 0)
+    assert render_image(*args, malformed, 0) == render_image(*args, plain, 0)
 
 
 # --- 4. frame lists ----------------------------------------------------------------------------
@@ -366,12 +366,13 @@ def test_wado_uri_sizes_and_content_type_lists(admin_site, tmp_path):
            f"&seriesUID={one.SeriesInstanceUID}&objectUID={one.SOPInstanceUID}")
     for bad in ("rows=-5", "columns=-5", "rows=x", "contentType=image/png;q=high"):
         assert http_get(f"{url}&{bad}")[0] == 400, bad
-    status, png = http_get(f"{url}&rows=12&columns=8")
-    assert status == 200 and Image.open(io.BytesIO(png)).size == (8, 8)
-    for asked in ("image/png;q=0.9", "application/dicom;q=0,image/jpeg",
-                  "video/mpeg,%20image/png;charset=x"):
+    status, jpeg = http_get(f"{url}&rows=12&columns=8")
+    assert status == 200 and Image.open(io.BytesIO(jpeg)).size == (8, 8)
+    for asked, magic in (("image/png;q=0.9", b"\x89PNG\r\n\x1a\n"),
+                         ("application/dicom;q=0,image/jpeg", b"\xff\xd8\xff"),
+                         ("video/mpeg,%20image/png;charset=x", b"\x89PNG\r\n\x1a\n")):
         status, body = http_get(f"{url}&contentType={asked}")
-        assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n", asked
+        assert status == 200 and body.startswith(magic), asked
     for asked in ("image/png;q=0.5,application/dicom", "video/mpeg,application/dicom",
                   "application/dicom;transfer-syntax=*"):
         status, body = http_get(f"{url}&contentType={asked}")
