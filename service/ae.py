@@ -64,6 +64,9 @@ def build_ae(settings: Settings) -> AE:
     ae.implementation_class_uid = part10.IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = part10.IMPLEMENTATION_VERSION_NAME
     ae.maximum_pdu_size = settings.max_pdu_size     # large PDUs: far fewer round trips
+    # C-MOVE's associations to destinations: one that drops packets (switched off, firewalled)
+    # would hold the request for the operating system's two minutes of SYN retries
+    ae.connection_timeout = commitment.CONNECTION_TIMEOUT     # as for commitment reports
     ae.maximum_associations = settings.max_associations
     ae.require_called_aet = settings.require_called_ae_title
     ae.require_calling_aet = AccessPolicy.from_settings(settings.peers).calling_titles()

@@ -136,6 +136,7 @@ def _association(settings: Settings, ae) -> str:
         ("Simultaneous associations", str(settings.max_associations)),
         ("Timeouts (ACSE, DIMSE, network)",
          f"{ae.acse_timeout} s, {ae.dimse_timeout} s, {ae.network_timeout} s"),
+        ("Time to reach a C-MOVE destination", f"{ae.connection_timeout:g} s"),
         ("Asynchronous operations", "not supported (one operation at a time per association)"),
         ("Extended negotiation", "SCP/SCU role selection for the Storage SOP Classes (C-GET)"),
         ("Secure transport", tls),
@@ -243,7 +244,9 @@ def _retrieve(settings: Settings) -> str:
         "the levels above narrow it, and neither wildcards nor keys of lower levels are "
         "accepted. C-GET sends on the same association (the client takes the SCP role for "
         "the Storage SOP Classes); C-MOVE opens an association to the destination, which must "
-        "be configured (named by its AE title or its name):\n\n" + moves
+        "be configured (named by its AE title or its name); one that cannot be reached in time "
+        "(section 3) or refuses the association is answered 0x"
+        f"{statuses.UNKNOWN_DESTINATION:04X} as well:\n\n" + moves
         + "\nEach sub-operation sends the instance as received (or converted, section 4); "
         "the final response counts completed, failed and warning sub-operations.\n")
 

@@ -257,6 +257,31 @@ def test_move_to_destination_and_partial_failure(populated, tmp_path):
         flaky.stop()
 
 
+def test_move_to_a_destination_that_drops_connection_attempts_is_answered_in_time(populated):
+    """A destination switched off or behind a firewall never answers the node's SYN (here: a
+    listener whose accept queue is full). The request is answered 0xA801 once the node's
+    connection timeout passes, not after the operating system's two minutes of retries (and
+    the calling association, idle meanwhile, is not lost)."""
+    import socket
+    import time
+    node, a = populated[0], populated[1]
+    assert node.ae.connection_timeout == 10
+    node.ae.connection_timeout = 1.5                     # the test's patience, not the node's
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    queued = socket.create_connection(hole.getsockname())   # fills the accept queue
+    node.settings.destinations["hole"] = f"HOLE@127.0.0.1:{hole.getsockname()[1]}"
+    try:
+        started = time.monotonic()
+        final = move(node.port, {"QueryRetrieveLevel": "STUDY",
+                                 "StudyInstanceUID": a[0].StudyInstanceUID}, "HOLE")
+        assert final.Status == 0xA801 and time.monotonic() - started < 30
+    finally:
+        queued.close()
+        hole.close()
+
+
 def test_move_associations_are_tuned_like_the_listeners(populated, monkeypatch):
     """The node's own association to a C-MOVE destination reads large and acknowledges at once
     (service.socket_tuning): a DCMTK storescp with Nagle's algorithm on (its default) otherwise
