@@ -62,15 +62,20 @@ def find(port: int, query: dict, patient_root: bool = False) -> tuple[int, list[
     return final, matches
 
 
-def get(port: int, query: dict, storage: list[tuple[str, str]]):
+def get(port: int, query: dict, storage: list[tuple[str, str]], cancel_after: int = 0):
     """C-GET accepting the given (SOP class, transfer syntax) pairs (a list of syntaxes: one
-    context proposing them in that order); return (final status dataset,
+    context proposing them in that order), sending a C-CANCEL once ``cancel_after`` instances
+    have come (before answering the last of them); return (final status dataset,
     {sop_uid: (ts, dataset bytes)})."""
     received = {}
 
     def on_store(event):
         received[event.request.AffectedSOPInstanceUID] = (
             str(event.context.transfer_syntax), event.encoded_dataset(include_meta=False))
+        if len(received) == cancel_after:
+            context = next(cx for cx in assoc.accepted_contexts
+                           if cx.abstract_syntax == StudyRootQueryRetrieveInformationModelGet)
+            assoc.send_c_cancel(1, context.context_id)
         return 0x0000
 
     contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
@@ -81,7 +86,7 @@ def get(port: int, query: dict, storage: list[tuple[str, str]]):
     for keyword, value in query.items():
         setattr(ds, keyword, value)
     final = None
-    for status, _ in assoc.send_c_get(ds, StudyRootQueryRetrieveInformationModelGet):
+    for status, _ in assoc.send_c_get(ds, StudyRootQueryRetrieveInformationModelGet, msg_id=1):
         if status and status.Status not in (0xFF00,):
             final = status
     assoc.release()

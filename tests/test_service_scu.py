@@ -257,6 +257,22 @@ def test_move_to_destination_and_partial_failure(populated, tmp_path):
         flaky.stop()
 
 
+def test_get_cancelled_midway_stops_and_counts(node, tmp_path):
+    """A C-CANCEL during a C-GET (a viewer closing a study while it loads) stops the
+    sub-operations: 0xFE00 with the completed and remaining counts, staged and compacted."""
+    series = make_series(12, 8, 8, seed=17)
+    assert store_bytes(node.port, _items(series), tmp_path) == [0] * 12
+    query = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": series[0].StudyInstanceUID}
+    for stage in ("staged", "compacted"):
+        if stage == "compacted":
+            node.archive.compact(0)
+            assert node.archive.stats()["pending_instances"] == 0
+        final, received = get(node.port, query, [(CT, ExplicitVRLittleEndian)], cancel_after=3)
+        assert final.Status == 0xFE00 and len(received) == 3, stage
+        assert (final.NumberOfCompletedSuboperations, final.NumberOfRemainingSuboperations,
+                final.NumberOfFailedSuboperations) == (3, 9, 0), stage
+
+
 def test_move_to_a_destination_that_drops_connection_attempts_is_answered_in_time(populated):
     """A destination switched off or behind a firewall never answers the node's SYN (here: a
     listener whose accept queue is full). The request is answered 0xA801 once the node's
