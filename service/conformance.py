@@ -294,7 +294,13 @@ def _dicomweb(settings: Settings) -> str:
     return (
         "## 10. DICOMweb (PS3.18)\n\nOn the admin server, "
         f"`http://{settings.http_host}:{settings.http_port}`; {access}.\n\n"
-        + _table(("method", "path", "service", "answers"), rows))
+        + _table(("method", "path", "service", "answers"), rows)
+        + "\nTransfer syntaxes of WADO-RS instances: as received when `Accept` names none (no "
+        "`transfer-syntax` parameter, `*`, a wildcard, or no header). PS3.18 makes Explicit VR "
+        "Little Endian the default there; voxarc keeps the received bytes instead, which the "
+        "standard gives for `transfer-syntax=*`. A client that names syntaxes gets one of them: "
+        "as received when named, else Explicit (or Implicit) VR Little Endian converted "
+        "losslessly (section 4), else 406.\n")
 
 
 def _appendix(storage: list[str]) -> str:
