@@ -25,6 +25,7 @@ from service import (command_encoding, commitment, exact_send, handlers, move_re
 from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.metrics import NodeMetrics
+from service.patrol import Patrol
 from service.socket_tuning import tune_association
 from storage import part10
 from storage.archive import Archive
@@ -164,14 +165,14 @@ class CompactionWorker(threading.Thread):
 
 
 class Node:
-    """A running storage node: DICOM listener plus compaction worker.
+    """A running storage node: DICOM listener plus compaction worker and integrity patrol.
 
     Parameters
     ----------
     settings : Settings
         Port 0 picks a free port (see :attr:`port`).
     compaction : bool
-        Run the background compaction worker.
+        Run the background compaction worker and the integrity patrol.
     """
 
     def __init__(self, settings: Settings, compaction: bool = True):
@@ -187,6 +188,9 @@ class Node:
         self.worker = CompactionWorker(self.archive, settings.stable_age,
                                        settings.compaction_interval,
                                        settings.codec_fast_backlog) if compaction else None
+        self.patrol = Patrol(self.archive, settings.scrub_every_days * 86400.0,
+                             settings.scrub_read_mb_per_s * 1e6) \
+            if compaction and settings.scrub_every_days > 0 else None
 
     @property
     def port(self) -> int:
@@ -209,6 +213,8 @@ class Node:
                                                               self.reporter)))
         if self.worker:
             self.worker.start()
+        if self.patrol:
+            self.patrol.start()
         threading.Thread(target=self._warm, name="voxarc-warm", daemon=True).start()
         log.info("voxarc node %s listening on %s:%d (data %s)", self.settings.ae_title,
                  self.settings.host, self.port, self.settings.data_dir)
@@ -230,6 +236,8 @@ class Node:
             self.server.shutdown()
         if self.worker is not None and self.worker.is_alive():
             self.worker.stop()
+        if self.patrol is not None:
+            self.patrol.stop()
         self.reporter.stop()
         self.archive.close()
         log.info("voxarc node %s stopped", self.settings.ae_title)

@@ -33,6 +33,11 @@ SETTING_DOCS = {
     "codec_fast_backlog": "While this many more series wait for compaction, it codes without "
                           "adaptation (about 3x faster) to keep up, and codes those stacks "
                           "again with it once nothing is staged; 0: always adapt.",
+    "scrub_every_days": "Days between two rounds of the running node's integrity patrol, which "
+                        "reads every stored file back and checks its SHA-256 (the first "
+                        "round 10 minutes after start; 0: never).",
+    "scrub_read_mb_per_s": "Most megabytes a second the patrol reads, so that it does not "
+                           "slow ingest and retrievals (0: no limit).",
     "destinations": "C-MOVE destinations and storage commitment reports: "
                     "NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
     "http_host": "Address the admin web page binds to (localhost only by default).",
@@ -86,6 +91,8 @@ class Settings:
     codec_slab: int = 8
     codec_adapt: bool = True
     codec_fast_backlog: int = 3
+    scrub_every_days: float = 7.0
+    scrub_read_mb_per_s: float = 50.0
     destinations: dict = field(default_factory=dict)
     http_host: str = "127.0.0.1"
     http_port: int = 8042
@@ -133,7 +140,10 @@ def _coerce(name: str, value):
         return {str(k): str(v) for k, v in value.items()}
     if isinstance(default, bool):
         return _boolean(name, value)
-    return type(default)(value)
+    value = type(default)(value)
+    if name.startswith("scrub_") and value < 0:
+        raise ValueError(f"{name} must be 0 or more, not {value}")
+    return value
 
 
 _BOOLEANS = {"true": True, "yes": True, "on": True, "1": True,

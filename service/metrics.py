@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pynetdicom import evt
 
 from models import parallel
-from service import statuses
+from service import patrol, statuses
 from storage import reports, transcode
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -78,6 +78,14 @@ class _IndexCollector:
         for state in ("pending", "running", "failed"):
             jobs.add_metric([state], len(queue[state]))
         yield jobs
+        last = patrol.last_round(self.archive)
+        if last is not None:       # before the first round there is nothing to say
+            yield GaugeMetricFamily("voxarc_scrub_last_finished_timestamp_seconds",
+                                    "When the integrity patrol last read every stored file back",
+                                    value=last["finished"])
+            yield GaugeMetricFamily("voxarc_scrub_damaged_instances",
+                                    "Instances whose stored file the last patrol found damaged",
+                                    value=last["damaged_instances"])
 
 
 class _DecoderCollector:

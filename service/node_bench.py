@@ -98,15 +98,18 @@ class Server:
 
 
 def start_voxarc(data_dir: Path) -> Server:
-    """``voxarc serve`` on a free port (no compaction during the run, admin page on a free port)."""
+    """``voxarc serve`` on a free port (no compaction and no integrity patrol during the run,
+    admin page on a free port)."""
     port = free_port()
     log_path = Path(data_dir).with_suffix(".log")
     seen = log_path.read_text(errors="replace").count("decoder processes: ") \
         if log_path.exists() else 0
+    config = Path(data_dir).with_suffix(".toml")
+    config.write_text("scrub_every_days = 0\n")
     logf = open(log_path, "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--data-dir", str(data_dir),
-         "--port", str(port), "--http-port", "0", "--stable-age", "1e9"],
+        [sys.executable, "-m", "service.cli", "serve", "--config", str(config), "--data-dir",
+         str(data_dir), "--port", str(port), "--http-port", "0", "--stable-age", "1e9"],
         cwd=ROOT, env=ENV, stdout=logf, stderr=subprocess.STDOUT)
     server = Server("voxarc", "VOXARC", port, proc, Path(data_dir), logf, seen)
     try:

@@ -23,7 +23,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from service import dicomweb, dicomweb_store
+from service import dicomweb, dicomweb_store, patrol
 from service.config import Settings
 from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.preview import PreviewError, SeriesPreviews
@@ -90,6 +90,8 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
         out.update(reports.bits_per_voxel(index))
         out["by_modality"] = reports.by_modality(index)
         out["by_day"] = reports.by_day(index)
+        out["integrity"] = {"last_round": patrol.last_round(archive),
+                            "every_days": settings.scrub_every_days}
         return JSONResponse(out)
 
     def studies(request: Request) -> Response:

@@ -1,9 +1,14 @@
 """Scrubbing: read back everything the archive holds and check it against the index.
 
-Every blob's stored bytes are hashed against the SHA-256 of its row and coded volumes are decoded
-in full; every instance is rebuilt and checked against the SHA-256 taken at ingest. Nothing is
-changed except by :func:`requeue_failed_jobs`, the one repair the index allows (orphan files are
-removed by :mod:`storage.recovery` when the archive is opened with no other user).
+:func:`scrub` (``voxarc verify``): every blob's stored bytes are hashed against the SHA-256 of
+its row and coded volumes are decoded in full; every instance is rebuilt and checked against the
+SHA-256 taken at ingest. :func:`check_stored_files` (the running node's patrol,
+``service.patrol``): every blob file and every staged file hashed against the SHA-256 recorded
+when it was written, without decoding. That is enough to find what the disk changed since: a
+blob was decoded and compared with its staged pixels before it was committed, and decoding is
+exact, so a blob with the same bytes decodes the same. Nothing is changed except by
+:func:`requeue_failed_jobs`, the one repair the index allows (orphan files are removed by
+:mod:`storage.recovery` when the archive is opened with no other user).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ class ScrubReport:
 
     blobs_checked: int = 0
     instances_checked: int = 0
+    bytes_checked: int = 0
     bad_blobs: dict = field(default_factory=dict)        # key -> reason
     bad_instances: dict = field(default_factory=dict)    # SOP Instance UID -> reason
+    bad_staged: dict = field(default_factory=dict)       # staged file key -> reason (patrol)
 
     @property
     def ok(self) -> bool:
@@ -87,6 +94,73 @@ def scrub(archive) -> ScrubReport:
             report.bad_instances[uid] = str(exc)
             log.error("instance %s is bad: %s", uid, exc)
     return report
+
+
+def check_stored_files(archive, pace=None) -> ScrubReport:
+    """Hash every blob file and every staged instance file of ``archive`` against its recorded
+    SHA-256 (no decoding). A damaged blob makes each instance it holds bad too. Files removed
+    meanwhile (a compaction, a deletion) are skipped. ``pace(nbytes)``, when given, is called
+    after each file: it may sleep to spread the reading out, or raise to end the round.
+
+    Returns
+    -------
+    ScrubReport
+        ``instances_checked`` counts the staged instances; ``bytes_checked`` what was read.
+    """
+    report = ScrubReport()
+    with archive.index.read() as s:
+        blobs = list(s.execute(select(Blob.id, Blob.key, Blob.sha256).order_by(Blob.id)))
+        staged = list(s.execute(select(Instance.sop_uid, Instance.staged_key, Instance.sha256)
+                                .where(Instance.staged_key.is_not(None)).order_by(Instance.id)))
+    for blob_id, key, sha in blobs:
+        reason, nbytes = _file_check(archive, key, sha)
+        if reason and _still_there(archive, Blob.key, key):
+            report.bad_blobs[key] = reason
+            held = _instances_in(archive, blob_id)
+            for uid in held:
+                report.bad_instances[uid] = f"its blob {key} is damaged: {reason}"
+            log.error("blob %s is damaged (%s); it holds %d instances: %s", key, reason,
+                      len(held), ", ".join(held[:20]) + (" ..." if len(held) > 20 else ""))
+        report.blobs_checked += 1
+        report.bytes_checked += nbytes
+        if pace:
+            pace(nbytes)
+    for uid, key, sha in staged:
+        reason, nbytes = _file_check(archive, key, sha)
+        if reason and _still_there(archive, Instance.staged_key, key):
+            report.bad_staged[key] = reason
+            report.bad_instances[uid] = f"its staged file {key} is damaged: {reason}"
+            log.error("instance %s is damaged: staged file %s %s", uid, key, reason)
+        report.instances_checked += 1
+        report.bytes_checked += nbytes
+        if pace:
+            pace(nbytes)
+    return report
+
+
+def _file_check(archive, key: str, sha256: str) -> tuple[str, int]:
+    """(why the file of ``key`` is bad or "", bytes read)."""
+    try:
+        with open(archive.blobs.path(key), "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            nbytes = f.tell()
+    except FileNotFoundError:
+        return "file missing", 0
+    except OSError as exc:
+        return f"unreadable ({exc})", 0
+    return ("" if digest == sha256 else "bytes differ from their recorded SHA-256"), nbytes
+
+
+def _still_there(archive, column, key: str) -> bool:
+    """Whether a row still refers to ``key`` (else its file was removed with it: no damage)."""
+    with archive.index.read() as s:
+        return s.scalar(select(column).where(column == key).limit(1)) is not None
+
+
+def _instances_in(archive, blob_id: int) -> list[str]:
+    with archive.index.read() as s:
+        return list(s.scalars(select(Instance.sop_uid).where(Instance.blob_fk == blob_id)
+                              .order_by(Instance.id)))
 
 
 def requeue_failed_jobs(archive) -> int:

@@ -16,6 +16,7 @@ import pytest
 from admin_helpers import admin_site, http_token, store_series  # noqa: F401
 from node_helpers import real_series_files, write_series
 from scu_helpers import store_bytes
+from service import patrol
 from storage import compaction
 from storage.part10 import split_file
 
@@ -74,6 +75,11 @@ def test_page_renders_totals_studies_and_charts(admin_site, tmp_path, shared_ser
     totals = node.archive.stats()
     profile = tmp_path / "chromium-profile"
     dom = _chromium(f"{admin.url}/", profile, "--dump-dom")
+    assert re.search(r'id="integrity">([^<]*)<', dom).group(1) == "not checked yet"
+    patrol.Patrol(node.archive, 3600, 0).run_round()
+    dom = _chromium(f"{admin.url}/", profile, "--dump-dom")
+    assert re.search(r'id="integrity">([^<]*)<', dom).group(1) == "no damage"
+    assert 'class="card alarm"' not in dom
 
     instances = re.search(r'id="total-instances">([^<]*)<', dom).group(1)
     assert instances.replace(",", "") == str(totals["instances"])
@@ -98,3 +104,20 @@ def test_page_renders_totals_studies_and_charts(admin_site, tmp_path, shared_ser
         target = Path(os.environ["VOXARC_ARTIFACTS"])
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, target / shot.name)
+
+
+def test_page_raises_the_alarm_when_the_patrol_finds_damage(admin_site, tmp_path):
+    from sqlalchemy import select
+    from storage.index import Blob
+    node, admin = admin_site
+    store_series(node, tmp_path, [("CT", 5, "DAMAGED")])
+    node.archive.compact(0)
+    with node.archive.index.read() as s:
+        key = s.scalar(select(Blob.key))
+    data = bytearray(node.archive.blobs.get(key))
+    data[len(data) // 2] ^= 0x01
+    node.archive.blobs.put(key, bytes(data))
+    patrol.Patrol(node.archive, 3600, 0).run_round()
+    dom = _chromium(f"{admin.url}/", tmp_path / "chromium-profile", "--dump-dom")
+    assert re.search(r'id="integrity">([^<]*)<', dom).group(1) == "5 damaged"
+    assert 'class="card alarm"' in dom and "run voxarc verify" in dom

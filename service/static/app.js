@@ -56,6 +56,24 @@ function renderTotals(s) {
   setText("total-bpv-original", s.original_bits_per_voxel
     ? "of " + s.original_bits_per_voxel.toFixed(0) + " as received (coded stacks)"
     : "no stack coded yet");
+  renderIntegrity(s.integrity);
+}
+
+// The integrity patrol's last round: every stored file read back against its SHA-256.
+function renderIntegrity(integrity) {
+  const last = integrity && integrity.last_round;
+  const damaged = last ? last.damaged_instances : 0;
+  byId("integrity-card").classList.toggle("alarm", damaged > 0);
+  if (!last) {
+    setText("integrity", "not checked yet");
+    setText("integrity-detail", integrity && integrity.every_days
+      ? "every stored file is read back every " + integrity.every_days + " days"
+      : "the patrol is off (scrub_every_days = 0)");
+    return;
+  }
+  setText("integrity", damaged ? count(damaged) + " damaged" : "no damage");
+  setText("integrity-detail", count(last.files) + " files, " + bytes(last.bytes) +
+    " read back " + when(last.finished) + (damaged ? "; run voxarc verify" : ""));
 }
 
 function svgEl(name, attrs, parent) {
