@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from service.ae import Node, open_archive
+from service import patrol
 from service.config import add_node_options, settings_from_args
 from service.progress import Progress
 from service.web_server import start_admin
@@ -176,12 +177,23 @@ def recode(archive) -> int:
     return 1 if failed else 0
 
 
+def _integrity(last: dict | None) -> str:
+    if last is None:
+        return "not read back by a running node's patrol yet"
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last["finished"]))
+    damaged = last["damaged_instances"]
+    files = last["files"]
+    return (f"{files} file{'s' * (files != 1)} read back {when}: "
+            + (f"{damaged} instances DAMAGED (run voxarc verify)" if damaged else "no damage"))
+
+
 def stats(args) -> int:
     """Print counts and bytes of what is stored."""
     archive = open_archive(settings_from_args(args))
     out = archive.stats()
     out.update(reports.bits_per_voxel(archive.index))
     out["by_modality"] = reports.by_modality(archive.index)
+    out["integrity"] = patrol.last_round(archive)
     archive.close()
     if args.json:
         print(json.dumps(out, indent=1))
@@ -194,6 +206,7 @@ def stats(args) -> int:
     if out["deferred_stacks"]:
         print(f"deferred   {out['deferred_stacks']} stacks coded without adaptation while "
               "compaction was behind (coded again when the node is idle)")
+    print("integrity  " + _integrity(out["integrity"]))
     if out["by_modality"]:
         print(f"\n{'modality':<10}{'instances':>10}{'received':>14}{'stored':>14}{'ratio':>8}")
         for row in out["by_modality"]:

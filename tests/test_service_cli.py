@@ -13,7 +13,9 @@ import pytest
 
 from node_helpers import free_port, make_series, write_series
 from scu_helpers import echo
+from service.ae import open_archive
 from service.config import SETTING_DOCS, Settings, load_settings, parse_destination, setting_names
+from service.patrol import Patrol
 from service.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +91,14 @@ def test_import_compress_stats(tmp_path):
     assert stats["by_modality"][0]["instances"] == 4
     text = _voxarc("stats", "--data-dir", data).stdout
     assert "instances  4" in text and "bits/voxel" in text and "modality" in text
+    assert "integrity  not read back" in text and stats["integrity"] is None
     assert len(paths) == 4
+    archive = open_archive(load_settings(data_dir=str(data)))
+    Patrol(archive, 3600, 0).run_round()
+    archive.close()
+    assert json.loads(_voxarc("stats", "--json", "--data-dir", data).stdout)["integrity"][
+        "files"] == 1
+    assert "1 file read back" in _voxarc("stats", "--data-dir", data).stdout
 
 
 def test_serve_answers_and_stops_on_sigterm(tmp_path):
