@@ -275,11 +275,13 @@ _WEB_SERVICES = {
     "metadata": ("WADO-RS metadata", "`application/dicom+json`"),
     "frames": ("WADO-RS frames", "`multipart/related`, the frames as stored (uncompressed, or "
                                  "the compressed bitstream)"),
-    "rendered": ("WADO-RS rendered", "`image/png`, or `image/jpeg` when `Accept` ranks it first"),
-    "thumbnail": ("WADO-RS thumbnail", "`image/png`, or `image/jpeg` when `Accept` ranks it "
-                                       "first"),
-    "wado_uri": ("WADO-URI", "`application/dicom` (as received), `image/jpeg` (the default) or "
-                             "`image/png`"),
+    "rendered": ("WADO-RS rendered", "`image/jpeg` (the default), `image/png` or `image/gif` as "
+                                     "`Accept` ranks them; `viewport`, `window` (linear, "
+                                     "linear-exact, sigmoid), `quality`"),
+    "thumbnail": ("WADO-RS thumbnail", "`image/jpeg` (the default), `image/png` or `image/gif` "
+                                       "as `Accept` ranks them; `viewport`"),
+    "wado_uri": ("WADO-URI", "`application/dicom` (as received), `image/jpeg` (the default), "
+                             "`image/png` or `image/gif`"),
     "store": ("STOW-RS", 'takes `multipart/related; type="application/dicom"` into the C-STORE '
                          "ingest path, answers `application/dicom+json`"),
 }

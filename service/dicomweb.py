@@ -32,14 +32,15 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   instance is monochrome and lossless compressed (else 406). Frame numbers start at 1 and may
   not repeat (400); frames are sent one at a time.
 - WADO-RS ``.../instances/{sop}/rendered`` and ``.../frames/{n}/rendered``: the image (its middle
-  frame, or frame n) at its own size, windowed as the admin page's previews are, as a PNG or a
-  JPEG, whichever ``Accept`` ranks first (a PNG when any image will do; 406 for neither).
+  frame, or frame n) at its own size, windowed as the admin page's previews are, as a JPEG (the
+  default, also when any image will do), PNG or GIF, whichever ``Accept`` ranks first (406 for
+  none); ``viewport``, ``window`` and ``quality`` as PS3.18 defines them.
 - WADO-RS ``.../thumbnail`` of a study (its first series), series (its middle image) or
   instance: the same, of at most ``viewport`` pixels.
 - WADO-URI ``/wado?requestType=WADO&studyUID=&seriesUID=&objectUID=`` (links in reports and
   older viewers): ``contentType=application/dicom`` gives the Part 10 file as stored;
-  ``image/jpeg`` (the default) a JPEG, ``image/png`` or a wildcard a PNG. ``contentType`` is a
-  list: the first offered type by q-value, then order, is served.
+  ``image/jpeg`` (the default, and for a wildcard) a JPEG, ``image/png`` a PNG, ``image/gif`` a
+  GIF. ``contentType`` is a list: the first offered type by q-value, then order, is served.
 
 Study, series and instance UIDs of a path or of WADO-URI must be DICOM UIDs (digits and dots,
 at most 64 characters), else 400: they are not C-FIND patterns.
@@ -52,6 +53,7 @@ import functools
 import io
 import itertools
 import logging
+import math
 import re
 import uuid
 
@@ -70,7 +72,7 @@ from starlette.routing import Route
 from service.dicomweb_accept import (RENDERED, NotAcceptable, accepted_syntaxes, frame_syntax,
                                      part10_in, rendered_type, syntax_for)
 from service.identifiers import known_keyword
-from service.preview import PreviewError, render_image
+from service.preview import SHAPES, PreviewError, render_image
 from storage.dataset_parts import le_bytes, nbytes
 from storage.errors import InstanceNotFoundError, StorageError, TranscodeError
 from storage.part10 import build_file
@@ -81,7 +83,7 @@ DICOM_JSON = "application/dicom+json"
 MAX_LIMIT = 5000
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-_IMAGE_TYPES = ("image/png", "image/jpeg", "image/*", "*/*")     # WADO-URI: wildcards get a PNG
+_IMAGE_TYPES = RENDERED + ("image/*", "*/*")      # WADO-URI: a wildcard gets RENDERED[0]
 _RESERVED = {"limit", "offset", "includefield", "fuzzymatching", "token"}
 _LEVEL_KEYS = {   # what each QIDO level answers with, beside the matched keys
     "STUDY": ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "PatientName",
@@ -430,6 +432,40 @@ def wado_content_type(value: str) -> str | None:
     return None
 
 
+def _rendering(query) -> dict:
+    """:func:`service.preview.render_image`'s size, window and quality from the WADO-RS
+    rendered parameters (PS3.18 8.3.5.1): ``viewport=vw,vh`` (the image shrunk to fit),
+    ``window=center,width[,shape]`` (shape linear, linear-exact or sigmoid; instead of the
+    instance's own window), ``quality=1..100`` (of a JPEG)."""
+    out: dict = {}
+    if "viewport" in query:
+        parts = query["viewport"].split(",")
+        if len(parts) != 2 or not all(p.isascii() and p.isdigit() and int(p) > 0
+                                      for p in parts):
+            raise _BadRequest("viewport is vw,vh in pixels")
+        out["size"] = (int(parts[0]), int(parts[1]))
+    if "window" in query:
+        fields = [f.strip() for f in query["window"].split(",")]
+        try:
+            center, width = float(fields[0]), float(fields[1])
+        except (ValueError, IndexError):
+            raise _BadRequest("window is center,width[,shape]") from None
+        shape = fields[2].lower() if len(fields) > 2 else "linear"
+        least = 1.0 if shape == "linear" else 0.0
+        if len(fields) > 3 or shape not in SHAPES or not math.isfinite(center) \
+                or not (math.isfinite(width) and width > 0 and width >= least):
+            raise _BadRequest(f"window {query['window']!r}: center,width[,shape], the width "
+                              f"above 0 (1 or more for linear), the shape one of "
+                              f"{', '.join(SHAPES)}")
+        out["window"] = (center, width, shape)
+    if "quality" in query:
+        value = query["quality"]
+        if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 100):
+            raise _BadRequest("quality is 1 to 100")
+        out["quality"] = int(value)
+    return out
+
+
 def _pixels(request: Request, name: str) -> int:
     value = request.query_params.get(name) or "0"
     if not (value.isascii() and value.isdigit()):
@@ -647,13 +683,18 @@ class DicomWeb:
             raise _failed(exc) from exc
 
     def rendered(self, request: Request) -> Response:
-        """WADO-RS rendered: the image (middle frame, or the path's frame) as a PNG or JPEG."""
+        """WADO-RS rendered: the image (middle frame, or the path's frame) as JPEG, PNG or GIF,
+        with the ``viewport``, ``window`` and ``quality`` parameters of PS3.18."""
         try:
             frame = int(request.path_params["frame"]) if "frame" in request.path_params \
                 else None
         except ValueError:
             return _bad_request("the frame must be a number")
-        return self._image(request, request.path_params, 0, frame)
+        try:
+            options = _rendering(request.query_params)
+        except _BadRequest as exc:
+            return _bad_request(str(exc))
+        return self._image(request, request.path_params, frame=frame, **options)
 
     def thumbnail(self, request: Request) -> Response:
         """WADO-RS thumbnail of a study (its first series), series (its middle image) or
@@ -665,7 +706,7 @@ class DicomWeb:
             return _bad_request("viewport is w,h in pixels")
         size = min(max(size, 16), 512)
         if "sop" in params:
-            return self._image(request, params, size, None)
+            return self._image(request, params, size)
         try:
             media_type = rendered_type(request.headers.get("accept"))
         except NotAcceptable as exc:
@@ -723,17 +764,18 @@ class DicomWeb:
         if kind is None:
             return JSONResponse({"error": f"contentType {q.get('contentType')} is not offered"},
                                 status_code=406)
-        return self._image(request, params, size, None,
-                           kind if kind in RENDERED else RENDERED[0])
+        return self._image(request, params, size,
+                           media_type=kind if kind in RENDERED else RENDERED[0])
 
-    def _image(self, request: Request, params: dict, size: int, frame: int | None,
-               media_type: str | None = None) -> Response:
-        """An instance's image as ``media_type``, else as its ``Accept`` ranks PNG and JPEG."""
+    def _image(self, request: Request, params: dict, size: int | tuple = 0,
+               frame: int | None = None, media_type: str | None = None, **options) -> Response:
+        """An instance's image as ``media_type``, else as its ``Accept`` ranks the rendered
+        types (``options``: :func:`service.preview.render_image`'s window and quality)."""
         try:
             media_type = media_type or rendered_type(request.headers.get("accept"))
             inst = self.one(params)
             image = render_image(inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax,
-                                 inst.data, size, frame, media_type)
+                                 inst.data, size, frame, media_type, **options)
         except NotAcceptable as exc:
             return JSONResponse({"error": str(exc)}, status_code=406)
         except _NotServed as exc:

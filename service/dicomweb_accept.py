@@ -8,7 +8,7 @@ stored one when named, else Explicit (or Implicit) VR Little Endian when named a
 converts to it losslessly (storage.transcode: re-encoded, and decompressed when received in a
 lossless compressed syntax). Frames go out as stored or, from a lossless compressed syntax,
 decoded to uncompressed bytes when only uncompressed syntaxes are named. Rendered images go out
-as PNG or JPEG, as the client ranks them.
+as JPEG, PNG or GIF, as the client ranks them (JPEG when any will do).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from storage import transcode
 from storage.part10 import file_head
 
 NATIVE_LE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}   # frames: the same pixel bytes
-RENDERED = ("image/png", "image/jpeg")        # a wildcard gets the first: it loses nothing
+RENDERED = ("image/jpeg", "image/png", "image/gif")   # PS3.18: JPEG the default, all required
 
 
 class NotAcceptable(ValueError):
@@ -79,13 +79,13 @@ def accepted_syntaxes(accept: str | None, part_type: str = "application/dicom"
 
 def rendered_type(accept: str | None) -> str:
     """The media type of :data:`RENDERED` an image goes out as under ``accept``: the one the
-    client ranks first (by q-value, then order); PNG where any image will do (``image/*``,
-    ``*/*``, no header).
+    client ranks first (by q-value, then order); JPEG, the default of PS3.18, where any image
+    will do (``image/*``, ``*/*``, no header).
 
     Raises
     ------
     NotAcceptable
-        The header offers neither (only GIF or JPEG 2000, say).
+        The header offers none of them (only JPEG 2000, say).
     """
     if not accept or not accept.strip():
         return RENDERED[0]
@@ -96,7 +96,7 @@ def rendered_type(accept: str | None) -> str:
             return kind
         if kind in ("image/*", "*/*"):
             return RENDERED[0]
-    raise NotAcceptable(f"rendered images are {' or '.join(RENDERED)}; asked for {accept}")
+    raise NotAcceptable(f"rendered images are {', '.join(RENDERED)}; asked for {accept}")
 
 
 def frame_syntax(accept: str | None, stored: str) -> str:

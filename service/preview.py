@@ -25,7 +25,8 @@ from storage.part10 import build_file
 
 log = logging.getLogger(__name__)
 KEPT = 128     # previews kept in memory
-FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG"}     # media type: Pillow's format
+FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}   # -> Pillow's
+SHAPES = ("linear", "linear-exact", "sigmoid")      # VOI LUT functions a window may ask for
 
 
 class PreviewError(ValueError):
@@ -33,10 +34,13 @@ class PreviewError(ValueError):
 
 
 def render_image(sop_class_uid: str, sop_uid: str, transfer_syntax: str, data: bytes,
-                 size: int = 128, frame: int | None = None, media_type: str = "image/png") -> bytes:
-    """The instance's image ``frame`` (1-based; default its middle one) as a PNG or JPEG
-    (``media_type``, one of :data:`FORMATS`), at most ``size`` pixels on its longer side (0: as
-    it is)."""
+                 size: int | tuple[int, int] = 128, frame: int | None = None,
+                 media_type: str = "image/png", window: tuple | None = None,
+                 quality: int = 90) -> bytes:
+    """The instance's image ``frame`` (1-based; default its middle one) as ``media_type`` (one
+    of :data:`FORMATS`), shrunk to fit ``size`` pixels (``(width, height)``, or one number for
+    both; 0: as it is), windowed by ``window`` (center, width, one of :data:`SHAPES`) instead
+    of its own window, a JPEG at ``quality``."""
     try:
         ds = dcmread(io.BytesIO(build_file(sop_class_uid, sop_uid, transfer_syntax, data)))
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -48,27 +52,31 @@ def render_image(sop_class_uid: str, sop_uid: str, transfer_syntax: str, data: b
     if frames > 1:
         pixels = pixels[frames // 2 if frame is None else frame - 1]
     if getattr(ds, "SamplesPerPixel", 1) == 1:
-        image = Image.fromarray(_grey(ds, pixels), mode="L")
+        image = Image.fromarray(_grey(ds, pixels, window), mode="L")
     else:
         image = Image.fromarray(np.asarray(pixels, dtype=np.uint8), mode="RGB")
     if size:
-        image.thumbnail((size, size), Image.Resampling.LANCZOS)
+        image.thumbnail(size if isinstance(size, tuple) else (size, size),
+                        Image.Resampling.LANCZOS)
     out = io.BytesIO()
-    if FORMATS[media_type] == "PNG":
-        image.save(out, format="PNG", optimize=True)
+    if FORMATS[media_type] == "JPEG":
+        image.save(out, format="JPEG", quality=quality)
     else:
-        image.save(out, format="JPEG", quality=90)
+        image.save(out, format=FORMATS[media_type], optimize=True)
     return out.getvalue()
 
 
-def _grey(ds, pixels: np.ndarray) -> np.ndarray:
-    """8-bit grey levels of a monochrome image: its LUTs, else its 1st-99th percentiles."""
+def _grey(ds, pixels: np.ndarray, window: tuple | None = None) -> np.ndarray:
+    """8-bit grey levels of a monochrome image: ``window`` when given, else its LUTs, else its
+    1st-99th percentiles."""
     uid = ds.get("SOPInstanceUID", "?")
     try:
         values = apply_modality_lut(pixels, ds).astype(np.float64)
     except Exception as exc:    # a malformed rescale value: draw the stored values
         log.warning("preview of %s: modality LUT not usable (%s)", uid, exc)
         values = pixels.astype(np.float64)
+    if window is not None:
+        return _scaled(ds, _voi(values, *window), 0.0, 1.0)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         try:
             windowed = apply_voi_lut(values, ds).astype(np.float64)
@@ -77,6 +85,15 @@ def _grey(ds, pixels: np.ndarray) -> np.ndarray:
             log.warning("preview of %s: window not usable (%s)", uid, exc)
     lo, hi = np.percentile(values, [1, 99])
     return _scaled(ds, values, lo, hi)
+
+
+def _voi(values: np.ndarray, center: float, width: float, shape: str) -> np.ndarray:
+    """The VOI LUT functions of PS3.3 C.11.2.1.2, to the range 0-1."""
+    if shape == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if shape == "linear-exact":
+        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
+    return np.clip((values - (center - 0.5)) / max(width - 1.0, 1e-9) + 0.5, 0.0, 1.0)
 
 
 def _scaled(ds, values: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -251,32 +251,57 @@ def test_stow_stores_through_the_ingest_path_and_says_what_failed(admin_site):
 
 
 def test_rendered_images(web):
+    """As Accept ranks JPEG (the default), PNG and GIF; viewport, window and quality."""
     _, base, _, study, _, _ = web
     one = study[0]
     url = (f"{base}/studies/{one.StudyInstanceUID}/series/{one.SeriesInstanceUID}"
            f"/instances/{one.SOPInstanceUID}")
     from PIL import Image
-    status, png = http_get(f"{url}/rendered")
-    assert status == 200 and Image.open(io.BytesIO(png)).size == (24, 24)
-    assert http_get(f"{url}/frames/1/rendered")[1] == png
+    status, png = http_get(f"{url}/rendered", accept="image/png")
+    assert status == 200 and png.startswith(PNG_MAGIC)
+    assert Image.open(io.BytesIO(png)).size == (24, 24)
+    assert http_get(f"{url}/frames/1/rendered", accept="image/png")[1] == png
     assert http_get(f"{url}/frames/2/rendered")[0] == 404
     assert http_get(f"{url}/frames/x/rendered")[0] == 400
-    for accept, magic in (("image/jpeg", JPEG_MAGIC), ("image/png;q=0.4, image/jpeg", JPEG_MAGIC),
-                          ("image/jpeg;q=0.4, image/png", PNG_MAGIC), ("image/*", PNG_MAGIC),
-                          ("image/gif, */*;q=0.1", PNG_MAGIC)):
+    for accept, magic in (("", JPEG_MAGIC), ("*/*", JPEG_MAGIC), ("image/*", JPEG_MAGIC),
+                          ("image/png;q=0.4, image/jpeg", JPEG_MAGIC),
+                          ("image/jpeg;q=0.4, image/png", PNG_MAGIC), ("image/gif", b"GIF8"),
+                          ("image/jp2, */*;q=0.1", JPEG_MAGIC)):
         for path in ("rendered", "frames/1/rendered"):
             status, image = http_get(f"{url}/{path}", accept=accept)
             assert status == 200 and image.startswith(magic), (accept, path)
-            if magic == JPEG_MAGIC:
-                assert _same_picture(image, png)
-    assert http_get(f"{url}/rendered", accept="image/gif")[0] == 406
+            assert _same_picture(image, png), (accept, path)
+    assert http_get(f"{url}/rendered", accept="image/jp2")[0] == 406
     assert http_get(f"{url}/rendered", accept="image/jp2, image/jpeg;q=0")[0] == 406
+
+    status, small = http_get(f"{url}/rendered?viewport=12,6", accept="image/png")
+    assert status == 200 and Image.open(io.BytesIO(small)).size == (6, 6)
+    low = http_get(f"{url}/rendered?quality=5")[1]
+    assert len(low) < len(http_get(f"{url}/rendered?quality=100")[1])
+    grey = np.asarray(Image.open(io.BytesIO(png)), dtype=float)
+    for window in ("-1e9,1", "1e9,1"):                         # all white, all black
+        status, image = http_get(f"{url}/rendered?window={window}", accept="image/png")
+        expected = 255 if window.startswith("-") else 0
+        assert status == 200 and (np.asarray(Image.open(io.BytesIO(image))) == expected).all()
+    pixels = one.pixel_array.astype(float) - 1024                # the modality LUT
+    center, width = float(np.median(pixels)), float(np.ptp(pixels)) / 2
+    for shape in ("linear", "linear-exact", "sigmoid"):
+        status, image = http_get(f"{url}/rendered?window={center},{width},{shape}",
+                                 accept="image/png")
+        windowed = np.asarray(Image.open(io.BytesIO(image)), dtype=float)
+        assert status == 200 and windowed.shape == grey.shape, shape
+        assert np.corrcoef(windowed.ravel(), pixels.ravel())[0, 1] > 0.8, shape
+    for bad in ("viewport=0,5", "viewport=5", "window=40", "window=40,0",
+                "window=40,0.5,linear", "window=40,80,cubic", "window=a,b", "quality=0",
+                "quality=101", "quality=high"):
+        assert http_get(f"{url}/rendered?{bad}")[0] == 400, bad
 
 
 def _same_picture(jpeg: bytes, png: bytes) -> bool:
-    """The JPEG shows the PNG's picture (its grey levels within a few steps)."""
+    """The image (a JPEG, or a GIF or PNG) shows the PNG's picture (its grey levels within a
+    few steps)."""
     from PIL import Image
-    a, b = (np.asarray(Image.open(io.BytesIO(x)), dtype=float) for x in (jpeg, png))
+    a, b = (np.asarray(Image.open(io.BytesIO(x)).convert("L"), dtype=float) for x in (jpeg, png))
     return a.shape == b.shape and np.abs(a - b).mean() < 4
 
 
@@ -290,7 +315,9 @@ def test_wado_uri(web):
     assert status == 200 and split_file(body)[1] == sent[one.SOPInstanceUID]
     status, jpeg = http_get(url)                        # default: image/jpeg (PS3.18)
     assert status == 200 and jpeg[:3] == JPEG_MAGIC
-    for asked in ("image/png", "image/*", "image/jpeg;q=0.5,image/png"):
+    assert http_get(f"{url}&contentType=image/*")[1][:3] == JPEG_MAGIC
+    assert http_get(f"{url}&contentType=image/gif")[1][:4] == b"GIF8"
+    for asked in ("image/png", "image/jpeg;q=0.5,image/png"):
         status, png = http_get(f"{url}&contentType={asked}")
         assert status == 200 and png[:8] == PNG_MAGIC, asked
     assert _same_picture(jpeg, png)
@@ -338,11 +365,11 @@ def test_thumbnails(web):
     for path in (f"studies/{uid}", f"studies/{uid}/series/{second[0].SeriesInstanceUID}",
                  f"studies/{uid}/series/{second[0].SeriesInstanceUID}/instances/"
                  f"{second[0].SOPInstanceUID}"):
-        status, png = http_get(f"{base}/{path}/thumbnail?viewport=20,20")
+        status, png = http_get(f"{base}/{path}/thumbnail?viewport=20,20", accept="image/png")
         assert status == 200 and Image.open(io.BytesIO(png)).size == (20, 20), path
-        status, jpeg = http_get(f"{base}/{path}/thumbnail?viewport=20,20", accept="image/jpeg")
+        status, jpeg = http_get(f"{base}/{path}/thumbnail?viewport=20,20")
         assert status == 200 and jpeg.startswith(JPEG_MAGIC) and _same_picture(jpeg, png), path
-        assert http_get(f"{base}/{path}/thumbnail", accept="image/gif")[0] == 406, path
+        assert http_get(f"{base}/{path}/thumbnail", accept="image/jp2")[0] == 406, path
     assert http_get(f"{base}/studies/1.2.3/thumbnail")[0] == 404
     assert http_get(f"{base}/studies/{uid}/thumbnail?viewport=big")[0] == 400
 
