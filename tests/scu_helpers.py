@@ -12,14 +12,18 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
 
+from service import reactor_pause
 from storage.part10 import build_file
 
 
 def associate(port: int, contexts, **kwargs):
+    """An association of a pynetdicom SCU with the node at ``port``, with the node's guard
+    against pynetdicom's reactor race (service.reactor_pause): under two busy cores a test's
+    C-STORE response was dropped as "unexpected" and the SCU waited out its timeout."""
     ae = AE(ae_title="TESTSCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
     assoc = ae.associate("127.0.0.1", port, contexts=contexts, ae_title="VOXARC", **kwargs)
-    assert assoc.is_established
+    assert assoc.is_established and reactor_pause.guard(assoc)
     return assoc
 
 
