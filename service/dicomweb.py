@@ -28,8 +28,9 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
 - WADO-RS ``.../instances/{sop}/frames/{list}``: the listed frames as stored: the pixel bytes of
   an uncompressed instance (``application/octet-stream``), the bitstream of a compressed one
   under its media type with its ``transfer-syntax`` (``image/jpeg``, ``image/jls``, ``image/jp2``,
-  ...); decoded to stored words when ``Accept`` names only uncompressed syntaxes and the
-  instance is monochrome and lossless compressed (else 406). Frame numbers start at 1 and may
+  ...); decoded to stored words when ``Accept`` names only uncompressed syntaxes (a media type
+  without ``transfer-syntax`` standing for its default one, octets for Explicit VR Little
+  Endian) and the instance is monochrome and lossless compressed (else 406). Frame numbers start at 1 and may
   not repeat (400); frames are sent one at a time.
 - WADO-RS ``.../instances/{sop}/rendered`` and ``.../frames/{n}/rendered``: the image (its middle
   frame, or frame n) at its own size, windowed as the admin page's previews are, as a JPEG (the

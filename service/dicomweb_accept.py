@@ -20,6 +20,12 @@ from storage.part10 import file_head
 
 NATIVE_LE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}   # frames: the same pixel bytes
 RENDERED = ("image/jpeg", "image/png", "image/gif")   # PS3.18: JPEG the default, all required
+# PS3.18's default transfer syntax of each media type of frames (bulk data of pixels)
+FRAME_DEFAULT_SYNTAX = {
+    "application/octet-stream": ExplicitVRLittleEndian, "image/jpeg": "1.2.840.10008.1.2.4.50",
+    "image/jls": "1.2.840.10008.1.2.4.80", "image/jp2": "1.2.840.10008.1.2.4.90",
+    "image/jphc": "1.2.840.10008.1.2.4.201", "image/x-dicom-rle": "1.2.840.10008.1.2.5",
+}
 
 
 class NotAcceptable(ValueError):
@@ -101,10 +107,13 @@ def rendered_type(accept: str | None) -> str:
 
 def frame_syntax(accept: str | None, stored: str) -> str:
     """The syntax frames of an instance stored in ``stored`` go out in under ``accept``: as
-    stored unless every entry names transfer syntaxes and none is the stored one (an
-    uncompressed little-endian one standing for the other: their frames are the same bytes);
-    then an uncompressed one named, when the stored syntax is lossless compressed and
-    decodable here (storage.transcode). Media types are not judged.
+    stored when the client takes any (``transfer-syntax=*``, a wildcard, no media type, no
+    header) or names the stored one (an uncompressed little-endian one standing for the other:
+    their frames are the same bytes); else an uncompressed one it takes, when the stored syntax
+    is lossless compressed and decodable here (storage.transcode). A media type named without a
+    ``transfer-syntax`` stands for its default syntax (PS3.18: Explicit VR Little Endian for
+    ``application/octet-stream``, JPEG-LS lossless for ``image/jls``, ...), so a client asking
+    for octets never gets a bitstream it would take for pixels.
 
     Raises
     ------
@@ -112,10 +121,12 @@ def frame_syntax(accept: str | None, stored: str) -> str:
     """
     named = set()
     for kind, params in _offered(accept):
+        media = params.get("type", "").lower() if kind == "multipart/related" else kind
         syntax = params.get("transfer-syntax", "")
-        if syntax in ("", "*") or kind in ("*/*", "multipart/*"):
+        if syntax == "*" or kind in ("*/*", "multipart/*") or not media:
             return stored
-        named.add(syntax)
+        named.add(syntax or FRAME_DEFAULT_SYNTAX.get(media, ""))
+    named.discard("")
     if not named or stored in named or (stored in NATIVE_LE and named & NATIVE_LE):
         return stored
     chosen = transcode.choose(stored, named & NATIVE_LE)

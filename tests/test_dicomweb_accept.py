@@ -112,13 +112,17 @@ def test_frames_go_out_as_stored_unless_the_client_names_only_other_syntaxes(adm
                 return response.status
         except urllib.error.HTTPError as exc:
             return exc.code
-    assert status(jpeg, uncompressed) == 406          # a JPEG 2000 bitstream is not decoded
-    for accept in ("", octets, f"{octets}; transfer-syntax=*", "*/*",
+    for accept in (uncompressed, octets):             # a lossy bitstream is not decoded
+        assert status(jpeg, accept) == 406, accept     # (octets: Explicit VR by default)
+    for accept in ("", f"{octets}; transfer-syntax=*", "*/*", "multipart/related",
                    f'multipart/related; type="image/jp2"; transfer-syntax={ts}'):
         assert status(jpeg, accept) == 200, accept
-    assert status(raw, uncompressed) == 200            # implicit VR: the same pixel bytes
-    assert status(raw, 'multipart/related; type="image/jpeg"; '
-                       'transfer-syntax=1.2.840.10008.1.2.4.50') == 406   # nor compressed
+    for accept in (uncompressed, octets):              # implicit VR: the same pixel bytes
+        assert status(raw, accept) == 200, accept
+    for accept in ('multipart/related; type="image/jpeg"; '
+                   'transfer-syntax=1.2.840.10008.1.2.4.50', 'multipart/related; type="image/jls"',
+                   "image/jls"):
+        assert status(raw, accept) == 406, accept      # nothing is compressed
 
 
 def _conversions(admin, stored: str) -> float:
@@ -172,6 +176,11 @@ def test_lossless_compressed_frames_are_decoded_when_only_uncompressed_is_named(
     assert body == reference.PixelData
     ((ctype, body),) = _multipart(mr)
     assert ctype.endswith(ts) and body.startswith(b"\xff\xd8")       # the JPEG-LS bitstream
+    ((ctype, same),) = _multipart(mr, 'multipart/related; type="image/jls"')
+    assert ctype.endswith(ts) and same == body                         # its default syntax
+    ((ctype, body),) = _multipart(mr, 'multipart/related; type="application/octet-stream"')
+    assert ctype == f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
+    assert body == reference.PixelData           # octets named alone: Explicit VR's pixels
     ((ctype, body),) = _multipart(rgb, uncompressed)
     assert body == dcmread(TESTDATA / "SC_rgb_jpeg_gdcm.dcm").pixel_array.tobytes()
     request = urllib.request.Request(rct, headers={"Accept": uncompressed})

@@ -97,5 +97,11 @@ def test_a_compressed_instance_as_stored_or_decompressed_on_request(client, tmp_
     plain = web.retrieve_instance(*ids, media_types=(("application/dicom",
                                                       "1.2.840.10008.1.2.1"),))
     assert plain.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
-    np.testing.assert_array_equal(plain.pixel_array,
-                                  dcmread(TESTDATA / "MR_small.dcm").pixel_array)
+    reference = dcmread(TESTDATA / "MR_small.dcm")
+    np.testing.assert_array_equal(plain.pixel_array, reference.pixel_array)
+    (octets,) = web.retrieve_instance_frames(*ids, frame_numbers=[1],
+                                             media_types=("application/octet-stream",))
+    assert octets == reference.PixelData          # pixels, not the JPEG-LS bitstream
+    (bitstream,) = web.retrieve_instance_frames(*ids, frame_numbers=[1],
+                                                media_types=("image/jls",))
+    assert bitstream.startswith(b"\xff\xd8")
