@@ -30,8 +30,8 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   under its media type with its ``transfer-syntax`` (``image/jpeg``, ``image/jls``, ``image/jp2``,
   ...); decoded to stored words when ``Accept`` names only uncompressed syntaxes (a media type
   without ``transfer-syntax`` standing for its default one, octets for Explicit VR Little
-  Endian) and the instance is monochrome and lossless compressed (else 406). Frame numbers start at 1 and may
-  not repeat (400); frames are sent one at a time.
+  Endian) and the instance is monochrome and lossless compressed (else 406). Frame numbers
+  start at 1 and may not repeat (400); frames are sent one at a time.
 - WADO-RS ``.../instances/{sop}/rendered`` and ``.../frames/{n}/rendered``: the image (its middle
   frame, or frame n) at its own size, windowed as the admin page's previews are, as a JPEG (the
   default, also when any image will do), PNG or GIF, whichever ``Accept`` ranks first (406 for
@@ -699,7 +699,8 @@ class DicomWeb:
 
     def thumbnail(self, request: Request) -> Response:
         """WADO-RS thumbnail of a study (its first series), series (its middle image) or
-        instance, as a PNG or JPEG of at most ``viewport`` pixels (``w,h``; default 128)."""
+        instance, as a JPEG, PNG or GIF (as for :meth:`rendered`) of at most ``viewport``
+        pixels (``w,h``; default 128)."""
         params = request.path_params
         try:
             size = max(int(v) for v in request.query_params.get("viewport", "128").split(","))
