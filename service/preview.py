@@ -18,7 +18,9 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
+from pydicom.valuerep import DSfloat
 
 from storage import reports
 from storage.part10 import build_file
@@ -88,12 +90,14 @@ def _grey(ds, pixels: np.ndarray, window: tuple | None = None) -> np.ndarray:
 
 
 def _voi(values: np.ndarray, center: float, width: float, shape: str) -> np.ndarray:
-    """The VOI LUT functions of PS3.3 C.11.2.1.2, to the range 0-1."""
-    if shape == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-    if shape == "linear-exact":
-        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
-    return np.clip((values - (center - 0.5)) / max(width - 1.0, 1e-9) + 0.5, 0.0, 1.0)
+    """PS3.3 C.11.2.1.2's VOI LUT function ``shape`` (pydicom's windowing), to the range 0-1."""
+    window = Dataset()
+    window.BitsStored, window.PixelRepresentation = 8, 0        # its output: 0 to 255
+    window.PhotometricInterpretation = "MONOCHROME2"     # MONOCHROME1 is inverted after
+    window.WindowCenter = DSfloat(center, auto_format=True)
+    window.WindowWidth = DSfloat(width, auto_format=True)
+    window.VOILUTFunction = shape.upper().replace("-", "_")
+    return apply_windowing(values, window) / 255.0
 
 
 def _scaled(ds, values: np.ndarray, lo: float, hi: float) -> np.ndarray:
