@@ -43,6 +43,9 @@ SETTING_DOCS = {
     "http_host": "Address the admin web page binds to (localhost only by default).",
     "http_port": "TCP port of the admin web page, JSON API and /metrics (0: a free port).",
     "http_token": "Token the admin web page requires (Bearer header or ?token=); empty: none.",
+    "http_public_url": "URL clients reach the admin server at (https://pacs.example.org/voxarc, "
+                       "say), for the URLs in DICOMweb answers when a proxy rewrites the Host "
+                       "header or a client leaves its port out; empty: from each request.",
     "http_cors_origins": "Web origins (comma-separated, or *) whose pages may call the API and "
                          "DICOMweb from a browser (a viewer served elsewhere); empty: none.",
     "peers": "Calling AE titles allowed to associate: AET = \"store,query,retrieve\" (any subset); "
@@ -97,6 +100,7 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8042
     http_token: str = ""
+    http_public_url: str = ""
     http_cors_origins: str = ""
     peers: dict = field(default_factory=dict)
     require_called_ae_title: bool = True
@@ -141,9 +145,20 @@ def _coerce(name: str, value):
     if isinstance(default, bool):
         return _boolean(name, value)
     value = type(default)(value)
+    if name == "http_public_url":
+        return _public_url(str(value))
     if name.startswith("scrub_") and value < 0:
         raise ValueError(f"{name} must be 0 or more, not {value}")
     return value
+
+
+def _public_url(value: str) -> str:
+    """An ``http_public_url``: empty, or an http(s) URL without query or fragment."""
+    value = value.strip()
+    if value and (not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", value)):
+        raise ValueError(f"http_public_url {value!r} is not an http:// or https:// URL "
+                         "without query or fragment")
+    return value.rstrip("/")
 
 
 _BOOLEANS = {"true": True, "yes": True, "on": True, "1": True,

@@ -272,7 +272,11 @@ _WEB_SERVICES = {
                                    "6, by keyword or tag, `limit`, `offset`, `includefield`"),
     "retrieve": ("WADO-RS", '`multipart/related; type="application/dicom"`, the instances '
                             "as received"),
-    "metadata": ("WADO-RS metadata", "`application/dicom+json`"),
+    "metadata": ("WADO-RS metadata", "`application/dicom+json`; the pixel data and binary "
+                                     "values over 1 kB as BulkDataURIs"),
+    "bulkdata": ("WADO-RS bulk data", '`multipart/related; type="application/octet-stream"`, '
+                                      "the value a BulkDataURI names; the pixel data as the "
+                                      "frames resource gives all frames"),
     "frames": ("WADO-RS frames", "`multipart/related`, the frames as stored (uncompressed, or "
                                  "the compressed bitstream)"),
     "rendered": ("WADO-RS rendered", "`image/jpeg` (the default), `image/png` or `image/gif` as "
@@ -289,20 +293,23 @@ _WEB_SERVICES = {
 
 def _dicomweb(settings: Settings) -> str:
     routes = dicomweb.routes(None, None) + dicomweb_store.routes(None)
-    rows = [(", ".join(m for m in ("GET", "POST") if m in route.methods), f"`{route.path}`",
+    rows = [(", ".join(m for m in ("GET", "POST") if m in route.methods),
+             f"`{route.path.replace(':path}', '}')}`",
              *_WEB_SERVICES[route.name]) for route in routes]
     access = ("every request needs the token (`Authorization: Bearer ...` or `?token=`)"
               if settings.http_token else "no token is configured: anyone who reaches the port")
     return (
         "## 10. DICOMweb (PS3.18)\n\nOn the admin server, "
-        f"`http://{settings.http_host}:{settings.http_port}`; {access}.\n\n"
+        f"`{settings.http_public_url or f'http://{settings.http_host}:{settings.http_port}'}`"
+        f"; {access}.\n\n"
         + _table(("method", "path", "service", "answers"), rows)
         + "\nTransfer syntaxes of WADO-RS instances: as received when `Accept` names none (no "
         "`transfer-syntax` parameter, `*`, a wildcard, or no header). PS3.18 makes Explicit VR "
         "Little Endian the default there; voxarc keeps the received bytes instead, which the "
         "standard gives for `transfer-syntax=*`. A client that names syntaxes gets one of them: "
         "as received when named, else Explicit (or Implicit) VR Little Endian converted "
-        "losslessly (section 4), else 406.\n")
+        "losslessly (section 4), else 406. QIDO-RS `fuzzymatching=true` is answered with "
+        "literal matching and the Warning PS3.18 gives for it.\n")
 
 
 def _appendix(storage: list[str]) -> str:

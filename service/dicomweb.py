@@ -24,7 +24,10 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   instance's header cannot be read; the SHA-256 check of a compressed instance's pixels belongs
   to the requests that send them). A value
   pydicom cannot convert (a malformed DS or IS, say) is sent as its raw bytes in
-  ``InlineBinary``, named in a ``Warning`` header.
+  ``InlineBinary``, named in a ``Warning`` header. The pixel data, and binary values over a
+  kilobyte, are BulkDataURIs (service.dicom_json).
+- WADO-RS ``.../instances/{sop}/bulkdata/{path}``: the value such a URI names, as
+  ``application/octet-stream``; that of the pixel data as the frames resource gives all frames.
 - WADO-RS ``.../instances/{sop}/frames/{list}``: the listed frames as stored: the pixel bytes of
   an uncompressed instance (``application/octet-stream``), the bitstream of a compressed one
   under its media type with its ``transfer-syntax`` (``image/jpeg``, ``image/jls``, ``image/jp2``,
@@ -49,7 +52,6 @@ at most 64 characters), else 400: they are not C-FIND patterns.
 
 from __future__ import annotations
 
-import base64
 import functools
 import io
 import itertools
@@ -61,18 +63,19 @@ import uuid
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.dataelem import RawDataElement
 from pydicom.encaps import get_frame
-from pydicom.filereader import read_dataset
 from pydicom.pixels import pixel_array
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RLELossless
+from pydicom.uid import UID, RLELossless
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from service.dicom_json import (PIXEL_TAGS, BadPath, BulkLinks, element_value, header_dataset,
+                                json_dataset, parse_path, pixel_reference)
 from service.dicomweb_accept import (RENDERED, NotAcceptable, accepted_syntaxes, frame_syntax,
-                                     part10_in, rendered_type, syntax_for)
+                                     octets_accepted, part10_in, rendered_type, syntax_for)
 from service.identifiers import known_keyword
+from service.web_url import dicomweb_base
 from service.preview import SHAPES, PreviewError, render_image
 from storage.dataset_parts import le_bytes, nbytes
 from storage.errors import InstanceNotFoundError, StorageError, TranscodeError
@@ -172,10 +175,6 @@ def _json_record(record: dict, base: str, level: str) -> dict:
     return ds.to_json_dict()
 
 
-def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + "/dicom-web"
-
-
 def _is_uid(value: str | None) -> bool:
     return bool(value) and len(value) <= 64 and _UID.fullmatch(value) is not None
 
@@ -254,7 +253,6 @@ def _uids_checked(endpoint):
 
 
 # media types of compressed frames (PS3.18, bulk data of each transfer syntax)
-_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 _FRAME_MEDIA = {
     "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
     "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
@@ -330,84 +328,6 @@ def _decoded_frames(ds: Dataset, wanted: list[int], syntax: str):
     first = frame(wanted[0])            # before the answer starts: a failure is a 500
     return (f"application/octet-stream; transfer-syntax={syntax}",
             itertools.chain([first], (frame(n) for n in wanted[1:])))
-
-
-def json_dataset(ds: Dataset, raw_tags: set, memo: dict | None = None) -> dict:
-    """``ds`` as DICOM JSON, element by element: an element pydicom cannot convert (a malformed
-    DS or IS, say) keeps its VR and goes as its raw bytes in InlineBinary; its tag is added to
-    ``raw_tags``. ``memo``: conversions of raw elements already seen, by tag, VR and bytes,
-    shared by datasets of one encoding and character set (the instances of a series repeat
-    most of their header)."""
-    out = {}
-    for tag in ds.keys():
-        raw = ds.get_item(tag)          # before conversion: the bytes as received
-        key = (tag, raw.VR, raw.value) if memo is not None and _memoizable(raw) else None
-        known = memo.get(key) if key is not None else None
-        if known is None:
-            known = _json_element(ds, tag, raw, memo)
-            if key is not None:
-                memo[key] = known
-        value, failed = known
-        if failed:
-            raw_tags.add(f"{tag:08X}")
-        out[f"{tag:08X}"] = value
-    return out
-
-
-def _memoizable(raw) -> bool:
-    """Whether a raw element's JSON follows from its tag, VR and bytes alone: not when its VR
-    is implicit and depends on the dataset (US or SS by Pixel Representation) or on a private
-    creator."""
-    if not isinstance(raw, RawDataElement) or not isinstance(raw.value, (bytes, type(None))):
-        return False
-    return raw.VR is not None or (raw.tag.group % 2 == 0 and " or " not in _dictionary_vr(raw.tag))
-
-
-def _json_element(ds: Dataset, tag, raw, memo) -> tuple[dict, bool]:
-    """(DICOM JSON of one element, whether it went as InlineBinary)."""
-    try:
-        elem = ds[tag]
-        if elem.VR == "SQ":
-            items, failed = [], set()
-            for item in elem.value:
-                items.append(json_dataset(item, failed, memo))
-            return {"vr": "SQ", "Value": items}, bool(failed)
-        return elem.to_json_dict(None, 1024), False     # small binary values inline, base64
-    except Exception:
-        return _inline(tag, raw), True
-
-
-def header_dataset(transfer_syntax: str, data: bytes) -> Dataset:
-    """The elements of a dataset's bytes before its pixel data (``data`` may end there, as a
-    compressed instance's stored header does)."""
-    ts = UID(transfer_syntax)
-    if ts == DeflatedExplicitVRLittleEndian or not ts.is_transfer_syntax:
-        return dcmread(io.BytesIO(build_file("1.2.3", "1.2.3", ts, data)),
-                       stop_before_pixels=True)
-    return read_dataset(io.BytesIO(data), ts.is_implicit_VR, ts.is_little_endian,
-                        stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS)
-
-
-def _inline(tag, elem) -> dict:
-    """An element as its VR and raw value bytes (InlineBinary)."""
-    vr = getattr(elem, "VR", None) or _vr_of(tag)
-    data = elem.value
-    if not isinstance(data, bytes):      # converted already: its text as it would be written
-        values = data if isinstance(data, (list, tuple)) else [data]
-        data = "\\".join(str(v) for v in values).encode()
-    return {"vr": vr, "InlineBinary": base64.b64encode(data).decode()}
-
-
-def _vr_of(tag) -> str:
-    return _dictionary_vr(tag).split(" or ")[0]
-
-
-@functools.lru_cache(maxsize=4096)
-def _dictionary_vr(tag) -> str:
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return "UN"
 
 
 def wado_content_type(value: str) -> str | None:
@@ -491,8 +411,8 @@ def _part10(inst, syntax: str) -> tuple[str, tuple]:
 class DicomWeb:
     """The DICOMweb endpoints of a node's archive (see the module's docstring)."""
 
-    def __init__(self, archive, previews):
-        self.archive, self.previews = archive, previews
+    def __init__(self, archive, previews, public_url: str = ""):
+        self.archive, self.previews, self.public_url = archive, previews, public_url
 
     def routes(self) -> list[Route]:
         """The routes, under ``/dicom-web`` (and ``/wado``)."""
@@ -511,6 +431,7 @@ class DicomWeb:
             *(Route(path + "/metadata", checked(self.metadata))
               for path in (study, series, instance)),
             Route(instance + "/frames/{frames}", checked(self.frames)),
+            Route(instance + "/bulkdata/{path:path}", checked(self.bulkdata)),
             Route(instance + "/rendered", checked(self.rendered)),
             Route(instance + "/frames/{frame}/rendered", checked(self.rendered)),
             *(Route(path + "/thumbnail", checked(self.thumbnail))
@@ -570,11 +491,14 @@ class DicomWeb:
             records = sorted(self.archive.find(level, criteria),
                              key=lambda r: str(r.get(_LEVEL_UID[level]) or ""))
             page = records[offset:offset + limit] if limit else records[offset:]
-            base = _base(request)
+            base = dicomweb_base(request, self.public_url)
             warnings = []
             if ignored:
                 warnings.append(f'299 voxarc "not used for matching: '
                                 f'{", ".join(sorted(set(ignored)))}"')
+            if request.query_params.get("fuzzymatching", "").lower() == "true":
+                warnings.append(f'299 {request.url.netloc}: "The fuzzymatching parameter is '
+                                'not supported. Only literal matching has been performed."')
             if offset + len(page) < len(records):       # PS3.18: say that more match
                 warnings.append(f'299 {request.url.netloc}: '
                                 '"There are additional results that can be requested"')
@@ -614,7 +538,7 @@ class DicomWeb:
         uids = self.instances_of(request.path_params)
         if not uids:
             return JSONResponse({"error": "nothing matches"}, status_code=404)
-        base, raw_tags, memos = _base(request), set(), {}
+        base, raw_tags, memos = dicomweb_base(request, self.public_url), set(), {}
         out = []
         for uid in uids:
             try:
@@ -630,19 +554,21 @@ class DicomWeb:
 
     @staticmethod
     def _metadata_of(inst, base: str, raw_tags: set, memos: dict) -> dict:
-        ds = header_dataset(inst.transfer_syntax, inst.data)
+        ds, pixels = header_dataset(inst.transfer_syntax, inst.data)
         charset = ds.get_item(0x00080005)
         memo = memos.setdefault((inst.transfer_syntax, getattr(charset, "value", None)), {})
-        mine = set()
-        item = json_dataset(ds, mine, memo)
+        url = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+               f"/instances/{inst.sop_uid}")
+        links, mine = BulkLinks(url), set()
+        item = json_dataset(ds, mine, memo, links)
         if mine:
             log.warning("DICOMweb metadata of %s: %s sent as InlineBinary (not convertible)",
                         inst.sop_uid, ", ".join(sorted(mine)))
             raw_tags |= mine
+        if pixels is not None:
+            item[f"{pixels[0]:08X}"] = pixel_reference(*pixels, inst.transfer_syntax, links)
         item["00083002"] = {"vr": "UI", "Value": [inst.transfer_syntax]}
-        item["00081190"] = {"vr": "UR", "Value": [
-            f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-            f"/instances/{inst.sop_uid}"]}
+        item["00081190"] = {"vr": "UR", "Value": [url]}
         return item
 
     def frames(self, request: Request) -> Response:
@@ -651,24 +577,85 @@ class DicomWeb:
         and transfer syntax on each part)."""
         try:
             wanted = frame_numbers(request.path_params["frames"])
+            media, frames = self._frames_of(request, self.instances_of(request.path_params),
+                                            wanted)
+        except _NotServed as exc:
+            return exc.response()
+        return _multipart(((media, f) for f in frames), media.split(";")[0],
+                          f"WADO-RS {request.url.path}")
+
+    def bulkdata(self, request: Request) -> Response:
+        """WADO-RS bulk data: the value of the element a metadata BulkDataURI names (see
+        :mod:`service.dicom_json`) as ``application/octet-stream``; the pixel data as the
+        frames resource gives all frames (one part of uncompressed words, or a part per
+        compressed frame)."""
+        what = f"WADO-RS {request.url.path}"
+        try:
+            steps = parse_path(request.path_params["path"])
             uids = self.instances_of(request.path_params)
+            if steps == [0x7FE00010]:
+                media, frames = self._frames_of(request, uids, None)
+                parts = [(media, tuple(frames))] if media == "application/octet-stream" \
+                    else ((media, f) for f in frames)
+                return _multipart(parts, media.split(";")[0], what)
+            if not octets_accepted(request.headers.get("accept")):
+                raise _NotServed(406, "bulk data goes as application/octet-stream")
+            value = self._element_value(uids, steps)
+        except BadPath as exc:
+            return _bad_request(str(exc))
+        except _NotServed as exc:
+            return exc.response()
+        return _multipart([("application/octet-stream", value)], "application/octet-stream",
+                          what)
+
+    def _element_value(self, uids: list[str], steps: list[int]) -> bytes:
+        """The value of a binary element of the first instance (404 when it has none there)."""
+        if not uids:
+            raise _NotServed(404, "no such instance")
+        try:
+            if steps[0] in PIXEL_TAGS:      # float pixel data: kept as received, read whole
+                inst = self.archive.retrieve(uids[0])
+                ds = dcmread(io.BytesIO(build_file(inst.sop_class_uid, inst.sop_uid,
+                                                   inst.transfer_syntax, inst.data)))
+            else:
+                inst = self.archive.header(uids[0])
+                ds = header_dataset(inst.transfer_syntax, inst.data)[0]
+        except StorageError as exc:
+            raise _failed(exc) from exc
+        value = element_value(ds, steps)
+        if value is None:
+            raise _NotServed(404, "no binary element at that path")
+        return value
+
+    def _frames_of(self, request: Request, uids: list[str], wanted: list[int] | None):
+        """(media type, frames) of the first instance's frames ``wanted`` (all for None) in
+        the syntax ``Accept`` asks for; raises _NotServed."""
+        try:
             syntax = None
             for _, stored in self.archive.instance_formats(uids[:1]).values():
                 syntax = frame_syntax(request.headers.get("accept"), stored)
+            if wanted is None:
+                wanted = list(range(1, self._frame_count(uids) + 1))
             frames = self._coded_frames(uids, wanted)
             media = "application/octet-stream"
             if frames is None:                  # kept as received: taken from its bytes
                 inst = self.one(request.path_params, uids)
                 media, frames = frame_data(inst, wanted, syntax or inst.transfer_syntax)
-        except _NotServed as exc:
-            return exc.response()
+            return media, frames
         except NotAcceptable as exc:
-            return JSONResponse({"error": str(exc)}, status_code=406)
+            raise _NotServed(406, str(exc)) from exc
         except StorageError as exc:
             log.error("WADO-RS %s: %s", request.url.path, exc)
-            return _failed(exc).response()
-        return _multipart(((media, f) for f in frames), media.split(";")[0],
-                          f"WADO-RS {request.url.path}")
+            raise _failed(exc) from exc
+
+    def _frame_count(self, uids: list[str]) -> int:
+        if not uids:
+            raise _NotServed(404, "no such instance")
+        inst = self.archive.header(uids[0])
+        ds, pixels = header_dataset(inst.transfer_syntax, inst.data)
+        if pixels is None or pixels[0] != 0x7FE00010:
+            raise _NotServed(404, "the instance has no pixel data")
+        return int(ds.get("NumberOfFrames", 1) or 1)
 
     def _coded_frames(self, uids: list[str], wanted: list[int]) -> list | None:
         """The frames of a coded instance, only their slabs decoded (a viewer walking a
@@ -787,7 +774,8 @@ class DicomWeb:
         return Response(image, media_type=media_type)
 
 
-def routes(archive, previews) -> list[Route]:
+def routes(archive, previews, public_url: str = "") -> list[Route]:
     """The DICOMweb routes of a node's archive (``previews``: its
-    :class:`service.preview.SeriesPreviews`, shared with the admin page)."""
-    return DicomWeb(archive, previews).routes()
+    :class:`service.preview.SeriesPreviews`, shared with the admin page; ``public_url``: see
+    :mod:`service.web_url`)."""
+    return DicomWeb(archive, previews, public_url).routes()

@@ -83,6 +83,19 @@ def accepted_syntaxes(accept: str | None, part_type: str = "application/dicom"
     return named
 
 
+def octets_accepted(accept: str | None) -> bool:
+    """Whether ``accept`` takes bulk data as ``application/octet-stream`` (itself, in a
+    multipart, or by a wildcard; no header takes anything)."""
+    if not accept or not accept.strip():
+        return True
+    for kind, params in _offered(accept):
+        inner = params.get("type", "").lower() if kind == "multipart/related" else kind
+        if inner in ("", "*/*", "application/*", "application/octet-stream") \
+                or kind in ("*/*", "multipart/*"):
+            return True
+    return False
+
+
 def rendered_type(accept: str | None) -> str:
     """The media type of :data:`RENDERED` an image goes out as under ``accept``: the one the
     client ranks first (by q-value, then order); JPEG, the default of PS3.18, where any image

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service import statuses
+from service.web_url import dicomweb_base
 from storage.dataset_parts import parse_fields
 from storage.part10 import split_file
 
@@ -173,9 +174,9 @@ def _answer(stored: list, failed: list, study: str | None, base: str) -> dict:
     return ds.to_json_dict()
 
 
-def routes(archive, max_bytes: int = 0) -> list[Route]:
+def routes(archive, max_bytes: int = 0, public_url: str = "") -> list[Route]:
     """The STOW-RS routes of a node's archive (``max_bytes``: its ``max_dataset_bytes``; the
-    body cap is :func:`body_limit` of it)."""
+    body cap is :func:`body_limit` of it; ``public_url``: see :mod:`service.web_url`)."""
 
     async def store(request: Request) -> Response:
         study = request.path_params.get("study")
@@ -191,7 +192,7 @@ def routes(archive, max_bytes: int = 0) -> list[Route]:
             return JSONResponse({"error": str(exc)}, status_code=415)
         except _BadBody as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        base = str(request.base_url).rstrip("/") + "/dicom-web"
+        base = dicomweb_base(request, public_url)
         stored, failed = await run_in_threadpool(_store_all, archive, parts, study, max_bytes,
                                                  base)
         log.info("STOW-RS: %d instances stored, %d refused", len(stored), len(failed))

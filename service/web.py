@@ -151,8 +151,9 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
               Route("/api/series/{uid}/preview.png", preview), Route("/api/jobs", jobs),
               Route("/api/deletions", deletions), Route("/api/config", config),
               Route("/metrics", prometheus), Route("/healthz", healthz),
-              *dicomweb.routes(archive, previews),
-              *dicomweb_store.routes(archive, settings.max_dataset_bytes),
+              *dicomweb.routes(archive, previews, settings.http_public_url),
+              *dicomweb_store.routes(archive, settings.max_dataset_bytes,
+                                     settings.http_public_url),
               Mount("/static", StaticFiles(directory=STATIC))]
     middleware = [Middleware(TokenAuth, token=settings.http_token)]
     origins = [o.strip() for o in settings.http_cors_origins.split(",") if o.strip()]

@@ -4,13 +4,14 @@ series over C-STORE, and plain HTTP requests as a browser or Prometheus makes th
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from node_helpers import bundled, dataset_bytes, make_series
+from node_helpers import bundled, dataset_bytes, free_port, make_series
 from scu_helpers import store_bytes
 
 
@@ -75,14 +76,17 @@ def http_token() -> str:
 
 
 @pytest.fixture
-def admin_site(tmp_path, http_token):
+def admin_site(tmp_path, http_token, http_public):
     """A running node (no background compaction) with its admin server on free ports."""
     from service.ae import Node
     from service.config import load_settings
     from service.web_server import start_admin
+    http_port = free_port() if http_public else 0
     settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
-                             http_port=0, stable_age=3600.0, http_token=http_token,
-                             destination=["viewer=VIEW@127.0.0.1:1"])
+                             http_port=http_port, stable_age=3600.0, http_token=http_token,
+                             destination=["viewer=VIEW@127.0.0.1:1"],
+                             http_public_url=f"http://127.0.0.1:{http_port}" if http_public
+                             else None)
     node = Node(settings, compaction=False).start()
     admin = start_admin(node)
     yield node, admin
@@ -102,3 +106,20 @@ def store_bundled(node, base_url: str, tmp_path, name: str):
     url = (f"{base_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
            f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
     return ds, ts, data, url
+
+
+def multipart_get(url: str, accept: str = "") -> list[tuple[str, bytes]]:
+    """GET a multipart/related response; return its (content type, body) parts."""
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        ctype, body = response.headers["Content-Type"], response.read()
+    boundary = re.search(r"boundary=([^;\s]+)", ctype).group(1).encode()
+    parts = []
+    for chunk in body.split(b"--" + boundary)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, data = chunk.lstrip(b"\r\n").partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
+        assert len(data) == int(headers["Content-Length"]) + 2 and data.endswith(b"\r\n")
+        parts.append((headers["Content-Type"], data[:-2]))
+    return parts

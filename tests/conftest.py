@@ -38,3 +38,10 @@ def shared_series():
         return path
 
     return get
+
+
+@pytest.fixture
+def http_public() -> bool:
+    """Whether the admin server of ``admin_helpers.admin_site`` has its ``http_public_url``
+    set (a test module overrides this fixture to set it)."""
+    return False

@@ -166,7 +166,7 @@ def test_every_dicomweb_route_listed_answers_as_claimed(admin_site, tmp_path):
     assert store_bytes(node.port, items, tmp_path) == [0, 0]
     ds = series[0]
     ids = {"study": ds.StudyInstanceUID, "series": ds.SeriesInstanceUID,
-           "sop": ds.SOPInstanceUID, "frames": "1", "frame": "1"}
+           "sop": ds.SOPInstanceUID, "frames": "1", "frame": "1", "path": "7FE00010"}
     rows = re.findall(r"^\| (GET|POST) \| `(/[^`]*)` \| [^|]+ \| (.+) \|$",
                       _section(statement(node.settings), "## 10."), re.M)
     assert len(rows) >= 20

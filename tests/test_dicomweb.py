@@ -3,12 +3,12 @@ node fed over C-STORE; retrieved datasets byte for byte, before and after compac
 
 import io
 import json
-import re
 
 import numpy as np
 import pytest
 
 from admin_helpers import admin_site, http_get, http_token, store_bundled  # noqa: F401
+from admin_helpers import multipart_get as _multipart
 from node_helpers import dataset_bytes, make_series
 from scu_helpers import store_bytes
 from storage.dataset_parts import parse_dataset, pixel_layout
@@ -38,24 +38,6 @@ def _json(url: str, token: str = ""):
 
 def _value(item: dict, tag: str):
     return item[tag]["Value"][0] if "Value" in item.get(tag, {}) else None
-
-
-def _multipart(url: str, accept: str = "") -> list[tuple[str, bytes]]:
-    """GET a multipart/related response; return its (content type, body) parts."""
-    import urllib.request
-    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        ctype, body = response.headers["Content-Type"], response.read()
-    boundary = re.search(r"boundary=([^;\s]+)", ctype).group(1).encode()
-    parts = []
-    for chunk in body.split(b"--" + boundary)[1:]:
-        if chunk.startswith(b"--"):
-            break
-        head, _, data = chunk.lstrip(b"\r\n").partition(b"\r\n\r\n")
-        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
-        assert len(data) == int(headers["Content-Length"]) + 2 and data.endswith(b"\r\n")
-        parts.append((headers["Content-Type"], data[:-2]))
-    return parts
 
 
 @pytest.fixture
@@ -108,6 +90,12 @@ def test_qido_series_and_instances(web):
     import urllib.request
     with urllib.request.urlopen(f"{base}/studies?InstitutionName=Clinic") as response:
         assert "InstitutionName" in response.headers["Warning"]     # kept, not matched
+    with urllib.request.urlopen(f"{base}/studies?PatientName=doe&fuzzymatching=true") \
+            as response:                                # PS3.18: say it was literal
+        assert "fuzzymatching parameter is not supported" in response.headers["Warning"]
+        assert json.loads(response.read()) == []
+    with urllib.request.urlopen(f"{base}/studies?fuzzymatching=false") as response:
+        assert response.headers["Warning"] is None
 
 
 def test_qido_includefield_adds_the_computed_attributes_asked_for(web):
@@ -148,17 +136,24 @@ def test_metadata_and_frames(web):
     one = study[2]
     path = f"{base}/studies/{one.StudyInstanceUID}/series/{one.SeriesInstanceUID}"
     meta = _json(f"{path}/metadata")
-    assert len(meta) == 4 and all("7FE00010" not in m for m in meta)
+    assert len(meta) == 4
     mine = next(m for m in meta if _value(m, "00080018") == one.SOPInstanceUID)
     assert _value(mine, "00280010") == 24 and _value(mine, "00083002") == \
         one.file_meta.TransferSyntaxUID
-    assert "00091011" in mine                        # private elements kept, inline
-    assert node.archive.compact(stable_age=0)[0] == 3
-    ((ctype, frame),) = _multipart(f"{path}/instances/{one.SOPInstanceUID}/frames/1")
+    assert mine["00091011"]["InlineBinary"] == "AQIDAA=="    # small values inline, as padded
+    pixels = mine["7FE00010"]
+    assert pixels["vr"] == "OW" and pixels["BulkDataURI"] == \
+        f"{path}/instances/{one.SOPInstanceUID}/bulkdata/7FE00010"
     ts, data = split_file(_multipart(f"{path}/instances/{one.SOPInstanceUID}")[0][1])
     layout = pixel_layout(parse_dataset(data, ts), ts)
+    stored_words = data[layout.offset:layout.offset + layout.nbytes]
+    assert _multipart(pixels["BulkDataURI"]) == [("application/octet-stream", stored_words)]
+    assert node.archive.compact(stable_age=0)[0] == 3
+    assert _json(f"{path}/metadata") == meta
+    assert _multipart(pixels["BulkDataURI"]) == [("application/octet-stream", stored_words)]
+    ((ctype, frame),) = _multipart(f"{path}/instances/{one.SOPInstanceUID}/frames/1")
     assert ctype == "application/octet-stream"
-    assert frame == data[layout.offset:layout.offset + layout.nbytes]
+    assert frame == stored_words
     assert np.frombuffer(frame, np.int16).size == 24 * 24
     assert http_get(f"{path}/instances/{one.SOPInstanceUID}/frames/2")[0] == 404
     assert http_get(f"{path}/instances/{one.SOPInstanceUID}/frames/x")[0] == 400

@@ -8,7 +8,7 @@ import io
 
 import numpy as np
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from admin_helpers import admin_site, http_token  # noqa: F401
 from node_helpers import (TESTDATA, bundled, dataset_bytes, file_bytes, make_series,
@@ -16,6 +16,13 @@ from node_helpers import (TESTDATA, bundled, dataset_bytes, file_bytes, make_ser
 from scu_helpers import store_bytes
 
 dicomweb_client = pytest.importorskip("dicomweb_client.api")
+
+
+@pytest.fixture
+def http_public() -> bool:
+    """dicomweb-client sends no port in its Host header: the node's URLs come from its
+    ``http_public_url`` setting instead."""
+    return True
 
 
 @pytest.fixture
@@ -72,6 +79,28 @@ def test_metadata_frames_and_rendered_images(client):
         image = web.retrieve_instance_rendered(*ids, media_types=(media_type,))
         assert Image.open(io.BytesIO(image)).get_format_mimetype() == media_type
         assert Image.open(io.BytesIO(image)).size == (16, 16)
+
+
+def test_metadata_with_its_bulk_data_gives_the_instance_back(client):
+    """pydicom builds a dataset from the metadata, fetching each BulkDataURI through the
+    client: its binary values and pixels are those sent, before and after compaction."""
+    node, web, series = client
+    one = series[0]
+    ids = (one.StudyInstanceUID, one.SeriesInstanceUID, one.SOPInstanceUID)
+    sent = _sent(one)
+    for _ in ("staged", "compacted"):
+        fetched = []
+
+        def bulk(uri: str) -> bytes:
+            fetched.append(uri)
+            return b"".join(web.retrieve_bulkdata(uri))
+        ds = Dataset.from_json(web.retrieve_instance_metadata(*ids), bulk_data_uri_handler=bulk)
+        assert [uri.rsplit("/", 1)[1] for uri in fetched] == ["7FE00010"]
+        assert ds.PixelData == sent.PixelData
+        for elem in sent:
+            if elem.VR in ("OB", "OW", "UN") and elem.tag != 0x7FE00010:
+                assert ds[elem.tag].value == elem.value, elem
+        node.archive.compact(stable_age=0)
 
 
 def test_store_through_stow(client):

@@ -45,6 +45,15 @@ def test_yes_no_settings_take_booleans_and_refuse_other_words(tmp_path):
         load_settings(config)
 
 
+def test_public_url_setting_takes_http_urls_only():
+    assert load_settings(None, http_public_url="https://pacs.example.org/voxarc/") \
+        .http_public_url == "https://pacs.example.org/voxarc"
+    assert load_settings(None).http_public_url == ""
+    for bad in ("pacs.example.org", "ftp://pacs", "http://", "http://pacs/?a=1"):
+        with pytest.raises(ValueError, match="http_public_url"):
+            load_settings(None, http_public_url=bad)
+
+
 def test_defaults_toml_and_flags(tmp_path):
     assert Settings().ae_title == "VOXARC" and Settings().port == 11112
     config = tmp_path / "node.toml"

@@ -1,0 +1,114 @@
+"""WADO-RS bulk data (service.dicom_json, service.dicomweb): metadata names large binary values
+and the pixel data by BulkDataURI, and each URI gives back the value as received, before and
+after compaction, in sequences too."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+from pydicom.encaps import get_frame
+from pydicom.uid import ImplicitVRLittleEndian
+
+from admin_helpers import admin_site, http_get, http_token, store_bundled  # noqa: F401
+from admin_helpers import multipart_get as _multipart
+from node_helpers import dataset_bytes, make_series
+from scu_helpers import store_bytes
+from storage.part10 import build_file
+
+CSA = 0x00291010
+
+
+def _with_bulk_elements(ds: Dataset, seed: int) -> Dataset:
+    """``ds`` with a large private blob (as a Siemens CSA header is), a small binary value and
+    an icon image (the same in every instance) in a sequence."""
+    rng = np.random.default_rng(seed)
+    ds.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
+    ds.add_new(CSA, "OB", rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    ds.add_new(0x00291020, "OB", bytes(range(100)))
+    icon = Dataset()
+    icon.Rows = icon.Columns = 40
+    icon.SamplesPerPixel, icon.BitsAllocated, icon.BitsStored, icon.HighBit = 1, 8, 8, 7
+    icon.PhotometricInterpretation, icon.PixelRepresentation = "MONOCHROME2", 0
+    icon.PixelData = bytes(range(40)) * 40
+    icon["PixelData"].VR = "OB"
+    ds.IconImageSequence = [icon]
+    return ds
+
+
+def _series(transfer_syntax: str, seed: int) -> list[Dataset]:
+    series = make_series(3, 32, 32, transfer_syntax=transfer_syntax, seed=seed)
+    return [_with_bulk_elements(ds, seed + k) for k, ds in enumerate(series)]
+
+
+@pytest.fixture(params=["explicit", "implicit"])
+def stored(request, admin_site, tmp_path):
+    node, admin = admin_site
+    syntax = ImplicitVRLittleEndian if request.param == "implicit" else \
+        "1.2.840.10008.1.2.1"
+    series = _series(syntax, seed=7)
+    items = [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds)) for ds in series]
+    assert store_bytes(node.port, items, tmp_path) == [0, 0, 0]
+    one = series[0]
+    url = (f"{admin.url}/dicom-web/studies/{one.StudyInstanceUID}/series/"
+           f"{one.SeriesInstanceUID}")
+    return node, url, series
+
+
+def _by_uid(meta: list) -> dict:
+    return {m["00080018"]["Value"][0]: m for m in meta}
+
+
+def test_large_values_and_pixels_go_by_uri_and_come_back_as_received(stored):
+    node, url, series = stored
+    for compacted in (False, True):
+        if compacted:
+            assert node.archive.compact(stable_age=0) == (1, 0)     # one series
+        status, body = http_get(f"{url}/metadata")
+        assert status == 200
+        meta = _by_uid(json.loads(body))
+        for ds in series:
+            item, own = meta[ds.SOPInstanceUID], f"{url}/instances/{ds.SOPInstanceUID}"
+            csa = item["00291010"]
+            assert csa["BulkDataURI"] == f"{own}/bulkdata/00291010"
+            assert csa["vr"] in ("OB", "UN")             # implicit VR: as pydicom reads it
+            assert _multipart(csa["BulkDataURI"]) == [("application/octet-stream",
+                                                       ds[CSA].value)]
+            assert base64.b64decode(item["00291020"]["InlineBinary"]) == bytes(range(100))
+            icon = item["00880200"]["Value"][0]["7FE00010"]
+            # the same icon in every instance, each named under its own instance
+            assert icon["BulkDataURI"] == f"{own}/bulkdata/00880200/1/7FE00010"
+            assert _multipart(icon["BulkDataURI"])[0][1] == bytes(range(40)) * 40
+            pixels = _multipart(item["7FE00010"]["BulkDataURI"])
+            assert pixels == [("application/octet-stream", ds.PixelData)]
+
+
+def test_bulk_data_paths_that_name_nothing(stored):
+    node, url, series = stored
+    own = f"{url}/instances/{series[0].SOPInstanceUID}/bulkdata"
+    for path in ("zz", "0029101", "00880200/0/7FE00010", "00880200/1", "00880200/x/7FE00010"):
+        assert http_get(f"{own}/{path}")[0] == 400, path
+    for path in ("00291030", "00880200/2/7FE00010", "00291010/1/7FE00010"):
+        assert http_get(f"{own}/{path}")[0] == 404, path
+    assert http_get(f"{url}/instances/1.2.3/bulkdata/00291010")[0] == 404
+    assert http_get(f"{own}/00291010", accept="image/png")[0] == 406
+    assert http_get(f"{own}/00291010", accept='multipart/related; type="*/*"')[0] == 200
+    # pixel data follows the frames' rules: stored uncompressed, not given as JPEG-LS
+    assert http_get(f"{own}/7FE00010",
+                    accept='multipart/related; type="image/jls"')[0] == 406
+
+
+def test_pixel_data_of_a_compressed_instance_is_its_frames(admin_site, tmp_path):
+    node, admin = admin_site
+    ds, ts, data, url = store_bundled(node, admin.url, tmp_path, "JPEG2000.dcm")
+    status, body = http_get(f"{url}/metadata")
+    (item,) = json.loads(body)
+    assert item["7FE00010"] == {"vr": "OB", "BulkDataURI": f"{url}/bulkdata/7FE00010"}
+    full = dcmread(io.BytesIO(build_file(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)))
+    ((ctype, frame),) = _multipart(item["7FE00010"]["BulkDataURI"])
+    assert ctype == f"image/jp2; transfer-syntax={ts}"
+    assert frame == get_frame(full.PixelData, 0, number_of_frames=1)
