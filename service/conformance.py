@@ -195,6 +195,10 @@ def _find(settings: Settings) -> str:
             if lv == level:
                 rows.append((level, keyword, _tag(keyword), dictionary_VR(keyword),
                              "returned (computed)"))
+    for keyword, value in (("RetrieveAETitle", settings.ae_title),
+                           ("InstanceAvailability", "ONLINE")):
+        rows.append(("any", keyword, _tag(keyword), dictionary_VR(keyword),
+                     f"`{value}` for every record; single value, universal, wildcard"))
     limit = (f"more than {settings.max_find_results} matches are refused (0x"
              f"{statuses.FIND_OUT_OF_RESOURCES:04X}), never cut" if settings.max_find_results
              else "no limit on the number of matches")

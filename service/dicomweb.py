@@ -74,7 +74,7 @@ from service.dicom_json import (PIXEL_TAGS, BadPath, BulkLinks, element_value, h
                                 json_dataset, parse_path, pixel_reference)
 from service.dicomweb_accept import (RENDERED, NotAcceptable, accepted_syntaxes, frame_syntax,
                                      octets_accepted, part10_in, rendered_type, syntax_for)
-from service.identifiers import known_keyword
+from service.identifiers import known_keyword, node_keys
 from service.web_url import dicomweb_base
 from service.preview import SHAPES, PreviewError, render_image
 from storage.dataset_parts import le_bytes, nbytes
@@ -99,6 +99,7 @@ _LEVEL_KEYS = {   # what each QIDO level answers with, beside the matched keys
     "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
               "InstanceNumber", "NumberOfFrames"),
 }
+_NODE_KEYS = ("InstanceAvailability",)     # answered by the node (service.identifiers)
 _LEVEL_UID = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
               "IMAGE": "SOPInstanceUID"}
 
@@ -110,14 +111,14 @@ class _BadRequest(ValueError):
 def _criteria(request: Request, level: str, fixed: dict) -> tuple[dict, list[str]]:
     """C-FIND criteria from the query string (keywords or tags), the path's UIDs and the level's
     return keys; also the matching keys the index does not keep."""
-    criteria = {k: "" for k in _LEVEL_KEYS[level]}
+    criteria = {k: "" for k in _LEVEL_KEYS[level] + ("InstanceAvailability",)}
     criteria.update({k: "" for k in _included(request, level)})
     ignored = []
     for name, value in request.query_params.multi_items():
         if name in _RESERVED:
             continue
         keyword = _keyword(name)
-        if keyword not in ATTRIBUTES and keyword not in COMPUTED:
+        if keyword not in ATTRIBUTES and keyword not in COMPUTED and keyword not in _NODE_KEYS:
             ignored.append(keyword)
             continue
         if dictionary_VR(keyword) == "UI":      # a,b is a UID list, as a\\b is
@@ -488,8 +489,10 @@ class DicomWeb:
                 limit = _int(request, "limit", MAX_LIMIT, MAX_LIMIT)
             except _BadRequest as exc:
                 return _bad_request(str(exc))
-            records = sorted(self.archive.find(level, criteria),
-                             key=lambda r: str(r.get(_LEVEL_UID[level]) or ""))
+            split = node_keys(criteria)
+            found = [] if split is None else \
+                [record | split[1] for record in self.archive.find(level, split[0])]
+            records = sorted(found, key=lambda r: str(r.get(_LEVEL_UID[level]) or ""))
             page = records[offset:offset + limit] if limit else records[offset:]
             base = dicomweb_base(request, self.public_url)
             warnings = []

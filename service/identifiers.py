@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.multival import MultiValue
 
-from storage.query import LEVELS
+from storage.query import LEVELS, matches
 
 _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet"}
 #: the unique key of each Query/Retrieve level, in LEVELS order
@@ -49,6 +49,26 @@ def parse_identifier(identifier: Dataset | None) -> tuple[str, dict[str, str]]:
     if level not in LEVELS:
         raise IdentifierError(f"Query/Retrieve Level {level!r} is not one of {LEVELS}")
     return level, criteria
+
+
+def node_keys(criteria: dict[str, str], ae_title: str | None = None
+              ) -> tuple[dict[str, str], dict[str, str]] | None:
+    """Split off the keys the node answers itself, the same for every record: Retrieve AE
+    Title (its own, where a C-MOVE or C-GET finds the instances) and Instance Availability
+    (ONLINE: every instance is on its disks). Returns (the criteria the index matches, those
+    keys' values); None when a value asked for rules every record out. Without ``ae_title``
+    (DICOMweb) Retrieve AE Title is left to the index, which does not keep it."""
+    own = {"InstanceAvailability": "ONLINE"}
+    if ae_title is not None:
+        own["RetrieveAETitle"] = ae_title
+    rest, fixed = dict(criteria), {}
+    for keyword, value in own.items():
+        if keyword in rest:
+            pattern = rest.pop(keyword)
+            if pattern and not matches(value, pattern, keyword):
+                return None
+            fixed[keyword] = value
+    return rest, fixed
 
 
 def known_keyword(keyword: str) -> bool:

@@ -62,6 +62,9 @@ def test_qido_studies_match_like_c_find(web):
     assert _value(mine, "00201206") == 2 and _value(mine, "00201208") == 7
     assert sorted(mine["00080061"]["Value"]) == ["CT", "MR"]
     assert _value(mine, "00081190").endswith(f"/dicom-web/studies/{study[0].StudyInstanceUID}")
+    assert {_value(s, "00080056") for s in everything} == {"ONLINE"}     # availability
+    assert len(_json(f"{base}/studies?InstanceAvailability=ONLINE")) == 2
+    assert _json(f"{base}/instances?00080056=OFFLINE") == []
     assert [_value(s, "00100020") for s in _json(f"{base}/studies?PatientID=P2")] == ["P2"]
     assert len(_json(f"{base}/studies?00100020=P1")) == 1                  # by tag
     assert len(_json(f"{base}/studies?PatientName=roe*")) == 1             # PN: any case

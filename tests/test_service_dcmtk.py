@@ -96,8 +96,10 @@ def _move(port, dest_dir, **keys) -> dict:
 def _study_count(port, study_uid) -> int:
     proc = _run("findscu", "-S", "-aec", "VOXARC", *_keys(
         QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid,
-        NumberOfStudyRelatedInstances=None, ModalitiesInStudy=None), "127.0.0.1", port)
+        NumberOfStudyRelatedInstances=None, ModalitiesInStudy=None, RetrieveAETitle=None),
+        "127.0.0.1", port)
     counts = re.findall(r"\(0020,1208\) IS \[(\d+)", proc.stdout + proc.stderr)
+    assert "(0008,0054) AE [VOXARC]" in proc.stdout + proc.stderr   # where to retrieve from
     return int(counts[0])
 
 

@@ -432,6 +432,24 @@ def test_find_levels_and_roots(populated):
     assert status == 0xA900
 
 
+def test_find_answers_where_and_how_the_instances_are_available(populated):
+    """Retrieve AE Title (the node's own) and Instance Availability (ONLINE), as return keys
+    at every level and as matching keys."""
+    node, a, _, _ = populated
+    for level, key in (("STUDY", "StudyInstanceUID"), ("SERIES", "SeriesInstanceUID"),
+                       ("IMAGE", "SOPInstanceUID")):
+        q = {"QueryRetrieveLevel": level, key: "", "RetrieveAETitle": "",
+             "InstanceAvailability": "", "StudyInstanceUID": a[0].StudyInstanceUID}
+        _, matches = find(node.port, q)
+        assert matches and {(m.RetrieveAETitle, m.InstanceAvailability) for m in matches} == \
+            {(node.settings.ae_title, "ONLINE")}, level
+    q = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": a[0].StudyInstanceUID}
+    assert len(find(node.port, {**q, "RetrieveAETitle": "VOX*"})[1]) == 1
+    assert len(find(node.port, {**q, "InstanceAvailability": "ONLINE"})[1]) == 1
+    assert find(node.port, {**q, "RetrieveAETitle": "ELSEWHERE"}) == (0x0000, [])
+    assert find(node.port, {**q, "InstanceAvailability": "NEARLINE"}) == (0x0000, [])
+
+
 def test_move_without_unique_key_is_refused_before_associating(populated):
     """0xA900, and the destination never sees an association (pynetdicom would open one
     before the handler could refuse); a valid request still reaches it."""
