@@ -312,8 +312,10 @@ def _dicomweb(settings: Settings) -> str:
         "Little Endian the default there; voxarc keeps the received bytes instead, which the "
         "standard gives for `transfer-syntax=*`. A client that names syntaxes gets one of them: "
         "as received when named, else Explicit (or Implicit) VR Little Endian converted "
-        "losslessly (section 4), else 406. QIDO-RS `fuzzymatching=true` is answered with "
-        "literal matching and the Warning PS3.18 gives for it.\n")
+        "losslessly (section 4), else 406. QIDO-RS `fuzzymatching=true` matches person names "
+        "also when each word of the query begins a word of the name, in any order, ignoring "
+        "case and accents (`jane doe` and `doe^j` find `Doe^Jane`, `muller` finds "
+        "`MÜLLER^HANS`).\n")
 
 
 def _appendix(storage: list[str]) -> str:

@@ -9,6 +9,8 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   does not keep do not filter; they are named in a ``Warning`` header. Records come sorted by
   the level's UID (stable paging); a ``Warning`` says when more match than were returned (at
   most :data:`MAX_LIMIT`). Comma-separated values of a UID key are a UID list.
+  ``fuzzymatching=true`` matches person names by words as well
+  (:func:`storage.query.fuzzy_name_match`).
 - WADO-RS ``GET /studies/{study}``, ``.../series/{series}``, ``.../instances/{sop}``:
   ``multipart/related; type="application/dicom"``, one Part 10 file per instance, its dataset
   byte for byte as received (rebuilt and SHA-256 checked). Each part names its transfer syntax:
@@ -489,9 +491,10 @@ class DicomWeb:
                 limit = _int(request, "limit", MAX_LIMIT, MAX_LIMIT)
             except _BadRequest as exc:
                 return _bad_request(str(exc))
+            fuzzy = request.query_params.get("fuzzymatching", "").lower() == "true"
             split = node_keys(criteria)
             found = [] if split is None else \
-                [record | split[1] for record in self.archive.find(level, split[0])]
+                [record | split[1] for record in self.archive.find(level, split[0], fuzzy)]
             records = sorted(found, key=lambda r: str(r.get(_LEVEL_UID[level]) or ""))
             page = records[offset:offset + limit] if limit else records[offset:]
             base = dicomweb_base(request, self.public_url)
@@ -499,9 +502,6 @@ class DicomWeb:
             if ignored:
                 warnings.append(f'299 voxarc "not used for matching: '
                                 f'{", ".join(sorted(set(ignored)))}"')
-            if request.query_params.get("fuzzymatching", "").lower() == "true":
-                warnings.append(f'299 {request.url.netloc}: "The fuzzymatching parameter is '
-                                'not supported. Only literal matching has been performed."')
             if offset + len(page) < len(records):       # PS3.18: say that more match
                 warnings.append(f'299 {request.url.netloc}: '
                                 '"There are additional results that can be requested"')

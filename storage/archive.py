@@ -112,9 +112,9 @@ class Archive:
         that the first retrieval does not wait for them; returns whether it did."""
         return self.reconstructor.warm()
 
-    def find(self, level: str, criteria: dict[str, str]) -> list[dict]:
+    def find(self, level: str, criteria: dict[str, str], fuzzy: bool = False) -> list[dict]:
         """Return matching records of a query level (see :func:`storage.query.find`)."""
-        return query.find(self.index, level, criteria)
+        return query.find(self.index, level, criteria, fuzzy)
 
     def formats(self, sop_uids: list[str]) -> dict[str, set[str]]:
         """Return {SOP Class UID: {transfer syntaxes}} of the given instances."""

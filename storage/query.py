@@ -11,6 +11,7 @@ again in Python, so the database only has to let through a superset.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import defaultdict
 
 from pydicom.datadict import dictionary_VR
@@ -66,13 +67,39 @@ def _vr(keyword: str) -> str:
         return "LO"
 
 
-def matches(value, pattern: str, keyword: str) -> bool:
-    """Return whether a stored value (str, int or list of them) matches a C-FIND key value."""
+def matches(value, pattern: str, keyword: str, fuzzy: bool = False) -> bool:
+    """Return whether a stored value (str, int or list of them) matches a C-FIND key value;
+    ``fuzzy``: person names also by :func:`fuzzy_name_match`."""
     if pattern in ("", "*"):
         return True
     vr = _vr(keyword)
     values = value if isinstance(value, list) else [value]
-    return any(_match_one("" if v is None else str(v), pattern, vr) for v in values)
+    return any(_match_one("" if v is None else str(v), pattern, vr)
+               or (fuzzy and vr == "PN" and fuzzy_name_match("" if v is None else str(v),
+                                                             pattern))
+               for v in values)
+
+
+_NAME_WORDS = re.compile(r"[\s^=,.\-']+")
+
+
+def _folded_words(text: str) -> list[str]:
+    """The words of a person name without case or accents (Müller, MULLER and muller alike)."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text)
+                    if not unicodedata.combining(c))
+    return [w for w in _NAME_WORDS.split(plain.casefold()) if w]
+
+
+def fuzzy_name_match(value: str, pattern: str) -> bool:
+    """voxarc's fuzzy semantic matching of person names (QIDO-RS ``fuzzymatching=true``): each
+    word of the pattern, wildcards dropped, begins some word of the name, in any order and
+    component, ignoring case and accents ("jane doe", "DOE^J" and "müll" find
+    ``Doe^Jane`` and ``MULLER^HANS`` alike)."""
+    if "\\" in pattern:                                  # a list: any of its names
+        return any(fuzzy_name_match(value, p) for p in pattern.split("\\"))
+    wanted = _folded_words(pattern.replace("*", " ").replace("?", " "))
+    words = _folded_words(value)
+    return bool(wanted) and all(any(w.startswith(p) for w in words) for p in wanted)
 
 
 _INTEGER = {"InstanceNumber", "NumberOfFrames"}   # matched on their text, in Python only
@@ -198,7 +225,8 @@ def _record(row) -> dict:
     return {kw: values[kw] for kw in ATTRIBUTES if kw in values}
 
 
-def find(index: Index, level: str, criteria: dict[str, str]) -> list[dict]:
+def find(index: Index, level: str, criteria: dict[str, str], fuzzy: bool = False
+         ) -> list[dict]:
     """Return the records of ``level`` that match ``criteria``.
 
     Parameters
@@ -208,6 +236,8 @@ def find(index: Index, level: str, criteria: dict[str, str]) -> list[dict]:
     criteria : dict
         C-FIND keys by keyword, values as sent (empty: universal). Keys the index does not keep
         do not filter.
+    fuzzy : bool
+        Person names match by :func:`fuzzy_name_match` too.
 
     Returns
     -------
@@ -221,16 +251,16 @@ def find(index: Index, level: str, criteria: dict[str, str]) -> list[dict]:
         rows = session.execute(_statement(level, criteria, index.engine.dialect.name)).all()
         # the stored attributes first: the computed ones are counted for what still matches
         matched = [(row, record) for row, record in ((row, _record(row)) for row in rows)
-                   if _matching(record, criteria)]
+                   if _matching(record, criteria, fuzzy)]
         for lv in {COMPUTED[k] for k in criteria if k in COMPUTED} \
                 & set(LEVELS[:LEVELS.index(level) + 1]):
             pos = LEVELS.index(lv)
             computed = _computed(session, lv, sorted({row[pos] for row, _ in matched}))
             for row, record in matched:
                 record.update(computed.get(row[pos], {}))
-    return [record for _, record in matched if _matching(record, criteria)]
+    return [record for _, record in matched if _matching(record, criteria, fuzzy)]
 
 
-def _matching(record: dict, criteria: dict) -> bool:
+def _matching(record: dict, criteria: dict, fuzzy: bool = False) -> bool:
     """Whether ``record`` matches every criterion it has an attribute for."""
-    return all(matches(record.get(k), v, k) for k, v in criteria.items() if k in record)
+    return all(matches(record.get(k), v, k, fuzzy) for k, v in criteria.items() if k in record)

@@ -93,12 +93,12 @@ def test_qido_series_and_instances(web):
     import urllib.request
     with urllib.request.urlopen(f"{base}/studies?InstitutionName=Clinic") as response:
         assert "InstitutionName" in response.headers["Warning"]     # kept, not matched
-    with urllib.request.urlopen(f"{base}/studies?PatientName=doe&fuzzymatching=true") \
-            as response:                                # PS3.18: say it was literal
-        assert "fuzzymatching parameter is not supported" in response.headers["Warning"]
-        assert json.loads(response.read()) == []
-    with urllib.request.urlopen(f"{base}/studies?fuzzymatching=false") as response:
-        assert response.headers["Warning"] is None
+    assert _json(f"{base}/studies?PatientName=jane") == []             # literal: whole name
+    for name in ("jane", "JANE%20DOE", "do^ja", "d%C3%B6e"):          # fuzzy: words, accents
+        (found,) = _json(f"{base}/studies?PatientName={name}&fuzzymatching=true")
+        assert found["00100010"]["Value"][0] == {"Alphabetic": "Doe^Jane"}, name
+    assert _json(f"{base}/studies?PatientName=jane&fuzzymatching=false") == []
+    assert _json(f"{base}/studies?PatientName=janet&fuzzymatching=true") == []
 
 
 def test_qido_includefield_adds_the_computed_attributes_asked_for(web):

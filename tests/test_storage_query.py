@@ -9,6 +9,7 @@ and matches in Python only. Runs on SQLite and, when configured, on PostgreSQL.
 import json
 import random
 
+import pytest
 from sqlalchemy import select
 
 from node_helpers import archive  # noqa: F401
@@ -141,3 +142,18 @@ def test_bench_query_fills_an_index_and_times_the_viewers_queries(tmp_path, caps
     assert rows["one instance by UID, no higher keys"]["results"] == 1
     assert all(r["median_ms"] > 0 for r in rows.values())
     assert "| worklist (study dates, modalities, counts) | STUDY |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pattern, found", [
+    ("muller", True), ("MÜLLER", True), ("hans müller", True), ("Mul^Ha", True),
+    ("hans*", True), ("müller hans peter", False), ("ans", False), ("", False),
+    ("Müller-Lüdenscheid", True), ("lud", True), ("straße", False)])
+def test_fuzzy_person_name_matching(pattern, found):
+    from storage.query import fuzzy_name_match, matches
+    name = "MÜLLER-LÜDENSCHEID^Hans"
+    assert fuzzy_name_match(name, pattern) is found
+    assert matches(name, pattern, "PatientName", fuzzy=True) is (found or pattern == "")
+    assert matches("STRASSE^Anna", "straße", "PatientName", fuzzy=True)   # casefold: ss
+    assert not matches(name, "muller", "PatientName")                       # literal by default
+    assert not matches("muller", "mul", "PatientID", fuzzy=True)            # names only
+    assert fuzzy_name_match(name, "roe\\hans") and not fuzzy_name_match(name, "roe\\ann")
