@@ -94,6 +94,11 @@ def _bulk_vr(ds: Dataset, tag: int, raw) -> str | None:
     value = raw.value
     if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) <= BULK_THRESHOLD:
         return None
+    return _binary_vr(ds, tag, raw)
+
+
+def _binary_vr(ds: Dataset, tag: int, raw) -> str | None:
+    """The VR of a binary element (OB, OW, UN, ...), None for any other."""
     vr = raw.VR
     if vr is None or " or " in vr:
         try:
@@ -179,8 +184,11 @@ def element_value(ds: Dataset, steps: list[int]) -> bytes | None:
             return None
     if steps[-1] not in ds:
         return None
-    value = ds.get_item(steps[-1]).value
-    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+    raw = ds.get_item(steps[-1])
+    if not isinstance(raw.value, (bytes, bytearray, memoryview)) or \
+            (steps[-1] not in PIXEL_TAGS and _binary_vr(ds, steps[-1], raw) is None):
+        return None
+    return bytes(raw.value)
 
 
 def _inline(tag, elem) -> dict:

@@ -92,7 +92,8 @@ def test_bulk_data_paths_that_name_nothing(stored):
     own = f"{url}/instances/{series[0].SOPInstanceUID}/bulkdata"
     for path in ("zz", "0029101", "00880200/0/7FE00010", "00880200/1", "00880200/x/7FE00010"):
         assert http_get(f"{own}/{path}")[0] == 400, path
-    for path in ("00291030", "00880200/2/7FE00010", "00291010/1/7FE00010"):
+    for path in ("00291030", "00880200/2/7FE00010", "00291010/1/7FE00010", "00100010",
+                 "00880200/1/00280010"):                  # none, or not binary
         assert http_get(f"{own}/{path}")[0] == 404, path
     assert http_get(f"{url}/instances/1.2.3/bulkdata/00291010")[0] == 404
     assert http_get(f"{own}/00291010", accept="image/png")[0] == 406
@@ -112,3 +113,22 @@ def test_pixel_data_of_a_compressed_instance_is_its_frames(admin_site, tmp_path)
     ((ctype, frame),) = _multipart(item["7FE00010"]["BulkDataURI"])
     assert ctype == f"image/jp2; transfer-syntax={ts}"
     assert frame == get_frame(full.PixelData, 0, number_of_frames=1)
+
+
+def test_float_pixel_data_goes_by_uri_too(admin_site, tmp_path):
+    """A parametric map's Float Pixel Data (kept as received: the codec takes integers)."""
+    node, admin = admin_site
+    (ds,) = make_series(1, 8, 8, seed=3)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.30"
+    del ds.PixelData, ds.PixelRepresentation, ds.HighBit
+    ds.BitsAllocated = ds.BitsStored = 32
+    values = np.linspace(-1.5, 2.5, 64, dtype="<f4")
+    ds.FloatPixelData = values.tobytes()
+    assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds))],
+                       tmp_path) == [0]
+    url = (f"{admin.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
+           f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    (item,) = json.loads(http_get(f"{url}/metadata")[1])
+    assert item["7FE00008"] == {"vr": "OF", "BulkDataURI": f"{url}/bulkdata/7FE00008"}
+    assert _multipart(item["7FE00008"]["BulkDataURI"]) == [("application/octet-stream",
+                                                           values.tobytes())]
