@@ -213,6 +213,11 @@ def _find(settings: Settings) -> str:
         "`a-` on DA, TM and DT keys. Case-sensitive except person names (PN). Responses are in the query's "
         "character set when it holds every value, else in UTF-8 (ISO_IR 192); "
         f"{limit}.\n\n"
+        "SOP Class Extended Negotiation: fuzzy semantic matching of person names is accepted "
+        "when proposed; a person name then also matches when each word of the key begins a "
+        "word of the name, in any order, ignoring case and accents (`jane d` finds "
+        "`Doe^Jane`). Relational queries, combined date-time matching and the other options "
+        "are declined.\n\n"
         + _table(("level", "key", "tag", "VR", "matching"), rows))
 
 

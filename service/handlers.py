@@ -67,6 +67,36 @@ def handle_store(event, archive: Archive, max_bytes: int = 0) -> int:
     return statuses.SUCCESS
 
 
+# C-FIND SOP classes whose extended negotiation (PS3.4 C.5.1.1.1) offers fuzzy semantic matching
+# of person names (its third byte); relational queries and combined date-time matching
+# (bytes 1 and 2) and the rest are declined
+_FIND_CLASSES = {"1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.2.1"}
+_FUZZY_BYTE = 2
+
+
+def handle_extended(event) -> dict:
+    """SOP Class Extended Negotiation: accept fuzzy semantic matching of person names for the
+    C-FIND classes that propose it (matched by :func:`storage.query.fuzzy_name_match`),
+    decline every other option."""
+    accepted = {}
+    for sop_class, info in (event.app_info or {}).items():
+        if str(sop_class) in _FIND_CLASSES and info:
+            answer = bytearray(len(info))
+            if len(info) > _FUZZY_BYTE and info[_FUZZY_BYTE] == 1:
+                answer[_FUZZY_BYTE] = 1
+            accepted[sop_class] = bytes(answer)
+    return accepted
+
+
+def _fuzzy(event) -> bool:
+    """Whether the association accepted fuzzy person-name matching for this C-FIND's class."""
+    try:
+        info = event.assoc.acceptor.sop_class_extended.get(event.context.abstract_syntax)
+    except AttributeError:
+        return False
+    return bool(info) and len(info) > _FUZZY_BYTE and info[_FUZZY_BYTE] == 1
+
+
 def handle_find(event, archive: Archive, max_results: int = 0):
     """C-FIND (Patient Root and Study Root): yield one pending response per match; refused
     (0xA700, nothing sent) when more than ``max_results`` (> 0) match, as dcm4chee's
@@ -75,7 +105,7 @@ def handle_find(event, archive: Archive, max_results: int = 0):
         level, criteria = parse_identifier(event.identifier)
         split = node_keys(criteria, event.assoc.ae.ae_title)
         records = [] if split is None else \
-            [record | split[1] for record in archive.find(level, split[0])]
+            [record | split[1] for record in archive.find(level, split[0], _fuzzy(event))]
     except IdentifierError as exc:
         log.warning("C-FIND from %s refused: %s", _peer(event), exc)
         yield statuses.IDENTIFIER_MISMATCH, None

@@ -4,6 +4,7 @@ import re
 
 import pytest
 from pynetdicom.presentation import build_context
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node_helpers import bundled, dataset_bytes, make_series, node, store_series  # noqa: F401
@@ -448,6 +449,32 @@ def test_find_answers_where_and_how_the_instances_are_available(populated):
     assert len(find(node.port, {**q, "InstanceAvailability": "ONLINE"})[1]) == 1
     assert find(node.port, {**q, "RetrieveAETitle": "ELSEWHERE"}) == (0x0000, [])
     assert find(node.port, {**q, "InstanceAvailability": "NEARLINE"}) == (0x0000, [])
+
+
+def test_find_with_fuzzy_name_matching_negotiated(populated):
+    """An SCU that proposes fuzzy semantic matching of person names (SOP Class Extended
+    Negotiation, PS3.4 C.5.1.1.1, third byte) gets it; relational queries are declined; an
+    SCU that does not propose it gets literal matching."""
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as model
+    node, a, _, _ = populated
+    proposal = SOPClassExtendedNegotiation()
+    proposal.sop_class_uid = model
+    proposal.service_class_application_information = b"\x01\x00\x01"
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID, query.PatientName = "STUDY", "", "jane d"
+
+    def names(assoc) -> list[str]:
+        found = [str(m.PatientName) for s, m in assoc.send_c_find(query, model)
+                 if s and s.Status == 0xFF00]
+        assoc.release()
+        return found
+    fuzzy = associate(node.port, [build_context(model)], ext_neg=[proposal])
+    assert fuzzy.acceptor.sop_class_extended[model] == b"\x00\x00\x01"
+    assert names(fuzzy) == ["Doe^Jane"]
+    assert names(associate(node.port, [build_context(model)])) == []
+    assert find(node.port, {"QueryRetrieveLevel": "STUDY", "PatientName": "jane d"}) == \
+        (0x0000, [])
 
 
 def test_move_without_unique_key_is_refused_before_associating(populated):
