@@ -114,8 +114,11 @@ def _services(contexts: dict, storage: list[str]) -> str:
         assert str(sop) in contexts, f"{sop.name} is not offered"
     rows = [(Verification.name, "-", "yes")]
     rows.append((f"{len(storage)} Storage SOP Classes (Appendix A)",
-                 "yes (C-GET, C-MOVE sub-operations)", "yes (C-STORE)"))
-    rows += [(UID(sop).name, "-", "yes") for sop in map(str, QUERY_RETRIEVE)]
+                 "yes (C-GET, C-MOVE sub-operations)",
+                 "yes (C-STORE; C-GET sub-operations of `voxarc pull`)"))
+    pulled = {"1.2.840.10008.5.1.4.1.2.2.1": "yes (`voxarc pull`)",
+              "1.2.840.10008.5.1.4.1.2.2.3": "yes (`voxarc pull`)"}
+    rows += [(UID(sop).name, pulled.get(sop, "-"), "yes") for sop in map(str, QUERY_RETRIEVE)]
     rows.append((StorageCommitmentPushModel.name,
                  "N-EVENT-REPORT (on an association it opens)", "yes (N-ACTION)"))
     return "## 2. Network services\n\n" + _table(("SOP Class", "SCU", "SCP"), rows)
@@ -138,12 +141,17 @@ def _association(settings: Settings, ae) -> str:
          f"{ae.acse_timeout} s, {ae.dimse_timeout} s, {ae.network_timeout} s"),
         ("Time to reach a C-MOVE destination", f"{ae.connection_timeout:g} s"),
         ("Asynchronous operations", "not supported (one operation at a time per association)"),
-        ("Extended negotiation", "SCP/SCU role selection for the Storage SOP Classes (C-GET)"),
+        ("Extended negotiation", "SCP/SCU role selection for the Storage SOP Classes "
+                                 "(C-GET); fuzzy semantic matching of person names (C-FIND)"),
         ("Secure transport", tls),
     ]
     return ("## 3. Association policies\n\nvoxarc accepts associations; it opens them only "
             "to send a C-MOVE's instances to a configured destination and a storage commitment "
-            "result to the AE that asked for it.\n\n" + _table(("policy", "value"), rows))
+            "result to the AE that asked for it, and when an administrator runs `voxarc pull` "
+            "(Study Root C-FIND at STUDY and IMAGE level, then C-GET of each study or of the "
+            "instances it lacks, each storage SOP class proposed in the uncompressed syntaxes "
+            "and in each common compressed syntax on contexts of their own, with the SCP role, "
+            "so that the source can send what it holds as it holds it).\n\n" + _table(("policy", "value"), rows))
 
 
 def _syntaxes(contexts: dict, storage: list[str]) -> str:

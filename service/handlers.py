@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def _peer(event) -> str:
-    req = event.assoc.requestor
-    return f"{req.ae_title}@{req.address}:{req.port}"
+    """The other side of the event's association (the source, when the node pulls)."""
+    assoc = event.assoc
+    other = assoc.acceptor if getattr(assoc, "is_requestor", False) else assoc.requestor
+    return f"{other.ae_title}@{other.address}:{other.port}"
 
 
 def handle_association(event) -> None:

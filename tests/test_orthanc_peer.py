@@ -5,6 +5,7 @@ what Orthanc then holds is, byte for byte, what the node received from it."""
 
 from __future__ import annotations
 
+import io
 import json
 import urllib.request
 
@@ -132,3 +133,42 @@ def test_orthanc_round_trip_of_real_scanners_instances(node, orthanc, shared_ser
 
 def _study_of(data: bytes, ts: str) -> str:
     return str(parse_dataset(data, ts).StudyInstanceUID)
+
+
+def test_voxarc_pulls_the_studies_orthanc_holds(tmp_path):
+    """A site moving from Orthanc: `voxarc pull` finds Orthanc's studies (C-FIND) and
+    retrieves them (C-GET), each in the syntax Orthanc holds it in; run again, it finds
+    nothing left to pull. Orthanc's DCMTK sends uncompressed instances as stored; the
+    bundled JPEG-LS file's encapsulated pixels (written as OW) it sends re-framed as OB, the
+    same pixels."""
+    import numpy as np
+    from pydicom import dcmread
+    from service.ae import open_archive
+    from service.cli import main
+    from service.config import load_settings
+    from storage.part10 import build_file
+    peer = Orthanc(tmp_path / "orthanc", free_port())     # knows the AE title VOXARC
+    try:
+        plain = make_series(4, 16, 16, seed=5) + make_series(2, 8, 8, seed=6)
+        for ds in plain:
+            peer.call("POST", "/instances", file_bytes(ds))
+        peer.call("POST", "/instances", (TESTDATA / "MR_small_jpeg_ls_lossless.dcm").read_bytes())
+        held = peer.instances()
+        source = f"ORTHANC@127.0.0.1:{peer.server.port}"
+        target = str(tmp_path / "target")
+        assert main(["pull", "--data-dir", target, "--ae-title", "VOXARC", source]) == 0
+        archive = open_archive(load_settings(data_dir=target))
+        got = {uid: archive.retrieve(uid) for uid in held}
+        assert len(archive.find("IMAGE", {})) == len(held) == 7
+        archive.close()
+        for uid, (ts, data) in held.items():
+            assert got[uid].transfer_syntax == ts
+            mine, theirs = (dcmread(io.BytesIO(build_file("1.2.3", uid, ts, d)))
+                            for d in (got[uid].data, data))
+            np.testing.assert_array_equal(mine.pixel_array, theirs.pixel_array)
+            assert (mine.PatientID, mine.SeriesInstanceUID) == \
+                (theirs.PatientID, theirs.SeriesInstanceUID)
+        assert all(got[ds.SOPInstanceUID].data == held[ds.SOPInstanceUID][1] for ds in plain)
+        assert main(["pull", "--data-dir", target, "--ae-title", "VOXARC", source]) == 0
+    finally:
+        peer.server.stop()

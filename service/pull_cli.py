@@ -1,0 +1,93 @@
+"""`voxarc pull SOURCE`: copy studies from another DICOM archive into this one (service.pull)."""
+
+from __future__ import annotations
+
+import logging
+
+from service.ae import open_archive
+from service.config import add_node_options, settings_from_args
+from service.progress import Progress
+from service.pull import Puller, PullError, resolve_source
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    """Add ``pull`` to the ``voxarc`` parser."""
+    p = subparsers.add_parser(
+        "pull", help="copy studies from another DICOM archive (C-FIND, then C-GET); resumes "
+                     "where an earlier pull stopped")
+    add_node_options(p)
+    p.add_argument("source", help="a configured destination's name or AE title, or "
+                                  "AET@HOST:PORT")
+    p.add_argument("--study", action="append", metavar="UID",
+                   help="Study Instance UID (repeatable; default: every study that matches)")
+    p.add_argument("--patient-id", help="Patient ID (C-FIND matching: * and ? wildcards)")
+    p.add_argument("--study-date", metavar="DATE", help="study date or range, e.g. "
+                   "20240101-20241231")
+    p.add_argument("--modality", help="a modality in the study (CT, MR, ...)")
+    p.add_argument("--ae-title", help="AE title to call the source as (default: the node's)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be pulled, pull "
+                   "nothing")
+    p.set_defaults(func=pull)
+
+
+def _filters(args) -> dict[str, str]:
+    filters = {}
+    if args.study:
+        filters["StudyInstanceUID"] = "\\".join(args.study)
+    for keyword, value in (("PatientID", args.patient_id), ("StudyDate", args.study_date),
+                           ("ModalitiesInStudy", args.modality)):
+        if value:
+            filters[keyword] = value
+    return filters
+
+
+def pull(args) -> int:
+    """Pull the matching studies; 0 when every instance of them is held afterwards."""
+    settings = settings_from_args(args)
+    try:
+        source = resolve_source(settings, args.source)
+    except ValueError as exc:
+        log.error("pull: %s", exc)
+        return 2
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)   # its lines per message
+    archive = open_archive(settings)
+    puller = Puller(archive, source, args.ae_title or settings.ae_title,
+                    settings.max_dataset_bytes)
+    try:
+        plans = puller.studies(_filters(args))
+        lacking = [p for p in plans if p.missing]
+        log.info("pull from %s: %d studies match, %d instances; %d of them not held here, "
+                 "in %d studies", args.source, len(plans),
+                 sum(len(p.instances) for p in plans), sum(len(p.missing) for p in lacking),
+                 len(lacking))
+        if args.dry_run:
+            for plan in plans:
+                print(f"{plan.study_uid}\t{plan.patient}\t{plan.description}\t"
+                      f"{len(plan.missing)} of {len(plan.instances)} to pull")
+            return 0
+        return _pull_all(puller, archive, lacking)
+    except PullError as exc:
+        log.error("pull: %s", exc)
+        return 1
+    finally:
+        archive.close()
+
+
+def _pull_all(puller: Puller, archive, plans) -> int:
+    progress = Progress("pull", sum(len(p.missing) for p in plans))
+    incomplete = 0
+    for plan in plans:
+        result = puller.pull(plan)
+        still = len(plan.instances) - len(archive.held(list(plan.instances)))
+        incomplete += still > 0
+        level = logging.INFO if still == 0 and result.status == 0 else logging.WARNING
+        log.log(level, "study %s (%s): %d instances received, %d failed, status 0x%04X; "
+                "%d of %d still missing", plan.study_uid, plan.patient, result.completed,
+                result.failed, result.status, still, len(plan.instances))
+        progress.advance(len(plan.missing), note=plan.study_uid)
+    log.info("pulled %d studies in %.1f s, %d incomplete", len(plans), progress.finish(),
+             incomplete)
+    return 1 if incomplete else 0
