@@ -90,27 +90,26 @@ class Puller:
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = TIMEOUT
 
     def studies(self, filters: dict[str, str]) -> list[StudyPlan]:
-        """The source's studies matching ``filters`` (C-FIND keys), each with its instances and
-        those this archive does not hold."""
+        """The source's studies matching ``filters`` (C-FIND keys), not yet planned (see
+        :meth:`plan`: one query a study, made as the pull reaches it)."""
         query = {"StudyInstanceUID": "", "PatientName": "", "PatientID": "",
                  "StudyDescription": "", **filters}
-        plans = []
-        for found in self._find("STUDY", query):
-            uid = str(found.get("StudyInstanceUID", "") or "")
-            if not uid:
-                continue
-            plan = StudyPlan(uid, str(found.get("PatientName", "") or ""),
-                             str(found.get("StudyDescription", "") or ""))
-            for inst in self._find("IMAGE", {"StudyInstanceUID": uid, "SeriesInstanceUID": "",
-                                             "SOPInstanceUID": "", "SOPClassUID": ""}):
-                sop = str(inst.get("SOPInstanceUID", "") or "")
-                if sop:
-                    plan.instances[sop] = (str(inst.get("SeriesInstanceUID", "") or ""),
-                                           str(inst.get("SOPClassUID", "") or ""))
-            held = self.archive.held(list(plan.instances))
-            plan.missing = [sop for sop in plan.instances if sop not in held]
-            plans.append(plan)
-        return plans
+        return [StudyPlan(str(found.StudyInstanceUID), str(found.get("PatientName", "") or ""),
+                          str(found.get("StudyDescription", "") or ""))
+                for found in self._find("STUDY", query) if found.get("StudyInstanceUID")]
+
+    def plan(self, plan: StudyPlan) -> StudyPlan:
+        """Fill in the study's instances at the source and those this archive lacks."""
+        for inst in self._find("IMAGE", {"StudyInstanceUID": plan.study_uid,
+                                         "SeriesInstanceUID": "", "SOPInstanceUID": "",
+                                         "SOPClassUID": ""}):
+            sop = str(inst.get("SOPInstanceUID", "") or "")
+            if sop:
+                plan.instances[sop] = (str(inst.get("SeriesInstanceUID", "") or ""),
+                                       str(inst.get("SOPClassUID", "") or ""))
+        held = self.archive.held(list(plan.instances))
+        plan.missing = [sop for sop in plan.instances if sop not in held]
+        return plan
 
     def pull(self, plan: StudyPlan) -> StudyResult:
         """C-GET what ``plan`` lacks: the whole study when nothing of it is here, else the

@@ -57,18 +57,14 @@ def pull(args) -> int:
     puller = Puller(archive, source, args.ae_title or settings.ae_title,
                     settings.max_dataset_bytes)
     try:
-        plans = puller.studies(_filters(args))
-        lacking = [p for p in plans if p.missing]
-        log.info("pull from %s: %d studies match, %d instances; %d of them not held here, "
-                 "in %d studies", args.source, len(plans),
-                 sum(len(p.instances) for p in plans), sum(len(p.missing) for p in lacking),
-                 len(lacking))
+        studies = puller.studies(_filters(args))
+        log.info("pull from %s: %d studies match", args.source, len(studies))
         if args.dry_run:
-            for plan in plans:
+            for plan in map(puller.plan, studies):
                 print(f"{plan.study_uid}\t{plan.patient}\t{plan.description}\t"
                       f"{len(plan.missing)} of {len(plan.instances)} to pull")
             return 0
-        return _pull_all(puller, archive, lacking)
+        return _pull_all(puller, archive, studies)
     except PullError as exc:
         log.error("pull: %s", exc)
         return 1
@@ -76,18 +72,23 @@ def pull(args) -> int:
         archive.close()
 
 
-def _pull_all(puller: Puller, archive, plans) -> int:
-    progress = Progress("pull", sum(len(p.missing) for p in plans))
-    incomplete = 0
-    for plan in plans:
-        result = puller.pull(plan)
-        still = len(plan.instances) - len(archive.held(list(plan.instances)))
-        incomplete += still > 0
-        level = logging.INFO if still == 0 and result.status == 0 else logging.WARNING
-        log.log(level, "study %s (%s): %d instances received, %d failed, status 0x%04X; "
-                "%d of %d still missing", plan.study_uid, plan.patient, result.completed,
-                result.failed, result.status, still, len(plan.instances))
-        progress.advance(len(plan.missing), note=plan.study_uid)
-    log.info("pulled %d studies in %.1f s, %d incomplete", len(plans), progress.finish(),
-             incomplete)
+def _pull_all(puller: Puller, archive, studies) -> int:
+    """Plan and pull study by study (a migration of many studies starts at once, and what a
+    study lacks is judged just before it is pulled)."""
+    progress = Progress("pull", len(studies))
+    incomplete = received = 0
+    for plan in studies:
+        puller.plan(plan)
+        if plan.missing:
+            result = puller.pull(plan)
+            still = len(plan.instances) - len(archive.held(list(plan.instances)))
+            incomplete += still > 0
+            received += result.completed
+            level = logging.INFO if still == 0 and result.status == 0 else logging.WARNING
+            log.log(level, "study %s (%s): %d instances received, %d failed, status 0x%04X; "
+                    "%d of %d still missing", plan.study_uid, plan.patient, result.completed,
+                    result.failed, result.status, still, len(plan.instances))
+        progress.advance(note=plan.study_uid)
+    log.info("pulled %d studies (%d instances received) in %.1f s, %d incomplete",
+             len(studies), received, progress.finish(), incomplete)
     return 1 if incomplete else 0
