@@ -117,6 +117,7 @@ def _services(contexts: dict, storage: list[str]) -> str:
                  "yes (C-GET, C-MOVE sub-operations)",
                  "yes (C-STORE; C-GET sub-operations of `voxarc pull`)"))
     pulled = {"1.2.840.10008.5.1.4.1.2.2.1": "yes (`voxarc pull`)",
+              "1.2.840.10008.5.1.4.1.2.2.2": "yes (`voxarc pull --move`)",
               "1.2.840.10008.5.1.4.1.2.2.3": "yes (`voxarc pull`)"}
     rows += [(UID(sop).name, pulled.get(sop, "-"), "yes") for sop in map(str, QUERY_RETRIEVE)]
     rows.append((StorageCommitmentPushModel.name,
@@ -149,7 +150,8 @@ def _association(settings: Settings, ae) -> str:
             "to send a C-MOVE's instances to a configured destination and a storage commitment "
             "result to the AE that asked for it, and when an administrator runs `voxarc pull` "
             "(Study Root C-FIND at STUDY and IMAGE level, then C-GET of each study or of the "
-            "instances it lacks, each storage SOP class proposed in the uncompressed syntaxes "
+            "instances it lacks, or with `--move` a C-MOVE of them to the node itself; for "
+            "C-GET each storage SOP class proposed in the uncompressed syntaxes "
             "and in each common compressed syntax on contexts of their own, with the SCP role, "
             "so that the source can send what it holds as it holds it).\n\n" + _table(("policy", "value"), rows))
 

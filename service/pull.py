@@ -12,6 +12,7 @@ in rather than converting them.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -21,7 +22,8 @@ from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVR
 from pynetdicom import AE, build_role, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind as FIND,
-                                  StudyRootQueryRetrieveInformationModelGet as GET)
+                                  StudyRootQueryRetrieveInformationModelGet as GET,
+                                  StudyRootQueryRetrieveInformationModelMove as MOVE)
 
 from service import reactor_pause
 from service.config import Destination, Settings, parse_destination
@@ -111,12 +113,13 @@ class Puller:
         plan.missing = [sop for sop in plan.instances if sop not in held]
         return plan
 
-    def pull(self, plan: StudyPlan) -> StudyResult:
-        """C-GET what ``plan`` lacks: the whole study when nothing of it is here, else the
-        missing instances series by series (a UID list at IMAGE level)."""
+    def pull(self, plan: StudyPlan, move_to: str | None = None) -> StudyResult:
+        """Retrieve what ``plan`` lacks: the whole study when nothing of it is here, else the
+        missing instances series by series (a UID list at IMAGE level). By C-GET, or with
+        ``move_to`` by C-MOVE to that AE title (a running node of this archive, which the
+        source must know), for sources that do not serve C-GET."""
         if not plan.missing:
             return StudyResult(0x0000)
-        classes = sorted({plan.instances[sop][1] for sop in plan.missing} - {""})
         if len(plan.missing) == len(plan.instances):
             requests = [{"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": plan.study_uid}]
         else:
@@ -126,14 +129,20 @@ class Puller:
             requests = [{"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": plan.study_uid,
                          "SeriesInstanceUID": series, "SOPInstanceUID": "\\".join(sops)}
                         for series, sops in by_series.items()]
-        assoc = self._associate(_get_contexts(classes),
-                                ext_neg=[build_role(c, scp_role=True) for c in classes],
-                                evt_handlers=[(evt.EVT_C_STORE, handle_store,
-                                               [self.archive, self.max_bytes])])
+        if move_to:
+            assoc = self._associate([build_context(MOVE)])
+            send = functools.partial(assoc.send_c_move, move_aet=move_to, query_model=MOVE)
+        else:
+            classes = sorted({plan.instances[sop][1] for sop in plan.missing} - {""})
+            assoc = self._associate(_get_contexts(classes),
+                                    ext_neg=[build_role(c, scp_role=True) for c in classes],
+                                    evt_handlers=[(evt.EVT_C_STORE, handle_store,
+                                                   [self.archive, self.max_bytes])])
+            send = functools.partial(assoc.send_c_get, query_model=GET)
         total = StudyResult(0x0000)
         try:
             for keys in requests:
-                result = self._get(assoc, keys)
+                result = self._retrieve(send, keys)
                 total.completed += result.completed
                 total.failed += result.failed
                 total.warning += result.warning
@@ -161,18 +170,20 @@ class Puller:
             assoc.release()
         return found
 
-    def _get(self, assoc, keys: dict[str, str]) -> StudyResult:
+    def _retrieve(self, send, keys: dict[str, str]) -> StudyResult:
+        """One C-GET or C-MOVE request (``send``): its final status and counts."""
         result = None
-        for status, _ in assoc.send_c_get(_dataset(keys), GET):
+        for status, _ in send(_dataset(keys)):
             if status is None:
-                raise PullError(f"C-GET at {self._name()}: no answer (timed out or aborted)")
+                raise PullError(f"retrieval from {self._name()}: no answer (timed out or "
+                                "aborted)")
             if status.Status not in (0xFF00, 0xFF01):
                 result = StudyResult(
                     status.Status, int(status.get("NumberOfCompletedSuboperations", 0) or 0),
                     int(status.get("NumberOfFailedSuboperations", 0) or 0),
                     int(status.get("NumberOfWarningSuboperations", 0) or 0))
         if result is None:
-            raise PullError(f"C-GET at {self._name()}: no final status")
+            raise PullError(f"retrieval from {self._name()}: no final status")
         return result
 
     def _associate(self, contexts, **kwargs):

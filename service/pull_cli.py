@@ -27,6 +27,10 @@ def register(subparsers) -> None:
                    "20240101-20241231")
     p.add_argument("--modality", help="a modality in the study (CT, MR, ...)")
     p.add_argument("--ae-title", help="AE title to call the source as (default: the node's)")
+    p.add_argument("--move", action="store_true",
+                   help="have the source send by C-MOVE to the node's AE title instead of "
+                        "C-GET (for sources without C-GET: the node must be running and the "
+                        "source must know its address)")
     p.add_argument("--dry-run", action="store_true", help="list what would be pulled, pull "
                    "nothing")
     p.set_defaults(func=pull)
@@ -64,7 +68,7 @@ def pull(args) -> int:
                 print(f"{plan.study_uid}\t{plan.patient}\t{plan.description}\t"
                       f"{len(plan.missing)} of {len(plan.instances)} to pull")
             return 0
-        return _pull_all(puller, archive, studies)
+        return _pull_all(puller, archive, studies, settings.ae_title if args.move else None)
     except PullError as exc:
         log.error("pull: %s", exc)
         return 1
@@ -72,7 +76,7 @@ def pull(args) -> int:
         archive.close()
 
 
-def _pull_all(puller: Puller, archive, studies) -> int:
+def _pull_all(puller: Puller, archive, studies, move_to: str | None) -> int:
     """Plan and pull study by study (a migration of many studies starts at once, and what a
     study lacks is judged just before it is pulled)."""
     progress = Progress("pull", len(studies))
@@ -80,7 +84,7 @@ def _pull_all(puller: Puller, archive, studies) -> int:
     for plan in studies:
         puller.plan(plan)
         if plan.missing:
-            result = puller.pull(plan)
+            result = puller.pull(plan, move_to)
             still = len(plan.instances) - len(archive.held(list(plan.instances)))
             incomplete += still > 0
             received += result.completed

@@ -112,3 +112,26 @@ def test_contexts_fit_one_association(classes):
     per_class = {uid: [cx for cx in contexts if cx.abstract_syntax == uid] for uid in uids}
     assert all(cxs and len(cxs[0].transfer_syntax) == 3 for cxs in per_class.values())
     assert (len(per_class[uids[0]]) == 1 + len(_COMPRESSED)) == (classes <= 7)
+
+
+def test_pull_by_c_move_into_the_running_node(source, tmp_path):
+    """``--move``: the source sends by C-MOVE to the running node's AE title (sources without
+    C-GET); the command sees the instances arrive in the node's archive."""
+    from service.ae import Node
+    src, sent, _ = source
+    config = tmp_path / "target.toml"
+    config.write_text(f'data_dir = "{tmp_path / "target"}"\nae_title = "TARGET"\n'
+                      'host = "127.0.0.1"\nport = 0\nstable_age = 3600\n')
+    target = Node(load_settings(config), compaction=False).start()
+    try:
+        src.settings.destinations["target"] = f"TARGET@127.0.0.1:{target.port}"
+        assert main(["pull", "--config", str(config), "--move",
+                     f"VOXARC@127.0.0.1:{src.port}"]) == 0
+        assert {uid: (i.transfer_syntax, i.data) for uid, i in
+                ((u, target.archive.retrieve(u)) for u in sent)} == sent
+        del src.settings.destinations["target"]      # unknown to the source now: 0xA801
+        target.archive.delete("instance", next(iter(sent)), reason="test")
+        assert main(["pull", "--config", str(config), "--move",
+                     f"VOXARC@127.0.0.1:{src.port}"]) == 1
+    finally:
+        target.stop()
