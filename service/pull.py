@@ -1,4 +1,4 @@
-"""Copy studies from another DICOM archive into this one: C-FIND there, C-GET here.
+"""Copy studies from another DICOM archive into this one: C-FIND there, C-GET (or C-MOVE) here.
 
 What a site replacing a PACS (or gathering studies from a modality's store) needs: the source
 is asked for its studies (Study Root C-FIND at STUDY level, with the caller's filters), then for
@@ -7,7 +7,8 @@ holds is left out, so an interrupted pull resumes where it stopped; the rest com
 one association per study, each instance through the same ingest path as a C-STORE (durable
 and indexed before it is acknowledged). Each SOP class is offered in every common transfer
 syntax in contexts of their own, so that the source sends instances in the syntax it holds them
-in rather than converting them.
+in rather than converting them. A source without C-GET can instead be asked to C-MOVE them to
+a running node of this archive.
 """
 
 from __future__ import annotations
