@@ -172,3 +172,17 @@ def test_voxarc_pulls_the_studies_orthanc_holds(tmp_path):
         assert main(["pull", "--data-dir", target, "--ae-title", "VOXARC", source]) == 0
     finally:
         peer.server.stop()
+
+
+def test_voxarc_pulls_from_orthanc_by_c_move(node, orthanc):
+    """``voxarc pull --move``: Orthanc sends the study by C-MOVE to the running node, as a PACS
+    without C-GET would; the command finds it arrived."""
+    from service.cli import main
+    series = make_series(3, 16, 16, seed=7)
+    for ds in series:
+        orthanc.call("POST", "/instances", file_bytes(ds))
+    held = orthanc.instances()
+    assert main(["pull", "--data-dir", node.settings.data_dir, "--move",
+                 f"ORTHANC@127.0.0.1:{orthanc.server.port}"]) == 0
+    assert {uid: (node.archive.retrieve(uid).transfer_syntax, node.archive.retrieve(uid).data)
+            for uid in held} == held
