@@ -301,6 +301,9 @@ _WEB_SERVICES = {
     "rendered": ("WADO-RS rendered", "`image/jpeg` (the default), `image/png` or `image/gif` as "
                                      "`Accept` ranks them; `viewport`, `window` (linear, "
                                      "linear-exact, sigmoid), `quality`"),
+    "rendered_all": ("WADO-RS rendered", "`multipart/related` of `image/jpeg` (the "
+                                         "default), `image/png` or `image/gif`: every image "
+                                         "of the study or series, as its instance renders"),
     "thumbnail": ("WADO-RS thumbnail", "`image/jpeg` (the default), `image/png` or `image/gif` "
                                        "as `Accept` ranks them; `viewport`"),
     "wado_uri": ("WADO-URI", "`application/dicom` (as received), `image/jpeg` (the default), "

@@ -41,6 +41,8 @@ Routes under ``/dicom-web`` (same token rule as the rest of the server):
   frame, or frame n) at its own size, windowed as the admin page's previews are, as a JPEG (the
   default, also when any image will do), PNG or GIF, whichever ``Accept`` ranks first (406 for
   none); ``viewport``, ``window`` and ``quality`` as PS3.18 defines them.
+- WADO-RS ``.../rendered`` of a study or series: each of its images as the instance resource
+  renders it, one multipart (series, then instance number order).
 - WADO-RS ``.../thumbnail`` of a study (its first series), series (its middle image) or
   instance: the same, of at most ``viewport`` pixels.
 - WADO-URI ``/wado?requestType=WADO&studyUID=&seriesUID=&objectUID=`` (links in reports and
@@ -397,9 +399,13 @@ def _pixels(request: Request, name: str) -> int:
     return int(value)
 
 
+def _number(value) -> tuple:
+    text = str(value or "")
+    return (0, int(text)) if text.isdigit() else (1, text)
+
+
 def _series_order(record: dict) -> tuple:
-    number = str(record.get("SeriesNumber") or "")
-    return (0, int(number)) if number.isdigit() else (1, number)
+    return _number(record.get("SeriesNumber"))
 
 
 _PATH_KEYS = (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
@@ -435,6 +441,7 @@ class DicomWeb:
               for path in (study, series, instance)),
             Route(instance + "/frames/{frames}", checked(self.frames)),
             Route(instance + "/bulkdata/{path:path}", checked(self.bulkdata)),
+            *(Route(path + "/rendered", checked(self.rendered_all)) for path in (study, series)),
             Route(instance + "/rendered", checked(self.rendered)),
             Route(instance + "/frames/{frame}/rendered", checked(self.rendered)),
             *(Route(path + "/thumbnail", checked(self.thumbnail))
@@ -686,6 +693,38 @@ class DicomWeb:
         except _BadRequest as exc:
             return _bad_request(str(exc))
         return self._image(request, request.path_params, frame=frame, **options)
+
+    def rendered_all(self, request: Request) -> Response:
+        """WADO-RS rendered study or series: each image instance as :meth:`rendered` gives it
+        (the same ``Accept`` and parameters), one multipart, in series then instance number
+        order; instances without an image (reports, say) are left out."""
+        try:
+            options = _rendering(request.query_params)
+            media_type = rendered_type(request.headers.get("accept"))
+        except _BadRequest as exc:
+            return _bad_request(str(exc))
+        except NotAcceptable as exc:
+            return JSONResponse({"error": str(exc)}, status_code=406)
+        criteria = {kw: request.path_params[key] for key, kw in _PATH_KEYS[:2]
+                    if key in request.path_params}
+        records = self.archive.find("IMAGE", criteria | {"SeriesNumber": "",
+                                                         "InstanceNumber": ""})
+        if not records:
+            return JSONResponse({"error": "no such study or series"}, status_code=404)
+        records.sort(key=lambda r: (_series_order(r), r.get("SeriesInstanceUID") or "",
+                                    _number(r.get("InstanceNumber"))))
+
+        def images():
+            for record in records:
+                inst = self.archive.retrieve(record["SOPInstanceUID"])
+                try:
+                    yield media_type, render_image(inst.sop_class_uid, inst.sop_uid,
+                                                   inst.transfer_syntax, inst.data,
+                                                   media_type=media_type,
+                                                   **({"size": 0} | options))
+                except PreviewError as exc:
+                    log.info("WADO-RS %s: %s left out: %s", request.url.path, inst.sop_uid, exc)
+        return _multipart(images(), media_type, f"WADO-RS {request.url.path}")
 
     def thumbnail(self, request: Request) -> Response:
         """WADO-RS thumbnail of a study (its first series), series (its middle image) or

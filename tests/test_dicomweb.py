@@ -356,6 +356,26 @@ def test_cors_lets_a_viewer_elsewhere_call_with_its_token(tmp_path):
         node.stop()
 
 
+def test_rendered_study_and_series(web):
+    """Every image of a study or series rendered as its instance is, in one multipart."""
+    from PIL import Image
+    _, base, _, study, second, _ = web
+    uid = study[0].StudyInstanceUID
+    parts = _multipart(f"{base}/studies/{uid}/rendered")
+    assert len(parts) == 7 and {ctype for ctype, _ in parts} == {"image/jpeg"}
+    assert {Image.open(io.BytesIO(p)).size for _, p in parts} == {(24, 24)}
+    series = f"{base}/studies/{uid}/series/{second[0].SeriesInstanceUID}/rendered"
+    by_number = {ds.InstanceNumber: ds for ds in second}
+    one = f"{base}/studies/{uid}/series/{second[0].SeriesInstanceUID}/instances"
+    pngs = _multipart(f"{series}?viewport=12,12", accept="image/png")
+    assert [p for _, p in pngs] == [                       # in instance number order
+        http_get(f"{one}/{by_number[n].SOPInstanceUID}/rendered?viewport=12,12",
+                 accept="image/png")[1] for n in sorted(by_number)]
+    assert http_get(f"{base}/studies/1.2.3/rendered")[0] == 404
+    assert http_get(series, accept="application/dicom")[0] == 406
+    assert http_get(f"{series}?quality=0")[0] == 400
+
+
 def test_thumbnails(web):
     from PIL import Image
     _, base, _, study, second, _ = web
