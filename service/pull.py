@@ -41,6 +41,23 @@ _COMPRESSED = [
     "1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.111", "1.2.840.10008.1.2.4.112",
     "1.2.840.10008.1.2.1.99",
 ]
+# storage classes proposed for instances whose class the source's answers do not give (DCMTK's
+# dcmqrscp answers IMAGE-level queries without SOP Class UID): the common image and document
+# classes, CT and MR first
+_COMMON_CLASSES = [
+    "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.2.1",
+    "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1",
+    "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.5.1.4.1.1.7.4",
+    "1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.12.2", "1.2.840.10008.5.1.4.1.1.128",
+    "1.2.840.10008.5.1.4.1.1.130", "1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.13.1.3",
+    "1.2.840.10008.5.1.4.1.1.481.1", "1.2.840.10008.5.1.4.1.1.481.2",
+    "1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.481.5",
+    "1.2.840.10008.5.1.4.1.1.88.11", "1.2.840.10008.5.1.4.1.1.88.22",
+    "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.59",
+    "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.66.4",
+    "1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.77.1.4",
+]
 _MAX_CONTEXTS = 127          # 128 a association, one of them for C-GET itself
 TIMEOUT = 120.0
 
@@ -134,7 +151,7 @@ class Puller:
             assoc = self._associate([build_context(MOVE)])
             send = functools.partial(assoc.send_c_move, move_aet=move_to, query_model=MOVE)
         else:
-            classes = sorted({plan.instances[sop][1] for sop in plan.missing} - {""})
+            classes = _storage_classes({plan.instances[sop][1] for sop in plan.missing})
             assoc = self._associate(_get_contexts(classes),
                                     ext_neg=[build_role(c, scp_role=True) for c in classes],
                                     evt_handlers=[(evt.EVT_C_STORE, handle_store,
@@ -198,6 +215,15 @@ class Puller:
 
     def _name(self) -> str:
         return f"{self.source.ae_title}@{self.source.host}:{self.source.port}"
+
+
+def _storage_classes(known: set[str]) -> list[str]:
+    """The storage classes a C-GET proposes: those the source named, and the common ones
+    when it left some instance's class out (``""``)."""
+    classes = sorted(known - {""})
+    if "" in known:
+        classes += [c for c in _COMMON_CLASSES if c not in classes]
+    return classes
 
 
 def _get_contexts(classes: list[str]) -> list:
