@@ -201,18 +201,20 @@ class _Stream(StreamingResponse):
             pass
 
 
-def _multipart(parts, part_type: str, what: str) -> StreamingResponse:
+def _multipart(parts, part_type: str, what: str, location: str = "") -> StreamingResponse:
     """A multipart/related response of ``parts``: an iterator of (content type, bytes or a
     tuple of consecutive buffers); a StorageError from it cuts the transfer off (logged with
-    ``what``, the request)."""
+    ``what``, the request). ``location``: each part's Content-Location (the BulkDataURI of
+    bulk data, as PS3.18 asks)."""
     boundary = uuid.uuid4().hex
+    where = f"Content-Location: {location}\r\n" if location else ""
 
     def body():
         sent = 0
         try:
             for content_type, data in parts:
                 pieces = data if isinstance(data, tuple) else (data,)
-                yield (f"--{boundary}\r\nContent-Type: {content_type}\r\n"
+                yield (f"--{boundary}\r\nContent-Type: {content_type}\r\n{where}"
                        f"Content-Length: {nbytes(pieces)}\r\n\r\n").encode()
                 yield from pieces
                 yield b"\r\n"
@@ -607,7 +609,7 @@ class DicomWeb:
                 media, frames = self._frames_of(request, uids, None)
                 parts = [(media, tuple(frames))] if media == "application/octet-stream" \
                     else ((media, f) for f in frames)
-                return _multipart(parts, media.split(";")[0], what)
+                return _multipart(parts, media.split(";")[0], what, self._url(request))
             if not octets_accepted(request.headers.get("accept")):
                 raise _NotServed(406, "bulk data goes as application/octet-stream")
             value = self._element_value(uids, steps)
@@ -616,7 +618,12 @@ class DicomWeb:
         except _NotServed as exc:
             return exc.response()
         return _multipart([("application/octet-stream", value)], "application/octet-stream",
-                          what)
+                          what, self._url(request))
+
+    def _url(self, request: Request) -> str:
+        """The request's own URL as the answers name it (Host header or ``public_url``)."""
+        return dicomweb_base(request, self.public_url) + \
+            request.url.path.removeprefix("/dicom-web")
 
     def _element_value(self, uids: list[str], steps: list[int]) -> bytes:
         """The value of a binary element of the first instance (404 when it has none there)."""

@@ -108,8 +108,9 @@ def store_bundled(node, base_url: str, tmp_path, name: str):
     return ds, ts, data, url
 
 
-def multipart_get(url: str, accept: str = "") -> list[tuple[str, bytes]]:
-    """GET a multipart/related response; return its (content type, body) parts."""
+def multipart_get(url: str, accept: str = "", headers_too: bool = False) -> list[tuple]:
+    """GET a multipart/related response; return its (content type, body) parts (with
+    ``headers_too``: (headers, body))."""
     request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
     with urllib.request.urlopen(request, timeout=120) as response:
         ctype, body = response.headers["Content-Type"], response.read()
@@ -121,5 +122,5 @@ def multipart_get(url: str, accept: str = "") -> list[tuple[str, bytes]]:
         head, _, data = chunk.lstrip(b"\r\n").partition(b"\r\n\r\n")
         headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
         assert len(data) == int(headers["Content-Length"]) + 2 and data.endswith(b"\r\n")
-        parts.append((headers["Content-Type"], data[:-2]))
+        parts.append((headers if headers_too else headers["Content-Type"], data[:-2]))
     return parts

@@ -76,8 +76,10 @@ def test_large_values_and_pixels_go_by_uri_and_come_back_as_received(stored):
             csa = item["00291010"]
             assert csa["BulkDataURI"] == f"{own}/bulkdata/00291010"
             assert csa["vr"] in ("OB", "UN")             # implicit VR: as pydicom reads it
-            assert _multipart(csa["BulkDataURI"]) == [("application/octet-stream",
-                                                       ds[CSA].value)]
+            ((headers, value),) = _multipart(csa["BulkDataURI"], headers_too=True)
+            assert (headers["Content-Type"], value) == ("application/octet-stream",
+                                                        ds[CSA].value)
+            assert headers["Content-Location"] == csa["BulkDataURI"]     # PS3.18
             assert base64.b64decode(item["00291020"]["InlineBinary"]) == bytes(range(100))
             icon = item["00880200"]["Value"][0]["7FE00010"]
             # the same icon in every instance, each named under its own instance
