@@ -23,7 +23,8 @@ SETTING_DOCS = {
     "duplicate_policy": "keep_first, replace or reject an instance whose SOP Instance UID is stored.",
     "max_storage_bytes": "Refuse new instances (0xA700) beyond this many stored bytes; 0: no limit.",
     "max_stack_slices": "Largest number of slices coded together as one blob.",
-    "cache_bytes": "Memory budget of the decoded-slab cache used by C-GET and C-MOVE.",
+    "cache_bytes": "Memory budget of the decoded-slab cache used by C-GET and C-MOVE (at least "
+                   "32 MiB).",
     "codec_model": "Name of the codec model compaction uses.",
     "codec_slab": "Slices per independently decodable slab of a coded stack: 4 halves the decode "
                   "before an instance can be sent, for about 1% more bytes.",
@@ -62,6 +63,7 @@ SETTING_DOCS = {
     "tls_ca_certificates": "PEM authorities client certificates must chain to (mutual TLS); "
                            "empty: no client certificate asked.",
 }
+MIN_CACHE_BYTES = 32 << 20
 _DESTINATION = re.compile(r"^(?P<name>[^=]+)=(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
 
 
@@ -147,6 +149,10 @@ def _coerce(name: str, value):
     value = type(default)(value)
     if name == "http_public_url":
         return _public_url(str(value))
+    if name == "cache_bytes" and int(value) < MIN_CACHE_BYTES:
+        raise ValueError(f"cache_bytes must be at least {MIN_CACHE_BYTES} (32 MiB), not "
+                         f"{value}: retrievals decode through the cache, and a slab that does "
+                         "not fit in it is decoded again for each of its instances")
     if name.startswith("scrub_") and value < 0:
         raise ValueError(f"{name} must be 0 or more, not {value}")
     return value
