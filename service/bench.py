@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 from service import bench_codecs, bench_report  # noqa: E402
 from service.cpu_clock import cpu_seconds  # noqa: E402
 from service.node_stacks import read_folder_as_node  # noqa: E402
-from service.series_reader import SeriesVolume, read_folder  # noqa: E402
+from service.series_reader import SeriesVolume, read_folder, read_numpy  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,8 @@ def run_bench(paths: list[str | Path], options: BenchOptions | None = None,
     """
     options = options or BenchOptions()
     reader = read_folder_as_node if options.as_node else read_folder
-    volumes = [v for path in paths for v in reader(path)]
+    volumes = [v for path in paths
+               for v in (read_numpy(path) if str(path).endswith(".npy") else reader(path))]
     if not volumes:
         raise ValueError(f"no DICOM image series found in {', '.join(map(str, paths))}")
     if options.crop:
@@ -421,7 +422,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="compare voxarc with classical lossless codecs",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM series folders or files")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="DICOM series folders or files, or .npy volumes (slices, rows, columns) "
+                        "of uint8, int8, uint16 or int16")
     p.add_argument("--json", metavar="OUT", help="write every number to this JSON file")
     p.add_argument("--plot", metavar="OUT.png", help="draw bits per voxel per series and codec")
     p.add_argument("--codecs", default=",".join(ALL_CODECS),
@@ -473,7 +476,11 @@ def main(args) -> int:
                            budget_s=args.budget_s, repeat=args.repeat,
                            repeat_below_s=args.repeat_below_s, subset_mode=args.subset,
                            crop=args.crop, as_node=args.as_node)
-    report = run_bench(args.paths, options)
+    try:
+        report = run_bench(args.paths, options)
+    except (ValueError, OSError) as exc:     # nothing to read, or not a volume of ours
+        log.error("bench: %s", exc)
+        return 2
     print(bench_report.format_table(report["rows"], report["overall"]))
     if args.crop:
         print(f"every codec coded the central {args.crop} x {args.crop} region of each slice")

@@ -168,6 +168,24 @@ def read_folder(folder: str | Path) -> list[SeriesVolume]:
     return named(volumes, folder.name)
 
 
+NUMPY_DTYPES = ("uint8", "int8", "uint16", "int16")
+
+
+def read_numpy(path: str | Path) -> list[SeriesVolume]:
+    """A ``.npy`` file as one volume (a codec researcher's data: ``(slices, rows, columns)``,
+    or one ``(rows, columns)`` image) of one of :data:`NUMPY_DTYPES`; raises ValueError for
+    another shape or dtype."""
+    path = Path(path)
+    voxels = np.load(path, allow_pickle=False)
+    if voxels.ndim == 2:
+        voxels = voxels[None]
+    if voxels.ndim != 3 or voxels.dtype.name not in NUMPY_DTYPES or 0 in voxels.shape:
+        raise ValueError(f"{path}: a (slices, rows, columns) array of {', '.join(NUMPY_DTYPES)} "
+                         f"is needed, not {voxels.dtype.name} {voxels.shape}")
+    return [SeriesVolume(path.stem, np.ascontiguousarray(voxels), "", "", "numpy", 1,
+                         "file")]
+
+
 def read_images(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
     """``(path, dataset)`` of every grey-level image under ``folder`` (or the file itself)."""
     files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
