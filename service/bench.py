@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 from service import bench_codecs, bench_report  # noqa: E402
 from service.cpu_clock import cpu_seconds  # noqa: E402
 from service.node_stacks import read_folder_as_node  # noqa: E402
-from service.series_reader import SeriesVolume, read_folder, read_numpy  # noqa: E402
+from service.series_reader import SeriesVolume, read_folder, read_path  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +329,7 @@ def run_bench(paths: list[str | Path], options: BenchOptions | None = None,
     """
     options = options or BenchOptions()
     reader = read_folder_as_node if options.as_node else read_folder
-    volumes = [v for path in paths
-               for v in (read_numpy(path) if str(path).endswith(".npy") else reader(path))]
+    volumes = [v for path in paths for v in read_path(path, reader)]
     if not volumes:
         raise ValueError(f"no DICOM image series found in {', '.join(map(str, paths))}")
     if options.crop:

@@ -22,7 +22,7 @@ import numpy as np
 from models import bit_map
 from models.api import SLAB_SLICES
 from service.bench_codecs import ANCHOR_LABELS, ANCHORS
-from service.series_reader import read_folder
+from service.series_reader import read_path
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def register(subparsers) -> None:
     """Add ``bits`` to the ``voxarc`` parser."""
     p = subparsers.add_parser("bits", help="where the codec's bits go in a series (map, profile)")
-    p.add_argument("series", help="folder of one DICOM series")
+    p.add_argument("series", help="folder of one DICOM series, or a .npy volume")
     p.add_argument("--slice", type=int, help="slice to map (default: the middle one)")
     p.add_argument("--adapt", action="store_true",
                    help="fine-tune the model on the volume first, as compaction does")
@@ -120,7 +120,11 @@ def _plot(volume: np.ndarray, result: dict, title: str, out: str) -> None:
 
 def bits(args) -> int:
     """Analyse the (largest) volume of a series folder; exit 1 when it holds none."""
-    volumes = read_folder(args.series)
+    try:
+        volumes = read_path(args.series)
+    except (ValueError, OSError) as exc:
+        log.error("bits: %s", exc)
+        return 2
     if not volumes:
         log.error("no image stack in %s", args.series)
         return 1

@@ -186,6 +186,14 @@ def read_numpy(path: str | Path) -> list[SeriesVolume]:
                          "file")]
 
 
+def read_path(path: str | Path, reader=None) -> list[SeriesVolume]:
+    """The volumes of a ``.npy`` file (:func:`read_numpy`) or of a DICOM folder or file (by
+    ``reader``, default :func:`read_folder`)."""
+    if str(path).endswith(".npy"):
+        return read_numpy(path)
+    return (reader or read_folder)(path)
+
+
 def read_images(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
     """``(path, dataset)`` of every grey-level image under ``folder`` (or the file itself)."""
     files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())

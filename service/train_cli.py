@@ -34,11 +34,12 @@ def _progress(msg: str) -> None:
 
 
 def read_volumes(folders) -> list[tuple[str, np.ndarray]]:
-    """``(name, voxels)`` of every stack in the folders (stored values, sorted along the normal)."""
-    from service.series_reader import read_folder
+    """``(name, voxels)`` of every stack in the folders (stored values, sorted along the normal)
+    and ``.npy`` volumes."""
+    from service.series_reader import read_path
     out = []
     for folder in folders:
-        for vol in read_folder(folder):
+        for vol in read_path(folder):
             out.append((vol.name, vol.voxels))
     if not out:
         raise SystemExit(f"no image stacks found in {', '.join(map(str, folders))}")
@@ -165,7 +166,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a codec model from DICOM series folders",
                               description=__doc__,
                               formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("series", nargs="+", type=Path, metavar="SERIES_DIR")
+    p.add_argument("series", nargs="+", type=Path, metavar="SERIES_DIR",
+                   help="DICOM series folders, or .npy volumes (slices, rows, columns)")
     p.add_argument("--model", choices=MODELS, required=True)
     p.add_argument("--out", required=True, type=Path, help="folder for weights and model card")
     p.add_argument("--name", help="model name (file stem; default: the --model value)")

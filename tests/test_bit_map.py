@@ -63,3 +63,20 @@ def test_voxarc_bits(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "service.cli", "bits", str(folder), "--slice",
                           "10"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "outside" in bad.stderr
+
+
+def test_voxarc_bits_of_a_numpy_volume(tmp_path):
+    """The same analysis of a .npy volume; a file of floats is refused plainly (exit 2)."""
+    vol = np.full((6, 40, 40), 500, np.int16)
+    vol += np.random.default_rng(3).integers(-20, 20, vol.shape).astype(np.int16)
+    np.save(tmp_path / "vol.npy", vol)
+    out = subprocess.run([sys.executable, "-m", "service.cli", "bits", str(tmp_path / "vol.npy"),
+                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["shape"] == [6, 40, 40] and result["series"] == "vol"
+    np.save(tmp_path / "float.npy", vol.astype(np.float32))
+    bad = subprocess.run([sys.executable, "-m", "service.cli", "bits",
+                          str(tmp_path / "float.npy")], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "float32" in bad.stderr

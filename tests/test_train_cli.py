@@ -88,3 +88,15 @@ def test_weight_bits_set_the_width_of_trained_and_requantised_networks(tmp_path)
     vol = np.random.default_rng(1).integers(0, 4000, (3, 20, 24)).astype(np.uint16)
     for predictor in (narrow, requant):
         _assert_round_trip(predictor, vol)
+
+
+def test_train_on_a_numpy_volume(tmp_path):
+    """A researcher's .npy volume trains a model as a series folder does."""
+    from pydicom import dcmread
+    np.save(tmp_path / "ct.npy", dcmread(get_testdata_file("CT_small.dcm")).pixel_array[None])
+    out = tmp_path / "weights"
+    assert main(["train", "--model", "default", str(tmp_path / "ct.npy"), "--out", str(out),
+                 *SMALL, *TINY_NET]) == 0
+    assert "ct" in (out / "default.md").read_text()
+    _assert_round_trip(_read(out / "default.npz"),
+                       np.random.default_rng(1).integers(0, 4000, (3, 20, 24)).astype(np.uint16))
