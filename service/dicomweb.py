@@ -57,8 +57,10 @@ at most 64 characters), else 400: they are not C-FIND patterns.
 from __future__ import annotations
 
 import functools
+import gzip
 import io
 import itertools
+import json
 import logging
 import math
 import re
@@ -89,6 +91,8 @@ from storage.query import ATTRIBUTES, COMPUTED, LEVELS
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 MAX_LIMIT = 5000
+GZIP_ABOVE = 1400           # bytes: smaller JSON goes as it is (one packet)
+GZIP_LEVEL = 6
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _IMAGE_TYPES = RENDERED + ("image/*", "*/*")      # WADO-URI: a wildcard gets RENDERED[0]
@@ -241,6 +245,28 @@ class _NotServed(Exception):
 def _failed(exc: StorageError) -> _NotServed:
     """The HTTP error of an instance that cannot be rebuilt: 404 gone, 500 anything else."""
     return _NotServed(404 if isinstance(exc, InstanceNotFoundError) else 500, str(exc))
+
+
+def _dicom_json(request: Request, content, headers: dict) -> Response:
+    """``content`` as ``application/dicom+json``, gzip-compressed when the client takes gzip
+    and it is over :data:`GZIP_ABOVE` bytes (a series' metadata: a viewer loads it before its
+    first image)."""
+    body = json.dumps(content, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":")).encode()
+    headers = {**headers, "Vary": "Accept-Encoding"}
+    if len(body) > GZIP_ABOVE and _takes_gzip(request.headers.get("accept-encoding", "")):
+        body = gzip.compress(body, compresslevel=GZIP_LEVEL)
+        headers["Content-Encoding"] = "gzip"
+    return Response(body, media_type=DICOM_JSON, headers=headers)
+
+
+def _takes_gzip(accept_encoding: str) -> bool:
+    for entry in accept_encoding.split(","):
+        coding, *params = [p.strip().lower() for p in entry.split(";")]
+        if coding in ("gzip", "*"):
+            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+                           for p in params)
+    return False
 
 
 def _bad_request(message: str) -> Response:
@@ -515,8 +541,7 @@ class DicomWeb:
                 warnings.append(f'299 {request.url.netloc}: '
                                 '"There are additional results that can be requested"')
             headers = {"Warning": ", ".join(warnings)} if warnings else {}
-            return JSONResponse([_json_record(r, base, level) for r in page],
-                                media_type=DICOM_JSON, headers=headers)
+            return _dicom_json(request, [_json_record(r, base, level) for r in page], headers)
         return endpoint
 
     def retrieve(self, request: Request) -> Response:
@@ -562,7 +587,7 @@ class DicomWeb:
         if raw_tags:
             headers["Warning"] = (f'299 voxarc "not convertible, sent as InlineBinary: '
                                   f'{", ".join(sorted(raw_tags))}"')
-        return JSONResponse(out, media_type=DICOM_JSON, headers=headers)
+        return _dicom_json(request, out, headers)
 
     @staticmethod
     def _metadata_of(inst, base: str, raw_tags: set, memos: dict) -> dict:

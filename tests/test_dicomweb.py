@@ -134,6 +134,31 @@ def test_wado_gives_every_dataset_back_byte_for_byte(web, compacted):
     assert http_get(f"{base}/studies/1.2.3")[0] == 404
 
 
+def test_json_answers_are_gzipped_for_clients_that_take_it(web):
+    """Metadata and QIDO answers over 1400 bytes come gzip-compressed to a client that takes
+    gzip (a viewer loads a series' metadata before its first image), the same JSON."""
+    import gzip
+    import urllib.request
+    _, base, _, study, _, _ = web
+    url = f"{base}/studies/{study[0].StudyInstanceUID}/metadata"
+
+    def answer(accept_encoding: str):
+        request = urllib.request.Request(url, headers={"Accept-Encoding": accept_encoding})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.headers.get("Content-Encoding"), response.read()
+    plain = _json(url)
+    coding, body = answer("br, gzip;q=0.8")
+    assert coding == "gzip" and json.loads(gzip.decompress(body)) == plain
+    assert len(body) < len(json.dumps(plain)) / 3
+    for refused in ("gzip;q=0", "br", "identity"):
+        coding, body = answer(refused)
+        assert coding is None and json.loads(body) == plain, refused
+    request = urllib.request.Request(f"{base}/studies?limit=1",
+                                     headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=60) as response:     # small: as it is
+        assert response.headers.get("Content-Encoding") is None
+
+
 def test_metadata_and_frames(web):
     node, base, sent, study, _, _ = web
     one = study[2]
