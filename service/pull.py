@@ -58,8 +58,9 @@ _COMMON_CLASSES = [
     "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.66.4",
     "1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.77.1.4",
 ]
-_MAX_CONTEXTS = 127          # 128 a association, one of them for C-GET itself
+_MAX_CONTEXTS = 127          # 128 an association, one of them for C-GET itself
 TIMEOUT = 120.0
+CONNECTION_TIMEOUT = 10.0
 
 
 class PullError(RuntimeError):
@@ -79,7 +80,7 @@ class StudyPlan:
 
 @dataclass
 class StudyResult:
-    """What a C-GET of a study brought: its final status and sub-operation counts."""
+    """What a retrieval of a study brought: its final status and sub-operation counts."""
 
     status: int
     completed: int = 0
@@ -108,6 +109,7 @@ class Puller:
         self.archive, self.source, self.max_bytes = archive, source, max_bytes
         self.ae = AE(ae_title=ae_title)
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = TIMEOUT
+        self.ae.connection_timeout = CONNECTION_TIMEOUT   # a source switched off: not minutes
 
     def studies(self, filters: dict[str, str]) -> list[StudyPlan]:
         """The source's studies matching ``filters`` (C-FIND keys), not yet planned (see

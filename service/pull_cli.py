@@ -78,21 +78,33 @@ def pull(args) -> int:
 
 def _pull_all(puller: Puller, archive, studies, move_to: str | None) -> int:
     """Plan and pull study by study (a migration of many studies starts at once, and what a
-    study lacks is judged just before it is pulled)."""
+    study lacks is judged just before it is pulled); a study that fails does not stop the
+    others."""
     progress = Progress("pull", len(studies))
     incomplete = received = 0
     for plan in studies:
-        puller.plan(plan)
-        if plan.missing:
-            result = puller.pull(plan, move_to)
-            still = len(plan.instances) - len(archive.held(list(plan.instances)))
-            incomplete += still > 0
-            received += result.completed
-            level = logging.INFO if still == 0 and result.status == 0 else logging.WARNING
-            log.log(level, "study %s (%s): %d instances received, %d failed, status 0x%04X; "
-                    "%d of %d still missing", plan.study_uid, plan.patient, result.completed,
-                    result.failed, result.status, still, len(plan.instances))
+        try:
+            got, complete = _pull_one(puller, archive, plan, move_to)
+        except PullError as exc:
+            log.warning("study %s (%s) not pulled: %s", plan.study_uid, plan.patient, exc)
+            got, complete = 0, False
+        received += got
+        incomplete += not complete
         progress.advance(note=plan.study_uid)
     log.info("pulled %d studies (%d instances received) in %.1f s, %d incomplete",
              len(studies), received, progress.finish(), incomplete)
     return 1 if incomplete else 0
+
+
+def _pull_one(puller: Puller, archive, plan, move_to: str | None) -> tuple[int, bool]:
+    """(instances received, whether the study is whole here afterwards)."""
+    puller.plan(plan)
+    if not plan.missing:
+        return 0, True
+    result = puller.pull(plan, move_to)
+    still = len(plan.instances) - len(archive.held(list(plan.instances)))
+    level = logging.INFO if still == 0 and result.status == 0 else logging.WARNING
+    log.log(level, "study %s (%s): %d instances received, %d failed, status 0x%04X; %d of %d "
+            "still missing", plan.study_uid, plan.patient, result.completed, result.failed,
+            result.status, still, len(plan.instances))
+    return result.completed, still == 0

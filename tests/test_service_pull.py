@@ -135,3 +135,19 @@ def test_pull_by_c_move_into_the_running_node(source, tmp_path):
                      f"VOXARC@127.0.0.1:{src.port}"]) == 1
     finally:
         target.stop()
+
+
+def test_a_study_that_fails_does_not_stop_the_others(source, tmp_path, monkeypatch):
+    from service import pull
+    node, sent, studies = source
+    original, failing = pull.Puller.pull, studies["ct"][0].StudyInstanceUID
+
+    def pull_unless_ct(self, plan, move_to=None):
+        if plan.study_uid == failing:
+            raise pull.PullError("the source aborted the association")
+        return original(self, plan, move_to)
+    monkeypatch.setattr(pull.Puller, "pull", pull_unless_ct)
+    assert _pull(tmp_path, node) == 1                      # one study incomplete
+    held = _held(tmp_path)
+    assert not {ds.SOPInstanceUID for ds in studies["ct"]} & set(held)
+    assert {ds.SOPInstanceUID for ds in studies["mr"]} <= set(held)
