@@ -134,3 +134,18 @@ def test_float_pixel_data_goes_by_uri_too(admin_site, tmp_path):
     assert item["7FE00008"] == {"vr": "OF", "BulkDataURI": f"{url}/bulkdata/7FE00008"}
     assert _multipart(item["7FE00008"]["BulkDataURI"]) == [("application/octet-stream",
                                                            values.tobytes())]
+
+
+def test_an_instance_without_pixel_data(admin_site, tmp_path):
+    """A report (no pixel data): no Pixel Data entry in its metadata, and its path is a 404."""
+    node, admin = admin_site
+    (ds,) = make_series(1, 8, 8, seed=4)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    del ds.PixelData
+    assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds))],
+                       tmp_path) == [0]
+    url = (f"{admin.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
+           f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}")
+    (item,) = json.loads(http_get(f"{url}/metadata")[1])
+    assert "7FE00010" not in item and item["00080018"]["Value"] == [ds.SOPInstanceUID]
+    assert http_get(f"{url}/bulkdata/7FE00010")[0] == 404
