@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
@@ -33,6 +35,8 @@ def register(subparsers) -> None:
                         "source must know its address)")
     p.add_argument("--dry-run", action="store_true", help="list what would be pulled, pull "
                    "nothing")
+    p.add_argument("--json", metavar="REPORT", help="write a report of every study (instances "
+                   "at the source, received, still missing, status) to this file")
     p.set_defaults(func=pull)
 
 
@@ -68,7 +72,13 @@ def pull(args) -> int:
                 print(f"{plan.study_uid}\t{plan.patient}\t{plan.description}\t"
                       f"{len(plan.missing)} of {len(plan.instances)} to pull")
             return 0
-        return _pull_all(puller, archive, studies, settings.ae_title if args.move else None)
+        report: list[dict] = []
+        code = _pull_all(puller, archive, studies, settings.ae_title if args.move else None,
+                         report)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"source": args.source, "studies": report},
+                                                  indent=1))
+        return code
     except PullError as exc:
         log.error("pull: %s", exc)
         return 1
@@ -76,35 +86,40 @@ def pull(args) -> int:
         archive.close()
 
 
-def _pull_all(puller: Puller, archive, studies, move_to: str | None) -> int:
+def _pull_all(puller: Puller, archive, studies, move_to: str | None, report: list) -> int:
     """Plan and pull study by study (a migration of many studies starts at once, and what a
     study lacks is judged just before it is pulled); a study that fails does not stop the
-    others."""
+    others. Each study's outcome is appended to ``report``."""
     progress = Progress("pull", len(studies))
     incomplete = received = 0
     for plan in studies:
+        entry = {"study_uid": plan.study_uid, "patient": plan.patient}
         try:
-            got, complete = _pull_one(puller, archive, plan, move_to)
+            got, still, status = _pull_one(puller, archive, plan, move_to)
+            entry |= {"at_source": len(plan.instances), "received": got, "missing": still,
+                      "status": f"0x{status:04X}"}
         except PullError as exc:
             log.warning("study %s (%s) not pulled: %s", plan.study_uid, plan.patient, exc)
-            got, complete = 0, False
+            got, still = 0, None
+            entry |= {"error": str(exc)}
+        report.append(entry)
         received += got
-        incomplete += not complete
+        incomplete += still != 0
         progress.advance(note=plan.study_uid)
     log.info("pulled %d studies (%d instances received) in %.1f s, %d incomplete",
              len(studies), received, progress.finish(), incomplete)
     return 1 if incomplete else 0
 
 
-def _pull_one(puller: Puller, archive, plan, move_to: str | None) -> tuple[int, bool]:
-    """(instances received, whether the study is whole here afterwards)."""
+def _pull_one(puller: Puller, archive, plan, move_to: str | None) -> tuple[int, int, int]:
+    """(instances received, instances still missing here afterwards, final status)."""
     puller.plan(plan)
     if not plan.missing:
-        return 0, True
+        return 0, 0, 0x0000
     result = puller.pull(plan, move_to)
     still = len(plan.instances) - len(archive.held(list(plan.instances)))
     level = logging.INFO if still == 0 and result.status == 0 else logging.WARNING
     log.log(level, "study %s (%s): %d instances received, %d failed, status 0x%04X; %d of %d "
             "still missing", plan.study_uid, plan.patient, result.completed, result.failed,
             result.status, still, len(plan.instances))
-    return result.completed, still == 0
+    return result.completed, still, result.status

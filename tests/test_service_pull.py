@@ -5,6 +5,7 @@ serve."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -57,9 +58,15 @@ def _held(tmp_path) -> dict:
 
 
 def test_pull_copies_every_study_byte_for_byte(source, tmp_path):
-    node, sent, _ = source
-    assert _pull(tmp_path, node) == 0
+    node, sent, studies = source
+    report = tmp_path / "pull.json"
+    assert _pull(tmp_path, node, "--json", str(report)) == 0
     assert _held(tmp_path) == sent          # the JPEG-LS instance still in JPEG-LS
+    entries = {e["study_uid"]: e for e in json.loads(report.read_text())["studies"]}
+    assert entries[studies["ct"][0].StudyInstanceUID] | {"patient": ""} == {
+        "study_uid": studies["ct"][0].StudyInstanceUID, "patient": "", "at_source": 5,
+        "received": 5, "missing": 0, "status": "0x0000"}
+    assert sum(e["received"] for e in entries.values()) == len(sent)
 
 
 def test_pull_filters_and_resumes_where_it_stopped(source, tmp_path, caplog):
@@ -147,7 +154,10 @@ def test_a_study_that_fails_does_not_stop_the_others(source, tmp_path, monkeypat
             raise pull.PullError("the source aborted the association")
         return original(self, plan, move_to)
     monkeypatch.setattr(pull.Puller, "pull", pull_unless_ct)
-    assert _pull(tmp_path, node) == 1                      # one study incomplete
+    report = tmp_path / "pull.json"
+    assert _pull(tmp_path, node, "--json", str(report)) == 1      # one study incomplete
+    (failed,) = [e for e in json.loads(report.read_text())["studies"] if "error" in e]
+    assert failed["study_uid"] == failing and "aborted" in failed["error"]
     held = _held(tmp_path)
     assert not {ds.SOPInstanceUID for ds in studies["ct"]} & set(held)
     assert {ds.SOPInstanceUID for ds in studies["mr"]} <= set(held)
