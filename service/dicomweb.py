@@ -80,7 +80,7 @@ from service.dicom_json import (PIXEL_TAGS, BadPath, BulkLinks, element_value, h
                                 json_dataset, parse_path, pixel_reference)
 from service.dicomweb_accept import (RENDERED, NotAcceptable, accepted_syntaxes, frame_syntax,
                                      octets_accepted, part10_in, rendered_type, syntax_for)
-from service.identifiers import known_keyword, node_keys
+from service.identifiers import find_records, known_keyword
 from service.web_url import dicomweb_base
 from service.preview import SHAPES, PreviewError, render_image
 from storage.dataset_parts import le_bytes, nbytes
@@ -107,7 +107,7 @@ _LEVEL_KEYS = {   # what each QIDO level answers with, beside the matched keys
     "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
               "InstanceNumber", "NumberOfFrames"),
 }
-_NODE_KEYS = ("InstanceAvailability",)     # answered by the node (service.identifiers)
+_NODE_KEYS = ("InstanceAvailability",)     # answered by the node (identifiers.find_records)
 _LEVEL_UID = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
               "IMAGE": "SOPInstanceUID"}
 
@@ -119,7 +119,7 @@ class _BadRequest(ValueError):
 def _criteria(request: Request, level: str, fixed: dict) -> tuple[dict, list[str]]:
     """C-FIND criteria from the query string (keywords or tags), the path's UIDs and the level's
     return keys; also the matching keys the index does not keep."""
-    criteria = {k: "" for k in _LEVEL_KEYS[level] + ("InstanceAvailability",)}
+    criteria = {k: "" for k in _LEVEL_KEYS[level] + _NODE_KEYS}
     criteria.update({k: "" for k in _included(request, level)})
     ignored = []
     for name, value in request.query_params.multi_items():
@@ -527,10 +527,8 @@ class DicomWeb:
             except _BadRequest as exc:
                 return _bad_request(str(exc))
             fuzzy = request.query_params.get("fuzzymatching", "").lower() == "true"
-            split = node_keys(criteria)
-            found = [] if split is None else \
-                [record | split[1] for record in self.archive.find(level, split[0], fuzzy)]
-            records = sorted(found, key=lambda r: str(r.get(_LEVEL_UID[level]) or ""))
+            records = sorted(find_records(self.archive, level, criteria, fuzzy=fuzzy),
+                             key=lambda r: str(r.get(_LEVEL_UID[level]) or ""))
             page = records[offset:offset + limit] if limit else records[offset:]
             base = dicomweb_base(request, self.public_url)
             warnings = []

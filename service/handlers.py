@@ -18,7 +18,7 @@ from pynetdicom.sop_class import Verification
 from service import statuses
 from service.config import Settings
 from service.exact_send import PreEncoded
-from service.identifiers import (IdentifierError, node_keys, parse_identifier, response,
+from service.identifiers import (IdentifierError, find_records, parse_identifier, response,
                                  retrieve_criteria)
 from service.socket_tuning import tune_association
 from storage import transcode
@@ -105,9 +105,8 @@ def handle_find(event, archive: Archive, max_results: int = 0):
     query limit does, so that the caller narrows its query rather than taking a cut list."""
     try:
         level, criteria = parse_identifier(event.identifier)
-        split = node_keys(criteria, event.assoc.ae.ae_title)
-        records = [] if split is None else \
-            [record | split[1] for record in archive.find(level, split[0], _fuzzy(event))]
+        records = find_records(archive, level, criteria, event.assoc.ae.ae_title,
+                               _fuzzy(event))
     except IdentifierError as exc:
         log.warning("C-FIND from %s refused: %s", _peer(event), exc)
         yield statuses.IDENTIFIER_MISMATCH, None

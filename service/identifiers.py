@@ -51,13 +51,14 @@ def parse_identifier(identifier: Dataset | None) -> tuple[str, dict[str, str]]:
     return level, criteria
 
 
-def node_keys(criteria: dict[str, str], ae_title: str | None = None
-              ) -> tuple[dict[str, str], dict[str, str]] | None:
-    """Split off the keys the node answers itself, the same for every record: Retrieve AE
-    Title (its own, where a C-MOVE or C-GET finds the instances) and Instance Availability
-    (ONLINE: every instance is on its disks). Returns (the criteria the index matches, those
-    keys' values); None when a value asked for rules every record out. Without ``ae_title``
-    (DICOMweb) Retrieve AE Title is left to the index, which does not keep it."""
+def find_records(archive, level: str, criteria: dict[str, str], ae_title: str | None = None,
+                 fuzzy: bool = False) -> list[dict]:
+    """The archive's records of ``level`` matching ``criteria``, with the keys the node answers
+    itself, the same for every record: Retrieve AE Title (its own, where a C-MOVE or C-GET
+    finds the instances) and Instance Availability (ONLINE: every instance is on its disks).
+    None matches when a value asked for of those keys rules every record out. Without
+    ``ae_title`` (DICOMweb) Retrieve AE Title is left to the index, which does not keep it;
+    ``fuzzy``: see :func:`storage.query.find`."""
     own = {"InstanceAvailability": "ONLINE"}
     if ae_title is not None:
         own["RetrieveAETitle"] = ae_title
@@ -66,9 +67,9 @@ def node_keys(criteria: dict[str, str], ae_title: str | None = None
         if keyword in rest:
             pattern = rest.pop(keyword)
             if pattern and not matches(value, pattern, keyword):
-                return None
+                return []
             fixed[keyword] = value
-    return rest, fixed
+    return [record | fixed for record in archive.find(level, rest, fuzzy)]
 
 
 def known_keyword(keyword: str) -> bool:

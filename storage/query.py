@@ -74,10 +74,9 @@ def matches(value, pattern: str, keyword: str, fuzzy: bool = False) -> bool:
         return True
     vr = _vr(keyword)
     values = value if isinstance(value, list) else [value]
-    return any(_match_one("" if v is None else str(v), pattern, vr)
-               or (fuzzy and vr == "PN" and fuzzy_name_match("" if v is None else str(v),
-                                                             pattern))
-               for v in values)
+    texts = ("" if v is None else str(v) for v in values)
+    return any(_match_one(text, pattern, vr)
+               or (fuzzy and vr == "PN" and fuzzy_name_match(text, pattern)) for text in texts)
 
 
 _NAME_WORDS = re.compile(r"[\s^=,.\-']+")
