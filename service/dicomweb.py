@@ -310,19 +310,20 @@ def frame_numbers(text: str) -> list[int]:
     return wanted
 
 
-def frame_data(inst, wanted: list[int], syntax: str | None = None):
+def frame_data(inst, wanted: list[int] | None, syntax: str | None = None):
     """(media type, iterator of frames) of an instance's frames numbered ``wanted`` (from 1,
-    distinct), each taken when iterated: as stored, or decoded to uncompressed little-endian
-    bytes when ``syntax`` (from :func:`frame_syntax`) is another; raises _NotServed (400 a
-    frame listed twice, 404 no such frame or no pixel data, 406 bit-packed or big-endian, or
-    colour frames that would change colour space in decoding)."""
-    if len(set(wanted)) != len(wanted):
+    distinct; None: all), each taken when iterated: as stored, or decoded to uncompressed
+    little-endian bytes when ``syntax`` (from :func:`frame_syntax`) is another; raises
+    _NotServed (400 a frame listed twice, 404 no such frame or no pixel data, 406 bit-packed or
+    big-endian, or colour frames that would change colour space in decoding)."""
+    if wanted is not None and len(set(wanted)) != len(wanted):
         raise _NotServed(400, "a frame is listed twice")
     ts = UID(inst.transfer_syntax)
     ds = dcmread(io.BytesIO(build_file(inst.sop_class_uid, inst.sop_uid, ts, inst.data)))
     if "PixelData" not in ds:
         raise _NotServed(404, "the instance has no pixel data")
     count = int(ds.get("NumberOfFrames", 1) or 1)
+    wanted = list(range(1, count + 1)) if wanted is None else wanted
     if not all(1 <= n <= count for n in wanted):
         raise _NotServed(404, f"frames are 1 to {count}")
     if ts.is_encapsulated and syntax not in (None, ts):
@@ -674,8 +675,6 @@ class DicomWeb:
             syntax = None
             for _, stored in self.archive.instance_formats(uids[:1]).values():
                 syntax = frame_syntax(request.headers.get("accept"), stored)
-            if wanted is None:
-                wanted = list(range(1, self._frame_count(uids) + 1))
             frames = self._coded_frames(uids, wanted)
             media = "application/octet-stream"
             if frames is None:                  # kept as received: taken from its bytes
@@ -688,16 +687,7 @@ class DicomWeb:
             log.error("WADO-RS %s: %s", request.url.path, exc)
             raise _failed(exc) from exc
 
-    def _frame_count(self, uids: list[str]) -> int:
-        if not uids:
-            raise _NotServed(404, "no such instance")
-        inst = self.archive.header(uids[0])
-        ds, pixels = header_dataset(inst.transfer_syntax, inst.data)
-        if pixels is None or pixels[0] != 0x7FE00010:
-            raise _NotServed(404, "the instance has no pixel data")
-        return int(ds.get("NumberOfFrames", 1) or 1)
-
-    def _coded_frames(self, uids: list[str], wanted: list[int]) -> list | None:
+    def _coded_frames(self, uids: list[str], wanted: list[int] | None) -> list | None:
         """The frames of a coded instance, only their slabs decoded (a viewer walking a
         multi-frame instance frame by frame does not wait for all of it each time); None when
         the instance is kept as received (or none matches); raises _NotServed."""

@@ -98,9 +98,9 @@ class Archive:
         :meth:`Reconstructor.header`)."""
         return self.reconstructor.header(sop_uid)
 
-    def frames(self, sop_uid: str, numbers: list[int]):
-        """Stored words of some frames of a coded instance, decoding only their slabs; None
-        for one kept as received (see :meth:`Reconstructor.frames`)."""
+    def frames(self, sop_uid: str, numbers: list[int] | None):
+        """Stored words of some frames (None: all) of a coded instance, decoding only their
+        slabs; None for one kept as received (see :meth:`Reconstructor.frames`)."""
         return self.reconstructor.frames(sop_uid, numbers)
 
     def plan_retrieval(self, sop_uids: list[str]):

@@ -464,11 +464,12 @@ class Reconstructor:
             data = self._checked(inst, (data,))[0]
         return StoredInstance(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax, data)
 
-    def frames(self, sop_uid: str, numbers: list[int]) -> list[memoryview] | None:
-        """The stored words (little endian) of frames ``numbers`` (from 1) of a coded
-        instance, decoding only the slabs that hold them (through the slab cache, shared with
-        concurrent requests); None for an instance kept as received (use :meth:`get`). The
-        codec's per-slab CRCs vouch for these words; the ingest SHA-256 covers whole instances.
+    def frames(self, sop_uid: str, numbers: list[int] | None) -> list[memoryview] | None:
+        """The stored words (little endian) of frames ``numbers`` (from 1; None: all) of a
+        coded instance, decoding only the slabs that hold them (through the slab cache, shared
+        with concurrent requests); None for an instance kept as received (use :meth:`get`).
+        The codec's per-slab CRCs vouch for these words; the ingest SHA-256 covers whole
+        instances.
 
         Raises
         ------
@@ -480,11 +481,12 @@ class Reconstructor:
         def read(inst, blob):
             if _as_received(inst):
                 return None
-            if not all(1 <= n <= inst.frames for n in numbers):
+            wanted = range(1, inst.frames + 1) if numbers is None else numbers
+            if not all(1 <= n <= inst.frames for n in wanted):
                 raise ValueError(f"frames are 1 to {inst.frames}")
             with self._unreadable(inst, blob):
                 return [le_bytes(self._slices(blob, inst.frame_start + n - 1,
-                                              inst.frame_start + n)[0]) for n in numbers]
+                                              inst.frame_start + n)[0]) for n in wanted]
         return self._located(sop_uid, read)[1]
 
     def locate(self, sop_uids: list[str]) -> dict:
