@@ -149,7 +149,7 @@ def _coerce(name: str, value):
     value = type(default)(value)
     if name == "http_public_url":
         return _public_url(str(value))
-    if name == "cache_bytes" and int(value) < MIN_CACHE_BYTES:
+    if name == "cache_bytes" and value < MIN_CACHE_BYTES:
         raise ValueError(f"cache_bytes must be at least {MIN_CACHE_BYTES} (32 MiB), not "
                          f"{value}: retrievals decode through the cache, and a slab that does "
                          "not fit in it is decoded again for each of its instances")
