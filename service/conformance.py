@@ -143,7 +143,9 @@ def _association(settings: Settings, ae) -> str:
         ("Time to reach a C-MOVE destination", f"{ae.connection_timeout:g} s"),
         ("Asynchronous operations", "not supported (one operation at a time per association)"),
         ("Extended negotiation", "SCP/SCU role selection for the Storage SOP Classes "
-                                 "(C-GET); fuzzy semantic matching of person names (C-FIND)"),
+                                 "(C-GET); relational queries, combined date-time matching "
+                                 "and fuzzy semantic matching of person names (C-FIND); "
+                                 "relational retrieval (C-GET, C-MOVE)"),
         ("Secure transport", tls),
     ]
     return ("## 3. Association policies\n\nvoxarc accepts associations; it opens them only "
@@ -223,11 +225,15 @@ def _find(settings: Settings) -> str:
         "`a-` on DA, TM and DT keys. Case-sensitive except person names (PN). Responses are in the query's "
         "character set when it holds every value, else in UTF-8 (ISO_IR 192); "
         f"{limit}.\n\n"
-        "SOP Class Extended Negotiation: fuzzy semantic matching of person names is accepted "
-        "when proposed; a person name then also matches when each word of the key begins a "
-        "word of the name, in any order, ignoring case and accents (`jane d` finds "
-        "`Doe^Jane`). Relational queries, combined date-time matching and the other options "
-        "are declined.\n\n"
+        "Queries are answered relationally whether or not it is negotiated: any key at any "
+        "level, with or without the unique keys of the levels above.\n\n"
+        "SOP Class Extended Negotiation, accepted when proposed: relational queries; "
+        "combined date-time matching, where a StudyDate range with a StudyTime (SeriesDate "
+        "with SeriesTime) is one range of moments (`20060705-20060707` with `1000-1800`: from "
+        "July 5, 10:00 to July 7, 18:00; without it, 10:00 to 18:00 of each day); fuzzy "
+        "semantic matching of person names, where a name also matches when each word of the "
+        "key begins a word of the name, in any order, ignoring case and accents (`jane d` "
+        "finds `Doe^Jane`). Timezone query adjustment and the other options are declined.\n\n"
         + _table(("level", "key", "tag", "VR", "matching"), rows))
 
 
@@ -261,7 +267,8 @@ def _retrieve(settings: Settings) -> str:
         "## 7. Retrieve SCP (C-GET, C-MOVE)\n\nPatient Root and Study Root, levels PATIENT, "
         f"STUDY, SERIES and IMAGE. The unique key of the level is required ({keys}), keys of "
         "the levels above narrow it, and neither wildcards nor keys of lower levels are "
-        "accepted. C-GET sends on the same association (the client takes the SCP role for "
+        "accepted; so a retrieve is relational whether or not relational retrieval is "
+        "negotiated (it is accepted when proposed). C-GET sends on the same association (the client takes the SCP role for "
         "the Storage SOP Classes); C-MOVE opens an association to the destination, which must "
         "be configured (named by its AE title or its name); one that cannot be reached in time "
         "(section 3) or refuses the association is answered 0x"

@@ -86,7 +86,7 @@ from service.preview import SHAPES, PreviewError, render_image
 from storage.dataset_parts import le_bytes, nbytes
 from storage.errors import InstanceNotFoundError, StorageError, TranscodeError
 from storage.part10 import build_file
-from storage.query import ATTRIBUTES, COMPUTED, LEVELS
+from storage.query import ATTRIBUTES, COMPUTED, LEVELS, Matching
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -528,7 +528,8 @@ class DicomWeb:
             except _BadRequest as exc:
                 return _bad_request(str(exc))
             fuzzy = request.query_params.get("fuzzymatching", "").lower() == "true"
-            records = sorted(find_records(self.archive, level, criteria, fuzzy=fuzzy),
+            records = sorted(find_records(self.archive, level, criteria,
+                                          matching=Matching(fuzzy=fuzzy)),
                              key=lambda r: str(r.get(_LEVEL_UID[level]) or ""))
             page = records[offset:offset + limit] if limit else records[offset:]
             base = dicomweb_base(request, self.public_url)

@@ -24,6 +24,7 @@ from service.socket_tuning import tune_association
 from storage import transcode
 from storage.dataset_parts import nbytes
 from storage.archive import Archive
+from storage.query import Matching
 
 log = logging.getLogger(__name__)
 
@@ -69,34 +70,46 @@ def handle_store(event, archive: Archive, max_bytes: int = 0) -> int:
     return statuses.SUCCESS
 
 
-# C-FIND SOP classes whose extended negotiation (PS3.4 C.5.1.1.1) offers fuzzy semantic matching
-# of person names (its third byte); relational queries and combined date-time matching
-# (bytes 1 and 2) and the rest are declined
+# SOP Class Extended Negotiation (PS3.4 C.5.1.1.1, C.5.2.1.1, C.5.3.1.1): the options the node
+# accepts, by SOP class, as (byte, meaning). C-FIND: relational queries (the node matches any key
+# at any level, with or without the unique keys above it), combined date-time matching and fuzzy
+# semantic matching of person names; C-MOVE and C-GET: relational retrieval (a level's unique
+# keys without those above it, as :func:`identifiers.retrieve_criteria` takes them). Timezone
+# adjustment and enhanced multi-frame conversion are declined.
+_RELATIONAL, _DATETIME, _FUZZY = 0, 1, 2
 _FIND_CLASSES = {"1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.2.1"}
-_FUZZY_BYTE = 2
+_RETRIEVE_CLASSES = {"1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.1.3",
+                     "1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3"}
+_ACCEPTED_BYTES = {**{uid: (_RELATIONAL, _DATETIME, _FUZZY) for uid in _FIND_CLASSES},
+                   **{uid: (_RELATIONAL,) for uid in _RETRIEVE_CLASSES}}
 
 
 def handle_extended(event) -> dict:
-    """SOP Class Extended Negotiation: accept fuzzy semantic matching of person names for the
-    C-FIND classes that propose it (matched by :func:`storage.query.fuzzy_name_match`),
-    decline every other option."""
+    """SOP Class Extended Negotiation: of the options an SCU proposes for a query/retrieve
+    class, accept those of :data:`_ACCEPTED_BYTES` and decline the rest."""
     accepted = {}
     for sop_class, info in (event.app_info or {}).items():
-        if str(sop_class) in _FIND_CLASSES and info:
+        options = _ACCEPTED_BYTES.get(str(sop_class))
+        if options and info:
             answer = bytearray(len(info))
-            if len(info) > _FUZZY_BYTE and info[_FUZZY_BYTE] == 1:
-                answer[_FUZZY_BYTE] = 1
+            for byte in options:
+                if len(info) > byte and info[byte] == 1:
+                    answer[byte] = 1
             accepted[sop_class] = bytes(answer)
     return accepted
 
 
-def _fuzzy(event) -> bool:
-    """Whether the association accepted fuzzy person-name matching for this C-FIND's class."""
+def _matching(event) -> Matching:
+    """The matching options the association accepted for this C-FIND's class."""
     try:
         info = event.assoc.acceptor.sop_class_extended.get(event.context.abstract_syntax)
     except AttributeError:
-        return False
-    return bool(info) and len(info) > _FUZZY_BYTE and info[_FUZZY_BYTE] == 1
+        info = None
+    info = info or b""
+
+    def accepted(byte: int) -> bool:
+        return len(info) > byte and info[byte] == 1
+    return Matching(fuzzy=accepted(_FUZZY), combined_datetime=accepted(_DATETIME))
 
 
 def handle_find(event, archive: Archive, max_results: int = 0):
@@ -106,7 +119,7 @@ def handle_find(event, archive: Archive, max_results: int = 0):
     try:
         level, criteria = parse_identifier(event.identifier)
         records = find_records(archive, level, criteria, event.assoc.ae.ae_title,
-                               _fuzzy(event))
+                               matching=_matching(event))
     except IdentifierError as exc:
         log.warning("C-FIND from %s refused: %s", _peer(event), exc)
         yield statuses.IDENTIFIER_MISMATCH, None

@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.multival import MultiValue
 
-from storage.query import LEVELS, matches
+from storage.query import LEVELS, Matching, matches
 
 _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet"}
 #: the unique key of each Query/Retrieve level, in LEVELS order
@@ -52,13 +52,13 @@ def parse_identifier(identifier: Dataset | None) -> tuple[str, dict[str, str]]:
 
 
 def find_records(archive, level: str, criteria: dict[str, str], ae_title: str | None = None,
-                 fuzzy: bool = False) -> list[dict]:
+                 *, matching: Matching = Matching()) -> list[dict]:
     """The archive's records of ``level`` matching ``criteria``, with the keys the node answers
     itself, the same for every record: Retrieve AE Title (its own, where a C-MOVE or C-GET
     finds the instances) and Instance Availability (ONLINE: every instance is on its disks).
     None matches when a value asked for of those keys rules every record out. Without
     ``ae_title`` (DICOMweb) Retrieve AE Title is left to the index, which does not keep it;
-    ``fuzzy``: see :func:`storage.query.find`."""
+    ``matching``: see :func:`storage.query.find`."""
     own = {"InstanceAvailability": "ONLINE"}
     if ae_title is not None:
         own["RetrieveAETitle"] = ae_title
@@ -69,7 +69,7 @@ def find_records(archive, level: str, criteria: dict[str, str], ae_title: str | 
             if pattern and not matches(value, pattern, keyword):
                 return []
             fixed[keyword] = value
-    return [record | fixed for record in archive.find(level, rest, fuzzy)]
+    return [record | fixed for record in archive.find(level, rest, matching)]
 
 
 def known_keyword(keyword: str) -> bool:

@@ -112,9 +112,10 @@ class Archive:
         that the first retrieval does not wait for them; returns whether it did."""
         return self.reconstructor.warm()
 
-    def find(self, level: str, criteria: dict[str, str], fuzzy: bool = False) -> list[dict]:
+    def find(self, level: str, criteria: dict[str, str],
+             matching: query.Matching = query.Matching()) -> list[dict]:
         """Return matching records of a query level (see :func:`storage.query.find`)."""
-        return query.find(self.index, level, criteria, fuzzy)
+        return query.find(self.index, level, criteria, matching)
 
     def formats(self, sop_uids: list[str]) -> dict[str, set[str]]:
         """Return {SOP Class UID: {transfer syntaxes}} of the given instances."""

@@ -5,7 +5,10 @@ matching); ``*`` and ``?`` are wildcards; DA/TM/DT keys take ``a-b``, ``-b`` and
 anything else is a single value. Comparison is case-sensitive except for person names. What SQL
 can narrow (single values, lists, wildcards as LIKE, digit ranges; not person names or integers)
 is pushed down into the query, only the attribute columns are read, and every record is matched
-again in Python, so the database only has to let through a superset.
+again in Python, so the database only has to let through a superset. Two options an SCU can
+negotiate (:class:`Matching`) change the rules: fuzzy person names, and combined date-time
+matching, where a date and its time (StudyDate and StudyTime, SeriesDate and SeriesTime) are one
+range of moments (PS3.4 C.2.2.2.5.1) rather than a range of days and a range of hours of each.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import defaultdict
+from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR
 from sqlalchemy import and_, distinct, exists, func, or_, select, true
@@ -40,6 +44,23 @@ COMPUTED = {
 }
 
 
+# the date and time keys that combined date-time matching takes as one moment
+DATE_TIME_PAIRS = (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"))
+
+
+@dataclass(frozen=True)
+class Matching:
+    """Matching options beyond PS3.4's defaults, as an SCU negotiates them.
+
+    fuzzy : person names also match by :func:`fuzzy_name_match`.
+    combined_datetime : date and time keys of :data:`DATE_TIME_PAIRS` are matched together
+        (:func:`combined_match`) where either holds a range.
+    """
+
+    fuzzy: bool = False
+    combined_datetime: bool = False
+
+
 def _has_wildcard(pattern: str) -> bool:
     return "*" in pattern or "?" in pattern
 
@@ -65,6 +86,44 @@ def _vr(keyword: str) -> str:
         return dictionary_VR(keyword)
     except KeyError:
         return "LO"
+
+
+def _range_bounds(pattern: str) -> tuple[str, str]:
+    """(low, high) of a DA/TM range or single value; either may be empty (open)."""
+    low, dash, high = pattern.partition("-")
+    return (low, high) if dash else (pattern, pattern)
+
+
+def combined_match(date, time, date_pattern: str, time_pattern: str) -> bool:
+    """Combined date-time matching (PS3.4 C.2.2.2.5.1): the stored date and time as one moment
+    in the range from the patterns' lows to their highs; ``20060705-20060707`` with
+    ``1000-1800`` is from July 5, 10:00 to July 7, 18:00. A single value is a range of one; a
+    record without a time matches on its date."""
+    date, time = str(date or "").strip(), str(time or "").strip()
+    if not date:
+        return False
+    (d_low, d_high), (t_low, t_high) = _range_bounds(date_pattern), _range_bounds(time_pattern)
+    low = d_low + t_low if d_low else ""
+    high = d_high + t_high if d_high else ""
+    if not time:
+        low, high = low[:8], high[:8]
+    moment = date + time
+    return (not low or moment >= low) and (not high or moment[:len(high)] <= high)
+
+
+def _combined_pairs(criteria: dict, matching: Matching) -> list[tuple[str, str]]:
+    """The date-time pairs of ``criteria`` matched as one moment: both keys hold a value (no
+    list, no wildcard) and the date a range. With a single date, matching the two apart is
+    the same thing, and the date keeps its single-value meaning."""
+    if not matching.combined_datetime:
+        return []
+    pairs = []
+    for date_key, time_key in DATE_TIME_PAIRS:
+        values = criteria.get(date_key) or "", criteria.get(time_key) or ""
+        if all(v and v != "*" and "\\" not in v and not _has_wildcard(v) for v in values) \
+                and "-" in values[0]:
+            pairs.append((date_key, time_key))
+    return pairs
 
 
 def matches(value, pattern: str, keyword: str, fuzzy: bool = False) -> bool:
@@ -114,7 +173,8 @@ def _columns(level: str) -> list:
     return cols
 
 
-def _statement(level: str, criteria: dict, dialect: str = "sqlite"):
+def _statement(level: str, criteria: dict, dialect: str = "sqlite", skip: frozenset = frozenset()):
+    """The query of ``level``'s records, narrowed by ``criteria`` but the keywords in ``skip``."""
     chain = LEVELS[:LEVELS.index(level) + 1]
     stmt = select(*_columns(level)).select_from(Patient)
     if "STUDY" in chain:
@@ -125,7 +185,7 @@ def _statement(level: str, criteria: dict, dialect: str = "sqlite"):
         stmt = stmt.join(Instance, Instance.series_fk == Series.id)
     for keyword, pattern in criteria.items():
         spec = ATTRIBUTES.get(keyword)
-        if spec and spec[0] in chain and pattern and keyword not in _INTEGER:
+        if spec and spec[0] in chain and pattern and keyword not in _INTEGER | skip:
             condition = _sql_condition(getattr(_LEVEL_ENTITY[spec[0]], spec[1]), keyword,
                                        pattern, dialect)
             if condition is not None:
@@ -224,7 +284,7 @@ def _record(row) -> dict:
     return {kw: values[kw] for kw in ATTRIBUTES if kw in values}
 
 
-def find(index: Index, level: str, criteria: dict[str, str], fuzzy: bool = False
+def find(index: Index, level: str, criteria: dict[str, str], matching: Matching = Matching()
          ) -> list[dict]:
     """Return the records of ``level`` that match ``criteria``.
 
@@ -235,8 +295,8 @@ def find(index: Index, level: str, criteria: dict[str, str], fuzzy: bool = False
     criteria : dict
         C-FIND keys by keyword, values as sent (empty: universal). Keys the index does not keep
         do not filter.
-    fuzzy : bool
-        Person names match by :func:`fuzzy_name_match` too.
+    matching : Matching
+        The options the caller negotiated.
 
     Returns
     -------
@@ -246,20 +306,29 @@ def find(index: Index, level: str, criteria: dict[str, str], fuzzy: bool = False
     """
     if level not in LEVELS:
         raise ValueError(f"unknown query level {level!r}")
+    pairs = _combined_pairs(criteria, matching)
+    # a combined pair's date range still bounds its dates in SQL; its time range does not
+    skip = frozenset(time_key for _, time_key in pairs)
     with index.read() as session:
-        rows = session.execute(_statement(level, criteria, index.engine.dialect.name)).all()
+        rows = session.execute(_statement(level, criteria, index.engine.dialect.name,
+                                          skip)).all()
         # the stored attributes first: the computed ones are counted for what still matches
         matched = [(row, record) for row, record in ((row, _record(row)) for row in rows)
-                   if _matching(record, criteria, fuzzy)]
+                   if _matching(record, criteria, matching, pairs)]
         for lv in {COMPUTED[k] for k in criteria if k in COMPUTED} \
                 & set(LEVELS[:LEVELS.index(level) + 1]):
             pos = LEVELS.index(lv)
             computed = _computed(session, lv, sorted({row[pos] for row, _ in matched}))
             for row, record in matched:
                 record.update(computed.get(row[pos], {}))
-    return [record for _, record in matched if _matching(record, criteria, fuzzy)]
+    return [record for _, record in matched if _matching(record, criteria, matching, pairs)]
 
 
-def _matching(record: dict, criteria: dict, fuzzy: bool = False) -> bool:
-    """Whether ``record`` matches every criterion it has an attribute for."""
-    return all(matches(record.get(k), v, k, fuzzy) for k, v in criteria.items() if k in record)
+def _matching(record: dict, criteria: dict, matching: Matching, pairs: list) -> bool:
+    """Whether ``record`` matches every criterion it has an attribute for, the date-time
+    ``pairs`` (:func:`_combined_pairs`) each as one moment."""
+    together = {key for pair in pairs for key in pair}
+    return all(combined_match(record.get(d), record.get(t), criteria[d], criteria[t])
+               for d, t in pairs if d in record) \
+        and all(matches(record.get(k), v, k, matching.fuzzy) for k, v in criteria.items()
+                if k in record and k not in together)

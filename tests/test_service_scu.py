@@ -453,14 +453,15 @@ def test_find_answers_where_and_how_the_instances_are_available(populated):
 
 def test_find_with_fuzzy_name_matching_negotiated(populated):
     """An SCU that proposes fuzzy semantic matching of person names (SOP Class Extended
-    Negotiation, PS3.4 C.5.1.1.1, third byte) gets it; relational queries are declined; an
-    SCU that does not propose it gets literal matching."""
+    Negotiation, PS3.4 C.5.1.1.1, third byte) gets it, and relational queries (first byte)
+    too; timezone adjustment (fourth) is declined; an SCU that does not propose it gets
+    literal matching."""
     from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as model
     node, a, _, _ = populated
     proposal = SOPClassExtendedNegotiation()
     proposal.sop_class_uid = model
-    proposal.service_class_application_information = b"\x01\x00\x01"
+    proposal.service_class_application_information = b"\x01\x00\x01\x01"
     query = Dataset()
     query.QueryRetrieveLevel, query.StudyInstanceUID, query.PatientName = "STUDY", "", "jane d"
 
@@ -470,11 +471,70 @@ def test_find_with_fuzzy_name_matching_negotiated(populated):
         assoc.release()
         return found
     fuzzy = associate(node.port, [build_context(model)], ext_neg=[proposal])
-    assert fuzzy.acceptor.sop_class_extended[model] == b"\x00\x00\x01"
+    assert fuzzy.acceptor.sop_class_extended[model] == b"\x01\x00\x01\x00"
     assert names(fuzzy) == ["Doe^Jane"]
     assert names(associate(node.port, [build_context(model)])) == []
     assert find(node.port, {"QueryRetrieveLevel": "STUDY", "PatientName": "jane d"}) == \
         (0x0000, [])
+
+
+def test_find_with_combined_date_time_matching_negotiated(populated):
+    """Combined date-time matching (second byte): December 31, 09:00 to January 2, 10:00 finds
+    the study of December 31 at 10:15 and not that of January 2 at 10:15; matched apart
+    (without the option), 09:00-10:00 of each day finds neither."""
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+    from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind as model
+    node, a, b, _ = populated
+    proposal = SOPClassExtendedNegotiation()
+    proposal.sop_class_uid = model
+    proposal.service_class_application_information = b"\x00\x01"
+    keys = {"QueryRetrieveLevel": "STUDY", "PatientID": "", "StudyInstanceUID": "",
+            "StudyDate": "20231231-20240102", "StudyTime": "0900-1000"}
+    query = Dataset()
+    for keyword, value in keys.items():
+        setattr(query, keyword, value)
+    assoc = associate(node.port, [build_context(model)], ext_neg=[proposal])
+    assert assoc.acceptor.sop_class_extended[model] == b"\x00\x01"
+    found = [m.StudyInstanceUID for s, m in assoc.send_c_find(query, model)
+             if s and s.Status == 0xFF00]
+    assoc.release()
+    assert found == [b[0].StudyInstanceUID]
+    assert find(node.port, keys, patient_root=True) == (0x0000, [])
+
+
+def test_get_with_relational_retrieval_negotiated(populated):
+    """Relational retrieval (PS3.4 C.5.3.1.1, first byte) is accepted for C-GET and C-MOVE;
+    an IMAGE-level C-GET naming only SOP Instance UIDs, no study or series, sends them."""
+    from pynetdicom import evt
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+    from pynetdicom.presentation import build_role
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as get_model
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as move_model
+    node, a, _, _ = populated
+    proposals = []
+    for model in (get_model, move_model):
+        proposal = SOPClassExtendedNegotiation()
+        proposal.sop_class_uid = model
+        proposal.service_class_application_information = b"\x01\x01"
+        proposals.append(proposal)
+    received = []
+
+    def on_store(event):
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+    assoc = associate(node.port, [build_context(get_model), build_context(move_model),
+                                  build_context(CT, [ExplicitVRLittleEndian])],
+                      ext_neg=[*proposals, build_role(CT, scp_role=True)],
+                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.acceptor.sop_class_extended == {get_model: b"\x01\x00",
+                                                 move_model: b"\x01\x00"}
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.SOPInstanceUID = "\\".join(ds.SOPInstanceUID for ds in a[:2])
+    statuses = [s.Status for s, _ in assoc.send_c_get(query, get_model) if s]
+    assoc.release()
+    assert statuses[-1] == 0x0000 and sorted(received) == sorted(ds.SOPInstanceUID
+                                                                 for ds in a[:2])
 
 
 def test_move_without_unique_key_is_refused_before_associating(populated):
