@@ -22,6 +22,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from storage.element_scan import scan
 from storage.part10 import build_file
 
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # Pixel, Float, Double Float
@@ -132,10 +133,13 @@ def _json_element(ds: Dataset, tag, raw, memo, links) -> tuple[dict, bool]:
         return _inline(tag, raw), True
 
 
-def header_dataset(transfer_syntax: str, data: bytes) -> tuple[Dataset, tuple | None]:
-    """(the elements of a dataset's bytes before its pixel data, (tag, VR) of the pixel data
-    element it stopped at or None); ``data`` may end inside that element, as a compressed
-    instance's stored header does. The VR is None where the encoding does not name it."""
+def header_dataset(transfer_syntax: str, data: bytes, trailer: bytes | None = None
+                   ) -> tuple[Dataset, tuple | None]:
+    """(the elements of a dataset's bytes but its pixel data, (tag, VR) of the pixel data
+    element or None); the VR is None where the encoding does not name it. ``data`` may end
+    inside the pixel data element, as a compressed instance's stored header does: the
+    elements after it are then ``trailer``'s; with ``trailer`` None they are found in
+    ``data``. Data Set Trailing Padding is left out."""
     ts = UID(transfer_syntax)
     if ts == DeflatedExplicitVRLittleEndian or not ts.is_transfer_syntax:
         ds = dcmread(io.BytesIO(build_file("1.2.3", "1.2.3", ts, data)),
@@ -150,7 +154,28 @@ def header_dataset(transfer_syntax: str, data: bytes) -> tuple[Dataset, tuple | 
         return False
     ds = read_dataset(io.BytesIO(data), ts.is_implicit_VR, ts.is_little_endian,
                       stop_when=at_pixels)
+    if stopped:
+        if trailer is None:
+            trailer = _after_pixels(data, stopped[0][0], ts)
+        if trailer:
+            after = read_dataset(io.BytesIO(trailer), ts.is_implicit_VR, ts.is_little_endian)
+            for tag in after.keys():
+                if tag not in PIXEL_TAGS and tag != _TRAILING_PADDING:
+                    ds[tag] = after.get_item(tag)
     return ds, (stopped[0] if stopped else None)
+
+
+_TRAILING_PADDING = 0xFFFCFFFC
+
+
+def _after_pixels(data: bytes, pixel_tag: int, ts: UID) -> bytes:
+    """The bytes after a whole little-endian dataset's pixel data element (b"" when it
+    cannot be walked: big endian, or something :func:`storage.element_scan.scan` declines)."""
+    if not ts.is_little_endian:
+        return b""
+    elements = scan(data, not ts.is_implicit_VR) or []
+    ends = [e.end for e in elements if e.tag == pixel_tag]
+    return bytes(data[ends[0]:]) if ends else b""
 
 
 def parse_path(text: str) -> list[int]:

@@ -591,7 +591,7 @@ class DicomWeb:
 
     @staticmethod
     def _metadata_of(inst, base: str, raw_tags: set, memos: dict) -> dict:
-        ds, pixels = header_dataset(inst.transfer_syntax, inst.data)
+        ds, pixels = header_dataset(inst.transfer_syntax, inst.data, inst.trailer)
         charset = ds.get_item(0x00080005)
         memo = memos.setdefault((inst.transfer_syntax, getattr(charset, "value", None)), {})
         url = (f"{base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
@@ -661,7 +661,7 @@ class DicomWeb:
                                                    inst.transfer_syntax, inst.data)))
             else:
                 inst = self.archive.header(uids[0])
-                ds = header_dataset(inst.transfer_syntax, inst.data)[0]
+                ds = header_dataset(inst.transfer_syntax, inst.data, inst.trailer)[0]
         except StorageError as exc:
             raise _failed(exc) from exc
         value = element_value(ds, steps)

@@ -21,7 +21,7 @@ from storage.index import Blob, Index, Instance, Series, Study
 from storage.index_upgrade import fill_added_attributes
 from storage.ingest import DUPLICATE_POLICIES, IngestResult, Stager, ingest, stored_bytes
 from storage.recode import Recoder
-from storage.reconstruct import Reconstructor, StoredInstance, StoredParts
+from storage.reconstruct import Reconstructor, StoredHeader, StoredInstance, StoredParts
 from storage.recovery import ArchiveLock, recover
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Archive:
         and transfer syntax (see :meth:`Reconstructor.locate`)."""
         return self.reconstructor.locate(sop_uids)
 
-    def header(self, sop_uid: str) -> StoredInstance:
+    def header(self, sop_uid: str) -> StoredHeader:
         """An instance's bytes up to its pixel data, nothing decoded (see
         :meth:`Reconstructor.header`)."""
         return self.reconstructor.header(sop_uid)

@@ -48,6 +48,20 @@ class StoredInstance:
 
 
 @dataclass(frozen=True)
+class StoredHeader:
+    """An instance's attributes without decoding its pixels: ``data`` is its dataset bytes,
+    whole for one kept as received, else up to and into its Pixel Data element; ``trailer``
+    the bytes of the elements after the pixel data where ``data`` stops short of them (None:
+    ``data`` is whole and holds them)."""
+
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    data: bytes
+    trailer: bytes | None = None
+
+
+@dataclass(frozen=True)
 class StoredParts:
     """An instance as received, its dataset bytes in consecutive parts (header bytes and views
     of decoded pixel words), so that a large instance is never copied into one object."""
@@ -447,22 +461,24 @@ class Reconstructor:
         return StoredParts(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax,
                            self._checked(inst, parts))
 
-    def header(self, sop_uid: str) -> StoredInstance:
-        """Return the instance's bytes up to its pixel data, without decoding any pixels.
+    def header(self, sop_uid: str) -> StoredHeader:
+        """Return the instance's attributes as bytes, without decoding any pixels.
 
         An instance stored as received (staged, raw or deflated) comes whole and SHA-256
         checked; a coded one is its stored header bytes, which end inside the Pixel Data
-        element, and cannot be checked without decoding its pixels.
+        element, with the bytes of any elements after it as ``trailer``; it cannot be checked
+        without decoding its pixels.
 
         Raises
         ------
         InstanceNotFoundError, IntegrityError
             As :meth:`get`.
         """
-        inst, data = self._located(sop_uid, self._header_bytes)
+        inst, (data, trailer) = self._located(sop_uid, self._header_bytes)
         if _as_received(inst):
             data = self._checked(inst, (data,))[0]
-        return StoredInstance(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax, data)
+        return StoredHeader(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax, data,
+                            trailer)
 
     def frames(self, sop_uid: str, numbers: list[int] | None) -> list[memoryview] | None:
         """The stored words (little endian) of frames ``numbers`` (from 1; None: all) of a
@@ -543,11 +559,12 @@ class Reconstructor:
                 parts = self._slices(blob, start, stop)
             return spliced(before, parts, after)
 
-    def _header_bytes(self, inst, blob) -> bytes:
+    def _header_bytes(self, inst, blob) -> tuple[bytes, bytes | None]:
+        """(data, trailer) of :class:`StoredHeader`."""
         with self._unreadable(inst, blob):
             if _as_received(inst):
-                return self._whole(inst, blob)
-            return self._header_parts(inst, blob)[0]
+                return self._whole(inst, blob), None
+            return self._header_parts(inst, blob)
 
     def _whole(self, inst, blob) -> bytes:
         """The bytes of an instance stored as received (staged, raw or deflated)."""

@@ -149,3 +149,39 @@ def test_an_instance_without_pixel_data(admin_site, tmp_path):
     (item,) = json.loads(http_get(f"{url}/metadata")[1])
     assert "7FE00010" not in item and item["00080018"]["Value"] == [ds.SOPInstanceUID]
     assert http_get(f"{url}/bulkdata/7FE00010")[0] == 404
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", ImplicitVRLittleEndian])
+def test_elements_after_the_pixel_data_are_in_the_metadata(admin_site, tmp_path, syntax):
+    """A private group after Pixel Data (GE writes 7FE1) is in the metadata, its large value
+    by BulkDataURI, before and after compaction; Data Set Trailing Padding is left out."""
+    node, admin = admin_site
+    series = make_series(3, 16, 16, transfer_syntax=syntax, seed=12)
+    blobs = [np.random.default_rng(k).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+             for k in range(3)]
+    for ds, blob in zip(series, blobs):
+        ds.add_new(0x7FE10010, "LO", "VOXARC TRAILING TEST")
+        ds.add_new(0x7FE11001, "OB", blob)
+        ds.add_new(0x7FE11002, "LO", "after the pixels")
+        ds.add_new(0xFFFCFFFC, "OB", b"\0" * 16)
+    items = [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds)) for ds in series]
+    assert all(data.index(b"after the pixels") > data.index(ds.PixelData)
+               for ds, (_, _, _, data) in zip(series, items))
+    assert store_bytes(node.port, items, tmp_path) == [0, 0, 0]
+    url = (f"{admin.url}/dicom-web/studies/{series[0].StudyInstanceUID}/series/"
+           f"{series[0].SeriesInstanceUID}")
+    for compacted in (False, True):
+        if compacted:
+            assert node.archive.compact(stable_age=0) == (1, 0)
+        meta = _by_uid(json.loads(http_get(f"{url}/metadata")[1]))
+        for ds, blob in zip(series, blobs):
+            item = meta[ds.SOPInstanceUID]
+            text = item["7FE11002"]          # implicit VR: an unknown private tag is UN
+            assert text.get("Value") == ["after the pixels"] or \
+                base64.b64decode(text["InlineBinary"]) == b"after the pixels", compacted
+            assert item["7FE10010"]["Value"] == ["VOXARC TRAILING TEST"]
+            assert "FFFCFFFC" not in item
+            assert _multipart(item["7FE11001"]["BulkDataURI"]) == \
+                [("application/octet-stream", blob)]
+            assert _multipart(item["7FE00010"]["BulkDataURI"]) == \
+                [("application/octet-stream", ds.PixelData)]
