@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _COMMAND_MODULES = ("service.node_cli", "service.export_cli", "service.bench", "service.train_cli",
                     "service.node_bench", "service.verify_cli", "service.delete_cli",
                     "service.backup_cli", "service.bits_cli", "service.query_bench",
-                    "service.conformance", "service.pull_cli")
+                    "service.conformance", "service.pull_cli", "service.web_bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

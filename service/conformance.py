@@ -340,7 +340,10 @@ def _dicomweb(settings: Settings) -> str:
         "losslessly (section 4), else 406. QIDO-RS `fuzzymatching=true` matches person names "
         "also when each word of the query begins a word of the name, in any order, ignoring "
         "case and accents (`jane doe` and `doe^j` find `Doe^Jane`, `muller` finds "
-        "`MÜLLER^HANS`).\n")
+        "`MÜLLER^HANS`). WADO-RS answers (instances, metadata, frames, bulk data, rendered, "
+        "thumbnails) carry a weak `ETag` (the instances' SHA-256s, the request and the node's "
+        "start) and `Cache-Control: private, no-cache`; `If-None-Match` naming it is answered "
+        "304 Not Modified.\n")
 
 
 def _appendix(storage: list[str]) -> str:

@@ -81,6 +81,7 @@ from service.dicom_json import (PIXEL_TAGS, BadPath, BulkLinks, element_value, h
 from service.dicomweb_accept import (RENDERED, NotAcceptable, accepted_syntaxes, frame_syntax,
                                      octets_accepted, part10_in, rendered_type, syntax_for)
 from service.identifiers import find_records, known_keyword
+from service.web_cache import conditional, entity_tag
 from service.web_url import dicomweb_base
 from service.preview import SHAPES, PreviewError, render_image
 from storage.dataset_parts import le_bytes, nbytes
@@ -458,6 +459,9 @@ class DicomWeb:
         series = study + "/series/{series}"
         instance = series + "/instances/{sop}"
         search, checked = self.search, _uids_checked
+
+        def cached(endpoint):           # answers fixed by their instances: ETag, 304
+            return _uids_checked(conditional(endpoint, self.entity_tag))
         return [
             Route("/dicom-web/studies", search("STUDY")),
             Route("/dicom-web/series", search("SERIES")),
@@ -465,15 +469,15 @@ class DicomWeb:
             Route(study + "/series", checked(search("SERIES"))),
             Route(study + "/instances", checked(search("IMAGE"))),
             Route(series + "/instances", checked(search("IMAGE"))),
-            *(Route(path, checked(self.retrieve)) for path in (study, series, instance)),
-            *(Route(path + "/metadata", checked(self.metadata))
+            *(Route(path, cached(self.retrieve)) for path in (study, series, instance)),
+            *(Route(path + "/metadata", cached(self.metadata))
               for path in (study, series, instance)),
-            Route(instance + "/frames/{frames}", checked(self.frames)),
-            Route(instance + "/bulkdata/{path:path}", checked(self.bulkdata)),
-            *(Route(path + "/rendered", checked(self.rendered_all)) for path in (study, series)),
-            Route(instance + "/rendered", checked(self.rendered)),
-            Route(instance + "/frames/{frame}/rendered", checked(self.rendered)),
-            *(Route(path + "/thumbnail", checked(self.thumbnail))
+            Route(instance + "/frames/{frames}", cached(self.frames)),
+            Route(instance + "/bulkdata/{path:path}", cached(self.bulkdata)),
+            *(Route(path + "/rendered", cached(self.rendered_all)) for path in (study, series)),
+            Route(instance + "/rendered", cached(self.rendered)),
+            Route(instance + "/frames/{frame}/rendered", cached(self.rendered)),
+            *(Route(path + "/thumbnail", cached(self.thumbnail))
               for path in (study, series, instance)),
             Route("/wado", self.wado_uri),
         ]
@@ -483,6 +487,12 @@ class DicomWeb:
         """SOP Instance UIDs under the study / series / instance UIDs of a path."""
         criteria = {kw: params[key] for key, kw in _PATH_KEYS if params.get(key)}
         return [r["SOPInstanceUID"] for r in self.archive.find("IMAGE", criteria)]
+
+    def entity_tag(self, request: Request) -> str | None:
+        """The ETag of an answer about the instances a path names (:mod:`service.web_cache`)."""
+        params = request.path_params
+        digests = self.archive.digests(params["study"], params.get("series"), params.get("sop"))
+        return entity_tag(request, digests, dicomweb_base(request, self.public_url))
 
     def one(self, params: dict, uids: list[str] | None = None):
         """The instance a path names (``uids``: what it names, when looked up already),

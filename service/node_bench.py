@@ -97,9 +97,9 @@ class Server:
             self.log_file.close()
 
 
-def start_voxarc(data_dir: Path) -> Server:
+def start_voxarc(data_dir: Path, http_port: int = 0) -> Server:
     """``voxarc serve`` on a free port (no compaction and no integrity patrol during the run,
-    admin page on a free port)."""
+    admin page on ``http_port``, a free one for 0)."""
     port = free_port()
     log_path = Path(data_dir).with_suffix(".log")
     seen = log_path.read_text(errors="replace").count("decoder processes: ") \
@@ -109,7 +109,8 @@ def start_voxarc(data_dir: Path) -> Server:
     logf = open(log_path, "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--config", str(config), "--data-dir",
-         str(data_dir), "--port", str(port), "--http-port", "0", "--stable-age", "1e9"],
+         str(data_dir), "--port", str(port), "--http-port", str(http_port), "--stable-age",
+         "1e9"],
         cwd=ROOT, env=ENV, stdout=logf, stderr=subprocess.STDOUT)
     server = Server("voxarc", "VOXARC", port, proc, Path(data_dir), logf, seen)
     try:

@@ -160,6 +160,6 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
     if origins:     # outermost: answers a browser's preflight, which carries no token
         middleware.insert(0, Middleware(
             CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Accept"],
-            expose_headers=["Warning", "Content-Type"]))
+            allow_headers=["Authorization", "Content-Type", "Accept", "If-None-Match"],
+            expose_headers=["Warning", "Content-Type", "ETag"]))
     return Starlette(routes=routes, middleware=middleware)

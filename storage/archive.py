@@ -136,6 +136,21 @@ class Archive:
                     out[uid] = (sop_class, ts)
         return out
 
+    def digests(self, study_uid: str, series_uid: str | None = None,
+                sop_uid: str | None = None) -> dict[str, str]:
+        """{SOP Instance UID: SHA-256 taken at ingest} of the instances of a study (of one of
+        its series, or one instance of that series), in one indexed query."""
+        stmt = (select(Instance.sop_uid, Instance.sha256)
+                .join(Series, Instance.series_fk == Series.id)
+                .join(Study, Series.study_fk == Study.id)
+                .where(Study.study_uid == study_uid))
+        if series_uid is not None:
+            stmt = stmt.where(Series.series_uid == series_uid)
+        if sop_uid is not None:
+            stmt = stmt.where(Instance.sop_uid == sop_uid)
+        with self.index.read() as s:
+            return dict(s.execute(stmt).all())
+
     def held(self, sop_uids: list[str]) -> dict[str, str]:
         """{SOP Instance UID: SOP Class UID} of the given instances that the archive holds:
         indexed, and their staged file or blob present (what a storage commitment vouches for;

@@ -90,3 +90,19 @@ def test_getscu_accepts_one_compressed_syntax_at_most():
     assert node_bench.getscu_options({explicit, jpeg_ls}) == ["+xt"]
     assert node_bench.getscu_options({jpeg_ls, j2k}) is None          # the pynetdicom SCU then
     assert node_bench.getscu_options({"1.2.840.10008.1.2.4.50"}) is None
+
+
+def test_bench_web_opens_the_series_three_ways(tiny_series, tmp_path, capsys):
+    """`voxarc bench-web`: every request of the third opening is answered 304 and sends no
+    body; the first two send the same bytes."""
+    out_json = tmp_path / "web.json"
+    args = build_parser().parse_args(["bench-web", str(tiny_series), "--runs", "1",
+                                      "--json", str(out_json), "--work-dir", str(tmp_path)])
+    assert args.func(args) == 0
+    assert "| tiny_ct | 6 | revalidated |" in capsys.readouterr().out
+    (row,) = json.loads(out_json.read_text())
+    first, again, revalidated = (row[k] for k in ("first", "again", "revalidated"))
+    assert first["bytes"] == again["bytes"] > 6 * 24 * 20 * 2
+    assert (revalidated["not_modified"], revalidated["bytes"]) == (7, 0)   # metadata, 6 frames
+    assert first["not_modified"] == again["not_modified"] == 0
+    assert 0 < first["first_frame_s"] <= first["seconds"]
