@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from admin_helpers import admin_site, http_token, store_series  # noqa: F401
+from admin_helpers import admin_site, http_get, http_token, store_series  # noqa: F401
 from node_helpers import real_series_files, write_series
 from scu_helpers import store_bytes
 from service import patrol
@@ -121,3 +121,38 @@ def test_page_raises_the_alarm_when_the_patrol_finds_damage(admin_site, tmp_path
     dom = _chromium(f"{admin.url}/", tmp_path / "chromium-profile", "--dump-dom")
     assert re.search(r'id="integrity">([^<]*)<', dom).group(1) == "5 damaged"
     assert 'class="card alarm"' in dom and "run voxarc verify" in dom
+
+
+def test_series_viewer_opens_from_a_link_and_shows_the_rendered_images(admin_site, tmp_path):
+    """``/#view/{study}/{series}/{n}`` opens the viewer on the series' n-th image in instance
+    number order (multi-frame instances counted by frame), each image the WADO-RS rendered one;
+    the window presets are offered."""
+    from node_helpers import dataset_bytes, make_series
+    node, admin = admin_site
+    series = make_series(5, 32, 32, seed=31)
+    for ds, number in zip(series, (3, 1, 5, 2, 4)):        # received out of order
+        ds.InstanceNumber = number
+    items = [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds)) for ds in series]
+    assert store_bytes(node.port, items, tmp_path) == [0] * 5
+    assert node.archive.compact(stable_age=0) == (1, 0)
+    study, uid = series[0].StudyInstanceUID, series[0].SeriesInstanceUID
+    profile = tmp_path / "chromium-profile"
+    dom = _chromium(f"{admin.url}/#view/{study}/{uid}/2", profile, "--dump-dom")
+    assert re.search(r'<dialog id="viewer"[^>]* open', dom)
+    assert re.search(r'id="viewer-pos"[^>]*>([^<]*)<', dom).group(1) == "2 / 5"
+    title = re.search(r'id="viewer-title"[^>]*>([^<]*)<', dom).group(1)
+    assert title.startswith(f"{series[0].PatientName} · CT · series"), title
+    second = next(ds.SOPInstanceUID for ds in series if ds.InstanceNumber == 2)
+    src = re.search(r'id="viewer-img"[^>]*src="([^"]*)"', dom).group(1)
+    assert src.endswith(f"/series/{uid}/instances/{second}/rendered"), src
+    assert len(re.findall(r'<button type="button"[^>]*title="window', dom)) == 4
+    assert re.search(r'id="viewer-slider"[^>]*max="4"', dom)
+    status, body = http_get(f"{admin.url}/{src}")
+    assert status == 200 and body[:3] == b"\xff\xd8\xff"              # a JPEG
+    shot = tmp_path / "admin-viewer.png"
+    _chromium(f"{admin.url}/#view/{study}/{uid}/3", profile, f"--screenshot={shot}")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("VOXARC_ARTIFACTS"):
+        target = Path(os.environ["VOXARC_ARTIFACTS"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, target / shot.name)

@@ -137,13 +137,17 @@ function studyRow(tbody, s) {
     state.open.has(s.study_uid) ? state.open.delete(s.study_uid) : state.open.add(s.study_uid);
     loadStudies();
   });
-  if (state.open.has(s.study_uid)) s.series.forEach((se) => seriesRow(tbody, se));
+  if (state.open.has(s.study_uid)) s.series.forEach((se) => seriesRow(tbody, s, se));
 }
 
-function seriesRow(tbody, se) {
+function seriesRow(tbody, study, se) {
   const row = tbody.insertRow();
   row.className = "series";
   row.dataset.uid = se.series_uid;
+  row.title = "open the series viewer";
+  row.addEventListener("click", () => {
+    location.hash = viewHash(study.study_uid, se.series_uid);
+  });
   const name = cell(row, `${se.modality} series ${se.series_number}`);
   name.prepend(thumbnail(se.series_uid));
   cell(row, se.series_uid, "uid").colSpan = 2;
@@ -167,6 +171,116 @@ function thumbnail(uid) {
   img.addEventListener("error", () => img.remove());   // no image to show for this series
   return img;
 }
+
+// --- series viewer: each image as the node renders it (WADO-RS), scrolled in instance order ---
+const WINDOWS = [["as stored", ""], ["soft tissue", "40,400"], ["lung", "-600,1500"],
+                 ["bone", "400,1800"], ["brain", "40,80"]];
+const viewer = { images: [], index: 0, window: "", path: "" };
+const enc = encodeURIComponent;
+const viewHash = (study, series, index) =>
+  `#view/${enc(study)}/${enc(series)}` + (index ? `/${index + 1}` : "");
+const value = (record, tag) => ((record[tag] || {}).Value || [])[0];
+
+// The series' images (each instance's frames, in instance number order) and a title for it,
+// from a QIDO-RS search.
+async function seriesImages(path) {
+  const records = await api(`${path}/instances?includefield=00200013&includefield=00280008`);
+  records.sort((a, b) => (value(a, "00200013") || 0) - (value(b, "00200013") || 0));
+  const first = records[0] || {};
+  const name = value(first, "00100010");
+  const title = [name && (name.Alphabetic || name), value(first, "00080060"),
+                 value(first, "00200011") && `series ${value(first, "00200011")}`,
+                 value(first, "0008103E")].filter(Boolean).join(" · ");
+  const images = records.flatMap((r) => {
+    const uid = value(r, "00080018"), frames = Number(value(r, "00280008") || 1);
+    const base = `${path}/instances/${enc(uid)}`;
+    return frames > 1 ? Array.from({ length: frames }, (_, f) => `${base}/frames/${f + 1}`)
+                      : [base];
+  });
+  return { images, title };
+}
+
+function imageUrl(i) {
+  const query = new URLSearchParams();
+  if (viewer.window) query.set("window", viewer.window);
+  if (token) query.set("token", token);          // an img cannot send a header
+  const q = query.toString();
+  return `${viewer.images[i]}/rendered` + (q ? "?" + q : "");
+}
+
+function showImage(i) {
+  if (!viewer.images.length) return;
+  viewer.index = Math.max(0, Math.min(viewer.images.length - 1, i));
+  byId("viewer-img").src = imageUrl(viewer.index);
+  byId("viewer-slider").value = viewer.index;
+  setText("viewer-pos", `${viewer.index + 1} / ${viewer.images.length}`);
+  for (let k = 1; k <= 3; k++) {                 // the next images, ready when scrolled to
+    if (viewer.index + k < viewer.images.length) new Image().src = imageUrl(viewer.index + k);
+  }
+}
+
+function windowButtons() {
+  const group = byId("viewer-windows");
+  group.replaceChildren();
+  WINDOWS.forEach(([label, win]) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.title = win ? `window ${win} (center, width)` : "the instance's own window";
+    button.className = win === viewer.window ? "on" : "";
+    button.addEventListener("click", () => {
+      viewer.window = win;
+      windowButtons();
+      showImage(viewer.index);
+    });
+    group.appendChild(button);
+  });
+}
+
+// #view/{study}/{series}[/{image}] opens the viewer (a link to a series can be shared).
+async function openFromHash() {
+  const m = location.hash.match(/^#view\/([^/]+)\/([^/]+)(?:\/(\d+))?$/);
+  const dialog = byId("viewer");
+  if (!m) { if (dialog.open) dialog.close(); return; }
+  const path = `dicom-web/studies/${m[1]}/series/${m[2]}`;
+  if (path !== viewer.path) {
+    viewer.path = path;
+    viewer.images = [];
+    setText("viewer-title", decodeURIComponent(m[2]));
+    setText("viewer-pos", "loading…");
+    if (!dialog.open) dialog.showModal();
+    try {
+      const found = await seriesImages(path);
+      viewer.images = found.images;
+      if (found.title) setText("viewer-title", found.title);
+    } catch (err) {
+      setText("viewer-pos", String(err.message || err));
+      return;
+    }
+    byId("viewer-slider").max = Math.max(0, viewer.images.length - 1);
+    windowButtons();
+  }
+  if (!dialog.open) dialog.showModal();
+  showImage(m[3] ? Number(m[3]) - 1 : Math.floor(viewer.images.length / 2));
+}
+
+byId("viewer-slider").addEventListener("input", (e) => showImage(Number(e.target.value)));
+byId("viewer").addEventListener("wheel", (e) => {
+  e.preventDefault();
+  showImage(viewer.index + Math.sign(e.deltaY));
+}, { passive: false });
+byId("viewer").addEventListener("keydown", (e) => {
+  const step = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 }[e.key];
+  if (step) { e.preventDefault(); showImage(viewer.index + step); }
+});
+byId("viewer").addEventListener("close", () => {
+  viewer.path = "";
+  if (location.hash.startsWith("#view/")) {
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+});
+byId("viewer-close").addEventListener("click", () => byId("viewer").close());
+window.addEventListener("hashchange", openFromHash);
 
 function renderStudies(page) {
   state.total = page.total;
@@ -302,4 +416,5 @@ byId("next").addEventListener("click", () => {
   loadStudies();
 });
 refresh();
+openFromHash();
 setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
