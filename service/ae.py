@@ -24,6 +24,7 @@ from service import (command_encoding, commitment, exact_send, handlers, move_re
                      quiet_log, statuses, tls)
 from service.access import AccessPolicy, guard
 from service.config import Settings
+from service.forwarding import Forwarder
 from service.metrics import NodeMetrics
 from service.patrol import Patrol
 from service.socket_tuning import tune_association
@@ -173,7 +174,7 @@ class Node:
     settings : Settings
         Port 0 picks a free port (see :attr:`port`).
     compaction : bool
-        Run the background compaction worker and the integrity patrol.
+        Run the background workers: compaction, the integrity patrol, forwarding.
     """
 
     def __init__(self, settings: Settings, compaction: bool = True):
@@ -192,6 +193,8 @@ class Node:
         self.patrol = Patrol(self.archive, settings.scrub_every_days * 86400.0,
                              settings.scrub_read_mb_per_s * 1e6) \
             if compaction and settings.scrub_every_days > 0 else None
+        self.forwarder = Forwarder(self.archive, settings, self.metrics) \
+            if compaction and settings.forward else None
 
     @property
     def port(self) -> int:
@@ -216,6 +219,10 @@ class Node:
             self.worker.start()
         if self.patrol:
             self.patrol.start()
+        if self.forwarder:
+            self.forwarder.start()
+            log.info("forwarding: %s", "; ".join(f"{name} <- {rule or 'every series'}"
+                                                  for name, rule in self.settings.forward.items()))
         threading.Thread(target=self._warm, name="voxarc-warm", daemon=True).start()
         log.info("voxarc node %s listening on %s:%d (data %s)", self.settings.ae_title,
                  self.settings.host, self.port, self.settings.data_dir)
@@ -239,6 +246,8 @@ class Node:
             self.worker.stop()
         if self.patrol is not None:
             self.patrol.stop()
+        if self.forwarder is not None:
+            self.forwarder.stop()
         self.reporter.stop()
         self.archive.close()
         log.info("voxarc node %s stopped", self.settings.ae_title)

@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.forwarding import parse_rule
+
 SETTING_DOCS = {
     "data_dir": "Folder of the blob store and, by default, of the SQLite index.",
     "database_url": "SQLAlchemy URL of the index; empty means sqlite:///<data_dir>/index.sqlite.",
@@ -41,6 +43,9 @@ SETTING_DOCS = {
                            "slow ingest and retrievals (0: no limit).",
     "destinations": "C-MOVE destinations and storage commitment reports: "
                     "NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
+    "forward": "Send each stable series to destinations as it comes: NAME = \"Keyword=pattern; "
+               "...\" (a destination of destinations; C-FIND keys of the series, its study or "
+               "patient; \"\": every series) (flag: --forward NAME=RULE, repeatable).",
     "http_host": "Address the admin web page binds to (localhost only by default).",
     "http_port": "TCP port of the admin web page, JSON API and /metrics (0: a free port).",
     "http_token": "Token the admin web page requires (Bearer header or ?token=); empty: none.",
@@ -99,6 +104,7 @@ class Settings:
     scrub_every_days: float = 7.0
     scrub_read_mb_per_s: float = 50.0
     destinations: dict = field(default_factory=dict)
+    forward: dict = field(default_factory=dict)
     http_host: str = "127.0.0.1"
     http_port: int = 8042
     http_token: str = ""
@@ -113,6 +119,10 @@ class Settings:
     tls_certificate: str = ""
     tls_private_key: str = ""
     tls_ca_certificates: str = ""
+
+    def forward_rules(self) -> dict[str, dict]:
+        """Destination name -> the C-FIND keys of its forwarding rule."""
+        return {name: parse_rule(text) for name, text in self.forward.items()}
 
     def destination(self, ae_title: str) -> Destination | None:
         """Return the destination whose AE title (or name) is ``ae_title``, or None."""
@@ -140,6 +150,12 @@ def _coerce(name: str, value):
         for key, text in value.items():
             parse_destination(f"{key}={text}")
         return dict(value)
+    if name == "forward":
+        if not isinstance(value, dict):
+            raise ValueError("forward must be a table of NAME = \"Keyword=pattern; ...\"")
+        for key, text in value.items():
+            parse_rule(str(text))
+        return {str(k): str(v) for k, v in value.items()}
     if name == "peers":
         if not isinstance(value, dict):
             raise ValueError("peers must be a table of AET = \"store,query,retrieve\"")
@@ -195,6 +211,7 @@ def load_settings(config: str | Path | None = None, **overrides) -> Settings:
         with open(config, "rb") as f:
             values.update(tomllib.load(f))
     destinations = overrides.pop("destination", None) or []
+    forwards = overrides.pop("forward", None) or []
     values.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(values) - set(SETTING_DOCS)
     if unknown:
@@ -203,6 +220,16 @@ def load_settings(config: str | Path | None = None, **overrides) -> Settings:
     for text in destinations:
         dest = parse_destination(text)
         settings.destinations[dest.name] = f"{dest.ae_title}@{dest.host}:{dest.port}"
+    for text in forwards:
+        name, equals, rule = text.partition("=")
+        if not equals or not name.strip():
+            raise ValueError(f"--forward {text!r} is not NAME=RULE")
+        parse_rule(rule)
+        settings.forward[name.strip()] = rule.strip()
+    for name in settings.forward:
+        if name not in settings.destinations:
+            raise ValueError(f"forward to {name!r}: not one of the destinations "
+                             f"({', '.join(sorted(settings.destinations)) or 'none configured'})")
     if settings.duplicate_policy not in ("keep_first", "replace", "reject"):
         raise ValueError(f"duplicate_policy {settings.duplicate_policy!r} is not one of "
                          "keep_first, replace, reject")

@@ -114,7 +114,7 @@ def _services(contexts: dict, storage: list[str]) -> str:
         assert str(sop) in contexts, f"{sop.name} is not offered"
     rows = [(Verification.name, "-", "yes")]
     rows.append((f"{len(storage)} Storage SOP Classes (Appendix A)",
-                 "yes (C-GET, C-MOVE sub-operations)",
+                 "yes (C-GET, C-MOVE sub-operations; forwarding)",
                  "yes (C-STORE; C-GET sub-operations of `voxarc pull`)"))
     pulled = {"1.2.840.10008.5.1.4.1.2.2.1": "yes (`voxarc pull`)",
               "1.2.840.10008.5.1.4.1.2.2.2": "yes (`voxarc pull --move`)",
@@ -149,8 +149,10 @@ def _association(settings: Settings, ae) -> str:
         ("Secure transport", tls),
     ]
     return ("## 3. Association policies\n\nvoxarc accepts associations; it opens them only "
-            "to send a C-MOVE's instances to a configured destination and a storage commitment "
-            "result to the AE that asked for it, and when an administrator runs `voxarc pull` "
+            "to send a C-MOVE's instances to a configured destination, a storage commitment "
+            "result to the AE that asked for it, each stable series a forwarding rule matches "
+            "to its destination (C-STORE, the contexts as for C-MOVE), and when an "
+            "administrator runs `voxarc pull` "
             "(Study Root C-FIND at STUDY and IMAGE level, then C-GET of each study or of the "
             "instances it lacks, or with `--move` a C-MOVE of them to the node itself; for "
             "C-GET each storage SOP class proposed in the uncompressed syntaxes "

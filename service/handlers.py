@@ -148,7 +148,7 @@ def _failed(sop_uid: str) -> Dataset:
     return ds
 
 
-class _Receiver:
+class Receiver:
     """The association that C-STORE sub-operations go out on (this one for a C-GET; for a
     C-MOVE, the one to the destination, known once it is accepted): what it takes, and whether
     it still stands."""
@@ -185,8 +185,8 @@ class _Receiver:
         return chosen, None
 
 
-def _sub_operations(archive: Archive, records: list[dict], operation: str,
-                    receiver: _Receiver, peer: str):
+def sub_operations(archive: Archive, records: list[dict], operation: str,
+                   receiver: Receiver, peer: str):
     """Yield (status, dataset) per instance: the exact stored bytes, or a dataset that fails to
     send (so the sub-operation counts as failed) when the instance cannot be rebuilt or the
     receiver cannot take it (then it is not rebuilt at all). ``peer``: who asked (logged)."""
@@ -253,7 +253,7 @@ def handle_get(event, archive: Archive):
         return
     log.info("C-GET from %s: %d instances", _peer(event), len(records))
     yield len(records)
-    for item in _sub_operations(archive, records, "C-GET", _Receiver(event.assoc),
+    for item in sub_operations(archive, records, "C-GET", Receiver(event.assoc),
                                 _peer(event)):
         if event.is_cancelled:
             yield statuses.CANCEL, None
@@ -273,7 +273,7 @@ def _select(event, archive: Archive) -> list[dict]:
     return archive.find("IMAGE", retrieve_criteria(level, criteria))
 
 
-def _contexts(records: list[dict], archive: Archive) -> list:
+def store_contexts(records: list[dict], archive: Archive) -> list:
     """Presentation contexts for the (SOP class, transfer syntax) pairs of the instances, then
     per class one in the uncompressed syntaxes its instances convert to (for a destination
     that refuses a stored one)."""
@@ -303,16 +303,16 @@ def handle_move(event, archive: Archive, settings: Settings):
         return
     log.info("C-MOVE from %s: %d instances to %s (%s@%s:%d)", _peer(event), len(records),
              dest.name, dest.ae_title, dest.host, dest.port)
-    receiver = _Receiver()
+    receiver = Receiver()
     yield dest.host, dest.port, {"ae_title": dest.ae_title,
-                                 "contexts": _contexts(records, archive),
+                                 "contexts": store_contexts(records, archive),
                                  "evt_handlers": [(evt.EVT_CONN_OPEN, tune_association),
                                                   *receiver.handlers()]}
     yield max(len(records), refusal is not None)
     if refusal is not None:
         yield _refusal(refusal, "C-MOVE", event), None
         return
-    for item in _sub_operations(archive, records, "C-MOVE", receiver, _peer(event)):
+    for item in sub_operations(archive, records, "C-MOVE", receiver, _peer(event)):
         if event.is_cancelled:
             yield statuses.CANCEL, None
             return

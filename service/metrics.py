@@ -150,6 +150,9 @@ class NodeMetrics:
         self.throughput = Gauge("voxarc_compaction_throughput_bytes_per_second",
                                 "Staged bytes per second of the last successful compaction",
                                 registry=r)
+        self.forwarded_instances = Counter(
+            "voxarc_forwarded_instances", "Instances forwarded by C-STORE, by destination and "
+            "result", ["destination", "result"], registry=r)
         if archive is not None:
             r.register(_IndexCollector(archive))
         r.register(_DecoderCollector(archive))
@@ -175,6 +178,13 @@ class NodeMetrics:
     def association(self, name: str) -> None:
         """Count one association event ("accepted", "rejected", "released", "aborted")."""
         self.associations.labels(name).inc()
+
+    def forwarded(self, destination: str, sent: int, failed: int) -> None:
+        """Count the instances one forwarding attempt stored at ``destination``, and those
+        it failed to."""
+        self.forwarded_instances.labels(destination, "stored").inc(sent)
+        if failed:
+            self.forwarded_instances.labels(destination, "failed").inc(failed)
 
     def compaction_done(self, ok: bool, seconds: float, nbytes: int) -> None:
         """Record one series compaction of ``nbytes`` staged bytes taking ``seconds``."""

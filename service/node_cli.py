@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--stable-age", type=float, help="seconds before a series is compacted")
     p.add_argument("--destination", action="append", metavar="NAME=AET@HOST:PORT",
                    help="C-MOVE destination (repeatable)")
+    p.add_argument("--forward", action="append", metavar="NAME=RULE",
+                   help="send each stable series matching RULE (Keyword=pattern; ..., or "
+                        "empty: all) to destination NAME (repeatable)")
     p.add_argument("--http-port", type=int, help="admin web page port (default 8042)")
     p.add_argument("--http-host", help="admin web page address (default 127.0.0.1)")
     p.add_argument("--http-token", help="token the admin web page requires (default none; "
@@ -64,6 +67,7 @@ def serve(args) -> int:
     """Run until SIGTERM or SIGINT, then stop cleanly."""
     settings = settings_from_args(args, port=args.port, ae_title=args.ae_title,
                          stable_age=args.stable_age, destination=args.destination,
+                         forward=args.forward,
                          http_port=args.http_port, http_host=args.http_host,
                          http_token=args.http_token)
     stop = _stop_signals()

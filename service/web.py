@@ -28,7 +28,7 @@ from service.config import Settings
 from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.preview import PreviewError, SeriesPreviews
 from service.web_auth import TokenAuth
-from storage import deletion, reports
+from storage import deletion, forwarding, reports
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,9 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
     def jobs(request: Request) -> Response:
         return JSONResponse(reports.jobs(index))
 
+    def forwards(request: Request) -> Response:
+        return JSONResponse(forwarding.status(index, _int(request, "limit", 100, 1, MAX_PAGE)))
+
     def deletions(request: Request) -> Response:
         return JSONResponse(deletion.history(index, _int(request, "limit", 100, 1, MAX_PAGE)))
 
@@ -149,6 +152,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
     routes = [Route("/", page), Route("/api/stats", stats), Route("/api/studies", studies),
               Route("/api/series/{uid}", series),
               Route("/api/series/{uid}/preview.png", preview), Route("/api/jobs", jobs),
+              Route("/api/forwards", forwards),
               Route("/api/deletions", deletions), Route("/api/config", config),
               Route("/metrics", prometheus), Route("/healthz", healthz),
               *dicomweb.routes(archive, previews, settings.http_public_url),

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from storage.blobstore import BlobStore, new_key
 from storage.errors import CommitOutcomeUnknown, StorageError
 from storage.index import (
-    Blob, Deletion, Index, Instance, Job, Patient, Series, Study,
+    Blob, Deletion, Forward, Index, Instance, Job, Patient, Series, Study,
 )
 from storage.removals import finish_removals, record_removals
 from storage.staged_keys import staged_key
@@ -319,6 +319,7 @@ def _drop_empty(s, series_ids: list[int]) -> tuple[int, int, int]:
     studies = list(s.scalars(select(Series.study_fk).distinct().where(Series.id.in_(empty))))
     patients = list(s.scalars(select(Study.patient_fk).distinct().where(Study.id.in_(studies))))
     s.execute(delete(Job).where(Job.series_fk.in_(empty)))
+    s.execute(delete(Forward).where(Forward.series_fk.in_(empty)))
     s.execute(delete(Series).where(Series.id.in_(empty)))
     gone_studies = s.execute(delete(Study).where(
         Study.id.in_(studies), ~exists().where(Series.study_fk == Study.id))).rowcount

@@ -1,5 +1,5 @@
-"""The SQLAlchemy index: patients, studies, series, instances, blobs, compaction jobs, and the
-files and audit trail of deletions.
+"""The SQLAlchemy index: patients, studies, series, instances, blobs, compaction jobs, forwarding
+state, and the files and audit trail of deletions.
 
 The same models run on SQLite (the default, one file in the data folder) and PostgreSQL. The index
 never reads blobs: it records keys, sizes and hashes so that what the blob store returns can be
@@ -13,8 +13,8 @@ import threading
 from contextlib import contextmanager
 
 from sqlalchemy import (
-    BigInteger, Float, ForeignKey, Integer, LargeBinary, String, create_engine, event, inspect,
-    make_url, text,
+    BigInteger, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint, create_engine,
+    event, inspect, make_url, text,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
@@ -131,6 +131,25 @@ class Job(Base):
     reason: Mapped[str] = mapped_column(String, default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class Forward(Base):
+    """Where forwarding a series to a destination stands (:mod:`storage.forwarding`): its
+    instances received up to ``sent_until`` have gone (or did not match), a failed attempt is
+    retried from ``next_attempt``."""
+
+    __tablename__ = "forwards"
+    __table_args__ = (UniqueConstraint("series_fk", "destination"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    destination: Mapped[str] = mapped_column(String)
+    state: Mapped[str] = mapped_column(String, default="done")
+    sent_until: Mapped[float] = mapped_column(Float, default=0.0)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt: Mapped[float] = mapped_column(Float, default=0.0)
+    reason: Mapped[str] = mapped_column(String, default="")
     updated_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 

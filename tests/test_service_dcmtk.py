@@ -252,3 +252,28 @@ def test_dcmtk_peer_taking_only_implicit_vr_gets_real_scanners_series(node, tmp_
     assert node.archive.compact_series(str(parse_dataset(data, ts).SeriesInstanceUID))
     assert node.archive.stats()["pending_instances"] == len(ct)
     _move_implicit_only(node, tmp_path, mr)
+
+
+def test_dcmtk_storescp_gets_the_forwarded_series(tmp_path):
+    """A running node forwarding CT series to a DCMTK storescp: a series pushed by storescu
+    arrives there byte for byte once stable, an MR series does not."""
+    from service.ae import Node
+    from service.config import load_settings
+    ct, mr = make_series(4, 16, 16, seed=41), make_series(2, 16, 16, modality="MR", seed=42)
+    paths = write_series(ct, tmp_path / "ct") + write_series(mr, tmp_path / "mr")
+    with _storescp(tmp_path, "READWS", "+xa") as (dest_port, dest_dir):
+        settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                                 stable_age=1.0, compaction_interval=0.3,
+                                 destination=[f"reading=READWS@127.0.0.1:{dest_port}"],
+                                 forward=["reading=Modality=CT"])
+        node = Node(settings).start()
+        try:
+            _push(node.port, paths)
+            deadline = time.monotonic() + 60
+            while len(list(dest_dir.iterdir())) < len(ct) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.5)                    # the MR series would have come by now
+            got = _received(dest_dir)
+        finally:
+            node.stop()
+    assert got == _originals(paths[:len(ct)])

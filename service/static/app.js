@@ -329,13 +329,31 @@ function renderJobs(jobs) {
   });
 }
 
+// Forwarding to destinations: shown when the node forwards (failed first, then the latest).
+function renderForwards(rows, config) {
+  const box = byId("forwards");
+  box.replaceChildren();
+  byId("forwards-panel").hidden = !Object.keys(config.forward || {}).length;
+  const failed = rows.filter((r) => r.state === "failed");
+  jobList(box, "Failed", failed, (r) => {
+    const span = document.createElement("span");
+    span.className = "reason";
+    span.textContent = `to ${r.destination}: ${r.reason} (attempt ${r.attempts}, ` +
+                       `retry ${when(r.next_attempt)})`;
+    return span;
+  });
+  jobList(box, "Sent", rows.filter((r) => r.state === "sent"),
+    (r) => `${r.modality} to ${r.destination}: ${count(r.instances)} instances, ` +
+           `last ${when(r.updated_at)}`);
+}
+
 function renderConfig(config) {
   const dl = byId("config");
   dl.replaceChildren();
   setText("node-title", `${config.ae_title} · DICOM port ${config.port}`);
   const shown = ["ae_title", "host", "port", "data_dir", "database_url", "stable_age",
-                 "duplicate_policy", "max_storage_bytes", "codec_model", "codec_slab", "http_host", "http_port",
-                 "http_token_required"];
+                 "duplicate_policy", "max_storage_bytes", "codec_model", "codec_slab",
+                 "http_host", "http_port", "http_token_required"];
   for (const key of shown) {
     const dt = document.createElement("dt"), dd = document.createElement("dd");
     dt.textContent = key;
@@ -343,11 +361,14 @@ function renderConfig(config) {
       : String(config[key]);
     dl.append(dt, dd);
   }
-  const dests = Object.entries(config.destinations || {});
-  const dt = document.createElement("dt"), dd = document.createElement("dd");
-  dt.textContent = "destinations";
-  dd.textContent = dests.length ? dests.map(([n, v]) => `${n} = ${v}`).join("; ") : "(none)";
-  dl.append(dt, dd);
+  for (const key of ["destinations", "forward"]) {
+    const entries = Object.entries(config[key] || {});
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = key;
+    dd.textContent = entries.length
+      ? entries.map(([n, v]) => `${n} = ${v || "(every series)"}`).join("; ") : "(none)";
+    dl.append(dt, dd);
+  }
 }
 
 function renderDeletions(rows) {
@@ -381,12 +402,14 @@ async function loadStudies() {
 
 async function refresh() {
   try {
-    const [stats, jobs, config, deletions] = await Promise.all([
-      api("api/stats"), api("api/jobs"), api("api/config"), api("api/deletions?limit=20")]);
+    const [stats, jobs, config, deletions, forwards] = await Promise.all([
+      api("api/stats"), api("api/jobs"), api("api/config"), api("api/deletions?limit=20"),
+      api("api/forwards?limit=40")]);
     renderTotals(stats);
     barChart(byId("chart-modality"), stats.by_modality, "modality");
     barChart(byId("chart-time"), stats.by_day.slice(-30), "day");
     renderJobs(jobs);
+    renderForwards(forwards, config);
     renderConfig(config);
     renderDeletions(deletions);
     await loadStudies();

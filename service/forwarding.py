@@ -1,0 +1,124 @@
+"""Forwarding: each stable series that a rule matches goes to its destination by C-STORE.
+
+A reading workstation or a second archive gets the studies a node receives without asking for
+them: ``forward = { READING = "Modality=CT\\MR" }`` sends every CT and MR series to the
+destination ``READING`` once it is stable (``stable_age``), and later instances of it when they
+come. What is due and what went is kept in the index (:mod:`storage.forwarding`), so a restart
+loses nothing and sends nothing twice that went through. Instances go out as C-GET and C-MOVE
+send them: byte for byte as received, rebuilt and SHA-256 checked, converted only for a
+destination that takes no context in the stored syntax. An instance that cannot go out at all
+(no context for its class, or failing its check) is logged and passed over; any other failure
+(destination unreachable, a refused association, a status other than success or warning) fails
+the series' batch, which is sent again whole after a delay.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from pynetdicom import AE, evt
+
+from service import exact_send
+from service.exact_send import PreEncoded
+from service.handlers import Receiver, store_contexts, sub_operations
+from service.socket_tuning import tune_association
+from storage import forwarding
+
+log = logging.getLogger(__name__)
+CONNECTION_TIMEOUT = 10.0
+_SENT = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}   # success and warnings
+
+
+class Forwarder(threading.Thread):
+    """Sends what :func:`storage.forwarding.due` names, every ``interval`` seconds."""
+
+    def __init__(self, archive, settings, metrics=None, interval: float | None = None):
+        super().__init__(name="voxarc-forward", daemon=True)
+        self.archive, self.settings, self.metrics = archive, settings, metrics
+        self.interval = settings.compaction_interval if interval is None else interval
+        self.rules = settings.forward_rules()
+        self._stop_event = threading.Event()
+        exact_send.install()      # without it pynetdicom would send PreEncoded's few elements
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                self.run_once()
+            except Exception:        # a bad pass must not end forwarding for good
+                log.exception("forwarding pass failed")
+
+    def stop(self) -> None:
+        """Finish the series being sent, then stop."""
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+
+    def run_once(self, now: float | None = None) -> int:
+        """Send everything due now; return the number of series sent."""
+        sent = 0
+        for item in forwarding.due(self.archive.index, self.rules, self.settings.stable_age,
+                                   now):
+            if self._stop_event.is_set():
+                break
+            error = self.send(item)
+            forwarding.record(self.archive.index, item, error, now)
+            sent += error is None
+        return sent
+
+    def send(self, item: forwarding.Due) -> str | None:
+        """Send one series' due instances; None when they went, else what went wrong."""
+        dest = self.settings.destination(item.destination)
+        if dest is None:
+            return f"destination {item.destination} is not configured"
+        records = [{"SOPInstanceUID": uid} for uid in item.sop_uids]
+        start = time.monotonic()
+        assoc = self._associate(dest, records)
+        if not assoc.is_established:
+            error = f"no association with {dest.ae_title}@{dest.host}:{dest.port}"
+            log.warning("forward of series %s to %s: %s (attempt %d)", item.series_uid,
+                        dest.name, error, item.attempts + 1)
+            return error
+        failed, skipped, count = [], 0, 0
+        try:
+            for _, ds in sub_operations(self.archive, records, f"forward to {dest.name}",
+                                        Receiver(assoc), self.settings.ae_title):
+                if not isinstance(ds, PreEncoded):     # cannot go out: logged there
+                    skipped += 1
+                    continue
+                status = getattr(assoc.send_c_store(ds), "Status", None)
+                if status in _SENT:
+                    count += 1
+                else:
+                    failed.append((ds.SOPInstanceUID, status))
+                    if not assoc.is_established:
+                        break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        self._count(dest.name, count, len(failed))
+        if failed or count + skipped < len(records):
+            what = ", ".join(f"{uid} ({'no answer' if s is None else f'0x{s:04X}'})"
+                             for uid, s in failed[:3])
+            error = (f"{len(records) - count - skipped} of {len(records)} instances not "
+                     f"stored: {what or 'association lost'}")
+            log.warning("forward of series %s to %s: %s (attempt %d)", item.series_uid,
+                        dest.name, error, item.attempts + 1)
+            return error
+        log.info("forward of series %s to %s: %d instances in %.2f s%s", item.series_uid,
+                 dest.name, count, time.monotonic() - start,
+                 f" ({skipped} could not go out)" if skipped else "")
+        return None
+
+    def _associate(self, dest, records: list[dict]):
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.connection_timeout = CONNECTION_TIMEOUT
+        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 30, 60, 60
+        return ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                            contexts=store_contexts(records, self.archive),
+                            evt_handlers=[(evt.EVT_CONN_OPEN, tune_association)])
+
+    def _count(self, destination: str, sent: int, failed: int) -> None:
+        if self.metrics is not None:
+            self.metrics.forwarded(destination, sent, failed)

@@ -1,0 +1,162 @@
+"""The forwarding queue: which stable series hold instances a destination has not had yet.
+
+A rule names a destination and the C-FIND keys a series must match (:mod:`storage.query`
+matching, on what the index keeps of the series, its study and its patient); an empty rule
+matches every series. Once a series is stable (no new instance for ``stable_age`` seconds), its
+instances received after the last that went to the destination (the ``forwards`` row's
+``sent_until``) are due. The row keeps each outcome: sent (up to the newest instance that
+went), not matched (the series is looked at again only when an instance arrives), or failed,
+retried after a delay that doubles from :data:`RETRY_FIRST` to :data:`RETRY_MOST` and never
+given up.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import and_, func, or_, select
+
+from storage import query
+from storage.index import Forward, Index, Instance, Patient, Series, Study
+
+RETRY_FIRST, RETRY_MOST = 30.0, 3600.0
+_RULE_LEVELS = ("PATIENT", "STUDY", "SERIES")
+
+
+@dataclass(frozen=True)
+class Due:
+    """A series' instances due at a destination."""
+
+    series_id: int
+    series_uid: str
+    destination: str
+    sop_uids: tuple[str, ...]
+    until: float          # the newest of their receipt times
+    attempts: int         # failed attempts before this one
+
+
+def parse_rule(text: str) -> dict[str, str]:
+    """The C-FIND keys of a rule: ``Keyword=pattern`` terms separated by ``;``
+    (``Modality=CT\\MR; StudyDescription=*HEAD*``); empty: every series.
+
+    Raises
+    ------
+    ValueError
+        On a term without ``=``, or a keyword the index does not keep of a series, its study or
+        its patient.
+    """
+    criteria = {}
+    for term in filter(None, (t.strip() for t in text.split(";"))):
+        keyword, equals, pattern = term.partition("=")
+        keyword = keyword.strip()
+        if not equals or not keyword:
+            raise ValueError(f"forwarding rule term {term!r} is not Keyword=pattern")
+        level = query.ATTRIBUTES.get(keyword, (None,))[0]
+        if level not in _RULE_LEVELS:
+            known = sorted(k for k, (lv, _) in query.ATTRIBUTES.items() if lv in _RULE_LEVELS)
+            raise ValueError(f"forwarding rule key {keyword!r} is not one of {', '.join(known)}")
+        criteria[keyword] = pattern.strip()
+    return criteria
+
+
+def due(index: Index, rules: dict[str, dict], stable_age: float,
+        now: float | None = None) -> list[Due]:
+    """The forwarding due now under ``rules`` (destination -> C-FIND keys); the stable series
+    a rule does not match are recorded as such (not looked at again until an instance comes)."""
+    now = time.time() if now is None else now
+    out = []
+    for destination, criteria in rules.items():
+        candidates = _candidates(index, destination, stable_age, now)
+        matched = _matching(index, criteria, [c[1] for c in candidates])
+        unmatched = [c for c in candidates if c[1] not in matched]
+        if unmatched:
+            with index.write() as s:
+                for series_id, _, last, _, _ in unmatched:
+                    row = _row(s, series_id, destination)
+                    row.state, row.sent_until, row.reason = "not matched", last, ""
+                    row.attempts, row.updated_at = 0, now
+        with index.read() as s:
+            for series_id, uid, _, sent_until, attempts in candidates:
+                if uid not in matched:
+                    continue
+                rows = s.execute(select(Instance.sop_uid, Instance.received_at)
+                                 .where(Instance.series_fk == series_id,
+                                        Instance.received_at > sent_until)
+                                 .order_by(Instance.received_at)).all()
+                if rows:
+                    out.append(Due(series_id, uid, destination, tuple(r[0] for r in rows),
+                                   max(r[1] for r in rows), attempts))
+    return out
+
+
+def _candidates(index: Index, destination: str, stable_age: float, now: float) -> list:
+    """(series id, UID, last receipt, watermark, failed attempts) of the stable series with an
+    instance newer than what ``destination`` has had, and not waiting for a retry."""
+    watermark = func.coalesce(Forward.sent_until, -1.0)
+    stmt = (select(Series.id, Series.series_uid, Series.last_received, watermark,
+                   func.coalesce(Forward.attempts, 0))
+            .outerjoin(Forward, and_(Forward.series_fk == Series.id,
+                                     Forward.destination == destination))
+            .where(Series.last_received <= now - stable_age, Series.last_received > watermark,
+                   or_(Forward.state.is_(None), Forward.state != "failed",
+                       Forward.next_attempt <= now)))
+    with index.read() as s:
+        return [tuple(r) for r in s.execute(stmt).all()]
+
+
+def _matching(index: Index, criteria: dict, series_uids: list[str]) -> set[str]:
+    """Those of ``series_uids`` whose series, study and patient match ``criteria``."""
+    if not criteria:
+        return set(series_uids)
+    found = set()
+    for i in range(0, len(series_uids), 200):
+        chunk = "\\".join(series_uids[i:i + 200])
+        found |= {r["SeriesInstanceUID"] for r in
+                  query.find(index, "SERIES", {**criteria, "SeriesInstanceUID": chunk})}
+    return found
+
+
+def _row(s, series_id: int, destination: str) -> Forward:
+    row = s.scalars(select(Forward).where(Forward.series_fk == series_id,
+                                          Forward.destination == destination)).first()
+    if row is None:
+        row = Forward(series_fk=series_id, destination=destination, sent_until=-1.0,
+                      instances=0, attempts=0, next_attempt=0.0, reason="", state="pending")
+        s.add(row)
+    return row
+
+
+def record(index: Index, item: Due, error: str | None = None, now: float | None = None) -> None:
+    """Record how forwarding ``item`` went: sent (``error`` None) or failed (retried later)."""
+    now = time.time() if now is None else now
+    with index.write() as s:
+        if s.get(Series, item.series_id) is None:        # deleted meanwhile
+            return
+        row = _row(s, item.series_id, item.destination)
+        row.updated_at, row.reason = now, error or ""
+        if error is None:
+            row.state, row.sent_until, row.attempts = "sent", item.until, 0
+            row.instances += len(item.sop_uids)
+        else:
+            row.state, row.attempts = "failed", item.attempts + 1
+            row.next_attempt = now + min(RETRY_MOST, RETRY_FIRST * 2 ** item.attempts)
+
+
+def status(index: Index, limit: int = 100) -> list[dict]:
+    """The forwarding rows, failed first, then the latest: what the admin page lists."""
+    failed_first = (Forward.state != "failed").asc()
+    stmt = (select(Forward, Series.series_uid, Series.modality, Study.study_uid,
+                   Patient.patient_name)
+            .join(Series, Forward.series_fk == Series.id)
+            .join(Study, Series.study_fk == Study.id)
+            .join(Patient, Study.patient_fk == Patient.id)
+            .where(Forward.state != "not matched")
+            .order_by(failed_first, Forward.updated_at.desc()).limit(limit))
+    with index.read() as s:
+        return [{"destination": f.destination, "state": f.state, "series_uid": uid,
+                 "study_uid": study, "modality": modality, "patient_name": name,
+                 "instances": f.instances, "attempts": f.attempts, "reason": f.reason,
+                 "next_attempt": f.next_attempt if f.state == "failed" else None,
+                 "updated_at": f.updated_at}
+                for f, uid, modality, study, name in s.execute(stmt).all()]

@@ -1,0 +1,201 @@
+"""Forwarding (storage.forwarding, service.forwarding): each stable series a rule matches goes to
+its destination byte for byte, once; late instances follow; a failed attempt is retried after a
+growing delay; rules and destinations are checked when the settings load."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from admin_helpers import admin_site, http_token  # noqa: F401
+from node_helpers import archive, dataset_bytes, make_series  # noqa: F401
+from scu_helpers import StoreSCP
+from service.config import load_settings
+from service.forwarding import Forwarder
+from service.metrics import NodeMetrics
+from storage import forwarding
+
+LATER = 120.0          # seconds after the instances came: every series is stable by then
+
+
+def _store(archive, series) -> dict:
+    sent = {}
+    for ds in series:
+        ts, data = dataset_bytes(ds)
+        archive.store(data, ts)
+        sent[ds.SOPInstanceUID] = (ts, data)
+    return sent
+
+
+def _late(series, number: int, seed: int):
+    (late,) = make_series(1, 16, 16, seed=seed)
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName",
+                "Modality"):
+        setattr(late, key, getattr(series[0], key))
+    late.InstanceNumber = number
+    return late
+
+
+def test_rules_select_stable_series_and_late_instances_follow(archive):  # noqa: F811
+    ct = make_series(3, 16, 16, modality="CT", seed=1)
+    mr = make_series(2, 16, 16, modality="MR", patient_id="P2", seed=2)
+    _store(archive, ct + mr)
+    rules = {"reading": {"Modality": "CT\\PT"}}
+    index, now = archive.index, time.time()
+    assert forwarding.due(index, rules, 60.0, now) == []           # not stable yet
+    (item,) = forwarding.due(index, rules, 60.0, now + LATER)
+    assert item.series_uid == ct[0].SeriesInstanceUID and item.attempts == 0
+    assert set(item.sop_uids) == {ds.SOPInstanceUID for ds in ct}
+    forwarding.record(index, item, None, now + LATER)
+    assert forwarding.due(index, rules, 60.0, now + LATER) == []
+    # a late CT instance: only it, once its series is stable again
+    late = _late(ct, 4, seed=3)
+    _store(archive, [late])
+    assert forwarding.due(index, rules, 60.0, time.time()) == []
+    (again,) = forwarding.due(index, rules, 60.0, time.time() + LATER)
+    assert again.sop_uids == (late.SOPInstanceUID,)
+    # the MR was looked at once, found not matching, and is left alone until it grows
+    shown = forwarding.status(index)
+    assert [(r["series_uid"], r["state"], r["instances"]) for r in shown] == \
+        [(ct[0].SeriesInstanceUID, "sent", 3)]
+    # an empty rule takes every series, on its own watermark
+    everything = forwarding.due(index, {"archive2": {}}, 60.0, time.time() + LATER)
+    assert {d.series_uid for d in everything} == {ct[0].SeriesInstanceUID,
+                                                  mr[0].SeriesInstanceUID}
+
+
+def test_a_failed_attempt_is_retried_after_a_growing_delay(archive):  # noqa: F811
+    ct = make_series(2, 16, 16, seed=4)
+    _store(archive, ct)
+    rules, index = {"reading": {}}, archive.index
+    t0 = time.time() + LATER
+    (item,) = forwarding.due(index, rules, 60.0, t0)
+    forwarding.record(index, item, "no association with READ@127.0.0.1:1", t0)
+    (row,) = forwarding.status(index)
+    assert (row["state"], row["attempts"]) == ("failed", 1)
+    assert row["next_attempt"] == pytest.approx(t0 + forwarding.RETRY_FIRST)
+    assert forwarding.due(index, rules, 60.0, t0 + forwarding.RETRY_FIRST - 1) == []
+    (retry,) = forwarding.due(index, rules, 60.0, t0 + forwarding.RETRY_FIRST)
+    assert retry.attempts == 1 and retry.sop_uids == item.sop_uids
+    forwarding.record(index, retry, "again", t0 + 30)
+    assert forwarding.status(index)[0]["next_attempt"] == pytest.approx(t0 + 30 + 60)
+    forwarding.record(index, retry, None, t0 + 90)
+    assert forwarding.status(index)[0]["state"] == "sent"
+    assert forwarding.due(index, rules, 60.0, t0 + 10_000) == []
+
+
+def test_deleting_a_series_drops_its_forwarding_row(archive):  # noqa: F811
+    ct = make_series(2, 16, 16, seed=5)
+    _store(archive, ct)
+    (item,) = forwarding.due(archive.index, {"reading": {}}, 60.0, time.time() + LATER)
+    forwarding.record(archive.index, item, "down", time.time())
+    archive.delete("series", ct[0].SeriesInstanceUID, reason="test")
+    assert forwarding.status(archive.index) == []
+    forwarding.record(archive.index, item, None)       # a send that ended after the deletion
+
+
+def _settings(tmp_path, port: int, rule: str = "Modality=CT"):
+    return load_settings(data_dir=str(tmp_path / "node"), destination=[
+        f"reading=READ@127.0.0.1:{port}"], forward=[f"reading={rule}"], stable_age=60.0)
+
+
+def test_the_forwarder_sends_each_instance_as_received_once(archive, tmp_path):  # noqa: F811
+    dest = StoreSCP("READ")
+    try:
+        settings = _settings(tmp_path, dest.port)
+        metrics = NodeMetrics()
+        forwarder = Forwarder(archive, settings, metrics)
+        ct = make_series(3, 16, 16, seed=6)
+        sent = _store(archive, ct + make_series(2, 16, 16, modality="MR", seed=7))
+        assert archive.compact(stable_age=0) == (2, 0)    # rebuilt from the codec's blobs
+        assert forwarder.run_once(time.time() + LATER) == 1
+        assert dest.received == {ds.SOPInstanceUID: sent[ds.SOPInstanceUID] for ds in ct}
+        assert forwarder.run_once(time.time() + 2 * LATER) == 0     # nothing twice
+        late = _late(ct, 4, seed=8)
+        sent.update(_store(archive, [late]))
+        assert forwarder.run_once(time.time() + LATER) == 1
+        assert dest.received[late.SOPInstanceUID] == sent[late.SOPInstanceUID]
+        assert len(dest.received) == 4 and dest.count == 4
+        text = metrics.exposition().decode()
+        assert 'voxarc_forwarded_instances_total{destination="reading",result="stored"} 4.0' \
+            in text
+    finally:
+        dest.stop()
+
+
+def test_an_unreachable_destination_is_retried_then_served(archive, tmp_path):  # noqa: F811
+    from node_helpers import free_port
+    port = free_port()
+    forwarder = Forwarder(archive, _settings(tmp_path, port, ""))
+    ct = make_series(2, 16, 16, seed=9)
+    _store(archive, ct)
+    t0 = time.time() + LATER
+    assert forwarder.run_once(t0) == 0
+    (row,) = forwarding.status(archive.index)
+    assert row["state"] == "failed" and f"127.0.0.1:{port}" in row["reason"]
+    dest = StoreSCP("READ")
+    try:
+        forwarder.settings.destinations["reading"] = f"READ@127.0.0.1:{dest.port}"
+        assert forwarder.run_once(t0 + 1) == 0                       # waits for its retry
+        assert forwarder.run_once(t0 + forwarding.RETRY_FIRST) == 1
+        assert set(dest.received) == {ds.SOPInstanceUID for ds in ct}
+        assert forwarding.status(archive.index)[0]["state"] == "sent"
+    finally:
+        dest.stop()
+
+
+def test_a_destination_that_refuses_instances_gets_the_batch_again(archive,  # noqa: F811
+                                                                  tmp_path):
+    dest = StoreSCP("READ", fail_every=2)            # 0xA700 for every second instance
+    try:
+        forwarder = Forwarder(archive, _settings(tmp_path, dest.port, ""))
+        ct = make_series(3, 16, 16, seed=10)
+        _store(archive, ct)
+        t0 = time.time() + LATER
+        assert forwarder.run_once(t0) == 0
+        (row,) = forwarding.status(archive.index)
+        assert row["state"] == "failed" and "0xA700" in row["reason"]
+        dest.fail_every = 0
+        assert forwarder.run_once(t0 + forwarding.RETRY_FIRST) == 1
+        assert set(dest.received) == {ds.SOPInstanceUID for ds in ct}
+    finally:
+        dest.stop()
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["nowhere="], "not one of the destinations"),
+    (["reading=Colour=red"], "is not one of"),
+    (["reading=Modality"], "is not Keyword=pattern"),
+    (["=Modality=CT"], "is not NAME=RULE")])
+def test_bad_rules_are_refused_when_the_settings_load(tmp_path, flags, error):
+    with pytest.raises(ValueError, match=error):
+        load_settings(data_dir=str(tmp_path), destination=["reading=READ@127.0.0.1:104"],
+                      forward=flags)
+
+
+def test_rules_from_the_configuration_file(tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text('[destinations]\nreading = "READ@10.0.0.9:104"\n'
+                      '[forward]\nreading = "Modality=CT\\\\MR; StudyDescription=*HEAD*"\n')
+    settings = load_settings(config)
+    assert settings.forward_rules() == {"reading": {"Modality": "CT\\MR",
+                                                    "StudyDescription": "*HEAD*"}}
+    config.write_text('[forward]\nreading = ""\n')
+    with pytest.raises(ValueError, match="not one of the destinations"):
+        load_settings(config)
+
+
+def test_the_admin_api_lists_forwarding_failed_first(admin_site, tmp_path):
+    from admin_helpers import get_json
+    node, admin = admin_site
+    first, second = make_series(2, 16, 16, seed=11), make_series(2, 16, 16, seed=12)
+    _store(node.archive, first + second)
+    items = forwarding.due(node.archive.index, {"viewer": {}}, 60.0, time.time() + LATER)
+    assert len(items) == 2
+    forwarding.record(node.archive.index, items[0], None)
+    forwarding.record(node.archive.index, items[1], "no association with VIEW@127.0.0.1:1")
+    rows = get_json(f"{admin.url}/api/forwards")
+    assert [(r["series_uid"], r["state"]) for r in rows] == \
+        [(items[1].series_uid, "failed"), (items[0].series_uid, "sent")]
+    assert rows[0]["reason"].startswith("no association") and rows[1]["instances"] == 2
