@@ -39,6 +39,7 @@ class Forwarder(threading.Thread):
         self.archive, self.settings, self.metrics = archive, settings, metrics
         self.interval = settings.compaction_interval if interval is None else interval
         self.rules = settings.forward_rules()
+        self.since = forwarding.take_effect(archive.index, settings.forward)
         self._stop_event = threading.Event()
         exact_send.install()      # without it pynetdicom would send PreEncoded's few elements
 
@@ -59,7 +60,7 @@ class Forwarder(threading.Thread):
         """Send everything due now; return the number of series sent."""
         sent = 0
         for item in forwarding.due(self.archive.index, self.rules, self.settings.stable_age,
-                                   now):
+                                   now, self.since):
             if self._stop_event.is_set():
                 break
             error = self.send(item)

@@ -2,7 +2,9 @@
 
 A rule names a destination and the C-FIND keys a series must match (:mod:`storage.query`
 matching, on what the index keeps of the series, its study and its patient); an empty rule
-matches every series. Once a series is stable (no new instance for ``stable_age`` seconds), its
+matches every series. A rule takes effect when a node first runs with it (or with it changed):
+only instances received since then go by it, so enabling one does not send the archive's past
+(a C-MOVE does that). Once a series is stable (no new instance for ``stable_age`` seconds), its
 instances received after the last that went to the destination (the ``forwards`` row's
 ``sent_until``) are due. The row keeps each outcome: sent (up to the newest instance that
 went), not matched (the series is looked at again only when an instance arrives), or failed,
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy import and_, func, or_, select
 
 from storage import query
-from storage.index import Forward, Index, Instance, Patient, Series, Study
+from storage.index import Forward, ForwardRule, Index, Instance, Patient, Series, Study
 
 RETRY_FIRST, RETRY_MOST = 30.0, 3600.0
 _RULE_LEVELS = ("PATIENT", "STUDY", "SERIES")
@@ -60,14 +62,36 @@ def parse_rule(text: str) -> dict[str, str]:
     return criteria
 
 
-def due(index: Index, rules: dict[str, dict], stable_age: float,
-        now: float | None = None) -> list[Due]:
-    """The forwarding due now under ``rules`` (destination -> C-FIND keys); the stable series
-    a rule does not match are recorded as such (not looked at again until an instance comes)."""
+def take_effect(index: Index, rules: dict[str, str], now: float | None = None
+                ) -> dict[str, float]:
+    """When each rule (destination -> its text) took effect: ``now`` for one new or changed,
+    else as recorded."""
+    now = time.time() if now is None else now
+    out = {}
+    with index.write() as s:
+        for destination, text in rules.items():
+            row = s.scalars(select(ForwardRule).where(
+                ForwardRule.destination == destination)).first()
+            if row is None:
+                row = ForwardRule(destination=destination, rule=text, since=now)
+                s.add(row)
+            elif row.rule != text:
+                row.rule, row.since = text, now
+            out[destination] = row.since
+    return out
+
+
+def due(index: Index, rules: dict[str, dict], stable_age: float, now: float | None = None,
+        since: dict[str, float] | None = None) -> list[Due]:
+    """The forwarding due now under ``rules`` (destination -> C-FIND keys), of the instances
+    received since each rule took effect (``since``, from :func:`take_effect`; None: all);
+    the stable series a rule does not match are recorded as such (not looked at again until
+    an instance comes)."""
     now = time.time() if now is None else now
     out = []
     for destination, criteria in rules.items():
-        candidates = _candidates(index, destination, stable_age, now)
+        start = (since or {}).get(destination, -1.0e300)
+        candidates = _candidates(index, destination, stable_age, now, start)
         matched = _matching(index, criteria, [c[1] for c in candidates])
         unmatched = [c for c in candidates if c[1] not in matched]
         if unmatched:
@@ -82,7 +106,8 @@ def due(index: Index, rules: dict[str, dict], stable_age: float,
                     continue
                 rows = s.execute(select(Instance.sop_uid, Instance.received_at)
                                  .where(Instance.series_fk == series_id,
-                                        Instance.received_at > sent_until)
+                                        Instance.received_at > sent_until,
+                                        Instance.received_at >= start)
                                  .order_by(Instance.received_at)).all()
                 if rows:
                     out.append(Due(series_id, uid, destination, tuple(r[0] for r in rows),
@@ -90,15 +115,18 @@ def due(index: Index, rules: dict[str, dict], stable_age: float,
     return out
 
 
-def _candidates(index: Index, destination: str, stable_age: float, now: float) -> list:
+def _candidates(index: Index, destination: str, stable_age: float, now: float,
+                start: float) -> list:
     """(series id, UID, last receipt, watermark, failed attempts) of the stable series with an
-    instance newer than what ``destination`` has had, and not waiting for a retry."""
+    instance received since ``start`` and newer than what ``destination`` has had, and not
+    waiting for a retry."""
     watermark = func.coalesce(Forward.sent_until, -1.0)
     stmt = (select(Series.id, Series.series_uid, Series.last_received, watermark,
                    func.coalesce(Forward.attempts, 0))
             .outerjoin(Forward, and_(Forward.series_fk == Series.id,
                                      Forward.destination == destination))
             .where(Series.last_received <= now - stable_age, Series.last_received > watermark,
+                   Series.last_received >= start,
                    or_(Forward.state.is_(None), Forward.state != "failed",
                        Forward.next_attempt <= now)))
     with index.read() as s:

@@ -153,6 +153,17 @@ class Forward(Base):
     updated_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
+class ForwardRule(Base):
+    """A forwarding rule and when it took effect: only instances received since then go by it
+    (enabling a rule does not send the archive's past)."""
+
+    __tablename__ = "forward_rules"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String, unique=True)
+    rule: Mapped[str] = mapped_column(String, default="")
+    since: Mapped[float] = mapped_column(Float, default=0.0)
+
+
 class Removal(Base):
     """A file to remove once the transaction that stopped referring to it has committed (a
     deletion, a compaction; :mod:`storage.removals`); recovery finishes what a crash

@@ -199,3 +199,27 @@ def test_the_admin_api_lists_forwarding_failed_first(admin_site, tmp_path):
     assert [(r["series_uid"], r["state"]) for r in rows] == \
         [(items[1].series_uid, "failed"), (items[0].series_uid, "sent")]
     assert rows[0]["reason"].startswith("no association") and rows[1]["instances"] == 2
+
+
+def test_a_rule_forwards_only_what_comes_after_it_took_effect(archive, tmp_path):  # noqa: F811
+    """Enabling a rule does not send the archive's past; restarting with the same rule keeps
+    its start, a changed rule starts anew."""
+    dest = StoreSCP("READ")
+    try:
+        old = make_series(2, 16, 16, seed=13)
+        _store(archive, old)
+        time.sleep(0.01)
+        forwarder = Forwarder(archive, _settings(tmp_path, dest.port, ""))
+        since = forwarder.since["reading"]
+        new = make_series(2, 16, 16, seed=14)
+        _store(archive, new)
+        assert forwarder.run_once(time.time() + LATER) == 1
+        assert set(dest.received) == {ds.SOPInstanceUID for ds in new}
+        again = Forwarder(archive, _settings(tmp_path, dest.port, ""))    # a restart
+        assert again.since["reading"] == since
+        changed = Forwarder(archive, _settings(tmp_path, dest.port, "Modality=CT"))
+        assert changed.since["reading"] > since
+        assert changed.run_once(time.time() + 2 * LATER) == 0
+        assert len(dest.received) == 2
+    finally:
+        dest.stop()
