@@ -63,16 +63,17 @@ class Forwarder(threading.Thread):
                                    now, self.since):
             if self._stop_event.is_set():
                 break
-            error = self.send(item)
-            forwarding.record(self.archive.index, item, error, now)
+            error, passed_over = self.send(item)
+            forwarding.record(self.archive.index, item, error, now, passed_over)
             sent += error is None
         return sent
 
-    def send(self, item: forwarding.Due) -> str | None:
-        """Send one series' due instances; None when they went, else what went wrong."""
+    def send(self, item: forwarding.Due) -> tuple[str | None, int]:
+        """Send one series' due instances: (None when they went, else what went wrong; how
+        many could not go out at all and were passed over)."""
         dest = self.settings.destination(item.destination)
         if dest is None:
-            return f"destination {item.destination} is not configured"
+            return f"destination {item.destination} is not configured", 0
         records = [{"SOPInstanceUID": uid} for uid in item.sop_uids]
         start = time.monotonic()
         assoc = self._associate(dest, records)
@@ -80,7 +81,7 @@ class Forwarder(threading.Thread):
             error = f"no association with {dest.ae_title}@{dest.host}:{dest.port}"
             log.warning("forward of series %s to %s: %s (attempt %d)", item.series_uid,
                         dest.name, error, item.attempts + 1)
-            return error
+            return error, 0
         failed, skipped, count = [], 0, 0
         try:
             for _, ds in sub_operations(self.archive, records, f"forward to {dest.name}",
@@ -106,11 +107,11 @@ class Forwarder(threading.Thread):
                      f"stored: {what or 'association lost'}")
             log.warning("forward of series %s to %s: %s (attempt %d)", item.series_uid,
                         dest.name, error, item.attempts + 1)
-            return error
+            return error, skipped
         log.info("forward of series %s to %s: %d instances in %.2f s%s", item.series_uid,
                  dest.name, count, time.monotonic() - start,
                  f" ({skipped} could not go out)" if skipped else "")
-        return None
+        return None, skipped
 
     def _associate(self, dest, records: list[dict]):
         ae = AE(ae_title=self.settings.ae_title)

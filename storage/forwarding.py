@@ -155,8 +155,11 @@ def _row(s, series_id: int, destination: str) -> Forward:
     return row
 
 
-def record(index: Index, item: Due, error: str | None = None, now: float | None = None) -> None:
-    """Record how forwarding ``item`` went: sent (``error`` None) or failed (retried later)."""
+def record(index: Index, item: Due, error: str | None = None, now: float | None = None,
+           passed_over: int = 0) -> None:
+    """Record how forwarding ``item`` went: sent (``error`` None; ``passed_over`` of its
+    instances could not go out at all, which the row's reason notes) or failed (retried
+    later)."""
     now = time.time() if now is None else now
     with index.write() as s:
         if s.get(Series, item.series_id) is None:        # deleted meanwhile
@@ -165,7 +168,10 @@ def record(index: Index, item: Due, error: str | None = None, now: float | None 
         row.updated_at, row.reason = now, error or ""
         if error is None:
             row.state, row.sent_until, row.attempts = "sent", item.until, 0
-            row.instances += len(item.sop_uids)
+            row.instances += len(item.sop_uids) - passed_over
+            if passed_over:
+                row.reason = (f"{passed_over} of {len(item.sop_uids)} instances could not go "
+                              "out (no context for them, or their check failed: see the log)")
         else:
             row.state, row.attempts = "failed", item.attempts + 1
             row.next_attempt = now + min(RETRY_MOST, RETRY_FIRST * 2 ** item.attempts)

@@ -223,3 +223,30 @@ def test_a_rule_forwards_only_what_comes_after_it_took_effect(archive, tmp_path)
         assert len(dest.received) == 2
     finally:
         dest.stop()
+
+
+def test_instances_the_destination_takes_no_context_for_are_passed_over(archive,  # noqa: F811
+                                                                        tmp_path):
+    """A destination that accepts no context for a class: its instances are passed over (the
+    row says how many), the others go, and the series is not tried again for them."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+    received = []
+    ae = AE(ae_title="READ")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(
+        evt.EVT_C_STORE, lambda e: received.append(e.request.AffectedSOPInstanceUID) or 0)])
+    try:
+        forwarder = Forwarder(archive, _settings(tmp_path, server.server_address[1], ""))
+        series = make_series(3, 16, 16, seed=15)
+        series[1].SOPClassUID = series[1].file_meta.MediaStorageSOPClassUID = \
+            "1.2.840.10008.5.1.4.1.1.7"                   # secondary capture: no context
+        _store(archive, series)
+        assert forwarder.run_once(time.time() + LATER) == 1
+        assert sorted(received) == sorted(series[k].SOPInstanceUID for k in (0, 2))
+        (row,) = forwarding.status(archive.index)
+        assert (row["state"], row["instances"]) == ("sent", 2)
+        assert row["reason"].startswith("1 of 3 instances could not go out")
+        assert forwarder.run_once(time.time() + 2 * LATER) == 0
+    finally:
+        server.shutdown()
