@@ -78,24 +78,10 @@ class Forwarder(threading.Thread):
         start = time.monotonic()
         assoc = self._associate(dest, records)
         if not assoc.is_established:
-            error = f"no association with {dest.ae_title}@{dest.host}:{dest.port}"
-            log.warning("forward of series %s to %s: %s (attempt %d)", item.series_uid,
-                        dest.name, error, item.attempts + 1)
-            return error, 0
-        failed, skipped, count = [], 0, 0
+            return self._failed(item, f"no association with {dest.ae_title}@{dest.host}:"
+                                      f"{dest.port}"), 0
         try:
-            for _, ds in sub_operations(self.archive, records, f"forward to {dest.name}",
-                                        Receiver(assoc), self.settings.ae_title):
-                if not isinstance(ds, PreEncoded):     # cannot go out: logged there
-                    skipped += 1
-                    continue
-                status = getattr(assoc.send_c_store(ds), "Status", None)
-                if status in _SENT:
-                    count += 1
-                else:
-                    failed.append((ds.SOPInstanceUID, status))
-                    if not assoc.is_established:
-                        break
+            count, skipped, failed = self._store_each(assoc, records, dest.name)
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -103,15 +89,38 @@ class Forwarder(threading.Thread):
         if failed or count + skipped < len(records):
             what = ", ".join(f"{uid} ({'no answer' if s is None else f'0x{s:04X}'})"
                              for uid, s in failed[:3])
-            error = (f"{len(records) - count - skipped} of {len(records)} instances not "
-                     f"stored: {what or 'association lost'}")
-            log.warning("forward of series %s to %s: %s (attempt %d)", item.series_uid,
-                        dest.name, error, item.attempts + 1)
-            return error, skipped
+            return self._failed(item, f"{len(records) - count - skipped} of {len(records)} "
+                                      f"instances not stored: {what or 'association lost'}"), \
+                skipped
         log.info("forward of series %s to %s: %d instances in %.2f s%s", item.series_uid,
                  dest.name, count, time.monotonic() - start,
                  f" ({skipped} could not go out)" if skipped else "")
         return None, skipped
+
+    def _store_each(self, assoc, records: list[dict], name: str) -> tuple[int, int, list]:
+        """C-STORE each instance as C-MOVE would send it: (stored, passed over, [(UID,
+        status)] of those the destination did not store); stops when the association is
+        lost."""
+        failed, skipped, count = [], 0, 0
+        for _, ds in sub_operations(self.archive, records, f"forward to {name}",
+                                    Receiver(assoc), self.settings.ae_title):
+            if not isinstance(ds, PreEncoded):         # cannot go out: logged there
+                skipped += 1
+                continue
+            status = getattr(assoc.send_c_store(ds), "Status", None)
+            if status in _SENT:
+                count += 1
+            else:
+                failed.append((ds.SOPInstanceUID, status))
+                if not assoc.is_established:
+                    break
+        return count, skipped, failed
+
+    @staticmethod
+    def _failed(item: forwarding.Due, error: str) -> str:
+        log.warning("forward of series %s to %s: %s (attempt %d)", item.series_uid,
+                    item.destination, error, item.attempts + 1)
+        return error
 
     def _associate(self, dest, records: list[dict]):
         ae = AE(ae_title=self.settings.ae_title)
