@@ -93,26 +93,30 @@ def due(index: Index, rules: dict[str, dict], stable_age: float, now: float | No
         start = (since or {}).get(destination, -1.0e300)
         candidates = _candidates(index, destination, stable_age, now, start)
         matched = _matching(index, criteria, [c[1] for c in candidates])
-        unmatched = [c for c in candidates if c[1] not in matched]
-        if unmatched:
-            with index.write() as s:
-                for series_id, _, last, _, _ in unmatched:
-                    row = _row(s, series_id, destination)
-                    row.state, row.sent_until, row.reason = "not matched", last, ""
-                    row.attempts, row.updated_at = 0, now
+        _not_matched(index, destination, [c for c in candidates if c[1] not in matched], now)
         with index.read() as s:
             for series_id, uid, _, sent_until, attempts in candidates:
-                if uid not in matched:
-                    continue
                 rows = s.execute(select(Instance.sop_uid, Instance.received_at)
                                  .where(Instance.series_fk == series_id,
                                         Instance.received_at > sent_until,
                                         Instance.received_at >= start)
-                                 .order_by(Instance.received_at)).all()
+                                 .order_by(Instance.received_at)).all() \
+                    if uid in matched else []
                 if rows:
                     out.append(Due(series_id, uid, destination, tuple(r[0] for r in rows),
                                    max(r[1] for r in rows), attempts))
     return out
+
+
+def _not_matched(index: Index, destination: str, candidates: list, now: float) -> None:
+    """Record that a rule does not match these series, as received up to now."""
+    if not candidates:
+        return
+    with index.write() as s:
+        for series_id, _, last, _, _ in candidates:
+            row = _row(s, series_id, destination)
+            row.state, row.sent_until, row.reason = "not matched", last, ""
+            row.attempts, row.updated_at = 0, now
 
 
 def _candidates(index: Index, destination: str, stable_age: float, now: float,
