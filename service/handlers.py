@@ -71,7 +71,7 @@ def handle_store(event, archive: Archive, max_bytes: int = 0) -> int:
 
 
 # SOP Class Extended Negotiation (PS3.4 C.5.1.1.1, C.5.2.1.1, C.5.3.1.1): the options the node
-# accepts, by SOP class, as (byte, meaning). C-FIND: relational queries (the node matches any key
+# accepts, by SOP class, as the indices of their bytes. C-FIND: relational queries (the node matches any key
 # at any level, with or without the unique keys above it), combined date-time matching and fuzzy
 # semantic matching of person names; C-MOVE and C-GET: relational retrieval (a level's unique
 # keys without those above it, as :func:`identifiers.retrieve_criteria` takes them). Timezone
