@@ -120,10 +120,6 @@ class Settings:
     tls_private_key: str = ""
     tls_ca_certificates: str = ""
 
-    def forward_rules(self) -> dict[str, dict]:
-        """Destination name -> the C-FIND keys of its forwarding rule."""
-        return {name: parse_rule(text) for name, text in self.forward.items()}
-
     def destination(self, ae_title: str) -> Destination | None:
         """Return the destination whose AE title (or name) is ``ae_title``, or None."""
         for name, text in self.destinations.items():

@@ -25,21 +25,53 @@ from service.exact_send import PreEncoded
 from service.handlers import Receiver, store_contexts, sub_operations
 from service.socket_tuning import tune_association
 from storage import forwarding
+from storage.forwarding import parse_rule
 
 log = logging.getLogger(__name__)
 CONNECTION_TIMEOUT = 10.0
 _SENT = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}   # success and warnings
 
 
+def send_study(archive, settings, study_uid: str, destination: str, metrics=None) -> dict:
+    """Send every instance of a study to ``destination`` now, on a thread of its own (an
+    administrator's "send again"); each series' outcome is recorded as forwarding's are.
+    Returns what was queued.
+
+    Raises
+    ------
+    ValueError
+        When ``destination`` is not configured or the study is not held.
+    """
+    if destination not in settings.destinations:
+        raise ValueError(f"{destination!r} is not one of the destinations "
+                         f"({', '.join(sorted(settings.destinations)) or 'none configured'})")
+    items = forwarding.study_items(archive.index, study_uid, destination)
+    if not items:
+        raise LookupError(f"no study {study_uid}")
+    sender = Forwarder(archive, settings, metrics, rules={})
+
+    def run():
+        for item in items:
+            error, passed_over = sender.send(item)
+            forwarding.record(archive.index, item, error, passed_over=passed_over)
+    threading.Thread(target=run, name="voxarc-send", daemon=True).start()
+    log.info("send of study %s to %s: %d series, %d instances queued", study_uid, destination,
+             len(items), sum(len(i.sop_uids) for i in items))
+    return {"study": study_uid, "destination": destination, "series": len(items),
+            "instances": sum(len(i.sop_uids) for i in items)}
+
+
 class Forwarder(threading.Thread):
     """Sends what :func:`storage.forwarding.due` names, every ``interval`` seconds."""
 
-    def __init__(self, archive, settings, metrics=None, interval: float | None = None):
+    def __init__(self, archive, settings, metrics=None, interval: float | None = None,
+                 rules: dict[str, str] | None = None):
         super().__init__(name="voxarc-forward", daemon=True)
         self.archive, self.settings, self.metrics = archive, settings, metrics
         self.interval = settings.compaction_interval if interval is None else interval
-        self.rules = settings.forward_rules()
-        self.since = forwarding.take_effect(archive.index, settings.forward)
+        texts = settings.forward if rules is None else rules
+        self.rules = {name: parse_rule(text) for name, text in texts.items()}
+        self.since = forwarding.take_effect(archive.index, texts)
         self._stop_event = threading.Event()
         exact_send.install()      # without it pynetdicom would send PreEncoded's few elements
 

@@ -3,10 +3,12 @@
 ``/`` is a static page (``service/static``) that draws itself from the JSON API: ``/api/stats``
 (totals, savings by modality and by day), ``/api/studies`` (sortable, paginated, with series),
 ``/api/series/{uid}`` (and its ``preview.png``), ``/api/jobs`` (compaction queue),
-``/api/deletions`` (the audit trail of ``voxarc delete``) and ``/api/config`` (the node's
-settings, read only, secrets left out); DICOMweb under ``/dicom-web``. Beside STOW-RS (the
-ingest path of C-STORE), the application only reads: deleting is a command run on the node's
-machine. Everything is read through :mod:`storage.reports` and the archive.
+``/api/deletions`` (the audit trail of ``voxarc delete``), ``/api/forwards`` (forwarding,
+:mod:`service.forwarding`) and ``/api/config`` (the node's settings, read only, secrets left
+out); DICOMweb under ``/dicom-web``. Beside STOW-RS (the ingest path of C-STORE) and sending a
+study to a configured destination (``POST /api/studies/{uid}/send``), the application only
+reads: deleting is a command run on the node's machine. Everything is read through
+:mod:`storage.reports` and the archive.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from service import dicomweb, dicomweb_store, patrol
 from service.config import Settings
+from service.forwarding import send_study
 from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.preview import PreviewError, SeriesPreviews
 from service.web_auth import TokenAuth
@@ -131,6 +134,24 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
     def forwards(request: Request) -> Response:
         return JSONResponse(forwarding.status(index, _int(request, "limit", 100, 1, MAX_PAGE)))
 
+    async def send(request: Request) -> Response:
+        # a JSON body only: a cross-site page cannot send one without a CORS preflight
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return JSONResponse({"error": "send {\"destination\": NAME} as application/json"},
+                                status_code=415)
+        try:
+            destination = str((await request.json())["destination"])
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": "the body is {\"destination\": NAME}"}, status_code=400)
+        try:
+            queued = send_study(archive, settings, request.path_params["uid"], destination,
+                                metrics)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        except LookupError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
+        return JSONResponse(queued, status_code=202)
+
     def deletions(request: Request) -> Response:
         return JSONResponse(deletion.history(index, _int(request, "limit", 100, 1, MAX_PAGE)))
 
@@ -153,6 +174,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
               Route("/api/series/{uid}", series),
               Route("/api/series/{uid}/preview.png", preview), Route("/api/jobs", jobs),
               Route("/api/forwards", forwards),
+              Route("/api/studies/{uid}/send", send, methods=["POST"]),
               Route("/api/deletions", deletions), Route("/api/config", config),
               Route("/metrics", prometheus), Route("/healthz", healthz),
               *dicomweb.routes(archive, previews, settings.http_public_url),

@@ -108,6 +108,22 @@ def due(index: Index, rules: dict[str, dict], stable_age: float, now: float | No
     return out
 
 
+def study_items(index: Index, study_uid: str, destination: str) -> list[Due]:
+    """Every instance of a study as items for ``destination``, a series each (a send asked for
+    by hand, whatever the rules say); [] when the study is not held."""
+    stmt = (select(Series.id, Series.series_uid, Instance.sop_uid, Instance.received_at)
+            .join(Instance, Instance.series_fk == Series.id)
+            .join(Study, Series.study_fk == Study.id)
+            .where(Study.study_uid == study_uid)
+            .order_by(Series.id, Instance.received_at))
+    by_series: dict = {}
+    with index.read() as s:
+        for series_id, series_uid, sop_uid, received in s.execute(stmt).all():
+            by_series.setdefault((series_id, series_uid), []).append((sop_uid, received))
+    return [Due(series_id, uid, destination, tuple(u for u, _ in rows), max(r for _, r in rows), 0)
+            for (series_id, uid), rows in by_series.items()]
+
+
 def _not_matched(index: Index, destination: str, candidates: list, now: float) -> None:
     """Record that a rule does not match these series, as received up to now."""
     if not candidates:

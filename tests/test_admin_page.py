@@ -156,3 +156,16 @@ def test_series_viewer_opens_from_a_link_and_shows_the_rendered_images(admin_sit
         target = Path(os.environ["VOXARC_ARTIFACTS"])
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, target / shot.name)
+
+
+def test_a_study_link_opens_its_row_with_the_send_control(admin_site, tmp_path):
+    """``/#study/{uid}`` opens the study's row: its series, and a "Send study" control
+    offering each configured destination."""
+    node, admin = admin_site
+    (stored,) = store_series(node, tmp_path, [("CT", 3, "SEND1")])
+    dom = _chromium(f"{admin.url}/#study/{stored['study_uid']}", tmp_path / "profile",
+                    "--dump-dom")
+    assert f'data-uid="{stored["series_uid"]}"' in dom                  # the series row
+    send = re.search(r'<tr class="series send">.*?</tr>', dom, re.S).group(0)
+    assert ">Send study</button>" in send
+    assert '<option value="viewer">viewer (VIEW@127.0.0.1:1)</option>' in send

@@ -179,8 +179,8 @@ def test_rules_from_the_configuration_file(tmp_path):
     config.write_text('[destinations]\nreading = "READ@10.0.0.9:104"\n'
                       '[forward]\nreading = "Modality=CT\\\\MR; StudyDescription=*HEAD*"\n')
     settings = load_settings(config)
-    assert settings.forward_rules() == {"reading": {"Modality": "CT\\MR",
-                                                    "StudyDescription": "*HEAD*"}}
+    assert forwarding.parse_rule(settings.forward["reading"]) == {
+        "Modality": "CT\\MR", "StudyDescription": "*HEAD*"}
     config.write_text('[forward]\nreading = ""\n')
     with pytest.raises(ValueError, match="not one of the destinations"):
         load_settings(config)
@@ -250,3 +250,46 @@ def test_instances_the_destination_takes_no_context_for_are_passed_over(archive,
         assert forwarder.run_once(time.time() + 2 * LATER) == 0
     finally:
         server.shutdown()
+
+
+def test_the_admin_api_sends_a_study_on_request(admin_site, tmp_path):
+    """POST /api/studies/{uid}/send with {"destination": NAME}: 202, the study's instances
+    arrive as received, the outcome is recorded; a body that is not JSON (which a cross-site
+    form could send), an unknown destination or study are refused."""
+    import json
+    import urllib.error
+    import urllib.request
+    node, admin = admin_site
+    dest = StoreSCP("READ")
+    try:
+        node.settings.destinations["reading"] = f"READ@127.0.0.1:{dest.port}"
+        series = make_series(3, 16, 16, seed=16)
+        sent = _store(node.archive, series)
+        study = series[0].StudyInstanceUID
+
+        def post(uid, body, ctype="application/json"):
+            request = urllib.request.Request(f"{admin.url}/api/studies/{uid}/send",
+                                             data=body, method="POST",
+                                             headers={"Content-Type": ctype})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+        body = json.dumps({"destination": "reading"}).encode()
+        assert post(study, b"destination=reading", "application/x-www-form-urlencoded")[0] == 415
+        assert post(study, json.dumps({"destination": "nowhere"}).encode())[0] == 400
+        assert post("1.2.3", body)[0] == 404
+        status, answer = post(study, body)
+        assert status == 202 and (answer["series"], answer["instances"]) == (1, 3)
+        deadline = time.monotonic() + 30
+        while len(dest.received) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert dest.received == sent
+        deadline = time.monotonic() + 10
+        while not forwarding.status(node.archive.index) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (row,) = forwarding.status(node.archive.index)
+        assert (row["destination"], row["state"], row["instances"]) == ("reading", "sent", 3)
+    finally:
+        dest.stop()

@@ -137,7 +137,49 @@ function studyRow(tbody, s) {
     state.open.has(s.study_uid) ? state.open.delete(s.study_uid) : state.open.add(s.study_uid);
     loadStudies();
   });
-  if (state.open.has(s.study_uid)) s.series.forEach((se) => seriesRow(tbody, s, se));
+  if (state.open.has(s.study_uid)) {
+    s.series.forEach((se) => seriesRow(tbody, s, se));
+    sendRow(tbody, s);
+  }
+}
+
+// "send to ...": the whole study to a configured destination (as a C-MOVE would).
+function sendRow(tbody, s) {
+  const names = Object.keys(state.destinations || {});
+  if (!names.length) return;
+  const row = tbody.insertRow();
+  row.className = "series send";
+  const td = row.insertCell();
+  td.colSpan = 10;
+  const select = document.createElement("select");
+  names.forEach((n) => select.add(new Option(`${n} (${state.destinations[n]})`, n)));
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = "Send study";
+  const note = document.createElement("span");
+  note.className = "muted";
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    note.textContent = " sending…";
+    try {
+      const response = await fetch(`api/studies/${enc(s.study_uid)}/send`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json",
+                   ...(token ? { Authorization: "Bearer " + token } : {}) },
+        body: JSON.stringify({ destination: select.value }),
+      });
+      const answer = await response.json();
+      note.textContent = response.ok
+        ? ` ${answer.instances} instances of ${answer.series} series on their way to ` +
+          `${answer.destination}; the Forwarding panel shows how it went`
+        : ` ${answer.error}`;
+    } catch (err) {
+      note.textContent = " " + String(err.message || err);
+    } finally {
+      button.disabled = false;
+    }
+  });
+  td.append("Send to ", select, " ", button, note);
 }
 
 function seriesRow(tbody, study, se) {
@@ -237,8 +279,14 @@ function windowButtons() {
   });
 }
 
-// #view/{study}/{series}[/{image}] opens the viewer (a link to a series can be shared).
+// #view/{study}/{series}[/{image}] opens the viewer (a link to a series can be shared);
+// #study/{study} opens the study's row.
 async function openFromHash() {
+  const study = location.hash.match(/^#study\/([^/]+)$/);
+  if (study) {
+    state.open.add(decodeURIComponent(study[1]));
+    loadStudies().catch(() => {});
+  }
   const m = location.hash.match(/^#view\/([^/]+)\/([^/]+)(?:\/(\d+))?$/);
   const dialog = byId("viewer");
   if (!m) { if (dialog.open) dialog.close(); return; }
@@ -333,7 +381,7 @@ function renderJobs(jobs) {
 function renderForwards(rows, config) {
   const box = byId("forwards");
   box.replaceChildren();
-  byId("forwards-panel").hidden = !Object.keys(config.forward || {}).length;
+  byId("forwards-panel").hidden = !Object.keys(config.forward || {}).length && !rows.length;
   const failed = rows.filter((r) => r.state === "failed");
   jobList(box, "Failed", failed, (r) => {
     const span = document.createElement("span");
@@ -409,6 +457,7 @@ async function refresh() {
     barChart(byId("chart-modality"), stats.by_modality, "modality");
     barChart(byId("chart-time"), stats.by_day.slice(-30), "day");
     renderJobs(jobs);
+    state.destinations = config.destinations;
     renderForwards(forwards, config);
     renderConfig(config);
     renderDeletions(deletions);
