@@ -40,7 +40,9 @@ def send_study(archive, settings, study_uid: str, destination: str, metrics=None
     Raises
     ------
     ValueError
-        When ``destination`` is not configured or the study is not held.
+        When ``destination`` is not configured.
+    LookupError
+        When the study is not held.
     """
     if destination not in settings.destinations:
         raise ValueError(f"{destination!r} is not one of the destinations "
@@ -51,9 +53,12 @@ def send_study(archive, settings, study_uid: str, destination: str, metrics=None
     sender = Forwarder(archive, settings, metrics, rules={})
 
     def run():
-        for item in items:
-            error, passed_over = sender.send(item)
-            forwarding.record(archive.index, item, error, passed_over=passed_over)
+        try:
+            for item in items:
+                error, passed_over = sender.send(item)
+                forwarding.record(archive.index, item, error, passed_over=passed_over)
+        except Exception:       # a thread's death would go unseen otherwise
+            log.exception("send of study %s to %s failed", study_uid, destination)
     threading.Thread(target=run, name="voxarc-send", daemon=True).start()
     log.info("send of study %s to %s: %d series, %d instances queued", study_uid, destination,
              len(items), sum(len(i.sop_uids) for i in items))
