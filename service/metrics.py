@@ -20,7 +20,7 @@ from pynetdicom import evt
 
 from models import parallel
 from service import patrol, statuses
-from storage import reports, transcode
+from storage import forwarding, reports, transcode
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _OPERATIONS = {evt.EVT_C_ECHO: "C-ECHO", evt.EVT_C_STORE: "C-STORE", evt.EVT_C_FIND: "C-FIND",
@@ -78,6 +78,12 @@ class _IndexCollector:
         for state in ("pending", "running", "failed"):
             jobs.add_metric([state], len(queue[state]))
         yield jobs
+        failed = GaugeMetricFamily("voxarc_forward_failed_series",
+                                   "Series whose forwarding failed, waiting for another attempt",
+                                   labels=["destination"])
+        for destination, count in sorted(forwarding.failed_count(self.archive.index).items()):
+            failed.add_metric([destination], count)
+        yield failed
         last = patrol.last_round(self.archive)
         if last is not None:       # before the first round there is nothing to say
             yield GaugeMetricFamily("voxarc_scrub_last_finished_timestamp_seconds",

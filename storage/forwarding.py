@@ -197,6 +197,14 @@ def record(index: Index, item: Due, error: str | None = None, now: float | None 
             row.next_attempt = now + min(RETRY_MOST, RETRY_FIRST * 2 ** item.attempts)
 
 
+def failed_count(index: Index) -> dict[str, int]:
+    """Destination -> the series whose forwarding failed and waits for another attempt."""
+    stmt = (select(Forward.destination, func.count()).where(Forward.state == "failed")
+            .group_by(Forward.destination))
+    with index.read() as s:
+        return dict(s.execute(stmt).all())
+
+
 def status(index: Index, limit: int = 100) -> list[dict]:
     """The forwarding rows, failed first, then the latest: what the admin page lists."""
     failed_first = (Forward.state != "failed").asc()

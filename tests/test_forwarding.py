@@ -199,6 +199,9 @@ def test_the_admin_api_lists_forwarding_failed_first(admin_site, tmp_path):
     assert [(r["series_uid"], r["state"]) for r in rows] == \
         [(items[1].series_uid, "failed"), (items[0].series_uid, "sent")]
     assert rows[0]["reason"].startswith("no association") and rows[1]["instances"] == 2
+    from admin_helpers import http_get, metric
+    text = http_get(f"{admin.url}/metrics")[1].decode()
+    assert metric(text, "voxarc_forward_failed_series", destination="viewer") == 1
 
 
 def test_a_rule_forwards_only_what_comes_after_it_took_effect(archive, tmp_path):  # noqa: F811
