@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import build_context
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from sqlalchemy import select as sql_select
@@ -171,3 +171,43 @@ def test_sigkill_during_store_and_compaction(tmp_path):
     assert counts["blobs"] > 0, "compaction never ran between kills"
     assert "compacted series" in text
     assert in_compaction >= 1 or KILLS < AIM_EVERY, "no kill hit a running compaction"
+
+
+def test_sigkill_while_forwarding_sends_the_series_again_after_restart(tmp_path):
+    """A node killed while it forwards a series to a destination sends that series again,
+    whole, once restarted: the destination ends up with every instance as received."""
+    from scu_helpers import StoreSCP, store_bytes
+    dest = StoreSCP("READ")
+    data, config = tmp_path / "data", tmp_path / "node.toml"
+    config.write_text(f'compaction_interval = 0.2\nscrub_every_days = 0\n[destinations]\n'
+                      f'reading = "READ@127.0.0.1:{dest.port}"\n[forward]\nreading = ""\n')
+
+    def slow_store(event):                    # a slow destination: the kill lands mid-series
+        time.sleep(0.05)
+        return StoreSCP._on_store(dest, event)
+    dest.server.unbind(evt.EVT_C_STORE, dest._on_store)
+    dest.server.bind(evt.EVT_C_STORE, slow_store)
+    series = make_series(30, 32, 32, seed=51)
+    items = [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds)) for ds in series]
+    try:
+        with open(tmp_path / "node.log", "w") as log:
+            proc, port = _start(data, config, log)
+            try:
+                assert store_bytes(port, items, tmp_path) == [0] * len(items)
+                deadline = time.monotonic() + 60
+                while len(dest.received) < 5 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                at_kill = len(dest.received)
+            finally:
+                _kill(proc)
+            assert 0 < at_kill < len(items)
+            proc, port = _start(data, config, log)
+            try:
+                deadline = time.monotonic() + 90
+                while len(dest.received) < len(items) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            finally:
+                _kill(proc)
+        assert dest.received == {uid: (ts, raw) for _, uid, ts, raw in items}
+    finally:
+        dest.stop()
