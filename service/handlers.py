@@ -29,11 +29,23 @@ from storage.query import Matching
 log = logging.getLogger(__name__)
 
 
-def _peer(event) -> str:
+def _other(event):
     """The other side of the event's association (the source, when the node pulls)."""
     assoc = event.assoc
-    other = assoc.acceptor if getattr(assoc, "is_requestor", False) else assoc.requestor
+    return assoc.acceptor if getattr(assoc, "is_requestor", False) else assoc.requestor
+
+
+def _peer(event) -> str:
+    other = _other(event)
     return f"{other.ae_title}@{other.address}:{other.port}"
+
+
+def _calling_ae(event) -> str:
+    """The AE title that sent a C-STORE (kept with the instance)."""
+    try:
+        return str(_other(event).ae_title).strip()
+    except AttributeError:
+        return ""
 
 
 def handle_association(event) -> None:
@@ -58,7 +70,8 @@ def handle_store(event, archive: Archive, max_bytes: int = 0) -> int:
             return statuses.OUT_OF_RESOURCES
         named_uid, named_class = (str(event.request.AffectedSOPInstanceUID or ""),
                                   str(event.request.AffectedSOPClassUID or ""))
-        result = archive.store(data, str(event.context.transfer_syntax), named_uid or None)
+        result = archive.store(data, str(event.context.transfer_syntax), named_uid or None,
+                               _calling_ae(event))
     except Exception as exc:
         return statuses.status_for(exc, f"C-STORE from {_peer(event)}")
     log.info("C-STORE %s of %s from %s", result.outcome, result.sop_uid, _peer(event))

@@ -71,12 +71,12 @@ class Archive:
         fill_added_attributes(self.index, self.reconstructor, self.index.added_columns)
         self.stager = Stager(self.index)      # group commit of concurrent C-STOREs
 
-    def store(self, data: bytes, transfer_syntax: str, sop_uid: str | None = None
-              ) -> IngestResult:
+    def store(self, data: bytes, transfer_syntax: str, sop_uid: str | None = None,
+              source_ae: str = "") -> IngestResult:
         """Stage a received dataset durably (see :func:`storage.ingest.ingest`); ``sop_uid``:
-        the SOP Instance UID it must have."""
+        the SOP Instance UID it must have; ``source_ae``: the calling AE title that sent it."""
         return ingest(self.index, self.blobs, data, transfer_syntax, self.duplicates,
-                      self.max_storage_bytes, self.stager, sop_uid)
+                      self.max_storage_bytes, self.stager, sop_uid, source_ae)
 
     def retrieve(self, sop_uid: str) -> StoredInstance:
         """Return an instance byte for byte, SHA-256 checked (see :class:`Reconstructor`)."""

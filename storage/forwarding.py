@@ -23,6 +23,7 @@ from storage import query
 from storage.index import Forward, ForwardRule, Index, Instance, Patient, Series, Study
 
 RETRY_FIRST, RETRY_MOST = 30.0, 3600.0
+SOURCE = "SourceAETitle"     # a rule key of voxarc's own: the calling AE title that sent each
 _RULE_LEVELS = ("PATIENT", "STUDY", "SERIES")
 
 
@@ -40,7 +41,9 @@ class Due:
 
 def parse_rule(text: str) -> dict[str, str]:
     """The C-FIND keys of a rule: ``Keyword=pattern`` terms separated by ``;``
-    (``Modality=CT\\MR; StudyDescription=*HEAD*``); empty: every series.
+    (``Modality=CT\\MR; StudyDescription=*HEAD*``); empty: every series. ``SourceAETitle``
+    matches the calling AE title each instance came from (``CT_ER*``): only the instances of
+    a series that it matches go.
 
     Raises
     ------
@@ -55,9 +58,10 @@ def parse_rule(text: str) -> dict[str, str]:
         if not equals or not keyword:
             raise ValueError(f"forwarding rule term {term!r} is not Keyword=pattern")
         level = query.ATTRIBUTES.get(keyword, (None,))[0]
-        if level not in _RULE_LEVELS:
+        if level not in _RULE_LEVELS and keyword != SOURCE:
             known = sorted(k for k, (lv, _) in query.ATTRIBUTES.items() if lv in _RULE_LEVELS)
-            raise ValueError(f"forwarding rule key {keyword!r} is not one of {', '.join(known)}")
+            raise ValueError(f"forwarding rule key {keyword!r} is not one of {SOURCE}, "
+                             f"{', '.join(known)}")
         criteria[keyword] = pattern.strip()
     return criteria
 
@@ -91,20 +95,29 @@ def due(index: Index, rules: dict[str, dict], stable_age: float, now: float | No
     out = []
     for destination, criteria in rules.items():
         start = (since or {}).get(destination, -1.0e300)
+        source = criteria.get(SOURCE)
         candidates = _candidates(index, destination, stable_age, now, start)
-        matched = _matching(index, criteria, [c[1] for c in candidates])
-        _not_matched(index, destination, [c for c in candidates if c[1] not in matched], now)
+        matched = _matching(index, {k: v for k, v in criteria.items() if k != SOURCE},
+                            [c[1] for c in candidates])
+        unmatched = []
         with index.read() as s:
-            for series_id, uid, _, sent_until, attempts in candidates:
-                rows = s.execute(select(Instance.sop_uid, Instance.received_at)
+            for candidate in candidates:
+                series_id, uid, _, sent_until, attempts = candidate
+                rows = s.execute(select(Instance.sop_uid, Instance.received_at,
+                                        Instance.source_ae)
                                  .where(Instance.series_fk == series_id,
                                         Instance.received_at > sent_until,
                                         Instance.received_at >= start)
                                  .order_by(Instance.received_at)).all() \
                     if uid in matched else []
+                rows = [r for r in rows if source is None
+                        or query.matches(r[2], source, "RetrieveAETitle")]   # an AE value
                 if rows:
                     out.append(Due(series_id, uid, destination, tuple(r[0] for r in rows),
                                    max(r[1] for r in rows), attempts))
+                else:
+                    unmatched.append(candidate)
+        _not_matched(index, destination, unmatched, now)
     return out
 
 

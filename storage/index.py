@@ -104,6 +104,8 @@ class Instance(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String)
     received_at: Mapped[float] = mapped_column(Float)
+    # the calling AE title of the C-STORE that brought it ("" from import or STOW-RS)
+    source_ae: Mapped[str] = mapped_column(String, default="", server_default=_EMPTY)
     # Pixel layout found at ingest (pixel_length 0: not stackable)
     pixel_offset: Mapped[int] = mapped_column(BigInteger, default=0)
     pixel_length: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -269,7 +269,8 @@ def _wait_written(item: _Pending) -> None:
 
 def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
            duplicates: str = "keep_first", max_bytes: int = 0,
-           stager: Stager | None = None, sop_uid: str | None = None) -> IngestResult:
+           stager: Stager | None = None, sop_uid: str | None = None,
+           source_ae: str = "") -> IngestResult:
     """Stage one received dataset durably and index it.
 
     Parameters
@@ -288,6 +289,8 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
         Write the file while parsing and group-commit the index row (else all in this thread).
     sop_uid : str, optional
         The SOP Instance UID the dataset must have (its C-STORE request's).
+    source_ae : str
+        The calling AE title that sent it (kept in the index; forwarding rules match it).
 
     Raises
     ------
@@ -300,6 +303,7 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
         written = stager.sync(blobs, blobs.write_new(key, data))
     try:
         facts, fields = _describe(data, transfer_syntax, digest, key)
+        fields = {**fields, "source_ae": source_ae.strip()[:16]}
         if sop_uid is not None and facts.sop_uid != sop_uid:
             raise DatasetMismatchError(f"the dataset is instance {facts.sop_uid}, the request "
                                        f"names {sop_uid}")

@@ -96,16 +96,19 @@ def by_day(index: Index) -> list[dict]:
 def _series_rows(session, where) -> list[dict]:
     source, share = _shares()
     stmt = (select(Series, Study.study_uid, func.count(Instance.id), func.sum(Instance.size),
-                   func.sum(share), func.count(Instance.staged_key))
+                   func.sum(share), func.count(Instance.staged_key),
+                   func.min(Instance.source_ae), func.max(Instance.source_ae))
             .select_from(source.join(Series, Instance.series_fk == Series.id)
                          .join(Study, Series.study_fk == Study.id))
             .where(where).group_by(Series.id, Study.study_uid))
     out = []
-    for series, study_uid, n, original, stored, staged in session.execute(stmt):
+    for series, study_uid, n, original, stored, staged, first, last in session.execute(stmt):
         out.append({"series_uid": series.series_uid, "study_uid": study_uid,
                     "modality": series.modality, "series_number": series.series_number,
                     "description": series.series_description, "instances": n,
                     "staged_instances": staged, "last_received": series.last_received,
+                    # who sent it: the calling AE titles, first and last in order (two at most)
+                    "sources": sorted({first, last} - {"", None}),
                     **_sizes(original, stored)})
     return sorted(out, key=lambda r: (r["study_uid"], _number(r["series_number"])))
 

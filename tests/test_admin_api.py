@@ -76,6 +76,7 @@ def test_studies_sorted_paginated_and_series_detail(admin_site, tmp_path):
         assert study["original_bytes"] == sum(spec["sizes"])
         assert study["modalities"] == [spec["modality"]]
         assert study["series"][0]["series_uid"] == spec["series_uid"]
+        assert study["series"][0]["sources"] == ["TESTSCU"]        # the SCU that sent it
 
     detail = get_json(f"{admin.url}/api/series/{stored[1]['series_uid']}")
     assert detail["instances"] == 3 and detail["staged_instances"] == 0

@@ -296,3 +296,43 @@ def test_the_admin_api_sends_a_study_on_request(admin_site, tmp_path):
         assert (row["destination"], row["state"], row["instances"]) == ("reading", "sent", 3)
     finally:
         dest.stop()
+
+
+def test_a_rule_on_the_source_ae_title_takes_only_what_that_modality_sent(archive):  # noqa: F811
+    er, ward = make_series(2, 16, 16, seed=17), make_series(2, 16, 16, seed=18)
+    for ds in er:
+        archive.store(*reversed(dataset_bytes(ds)), source_ae="CT_ER1")
+    for ds in ward:
+        archive.store(*reversed(dataset_bytes(ds)), source_ae="CT_WARD")
+    mixed = _late(er, 3, seed=19)                     # the ER series, sent from elsewhere
+    archive.store(*reversed(dataset_bytes(mixed)), source_ae="PACS_OLD")
+    rules = {"er": forwarding.parse_rule("SourceAETitle=CT_ER*; Modality=CT")}
+    (item,) = forwarding.due(archive.index, rules, 60.0, time.time() + LATER)
+    assert set(item.sop_uids) == {ds.SOPInstanceUID for ds in er}
+    forwarding.record(archive.index, item, None)
+    assert forwarding.due(archive.index, rules, 60.0, time.time() + LATER) == []
+    with pytest.raises(ValueError, match="SourceAETitle"):
+        forwarding.parse_rule("CallingAETitle=CT1")
+
+
+def test_the_calling_ae_title_is_kept_with_each_instance(tmp_path):
+    """C-STORE records who sent an instance (the test SCU calls itself TESTSCU); an import
+    records no one."""
+    from sqlalchemy import select
+
+    from scu_helpers import store_bytes
+    from service.ae import Node
+    from storage.index import Instance
+    running = Node(load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0),
+                   compaction=False).start()
+    try:
+        (ds,) = make_series(1, 16, 16, seed=20)
+        assert store_bytes(running.port, [(ds.SOPClassUID, ds.SOPInstanceUID,
+                                           *dataset_bytes(ds))], tmp_path) == [0]
+        (other,) = make_series(1, 16, 16, seed=21)
+        running.archive.store(*reversed(dataset_bytes(other)))
+        with running.archive.index.read() as s:
+            kept = dict(s.execute(select(Instance.sop_uid, Instance.source_ae)).all())
+        assert kept == {ds.SOPInstanceUID: "TESTSCU", other.SOPInstanceUID: ""}
+    finally:
+        running.stop()

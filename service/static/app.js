@@ -193,7 +193,8 @@ function seriesRow(tbody, study, se) {
   const name = cell(row, `${se.modality} series ${se.series_number}`);
   name.prepend(thumbnail(se.series_uid));
   cell(row, se.series_uid, "uid").colSpan = 2;
-  cell(row, se.description);
+  cell(row, se.description + (se.sources && se.sources.length
+    ? ` · from ${se.sources.join(", ")}` : ""));
   cell(row, se.staged_instances ? se.staged_instances + " staged" : "compressed");
   cell(row, count(se.instances), "num");
   cell(row, bytes(se.original_bytes), "num");
