@@ -56,7 +56,8 @@ def send_study(archive, settings, study_uid: str, destination: str, metrics=None
         try:
             for item in items:
                 error, passed_over = sender.send(item)
-                forwarding.record(archive.index, item, error, passed_over=passed_over)
+                forwarding.record(archive.index, item, error, passed_over=passed_over,
+                                  retry=False)
         except Exception:       # a thread's death would go unseen otherwise
             log.exception("send of study %s to %s failed", study_uid, destination)
     threading.Thread(target=run, name="voxarc-send", daemon=True).start()

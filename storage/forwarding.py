@@ -189,10 +189,10 @@ def _row(s, series_id: int, destination: str) -> Forward:
 
 
 def record(index: Index, item: Due, error: str | None = None, now: float | None = None,
-           passed_over: int = 0) -> None:
+           passed_over: int = 0, retry: bool = True) -> None:
     """Record how forwarding ``item`` went: sent (``error`` None; ``passed_over`` of its
     instances could not go out at all, which the row's reason notes) or failed (retried
-    later)."""
+    later, unless ``retry`` is false: a send by hand)."""
     now = time.time() if now is None else now
     with index.write() as s:
         if s.get(Series, item.series_id) is None:        # deleted meanwhile
@@ -207,7 +207,8 @@ def record(index: Index, item: Due, error: str | None = None, now: float | None 
                               "out (no context for them, or their check failed: see the log)")
         else:
             row.state, row.attempts = "failed", item.attempts + 1
-            row.next_attempt = now + min(RETRY_MOST, RETRY_FIRST * 2 ** item.attempts)
+            row.next_attempt = now + min(RETRY_MOST, RETRY_FIRST * 2 ** item.attempts) \
+                if retry else 0.0
 
 
 def failed_count(index: Index) -> dict[str, int]:
@@ -232,6 +233,7 @@ def status(index: Index, limit: int = 100) -> list[dict]:
         return [{"destination": f.destination, "state": f.state, "series_uid": uid,
                  "study_uid": study, "modality": modality, "patient_name": name,
                  "instances": f.instances, "attempts": f.attempts, "reason": f.reason,
-                 "next_attempt": f.next_attempt if f.state == "failed" else None,
+                 "next_attempt": f.next_attempt if f.state == "failed" and f.next_attempt
+                 else None,
                  "updated_at": f.updated_at}
                 for f, uid, modality, study, name in s.execute(stmt).all()]

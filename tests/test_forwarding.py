@@ -294,6 +294,14 @@ def test_the_admin_api_sends_a_study_on_request(admin_site, tmp_path):
             time.sleep(0.05)
         (row,) = forwarding.status(node.archive.index)
         assert (row["destination"], row["state"], row["instances"]) == ("reading", "sent", 3)
+        # a send by hand that fails is shown failed, with no retry time: none will come
+        assert post(study, json.dumps({"destination": "viewer"}).encode())[0] == 202
+        deadline = time.monotonic() + 30
+        while len(forwarding.status(node.archive.index)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        failed = forwarding.status(node.archive.index)[0]
+        assert (failed["destination"], failed["state"], failed["next_attempt"]) == \
+            ("viewer", "failed", None)
     finally:
         dest.stop()
 

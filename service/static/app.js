@@ -388,7 +388,7 @@ function renderForwards(rows, config) {
     const span = document.createElement("span");
     span.className = "reason";
     span.textContent = `to ${r.destination}: ${r.reason} (attempt ${r.attempts}, ` +
-                       `retry ${when(r.next_attempt)})`;
+      (r.next_attempt ? `retry ${when(r.next_attempt)})` : "sent by hand: not retried)");
     return span;
   });
   jobList(box, "Sent", rows.filter((r) => r.state === "sent"),
