@@ -45,8 +45,9 @@ SETTING_DOCS = {
                     "NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
     "forward": "Send each stable series to destinations as it comes: NAME = \"Keyword=pattern; "
                "...\" (a destination of destinations; C-FIND keys of the series, its study or "
-               "patient, or SourceAETitle, the sender's; \"\": every series) (flag: --forward "
-               "NAME=RULE, repeatable).",
+               "patient, or SourceAETitle, the sender's; Priors=N sends the patient's N latest "
+               "earlier studies along; \"\": every series) (flag: --forward NAME=RULE, "
+               "repeatable).",
     "http_host": "Address the admin web page binds to (localhost only by default).",
     "http_port": "TCP port of the admin web page, JSON API and /metrics (0: a free port).",
     "http_token": "Token the admin web page requires (Bearer header or ?token=); empty: none.",

@@ -104,7 +104,21 @@ class Forwarder(threading.Thread):
             error, passed_over = self.send(item)
             forwarding.record(self.archive.index, item, error, now, passed_over)
             sent += error is None
+            if error is None:
+                self._send_priors(item, now)
         return sent
+
+    def _send_priors(self, item: forwarding.Due, now: float | None) -> None:
+        """The patient's earlier studies the rule asks for along with ``item``'s, those the
+        destination has not had (a failed one is tried again with the patient's next
+        series)."""
+        count = forwarding.priors_wanted(self.rules.get(item.destination, {}))
+        if not count:
+            return
+        for prior in forwarding.prior_items(self.archive.index, item.series_id,
+                                            item.destination, count):
+            error, passed_over = self.send(prior)
+            forwarding.record(self.archive.index, prior, error, now, passed_over, retry=False)
 
     def send(self, item: forwarding.Due) -> tuple[str | None, int]:
         """Send one series' due instances: (None when they went, else what went wrong; how

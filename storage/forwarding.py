@@ -2,7 +2,8 @@
 
 A rule names a destination and the C-FIND keys a series must match (:mod:`storage.query`
 matching, on what the index keeps of the series, its study and its patient); an empty rule
-matches every series. A rule takes effect when a node first runs with it (or with it changed):
+matches every series; ``Priors=2`` sends the patient's two latest earlier studies along with a
+new one (those the destination has not had, whenever they came). A rule takes effect when a node first runs with it (or with it changed):
 only instances received since then go by it, so enabling one does not send the archive's past
 (a C-MOVE does that). Once a series is stable (no new instance for ``stable_age`` seconds), its
 instances received after the last that went to the destination (the ``forwards`` row's
@@ -24,6 +25,8 @@ from storage.index import Forward, ForwardRule, Index, Instance, Patient, Series
 
 RETRY_FIRST, RETRY_MOST = 30.0, 3600.0
 SOURCE = "SourceAETitle"     # a rule key of voxarc's own: the calling AE title that sent each
+PRIORS = "Priors"            # another: how many of the patient's earlier studies go along
+MAX_PRIORS = 10
 _RULE_LEVELS = ("PATIENT", "STUDY", "SERIES")
 
 
@@ -58,12 +61,21 @@ def parse_rule(text: str) -> dict[str, str]:
         if not equals or not keyword:
             raise ValueError(f"forwarding rule term {term!r} is not Keyword=pattern")
         level = query.ATTRIBUTES.get(keyword, (None,))[0]
-        if level not in _RULE_LEVELS and keyword != SOURCE:
+        if level not in _RULE_LEVELS and keyword not in (SOURCE, PRIORS):
             known = sorted(k for k, (lv, _) in query.ATTRIBUTES.items() if lv in _RULE_LEVELS)
             raise ValueError(f"forwarding rule key {keyword!r} is not one of {SOURCE}, "
-                             f"{', '.join(known)}")
+                             f"{PRIORS}, {', '.join(known)}")
+        if keyword == PRIORS and not (pattern.strip().isdigit()
+                                      and int(pattern) <= MAX_PRIORS):
+            raise ValueError(f"forwarding rule {PRIORS}={pattern.strip()!r}: a number of "
+                             f"studies, 0 to {MAX_PRIORS}")
         criteria[keyword] = pattern.strip()
     return criteria
+
+
+def priors_wanted(criteria: dict) -> int:
+    """How many of the patient's earlier studies a rule sends along (its ``Priors``)."""
+    return int(criteria.get(PRIORS, 0))
 
 
 def take_effect(index: Index, rules: dict[str, str], now: float | None = None
@@ -97,8 +109,8 @@ def due(index: Index, rules: dict[str, dict], stable_age: float, now: float | No
         start = (since or {}).get(destination, -1.0e300)
         source = criteria.get(SOURCE)
         candidates = _candidates(index, destination, stable_age, now, start)
-        matched = _matching(index, {k: v for k, v in criteria.items() if k != SOURCE},
-                            [c[1] for c in candidates])
+        matched = _matching(index, {k: v for k, v in criteria.items()
+                                    if k not in (SOURCE, PRIORS)}, [c[1] for c in candidates])
         unmatched = []
         with index.read() as s:
             for candidate in candidates:
@@ -135,6 +147,24 @@ def study_items(index: Index, study_uid: str, destination: str) -> list[Due]:
             by_series.setdefault((series_id, series_uid), []).append((sop_uid, received))
     return [Due(series_id, uid, destination, tuple(u for u, _ in rows), max(r for _, r in rows), 0)
             for (series_id, uid), rows in by_series.items()]
+
+
+def prior_items(index: Index, series_id: int, destination: str, count: int) -> list[Due]:
+    """The series of the ``count`` latest other studies of the patient of series
+    ``series_id`` (by study date and time) that ``destination`` has not been sent, as items
+    of all their instances."""
+    with index.read() as s:
+        study_id, patient_id = s.execute(
+            select(Study.id, Study.patient_fk).join(Series, Series.study_fk == Study.id)
+            .where(Series.id == series_id)).one()
+        priors = s.scalars(select(Study.study_uid)
+                           .where(Study.patient_fk == patient_id, Study.id != study_id)
+                           .order_by(Study.study_date.desc(), Study.study_time.desc())
+                           .limit(count)).all()
+        sent = set(s.scalars(select(Forward.series_fk).where(Forward.destination == destination,
+                                                             Forward.state == "sent")))
+    return [item for uid in priors for item in study_items(index, uid, destination)
+            if item.series_id not in sent]
 
 
 def _not_matched(index: Index, destination: str, candidates: list, now: float) -> None:

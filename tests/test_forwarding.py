@@ -344,3 +344,30 @@ def test_the_calling_ae_title_is_kept_with_each_instance(tmp_path):
         assert kept == {ds.SOPInstanceUID: "TESTSCU", other.SOPInstanceUID: ""}
     finally:
         running.stop()
+
+
+def test_priors_go_along_with_a_new_study_once(archive, tmp_path):  # noqa: F811
+    """``Priors=2``: a patient's new study arrives with the two latest of the patient's
+    earlier studies (received long before the rule), once; another patient's are left."""
+    dest = StoreSCP("READ")
+    try:
+        old = {date: make_series(2, 16, 16, patient_id="P7", study_date=date, seed=n)
+               for n, date in enumerate(("20220301", "20240105", "20230710"), start=30)}
+        other = make_series(2, 16, 16, patient_id="P8", study_date="20240601", seed=33)
+        for series in (*old.values(), other):
+            _store(archive, series)
+        time.sleep(0.01)
+        forwarder = Forwarder(archive, _settings(tmp_path, dest.port, "Modality=CT; Priors=2"))
+        new = make_series(3, 16, 16, patient_id="P7", study_date="20251130", seed=34)
+        _store(archive, new)
+        assert forwarder.run_once(time.time() + LATER) == 1
+        expected = {ds.SOPInstanceUID for ds in new + old["20240105"] + old["20230710"]}
+        assert set(dest.received) == expected
+        late = _late(new, 4, seed=35)                 # more of the new study: no prior again
+        _store(archive, [late])
+        assert forwarder.run_once(time.time() + LATER) == 1
+        assert set(dest.received) == expected | {late.SOPInstanceUID} and dest.count == 8
+    finally:
+        dest.stop()
+    with pytest.raises(ValueError, match="Priors"):
+        forwarding.parse_rule("Priors=many")
