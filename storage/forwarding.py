@@ -154,9 +154,12 @@ def prior_items(index: Index, series_id: int, destination: str, count: int) -> l
     ``series_id`` (by study date and time) that ``destination`` has not been sent, as items
     of all their instances."""
     with index.read() as s:
-        study_id, patient_id = s.execute(
-            select(Study.id, Study.patient_fk).join(Series, Series.study_fk == Study.id)
-            .where(Series.id == series_id)).one()
+        found = s.execute(select(Study.id, Study.patient_fk)
+                          .join(Series, Series.study_fk == Study.id)
+                          .where(Series.id == series_id)).first()
+        if found is None:                         # deleted meanwhile
+            return []
+        study_id, patient_id = found
         priors = s.scalars(select(Study.study_uid)
                            .where(Study.patient_fk == patient_id, Study.id != study_id)
                            .order_by(Study.study_date.desc(), Study.study_time.desc())
