@@ -20,7 +20,7 @@ import time
 
 from pynetdicom import AE, evt
 
-from service import exact_send
+from service import commitment, exact_send
 from service.exact_send import PreEncoded
 from service.handlers import Receiver, store_contexts, sub_operations
 from service.socket_tuning import tune_association
@@ -28,7 +28,6 @@ from storage import forwarding
 from storage.forwarding import parse_rule
 
 log = logging.getLogger(__name__)
-CONNECTION_TIMEOUT = 10.0
 _SENT = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}   # success and warnings
 
 
@@ -55,16 +54,15 @@ def send_study(archive, settings, study_uid: str, destination: str, metrics=None
     def run():
         try:
             for item in items:
-                error, passed_over = sender.send(item)
-                forwarding.record(archive.index, item, error, passed_over=passed_over,
-                                  retry=False)
+                sender.deliver(item, retry=False)
         except Exception:       # a thread's death would go unseen otherwise
             log.exception("send of study %s to %s failed", study_uid, destination)
     threading.Thread(target=run, name="voxarc-send", daemon=True).start()
+    instances = sum(len(i.sop_uids) for i in items)
     log.info("send of study %s to %s: %d series, %d instances queued", study_uid, destination,
-             len(items), sum(len(i.sop_uids) for i in items))
+             len(items), instances)
     return {"study": study_uid, "destination": destination, "series": len(items),
-            "instances": sum(len(i.sop_uids) for i in items)}
+            "instances": instances}
 
 
 class Forwarder(threading.Thread):
@@ -101,12 +99,18 @@ class Forwarder(threading.Thread):
                                    now, self.since):
             if self._stop_event.is_set():
                 break
-            error, passed_over = self.send(item)
-            forwarding.record(self.archive.index, item, error, now, passed_over)
-            sent += error is None
-            if error is None:
+            if self.deliver(item, now):
+                sent += 1
                 self._send_priors(item, now)
         return sent
+
+    def deliver(self, item: forwarding.Due, now: float | None = None,
+                retry: bool = True) -> bool:
+        """:meth:`send` ``item`` and record how it went (see
+        :func:`storage.forwarding.record`); return whether it went."""
+        error, passed_over = self.send(item)
+        forwarding.record(self.archive.index, item, error, now, passed_over, retry)
+        return error is None
 
     def _send_priors(self, item: forwarding.Due, now: float | None) -> None:
         """The patient's earlier studies the rule asks for along with ``item``'s, those the
@@ -117,8 +121,7 @@ class Forwarder(threading.Thread):
             return
         for prior in forwarding.prior_items(self.archive.index, item.series_id,
                                             item.destination, count):
-            error, passed_over = self.send(prior)
-            forwarding.record(self.archive.index, prior, error, now, passed_over, retry=False)
+            self.deliver(prior, now, retry=False)
 
     def send(self, item: forwarding.Due) -> tuple[str | None, int]:
         """Send one series' due instances: (None when they went, else what went wrong; how
@@ -176,7 +179,7 @@ class Forwarder(threading.Thread):
 
     def _associate(self, dest, records: list[dict]):
         ae = AE(ae_title=self.settings.ae_title)
-        ae.connection_timeout = CONNECTION_TIMEOUT
+        ae.connection_timeout = commitment.CONNECTION_TIMEOUT    # as C-MOVE destinations
         ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = 30, 60, 60
         return ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
                             contexts=store_contexts(records, self.archive),

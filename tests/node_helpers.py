@@ -162,14 +162,20 @@ def dataset_bytes(ds: Dataset) -> tuple[str, bytes]:
     return split_file(file_bytes(ds))
 
 
-def store_series(arch, series: list[Dataset]) -> dict[str, bytes]:
-    """Store generated datasets in an archive; return their bytes by SOP Instance UID."""
+def store_as_received(arch, series: list[Dataset]) -> dict[str, tuple[str, bytes]]:
+    """Store generated datasets in an archive; return (transfer syntax, dataset bytes) by SOP
+    Instance UID."""
     sent = {}
     for ds in series:
         ts, data = dataset_bytes(ds)
         arch.store(data, ts)
-        sent[ds.SOPInstanceUID] = data
+        sent[ds.SOPInstanceUID] = (ts, data)
     return sent
+
+
+def store_series(arch, series: list[Dataset]) -> dict[str, bytes]:
+    """Store generated datasets in an archive; return their bytes by SOP Instance UID."""
+    return {uid: data for uid, (_, data) in store_as_received(arch, series).items()}
 
 
 def bundled(name: str) -> tuple[str, bytes]:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from admin_helpers import admin_site, http_token  # noqa: F401
-from node_helpers import archive, dataset_bytes, make_series  # noqa: F401
+from node_helpers import archive, dataset_bytes, make_series, store_as_received  # noqa: F401
 from scu_helpers import StoreSCP
 from service.config import load_settings
 from service.forwarding import Forwarder
@@ -17,15 +17,6 @@ from service.metrics import NodeMetrics
 from storage import forwarding
 
 LATER = 120.0          # seconds after the instances came: every series is stable by then
-
-
-def _store(archive, series) -> dict:
-    sent = {}
-    for ds in series:
-        ts, data = dataset_bytes(ds)
-        archive.store(data, ts)
-        sent[ds.SOPInstanceUID] = (ts, data)
-    return sent
 
 
 def _late(series, number: int, seed: int):
@@ -40,7 +31,7 @@ def _late(series, number: int, seed: int):
 def test_rules_select_stable_series_and_late_instances_follow(archive):  # noqa: F811
     ct = make_series(3, 16, 16, modality="CT", seed=1)
     mr = make_series(2, 16, 16, modality="MR", patient_id="P2", seed=2)
-    _store(archive, ct + mr)
+    store_as_received(archive, ct + mr)
     rules = {"reading": {"Modality": "CT\\PT"}}
     index, now = archive.index, time.time()
     assert forwarding.due(index, rules, 60.0, now) == []           # not stable yet
@@ -51,7 +42,7 @@ def test_rules_select_stable_series_and_late_instances_follow(archive):  # noqa:
     assert forwarding.due(index, rules, 60.0, now + LATER) == []
     # a late CT instance: only it, once its series is stable again
     late = _late(ct, 4, seed=3)
-    _store(archive, [late])
+    store_as_received(archive, [late])
     assert forwarding.due(index, rules, 60.0, time.time()) == []
     (again,) = forwarding.due(index, rules, 60.0, time.time() + LATER)
     assert again.sop_uids == (late.SOPInstanceUID,)
@@ -67,7 +58,7 @@ def test_rules_select_stable_series_and_late_instances_follow(archive):  # noqa:
 
 def test_a_failed_attempt_is_retried_after_a_growing_delay(archive):  # noqa: F811
     ct = make_series(2, 16, 16, seed=4)
-    _store(archive, ct)
+    store_as_received(archive, ct)
     rules, index = {"reading": {}}, archive.index
     t0 = time.time() + LATER
     (item,) = forwarding.due(index, rules, 60.0, t0)
@@ -87,7 +78,7 @@ def test_a_failed_attempt_is_retried_after_a_growing_delay(archive):  # noqa: F8
 
 def test_deleting_a_series_drops_its_forwarding_row(archive):  # noqa: F811
     ct = make_series(2, 16, 16, seed=5)
-    _store(archive, ct)
+    store_as_received(archive, ct)
     (item,) = forwarding.due(archive.index, {"reading": {}}, 60.0, time.time() + LATER)
     forwarding.record(archive.index, item, "down", time.time())
     archive.delete("series", ct[0].SeriesInstanceUID, reason="test")
@@ -107,13 +98,13 @@ def test_the_forwarder_sends_each_instance_as_received_once(archive, tmp_path): 
         metrics = NodeMetrics()
         forwarder = Forwarder(archive, settings, metrics)
         ct = make_series(3, 16, 16, seed=6)
-        sent = _store(archive, ct + make_series(2, 16, 16, modality="MR", seed=7))
+        sent = store_as_received(archive, ct + make_series(2, 16, 16, modality="MR", seed=7))
         assert archive.compact(stable_age=0) == (2, 0)    # rebuilt from the codec's blobs
         assert forwarder.run_once(time.time() + LATER) == 1
         assert dest.received == {ds.SOPInstanceUID: sent[ds.SOPInstanceUID] for ds in ct}
         assert forwarder.run_once(time.time() + 2 * LATER) == 0     # nothing twice
         late = _late(ct, 4, seed=8)
-        sent.update(_store(archive, [late]))
+        sent.update(store_as_received(archive, [late]))
         assert forwarder.run_once(time.time() + LATER) == 1
         assert dest.received[late.SOPInstanceUID] == sent[late.SOPInstanceUID]
         assert len(dest.received) == 4 and dest.count == 4
@@ -129,7 +120,7 @@ def test_an_unreachable_destination_is_retried_then_served(archive, tmp_path):  
     port = free_port()
     forwarder = Forwarder(archive, _settings(tmp_path, port, ""))
     ct = make_series(2, 16, 16, seed=9)
-    _store(archive, ct)
+    store_as_received(archive, ct)
     t0 = time.time() + LATER
     assert forwarder.run_once(t0) == 0
     (row,) = forwarding.status(archive.index)
@@ -151,7 +142,7 @@ def test_a_destination_that_refuses_instances_gets_the_batch_again(archive,  # n
     try:
         forwarder = Forwarder(archive, _settings(tmp_path, dest.port, ""))
         ct = make_series(3, 16, 16, seed=10)
-        _store(archive, ct)
+        store_as_received(archive, ct)
         t0 = time.time() + LATER
         assert forwarder.run_once(t0) == 0
         (row,) = forwarding.status(archive.index)
@@ -190,7 +181,7 @@ def test_the_admin_api_lists_forwarding_failed_first(admin_site, tmp_path):
     from admin_helpers import get_json
     node, admin = admin_site
     first, second = make_series(2, 16, 16, seed=11), make_series(2, 16, 16, seed=12)
-    _store(node.archive, first + second)
+    store_as_received(node.archive, first + second)
     items = forwarding.due(node.archive.index, {"viewer": {}}, 60.0, time.time() + LATER)
     assert len(items) == 2
     forwarding.record(node.archive.index, items[0], None)
@@ -210,12 +201,12 @@ def test_a_rule_forwards_only_what_comes_after_it_took_effect(archive, tmp_path)
     dest = StoreSCP("READ")
     try:
         old = make_series(2, 16, 16, seed=13)
-        _store(archive, old)
+        store_as_received(archive, old)
         time.sleep(0.01)
         forwarder = Forwarder(archive, _settings(tmp_path, dest.port, ""))
         since = forwarder.since["reading"]
         new = make_series(2, 16, 16, seed=14)
-        _store(archive, new)
+        store_as_received(archive, new)
         assert forwarder.run_once(time.time() + LATER) == 1
         assert set(dest.received) == {ds.SOPInstanceUID for ds in new}
         again = Forwarder(archive, _settings(tmp_path, dest.port, ""))    # a restart
@@ -244,7 +235,7 @@ def test_instances_the_destination_takes_no_context_for_are_passed_over(archive,
         series = make_series(3, 16, 16, seed=15)
         series[1].SOPClassUID = series[1].file_meta.MediaStorageSOPClassUID = \
             "1.2.840.10008.5.1.4.1.1.7"                   # secondary capture: no context
-        _store(archive, series)
+        store_as_received(archive, series)
         assert forwarder.run_once(time.time() + LATER) == 1
         assert sorted(received) == sorted(series[k].SOPInstanceUID for k in (0, 2))
         (row,) = forwarding.status(archive.index)
@@ -267,7 +258,7 @@ def test_the_admin_api_sends_a_study_on_request(admin_site, tmp_path):
     try:
         node.settings.destinations["reading"] = f"READ@127.0.0.1:{dest.port}"
         series = make_series(3, 16, 16, seed=16)
-        sent = _store(node.archive, series)
+        sent = store_as_received(node.archive, series)
         study = series[0].StudyInstanceUID
 
         def post(uid, body, ctype="application/json"):
@@ -355,16 +346,16 @@ def test_priors_go_along_with_a_new_study_once(archive, tmp_path):  # noqa: F811
                for n, date in enumerate(("20220301", "20240105", "20230710"), start=30)}
         other = make_series(2, 16, 16, patient_id="P8", study_date="20240601", seed=33)
         for series in (*old.values(), other):
-            _store(archive, series)
+            store_as_received(archive, series)
         time.sleep(0.01)
         forwarder = Forwarder(archive, _settings(tmp_path, dest.port, "Modality=CT; Priors=2"))
         new = make_series(3, 16, 16, patient_id="P7", study_date="20251130", seed=34)
-        _store(archive, new)
+        store_as_received(archive, new)
         assert forwarder.run_once(time.time() + LATER) == 1
         expected = {ds.SOPInstanceUID for ds in new + old["20240105"] + old["20230710"]}
         assert set(dest.received) == expected
         late = _late(new, 4, seed=35)                 # more of the new study: no prior again
-        _store(archive, [late])
+        store_as_received(archive, [late])
         assert forwarder.run_once(time.time() + LATER) == 1
         assert set(dest.received) == expected | {late.SOPInstanceUID} and dest.count == 8
     finally:

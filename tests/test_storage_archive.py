@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 import models
 from node_helpers import (BUNDLED, archive, bundled, dataset_bytes,  # noqa: F401 (fixture)
                           lose_commit_answer, make_series, make_time_points,
-                          real_series_files)
+                          real_series_files, store_as_received)
 from storage import header_pack
 from storage.archive import Archive
 from storage.blobstore import BlobStore, new_key
@@ -18,15 +18,6 @@ from storage.errors import (CommitOutcomeUnknown, DuplicateInstanceError, Instan
                             InvalidKeyError, StorageFullError, UnparseableDatasetError)
 from storage.index import Blob, Instance, Job
 from storage.part10 import split_file
-
-
-def _store_all(arch, datasets):
-    sent = {}
-    for ds in datasets:
-        ts, data = dataset_bytes(ds)
-        arch.store(data, ts)
-        sent[ds.SOPInstanceUID] = (ts, data)
-    return sent
 
 
 def _assert_exact(arch, sent):
@@ -37,7 +28,7 @@ def _assert_exact(arch, sent):
 
 def test_stage_compact_and_retrieve_exactly(archive):
     series = make_series(5, 16, 12) + make_series(3, 9, 7, dtype="uint8", seed=1)
-    sent = _store_all(archive, series)
+    sent = store_as_received(archive, series)
     for name in ["CT_small.dcm", "MR_small_RLE.dcm", "rtplan.dcm", "SC_rgb_small_odd.dcm"]:
         ts, data = bundled(name)
         sent[archive.store(data, ts).sop_uid] = (ts, data)
@@ -63,7 +54,7 @@ def test_a_stack_of_noise_is_stored_instance_by_instance(archive, caplog):
     for ds in noise:
         ds.PixelData = rng.integers(0, 1 << 16, (128, 128), dtype=np.uint16).tobytes()
     smooth = make_series(4, 128, 128, dtype="uint16", seed=2)
-    sent = _store_all(archive, noise + smooth)
+    sent = store_as_received(archive, noise + smooth)
     with caplog.at_level("INFO", logger="storage.compaction"):
         assert archive.compact(stable_age=0) == (2, 0)
     _assert_exact(archive, sent)
@@ -79,7 +70,7 @@ def test_instances_located_ahead_come_back_exactly_after_moving_or_going(archive
     """A retrieval locates its instances in one query when it starts; one compacted (or
     deleted) meanwhile is located again: the bytes are the received ones, or it is gone."""
     series = make_series(4, 8, 8, seed=7)
-    sent = _store_all(archive, series)
+    sent = store_as_received(archive, series)
     uids = list(sent)
     located = archive.locate(uids)
     assert sorted(located) == sorted(uids) and all(r.staged_key for r in located.values())
@@ -94,7 +85,7 @@ def test_instances_located_ahead_come_back_exactly_after_moving_or_going(archive
 
 def test_stack_is_sorted_along_the_normal(archive):
     series = make_series(4, 8, 8)
-    _store_all(archive, series)
+    store_as_received(archive, series)
     archive.compact(0)
     with archive.index.read() as s:
         rows = list(s.scalars(select(Instance).order_by(Instance.frame_start)))
@@ -114,7 +105,7 @@ def test_multi_frame_instances_of_one_format_share_a_stack_in_time_order(archive
                                                        series[0].SeriesInstanceUID)
     other.NumberOfFrames = 3
     other.PixelData = np.arange(300, dtype=np.int16).tobytes()
-    sent = _store_all(archive, series + [other])
+    sent = store_as_received(archive, series + [other])
     archive.compact(0)
     with archive.index.read() as s:
         rows = {r.sop_uid: r for r in s.scalars(select(Instance))}
@@ -156,9 +147,9 @@ def test_a_multi_frame_instance_indexed_before_formats_were_kept_stays_alone():
 
 def test_instances_after_compaction_are_compacted_too(archive):
     first, = [make_series(6, 8, 8)]
-    sent = _store_all(archive, first[:3])
+    sent = store_as_received(archive, first[:3])
     archive.compact(0)
-    sent.update(_store_all(archive, first[3:]))
+    sent.update(store_as_received(archive, first[3:]))
     assert archive.stats()["pending_instances"] == 3
     archive.compact(0)
     assert archive.stats()["pending_instances"] == 0
@@ -166,7 +157,7 @@ def test_instances_after_compaction_are_compacted_too(archive):
 
 
 def test_stable_age_holds_fresh_series(archive):
-    _store_all(archive, make_series(2, 8, 8))
+    store_as_received(archive, make_series(2, 8, 8))
     assert archive.compact(stable_age=3600) == (0, 0)
     assert archive.stats()["pending_instances"] == 2
 
@@ -222,7 +213,7 @@ def test_storage_limit(tmp_path):
 def test_a_compaction_whose_commit_answer_is_lost_loses_nothing(tmp_path, monkeypatch,
                                                                 really_commit):
     arch = Archive(tmp_path / "data")
-    sent = _store_all(arch, make_series(3, 8, 8))
+    sent = store_as_received(arch, make_series(3, 8, 8))
     lose_commit_answer(arch.index, monkeypatch, really_commit, skip=1)   # after the job's
     assert arch.compact(0) == ((1, 0) if really_commit else (0, 1))
     assert arch.stats()["pending_instances"] == (0 if really_commit else 3)
@@ -251,7 +242,7 @@ def test_a_commit_is_judged_by_the_index_when_its_answer_is_lost(tmp_path, monke
 
 
 def test_failed_compaction_leaves_series_staged(archive, monkeypatch):
-    sent = _store_all(archive, make_series(3, 8, 8))
+    sent = store_as_received(archive, make_series(3, 8, 8))
 
     def lossy(volume, model="default", **options):
         changed = volume.copy()
@@ -272,7 +263,7 @@ def test_failed_compaction_leaves_series_staged(archive, monkeypatch):
 
 def test_corrupted_blob_is_never_sent(archive):
     ds = make_series(3, 8, 8)
-    _store_all(archive, ds)
+    store_as_received(archive, ds)
     archive.compact(0)
     with archive.index.read() as s:
         key = s.scalar(select(Blob.key))
@@ -329,10 +320,10 @@ def test_real_series_compacted_exactly(archive, shared_series):
 
 def test_computed_query_attributes_count_only_their_own_entities(archive):
     study = "1.2.826.0.1.3680043.8.498.1"
-    _store_all(archive, make_series(3, 8, 8, study_uid=study, modality="CT", seed=1))
-    _store_all(archive, make_series(2, 8, 8, study_uid=study, modality="MR", seed=2))
-    _store_all(archive, make_series(4, 8, 8, modality="US", study_date="20250101", seed=3))
-    _store_all(archive, make_series(5, 8, 8, patient_id="PAT2", modality="CT", seed=4))
+    store_as_received(archive, make_series(3, 8, 8, study_uid=study, modality="CT", seed=1))
+    store_as_received(archive, make_series(2, 8, 8, study_uid=study, modality="MR", seed=2))
+    store_as_received(archive, make_series(4, 8, 8, modality="US", study_date="20250101", seed=3))
+    store_as_received(archive, make_series(5, 8, 8, patient_id="PAT2", modality="CT", seed=4))
     found = archive.find("STUDY", {"PatientID": "PAT1", "StudyDate": "20240101-20241231",
                                    "ModalitiesInStudy": "", "NumberOfStudyRelatedSeries": "",
                                    "NumberOfStudyRelatedInstances": "",
@@ -361,7 +352,7 @@ def test_a_failed_commit_is_not_taken_for_another_compactors(tmp_path):
     from storage.index import Index
     arch = Archive(tmp_path / "data")
     series = make_series(4, 8, 8)
-    sent = _store_all(arch, series[:3])
+    sent = store_as_received(arch, series[:3])
     other = Compactor(Index(arch.index.url), BlobStore(arch.blobs.root))
     go, results = threading.Event(), []
     real_commit = other._commit
@@ -376,7 +367,7 @@ def test_a_failed_commit_is_not_taken_for_another_compactors(tmp_path):
                 break
         time.sleep(0.05)
     time.sleep(0.5)
-    sent.update(_store_all(arch, series[3:]))
+    sent.update(store_as_received(arch, series[3:]))
     real_write, calls = arch.index.write, []
 
     @contextmanager
@@ -430,16 +421,16 @@ def test_an_ingest_whose_commit_answer_is_lost_keeps_its_instance(tmp_path, monk
     arch = Archive(tmp_path / "data", duplicates=policy)
     first, second = make_series(2, 8, 8)
     if warm:                                    # an earlier store filled the row-id cache
-        _store_all(arch, [first])
+        store_as_received(arch, [first])
     _lose_next_commit_answer(arch.index, monkeypatch)
-    sent = _store_all(arch, [second])           # acknowledged: it took place
+    sent = store_as_received(arch, [second])           # acknowledged: it took place
     try:
         _assert_exact(arch, sent)
         if policy == "reject":                  # sent again: refused as the duplicate it is
             with pytest.raises(DuplicateInstanceError):
-                _store_all(arch, [second])
+                store_as_received(arch, [second])
         else:
-            _store_all(arch, [second])
+            store_as_received(arch, [second])
         assert arch.stats()["instances"] == 1 + warm
         _assert_exact(arch, sent)               # and still there
     finally:
@@ -452,7 +443,7 @@ def test_an_ingest_whose_commit_cannot_be_judged_keeps_its_file(tmp_path, monkey
     (ds,) = make_series(1, 8, 8)
     _lose_next_commit_answer(arch.index, monkeypatch, unreadable=True)
     with pytest.raises(CommitOutcomeUnknown):
-        _store_all(arch, [ds])
+        store_as_received(arch, [ds])
     monkeypatch.undo()
     keys = list(arch.blobs.keys())
     arch.close()
@@ -480,7 +471,7 @@ def test_compacting_a_multi_frame_instance_never_holds_its_pixels_many_times(tmp
     ds.NumberOfFrames, ds.PixelData = frames, volume.tobytes()
     arch = Archive(tmp_path / "data", adapt=False)
     try:
-        sent = _store_all(arch, [ds])
+        sent = store_as_received(arch, [ds])
         tracemalloc.start()
         try:
             assert arch.compact(stable_age=0) == (1, 0)
