@@ -152,11 +152,11 @@ def header_dataset(transfer_syntax: str, data: bytes, trailer: bytes | None = No
             stopped.append((int(tag), vr))
             return True
         return False
-    ds = read_dataset(io.BytesIO(data), ts.is_implicit_VR, ts.is_little_endian,
-                      stop_when=at_pixels)
+    fp = io.BytesIO(data)
+    ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=at_pixels)
     if stopped:
-        if trailer is None:
-            trailer = _after_pixels(data, stopped[0][0], ts)
+        if trailer is None:               # pydicom stopped at the pixel data element's start
+            trailer = _after_pixels(data, fp.tell(), ts)
         if trailer:
             after = read_dataset(io.BytesIO(trailer), ts.is_implicit_VR, ts.is_little_endian)
             for tag in after.keys():
@@ -168,14 +168,17 @@ def header_dataset(transfer_syntax: str, data: bytes, trailer: bytes | None = No
 _TRAILING_PADDING = 0xFFFCFFFC
 
 
-def _after_pixels(data: bytes, pixel_tag: int, ts: UID) -> bytes:
-    """The bytes after a whole little-endian dataset's pixel data element (b"" when it
-    cannot be walked: big endian, or something :func:`storage.element_scan.scan` declines)."""
+def _after_pixels(data: bytes, start: int, ts: UID) -> bytes:
+    """The bytes after the pixel data element that begins at ``start`` of a whole
+    little-endian dataset (b"" when they cannot be walked: big endian, or something
+    :func:`storage.element_scan.scan` declines); only the elements from ``start`` on are
+    walked, not the header before them again."""
     if not ts.is_little_endian:
         return b""
-    elements = scan(data, not ts.is_implicit_VR) or []
-    ends = [e.end for e in elements if e.tag == pixel_tag]
-    return bytes(data[ends[0]:]) if ends else b""
+    elements = scan(memoryview(data)[start:], not ts.is_implicit_VR)
+    if not elements or elements[0].tag not in PIXEL_TAGS:
+        return b""
+    return bytes(data[start + elements[0].end:])
 
 
 def parse_path(text: str) -> list[int]:
