@@ -24,6 +24,7 @@ from service.access import PERMISSIONS, AccessPolicy
 from service.ae import QUERY_RETRIEVE, build_ae
 from service.config import Settings, add_node_options, parse_destination, settings_from_args
 from service.identifiers import UNIQUE_KEYS
+from storage import media
 from storage.query import ATTRIBUTES, COMPUTED, LEVELS
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def statement(settings: Settings) -> str:
     parts = [_header(settings, ae), _services(contexts, storage), _association(settings, ae),
              _syntaxes(contexts, storage), _store(settings), _find(settings),
              _retrieve(settings), _commitment(), _status_table(), _dicomweb(settings),
-             _appendix(storage)]
+             _media(), _appendix(storage)]
     return "\n".join(parts)
 
 
@@ -346,6 +347,24 @@ def _dicomweb(settings: Settings) -> str:
         "thumbnails) carry a weak `ETag` (the instances' SHA-256s, the request and the node's "
         "start) and `Cache-Control: private, no-cache`; `If-None-Match` naming it is answered "
         "304 Not Modified.\n")
+
+
+def _media() -> str:
+    rows = [(f"`{keyword}`", made) for keyword, made in media.INVENTED.items()]
+    return (
+        "## 11. Media file-sets (PS3.10)\n\n"
+        "File-set Creator (FSC) only, outside the network: `voxarc export --dicomdir` and the "
+        "admin page's study download (a ZIP) write a DICOMDIR (Basic Directory, Explicit VR "
+        "Little Endian, File-set ID "
+        f"`{media.FILE_SET_ID}`) with PATIENT, STUDY, SERIES and instance records, and the "
+        "instances as Part 10 files named by 8-character upper-case components. Each file's "
+        "dataset is the one received, in its received transfer syntax, which its record names; "
+        "no PS3.12 application profile is claimed, since STD-GEN-CD asks for Explicit VR Little "
+        "Endian only. A Type 1 record key that an instance lacks, holds empty or holds in a "
+        "form its VR does not allow is made up in the record only:\n\n"
+        + _table(("record key", "made up as"), rows)
+        + "\nAn instance no record can be made for (a record type whose own Type 1 keys it "
+        "lacks) is left out and reported.\n")
 
 
 def _appendix(storage: list[str]) -> str:

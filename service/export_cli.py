@@ -1,9 +1,11 @@
-"""`voxarc export STUDY_UID DIR`: a study's instances as DICOM files, datasets byte for byte.
+"""`voxarc export STUDY_UID... DIR`: studies' instances as DICOM files, datasets byte for byte.
 
 Each file is a Part 10 file: preamble, a File Meta group naming the instance and its transfer
 syntax, then the dataset exactly as it was received (rebuilt and SHA-256 checked by the archive).
 Files go to ``DIR/<series UID>/<SOP instance UID>.dcm``; a UID that is not a plain DICOM UID
-never becomes a path (its file is named after its hash).
+never becomes a path (its file is named after its hash). With ``--dicomdir`` they form a DICOM
+media file-set instead (:mod:`storage.media`): a DICOMDIR and files named as media require, for a
+CD or a USB stick that any viewer opens.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from service.progress import Progress
+from storage import media
 from storage.errors import StorageError
 from storage.part10 import file_head
 
@@ -25,10 +28,13 @@ _PLAIN_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 def register(subparsers) -> None:
     """Add ``export`` to the ``voxarc`` parser."""
-    p = subparsers.add_parser("export", help="write a study's instances as DICOM files")
+    p = subparsers.add_parser("export", help="write studies' instances as DICOM files")
     add_node_options(p)
-    p.add_argument("study_uid", help="Study Instance UID")
+    p.add_argument("study_uids", nargs="+", metavar="study_uid", help="Study Instance UID")
     p.add_argument("folder", help="where to write (created when missing)")
+    p.add_argument("--dicomdir", action="store_true",
+                   help="write a DICOM media file-set: a DICOMDIR and its files (for a CD or "
+                        "a USB stick)")
     p.set_defaults(func=export)
 
 
@@ -80,17 +86,47 @@ def export_study(archive, study_uid: str, folder: Path, progress: Progress | Non
 
 
 def export(args) -> int:
-    """Export one study; exit status 1 when it is unknown or an instance cannot be rebuilt."""
+    """Export studies; exit status 1 when one is unknown or an instance cannot be rebuilt (or,
+    with ``--dicomdir``, has no directory record)."""
     archive = open_archive(settings_from_args(args))
     try:
-        total = len(archive.find("IMAGE", {"StudyInstanceUID": args.study_uid}))
-        if not total:
-            log.error("no study %s in the archive", args.study_uid)
+        totals = {uid: len(archive.find("IMAGE", {"StudyInstanceUID": uid}))
+                  for uid in dict.fromkeys(args.study_uids)}
+        unknown = [uid for uid, n in totals.items() if not n]
+        for uid in unknown:
+            log.error("no study %s in the archive", uid)
+        if unknown:
             return 1
-        progress = Progress("export", total)
-        written, failed = export_study(archive, args.study_uid, Path(args.folder), progress)
+        if args.dicomdir:
+            return _export_file_set(archive, list(totals), sum(totals.values()),
+                                    Path(args.folder))
+        progress = Progress("export", sum(totals.values()))
+        written, failed = [], 0
+        for uid in totals:
+            files, lost = export_study(archive, uid, Path(args.folder), progress)
+            written, failed = written + files, failed + lost
         log.info("exported %d instances to %s in %.1f s (%d failed)", len(written), args.folder,
                  progress.finish(), failed)
         return 1 if failed else 0
     finally:
         archive.close()
+
+
+def _export_file_set(archive, study_uids: list[str], total: int, folder: Path) -> int:
+    planning = Progress("directory", total)
+    plan = media.plan_file_set(archive, study_uids, planning)
+    planning.finish()
+    if plan.invented:
+        log.warning("%d directory records carry an invented key the instance lacks (the "
+                    "files are as received)", plan.invented)
+    progress = Progress("export", len(plan.files))
+    failed = media.write_file_set(archive, plan, folder, progress)
+    if failed:
+        log.error("%d instances could not be rebuilt: no DICOMDIR written to %s", len(failed),
+                  folder)
+    else:
+        log.info("wrote a file-set of %d instances (DICOMDIR) to %s in %.1f s", len(plan.files),
+                 folder, progress.finish())
+    if plan.left_out:
+        log.error("%d instances left out of the file-set (above)", len(plan.left_out))
+    return 1 if failed or plan.left_out else 0

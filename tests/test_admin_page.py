@@ -158,9 +158,9 @@ def test_series_viewer_opens_from_a_link_and_shows_the_rendered_images(admin_sit
         shutil.copy(shot, target / shot.name)
 
 
-def test_a_study_link_opens_its_row_with_the_send_control(admin_site, tmp_path):
-    """``/#study/{uid}`` opens the study's row: its series, and a "Send study" control
-    offering each configured destination."""
+def test_a_study_link_opens_its_row_with_the_download_and_send_controls(admin_site, tmp_path):
+    """``/#study/{uid}`` opens the study's row: its series, the study's download as a file-set,
+    and a "Send study" control offering each configured destination."""
     node, admin = admin_site
     (stored,) = store_series(node, tmp_path, [("CT", 3, "SEND1")])
     dom = _chromium(f"{admin.url}/#study/{stored['study_uid']}", tmp_path / "profile",
@@ -169,3 +169,7 @@ def test_a_study_link_opens_its_row_with_the_send_control(admin_site, tmp_path):
     send = re.search(r'<tr class="series send">.*?</tr>', dom, re.S).group(0)
     assert ">Send study</button>" in send
     assert '<option value="viewer">viewer (VIEW@127.0.0.1:1)</option>' in send
+    link = re.search(r'<a class="download" href="([^"]+)"', send).group(1)
+    assert link == f"api/studies/{stored['study_uid']}/media.zip"
+    status, body = http_get(f"{admin.url}/{link}")
+    assert status == 200 and body[:4] == b"PK\x03\x04"                # a ZIP

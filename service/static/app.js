@@ -139,18 +139,32 @@ function studyRow(tbody, s) {
   });
   if (state.open.has(s.study_uid)) {
     s.series.forEach((se) => seriesRow(tbody, s, se));
-    sendRow(tbody, s);
+    actionsRow(tbody, s);
   }
 }
 
-// "send to ...": the whole study to a configured destination (as a C-MOVE would).
-function sendRow(tbody, s) {
-  const names = Object.keys(state.destinations || {});
-  if (!names.length) return;
+// What can be done with a whole study: download it as a DICOM file-set (a ZIP with a
+// DICOMDIR, for a CD or a USB stick), or send it to a configured destination (as a C-MOVE).
+function actionsRow(tbody, s) {
   const row = tbody.insertRow();
   row.className = "series send";
   const td = row.insertCell();
   td.colSpan = 10;
+  const link = document.createElement("a");
+  link.className = "download";
+  link.href = `api/studies/${enc(s.study_uid)}/media.zip` +
+    (token ? "?token=" + encodeURIComponent(token) : "");    // a link cannot send a header
+  link.textContent = "Download (DICOMDIR, ZIP)";
+  link.title = "the study's instances as received, with a DICOMDIR: for a CD or a USB stick";
+  link.addEventListener("click", (event) => event.stopPropagation());
+  td.append(link);
+  sendControls(td, s);
+}
+
+// "send to ...": the whole study to a configured destination (as a C-MOVE would).
+function sendControls(td, s) {
+  const names = Object.keys(state.destinations || {});
+  if (!names.length) return;
   const select = document.createElement("select");
   names.forEach((n) => select.add(new Option(`${n} (${state.destinations[n]})`, n)));
   const button = document.createElement("button");
@@ -179,7 +193,7 @@ function sendRow(tbody, s) {
       button.disabled = false;
     }
   });
-  td.append("Send to ", select, " ", button, note);
+  td.append(" · Send to ", select, " ", button, note);
 }
 
 function seriesRow(tbody, study, se) {

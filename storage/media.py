@@ -1,0 +1,260 @@
+"""DICOM media file-sets (PS3.10): a DICOMDIR and the instances it references, for a CD, a USB
+stick or a ZIP file that any DICOM viewer opens.
+
+The directory is pydicom's :class:`~pydicom.fileset.FileSet`, built from the instances' stored
+headers (nothing is decoded for it), with its file IDs (``PT000000/ST000000/SE000000/IM000000``:
+eight-character upper-case components, as media profiles require). The files are the instances
+as received: Part 10 files whose datasets are the received bytes, rebuilt and SHA-256 checked
+by the archive, in the transfer syntax they came in.
+
+A directory record must have some keys (Type 1, PS3.3 F.5) that an instance may lack, hold
+empty or hold in a form their VR does not allow (an anonymiser's ``***`` as a date), such as
+Study ID. The record then gets an invented value (:data:`INVENTED`, as DCMTK's ``dcmmkdir
+--invent`` does); the instance's file is never changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+
+from pydicom import config
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.fileset import FileSet
+from pydicom.filereader import dcmread
+from pydicom.valuerep import validate_value
+
+from storage.errors import StorageError
+from storage.part10 import build_file, file_head
+
+log = logging.getLogger(__name__)
+
+#: what a record gets for a key the instance lacks
+INVENTED = {
+    "PatientID": "an ID made from the patient's name and birth date",
+    "StudyDate": "the first of Series, Acquisition and Content Date, else the export's date",
+    "StudyTime": "the first of Series, Acquisition and Content Time, else 000000",
+    "StudyID": "the study's place in the file-set (1, 2, ...)",
+    "Modality": "OT",
+    "SeriesNumber": "the series' place in its study",
+    "InstanceNumber": "the instance's place in its series",
+}
+FILE_SET_ID = "VOXARC"
+DICOMDIR = "DICOMDIR"
+
+
+class _Standin(Dataset):
+    """An instance's header standing for it in pydicom's FileSet, which stages a copy of each
+    dataset it adds: the copy is an empty file, since the file-set's files are written from the
+    archive, as received, and not re-encoded by pydicom."""
+
+    def save_as(self, filename, /, *args, **kwargs) -> None:
+        Path(filename).touch()
+
+
+@dataclass(frozen=True)
+class FileSetPlan:
+    """A file-set to write: its DICOMDIR's bytes and, in its order, ``files``: (file ID with
+    ``/`` between components, SOP Instance UID). ``left_out``: SOP Instance UID -> why it has
+    no record; ``invented``: how many records carry an invented key."""
+
+    dicomdir: bytes
+    files: tuple[tuple[str, str], ...]
+    left_out: dict[str, str] = field(default_factory=dict)
+    invented: int = 0
+
+
+def _header_dataset(header) -> Dataset:
+    data = build_file(header.sop_class_uid, header.sop_uid, header.transfer_syntax, header.data)
+    return dcmread(io.BytesIO(data), stop_before_pixels=True)
+
+
+def _valid(ds: Dataset, keyword: str) -> bool:
+    """Whether ``ds`` has a value for ``keyword`` that its VR allows (an anonymiser's ``***``
+    as a date is none)."""
+    try:
+        value = str(ds.get(keyword, "")).strip("\0 ")
+        validate_value(dictionary_VR(keyword), value, config.RAISE)
+    except (ValueError, TypeError):
+        return False
+    return value != ""
+
+
+def _first(ds: Dataset, keywords: tuple[str, ...], default: str) -> str:
+    return next((str(ds.get(k)).strip("\0 ") for k in keywords if _valid(ds, k)), default)
+
+
+class _Places:
+    """Numbers of studies in the file-set, series in a study, instances in a series, from 1 in
+    the order first seen."""
+
+    def __init__(self):
+        self._seen: dict[tuple, int] = {}
+        self._counts: Counter = Counter()
+
+    def of(self, *key) -> int:
+        if key not in self._seen:
+            self._counts[key[:-1]] += 1
+            self._seen[key] = self._counts[key[:-1]]
+        return self._seen[key]
+
+
+def _standin(header, places: _Places) -> tuple[_Standin, bool]:
+    """The dataset pydicom records ``header``'s instance by, with any missing record key
+    invented; and whether one was."""
+    ds = _Standin(_header_dataset(header))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = header.transfer_syntax
+    ds.SOPClassUID, ds.SOPInstanceUID = header.sop_class_uid, header.sop_uid
+    study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+    numbers = {"StudyID": str(places.of("study", study)),
+               "SeriesNumber": places.of("series", study, series),
+               "InstanceNumber": places.of("instance", study, series, header.sop_uid)}
+    made = {
+        "PatientID": lambda: "VX" + hashlib.sha256(
+            f"{ds.get('PatientName', '')}|{ds.get('PatientBirthDate', '')}".encode(
+                "utf-8", "surrogateescape")).hexdigest()[:14].upper(),
+        "StudyDate": lambda: _first(ds, ("SeriesDate", "AcquisitionDate", "ContentDate"),
+                                    date.today().strftime("%Y%m%d")),
+        "StudyTime": lambda: _first(ds, ("SeriesTime", "AcquisitionTime", "ContentTime"),
+                                    "000000"),
+        "Modality": lambda: "OT",
+        **{keyword: (lambda n=n: n) for keyword, n in numbers.items()},
+    }
+    invented = False
+    for keyword, make in made.items():
+        if not _valid(ds, keyword):
+            setattr(ds, keyword, make())
+            invented = True
+    return ds, invented
+
+
+def _number(value) -> int:
+    try:
+        return int(str(value if value is not None else "").strip())
+    except ValueError:
+        return 1 << 31
+
+
+def _instances(archive, study_uids: list[str]) -> list[str]:
+    """SOP Instance UIDs of the studies, by study, series number and instance number."""
+    out = []
+    for study in study_uids:
+        records = archive.find("IMAGE", {"StudyInstanceUID": study})
+        records.sort(key=lambda r: (_number(r.get("SeriesNumber")), str(r["SeriesInstanceUID"]),
+                                    _number(r.get("InstanceNumber")), str(r["SOPInstanceUID"])))
+        out += [r["SOPInstanceUID"] for r in records]
+    return out
+
+
+def plan_file_set(archive, study_uids: list[str], progress=None) -> FileSetPlan:
+    """The file-set of the studies' instances (an unknown study adds none).
+
+    An instance whose header cannot be read, or that pydicom cannot make a record for (a
+    record type whose other required keys it lacks), is left out and named in ``left_out``;
+    ``progress`` (a :class:`~service.progress.Progress`-like object) advances per instance.
+    """
+    fs, places, left_out, invented = FileSet(), _Places(), {}, 0
+    fs.ID = FILE_SET_ID
+    for uid in _instances(archive, study_uids):
+        try:
+            ds, made = _standin(archive.header(uid), places)
+            fs.add(ds)
+        except (StorageError, ValueError, KeyError) as exc:
+            left_out[uid] = str(exc)
+            log.warning("instance %s left out of the file-set: %s", uid, exc)
+        else:
+            invented += made
+        if progress:
+            progress.advance(note=uid[-30:])
+    if not len(fs):
+        return FileSetPlan(b"", (), left_out, invented)
+    with tempfile.TemporaryDirectory(prefix="voxarc-fileset-") as tmp:
+        fs.write(tmp)
+        dicomdir = (Path(tmp) / DICOMDIR).read_bytes()
+        files = tuple((inst.FileID.replace(os.sep, "/"), str(inst.SOPInstanceUID))
+                      for inst in fs)
+    return FileSetPlan(dicomdir, files, left_out, invented)
+
+
+def _file_parts(archive, sop_uid: str) -> tuple[tuple, int]:
+    """A Part 10 file of the instance as received, in parts, and its size."""
+    inst = archive.retrieve_parts(sop_uid)
+    parts = (file_head(inst.sop_class_uid, sop_uid, inst.transfer_syntax), *inst.parts)
+    return parts, sum(memoryview(p).nbytes for p in parts)
+
+
+def write_file_set(archive, plan: FileSetPlan, folder: Path, progress=None) -> list[str]:
+    """Write ``plan``'s files under ``folder``, then its DICOMDIR. Returns the SOP Instance
+    UIDs that could not be rebuilt (logged); with any, no DICOMDIR is written, so that no
+    directory names a missing file."""
+    failed = []
+    for file_id, uid in plan.files:
+        try:
+            parts, _ = _file_parts(archive, uid)
+        except StorageError as exc:
+            failed.append(uid)
+            log.error("instance %s not written to the file-set: %s", uid, exc)
+        else:
+            target = folder.joinpath(*file_id.split("/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as fp:
+                for part in parts:
+                    fp.write(part)
+        if progress:
+            progress.advance(note=uid[-30:])
+    if plan.files and not failed:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / DICOMDIR).write_bytes(plan.dicomdir)
+    return failed
+
+
+class _Chunks(io.RawIOBase):
+    """An unseekable sink that keeps what is written until taken."""
+
+    def __init__(self):
+        self._parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        return memoryview(data).nbytes
+
+    def take(self) -> Iterator[bytes]:
+        parts, self._parts = self._parts, []
+        yield from parts
+
+
+def zip_file_set(archive, plan: FileSetPlan) -> Iterator[bytes]:
+    """The bytes of a ZIP file of ``plan`` (files stored, not compressed), made as they are
+    taken: one instance at a time, the DICOMDIR last. An instance that cannot be rebuilt raises
+    :class:`StorageError` before the ZIP's directory is written, so the ZIP is left unreadable
+    rather than incomplete."""
+    sink = _Chunks()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for file_id, uid in plan.files:
+            parts, size = _file_parts(archive, uid)
+            info = zipfile.ZipInfo(file_id, date_time=_now())
+            info.file_size = size         # zipfile then knows when it needs ZIP64
+            with zf.open(info, "w") as member:
+                for part in parts:
+                    member.write(part)
+            yield from sink.take()
+        zf.writestr(zipfile.ZipInfo(DICOMDIR, date_time=_now()), plan.dicomdir)
+    yield from sink.take()
+
+
+def _now() -> tuple:
+    return datetime.now().timetuple()[:6]

@@ -1,0 +1,169 @@
+"""Studies as DICOM media file-sets (a DICOMDIR and its files): `voxarc export --dicomdir`, the
+admin page's ZIP download, and storage.media's handling of what a directory cannot record."""
+
+import io
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from pydicom.fileset import FileSet
+from pydicom.uid import ImplicitVRLittleEndian, RTDoseStorage
+
+from admin_helpers import admin_site, http_get, http_token  # noqa: F401
+from node_helpers import (dataset_bytes, iod_errors, make_series, needs_dciodvfy,
+                          store_as_received, write_series)
+from scu_helpers import store_bytes
+from storage import media
+from storage.archive import Archive
+from storage.errors import StorageError
+from storage.part10 import split_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _voxarc(*args):
+    return subprocess.run([sys.executable, "-m", "service.cli", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _two_studies():
+    """A study of a CT and an MR series; a second study, sent in Implicit VR, whose instances
+    lack the Patient ID, Study ID and Series Number a directory record needs, have an
+    anonymiser's Study Date, and a name in UTF-8."""
+    first = make_series(4, 16, 16, seed=1)
+    first += make_series(3, 8, 8, modality="MR", seed=2, study_uid=first[0].StudyInstanceUID)
+    second = make_series(3, 8, 8, transfer_syntax=ImplicitVRLittleEndian, seed=3,
+                         patient_id="", patient_name="Müller^Jörg")
+    for ds in second:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.StudyID, ds.SeriesNumber = "", None
+        ds.StudyDate, ds.SeriesDate = "***", "20240305"
+    return first, second
+
+
+def _file_set(folder: Path) -> dict:
+    """SOP Instance UID -> (record's transfer syntax, the file's (syntax, dataset bytes))."""
+    fs = FileSet(folder / "DICOMDIR")
+    return {inst.SOPInstanceUID: (inst.TransferSyntaxUID, split_file(Path(inst.path).read_bytes()))
+            for inst in fs}
+
+
+@needs_dciodvfy
+def test_export_dicomdir_is_a_valid_file_set_of_the_received_bytes(tmp_path):
+    first, second = _two_studies()
+    sent = {ds.SOPInstanceUID: dataset_bytes(ds) for ds in first + second}
+    data = tmp_path / "data"
+    assert _voxarc("import", "--data-dir", data,
+                   write_series(first + second, tmp_path / "in")[0].parent).returncode == 0
+    studies = (first[0].StudyInstanceUID, second[0].StudyInstanceUID)
+
+    proc = _voxarc("export", "--dicomdir", "--data-dir", data, *studies, tmp_path / "cd")
+    assert proc.returncode == 0, proc.stderr
+    assert "3 directory records carry an invented key" in proc.stderr
+    found = _file_set(tmp_path / "cd")
+    assert set(found) == set(sent)
+    for uid, (record_ts, received) in found.items():
+        assert received == sent[uid] and record_ts == sent[uid][0]
+    names = [p.relative_to(tmp_path / "cd").parts for p in (tmp_path / "cd").rglob("*")
+             if p.is_file()]
+    assert all(len(n) <= 8 and n.isupper() for parts in names for n in parts), names
+    iods, errors = iod_errors(tmp_path / "cd" / "DICOMDIR")
+    assert iods == ("BasicDirectory",) and not errors, errors
+
+    records = {inst.SOPInstanceUID: inst for inst in FileSet(tmp_path / "cd" / "DICOMDIR")}
+    kept, invented = records[first[0].SOPInstanceUID], records[second[0].SOPInstanceUID]
+    assert (kept.PatientID, kept.StudyID, kept.SeriesNumber) == ("PAT1", "S1", 3)
+    assert str(invented.PatientName) == "Müller^Jörg" and invented.PatientID.startswith("VX")
+    assert invented.StudyID == "2" and invented.SeriesNumber == 1
+    assert invented.StudyDate == "20240305" and kept.StudyDate == "20240102"
+    ds = invented.load()                # the file still has what was sent: nothing invented
+    assert ds.PatientID == "" and ds.StudyID == "" and ds.SeriesNumber is None
+    assert ds.StudyDate == "***"
+
+    assert _voxarc("compress", "--now", "--data-dir", data).returncode == 0
+    proc = _voxarc("export", "--dicomdir", "--data-dir", data, *studies, tmp_path / "usb")
+    assert proc.returncode == 0, proc.stderr
+    assert _file_set(tmp_path / "usb") == found
+    assert _voxarc("export", "--dicomdir", "--data-dir", data, studies[0], "1.2.3",
+                   tmp_path / "none").returncode == 1
+    assert not (tmp_path / "none").exists()
+
+
+def test_what_a_directory_cannot_record_is_left_out_and_named(tmp_path):
+    arch = Archive(tmp_path / "data")
+    images = make_series(3, 8, 8)
+    dose = make_series(1, 8, 8, seed=5, study_uid=images[0].StudyInstanceUID)[0]
+    dose.SOPClassUID = dose.file_meta.MediaStorageSOPClassUID = RTDoseStorage
+    dose.Modality = "RTDOSE"                       # an RT DOSE record needs DoseSummationType
+    sent = store_as_received(arch, images + [dose])
+    plan = media.plan_file_set(arch, [images[0].StudyInstanceUID])
+    assert set(plan.left_out) == {dose.SOPInstanceUID}
+    assert "Dose Summation Type" in plan.left_out[dose.SOPInstanceUID]
+    assert {uid for _, uid in plan.files} == {ds.SOPInstanceUID for ds in images}
+    assert media.write_file_set(arch, plan, tmp_path / "cd") == []
+    assert set(_file_set(tmp_path / "cd")) == {ds.SOPInstanceUID for ds in images}
+
+    members = zipfile.ZipFile(io.BytesIO(b"".join(media.zip_file_set(arch, plan))))
+    assert members.testzip() is None
+    assert members.namelist() == [f for f, _ in plan.files] + ["DICOMDIR"]
+    for file_id, uid in plan.files:
+        assert split_file(members.read(file_id)) == sent[uid]
+    assert members.read("DICOMDIR") == plan.dicomdir
+    arch.close()
+
+
+def test_an_instance_that_cannot_be_rebuilt_stops_the_file_set(tmp_path, monkeypatch):
+    arch = Archive(tmp_path / "data")
+    series = make_series(3, 8, 8)
+    store_as_received(arch, series)
+    plan = media.plan_file_set(arch, [series[0].StudyInstanceUID])
+    broken = plan.files[1][1]
+    rebuild = arch.retrieve_parts
+
+    def retrieve_parts(uid, *args, **kwargs):
+        if uid == broken:
+            raise StorageError(f"instance {uid}: SHA-256 mismatch")
+        return rebuild(uid, *args, **kwargs)
+    monkeypatch.setattr(arch, "retrieve_parts", retrieve_parts)
+    assert media.write_file_set(arch, plan, tmp_path / "cd") == [broken]
+    assert not (tmp_path / "cd" / "DICOMDIR").exists()     # no directory naming a missing file
+    chunks = []
+    with pytest.raises(StorageError, match="SHA-256"):
+        for chunk in media.zip_file_set(arch, plan):
+            chunks.append(chunk)
+    assert chunks and b"DICOMDIR" not in b"".join(chunks)
+    arch.close()
+
+
+def test_admin_download_is_the_study_as_a_zipped_file_set(admin_site, tmp_path):
+    node, admin = admin_site
+    first, second = _two_studies()
+    items = [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds)) for ds in first + second]
+    assert set(store_bytes(node.port, items, tmp_path)) == {0}
+    sent = {uid: (ts, data) for _, uid, ts, data in items}
+    study = first[0].StudyInstanceUID
+
+    status, body = http_get(f"{admin.url}/api/studies/{study}/media.zip")
+    assert status == 200
+    members = zipfile.ZipFile(io.BytesIO(body))
+    assert members.testzip() is None and "DICOMDIR" in members.namelist()
+    members.extractall(tmp_path / "unzipped")
+    found = _file_set(tmp_path / "unzipped")
+    assert set(found) == {ds.SOPInstanceUID for ds in first}
+    assert all(received == sent[uid] for uid, (_, received) in found.items())
+    status, _ = http_get(f"{admin.url}/api/studies/1.2.3/media.zip")
+    assert status == 404
+
+
+@pytest.mark.parametrize("http_token", ["s3cret"])
+def test_admin_download_needs_the_token(admin_site, http_token, tmp_path):
+    node, admin = admin_site
+    series = make_series(2, 8, 8)
+    items = [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds)) for ds in series]
+    assert set(store_bytes(node.port, items, tmp_path)) == {0}
+    url = f"{admin.url}/api/studies/{series[0].StudyInstanceUID}/media.zip"
+    assert http_get(url)[0] == 401
+    status, body = http_get(f"{url}?token={http_token}")
+    assert status == 200 and len(zipfile.ZipFile(io.BytesIO(body)).namelist()) == 3
