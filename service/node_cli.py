@@ -114,11 +114,18 @@ def _files(paths: list[str]):
 
 
 def import_files(args) -> int:
-    """Stage every DICOM file under the given paths through the same ingest as C-STORE."""
+    """Stage every DICOM file under the given paths through the same ingest as C-STORE; a
+    media file-set's DICOMDIR (a CD's, a USB stick's) is passed over: it indexes the files,
+    which are imported themselves."""
     archive = open_archive(settings_from_args(args))
     files = list(_files(args.paths))
-    progress, stored, failed = Progress("import", len(files)), 0, 0
+    progress, stored, failed, directories = Progress("import", len(files)), 0, 0, 0
     for path in files:
+        if path.name.upper() == "DICOMDIR":       # the name PS3.10 keeps for it
+            directories += 1
+            log.info("passed over %s: a media directory, not an instance", path)
+            progress.advance(note=path.name)
+            continue
         try:
             ts, data = split_file(path.read_bytes())
             result = archive.store(data, ts)
@@ -127,8 +134,9 @@ def import_files(args) -> int:
             failed += 1
             log.warning("not imported %s: %s", path, exc)
         progress.advance(note=path.name)
-    log.info("imported %d of %d files in %.1f s (%d refused)", stored, len(files),
-             progress.finish(), failed)
+    log.info("imported %d of %d files in %.1f s (%d refused%s)", stored, len(files),
+             progress.finish(), failed,
+             f", {directories} DICOMDIR passed over" if directories else "")
     archive.close()
     return 1 if failed and not stored else 0
 

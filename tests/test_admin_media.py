@@ -86,6 +86,11 @@ def test_export_dicomdir_is_a_valid_file_set_of_the_received_bytes(tmp_path):
     proc = _voxarc("export", "--dicomdir", "--data-dir", data, *studies, tmp_path / "usb")
     assert proc.returncode == 0, proc.stderr
     assert _file_set(tmp_path / "usb") == found
+
+    # the stick read in by another node: every instance, the DICOMDIR passed over
+    proc = _voxarc("import", "--data-dir", tmp_path / "other", tmp_path / "usb")
+    assert proc.returncode == 0 and "imported 10 of 11 files" in proc.stderr, proc.stderr
+    assert "(0 refused, 1 DICOMDIR passed over)" in proc.stderr
     assert _voxarc("export", "--dicomdir", "--data-dir", data, studies[0], "1.2.3",
                    tmp_path / "none").returncode == 1
     assert not (tmp_path / "none").exists()
