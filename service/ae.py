@@ -193,8 +193,9 @@ class Node:
         self.patrol = Patrol(self.archive, settings.scrub_every_days * 86400.0,
                              settings.scrub_read_mb_per_s * 1e6) \
             if compaction and settings.scrub_every_days > 0 else None
+        # with destinations but no rules, it makes again the sends by hand that failed
         self.forwarder = Forwarder(self.archive, settings, self.metrics) \
-            if compaction and settings.forward else None
+            if compaction and (settings.forward or settings.destinations) else None
 
     @property
     def port(self) -> int:
@@ -221,6 +222,7 @@ class Node:
             self.patrol.start()
         if self.forwarder:
             self.forwarder.start()
+        if self.forwarder and self.settings.forward:
             log.info("forwarding: %s", "; ".join(f"{name} <- {rule or 'every series'}"
                                                   for name, rule in self.settings.forward.items()))
         threading.Thread(target=self._warm, name="voxarc-warm", daemon=True).start()

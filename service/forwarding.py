@@ -10,6 +10,10 @@ destination that takes no context in the stored syntax. An instance that cannot 
 (no context for its class, or failing its check) is logged and passed over; any other failure
 (destination unreachable, a refused association, a status other than success or warning) fails
 the series' batch, which is sent again whole after a delay.
+
+A study sent by hand (:func:`send_study`) is queued in the index before it goes; a series of it
+that fails is sent again whole after the same delays, and one a node did not get to before it
+stopped goes after its restart (:func:`storage.forwarding.resends`).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ _SENT = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}   # success and
 
 def send_study(archive, settings, study_uid: str, destination: str, metrics=None) -> dict:
     """Send every instance of a study to ``destination`` now, on a thread of its own (an
-    administrator's "send again"); each series' outcome is recorded as forwarding's are.
-    Returns what was queued.
+    administrator's "send again"); each series' outcome is recorded as forwarding's are, and a
+    series that fails is retried whole by the node's :class:`Forwarder`. Returns what was
+    queued.
 
     Raises
     ------
@@ -50,11 +55,12 @@ def send_study(archive, settings, study_uid: str, destination: str, metrics=None
     if not items:
         raise LookupError(f"no study {study_uid}")
     sender = Forwarder(archive, settings, metrics, rules={})
+    forwarding.queue_by_hand(archive.index, items)
 
     def run():
         try:
             for item in items:
-                sender.deliver(item, retry=False)
+                sender.deliver(item, by_hand=True)
         except Exception:       # a thread's death would go unseen otherwise
             log.exception("send of study %s to %s failed", study_uid, destination)
     threading.Thread(target=run, name="voxarc-send", daemon=True).start()
@@ -66,7 +72,8 @@ def send_study(archive, settings, study_uid: str, destination: str, metrics=None
 
 
 class Forwarder(threading.Thread):
-    """Sends what :func:`storage.forwarding.due` names, every ``interval`` seconds."""
+    """Sends what :func:`storage.forwarding.due` names, every ``interval`` seconds, and makes
+    again the sends by hand that :func:`storage.forwarding.resends` names."""
 
     def __init__(self, archive, settings, metrics=None, interval: float | None = None,
                  rules: dict[str, str] | None = None):
@@ -76,6 +83,7 @@ class Forwarder(threading.Thread):
         texts = settings.forward if rules is None else rules
         self.rules = {name: parse_rule(text) for name, text in texts.items()}
         self.since = forwarding.take_effect(archive.index, texts)
+        self.started = time.time()
         self._stop_event = threading.Event()
         exact_send.install()      # without it pynetdicom would send PreEncoded's few elements
 
@@ -98,18 +106,26 @@ class Forwarder(threading.Thread):
         for item in forwarding.due(self.archive.index, self.rules, self.settings.stable_age,
                                    now, self.since):
             if self._stop_event.is_set():
-                break
+                return sent
             if self.deliver(item, now):
                 sent += 1
                 self._send_priors(item, now)
+        resends = forwarding.resends(self.archive.index, time.time() if now is None else now,
+                                     self.started)
+        for item in resends:
+            if self._stop_event.is_set():
+                break
+            log.info("send by hand of series %s to %s: again (attempt %d)", item.series_uid,
+                     item.destination, item.attempts + 1)
+            sent += self.deliver(item, now, by_hand=True)
         return sent
 
-    def deliver(self, item: forwarding.Due, now: float | None = None,
-                retry: bool = True) -> bool:
+    def deliver(self, item: forwarding.Due, now: float | None = None, retry: bool = True,
+                by_hand: bool = False) -> bool:
         """:meth:`send` ``item`` and record how it went (see
         :func:`storage.forwarding.record`); return whether it went."""
         error, passed_over = self.send(item)
-        forwarding.record(self.archive.index, item, error, now, passed_over, retry)
+        forwarding.record(self.archive.index, item, error, now, passed_over, retry, by_hand)
         return error is None
 
     def _send_priors(self, item: forwarding.Due, now: float | None) -> None:

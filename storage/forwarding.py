@@ -11,6 +11,11 @@ instances received after the last that went to the destination (the ``forwards``
 went), not matched (the series is looked at again only when an instance arrives), or failed,
 retried after a delay that doubles from :data:`RETRY_FIRST` to :data:`RETRY_MOST` and never
 given up.
+
+A send asked for by hand (a whole study to a destination, :func:`study_items`) is queued in the
+same rows first (:func:`queue_by_hand`), so that one a node did not finish before it stopped is
+sent again after its restart, and one that failed is retried whole, as forwarding is
+(:func:`resends`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ SOURCE = "SourceAETitle"     # a rule key of voxarc's own: the calling AE title 
 PRIORS = "Priors"            # another: how many of the patient's earlier studies go along
 MAX_PRIORS = 10
 _RULE_LEVELS = ("PATIENT", "STUDY", "SERIES")
+_HAND_PENDING = ("queued", "failed")    # states of a send by hand still to make
 
 
 @dataclass(frozen=True)
@@ -141,12 +147,20 @@ def study_items(index: Index, study_uid: str, destination: str) -> list[Due]:
             .join(Study, Series.study_fk == Study.id)
             .where(Study.study_uid == study_uid)
             .order_by(Series.id, Instance.received_at))
-    by_series: dict = {}
     with index.read() as s:
-        for series_id, series_uid, sop_uid, received in s.execute(stmt).all():
-            by_series.setdefault((series_id, series_uid), []).append((sop_uid, received))
-    return [Due(series_id, uid, destination, tuple(u for u, _ in rows), max(r for _, r in rows), 0)
-            for (series_id, uid), rows in by_series.items()]
+        return _whole_series((series_id, uid, destination, 0, sop_uid, received) for
+                             series_id, uid, sop_uid, received in s.execute(stmt).all())
+
+
+def _whole_series(rows) -> list[Due]:
+    """Items of ``(series id, series UID, destination, attempts, SOP UID, receipt)`` rows, an
+    item per series and destination, its instances in the rows' order."""
+    found: dict = {}
+    for *key, sop_uid, received in rows:
+        found.setdefault(tuple(key), []).append((sop_uid, received))
+    return [Due(series_id, uid, destination, tuple(u for u, _ in instances),
+                max(r for _, r in instances), attempts)
+            for (series_id, uid, destination, attempts), instances in found.items()]
 
 
 def prior_items(index: Index, series_id: int, destination: str, count: int) -> list[Due]:
@@ -185,8 +199,9 @@ def _candidates(index: Index, destination: str, stable_age: float, now: float,
                 start: float) -> list:
     """(series id, UID, last receipt, watermark, failed attempts) of the stable series with an
     instance received since ``start`` and newer than what ``destination`` has had, and not
-    waiting for a retry."""
+    waiting for a retry (nor for a send by hand, which sends the series whole)."""
     watermark = func.coalesce(Forward.sent_until, -1.0)
+    hand_pending = and_(func.coalesce(Forward.by_hand, 0) == 1, Forward.state.in_(_HAND_PENDING))
     stmt = (select(Series.id, Series.series_uid, Series.last_received, watermark,
                    func.coalesce(Forward.attempts, 0))
             .outerjoin(Forward, and_(Forward.series_fk == Series.id,
@@ -194,7 +209,8 @@ def _candidates(index: Index, destination: str, stable_age: float, now: float,
             .where(Series.last_received <= now - stable_age, Series.last_received > watermark,
                    Series.last_received >= start,
                    or_(Forward.state.is_(None), Forward.state != "failed",
-                       Forward.next_attempt <= now)))
+                       Forward.next_attempt <= now),
+                   ~hand_pending))
     with index.read() as s:
         return [tuple(r) for r in s.execute(stmt).all()]
 
@@ -221,17 +237,30 @@ def _row(s, series_id: int, destination: str) -> Forward:
     return row
 
 
+def queue_by_hand(index: Index, items: list[Due], now: float | None = None) -> None:
+    """Note ``items`` (a send asked for by hand) as queued before they are sent."""
+    now = time.time() if now is None else now
+    with index.write() as s:
+        for item in items:
+            row = _row(s, item.series_id, item.destination)
+            row.state, row.by_hand, row.attempts = "queued", 1, 0
+            row.updated_at, row.next_attempt, row.reason = now, 0.0, "sent by hand: queued"
+
+
 def record(index: Index, item: Due, error: str | None = None, now: float | None = None,
-           passed_over: int = 0, retry: bool = True) -> None:
+           passed_over: int = 0, retry: bool = True, by_hand: bool = False) -> None:
     """Record how forwarding ``item`` went: sent (``error`` None; ``passed_over`` of its
     instances could not go out at all, which the row's reason notes) or failed (retried
-    later, unless ``retry`` is false: a send by hand)."""
+    later, unless ``retry`` is false: a prior, tried again with the patient's next series).
+    ``by_hand``: the item was a send asked for by hand, which a retry sends whole."""
     now = time.time() if now is None else now
     with index.write() as s:
         if s.get(Series, item.series_id) is None:        # deleted meanwhile
             return
         row = _row(s, item.series_id, item.destination)
-        row.updated_at, row.reason = now, error or ""
+        if not by_hand and row.by_hand and row.state in _HAND_PENDING:
+            return      # the whole series, asked for by hand, goes again anyway
+        row.updated_at, row.reason, row.by_hand = now, error or "", int(by_hand)
         if error is None:
             row.state, row.sent_until, row.attempts = "sent", item.until, 0
             row.instances += len(item.sop_uids) - passed_over
@@ -242,6 +271,23 @@ def record(index: Index, item: Due, error: str | None = None, now: float | None 
             row.state, row.attempts = "failed", item.attempts + 1
             row.next_attempt = now + min(RETRY_MOST, RETRY_FIRST * 2 ** item.attempts) \
                 if retry else 0.0
+
+
+def resends(index: Index, now: float, started: float) -> list[Due]:
+    """Sends by hand to make again, each series whole: those that failed and whose retry is
+    due, and those queued before ``started`` (the start of this node: a send it did not
+    finish)."""
+    stmt = (select(Forward.series_fk, Series.series_uid, Forward.destination, Forward.attempts,
+                   Instance.sop_uid, Instance.received_at)
+            .join(Series, Forward.series_fk == Series.id)
+            .join(Instance, Instance.series_fk == Series.id)
+            .where(Forward.by_hand == 1,
+                   or_(and_(Forward.state == "failed", Forward.next_attempt > 0,
+                            Forward.next_attempt <= now),
+                       and_(Forward.state == "queued", Forward.updated_at < started)))
+            .order_by(Forward.id, Instance.received_at))
+    with index.read() as s:
+        return _whole_series(s.execute(stmt).all())
 
 
 def failed_count(index: Index) -> dict[str, int]:
@@ -268,5 +314,5 @@ def status(index: Index, limit: int = 100) -> list[dict]:
                  "instances": f.instances, "attempts": f.attempts, "reason": f.reason,
                  "next_attempt": f.next_attempt if f.state == "failed" and f.next_attempt
                  else None,
-                 "updated_at": f.updated_at}
+                 "updated_at": f.updated_at, "by_hand": bool(f.by_hand)}
                 for f, uid, modality, study, name in s.execute(stmt).all()]

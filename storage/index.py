@@ -139,7 +139,8 @@ class Job(Base):
 class Forward(Base):
     """Where forwarding a series to a destination stands (:mod:`storage.forwarding`): its
     instances received up to ``sent_until`` have gone (or did not match), a failed attempt is
-    retried from ``next_attempt``."""
+    retried from ``next_attempt``; ``by_hand``: the attempt was a send asked for by hand, which
+    a retry sends whole."""
 
     __tablename__ = "forwards"
     __table_args__ = (UniqueConstraint("series_fk", "destination"),)
@@ -153,6 +154,7 @@ class Forward(Base):
     next_attempt: Mapped[float] = mapped_column(Float, default=0.0)
     reason: Mapped[str] = mapped_column(String, default="")
     updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+    by_hand: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class ForwardRule(Base):

@@ -285,14 +285,69 @@ def test_the_admin_api_sends_a_study_on_request(admin_site, tmp_path):
             time.sleep(0.05)
         (row,) = forwarding.status(node.archive.index)
         assert (row["destination"], row["state"], row["instances"]) == ("reading", "sent", 3)
-        # a send by hand that fails is shown failed, with no retry time: none will come
+        # a send by hand that fails is shown failed, with the time of its retry
         assert post(study, json.dumps({"destination": "viewer"}).encode())[0] == 202
         deadline = time.monotonic() + 30
-        while len(forwarding.status(node.archive.index)) < 2 and time.monotonic() < deadline:
+        while forwarding.status(node.archive.index)[0]["state"] != "failed" and \
+                time.monotonic() < deadline:
             time.sleep(0.05)
         failed = forwarding.status(node.archive.index)[0]
-        assert (failed["destination"], failed["state"], failed["next_attempt"]) == \
-            ("viewer", "failed", None)
+        assert (failed["destination"], failed["state"], failed["by_hand"]) == \
+            ("viewer", "failed", True)
+        assert failed["next_attempt"] > time.time() + forwarding.RETRY_FIRST / 2
+    finally:
+        dest.stop()
+
+
+def test_a_send_by_hand_that_fails_goes_again_whole(archive, tmp_path):  # noqa: F811
+    """A series sent by hand that fails is retried after the forwarding delays, all of it,
+    also by a node without rules; a rule's own pass leaves it to that retry."""
+    from node_helpers import free_port
+    settings = _settings(tmp_path, free_port(), "Modality=CT")
+    ct = make_series(3, 16, 16, seed=21)
+    sent = store_as_received(archive, ct)
+    items = forwarding.study_items(archive.index, ct[0].StudyInstanceUID, "reading")
+    by_hand = Forwarder(archive, settings, rules={})
+    forwarding.queue_by_hand(archive.index, items)
+    assert [r["state"] for r in forwarding.status(archive.index)] == ["queued"]
+    assert not by_hand.deliver(items[0], by_hand=True)              # the destination is down
+    (row,) = forwarding.status(archive.index)
+    assert (row["state"], row["by_hand"], row["attempts"]) == ("failed", True, 1)
+    t0 = time.time() + LATER
+    ruled = Forwarder(archive, settings)
+    assert forwarding.due(archive.index, ruled.rules, 60.0, t0, ruled.since) == []
+    dest = StoreSCP("READ")
+    try:
+        settings.destinations["reading"] = f"READ@127.0.0.1:{dest.port}"
+        no_rules = Forwarder(archive, settings, rules={})
+        assert no_rules.run_once(time.time() + 1) == 0                # waits for its retry
+        assert no_rules.run_once(time.time() + forwarding.RETRY_FIRST + 1) == 1
+        assert dest.received == sent and dest.count == 3
+        (row,) = forwarding.status(archive.index)
+        assert (row["state"], row["by_hand"], row["instances"]) == ("sent", True, 3)
+        assert no_rules.run_once(time.time() + 2 * LATER) == 0
+        assert ruled.run_once(t0 + LATER) == 0                       # it has them all
+        assert dest.count == 3
+    finally:
+        dest.stop()
+
+
+def test_a_send_by_hand_a_node_did_not_finish_goes_after_its_restart(archive,  # noqa: F811
+                                                                     tmp_path):
+    dest = StoreSCP("READ")
+    try:
+        settings = _settings(tmp_path, dest.port, "")
+        series = make_series(2, 16, 16, seed=22)
+        sent = store_as_received(archive, series)
+        items = forwarding.study_items(archive.index, series[0].StudyInstanceUID, "reading")
+        running = Forwarder(archive, settings, rules={})
+        forwarding.queue_by_hand(archive.index, items)     # queued, then the node is killed
+        assert running.run_once(time.time() + LATER) == 0    # its own sender has it in hand
+        time.sleep(0.01)
+        restarted = Forwarder(archive, settings, rules={})
+        assert restarted.run_once() == 1
+        assert dest.received == sent
+        assert [r["state"] for r in forwarding.status(archive.index)] == ["sent"]
     finally:
         dest.stop()
 

@@ -401,10 +401,13 @@ function renderForwards(rows, config) {
   jobList(box, "Failed", failed, (r) => {
     const span = document.createElement("span");
     span.className = "reason";
-    span.textContent = `to ${r.destination}: ${r.reason} (attempt ${r.attempts}, ` +
-      (r.next_attempt ? `retry ${when(r.next_attempt)})` : "sent by hand: not retried)");
+    span.textContent = `to ${r.destination}${r.by_hand ? " (sent by hand)" : ""}: ` +
+      `${r.reason} (attempt ${r.attempts}, ` +
+      (r.next_attempt ? `retry ${when(r.next_attempt)})` : "not retried by itself)");
     return span;
   });
+  jobList(box, "Queued", rows.filter((r) => r.state === "queued"),
+    (r) => `${r.modality} to ${r.destination}: sent by hand, queued ${when(r.updated_at)}`);
   jobList(box, "Sent", rows.filter((r) => r.state === "sent"),
     (r) => `${r.modality} to ${r.destination}: ${count(r.instances)} instances, ` +
            `last ${when(r.updated_at)}`);
