@@ -31,11 +31,11 @@ from pydicom import config
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.fileset import FileSet
-from pydicom.filereader import dcmread
 from pydicom.valuerep import validate_value
 
 from storage.errors import StorageError
-from storage.part10 import build_file, file_head
+from storage.dataset_parts import header_elements
+from storage.part10 import file_head
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,6 @@ class FileSetPlan:
     invented: int = 0
 
 
-def _header_dataset(header) -> Dataset:
-    data = build_file(header.sop_class_uid, header.sop_uid, header.transfer_syntax, header.data)
-    return dcmread(io.BytesIO(data), stop_before_pixels=True)
-
-
 def _valid(ds: Dataset, keyword: str) -> bool:
     """Whether ``ds`` has a value for ``keyword`` that its VR allows (an anonymiser's ``***``
     as a date is none)."""
@@ -112,7 +107,7 @@ class _Places:
 def _standin(header, places: _Places) -> tuple[_Standin, bool]:
     """The dataset pydicom records ``header``'s instance by, with any missing record key
     invented; and whether one was."""
-    ds = _Standin(_header_dataset(header))
+    ds = _Standin(header_elements(header.data, header.transfer_syntax))
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = header.transfer_syntax
     ds.SOPClassUID, ds.SOPInstanceUID = header.sop_class_uid, header.sop_uid
