@@ -5,14 +5,33 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node_helpers import bundled, dataset_bytes, free_port, make_series
 from scu_helpers import store_bytes
+
+
+CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(b)), None)
+
+
+def chromium(url: str, profile: Path, *mode: str, budget_ms: int = 5000) -> str:
+    """Open ``url`` in headless Chromium (``mode``: ``--dump-dom``, ``--screenshot=...``) with
+    ``budget_ms`` of virtual time for its scripts; return what it printed."""
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+               "--window-size=1280,1600", f"--virtual-time-budget={budget_ms}", *mode, url]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
 
 
 def http_get(url: str, token: str = "", timeout: float = 30, accept: str = ""

@@ -8,31 +8,19 @@ copied there. Skipped only when no Chromium binary is installed (CI installs Deb
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from admin_helpers import admin_site, http_get, http_token, store_series  # noqa: F401
-from node_helpers import real_series_files, write_series
+from admin_helpers import (CHROMIUM, admin_site, chromium, http_get, http_token,  # noqa: F401
+                           store_series)
+from node_helpers import real_series_files
 from scu_helpers import store_bytes
 from service import patrol
 from storage import compaction
 from storage.part10 import split_file
 
-CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(b)), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary installed")
-
-
-def _chromium(url: str, profile: Path, *mode: str) -> str:
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-               "--window-size=1280,1600", "--virtual-time-budget=5000", *mode, url]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
 
 
 def _store_real(node, tmp_path, folder: Path, limit: int) -> str:
@@ -74,10 +62,10 @@ def test_page_renders_totals_studies_and_charts(admin_site, tmp_path, shared_ser
     node.archive.delete("instance", mr, reason="wrong image")
     totals = node.archive.stats()
     profile = tmp_path / "chromium-profile"
-    dom = _chromium(f"{admin.url}/", profile, "--dump-dom")
+    dom = chromium(f"{admin.url}/", profile, "--dump-dom")
     assert re.search(r'id="integrity">([^<]*)<', dom).group(1) == "not checked yet"
     patrol.Patrol(node.archive, 3600, 0).run_round()
-    dom = _chromium(f"{admin.url}/", profile, "--dump-dom")
+    dom = chromium(f"{admin.url}/", profile, "--dump-dom")
     assert re.search(r'id="integrity">([^<]*)<', dom).group(1) == "no damage"
     assert 'class="card alarm"' not in dom
 
@@ -98,7 +86,7 @@ def test_page_renders_totals_studies_and_charts(admin_site, tmp_path, shared_ser
     assert mr in deletions and "wrong image" in deletions
 
     shot = tmp_path / "admin-page.png"
-    _chromium(f"{admin.url}/", profile, f"--screenshot={shot}")
+    chromium(f"{admin.url}/", profile, f"--screenshot={shot}")
     assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("VOXARC_ARTIFACTS"):
         target = Path(os.environ["VOXARC_ARTIFACTS"])
@@ -118,7 +106,7 @@ def test_page_raises_the_alarm_when_the_patrol_finds_damage(admin_site, tmp_path
     data[len(data) // 2] ^= 0x01
     node.archive.blobs.put(key, bytes(data))
     patrol.Patrol(node.archive, 3600, 0).run_round()
-    dom = _chromium(f"{admin.url}/", tmp_path / "chromium-profile", "--dump-dom")
+    dom = chromium(f"{admin.url}/", tmp_path / "chromium-profile", "--dump-dom")
     assert re.search(r'id="integrity">([^<]*)<', dom).group(1) == "5 damaged"
     assert 'class="card alarm"' in dom and "run voxarc verify" in dom
 
@@ -137,7 +125,7 @@ def test_series_viewer_opens_from_a_link_and_shows_the_rendered_images(admin_sit
     assert node.archive.compact(stable_age=0) == (1, 0)
     study, uid = series[0].StudyInstanceUID, series[0].SeriesInstanceUID
     profile = tmp_path / "chromium-profile"
-    dom = _chromium(f"{admin.url}/#view/{study}/{uid}/2", profile, "--dump-dom")
+    dom = chromium(f"{admin.url}/#view/{study}/{uid}/2", profile, "--dump-dom")
     assert re.search(r'<dialog id="viewer"[^>]* open', dom)
     assert re.search(r'id="viewer-pos"[^>]*>([^<]*)<', dom).group(1) == "2 / 5"
     title = re.search(r'id="viewer-title"[^>]*>([^<]*)<', dom).group(1)
@@ -150,7 +138,7 @@ def test_series_viewer_opens_from_a_link_and_shows_the_rendered_images(admin_sit
     status, body = http_get(f"{admin.url}/{src}")
     assert status == 200 and body[:3] == b"\xff\xd8\xff"              # a JPEG
     shot = tmp_path / "admin-viewer.png"
-    _chromium(f"{admin.url}/#view/{study}/{uid}/3", profile, f"--screenshot={shot}")
+    chromium(f"{admin.url}/#view/{study}/{uid}/3", profile, f"--screenshot={shot}")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("VOXARC_ARTIFACTS"):
         target = Path(os.environ["VOXARC_ARTIFACTS"])
@@ -163,7 +151,7 @@ def test_a_study_link_opens_its_row_with_the_download_and_send_controls(admin_si
     and a "Send study" control offering each configured destination."""
     node, admin = admin_site
     (stored,) = store_series(node, tmp_path, [("CT", 3, "SEND1")])
-    dom = _chromium(f"{admin.url}/#study/{stored['study_uid']}", tmp_path / "profile",
+    dom = chromium(f"{admin.url}/#study/{stored['study_uid']}", tmp_path / "profile",
                     "--dump-dom")
     assert f'data-uid="{stored["series_uid"]}"' in dom                  # the series row
     send = re.search(r'<tr class="series send">.*?</tr>', dom, re.S).group(0)

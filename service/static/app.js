@@ -505,6 +505,42 @@ byId("next").addEventListener("click", () => {
   state.offset += PAGE_SIZE;
   loadStudies();
 });
+// Importing files: through STOW-RS (upload.js), then the studies table shows them.
+async function importFiles(files) {
+  const status = byId("import-status");
+  const list = byId("import-failures");
+  list.replaceChildren();
+  const result = await VoxarcUpload.send(Array.from(files), {
+    token,
+    onProgress: (done, total) => { status.textContent = `sending ${done} of ${total} files…`; },
+  });
+  const reasons = { 0xA700: "no room", 0xA900: "another study", 0xC210: "cannot be parsed",
+                    0xC220: "duplicate refused" };
+  status.textContent = `${count(result.stored.length)} instances stored, ` +
+    `${count(result.failed.length)} failed, ${count(result.skipped.length)} files passed over ` +
+    "(not DICOM instances, or a DICOMDIR)";
+  result.failed.slice(0, 20).forEach((f) => {
+    const li = document.createElement("li");
+    li.textContent = f.error ? `${f.file}: ${f.error}`
+      : `${f.uid || "(no UID)"}: ${reasons[f.reason] || "0x" + f.reason.toString(16)}`;
+    list.appendChild(li);
+  });
+  loadStudies();
+}
+
+for (const id of ["import-folder", "import-files"]) {
+  byId(id).addEventListener("change", (event) => {
+    importFiles(event.target.files);
+    event.target.value = "";
+  });
+}
+const dropZone = byId("import-panel");
+dropZone.addEventListener("dragover", (event) => { event.preventDefault(); });
+dropZone.addEventListener("drop", (event) => {
+  event.preventDefault();
+  importFiles(event.dataTransfer.files);
+});
+
 refresh();
 openFromHash();
 setInterval(() => { if (!document.hidden) refresh(); }, REFRESH_MS);
