@@ -111,12 +111,15 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
         return JSONResponse(out)
 
     def studies(request: Request) -> Response:
+        params = request.query_params
         try:
+            where = reports.StudyFilter(params.get("q", "")[:200], params.get("modality", ""),
+                                        params.get("from", ""), params.get("to", ""))
             page_ = reports.studies(
-                index, sort=request.query_params.get("sort", "received"),
-                descending=request.query_params.get("order", "desc") != "asc",
+                index, sort=params.get("sort", "received"),
+                descending=params.get("order", "desc") != "asc",
                 offset=_int(request, "offset", 0, 0, 1 << 31),
-                limit=_int(request, "limit", 50, 1, MAX_PAGE))
+                limit=_int(request, "limit", 50, 1, MAX_PAGE), where=where)
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse(page_)

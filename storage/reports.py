@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import time
+import re
 from collections import defaultdict
+from dataclasses import dataclass
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, exists, func, or_, select
 
 from storage import header_pack
 from storage.index import Blob, Index, Instance, Job, Patient, Series, Study
@@ -117,7 +119,47 @@ def _number(text: str) -> tuple:
     return (0, int(text), "") if text.strip().isdigit() else (1, 0, text)
 
 
-def _study_statement(sort: str, descending: bool):
+_DATE = re.compile(r"^\d{8}$")
+
+
+@dataclass(frozen=True)
+class StudyFilter:
+    """What the admin page's search asks of studies. ``text``: words, each found (case aside,
+    for ASCII letters on SQLite) in the patient's name or ID, the accession number, the study
+    description or the Study Instance UID; ``modality``: a series of that modality;
+    ``date_from``, ``date_to``: study dates (YYYYMMDD, inclusive)."""
+
+    text: str = ""
+    modality: str = ""
+    date_from: str = ""
+    date_to: str = ""
+
+    def __post_init__(self):
+        for date in (self.date_from, self.date_to):
+            if date and not _DATE.match(date):
+                raise ValueError(f"a date is YYYYMMDD, not {date!r}")
+
+    def clauses(self) -> list:
+        """The statement's WHERE clauses (over Study and Patient)."""
+        out = [self._word(w) for w in self.text.split()]
+        if self.modality:
+            out.append(exists().where(Series.study_fk == Study.id,
+                                      Series.modality == self.modality.strip().upper()))
+        if self.date_from or self.date_to:      # an empty or an anonymiser's date is neither
+            out.append(Study.study_date.between(self.date_from or "00000000",
+                                                self.date_to or "99999999"))
+        return out
+
+    @staticmethod
+    def _word(word: str):
+        like = "%" + re.sub(r"([\\%_])", r"\\\1", word) + "%"
+        fields = (Patient.patient_name, Patient.patient_id, Study.accession_number,
+                  Study.study_description, Study.study_uid)
+        return or_(*(c for f in fields for c in (func.lower(f).like(like.lower(), escape="\\"),
+                                                 f.like(like, escape="\\"))))
+
+
+def _study_statement(sort: str, descending: bool, where: StudyFilter | None = None):
     source, share = _shares()
     per_study = (select(Series.study_fk.label("study_fk"),
                         func.count(Instance.id).label("instances"),
@@ -137,12 +179,13 @@ def _study_statement(sort: str, descending: bool):
     return (select(Study, Patient, c.instances, c.original_bytes, c.stored_bytes, c.received)
             .join(Patient, Study.patient_fk == Patient.id)
             .join(per_study, c.study_fk == Study.id)
+            .where(*(where.clauses() if where else ()))
             .order_by(order, Study.id))
 
 
 def studies(index: Index, sort: str = "received", descending: bool = True, offset: int = 0,
-            limit: int = 50) -> dict:
-    """One page of studies with their series, sizes and ratios.
+            limit: int = 50, where: StudyFilter | None = None) -> dict:
+    """One page of studies (those ``where`` lets through) with their series, sizes and ratios.
 
     Parameters
     ----------
@@ -165,7 +208,7 @@ def studies(index: Index, sort: str = "received", descending: bool = True, offse
     ValueError
         On an unknown sort key.
     """
-    stmt = _study_statement(sort, descending)
+    stmt = _study_statement(sort, descending, where)
     with index.read() as s:
         total = s.scalar(select(func.count()).select_from(stmt.subquery()))
         rows = s.execute(stmt.offset(max(0, offset)).limit(max(1, limit))).all()

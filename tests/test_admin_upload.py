@@ -4,10 +4,8 @@ not DICOM are passed over; what the node refuses comes back with its reason. Ski
 no Chromium binary is installed (CI installs Debian's)."""
 
 import base64
-import functools
 import http.server
 import json
-import re
 import threading
 
 import pytest
@@ -18,17 +16,21 @@ from storage.part10 import split_file
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary installed")
 
+# The page holds a request to its own server open until it has posted its result: Chromium's
+# virtual time stands still while a fetch is pending, so the page is not cut off while it
+# waits on anything else (reading the files' slices, say).
 HARNESS = """<!doctype html><meta charset="utf-8">
 <script src="{admin}/static/upload.js"></script>
 <script>
+fetch("/hold");
 const files = {files}.map(([name, b64]) => new File(
   [Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name));
 const progress = [];
 VoxarcUpload.send(files, {{ base: "{admin}", maxBytes: {batch},
                            onProgress: (done, total) => progress.push([done, total]) }})
-  .then((result) => {{ result.progress = progress; document.title = "done";
-                       document.body.dataset.result = JSON.stringify(result); }})
-  .catch((err) => {{ document.body.dataset.result = JSON.stringify({{ error: String(err) }}); }});
+  .then((result) => {{ result.progress = progress; return result; }})
+  .catch((err) => ({{ error: String(err) }}))
+  .then((result) => fetch("/result", {{ method: "POST", body: JSON.stringify(result) }}));
 </script><body></body>"""
 
 
@@ -47,12 +49,44 @@ def cors_site(tmp_path):
     node.stop()
 
 
-def _served(folder):
-    """An HTTP server of ``folder`` on a free port (the harness' own origin)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+class _Harness(http.server.BaseHTTPRequestHandler):
+    """Serves the page at ``/``, holds ``/hold`` until the page posts its result to
+    ``/result``."""
+
+    def do_GET(self):
+        if self.path == "/hold":
+            self.server.done.wait(60)
+            body = b""
+        else:
+            body = self.server.page.encode()
+        self.send_response(200 if self.path in ("/", "/hold") else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        self.server.result = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.done.set()
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def _run_page(page: str, profile) -> dict:
+    """Open ``page`` in headless Chromium from a server of its own; return what it posted."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Harness)
+    server.page, server.result, server.done = page, None, threading.Event()
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    try:
+        chromium(f"http://127.0.0.1:{server.server_port}/", profile, "--dump-dom",
+                 budget_ms=60000)
+    finally:
+        server.done.set()
+        server.shutdown()
+    assert server.result is not None, "the page posted no result"
+    return server.result
 
 
 def test_the_page_imports_files_through_stow_rs(cors_site, tmp_path):
@@ -66,19 +100,9 @@ def test_the_page_imports_files_through_stow_rs(cors_site, tmp_path):
     broken = file_bytes(make_series(1, 8, 8, seed=34)[0])[:400]   # cut off in its header
     files += [("DICOMDIR", file_bytes(series[0])), ("README.TXT", b"a viewer, not DICOM"),
               ("AGAIN", file_bytes(clash)), ("BROKEN", broken)]
-    page = tmp_path / "www" / "harness.html"
-    page.parent.mkdir()
-    page.write_text(HARNESS.format(
-        admin=admin.url, batch=3 * len(files[0][1]),
-        files=json.dumps([[n, base64.b64encode(b).decode()] for n, b in files])))
-    server = _served(page.parent)
-    try:
-        dom = chromium(f"http://127.0.0.1:{server.server_port}/harness.html",
-                       tmp_path / "profile", "--dump-dom", budget_ms=20000)
-    finally:
-        server.shutdown()
-    raw = re.search(r'data-result="([^"]*)"', dom).group(1)
-    result = json.loads(raw.replace("&quot;", '"').replace("&amp;", "&"))
+    page = HARNESS.format(admin=admin.url, batch=3 * len(files[0][1]),
+                          files=json.dumps([[n, base64.b64encode(b).decode()] for n, b in files]))
+    result = _run_page(page, tmp_path / "profile")
     assert "error" not in result, result
     assert sorted(result["skipped"]) == ["DICOMDIR", "README.TXT"]
     assert result["progress"][0] == [0, 7] and result["progress"][-1] == [7, 7]

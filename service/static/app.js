@@ -295,11 +295,14 @@ function windowButtons() {
 }
 
 // #view/{study}/{series}[/{image}] opens the viewer (a link to a series can be shared);
-// #study/{study} opens the study's row.
+// #study/{study} opens the study's row, found by a search for its UID (on whatever page).
 async function openFromHash() {
   const study = location.hash.match(/^#study\/([^/]+)$/);
   if (study) {
-    state.open.add(decodeURIComponent(study[1]));
+    const uid = decodeURIComponent(study[1]);
+    state.open.add(uid);
+    byId("search-text").value = uid;
+    state.offset = 0;
     loadStudies().catch(() => {});
   }
   const m = location.hash.match(/^#view\/([^/]+)\/([^/]+)(?:\/(\d+))?$/);
@@ -350,7 +353,12 @@ function renderStudies(page) {
   const tbody = byId("studies").tBodies[0];
   tbody.replaceChildren();
   page.items.forEach((s) => studyRow(tbody, s));
-  if (!page.items.length) cell(tbody.insertRow(), "No study stored yet.").colSpan = 10;
+  const searching = ["search-text", "search-modality", "search-from", "search-to"]
+    .some((id) => byId(id).value);
+  if (!page.items.length) {
+    cell(tbody.insertRow(), searching ? "No study matches the search." : "No study stored yet.")
+      .colSpan = 10;
+  }
   const last = Math.min(state.offset + PAGE_SIZE, page.total);
   setText("page-info", page.total ? `${state.offset + 1}–${last} of ${page.total}` : "");
   byId("prev").disabled = state.offset === 0;
@@ -461,10 +469,24 @@ function renderDeletions(rows) {
 }
 
 async function loadStudies() {
-  const q = `api/studies?sort=${state.sort}&order=${state.order}` +
-            `&offset=${state.offset}&limit=${PAGE_SIZE}`;
-  renderStudies(await api(q));
+  const query = new URLSearchParams({ sort: state.sort, order: state.order,
+                                      offset: state.offset, limit: PAGE_SIZE });
+  const dates = (id) => byId(id).value.replaceAll("-", "");     // YYYY-MM-DD -> YYYYMMDD
+  for (const [name, value] of [["q", byId("search-text").value.trim()],
+                               ["modality", byId("search-modality").value.trim()],
+                               ["from", dates("search-from")], ["to", dates("search-to")]]) {
+    if (value) query.set(name, value);
+  }
+  renderStudies(await api(`api/studies?${query}`));
 }
+
+// The search: the first page of what matches, a moment after the last keystroke.
+let searchTimer = null;
+byId("study-search").addEventListener("input", () => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => { state.offset = 0; loadStudies(); }, 300);
+});
+byId("study-search").addEventListener("submit", (event) => event.preventDefault());
 
 async function refresh() {
   try {
