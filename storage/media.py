@@ -1,9 +1,9 @@
 """DICOM media file-sets (PS3.10): a DICOMDIR and the instances it references, for a CD, a USB
 stick or a ZIP file that any DICOM viewer opens.
 
-The directory is pydicom's :class:`~pydicom.fileset.FileSet`, built from the instances' stored
-headers (nothing is decoded for it), with its file IDs (``PT000000/ST000000/SE000000/IM000000``:
-eight-character upper-case components, as media profiles require). The files are the instances
+The directory (:mod:`storage.dicomdir`) is made from the instances' stored headers (nothing is
+decoded for it), with file IDs such as ``PT000000/ST000000/SE000000/IM000000`` (components of
+eight upper-case characters at most, as media profiles require). The files are the instances
 as received: Part 10 files whose datasets are the received bytes, rebuilt and SHA-256 checked
 by the archive, in the transfer syntax they came in.
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
@@ -30,11 +28,11 @@ from pathlib import Path
 from pydicom import config
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.fileset import FileSet
 from pydicom.valuerep import validate_value
 
-from storage.errors import StorageError
 from storage.dataset_parts import header_elements
+from storage.dicomdir import Directory
+from storage.errors import StorageError
 from storage.part10 import file_head
 
 log = logging.getLogger(__name__)
@@ -51,15 +49,6 @@ INVENTED = {
 }
 FILE_SET_ID = "VOXARC"
 DICOMDIR = "DICOMDIR"
-
-
-class _Standin(Dataset):
-    """An instance's header standing for it in pydicom's FileSet, which stages a copy of each
-    dataset it adds: the copy is an empty file, since the file-set's files are written from the
-    archive, as received, and not re-encoded by pydicom."""
-
-    def save_as(self, filename, /, *args, **kwargs) -> None:
-        Path(filename).touch()
 
 
 @dataclass(frozen=True)
@@ -104,10 +93,10 @@ class _Places:
         return self._seen[key]
 
 
-def _standin(header, places: _Places) -> tuple[_Standin, bool]:
-    """The dataset pydicom records ``header``'s instance by, with any missing record key
-    invented; and whether one was."""
-    ds = _Standin(header_elements(header.data, header.transfer_syntax))
+def _record_source(header, places: _Places) -> tuple[Dataset, bool]:
+    """The attributes the directory records ``header``'s instance by, with any missing record
+    key invented; and whether one was."""
+    ds = header_elements(header.data, header.transfer_syntax)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = header.transfer_syntax
     ds.SOPClassUID, ds.SOPInstanceUID = header.sop_class_uid, header.sop_uid
@@ -155,16 +144,15 @@ def _instances(archive, study_uids: list[str]) -> list[str]:
 def plan_file_set(archive, study_uids: list[str], progress=None) -> FileSetPlan:
     """The file-set of the studies' instances (an unknown study adds none).
 
-    An instance whose header cannot be read, or that pydicom cannot make a record for (a
-    record type whose other required keys it lacks), is left out and named in ``left_out``;
+    An instance whose header cannot be read, or that no record can be made for (a record
+    type whose other required keys it lacks), is left out and named in ``left_out``;
     ``progress`` (a :class:`~service.progress.Progress`-like object) advances per instance.
     """
-    fs, places, left_out, invented = FileSet(), _Places(), {}, 0
-    fs.ID = FILE_SET_ID
+    directory, places, left_out, invented, files = Directory(), _Places(), {}, 0, []
     for uid in _instances(archive, study_uids):
         try:
-            ds, made = _standin(archive.header(uid), places)
-            fs.add(ds)
+            ds, made = _record_source(archive.header(uid), places)
+            files.append((directory.add(ds), uid))
         except (StorageError, ValueError, KeyError) as exc:
             left_out[uid] = str(exc)
             log.warning("instance %s left out of the file-set: %s", uid, exc)
@@ -172,14 +160,9 @@ def plan_file_set(archive, study_uids: list[str], progress=None) -> FileSetPlan:
             invented += made
         if progress:
             progress.advance(note=uid[-30:])
-    if not len(fs):
+    if not files:
         return FileSetPlan(b"", (), left_out, invented)
-    with tempfile.TemporaryDirectory(prefix="voxarc-fileset-") as tmp:
-        fs.write(tmp)
-        dicomdir = (Path(tmp) / DICOMDIR).read_bytes()
-        files = tuple((inst.FileID.replace(os.sep, "/"), str(inst.SOPInstanceUID))
-                      for inst in fs)
-    return FileSetPlan(dicomdir, files, left_out, invented)
+    return FileSetPlan(directory.encode(FILE_SET_ID), tuple(files), left_out, invented)
 
 
 def _file_parts(archive, sop_uid: str) -> tuple[tuple, int]:
