@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import shutil
 import time
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
@@ -72,6 +73,11 @@ class _IndexCollector:
                          ("deferred_stacks", "Stacks coded without adaptation while compaction "
                                              "was behind, to be coded again when idle")):
             yield GaugeMetricFamily(f"voxarc_{key}", doc, value=totals[key])
+        usage = shutil.disk_usage(self.archive.data_dir)
+        yield GaugeMetricFamily("voxarc_disk_free_bytes",
+                                "Free bytes of the data folder's file system", value=usage.free)
+        yield GaugeMetricFamily("voxarc_disk_total_bytes",
+                                "Size of the data folder's file system", value=usage.total)
         queue = reports.jobs(self.archive.index)
         jobs = GaugeMetricFamily("voxarc_compaction_queue", "Series in the compaction queue",
                                  labels=["state"])

@@ -9,6 +9,7 @@ was coded into. Summed over everything, the shares give :func:`storage.ingest.st
 
 from __future__ import annotations
 
+import calendar
 import math
 import time
 import re
@@ -93,6 +94,48 @@ def by_day(index: Index) -> list[dict]:
             day[1] += size
             day[2] += stored or 0
     return [{"day": d, "instances": n, **_sizes(o, st)} for d, (n, o, st) in sorted(days.items())]
+
+
+def room(days: list[dict], stored_bytes: int, disk: tuple[int, int], max_storage_bytes: int = 0,
+         window: int = 30, now: float | None = None) -> dict:
+    """How long the archive has room at its recent pace.
+
+    Parameters
+    ----------
+    days : list of dict
+        :func:`by_day`'s rows (bytes stored now of what came each day: after compaction, the
+        net growth).
+    stored_bytes : int
+        What the archive holds now.
+    disk : (int, int)
+        Total and free bytes of the data folder's file system.
+    max_storage_bytes : int
+        The node's cap on stored bytes (0: none).
+    window : int
+        Days back the pace is taken over (fewer while the archive is younger).
+
+    Returns
+    -------
+    dict
+        ``disk_total_bytes``, ``disk_free_bytes``, ``room_bytes`` (free disk, or what the cap
+        leaves when that is less) and ``bound`` (``disk`` or ``max_storage_bytes``),
+        ``stored_per_day_bytes`` over ``window_days``, and ``days_left`` (None without growth).
+    """
+    now = time.time() if now is None else now
+    total, free = disk
+    room_bytes, bound = free, "disk"
+    if max_storage_bytes and max_storage_bytes - stored_bytes < free:
+        room_bytes, bound = max(0, max_storage_bytes - stored_bytes), "max_storage_bytes"
+    cutoff = time.strftime("%Y-%m-%d", time.gmtime(now - (window - 1) * 86400))
+    recent = [d for d in days if d["day"] >= cutoff]
+    observed = window
+    if days:    # a younger archive: the days since its first
+        first = calendar.timegm(time.strptime(days[0]["day"], "%Y-%m-%d"))
+        observed = max(1, min(window, int((now - first) // 86400) + 1))
+    per_day = sum(d["stored_bytes"] for d in recent) / observed
+    return {"disk_total_bytes": total, "disk_free_bytes": free, "room_bytes": room_bytes,
+            "bound": bound, "stored_per_day_bytes": round(per_day), "window_days": observed,
+            "days_left": round(room_bytes / per_day, 1) if per_day > 0 else None}
 
 
 def _series_rows(session, where) -> list[dict]:

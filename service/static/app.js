@@ -57,6 +57,21 @@ function renderTotals(s) {
     ? "of " + s.original_bits_per_voxel.toFixed(0) + " as received (coded stacks)"
     : "no stack coded yet");
   renderIntegrity(s.integrity);
+  renderRoom(s.room);
+}
+
+// Room left (free disk, or what max_storage_bytes leaves) and how long it lasts at the pace
+// of the last days; the card turns red under 30 days.
+function renderRoom(room) {
+  if (!room) return;
+  const left = room.days_left;
+  byId("room-card").classList.toggle("alarm", left !== null && left < 30);
+  setText("room", bytes(room.room_bytes) + " free");
+  const pace = `${bytes(room.stored_per_day_bytes)} a day over the last ` +
+    `${room.window_days} day${room.window_days === 1 ? "" : "s"}`;
+  setText("room-detail", (left === null ? "no growth" : `about ${Math.floor(left)} days at `) +
+    (left === null ? ` over the last ${room.window_days} days` : pace) +
+    (room.bound === "max_storage_bytes" ? " (max_storage_bytes)" : ""));
 }
 
 // The integrity patrol's last round: every stored file read back against its SHA-256.
