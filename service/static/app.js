@@ -66,12 +66,12 @@ function renderRoom(room) {
   if (!room) return;
   const left = room.days_left;
   byId("room-card").classList.toggle("alarm", left !== null && left < 30);
-  setText("room", bytes(room.room_bytes) + " free");
+  setText("room", bytes(room.room_bytes));
   const pace = `${bytes(room.stored_per_day_bytes)} a day over the last ` +
     `${room.window_days} day${room.window_days === 1 ? "" : "s"}`;
-  setText("room-detail", (left === null ? "no growth" : `about ${Math.floor(left)} days at `) +
-    (left === null ? ` over the last ${room.window_days} days` : pace) +
-    (room.bound === "max_storage_bytes" ? " (max_storage_bytes)" : ""));
+  setText("room-detail", "free" + (room.bound === "max_storage_bytes" ? " (max_storage_bytes)" : "") +
+    (left === null ? `; no growth over the last ${room.window_days} days`
+      : `; about ${count(Math.floor(left))} days at ${pace}`));
 }
 
 // The integrity patrol's last round: every stored file read back against its SHA-256.
