@@ -508,12 +508,7 @@ class DicomWeb:
     def rebuilt(self, uids: list[str]):
         """Yield each instance as stored (in the order the archive decodes best); the first
         that cannot be rebuilt is logged and its StorageError raised: none is skipped."""
-        try:
-            ordered, prefetch = self.archive.plan_retrieval(uids)
-        except Exception as exc:        # no plan: decode on demand, as C-GET does
-            log.warning("DICOMweb: no retrieval plan (%s)", exc)
-            ordered, prefetch = uids, None
-        try:
+        with self.archive.retrieval_order(uids, "DICOMweb") as ordered:
             for uid in ordered:
                 try:
                     inst = self.archive.retrieve_parts(uid)
@@ -521,9 +516,6 @@ class DicomWeb:
                     log.error("DICOMweb: instance %s not sent: %s", uid, exc)
                     raise
                 yield inst
-        finally:
-            if prefetch is not None:
-                prefetch.cancel()
 
     # --- endpoints --------------------------------------------------------------------------
     def search(self, level: str):

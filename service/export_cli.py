@@ -63,25 +63,26 @@ def export_study(archive, study_uid: str, folder: Path, progress: Progress | Non
     tuple of (list of Path, int)
         The files written and the number of instances that could not be rebuilt.
     """
-    records = archive.find("IMAGE", {"StudyInstanceUID": study_uid})
+    series = {r["SOPInstanceUID"]: r["SeriesInstanceUID"]
+              for r in archive.find("IMAGE", {"StudyInstanceUID": study_uid})}
     written, failed = [], 0
-    for record in records:
-        uid = record["SOPInstanceUID"]
-        try:
-            inst = archive.retrieve_parts(uid)
-        except StorageError as exc:
-            failed += 1
-            log.error("instance %s not exported: %s", uid, exc)
-        else:
-            target = folder / safe_name(record["SeriesInstanceUID"]) / f"{safe_name(uid)}.dcm"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as fp:
-                fp.write(file_head(inst.sop_class_uid, uid, inst.transfer_syntax))
-                for part in inst.parts:
-                    fp.write(part)
-            written.append(target)
-        if progress:
-            progress.advance(note=uid[-30:])
+    with archive.retrieval_order(list(series), "export") as ordered:
+        for uid in ordered:
+            try:
+                inst = archive.retrieve_parts(uid)
+            except StorageError as exc:
+                failed += 1
+                log.error("instance %s not exported: %s", uid, exc)
+            else:
+                target = folder / safe_name(series[uid]) / f"{safe_name(uid)}.dcm"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(target, "wb") as fp:
+                    fp.write(file_head(inst.sop_class_uid, uid, inst.transfer_syntax))
+                    for part in inst.parts:
+                        fp.write(part)
+                written.append(target)
+            if progress:
+                progress.advance(note=uid[-30:])
     return written, failed
 
 

@@ -7,6 +7,7 @@ the database or the data folder.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -106,6 +107,22 @@ class Archive:
     def plan_retrieval(self, sop_uids: list[str]):
         """Order instances for sending and prefetch their slabs (see :meth:`Reconstructor.plan`)."""
         return self.reconstructor.plan(sop_uids)
+
+    @contextmanager
+    def retrieval_order(self, sop_uids: list[str], what: str = "retrieval"):
+        """The instances in the order the archive decodes best, their slabs decoded ahead in the
+        background while the block runs (stopped when it ends); without a plan (logged as
+        ``what``'s), in the given order, decoded on demand."""
+        try:
+            ordered, prefetch = self.plan_retrieval(sop_uids)
+        except Exception as exc:          # a plan is an optimisation: never fail for it
+            log.warning("%s: no retrieval plan (%s); decoding on demand", what, exc)
+            ordered, prefetch = list(sop_uids), None
+        try:
+            yield ordered
+        finally:
+            if prefetch is not None:
+                prefetch.cancel()
 
     def warm_decoders(self) -> bool:
         """Start the codec's decoder processes now when the archive holds compressed volumes, so

@@ -173,24 +173,27 @@ def _file_parts(archive, sop_uid: str) -> tuple[tuple, int]:
 
 
 def write_file_set(archive, plan: FileSetPlan, folder: Path, progress=None) -> list[str]:
-    """Write ``plan``'s files under ``folder``, then its DICOMDIR. Returns the SOP Instance
-    UIDs that could not be rebuilt (logged); with any, no DICOMDIR is written, so that no
-    directory names a missing file."""
+    """Write ``plan``'s files under ``folder`` (in the order the archive decodes best, their
+    slabs decoded ahead), then its DICOMDIR. Returns the SOP Instance UIDs that could not be
+    rebuilt (logged); with any, no DICOMDIR is written, so that no directory names a missing
+    file."""
     failed = []
-    for file_id, uid in plan.files:
-        try:
-            parts, _ = _file_parts(archive, uid)
-        except StorageError as exc:
-            failed.append(uid)
-            log.error("instance %s not written to the file-set: %s", uid, exc)
-        else:
-            target = folder.joinpath(*file_id.split("/"))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as fp:
-                for part in parts:
-                    fp.write(part)
-        if progress:
-            progress.advance(note=uid[-30:])
+    file_ids = {uid: file_id for file_id, uid in plan.files}
+    with archive.retrieval_order(list(file_ids), "file-set") as ordered:
+        for uid in ordered:
+            try:
+                parts, _ = _file_parts(archive, uid)
+            except StorageError as exc:
+                failed.append(uid)
+                log.error("instance %s not written to the file-set: %s", uid, exc)
+            else:
+                target = folder.joinpath(*file_ids[uid].split("/"))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(target, "wb") as fp:
+                    for part in parts:
+                        fp.write(part)
+            if progress:
+                progress.advance(note=uid[-30:])
     if plan.files and not failed:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / DICOMDIR).write_bytes(plan.dicomdir)
@@ -217,14 +220,16 @@ class _Chunks(io.RawIOBase):
 
 def zip_file_set(archive, plan: FileSetPlan) -> Iterator[bytes]:
     """The bytes of a ZIP file of ``plan`` (files stored, not compressed), made as they are
-    taken: one instance at a time, the DICOMDIR last. An instance that cannot be rebuilt raises
+    taken: one instance at a time, in the order the archive decodes best, the DICOMDIR last. An instance that cannot be rebuilt raises
     :class:`StorageError` before the ZIP's directory is written, so the ZIP is left unreadable
     rather than incomplete."""
     sink = _Chunks()
-    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for file_id, uid in plan.files:
+    file_ids = {uid: file_id for file_id, uid in plan.files}
+    with archive.retrieval_order(list(file_ids), "file-set") as ordered, \
+            zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for uid in ordered:
             parts, size = _file_parts(archive, uid)
-            info = zipfile.ZipInfo(file_id, date_time=_now())
+            info = zipfile.ZipInfo(file_ids[uid], date_time=_now())
             info.file_size = size         # zipfile then knows when it needs ZIP64
             with zf.open(info, "w") as member:
                 for part in parts:
