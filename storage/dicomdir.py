@@ -5,7 +5,8 @@ offset of that record in the file.
 pydicom makes each record from the instance's attributes (``DIRECTORY_RECORDERS``, the record
 types of its ``FileSet``) and encodes the file; the tree, the file IDs and the offsets are kept
 here, each instance added in constant time. pydicom's ``FileSet`` would do all of it, but it
-looks through every instance and sibling as each is added: 15 s for a 1,000-instance series.
+looks through every instance and sibling as each is added: 11 s for 1,000 instances, a
+time that grows with the square of their number.
 """
 
 from __future__ import annotations
