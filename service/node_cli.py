@@ -199,13 +199,25 @@ def _integrity(last: dict | None) -> str:
             + (f"{damaged} instances DAMAGED (run voxarc verify)" if damaged else "no damage"))
 
 
+def _room(room: dict) -> str:
+    bound = " (max_storage_bytes)" if room["bound"] == "max_storage_bytes" else ""
+    pace = (f"about {room['days_left']:.0f} days at {room['stored_per_day_bytes']} bytes a day"
+            if room["days_left"] is not None else "no growth")
+    days = room["window_days"]
+    return (f"{room['room_bytes']} bytes free{bound}; {pace} over the last "
+            f"{days} day{'s' if days != 1 else ''}")
+
+
 def stats(args) -> int:
     """Print counts and bytes of what is stored."""
-    archive = open_archive(settings_from_args(args))
+    settings = settings_from_args(args)
+    archive = open_archive(settings)
     out = archive.stats()
     out.update(reports.bits_per_voxel(archive.index))
     out["by_modality"] = reports.by_modality(archive.index)
     out["integrity"] = patrol.last_round(archive)
+    out["room"] = reports.room_now(archive.index, archive.data_dir, out["stored_bytes"],
+                                   settings.max_storage_bytes)
     archive.close()
     if args.json:
         print(json.dumps(out, indent=1))
@@ -219,6 +231,7 @@ def stats(args) -> int:
         print(f"deferred   {out['deferred_stacks']} stacks coded without adaptation while "
               "compaction was behind (coded again when the node is idle)")
     print("integrity  " + _integrity(out["integrity"]))
+    print("room       " + _room(out["room"]))
     if out["by_modality"]:
         print(f"\n{'modality':<10}{'instances':>10}{'received':>14}{'stored':>14}{'ratio':>8}")
         for row in out["by_modality"]:

@@ -15,7 +15,6 @@ reads: deleting is a command run on the node's machine. Everything is read throu
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -107,9 +106,8 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
         out.update(reports.bits_per_voxel(index))
         out["by_modality"] = reports.by_modality(index)
         out["by_day"] = reports.by_day(index)
-        usage = shutil.disk_usage(archive.data_dir)
-        out["room"] = reports.room(out["by_day"], out["stored_bytes"], (usage.total, usage.free),
-                                   settings.max_storage_bytes)
+        out["room"] = reports.room_now(index, archive.data_dir, out["stored_bytes"],
+                                       settings.max_storage_bytes, out["by_day"])
         out["integrity"] = {"last_round": patrol.last_round(archive),
                             "every_days": settings.scrub_every_days}
         return JSONResponse(out)

@@ -13,6 +13,7 @@ import calendar
 import math
 import time
 import re
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -136,6 +137,15 @@ def room(days: list[dict], stored_bytes: int, disk: tuple[int, int], max_storage
     return {"disk_total_bytes": total, "disk_free_bytes": free, "room_bytes": room_bytes,
             "bound": bound, "stored_per_day_bytes": round(per_day), "window_days": observed,
             "days_left": round(room_bytes / per_day, 1) if per_day > 0 else None}
+
+
+def room_now(index: Index, data_dir, stored_bytes: int, max_storage_bytes: int = 0,
+             days: list[dict] | None = None) -> dict:
+    """:func:`room` of an archive now: its data folder's file system, its :func:`by_day` (when
+    ``days`` does not give them already)."""
+    usage = shutil.disk_usage(data_dir)
+    return room(by_day(index) if days is None else days, stored_bytes,
+                (usage.total, usage.free), max_storage_bytes)
 
 
 def _series_rows(session, where) -> list[dict]:

@@ -109,6 +109,10 @@ def test_import_compress_stats(tmp_path):
     text = _voxarc("stats", "--data-dir", data).stdout
     assert "instances  4" in text and "bits/voxel" in text and "modality" in text
     assert "integrity  not read back" in text and stats["integrity"] is None
+    room = stats["room"]
+    assert room["stored_per_day_bytes"] == stats["stored_bytes"] and room["window_days"] == 1
+    assert f"room       {room['room_bytes']} bytes free; about " in text
+    assert "over the last 1 day\n" in text
     assert len(paths) == 4
     archive = open_archive(load_settings(data_dir=str(data)))
     Patrol(archive, 3600, 0).run_round()
