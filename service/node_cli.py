@@ -6,11 +6,13 @@ the same settings: embedded defaults, ``--config`` TOML file, then flags.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
 import time
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
 
 from service.ae import Node, open_archive
 from service import patrol
@@ -45,7 +47,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("import", help="load DICOM files from folders (no network)")
     add_node_options(p)
-    p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
+    p.add_argument("paths", nargs="+",
+                   help="files, folders (searched recursively) or ZIP files of DICOM files")
     p.set_defaults(func=import_files)
 
     p = subparsers.add_parser("compress", help="compress staged series")
@@ -113,31 +116,52 @@ def _files(paths: list[str]):
             log.warning("no such file or folder: %s", p)
 
 
+def _items(paths: list[str], opened: list) -> list[tuple[str, str, object]]:
+    """(name to log, file name, a function reading its bytes) of each file under ``paths``; a
+    ``.zip`` file's members in its place (a study sent as a ZIP, voxarc's own download). The ZIP
+    files stay open in ``opened`` for their members to be read."""
+    out = []
+    for path in _files(paths):
+        if path.suffix.lower() == ".zip" and zipfile.is_zipfile(path):
+            archive = zipfile.ZipFile(path)
+            opened.append(archive)
+            out += [(f"{path}!{info.filename}", PurePosixPath(info.filename).name,
+                     functools.partial(archive.read, info))
+                    for info in archive.infolist() if not info.is_dir()]
+        else:
+            out.append((str(path), path.name, path.read_bytes))
+    return out
+
+
 def import_files(args) -> int:
-    """Stage every DICOM file under the given paths through the same ingest as C-STORE; a
-    media file-set's DICOMDIR (a CD's, a USB stick's) is passed over: it indexes the files,
-    which are imported themselves."""
-    archive = open_archive(settings_from_args(args))
-    files = list(_files(args.paths))
-    progress, stored, failed, directories = Progress("import", len(files)), 0, 0, 0
-    for path in files:
-        if path.name.upper() == "DICOMDIR":       # the name PS3.10 keeps for it
-            directories += 1
-            log.info("passed over %s: a media directory, not an instance", path)
-            progress.advance(note=path.name)
-            continue
-        try:
-            ts, data = split_file(path.read_bytes())
-            result = archive.store(data, ts)
-            stored += result.outcome != "duplicate_ignored"
-        except StorageError as exc:
-            failed += 1
-            log.warning("not imported %s: %s", path, exc)
-        progress.advance(note=path.name)
-    log.info("imported %d of %d files in %.1f s (%d refused%s)", stored, len(files),
-             progress.finish(), failed,
-             f", {directories} DICOMDIR passed over" if directories else "")
-    archive.close()
+    """Stage every DICOM file under the given paths (and in the ZIP files among them) through
+    the same ingest as C-STORE; a media file-set's DICOMDIR (a CD's, a USB stick's) is passed
+    over: it indexes the files, which are imported themselves."""
+    archive, opened = open_archive(settings_from_args(args)), []
+    try:
+        items = _items(args.paths, opened)
+        progress, stored, failed, directories = Progress("import", len(items)), 0, 0, 0
+        for shown, name, read in items:
+            if name.upper() == "DICOMDIR":       # the name PS3.10 keeps for it
+                directories += 1
+                log.info("passed over %s: a media directory, not an instance", shown)
+                progress.advance(note=name)
+                continue
+            try:
+                ts, data = split_file(read())
+                result = archive.store(data, ts)
+                stored += result.outcome != "duplicate_ignored"
+            except (StorageError, zipfile.BadZipFile, OSError) as exc:
+                failed += 1
+                log.warning("not imported %s: %s", shown, exc)
+            progress.advance(note=name)
+        log.info("imported %d of %d files in %.1f s (%d refused%s)", stored, len(items),
+                 progress.finish(), failed,
+                 f", {directories} DICOMDIR passed over" if directories else "")
+    finally:
+        for zipped in opened:
+            zipped.close()
+        archive.close()
     return 1 if failed and not stored else 0
 
 
