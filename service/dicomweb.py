@@ -508,7 +508,7 @@ class DicomWeb:
     def rebuilt(self, uids: list[str]):
         """Yield each instance as stored (in the order the archive decodes best); the first
         that cannot be rebuilt is logged and its StorageError raised: none is skipped."""
-        with self.archive.retrieval_order(uids, "DICOMweb") as ordered:
+        with self.archive.retrieval_order(uids, "DICOMweb") as (ordered, _):
             for uid in ordered:
                 try:
                     inst = self.archive.retrieve_parts(uid)

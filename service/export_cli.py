@@ -20,7 +20,7 @@ from service.config import add_node_options, settings_from_args
 from service.progress import Progress
 from storage import media
 from storage.errors import StorageError
-from storage.part10 import file_head
+from storage.part10 import write_file
 
 log = logging.getLogger(__name__)
 _PLAIN_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -66,7 +66,7 @@ def export_study(archive, study_uid: str, folder: Path, progress: Progress | Non
     series = {r["SOPInstanceUID"]: r["SeriesInstanceUID"]
               for r in archive.find("IMAGE", {"StudyInstanceUID": study_uid})}
     written, failed = [], 0
-    with archive.retrieval_order(list(series), "export") as ordered:
+    with archive.retrieval_order(list(series), "export") as (ordered, _):
         for uid in ordered:
             try:
                 inst = archive.retrieve_parts(uid)
@@ -75,11 +75,7 @@ def export_study(archive, study_uid: str, folder: Path, progress: Progress | Non
                 log.error("instance %s not exported: %s", uid, exc)
             else:
                 target = folder / safe_name(series[uid]) / f"{safe_name(uid)}.dcm"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open(target, "wb") as fp:
-                    fp.write(file_head(inst.sop_class_uid, uid, inst.transfer_syntax))
-                    for part in inst.parts:
-                        fp.write(part)
+                write_file(target, inst.sop_class_uid, uid, inst.transfer_syntax, inst.parts)
                 written.append(target)
             if progress:
                 progress.advance(note=uid[-30:])

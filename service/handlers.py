@@ -84,11 +84,11 @@ def handle_store(event, archive: Archive, max_bytes: int = 0) -> int:
 
 
 # SOP Class Extended Negotiation (PS3.4 C.5.1.1.1, C.5.2.1.1, C.5.3.1.1): the options the node
-# accepts, by SOP class, as the indices of their bytes. C-FIND: relational queries (the node matches any key
-# at any level, with or without the unique keys above it), combined date-time matching and fuzzy
-# semantic matching of person names; C-MOVE and C-GET: relational retrieval (a level's unique
-# keys without those above it, as :func:`identifiers.retrieve_criteria` takes them). Timezone
-# adjustment and enhanced multi-frame conversion are declined.
+# accepts, by SOP class, as the indices of their bytes. C-FIND: relational queries (the node
+# matches any key at any level, with or without the unique keys above it), combined date-time
+# matching and fuzzy semantic matching of person names; C-MOVE and C-GET: relational retrieval
+# (a level's unique keys without those above it, as :func:`identifiers.retrieve_criteria` takes
+# them). Timezone adjustment and enhanced multi-frame conversion are declined.
 _RELATIONAL, _DATETIME, _FUZZY = 0, 1, 2
 _FIND_CLASSES = {"1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.2.1"}
 _RETRIEVE_CLASSES = {"1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.1.3",
@@ -209,19 +209,15 @@ def sub_operations(archive: Archive, records: list[dict], operation: str,
     formats = {uid: (row.sop_class_uid, row.transfer_syntax) for uid, row in located.items()}
     reasons = {u: receiver.syntax_for(formats.get(u))[1] for u in uids}
     sendable = [u for u in uids if reasons[u] is None]
-    try:      # slab by slab through compressed stacks, decoded ahead in the background
-        planned, prefetch = archive.plan_retrieval(sendable)
-    except Exception as exc:
-        log.warning("%s: no retrieval plan (%s); decoding on demand", operation, exc)
-        planned, prefetch = sendable, None
     start, handed, size = time.monotonic(), 0, 0
-    try:
+    # slab by slab through compressed stacks, decoded ahead in the background
+    with archive.retrieval_order(sendable, operation) as (planned, stop_prefetch):
         for uid in planned + [u for u in uids if reasons[u] is not None]:
             # again: a C-MOVE's receiver is known only now, and any may be gone meanwhile
             syntax, reason = receiver.syntax_for(formats.get(uid))
             if reason is not None:
-                if prefetch is not None and receiver.gone:
-                    prefetch.cancel()
+                if receiver.gone:
+                    stop_prefetch()
                 log.warning("%s of %s not sent: %s", operation, uid, reason)
                 yield statuses.PENDING, _failed(uid)
                 continue
@@ -240,9 +236,6 @@ def sub_operations(archive: Archive, records: list[dict], operation: str,
         log.info("%s from %s: %d of %d instances sent in %.2f s (%.2f MB, %.1f instances/s)",
                  operation, peer, handed, len(uids), seconds, size / 1e6,
                  handed / max(seconds, 1e-3))
-    finally:
-        if prefetch is not None:
-            prefetch.cancel()
 
 
 def _in_syntax(inst, syntax: str, operation: str) -> tuple[str, tuple]:

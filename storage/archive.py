@@ -110,19 +110,20 @@ class Archive:
 
     @contextmanager
     def retrieval_order(self, sop_uids: list[str], what: str = "retrieval"):
-        """The instances in the order the archive decodes best, their slabs decoded ahead in the
-        background while the block runs (stopped when it ends); without a plan (logged as
-        ``what``'s), in the given order, decoded on demand."""
+        """``(ordered, stop)``: the instances in the order the archive decodes best, their
+        slabs decoded ahead in the background while the block runs, and a function that stops
+        that early (it stops when the block ends); without a plan (logged as ``what``'s), in
+        the given order, decoded on demand."""
         try:
             ordered, prefetch = self.plan_retrieval(sop_uids)
         except Exception as exc:          # a plan is an optimisation: never fail for it
             log.warning("%s: no retrieval plan (%s); decoding on demand", what, exc)
             ordered, prefetch = list(sop_uids), None
+        stop = prefetch.cancel if prefetch is not None else (lambda: None)
         try:
-            yield ordered
+            yield ordered, stop
         finally:
-            if prefetch is not None:
-                prefetch.cancel()
+            stop()
 
     def warm_decoders(self) -> bool:
         """Start the codec's decoder processes now when the archive holds compressed volumes, so

@@ -33,7 +33,7 @@ from pydicom.valuerep import validate_value
 from storage.dataset_parts import header_elements
 from storage.dicomdir import Directory
 from storage.errors import StorageError
-from storage.part10 import file_head
+from storage.part10 import file_head, write_file
 
 log = logging.getLogger(__name__)
 
@@ -179,19 +179,16 @@ def write_file_set(archive, plan: FileSetPlan, folder: Path, progress=None) -> l
     file."""
     failed = []
     file_ids = {uid: file_id for file_id, uid in plan.files}
-    with archive.retrieval_order(list(file_ids), "file-set") as ordered:
+    with archive.retrieval_order(list(file_ids), "file-set") as (ordered, _):
         for uid in ordered:
             try:
-                parts, _ = _file_parts(archive, uid)
+                inst = archive.retrieve_parts(uid)
             except StorageError as exc:
                 failed.append(uid)
                 log.error("instance %s not written to the file-set: %s", uid, exc)
             else:
-                target = folder.joinpath(*file_ids[uid].split("/"))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open(target, "wb") as fp:
-                    for part in parts:
-                        fp.write(part)
+                write_file(folder.joinpath(*file_ids[uid].split("/")), inst.sop_class_uid, uid,
+                           inst.transfer_syntax, inst.parts)
             if progress:
                 progress.advance(note=uid[-30:])
     if plan.files and not failed:
@@ -220,12 +217,12 @@ class _Chunks(io.RawIOBase):
 
 def zip_file_set(archive, plan: FileSetPlan) -> Iterator[bytes]:
     """The bytes of a ZIP file of ``plan`` (files stored, not compressed), made as they are
-    taken: one instance at a time, in the order the archive decodes best, the DICOMDIR last. An instance that cannot be rebuilt raises
-    :class:`StorageError` before the ZIP's directory is written, so the ZIP is left unreadable
-    rather than incomplete."""
+    taken: one instance at a time, in the order the archive decodes best, the DICOMDIR last.
+    An instance that cannot be rebuilt raises :class:`StorageError` before the ZIP's directory
+    is written, so the ZIP is left unreadable rather than incomplete."""
     sink = _Chunks()
     file_ids = {uid: file_id for file_id, uid in plan.files}
-    with archive.retrieval_order(list(file_ids), "file-set") as ordered, \
+    with archive.retrieval_order(list(file_ids), "file-set") as (ordered, _), \
             zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for uid in ordered:
             parts, size = _file_parts(archive, uid)

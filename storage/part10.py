@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_dataset, read_preamble
@@ -53,3 +54,14 @@ def file_head(sop_class_uid: str, sop_uid: str, transfer_syntax: str) -> bytes:
     fp.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(fp, meta, enforce_standard=True)
     return fp.getvalue()
+
+
+def write_file(path: Path, sop_class_uid: str, sop_uid: str, transfer_syntax: str,
+               parts) -> None:
+    """Write at ``path`` (its folder made when missing) the Part 10 file of a dataset given in
+    consecutive ``parts`` (bytes-like), never joined into one copy."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fp:
+        fp.write(file_head(sop_class_uid, sop_uid, transfer_syntax))
+        for part in parts:
+            fp.write(part)

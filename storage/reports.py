@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import calendar
 import math
-import time
 import re
 import shutil
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 

@@ -484,3 +484,28 @@ def test_compacting_a_multi_frame_instance_never_holds_its_pixels_many_times(tmp
         assert peak < 4.2 * volume.nbytes
     finally:
         arch.close()
+
+
+def test_retrieval_order_stops_its_prefetch_and_does_without_a_plan(tmp_path, monkeypatch,
+                                                                    caplog):
+    arch = Archive(tmp_path / "data")
+    stopped = []
+
+    class Prefetch:
+        def cancel(self):
+            stopped.append(True)
+    monkeypatch.setattr(arch, "plan_retrieval", lambda uids: (list(reversed(uids)), Prefetch()))
+    with arch.retrieval_order(["a", "b"]) as (ordered, stop):
+        assert ordered == ["b", "a"] and not stopped
+        stop()                                          # early, as a C-MOVE whose peer left
+        assert stopped == [True]
+    assert stopped == [True, True]                      # and when the block ends
+
+    def no_plan(uids):
+        raise RuntimeError("index unreachable")
+    monkeypatch.setattr(arch, "plan_retrieval", no_plan)
+    with arch.retrieval_order(["a", "b"], "C-GET") as (ordered, stop):
+        assert ordered == ["a", "b"]
+        stop()
+    assert "C-GET: no retrieval plan (index unreachable)" in caplog.text
+    arch.close()
