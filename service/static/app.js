@@ -13,9 +13,14 @@ const token = (() => {
   return fromUrl || sessionStorage.getItem("voxarc-token") || "";
 })();
 
+// How a request shows the token: a fetch in a header; what the page only links to (an img, an
+// a), which cannot send a header, in its URL.
+const authHeaders = token ? { Authorization: "Bearer " + token } : {};
+const withToken = (url) =>
+  (token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url);
+
 async function api(path) {
-  const headers = token ? { Authorization: "Bearer " + token } : {};
-  const response = await fetch(path, { headers, cache: "no-store" });
+  const response = await fetch(path, { headers: authHeaders, cache: "no-store" });
   if (!response.ok) throw new Error(path + ": HTTP " + response.status);
   return response.json();
 }
@@ -167,8 +172,7 @@ function actionsRow(tbody, s) {
   td.colSpan = 10;
   const link = document.createElement("a");
   link.className = "download";
-  link.href = `api/studies/${enc(s.study_uid)}/media.zip` +
-    (token ? "?token=" + encodeURIComponent(token) : "");    // a link cannot send a header
+  link.href = withToken(`api/studies/${enc(s.study_uid)}/media.zip`);
   link.textContent = "Download (DICOMDIR, ZIP)";
   link.title = "the study's instances as received, with a DICOMDIR: for a CD or a USB stick";
   link.addEventListener("click", (event) => event.stopPropagation());
@@ -193,8 +197,7 @@ function sendControls(td, s) {
     try {
       const response = await fetch(`api/studies/${enc(s.study_uid)}/send`, {
         method: "POST",
-        headers: { "Content-Type": "application/json",
-                   ...(token ? { Authorization: "Bearer " + token } : {}) },
+        headers: { "Content-Type": "application/json", ...authHeaders },
         body: JSON.stringify({ destination: select.value }),
       });
       const answer = await response.json();
@@ -232,14 +235,13 @@ function seriesRow(tbody, study, se) {
   cell(row, when(se.last_received));
 }
 
-// The series' middle image (the img element cannot send a header: the token goes in the URL).
+// The series' middle image.
 function thumbnail(uid) {
   const img = document.createElement("img");
   img.className = "thumb";
   img.alt = "";
   img.loading = "lazy";
-  img.src = `/api/series/${encodeURIComponent(uid)}/preview.png?size=64` +
-    (token ? "&token=" + encodeURIComponent(token) : "");
+  img.src = withToken(`/api/series/${encodeURIComponent(uid)}/preview.png?size=64`);
   img.addEventListener("error", () => img.remove());   // no image to show for this series
   return img;
 }
