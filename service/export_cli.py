@@ -10,9 +10,7 @@ CD or a USB stick that any viewer opens.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 from pathlib import Path
 
 from service.ae import open_archive
@@ -20,10 +18,9 @@ from service.config import add_node_options, settings_from_args
 from service.progress import Progress
 from storage import media
 from storage.errors import StorageError
-from storage.part10 import write_file
+from storage.part10 import safe_name, write_file
 
 log = logging.getLogger(__name__)
-_PLAIN_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def register(subparsers) -> None:
@@ -38,22 +35,21 @@ def register(subparsers) -> None:
     p.set_defaults(func=export)
 
 
-def safe_name(uid: str) -> str:
-    """A file or folder name for ``uid``: the UID itself when it is a plain DICOM UID (digits
-    and dots, at most 64 characters), else ``x`` and the first 32 hex digits of its SHA-256."""
-    uid = uid.strip("\0 ")
-    if _PLAIN_UID.match(uid) and len(uid) <= 64:
-        return uid
-    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+def _study_series(archive, study_uid: str) -> dict[str, str]:
+    """SOP Instance UID -> Series Instance UID of a study's instances (none: unknown)."""
+    return {r["SOPInstanceUID"]: r["SeriesInstanceUID"]
+            for r in archive.find("IMAGE", {"StudyInstanceUID": study_uid})}
 
 
-def export_study(archive, study_uid: str, folder: Path, progress: Progress | None = None) -> tuple:
-    """Write the instances of a study under ``folder``.
+def export_instances(archive, series: dict[str, str], folder: Path,
+                     progress: Progress | None = None) -> tuple:
+    """Write instances under ``folder``, each as ``<series UID>/<SOP instance UID>.dcm``.
 
     Parameters
     ----------
     archive : Archive
-    study_uid : str
+    series : dict
+        SOP Instance UID -> Series Instance UID of the instances to write.
     folder : Path
     progress : Progress, optional
         Advanced once per instance.
@@ -63,13 +59,12 @@ def export_study(archive, study_uid: str, folder: Path, progress: Progress | Non
     tuple of (list of Path, int)
         The files written and the number of instances that could not be rebuilt.
     """
-    series = {r["SOPInstanceUID"]: r["SeriesInstanceUID"]
-              for r in archive.find("IMAGE", {"StudyInstanceUID": study_uid})}
     written, failed = [], 0
     with archive.retrieval_order(list(series), "export") as (ordered, _):
+        located = archive.locate(ordered)
         for uid in ordered:
             try:
-                inst = archive.retrieve_parts(uid)
+                inst = archive.retrieve_parts(uid, located.get(uid))
             except StorageError as exc:
                 failed += 1
                 log.error("instance %s not exported: %s", uid, exc)
@@ -87,8 +82,8 @@ def export(args) -> int:
     with ``--dicomdir``, has no directory record)."""
     archive = open_archive(settings_from_args(args))
     try:
-        totals = {uid: len(archive.find("IMAGE", {"StudyInstanceUID": uid}))
-                  for uid in dict.fromkeys(args.study_uids)}
+        studies = {uid: _study_series(archive, uid) for uid in dict.fromkeys(args.study_uids)}
+        totals = {uid: len(members) for uid, members in studies.items()}
         unknown = [uid for uid, n in totals.items() if not n]
         for uid in unknown:
             log.error("no study %s in the archive", uid)
@@ -99,8 +94,8 @@ def export(args) -> int:
                                     Path(args.folder))
         progress = Progress("export", sum(totals.values()))
         written, failed = [], 0
-        for uid in totals:
-            files, lost = export_study(archive, uid, Path(args.folder), progress)
+        for members in studies.values():
+            files, lost = export_instances(archive, members, Path(args.folder), progress)
             written, failed = written + files, failed + lost
         log.info("exported %d instances to %s in %.1f s (%d failed)", len(written), args.folder,
                  progress.finish(), failed)

@@ -360,7 +360,8 @@ def describe_series(folder: Path) -> SeriesInfo:
                       study, series, classes, tss)
 
 
-def _voxarc_cli(*args) -> subprocess.CompletedProcess:
+def voxarc_cli(*args) -> subprocess.CompletedProcess:
+    """Run ``voxarc ARGS`` (this checkout's) and return it; RuntimeError when it fails."""
     proc = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
@@ -395,7 +396,8 @@ def codec_decode_rate(data_dir: Path, series_uid: str) -> float:
     return voxels / (time.perf_counter() - start) / 1e6
 
 
-def _median(values):
+def median_of(values):
+    """The median of ``values`` without their NaNs (NaN when none is left)."""
     values = [v for v in values if v == v]
     return statistics.median(values) if values else float("nan")
 
@@ -417,9 +419,9 @@ def bench_voxarc(info: SeriesInfo, work: Path, runs: int, get_runs: int,
             shutil.rmtree(data_dir, ignore_errors=True)
     staged = dir_bytes(data_dir / "blobs")
     start = time.perf_counter()
-    _voxarc_cli("compress", "--now", "--data-dir", str(data_dir))
+    voxarc_cli("compress", "--now", "--data-dir", str(data_dir))
     compress_s = time.perf_counter() - start
-    stats = json.loads(_voxarc_cli("stats", "--json", "--data-dir", str(data_dir)).stdout)
+    stats = json.loads(voxarc_cli("stats", "--json", "--data-dir", str(data_dir)).stdout)
     log.info("voxarc compress %s: %.1f s, %d -> %d bytes", info.name, compress_s,
              stats["original_bytes"], stats["stored_bytes"])
     gets, decodes = [], []
@@ -438,21 +440,21 @@ def bench_voxarc(info: SeriesInfo, work: Path, runs: int, get_runs: int,
     summary = _get_summary(gets, info)
     ratios = [info.voxels * g.received / len(info.files) / g.total_s / 1e6 / d
               for g, d in zip(gets, decodes) if d]
-    return {"ingest_rates": rates, "ingest_per_s": _median(rates), "staged_bytes": staged,
+    return {"ingest_rates": rates, "ingest_per_s": median_of(rates), "staged_bytes": staged,
             "stored_bytes": stats["stored_bytes"], "stats": stats,
             "disk_bytes": dir_bytes(data_dir), "compress_s": compress_s, **summary,
-            "codec_decode_runs": decodes, "codec_decode_mvox_s": _median(decodes),
-            "get_vs_decode": _median(ratios)}
+            "codec_decode_runs": decodes, "codec_decode_mvox_s": median_of(decodes),
+            "get_vs_decode": median_of(ratios)}
 
 
 def _get_summary(gets: list[GetResult], info: SeriesInfo) -> dict:
     if not gets:
         return {}
     return {"get_received": min(g.received for g in gets),
-            "get_first_s": _median([g.first_s for g in gets]),
-            "get_total_s": _median([g.total_s for g in gets]),
-            "get_per_s": _median([g.received / g.total_s for g in gets]),
-            "get_mvox_s": _median([info.voxels * g.received / len(info.files) / g.total_s / 1e6
+            "get_first_s": median_of([g.first_s for g in gets]),
+            "get_total_s": median_of([g.total_s for g in gets]),
+            "get_per_s": median_of([g.received / g.total_s for g in gets]),
+            "get_mvox_s": median_of([info.voxels * g.received / len(info.files) / g.total_s / 1e6
                                    for g in gets])}
 
 
@@ -483,7 +485,7 @@ def bench_orthanc(info: SeriesInfo, work: Path, runs: int, get_runs: int, compre
             server.stop()
         log.info("%s C-GET %s run %d: %d instances, first %.3f s, all %.2f s", label, info.name,
                  run + 1, gets[-1].received, gets[-1].first_s, gets[-1].total_s)
-    return {"ingest_rates": rates, "ingest_per_s": _median(rates), "stored_bytes": stored,
+    return {"ingest_rates": rates, "ingest_per_s": median_of(rates), "stored_bytes": stored,
             **_get_summary(gets, info)}
 
 
@@ -505,7 +507,7 @@ def bench_ingest(info: SeriesInfo, work: Path, runs: int, orthanc: bool = True,
             log.info("%s ingest %s round %d: %.1f instances/s", name, info.name, run + 1,
                      values[-1])
             shutil.rmtree(folder, ignore_errors=True)
-    out = {name: {"ingest_rates": values, "ingest_per_s": _median(values)}
+    out = {name: {"ingest_rates": values, "ingest_per_s": median_of(values)}
            for name, values in rates.items()}
     if orthanc:
         out["ingest_ratio"] = out["voxarc"]["ingest_per_s"] / out["orthanc"]["ingest_per_s"]

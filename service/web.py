@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 
 from service import dicomweb, dicomweb_store, patrol
 from service.config import Settings
-from service.export_cli import safe_name
+from storage.part10 import safe_name
 from service.forwarding import send_study
 from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.preview import PreviewError, SeriesPreviews

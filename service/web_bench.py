@@ -21,8 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from service.node_bench import (_median, _voxarc_cli, describe_series, free_port, push,
-                                start_voxarc, wait_for_decoders)
+from service.node_bench import (describe_series, free_port, median_of, push, start_voxarc,
+                                voxarc_cli, wait_for_decoders)
 from service.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def bench_series(folder: Path, work: Path, runs: int) -> dict:
         push(server, info.files, info.syntaxes)
     finally:
         server.stop()
-    _voxarc_cli("compress", "--now", "--data-dir", str(data_dir))
+    voxarc_cli("compress", "--now", "--data-dir", str(data_dir))
     results = {name: [] for name in OPENINGS}
     for run in range(runs):
         http_port = free_port()
@@ -100,7 +100,7 @@ def bench_series(folder: Path, work: Path, runs: int) -> dict:
                  revalidated["seconds"], revalidated["not_modified"], revalidated["requests"])
     shutil.rmtree(data_dir, ignore_errors=True)
     return {"series": info.name, "instances": len(info.files), "runs": results,
-            **{name: {key: _median([r[key] for r in results[name]])
+            **{name: {key: median_of([r[key] for r in results[name]])
                       for key in ("seconds", "first_frame_s", "bytes", "not_modified")}
                for name in OPENINGS}}
 

@@ -94,10 +94,10 @@ class Archive:
         and transfer syntax (see :meth:`Reconstructor.locate`)."""
         return self.reconstructor.locate(sop_uids)
 
-    def header(self, sop_uid: str) -> StoredHeader:
+    def header(self, sop_uid: str, located=None) -> StoredHeader:
         """An instance's bytes up to its pixel data, nothing decoded (see
-        :meth:`Reconstructor.header`)."""
-        return self.reconstructor.header(sop_uid)
+        :meth:`Reconstructor.header`); ``located`` as for :meth:`retrieve_parts`."""
+        return self.reconstructor.header(sop_uid, located)
 
     def frames(self, sop_uid: str, numbers: list[int] | None):
         """Stored words of some frames (None: all) of a coded instance, decoding only their

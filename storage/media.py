@@ -149,9 +149,11 @@ def plan_file_set(archive, study_uids: list[str], progress=None) -> FileSetPlan:
     ``progress`` (a :class:`~service.progress.Progress`-like object) advances per instance.
     """
     directory, places, left_out, invented, files = Directory(), _Places(), {}, 0, []
-    for uid in _instances(archive, study_uids):
+    uids = _instances(archive, study_uids)
+    located = archive.locate(uids)
+    for uid in uids:
         try:
-            ds, made = _record_source(archive.header(uid), places)
+            ds, made = _record_source(archive.header(uid, located.get(uid)), places)
             files.append((directory.add(ds), uid))
         except (StorageError, ValueError, KeyError) as exc:
             left_out[uid] = str(exc)
@@ -165,9 +167,9 @@ def plan_file_set(archive, study_uids: list[str], progress=None) -> FileSetPlan:
     return FileSetPlan(directory.encode(FILE_SET_ID), tuple(files), left_out, invented)
 
 
-def _file_parts(archive, sop_uid: str) -> tuple[tuple, int]:
+def _file_parts(archive, sop_uid: str, located=None) -> tuple[tuple, int]:
     """A Part 10 file of the instance as received, in parts, and its size."""
-    inst = archive.retrieve_parts(sop_uid)
+    inst = archive.retrieve_parts(sop_uid, located)
     parts = (file_head(inst.sop_class_uid, sop_uid, inst.transfer_syntax), *inst.parts)
     return parts, sum(memoryview(p).nbytes for p in parts)
 
@@ -180,9 +182,10 @@ def write_file_set(archive, plan: FileSetPlan, folder: Path, progress=None) -> l
     failed = []
     file_ids = {uid: file_id for file_id, uid in plan.files}
     with archive.retrieval_order(list(file_ids), "file-set") as (ordered, _):
+        located = archive.locate(ordered)
         for uid in ordered:
             try:
-                inst = archive.retrieve_parts(uid)
+                inst = archive.retrieve_parts(uid, located.get(uid))
             except StorageError as exc:
                 failed.append(uid)
                 log.error("instance %s not written to the file-set: %s", uid, exc)
@@ -224,8 +227,9 @@ def zip_file_set(archive, plan: FileSetPlan) -> Iterator[bytes]:
     file_ids = {uid: file_id for file_id, uid in plan.files}
     with archive.retrieval_order(list(file_ids), "file-set") as (ordered, _), \
             zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        located = archive.locate(ordered)
         for uid in ordered:
-            parts, size = _file_parts(archive, uid)
+            parts, size = _file_parts(archive, uid, located.get(uid))
             info = zipfile.ZipInfo(file_ids[uid], date_time=_now())
             info.file_size = size         # zipfile then knows when it needs ZIP64
             with zf.open(info, "w") as member:

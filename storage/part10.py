@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import re
 from pathlib import Path
 
 from pydicom.dataset import FileMetaDataset
@@ -14,6 +16,7 @@ from storage.errors import UnparseableDatasetError
 #: who wrote a file (its File Meta) and who speaks on an association (A-ASSOCIATE)
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1437.1"
 IMPLEMENTATION_VERSION_NAME = "VOXARC_010"
+_PLAIN_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def split_file(data: bytes) -> tuple[str, bytes]:
@@ -65,3 +68,12 @@ def write_file(path: Path, sop_class_uid: str, sop_uid: str, transfer_syntax: st
         fp.write(file_head(sop_class_uid, sop_uid, transfer_syntax))
         for part in parts:
             fp.write(part)
+
+
+def safe_name(uid: str) -> str:
+    """A file or folder name for ``uid``: the UID itself when it is a plain DICOM UID (digits
+    and dots, at most 64 characters), else ``x`` and the first 32 hex digits of its SHA-256."""
+    uid = uid.strip("\0 ")
+    if _PLAIN_UID.match(uid) and len(uid) <= 64:
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:32]

@@ -461,8 +461,9 @@ class Reconstructor:
         return StoredParts(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax,
                            self._checked(inst, parts))
 
-    def header(self, sop_uid: str) -> StoredHeader:
-        """Return the instance's attributes as bytes, without decoding any pixels.
+    def header(self, sop_uid: str, located=None) -> StoredHeader:
+        """Return the instance's attributes as bytes, without decoding any pixels (``located``:
+        its row from :meth:`locate`, as for :meth:`get_parts`).
 
         An instance stored as received (staged, raw or deflated) comes whole and SHA-256
         checked; a coded one is its stored header bytes, which end inside the Pixel Data
@@ -474,7 +475,7 @@ class Reconstructor:
         InstanceNotFoundError, IntegrityError
             As :meth:`get`.
         """
-        inst, (data, trailer) = self._located(sop_uid, self._header_bytes)
+        inst, (data, trailer) = self._located(sop_uid, self._header_bytes, located)
         if _as_received(inst):
             data = self._checked(inst, (data,))[0]
         return StoredHeader(inst.sop_uid, inst.sop_class_uid, inst.transfer_syntax, data,

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from node_helpers import make_series, write_series
-from service.export_cli import safe_name
+from storage.part10 import safe_name
 from storage.part10 import split_file
 
 REPO = Path(__file__).resolve().parents[1]
