@@ -16,7 +16,7 @@ from pathlib import Path
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from service.progress import Progress
-from storage import media
+from storage import media, reports
 from storage.errors import StorageError
 from storage.part10 import safe_name, write_file
 
@@ -27,8 +27,11 @@ def register(subparsers) -> None:
     """Add ``export`` to the ``voxarc`` parser."""
     p = subparsers.add_parser("export", help="write studies' instances as DICOM files")
     add_node_options(p)
-    p.add_argument("study_uids", nargs="+", metavar="study_uid", help="Study Instance UID")
+    p.add_argument("study_uids", nargs="*", metavar="study_uid", help="Study Instance UID")
     p.add_argument("folder", help="where to write (created when missing)")
+    p.add_argument("--patient", action="append", default=[], metavar="PATIENT_ID",
+                   help="every study of the patient with this Patient ID (exactly), oldest "
+                        "first, before the studies named (repeatable)")
     p.add_argument("--dicomdir", action="store_true",
                    help="write a DICOM media file-set: a DICOMDIR and its files (for a CD or "
                         "a USB stick)")
@@ -78,11 +81,24 @@ def export_instances(archive, series: dict[str, str], folder: Path,
 
 
 def export(args) -> int:
-    """Export studies; exit status 1 when one is unknown or an instance cannot be rebuilt (or,
+    """Export studies (named, or all of a patient's); exit status 2 when none is named, 1 when
+    one is unknown or an instance cannot be rebuilt (or,
     with ``--dicomdir``, has no directory record)."""
+    if not args.study_uids and not args.patient:
+        log.error("name studies by their UIDs, or a patient with --patient")
+        return 2
     archive = open_archive(settings_from_args(args))
     try:
-        studies = {uid: _study_series(archive, uid) for uid in dict.fromkeys(args.study_uids)}
+        named = []
+        for patient_id in args.patient:
+            found = reports.study_uids(archive.index, reports.StudyFilter(patient_id=patient_id),
+                                       1 << 31)
+            if not found:
+                log.error("no study of patient %r in the archive", patient_id)
+                return 1
+            named += found
+        named += args.study_uids
+        studies = {uid: _study_series(archive, uid) for uid in dict.fromkeys(named)}
         totals = {uid: len(members) for uid, members in studies.items()}
         unknown = [uid for uid, n in totals.items() if not n]
         for uid in unknown:

@@ -5,8 +5,8 @@
 ``/api/series/{uid}`` (and its ``preview.png``), ``/api/jobs`` (compaction queue),
 ``/api/deletions`` (the audit trail of ``voxarc delete``), ``/api/forwards`` (forwarding,
 :mod:`service.forwarding`) and ``/api/config`` (the node's settings, read only, secrets left
-out); ``/api/studies/{uid}/media.zip`` is a study as a DICOM file-set (:mod:`storage.media`);
-DICOMweb under ``/dicom-web``. Beside STOW-RS (the ingest path of C-STORE) and sending a
+out); ``/api/studies/{uid}/media.zip`` and ``/api/media.zip`` are studies as DICOM
+file-sets (:mod:`service.web_media`); DICOMweb under ``/dicom-web``. Beside STOW-RS (the ingest path of C-STORE) and sending a
 study to a configured destination (``POST /api/studies/{uid}/send``), the application only
 reads: deleting is a command run on the node's machine. Everything is read through
 :mod:`storage.reports` and the archive.
@@ -22,24 +22,25 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from service import dicomweb, dicomweb_store, patrol
+from service import dicomweb, dicomweb_store, patrol, web_media
 from service.config import Settings
-from storage.part10 import safe_name
 from service.forwarding import send_study
 from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.preview import PreviewError, SeriesPreviews
 from service.web_auth import TokenAuth
-from storage import deletion, forwarding, media, reports
+from storage import deletion, forwarding, reports
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 SECRET_SETTINGS = ("http_token",)
 MAX_PAGE = 500
+
+
 def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
     try:
         value = int(request.query_params.get(name, default))
@@ -63,17 +64,6 @@ def public_settings(settings: Settings) -> dict:
     out["database_url"] = _masked_url(settings.database_url)
     out["http_token_required"] = bool(settings.http_token)
     return out
-
-
-def _logged_zip(archive, plan, study_uid: str):
-    """:func:`storage.media.zip_file_set`, its failure logged: the response is then cut off,
-    which a browser shows as a failed download (the ZIP would lack its directory)."""
-    try:
-        yield from media.zip_file_set(archive, plan)
-    except StorageError as exc:
-        log.error("download of study %s stopped: %s", study_uid, exc)
-        raise
-    log.info("study %s downloaded as a file-set of %d instances", study_uid, len(plan.files))
 
 
 def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) -> Starlette:
@@ -116,7 +106,8 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
         params = request.query_params
         try:
             where = reports.StudyFilter(params.get("q", "")[:200], params.get("modality", ""),
-                                        params.get("from", ""), params.get("to", ""))
+                                        params.get("from", ""), params.get("to", ""),
+                                        params.get("patient"))
             page_ = reports.studies(
                 index, sort=params.get("sort", "received"),
                 descending=params.get("order", "desc") != "asc",
@@ -170,22 +161,6 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
             return JSONResponse({"error": str(exc)}, status_code=404)
         return JSONResponse(queued, status_code=202)
 
-    def media_zip(request: Request) -> Response:
-        uid = request.path_params["uid"]
-        plan = media.plan_file_set(archive, [uid])
-        if not plan.files:
-            return JSONResponse({"error": "no such study" if not plan.left_out else
-                                 "no instance of the study has a directory record"},
-                                status_code=404)
-        if plan.left_out:
-            log.warning("download of study %s: %d instances left out of its DICOMDIR", uid,
-                        len(plan.left_out))
-        headers = {"content-disposition": f'attachment; filename="study-{safe_name(uid)}.zip"',
-                   "x-voxarc-left-out": str(len(plan.left_out)),
-                   "cache-control": "no-store"}
-        return StreamingResponse(_logged_zip(archive, plan, uid), media_type="application/zip",
-                                 headers=headers)
-
     def deletions(request: Request) -> Response:
         return JSONResponse(deletion.history(index, _int(request, "limit", 100, 1, MAX_PAGE)))
 
@@ -209,7 +184,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
               Route("/api/series/{uid}/preview.png", preview), Route("/api/jobs", jobs),
               Route("/api/forwards", forwards),
               Route("/api/studies/{uid}/send", send, methods=["POST"]),
-              Route("/api/studies/{uid}/media.zip", media_zip),
+              *web_media.routes(archive),
               Route("/api/deletions", deletions), Route("/api/config", config),
               Route("/metrics", prometheus), Route("/healthz", healthz),
               *dicomweb.routes(archive, previews, settings.http_public_url),

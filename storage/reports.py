@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from sqlalchemy import case, exists, func, or_, select
+from sqlalchemy import case, distinct, exists, func, or_, select
 
 from storage import header_pack
 from storage.index import Blob, Index, Instance, Job, Patient, Series, Study
@@ -180,12 +180,14 @@ class StudyFilter:
     """What the admin page's search asks of studies. ``text``: words, each found (case aside,
     for ASCII letters on SQLite) in the patient's name or ID, the accession number, the study
     description or the Study Instance UID; ``modality``: a series of that modality;
-    ``date_from``, ``date_to``: study dates (YYYYMMDD, inclusive)."""
+    ``date_from``, ``date_to``: study dates (YYYYMMDD, inclusive); ``patient_id``: one
+    patient's studies (the Patient ID exactly, none: any)."""
 
     text: str = ""
     modality: str = ""
     date_from: str = ""
     date_to: str = ""
+    patient_id: str | None = None
 
     def __post_init__(self):
         for date in (self.date_from, self.date_to):
@@ -201,6 +203,8 @@ class StudyFilter:
         if self.date_from or self.date_to:      # an empty or an anonymiser's date is neither
             out.append(Study.study_date.between(self.date_from or "00000000",
                                                 self.date_to or "99999999"))
+        if self.patient_id is not None:
+            out.append(Patient.patient_id == self.patient_id)
         return out
 
     @staticmethod
@@ -254,7 +258,7 @@ def studies(index: Index, sort: str = "received", descending: bool = True, offse
     -------
     dict
         ``total`` (studies), ``offset``, ``limit`` and ``items``: one dict per study with its
-        series under ``series``.
+        series under ``series`` and ``patient_studies``, how many studies its patient has.
 
     Raises
     ------
@@ -266,6 +270,12 @@ def studies(index: Index, sort: str = "received", descending: bool = True, offse
         total = s.scalar(select(func.count()).select_from(stmt.subquery()))
         rows = s.execute(stmt.offset(max(0, offset)).limit(max(1, limit))).all()
         series = _series_rows(s, Series.study_fk.in_([r[0].id for r in rows]))
+        per_patient = dict(s.execute(      # studies that hold instances, as listed
+            select(Study.patient_fk, func.count(distinct(Study.id)))
+            .join(Series, Series.study_fk == Study.id)
+            .join(Instance, Instance.series_fk == Series.id)
+            .where(Study.patient_fk.in_({r[0].patient_fk for r in rows}))
+            .group_by(Study.patient_fk)).all())
     by_study = defaultdict(list)
     for item in series:
         by_study[item["study_uid"]].append(item)
@@ -273,13 +283,26 @@ def studies(index: Index, sort: str = "received", descending: bool = True, offse
     for study, patient, n, original, stored, received in rows:
         members = by_study[study.study_uid]
         items.append({"study_uid": study.study_uid, "patient_name": patient.patient_name,
-                      "patient_id": patient.patient_id, "study_date": study.study_date,
+                      "patient_id": patient.patient_id,
+                      "patient_studies": per_patient.get(study.patient_fk, 1),
+                      "study_date": study.study_date,
                       "description": study.study_description,
                       "accession_number": study.accession_number,
                       "modalities": sorted({m["modality"] for m in members if m["modality"]}),
                       "instances": n, "received": received, **_sizes(original, stored),
                       "series": members})
     return {"total": total, "offset": offset, "limit": limit, "items": items}
+
+
+def study_uids(index: Index, where: StudyFilter, limit: int) -> list[str]:
+    """The Study Instance UIDs of at most ``limit`` studies that hold instances and that
+    ``where`` lets through, oldest study date first."""
+    stmt = (select(Study.study_uid).join(Patient, Study.patient_fk == Patient.id)
+            .where(exists().where(Series.study_fk == Study.id,
+                                  Instance.series_fk == Series.id), *where.clauses())
+            .order_by(Study.study_date, Study.study_time, Study.id).limit(limit))
+    with index.read() as s:
+        return list(s.scalars(stmt))
 
 
 def series_detail(index: Index, series_uid: str) -> dict | None:

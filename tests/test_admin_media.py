@@ -4,6 +4,7 @@ admin page's ZIP download, and storage.media's handling of what a directory cann
 import io
 import subprocess
 import sys
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from admin_helpers import admin_site, http_get, http_token  # noqa: F401
 from node_helpers import (dataset_bytes, iod_errors, make_series, needs_dciodvfy,
                           store_as_received, write_series)
 from scu_helpers import store_bytes
+from service import web_media
 from storage import media
 from storage.archive import Archive
 from storage.errors import StorageError
@@ -201,3 +203,70 @@ def test_a_downloaded_zip_imports_into_another_node(tmp_path):
         inst = other.retrieve(uid)
         assert (inst.transfer_syntax, inst.data) == (ts, data)
     other.close()
+
+
+def test_admin_downloads_a_patients_studies_as_one_file_set(admin_site, tmp_path, monkeypatch):
+    """``/api/media.zip?patient=ID`` holds every study of that patient (not of PAT10), each
+    instance as received, under one DICOMDIR; ``study=`` names studies; what names none,
+    nobody or too many is refused."""
+    node, admin = admin_site
+    studies = [make_series(3, 8, 8, seed=51), make_series(2, 8, 8, modality="MR", seed=52),
+               make_series(2, 8, 8, patient_id="PAT10", seed=53)]
+    items = [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds))
+             for series in studies for ds in series]
+    assert set(store_bytes(node.port, items, tmp_path)) == {0}
+    sent = {uid: (ts, data) for _, uid, ts, data in items}
+    uid = [series[0].StudyInstanceUID for series in studies]
+
+    def file_set(query: str, name: str) -> dict:
+        with urllib.request.urlopen(f"{admin.url}/api/media.zip?{query}") as response:
+            body = response.read()
+            assert response.headers["content-disposition"] == \
+                f'attachment; filename="{name}"'
+        folder = tmp_path / name
+        zipfile.ZipFile(io.BytesIO(body)).extractall(folder)
+        found = _file_set(folder)
+        assert all(received == sent[sop] for sop, (_, received) in found.items())
+        return found
+
+    found = file_set("patient=PAT1", "patient-PAT1.zip")
+    assert set(found) == {ds.SOPInstanceUID for ds in studies[0] + studies[1]}
+    records = FileSet(tmp_path / "patient-PAT1.zip" / "DICOMDIR")
+    assert {r.StudyInstanceUID for r in records} == set(uid[:2])
+    found = file_set(f"study={uid[0]}&study={uid[2]}", "studies-2.zip")
+    assert set(found) == {ds.SOPInstanceUID for ds in studies[0] + studies[2]}
+    assert set(file_set(f"study={uid[2]}", f"study-{uid[2]}.zip")) == \
+        {ds.SOPInstanceUID for ds in studies[2]}
+
+    assert http_get(f"{admin.url}/api/media.zip")[0] == 400
+    assert http_get(f"{admin.url}/api/media.zip?patient=PAT")[0] == 404
+    monkeypatch.setattr(web_media, "MAX_STUDIES", 1)
+    status, body = http_get(f"{admin.url}/api/media.zip?patient=PAT1")
+    assert status == 400 and b"at most 1 studies" in body
+
+
+def test_download_names_are_safe_in_a_header():
+    assert web_media.download_name("PAT-1_2.x") == "PAT-1_2.x"
+    assert web_media.download_name('a"b\r\nc/../d é') == "a_b_c_.._d"
+    assert web_media.download_name('"/"') == "unnamed"
+    assert len(web_media.download_name("9" * 100)) == 48
+
+
+def test_export_takes_a_patients_studies(tmp_path):
+    """``voxarc export --dicomdir --patient ID`` writes every study of that patient (not of
+    an ID it begins) as one file-set; an unknown patient is an error, and so is naming none."""
+    arch = Archive(tmp_path / "data")
+    mine = make_series(2, 8, 8, seed=61) + make_series(2, 8, 8, modality="MR", seed=62)
+    theirs = make_series(2, 8, 8, patient_id="PAT10", seed=63)
+    sent = store_as_received(arch, mine + theirs)
+    arch.close()
+    proc = _voxarc("export", "--dicomdir", "--data-dir", tmp_path / "data", "--patient", "PAT1",
+                   tmp_path / "cd")
+    assert proc.returncode == 0, proc.stderr
+    found = _file_set(tmp_path / "cd")
+    assert set(found) == {ds.SOPInstanceUID for ds in mine}
+    assert all(received == sent[uid] for uid, (_, received) in found.items())
+    proc = _voxarc("export", "--data-dir", tmp_path / "data", "--patient", "PAT", tmp_path / "x")
+    assert proc.returncode == 1 and "no study of patient 'PAT'" in proc.stderr
+    proc = _voxarc("export", "--data-dir", tmp_path / "data", tmp_path / "x")
+    assert proc.returncode == 2 and "name studies" in proc.stderr

@@ -161,3 +161,27 @@ def test_a_study_link_opens_its_row_with_the_download_and_send_controls(admin_si
     assert link == f"api/studies/{stored['study_uid']}/media.zip"
     status, body = http_get(f"{admin.url}/{link}")
     assert status == 200 and body[:4] == b"PK\x03\x04"                # a ZIP
+
+
+def test_a_patient_link_lists_that_patients_studies_with_their_download(admin_site, tmp_path):
+    """An opened study whose patient has others links to ``#patient/{id}``, which lists that
+    patient's studies only (not those of PAT10) and offers them as one file-set."""
+    node, admin = admin_site
+    stored = store_series(node, tmp_path, [("CT", 2, "PAT1"), ("MR", 2, "PAT1"),
+                                           ("CT", 2, "PAT10")])
+    first, second, other = (s["study_uid"] for s in stored)
+    dom = chromium(f"{admin.url}/#study/{first}", tmp_path / "profile", "--dump-dom")
+    actions = re.search(r'<tr class="series send">.*?</tr>', dom, re.S).group(0)
+    assert re.search(r'<a class="patient" href="#patient/PAT1">this patient\'s 2 studies</a>',
+                     actions)
+    assert 'href="api/media.zip?patient=PAT1"' in actions
+
+    dom = chromium(f"{admin.url}/#patient/PAT1", tmp_path / "profile2", "--dump-dom")
+    rows = re.findall(r'<tr class="study" data-uid="([^"]+)"', dom)
+    assert sorted(rows) == sorted([first, second]) and other not in dom
+    chip = re.search(r'<span id="search-patient" class="chip">(.*?)</span>', dom, re.S).group(1)
+    assert "Patient PAT1^Test (PAT1): 2 studies" in chip
+    link = re.search(r'<a class="download" href="([^"]+)"', chip).group(1)
+    assert link == "api/media.zip?patient=PAT1"
+    status, body = http_get(f"{admin.url}/{link}")
+    assert status == 200 and body[:4] == b"PK\x03\x04"

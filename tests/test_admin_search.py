@@ -68,3 +68,24 @@ def test_the_api_filters_and_pages_what_matches(admin_site):
     assert [i["patient_id"] for i in page["items"]] == ["ID-1002"]
     status, body = http_get(f"{admin.url}/api/studies?from=yesterday")
     assert status == 400 and "YYYYMMDD" in json.loads(body)["error"]
+
+
+def test_one_patients_studies_by_their_exact_id(archive):  # noqa: F811
+    """``patient_id`` keeps one patient's studies (not those of an ID it begins), each item
+    counts its patient's studies, and study_uids lists them oldest first."""
+    older = _study("ID-1001", "Doe^Jane", "CT", "20230105", "A1", "CT THORAX", 11)
+    newer = _study("ID-1001", "Doe^Jane", "MR", "20240105", "A2", "MR HEAD", 12)
+    other = _study("ID-10011", "Roe^Joan", "CT", "20220105", "A3", "CT HEAD", 13)
+    for series in (newer, other, older):
+        store_as_received(archive, series)
+    assert _found(archive, patient_id="ID-1001") == {"ID-1001"}
+    page = reports.studies(archive.index, where=reports.StudyFilter(patient_id="ID-1001"))
+    assert page["total"] == 2 and [i["patient_studies"] for i in page["items"]] == [2, 2]
+    page = reports.studies(archive.index)
+    assert sorted(i["patient_studies"] for i in page["items"]) == [1, 2, 2]
+    assert _found(archive, patient_id="ID-1001", modality="MR") == {"ID-1001"}
+    assert _found(archive, patient_id="ID-100") == set()
+    mine = reports.StudyFilter(patient_id="ID-1001")
+    assert reports.study_uids(archive.index, mine, 10) == [older[0].StudyInstanceUID,
+                                                         newer[0].StudyInstanceUID]
+    assert reports.study_uids(archive.index, mine, 1) == [older[0].StudyInstanceUID]

@@ -4,7 +4,8 @@
 const PAGE_SIZE = 25;
 const REFRESH_MS = 15000;
 const SVG_NS = "http://www.w3.org/2000/svg";
-const state = { sort: "received", order: "desc", offset: 0, total: 0, open: new Set() };
+const state = { sort: "received", order: "desc", offset: 0, total: 0, open: new Set(),
+                patient: null };
 
 // A token given once as ?token= is kept for the tab and sent as a Bearer header.
 const token = (() => {
@@ -164,20 +165,56 @@ function studyRow(tbody, s) {
 }
 
 // What can be done with a whole study: download it as a DICOM file-set (a ZIP with a
-// DICOMDIR, for a CD or a USB stick), or send it to a configured destination (as a C-MOVE).
+// DICOMDIR, for a CD or a USB stick), list or download all its patient's studies, or send it
+// to a configured destination (as a C-MOVE).
 function actionsRow(tbody, s) {
   const row = tbody.insertRow();
   row.className = "series send";
   const td = row.insertCell();
   td.colSpan = 10;
+  td.append(downloadLink(`api/studies/${enc(s.study_uid)}/media.zip`,
+                         "Download (DICOMDIR, ZIP)",
+                         "the study's instances as received, with a DICOMDIR: for a CD or a USB stick"));
+  if (s.patient_studies > 1 && state.patient === null) {
+    const all = document.createElement("a");
+    all.className = "patient";
+    all.href = patientHash(s.patient_id);
+    all.textContent = `this patient's ${s.patient_studies} studies`;
+    all.addEventListener("click", (event) => event.stopPropagation());
+    td.append(" · ", all, " (", patientDownload(s.patient_id, "all in one DICOMDIR, ZIP"), ")");
+  }
+  sendControls(td, s);
+}
+
+function downloadLink(path, text, title) {
   const link = document.createElement("a");
   link.className = "download";
-  link.href = withToken(`api/studies/${enc(s.study_uid)}/media.zip`);
-  link.textContent = "Download (DICOMDIR, ZIP)";
-  link.title = "the study's instances as received, with a DICOMDIR: for a CD or a USB stick";
+  link.href = withToken(path);
+  link.textContent = text;
+  link.title = title;
   link.addEventListener("click", (event) => event.stopPropagation());
-  td.append(link);
-  sendControls(td, s);
+  return link;
+}
+
+// A patient's studies (the Patient ID exactly), oldest first, as one file-set: their CD.
+const patientDownload = (id, text) =>
+  downloadLink(`api/media.zip?patient=${enc(id)}`, text,
+               "every study of the patient as received, with one DICOMDIR: for the patient's CD");
+const patientHash = (id) => `#patient/${enc(id)}`;
+
+// While the table lists one patient's studies (#patient/{id}), the search bar says so, with
+// their download and a way back to all patients.
+function renderPatientFilter(page) {
+  const box = byId("search-patient");
+  box.hidden = state.patient === null;
+  if (box.hidden) return;
+  const first = page.items[0];
+  const who = first ? `${first.patient_name || "(no name)"} (${state.patient})` : state.patient;
+  const back = document.createElement("a");
+  back.href = "#";
+  back.textContent = "✕ all patients";
+  box.replaceChildren(`Patient ${who}: ${count(page.total)} studies · `,
+                      patientDownload(state.patient, "Download all (DICOMDIR, ZIP)"), " · ", back);
 }
 
 // "send to ...": the whole study to a configured destination (as a C-MOVE would).
@@ -312,13 +349,23 @@ function windowButtons() {
 }
 
 // #view/{study}/{series}[/{image}] opens the viewer (a link to a series can be shared);
-// #study/{study} opens the study's row, found by a search for its UID (on whatever page).
+// #study/{study} opens the study's row, found by a search for its UID (on whatever page);
+// #patient/{id} lists that patient's studies only, until "all patients" (an empty #).
 async function openFromHash() {
   const study = location.hash.match(/^#study\/([^/]+)$/);
+  const patient = location.hash.match(/^#patient\/(.*)$/);
+  const before = state.patient;
   if (study) {
     const uid = decodeURIComponent(study[1]);
     state.open.add(uid);
+    state.patient = null;
     byId("search-text").value = uid;
+  } else if (patient) {
+    state.patient = decodeURIComponent(patient[1]);
+  } else if (!location.hash.startsWith("#view/")) {
+    state.patient = null;
+  }
+  if (study || patient || before !== state.patient) {
     state.offset = 0;
     loadStudies().catch(() => {});
   }
@@ -370,8 +417,8 @@ function renderStudies(page) {
   const tbody = byId("studies").tBodies[0];
   tbody.replaceChildren();
   page.items.forEach((s) => studyRow(tbody, s));
-  const searching = ["search-text", "search-modality", "search-from", "search-to"]
-    .some((id) => byId(id).value);
+  const searching = state.patient !== null ||
+    ["search-text", "search-modality", "search-from", "search-to"].some((id) => byId(id).value);
   if (!page.items.length) {
     cell(tbody.insertRow(), searching ? "No study matches the search." : "No study stored yet.")
       .colSpan = 10;
@@ -494,7 +541,10 @@ async function loadStudies() {
                                ["from", dates("search-from")], ["to", dates("search-to")]]) {
     if (value) query.set(name, value);
   }
-  renderStudies(await api(`api/studies?${query}`));
+  if (state.patient !== null) query.set("patient", state.patient);
+  const page = await api(`api/studies?${query}`);
+  renderStudies(page);
+  renderPatientFilter(page);
 }
 
 // The search: the first page of what matches, a moment after the last keystroke.
