@@ -10,7 +10,9 @@ CD or a USB stick that any viewer opens.
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
 from pathlib import Path
 
 from service.ae import open_archive
@@ -105,6 +107,10 @@ def export(args) -> int:
             log.error("no study %s in the archive", uid)
         if unknown:
             return 1
+        actor = f"cli export ({_user()})"
+        for uid, n in totals.items():      # noted before: a failure half-way still read some
+            archive.accesses.note(actor, "export (DICOMDIR)" if args.dicomdir else "export",
+                                  uid, instances=n, detail=f"to {Path(args.folder).resolve()}")
         if args.dicomdir:
             return _export_file_set(archive, list(totals), sum(totals.values()),
                                     Path(args.folder))
@@ -118,6 +124,13 @@ def export(args) -> int:
         return 1 if failed else 0
     finally:
         archive.close()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:          # no user name for this uid (a container's)
+        return f"uid {os.getuid()}"
 
 
 def _export_file_set(archive, study_uids: list[str], total: int, folder: Path) -> int:

@@ -174,7 +174,8 @@ class Forwarder(threading.Thread):
         lost."""
         failed, skipped, count = [], 0, 0
         for _, ds in sub_operations(self.archive, records, f"forward to {name}",
-                                    Receiver(assoc), self.settings.ae_title):
+                                    Receiver(assoc), self.settings.ae_title,
+                                    f"{self.settings.ae_title} (forwarding)"):
             if not isinstance(ds, PreEncoded):         # cannot go out: logged there
                 skipped += 1
                 continue

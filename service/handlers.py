@@ -40,6 +40,12 @@ def _peer(event) -> str:
     return f"{other.ae_title}@{other.address}:{other.port}"
 
 
+def _actor(event) -> str:
+    """Who the access trail names for the event: the calling AE title and its host."""
+    other = _other(event)
+    return f"{str(other.ae_title).strip()}@{other.address}"
+
+
 def _calling_ae(event) -> str:
     """The AE title that sent a C-STORE (kept with the instance)."""
     try:
@@ -141,6 +147,7 @@ def handle_find(event, archive: Archive, max_results: int = 0):
         yield statuses.status_for(exc, f"C-FIND from {_peer(event)}"), None
         return
     log.info("C-FIND %s level from %s: %d matches", level, _peer(event), len(records))
+    _note_query(archive, _actor(event), "C-FIND", level, criteria, len(records))
     if 0 < max_results < len(records):
         log.warning("C-FIND from %s refused (0xA700): %d matches, max_find_results is %d",
                     _peer(event), len(records), max_results)
@@ -152,6 +159,17 @@ def handle_find(event, archive: Archive, max_results: int = 0):
             yield statuses.CANCEL, None
             return
         yield statuses.PENDING, response(level, criteria, record, charset)
+
+
+def _note_query(archive: Archive, actor: str, action: str, level: str, criteria: dict,
+                matches: int) -> None:
+    """Note a query in the access trail: its level and the keys it matched on; the study and
+    patient when it named one exactly."""
+    asked = {k: str(v) for k, v in criteria.items() if v not in (None, "")}
+    exact = {k: v for k, v in asked.items() if not any(c in v for c in "*?\\")}
+    detail = " ".join([level] + [f"{k}={v}" for k, v in sorted(asked.items())])
+    archive.accesses.note(actor, action, exact.get("StudyInstanceUID", ""),
+                          exact.get("PatientID", ""), matches, detail)
 
 
 def _failed(sop_uid: str) -> Dataset:
@@ -199,10 +217,21 @@ class Receiver:
 
 
 def sub_operations(archive: Archive, records: list[dict], operation: str,
-                   receiver: Receiver, peer: str):
+                   receiver: Receiver, peer: str, actor: str = ""):
     """Yield (status, dataset) per instance: the exact stored bytes, or a dataset that fails to
     send (so the sub-operation counts as failed) when the instance cannot be rebuilt or the
-    receiver cannot take it (then it is not rebuilt at all). ``peer``: who asked (logged)."""
+    receiver cannot take it (then it is not rebuilt at all). ``peer``: who asked (logged);
+    ``actor``: who the access trail names (``peer`` when empty), with the instances handed
+    over, however the operation ends."""
+    handed_over: set[str] = set()
+    try:
+        yield from _sub_operations(archive, records, operation, receiver, peer, handed_over)
+    finally:
+        archive.accesses.note_records(actor or peer, operation, records, handed_over)
+
+
+def _sub_operations(archive: Archive, records: list[dict], operation: str,
+                    receiver: Receiver, peer: str, handed_over: set[str]):
     uids = [r["SOPInstanceUID"] for r in records]
     # one query per 500, not one per instance: each one's format, and where it is stored
     located = archive.locate(uids)
@@ -229,6 +258,7 @@ def sub_operations(archive: Archive, records: list[dict], operation: str,
                 yield statuses.PENDING, _failed(uid)
                 continue
             handed += 1
+            handed_over.add(uid)
             size += nbytes(data)
             yield statuses.PENDING, PreEncoded(inst.sop_class_uid, uid, syntax, data)
             del inst, data      # not held while the next instance is rebuilt
@@ -260,7 +290,7 @@ def handle_get(event, archive: Archive):
     log.info("C-GET from %s: %d instances", _peer(event), len(records))
     yield len(records)
     for item in sub_operations(archive, records, "C-GET", Receiver(event.assoc),
-                                _peer(event)):
+                                _peer(event), _actor(event)):
         if event.is_cancelled:
             yield statuses.CANCEL, None
             return
@@ -318,7 +348,8 @@ def handle_move(event, archive: Archive, settings: Settings):
     if refusal is not None:
         yield _refusal(refusal, "C-MOVE", event), None
         return
-    for item in sub_operations(archive, records, "C-MOVE", receiver, _peer(event)):
+    for item in sub_operations(archive, records, f"C-MOVE to {dest.name}", receiver,
+                                _peer(event), _actor(event)):
         if event.is_cancelled:
             yield statuses.CANCEL, None
             return

@@ -3,7 +3,8 @@
 ``/`` is a static page (``service/static``) that draws itself from the JSON API: ``/api/stats``
 (totals, savings by modality and by day), ``/api/studies`` (sortable, paginated, with series),
 ``/api/series/{uid}`` (and its ``preview.png``), ``/api/jobs`` (compaction queue),
-``/api/deletions`` (the audit trail of ``voxarc delete``), ``/api/forwards`` (forwarding,
+``/api/deletions`` (the audit trail of ``voxarc delete``), ``/api/accesses`` (who read
+what: :mod:`storage.access_log`), ``/api/forwards`` (forwarding,
 :mod:`service.forwarding`) and ``/api/config`` (the node's settings, read only, secrets left
 out); ``/api/studies/{uid}/media.zip`` and ``/api/media.zip`` are studies as DICOM
 file-sets (:mod:`service.web_media`); DICOMweb under ``/dicom-web``. Beside STOW-RS (the ingest path of C-STORE) and sending a
@@ -31,8 +32,9 @@ from service.config import Settings
 from service.forwarding import send_study
 from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.preview import PreviewError, SeriesPreviews
+from service.web_access import AccessTrail, http_actor
 from service.web_auth import TokenAuth
-from storage import deletion, forwarding, reports
+from storage import access_log, deletion, forwarding, reports
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -155,11 +157,19 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
         try:
             queued = send_study(archive, settings, request.path_params["uid"], destination,
                                 metrics)
+            archive.accesses.note(http_actor(request), f"send to {destination}",
+                                  request.path_params["uid"], instances=queued["instances"])
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         except LookupError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
         return JSONResponse(queued, status_code=202)
+
+    def accesses(request: Request) -> Response:
+        archive.accesses.flush()        # what was just noted, too
+        params = request.query_params
+        return JSONResponse(access_log.history(index, _int(request, "limit", 100, 1, MAX_PAGE),
+                                               params.get("study"), params.get("patient")))
 
     def deletions(request: Request) -> Response:
         return JSONResponse(deletion.history(index, _int(request, "limit", 100, 1, MAX_PAGE)))
@@ -185,13 +195,15 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
               Route("/api/forwards", forwards),
               Route("/api/studies/{uid}/send", send, methods=["POST"]),
               *web_media.routes(archive),
-              Route("/api/deletions", deletions), Route("/api/config", config),
+              Route("/api/deletions", deletions), Route("/api/accesses", accesses),
+              Route("/api/config", config),
               Route("/metrics", prometheus), Route("/healthz", healthz),
               *dicomweb.routes(archive, previews, settings.http_public_url),
               *dicomweb_store.routes(archive, settings.max_dataset_bytes,
                                      settings.http_public_url),
               Mount("/static", StaticFiles(directory=STATIC))]
-    middleware = [Middleware(TokenAuth, token=settings.http_token)]
+    middleware = [Middleware(TokenAuth, token=settings.http_token),
+                  Middleware(AccessTrail, accesses=archive.accesses)]
     origins = [o.strip() for o in settings.http_cors_origins.split(",") if o.strip()]
     if origins:     # outermost: answers a browser's preflight, which carries no token
         middleware.insert(0, Middleware(

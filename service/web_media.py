@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from service.web_access import http_actor
 from storage import media, reports
 from storage.errors import StorageError
 from storage.part10 import safe_name
@@ -41,20 +42,28 @@ def _what(study_uids: list[str]) -> str:
         (", ...)" if len(study_uids) > 3 else ")")
 
 
-def _logged_zip(archive, plan, what: str):
+def _logged_zip(archive, plan, what: str, actor: str):
     """:func:`storage.media.zip_file_set`, its failure logged: the response is then cut off,
-    which a browser shows as a failed download (the ZIP would lack its directory)."""
+    which a browser shows as a failed download (the ZIP would lack its directory). The access
+    trail notes each study once the ZIP is out (or cut off)."""
+    finished = False
     try:
         yield from media.zip_file_set(archive, plan)
+        finished = True
     except StorageError as exc:
         log.error("download of %s stopped: %s", what, exc)
         raise
+    finally:        # a download left unfinished (a failure, a client gone) is noted so
+        action = "download (DICOMDIR, ZIP)" + ("" if finished else ", not finished")
+        for study, instances in plan.studies.items():
+            archive.accesses.note(actor, action, study, instances=instances)
     log.info("%s downloaded as a file-set of %d instances", what, len(plan.files))
 
 
-def file_set_response(archive, study_uids: list[str], name: str) -> Response:
-    """The studies' file-set as a streamed ZIP named ``name``; 404 when it would be empty.
-    ``X-Voxarc-Left-Out`` counts the instances no directory record could be made for."""
+def file_set_response(archive, study_uids: list[str], name: str, actor: str) -> Response:
+    """The studies' file-set as a streamed ZIP named ``name``, for ``actor`` (the access
+    trail's); 404 when it would be empty. ``X-Voxarc-Left-Out`` counts the instances no
+    directory record could be made for."""
     plan = media.plan_file_set(archive, study_uids)
     if not plan.files:
         return JSONResponse({"error": "no such study" if not plan.left_out else
@@ -67,8 +76,8 @@ def file_set_response(archive, study_uids: list[str], name: str) -> Response:
     headers = {"content-disposition": f'attachment; filename="{name}"',
                "x-voxarc-left-out": str(len(plan.left_out)),
                "cache-control": "no-store"}
-    return StreamingResponse(_logged_zip(archive, plan, what), media_type="application/zip",
-                             headers=headers)
+    return StreamingResponse(_logged_zip(archive, plan, what, actor),
+                             media_type="application/zip", headers=headers)
 
 
 def _named_studies(index, request: Request) -> tuple[list[str], str]:
@@ -101,7 +110,8 @@ def routes(archive) -> list[Route]:
 
     def one_study(request: Request) -> Response:
         uid = request.path_params["uid"]
-        return file_set_response(archive, [uid], f"study-{safe_name(uid)}.zip")
+        return file_set_response(archive, [uid], f"study-{safe_name(uid)}.zip",
+                                 http_actor(request))
 
     def named(request: Request) -> Response:
         try:
@@ -110,6 +120,6 @@ def routes(archive) -> list[Route]:
             return JSONResponse({"error": str(exc)}, status_code=400)
         if not studies:
             return JSONResponse({"error": "no such patient or study"}, status_code=404)
-        return file_set_response(archive, studies, name)
+        return file_set_response(archive, studies, name, http_actor(request))
 
     return [Route("/api/studies/{uid}/media.zip", one_study), Route("/api/media.zip", named)]

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from models.api import SLAB_SLICES
 from storage import query
+from storage.access_log import AccessLog
 from storage.backup import BackupReport, backup
 from storage.blobstore import BlobStore
 from storage.compaction import Compactor, deferred_rows
@@ -71,6 +72,8 @@ class Archive:
         self.reconstructor = Reconstructor(self.index, self.blobs, cache_bytes)
         fill_added_attributes(self.index, self.reconstructor, self.index.added_columns)
         self.stager = Stager(self.index)      # group commit of concurrent C-STOREs
+        #: who read what (:mod:`storage.access_log`): readers note it here
+        self.accesses = AccessLog(self.index)
 
     def store(self, data: bytes, transfer_syntax: str, sop_uid: str | None = None,
               source_ae: str = "") -> IngestResult:
@@ -269,5 +272,6 @@ class Archive:
     def close(self) -> None:
         """Finish pending commits, release the database connections and the data folder lock."""
         self.stager.close()
+        self.accesses.close()
         self.index.close()
         self.lock.release()

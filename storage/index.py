@@ -250,6 +250,23 @@ def add_missing_columns(engine) -> list[str]:
     return added
 
 
+class Access(Base):
+    """The access trail: who read which study, how, when (:mod:`storage.access_log`). One row
+    per actor, action, study and detail, repeated reads within a minute added to it."""
+
+    __tablename__ = "accesses"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    first_at: Mapped[float] = mapped_column(Float, index=True)
+    last_at: Mapped[float] = mapped_column(Float)
+    actor: Mapped[str] = mapped_column(String)       # AE@host, "http HOST", "cli export USER"
+    action: Mapped[str] = mapped_column(String)      # C-GET, C-MOVE to X, WADO-RS, download...
+    study_uid: Mapped[str] = mapped_column(String, default="", index=True)
+    patient_id: Mapped[str] = mapped_column(String, default="", index=True)
+    requests: Mapped[int] = mapped_column(Integer, default=1)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[str] = mapped_column(String, default="")
+
+
 class Index:
     """The database of the archive: an engine, a session factory and one write lock.
 

@@ -55,12 +55,14 @@ DICOMDIR = "DICOMDIR"
 class FileSetPlan:
     """A file-set to write: its DICOMDIR's bytes and, in its order, ``files``: (file ID with
     ``/`` between components, SOP Instance UID). ``left_out``: SOP Instance UID -> why it has
-    no record; ``invented``: how many records carry an invented key."""
+    no record; ``invented``: how many records carry an invented key; ``studies``: Study
+    Instance UID -> how many of its instances are in the file-set."""
 
     dicomdir: bytes
     files: tuple[tuple[str, str], ...]
     left_out: dict[str, str] = field(default_factory=dict)
     invented: int = 0
+    studies: dict[str, int] = field(default_factory=dict)
 
 
 def _valid(ds: Dataset, keyword: str) -> bool:
@@ -149,12 +151,14 @@ def plan_file_set(archive, study_uids: list[str], progress=None) -> FileSetPlan:
     ``progress`` (a :class:`~service.progress.Progress`-like object) advances per instance.
     """
     directory, places, left_out, invented, files = Directory(), _Places(), {}, 0, []
+    studies: Counter = Counter()
     uids = _instances(archive, study_uids)
     located = archive.locate(uids)
     for uid in uids:
         try:
             ds, made = _record_source(archive.header(uid, located.get(uid)), places)
             files.append((directory.add(ds), uid))
+            studies[str(ds.StudyInstanceUID)] += 1
         except (StorageError, ValueError, KeyError) as exc:
             left_out[uid] = str(exc)
             log.warning("instance %s left out of the file-set: %s", uid, exc)
@@ -164,7 +168,8 @@ def plan_file_set(archive, study_uids: list[str], progress=None) -> FileSetPlan:
             progress.advance(note=uid[-30:])
     if not files:
         return FileSetPlan(b"", (), left_out, invented)
-    return FileSetPlan(directory.encode(FILE_SET_ID), tuple(files), left_out, invented)
+    return FileSetPlan(directory.encode(FILE_SET_ID), tuple(files), left_out, invented,
+                       dict(studies))
 
 
 def _file_parts(archive, sop_uid: str, located=None) -> tuple[tuple, int]:

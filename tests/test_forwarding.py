@@ -280,8 +280,9 @@ def test_the_admin_api_sends_a_study_on_request(admin_site, tmp_path):
         while len(dest.received) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert dest.received == sent
-        deadline = time.monotonic() + 10
-        while not forwarding.status(node.archive.index) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10     # received there; recorded here a moment later
+        while [r["state"] for r in forwarding.status(node.archive.index)] != ["sent"] and \
+                time.monotonic() < deadline:
             time.sleep(0.05)
         (row,) = forwarding.status(node.archive.index)
         assert (row["destination"], row["state"], row["instances"]) == ("reading", "sent", 3)

@@ -368,6 +368,7 @@ async function openFromHash() {
   if (study || patient || before !== state.patient) {
     state.offset = 0;
     loadStudies().catch(() => {});
+    if (before !== state.patient) loadAccesses().then(renderAccesses).catch(() => {});
   }
   const m = location.hash.match(/^#view\/([^/]+)\/([^/]+)(?:\/(\d+))?$/);
   const dialog = byId("viewer");
@@ -532,6 +533,37 @@ function renderDeletions(rows) {
   });
 }
 
+// The access trail: who read which study, how, when (a row adds up a minute's repeats).
+function renderAccesses(rows) {
+  const table = byId("accesses");
+  const tbody = table.tBodies[0];
+  tbody.replaceChildren();
+  setText("accesses-scope", state.patient === null ? "(newest first)"
+    : `(patient ${state.patient}, newest first)`);
+  if (!rows.length) cell(tbody.insertRow(), "No access recorded.").colSpan = 6;
+  rows.forEach((a) => {
+    const row = tbody.insertRow();
+    const first = when(a.first_at), last = when(a.last_at);
+    cell(row, first === last ? first : `${first} – ${last.slice(11)}`);
+    cell(row, a.actor);
+    cell(row, a.action);
+    const study = cell(row, "", "uid");
+    if (a.study_uid) {
+      const link = document.createElement("a");
+      link.href = `#study/${enc(a.study_uid)}`;
+      link.textContent = a.study_uid;
+      study.append(link, a.patient_id ? ` (patient ${a.patient_id})` : "");
+    } else {
+      study.textContent = a.patient_id ? `patient ${a.patient_id}` : "";
+    }
+    const counts = [];
+    if (a.instances) counts.push(`${count(a.instances)} instances`);
+    if (a.requests > 1) counts.push(`${count(a.requests)} requests`);
+    cell(row, counts.join(", "), "num");
+    cell(row, a.detail);
+  });
+}
+
 async function loadStudies() {
   const query = new URLSearchParams({ sort: state.sort, order: state.order,
                                       offset: state.offset, limit: PAGE_SIZE });
@@ -547,6 +579,9 @@ async function loadStudies() {
   renderPatientFilter(page);
 }
 
+const loadAccesses = () => api("api/accesses?limit=40" +
+  (state.patient === null ? "" : "&patient=" + enc(state.patient)));
+
 // The search: the first page of what matches, a moment after the last keystroke.
 let searchTimer = null;
 byId("study-search").addEventListener("input", () => {
@@ -557,9 +592,9 @@ byId("study-search").addEventListener("submit", (event) => event.preventDefault(
 
 async function refresh() {
   try {
-    const [stats, jobs, config, deletions, forwards] = await Promise.all([
+    const [stats, jobs, config, deletions, forwards, accesses] = await Promise.all([
       api("api/stats"), api("api/jobs"), api("api/config"), api("api/deletions?limit=20"),
-      api("api/forwards?limit=40")]);
+      api("api/forwards?limit=40"), loadAccesses()]);
     renderTotals(stats);
     barChart(byId("chart-modality"), stats.by_modality, "modality");
     barChart(byId("chart-time"), stats.by_day.slice(-30), "day");
@@ -568,6 +603,7 @@ async function refresh() {
     renderForwards(forwards, config);
     renderConfig(config);
     renderDeletions(deletions);
+    renderAccesses(accesses);
     await loadStudies();
     byId("status").className = "status";
     setText("status", "updated " + new Date().toLocaleTimeString());
