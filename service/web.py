@@ -3,7 +3,8 @@
 ``/`` is a static page (``service/static``) that draws itself from the JSON API: ``/api/stats``
 (totals, savings by modality and by day), ``/api/studies`` (sortable, paginated, with series),
 ``/api/series/{uid}`` (and its ``preview.png``), ``/api/jobs`` (compaction queue),
-``/api/deletions`` (the audit trail of ``voxarc delete``), ``/api/accesses`` (who read
+``/api/deletions`` and ``/api/corrections`` (the audit trails of ``voxarc delete`` and
+``voxarc correct``), ``/api/accesses`` (who read
 what: :mod:`storage.access_log`), ``/api/forwards`` (forwarding,
 :mod:`service.forwarding`) and ``/api/config`` (the node's settings, read only, secrets left
 out); ``/api/studies/{uid}/media.zip`` and ``/api/media.zip`` are studies as DICOM
@@ -34,7 +35,7 @@ from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.preview import PreviewError, SeriesPreviews
 from service.web_access import AccessTrail, http_actor
 from service.web_auth import TokenAuth
-from storage import access_log, deletion, forwarding, reports
+from storage import access_log, correction, deletion, forwarding, reports
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,10 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
     def deletions(request: Request) -> Response:
         return JSONResponse(deletion.history(index, _int(request, "limit", 100, 1, MAX_PAGE)))
 
+    def corrections(request: Request) -> Response:
+        return JSONResponse(correction.history(index, _int(request, "limit", 100, 1,
+                                                           MAX_PAGE)))
+
     def config(request: Request) -> Response:
         return JSONResponse(public_settings(settings))
 
@@ -195,7 +200,8 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
               Route("/api/forwards", forwards),
               Route("/api/studies/{uid}/send", send, methods=["POST"]),
               *web_media.routes(archive),
-              Route("/api/deletions", deletions), Route("/api/accesses", accesses),
+              Route("/api/deletions", deletions), Route("/api/corrections", corrections),
+              Route("/api/accesses", accesses),
               Route("/api/config", config),
               Route("/metrics", prometheus), Route("/healthz", healthz),
               *dicomweb.routes(archive, previews, settings.http_public_url),

@@ -13,11 +13,12 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from models.api import SLAB_SLICES
-from storage import query
+from storage import correction, query
 from storage.access_log import AccessLog
 from storage.backup import BackupReport, backup
 from storage.blobstore import BlobStore
 from storage.compaction import Compactor, deferred_rows
+from storage.correction import CorrectionPlan
 from storage.deletion import Deleter, DeletionPlan, plan
 from storage.index import Blob, Index, Instance, Series, Study
 from storage.index_upgrade import fill_added_attributes
@@ -226,6 +227,26 @@ class Archive:
         """Delete a patient (by Patient ID), study, series or instance with its files, for good;
         return what was removed (see :meth:`storage.deletion.Deleter.delete`)."""
         return Deleter(self.index, self.blobs, self.retrieve).delete(level, uid, reason)
+
+    def correction_plan(self, level: str, uid: str, values: dict[str, str]) -> CorrectionPlan:
+        """What correcting a patient (by Patient ID) or a study to ``values`` would change (see
+        :func:`storage.correction.plan`); nothing changes. Raises CorrectionError."""
+        return correction.plan(self.index, level, uid, values)
+
+    def correct(self, level: str, uid: str, values: dict[str, str], reason: str = "") -> dict:
+        """Correct the patient of a patient's or a study's instances, in the index and in every
+        instance's bytes (see :mod:`storage.correction`); planned again once when the archive
+        changed under the first plan. Returns what changed; raises CorrectionError."""
+        corrector = correction.Corrector(self.index, self.blobs, self.retrieve)
+        for attempt in range(2):
+            todo = correction.plan(self.index, level, uid, values)
+            try:
+                return corrector.correct(todo, reason)
+            except correction.CorrectionConflict as exc:
+                if attempt:
+                    raise
+                log.info("correcting %s %s: %s; planning again", level, uid, exc)
+        raise AssertionError("unreachable")
 
     def backup(self, dest, database_url: str = "", progress=None,
                force: bool = False) -> BackupReport:

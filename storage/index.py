@@ -250,6 +250,21 @@ def add_missing_columns(engine) -> list[str]:
     return added
 
 
+class Correction(Base):
+    """The audit trail of corrections (:mod:`storage.correction`): which patient or study,
+    what changed from what to what, why."""
+
+    __tablename__ = "corrections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    corrected_at: Mapped[float] = mapped_column(Float)
+    level: Mapped[str] = mapped_column(String)       # patient or study
+    uid: Mapped[str] = mapped_column(String)
+    studies: Mapped[int] = mapped_column(Integer, default=0)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    changes: Mapped[str] = mapped_column(String, default="")
+    reason: Mapped[str] = mapped_column(String, default="")
+
+
 class Access(Base):
     """The access trail: who read which study, how, when (:mod:`storage.access_log`). One row
     per actor, action, study and detail, repeated reads within a minute added to it."""

@@ -533,6 +533,27 @@ function renderDeletions(rows) {
   });
 }
 
+// Patients' corrections: what changed from what to what, and why.
+function renderCorrections(rows) {
+  const ul = byId("corrections");
+  ul.replaceChildren();
+  if (!rows.length) {
+    const li = document.createElement("li");
+    li.textContent = "No correction recorded.";
+    ul.appendChild(li);
+  }
+  rows.slice(0, 20).forEach((c) => {
+    const li = document.createElement("li");
+    const uid = document.createElement("span");
+    uid.className = "uid";
+    uid.textContent = c.uid;
+    li.append(`${when(c.corrected_at)} ${c.level} `, uid,
+              `: ${count(c.instances)} instances of ${c.studies} studies; ${c.changes}` +
+              (c.reason ? ` (${c.reason})` : ""));
+    ul.appendChild(li);
+  });
+}
+
 // The access trail: who read which study, how, when (a row adds up a minute's repeats).
 function renderAccesses(rows) {
   const table = byId("accesses");
@@ -592,9 +613,10 @@ byId("study-search").addEventListener("submit", (event) => event.preventDefault(
 
 async function refresh() {
   try {
-    const [stats, jobs, config, deletions, forwards, accesses] = await Promise.all([
-      api("api/stats"), api("api/jobs"), api("api/config"), api("api/deletions?limit=20"),
-      api("api/forwards?limit=40"), loadAccesses()]);
+    const [stats, jobs, config, deletions, forwards, accesses, corrections] =
+      await Promise.all([api("api/stats"), api("api/jobs"), api("api/config"),
+                         api("api/deletions?limit=20"), api("api/forwards?limit=40"),
+                         loadAccesses(), api("api/corrections?limit=20")]);
     renderTotals(stats);
     barChart(byId("chart-modality"), stats.by_modality, "modality");
     barChart(byId("chart-time"), stats.by_day.slice(-30), "day");
@@ -604,6 +626,7 @@ async function refresh() {
     renderConfig(config);
     renderDeletions(deletions);
     renderAccesses(accesses);
+    renderCorrections(corrections);
     await loadStudies();
     byId("status").className = "status";
     setText("status", "updated " + new Date().toLocaleTimeString());

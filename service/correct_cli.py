@@ -1,0 +1,115 @@
+"""`voxarc correct LEVEL UID --set KEY=VALUE...`: correct the patient of a study or of all a
+patient's studies (Patient ID, name, birth date, sex), in the index and in every instance.
+
+Shows what changes and asks first (``--yes`` skips the question; without a terminal to ask on,
+``--yes`` is required); ``--dry-run`` only shows; ``--history`` prints the audit trail of past
+corrections. Works beside a running ``voxarc serve`` on the same data folder. What it does to
+the stored bytes: :mod:`storage.correction`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from service.ae import open_archive
+from service.config import add_node_options, settings_from_args
+from storage.correction import KEYS, LEVELS, CorrectionError, history
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    """Add ``correct`` to the ``voxarc`` parser."""
+    p = subparsers.add_parser("correct", help="correct the patient of a study or of a "
+                              "patient's studies (asks first)")
+    add_node_options(p)
+    p.add_argument("level", nargs="?", choices=LEVELS,
+                   help="study (a Study Instance UID) or patient (a Patient ID)")
+    p.add_argument("uid", nargs="?", help="Study Instance UID or Patient ID")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="values",
+                   help=f"a new value ({', '.join(KEYS)}); repeatable")
+    p.add_argument("--yes", action="store_true", help="do not ask before correcting")
+    p.add_argument("--dry-run", action="store_true", help="only show what would change")
+    p.add_argument("--reason", default="", help="note kept in the audit trail")
+    p.add_argument("--history", action="store_true", help="print past corrections and exit")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=correct)
+
+
+def _values(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair!r}: write KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def _describe(summary: dict) -> str:
+    changes = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in summary["changes"].items())
+    return (f"{summary['level']} {summary['uid']}: {summary['instances']} instances of "
+            f"{summary['studies']} studies; {changes}")
+
+
+def _print_history(archive, as_json: bool) -> int:
+    rows = history(archive.index)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no corrections recorded")
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["corrected_at"]))
+        print(f"{when}  {row['level']} {row['uid']}: {row['instances']} instances of "
+              f"{row['studies']} studies; {row['changes']}"
+              + (f"  ({row['reason']})" if row["reason"] else ""))
+    return 0
+
+
+def correct(args) -> int:
+    """Correct what the arguments name; exit 1 when it cannot be done as asked, 2 when the
+    arguments are incomplete or the command cannot ask and ``--yes`` is missing."""
+    try:
+        values = _values(args.values)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    if not args.history and (args.level is None or args.uid is None or not values):
+        log.error("name a level (%s), a UID and at least one --set KEY=VALUE, or ask for "
+                  "--history", ", ".join(LEVELS))
+        return 2
+    archive = open_archive(settings_from_args(args))
+    try:
+        if args.history:
+            return _print_history(archive, args.json)
+        try:
+            summary = archive.correction_plan(args.level, args.uid, values).summary()
+        except CorrectionError as exc:
+            log.error("%s", exc)
+            return 1
+        if args.dry_run:
+            print(json.dumps({"dry_run": True, **summary}, indent=2) if args.json
+                  else "would correct " + _describe(summary))
+            return 0
+        if not args.yes:
+            if not sys.stdin.isatty():
+                log.error("refusing to correct without --yes: no terminal to ask on")
+                return 2
+            print("will correct " + _describe(summary))
+            if input(f"Rewrite these {summary['instances']} instances? [y/N] ").strip() \
+                    .lower() not in ("y", "yes"):
+                print("nothing changed")
+                return 0
+        try:
+            done = archive.correct(args.level, args.uid, values, args.reason)
+        except CorrectionError as exc:
+            log.error("%s", exc)
+            return 1
+        print(json.dumps(done, indent=2) if args.json else "corrected " + _describe(done))
+        return 0
+    finally:
+        archive.close()

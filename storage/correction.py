@@ -1,0 +1,372 @@
+"""Correcting who a study belongs to: the patient's ID, name, birth date or sex, in the index
+and in every stored instance, for a study sent under the wrong patient (an emergency
+registered as "Unknown^Trauma", a worklist mix-up) or a patient's misspelt name.
+
+An instance is otherwise given back as it was received; a correction is the one deliberate
+change, made by an administrator, kept in an audit trail (:class:`storage.index.Correction`:
+when, what, the values before and after, why). Each instance is rebuilt and checked against its
+SHA-256, its patient elements are replaced in its bytes (the top-level elements only; every
+other byte stays as it was, a missing element is inserted in tag order, a group length of
+group 0010 follows), and the new bytes are staged with their new SHA-256: compaction codes
+them again. The order is deletion's, so that a crash loses nothing: the new files are written
+durably first; one transaction then points the instances at them, moves the study to its
+patient (found by Patient ID, or made), drops the patient left without studies and records
+the old files for removal and the audit row; only then are the old files removed.
+
+A study moved to a Patient ID that another patient already has takes that patient's name,
+birth date and sex (as the index holds them) unless given: given ones that differ are refused,
+since that patient's other studies hold theirs. A study whose patient has other studies keeps
+its Patient ID only if all of them are corrected together (``level="patient"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+import time
+from dataclasses import dataclass, field
+
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_data_element
+from pydicom.uid import UID
+from sqlalchemy import delete, exists, select, update
+from sqlalchemy.exc import IntegrityError
+
+from storage import element_scan
+from storage.blobstore import BlobStore, new_key
+from storage.errors import StorageError
+from storage.index import Blob, Correction, Index, Instance, Patient, Series, Study
+from storage.removals import finish_removals, record_removals
+
+log = logging.getLogger(__name__)
+
+#: what can be corrected: DICOM keyword -> column of :class:`storage.index.Patient`
+KEYS = {"PatientID": "patient_id", "PatientName": "patient_name",
+        "PatientBirthDate": "birth_date", "PatientSex": "sex"}
+LEVELS = ("patient", "study")
+_CHARSET = 0x00080005
+_GROUP_LENGTH = 0x00100000
+
+
+class CorrectionError(StorageError):
+    """A correction that cannot be made as asked (nothing was changed)."""
+
+
+class CorrectionConflict(CorrectionError):
+    """The archive changed between planning and committing a correction (plan it again)."""
+
+
+def corrected_bytes(data: bytes, transfer_syntax: str, values: dict[str, str]) -> bytes:
+    """``data`` (a dataset in ``transfer_syntax``) with the top-level elements of ``values``
+    (keyword -> new value) replaced, or inserted in tag order when missing and not empty.
+
+    Raises
+    ------
+    CorrectionError
+        For a big-endian or deflated syntax, bytes the element walker does not take, or a value
+        the dataset's character set cannot hold.
+    """
+    ts = UID(transfer_syntax)
+    if not ts.is_little_endian or ts.is_deflated:
+        raise CorrectionError(f"instances in {ts.name} cannot be corrected in place")
+    elements = element_scan.scan(data, not ts.is_implicit_VR)
+    if elements is None:
+        raise CorrectionError("the dataset's elements could not be walked")
+    by_tag = {e.tag: e for e in elements}
+    charset = _charset(data, by_tag)
+    edits = {}                                   # tag -> new element bytes
+    for keyword, value in values.items():
+        tag = tag_for_keyword(keyword)
+        if tag in by_tag or value:
+            edits[tag] = _element(tag, value, ts.is_implicit_VR, charset)
+    out, pos, growth = bytearray(), 0, 0
+    for tag in sorted(edits):
+        old = by_tag.get(tag)
+        cut = old.start - _head_size(old, ts.is_implicit_VR) if old else \
+            next((e.start - _head_size(e, ts.is_implicit_VR) for e in elements if e.tag > tag),
+                 len(data))
+        end = old.end if old else cut
+        out += data[pos:cut] + edits[tag]
+        growth += len(edits[tag]) - (end - cut)
+        pos = end
+    out += data[pos:]
+    return _group_length(bytes(out), by_tag, growth, ts.is_implicit_VR)
+
+
+def _head_size(e, implicit: bool) -> int:
+    if implicit:
+        return 8
+    return 12 if e.vr in ("OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()) else 8
+
+
+def _charset(data: bytes, by_tag: dict) -> list[str]:
+    """The dataset's Specific Character Set terms (none: the default repertoire)."""
+    e = by_tag.get(_CHARSET)
+    if e is None:
+        return []
+    text = bytes(data[e.start:e.start + e.length]).decode("ascii", "replace")
+    return [t.strip() for t in text.strip("\0 ").split("\\")]
+
+
+def _element(tag: int, value: str, implicit: bool, charset: list[str]) -> bytes:
+    """The encoded element, checked to read back as ``value`` in ``charset``."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, implicit
+    element = DataElement(tag, dictionary_VR(tag), value)
+    try:
+        write_data_element(fp, element, convert_encodings(charset or None))
+        back = read_dataset(DicomBytesIO(fp.getvalue()), implicit, True)
+        back.SpecificCharacterSet = charset or None
+        back.decode()
+        same = str(back[tag].value or "") == value
+    except (ValueError, LookupError, UnicodeError):
+        same = False
+    if not same or (not charset and not value.isascii()):    # the default is ASCII only
+        raise CorrectionError(f"{value!r} cannot be written in the instance's character set "
+                              f"({', '.join(charset) or 'the default repertoire'})")
+    return fp.getvalue()
+
+
+def _group_length(data: bytes, by_tag: dict, growth: int, implicit: bool) -> bytes:
+    """Group 0010's (retired) length element, when present, made right after the change."""
+    e = by_tag.get(_GROUP_LENGTH)
+    if e is None or not growth or e.length != 4:
+        return data
+    value = struct.unpack_from("<I", data, e.start)[0] + growth
+    return data[:e.start] + struct.pack("<I", value) + data[e.start + 4:]
+
+
+@dataclass
+class _Planned:
+    """An instance to correct, as its row stood when planned."""
+
+    id: int
+    sop_uid: str
+    transfer_syntax: str
+    sha256: str
+    staged_key: str | None
+    blob_fk: int | None
+    pixel_offset: int
+
+
+@dataclass
+class CorrectionPlan:
+    """What a correction changes: the studies' instances, the patient rows, the values."""
+
+    level: str
+    uid: str
+    before: dict[str, str]
+    after: dict[str, str]
+    study_ids: list[int]
+    source_patient: int
+    target_patient: int | None
+    instances: list[_Planned] = field(default_factory=list)
+
+    @property
+    def changes(self) -> dict[str, tuple[str, str]]:
+        """keyword -> (before, after) of what changes."""
+        return {k: (self.before[k], self.after[k]) for k in KEYS
+                if self.before[k] != self.after[k]}
+
+    def summary(self) -> dict:
+        return {"level": self.level, "uid": self.uid, "studies": len(self.study_ids),
+                "instances": len(self.instances),
+                "changes": {k: list(v) for k, v in self.changes.items()}}
+
+
+def plan(index: Index, level: str, uid: str, values: dict[str, str]) -> CorrectionPlan:
+    """What correcting ``uid`` (a Patient ID at ``patient`` level, a Study Instance UID at
+    ``study`` level) to ``values`` changes.
+
+    Raises
+    ------
+    CorrectionError
+        An unknown level, key or target; nothing to change; a move the rules above refuse.
+    """
+    if level not in LEVELS:
+        raise CorrectionError(f"level must be one of {', '.join(LEVELS)}")
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise CorrectionError(f"cannot correct {', '.join(unknown)}: only "
+                              f"{', '.join(KEYS)}")
+    with index.read() as s:
+        if level == "study":
+            study = s.scalar(select(Study).where(Study.study_uid == uid))
+            if study is None:
+                raise CorrectionError(f"no study {uid}")
+            source = s.get(Patient, study.patient_fk)
+            study_ids = [study.id]
+        else:
+            source = s.scalar(select(Patient).where(Patient.patient_id == uid))
+            if source is None:
+                raise CorrectionError(f"no patient {uid!r}")
+            study_ids = list(s.scalars(select(Study.id).where(Study.patient_fk == source.id)))
+        before = {k: getattr(source, c) or "" for k, c in KEYS.items()}
+        new_id = values.get("PatientID", before["PatientID"])
+        target = None if new_id == before["PatientID"] else \
+            s.scalar(select(Patient).where(Patient.patient_id == new_id))
+        others = s.scalar(select(exists().where(Study.patient_fk == source.id,
+                                                Study.id.not_in(study_ids))))
+        rows = s.execute(select(Instance.id, Instance.sop_uid, Instance.transfer_syntax,
+                                Instance.sha256, Instance.staged_key, Instance.blob_fk,
+                                Instance.pixel_offset)
+                         .join(Series, Instance.series_fk == Series.id)
+                         .where(Series.study_fk.in_(study_ids)).order_by(Instance.id)).all()
+    after = dict(before)
+    if target is not None:
+        after.update({k: getattr(target, c) or "" for k, c in KEYS.items()})
+        clash = {k: v for k, v in values.items() if v != after[k]}
+        if clash:
+            raise CorrectionError(
+                f"patient {new_id!r} is held with {_listed({k: after[k] for k in clash})}: "
+                "leave those out to take them, or correct that patient first")
+    after.update(values)
+    if after == before:
+        raise CorrectionError("nothing to change: the values are the patient's already")
+    if others and new_id == before["PatientID"]:
+        raise CorrectionError(f"patient {new_id!r} has other studies: correct the patient "
+                              "(all its studies), or give this study another Patient ID")
+    out = CorrectionPlan(level, uid, before, after, study_ids, source.id,
+                         target.id if target is not None else None)
+    out.instances = [_Planned(*row) for row in rows]
+    return out
+
+
+def _listed(values: dict) -> str:
+    return ", ".join(f"{k} {v!r}" for k, v in values.items())
+
+
+class Corrector:
+    """Carries out corrections on an archive's index and blob store.
+
+    Parameters
+    ----------
+    index : Index
+    blobs : BlobStore
+    retrieve : callable
+        ``retrieve(sop_uid)`` -> a :class:`storage.reconstruct.StoredInstance` (SHA-256
+        checked).
+    """
+
+    def __init__(self, index: Index, blobs: BlobStore, retrieve):
+        self.index, self.blobs, self.retrieve = index, blobs, retrieve
+
+    def correct(self, todo: CorrectionPlan, reason: str = "") -> dict:
+        """Carry out ``todo`` (see the module's docstring for the order); return its summary.
+
+        Raises
+        ------
+        CorrectionError
+            An instance could not be rebuilt or corrected, or the archive changed under the
+            plan (plan again); nothing was changed.
+        """
+        staged = self._stage(todo)
+        try:
+            removals = self.index.write_checked(
+                lambda s: self._write(s, todo, staged, reason),
+                lambda s: s.scalar(select(Instance.staged_key).where(
+                    Instance.id == todo.instances[0].id)) == staged[todo.instances[0].id][0])
+        except BaseException as exc:
+            for key, *_ in staged.values():
+                self.blobs.delete(key)
+            if isinstance(exc, IntegrityError):    # a patient made meanwhile (PostgreSQL)
+                raise CorrectionConflict(f"{todo.level} {todo.uid}: the index changed meanwhile "
+                                      f"({exc.orig or exc}); plan the correction again") from None
+            raise
+        finish_removals(self.index, self.blobs, removals)
+        summary = todo.summary()
+        log.warning("corrected %s %s: %d instances of %d studies, %s%s", todo.level, todo.uid,
+                    summary["instances"], summary["studies"],
+                    "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in todo.changes.items()),
+                    f" ({reason})" if reason else "")
+        return summary
+
+    def _stage(self, todo: CorrectionPlan) -> dict:
+        """Write each instance's corrected bytes as a staged file; return {instance id:
+        (key, SHA-256, size, growth)}."""
+        values = {k: todo.after[k] for k in todo.changes}
+        written: dict = {}
+        try:
+            for inst in todo.instances:
+                data = self.retrieve(inst.sop_uid).data       # checked against its SHA-256
+                new = corrected_bytes(data, inst.transfer_syntax, values)
+                digest = hashlib.sha256(new).hexdigest()
+                # a name recovery does not index again: uncommitted, the file is an orphan
+                # (removed at the next start) rather than a duplicate of the original
+                key = new_key("s")
+                self.blobs.put_new(key, new)
+                written[inst.id] = (key, digest, len(new), len(new) - len(data))
+        except StorageError as exc:
+            for key, *_ in written.values():
+                self.blobs.delete(key)
+            if isinstance(exc, CorrectionError):
+                raise CorrectionError(f"{todo.level} {todo.uid}: {exc}; nothing changed") \
+                    from None
+            raise CorrectionError(f"{todo.level} {todo.uid}: an instance could not be "
+                                  f"rebuilt ({exc}); nothing changed") from exc
+        return written
+
+    @staticmethod
+    def _write(s, todo: CorrectionPlan, staged: dict, reason: str) -> list[str]:
+        """In the transaction of ``s``: instances pointed at their new files, the studies
+        moved, removals and audit recorded; return the keys to remove."""
+        keys, blob_ids = [], set()
+        for inst in todo.instances:
+            key, digest, size, growth = staged[inst.id]
+            moved = s.execute(update(Instance).where(
+                Instance.id == inst.id, Instance.sha256 == inst.sha256,
+                Instance.staged_key.is_(None) if inst.staged_key is None
+                else Instance.staged_key == inst.staged_key,
+                Instance.blob_fk.is_(None) if inst.blob_fk is None
+                else Instance.blob_fk == inst.blob_fk).values(
+                sha256=digest, size=size, staged_key=key, blob_fk=None, frame_start=0,
+                header_before=None, header_after=None,
+                pixel_offset=inst.pixel_offset + growth if inst.pixel_offset else 0))
+            if moved.rowcount != 1:
+                raise CorrectionConflict(f"instance {inst.sop_uid} changed meanwhile (compacted "
+                                      "or replaced); plan the correction again")
+            if inst.staged_key:
+                keys.append(inst.staged_key)
+            if inst.blob_fk is not None:
+                blob_ids.add(inst.blob_fk)
+        for blob_id in blob_ids:
+            if s.scalar(select(exists().where(Instance.blob_fk == blob_id))):
+                raise CorrectionConflict(f"blob {blob_id} holds instances of another study")
+            keys.append(s.get(Blob, blob_id).key)
+            s.execute(delete(Blob).where(Blob.id == blob_id))
+        target = todo.target_patient
+        if target is None and todo.after["PatientID"] != todo.before["PatientID"]:
+            made = Patient(**{c: todo.after[k] for k, c in KEYS.items()})
+            s.add(made)
+            s.flush()
+            target = made.id
+        if target is None:
+            s.execute(update(Patient).where(Patient.id == todo.source_patient).values(
+                **{c: todo.after[k] for k, c in KEYS.items()}))
+        else:
+            s.execute(update(Study).where(Study.id.in_(todo.study_ids)).values(
+                patient_fk=target))
+            s.execute(delete(Patient).where(
+                Patient.id == todo.source_patient,
+                ~exists().where(Study.patient_fk == Patient.id)))
+        record_removals(s, keys)
+        s.add(Correction(corrected_at=time.time(), level=todo.level, uid=todo.uid,
+                         studies=len(todo.study_ids), instances=len(todo.instances),
+                         changes="; ".join(f"{k}: {a!r} -> {b!r}"
+                                           for k, (a, b) in todo.changes.items()),
+                         reason=reason[:500]))
+        return keys
+
+
+def history(index: Index, limit: int = 100) -> list[dict]:
+    """The latest corrections, newest first (the audit trail)."""
+    with index.read() as s:
+        rows = s.scalars(select(Correction).order_by(Correction.id.desc()).limit(limit))
+        return [{"corrected_at": r.corrected_at, "level": r.level, "uid": r.uid,
+                 "studies": r.studies, "instances": r.instances, "changes": r.changes,
+                 "reason": r.reason} for r in rows]
