@@ -4,13 +4,13 @@
 (totals, savings by modality and by day), ``/api/studies`` (sortable, paginated, with series),
 ``/api/series/{uid}`` (and its ``preview.png``), ``/api/jobs`` (compaction queue),
 ``/api/deletions`` and ``/api/corrections`` (the audit trails of ``voxarc delete`` and
-``voxarc correct``), ``/api/accesses`` (who read
-what: :mod:`storage.access_log`), ``/api/forwards`` (forwarding,
-:mod:`service.forwarding`) and ``/api/config`` (the node's settings, read only, secrets left
-out); ``/api/studies/{uid}/media.zip`` and ``/api/media.zip`` are studies as DICOM
-file-sets (:mod:`service.web_media`); DICOMweb under ``/dicom-web``. Beside STOW-RS (the ingest path of C-STORE) and sending a
-study to a configured destination (``POST /api/studies/{uid}/send``), the application only
-reads: deleting is a command run on the node's machine. Everything is read through
+``voxarc correct``), ``/api/accesses`` (who read what: :mod:`storage.access_log`),
+``/api/forwards`` (forwarding, :mod:`service.forwarding`) and ``/api/config`` (the node's
+settings, read only, secrets left out); ``/api/studies/{uid}/media.zip`` and
+``/api/media.zip`` are studies as DICOM file-sets (:mod:`service.web_media`); DICOMweb under
+``/dicom-web``. Beside STOW-RS (the ingest path of C-STORE) and sending a study to a
+configured destination (``POST /api/studies/{uid}/send``), the application only reads:
+deleting and correcting are commands run on the node's machine. Everything is read through
 :mod:`storage.reports` and the archive.
 """
 
