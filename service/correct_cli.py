@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import time
 
+from service.admin_cli import add_trail_options, may_proceed, print_trail
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from storage.correction import KEYS, LEVELS, CorrectionError, history
@@ -31,11 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("uid", nargs="?", help="Study Instance UID or Patient ID")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="values",
                    help=f"a new value ({', '.join(KEYS)}); repeatable")
-    p.add_argument("--yes", action="store_true", help="do not ask before correcting")
-    p.add_argument("--dry-run", action="store_true", help="only show what would change")
-    p.add_argument("--reason", default="", help="note kept in the audit trail")
-    p.add_argument("--history", action="store_true", help="print past corrections and exit")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_trail_options(p, "correcting", "change", "corrections")
     p.set_defaults(func=correct)
 
 
@@ -55,19 +50,9 @@ def _describe(summary: dict) -> str:
             f"{summary['studies']} studies; {changes}")
 
 
-def _print_history(archive, as_json: bool) -> int:
-    rows = history(archive.index)
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no corrections recorded")
-    for row in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["corrected_at"]))
-        print(f"{when}  {row['level']} {row['uid']}: {row['instances']} instances of "
-              f"{row['studies']} studies; {row['changes']}"
-              + (f"  ({row['reason']})" if row["reason"] else ""))
-    return 0
+def _trail_line(row: dict) -> str:
+    return (f"{row['level']} {row['uid']}: {row['instances']} instances of {row['studies']} "
+            f"studies; {row['changes']}")
 
 
 def correct(args) -> int:
@@ -85,7 +70,8 @@ def correct(args) -> int:
     archive = open_archive(settings_from_args(args))
     try:
         if args.history:
-            return _print_history(archive, args.json)
+            return print_trail(history(archive.index), args.json, "corrected_at", _trail_line,
+                               "no corrections recorded")
         try:
             summary = archive.correction_plan(args.level, args.uid, values).summary()
         except CorrectionError as exc:
@@ -96,14 +82,13 @@ def correct(args) -> int:
                   else "would correct " + _describe(summary))
             return 0
         if not args.yes:
-            if not sys.stdin.isatty():
-                log.error("refusing to correct without --yes: no terminal to ask on")
-                return 2
             print("will correct " + _describe(summary))
-            if input(f"Rewrite these {summary['instances']} instances? [y/N] ").strip() \
-                    .lower() not in ("y", "yes"):
+        go = may_proceed(args.yes, f"Rewrite these {summary['instances']} instances?",
+                         "correct")
+        if not go:
+            if go is False:
                 print("nothing changed")
-                return 0
+            return 2 if go is None else 0
         try:
             done = archive.correct(args.level, args.uid, values, args.reason)
         except CorrectionError as exc:

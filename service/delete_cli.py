@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import time
 
+from service.admin_cli import add_trail_options, may_proceed, print_trail
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from storage.deletion import LEVELS, history
@@ -30,11 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("level", nargs="?", choices=LEVELS, help="what the UIDs name")
     p.add_argument("uids", nargs="*", metavar="UID",
                    help="Patient IDs, Study, Series or SOP Instance UIDs")
-    p.add_argument("--yes", action="store_true", help="do not ask before deleting")
-    p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
-    p.add_argument("--reason", default="", help="note kept in the audit trail")
-    p.add_argument("--history", action="store_true", help="print past deletions and exit")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_trail_options(p, "deleting", "be removed", "deletions")
     p.set_defaults(func=delete)
 
 
@@ -53,24 +48,6 @@ def _describe(summary: dict) -> str:
     return text
 
 
-def _confirm(count: int) -> bool:
-    answer = input(f"Delete these {count} instances for good? [y/N] ")
-    return answer.strip().lower() in ("y", "yes")
-
-
-def _print_history(archive, as_json: bool) -> int:
-    rows = history(archive.index)
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no deletions recorded")
-    for row in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["deleted_at"]))
-        print(f"{when}  " + _describe(row) + (f"  ({row['reason']})" if row["reason"] else ""))
-    return 0
-
-
 def delete(args) -> int:
     """Delete what the arguments name; exit 1 when a UID matched nothing or a deletion failed,
     2 when the command cannot ask and ``--yes`` is missing."""
@@ -81,7 +58,8 @@ def delete(args) -> int:
     archive = open_archive(settings_from_args(args))
     try:
         if args.history:
-            return _print_history(archive, args.json)
+            return print_trail(history(archive.index), args.json, "deleted_at", _describe,
+                               "no deletions recorded")
         plans = [archive.deletion_plan(args.level, uid) for uid in args.uids]
         missing = [p.uid for p in plans if not p.found]
         for uid in missing:
@@ -95,13 +73,12 @@ def delete(args) -> int:
                 print(json.dumps({"dry_run": True, "plans": [p.summary() for p in plans],
                                   "not_found": missing}, indent=2))
             return 1 if missing else 0
-        if not args.yes:
-            if not sys.stdin.isatty():
-                log.error("refusing to delete without --yes: no terminal to ask on")
-                return 2
-            if not _confirm(sum(len(p.instances) for p in plans)):
+        go = may_proceed(args.yes, f"Delete these {sum(len(p.instances) for p in plans)} "
+                         "instances for good?", "delete")
+        if not go:
+            if go is False:
                 print("nothing deleted")
-                return 0
+            return 2 if go is None else 0
         done, failed = [], 0
         for p in plans:
             try:

@@ -510,48 +510,39 @@ function renderConfig(config) {
   }
 }
 
-function renderDeletions(rows) {
-  const ul = byId("deletions");
+// An audit trail as a list: when, what level and UID, then ``text(row)`` and the reason.
+function auditList(id, rows, empty, at, text) {
+  const ul = byId(id);
   ul.replaceChildren();
   if (!rows.length) {
     const li = document.createElement("li");
-    li.textContent = "No deletion recorded.";
+    li.textContent = empty;
     ul.appendChild(li);
   }
-  rows.slice(0, 20).forEach((d) => {
+  rows.slice(0, 20).forEach((row) => {
     const li = document.createElement("li");
     const uid = document.createElement("span");
     uid.className = "uid";
-    uid.textContent = d.uid;
+    uid.textContent = row.uid;
+    li.append(`${when(row[at])} ${row.level} `, uid,
+              `: ${text(row)}` + (row.reason ? ` (${row.reason})` : ""));
+    ul.appendChild(li);
+  });
+}
+
+function renderDeletions(rows) {
+  auditList("deletions", rows, "No deletion recorded.", "deleted_at", (d) => {
     const counts = [`${count(d.instances)} instances`];
     if (d.series) counts.push(`${d.series} series`);
     if (d.studies) counts.push(`${d.studies} studies`);
-    li.append(`${when(d.deleted_at)} ${d.level} `, uid,
-              `: ${counts.join(", ")}, ${bytes(d.freed_bytes)} freed` +
-              (d.reason ? ` (${d.reason})` : ""));
-    ul.appendChild(li);
+    return `${counts.join(", ")}, ${bytes(d.freed_bytes)} freed`;
   });
 }
 
 // Patients' corrections: what changed from what to what, and why.
 function renderCorrections(rows) {
-  const ul = byId("corrections");
-  ul.replaceChildren();
-  if (!rows.length) {
-    const li = document.createElement("li");
-    li.textContent = "No correction recorded.";
-    ul.appendChild(li);
-  }
-  rows.slice(0, 20).forEach((c) => {
-    const li = document.createElement("li");
-    const uid = document.createElement("span");
-    uid.className = "uid";
-    uid.textContent = c.uid;
-    li.append(`${when(c.corrected_at)} ${c.level} `, uid,
-              `: ${count(c.instances)} instances of ${c.studies} studies; ${c.changes}` +
-              (c.reason ? ` (${c.reason})` : ""));
-    ul.appendChild(li);
-  });
+  auditList("corrections", rows, "No correction recorded.", "corrected_at",
+            (c) => `${count(c.instances)} instances of ${c.studies} studies; ${c.changes}`);
 }
 
 // The access trail: who read which study, how, when (a row adds up a minute's repeats).

@@ -1,0 +1,50 @@
+"""What the administrator's commands that change the archive for good (``voxarc delete``,
+``voxarc correct``) share: asking before they act, and printing their audit trails."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+def add_trail_options(p, verb: str, changes: str, past: str) -> None:
+    """The options both commands take: ``--yes``, ``--dry-run``, ``--reason``, ``--history``
+    and ``--json`` (``verb``: "deleting"; ``changes``: what a dry run shows; ``past``: the
+    trail's entries, "deletions")."""
+    p.add_argument("--yes", action="store_true", help=f"do not ask before {verb}")
+    p.add_argument("--dry-run", action="store_true", help=f"only show what would {changes}")
+    p.add_argument("--reason", default="", help="note kept in the audit trail")
+    p.add_argument("--history", action="store_true", help=f"print past {past} and exit")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def may_proceed(yes: bool, question: str, what: str) -> bool | None:
+    """Whether to go on: True with ``yes`` or when the person at the terminal answers yes to
+    ``question``; False when they do not; None (logged) without a terminal to ask on, where
+    ``yes`` is required to ``what`` (a verb: "delete")."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        log.error("refusing to %s without --yes: no terminal to ask on", what)
+        return None
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def print_trail(rows: list[dict], as_json: bool, at: str, line: Callable[[dict], str],
+                nothing: str) -> int:
+    """Print an audit trail's ``rows``: as JSON, or one line each, the time of ``at`` then
+    ``line(row)`` and the row's reason; ``nothing`` when there are none. Returns 0."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(nothing)
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row[at]))
+        print(f"{when}  {line(row)}" + (f"  ({row['reason']})" if row["reason"] else ""))
+    return 0
