@@ -37,6 +37,10 @@ def register(subparsers) -> None:
     p.add_argument("--dicomdir", action="store_true",
                    help="write a DICOM media file-set: a DICOMDIR and its files (for a CD or "
                         "a USB stick)")
+    p.add_argument("--profile", choices=sorted(media.PROFILES),
+                   help="with --dicomdir: for this media profile (STD-GEN-CD: every file "
+                        "Explicit VR Little Endian, converted losslessly where received "
+                        "otherwise)")
     p.set_defaults(func=export)
 
 
@@ -89,6 +93,9 @@ def export(args) -> int:
     if not args.study_uids and not args.patient:
         log.error("name studies by their UIDs, or a patient with --patient")
         return 2
+    if args.profile and not args.dicomdir:
+        log.error("--profile is for a file-set: add --dicomdir")
+        return 2
     archive = open_archive(settings_from_args(args))
     try:
         named = []
@@ -113,7 +120,7 @@ def export(args) -> int:
                                   uid, instances=n, detail=f"to {Path(args.folder).resolve()}")
         if args.dicomdir:
             return _export_file_set(archive, list(totals), sum(totals.values()),
-                                    Path(args.folder))
+                                    Path(args.folder), args.profile)
         progress = Progress("export", sum(totals.values()))
         written, failed = [], 0
         for members in studies.values():
@@ -133,13 +140,22 @@ def _user() -> str:
         return f"uid {os.getuid()}"
 
 
-def _export_file_set(archive, study_uids: list[str], total: int, folder: Path) -> int:
+def _export_file_set(archive, study_uids: list[str], total: int, folder: Path,
+                     profile: str | None) -> int:
     planning = Progress("directory", total)
-    plan = media.plan_file_set(archive, study_uids, planning)
+    plan = media.plan_file_set(archive, study_uids, planning, profile)
     planning.finish()
     if plan.invented:
         log.warning("%d directory records carry an invented key the instance lacks (the "
                     "files are as received)", plan.invented)
+    if plan.convert:
+        log.info("%d instances converted to Explicit VR Little Endian for %s", len(plan.convert),
+                 profile)
+    if plan.outside_profile:
+        log.warning("%d instances written as received, in syntaxes %s does not take and they "
+                    "cannot be converted from losslessly (%s): the file-set is not %s",
+                    len(plan.outside_profile), profile,
+                    ", ".join(sorted(set(plan.outside_profile.values()))), profile)
     progress = Progress("export", len(plan.files))
     failed = media.write_file_set(archive, plan, folder, progress)
     if failed:

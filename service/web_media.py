@@ -6,6 +6,9 @@ or any list of studies.
 - ``GET /api/media.zip?patient=ID&study=UID...``: every study of each named patient (the
   Patient ID exactly, oldest first) and each named study, in one file-set, at most
   :data:`MAX_STUDIES` studies.
+
+Either takes ``profile=STD-GEN-CD`` (:data:`storage.media.PROFILES`): files converted to that
+media profile's syntax.
 """
 
 from __future__ import annotations
@@ -60,11 +63,17 @@ def _logged_zip(archive, plan, what: str, actor: str):
     log.info("%s downloaded as a file-set of %d instances", what, len(plan.files))
 
 
-def file_set_response(archive, study_uids: list[str], name: str, actor: str) -> Response:
-    """The studies' file-set as a streamed ZIP named ``name``, for ``actor`` (the access
-    trail's); 404 when it would be empty. ``X-Voxarc-Left-Out`` counts the instances no
-    directory record could be made for."""
-    plan = media.plan_file_set(archive, study_uids)
+def file_set_response(archive, study_uids: list[str], name: str, actor: str,
+                      profile: str | None = None) -> Response:
+    """The studies' file-set (for a media ``profile``, when given) as a streamed ZIP named
+    ``name``, for ``actor`` (the access trail's); 404 when it would be empty, 400 for an
+    unknown profile. ``X-Voxarc-Left-Out`` counts the instances no directory record could be
+    made for; with a profile, ``X-Voxarc-Outside-Profile`` those written as received in a
+    syntax it does not take."""
+    try:
+        plan = media.plan_file_set(archive, study_uids, profile=profile)
+    except ValueError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=400)
     if not plan.files:
         return JSONResponse({"error": "no such study" if not plan.left_out else
                              "no instance of the studies has a directory record"},
@@ -76,6 +85,8 @@ def file_set_response(archive, study_uids: list[str], name: str, actor: str) -> 
     headers = {"content-disposition": f'attachment; filename="{name}"',
                "x-voxarc-left-out": str(len(plan.left_out)),
                "cache-control": "no-store"}
+    if profile:
+        headers["x-voxarc-outside-profile"] = str(len(plan.outside_profile))
     return StreamingResponse(_logged_zip(archive, plan, what, actor),
                              media_type="application/zip", headers=headers)
 
@@ -111,7 +122,7 @@ def routes(archive) -> list[Route]:
     def one_study(request: Request) -> Response:
         uid = request.path_params["uid"]
         return file_set_response(archive, [uid], f"study-{safe_name(uid)}.zip",
-                                 http_actor(request))
+                                 http_actor(request), request.query_params.get("profile"))
 
     def named(request: Request) -> Response:
         try:
@@ -120,6 +131,7 @@ def routes(archive) -> list[Route]:
             return JSONResponse({"error": str(exc)}, status_code=400)
         if not studies:
             return JSONResponse({"error": "no such patient or study"}, status_code=404)
-        return file_set_response(archive, studies, name, http_actor(request))
+        return file_set_response(archive, studies, name, http_actor(request),
+                                 request.query_params.get("profile"))
 
     return [Route("/api/studies/{uid}/media.zip", one_study), Route("/api/media.zip", named)]

@@ -11,6 +11,12 @@ A directory record must have some keys (Type 1, PS3.3 F.5) that an instance may 
 empty or hold in a form their VR does not allow (an anonymiser's ``***`` as a date), such as
 Study ID. The record then gets an invented value (:data:`INVENTED`, as DCMTK's ``dcmmkdir
 --invent`` does); the instance's file is never changed.
+
+With a media profile (:data:`PROFILES`: ``STD-GEN-CD``, the general-purpose CD of PS3.12,
+which takes Explicit VR Little Endian only), each instance in another syntax is converted to
+the profile's (:func:`storage.transcode.convert`: lossless only, checked element by element
+and pixel by pixel) and its record names the converted syntax; an instance that cannot be
+(lossy-compressed pixels) is written as received and counted in ``outside_profile``.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from pathlib import Path
 from pydicom import config
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import validate_value
 
+from storage import transcode
 from storage.dataset_parts import header_elements
 from storage.dicomdir import Directory
 from storage.errors import StorageError
@@ -48,6 +56,8 @@ INVENTED = {
     "InstanceNumber": "the instance's place in its series",
 }
 FILE_SET_ID = "VOXARC"
+#: media profiles a file-set can be written for: name -> the one transfer syntax they take
+PROFILES = {"STD-GEN-CD": ExplicitVRLittleEndian}
 DICOMDIR = "DICOMDIR"
 
 
@@ -56,13 +66,17 @@ class FileSetPlan:
     """A file-set to write: its DICOMDIR's bytes and, in its order, ``files``: (file ID with
     ``/`` between components, SOP Instance UID). ``left_out``: SOP Instance UID -> why it has
     no record; ``invented``: how many records carry an invented key; ``studies``: Study
-    Instance UID -> how many of its instances are in the file-set."""
+    Instance UID -> how many of its instances are in the file-set; ``convert``: SOP Instance
+    UID -> the syntax its file is converted to (a profile's); ``outside_profile``: SOP
+    Instance UID -> the syntax of a file the profile does not take, written as received."""
 
     dicomdir: bytes
     files: tuple[tuple[str, str], ...]
     left_out: dict[str, str] = field(default_factory=dict)
     invented: int = 0
     studies: dict[str, int] = field(default_factory=dict)
+    convert: dict[str, str] = field(default_factory=dict)
+    outside_profile: dict[str, str] = field(default_factory=dict)
 
 
 def _valid(ds: Dataset, keyword: str) -> bool:
@@ -95,12 +109,12 @@ class _Places:
         return self._seen[key]
 
 
-def _record_source(header, places: _Places) -> tuple[Dataset, bool]:
-    """The attributes the directory records ``header``'s instance by, with any missing record
-    key invented; and whether one was."""
+def _record_source(header, places: _Places, syntax: str) -> tuple[Dataset, bool]:
+    """The attributes the directory records ``header``'s instance by (its file in
+    ``syntax``), with any missing record key invented; and whether one was."""
     ds = header_elements(header.data, header.transfer_syntax)
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = header.transfer_syntax
+    ds.file_meta.TransferSyntaxUID = syntax
     ds.SOPClassUID, ds.SOPInstanceUID = header.sop_class_uid, header.sop_uid
     study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
     numbers = {"StudyID": str(places.of("study", study)),
@@ -143,20 +157,34 @@ def _instances(archive, study_uids: list[str]) -> list[str]:
     return out
 
 
-def plan_file_set(archive, study_uids: list[str], progress=None) -> FileSetPlan:
-    """The file-set of the studies' instances (an unknown study adds none).
+def plan_file_set(archive, study_uids: list[str], progress=None,
+                  profile: str | None = None) -> FileSetPlan:
+    """The file-set of the studies' instances (an unknown study adds none), for a media
+    ``profile`` of :data:`PROFILES` when given.
 
     An instance whose header cannot be read, or that no record can be made for (a record
     type whose other required keys it lacks), is left out and named in ``left_out``;
     ``progress`` (a :class:`~service.progress.Progress`-like object) advances per instance.
+    Raises ValueError for an unknown profile.
     """
+    if profile is not None and profile not in PROFILES:
+        raise ValueError(f"unknown media profile {profile!r}; known: {', '.join(PROFILES)}")
+    wanted = PROFILES.get(profile)
     directory, places, left_out, invented, files = Directory(), _Places(), {}, 0, []
     studies: Counter = Counter()
+    convert, outside = {}, {}
     uids = _instances(archive, study_uids)
     located = archive.locate(uids)
     for uid in uids:
         try:
-            ds, made = _record_source(archive.header(uid, located.get(uid)), places)
+            header = archive.header(uid, located.get(uid))
+            syntax = header.transfer_syntax
+            if wanted and syntax != wanted:
+                if transcode.convertible(syntax, wanted):
+                    convert[uid] = syntax = wanted
+                else:
+                    outside[uid] = syntax
+            ds, made = _record_source(header, places, syntax)
             files.append((directory.add(ds), uid))
             studies[str(ds.StudyInstanceUID)] += 1
         except (StorageError, ValueError, KeyError) as exc:
@@ -168,14 +196,26 @@ def plan_file_set(archive, study_uids: list[str], progress=None) -> FileSetPlan:
             progress.advance(note=uid[-30:])
     if not files:
         return FileSetPlan(b"", (), left_out, invented)
+    kept = {uid for _, uid in files}
     return FileSetPlan(directory.encode(FILE_SET_ID), tuple(files), left_out, invented,
-                       dict(studies))
+                       dict(studies), {u: t for u, t in convert.items() if u in kept},
+                       {u: t for u, t in outside.items() if u in kept})
 
 
-def _file_parts(archive, sop_uid: str, located=None) -> tuple[tuple, int]:
-    """A Part 10 file of the instance as received, in parts, and its size."""
+def _as_planned(inst, plan: FileSetPlan) -> tuple[str, tuple]:
+    """The rebuilt instance's syntax and bytes in the file-set: as received, or converted to
+    the profile's syntax (raises TranscodeError when that fails its checks)."""
+    target = plan.convert.get(inst.sop_uid)
+    if target is None:
+        return inst.transfer_syntax, inst.parts
+    return target, (transcode.convert(inst.joined().data, inst.transfer_syntax, target),)
+
+
+def _file_parts(archive, plan: FileSetPlan, sop_uid: str, located=None) -> tuple[tuple, int]:
+    """A Part 10 file of the instance as the plan has it, in parts, and its size."""
     inst = archive.retrieve_parts(sop_uid, located)
-    parts = (file_head(inst.sop_class_uid, sop_uid, inst.transfer_syntax), *inst.parts)
+    syntax, data = _as_planned(inst, plan)
+    parts = (file_head(inst.sop_class_uid, sop_uid, syntax), *data)
     return parts, sum(memoryview(p).nbytes for p in parts)
 
 
@@ -191,12 +231,13 @@ def write_file_set(archive, plan: FileSetPlan, folder: Path, progress=None) -> l
         for uid in ordered:
             try:
                 inst = archive.retrieve_parts(uid, located.get(uid))
+                syntax, data = _as_planned(inst, plan)
             except StorageError as exc:
                 failed.append(uid)
                 log.error("instance %s not written to the file-set: %s", uid, exc)
             else:
                 write_file(folder.joinpath(*file_ids[uid].split("/")), inst.sop_class_uid, uid,
-                           inst.transfer_syntax, inst.parts)
+                           syntax, data)
             if progress:
                 progress.advance(note=uid[-30:])
     if plan.files and not failed:
@@ -234,7 +275,7 @@ def zip_file_set(archive, plan: FileSetPlan) -> Iterator[bytes]:
             zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         located = archive.locate(ordered)
         for uid in ordered:
-            parts, size = _file_parts(archive, uid, located.get(uid))
+            parts, size = _file_parts(archive, plan, uid, located.get(uid))
             info = zipfile.ZipInfo(file_ids[uid], date_time=_now())
             info.file_size = size         # zipfile then knows when it needs ZIP64
             with zf.open(info, "w") as member:

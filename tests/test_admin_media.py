@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from pydicom.fileset import FileSet
-from pydicom.uid import ImplicitVRLittleEndian, RTDoseStorage
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RTDoseStorage
 
 from admin_helpers import admin_site, http_get, http_token  # noqa: F401
-from node_helpers import (dataset_bytes, iod_errors, make_series, needs_dciodvfy,
+from node_helpers import (bundled, dataset_bytes, iod_errors, make_series, needs_dciodvfy,
                           store_as_received, write_series)
 from scu_helpers import store_bytes
 from service import web_media
@@ -270,3 +270,72 @@ def test_export_takes_a_patients_studies(tmp_path):
     assert proc.returncode == 1 and "no study of patient 'PAT'" in proc.stderr
     proc = _voxarc("export", "--data-dir", tmp_path / "data", tmp_path / "x")
     assert proc.returncode == 2 and "name studies" in proc.stderr
+
+
+def _received(ts: str, data: bytes):
+    from pydicom.dataset import FileMetaDataset
+    from storage.dataset_parts import parse_dataset
+    ds = parse_dataset(data, ts)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    return ds
+
+
+@needs_dciodvfy
+def test_a_std_gen_cd_file_set_has_every_file_in_explicit_vr(tmp_path):
+    """``--profile STD-GEN-CD``: files received in Implicit VR or a lossless compressed syntax
+    are converted to Explicit VR Little Endian (the same elements, the same pixels) and their
+    records say so; a lossy JPEG is written as received, and the command says the file-set is
+    not STD-GEN-CD then."""
+    arch = Archive(tmp_path / "data")
+    first, second = _two_studies()                      # second: Implicit VR Little Endian
+    sent = store_as_received(arch, first + second)
+    for name in ("MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm"):
+        ts, data = bundled(name)
+        arch.store(data, ts)
+        sent[str(_received(ts, data).SOPInstanceUID)] = (ts, data)
+    rle = str(_received(*bundled("MR_small_RLE.dcm")).SOPInstanceUID)
+    jpeg = str(_received(*bundled("SC_rgb_jpeg_dcmtk.dcm")).SOPInstanceUID)
+    studies = sorted({str(_received(*v).StudyInstanceUID) for v in sent.values()})
+    arch.close()
+
+    proc = _voxarc("export", "--dicomdir", "--profile", "STD-GEN-CD", "--data-dir",
+                   tmp_path / "data", *studies, tmp_path / "cd")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 instances written as received" in proc.stderr and "not STD-GEN-CD" in proc.stderr
+    found = _file_set(tmp_path / "cd")
+    assert set(found) == set(sent)
+    for uid, (record_ts, (file_ts, data)) in found.items():
+        assert record_ts == file_ts
+        if uid == jpeg:
+            assert (file_ts, data) == sent[uid]
+            continue
+        assert file_ts == ExplicitVRLittleEndian
+        if sent[uid][0] == ExplicitVRLittleEndian:
+            assert data == sent[uid][1]                     # untouched
+            continue
+        before, after = _received(*sent[uid]), _received(file_ts, data)
+        assert (after.pixel_array == before.pixel_array).all()
+        kept = {e.tag for e in before} - {0x7FE00010}
+        assert all(after[t].value == before[t].value for t in kept if before[t].VR != "SQ")
+    assert found[rle][0] == ExplicitVRLittleEndian
+    iods, errors = iod_errors(tmp_path / "cd" / "DICOMDIR")
+    assert iods == ("BasicDirectory",) and not errors, errors
+    proc = _voxarc("export", "--profile", "STD-GEN-CD", "--data-dir", tmp_path / "data",
+                   studies[0], tmp_path / "plain")
+    assert proc.returncode == 2 and "add --dicomdir" in proc.stderr
+
+
+def test_the_download_takes_a_profile(admin_site, tmp_path):
+    node, admin = admin_site
+    series = make_series(2, 8, 8, transfer_syntax=ImplicitVRLittleEndian, seed=71)
+    items = [(ds.SOPClassUID, ds.SOPInstanceUID, *dataset_bytes(ds)) for ds in series]
+    assert set(store_bytes(node.port, items, tmp_path)) == {0}
+    url = f"{admin.url}/api/studies/{series[0].StudyInstanceUID}/media.zip"
+    with urllib.request.urlopen(url + "?profile=STD-GEN-CD") as response:
+        body = response.read()
+        assert response.headers["x-voxarc-outside-profile"] == "0"
+    zipfile.ZipFile(io.BytesIO(body)).extractall(tmp_path / "cd")
+    assert {ts for ts, _ in _file_set(tmp_path / "cd").values()} == {ExplicitVRLittleEndian}
+    status, body = http_get(url + "?profile=STD-XYZ")
+    assert status == 400 and b"unknown media profile" in body

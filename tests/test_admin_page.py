@@ -157,8 +157,9 @@ def test_a_study_link_opens_its_row_with_the_download_and_send_controls(admin_si
     send = re.search(r'<tr class="series send">.*?</tr>', dom, re.S).group(0)
     assert ">Send study</button>" in send
     assert '<option value="viewer">viewer (VIEW@127.0.0.1:1)</option>' in send
-    link = re.search(r'<a class="download" href="([^"]+)"', send).group(1)
+    link, cd = re.findall(r'<a class="download" href="([^"]+)"', send)
     assert link == f"api/studies/{stored['study_uid']}/media.zip"
+    assert cd == link + "?profile=STD-GEN-CD"
     status, body = http_get(f"{admin.url}/{link}")
     assert status == 200 and body[:4] == b"PK\x03\x04"                # a ZIP
 

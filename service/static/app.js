@@ -172,9 +172,12 @@ function actionsRow(tbody, s) {
   row.className = "series send";
   const td = row.insertCell();
   td.colSpan = 10;
-  td.append(downloadLink(`api/studies/${enc(s.study_uid)}/media.zip`,
-                         "Download (DICOMDIR, ZIP)",
-                         "the study's instances as received, with a DICOMDIR: for a CD or a USB stick"));
+  const zip = `api/studies/${enc(s.study_uid)}/media.zip`;
+  td.append(downloadLink(zip, "Download (DICOMDIR, ZIP)",
+                         "the study's instances as received, with a DICOMDIR: for a CD or a USB stick"),
+            " (", downloadLink(zip + "?profile=STD-GEN-CD", "STD-GEN-CD",
+                               "every file in Explicit VR Little Endian, converted losslessly " +
+                               "where received otherwise: for an old viewer"), ")");
   if (s.patient_studies > 1 && state.patient === null) {
     const all = document.createElement("a");
     all.className = "patient";
