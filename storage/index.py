@@ -17,6 +17,8 @@ from sqlalchemy import (
     event, inspect, make_url, text,
 )
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from storage.errors import CommitOutcomeUnknown
@@ -201,7 +203,31 @@ class Deletion(Base):
 _SQLITE_ENGINE = {"connect_args": {"check_same_thread": False, "timeout": 30}}
 
 
+class lower_text(GenericFunction):
+    """``lower()`` of text for every letter: SQLite's own lowers ASCII letters only, so on
+    SQLite it is Python's ``str.lower`` (registered on each connection), elsewhere the
+    database's ``lower``, which is Unicode-aware (PostgreSQL)."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(lower_text, "sqlite")
+def _lower_text_sqlite(element, compiler, **kw):
+    return f"voxarc_lower({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(lower_text)
+def _lower_text(element, compiler, **kw):
+    return f"lower({compiler.process(element.clauses, **kw)})"
+
+
+def _lower(value):
+    return value.lower() if isinstance(value, str) else value
+
+
 def _sqlite_pragmas(dbapi_conn, _record, synchronous: str = "FULL") -> None:
+    dbapi_conn.create_function("voxarc_lower", 1, _lower, deterministic=True)
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute(f"PRAGMA synchronous={synchronous}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy import case, distinct, exists, func, or_, select
 
 from storage import header_pack
-from storage.index import Blob, Index, Instance, Job, Patient, Series, Study
+from storage.index import Blob, Index, Instance, Job, Patient, Series, Study, lower_text
 
 # Sort keys of :func:`studies` -> column name of the statement it builds
 STUDY_SORT_KEYS = ("received", "date", "patient", "description", "instances", "original_bytes",
@@ -177,9 +177,9 @@ _DATE = re.compile(r"^\d{8}$")
 
 @dataclass(frozen=True)
 class StudyFilter:
-    """What the admin page's search asks of studies. ``text``: words, each found (case aside,
-    for ASCII letters on SQLite) in the patient's name or ID, the accession number, the study
-    description or the Study Instance UID; ``modality``: a series of that modality;
+    """What the admin page's search asks of studies. ``text``: words, each found (case aside)
+    in the patient's name or ID, the accession number, the study description or the Study
+    Instance UID; ``modality``: a series of that modality;
     ``date_from``, ``date_to``: study dates (YYYYMMDD, inclusive); ``patient_id``: one
     patient's studies (the Patient ID exactly, none: any)."""
 
@@ -212,8 +212,7 @@ class StudyFilter:
         like = "%" + re.sub(r"([\\%_])", r"\\\1", word) + "%"
         fields = (Patient.patient_name, Patient.patient_id, Study.accession_number,
                   Study.study_description, Study.study_uid)
-        return or_(*(c for f in fields for c in (func.lower(f).like(like.lower(), escape="\\"),
-                                                 f.like(like, escape="\\"))))
+        return or_(*(lower_text(f).like(like.lower(), escape="\\") for f in fields))
 
 
 def _study_statement(sort: str, descending: bool, where: StudyFilter | None = None):

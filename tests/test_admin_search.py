@@ -40,6 +40,7 @@ def test_each_word_is_found_in_a_field_of_the_study(archive):  # noqa: F811
     assert _found(archive, text="jane DOE") == {"ID-1001"}          # each word, any case
     assert _found(archive, text="doe smith") == set()                # every word must be found
     assert _found(archive, text="müller") == {"ID-1002"}
+    assert _found(archive, text="MÜLLER JÖRG") == {"ID-1002"}      # any letter's case
     assert _found(archive, text="id-100") == {"ID-1001", "ID-1002"}  # patient ID
     assert _found(archive, text="acc-78") == {"ID-1002"}             # accession
     assert _found(archive, text="thorax") == {"ID-1001"}             # description
