@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("uid", nargs="?", help="Study Instance UID or Patient ID")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="values",
                    help=f"a new value ({', '.join(KEYS)}); repeatable")
+    p.add_argument("--resend", action="store_true",
+                   help="send the corrected series again to every destination that had them")
     add_trail_options(p, "correcting", "change", "corrections")
     p.set_defaults(func=correct)
 
@@ -90,11 +92,16 @@ def correct(args) -> int:
                 print("nothing changed")
             return 2 if go is None else 0
         try:
-            done = archive.correct(args.level, args.uid, values, args.reason)
+            done = archive.correct(args.level, args.uid, values, args.reason, args.resend)
         except CorrectionError as exc:
             log.error("%s", exc)
             return 1
         print(json.dumps(done, indent=2) if args.json else "corrected " + _describe(done))
+        if args.resend and not args.json:
+            print(f"{len(done['resent'])} series queued to be sent again"
+                  + "".join(f"\n  {series} to {dest}" for series, dest in done["resent"])
+                  + "\n(a running node sends them on its next forwarding pass; a stopped "
+                  "one once it starts)")
         return 0
     finally:
         archive.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from models.api import SLAB_SLICES
-from storage import correction, query
+from storage import correction, forwarding, query
 from storage.access_log import AccessLog
 from storage.backup import BackupReport, backup
 from storage.blobstore import BlobStore
@@ -233,15 +233,25 @@ class Archive:
         :func:`storage.correction.plan`); nothing changes. Raises CorrectionError."""
         return correction.plan(self.index, level, uid, values)
 
-    def correct(self, level: str, uid: str, values: dict[str, str], reason: str = "") -> dict:
+    def correct(self, level: str, uid: str, values: dict[str, str], reason: str = "",
+                resend: bool = False) -> dict:
         """Correct the patient of a patient's or a study's instances, in the index and in every
         instance's bytes (see :mod:`storage.correction`); planned again once when the archive
-        changed under the first plan. Returns what changed; raises CorrectionError."""
+        changed under the first plan. With ``resend``, each series goes again to every
+        destination that had it (``resent``: their (series, destination) pairs). Returns what
+        changed; raises CorrectionError."""
         corrector = correction.Corrector(self.index, self.blobs, self.retrieve)
         for attempt in range(2):
             todo = correction.plan(self.index, level, uid, values)
             try:
-                return corrector.correct(todo, reason)
+                done = corrector.correct(todo, reason)
+                if resend:
+                    with self.index.read() as s:
+                        series = list(s.scalars(select(Series.id).where(
+                            Series.study_fk.in_(todo.study_ids))))
+                    done["resent"] = forwarding.queue_again(
+                        self.index, series, "corrected: to be sent again")
+                return done
             except correction.CorrectionConflict as exc:
                 if attempt:
                     raise

@@ -247,6 +247,23 @@ def queue_by_hand(index: Index, items: list[Due], now: float | None = None) -> N
             row.updated_at, row.next_attempt, row.reason = now, 0.0, "sent by hand: queued"
 
 
+def queue_again(index: Index, series_ids: list[int], reason: str,
+                now: float | None = None) -> list[tuple[str, str]]:
+    """Queue each of the series to every destination that had any of it, whole, as a send by
+    hand due now (a corrected study: the running node's :func:`resends` takes it on its next
+    pass); return (Series Instance UID, destination) of each."""
+    now = time.time() if now is None else now
+    with index.write() as s:
+        rows = s.execute(select(Forward, Series.series_uid)
+                         .join(Series, Forward.series_fk == Series.id)
+                         .where(Forward.series_fk.in_(series_ids),
+                                Forward.instances > 0)).all()
+        for row, _ in rows:
+            row.state, row.by_hand, row.attempts = "queued", 1, 0
+            row.updated_at, row.next_attempt, row.reason = now, now, reason
+        return [(uid, row.destination) for row, uid in rows]
+
+
 def record(index: Index, item: Due, error: str | None = None, now: float | None = None,
            passed_over: int = 0, retry: bool = True, by_hand: bool = False) -> None:
     """Record how forwarding ``item`` went: sent (``error`` None; ``passed_over`` of its
@@ -275,14 +292,14 @@ def record(index: Index, item: Due, error: str | None = None, now: float | None 
 
 def resends(index: Index, now: float, started: float) -> list[Due]:
     """Sends by hand to make again, each series whole: those that failed and whose retry is
-    due, and those queued before ``started`` (the start of this node: a send it did not
-    finish)."""
+    due, those queued before ``started`` (the start of this node: a send it did not finish)
+    and those queued to go at a time now past (:func:`queue_again`)."""
     stmt = (select(Forward.series_fk, Series.series_uid, Forward.destination, Forward.attempts,
                    Instance.sop_uid, Instance.received_at)
             .join(Series, Forward.series_fk == Series.id)
             .join(Instance, Instance.series_fk == Series.id)
             .where(Forward.by_hand == 1,
-                   or_(and_(Forward.state == "failed", Forward.next_attempt > 0,
+                   or_(and_(Forward.state.in_(_HAND_PENDING), Forward.next_attempt > 0,
                             Forward.next_attempt <= now),
                        and_(Forward.state == "queued", Forward.updated_at < started)))
             .order_by(Forward.id, Instance.received_at))

@@ -418,3 +418,32 @@ def test_priors_go_along_with_a_new_study_once(archive, tmp_path):  # noqa: F811
         dest.stop()
     with pytest.raises(ValueError, match="Priors"):
         forwarding.parse_rule("Priors=many")
+
+
+def test_a_corrected_study_goes_again_where_it_went(archive, tmp_path):  # noqa: F811
+    """``correct(..., resend=True)`` queues each series to every destination that had it, as
+    a send by hand due now: the next forwarding pass sends it whole, with the corrected bytes;
+    a series that went nowhere is not queued."""
+    dest = StoreSCP("READ")
+    try:
+        forwarder = Forwarder(archive, _settings(tmp_path, dest.port))
+        ct = make_series(3, 16, 16, patient_id="OLD", seed=21)
+        mr = make_series(2, 16, 16, patient_id="OLD", modality="MR", seed=22,
+                         study_uid=ct[0].StudyInstanceUID)
+        store_as_received(archive, ct + mr)
+        assert forwarder.run_once(time.time() + LATER) == 1            # the CT only
+        sent = dict(dest.received)
+        dest.received.clear()
+        done = archive.correct("study", ct[0].StudyInstanceUID, {"PatientID": "NEW"},
+                               resend=True)
+        assert done["resent"] == [(ct[0].SeriesInstanceUID, "reading")]
+        (row,) = forwarding.status(archive.index)
+        assert (row["state"], row["reason"]) == ("queued", "corrected: to be sent again")
+        assert forwarder.run_once() == 1
+        assert set(dest.received) == set(sent)
+        for uid, (ts, data) in dest.received.items():
+            assert data == archive.retrieve(uid).data != sent[uid][1]
+        assert [r["state"] for r in forwarding.status(archive.index)] == ["sent"]
+        assert forwarder.run_once() == 0                                 # once
+    finally:
+        dest.stop()
