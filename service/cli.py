@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Each module exposes ``register(subparsers)``; its sub-commands set ``func(args) -> int``.
 _COMMAND_MODULES = ("service.node_cli", "service.export_cli", "service.bench", "service.train_cli",
                     "service.node_bench", "service.verify_cli", "service.delete_cli",
-                    "service.correct_cli",
+                    "service.correct_cli", "service.accesses_cli",
                     "service.backup_cli", "service.bits_cli", "service.query_bench",
                     "service.conformance", "service.pull_cli", "service.web_bench")
 

@@ -169,14 +169,17 @@ class AccessLog:
         self.flush()
 
 
-def history(index: Index, limit: int = 100, study_uid: str | None = None,
-            patient_id: str | None = None) -> list[dict]:
-    """The latest rows of the access trail, newest first: all, or a study's or a patient's."""
+def history(index: Index, limit: int | None = 100, study_uid: str | None = None,
+            patient_id: str | None = None, since: float | None = None) -> list[dict]:
+    """The latest rows of the access trail, newest first: all, or a study's or a patient's,
+    those that lasted until ``since`` (a time) or later; at most ``limit`` (None: all)."""
     stmt = select(Access).order_by(Access.last_at.desc(), Access.id.desc()).limit(limit)
     if study_uid is not None:
         stmt = stmt.where(Access.study_uid == study_uid)
     if patient_id is not None:
         stmt = stmt.where(Access.patient_id == patient_id)
+    if since is not None:
+        stmt = stmt.where(Access.last_at >= since)
     with index.read() as s:
         return [{"first_at": r.first_at, "last_at": r.last_at, "actor": r.actor,
                  "action": r.action, "study_uid": r.study_uid, "patient_id": r.patient_id,

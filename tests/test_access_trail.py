@@ -165,3 +165,27 @@ def test_export_is_noted_with_who_ran_it(tmp_path):
     assert row["actor"].startswith("cli export (") and row["action"] == "export"
     assert (row["study_uid"], row["patient_id"], row["instances"]) == (study, "PATX", 3)
     assert row["detail"] == f"to {(tmp_path / 'out').resolve()}"
+
+
+def test_the_command_prints_a_patients_trail(tmp_path):
+    import csv
+    from storage.archive import Archive
+    arch = Archive(tmp_path / "data")
+    mine, other = _stored(arch, patient_id="PATC"), _stored(arch, patient_id="PATD")
+    arch.accesses.note("VIEW@10.1.1.1", "C-GET", mine, instances=3, now=1_700_000_000.0)
+    arch.accesses.note("VIEW@10.1.1.1", "C-GET", other, instances=3, now=1_700_000_001.0)
+    arch.close()
+
+    def voxarc(*args):
+        return subprocess.run([sys.executable, "-m", "service.cli", "accesses", "--data-dir",
+                               str(tmp_path / "data"), *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+    proc = voxarc("--patient", "PATC", "--csv")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(proc.stdout.splitlines()))
+    assert [(r["actor"], r["action"], r["study_uid"], r["instances"]) for r in rows] == \
+        [("VIEW@10.1.1.1", "C-GET", mine, "3")]
+    assert rows[0]["first_at"].startswith("2023-11-1")
+    assert "PATD" in voxarc().stdout and "PATC" in voxarc().stdout
+    assert voxarc("--since", "2999-01-01").stdout.strip() == "no access recorded"
+    assert voxarc("--since", "yesterday").returncode == 2
