@@ -47,7 +47,8 @@ def open_archive(settings: Settings) -> Archive:
     """Open the archive a node's settings describe."""
     return Archive(settings.data_dir, settings.database_url, settings.duplicate_policy,
                    settings.max_storage_bytes, settings.codec_model, settings.max_stack_slices,
-                   settings.cache_bytes, settings.codec_slab, settings.codec_adapt)
+                   settings.cache_bytes, settings.codec_slab, settings.codec_adapt,
+                   settings.access_trail_days)
 
 
 def build_ae(settings: Settings) -> AE:
@@ -226,6 +227,9 @@ class Node:
             log.info("forwarding: %s", "; ".join(f"{name} <- {rule or 'every series'}"
                                                   for name, rule in self.settings.forward.items()))
         threading.Thread(target=self._warm, name="voxarc-warm", daemon=True).start()
+        # the access trail's old rows, now (its writer removes them once a day after this)
+        threading.Thread(target=self.archive.accesses.prune, name="voxarc-trail-prune",
+                         daemon=True).start()
         log.info("voxarc node %s listening on %s:%d (data %s)", self.settings.ae_title,
                  self.settings.host, self.port, self.settings.data_dir)
         _log_codec()

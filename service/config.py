@@ -41,6 +41,8 @@ SETTING_DOCS = {
                         "round 10 minutes after start; 0: never).",
     "scrub_read_mb_per_s": "Most megabytes a second the patrol reads, so that it does not "
                            "slow ingest and retrievals (0: no limit).",
+    "access_trail_days": "Days the access trail (who read which study) keeps a row after its "
+                         "last read; older rows are removed once a day (0: kept for ever).",
     "destinations": "C-MOVE destinations and storage commitment reports: "
                     "NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
     "forward": "Send each stable series to destinations as it comes: NAME = \"Keyword=pattern; "
@@ -105,6 +107,7 @@ class Settings:
     codec_fast_backlog: int = 3
     scrub_every_days: float = 7.0
     scrub_read_mb_per_s: float = 50.0
+    access_trail_days: float = 0.0
     destinations: dict = field(default_factory=dict)
     forward: dict = field(default_factory=dict)
     http_host: str = "127.0.0.1"

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from storage.index import Access, Index, Patient, Study
 
@@ -52,10 +52,15 @@ class AccessLog:
     index : Index
     window_s, flush_s : float
         See :data:`WINDOW_S` and :data:`FLUSH_S`.
+    keep_days : float
+        Rows last read longer ago than this are removed, by the background writer once a day
+        (0: kept for ever).
     """
 
-    def __init__(self, index: Index, window_s: float = WINDOW_S, flush_s: float = FLUSH_S):
+    def __init__(self, index: Index, window_s: float = WINDOW_S, flush_s: float = FLUSH_S,
+                 keep_days: float = 0.0):
         self.index, self.window_s, self.flush_s = index, window_s, flush_s
+        self.keep_days, self._pruned_at = keep_days, 0.0
         self._open: dict[tuple, _Open] = {}
         self._retired: list[tuple[tuple, _Open]] = []
         self._latest = 0.0                      # the latest note's time
@@ -160,6 +165,26 @@ class AccessLog:
     def _run(self) -> None:
         while not self._stop.wait(self.flush_s):
             self.flush()
+            if self.keep_days > 0 and time.time() - self._pruned_at >= 86400.0:
+                self.prune()
+
+    def prune(self, now: float | None = None) -> int:
+        """Remove the rows last read more than ``keep_days`` before ``now``; return how
+        many (none when rows are kept for ever)."""
+        now = time.time() if now is None else now
+        self._pruned_at = now
+        if self.keep_days <= 0:
+            return 0
+        try:
+            with self.index.write() as s:
+                gone = s.execute(delete(Access).where(
+                    Access.last_at < now - self.keep_days * 86400.0)).rowcount
+        except Exception as exc:           # tried again the next day
+            log.error("access trail: old rows not removed: %s", exc)
+            return 0
+        if gone:
+            log.info("access trail: %d rows older than %g days removed", gone, self.keep_days)
+        return gone
 
     def close(self) -> None:
         """Write what is left and stop the background writer."""

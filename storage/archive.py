@@ -54,11 +54,14 @@ class Archive:
     adapt : bool
         Let the codec fine-tune its model on large stacks (False: faster compaction, larger
         blobs).
+    access_trail_days : float
+        Days the access trail keeps a row after its last read (0: for ever).
     """
 
     def __init__(self, data_dir, database_url: str = "", duplicates: str = "keep_first",
                  max_storage_bytes: int = 0, model: str = "default", max_stack_slices: int = 256,
-                 cache_bytes: int = 256 << 20, slab: int = SLAB_SLICES, adapt: bool = True):
+                 cache_bytes: int = 256 << 20, slab: int = SLAB_SLICES, adapt: bool = True,
+                 access_trail_days: float = 0.0):
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {DUPLICATE_POLICIES}")
         self.data_dir = Path(data_dir)
@@ -74,7 +77,7 @@ class Archive:
         fill_added_attributes(self.index, self.reconstructor, self.index.added_columns)
         self.stager = Stager(self.index)      # group commit of concurrent C-STOREs
         #: who read what (:mod:`storage.access_log`): readers note it here
-        self.accesses = AccessLog(self.index)
+        self.accesses = AccessLog(self.index, keep_days=access_trail_days)
 
     def store(self, data: bytes, transfer_syntax: str, sop_uid: str | None = None,
               source_ae: str = "") -> IngestResult:

@@ -189,3 +189,17 @@ def test_the_command_prints_a_patients_trail(tmp_path):
     assert "PATD" in voxarc().stdout and "PATC" in voxarc().stdout
     assert voxarc("--since", "2999-01-01").stdout.strip() == "no access recorded"
     assert voxarc("--since", "yesterday").returncode == 2
+
+
+def test_rows_older_than_the_retention_are_removed(archive):  # noqa: F811
+    study = _stored(archive)
+    trail = AccessLog(archive.index, flush_s=3600, keep_days=30)
+    now = 1_800_000_000.0
+    trail.note("a", "C-GET", study, now=now - 31 * 86400)
+    trail.note("b", "C-GET", study, now=now - 29 * 86400)
+    trail.flush()
+    assert trail.prune(now) == 1
+    assert [r["actor"] for r in access_log.history(archive.index)] == ["b"]
+    assert AccessLog(archive.index, keep_days=0).prune(now + 1e9) == 0      # kept for ever
+    assert len(access_log.history(archive.index)) == 1
+    trail.close()
