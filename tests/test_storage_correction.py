@@ -206,3 +206,27 @@ def test_a_crash_before_the_commit_leaves_the_originals(tmp_path, monkeypatch):
         assert arch.retrieve(uid).data == data
     assert arch.find("STUDY", {})[0]["PatientID"] == "OLD"
     arch.close()
+
+
+def test_a_compaction_between_plan_and_commit_is_a_conflict_that_changes_nothing(tmp_path):
+    """The instances were compacted after the correction was planned: its commit finds them
+    moved and raises CorrectionConflict; nothing changed and its new files are gone; planned
+    again (as Archive.correct does once), it succeeds."""
+    from storage.archive import Archive
+    arch = Archive(tmp_path / "data")
+    series = make_series(4, 16, 16, patient_id="OLD", seed=31)
+    sent = store_as_received(arch, series)
+    stale = arch.correction_plan("study", series[0].StudyInstanceUID, {"PatientID": "NEW"})
+    assert arch.compact_series(series[0].SeriesInstanceUID)
+    files = {p for p in (tmp_path / "data" / "blobs").rglob("*") if p.is_file()}
+    corrector = correction.Corrector(arch.index, arch.blobs, arch.retrieve)
+    with pytest.raises(correction.CorrectionConflict, match="changed meanwhile"):
+        corrector.correct(stale)
+    assert {p for p in (tmp_path / "data" / "blobs").rglob("*") if p.is_file()} == files
+    for uid, (_, data) in sent.items():
+        assert arch.retrieve(uid).data == data
+    assert correction.history(arch.index) == []
+    assert arch.correct("study", series[0].StudyInstanceUID, {"PatientID": "NEW"})[
+        "instances"] == 4
+    assert arch.find("STUDY", {})[0]["PatientID"] == "NEW"
+    arch.close()
