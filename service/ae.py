@@ -227,9 +227,10 @@ class Node:
             log.info("forwarding: %s", "; ".join(f"{name} <- {rule or 'every series'}"
                                                   for name, rule in self.settings.forward.items()))
         threading.Thread(target=self._warm, name="voxarc-warm", daemon=True).start()
-        # the access trail's old rows, now (its writer removes them once a day after this)
-        threading.Thread(target=self.archive.accesses.prune, name="voxarc-trail-prune",
-                         daemon=True).start()
+        if self.settings.access_trail_days > 0:
+            # the access trail's old rows, now (its writer removes them once a day after this)
+            threading.Thread(target=self.archive.accesses.prune, name="voxarc-trail-prune",
+                             daemon=True).start()
         log.info("voxarc node %s listening on %s:%d (data %s)", self.settings.ae_title,
                  self.settings.host, self.port, self.settings.data_dir)
         _log_codec()

@@ -40,18 +40,17 @@ def _peer(event) -> str:
     return f"{other.ae_title}@{other.address}:{other.port}"
 
 
-def _actor(event) -> str:
-    """Who the access trail names for the event: the calling AE title and its host."""
-    other = _other(event)
-    return f"{str(other.ae_title).strip()}@{other.address}"
-
-
 def _calling_ae(event) -> str:
     """The AE title that sent a C-STORE (kept with the instance)."""
     try:
         return str(_other(event).ae_title).strip()
     except AttributeError:
         return ""
+
+
+def _actor(event) -> str:
+    """Who the access trail names for the event: the calling AE title and its host."""
+    return f"{_calling_ae(event)}@{_other(event).address}"
 
 
 def handle_association(event) -> None:
@@ -238,7 +237,7 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
     formats = {uid: (row.sop_class_uid, row.transfer_syntax) for uid, row in located.items()}
     reasons = {u: receiver.syntax_for(formats.get(u))[1] for u in uids}
     sendable = [u for u in uids if reasons[u] is None]
-    start, handed, size = time.monotonic(), 0, 0
+    start, size = time.monotonic(), 0
     # slab by slab through compressed stacks, decoded ahead in the background
     with archive.retrieval_order(sendable, operation) as (planned, stop_prefetch):
         for uid in planned + [u for u in uids if reasons[u] is not None]:
@@ -257,15 +256,14 @@ def _sub_operations(archive: Archive, records: list[dict], operation: str,
                 statuses.status_for(exc, f"{operation} of {uid}")
                 yield statuses.PENDING, _failed(uid)
                 continue
-            handed += 1
             handed_over.add(uid)
             size += nbytes(data)
             yield statuses.PENDING, PreEncoded(inst.sop_class_uid, uid, syntax, data)
             del inst, data      # not held while the next instance is rebuilt
         seconds = time.monotonic() - start
         log.info("%s from %s: %d of %d instances sent in %.2f s (%.2f MB, %.1f instances/s)",
-                 operation, peer, handed, len(uids), seconds, size / 1e6,
-                 handed / max(seconds, 1e-3))
+                 operation, peer, len(handed_over), len(uids), seconds, size / 1e6,
+                 len(handed_over) / max(seconds, 1e-3))
 
 
 def _in_syntax(inst, syntax: str, operation: str) -> tuple[str, tuple]:

@@ -37,18 +37,18 @@ def _patient(params: dict) -> str:
 def classify(path: str, query: bytes) -> tuple[str, str, str, str] | None:
     """(action, study UID, Patient ID, detail) of a DICOMweb read, or None for another path.
     A search's Patient ID is the one its query names exactly."""
-    text = query.decode("latin-1")
-    params = parse_qs(text)
+    text = query.decode("latin-1")       # the query is parsed only where it is used
     if path == "/wado":
-        return "WADO-URI", (params.get("studyUID") or [""])[0], "", ""
+        return "WADO-URI", (parse_qs(text).get("studyUID") or [""])[0], "", ""
     search = _SEARCH_PATH.match(path)
     if search:
-        return "QIDO-RS", "", _patient(params), f"{search.group(1)} {unquote(text)}".strip()
+        return ("QIDO-RS", "", _patient(parse_qs(text)),
+                f"{search.group(1)} {unquote(text)}".strip())
     m = _STUDY_PATH.match(path)
     if m:
         action = _WHAT[m.group(2)]
         if action == "QIDO-RS":
-            return action, unquote(m.group(1)), _patient(params), unquote(text)
+            return action, unquote(m.group(1)), _patient(parse_qs(text)), unquote(text)
         return action, unquote(m.group(1)), "", ""
     return None
 

@@ -87,21 +87,13 @@ def corrected_bytes(data: bytes, transfer_syntax: str, values: dict[str, str]) -
     out, pos, growth = bytearray(), 0, 0
     for tag in sorted(edits):
         old = by_tag.get(tag)
-        cut = old.start - _head_size(old, ts.is_implicit_VR) if old else \
-            next((e.start - _head_size(e, ts.is_implicit_VR) for e in elements if e.tag > tag),
-                 len(data))
+        cut = old.head if old else next((e.head for e in elements if e.tag > tag), len(data))
         end = old.end if old else cut
         out += data[pos:cut] + edits[tag]
         growth += len(edits[tag]) - (end - cut)
         pos = end
     out += data[pos:]
-    return _group_length(bytes(out), by_tag, growth, ts.is_implicit_VR)
-
-
-def _head_size(e, implicit: bool) -> int:
-    if implicit:
-        return 8
-    return 12 if e.vr in ("OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()) else 8
+    return _group_length(bytes(out), by_tag, growth)
 
 
 def _charset(data: bytes, by_tag: dict) -> list[str]:
@@ -132,7 +124,7 @@ def _element(tag: int, value: str, implicit: bool, charset: list[str]) -> bytes:
     return fp.getvalue()
 
 
-def _group_length(data: bytes, by_tag: dict, growth: int, implicit: bool) -> bytes:
+def _group_length(data: bytes, by_tag: dict, growth: int) -> bytes:
     """Group 0010's (retired) length element, when present, made right after the change."""
     e = by_tag.get(_GROUP_LENGTH)
     if e is None or not growth or e.length != 4:

@@ -30,13 +30,15 @@ _ITEM_HEAD = struct.Struct("<II")
 
 class Element(NamedTuple):
     """One top-level element: its value is ``data[start:start + length]`` (defined length) or
-    ``data[start:end]``, delimiters included (undefined length)."""
+    ``data[start:end]``, delimiters included (undefined length); the whole element, header
+    and all, is ``data[head:end]``."""
 
     tag: int
     vr: str | None       # None in an implicit-VR dataset
     length: int
     start: int
     end: int
+    head: int
 
 
 class _Unusual(Exception):
@@ -92,7 +94,7 @@ def _walk(buf, pos: int, explicit_vr: bool, top: bool) -> tuple[list[Element], i
             if end > size:
                 raise _Unusual
         if top:
-            out.append(Element(tag, vr, length, start, end))
+            out.append(Element(tag, vr, length, start, end, pos))
         pos = end
     if not top:
         raise _Unusual            # an item without its delimiter

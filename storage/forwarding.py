@@ -237,14 +237,19 @@ def _row(s, series_id: int, destination: str) -> Forward:
     return row
 
 
+def _queue(row: Forward, now: float, due: float, reason: str) -> None:
+    """Make ``row`` a send by hand, queued (``due``: when :func:`resends` takes it; 0: its
+    sender sends it itself)."""
+    row.state, row.by_hand, row.attempts = "queued", 1, 0
+    row.updated_at, row.next_attempt, row.reason = now, due, reason
+
+
 def queue_by_hand(index: Index, items: list[Due], now: float | None = None) -> None:
     """Note ``items`` (a send asked for by hand) as queued before they are sent."""
     now = time.time() if now is None else now
     with index.write() as s:
         for item in items:
-            row = _row(s, item.series_id, item.destination)
-            row.state, row.by_hand, row.attempts = "queued", 1, 0
-            row.updated_at, row.next_attempt, row.reason = now, 0.0, "sent by hand: queued"
+            _queue(_row(s, item.series_id, item.destination), now, 0.0, "sent by hand: queued")
 
 
 def queue_again(index: Index, series_ids: list[int], reason: str,
@@ -259,8 +264,7 @@ def queue_again(index: Index, series_ids: list[int], reason: str,
                          .where(Forward.series_fk.in_(series_ids),
                                 Forward.instances > 0)).all()
         for row, _ in rows:
-            row.state, row.by_hand, row.attempts = "queued", 1, 0
-            row.updated_at, row.next_attempt, row.reason = now, now, reason
+            _queue(row, now, now, reason)
         return [(uid, row.destination) for row, uid in rows]
 
 
