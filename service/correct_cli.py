@@ -1,5 +1,6 @@
-"""`voxarc correct LEVEL UID --set KEY=VALUE...`: correct the patient of a study or of all a
-patient's studies (Patient ID, name, birth date, sex), in the index and in every instance.
+"""`voxarc correct LEVEL UID --set KEY=VALUE...`: correct a patient (all their studies), a
+study (its attributes, or its patient) or a series (its attributes, or the study it is filed
+in), in the index and in every instance.
 
 Shows what changes and asks first (``--yes`` skips the question; without a terminal to ask on,
 ``--yes`` is required); ``--dry-run`` only shows; ``--history`` prints the audit trail of past
@@ -15,21 +16,22 @@ import logging
 from service.admin_cli import add_trail_options, may_proceed, print_trail
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
-from storage.correction import KEYS, LEVELS, CorrectionError, history
+from storage.correction import ALLOWED, LEVELS, CorrectionError, history
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
     """Add ``correct`` to the ``voxarc`` parser."""
-    p = subparsers.add_parser("correct", help="correct the patient of a study or of a "
-                              "patient's studies (asks first)")
+    p = subparsers.add_parser("correct", help="correct a patient, a study or a series in the "
+                              "index and in its instances (asks first)")
     add_node_options(p)
     p.add_argument("level", nargs="?", choices=LEVELS,
-                   help="study (a Study Instance UID) or patient (a Patient ID)")
-    p.add_argument("uid", nargs="?", help="Study Instance UID or Patient ID")
+                   help="patient (a Patient ID), study or series (an Instance UID)")
+    p.add_argument("uid", nargs="?", help="Patient ID, Study or Series Instance UID")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="values",
-                   help=f"a new value ({', '.join(KEYS)}); repeatable")
+                   help="a new value, repeatable; "
+                   + "; ".join(f"{level}: {', '.join(keys)}" for level, keys in ALLOWED.items()))
     p.add_argument("--resend", action="store_true",
                    help="send the corrected series again to every destination that had them")
     add_trail_options(p, "correcting", "change", "corrections")
@@ -48,8 +50,10 @@ def _values(pairs: list[str]) -> dict[str, str]:
 
 def _describe(summary: dict) -> str:
     changes = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in summary["changes"].items())
-    return (f"{summary['level']} {summary['uid']}: {summary['instances']} instances of "
-            f"{summary['studies']} studies; {changes}")
+    studies = "" if summary["level"] == "series" else \
+        f" of {summary['studies']} {'study' if summary['studies'] == 1 else 'studies'}"
+    return f"{summary['level']} {summary['uid']}: {summary['instances']} instances{studies}; " \
+        f"{changes}"
 
 
 def _trail_line(row: dict) -> str:

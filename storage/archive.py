@@ -232,13 +232,14 @@ class Archive:
         return Deleter(self.index, self.blobs, self.retrieve).delete(level, uid, reason)
 
     def correction_plan(self, level: str, uid: str, values: dict[str, str]) -> CorrectionPlan:
-        """What correcting a patient (by Patient ID) or a study to ``values`` would change (see
-        :func:`storage.correction.plan`); nothing changes. Raises CorrectionError."""
+        """What correcting a patient (by Patient ID), a study or a series to ``values`` would
+        change (see :func:`storage.correction.plan`); nothing changes. Raises
+        CorrectionError."""
         return correction.plan(self.index, level, uid, values)
 
     def correct(self, level: str, uid: str, values: dict[str, str], reason: str = "",
                 resend: bool = False) -> dict:
-        """Correct the patient of a patient's or a study's instances, in the index and in every
+        """Correct a patient's, a study's or a series' attributes, in the index and in every
         instance's bytes (see :mod:`storage.correction`); planned again once when the archive
         changed under the first plan. With ``resend``, each series goes again to every
         destination that had it (``resent``: their (series, destination) pairs). Returns what
@@ -249,11 +250,8 @@ class Archive:
             try:
                 done = corrector.correct(todo, reason)
                 if resend:
-                    with self.index.read() as s:
-                        series = list(s.scalars(select(Series.id).where(
-                            Series.study_fk.in_(todo.study_ids))))
                     done["resent"] = forwarding.queue_again(
-                        self.index, series, "corrected: to be sent again")
+                        self.index, todo.series_ids, "corrected: to be sent again")
                 return done
             except correction.CorrectionConflict as exc:
                 if attempt:

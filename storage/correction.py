@@ -1,32 +1,46 @@
-"""Correcting who a study belongs to: the patient's ID, name, birth date or sex, in the index
-and in every stored instance, for a study sent under the wrong patient (an emergency
-registered as "Unknown^Trauma", a worklist mix-up) or a patient's misspelt name.
+"""Correcting what the archive holds of a patient, a study or a series, in the index and in
+every stored instance: a study sent under the wrong patient (an emergency registered as
+"Unknown^Trauma", a worklist mix-up), a misspelt name, a wrong accession number or study
+description, a series filed in the wrong study.
+
+What can be corrected, by level (:data:`ALLOWED`): a patient's ID, name, birth date and sex; a
+study's, and its patient's; a series' number, description, date, time, body part and protocol,
+and the study it belongs to (its Study Instance UID).
 
 An instance is otherwise given back as it was received; a correction is the one deliberate
 change, made by an administrator, kept in an audit trail (:class:`storage.index.Correction`:
 when, what, the values before and after, why). Each instance is rebuilt and checked against its
-SHA-256, its patient elements are replaced in its bytes (the top-level elements only; every
+SHA-256, the changed elements are replaced in its bytes (the top-level elements only; every
 other byte stays as it was, a missing element is inserted in tag order, a group length of
 group 0010 follows), and the new bytes are staged with their new SHA-256: compaction codes
 them again. The order is deletion's, so that a crash loses nothing: the new files are written
-durably first; one transaction then points the instances at them, moves the study to its
-patient (found by Patient ID, or made), drops the patient left without studies and records
-the old files for removal and the audit row; only then are the old files removed.
+durably first; one transaction then points the instances at them, updates the rows (a study
+moved to its patient, found by Patient ID or made; a series moved to its study), drops a
+patient or study left empty and records the old files for removal and the audit row; only
+then are the old files removed.
 
 A study moved to a Patient ID that another patient already has takes that patient's name,
 birth date and sex (as the index holds them) unless given: given ones that differ are refused,
 since that patient's other studies hold theirs. A study whose patient has other studies keeps
-its Patient ID only if all of them are corrected together (``level="patient"``).
+its Patient ID only if all of them are corrected together (``level="patient"``). A series moved
+to a study the archive holds takes that study's patient and study attributes in the same way;
+moved to a Study Instance UID it does not hold, it becomes a study of its own with its old
+study's patient and attributes (correct that study next to give it another patient).
+
+Instances that arrive after a correction are stored as they are sent, in the series and study
+the index holds for them: a modality that sends a corrected study again sends the old values.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import struct
 import time
 from dataclasses import dataclass, field
 
+from pydicom import config
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
@@ -34,10 +48,11 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_data_element
 from pydicom.uid import UID
+from pydicom.valuerep import validate_value
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 
-from storage import element_scan
+from storage import element_scan, instance_facts
 from storage.blobstore import BlobStore, new_key
 from storage.errors import StorageError
 from storage.index import Blob, Correction, Index, Instance, Patient, Series, Study
@@ -45,10 +60,14 @@ from storage.removals import finish_removals, record_removals
 
 log = logging.getLogger(__name__)
 
-#: what can be corrected: DICOM keyword -> column of :class:`storage.index.Patient`
-KEYS = {"PatientID": "patient_id", "PatientName": "patient_name",
-        "PatientBirthDate": "birth_date", "PatientSex": "sex"}
-LEVELS = ("patient", "study")
+#: what can be corrected, by level: DICOM keyword -> column of its index row
+PATIENT_KEYS = {k: c for c, k in instance_facts.PATIENT_KEYS.items()}
+STUDY_KEYS = {k: c for c, k in instance_facts.STUDY_KEYS.items() if k != "StudyInstanceUID"}
+SERIES_KEYS = {k: c for c, k in instance_facts.SERIES_KEYS.items()
+               if k not in ("SeriesInstanceUID", "Modality")}
+ALLOWED = {"patient": PATIENT_KEYS, "study": {**PATIENT_KEYS, **STUDY_KEYS},
+           "series": {**SERIES_KEYS, "StudyInstanceUID": "study_uid"}}
+LEVELS = tuple(ALLOWED)
 _CHARSET = 0x00080005
 _GROUP_LENGTH = 0x00100000
 
@@ -148,85 +167,156 @@ class _Planned:
 
 @dataclass
 class CorrectionPlan:
-    """What a correction changes: the studies' instances, the patient rows, the values."""
+    """What a correction changes: the series' instances, the index rows, the values."""
 
     level: str
     uid: str
     before: dict[str, str]
     after: dict[str, str]
     study_ids: list[int]
+    series_ids: list[int]
     source_patient: int
     target_patient: int | None
+    target_study: int | None = None
     instances: list[_Planned] = field(default_factory=list)
 
     @property
     def changes(self) -> dict[str, tuple[str, str]]:
         """keyword -> (before, after) of what changes."""
-        return {k: (self.before[k], self.after[k]) for k in KEYS
-                if self.before[k] != self.after[k]}
+        return {k: (v, self.after[k]) for k, v in self.before.items() if v != self.after[k]}
+
+    def changed(self, keys) -> dict[str, str]:
+        """Column -> new value of those of ``keys`` (keyword -> column) that change."""
+        return {c: self.after[k] for k, c in keys.items() if k in self.changes}
 
     def summary(self) -> dict:
         return {"level": self.level, "uid": self.uid, "studies": len(self.study_ids),
-                "instances": len(self.instances),
+                "series": len(self.series_ids), "instances": len(self.instances),
                 "changes": {k: list(v) for k, v in self.changes.items()}}
 
 
 def plan(index: Index, level: str, uid: str, values: dict[str, str]) -> CorrectionPlan:
-    """What correcting ``uid`` (a Patient ID at ``patient`` level, a Study Instance UID at
-    ``study`` level) to ``values`` changes.
+    """What correcting ``uid`` (a Patient ID at ``patient`` level, a Study or Series Instance
+    UID at ``study`` or ``series`` level) to ``values`` changes.
 
     Raises
     ------
     CorrectionError
-        An unknown level, key or target; nothing to change; a move the rules above refuse.
+        An unknown level, key or target; a value its VR does not allow; nothing to change; a
+        move the rules above refuse.
     """
     if level not in LEVELS:
         raise CorrectionError(f"level must be one of {', '.join(LEVELS)}")
-    unknown = sorted(set(values) - set(KEYS))
+    allowed = ALLOWED[level]
+    unknown = [k for k in values if k not in allowed]
     if unknown:
-        raise CorrectionError(f"cannot correct {', '.join(unknown)}: only "
-                              f"{', '.join(KEYS)}")
+        raise CorrectionError(f"cannot correct {', '.join(unknown)} of a {level}: only "
+                              f"{', '.join(allowed)}")
+    for keyword, value in values.items():
+        check_value(keyword, value)
     with index.read() as s:
-        if level == "study":
-            study = s.scalar(select(Study).where(Study.study_uid == uid))
-            if study is None:
-                raise CorrectionError(f"no study {uid}")
-            source = s.get(Patient, study.patient_fk)
-            study_ids = [study.id]
+        patient, study, series, study_ids, series_ids = _selection(s, level, uid)
+        before = _values(patient, PATIENT_KEYS)
+        if study is not None:
+            before.update(_values(study, STUDY_KEYS))
+        if series is not None:
+            before.update(_values(series, SERIES_KEYS), StudyInstanceUID=study.study_uid)
+        after = dict(before)
+        out = CorrectionPlan(level, uid, before, after, study_ids, series_ids, patient.id, None)
+        if values.get("StudyInstanceUID", study.study_uid if study else "") != \
+                (study.study_uid if study else ""):
+            _move_series(s, out, study, values["StudyInstanceUID"])
         else:
-            source = s.scalar(select(Patient).where(Patient.patient_id == uid))
-            if source is None:
-                raise CorrectionError(f"no patient {uid!r}")
-            study_ids = list(s.scalars(select(Study.id).where(Study.patient_fk == source.id)))
-        before = {k: getattr(source, c) or "" for k, c in KEYS.items()}
-        new_id = values.get("PatientID", before["PatientID"])
-        target = None if new_id == before["PatientID"] else \
-            s.scalar(select(Patient).where(Patient.patient_id == new_id))
-        others = s.scalar(select(exists().where(Study.patient_fk == source.id,
-                                                Study.id.not_in(study_ids))))
+            _patient_rules(s, out, values)
+        after.update(values)
+        if after == before:
+            raise CorrectionError(f"nothing to change: the values are the {level}'s already")
         rows = s.execute(select(Instance.id, Instance.sop_uid, Instance.transfer_syntax,
                                 Instance.sha256, Instance.staged_key, Instance.blob_fk,
                                 Instance.pixel_offset)
-                         .join(Series, Instance.series_fk == Series.id)
-                         .where(Series.study_fk.in_(study_ids)).order_by(Instance.id)).all()
-    after = dict(before)
-    if target is not None:
-        after.update({k: getattr(target, c) or "" for k, c in KEYS.items()})
-        clash = {k: v for k, v in values.items() if v != after[k]}
-        if clash:
-            raise CorrectionError(
-                f"patient {new_id!r} is held with {_listed({k: after[k] for k in clash})}: "
-                "leave those out to take them, or correct that patient first")
-    after.update(values)
-    if after == before:
-        raise CorrectionError("nothing to change: the values are the patient's already")
-    if others and new_id == before["PatientID"]:
-        raise CorrectionError(f"patient {new_id!r} has other studies: correct the patient "
-                              "(all its studies), or give this study another Patient ID")
-    out = CorrectionPlan(level, uid, before, after, study_ids, source.id,
-                         target.id if target is not None else None)
+                         .where(Instance.series_fk.in_(series_ids)).order_by(Instance.id)).all()
     out.instances = [_Planned(*row) for row in rows]
     return out
+
+
+def check_value(keyword: str, value: str) -> None:
+    """Raise CorrectionError unless ``value`` is one ``keyword``'s VR allows (an empty one
+    except for the Study Instance UID)."""
+    vr = dictionary_VR(tag_for_keyword(keyword))
+    try:
+        validate_value(vr, value, config.RAISE)
+        if vr == "DA" and value:
+            datetime.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError as exc:
+        raise CorrectionError(f"{keyword} {value!r}: {exc}") from None
+    if keyword == "PatientSex" and value not in ("", "M", "F", "O"):
+        raise CorrectionError(f"PatientSex {value!r}: one of M, F, O or empty")
+    if keyword == "StudyInstanceUID" and not value:
+        raise CorrectionError("StudyInstanceUID: a UID, not empty")
+
+
+def _values(row, keys: dict[str, str]) -> dict[str, str]:
+    return {k: getattr(row, c) or "" for k, c in keys.items()}
+
+
+def _selection(s, level: str, uid: str):
+    """The patient, study and series rows named (None above the level) and the ids of the
+    studies and series whose instances change."""
+    study = series = None
+    if level == "patient":
+        patient = s.scalar(select(Patient).where(Patient.patient_id == uid))
+        if patient is None:
+            raise CorrectionError(f"no patient {uid!r}")
+        study_ids = list(s.scalars(select(Study.id).where(Study.patient_fk == patient.id)))
+    else:
+        if level == "series":
+            series = s.scalar(select(Series).where(Series.series_uid == uid))
+            if series is None:
+                raise CorrectionError(f"no series {uid}")
+            study = s.get(Study, series.study_fk)
+        else:
+            study = s.scalar(select(Study).where(Study.study_uid == uid))
+            if study is None:
+                raise CorrectionError(f"no study {uid}")
+        patient = s.get(Patient, study.patient_fk)
+        study_ids = [study.id]
+    series_ids = [series.id] if series is not None else \
+        list(s.scalars(select(Series.id).where(Series.study_fk.in_(study_ids))))
+    return patient, study, series, study_ids, series_ids
+
+
+def _patient_rules(s, todo: CorrectionPlan, values: dict[str, str]) -> None:
+    """The patient a study or patient goes to (see the module's docstring), in ``todo``."""
+    new_id = values.get("PatientID", todo.before["PatientID"])
+    if new_id != todo.before["PatientID"]:
+        target = s.scalar(select(Patient).where(Patient.patient_id == new_id))
+        if target is not None:
+            todo.target_patient = target.id
+            todo.after.update(_values(target, PATIENT_KEYS))
+            clash = {k: v for k, v in values.items() if k in PATIENT_KEYS and v != todo.after[k]}
+            if clash:
+                raise CorrectionError(
+                    f"patient {new_id!r} is held with "
+                    f"{_listed({k: todo.after[k] for k in clash})}: leave those out to take "
+                    "them, or correct that patient first")
+    renamed = any(values.get(k, todo.before[k]) != todo.before[k] for k in PATIENT_KEYS)
+    others = s.scalar(select(exists().where(Study.patient_fk == todo.source_patient,
+                                            Study.id.not_in(todo.study_ids))))
+    if renamed and others and new_id == todo.before["PatientID"]:
+        raise CorrectionError(f"patient {new_id!r} has other studies: correct the patient "
+                              "(all its studies), or give this study another Patient ID")
+
+
+def _move_series(s, todo: CorrectionPlan, study: Study, new_uid: str) -> None:
+    """A series moved to the study ``new_uid``: its instances take that study's patient and
+    study attributes as the index holds them; a study not yet held is made with this one's."""
+    target = s.scalar(select(Study).where(Study.study_uid == new_uid))
+    if target is None:
+        return                      # made by _write, with the series' study's attributes
+    todo.target_study = target.id
+    todo.target_patient = target.patient_fk
+    todo.after.update(_values(s.get(Patient, target.patient_fk), PATIENT_KEYS),
+                      **_values(target, STUDY_KEYS))
 
 
 def _listed(values: dict) -> str:
@@ -328,24 +418,20 @@ class Corrector:
                 blob_ids.add(inst.blob_fk)
         for blob_id in blob_ids:
             if s.scalar(select(exists().where(Instance.blob_fk == blob_id))):
-                raise CorrectionConflict(f"blob {blob_id} holds instances of another study")
+                raise CorrectionConflict(f"blob {blob_id} holds instances this correction "
+                                         "does not cover")
             keys.append(s.get(Blob, blob_id).key)
             s.execute(delete(Blob).where(Blob.id == blob_id))
-        target = todo.target_patient
-        if target is None and todo.after["PatientID"] != todo.before["PatientID"]:
-            made = Patient(**{c: todo.after[k] for k, c in KEYS.items()})
-            s.add(made)
-            s.flush()
-            target = made.id
-        if target is None:
-            s.execute(update(Patient).where(Patient.id == todo.source_patient).values(
-                **{c: todo.after[k] for k, c in KEYS.items()}))
-        else:
+        if "StudyInstanceUID" in todo.changes:
+            _move_rows(s, todo)
+        elif todo.changed(PATIENT_KEYS):
+            _repatient_rows(s, todo)
+        if todo.changed(STUDY_KEYS) and "StudyInstanceUID" not in todo.changes:
             s.execute(update(Study).where(Study.id.in_(todo.study_ids)).values(
-                patient_fk=target))
-            s.execute(delete(Patient).where(
-                Patient.id == todo.source_patient,
-                ~exists().where(Study.patient_fk == Patient.id)))
+                **todo.changed(STUDY_KEYS)))
+        if todo.changed(SERIES_KEYS):
+            s.execute(update(Series).where(Series.id.in_(todo.series_ids)).values(
+                **todo.changed(SERIES_KEYS)))
         record_removals(s, keys)
         s.add(Correction(corrected_at=time.time(), level=todo.level, uid=todo.uid,
                          studies=len(todo.study_ids), instances=len(todo.instances),
@@ -353,6 +439,49 @@ class Corrector:
                                            for k, (a, b) in todo.changes.items()),
                          reason=reason[:500]))
         return keys
+
+
+def _repatient_rows(s, todo: CorrectionPlan) -> None:
+    """The studies' patient row corrected, or the studies moved to their new patient (made
+    when new); the patient left without studies dropped."""
+    target = todo.target_patient
+    if target is not None and s.get(Patient, target) is None:
+        raise CorrectionConflict(f"patient {todo.after['PatientID']!r} was deleted meanwhile")
+    if target is None and todo.after["PatientID"] != todo.before["PatientID"]:
+        made = Patient(**{c: todo.after[k] for k, c in PATIENT_KEYS.items()})
+        s.add(made)
+        s.flush()
+        target = made.id
+    if target is None:
+        s.execute(update(Patient).where(Patient.id == todo.source_patient).values(
+            **todo.changed(PATIENT_KEYS)))
+        return
+    s.execute(update(Study).where(Study.id.in_(todo.study_ids)).values(patient_fk=target))
+    _drop_emptied(s, todo)
+
+
+def _move_rows(s, todo: CorrectionPlan) -> None:
+    """The series moved to their new study (made, with their old study's patient and
+    attributes, when new); the study and patient left empty dropped."""
+    target = todo.target_study
+    if target is not None and s.get(Study, target) is None:
+        raise CorrectionConflict(f"study {todo.after['StudyInstanceUID']} was deleted meanwhile")
+    if target is None:
+        old = s.get(Study, todo.study_ids[0])
+        made = Study(study_uid=todo.after["StudyInstanceUID"], patient_fk=old.patient_fk,
+                     **{c: getattr(old, c) for c in STUDY_KEYS.values()})
+        s.add(made)
+        s.flush()
+        target = made.id
+    s.execute(update(Series).where(Series.id.in_(todo.series_ids)).values(study_fk=target))
+    s.execute(delete(Study).where(Study.id.in_(todo.study_ids),
+                                  ~exists().where(Series.study_fk == Study.id)))
+    _drop_emptied(s, todo)
+
+
+def _drop_emptied(s, todo: CorrectionPlan) -> None:
+    s.execute(delete(Patient).where(Patient.id == todo.source_patient,
+                                    ~exists().where(Study.patient_fk == Patient.id)))
 
 
 def history(index: Index, limit: int = 100) -> list[dict]:

@@ -277,13 +277,13 @@ def add_missing_columns(engine) -> list[str]:
 
 
 class Correction(Base):
-    """The audit trail of corrections (:mod:`storage.correction`): which patient or study,
+    """The audit trail of corrections (:mod:`storage.correction`): which patient, study or series,
     what changed from what to what, why."""
 
     __tablename__ = "corrections"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     corrected_at: Mapped[float] = mapped_column(Float)
-    level: Mapped[str] = mapped_column(String)       # patient or study
+    level: Mapped[str] = mapped_column(String)       # patient, study or series
     uid: Mapped[str] = mapped_column(String)
     studies: Mapped[int] = mapped_column(Integer, default=0)
     instances: Mapped[int] = mapped_column(Integer, default=0)

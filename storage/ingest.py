@@ -22,7 +22,7 @@ from storage.blobstore import BlobStore, new_key
 from storage.dataset_parts import parse_fields, pixel_layout
 from storage.errors import (CommitOutcomeUnknown, DatasetMismatchError, DuplicateInstanceError,
                             StorageFullError)
-from storage.index import Deletion, Index, Instance, Patient, Series, Study
+from storage.index import Correction, Deletion, Index, Instance, Patient, Series, Study
 from storage.instance_facts import (
     INDEXED_KEYWORDS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, InstanceFacts, describe, stack_format,
 )
@@ -431,16 +431,24 @@ _DELETE = delete(_INSTANCES).where(_INSTANCES.c.id == bindparam("p_id"))
 _TOUCH = update(_SERIES).where(_SERIES.c.id == bindparam("p_id")) \
     .values(last_received=bindparam("p_now"))
 _INSERT = insert(_INSTANCES)
-_LAST_DELETION = f"SELECT coalesce(max(id), 0) FROM {Deletion.__tablename__}"
+_HELD_SERIES = select(_SERIES.c.id, Study.study_uid, Patient.patient_id) \
+    .join(Study, _SERIES.c.study_fk == Study.id).join(Patient, Study.patient_fk == Patient.id) \
+    .where(_SERIES.c.series_uid == bindparam("p_uid"))
+_HELD_STUDY = select(Study.id, Patient.patient_id).join(Patient, Study.patient_fk == Patient.id) \
+    .where(Study.study_uid == bindparam("p_uid"))
+# a correction drops patient and study rows as a deletion does
+_LAST_DELETION = (f"SELECT (SELECT coalesce(max(id), 0) FROM {Deletion.__tablename__}), "
+                  f"(SELECT coalesce(max(id), 0) FROM {Correction.__tablename__})")
 
 
-def _last_deletion(conn) -> int:
-    """The id of the last deletion (0: none), on ``conn``'s DBAPI connection, in its
-    transaction: a Core statement costs ten times as much, on every batch."""
+def _last_deletion(conn) -> tuple[int, int]:
+    """The ids of the last deletion and the last correction (0: none), on ``conn``'s DBAPI
+    connection, in its transaction: a Core statement costs ten times as much, on every
+    batch."""
     cursor = conn.connection.cursor()
     try:
         cursor.execute(_LAST_DELETION)
-        return cursor.fetchone()[0]
+        return tuple(cursor.fetchone())
     finally:
         cursor.close()
 
@@ -467,10 +475,7 @@ def _apply(conn, facts: InstanceFacts, fields: dict, duplicates: str, now: float
         conn.execute(_DELETE, {"p_id": old.id})
         log.warning("duplicate instance %s replaces the stored one (policy replace)",
                     facts.sop_uid)
-    ids = {} if ids is None else ids
-    patient = _row_id(conn, ids, Patient, "patient_id", facts.patient)
-    study = _row_id(conn, ids, Study, "study_uid", facts.study, patient_fk=patient)
-    series = _row_id(conn, ids, Series, "series_uid", facts.series, study_fk=study)
+    series = _series_id(conn, {} if ids is None else ids, facts)
     if touched is None or series not in touched:
         conn.execute(_TOUCH, {"p_id": series, "p_now": now})
         if touched is not None:
@@ -480,6 +485,40 @@ def _apply(conn, facts: InstanceFacts, fields: dict, duplicates: str, now: float
         instance_number=facts.instance_number, position=facts.position, received_at=now,
         **fields))
     return ("replaced" if old is not None else "stored"), dropped
+
+
+def _series_id(conn, ids: dict, facts: InstanceFacts) -> int:
+    """The id of an instance's series row, made (with its study's and patient's, when new)
+    from its attributes. A series or study held already stays where it is filed, which a
+    correction may have changed (`voxarc correct`): its study and patient are neither looked
+    up nor made from this instance's attributes, and an instance that names another patient
+    or study is logged (once per series while ``ids`` holds it)."""
+    uid, study_uid = facts.series["series_uid"], facts.study["study_uid"]
+    if ("series", uid) in ids:
+        return ids["series", uid]
+    held = conn.execute(_HELD_SERIES, {"p_uid": uid}).first()
+    if held is not None:
+        _note_filed(facts, held.patient_id, held.study_uid)
+        ids["series", uid] = held.id
+        return held.id
+    study = ids.get(("studies", study_uid))
+    if study is None:
+        held = conn.execute(_HELD_STUDY, {"p_uid": study_uid}).first()
+        if held is not None:
+            _note_filed(facts, held.patient_id, study_uid)
+            study = ids["studies", study_uid] = held.id
+        else:
+            patient = _row_id(conn, ids, Patient, "patient_id", facts.patient)
+            study = _row_id(conn, ids, Study, "study_uid", facts.study, patient_fk=patient)
+    return _row_id(conn, ids, Series, "series_uid", facts.series, study_fk=study)
+
+
+def _note_filed(facts: InstanceFacts, patient_id: str, study_uid: str) -> None:
+    if facts.patient["patient_id"] != patient_id or facts.study["study_uid"] != study_uid:
+        log.warning("instance %s names patient %r, study %s; stored in its series where it is "
+                    "held: patient %r, study %s (corrected?)", facts.sop_uid,
+                    facts.patient["patient_id"], facts.study["study_uid"], patient_id,
+                    study_uid)
 
 
 def _row_id(conn, ids: dict, model, key: str, values: dict, **parent) -> int:

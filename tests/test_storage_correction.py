@@ -17,6 +17,7 @@ from admin_helpers import (CHROMIUM, admin_site, chromium, get_json,  # noqa: F4
 from node_helpers import archive, dataset_bytes, make_series, store_as_received  # noqa: F401
 from storage import correction, element_scan
 from storage.correction import CorrectionError, corrected_bytes
+from storage.ingest import Stager
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,8 +99,10 @@ def test_a_study_moves_to_its_patient_staged_or_compacted(archive):  # noqa: F81
         archive.correction_plan("study", study, {"PatientName": "Roe^Rick"})
     with pytest.raises(CorrectionError, match="held with PatientName 'Doe\\^Jane'"):
         archive.correction_plan("study", study, {"PatientID": "P42", "PatientName": "Roe"})
-    with pytest.raises(CorrectionError, match="cannot correct StudyDate"):
-        archive.correction_plan("study", study, {"StudyDate": "20240101"})
+    with pytest.raises(CorrectionError, match="cannot correct StudyDate of a patient"):
+        archive.correction_plan("patient", "TRAUMA1", {"StudyDate": "20240101"})
+    with pytest.raises(CorrectionError, match="cannot correct SeriesNumber of a study"):
+        archive.correction_plan("study", study, {"SeriesNumber": "4"})
 
     done = archive.correct("study", study, {"PatientID": "P42"}, reason="ER mix-up")
     assert done["instances"] == 3 and done["changes"] == {
@@ -158,8 +161,17 @@ def test_the_command_shows_asks_and_corrects(tmp_path):
     assert "study " + study in proc.stdout and "(typo)" in proc.stdout
     proc = voxarc("study", "1.2.3", "--set", "PatientID=X", "--yes")
     assert proc.returncode == 1 and "no study 1.2.3" in proc.stderr
+    proc = voxarc("series", series[0].SeriesInstanceUID, "--set", "SeriesDescription=Axial",
+                  "--set", "BodyPartExamined=CHEST", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert f"corrected series {series[0].SeriesInstanceUID}: 2 instances; " \
+        "SeriesDescription '' -> 'Axial'; BodyPartExamined '' -> 'CHEST'" in proc.stdout
+    proc = voxarc("study", study, "--set", "StudyDate=20241301", "--yes")
+    assert proc.returncode == 1 and "Invalid value for VR DA" in proc.stderr
     arch = Archive(tmp_path / "data")
     assert [r["PatientID"] for r in arch.find("STUDY", {"StudyInstanceUID": study})] == ["NEW"]
+    assert arch.find("SERIES", {"BodyPartExamined": "CHEST"})[0]["SeriesDescription"] == \
+        "Axial"
     arch.close()
 
 
@@ -230,3 +242,162 @@ def test_a_compaction_between_plan_and_commit_is_a_conflict_that_changes_nothing
         "instances"] == 4
     assert arch.find("STUDY", {})[0]["PatientID"] == "NEW"
     arch.close()
+
+
+def test_a_studys_own_attributes_are_corrected(archive):  # noqa: F811
+    """Accession number, description and date of one study of a patient with others: only those
+    elements change, in the index (C-FIND finds the new accession) and the bytes, staged and
+    compacted; the patient and the other study stay as they were."""
+    first = make_series(3, 16, 16, patient_id="P1", seed=4)
+    second = make_series(2, 16, 16, patient_id="P1", seed=5)
+    sent = store_as_received(archive, first + second)
+    study = first[0].StudyInstanceUID
+    archive.compact_series(first[0].SeriesInstanceUID)
+    values = {"AccessionNumber": "ACC-2024-77", "StudyDescription": "CT CHEST W/O",
+              "StudyDate": "20240103"}
+    done = archive.correct("study", study, values, reason="RIS order fixed")
+    assert done["changes"] == {"StudyDate": ["20240102", "20240103"],
+                               "AccessionNumber": ["ACC1", "ACC-2024-77"],
+                               "StudyDescription": ["Test study", "CT CHEST W/O"]}
+    for rounds in ("staged again", "compacted again"):
+        for ds in first:
+            ts, data = sent[ds.SOPInstanceUID]
+            new = archive.retrieve(ds.SOPInstanceUID).data
+            assert new == corrected_bytes(data, ts, values), rounds
+            _others_unchanged(data, new, ts, {0x00080020, 0x00080050, 0x00081030})
+        for ds in second:
+            assert archive.retrieve(ds.SOPInstanceUID).data == sent[ds.SOPInstanceUID][1]
+        archive.compact(0)
+    (row,) = archive.find("STUDY", {"AccessionNumber": "ACC-2024-77", "StudyDate": "",
+                                    "StudyDescription": "", "PatientID": ""})
+    assert (row["StudyInstanceUID"], row["StudyDate"], row["StudyDescription"],
+            row["PatientID"]) == (study, "20240103", "CT CHEST W/O", "P1")
+    assert len(archive.find("STUDY", {"PatientID": "P1"})) == 2
+    assert archive.find("STUDY", {"AccessionNumber": "ACC1"})[0]["StudyInstanceUID"] == \
+        second[0].StudyInstanceUID
+
+
+@pytest.mark.parametrize("level, key, value, message", [
+    ("study", "StudyDate", "20240230", "day is out of range"),
+    ("study", "StudyDate", "2024-01-03", "Invalid value for VR DA"),
+    ("study", "AccessionNumber", "A" * 17, "maximum length of 16"),
+    ("study", "PatientSex", "X", "one of M, F, O"),
+    ("study", "StudyTime", "256100", "Invalid value for VR TM"),
+    ("series", "StudyInstanceUID", "1.2.abc", "Invalid value for VR UI"),
+    ("series", "StudyInstanceUID", "", "not empty"),
+    ("series", "Modality", "MR", "cannot correct Modality of a series"),
+])
+def test_values_their_vr_does_not_allow_are_refused(archive, level, key, value,  # noqa: F811
+                                                    message):
+    series = make_series(1, 8, 8)
+    store_as_received(archive, series)
+    uid = series[0].StudyInstanceUID if level == "study" else series[0].SeriesInstanceUID
+    with pytest.raises(CorrectionError, match=message):
+        archive.correction_plan(level, uid, {key: value})
+
+
+def test_a_series_moves_to_the_study_it_belongs_to(archive):  # noqa: F811
+    """A series filed under the wrong patient's study moves to the right study: its instances
+    take that study's patient and study attributes; the study and patient it leaves empty go."""
+    stray = make_series(3, 16, 16, patient_id="WRONG", patient_name="Wrong^Pat", seed=6,
+                        study_date="20240101")
+    home = make_series(2, 16, 16, patient_id="RIGHT", patient_name="Right^Pat", seed=7)
+    sent = store_as_received(archive, stray + home)
+    archive.compact_series(stray[0].SeriesInstanceUID)
+    target = home[0].StudyInstanceUID
+    done = archive.correct("series", stray[0].SeriesInstanceUID,
+                           {"StudyInstanceUID": target, "SeriesDescription": "Scout"})
+    assert done["instances"] == 3 and done["changes"] == {
+        "PatientID": ["WRONG", "RIGHT"], "PatientName": ["Wrong^Pat", "Right^Pat"],
+        "StudyDate": ["20240101", "20240102"], "StudyInstanceUID":
+        [stray[0].StudyInstanceUID, target], "SeriesDescription": ["", "Scout"]}
+    for rounds in ("staged again", "compacted again"):
+        for ds in stray:
+            got = _parsed(archive.retrieve(ds.SOPInstanceUID).data, ds.file_meta.TransferSyntaxUID)
+            assert (got.StudyInstanceUID, got.PatientID, got.StudyDate, got.SeriesDescription) \
+                == (target, "RIGHT", "20240102", "Scout"), rounds
+            assert got.PixelData == ds.PixelData
+        archive.compact(0)
+    # a late instance of the series, sent with its old patient and study, joins the series
+    # where it now is: no empty patient or study is made for it
+    late = make_series(4, 16, 16, patient_id="WRONG", patient_name="Wrong^Pat", seed=6,
+                       study_uid=stray[0].StudyInstanceUID)[0]
+    late.SeriesInstanceUID = stray[0].SeriesInstanceUID
+    archive.stager.close()
+    archive.stager = Stager(archive.index)           # as after a restart: no row ids cached
+    archive.store(*reversed(dataset_bytes(late)))
+    assert archive.find("PATIENT", {"PatientID": "WRONG"}) == []
+    assert archive.find("STUDY", {"StudyInstanceUID": stray[0].StudyInstanceUID}) == []
+    rows = archive.find("SERIES", {"StudyInstanceUID": target, "SeriesDescription": "",
+                                   "NumberOfSeriesRelatedInstances": ""})
+    assert sorted((r["SeriesDescription"], r["NumberOfSeriesRelatedInstances"])
+                  for r in rows) == [("", 2), ("Scout", 4)]
+    for ds in home:
+        assert archive.retrieve(ds.SOPInstanceUID).data == sent[ds.SOPInstanceUID][1]
+
+
+def test_a_series_split_off_into_a_study_of_its_own_then_given_its_patient(archive):  # noqa
+    """Moved to a Study Instance UID the archive does not hold, the series becomes a study with
+    its old study's patient and attributes; correcting that study then gives it its patient.
+    A late instance of the series, sent with its old study UID, joins the series where it now
+    is."""
+    both = make_series(2, 16, 16, patient_id="MIX", seed=8)
+    other = make_series(2, 16, 16, patient_id="MIX", study_uid=both[0].StudyInstanceUID,
+                        seed=9)
+    late = make_series(3, 16, 16, patient_id="MIX", study_uid=both[0].StudyInstanceUID,
+                       seed=9)[0]
+    late.SeriesInstanceUID = other[0].SeriesInstanceUID
+    store_as_received(archive, both + other)
+    new_uid = "1.2.826.0.1.3680043.8.498.424242"
+    archive.correct("series", other[0].SeriesInstanceUID, {"StudyInstanceUID": new_uid})
+    studies = {r["StudyInstanceUID"]: r for r in archive.find(
+        "STUDY", {"PatientID": "MIX", "AccessionNumber": "", "NumberOfStudyRelatedInstances": ""})}
+    assert set(studies) == {both[0].StudyInstanceUID, new_uid}
+    assert studies[new_uid]["AccessionNumber"] == "ACC1"
+    assert studies[new_uid]["NumberOfStudyRelatedInstances"] == 2
+    archive.correct("study", new_uid, {"PatientID": "OTHER", "PatientName": "Other^Pat"})
+    assert [r["StudyInstanceUID"] for r in archive.find("STUDY", {"PatientID": "OTHER"})] == \
+        [new_uid]
+    ts, data = dataset_bytes(late)
+    archive.store(data, ts)
+    (row,) = archive.find("STUDY", {"StudyInstanceUID": new_uid,
+                                    "NumberOfStudyRelatedInstances": ""})
+    assert row["NumberOfStudyRelatedInstances"] == 3
+
+
+def test_a_patient_row_freed_by_a_correction_is_not_reused_from_the_ingest_cache(archive):  # noqa
+    """A correction that drops a patient row frees its id (SQLite gives it to the next new
+    row): a study that arrives later for the old Patient ID must not be filed under the patient
+    who got the id, through the ingest's cache of row ids."""
+    store_as_received(archive, make_series(1, 8, 8, patient_id="B", seed=10))
+    wrong = make_series(1, 8, 8, patient_id="A", seed=11)
+    store_as_received(archive, wrong)
+    archive.correct("study", wrong[0].StudyInstanceUID, {"PatientID": "B"})
+    store_as_received(archive, make_series(1, 8, 8, patient_id="C", seed=12))
+    store_as_received(archive, make_series(1, 8, 8, patient_id="A", seed=13))
+    patients = {r["PatientID"]: r["NumberOfPatientRelatedStudies"] for r in archive.find(
+        "PATIENT", {"PatientID": "", "NumberOfPatientRelatedStudies": ""})}
+    assert patients == {"A": 1, "B": 2, "C": 1}
+
+
+
+def test_a_series_sent_after_its_study_was_corrected_joins_the_study(archive,  # noqa: F811
+                                                                   caplog):
+    """The modality sends one more series of a study after it was moved to its patient, with
+    the old Patient ID: the series joins the study where it is held, no empty patient is made
+    for the old ID, and the mismatch is logged."""
+    first = make_series(2, 8, 8, patient_id="TRAUMA9", seed=14)
+    store_as_received(archive, first)
+    archive.correct("study", first[0].StudyInstanceUID, {"PatientID": "P77"})
+    archive.stager.close()
+    archive.stager = Stager(archive.index)           # as after a restart: no row ids cached
+    later = make_series(2, 8, 8, patient_id="TRAUMA9", study_uid=first[0].StudyInstanceUID,
+                        seed=15)
+    with caplog.at_level("WARNING", logger="storage.ingest"):
+        store_as_received(archive, later)
+    assert archive.find("PATIENT", {"PatientID": "TRAUMA9"}) == []
+    (row,) = archive.find("STUDY", {"PatientID": "P77", "NumberOfStudyRelatedSeries": ""})
+    assert row["NumberOfStudyRelatedSeries"] == 2
+    warned = [r.getMessage() for r in caplog.records if "names patient 'TRAUMA9'" in
+              r.getMessage()]
+    assert len(warned) == 1 and "held: patient 'P77'" in warned[0]
