@@ -1,8 +1,10 @@
 """What the administrator's commands that change the archive for good (``voxarc delete``,
-``voxarc correct``) share: asking before they act, and printing their audit trails."""
+``voxarc correct``) share: asking before they act, telling the audit messages what they
+changed, and printing their audit trails."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import sys
@@ -10,6 +12,30 @@ import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+_KEYS = {"patient": ("STUDY", "PatientID"), "study": ("STUDY", "StudyInstanceUID"),
+         "series": ("SERIES", "SeriesInstanceUID"), "instance": ("IMAGE", "SOPInstanceUID")}
+
+
+def studies_touched(archive, level: str, uid: str) -> dict[str, tuple[str, int]]:
+    """{Study Instance UID: (Patient ID, instances)} of what deleting or correcting ``uid`` at
+    ``level`` touches, as the index holds it now."""
+    query_level, key = _KEYS[level]
+    asked = {"StudyInstanceUID": "", "PatientID": "", key: uid}
+    counted = {"STUDY": "NumberOfStudyRelatedInstances",
+               "SERIES": "NumberOfSeriesRelatedInstances"}.get(query_level)
+    if counted:
+        asked[counted] = ""
+    return {r["StudyInstanceUID"]: (r["PatientID"], int(r[counted] or 0) if counted else 1)
+            for r in archive.find(query_level, asked)}
+
+
+def note_change(archive, command: str, level: str, touched: dict[str, tuple[str, int]]) -> None:
+    """Tell the audit messages (not the access trail, whose table this is not) that ``command``
+    ("delete", "correct") changed the studies ``touched`` (:func:`studies_touched`)."""
+    actor = f"cli {command} ({getpass.getuser()})"
+    for study, (patient, instances) in touched.items():
+        archive.accesses.note(actor, f"{command} {level}", study, patient, instances,
+                              keep=False)
 
 
 def add_trail_options(p, verb: str, changes: str, past: str) -> None:

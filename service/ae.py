@@ -20,8 +20,8 @@ from pynetdicom.sop_class import (
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext
 
-from service import (command_encoding, commitment, exact_send, handlers, move_refusal, negotiation,
-                     quiet_log, statuses, tls)
+from service import (audit_syslog, command_encoding, commitment, exact_send, handlers,
+                     move_refusal, negotiation, quiet_log, statuses, tls)
 from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.forwarding import Forwarder
@@ -44,11 +44,18 @@ QUERY_RETRIEVE = (
 
 
 def open_archive(settings: Settings) -> Archive:
-    """Open the archive a node's settings describe."""
-    return Archive(settings.data_dir, settings.database_url, settings.duplicate_policy,
-                   settings.max_storage_bytes, settings.codec_model, settings.max_stack_slices,
-                   settings.cache_bytes, settings.codec_slab, settings.codec_adapt,
-                   settings.access_trail_days)
+    """Open the archive a node's settings describe (telling its audit record repository, when
+    one is set, what its access trail is told)."""
+    archive = Archive(settings.data_dir, settings.database_url, settings.duplicate_policy,
+                      settings.max_storage_bytes, settings.codec_model,
+                      settings.max_stack_slices, settings.cache_bytes, settings.codec_slab,
+                      settings.codec_adapt, settings.access_trail_days)
+    try:
+        audit_syslog.attach(archive, settings)
+    except Exception:
+        archive.close()
+        raise
+    return archive
 
 
 def build_ae(settings: Settings) -> AE:
@@ -233,6 +240,10 @@ class Node:
                              daemon=True).start()
         log.info("voxarc node %s listening on %s:%d (data %s)", self.settings.ae_title,
                  self.settings.host, self.port, self.settings.data_dir)
+        audit = audit_syslog.attached(self.archive)
+        if audit is not None:
+            audit.application(started=True)
+            log.info("audit messages to %s", self.settings.audit_syslog)
         _log_codec()
         return self
 
@@ -256,6 +267,9 @@ class Node:
         if self.forwarder is not None:
             self.forwarder.stop()
         self.reporter.stop()
+        audit = audit_syslog.attached(self.archive)
+        if audit is not None:
+            audit.application(started=False)
         self.archive.close()
         log.info("voxarc node %s stopped", self.settings.ae_title)
 

@@ -71,6 +71,13 @@ SETTING_DOCS = {
     "tls_private_key": "PEM private key of tls_certificate.",
     "tls_ca_certificates": "PEM authorities client certificates must chain to (mutual TLS); "
                            "empty: no client certificate asked.",
+    "audit_syslog": "IHE ATNA audit record repository the node sends DICOM audit messages to "
+                    "(stores, queries, retrievals, exports, deletions, corrections, start and "
+                    "stop): udp://HOST[:514], tcp://HOST[:514] or tls://HOST[:6514]; empty: "
+                    "none.",
+    "audit_syslog_ca": "PEM authorities the audit repository's TLS certificate must chain to "
+                       "(empty: the system's); the node presents tls_certificate when set.",
+    "audit_source_id": "Audit Source ID of the node's audit messages (empty: AE@host name).",
 }
 MIN_CACHE_BYTES = 32 << 20
 _DESTINATION = re.compile(r"^(?P<name>[^=]+)=(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
@@ -124,6 +131,9 @@ class Settings:
     tls_certificate: str = ""
     tls_private_key: str = ""
     tls_ca_certificates: str = ""
+    audit_syslog: str = ""
+    audit_syslog_ca: str = ""
+    audit_source_id: str = ""
 
     def destination(self, ae_title: str) -> Destination | None:
         """Return the destination whose AE title (or name) is ``ae_title``, or None."""
@@ -166,6 +176,10 @@ def _coerce(name: str, value):
     value = type(default)(value)
     if name == "http_public_url":
         return _public_url(str(value))
+    if name == "audit_syslog" and value and \
+            not re.match(r"^(udp|tcp|tls)://[^/:]+(:\d+)?/?$", value):
+        raise ValueError(f"audit_syslog must be udp://HOST[:PORT], tcp://HOST[:PORT] or "
+                         f"tls://HOST[:PORT], not {value!r}")
     if name == "cache_bytes" and value < MIN_CACHE_BYTES:
         raise ValueError(f"cache_bytes must be at least {MIN_CACHE_BYTES} (32 MiB), not "
                          f"{value}: retrievals decode through the cache, and a slab that does "

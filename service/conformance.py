@@ -83,7 +83,7 @@ def statement(settings: Settings) -> str:
     parts = [_header(settings, ae), _services(contexts, storage), _association(settings, ae),
              _syntaxes(contexts, storage), _store(settings), _find(settings),
              _retrieve(settings), _commitment(), _status_table(), _dicomweb(settings),
-             _media(), _appendix(storage)]
+             _media(), _audit(settings), _appendix(storage)]
     return "\n".join(parts)
 
 
@@ -370,6 +370,30 @@ def _media() -> str:
         + _table(("record key", "made up as"), rows)
         + "\nAn instance no record can be made for (a record type whose own Type 1 keys it "
         "lacks) is left out and reported.\n")
+
+
+def _audit(settings: Settings) -> str:
+    rows = [("node start, stop", "110100 Application Activity (110120, 110121)", "E"),
+            ("C-STORE, STOW-RS received", "110104 DICOM Instances Transferred", "C"),
+            ("`voxarc import`", "110107 Import", "C"),
+            ("C-FIND, QIDO-RS", "110112 Query", "E"),
+            ("C-GET, C-MOVE, forwarding, sends by hand, WADO-RS and WADO-URI reads",
+             "110104 DICOM Instances Transferred", "R"),
+            ("downloads, `voxarc export`", "110106 Export", "R"),
+            ("`voxarc delete` of a patient or study", "110105 DICOM Study Deleted", "D"),
+            ("`voxarc delete` of a series or instance", "110103 DICOM Instances Accessed", "D"),
+            ("`voxarc correct`", "110103 DICOM Instances Accessed", "U")]
+    where = (f"this node sends them to `{settings.audit_syslog}`" if settings.audit_syslog
+             else "this node sends none (`audit_syslog` is not set)")
+    return (
+        "## 12. Security: audit trail (IHE ATNA)\n\n"
+        "With `audit_syslog` set, the node is an IHE ATNA Secure Application's audit "
+        "source: it sends DICOM audit messages (PS3.15 A.5) by syslog (RFC 5424, facility "
+        "authpriv, MSGID `IHE+RFC-3881`) over UDP (RFC 5426), TCP or TLS (RFC 5425; it "
+        f"presents its `tls_certificate` when set). As configured, {where}. Each message names "
+        "the study (Study Instance UID, its number of instances) and the patient (Patient "
+        "ID); notes of one actor, kind and study within 5 seconds make one message.\n\n"
+        + _table(("what", "EventID", "EventActionCode"), rows))
 
 
 def _appendix(storage: list[str]) -> str:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 
-from service.admin_cli import add_trail_options, may_proceed, print_trail
+from service.admin_cli import (add_trail_options, may_proceed, note_change, print_trail,
+                               studies_touched)
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from storage.correction import ALLOWED, LEVELS, CorrectionError, history
@@ -96,10 +97,12 @@ def correct(args) -> int:
                 print("nothing changed")
             return 2 if go is None else 0
         try:
+            touched = studies_touched(archive, args.level, args.uid)
             done = archive.correct(args.level, args.uid, values, args.reason, args.resend)
         except CorrectionError as exc:
             log.error("%s", exc)
             return 1
+        note_change(archive, "correct", args.level, touched)
         print(json.dumps(done, indent=2) if args.json else "corrected " + _describe(done))
         if args.resend and not args.json:
             print(f"{len(done['resent'])} series queued to be sent again"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 
-from service.admin_cli import add_trail_options, may_proceed, print_trail
+from service.admin_cli import (add_trail_options, may_proceed, note_change, print_trail,
+                               studies_touched)
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from storage.deletion import LEVELS, history
@@ -82,7 +83,9 @@ def delete(args) -> int:
         done, failed = [], 0
         for p in plans:
             try:
+                touched = studies_touched(archive, p.level, p.uid)
                 done.append(archive.delete(p.level, p.uid, args.reason))
+                note_change(archive, "delete", p.level, touched)
             except StorageError as exc:
                 failed += 1
                 log.error("%s %s not deleted: %s", p.level, p.uid, exc)

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service import statuses
+from service.web_access import http_actor
 from service.web_url import dicomweb_base
 from storage.dataset_parts import parse_fields
 from storage.part10 import split_file
@@ -119,7 +120,7 @@ def _identity(dataset: bytes, ts: str) -> tuple[str, str, str]:
 
 
 def _store_all(archive, parts: list[memoryview], study: str | None, max_bytes: int,
-               base: str):
+               base: str, actor: str):
     stored, failed = [], []
     for part in parts:
         try:
@@ -144,6 +145,7 @@ def _store_all(archive, parts: list[memoryview], study: str | None, max_bytes: i
             failed.append((sop_class, sop_uid, statuses.status_for(exc, f"STOW-RS of {sop_uid}")))
             continue
         log.info("STOW-RS %s of %s", result.outcome, result.sop_uid)
+        archive.accesses.note(actor, "STOW-RS", result.study_uid, instances=1, keep=False)
         stored.append((result.sop_class_uid, result.sop_uid,
                        f"{base}/studies/{result.study_uid}/series/{result.series_uid}"
                        f"/instances/{result.sop_uid}"))
@@ -194,7 +196,7 @@ def routes(archive, max_bytes: int = 0, public_url: str = "") -> list[Route]:
             return JSONResponse({"error": str(exc)}, status_code=400)
         base = dicomweb_base(request, public_url)
         stored, failed = await run_in_threadpool(_store_all, archive, parts, study, max_bytes,
-                                                 base)
+                                                 base, http_actor(request))
         log.info("STOW-RS: %d instances stored, %d refused", len(stored), len(failed))
         status = 200 if not failed else (202 if stored else 409)
         return JSONResponse(_answer(stored, failed, study, base), status_code=status,

@@ -80,6 +80,8 @@ def handle_store(event, archive: Archive, max_bytes: int = 0) -> int:
     except Exception as exc:
         return statuses.status_for(exc, f"C-STORE from {_peer(event)}")
     log.info("C-STORE %s of %s from %s", result.outcome, result.sop_uid, _peer(event))
+    # for the audit messages only: the index keeps who sent each instance
+    archive.accesses.note(_actor(event), "C-STORE", result.study_uid, instances=1, keep=False)
     if named_class and result.sop_class_uid != named_class:
         log.warning("C-STORE of %s from %s: stored, but its SOP class %s is not the request's "
                     "%s (0xB007)", result.sop_uid, _peer(event), result.sop_class_uid,
@@ -146,7 +148,8 @@ def handle_find(event, archive: Archive, max_results: int = 0):
         yield statuses.status_for(exc, f"C-FIND from {_peer(event)}"), None
         return
     log.info("C-FIND %s level from %s: %d matches", level, _peer(event), len(records))
-    _note_query(archive, _actor(event), "C-FIND", level, criteria, len(records))
+    _note_query(archive, _actor(event), "C-FIND", level, criteria, len(records),
+                str(event.context.abstract_syntax))
     if 0 < max_results < len(records):
         log.warning("C-FIND from %s refused (0xA700): %d matches, max_find_results is %d",
                     _peer(event), len(records), max_results)
@@ -161,14 +164,15 @@ def handle_find(event, archive: Archive, max_results: int = 0):
 
 
 def _note_query(archive: Archive, actor: str, action: str, level: str, criteria: dict,
-                matches: int) -> None:
+                matches: int, sop_class: str = "") -> None:
     """Note a query in the access trail: its level and the keys it matched on; the study and
-    patient when it named one exactly."""
+    patient when it named one exactly (``sop_class``: its information model, for the audit
+    messages)."""
     asked = {k: str(v) for k, v in criteria.items() if v not in (None, "")}
     exact = {k: v for k, v in asked.items() if not any(c in v for c in "*?\\")}
     detail = " ".join([level] + [f"{k}={v}" for k, v in sorted(asked.items())])
     archive.accesses.note(actor, action, exact.get("StudyInstanceUID", ""),
-                          exact.get("PatientID", ""), matches, detail)
+                          exact.get("PatientID", ""), matches, detail, about=sop_class)
 
 
 def _failed(sop_uid: str) -> Dataset:

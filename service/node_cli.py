@@ -7,6 +7,7 @@ the same settings: embedded defaults, ``--config`` TOML file, then flags.
 from __future__ import annotations
 
 import functools
+import getpass
 import json
 import logging
 import signal
@@ -141,6 +142,7 @@ def import_files(args) -> int:
     try:
         items = _items(args.paths, opened)
         progress, stored, failed, directories = Progress("import", len(items)), 0, 0, 0
+        actor = f"cli import ({getpass.getuser()})"        # for the audit messages
         for shown, name, read in items:
             if name.upper() == "DICOMDIR":       # the name PS3.10 keeps for it
                 directories += 1
@@ -151,6 +153,8 @@ def import_files(args) -> int:
                 ts, data = split_file(read())
                 result = archive.store(data, ts)
                 stored += result.outcome != "duplicate_ignored"
+                archive.accesses.note(actor, "import", result.study_uid, instances=1,
+                                      detail=" ".join(map(str, args.paths)), keep=False)
             except (StorageError, zipfile.BadZipFile, OSError) as exc:
                 failed += 1
                 log.warning("not imported %s: %s", shown, exc)

@@ -68,12 +68,26 @@ class AccessLog:
         self._flushing = threading.Lock()       # one writer at a time
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
+        #: told of every note, kept or not: objects with ``note(actor, action, study_uid,
+        #: patient_id, instances, detail, now, about)`` and ``close()`` (the audit messages)
+        self.listeners: list = []
 
     def note(self, actor: str, action: str, study_uid: str = "", patient_id: str = "",
-             instances: int = 0, detail: str = "", now: float | None = None) -> None:
+             instances: int = 0, detail: str = "", now: float | None = None,
+             keep: bool = True, about: str = "") -> None:
         """Note one request of ``actor`` (``instances`` it read) on a study (or none, such as
-        a query, whose ``detail`` then says what it asked)."""
+        a query, whose ``detail`` then says what it asked). ``keep`` false: only the
+        listeners are told (a store, a deletion, a correction: the index keeps those
+        otherwise); ``about``: more for the listeners (a query's SOP class)."""
         now = time.time() if now is None else now
+        for listener in self.listeners:
+            try:
+                listener.note(actor, action, study_uid, patient_id, instances, detail, now,
+                              about)
+            except Exception:                 # never the reader's problem
+                log.exception("access trail: a listener failed")
+        if not keep:
+            return
         key = (actor, action, study_uid or "", detail[:_DETAIL_CHARS])
         with self._lock:
             row = self._open.get(key)
@@ -135,10 +149,7 @@ class AccessLog:
         missing = {key[2] for key, row, *_ in todo if key[2] and not row.patient_id}
         made = []
         with self.index.write() as s:
-            found = dict(s.execute(select(Study.study_uid, Patient.patient_id)
-                                   .join(Patient, Study.patient_fk == Patient.id)
-                                   .where(Study.study_uid.in_(missing))).all()) \
-                if missing else {}
+            found = _patients(s, missing) if missing else {}
             for (actor, action, study, detail), row, row_id, requests, instances, last in todo:
                 values = {"last_at": last, "requests": requests, "instances": instances}
                 if row_id is not None:
@@ -187,11 +198,24 @@ class AccessLog:
         return gone
 
     def close(self) -> None:
-        """Write what is left and stop the background writer."""
+        """Write what is left and stop the background writer, then the listeners."""
         self._stop.set()
         if self._writer is not None:
             self._writer.join(timeout=10)
         self.flush()
+        for listener in self.listeners:
+            listener.close()
+
+    def patients_of(self, study_uids) -> dict[str, str]:
+        """{Study Instance UID: Patient ID} of those of ``study_uids`` the index holds."""
+        with self.index.read() as s:
+            return _patients(s, study_uids)
+
+
+def _patients(s, study_uids) -> dict[str, str]:
+    return dict(s.execute(select(Study.study_uid, Patient.patient_id)
+                          .join(Patient, Study.patient_fk == Patient.id)
+                          .where(Study.study_uid.in_(list(study_uids)))).all())
 
 
 def history(index: Index, limit: int | None = 100, study_uid: str | None = None,

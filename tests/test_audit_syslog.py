@@ -1,0 +1,332 @@
+"""IHE ATNA audit messages (service.audit_syslog): DICOM audit messages in RFC 5424 syslog
+frames, sent by UDP, TCP and TLS to a listening repository, for a node's start and stop, its
+stores, queries and retrievals, and for the deletion and correction commands; a repository that
+cannot be reached holds nothing up and gets what was queued once it can."""
+
+import base64
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
+
+from node_helpers import dataset_bytes, make_series
+from scu_helpers import find, get, store_bytes
+from service import audit_syslog
+from service.audit_syslog import (AuditEvent, AuditTrail, Participant, SyslogSender, audit_xml,
+                                  syslog_frame)
+
+REPO = Path(__file__).resolve().parents[1]
+_FRAME = re.compile(rb"^<85>1 \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \S+ voxarc \d+ IHE\+RFC-3881 - "
+                    rb"\xef\xbb\xbf(<\?xml .*)$", re.S)
+
+
+class Repository:
+    """An audit record repository listening on UDP, TCP or TLS; collects the messages' XML."""
+
+    def __init__(self, scheme: str = "udp", port: int = 0, context=None):
+        self.scheme, self.messages, self.frames = scheme, [], []
+        kind = socket.SOCK_DGRAM if scheme == "udp" else socket.SOCK_STREAM
+        self.sock = socket.socket(socket.AF_INET, kind)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
+        self.context = context
+        if scheme != "udp":
+            self.sock.listen()
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def _serve(self):
+        while not self._stop.is_set():
+            try:
+                if self.scheme == "udp":
+                    self._take(self.sock.recv(65536))
+                    continue
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            if self.context is not None:
+                conn.settimeout(5)
+                conn = self.context.wrap_socket(conn, server_side=True)
+            threading.Thread(target=self._read_stream, args=(conn,), daemon=True).start()
+
+    def _read_stream(self, conn):
+        buf = b""
+        conn.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                chunk = conn.recv(65536)
+            except (socket.timeout, ssl.SSLError, OSError):
+                continue
+            if not chunk:
+                break
+            buf += chunk
+            while b" " in buf:            # octet counting: LENGTH SP FRAME
+                length, _, rest = buf.partition(b" ")
+                if len(rest) < int(length):
+                    break
+                self._take(rest[:int(length)])
+                buf = rest[int(length):]
+        conn.close()
+
+    def _take(self, frame: bytes):
+        self.frames.append(frame)
+        match = _FRAME.match(frame)
+        assert match, frame[:120]
+        self.messages.append(ET.fromstring(match[1]))
+
+    def wait_for(self, event_code: str, count: int = 1, timeout: float = 30) -> list:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = events(self.messages, event_code)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"{count} x {event_code} not received: "
+                             f"{[event_id(m) for m in self.messages]}")
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def event_id(message) -> str:
+    return message.find("EventIdentification/EventID").get("csd-code")
+
+
+def events(messages, code: str) -> list:
+    return [m for m in messages if event_id(m) == code]
+
+
+def objects(message, id_type: str) -> dict:
+    """ParticipantObjectID -> its element, of those of ``id_type`` (a csd-code)."""
+    return {o.get("ParticipantObjectID"): o for o in message.iter("ParticipantObjectIdentification")
+            if o.find("ParticipantObjectIDTypeCode").get("csd-code") == id_type}
+
+
+def participants(message) -> dict:
+    """UserID -> (requestor, role code or None)."""
+    out = {}
+    for p in message.iter("ActiveParticipant"):
+        role = p.find("RoleIDCode")
+        out[p.get("UserID")] = (p.get("UserIsRequestor") == "true",
+                                role.get("csd-code") if role is not None else None)
+    return out
+
+
+def detail(obj, kind: str) -> str:
+    element = next(d for d in obj.iter("ParticipantObjectDetail") if d.get("type") == kind)
+    return base64.b64decode(element.get("value")).decode()
+
+
+def test_a_message_and_its_frame():
+    event = AuditEvent(audit_syslog.INSTANCES_TRANSFERRED, "R", 1_700_000_000.25, [
+        Participant("VOXARC", False, "source", "pacs1", "42"),
+        Participant("VIEWER", True, "destination", "10.0.0.7")], {"1.2.3": 5}, ["P&1"])
+    frame = syslog_frame(audit_xml(event, "VOXARC@pacs1"), event.when, "pacs 1")
+    match = _FRAME.match(frame)
+    assert match and frame.startswith(b"<85>1 2023-11-14T22:13:20.250Z pacs1 voxarc ")
+    root = ET.fromstring(match[1])
+    ident = root.find("EventIdentification")
+    assert (ident.get("EventActionCode"), ident.get("EventOutcomeIndicator"),
+            ident.get("EventDateTime")) == ("R", "0", "2023-11-14T22:13:20.250Z")
+    assert ident.find("EventID").attrib == {"csd-code": "110104", "codeSystemName": "DCM",
+                                            "originalText": "DICOM Instances Transferred"}
+    assert participants(root) == {"VOXARC": (False, "110153"), "VIEWER": (True, "110152")}
+    viewer = [p for p in root.iter("ActiveParticipant") if p.get("UserID") == "VIEWER"][0]
+    assert (viewer.get("NetworkAccessPointID"), viewer.get("NetworkAccessPointTypeCode")) == \
+        ("10.0.0.7", "2")
+    assert root.find("AuditSourceIdentification").get("AuditSourceID") == "VOXARC@pacs1"
+    study = objects(root, "110180")["1.2.3"]
+    assert (study.get("ParticipantObjectTypeCode"), study.get("ParticipantObjectTypeCodeRole"),
+            detail(study, "NumberOfInstances")) == ("2", "3", "5")
+    assert objects(root, "2")["P&1"].get("ParticipantObjectTypeCodeRole") == "1"
+    # the children in the schema's order
+    assert [c.tag for c in root] == ["EventIdentification", "ActiveParticipant",
+                                     "ActiveParticipant", "AuditSourceIdentification",
+                                     "ParticipantObjectIdentification",
+                                     "ParticipantObjectIdentification"]
+
+
+def test_notes_of_a_few_seconds_are_one_message_each():
+    repo = Repository("udp")
+    trail = AuditTrail(SyslogSender(repo.url), "VOXARC", patients_of=lambda uids: {
+        u: "PAT9" for u in uids}, flush_s=3600)
+    try:
+        for _ in range(3):
+            trail.note("http 10.1.1.1", "WADO-RS", "1.2.3")
+        trail.note("VIEWER@10.1.1.2", "C-FIND", "", "PAT9", 4, "STUDY PatientID=PAT9",
+                   about=StudyRootQueryRetrieveInformationModelFind)
+        trail.note("VIEWER@10.1.1.2", "C-MOVE to WS", "1.2.3", "", 7)
+        trail.note("cli export (ann)", "export", "1.2.3", "", 7, "/media/usb")
+        trail.note("someone", "an action not audited", "1.2.3")
+        trail.flush()
+        wado, moved = repo.wait_for("110104", 2)
+        assert participants(wado) == {"VOXARC": (False, "110153"), "10.1.1.1": (True, "110152")}
+        assert list(objects(wado, "2")) == ["PAT9"]          # looked up: the note had none
+        assert participants(moved) == {"VOXARC": (False, "110153"), "WS": (False, "110152"),
+                                       "VIEWER": (True, None)}
+        assert detail(objects(moved, "110180")["1.2.3"], "NumberOfInstances") == "7"
+        (query,) = repo.wait_for("110112")
+        (model,) = objects(query, "110181").values()
+        assert model.get("ParticipantObjectID") == StudyRootQueryRetrieveInformationModelFind
+        assert base64.b64decode(model.find("ParticipantObjectQuery").text) == \
+            b"STUDY PatientID=PAT9"
+        (export,) = repo.wait_for("110106")
+        assert participants(export) == {"ann": (True, None), "VOXARC": (False, "110153"),
+                                        "/media/usb": (False, "110154")}
+        time.sleep(0.3)
+        assert len(repo.messages) == 4
+    finally:
+        trail.close()
+        repo.close()
+
+
+def test_a_repository_down_holds_nothing_up_and_gets_the_queue_later():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]               # nobody listens here yet
+    sender = SyslogSender(f"tcp://127.0.0.1:{port}", queue_size=3, retry_s=0.2)
+    try:
+        started = time.monotonic()
+        for n in range(8):
+            sender.send(syslog_frame(f'<?xml version="1.0"?><m n="{n}"/>'.encode(),
+                                     time.time(), "h"))
+        assert time.monotonic() - started < 0.5          # never waits for the repository
+        time.sleep(0.5)
+        assert sender.sent == 0 and sender.dropped >= 4
+        repo = Repository("tcp", port)
+        deadline = time.monotonic() + 20
+        while len(repo.frames) < 8 - sender.dropped and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(repo.frames) == 8 - sender.dropped == sender.sent
+        repo.close()
+    finally:
+        sender.close(timeout=0.5)
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
+def test_tls_to_a_repository_that_asks_for_the_nodes_certificate(tmp_path):
+    def certificate(name):
+        key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                        key, "-out", cert, "-days", "2", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                       capture_output=True)
+        return key, cert
+    repo_key, repo_cert = certificate("arr")
+    node_key, node_cert = certificate("node")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(repo_cert, repo_key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(node_cert)
+    repo = Repository("tls", context=context)
+    sender = SyslogSender(repo.url, str(repo_cert), str(node_cert), str(node_key))
+    trail = AuditTrail(sender, "VOXARC")
+    try:
+        trail.application(started=True)
+        (start,) = repo.wait_for("110100")
+        assert start.find("EventIdentification/EventTypeCode").get("csd-code") == "110120"
+    finally:
+        trail.close()
+        repo.close()
+
+
+def test_a_node_tells_its_start_stores_queries_retrievals_and_stop(tmp_path):
+    from service.ae import Node
+    from service.config import load_settings
+    repo = Repository("udp")
+    settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                             stable_age=3600.0, audit_syslog=repo.url)
+    node = Node(settings, compaction=False).start()
+    try:
+        repo.wait_for("110100")
+        series = make_series(3, 8, 8, patient_id="PAT5")
+        items = [(CTImageStorage, ds.SOPInstanceUID, *dataset_bytes(ds)) for ds in series]
+        assert store_bytes(node.port, items, tmp_path) == [0, 0, 0]
+        study = series[0].StudyInstanceUID
+        assert len(find(node.port, {"QueryRetrieveLevel": "SERIES",
+                                    "StudyInstanceUID": study})[1]) == 1
+        _, got = get(node.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
+                     [(CTImageStorage, ExplicitVRLittleEndian)])
+        assert len(got) == 3
+    finally:
+        node.stop()
+    try:
+        start, stop = repo.wait_for("110100", 2)
+        assert [m.find("EventIdentification/EventTypeCode").get("csd-code")
+                for m in (start, stop)] == ["110120", "110121"]
+        stored, retrieved = repo.wait_for("110104", 2)
+        for message, action in ((stored, "C"), (retrieved, "R")):
+            assert message.find("EventIdentification").get("EventActionCode") == action
+            assert detail(objects(message, "110180")[study], "NumberOfInstances") == "3"
+            assert list(objects(message, "2")) == ["PAT5"]
+        assert participants(stored) == {"TESTSCU": (True, "110153"),
+                                        "VOXARC": (False, "110152")}
+        assert participants(retrieved) == {"VOXARC": (False, "110153"),
+                                           "TESTSCU": (True, "110152")}
+        (query,) = repo.wait_for("110112")
+        assert list(objects(query, "110181")) == [StudyRootQueryRetrieveInformationModelFind]
+        assert list(objects(query, "110180")) == [study]
+    finally:
+        repo.close()
+
+
+def test_the_delete_and_correct_commands_are_audited(tmp_path):
+    from storage.archive import Archive
+    from node_helpers import store_as_received
+    arch = Archive(tmp_path / "data")
+    one, two = make_series(2, 8, 8, patient_id="P1", seed=1), make_series(1, 8, 8, seed=2)
+    store_as_received(arch, one + two)
+    arch.close()
+    repo = Repository("udp")
+    config = tmp_path / "node.toml"
+    config.write_text(f'audit_syslog = "{repo.url}"\naudit_source_id = "PACS-A"\n')
+
+    def voxarc(*args):
+        return subprocess.run([sys.executable, "-m", "service.cli", *args, "--config",
+                               str(config), "--data-dir", str(tmp_path / "data"), "--yes"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+    try:
+        proc = voxarc("correct", "study", one[0].StudyInstanceUID, "--set",
+                      "AccessionNumber=A77")
+        assert proc.returncode == 0, proc.stderr
+        proc = voxarc("delete", "study", two[0].StudyInstanceUID)
+        assert proc.returncode == 0, proc.stderr
+        (corrected,) = repo.wait_for("110103")
+        (deleted,) = repo.wait_for("110105")
+        for message, study, patient, action in (
+                (corrected, one[0].StudyInstanceUID, "P1", "U"),
+                (deleted, two[0].StudyInstanceUID, "PAT1", "D")):
+            assert message.find("EventIdentification").get("EventActionCode") == action
+            assert list(objects(message, "110180")) == [study]
+            assert list(objects(message, "2")) == [patient]
+            assert message.find("AuditSourceIdentification").get("AuditSourceID") == "PACS-A"
+    finally:
+        repo.close()
+
+
+def test_a_malformed_repository_url_is_refused(tmp_path):
+    from service.config import load_settings
+    config = tmp_path / "node.toml"
+    config.write_text('audit_syslog = "syslog.example.org:514"\n')
+    with pytest.raises(ValueError, match="audit_syslog must be udp://HOST"):
+        load_settings(config)
