@@ -63,31 +63,43 @@ class AccessPolicy:
             return True
         return permission in self.peers.get(str(ae_title).strip(), ())
 
+    def rejection(self, calling: str, called: str, own: str, require_called: bool) -> str:
+        """Why an association request from ``calling`` to ``called`` (the node is ``own``) is
+        refused for who it is, or "" (refused for another reason: the node was busy)."""
+        if self.peers and str(calling).strip() not in self.peers:
+            return f"calling AE title {str(calling).strip()!r} is not among the peers"
+        if require_called and str(called).strip() != own.strip():
+            return f"called AE title {str(called).strip()!r} is not {own.strip()!r}"
+        return ""
+
     def calling_titles(self) -> list[str]:
         """AE titles accepted at association (empty: any)."""
         return sorted(self.peers)
 
 
-def _refuse(event, permission: str):
-    caller = str(event.assoc.requestor.ae_title).strip()
-    log.warning("%s refused to %s: no %r permission", event.event.name, caller, permission)
-    return caller
+def _guarded(kind, handler, permission: str, policy: AccessPolicy, on_refused=None):
+    """Wrap ``handler`` so that a peer without ``permission`` gets a refusal instead
+    (``on_refused(event, why)`` told of it)."""
+    def refuse(event):
+        caller = str(event.assoc.requestor.ae_title).strip()
+        why = f"{event.event.name} refused to {caller}: no {permission!r} permission"
+        log.warning("%s", why)
+        if on_refused is not None:
+            on_refused(event, why)
+        return caller
 
-
-def _guarded(kind, handler, permission: str, policy: AccessPolicy):
-    """Wrap ``handler`` so that a peer without ``permission`` gets a refusal instead."""
     if kind == evt.EVT_C_STORE:
         def store(event, *args):
             if policy.allows(event.assoc.requestor.ae_title, permission):
                 return handler(event, *args)
-            _refuse(event, permission)
+            refuse(event)
             return NOT_AUTHORISED
         return store
     if kind == evt.EVT_N_ACTION:
         def action(event, *args):
             if policy.allows(event.assoc.requestor.ae_title, permission):
                 return handler(event, *args)
-            _refuse(event, permission)
+            refuse(event)
             return NOT_AUTHORISED, None
         return action
 
@@ -95,7 +107,7 @@ def _guarded(kind, handler, permission: str, policy: AccessPolicy):
         if policy.allows(event.assoc.requestor.ae_title, permission):
             yield from handler(event, *args)
             return
-        caller = _refuse(event, permission)
+        caller = refuse(event)
         if kind == evt.EVT_C_MOVE:
             raise AccessRefused(f"{caller} may not retrieve")
         if kind == evt.EVT_C_GET:
@@ -104,12 +116,13 @@ def _guarded(kind, handler, permission: str, policy: AccessPolicy):
     return generator
 
 
-def guard(bindings: list, policy: AccessPolicy) -> list:
-    """Return the (event, handler[, args]) bindings with permission checks on DIMSE handlers."""
+def guard(bindings: list, policy: AccessPolicy, on_refused=None) -> list:
+    """Return the (event, handler[, args]) bindings with permission checks on DIMSE handlers
+    (``on_refused(event, why)``: told of each refusal)."""
     out = []
     for kind, handler, *args in bindings:
         permission = _NEEDS.get(kind)
         if permission is not None and policy.peers:
-            handler = _guarded(kind, handler, permission, policy)
+            handler = _guarded(kind, handler, permission, policy, on_refused)
         out.append((kind, handler, *args))
     return out

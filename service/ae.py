@@ -94,6 +94,7 @@ def event_handlers(archive: Archive, settings: Settings,
                    reporter: commitment.Reporter | None = None) -> list:
     """The (event, handler, args) bindings of a node, with the ``peers`` permission checks
     (storage commitment only with a ``reporter`` to answer it)."""
+    policy = AccessPolicy.from_settings(settings.peers)
     return guard([
         (evt.EVT_CONN_OPEN, tune_association),
         (evt.EVT_ACCEPTED, handlers.handle_association),
@@ -105,8 +106,10 @@ def event_handlers(archive: Archive, settings: Settings,
         (evt.EVT_C_FIND, handlers.handle_find, [archive, settings.max_find_results]),
         (evt.EVT_C_GET, handlers.handle_get, [archive]),
         (evt.EVT_C_MOVE, handlers.handle_move, [archive, settings]),
+        (evt.EVT_REJECTED, handlers.handle_rejected,
+         [archive, policy, settings.require_called_ae_title]),
     ] + ([(evt.EVT_N_ACTION, commitment.handle_action, [reporter, settings])] if reporter else []),
-        AccessPolicy.from_settings(settings.peers))
+        policy, handlers.refusals(archive))
 
 
 class _SharedSyntaxContext(PresentationContext):

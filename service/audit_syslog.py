@@ -45,8 +45,11 @@ STUDY_DELETED = ("110105", "DCM", "DICOM Study Deleted")
 EXPORT = ("110106", "DCM", "Export")
 IMPORT = ("110107", "DCM", "Import")
 QUERY = ("110112", "DCM", "Query")
+SECURITY_ALERT = ("110113", "DCM", "Security Alert")
 APPLICATION_START = ("110120", "DCM", "Application Start")
 APPLICATION_STOP = ("110121", "DCM", "Application Stop")
+NODE_AUTHENTICATION = ("110126", "DCM", "Node Authentication")
+RESTRICTED_FUNCTION = ("110132", "DCM", "Use of Restricted Function")
 _APPLICATION = ("110150", "DCM", "Application")
 _DESTINATION = ("110152", "DCM", "Destination Role ID")
 _SOURCE = ("110153", "DCM", "Source Role ID")
@@ -85,6 +88,7 @@ class AuditEvent:
     query: tuple[str, str] | None = None                      # (SOP class UID, what was asked)
     event_type: tuple | None = None
     outcome: int = 0                 # 0 success, 4 minor, 8 serious, 12 major failure
+    description: str = ""            # EventOutcomeDescription
 
 
 def audit_xml(event: AuditEvent, source_id: str) -> bytes:
@@ -96,6 +100,8 @@ def audit_xml(event: AuditEvent, source_id: str) -> bytes:
     _coded(ident, "EventID", event.event_id)
     if event.event_type:
         _coded(ident, "EventTypeCode", event.event_type)
+    if event.description:
+        ET.SubElement(ident, "EventOutcomeDescription").text = event.description
     for p in event.participants:
         attrs = {"UserID": p.user_id, "UserIsRequestor": "true" if p.requestor else "false"}
         if p.alternative_id:
@@ -193,6 +199,11 @@ class SyslogSender:
         self._dropped_logged = 0.0
         self._thread = threading.Thread(target=self._run, name="voxarc-audit", daemon=True)
         self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting to be sent."""
+        return self._queue.qsize()
 
     def send(self, frame: bytes) -> None:
         """Queue one message; dropped (counted, logged once a minute) when the queue is full."""
@@ -376,6 +387,11 @@ class AuditTrail:
             return AuditEvent(INSTANCES_TRANSFERRED, "C", row.first, [
                 Participant(user, True, "source", host), node("destination")], studies,
                 patients, outcome=outcome)
+        if action in ("association rejected", "refused"):
+            kind = NODE_AUTHENTICATION if action.startswith("association") else \
+                RESTRICTED_FUNCTION
+            return AuditEvent(SECURITY_ALERT, "E", row.first, [caller, node("")],
+                              event_type=kind, outcome=4, description=detail)
         if action == "import":
             return AuditEvent(IMPORT, "C", row.first, [
                 caller, node("destination"), Participant(detail or "-", False, "source media")],

@@ -382,7 +382,11 @@ def _audit(settings: Settings) -> str:
             ("downloads, `voxarc export`", "110106 Export", "R"),
             ("`voxarc delete` of a patient or study", "110105 DICOM Study Deleted", "D"),
             ("`voxarc delete` of a series or instance", "110103 DICOM Instances Accessed", "D"),
-            ("`voxarc correct`", "110103 DICOM Instances Accessed", "U")]
+            ("`voxarc correct`", "110103 DICOM Instances Accessed", "U"),
+            ("an association refused for its calling or called AE title",
+             "110113 Security Alert (110126 Node Authentication)", "E"),
+            ("an operation a peer may not use (`peers`)",
+             "110113 Security Alert (110132 Use of Restricted Function)", "E")]
     where = (f"this node sends them to `{settings.audit_syslog}`" if settings.audit_syslog
              else "this node sends none (`audit_syslog` is not set)")
     return (

@@ -16,6 +16,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from service import statuses
+from service.access import AccessPolicy
 from service.config import Settings
 from service.exact_send import PreEncoded
 from service.identifiers import (IdentifierError, find_records, parse_identifier, response,
@@ -56,6 +57,25 @@ def _actor(event) -> str:
 def handle_association(event) -> None:
     """Log associations opening and closing."""
     log.info("association %s with %s", event.event.name.replace("EVT_", "").lower(), _peer(event))
+
+
+def handle_rejected(event, archive: Archive, policy: AccessPolicy, require_called: bool) -> None:
+    """An association request refused for who asked (its calling or called AE title, not a
+    busy node): logged, and a security alert for the audit messages."""
+    asked = getattr(event.assoc.requestor, "primitive", None)
+    why = policy.rejection(_calling_ae(event), str(getattr(asked, "called_ae_title", "")),
+                           str(event.assoc.acceptor.ae_title), require_called)
+    if why:
+        log.warning("association from %s rejected: %s", _peer(event), why)
+        archive.accesses.note(_actor(event), "association rejected", detail=why, keep=False)
+
+
+def refusals(archive: Archive):
+    """``on_refused`` of :func:`service.access.guard`: an operation a peer may not use, told to
+    the audit messages as a security alert."""
+    def refused(event, why: str) -> None:
+        archive.accesses.note(_actor(event), "refused", detail=why, keep=False)
+    return refused
 
 
 def handle_echo(event) -> int:

@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pynetdicom import evt
 
 from models import parallel
-from service import patrol, statuses
+from service import audit_syslog, patrol, statuses
 from storage import forwarding, reports, transcode
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -130,6 +130,27 @@ class _DecoderCollector:
                                     value=cache.max_bytes)
 
 
+class _AuditCollector:
+    """The audit messages sent to the audit record repository, and those dropped (it could not
+    be reached while the queue filled): alert on the second."""
+
+    def __init__(self, archive):
+        self.archive = archive
+
+    def collect(self):
+        trail = audit_syslog.attached(self.archive)
+        if trail is None:
+            return
+        messages = CounterMetricFamily("voxarc_audit_messages", "Audit messages for the "
+                                       "audit record repository (audit_syslog)",
+                                       labels=["result"])
+        messages.add_metric(["sent"], trail.sender.sent)
+        messages.add_metric(["dropped"], trail.sender.dropped)
+        yield messages
+        yield GaugeMetricFamily("voxarc_audit_queue", "Audit messages waiting to be sent",
+                                value=trail.sender.queued)
+
+
 class NodeMetrics:
     """The metrics of one node.
 
@@ -168,6 +189,8 @@ class NodeMetrics:
         if archive is not None:
             r.register(_IndexCollector(archive))
         r.register(_DecoderCollector(archive))
+        if archive is not None:
+            r.register(_AuditCollector(archive))
 
     # --- hook points -----------------------------------------------------------------------
     def store_done(self, status: int, nbytes: int) -> None:

@@ -26,6 +26,7 @@ from service.audit_syslog import (AuditEvent, AuditTrail, Participant, SyslogSen
                                   syslog_frame)
 
 REPO = Path(__file__).resolve().parents[1]
+FLUSH_WAIT = audit_syslog.FLUSH_S + 1      # long enough for a note to have gone out
 _FRAME = re.compile(rb"^<85>1 \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \S+ voxarc \d+ IHE\+RFC-3881 - "
                     rb"\xef\xbb\xbf(<\?xml .*)$", re.S)
 
@@ -267,6 +268,10 @@ def test_a_node_tells_its_start_stores_queries_retrievals_and_stop(tmp_path):
         _, got = get(node.port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study},
                      [(CTImageStorage, ExplicitVRLittleEndian)])
         assert len(got) == 3
+        scraped = node.metrics.exposition().decode()
+        sent = re.search(r'voxarc_audit_messages_total\{result="sent"\} (\S+)', scraped)
+        assert sent and float(sent[1]) >= 1                                 # the start, ...
+        assert 'voxarc_audit_messages_total{result="dropped"} 0.0' in scraped
     finally:
         node.stop()
     try:
@@ -330,3 +335,53 @@ def test_a_malformed_repository_url_is_refused(tmp_path):
     config.write_text('audit_syslog = "syslog.example.org:514"\n')
     with pytest.raises(ValueError, match="audit_syslog must be udp://HOST"):
         load_settings(config)
+
+
+def test_refused_associations_and_operations_are_security_alerts(tmp_path):
+    """A calling AE title not among the peers, a wrong called AE title, and an operation a peer
+    may not use each make a Security Alert; a busy node's refusal makes none."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+    from service.ae import Node
+    from service.config import load_settings
+    repo = Repository("udp")
+    settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                             audit_syslog=repo.url, peers={"TESTSCU": "store"},
+                             max_associations=1)
+    node = Node(settings, compaction=False).start()
+
+    def associate(calling, called="VOXARC"):
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(Verification)
+        return ae.associate("127.0.0.1", node.port, ae_title=called)
+    def idle():
+        deadline = time.monotonic() + 10
+        while node.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+    try:
+        status, _ = find(node.port, {"QueryRetrieveLevel": "STUDY", "PatientID": "X"})
+        assert status == 0x0124
+        for calling, called in (("INTRUDER", "VOXARC"), ("TESTSCU", "NOTVOXARC")):
+            idle()
+            assert associate(calling, called).is_rejected
+        idle()
+        held = associate("TESTSCU")
+        assert held.is_established and associate("TESTSCU").is_rejected      # busy
+        held.release()
+        alerts = repo.wait_for("110113", 3)
+        time.sleep(FLUSH_WAIT)
+    finally:
+        node.stop()
+        repo.close()
+    assert len(events(repo.messages, "110113")) == 3
+    seen = {}
+    for alert in alerts:
+        ident = alert.find("EventIdentification")
+        assert ident.get("EventOutcomeIndicator") == "4"
+        seen[ident.find("EventOutcomeDescription").text] = \
+            (ident.find("EventTypeCode").get("csd-code"), list(participants(alert)))
+    assert seen == {
+        "calling AE title 'INTRUDER' is not among the peers": ("110126", ["INTRUDER", "VOXARC"]),
+        "called AE title 'NOTVOXARC' is not 'VOXARC'": ("110126", ["TESTSCU", "VOXARC"]),
+        "EVT_C_FIND refused to TESTSCU: no 'query' permission": ("110132",
+                                                                  ["TESTSCU", "VOXARC"])}
