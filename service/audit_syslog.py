@@ -46,8 +46,10 @@ EXPORT = ("110106", "DCM", "Export")
 IMPORT = ("110107", "DCM", "Import")
 QUERY = ("110112", "DCM", "Query")
 SECURITY_ALERT = ("110113", "DCM", "Security Alert")
+USER_AUTHENTICATION = ("110114", "DCM", "User Authentication")
 APPLICATION_START = ("110120", "DCM", "Application Start")
 APPLICATION_STOP = ("110121", "DCM", "Application Stop")
+LOGIN = ("110122", "DCM", "Login")
 NODE_AUTHENTICATION = ("110126", "DCM", "Node Authentication")
 RESTRICTED_FUNCTION = ("110132", "DCM", "Use of Restricted Function")
 _APPLICATION = ("110150", "DCM", "Application")
@@ -387,11 +389,15 @@ class AuditTrail:
             return AuditEvent(INSTANCES_TRANSFERRED, "C", row.first, [
                 Participant(user, True, "source", host), node("destination")], studies,
                 patients, outcome=outcome)
+        times = f" ({row.requests} times)" if row.requests > 1 else ""
         if action in ("association rejected", "refused"):
             kind = NODE_AUTHENTICATION if action.startswith("association") else \
                 RESTRICTED_FUNCTION
             return AuditEvent(SECURITY_ALERT, "E", row.first, [caller, node("")],
-                              event_type=kind, outcome=4, description=detail)
+                              event_type=kind, outcome=4, description=detail + times)
+        if action == "authentication failed":
+            return AuditEvent(USER_AUTHENTICATION, "E", row.first, [caller, node("")],
+                              event_type=LOGIN, outcome=4, description=detail + times)
         if action == "import":
             return AuditEvent(IMPORT, "C", row.first, [
                 caller, node("destination"), Participant(detail or "-", False, "source media")],

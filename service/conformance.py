@@ -386,7 +386,9 @@ def _audit(settings: Settings) -> str:
             ("an association refused for its calling or called AE title",
              "110113 Security Alert (110126 Node Authentication)", "E"),
             ("an operation a peer may not use (`peers`)",
-             "110113 Security Alert (110132 Use of Restricted Function)", "E")]
+             "110113 Security Alert (110132 Use of Restricted Function)", "E"),
+            ("an HTTP request without the admin token", "110114 User Authentication (110122 "
+             "Login), failed", "E")]
     where = (f"this node sends them to `{settings.audit_syslog}`" if settings.audit_syslog
              else "this node sends none (`audit_syslog` is not set)")
     return (

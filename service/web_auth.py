@@ -35,10 +35,12 @@ class TokenAuth:
     app : ASGI application
     token : str
         The token required; empty: no check.
+    accesses : AccessLog, optional
+        Told of each refusal (:mod:`service.audit_syslog` makes it a failed login).
     """
 
-    def __init__(self, app, token: str = ""):
-        self.app, self.token = app, token
+    def __init__(self, app, token: str = "", accesses=None):
+        self.app, self.token, self.accesses = app, token, accesses
 
     def allowed(self, scope) -> bool:
         """Whether the request may go through."""
@@ -53,6 +55,10 @@ class TokenAuth:
         if not self.allowed(scope):
             log.warning("HTTP %s %s from %s refused: no valid token", scope["method"],
                         scope["path"], peer)
+            if self.accesses is not None:            # for the audit messages only
+                self.accesses.note(f"http {peer.rpartition(':')[0]}", "authentication failed",
+                                   detail=f"{scope['method']} {scope['path']}: no valid token",
+                                   keep=False)
             return await _refuse(send)
         status = []
 

@@ -385,3 +385,46 @@ def test_refused_associations_and_operations_are_security_alerts(tmp_path):
         "called AE title 'NOTVOXARC' is not 'VOXARC'": ("110126", ["TESTSCU", "VOXARC"]),
         "EVT_C_FIND refused to TESTSCU: no 'query' permission": ("110132",
                                                                   ["TESTSCU", "VOXARC"])}
+
+
+def test_failed_logins_and_dicomweb_reads_of_the_admin_server(tmp_path):
+    """Requests without the admin token are failed logins (one message for the five, counted
+    in its description); a WADO-RS read of a study is a transfer to the HTTP client."""
+    import urllib.error
+    import urllib.request
+    from service.ae import Node
+    from service.config import load_settings
+    from service.web_server import start_admin
+    repo = Repository("udp")
+    settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                             http_port=0, http_token="s3cret", audit_syslog=repo.url)
+    node = Node(settings, compaction=False).start()
+    admin = start_admin(node)
+    try:
+        series = make_series(2, 8, 8, patient_id="PAT7")
+        items = [(CTImageStorage, ds.SOPInstanceUID, *dataset_bytes(ds)) for ds in series]
+        assert store_bytes(node.port, items, tmp_path) == [0, 0]
+        study = series[0].StudyInstanceUID
+        for _ in range(5):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{admin.url}/api/stats?token=guess", timeout=30)
+            assert refused.value.code == 401
+        request = urllib.request.Request(
+            f"{admin.url}/dicom-web/studies/{study}/metadata",
+            headers={"Authorization": "Bearer s3cret", "Accept": "application/dicom+json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            assert answer.status == 200
+        (login,) = repo.wait_for("110114")
+        stored, read = repo.wait_for("110104", 2)
+    finally:
+        admin.stop()
+        node.stop()
+        repo.close()
+    ident = login.find("EventIdentification")
+    assert (ident.get("EventOutcomeIndicator"), ident.find("EventTypeCode").get("csd-code"),
+            ident.find("EventOutcomeDescription").text) == \
+        ("4", "110122", "GET /api/stats: no valid token (5 times)")
+    assert participants(login)["127.0.0.1"] == (True, None)
+    assert read.find("EventIdentification").get("EventActionCode") == "R"
+    assert participants(read) == {"VOXARC": (False, "110153"), "127.0.0.1": (True, "110152")}
+    assert list(objects(read, "110180")) == [study] and list(objects(read, "2")) == ["PAT7"]
