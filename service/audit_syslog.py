@@ -86,7 +86,7 @@ class AuditEvent:
     when: float
     participants: list[Participant]
     studies: dict[str, int] = field(default_factory=dict)     # Study Instance UID -> instances
-    patients: list[str] = field(default_factory=list)
+    patients: dict[str, str] = field(default_factory=dict)     # Patient ID -> name
     query: tuple[str, str] | None = None                      # (SOP class UID, what was asked)
     event_type: tuple | None = None
     outcome: int = 0                 # 0 success, 4 minor, 8 serious, 12 major failure
@@ -126,8 +126,9 @@ def audit_xml(event: AuditEvent, source_id: str) -> bytes:
         if instances:
             ET.SubElement(obj, "ParticipantObjectDetail", type="NumberOfInstances",
                           value=_b64(str(instances)))
-    for patient in event.patients:
-        _object(root, patient, "1", "1", _PATIENT_NUMBER)
+    for patient, name in event.patients.items():
+        obj = _object(root, patient, "1", "1", _PATIENT_NUMBER)
+        ET.SubElement(obj, "ParticipantObjectName").text = name
     return b'<?xml version="1.0" encoding="UTF-8"?>' + ET.tostring(root, encoding="utf-8",
                                                                    xml_declaration=False)
 
@@ -297,8 +298,8 @@ class AuditTrail:
     source_id : str
         The audit source's name (default: ``AE@host name``).
     patients_of : callable
-        ``patients_of(study_uids)`` -> {Study Instance UID: Patient ID}, for notes that did not
-        name the patient.
+        ``patients_of(study_uids)`` -> {Study Instance UID: (Patient ID, name)}: each study's
+        patient, and the patient of notes that did not name one.
     """
 
     def __init__(self, sender: SyslogSender, node_ae: str, source_id: str = "",
@@ -344,16 +345,18 @@ class AuditTrail:
         """Send what was noted, one message per actor, action, study and detail."""
         with self._lock:
             todo, self._pending = self._pending, {}
-        missing = {key[2] for key, row in todo.items() if key[2] and not row.patient_id}
+        studies = {key[2] for key in todo if key[2]}
         found = {}
-        if missing and self.patients_of is not None:
+        if studies and self.patients_of is not None:
             try:
-                found = self.patients_of(sorted(missing))
+                found = self.patients_of(sorted(studies))
             except Exception as exc:        # the message goes without the patient
-                log.warning("audit: patients of %d studies not found: %s", len(missing), exc)
+                log.warning("audit: patients of %d studies not found: %s", len(studies), exc)
         for (actor, action, study, detail, about), row in todo.items():
-            patient = row.patient_id or found.get(study, "")
-            event = self._event(actor, action, study, patient, row, detail, about)
+            held_id, name = found.get(study, ("", ""))
+            patient = row.patient_id or held_id
+            patients = {patient: name if patient == held_id else ""} if patient else {}
+            event = self._event(actor, action, study, patients, row, detail, about)
             if event is not None:
                 self.emit(event)
 
@@ -371,14 +374,13 @@ class AuditTrail:
             except Exception:           # never the node's problem
                 log.exception("audit: notes not sent")
 
-    def _event(self, actor: str, action: str, study: str, patient: str, row: _Pending,
+    def _event(self, actor: str, action: str, study: str, patients: dict, row: _Pending,
                detail: str, about: str) -> AuditEvent | None:
         """The message of one coalesced note (None: an action not audited)."""
         user, host = _who(actor, self.hostname)
         node = lambda role, requestor=False: Participant(  # noqa: E731
             self.node_ae, requestor, role, self.hostname, str(os.getpid()))
         studies = {study: row.instances} if study else {}
-        patients = [patient] if patient else []
         outcome = 4 if "not finished" in action or "failed" in detail else 0
         caller = Participant(user, True, "", host)
         if action in ("C-FIND", "QIDO-RS"):

@@ -149,7 +149,7 @@ class AccessLog:
         missing = {key[2] for key, row, *_ in todo if key[2] and not row.patient_id}
         made = []
         with self.index.write() as s:
-            found = _patients(s, missing) if missing else {}
+            found = {k: v[0] for k, v in _patients(s, missing).items()} if missing else {}
             for (actor, action, study, detail), row, row_id, requests, instances, last in todo:
                 values = {"last_at": last, "requests": requests, "instances": instances}
                 if row_id is not None:
@@ -206,16 +206,18 @@ class AccessLog:
         for listener in self.listeners:
             listener.close()
 
-    def patients_of(self, study_uids) -> dict[str, str]:
-        """{Study Instance UID: Patient ID} of those of ``study_uids`` the index holds."""
+    def patients_of(self, study_uids) -> dict[str, tuple[str, str]]:
+        """{Study Instance UID: (Patient ID, patient's name)} of those of ``study_uids`` the
+        index holds."""
         with self.index.read() as s:
             return _patients(s, study_uids)
 
 
-def _patients(s, study_uids) -> dict[str, str]:
-    return dict(s.execute(select(Study.study_uid, Patient.patient_id)
-                          .join(Patient, Study.patient_fk == Patient.id)
-                          .where(Study.study_uid.in_(list(study_uids)))).all())
+def _patients(s, study_uids) -> dict[str, tuple[str, str]]:
+    rows = s.execute(select(Study.study_uid, Patient.patient_id, Patient.patient_name)
+                     .join(Patient, Study.patient_fk == Patient.id)
+                     .where(Study.study_uid.in_(list(study_uids))))
+    return {study: (patient_id or "", name or "") for study, patient_id, name in rows}
 
 
 def history(index: Index, limit: int | None = 100, study_uid: str | None = None,

@@ -140,7 +140,8 @@ def detail(obj, kind: str) -> str:
 def test_a_message_and_its_frame():
     event = AuditEvent(audit_syslog.INSTANCES_TRANSFERRED, "R", 1_700_000_000.25, [
         Participant("VOXARC", False, "source", "pacs1", "42"),
-        Participant("VIEWER", True, "destination", "10.0.0.7")], {"1.2.3": 5}, ["P&1"])
+        Participant("VIEWER", True, "destination", "10.0.0.7")], {"1.2.3": 5},
+        {"P&1": "Doe^Jane"})
     frame = syslog_frame(audit_xml(event, "VOXARC@pacs1"), event.when, "pacs 1")
     match = _FRAME.match(frame)
     assert match and frame.startswith(b"<85>1 2023-11-14T22:13:20.250Z pacs1 voxarc ")
@@ -158,7 +159,9 @@ def test_a_message_and_its_frame():
     study = objects(root, "110180")["1.2.3"]
     assert (study.get("ParticipantObjectTypeCode"), study.get("ParticipantObjectTypeCodeRole"),
             detail(study, "NumberOfInstances")) == ("2", "3", "5")
-    assert objects(root, "2")["P&1"].get("ParticipantObjectTypeCodeRole") == "1"
+    patient = objects(root, "2")["P&1"]
+    assert (patient.get("ParticipantObjectTypeCodeRole"),
+            patient.find("ParticipantObjectName").text) == ("1", "Doe^Jane")
     # the children in the schema's order
     assert [c.tag for c in root] == ["EventIdentification", "ActiveParticipant",
                                      "ActiveParticipant", "AuditSourceIdentification",
@@ -169,7 +172,7 @@ def test_a_message_and_its_frame():
 def test_notes_of_a_few_seconds_are_one_message_each():
     repo = Repository("udp")
     trail = AuditTrail(SyslogSender(repo.url), "VOXARC", patients_of=lambda uids: {
-        u: "PAT9" for u in uids}, flush_s=3600)
+        u: ("PAT9", "Roe^Rick") for u in uids}, flush_s=3600)
     try:
         for _ in range(3):
             trail.note("http 10.1.1.1", "WADO-RS", "1.2.3")
@@ -181,7 +184,9 @@ def test_notes_of_a_few_seconds_are_one_message_each():
         trail.flush()
         wado, moved = repo.wait_for("110104", 2)
         assert participants(wado) == {"VOXARC": (False, "110153"), "10.1.1.1": (True, "110152")}
-        assert list(objects(wado, "2")) == ["PAT9"]          # looked up: the note had none
+        (patient,) = objects(wado, "2").items()              # looked up: the note had none
+        assert (patient[0], patient[1].find("ParticipantObjectName").text) == \
+            ("PAT9", "Roe^Rick")
         assert participants(moved) == {"VOXARC": (False, "110153"), "WS": (False, "110152"),
                                        "VIEWER": (True, None)}
         assert detail(objects(moved, "110180")["1.2.3"], "NumberOfInstances") == "7"
