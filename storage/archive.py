@@ -76,6 +76,8 @@ class Archive:
         self.reconstructor = Reconstructor(self.index, self.blobs, cache_bytes)
         fill_added_attributes(self.index, self.reconstructor, self.index.added_columns)
         self.stager = Stager(self.index)      # group commit of concurrent C-STOREs
+        #: instances of corrected series and studies brought in line as they arrive
+        self.late = correction.LateArrivals(self.index)
         #: who read what (:mod:`storage.access_log`): readers note it here
         self.accesses = AccessLog(self.index, keep_days=access_trail_days)
 
@@ -84,7 +86,7 @@ class Archive:
         """Stage a received dataset durably (see :func:`storage.ingest.ingest`); ``sop_uid``:
         the SOP Instance UID it must have; ``source_ae``: the calling AE title that sent it."""
         return ingest(self.index, self.blobs, data, transfer_syntax, self.duplicates,
-                      self.max_storage_bytes, self.stager, sop_uid, source_ae)
+                      self.max_storage_bytes, self.stager, sop_uid, source_ae, self.late)
 
     def retrieve(self, sop_uid: str) -> StoredInstance:
         """Return an instance byte for byte, SHA-256 checked (see :class:`Reconstructor`)."""
@@ -249,6 +251,7 @@ class Archive:
             todo = correction.plan(self.index, level, uid, values)
             try:
                 done = corrector.correct(todo, reason)
+                self.late.invalidate()
                 if resend:
                     done["resent"] = forwarding.queue_again(
                         self.index, todo.series_ids, "corrected: to be sent again")

@@ -27,8 +27,10 @@ to a study the archive holds takes that study's patient and study attributes in 
 moved to a Study Instance UID it does not hold, it becomes a study of its own with its old
 study's patient and attributes (correct that study next to give it another patient).
 
-Instances that arrive after a correction are stored as they are sent, in the series and study
-the index holds for them: a modality that sends a corrected study again sends the old values.
+An instance that arrives after a correction, in a series or study the index holds (a modality
+sending a series late, or the study again, with the old values), is brought in line with it as
+it is staged (:class:`LateArrivals`, logged): the keys a correction changed take the values the
+index holds where it is filed. A new study that names a corrected Patient ID is stored as sent.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import datetime
 import hashlib
 import logging
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -49,7 +52,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_data_element
 from pydicom.uid import UID
 from pydicom.valuerep import validate_value
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage import element_scan, instance_facts
@@ -68,6 +71,7 @@ SERIES_KEYS = {k: c for c, k in instance_facts.SERIES_KEYS.items()
 ALLOWED = {"patient": PATIENT_KEYS, "study": {**PATIENT_KEYS, **STUDY_KEYS},
            "series": {**SERIES_KEYS, "StudyInstanceUID": "study_uid"}}
 LEVELS = tuple(ALLOWED)
+ALL_KEYS = {k for keys in ALLOWED.values() for k in keys}
 _CHARSET = 0x00080005
 _GROUP_LENGTH = 0x00100000
 
@@ -491,3 +495,90 @@ def history(index: Index, limit: int = 100) -> list[dict]:
         return [{"corrected_at": r.corrected_at, "level": r.level, "uid": r.uid,
                  "studies": r.studies, "instances": r.instances, "changes": r.changes,
                  "reason": r.reason} for r in rows]
+
+
+class LateArrivals:
+    """Brings an instance that arrives after its series, study or patient was corrected (a
+    modality sending a series late, or again) in line with the correction: the keys a
+    correction changed take the values the index holds for the series or study it is filed in,
+    so that it does not bring the old patient back into a corrected study.
+
+    Only a series or study the index holds (found by its UID) is followed: a new study that
+    names a corrected Patient ID is stored as sent (such IDs, "UNKNOWN" ones among them, can
+    be given again). The corrections are read again at most every ``ttl`` seconds, when one
+    was made since: a correction committed in another process applies to instances that
+    arrive from then on.
+    """
+
+    def __init__(self, index: Index, ttl: float = 1.0):
+        self.index, self.ttl = index, ttl
+        self._checked, self._last_id = 0.0, None
+        self._keys: dict[str, set[str]] = {}      # corrected UID or Patient ID -> keywords
+        self._lock = threading.Lock()
+
+    def values_for(self, facts) -> dict[str, str]:
+        """Keyword -> value of what an instance with ``facts`` (InstanceFacts) must take
+        ({}: nothing; almost always)."""
+        keys = self._corrected()
+        if not keys:
+            return {}
+        named = (facts.series["series_uid"], facts.study["study_uid"],
+                 facts.patient["patient_id"])
+        wanted = set().union(*(keys.get(uid, set()) for uid in named))
+        if not wanted:
+            return {}
+        held = self._held(facts.series["series_uid"], facts.study["study_uid"])
+        if held is None:
+            return {}
+        own = {**{k: facts.patient[c] for k, c in PATIENT_KEYS.items()},
+               **{k: facts.study[c] for k, c in STUDY_KEYS.items()},
+               **{k: facts.series[c] for k, c in SERIES_KEYS.items()},
+               "StudyInstanceUID": facts.study["study_uid"]}
+        return {k: held[k] for k in sorted(wanted) if k in held and own.get(k) != held[k]}
+
+    def invalidate(self) -> None:
+        """Read the corrections again at the next instance (one was just made here)."""
+        self._checked = 0.0
+
+    def _corrected(self) -> dict[str, set[str]]:
+        now = time.monotonic()
+        if now - self._checked < self.ttl:
+            return self._keys
+        with self._lock:
+            if now - self._checked < self.ttl:
+                return self._keys
+            with self.index.read() as s:
+                last = s.scalar(select(func.max(Correction.id)))
+                if last != self._last_id:
+                    self._keys = _corrected_keys(s.execute(
+                        select(Correction.uid, Correction.changes)).all())
+                    self._last_id = last
+            self._checked = now
+        return self._keys
+
+    def _held(self, series_uid: str, study_uid: str) -> dict[str, str] | None:
+        """The values the index holds where the instance is filed (its series, else its
+        study), or None when neither is held."""
+        with self.index.read() as s:
+            series = s.scalar(select(Series).where(Series.series_uid == series_uid))
+            study = s.get(Study, series.study_fk) if series is not None else \
+                s.scalar(select(Study).where(Study.study_uid == study_uid))
+            if study is None:
+                return None
+            out = {**_values(s.get(Patient, study.patient_fk), PATIENT_KEYS),
+                   **_values(study, STUDY_KEYS), "StudyInstanceUID": study.study_uid}
+            if series is not None:
+                out.update(_values(series, SERIES_KEYS))
+            return out
+
+
+def _corrected_keys(rows) -> dict[str, set[str]]:
+    """{corrected UID or Patient ID: keywords changed}, from the audit rows' ``changes``
+    ("Key: 'before' -> 'after'; ...")."""
+    out: dict[str, set[str]] = {}
+    for uid, changes in rows:
+        for part in (changes or "").split("; "):
+            keyword = part.partition(":")[0].strip()
+            if keyword in ALL_KEYS:
+                out.setdefault(uid, set()).add(keyword)
+    return out

@@ -19,6 +19,7 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from storage.blobstore import BlobStore, new_key
+from storage.correction import CorrectionError, LateArrivals, corrected_bytes
 from storage.dataset_parts import parse_fields, pixel_layout
 from storage.errors import (CommitOutcomeUnknown, DatasetMismatchError, DuplicateInstanceError,
                             StorageFullError)
@@ -270,7 +271,7 @@ def _wait_written(item: _Pending) -> None:
 def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
            duplicates: str = "keep_first", max_bytes: int = 0,
            stager: Stager | None = None, sop_uid: str | None = None,
-           source_ae: str = "") -> IngestResult:
+           source_ae: str = "", late: LateArrivals | None = None) -> IngestResult:
     """Stage one received dataset durably and index it.
 
     Parameters
@@ -291,6 +292,9 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
         The SOP Instance UID the dataset must have (its C-STORE request's).
     source_ae : str
         The calling AE title that sent it (kept in the index; forwarding rules match it).
+    late : LateArrivals, optional
+        Brings an instance of a corrected series, study or patient in line with the
+        correction before it is staged (logged); else it is staged as received.
 
     Raises
     ------
@@ -303,10 +307,19 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
         written = stager.sync(blobs, blobs.write_new(key, data))
     try:
         facts, fields = _describe(data, transfer_syntax, digest, key)
-        fields = {**fields, "source_ae": source_ae.strip()[:16]}
         if sop_uid is not None and facts.sop_uid != sop_uid:
             raise DatasetMismatchError(f"the dataset is instance {facts.sop_uid}, the request "
                                        f"names {sop_uid}")
+        coerced = _in_line(late, facts, data, transfer_syntax)
+        if coerced is not None:
+            if written is not None:
+                _discard(written, blobs, key)
+            data, digest = coerced, hashlib.sha256(coerced).hexdigest()
+            key = staged_key(transfer_syntax, digest) or new_key("s")
+            written = stager.sync(blobs, blobs.write_new(key, data)) \
+                if written is not None else None
+            facts, fields = _describe(data, transfer_syntax, digest, key)
+        fields = {**fields, "source_ae": source_ae.strip()[:16]}
         if written is None:
             _check_space(index, len(data), max_bytes)
     except BaseException:
@@ -333,6 +346,25 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
     log.debug("%s instance %s (%d bytes, %s) of series %s", outcome, facts.sop_uid, len(data),
               transfer_syntax, facts.series["series_uid"])
     return _result(outcome, facts)
+
+
+def _in_line(late: LateArrivals | None, facts: InstanceFacts, data: bytes,
+             transfer_syntax: str) -> bytes | None:
+    """The instance's bytes brought in line with a correction of where it is filed (None:
+    nothing to change, or it cannot be changed: then it is stored as received, logged)."""
+    values = late.values_for(facts) if late is not None else {}
+    if not values:
+        return None
+    try:
+        new = corrected_bytes(data, transfer_syntax, values)
+    except CorrectionError as exc:
+        log.warning("instance %s arrived after its series or study was corrected, and is "
+                    "stored as received: %s", facts.sop_uid, exc)
+        return None
+    log.warning("instance %s of series %s arrived after a correction and is brought in line "
+                "with it: %s", facts.sop_uid, facts.series["series_uid"],
+                "; ".join(f"{k} -> {v!r}" for k, v in values.items()))
+    return new
 
 
 def _result(outcome: str, facts: InstanceFacts) -> IngestResult:

@@ -381,23 +381,55 @@ def test_a_patient_row_freed_by_a_correction_is_not_reused_from_the_ingest_cache
 
 
 
-def test_a_series_sent_after_its_study_was_corrected_joins_the_study(archive,  # noqa: F811
-                                                                   caplog):
+def test_a_series_sent_after_its_study_was_corrected_is_brought_in_line(archive,  # noqa
+                                                                      caplog):
     """The modality sends one more series of a study after it was moved to its patient, with
-    the old Patient ID: the series joins the study where it is held, no empty patient is made
-    for the old ID, and the mismatch is logged."""
-    first = make_series(2, 8, 8, patient_id="TRAUMA9", seed=14)
+    the old patient: the series joins the study, its instances take the corrected patient's
+    values (logged; pixels and every other element as sent), and no empty patient is made for
+    the old ID. A new study that names the old Patient ID is stored as sent."""
+    first = make_series(2, 8, 8, patient_id="TRAUMA9", patient_name="Unknown^Trauma", seed=14)
     store_as_received(archive, first)
-    archive.correct("study", first[0].StudyInstanceUID, {"PatientID": "P77"})
-    archive.stager.close()
-    archive.stager = Stager(archive.index)           # as after a restart: no row ids cached
-    later = make_series(2, 8, 8, patient_id="TRAUMA9", study_uid=first[0].StudyInstanceUID,
-                        seed=15)
+    archive.correct("study", first[0].StudyInstanceUID, {"PatientID": "P77",
+                                                         "PatientName": "Doe^John"})
+    later = make_series(2, 8, 8, patient_id="TRAUMA9", patient_name="Unknown^Trauma",
+                        study_uid=first[0].StudyInstanceUID, seed=15)
+    elsewhere = make_series(1, 8, 8, patient_id="TRAUMA9", seed=16)
     with caplog.at_level("WARNING", logger="storage.ingest"):
-        store_as_received(archive, later)
-    assert archive.find("PATIENT", {"PatientID": "TRAUMA9"}) == []
+        sent = store_as_received(archive, later + elsewhere)
+    values = {"PatientID": "P77", "PatientName": "Doe^John"}
+    for ds in later:
+        ts, data = sent[ds.SOPInstanceUID]
+        assert archive.retrieve(ds.SOPInstanceUID).data == corrected_bytes(data, ts, values)
+    (ts, data), = [sent[ds.SOPInstanceUID] for ds in elsewhere]
+    assert archive.retrieve(elsewhere[0].SOPInstanceUID).data == data
     (row,) = archive.find("STUDY", {"PatientID": "P77", "NumberOfStudyRelatedSeries": ""})
     assert row["NumberOfStudyRelatedSeries"] == 2
-    warned = [r.getMessage() for r in caplog.records if "names patient 'TRAUMA9'" in
-              r.getMessage()]
-    assert len(warned) == 1 and "held: patient 'P77'" in warned[0]
+    assert [r["StudyInstanceUID"] for r in archive.find("STUDY", {"PatientID": "TRAUMA9"})] \
+        == [elsewhere[0].StudyInstanceUID]
+    brought = [r.getMessage() for r in caplog.records if "brought in line" in r.getMessage()]
+    assert len(brought) == 2 and "PatientID -> 'P77'" in brought[0]
+
+
+def test_a_late_instance_of_a_moved_series_follows_it_in_another_process(tmp_path):
+    """A series moved to another study by `voxarc correct` in another process (as beside a
+    running node): an instance of it sent afterwards with its old study takes the new study,
+    its patient and attributes, once the node has read the correction (within a second)."""
+    import time
+    from storage.archive import Archive
+    node = Archive(tmp_path / "data")
+    stray = make_series(3, 8, 8, patient_id="WRONG", seed=17)
+    home = make_series(1, 8, 8, patient_id="RIGHT", study_date="20240505", seed=18)
+    store_as_received(node, stray[:2] + home)
+    command = Archive(tmp_path / "data")
+    command.correct("series", stray[0].SeriesInstanceUID,
+                    {"StudyInstanceUID": home[0].StudyInstanceUID})
+    command.close()
+    time.sleep(1.1)
+    ts, data = dataset_bytes(stray[2])
+    node.store(data, ts)
+    got = _parsed(node.retrieve(stray[2].SOPInstanceUID).data, ts)
+    assert (got.StudyInstanceUID, got.PatientID, got.StudyDate) == \
+        (home[0].StudyInstanceUID, "RIGHT", "20240505")
+    assert got.PixelData == stray[2].PixelData
+    assert node.find("PATIENT", {"PatientID": "WRONG"}) == []
+    node.close()
