@@ -433,3 +433,62 @@ def test_failed_logins_and_dicomweb_reads_of_the_admin_server(tmp_path):
     assert read.find("EventIdentification").get("EventActionCode") == "R"
     assert participants(read) == {"VOXARC": (False, "110153"), "127.0.0.1": (True, "110152")}
     assert list(objects(read, "110180")) == [study] and list(objects(read, "2")) == ["PAT7"]
+
+
+def _free_port(kind) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not shutil.which("rsyslogd"), reason="needs rsyslog")
+def test_rsyslog_takes_the_messages_over_udp_and_tcp(tmp_path):
+    """rsyslogd, as a hospital's syslog relay or repository runs it, parses what the node sends
+    as RFC 5424 (facility authpriv, severity notice, app voxarc, MSGID IHE+RFC-3881) over UDP
+    and over TCP with octet counting, and keeps the audit message whole."""
+    udp, tcp = _free_port(socket.SOCK_DGRAM), _free_port(socket.SOCK_STREAM)
+    out = tmp_path / "audit.log"
+    conf = tmp_path / "rsyslog.conf"
+    conf.write_text(f"""
+global(workDirectory="{tmp_path}" maxMessageSize="64k")
+module(load="imudp")
+module(load="imtcp")
+template(name="fields" type="string"
+         string="%syslogfacility-text%|%syslogseverity-text%|%app-name%|%msgid%|%msg%\\n")
+ruleset(name="audit") {{ action(type="omfile" file="{out}" template="fields") }}
+input(type="imudp" address="127.0.0.1" port="{udp}" ruleset="audit")
+input(type="imtcp" address="127.0.0.1" port="{tcp}" ruleset="audit")
+""")
+    daemon = subprocess.Popen(["rsyslogd", "-n", "-f", str(conf), "-i", str(tmp_path / "pid")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:             # listening once TCP connects
+            try:
+                socket.create_connection(("127.0.0.1", tcp), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        for scheme, port in (("udp", udp), ("tcp", tcp)):
+            trail = AuditTrail(SyslogSender(f"{scheme}://127.0.0.1:{port}"), "VOXARC")
+            trail.note(f"VIEWER@{scheme}", "C-GET", "1.2.3", "P&<1>", 12)
+            trail.close()
+        lines = []
+        while time.monotonic() < deadline and len(lines) < 2:
+            time.sleep(0.1)
+            lines = out.read_text(encoding="utf-8").splitlines() if out.exists() else []
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    assert len(lines) == 2, daemon.stdout.read()
+    for line, scheme in zip(sorted(lines, key=lambda l: "tcp" in l), ("udp", "tcp")):
+        facility, severity, app, msgid, msg = line.split("|", 4)
+        assert (facility, severity, app, msgid) == ("authpriv", "notice", "voxarc",
+                                                    "IHE+RFC-3881")
+        root = ET.fromstring(msg.lstrip("\ufeff").strip().encode())
+        assert event_id(root) == "110104"
+        assert participants(root)["VIEWER"] == (True, "110152")
+        assert list(objects(root, "2")) == ["P&<1>"]
+        assert detail(objects(root, "110180")["1.2.3"], "NumberOfInstances") == "12"
+        assert [p.get("NetworkAccessPointID") for p in root.iter("ActiveParticipant")
+                if p.get("UserID") == "VIEWER"] == [scheme]
