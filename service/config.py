@@ -71,6 +71,10 @@ SETTING_DOCS = {
     "tls_private_key": "PEM private key of tls_certificate.",
     "tls_ca_certificates": "PEM authorities client certificates must chain to (mutual TLS); "
                            "empty: no client certificate asked.",
+    "rejection_notes_from": "Calling AE titles whose IHE IOCM rejection notes (a Key Object "
+                            "Selection titled Rejected for Quality Reasons, ...) delete the "
+                            "instances they name: \"CT1,WS2\", or * for any; empty: none "
+                            "(the notes are stored as any instance).",
     "audit_syslog": "IHE ATNA audit record repository the node sends DICOM audit messages to "
                     "(stores, queries, retrievals, exports, deletions, corrections, start and "
                     "stop): udp://HOST[:514], tcp://HOST[:514] or tls://HOST[:6514]; empty: "
@@ -131,6 +135,7 @@ class Settings:
     tls_certificate: str = ""
     tls_private_key: str = ""
     tls_ca_certificates: str = ""
+    rejection_notes_from: str = ""
     audit_syslog: str = ""
     audit_syslog_ca: str = ""
     audit_source_id: str = ""
@@ -176,6 +181,12 @@ def _coerce(name: str, value):
     value = type(default)(value)
     if name == "http_public_url":
         return _public_url(str(value))
+    if name == "rejection_notes_from":
+        titles = [t.strip() for t in value.split(",") if t.strip()]
+        if any(not 0 < len(t) <= 16 for t in titles):
+            raise ValueError(f"rejection_notes_from must list AE titles of 1 to 16 characters "
+                             f"(or *), not {value!r}")
+        return ",".join(titles)
     if name == "audit_syslog" and value and \
             not re.match(r"^(udp|tcp|tls)://[^/:]+(:\d+)?/?$", value):
         raise ValueError(f"audit_syslog must be udp://HOST[:PORT], tcp://HOST[:PORT] or "

@@ -197,7 +197,21 @@ def _store(settings: Settings) -> str:
         "sent.\n"
         f"- Duplicates: {policy}.\n"
         f"- Size limits: a dataset of at most {settings.max_dataset_bytes} bytes; the archive "
-        f"up to {limit}.\n")
+        f"up to {limit}.\n"
+        "- IHE IOCM rejection notes (a Key Object Selection Document titled (113001, DCM) "
+        "Rejected for Quality Reasons, (113037, DCM) Rejected for Patient Safety Reasons, "
+        "(113038, DCM) Incorrect Modality Worklist Entry or (113039, DCM) Data Retention Policy "
+        "Expired) are stored; "
+        + (f"from {_rejecters(settings.rejection_notes_from)} the instances they name are "
+           "then deleted (only those held in the study and series the note names, of the "
+           "patient it names), the note kept.\n" if settings.rejection_notes_from else
+           "none is applied as configured (`rejection_notes_from` is empty).\n"))
+
+
+def _rejecters(setting: str) -> str:
+    titles = [t.strip() for t in setting.split(",") if t.strip()]
+    return "any calling AE title" if "*" in titles else \
+        "calling AE titles " + ", ".join(f"`{t}`" for t in titles)
 
 
 def _find(settings: Settings) -> str:

@@ -22,7 +22,7 @@ from service.exact_send import PreEncoded
 from service.identifiers import (IdentifierError, find_records, parse_identifier, response,
                                  retrieve_criteria)
 from service.socket_tuning import tune_association
-from storage import transcode
+from storage import rejection, transcode
 from storage.dataset_parts import nbytes
 from storage.archive import Archive
 from storage.query import Matching
@@ -84,9 +84,10 @@ def handle_echo(event) -> int:
     return statuses.SUCCESS
 
 
-def handle_store(event, archive: Archive, max_bytes: int = 0) -> int:
+def handle_store(event, archive: Archive, max_bytes: int = 0, reject_from: str = "") -> int:
     """C-STORE: stage the dataset as received; success only once it is durable and indexed.
-    Datasets over ``max_bytes`` (0: no limit) are refused with 0xA700."""
+    Datasets over ``max_bytes`` (0: no limit) are refused with 0xA700. An IOCM rejection note
+    from a calling AE title of ``reject_from`` ("A,B" or "*") is then applied."""
     try:
         data = event.encoded_dataset(include_meta=False)
         if max_bytes and len(data) > max_bytes:
@@ -102,12 +103,45 @@ def handle_store(event, archive: Archive, max_bytes: int = 0) -> int:
     log.info("C-STORE %s of %s from %s", result.outcome, result.sop_uid, _peer(event))
     # for the audit messages only: the index keeps who sent each instance
     archive.accesses.note(_actor(event), "C-STORE", result.study_uid, instances=1, keep=False)
+    if result.sop_class_uid == rejection.KEY_OBJECT_SELECTION and result.outcome != \
+            "duplicate_ignored":
+        _rejection_note(event, archive, data, reject_from)
     if named_class and result.sop_class_uid != named_class:
         log.warning("C-STORE of %s from %s: stored, but its SOP class %s is not the request's "
                     "%s (0xB007)", result.sop_uid, _peer(event), result.sop_class_uid,
                     named_class)
         return statuses.CLASS_MISMATCH_WARNING
     return statuses.SUCCESS
+
+
+def _rejection_note(event, archive: Archive, data: bytes, reject_from: str) -> None:
+    """Apply a stored Key Object Selection that is an IOCM rejection note, when its sender may
+    reject (the note stays stored either way; a failure is logged, the C-STORE succeeded)."""
+    try:
+        note = rejection.read_note(data, str(event.context.transfer_syntax))
+    except Exception as exc:
+        log.warning("Key Object Selection from %s not read as a rejection note: %s",
+                    _peer(event), exc)
+        return
+    if note is None:
+        return
+    allowed = {t.strip() for t in reject_from.split(",") if t.strip()}
+    if "*" not in allowed and _calling_ae(event) not in allowed:
+        log.warning("rejection note %s (%s) from %s stored, not applied: %s is not in "
+                    "rejection_notes_from", note.sop_uid, note.title, _peer(event),
+                    _calling_ae(event))
+        return
+    try:
+        done = archive.apply_rejection(note, _actor(event))
+    except Exception:
+        log.exception("rejection note %s from %s not applied", note.sop_uid, _peer(event))
+        return
+    log.warning("rejection note %s (%s) from %s: %d instances deleted, %d references passed "
+                "over", note.sop_uid, note.title, _peer(event), done["instances"],
+                len(done["passed_over"]))
+    for study, count in done["studies"].items():
+        archive.accesses.note(_actor(event), "delete instances", study, note.patient_id,
+                              count, detail=note.title, keep=False)
 
 
 # SOP Class Extended Negotiation (PS3.4 C.5.1.1.1, C.5.2.1.1, C.5.3.1.1): the options the node

@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from models.api import SLAB_SLICES
-from storage import correction, forwarding, query
+from storage import correction, forwarding, query, rejection
 from storage.access_log import AccessLog
 from storage.backup import BackupReport, backup
 from storage.blobstore import BlobStore
@@ -232,6 +232,25 @@ class Archive:
         """Delete a patient (by Patient ID), study, series or instance with its files, for good;
         return what was removed (see :meth:`storage.deletion.Deleter.delete`)."""
         return Deleter(self.index, self.blobs, self.retrieve).delete(level, uid, reason)
+
+    def apply_rejection(self, note: rejection.RejectionNote, sender: str) -> dict:
+        """Delete the instances an IOCM rejection note from ``sender`` rejects (see
+        :mod:`storage.rejection`); return the deletion's summary, with ``passed_over``: the
+        references it did not follow, and why, and ``studies``: {Study Instance UID: instances
+        rejected}."""
+        uids, passed = rejection.rejected(self.index, note)
+        for why in passed:
+            log.warning("rejection note %s from %s: passed over %s", note.sop_uid, sender, why)
+        done = {"instances": 0}
+        if uids:
+            done = Deleter(self.index, self.blobs, self.retrieve).delete(
+                "instances", note.sop_uid, f"{note.title}: rejection note {note.sop_uid} from "
+                f"{sender}", uids)
+        studies: dict[str, int] = {}
+        for study, _, sop in note.references:
+            if sop in uids:
+                studies[study] = studies.get(study, 0) + 1
+        return {**done, "passed_over": passed, "studies": studies}
 
     def correction_plan(self, level: str, uid: str, values: dict[str, str]) -> CorrectionPlan:
         """What correcting a patient (by Patient ID), a study or a series to ``values`` would

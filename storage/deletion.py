@@ -104,8 +104,13 @@ _TARGET = select(Instance.id, Instance.sop_uid, Instance.staged_key, Instance.bl
                  Instance.size, Instance.series_fk)
 
 
-def _targets(s, level: str, uid: str) -> list:
-    """Rows (id, SOP UID, staged key, blob id, size, series id) of the instances to delete."""
+def _targets(s, level: str, uid: str, sop_uids=None) -> list:
+    """Rows (id, SOP UID, staged key, blob id, size, series id) of the instances to delete
+    (``sop_uids``: those instances, at level ``instances``)."""
+    if level == "instances":
+        uids = list(sop_uids or ())
+        return [row for i in range(0, len(uids), 500)
+                for row in s.execute(_TARGET.where(Instance.sop_uid.in_(uids[i:i + 500])))]
     if level == "instance":
         return s.execute(_TARGET.where(Instance.sop_uid == uid)).all()
     query = _TARGET.join(Series, Instance.series_fk == Series.id)
@@ -118,20 +123,21 @@ def _targets(s, level: str, uid: str) -> list:
     return s.execute(query.where(Patient.patient_id == uid)).all()
 
 
-def plan(index: Index, level: str, uid: str) -> DeletionPlan:
+def plan(index: Index, level: str, uid: str, sop_uids=None) -> DeletionPlan:
     """Read what deleting ``uid`` (a Patient ID, Study, Series or SOP Instance UID, as
-    ``level`` says) would remove.
+    ``level`` says) would remove; at level ``instances``, the instances ``sop_uids`` (``uid``
+    then names them in the audit trail: a rejection note's UID).
 
     Raises
     ------
     ValueError
-        ``level`` is not one of :data:`LEVELS`.
+        ``level`` is not one of :data:`LEVELS` or ``instances``.
     """
-    if level not in LEVELS:
+    if level not in LEVELS + ("instances",):
         raise ValueError(f"deletion level must be one of {LEVELS}")
     out = DeletionPlan(level, uid)
     with index.read() as s:
-        rows = _targets(s, level, uid)
+        rows = _targets(s, level, uid, sop_uids)
         for row in rows:
             out.instances[row.id] = (row.sop_uid, row.staged_key, row.blob_fk, row.size)
         blob_ids = sorted({row.blob_fk for row in rows if row.blob_fk is not None})
@@ -180,9 +186,10 @@ class Deleter:
     def __init__(self, index: Index, blobs: BlobStore, retrieve):
         self.index, self.blobs, self.retrieve = index, blobs, retrieve
 
-    def delete(self, level: str, uid: str, reason: str = "") -> dict:
-        """Delete ``uid`` at ``level`` and return the plan's summary (``instances`` 0 when
-        nothing matched). Retried once from a fresh plan when the archive changed under it.
+    def delete(self, level: str, uid: str, reason: str = "", sop_uids=None) -> dict:
+        """Delete ``uid`` at ``level`` (see :func:`plan`) and return the plan's summary
+        (``instances`` 0 when nothing matched). Retried once from a fresh plan when the
+        archive changed under it.
 
         Raises
         ------
@@ -191,7 +198,7 @@ class Deleter:
             was deleted.
         """
         for attempt in range(2):
-            todo = plan(self.index, level, uid)
+            todo = plan(self.index, level, uid, sop_uids)
             if not todo.found:
                 return todo.summary()
             try:
