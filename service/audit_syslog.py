@@ -378,57 +378,61 @@ class AuditTrail:
                detail: str, about: str) -> AuditEvent | None:
         """The message of one coalesced note (None: an action not audited)."""
         user, host = _who(actor, self.hostname)
-        node = lambda role, requestor=False: Participant(  # noqa: E731
-            self.node_ae, requestor, role, self.hostname, str(os.getpid()))
-        studies = {study: row.instances} if study else {}
-        outcome = 4 if "not finished" in action or "failed" in detail else 0
         caller = Participant(user, True, "", host)
+        alert = _ALERTS.get(action)
+        if alert is not None:                   # what was refused, how often
+            times = f" ({row.requests} times)" if row.requests > 1 else ""
+            return AuditEvent(alert[0], "E", row.first, [caller, self._node("")],
+                              event_type=alert[1], outcome=4, description=detail + times)
+        what = self._what(action, caller, detail or actor)
+        if what is None:
+            return None
+        event_id, code, parts = what
+        query = (about, detail or action) if event_id == QUERY else None
+        return AuditEvent(event_id, code, row.first, parts,
+                          {study: row.instances} if study else {}, patients, query,
+                          outcome=4 if "not finished" in action else 0)
+
+    def _what(self, action: str, caller: Participant, media: str):
+        """(EventID, EventActionCode, participants) of a note on data (None: not audited);
+        ``media``: where an import came from or an export went."""
+        source = Participant(caller.user_id, True, "source", caller.access_point)
         if action in ("C-FIND", "QIDO-RS"):
-            return AuditEvent(QUERY, "E", row.first, [
-                Participant(user, True, "source", host), node("destination")], studies,
-                patients, (about, detail or action), outcome=outcome)
-        if action == "C-STORE" or action.startswith("STOW-RS"):
-            return AuditEvent(INSTANCES_TRANSFERRED, "C", row.first, [
-                Participant(user, True, "source", host), node("destination")], studies,
-                patients, outcome=outcome)
-        times = f" ({row.requests} times)" if row.requests > 1 else ""
-        if action in ("association rejected", "refused"):
-            kind = NODE_AUTHENTICATION if action.startswith("association") else \
-                RESTRICTED_FUNCTION
-            return AuditEvent(SECURITY_ALERT, "E", row.first, [caller, node("")],
-                              event_type=kind, outcome=4, description=detail + times)
-        if action == "authentication failed":
-            return AuditEvent(USER_AUTHENTICATION, "E", row.first, [caller, node("")],
-                              event_type=LOGIN, outcome=4, description=detail + times)
+            return QUERY, "E", [source, self._node("destination")]
+        if action in ("C-STORE", "STOW-RS"):
+            return INSTANCES_TRANSFERRED, "C", [source, self._node("destination")]
         if action == "import":
-            return AuditEvent(IMPORT, "C", row.first, [
-                caller, node("destination"), Participant(detail or "-", False, "source media")],
-                studies, patients, outcome=outcome)
+            return IMPORT, "C", [caller, self._node("destination"),
+                                 Participant(media, False, "source media")]
         if action.startswith(("download", "export")):
-            media = detail if action.startswith("export") and detail else actor
-            return AuditEvent(EXPORT, "R", row.first, [
-                caller, node("source"), Participant(media, False, "destination media")],
-                studies, patients, outcome=outcome)
+            to = media if action.startswith("export") else caller.user_id
+            return EXPORT, "R", [caller, self._node("source"),
+                                 Participant(to, False, "destination media")]
         if action.startswith(("delete", "correct")):
-            study_level = action in ("delete study", "delete patient")
-            event_id = STUDY_DELETED if study_level else INSTANCES_ACCESSED
-            return AuditEvent(event_id, "D" if action.startswith("delete") else "U",
-                              row.first, [caller, node("")], studies, patients,
-                              outcome=outcome)
-        if action.startswith(_TRANSFERS):
-            _, to, name = action.partition(" to ")
-            if action.startswith(("forward to", "send to")):
-                parts = [node("source", action.startswith("forward")),
-                         Participant(name, False, "destination")]
-                if action.startswith("send"):
-                    parts.append(caller)
-            elif to:                      # C-MOVE to NAME
-                parts = [node("source"), Participant(name, False, "destination"), caller]
-            else:                         # the caller takes them
-                parts = [node("source"), Participant(user, True, "destination", host)]
-            return AuditEvent(INSTANCES_TRANSFERRED, "R", row.first, parts, studies, patients,
-                              outcome=outcome)
-        return None
+            deleted = action in ("delete study", "delete patient")
+            return (STUDY_DELETED if deleted else INSTANCES_ACCESSED,
+                    "D" if action.startswith("delete") else "U", [caller, self._node("")])
+        if not action.startswith(_TRANSFERS):
+            return None
+        _, to, name = action.partition(" to ")
+        if action.startswith("forward to"):         # the node's own doing
+            return INSTANCES_TRANSFERRED, "R", [self._node("source", True),
+                                                Participant(name, False, "destination")]
+        if to:                                     # C-MOVE, a send by hand: to a third party
+            return INSTANCES_TRANSFERRED, "R", [self._node("source"),
+                                                Participant(name, False, "destination"),
+                                                caller]
+        return INSTANCES_TRANSFERRED, "R", [   # the caller takes them
+            self._node("source"), Participant(caller.user_id, True, "destination",
+                                              caller.access_point)]
+
+    def _node(self, role: str, requestor: bool = False) -> Participant:
+        return Participant(self.node_ae, requestor, role, self.hostname, str(os.getpid()))
+
+
+_ALERTS = {"association rejected": (SECURITY_ALERT, NODE_AUTHENTICATION),
+           "refused": (SECURITY_ALERT, RESTRICTED_FUNCTION),
+           "authentication failed": (USER_AUTHENTICATION, LOGIN)}
 
 
 def _who(actor: str, hostname: str) -> tuple[str, str]:
