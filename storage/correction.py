@@ -227,9 +227,9 @@ def plan(index: Index, level: str, uid: str, values: dict[str, str]) -> Correcti
             before.update(_values(series, SERIES_KEYS), StudyInstanceUID=study.study_uid)
         after = dict(before)
         out = CorrectionPlan(level, uid, before, after, study_ids, series_ids, patient.id, None)
-        if values.get("StudyInstanceUID", study.study_uid if study else "") != \
-                (study.study_uid if study else ""):
-            _move_series(s, out, study, values["StudyInstanceUID"])
+        if series is not None and values.get("StudyInstanceUID", study.study_uid) != \
+                study.study_uid:
+            _move_series(s, out, values["StudyInstanceUID"])
         else:
             _patient_rules(s, out, values)
         after.update(values)
@@ -304,14 +304,13 @@ def _patient_rules(s, todo: CorrectionPlan, values: dict[str, str]) -> None:
                     f"{_listed({k: todo.after[k] for k in clash})}: leave those out to take "
                     "them, or correct that patient first")
     renamed = any(values.get(k, todo.before[k]) != todo.before[k] for k in PATIENT_KEYS)
-    others = s.scalar(select(exists().where(Study.patient_fk == todo.source_patient,
-                                            Study.id.not_in(todo.study_ids))))
-    if renamed and others and new_id == todo.before["PatientID"]:
+    if renamed and new_id == todo.before["PatientID"] and s.scalar(select(exists().where(
+            Study.patient_fk == todo.source_patient, Study.id.not_in(todo.study_ids)))):
         raise CorrectionError(f"patient {new_id!r} has other studies: correct the patient "
                               "(all its studies), or give this study another Patient ID")
 
 
-def _move_series(s, todo: CorrectionPlan, study: Study, new_uid: str) -> None:
+def _move_series(s, todo: CorrectionPlan, new_uid: str) -> None:
     """A series moved to the study ``new_uid``: its instances take that study's patient and
     study attributes as the index holds them; a study not yet held is made with this one's."""
     target = s.scalar(select(Study).where(Study.study_uid == new_uid))
