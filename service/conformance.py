@@ -204,7 +204,8 @@ def _store(settings: Settings) -> str:
         "Expired) are stored; "
         + (f"from {_rejecters(settings.rejection_notes_from)} the instances they name are "
            "then deleted (only those held in the study and series the note names, of the "
-           "patient it names), the note kept.\n" if settings.rejection_notes_from else
+           "patient it names), the note kept and sent on to the destinations that had their "
+           "series.\n" if settings.rejection_notes_from else
            "none is applied as configured (`rejection_notes_from` is empty).\n"))
 
 

@@ -236,16 +236,21 @@ class Archive:
     def apply_rejection(self, note: rejection.RejectionNote, sender: str) -> dict:
         """Delete the instances an IOCM rejection note from ``sender`` rejects (see
         :mod:`storage.rejection`); return the deletion's summary, with ``passed_over``: the
-        references it did not follow, and why, and ``studies``: {Study Instance UID: instances
-        rejected}."""
+        references it did not follow, and why, ``studies``: {Study Instance UID: instances
+        rejected}, and ``sent_to``: the destinations that had them, to which the note's series
+        is queued (the running node sends it on its next forwarding pass)."""
         uids, passed = rejection.rejected(self.index, note)
         for why in passed:
             log.warning("rejection note %s from %s: passed over %s", note.sop_uid, sender, why)
         done = {"instances": 0}
+        told = forwarding.destinations_of(self.index, uids)   # before their rows go
         if uids:
             done = Deleter(self.index, self.blobs, self.retrieve).delete(
                 "instances", note.sop_uid, f"{note.title}: rejection note {note.sop_uid} from "
                 f"{sender}", uids)
+        done["sent_to"] = forwarding.queue_series_of(
+            self.index, note.sop_uid, told, "rejection note: to where the rejected went") \
+            if told and done["instances"] else []
         studies: dict[str, int] = {}
         for study, _, sop in note.references:
             if sop in uids:

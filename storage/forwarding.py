@@ -252,6 +252,29 @@ def queue_by_hand(index: Index, items: list[Due], now: float | None = None) -> N
             _queue(_row(s, item.series_id, item.destination), now, 0.0, "sent by hand: queued")
 
 
+def destinations_of(index: Index, sop_uids: list[str]) -> set[str]:
+    """The destinations that had any of the series these instances belong to."""
+    with index.read() as s:
+        return {d for i in range(0, len(sop_uids), 500) for d in s.scalars(
+            select(Forward.destination).distinct()
+            .join(Instance, Instance.series_fk == Forward.series_fk)
+            .where(Instance.sop_uid.in_(sop_uids[i:i + 500]), Forward.instances > 0))}
+
+
+def queue_series_of(index: Index, sop_uid: str, destinations, reason: str,
+                    now: float | None = None) -> list[str]:
+    """Queue the series that instance ``sop_uid`` belongs to (an applied rejection note's) to
+    ``destinations``, whole, as a send by hand due now; return them."""
+    now = time.time() if now is None else now
+    with index.write() as s:
+        series = s.scalar(select(Instance.series_fk).where(Instance.sop_uid == sop_uid))
+        if series is None:
+            return []
+        for destination in sorted(destinations):
+            _queue(_row(s, series, destination), now, now, reason)
+    return sorted(destinations)
+
+
 def queue_again(index: Index, series_ids: list[int], reason: str,
                 now: float | None = None) -> list[tuple[str, str]]:
     """Queue each of the series to every destination that had any of it, whole, as a send by

@@ -447,3 +447,34 @@ def test_a_corrected_study_goes_again_where_it_went(archive, tmp_path):  # noqa:
         assert forwarder.run_once() == 0                                 # once
     finally:
         dest.stop()
+
+
+def test_an_applied_rejection_note_goes_where_the_rejected_instances_went(archive,  # noqa
+                                                                          tmp_path):
+    """The destinations that had a series some of whose instances a rejection note deleted
+    are sent the note (its series queued as a send by hand), so that they reject them too;
+    a note that deletes nothing goes nowhere."""
+    from storage import rejection
+    from test_rejection_notes import note
+    dest = StoreSCP("READ")
+    try:
+        forwarder = Forwarder(archive, _settings(tmp_path, dest.port))
+        ct = make_series(3, 16, 16, seed=41)
+        store_as_received(archive, ct)
+        assert forwarder.run_once(time.time() + LATER) == 1
+        dest.received.clear()
+        refs = [(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in ct[:1]]
+        kos = note(refs)
+        ts, data = dataset_bytes(kos)
+        archive.store(data, ts)
+        done = archive.apply_rejection(rejection.read_note(data, ts), "CT1@10.0.0.1")
+        assert done["instances"] == 1 and done["sent_to"] == ["reading"]
+        assert forwarder.run_once() == 1
+        assert list(dest.received) == [kos.SOPInstanceUID]
+        assert dest.received[kos.SOPInstanceUID] == (ts, data)
+        again = note(refs)                              # the instance is gone: nothing to do
+        ts, data = dataset_bytes(again)
+        archive.store(data, ts)
+        assert archive.apply_rejection(rejection.read_note(data, ts), "CT1")["sent_to"] == []
+    finally:
+        dest.stop()
