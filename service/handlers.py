@@ -137,8 +137,9 @@ def _rejection_note(event, archive: Archive, data: bytes, reject_from: str) -> N
         log.exception("rejection note %s from %s not applied", note.sop_uid, _peer(event))
         return
     log.warning("rejection note %s (%s) from %s: %d instances deleted, %d references passed "
-                "over", note.sop_uid, note.title, _peer(event), done["instances"],
-                len(done["passed_over"]))
+                "over%s", note.sop_uid, note.title, _peer(event), done["instances"],
+                len(done["passed_over"]),
+                f"; sent on to {', '.join(done['sent_to'])}" if done["sent_to"] else "")
     for study, count in done["studies"].items():
         archive.accesses.note(_actor(event), "delete instances", study, note.patient_id,
                               count, detail=note.title, keep=False)
