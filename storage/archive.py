@@ -7,6 +7,7 @@ the database or the data folder.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -242,20 +243,18 @@ class Archive:
         uids, passed = rejection.rejected(self.index, note)
         for why in passed:
             log.warning("rejection note %s from %s: passed over %s", note.sop_uid, sender, why)
-        done = {"instances": 0}
+        if not uids:
+            return {"instances": 0, "passed_over": passed, "studies": {}, "sent_to": []}
         told = forwarding.destinations_of(self.index, uids)   # before their rows go
-        if uids:
-            done = Deleter(self.index, self.blobs, self.retrieve).delete(
-                "instances", note.sop_uid, f"{note.title}: rejection note {note.sop_uid} from "
-                f"{sender}", uids)
+        done = Deleter(self.index, self.blobs, self.retrieve).delete(
+            "instances", note.sop_uid, f"{note.title}: rejection note {note.sop_uid} from "
+            f"{sender}", uids)
         done["sent_to"] = forwarding.queue_series_of(
             self.index, note.sop_uid, told, "rejection note: to where the rejected went") \
             if told and done["instances"] else []
-        studies: dict[str, int] = {}
-        for study, _, sop in note.references:
-            if sop in uids:
-                studies[study] = studies.get(study, 0) + 1
-        return {**done, "passed_over": passed, "studies": studies}
+        rejected = set(uids)
+        studies = Counter(study for study, _, sop in note.references if sop in rejected)
+        return {**done, "passed_over": passed, "studies": dict(studies)}
 
     def correction_plan(self, level: str, uid: str, values: dict[str, str]) -> CorrectionPlan:
         """What correcting a patient (by Patient ID), a study or a series to ``values`` would

@@ -77,7 +77,7 @@ def rejected(index: Index, note: RejectionNote) -> tuple[list[str], list[str]]:
                 .join(Study, Series.study_fk == Study.id)
                 .join(Patient, Study.patient_fk == Patient.id)
                 .where(Instance.sop_uid.in_(uids[i:i + 500])))})
-    out, passed = [], []
+    out, passed, seen = [], [], set()
     for study, series, sop in note.references:
         row = held.get(sop)
         if row is None:
@@ -87,6 +87,7 @@ def rejected(index: Index, note: RejectionNote) -> tuple[list[str], list[str]]:
         elif row.patient_id != note.patient_id:
             passed.append(f"{sop}: held under patient {row.patient_id!r}, the note names "
                           f"{note.patient_id!r}")
-        elif sop not in out:
+        elif sop not in seen:
+            seen.add(sop)
             out.append(sop)
     return out, passed
