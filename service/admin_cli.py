@@ -29,10 +29,12 @@ def studies_touched(archive, level: str, uid: str) -> dict[str, tuple[str, int]]
             for r in archive.find(query_level, asked)}
 
 
-def note_change(archive, command: str, level: str, touched: dict[str, tuple[str, int]]) -> None:
+def note_change(archive, command: str, level: str, touched: dict[str, tuple[str, int]],
+                actor: str = "") -> None:
     """Tell the audit messages (not the access trail, whose table this is not) that ``command``
-    ("delete", "correct") changed the studies ``touched`` (:func:`studies_touched`)."""
-    actor = f"cli {command} ({getpass.getuser()})"
+    ("delete", "correct") changed the studies ``touched`` (:func:`studies_touched`); the actor
+    is the command's user unless given."""
+    actor = actor or f"cli {command} ({getpass.getuser()})"
     for study, (patient, instances) in touched.items():
         archive.accesses.note(actor, f"{command} {level}", study, patient, instances,
                               keep=False)

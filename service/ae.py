@@ -25,6 +25,7 @@ from service import (audit_syslog, command_encoding, commitment, exact_send, han
 from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.forwarding import Forwarder
+from service.hl7_listener import Hl7Listener
 from service.metrics import NodeMetrics
 from service.patrol import Patrol
 from service.socket_tuning import tune_association
@@ -208,6 +209,7 @@ class Node:
         # with destinations but no rules, it makes again the sends by hand that failed
         self.forwarder = Forwarder(self.archive, settings, self.metrics) \
             if compaction and (settings.forward or settings.destinations) else None
+        self.hl7: Hl7Listener | None = None
 
     @property
     def port(self) -> int:
@@ -228,6 +230,17 @@ class Node:
                                            evt_handlers=self.metrics.instrument(
                                                event_handlers(self.archive, self.settings,
                                                               self.reporter)))
+        if self.settings.hl7_port:
+            try:
+                self.hl7 = Hl7Listener(self.archive, self.settings.host, self.settings.hl7_port,
+                                       self.settings.hl7_senders,
+                                       self.settings.hl7_patient_id_authority,
+                                       self.metrics.hl7_answered,
+                                       self.settings.hl7_charset).start()
+            except OSError:
+                self.server.shutdown()
+                self.archive.close()
+                raise
         if self.worker:
             self.worker.start()
         if self.patrol:
@@ -264,6 +277,8 @@ class Node:
         """Stop accepting, finish running associations and compaction, close the index."""
         if self.server is not None:
             self.server.shutdown()
+        if self.hl7 is not None:
+            self.hl7.stop()
         if self.worker is not None and self.worker.is_alive():
             self.worker.stop()
         if self.patrol is not None:

@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service import hl7_adt
 from storage.forwarding import parse_rule
 
 SETTING_DOCS = {
@@ -82,6 +83,17 @@ SETTING_DOCS = {
     "audit_syslog_ca": "PEM authorities the audit repository's TLS certificate must chain to "
                        "(empty: the system's); the node presents tls_certificate when set.",
     "audit_source_id": "Audit Source ID of the node's audit messages (empty: AE@host name).",
+    "hl7_port": "TCP port of the HL7 v2 listener (MLLP) for the hospital's ADT feed: patient "
+                "updates (A08, A31) and merges (A40, A34, A47) correct the archive as they "
+                "come (0: no listener).",
+    "hl7_senders": "Sending applications (MSH-3) whose ADT messages are applied: \"HIS,ADT\"; "
+                   "others are rejected (AR); empty: any.",
+    "hl7_charset": "Character set of ADT messages whose MSH-18 is empty, as MSH-18 names it "
+                   "(8859/1, UNICODE UTF-8, ...); empty: ASCII, as HL7 has it (a message with "
+                   "other bytes is rejected, AR).",
+    "hl7_patient_id_authority": "Assigning authority (CX.4) of the identifier in PID-3 and "
+                                "MRG-1 that is the DICOM Patient ID; empty: the first "
+                                "identifier.",
 }
 MIN_CACHE_BYTES = 32 << 20
 _DESTINATION = re.compile(r"^(?P<name>[^=]+)=(?P<aet>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
@@ -139,6 +151,10 @@ class Settings:
     audit_syslog: str = ""
     audit_syslog_ca: str = ""
     audit_source_id: str = ""
+    hl7_port: int = 0
+    hl7_senders: str = ""
+    hl7_charset: str = ""
+    hl7_patient_id_authority: str = ""
 
     def destination(self, ae_title: str) -> Destination | None:
         """Return the destination whose AE title (or name) is ``ae_title``, or None."""
@@ -195,6 +211,11 @@ def _coerce(name: str, value):
         raise ValueError(f"cache_bytes must be at least {MIN_CACHE_BYTES} (32 MiB), not "
                          f"{value}: retrievals decode through the cache, and a slab that does "
                          "not fit in it is decoded again for each of its instances")
+    if name == "hl7_charset" and value.strip().upper() not in hl7_adt.CHARSETS:
+        raise ValueError(f"hl7_charset must be one of {', '.join(sorted(hl7_adt.CHARSETS)[1:])} "
+                         f"or empty, not {value!r}")
+    if name == "hl7_port" and not 0 <= value <= 65535:
+        raise ValueError(f"hl7_port must be a TCP port (0: no listener), not {value}")
     if name.startswith("scrub_") and value < 0:
         raise ValueError(f"{name} must be 0 or more, not {value}")
     return value

@@ -186,6 +186,8 @@ class NodeMetrics:
         self.forwarded_instances = Counter(
             "voxarc_forwarded_instances", "Instances forwarded by C-STORE, by destination and "
             "result", ["destination", "result"], registry=r)
+        self.hl7_messages = Counter("voxarc_hl7_messages", "HL7 ADT messages answered, by "
+                                    "acknowledgement code (AA, AE, AR)", ["ack"], registry=r)
         if archive is not None:
             r.register(_IndexCollector(archive))
         r.register(_DecoderCollector(archive))
@@ -220,6 +222,10 @@ class NodeMetrics:
         self.forwarded_instances.labels(destination, "stored").inc(sent)
         if failed:
             self.forwarded_instances.labels(destination, "failed").inc(failed)
+
+    def hl7_answered(self, code: str) -> None:
+        """Count one HL7 message answered with the acknowledgement ``code``."""
+        self.hl7_messages.labels(code).inc()
 
     def compaction_done(self, ok: bool, seconds: float, nbytes: int) -> None:
         """Record one series compaction of ``nbytes`` staged bytes taking ``seconds``."""

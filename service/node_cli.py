@@ -44,6 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--http-host", help="admin web page address (default 127.0.0.1)")
     p.add_argument("--http-token", help="token the admin web page requires (default none; "
                    "or set VOXARC_HTTP_TOKEN)")
+    p.add_argument("--hl7-port", type=int, help="HL7 ADT listener port (default none)")
     p.set_defaults(func=serve)
 
     p = subparsers.add_parser("import", help="load DICOM files from folders (no network)")
@@ -73,9 +74,14 @@ def serve(args) -> int:
                          stable_age=args.stable_age, destination=args.destination,
                          forward=args.forward,
                          http_port=args.http_port, http_host=args.http_host,
-                         http_token=args.http_token)
+                         http_token=args.http_token, hl7_port=args.hl7_port)
     stop = _stop_signals()
-    node = Node(settings).start()
+    try:
+        node = Node(settings).start()
+    except OSError as exc:
+        log.error("cannot listen on port %s (DICOM) or %s (HL7): %s", settings.port,
+                  settings.hl7_port or "-", exc)
+        return 1
     print(f"listening on port {node.port}", flush=True)
     try:
         admin = start_admin(node)                # admin page, JSON API, /metrics (service.web)

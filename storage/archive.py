@@ -262,6 +262,11 @@ class Archive:
         CorrectionError."""
         return correction.plan(self.index, level, uid, values)
 
+    def patient(self, patient_id: str) -> dict[str, str] | None:
+        """The attributes held of the patient ``patient_id`` (PatientID, PatientName,
+        PatientBirthDate, PatientSex), or None when none is held."""
+        return correction.patient_values(self.index, patient_id)
+
     def correct(self, level: str, uid: str, values: dict[str, str], reason: str = "",
                 resend: bool = False) -> dict:
         """Correct a patient's, a study's or a series' attributes, in the index and in every

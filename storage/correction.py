@@ -487,6 +487,14 @@ def _drop_emptied(s, todo: CorrectionPlan) -> None:
                                     ~exists().where(Study.patient_fk == Patient.id)))
 
 
+def patient_values(index: Index, patient_id: str) -> dict[str, str] | None:
+    """The patient attributes the index holds for ``patient_id`` (keyword -> value; the
+    Patient ID matched exactly), or None when it holds no such patient."""
+    with index.read() as s:
+        row = s.scalar(select(Patient).where(Patient.patient_id == patient_id))
+        return None if row is None else _values(row, PATIENT_KEYS)
+
+
 def history(index: Index, limit: int = 100) -> list[dict]:
     """The latest corrections, newest first (the audit trail)."""
     with index.read() as s:
