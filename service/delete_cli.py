@@ -3,6 +3,10 @@
 Shows what each deletion removes and asks before doing it (``--yes`` skips the question; without
 a terminal to ask on, ``--yes`` is required). ``--dry-run`` only shows. ``--history`` prints the
 audit trail of past deletions. Works beside a running ``voxarc serve`` on the same data folder.
+
+``--matching "StudyDate=-20151231; Modality=CR"`` names what to delete by C-FIND keys instead of
+UIDs (a retention period run out, say): a record without a value for one of the keys is never
+selected, so a study with no date is not deleted for being old.
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ from service.admin_cli import (add_trail_options, may_proceed, note_change, prin
                                studies_touched)
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
+from service.progress import Progress
+from storage import query
 from storage.deletion import LEVELS, history
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 _WHAT = {"patient": "Patient ID", "study": "Study Instance UID", "series": "Series Instance UID",
          "instance": "SOP Instance UID"}
+_SET_KEYS = ("ModalitiesInStudy", "SOPClassesInStudy")     # computed keys a rule may use
+_UID_KEYS = {"patient": ("PATIENT", "PatientID"), "study": ("STUDY", "StudyInstanceUID"),
+             "series": ("SERIES", "SeriesInstanceUID"), "instance": ("IMAGE", "SOPInstanceUID")}
 
 
 def register(subparsers) -> None:
@@ -30,8 +39,39 @@ def register(subparsers) -> None:
     p.add_argument("level", nargs="?", choices=LEVELS, help="what the UIDs name")
     p.add_argument("uids", nargs="*", metavar="UID",
                    help="Patient IDs, Study, Series or SOP Instance UIDs")
+    p.add_argument("--matching", metavar="RULE",
+                   help="select what to delete by C-FIND keys at the level instead of UIDs: "
+                        "\"StudyDate=-20151231; PatientBirthDate=-19971231\" (the forward "
+                        "rules' syntax; a record lacking a key's value is not selected)")
     add_trail_options(p, "deleting", "be removed", "deletions")
     p.set_defaults(func=delete)
+
+
+def matching_uids(archive, level: str, rule: str) -> list[str]:
+    """The UIDs (Patient IDs) at ``level`` of the records matching the C-FIND keys of ``rule``
+    (``Keyword=pattern; ...``, keys of the level or above) that hold a value for every key.
+
+    Raises
+    ------
+    ValueError
+        A malformed rule, a key below the level, or a rule that would select everything (no
+        key with a value).
+    """
+    query_level, key = _UID_KEYS[level]
+    above = query.LEVELS[:query.LEVELS.index(query_level) + 1]
+    known = {k: lv for k, (lv, _) in query.ATTRIBUTES.items()} | \
+        {k: query.COMPUTED[k] for k in _SET_KEYS}
+    criteria = query.parse_criteria(rule, known, "--matching")
+    below = [k for k in criteria if known[k] not in above]
+    if below:       # a query at the level would not look at them: everything would match
+        raise ValueError(f"--matching: {', '.join(below)} is not a key of a {level} or above")
+    if not any(v not in ("", "*") for v in criteria.values()):
+        raise ValueError("--matching needs at least one key with a value: it would select "
+                         "everything")
+    found = archive.find(query_level, {**criteria, key: criteria.get(key, "")})
+    return sorted({str(r[key]) for r in found
+                   if all(r.get(k) not in (None, "", []) for k, v in criteria.items()
+                          if v not in ("", "*"))})
 
 
 def _describe(summary: dict) -> str:
@@ -52,16 +92,24 @@ def _describe(summary: dict) -> str:
 def delete(args) -> int:
     """Delete what the arguments name; exit 1 when a UID matched nothing or a deletion failed,
     2 when the command cannot ask and ``--yes`` is missing."""
-    if not args.history and (args.level is None or not args.uids):
-        log.error("name a level (%s) and at least one UID, or ask for --history",
-                  ", ".join(LEVELS))
+    if not args.history and (args.level is None or bool(args.uids) == bool(args.matching)):
+        log.error("name a level (%s) and at least one UID or --matching RULE (not both), or "
+                  "ask for --history", ", ".join(LEVELS))
         return 2
     archive = open_archive(settings_from_args(args))
     try:
         if args.history:
             return print_trail(history(archive.index), args.json, "deleted_at", _describe,
                                "no deletions recorded")
-        plans = [archive.deletion_plan(args.level, uid) for uid in args.uids]
+        uids = args.uids
+        if args.matching:
+            try:
+                uids = matching_uids(archive, args.level, args.matching)
+            except ValueError as exc:
+                log.error("%s", exc)
+                return 2
+            log.info("--matching %r: %d %s records", args.matching, len(uids), args.level)
+        plans = [archive.deletion_plan(args.level, uid) for uid in uids]
         missing = [p.uid for p in plans if not p.found]
         for uid in missing:
             log.error("no %s %s in the archive", _WHAT[args.level], uid)
@@ -69,6 +117,11 @@ def delete(args) -> int:
         if not args.json:
             for p in plans:
                 print(("would delete " if args.dry_run else "") + _describe(p.summary()))
+            if args.matching:
+                print(f"{len(plans)} {args.level} records match; "
+                      f"{sum(len(p.instances) for p in plans)} instances, "
+                      f"{sum(p.summary()['freed_bytes'] for p in plans) / 1e6:.2f} MB"
+                      if plans else f"nothing matches {args.matching!r}")
         if args.dry_run or not plans:
             if args.json:
                 print(json.dumps({"dry_run": True, "plans": [p.summary() for p in plans],
@@ -81,6 +134,7 @@ def delete(args) -> int:
                 print("nothing deleted")
             return 2 if go is None else 0
         done, failed = [], 0
+        progress = Progress("delete", len(plans))
         for p in plans:
             try:
                 touched = studies_touched(archive, p.level, p.uid)
@@ -89,6 +143,8 @@ def delete(args) -> int:
             except StorageError as exc:
                 failed += 1
                 log.error("%s %s not deleted: %s", p.level, p.uid, exc)
+            progress.advance(note=p.uid)
+        progress.finish()
         if args.json:
             print(json.dumps({"deleted": done, "not_found": missing, "failed": failed},
                              indent=2))

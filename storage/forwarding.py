@@ -60,22 +60,12 @@ def parse_rule(text: str) -> dict[str, str]:
         On a term without ``=``, or a keyword the index does not keep of a series, its study or
         its patient.
     """
-    criteria = {}
-    for term in filter(None, (t.strip() for t in text.split(";"))):
-        keyword, equals, pattern = term.partition("=")
-        keyword = keyword.strip()
-        if not equals or not keyword:
-            raise ValueError(f"forwarding rule term {term!r} is not Keyword=pattern")
-        level = query.ATTRIBUTES.get(keyword, (None,))[0]
-        if level not in _RULE_LEVELS and keyword not in (SOURCE, PRIORS):
-            known = sorted(k for k, (lv, _) in query.ATTRIBUTES.items() if lv in _RULE_LEVELS)
-            raise ValueError(f"forwarding rule key {keyword!r} is not one of {SOURCE}, "
-                             f"{PRIORS}, {', '.join(known)}")
-        if keyword == PRIORS and not (pattern.strip().isdigit()
-                                      and int(pattern) <= MAX_PRIORS):
-            raise ValueError(f"forwarding rule {PRIORS}={pattern.strip()!r}: a number of "
-                             f"studies, 0 to {MAX_PRIORS}")
-        criteria[keyword] = pattern.strip()
+    keys = {k for k, (lv, _) in query.ATTRIBUTES.items() if lv in _RULE_LEVELS}
+    criteria = query.parse_criteria(text, keys | {SOURCE, PRIORS}, "forwarding rule")
+    pattern = criteria.get(PRIORS)
+    if pattern is not None and not (pattern.isdigit() and int(pattern) <= MAX_PRIORS):
+        raise ValueError(f"forwarding rule {PRIORS}={pattern!r}: a number of studies, 0 to "
+                         f"{MAX_PRIORS}")
     return criteria
 
 

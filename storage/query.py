@@ -44,6 +44,28 @@ COMPUTED = {
 }
 
 
+def parse_criteria(text: str, allowed, what: str) -> dict[str, str]:
+    """C-FIND keys written as ``Keyword=pattern`` terms separated by ``;``
+    (``Modality=CT\\MR; StudyDescription=*HEAD*``); empty: none. ``what`` names them in errors.
+
+    Raises
+    ------
+    ValueError
+        On a term without ``=``, or a keyword not in ``allowed``.
+    """
+    criteria = {}
+    for term in filter(None, (t.strip() for t in text.split(";"))):
+        keyword, equals, pattern = term.partition("=")
+        keyword = keyword.strip()
+        if not equals or not keyword:
+            raise ValueError(f"{what} term {term!r} is not Keyword=pattern")
+        if keyword not in allowed:
+            raise ValueError(f"{what} key {keyword!r} is not one of "
+                             f"{', '.join(sorted(allowed))}")
+        criteria[keyword] = pattern.strip()
+    return criteria
+
+
 # the date and time keys that combined date-time matching takes as one moment
 DATE_TIME_PAIRS = (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"))
 

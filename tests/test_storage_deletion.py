@@ -388,3 +388,48 @@ def test_a_compaction_interrupted_before_removing_its_staged_copies_brings_nothi
         assert _files(node) == set()
     finally:
         node.close()
+
+
+def test_voxarc_delete_matching_a_retention_period(tmp_path):
+    """``--matching`` selects by C-FIND keys: studies before a date, not those without one,
+    and refuses a rule that would select everything or keys below the level."""
+    data_dir = tmp_path / "data"
+    arch = Archive(data_dir)
+    old = store_series(arch, make_series(2, 8, 8, patient_id="OLD", study_date="20090301"))
+    adult = store_series(arch, make_series(2, 8, 8, patient_id="OLD", study_date="20150101",
+                                           seed=1))
+    recent = store_series(arch, make_series(2, 8, 8, patient_id="NEW", study_date="20240102",
+                                            seed=2))
+    undated = make_series(2, 8, 8, patient_id="UND", study_date="", seed=3)
+    undated = store_series(arch, undated)
+    arch.close()
+    rule = "StudyDate=-20151231"
+    out = _voxarc("delete", "study", "--matching", rule, "--dry-run", "--json",
+                  data_dir=data_dir)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p["instances"] for p in json.loads(out.stdout)["plans"]) == [2, 2]
+    out = _voxarc("delete", "study", "--matching", rule, "--dry-run", data_dir=data_dir)
+    assert "2 study records match; 4 instances" in out.stdout
+    out = _voxarc("delete", "study", "--matching", "StudyDate=-20151231; ModalitiesInStudy=MR",
+                  "--dry-run", "--json", data_dir=data_dir)
+    assert json.loads(out.stdout)["plans"] == []                  # CT studies, all of them
+    for bad, why in (("StudyDate=*", "would select everything"),
+                     ("SourceAETitle=CT1", "key 'SourceAETitle' is not one of"),
+                     ("Modality=CT", "Modality is not a key of a study"),
+                     ("StudyDate", "is not Keyword=pattern")):
+        out = _voxarc("delete", "study", "--matching", bad, "--yes", data_dir=data_dir)
+        assert out.returncode == 2 and why in out.stderr, out.stderr
+    out = _voxarc("delete", "study", "1.2.3", "--matching", rule, data_dir=data_dir)
+    assert out.returncode == 2                                   # UIDs or a rule, not both
+    out = _voxarc("delete", "study", "--matching", rule, "--yes", "--reason", "retention 10 y",
+                  data_dir=data_dir)
+    assert out.returncode == 0, out.stderr
+    out = _voxarc("delete", "study", "--matching", rule, "--yes", data_dir=data_dir)
+    assert out.returncode == 0 and "nothing matches" in out.stdout
+    arch = Archive(data_dir)
+    try:
+        assert _gone(arch, old) and _gone(arch, adult)
+        assert _exact(arch, recent) and _exact(arch, undated)     # no date: never "old"
+        assert [r["reason"] for r in deletion.history(arch.index)] == ["retention 10 y"] * 2
+    finally:
+        arch.close()
