@@ -5,7 +5,8 @@ syntax, then the dataset exactly as it was received (rebuilt and SHA-256 checked
 Files go to ``DIR/<series UID>/<SOP instance UID>.dcm``; a UID that is not a plain DICOM UID
 never becomes a path (its file is named after its hash). With ``--dicomdir`` they form a DICOM
 media file-set instead (:mod:`storage.media`): a DICOMDIR and files named as media require, for a
-CD or a USB stick that any viewer opens.
+CD or a USB stick that any viewer opens. With ``--deidentify`` the files are de-identified
+copies (:mod:`storage.deidentify`), for research or teaching, not the received bytes.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from service.progress import Progress
-from storage import media, reports
+from storage import deidentify, media, reports
 from storage.errors import StorageError
 from storage.part10 import safe_name, write_file
 
@@ -41,6 +43,22 @@ def register(subparsers) -> None:
                    help="with --dicomdir: for this media profile (STD-GEN-CD: every file "
                         "Explicit VR Little Endian, converted losslessly where received "
                         "otherwise)")
+    p.add_argument("--deidentify", action="store_true",
+                   help="write de-identified copies instead (pseudonyms, new UIDs, shifted "
+                        "dates, identifying and private attributes removed; images whose "
+                        "pixels may carry names are left out): for research or teaching")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="with --deidentify: the secret that fixes pseudonyms, UIDs and date "
+                        "shifts (made when missing; the same file gives the same ones next "
+                        "time; without it, each export is unlinkable to any other)")
+    p.add_argument("--keep-dates", action="store_true",
+                   help="with --deidentify: keep dates as they are instead of shifting them")
+    p.add_argument("--keep-descriptions", action="store_true",
+                   help="with --deidentify: keep study and series descriptions and protocol "
+                        "names (check them: they may name the patient)")
+    p.add_argument("--mapping", metavar="CSV",
+                   help="with --deidentify: write the original identifiers beside their "
+                        "replacements, for whoever may re-identify (keep it apart from the copies)")
     p.set_defaults(func=export)
 
 
@@ -96,6 +114,14 @@ def export(args) -> int:
     if args.profile and not args.dicomdir:
         log.error("--profile is for a file-set: add --dicomdir")
         return 2
+    deid_options = [o for o in ("key_file", "keep_dates", "keep_descriptions", "mapping")
+                    if getattr(args, o)]
+    if deid_options and not args.deidentify:
+        log.error("--%s is for --deidentify", deid_options[0].replace("_", "-"))
+        return 2
+    if args.deidentify and args.dicomdir:
+        log.error("--deidentify writes plain files: leave out --dicomdir")
+        return 2
     archive = open_archive(settings_from_args(args))
     try:
         named = []
@@ -115,9 +141,13 @@ def export(args) -> int:
         if unknown:
             return 1
         actor = f"cli export ({_user()})"
+        kind = "export (DICOMDIR)" if args.dicomdir else \
+            "export (de-identified)" if args.deidentify else "export"
         for uid, n in totals.items():      # noted before: a failure half-way still read some
-            archive.accesses.note(actor, "export (DICOMDIR)" if args.dicomdir else "export",
-                                  uid, instances=n, detail=f"to {Path(args.folder).resolve()}")
+            archive.accesses.note(actor, kind, uid, instances=n,
+                                  detail=f"to {Path(args.folder).resolve()}")
+        if args.deidentify:
+            return _export_deidentified(archive, studies, Path(args.folder), args)
         if args.dicomdir:
             return _export_file_set(archive, list(totals), sum(totals.values()),
                                     Path(args.folder), args.profile)
@@ -131,6 +161,46 @@ def export(args) -> int:
         return 1 if failed else 0
     finally:
         archive.close()
+
+
+def _export_deidentified(archive, studies: dict, folder: Path, args) -> int:
+    """Write de-identified copies of the studies' instances under ``folder``, each as
+    ``<new series UID>/<new SOP instance UID>.dcm`` (:mod:`storage.deidentify`)."""
+    try:
+        key = deidentify.key_from(Path(args.key_file)) if args.key_file else None
+    except (OSError, ValueError) as exc:
+        log.error("--key-file %s: %s", args.key_file, exc)
+        return 2
+    deid = deidentify.Deidentifier(key, args.keep_dates, args.keep_descriptions)
+    progress = Progress("export", sum(len(m) for m in studies.values()))
+    written, failed, left_out, mapping = 0, 0, Counter(), deidentify.Mapping()
+    for members in studies.values():
+        with archive.retrieval_order(list(members), "export") as (ordered, _):
+            for uid in ordered:
+                try:
+                    copy = deidentify.copy_of(archive.retrieve(uid), deid)
+                except Exception as exc:     # an instance pydicom cannot read or write
+                    failed += 1
+                    log.error("instance %s not exported: %s", uid, exc)
+                else:
+                    if isinstance(copy, str):
+                        left_out[copy] += 1
+                        log.info("instance %s left out: %s", uid, copy)
+                    else:
+                        target = folder / copy.series_uid / f"{copy.sop_uid}.dcm"
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(copy.data)
+                        mapping.add(copy)
+                        written += 1
+                progress.advance(note=uid[-30:])
+    if args.mapping:
+        mapping.write(Path(args.mapping))
+        log.info("identifiers and their replacements written to %s", args.mapping)
+    for why, n in left_out.items():
+        log.warning("%d instances left out: %s", n, why)
+    log.info("exported %d de-identified instances to %s in %.1f s (%d left out, %d failed)",
+             written, folder, progress.finish(), sum(left_out.values()), failed)
+    return 1 if failed else 0
 
 
 def _user() -> str:
