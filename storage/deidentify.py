@@ -8,7 +8,8 @@ apply at every depth of nested sequences:
 - the Patient ID and the patient's name become a pseudonym; the birth date is emptied; other
   identifying patient, visit, request and institution attributes (:data:`REMOVED`) are removed,
   and accession number and study ID emptied;
-- every person name (physicians, operators) is emptied;
+- every person name (physicians, operators) is emptied; a device serial number (which enhanced
+  images must have) becomes a keyed stand-in;
 - every instance UID is replaced by one derived from it with a secret key (``2.25.`` and 128
   bits of an HMAC), so references between instances still hold; UIDs the DICOM standard
   defines (SOP classes, transfer syntaxes, coding schemes) stay;
@@ -58,7 +59,7 @@ REMOVED = frozenset("""
     SpecialNeeds PatientState ReferencedPatientSequence ReferencedPatientPhotoSequence
     PersonIdentificationCodeSequence PersonAddress PersonTelephoneNumbers
     InstitutionName InstitutionAddress InstitutionalDepartmentName InstitutionCodeSequence
-    InstitutionalDepartmentTypeCodeSequence StationName DeviceSerialNumber DeviceUID
+    InstitutionalDepartmentTypeCodeSequence StationName DeviceUID
     PlateID GantryID DetectorID CassetteID GeneratorID SourceSerialNumber
     RequestingService RequestingPhysicianIdentificationSequence RequestedProcedureID
     ScheduledProcedureStepID PerformedProcedureStepID PerformedLocation ScheduledStationName
@@ -85,6 +86,9 @@ DESCRIPTIONS = frozenset("""
     AcquisitionComments DerivationDescription
 """.split())
 EMPTIED = frozenset({"AccessionNumber", "StudyID", "PatientBirthDate"})
+#: identifying values some IODs require (Enhanced General Equipment's Type 1 serial number):
+#: replaced by a keyed stand-in, the same for the same value
+STAND_INS = frozenset({"DeviceSerialNumber"})
 FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC", "UR"})
 KEPT_BINARY = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})      # pixel data of any kind
 IMAGE_CLASS_WORDS = ("Image Storage", "Volume Storage")
@@ -182,6 +186,8 @@ class Deidentifier:
         new = type(elem)(tag, vr, elem.value)
         if keyword in EMPTIED or vr == "PN":
             new.value = ""
+        elif keyword in STAND_INS:
+            new.value = _each(elem.value, lambda v: "X" + self._mac(keyword, v).hex()[:11])
         elif vr == "SQ":
             new.value = Sequence([self._copy(item, shift) for item in elem.value])
         elif vr == "UI":

@@ -81,6 +81,7 @@ def test_nothing_identifying_is_left_and_references_hold():
 def test_dates_move_together_and_the_key_decides():
     (ds,) = _identified_series(1)
     shifted = pydicom.dcmread(io.BytesIO(_copy(ds, Deidentifier(KEY)).data))
+    assert shifted.DeviceSerialNumber.startswith("X") and len(shifted.DeviceSerialNumber) == 12
     shift = Deidentifier(KEY).day_shift("PAT1")
     assert 1 <= shift <= 1096
     import datetime
@@ -139,8 +140,10 @@ def test_bundled_files_validate_as_before(name, tmp_path):
     assert not set(after) - set(before), set(after) - set(before)
 
 
-def test_a_real_ct_validates_as_before(shared_series, tmp_path):
-    folder = shared_series("test", "ct_ge_hispeed_head_tilt")
+@pytest.mark.parametrize("name", ["ct_ge_hispeed_head_tilt", "mr_enh_siemens_xa30_T1w_s5"])
+def test_real_series_validate_as_before(name, shared_series, tmp_path):
+    """A real CT and an enhanced multi-frame MR (functional groups, a Type 1 serial number)."""
+    folder = shared_series("test", name)
     path = real_series_files(folder, 1)[0]
     ts, data = split_file(path.read_bytes())
     ds = pydicom.dcmread(path)
@@ -214,5 +217,6 @@ def test_every_listed_keyword_is_a_dicom_one():
     """A misspelt keyword would remove nothing, silently."""
     from pydicom.datadict import tag_for_keyword
     from storage import deidentify
-    listed = deidentify.REMOVED | deidentify.DESCRIPTIONS | deidentify.EMPTIED
+    listed = deidentify.REMOVED | deidentify.DESCRIPTIONS | deidentify.EMPTIED | \
+        deidentify.STAND_INS
     assert [k for k in listed if tag_for_keyword(k) is None] == []
