@@ -232,11 +232,8 @@ class Node:
                                                               self.reporter)))
         if self.settings.hl7_port:
             try:
-                self.hl7 = Hl7Listener(self.archive, self.settings.host, self.settings.hl7_port,
-                                       self.settings.hl7_senders,
-                                       self.settings.hl7_patient_id_authority,
-                                       self.metrics.hl7_answered,
-                                       self.settings.hl7_charset).start()
+                self.hl7 = Hl7Listener(self.archive, self.settings,
+                                       self.metrics.hl7_answered).start()
             except OSError:
                 self.server.shutdown()
                 self.archive.close()

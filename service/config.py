@@ -12,7 +12,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service import hl7_adt
+from service import hl7_message
+from service.hl7_prefetch import parse_targets
 from storage.forwarding import parse_rule
 
 SETTING_DOCS = {
@@ -91,6 +92,9 @@ SETTING_DOCS = {
     "hl7_charset": "Character set of ADT messages whose MSH-18 is empty, as MSH-18 names it "
                    "(8859/1, UNICODE UTF-8, ...); empty: ASCII, as HL7 has it (a message with "
                    "other bytes is rejected, AR).",
+    "hl7_prefetch": "Destinations that get a patient's latest studies when the RIS orders an "
+                    "exam (ORM^O01, OMI^O23, OMG^O19 on hl7_port): \"reading=2, er=1\"; "
+                    "empty: orders are not taken.",
     "hl7_patient_id_authority": "Assigning authority (CX.4) of the identifier in PID-3 and "
                                 "MRG-1 that is the DICOM Patient ID; empty: the first "
                                 "identifier.",
@@ -154,6 +158,7 @@ class Settings:
     hl7_port: int = 0
     hl7_senders: str = ""
     hl7_charset: str = ""
+    hl7_prefetch: str = ""
     hl7_patient_id_authority: str = ""
 
     def destination(self, ae_title: str) -> Destination | None:
@@ -211,8 +216,8 @@ def _coerce(name: str, value):
         raise ValueError(f"cache_bytes must be at least {MIN_CACHE_BYTES} (32 MiB), not "
                          f"{value}: retrievals decode through the cache, and a slab that does "
                          "not fit in it is decoded again for each of its instances")
-    if name == "hl7_charset" and value.strip().upper() not in hl7_adt.CHARSETS:
-        raise ValueError(f"hl7_charset must be one of {', '.join(sorted(hl7_adt.CHARSETS)[1:])} "
+    if name == "hl7_charset" and value.strip().upper() not in hl7_message.CHARSETS:
+        raise ValueError(f"hl7_charset must be one of {', '.join(sorted(hl7_message.CHARSETS)[1:])} "
                          f"or empty, not {value!r}")
     if name == "hl7_port" and not 0 <= value <= 65535:
         raise ValueError(f"hl7_port must be a TCP port (0: no listener), not {value}")
@@ -276,6 +281,10 @@ def load_settings(config: str | Path | None = None, **overrides) -> Settings:
     for name in settings.forward:
         if name not in settings.destinations:
             raise ValueError(f"forward to {name!r}: not one of the destinations "
+                             f"({', '.join(sorted(settings.destinations)) or 'none configured'})")
+    for name in parse_targets(settings.hl7_prefetch):
+        if name not in settings.destinations:
+            raise ValueError(f"hl7_prefetch to {name!r}: not one of the destinations "
                              f"({', '.join(sorted(settings.destinations)) or 'none configured'})")
     if settings.duplicate_policy not in ("keep_first", "replace", "reject"):
         raise ValueError(f"duplicate_policy {settings.duplicate_policy!r} is not one of "

@@ -28,26 +28,17 @@ from dataclasses import dataclass, field
 
 import hl7
 
+from service import hl7_message
 from service.admin_cli import note_change, studies_touched
+from service.hl7_message import Hl7Error
 from storage.correction import CorrectionError
 
 log = logging.getLogger(__name__)
 
 UPDATES = frozenset({"A08", "A31"})
 MERGES = frozenset({"A40", "A34", "A47"})
-CHARSETS = {"": "ascii", "ASCII": "ascii", "8859/1": "latin-1", "8859/2": "iso8859-2",
-             "8859/5": "iso8859-5", "8859/7": "iso8859-7", "8859/9": "iso8859-9",
-             "8859/15": "iso8859-15", "UNICODE UTF-8": "utf-8"}
 _SEX = {"M": "M", "F": "F", "O": "O", "A": "O", "N": "O", "U": ""}
 _NULL = '""'
-
-
-class AdtError(ValueError):
-    """A message the archive does not take (``code`` "AR") or cannot apply ("AE")."""
-
-    def __init__(self, code: str, text: str):
-        super().__init__(text)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -75,120 +66,47 @@ class AdtMessage:
         return f"HL7 ADT^{self.event} {self.control_id} from {self.sender}"
 
 
-def decode(block: bytes, default: str = "") -> hl7.Message:
-    """Parse one MLLP block, in the character set its MSH-18 names (when it names none,
-    ``default``, itself named as in MSH-18: ASCII when empty).
-
-    Raises
-    ------
-    AdtError
-        "AR": not an HL7 message, or bytes its character set cannot hold.
-    """
-    if not block.startswith(b"MSH") or len(block) < 8:
-        raise AdtError("AR", "not an HL7 v2 message (no MSH segment first)")
-    fields = block.split(b"\r", 1)[0].split(block[3:4])
-    name = fields[17].decode("ascii", "replace").split(block[4:5].decode("ascii", "replace"))[0]\
-        .strip() if len(fields) > 17 else ""
-    name = name or default.strip()
-    encoding = CHARSETS.get(name.upper())
-    if encoding is None:
-        raise AdtError("AR", f"character set {name!r} (MSH-18) is not supported")
-    try:
-        text = block.decode(encoding)
-    except UnicodeDecodeError as exc:
-        raise AdtError("AR", f"the message is not {name or 'ASCII'} (MSH-18, hl7_charset): "
-                             f"{exc}") from None
-    try:
-        return hl7.parse(text.replace("\n", "\r").replace("\r\r", "\r"))
-    except Exception as exc:                  # the parser's own errors are of many kinds
-        raise AdtError("AR", f"not an HL7 v2 message: {exc}") from None
-
-
 def read_message(msg: hl7.Message, authority: str = "") -> AdtMessage:
-    """What ``msg`` asks; ``authority`` picks the identifier (PID-3, MRG-1) whose assigning
-    authority (CX.4) it names, else the first one is the DICOM Patient ID.
+    """What the ADT message ``msg`` asks; ``authority`` picks the identifier (PID-3, MRG-1)
+    whose assigning authority (CX.4) it names, else the first one is the DICOM Patient ID.
 
     Raises
     ------
-    AdtError
+    Hl7Error
         "AR" for a message that is not ADT, "AE" for one whose values the archive cannot take.
     """
-    kind, event = _get(msg, "MSH.F9.R1.C1"), _get(msg, "MSH.F9.R1.C2")
-    sender = "@".join(filter(None, (_get(msg, "MSH.F3.R1.C1"), _get(msg, "MSH.F4.R1.C1"))))
-    if kind != "ADT":
-        raise AdtError("AR", f"message type {kind or '(none)'} is not ADT")
-    control = _get(msg, "MSH.F10")
-    if event not in UPDATES | MERGES:
-        return AdtMessage(event, control, sender or "?", ())
-    pids = _segments(msg, "PID")
+    head = hl7_message.header(msg)
+    if head.kind != "ADT":
+        raise Hl7Error("AR", f"message type {head.kind or '(none)'} is not ADT")
+    if head.event not in UPDATES | MERGES:
+        return AdtMessage(head.event, head.control_id, head.sender, ())
+    pids = hl7_message.segments(msg, "PID")
     if not pids:
-        raise AdtError("AE", f"ADT^{event} without a PID segment")
-    merges = _segments(msg, "MRG") if event in MERGES else []
-    if event in MERGES and len(merges) != len(pids):
-        raise AdtError("AE", f"ADT^{event} needs one MRG segment per PID segment")
+        raise Hl7Error("AE", f"ADT^{head.event} without a PID segment")
+    merges = hl7_message.segments(msg, "MRG") if head.event in MERGES else []
+    if head.event in MERGES and len(merges) != len(pids):
+        raise Hl7Error("AE", f"ADT^{head.event} needs one MRG segment per PID segment")
     changes = []
     for i, pid in enumerate(pids):
-        patient_id = _identifier(msg, pid, 3, authority)
-        prior = _identifier(msg, merges[i], 1, authority) if merges else ""
+        patient_id = hl7_message.identifier(msg, pid, 3, authority)
+        prior = hl7_message.identifier(msg, merges[i], 1, authority) if merges else ""
         changes.append(PatientChange(patient_id, _values(msg, pid), prior))
-    return AdtMessage(event, control, sender or "?", tuple(changes))
-
-
-def _get(msg, path: str) -> str:
-    try:
-        return str(msg[path]).strip()
-    except (IndexError, KeyError):
-        return ""
-
-
-def _segments(msg, name: str) -> list:
-    try:
-        return list(msg.segments(name))
-    except KeyError:
-        return []
-
-
-def _reps(msg, segment, number: int) -> list[list[str]]:
-    """Field ``number`` of ``segment``: its repetitions, each a list of its components (the
-    first subcomponent of each), unescaped."""
-    if len(segment) <= number:
-        return []
-    _, _, rep_sep, comp_sep, sub_sep = msg.separators[:5]
-    return [[msg.unescape(c.split(sub_sep)[0]).strip() for c in rep.split(comp_sep)]
-            for rep in str(segment(number)).split(rep_sep)]
-
-
-def _text(msg, segment, number: int) -> str | None:
-    """Field ``number`` as one value (its first component), None when empty; HL7's ``""``
-    (clear the value) is kept as it is."""
-    reps = _reps(msg, segment, number)
-    return reps[0][0] if reps and reps[0][0] else None
-
-
-def _identifier(msg, segment, number: int, authority: str) -> str:
-    """The identifier of the CX list in ``segment``'s field ``number`` issued by
-    ``authority`` (empty: the first)."""
-    for cx in _reps(msg, segment, number):
-        issuer = cx[3] if len(cx) > 3 else ""
-        if cx[0] and (not authority or issuer == authority):
-            return cx[0]
-    raise AdtError("AE", f"no patient identifier in {segment[0]}-{number}" +
-                   (f" issued by {authority!r} (hl7_patient_id_authority)" if authority else ""))
+    return AdtMessage(head.event, head.control_id, head.sender, tuple(changes))
 
 
 def _values(msg, pid) -> dict[str, str]:
     """The DICOM patient attributes PID-5, PID-7 and PID-8 set."""
     out = {}
-    names = _reps(msg, pid, 5)
+    names = hl7_message.reps(msg, pid, 5)
     if names and any(names[0]):
         out["PatientName"] = _person_name(names[0])
-    birth = _text(msg, pid, 7)
+    birth = hl7_message.text(msg, pid, 7)
     if birth is not None:
         out["PatientBirthDate"] = _date(birth)
-    sex = _text(msg, pid, 8)
+    sex = hl7_message.text(msg, pid, 8)
     if sex is not None:
         if sex != _NULL and sex.upper() not in _SEX:
-            raise AdtError("AE", f"PID-8 sex {sex!r} is not one of M, F, O, U, A, N")
+            raise Hl7Error("AE", f"PID-8 sex {sex!r} is not one of M, F, O, U, A, N")
         out["PatientSex"] = "" if sex == _NULL else _SEX[sex.upper()]
     return out
 
@@ -208,7 +126,7 @@ def _date(text: str) -> str:
     if text == _NULL:
         return ""
     if not re.match(r"^\d{8}", text):
-        raise AdtError("AE", f"PID-7 birth date {text!r} is not a full date (YYYYMMDD...)")
+        raise Hl7Error("AE", f"PID-7 birth date {text!r} is not a full date (YYYYMMDD...)")
     return text[:8]
 
 
@@ -218,7 +136,7 @@ def apply(archive, adt: AdtMessage) -> list[str]:
 
     Raises
     ------
-    AdtError
+    Hl7Error
         "AE" when a correction cannot be made (a value the instances' character set or VR
         cannot hold, ...); the changes before it stay made.
     """
@@ -228,7 +146,7 @@ def apply(archive, adt: AdtMessage) -> list[str]:
             done.append(_merge(archive, change, adt) if change.prior_id
                         else _update(archive, change, adt))
         except CorrectionError as exc:
-            raise AdtError("AE", f"patient {change.prior_id or change.patient_id!r}: {exc}") \
+            raise Hl7Error("AE", f"patient {change.prior_id or change.patient_id!r}: {exc}") \
                 from None
     return done
 
@@ -269,18 +187,3 @@ def _correct(archive, patient_id: str, values: dict[str, str], adt: AdtMessage) 
 
 def _changes(done: dict) -> str:
     return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in done["changes"].items())
-
-
-def ack(msg: hl7.Message | None, code: str, text: str = "") -> bytes:
-    """The original-mode acknowledgement of ``msg`` (AA, AE or AR, with ``text`` in MSA-3);
-    a minimal one when the message could not be parsed."""
-    text = re.sub(r"[|^~\\&\r\n]", " ", text)[:200]
-    if msg is None:
-        body = f"MSH|^~\\&|VOXARC||||||ACK|||2.5\rMSA|{code}||{text}\r"
-    else:
-        try:
-            out = msg.create_ack(code)
-        except Exception:        # a header too broken to answer in kind
-            return ack(None, code, text)
-        body = str(out).rstrip("\r") + (f"|{text}" if text else "") + "\r"
-    return body.encode("ascii", "replace")

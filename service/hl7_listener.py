@@ -1,6 +1,7 @@
-"""The node's HL7 v2 listener (MLLP over TCP) for the hospital's ADT feed: each message is read,
-applied (:mod:`service.hl7_adt`) and answered with an original-mode acknowledgement once the
-change is made, so an ACK with AA means the archive holds the patient as the HIS does.
+"""The node's HL7 v2 listener (MLLP over TCP) for the hospital's feeds: each message is read,
+applied (ADT: :mod:`service.hl7_adt`; orders: :mod:`service.hl7_prefetch`) and answered with an
+original-mode acknowledgement once the change is made, so an ACK with AA to an ADT message
+means the archive holds the patient as the HIS does.
 
 Messages are applied one at a time in the order they arrive, whatever connection they come on
 (a merge must not overtake the update before it). A message is idempotent: one the HIS sends
@@ -15,26 +16,25 @@ import threading
 
 import hl7.mllp
 
-from service import hl7_adt
+from service import hl7_adt, hl7_message, hl7_prefetch
+from service.hl7_message import Hl7Error
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 1 << 20
 
 
 class Hl7Listener:
-    """Serves the ADT feed on ``host``:``port`` (0: a free port, see :attr:`port`) from a
-    thread of its own; ``senders`` (MSH-3 application names) limits who may change the
-    archive (empty: any); ``authority`` picks the patient identifier (``hl7_adt.read_message``);
-    ``count`` (ack code) is called once per message answered; ``charset`` is that of messages
-    whose MSH-18 is empty (``hl7_adt.decode``)."""
+    """Serves the HL7 feeds a node's ``settings`` ask for (``hl7_port``, or ``port`` when
+    given: 0 picks a free one, see :attr:`port`) from a thread of its own: ADT messages always,
+    order messages when ``hl7_prefetch`` names destinations. ``count`` (ack code) is called
+    once per message answered."""
 
-    def __init__(self, archive, host: str, port: int, senders: str = "", authority: str = "",
-                 count=None, charset: str = ""):
-        self.archive, self.host, self.authority = archive, host, authority
-        self.charset = charset
-        self.senders = {s.strip() for s in senders.split(",") if s.strip()}
+    def __init__(self, archive, settings, count=None, port: int | None = None):
+        self.archive, self.settings = archive, settings
+        self.host, self._port = settings.host, settings.hl7_port if port is None else port
+        self.senders = {s.strip() for s in settings.hl7_senders.split(",") if s.strip()}
+        self.prefetch = hl7_prefetch.parse_targets(settings.hl7_prefetch)
         self.count = count or (lambda code: None)
-        self._port = port
         self._apply_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server = None
@@ -114,27 +114,36 @@ class Hl7Listener:
         """Apply one message (the bytes of an MLLP block) and return its acknowledgement."""
         msg = None
         try:
-            msg = hl7_adt.decode(block, self.charset)
-            adt = hl7_adt.read_message(msg, self.authority)
-            if self.senders and adt.sender.split("@")[0] not in self.senders:
-                raise hl7_adt.AdtError("AR", f"sending application {adt.sender!r} is not one "
-                                             "of hl7_senders")
-            if not adt.changes:
-                log.info("HL7 ADT^%s %s from %s (%s): not an update or merge, passed over",
-                         adt.event, adt.control_id, adt.sender, where)
-                return self._answer(msg, "AA", "")
-            with self._apply_lock:
-                done = hl7_adt.apply(self.archive, adt)
-            log.info("HL7 ADT^%s %s from %s (%s): %s", adt.event, adt.control_id, adt.sender,
-                     where, "; ".join(done))
+            msg = hl7_message.decode(block, self.settings.hl7_charset)
+            head = hl7_message.header(msg)
+            if self.senders and head.sender.split("@")[0] not in self.senders:
+                raise Hl7Error("AR", f"sending application {head.sender!r} is not one of "
+                                     "hl7_senders")
+            if head.kind == "ADT":
+                done = self._adt(msg)
+            elif hl7_prefetch.is_order(head) and self.prefetch:
+                order = hl7_prefetch.read_order(msg, self.settings.hl7_patient_id_authority)
+                done = hl7_prefetch.prefetch(self.archive, order, self.prefetch)
+            else:
+                raise Hl7Error("AR", f"message type {head.kind}^{head.event} is not taken "
+                                     "(ADT; orders when hl7_prefetch is set)")
+            log.info("HL7 %s^%s %s from %s (%s): %s", head.kind, head.event, head.control_id,
+                     head.sender, where, "; ".join(done))
             return self._answer(msg, "AA", "")
-        except hl7_adt.AdtError as exc:
+        except Hl7Error as exc:
             log.warning("HL7 message from %s answered %s: %s", where, exc.code, exc)
             return self._answer(msg, exc.code, str(exc))
         except Exception as exc:      # the HIS must hear of it; the next message still goes
             log.exception("HL7 message from %s failed", where)
             return self._answer(msg, "AE", f"internal error: {exc}")
 
+    def _adt(self, msg) -> list[str]:
+        adt = hl7_adt.read_message(msg, self.settings.hl7_patient_id_authority)
+        if not adt.changes:
+            return ["not an update or merge, passed over"]
+        with self._apply_lock:
+            return hl7_adt.apply(self.archive, adt)
+
     def _answer(self, msg, code: str, text: str) -> bytes:
         self.count(code)
-        return hl7_adt.ack(msg, code, text)
+        return hl7_message.ack(msg, code, text)

@@ -164,14 +164,48 @@ def prior_items(index: Index, series_id: int, destination: str, count: int) -> l
         if found is None:                         # deleted meanwhile
             return []
         study_id, patient_id = found
-        priors = s.scalars(select(Study.study_uid)
-                           .where(Study.patient_fk == patient_id, Study.id != study_id)
-                           .order_by(Study.study_date.desc(), Study.study_time.desc())
-                           .limit(count)).all()
-        sent = set(s.scalars(select(Forward.series_fk).where(Forward.destination == destination,
-                                                             Forward.state == "sent")))
+        priors = _latest_studies(s, patient_id, count, study_id)
+        sent = _sent_series(s, destination)
     return [item for uid in priors for item in study_items(index, uid, destination)
             if item.series_id not in sent]
+
+
+def _latest_studies(s, patient_fk: int, count: int, besides: int | None = None) -> list[str]:
+    """UIDs of the patient's ``count`` latest studies (by study date and time), ``besides``
+    (a study id) left out."""
+    stmt = select(Study.study_uid).where(Study.patient_fk == patient_fk)
+    if besides is not None:
+        stmt = stmt.where(Study.id != besides)
+    return list(s.scalars(stmt.order_by(Study.study_date.desc(), Study.study_time.desc())
+                          .limit(count)))
+
+
+def _sent_series(s, destination: str) -> set[int]:
+    return set(s.scalars(select(Forward.series_fk).where(Forward.destination == destination,
+                                                         Forward.state == "sent")))
+
+
+def queue_latest(index: Index, patient_id: str, destination: str, count: int, reason: str,
+                 now: float | None = None) -> list[Due]:
+    """Queue the series of the patient's ``count`` latest studies that ``destination`` has
+    not been sent (or is not being sent) as sends by hand due now (a prefetch: the node's
+    :func:`resends` takes them on its next pass); return them. None when the patient is not
+    held."""
+    now = time.time() if now is None else now
+    with index.read() as s:
+        patient = s.scalar(select(Patient.id).where(Patient.patient_id == patient_id))
+        if patient is None:
+            return []
+        studies = _latest_studies(s, patient, count)
+        skip = _sent_series(s, destination) | set(s.scalars(
+            select(Forward.series_fk).where(Forward.destination == destination,
+                                            Forward.state.in_(_HAND_PENDING))))
+    items = [item for uid in studies for item in study_items(index, uid, destination)
+             if item.series_id not in skip]
+    with index.write() as s:
+        for item in items:
+            _queue(_row(s, item.series_id, destination), now, now, reason)
+    return items
 
 
 def _not_matched(index: Index, destination: str, candidates: list, now: float) -> None:

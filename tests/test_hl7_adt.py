@@ -13,8 +13,9 @@ import pydicom
 import pytest
 
 from node_helpers import archive, free_port, make_series, store_as_received  # noqa: F401
-from service import hl7_adt
-from service.hl7_adt import AdtError
+from service import hl7_adt, hl7_message
+from service.hl7_message import Hl7Error
+from service.config import load_settings
 from service.hl7_listener import Hl7Listener
 from storage.correction import history
 
@@ -33,7 +34,7 @@ def message(event: str, pid: str, mrg: str = "", control: str = "MSG1", sender: 
 
 
 def read(block: bytes, authority: str = "") -> hl7_adt.AdtMessage:
-    return hl7_adt.read_message(hl7_adt.decode(block), authority)
+    return hl7_adt.read_message(hl7_message.decode(block), authority)
 
 
 def msa(ack: bytes) -> list[str]:
@@ -68,7 +69,7 @@ def test_the_identifier_is_the_one_of_the_configured_authority():
     pid = "1||111^^^SSA~P7^^^HOSP^MR||Roe^Jane"
     assert read(message("A08", pid)).changes[0].patient_id == "111"
     assert read(message("A08", pid), "HOSP").changes[0].patient_id == "P7"
-    with pytest.raises(AdtError, match="issued by 'CLINIC'") as err:
+    with pytest.raises(Hl7Error, match="issued by 'CLINIC'") as err:
         read(message("A08", pid), "CLINIC")
     assert err.value.code == "AE"
     (change,) = read(message("A40", "1||P7^^^HOSP||Roe^Jane", "T9^^^HOSP~5^^^SSA"),
@@ -83,11 +84,11 @@ def test_the_character_set_of_msh_18():
     assert read(latin).changes[0].values["PatientName"] == "Müller^Jörg"
     # an engine that sends ISO 8859-1 without saying so: the node's hl7_charset
     plain = message("A08", "1||P7||Müller^Jörg")
-    assert hl7_adt.read_message(hl7_adt.decode(plain, "8859/1")).changes[0].values == \
+    assert hl7_adt.read_message(hl7_message.decode(plain, "8859/1")).changes[0].values == \
         {"PatientName": "Müller^Jörg"}
     for block, why in ((plain, "not ASCII"),
                        (message("A08", "1||P7||X", charset="KLINGON"), "not supported")):
-        with pytest.raises(AdtError, match=why) as err:
+        with pytest.raises(Hl7Error, match=why) as err:
             read(block)
         assert err.value.code == "AR"
 
@@ -101,7 +102,7 @@ def test_the_character_set_of_msh_18():
     (message("A08", "1||P7||Roe||19800101|X"), "AE", "sex 'X'"),
 ])
 def test_what_is_refused_and_why(block, code, why):
-    with pytest.raises(AdtError, match=why) as err:
+    with pytest.raises(Hl7Error, match=why) as err:
         read(block)
     assert err.value.code == code
 
@@ -112,12 +113,12 @@ def test_other_events_ask_for_nothing():
 
 
 def test_acknowledgements():
-    msg = hl7_adt.decode(message("A08", "1||P7", control="C42"))
-    ack = hl7_adt.ack(msg, "AA")
+    msg = hl7_message.decode(message("A08", "1||P7", control="C42"))
+    ack = hl7_message.ack(msg, "AA")
     assert ack.startswith(b"MSH|^~\\&|VOXARC|RAD|HIS|HOSP|") and b"|ACK^A08^ACK|" in ack
     assert msa(ack) == ["AA", "C42"]
-    assert msa(hl7_adt.ack(msg, "AE", "bad|value^here")) == ["AE", "C42", "bad value here"]
-    assert msa(hl7_adt.ack(None, "AR", "not HL7")) == ["AR", "", "not HL7"]
+    assert msa(hl7_message.ack(msg, "AE", "bad|value^here")) == ["AE", "C42", "bad value here"]
+    assert msa(hl7_message.ack(None, "AR", "not HL7")) == ["AR", "", "not HL7"]
 
 
 # --- applied to an archive ---------------------------------------------------------------------
@@ -133,7 +134,7 @@ def _held(arch, sop_uid: str):
 def test_an_update_corrects_every_instance_once(archive):  # noqa: F811
     series = make_series(3, 8, 8, patient_id="P7", patient_name="Roe^Jnae")
     store_as_received(archive, series)
-    listener = Hl7Listener(archive, "127.0.0.1", 0)
+    listener = Hl7Listener(archive, load_settings())
     block = message("A08", "1||P7^^^HOSP||Roe^Jane||19800131|F", control="U1")
     assert msa(listener.handle(block)) == ["AA", "U1"]
     assert archive.patient("P7") == {"PatientID": "P7", "PatientName": "Roe^Jane",
@@ -161,7 +162,7 @@ def test_a_merge_moves_the_temporary_patients_studies(archive):  # noqa: F811
         "note": lambda self, actor, action, study, patient, *rest: told.append(
             (actor, action, study, patient)),
         "close": lambda self: None})())
-    listener = Hl7Listener(archive, "127.0.0.1", 0)
+    listener = Hl7Listener(archive, load_settings())
     block = message("A40", "1||P7^^^HOSP||Roe^Jane^^^Mrs||19800131|F", "TMP0042^^^HOSP",
                     control="M1")
     assert msa(listener.handle(block)) == ["AA", "M1"]
@@ -185,7 +186,7 @@ def test_a_merge_moves_the_temporary_patients_studies(archive):  # noqa: F811
 def test_a_changed_identifier_for_a_patient_not_yet_held(archive):  # noqa: F811
     series = make_series(2, 8, 8, patient_id="TMP1", patient_name="Unknown^Trauma")
     store_as_received(archive, series)
-    listener = Hl7Listener(archive, "127.0.0.1", 0)
+    listener = Hl7Listener(archive, load_settings())
     assert msa(listener.handle(message("A47", "1||P9||Poe^Edgar", "TMP1")))[0] == "AA"
     assert archive.patient("TMP1") is None
     assert archive.patient("P9")["PatientName"] == "Poe^Edgar"
@@ -195,7 +196,7 @@ def test_a_changed_identifier_for_a_patient_not_yet_held(archive):  # noqa: F811
 def test_what_cannot_be_applied_changes_nothing(archive):  # noqa: F811
     series = make_series(2, 8, 8, patient_id="P7", patient_name="Roe^Jane")
     sent = store_as_received(archive, series)
-    listener = Hl7Listener(archive, "127.0.0.1", 0, senders="HIS,ADT")
+    listener = Hl7Listener(archive, load_settings(hl7_senders="HIS,ADT"))
     # the instances have no Specific Character Set: a non-ASCII name does not fit
     code, _, text = msa(listener.handle(message("A08", "1||P7||Müller^Jörg",
                                                 charset="UNICODE UTF-8")))
