@@ -115,8 +115,8 @@ class Forwarder(threading.Thread):
         for item in resends:
             if self._stop_event.is_set():
                 break
-            log.info("send by hand of series %s to %s: again (attempt %d)", item.series_uid,
-                     item.destination, item.attempts + 1)
+            log.info("send by hand of series %s to %s: %s", item.series_uid, item.destination,
+                     f"again (attempt {item.attempts + 1})" if item.attempts else "queued")
             sent += self.deliver(item, now, by_hand=True)
         return sent
 

@@ -54,7 +54,8 @@ class Hl7Listener:
         ready.wait()
         if failed:
             raise failed[0]
-        log.info("HL7 ADT listener on %s:%d", self.host, self.port)
+        log.info("HL7 listener on %s:%d (ADT%s)", self.host, self.port,
+                 ", orders" if self.prefetch else "")
         return self
 
     def _run(self, ready: threading.Event, failed: list) -> None:
