@@ -83,7 +83,7 @@ def statement(settings: Settings) -> str:
     parts = [_header(settings, ae), _services(contexts, storage), _association(settings, ae),
              _syntaxes(contexts, storage), _store(settings), _find(settings),
              _retrieve(settings), _commitment(), _status_table(), _dicomweb(settings),
-             _media(), _audit(settings), _appendix(storage)]
+             _media(), _audit(settings), _hl7(settings), _appendix(storage)]
     return "\n".join(parts)
 
 
@@ -397,7 +397,8 @@ def _audit(settings: Settings) -> str:
             ("downloads, `voxarc export`", "110106 Export", "R"),
             ("`voxarc delete` of a patient or study", "110105 DICOM Study Deleted", "D"),
             ("`voxarc delete` of a series or instance", "110103 DICOM Instances Accessed", "D"),
-            ("`voxarc correct`", "110103 DICOM Instances Accessed", "U"),
+            ("`voxarc correct`, HL7 ADT updates and merges", "110103 DICOM Instances "
+             "Accessed", "U"),
             ("an association refused for its calling or called AE title",
              "110113 Security Alert (110126 Node Authentication)", "E"),
             ("an operation a peer may not use (`peers`)",
@@ -415,6 +416,28 @@ def _audit(settings: Settings) -> str:
         "the study (Study Instance UID, its number of instances) and the patient (Patient "
         "ID); notes of one actor, kind and study within 5 seconds make one message.\n\n"
         + _table(("what", "EventID", "EventActionCode"), rows))
+
+
+def _hl7(settings: Settings) -> str:
+    rows = [("ADT^A08, ADT^A31", "update the patient of PID-3: name (PID-5), birth date "
+             "(PID-7), sex (PID-8), in the index and every stored instance"),
+            ("ADT^A40, ADT^A34, ADT^A47", "merge the patient of MRG-1 into the patient of "
+             "PID-3 (their studies move; the PID values apply)"),
+            ("other ADT events", "acknowledged (AA), nothing changed"),
+            ("ORM^O01, OMI^O23, OMG^O19 (ORC-1 NW)", "with `hl7_prefetch`: the patient's "
+             "latest studies are queued to the named destinations; else AR"),
+            ("any other message", "AR")]
+    where = (f"listens on port {settings.hl7_port}" if settings.hl7_port
+             else "does not listen (`hl7_port` is 0)")
+    return (
+        "## 13. HL7 v2 interface (IHE PIR)\n\n"
+        "With `hl7_port` set, the node takes HL7 v2 messages over MLLP (plain TCP) and answers "
+        "each with an original-mode acknowledgement (ACK; MSA-1 AA, AE with the reason in "
+        f"MSA-3, or AR) once it is applied. As configured, it {where}. The character set is "
+        "MSH-18 (ASCII, ISO 8859 parts, UTF-8; `hl7_charset` when empty), the Patient ID the "
+        "first identifier of PID-3 and MRG-1 or that of the assigning authority "
+        "`hl7_patient_id_authority`; `hl7_senders` limits the sending applications (MSH-3).\n\n"
+        + _table(("message", "what the node does"), rows))
 
 
 def _appendix(storage: list[str]) -> str:
