@@ -234,7 +234,7 @@ class Node:
             try:
                 self.hl7 = Hl7Listener(self.archive, self.settings,
                                        self.metrics.hl7_answered).start()
-            except OSError:
+            except (OSError, ValueError):        # its port, its TLS certificate
                 self.server.shutdown()
                 self.archive.close()
                 raise

@@ -87,6 +87,9 @@ SETTING_DOCS = {
     "hl7_port": "TCP port of the HL7 v2 listener (MLLP) for the hospital's ADT feed: patient "
                 "updates (A08, A31) and merges (A40, A34, A47) correct the archive as they "
                 "come (0: no listener).",
+    "hl7_tls": "Serve hl7_port over TLS with the DICOM listener's tls_certificate and "
+               "tls_private_key (client certificates checked against tls_ca_certificates "
+               "when set).",
     "hl7_senders": "Sending applications (MSH-3) whose ADT messages are applied: \"HIS,ADT\"; "
                    "others are rejected (AR); empty: any.",
     "hl7_charset": "Character set of ADT messages whose MSH-18 is empty, as MSH-18 names it "
@@ -156,6 +159,7 @@ class Settings:
     audit_syslog_ca: str = ""
     audit_source_id: str = ""
     hl7_port: int = 0
+    hl7_tls: bool = False
     hl7_senders: str = ""
     hl7_charset: str = ""
     hl7_prefetch: str = ""
@@ -282,6 +286,8 @@ def load_settings(config: str | Path | None = None, **overrides) -> Settings:
         if name not in settings.destinations:
             raise ValueError(f"forward to {name!r}: not one of the destinations "
                              f"({', '.join(sorted(settings.destinations)) or 'none configured'})")
+    if settings.hl7_tls and not (settings.tls_certificate and settings.tls_private_key):
+        raise ValueError("hl7_tls needs tls_certificate and tls_private_key")
     for name in parse_targets(settings.hl7_prefetch):
         if name not in settings.destinations:
             raise ValueError(f"hl7_prefetch to {name!r}: not one of the destinations "

@@ -431,7 +431,8 @@ def _hl7(settings: Settings) -> str:
              else "does not listen (`hl7_port` is 0)")
     return (
         "## 13. HL7 v2 interface (IHE PIR)\n\n"
-        "With `hl7_port` set, the node takes HL7 v2 messages over MLLP (plain TCP) and answers "
+        "With `hl7_port` set, the node takes HL7 v2 messages over MLLP (TCP; TLS only with "
+        "`hl7_tls`, its DICOM certificate and client check) and answers "
         "each with an original-mode acknowledgement (ACK; MSA-1 AA, AE with the reason in "
         f"MSA-3, or AR) once it is applied. As configured, it {where}. The character set is "
         "MSH-18 (ASCII, ISO 8859 parts, UTF-8; `hl7_charset` when empty), the Patient ID the "

@@ -16,7 +16,7 @@ import threading
 
 import hl7.mllp
 
-from service import hl7_adt, hl7_message, hl7_prefetch
+from service import hl7_adt, hl7_message, hl7_prefetch, tls
 from service.hl7_message import Hl7Error
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,16 @@ class Hl7Listener:
         ready.wait()
         if failed:
             raise failed[0]
-        log.info("HL7 listener on %s:%d (ADT%s)", self.host, self.port,
-                 ", orders" if self.prefetch else "")
+        log.info("HL7 listener on %s:%d (%sADT%s)", self.host, self.port,
+                 "TLS, " if self.settings.hl7_tls else "", ", orders" if self.prefetch else "")
         return self
 
     def _run(self, ready: threading.Event, failed: list) -> None:
         self._loop = asyncio.new_event_loop()
         try:
             self._server = self._loop.run_until_complete(hl7.mllp.start_hl7_server(
-                self._serve, self.host, self._port, limit=MAX_MESSAGE_BYTES))
-        except OSError as exc:
+                self._serve, self.host, self._port, limit=MAX_MESSAGE_BYTES, ssl=self._tls()))
+        except (OSError, ValueError) as exc:      # a port in use, a certificate it cannot load
             failed.append(exc)
             ready.set()
             self._loop.close()
@@ -71,6 +71,13 @@ class Hl7Listener:
         ready.set()
         self._loop.run_forever()
         self._loop.close()
+
+    def _tls(self):
+        """The TLS context of ``hl7_tls`` (the DICOM listener's certificates), or None."""
+        if not self.settings.hl7_tls:
+            return None
+        return tls.server_context(self.settings.tls_certificate, self.settings.tls_private_key,
+                                  self.settings.tls_ca_certificates)
 
     def stop(self) -> None:
         """Stop listening; a message being applied is finished first."""

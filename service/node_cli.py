@@ -78,7 +78,7 @@ def serve(args) -> int:
     stop = _stop_signals()
     try:
         node = Node(settings).start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         log.error("cannot listen on port %s (DICOM) or %s (HL7): %s", settings.port,
                   settings.hl7_port or "-", exc)
         return 1

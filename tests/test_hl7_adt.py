@@ -4,6 +4,7 @@ as HL7 asks; over MLLP from a socket and from python-hl7's `mllp_send`, on SQLit
 configured, PostgreSQL."""
 
 import io
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,9 +15,9 @@ import pytest
 
 from node_helpers import archive, free_port, make_series, store_as_received  # noqa: F401
 from service import hl7_adt, hl7_message
-from service.hl7_message import Hl7Error
 from service.config import load_settings
 from service.hl7_listener import Hl7Listener
+from service.hl7_message import Hl7Error
 from storage.correction import history
 
 MLLP_SEND = Path(sys.executable).parent / "mllp_send"
@@ -286,3 +287,44 @@ def test_the_hl7_settings_are_checked():
     assert load_settings(hl7_charset="8859/1").hl7_charset == "8859/1"
     with pytest.raises(ValueError, match="hl7_charset must be one of 8859/1"):
         load_settings(hl7_charset="latin-1")
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
+def test_the_feed_over_tls(tmp_path):
+    """``hl7_tls``: the listener takes TLS only, with the DICOM listener's certificate, and
+    checks the engine's certificate against tls_ca_certificates."""
+    import ssl
+    from service.ae import Node
+
+    def certificate(name):
+        key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                        key, "-out", cert, "-days", "2", "-subj", f"/CN={name}"], check=True,
+                       capture_output=True)
+        return key, cert
+    server_key, server_cert = certificate("localhost")
+    engine_key, engine_cert = certificate("engine")
+    with pytest.raises(ValueError, match="hl7_tls needs tls_certificate"):
+        load_settings(hl7_tls=True)
+    settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                             stable_age=3600.0, hl7_port=free_port(), hl7_tls=True,
+                             tls_certificate=str(server_cert), tls_private_key=str(server_key),
+                             tls_ca_certificates=str(engine_cert))
+    node = Node(settings, compaction=False).start()
+    try:
+        store_as_received(node.archive, make_series(1, 8, 8, patient_id="P6"))
+        context = ssl.create_default_context(cafile=str(server_cert))
+        context.load_cert_chain(engine_cert, engine_key)
+        with socket.create_connection(("127.0.0.1", node.hl7.port), timeout=60) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(b"\x0b" + message("A08", "1||P6||Poe^Edgar") + b"\x1c\r")
+            answer = b""
+            while not answer.endswith(b"\x1c\r"):
+                answer += s.recv(65536)
+        assert msa(answer[1:-2])[0] == "AA"
+        assert node.archive.patient("P6")["PatientName"] == "Poe^Edgar"
+        with pytest.raises((ConnectionError, socket.timeout, AssertionError)):
+            _send(node.hl7.port, message("A08", "1||P6||Roe^Plain"))     # plain TCP: no answer
+        assert node.archive.patient("P6")["PatientName"] == "Poe^Edgar"
+    finally:
+        node.stop()
