@@ -84,6 +84,9 @@ SETTING_DOCS = {
     "audit_syslog_ca": "PEM authorities the audit repository's TLS certificate must chain to "
                        "(empty: the system's); the node presents tls_certificate when set.",
     "audit_source_id": "Audit Source ID of the node's audit messages (empty: AE@host name).",
+    "deidentify_key_file": "Secret of the admin page's de-identified downloads (made when "
+                           "missing): the same patient gets the same pseudonym in each; empty: "
+                           "a new secret per download.",
     "hl7_port": "TCP port of the HL7 v2 listener (MLLP) for the hospital's ADT feed: patient "
                 "updates (A08, A31) and merges (A40, A34, A47) correct the archive as they "
                 "come (0: no listener).",
@@ -158,6 +161,7 @@ class Settings:
     audit_syslog: str = ""
     audit_syslog_ca: str = ""
     audit_source_id: str = ""
+    deidentify_key_file: str = ""
     hl7_port: int = 0
     hl7_tls: bool = False
     hl7_senders: str = ""

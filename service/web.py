@@ -28,7 +28,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from service import dicomweb, dicomweb_store, patrol, web_media
+from service import dicomweb, dicomweb_store, patrol, web_deidentified, web_media
 from service.config import Settings
 from service.forwarding import send_study
 from service.metrics import CONTENT_TYPE, NodeMetrics
@@ -199,7 +199,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
               Route("/api/series/{uid}/preview.png", preview), Route("/api/jobs", jobs),
               Route("/api/forwards", forwards),
               Route("/api/studies/{uid}/send", send, methods=["POST"]),
-              *web_media.routes(archive),
+              *web_media.routes(archive), *web_deidentified.routes(archive, settings),
               Route("/api/deletions", deletions), Route("/api/corrections", corrections),
               Route("/api/accesses", accesses),
               Route("/api/config", config),

@@ -34,6 +34,9 @@ import hmac
 import io
 import os
 import secrets
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +46,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, UID_dictionary
 
+from storage.media import ChunkSink
 from storage.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, build_file
 
 MAX_SHIFT_DAYS = 1096
@@ -289,3 +293,33 @@ def _shifted(value: str, days: int, width: int) -> str:
     except ValueError:
         return ""
     return (day - datetime.timedelta(days=days)).strftime("%Y%m%d")
+
+
+def zip_copies(archive, sop_uids: list[str], deidentifier: Deidentifier) -> Iterator[bytes]:
+    """The bytes of a ZIP of de-identified copies of the instances (``<new series UID>/<new
+    SOP instance UID>.dcm``, stored), made as they are taken, in the order the archive decodes
+    best, with a ``README.txt`` last that says what was done and what was left out."""
+    sink, left_out = ChunkSink(), Counter()
+    with archive.retrieval_order(list(sop_uids), "de-identified copy") as (ordered, _), \
+            zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for uid in ordered:
+            copy = copy_of(archive.retrieve(uid), deidentifier)
+            if isinstance(copy, str):
+                left_out[copy] += 1
+                continue
+            zf.writestr(f"{copy.series_uid}/{copy.sop_uid}.dcm", copy.data)
+            yield from sink.take()
+        zf.writestr("README.txt", _readme(deidentifier, len(sop_uids), left_out))
+    yield from sink.take()
+
+
+def _readme(deidentifier: Deidentifier, total: int, left_out: Counter) -> str:
+    lines = [f"De-identified copies ({METHOD}): {total - sum(left_out.values())} of {total} "
+             "instances.",
+             "Patient ID and name are a pseudonym, instance UIDs replaced, identifying, "
+             "private and free-text attributes removed, person names emptied,",
+             "dates " + ("kept." if deidentifier.keep_dates else "moved back by a number of "
+                         "days fixed per patient."),
+             "Pixels are not cleaned: review the images before they leave your care."]
+    lines += [f"Left out, {n}: {why}" for why, n in sorted(left_out.items())]
+    return "\n".join(lines) + "\n"

@@ -246,7 +246,7 @@ def write_file_set(archive, plan: FileSetPlan, folder: Path, progress=None) -> l
     return failed
 
 
-class _Chunks(io.RawIOBase):
+class ChunkSink(io.RawIOBase):
     """An unseekable sink that keeps what is written until taken."""
 
     def __init__(self):
@@ -269,7 +269,7 @@ def zip_file_set(archive, plan: FileSetPlan) -> Iterator[bytes]:
     taken: one instance at a time, in the order the archive decodes best, the DICOMDIR last.
     An instance that cannot be rebuilt raises :class:`StorageError` before the ZIP's directory
     is written, so the ZIP is left unreadable rather than incomplete."""
-    sink = _Chunks()
+    sink = ChunkSink()
     file_ids = {uid: file_id for file_id, uid in plan.files}
     with archive.retrieval_order(list(file_ids), "file-set") as (ordered, _), \
             zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:

@@ -147,8 +147,9 @@ def test_series_viewer_opens_from_a_link_and_shows_the_rendered_images(admin_sit
 
 
 def test_a_study_link_opens_its_row_with_the_download_and_send_controls(admin_site, tmp_path):
-    """``/#study/{uid}`` opens the study's row: its series, the study's download as a file-set,
-    and a "Send study" control offering each configured destination."""
+    """``/#study/{uid}`` opens the study's row: its series, the study's download as a file-set
+    and as de-identified copies, and a "Send study" control offering each configured
+    destination."""
     node, admin = admin_site
     (stored,) = store_series(node, tmp_path, [("CT", 3, "SEND1")])
     dom = chromium(f"{admin.url}/#study/{stored['study_uid']}", tmp_path / "profile",
@@ -157,11 +158,13 @@ def test_a_study_link_opens_its_row_with_the_download_and_send_controls(admin_si
     send = re.search(r'<tr class="series send">.*?</tr>', dom, re.S).group(0)
     assert ">Send study</button>" in send
     assert '<option value="viewer">viewer (VIEW@127.0.0.1:1)</option>' in send
-    link, cd = re.findall(r'<a class="download" href="([^"]+)"', send)
+    link, cd, deidentified = re.findall(r'<a class="download" href="([^"]+)"', send)
     assert link == f"api/studies/{stored['study_uid']}/media.zip"
     assert cd == link + "?profile=STD-GEN-CD"
-    status, body = http_get(f"{admin.url}/{link}")
-    assert status == 200 and body[:4] == b"PK\x03\x04"                # a ZIP
+    assert deidentified == f"api/studies/{stored['study_uid']}/deidentified.zip"
+    for path in (link, deidentified):
+        status, body = http_get(f"{admin.url}/{path}")
+        assert status == 200 and body[:4] == b"PK\x03\x04"            # a ZIP
 
 
 def test_a_patient_link_lists_that_patients_studies_with_their_download(admin_site, tmp_path):

@@ -8,6 +8,9 @@ import io
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+import zipfile
 from pathlib import Path
 
 import pydicom
@@ -17,8 +20,10 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import SecondaryCaptureImageStorage
 
+from admin_helpers import admin_site, http_token  # noqa: F401
 from node_helpers import (DCIODVFY, dataset_bytes, file_bytes, iod_errors,  # noqa: F401
                           make_series, real_series_files, store_as_received)
+from storage import access_log
 from storage.archive import Archive
 from storage.deidentify import Deidentifier, copy_of, key_from, refusal
 from storage.part10 import split_file
@@ -220,3 +225,31 @@ def test_every_listed_keyword_is_a_dicom_one():
     listed = deidentify.REMOVED | deidentify.DESCRIPTIONS | deidentify.EMPTIED | \
         deidentify.STAND_INS
     assert [k for k in listed if tag_for_keyword(k) is None] == []
+
+
+def test_the_admin_page_downloads_a_study_de_identified(admin_site, tmp_path):  # noqa: F811
+    node, admin = admin_site
+    series = _identified_series(3)
+    sent = store_as_received(node.archive, series)
+    study = series[0].StudyInstanceUID
+    with urllib.request.urlopen(f"{admin.url}/api/studies/{study}/deidentified.zip",
+                                timeout=120) as answer:
+        assert answer.headers["content-disposition"] == \
+            'attachment; filename="deidentified-study.zip"'
+        data = answer.read()
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        names = zf.namelist()
+        assert names[-1] == "README.txt" and len(names) == 4
+        assert b"3 of 3 instances" in zf.read("README.txt")
+        for name in names[:-1]:
+            member = zf.read(name)
+            assert not any(s.encode() in member for s in SECRETS + list(sent) + [study])
+            assert pydicom.dcmread(io.BytesIO(member)).PatientIdentityRemoved == "YES"
+    for bad, status in ((f"{study[:-3]}*", 400), ("1.2.3", 404)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{admin.url}/api/studies/{bad}/deidentified.zip",
+                                   timeout=60)
+        assert err.value.code == status
+    node.archive.accesses.flush()
+    assert [r["action"] for r in access_log.history(node.archive.index, study_uid=study)] == \
+        ["download (de-identified)"]

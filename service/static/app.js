@@ -165,8 +165,8 @@ function studyRow(tbody, s) {
 }
 
 // What can be done with a whole study: download it as a DICOM file-set (a ZIP with a
-// DICOMDIR, for a CD or a USB stick), list or download all its patient's studies, or send it
-// to a configured destination (as a C-MOVE).
+// DICOMDIR, for a CD or a USB stick) or as de-identified copies, list or download all its
+// patient's studies, or send it to a configured destination (as a C-MOVE).
 function actionsRow(tbody, s) {
   const row = tbody.insertRow();
   row.className = "series send";
@@ -177,7 +177,12 @@ function actionsRow(tbody, s) {
                          "the study's instances as received, with a DICOMDIR: for a CD or a USB stick"),
             " (", downloadLink(zip + "?profile=STD-GEN-CD", "STD-GEN-CD",
                                "every file in Explicit VR Little Endian, converted losslessly " +
-                               "where received otherwise: for an old viewer"), ")");
+                               "where received otherwise: for an old viewer"), ")",
+            " · ", downloadLink(`api/studies/${enc(s.study_uid)}/deidentified.zip`,
+                                "De-identified (ZIP)",
+                                "copies without the patient's identity, for a teaching file " +
+                                "or research: pseudonym, new UIDs, shifted dates; images " +
+                                "that may show names in their pixels left out"));
   if (s.patient_studies > 1 && state.patient === null) {
     const all = document.createElement("a");
     all.className = "patient";
