@@ -437,10 +437,10 @@ _ALERTS = {"association rejected": (SECURITY_ALERT, NODE_AUTHENTICATION),
 
 def _who(actor: str, hostname: str) -> tuple[str, str]:
     """(user ID, network access point) of an access-trail actor: ``AE@host``, ``http
-    ADDRESS``, ``cli NAME (USER)``, ``AE (forwarding)``."""
+    ADDRESS``, ``http USER@ADDRESS``, ``cli NAME (USER)``, ``AE (forwarding)``."""
     if actor.startswith("http "):
-        address = actor[5:].strip()
-        return address, address
+        user, _, address = actor[5:].strip().rpartition("@")
+        return user or address, address
     if actor.startswith("cli ") and actor.endswith(")"):
         return actor[actor.rindex("(") + 1:-1], hostname
     if actor.endswith(" (forwarding)"):

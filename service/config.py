@@ -14,6 +14,7 @@ from pathlib import Path
 
 from service import hl7_message
 from service.hl7_prefetch import parse_targets
+from service.web_auth import parse_users
 from storage.forwarding import parse_rule
 
 SETTING_DOCS = {
@@ -55,6 +56,9 @@ SETTING_DOCS = {
     "http_host": "Address the admin web page binds to (localhost only by default).",
     "http_port": "TCP port of the admin web page, JSON API and /metrics (0: a free port).",
     "http_token": "Token the admin web page requires (Bearer header or ?token=); empty: none.",
+    "http_users": "Named users of the admin page and DICOMweb: NAME = \"ROLE:SHA256\" (viewer: "
+                  "reads only; admin: also sends, uploads, STOW-RS; the SHA-256 of their token, "
+                  "from voxarc web-user); their names go into the access trail.",
     "http_public_url": "URL clients reach the admin server at (https://pacs.example.org/voxarc, "
                        "say), for the URLs in DICOMweb answers when a proxy rewrites the Host "
                        "header or a client leaves its port out; empty: from each request.",
@@ -146,6 +150,7 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8042
     http_token: str = ""
+    http_users: dict = field(default_factory=dict)
     http_public_url: str = ""
     http_cors_origins: str = ""
     peers: dict = field(default_factory=dict)
@@ -200,6 +205,11 @@ def _coerce(name: str, value):
             raise ValueError("forward must be a table of NAME = \"Keyword=pattern; ...\"")
         for key, text in value.items():
             parse_rule(str(text))
+        return {str(k): str(v) for k, v in value.items()}
+    if name == "http_users":
+        if not isinstance(value, dict):
+            raise ValueError("http_users must be a table of NAME = \"ROLE:SHA256\"")
+        parse_users(value)
         return {str(k): str(v) for k, v in value.items()}
     if name == "peers":
         if not isinstance(value, dict):

@@ -343,8 +343,10 @@ def _dicomweb(settings: Settings) -> str:
     rows = [(", ".join(m for m in ("GET", "POST") if m in route.methods),
              f"`{route.path.replace(':path}', '}')}`",
              *_WEB_SERVICES[route.name]) for route in routes]
-    access = ("every request needs the token (`Authorization: Bearer ...` or `?token=`)"
-              if settings.http_token else "no token is configured: anyone who reaches the port")
+    access = ("every request needs a token (`Authorization: Bearer ...` or `?token=`): "
+              "the shared one or a named user's (`http_users`; viewers may only read)"
+              if settings.http_token or settings.http_users
+              else "no token is configured: anyone who reaches the port")
     return (
         "## 10. DICOMweb (PS3.18)\n\nOn the admin server, "
         f"`{settings.http_public_url or f'http://{settings.http_host}:{settings.http_port}'}`"

@@ -40,7 +40,7 @@ from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
-SECRET_SETTINGS = ("http_token",)
+SECRET_SETTINGS = ("http_token", "http_users")
 MAX_PAGE = 500
 
 
@@ -65,7 +65,9 @@ def public_settings(settings: Settings) -> dict:
     """The node's settings as shown on the page: secrets left out, passwords masked."""
     out = {k: v for k, v in vars(settings).items() if k not in SECRET_SETTINGS}
     out["database_url"] = _masked_url(settings.database_url)
-    out["http_token_required"] = bool(settings.http_token)
+    out["http_token_required"] = bool(settings.http_token or settings.http_users)
+    out["http_users"] = {name: value.partition(":")[0]         # names and roles, no digests
+                         for name, value in settings.http_users.items()}
     return out
 
 
@@ -208,7 +210,8 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
               *dicomweb_store.routes(archive, settings.max_dataset_bytes,
                                      settings.http_public_url),
               Mount("/static", StaticFiles(directory=STATIC))]
-    middleware = [Middleware(TokenAuth, token=settings.http_token, accesses=archive.accesses),
+    middleware = [Middleware(TokenAuth, token=settings.http_token, accesses=archive.accesses,
+                             users=settings.http_users),
                   Middleware(AccessTrail, accesses=archive.accesses)]
     origins = [o.strip() for o in settings.http_cors_origins.split(",") if o.strip()]
     if origins:     # outermost: answers a browser's preflight, which carries no token

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qs, unquote
 
+from service.web_auth import user_of
+
 _STUDY_PATH = re.compile(r"^/dicom-web/studies/([^/]+)(?:/series/[^/]+)?(?:/instances/[^/]+)?"
                          r"(?:/(metadata|frames|bulkdata|rendered|thumbnail|series|instances)"
                          r"\b.*)?$")
@@ -22,10 +24,12 @@ _WHAT = {None: "WADO-RS", "metadata": "WADO-RS metadata", "frames": "WADO-RS fra
 
 
 def http_actor(scope_or_request) -> str:
-    """Who the access trail names for an HTTP request: ``http`` and the client's address."""
+    """Who the access trail names for an HTTP request: ``http`` and the client's address,
+    after the user's name when ``http_users`` named one (``http alice@10.0.0.5``)."""
     scope = getattr(scope_or_request, "scope", scope_or_request)
     client = scope.get("client") or ("?", 0)
-    return f"http {client[0]}"
+    user = user_of(scope)
+    return f"http {user}@{client[0]}" if user else f"http {client[0]}"
 
 
 def _patient(params: dict) -> str:

@@ -1,19 +1,74 @@
-"""Access to the admin web page: an optional token, and request logging that never shows it.
+"""Access to the admin web page and DICOMweb: named users with a role, an optional shared
+token, and request logging that never shows either.
 
-With a token configured, every path but ``/healthz`` needs ``Authorization: Bearer <token>`` or
-``?token=<token>``; anything else gets 401. Requests are logged by path only (no query string,
-no headers), so the token never reaches the log.
+``http_users`` names each user with a role and the SHA-256 of their token (``voxarc web-user``
+makes both): ``viewer`` may read (GET, HEAD) everything, ``admin`` may also send studies on,
+upload and store (STOW-RS). ``http_token`` is one more token with the admin role, named by no
+one. With either set, every path but ``/healthz`` needs ``Authorization: Bearer <token>`` or
+``?token=<token>``: no valid token gets 401, a viewer's write 403 (both told to the audit
+messages). The user's name goes into the access trail with the client's address. Requests are
+logged by path only (no query string, no headers), so a token never reaches the log.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
+import re
+import secrets
+from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/healthz",)
+ROLES = ("viewer", "admin")
+READS = ("GET", "HEAD")
+USER_KEY = "voxarc_user"           # the request's user, in the ASGI scope's state
+
+
+@dataclass(frozen=True)
+class WebUser:
+    """Who a token names (an empty name: the shared ``http_token``) and what they may do."""
+
+    name: str
+    role: str
+
+
+def token_digest(token: str) -> str:
+    """The SHA-256 (hex) of a token, as ``http_users`` keeps it."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    """A random token (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def parse_users(table: dict) -> dict[str, WebUser]:
+    """``http_users`` (NAME = "ROLE:SHA256") as {token digest: user}.
+
+    Raises
+    ------
+    ValueError
+        A value that is not a role and a 64-digit hex digest, or a name that is not plain.
+    """
+    out = {}
+    for name, value in table.items():
+        role, _, digest = str(value).partition(":")
+        if role not in ROLES or not re.fullmatch(r"[0-9a-f]{64}", digest) or \
+                not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", str(name)):
+            raise ValueError(f"http_users {name!r}: write NAME = \"ROLE:SHA256\" with ROLE "
+                             f"{' or '.join(ROLES)} and the token's SHA-256 in hex "
+                             "(voxarc web-user makes one)")
+        out[digest] = WebUser(str(name), role)
+    return out
+
+
+def user_of(scope) -> str:
+    """The name of the request's user, or "" (no users configured, the shared token)."""
+    return (scope.get("state") or {}).get(USER_KEY, "")
 
 
 def _presented(scope) -> str:
@@ -28,38 +83,62 @@ def _presented(scope) -> str:
 
 
 class TokenAuth:
-    """ASGI middleware: refuse HTTP requests without the token, log the others.
+    """ASGI middleware: refuse HTTP requests without a valid token, and viewers' writes; log
+    the others.
 
     Parameters
     ----------
     app : ASGI application
     token : str
-        The token required; empty: no check.
+        The shared token (the admin role); empty: none.
     accesses : AccessLog, optional
-        Told of each refusal (:mod:`service.audit_syslog` makes it a failed login).
+        Told of each refusal (:mod:`service.audit_syslog` makes it a failed login or a
+        security alert).
+    users : dict, optional
+        ``http_users`` (see :func:`parse_users`).
     """
 
-    def __init__(self, app, token: str = "", accesses=None):
+    def __init__(self, app, token: str = "", accesses=None, users: dict | None = None):
         self.app, self.token, self.accesses = app, token, accesses
+        self.users = parse_users(users or {})
+
+    def identify(self, scope) -> WebUser | None:
+        """Who the request's token names; None when it names no one. With neither token nor
+        users configured, anyone is an unnamed admin."""
+        if not self.token and not self.users:
+            return WebUser("", "admin")
+        presented = _presented(scope)
+        if self.token and hmac.compare_digest(presented.encode(), self.token.encode()):
+            return WebUser("", "admin")
+        digest = token_digest(presented)
+        for known, user in self.users.items():
+            if hmac.compare_digest(known, digest) and presented:
+                return user
+        return None
 
     def allowed(self, scope) -> bool:
-        """Whether the request may go through."""
-        if not self.token or scope["path"] in OPEN_PATHS:
-            return True
-        return hmac.compare_digest(_presented(scope).encode(), self.token.encode())
+        """Whether the request's token is valid (or none is needed)."""
+        return scope["path"] in OPEN_PATHS or self.identify(scope) is not None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         peer = "%s:%s" % tuple(scope.get("client") or ("?", "?"))
-        if not self.allowed(scope):
+        user = WebUser("", "admin") if scope["path"] in OPEN_PATHS else self.identify(scope)
+        if user is None:
             log.warning("HTTP %s %s from %s refused: no valid token", scope["method"],
                         scope["path"], peer)
-            if self.accesses is not None:            # for the audit messages only
-                self.accesses.note(f"http {peer.rpartition(':')[0]}", "authentication failed",
-                                   detail=f"{scope['method']} {scope['path']}: no valid token",
-                                   keep=False)
+            self._note(f"http {peer.rpartition(':')[0]}", "authentication failed",
+                       f"{scope['method']} {scope['path']}: no valid token")
             return await _refuse(send)
+        if user.role != "admin" and scope["method"] not in READS:
+            log.warning("HTTP %s %s from %s (%s) refused: the %s role only reads",
+                        scope["method"], scope["path"], peer, user.name, user.role)
+            self._note(f"http {user.name}@{peer.rpartition(':')[0]}", "refused",
+                       f"{scope['method']} {scope['path']}: {user.role} may only read")
+            return await _refuse(send, 403, f"the {user.role} role may only read")
+        if user.name:
+            scope.setdefault("state", {})[USER_KEY] = user.name
         status = []
 
         async def logged_send(message):
@@ -71,11 +150,17 @@ class TokenAuth:
         log.debug("HTTP %s %s from %s: %s", scope["method"], scope["path"], peer,
                   status[0] if status else "-")
 
+    def _note(self, actor: str, action: str, detail: str) -> None:
+        if self.accesses is not None:            # for the audit messages only
+            self.accesses.note(actor, action, detail=detail, keep=False)
 
-async def _refuse(send) -> None:
-    body = json.dumps({"error": "a valid token is required (Bearer header or ?token=)"}).encode()
-    await send({"type": "http.response.start", "status": 401,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"www-authenticate", b"Bearer"),
-                            (b"content-length", str(len(body)).encode())]})
+
+async def _refuse(send, status: int = 401,
+                  why: str = "a valid token is required (Bearer header or ?token=)") -> None:
+    body = json.dumps({"error": why}).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,113 @@
+"""Named users of the admin page and DICOMweb (service.web_auth ``http_users``, `voxarc
+web-user`): a viewer reads and is refused writes, an admin writes, an unknown token is
+refused, each named in the access trail and the audit messages; the shared ``http_token``
+still works."""
+
+import json
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from node_helpers import dataset_bytes, make_series, store_as_received
+from service.audit_syslog import _who
+from service.config import load_settings
+from service.web_auth import parse_users, token_digest
+from storage import access_log
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _request(url: str, token: str, method: str = "GET", body: bytes | None = None,
+             content_type: str = "application/json") -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers={
+        "Authorization": f"Bearer {token}", "Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _web_user(name: str, role: str) -> tuple[str, str]:
+    """`voxarc web-user`'s token and settings value for ``name``."""
+    out = subprocess.run([sys.executable, "-m", "service.cli", "web-user", name, "--role", role],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    token = re.search(r"shown once: (\S+)", out.stdout).group(1)
+    value = re.search(rf'^{name} = "([^"]+)"$', out.stdout, re.M).group(1)
+    return token, value
+
+
+@pytest.fixture
+def users_site(tmp_path):
+    from service.ae import Node
+    from service.web_server import start_admin
+    viewer, viewer_value = _web_user("drsmith", "viewer")
+    admin, admin_value = _web_user("pacsadmin", "admin")
+    settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                             http_port=0, stable_age=3600.0, http_token="shared-secret",
+                             http_users={"drsmith": viewer_value, "pacsadmin": admin_value},
+                             destination=["viewer=VIEW@127.0.0.1:1"])
+    node = Node(settings, compaction=False).start()
+    site = start_admin(node)
+    yield node, site, viewer, admin
+    site.stop()
+    node.stop()
+
+
+def test_roles_and_names(users_site):
+    node, site, viewer, admin = users_site
+    series = make_series(2, 8, 8)
+    store_as_received(node.archive, series)
+    study = series[0].StudyInstanceUID
+    search = f"{site.url}/dicom-web/studies?StudyInstanceUID={study}"
+    for token in (viewer, admin, "shared-secret"):
+        status, body = _request(search, token)
+        assert status == 200 and len(json.loads(body)) == 1
+    assert _request(search, "not-a-token")[0] == 401
+    assert _request(search, "")[0] == 401
+    send = f"{site.url}/api/studies/{study}/send"
+    body = json.dumps({"destination": "viewer"}).encode()
+    status, answer = _request(send, viewer, "POST", body)
+    assert status == 403 and b"the viewer role may only read" in answer
+    assert _request(send, admin, "POST", body)[0] == 202
+    (ds,) = make_series(1, 8, 8, study_uid=study, seed=5)
+    ts, data = dataset_bytes(ds)
+    boundary = "b0undary"
+    stow = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode() + \
+        _part10(ds) + f"\r\n--{boundary}--\r\n".encode()
+    kind = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    assert _request(f"{site.url}/dicom-web/studies", viewer, "POST", stow, kind)[0] == 403
+    assert _request(f"{site.url}/dicom-web/studies", admin, "POST", stow, kind)[0] == 200
+    config = json.loads(_request(f"{site.url}/api/config", viewer)[1])
+    assert config["http_users"] == {"drsmith": "viewer", "pacsadmin": "admin"}
+    assert config["http_token_required"] and "http_token" not in config
+    assert token_digest(viewer) not in json.dumps(config)
+    # the trail names the user and where they were
+    assert _request(f"{site.url}/dicom-web/studies/{study}/metadata", viewer)[0] == 200
+    node.archive.accesses.flush()
+    actors = {r["actor"] for r in access_log.history(node.archive.index, study_uid=study)}
+    assert {"http drsmith@127.0.0.1", "http pacsadmin@127.0.0.1"} <= actors
+
+
+def _part10(ds) -> bytes:
+    from node_helpers import file_bytes
+    return file_bytes(ds)
+
+
+def test_audit_messages_name_the_user():
+    assert _who("http drsmith@10.0.0.5", "pacs") == ("drsmith", "10.0.0.5")
+    assert _who("http 10.0.0.5", "pacs") == ("10.0.0.5", "10.0.0.5")
+
+
+def test_malformed_users_are_refused():
+    for bad in ({"drsmith": "reader:" + "a" * 64}, {"drsmith": "viewer:xyz"},
+                {"dr smith": "viewer:" + "a" * 64}, {"drsmith": "viewer"}):
+        with pytest.raises(ValueError, match="http_users"):
+            load_settings(http_users=bad)
+    assert parse_users({"a": "admin:" + "0" * 64})["0" * 64].role == "admin"
