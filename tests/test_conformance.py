@@ -137,7 +137,7 @@ def test_the_statement_follows_the_settings(tmp_path):
     assert "| VIEWER | `VIEW` | 10.0.0.5:4006 |" in text and "No C-MOVE destination" not in text
     assert "refused (0xC220)" in text and "more than 500 matches are refused" in text
     assert "embedded defaults" not in text and "s3cret" not in text
-    assert "`http://127.0.0.1:8080`; every request needs the token" in text
+    assert "`http://127.0.0.1:8080`; every request needs a token" in text
 
 
 def _request(url: str, data: bytes | None = None, ctype: str = "") -> tuple[int, str]:
