@@ -328,3 +328,31 @@ def test_the_feed_over_tls(tmp_path):
         assert node.archive.patient("P6")["PatientName"] == "Poe^Edgar"
     finally:
         node.stop()
+
+
+def test_any_bytes_get_an_acknowledgement(tmp_path):
+    """Whatever arrives in an MLLP block (noise, a message cut or garbled anywhere), the
+    listener answers with an ACK and changes nothing it should not."""
+    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+    from storage.archive import Archive
+    arch = Archive(tmp_path / "data")
+    store_as_received(arch, make_series(1, 8, 8, patient_id="P7", patient_name="Roe^Jane"))
+    listener = Hl7Listener(arch, load_settings())
+    valid = message("A40", "1||P7^^^HOSP||Roe^Jane||19800131|F", "T1")
+
+    @hsettings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(max_size=300),
+                     st.tuples(st.integers(0, len(valid)), st.integers(0, len(valid)),
+                               st.binary(max_size=20)).map(
+                         lambda t: valid[:t[0]] + t[2] + valid[t[1]:])))
+    def answered(block):
+        ack = listener.handle(block)
+        assert ack.startswith(b"MSH|") and b"\rMSA|A" in ack
+        assert msa(ack)[0] in ("AA", "AE", "AR")
+
+    try:
+        answered()
+        held = arch.patient("P7")
+        assert held is None or held["PatientID"] == "P7"
+    finally:
+        arch.close()
