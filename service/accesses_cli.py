@@ -1,6 +1,6 @@
-"""`voxarc accesses [--patient ID] [--study UID] [--since DATE] [--csv | --json]`: the access
-trail (:mod:`storage.access_log`), for a privacy officer's question "who read this patient's
-images?", as a table, CSV or JSON. Works beside a running node (what it noted in the last
+"""`voxarc accesses [--patient ID] [--study UID] [--user NAME] [--since DATE] [--csv | --json]`:
+the access trail (:mod:`storage.access_log`), for a privacy officer's questions "who read this
+patient's images?" and "what did this user read?", as a table, CSV or JSON. Works beside a running node (what it noted in the last
 few seconds may not be written yet)."""
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     add_node_options(p)
     p.add_argument("--patient", metavar="PATIENT_ID", help="one patient's (Patient ID exactly)")
     p.add_argument("--study", metavar="STUDY_UID", help="one study's")
+    p.add_argument("--user", metavar="NAME", help="one user's: a named web user (http_users), "
+                   "a calling AE title, or the user who ran a command")
     p.add_argument("--since", metavar="YYYY-MM-DD", help="from this day on (local time)")
     p.add_argument("--limit", type=int, default=0, help="the latest N only (default: all)")
     out = p.add_mutually_exclusive_group()
@@ -51,7 +53,8 @@ def accesses(args) -> int:
             return 2
     archive = open_archive(settings_from_args(args))
     try:
-        rows = history(archive.index, args.limit or None, args.study, args.patient, since)
+        rows = history(archive.index, args.limit or None, args.study, args.patient, since,
+                       args.user)
     finally:
         archive.close()
     if args.json:

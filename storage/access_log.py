@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 
 from storage.index import Access, Index, Patient, Study
 
@@ -221,10 +221,16 @@ def _patients(s, study_uids) -> dict[str, tuple[str, str]]:
 
 
 def history(index: Index, limit: int | None = 100, study_uid: str | None = None,
-            patient_id: str | None = None, since: float | None = None) -> list[dict]:
+            patient_id: str | None = None, since: float | None = None,
+            user: str | None = None) -> list[dict]:
     """The latest rows of the access trail, newest first: all, or a study's or a patient's,
-    those that lasted until ``since`` (a time) or later; at most ``limit`` (None: all)."""
+    or a user's (a named web user, a calling AE title, a command's user name), those that
+    lasted until ``since`` (a time) or later; at most ``limit`` (None: all)."""
     stmt = select(Access).order_by(Access.last_at.desc(), Access.id.desc()).limit(limit)
+    if user is not None:
+        name = user.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = stmt.where(or_(*(Access.actor.like(p, escape="\\") for p in (
+            f"http {name}@%", f"{name}@%", f"cli % ({name})"))))
     if study_uid is not None:
         stmt = stmt.where(Access.study_uid == study_uid)
     if patient_id is not None:

@@ -55,6 +55,21 @@ def test_notes_within_a_minute_are_one_row_and_later_ones_another(archive):  # n
     assert len(access_log.history(archive.index, study_uid=study)) == 4
     assert len(access_log.history(archive.index, patient_id="PAT7", limit=2)) == 2
     assert access_log.history(archive.index, patient_id="PAT") == []
+    assert {r["actor"] for r in access_log.history(archive.index, user="VIEW")} == \
+        {"VIEW@10.0.0.3"}
+
+
+def test_a_users_reads_whatever_they_came_by(archive):  # noqa: F811
+    """``user``: a named web user's, a calling AE title's and a command user's rows."""
+    study = _stored(archive, patient_id="PAT8")
+    trail = AccessLog(archive.index, window_s=60, flush_s=3600)
+    for actor in ("http alice@10.0.0.1", "alice@10.0.0.2", "cli export (alice)", "http 10.0.0.1",
+                  "http alicia@10.0.0.1", "malice@10.0.0.2", "cli export (bob)"):
+        trail.note(actor, "WADO-RS", study, now=1000.0)
+    trail.close()
+    assert {r["actor"] for r in access_log.history(archive.index, user="alice")} == \
+        {"http alice@10.0.0.1", "alice@10.0.0.2", "cli export (alice)"}
+    assert access_log.history(archive.index, user="ali_e") == []
 
 
 def test_a_failed_write_keeps_the_notes_for_the_next(archive, monkeypatch):  # noqa: F811

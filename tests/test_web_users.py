@@ -93,6 +93,14 @@ def test_roles_and_names(users_site):
     node.archive.accesses.flush()
     actors = {r["actor"] for r in access_log.history(node.archive.index, study_uid=study)}
     assert {"http drsmith@127.0.0.1", "http pacsadmin@127.0.0.1"} <= actors
+    # what one user read (a name with LIKE's own characters matches only itself)
+    mine = access_log.history(node.archive.index, user="drsmith")
+    assert mine and {r["actor"] for r in mine} == {"http drsmith@127.0.0.1"}
+    assert access_log.history(node.archive.index, user="dr%") == []
+    out = subprocess.run([sys.executable, "-m", "service.cli", "accesses", "--user", "drsmith",
+                          "--json", "--data-dir", node.settings.data_dir], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert {r["actor"] for r in json.loads(out.stdout)} == {"http drsmith@127.0.0.1"}
 
 
 def _part10(ds) -> bytes:
