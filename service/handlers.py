@@ -244,6 +244,8 @@ class Receiver:
 
     def __init__(self, assoc=None):
         self.assoc, self.gone = assoc, False
+        self._taken: dict[str, set[str]] = {}      # SOP class -> accepted syntaxes
+        self._taken_on = None                       # the association they were read from
 
     def handlers(self) -> list:
         """Event handlers of a C-MOVE's association to its destination."""
@@ -265,13 +267,23 @@ class Receiver:
         if self.assoc is None or fmt is None:
             return None, None
         sop_class, ts = fmt
-        taken = {t for cx in self.assoc.accepted_contexts
-                 if cx.abstract_syntax == sop_class and cx.as_scu for t in cx.transfer_syntax}
-        chosen = transcode.choose(ts, taken)
+        chosen = transcode.choose(ts, self._accepted(sop_class))
         if chosen is None:
             return None, (f"no accepted context for {sop_class} in {ts} or in a syntax it "
                           "converts to losslessly")
         return chosen, None
+
+
+    def _accepted(self, sop_class: str) -> set[str]:
+        """The syntaxes the receiving association accepted for ``sop_class`` (read once per
+        association: a C-GET's requestor proposes a context for every storage class)."""
+        if self._taken_on is not self.assoc:
+            self._taken, self._taken_on = {}, self.assoc
+        if sop_class not in self._taken:
+            self._taken[sop_class] = {
+                t for cx in self.assoc.accepted_contexts
+                if cx.abstract_syntax == sop_class and cx.as_scu for t in cx.transfer_syntax}
+        return self._taken[sop_class]
 
 
 def sub_operations(archive: Archive, records: list[dict], operation: str,
