@@ -3,9 +3,10 @@ applied (ADT: :mod:`service.hl7_adt`; orders: :mod:`service.hl7_prefetch`) and a
 original-mode acknowledgement once the change is made, so an ACK with AA to an ADT message
 means the archive holds the patient as the HIS does.
 
-Messages are applied one at a time in the order they arrive, whatever connection they come on
-(a merge must not overtake the update before it). A message is idempotent: one the HIS sends
-again because its ACK was late changes nothing the second time.
+Each connection's messages are applied in the order they arrive, and ADT messages one at a time
+whatever connection they come on (a merge must not overtake the update before it on another).
+A message is idempotent: one the HIS sends again because its ACK was late changes nothing the
+second time.
 """
 
 from __future__ import annotations

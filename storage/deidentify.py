@@ -190,6 +190,8 @@ class Deidentifier:
         new = type(elem)(tag, vr, elem.value)
         if keyword in EMPTIED or vr == "PN":
             new.value = ""
+        elif keyword == "PatientID":           # wherever it is: the same pseudonym
+            new.value = self.pseudonym(str(elem.value))
         elif keyword in STAND_INS:
             new.value = _each(elem.value, lambda v: "X" + self._mac(keyword, v).hex()[:11])
         elif vr == "SQ":

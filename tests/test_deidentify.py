@@ -47,6 +47,7 @@ def _identified_series(n: int = 3) -> list[Dataset]:
         ds.PatientAge = "094Y"
         request = Dataset()
         request.RequestedProcedureID, request.StudyInstanceUID = "RQ0042", ds.StudyInstanceUID
+        request.PatientID = "PAT1"                 # nested: the same pseudonym
         ds.RequestAttributesSequence = Sequence([request])
         ref = Dataset()
         ref.ReferencedSOPClassUID = ds.SOPClassUID
@@ -79,6 +80,7 @@ def test_nothing_identifying_is_left_and_references_hold():
         assert out.ReferencedImageSequence[0].ReferencedSOPInstanceUID == copies[0].sop_uid
         assert out.RequestAttributesSequence[0].StudyInstanceUID == out.StudyInstanceUID
         assert "RequestedProcedureID" not in out.RequestAttributesSequence[0]
+        assert out.RequestAttributesSequence[0].PatientID == out.PatientID
     studies = {pydicom.dcmread(io.BytesIO(c.data)).StudyInstanceUID for c in copies}
     assert len(studies) == 1 and len({c.series_uid for c in copies}) == 1
 
