@@ -14,6 +14,10 @@ the index and every stored instance's bytes, audited).
   to the patient of PID-3, who takes the PID segment's values (a patient already held is
   updated first, as by an A08).
 
+What a merge or a change of demographics told is kept (:mod:`storage.reconciled`): a new study
+that comes later under the merged-away ID, or with the old name, is filed under the patient as
+the HIS has them.
+
 HL7's conventions for absent values hold: an empty field leaves the value as it is, ``""``
 clears it. A patient the archive does not hold is no error: the feed tells every system of
 every patient. Other ADT events are acknowledged and passed over; other message types are
@@ -159,6 +163,7 @@ def _update(archive, change: PatientChange, adt: AdtMessage) -> str:
     if not values:
         return f"patient {change.patient_id!r}: unchanged"
     done = _correct(archive, change.patient_id, values, adt)
+    archive.reconcile(change.patient_id, change.values, adt.reason)
     return f"patient {change.patient_id!r}: {_changes(done)} in {done['instances']} instances"
 
 
@@ -167,11 +172,15 @@ def _merge(archive, change: PatientChange, adt: AdtMessage) -> str:
         return _update(archive, PatientChange(change.patient_id, change.values), adt)
     if archive.patient(change.patient_id) is not None:
         _update(archive, PatientChange(change.patient_id, change.values), adt)
-    if archive.patient(change.prior_id) is None:
-        return f"patient {change.prior_id!r}: not held (nothing to merge into " \
-               f"{change.patient_id!r})"
-    done = _correct(archive, change.prior_id,
-                    {**change.values, "PatientID": change.patient_id}, adt)
+    held = archive.patient(change.prior_id) is not None
+    if held:
+        done = _correct(archive, change.prior_id,
+                        {**change.values, "PatientID": change.patient_id}, adt)
+    # images still to come under the prior ID (the trauma CT's reformats) follow the merge
+    archive.reconcile(change.patient_id, change.values, adt.reason, change.prior_id)
+    if not held:
+        return f"patient {change.prior_id!r}: not held (images that come under it will go " \
+               f"to {change.patient_id!r})"
     studies = "1 study" if done["studies"] == 1 else f"{done['studies']} studies"
     return f"patient {change.prior_id!r} merged into {change.patient_id!r}: {studies}, " \
            f"{done['instances']} instances"

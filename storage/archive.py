@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from models.api import SLAB_SLICES
-from storage import correction, forwarding, query, rejection
+from storage import correction, forwarding, query, reconciled, rejection
 from storage.access_log import AccessLog
 from storage.backup import BackupReport, backup
 from storage.blobstore import BlobStore
@@ -261,6 +261,14 @@ class Archive:
         change (see :func:`storage.correction.plan`); nothing changes. Raises
         CorrectionError."""
         return correction.plan(self.index, level, uid, values)
+
+    def reconcile(self, patient_id: str, values: dict[str, str], reason: str,
+                  merged_from: str = "") -> None:
+        """Keep what the hospital information system said of a patient (and that
+        ``merged_from`` was merged into it), so that new studies follow it
+        (:mod:`storage.reconciled`); a running node's ingest sees it at once."""
+        reconciled.record(self.index, patient_id, values, reason, merged_from)
+        self.late.invalidate()
 
     def patient(self, patient_id: str) -> dict[str, str] | None:
         """The attributes held of the patient ``patient_id`` (PatientID, PatientName,

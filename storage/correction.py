@@ -30,7 +30,8 @@ study's patient and attributes (correct that study next to give it another patie
 An instance that arrives after a correction, in a series or study the index holds (a modality
 sending a series late, or the study again, with the old values), is brought in line with it as
 it is staged (:class:`LateArrivals`, logged): the keys a correction changed take the values the
-index holds where it is filed. A new study that names a corrected Patient ID is stored as sent.
+index holds where it is filed. A new study that names a corrected Patient ID is stored as sent,
+unless the hospital information system reconciled that ID (:mod:`storage.reconciled`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from pydicom.valuerep import validate_value
 from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from storage import element_scan, instance_facts
+from storage import element_scan, instance_facts, reconciled
 from storage.blobstore import BlobStore, new_key
 from storage.errors import StorageError
 from storage.index import Blob, Correction, Index, Instance, Patient, Series, Study
@@ -519,49 +520,59 @@ class LateArrivals:
 
     def __init__(self, index: Index, ttl: float = 1.0):
         self.index, self.ttl = index, ttl
-        self._checked, self._last_id = 0.0, None
+        self._checked, self._last_id, self._last_reconciled = 0.0, None, None
         self._keys: dict[str, set[str]] = {}      # corrected UID or Patient ID -> keywords
+        self._reconciled: dict = {}               # storage.reconciled.load
         self._lock = threading.Lock()
 
     def values_for(self, facts) -> dict[str, str]:
         """Keyword -> value of what an instance with ``facts`` (InstanceFacts) must take
         ({}: nothing; almost always)."""
-        keys = self._corrected()
-        if not keys:
-            return {}
-        named = (facts.series["series_uid"], facts.study["study_uid"],
-                 facts.patient["patient_id"])
-        wanted = set().union(*(keys.get(uid, set()) for uid in named))
-        if not wanted:
-            return {}
-        held = self._held(facts.series["series_uid"], facts.study["study_uid"])
-        if held is None:
+        keys, reconciled_rows = self._corrected()
+        if not keys and not reconciled_rows:
             return {}
         own = {**{k: facts.patient[c] for k, c in PATIENT_KEYS.items()},
                **{k: facts.study[c] for k, c in STUDY_KEYS.items()},
                **{k: facts.series[c] for k, c in SERIES_KEYS.items()},
                "StudyInstanceUID": facts.study["study_uid"]}
-        return {k: held[k] for k in sorted(wanted) if k in held and own.get(k) != held[k]}
+        named = (facts.series["series_uid"], facts.study["study_uid"],
+                 facts.patient["patient_id"])
+        wanted = set().union(*(keys.get(uid, set()) for uid in named))
+        if not wanted and facts.patient["patient_id"] not in reconciled_rows:
+            return {}
+        target = {}
+        if facts.patient["patient_id"] in reconciled_rows:     # the HIS decides these keys
+            with self.index.read() as s:
+                target = reconciled.target(s, reconciled_rows, facts.patient["patient_id"])
+        held = self._held(facts.series["series_uid"], facts.study["study_uid"])
+        if held is not None:              # as filed: its series' or study's values
+            wanted |= set(target)
+            return {k: held[k] for k in sorted(wanted) if k in held and own.get(k) != held[k]}
+        return {k: v for k, v in sorted(target.items()) if own.get(k) != v}
 
     def invalidate(self) -> None:
         """Read the corrections again at the next instance (one was just made here)."""
         self._checked = 0.0
 
-    def _corrected(self) -> dict[str, set[str]]:
+    def _corrected(self) -> tuple[dict[str, set[str]], dict]:
+        """The corrected keys by UID, and the reconciled patients (read again when stale)."""
         now = time.monotonic()
         if now - self._checked < self.ttl:
-            return self._keys
+            return self._keys, self._reconciled
         with self._lock:
             if now - self._checked < self.ttl:
-                return self._keys
+                return self._keys, self._reconciled
             with self.index.read() as s:
                 last = s.scalar(select(func.max(Correction.id)))
                 if last != self._last_id:
                     self._keys = _corrected_keys(s.execute(
                         select(Correction.uid, Correction.changes)).all())
                     self._last_id = last
+                last = reconciled.last_change(s)
+                if last != self._last_reconciled:
+                    self._reconciled, self._last_reconciled = reconciled.load(s), last
             self._checked = now
-        return self._keys
+        return self._keys, self._reconciled
 
     def _held(self, series_uid: str, study_uid: str) -> dict[str, str] | None:
         """The values the index holds where the instance is filed (its series, else its

@@ -291,6 +291,20 @@ class Correction(Base):
     reason: Mapped[str] = mapped_column(String, default="")
 
 
+class ReconciledPatient(Base):
+    """A Patient ID the hospital information system has told the archive of (HL7 ADT updates
+    and merges, :mod:`storage.reconciled`): its demographics as the HIS last gave them, and the
+    patient it was merged into, if it was."""
+
+    __tablename__ = "reconciled_patients"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String, unique=True)
+    merged_into: Mapped[str | None] = mapped_column(String, nullable=True)
+    patient_values: Mapped[str] = mapped_column(String, default="{}")    # JSON, DICOM keywords
+    updated_at: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(String, default="")
+
+
 class Access(Base):
     """The access trail: who read which study, how, when (:mod:`storage.access_log`). One row
     per actor, action, study and detail, repeated reads within a minute added to it."""

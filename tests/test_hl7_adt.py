@@ -356,3 +356,38 @@ def test_any_bytes_get_an_acknowledgement(tmp_path):
         assert held is None or held["PatientID"] == "P7"
     finally:
         arch.close()
+
+
+def test_studies_that_come_later_follow_the_his(archive):  # noqa: F811
+    """After a merge, a new study under the merged-away ID (the trauma CT's reformats, sent
+    from the 3D lab an hour later) is filed under the surviving patient, in its bytes too;
+    after a name's correction, a new study with the old name takes the new one. A patient
+    the HIS never reconciled is stored as sent."""
+    store_as_received(archive, make_series(1, 8, 8, patient_id="P7", patient_name="Roe^Jnae"))
+    listener = Hl7Listener(archive, load_settings())
+    # the merged-away ID was never held here: the merge is kept all the same
+    assert msa(listener.handle(message("A40", "1||P7||Roe^Jane||19800131|F", "TMP9")))[0] == \
+        "AA"
+    later = make_series(2, 8, 8, patient_id="TMP9", patient_name="Unknown^Trauma", seed=3)
+    store_as_received(archive, later)
+    stale = make_series(1, 8, 8, patient_id="P7", patient_name="Roe^Jnae", seed=4)
+    store_as_received(archive, stale)
+    for ds in later + stale:
+        got = _held(archive, ds.SOPInstanceUID)
+        assert (got.PatientID, str(got.PatientName), got.PatientBirthDate) == \
+            ("P7", "Roe^Jane", "19800131")
+        assert got.PixelData == ds.PixelData and got.StudyInstanceUID == ds.StudyInstanceUID
+    assert archive.patient("TMP9") is None
+    assert len(archive.find("STUDY", {"PatientID": "P7", "StudyInstanceUID": ""})) == 3
+    # merges of merges: P7 itself merged into P8 later
+    assert msa(listener.handle(message("A40", "1||P8||Roe^Jane||19800131|F", "P7",
+                                       control="M2")))[0] == "AA"
+    latest = make_series(1, 8, 8, patient_id="TMP9", patient_name="Unknown^Trauma", seed=5)
+    store_as_received(archive, latest)
+    assert _held(archive, latest[0].SOPInstanceUID).PatientID == "P8"
+    # an update of a patient the archive does not hold, and a placeholder: stored as sent
+    assert msa(listener.handle(message("A08", "1||Q1||Poe^Edgar")))[0] == "AA"
+    for pid in ("Q1", "UNKNOWN"):
+        (ds,) = make_series(1, 8, 8, patient_id=pid, patient_name="Other^Name", seed=6)
+        sent = store_as_received(archive, [ds])
+        assert archive.retrieve(ds.SOPInstanceUID).data == sent[ds.SOPInstanceUID][1]
