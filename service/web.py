@@ -34,7 +34,7 @@ from service.forwarding import send_study
 from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.preview import PreviewError, SeriesPreviews
 from service.web_access import AccessTrail, http_actor
-from service.web_auth import TokenAuth
+from service.web_auth import TokenAuth, role_of, user_of
 from storage import access_log, correction, deletion, forwarding, reports
 from storage.errors import StorageError
 
@@ -182,7 +182,8 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
                                                            MAX_PAGE)))
 
     def config(request: Request) -> Response:
-        return JSONResponse(public_settings(settings))
+        you = {"user": user_of(request.scope), "role": role_of(request.scope)}
+        return JSONResponse({**public_settings(settings), "you": you})
 
     def prometheus(request: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)

@@ -5,7 +5,7 @@ token, and request logging that never shows either.
 makes both): ``viewer`` may read (GET, HEAD) everything, ``admin`` may also send studies on,
 upload and store (STOW-RS). ``http_token`` is one more token with the admin role, named by no
 one. With either set, every path but ``/healthz`` needs ``Authorization: Bearer <token>`` or
-``?token=<token>``: no valid token gets 401, a viewer's write 403 (both told to the audit
+``?token=<token>`` (the page's own script and style excepted): no valid token gets 401, a viewer's write 403 (both told to the audit
 messages). The user's name goes into the access trail with the client's address. Requests are
 logged by path only (no query string, no headers), so a token never reaches the log.
 """
@@ -23,9 +23,12 @@ from urllib.parse import parse_qs
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = ("/healthz",)
+# the page's script and style: no data in them, and a browser sends no token for them
+OPEN_PREFIXES = ("/static/",)
 ROLES = ("viewer", "admin")
 READS = ("GET", "HEAD")
 USER_KEY = "voxarc_user"           # the request's user, in the ASGI scope's state
+ROLE_KEY = "voxarc_role"           # and their role
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ def parse_users(table: dict) -> dict[str, WebUser]:
 def user_of(scope) -> str:
     """The name of the request's user, or "" (no users configured, the shared token)."""
     return (scope.get("state") or {}).get(USER_KEY, "")
+
+
+def role_of(scope) -> str:
+    """The role of the request's user ("admin" when no one is named)."""
+    return (scope.get("state") or {}).get(ROLE_KEY, "admin")
 
 
 def _presented(scope) -> str:
@@ -118,13 +126,13 @@ class TokenAuth:
 
     def allowed(self, scope) -> bool:
         """Whether the request's token is valid (or none is needed)."""
-        return scope["path"] in OPEN_PATHS or self.identify(scope) is not None
+        return _open(scope["path"]) or self.identify(scope) is not None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         peer = "%s:%s" % tuple(scope.get("client") or ("?", "?"))
-        user = WebUser("", "admin") if scope["path"] in OPEN_PATHS else self.identify(scope)
+        user = WebUser("", "admin") if _open(scope["path"]) else self.identify(scope)
         if user is None:
             log.warning("HTTP %s %s from %s refused: no valid token", scope["method"],
                         scope["path"], peer)
@@ -138,7 +146,7 @@ class TokenAuth:
                        f"{scope['method']} {scope['path']}: {user.role} may only read")
             return await _refuse(send, 403, f"the {user.role} role may only read")
         if user.name:
-            scope.setdefault("state", {})[USER_KEY] = user.name
+            scope.setdefault("state", {}).update({USER_KEY: user.name, ROLE_KEY: user.role})
         status = []
 
         async def logged_send(message):
@@ -153,6 +161,10 @@ class TokenAuth:
     def _note(self, actor: str, action: str, detail: str) -> None:
         if self.accesses is not None:            # for the audit messages only
             self.accesses.note(actor, action, detail=detail, keep=False)
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 async def _refuse(send, status: int = 401,

@@ -33,6 +33,10 @@ def test_token_required_and_never_logged(admin_site, caplog):
         assert http_get(f"{admin.url}{path}", token=TOKEN)[0] == 200, path
     assert http_get(f"{admin.url}/api/stats?token={TOKEN}")[0] == 200
     assert http_get(f"{admin.url}/healthz")[0] == 200
+    # the page's script and style hold no data, and a browser asks for them without a token
+    for asset in ("/static/app.js", "/static/style.css", "/static/upload.js"):
+        assert http_get(f"{admin.url}{asset}")[0] == 200, asset
+    assert http_get(f"{admin.url}/static/../api/stats")[0] in (400, 401, 404)
     config = get_json(f"{admin.url}/api/config", token=TOKEN)
     assert config["http_token_required"] is True and TOKEN not in str(config)
     assert "refused" in caplog.text and TOKEN not in caplog.text

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from admin_helpers import CHROMIUM, chromium
 from node_helpers import dataset_bytes, make_series, store_as_received
 from service.audit_syslog import _who
 from service.config import load_settings
@@ -119,3 +120,23 @@ def test_malformed_users_are_refused():
         with pytest.raises(ValueError, match="http_users"):
             load_settings(http_users=bad)
     assert parse_users({"a": "admin:" + "0" * 64})["0" * 64].role == "admin"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (which .ci/run installs)")
+def test_the_page_offers_a_viewer_no_writes(users_site, tmp_path):
+    """Opened with a viewer's token, the admin page names them and offers no Send control and
+    no import; with an admin's, both are there."""
+    node, site, viewer, admin = users_site
+    series = make_series(2, 8, 8)
+    store_as_received(node.archive, series)
+    study = series[0].StudyInstanceUID
+    seen = {}
+    for name, token in (("viewer", viewer), ("admin", admin)):
+        dom = chromium(f"{site.url}/?token={token}#study/{study}", tmp_path / name,
+                       "--dump-dom")
+        actions = re.search(r'<tr class="series send">.*?</tr>', dom, re.S).group(0)
+        seen[name] = (">Send study</button>" in actions,
+                      bool(re.search(r'<section class="panel" id="import-panel"(?! hidden)', dom)),
+                      re.search(r'<span id="who"[^>]*>([^<]*)<', dom).group(1))
+    assert seen == {"viewer": (False, False, "drsmith (viewer)"),
+                    "admin": (True, True, "pacsadmin (admin)")}

@@ -5,7 +5,7 @@ const PAGE_SIZE = 25;
 const REFRESH_MS = 15000;
 const SVG_NS = "http://www.w3.org/2000/svg";
 const state = { sort: "received", order: "desc", offset: 0, total: 0, open: new Set(),
-                patient: null };
+                patient: null, role: "admin" };
 
 // A token given once as ?token= is kept for the tab and sent as a Bearer header.
 const token = (() => {
@@ -228,7 +228,7 @@ function renderPatientFilter(page) {
 // "send to ...": the whole study to a configured destination (as a C-MOVE would).
 function sendControls(td, s) {
   const names = Object.keys(state.destinations || {});
-  if (!names.length) return;
+  if (!names.length || state.role !== "admin") return;   // a viewer may only read
   const select = document.createElement("select");
   names.forEach((n) => select.add(new Option(`${n} (${state.destinations[n]})`, n)));
   const button = document.createElement("button");
@@ -621,6 +621,9 @@ async function refresh() {
     barChart(byId("chart-time"), stats.by_day.slice(-30), "day");
     renderJobs(jobs);
     state.destinations = config.destinations;
+    state.role = config.you.role;
+    byId("import-panel").hidden = state.role !== "admin";
+    setText("who", config.you.user ? `${config.you.user} (${config.you.role})` : "");
     renderForwards(forwards, config);
     renderConfig(config);
     renderDeletions(deletions);
