@@ -97,6 +97,8 @@ SETTING_DOCS = {
     "hl7_tls": "Serve hl7_port over TLS with the DICOM listener's tls_certificate and "
                "tls_private_key (client certificates checked against tls_ca_certificates "
                "when set).",
+    "hl7_resend": "Queue each series an HL7 update or merge corrected to every destination "
+                  "that had it, as voxarc correct --resend does.",
     "hl7_senders": "Sending applications (MSH-3) whose ADT messages are applied: \"HIS,ADT\"; "
                    "others are rejected (AR); empty: any.",
     "hl7_charset": "Character set of ADT messages whose MSH-18 is empty, as MSH-18 names it "
@@ -169,6 +171,7 @@ class Settings:
     deidentify_key_file: str = ""
     hl7_port: int = 0
     hl7_tls: bool = False
+    hl7_resend: bool = False
     hl7_senders: str = ""
     hl7_charset: str = ""
     hl7_prefetch: str = ""

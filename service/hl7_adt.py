@@ -134,9 +134,10 @@ def _date(text: str) -> str:
     return text[:8]
 
 
-def apply(archive, adt: AdtMessage) -> list[str]:
+def apply(archive, adt: AdtMessage, resend: bool = False) -> list[str]:
     """Make the changes ``adt`` asks of ``archive``, in order; return what was done, one line
-    per patient.
+    per patient. With ``resend``, each corrected series is queued again to every destination
+    that had it.
 
     Raises
     ------
@@ -147,35 +148,35 @@ def apply(archive, adt: AdtMessage) -> list[str]:
     done = []
     for change in adt.changes:
         try:
-            done.append(_merge(archive, change, adt) if change.prior_id
-                        else _update(archive, change, adt))
+            done.append(_merge(archive, change, adt, resend) if change.prior_id
+                        else _update(archive, change, adt, resend))
         except CorrectionError as exc:
             raise Hl7Error("AE", f"patient {change.prior_id or change.patient_id!r}: {exc}") \
                 from None
     return done
 
 
-def _update(archive, change: PatientChange, adt: AdtMessage) -> str:
+def _update(archive, change: PatientChange, adt: AdtMessage, resend: bool = False) -> str:
     held = archive.patient(change.patient_id)
     if held is None:
         return f"patient {change.patient_id!r}: not held"
     values = {k: v for k, v in change.values.items() if held.get(k, "") != v}
     if not values:
         return f"patient {change.patient_id!r}: unchanged"
-    done = _correct(archive, change.patient_id, values, adt)
+    done = _correct(archive, change.patient_id, values, adt, resend)
     archive.reconcile(change.patient_id, change.values, adt.reason)
     return f"patient {change.patient_id!r}: {_changes(done)} in {done['instances']} instances"
 
 
-def _merge(archive, change: PatientChange, adt: AdtMessage) -> str:
+def _merge(archive, change: PatientChange, adt: AdtMessage, resend: bool = False) -> str:
     if change.prior_id == change.patient_id:
-        return _update(archive, PatientChange(change.patient_id, change.values), adt)
+        return _update(archive, PatientChange(change.patient_id, change.values), adt, resend)
     if archive.patient(change.patient_id) is not None:
-        _update(archive, PatientChange(change.patient_id, change.values), adt)
+        _update(archive, PatientChange(change.patient_id, change.values), adt, resend)
     held = archive.patient(change.prior_id) is not None
     if held:
         done = _correct(archive, change.prior_id,
-                        {**change.values, "PatientID": change.patient_id}, adt)
+                        {**change.values, "PatientID": change.patient_id}, adt, resend)
     # images still to come under the prior ID (the trauma CT's reformats) follow the merge
     archive.reconcile(change.patient_id, change.values, adt.reason, change.prior_id)
     if not held:
@@ -186,10 +187,11 @@ def _merge(archive, change: PatientChange, adt: AdtMessage) -> str:
            f"{done['instances']} instances"
 
 
-def _correct(archive, patient_id: str, values: dict[str, str], adt: AdtMessage) -> dict:
+def _correct(archive, patient_id: str, values: dict[str, str], adt: AdtMessage,
+             resend: bool = False) -> dict:
     """Correct the patient, telling the audit messages which studies changed."""
     touched = studies_touched(archive, "patient", patient_id)
-    done = archive.correct("patient", patient_id, values, adt.reason)
+    done = archive.correct("patient", patient_id, values, adt.reason, resend)
     note_change(archive, "correct", "patient", touched, actor=f"hl7 {adt.sender}")
     return done
 

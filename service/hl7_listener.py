@@ -151,7 +151,7 @@ class Hl7Listener:
         if not adt.changes:
             return ["not an update or merge, passed over"]
         with self._apply_lock:
-            return hl7_adt.apply(self.archive, adt)
+            return hl7_adt.apply(self.archive, adt, self.settings.hl7_resend)
 
     def _answer(self, msg, code: str, text: str) -> bytes:
         self.count(code)

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -391,3 +392,36 @@ def test_studies_that_come_later_follow_the_his(archive):  # noqa: F811
         (ds,) = make_series(1, 8, 8, patient_id=pid, patient_name="Other^Name", seed=6)
         sent = store_as_received(archive, [ds])
         assert archive.retrieve(ds.SOPInstanceUID).data == sent[ds.SOPInstanceUID][1]
+
+
+def test_hl7_resend_sends_the_corrected_series_where_they_went(archive, tmp_path):  # noqa: F811
+    """``hl7_resend``: a series the reading workstation had goes there again, corrected."""
+    from scu_helpers import StoreSCP
+    from service.forwarding import Forwarder
+    from storage import forwarding
+    dest = StoreSCP("READ")
+    try:
+        settings = load_settings(data_dir=str(tmp_path / "n"), hl7_resend=True,
+                                 destination=[f"reading=READ@127.0.0.1:{dest.port}"],
+                                 forward=["reading=Modality=CT"])
+        forwarder = Forwarder(archive, settings)
+        series = make_series(2, 8, 8, patient_id="TMP3", patient_name="Unknown^Trauma")
+        store_as_received(archive, series)
+        assert forwarder.run_once(time.time() + 3600) == 1
+        dest.received.clear()
+        listener = Hl7Listener(archive, settings)
+        assert msa(listener.handle(message("A40", "1||P3||Poe^Edgar", "TMP3")))[0] == "AA"
+        (row,) = forwarding.status(archive.index)
+        assert (row["state"], row["reason"]) == ("queued", "corrected: to be sent again")
+        assert forwarder.run_once() == 1
+        for ds in series:
+            got = _parsed(dest.received[ds.SOPInstanceUID][1])
+            assert (got.PatientID, str(got.PatientName)) == ("P3", "Poe^Edgar")
+        # without it, nothing is queued
+        store_as_received(archive, make_series(1, 8, 8, patient_id="TMP4", seed=8))
+        assert forwarder.run_once(time.time() + 3600) == 1
+        plain = Hl7Listener(archive, load_settings())
+        assert msa(plain.handle(message("A40", "1||P4||Poe^Edgar", "TMP4")))[0] == "AA"
+        assert [r["state"] for r in forwarding.status(archive.index)] == ["sent", "sent"]
+    finally:
+        dest.stop()
