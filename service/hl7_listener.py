@@ -33,13 +33,17 @@ class Hl7Listener:
     def __init__(self, archive, settings, count=None, port: int | None = None):
         self.archive, self.settings = archive, settings
         self.host, self._port = settings.host, settings.hl7_port if port is None else port
-        self.senders = {s.strip() for s in settings.hl7_senders.split(",") if s.strip()}
         self.prefetch = hl7_prefetch.parse_targets(settings.hl7_prefetch)
         self.count = count or (lambda code: None)
         self._apply_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def senders(self) -> set[str]:
+        """``hl7_senders`` as the settings stand (a reload on SIGHUP changes them)."""
+        return {s.strip() for s in self.settings.hl7_senders.split(",") if s.strip()}
 
     @property
     def port(self) -> int:

@@ -10,6 +10,7 @@ import functools
 import getpass
 import json
 import logging
+import os
 import signal
 import time
 import zipfile
@@ -19,7 +20,7 @@ from service.ae import Node, open_archive
 from service import patrol
 from service.config import add_node_options, settings_from_args
 from service.progress import Progress
-from service.web_server import start_admin
+from service.web_server import TOKEN_ENV, start_admin
 from storage import reports
 from storage.errors import StorageError
 from storage.part10 import split_file
@@ -94,8 +95,12 @@ def serve(args) -> int:
     log.info("DICOMweb (QIDO-RS, WADO-RS, STOW-RS) at %s/dicom-web", admin.url)
     # a timed wait: a signal the kernel hands to another thread only sets a flag, and Python runs
     # the handler when the main thread next wakes (an untimed wait could sleep through SIGTERM)
+    reload = _reload_signal()
     while not stop:
         time.sleep(0.5)
+        if reload:
+            reload.clear()
+            _reload_access(args, settings)
     log.info("signal received, stopping")
     admin.stop()
     node.stop()
@@ -111,6 +116,37 @@ def _stop_signals() -> list[int]:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: received.append(signum))
     return received
+
+
+def _reload_signal() -> list[int]:
+    """A list that SIGHUP appends to (see :func:`_stop_signals` for why a list)."""
+    received: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, frame: received.append(signum))
+    return received
+
+
+#: what SIGHUP reloads: who may use the admin page, DICOMweb and the HL7 port
+RELOADED = ("http_token", "http_users", "hl7_senders")
+
+
+def _reload_access(args, settings) -> None:
+    """Read the settings file again and take its access settings (:data:`RELOADED`) into the
+    running node; a file that no longer loads changes nothing (logged)."""
+    try:
+        fresh = settings_from_args(args, http_token=args.http_token)
+    except (OSError, ValueError) as exc:
+        log.error("SIGHUP: settings not reloaded: %s", exc)
+        return
+    if not fresh.http_token and os.environ.get(TOKEN_ENV):
+        fresh.http_token = os.environ[TOKEN_ENV]
+    if (settings.http_token or settings.http_users) and not (fresh.http_token or fresh.http_users):
+        log.error("SIGHUP: settings not reloaded: they name no token and no user, which would "
+                  "open the admin page and DICOMweb to anyone (restart the node for that)")
+        return
+    changed = [name for name in RELOADED if getattr(fresh, name) != getattr(settings, name)]
+    for name in changed:
+        setattr(settings, name, getattr(fresh, name))
+    log.info("SIGHUP: access settings reloaded (%s)", ", ".join(changed) or "unchanged")
 
 
 def _files(paths: list[str]):

@@ -16,6 +16,8 @@ deleting and correcting are commands run on the node's machine. Everything is re
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -71,7 +73,8 @@ def public_settings(settings: Settings) -> dict:
     return out
 
 
-def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) -> Starlette:
+def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
+               access: Settings | None = None) -> Starlette:
     """Build the admin application of a node.
 
     Parameters
@@ -82,12 +85,16 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
         The node's settings (shown read only; ``http_token`` guards every path but /healthz).
     metrics : NodeMetrics, optional
         The node's counters; by default a fresh set exporting only the archive's gauges.
+    access : Settings, optional
+        Where ``http_token`` and ``http_users`` are read at each request (the running node's
+        own settings, which a reload on SIGHUP changes); by default ``settings``.
 
     Returns
     -------
     Starlette
         An ASGI application.
     """
+    access = access or settings
     metrics = metrics or NodeMetrics(archive)
     index = archive.index
     previews = SeriesPreviews(archive)
@@ -183,7 +190,9 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
 
     def config(request: Request) -> Response:
         you = {"user": user_of(request.scope), "role": role_of(request.scope)}
-        return JSONResponse({**public_settings(settings), "you": you})
+        shown = dataclasses.replace(settings, http_token=access.http_token,
+                                    http_users=access.http_users)
+        return JSONResponse({**public_settings(shown), "you": you})
 
     def prometheus(request: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
@@ -211,8 +220,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None) 
               *dicomweb_store.routes(archive, settings.max_dataset_bytes,
                                      settings.http_public_url),
               Mount("/static", StaticFiles(directory=STATIC))]
-    middleware = [Middleware(TokenAuth, token=settings.http_token, accesses=archive.accesses,
-                             users=settings.http_users),
+    middleware = [Middleware(TokenAuth, accesses=archive.accesses, settings=access),
                   Middleware(AccessTrail, accesses=archive.accesses)]
     origins = [o.strip() for o in settings.http_cors_origins.split(",") if o.strip()]
     if origins:     # outermost: answers a browser's preflight, which carries no token

@@ -104,11 +104,29 @@ class TokenAuth:
         security alert).
     users : dict, optional
         ``http_users`` (see :func:`parse_users`).
+    settings : Settings, optional
+        Read for ``http_token`` and ``http_users`` at each request instead of ``token`` and
+        ``users``, so that a reload of the node's settings file applies at once.
     """
 
-    def __init__(self, app, token: str = "", accesses=None, users: dict | None = None):
-        self.app, self.token, self.accesses = app, token, accesses
-        self.users = parse_users(users or {})
+    def __init__(self, app, token: str = "", accesses=None, users: dict | None = None,
+                 settings=None):
+        self.app, self.accesses, self.settings = app, accesses, settings
+        self._token, self._users_table = token, users or {}
+        self._parsed = (dict(self._users_table), parse_users(self._users_table))
+
+    @property
+    def token(self) -> str:
+        """The shared token: the node's settings' as they stand (a reload changes them)."""
+        return self.settings.http_token if self.settings is not None else self._token
+
+    @property
+    def users(self) -> dict[str, WebUser]:
+        """``http_users`` as they stand, parsed (again only when they changed)."""
+        table = self.settings.http_users if self.settings is not None else self._users_table
+        if table != self._parsed[0]:
+            self._parsed = (dict(table), parse_users(table))
+        return self._parsed[1]
 
     def identify(self, scope) -> WebUser | None:
         """Who the request's token names; None when it names no one. With neither token nor

@@ -89,8 +89,8 @@ def start_admin(node) -> AdminServer:
     The token is ``http_token`` from the settings or, when that is empty, the environment
     variable ``VOXARC_HTTP_TOKEN`` (so that it need not appear on a command line).
     """
+    if not node.settings.http_token and os.environ.get(TOKEN_ENV):
+        node.settings.http_token = os.environ[TOKEN_ENV]
     settings = dataclasses.replace(node.settings, port=node.port)    # the port bound, not 0
-    if not settings.http_token and os.environ.get(TOKEN_ENV):
-        settings.http_token = os.environ[TOKEN_ENV]
-    app = create_app(node.archive, settings, node.metrics)
+    app = create_app(node.archive, settings, node.metrics, access=node.settings)
     return AdminServer(app, settings.http_host, settings.http_port).start()

@@ -140,3 +140,49 @@ def test_the_page_offers_a_viewer_no_writes(users_site, tmp_path):
                       re.search(r'<span id="who"[^>]*>([^<]*)<', dom).group(1))
     assert seen == {"viewer": (False, False, "drsmith (viewer)"),
                     "admin": (True, True, "pacsadmin (admin)")}
+
+
+def test_sighup_takes_a_users_access_away_without_a_restart(tmp_path):
+    """`voxarc serve` reads its settings file again on SIGHUP: a user taken out of it is
+    refused from then on, the DICOM listener never stopping; a file that no longer loads
+    changes nothing."""
+    import os
+    import signal
+    import time
+    from node_helpers import free_port
+    viewer, value = _web_user("drsmith", "viewer")
+    config = tmp_path / "node.toml"
+    config.write_text(f'[http_users]\ndrsmith = "{value}"\npacsadmin = "admin:{"0" * 64}"\n')
+    port, http_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", config,
+                             "--data-dir", tmp_path / "data", "--port", str(port),
+                             "--http-port", str(http_port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{http_port}/api/stats"
+    try:
+        assert proc.stdout.readline().strip() == f"listening on port {port}"
+        proc.stdout.readline()
+        assert _request(url, viewer)[0] == 200
+
+        def after_sighup(expected: int) -> int:
+            os.kill(proc.pid, signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while (status := _request(url, viewer)[0]) != expected and \
+                    time.monotonic() < deadline:
+                time.sleep(0.2)
+            return status
+        for refused in ("[http_users\nbroken", "[http_users]\n"):    # unreadable; open to all
+            config.write_text(refused)
+            assert after_sighup(200) == 200
+            time.sleep(2)                     # the node looks at its signals twice a second
+            assert _request(url, viewer)[0] == 200
+        config.write_text(f'[http_users]\npacsadmin = "admin:{"0" * 64}"\n')
+        assert after_sighup(401) == 401
+        config.write_text(f'[http_users]\ndrsmith = "{value}"\n')
+        assert after_sighup(200) == 200
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert "SIGHUP: settings not reloaded: " in err and "would open the admin page" in err
+    assert "SIGHUP: access settings reloaded (http_users)" in err
