@@ -299,16 +299,14 @@ def load_settings(config: str | Path | None = None, **overrides) -> Settings:
             raise ValueError(f"--forward {text!r} is not NAME=RULE")
         parse_rule(rule)
         settings.forward[name.strip()] = rule.strip()
-    for name in settings.forward:
-        if name not in settings.destinations:
-            raise ValueError(f"forward to {name!r}: not one of the destinations "
-                             f"({', '.join(sorted(settings.destinations)) or 'none configured'})")
+    for what, names in (("forward", settings.forward),
+                        ("hl7_prefetch", parse_targets(settings.hl7_prefetch))):
+        for name in names:
+            if name not in settings.destinations:
+                known = ", ".join(sorted(settings.destinations)) or "none configured"
+                raise ValueError(f"{what} to {name!r}: not one of the destinations ({known})")
     if settings.hl7_tls and not (settings.tls_certificate and settings.tls_private_key):
         raise ValueError("hl7_tls needs tls_certificate and tls_private_key")
-    for name in parse_targets(settings.hl7_prefetch):
-        if name not in settings.destinations:
-            raise ValueError(f"hl7_prefetch to {name!r}: not one of the destinations "
-                             f"({', '.join(sorted(settings.destinations)) or 'none configured'})")
     if settings.duplicate_policy not in ("keep_first", "replace", "reject"):
         raise ValueError(f"duplicate_policy {settings.duplicate_policy!r} is not one of "
                          "keep_first, replace, reject")

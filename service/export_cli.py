@@ -187,7 +187,7 @@ def _export_deidentified(archive, studies: dict, folder: Path, args) -> int:
                         left_out[copy] += 1
                         log.info("instance %s left out: %s", uid, copy)
                     else:
-                        target = folder / copy.series_uid / f"{copy.sop_uid}.dcm"
+                        target = folder / copy.path
                         target.parent.mkdir(parents=True, exist_ok=True)
                         target.write_bytes(copy.data)
                         mapping.add(copy)

@@ -169,10 +169,9 @@ def _update(archive, change: PatientChange, adt: AdtMessage, resend: bool = Fals
 
 
 def _merge(archive, change: PatientChange, adt: AdtMessage, resend: bool = False) -> str:
+    survivor = _update(archive, PatientChange(change.patient_id, change.values), adt, resend)
     if change.prior_id == change.patient_id:
-        return _update(archive, PatientChange(change.patient_id, change.values), adt, resend)
-    if archive.patient(change.patient_id) is not None:
-        _update(archive, PatientChange(change.patient_id, change.values), adt, resend)
+        return survivor
     held = archive.patient(change.prior_id) is not None
     if held:
         done = _correct(archive, change.prior_id,

@@ -10,7 +10,6 @@ import functools
 import getpass
 import json
 import logging
-import os
 import signal
 import time
 import zipfile
@@ -20,7 +19,7 @@ from service.ae import Node, open_archive
 from service import patrol
 from service.config import add_node_options, settings_from_args
 from service.progress import Progress
-from service.web_server import TOKEN_ENV, start_admin
+from service.web_server import start_admin, token_from_env
 from storage import reports
 from storage.errors import StorageError
 from storage.part10 import split_file
@@ -137,8 +136,7 @@ def _reload_access(args, settings) -> None:
     except (OSError, ValueError) as exc:
         log.error("SIGHUP: settings not reloaded: %s", exc)
         return
-    if not fresh.http_token and os.environ.get(TOKEN_ENV):
-        fresh.http_token = os.environ[TOKEN_ENV]
+    token_from_env(fresh)
     if (settings.http_token or settings.http_users) and not (fresh.http_token or fresh.http_users):
         log.error("SIGHUP: settings not reloaded: they name no token and no user, which would "
                   "open the admin page and DICOMweb to anyone (restart the node for that)")

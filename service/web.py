@@ -220,7 +220,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
               *dicomweb_store.routes(archive, settings.max_dataset_bytes,
                                      settings.http_public_url),
               Mount("/static", StaticFiles(directory=STATIC))]
-    middleware = [Middleware(TokenAuth, accesses=archive.accesses, settings=access),
+    middleware = [Middleware(TokenAuth, settings=access, accesses=archive.accesses),
                   Middleware(AccessTrail, accesses=archive.accesses)]
     origins = [o.strip() for o in settings.http_cors_origins.split(",") if o.strip()]
     if origins:     # outermost: answers a browser's preflight, which carries no token

@@ -97,33 +97,22 @@ class TokenAuth:
     Parameters
     ----------
     app : ASGI application
-    token : str
-        The shared token (the admin role); empty: none.
+    settings : Settings
+        Read for ``http_token`` and ``http_users`` at each request, so that a reload of the
+        node's settings file applies at once.
     accesses : AccessLog, optional
         Told of each refusal (:mod:`service.audit_syslog` makes it a failed login or a
         security alert).
-    users : dict, optional
-        ``http_users`` (see :func:`parse_users`).
-    settings : Settings, optional
-        Read for ``http_token`` and ``http_users`` at each request instead of ``token`` and
-        ``users``, so that a reload of the node's settings file applies at once.
     """
 
-    def __init__(self, app, token: str = "", accesses=None, users: dict | None = None,
-                 settings=None):
-        self.app, self.accesses, self.settings = app, accesses, settings
-        self._token, self._users_table = token, users or {}
-        self._parsed = (dict(self._users_table), parse_users(self._users_table))
-
-    @property
-    def token(self) -> str:
-        """The shared token: the node's settings' as they stand (a reload changes them)."""
-        return self.settings.http_token if self.settings is not None else self._token
+    def __init__(self, app, settings, accesses=None):
+        self.app, self.settings, self.accesses = app, settings, accesses
+        self._parsed: tuple[dict, dict[str, WebUser]] = ({}, {})
 
     @property
     def users(self) -> dict[str, WebUser]:
-        """``http_users`` as they stand, parsed (again only when they changed)."""
-        table = self.settings.http_users if self.settings is not None else self._users_table
+        """``http_users`` as they stand, by token digest (parsed again only when changed)."""
+        table = self.settings.http_users
         if table != self._parsed[0]:
             self._parsed = (dict(table), parse_users(table))
         return self._parsed[1]
@@ -131,20 +120,14 @@ class TokenAuth:
     def identify(self, scope) -> WebUser | None:
         """Who the request's token names; None when it names no one. With neither token nor
         users configured, anyone is an unnamed admin."""
-        if not self.token and not self.users:
+        token, users = self.settings.http_token, self.users
+        if not token and not users:
             return WebUser("", "admin")
         presented = _presented(scope)
-        if self.token and hmac.compare_digest(presented.encode(), self.token.encode()):
+        if token and hmac.compare_digest(presented.encode(), token.encode()):
             return WebUser("", "admin")
-        digest = token_digest(presented)
-        for known, user in self.users.items():
-            if hmac.compare_digest(known, digest) and presented:
-                return user
-        return None
-
-    def allowed(self, scope) -> bool:
-        """Whether the request's token is valid (or none is needed)."""
-        return _open(scope["path"]) or self.identify(scope) is not None
+        # the digest is no secret: a lookup by it tells an attacker nothing of a token
+        return users.get(token_digest(presented)) if presented else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -83,14 +83,19 @@ class AdminServer:
         self._socket.close()
 
 
+def token_from_env(settings) -> None:
+    """Give ``settings`` the token of :data:`TOKEN_ENV` when they name none."""
+    if not settings.http_token and os.environ.get(TOKEN_ENV):
+        settings.http_token = os.environ[TOKEN_ENV]
+
+
 def start_admin(node) -> AdminServer:
     """Serve the admin page of a running :class:`service.ae.Node` as its settings say.
 
     The token is ``http_token`` from the settings or, when that is empty, the environment
     variable ``VOXARC_HTTP_TOKEN`` (so that it need not appear on a command line).
     """
-    if not node.settings.http_token and os.environ.get(TOKEN_ENV):
-        node.settings.http_token = os.environ[TOKEN_ENV]
+    token_from_env(node.settings)
     settings = dataclasses.replace(node.settings, port=node.port)    # the port bound, not 0
     app = create_app(node.archive, settings, node.metrics, access=node.settings)
     return AdminServer(app, settings.http_host, settings.http_port).start()

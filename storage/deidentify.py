@@ -228,6 +228,11 @@ class Copy:
     data: bytes
     replaced: dict         # (kind, original) -> replacement
 
+    @property
+    def path(self) -> str:
+        """Where the copy goes in a folder or a ZIP: ``<series UID>/<SOP instance UID>.dcm``."""
+        return f"{self.series_uid}/{self.sop_uid}.dcm"
+
 
 def copy_of(inst, deidentifier: Deidentifier) -> Copy | str:
     """A de-identified Part 10 file of a stored instance (a
@@ -309,7 +314,7 @@ def zip_copies(archive, sop_uids: list[str], deidentifier: Deidentifier) -> Iter
             if isinstance(copy, str):
                 left_out[copy] += 1
                 continue
-            zf.writestr(f"{copy.series_uid}/{copy.sop_uid}.dcm", copy.data)
+            zf.writestr(copy.path, copy.data)
             yield from sink.take()
         zf.writestr("README.txt", _readme(deidentifier, len(sop_uids), left_out))
     yield from sink.take()
