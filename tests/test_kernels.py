@@ -127,8 +127,16 @@ def test_training_samples_do_not_depend_on_the_kernel(monkeypatch):
         assert a.dtype == b.dtype and a.flags.c_contiguous and np.array_equal(a, b), field
 
 
+@pytest.fixture
+def network_on_cpu(monkeypatch):
+    """The compiled step path, which plans and remembers a decoder's steps: the network on the
+    CPU, also where a GPU would take it (models decoded with torch's layers plan step by step)."""
+    monkeypatch.setenv("VOXARC_DEVICE", "cpu")
+    monkeypatch.setattr(load_model("default"), "device", "cpu")
+
+
 @pytest.mark.parametrize("cached_validity", [True, False])
-def test_decoder_run_cache_stays_within_its_budget(monkeypatch, cached_validity):
+def test_decoder_run_cache_stays_within_its_budget(monkeypatch, cached_validity, network_on_cpu):
     from models import codec, skew, step_plan
     monkeypatch.setattr(step_plan, "RUN_CACHE_BYTES", 6000)
     if not cached_validity:      # very large slices: validity computed per step
@@ -151,7 +159,7 @@ def test_decoder_run_cache_stays_within_its_budget(monkeypatch, cached_validity)
 
 
 @pytest.mark.parametrize("shape, tile", [((7, 40, 50), (16, 24)), ((9, 64, 64), (64, 256))])
-def test_decoder_plans_are_remembered_and_give_the_same_voxels(shape, tile):
+def test_decoder_plans_are_remembered_and_give_the_same_voxels(shape, tile, network_on_cpu):
     """A remembered plan (the steps of a lockstep: runs, segments, destinations) decodes the
     same voxels as a fresh one, with stream groups, phantom voxels and ghost rows (tiles of
     16 x 24 on 40 x 50 slices) and without (one 64 x 64 tile); corrupt blobs still fail."""
@@ -222,7 +230,7 @@ def test_a_jobs_steps_planned_together_equal_those_planned_one_by_one(ny, nx, ti
     assert group == 1 or all(step.dest is not None for step in together)
 
 
-def test_decoder_plans_stay_within_their_budget(monkeypatch):
+def test_decoder_plans_stay_within_their_budget(monkeypatch, network_on_cpu):
     from models import step_plan
     rng = np.random.default_rng(8)
     vol = (rng.normal(0, 30, (8, 48, 48)).cumsum(axis=1) // 4).astype(np.int16)
@@ -245,7 +253,7 @@ def test_decoder_plans_stay_within_their_budget(monkeypatch):
     assert not step_plan._plans and step_plan._plan_bytes == 0
 
 
-def test_decoder_plans_are_shared_by_threads_within_their_budget(monkeypatch):
+def test_decoder_plans_are_shared_by_threads_within_their_budget(monkeypatch, network_on_cpu):
     """A node's sender threads decode side by side in one process: the remembered plans
     (made, reused and forgotten to make room) stay correct and their accounting exact."""
     from concurrent.futures import ThreadPoolExecutor
