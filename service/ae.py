@@ -50,7 +50,8 @@ def open_archive(settings: Settings) -> Archive:
     archive = Archive(settings.data_dir, settings.database_url, settings.duplicate_policy,
                       settings.max_storage_bytes, settings.codec_model,
                       settings.max_stack_slices, settings.cache_bytes, settings.codec_slab,
-                      settings.codec_adapt, settings.access_trail_days)
+                      settings.codec_adapt, settings.access_trail_days,
+                      settings.deleted_keep_days)
     try:
         audit_syslog.attach(archive, settings)
     except Exception:
@@ -165,7 +166,9 @@ class CompactionWorker(threading.Thread):
             self._stop_event.wait(self.interval)
 
     def run_pass(self) -> None:
-        """One look: compact the stable series; when nothing is staged, one deferred stack."""
+        """One look: compact the stable series; when nothing is staged, one deferred stack.
+        Expired recycle bin entries are removed (at most once an hour)."""
+        self.archive.recycle.purge_if_due()
         if self.archive.compact(self.stable_age, self.fast_backlog) != (0, 0):
             self._deferred_left = True
         elif self._deferred_left and not self.archive.pending_series(0.0):

@@ -46,6 +46,10 @@ SETTING_DOCS = {
                            "slow ingest and retrievals (0: no limit).",
     "access_trail_days": "Days the access trail (who read which study) keeps a row after its "
                          "last read; older rows are removed once a day (0: kept for ever).",
+    "deleted_keep_days": "Days deleted instances (voxarc delete, retention rules, rejection "
+                         "notes) stay restorable in the recycle bin, as received, before the "
+                         "running node removes them for good (voxarc deleted; 0: deletions "
+                         "are for good at once).",
     "destinations": "C-MOVE destinations and storage commitment reports: "
                     "NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
     "forward": "Send each stable series to destinations as it comes: NAME = \"Keyword=pattern; "
@@ -147,6 +151,7 @@ class Settings:
     scrub_every_days: float = 7.0
     scrub_read_mb_per_s: float = 50.0
     access_trail_days: float = 0.0
+    deleted_keep_days: float = 7.0
     destinations: dict = field(default_factory=dict)
     forward: dict = field(default_factory=dict)
     http_host: str = "127.0.0.1"
@@ -242,7 +247,7 @@ def _coerce(name: str, value):
                          f"or empty, not {value!r}")
     if name == "hl7_port" and not 0 <= value <= 65535:
         raise ValueError(f"hl7_port must be a TCP port (0: no listener), not {value}")
-    if name.startswith("scrub_") and value < 0:
+    if (name.startswith("scrub_") or name == "deleted_keep_days") and value < 0:
         raise ValueError(f"{name} must be 0 or more, not {value}")
     return value
 

@@ -205,7 +205,9 @@ def _store(settings: Settings) -> str:
         + (f"from {_rejecters(settings.rejection_notes_from)} the instances they name are "
            "then deleted (only those held in the study and series the note names, of the "
            "patient it names), the note kept and sent on to the destinations that had their "
-           "series.\n" if settings.rejection_notes_from else
+           "series" + (f"; the deleted instances stay restorable for {settings.deleted_keep_days:g} "
+                       "days" if settings.deleted_keep_days > 0 else "") + ".\n"
+           if settings.rejection_notes_from else
            "none is applied as configured (`rejection_notes_from` is empty).\n"))
 
 

@@ -1,6 +1,8 @@
-"""`voxarc delete LEVEL UID...`: remove patients, studies, series or instances for good.
+"""`voxarc delete LEVEL UID...`: remove patients, studies, series or instances.
 
-Shows what each deletion removes and asks before doing it (``--yes`` skips the question; without
+The deleted instances stay restorable in the recycle bin for ``deleted_keep_days`` (``voxarc
+deleted``); ``--no-keep`` deletes for good at once. Shows what each deletion removes and asks
+before doing it (``--yes`` skips the question; without
 a terminal to ask on, ``--yes`` is required). ``--dry-run`` only shows. ``--history`` prints the
 audit trail of past deletions. Works beside a running ``voxarc serve`` on the same data folder.
 
@@ -34,7 +36,7 @@ _UID_KEYS = {"patient": ("PATIENT", "PatientID"), "study": ("STUDY", "StudyInsta
 def register(subparsers) -> None:
     """Add ``delete`` to the ``voxarc`` parser."""
     p = subparsers.add_parser("delete", help="remove patients, studies, series or instances "
-                              "for good (asks first)")
+                              "(asks first; restorable for deleted_keep_days)")
     add_node_options(p)
     p.add_argument("level", nargs="?", choices=LEVELS, help="what the UIDs name")
     p.add_argument("uids", nargs="*", metavar="UID",
@@ -43,6 +45,9 @@ def register(subparsers) -> None:
                    help="select what to delete by C-FIND keys at the level instead of UIDs: "
                         "\"StudyDate=-20151231; PatientBirthDate=-19971231\" (the forward "
                         "rules' syntax; a record lacking a key's value is not selected)")
+    p.add_argument("--no-keep", action="store_true",
+                   help="delete for good at once, not through the recycle bin (when the disk "
+                        "has no room for the copies, say)")
     add_trail_options(p, "deleting", "be removed", "deletions")
     p.set_defaults(func=delete)
 
@@ -127,8 +132,10 @@ def delete(args) -> int:
                 print(json.dumps({"dry_run": True, "plans": [p.summary() for p in plans],
                                   "not_found": missing}, indent=2))
             return 1 if missing else 0
+        keep = archive.recycle.enabled and not args.no_keep
+        how = f"(restorable for {archive.recycle.keep_days:g} days)" if keep else "for good"
         go = may_proceed(args.yes, f"Delete these {sum(len(p.instances) for p in plans)} "
-                         "instances for good?", "delete")
+                         f"instances {how}?", "delete")
         if not go:
             if go is False:
                 print("nothing deleted")
@@ -138,7 +145,7 @@ def delete(args) -> int:
         for p in plans:
             try:
                 touched = studies_touched(archive, p.level, p.uid)
-                done.append(archive.delete(p.level, p.uid, args.reason))
+                done.append(archive.delete(p.level, p.uid, args.reason, keep=keep))
                 note_change(archive, "delete", p.level, touched)
             except StorageError as exc:
                 failed += 1
@@ -151,6 +158,10 @@ def delete(args) -> int:
         else:
             for summary in done:
                 print("deleted " + _describe(summary))
+            kept = [d["kept_as"] for d in done if d.get("kept_as")]
+            if kept:
+                print(f"restorable until the recycle bin's entries expire: voxarc deleted "
+                      f"restore {' '.join(kept)}")
         return 1 if missing or failed else 0
     finally:
         archive.close()

@@ -71,7 +71,9 @@ class _IndexCollector:
                          ("stored_bytes", "Bytes the archive holds for them now"),
                          ("pending_instances", "Instances staged, waiting for compaction"),
                          ("deferred_stacks", "Stacks coded without adaptation while compaction "
-                                             "was behind, to be coded again when idle")):
+                                             "was behind, to be coded again when idle"),
+                         ("recycle_bin_bytes", "Bytes of deleted instances kept restorable in "
+                                               "the recycle bin")):
             yield GaugeMetricFamily(f"voxarc_{key}", doc, value=totals[key])
         usage = shutil.disk_usage(self.archive.data_dir)
         yield GaugeMetricFamily("voxarc_disk_free_bytes",

@@ -298,6 +298,9 @@ def stats(args) -> int:
     if out["deferred_stacks"]:
         print(f"deferred   {out['deferred_stacks']} stacks coded without adaptation while "
               "compaction was behind (coded again when the node is idle)")
+    if out["recycle_bin_bytes"]:
+        print(f"recycle    {out['recycle_bin_bytes']} bytes of deleted instances kept "
+              "restorable (voxarc deleted)")
     print("integrity  " + _integrity(out["integrity"]))
     print("room       " + _room(out["room"]))
     if out["by_modality"]:

@@ -26,6 +26,7 @@ from storage.index_upgrade import fill_added_attributes
 from storage.ingest import DUPLICATE_POLICIES, IngestResult, Stager, ingest, stored_bytes
 from storage.recode import Recoder
 from storage.reconstruct import Reconstructor, StoredHeader, StoredInstance, StoredParts
+from storage.recycle_bin import RecycleBin
 from storage.recovery import ArchiveLock, recover
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,15 @@ class Archive:
         blobs).
     access_trail_days : float
         Days the access trail keeps a row after its last read (0: for ever).
+    deleted_keep_days : float
+        Days deleted instances stay restorable in the recycle bin (:mod:`storage.recycle_bin`,
+        ``<data_dir>/recycle``); 0: deletions are for good at once.
     """
 
     def __init__(self, data_dir, database_url: str = "", duplicates: str = "keep_first",
                  max_storage_bytes: int = 0, model: str = "default", max_stack_slices: int = 256,
                  cache_bytes: int = 256 << 20, slab: int = SLAB_SLICES, adapt: bool = True,
-                 access_trail_days: float = 0.0):
+                 access_trail_days: float = 0.0, deleted_keep_days: float = 0.0):
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {DUPLICATE_POLICIES}")
         self.data_dir = Path(data_dir)
@@ -81,6 +85,8 @@ class Archive:
         self.late = correction.LateArrivals(self.index)
         #: who read what (:mod:`storage.access_log`): readers note it here
         self.accesses = AccessLog(self.index, keep_days=access_trail_days)
+        #: deleted instances kept restorable for a while
+        self.recycle = RecycleBin(self.data_dir / "recycle", deleted_keep_days)
 
     def store(self, data: bytes, transfer_syntax: str, sop_uid: str | None = None,
               source_ae: str = "") -> IngestResult:
@@ -229,10 +235,17 @@ class Archive:
         (see :func:`storage.deletion.plan`); nothing changes."""
         return plan(self.index, level, uid)
 
-    def delete(self, level: str, uid: str, reason: str = "") -> dict:
-        """Delete a patient (by Patient ID), study, series or instance with its files, for good;
-        return what was removed (see :meth:`storage.deletion.Deleter.delete`)."""
-        return Deleter(self.index, self.blobs, self.retrieve).delete(level, uid, reason)
+    def delete(self, level: str, uid: str, reason: str = "", keep: bool = True) -> dict:
+        """Delete a patient (by Patient ID), study, series or instance with its files; return
+        what was removed (see :meth:`storage.deletion.Deleter.delete`; ``kept_as``: its
+        recycle bin entry). ``keep=False``, or a bin turned off: for good at once."""
+        return Deleter(self.index, self.blobs, self.retrieve,
+                       self.recycle if keep else None).delete(level, uid, reason)
+
+    def restore_deleted(self, entry: str) -> dict:
+        """Store again the instances of a recycle bin entry, byte for byte (see
+        :meth:`storage.recycle_bin.RecycleBin.restore`)."""
+        return self.recycle.restore(entry, self.store)
 
     def apply_rejection(self, note: rejection.RejectionNote, sender: str) -> dict:
         """Delete the instances an IOCM rejection note from ``sender`` rejects (see
@@ -246,7 +259,7 @@ class Archive:
         if not uids:
             return {"instances": 0, "passed_over": passed, "studies": {}, "sent_to": []}
         told = forwarding.destinations_of(self.index, uids)   # before their rows go
-        done = Deleter(self.index, self.blobs, self.retrieve).delete(
+        done = Deleter(self.index, self.blobs, self.retrieve, self.recycle).delete(
             "instances", note.sop_uid, f"{note.title}: rejection note {note.sop_uid} from "
             f"{sender}", uids)
         done["sent_to"] = forwarding.queue_series_of(
@@ -322,7 +335,8 @@ class Archive:
             ``instances``, ``series``, ``studies``, ``original_bytes`` (as received),
             ``stored_bytes`` (on disk now), ``pending_instances`` (staged),
             ``deferred_stacks`` (coded without adaptation while compaction was behind, to be
-            coded again when idle), ``ratio``.
+            coded again when idle), ``ratio``, ``recycle_bin_bytes`` (deleted instances kept
+            restorable, not in ``stored_bytes``).
         """
         with self.index.read() as s:
             original = int(s.scalar(select(func.coalesce(func.sum(Instance.size), 0))))
@@ -338,6 +352,7 @@ class Archive:
                 "deferred_stacks": s.scalar(select(func.count(Blob.id)).where(deferred_rows())),
             }
         out["ratio"] = round(stored / original, 4) if original else 0.0
+        out["recycle_bin_bytes"] = self.recycle.bytes_held()
         return out
 
     def close(self) -> None:

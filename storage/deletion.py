@@ -1,4 +1,4 @@
-"""Deleting patients, studies, series or single instances from the archive, for good.
+"""Deleting patients, studies, series or single instances from the archive.
 
 A deletion removes the index rows of its instances (and of the series, studies and patients left
 empty) and their files: staged copies, and each coded stack or general-codec blob whose every
@@ -12,6 +12,10 @@ points the remaining instances at their staged files, records every file to remo
 (:class:`storage.index.Removal`) and the audit row (:class:`storage.index.Deletion`); only then
 are the files removed. Recovery finishes removals a crash interrupted before it looks for
 orphans (a deleted instance's staged file would otherwise be indexed again).
+
+With a recycle bin (:mod:`storage.recycle_bin`), the deleted instances are first written there
+as received, durably, so the deletion can be undone until the entry expires; a bin that cannot
+take them stops the deletion before anything changes.
 """
 
 from __future__ import annotations
@@ -180,11 +184,14 @@ class Deleter:
         The archive's index and blob store.
     retrieve : callable
         ``retrieve(sop_uid)`` -> a :class:`storage.reconstruct.StoredInstance` (SHA-256 checked);
-        rebuilds the instances that a stack keeps.
+        rebuilds the instances that a stack keeps (and those the recycle bin keeps).
+    recycle : RecycleBin, optional
+        Where the deleted instances are kept restorable first; None: deleted for good.
     """
 
-    def __init__(self, index: Index, blobs: BlobStore, retrieve):
+    def __init__(self, index: Index, blobs: BlobStore, retrieve, recycle=None):
         self.index, self.blobs, self.retrieve = index, blobs, retrieve
+        self.recycle = recycle if recycle is not None and recycle.enabled else None
 
     def delete(self, level: str, uid: str, reason: str = "", sop_uids=None) -> dict:
         """Delete ``uid`` at ``level`` (see :func:`plan`) and return the plan's summary
@@ -194,8 +201,8 @@ class Deleter:
         Raises
         ------
         DeletionError
-            An instance that stays could not be rebuilt, or the archive kept changing; nothing
-            was deleted.
+            An instance that stays could not be rebuilt, the recycle bin could not keep the
+            deleted ones, or the archive kept changing; nothing was deleted.
         """
         for attempt in range(2):
             todo = plan(self.index, level, uid, sop_uids)
@@ -213,7 +220,12 @@ class Deleter:
 
     def execute(self, todo: DeletionPlan, reason: str = "") -> dict:
         """Carry out a :func:`plan` (see the module's docstring for the order of steps)."""
-        restaged = self._restage(todo)
+        kept = self._keep(todo, reason)
+        try:
+            restaged = self._restage(todo)
+        except BaseException:
+            self._forget(kept)
+            raise
         try:
             removals = self.index.write_checked(
                 lambda s: self._write(s, todo, restaged, reason),
@@ -226,19 +238,38 @@ class Deleter:
             raise
         except IntegrityError as exc:     # a row added meanwhile (PostgreSQL, see _write)
             self._discard(restaged)
+            self._forget(kept)
             raise _Changed(f"the index refused the change: {exc.orig or exc}") from None
         except BaseException:
             self._discard(restaged)
+            self._forget(kept)
             raise
         finish_removals(self.index, self.blobs, removals)
         summary = todo.summary()
+        if kept:
+            summary["kept_as"] = kept
         log.warning("deleted %s %s: %d instances, %d series, %d studies, %d patients; %d "
-                    "bytes freed; %d instances (%d bytes) staged again for compaction%s",
+                    "bytes freed; %d instances (%d bytes) staged again for compaction%s; %s",
                     todo.level, todo.uid, summary["instances"], summary["series"],
                     summary["studies"], summary["patients"], summary["freed_bytes"],
                     summary["restaged"], summary["restaged_bytes"],
-                    f" ({reason})" if reason else "")
+                    f" ({reason})" if reason else "",
+                    f"restorable as recycle bin entry {kept}" if kept else "for good")
         return summary
+
+    def _keep(self, todo: DeletionPlan, reason: str) -> str:
+        """The recycle bin's entry of the instances ``todo`` removes ("" without a bin)."""
+        if self.recycle is None:
+            return ""
+        try:
+            return self.recycle.keep(self.index, self.retrieve, todo.instances, todo.level,
+                                     todo.uid, reason)
+        except StorageError as exc:
+            raise DeletionError(f"{todo.level} {todo.uid}: {exc}; nothing deleted") from exc
+
+    def _forget(self, kept: str) -> None:
+        if kept:
+            self.recycle.discard(kept)
 
     def _restage(self, todo: DeletionPlan) -> dict:
         """Write every instance that a shrinking stack keeps as a staged file; return

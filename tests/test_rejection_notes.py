@@ -93,6 +93,12 @@ def test_a_rejection_note_deletes_what_it_names_and_stays(rejecting_node, tmp_pa
     passed = [r.getMessage() for r in caplog.records if "passed over" in r.getMessage()]
     assert any(f"{series[3].SOPInstanceUID}: held in study" in m for m in passed)
     assert any("not held" in m for m in passed)
+    # a mistaken note can be undone: the rejected instances wait in the recycle bin
+    (entry,) = node.archive.recycle.entries()
+    assert (entry.level, entry.uid) == ("instances", kos.SOPInstanceUID)
+    assert node.archive.restore_deleted(entry.name)["restored"] == 2
+    for ds in series[1:3]:
+        assert node.archive.retrieve(ds.SOPInstanceUID).data == sent[ds.SOPInstanceUID][1]
 
 
 def test_a_rejection_note_from_anyone_else_or_for_another_patient_deletes_nothing(

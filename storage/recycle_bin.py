@@ -1,0 +1,268 @@
+"""Deleted instances kept restorable for a while: the recycle bin.
+
+Before a deletion (``voxarc delete``, a retention rule, an IOCM rejection note) changes the
+index, every instance it removes is written to ``recycle/<entry>/`` in the data folder as the
+Part 10 file of the dataset it was received as (rebuilt and SHA-256 checked, as for a
+retrieval), fsync'd, and then the entry's manifest (``entry.json``: what was deleted, why, and
+each file's SHA-256, sender and study). An entry without a manifest is an interrupted one and
+is never listed or restored.
+
+Restoring an entry sends its files through the archive's ingest, as ``voxarc import`` does,
+so each instance comes back byte for byte (and is compacted again). The node removes entries
+older than ``deleted_keep_days``; the files are plain DICOM, readable by any tool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from storage.errors import StorageError
+from storage.index import Index, Instance, Patient, Series, Study
+from storage.part10 import safe_name, split_file, write_file
+
+log = logging.getLogger(__name__)
+MANIFEST = "entry.json"
+#: free space a deletion must leave beside its copies
+SPARE_BYTES = 256 << 20
+#: an entry still without its manifest after this long was interrupted (a crash)
+INTERRUPTED_S = 3600.0
+#: the running node looks for expired entries at most this often
+PURGE_EVERY_S = 3600.0
+
+
+class RecycleBinError(StorageError):
+    """The recycle bin could not keep or restore an entry."""
+
+
+@dataclass
+class Entry:
+    """One deletion's kept instances (the manifest of ``recycle/<name>/``)."""
+
+    name: str
+    deleted_at: float
+    level: str
+    uid: str
+    reason: str
+    instances: list[dict]
+
+    @property
+    def bytes(self) -> int:
+        return sum(i["bytes"] for i in self.instances)
+
+    def summary(self, keep_days: float) -> dict:
+        """What ``voxarc deleted`` shows of the entry."""
+        return {"entry": self.name, "deleted_at": self.deleted_at, "level": self.level,
+                "uid": self.uid, "reason": self.reason, "instances": len(self.instances),
+                "bytes": self.bytes,
+                "patients": sorted({i["patient_id"] for i in self.instances}),
+                "studies": len({i["study_uid"] for i in self.instances}),
+                "expires_at": self.deleted_at + keep_days * 86400 if keep_days > 0 else None}
+
+
+class RecycleBin:
+    """The recycle bin of an archive in ``root`` (``<data_dir>/recycle``).
+
+    Parameters
+    ----------
+    keep_days : float
+        Days an entry is kept; 0 turns the bin off (deletions are for good at once).
+    """
+
+    def __init__(self, root: Path, keep_days: float):
+        self.root, self.keep_days = Path(root), float(keep_days)
+        self._last_purge = 0.0
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.keep_days > 0
+
+    def keep(self, index: Index, retrieve, instances: dict, level: str, uid: str,
+             reason: str) -> str:
+        """Write the instances a deletion removes (``{instance id: (SOP Instance UID, ...,
+        size)}``, as :class:`storage.deletion.DeletionPlan` holds them) durably as a new entry;
+        return its name.
+
+        Raises
+        ------
+        RecycleBinError
+            Not enough free space for the copies, or one could not be rebuilt or written;
+            nothing is left behind.
+        """
+        need = sum(v[-1] for v in instances.values())
+        self.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.root).free
+        if need + SPARE_BYTES > free:
+            raise RecycleBinError(
+                f"no room to keep the {len(instances)} deleted instances restorable "
+                f"({need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free); delete for good "
+                "with --no-keep, or set deleted_keep_days = 0")
+        name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+        folder = self.root / name
+        try:
+            rows = _facts(index, list(instances))
+            kept = [self._write(folder, retrieve(sop_uid), rows.get(inst_id, {}))
+                    for inst_id, (sop_uid, *_) in instances.items()]
+            _write_manifest(folder, {"deleted_at": time.time(), "level": level, "uid": uid,
+                                     "reason": reason, "instances": kept})
+        except (OSError, StorageError) as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise RecycleBinError(f"could not keep the deleted instances restorable: {exc}") \
+                from exc
+        log.info("recycle bin: %d instances (%.1f MB) of %s %s kept as %s", len(kept),
+                 need / 1e6, level, uid, name)
+        return name
+
+    @staticmethod
+    def _write(folder: Path, inst, facts: dict) -> dict:
+        path = folder / f"{safe_name(inst.sop_uid)}.dcm"
+        write_file(path, inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, (inst.data,))
+        _fsync(path)
+        return {"sop_uid": inst.sop_uid, "file": path.name, "bytes": len(inst.data),
+                "sha256": hashlib.sha256(inst.data).hexdigest(), **facts}
+
+    def discard(self, name: str) -> None:
+        """Remove an entry whose deletion did not take place."""
+        shutil.rmtree(self.root / name, ignore_errors=True)
+
+    def entries(self) -> list[Entry]:
+        """Every complete entry, oldest first."""
+        found = []
+        for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
+            entry = self.entry(folder.name)
+            if entry is not None:
+                found.append(entry)
+        return found
+
+    def entry(self, name: str) -> Entry | None:
+        """The entry ``name``, or None when there is none (or it is incomplete)."""
+        if not name or "/" in name or name.startswith("."):
+            return None
+        try:
+            meta = json.loads((self.root / name / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        return Entry(name, meta["deleted_at"], meta["level"], meta["uid"], meta["reason"],
+                     meta["instances"])
+
+    def bytes_held(self) -> int:
+        """Bytes of every file in the bin (complete entries or not)."""
+        if not self.root.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def restore(self, name: str, store) -> dict:
+        """Ingest the entry's instances again with ``store(dataset, transfer_syntax, sop_uid,
+        source_ae)`` (:meth:`storage.archive.Archive.store`); remove the entry when every one
+        is back (or was stored again meanwhile). Returns counts: ``restored``, ``present``
+        (already in the archive), ``failed`` and the ``studies`` touched.
+
+        Raises
+        ------
+        RecycleBinError
+            No such entry.
+        """
+        entry = self.entry(name)
+        if entry is None:
+            raise RecycleBinError(f"no entry {name!r} in the recycle bin")
+        counts = {"entry": name, "restored": 0, "present": 0, "failed": 0, "studies": []}
+        studies = set()
+        for item in entry.instances:
+            outcome = self._restore_one(entry, item, store)
+            counts[outcome] += 1
+            if outcome != "failed":
+                studies.add(item.get("study_uid", ""))
+        counts["studies"] = sorted(s for s in studies if s)
+        if not counts["failed"]:
+            self.discard(name)
+        log.warning("recycle bin: entry %s (%s %s): %d instances restored, %d already present, "
+                    "%d failed%s", name, entry.level, entry.uid, counts["restored"],
+                    counts["present"], counts["failed"],
+                    "; the entry stays" if counts["failed"] else "; the entry is removed")
+        return counts
+
+    def _restore_one(self, entry: Entry, item: dict, store) -> str:
+        path = self.root / entry.name / item["file"]
+        try:
+            syntax, dataset = split_file(path.read_bytes())
+            if hashlib.sha256(dataset).hexdigest() != item["sha256"]:
+                raise RecycleBinError("its bytes changed in the bin (SHA-256)")
+            result = store(dataset, syntax, item["sop_uid"], item.get("source_ae", ""))
+        except (OSError, ValueError, StorageError) as exc:
+            log.error("recycle bin: %s of entry %s not restored: %s", item["sop_uid"],
+                      entry.name, exc)
+            return "failed"
+        return "present" if result.outcome == "duplicate_ignored" else "restored"
+
+    def purge(self, everything: bool = False, now: float | None = None) -> list[str]:
+        """Remove expired entries (all with ``everything``) and interrupted ones; return the
+        names removed."""
+        now = time.time() if now is None else now
+        gone = []
+        for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
+            entry = self.entry(folder.name)
+            if entry is None:
+                expired = now - folder.stat().st_mtime > INTERRUPTED_S
+            else:
+                expired = everything or now - entry.deleted_at > self.keep_days * 86400
+            if expired:
+                shutil.rmtree(folder, ignore_errors=True)
+                gone.append(folder.name)
+        if gone:
+            log.warning("recycle bin: %d entries removed for good (%s)", len(gone),
+                        "emptied" if everything else f"older than {self.keep_days:g} days")
+        return gone
+
+    def purge_if_due(self) -> list[str]:
+        """:meth:`purge` at most every PURGE_EVERY_S (the running node calls it each pass)."""
+        with self._lock:
+            if time.monotonic() - self._last_purge < PURGE_EVERY_S and self._last_purge:
+                return []
+            self._last_purge = time.monotonic()
+        return self.purge()
+
+
+def _facts(index: Index, ids: list[int]) -> dict[int, dict]:
+    """Sender, study and patient of instances, by instance id."""
+    found = {}
+    with index.read() as s:
+        for chunk in range(0, len(ids), 500):
+            rows = s.execute(
+                select(Instance.id, Instance.source_ae, Study.study_uid, Patient.patient_id,
+                       Series.series_uid)
+                .join(Series, Instance.series_fk == Series.id)
+                .join(Study, Series.study_fk == Study.id)
+                .join(Patient, Study.patient_fk == Patient.id)
+                .where(Instance.id.in_(ids[chunk:chunk + 500])))
+            for inst_id, ae, study, patient, series in rows:
+                found[inst_id] = {"source_ae": ae or "", "study_uid": study,
+                                  "series_uid": series, "patient_id": patient}
+    return found
+
+
+def _write_manifest(folder: Path, meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    _fsync(tmp)
+    os.replace(tmp, folder / MANIFEST)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
