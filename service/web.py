@@ -4,13 +4,15 @@
 (totals, savings by modality and by day), ``/api/studies`` (sortable, paginated, with series),
 ``/api/series/{uid}`` (and its ``preview.png``), ``/api/jobs`` (compaction queue),
 ``/api/deletions`` and ``/api/corrections`` (the audit trails of ``voxarc delete`` and
-``voxarc correct``), ``/api/accesses`` (who read what: :mod:`storage.access_log`),
+``voxarc correct``), ``/api/deleted`` (the recycle bin: :mod:`storage.recycle_bin`),
+``/api/accesses`` (who read what: :mod:`storage.access_log`),
 ``/api/forwards`` (forwarding, :mod:`service.forwarding`) and ``/api/config`` (the node's
 settings, read only, secrets left out); ``/api/studies/{uid}/media.zip`` and
 ``/api/media.zip`` are studies as DICOM file-sets (:mod:`service.web_media`); DICOMweb under
 ``/dicom-web``. Beside STOW-RS (the ingest path of C-STORE) and sending a study to a
-configured destination (``POST /api/studies/{uid}/send``), the application only reads:
-deleting and correcting are commands run on the node's machine. Everything is read through
+configured destination (``POST /api/studies/{uid}/send``) and restoring a deletion from the
+recycle bin (``POST /api/deleted/{entry}/restore``), the application only reads: deleting and
+correcting are commands run on the node's machine. Everything is read through
 :mod:`storage.reports` and the archive.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -39,6 +42,7 @@ from service.web_access import AccessTrail, http_actor
 from service.web_auth import TokenAuth, role_of, user_of
 from storage import access_log, correction, deletion, forwarding, reports
 from storage.errors import StorageError
+from storage.recycle_bin import RecycleBinError
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -184,6 +188,24 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
     def deletions(request: Request) -> Response:
         return JSONResponse(deletion.history(index, _int(request, "limit", 100, 1, MAX_PAGE)))
 
+    def recycled(request: Request) -> Response:
+        return JSONResponse({"keep_days": archive.recycle.keep_days, "entries": [
+            e.summary(archive.recycle.keep_days) for e in archive.recycle.entries()]})
+
+    async def restore(request: Request) -> Response:
+        # a JSON body only, as for send: a cross-site form cannot post one
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return JSONResponse({"error": "post {} as application/json"}, status_code=415)
+        name = request.path_params["entry"]
+        try:
+            counts = await run_in_threadpool(archive.restore_deleted, name)
+        except RecycleBinError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
+        for study in counts["studies"]:
+            archive.accesses.note(http_actor(request), "import", study,
+                                  detail=f"recycle bin entry {name}", keep=False)
+        return JSONResponse(counts, status_code=500 if counts["failed"] else 200)
+
     def corrections(request: Request) -> Response:
         return JSONResponse(correction.history(index, _int(request, "limit", 100, 1,
                                                            MAX_PAGE)))
@@ -213,6 +235,8 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
               Route("/api/studies/{uid}/send", send, methods=["POST"]),
               *web_media.routes(archive), *web_deidentified.routes(archive, settings),
               Route("/api/deletions", deletions), Route("/api/corrections", corrections),
+              Route("/api/deleted", recycled),
+              Route("/api/deleted/{entry}/restore", restore, methods=["POST"]),
               Route("/api/accesses", accesses),
               Route("/api/config", config),
               Route("/metrics", prometheus), Route("/healthz", healthz),

@@ -3,15 +3,19 @@ restorable byte for byte until they expire."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from admin_helpers import CHROMIUM, admin_site, chromium, get_json, http_token  # noqa: F401
 from node_helpers import BACKENDS, database_url, make_series, store_series
 from storage import recycle_bin
 from storage.archive import Archive
@@ -237,3 +241,35 @@ def test_voxarc_deleted_lists_restores_and_empties(tmp_path):
     out = _voxarc("deleted", "empty", "--yes", data_dir=data_dir)
     assert out.returncode == 0 and out.stdout.startswith("1 entries removed")
     assert json.loads(_voxarc("deleted", "--json", data_dir=data_dir).stdout)["entries"] == []
+
+
+def _post(url: str, body: bytes = b"{}", kind: str = "application/json") -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": kind})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_the_admin_page_lists_the_bin_and_restores_an_entry(admin_site, tmp_path):
+    node, admin = admin_site
+    sent = store_series(node.archive, make_series(3, 8, 8, seed=14, patient_id="BINNED"))
+    done = node.archive.delete("series", _series_uid(node.archive, next(iter(sent))),
+                               reason="sent to the wrong patient")
+    listed = get_json(f"{admin.url}/api/deleted")
+    (row,) = listed["entries"]
+    assert listed["keep_days"] == 7 and row["entry"] == done["kept_as"]
+    assert (row["instances"], row["patients"]) == (3, ["BINNED"])
+    if CHROMIUM is not None:
+        dom = chromium(f"{admin.url}/", tmp_path / "page", "--dump-dom")
+        item = re.search(r'<li class="recycled">.*?</li>', dom, re.S).group(0)
+        assert "3 instances of BINNED" in item and "sent to the wrong patient" in item
+        assert ">Restore</button>" in item
+    restore = f"{admin.url}/api/deleted/{row['entry']}/restore"
+    assert _post(restore, kind="application/x-www-form-urlencoded")[0] == 415
+    assert _post(f"{admin.url}/api/deleted/nonesuch/restore")[0] == 404
+    status, answer = _post(restore)
+    assert status == 200 and (answer["restored"], answer["failed"]) == (3, 0)
+    assert _exact(node.archive, sent) and get_json(f"{admin.url}/api/deleted")["entries"] == []

@@ -77,6 +77,9 @@ def test_roles_and_names(users_site):
     status, answer = _request(send, viewer, "POST", body)
     assert status == 403 and b"the viewer role may only read" in answer
     assert _request(send, admin, "POST", body)[0] == 202
+    restore = f"{site.url}/api/deleted/nonesuch/restore"
+    assert _request(restore, viewer, "POST", b"{}")[0] == 403      # the recycle bin's too
+    assert _request(restore, admin, "POST", b"{}")[0] == 404
     (ds,) = make_series(1, 8, 8, study_uid=study, seed=5)
     ts, data = dataset_bytes(ds)
     boundary = "b0undary"

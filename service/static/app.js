@@ -547,6 +547,59 @@ function renderDeletions(rows) {
   });
 }
 
+// The recycle bin: deletions that can still be undone, each with Restore for admins.
+function renderRecycle(bin) {
+  setText("recycle-scope", bin.keep_days > 0
+    ? `(deleted instances kept ${bin.keep_days} days)` : "(off: deletions are for good)");
+  const ul = byId("recycle");
+  ul.replaceChildren();
+  if (!bin.entries.length) {
+    const li = document.createElement("li");
+    li.textContent = "Nothing to restore.";
+    ul.appendChild(li);
+  }
+  bin.entries.slice().reverse().slice(0, 20).forEach((e) => {
+    const li = document.createElement("li");
+    li.className = "recycled";
+    const uid = document.createElement("span");
+    uid.className = "uid";
+    uid.textContent = e.uid;
+    const until = e.expires_at ? `, until ${when(e.expires_at)}` : "";
+    li.append(`${when(e.deleted_at)} ${e.level} `, uid,
+              `: ${count(e.instances)} instances of ${e.patients.join(", ")}, ` +
+              `${bytes(e.bytes)}${until}` + (e.reason ? ` (${e.reason})` : ""));
+    if (state.role === "admin") li.append(" ", restoreButton(e.entry));
+    ul.appendChild(li);
+  });
+}
+
+function restoreButton(entry) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = "Restore";
+  const note = document.createElement("span");
+  note.className = "muted";
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    note.textContent = " restoring…";
+    try {
+      const response = await fetch(`api/deleted/${enc(entry)}/restore`, {
+        method: "POST", headers: { "Content-Type": "application/json", ...authHeaders },
+        body: "{}" });
+      const answer = await response.json();
+      note.textContent = answer.error ? ` ${answer.error}`
+        : ` ${answer.restored} restored, ${answer.present} already there, ${answer.failed} failed`;
+      if (response.ok) refresh();
+    } catch (err) {
+      note.textContent = " " + String(err.message || err);
+      button.disabled = false;
+    }
+  });
+  const box = document.createElement("span");
+  box.append(button, note);
+  return box;
+}
+
 // Patients' corrections: what changed from what to what, and why.
 function renderCorrections(rows) {
   auditList("corrections", rows, "No correction recorded.", "corrected_at",
@@ -612,10 +665,11 @@ byId("study-search").addEventListener("submit", (event) => event.preventDefault(
 
 async function refresh() {
   try {
-    const [stats, jobs, config, deletions, forwards, accesses, corrections] =
+    const [stats, jobs, config, deletions, forwards, accesses, corrections, recycle] =
       await Promise.all([api("api/stats"), api("api/jobs"), api("api/config"),
                          api("api/deletions?limit=20"), api("api/forwards?limit=40"),
-                         loadAccesses(), api("api/corrections?limit=20")]);
+                         loadAccesses(), api("api/corrections?limit=20"),
+                         api("api/deleted")]);
     renderTotals(stats);
     barChart(byId("chart-modality"), stats.by_modality, "modality");
     barChart(byId("chart-time"), stats.by_day.slice(-30), "day");
@@ -627,6 +681,7 @@ async function refresh() {
     renderForwards(forwards, config);
     renderConfig(config);
     renderDeletions(deletions);
+    renderRecycle(recycle);
     renderAccesses(accesses);
     renderCorrections(corrections);
     await loadStudies();
