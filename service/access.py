@@ -35,7 +35,7 @@ def parse_permissions(text: str) -> frozenset:
     return granted
 
 
-@dataclass(frozen=True)
+@dataclass
 class AccessPolicy:
     """Calling AE titles and their permissions (empty: everyone may do everything).
 

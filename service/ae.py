@@ -6,6 +6,7 @@ Built in one place, the same way by ``voxarc serve`` and by the tests.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 
@@ -21,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext
 
 from service import (audit_syslog, command_encoding, commitment, exact_send, handlers,
-                     move_refusal, negotiation, quiet_log, statuses, tls)
+                     hl7_prefetch, move_refusal, negotiation, quiet_log, statuses, tls)
 from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.forwarding import Forwarder
@@ -33,6 +34,11 @@ from storage import part10
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
+#: what a running node takes from its settings file again on SIGHUP (:meth:`Node.reload`): who
+#: may use it (the admin page, DICOMweb, the HL7 port, the DICOM peers), where it sends, which
+#: rejection notes it applies and how long deletions stay restorable
+RELOADABLE = ("http_token", "http_users", "hl7_senders", "peers", "destinations", "forward",
+              "hl7_prefetch", "rejection_notes_from", "deleted_keep_days")
 # The acceptor's order decides which proposed syntax a context gets; explicit VR little endian
 # first, as most modalities send it (an instance goes out only in the syntax it came in).
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian] + [
@@ -93,10 +99,12 @@ def build_ae(settings: Settings) -> AE:
 
 
 def event_handlers(archive: Archive, settings: Settings,
-                   reporter: commitment.Reporter | None = None) -> list:
-    """The (event, handler, args) bindings of a node, with the ``peers`` permission checks
-    (storage commitment only with a ``reporter`` to answer it)."""
-    policy = AccessPolicy.from_settings(settings.peers)
+                   reporter: commitment.Reporter | None = None,
+                   policy: AccessPolicy | None = None) -> list:
+    """The (event, handler, args) bindings of a node, with the permission checks of ``policy``
+    (default: the ``peers`` setting's; storage commitment only with a ``reporter`` to answer
+    it)."""
+    policy = AccessPolicy.from_settings(settings.peers) if policy is None else policy
     return guard([
         (evt.EVT_CONN_OPEN, tune_association),
         (evt.EVT_ACCEPTED, handlers.handle_association),
@@ -105,7 +113,7 @@ def event_handlers(archive: Archive, settings: Settings,
         (evt.EVT_SOP_EXTENDED, handlers.handle_extended),
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store,
-         [archive, settings.max_dataset_bytes, settings.rejection_notes_from]),
+         [archive, settings.max_dataset_bytes, settings]),
         (evt.EVT_C_FIND, handlers.handle_find, [archive, settings.max_find_results]),
         (evt.EVT_C_GET, handlers.handle_get, [archive]),
         (evt.EVT_C_MOVE, handlers.handle_move, [archive, settings]),
@@ -213,6 +221,9 @@ class Node:
         self.forwarder = Forwarder(self.archive, settings, self.metrics) \
             if compaction and (settings.forward or settings.destinations) else None
         self.hl7: Hl7Listener | None = None
+        self.background = compaction
+        #: the calling AE titles and what each may do; a reload changes it in place
+        self.policy = AccessPolicy.from_settings(settings.peers)
 
     @property
     def port(self) -> int:
@@ -232,7 +243,7 @@ class Node:
                                                    self.archive.stored_syntaxes)),
                                            evt_handlers=self.metrics.instrument(
                                                event_handlers(self.archive, self.settings,
-                                                              self.reporter)))
+                                                              self.reporter, self.policy)))
         if self.settings.hl7_port:
             try:
                 self.hl7 = Hl7Listener(self.archive, self.settings,
@@ -263,6 +274,36 @@ class Node:
             log.info("audit messages to %s", self.settings.audit_syslog)
         _log_codec()
         return self
+
+    def reload(self, fresh: Settings) -> tuple[list[str], list[str]]:
+        """Take the :data:`RELOADABLE` settings of ``fresh`` (the settings file read again) into
+        the running node, each where it is used; return (those that changed, the other settings
+        that changed and need a restart, which are left as they are)."""
+        changed = [f.name for f in dataclasses.fields(Settings)
+                   if getattr(fresh, f.name) != getattr(self.settings, f.name)]
+        applied = [name for name in changed if name in RELOADABLE]
+        for name in applied:
+            setattr(self.settings, name, getattr(fresh, name))
+        if "peers" in applied:
+            self.policy.peers = AccessPolicy.from_settings(fresh.peers).peers
+            self.ae.require_calling_aet = self.policy.calling_titles()
+        if "deleted_keep_days" in applied:
+            self.archive.recycle.keep_days = fresh.deleted_keep_days
+        if "hl7_prefetch" in applied and self.hl7 is not None:
+            self.hl7.prefetch = hl7_prefetch.parse_targets(fresh.hl7_prefetch)
+        if "forward" in applied or "destinations" in applied:
+            self._forwarding_changed()
+        return applied, [name for name in changed if name not in RELOADABLE]
+
+    def _forwarding_changed(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.use_rules(self.settings.forward)
+        elif self.background and (self.settings.forward or self.settings.destinations):
+            self.forwarder = Forwarder(self.archive, self.settings, self.metrics)
+            self.forwarder.start()
+        if self.settings.forward:
+            log.info("forwarding: %s", "; ".join(f"{name} <- {rule or 'every series'}"
+                                                  for name, rule in self.settings.forward.items()))
 
     def _warm(self) -> None:
         try:

@@ -80,12 +80,28 @@ class Forwarder(threading.Thread):
         super().__init__(name="voxarc-forward", daemon=True)
         self.archive, self.settings, self.metrics = archive, settings, metrics
         self.interval = settings.compaction_interval if interval is None else interval
-        texts = settings.forward if rules is None else rules
-        self.rules = {name: parse_rule(text) for name, text in texts.items()}
-        self.since = forwarding.take_effect(archive.index, texts)
+        self.use_rules(settings.forward if rules is None else rules)
         self.started = time.time()
         self._stop_event = threading.Event()
         exact_send.install()      # without it pynetdicom would send PreEncoded's few elements
+
+    def use_rules(self, texts: dict[str, str]) -> None:
+        """Forward by these rules (destination -> rule text) from now on; a new or changed
+        rule takes effect for what arrives from now (:func:`storage.forwarding.take_effect`)."""
+        since = forwarding.take_effect(self.archive.index, texts)
+        # one assignment: a pass reads both together (a rule without its time would forward
+        # everything ever received)
+        self._rules = ({name: parse_rule(t) for name, t in texts.items()}, since)
+
+    @property
+    def rules(self) -> dict[str, dict]:
+        """Destination -> C-FIND keys of each rule."""
+        return self._rules[0]
+
+    @property
+    def since(self) -> dict[str, float]:
+        """Destination -> when its rule took effect."""
+        return self._rules[1]
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
@@ -103,8 +119,9 @@ class Forwarder(threading.Thread):
     def run_once(self, now: float | None = None) -> int:
         """Send everything due now; return the number of series sent."""
         sent = 0
-        for item in forwarding.due(self.archive.index, self.rules, self.settings.stable_age,
-                                   now, self.since):
+        rules, since = self._rules
+        for item in forwarding.due(self.archive.index, rules, self.settings.stable_age, now,
+                                   since):
             if self._stop_event.is_set():
                 return sent
             if self.deliver(item, now):

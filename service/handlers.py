@@ -84,10 +84,11 @@ def handle_echo(event) -> int:
     return statuses.SUCCESS
 
 
-def handle_store(event, archive: Archive, max_bytes: int = 0, reject_from: str = "") -> int:
+def handle_store(event, archive: Archive, max_bytes: int = 0, settings=None) -> int:
     """C-STORE: stage the dataset as received; success only once it is durable and indexed.
     Datasets over ``max_bytes`` (0: no limit) are refused with 0xA700. An IOCM rejection note
-    from a calling AE title of ``reject_from`` ("A,B" or "*") is then applied."""
+    from a calling AE title of the ``settings``' ``rejection_notes_from`` ("A,B" or "*", read
+    at each note: a reload changes it) is then applied."""
     try:
         data = event.encoded_dataset(include_meta=False)
         if max_bytes and len(data) > max_bytes:
@@ -105,7 +106,8 @@ def handle_store(event, archive: Archive, max_bytes: int = 0, reject_from: str =
     archive.accesses.note(_actor(event), "C-STORE", result.study_uid, instances=1, keep=False)
     if result.sop_class_uid == rejection.KEY_OBJECT_SELECTION and result.outcome != \
             "duplicate_ignored":
-        _rejection_note(event, archive, data, reject_from)
+        _rejection_note(event, archive, data,
+                        settings.rejection_notes_from if settings is not None else "")
     if named_class and result.sop_class_uid != named_class:
         log.warning("C-STORE of %s from %s: stored, but its SOP class %s is not the request's "
                     "%s (0xB007)", result.sop_uid, _peer(event), result.sop_class_uid,

@@ -68,13 +68,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=stats)
 
 
+def _serve_settings(args):
+    """The settings ``serve`` runs with: the file's (or the embedded defaults), then its flags."""
+    return settings_from_args(args, port=args.port, ae_title=args.ae_title,
+                              stable_age=args.stable_age, destination=args.destination,
+                              forward=args.forward, http_port=args.http_port,
+                              http_host=args.http_host, http_token=args.http_token,
+                              hl7_port=args.hl7_port)
+
+
 def serve(args) -> int:
-    """Run until SIGTERM or SIGINT, then stop cleanly."""
-    settings = settings_from_args(args, port=args.port, ae_title=args.ae_title,
-                         stable_age=args.stable_age, destination=args.destination,
-                         forward=args.forward,
-                         http_port=args.http_port, http_host=args.http_host,
-                         http_token=args.http_token, hl7_port=args.hl7_port)
+    """Run until SIGTERM or SIGINT, then stop cleanly; read the settings again on SIGHUP."""
+    settings = _serve_settings(args)
     stop = _stop_signals()
     try:
         node = Node(settings).start()
@@ -99,7 +104,7 @@ def serve(args) -> int:
         time.sleep(0.5)
         if reload:
             reload.clear()
-            _reload_access(args, settings)
+            _reload(args, node)
     log.info("signal received, stopping")
     admin.stop()
     node.stop()
@@ -124,15 +129,13 @@ def _reload_signal() -> list[int]:
     return received
 
 
-#: what SIGHUP reloads: who may use the admin page, DICOMweb and the HL7 port
-RELOADED = ("http_token", "http_users", "hl7_senders")
-
-
-def _reload_access(args, settings) -> None:
-    """Read the settings file again and take its access settings (:data:`RELOADED`) into the
-    running node; a file that no longer loads changes nothing (logged)."""
+def _reload(args, node) -> None:
+    """Read the settings file again and take what can change while running
+    (:data:`service.ae.RELOADABLE`) into the node; a file that no longer loads, or that would
+    open the admin page to anyone, changes nothing (logged)."""
+    settings = node.settings
     try:
-        fresh = settings_from_args(args, http_token=args.http_token)
+        fresh = _serve_settings(args)
     except (OSError, ValueError) as exc:
         log.error("SIGHUP: settings not reloaded: %s", exc)
         return
@@ -141,10 +144,11 @@ def _reload_access(args, settings) -> None:
         log.error("SIGHUP: settings not reloaded: they name no token and no user, which would "
                   "open the admin page and DICOMweb to anyone (restart the node for that)")
         return
-    changed = [name for name in RELOADED if getattr(fresh, name) != getattr(settings, name)]
-    for name in changed:
-        setattr(settings, name, getattr(fresh, name))
-    log.info("SIGHUP: access settings reloaded (%s)", ", ".join(changed) or "unchanged")
+    applied, pending = node.reload(fresh)
+    log.info("SIGHUP: settings reloaded (%s)", ", ".join(applied) or "unchanged")
+    if pending:
+        log.warning("SIGHUP: changed in the settings file, applied at the next restart: %s",
+                    ", ".join(pending))
 
 
 def _files(paths: list[str]):

@@ -215,6 +215,14 @@ def test_a_rule_forwards_only_what_comes_after_it_took_effect(archive, tmp_path)
         assert changed.since["reading"] > since
         assert changed.run_once(time.time() + 2 * LATER) == 0
         assert len(dest.received) == 2
+        # a reload (SIGHUP) of a running forwarder: the same, a new rule from now on only
+        forwarder.use_rules({"reading": ""})
+        assert forwarder.since["reading"] > since and forwarder.rules == {"reading": {}}
+        assert forwarder.run_once(time.time() + 3 * LATER) == 0
+        later = make_series(1, 16, 16, seed=15)
+        store_as_received(archive, later)
+        assert forwarder.run_once(time.time() + 4 * LATER) == 1
+        assert later[0].SOPInstanceUID in dest.received
     finally:
         dest.stop()
 

@@ -122,6 +122,13 @@ def test_a_rejection_note_from_anyone_else_or_for_another_patient_deletes_nothin
         assert len(find(other.port, {"QueryRetrieveLevel": "IMAGE", "PatientID": "PAT1",
                                      "SOPInstanceUID": ""})[1]) == 3
         assert any("not in rejection_notes_from" in r.getMessage() for r in caplog.records)
+        # until the settings, read again (SIGHUP), name the sender
+        other.reload(load_settings(data_dir=str(tmp_path / "other"), host="127.0.0.1", port=0,
+                                   rejection_notes_from="TESTSCU"))
+        assert _send(other, [note(refs[:1])], tmp_path, KOS) == [0]
+        held = {str(m.SOPInstanceUID) for m in find(other.port, {
+            "QueryRetrieveLevel": "IMAGE", "PatientID": "PAT1", "SOPInstanceUID": ""})[1]}
+        assert refs[0][2] not in held and refs[1][2] in held
     finally:
         other.stop()
 

@@ -176,3 +176,40 @@ def test_tls_with_dcmtk_storescu(tmp_path):
         assert got == sent
     finally:
         node.stop()
+
+
+def test_a_reload_changes_peers_destinations_and_notes_in_the_running_node(tmp_path):
+    """Node.reload (what SIGHUP calls): the new peers and permissions hold from the next
+    association, a new destination takes C-MOVEs at once, the recycle bin's days and the
+    rejection senders change; a setting that needs a restart is reported and left alone."""
+    from scu_helpers import StoreSCP
+    node = _node(tmp_path, peers=PEERS)
+    dest = StoreSCP("NOWHERE")
+    series = make_series(2, 8, 8)
+    uid = series[0].SeriesInstanceUID
+    try:
+        assert _store(node.port, "MODALITY", series[0]) == 0x0000
+        assert _assoc(node.port, calling="NEWCOMER").is_rejected
+        assert _move(node.port, "VIEWER", uid) == 0xA801
+        fresh = load_settings(data_dir=node.settings.data_dir, host="127.0.0.1", port=0,
+                              stable_age=3600.0, peers={**PEERS, "NEWCOMER": "query"},
+                              destination=[f"nowhere=NOWHERE@127.0.0.1:{dest.port}"],
+                              deleted_keep_days=1.5, rejection_notes_from="MODALITY",
+                              codec_slab=4)
+        applied, pending = node.reload(fresh)
+        assert sorted(applied) == ["deleted_keep_days", "destinations", "peers",
+                                   "rejection_notes_from"]
+        assert pending == ["codec_slab"] and node.settings.codec_slab == 8
+        assert _query(node.port, "NEWCOMER", uid) == [0xFF00, 0x0000]
+        assert _store(node.port, "NEWCOMER", series[1]) == 0x0124       # query only
+        assert _move(node.port, "VIEWER", uid) == 0x0000 and len(dest.received) == 1
+        assert node.archive.recycle.keep_days == 1.5
+        assert node.settings.rejection_notes_from == "MODALITY"
+        assert node.reload(fresh) == ([], ["codec_slab"])               # nothing new
+        narrowed = load_settings(data_dir=node.settings.data_dir, peers={"VIEWER": "query"})
+        node.reload(narrowed)
+        assert _assoc(node.port, calling="MODALITY").is_rejected        # taken away
+        assert _move(node.port, "VIEWER", uid) == 0xC514                # query only now
+    finally:
+        dest.server.shutdown()
+        node.stop()

@@ -181,11 +181,13 @@ def test_sighup_takes_a_users_access_away_without_a_restart(tmp_path):
             assert _request(url, viewer)[0] == 200
         config.write_text(f'[http_users]\npacsadmin = "admin:{"0" * 64}"\n')
         assert after_sighup(401) == 401
-        config.write_text(f'[http_users]\ndrsmith = "{value}"\n')
+        config.write_text(f'codec_slab = 4\n[http_users]\ndrsmith = "{value}"\n')
         assert after_sighup(200) == 200
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert "SIGHUP: settings not reloaded: " in err and "would open the admin page" in err
-    assert "SIGHUP: access settings reloaded (http_users)" in err
+    assert "SIGHUP: settings reloaded (http_users)" in err
+    assert "SIGHUP: changed in the settings file, applied at the next restart: codec_slab" \
+        in err
