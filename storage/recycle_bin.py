@@ -27,6 +27,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from storage.blobstore import fsync_path
 from storage.errors import StorageError
 from storage.index import Index, Instance, Patient, Series, Study
 from storage.part10 import safe_name, split_file, write_file
@@ -128,7 +129,7 @@ class RecycleBin:
     def _write(folder: Path, inst, facts: dict) -> dict:
         path = folder / f"{safe_name(inst.sop_uid)}.dcm"
         write_file(path, inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, (inst.data,))
-        _fsync(path)
+        fsync_path(path)
         return {"sop_uid": inst.sop_uid, "file": path.name, "bytes": len(inst.data),
                 "sha256": hashlib.sha256(inst.data).hexdigest(), **facts}
 
@@ -255,14 +256,7 @@ def _write_manifest(folder: Path, meta: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, folder / MANIFEST)
-    _fsync(folder)
+    fsync_path(folder)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

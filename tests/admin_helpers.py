@@ -48,6 +48,18 @@ def http_get(url: str, token: str = "", timeout: float = 30, accept: str = ""
         return exc.code, exc.read()
 
 
+def post_json(url: str, body: bytes, content_type: str = "application/json"
+              ) -> tuple[int, dict]:
+    """POST ``body`` to ``url``; return (status, the decoded JSON answer)."""
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def get_json(url: str, token: str = ""):
     """GET ``url`` and decode its JSON body; fail on a non-200 status."""
     status, body = http_get(url, token)

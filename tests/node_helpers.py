@@ -278,3 +278,39 @@ def lose_commit_answer(index, monkeypatch, really_commit: bool, skip: int = 0) -
                 s.rollback()
         raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection"))
     monkeypatch.setattr(index, "write", write)
+
+
+def series_uid_of(arch, sop_uid: str) -> str:
+    """The Series Instance UID the index files instance ``sop_uid`` under."""
+    from sqlalchemy import select
+    from storage.index import Instance, Series
+    with arch.index.read() as s:
+        return s.scalar(select(Series.series_uid).join(Instance, Instance.series_fk == Series.id)
+                        .where(Instance.sop_uid == sop_uid))
+
+
+def retrieves_exactly(arch, sent: dict) -> bool:
+    """Whether every instance of ``sent`` ({SOP UID: dataset bytes}) comes back as sent."""
+    return all(arch.retrieve(uid).data == data for uid, data in sent.items())
+
+
+def all_gone(arch, sent: dict) -> bool:
+    """Assert that no instance of ``sent`` can be retrieved any more (then True)."""
+    from storage.errors import InstanceNotFoundError
+    for uid in sent:
+        with pytest.raises(InstanceNotFoundError):
+            arch.retrieve(uid)
+    return True
+
+
+def damage_the_blob(arch) -> None:
+    """Flip a byte near the end of the archive's one coded blob, and drop what the archive
+    decoded of it, so that rebuilding its instances fails their SHA-256 check."""
+    from sqlalchemy import select
+    from storage.index import Blob
+    with arch.index.read() as s:
+        (key,) = s.scalars(select(Blob.key))
+    data = bytearray(arch.blobs.get(key))
+    data[-20] ^= 0xFF
+    arch.blobs.put(key, bytes(data))
+    arch.reconstructor = type(arch.reconstructor)(arch.index, arch.blobs)

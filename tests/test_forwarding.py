@@ -259,8 +259,7 @@ def test_the_admin_api_sends_a_study_on_request(admin_site, tmp_path):
     arrive as received, the outcome is recorded; a body that is not JSON (which a cross-site
     form could send), an unknown destination or study are refused."""
     import json
-    import urllib.error
-    import urllib.request
+    from admin_helpers import post_json
     node, admin = admin_site
     dest = StoreSCP("READ")
     try:
@@ -270,14 +269,7 @@ def test_the_admin_api_sends_a_study_on_request(admin_site, tmp_path):
         study = series[0].StudyInstanceUID
 
         def post(uid, body, ctype="application/json"):
-            request = urllib.request.Request(f"{admin.url}/api/studies/{uid}/send",
-                                             data=body, method="POST",
-                                             headers={"Content-Type": ctype})
-            try:
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    return response.status, json.loads(response.read())
-            except urllib.error.HTTPError as exc:
-                return exc.code, json.loads(exc.read())
+            return post_json(f"{admin.url}/api/studies/{uid}/send", body, ctype)
         body = json.dumps({"destination": "reading"}).encode()
         assert post(study, b"destination=reading", "application/x-www-form-urlencoded")[0] == 415
         assert post(study, json.dumps({"destination": "nowhere"}).encode())[0] == 400

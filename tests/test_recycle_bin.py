@@ -7,21 +7,18 @@ import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from sqlalchemy import select
 
-from admin_helpers import CHROMIUM, admin_site, chromium, get_json, http_token  # noqa: F401
-from node_helpers import BACKENDS, database_url, make_series, store_series
+from admin_helpers import (CHROMIUM, admin_site, chromium, get_json, http_token,  # noqa: F401
+                           post_json)
+from node_helpers import (BACKENDS, all_gone, damage_the_blob, database_url, make_series,
+                          retrieves_exactly, series_uid_of, store_series)
 from storage import recycle_bin
 from storage.archive import Archive
 from storage.deletion import DeletionError
-from storage.errors import InstanceNotFoundError
-from storage.index import Blob, Instance, Series
 from storage.part10 import split_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,32 +33,15 @@ def binned(request, tmp_path):
     arch.close()
 
 
-def _series_uid(arch, sop_uid: str) -> str:
-    with arch.index.read() as s:
-        return s.scalar(select(Series.series_uid).join(Instance, Instance.series_fk == Series.id)
-                        .where(Instance.sop_uid == sop_uid))
-
-
-def _exact(arch, sent: dict) -> bool:
-    return all(arch.retrieve(uid).data == data for uid, data in sent.items())
-
-
-def _gone(arch, sent: dict) -> bool:
-    for uid in sent:
-        with pytest.raises(InstanceNotFoundError):
-            arch.retrieve(uid)
-    return True
-
-
 @pytest.mark.parametrize("compacted", [False, True])
 def test_a_deleted_series_is_kept_as_received_and_restored_byte_for_byte(binned, compacted):
     sent = store_series(binned, make_series(5, seed=1, patient_id="P1"))
     other = store_series(binned, make_series(3, seed=2, patient_id="P2"))
     if compacted:
         assert binned.compact(stable_age=0) == (2, 0)
-    series = _series_uid(binned, next(iter(sent)))
+    series = series_uid_of(binned, next(iter(sent)))
     done = binned.delete("series", series, reason="wrong series")
-    assert done["instances"] == 5 and _gone(binned, sent) and _exact(binned, other)
+    assert done["instances"] == 5 and all_gone(binned, sent) and retrieves_exactly(binned, other)
     (entry,) = binned.recycle.entries()
     assert entry.name == done["kept_as"] and (entry.level, entry.uid) == ("series", series)
     assert entry.reason == "wrong series" and entry.bytes == sum(map(len, sent.values()))
@@ -73,10 +53,10 @@ def test_a_deleted_series_is_kept_as_received_and_restored_byte_for_byte(binned,
     assert binned.stats()["recycle_bin_bytes"] > entry.bytes
     counts = binned.restore_deleted(entry.name)
     assert (counts["restored"], counts["present"], counts["failed"]) == (5, 0, 0)
-    assert _exact(binned, sent) and _exact(binned, other)
+    assert retrieves_exactly(binned, sent) and retrieves_exactly(binned, other)
     assert binned.recycle.entries() == [] and binned.stats()["recycle_bin_bytes"] == 0
     assert binned.compact(stable_age=0) == (1 if compacted else 2, 0)   # as any new series
-    assert _exact(binned, sent)
+    assert retrieves_exactly(binned, sent)
 
 
 def test_one_instance_out_of_a_coded_stack_comes_back_into_its_series(binned):
@@ -84,10 +64,10 @@ def test_one_instance_out_of_a_coded_stack_comes_back_into_its_series(binned):
     assert binned.compact(stable_age=0) == (1, 0)
     victim = sorted(sent)[2]
     done = binned.delete("instance", victim)
-    assert done["restaged"] == 5 and _gone(binned, {victim: sent[victim]})
+    assert done["restaged"] == 5 and all_gone(binned, {victim: sent[victim]})
     binned.restore_deleted(done["kept_as"])
-    assert _exact(binned, sent)
-    assert len(binned.find("IMAGE", {"SeriesInstanceUID": _series_uid(binned, victim),
+    assert retrieves_exactly(binned, sent)
+    assert len(binned.find("IMAGE", {"SeriesInstanceUID": series_uid_of(binned, victim),
                                      "SOPInstanceUID": ""})) == 6
 
 
@@ -97,10 +77,10 @@ def test_no_room_for_the_copies_deletes_nothing(binned, monkeypatch):
     monkeypatch.setattr(recycle_bin.shutil, "disk_usage",
                         lambda path: usage._replace(free=recycle_bin.SPARE_BYTES))
     with pytest.raises(DeletionError, match="no room to keep .* --no-keep"):
-        binned.delete("series", _series_uid(binned, next(iter(sent))))
-    assert _exact(binned, sent) and list(binned.recycle.root.iterdir()) == []
-    done = binned.delete("series", _series_uid(binned, next(iter(sent))), keep=False)
-    assert done["instances"] == 3 and "kept_as" not in done and _gone(binned, sent)
+        binned.delete("series", series_uid_of(binned, next(iter(sent))))
+    assert retrieves_exactly(binned, sent) and list(binned.recycle.root.iterdir()) == []
+    done = binned.delete("series", series_uid_of(binned, next(iter(sent))), keep=False)
+    assert done["instances"] == 3 and "kept_as" not in done and all_gone(binned, sent)
 
 
 def test_a_deletion_that_fails_after_the_copies_leaves_no_entry(binned, monkeypatch):
@@ -111,30 +91,25 @@ def test_a_deletion_that_fails_after_the_copies_leaves_no_entry(binned, monkeypa
 
     monkeypatch.setattr(binned.index, "write_checked", broken)
     with pytest.raises(OSError):
-        binned.delete("series", _series_uid(binned, next(iter(sent))))
+        binned.delete("series", series_uid_of(binned, next(iter(sent))))
     monkeypatch.undo()
-    assert _exact(binned, sent) and list(binned.recycle.root.iterdir()) == []
+    assert retrieves_exactly(binned, sent) and list(binned.recycle.root.iterdir()) == []
 
 
 def test_a_copy_that_cannot_be_rebuilt_deletes_nothing(binned):
     sent = store_series(binned, make_series(3, seed=6))
     assert binned.compact(stable_age=0) == (1, 0)
-    with binned.index.read() as s:
-        (key,) = s.scalars(select(Blob.key))
-    data = bytearray(binned.blobs.get(key))
-    data[-20] ^= 0xFF
-    binned.blobs.put(key, bytes(data))
-    binned.reconstructor = type(binned.reconstructor)(binned.index, binned.blobs)
+    damage_the_blob(binned)
     with pytest.raises(DeletionError, match="could not keep .* nothing deleted"):
-        binned.delete("series", _series_uid(binned, next(iter(sent))))
+        binned.delete("series", series_uid_of(binned, next(iter(sent))))
     assert binned.stats()["instances"] == 3 and list(binned.recycle.root.iterdir()) == []
 
 
 def test_expired_and_interrupted_entries_are_purged_and_fresh_ones_kept(binned):
     old = store_series(binned, make_series(2, seed=7))
     new = store_series(binned, make_series(2, seed=8))
-    first = binned.delete("series", _series_uid(binned, next(iter(old))))["kept_as"]
-    second = binned.delete("series", _series_uid(binned, next(iter(new))))["kept_as"]
+    first = binned.delete("series", series_uid_of(binned, next(iter(old))))["kept_as"]
+    second = binned.delete("series", series_uid_of(binned, next(iter(new))))["kept_as"]
     manifest = binned.recycle.root / first / recycle_bin.MANIFEST
     meta = json.loads(manifest.read_text())
     meta["deleted_at"] -= 8 * 86400
@@ -154,7 +129,7 @@ def test_expired_and_interrupted_entries_are_purged_and_fresh_ones_kept(binned):
 
 def test_a_tampered_copy_is_not_restored_and_its_entry_stays(binned):
     sent = store_series(binned, make_series(3, seed=9))
-    name = binned.delete("series", _series_uid(binned, next(iter(sent))))["kept_as"]
+    name = binned.delete("series", series_uid_of(binned, next(iter(sent))))["kept_as"]
     item = binned.recycle.entry(name).instances[0]
     path = binned.recycle.root / name / item["file"]
     data = bytearray(path.read_bytes())
@@ -170,7 +145,7 @@ def test_a_bin_turned_off_deletes_for_good(tmp_path):
     arch = Archive(tmp_path / "data")           # deleted_keep_days 0
     try:
         sent = store_series(arch, make_series(2, seed=10))
-        done = arch.delete("series", _series_uid(arch, next(iter(sent))))
+        done = arch.delete("series", series_uid_of(arch, next(iter(sent))))
         assert "kept_as" not in done and arch.recycle.entries() == []
         assert not arch.recycle.root.exists()
     finally:
@@ -182,7 +157,7 @@ def test_the_compaction_worker_purges_expired_entries(tmp_path):
     arch = Archive(tmp_path / "data", deleted_keep_days=1)
     try:
         sent = store_series(arch, make_series(2, seed=11))
-        name = arch.delete("series", _series_uid(arch, next(iter(sent))))["kept_as"]
+        name = arch.delete("series", series_uid_of(arch, next(iter(sent))))["kept_as"]
         worker = CompactionWorker(arch, stable_age=0, interval=60)
         worker.run_pass()
         assert arch.recycle.entry(name) is not None
@@ -232,7 +207,7 @@ def test_voxarc_deleted_lists_restores_and_empties(tmp_path):
     assert out.returncode == 0 and "3 instances restored" in out.stdout, out.stderr
     arch = Archive(data_dir)
     try:
-        assert _exact(arch, a) and _gone(arch, b)
+        assert retrieves_exactly(arch, a) and all_gone(arch, b)
     finally:
         arch.close()
     _voxarc("delete", "study", study_a["StudyInstanceUID"], "--yes", data_dir=data_dir)
@@ -243,20 +218,10 @@ def test_voxarc_deleted_lists_restores_and_empties(tmp_path):
     assert json.loads(_voxarc("deleted", "--json", data_dir=data_dir).stdout)["entries"] == []
 
 
-def _post(url: str, body: bytes = b"{}", kind: str = "application/json") -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": kind})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def test_the_admin_page_lists_the_bin_and_restores_an_entry(admin_site, tmp_path):
     node, admin = admin_site
     sent = store_series(node.archive, make_series(3, 8, 8, seed=14, patient_id="BINNED"))
-    done = node.archive.delete("series", _series_uid(node.archive, next(iter(sent))),
+    done = node.archive.delete("series", series_uid_of(node.archive, next(iter(sent))),
                                reason="sent to the wrong patient")
     listed = get_json(f"{admin.url}/api/deleted")
     (row,) = listed["entries"]
@@ -268,8 +233,8 @@ def test_the_admin_page_lists_the_bin_and_restores_an_entry(admin_site, tmp_path
         assert "3 instances of BINNED" in item and "sent to the wrong patient" in item
         assert ">Restore</button>" in item
     restore = f"{admin.url}/api/deleted/{row['entry']}/restore"
-    assert _post(restore, kind="application/x-www-form-urlencoded")[0] == 415
-    assert _post(f"{admin.url}/api/deleted/nonesuch/restore")[0] == 404
-    status, answer = _post(restore)
+    assert post_json(restore, b"{}", "application/x-www-form-urlencoded")[0] == 415
+    assert post_json(f"{admin.url}/api/deleted/nonesuch/restore", b"{}")[0] == 404
+    status, answer = post_json(restore, b"{}")
     assert status == 200 and (answer["restored"], answer["failed"]) == (3, 0)
-    assert _exact(node.archive, sent) and get_json(f"{admin.url}/api/deleted")["entries"] == []
+    assert retrieves_exactly(node.archive, sent) and get_json(f"{admin.url}/api/deleted")["entries"] == []

@@ -14,12 +14,12 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import OperationalError
 
 import models
-from node_helpers import (PG_URL, archive, database_url, lose_commit_answer,  # noqa: F401
-                          make_series, store_series)
+from node_helpers import (PG_URL, all_gone, archive, damage_the_blob,  # noqa: F401
+                          database_url, lose_commit_answer, make_series, retrieves_exactly, series_uid_of,
+                          store_series)
 from storage import deletion, header_pack
 from storage.archive import Archive
 from storage.deletion import DeletionError, Deleter
-from storage.errors import InstanceNotFoundError
 from storage.index import Blob, Deletion, Instance, Job, Patient, Removal, Series, Study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,30 +44,13 @@ def _two_patients(arch):
     return a1, a2, b
 
 
-def _series_uid(arch, sop_uid: str) -> str:
-    with arch.index.read() as s:
-        return s.scalar(select(Series.series_uid).join(Instance, Instance.series_fk == Series.id)
-                        .where(Instance.sop_uid == sop_uid))
-
-
-def _exact(arch, sent: dict) -> bool:
-    return all(arch.retrieve(uid).data == data for uid, data in sent.items())
-
-
-def _gone(arch, sent: dict) -> bool:
-    for uid in sent:
-        with pytest.raises(InstanceNotFoundError):
-            arch.retrieve(uid)
-    return True
-
-
 @pytest.mark.parametrize("compacted", [False, True])
 def test_deleting_a_series_removes_its_rows_and_files_and_nothing_else(archive, compacted):
     a1, a2, b = _two_patients(archive)
     if compacted:
         assert archive.compact(stable_age=0) == (3, 0)
     before_files, before = _files(archive), archive.stats()
-    summary = archive.delete("series", _series_uid(archive, next(iter(a2))), reason="test")
+    summary = archive.delete("series", series_uid_of(archive, next(iter(a2))), reason="test")
     assert summary["instances"] == 3 and summary["series"] == 1
     assert summary["studies"] == summary["patients"] == 0 and summary["restaged"] == 0
     after = archive.stats()
@@ -75,8 +58,8 @@ def test_deleting_a_series_removes_its_rows_and_files_and_nothing_else(archive, 
     assert before["stored_bytes"] - after["stored_bytes"] == summary["freed_bytes"] > 0
     assert len(before_files - _files(archive)) == (1 if compacted else 3)
     assert not _files(archive) - before_files
-    assert _gone(archive, a2) and _exact(archive, a1) and _exact(archive, b)
-    assert archive.find("SERIES", {"SeriesInstanceUID": _series_uid(archive, next(iter(a1)))})
+    assert all_gone(archive, a2) and retrieves_exactly(archive, a1) and retrieves_exactly(archive, b)
+    assert archive.find("SERIES", {"SeriesInstanceUID": series_uid_of(archive, next(iter(a1)))})
     assert _count(archive, Removal) == 0
     (row,) = deletion.history(archive.index)
     assert row["level"] == "series" and row["instances"] == 3 and row["reason"] == "test"
@@ -88,7 +71,7 @@ def test_deleting_a_patient_removes_its_studies_and_the_patient_row(archive):
     summary = archive.delete("patient", "A")
     assert (summary["instances"], summary["series"], summary["studies"],
             summary["patients"]) == (8, 2, 1, 1)
-    assert _gone(archive, a1) and _gone(archive, a2) and _exact(archive, b)
+    assert all_gone(archive, a1) and all_gone(archive, a2) and retrieves_exactly(archive, b)
     assert archive.find("PATIENT", {"PatientID": "A"}) == []
     assert [r["PatientID"] for r in archive.find("PATIENT", {"PatientID": "*"})] == ["B"]
     assert _count(archive, Patient) == _count(archive, Study) == 1
@@ -109,14 +92,14 @@ def test_deleting_one_instance_of_a_coded_stack_codes_the_rest_anew_without_it(a
     assert not archive.blobs.exists(old_key)             # the victim's pixels are gone
     assert archive.stats()["stored_bytes"] == summary["restaged_bytes"]
     kept = {uid: data for uid, data in sent.items() if uid != victim}
-    assert _exact(archive, kept) and _gone(archive, {victim: b""})
+    assert retrieves_exactly(archive, kept) and all_gone(archive, {victim: b""})
     assert archive.stats()["pending_instances"] == 5
     assert archive.compact(stable_age=0) == (1, 0)
     with archive.index.read() as s:
         (blob,) = s.scalars(select(Blob))
     coded = header_pack.coded_view(archive.blobs.get(blob.key))
     assert models.blob_info(coded)["shape"][0] == 5
-    assert _exact(archive, kept) and archive.stats()["pending_instances"] == 0
+    assert retrieves_exactly(archive, kept) and archive.stats()["pending_instances"] == 0
 
 
 def test_a_crash_between_commit_and_file_removal_never_brings_an_instance_back(tmp_path,
@@ -125,7 +108,7 @@ def test_a_crash_between_commit_and_file_removal_never_brings_an_instance_back(t
     sent = store_series(arch, make_series(3, seed=5))
     keys = _files(arch)
     monkeypatch.setattr(deletion, "finish_removals", lambda *a, **k: 0)    # the "crash"
-    arch.delete("series", _series_uid(arch, next(iter(sent))))
+    arch.delete("series", series_uid_of(arch, next(iter(sent))))
     assert _files(arch) == keys and _count(arch, Removal) == 3
     arch.close()
     monkeypatch.undo()
@@ -146,10 +129,10 @@ def test_a_change_after_planning_is_never_half_applied(archive):
     files = _files(archive)
     with pytest.raises(deletion._Changed):
         Deleter(archive.index, archive.blobs, archive.retrieve).execute(todo)
-    assert _files(archive) == files and _exact(archive, sent)
+    assert _files(archive) == files and retrieves_exactly(archive, sent)
     assert _count(archive, Deletion) == 0
     summary = archive.delete("instance", victim)                # plans again
-    assert summary["restaged"] == 3 and _gone(archive, {victim: b""})
+    assert summary["restaged"] == 3 and all_gone(archive, {victim: b""})
 
 
 @pytest.mark.parametrize("really_commit", [True, False])
@@ -169,11 +152,11 @@ def test_a_commit_whose_answer_is_lost_keeps_every_kept_instance(tmp_path, monke
     arch = Archive(tmp_path / "data")     # the next start's recovery
     try:
         kept = {u: d for u, d in sent.items() if u != victim}
-        assert _exact(arch, kept) and not arch.recovery.missing_staged
+        assert retrieves_exactly(arch, kept) and not arch.recovery.missing_staged
         if really_commit:
-            assert outcome["restaged"] == 4 and _gone(arch, {victim: b""})
+            assert outcome["restaged"] == 4 and all_gone(arch, {victim: b""})
         else:
-            assert _exact(arch, sent) and _count(arch, Deletion) == 0
+            assert retrieves_exactly(arch, sent) and _count(arch, Deletion) == 0
             assert len(_files(arch)) == 1            # the blob; no restaged file left behind
     finally:
         arch.close()
@@ -202,7 +185,7 @@ def test_deleting_a_series_while_an_instance_is_committed_into_it(tmp_path):
             tx.commit()
         deleting.join(30)
         assert done["summary"]["instances"] == 3 and done["summary"]["series"] == 0
-        assert _gone(arch, sent) and arch.stats()["series"] == 1
+        assert all_gone(arch, sent) and arch.stats()["series"] == 1
     finally:
         arch.close()
 
@@ -210,12 +193,7 @@ def test_deleting_a_series_while_an_instance_is_committed_into_it(tmp_path):
 def test_a_stack_whose_kept_instances_cannot_be_rebuilt_deletes_nothing(archive):
     sent = store_series(archive, make_series(4, seed=7))
     assert archive.compact(stable_age=0) == (1, 0)
-    with archive.index.read() as s:
-        (key,) = s.scalars(select(Blob.key))
-    data = bytearray(archive.blobs.get(key))
-    data[-20] ^= 0xFF
-    archive.blobs.put(key, bytes(data))
-    archive.reconstructor = type(archive.reconstructor)(archive.index, archive.blobs)
+    damage_the_blob(archive)
     files = _files(archive)
     with pytest.raises(DeletionError, match="nothing deleted"):
         archive.delete("instance", sorted(sent)[0])
@@ -242,7 +220,7 @@ def test_a_node_that_cached_a_deleted_series_stores_into_it_again(tmp_path):
         admin_side.close()
     sent = store_series(node_side, series[2:])
     try:
-        assert _exact(node_side, sent) and node_side.stats()["series"] == 1
+        assert retrieves_exactly(node_side, sent) and node_side.stats()["series"] == 1
     finally:
         node_side.close()
 
@@ -309,7 +287,7 @@ def test_compaction_of_a_series_deleted_meanwhile_is_a_no_op(archive):
     sent = store_series(archive, make_series(2, seed=10))
     with archive.index.read() as s:
         series_id = s.scalar(select(Series.id))
-    archive.delete("series", _series_uid(archive, next(iter(sent))))
+    archive.delete("series", series_uid_of(archive, next(iter(sent))))
     assert archive.compactor.compact_series(series_id) is True
     assert archive.compactor._start_job(series_id) is None
 
@@ -343,7 +321,7 @@ def test_voxarc_delete(tmp_path):
     assert json.loads(out.stdout)["instances"] == 4
     arch = Archive(data_dir)
     try:
-        assert _exact(arch, b) and _gone(arch, a1)
+        assert retrieves_exactly(arch, b) and all_gone(arch, a1)
     finally:
         arch.close()
     assert _voxarc("delete", data_dir=data_dir).returncode == 2
@@ -352,8 +330,8 @@ def test_voxarc_delete(tmp_path):
 def test_removal_rows_only_name_files_of_that_deletion(archive):
     sent = store_series(archive, make_series(2, seed=11))
     other = store_series(archive, make_series(2, seed=12))
-    archive.delete("series", _series_uid(archive, next(iter(sent))))
-    assert _exact(archive, other)
+    archive.delete("series", series_uid_of(archive, next(iter(sent))))
+    assert retrieves_exactly(archive, other)
     assert np.all([archive.blobs.exists(k) for k in _files(archive)])
     assert len(_files(archive)) == 2
 
@@ -380,7 +358,7 @@ def test_a_compaction_interrupted_before_removing_its_staged_copies_brings_nothi
         compress_now.compact(stable_age=0)
     compress_now.blobs.delete = real_delete
     compress_now.close()
-    node.delete("series", _series_uid(node, next(iter(sent))), "erasure request")
+    node.delete("series", series_uid_of(node, next(iter(sent))), "erasure request")
     node.close()
     node = Archive(tmp_path / "data")                 # the next start
     try:
@@ -428,8 +406,8 @@ def test_voxarc_delete_matching_a_retention_period(tmp_path):
     assert out.returncode == 0 and "nothing matches" in out.stdout
     arch = Archive(data_dir)
     try:
-        assert _gone(arch, old) and _gone(arch, adult)
-        assert _exact(arch, recent) and _exact(arch, undated)     # no date: never "old"
+        assert all_gone(arch, old) and all_gone(arch, adult)
+        assert retrieves_exactly(arch, recent) and retrieves_exactly(arch, undated)     # no date: never "old"
         assert [r["reason"] for r in deletion.history(arch.index)] == ["retention 10 y"] * 2
     finally:
         arch.close()

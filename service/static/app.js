@@ -26,6 +26,15 @@ async function api(path) {
   return response.json();
 }
 
+// A write (admins only): POST ``body`` as JSON (which a cross-site form cannot send); returns
+// the response and its decoded JSON answer.
+async function postJson(path, body) {
+  const response = await fetch(path, {
+    method: "POST", headers: { "Content-Type": "application/json", ...authHeaders },
+    body: JSON.stringify(body) });
+  return [response, await response.json()];
+}
+
 function bytes(n) {
   const units = ["B", "kB", "MB", "GB", "TB", "PB"];
   let i = 0;
@@ -225,38 +234,44 @@ function renderPatientFilter(page) {
                       patientDownload(state.patient, "Download all (DICOMDIR, ZIP)"), " · ", back);
 }
 
-// "send to ...": the whole study to a configured destination (as a C-MOVE would).
-function sendControls(td, s) {
-  const names = Object.keys(state.destinations || {});
-  if (!names.length || state.role !== "admin") return;   // a viewer may only read
-  const select = document.createElement("select");
-  names.forEach((n) => select.add(new Option(`${n} (${state.destinations[n]})`, n)));
+// A button that runs ``act`` (async, returning what to say) when clicked, saying ``busy``
+// meanwhile; the answer, or the error, goes beside it.
+function actionButton(label, busy, act) {
   const button = document.createElement("button");
   button.type = "button";
-  button.textContent = "Send study";
+  button.textContent = label;
   const note = document.createElement("span");
   note.className = "muted";
   button.addEventListener("click", async () => {
     button.disabled = true;
-    note.textContent = " sending…";
+    note.textContent = ` ${busy}…`;
     try {
-      const response = await fetch(`api/studies/${enc(s.study_uid)}/send`, {
-        method: "POST",
-        headers: { "Content-Type": "application/json", ...authHeaders },
-        body: JSON.stringify({ destination: select.value }),
-      });
-      const answer = await response.json();
-      note.textContent = response.ok
-        ? ` ${answer.instances} instances of ${answer.series} series on their way to ` +
-          `${answer.destination}; the Forwarding panel shows how it went`
-        : ` ${answer.error}`;
+      note.textContent = " " + await act();
     } catch (err) {
       note.textContent = " " + String(err.message || err);
     } finally {
       button.disabled = false;
     }
   });
-  td.append(" · Send to ", select, " ", button, note);
+  const box = document.createElement("span");
+  box.append(button, note);
+  return box;
+}
+
+// "send to ...": the whole study to a configured destination (as a C-MOVE would).
+function sendControls(td, s) {
+  const names = Object.keys(state.destinations || {});
+  if (!names.length || state.role !== "admin") return;   // a viewer may only read
+  const select = document.createElement("select");
+  names.forEach((n) => select.add(new Option(`${n} (${state.destinations[n]})`, n)));
+  td.append(" · Send to ", select, " ", actionButton("Send study", "sending", async () => {
+    const [response, answer] = await postJson(`api/studies/${enc(s.study_uid)}/send`,
+                                              { destination: select.value });
+    return response.ok
+      ? `${answer.instances} instances of ${answer.series} series on their way to ` +
+        `${answer.destination}; the Forwarding panel shows how it went`
+      : answer.error;
+  }));
 }
 
 function seriesRow(tbody, study, se) {
@@ -574,30 +589,12 @@ function renderRecycle(bin) {
 }
 
 function restoreButton(entry) {
-  const button = document.createElement("button");
-  button.type = "button";
-  button.textContent = "Restore";
-  const note = document.createElement("span");
-  note.className = "muted";
-  button.addEventListener("click", async () => {
-    button.disabled = true;
-    note.textContent = " restoring…";
-    try {
-      const response = await fetch(`api/deleted/${enc(entry)}/restore`, {
-        method: "POST", headers: { "Content-Type": "application/json", ...authHeaders },
-        body: "{}" });
-      const answer = await response.json();
-      note.textContent = answer.error ? ` ${answer.error}`
-        : ` ${answer.restored} restored, ${answer.present} already there, ${answer.failed} failed`;
-      if (response.ok) refresh();
-    } catch (err) {
-      note.textContent = " " + String(err.message || err);
-      button.disabled = false;
-    }
+  return actionButton("Restore", "restoring", async () => {
+    const [response, answer] = await postJson(`api/deleted/${enc(entry)}/restore`, {});
+    if (response.ok) setTimeout(refresh, 1500);     // the entry leaves the list
+    return answer.error ||
+      `${answer.restored} restored, ${answer.present} already there, ${answer.failed} failed`;
   });
-  const box = document.createElement("span");
-  box.append(button, note);
-  return box;
 }
 
 // Patients' corrections: what changed from what to what, and why.
