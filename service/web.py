@@ -189,8 +189,9 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
         return JSONResponse(deletion.history(index, _int(request, "limit", 100, 1, MAX_PAGE)))
 
     def recycled(request: Request) -> Response:
+        newest = _int(request, "limit", 100, 1, MAX_PAGE)
         return JSONResponse({"keep_days": archive.recycle.keep_days, "entries": [
-            e.summary(archive.recycle.keep_days) for e in archive.recycle.entries()]})
+            e.summary(archive.recycle.keep_days) for e in archive.recycle.entries(newest)]})
 
     async def restore(request: Request) -> Response:
         # a JSON body only, as for send: a cross-site form cannot post one

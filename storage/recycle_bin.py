@@ -84,6 +84,7 @@ class RecycleBin:
         self.root, self.keep_days = Path(root), float(keep_days)
         self._last_purge = 0.0
         self._lock = threading.Lock()
+        self._held: tuple[float, int] | None = None     # (when counted, bytes)
 
     @property
     def enabled(self) -> bool:
@@ -109,7 +110,9 @@ class RecycleBin:
                 f"no room to keep the {len(instances)} deleted instances restorable "
                 f"({need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free); delete for good "
                 "with --no-keep, or set deleted_keep_days = 0")
-        name = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+        now = time.time()      # names sort as the deletions came, to the microsecond
+        name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + \
+            f".{int(now % 1 * 1e6):06d}Z-{uuid.uuid4().hex[:6]}"
         folder = self.root / name
         try:
             rows = _facts(index, list(instances))
@@ -121,6 +124,7 @@ class RecycleBin:
             shutil.rmtree(folder, ignore_errors=True)
             raise RecycleBinError(f"could not keep the deleted instances restorable: {exc}") \
                 from exc
+        self._changed()
         log.info("recycle bin: %d instances (%.1f MB) of %s %s kept as %s", len(kept),
                  need / 1e6, level, uid, name)
         return name
@@ -134,17 +138,21 @@ class RecycleBin:
                 "sha256": hashlib.sha256(inst.data).hexdigest(), **facts}
 
     def discard(self, name: str) -> None:
-        """Remove an entry whose deletion did not take place."""
+        """Remove an entry (whose deletion did not take place, or that was restored)."""
         shutil.rmtree(self.root / name, ignore_errors=True)
+        self._changed()
 
-    def entries(self) -> list[Entry]:
-        """Every complete entry, oldest first."""
+    def entries(self, newest: int | None = None) -> list[Entry]:
+        """Every complete entry (or the ``newest`` few), oldest first."""
+        names = sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
         found = []
-        for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
-            entry = self.entry(folder.name)
+        for name in reversed(names):          # names start with the time of the deletion
+            if newest is not None and len(found) >= newest:
+                break
+            entry = self.entry(name)
             if entry is not None:
                 found.append(entry)
-        return found
+        return found[::-1]
 
     def entry(self, name: str) -> Entry | None:
         """The entry ``name``, or None when there is none (or it is incomplete)."""
@@ -157,11 +165,20 @@ class RecycleBin:
         return Entry(name, meta["deleted_at"], meta["level"], meta["uid"], meta["reason"],
                      meta["instances"])
 
-    def bytes_held(self) -> int:
-        """Bytes of every file in the bin (complete entries or not)."""
-        if not self.root.is_dir():
-            return 0
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+    def bytes_held(self, max_age_s: float = 60.0) -> int:
+        """Bytes of every file in the bin (complete entries or not), counted at most
+        ``max_age_s`` ago (a bin of many entries is many files; /metrics asks often); this
+        process's own changes count at once."""
+        held = self._held
+        if held is not None and time.monotonic() - held[0] < max_age_s:
+            return held[1]
+        total = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file()) \
+            if self.root.is_dir() else 0
+        self._held = (time.monotonic(), total)
+        return total
+
+    def _changed(self) -> None:
+        self._held = None
 
     def restore(self, name: str, store) -> dict:
         """Ingest the entry's instances again with ``store(dataset, transfer_syntax, sop_uid,
@@ -221,6 +238,7 @@ class RecycleBin:
                 shutil.rmtree(folder, ignore_errors=True)
                 gone.append(folder.name)
         if gone:
+            self._changed()
             log.warning("recycle bin: %d entries removed for good (%s)", len(gone),
                         "emptied" if everything else f"older than {self.keep_days:g} days")
         return gone

@@ -110,11 +110,12 @@ def test_expired_and_interrupted_entries_are_purged_and_fresh_ones_kept(binned):
     new = store_series(binned, make_series(2, seed=8))
     first = binned.delete("series", series_uid_of(binned, next(iter(old))))["kept_as"]
     second = binned.delete("series", series_uid_of(binned, next(iter(new))))["kept_as"]
+    assert [e.name for e in binned.recycle.entries(newest=1)] == [second]     # in order
     manifest = binned.recycle.root / first / recycle_bin.MANIFEST
     meta = json.loads(manifest.read_text())
     meta["deleted_at"] -= 8 * 86400
     manifest.write_text(json.dumps(meta))
-    interrupted = binned.recycle.root / "20260101T000000Z-deadbeef"
+    interrupted = binned.recycle.root / "20260101T000000.000000Z-deadbe"
     interrupted.mkdir()
     (interrupted / "1.2.3.dcm").write_bytes(b"half")
     assert binned.recycle.entry(interrupted.name) is None          # never listed
@@ -123,6 +124,7 @@ def test_expired_and_interrupted_entries_are_purged_and_fresh_ones_kept(binned):
     os.utime(interrupted, (stale, stale))
     assert binned.recycle.purge() == [interrupted.name]
     assert [e.name for e in binned.recycle.entries()] == [second]
+    assert binned.recycle.entries(newest=1)[0].name == second
     with pytest.raises(recycle_bin.RecycleBinError, match="no entry"):
         binned.restore_deleted(first)
 

@@ -573,7 +573,7 @@ function renderRecycle(bin) {
     li.textContent = "Nothing to restore.";
     ul.appendChild(li);
   }
-  bin.entries.slice().reverse().slice(0, 20).forEach((e) => {
+  bin.entries.slice().reverse().forEach((e) => {
     const li = document.createElement("li");
     li.className = "recycled";
     const uid = document.createElement("span");
@@ -666,7 +666,7 @@ async function refresh() {
       await Promise.all([api("api/stats"), api("api/jobs"), api("api/config"),
                          api("api/deletions?limit=20"), api("api/forwards?limit=40"),
                          loadAccesses(), api("api/corrections?limit=20"),
-                         api("api/deleted")]);
+                         api("api/deleted?limit=20")]);
     renderTotals(stats);
     barChart(byId("chart-modality"), stats.by_modality, "modality");
     barChart(byId("chart-time"), stats.by_day.slice(-30), "day");
