@@ -34,8 +34,12 @@ from storage.part10 import safe_name, split_file, write_file
 
 log = logging.getLogger(__name__)
 MANIFEST = "entry.json"
-#: free space a deletion must leave beside its copies
+#: free space a deletion must leave beside its copies: this many bytes, and this share of the
+#: disk (new images come first: the bin never fills the disk they are written to)
 SPARE_BYTES = 256 << 20
+SPARE_SHARE = 0.10
+#: below this share of the disk free, the running node removes the oldest entries early
+LOW_SHARE = 0.05
 #: an entry still without its manifest after this long was interrupted (a crash)
 INTERRUPTED_S = 3600.0
 #: the running node looks for expired entries at most this often
@@ -104,8 +108,9 @@ class RecycleBin:
         """
         need = sum(v[-1] for v in instances.values())
         self.root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.root).free
-        if need + SPARE_BYTES > free:
+        usage = shutil.disk_usage(self.root)
+        free = usage.free
+        if need + max(SPARE_BYTES, SPARE_SHARE * usage.total) > free:
             raise RecycleBinError(
                 f"no room to keep the {len(instances)} deleted instances restorable "
                 f"({need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free); delete for good "
@@ -244,12 +249,35 @@ class RecycleBin:
         return gone
 
     def purge_if_due(self) -> list[str]:
-        """:meth:`purge` at most every PURGE_EVERY_S (the running node calls it each pass)."""
+        """:meth:`purge` at most every PURGE_EVERY_S, and :meth:`make_room` (the running node
+        calls it each pass)."""
+        gone = self.make_room()
         with self._lock:
             if time.monotonic() - self._last_purge < PURGE_EVERY_S and self._last_purge:
-                return []
+                return gone
             self._last_purge = time.monotonic()
-        return self.purge()
+        return gone + self.purge()
+
+    def make_room(self) -> list[str]:
+        """When less than LOW_SHARE of the disk is free, remove the oldest entries, before
+        they expire, until SPARE_SHARE is free or the bin is empty; return their names."""
+        if not self.root.is_dir():
+            return []
+        usage = shutil.disk_usage(self.root)
+        if usage.free >= LOW_SHARE * usage.total:
+            return []
+        gone = []
+        for folder in sorted(self.root.iterdir()):
+            if shutil.disk_usage(self.root).free >= SPARE_SHARE * usage.total:
+                break
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder.name)
+        if gone:
+            self._changed()
+            log.warning("recycle bin: the disk is nearly full (%.1f%% free); %d oldest entries "
+                        "removed for good before they expired: %s",
+                        100 * usage.free / usage.total, len(gone), ", ".join(gone))
+        return gone
 
 
 def _facts(index: Index, ids: list[int]) -> dict[int, dict]:
@@ -277,4 +305,5 @@ def _write_manifest(folder: Path, meta: dict) -> None:
     fsync_path(tmp)
     os.replace(tmp, folder / MANIFEST)
     fsync_path(folder)
+    fsync_path(folder.parent)        # the entry's own name in the bin
 

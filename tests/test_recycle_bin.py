@@ -240,3 +240,24 @@ def test_the_admin_page_lists_the_bin_and_restores_an_entry(admin_site, tmp_path
     status, answer = post_json(restore, b"{}")
     assert status == 200 and (answer["restored"], answer["failed"]) == (3, 0)
     assert retrieves_exactly(node.archive, sent) and get_json(f"{admin.url}/api/deleted")["entries"] == []
+
+
+def test_a_nearly_full_disk_takes_the_oldest_entries_first(binned, monkeypatch):
+    """New images come first: below 5% free the oldest entries go before they expire, until
+    10% is free; a deletion whose copies would leave less than 10% free deletes nothing."""
+    names = [binned.delete("series", series_uid_of(binned, next(iter(
+        store_series(binned, make_series(1, 8, 8, seed=20 + k))))))["kept_as"]
+        for k in range(3)]
+    real = recycle_bin.shutil.disk_usage
+
+    def usage(path):          # each entry takes 3% of a disk that is 87% full without them
+        left = len(list(binned.recycle.root.iterdir()))
+        return real(path)._replace(total=100 << 30, free=int((13 - 3 * left) / 100 * (100 << 30)))
+
+    monkeypatch.setattr(recycle_bin.shutil, "disk_usage", usage)
+    assert binned.recycle.purge_if_due() == names[:2]
+    assert [e.name for e in binned.recycle.entries()] == names[2:]
+    assert binned.recycle.make_room() == []                        # 10% free now
+    sent = store_series(binned, make_series(1, 8, 8, seed=30))
+    with pytest.raises(DeletionError, match="no room"):
+        binned.delete("series", series_uid_of(binned, next(iter(sent))))
