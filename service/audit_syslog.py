@@ -401,7 +401,7 @@ class AuditTrail:
             return QUERY, "E", [source, self._node("destination")]
         if action in ("C-STORE", "STOW-RS"):
             return INSTANCES_TRANSFERRED, "C", [source, self._node("destination")]
-        if action == "import":
+        if action in ("import", "restore"):      # a restore: from the recycle bin
             return IMPORT, "C", [caller, self._node("destination"),
                                  Participant(media, False, "source media")]
         if action.startswith(("download", "export")):

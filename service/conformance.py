@@ -394,7 +394,7 @@ def _media() -> str:
 def _audit(settings: Settings) -> str:
     rows = [("node start, stop", "110100 Application Activity (110120, 110121)", "E"),
             ("C-STORE, STOW-RS received", "110104 DICOM Instances Transferred", "C"),
-            ("`voxarc import`", "110107 Import", "C"),
+            ("`voxarc import`, a restore from the recycle bin", "110107 Import", "C"),
             ("C-FIND, QIDO-RS", "110112 Query", "E"),
             ("C-GET, C-MOVE, forwarding, sends by hand, WADO-RS and WADO-URI reads",
              "110104 DICOM Instances Transferred", "R"),

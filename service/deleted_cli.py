@@ -82,15 +82,12 @@ def _restore(archive, args) -> int:
     actor = f"cli deleted restore ({getpass.getuser()})"
     for name in args.entries:
         try:
-            counts = archive.restore_deleted(name)
+            counts = archive.restore_deleted(name, actor)
         except StorageError as exc:
             log.error("%s", exc)
             bad += 1
             progress.advance(note=name)
             continue
-        for study in counts["studies"]:
-            archive.accesses.note(actor, "import", study, detail=f"recycle bin entry {name}",
-                                  keep=False)
         bad += bool(counts["failed"])
         done.append(counts)
         progress.advance(note=name)

@@ -199,12 +199,9 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
             return JSONResponse({"error": "post {} as application/json"}, status_code=415)
         name = request.path_params["entry"]
         try:
-            counts = await run_in_threadpool(archive.restore_deleted, name)
+            counts = await run_in_threadpool(archive.restore_deleted, name, http_actor(request))
         except RecycleBinError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
-        for study in counts["studies"]:
-            archive.accesses.note(http_actor(request), "import", study,
-                                  detail=f"recycle bin entry {name}", keep=False)
         return JSONResponse(counts, status_code=500 if counts["failed"] else 200)
 
     def corrections(request: Request) -> Response:

@@ -242,10 +242,15 @@ class Archive:
         return Deleter(self.index, self.blobs, self.retrieve,
                        self.recycle if keep else None).delete(level, uid, reason)
 
-    def restore_deleted(self, entry: str) -> dict:
+    def restore_deleted(self, entry: str, actor: str = "") -> dict:
         """Store again the instances of a recycle bin entry, byte for byte (see
-        :meth:`storage.recycle_bin.RecycleBin.restore`)."""
-        return self.recycle.restore(entry, self.store)
+        :meth:`storage.recycle_bin.RecycleBin.restore`), and note it in the access trail as
+        ``actor``'s ``restore`` of each study."""
+        counts = self.recycle.restore(entry, self.store)
+        for study, (patient, instances) in counts["studies"].items():
+            self.accesses.note(actor or "restore", "restore", study, patient, instances,
+                               detail=f"recycle bin entry {entry}")
+        return counts
 
     def apply_rejection(self, note: rejection.RejectionNote, sender: str) -> dict:
         """Delete the instances an IOCM rejection note from ``sender`` rejects (see

@@ -189,7 +189,8 @@ class RecycleBin:
         """Ingest the entry's instances again with ``store(dataset, transfer_syntax, sop_uid,
         source_ae)`` (:meth:`storage.archive.Archive.store`); remove the entry when every one
         is back (or was stored again meanwhile). Returns counts: ``restored``, ``present``
-        (already in the archive), ``failed`` and the ``studies`` touched.
+        (already in the archive), ``failed``, and ``studies``: {Study Instance UID: [Patient ID,
+        instances restored]}.
 
         Raises
         ------
@@ -199,14 +200,14 @@ class RecycleBin:
         entry = self.entry(name)
         if entry is None:
             raise RecycleBinError(f"no entry {name!r} in the recycle bin")
-        counts = {"entry": name, "restored": 0, "present": 0, "failed": 0, "studies": []}
-        studies = set()
+        counts = {"entry": name, "restored": 0, "present": 0, "failed": 0, "studies": {}}
         for item in entry.instances:
             outcome = self._restore_one(entry, item, store)
             counts[outcome] += 1
-            if outcome != "failed":
-                studies.add(item.get("study_uid", ""))
-        counts["studies"] = sorted(s for s in studies if s)
+            if outcome == "restored":
+                study = counts["studies"].setdefault(item.get("study_uid", ""),
+                                                     [item.get("patient_id", ""), 0])
+                study[1] += 1
         if not counts["failed"]:
             self.discard(name)
         log.warning("recycle bin: entry %s (%s %s): %d instances restored, %d already present, "

@@ -4,6 +4,7 @@ stores, queries and retrievals, and for the deletion and correction commands; a 
 cannot be reached holds nothing up and gets what was queued once it can."""
 
 import base64
+import json
 import re
 import shutil
 import socket
@@ -330,6 +331,12 @@ def test_the_delete_and_correct_commands_are_audited(tmp_path):
             assert list(objects(message, "110180")) == [study]
             assert list(objects(message, "2")) == [patient]
             assert message.find("AuditSourceIdentification").get("AuditSourceID") == "PACS-A"
+        # brought back from the recycle bin: an import, from the bin's entry
+        (entry,) = json.loads(voxarc("deleted", "--json").stdout)["entries"]
+        assert voxarc("deleted", "restore", entry["entry"]).returncode == 0
+        (restored,) = repo.wait_for("110107")
+        assert list(objects(restored, "110180")) == [two[0].StudyInstanceUID]
+        assert f"recycle bin entry {entry['entry']}" in ET.tostring(restored, "unicode")
     finally:
         repo.close()
 

@@ -207,6 +207,10 @@ def test_voxarc_deleted_lists_restores_and_empties(tmp_path):
     assert out.returncode == 1 and "no entry" in out.stderr
     out = _voxarc("deleted", "restore", row["entry"], data_dir=data_dir)
     assert out.returncode == 0 and "3 instances restored" in out.stdout, out.stderr
+    trail = json.loads(_voxarc("accesses", "--json", data_dir=data_dir).stdout)
+    (restore,) = [r for r in trail if r["action"] == "restore"]
+    assert restore["actor"].startswith("cli deleted restore") and restore["instances"] == 3
+    assert restore["detail"] == f"recycle bin entry {row['entry']}"
     arch = Archive(data_dir)
     try:
         assert retrieves_exactly(arch, a) and all_gone(arch, b)
@@ -239,6 +243,7 @@ def test_the_admin_page_lists_the_bin_and_restores_an_entry(admin_site, tmp_path
     assert post_json(f"{admin.url}/api/deleted/nonesuch/restore", b"{}")[0] == 404
     status, answer = post_json(restore, b"{}")
     assert status == 200 and (answer["restored"], answer["failed"]) == (3, 0)
+    assert list(answer["studies"].values()) == [["BINNED", 3]]
     assert retrieves_exactly(node.archive, sent) and get_json(f"{admin.url}/api/deleted")["entries"] == []
 
 
