@@ -83,8 +83,9 @@ SETTING_DOCS = {
                            "empty: no client certificate asked.",
     "rejection_notes_from": "Calling AE titles whose IHE IOCM rejection notes (a Key Object "
                             "Selection titled Rejected for Quality Reasons, ...) delete the "
-                            "instances they name: \"CT1,WS2\", or * for any; empty: none "
-                            "(the notes are stored as any instance).",
+                            "instances they name: \"CT1,WS2\", or * for any; @NAME for a web "
+                            "user's notes sent by STOW-RS, @* for anyone who may write there; "
+                            "empty: none (the notes are stored as any instance).",
     "audit_syslog": "IHE ATNA audit record repository the node sends DICOM audit messages to "
                     "(stores, queries, retrievals, exports, deletions, corrections, start and "
                     "stop): udp://HOST[:514], tcp://HOST[:514] or tls://HOST[:6514]; empty: "
@@ -230,9 +231,9 @@ def _coerce(name: str, value):
         return _public_url(str(value))
     if name == "rejection_notes_from":
         titles = [t.strip() for t in value.split(",") if t.strip()]
-        if any(not 0 < len(t) <= 16 for t in titles):
+        if any(not (0 < len(t) <= 16 or (t.startswith("@") and len(t) > 1)) for t in titles):
             raise ValueError(f"rejection_notes_from must list AE titles of 1 to 16 characters "
-                             f"(or *), not {value!r}")
+                             f"(or *), or @NAME of web users (or @*), not {value!r}")
         return ",".join(titles)
     if name == "audit_syslog" and value and \
             not re.match(r"^(udp|tcp|tls)://[^/:]+(:\d+)?/?$", value):

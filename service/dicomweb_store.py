@@ -8,6 +8,10 @@ would have had: 0xA700 no room or over ``max_dataset_bytes``, 0xC210 cannot pars
 duplicate refused; 0xA900 an instance of another study than the URL names). HTTP 200 when every
 part was stored, 202 when some were, 409 when none was, 415 for another media type.
 
+An IOCM rejection note among the parts is applied as one sent by C-STORE would be, when
+``rejection_notes_from`` names the uploading web user (``@NAME``, or ``@*`` for anyone allowed
+to write; :mod:`service.rejection_notes`).
+
 A request body is held in memory while its parts are stored, so its size is capped
 (:func:`body_limit`: :data:`MAX_REQUEST_BYTES`, or one dataset of ``max_dataset_bytes`` when
 that is larger): a larger ``Content-Length`` is refused with 413 before anything is read, and
@@ -28,8 +32,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service import statuses
+from service.rejection_notes import apply_stored_note
 from service.web_access import http_actor
+from service.web_auth import user_of
 from service.web_url import dicomweb_base
+from storage import rejection
 from storage.dataset_parts import parse_fields
 from storage.part10 import split_file
 
@@ -120,7 +127,7 @@ def _identity(dataset: bytes, ts: str) -> tuple[str, str, str]:
 
 
 def _store_all(archive, parts: list[memoryview], study: str | None, max_bytes: int,
-               base: str, actor: str):
+               base: str, actor: str, sender: str = "@", reject_from: str = ""):
     stored, failed = [], []
     for part in parts:
         try:
@@ -146,6 +153,9 @@ def _store_all(archive, parts: list[memoryview], study: str | None, max_bytes: i
             continue
         log.info("STOW-RS %s of %s", result.outcome, result.sop_uid)
         archive.accesses.note(actor, "STOW-RS", result.study_uid, instances=1, keep=False)
+        if result.sop_class_uid == rejection.KEY_OBJECT_SELECTION and \
+                result.outcome != "duplicate_ignored":
+            apply_stored_note(archive, dataset, ts, sender, actor, actor, reject_from)
         stored.append((result.sop_class_uid, result.sop_uid,
                        f"{base}/studies/{result.study_uid}/series/{result.series_uid}"
                        f"/instances/{result.sop_uid}"))
@@ -176,9 +186,11 @@ def _answer(stored: list, failed: list, study: str | None, base: str) -> dict:
     return ds.to_json_dict()
 
 
-def routes(archive, max_bytes: int = 0, public_url: str = "") -> list[Route]:
+def routes(archive, max_bytes: int = 0, public_url: str = "", settings=None) -> list[Route]:
     """The STOW-RS routes of a node's archive (``max_bytes``: its ``max_dataset_bytes``; the
-    body cap is :func:`body_limit` of it; ``public_url``: see :mod:`service.web_url`)."""
+    body cap is :func:`body_limit` of it; ``public_url``: see :mod:`service.web_url`;
+    ``settings``: the node's, whose ``rejection_notes_from`` says which web users' rejection
+    notes are applied, read at each request)."""
 
     async def store(request: Request) -> Response:
         study = request.path_params.get("study")
@@ -195,8 +207,10 @@ def routes(archive, max_bytes: int = 0, public_url: str = "") -> list[Route]:
         except _BadBody as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         base = dicomweb_base(request, public_url)
+        reject_from = settings.rejection_notes_from if settings is not None else ""
         stored, failed = await run_in_threadpool(_store_all, archive, parts, study, max_bytes,
-                                                 base, http_actor(request))
+                                                 base, http_actor(request),
+                                                 "@" + user_of(request.scope), reject_from)
         log.info("STOW-RS: %d instances stored, %d refused", len(stored), len(failed))
         status = 200 if not failed else (202 if stored else 409)
         return JSONResponse(_answer(stored, failed, study, base), status_code=status,

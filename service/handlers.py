@@ -15,7 +15,7 @@ from pynetdicom import evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
-from service import statuses
+from service import rejection_notes, statuses
 from service.access import AccessPolicy
 from service.config import Settings
 from service.exact_send import PreEncoded
@@ -106,45 +106,16 @@ def handle_store(event, archive: Archive, max_bytes: int = 0, settings=None) -> 
     archive.accesses.note(_actor(event), "C-STORE", result.study_uid, instances=1, keep=False)
     if result.sop_class_uid == rejection.KEY_OBJECT_SELECTION and result.outcome != \
             "duplicate_ignored":
-        _rejection_note(event, archive, data,
-                        settings.rejection_notes_from if settings is not None else "")
+        rejection_notes.apply_stored_note(
+            archive, data, str(event.context.transfer_syntax), _calling_ae(event),
+            _actor(event), _peer(event),
+            settings.rejection_notes_from if settings is not None else "")
     if named_class and result.sop_class_uid != named_class:
         log.warning("C-STORE of %s from %s: stored, but its SOP class %s is not the request's "
                     "%s (0xB007)", result.sop_uid, _peer(event), result.sop_class_uid,
                     named_class)
         return statuses.CLASS_MISMATCH_WARNING
     return statuses.SUCCESS
-
-
-def _rejection_note(event, archive: Archive, data: bytes, reject_from: str) -> None:
-    """Apply a stored Key Object Selection that is an IOCM rejection note, when its sender may
-    reject (the note stays stored either way; a failure is logged, the C-STORE succeeded)."""
-    try:
-        note = rejection.read_note(data, str(event.context.transfer_syntax))
-    except Exception as exc:
-        log.warning("Key Object Selection from %s not read as a rejection note: %s",
-                    _peer(event), exc)
-        return
-    if note is None:
-        return
-    allowed = {t.strip() for t in reject_from.split(",") if t.strip()}
-    if "*" not in allowed and _calling_ae(event) not in allowed:
-        log.warning("rejection note %s (%s) from %s stored, not applied: %s is not in "
-                    "rejection_notes_from", note.sop_uid, note.title, _peer(event),
-                    _calling_ae(event))
-        return
-    try:
-        done = archive.apply_rejection(note, _actor(event))
-    except Exception:
-        log.exception("rejection note %s from %s not applied", note.sop_uid, _peer(event))
-        return
-    log.warning("rejection note %s (%s) from %s: %d instances deleted, %d references passed "
-                "over%s", note.sop_uid, note.title, _peer(event), done["instances"],
-                len(done["passed_over"]),
-                f"; sent on to {', '.join(done['sent_to'])}" if done["sent_to"] else "")
-    for study, count in done["studies"].items():
-        archive.accesses.note(_actor(event), "delete instances", study, note.patient_id,
-                              count, detail=note.title, keep=False)
 
 
 # SOP Class Extended Negotiation (PS3.4 C.5.1.1.1, C.5.2.1.1, C.5.3.1.1): the options the node

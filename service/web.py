@@ -34,6 +34,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from service import dicomweb, dicomweb_store, patrol, web_deidentified, web_media
+from service.ae import RELOADABLE
 from service.config import Settings
 from service.forwarding import send_study
 from service.metrics import CONTENT_TYPE, NodeMetrics
@@ -90,8 +91,9 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
     metrics : NodeMetrics, optional
         The node's counters; by default a fresh set exporting only the archive's gauges.
     access : Settings, optional
-        Where ``http_token`` and ``http_users`` are read at each request (the running node's
-        own settings, which a reload on SIGHUP changes); by default ``settings``.
+        Where the settings a reload on SIGHUP changes (:data:`service.ae.RELOADABLE`: the
+        token and users, the destinations, the rejection notes' senders, ...) are read at each
+        request: the running node's own; by default ``settings``.
 
     Returns
     -------
@@ -169,7 +171,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
         except (ValueError, KeyError, TypeError):
             return JSONResponse({"error": "the body is {\"destination\": NAME}"}, status_code=400)
         try:
-            queued = send_study(archive, settings, request.path_params["uid"], destination,
+            queued = send_study(archive, access, request.path_params["uid"], destination,
                                 metrics)
             archive.accesses.note(http_actor(request), f"send to {destination}",
                                   request.path_params["uid"], instances=queued["instances"])
@@ -210,8 +212,8 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
 
     def config(request: Request) -> Response:
         you = {"user": user_of(request.scope), "role": role_of(request.scope)}
-        shown = dataclasses.replace(settings, http_token=access.http_token,
-                                    http_users=access.http_users)
+        shown = dataclasses.replace(settings, **{name: getattr(access, name)
+                                                 for name in RELOADABLE})
         return JSONResponse({**public_settings(shown), "you": you})
 
     def prometheus(request: Request) -> Response:
@@ -240,7 +242,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
               Route("/metrics", prometheus), Route("/healthz", healthz),
               *dicomweb.routes(archive, previews, settings.http_public_url),
               *dicomweb_store.routes(archive, settings.max_dataset_bytes,
-                                     settings.http_public_url),
+                                     settings.http_public_url, access),
               Mount("/static", StaticFiles(directory=STATIC))]
     middleware = [Middleware(TokenAuth, settings=access, accesses=archive.accesses),
                   Middleware(AccessTrail, accesses=archive.accesses)]

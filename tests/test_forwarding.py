@@ -478,3 +478,29 @@ def test_an_applied_rejection_note_goes_where_the_rejected_instances_went(archiv
         assert archive.apply_rejection(rejection.read_note(data, ts), "CT1")["sent_to"] == []
     finally:
         dest.stop()
+
+
+def test_a_destination_added_by_a_reload_is_offered_and_sent_to_by_the_page(admin_site):
+    """The admin page reads the running node's settings: a destination a reload (SIGHUP)
+    adds is in /api/config and takes a send by hand at once."""
+    import dataclasses
+    import json
+    from admin_helpers import get_json, post_json
+    node, admin = admin_site
+    dest = StoreSCP("LATE")
+    try:
+        series = make_series(2, 8, 8, seed=17)
+        sent = store_as_received(node.archive, series)
+        url = f"{admin.url}/api/studies/{series[0].StudyInstanceUID}/send"
+        body = json.dumps({"destination": "late"}).encode()
+        assert post_json(url, body)[0] == 400
+        node.reload(dataclasses.replace(node.settings, destinations={
+            **node.settings.destinations, "late": f"LATE@127.0.0.1:{dest.port}"}))
+        assert "late" in get_json(f"{admin.url}/api/config")["destinations"]
+        assert post_json(url, body)[0] == 202
+        deadline = time.monotonic() + 30
+        while len(dest.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert dest.received == sent
+    finally:
+        dest.stop()

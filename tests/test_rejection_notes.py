@@ -142,3 +142,53 @@ def test_only_the_rejecting_titles_are_rejection_notes():
     assert rejection.read_note(*reversed(dataset_bytes(of_interest))) is None
     (ct,) = make_series(1, 8, 8)
     assert rejection.read_note(*reversed(dataset_bytes(ct))) is None
+
+
+def test_a_rejection_note_by_stow_rs_is_applied_for_the_web_users_named(tmp_path):
+    """STOW-RS: a note from a web user that ``rejection_notes_from`` names as ``@NAME`` deletes
+    what it names; from another writer (the shared token) it is only stored, unless ``@*``."""
+    import urllib.request
+    from node_helpers import file_bytes
+    from service.ae import Node
+    from service.config import load_settings
+    from service.web_auth import token_digest
+    from service.web_server import start_admin
+    settings = load_settings(data_dir=str(tmp_path / "node"), host="127.0.0.1", port=0,
+                             http_port=0, stable_age=3600.0, http_token="shared",
+                             http_users={"qa": f"admin:{token_digest('qa-token')}"},
+                             rejection_notes_from="CT1,@qa")
+    node = Node(settings, compaction=False).start()
+    site = start_admin(node)
+
+    def stow(ds, token):
+        boundary = "n0te"
+        body = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + \
+            file_bytes(ds) + f"\r\n--{boundary}--\r\n".encode()
+        request = urllib.request.Request(
+            f"{site.url}/dicom-web/studies", data=body, method="POST", headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": f'multipart/related; type="application/dicom"; '
+                                f'boundary={boundary}'})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status
+
+    def held():
+        return {str(m.SOPInstanceUID) for m in find(node.port, {
+            "QueryRetrieveLevel": "IMAGE", "PatientID": "PAT1", "SOPInstanceUID": ""})[1]}
+    try:
+        series = make_series(3, 8, 8, seed=6)
+        assert _send(node, series, tmp_path) == [0, 0, 0]
+        refs = [(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in series]
+        for ds in series:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        assert stow(note(refs[:1]), "shared") == 200                 # stored, not applied
+        assert refs[0][2] in held()
+        assert stow(note(refs[1:2]), "qa-token") == 200              # @qa: applied
+        assert refs[1][2] not in held() and refs[0][2] in held()
+        node.reload(load_settings(data_dir=node.settings.data_dir, http_token="shared",
+                                  rejection_notes_from="@*"))
+        assert stow(note(refs[:1]), "shared") == 200                 # anyone who may write
+        assert refs[0][2] not in held() and refs[2][2] in held()
+    finally:
+        site.stop()
+        node.stop()
