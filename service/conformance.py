@@ -428,8 +428,10 @@ def _hl7(settings: Settings) -> str:
             ("ADT^A40, ADT^A34, ADT^A47", "merge the patient of MRG-1 into the patient of "
              "PID-3 (their studies move; the PID values apply)"),
             ("other ADT events", "acknowledged (AA), nothing changed"),
-            ("ORM^O01, OMI^O23, OMG^O19 (ORC-1 NW)", "with `hl7_prefetch`: the patient's "
-             "latest studies are queued to the named destinations; else AR"),
+            ("ORM^O01, OMI^O23, OMG^O19 (ORC-1 NW), SIU^S12", "with `hl7_prefetch`: the "
+             "patient's latest studies are queued to the named destinations; else AR"),
+            ("other order controls, other SIU events", "with `hl7_prefetch`: acknowledged "
+             "(AA), nothing sent; else AR"),
             ("any other message", "AR")]
     where = (f"listens on port {settings.hl7_port}" if settings.hl7_port
              else "does not listen (`hl7_port` is 0)")

@@ -139,7 +139,7 @@ class Hl7Listener:
                 done = hl7_prefetch.prefetch(self.archive, order, self.prefetch)
             else:
                 raise Hl7Error("AR", f"message type {head.kind}^{head.event} is not taken "
-                                     "(ADT; orders when hl7_prefetch is set)")
+                                     "(ADT; orders and SIU when hl7_prefetch is set)")
             log.info("HL7 %s^%s %s from %s (%s): %s", head.kind, head.event, head.control_id,
                      head.sender, where, "; ".join(done))
             return self._answer(msg, "AA", "")

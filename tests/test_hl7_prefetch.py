@@ -83,6 +83,30 @@ def test_an_order_queues_the_latest_studies_once(archive, tmp_path):  # noqa: F8
         dest.stop()
 
 
+def appointment(patient_id: str, event: str = "S12", number: str = "1") -> bytes:
+    """A scheduler's SIU message for ``patient_id`` (SCH, then the patient group's PID)."""
+    msh = f"MSH|^~\\&|SCHED|HOSP|VOXARC|RAD|20261205120000||SIU^{event}|A{number}|P|2.5"
+    return "\r".join([msh, f"SCH|AP{number}|||||||CT head^CT head", "TQ1|1||||||202612081000",
+                      f"PID|1||{patient_id}^^^HOSP||Doe^Jane", "RGS|1",
+                      "AIS|1||CTHEAD^CT head"]).encode() + b"\r"
+
+
+def test_a_new_appointment_queues_the_latest_studies_and_a_change_does_not(
+        archive, tmp_path):  # noqa: F811
+    settings = load_settings(data_dir=str(tmp_path / "n"), hl7_prefetch="reading=1",
+                             destination=["reading=READ@127.0.0.1:1"])
+    _three_studies(archive, "P7", 60)
+    listener = Hl7Listener(archive, settings)
+    got = hl7_prefetch.read_order(hl7_message.decode(appointment("P7")))
+    assert (got.patient_id, got.control) == ("P7", "")
+    for event in ("S13", "S14", "S15", "S17", "S26"):     # rescheduled, modified, cancelled...
+        assert msa(listener.handle(appointment("P7", event, number=event)))[0] == "AA"
+    assert forwarding.status(archive.index) == []
+    assert msa(listener.handle(appointment("P7")))[0] == "AA"
+    assert [(r["state"], r["reason"]) for r in forwarding.status(archive.index)] == \
+        [("queued", "prefetch: HL7 SIU^S12 A1")]
+
+
 def test_a_running_node_sends_the_priors_before_the_exam(tmp_path):
     from service.ae import Node
     dest = StoreSCP("READ")
