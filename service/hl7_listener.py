@@ -60,7 +60,7 @@ class Hl7Listener:
         if failed:
             raise failed[0]
         log.info("HL7 listener on %s:%d (%sADT%s)", self.host, self.port,
-                 "TLS, " if self.settings.hl7_tls else "", ", orders" if self.prefetch else "")
+                 "TLS, " if self.settings.hl7_tls else "", ", orders and appointments" if self.prefetch else "")
         return self
 
     def _run(self, ready: threading.Event, failed: list) -> None:
