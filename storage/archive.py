@@ -239,8 +239,8 @@ class Archive:
         """Delete a patient (by Patient ID), study, series or instance with its files; return
         what was removed (see :meth:`storage.deletion.Deleter.delete`; ``kept_as``: its
         recycle bin entry). ``keep=False``, or a bin turned off: for good at once."""
-        return Deleter(self.index, self.blobs, self.retrieve,
-                       self.recycle if keep else None).delete(level, uid, reason)
+        return Deleter(self.index, self.blobs, self.retrieve, self.recycle if keep else None,
+                       self.retrieval_order).delete(level, uid, reason)
 
     def restore_deleted(self, entry: str, actor: str = "") -> dict:
         """Store again the instances of a recycle bin entry, byte for byte (see
@@ -264,7 +264,8 @@ class Archive:
         if not uids:
             return {"instances": 0, "passed_over": passed, "studies": {}, "sent_to": []}
         told = forwarding.destinations_of(self.index, uids)   # before their rows go
-        done = Deleter(self.index, self.blobs, self.retrieve, self.recycle).delete(
+        done = Deleter(self.index, self.blobs, self.retrieve, self.recycle,
+                       self.retrieval_order).delete(
             "instances", note.sop_uid, f"{note.title}: rejection note {note.sop_uid} from "
             f"{sender}", uids)
         done["sent_to"] = forwarding.queue_series_of(

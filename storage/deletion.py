@@ -187,11 +187,16 @@ class Deleter:
         rebuilds the instances that a stack keeps (and those the recycle bin keeps).
     recycle : RecycleBin, optional
         Where the deleted instances are kept restorable first; None: deleted for good.
+    retrieval_order : callable, optional
+        The archive's :meth:`storage.archive.Archive.retrieval_order`, for the recycle bin's
+        copies (coded stacks decoded ahead, in order).
     """
 
-    def __init__(self, index: Index, blobs: BlobStore, retrieve, recycle=None):
+    def __init__(self, index: Index, blobs: BlobStore, retrieve, recycle=None,
+                 retrieval_order=None):
         self.index, self.blobs, self.retrieve = index, blobs, retrieve
         self.recycle = recycle if recycle is not None and recycle.enabled else None
+        self.retrieval_order = retrieval_order
 
     def delete(self, level: str, uid: str, reason: str = "", sop_uids=None) -> dict:
         """Delete ``uid`` at ``level`` (see :func:`plan`) and return the plan's summary
@@ -263,7 +268,7 @@ class Deleter:
             return ""
         try:
             return self.recycle.keep(self.index, self.retrieve, todo.instances, todo.level,
-                                     todo.uid, reason)
+                                     todo.uid, reason, self.retrieval_order)
         except StorageError as exc:
             raise DeletionError(f"{todo.level} {todo.uid}: {exc}; nothing deleted") from exc
 

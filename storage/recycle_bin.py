@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +96,12 @@ class RecycleBin:
         return self.keep_days > 0
 
     def keep(self, index: Index, retrieve, instances: dict, level: str, uid: str,
-             reason: str) -> str:
+             reason: str, retrieval_order=None) -> str:
         """Write the instances a deletion removes (``{instance id: (SOP Instance UID, ...,
         size)}``, as :class:`storage.deletion.DeletionPlan` holds them) durably as a new entry;
-        return its name.
+        return its name. ``retrieval_order``: the archive's
+        :meth:`storage.archive.Archive.retrieval_order`, so that coded stacks are rebuilt in
+        their slabs' order, decoded ahead on the decoder processes.
 
         Raises
         ------
@@ -121,8 +124,11 @@ class RecycleBin:
         folder = self.root / name
         try:
             rows = _facts(index, list(instances))
-            kept = [self._write(folder, retrieve(sop_uid), rows.get(inst_id, {}))
-                    for inst_id, (sop_uid, *_) in instances.items()]
+            by_uid = {sop_uid: inst_id for inst_id, (sop_uid, *_) in instances.items()}
+            with (retrieval_order(list(by_uid), "recycle bin") if retrieval_order else
+                  nullcontext((list(by_uid), None))) as (ordered, _):
+                kept = [self._write(folder, retrieve(sop_uid), rows.get(by_uid[sop_uid], {}))
+                        for sop_uid in ordered]
             _write_manifest(folder, {"deleted_at": time.time(), "level": level, "uid": uid,
                                      "reason": reason, "instances": kept})
         except (OSError, StorageError) as exc:
