@@ -127,7 +127,7 @@ class RecycleBin:
             by_uid = {sop_uid: inst_id for inst_id, (sop_uid, *_) in instances.items()}
             with (retrieval_order(list(by_uid), "recycle bin") if retrieval_order else
                   nullcontext((list(by_uid), None))) as (ordered, _):
-                kept = [self._write(folder, retrieve(sop_uid), rows.get(by_uid[sop_uid], {}))
+                kept = [self._write(folder, retrieve(sop_uid), _row(rows, by_uid[sop_uid]))
                         for sop_uid in ordered]
             _write_manifest(folder, {"deleted_at": time.time(), "level": level, "uid": uid,
                                      "reason": reason, "instances": kept})
@@ -142,11 +142,11 @@ class RecycleBin:
 
     @staticmethod
     def _write(folder: Path, inst, facts: dict) -> dict:
+        """Write a rebuilt instance (``retrieve`` checked it against ``facts``' SHA-256)."""
         path = folder / f"{safe_name(inst.sop_uid)}.dcm"
         write_file(path, inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, (inst.data,))
         fsync_path(path)
-        return {"sop_uid": inst.sop_uid, "file": path.name, "bytes": len(inst.data),
-                "sha256": hashlib.sha256(inst.data).hexdigest(), **facts}
+        return {"sop_uid": inst.sop_uid, "file": path.name, "bytes": len(inst.data), **facts}
 
     def discard(self, name: str) -> None:
         """Remove an entry (whose deletion did not take place, or that was restored)."""
@@ -288,21 +288,28 @@ class RecycleBin:
 
 
 def _facts(index: Index, ids: list[int]) -> dict[int, dict]:
-    """Sender, study and patient of instances, by instance id."""
+    """SHA-256 recorded at ingest, sender, study and patient of instances, by instance id."""
     found = {}
     with index.read() as s:
         for chunk in range(0, len(ids), 500):
             rows = s.execute(
-                select(Instance.id, Instance.source_ae, Study.study_uid, Patient.patient_id,
-                       Series.series_uid)
+                select(Instance.id, Instance.sha256, Instance.source_ae, Study.study_uid,
+                       Patient.patient_id, Series.series_uid)
                 .join(Series, Instance.series_fk == Series.id)
                 .join(Study, Series.study_fk == Study.id)
                 .join(Patient, Study.patient_fk == Patient.id)
                 .where(Instance.id.in_(ids[chunk:chunk + 500])))
-            for inst_id, ae, study, patient, series in rows:
-                found[inst_id] = {"source_ae": ae or "", "study_uid": study,
+            for inst_id, digest, ae, study, patient, series in rows:
+                found[inst_id] = {"sha256": digest, "source_ae": ae or "", "study_uid": study,
                                   "series_uid": series, "patient_id": patient}
     return found
+
+
+def _row(rows: dict[int, dict], inst_id: int) -> dict:
+    """The facts of instance ``inst_id``; RecycleBinError when it went meanwhile."""
+    if inst_id not in rows:
+        raise RecycleBinError(f"instance row {inst_id} went while the deletion was planned")
+    return rows[inst_id]
 
 
 def _write_manifest(folder: Path, meta: dict) -> None:
