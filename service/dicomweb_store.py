@@ -36,7 +36,6 @@ from service.rejection_notes import apply_stored_note
 from service.web_access import http_actor
 from service.web_auth import user_of
 from service.web_url import dicomweb_base
-from storage import rejection
 from storage.dataset_parts import parse_fields
 from storage.part10 import split_file
 
@@ -153,9 +152,7 @@ def _store_all(archive, parts: list[memoryview], study: str | None, max_bytes: i
             continue
         log.info("STOW-RS %s of %s", result.outcome, result.sop_uid)
         archive.accesses.note(actor, "STOW-RS", result.study_uid, instances=1, keep=False)
-        if result.sop_class_uid == rejection.KEY_OBJECT_SELECTION and \
-                result.outcome != "duplicate_ignored":
-            apply_stored_note(archive, dataset, ts, sender, actor, actor, reject_from)
+        apply_stored_note(archive, result, dataset, ts, sender, actor, actor, reject_from)
         stored.append((result.sop_class_uid, result.sop_uid,
                        f"{base}/studies/{result.study_uid}/series/{result.series_uid}"
                        f"/instances/{result.sop_uid}"))

@@ -22,7 +22,7 @@ from service.exact_send import PreEncoded
 from service.identifiers import (IdentifierError, find_records, parse_identifier, response,
                                  retrieve_criteria)
 from service.socket_tuning import tune_association
-from storage import rejection, transcode
+from storage import transcode
 from storage.dataset_parts import nbytes
 from storage.archive import Archive
 from storage.query import Matching
@@ -104,12 +104,9 @@ def handle_store(event, archive: Archive, max_bytes: int = 0, settings=None) -> 
     log.info("C-STORE %s of %s from %s", result.outcome, result.sop_uid, _peer(event))
     # for the audit messages only: the index keeps who sent each instance
     archive.accesses.note(_actor(event), "C-STORE", result.study_uid, instances=1, keep=False)
-    if result.sop_class_uid == rejection.KEY_OBJECT_SELECTION and result.outcome != \
-            "duplicate_ignored":
-        rejection_notes.apply_stored_note(
-            archive, data, str(event.context.transfer_syntax), _calling_ae(event),
-            _actor(event), _peer(event),
-            settings.rejection_notes_from if settings is not None else "")
+    rejection_notes.apply_stored_note(
+        archive, result, data, str(event.context.transfer_syntax), _calling_ae(event),
+        _actor(event), _peer(event), settings.rejection_notes_from if settings is not None else "")
     if named_class and result.sop_class_uid != named_class:
         log.warning("C-STORE of %s from %s: stored, but its SOP class %s is not the request's "
                     "%s (0xB007)", result.sop_uid, _peer(event), result.sop_class_uid,

@@ -23,11 +23,16 @@ def may_reject(reject_from: str, sender: str) -> bool:
     return sender in allowed or ("@*" if web else "*") in allowed
 
 
-def apply_stored_note(archive, data: bytes, transfer_syntax: str, sender: str, actor: str,
-                      where: str, reject_from: str) -> dict | None:
-    """Apply the stored Key Object Selection ``data`` if it is a rejection note ``sender`` may
-    send; return what was deleted (see :meth:`storage.archive.Archive.apply_rejection`), or
-    None when nothing was applied. ``actor`` is noted in the trails, ``where`` in the log."""
+def apply_stored_note(archive, result, data: bytes, transfer_syntax: str, sender: str,
+                      actor: str, where: str, reject_from: str) -> dict | None:
+    """Apply the instance just stored (``result``, an :class:`storage.ingest.IngestResult`, of
+    the dataset ``data``) if it is a new Key Object Selection that is a rejection note
+    ``sender`` may send; return what was deleted (see
+    :meth:`storage.archive.Archive.apply_rejection`), or None when nothing was applied.
+    ``actor`` is noted in the trails, ``where`` in the log."""
+    if result.sop_class_uid != rejection.KEY_OBJECT_SELECTION or \
+            result.outcome == "duplicate_ignored":
+        return None
     try:
         note = rejection.read_note(data, transfer_syntax)
     except Exception as exc:

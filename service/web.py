@@ -59,6 +59,12 @@ def _int(request: Request, name: str, default: int, low: int, high: int) -> int:
     return min(high, max(low, value))
 
 
+def _json_body(request: Request) -> bool:
+    """Whether a write comes as application/json, which a cross-site page cannot send without a
+    CORS preflight (a form can post anything else)."""
+    return request.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+
+
 def _masked_url(url: str) -> str:
     """A database URL without its password."""
     parts = urlsplit(url)
@@ -162,8 +168,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
         return JSONResponse(forwarding.status(index, _int(request, "limit", 100, 1, MAX_PAGE)))
 
     async def send(request: Request) -> Response:
-        # a JSON body only: a cross-site page cannot send one without a CORS preflight
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        if not _json_body(request):
             return JSONResponse({"error": "send {\"destination\": NAME} as application/json"},
                                 status_code=415)
         try:
@@ -196,8 +201,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
             e.summary(archive.recycle.keep_days) for e in archive.recycle.entries(newest)]})
 
     async def restore(request: Request) -> Response:
-        # a JSON body only, as for send: a cross-site form cannot post one
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        if not _json_body(request):
             return JSONResponse({"error": "post {} as application/json"}, status_code=415)
         name = request.path_params["entry"]
         try:
