@@ -12,14 +12,16 @@ import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
-_KEYS = {"patient": ("STUDY", "PatientID"), "study": ("STUDY", "StudyInstanceUID"),
-         "series": ("SERIES", "SeriesInstanceUID"), "instance": ("IMAGE", "SOPInstanceUID")}
+#: a command's level -> the C-FIND level of its records and the key that names one
+UID_KEYS = {"patient": ("PATIENT", "PatientID"), "study": ("STUDY", "StudyInstanceUID"),
+            "series": ("SERIES", "SeriesInstanceUID"), "instance": ("IMAGE", "SOPInstanceUID")}
 
 
 def studies_touched(archive, level: str, uid: str) -> dict[str, tuple[str, int]]:
     """{Study Instance UID: (Patient ID, instances)} of what deleting or correcting ``uid`` at
     ``level`` touches, as the index holds it now."""
-    query_level, key = _KEYS[level]
+    query_level, key = UID_KEYS[level]
+    query_level = "STUDY" if query_level == "PATIENT" else query_level   # a patient's studies
     asked = {"StudyInstanceUID": "", "PatientID": "", key: uid}
     counted = {"STUDY": "NumberOfStudyRelatedInstances",
                "SERIES": "NumberOfSeriesRelatedInstances"}.get(query_level)

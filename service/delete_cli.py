@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import logging
 
-from service.admin_cli import (add_trail_options, may_proceed, note_change, print_trail,
-                               studies_touched)
+from service.admin_cli import (UID_KEYS, add_trail_options, may_proceed, note_change,
+                               print_trail, studies_touched)
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from service.progress import Progress
@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 _WHAT = {"patient": "Patient ID", "study": "Study Instance UID", "series": "Series Instance UID",
          "instance": "SOP Instance UID"}
 _SET_KEYS = ("ModalitiesInStudy", "SOPClassesInStudy")     # computed keys a rule may use
-_UID_KEYS = {"patient": ("PATIENT", "PatientID"), "study": ("STUDY", "StudyInstanceUID"),
-             "series": ("SERIES", "SeriesInstanceUID"), "instance": ("IMAGE", "SOPInstanceUID")}
 
 
 def register(subparsers) -> None:
@@ -62,7 +60,7 @@ def matching_uids(archive, level: str, rule: str) -> list[str]:
         A malformed rule, a key below the level, or a rule that would select everything (no
         key with a value).
     """
-    query_level, key = _UID_KEYS[level]
+    query_level, key = UID_KEYS[level]
     above = query.LEVELS[:query.LEVELS.index(query_level) + 1]
     known = {k: lv for k, (lv, _) in query.ATTRIBUTES.items()} | \
         {k: query.COMPUTED[k] for k in _SET_KEYS}
