@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.presentation import PresentationContext
 
 from service import (audit_syslog, command_encoding, commitment, exact_send, handlers,
-                     hl7_prefetch, move_refusal, negotiation, quiet_log, statuses, tls)
+                     move_refusal, negotiation, quiet_log, statuses, tls)
 from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.forwarding import Forwarder
@@ -258,9 +258,8 @@ class Node:
             self.patrol.start()
         if self.forwarder:
             self.forwarder.start()
-        if self.forwarder and self.settings.forward:
-            log.info("forwarding: %s", "; ".join(f"{name} <- {rule or 'every series'}"
-                                                  for name, rule in self.settings.forward.items()))
+        if self.forwarder:
+            self._log_forwarding()
         threading.Thread(target=self._warm, name="voxarc-warm", daemon=True).start()
         if self.settings.access_trail_days > 0:
             # the access trail's old rows, now (its writer removes them once a day after this)
@@ -289,8 +288,6 @@ class Node:
             self.ae.require_calling_aet = self.policy.calling_titles()
         if "deleted_keep_days" in applied:
             self.archive.recycle.keep_days = fresh.deleted_keep_days
-        if "hl7_prefetch" in applied and self.hl7 is not None:
-            self.hl7.prefetch = hl7_prefetch.parse_targets(fresh.hl7_prefetch)
         if "forward" in applied or "destinations" in applied:
             self._forwarding_changed()
         return applied, [name for name in changed if name not in RELOADABLE]
@@ -301,6 +298,9 @@ class Node:
         elif self.background and (self.settings.forward or self.settings.destinations):
             self.forwarder = Forwarder(self.archive, self.settings, self.metrics)
             self.forwarder.start()
+        self._log_forwarding()
+
+    def _log_forwarding(self) -> None:
         if self.settings.forward:
             log.info("forwarding: %s", "; ".join(f"{name} <- {rule or 'every series'}"
                                                   for name, rule in self.settings.forward.items()))

@@ -33,7 +33,6 @@ class Hl7Listener:
     def __init__(self, archive, settings, count=None, port: int | None = None):
         self.archive, self.settings = archive, settings
         self.host, self._port = settings.host, settings.hl7_port if port is None else port
-        self.prefetch = hl7_prefetch.parse_targets(settings.hl7_prefetch)
         self.count = count or (lambda code: None)
         self._apply_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -44,6 +43,11 @@ class Hl7Listener:
     def senders(self) -> set[str]:
         """``hl7_senders`` as the settings stand (a reload on SIGHUP changes them)."""
         return {s.strip() for s in self.settings.hl7_senders.split(",") if s.strip()}
+
+    @property
+    def prefetch(self) -> dict[str, int]:
+        """``hl7_prefetch`` as the settings stand: {destination: studies}."""
+        return hl7_prefetch.parse_targets(self.settings.hl7_prefetch)
 
     @property
     def port(self) -> int:
@@ -60,7 +64,8 @@ class Hl7Listener:
         if failed:
             raise failed[0]
         log.info("HL7 listener on %s:%d (%sADT%s)", self.host, self.port,
-                 "TLS, " if self.settings.hl7_tls else "", ", orders and appointments" if self.prefetch else "")
+                 "TLS, " if self.settings.hl7_tls else "",
+                 ", orders and appointments" if self.prefetch else "")
         return self
 
     def _run(self, ready: threading.Event, failed: list) -> None:
@@ -134,9 +139,9 @@ class Hl7Listener:
                                      "hl7_senders")
             if head.kind == "ADT":
                 done = self._adt(msg)
-            elif hl7_prefetch.is_order(head) and self.prefetch:
+            elif hl7_prefetch.is_order(head) and (targets := self.prefetch):
                 order = hl7_prefetch.read_order(msg, self.settings.hl7_patient_id_authority)
-                done = hl7_prefetch.prefetch(self.archive, order, self.prefetch)
+                done = hl7_prefetch.prefetch(self.archive, order, targets)
             else:
                 raise Hl7Error("AR", f"message type {head.kind}^{head.event} is not taken "
                                      "(ADT; orders and SIU when hl7_prefetch is set)")

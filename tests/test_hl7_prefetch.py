@@ -79,6 +79,8 @@ def test_an_order_queues_the_latest_studies_once(archive, tmp_path):  # noqa: F8
         # without hl7_prefetch an order is not taken
         plain = Hl7Listener(archive, load_settings())
         assert msa(plain.handle(order("P1")))[:2] == ["AR", "O1"]
+        plain.settings.hl7_prefetch = "reading=2"      # as a reload (SIGHUP) sets it
+        assert msa(plain.handle(order("P1", number="6")))[:2] == ["AA", "O6"]
     finally:
         dest.stop()
 
