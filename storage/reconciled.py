@@ -20,8 +20,10 @@ import time
 from sqlalchemy import func, select
 
 from storage.index import Index, Patient, ReconciledPatient
+from storage.instance_facts import PATIENT_KEYS
 
-PATIENT_KEYWORDS = ("PatientName", "PatientBirthDate", "PatientSex")
+#: the demographics the HIS gives: the index's patient attributes but the ID
+PATIENT_KEYWORDS = tuple(k for k in PATIENT_KEYS.values() if k != "PatientID")
 _MAX_CHAIN = 16
 
 
@@ -76,7 +78,5 @@ def target(s, rows: dict, patient_id: str) -> dict[str, str]:
     out = {"PatientID": final, **rows.get(final, (None, {}))[1]}
     held = s.scalar(select(Patient).where(Patient.patient_id == final))
     if held is not None:
-        out.update({k: v for k, v in (("PatientName", held.patient_name),
-                                      ("PatientBirthDate", held.birth_date),
-                                      ("PatientSex", held.sex)) if k in out})
+        out.update({k: getattr(held, c) for c, k in PATIENT_KEYS.items() if k in out})
     return {k: v or "" for k, v in out.items()}
