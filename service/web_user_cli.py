@@ -27,7 +27,7 @@ def web_user(args) -> int:
         print(exc)
         return 2
     print(f"token for {args.name} ({args.role}), shown once: {token}")
-    print("add to the node's settings file, then restart it:")
+    print("add to the node's settings file, then send the node SIGHUP (or restart it):")
     print("[http_users]")
     print(f'{args.name} = "{line[args.name]}"')
     return 0
