@@ -188,8 +188,9 @@ class NodeMetrics:
         self.forwarded_instances = Counter(
             "voxarc_forwarded_instances", "Instances forwarded by C-STORE, by destination and "
             "result", ["destination", "result"], registry=r)
-        self.hl7_messages = Counter("voxarc_hl7_messages", "HL7 ADT messages answered, by "
-                                    "acknowledgement code (AA, AE, AR)", ["ack"], registry=r)
+        self.hl7_messages = Counter("voxarc_hl7_messages", "HL7 messages answered (ADT, "
+                                    "orders, appointments), by acknowledgement code (AA, AE, "
+                                    "AR)", ["ack"], registry=r)
         if archive is not None:
             r.register(_IndexCollector(archive))
         r.register(_DecoderCollector(archive))
