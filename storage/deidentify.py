@@ -41,13 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.datadict import keyword_for_tag
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, UID_dictionary
 
 from storage.media import ChunkSink
-from storage.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, build_file
+from storage.part10 import build_file, file_meta
 
 MAX_SHIFT_DAYS = 1096
 METHOD = "voxarc de-identification 1"
@@ -158,13 +158,8 @@ class Deidentifier:
             ("; descriptions kept" if self.keep_descriptions else "")
         out.LongitudinalTemporalInformationModified = \
             "UNMODIFIED" if self.keep_dates else "MODIFIED"
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = out.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
-        meta.TransferSyntaxUID = ds.file_meta.TransferSyntaxUID
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        out.file_meta = meta
+        out.file_meta = file_meta(out.SOPClassUID, out.SOPInstanceUID,
+                                  ds.file_meta.TransferSyntaxUID)
         return out
 
     def _copy(self, ds: Dataset, shift: int) -> Dataset:
@@ -200,9 +195,9 @@ class Deidentifier:
             new.value = _each(elem.value, self.uid)
         elif vr == "DA" and shift:
             new.value = _each(elem.value, lambda v: _shifted(v, shift, 8))
-        elif vr == "DT" and shift:
-            new.value = _each(elem.value, lambda v: _shifted(v, shift, 8) and
-                              _shifted(v, shift, 8) + v[8:])
+        elif vr == "DT" and shift:      # the date part moved, the time kept
+            new.value = _each(elem.value,
+                              lambda v: (day := _shifted(v, shift, 8)) and day + v[8:])
         elif keyword == "PatientAge" and _over_89(str(elem.value)):
             new.value = "090Y"          # ages above 89 are few enough to identify: one group
         return new

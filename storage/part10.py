@@ -45,17 +45,24 @@ def build_file(sop_class_uid: str, sop_uid: str, transfer_syntax: str, dataset: 
     return file_head(sop_class_uid, sop_uid, transfer_syntax) + dataset
 
 
-def file_head(sop_class_uid: str, sop_uid: str, transfer_syntax: str) -> bytes:
-    """What :func:`build_file` puts before the dataset: the preamble and the File Meta."""
+def file_meta(sop_class_uid: str, sop_uid: str, transfer_syntax: str) -> FileMetaDataset:
+    """The File Meta voxarc writes for an instance: its UIDs, its syntax, voxarc's own
+    implementation class and version."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class_uid
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = transfer_syntax
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return meta
+
+
+def file_head(sop_class_uid: str, sop_uid: str, transfer_syntax: str) -> bytes:
+    """What :func:`build_file` puts before the dataset: the preamble and the File Meta."""
     fp = io.BytesIO()
     fp.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(fp, meta, enforce_standard=True)
+    write_file_meta_info(fp, file_meta(sop_class_uid, sop_uid, transfer_syntax),
+                         enforce_standard=True)
     return fp.getvalue()
 
 
