@@ -533,8 +533,9 @@ function renderConfig(config) {
   }
 }
 
-// An audit trail as a list: when, what level and UID, then ``text(row)`` and the reason.
-function auditList(id, rows, empty, at, text) {
+// An audit trail as a list: when, what level and UID, then ``text(row)`` and the reason;
+// ``decorate(li, row)``, when given, adds to each item.
+function auditList(id, rows, empty, at, text, decorate = null) {
   const ul = byId(id);
   ul.replaceChildren();
   if (!rows.length) {
@@ -549,6 +550,7 @@ function auditList(id, rows, empty, at, text) {
     uid.textContent = row.uid;
     li.append(`${when(row[at])} ${row.level} `, uid,
               `: ${text(row)}` + (row.reason ? ` (${row.reason})` : ""));
+    if (decorate) decorate(li, row);
     ul.appendChild(li);
   });
 }
@@ -566,26 +568,13 @@ function renderDeletions(rows) {
 function renderRecycle(bin) {
   setText("recycle-scope", bin.keep_days > 0
     ? `(deleted instances kept ${bin.keep_days} days)` : "(off: deletions are for good)");
-  const ul = byId("recycle");
-  ul.replaceChildren();
-  if (!bin.entries.length) {
-    const li = document.createElement("li");
-    li.textContent = "Nothing to restore.";
-    ul.appendChild(li);
-  }
-  bin.entries.slice().reverse().forEach((e) => {
-    const li = document.createElement("li");
-    li.className = "recycled";
-    const uid = document.createElement("span");
-    uid.className = "uid";
-    uid.textContent = e.uid;
-    const until = e.expires_at ? `, until ${when(e.expires_at)}` : "";
-    li.append(`${when(e.deleted_at)} ${e.level} `, uid,
-              `: ${count(e.instances)} instances of ${e.patients.join(", ")}, ` +
-              `${bytes(e.bytes)}${until}` + (e.reason ? ` (${e.reason})` : ""));
-    if (state.role === "admin") li.append(" ", restoreButton(e.entry));
-    ul.appendChild(li);
-  });
+  auditList("recycle", bin.entries.slice().reverse(), "Nothing to restore.", "deleted_at",
+            (e) => `${count(e.instances)} instances of ${e.patients.join(", ")}, ` +
+                   `${bytes(e.bytes)}` + (e.expires_at ? `, until ${when(e.expires_at)}` : ""),
+            (li, e) => {
+              li.className = "recycled";
+              if (state.role === "admin") li.append(" ", restoreButton(e.entry));
+            });
 }
 
 function restoreButton(entry) {
