@@ -64,11 +64,12 @@ def _list(archive, as_json: bool) -> int:
         print("the recycle bin is empty" + ("" if archive.recycle.enabled else
                                             " (off: deleted_keep_days = 0)"))
         return 0
-    print(f"{'entry':<26}{'deleted (UTC)':<18}{'instances':>10}{'MB':>9}  {'expires':<11}what")
+    width = max(len("entry"), *(len(r["entry"]) for r in rows)) + 2
+    print(f"{'entry':<{width}}{'deleted (UTC)':<18}{'instances':>10}{'MB':>9}  {'expires':<11}what")
     for r in rows:
         expires = _day(r["expires_at"]) if r["expires_at"] else "when emptied"
         patients = ", ".join(r["patients"][:3]) + (" ..." if len(r["patients"]) > 3 else "")
-        print(f"{r['entry']:<26}{_minute(r['deleted_at']):<18}{r['instances']:>10}"
+        print(f"{r['entry']:<{width}}{_minute(r['deleted_at']):<18}{r['instances']:>10}"
               f"{r['bytes'] / 1e6:>9.1f}  {expires:<11}{r['level']} {r['uid']} "
               f"(patient {patients}){': ' + r['reason'] if r['reason'] else ''}")
     print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB; restore with "
