@@ -11,10 +11,9 @@ import sys
 import time
 from collections.abc import Callable
 
+from storage.retention import UID_KEYS
+
 log = logging.getLogger(__name__)
-#: a command's level -> the C-FIND level of its records and the key that names one
-UID_KEYS = {"patient": ("PATIENT", "PatientID"), "study": ("STUDY", "StudyInstanceUID"),
-            "series": ("SERIES", "SeriesInstanceUID"), "instance": ("IMAGE", "SOPInstanceUID")}
 
 
 def studies_touched(archive, level: str, uid: str) -> dict[str, tuple[str, int]]:

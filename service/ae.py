@@ -26,6 +26,7 @@ from service import (audit_syslog, command_encoding, commitment, exact_send, han
 from service.access import AccessPolicy, guard
 from service.config import Settings
 from service.forwarding import Forwarder
+from service.retention import RetentionWorker
 from service.hl7_listener import Hl7Listener
 from service.metrics import NodeMetrics
 from service.patrol import Patrol
@@ -36,9 +37,10 @@ from storage.archive import Archive
 log = logging.getLogger(__name__)
 #: what a running node takes from its settings file again on SIGHUP (:meth:`Node.reload`): who
 #: may use it (the admin page, DICOMweb, the HL7 port, the DICOM peers), where it sends, which
-#: rejection notes it applies and how long deletions stay restorable
+#: rejection notes it applies, how long deletions stay restorable and what it deletes by rule
 RELOADABLE = ("http_token", "http_users", "hl7_senders", "peers", "destinations", "forward",
-              "hl7_prefetch", "rejection_notes_from", "deleted_keep_days")
+              "hl7_prefetch", "rejection_notes_from", "deleted_keep_days", "retention",
+              "retention_hour", "retention_grace_days")
 # The acceptor's order decides which proposed syntax a context gets; explicit VR little endian
 # first, as most modalities send it (an instance goes out only in the syntax it came in).
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian] + [
@@ -198,7 +200,7 @@ class Node:
     settings : Settings
         Port 0 picks a free port (see :attr:`port`).
     compaction : bool
-        Run the background workers: compaction, the integrity patrol, forwarding.
+        Run the background workers: compaction, the integrity patrol, forwarding, retention.
     """
 
     def __init__(self, settings: Settings, compaction: bool = True):
@@ -220,6 +222,8 @@ class Node:
         # with destinations but no rules, it makes again the sends by hand that failed
         self.forwarder = Forwarder(self.archive, settings, self.metrics) \
             if compaction and (settings.forward or settings.destinations) else None
+        # it reads the settings at each look: rules added by a reload need no restart
+        self.retention = RetentionWorker(self.archive, settings) if compaction else None
         self.hl7: Hl7Listener | None = None
         self.background = compaction
         #: the calling AE titles and what each may do; a reload changes it in place
@@ -258,8 +262,10 @@ class Node:
             self.patrol.start()
         if self.forwarder:
             self.forwarder.start()
-        if self.forwarder:
             self._log_forwarding()
+        if self.retention:
+            self.retention.start()
+            self._log_retention()
         threading.Thread(target=self._warm, name="voxarc-warm", daemon=True).start()
         if self.settings.access_trail_days > 0:
             # the access trail's old rows, now (its writer removes them once a day after this)
@@ -290,6 +296,8 @@ class Node:
             self.archive.recycle.keep_days = fresh.deleted_keep_days
         if "forward" in applied or "destinations" in applied:
             self._forwarding_changed()
+        if {"retention", "retention_hour"} & set(applied):
+            self._log_retention()
         return applied, [name for name in changed if name not in RELOADABLE]
 
     def _forwarding_changed(self) -> None:
@@ -304,6 +312,13 @@ class Node:
         if self.settings.forward:
             log.info("forwarding: %s", "; ".join(f"{name} <- {rule or 'every series'}"
                                                   for name, rule in self.settings.forward.items()))
+
+    def _log_retention(self) -> None:
+        if self.settings.retention:
+            when = f"daily at {self.settings.retention_hour:02d}h" \
+                if self.settings.retention_hour >= 0 else "not by itself (retention_hour -1)"
+            log.info("retention rules, applied %s: %s", when, "; ".join(
+                f"{name} <- {text}" for name, text in self.settings.retention.items()))
 
     def _warm(self) -> None:
         try:
@@ -326,6 +341,8 @@ class Node:
             self.patrol.stop()
         if self.forwarder is not None:
             self.forwarder.stop()
+        if self.retention is not None and self.retention.is_alive():
+            self.retention.stop()
         self.reporter.stop()
         audit = audit_syslog.attached(self.archive)
         if audit is not None:

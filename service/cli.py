@@ -18,7 +18,7 @@ _COMMAND_MODULES = ("service.node_cli", "service.export_cli", "service.bench", "
                     "service.correct_cli", "service.accesses_cli",
                     "service.backup_cli", "service.bits_cli", "service.query_bench",
                     "service.conformance", "service.pull_cli", "service.web_bench",
-                    "service.web_user_cli", "service.deleted_cli")
+                    "service.web_user_cli", "service.deleted_cli", "service.retention_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,12 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from service.config import SettingsError
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:    # any command's --config, named once, without a traceback
+        logging.getLogger("voxarc").error("settings%s: %s", f" of {args.config}"
+                                          if getattr(args, "config", None) else "", exc)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 from service import hl7_message
 from service.hl7_prefetch import parse_targets
 from service.web_auth import parse_users
+from storage import retention as retention_rules
 from storage.forwarding import parse_rule
 
 SETTING_DOCS = {
@@ -50,12 +51,23 @@ SETTING_DOCS = {
                          "notes) stay restorable in the recycle bin, as received, before the "
                          "running node removes them for good (voxarc deleted; 0: deletions "
                          "are for good at once).",
+    "retention": "Rules the running node deletes by once a day, through the recycle bin: NAME = "
+                 "\"LEVEL: Keyword=pattern; ...\" (LEVEL patient, study or series, study when "
+                 "left out; C-FIND keys of the level or above; a date key may hold ages: "
+                 "StudyDate=-10y is on or before the day ten years ago; a record lacking a "
+                 "key's value is never selected); voxarc retention shows what they select.",
+    "retention_hour": "Local hour (0-23) in which the running node applies the retention rules, "
+                      "once a day; -1: never by itself (voxarc retention --run does).",
+    "retention_grace_days": "Days after its last instance arrived during which a record is "
+                            "held back from the retention rules (an old prior pulled in or "
+                            "restored this week is not deleted the night it came).",
     "destinations": "C-MOVE destinations and storage commitment reports: "
                     "NAME = \"AET@HOST:PORT\" (flag: --destination, repeatable).",
     "forward": "Send each stable series to destinations as it comes: NAME = \"Keyword=pattern; "
                "...\" (a destination of destinations; C-FIND keys of the series, its study or "
                "patient, or SourceAETitle, the sender's; Priors=N sends the patient's N latest "
-               "earlier studies along; \"\": every series) (flag: --forward NAME=RULE, "
+               "earlier studies along; a date key may hold ages, StudyDate=7d- for the last "
+               "week's studies; \"\": every series) (flag: --forward NAME=RULE, "
                "repeatable).",
     "http_host": "Address the admin web page binds to (localhost only by default).",
     "http_port": "TCP port of the admin web page, JSON API and /metrics (0: a free port).",
@@ -153,6 +165,9 @@ class Settings:
     scrub_read_mb_per_s: float = 50.0
     access_trail_days: float = 0.0
     deleted_keep_days: float = 7.0
+    retention: dict = field(default_factory=dict)
+    retention_hour: int = 2
+    retention_grace_days: float = 30.0
     destinations: dict = field(default_factory=dict)
     forward: dict = field(default_factory=dict)
     http_host: str = "127.0.0.1"
@@ -215,6 +230,13 @@ def _coerce(name: str, value):
         for key, text in value.items():
             parse_rule(str(text))
         return {str(k): str(v) for k, v in value.items()}
+    if name == "retention":
+        if not isinstance(value, dict):
+            raise ValueError("retention must be a table of NAME = \"LEVEL: Keyword=pattern; "
+                             "...\"")
+        for key, text in value.items():
+            retention_rules.parse_rule(str(key), str(text))
+        return {str(k): str(v) for k, v in value.items()}
     if name == "http_users":
         if not isinstance(value, dict):
             raise ValueError("http_users must be a table of NAME = \"ROLE:SHA256\"")
@@ -248,7 +270,10 @@ def _coerce(name: str, value):
                          f"or empty, not {value!r}")
     if name == "hl7_port" and not 0 <= value <= 65535:
         raise ValueError(f"hl7_port must be a TCP port (0: no listener), not {value}")
-    if (name.startswith("scrub_") or name == "deleted_keep_days") and value < 0:
+    if name == "retention_hour" and not -1 <= value <= 23:
+        raise ValueError(f"retention_hour must be an hour 0 to 23, or -1 (never), not {value}")
+    if (name.startswith("scrub_") or name in ("deleted_keep_days", "retention_grace_days")) \
+            and value < 0:
         raise ValueError(f"{name} must be 0 or more, not {value}")
     return value
 
@@ -277,14 +302,28 @@ def _boolean(name: str, value) -> bool:
     return _BOOLEANS[word]
 
 
+class SettingsError(ValueError):
+    """Settings that do not load: an unknown setting, a value of the wrong form, a file that
+    is not TOML."""
+
+
 def load_settings(config: str | Path | None = None, **overrides) -> Settings:
     """Build settings from defaults, an optional TOML file, then non-None ``overrides``.
 
     Raises
     ------
-    ValueError
-        On an unknown setting or a value of the wrong form.
+    SettingsError
+        On an unknown setting, a value of the wrong form, or a file that is not TOML.
     """
+    try:
+        return _load_settings(config, **overrides)
+    except SettingsError:
+        raise
+    except ValueError as exc:       # tomllib's errors are ValueErrors too
+        raise SettingsError(str(exc)) from exc
+
+
+def _load_settings(config: str | Path | None, **overrides) -> Settings:
     values: dict = {}
     if config:
         with open(config, "rb") as f:

@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import date
 
-from service.admin_cli import (UID_KEYS, add_trail_options, may_proceed, note_change,
+from service.admin_cli import (add_trail_options, may_proceed, note_change,
                                print_trail, studies_touched)
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from service.progress import Progress
-from storage import query
+from storage import retention
 from storage.deletion import LEVELS, history
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 _WHAT = {"patient": "Patient ID", "study": "Study Instance UID", "series": "Series Instance UID",
          "instance": "SOP Instance UID"}
-_SET_KEYS = ("ModalitiesInStudy", "SOPClassesInStudy")     # computed keys a rule may use
 
 
 def register(subparsers) -> None:
@@ -52,7 +52,8 @@ def register(subparsers) -> None:
 
 def matching_uids(archive, level: str, rule: str) -> list[str]:
     """The UIDs (Patient IDs) at ``level`` of the records matching the C-FIND keys of ``rule``
-    (``Keyword=pattern; ...``, keys of the level or above) that hold a value for every key.
+    (``Keyword=pattern; ...``, keys of the level or above; ages in date keys as of today) that
+    hold a value for every key.
 
     Raises
     ------
@@ -60,24 +61,12 @@ def matching_uids(archive, level: str, rule: str) -> list[str]:
         A malformed rule, a key below the level, or a rule that would select everything (no
         key with a value).
     """
-    query_level, key = UID_KEYS[level]
-    above = query.LEVELS[:query.LEVELS.index(query_level) + 1]
-    known = {k: lv for k, (lv, _) in query.ATTRIBUTES.items()} | \
-        {k: query.COMPUTED[k] for k in _SET_KEYS}
-    criteria = query.parse_criteria(rule, known, "--matching")
-    below = [k for k in criteria if known[k] not in above]
-    if below:       # a query at the level would not look at them: everything would match
-        raise ValueError(f"--matching: {', '.join(below)} is not a key of a {level} or above")
-    if not any(v not in ("", "*") for v in criteria.values()):
-        raise ValueError("--matching needs at least one key with a value: it would select "
-                         "everything")
-    found = archive.find(query_level, {**criteria, key: criteria.get(key, "")})
-    return sorted({str(r[key]) for r in found
-                   if all(r.get(k) not in (None, "", []) for k, v in criteria.items()
-                          if v not in ("", "*"))})
+    criteria = retention.parse_criteria(level, rule, "--matching")
+    return retention.matching_uids(archive, level, criteria, date.today())
 
 
-def _describe(summary: dict) -> str:
+def describe(summary: dict) -> str:
+    """One line for a deletion's summary (a plan's or a done one's)."""
     parts = [f"{summary['instances']} instances"]
     for name in ("series", "studies", "patients"):
         if summary[name]:
@@ -102,7 +91,7 @@ def delete(args) -> int:
     archive = open_archive(settings_from_args(args))
     try:
         if args.history:
-            return print_trail(history(archive.index), args.json, "deleted_at", _describe,
+            return print_trail(history(archive.index), args.json, "deleted_at", describe,
                                "no deletions recorded")
         uids = args.uids
         if args.matching:
@@ -119,7 +108,7 @@ def delete(args) -> int:
         plans = [p for p in plans if p.found]
         if not args.json:
             for p in plans:
-                print(("would delete " if args.dry_run else "") + _describe(p.summary()))
+                print(("would delete " if args.dry_run else "") + describe(p.summary()))
             if args.matching:
                 print(f"{len(plans)} {args.level} records match; "
                       f"{sum(len(p.instances) for p in plans)} instances, "
@@ -155,7 +144,7 @@ def delete(args) -> int:
                              indent=2))
         else:
             for summary in done:
-                print("deleted " + _describe(summary))
+                print("deleted " + describe(summary))
             kept = [d["kept_as"] for d in done if d.get("kept_as")]
             if kept:
                 print(f"restorable until the recycle bin's entries expire: voxarc deleted "

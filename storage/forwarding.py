@@ -3,7 +3,8 @@
 A rule names a destination and the C-FIND keys a series must match (:mod:`storage.query`
 matching, on what the index keeps of the series, its study and its patient); an empty rule
 matches every series; ``Priors=2`` sends the patient's two latest earlier studies along with a
-new one (those the destination has not had, whenever they came). A rule takes effect when a node first runs with it (or with it changed):
+new one (those the destination has not had, whenever they came); a date key may hold an age
+(``StudyDate=7d-``: studies of the last week, :mod:`storage.rule_dates`). A rule takes effect when a node first runs with it (or with it changed):
 only instances received since then go by it, so enabling one does not send the archive's past
 (a C-MOVE does that). Once a series is stable (no new instance for ``stable_age`` seconds), its
 instances received after the last that went to the destination (the ``forwards`` row's
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import date
 
 from sqlalchemy import and_, func, or_, select
 
-from storage import query
+from storage import query, rule_dates
 from storage.index import Forward, ForwardRule, Index, Instance, Patient, Series, Study
 
 RETRY_FIRST, RETRY_MOST = 30.0, 3600.0
@@ -66,6 +68,7 @@ def parse_rule(text: str) -> dict[str, str]:
     if pattern is not None and not (pattern.isdigit() and int(pattern) <= MAX_PRIORS):
         raise ValueError(f"forwarding rule {PRIORS}={pattern!r}: a number of studies, 0 to "
                          f"{MAX_PRIORS}")
+    rule_dates.resolve(criteria, date.today())        # its ages are well formed
     return criteria
 
 
@@ -105,8 +108,9 @@ def due(index: Index, rules: dict[str, dict], stable_age: float, now: float | No
         start = (since or {}).get(destination, -1.0e300)
         source = criteria.get(SOURCE)
         candidates = _candidates(index, destination, stable_age, now, start)
-        matched = _matching(index, {k: v for k, v in criteria.items()
-                                    if k not in (SOURCE, PRIORS)}, [c[1] for c in candidates])
+        keys = rule_dates.resolve({k: v for k, v in criteria.items()
+                                   if k not in (SOURCE, PRIORS)}, date.fromtimestamp(now))
+        matched = _matching(index, keys, [c[1] for c in candidates])
         unmatched = []
         with index.read() as s:
             for candidate in candidates:

@@ -337,11 +337,11 @@ def test_removal_rows_only_name_files_of_that_deletion(archive):
 
 
 def test_the_history_never_claims_bytes_it_did_not_keep():
-    from service.delete_cli import _describe
+    from service.delete_cli import describe
     row = {"level": "instance", "uid": "1.2", "instances": 1, "series": 0, "studies": 0,
            "patients": 0, "restaged": 4, "freed_bytes": 4143}         # an audit row
-    assert "as received" not in _describe(row)
-    assert "0.01 MB as received" in _describe({**row, "restaged_bytes": 8774})    # a plan
+    assert "as received" not in describe(row)
+    assert "0.01 MB as received" in describe({**row, "restaged_bytes": 8774})    # a plan
 
 
 def test_a_compaction_interrupted_before_removing_its_staged_copies_brings_nothing_back(
