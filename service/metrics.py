@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pynetdicom import evt
 
 from models import parallel
-from service import audit_syslog, patrol, statuses
+from service import audit_syslog, patrol, retention, statuses
 from storage import forwarding, reports, transcode
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -100,6 +100,23 @@ class _IndexCollector:
             yield GaugeMetricFamily("voxarc_scrub_damaged_instances",
                                     "Instances whose stored file the last patrol found damaged",
                                     value=last["damaged_instances"])
+        yield from _retention_gauges(retention.last_run(self.archive))
+
+
+def _retention_gauges(last: dict | None):
+    """The last retention run's gauges (none before the first)."""
+    if last is None:
+        return
+    rules = last.get("rules", [])
+    yield GaugeMetricFamily("voxarc_retention_last_run_timestamp_seconds",
+                            "When the retention rules were last applied", value=last["started"])
+    yield GaugeMetricFamily("voxarc_retention_deleted_instances",
+                            "Instances the last retention run deleted (into the recycle bin)",
+                            value=sum(r["deleted_instances"] for r in rules))
+    yield GaugeMetricFamily("voxarc_retention_failed_records",
+                            "Records the last retention run selected and could not delete "
+                            "(1 when the run itself failed)",
+                            value=sum(len(r["failed"]) for r in rules) + int("error" in last))
 
 
 class _DecoderCollector:

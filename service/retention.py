@@ -121,8 +121,8 @@ def apply_rules(archive, settings, actor: str = "retention", now: float | None =
 
 def record_run(archive, started: float, actor: str, selections: list[Selection]) -> None:
     """Keep the outcome of a run in ``retention.json`` (see :func:`last_run`)."""
-    _save(archive, {"started": started, "finished": time.time(), "by": actor,
-                    "rules": [s.summary() for s in selections]})
+    rules = [{k: v for k, v in s.summary().items() if k != "uids"} for s in selections]
+    _save(archive, {"started": started, "finished": time.time(), "by": actor, "rules": rules})
 
 
 def last_run(archive) -> dict | None:

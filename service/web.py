@@ -33,7 +33,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from service import dicomweb, dicomweb_store, patrol, web_deidentified, web_media
+from service import dicomweb, dicomweb_store, patrol, retention, web_deidentified, web_media
 from service.ae import RELOADABLE
 from service.config import Settings
 from service.forwarding import send_study
@@ -198,7 +198,8 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
     def recycled(request: Request) -> Response:
         newest = _int(request, "limit", 100, 1, MAX_PAGE)
         return JSONResponse({"keep_days": archive.recycle.keep_days, "entries": [
-            e.summary(archive.recycle.keep_days) for e in archive.recycle.entries(newest)]})
+            e.summary(archive.recycle.keep_days) for e in archive.recycle.entries(newest)],
+            "retention": retention.last_run(archive)})
 
     async def restore(request: Request) -> Response:
         if not _json_body(request):

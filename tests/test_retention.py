@@ -4,6 +4,7 @@ run through the recycle bin, `voxarc retention`, and ages in forwarding rules.""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ from datetime import date, datetime
 from pathlib import Path
 
 import pytest
+from admin_helpers import (CHROMIUM, admin_site, chromium, get_json, http_get,  # noqa: F401
+                           http_token, metric)
 from node_helpers import (BACKENDS, archive, database_url, make_series, store_series,  # noqa: F401
                           write_series)
 from sqlalchemy import update
@@ -237,3 +240,24 @@ def test_a_forwarding_rule_with_an_age_matches_as_of_each_look(archive):
     assert [d.series_uid for d in due] == [recent[0].SeriesInstanceUID]
     with pytest.raises(ValueError, match="not an age"):
         forwarding.parse_rule("StudyDate=7 days-")
+
+
+def test_the_admin_page_and_metrics_show_the_rules_and_the_last_run(admin_site, tmp_path):
+    node, admin = admin_site
+    assert "voxarc_retention_failed_records" not in \
+        http_get(f"{admin.url}/metrics")[1].decode()                # no run yet
+    _aged(node.archive, store_series(node.archive, make_series(2, 8, 8, study_date="20100301")),
+          60)
+    node.settings.retention = {"old": "study: StudyDate=-5y"}        # as a reload sets it
+    node_retention.apply_rules(node.archive, node.settings, "retention (node)")
+    last = get_json(f"{admin.url}/api/deleted")["retention"]
+    assert last["by"] == "retention (node)" and last["rules"][0]["deleted_instances"] == 2
+    text = http_get(f"{admin.url}/metrics")[1].decode()
+    assert metric(text, "voxarc_retention_deleted_instances") == 2
+    assert metric(text, "voxarc_retention_failed_records") == 0
+    assert metric(text, "voxarc_retention_last_run_timestamp_seconds") == last["started"]
+    if CHROMIUM is not None:
+        dom = chromium(f"{admin.url}/", tmp_path / "page", "--dump-dom")
+        shown = re.search(r'<p class="muted" id="retention">(.*?)</p>', dom, re.S).group(1)
+        assert "Retention rules, applied daily at 02:00: old (study: StudyDate=-5y)." in shown
+        assert "1 records, 2 instances deleted." in shown

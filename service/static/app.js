@@ -577,6 +577,32 @@ function renderRecycle(bin) {
             });
 }
 
+// The retention rules the node applies each night, and what its last run did.
+function renderRetention(config, last) {
+  const rules = Object.entries(config.retention || {});
+  if (!rules.length) {
+    setText("retention", "No retention rules: nothing is deleted for its age.");
+    return;
+  }
+  const hour = config.retention_hour;
+  const at = hour >= 0 ? `applied daily at ${String(hour).padStart(2, "0")}:00`
+                       : "not applied by the node itself";
+  let text = `Retention rules, ${at}: ` +
+    rules.map(([name, rule]) => `${name} (${rule})`).join("; ") + ".";
+  if (last) {
+    const runs = last.rules || [];
+    const total = (f) => runs.reduce((n, r) => n + f(r), 0);
+    const failed = total((r) => Object.keys(r.failed).length);
+    const held = total((r) => r.held_back);
+    text += ` Last run ${when(last.started)}: ` + (last.error ? "failed, see the log." :
+      `${count(total((r) => r.deleted))} records, ` +
+      `${count(total((r) => r.deleted_instances))} instances deleted` +
+      (failed ? `, ${count(failed)} failed` : "") +
+      (held ? `, ${count(held)} held back as recent arrivals` : "") + ".");
+  }
+  setText("retention", text);
+}
+
 function restoreButton(entry) {
   return actionButton("Restore", "restoring", async () => {
     const [response, answer] = await postJson(`api/deleted/${enc(entry)}/restore`, {});
@@ -668,6 +694,7 @@ async function refresh() {
     renderConfig(config);
     renderDeletions(deletions);
     renderRecycle(recycle);
+    renderRetention(config, recycle.retention);
     renderAccesses(accesses);
     renderCorrections(corrections);
     await loadStudies();
