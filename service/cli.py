@@ -18,7 +18,8 @@ _COMMAND_MODULES = ("service.node_cli", "service.export_cli", "service.bench", "
                     "service.correct_cli", "service.accesses_cli",
                     "service.backup_cli", "service.bits_cli", "service.query_bench",
                     "service.conformance", "service.pull_cli", "service.web_bench",
-                    "service.web_user_cli", "service.deleted_cli", "service.retention_cli")
+                    "service.web_user_cli", "service.deleted_cli", "service.retention_cli",
+                    "service.hold_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from service.admin_cli import (add_trail_options, may_proceed, note_change,
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from service.progress import Progress
-from storage import retention
+from storage import holds, retention
 from storage.deletion import LEVELS, history
 from storage.errors import StorageError
 
@@ -106,6 +106,11 @@ def delete(args) -> int:
         for uid in missing:
             log.error("no %s %s in the archive", _WHAT[args.level], uid)
         plans = [p for p in plans if p.found]
+        on_hold = {p.uid: found for p in plans
+                   if (found := holds.touching(archive.index, p.series_ids))}
+        for uid, found in on_hold.items():
+            log.error("%s %s is not deleted: %s", args.level, uid, found[0].describe())
+        plans = [p for p in plans if p.uid not in on_hold]
         if not args.json:
             for p in plans:
                 print(("would delete " if args.dry_run else "") + describe(p.summary()))
@@ -117,8 +122,8 @@ def delete(args) -> int:
         if args.dry_run or not plans:
             if args.json:
                 print(json.dumps({"dry_run": True, "plans": [p.summary() for p in plans],
-                                  "not_found": missing}, indent=2))
-            return 1 if missing else 0
+                                  "not_found": missing, "on_hold": sorted(on_hold)}, indent=2))
+            return 1 if missing or on_hold else 0
         keep = archive.recycle.enabled and not args.no_keep
         how = f"(restorable for {archive.recycle.keep_days:g} days)" if keep else "for good"
         go = may_proceed(args.yes, f"Delete these {sum(len(p.instances) for p in plans)} "
@@ -140,8 +145,8 @@ def delete(args) -> int:
             progress.advance(note=p.uid)
         progress.finish()
         if args.json:
-            print(json.dumps({"deleted": done, "not_found": missing, "failed": failed},
-                             indent=2))
+            print(json.dumps({"deleted": done, "not_found": missing, "failed": failed,
+                              "on_hold": sorted(on_hold)}, indent=2))
         else:
             for summary in done:
                 print("deleted " + describe(summary))
@@ -149,6 +154,6 @@ def delete(args) -> int:
             if kept:
                 print(f"restorable until the recycle bin's entries expire: voxarc deleted "
                       f"restore {' '.join(kept)}")
-        return 1 if missing or failed else 0
+        return 1 if missing or failed or on_hold else 0
     finally:
         archive.close()

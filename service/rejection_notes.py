@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from storage import rejection
+from storage.deletion import DeletionError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ def apply_stored_note(archive, result, data: bytes, transfer_syntax: str, sender
         return None
     try:
         done = archive.apply_rejection(note, actor)
+    except DeletionError as exc:        # on legal hold, say; the note itself stays stored
+        log.warning("rejection note %s from %s stored, not applied: %s", note.sop_uid, where,
+                    exc)
+        return None
     except Exception:
         log.exception("rejection note %s from %s not applied", note.sop_uid, where)
         return None

@@ -5,7 +5,7 @@ ages in date keys (``adults = "study: StudyDate=-10y; PatientBirthDate=-28y"``).
 ``retention_hour`` (local time) the running node deletes what the rules select, through the
 recycle bin (restorable for ``deleted_keep_days``), with the rule named as the deletion's
 reason in the audit trail and the audit messages. What arrived within ``retention_grace_days``
-is held back. ``voxarc retention`` shows what the rules select now, and ``--run`` applies them
+is held back, and what is under a legal hold (``voxarc hold``) passed over. ``voxarc retention`` shows what the rules select now, and ``--run`` applies them
 at once (from cron, say, on a node whose ``retention_hour`` is -1: never by itself).
 
 The last run's outcome is kept in ``retention.json`` beside the index.
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 
 from service.admin_cli import note_change, studies_touched
+from storage import holds
 from storage.errors import StorageError
 from storage.retention import RetentionRule, matching_uids, parse_rule, recently_received
 
@@ -33,11 +34,13 @@ LOOK_EVERY = 60.0       # seconds between two looks of the worker at the clock
 @dataclass
 class Selection:
     """What a rule selects now: ``uids`` to delete, ``held_back`` (received within the grace
-    period), and, once applied, ``deleted`` (summaries) and ``failed`` (uid -> why)."""
+    period), ``on_hold`` (under a legal hold, :mod:`storage.holds`), and, once applied,
+    ``deleted`` (summaries) and ``failed`` (uid -> why)."""
 
     rule: RetentionRule
     uids: list[str]
     held_back: list[str]
+    on_hold: list[str] = field(default_factory=list)
     deleted: list[dict] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -45,6 +48,7 @@ class Selection:
         """A JSON-ready account of the selection (and of its deletions, once applied)."""
         return {"rule": self.rule.name, "text": self.rule.text, "selected": len(self.uids),
                 "uids": self.uids, "held_back": len(self.held_back),
+                "on_hold": len(self.on_hold),
                 "deleted": len(self.deleted),
                 "deleted_instances": sum(d["instances"] for d in self.deleted),
                 "freed_bytes": sum(d["freed_bytes"] for d in self.deleted),
@@ -60,8 +64,8 @@ def rules_of(settings) -> list[RetentionRule]:
 def select_all(archive, rules: list[RetentionRule], grace_days: float,
                now: float | None = None) -> list[Selection]:
     """What each rule selects at ``now`` (Unix time; ages counted from its local date),
-    records received within ``grace_days`` held back; a record two rules select goes to the
-    first."""
+    records received within ``grace_days`` held back and those under a legal hold passed over;
+    a record two rules select goes to the first."""
     now = time.time() if now is None else now
     taken: set[tuple[str, str]] = set()
     out = []
@@ -71,8 +75,9 @@ def select_all(archive, rules: list[RetentionRule], grace_days: float,
                 if (rule.level, u) not in taken]
         recent = recently_received(archive.index, rule.level, uids,
                                    now - grace_days * 86400.0) if grace_days > 0 else set()
-        out.append(Selection(rule, [u for u in uids if u not in recent],
-                             [u for u in uids if u in recent]))
+        kept = holds.held(archive.index, rule.level, uids)
+        out.append(Selection(rule, [u for u in uids if u not in recent and u not in kept],
+                             [u for u in uids if u in recent and u not in kept], sorted(kept)))
         taken |= {(rule.level, u) for u in uids}
     return out
 
@@ -115,6 +120,9 @@ def apply_rules(archive, settings, actor: str = "retention", now: float | None =
             log.info("retention rule %s: %d %s records held back, received within %g days",
                      selection.rule.name, len(selection.held_back), selection.rule.level,
                      settings.retention_grace_days)
+        if selection.on_hold:
+            log.info("retention rule %s: %d %s records passed over, on legal hold",
+                     selection.rule.name, len(selection.on_hold), selection.rule.level)
     record_run(archive, started, actor, selections)
     return selections
 

@@ -104,7 +104,8 @@ def _show(archive, settings, selections, plans, as_json: bool) -> int:
         print(f"  selects {row['selected']} {s.rule.level} records now: {row['instances']} "
               f"instances, {row['bytes'] / 1e6:.2f} MB stored"
               + (f"; {row['held_back']} more held back (received within "
-                 f"{settings.retention_grace_days:g} days)" if row["held_back"] else ""))
+                 f"{settings.retention_grace_days:g} days)" if row["held_back"] else "")
+              + (f"; {row['on_hold']} on legal hold, passed over" if row["on_hold"] else ""))
         for record in row["records"]:
             print("    " + describe(record))
     hour = settings.retention_hour
@@ -124,4 +125,6 @@ def _outcome(summary: dict) -> str:
         text += f", {len(summary['failed'])} failed"
     if summary["held_back"]:
         text += f", {summary['held_back']} held back"
+    if summary.get("on_hold"):
+        text += f", {summary['on_hold']} on hold"
     return text

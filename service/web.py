@@ -4,7 +4,8 @@
 (totals, savings by modality and by day), ``/api/studies`` (sortable, paginated, with series),
 ``/api/series/{uid}`` (and its ``preview.png``), ``/api/jobs`` (compaction queue),
 ``/api/deletions`` and ``/api/corrections`` (the audit trails of ``voxarc delete`` and
-``voxarc correct``), ``/api/deleted`` (the recycle bin: :mod:`storage.recycle_bin`),
+``voxarc correct``), ``/api/deleted`` (the recycle bin: :mod:`storage.recycle_bin`, and the
+last retention run), ``/api/holds`` (legal holds in force; ``?all=1``: released ones too),
 ``/api/accesses`` (who read what: :mod:`storage.access_log`),
 ``/api/forwards`` (forwarding, :mod:`service.forwarding`) and ``/api/config`` (the node's
 settings, read only, secrets left out); ``/api/studies/{uid}/media.zip`` and
@@ -41,7 +42,7 @@ from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.preview import PreviewError, SeriesPreviews
 from service.web_access import AccessTrail, http_actor
 from service.web_auth import TokenAuth, role_of, user_of
-from storage import access_log, correction, deletion, forwarding, reports
+from storage import access_log, correction, deletion, forwarding, holds, reports
 from storage.errors import StorageError
 from storage.recycle_bin import RecycleBinError
 
@@ -201,6 +202,10 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
             e.summary(archive.recycle.keep_days) for e in archive.recycle.entries(newest)],
             "retention": retention.last_run(archive)})
 
+    def held(request: Request) -> Response:
+        released = request.query_params.get("all", "") in ("1", "true")
+        return JSONResponse([h.summary() for h in holds.listing(index, released)])
+
     async def restore(request: Request) -> Response:
         if not _json_body(request):
             return JSONResponse({"error": "post {} as application/json"}, status_code=415)
@@ -240,7 +245,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
               Route("/api/studies/{uid}/send", send, methods=["POST"]),
               *web_media.routes(archive), *web_deidentified.routes(archive, settings),
               Route("/api/deletions", deletions), Route("/api/corrections", corrections),
-              Route("/api/deleted", recycled),
+              Route("/api/deleted", recycled), Route("/api/holds", held),
               Route("/api/deleted/{entry}/restore", restore, methods=["POST"]),
               Route("/api/accesses", accesses),
               Route("/api/config", config),

@@ -13,6 +13,9 @@ points the remaining instances at their staged files, records every file to remo
 are the files removed. Recovery finishes removals a crash interrupted before it looks for
 orphans (a deleted instance's staged file would otherwise be indexed again).
 
+Nothing of a study or patient on legal hold (:mod:`storage.holds`) is deleted: such a deletion
+is refused before anything changes (:class:`OnHold`).
+
 With a recycle bin (:mod:`storage.recycle_bin`), the deleted instances are first written there
 as received, durably, so the deletion can be undone until the entry expires; a bin that cannot
 take them stops the deletion before anything changes.
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 
+from storage import holds
 from storage.blobstore import BlobStore, new_key
 from storage.errors import CommitOutcomeUnknown, StorageError
 from storage.index import (
@@ -41,6 +45,18 @@ LEVELS = ("patient", "study", "series", "instance")
 
 class DeletionError(StorageError):
     """A deletion could not be done; nothing was deleted."""
+
+
+class OnHold(DeletionError):
+    """A deletion would remove instances of a study or patient on legal hold
+    (:mod:`storage.holds`); nothing was deleted."""
+
+    def __init__(self, level: str, uid: str, holds: list):
+        self.holds = holds
+        first = holds[0]
+        super().__init__(f"{level} {uid} not deleted: {first.describe()}"
+                         + (f" (and {len(holds) - 1} more holds)" if len(holds) > 1 else "")
+                         + f"; release it first: voxarc hold release {first.level} {first.uid}")
 
 
 @dataclass
@@ -224,7 +240,16 @@ class Deleter:
         raise AssertionError("unreachable")
 
     def execute(self, todo: DeletionPlan, reason: str = "") -> dict:
-        """Carry out a :func:`plan` (see the module's docstring for the order of steps)."""
+        """Carry out a :func:`plan` (see the module's docstring for the order of steps).
+
+        Raises
+        ------
+        OnHold
+            A study or patient it touches is on legal hold.
+        """
+        on_hold = holds.touching(self.index, todo.series_ids)
+        if on_hold:
+            raise OnHold(todo.level, todo.uid, on_hold)
         kept = self._keep(todo, reason)
         try:
             restaged = self._restage(todo)

@@ -1,5 +1,5 @@
 """The SQLAlchemy index: patients, studies, series, instances, blobs, compaction jobs, forwarding
-state, and the files and audit trail of deletions.
+state, the files and audit trail of deletions, and legal holds.
 
 The same models run on SQLite (the default, one file in the data folder) and PostgreSQL. The index
 never reads blobs: it records keys, sizes and hashes so that what the blob store returns can be
@@ -289,6 +289,21 @@ class Correction(Base):
     instances: Mapped[int] = mapped_column(Integer, default=0)
     changes: Mapped[str] = mapped_column(String, default="")
     reason: Mapped[str] = mapped_column(String, default="")
+
+
+class Hold(Base):
+    """A legal hold on a patient or a study (:mod:`storage.holds`): nothing of it may be
+    deleted while ``released_at`` is empty; released holds stay as their trail."""
+
+    __tablename__ = "holds"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    level: Mapped[str] = mapped_column(String)       # patient or study
+    uid: Mapped[str] = mapped_column(String, index=True)
+    reason: Mapped[str] = mapped_column(String)
+    held_by: Mapped[str] = mapped_column(String)
+    held_at: Mapped[float] = mapped_column(Float)
+    released_by: Mapped[str | None] = mapped_column(String, nullable=True)
+    released_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class ReconciledPatient(Base):

@@ -594,13 +594,21 @@ function renderRetention(config, last) {
     const total = (f) => runs.reduce((n, r) => n + f(r), 0);
     const failed = total((r) => Object.keys(r.failed).length);
     const held = total((r) => r.held_back);
+    const onHold = total((r) => r.on_hold || 0);
     text += ` Last run ${when(last.started)}: ` + (last.error ? "failed, see the log." :
       `${count(total((r) => r.deleted))} records, ` +
       `${count(total((r) => r.deleted_instances))} instances deleted` +
       (failed ? `, ${count(failed)} failed` : "") +
-      (held ? `, ${count(held)} held back as recent arrivals` : "") + ".");
+      (held ? `, ${count(held)} held back as recent arrivals` : "") +
+      (onHold ? `, ${count(onHold)} on legal hold` : "") + ".");
   }
   setText("retention", text);
+}
+
+// Legal holds in force: who placed each, when, why.
+function renderHolds(rows) {
+  auditList("holds", rows, "No study or patient on hold.", "held_at",
+            (h) => `on hold, placed by ${h.held_by}`);
 }
 
 function restoreButton(entry) {
@@ -677,11 +685,11 @@ byId("study-search").addEventListener("submit", (event) => event.preventDefault(
 
 async function refresh() {
   try {
-    const [stats, jobs, config, deletions, forwards, accesses, corrections, recycle] =
+    const [stats, jobs, config, deletions, forwards, accesses, corrections, recycle, held] =
       await Promise.all([api("api/stats"), api("api/jobs"), api("api/config"),
                          api("api/deletions?limit=20"), api("api/forwards?limit=40"),
                          loadAccesses(), api("api/corrections?limit=20"),
-                         api("api/deleted?limit=20")]);
+                         api("api/deleted?limit=20"), api("api/holds")]);
     renderTotals(stats);
     barChart(byId("chart-modality"), stats.by_modality, "modality");
     barChart(byId("chart-time"), stats.by_day.slice(-30), "day");
@@ -695,6 +703,7 @@ async function refresh() {
     renderDeletions(deletions);
     renderRecycle(recycle);
     renderRetention(config, recycle.retention);
+    renderHolds(held);
     renderAccesses(accesses);
     renderCorrections(corrections);
     await loadStudies();

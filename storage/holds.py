@@ -1,0 +1,164 @@
+"""Legal holds: patients and studies that nothing may delete until the hold is released.
+
+A hospital keeps images past their retention period when they are evidence (a claim, a
+complaint, an investigation). While a hold is on a study, or on its patient, every deletion
+that would remove one of its instances is refused before anything changes
+(:mod:`storage.deletion`, which ``voxarc delete``, the retention rules and rejection notes all
+go through), and the retention rules pass over it. A hold says who placed it, when and why;
+releasing it records who and when, and the row stays as the trail.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+
+from storage.errors import StorageError
+from storage.index import Hold, Index, Patient, Series, Study
+
+LEVELS = ("patient", "study")
+
+
+class HoldError(StorageError):
+    """A hold that cannot be placed or released as asked."""
+
+
+@dataclass(frozen=True)
+class HoldRecord:
+    """One hold, as the index keeps it (``released_at`` None: in force)."""
+
+    level: str
+    uid: str
+    reason: str
+    held_by: str
+    held_at: float
+    released_by: str | None = None
+    released_at: float | None = None
+
+    def summary(self) -> dict:
+        """JSON-ready."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """``study 1.2.3 on hold since 2026-12-05 by cli hold (ana): claim 2026/114``."""
+        since = datetime.fromtimestamp(self.held_at, timezone.utc).strftime("%Y-%m-%d")
+        return f"{self.level} {self.uid} on hold since {since} by {self.held_by}: {self.reason}"
+
+
+def _record(row: Hold) -> HoldRecord:
+    return HoldRecord(row.level, row.uid, row.reason, row.held_by, row.held_at,
+                      row.released_by, row.released_at)
+
+
+def _active(s, level: str | None = None, uid: str | None = None):
+    stmt = select(Hold).where(Hold.released_at.is_(None))
+    if level is not None:
+        stmt = stmt.where(Hold.level == level, Hold.uid == uid)
+    return s.scalars(stmt.order_by(Hold.held_at, Hold.id)).all()
+
+
+def place(index: Index, level: str, uid: str, reason: str, actor: str,
+          now: float | None = None) -> tuple[HoldRecord, bool]:
+    """Put ``uid`` (a Patient ID or Study Instance UID, as ``level`` says) on hold; return the
+    hold and whether it is new (False: it was on hold already, unchanged).
+
+    Raises
+    ------
+    HoldError
+        A level other than patient or study, an empty reason, or a record the archive does not
+        hold (a mistyped UID would otherwise hold nothing).
+    """
+    if level not in LEVELS:
+        raise HoldError(f"a hold is on a patient or a study, not a {level}")
+    if not reason.strip():
+        raise HoldError("a hold needs a reason (the claim, the request, who asked)")
+    column = Patient.patient_id if level == "patient" else Study.study_uid
+    with index.write() as s:
+        if s.scalars(select(column).where(column == uid)).first() is None:
+            raise HoldError(f"no {level} {uid} in the archive")
+        existing = _active(s, level, uid)
+        if existing:
+            return _record(existing[0]), False
+        row = Hold(level=level, uid=uid, reason=reason.strip(), held_by=actor,
+                   held_at=time.time() if now is None else now)
+        s.add(row)
+        s.flush()
+        return _record(row), True
+
+
+def release(index: Index, level: str, uid: str, actor: str,
+            now: float | None = None) -> HoldRecord:
+    """Release the hold on ``uid``; return it, released.
+
+    Raises
+    ------
+    HoldError
+        Nothing of that level and UID is on hold.
+    """
+    with index.write() as s:
+        rows = _active(s, level, uid)
+        if not rows:
+            raise HoldError(f"{level} {uid} is not on hold")
+        for row in rows:
+            row.released_by, row.released_at = actor, time.time() if now is None else now
+        return _record(rows[0])
+
+
+def listing(index: Index, released: bool = False) -> list[HoldRecord]:
+    """The holds in force, oldest first (``released``: the released ones too)."""
+    with index.read() as s:
+        rows = s.scalars(select(Hold).order_by(Hold.held_at, Hold.id)).all() if released \
+            else _active(s)
+        return [_record(r) for r in rows]
+
+
+def _in_force(s) -> dict[tuple[str, str], HoldRecord]:
+    return {(r.level, r.uid): _record(r) for r in _active(s)}
+
+
+def _first_hold(holds: dict, study_uid: str, patient_id: str) -> HoldRecord | None:
+    return holds.get(("study", study_uid)) or holds.get(("patient", patient_id))
+
+
+def touching(index: Index, series_ids: list[int]) -> list[HoldRecord]:
+    """The holds in force on the studies or patients of these series."""
+    with index.read() as s:
+        holds = _in_force(s)
+        if not holds or not series_ids:
+            return []
+        found = {}
+        for i in range(0, len(series_ids), 500):
+            for study_uid, patient_id in s.execute(
+                    select(Study.study_uid, Patient.patient_id)
+                    .join(Series, Series.study_fk == Study.id)
+                    .join(Patient, Study.patient_fk == Patient.id)
+                    .where(Series.id.in_(series_ids[i:i + 500]))):
+                hold = _first_hold(holds, study_uid, patient_id)
+                if hold is not None:
+                    found[hold.level, hold.uid] = hold
+        return list(found.values())
+
+
+def held(index: Index, level: str, uids: list[str]) -> dict[str, HoldRecord]:
+    """Those of ``uids`` (Patient IDs, Study or Series Instance UIDs, as ``level`` says) that
+    hold, or belong to, a study or patient on hold, with that hold."""
+    key = {"patient": Patient.patient_id, "study": Study.study_uid,
+           "series": Series.series_uid}[level]
+    with index.read() as s:
+        holds = _in_force(s)
+        if not holds or not uids:
+            return {}
+        stmt = select(key, Study.study_uid, Patient.patient_id) \
+            .select_from(Study).join(Patient, Study.patient_fk == Patient.id)
+        if level == "series":
+            stmt = stmt.join(Series, Series.study_fk == Study.id)
+        out = {}
+        for i in range(0, len(uids), 500):
+            for uid, study_uid, patient_id in s.execute(stmt.where(key.in_(uids[i:i + 500]))):
+                hold = _first_hold(holds, study_uid, patient_id)
+                if hold is not None and uid not in out:
+                    out[uid] = hold
+        return out
