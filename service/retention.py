@@ -82,16 +82,17 @@ def select_all(archive, rules: list[RetentionRule], grace_days: float,
     return out
 
 
-def delete_selected(archive, selection: Selection, actor: str, progress=None) -> Selection:
-    """Delete what ``selection`` holds, each record through the recycle bin, noted for the
-    audit messages as ``actor``'s; a record that fails is logged and left (the next run tries
-    it again)."""
+def delete_selected(archive, selection: Selection, actor: str, progress=None,
+                    keep: bool = True) -> Selection:
+    """Delete what ``selection`` holds, each record through the recycle bin (``keep=False``:
+    for good at once), noted for the audit messages as ``actor``'s; a record that fails is
+    logged and left (the next run tries it again)."""
     rule = selection.rule
     reason = f"retention rule {rule.name}: {rule.text}"
     for uid in selection.uids:
         try:
             touched = studies_touched(archive, rule.level, uid)
-            done = archive.delete(rule.level, uid, reason)
+            done = archive.delete(rule.level, uid, reason, keep=keep)
         except StorageError as exc:
             selection.failed[uid] = str(exc)
             log.error("retention rule %s: %s %s not deleted: %s", rule.name, rule.level, uid,

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     add_node_options(p)
     p.add_argument("--run", action="store_true",
                    help="delete what the rules select now (restorable for deleted_keep_days)")
+    p.add_argument("--no-keep", action="store_true",
+                   help="with --run: delete for good at once, not through the recycle bin (a "
+                        "first clean-up larger than the disk's room for the bin's copies)")
     p.add_argument("--yes", action="store_true", help="do not ask before deleting")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=retention)
@@ -62,15 +65,16 @@ def retention(args) -> int:
         for s in selections:
             for uid in s.uids:
                 print(f"{s.rule.name}: deletes " + describe(plans[s.rule.name, uid].summary()))
-        go = may_proceed(args.yes, f"Delete these {count} instances "
-                         f"(restorable for {archive.recycle.keep_days:g} days)?", "delete")
+        keep = archive.recycle.enabled and not args.no_keep
+        how = f"(restorable for {archive.recycle.keep_days:g} days)" if keep else "for good"
+        go = may_proceed(args.yes, f"Delete these {count} instances {how}?", "delete")
         if not go:
             if go is False:
                 print("nothing deleted")
             return 2 if go is None else 0
         progress = Progress("retention", len(plans))
         for s in selections:
-            delete_selected(archive, s, _actor(), progress)
+            delete_selected(archive, s, _actor(), progress, keep)
         progress.finish()
         record_run(archive, started, _actor(), selections)
         if args.json:

@@ -226,6 +226,14 @@ def test_the_command_shows_what_the_rules_select_and_runs_them(tmp_path):
     assert "old: deleted 1 records, 2 instances" in ran.stdout
     listed = _voxarc("deleted", "--config", config)
     assert "retention rule old" in listed.stdout and old[0].StudyInstanceUID in listed.stdout
+    write_series(old, tmp_path / "again")                       # a first clean-up, for good
+    config.write_text(f'data_dir = "{data}"\nretention_grace_days = 0\n'
+                      '[retention]\nold = "StudyDate=-5y"\n')
+    assert _voxarc("deleted", "--config", config, "empty", "--yes").returncode == 0
+    assert _voxarc("import", "--data-dir", data, tmp_path / "again").returncode == 0
+    ran = _voxarc("retention", "--config", config, "--run", "--yes", "--no-keep")
+    assert ran.returncode == 0 and "old: deleted 1 records, 2 instances" in ran.stdout
+    assert "the recycle bin is empty" in _voxarc("deleted", "--config", config).stdout
     again = _voxarc("retention", "--config", config)
     assert "selects 0 study records" in again.stdout and "last run" in again.stdout
 
