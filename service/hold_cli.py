@@ -56,7 +56,7 @@ def hold(args) -> int:
                 if args.action == "place":
                     record, new = holds.place(archive.index, args.level, uid, args.reason,
                                               actor)
-                    log.warning("%s %s: %s", "placed" if new else "already held", args.level,
+                    log.warning("%s: %s", "hold placed" if new else "already held",
                                 record.describe())
                 else:
                     record = holds.release(archive.index, args.level, uid, actor)

@@ -16,11 +16,11 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from service.ae import Node, open_archive
-from service import patrol
+from service import patrol, retention
 from service.config import add_node_options, settings_from_args
 from service.progress import Progress
 from service.web_server import start_admin, token_from_env
-from storage import reports
+from storage import holds, reports
 from storage.errors import StorageError
 from storage.part10 import split_file
 from storage.recode import RecodeError
@@ -271,6 +271,20 @@ def _integrity(last: dict | None) -> str:
             + (f"{damaged} instances DAMAGED (run voxarc verify)" if damaged else "no damage"))
 
 
+def _retention(settings, last: dict | None) -> str:
+    rules = f"{len(settings.retention)} rules" if settings.retention else "no rules now"
+    if last is None:
+        return f"{rules}, not applied yet"
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last["started"]))
+    if "error" in last:
+        return f"{rules}; the run of {when} failed (see the log)"
+    runs = last.get("rules", [])
+    failed = sum(len(r["failed"]) for r in runs)
+    return (f"{rules}; last run {when}: {sum(r['deleted'] for r in runs)} records, "
+            f"{sum(r['deleted_instances'] for r in runs)} instances deleted"
+            + (f", {failed} FAILED (see the log)" if failed else ""))
+
+
 def _room(room: dict) -> str:
     bound = " (max_storage_bytes)" if room["bound"] == "max_storage_bytes" else ""
     pace = (f"about {room['days_left']:.0f} days at {room['stored_per_day_bytes']} bytes a day"
@@ -290,6 +304,8 @@ def stats(args) -> int:
     out["integrity"] = patrol.last_round(archive)
     out["room"] = reports.room_now(archive.index, archive.data_dir, out["stored_bytes"],
                                    settings.max_storage_bytes)
+    out["holds"] = len(holds.listing(archive.index))
+    out["retention"] = retention.last_run(archive)
     archive.close()
     if args.json:
         print(json.dumps(out, indent=1))
@@ -305,6 +321,10 @@ def stats(args) -> int:
     if out["recycle_bin_bytes"]:
         print(f"recycle    {out['recycle_bin_bytes']} bytes of deleted instances kept "
               "restorable (voxarc deleted)")
+    if out["holds"]:
+        print(f"holds      {out['holds']} studies or patients on legal hold (voxarc hold)")
+    if settings.retention or out["retention"]:
+        print("retention  " + _retention(settings, out["retention"]))
     print("integrity  " + _integrity(out["integrity"]))
     print("room       " + _room(out["room"]))
     if out["by_modality"]:

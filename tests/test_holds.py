@@ -164,6 +164,7 @@ def test_the_command_places_lists_and_releases_holds(tmp_path):
     listed = _voxarc("hold", "--data-dir", data, "--json")
     (row,) = json.loads(listed.stdout)
     assert (row["uid"], row["reason"]) == (study, "claim 7") and row["held_by"].startswith("cli")
+    assert json.loads(_voxarc("stats", "--data-dir", data, "--json").stdout)["holds"] == 1
     refused = _voxarc("delete", "study", study, "--yes", "--data-dir", data)
     assert refused.returncode == 1 and "on hold since" in refused.stderr
     assert _voxarc("hold", "release", "study", study, "--data-dir", data).returncode == 0

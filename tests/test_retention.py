@@ -236,6 +236,7 @@ def test_the_command_shows_what_the_rules_select_and_runs_them(tmp_path):
     assert "the recycle bin is empty" in _voxarc("deleted", "--config", config).stdout
     again = _voxarc("retention", "--config", config)
     assert "selects 0 study records" in again.stdout and "last run" in again.stdout
+    assert "retention  1 rules; last run" in _voxarc("stats", "--config", config).stdout
 
 
 def test_a_forwarding_rule_with_an_age_matches_as_of_each_look(archive):
