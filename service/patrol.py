@@ -11,12 +11,11 @@ rebuilds every instance) and is the command to run on a stopped node after damag
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 
+from service import state_file
 from storage.scrub import ScrubReport, check_stored_files
 
 log = logging.getLogger(__name__)
@@ -34,17 +33,11 @@ def last_round(archive) -> dict | None:
     ``finished`` (Unix times), ``files``, ``bytes``, ``damaged_files`` and
     ``damaged_instances`` (counts), ``damage`` (SOP Instance UID -> what is wrong with its
     file, the first 100)."""
-    try:
-        return json.loads((archive.data_dir / STATE).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
+    return state_file.read(archive, STATE)
 
 
 def _save(archive, state: dict) -> None:
-    path = archive.data_dir / STATE
-    tmp = path.with_name(STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
+    state_file.write(archive, STATE, state)
 
 
 class Patrol(threading.Thread):

@@ -13,14 +13,13 @@ The last run's outcome is kept in ``retention.json`` beside the index.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
+from service import state_file
 from service.admin_cli import note_change, studies_touched
 from storage import holds
 from storage.errors import StorageError
@@ -136,17 +135,11 @@ def record_run(archive, started: float, actor: str, selections: list[Selection])
 
 def last_run(archive) -> dict | None:
     """The outcome of the last run (:func:`apply_rules`), or None before the first."""
-    try:
-        return json.loads((archive.data_dir / STATE).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
+    return state_file.read(archive, STATE)
 
 
 def _save(archive, state: dict) -> None:
-    path = archive.data_dir / STATE
-    tmp = path.with_name(STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
+    state_file.write(archive, STATE, state)
 
 
 class RetentionWorker(threading.Thread):
