@@ -41,8 +41,34 @@ def test_stage_compact_and_retrieve_exactly(archive):
     _assert_exact(archive, sent)
     with archive.index.read() as s:
         codecs = sorted(s.scalars(select(Blob.codec)))
-        assert codecs.count("volume+headers") == 2
+        assert codecs.count("volume+headers") == 3      # the two stacks and CT_small alone
         assert sorted(archive.blobs.keys()) == sorted(s.scalars(select(Blob.key)))
+
+
+def test_a_lone_image_is_coded_as_a_one_slice_volume(archive):
+    """A series' only image of its format (a radiograph, a scout) goes to the volume codec
+    as one slice when it holds LONE_MIN_VOXELS pixels or more, in fewer bytes than deflating
+    it; a smaller one is deflated."""
+    import zlib
+
+    import pydicom.data
+
+    from storage.assembly import LONE_MIN_VOXELS
+    ts, data = bundled("CT_small.dcm")                         # 128 x 128, int16
+    big = archive.store(data, ts).sop_uid
+    (tiny,) = make_series(1, 16, 16, seed=5)                   # 256 pixels: deflated
+    sent = {big: (ts, data), **store_as_received(archive, [tiny])}
+    assert 16 * 16 < LONE_MIN_VOXELS <= 128 * 128
+    assert archive.compact(stable_age=0) == (2, 0)
+    _assert_exact(archive, sent)
+    with archive.index.read() as s:
+        rows = {r.sop_uid: (r.codec, r.stored_bytes) for r in s.execute(
+            select(Instance.sop_uid, Blob.codec, Blob.stored_bytes)
+            .join(Blob, Instance.blob_fk == Blob.id))}
+    assert rows[tiny.SOPInstanceUID][0] != "volume+headers"
+    codec, stored = rows[big]
+    pixels = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm")).pixel_array.tobytes()
+    assert codec == "volume+headers" and stored < 0.8 * len(zlib.compress(pixels, 6))
 
 
 def test_a_stack_of_noise_is_stored_instance_by_instance(archive, caplog):
