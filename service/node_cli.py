@@ -59,7 +59,8 @@ def register(subparsers) -> None:
                    help="compress everything pending regardless of stable_age, then exit")
     p.add_argument("--recode", action="store_true",
                    help="instead, code the stored stacks of older blob formats or other models "
-                   "again with today's codec (each checked, swapped in only when smaller)")
+                   "again with today's codec (each checked, swapped in only when smaller), and "
+                   "lone images an older release deflated as one-slice volumes")
     p.set_defaults(func=compress)
 
     p = subparsers.add_parser("stats", help="print what is stored")
@@ -233,8 +234,14 @@ def compress(args) -> int:
 
 
 def recode(archive) -> int:
-    """Code the archive's stored stacks again with today's codec (storage.recode); 1 when
-    some could not be."""
+    """Code the archive's stored stacks again with today's codec (storage.recode), and its
+    lone images deflated by an older release as one-slice volumes (storage.lone_images); 1
+    when some could not be."""
+    lone = archive.restage_lone_images()
+    failed_lone = sum(not archive.compactor.compact_series(series_id) for series_id in lone)
+    if lone:
+        log.info("recode: lone images of %d series staged again and compacted (%d failed)",
+                 len(lone), failed_lone)
     recoder = archive.recoder()
     blobs = recoder.volume_blobs()
     progress = Progress("recode", len(blobs))
@@ -258,7 +265,7 @@ def recode(archive) -> int:
              states.get("recoded", 0), len(blobs), before, after, states.get("current", 0),
              states.get("kept", 0), failed, progress.finish())
     archive.close()
-    return 1 if failed else 0
+    return 1 if failed or failed_lone else 0
 
 
 def _integrity(last: dict | None) -> str:

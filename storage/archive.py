@@ -14,13 +14,14 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from models.api import SLAB_SLICES
-from storage import correction, forwarding, query, reconciled, rejection
+from storage import correction, forwarding, lone_images, query, reconciled, rejection
 from storage.access_log import AccessLog
 from storage.backup import BackupReport, backup
 from storage.blobstore import BlobStore
 from storage.compaction import Compactor, deferred_rows
 from storage.correction import CorrectionPlan
 from storage.deletion import Deleter, DeletionPlan, plan
+from storage.errors import StorageError
 from storage.index import Blob, Index, Instance, Series, Study
 from storage.index_upgrade import fill_added_attributes
 from storage.ingest import DUPLICATE_POLICIES, IngestResult, Stager, ingest, stored_bytes
@@ -322,6 +323,20 @@ class Archive:
         """Copy this archive, consistent at one moment, into the data folder ``dest`` (see
         :func:`storage.backup.backup`); works while a node serves it."""
         return backup(self.index, self.blobs, dest, database_url, progress, force)
+
+    def restage_lone_images(self) -> list[int]:
+        """Stage again the lone images an older release deflated, so that compaction codes
+        them as one-slice volumes (:mod:`storage.lone_images`); return the ids of their series
+        (each once). An image that cannot be rebuilt is logged and left as it is."""
+        series = []
+        for inst_id, sop_uid, blob_id, digest, series_id in lone_images.candidates(self.index):
+            try:
+                if lone_images.restage(self.index, self.blobs, self.retrieve, inst_id, sop_uid,
+                                       blob_id, digest):
+                    series.append(series_id)
+            except StorageError as exc:
+                log.error("lone image %s not staged again: %s", sop_uid, exc)
+        return sorted(set(series))
 
     def recoder(self) -> Recoder:
         """A :class:`Recoder` that brings this archive's coded stacks to today's blob format

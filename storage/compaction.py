@@ -250,7 +250,9 @@ class Compactor:
         blob = models.encode_volume(position_major(volume, interleave), model=self.model,
                                     adapt=None if self.adapt and not deferred else False,
                                     **how.encode_options(self.slab))
-        if volume.nbytes >= NOISE_CHECK_BYTES and len(blob) >= volume.nbytes:
+        # a lone image is checked whatever its size: deflating it is the alternative
+        if (volume.nbytes >= NOISE_CHECK_BYTES or stack.slices == 1) and \
+                len(blob) >= volume.nbytes:
             log.info("a stack of %d instances (the first %s) coded to %d bytes, not below its "
                      "%d bytes of pixels: its instances are stored one by one", len(parts),
                      parts[0][0].sop_uid, len(blob), volume.nbytes)
