@@ -82,13 +82,18 @@ def select_all(archive, rules: list[RetentionRule], grace_days: float,
 
 
 def delete_selected(archive, selection: Selection, actor: str, progress=None,
-                    keep: bool = True) -> Selection:
+                    keep: bool = True, stopping=lambda: False) -> Selection:
     """Delete what ``selection`` holds, each record through the recycle bin (``keep=False``:
     for good at once), noted for the audit messages as ``actor``'s; a record that fails is
-    logged and left (the next run tries it again)."""
+    logged and left (the next run tries it again), and so are those left when ``stopping()``
+    turns true (the node is stopping)."""
     rule = selection.rule
     reason = f"retention rule {rule.name}: {rule.text}"
-    for uid in selection.uids:
+    for done_count, uid in enumerate(selection.uids):
+        if stopping():
+            log.warning("retention rule %s: stopped after %d of %d records; the next run "
+                        "takes the others", rule.name, done_count, len(selection.uids))
+            break
         try:
             touched = studies_touched(archive, rule.level, uid)
             done = archive.delete(rule.level, uid, reason, keep=keep)
@@ -108,14 +113,15 @@ def delete_selected(archive, selection: Selection, actor: str, progress=None,
     return selection
 
 
-def apply_rules(archive, settings, actor: str = "retention", now: float | None = None
-                ) -> list[Selection]:
-    """Apply every rule of ``settings`` once and record the outcome in ``retention.json``."""
+def apply_rules(archive, settings, actor: str = "retention", now: float | None = None,
+                stopping=lambda: False) -> list[Selection]:
+    """Apply every rule of ``settings`` once and record the outcome in ``retention.json``
+    (``stopping``: see :func:`delete_selected`)."""
     started = time.time() if now is None else now
     selections = select_all(archive, rules_of(settings), settings.retention_grace_days,
                             started)
     for selection in selections:
-        delete_selected(archive, selection, actor)
+        delete_selected(archive, selection, actor, stopping=stopping)
         if selection.held_back:
             log.info("retention rule %s: %d %s records held back, received within %g days",
                      selection.rule.name, len(selection.held_back), selection.rule.level,
@@ -172,7 +178,8 @@ class RetentionWorker(threading.Thread):
         if not self.due():
             return None
         log.info("retention: applying %d rules", len(self.settings.retention))
-        selections = apply_rules(self.archive, self.settings, "retention (node)", self.clock())
+        selections = apply_rules(self.archive, self.settings, "retention (node)", self.clock(),
+                                 self._stop_event.is_set)
         log.info("retention: deleted %d records, %d instances; %d failed",
                  sum(len(s.deleted) for s in selections),
                  sum(d["instances"] for s in selections for d in s.deleted),
@@ -189,6 +196,7 @@ class RetentionWorker(threading.Thread):
                                      "by": "retention (node)", "error": "see the log"})
 
     def stop(self) -> None:
-        """Ask the worker to exit (a run under way finishes first); wait for it."""
+        """Ask the worker to exit (a run under way stops after its current record); wait for
+        it."""
         self._stop_event.set()
         self.join()

@@ -135,6 +135,25 @@ def test_applying_the_rules_deletes_through_the_recycle_bin_and_records_the_run(
     assert arch.find("STUDY", {"StudyInstanceUID": studies["old"]})
 
 
+def test_a_stopping_node_ends_its_run_after_the_current_record(tmp_path, caplog):
+    arch = Archive(tmp_path / "data", deleted_keep_days=7)
+    try:
+        for seed in (1, 2, 3):
+            _aged(arch, store_series(arch, make_series(1, 8, 8, study_date="20100301",
+                                                       seed=seed)), 60)
+        settings = load_settings(data_dir=str(arch.data_dir), retention={"old": "StudyDate=-5y"})
+        asked = []
+        with caplog.at_level("WARNING"):
+            (sel,) = node_retention.apply_rules(arch, settings, stopping=lambda: len(
+                asked.append(1) or asked) > 1)
+        assert len(sel.deleted) == 1 and len(arch.find("STUDY", {"StudyInstanceUID": ""})) == 2
+        assert "stopped after 1 of 3 records" in caplog.text
+        (sel,) = node_retention.apply_rules(arch, settings)          # the next run: the rest
+        assert len(sel.deleted) == 2
+    finally:
+        arch.close()
+
+
 def test_the_node_applies_the_rules_once_in_their_hour(tmp_path):
     arch = Archive(tmp_path / "data", deleted_keep_days=7)
     series = make_series(2, 8, 8, study_date="20100301")
