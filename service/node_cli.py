@@ -311,7 +311,7 @@ def stats(args) -> int:
     out["integrity"] = patrol.last_round(archive)
     out["room"] = reports.room_now(archive.index, archive.data_dir, out["stored_bytes"],
                                    settings.max_storage_bytes)
-    out["holds"] = len(holds.listing(archive.index))
+    out["holds"] = sum(h.through is None for h in holds.listing(archive.index))
     out["retention"] = retention.last_run(archive)
     archive.close()
     if args.json:

@@ -14,7 +14,8 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from models.api import SLAB_SLICES
-from storage import correction, forwarding, lone_images, query, reconciled, rejection
+from storage import (correction, forwarding, holds, lone_images, query, reconciled,
+                     rejection)
 from storage.access_log import AccessLog
 from storage.backup import BackupReport, backup
 from storage.blobstore import BlobStore
@@ -305,6 +306,13 @@ class Archive:
         corrector = correction.Corrector(self.index, self.blobs, self.retrieve)
         for attempt in range(2):
             todo = correction.plan(self.index, level, uid, values)
+            on_hold = holds.touching(self.index, todo.series_ids) \
+                if "StudyInstanceUID" in todo.changes else []
+            if on_hold:         # its held study would lose it
+                raise correction.CorrectionError(
+                    f"{level} {uid} is not moved to another study: {on_hold[0].describe()}; "
+                    f"release it first: voxarc hold release {on_hold[0].level} "
+                    f"{on_hold[0].uid}")
             try:
                 done = corrector.correct(todo, reason)
                 self.late.invalidate()

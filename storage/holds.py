@@ -6,6 +6,12 @@ that would remove one of its instances is refused before anything changes
 (:mod:`storage.deletion`, which ``voxarc delete``, the retention rules and rejection notes all
 go through), and the retention rules pass over it. A hold says who placed it, when and why;
 releasing it records who and when, and the row stays as the trail.
+
+A hold is kept by UID: a patient's hold is also placed on each of the patient's studies
+(``through`` the patient), so that they stay held when a correction or an HL7 merge files them
+under another Patient ID, while the patient's own hold takes the studies that come under its
+ID later. Releasing the patient releases those with it. A series of a held study is not moved
+to another study by a correction (storage.archive refuses it).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class HoldRecord:
     held_at: float
     released_by: str | None = None
     released_at: float | None = None
+    through: str | None = None
 
     def summary(self) -> dict:
         """JSON-ready."""
@@ -45,12 +52,14 @@ class HoldRecord:
     def describe(self) -> str:
         """``study 1.2.3 on hold since 2026-12-05 by cli hold (ana): claim 2026/114``."""
         since = datetime.fromtimestamp(self.held_at, timezone.utc).strftime("%Y-%m-%d")
-        return f"{self.level} {self.uid} on hold since {since} by {self.held_by}: {self.reason}"
+        via = f" (with patient {self.through})" if self.through else ""
+        return (f"{self.level} {self.uid} on hold{via} since {since} by {self.held_by}: "
+                f"{self.reason}")
 
 
 def _record(row: Hold) -> HoldRecord:
     return HoldRecord(row.level, row.uid, row.reason, row.held_by, row.held_at,
-                      row.released_by, row.released_at)
+                      row.released_by, row.released_at, row.through)
 
 
 def _active(s, level: str | None = None, uid: str | None = None):
@@ -82,9 +91,15 @@ def place(index: Index, level: str, uid: str, reason: str, actor: str,
         existing = _active(s, level, uid)
         if existing:
             return _record(existing[0]), False
-        row = Hold(level=level, uid=uid, reason=reason.strip(), held_by=actor,
-                   held_at=time.time() if now is None else now)
+        when = time.time() if now is None else now
+        row = Hold(level=level, uid=uid, reason=reason.strip(), held_by=actor, held_at=when)
         s.add(row)
+        if level == "patient":
+            for study_uid in s.scalars(select(Study.study_uid).join(
+                    Patient, Study.patient_fk == Patient.id).where(Patient.patient_id == uid)):
+                if not _active(s, "study", study_uid):
+                    s.add(Hold(level="study", uid=study_uid, reason=reason.strip(),
+                               held_by=actor, held_at=when, through=uid))
         s.flush()
         return _record(row), True
 
@@ -102,6 +117,9 @@ def release(index: Index, level: str, uid: str, actor: str,
         rows = _active(s, level, uid)
         if not rows:
             raise HoldError(f"{level} {uid} is not on hold")
+        if level == "patient":          # and the studies held with it
+            rows += s.scalars(select(Hold).where(Hold.released_at.is_(None),
+                                                 Hold.through == uid)).all()
         for row in rows:
             row.released_by, row.released_at = actor, time.time() if now is None else now
         return _record(rows[0])

@@ -244,7 +244,8 @@ def _sqlite_relaxed_pragmas(dbapi_conn, record) -> None:
 
 def add_missing_columns(engine) -> list[str]:
     """Add to existing tables the columns that later versions gave them (each has a server
-    default, which the rows already there take); return ``table.column`` of each added.
+    default, which the rows already there take, or may be empty); return ``table.column`` of
+    each added.
     ``create_all`` makes missing tables only, so an index written by an earlier version would
     otherwise fail on its first query."""
     found = inspect(engine)
@@ -256,15 +257,16 @@ def add_missing_columns(engine) -> list[str]:
         for column in table.columns:
             if column.name in have:
                 continue
-            if column.server_default is None:
+            if column.server_default is None and not column.nullable:
                 raise RuntimeError(f"index table {table.name} lacks column {column.name}, "
                                    "which has no default to add it with")
             kind = column.type.compile(dialect=engine.dialect)
-            default = column.server_default.arg
+            fill = "" if column.server_default is None else \
+                f" NOT NULL DEFAULT {column.server_default.arg}"
             try:
                 with engine.begin() as conn:
                     conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} "
-                                      f"{kind} NOT NULL DEFAULT {default}"))
+                                      f"{kind}{fill}"))
             except SQLAlchemyError:
                 # another process starting on the same index (a `voxarc compress --now` beside
                 # `serve`) may have added it in between
@@ -304,6 +306,9 @@ class Hold(Base):
     held_at: Mapped[float] = mapped_column(Float)
     released_by: Mapped[str | None] = mapped_column(String, nullable=True)
     released_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # a study's hold placed with its patient's: that Patient ID (the study stays held when a
+    # correction or a merge files it under another)
+    through: Mapped[str | None] = mapped_column(String, nullable=True)
 
 
 class ReconciledPatient(Base):

@@ -82,10 +82,36 @@ def test_nothing_of_a_held_study_or_patient_is_deleted_until_released(held_archi
     arch.delete("study", studies[2])                                # P2's: not held
     holds.place(arch.index, "patient", "P1", "the patient's complaint", "ana")
     holds.release(arch.index, "study", studies[0], "ana")
-    with pytest.raises(OnHold, match="patient P1 on hold"):         # the patient's hold
+    with pytest.raises(OnHold, match=r"on hold \(with patient P1\)"):   # the patient's hold
         arch.delete("study", studies[1])
     holds.release(arch.index, "patient", "P1", "ana")
     assert arch.delete("patient", "P1")["instances"] == 6
+
+
+def test_a_patients_hold_follows_its_studies_through_corrections(held_archive):
+    from storage.correction import CorrectionError
+    arch, studies, sent = held_archive
+    holds.place(arch.index, "patient", "P1", "claim", "ana")
+    assert sorted(h.uid for h in holds.listing(arch.index) if h.through == "P1") == \
+        sorted(studies[:2])
+    # filed under another Patient ID (a correction, an HL7 merge), the study stays held
+    arch.correct("study", studies[1], {"PatientID": "P9"}, "wrong patient")
+    with pytest.raises(OnHold, match=f"study {studies[1]} on hold"):
+        arch.delete("patient", "P9")
+    # a new study under the held Patient ID is held too
+    late = make_series(1, 8, 8, patient_id="P1", seed=9)
+    store_series(arch, late)
+    with pytest.raises(OnHold, match="patient P1 on hold"):
+        arch.delete("study", late[0].StudyInstanceUID)
+    # a series is not moved out of a held study
+    series_uid = arch.find("SERIES", {"StudyInstanceUID": studies[0],
+                                      "SeriesInstanceUID": ""})[0]["SeriesInstanceUID"]
+    with pytest.raises(CorrectionError, match="is not moved to another study: study .* on hold"):
+        arch.correct("series", series_uid, {"StudyInstanceUID": studies[2]})
+    holds.release(arch.index, "patient", "P1", "ana")               # and its studies with it
+    assert holds.listing(arch.index) == []
+    arch.correct("series", series_uid, {"StudyInstanceUID": studies[2]})
+    assert arch.delete("patient", "P9")["instances"] == 3
 
 
 def test_retention_passes_over_held_records(held_archive):

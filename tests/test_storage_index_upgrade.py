@@ -80,3 +80,22 @@ def test_an_unreadable_header_leaves_its_series_empty_and_the_rest_filled(archiv
         assert "cannot be read" in caplog.text
     finally:
         again.close()
+
+
+def test_an_empty_column_is_added_to_an_older_table_and_left_empty(archive):
+    """A nullable column without a default (a hold's ``through``) is added as it is."""
+    from storage import holds
+    series = make_series(1, 8, 8)
+    store_series(archive, series)
+    holds.place(archive.index, "study", series[0].StudyInstanceUID, "claim", "ana")
+    url, data_dir = archive.index.url, archive.blobs.root.parent
+    with archive.index.engine.begin() as conn:      # as the index of 2026-12-05 evening has it
+        conn.execute(text("ALTER TABLE holds DROP COLUMN through"))
+    archive.close()
+    again = Archive(data_dir, url)
+    try:
+        assert "holds.through" in again.index.added_columns
+        (hold,) = holds.listing(again.index)
+        assert hold.uid == series[0].StudyInstanceUID and hold.through is None
+    finally:
+        again.close()
