@@ -5,8 +5,9 @@ ages in date keys (``adults = "study: StudyDate=-10y; PatientBirthDate=-28y"``).
 ``retention_hour`` (local time) the running node deletes what the rules select, through the
 recycle bin (restorable for ``deleted_keep_days``), with the rule named as the deletion's
 reason in the audit trail and the audit messages. What arrived within ``retention_grace_days``
-is held back, and what is under a legal hold (``voxarc hold``) passed over. ``voxarc retention`` shows what the rules select now, and ``--run`` applies them
-at once (from cron, say, on a node whose ``retention_hour`` is -1: never by itself).
+is held back, and what is under a legal hold (``voxarc hold``) passed over. ``voxarc
+retention`` shows what the rules select now, and ``--run`` applies them at once (from cron,
+say, on a node whose ``retention_hour`` is -1: never by itself).
 
 The last run's outcome is kept in ``retention.json`` beside the index.
 """

@@ -4,8 +4,9 @@ A rule names a destination and the C-FIND keys a series must match (:mod:`storag
 matching, on what the index keeps of the series, its study and its patient); an empty rule
 matches every series; ``Priors=2`` sends the patient's two latest earlier studies along with a
 new one (those the destination has not had, whenever they came); a date key may hold an age
-(``StudyDate=7d-``: studies of the last week, :mod:`storage.rule_dates`). A rule takes effect when a node first runs with it (or with it changed):
-only instances received since then go by it, so enabling one does not send the archive's past
+(``StudyDate=7d-``: studies of the last week, :mod:`storage.rule_dates`). A rule takes effect
+when a node first runs with it (or with it changed): only instances received since then go by
+it, so enabling one does not send the archive's past
 (a C-MOVE does that). Once a series is stable (no new instance for ``stable_age`` seconds), its
 instances received after the last that went to the destination (the ``forwards`` row's
 ``sent_until``) are due. The row keeps each outcome: sent (up to the newest instance that
