@@ -11,8 +11,9 @@ last retention run), ``/api/holds`` (legal holds in force; ``?all=1``: released 
 settings, read only, secrets left out); ``/api/studies/{uid}/media.zip`` and
 ``/api/media.zip`` are studies as DICOM file-sets (:mod:`service.web_media`); DICOMweb under
 ``/dicom-web``. Beside STOW-RS (the ingest path of C-STORE) and sending a study to a
-configured destination (``POST /api/studies/{uid}/send``) and restoring a deletion from the
-recycle bin (``POST /api/deleted/{entry}/restore``), the application only reads: deleting and
+configured destination (``POST /api/studies/{uid}/send``), restoring a deletion from the
+recycle bin (``POST /api/deleted/{entry}/restore``) and placing or releasing a legal hold
+(``POST /api/holds``, ``POST /api/holds/release``), the application only reads: deleting and
 correcting are commands run on the node's machine. Everything is read through
 :mod:`storage.reports` and the archive.
 """
@@ -206,6 +207,34 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
         released = request.query_params.get("all", "") in ("1", "true")
         return JSONResponse([h.summary() for h in holds.listing(index, released)])
 
+    async def hold(request: Request) -> Response:
+        """Place (``/api/holds``) or release (``/api/holds/release``) a legal hold: JSON
+        ``{"level": "study" or "patient", "uid": ..., "reason": ...}``, the web user the
+        actor; 201 for a new hold, 200 for one already placed or released, 400 or 404 (no such
+        hold to release) with the reason."""
+        if not _json_body(request):
+            return JSONResponse({"error": "post JSON as application/json"}, status_code=415)
+        try:
+            asked = await request.json()
+            level, uid = str(asked.get("level", "")), str(asked.get("uid", "")).strip()
+            reason = str(asked.get("reason", ""))
+        except (ValueError, AttributeError):
+            return JSONResponse({"error": "post {\"level\", \"uid\", \"reason\"}"},
+                                status_code=400)
+        actor, releasing = http_actor(request), request.url.path.endswith("/release")
+        try:
+            if releasing:
+                record = await run_in_threadpool(holds.release, index, level, uid, actor)
+                new = False
+            else:
+                record, new = await run_in_threadpool(holds.place, index, level, uid, reason,
+                                                      actor)
+        except holds.HoldError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404 if releasing else 400)
+        log.warning("%s by %s: %s", "hold released" if releasing else "hold placed"
+                    if new else "already held", actor, record.describe())
+        return JSONResponse(record.summary(), status_code=201 if new else 200)
+
     async def restore(request: Request) -> Response:
         if not _json_body(request):
             return JSONResponse({"error": "post {} as application/json"}, status_code=415)
@@ -246,6 +275,8 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
               *web_media.routes(archive), *web_deidentified.routes(archive, settings),
               Route("/api/deletions", deletions), Route("/api/corrections", corrections),
               Route("/api/deleted", recycled), Route("/api/holds", held),
+              Route("/api/holds", hold, methods=["POST"]),
+              Route("/api/holds/release", hold, methods=["POST"]),
               Route("/api/deleted/{entry}/restore", restore, methods=["POST"]),
               Route("/api/accesses", accesses),
               Route("/api/config", config),

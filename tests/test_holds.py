@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from admin_helpers import CHROMIUM, admin_site, chromium, get_json, http_token  # noqa: F401
+from admin_helpers import (CHROMIUM, admin_site, chromium, get_json, http_token,  # noqa: F401
+                           post_json)
 from node_helpers import (BACKENDS, database_url, dataset_bytes, make_series, retrieves_exactly,
                           store_series, write_series)
 from sqlalchemy import update
@@ -215,3 +216,34 @@ def test_the_admin_page_lists_the_holds(admin_site, tmp_path):
         listed = re.search(r'<ul id="holds">(.*?)</ul>', dom, re.S).group(1)
         assert "patient" in listed and "HELD" in listed and "complaint 3" in listed
         assert "on hold, placed by ana" in listed
+
+
+def test_the_api_places_and_releases_holds_and_the_page_offers_both(admin_site, tmp_path):
+    node, admin = admin_site
+    series = make_series(2, 8, 8, patient_id="PAGE")
+    store_series(node.archive, series)
+    study = series[0].StudyInstanceUID
+    url = f"{admin.url}/api/holds"
+    ask = {"level": "study", "uid": study, "reason": "claim 5"}
+    assert post_json(url, json.dumps(ask).encode(), "text/plain")[0] == 415
+    for wrong, why in [({**ask, "reason": " "}, "needs a reason"),
+                       ({**ask, "uid": "1.2.3"}, "no study 1.2.3"),
+                       ({**ask, "level": "series"}, "not a series")]:
+        status, answer = post_json(url, json.dumps(wrong).encode())
+        assert status == 400 and why in answer["error"]
+    status, answer = post_json(url, json.dumps(ask).encode())
+    assert status == 201 and answer["reason"] == "claim 5"
+    assert post_json(url, json.dumps(ask).encode())[0] == 200             # already held
+    with pytest.raises(OnHold):
+        node.archive.delete("study", study)
+    if CHROMIUM is not None:
+        dom = chromium(f"{admin.url}/#study/{study}", tmp_path / "page", "--dump-dom")
+        controls = re.search(r'<tr class="series send">.*?</tr>', dom, re.S).group(0)
+        assert ">Hold study</button>" in controls and 'class="hold-reason"' in controls
+        listed = re.search(r'<ul id="holds">(.*?)</ul>', dom, re.S).group(1)
+        assert "claim 5" in listed and ">Release</button>" in listed
+    release = json.dumps({"level": "study", "uid": study}).encode()
+    assert post_json(f"{url}/release", release)[0] == 200
+    status, answer = post_json(f"{url}/release", release)
+    assert status == 404 and "is not on hold" in answer["error"]
+    assert node.archive.delete("study", study)["instances"] == 2

@@ -191,3 +191,19 @@ def test_sighup_takes_a_users_access_away_without_a_restart(tmp_path):
     assert "SIGHUP: settings reloaded (http_users)" in err
     assert "SIGHUP: changed in the settings file, applied at the next restart: codec_slab" \
         in err
+
+
+def test_an_admin_places_and_releases_a_hold_and_a_viewer_may_not(users_site):
+    node, site, viewer, admin = users_site
+    series = make_series(2, 8, 8)
+    store_as_received(node.archive, series)
+    study = series[0].StudyInstanceUID
+    place = json.dumps({"level": "study", "uid": study, "reason": "claim 12"}).encode()
+    assert _request(f"{site.url}/api/holds", viewer, "POST", place)[0] == 403
+    status, answer = _request(f"{site.url}/api/holds", admin, "POST", place)
+    assert status == 201 and json.loads(answer)["held_by"] == "http pacsadmin@127.0.0.1"
+    release = json.dumps({"level": "study", "uid": study}).encode()
+    assert _request(f"{site.url}/api/holds/release", viewer, "POST", release)[0] == 403
+    assert len(json.loads(_request(f"{site.url}/api/holds", viewer)[1])) == 1   # it may read
+    status, answer = _request(f"{site.url}/api/holds/release", admin, "POST", release)
+    assert status == 200 and json.loads(answer)["released_by"] == "http pacsadmin@127.0.0.1"

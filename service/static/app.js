@@ -201,6 +201,7 @@ function actionsRow(tbody, s) {
     td.append(" · ", all, " (", patientDownload(s.patient_id, "all in one DICOMDIR, ZIP"), ")");
   }
   sendControls(td, s);
+  holdControls(td, s);
 }
 
 function downloadLink(path, text, title) {
@@ -256,6 +257,22 @@ function actionButton(label, busy, act) {
   const box = document.createElement("span");
   box.append(button, note);
   return box;
+}
+
+// "hold": keep the study from every deletion until released (a claim, an investigation).
+function holdControls(td, s) {
+  if (state.role !== "admin") return;
+  const reason = document.createElement("input");
+  reason.className = "hold-reason";
+  reason.placeholder = "reason (claim, request)";
+  td.append(" · ", reason, " ", actionButton("Hold study", "placing the hold", async () => {
+    const [response, answer] = await postJson("api/holds",
+                                              { level: "study", uid: s.study_uid,
+                                                reason: reason.value });
+    if (response.ok) setTimeout(refresh, 1000);
+    return response.status === 201 ? "on hold: nothing of it is deleted until released"
+      : response.ok ? `already on hold (${answer.reason})` : answer.error;
+  }));
 }
 
 // "send to ...": the whole study to a configured destination (as a C-MOVE would).
@@ -608,7 +625,18 @@ function renderRetention(config, last) {
 // Legal holds in force: who placed each, when, why.
 function renderHolds(rows) {
   auditList("holds", rows, "No study or patient on hold.", "held_at",
-            (h) => `on hold, placed by ${h.held_by}`);
+            (h) => `on hold${h.through ? ` with patient ${h.through}` : ""}, ` +
+                   `placed by ${h.held_by}`,
+            (li, h) => {
+              if (state.role === "admin" && !h.through) {
+                li.append(" ", actionButton("Release", "releasing", async () => {
+                  const [response, answer] = await postJson("api/holds/release",
+                                                            { level: h.level, uid: h.uid });
+                  if (response.ok) setTimeout(refresh, 1000);
+                  return response.ok ? "released" : answer.error;
+                }));
+              }
+            });
 }
 
 function restoreButton(entry) {
