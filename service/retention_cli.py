@@ -53,8 +53,7 @@ def retention(args) -> int:
         started = time.time()
         selections = select_all(archive, rules_of(settings), settings.retention_grace_days,
                                 started)
-        plans = {(s.rule.name, uid): archive.deletion_plan(s.rule.level, uid)
-                 for s in selections for uid in s.uids}
+        plans = _plans(archive, selections)
         if not args.run:
             return _show(archive, settings, selections, plans, args.json)
         count = sum(len(p.instances) for p in plans.values())
@@ -85,6 +84,19 @@ def retention(args) -> int:
         return 1 if any(s.failed for s in selections) else 0
     finally:
         archive.close()
+
+
+def _plans(archive, selections) -> dict:
+    """What deleting each selected record removes (rule name, UID) -> DeletionPlan; with
+    progress, as a first run can select tens of thousands (20,000 studies: about 50 s)."""
+    progress = Progress("retention plan", sum(len(s.uids) for s in selections))
+    plans = {}
+    for s in selections:
+        for uid in s.uids:
+            plans[s.rule.name, uid] = archive.deletion_plan(s.rule.level, uid)
+            progress.advance(note=uid)
+    progress.finish()
+    return plans
 
 
 def _actor() -> str:
