@@ -289,3 +289,16 @@ def test_the_admin_page_and_metrics_show_the_rules_and_the_last_run(admin_site, 
         shown = re.search(r'<p class="muted" id="retention">(.*?)</p>', dom, re.S).group(1)
         assert "Retention rules, applied daily at 02:00: old (study: StudyDate=-5y)." in shown
         assert "1 records, 2 instances deleted." in shown
+
+
+def test_the_admin_guides_retention_example_loads(tmp_path):
+    """The settings the admin guide shows for retention load as they are written."""
+    guide = (REPO / "docs" / "admin.md").read_text()
+    section = guide[guide.index("## Retention rules"):guide.index("## Legal holds")]
+    example = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    config = tmp_path / "node.toml"
+    config.write_text(example)
+    s = load_settings(config)
+    assert set(s.retention) == {"adults", "radiographs"} and s.retention_hour == 2
+    rules = node_retention.rules_of(s)
+    assert rules[1].criteria == {"StudyDate": "-5y", "ModalitiesInStudy": "CR\\DX"}
