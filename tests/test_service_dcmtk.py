@@ -132,6 +132,28 @@ def test_dcmtk_generated_series(node, tmp_path, storescp):
     _round_trip(node, tmp_path, storescp, originals, studies, "compacted")
 
 
+def test_dcmtk_lone_images_coded_as_one_slice_volumes_come_back_exactly(node, tmp_path):
+    """A radiograph-like lone image (pynetdicom's 1024 x 1024 RT image) and CT_small, each
+    alone in its series: after compaction they are coded volumes, and getscu receives the
+    datasets storescu sent, byte for byte."""
+    import pynetdicom
+    from sqlalchemy import select
+    from storage.index import Blob, Instance
+    rt = Path(pynetdicom.__file__).parent / "tests" / "dicom_files" / "RTImageStorage.dcm"
+    paths = [rt, TESTDATA / "CT_small.dcm"]
+    _push(node.port, paths)
+    sent = {uid: node.archive.retrieve(uid).data for uid in _originals(paths)}  # as received
+    node.archive.compact(0)
+    with node.archive.index.read() as s:
+        codecs = dict(s.execute(select(Instance.sop_uid, Blob.codec)
+                                .join(Blob, Instance.blob_fk == Blob.id)).all())
+    assert set(codecs) == set(sent) and set(codecs.values()) == {"volume+headers"}
+    for path in paths:
+        got = _get(node.port, tmp_path, path.stem, QueryRetrieveLevel="STUDY",
+                   StudyInstanceUID=_study(path))
+        assert got and all(data == sent[uid] for uid, (_, data) in got.items())
+
+
 def _study(path: Path) -> str:
     ts, data = split_file(path.read_bytes())
     return str(parse_dataset(data, ts).StudyInstanceUID)
