@@ -5,7 +5,7 @@
 ``/api/series/{uid}`` (and its ``preview.png``), ``/api/jobs`` (compaction queue),
 ``/api/deletions`` and ``/api/corrections`` (the audit trails of ``voxarc delete`` and
 ``voxarc correct``), ``/api/deleted`` (the recycle bin: :mod:`storage.recycle_bin`, and the
-last retention run), ``/api/holds`` (legal holds in force; ``?all=1``: released ones too),
+last retention run), ``/api/retention`` (what the retention rules select now), ``/api/holds`` (legal holds in force; ``?all=1``: released ones too),
 ``/api/accesses`` (who read what: :mod:`storage.access_log`),
 ``/api/forwards`` (forwarding, :mod:`service.forwarding`) and ``/api/config`` (the node's
 settings, read only, secrets left out); ``/api/studies/{uid}/media.zip`` and
@@ -207,6 +207,15 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
         released = request.query_params.get("all", "") in ("1", "true")
         return JSONResponse([h.summary() for h in holds.listing(index, released)])
 
+    async def retention_now(request: Request) -> Response:
+        """What the retention rules select now (counts per rule; nothing is deleted)."""
+        selections = await run_in_threadpool(
+            retention.select_all, archive, retention.rules_of(access),
+            access.retention_grace_days)
+        return JSONResponse([{k: v for k, v in s.summary().items()
+                              if k in ("rule", "text", "selected", "held_back", "on_hold")}
+                             for s in selections])
+
     async def hold(request: Request) -> Response:
         """Place (``/api/holds``) or release (``/api/holds/release``) a legal hold: JSON
         ``{"level": "study" or "patient", "uid": ..., "reason": ...}``, the web user the
@@ -276,6 +285,7 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
               Route("/api/deletions", deletions), Route("/api/corrections", corrections),
               Route("/api/deleted", recycled), Route("/api/holds", held),
               Route("/api/holds", hold, methods=["POST"]),
+              Route("/api/retention", retention_now),
               Route("/api/holds/release", hold, methods=["POST"]),
               Route("/api/deleted/{entry}/restore", restore, methods=["POST"]),
               Route("/api/accesses", accesses),

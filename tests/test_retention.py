@@ -284,8 +284,16 @@ def test_the_admin_page_and_metrics_show_the_rules_and_the_last_run(admin_site, 
     assert metric(text, "voxarc_retention_deleted_instances") == 2
     assert metric(text, "voxarc_retention_failed_records") == 0
     assert metric(text, "voxarc_retention_last_run_timestamp_seconds") == last["started"]
+    _aged(node.archive, store_series(node.archive, make_series(1, 8, 8, study_date="20110301",
+                                                               seed=4)), 60)
+    _aged(node.archive, store_series(node.archive, make_series(1, 8, 8, study_date="20120301",
+                                                               seed=5)), 1)
+    (now,) = get_json(f"{admin.url}/api/retention")             # nothing deleted by looking
+    assert (now["rule"], now["selected"], now["held_back"]) == ("old", 1, 1)
+    assert len(get_json(f"{admin.url}/api/studies")["items"]) == 2
     if CHROMIUM is not None:
         dom = chromium(f"{admin.url}/", tmp_path / "page", "--dump-dom")
+        assert ">What they select now</button>" in dom
         shown = re.search(r'<p class="muted" id="retention">(.*?)</p>', dom, re.S).group(1)
         assert "Retention rules, applied daily at 02:00: old (study: StudyDate=-5y)." in shown
         assert "1 records, 2 instances deleted." in shown

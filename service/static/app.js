@@ -599,6 +599,7 @@ function renderRetention(config, last) {
   const rules = Object.entries(config.retention || {});
   if (!rules.length) {
     setText("retention", "No retention rules: nothing is deleted for its age.");
+    byId("retention-now").hidden = true;
     return;
   }
   const hour = config.retention_hour;
@@ -620,6 +621,16 @@ function renderRetention(config, last) {
       (onHold ? `, ${count(onHold)} on legal hold` : "") + ".");
   }
   setText("retention", text);
+  const now = byId("retention-now");
+  if (now.hidden) {       // once: a look at what the rules select takes a query per rule
+    now.hidden = false;
+    now.replaceChildren(actionButton("What they select now", "looking", async () => {
+      const answer = await api("api/retention");
+      return answer.map((r) => `${r.rule}: ${count(r.selected)}` +
+        (r.held_back ? `, ${count(r.held_back)} held back as recent` : "") +
+        (r.on_hold ? `, ${count(r.on_hold)} on legal hold` : "")).join("; ");
+    }));
+  }
 }
 
 // Legal holds in force: who placed each, when, why.
