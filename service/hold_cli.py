@@ -11,7 +11,6 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-from datetime import datetime, timezone
 
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
@@ -53,15 +52,9 @@ def hold(args) -> int:
         done, failed = [], 0
         for uid in args.uids:
             try:
-                if args.action == "place":
-                    record, new = holds.place(archive.index, args.level, uid, args.reason,
-                                              actor)
-                    log.warning("%s: %s", "hold placed" if new else "already held",
-                                record.describe())
-                else:
-                    record = holds.release(archive.index, args.level, uid, actor)
-                    log.warning("released the hold on %s %s (%s)", args.level, uid,
-                                record.reason)
+                record = holds.place(archive.index, args.level, uid, args.reason, actor)[0] \
+                    if args.action == "place" else holds.release(archive.index, args.level,
+                                                                 uid, actor)
                 done.append(record.summary())
             except HoldError as exc:
                 failed += 1
@@ -82,12 +75,5 @@ def _list(archive, released: bool, as_json: bool) -> int:
         print("no holds" + ("" if released else " in force"))
         return 0
     for r in rows:
-        line = r.describe()
-        if r.released_at is not None:
-            line += f" (released {_day(r.released_at)} by {r.released_by})"
-        print(line)
+        print(r.describe())
     return 0
-
-
-def _day(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d")

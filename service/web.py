@@ -240,8 +240,6 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
                                                       actor)
         except holds.HoldError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404 if releasing else 400)
-        log.warning("%s by %s: %s", "hold released" if releasing else "hold placed"
-                    if new else "already held", actor, record.describe())
         return JSONResponse(record.summary(), status_code=201 if new else 200)
 
     async def restore(request: Request) -> Response:

@@ -16,6 +16,7 @@ to another study by a correction (storage.archive refuses it).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -25,6 +26,7 @@ from sqlalchemy import select
 from storage.errors import StorageError
 from storage.index import Hold, Index, Patient, Series, Study
 
+log = logging.getLogger(__name__)
 LEVELS = ("patient", "study")
 
 
@@ -50,11 +52,18 @@ class HoldRecord:
         return asdict(self)
 
     def describe(self) -> str:
-        """``study 1.2.3 on hold since 2026-12-05 by cli hold (ana): claim 2026/114``."""
-        since = datetime.fromtimestamp(self.held_at, timezone.utc).strftime("%Y-%m-%d")
+        """``study 1.2.3 on hold since 2026-12-05 by cli hold (ana): claim 2026/114``, and
+        ``(released DAY by WHO)`` after a release."""
         via = f" (with patient {self.through})" if self.through else ""
-        return (f"{self.level} {self.uid} on hold{via} since {since} by {self.held_by}: "
-                f"{self.reason}")
+        text = (f"{self.level} {self.uid} on hold{via} since {_day(self.held_at)} by "
+                f"{self.held_by}: {self.reason}")
+        if self.released_at is not None:
+            text += f" (released {_day(self.released_at)} by {self.released_by})"
+        return text
+
+
+def _day(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d")
 
 
 def _record(row: Hold) -> HoldRecord:
@@ -71,8 +80,8 @@ def _active(s, level: str | None = None, uid: str | None = None):
 
 def place(index: Index, level: str, uid: str, reason: str, actor: str,
           now: float | None = None) -> tuple[HoldRecord, bool]:
-    """Put ``uid`` (a Patient ID or Study Instance UID, as ``level`` says) on hold; return the
-    hold and whether it is new (False: it was on hold already, unchanged).
+    """Put ``uid`` (a Patient ID or Study Instance UID, as ``level`` says) on hold, logged;
+    return the hold and whether it is new (False: it was on hold already, unchanged).
 
     Raises
     ------
@@ -90,7 +99,9 @@ def place(index: Index, level: str, uid: str, reason: str, actor: str,
             raise HoldError(f"no {level} {uid} in the archive")
         existing = _active(s, level, uid)
         if existing:
-            return _record(existing[0]), False
+            held_already = _record(existing[0])
+            log.info("already held: %s", held_already.describe())
+            return held_already, False
         when = time.time() if now is None else now
         row = Hold(level=level, uid=uid, reason=reason.strip(), held_by=actor, held_at=when)
         s.add(row)
@@ -101,12 +112,14 @@ def place(index: Index, level: str, uid: str, reason: str, actor: str,
                     s.add(Hold(level="study", uid=study_uid, reason=reason.strip(),
                                held_by=actor, held_at=when, through=uid))
         s.flush()
-        return _record(row), True
+        placed = _record(row)
+    log.warning("hold placed: %s", placed.describe())
+    return placed, True
 
 
 def release(index: Index, level: str, uid: str, actor: str,
             now: float | None = None) -> HoldRecord:
-    """Release the hold on ``uid``; return it, released.
+    """Release the hold on ``uid``, logged; return it, released.
 
     Raises
     ------
@@ -122,7 +135,9 @@ def release(index: Index, level: str, uid: str, actor: str,
                                                  Hold.through == uid)).all()
         for row in rows:
             row.released_by, row.released_at = actor, time.time() if now is None else now
-        return _record(rows[0])
+        released = _record(rows[0])
+    log.warning("hold released: %s", released.describe())
+    return released
 
 
 def listing(index: Index, released: bool = False) -> list[HoldRecord]:
