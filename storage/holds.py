@@ -21,10 +21,10 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import select
+from sqlalchemy import and_, bindparam, or_, select
 
 from storage.errors import StorageError
-from storage.index import Hold, Index, Patient, Series, Study
+from storage.index import Hold, Index, Instance, Patient, Series, Study
 
 log = logging.getLogger(__name__)
 LEVELS = ("patient", "study")
@@ -150,6 +150,16 @@ def listing(index: Index, released: bool = False) -> list[HoldRecord]:
 
 def _in_force(s) -> dict[tuple[str, str], HoldRecord]:
     return {(r.level, r.uid): _record(r) for r in _active(s)}
+
+
+#: a Core statement: the id of a hold in force on the study or the patient of the instance
+#: ``p_id`` (none: not held), for the ingest's own connection
+INSTANCE_HELD = select(Hold.id).select_from(
+    Instance.__table__.join(Series, Instance.series_fk == Series.id)
+    .join(Study, Series.study_fk == Study.id).join(Patient, Study.patient_fk == Patient.id)
+    .join(Hold, or_(and_(Hold.level == "study", Hold.uid == Study.study_uid),
+                    and_(Hold.level == "patient", Hold.uid == Patient.patient_id)))) \
+    .where(Instance.id == bindparam("p_id"), Hold.released_at.is_(None)).limit(1)
 
 
 def _first_hold(holds: dict, study_uid: str, patient_id: str) -> HoldRecord | None:

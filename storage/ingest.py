@@ -15,15 +15,16 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from storage import holds
 from storage.blobstore import BlobStore, new_key
 from storage.correction import CorrectionError, LateArrivals, corrected_bytes
 from storage.dataset_parts import parse_fields, pixel_layout
 from storage.errors import (CommitOutcomeUnknown, DatasetMismatchError, DuplicateInstanceError,
                             StorageFullError)
-from storage.index import Correction, Deletion, Hold, Index, Instance, Patient, Series, Study
+from storage.index import Correction, Deletion, Index, Instance, Patient, Series, Study
 from storage.instance_facts import (
     INDEXED_KEYWORDS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, InstanceFacts, describe, stack_format,
 )
@@ -463,13 +464,6 @@ _DELETE = delete(_INSTANCES).where(_INSTANCES.c.id == bindparam("p_id"))
 _TOUCH = update(_SERIES).where(_SERIES.c.id == bindparam("p_id")) \
     .values(last_received=bindparam("p_now"))
 _INSERT = insert(_INSTANCES)
-# an active legal hold on the study or the patient of an instance (storage.holds)
-_ON_HOLD = select(Hold.id).select_from(
-    _INSTANCES.join(_SERIES, _INSTANCES.c.series_fk == _SERIES.c.id)
-    .join(Study, _SERIES.c.study_fk == Study.id).join(Patient, Study.patient_fk == Patient.id)
-    .join(Hold, or_(and_(Hold.level == "study", Hold.uid == Study.study_uid),
-                    and_(Hold.level == "patient", Hold.uid == Patient.patient_id)))) \
-    .where(_INSTANCES.c.id == bindparam("p_id"), Hold.released_at.is_(None)).limit(1)
 _HELD_SERIES = select(_SERIES.c.id, Study.study_uid, Patient.patient_id) \
     .join(Study, _SERIES.c.study_fk == Study.id).join(Patient, Study.patient_fk == Patient.id) \
     .where(_SERIES.c.series_uid == bindparam("p_uid"))
@@ -506,7 +500,7 @@ def _apply(conn, facts: InstanceFacts, fields: dict, duplicates: str, now: float
     if old is not None and keep_newer and (old.received_at or 0) > now:
         duplicates = "keep_first"
     if old is not None and duplicates == "replace" and \
-            conn.execute(_ON_HOLD, {"p_id": old.id}).first() is not None:
+            conn.execute(holds.INSTANCE_HELD, {"p_id": old.id}).first() is not None:
         log.warning("duplicate instance %s ignored: its study is on legal hold, so it does not "
                     "replace the stored one (policy replace)", facts.sop_uid)
         return "duplicate_ignored", fields["staged_key"]
