@@ -132,7 +132,9 @@ def _positions(members: list, max_slices: int, image_voxels: int) -> list[Stack]
             for s in _runs(members, per, lambda inst: 1)]
 
 
-def _frame_voxels(fmt: str) -> int:
+def frame_voxels(fmt: str) -> int:
+    """Pixels of one frame of a ``stack_format`` (raises ValueError on the bare
+    ``"multiframe"`` of rows indexed before formats were kept)."""
     rows, columns = fmt.removeprefix(MULTIFRAME + "|").split("|")[0].split("x")
     return int(rows) * int(columns)
 
@@ -213,7 +215,7 @@ def assemble(instances: list, max_slices: int = 256, adapt_voxels: int = ADAPT_V
             stacks.append(Stack([inst]))
         elif inst.stack_format.startswith(MULTIFRAME + "|"):
             alone = _time_series_instance(inst, (cycles or {}).get(inst.sop_uid),
-                                          _frame_voxels(inst.stack_format))
+                                          frame_voxels(inst.stack_format))
             if alone is not None:
                 stacks.append(alone)
             else:
@@ -223,14 +225,14 @@ def assemble(instances: list, max_slices: int = 256, adapt_voxels: int = ADAPT_V
         else:
             singles.append(inst)
     for fmt in sorted(volumes):
-        stacks.extend(_time_points(_by_number(volumes[fmt]), _frame_voxels(fmt),
+        stacks.extend(_time_points(_by_number(volumes[fmt]), frame_voxels(fmt),
                                    max_slices * SLICE_VOXELS, adapt_voxels))
     for fmt in sorted(groups):
         members = groups[fmt]
-        if len(members) < 2 and _frame_voxels(fmt) < LONE_MIN_VOXELS:
+        if len(members) < 2 and frame_voxels(fmt) < LONE_MIN_VOXELS:
             singles.extend(members)
             continue
-        stacks.extend(_positions(_order(members), max_slices, _frame_voxels(fmt)))
+        stacks.extend(_positions(_order(members), max_slices, frame_voxels(fmt)))
     for stack in [s for s in stacks if s.slices < 2 and not _worth_coding(s)]:
         stacks.remove(stack)
         singles.extend(stack.members)
@@ -240,6 +242,6 @@ def assemble(instances: list, max_slices: int = 256, adapt_voxels: int = ADAPT_V
 def _worth_coding(stack: Stack) -> bool:
     """Whether a one-slice stack holds enough pixels for the volume codec (LONE_MIN_VOXELS)."""
     try:
-        return _frame_voxels(stack.members[0].stack_format) >= LONE_MIN_VOXELS
+        return frame_voxels(stack.members[0].stack_format) >= LONE_MIN_VOXELS
     except ValueError:      # "multiframe" alone: indexed before formats were kept
         return False

@@ -31,13 +31,13 @@ from sqlalchemy import delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage import holds
-from storage.blobstore import BlobStore, new_key
+from storage.blobstore import BlobStore
 from storage.errors import CommitOutcomeUnknown, StorageError
 from storage.index import (
     Blob, Deletion, Forward, Index, Instance, Job, Patient, Series, Study,
 )
 from storage.removals import finish_removals, record_removals
-from storage.staged_keys import staged_key
+from storage.staged_keys import staged_file_key
 
 log = logging.getLogger(__name__)
 LEVELS = ("patient", "study", "series", "instance")
@@ -309,7 +309,7 @@ class Deleter:
             for blob_id, (_, _, kept) in todo.restage.items():
                 for inst_id, sop_uid, _, digest in kept:
                     inst = self.retrieve(sop_uid)       # checked against ``digest``
-                    key = staged_key(inst.transfer_syntax, digest) or new_key("s")
+                    key = staged_file_key(inst.transfer_syntax, digest)
                     self.blobs.put_new(key, inst.data)
                     written[inst_id] = (key, blob_id)
         except StorageError as exc:

@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from storage import holds
-from storage.blobstore import BlobStore, new_key
+from storage.blobstore import BlobStore
 from storage.correction import CorrectionError, LateArrivals, corrected_bytes
 from storage.dataset_parts import parse_fields, pixel_layout
 from storage.errors import (CommitOutcomeUnknown, DatasetMismatchError, DuplicateInstanceError,
@@ -28,7 +28,7 @@ from storage.index import Correction, Deletion, Index, Instance, Patient, Series
 from storage.instance_facts import (
     INDEXED_KEYWORDS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, InstanceFacts, describe, stack_format,
 )
-from storage.staged_keys import reception_time, recoverable, staged_key
+from storage.staged_keys import reception_time, recoverable, staged_file_key
 
 log = logging.getLogger(__name__)
 DUPLICATE_POLICIES = ("keep_first", "replace", "reject")
@@ -302,7 +302,7 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
     UnparseableDatasetError, StorageFullError, DuplicateInstanceError, DatasetMismatchError
     """
     digest = hashlib.sha256(data).hexdigest()
-    key = staged_key(transfer_syntax, digest) or new_key("s")
+    key = staged_file_key(transfer_syntax, digest)
     written = None
     if stager is not None and max_bytes <= 0:     # written here, fsync'd while we parse
         written = stager.sync(blobs, blobs.write_new(key, data))
@@ -316,7 +316,7 @@ def ingest(index: Index, blobs: BlobStore, data: bytes, transfer_syntax: str,
             if written is not None:
                 _discard(written, blobs, key)
             data, digest = coerced, hashlib.sha256(coerced).hexdigest()
-            key = staged_key(transfer_syntax, digest) or new_key("s")
+            key = staged_file_key(transfer_syntax, digest)
             written = stager.sync(blobs, blobs.write_new(key, data)) \
                 if written is not None else None
             facts, fields = _describe(data, transfer_syntax, digest, key)

@@ -16,22 +16,17 @@ import logging
 
 from sqlalchemy import func, select, update
 
-from storage.assembly import LONE_MIN_VOXELS
-from storage.blobstore import BlobStore, new_key
+from storage.assembly import LONE_MIN_VOXELS, frame_voxels
+from storage.blobstore import BlobStore
 from storage.errors import CommitOutcomeUnknown, StorageError
 from storage.index import Blob, Index, Instance
 from storage.instance_facts import MULTIFRAME
 from storage.removals import finish_removals, record_removals
-from storage.staged_keys import staged_key
+from storage.staged_keys import staged_file_key
 
 log = logging.getLogger(__name__)
 #: deflated to more than this share of its bytes: noise-like, the volume codec would not help
 DEFLATED_SHARE = 0.9
-
-
-def _pixels(fmt: str) -> int:
-    rows, columns = fmt.split("|")[0].split("x")
-    return int(rows) * int(columns)
 
 
 def candidates(index: Index) -> list[tuple[int, str, int, str, int]]:
@@ -53,7 +48,7 @@ def candidates(index: Index) -> list[tuple[int, str, int, str, int]]:
                shared.c.series_fk.is_(None)).order_by(Instance.id)
     with index.read() as s:
         return [(i, uid, blob, digest, series) for i, uid, fmt, blob, digest, series
-                in s.execute(stmt) if _pixels(fmt) >= LONE_MIN_VOXELS]
+                in s.execute(stmt) if frame_voxels(fmt) >= LONE_MIN_VOXELS]
 
 
 def restage(index: Index, blobs: BlobStore, retrieve, inst_id: int, sop_uid: str,
@@ -67,7 +62,7 @@ def restage(index: Index, blobs: BlobStore, retrieve, inst_id: int, sop_uid: str
         The instance could not be rebuilt; nothing changed.
     """
     inst = retrieve(sop_uid)                         # checked against ``digest``
-    key = staged_key(inst.transfer_syntax, digest) or new_key("s")
+    key = staged_file_key(inst.transfer_syntax, digest)
     blobs.put_new(key, inst.data)
 
     def swap(s) -> list[str]:

@@ -18,6 +18,8 @@ import re
 import secrets
 import time
 
+from storage.blobstore import new_key
+
 # Append-only: a code is a position here and is written into file names.
 SYNTAXES = (
     "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2",
@@ -51,6 +53,12 @@ def staged_key(transfer_syntax: str, digest: str) -> str | None:
         return None
     stamp = time.time_ns() // 1000                 # microseconds: 13 hex digits until 2255
     return f"s{code:02x}_{digest[:DIGEST_CHARS]}_{stamp:013x}{secrets.randbits(12):03x}"
+
+
+def staged_file_key(transfer_syntax: str, digest: str) -> str:
+    """The key of a new staged file: :func:`staged_key` where the transfer syntax has a code,
+    else a plain fresh key (recovery cannot index that file again by its name)."""
+    return staged_key(transfer_syntax, digest) or new_key("s")
 
 
 def recoverable(key: str) -> tuple[str, str] | None:

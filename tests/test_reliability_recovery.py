@@ -164,7 +164,7 @@ def test_a_stale_staged_copy_never_replaces_its_newer_row(tmp_path):
 
 
 def test_staged_rows_skip_the_database_flush_only_with_recoverable_names(tmp_path, monkeypatch):
-    from storage import ingest
+    from storage import staged_keys
     arch = Archive(tmp_path)
     flags = []
     connect = arch.index.connect
@@ -172,7 +172,7 @@ def test_staged_rows_skip_the_database_flush_only_with_recoverable_names(tmp_pat
                         lambda durable=True: flags.append(durable) or connect(durable))
     ts, data = dataset_bytes(make_series(1, 8, 8)[0])
     arch.store(data, ts)
-    monkeypatch.setattr(ingest, "staged_key", lambda ts, digest: None)   # no code for it
+    monkeypatch.setattr(staged_keys, "staged_key", lambda ts, digest: None)   # no code for it
     ts, data = dataset_bytes(make_series(1, 8, 8)[0])
     arch.store(data, ts)
     assert flags == [False, True]
