@@ -41,6 +41,18 @@ def note_change(archive, command: str, level: str, touched: dict[str, tuple[str,
                               keep=False)
 
 
+def delete_noted(archive, level: str, uid: str, reason: str, keep: bool = True,
+                 actor: str = "") -> dict:
+    """Delete ``uid`` at ``level`` (:meth:`storage.archive.Archive.delete`) and tell the audit
+    messages which studies it took (:func:`note_change`; the actor is the command's user
+    unless given); return the deletion's summary."""
+    touched = studies_touched(archive, level, uid)
+    done = archive.delete(level, uid, reason, keep=keep)
+    if done["instances"]:
+        note_change(archive, "delete", level, touched, actor)
+    return done
+
+
 def add_trail_options(p, verb: str, changes: str, past: str) -> None:
     """The options both commands take: ``--yes``, ``--dry-run``, ``--reason``, ``--history``
     and ``--json`` (``verb``: "deleting"; ``changes``: what a dry run shows; ``past``: the

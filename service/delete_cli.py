@@ -17,8 +17,7 @@ import json
 import logging
 from datetime import date
 
-from service.admin_cli import (add_trail_options, may_proceed, note_change,
-                               print_trail, studies_touched)
+from service.admin_cli import add_trail_options, delete_noted, may_proceed, print_trail
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from service.progress import Progress
@@ -136,9 +135,7 @@ def delete(args) -> int:
         progress = Progress("delete", len(plans))
         for p in plans:
             try:
-                touched = studies_touched(archive, p.level, p.uid)
-                done.append(archive.delete(p.level, p.uid, args.reason, keep=keep))
-                note_change(archive, "delete", p.level, touched)
+                done.append(delete_noted(archive, p.level, p.uid, args.reason, keep))
             except StorageError as exc:
                 failed += 1
                 log.error("%s %s not deleted: %s", p.level, p.uid, exc)

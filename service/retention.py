@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 
 from service import state_file
-from service.admin_cli import note_change, studies_touched
+from service.admin_cli import delete_noted
 from storage import holds
 from storage.errors import StorageError
 from storage.retention import RetentionRule, matching_uids, parse_rule, recently_received
@@ -96,15 +96,13 @@ def delete_selected(archive, selection: Selection, actor: str, progress=None,
                         "takes the others", rule.name, done_count, len(selection.uids))
             break
         try:
-            touched = studies_touched(archive, rule.level, uid)
-            done = archive.delete(rule.level, uid, reason, keep=keep)
+            done = delete_noted(archive, rule.level, uid, reason, keep, actor)
         except StorageError as exc:
             selection.failed[uid] = str(exc)
             log.error("retention rule %s: %s %s not deleted: %s", rule.name, rule.level, uid,
                       exc)
         else:
             if done["instances"]:
-                note_change(archive, "delete", rule.level, touched, actor)
                 selection.deleted.append(done)
                 log.info("retention rule %s: deleted %s %s (%d instances)%s", rule.name,
                          rule.level, uid, done["instances"],
@@ -138,6 +136,15 @@ def record_run(archive, started: float, actor: str, selections: list[Selection])
     """Keep the outcome of a run in ``retention.json`` (see :func:`last_run`)."""
     rules = [{k: v for k, v in s.summary().items() if k != "uids"} for s in selections]
     _save(archive, {"started": started, "finished": time.time(), "by": actor, "rules": rules})
+
+
+def run_totals(last: dict) -> dict:
+    """Totals over the rules of a recorded run (:func:`last_run`): ``deleted`` records,
+    ``deleted_instances``, ``failed`` records (a run that failed as a whole counts 1)."""
+    rules = last.get("rules", [])
+    return {"deleted": sum(r["deleted"] for r in rules),
+            "deleted_instances": sum(r["deleted_instances"] for r in rules),
+            "failed": sum(len(r["failed"]) for r in rules) + int("error" in last)}
 
 
 def last_run(archive) -> dict | None:
