@@ -107,16 +107,15 @@ def _retention_gauges(last: dict | None):
     """The last retention run's gauges (none before the first)."""
     if last is None:
         return
-    rules = last.get("rules", [])
+    totals = retention.run_totals(last)
     yield GaugeMetricFamily("voxarc_retention_last_run_timestamp_seconds",
                             "When the retention rules were last applied", value=last["started"])
     yield GaugeMetricFamily("voxarc_retention_deleted_instances",
                             "Instances the last retention run deleted (into the recycle bin)",
-                            value=sum(r["deleted_instances"] for r in rules))
+                            value=totals["deleted_instances"])
     yield GaugeMetricFamily("voxarc_retention_failed_records",
                             "Records the last retention run selected and could not delete "
-                            "(1 when the run itself failed)",
-                            value=sum(len(r["failed"]) for r in rules) + int("error" in last))
+                            "(1 when the run itself failed)", value=totals["failed"])
 
 
 class _DecoderCollector:

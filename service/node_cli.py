@@ -285,11 +285,10 @@ def _retention(settings, last: dict | None) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(last["started"]))
     if "error" in last:
         return f"{rules}; the run of {when} failed (see the log)"
-    runs = last.get("rules", [])
-    failed = sum(len(r["failed"]) for r in runs)
-    return (f"{rules}; last run {when}: {sum(r['deleted'] for r in runs)} records, "
-            f"{sum(r['deleted_instances'] for r in runs)} instances deleted"
-            + (f", {failed} FAILED (see the log)" if failed else ""))
+    totals = retention.run_totals(last)
+    return (f"{rules}; last run {when}: {totals['deleted']} records, "
+            f"{totals['deleted_instances']} instances deleted"
+            + (f", {totals['failed']} FAILED (see the log)" if totals["failed"] else ""))
 
 
 def _room(room: dict) -> str:
