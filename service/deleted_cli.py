@@ -56,7 +56,7 @@ def deleted(args) -> int:
 
 
 def _list(archive, as_json: bool) -> int:
-    rows = [e.summary(archive.recycle.keep_days) for e in archive.recycle.entries()]
+    rows = archive.recycle.summaries()
     if as_json:
         print(json.dumps({"keep_days": archive.recycle.keep_days, "entries": rows}, indent=1))
         return 0
@@ -67,13 +67,17 @@ def _list(archive, as_json: bool) -> int:
     width = max(len("entry"), *(len(r["entry"]) for r in rows)) + 2
     print(f"{'entry':<{width}}{'deleted (UTC)':<18}{'instances':>10}{'MB':>9}  {'expires':<11}what")
     for r in rows:
-        expires = _day(r["expires_at"]) if r["expires_at"] else "when emptied"
+        expires = "while held" if r["held"] else \
+            _day(r["expires_at"]) if r["expires_at"] else "when emptied"
         patients = ", ".join(r["patients"][:3]) + (" ..." if len(r["patients"]) > 3 else "")
         print(f"{r['entry']:<{width}}{_minute(r['deleted_at']):<18}{r['instances']:>10}"
               f"{r['bytes'] / 1e6:>9.1f}  {expires:<11}{r['level']} {r['uid']} "
               f"(patient {patients}){': ' + r['reason'] if r['reason'] else ''}")
     print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB; restore with "
-          "voxarc deleted restore ENTRY")
+          "voxarc deleted restore ENTRY" + ("; entries of originals (a correction of held "
+                                            "instances) are not restored, their files are "
+                                            "plain DICOM" if any(r["kind"] == "original"
+                                                                 for r in rows) else ""))
     return 0
 
 
@@ -113,10 +117,12 @@ def _empty(archive, args) -> int:
         if not go:
             return 2 if go is None else 0
     gone = bin_.purge(everything=not args.expired)
+    held = [r["entry"] for r in bin_.summaries() if r["held"]]
     if args.json:
-        print(json.dumps({"removed": gone}))
+        print(json.dumps({"removed": gone, "kept_while_held": held}))
     else:
-        print(f"{len(gone)} entries removed for good")
+        print(f"{len(gone)} entries removed for good"
+              + (f"; {len(held)} kept while on hold: {', '.join(held)}" if held else ""))
     return 0
 
 

@@ -45,7 +45,7 @@ from service.web_access import AccessTrail, http_actor
 from service.web_auth import TokenAuth, role_of, user_of
 from storage import access_log, correction, deletion, forwarding, holds, reports
 from storage.errors import StorageError
-from storage.recycle_bin import RecycleBinError
+from storage.recycle_bin import NotRestorable, RecycleBinError
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -199,9 +199,9 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
 
     def recycled(request: Request) -> Response:
         newest = _int(request, "limit", 100, 1, MAX_PAGE)
-        return JSONResponse({"keep_days": archive.recycle.keep_days, "entries": [
-            e.summary(archive.recycle.keep_days) for e in archive.recycle.entries(newest)],
-            "retention": retention.last_run(archive)})
+        return JSONResponse({"keep_days": archive.recycle.keep_days,
+                             "entries": archive.recycle.summaries(newest),
+                             "retention": retention.last_run(archive)})
 
     def held(request: Request) -> Response:
         released = request.query_params.get("all", "") in ("1", "true")
@@ -249,7 +249,8 @@ def create_app(archive, settings: Settings, metrics: NodeMetrics | None = None,
         try:
             counts = await run_in_threadpool(archive.restore_deleted, name, http_actor(request))
         except RecycleBinError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=404)
+            return JSONResponse({"error": str(exc)},
+                                status_code=409 if isinstance(exc, NotRestorable) else 404)
         return JSONResponse(counts, status_code=500 if counts["failed"] else 200)
 
     def corrections(request: Request) -> Response:

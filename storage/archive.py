@@ -88,7 +88,8 @@ class Archive:
         #: who read what (:mod:`storage.access_log`): readers note it here
         self.accesses = AccessLog(self.index, keep_days=access_trail_days)
         #: deleted instances kept restorable for a while
-        self.recycle = RecycleBin(self.data_dir / "recycle", deleted_keep_days)
+        self.recycle = RecycleBin(self.data_dir / "recycle", deleted_keep_days,
+                                  lambda: holds.in_force(self.index))
 
     def store(self, data: bytes, transfer_syntax: str, sop_uid: str | None = None,
               source_ae: str = "") -> IngestResult:
@@ -300,31 +301,53 @@ class Archive:
                 resend: bool = False) -> dict:
         """Correct a patient's, a study's or a series' attributes, in the index and in every
         instance's bytes (see :mod:`storage.correction`); planned again once when the archive
-        changed under the first plan. With ``resend``, each series goes again to every
+        changed under the first plan. Instances on legal hold keep their originals in the
+        recycle bin for as long as the hold (``originals``: that entry), and a series of a held
+        study is not moved to another. With ``resend``, each series goes again to every
         destination that had it (``resent``: their (series, destination) pairs). Returns what
         changed; raises CorrectionError."""
-        corrector = correction.Corrector(self.index, self.blobs, self.retrieve)
         for attempt in range(2):
             todo = correction.plan(self.index, level, uid, values)
-            on_hold = holds.touching(self.index, todo.series_ids) \
-                if "StudyInstanceUID" in todo.changes else []
-            if on_hold:         # its held study would lose it
+            held = holds.held_series(self.index, todo.series_ids)
+            on_hold = list({(h.level, h.uid): h for h in held.values()}.values())
+            if on_hold and "StudyInstanceUID" in todo.changes:   # its held study would lose it
                 raise correction.CorrectionError(
                     f"{level} {uid} is not moved to another study: {on_hold[0].describe()}; "
                     f"release it first: voxarc hold release {on_hold[0].level} "
                     f"{on_hold[0].uid}")
+            originals = self._originals(todo, held, on_hold, reason) if on_hold else None
+            corrector = correction.Corrector(self.index, self.blobs, self.retrieve, originals)
             try:
                 done = corrector.correct(todo, reason)
-                self.late.invalidate()
-                if resend:
-                    done["resent"] = forwarding.queue_again(
-                        self.index, todo.series_ids, "corrected: to be sent again")
-                return done
             except correction.CorrectionConflict as exc:
                 if attempt:
                     raise
                 log.info("correcting %s %s: %s; planning again", level, uid, exc)
+                continue
+            self.late.invalidate()
+            if originals is not None:
+                done["originals"] = originals.name
+            if resend:
+                done["resent"] = forwarding.queue_again(
+                    self.index, todo.series_ids, "corrected: to be sent again")
+            return done
         raise AssertionError("unreachable")
+
+    def _originals(self, todo, held: dict, on_hold: list, reason: str):
+        """A recycle bin entry for the originals of a correction's instances whose series
+        ``held`` names (series id -> its hold); ``on_hold``: those holds."""
+        changes = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in todo.changes.items())
+        why = f"originals before the correction {changes}" + (f" ({reason})" if reason else "") \
+            + "; kept while on hold: " + ", ".join(f"{h.level} {h.uid}" for h in on_hold)
+        try:
+            return self.recycle.begin(self.index, {i.id: i.size for i in todo.instances
+                                                   if i.series_fk in held},
+                                      todo.level, todo.uid, why, "original",
+                                      [(h.level, h.uid) for h in on_hold])
+        except StorageError as exc:
+            raise correction.CorrectionError(
+                f"{todo.level} {todo.uid} is on hold and its originals could not be kept, so "
+                f"nothing changed: {exc}") from exc
 
     def backup(self, dest, database_url: str = "", progress=None,
                force: bool = False) -> BackupReport:

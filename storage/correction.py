@@ -168,6 +168,8 @@ class _Planned:
     staged_key: str | None
     blob_fk: int | None
     pixel_offset: int
+    size: int
+    series_fk: int
 
 
 @dataclass
@@ -238,7 +240,8 @@ def plan(index: Index, level: str, uid: str, values: dict[str, str]) -> Correcti
             raise CorrectionError(f"nothing to change: the values are the {level}'s already")
         rows = s.execute(select(Instance.id, Instance.sop_uid, Instance.transfer_syntax,
                                 Instance.sha256, Instance.staged_key, Instance.blob_fk,
-                                Instance.pixel_offset)
+                                Instance.pixel_offset, Instance.size,
+                                Instance.series_fk)
                          .where(Instance.series_fk.in_(series_ids)).order_by(Instance.id)).all()
     out.instances = [_Planned(*row) for row in rows]
     return out
@@ -337,10 +340,14 @@ class Corrector:
     retrieve : callable
         ``retrieve(sop_uid)`` -> a :class:`storage.reconstruct.StoredInstance` (SHA-256
         checked).
+    originals : storage.recycle_bin.EntryWriter, optional
+        Where each instance's bytes before the correction are kept (instances on legal
+        hold); sealed before the index changes, abandoned when the correction fails.
     """
 
-    def __init__(self, index: Index, blobs: BlobStore, retrieve):
+    def __init__(self, index: Index, blobs: BlobStore, retrieve, originals=None):
         self.index, self.blobs, self.retrieve = index, blobs, retrieve
+        self.originals = originals
 
     def correct(self, todo: CorrectionPlan, reason: str = "") -> dict:
         """Carry out ``todo`` (see the module's docstring for the order); return its summary.
@@ -351,8 +358,15 @@ class Corrector:
             An instance could not be rebuilt or corrected, or the archive changed under the
             plan (plan again); nothing was changed.
         """
-        staged = self._stage(todo)
         try:
+            staged = self._stage(todo)
+        except BaseException:
+            if self.originals is not None:
+                self.originals.abandon()
+            raise
+        try:
+            if self.originals is not None:
+                self.originals.seal()           # durable before the originals go
             removals = self.index.write_checked(
                 lambda s: self._write(s, todo, staged, reason),
                 lambda s: s.scalar(select(Instance.staged_key).where(
@@ -360,6 +374,8 @@ class Corrector:
         except BaseException as exc:
             for key, *_ in staged.values():
                 self.blobs.delete(key)
+            if self.originals is not None:
+                self.originals.abandon()
             if isinstance(exc, IntegrityError):    # a patient made meanwhile (PostgreSQL)
                 raise CorrectionConflict(f"{todo.level} {todo.uid}: the index changed meanwhile "
                                       f"({exc.orig or exc}); plan the correction again") from None
@@ -379,7 +395,10 @@ class Corrector:
         written: dict = {}
         try:
             for inst in todo.instances:
-                data = self.retrieve(inst.sop_uid).data       # checked against its SHA-256
+                stored = self.retrieve(inst.sop_uid)          # checked against its SHA-256
+                if self.originals is not None and self.originals.covers(inst.id):
+                    self.originals.add(inst.id, stored)
+                data = stored.data
                 new = corrected_bytes(data, inst.transfer_syntax, values)
                 digest = hashlib.sha256(new).hexdigest()
                 # a name recovery does not index again: uncommitted, the file is an orphan
@@ -387,7 +406,7 @@ class Corrector:
                 key = new_key("s")
                 self.blobs.put_new(key, new)
                 written[inst.id] = (key, digest, len(new), len(new) - len(data))
-        except StorageError as exc:
+        except (StorageError, OSError) as exc:
             for key, *_ in written.values():
                 self.blobs.delete(key)
             if isinstance(exc, CorrectionError):

@@ -148,6 +148,12 @@ def listing(index: Index, released: bool = False) -> list[HoldRecord]:
         return [_record(r) for r in rows]
 
 
+def in_force(index: Index) -> set[tuple[str, str]]:
+    """The (level, uid) of every hold in force."""
+    with index.read() as s:
+        return set(_in_force(s))
+
+
 def _in_force(s) -> dict[tuple[str, str], HoldRecord]:
     return {(r.level, r.uid): _record(r) for r in _active(s)}
 
@@ -168,21 +174,26 @@ def _first_hold(holds: dict, study_uid: str, patient_id: str) -> HoldRecord | No
 
 def touching(index: Index, series_ids: list[int]) -> list[HoldRecord]:
     """The holds in force on the studies or patients of these series."""
+    return list({(h.level, h.uid): h for h in held_series(index, series_ids).values()}.values())
+
+
+def held_series(index: Index, series_ids: list[int]) -> dict[int, HoldRecord]:
+    """Those of these series whose study or patient is on hold, with that hold."""
     with index.read() as s:
         holds = _in_force(s)
         if not holds or not series_ids:
-            return []
+            return {}
         found = {}
         for i in range(0, len(series_ids), 500):
-            for study_uid, patient_id in s.execute(
-                    select(Study.study_uid, Patient.patient_id)
-                    .join(Series, Series.study_fk == Study.id)
+            for series_id, study_uid, patient_id in s.execute(
+                    select(Series.id, Study.study_uid, Patient.patient_id)
+                    .join(Study, Series.study_fk == Study.id)
                     .join(Patient, Study.patient_fk == Patient.id)
                     .where(Series.id.in_(series_ids[i:i + 500]))):
                 hold = _first_hold(holds, study_uid, patient_id)
                 if hold is not None:
-                    found[hold.level, hold.uid] = hold
-        return list(found.values())
+                    found[series_id] = hold
+        return found
 
 
 def held(index: Index, level: str, uids: list[str]) -> dict[str, HoldRecord]:

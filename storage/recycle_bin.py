@@ -10,6 +10,11 @@ is never listed or restored.
 Restoring an entry sends its files through the archive's ingest, as ``voxarc import`` does,
 so each instance comes back byte for byte (and is compacted again). The node removes entries
 older than ``deleted_keep_days``; the files are plain DICOM, readable by any tool.
+
+A correction of instances on legal hold keeps their originals (as they were before it) in an
+entry of kind ``original``, which names the holds: no entry is removed, by age, by a full disk
+or by emptying the bin, while one of its holds is in force, and such an entry is not restored
+(the archive still holds its instances, corrected).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import threading
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
@@ -51,6 +56,10 @@ class RecycleBinError(StorageError):
     """The recycle bin could not keep or restore an entry."""
 
 
+class NotRestorable(RecycleBinError):
+    """An entry of originals, whose instances the archive still holds (corrected)."""
+
+
 @dataclass
 class Entry:
     """One deletion's kept instances (the manifest of ``recycle/<name>/``)."""
@@ -61,6 +70,8 @@ class Entry:
     uid: str
     reason: str
     instances: list[dict]
+    kind: str = "deleted"           # or "original": kept by a correction of held instances
+    holds: list = field(default_factory=list)       # [level, uid] of each hold it is kept for
 
     @property
     def bytes(self) -> int:
@@ -73,7 +84,8 @@ class Entry:
                 "bytes": self.bytes,
                 "patients": sorted({i["patient_id"] for i in self.instances}),
                 "studies": len({i["study_uid"] for i in self.instances}),
-                "expires_at": self.deleted_at + keep_days * 86400 if keep_days > 0 else None}
+                "expires_at": self.deleted_at + keep_days * 86400 if keep_days > 0 else None,
+                "kind": self.kind, "holds": [list(h) for h in self.holds]}
 
 
 class RecycleBin:
@@ -85,8 +97,10 @@ class RecycleBin:
         Days an entry is kept; 0 turns the bin off (deletions are for good at once).
     """
 
-    def __init__(self, root: Path, keep_days: float):
+    def __init__(self, root: Path, keep_days: float, holds_in_force=None):
         self.root, self.keep_days = Path(root), float(keep_days)
+        #: a callable giving the (level, uid) of every hold in force (none: no holds)
+        self.holds_in_force = holds_in_force or (lambda: set())
         self._last_purge = 0.0
         self._lock = threading.Lock()
         self._held: tuple[float, int] | None = None     # (when counted, bytes)
@@ -109,44 +123,40 @@ class RecycleBin:
             Not enough free space for the copies, or one could not be rebuilt or written;
             nothing is left behind.
         """
-        need = sum(v[-1] for v in instances.values())
-        self.root.mkdir(parents=True, exist_ok=True)
-        usage = shutil.disk_usage(self.root)
-        free = usage.free
-        if need + max(SPARE_BYTES, SPARE_SHARE * usage.total) > free:
-            raise RecycleBinError(
-                f"no room to keep the {len(instances)} deleted instances restorable "
-                f"({need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free); delete for good "
-                "with --no-keep, or set deleted_keep_days = 0")
-        now = time.time()      # names sort as the deletions came, to the microsecond
-        name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + \
-            f".{int(now % 1 * 1e6):06d}Z-{uuid.uuid4().hex[:6]}"
-        folder = self.root / name
+        writer = self.begin(index, {i: v[-1] for i, v in instances.items()}, level, uid,
+                            reason)
         try:
-            rows = _facts(index, list(instances))
             by_uid = {sop_uid: inst_id for inst_id, (sop_uid, *_) in instances.items()}
             with (retrieval_order(list(by_uid), "recycle bin") if retrieval_order else
                   nullcontext((list(by_uid), None))) as (ordered, _):
-                kept = [self._write(folder, retrieve(sop_uid), _row(rows, by_uid[sop_uid]))
-                        for sop_uid in ordered]
-            _write_manifest(folder, {"deleted_at": time.time(), "level": level, "uid": uid,
-                                     "reason": reason, "instances": kept})
+                for sop_uid in ordered:
+                    writer.add(by_uid[sop_uid], retrieve(sop_uid))
+            return writer.seal()
         except (OSError, StorageError) as exc:
-            shutil.rmtree(folder, ignore_errors=True)
+            writer.abandon()
             raise RecycleBinError(f"could not keep the deleted instances restorable: {exc}") \
                 from exc
-        self._changed()
-        log.info("recycle bin: %d instances (%.1f MB) of %s %s kept as %s", len(kept),
-                 need / 1e6, level, uid, name)
-        return name
 
-    @staticmethod
-    def _write(folder: Path, inst, facts: dict) -> dict:
-        """Write a rebuilt instance (``retrieve`` checked it against ``facts``' SHA-256)."""
-        path = folder / f"{safe_name(inst.sop_uid)}.dcm"
-        write_file(path, inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, (inst.data,))
-        fsync_path(path)
-        return {"sop_uid": inst.sop_uid, "file": path.name, "bytes": len(inst.data), **facts}
+    def begin(self, index: Index, sizes: dict[int, int], level: str, uid: str, reason: str,
+              kind: str = "deleted", holds=()) -> EntryWriter:
+        """A new entry for the instances ``sizes`` names (``{instance id: bytes}``), to be
+        written one by one with :meth:`EntryWriter.add`; RecycleBinError when the disk has no
+        room for them beside its spare share."""
+        need = sum(sizes.values())
+        self.root.mkdir(parents=True, exist_ok=True)
+        usage = shutil.disk_usage(self.root)
+        if need + max(SPARE_BYTES, SPARE_SHARE * usage.total) > usage.free:
+            raise RecycleBinError(
+                f"no room to keep the {len(sizes)} instances in the recycle bin "
+                f"({need / 1e6:.1f} MB needed, {usage.free / 1e6:.1f} MB free)"
+                + ("; delete for good with --no-keep, or set deleted_keep_days = 0"
+                   if kind == "deleted" else ""))
+        now = time.time()      # names sort as the entries came, to the microsecond
+        name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + \
+            f".{int(now % 1 * 1e6):06d}Z-{uuid.uuid4().hex[:6]}"
+        meta = {"level": level, "uid": uid, "reason": reason, "kind": kind,
+                "holds": [list(h) for h in holds]}
+        return EntryWriter(self, name, _facts(index, list(sizes)), meta)
 
     def discard(self, name: str) -> None:
         """Remove an entry (whose deletion did not take place, or that was restored)."""
@@ -165,6 +175,19 @@ class RecycleBin:
                 found.append(entry)
         return found[::-1]
 
+    def summaries(self, newest: int | None = None) -> list[dict]:
+        """:meth:`Entry.summary` of each entry (oldest first), with ``held``: the holds in
+        force it is kept for (such an entry does not expire while they last)."""
+        in_force = self.holds_in_force()
+        out = []
+        for entry in self.entries(newest):
+            row = entry.summary(self.keep_days)
+            row["held"] = [list(h) for h in self.held(entry, in_force)]
+            if row["held"]:
+                row["expires_at"] = None
+            out.append(row)
+        return out
+
     def entry(self, name: str) -> Entry | None:
         """The entry ``name``, or None when there is none (or it is incomplete)."""
         if not name or "/" in name or name.startswith("."):
@@ -174,7 +197,16 @@ class RecycleBin:
         except (OSError, ValueError):
             return None
         return Entry(name, meta["deleted_at"], meta["level"], meta["uid"], meta["reason"],
-                     meta["instances"])
+                     meta["instances"], meta.get("kind", "deleted"),
+                     [tuple(h) for h in meta.get("holds", ())])
+
+    def held(self, entry: Entry, in_force: set | None = None) -> list[tuple[str, str]]:
+        """Those of the entry's holds that are in force (``in_force``: the holds in force,
+        when the caller has them already)."""
+        if not entry.holds:
+            return []
+        in_force = self.holds_in_force() if in_force is None else in_force
+        return [h for h in entry.holds if tuple(h) in in_force]
 
     def bytes_held(self, max_age_s: float = 60.0) -> int:
         """Bytes of every file in the bin (complete entries or not), counted at most
@@ -201,11 +233,16 @@ class RecycleBin:
         Raises
         ------
         RecycleBinError
-            No such entry.
+            No such entry; NotRestorable for an entry of originals.
         """
         entry = self.entry(name)
         if entry is None:
             raise RecycleBinError(f"no entry {name!r} in the recycle bin")
+        if entry.kind == "original":
+            raise NotRestorable(
+                f"entry {name} holds the originals of instances a correction changed while "
+                f"on hold; the archive still holds them, corrected, so nothing is restored: "
+                f"its files are plain DICOM, in {self.root / name}")
         counts = {"entry": name, "restored": 0, "present": 0, "failed": 0, "studies": {}}
         for item in entry.instances:
             outcome = self._restore_one(entry, item, store)
@@ -236,16 +273,19 @@ class RecycleBin:
         return "present" if result.outcome == "duplicate_ignored" else "restored"
 
     def purge(self, everything: bool = False, now: float | None = None) -> list[str]:
-        """Remove expired entries (all with ``everything``) and interrupted ones; return the
-        names removed."""
+        """Remove expired entries (all with ``everything``) and interrupted ones, but none
+        kept for a hold in force; return the names removed."""
         now = time.time() if now is None else now
-        gone = []
+        gone, in_force = [], None
         for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
             entry = self.entry(folder.name)
             if entry is None:
                 expired = now - folder.stat().st_mtime > INTERRUPTED_S
             else:
                 expired = everything or now - entry.deleted_at > self.keep_days * 86400
+                if expired and entry.holds:
+                    in_force = self.holds_in_force() if in_force is None else in_force
+                    expired = not self.held(entry, in_force)
             if expired:
                 shutil.rmtree(folder, ignore_errors=True)
                 gone.append(folder.name)
@@ -267,16 +307,20 @@ class RecycleBin:
 
     def make_room(self) -> list[str]:
         """When less than LOW_SHARE of the disk is free, remove the oldest entries, before
-        they expire, until SPARE_SHARE is free or the bin is empty; return their names."""
+        they expire, until SPARE_SHARE is free or the bin is empty (entries kept for a hold in
+        force stay); return their names."""
         if not self.root.is_dir():
             return []
         usage = shutil.disk_usage(self.root)
         if usage.free >= LOW_SHARE * usage.total:
             return []
-        gone = []
+        gone, in_force = [], self.holds_in_force()
         for folder in sorted(self.root.iterdir()):
             if shutil.disk_usage(self.root).free >= SPARE_SHARE * usage.total:
                 break
+            entry = self.entry(folder.name)
+            if entry is not None and self.held(entry, in_force):
+                continue                    # evidence: never removed while its hold lasts
             shutil.rmtree(folder, ignore_errors=True)
             gone.append(folder.name)
         if gone:
@@ -285,6 +329,45 @@ class RecycleBin:
                         "removed for good before they expired: %s",
                         100 * usage.free / usage.total, len(gone), ", ".join(gone))
         return gone
+
+
+class EntryWriter:
+    """A recycle bin entry being written (:meth:`RecycleBin.begin`): each instance's file
+    durably, then the manifest that makes it an entry (:meth:`seal`)."""
+
+    def __init__(self, bin_: RecycleBin, name: str, facts: dict[int, dict], meta: dict):
+        self.bin, self.name, self.facts, self.meta = bin_, name, facts, meta
+        self.folder = bin_.root / name
+        self.kept: list[dict] = []
+
+    def covers(self, inst_id: int) -> bool:
+        """Whether the instance row ``inst_id`` is one this entry keeps."""
+        return inst_id in self.facts
+
+    def add(self, inst_id: int, inst) -> None:
+        """Write the rebuilt instance ``inst`` (retrieved, so checked against its SHA-256)
+        of the instance row ``inst_id``."""
+        path = self.folder / f"{safe_name(inst.sop_uid)}.dcm"
+        write_file(path, inst.sop_class_uid, inst.sop_uid, inst.transfer_syntax, (inst.data,))
+        fsync_path(path)
+        self.kept.append({"sop_uid": inst.sop_uid, "file": path.name, "bytes": len(inst.data),
+                          **_row(self.facts, inst_id)})
+
+    def seal(self) -> str:
+        """Write the manifest: the entry is complete; return its name."""
+        _write_manifest(self.folder, {"deleted_at": time.time(), **self.meta,
+                                      "instances": self.kept})
+        self.bin._changed()
+        log.info("recycle bin: %d instances (%.1f MB) of %s %s kept as %s%s", len(self.kept),
+                 sum(i["bytes"] for i in self.kept) / 1e6, self.meta["level"],
+                 self.meta["uid"], self.name,
+                 "" if self.meta["kind"] == "deleted" else
+                 ", their originals before a correction, while on hold")
+        return self.name
+
+    def abandon(self) -> None:
+        """Remove what was written (the deletion or correction did not take place)."""
+        self.bin.discard(self.name)
 
 
 def _facts(index: Index, ids: list[int]) -> dict[int, dict]:

@@ -115,6 +115,55 @@ def test_a_patients_hold_follows_its_studies_through_corrections(held_archive):
     assert arch.delete("patient", "P9")["instances"] == 3
 
 
+def test_a_correction_of_held_instances_keeps_their_originals_while_the_hold_lasts(
+        held_archive, monkeypatch):
+    """A correction (by hand or by an HL7 update) goes on, but the held instances' bytes as
+    they were stay in the recycle bin as long as the hold: never restored over the corrected
+    ones, never removed by age, a full disk or emptying the bin."""
+    from storage import recycle_bin
+    from storage.correction import CorrectionError
+    from storage.part10 import split_file
+    arch, studies, sent = held_archive
+    held_sops = {r["SOPInstanceUID"] for r in arch.find("IMAGE", {
+        "StudyInstanceUID": studies[0], "SOPInstanceUID": ""})}
+    holds.place(arch.index, "study", studies[0], "claim 2026/114", "ana")
+    usage = recycle_bin.shutil.disk_usage(arch.data_dir)
+    with monkeypatch.context() as m:          # no room for the originals: nothing changes
+        m.setattr(recycle_bin.shutil, "disk_usage",
+                  lambda path: usage._replace(free=recycle_bin.SPARE_BYTES))
+        with pytest.raises(CorrectionError, match="on hold and its originals could not be kept"):
+            arch.correct("patient", "P1", {"PatientName": "Roe^Ann"})
+    assert retrieves_exactly(arch, sent) and arch.recycle.entries() == []
+
+    done = arch.correct("patient", "P1", {"PatientName": "Roe^Ann"}, "misspelt")
+    entry = arch.recycle.entry(done["originals"])
+    assert entry.kind == "original" and entry.holds == [("study", studies[0])]
+    assert re.search(r"PatientName '.*' -> 'Roe\^Ann' \(misspelt\); kept while on hold: "
+                     f"study {studies[0]}$", entry.reason)
+    assert {i["sop_uid"] for i in entry.instances} == held_sops     # the held study's only
+    for item in entry.instances:             # the bytes as received, the archive's corrected
+        _, dataset = split_file((arch.recycle.root / entry.name / item["file"]).read_bytes())
+        assert dataset == sent[item["sop_uid"]] != arch.retrieve(item["sop_uid"]).data
+    assert b"Roe^Ann" in arch.retrieve(next(iter(held_sops))).data
+    with pytest.raises(recycle_bin.RecycleBinError, match="originals of instances a correction"):
+        arch.restore_deleted(entry.name, "ana")
+    [row] = arch.recycle.summaries()
+    assert row["held"] == [["study", studies[0]]] and row["expires_at"] is None
+
+    deleted = arch.delete("study", studies[2])["kept_as"]      # an ordinary entry beside it
+    later = time.time() + 30 * 86400
+    with monkeypatch.context() as m:          # a nearly full disk takes the ordinary one only
+        m.setattr(recycle_bin.shutil, "disk_usage",
+                  lambda path: usage._replace(total=100 << 30, free=1 << 30))
+        assert arch.recycle.make_room() == [deleted]
+    assert arch.recycle.purge(now=later) == [] and arch.recycle.purge(everything=True) == []
+    holds.release(arch.index, "study", studies[0], "ana")
+    assert arch.recycle.summaries()[0]["expires_at"] is not None
+    assert arch.recycle.purge(now=later) == [entry.name] and arch.recycle.entries() == []
+    done = arch.correct("patient", "P1", {"PatientName": "Roe^Ben"})     # not held: no copy
+    assert "originals" not in done and arch.recycle.entries() == []
+
+
 def test_retention_passes_over_held_records(held_archive):
     arch, studies, _ = held_archive
     holds.place(arch.index, "patient", "P1", "claim", "ana")
@@ -216,6 +265,17 @@ def test_the_admin_page_lists_the_holds(admin_site, tmp_path):
         listed = re.search(r'<ul id="holds">(.*?)</ul>', dom, re.S).group(1)
         assert "patient" in listed and "HELD" in listed and "complaint 3" in listed
         assert "on hold, placed by ana" in listed
+    done = node.archive.correct("patient", "HELD", {"PatientName": "Held^Corrected"})
+    (row,) = get_json(f"{admin.url}/api/deleted")["entries"]
+    assert (row["entry"], row["kind"], row["held"], row["expires_at"]) == \
+        (done["originals"], "original", [["study", series[0].StudyInstanceUID]], None)
+    status, answer = post_json(f"{admin.url}/api/deleted/{row['entry']}/restore", b"{}")
+    assert status == 409 and "still holds them, corrected" in answer["error"]
+    if CHROMIUM is not None:
+        dom = chromium(f"{admin.url}/", tmp_path / "page2", "--dump-dom")
+        item = re.search(r'<li class="recycled">.*?</li>', dom, re.S).group(0)
+        assert "2 instances of HELD" in item and "kept while on hold" in item
+        assert "originals before the correction" in item and "Restore" not in item
 
 
 def test_the_api_places_and_releases_holds_and_the_page_offers_both(admin_site, tmp_path):

@@ -587,10 +587,15 @@ function renderRecycle(bin) {
     ? `(deleted instances kept ${bin.keep_days} days)` : "(off: deletions are for good)");
   auditList("recycle", bin.entries.slice().reverse(), "Nothing to restore.", "deleted_at",
             (e) => `${count(e.instances)} instances of ${e.patients.join(", ")}, ` +
-                   `${bytes(e.bytes)}` + (e.expires_at ? `, until ${when(e.expires_at)}` : ""),
+                   `${bytes(e.bytes)}` +
+                   (e.held && e.held.length ? ", kept while on hold"
+                    : e.expires_at ? `, until ${when(e.expires_at)}` : ""),
             (li, e) => {
               li.className = "recycled";
-              if (state.role === "admin") li.append(" ", restoreButton(e.entry));
+              // originals of corrected held instances: the archive still holds them
+              if (state.role === "admin" && e.kind !== "original") {
+                li.append(" ", restoreButton(e.entry));
+              }
             });
 }
 
