@@ -60,5 +60,7 @@ def run_backup(args) -> int:
         print(f"backup in {args.dest}: {report.instances} instances, {report.blobs} blobs; "
               f"{report.files_copied} files copied ({report.bytes_copied / 1e6:.1f} MB), "
               f"{report.files_kept} kept from before, {report.files_removed} removed; "
-              f"{report.rounds} snapshot(s)")
+              f"{report.rounds} snapshot(s); recycle bin: {report.bin_entries_copied} entries "
+              f"copied ({report.bin_bytes_copied / 1e6:.1f} MB), {report.bin_entries_kept} "
+              f"kept, {report.bin_entries_removed} removed")
     return 0

@@ -351,9 +351,10 @@ class Archive:
 
     def backup(self, dest, database_url: str = "", progress=None,
                force: bool = False) -> BackupReport:
-        """Copy this archive, consistent at one moment, into the data folder ``dest`` (see
-        :func:`storage.backup.backup`); works while a node serves it."""
-        return backup(self.index, self.blobs, dest, database_url, progress, force)
+        """Copy this archive, consistent at one moment, and its recycle bin into the data
+        folder ``dest`` (see :func:`storage.backup.backup`); works while a node serves it."""
+        return backup(self.index, self.blobs, dest, database_url, progress, force,
+                      self.recycle)
 
     def restage_lone_images(self) -> list[int]:
         """Stage again the lone images an older release deflated, so that compaction codes

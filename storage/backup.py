@@ -15,6 +15,8 @@ PostgreSQL too). Steps:
    adds is copied, up to :data:`ROUNDS` times.
 3. The snapshot becomes the destination's index (a rename, or its rows copied into the database
    ``database_url`` names), and the destination's files that it does not refer to are removed.
+4. The recycle bin's complete entries are copied too (checked, manifest last), so that what
+   can be undone, and the originals kept for legal holds, survive the archive's disk.
 
 Step 3 empties the destination, so a destination is checked first: never the archive's own
 folder or index, and (unless ``force``) only an empty folder or one whose marker file
@@ -39,6 +41,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from storage.blobstore import BlobStore, fsync_dir, fsync_path
 from storage.errors import StorageError
 from storage.index import Base, Blob, Index, Instance
+from storage.recycle_bin import RecycleBin, RecycleBinError
 from storage.recovery import LOCK_NAME, ArchiveLock
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,9 @@ class BackupReport:
         Destination files no longer referred to (removed).
     rounds : int
         Snapshots taken (more than one when files moved while copying).
+    bin_entries_copied, bin_entries_kept, bin_entries_removed, bin_bytes_copied : int
+        The recycle bin's entries (``recycle/``): copied in this run, already there, no
+        longer in the archive's bin (removed); bytes copied.
     """
 
     instances: int = 0
@@ -79,10 +85,15 @@ class BackupReport:
     files_kept: int = 0
     files_removed: int = 0
     rounds: int = 0
+    bin_entries_copied: int = 0
+    bin_entries_kept: int = 0
+    bin_entries_removed: int = 0
+    bin_bytes_copied: int = 0
 
 
 def backup(index: Index, blobs: BlobStore, dest, database_url: str = "",
-           progress=None, force: bool = False) -> BackupReport:
+           progress=None, force: bool = False, recycle: RecycleBin | None = None
+           ) -> BackupReport:
     """Copy the archive of ``index`` and ``blobs`` into the folder ``dest``.
 
     Parameters
@@ -100,6 +111,9 @@ def backup(index: Index, blobs: BlobStore, dest, database_url: str = "",
     force : bool
         Replace what ``dest`` (and the database ``database_url`` names) holds even when it is
         not a backup of this archive. Never allows the archive's own folder or index.
+    recycle : RecycleBin, optional
+        The archive's recycle bin, copied into ``dest/recycle`` after the index and files
+        (its entries: deletions that can be undone, originals kept for legal holds).
 
     Raises
     ------
@@ -116,9 +130,22 @@ def backup(index: Index, blobs: BlobStore, dest, database_url: str = "",
         source = _identity(index.url, blobs.root.parent)
         _check_destination(dest, source, copy_url, bool(database_url), force)
         _mark(dest, source, copy_url)
-        return _backup(index, blobs, dest, database_url, progress)
+        report = _backup(index, blobs, dest, database_url, progress)
+        if recycle is not None:
+            _mirror_bin(recycle, dest / "recycle", report)
+        return report
     finally:
         lock.release()
+
+
+def _mirror_bin(recycle: RecycleBin, dest: Path, report: BackupReport) -> None:
+    try:
+        counts = recycle.mirror(dest)
+    except (OSError, RecycleBinError) as exc:
+        raise BackupError(f"the index and files are backed up, the recycle bin is not: "
+                          f"{exc}") from exc
+    report.bin_entries_copied, report.bin_entries_kept = counts["copied"], counts["kept"]
+    report.bin_entries_removed, report.bin_bytes_copied = counts["removed"], counts["bytes"]
 
 
 def _refuse_own(index: Index, blobs: BlobStore, dest: Path, copy_url: str) -> None:

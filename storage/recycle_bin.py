@@ -272,6 +272,39 @@ class RecycleBin:
             return "failed"
         return "present" if result.outcome == "duplicate_ignored" else "restored"
 
+    def mirror(self, dest: Path) -> dict:
+        """Make the folder ``dest`` (a backup's bin) hold this bin's complete entries: an
+        entry it lacks is copied, each file checked against the SHA-256 its manifest records
+        and written durably, the manifest last; one it has is kept (an entry never changes
+        once complete); one this bin no longer has is removed. Returns the counts
+        ``copied``, ``kept``, ``removed`` and ``bytes`` (copied).
+
+        Raises
+        ------
+        RecycleBinError
+            A file that does not match its SHA-256.
+        """
+        dest = Path(dest)
+        counts = {"copied": 0, "kept": 0, "removed": 0, "bytes": 0}
+        names = set()
+        for entry in self.entries():
+            if (dest / entry.name / MANIFEST).is_file():
+                counts["kept"] += 1
+            else:
+                try:
+                    counts["bytes"] += _copy_entry(self.root / entry.name, dest / entry.name,
+                                                   entry)
+                except FileNotFoundError:           # restored or purged meanwhile
+                    shutil.rmtree(dest / entry.name, ignore_errors=True)
+                    continue
+                counts["copied"] += 1
+            names.add(entry.name)
+        for folder in sorted(dest.iterdir()) if dest.is_dir() else ():
+            if folder.name not in names:
+                shutil.rmtree(folder, ignore_errors=True)
+                counts["removed"] += 1
+        return counts
+
     def purge(self, everything: bool = False, now: float | None = None) -> list[str]:
         """Remove expired entries (all with ``everything``) and interrupted ones, but none
         kept for a hold in force; return the names removed."""
@@ -393,6 +426,23 @@ def _row(rows: dict[int, dict], inst_id: int) -> dict:
     if inst_id not in rows:
         raise RecycleBinError(f"instance row {inst_id} went while the deletion was planned")
     return rows[inst_id]
+
+
+def _copy_entry(source: Path, dest: Path, entry: Entry) -> int:
+    """Copy the entry in ``source`` to ``dest``, checked, durably, manifest last; bytes."""
+    shutil.rmtree(dest, ignore_errors=True)          # what an interrupted copy left
+    dest.mkdir(parents=True)
+    copied = 0
+    for item in entry.instances:
+        data = (source / item["file"]).read_bytes()
+        if hashlib.sha256(split_file(data)[1]).hexdigest() != item["sha256"]:
+            raise RecycleBinError(f"file {item['file']} of recycle bin entry {entry.name} "
+                                  "does not match its SHA-256")
+        (dest / item["file"]).write_bytes(data)
+        fsync_path(dest / item["file"])
+        copied += len(data)
+    _write_manifest(dest, json.loads((source / MANIFEST).read_text()))
+    return copied
 
 
 def _write_manifest(folder: Path, meta: dict) -> None:

@@ -56,6 +56,44 @@ def test_a_second_backup_copies_only_what_is_new_and_drops_what_went(archive, tm
     assert _check_copy(tmp_path / "copy", sent)["instances"] == 10
 
 
+def test_the_recycle_bin_goes_with_the_backup(archive, tmp_path):
+    """Deletions that can be undone (and originals kept for holds) survive the archive's disk:
+    the copy's bin restores them; entries the archive's bin dropped leave the copy too."""
+    sent = _filled(archive)
+    archive.recycle.keep_days = 7
+    gone = {uid: sent.pop(uid) for uid in list(sent)[5:]}            # the staged series
+    kept = archive.delete("series", archive.find("IMAGE", {
+        "SOPInstanceUID": next(iter(gone)), "SeriesInstanceUID": ""})[0]["SeriesInstanceUID"]
+                          )["kept_as"]
+    report = archive.backup(tmp_path / "copy")
+    assert (report.bin_entries_copied, report.bin_entries_kept, report.bin_entries_removed) \
+        == (1, 0, 0) and report.bin_bytes_copied > sum(map(len, gone.values()))
+    copy = Archive(tmp_path / "copy", deleted_keep_days=7)
+    try:
+        assert [e.name for e in copy.recycle.entries()] == [kept]
+        assert copy.restore_deleted(kept, "test")["restored"] == 3
+        assert all(copy.retrieve(uid).data == data for uid, data in (sent | gone).items())
+    finally:
+        copy.close()
+    report = archive.backup(tmp_path / "copy")       # the copy's restore is undone: a mirror
+    assert (report.bin_entries_copied, report.bin_entries_kept) == (1, 0)
+    report = archive.backup(tmp_path / "copy")
+    assert (report.bin_entries_copied, report.bin_entries_kept) == (0, 1)
+    archive.recycle.purge(everything=True)
+    assert archive.backup(tmp_path / "copy").bin_entries_removed == 1
+    assert not any((tmp_path / "copy" / "recycle").iterdir())
+    # a damaged copy in the bin fails the backup, naming it
+    second = archive.delete("series", archive.find("IMAGE", {
+        "SOPInstanceUID": next(iter(sent)), "SeriesInstanceUID": ""})[0]["SeriesInstanceUID"]
+                            )["kept_as"]
+    victim = next((archive.recycle.root / second).glob("*.dcm"))
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(BackupError, match="recycle bin is not: file .* of recycle bin entry "
+                                          f"{second} does not match its SHA-256"):
+        archive.backup(tmp_path / "copy")
+
+
 def test_files_moving_while_copying_make_a_new_snapshot(archive, tmp_path, monkeypatch):
     sent = _filled(archive)
     real_get, compacted = archive.blobs.get, []
