@@ -104,6 +104,9 @@ def correct(args) -> int:
             return 1
         note_change(archive, "correct", args.level, touched)
         print(json.dumps(done, indent=2) if args.json else "corrected " + _describe(done))
+        if done.get("originals") and not args.json:
+            print(f"the held instances' originals are kept as recycle bin entry "
+                  f"{done['originals']} while on hold (voxarc deleted)")
         if args.resend and not args.json:
             print(f"{len(done['resent'])} series queued to be sent again"
                   + "".join(f"\n  {series} to {dest}" for series, dest in done["resent"])

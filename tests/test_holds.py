@@ -243,6 +243,14 @@ def test_the_command_places_lists_and_releases_holds(tmp_path):
     assert json.loads(_voxarc("stats", "--data-dir", data, "--json").stdout)["holds"] == 1
     refused = _voxarc("delete", "study", study, "--yes", "--data-dir", data)
     assert refused.returncode == 1 and "on hold since" in refused.stderr
+    corrected = _voxarc("correct", "study", study, "--set", "AccessionNumber=A7", "--yes",
+                        "--data-dir", data)
+    entry = re.search(r"originals are kept as recycle bin entry (\S+) while on hold",
+                      corrected.stdout).group(1)
+    binned = _voxarc("deleted", "--data-dir", data).stdout
+    assert re.search(rf"{entry} .* 2 .* while held study {study}", binned)
+    emptied = _voxarc("deleted", "empty", "--yes", "--data-dir", data)
+    assert emptied.stdout.strip() == f"0 entries removed for good; 1 kept while on hold: {entry}"
     assert _voxarc("hold", "release", "study", study, "--data-dir", data).returncode == 0
     assert "released" in _voxarc("hold", "--all", "--data-dir", data).stdout
     assert _voxarc("delete", "study", study, "--yes", "--data-dir", data).returncode == 0
