@@ -100,6 +100,10 @@ class _IndexCollector:
             yield GaugeMetricFamily("voxarc_scrub_damaged_instances",
                                     "Instances whose stored file the last patrol found damaged",
                                     value=last["damaged_instances"])
+            yield GaugeMetricFamily("voxarc_scrub_damaged_bin_files",
+                                    "Recycle bin files (deletions to undo, originals kept for "
+                                    "legal holds) the last patrol found damaged",
+                                    value=len(last.get("damaged_bin_files", {})))
         yield from _retention_gauges(retention.last_run(self.archive))
 
 

@@ -95,7 +95,9 @@ class Patrol(threading.Thread):
             "started": started, "finished": time.time(),
             "files": report.blobs_checked + report.instances_checked,
             "bytes": report.bytes_checked,
-            "damaged_files": len(report.bad_blobs) + len(report.bad_staged),
+            "damaged_files": len(report.bad_blobs) + len(report.bad_staged)
+            + len(report.bad_bin_files),
+            "bin_files": report.bin_files_checked, "damaged_bin_files": report.bad_bin_files,
             "damaged_instances": len(damage), "damage": dict(list(damage.items())[:100])})
         level = logging.ERROR if damage else logging.INFO
         log.log(level, "integrity patrol: %d files, %.2f GB read in %.0f s; %s",

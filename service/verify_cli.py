@@ -34,6 +34,8 @@ def _summary(archive, report, requeued: int | None) -> dict:
         "instances_checked": report.instances_checked,
         "bad_blobs": report.bad_blobs,
         "bad_instances": report.bad_instances,
+        "bin_files_checked": report.bin_files_checked,
+        "bad_bin_files": report.bad_bin_files,
         "recovery_ran": recovery.ran,
         "orphans_removed": len(recovery.orphans_removed),
         "temp_files_removed": recovery.temp_removed,
@@ -46,8 +48,12 @@ def _print(out: dict) -> None:
     print(f"instances  {out['instances_checked']} checked, {len(out['bad_instances'])} bad")
     for key, reason in out["bad_blobs"].items():
         print(f"BAD blob {key}: {reason}")
+    print(f"recycle bin  {out['bin_files_checked']} files checked, "
+          f"{len(out['bad_bin_files'])} bad")
     for uid, reason in out["bad_instances"].items():
         print(f"BAD instance {uid}: {reason}")
+    for name, reason in out["bad_bin_files"].items():
+        print(f"BAD recycle bin file {name}: {reason}")
     if not out["recovery_ran"]:
         print("orphan scan skipped: a node has the archive open (stop it to remove orphans)")
     else:

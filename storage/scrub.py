@@ -4,7 +4,7 @@
 its row and coded volumes are decoded in full; every instance is rebuilt and checked against the
 SHA-256 taken at ingest. :func:`check_stored_files` (the running node's patrol,
 ``service.patrol``): every blob file and every staged file hashed against the SHA-256 recorded
-when it was written, without decoding. That is enough to find what the disk changed since: a
+when it was written, without decoding. Both hash the recycle bin's files too. That is enough to find what the disk changed since: a
 blob was decoded and compared with its staged pixels before it was committed, and decoding is
 exact, so a blob with the same bytes decodes the same. Nothing is changed except by
 :func:`requeue_failed_jobs`, the one repair the index allows (orphan files are removed by
@@ -38,11 +38,13 @@ class ScrubReport:
     bad_blobs: dict = field(default_factory=dict)        # key -> reason
     bad_instances: dict = field(default_factory=dict)    # SOP Instance UID -> reason
     bad_staged: dict = field(default_factory=dict)       # staged file key -> reason (patrol)
+    bin_files_checked: int = 0
+    bad_bin_files: dict = field(default_factory=dict)    # "ENTRY/FILE" of the bin -> reason
 
     @property
     def ok(self) -> bool:
-        """True when every blob and every instance checked out."""
-        return not self.bad_blobs and not self.bad_instances
+        """True when every blob, every instance and every recycle bin file checked out."""
+        return not self.bad_blobs and not self.bad_instances and not self.bad_bin_files
 
 
 def _check_blob(archive, blob: Blob) -> str:
@@ -93,7 +95,15 @@ def scrub(archive) -> ScrubReport:
         except StorageError as exc:
             report.bad_instances[uid] = str(exc)
             log.error("instance %s is bad: %s", uid, exc)
+    _check_bin(archive, report)
     return report
+
+
+def _check_bin(archive, report: ScrubReport, pace=None) -> None:
+    """The recycle bin's files (deletions to undo, originals kept for legal holds)."""
+    files, nbytes, bad = archive.recycle.check(pace)
+    report.bin_files_checked, report.bad_bin_files = files, bad
+    report.bytes_checked += nbytes
 
 
 def check_stored_files(archive, pace=None) -> ScrubReport:
@@ -135,6 +145,7 @@ def check_stored_files(archive, pace=None) -> ScrubReport:
         report.bytes_checked += nbytes
         if pace:
             pace(nbytes)
+    _check_bin(archive, report, pace)
     return report
 
 

@@ -130,13 +130,18 @@ def test_expired_and_interrupted_entries_are_purged_and_fresh_ones_kept(binned):
 
 
 def test_a_tampered_copy_is_not_restored_and_its_entry_stays(binned):
+    from storage.scrub import check_stored_files, scrub
     sent = store_series(binned, make_series(3, seed=9))
     name = binned.delete("series", series_uid_of(binned, next(iter(sent))))["kept_as"]
+    assert scrub(binned).bin_files_checked == 3 and scrub(binned).ok
     item = binned.recycle.entry(name).instances[0]
     path = binned.recycle.root / name / item["file"]
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
+    damaged = {f"{name}/{item['file']}": "its bytes differ from the SHA-256 its manifest records"}
+    for report in (scrub(binned), check_stored_files(binned)):     # voxarc verify, the patrol
+        assert not report.ok and report.bad_bin_files == damaged
     counts = binned.restore_deleted(name)
     assert (counts["restored"], counts["failed"]) == (2, 1)
     assert binned.recycle.entry(name) is not None

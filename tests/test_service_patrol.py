@@ -87,6 +87,7 @@ def test_a_round_is_saved_shown_and_due_again(admin_site, http_token):
     assert last["damaged_files"] == 1 and set(last["damage"]) == set(compacted)
     metrics = http_get(f"{admin.url}/metrics", http_token)[1].decode()
     assert "voxarc_scrub_damaged_instances 4.0" in metrics
+    assert "voxarc_scrub_damaged_bin_files 0.0" in metrics
     assert "voxarc_scrub_last_finished_timestamp_seconds" in metrics
 
 
