@@ -92,6 +92,41 @@ def test_a_stack_of_noise_is_stored_instance_by_instance(archive, caplog):
     assert "its instances are stored one by one" in caplog.text
 
 
+def test_text_on_a_flat_ground_is_deflated_where_that_is_smaller(archive, caplog):
+    """A screenshot or a dose report (text, which LZ77 matches and a per-voxel predictor does
+    not) is stored deflated when that is smaller than the codec's blob, alone or as a stack;
+    a CT-like stack beside it keeps its blob."""
+    from PIL import Image, ImageDraw
+
+    def report(seed: int) -> bytes:
+        page = Image.new("L", (512, 512), 0)
+        draw = ImageDraw.Draw(page)
+        for line in range(28):
+            draw.text((8, 6 + 18 * line), f"{line:2d} CT dose report  CTDIvol "
+                      f"{line * 1.7 + seed:.1f} mGy  DLP {line * 31.3:.1f}", fill=255)
+        return (np.asarray(page).astype(np.uint16) * 16).tobytes()
+
+    pages = make_series(3, 512, 512, dtype="uint16")
+    for k, ds in enumerate(pages):
+        ds.PixelData = report(k)
+    (lone,) = make_series(1, 512, 512, dtype="uint16", seed=4)
+    lone.PixelData = report(9)
+    scans = make_series(3, 64, 64, dtype="uint16", seed=2)
+    sent = store_as_received(archive, pages + [lone] + scans)
+    with caplog.at_level("INFO", logger="storage.compaction"):
+        assert archive.compact(stable_age=0) == (3, 0)
+    _assert_exact(archive, sent)
+    with archive.index.read() as s:
+        codecs = {i.sop_uid: b.codec for i, b in s.execute(
+            select(Instance, Blob).join(Blob, Blob.id == Instance.blob_fk))}
+    assert {codecs[ds.SOPInstanceUID] for ds in pages + [lone]} == {"zlib"}
+    assert {codecs[ds.SOPInstanceUID] for ds in scans} == {header_pack.CODEC}
+    assert caplog.text.count("bytes its pixels deflate to: its instances are stored one by one") \
+        == 2
+    assert archive.stats()["stored_bytes"] < 0.1 * sum(len(d) for _, d in
+                                                       list(sent.values())[:4])
+
+
 def test_instances_located_ahead_come_back_exactly_after_moving_or_going(archive):
     """A retrieval locates its instances in one query when it starts; one compacted (or
     deleted) meanwhile is located again: the bytes are the received ones, or it is gone."""
