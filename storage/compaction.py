@@ -51,6 +51,8 @@ def _sha(data: bytes) -> str:
 
 
 DEFERRED = "adaptation deferred"   # in codec_info: coded without adaptation to keep up
+#: codec_info of an instance stored one by one because the volume codec did worse on its stack
+CODEC_TRIED = "the volume codec did worse"
 NOISE_CHECK_BYTES = 1 << 16   # stacks of this many bytes of pixels must code smaller to be kept
 #: a stack whose middle image deflates (zlib level 1) to less than this share of the codec's
 #: bytes per pixel byte is deflated in full too, and stored one instance at a time when that
@@ -202,14 +204,15 @@ class Compactor:
         try:
             stacks, singles = assemble(members, self.max_slices,
                                        cycles=self._frame_cycles(members))
-            kept = 0                # stacks coded as volumes; the others go one by one
+            kept, tried = 0, set()  # stacks coded as volumes; the others go one by one
             for stack in stacks:
                 if self._code_stack(stack, plan, fast):
                     kept += 1
                 else:
                     singles = singles + list(stack.members)
+                    tried.update(inst.id for inst in stack.members)
             for inst in singles:
-                self._code_single(inst, plan)
+                self._code_single(inst, plan, CODEC_TRIED if inst.id in tried else "")
             self._commit(plan, members, job_id)
         except CommitOutcomeUnknown as exc:   # the new blobs and the staged files both stay
             log.error("compaction of series %s: %s; its files stay for the next start", series_uid,
@@ -308,7 +311,9 @@ class Compactor:
             parts, volume = [parts[i] for i in how.order], volume[how.order]
         return parts, volume, how
 
-    def _code_single(self, inst, plan: _Plan) -> None:
+    def _code_single(self, inst, plan: _Plan, info: str = "") -> None:
+        """Store one instance deflated (or raw when deflating does not shrink it); ``info``:
+        its blob row's codec_info (CODEC_TRIED: the volume codec did worse)."""
         data = self.blobs.get(inst.staged_key)
         packed, codec = zlib.compress(data, 6), "zlib"
         if len(packed) >= len(data):
@@ -317,7 +322,7 @@ class Compactor:
             raise VerificationError(f"zlib round trip of {inst.sop_uid} differs")
         key = new_key("b")
         plan.updates[inst.id] = (key, dict(frame_start=0, header_before=b"", header_after=b""))
-        self._put(plan, key, packed, codec, len(data))
+        self._put(plan, key, packed, codec, len(data), codec_info=info)
 
     def _put(self, plan: _Plan, key: str, data: bytes, codec: str, raw: int, **extra) -> None:
         self.blobs.put(key, data)

@@ -18,6 +18,7 @@ from sqlalchemy import func, select, update
 
 from storage.assembly import LONE_MIN_VOXELS, frame_voxels
 from storage.blobstore import BlobStore
+from storage.compaction import CODEC_TRIED
 from storage.errors import CommitOutcomeUnknown, StorageError
 from storage.index import Blob, Index, Instance
 from storage.instance_facts import MULTIFRAME
@@ -33,7 +34,8 @@ def candidates(index: Index) -> list[tuple[int, str, int, str, int]]:
     """(instance id, SOP Instance UID, blob id, SHA-256, series id) of the deflated lone
     images: single-frame
     images of a stackable format that no other instance of their series shares, of at least
-    LONE_MIN_VOXELS pixels, that deflating shrank."""
+    LONE_MIN_VOXELS pixels, that deflating shrank, and that the volume codec was not tried on
+    (CODEC_TRIED: it did worse)."""
     shared = select(Instance.series_fk, Instance.stack_format) \
         .group_by(Instance.series_fk, Instance.stack_format) \
         .having(func.count(Instance.id) > 1).subquery()
@@ -45,6 +47,7 @@ def candidates(index: Index) -> list[tuple[int, str, int, str, int]]:
         .where(Blob.codec == "zlib", Instance.stack_format != "", Instance.frames == 1,
                ~Instance.stack_format.startswith(MULTIFRAME),
                Blob.stored_bytes <= DEFLATED_SHARE * Blob.raw_bytes,
+               Blob.codec_info != CODEC_TRIED,
                shared.c.series_fk.is_(None)).order_by(Instance.id)
     with index.read() as s:
         return [(i, uid, blob, digest, series) for i, uid, fmt, blob, digest, series

@@ -123,6 +123,8 @@ def test_text_on_a_flat_ground_is_deflated_where_that_is_smaller(archive, caplog
     assert {codecs[ds.SOPInstanceUID] for ds in scans} == {header_pack.CODEC}
     assert caplog.text.count("bytes its pixels deflate to: its instances are stored one by one") \
         == 2
+    from storage import lone_images
+    assert lone_images.candidates(archive.index) == []      # `--recode` does not try it again
     assert archive.stats()["stored_bytes"] < 0.1 * sum(len(d) for _, d in
                                                        list(sent.values())[:4])
 
