@@ -89,7 +89,7 @@ class Archive:
         self.accesses = AccessLog(self.index, keep_days=access_trail_days)
         #: deleted instances kept restorable for a while
         self.recycle = RecycleBin(self.data_dir / "recycle", deleted_keep_days,
-                                  lambda: holds.in_force(self.index))
+                                  lambda: holds.states(self.index))
 
     def store(self, data: bytes, transfer_syntax: str, sop_uid: str | None = None,
               source_ae: str = "") -> IngestResult:

@@ -148,10 +148,18 @@ def listing(index: Index, released: bool = False) -> list[HoldRecord]:
         return [_record(r) for r in rows]
 
 
-def in_force(index: Index) -> set[tuple[str, str]]:
-    """The (level, uid) of every hold in force."""
+def states(index: Index) -> dict[tuple[str, str], float | None]:
+    """Every hold ever placed, by (level, uid): None while in force, else when it was last
+    released."""
+    out: dict = {}
     with index.read() as s:
-        return set(_in_force(s))
+        for level, uid, released_at in s.execute(
+                select(Hold.level, Hold.uid, Hold.released_at).order_by(Hold.held_at, Hold.id)):
+            key = (level, uid)
+            if out.get(key, 0.0) is not None:           # one in force stays in force
+                out[key] = released_at if released_at is None else \
+                    max(released_at, out.get(key) or 0.0)
+    return out
 
 
 def _in_force(s) -> dict[tuple[str, str], HoldRecord]:

@@ -97,10 +97,11 @@ class RecycleBin:
         Days an entry is kept; 0 turns the bin off (deletions are for good at once).
     """
 
-    def __init__(self, root: Path, keep_days: float, holds_in_force=None):
+    def __init__(self, root: Path, keep_days: float, hold_states=None):
         self.root, self.keep_days = Path(root), float(keep_days)
-        #: a callable giving the (level, uid) of every hold in force (none: no holds)
-        self.holds_in_force = holds_in_force or (lambda: set())
+        #: a callable giving {(level, uid): None while in force, else when released} of every
+        #: hold placed (:func:`storage.holds.states`; none: no holds)
+        self.hold_states = hold_states or (lambda: {})
         self._last_purge = 0.0
         self._lock = threading.Lock()
         self._held: tuple[float, int] | None = None     # (when counted, bytes)
@@ -178,13 +179,14 @@ class RecycleBin:
     def summaries(self, newest: int | None = None) -> list[dict]:
         """:meth:`Entry.summary` of each entry (oldest first), with ``held``: the holds in
         force it is kept for (such an entry does not expire while they last)."""
-        in_force = self.holds_in_force()
+        states = self.hold_states()
         out = []
         for entry in self.entries(newest):
             row = entry.summary(self.keep_days)
-            row["held"] = [list(h) for h in self.held(entry, in_force)]
-            if row["held"]:
-                row["expires_at"] = None
+            row["held"] = [list(h) for h in self.held(entry, states)]
+            since = self._kept_since(entry, states)
+            row["expires_at"] = None if since is None or self.keep_days <= 0 else \
+                since + self.keep_days * 86400
             out.append(row)
         return out
 
@@ -200,13 +202,20 @@ class RecycleBin:
                      meta["instances"], meta.get("kind", "deleted"),
                      [tuple(h) for h in meta.get("holds", ())])
 
-    def held(self, entry: Entry, in_force: set | None = None) -> list[tuple[str, str]]:
-        """Those of the entry's holds that are in force (``in_force``: the holds in force,
+    def held(self, entry: Entry, states: dict | None = None) -> list[tuple[str, str]]:
+        """Those of the entry's holds that are in force (``states``: :attr:`hold_states`,
         when the caller has them already)."""
         if not entry.holds:
             return []
-        in_force = self.holds_in_force() if in_force is None else in_force
-        return [h for h in entry.holds if tuple(h) in in_force]
+        states = self.hold_states() if states is None else states
+        return [h for h in entry.holds if tuple(h) in states and states[tuple(h)] is None]
+
+    def _kept_since(self, entry: Entry, states: dict) -> float | None:
+        """When the entry's keep_days start: its deletion, or the release of the last of its
+        holds (an accidental release leaves the originals their days); None while held."""
+        if self.held(entry, states):
+            return None
+        return max([entry.deleted_at] + [states.get(tuple(h)) or 0.0 for h in entry.holds])
 
     def bytes_held(self, max_age_s: float = 60.0) -> int:
         """Bytes of every file in the bin (complete entries or not), counted at most
@@ -336,18 +345,21 @@ class RecycleBin:
 
     def purge(self, everything: bool = False, now: float | None = None) -> list[str]:
         """Remove expired entries (all with ``everything``) and interrupted ones, but none
-        kept for a hold in force; return the names removed."""
+        kept for a hold in force (one whose holds were released expires ``keep_days`` after
+        the last release); return the names removed."""
         now = time.time() if now is None else now
-        gone, in_force = [], None
+        gone, states = [], None
         for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
             entry = self.entry(folder.name)
             if entry is None:
                 expired = now - folder.stat().st_mtime > INTERRUPTED_S
-            else:
+            elif not entry.holds:
                 expired = everything or now - entry.deleted_at > self.keep_days * 86400
-                if expired and entry.holds:
-                    in_force = self.holds_in_force() if in_force is None else in_force
-                    expired = not self.held(entry, in_force)
+            else:
+                states = self.hold_states() if states is None else states
+                since = self._kept_since(entry, states)
+                expired = since is not None and (everything or
+                                                 now - since > self.keep_days * 86400)
             if expired:
                 shutil.rmtree(folder, ignore_errors=True)
                 gone.append(folder.name)
@@ -376,12 +388,12 @@ class RecycleBin:
         usage = shutil.disk_usage(self.root)
         if usage.free >= LOW_SHARE * usage.total:
             return []
-        gone, in_force = [], self.holds_in_force()
+        gone, states = [], self.hold_states()
         for folder in sorted(self.root.iterdir()):
             if shutil.disk_usage(self.root).free >= SPARE_SHARE * usage.total:
                 break
             entry = self.entry(folder.name)
-            if entry is not None and self.held(entry, in_force):
+            if entry is not None and self.held(entry, states):
                 continue                    # evidence: never removed while its hold lasts
             shutil.rmtree(folder, ignore_errors=True)
             gone.append(folder.name)

@@ -157,9 +157,13 @@ def test_a_correction_of_held_instances_keeps_their_originals_while_the_hold_las
                   lambda path: usage._replace(total=100 << 30, free=1 << 30))
         assert arch.recycle.make_room() == [deleted]
     assert arch.recycle.purge(now=later) == [] and arch.recycle.purge(everything=True) == []
+    manifest = arch.recycle.root / entry.name / "entry.json"          # kept for a year
+    meta = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**meta, "deleted_at": meta["deleted_at"] - 365 * 86400}))
     holds.release(arch.index, "study", studies[0], "ana")
-    assert arch.recycle.summaries()[0]["expires_at"] is not None
-    assert arch.recycle.purge(now=later) == [entry.name] and arch.recycle.entries() == []
+    (row,) = arch.recycle.summaries()       # its days count from the release, not from then
+    assert row["held"] == [] and 7 * 86400 - 60 < row["expires_at"] - time.time() <= 7 * 86400
+    assert arch.recycle.purge() == [] and arch.recycle.purge(now=later) == [entry.name]
     done = arch.correct("patient", "P1", {"PatientName": "Roe^Ben"})     # not held: no copy
     assert "originals" not in done and arch.recycle.entries() == []
 
