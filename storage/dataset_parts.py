@@ -162,10 +162,13 @@ def _from_scan(data: bytes, elements, implicit: bool, tags: tuple[int, ...]) -> 
     for e in {e.tag: e for e in elements}.values():   # a repeated tag: the last counts
         _check_vr(e.tag, e.vr, e.length, e.length == UNDEFINED)   # scan saw the bytes are there
         if e.tag in wanted:
+            # an element sent as UN whose tag the dictionary knows reads as that VR, as
+            # pydicom reads it (pydicom's rtdose_rle.dcm sends every element so)
+            vr = implicit_vr(e.tag) if not e.vr or e.vr == "UN" else e.vr
             value = view[e.start:e.end] if e.tag == PIXEL_DATA else \
-                bytes(view[e.start:e.end]) if e.length else empty_value_for_VR(e.vr, raw=True)
-            raw[e.tag] = RawDataElement(BaseTag(e.tag), e.vr or implicit_vr(e.tag), e.length,
-                                        value, e.start, implicit, True, True)
+                bytes(view[e.start:e.end]) if e.length else empty_value_for_VR(vr, raw=True)
+            raw[e.tag] = RawDataElement(BaseTag(e.tag), vr, e.length, value, e.start,
+                                        implicit, True, True)
     charset = raw.get(0x00080005)
     encodings = convert_encodings(convert_value("CS", charset) if charset else None)
     values = {tag: convert_value(raw[tag].VR, raw[tag], encodings)
