@@ -323,7 +323,7 @@ def frame_data(inst, wanted: list[int] | None, syntax: str | None = None):
     ds = dcmread(io.BytesIO(build_file(inst.sop_class_uid, inst.sop_uid, ts, inst.data)))
     if "PixelData" not in ds:
         raise _NotServed(404, "the instance has no pixel data")
-    count = int(ds.get("NumberOfFrames", 1) or 1)
+    count = _pixel_count(ds, "NumberOfFrames", 1)
     wanted = list(range(1, count + 1)) if wanted is None else wanted
     if not all(1 <= n <= count for n in wanted):
         raise _NotServed(404, f"frames are 1 to {count}")
@@ -332,12 +332,25 @@ def frame_data(inst, wanted: list[int] | None, syntax: str | None = None):
     if ts.is_encapsulated:
         media = f"{_FRAME_MEDIA.get(ts, 'application/octet-stream')}; transfer-syntax={ts}"
         return media, (get_frame(ds.PixelData, n - 1, number_of_frames=count) for n in wanted)
-    bits = int(ds.BitsAllocated)
+    bits = _pixel_count(ds, "BitsAllocated")
     if bits % 8 or not ts.is_little_endian:
         raise _NotServed(406, "frames of bit-packed or big-endian pixel data are not served")
-    size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+    size = _pixel_count(ds, "Rows") * _pixel_count(ds, "Columns") * _pixel_count(ds, "SamplesPerPixel", 1) \
+        * bits // 8
     view = memoryview(ds.PixelData)
     return "application/octet-stream", (view[(n - 1) * size:n * size] for n in wanted)
+
+
+def _pixel_count(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    """An instance's count (frames, rows, bits) that its frames are cut by; a value that is
+    not one (an IS of '1A', as received and kept) ends the request with a 500 that says so."""
+    try:
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        why = f"the instance's {keyword} ({ds.get(keyword)!r}) is not a number: its frames " \
+            "cannot be cut out"
+        log.error("WADO-RS frames of %s: %s", ds.get("SOPInstanceUID", "?"), why)
+        raise _NotServed(500, why) from None
 
 
 def _decoded_frames(ds: Dataset, wanted: list[int], syntax: str):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pydicom
 import pydicom.data
 
+from admin_helpers import admin_site, http_get, http_token  # noqa: F401
 from node_helpers import node  # noqa: F401
 from storage.archive import Archive
 from storage.errors import UnparseableDatasetError
@@ -140,3 +141,41 @@ def test_every_bundled_file_over_the_network(node, tmp_path):  # noqa: F811
             assert final.Status == 0x0000, (study, hex(final.Status))
             received.update(got)
         assert {u: received.get(u) == first[u] for u in first} == {u: True for u in first}
+
+
+def test_every_bundled_file_through_dicomweb(admin_site, tmp_path):  # noqa: F811
+    """WADO-RS of each stored bundled file (metadata, the instance, its first frame, rendered)
+    and of its study (metadata, the file-set ZIP, the de-identified ZIP), before and after
+    compaction: answered, or refused with a status and a reason; never an unhandled error
+    (badVR.dcm's NumberOfFrames '1A' was one, for its frames)."""
+    running, admin = admin_site
+    groups, _ = _groups()
+    stored = {}
+    for name, syntax, data in groups[0]:          # no SOP Instance UID twice
+        try:
+            stored[running.archive.store(data, syntax).sop_uid] = name
+        except UnparseableDatasetError:
+            continue
+    where = {uid: running.archive.find("IMAGE", {"SOPInstanceUID": uid, "StudyInstanceUID": "",
+                                              "SeriesInstanceUID": ""})[0] for uid in stored}
+    unhandled = []
+    for compacted in (False, True):
+        if compacted:
+            running.archive.compact(stable_age=0)
+        asks = []
+        for uid, row in where.items():
+            base = (f"/dicom-web/studies/{row['StudyInstanceUID']}/series/"
+                    f"{row['SeriesInstanceUID']}/instances/{uid}")
+            asks += [(stored[uid], base + "/metadata", ""),
+                     (stored[uid], base, 'multipart/related; type="application/dicom"'),
+                     (stored[uid], base + "/frames/1", ""),
+                     (stored[uid], base + "/rendered", "image/png")]
+        for study in sorted({row["StudyInstanceUID"] for row in where.values()}):
+            asks += [(study, f"/dicom-web/studies/{study}/metadata", ""),
+                     (study, f"/api/studies/{study}/media.zip", ""),
+                     (study, f"/api/studies/{study}/deidentified.zip", "")]
+        for what, path, accept in asks:
+            status, body = http_get(admin.url + path, accept=accept, timeout=120)
+            if status >= 500 and not body.startswith(b'{"error"'):
+                unhandled.append((compacted, what, path.rsplit("/", 1)[-1], status))
+    assert unhandled == [] and len(stored) >= 30
