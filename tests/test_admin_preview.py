@@ -101,3 +101,16 @@ def test_a_lossless_jpeg_image_is_previewed_as_its_uncompressed_twin():
               for name in names]
     for image in images[1:]:
         np.testing.assert_array_equal(image, images[0])
+
+
+def test_an_image_no_decoder_reads_is_one_error_not_a_traceback_per_decoder(caplog):
+    """pydicom logs a traceback for each decoder plugin that fails on a 12-bit JPEG Extended
+    image; the node keeps them out of its log and says once, naming the instance, why."""
+    from service import quiet_log
+    quiet_log.install()
+    ts, data = bundled("JPEG-lossy.dcm")
+    with caplog.at_level("DEBUG"), pytest.raises(PreviewError, match="(?s)has no image to show .*"
+                                                 "JPEG Extended"):
+        render_image("1.2.840.10008.5.1.4.1.1.2", "1.3.6.1.4.1.5962.1.1.8.1.5.20040826185059.5457",
+                     ts, data)
+    assert [r for r in caplog.records if r.exc_info] == []
