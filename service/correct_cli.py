@@ -18,6 +18,7 @@ from service.admin_cli import (add_trail_options, may_proceed, note_change, prin
 from service.ae import open_archive
 from service.config import add_node_options, settings_from_args
 from storage.correction import ALLOWED, LEVELS, CorrectionError, history
+from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def correct(args) -> int:
         try:
             touched = studies_touched(archive, args.level, args.uid)
             done = archive.correct(args.level, args.uid, values, args.reason, args.resend)
-        except CorrectionError as exc:
+        except StorageError as exc:     # refused, or a commit whose outcome is unknown
             log.error("%s", exc)
             return 1
         note_change(archive, "correct", args.level, touched)

@@ -58,7 +58,7 @@ from sqlalchemy.exc import IntegrityError
 
 from storage import element_scan, instance_facts, reconciled
 from storage.blobstore import BlobStore, new_key
-from storage.errors import StorageError
+from storage.errors import CommitOutcomeUnknown, StorageError
 from storage.index import Blob, Correction, Index, Instance, Patient, Series, Study
 from storage.removals import finish_removals, record_removals
 
@@ -371,6 +371,12 @@ class Corrector:
                 lambda s: self._write(s, todo, staged, reason),
                 lambda s: s.scalar(select(Instance.staged_key).where(
                     Instance.id == todo.instances[0].id)) == staged[todo.instances[0].id][0])
+        except CommitOutcomeUnknown:
+            # the rows may point at the new files: removing them could lose the instances
+            log.error("correcting %s %s: the commit's outcome is unknown; the %d corrected files "
+                      "stay (the next start removes them if the commit did not take place)",
+                      todo.level, todo.uid, len(staged))
+            raise
         except BaseException as exc:
             for key, *_ in staged.values():
                 self.blobs.delete(key)

@@ -220,6 +220,50 @@ def test_a_crash_before_the_commit_leaves_the_originals(tmp_path, monkeypatch):
     arch.close()
 
 
+def test_a_commit_whose_outcome_cannot_be_told_keeps_the_corrected_files(tmp_path,
+                                                                          monkeypatch):
+    """The commit took place but its answer was lost and the index cannot be read to tell:
+    the corrected files stay (the rows point at them), so the next start finds every instance,
+    corrected; before, they were removed under the committed rows."""
+    from contextlib import contextmanager
+
+    from sqlalchemy.exc import OperationalError
+
+    from storage.archive import Archive
+    from storage.errors import CommitOutcomeUnknown
+    arch = Archive(tmp_path / "data")
+    series = make_series(3, 8, 8, patient_id="OLD")
+    store_as_received(arch, series)
+    index, real_write = arch.index, arch.index.write
+
+    @contextmanager
+    def write():
+        monkeypatch.setattr(index, "write", real_write)
+        with real_write() as s:
+            yield s
+        monkeypatch.setattr(index, "read", unreadable)
+        raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection"))
+
+    @contextmanager
+    def unreadable():
+        raise OperationalError("connect", {}, ConnectionError("server unreachable"))
+        yield
+
+    monkeypatch.setattr(index, "write", write)
+    with pytest.raises(CommitOutcomeUnknown):
+        arch.correct("study", series[0].StudyInstanceUID, {"PatientID": "NEW"})
+    monkeypatch.undo()
+    arch.close()
+    arch = Archive(tmp_path / "data")                   # recovery runs
+    try:
+        assert not arch.recovery.missing_staged
+        for ds in series:
+            assert b"NEW" in arch.retrieve(ds.SOPInstanceUID).data
+        assert arch.find("STUDY", {"PatientID": ""})[0]["PatientID"] == "NEW"
+    finally:
+        arch.close()
+
+
 def test_a_compaction_between_plan_and_commit_is_a_conflict_that_changes_nothing(tmp_path):
     """The instances were compacted after the correction was planned: its commit finds them
     moved and raises CorrectionConflict; nothing changed and its new files are gone; planned
