@@ -359,12 +359,12 @@ def _decoded_frames(ds: Dataset, wanted: list[int], syntax: str):
     be). Colour frames only where decoding keeps the colour space the metadata names: RGB,
     and any colour space in RLE (a JPEG 2000 instance in YBR_RCT decodes to RGB, and a client
     reading the metadata would take RGB words for YBR ones)."""
-    samples = int(ds.get("SamplesPerPixel", 1))
+    samples = _pixel_count(ds, "SamplesPerPixel", 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if samples != 1 and photometric != "RGB" and ds.file_meta.TransferSyntaxUID != RLELossless:
         raise _NotServed(406, f"{photometric} frames would change colour space in decoding; "
                               "ask for the stored syntax")
-    planes = samples != 1 and int(ds.get("PlanarConfiguration", 0) or 0) == 1
+    planes = samples != 1 and _pixel_count(ds, "PlanarConfiguration", 0) == 1
 
     def frame(n: int) -> memoryview:
         try:
