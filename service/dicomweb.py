@@ -335,8 +335,8 @@ def frame_data(inst, wanted: list[int] | None, syntax: str | None = None):
     bits = _pixel_count(ds, "BitsAllocated")
     if bits % 8 or not ts.is_little_endian:
         raise _NotServed(406, "frames of bit-packed or big-endian pixel data are not served")
-    size = _pixel_count(ds, "Rows") * _pixel_count(ds, "Columns") * _pixel_count(ds, "SamplesPerPixel", 1) \
-        * bits // 8
+    size = _pixel_count(ds, "Rows") * _pixel_count(ds, "Columns") \
+        * _pixel_count(ds, "SamplesPerPixel", 1) * bits // 8
     view = memoryview(ds.PixelData)
     return "application/octet-stream", (view[(n - 1) * size:n * size] for n in wanted)
 

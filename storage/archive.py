@@ -309,7 +309,7 @@ class Archive:
         for attempt in range(2):
             todo = correction.plan(self.index, level, uid, values)
             held = holds.held_series(self.index, todo.series_ids)
-            on_hold = list({(h.level, h.uid): h for h in held.values()}.values())
+            on_hold = holds.distinct(held.values())
             if on_hold and "StudyInstanceUID" in todo.changes:   # its held study would lose it
                 raise correction.CorrectionError(
                     f"{level} {uid} is not moved to another study: {on_hold[0].describe()}; "

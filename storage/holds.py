@@ -154,11 +154,10 @@ def states(index: Index) -> dict[tuple[str, str], float | None]:
     out: dict = {}
     with index.read() as s:
         for level, uid, released_at in s.execute(
-                select(Hold.level, Hold.uid, Hold.released_at).order_by(Hold.held_at, Hold.id)):
+                select(Hold.level, Hold.uid, Hold.released_at)):
             key = (level, uid)
-            if out.get(key, 0.0) is not None:           # one in force stays in force
-                out[key] = released_at if released_at is None else \
-                    max(released_at, out.get(key) or 0.0)
+            in_force = released_at is None or (key in out and out[key] is None)
+            out[key] = None if in_force else max(released_at, out.get(key, 0.0))
     return out
 
 
@@ -182,7 +181,12 @@ def _first_hold(holds: dict, study_uid: str, patient_id: str) -> HoldRecord | No
 
 def touching(index: Index, series_ids: list[int]) -> list[HoldRecord]:
     """The holds in force on the studies or patients of these series."""
-    return list({(h.level, h.uid): h for h in held_series(index, series_ids).values()}.values())
+    return distinct(held_series(index, series_ids).values())
+
+
+def distinct(records) -> list[HoldRecord]:
+    """Each hold of ``records`` once (several series may be held by one)."""
+    return list({(h.level, h.uid): h for h in records}.values())
 
 
 def held_series(index: Index, series_ids: list[int]) -> dict[int, HoldRecord]:

@@ -77,14 +77,14 @@ class Entry:
     def bytes(self) -> int:
         return sum(i["bytes"] for i in self.instances)
 
-    def summary(self, keep_days: float) -> dict:
-        """What ``voxarc deleted`` shows of the entry."""
+    def summary(self) -> dict:
+        """What ``voxarc deleted`` shows of the entry (its expiry: :meth:`RecycleBin.summaries`,
+        which knows the holds)."""
         return {"entry": self.name, "deleted_at": self.deleted_at, "level": self.level,
                 "uid": self.uid, "reason": self.reason, "instances": len(self.instances),
                 "bytes": self.bytes,
                 "patients": sorted({i["patient_id"] for i in self.instances}),
                 "studies": len({i["study_uid"] for i in self.instances}),
-                "expires_at": self.deleted_at + keep_days * 86400 if keep_days > 0 else None,
                 "kind": self.kind, "holds": [list(h) for h in self.holds]}
 
 
@@ -182,7 +182,7 @@ class RecycleBin:
         states = self.hold_states()
         out = []
         for entry in self.entries(newest):
-            row = entry.summary(self.keep_days)
+            row = entry.summary()
             row["held"] = [list(h) for h in self.held(entry, states)]
             since = self._kept_since(entry, states)
             row["expires_at"] = None if since is None or self.keep_days <= 0 else \
@@ -325,8 +325,7 @@ class RecycleBin:
                 path = self.root / entry.name / item["file"]
                 try:
                     data = path.read_bytes()
-                    digest = hashlib.sha256(split_file(data)[1]).hexdigest()
-                    reason = "" if digest == item["sha256"] else \
+                    reason = "" if _dataset_digest(data) == item["sha256"] else \
                         "its bytes differ from the SHA-256 its manifest records"
                 except FileNotFoundError:
                     if not (self.root / entry.name).is_dir():
@@ -469,6 +468,12 @@ def _row(rows: dict[int, dict], inst_id: int) -> dict:
     return rows[inst_id]
 
 
+def _dataset_digest(data: bytes) -> str:
+    """SHA-256 of the dataset in a bin file (a Part 10 file), as its manifest records it;
+    ValueError when the file is not one."""
+    return hashlib.sha256(split_file(data)[1]).hexdigest()
+
+
 def _copy_entry(source: Path, dest: Path, entry: Entry) -> int:
     """Copy the entry in ``source`` to ``dest``, checked, durably, manifest last; bytes."""
     shutil.rmtree(dest, ignore_errors=True)          # what an interrupted copy left
@@ -476,7 +481,7 @@ def _copy_entry(source: Path, dest: Path, entry: Entry) -> int:
     copied = 0
     for item in entry.instances:
         data = (source / item["file"]).read_bytes()
-        if hashlib.sha256(split_file(data)[1]).hexdigest() != item["sha256"]:
+        if _dataset_digest(data) != item["sha256"]:
             raise RecycleBinError(f"file {item['file']} of recycle bin entry {entry.name} "
                                   "does not match its SHA-256")
         (dest / item["file"]).write_bytes(data)

@@ -294,6 +294,16 @@ def retrieves_exactly(arch, sent: dict) -> bool:
     return all(arch.retrieve(uid).data == data for uid, data in sent.items())
 
 
+def stored_codecs(arch) -> dict[str, str]:
+    """SOP Instance UID -> the codec of the blob holding it (compacted instances only)."""
+    from sqlalchemy import select
+
+    from storage.index import Blob, Instance
+    with arch.index.read() as s:
+        return dict(s.execute(select(Instance.sop_uid, Blob.codec)
+                              .join(Blob, Instance.blob_fk == Blob.id)).all())
+
+
 def all_gone(arch, sent: dict) -> bool:
     """Assert that no instance of ``sent`` can be retrieved any more (then True)."""
     from storage.errors import InstanceNotFoundError

@@ -10,20 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from node_helpers import (BACKENDS, database_url, make_series, retrieves_exactly,
-                          store_series)
-from sqlalchemy import select
+                          store_series, stored_codecs)
 
 from storage import assembly, lone_images
 from storage.archive import Archive
-from storage.index import Blob, Instance
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _codecs(arch) -> dict[str, str]:
-    with arch.index.read() as s:
-        return dict(s.execute(select(Instance.sop_uid, Blob.codec)
-                              .join(Blob, Instance.blob_fk == Blob.id)).all())
 
 
 def _smooth(ds, seed: int) -> None:
@@ -61,7 +53,7 @@ def _old_archive(tmp_path, url="") -> tuple[Archive, dict, dict]:
 def test_deflated_lone_images_are_staged_again_and_coded(backend, tmp_path):
     arch, sent, uids = _old_archive(tmp_path, database_url(backend, tmp_path))
     try:
-        codecs = _codecs(arch)
+        codecs = stored_codecs(arch)
         assert codecs[uids["lone"]] == "zlib" and codecs[uids["pair"]] == "volume+headers"
         before = arch.stats()["stored_bytes"]
         found = lone_images.candidates(arch.index)
@@ -70,7 +62,7 @@ def test_deflated_lone_images_are_staged_again_and_coded(backend, tmp_path):
         assert len(series) == 1 and arch.stats()["pending_instances"] == 1
         assert retrieves_exactly(arch, sent)                    # staged, as received
         assert arch.compactor.compact_series(series[0])
-        assert _codecs(arch)[uids["lone"]] == "volume+headers"
+        assert stored_codecs(arch)[uids["lone"]] == "volume+headers"
         assert arch.stats()["stored_bytes"] < before and retrieves_exactly(arch, sent)
         assert lone_images.candidates(arch.index) == [] and arch.restage_lone_images() == []
     finally:
@@ -87,8 +79,8 @@ def test_compress_recode_codes_the_deflated_lone_images(tmp_path):
     assert "lone images of 1 series staged again and compacted (0 failed)" in run.stderr
     arch = Archive(tmp_path / "data")
     try:
-        assert _codecs(arch)[uids["lone"]] == "volume+headers"
-        assert _codecs(arch)[uids["noise"]] in ("zlib", "raw")
+        assert stored_codecs(arch)[uids["lone"]] == "volume+headers"
+        assert stored_codecs(arch)[uids["noise"]] in ("zlib", "raw")
         assert retrieves_exactly(arch, sent)
     finally:
         arch.close()
@@ -104,7 +96,7 @@ def test_a_lone_image_the_codec_cannot_shrink_is_deflated_whatever_its_size(tmp_
         _smooth(smooth, 9)
         sent = store_series(arch, [noise, smooth])
         assert arch.compact(stable_age=0) == (2, 0)
-        codecs = _codecs(arch)
+        codecs = stored_codecs(arch)
         assert codecs[noise.SOPInstanceUID] in ("zlib", "raw")
         assert codecs[smooth.SOPInstanceUID] == "volume+headers"
         assert retrieves_exactly(arch, sent)

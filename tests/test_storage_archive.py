@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 import models
 from node_helpers import (BUNDLED, archive, bundled, dataset_bytes,  # noqa: F401 (fixture)
                           lose_commit_answer, make_series, make_time_points,
-                          real_series_files, store_as_received)
+                          real_series_files, store_as_received, stored_codecs)
 from storage import header_pack
 from storage.archive import Archive
 from storage.blobstore import BlobStore, new_key
@@ -84,9 +84,7 @@ def test_a_stack_of_noise_is_stored_instance_by_instance(archive, caplog):
     with caplog.at_level("INFO", logger="storage.compaction"):
         assert archive.compact(stable_age=0) == (2, 0)
     _assert_exact(archive, sent)
-    with archive.index.read() as s:
-        codecs = {i.sop_uid: b.codec for i, b in s.execute(
-            select(Instance, Blob).join(Blob, Blob.id == Instance.blob_fk))}
+    codecs = stored_codecs(archive)
     assert {codecs[ds.SOPInstanceUID] for ds in noise} <= {"zlib", "raw"}
     assert {codecs[ds.SOPInstanceUID] for ds in smooth} == {header_pack.CODEC}
     assert "its instances are stored one by one" in caplog.text
@@ -116,9 +114,7 @@ def test_text_on_a_flat_ground_is_deflated_where_that_is_smaller(archive, caplog
     with caplog.at_level("INFO", logger="storage.compaction"):
         assert archive.compact(stable_age=0) == (3, 0)
     _assert_exact(archive, sent)
-    with archive.index.read() as s:
-        codecs = {i.sop_uid: b.codec for i, b in s.execute(
-            select(Instance, Blob).join(Blob, Blob.id == Instance.blob_fk))}
+    codecs = stored_codecs(archive)
     assert {codecs[ds.SOPInstanceUID] for ds in pages + [lone]} == {"zlib"}
     assert {codecs[ds.SOPInstanceUID] for ds in scans} == {header_pack.CODEC}
     assert caplog.text.count("bytes its pixels deflate to: its instances are stored one by one") \
