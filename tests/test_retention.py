@@ -123,7 +123,7 @@ def test_applying_the_rules_deletes_through_the_recycle_bin_and_records_the_run(
     assert not arch.find("STUDY", {"StudyInstanceUID": studies["old"]})
     assert len(arch.find("STUDY", {"StudyInstanceUID": ""})) == 2
     (entry,) = arch.recycle.entries()
-    summary = entry.summary(7)
+    summary = entry.summary()
     assert summary["uid"] == studies["old"] and "retention rule ten years" in summary["reason"]
     last = node_retention.last_run(arch)
     assert last["by"] == "retention (node)" and last["rules"][0]["deleted_instances"] == 2
